@@ -1,0 +1,63 @@
+//! Every string that crosses a process boundary: API group, labels, annotations, finalizers,
+//! field managers, Secret keys and condition types. Both binaries and the chart use these.
+
+/// The API group of every deskvirt resource.
+pub const GROUP: &str = "deskvirt.io";
+/// The API version served today.
+pub const VERSION: &str = "v1alpha1";
+
+/// Label on a Desktop naming the host it is bound to; the node-agent watches only its own.
+pub const LABEL_NODE: &str = "deskvirt.io/node";
+/// Label on a Desktop naming its pool (mirrors `spec.pool` for label selectors).
+pub const LABEL_POOL: &str = "deskvirt.io/pool";
+/// Label on objects the operator or agent created, naming the component.
+pub const LABEL_MANAGED_BY: &str = "app.kubernetes.io/managed-by";
+/// Label on a console Secret naming the Desktop it belongs to.
+pub const LABEL_DESKTOP: &str = "deskvirt.io/desktop";
+
+/// Annotation a user sets (to any new value, for example a timestamp) to wake an idle desktop.
+pub const ANNOTATION_WAKE: &str = "deskvirt.io/wake";
+/// Annotation a user sets (to any new value) to rotate a desktop's SPICE password.
+pub const ANNOTATION_ROTATE_PASSWORD: &str = "deskvirt.io/rotate-password";
+/// Annotation that lets a Desktop on a lost host finish deleting without host cleanup.
+pub const ANNOTATION_FORCE_DELETE: &str = "deskvirt.io/force-delete";
+
+/// Finalizer of the node-agent: domain and disk teardown on the host.
+pub const FINALIZER_AGENT: &str = "deskvirt.io/node-agent";
+/// Finalizer of the operator: release of ports, MACs and capacity in the ledger.
+pub const FINALIZER_OPERATOR: &str = "deskvirt.io/operator";
+
+/// Server-side apply field manager of the operator.
+pub const MANAGER_OPERATOR: &str = "deskvirt-operator";
+/// Server-side apply field manager of the node-agent.
+pub const MANAGER_AGENT: &str = "deskvirt-node-agent";
+
+/// Namespace of the heartbeat Leases, one per host, named after the host.
+pub const LEASE_NAMESPACE_DEFAULT: &str = "deskvirt-system";
+/// Name of the operator's leader-election Lease.
+pub const LEADER_LEASE: &str = "deskvirt-operator-leader";
+
+/// Key of the SPICE password inside a desktop's console Secret.
+pub const SECRET_KEY_PASSWORD: &str = "password";
+/// Key of the ready-to-use `remote-viewer` file inside a desktop's console Secret.
+pub const SECRET_KEY_VV: &str = "console.vv";
+
+/// Condition types. Positive polarity; `Ready` is the summary on every kind.
+pub mod condition {
+    /// Summary: the desktop is usable, the host is heartbeating, the pool can place desktops.
+    pub const READY: &str = "Ready";
+    /// Desktop: bound to a host with a port and a MAC (operator).
+    pub const SCHEDULED: &str = "Scheduled";
+    /// Desktop: the libvirt domain exists on the host (agent).
+    pub const DOMAIN_DEFINED: &str = "DomainDefined";
+    /// Desktop: the domain runs (agent).
+    pub const RUNNING: &str = "Running";
+    /// Desktop: idle past its timeout; reclamation is pending or done (operator).
+    pub const IDLE: &str = "Idle";
+    /// DomainNode: the agent can talk to libvirt (agent).
+    pub const LIBVIRT_CONNECTED: &str = "LibvirtConnected";
+    /// DomainNode: the scheduler may place desktops on the host (operator).
+    pub const SCHEDULABLE: &str = "Schedulable";
+    /// ResourcePool: some hosts are not ready or some desktops failed.
+    pub const DEGRADED: &str = "Degraded";
+}

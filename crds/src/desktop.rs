@@ -1,0 +1,369 @@
+//! `Desktop`: one VM desktop. The spec is the user's declaration (size, image, power, console,
+//! idle policy); the status is the operator's binding and the node-agent's observations.
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use kube::CustomResource;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::quantity::{DURATION_PATTERN, QUANTITY_PATTERN};
+use crate::schema::{DNS_LABEL, DNS_SUBDOMAIN, FILE_NAME, IFNAME, MAC, USB_CLASS, USB_ID};
+
+/// A VM desktop on a KVM host of a ResourcePool, reachable over SPICE.
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[kube(
+    group = "deskvirt.io",
+    version = "v1alpha1",
+    kind = "Desktop",
+    plural = "desktops",
+    shortname = "desk",
+    category = "deskvirt",
+    doc = "A VM desktop on a KVM host of a ResourcePool, reachable over SPICE.",
+    namespaced,
+    status = "DesktopStatus",
+    printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase", description = "Lifecycle phase"),
+    printcolumn(name = "Node", type_ = "string", json_path = ".status.node", description = "Host the desktop is bound to"),
+    printcolumn(name = "SPICE", type_ = "string", json_path = ".status.spice.uri", description = "SPICE endpoint"),
+    printcolumn(name = "User", type_ = "string", json_path = ".spec.user", description = "Owner of the desktop"),
+    printcolumn(name = "Idle", type_ = "string", json_path = ".status.conditions[?(@.type==\"Idle\")].status", description = "Idle past its timeout", priority = 1),
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+)]
+#[serde(rename_all = "camelCase")]
+pub struct DesktopSpec {
+    /// Name of the ResourcePool the desktop is placed in.
+    #[schemars(regex(pattern = DNS_LABEL), length(min = 1, max = 63))]
+    pub pool: String,
+    /// The person the desktop belongs to (free text, shown in `kubectl get`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 253))]
+    pub user: Option<String>,
+    /// Number of virtual CPUs, 1 to 256.
+    #[serde(default = "default_cpu")]
+    #[schemars(range(min = 1, max = 256))]
+    pub cpu: u32,
+    /// Guest memory as a Kubernetes quantity, such as 4Gi.
+    #[serde(default = "default_memory")]
+    #[schemars(regex(pattern = QUANTITY_PATTERN))]
+    pub memory: String,
+    /// The desktop's system disk.
+    pub disk: DiskSpec,
+    /// Boot a kernel and initrd from the pool's `storage.imageDir` directly instead of the disk's
+    /// bootloader (appliances, thin-client images). Unset boots from the disk.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub boot: Option<DirectBoot>,
+    /// Declared power state. Off shuts the desktop down and keeps its disk.
+    #[serde(default)]
+    pub power: Power,
+    /// Console settings.
+    #[serde(default)]
+    pub display: DisplaySpec,
+    /// Network settings.
+    #[serde(default)]
+    pub network: NetworkSpec,
+    /// What to do when the desktop has been idle for a while; the pool's default when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idle: Option<IdlePolicy>,
+    /// Performance tuning for demanding desktops.
+    #[serde(default)]
+    pub performance: Performance,
+}
+
+fn default_cpu() -> u32 {
+    2
+}
+fn default_memory() -> String {
+    "2Gi".into()
+}
+
+/// How a desktop disk is made from its base image.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum CloneMode {
+    /// A qcow2 overlay whose backing file is the base image: instant and small.
+    #[default]
+    Linked,
+    /// An independent copy of the base image.
+    Full,
+}
+
+/// The system disk.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DiskSpec {
+    /// File name of the base image inside the pool's `storage.imageDir`.
+    #[schemars(regex(pattern = FILE_NAME), length(min = 1, max = 255))]
+    pub image: String,
+    /// Virtual size of the desktop's disk; at least the base image's size. Unset keeps the
+    /// image's size.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = QUANTITY_PATTERN))]
+    pub size: Option<String>,
+    /// Linked (qcow2 overlay on the base image) or Full (independent copy).
+    #[serde(default)]
+    pub clone: CloneMode,
+    /// Keep the disk when the desktop is stopped or reclaimed. A non-persistent desktop starts
+    /// from a fresh clone each time and may be deleted by the idle policy.
+    #[serde(default = "default_true")]
+    pub persistent: bool,
+}
+
+fn default_true() -> bool {
+    true
+}
+
+/// Direct kernel boot.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DirectBoot {
+    /// File name of the kernel inside the pool's `storage.imageDir`.
+    #[schemars(regex(pattern = FILE_NAME), length(min = 1, max = 255))]
+    pub kernel: String,
+    /// File name of the initrd inside the pool's `storage.imageDir`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = FILE_NAME), length(min = 1, max = 255))]
+    pub initrd: Option<String>,
+    /// Kernel command line, such as `console=ttyS0`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 1024))]
+    pub cmdline: Option<String>,
+}
+
+/// Declared power state.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum Power {
+    /// The desktop runs.
+    #[default]
+    On,
+    /// The desktop is shut down; its disk, MAC and binding are kept.
+    Off,
+}
+
+/// Console settings.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DisplaySpec {
+    /// USB redirection from the SPICE client; the pool's default when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub usb: Option<UsbPolicy>,
+}
+
+/// USB redirection policy.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct UsbPolicy {
+    /// Let the SPICE client redirect local USB devices into the desktop.
+    #[serde(default = "default_true")]
+    pub redirect: bool,
+    /// Number of devices that can be redirected at once, 1 to 8.
+    #[serde(default = "default_usb_channels")]
+    #[schemars(range(min = 1, max = 8))]
+    pub channels: u8,
+    /// Devices allowed; when empty, every device not denied is allowed.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 32))]
+    pub allow: Vec<UsbFilter>,
+    /// Devices refused; checked before `allow`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 32))]
+    pub deny: Vec<UsbFilter>,
+}
+
+fn default_usb_channels() -> u8 {
+    2
+}
+
+impl Default for UsbPolicy {
+    fn default() -> Self {
+        Self { redirect: true, channels: default_usb_channels(), allow: vec![], deny: vec![] }
+    }
+}
+
+/// A USB device filter; every field left out matches any device.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct UsbFilter {
+    /// USB class code in hex, such as 0x08 for mass storage.
+    #[serde(default, skip_serializing_if = "Option::is_none", rename = "class")]
+    #[schemars(regex(pattern = USB_CLASS))]
+    pub class: Option<String>,
+    /// Vendor id in hex, such as 0x046d.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = USB_ID))]
+    pub vendor: Option<String>,
+    /// Product id in hex, such as 0xc52b.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = USB_ID))]
+    pub product: Option<String>,
+}
+
+/// Network settings.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct NetworkSpec {
+    /// A fixed MAC address. Unset lets the operator allocate one from the pool's prefix; a fixed
+    /// one is checked for collisions in the pool.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = MAC))]
+    pub mac: Option<String>,
+}
+
+/// What the idle policy does to an idle desktop.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum IdleAction {
+    /// Only report idleness.
+    #[default]
+    None,
+    /// Save the desktop's memory to disk and free its CPU and memory.
+    Suspend,
+    /// ACPI shutdown, forced after a grace period.
+    Shutdown,
+    /// Delete the desktop; only for non-persistent desktops.
+    Delete,
+}
+
+/// Idle reclamation policy.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct IdlePolicy {
+    /// How long a desktop must be idle before `action` runs, such as 30m.
+    #[schemars(regex(pattern = DURATION_PATTERN))]
+    pub timeout: String,
+    /// None, Suspend, Shutdown or Delete.
+    #[serde(default)]
+    pub action: IdleAction,
+    /// Whether a connected SPICE client keeps the desktop active even when the guest is quiet.
+    #[serde(default = "default_true")]
+    pub connected_is_active: bool,
+}
+
+/// Performance tuning.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Performance {
+    /// Pin each vCPU to its own physical CPU thread, excluded from overcommit.
+    #[serde(default)]
+    pub dedicated_cpus: bool,
+    /// Back guest memory with the host's hugepages.
+    #[serde(default)]
+    pub hugepages: bool,
+    /// SR-IOV virtual functions passed through to the desktop.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 4))]
+    pub sriov: Vec<SriovInterface>,
+}
+
+/// An SR-IOV virtual function from a physical NIC of the host.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SriovInterface {
+    /// Name of the physical function's interface on the host, such as ens1f0.
+    #[schemars(regex(pattern = IFNAME))]
+    pub physical_function: String,
+}
+
+/// Lifecycle phase.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, JsonSchema)]
+pub enum Phase {
+    /// Accepted, not yet placed.
+    #[default]
+    Pending,
+    /// Bound to a host; the host has not created the domain yet.
+    Scheduled,
+    /// The domain is defined and starting.
+    Starting,
+    /// The domain runs.
+    Running,
+    /// Shut down, by spec.power or by the idle policy.
+    Stopped,
+    /// Saved to disk by the idle policy.
+    Suspended,
+    /// Could not be created or started; see conditions.
+    Failed,
+    /// Its host stopped heartbeating; the real state is not known.
+    Unknown,
+}
+
+impl Phase {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Phase::Pending => "Pending",
+            Phase::Scheduled => "Scheduled",
+            Phase::Starting => "Starting",
+            Phase::Running => "Running",
+            Phase::Stopped => "Stopped",
+            Phase::Suspended => "Suspended",
+            Phase::Failed => "Failed",
+            Phase::Unknown => "Unknown",
+        }
+    }
+}
+
+/// Observed state of a desktop.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DesktopStatus {
+    /// Lifecycle phase, derived by the operator from the conditions and the host's health.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<Phase>,
+    /// Host (DomainNode name) the desktop is bound to; set once by the operator.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = DNS_SUBDOMAIN), length(max = 253))]
+    pub node: Option<String>,
+    /// How to reach the desktop's console.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub spice: Option<SpiceStatus>,
+    /// The desktop's MAC address, allocated by the operator.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mac: Option<String>,
+    /// The desktop's IPv4 address on its host's network, reported by the agent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ip: Option<String>,
+    /// The SPICE session, reported by the agent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub session: Option<Session>,
+    /// Last time the agent saw activity: a session, guest CPU or I/O.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_activity_time: Option<Time>,
+    /// Since when the desktop has been idle; unset while active.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idle_since: Option<Time>,
+    /// Scheduled, DomainDefined, Running, Idle and the summary Ready.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
+    pub conditions: Vec<Condition>,
+    /// The spec generation the operator last acted on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+}
+
+/// SPICE console endpoint.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SpiceStatus {
+    /// Address a client connects to (reported by the agent from the listen policy).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
+    /// Port on the host, allocated by the operator from the pool's range.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1024, max = 65535))]
+    pub port: Option<u16>,
+    /// `spice://host:port`, for `remote-viewer` and `kubectl get`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uri: Option<String>,
+    /// Secret in the desktop's namespace holding the password and a `console.vv` file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password_secret: Option<String>,
+}
+
+/// A SPICE session.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Session {
+    /// Whether a SPICE client is connected now.
+    pub connected: bool,
+    /// Since when the client is connected, or since when none is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub since: Option<Time>,
+    /// Address of the connected client.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_address: Option<String>,
+}

@@ -1,0 +1,166 @@
+//! `DomainNode`: one KVM host as the cluster sees it. The node-agent creates it to join and
+//! reports host facts; the operator adds pool membership, subnet, allocatable and health.
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use kube::CustomResource;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// A KVM host running a deskvirt node-agent, named after its Kubernetes Node.
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[kube(
+    group = "deskvirt.io",
+    version = "v1alpha1",
+    kind = "DomainNode",
+    plural = "domainnodes",
+    shortname = "dn",
+    category = "deskvirt",
+    doc = "A KVM host running a deskvirt node-agent, named after its Kubernetes Node.",
+    status = "DomainNodeStatus",
+    printcolumn(name = "Ready", type_ = "string", json_path = ".status.conditions[?(@.type==\"Ready\")].status", description = "Heartbeat fresh"),
+    printcolumn(name = "Pool", type_ = "string", json_path = ".status.pool", description = "ResourcePool of the host"),
+    printcolumn(name = "CPUs", type_ = "integer", json_path = ".status.cpu.threads", description = "Logical CPUs"),
+    printcolumn(name = "Memory", type_ = "string", json_path = ".status.memory", description = "Physical memory"),
+    printcolumn(name = "Desktops", type_ = "integer", json_path = ".status.domains.running", description = "Running domains"),
+    printcolumn(name = "Hypervisor", type_ = "string", json_path = ".status.hypervisor", description = "kvm or qemu (TCG)"),
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+)]
+#[serde(rename_all = "camelCase")]
+pub struct DomainNodeSpec {
+    /// Keep new desktops off this host; desktops already on it keep running.
+    #[serde(default)]
+    pub unschedulable: bool,
+    /// The host is under maintenance: unschedulable, and excluded from pool capacity.
+    #[serde(default)]
+    pub maintenance: bool,
+}
+
+/// The hypervisor a host runs domains with.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Hypervisor {
+    /// Hardware virtualization.
+    #[default]
+    Kvm,
+    /// QEMU's software emulator (TCG), for hosts without usable KVM.
+    Qemu,
+}
+
+/// Observed state of a host.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DomainNodeStatus {
+    /// Address SPICE clients use to reach the host (agent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub address: Option<String>,
+    /// CPU facts (agent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu: Option<CpuFacts>,
+    /// Physical memory as a quantity (agent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory: Option<String>,
+    /// Swap as a quantity (agent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub swap: Option<String>,
+    /// Hugepages (agent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hugepages: Option<Hugepages>,
+    /// Largest vCPU count one domain may have (agent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_vcpus: Option<u32>,
+    /// kvm or qemu (agent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hypervisor: Option<Hypervisor>,
+    /// libvirt version, such as 9.0.0 (agent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub libvirt_version: Option<String>,
+    /// QEMU version, such as 7.2.0 (agent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hypervisor_version: Option<String>,
+    /// Domains on the host (agent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub domains: Option<DomainCounts>,
+    /// Kernel samepage merging savings (agent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ksm: Option<KsmStats>,
+    /// Version of the node-agent (agent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent_version: Option<String>,
+    /// Last time the agent refreshed the host facts (agent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_report_time: Option<Time>,
+    /// Pool the host belongs to (operator).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pool: Option<String>,
+    /// The host's subnet carved from the pool CIDR (operator).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subnet: Option<String>,
+    /// What desktops may use after reserve and overcommit (operator).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allocatable: Option<Allocatable>,
+    /// LibvirtConnected (agent), Ready and Schedulable (operator).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
+    pub conditions: Vec<Condition>,
+}
+
+/// CPU topology and speed.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CpuFacts {
+    /// CPU model name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
+    /// Sockets.
+    pub sockets: u32,
+    /// Cores per socket.
+    pub cores: u32,
+    /// Logical CPUs in total (sockets × cores × threads per core).
+    pub threads: u32,
+    /// Nominal speed in MHz.
+    pub mhz: u32,
+}
+
+/// Hugepage pool of the host.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Hugepages {
+    /// Page size as a quantity, such as 2Mi.
+    pub size: String,
+    /// Pages in total.
+    pub total: u64,
+    /// Pages free.
+    pub free: u64,
+}
+
+/// Domain counts.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DomainCounts {
+    /// Domains defined in libvirt.
+    pub defined: u32,
+    /// Domains running.
+    pub running: u32,
+}
+
+/// KSM statistics.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct KsmStats {
+    /// Whether KSM runs.
+    pub enabled: bool,
+    /// Memory saved by page sharing, as a quantity.
+    pub saved: String,
+}
+
+/// Schedulable resources.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Allocatable {
+    /// vCPUs after reserve and overcommit.
+    pub cpu: u32,
+    /// Memory after reserve and overcommit, as a quantity.
+    pub memory: String,
+    /// Physical CPU threads available for dedicated pinning.
+    pub dedicated_cpus: u32,
+}

@@ -1,0 +1,410 @@
+//! `ResourcePool`: a group of hosts sharing storage and a network, inside which placement is
+//! free. Holds the pool's allocation ranges (SPICE ports, MACs, subnets) and capacity policy.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use kube::CustomResource;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::desktop::{IdlePolicy, UsbPolicy};
+use crate::quantity::QUANTITY_PATTERN;
+use crate::schema::{ABS_PATH, IFNAME, IPV4_CIDR, MAC_PREFIX};
+
+/// A pool of KVM hosts (the papers' "domain node"): hosts selected by labels that share storage
+/// and a network, so that a desktop may be placed on any of them.
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[kube(
+    group = "deskvirt.io",
+    version = "v1alpha1",
+    kind = "ResourcePool",
+    plural = "resourcepools",
+    shortname = "pool",
+    category = "deskvirt",
+    doc = "A pool of KVM hosts that share storage and a network; desktops are placed on its hosts.",
+    status = "ResourcePoolStatus",
+    printcolumn(name = "Nodes", type_ = "integer", json_path = ".status.nodes.ready", description = "Ready hosts"),
+    printcolumn(name = "Total", type_ = "integer", json_path = ".status.nodes.total", description = "All hosts", priority = 1),
+    printcolumn(name = "Capacity", type_ = "integer", json_path = ".status.capacity.desktops", description = "Desktops of the reference size the ready hosts can hold"),
+    printcolumn(name = "Allocated", type_ = "integer", json_path = ".status.allocated.desktops", description = "Desktops placed in the pool"),
+    printcolumn(name = "Available", type_ = "integer", json_path = ".status.available.desktops", description = "Further desktops of the reference size that fit"),
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+)]
+#[serde(rename_all = "camelCase")]
+pub struct ResourcePoolSpec {
+    /// Labels a DomainNode must carry to belong to this pool. Empty selects every host.
+    /// A host belongs to at most one pool; when several match, the oldest pool wins.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub node_selector: BTreeMap<String, String>,
+    /// Where base images and per-desktop disks live on the hosts.
+    #[serde(default)]
+    pub storage: PoolStorage,
+    /// How desktops are networked: mode, address range and MAC prefix.
+    #[serde(default)]
+    pub network: PoolNetwork,
+    /// SPICE console settings shared by the pool's desktops.
+    #[serde(default)]
+    pub display: PoolDisplay,
+    /// How far CPU and memory may be overcommitted on each host.
+    #[serde(default)]
+    pub overcommit: Overcommit,
+    /// Host resources kept back for the hypervisor and the host itself.
+    #[serde(default)]
+    pub reserved: Reserved,
+    /// Enable kernel samepage merging on the pool's hosts, so identical guest pages are shared.
+    #[serde(default)]
+    pub ksm: bool,
+    /// How hosts are chosen: Spread picks the host with most free capacity, Pack fills hosts one
+    /// after another so idle hosts can be powered down.
+    #[serde(default)]
+    pub placement: Placement,
+    /// The desktop size used to express capacity as a number of desktops (the Capacity value).
+    #[serde(default)]
+    pub reference_size: ReferenceSize,
+    /// What happens to desktops of a host whose heartbeat is lost.
+    #[serde(default)]
+    pub failover: Failover,
+    /// Settings inherited by every desktop of the pool unless the desktop overrides them.
+    #[serde(default)]
+    pub defaults: PoolDefaults,
+}
+
+/// Storage locations on the pool's hosts.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PoolStorage {
+    /// Absolute directory holding the base images that `spec.disk.image` of a Desktop names.
+    #[serde(default = "default_image_dir")]
+    #[schemars(regex(pattern = ABS_PATH), length(max = 4096))]
+    pub image_dir: String,
+    /// Absolute directory where per-desktop disks (linked clones or full copies) are created.
+    #[serde(default = "default_disk_dir")]
+    #[schemars(regex(pattern = ABS_PATH), length(max = 4096))]
+    pub disk_dir: String,
+    /// Whether the directories are on storage shared by all hosts of the pool (NFS, Ceph, ...).
+    /// Only then may a desktop be restarted on another host.
+    #[serde(default)]
+    pub shared: bool,
+}
+
+fn default_image_dir() -> String {
+    "/var/lib/deskvirt/images".into()
+}
+fn default_disk_dir() -> String {
+    "/var/lib/deskvirt/disks".into()
+}
+
+impl Default for PoolStorage {
+    fn default() -> Self {
+        Self { image_dir: default_image_dir(), disk_dir: default_disk_dir(), shared: false }
+    }
+}
+
+/// How desktops reach the network.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum NetworkMode {
+    /// A libvirt NAT network per host holding the host's subnet; MAC→IP pinned by DHCP.
+    #[default]
+    Nat,
+    /// Desktops join an existing Linux bridge (`bridge`) on every host.
+    Bridge,
+    /// A host-only network without outside access.
+    Isolated,
+}
+
+/// The pool's network.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PoolNetwork {
+    /// nat, bridge or isolated.
+    #[serde(default)]
+    pub mode: NetworkMode,
+    /// Name of the Linux bridge on every host; required when mode is bridge.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = IFNAME))]
+    pub bridge: Option<String>,
+    /// IPv4 range carved into one subnet per host (nat and isolated modes).
+    #[serde(default = "default_cidr")]
+    #[schemars(regex(pattern = IPV4_CIDR))]
+    pub cidr: String,
+    /// Prefix length of each host's subnet inside `cidr`; 24 gives 253 desktops per host.
+    #[serde(default = "default_node_prefix")]
+    #[schemars(range(min = 8, max = 30))]
+    pub node_prefix_length: u8,
+    /// First three octets of every desktop MAC in the pool, for example 52:54:00.
+    #[serde(default = "default_mac_prefix")]
+    #[schemars(regex(pattern = MAC_PREFIX))]
+    pub mac_prefix: String,
+}
+
+fn default_cidr() -> String {
+    "10.200.0.0/16".into()
+}
+fn default_node_prefix() -> u8 {
+    24
+}
+fn default_mac_prefix() -> String {
+    "52:54:00".into()
+}
+
+impl Default for PoolNetwork {
+    fn default() -> Self {
+        Self {
+            mode: NetworkMode::Nat,
+            bridge: None,
+            cidr: default_cidr(),
+            node_prefix_length: default_node_prefix(),
+            mac_prefix: default_mac_prefix(),
+        }
+    }
+}
+
+/// Where a SPICE server listens on its host.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum ListenPolicy {
+    /// The host's address as reported in its DomainNode; clients connect directly.
+    #[default]
+    Node,
+    /// 127.0.0.1 only; clients come through a tunnel or a proxy on the host.
+    Loopback,
+    /// Every address of the host.
+    Any,
+}
+
+/// SPICE console settings.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PoolDisplay {
+    /// Range of SPICE ports handed out on each host; each desktop gets one port.
+    #[serde(default)]
+    pub spice_ports: PortRange,
+    /// Which host address the SPICE server listens on: Node, Loopback or Any.
+    #[serde(default)]
+    pub listen: ListenPolicy,
+    /// Require TLS on SPICE connections; the hosts' libvirt must have spice_tls certificates.
+    #[serde(default)]
+    pub tls: bool,
+}
+
+/// An inclusive port range. `first` must not exceed `last` (checked by the operator).
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PortRange {
+    /// First port of the range.
+    #[schemars(range(min = 1024, max = 65535))]
+    pub first: u16,
+    /// Last port of the range (inclusive).
+    #[schemars(range(min = 1024, max = 65535))]
+    pub last: u16,
+}
+
+impl Default for PortRange {
+    fn default() -> Self {
+        Self { first: 5900, last: 6899 }
+    }
+}
+
+impl PortRange {
+    /// Number of ports in the range; zero when reversed.
+    pub fn len(&self) -> u32 {
+        if self.last < self.first { 0 } else { u32::from(self.last - self.first) + 1 }
+    }
+
+    /// Whether the range holds no port (reversed).
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Overcommit ratios: schedulable = physical × ratio.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Overcommit {
+    /// vCPUs per physical CPU thread, 1 to 32.
+    #[serde(default = "default_cpu_ratio")]
+    #[schemars(range(min = 1.0, max = 32.0))]
+    pub cpu: f64,
+    /// Guest memory per byte of host memory, 1 to 4. Above 1 relies on ballooning and KSM.
+    #[serde(default = "default_memory_ratio")]
+    #[schemars(range(min = 1.0, max = 4.0))]
+    pub memory: f64,
+}
+
+fn default_cpu_ratio() -> f64 {
+    4.0
+}
+fn default_memory_ratio() -> f64 {
+    1.0
+}
+
+impl Default for Overcommit {
+    fn default() -> Self {
+        Self { cpu: default_cpu_ratio(), memory: default_memory_ratio() }
+    }
+}
+
+/// Host resources that desktops never get.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Reserved {
+    /// Physical CPU threads kept for the host.
+    #[serde(default = "default_reserved_cpu")]
+    #[schemars(range(max = 1024))]
+    pub cpu: u32,
+    /// Memory kept for the host, as a quantity such as 2Gi.
+    #[serde(default = "default_reserved_memory")]
+    #[schemars(regex(pattern = QUANTITY_PATTERN))]
+    pub memory: String,
+}
+
+fn default_reserved_cpu() -> u32 {
+    1
+}
+fn default_reserved_memory() -> String {
+    "1Gi".into()
+}
+
+impl Default for Reserved {
+    fn default() -> Self {
+        Self { cpu: default_reserved_cpu(), memory: default_reserved_memory() }
+    }
+}
+
+/// Placement strategy inside a pool.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum Placement {
+    /// Pick the host with the most free capacity (balanced load).
+    #[default]
+    Spread,
+    /// Pick the fullest host that still fits (saves power).
+    Pack,
+}
+
+/// A desktop size used to count capacity in desktops.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ReferenceSize {
+    /// vCPUs of the reference desktop.
+    #[serde(default = "default_ref_cpu")]
+    #[schemars(range(min = 1, max = 256))]
+    pub cpu: u32,
+    /// Memory of the reference desktop.
+    #[serde(default = "default_ref_memory")]
+    #[schemars(regex(pattern = QUANTITY_PATTERN))]
+    pub memory: String,
+}
+
+fn default_ref_cpu() -> u32 {
+    2
+}
+fn default_ref_memory() -> String {
+    "4Gi".into()
+}
+
+impl Default for ReferenceSize {
+    fn default() -> Self {
+        Self { cpu: default_ref_cpu(), memory: default_ref_memory() }
+    }
+}
+
+/// Host-loss policy.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Failover {
+    /// Restart desktops of a lost host on another host. Needs `storage.shared`, and assumes the
+    /// lost host is fenced (powered off) once `after` has passed: never two QEMUs on one disk.
+    #[serde(default)]
+    pub restart_elsewhere: bool,
+    /// How long a host must be lost before its desktops are restarted elsewhere, or before a
+    /// Desktop being deleted may finish without the host's cleanup.
+    #[serde(default = "default_failover_after")]
+    #[schemars(regex(pattern = crate::quantity::DURATION_PATTERN))]
+    pub after: String,
+}
+
+fn default_failover_after() -> String {
+    "5m".into()
+}
+
+impl Default for Failover {
+    fn default() -> Self {
+        Self { restart_elsewhere: false, after: default_failover_after() }
+    }
+}
+
+/// Defaults inherited by the pool's desktops.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PoolDefaults {
+    /// Idle policy for desktops that do not set `spec.idle`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idle: Option<IdlePolicy>,
+    /// USB redirection policy for desktops that do not set `spec.display.usb`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub usb: Option<UsbPolicy>,
+}
+
+/// Observed state of a pool, written by the operator.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ResourcePoolStatus {
+    /// Hosts in the pool.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nodes: Option<NodeCounts>,
+    /// What the ready hosts offer after reserve and overcommit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub capacity: Option<Amounts>,
+    /// What the pool's desktops hold.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allocated: Option<Amounts>,
+    /// Capacity minus allocated.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub available: Option<Amounts>,
+    /// SPICE port usage summed over the pool's hosts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ports: Option<PortUsage>,
+    /// Desktops in the pool by phase.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub desktops: BTreeMap<String, u32>,
+    /// Ready (the pool can place desktops) and Degraded (some hosts are lost or not ready).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
+    pub conditions: Vec<Condition>,
+    /// The spec generation this status was computed from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+}
+
+/// Host counts.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeCounts {
+    /// Hosts selected by the pool.
+    pub total: u32,
+    /// Hosts with a fresh heartbeat, connected to libvirt and schedulable.
+    pub ready: u32,
+}
+
+/// An amount of CPU, memory and desktop slots.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Amounts {
+    /// vCPUs.
+    pub cpu: u32,
+    /// Memory as a quantity.
+    pub memory: String,
+    /// Desktops of the pool's reference size.
+    pub desktops: u32,
+}
+
+/// SPICE port usage.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PortUsage {
+    /// Ports in the pool's range times ready hosts.
+    pub total: u32,
+    /// Ports held by desktops.
+    pub used: u32,
+}

@@ -1,0 +1,1 @@
+//! Typed libvirt domain XML built from a Desktop (placeholder).

@@ -1,0 +1,1 @@
+//! Pure allocators for ports, MACs and subnets (placeholder).

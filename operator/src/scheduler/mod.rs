@@ -1,0 +1,1 @@
+//! Pure two-level placement (placeholder).

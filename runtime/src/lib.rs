@@ -1,0 +1,8 @@
+//! What the operator and the node-agent share at run time: logging setup, the health and
+//! metrics HTTP server, and shutdown on SIGTERM.
+#![forbid(unsafe_code)]
+
+pub mod health;
+pub mod http;
+pub mod logging;
+pub mod shutdown;
