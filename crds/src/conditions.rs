@@ -97,22 +97,50 @@ mod tests {
     #[test]
     fn transition_time_kept_while_status_unchanged() {
         let first = condition(&[], "Ready", Status::True, "Up", "", Some(1), at(100));
-        let again = condition(&[first.clone()], "Ready", Status::True, "Up", "x", Some(2), at(200));
+        let again = condition(
+            std::slice::from_ref(&first),
+            "Ready",
+            Status::True,
+            "Up",
+            "x",
+            Some(2),
+            at(200),
+        );
         assert_eq!(again.last_transition_time, Time(at(100)));
-        let flipped = condition(&[again], "Ready", Status::False, "Down", "", Some(2), at(300));
+        let flipped = condition(
+            &[again],
+            "Ready",
+            Status::False,
+            "Down",
+            "",
+            Some(2),
+            at(300),
+        );
         assert_eq!(flipped.last_transition_time, Time(at(300)));
     }
 
     #[test]
     fn upsert_and_compare() {
         let mut list = vec![];
-        upsert(&mut list, condition(&[], "A", Status::True, "R", "", None, at(1)));
-        upsert(&mut list, condition(&[], "B", Status::False, "R", "", None, at(1)));
+        upsert(
+            &mut list,
+            condition(&[], "A", Status::True, "R", "", None, at(1)),
+        );
+        upsert(
+            &mut list,
+            condition(&[], "B", Status::False, "R", "", None, at(1)),
+        );
         let mut later = list.clone();
-        upsert(&mut later, condition(&[], "A", Status::True, "R", "", None, at(9)));
+        upsert(
+            &mut later,
+            condition(&[], "A", Status::True, "R", "", None, at(9)),
+        );
         assert_eq!(later.len(), 2);
         assert!(!differ_ignoring_time(&list, &later));
-        upsert(&mut later, condition(&[], "A", Status::False, "R", "", None, at(9)));
+        upsert(
+            &mut later,
+            condition(&[], "A", Status::False, "R", "", None, at(9)),
+        );
         assert!(differ_ignoring_time(&list, &later));
         assert!(is_true(&list, "A") && !is_true(&list, "B") && !is_true(&list, "C"));
     }

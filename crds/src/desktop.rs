@@ -1,6 +1,9 @@
 //! `Desktop`: one VM desktop. The spec is the user's declaration (size, image, power, console,
 //! idle policy); the status is the operator's binding and the node-agent's observations.
 
+// kube-derive expands each `printcolumn(...)` into attributes clippy sees as duplicates.
+#![allow(clippy::duplicated_attributes)]
+
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::CustomResource;
 use schemars::JsonSchema;
@@ -21,12 +24,42 @@ use crate::schema::{DNS_LABEL, DNS_SUBDOMAIN, FILE_NAME, IFNAME, MAC, USB_CLASS,
     doc = "A VM desktop on a KVM host of a ResourcePool, reachable over SPICE.",
     namespaced,
     status = "DesktopStatus",
-    printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase", description = "Lifecycle phase"),
-    printcolumn(name = "Node", type_ = "string", json_path = ".status.node", description = "Host the desktop is bound to"),
-    printcolumn(name = "SPICE", type_ = "string", json_path = ".status.spice.uri", description = "SPICE endpoint"),
-    printcolumn(name = "User", type_ = "string", json_path = ".spec.user", description = "Owner of the desktop"),
-    printcolumn(name = "Idle", type_ = "string", json_path = ".status.conditions[?(@.type==\"Idle\")].status", description = "Idle past its timeout", priority = 1),
-    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+    printcolumn(
+        name = "Phase",
+        type_ = "string",
+        json_path = ".status.phase",
+        description = "Lifecycle phase"
+    ),
+    printcolumn(
+        name = "Node",
+        type_ = "string",
+        json_path = ".status.node",
+        description = "Host the desktop is bound to"
+    ),
+    printcolumn(
+        name = "SPICE",
+        type_ = "string",
+        json_path = ".status.spice.uri",
+        description = "SPICE endpoint"
+    ),
+    printcolumn(
+        name = "User",
+        type_ = "string",
+        json_path = ".spec.user",
+        description = "Owner of the desktop"
+    ),
+    printcolumn(
+        name = "Idle",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Idle\")].status",
+        description = "Idle past its timeout",
+        priority = 1
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
 )]
 #[serde(rename_all = "camelCase")]
 pub struct DesktopSpec {
@@ -173,7 +206,12 @@ fn default_usb_channels() -> u8 {
 
 impl Default for UsbPolicy {
     fn default() -> Self {
-        Self { redirect: true, channels: default_usb_channels(), allow: vec![], deny: vec![] }
+        Self {
+            redirect: true,
+            channels: default_usb_channels(),
+            allow: vec![],
+            deny: vec![],
+        }
     }
 }
 
@@ -261,7 +299,20 @@ pub struct SriovInterface {
 }
 
 /// Lifecycle phase.
-#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, JsonSchema)]
+#[derive(
+    Serialize,
+    Deserialize,
+    Clone,
+    Copy,
+    Debug,
+    Default,
+    PartialEq,
+    Eq,
+    Hash,
+    PartialOrd,
+    Ord,
+    JsonSchema,
+)]
 pub enum Phase {
     /// Accepted, not yet placed.
     #[default]

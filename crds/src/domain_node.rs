@@ -1,6 +1,9 @@
 //! `DomainNode`: one KVM host as the cluster sees it. The node-agent creates it to join and
 //! reports host facts; the operator adds pool membership, subnet, allocatable and health.
 
+// kube-derive expands each `printcolumn(...)` into attributes clippy sees as duplicates.
+#![allow(clippy::duplicated_attributes)]
+
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::CustomResource;
 use schemars::JsonSchema;
@@ -17,13 +20,47 @@ use serde::{Deserialize, Serialize};
     category = "deskvirt",
     doc = "A KVM host running a deskvirt node-agent, named after its Kubernetes Node.",
     status = "DomainNodeStatus",
-    printcolumn(name = "Ready", type_ = "string", json_path = ".status.conditions[?(@.type==\"Ready\")].status", description = "Heartbeat fresh"),
-    printcolumn(name = "Pool", type_ = "string", json_path = ".status.pool", description = "ResourcePool of the host"),
-    printcolumn(name = "CPUs", type_ = "integer", json_path = ".status.cpu.threads", description = "Logical CPUs"),
-    printcolumn(name = "Memory", type_ = "string", json_path = ".status.memory", description = "Physical memory"),
-    printcolumn(name = "Desktops", type_ = "integer", json_path = ".status.domains.running", description = "Running domains"),
-    printcolumn(name = "Hypervisor", type_ = "string", json_path = ".status.hypervisor", description = "kvm or qemu (TCG)"),
-    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+    printcolumn(
+        name = "Ready",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].status",
+        description = "Heartbeat fresh"
+    ),
+    printcolumn(
+        name = "Pool",
+        type_ = "string",
+        json_path = ".status.pool",
+        description = "ResourcePool of the host"
+    ),
+    printcolumn(
+        name = "CPUs",
+        type_ = "integer",
+        json_path = ".status.cpu.threads",
+        description = "Logical CPUs"
+    ),
+    printcolumn(
+        name = "Memory",
+        type_ = "string",
+        json_path = ".status.memory",
+        description = "Physical memory"
+    ),
+    printcolumn(
+        name = "Desktops",
+        type_ = "integer",
+        json_path = ".status.domains.running",
+        description = "Running domains"
+    ),
+    printcolumn(
+        name = "Hypervisor",
+        type_ = "string",
+        json_path = ".status.hypervisor",
+        description = "kvm or qemu (TCG)"
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
 )]
 #[serde(rename_all = "camelCase")]
 pub struct DomainNodeSpec {

@@ -14,8 +14,8 @@ pub use desktop::{Desktop, DesktopSpec, DesktopStatus};
 pub use domain_node::{DomainNode, DomainNodeSpec, DomainNodeStatus};
 pub use resource_pool::{ResourcePool, ResourcePoolSpec, ResourcePoolStatus};
 
-use kube::CustomResourceExt;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::CustomResourceExt;
 
 /// Every CRD of the API, in the order they are installed.
 pub fn crds() -> Vec<CustomResourceDefinition> {
@@ -32,4 +32,47 @@ pub fn crds_yaml() -> Result<String, serde_yaml::Error> {
         out.push_str(&serde_yaml::to_string(&crd)?);
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    /// The chart's CRDs are generated from these types; regenerate with
+    /// `cargo run -p deskvirt-crds --bin crdgen charts/deskvirt/crds/deskvirt.io.yaml`.
+    #[test]
+    fn committed_crd_yaml_matches_the_types() {
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../charts/deskvirt/crds/deskvirt.io.yaml"
+        );
+        let committed = std::fs::read_to_string(path).unwrap_or_default();
+        let generated = super::crds_yaml().unwrap_or_else(|e| panic!("cannot render CRDs: {e}"));
+        assert!(
+            committed == generated,
+            "{path} is stale: run `cargo run -p deskvirt-crds --bin crdgen {path}` and commit it"
+        );
+    }
+
+    #[test]
+    fn every_crd_has_status_short_name_and_columns() {
+        for crd in super::crds() {
+            let names = &crd.spec.names;
+            assert!(
+                names.short_names.as_ref().is_some_and(|s| !s.is_empty()),
+                "{}",
+                names.kind
+            );
+            let v = &crd.spec.versions[0];
+            assert!(
+                v.subresources
+                    .as_ref()
+                    .and_then(|s| s.status.as_ref())
+                    .is_some()
+            );
+            assert!(
+                v.additional_printer_columns
+                    .as_ref()
+                    .is_some_and(|c| c.len() >= 4)
+            );
+        }
+    }
 }

@@ -70,7 +70,7 @@ pub fn parse_bytes(q: &str) -> Result<u64, QuantityError> {
 /// Formats bytes as the shortest exact binary quantity ("4Gi", "1536Mi", "100").
 pub fn format_bytes(bytes: u64) -> String {
     for (suffix, mult) in SUFFIXES[..6].iter().rev() {
-        if bytes != 0 && bytes % mult == 0 {
+        if bytes != 0 && bytes.is_multiple_of(*mult) {
             return format!("{}{}", bytes / mult, suffix);
         }
     }
@@ -110,9 +110,9 @@ pub fn parse_duration(d: &str) -> Result<Duration, QuantityError> {
 /// Formats a duration in the largest unit that divides it exactly ("90s", "15m", "2h").
 pub fn format_duration(d: Duration) -> String {
     let s = d.as_secs();
-    if s != 0 && s % 3600 == 0 {
+    if s != 0 && s.is_multiple_of(3600) {
         format!("{}h", s / 3600)
-    } else if s != 0 && s % 60 == 0 {
+    } else if s != 0 && s.is_multiple_of(60) {
         format!("{}m", s / 60)
     } else {
         format!("{s}s")
@@ -142,14 +142,19 @@ mod tests {
 
     #[test]
     fn rejects_what_the_schema_rejects() {
-        for bad in ["4GB", "", "Gi", "-1Gi", "4 Gi", "1.Gi", ".5Gi", "4gi", "1e3"] {
+        for bad in [
+            "4GB", "", "Gi", "-1Gi", "4 Gi", "1.Gi", ".5Gi", "4gi", "1e3",
+        ] {
             assert!(parse_bytes(bad).is_err(), "{bad} should be rejected");
         }
     }
 
     #[test]
     fn overflow_is_an_error_not_a_wrap() {
-        assert!(matches!(parse_bytes("16Ei"), Err(QuantityError::Overflow(_))));
+        assert!(matches!(
+            parse_bytes("16Ei"),
+            Err(QuantityError::Overflow(_))
+        ));
         assert!(matches!(
             parse_bytes("99999999999999999999999"),
             Err(QuantityError::Overflow(_))
@@ -158,7 +163,15 @@ mod tests {
 
     #[test]
     fn format_round_trips() {
-        for b in [0u64, 1, 1023, 1024, 4 << 30, 1536 << 20, (1 << 40) + (1 << 20)] {
+        for b in [
+            0u64,
+            1,
+            1023,
+            1024,
+            4 << 30,
+            1536 << 20,
+            (1 << 40) + (1 << 20),
+        ] {
             assert_eq!(parse_bytes(&format_bytes(b)), Ok(b));
         }
         assert_eq!(format_bytes(4 << 30), "4Gi");

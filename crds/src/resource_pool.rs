@@ -1,6 +1,9 @@
 //! `ResourcePool`: a group of hosts sharing storage and a network, inside which placement is
 //! free. Holds the pool's allocation ranges (SPICE ports, MACs, subnets) and capacity policy.
 
+// kube-derive expands each `printcolumn(...)` into attributes clippy sees as duplicates.
+#![allow(clippy::duplicated_attributes)]
+
 use std::collections::BTreeMap;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
@@ -24,12 +27,42 @@ use crate::schema::{ABS_PATH, IFNAME, IPV4_CIDR, MAC_PREFIX};
     category = "deskvirt",
     doc = "A pool of KVM hosts that share storage and a network; desktops are placed on its hosts.",
     status = "ResourcePoolStatus",
-    printcolumn(name = "Nodes", type_ = "integer", json_path = ".status.nodes.ready", description = "Ready hosts"),
-    printcolumn(name = "Total", type_ = "integer", json_path = ".status.nodes.total", description = "All hosts", priority = 1),
-    printcolumn(name = "Capacity", type_ = "integer", json_path = ".status.capacity.desktops", description = "Desktops of the reference size the ready hosts can hold"),
-    printcolumn(name = "Allocated", type_ = "integer", json_path = ".status.allocated.desktops", description = "Desktops placed in the pool"),
-    printcolumn(name = "Available", type_ = "integer", json_path = ".status.available.desktops", description = "Further desktops of the reference size that fit"),
-    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+    printcolumn(
+        name = "Nodes",
+        type_ = "integer",
+        json_path = ".status.nodes.ready",
+        description = "Ready hosts"
+    ),
+    printcolumn(
+        name = "Total",
+        type_ = "integer",
+        json_path = ".status.nodes.total",
+        description = "All hosts",
+        priority = 1
+    ),
+    printcolumn(
+        name = "Capacity",
+        type_ = "integer",
+        json_path = ".status.capacity.desktops",
+        description = "Desktops of the reference size the ready hosts can hold"
+    ),
+    printcolumn(
+        name = "Allocated",
+        type_ = "integer",
+        json_path = ".status.allocated.desktops",
+        description = "Desktops placed in the pool"
+    ),
+    printcolumn(
+        name = "Available",
+        type_ = "integer",
+        json_path = ".status.available.desktops",
+        description = "Further desktops of the reference size that fit"
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
 )]
 #[serde(rename_all = "camelCase")]
 pub struct ResourcePoolSpec {
@@ -97,7 +130,11 @@ fn default_disk_dir() -> String {
 
 impl Default for PoolStorage {
     fn default() -> Self {
-        Self { image_dir: default_image_dir(), disk_dir: default_disk_dir(), shared: false }
+        Self {
+            image_dir: default_image_dir(),
+            disk_dir: default_disk_dir(),
+            shared: false,
+        }
     }
 }
 
@@ -202,14 +239,21 @@ pub struct PortRange {
 
 impl Default for PortRange {
     fn default() -> Self {
-        Self { first: 5900, last: 6899 }
+        Self {
+            first: 5900,
+            last: 6899,
+        }
     }
 }
 
 impl PortRange {
     /// Number of ports in the range; zero when reversed.
     pub fn len(&self) -> u32 {
-        if self.last < self.first { 0 } else { u32::from(self.last - self.first) + 1 }
+        if self.last < self.first {
+            0
+        } else {
+            u32::from(self.last - self.first) + 1
+        }
     }
 
     /// Whether the range holds no port (reversed).
@@ -241,7 +285,10 @@ fn default_memory_ratio() -> f64 {
 
 impl Default for Overcommit {
     fn default() -> Self {
-        Self { cpu: default_cpu_ratio(), memory: default_memory_ratio() }
+        Self {
+            cpu: default_cpu_ratio(),
+            memory: default_memory_ratio(),
+        }
     }
 }
 
@@ -268,7 +315,10 @@ fn default_reserved_memory() -> String {
 
 impl Default for Reserved {
     fn default() -> Self {
-        Self { cpu: default_reserved_cpu(), memory: default_reserved_memory() }
+        Self {
+            cpu: default_reserved_cpu(),
+            memory: default_reserved_memory(),
+        }
     }
 }
 
@@ -305,7 +355,10 @@ fn default_ref_memory() -> String {
 
 impl Default for ReferenceSize {
     fn default() -> Self {
-        Self { cpu: default_ref_cpu(), memory: default_ref_memory() }
+        Self {
+            cpu: default_ref_cpu(),
+            memory: default_ref_memory(),
+        }
     }
 }
 
@@ -330,7 +383,10 @@ fn default_failover_after() -> String {
 
 impl Default for Failover {
     fn default() -> Self {
-        Self { restart_elsewhere: false, after: default_failover_after() }
+        Self {
+            restart_elsewhere: false,
+            after: default_failover_after(),
+        }
     }
 }
 
