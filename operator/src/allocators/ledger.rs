@@ -1,0 +1,459 @@
+//! The allocation ledger of one pool: SPICE ports per host, MACs across the pool and one subnet
+//! per host, rebuilt from recorded bindings when the operator starts and then updated in place by
+//! the leader as it binds and releases desktops.
+
+use deskvirt_crds::resource_pool::{NetworkMode, PortRange, ResourcePoolSpec};
+
+use super::conflict::{Conflict, Seniority};
+use super::macs::{Mac, MacBinding, MacError, MacLedger, MacPrefix};
+use super::ports::{PortBinding, PortError, PortLedger};
+use super::subnets::{HostSubnet, SubnetBinding, SubnetError, SubnetLedger, SubnetPlan};
+
+/// Why the ledger could not be built or could not bind.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LedgerError {
+    /// A SPICE port could not be allocated.
+    #[error(transparent)]
+    Port(#[from] PortError),
+    /// A MAC could not be read or allocated.
+    #[error(transparent)]
+    Mac(#[from] MacError),
+    /// The CIDR could not be read or a subnet could not be assigned.
+    #[error(transparent)]
+    Subnet(#[from] SubnetError),
+    /// The pool is in bridge mode, where hosts get no subnet of their own.
+    #[error("the pool's network is bridged; hosts get no subnet")]
+    NoSubnets,
+}
+
+impl LedgerError {
+    /// Short category for metrics and Events.
+    pub fn category(&self) -> &'static str {
+        match self {
+            LedgerError::Port(e) => e.category(),
+            LedgerError::Mac(e) => e.category(),
+            LedgerError::Subnet(e) => e.category(),
+            LedgerError::NoSubnets => "NoSubnets",
+        }
+    }
+}
+
+/// What a ledger hands out, read from a pool's spec.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LedgerConfig {
+    /// SPICE ports handed out on each host.
+    pub ports: PortRange,
+    /// Prefix of generated MACs.
+    pub mac_prefix: MacPrefix,
+    /// How the CIDR is cut into host subnets; `None` in bridge mode.
+    pub subnets: Option<SubnetPlan>,
+}
+
+impl LedgerConfig {
+    /// Reads the port range, MAC prefix and subnet plan of a pool. A reversed port range is not
+    /// an error here: binding reports it, and the scheduler reports `InvalidPortRange`.
+    pub fn from_spec(spec: &ResourcePoolSpec) -> Result<Self, LedgerError> {
+        let subnets = match spec.network.mode {
+            NetworkMode::Bridge => None,
+            NetworkMode::Nat | NetworkMode::Isolated => Some(SubnetPlan::parse(
+                &spec.network.cidr,
+                spec.network.node_prefix_length,
+            )?),
+        };
+        Ok(Self {
+            ports: spec.display.spice_ports,
+            mac_prefix: spec.network.mac_prefix.parse()?,
+            subnets,
+        })
+    }
+}
+
+/// A desktop's recorded binding (from its status), replayed by [`Ledger::rebuild`].
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct DesktopBinding {
+    /// Key of the desktop: its UID.
+    pub desktop: String,
+    /// Age of the desktop; the oldest keeps a contested port or MAC.
+    pub seniority: Seniority,
+    /// `status.node`.
+    pub host: Option<String>,
+    /// `status.spice.port`.
+    pub port: Option<u16>,
+    /// `status.mac`.
+    pub mac: Option<String>,
+}
+
+/// What a desktop asks the ledger for when it is bound to a host.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Claim<'a> {
+    /// Key of the desktop: its UID.
+    pub desktop: &'a str,
+    /// The host the scheduler chose (or the one already in `status.node`).
+    pub host: &'a str,
+    /// `spec.network.mac`, when the user fixed one.
+    pub fixed_mac: Option<&'a str>,
+}
+
+/// What a desktop holds once bound.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Bound {
+    /// Its SPICE port on the host.
+    pub port: u16,
+    /// Its MAC.
+    pub mac: Mac,
+}
+
+/// What a release freed.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Released {
+    /// The host and port the desktop held.
+    pub port: Option<(String, u16)>,
+    /// The MAC it held.
+    pub mac: Option<Mac>,
+}
+
+/// Ports, MACs and subnets of one pool. When the pool's spec changes, build a new ledger and
+/// rebuild it from the recorded bindings: held values stay, conflicts are reported.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Ledger {
+    config: LedgerConfig,
+    ports: PortLedger,
+    macs: MacLedger,
+    subnets: Option<SubnetLedger>,
+}
+
+impl Ledger {
+    /// An empty ledger.
+    pub fn new(config: LedgerConfig) -> Self {
+        Self {
+            config,
+            ports: PortLedger::new(),
+            macs: MacLedger::new(config.mac_prefix),
+            subnets: config.subnets.map(SubnetLedger::new),
+        }
+    }
+
+    /// An empty ledger for a pool.
+    pub fn from_spec(spec: &ResourcePoolSpec) -> Result<Self, LedgerError> {
+        LedgerConfig::from_spec(spec).map(Self::new)
+    }
+
+    /// What the ledger hands out.
+    pub fn config(&self) -> LedgerConfig {
+        self.config
+    }
+
+    /// Replaces the ledger's contents with the recorded bindings of the pool's desktops and hosts,
+    /// oldest first, and returns every claim it refused: each duplicate exactly once, as the
+    /// younger claim. The ledger left behind holds no conflict; the operator re-allocates each
+    /// loser with [`Ledger::bind`] (or [`Ledger::assign_subnet`]) and records an Event.
+    pub fn rebuild(
+        &mut self,
+        desktops: impl IntoIterator<Item = DesktopBinding>,
+        hosts: impl IntoIterator<Item = SubnetBinding>,
+    ) -> Vec<Conflict> {
+        let mut conflicts = Vec::new();
+        // In bridge mode recorded subnets are left over from an earlier mode; nothing to keep.
+        if let Some(subnets) = &mut self.subnets {
+            conflicts.extend(subnets.rebuild(hosts));
+        }
+        let mut ports = Vec::new();
+        let mut macs = Vec::new();
+        for d in desktops {
+            match (&d.host, d.port) {
+                (Some(host), Some(port)) => ports.push(PortBinding {
+                    desktop: d.desktop.clone(),
+                    seniority: d.seniority.clone(),
+                    host: host.clone(),
+                    port,
+                }),
+                (None, Some(port)) => conflicts.push(Conflict::Invalid {
+                    owner: d.desktop.clone(),
+                    value: port.to_string(),
+                    problem: "a SPICE port is recorded without a host".into(),
+                }),
+                (_, None) => {}
+            }
+            if let Some(mac) = d.mac {
+                macs.push(MacBinding {
+                    desktop: d.desktop,
+                    seniority: d.seniority,
+                    mac,
+                });
+            }
+        }
+        conflicts.extend(self.ports.rebuild(ports));
+        conflicts.extend(self.macs.rebuild(macs));
+        conflicts
+    }
+
+    /// Gives the desktop of `claim` a port on its host and a MAC; idempotent, so binding again
+    /// returns what it holds. Either both are held afterwards or the ledger is unchanged.
+    pub fn bind(&mut self, claim: &Claim<'_>) -> Result<Bound, LedgerError> {
+        let had_port = self.ports.port_of(claim.desktop).is_some();
+        let port = self
+            .ports
+            .allocate(claim.desktop, claim.host, self.config.ports)?;
+        match self.macs.allocate(claim.desktop, claim.fixed_mac) {
+            Ok(mac) => Ok(Bound { port, mac }),
+            Err(e) => {
+                if !had_port {
+                    self.ports.release(claim.desktop);
+                }
+                Err(e.into())
+            }
+        }
+    }
+
+    /// Frees the port and MAC of a deleted desktop.
+    pub fn release(&mut self, desktop: &str) -> Released {
+        Released {
+            port: self.ports.release(desktop),
+            mac: self.macs.release(desktop),
+        }
+    }
+
+    /// The subnet of `host`: the one it holds, else the lowest free one.
+    pub fn assign_subnet(&mut self, host: &str) -> Result<HostSubnet, LedgerError> {
+        let subnets = self.subnets.as_mut().ok_or(LedgerError::NoSubnets)?;
+        Ok(subnets.assign(host)?)
+    }
+
+    /// Frees the subnet of a host that left the pool.
+    pub fn release_host(&mut self, host: &str) -> Option<HostSubnet> {
+        self.subnets.as_mut()?.release(host)
+    }
+
+    /// The host and port `desktop` holds.
+    pub fn port_of(&self, desktop: &str) -> Option<(&str, u16)> {
+        self.ports.port_of(desktop)
+    }
+
+    /// The MAC `desktop` holds.
+    pub fn mac_of(&self, desktop: &str) -> Option<Mac> {
+        self.macs.mac_of(desktop)
+    }
+
+    /// The subnet `host` holds.
+    pub fn subnet_of(&self, host: &str) -> Option<HostSubnet> {
+        self.subnets.as_ref()?.subnet_of(host)
+    }
+
+    /// How many ports of the pool's range are held on `host` (for the scheduler's `HostView`).
+    pub fn ports_in_use(&self, host: &str) -> u32 {
+        self.ports.in_use(host, self.config.ports)
+    }
+
+    /// The port ledger, read-only.
+    pub fn ports(&self) -> &PortLedger {
+        &self.ports
+    }
+
+    /// The MAC ledger, read-only.
+    pub fn macs(&self) -> &MacLedger {
+        &self.macs
+    }
+
+    /// The subnet ledger, read-only; `None` in bridge mode.
+    pub fn subnets(&self) -> Option<&SubnetLedger> {
+        self.subnets.as_ref()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::allocators::conflict::Resource;
+
+    /// A pool spec with a small port range, so exhaustion is easy to reach.
+    fn spec(first: u16, last: u16) -> ResourcePoolSpec {
+        let mut spec: ResourcePoolSpec = match serde_json::from_str("{}") {
+            Ok(spec) => spec,
+            Err(e) => panic!("an empty pool spec must deserialize with defaults: {e}"),
+        };
+        spec.display.spice_ports = PortRange { first, last };
+        spec
+    }
+
+    fn ledger(first: u16, last: u16) -> Ledger {
+        match Ledger::from_spec(&spec(first, last)) {
+            Ok(l) => l,
+            Err(e) => panic!("default pool spec must give a ledger: {e}"),
+        }
+    }
+
+    fn claim<'a>(desktop: &'a str, host: &'a str) -> Claim<'a> {
+        Claim {
+            desktop,
+            host,
+            fixed_mac: None,
+        }
+    }
+
+    fn recorded(desktop: &str, created: i64, host: &str, port: u16, mac: &str) -> DesktopBinding {
+        DesktopBinding {
+            desktop: desktop.into(),
+            seniority: Seniority::new(created, desktop),
+            host: Some(host.into()),
+            port: Some(port),
+            mac: Some(mac.into()),
+        }
+    }
+
+    #[test]
+    fn reads_the_pool_spec() -> Result<(), LedgerError> {
+        let l = ledger(5900, 5999);
+        assert_eq!(
+            l.config().ports,
+            PortRange {
+                first: 5900,
+                last: 5999
+            }
+        );
+        assert_eq!(l.config().mac_prefix.to_string(), "52:54:00");
+        assert!(l.subnets().is_some());
+
+        let mut bridged = spec(5900, 5999);
+        bridged.network.mode = NetworkMode::Bridge;
+        let mut l = Ledger::from_spec(&bridged)?;
+        assert_eq!(l.assign_subnet("h"), Err(LedgerError::NoSubnets));
+
+        let mut broken = spec(5900, 5999);
+        broken.network.mac_prefix = "01:00:5e".into();
+        assert_eq!(
+            Ledger::from_spec(&broken).map_err(|e| e.category()),
+            Err("InvalidMACPrefix")
+        );
+        broken = spec(5900, 5999);
+        broken.network.cidr = "10.0.0.1/8".into();
+        assert_eq!(
+            Ledger::from_spec(&broken).map_err(|e| e.category()),
+            Err("InvalidCIDR")
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn binds_idempotently_and_releases() -> Result<(), LedgerError> {
+        let mut l = ledger(5900, 5999);
+        let a = l.bind(&claim("a", "h1"))?;
+        assert_eq!(a.port, 5900);
+        assert_eq!(l.bind(&claim("a", "h1"))?, a);
+        let b = l.bind(&claim("b", "h1"))?;
+        assert_eq!(b.port, 5901);
+        assert_ne!(a.mac, b.mac);
+        assert_eq!(l.ports_in_use("h1"), 2);
+        assert_eq!(
+            l.release("a"),
+            Released {
+                port: Some(("h1".into(), 5900)),
+                mac: Some(a.mac)
+            }
+        );
+        assert_eq!(l.release("a"), Released::default(), "release is idempotent");
+        assert_eq!(l.ports_in_use("h1"), 1);
+        Ok(())
+    }
+
+    #[test]
+    fn a_failed_mac_leaves_no_port_behind() -> Result<(), LedgerError> {
+        let mut l = ledger(5900, 5999);
+        l.bind(&Claim {
+            desktop: "a",
+            host: "h",
+            fixed_mac: Some("02:00:00:00:00:01"),
+        })?;
+        let err = l.bind(&Claim {
+            desktop: "b",
+            host: "h",
+            fixed_mac: Some("02:00:00:00:00:01"),
+        });
+        assert!(matches!(
+            err,
+            Err(LedgerError::Mac(MacError::Collision { .. }))
+        ));
+        assert_eq!(l.port_of("b"), None);
+        assert_eq!(l.ports_in_use("h"), 1);
+        Ok(())
+    }
+
+    #[test]
+    fn port_exhaustion_is_reported() -> Result<(), LedgerError> {
+        let mut l = ledger(5900, 5900);
+        l.bind(&claim("a", "h"))?;
+        let err = l.bind(&claim("b", "h"));
+        assert_eq!(
+            err.as_ref().map_err(LedgerError::category),
+            Err("PortsExhausted")
+        );
+        assert_eq!(l.mac_of("b"), None);
+        Ok(())
+    }
+
+    #[test]
+    fn rebuild_reports_port_mac_and_subnet_conflicts() -> Result<(), LedgerError> {
+        let mut l = ledger(5900, 5999);
+        let conflicts = l.rebuild(
+            [
+                recorded("old", 1, "h1", 5900, "52:54:00:00:00:01"),
+                recorded("young", 2, "h1", 5900, "52:54:00:00:00:01"),
+                recorded("ok", 3, "h1", 5901, "52:54:00:00:00:02"),
+                DesktopBinding {
+                    desktop: "orphan-port".into(),
+                    seniority: Seniority::new(4, "orphan-port"),
+                    port: Some(5905),
+                    ..DesktopBinding::default()
+                },
+            ],
+            [
+                SubnetBinding {
+                    host: "h1".into(),
+                    seniority: Seniority::new(1, "h1"),
+                    subnet: "10.200.0.0/24".into(),
+                },
+                SubnetBinding {
+                    host: "h2".into(),
+                    seniority: Seniority::new(2, "h2"),
+                    subnet: "10.200.0.0/24".into(),
+                },
+            ],
+        );
+        let mut summary: Vec<(String, &str)> = conflicts
+            .iter()
+            .map(|c| {
+                let what = match c {
+                    Conflict::Taken {
+                        resource: Resource::Port { .. },
+                        ..
+                    } => "port".to_owned(),
+                    Conflict::Taken {
+                        resource: Resource::Mac(_),
+                        ..
+                    } => "mac".to_owned(),
+                    Conflict::Taken {
+                        resource: Resource::Subnet(_),
+                        ..
+                    } => "subnet".to_owned(),
+                    Conflict::Invalid { .. } => "invalid".to_owned(),
+                };
+                (what, c.loser())
+            })
+            .collect();
+        summary.sort();
+        assert_eq!(
+            summary,
+            [
+                ("invalid".to_owned(), "orphan-port"),
+                ("mac".to_owned(), "young"),
+                ("port".to_owned(), "young"),
+                ("subnet".to_owned(), "h2"),
+            ]
+        );
+        // Re-homing the losers gives them fresh, unique values.
+        let young = l.bind(&claim("young", "h1"))?;
+        assert_eq!(young.port, 5902);
+        assert_ne!(Some(young.mac), l.mac_of("old"));
+        assert_eq!(l.assign_subnet("h2")?.to_string(), "10.200.1.0/24");
+        Ok(())
+    }
+}

@@ -1,0 +1,202 @@
+//! A host as the scheduler sees it: pool membership, health and admin flags, capacity, what its
+//! bound desktops already hold, and how many SPICE ports are taken. Built by the controllers from
+//! a DomainNode, its heartbeat and the ledger; the scheduler only reads it.
+
+use deskvirt_crds::domain_node::DomainNode;
+
+use super::capacity::{Free, HostCapacity, HostFacts, Usage};
+use super::policy::PoolPolicy;
+use super::request::Request;
+
+/// One host, flattened for placement.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HostView {
+    /// DomainNode name.
+    pub name: String,
+    /// The pool the host belongs to (`status.pool`), if any.
+    pub pool: Option<String>,
+    /// Heartbeat fresh, libvirt connected and host facts known.
+    pub ready: bool,
+    /// `spec.unschedulable`: cordoned by an admin.
+    pub unschedulable: bool,
+    /// `spec.maintenance`: unschedulable and left out of pool capacity.
+    pub maintenance: bool,
+    /// What desktops may use after reserve and overcommit.
+    pub capacity: HostCapacity,
+    /// The sum of the desktops bound to the host that hold resources.
+    pub allocated: Usage,
+    /// SPICE ports of the pool's range held on the host.
+    pub ports_in_use: u32,
+}
+
+impl HostView {
+    /// A ready, schedulable, empty host of `pool`.
+    pub fn new(name: impl Into<String>, pool: impl Into<String>, capacity: HostCapacity) -> Self {
+        Self {
+            name: name.into(),
+            pool: Some(pool.into()),
+            ready: true,
+            unschedulable: false,
+            maintenance: false,
+            capacity,
+            allocated: Usage::default(),
+            ports_in_use: 0,
+        }
+    }
+
+    /// The view of a DomainNode in a pool with `policy`. `ready` is the heartbeat verdict; a host
+    /// whose facts are missing or unreadable is not ready and has no capacity.
+    pub fn from_domain_node(
+        node: &DomainNode,
+        policy: &PoolPolicy,
+        ready: bool,
+        allocated: Usage,
+        ports_in_use: u32,
+    ) -> Self {
+        let facts = node.status.as_ref().map(HostFacts::from_status);
+        let capacity = match &facts {
+            Some(Ok(facts)) => HostCapacity::new(facts, policy),
+            _ => HostCapacity::NONE,
+        };
+        Self {
+            name: node.metadata.name.clone().unwrap_or_default(),
+            pool: node.status.as_ref().and_then(|s| s.pool.clone()),
+            ready: ready && matches!(facts, Some(Ok(_))),
+            unschedulable: node.spec.unschedulable,
+            maintenance: node.spec.maintenance,
+            capacity,
+            allocated,
+            ports_in_use,
+        }
+    }
+
+    /// The same host with `allocated` held by its desktops.
+    pub fn with_allocated(mut self, allocated: Usage) -> Self {
+        self.allocated = allocated;
+        self
+    }
+
+    /// The same host with `n` SPICE ports taken.
+    pub fn with_ports_in_use(mut self, n: u32) -> Self {
+        self.ports_in_use = n;
+        self
+    }
+
+    /// The same host with its heartbeat lost.
+    pub fn not_ready(mut self) -> Self {
+        self.ready = false;
+        self
+    }
+
+    /// The same host cordoned.
+    pub fn cordoned(mut self) -> Self {
+        self.unschedulable = true;
+        self
+    }
+
+    /// The same host in maintenance.
+    pub fn in_maintenance(mut self) -> Self {
+        self.maintenance = true;
+        self
+    }
+
+    /// Whether the host belongs to `pool`.
+    pub fn in_pool(&self, pool: &str) -> bool {
+        self.pool.as_deref() == Some(pool)
+    }
+
+    /// Whether new desktops may go here at all: ready, not cordoned, not in maintenance.
+    pub fn eligible(&self) -> bool {
+        self.ready && !self.unschedulable && !self.maintenance
+    }
+
+    /// What is left on the host.
+    pub fn free(&self) -> Free {
+        self.capacity.free(&self.allocated)
+    }
+
+    /// Records a desktop placed here with `request` and one SPICE port, so later placements in
+    /// the same pass see it.
+    pub fn apply(&mut self, request: &Request) {
+        self.allocated = self.allocated.plus(request);
+        self.ports_in_use = self.ports_in_use.saturating_add(1);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use deskvirt_crds::domain_node::{CpuFacts, DomainNodeSpec, DomainNodeStatus};
+    use deskvirt_crds::resource_pool::ResourcePoolSpec;
+
+    use super::*;
+
+    fn policy() -> PoolPolicy {
+        let spec: ResourcePoolSpec = match serde_json::from_str("{}") {
+            Ok(spec) => spec,
+            Err(e) => panic!("an empty pool spec must deserialize with defaults: {e}"),
+        };
+        match PoolPolicy::from_spec(&spec) {
+            Ok(p) => p,
+            Err(e) => panic!("default pool policy must be valid: {e}"),
+        }
+    }
+
+    fn node(status: Option<DomainNodeStatus>) -> DomainNode {
+        let mut node = DomainNode::new(
+            "host-1",
+            DomainNodeSpec {
+                unschedulable: true,
+                maintenance: false,
+            },
+        );
+        node.status = status;
+        node
+    }
+
+    #[test]
+    fn reads_a_domain_node() {
+        let status = DomainNodeStatus {
+            cpu: Some(CpuFacts {
+                threads: 9,
+                ..CpuFacts::default()
+            }),
+            memory: Some("17Gi".into()),
+            pool: Some("lab".into()),
+            ..DomainNodeStatus::default()
+        };
+        let h =
+            HostView::from_domain_node(&node(Some(status)), &policy(), true, Usage::default(), 3);
+        assert_eq!(h.name, "host-1");
+        assert!(h.in_pool("lab"));
+        assert!(h.ready);
+        assert!(h.unschedulable);
+        assert!(!h.eligible());
+        assert_eq!(h.capacity.vcpus(), 32);
+        assert_eq!(h.capacity.memory, 16 << 30);
+        assert_eq!(h.ports_in_use, 3);
+    }
+
+    #[test]
+    fn a_host_without_facts_is_not_ready() {
+        let h = HostView::from_domain_node(&node(None), &policy(), true, Usage::default(), 0);
+        assert!(!h.ready);
+        assert_eq!(h.capacity, HostCapacity::NONE);
+        let empty = HostView::from_domain_node(
+            &node(Some(DomainNodeStatus::default())),
+            &policy(),
+            true,
+            Usage::default(),
+            0,
+        );
+        assert!(!empty.ready);
+    }
+
+    #[test]
+    fn apply_adds_the_request_and_a_port() {
+        let mut h = HostView::new("h", "p", HostCapacity::NONE);
+        h.apply(&Request::new(2, 1 << 30));
+        assert_eq!(h.allocated.shared_vcpus, 2);
+        assert_eq!(h.allocated.desktops, 1);
+        assert_eq!(h.ports_in_use, 1);
+    }
+}

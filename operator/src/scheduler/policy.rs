@@ -1,0 +1,211 @@
+//! What a pool's spec says about capacity and placement, read once into numbers: reserve,
+//! overcommit ratios, the reference desktop size, the placement strategy and the SPICE port range.
+
+use deskvirt_crds::quantity::{QuantityError, parse_bytes};
+use deskvirt_crds::resource_pool::{Placement, PortRange, ResourcePoolSpec};
+
+/// Why a pool's spec cannot be used for placement.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum PolicyError {
+    /// `reserved.memory` is not a quantity.
+    #[error("reserved.memory: {0}")]
+    ReservedMemory(QuantityError),
+    /// `referenceSize.memory` is not a quantity.
+    #[error("referenceSize.memory: {0}")]
+    ReferenceMemory(QuantityError),
+    /// An overcommit ratio is not a positive finite number.
+    #[error("overcommit.{resource} must be a positive number, not {value}")]
+    Overcommit {
+        /// `cpu` or `memory`.
+        resource: &'static str,
+        /// The ratio as given.
+        value: f64,
+    },
+    /// The reference desktop has neither CPU nor memory, so capacity cannot be counted in desktops.
+    #[error("referenceSize must ask for some CPU or memory")]
+    EmptyReferenceSize,
+}
+
+impl PolicyError {
+    /// Short category for metrics, Events and the pool's Ready condition.
+    pub fn category(&self) -> &'static str {
+        match self {
+            PolicyError::ReservedMemory(_) | PolicyError::ReferenceMemory(_) => "InvalidQuantity",
+            PolicyError::Overcommit { .. } => "InvalidOvercommit",
+            PolicyError::EmptyReferenceSize => "InvalidReferenceSize",
+        }
+    }
+}
+
+/// A non-negative ratio held as millionths, so scaling is exact integer arithmetic and gives the
+/// same answer on every machine.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Ratio(u64);
+
+impl Ratio {
+    /// One: no overcommit.
+    pub const ONE: Ratio = Ratio(1_000_000);
+    const DENOMINATOR: u128 = 1_000_000;
+    /// Largest ratio accepted; far above what the CRD schema allows.
+    const MAX: f64 = 1_000_000.0;
+
+    /// The ratio nearest to `value` in millionths; `None` unless `value` is finite and above 0.
+    pub fn from_f64(value: f64) -> Option<Self> {
+        if !value.is_finite() || value <= 0.0 || value > Self::MAX {
+            return None;
+        }
+        // In range by the check above, so the cast neither saturates nor truncates sign.
+        let millionths = (value * 1_000_000.0).round() as u64;
+        (millionths > 0).then_some(Self(millionths))
+    }
+
+    /// A ratio of `millionths` / 1 000 000.
+    pub const fn from_millionths(millionths: u64) -> Self {
+        Self(millionths)
+    }
+
+    /// `floor(amount × ratio)`, saturating at `u64::MAX`.
+    pub fn scale(self, amount: u64) -> u64 {
+        let scaled = u128::from(amount) * u128::from(self.0) / Self::DENOMINATOR;
+        u64::try_from(scaled).unwrap_or(u64::MAX)
+    }
+}
+
+/// The size of the pool's reference desktop, used to count capacity in desktops.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ReferenceDesktop {
+    /// vCPUs.
+    pub vcpus: u32,
+    /// Memory in bytes.
+    pub memory: u64,
+}
+
+/// A pool's capacity and placement policy, as numbers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PoolPolicy {
+    /// Physical CPU threads kept back on each host.
+    pub reserved_cpus: u32,
+    /// Bytes of memory kept back on each host.
+    pub reserved_memory: u64,
+    /// vCPUs per physical thread.
+    pub cpu_ratio: Ratio,
+    /// Guest memory per byte of host memory.
+    pub memory_ratio: Ratio,
+    /// The reference desktop of the Capacity value.
+    pub reference: ReferenceDesktop,
+    /// Spread or Pack.
+    pub placement: Placement,
+    /// SPICE ports each host hands out.
+    pub ports: PortRange,
+}
+
+impl PoolPolicy {
+    /// Reads the policy of a pool's spec.
+    pub fn from_spec(spec: &ResourcePoolSpec) -> Result<Self, PolicyError> {
+        let ratio = |resource, value| {
+            Ratio::from_f64(value).ok_or(PolicyError::Overcommit { resource, value })
+        };
+        let reference = ReferenceDesktop {
+            vcpus: spec.reference_size.cpu,
+            memory: parse_bytes(&spec.reference_size.memory)
+                .map_err(PolicyError::ReferenceMemory)?,
+        };
+        if reference.vcpus == 0 && reference.memory == 0 {
+            return Err(PolicyError::EmptyReferenceSize);
+        }
+        Ok(Self {
+            reserved_cpus: spec.reserved.cpu,
+            reserved_memory: parse_bytes(&spec.reserved.memory)
+                .map_err(PolicyError::ReservedMemory)?,
+            cpu_ratio: ratio("cpu", spec.overcommit.cpu)?,
+            memory_ratio: ratio("memory", spec.overcommit.memory)?,
+            reference,
+            placement: spec.placement,
+            ports: spec.display.spice_ports,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec() -> ResourcePoolSpec {
+        match serde_json::from_str("{}") {
+            Ok(spec) => spec,
+            Err(e) => panic!("an empty pool spec must deserialize with defaults: {e}"),
+        }
+    }
+
+    #[test]
+    fn reads_the_defaults() -> Result<(), PolicyError> {
+        let p = PoolPolicy::from_spec(&spec())?;
+        assert_eq!(p.reserved_cpus, 1);
+        assert_eq!(p.reserved_memory, 1 << 30);
+        assert_eq!(p.cpu_ratio, Ratio::from_millionths(4_000_000));
+        assert_eq!(p.memory_ratio, Ratio::ONE);
+        assert_eq!(
+            p.reference,
+            ReferenceDesktop {
+                vcpus: 2,
+                memory: 4 << 30
+            }
+        );
+        assert_eq!(p.placement, Placement::Spread);
+        assert_eq!(
+            p.ports,
+            PortRange {
+                first: 5900,
+                last: 6899
+            }
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn refuses_bad_numbers() {
+        let mut s = spec();
+        s.overcommit.cpu = f64::NAN;
+        assert!(matches!(
+            PoolPolicy::from_spec(&s),
+            Err(PolicyError::Overcommit {
+                resource: "cpu",
+                ..
+            })
+        ));
+        s = spec();
+        s.overcommit.memory = 0.0;
+        assert!(matches!(
+            PoolPolicy::from_spec(&s),
+            Err(PolicyError::Overcommit {
+                resource: "memory",
+                ..
+            })
+        ));
+        s = spec();
+        s.reserved.memory = "lots".into();
+        assert_eq!(
+            PoolPolicy::from_spec(&s).map_err(|e| e.category()),
+            Err("InvalidQuantity")
+        );
+        s = spec();
+        s.reference_size.cpu = 0;
+        s.reference_size.memory = "0".into();
+        assert_eq!(
+            PoolPolicy::from_spec(&s),
+            Err(PolicyError::EmptyReferenceSize)
+        );
+    }
+
+    #[test]
+    fn ratios_scale_exactly() {
+        let r = |v| Ratio::from_f64(v).unwrap_or(Ratio::ONE);
+        assert_eq!(r(1.5).scale(3), 4, "floor(4.5)");
+        assert_eq!(r(1.1).scale(10), 11, "no 10.999999 surprises");
+        assert_eq!(r(0.7).scale(10), 7);
+        assert_eq!(r(4.0).scale(u64::MAX), u64::MAX, "saturates");
+        assert_eq!(Ratio::from_f64(-1.0), None);
+        assert_eq!(Ratio::from_f64(f64::INFINITY), None);
+        assert_eq!(Ratio::from_f64(1e-9), None, "rounds to zero millionths");
+    }
+}
