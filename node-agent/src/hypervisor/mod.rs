@@ -1,1 +1,207 @@
-//! The one door to libvirt (placeholder).
+//! The one door to libvirt: the [`Hypervisor`] trait the agent's controllers call, with plain
+//! value types and our own [`HypervisorError`]. [`libvirt`] implements it and is the only
+//! module of the workspace that imports `virt`; every call there runs in `spawn_blocking`.
+//!
+//! Teardown is idempotent: stopping or removing something that is already gone returns
+//! [`Change::AlreadyDone`] rather than an error.
+
+use std::collections::BTreeSet;
+use std::future::Future;
+
+use crate::domain::{DesktopIdentity, DhcpHost, DomainType};
+
+pub mod backoff;
+pub mod error;
+pub mod libvirt;
+
+pub use backoff::Backoff;
+pub use error::{HypervisorError, ObjectKind};
+pub use libvirt::LibvirtHypervisor;
+
+/// Result of a hypervisor call.
+pub type Result<T, E = HypervisorError> = std::result::Result<T, E>;
+
+/// Whether a state-changing call changed anything.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Change {
+    /// The call did what was asked.
+    Done,
+    /// The object was already in the requested state (or already gone).
+    AlreadyDone,
+}
+
+/// A domain's state as libvirt reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum DomainState {
+    /// No state.
+    NoState,
+    /// Running.
+    Running,
+    /// Blocked on a resource.
+    Blocked,
+    /// Paused.
+    Paused,
+    /// Shutting down.
+    ShuttingDown,
+    /// Off.
+    ShutOff,
+    /// Crashed.
+    Crashed,
+    /// Suspended by guest power management.
+    PmSuspended,
+    /// A state this agent does not know.
+    Unknown,
+}
+
+impl DomainState {
+    /// Whether a QEMU process exists for the domain.
+    pub fn is_active(self) -> bool {
+        matches!(
+            self,
+            Self::Running | Self::Blocked | Self::Paused | Self::ShuttingDown | Self::PmSuspended
+        )
+    }
+}
+
+/// One domain on the host.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DomainSummary {
+    /// Domain name.
+    pub name: String,
+    /// Domain UUID (the Desktop UID for deskvirt's domains).
+    pub uuid: String,
+    /// Current state.
+    pub state: DomainState,
+    /// Whether the domain is defined (not only running).
+    pub persistent: bool,
+    /// Whether a managed save image exists (the desktop is suspended to disk).
+    pub has_managed_save: bool,
+    /// The Desktop it belongs to, from its metadata; `None` for domains deskvirt did not make.
+    pub identity: Option<DesktopIdentity>,
+}
+
+/// Runtime status of one domain.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DomainStatus {
+    /// Current state.
+    pub state: DomainState,
+    /// CPU time used, in nanoseconds (for idle detection).
+    pub cpu_time_ns: u64,
+    /// Current memory in KiB.
+    pub memory_kib: u64,
+    /// Maximum memory in KiB.
+    pub max_memory_kib: u64,
+    /// vCPUs.
+    pub vcpus: u32,
+    /// Whether a managed save image exists.
+    pub has_managed_save: bool,
+}
+
+/// Facts about the host, for the DomainNode status.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostFacts {
+    /// Host name as libvirt sees it.
+    pub hostname: String,
+    /// CPU model.
+    pub cpu_model: String,
+    /// NUMA nodes.
+    pub numa_nodes: u32,
+    /// CPU sockets in total.
+    pub sockets: u32,
+    /// Cores per socket.
+    pub cores_per_socket: u32,
+    /// Threads per core.
+    pub threads_per_core: u32,
+    /// Logical CPUs.
+    pub cpus: u32,
+    /// Nominal CPU speed.
+    pub mhz: u32,
+    /// Physical memory in bytes.
+    pub memory_bytes: u64,
+    /// Largest vCPU count of one domain of the requested type.
+    pub max_vcpus: u32,
+    /// libvirt driver, such as `QEMU` (or `TEST`).
+    pub driver: String,
+    /// Hypervisor version, such as `7.2.0`.
+    pub hypervisor_version: String,
+    /// libvirt version, such as `9.0.0`.
+    pub libvirt_version: String,
+}
+
+/// Formats libvirt's packed version number (major * 1e6 + minor * 1e3 + release).
+pub fn format_version(packed: u64) -> String {
+    format!(
+        "{}.{}.{}",
+        packed / 1_000_000,
+        (packed / 1_000) % 1_000,
+        packed % 1_000
+    )
+}
+
+/// Everything the node-agent asks of the hypervisor. Implemented by [`LibvirtHypervisor`];
+/// controllers are generic over it so tests can substitute a fake.
+pub trait Hypervisor: Send + Sync {
+    /// Whether the last call found libvirt reachable (for the `LibvirtConnected` condition).
+    fn is_connected(&self) -> bool;
+
+    /// Checks the connection, reconnecting when the backoff allows; returns [`Self::is_connected`].
+    fn probe(&self) -> impl Future<Output = bool> + Send;
+
+    /// Host facts; `max_vcpus` is asked for domains of `domain_type`.
+    fn host_facts(&self, domain_type: DomainType)
+    -> impl Future<Output = Result<HostFacts>> + Send;
+
+    /// Every domain, defined or only running.
+    fn list_domains(&self) -> impl Future<Output = Result<Vec<DomainSummary>>> + Send;
+
+    /// Defines (or, with the same `<uuid>`, updates in place) a persistent domain; returns its name.
+    fn define_domain(&self, xml: &str) -> impl Future<Output = Result<String>> + Send;
+
+    /// Starts a defined domain (resuming from a managed save image if one exists).
+    fn start_domain(&self, name: &str) -> impl Future<Output = Result<Change>> + Send;
+
+    /// Asks the guest to shut down (ACPI); `AlreadyDone` when it is off or gone.
+    fn shutdown_domain(&self, name: &str) -> impl Future<Output = Result<Change>> + Send;
+
+    /// Powers the domain off at once; `AlreadyDone` when it is off or gone.
+    fn destroy_domain(&self, name: &str) -> impl Future<Output = Result<Change>> + Send;
+
+    /// Removes the domain's definition with its managed save image, snapshot metadata and
+    /// NVRAM; `AlreadyDone` when it is gone. A running domain keeps running as a transient
+    /// one: destroy it first.
+    fn undefine_domain(&self, name: &str) -> impl Future<Output = Result<Change>> + Send;
+
+    /// Saves the running domain's memory to disk and stops it; the next start resumes it.
+    /// `AlreadyDone` when it is off with a save image already.
+    fn managed_save(&self, name: &str) -> impl Future<Output = Result<Change>> + Send;
+
+    /// State, CPU time and memory of one domain.
+    fn domain_status(&self, name: &str) -> impl Future<Output = Result<DomainStatus>> + Send;
+
+    /// The domain's XML: live when running, else the definition; `inactive` forces the
+    /// definition. Never includes the SPICE password.
+    fn domain_xml(&self, name: &str, inactive: bool)
+    -> impl Future<Output = Result<String>> + Send;
+
+    /// PID of the domain's QEMU process, when the driver is a local QEMU one and it runs.
+    fn qemu_pid(&self, name: &str) -> impl Future<Output = Result<Option<u32>>> + Send;
+
+    /// Defines a network (idempotent with a stable `<uuid>`), marks it autostart and starts
+    /// it when inactive. A changed definition of a running network applies at its next start;
+    /// use [`Self::sync_dhcp_hosts`] for leases.
+    fn ensure_network(&self, xml: &str) -> impl Future<Output = Result<String>> + Send;
+
+    /// Makes the network's static DHCP leases exactly `hosts`, live and in its definition.
+    fn sync_dhcp_hosts(
+        &self,
+        network: &str,
+        hosts: &[DhcpHost],
+    ) -> impl Future<Output = Result<Change>> + Send;
+
+    /// Stops and undefines a network; `AlreadyDone` when it is gone.
+    fn remove_network(&self, name: &str) -> impl Future<Output = Result<Change>> + Send;
+
+    /// Every file used as a disk (or backing file) by any domain, defined or running, so
+    /// that disk cleanup never deletes one in use.
+    fn domain_disk_paths(&self) -> impl Future<Output = Result<BTreeSet<String>>> + Send;
+}

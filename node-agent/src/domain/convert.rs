@@ -1,0 +1,91 @@
+//! Decides how the areas are assembled into one `<domain>`, checking that every free-text
+//! value is XML text before anything is serialized.
+
+use super::boot::os;
+use super::cpu_memory::{cputune, memory, memory_backing, vcpu};
+use super::devices::{console, memballoon, serial, tablet};
+use super::disks::disk;
+use super::error::XmlError;
+use super::graphics::{graphics, vdagent_channel, video};
+use super::inputs::{DomainInputs, domain_type_str};
+use super::metadata::metadata;
+use super::network::{NetworkAttachment, interface};
+use super::text::is_xml_text;
+use super::usb::{controller, redirdevs, redirfilter};
+use super::xml::{self, Clock, Devices, Domain, Empty, Features};
+
+fn check(field: &'static str, value: &str) -> Result<(), XmlError> {
+    if is_xml_text(value) {
+        Ok(())
+    } else {
+        Err(XmlError::InvalidText { field })
+    }
+}
+
+/// Checks the values that go into the XML unescaped (identity values are escaped instead).
+fn check_inputs(inputs: &DomainInputs) -> Result<(), XmlError> {
+    check("uid", &inputs.identity.uid)?;
+    check("disk path", &inputs.disk_path)?;
+    check("mac", &inputs.mac)?;
+    check("spice listen address", &inputs.spice.listen)?;
+    check("spice password", inputs.spice.password.expose())?;
+    if let Some(boot) = &inputs.boot {
+        check("kernel", &boot.kernel)?;
+        check("initrd", boot.initrd.as_deref().unwrap_or_default())?;
+        check("cmdline", boot.cmdline.as_deref().unwrap_or_default())?;
+    }
+    match &inputs.network {
+        NetworkAttachment::Network { name } => check("network", name)?,
+        NetworkAttachment::Bridge { bridge } => check("bridge", bridge)?,
+    }
+    for f in inputs.usb.allow.iter().chain(&inputs.usb.deny) {
+        for v in [&f.class, &f.vendor, &f.product].into_iter().flatten() {
+            check("usb filter", v)?;
+        }
+    }
+    Ok(())
+}
+
+/// The typed `<domain>` for `inputs`.
+pub fn domain(inputs: &DomainInputs) -> Result<Domain, XmlError> {
+    check_inputs(inputs)?;
+    Ok(Domain {
+        kind: domain_type_str(inputs.domain_type),
+        name: inputs.domain_name(),
+        uuid: inputs.identity.uid.to_ascii_lowercase(),
+        metadata: metadata(&inputs.identity),
+        memory: memory(inputs.memory_bytes),
+        current_memory: memory(inputs.memory_bytes),
+        memory_backing: memory_backing(inputs.hugepages),
+        vcpu: vcpu(inputs.vcpus),
+        cputune: cputune(&inputs.cpu_pinning),
+        os: os(inputs.boot.as_ref()),
+        features: Features {
+            acpi: Empty {},
+            apic: Empty {},
+        },
+        clock: Clock { offset: "utc" },
+        on_poweroff: "destroy",
+        on_reboot: "restart",
+        on_crash: "destroy",
+        devices: Devices {
+            disk: disk(&inputs.disk_path),
+            controller: vec![controller()],
+            interface: interface(&inputs.network, &inputs.mac),
+            serial: serial(),
+            console: console(),
+            channel: vec![vdagent_channel()],
+            input: vec![tablet()],
+            graphics: graphics(&inputs.spice),
+            video: video(),
+            redirdev: redirdevs(&inputs.usb),
+            redirfilter: redirfilter(&inputs.usb),
+            memballoon: memballoon(),
+        },
+    })
+}
+
+/// The domain XML for `inputs`, ready for `virDomainDefineXML`.
+pub fn domain_xml(inputs: &DomainInputs) -> Result<String, XmlError> {
+    Ok(xml::to_string(&domain(inputs)?)?)
+}

@@ -1,0 +1,301 @@
+//! Decides how each domain operation is carried out on a libvirt connection (blocking), and
+//! which libvirt outcomes count as "already done" so teardown is idempotent.
+
+use std::collections::BTreeSet;
+
+use virt::connect::Connect;
+use virt::domain::{Domain, DomainState as VirtState};
+use virt::enumutil::Enum;
+use virt::error::ErrorNumber;
+use virt::sys;
+
+use super::errors::{found, has_code, map};
+use crate::domain::read::walk;
+use crate::domain::{
+    DesktopIdentity, METADATA_NS, parse_disk_paths, parse_identity, parse_identity_element,
+};
+use crate::hypervisor::{
+    Change, DomainState, DomainStatus, DomainSummary, HypervisorError, ObjectKind, Result,
+};
+
+/// Where libvirt's QEMU driver writes PID files when connected to `qemu:///system`.
+const QEMU_PID_DIR: &str = "/run/libvirt/qemu";
+
+fn lookup(conn: &Connect, op: &'static str, name: &str) -> Result<Domain> {
+    conn.lookup_domain_by_name(name)
+        .map_err(|e| map(op, ObjectKind::Domain, name, &e))
+}
+
+fn convert_state(state: Enum<VirtState, sys::virDomainState>) -> DomainState {
+    match state {
+        Enum::Known(VirtState::NoState) => DomainState::NoState,
+        Enum::Known(VirtState::Running) => DomainState::Running,
+        Enum::Known(VirtState::Blocked) => DomainState::Blocked,
+        Enum::Known(VirtState::Paused) => DomainState::Paused,
+        Enum::Known(VirtState::Shutdown) => DomainState::ShuttingDown,
+        Enum::Known(VirtState::Shutoff) => DomainState::ShutOff,
+        Enum::Known(VirtState::Crashed) => DomainState::Crashed,
+        Enum::Known(VirtState::PMSuspended) => DomainState::PmSuspended,
+        Enum::Unknown(_) => DomainState::Unknown,
+    }
+}
+
+/// The domain's state, from `virDomainGetInfo` because virt 0.5's `state()` drops errors.
+fn state_of(dom: &Domain, op: &'static str, name: &str) -> Result<DomainState> {
+    let info = dom
+        .info()
+        .map_err(|e| map(op, ObjectKind::Domain, name, &e))?;
+    Ok(convert_state(info.state))
+}
+
+fn is_active(dom: &Domain, op: &'static str, name: &str) -> Result<bool> {
+    Ok(state_of(dom, op, name)?.is_active())
+}
+
+fn has_managed_save(dom: &Domain, op: &'static str, name: &str) -> Result<bool> {
+    dom.has_managed_save(0)
+        .map_err(|e| map(op, ObjectKind::Domain, name, &e))
+}
+
+/// The identity from the metadata API (which strips our namespace), else from the full XML.
+fn identity_of(dom: &Domain, name: &str) -> Result<Option<DesktopIdentity>> {
+    let kind = sys::VIR_DOMAIN_METADATA_ELEMENT as i32;
+    match dom.metadata(kind, Some(METADATA_NS), 0) {
+        Ok(xml) => Ok(parse_identity_element(&xml)),
+        Err(e) if has_code(&e, ErrorNumber::NoDomainMetadata) => Ok(None),
+        Err(_) => {
+            let xml = dom
+                .xml_desc(0)
+                .map_err(|e| map("read domain xml", ObjectKind::Domain, name, &e))?;
+            Ok(parse_identity(&xml))
+        }
+    }
+}
+
+fn summarize(dom: &Domain) -> Result<DomainSummary> {
+    let op = "list domains";
+    let name = dom
+        .name()
+        .map_err(|e| map(op, ObjectKind::Domain, "-", &e))?;
+    let err = |e: virt::error::Error| map(op, ObjectKind::Domain, &name, &e);
+    Ok(DomainSummary {
+        uuid: dom.uuid_string().map_err(err)?,
+        state: state_of(dom, op, &name)?,
+        persistent: dom.is_persistent().map_err(err)?,
+        has_managed_save: has_managed_save(dom, op, &name)?,
+        identity: identity_of(dom, &name)?,
+        name,
+    })
+}
+
+/// Every domain; one undefined while we list it is simply left out.
+pub(super) fn list(conn: &Connect) -> Result<Vec<DomainSummary>> {
+    let doms = conn
+        .list_all_domains(0)
+        .map_err(|e| map("list domains", ObjectKind::Domain, "-", &e))?;
+    let mut out = Vec::with_capacity(doms.len());
+    for dom in &doms {
+        if let Some(summary) = found(summarize(dom))? {
+            out.push(summary);
+        }
+    }
+    Ok(out)
+}
+
+/// Defines (or updates in place, by `<uuid>`) a domain; its name.
+pub(super) fn define(conn: &Connect, xml: &str) -> Result<String> {
+    let op = "define domain";
+    let dom = conn
+        .define_domain_xml(xml)
+        .map_err(|e| map(op, ObjectKind::Domain, "-", &e))?;
+    dom.name().map_err(|e| map(op, ObjectKind::Domain, "-", &e))
+}
+
+/// Starts a domain (from its managed save image if any).
+pub(super) fn start(conn: &Connect, name: &str) -> Result<Change> {
+    let op = "start domain";
+    let dom = lookup(conn, op, name)?;
+    if is_active(&dom, op, name)? {
+        return Ok(Change::AlreadyDone);
+    }
+    match dom.create() {
+        Ok(()) => Ok(Change::Done),
+        Err(e) if has_code(&e, ErrorNumber::OperationInvalid) && is_active(&dom, op, name)? => {
+            Ok(Change::AlreadyDone)
+        }
+        Err(e) => Err(map(op, ObjectKind::Domain, name, &e)),
+    }
+}
+
+/// Whether a failed stop means the domain was already off or gone.
+fn already_off(e: &virt::error::Error) -> bool {
+    has_code(e, ErrorNumber::OperationInvalid) || has_code(e, ErrorNumber::NoDomain)
+}
+
+/// ACPI shutdown request.
+pub(super) fn shutdown(conn: &Connect, name: &str) -> Result<Change> {
+    let op = "shut down domain";
+    let Some(dom) = found(lookup(conn, op, name))? else {
+        return Ok(Change::AlreadyDone);
+    };
+    if !is_active(&dom, op, name)? {
+        return Ok(Change::AlreadyDone);
+    }
+    match dom.shutdown() {
+        Ok(()) => Ok(Change::Done),
+        Err(e) if already_off(&e) => Ok(Change::AlreadyDone),
+        Err(e) => Err(map(op, ObjectKind::Domain, name, &e)),
+    }
+}
+
+/// Forced power-off; "domain is not running" counts as done.
+pub(super) fn destroy(conn: &Connect, name: &str) -> Result<Change> {
+    let op = "destroy domain";
+    let Some(dom) = found(lookup(conn, op, name))? else {
+        return Ok(Change::AlreadyDone);
+    };
+    match dom.destroy() {
+        Ok(()) => Ok(Change::Done),
+        Err(e) if already_off(&e) => Ok(Change::AlreadyDone),
+        Err(e) => Err(map(op, ObjectKind::Domain, name, &e)),
+    }
+}
+
+fn has_nvram(dom: &Domain, op: &'static str, name: &str) -> Result<bool> {
+    let xml = dom
+        .xml_desc(sys::VIR_DOMAIN_XML_INACTIVE)
+        .map_err(|e| map(op, ObjectKind::Domain, name, &e))?;
+    let mut nvram = false;
+    walk(&xml, |path, _| {
+        nvram |= path.len() == 3 && path[1] == "os" && path[2] == "nvram"
+    })
+    .map_err(|e| HypervisorError::Failed {
+        op,
+        target: name.to_string(),
+        message: e.to_string(),
+    })?;
+    Ok(nvram)
+}
+
+/// Removes the definition with its managed save image and snapshot metadata, and its NVRAM
+/// when it has one.
+pub(super) fn undefine(conn: &Connect, name: &str) -> Result<Change> {
+    let op = "undefine domain";
+    let Some(dom) = found(lookup(conn, op, name))? else {
+        return Ok(Change::AlreadyDone);
+    };
+    if !dom
+        .is_persistent()
+        .map_err(|e| map(op, ObjectKind::Domain, name, &e))?
+    {
+        return Ok(Change::AlreadyDone);
+    }
+    let mut flags =
+        sys::VIR_DOMAIN_UNDEFINE_MANAGED_SAVE | sys::VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA;
+    if has_nvram(&dom, op, name)? {
+        flags |= sys::VIR_DOMAIN_UNDEFINE_NVRAM;
+    }
+    match dom.undefine_flags(flags) {
+        Ok(()) => Ok(Change::Done),
+        Err(e) if has_code(&e, ErrorNumber::NoDomain) => Ok(Change::AlreadyDone),
+        Err(e) => Err(map(op, ObjectKind::Domain, name, &e)),
+    }
+}
+
+/// Suspends to disk; done already when off with a save image.
+pub(super) fn managed_save(conn: &Connect, name: &str) -> Result<Change> {
+    let op = "managed save";
+    let dom = lookup(conn, op, name)?;
+    if !is_active(&dom, op, name)? && has_managed_save(&dom, op, name)? {
+        return Ok(Change::AlreadyDone);
+    }
+    dom.managed_save(0)
+        .map_err(|e| map(op, ObjectKind::Domain, name, &e))?;
+    Ok(Change::Done)
+}
+
+/// State, CPU time and memory.
+pub(super) fn status(conn: &Connect, name: &str) -> Result<DomainStatus> {
+    let op = "read domain status";
+    let dom = lookup(conn, op, name)?;
+    let info = dom
+        .info()
+        .map_err(|e| map(op, ObjectKind::Domain, name, &e))?;
+    Ok(DomainStatus {
+        state: convert_state(info.state),
+        cpu_time_ns: info.cpu_time,
+        memory_kib: info.memory,
+        max_memory_kib: info.max_mem,
+        vcpus: info.nr_virt_cpu,
+        has_managed_save: has_managed_save(&dom, op, name)?,
+    })
+}
+
+/// Live XML, or the definition with `inactive`; never with the SPICE password.
+pub(super) fn xml(conn: &Connect, name: &str, inactive: bool) -> Result<String> {
+    let op = "read domain xml";
+    let flags = if inactive {
+        sys::VIR_DOMAIN_XML_INACTIVE
+    } else {
+        0
+    };
+    lookup(conn, op, name)?
+        .xml_desc(flags)
+        .map_err(|e| map(op, ObjectKind::Domain, name, &e))
+}
+
+fn read_pid_file(name: &str) -> Option<u32> {
+    if name.is_empty() || name.contains('/') || name.starts_with('.') {
+        return None;
+    }
+    let text = std::fs::read_to_string(format!("{QEMU_PID_DIR}/{name}.pid")).ok()?;
+    text.trim().parse().ok()
+}
+
+/// QEMU's PID from libvirt's PID file, for a running domain of local `qemu:///system`.
+pub(super) fn qemu_pid(conn: &Connect, name: &str) -> Result<Option<u32>> {
+    let op = "read qemu pid";
+    let dom = lookup(conn, op, name)?;
+    let uri = conn
+        .uri()
+        .map_err(|e| map(op, ObjectKind::Domain, name, &e))?;
+    if uri != "qemu:///system" || !is_active(&dom, op, name)? {
+        return Ok(None);
+    }
+    Ok(read_pid_file(name))
+}
+
+fn disk_paths_of(dom: &Domain, name: &str, out: &mut BTreeSet<String>) -> Result<()> {
+    let op = "list disk paths";
+    let err = |e: virt::error::Error| map(op, ObjectKind::Domain, name, &e);
+    let mut flags = vec![0];
+    if dom.is_active().map_err(err)? && dom.is_persistent().map_err(err)? {
+        flags.push(sys::VIR_DOMAIN_XML_INACTIVE);
+    }
+    for flag in flags {
+        let xml = dom.xml_desc(flag).map_err(err)?;
+        let paths = parse_disk_paths(&xml).map_err(|e| HypervisorError::Failed {
+            op,
+            target: name.to_string(),
+            message: e.to_string(),
+        })?;
+        out.extend(paths);
+    }
+    Ok(())
+}
+
+/// Files used as disks by any domain, live or defined.
+pub(super) fn disk_paths(conn: &Connect) -> Result<BTreeSet<String>> {
+    let op = "list disk paths";
+    let doms = conn
+        .list_all_domains(0)
+        .map_err(|e| map(op, ObjectKind::Domain, "-", &e))?;
+    let mut paths = BTreeSet::new();
+    for dom in &doms {
+        let name = dom
+            .name()
+            .map_err(|e| map(op, ObjectKind::Domain, "-", &e))?;
+        found(disk_paths_of(dom, &name, &mut paths))?;
+    }
+    Ok(paths)
+}

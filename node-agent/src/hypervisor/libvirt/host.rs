@@ -1,0 +1,44 @@
+//! Decides what the agent reports about its host (CPU, memory, versions, max vCPUs) and how a
+//! connection is checked for life (blocking calls on a libvirt connection).
+
+use virt::connect::Connect;
+
+use super::errors::map;
+use crate::domain::DomainType;
+use crate::domain::inputs::domain_type_str;
+use crate::hypervisor::{HostFacts, HypervisorError, ObjectKind, Result, format_version};
+
+/// Host facts, with `max_vcpus` for domains of `domain_type`.
+pub(super) fn facts(conn: &Connect, domain_type: DomainType) -> Result<HostFacts> {
+    let err = |e: virt::error::Error| map("read host facts", ObjectKind::Domain, "-", &e);
+    let info = conn.node_info().map_err(err)?;
+    Ok(HostFacts {
+        hostname: conn.hostname().map_err(err)?,
+        cpu_model: info.model,
+        numa_nodes: info.nodes,
+        sockets: info.sockets.saturating_mul(info.nodes.max(1)),
+        cores_per_socket: info.cores,
+        threads_per_core: info.threads,
+        cpus: info.cpus,
+        mhz: info.mhz,
+        memory_bytes: info.memory.saturating_mul(1024),
+        max_vcpus: conn
+            .max_vcpus(Some(domain_type_str(domain_type)))
+            .map_err(err)?,
+        driver: conn.driver_type().map_err(err)?,
+        hypervisor_version: format_version(u64::from(conn.hyp_version().map_err(err)?)),
+        libvirt_version: format_version(u64::from(conn.lib_version().map_err(err)?)),
+    })
+}
+
+/// `Ok` while the connection is alive; `Disconnected` otherwise.
+pub(super) fn probe(conn: &Connect) -> Result<()> {
+    match conn.is_alive() {
+        Ok(true) => Ok(()),
+        Ok(false) => Err(HypervisorError::Disconnected {
+            op: "probe",
+            message: "connection is not alive".into(),
+        }),
+        Err(e) => Err(map("probe", ObjectKind::Domain, "-", &e)),
+    }
+}
