@@ -6,11 +6,13 @@ set -euo pipefail
 
 need=(golang-go etcd-server dpkg-dev rsync golang-github-modern-go-reflect2-dev
       libvirt-dev libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients
-      qemu-system-x86 pkg-config iproute2 busybox-static cpio)
+      qemu-system-x86 pkg-config iproute2 busybox-static cpio openssl curl)
 missing=()
 for p in "${need[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
 done
+# kubectl: the machine's own client if it has one, else Debian's (1.20, same as the plane)
+command -v kubectl >/dev/null 2>&1 || missing+=(kubernetes-client)
 # bookworm's qemu-utils must match qemu-system-x86 7.2 (a newer preinstalled one is replaced).
 if ! dpkg-query -W -f='${Version}' qemu-utils 2>/dev/null | grep -q '^1:7\.2'; then
   missing+=(qemu-utils)
