@@ -26,7 +26,10 @@ impl Health {
     /// Live, not yet ready.
     pub fn new() -> Self {
         Self {
-            inner: Arc::new(Flags { live: AtomicBool::new(true), ready: AtomicBool::new(false) }),
+            inner: Arc::new(Flags {
+                live: AtomicBool::new(true),
+                ready: AtomicBool::new(false),
+            }),
         }
     }
 

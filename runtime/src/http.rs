@@ -15,7 +15,10 @@ use crate::health::Health;
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
     #[error("cannot listen on {addr}")]
-    Bind { addr: SocketAddr, source: std::io::Error },
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
 }
 
 /// A bound server; `run` serves until the future is dropped.
@@ -27,15 +30,27 @@ pub struct Server {
 
 impl std::fmt::Debug for Server {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Server").field("addr", &self.listener.local_addr().ok()).finish()
+        f.debug_struct("Server")
+            .field("addr", &self.listener.local_addr().ok())
+            .finish()
     }
 }
 
 impl Server {
     /// Binds `addr` (port 0 picks a free port).
-    pub async fn bind(addr: SocketAddr, health: Health, registry: Arc<Registry>) -> Result<Self, ServeError> {
-        let listener = TcpListener::bind(addr).await.map_err(|source| ServeError::Bind { addr, source })?;
-        Ok(Self { listener, health, registry })
+    pub async fn bind(
+        addr: SocketAddr,
+        health: Health,
+        registry: Arc<Registry>,
+    ) -> Result<Self, ServeError> {
+        let listener = TcpListener::bind(addr)
+            .await
+            .map_err(|source| ServeError::Bind { addr, source })?;
+        Ok(Self {
+            listener,
+            health,
+            registry,
+        })
     }
 
     /// The address actually bound.
@@ -51,7 +66,11 @@ impl Server {
                     let health = self.health.clone();
                     let registry = self.registry.clone();
                     tokio::spawn(async move {
-                        let _ = tokio::time::timeout(Duration::from_secs(10), respond(stream, &health, &registry)).await;
+                        let _ = tokio::time::timeout(
+                            Duration::from_secs(10),
+                            respond(stream, &health, &registry),
+                        )
+                        .await;
                     });
                 }
                 Err(e) => {
@@ -63,7 +82,11 @@ impl Server {
     }
 }
 
-async fn respond(mut stream: TcpStream, health: &Health, registry: &Registry) -> std::io::Result<()> {
+async fn respond(
+    mut stream: TcpStream,
+    health: &Health,
+    registry: &Registry,
+) -> std::io::Result<()> {
     let mut buf = vec![0u8; 4096];
     let mut len = 0;
     // Read until the end of the request head (or the buffer is full).
@@ -90,13 +113,22 @@ async fn respond(mut stream: TcpStream, health: &Health, registry: &Registry) ->
     stream.shutdown().await
 }
 
-fn route(method: &str, path: &str, health: &Health, registry: &Registry) -> (&'static str, &'static str, String) {
+fn route(
+    method: &str,
+    path: &str,
+    health: &Health,
+    registry: &Registry,
+) -> (&'static str, &'static str, String) {
     const TEXT: &str = "text/plain; charset=utf-8";
     if method != "GET" && method != "HEAD" {
         return ("405 Method Not Allowed", TEXT, "only GET\n".into());
     }
     let flag = |ok: bool, name: &str| {
-        if ok { ("200 OK", TEXT, "ok\n".to_string()) } else { ("503 Service Unavailable", TEXT, format!("not {name}\n")) }
+        if ok {
+            ("200 OK", TEXT, "ok\n".to_string())
+        } else {
+            ("503 Service Unavailable", TEXT, format!("not {name}\n"))
+        }
     };
     match path {
         "/healthz" | "/livez" => flag(health.is_live(), "live"),
@@ -104,8 +136,16 @@ fn route(method: &str, path: &str, health: &Health, registry: &Registry) -> (&'s
         "/metrics" => {
             let mut out = String::new();
             match prometheus_client::encoding::text::encode(&mut out, registry) {
-                Ok(()) => ("200 OK", "application/openmetrics-text; version=1.0.0; charset=utf-8", out),
-                Err(_) => ("500 Internal Server Error", TEXT, "metrics encoding failed\n".into()),
+                Ok(()) => (
+                    "200 OK",
+                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    out,
+                ),
+                Err(_) => (
+                    "500 Internal Server Error",
+                    TEXT,
+                    "metrics encoding failed\n".into(),
+                ),
             }
         }
         _ => ("404 Not Found", TEXT, "not found\n".into()),
@@ -117,8 +157,12 @@ mod tests {
     use super::*;
 
     async fn get(addr: SocketAddr, path: &str) -> String {
-        let mut s = TcpStream::connect(addr).await.unwrap_or_else(|e| panic!("connect: {e}"));
-        s.write_all(format!("GET {path} HTTP/1.1\r\nhost: x\r\n\r\n").as_bytes()).await.ok();
+        let mut s = TcpStream::connect(addr)
+            .await
+            .unwrap_or_else(|e| panic!("connect: {e}"));
+        s.write_all(format!("GET {path} HTTP/1.1\r\nhost: x\r\n\r\n").as_bytes())
+            .await
+            .ok();
         let mut out = String::new();
         s.read_to_string(&mut out).await.ok();
         out
@@ -131,9 +175,13 @@ mod tests {
         let counter: prometheus_client::metrics::counter::Counter = Default::default();
         registry.register("things", "Things seen", counter.clone());
         counter.inc();
-        let server = Server::bind("127.0.0.1:0".parse().unwrap_or_else(|_| unreachable!()), health.clone(), Arc::new(registry))
-            .await
-            .unwrap_or_else(|e| panic!("{e}"));
+        let server = Server::bind(
+            "127.0.0.1:0".parse().unwrap_or_else(|_| unreachable!()),
+            health.clone(),
+            Arc::new(registry),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
         let addr = server.local_addr().unwrap_or_else(|| panic!("no addr"));
         tokio::spawn(server.run());
 
@@ -142,7 +190,10 @@ mod tests {
         health.set_ready(true);
         assert!(get(addr, "/readyz").await.starts_with("HTTP/1.1 200"));
         let metrics = get(addr, "/metrics").await;
-        assert!(metrics.contains("deskvirt_test_things_total 1"), "{metrics}");
+        assert!(
+            metrics.contains("deskvirt_test_things_total 1"),
+            "{metrics}"
+        );
         assert!(get(addr, "/nope").await.starts_with("HTTP/1.1 404"));
     }
 }

@@ -1,1 +1,7 @@
-//! placeholder
+//! Test harness for the cluster and end-to-end tiers: finds (or starts) the real local control
+//! plane, installs the CRDs, and gives tests a client, unique namespaces and `kubectl`.
+#![forbid(unsafe_code)]
+
+pub mod cluster;
+pub mod kubectl;
+pub mod spice;

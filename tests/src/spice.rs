@@ -1,0 +1,1 @@
+//! A minimal SPICE link client for tests (placeholder).
