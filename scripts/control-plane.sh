@@ -48,15 +48,25 @@ stop_plane() {
 }
 
 write_certs() {
-  [ -f "$dir/pki/apiserver.crt" ] && return 0
+  # A CA and an apiserver certificate signed by it (rustls refuses a self-signed end entity).
+  [ -f "$dir/pki/ca.crt" ] && [ -f "$dir/pki/apiserver.crt" ] && return 0
   mkdir -p "$dir/pki"
-  openssl req -x509 -newkey rsa:2048 -nodes -days 3650 -subj "/CN=deskvirt-local-apiserver" \
-    -addext "subjectAltName=IP:127.0.0.1,DNS:localhost,DNS:kubernetes.default.svc" \
-    -keyout "$dir/pki/apiserver.key" -out "$dir/pki/apiserver.crt" 2>/dev/null
-  openssl genrsa -out "$dir/pki/sa.key" 2048 2>/dev/null
-  openssl rsa -in "$dir/pki/sa.key" -pubout -out "$dir/pki/sa.pub" 2>/dev/null
-  head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \n' > "$dir/admin.token"
-  chmod 600 "$dir/admin.token" "$dir/pki/"*.key
+  local p="$dir/pki"
+  openssl req -x509 -newkey rsa:2048 -nodes -days 3650 -subj "/CN=deskvirt-local-ca" \
+    -addext "basicConstraints=critical,CA:TRUE" -addext "keyUsage=critical,keyCertSign,cRLSign" \
+    -keyout "$p/ca.key" -out "$p/ca.crt" 2>/dev/null
+  openssl req -newkey rsa:2048 -nodes -subj "/CN=kube-apiserver" -keyout "$p/apiserver.key" \
+    -out "$p/apiserver.csr" 2>/dev/null
+  printf '%s\n' "basicConstraints=CA:FALSE" "keyUsage=critical,digitalSignature,keyEncipherment" \
+    "extendedKeyUsage=serverAuth" \
+    "subjectAltName=IP:127.0.0.1,DNS:localhost,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc" \
+    > "$p/apiserver.ext"
+  openssl x509 -req -in "$p/apiserver.csr" -CA "$p/ca.crt" -CAkey "$p/ca.key" -CAcreateserial \
+    -days 3650 -extfile "$p/apiserver.ext" -out "$p/apiserver.crt" 2>/dev/null
+  [ -f "$p/sa.key" ] || openssl genrsa -out "$p/sa.key" 2048 2>/dev/null
+  openssl rsa -in "$p/sa.key" -pubout -out "$p/sa.pub" 2>/dev/null
+  [ -f "$dir/admin.token" ] || head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \n' > "$dir/admin.token"
+  chmod 600 "$dir/admin.token" "$p/"*.key
 }
 
 write_kubeconfig() {
@@ -68,7 +78,7 @@ clusters:
 - name: deskvirt-local
   cluster:
     server: https://127.0.0.1:$port
-    certificate-authority-data: $(base64 -w0 < "$dir/pki/apiserver.crt")
+    certificate-authority-data: $(base64 -w0 < "$dir/pki/ca.crt")
 users:
 - name: admin
   user:
@@ -126,7 +136,7 @@ start_plane() {
 
   setsid "$bin/kube-controller-manager" --kubeconfig="$kubeconfig" \
     --controllers=garbagecollector,namespace,serviceaccount,serviceaccount-token \
-    --service-account-private-key-file="$dir/pki/sa.key" --root-ca-file="$dir/pki/apiserver.crt" \
+    --service-account-private-key-file="$dir/pki/sa.key" --root-ca-file="$dir/pki/ca.crt" \
     --leader-elect=false --bind-address=127.0.0.1 --secure-port="$kcm_port" --v=1 \
     >"$dir/kube-controller-manager.log" 2>&1 < /dev/null 8>&- &
   echo $! > "$dir/kube-controller-manager.pid"

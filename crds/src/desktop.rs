@@ -84,7 +84,8 @@ pub struct DesktopSpec {
     /// bootloader (appliances, thin-client images). Unset boots from the disk.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub boot: Option<DirectBoot>,
-    /// Declared power state. Off shuts the desktop down and keeps its disk.
+    /// Declared power state, On or Off. Off shuts the desktop down and keeps its disk. Quote the
+    /// value in YAML (`power: "Off"`): unquoted, YAML 1.1 reads On and Off as booleans.
     #[serde(default)]
     pub power: Power,
     /// Console settings.

@@ -14,12 +14,42 @@ pub use desktop::{Desktop, DesktopSpec, DesktopStatus};
 pub use domain_node::{DomainNode, DomainNodeSpec, DomainNodeStatus};
 pub use resource_pool::{ResourcePool, ResourcePoolSpec, ResourcePoolStatus};
 
-use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::{
+    CustomResourceDefinition, JSONSchemaProps, JSONSchemaPropsOrArray, JSONSchemaPropsOrBool,
+};
 use kube::CustomResourceExt;
 
 /// Every CRD of the API, in the order they are installed.
 pub fn crds() -> Vec<CustomResourceDefinition> {
-    vec![ResourcePool::crd(), DomainNode::crd(), Desktop::crd()]
+    let mut crds = vec![ResourcePool::crd(), DomainNode::crd(), Desktop::crd()];
+    for crd in &mut crds {
+        for version in &mut crd.spec.versions {
+            if let Some(schema) = version
+                .schema
+                .as_mut()
+                .and_then(|s| s.open_api_v3_schema.as_mut())
+            {
+                drop_nullable(schema);
+            }
+        }
+    }
+    crds
+}
+
+/// Removes `nullable: true` from every property. The apiserver prunes nulls of non-nullable
+/// fields instead of storing them, and only without `nullable` does it publish an optional
+/// object's fields to OpenAPI v2, which `kubectl explain` reads.
+fn drop_nullable(schema: &mut JSONSchemaProps) {
+    schema.nullable = None;
+    for prop in schema.properties.iter_mut().flat_map(|p| p.values_mut()) {
+        drop_nullable(prop);
+    }
+    if let Some(JSONSchemaPropsOrArray::Schema(items)) = schema.items.as_mut() {
+        drop_nullable(items);
+    }
+    if let Some(JSONSchemaPropsOrBool::Schema(extra)) = schema.additional_properties.as_mut() {
+        drop_nullable(extra);
+    }
 }
 
 /// The CRDs as one multi-document YAML file, exactly as `crdgen` writes it into the chart.
@@ -29,9 +59,39 @@ pub fn crds_yaml() -> Result<String, serde_yaml::Error> {
     );
     for crd in crds() {
         out.push_str("---\n");
-        out.push_str(&serde_yaml::to_string(&crd)?);
+        out.push_str(&yaml11_safe(&serde_yaml::to_string(&crd)?));
     }
     Ok(out)
+}
+
+/// Quotes plain scalars that YAML 1.1 parsers (the apiserver's, Helm's) would not read as
+/// strings: `On`/`Off`/`yes`/`no` become booleans there, and `52:54:00` a base-60 number.
+/// serde_yaml writes YAML 1.2, where they are strings, and leaves them unquoted.
+fn yaml11_safe(yaml: &str) -> String {
+    const WORDS: &[&str] = &[
+        "y", "Y", "yes", "Yes", "YES", "n", "N", "no", "No", "NO", "on", "On", "ON", "off", "Off",
+        "OFF",
+    ];
+    let mut out = String::with_capacity(yaml.len());
+    for line in yaml.lines() {
+        let quoted = line.rsplit_once(": ").and_then(|(key, value)| {
+            let sexagesimal = value.contains(':')
+                && value
+                    .split(':')
+                    .all(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()));
+            (WORDS.contains(&value) || sexagesimal).then(|| format!("{key}: '{value}'"))
+        });
+        let line = match quoted {
+            Some(q) => q,
+            None => match line.trim_start().strip_prefix("- ") {
+                Some(item) if WORDS.contains(&item) => line.replacen(item, &format!("'{item}'"), 1),
+                _ => line.to_string(),
+            },
+        };
+        out.push_str(&line);
+        out.push('\n');
+    }
+    out
 }
 
 #[cfg(test)]
