@@ -6,7 +6,8 @@ set -euo pipefail
 
 need=(golang-go etcd-server dpkg-dev rsync golang-github-modern-go-reflect2-dev
       libvirt-dev libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients
-      qemu-system-x86 pkg-config iproute2 busybox-static cpio openssl curl)
+      qemu-system-x86 pkg-config iproute2 busybox-static cpio openssl curl
+      iptables dnsmasq-base)
 missing=()
 for p in "${need[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -133,6 +133,6 @@ pub fn unique_suffix() -> String {
     let n = COUNTER.fetch_add(1, Ordering::Relaxed);
     format!(
         "{:x}",
-        (nanos ^ (std::process::id() << 8)).wrapping_add(n.wrapping_mul(0x9e37_79b9)) & 0xffff_ff
+        (nanos ^ (std::process::id() << 8)).wrapping_add(n.wrapping_mul(0x9e37_79b9)) & 0x00ff_ffff
     )
 }

@@ -1,0 +1,515 @@
+//! The real tier: our [`LibvirtHypervisor`] on `qemu:///system` and our domain XML converter,
+//! booting a tiny Debian guest under TCG (`<domain type='qemu'>`, 1 vCPU, 256 MiB) from a
+//! qcow2 linked clone, with SPICE on an explicit loopback port.
+//!
+//! Needs root, the packages of `scripts/install-deps.sh` and the network for the first guest
+//! build; it runs `scripts/libvirt.sh start` and `scripts/build-guest.sh` itself and fails with
+//! their output when they fail. The NIC is plugged into a plain Linux bridge made here
+//! ([`BRIDGE`]), because a libvirt nat/isolated network needs dnsmasq.
+//!
+//! Run: `cargo test -p deskvirt-node-agent --test qemu_system -- --nocapture`.
+//! The tests hold one lock so only one guest runs at a time, and a [`DomainGuard`] destroys and
+//! undefines every domain and removes its overlay even when an assertion fails.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::io::{BufRead, BufReader};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::mpsc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use common::desktop;
+use deskvirt_node_agent::domain::{
+    Binding, DomainInputs, DomainType, HostContext, NetworkAttachment, Secret, domain_xml,
+};
+use deskvirt_node_agent::hypervisor::{DomainState, Hypervisor, LibvirtHypervisor};
+use deskvirt_tests::spice::{self, LINK_ERR_PERMISSION_DENIED, LinkOutcome};
+
+const URI: &str = "qemu:///system";
+/// Linux bridge the test guests' NICs are plugged into (no IP, no uplink).
+const BRIDGE: &str = "dvqemutest0";
+/// What the guest's /init prints on the serial console once userspace runs.
+const MARKER: &str = "DESKVIRT-GUEST-READY";
+const NODE: &str = "node-1";
+const BOOT_TIMEOUT: Duration = Duration::from_secs(90);
+
+/// One guest at a time on this 2-core machine.
+static ONE_GUEST: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from(".."))
+}
+
+/// Runs a command; panics with its output when it cannot run or fails. Returns stdout.
+fn run(what: &str, cmd: &mut Command) -> String {
+    let out = match cmd.output() {
+        Ok(out) => out,
+        Err(e) => panic!("{what}: cannot run {cmd:?}: {e}"),
+    };
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    if !out.status.success() {
+        panic!(
+            "{what} failed ({}):\n--- stdout\n{stdout}\n--- stderr\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    stdout
+}
+
+/// Everything one test run needs from the machine.
+struct Env {
+    hv: LibvirtHypervisor,
+    guest_dir: String,
+    disk_dir: PathBuf,
+}
+
+async fn setup() -> Env {
+    let root = repo_root();
+    run(
+        "scripts/libvirt.sh start",
+        Command::new(root.join("scripts/libvirt.sh")).arg("start"),
+    );
+    let out = run(
+        "scripts/build-guest.sh",
+        &mut Command::new(root.join("scripts/build-guest.sh")),
+    );
+    let guest_dir = match out.lines().rev().find(|l| !l.trim().is_empty()) {
+        Some(dir) => dir.trim().to_string(),
+        None => panic!("scripts/build-guest.sh printed no directory"),
+    };
+    for f in ["vmlinuz", "initrd.img", "base.qcow2"] {
+        assert!(
+            Path::new(&guest_dir).join(f).is_file(),
+            "{guest_dir}/{f} is missing"
+        );
+    }
+    ensure_bridge();
+    let disk_dir = std::env::temp_dir().join(format!("deskvirt-qemu-{}", std::process::id()));
+    if let Err(e) = std::fs::create_dir_all(&disk_dir) {
+        panic!("cannot create {}: {e}", disk_dir.display());
+    }
+    let hv = match LibvirtHypervisor::connect(URI).await {
+        Ok(hv) => hv,
+        Err(e) => panic!("cannot open {URI}: {e}"),
+    };
+    Env {
+        hv,
+        guest_dir,
+        disk_dir,
+    }
+}
+
+fn ensure_bridge() {
+    let exists = Command::new("ip")
+        .args(["link", "show", BRIDGE])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !exists {
+        let added = Command::new("ip")
+            .args(["link", "add", BRIDGE, "type", "bridge"])
+            .output();
+        // Another test process may have made it meanwhile; the check below decides.
+        drop(added);
+    }
+    run(
+        "ip link set up",
+        Command::new("ip").args(["link", "set", BRIDGE, "up"]),
+    );
+}
+
+/// A port nobody listens on right now.
+fn free_port() -> u16 {
+    match TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).and_then(|l| l.local_addr()) {
+        Ok(addr) => addr.port(),
+        Err(e) => panic!("cannot find a free port: {e}"),
+    }
+}
+
+/// A value unique to this process and call, for names, UIDs, MACs and passwords.
+fn unique() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or_default();
+    (u64::from(std::process::id()) << 24)
+        ^ u64::from(nanos >> 8)
+        ^ (NEXT.fetch_add(1, Ordering::Relaxed) << 40)
+}
+
+/// Inputs of a test desktop, made by our converter's own input path.
+fn inputs(env: &Env, usb: serde_json::Value, port: u16, password: &str) -> DomainInputs {
+    let id = unique();
+    let uid = format!(
+        "{:08x}-{:04x}-4000-8000-{:012x}",
+        id >> 32,
+        id & 0xffff,
+        id & 0xffff_ffff_ffff
+    );
+    let spec = serde_json::json!({
+        "pool": "qemu-test",
+        "cpu": 1,
+        "memory": "256Mi",
+        "disk": { "image": "base.qcow2", "clone": "Linked" },
+        "boot": { "kernel": "vmlinuz", "initrd": "initrd.img", "cmdline": "console=ttyS0" },
+        "display": { "usb": usb },
+    });
+    let desk = desktop("qemu-test", &format!("d{:x}", id & 0xffff_ffff), &uid, spec);
+    let host = HostContext {
+        node_name: NODE.into(),
+        domain_type: DomainType::Qemu,
+        image_dir: env.guest_dir.clone(),
+        disk_dir: env.disk_dir.display().to_string(),
+        network: NetworkAttachment::Bridge {
+            bridge: BRIDGE.into(),
+        },
+        spice_listen: "127.0.0.1".into(),
+        spice_tls: false,
+        default_usb: None,
+    };
+    let mac = format!(
+        "52:54:00:{:02x}:{:02x}:{:02x}",
+        (id >> 16) & 0xff,
+        (id >> 8) & 0xff,
+        id & 0xff
+    );
+    let binding = Binding {
+        node: NODE.into(),
+        spice_port: port,
+        mac,
+        spice_password: Secret::new(password),
+        pinned_cpus: Vec::new(),
+    };
+    match DomainInputs::from_desktop(&desk, &binding, &host) {
+        Ok(inputs) => inputs,
+        Err(e) => panic!("test desktop does not convert: {e}"),
+    }
+}
+
+/// Destroys and undefines the domain and removes its overlay when dropped (also on panic).
+struct DomainGuard {
+    hv: LibvirtHypervisor,
+    name: String,
+    overlay: PathBuf,
+    done: bool,
+}
+
+impl DomainGuard {
+    async fn delete(&mut self) {
+        if let Err(e) = self.hv.destroy_domain(&self.name).await {
+            panic!("destroy {}: {e}", self.name);
+        }
+        if let Err(e) = self.hv.undefine_domain(&self.name).await {
+            panic!("undefine {}: {e}", self.name);
+        }
+        match std::fs::remove_file(&self.overlay) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => panic!("remove {}: {e}", self.overlay.display()),
+        }
+        self.done = true;
+    }
+}
+
+impl Drop for DomainGuard {
+    fn drop(&mut self) {
+        if self.done {
+            return;
+        }
+        let (hv, name) = (self.hv.clone(), self.name.clone());
+        let cleanup = async move {
+            let destroyed = hv.destroy_domain(&name).await;
+            let undefined = hv.undefine_domain(&name).await;
+            (destroyed, undefined)
+        };
+        let result = match tokio::runtime::Handle::try_current() {
+            Ok(handle) => tokio::task::block_in_place(|| handle.block_on(cleanup)),
+            Err(_) => match tokio::runtime::Runtime::new() {
+                Ok(rt) => rt.block_on(cleanup),
+                Err(e) => {
+                    eprintln!("cleanup of {}: no runtime: {e}", self.name);
+                    return;
+                }
+            },
+        };
+        if let (Err(e), _) | (_, Err(e)) = &result {
+            eprintln!("cleanup of {} failed: {e}", self.name);
+        }
+        let _ = std::fs::remove_file(&self.overlay);
+    }
+}
+
+/// Makes the linked clone and defines the domain; the guard exists before anything is made.
+async fn define(env: &Env, inputs: &DomainInputs) -> (DomainGuard, String) {
+    let guard = DomainGuard {
+        hv: env.hv.clone(),
+        name: inputs.domain_name(),
+        overlay: PathBuf::from(&inputs.disk_path),
+        done: false,
+    };
+    let base = Path::new(&env.guest_dir).join("base.qcow2");
+    run(
+        "qemu-img create overlay",
+        Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b"])
+            .arg(&base)
+            .arg(&inputs.disk_path),
+    );
+    let xml = match domain_xml(inputs) {
+        Ok(xml) => xml,
+        Err(e) => panic!("domain XML: {e}"),
+    };
+    assert!(xml.contains("type=\"qemu\"") || xml.contains("type='qemu'"));
+    let name = match env.hv.define_domain(&xml).await {
+        Ok(name) => name,
+        Err(e) => panic!("define {}: {e}\n{xml}", guard.name),
+    };
+    assert_eq!(name, guard.name);
+    (guard, xml)
+}
+
+/// The `<source path>` of the domain's pty serial port in its live XML.
+fn serial_pty(live_xml: &str) -> Option<String> {
+    let serial = &live_xml[live_xml.find("<serial type='pty'>")?..];
+    let serial = &serial[..serial.find("</serial>")?];
+    let path = &serial[serial.find("path='")? + 6..];
+    Some(path[..path.find('\'')?].to_string())
+}
+
+/// Reads the serial console from the pty, line by line, in a thread (the read blocks until
+/// QEMU closes the pty when the domain goes).
+fn console_lines(pty: &str) -> mpsc::Receiver<String> {
+    // Raw and without echo: an echo would bounce the guest's output back into its input.
+    run(
+        "stty on the console pty",
+        Command::new("stty").args(["-F", pty, "raw", "-echo"]),
+    );
+    let file = match std::fs::File::open(pty) {
+        Ok(f) => f,
+        Err(e) => panic!("open {pty}: {e}"),
+    };
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(file).split(b'\n') {
+            let Ok(line) = line else { break };
+            if tx
+                .send(String::from_utf8_lossy(&line).trim().to_string())
+                .is_err()
+            {
+                break;
+            }
+        }
+    });
+    rx
+}
+
+/// Waits for the marker line; returns it.
+async fn wait_for_marker(rx: mpsc::Receiver<String>, timeout: Duration) -> (String, Vec<String>) {
+    let waited = tokio::task::spawn_blocking(move || {
+        let deadline = Instant::now() + timeout;
+        let mut seen = Vec::new();
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(line) if line.contains(MARKER) => return (Some(line), seen),
+                Ok(line) => seen.push(line),
+                Err(_) => return (None, seen),
+            }
+        }
+    })
+    .await;
+    match waited {
+        Ok((Some(line), seen)) => (line, seen),
+        Ok((None, seen)) => panic!(
+            "no {MARKER} on the serial console within {timeout:?}; last lines:\n{}",
+            seen[seen.len().saturating_sub(30)..].join("\n")
+        ),
+        Err(e) => panic!("console reader: {e}"),
+    }
+}
+
+/// Whether something listens on 127.0.0.1:`port` (and not on the wildcard address).
+fn listens_on_loopback_only(port: u16) -> (bool, bool) {
+    let table = std::fs::read_to_string("/proc/net/tcp").unwrap_or_default();
+    let mut loopback = false;
+    let mut wildcard = false;
+    for line in table.lines().skip(1) {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        let (Some(local), Some(state)) = (fields.get(1), fields.get(3)) else {
+            continue;
+        };
+        if *state != "0A" || !local.ends_with(&format!(":{port:04X}")) {
+            continue;
+        }
+        loopback |= local.starts_with("0100007F:");
+        wildcard |= local.starts_with("00000000:");
+    }
+    (loopback, wildcard)
+}
+
+async fn state(hv: &LibvirtHypervisor, name: &str) -> DomainState {
+    match hv.domain_status(name).await {
+        Ok(s) => s.state,
+        Err(e) => panic!("status of {name}: {e}"),
+    }
+}
+
+async fn live_xml(hv: &LibvirtHypervisor, name: &str) -> String {
+    match hv.domain_xml(name, false).await {
+        Ok(xml) => xml,
+        Err(e) => panic!("live XML of {name}: {e}"),
+    }
+}
+
+/// `<redirdev>` elements of type spicevmc in a domain XML.
+fn spicevmc_redirdevs(xml: &str) -> usize {
+    xml.match_indices("<redirdev ")
+        .filter(|(at, _)| {
+            let tag = &xml[*at..];
+            tag[..tag.find('>').unwrap_or(tag.len())].contains("type='spicevmc'")
+        })
+        .count()
+}
+
+async fn disk_paths(hv: &LibvirtHypervisor) -> BTreeSet<String> {
+    match hv.domain_disk_paths().await {
+        Ok(p) => p,
+        Err(e) => panic!("domain_disk_paths: {e}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn desktop_boots_serves_spice_and_is_deleted() {
+    let _one = ONE_GUEST.lock().await;
+    let env = setup().await;
+    let port = free_port();
+    let password = format!("pw-{:x}", unique());
+    let inputs = inputs(
+        &env,
+        serde_json::json!({ "redirect": true, "channels": 3 }),
+        port,
+        &password,
+    );
+    let base = Path::new(&env.guest_dir).join("base.qcow2");
+
+    // define → running → guest userspace
+    let t0 = Instant::now();
+    let (mut guard, _xml) = define(&env, &inputs).await;
+    let defined = t0.elapsed();
+    if let Err(e) = env.hv.start_domain(&guard.name).await {
+        panic!("start {}: {e}", guard.name);
+    }
+    let running = t0.elapsed();
+    assert_eq!(state(&env.hv, &guard.name).await, DomainState::Running);
+    let live = live_xml(&env.hv, &guard.name).await;
+    let Some(pty) = serial_pty(&live) else {
+        panic!("no pty serial in the live XML:\n{live}")
+    };
+    let (marker, _) = wait_for_marker(console_lines(&pty), BOOT_TIMEOUT).await;
+    let booted = t0.elapsed();
+    println!(
+        "[qemu_system] {}: define {:?}, define→running {:?}, define→{MARKER} {:?} (guest says: {marker})",
+        guard.name, defined, running, booted
+    );
+    assert!(marker.contains("vda"), "virtio_blk disk missing: {marker}");
+
+    // domain_disk_paths lists the overlay while the domain is defined
+    let paths = disk_paths(&env.hv).await;
+    assert!(
+        paths.contains(&inputs.disk_path),
+        "{} not in {paths:?}",
+        inputs.disk_path
+    );
+
+    // SPICE listens on 127.0.0.1 at the allocated port
+    assert!(
+        live.contains(&format!("port='{port}'")),
+        "live XML lacks SPICE port {port}"
+    );
+    let (loopback, wildcard) = listens_on_loopback_only(port);
+    assert!(loopback, "nothing listens on 127.0.0.1:{port}");
+    assert!(!wildcard, "SPICE listens on 0.0.0.0:{port}");
+    let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+
+    // a wrong password is refused, the right one gets the main channel's init message
+    match spice::link(addr, "not-the-password").await {
+        Ok(LinkOutcome::Refused { code }) => assert_eq!(code, LINK_ERR_PERMISSION_DENIED),
+        other => panic!("wrong password: {other:?}"),
+    }
+    match spice::link(addr, &password).await {
+        Ok(LinkOutcome::Accepted { main_init }) => {
+            assert!(main_init, "no SPICE_MSG_MAIN_INIT after the link")
+        }
+        other => panic!("right password: {other:?}"),
+    }
+    assert_eq!(
+        state(&env.hv, &guard.name).await,
+        DomainState::Running,
+        "the domain died after the SPICE links"
+    );
+
+    // USB redirection on: 3 spicevmc redirdevs in the live XML; the password never shows
+    let live = live_xml(&env.hv, &guard.name).await;
+    assert_eq!(spicevmc_redirdevs(&live), 3, "live XML:\n{live}");
+    assert!(
+        !live.contains(&password),
+        "live XML holds the SPICE password"
+    );
+
+    // deleting removes the domain and the overlay, and leaves the base image
+    let t1 = Instant::now();
+    guard.delete().await;
+    println!("[qemu_system] destroy+undefine {:?}", t1.elapsed());
+    let left = match env.hv.list_domains().await {
+        Ok(list) => list,
+        Err(e) => panic!("list domains: {e}"),
+    };
+    assert!(
+        left.iter().all(|d| d.name != guard.name),
+        "domain still listed"
+    );
+    assert!(
+        !Path::new(&inputs.disk_path).exists(),
+        "overlay still there"
+    );
+    assert!(base.is_file(), "base image was removed");
+    assert!(!disk_paths(&env.hv).await.contains(&inputs.disk_path));
+    let _ = std::fs::remove_dir(&env.disk_dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn usb_redirection_off_means_no_redirdev() {
+    let _one = ONE_GUEST.lock().await;
+    let env = setup().await;
+    let inputs = inputs(
+        &env,
+        serde_json::json!({ "redirect": false }),
+        free_port(),
+        "usb-off-pw",
+    );
+    let (mut guard, xml) = define(&env, &inputs).await;
+    assert_eq!(spicevmc_redirdevs(&xml.replace('"', "'")), 0);
+    if let Err(e) = env.hv.start_domain(&guard.name).await {
+        panic!("start {}: {e}", guard.name);
+    }
+    let live = live_xml(&env.hv, &guard.name).await;
+    assert_eq!(spicevmc_redirdevs(&live), 0, "live XML:\n{live}");
+    assert!(
+        !live.contains("<redirfilter"),
+        "redirfilter with redirection off"
+    );
+    assert!(
+        live.contains("com.redhat.spice.0"),
+        "the vdagent channel is still there"
+    );
+    guard.delete().await;
+    let _ = std::fs::remove_dir(&env.disk_dir);
+}

@@ -1,0 +1,132 @@
+#!/usr/bin/env bash
+# Builds a tiny bootable test guest from Debian packages (no network needed in the guest):
+#   vmlinuz      the Debian cloud kernel (linux-image-*-cloud-amd64)
+#   initrd.img   a gzip'd newc initramfs: busybox-static, the virtio modules and an /init that
+#                mounts proc/sys/dev, loads the modules, prints "DESKVIRT-GUEST-READY ..." on the
+#                serial console (once a second, so a late reader of a pty still sees it) and
+#                stays alive
+#   base.qcow2   an empty 64 MiB qcow2 image to hang linked clones on
+#
+#   scripts/build-guest.sh [outdir]     (default ~/.cache/deskvirt/guest/current)
+#
+# Cached under ~/.cache/deskvirt/guest/<key>/ keyed by the package versions and this script's
+# layout version; a cached build takes well under a second. Prints the output dir on stdout.
+set -euo pipefail
+
+LAYOUT=3   # bump when the initramfs layout or /init changes
+CACHE=${DESKVIRT_GUEST_CACHE:-$HOME/.cache/deskvirt/guest}
+OUT=${1:-$CACHE/current}
+MODULES=(virtio_ring virtio virtio_pci_legacy_dev virtio_pci_modern_dev virtio_pci
+         failover net_failover virtio_net virtio_blk)
+
+log() { echo "[guest] $*" >&2; }
+die() { echo "[guest] error: $*" >&2; exit 1; }
+
+for b in apt-cache apt-get dpkg-deb cpio gzip qemu-img; do
+  command -v "$b" >/dev/null 2>&1 || die "missing $b (run scripts/install-deps.sh)"
+done
+
+# The versioned kernel package the cloud meta-package depends on.
+kernel_pkg=$(apt-cache depends linux-image-cloud-amd64 2>/dev/null |
+  awk '/Depends: linux-image-[0-9]/ {print $2; exit}')
+[ -n "$kernel_pkg" ] || die "cannot resolve linux-image-cloud-amd64 (apt-get update needed?)"
+# One apt-cache call for both candidates (apt-cache is slow to start on a busy machine).
+versions=$(apt-cache policy "$kernel_pkg" busybox-static 2>/dev/null |
+  awk '/^[^ ]/ {pkg=$1; sub(":$", "", pkg)} /Candidate:/ {print pkg, $2}')
+kernel_ver=$(awk -v p="$kernel_pkg" '$1 == p {print $2}' <<<"$versions")
+busybox_ver=$(awk '$1 == "busybox-static" {print $2}' <<<"$versions")
+[ -n "$kernel_ver" ] && [ "$kernel_ver" != "(none)" ] || die "no candidate for $kernel_pkg"
+[ -n "$busybox_ver" ] && [ "$busybox_ver" != "(none)" ] || die "no candidate for busybox-static"
+
+key=$(printf '%s\n' "$LAYOUT" "$kernel_pkg=$kernel_ver" "busybox-static=$busybox_ver" |
+  sha256sum | cut -c1-16)
+built=$CACHE/$key
+
+publish() {
+  mkdir -p "$OUT"
+  local f
+  for f in vmlinuz initrd.img base.qcow2; do
+    if ! cmp -s "$built/$f" "$OUT/$f"; then
+      cp -f "$built/$f" "$OUT/$f.tmp.$$"
+      mv -f "$OUT/$f.tmp.$$" "$OUT/$f"
+    fi
+  done
+  printf '%s\n' "$kernel_pkg=$kernel_ver" "busybox-static=$busybox_ver" >"$OUT/VERSIONS"
+  (cd "$OUT" && pwd)
+}
+
+if [ -s "$built/vmlinuz" ] && [ -s "$built/initrd.img" ] && [ -s "$built/base.qcow2" ]; then
+  publish
+  exit 0
+fi
+
+log "building guest $key from $kernel_pkg $kernel_ver and busybox-static $busybox_ver"
+mkdir -p "$CACHE"
+work=$(mktemp -d "$CACHE/.build.XXXXXX")
+trap 'rm -rf "$work"' EXIT
+
+(cd "$work" && apt-get download -q "$kernel_pkg=$kernel_ver" "busybox-static=$busybox_ver" >&2) ||
+  die "apt-get download failed"
+mkdir -p "$work/kernel" "$work/busybox"
+dpkg -x "$work/${kernel_pkg}_"*.deb "$work/kernel"
+dpkg -x "$work/busybox-static_"*.deb "$work/busybox"
+
+vmlinuz=$(ls "$work"/kernel/boot/vmlinuz-* 2>/dev/null | head -1)
+[ -n "$vmlinuz" ] || die "no kernel in $kernel_pkg"
+moddir=$(ls -d "$work"/kernel/lib/modules/* 2>/dev/null | head -1)
+[ -n "$moddir" ] || die "no modules in $kernel_pkg"
+
+root=$work/root
+mkdir -p "$root"/{bin,sbin,dev,proc,sys,tmp,run,lib/modules}
+cp "$work/busybox/bin/busybox" "$root/bin/busybox"
+ln -s busybox "$root/bin/sh"
+
+# Modules in load order, decompressed here because busybox insmod may not read .xz/.zst.
+loaded=()
+for m in "${MODULES[@]}"; do
+  src=$(find "$moddir" \( -name "$m.ko" -o -name "$m.ko.xz" -o -name "$m.ko.zst" \) | head -1)
+  if [ -z "$src" ]; then
+    if grep -qs "/$m.ko" "$moddir/modules.builtin"; then
+      log "$m is built in"
+      continue
+    fi
+    die "module $m not found in $kernel_pkg"
+  fi
+  case "$src" in
+    *.xz) xz -dc "$src" >"$root/lib/modules/$m.ko" ;;
+    *.zst) zstd -qdc "$src" >"$root/lib/modules/$m.ko" ;;
+    *) cp "$src" "$root/lib/modules/$m.ko" ;;
+  esac
+  loaded+=("$m")
+done
+
+cat >"$root/init" <<INIT
+#!/bin/sh
+/bin/busybox --install -s /bin
+export PATH=/bin
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev
+exec </dev/console >/dev/console 2>&1
+for m in ${loaded[*]}; do
+  insmod /lib/modules/\$m.ko || echo "DESKVIRT-GUEST-MODULE-FAILED \$m"
+done
+echo "DESKVIRT-GUEST-READY uptime=\$(cut -d' ' -f1 /proc/uptime) disks=\$(ls /sys/block | tr '\n' ,)"
+while true; do
+  sleep 1
+  echo "DESKVIRT-GUEST-READY uptime=\$(cut -d' ' -f1 /proc/uptime) disks=\$(ls /sys/block | tr '\n' ,)"
+done
+INIT
+chmod +x "$root/init"
+# An initial console for the kernel to open before /init runs (needs root; /init copes without).
+mknod -m 600 "$root/dev/console" c 5 1 2>/dev/null || true
+
+mkdir -p "$work/out"
+(cd "$root" && find . | LC_ALL=C sort | cpio -o -H newc --quiet -R 0:0) | gzip -9 >"$work/out/initrd.img"
+cp "$vmlinuz" "$work/out/vmlinuz"
+qemu-img create -q -f qcow2 "$work/out/base.qcow2" 64M
+
+rm -rf "$built"
+mv "$work/out" "$built"
+log "built $built"
+publish
