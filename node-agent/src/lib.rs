@@ -2,5 +2,11 @@
 //! Lease, and turns the Desktops bound to its host into libvirt domains.
 #![forbid(unsafe_code)]
 
+pub mod agent;
+pub mod config;
 pub mod domain;
+pub mod heartbeat;
 pub mod hypervisor;
+pub mod inventory;
+pub mod metrics;
+pub mod registration;

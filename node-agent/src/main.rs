@@ -1,1 +1,97 @@
-fn main() {}
+//! The node-agent binary: parses the configuration, serves /healthz /readyz /metrics, connects
+//! to the API server and libvirt, and runs registration and heartbeat until SIGTERM. Shutdown
+//! stops the loops only: running domains are never touched.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Parser;
+use deskvirt_node_agent::agent::{self, AgentConfig};
+use deskvirt_node_agent::config::Config;
+use deskvirt_node_agent::domain::inputs::domain_type_str;
+use deskvirt_node_agent::heartbeat::HeartbeatConfig;
+use deskvirt_node_agent::hypervisor::LibvirtHypervisor;
+use deskvirt_node_agent::inventory::{InventoryConfig, POLL_INTERVAL};
+use deskvirt_node_agent::metrics::Metrics;
+use deskvirt_runtime::health::Health;
+use deskvirt_runtime::http::Server;
+use deskvirt_runtime::{logging, shutdown};
+
+/// How long shutdown waits for libvirt calls in flight before the process exits anyway.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
+
+fn main() -> anyhow::Result<()> {
+    let config = Config::parse();
+    logging::init(config.log_format, "info,kube=warn,tower=warn,hyper=warn");
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    let result = runtime.block_on(run(config));
+    // A libvirt call stuck in a blocking thread must not hold the exit up.
+    runtime.shutdown_timeout(SHUTDOWN_GRACE);
+    result
+}
+
+async fn run(config: Config) -> anyhow::Result<()> {
+    let domain_type = config.domain_type();
+    let address = config.address().to_string();
+    tracing::info!(
+        node = %config.node_name,
+        libvirt = %config.libvirt_uri,
+        hypervisor = domain_type_str(domain_type),
+        address = %address,
+        version = env!("CARGO_PKG_VERSION"),
+        "starting deskvirt-node-agent"
+    );
+
+    if config.lease_duration < config.heartbeat_interval * 2 {
+        tracing::warn!(
+            lease_duration = ?config.lease_duration,
+            heartbeat_interval = ?config.heartbeat_interval,
+            "the lease duration is shorter than two heartbeat intervals; one late renewal will mark the host lost"
+        );
+    }
+
+    let (metrics, registry) = Metrics::new();
+    let health = Health::new();
+    let server = Server::bind(config.metrics_addr, health.clone(), Arc::new(registry))
+        .await
+        .context("starting the health and metrics server")?;
+    if let Some(addr) = server.local_addr() {
+        tracing::info!(%addr, "serving /healthz /readyz /metrics");
+    }
+    let serve = tokio::spawn(server.run());
+
+    let client = kube::Client::try_default()
+        .await
+        .context("configuring the Kubernetes client")?;
+    let hypervisor = LibvirtHypervisor::new(&config.libvirt_uri);
+    let agent_config = AgentConfig {
+        heartbeat: HeartbeatConfig {
+            node_name: config.node_name.clone(),
+            namespace: config.lease_namespace.clone(),
+            interval: config.heartbeat_interval,
+            lease_duration: config.lease_duration,
+        },
+        inventory: InventoryConfig {
+            libvirt_uri: config.libvirt_uri.clone(),
+            domain_type,
+            address,
+            refresh_interval: config.refresh_interval,
+            poll_interval: POLL_INTERVAL.min(config.heartbeat_interval),
+        },
+    };
+
+    tokio::select! {
+        () = agent::run(client, hypervisor, agent_config, metrics, health.clone()) => {
+            tracing::error!("agent loops ended unexpectedly");
+        }
+        () = shutdown::signal_received() => {}
+    }
+    health.set_ready(false);
+    serve.abort();
+    tracing::info!("stopped; domains left as they are");
+    Ok(())
+}

@@ -1,0 +1,115 @@
+//! Wires the agent together: waits for the API server, then runs the heartbeat and the
+//! inventory loops side by side; readiness follows "API server reached and libvirt answers".
+//! Dropping the future stops everything; nothing here touches a domain.
+
+use std::time::Duration;
+
+use deskvirt_runtime::health::Health;
+use kube::Client;
+
+use crate::heartbeat::{self, HeartbeatConfig};
+use crate::hypervisor::{Backoff, Hypervisor};
+use crate::inventory::{self, InventoryConfig};
+use crate::metrics::Metrics;
+use crate::registration::Registrar;
+
+/// Everything the agent's loops need.
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    /// Heartbeat settings.
+    pub heartbeat: HeartbeatConfig,
+    /// Inventory settings.
+    pub inventory: InventoryConfig,
+}
+
+/// `error: cause: cause` in one line, for logs; an API error ends the chain as
+/// `<code> <reason>: <message>`, and a cause already quoted by its parent is not repeated.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        if let Some(kube::Error::Api(status)) = s.downcast_ref::<kube::Error>() {
+            out.push_str(&format!(
+                ": {} {}: {}",
+                status.code, status.reason, status.message
+            ));
+            break;
+        }
+        let text = s.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        source = s.source();
+    }
+    out
+}
+
+/// Asks the API server for its version until it answers.
+pub async fn wait_for_apiserver(client: &Client) {
+    let backoff = Backoff {
+        initial: Duration::from_millis(500),
+        max: Duration::from_secs(15),
+    };
+    let mut failures = 0u32;
+    loop {
+        match tokio::time::timeout(Duration::from_secs(15), client.apiserver_version()).await {
+            Ok(Ok(info)) => {
+                tracing::info!(version = %info.git_version, "API server reached");
+                return;
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(error = %error_chain(&e), "API server not reachable yet");
+            }
+            Err(_) => tracing::warn!("API server did not answer within 15s"),
+        }
+        failures = failures.saturating_add(1);
+        tokio::time::sleep(backoff.delay(failures)).await;
+    }
+}
+
+/// Runs the agent until the future is dropped.
+pub async fn run<H: Hypervisor>(
+    client: Client,
+    hypervisor: H,
+    config: AgentConfig,
+    metrics: Metrics,
+    health: Health,
+) {
+    wait_for_apiserver(&client).await;
+    let registrar = Registrar::new(client.clone(), &config.heartbeat.node_name);
+    let ready = health.clone();
+    let inventory = inventory::run(
+        &hypervisor,
+        &registrar,
+        config.inventory,
+        &metrics,
+        move |connected| ready.set_ready(connected),
+    );
+    let heartbeat = heartbeat::run(client, config.heartbeat, metrics.clone());
+    tokio::join!(inventory, heartbeat);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("cannot renew Lease ns/h1")]
+    struct Outer {
+        source: kube::Error,
+    }
+
+    #[test]
+    fn api_errors_are_short() {
+        let status =
+            kube::core::Status::failure("namespaces \"ns\" not found", "NotFound").with_code(404);
+        let e = Outer {
+            source: kube::Error::Api(Box::new(status)),
+        };
+        assert_eq!(
+            error_chain(&e),
+            "cannot renew Lease ns/h1: 404 NotFound: namespaces \"ns\" not found"
+        );
+    }
+}

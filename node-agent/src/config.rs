@@ -1,0 +1,191 @@
+//! The agent's command line: every flag has an environment fallback so a DaemonSet can set it
+//! from the downward API. Decides the hypervisor type (`auto` → kvm when `/dev/kvm` opens) and
+//! the address SPICE clients use.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket};
+use std::time::Duration;
+
+use clap::{Parser, ValueEnum};
+use deskvirt_crds::constants::LEASE_NAMESPACE_DEFAULT;
+use deskvirt_crds::domain_node::Hypervisor as DomainType;
+use deskvirt_runtime::logging::LogFormat;
+
+/// Per-host agent of deskvirt: registers this host as a DomainNode, heartbeats a Lease and
+/// reports host facts from libvirt.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "deskvirt-node-agent", version, about)]
+pub struct Config {
+    /// Name of this host; the DomainNode and the heartbeat Lease carry it (the Kubernetes Node
+    /// name, from the downward API `spec.nodeName`).
+    #[arg(long, env = "NODE_NAME")]
+    pub node_name: String,
+
+    /// libvirt connection URI.
+    #[arg(long, env = "LIBVIRT_URI", default_value = "qemu:///system")]
+    pub libvirt_uri: String,
+
+    /// Hypervisor of the domains: `auto` picks kvm when /dev/kvm is usable, else qemu (TCG).
+    #[arg(long, env = "DESKVIRT_HYPERVISOR", value_enum, default_value_t = HypervisorChoice::Auto)]
+    pub hypervisor: HypervisorChoice,
+
+    /// How often the heartbeat Lease is renewed (such as 10s, 500ms, 1m).
+    #[arg(long, env = "DESKVIRT_HEARTBEAT_INTERVAL", default_value = "10s", value_parser = parse_interval)]
+    pub heartbeat_interval: Duration,
+
+    /// Lease duration written into the heartbeat Lease; the operator declares the host lost
+    /// when it passes without a renewal.
+    #[arg(long, env = "DESKVIRT_LEASE_DURATION", default_value = "40s", value_parser = parse_interval)]
+    pub lease_duration: Duration,
+
+    /// Namespace of the heartbeat Leases (must exist).
+    #[arg(long, env = "DESKVIRT_LEASE_NAMESPACE", default_value = LEASE_NAMESPACE_DEFAULT)]
+    pub lease_namespace: String,
+
+    /// How often host facts are re-read and reported even when libvirt's state did not change.
+    #[arg(long, env = "DESKVIRT_REFRESH_INTERVAL", default_value = "60s", value_parser = parse_interval)]
+    pub refresh_interval: Duration,
+
+    /// Address of the /healthz, /readyz and /metrics endpoint.
+    #[arg(long, env = "DESKVIRT_METRICS_ADDR", default_value = "0.0.0.0:8081")]
+    pub metrics_addr: SocketAddr,
+
+    /// Address SPICE clients use to reach this host; default: the first non-loopback IPv4
+    /// address, else 127.0.0.1.
+    #[arg(long, env = "NODE_ADDRESS")]
+    pub node_address: Option<IpAddr>,
+
+    /// Log format.
+    #[arg(long, env = "DESKVIRT_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+/// The `--hypervisor` setting.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum HypervisorChoice {
+    /// kvm when /dev/kvm can be opened for reading and writing, else qemu.
+    Auto,
+    /// Hardware virtualization.
+    Kvm,
+    /// QEMU's software emulator (TCG).
+    Qemu,
+}
+
+impl HypervisorChoice {
+    /// The hypervisor to use, given whether `/dev/kvm` is usable.
+    pub fn resolve(self, kvm_usable: bool) -> DomainType {
+        match self {
+            Self::Kvm => DomainType::Kvm,
+            Self::Qemu => DomainType::Qemu,
+            Self::Auto if kvm_usable => DomainType::Kvm,
+            Self::Auto => DomainType::Qemu,
+        }
+    }
+}
+
+/// Whether `/dev/kvm` opens for reading and writing (what QEMU needs for `-enable-kvm`).
+pub fn kvm_usable() -> bool {
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_ok()
+}
+
+impl Config {
+    /// The hypervisor type after resolving `auto` on this host.
+    pub fn domain_type(&self) -> DomainType {
+        self.hypervisor.resolve(kvm_usable())
+    }
+
+    /// The address reported to SPICE clients.
+    pub fn address(&self) -> IpAddr {
+        self.node_address.unwrap_or_else(default_address)
+    }
+}
+
+/// The address of the interface that routes outwards (no packet is sent: a UDP socket is only
+/// connected), when it is a non-loopback IPv4 address; else 127.0.0.1.
+pub fn default_address() -> IpAddr {
+    let probe = || -> Option<IpAddr> {
+        let socket = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)).ok()?;
+        socket.connect((Ipv4Addr::new(192, 0, 2, 1), 9)).ok()?;
+        let ip = socket.local_addr().ok()?.ip();
+        usable_address(ip).then_some(ip)
+    };
+    probe().unwrap_or(IpAddr::V4(Ipv4Addr::LOCALHOST))
+}
+
+fn usable_address(ip: IpAddr) -> bool {
+    matches!(ip, IpAddr::V4(v4) if !v4.is_loopback() && !v4.is_unspecified() && !v4.is_link_local())
+}
+
+/// Parses an interval: `500ms`, `10s`, `15m`, `2h`; never zero.
+pub fn parse_interval(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let d = match s.strip_suffix("ms") {
+        Some(ms) => ms
+            .parse::<u64>()
+            .map(Duration::from_millis)
+            .map_err(|_| format!("invalid duration {s:?}: use 500ms, 10s, 15m or 2h"))?,
+        None => deskvirt_crds::quantity::parse_duration(s)
+            .map_err(|_| format!("invalid duration {s:?}: use 500ms, 10s, 15m or 2h"))?,
+    };
+    if d.is_zero() {
+        return Err(format!("duration {s:?} must be positive"));
+    }
+    Ok(d)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn intervals() {
+        assert_eq!(parse_interval("10s"), Ok(Duration::from_secs(10)));
+        assert_eq!(parse_interval("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_interval("2m"), Ok(Duration::from_secs(120)));
+        assert!(parse_interval("0s").is_err());
+        assert!(parse_interval("ten").is_err());
+        assert!(parse_interval("").is_err());
+    }
+
+    #[test]
+    fn auto_picks_kvm_only_when_usable() {
+        assert_eq!(HypervisorChoice::Auto.resolve(true), DomainType::Kvm);
+        assert_eq!(HypervisorChoice::Auto.resolve(false), DomainType::Qemu);
+        assert_eq!(HypervisorChoice::Qemu.resolve(true), DomainType::Qemu);
+        assert_eq!(HypervisorChoice::Kvm.resolve(false), DomainType::Kvm);
+    }
+
+    #[test]
+    fn defaults_and_flags() -> Result<(), clap::Error> {
+        let c = Config::try_parse_from(["agent", "--node-name", "h1"])?;
+        assert_eq!(c.node_name, "h1");
+        assert_eq!(c.libvirt_uri, "qemu:///system");
+        assert_eq!(c.hypervisor, HypervisorChoice::Auto);
+        assert_eq!(c.heartbeat_interval, Duration::from_secs(10));
+        assert_eq!(c.lease_duration, Duration::from_secs(40));
+        assert_eq!(c.lease_namespace, "deskvirt-system");
+        assert_eq!(c.metrics_addr.port(), 8081);
+        let c = Config::try_parse_from([
+            "agent",
+            "--node-name=h2",
+            "--hypervisor=qemu",
+            "--node-address=10.0.0.5",
+            "--heartbeat-interval=1s",
+        ])?;
+        assert_eq!(c.domain_type(), DomainType::Qemu);
+        assert_eq!(c.address().to_string(), "10.0.0.5");
+        assert_eq!(c.heartbeat_interval, Duration::from_secs(1));
+        Ok(())
+    }
+
+    #[test]
+    fn loopback_is_never_the_default_address_unless_nothing_else() {
+        assert!(!usable_address(IpAddr::V4(Ipv4Addr::LOCALHOST)));
+        assert!(usable_address(IpAddr::V4(Ipv4Addr::new(10, 1, 2, 3))));
+        let ip = default_address();
+        assert!(ip.is_ipv4());
+    }
+}

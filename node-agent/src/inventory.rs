@@ -1,0 +1,227 @@
+//! Keeps the DomainNode up to date: polls libvirt (connection and domain counts) every few
+//! seconds, re-reads host facts periodically and whenever the connection changes, and applies
+//! the agent's status only when it differs in more than timestamps (or has gone stale). Never
+//! changes any domain.
+
+use std::time::Duration;
+
+use deskvirt_crds::domain_node::{DomainCounts, Hypervisor as DomainType};
+use deskvirt_crds::{DomainNode, DomainNodeStatus};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use k8s_openapi::jiff::Timestamp;
+use tokio::time::{Instant, MissedTickBehavior};
+
+use crate::agent::error_chain;
+use crate::hypervisor::Hypervisor;
+use crate::metrics::Metrics;
+use crate::registration::status::{
+    LibvirtHealth, LibvirtReason, Observation, agent_part, agent_status, count_domains, differs,
+};
+use crate::registration::{Owner, Registrar};
+
+/// How often libvirt is polled for its connection state and domain counts.
+pub const POLL_INTERVAL: Duration = Duration::from_secs(5);
+/// A report is re-applied at least this often, even when nothing changed.
+pub const MAX_REPORT_AGE: Duration = Duration::from_secs(600);
+
+/// What the inventory loop reports.
+#[derive(Debug, Clone)]
+pub struct InventoryConfig {
+    /// libvirt URI (for messages).
+    pub libvirt_uri: String,
+    /// Hypervisor type of the domains.
+    pub domain_type: DomainType,
+    /// Address SPICE clients use.
+    pub address: String,
+    /// Period of the full facts refresh.
+    pub refresh_interval: Duration,
+    /// Period of the libvirt poll.
+    pub poll_interval: Duration,
+}
+
+/// State of the loop between ticks.
+#[derive(Debug)]
+struct State {
+    facts_due: Instant,
+    last_connected: Option<bool>,
+    observation: Observation,
+    /// The owner applied on the object last; `None` until the object was applied once.
+    applied_owner: Option<Option<Owner>>,
+    owner_checked: Option<Instant>,
+    /// Conditions on the server (read at each check, then what was applied).
+    conditions: Vec<Condition>,
+    published: Option<(DomainNodeStatus, Instant)>,
+}
+
+/// Runs until the future is dropped. `on_libvirt` is told the connection state after each poll.
+pub async fn run<H: Hypervisor>(
+    hypervisor: &H,
+    registrar: &Registrar,
+    config: InventoryConfig,
+    metrics: &Metrics,
+    on_libvirt: impl Fn(bool),
+) {
+    let mut state = State {
+        facts_due: Instant::now(),
+        last_connected: None,
+        observation: Observation {
+            facts: None,
+            domains: None,
+            libvirt: LibvirtHealth {
+                reason: LibvirtReason::Unreachable,
+                message: format!("not yet connected to {}", config.libvirt_uri),
+            },
+            hypervisor: config.domain_type,
+            address: config.address.clone(),
+        },
+        applied_owner: None,
+        owner_checked: None,
+        conditions: Vec::new(),
+        published: None,
+    };
+    let mut ticker = tokio::time::interval(config.poll_interval);
+    ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    loop {
+        ticker.tick().await;
+        observe(hypervisor, &config, metrics, &mut state).await;
+        on_libvirt(state.last_connected == Some(true));
+        if let Err(e) = publish(registrar, &config, &mut state).await {
+            tracing::warn!(error = %error_chain(&e), category = e.category(), "cannot report host status; retrying");
+        }
+    }
+}
+
+/// Polls libvirt and updates the observation.
+async fn observe<H: Hypervisor>(
+    hypervisor: &H,
+    config: &InventoryConfig,
+    metrics: &Metrics,
+    state: &mut State,
+) {
+    let connected = hypervisor.probe().await;
+    metrics.libvirt_connected.set(i64::from(connected));
+    let changed = state.last_connected != Some(connected);
+    if changed {
+        if connected {
+            tracing::info!(uri = %config.libvirt_uri, "libvirt connected");
+        } else {
+            tracing::warn!(uri = %config.libvirt_uri, "libvirt not connected");
+        }
+    }
+    state.last_connected = Some(connected);
+    if !connected {
+        state.observation.libvirt = LibvirtHealth {
+            reason: LibvirtReason::Unreachable,
+            message: format!(
+                "libvirt at {} does not answer; reconnecting with backoff",
+                config.libvirt_uri
+            ),
+        };
+        return;
+    }
+    let mut failure = None;
+    match hypervisor.list_domains().await {
+        Ok(domains) => {
+            metrics.set_domains(domains.iter().map(|d| d.state));
+            let counts: DomainCounts = count_domains(&domains);
+            state.observation.domains = Some(counts);
+        }
+        Err(e) => failure = Some(e),
+    }
+    if changed || Instant::now() >= state.facts_due {
+        match hypervisor.host_facts(config.domain_type).await {
+            Ok(facts) => {
+                state.observation.facts = Some(facts);
+                state.facts_due = Instant::now() + config.refresh_interval;
+            }
+            Err(e) => failure = Some(e),
+        }
+    }
+    state.observation.libvirt = match failure {
+        None => LibvirtHealth::connected(&config.libvirt_uri),
+        Some(e) if !hypervisor.is_connected() => LibvirtHealth {
+            reason: LibvirtReason::Unreachable,
+            message: e.to_string(),
+        },
+        Some(e) => LibvirtHealth {
+            reason: LibvirtReason::QueryFailed,
+            message: e.to_string(),
+        },
+    };
+}
+
+/// Makes sure the object exists with the right owner, then applies the status if it changed.
+async fn publish(
+    registrar: &Registrar,
+    config: &InventoryConfig,
+    state: &mut State,
+) -> Result<(), crate::registration::RegistrationError> {
+    let now = Instant::now();
+    let check_due = state
+        .owner_checked
+        .is_none_or(|t| now.duration_since(t) >= config.refresh_interval);
+    if check_due || state.applied_owner.is_none() {
+        let owner = registrar.owner().await?;
+        let current = registrar.current().await?;
+        state.owner_checked = Some(now);
+        let needs_apply = match &current {
+            None => {
+                if state.applied_owner.is_some() {
+                    tracing::warn!("DomainNode is gone; registering again");
+                }
+                state.published = None;
+                true
+            }
+            Some(dn) => {
+                let server = dn.status.clone().unwrap_or_default();
+                state.conditions = server.conditions.clone();
+                if let Some((last, _)) = &state.published
+                    && differs(last, &agent_part(&server))
+                {
+                    tracing::info!(
+                        "host status on the server differs from the last report; re-applying"
+                    );
+                    state.published = None;
+                }
+                state.applied_owner.as_ref() != Some(&owner) || !has_owner(dn, owner.as_ref())
+            }
+        };
+        if needs_apply {
+            registrar.apply_domain_node(owner.as_ref()).await?;
+            tracing::info!(owner = ?owner.as_ref().map(|o| &o.name), "DomainNode registered");
+        }
+        state.applied_owner = Some(owner);
+    }
+    let status = agent_status(&state.observation, &state.conditions, Timestamp::now());
+    let fresh = state.published.as_ref().is_some_and(|(last, at)| {
+        !differs(last, &status) && now.duration_since(*at) < MAX_REPORT_AGE
+    });
+    if fresh {
+        return Ok(());
+    }
+    match registrar.apply_status(&status).await {
+        Err(e) if e.is_not_found() => {
+            // Deleted under us: register again at the next tick.
+            state.applied_owner = None;
+            Err(e)
+        }
+        Err(e) => Err(e),
+        Ok(()) => {
+            tracing::debug!(domains = ?status.domains, "host status reported");
+            state.conditions = status.conditions.clone();
+            state.published = Some((status, now));
+            Ok(())
+        }
+    }
+}
+
+/// Whether the object carries the owner reference to `owner` (trivially true without one).
+fn has_owner(dn: &DomainNode, owner: Option<&Owner>) -> bool {
+    owner.is_none_or(|o| {
+        dn.metadata
+            .owner_references
+            .iter()
+            .flatten()
+            .any(|r| r.uid == o.uid && r.kind == "Node")
+    })
+}

@@ -1,0 +1,128 @@
+//! The agent's Prometheus metrics (`deskvirt_agent_*`), all with low-cardinality labels: the
+//! heartbeat counters, the libvirt connection gauge and domains per state.
+
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+use crate::hypervisor::DomainState;
+
+/// Label set of `deskvirt_agent_domains`.
+pub type StateLabel = [(&'static str, &'static str); 1];
+
+/// Every value the `state` label takes.
+pub const STATES: [&str; 9] = [
+    "running",
+    "blocked",
+    "paused",
+    "shutting_down",
+    "shut_off",
+    "crashed",
+    "pm_suspended",
+    "no_state",
+    "unknown",
+];
+
+/// The `state` label of a domain state.
+pub fn state_label(state: DomainState) -> &'static str {
+    match state {
+        DomainState::Running => "running",
+        DomainState::Blocked => "blocked",
+        DomainState::Paused => "paused",
+        DomainState::ShuttingDown => "shutting_down",
+        DomainState::ShutOff => "shut_off",
+        DomainState::Crashed => "crashed",
+        DomainState::PmSuspended => "pm_suspended",
+        DomainState::NoState => "no_state",
+        DomainState::Unknown => "unknown",
+    }
+}
+
+/// Handles to the agent's metrics; clones share the values.
+#[derive(Clone, Debug, Default)]
+pub struct Metrics {
+    /// Lease renewals that succeeded.
+    pub heartbeats: Counter,
+    /// Lease renewals that failed.
+    pub heartbeat_failures: Counter,
+    /// 1 while libvirt answers, else 0.
+    pub libvirt_connected: Gauge,
+    /// Domains on the host by state.
+    pub domains: Family<StateLabel, Gauge>,
+}
+
+impl Metrics {
+    /// The metrics and a registry (prefix `deskvirt_agent`) holding them.
+    pub fn new() -> (Self, Registry) {
+        let metrics = Self::default();
+        let mut registry = Registry::with_prefix("deskvirt_agent");
+        registry.register(
+            "heartbeat",
+            "Heartbeat Lease renewals that succeeded",
+            metrics.heartbeats.clone(),
+        );
+        registry.register(
+            "heartbeat_failures",
+            "Heartbeat Lease renewals that failed",
+            metrics.heartbeat_failures.clone(),
+        );
+        registry.register(
+            "libvirt_connected",
+            "Whether libvirt answers (1) or not (0)",
+            metrics.libvirt_connected.clone(),
+        );
+        registry.register(
+            "domains",
+            "libvirt domains on this host by state",
+            metrics.domains.clone(),
+        );
+        for state in STATES {
+            metrics.domains.get_or_create(&[("state", state)]).set(0);
+        }
+        (metrics, registry)
+    }
+
+    /// Sets the per-state gauges from a list of states (states not listed go to zero).
+    pub fn set_domains(&self, states: impl IntoIterator<Item = DomainState>) {
+        let mut counts = [0i64; STATES.len()];
+        for state in states {
+            if let Some(i) = STATES.iter().position(|s| *s == state_label(state)) {
+                counts[i] += 1;
+            }
+        }
+        for (state, count) in STATES.iter().zip(counts) {
+            self.domains.get_or_create(&[("state", state)]).set(count);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_and_domain_states() -> Result<(), std::fmt::Error> {
+        let (metrics, registry) = Metrics::new();
+        metrics.heartbeats.inc();
+        metrics.libvirt_connected.set(1);
+        metrics.set_domains([
+            DomainState::Running,
+            DomainState::Running,
+            DomainState::ShutOff,
+        ]);
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &registry)?;
+        assert!(out.contains("deskvirt_agent_heartbeat_total 1"), "{out}");
+        assert!(out.contains("deskvirt_agent_heartbeat_failures_total 0"));
+        assert!(out.contains("deskvirt_agent_libvirt_connected 1"));
+        assert!(out.contains("deskvirt_agent_domains{state=\"running\"} 2"));
+        assert!(out.contains("deskvirt_agent_domains{state=\"shut_off\"} 1"));
+        assert!(out.contains("deskvirt_agent_domains{state=\"crashed\"} 0"));
+        metrics.set_domains([]);
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &registry)?;
+        assert!(out.contains("deskvirt_agent_domains{state=\"running\"} 0"));
+        Ok(())
+    }
+}
