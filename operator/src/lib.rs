@@ -3,4 +3,14 @@
 #![forbid(unsafe_code)]
 
 pub mod allocators;
+pub mod config;
+pub mod console;
+pub mod context;
+pub mod controllers;
+pub mod heartbeat;
+pub mod leader;
+pub mod metrics;
+pub mod operator;
+pub mod phase;
 pub mod scheduler;
+pub mod world;

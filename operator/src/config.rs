@@ -1,0 +1,96 @@
+//! The operator's command line: every flag has an environment fallback so the chart can set
+//! them from the Deployment.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clap::Parser;
+use deskvirt_crds::constants::LEASE_NAMESPACE_DEFAULT;
+use deskvirt_crds::quantity::parse_duration;
+use deskvirt_runtime::logging::LogFormat;
+
+/// Schedules Desktops onto KVM hosts, allocates SPICE ports, MACs and subnets, tracks host health.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "deskvirt-operator", version, about)]
+pub struct Config {
+    /// Address of the /healthz, /readyz and /metrics endpoint.
+    #[arg(long, env = "DESKVIRT_METRICS_ADDR", default_value = "0.0.0.0:8080")]
+    pub metrics_addr: SocketAddr,
+
+    /// Namespace of the leader-election Lease and of the hosts' heartbeat Leases.
+    #[arg(long, env = "POD_NAMESPACE", default_value = LEASE_NAMESPACE_DEFAULT)]
+    pub namespace: String,
+
+    /// Log format: text or json.
+    #[arg(long, env = "DESKVIRT_LOG_FORMAT", value_enum, default_value = "text")]
+    pub log_format: LogFormat,
+
+    /// How long a host heartbeat Lease stays valid without renewal when the Lease itself does
+    /// not say (leaseDurationSeconds); past it the host is lost. Such as 40s.
+    #[arg(
+        long,
+        alias = "lease-duration",
+        env = "DESKVIRT_HOST_TIMEOUT",
+        default_value = "40s",
+        value_parser = parse_flag_duration
+    )]
+    pub host_timeout: Duration,
+
+    /// How long the operator's leader Lease is valid without renewal.
+    #[arg(
+        long,
+        env = "DESKVIRT_LEADER_LEASE_DURATION",
+        default_value = "15s",
+        value_parser = parse_flag_duration
+    )]
+    pub leader_lease_duration: Duration,
+
+    /// Identity in the leader Lease and in Events; the pod name, else the host name.
+    #[arg(long, env = "POD_NAME")]
+    pub identity: Option<String>,
+
+    /// Only manage ResourcePools, DomainNodes and Desktops matching this label selector
+    /// (sharding, and isolation of concurrent test runs). Empty manages everything.
+    #[arg(long, env = "DESKVIRT_LABEL_SELECTOR", default_value = "")]
+    pub label_selector: String,
+}
+
+fn parse_flag_duration(s: &str) -> Result<Duration, String> {
+    let d = parse_duration(s).map_err(|e| e.to_string())?;
+    if d.is_zero() {
+        return Err("must be longer than zero".into());
+    }
+    Ok(d)
+}
+
+impl Config {
+    /// The identity to use: `--identity`, else the host name, else a fixed fallback.
+    pub fn identity(&self) -> String {
+        if let Some(id) = self.identity.as_ref().filter(|s| !s.is_empty()) {
+            return id.clone();
+        }
+        std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .ok()
+            .map(|s| s.trim().to_string())
+            .filter(|s| !s.is_empty())
+            .unwrap_or_else(|| "deskvirt-operator".into())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_and_durations() {
+        let c = Config::try_parse_from(["deskvirt-operator", "--host-timeout", "3s"])
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(c.host_timeout, Duration::from_secs(3));
+        assert_eq!(c.leader_lease_duration, Duration::from_secs(15));
+        assert_eq!(c.metrics_addr.port(), 8080);
+        assert!(Config::try_parse_from(["x", "--host-timeout", "0s"]).is_err());
+        let c = Config::try_parse_from(["x", "--lease-duration", "1m"])
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(c.host_timeout, Duration::from_secs(60));
+    }
+}

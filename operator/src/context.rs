@@ -1,0 +1,319 @@
+//! What every reconciler shares: the client, the Event reporter, metrics, the watched objects
+//! (reflector stores), the leader flag, and the pools' allocation ledgers.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use deskvirt_crds::{Desktop, DomainNode, ResourcePool};
+use futures::StreamExt;
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::jiff::Timestamp;
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::reflector::{self, ObjectRef, Store, reflector};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Api, Client, Resource, ResourceExt};
+use serde::de::DeserializeOwned;
+use tokio::sync::watch;
+
+use crate::allocators::{
+    DesktopBinding, Ledger, LedgerConfig, LedgerError, Seniority, SubnetBinding,
+};
+use crate::heartbeat::Heartbeat;
+use crate::metrics::Metrics;
+
+/// The objects the operator watches, as local caches.
+#[derive(Clone)]
+pub struct Stores {
+    pub pools: Store<ResourcePool>,
+    pub nodes: Store<DomainNode>,
+    pub desktops: Store<Desktop>,
+    pub leases: Store<Lease>,
+}
+
+impl Stores {
+    /// Starts one reflector per kind; they stop when `stop` flips.
+    pub fn start(
+        client: &Client,
+        namespace: &str,
+        selector: &str,
+        stop: watch::Receiver<bool>,
+    ) -> Self {
+        let cfg = || {
+            if selector.is_empty() {
+                watcher::Config::default()
+            } else {
+                watcher::Config::default().labels(selector)
+            }
+        };
+        Self {
+            pools: reflect(Api::all(client.clone()), cfg(), stop.clone()),
+            nodes: reflect(Api::all(client.clone()), cfg(), stop.clone()),
+            desktops: reflect(Api::all(client.clone()), cfg(), stop.clone()),
+            leases: reflect(
+                Api::namespaced(client.clone(), namespace),
+                watcher::Config::default(),
+                stop,
+            ),
+        }
+    }
+
+    /// Waits until every store has its first full list.
+    pub async fn ready(&self) -> bool {
+        self.pools.wait_until_ready().await.is_ok()
+            && self.nodes.wait_until_ready().await.is_ok()
+            && self.desktops.wait_until_ready().await.is_ok()
+            && self.leases.wait_until_ready().await.is_ok()
+    }
+
+    pub fn pool(&self, name: &str) -> Option<Arc<ResourcePool>> {
+        self.pools.get(&ObjectRef::new(name))
+    }
+
+    pub fn node(&self, name: &str) -> Option<Arc<DomainNode>> {
+        self.nodes.get(&ObjectRef::new(name))
+    }
+
+    pub fn lease(&self, namespace: &str, name: &str) -> Option<Arc<Lease>> {
+        self.leases.get(&ObjectRef::new(name).within(namespace))
+    }
+}
+
+fn reflect<K>(api: Api<K>, cfg: watcher::Config, stop: watch::Receiver<bool>) -> Store<K>
+where
+    K: Resource<DynamicType = ()>
+        + Clone
+        + DeserializeOwned
+        + std::fmt::Debug
+        + Send
+        + Sync
+        + 'static,
+{
+    let (reader, writer) = reflector::store();
+    let stream = reflector(writer, watcher(api, cfg).default_backoff()).for_each(|_| async {});
+    tokio::spawn(async move {
+        tokio::select! {
+            () = stream => {}
+            () = stopped(stop) => {}
+        }
+    });
+    reader
+}
+
+/// Completes once `stop` is true (or its sender is gone).
+pub async fn stopped(mut stop: watch::Receiver<bool>) {
+    while !*stop.borrow_and_update() {
+        if stop.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+/// The ledgers of the pools, valid only while this replica leads and after the rebuild.
+#[derive(Debug, Default)]
+pub struct Ledgers {
+    /// Rebuilt since leadership was gained.
+    pub ready: bool,
+    pools: BTreeMap<String, Ledger>,
+    /// Desktops whose recorded port or MAC a rebuild refused; they get new ones.
+    pub rebind: BTreeSet<String>,
+}
+
+impl Ledgers {
+    /// Fresh ledgers for a new term; each pool's is rebuilt from the stores on first use.
+    pub fn fresh() -> Self {
+        Self {
+            ready: true,
+            ..Default::default()
+        }
+    }
+
+    /// The ledger of `pool`, rebuilt from recorded bindings when missing or when the pool's
+    /// allocation settings changed.
+    pub fn of(&mut self, pool: &ResourcePool, stores: &Stores) -> Result<&mut Ledger, LedgerError> {
+        let name = pool.metadata.name.clone().unwrap_or_default();
+        let config = LedgerConfig::from_spec(&pool.spec)?;
+        let stale = self.pools.get(&name).is_none_or(|l| l.config() != config);
+        if stale {
+            let old = self.pools.remove(&name);
+            let mut ledger = Ledger::new(config);
+            let conflicts = ledger.rebuild(
+                desktop_bindings(&name, stores, old.as_ref()),
+                host_bindings(&name, stores),
+            );
+            for c in &conflicts {
+                tracing::warn!(pool = %name, conflict = %c, "ledger rebuild refused a recorded value");
+                self.rebind.insert(c.loser().to_string());
+            }
+            tracing::info!(pool = %name, conflicts = conflicts.len(), "ledger rebuilt");
+            self.pools.insert(name.clone(), ledger);
+        }
+        self.pools.get_mut(&name).ok_or(LedgerError::NoSubnets)
+    }
+
+    /// The ledger of `pool` if already built.
+    pub fn get(&self, pool: &str) -> Option<&Ledger> {
+        self.pools.get(pool)
+    }
+
+    pub fn get_mut(&mut self, pool: &str) -> Option<&mut Ledger> {
+        self.pools.get_mut(pool)
+    }
+}
+
+pub fn seniority<K: Resource>(o: &K) -> Seniority {
+    let m = o.meta();
+    Seniority::new(
+        m.creation_timestamp
+            .as_ref()
+            .map(|t| t.0.as_second())
+            .unwrap_or(i64::MAX),
+        m.uid.clone().unwrap_or_default(),
+    )
+}
+
+fn desktop_bindings(pool: &str, stores: &Stores, old: Option<&Ledger>) -> Vec<DesktopBinding> {
+    stores
+        .desktops
+        .state()
+        .iter()
+        .filter(|d| d.spec.pool == pool && holds_binding(d))
+        .map(|d| {
+            let uid = d.metadata.uid.clone().unwrap_or_default();
+            let st = d.status.clone().unwrap_or_default();
+            let mut b = DesktopBinding {
+                desktop: uid.clone(),
+                seniority: seniority(d.as_ref()),
+                host: st.node.clone(),
+                port: st.spice.as_ref().and_then(|s| s.port),
+                mac: st.mac.clone(),
+            };
+            // A binding made just now may not be in the cache yet: keep the old ledger's.
+            if b.host.is_none()
+                && let Some(old) = old
+                && let Some((host, port)) = old.port_of(&uid)
+            {
+                b.host = Some(host.to_string());
+                b.port = Some(port);
+                b.mac = old.mac_of(&uid).map(|m| m.to_string());
+            }
+            b
+        })
+        .collect()
+}
+
+fn host_bindings(pool: &str, stores: &Stores) -> Vec<SubnetBinding> {
+    stores
+        .nodes
+        .state()
+        .iter()
+        .filter_map(|n| {
+            let st = n.status.as_ref()?;
+            (st.pool.as_deref() == Some(pool)).then_some(())?;
+            Some(SubnetBinding {
+                host: n.metadata.name.clone()?,
+                seniority: seniority(n.as_ref()),
+                subnet: st.subnet.clone()?,
+            })
+        })
+        .collect()
+}
+
+/// Whether a desktop still holds its allocations: not deleted, or deleted but not yet released.
+pub fn holds_binding(d: &Desktop) -> bool {
+    d.metadata.deletion_timestamp.is_none()
+        || d.finalizers()
+            .iter()
+            .any(|f| f == deskvirt_crds::constants::FINALIZER_OPERATOR)
+}
+
+/// Shared state of the controllers.
+pub struct Context {
+    pub client: Client,
+    pub reporter: Reporter,
+    pub metrics: Metrics,
+    /// Namespace of the leader and heartbeat Leases.
+    pub namespace: String,
+    /// Heartbeat validity when a Lease names none.
+    pub host_timeout: Duration,
+    pub leader: watch::Receiver<bool>,
+    pub stores: Stores,
+    pub ledgers: tokio::sync::Mutex<Ledgers>,
+    failures: Mutex<HashMap<String, u32>>,
+}
+
+impl Context {
+    pub fn new(
+        client: Client,
+        identity: &str,
+        metrics: Metrics,
+        namespace: String,
+        host_timeout: Duration,
+        leader: watch::Receiver<bool>,
+        stores: Stores,
+    ) -> Self {
+        Self {
+            client,
+            reporter: Reporter {
+                controller: deskvirt_crds::constants::MANAGER_OPERATOR.into(),
+                instance: Some(identity.to_string()),
+            },
+            metrics,
+            namespace,
+            host_timeout,
+            leader,
+            stores,
+            ledgers: tokio::sync::Mutex::new(Ledgers::default()),
+            failures: Mutex::new(HashMap::new()),
+        }
+    }
+
+    pub fn is_leader(&self) -> bool {
+        *self.leader.borrow()
+    }
+
+    /// The heartbeat verdict of host `node` now.
+    pub fn heartbeat(&self, node: &str, now: Timestamp) -> Heartbeat {
+        let lease = self.stores.lease(&self.namespace, node);
+        Heartbeat::of(lease.as_deref(), now, self.host_timeout)
+    }
+
+    /// Records an Event on `obj`; failures are logged, never returned.
+    pub async fn event<K: Resource<DynamicType = ()>>(
+        &self,
+        obj: &K,
+        type_: EventType,
+        reason: &str,
+        action: &str,
+        note: String,
+    ) {
+        let recorder = Recorder::new(self.client.clone(), self.reporter.clone());
+        let ev = Event {
+            type_,
+            reason: reason.into(),
+            note: Some(note),
+            action: action.into(),
+            secondary: None,
+        };
+        if let Err(e) = recorder.publish(&ev, &obj.object_ref(&())).await {
+            tracing::warn!(error = %e, reason, "cannot record Event");
+        }
+    }
+
+    /// The next retry delay for `key` after a failure: 1s doubling to 5 minutes.
+    pub fn backoff(&self, key: String, transient: bool) -> Duration {
+        if !transient {
+            return Duration::from_secs(300);
+        }
+        let mut f = self.failures.lock().unwrap_or_else(|p| p.into_inner());
+        let n = f.entry(key).or_insert(0);
+        *n = n.saturating_add(1);
+        Duration::from_secs(1u64 << (*n - 1).min(8)).min(Duration::from_secs(300))
+    }
+
+    /// Forgets the failures of `key` after a success.
+    pub fn succeeded(&self, key: &str) {
+        let mut f = self.failures.lock().unwrap_or_else(|p| p.into_inner());
+        f.remove(key);
+    }
+}

@@ -1,0 +1,271 @@
+//! The DomainNode controller: pool membership, the host's subnet from the pool's ledger,
+//! allocatable after reserve and overcommit, and the `Ready` (heartbeat) and `Schedulable`
+//! conditions. Writes only the operator's fields of the status; the agent's facts stay its own.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use deskvirt_crds::conditions::{self, Status, condition};
+use deskvirt_crds::constants::condition::{READY, SCHEDULABLE};
+use deskvirt_crds::domain_node::{Allocatable, DomainNode};
+use futures::StreamExt;
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use k8s_openapi::jiff::Timestamp;
+use kube::runtime::controller::Action;
+use kube::runtime::events::EventType;
+use kube::runtime::reflector::ObjectRef;
+use kube::runtime::{Controller, watcher};
+use kube::{Api, ResourceExt};
+use serde_json::json;
+use tokio::sync::watch;
+
+use super::{Categorized, apply_status, kube_transient, on_leadership};
+use crate::allocators::LedgerError;
+use crate::context::{Context, stopped};
+use crate::heartbeat::Heartbeat;
+use crate::scheduler::{HostCapacity, HostFacts, PoolPolicy};
+use crate::world::{pool_of, usage_by_host};
+
+const NAME: &str = "domainnode";
+
+/// Why a DomainNode reconcile failed.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot apply host status")]
+    Apply(#[source] kube::Error),
+}
+
+impl Categorized for Error {
+    fn category(&self) -> &'static str {
+        "KubeApi"
+    }
+    fn is_transient(&self) -> bool {
+        match self {
+            Error::Apply(e) => kube_transient(e),
+        }
+    }
+}
+
+pub async fn run(ctx: Arc<Context>, selector: String, stop: watch::Receiver<bool>) {
+    let client = ctx.client.clone();
+    let cfg = if selector.is_empty() {
+        watcher::Config::default()
+    } else {
+        watcher::Config::default().labels(&selector)
+    };
+    let stores = ctx.stores.clone();
+    let pool_stores = ctx.stores.clone();
+    Controller::new(Api::<DomainNode>::all(client.clone()), cfg.clone())
+        .watches(
+            Api::<Lease>::namespaced(client.clone(), &ctx.namespace),
+            watcher::Config::default(),
+            move |lease| {
+                stores
+                    .node(&lease.name_any())
+                    .map(|n| ObjectRef::from_obj(n.as_ref()))
+            },
+        )
+        .watches(
+            Api::<deskvirt_crds::ResourcePool>::all(client.clone()),
+            cfg,
+            move |_pool| {
+                // Membership may move: every host is looked at again (pools change rarely).
+                pool_stores
+                    .nodes
+                    .state()
+                    .iter()
+                    .map(|n| ObjectRef::from_obj(n.as_ref()))
+                    .collect::<Vec<_>>()
+            },
+        )
+        .reconcile_all_on(on_leadership(ctx.leader.clone()))
+        .graceful_shutdown_on(stopped(stop))
+        .run(
+            reconcile,
+            |n, e, c| super::error_policy(NAME, &n, e, &c),
+            ctx,
+        )
+        .for_each(|_| async {})
+        .await;
+}
+
+/// The operator's part of a host status.
+#[derive(Clone, Debug, PartialEq)]
+struct Owned {
+    pool: Option<String>,
+    subnet: Option<String>,
+    allocatable: Option<Allocatable>,
+    conditions: Vec<Condition>,
+}
+
+#[tracing::instrument(skip_all, fields(node = %node.name_any()))]
+pub async fn reconcile(node: Arc<DomainNode>, ctx: Arc<Context>) -> Result<Action, Error> {
+    ctx.metrics.reconciled(NAME);
+    if !ctx.is_leader() {
+        return Ok(Action::await_change());
+    }
+    let now = Timestamp::now();
+    let name = node.name_any();
+    let status = node.status.clone().unwrap_or_default();
+    let pools = ctx.stores.pools.state();
+    let pool_name = pool_of(&node, &pools);
+    let pool = pool_name.as_deref().and_then(|p| ctx.stores.pool(p));
+    let heartbeat = ctx.heartbeat(&name, now);
+
+    let mut ledgers = ctx.ledgers.lock().await;
+    if !ledgers.ready {
+        return Ok(Action::requeue(Duration::from_secs(1)));
+    }
+    if let Some(old) = status.pool.as_deref()
+        && Some(old) != pool_name.as_deref()
+        && let Some(l) = ledgers.get_mut(old)
+    {
+        l.release_host(&name);
+    }
+    let mut subnet = None;
+    let mut ledger = None;
+    if let Some(p) = &pool {
+        match ledgers.of(p, &ctx.stores) {
+            Ok(l) => {
+                match l.assign_subnet(&name) {
+                    Ok(s) => subnet = Some(s.to_string()),
+                    Err(LedgerError::NoSubnets) => {}
+                    Err(e) => tracing::warn!(error = %e, "no subnet for the host"),
+                }
+                ledger = Some(&*l);
+            }
+            Err(e) => tracing::warn!(error = %e, "pool ledger unusable"),
+        }
+    }
+    let policy = pool
+        .as_ref()
+        .and_then(|p| PoolPolicy::from_spec(&p.spec).ok());
+    let facts = HostFacts::from_status(&status).ok();
+    let allocatable = match (&policy, &facts) {
+        (Some(policy), Some(facts)) => {
+            let usage = usage_by_host(&ctx.stores.desktops.state(), ledger)
+                .remove(&name)
+                .unwrap_or_default();
+            Some(HostCapacity::new(facts, policy).allocatable(&usage))
+        }
+        _ => None,
+    };
+    drop(ledgers);
+
+    let prev = &status.conditions;
+    let gen_ = node.metadata.generation;
+    let ready = match heartbeat {
+        Heartbeat::Fresh { .. } => condition(
+            prev,
+            READY,
+            Status::True,
+            "HeartbeatFresh",
+            "the agent renews its Lease",
+            gen_,
+            now,
+        ),
+        Heartbeat::Lost { since } => condition(
+            prev,
+            READY,
+            Status::Unknown,
+            "HeartbeatLost",
+            format!("no heartbeat since {since}"),
+            gen_,
+            now,
+        ),
+        Heartbeat::Missing => condition(
+            prev,
+            READY,
+            Status::Unknown,
+            "NoHeartbeat",
+            format!("no heartbeat Lease {}/{name}", ctx.namespace),
+            gen_,
+            now,
+        ),
+    };
+    let (sched, reason, msg) = if node.spec.maintenance {
+        (false, "Maintenance", "the host is in maintenance")
+    } else if node.spec.unschedulable {
+        (false, "Cordoned", "spec.unschedulable is set")
+    } else if !heartbeat.is_fresh() {
+        (false, "NotReady", "the host's heartbeat is not fresh")
+    } else if pool.is_none() {
+        (false, "NoPool", "no ResourcePool selects the host")
+    } else if facts.is_none() {
+        (
+            false,
+            "NoHostFacts",
+            "the agent has not reported CPU and memory",
+        )
+    } else {
+        (true, "Schedulable", "desktops may be placed on the host")
+    };
+    let schedulable = condition(
+        prev,
+        SCHEDULABLE,
+        Status::from_bool(sched),
+        reason,
+        msg,
+        gen_,
+        now,
+    );
+    let want = Owned {
+        pool: pool_name,
+        subnet,
+        allocatable,
+        conditions: vec![ready.clone(), schedulable],
+    };
+    let current = Owned {
+        pool: status.pool.clone(),
+        subnet: status.subnet.clone(),
+        allocatable: status.allocatable.clone(),
+        conditions: prev
+            .iter()
+            .filter(|c| c.type_ == READY || c.type_ == SCHEDULABLE)
+            .cloned()
+            .collect(),
+    };
+    let changed = want.pool != current.pool
+        || want.subnet != current.subnet
+        || want.allocatable != current.allocatable
+        || conditions::differ_ignoring_time(&want.conditions, &current.conditions);
+    if changed {
+        let mut st = serde_json::Map::new();
+        if let Some(p) = &want.pool {
+            st.insert("pool".into(), json!(p));
+        }
+        if let Some(s) = &want.subnet {
+            st.insert("subnet".into(), json!(s));
+        }
+        if let Some(a) = &want.allocatable {
+            st.insert("allocatable".into(), json!(a));
+        }
+        st.insert("conditions".into(), json!(want.conditions));
+        let body = json!({
+            "apiVersion": "deskvirt.io/v1alpha1",
+            "kind": "DomainNode",
+            "metadata": { "name": name },
+            "status": st,
+        });
+        apply_status(&Api::<DomainNode>::all(ctx.client.clone()), &name, &body)
+            .await
+            .map_err(Error::Apply)?;
+    }
+    let was = conditions::find(prev, READY).map(|c| c.status.clone());
+    if was.as_deref() != Some(ready.status.as_str()) {
+        let (t, r) = if heartbeat.is_fresh() {
+            (EventType::Normal, "HostReady")
+        } else {
+            (EventType::Warning, "HostLost")
+        };
+        ctx.event(node.as_ref(), t, r, "Heartbeat", ready.message.clone())
+            .await;
+    }
+    ctx.succeeded(&format!("{NAME}/{}", node.uid().unwrap_or_default()));
+    let next = heartbeat
+        .expires_in(now)
+        .map(|d| d + Duration::from_secs(1))
+        .unwrap_or(Duration::from_secs(60));
+    Ok(Action::requeue(next))
+}

@@ -1,0 +1,262 @@
+//! The ResourcePool controller: pure aggregation of the pool's hosts and desktops into its
+//! status (capacity, allocated, available, ports, desktops by phase, Ready and Degraded). The
+//! patch is skipped when nothing but timestamps changed.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use deskvirt_crds::conditions::{self, Status, condition};
+use deskvirt_crds::constants::condition::{DEGRADED, READY};
+use deskvirt_crds::desktop::Phase;
+use deskvirt_crds::resource_pool::{ResourcePool, ResourcePoolStatus};
+use deskvirt_crds::{Desktop, DomainNode};
+use futures::StreamExt;
+use k8s_openapi::jiff::Timestamp;
+use kube::runtime::controller::Action;
+use kube::runtime::reflector::ObjectRef;
+use kube::runtime::{Controller, watcher};
+use kube::{Api, ResourceExt};
+use serde_json::json;
+use tokio::sync::watch;
+
+use super::{Categorized, apply_status, kube_transient, on_leadership};
+use crate::context::{Context, stopped};
+use crate::scheduler::{PoolCapacity, PoolPolicy};
+use crate::world::{host_views, pool_of};
+
+const NAME: &str = "resourcepool";
+
+/// Why a ResourcePool reconcile failed.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot apply pool status")]
+    Apply(#[source] kube::Error),
+    #[error("cannot encode pool status")]
+    Encode(#[source] serde_json::Error),
+}
+
+impl Categorized for Error {
+    fn category(&self) -> &'static str {
+        match self {
+            Error::Apply(_) => "KubeApi",
+            Error::Encode(_) => "Encode",
+        }
+    }
+    fn is_transient(&self) -> bool {
+        match self {
+            Error::Apply(e) => kube_transient(e),
+            Error::Encode(_) => false,
+        }
+    }
+}
+
+pub async fn run(ctx: Arc<Context>, selector: String, stop: watch::Receiver<bool>) {
+    let client = ctx.client.clone();
+    let cfg = if selector.is_empty() {
+        watcher::Config::default()
+    } else {
+        watcher::Config::default().labels(&selector)
+    };
+    let stores = ctx.stores.clone();
+    Controller::new(Api::<ResourcePool>::all(client.clone()), cfg.clone())
+        .watches(
+            Api::<DomainNode>::all(client.clone()),
+            cfg.clone(),
+            move |n| {
+                let mut pools: Vec<String> = n
+                    .status
+                    .as_ref()
+                    .and_then(|s| s.pool.clone())
+                    .into_iter()
+                    .collect();
+                pools.extend(pool_of(&n, &stores.pools.state()));
+                pools.iter().map(|p| ObjectRef::new(p)).collect::<Vec<_>>()
+            },
+        )
+        .watches(Api::<Desktop>::all(client.clone()), cfg, |d| {
+            Some(ObjectRef::new(&d.spec.pool))
+        })
+        .reconcile_all_on(on_leadership(ctx.leader.clone()))
+        .graceful_shutdown_on(stopped(stop))
+        .run(
+            reconcile,
+            |p, e, c| super::error_policy(NAME, &p, e, &c),
+            ctx,
+        )
+        .for_each(|_| async {})
+        .await;
+}
+
+/// Desktops of `pool` by phase (an unset phase counts as Pending).
+pub fn count_phases<'a>(
+    pool: &str,
+    desktops: impl IntoIterator<Item = &'a Desktop>,
+) -> BTreeMap<String, u32> {
+    let mut out = BTreeMap::new();
+    for d in desktops.into_iter().filter(|d| d.spec.pool == pool) {
+        let phase = d
+            .status
+            .as_ref()
+            .and_then(|s| s.phase)
+            .unwrap_or(Phase::Pending);
+        *out.entry(phase.as_str().to_string()).or_insert(0) += 1;
+    }
+    out
+}
+
+#[tracing::instrument(skip_all, fields(pool = %pool.name_any()))]
+pub async fn reconcile(pool: Arc<ResourcePool>, ctx: Arc<Context>) -> Result<Action, Error> {
+    ctx.metrics.reconciled(NAME);
+    if !ctx.is_leader() {
+        return Ok(Action::await_change());
+    }
+    let now = Timestamp::now();
+    let name = pool.name_any();
+    let old = pool.status.clone().unwrap_or_default();
+    let prev = &old.conditions;
+    let gen_ = pool.metadata.generation;
+    let desktops = ctx.stores.desktops.state();
+    let mut st = ResourcePoolStatus {
+        desktops: count_phases(&name, desktops.iter().map(|d| d.as_ref())),
+        observed_generation: gen_,
+        ..Default::default()
+    };
+    let failed = st
+        .desktops
+        .get(Phase::Failed.as_str())
+        .copied()
+        .unwrap_or(0);
+    let (ready, degraded) = match PoolPolicy::from_spec(&pool.spec) {
+        Err(e) => (
+            condition(
+                prev,
+                READY,
+                Status::False,
+                "InvalidPool",
+                e.to_string(),
+                gen_,
+                now,
+            ),
+            condition(
+                prev,
+                DEGRADED,
+                Status::True,
+                "InvalidPool",
+                e.to_string(),
+                gen_,
+                now,
+            ),
+        ),
+        Ok(policy) => {
+            let mut ledgers = ctx.ledgers.lock().await;
+            if !ledgers.ready {
+                return Ok(Action::requeue(Duration::from_secs(1)));
+            }
+            let ledger = ledgers.of(&pool, &ctx.stores).ok().map(|l| &*l);
+            let hosts = host_views(
+                &name,
+                &policy,
+                &ctx.stores.nodes.state(),
+                &ctx.stores.pools.state(),
+                &desktops,
+                ledger,
+                |n| ctx.heartbeat(n, now),
+            );
+            drop(ledgers);
+            let cap = PoolCapacity::of(&name, &policy, &hosts);
+            cap.write_to(&mut st);
+            let ready = if policy.ports.is_empty() {
+                condition(
+                    prev,
+                    READY,
+                    Status::False,
+                    "InvalidPortRange",
+                    format!(
+                        "SPICE port range {}-{} is reversed",
+                        policy.ports.first, policy.ports.last
+                    ),
+                    gen_,
+                    now,
+                )
+            } else if cap.nodes.ready > 0 {
+                condition(
+                    prev,
+                    READY,
+                    Status::True,
+                    "HostsReady",
+                    format!(
+                        "{} of {} hosts can take desktops",
+                        cap.nodes.ready, cap.nodes.total
+                    ),
+                    gen_,
+                    now,
+                )
+            } else {
+                condition(
+                    prev,
+                    READY,
+                    Status::False,
+                    "NoReadyHosts",
+                    format!("none of {} hosts can take desktops", cap.nodes.total),
+                    gen_,
+                    now,
+                )
+            };
+            let degraded = if cap.nodes.ready < cap.nodes.total {
+                condition(
+                    prev,
+                    DEGRADED,
+                    Status::True,
+                    "HostsNotReady",
+                    format!(
+                        "{} of {} hosts cannot take desktops",
+                        cap.nodes.total - cap.nodes.ready,
+                        cap.nodes.total
+                    ),
+                    gen_,
+                    now,
+                )
+            } else if failed > 0 {
+                condition(
+                    prev,
+                    DEGRADED,
+                    Status::True,
+                    "DesktopsFailed",
+                    format!("{failed} desktops failed"),
+                    gen_,
+                    now,
+                )
+            } else {
+                condition(
+                    prev,
+                    DEGRADED,
+                    Status::False,
+                    "AsExpected",
+                    "every host is ready",
+                    gen_,
+                    now,
+                )
+            };
+            (ready, degraded)
+        }
+    };
+    st.conditions = vec![ready, degraded];
+    let mut old_cmp = old.clone();
+    old_cmp.conditions = vec![];
+    let mut new_cmp = st.clone();
+    new_cmp.conditions = vec![];
+    if old_cmp != new_cmp || conditions::differ_ignoring_time(&old.conditions, &st.conditions) {
+        let body = json!({
+            "apiVersion": "deskvirt.io/v1alpha1",
+            "kind": "ResourcePool",
+            "metadata": { "name": name },
+            "status": serde_json::to_value(&st).map_err(Error::Encode)?,
+        });
+        apply_status(&Api::<ResourcePool>::all(ctx.client.clone()), &name, &body)
+            .await
+            .map_err(Error::Apply)?;
+    }
+    ctx.succeeded(&format!("{NAME}/{}", pool.uid().unwrap_or_default()));
+    Ok(Action::requeue(Duration::from_secs(300)))
+}

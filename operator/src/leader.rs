@@ -1,0 +1,194 @@
+//! Leader election on a `coordination.k8s.io/v1` Lease: acquire it when free or expired, renew
+//! it every third of its duration, step down at the first failed renewal, release it on
+//! shutdown. Only the leader binds, allocates and writes statuses.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
+use k8s_openapi::jiff::{SignedDuration, Timestamp};
+use kube::Api;
+use kube::api::PostParams;
+use tokio::sync::watch;
+
+use crate::context::{Context, Ledgers, stopped};
+
+/// Whether `holder` may take a Lease held by `current` (renewed at `renewed` for `secs`).
+pub fn may_take(
+    me: &str,
+    current: Option<&str>,
+    renewed: Option<Timestamp>,
+    secs: Option<i32>,
+    now: Timestamp,
+) -> bool {
+    match current {
+        None | Some("") => true,
+        Some(h) if h == me => true,
+        Some(_) => match (renewed, secs) {
+            (Some(r), Some(s)) => r
+                .checked_add(SignedDuration::from_secs(i64::from(s)))
+                .is_ok_and(|until| until < now),
+            _ => true,
+        },
+    }
+}
+
+/// The elector of one replica.
+pub struct Elector {
+    pub api: Api<Lease>,
+    pub name: String,
+    pub identity: String,
+    pub duration: Duration,
+}
+
+impl Elector {
+    /// One attempt to acquire or renew. `Ok(true)`: this replica holds the Lease now.
+    async fn attempt(&self) -> Result<bool, kube::Error> {
+        let now = Timestamp::now();
+        let secs = i32::try_from(self.duration.as_secs())
+            .unwrap_or(i32::MAX)
+            .max(1);
+        match self.api.get_opt(&self.name).await? {
+            None => {
+                let lease = Lease {
+                    metadata: ObjectMeta {
+                        name: Some(self.name.clone()),
+                        ..Default::default()
+                    },
+                    spec: Some(LeaseSpec {
+                        holder_identity: Some(self.identity.clone()),
+                        lease_duration_seconds: Some(secs),
+                        acquire_time: Some(MicroTime(now)),
+                        renew_time: Some(MicroTime(now)),
+                        lease_transitions: Some(0),
+                        ..Default::default()
+                    }),
+                };
+                match self.api.create(&PostParams::default(), &lease).await {
+                    Ok(_) => Ok(true),
+                    Err(kube::Error::Api(s)) if s.code == 409 => Ok(false),
+                    Err(e) => Err(e),
+                }
+            }
+            Some(mut lease) => {
+                let spec = lease.spec.clone().unwrap_or_default();
+                let holder = spec.holder_identity.as_deref();
+                if !may_take(
+                    &self.identity,
+                    holder,
+                    spec.renew_time.as_ref().map(|t| t.0),
+                    spec.lease_duration_seconds,
+                    now,
+                ) {
+                    return Ok(false);
+                }
+                let mine = holder == Some(self.identity.as_str());
+                let mut new = spec.clone();
+                if !mine {
+                    new.acquire_time = Some(MicroTime(now));
+                    new.lease_transitions =
+                        Some(spec.lease_transitions.unwrap_or(0).saturating_add(1));
+                }
+                new.holder_identity = Some(self.identity.clone());
+                new.lease_duration_seconds = Some(secs);
+                new.renew_time = Some(MicroTime(now));
+                lease.spec = Some(new);
+                // The resourceVersion from the read makes this a compare-and-swap.
+                match self
+                    .api
+                    .replace(&self.name, &PostParams::default(), &lease)
+                    .await
+                {
+                    Ok(_) => Ok(true),
+                    Err(kube::Error::Api(s)) if s.code == 409 => Ok(false),
+                    Err(e) => Err(e),
+                }
+            }
+        }
+    }
+
+    /// Gives the Lease up so another replica takes over at once.
+    async fn release(&self) {
+        if let Ok(Some(mut lease)) = self.api.get_opt(&self.name).await
+            && let Some(spec) = lease.spec.as_mut()
+            && spec.holder_identity.as_deref() == Some(self.identity.as_str())
+        {
+            spec.holder_identity = None;
+            spec.renew_time = None;
+            if let Err(e) = self
+                .api
+                .replace(&self.name, &PostParams::default(), &lease)
+                .await
+            {
+                tracing::warn!(error = %e, "cannot release the leader Lease");
+            }
+        }
+    }
+}
+
+/// Runs the election until `stop`, publishing leadership on `tx`. On gaining leadership the
+/// ledgers are reset (each pool's is rebuilt from recorded bindings on first use) before the
+/// flag flips, so no reconcile binds against an empty ledger.
+pub async fn run(
+    elector: Elector,
+    ctx: Arc<Context>,
+    tx: watch::Sender<bool>,
+    stop: watch::Receiver<bool>,
+) {
+    let renew = (elector.duration / 3).max(Duration::from_millis(500));
+    let mut leading = false;
+    loop {
+        let held = match elector.attempt().await {
+            Ok(h) => h,
+            Err(e) => {
+                tracing::warn!(error = %e, "leader Lease renewal failed");
+                false
+            }
+        };
+        if held && !leading {
+            if !ctx.stores.ready().await {
+                tracing::warn!("watch caches never filled; not leading");
+            } else {
+                *ctx.ledgers.lock().await = Ledgers::fresh();
+                leading = true;
+                ctx.metrics.leader.set(1);
+                tracing::info!(identity = %elector.identity, "became leader");
+                let _ = tx.send(true);
+            }
+        } else if !held && leading {
+            leading = false;
+            let _ = tx.send(false);
+            ctx.metrics.leader.set(0);
+            *ctx.ledgers.lock().await = Ledgers::default();
+            tracing::warn!(identity = %elector.identity, "stepped down");
+        }
+        tokio::select! {
+            () = tokio::time::sleep(renew) => {}
+            () = stopped(stop.clone()) => break,
+        }
+    }
+    if leading {
+        let _ = tx.send(false);
+        ctx.metrics.leader.set(0);
+        elector.release().await;
+        tracing::info!("leader Lease released");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(s: i64) -> Timestamp {
+        Timestamp::from_second(s).unwrap_or(Timestamp::UNIX_EPOCH)
+    }
+
+    #[test]
+    fn takes_free_own_or_expired_leases_only() {
+        assert!(may_take("a", None, None, None, at(0)));
+        assert!(may_take("a", Some("a"), Some(at(0)), Some(15), at(1)));
+        assert!(!may_take("a", Some("b"), Some(at(0)), Some(15), at(10)));
+        assert!(may_take("a", Some("b"), Some(at(0)), Some(15), at(16)));
+    }
+}
