@@ -100,26 +100,12 @@ mod tests {
 
     use super::*;
     use crate::scheduler::capacity::{HostCapacity, Usage};
-    use crate::scheduler::policy::{Ratio, ReferenceDesktop};
+    use crate::scheduler::policy::Ratio;
 
     const GI: u64 = 1 << 30;
 
     fn policy(placement: Placement) -> PoolPolicy {
-        PoolPolicy {
-            reserved_cpus: 0,
-            reserved_memory: 0,
-            cpu_ratio: Ratio::ONE,
-            memory_ratio: Ratio::ONE,
-            reference: ReferenceDesktop {
-                vcpus: 2,
-                memory: 4 * GI,
-            },
-            placement,
-            ports: PortRange {
-                first: 5900,
-                last: 5909,
-            },
-        }
+        PoolPolicy::test(placement)
     }
 
     /// A ready host of pool "lab" with `cpus` threads (no overcommit) and `memory_gi` GiB.

@@ -127,6 +127,30 @@ impl PoolPolicy {
 }
 
 #[cfg(test)]
+impl PoolPolicy {
+    /// Test fixture: no reserve, no overcommit, a 2 vCPU / 4 GiB reference desktop and ten
+    /// SPICE ports (5900-5909).
+    pub(crate) fn test(placement: Placement) -> Self {
+        const GI: u64 = 1 << 30;
+        PoolPolicy {
+            reserved_cpus: 0,
+            reserved_memory: 0,
+            cpu_ratio: Ratio::ONE,
+            memory_ratio: Ratio::ONE,
+            reference: ReferenceDesktop {
+                vcpus: 2,
+                memory: 4 * GI,
+            },
+            placement,
+            ports: PortRange {
+                first: 5900,
+                last: 5909,
+            },
+        }
+    }
+}
+
+#[cfg(test)]
 mod tests {
     use super::*;
 

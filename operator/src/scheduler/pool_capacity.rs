@@ -128,31 +128,17 @@ impl PoolCapacity {
 
 #[cfg(test)]
 mod tests {
-    use deskvirt_crds::resource_pool::{Placement, PortRange};
+    use deskvirt_crds::resource_pool::Placement;
 
     use super::*;
     use crate::scheduler::capacity::HostCapacity;
-    use crate::scheduler::policy::{Ratio, ReferenceDesktop};
+    use crate::scheduler::policy::Ratio;
     use crate::scheduler::request::Request;
 
     const GI: u64 = 1 << 30;
 
     fn policy() -> PoolPolicy {
-        PoolPolicy {
-            reserved_cpus: 0,
-            reserved_memory: 0,
-            cpu_ratio: Ratio::ONE,
-            memory_ratio: Ratio::ONE,
-            reference: ReferenceDesktop {
-                vcpus: 2,
-                memory: 4 * GI,
-            },
-            placement: Placement::Spread,
-            ports: PortRange {
-                first: 5900,
-                last: 5909,
-            },
-        }
+        PoolPolicy::test(Placement::Spread)
     }
 
     fn host(name: &str) -> HostView {
