@@ -33,8 +33,12 @@ pub const MANAGER_OPERATOR: &str = "deskvirt-operator";
 pub const MANAGER_AGENT: &str = "deskvirt-node-agent";
 
 /// Namespace of the heartbeat Leases, one per host, named after the host. It is deskvirt's
-/// system namespace: the leader Lease and the console password mirrors live there too.
+/// system namespace, where the leader Lease lives too.
 pub const LEASE_NAMESPACE_DEFAULT: &str = "deskvirt-system";
+
+/// Namespace of the console password mirrors, apart from the system namespace so that the
+/// agents' Secret read grant reaches no ServiceAccount token.
+pub const CONSOLE_NAMESPACE_DEFAULT: &str = "deskvirt-consoles";
 
 /// Label on a console password mirror naming the UID of its Desktop.
 pub const LABEL_DESKTOP_UID: &str = "deskvirt.io/desktop-uid";
@@ -43,12 +47,13 @@ pub const ANNOTATION_DESKTOP: &str = "deskvirt.io/desktop";
 /// Prefix of a console password mirror's name; the Desktop's UID follows.
 ///
 /// The hand-off of the SPICE password: the operator keeps the canonical password of every
-/// bound desktop in a Secret `console-<desktop uid>` in the system namespace, labelled
-/// [`LABEL_NODE`] with the host it is bound to and [`LABEL_DESKTOP_UID`], key
-/// [`SECRET_KEY_PASSWORD`]. A node-agent reads only Secrets of that one namespace (a Role, not a
-/// ClusterRole) and watches only those labelled with its own host. The user-facing console
-/// Secret in the desktop's namespace is written from it and never read back, so neither
-/// component reads Secrets cluster-wide.
+/// bound desktop in a Secret `console-<desktop uid>` in the console namespace
+/// ([`CONSOLE_NAMESPACE_DEFAULT`]), labelled [`LABEL_NODE`] with the host it is bound to and
+/// [`LABEL_DESKTOP_UID`], key [`SECRET_KEY_PASSWORD`]. A node-agent reads only Secrets of that
+/// one namespace (a Role, not a ClusterRole) and watches only those labelled with its own host.
+/// No ServiceAccount lives there, so no token Secret can be read through that grant. The
+/// user-facing console Secret in the desktop's namespace is written from the mirror and never
+/// read back, so neither component reads Secrets cluster-wide.
 pub const CONSOLE_MIRROR_PREFIX: &str = "console-";
 
 /// Name of the console password mirror of the Desktop with UID `uid`.

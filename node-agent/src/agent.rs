@@ -1,12 +1,15 @@
-//! Wires the agent together: waits for the API server, then runs the heartbeat and the
-//! inventory loops side by side; readiness follows "API server reached and libvirt answers".
-//! Dropping the future stops everything; nothing here touches a domain.
+//! Wires the agent together: waits for the API server, then runs the heartbeat, the
+//! inventory loop and the Desktop controller side by side; readiness follows "API server
+//! reached and libvirt answers". Dropping the future stops everything without touching any
+//! domain; only the Desktop controller changes domains, and only as Desktops ask.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use deskvirt_runtime::health::Health;
 use kube::Client;
 
+use crate::desktops::{self, DesktopConfig, DesktopContext};
 use crate::heartbeat::{self, HeartbeatConfig};
 use crate::hypervisor::{Backoff, Hypervisor};
 use crate::inventory::{self, InventoryConfig};
@@ -20,6 +23,8 @@ pub struct AgentConfig {
     pub heartbeat: HeartbeatConfig,
     /// Inventory settings.
     pub inventory: InventoryConfig,
+    /// Desktop controller settings.
+    pub desktops: DesktopConfig,
 }
 
 /// `error: cause: cause` in one line, for logs; an API error ends the chain as
@@ -69,7 +74,7 @@ pub async fn wait_for_apiserver(client: &Client) {
 }
 
 /// Runs the agent until the future is dropped.
-pub async fn run<H: Hypervisor>(
+pub async fn run<H: Hypervisor + Clone + 'static>(
     client: Client,
     hypervisor: H,
     config: AgentConfig,
@@ -78,6 +83,7 @@ pub async fn run<H: Hypervisor>(
 ) {
     wait_for_apiserver(&client).await;
     let registrar = Registrar::new(client.clone(), &config.heartbeat.node_name);
+    let orphan_sweep = config.inventory.refresh_interval;
     let ready = health.clone();
     let inventory = inventory::run(
         &hypervisor,
@@ -86,8 +92,19 @@ pub async fn run<H: Hypervisor>(
         &metrics,
         move |connected| ready.set_ready(connected),
     );
-    let heartbeat = heartbeat::run(client, config.heartbeat, metrics.clone());
-    tokio::join!(inventory, heartbeat);
+    let heartbeat = heartbeat::run(client.clone(), config.heartbeat, metrics.clone());
+    let desktops = async {
+        let ctx = Arc::new(
+            DesktopContext::start(client, hypervisor.clone(), config.desktops, metrics.clone())
+                .await,
+        );
+        tracing::info!("desktop controller started");
+        tokio::join!(
+            desktops::run(Arc::clone(&ctx)),
+            desktops::orphans::run(ctx, orphan_sweep)
+        );
+    };
+    tokio::join!(inventory, heartbeat, desktops);
 }
 
 #[cfg(test)]

@@ -6,7 +6,7 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket};
 use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
-use deskvirt_crds::constants::LEASE_NAMESPACE_DEFAULT;
+use deskvirt_crds::constants::{CONSOLE_NAMESPACE_DEFAULT, LEASE_NAMESPACE_DEFAULT};
 use deskvirt_crds::domain_node::Hypervisor as DomainType;
 use deskvirt_runtime::logging::LogFormat;
 
@@ -40,6 +40,20 @@ pub struct Config {
     /// Namespace of the heartbeat Leases (must exist).
     #[arg(long, env = "DESKVIRT_LEASE_NAMESPACE", default_value = LEASE_NAMESPACE_DEFAULT)]
     pub lease_namespace: String,
+
+    /// Namespace of the console password mirrors the operator writes (must exist); the only
+    /// Secrets the agent reads, and only those labelled with its host.
+    #[arg(long, env = "DESKVIRT_CONSOLE_NAMESPACE", default_value = CONSOLE_NAMESPACE_DEFAULT)]
+    pub console_namespace: String,
+
+    /// The qemu-img program that makes desktop disks.
+    #[arg(long, env = "DESKVIRT_QEMU_IMG", default_value = "qemu-img")]
+    pub qemu_img: String,
+
+    /// How long a guest gets to shut down after `spec.power: Off` (ACPI) before it is powered
+    /// off hard.
+    #[arg(long, env = "DESKVIRT_SHUTDOWN_GRACE", default_value = "60s", value_parser = parse_interval)]
+    pub shutdown_grace: Duration,
 
     /// How often host facts are re-read and reported even when libvirt's state did not change.
     #[arg(long, env = "DESKVIRT_REFRESH_INTERVAL", default_value = "60s", value_parser = parse_interval)]

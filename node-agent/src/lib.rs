@@ -4,6 +4,8 @@
 
 pub mod agent;
 pub mod config;
+pub mod desktops;
+pub mod disks;
 pub mod domain;
 pub mod heartbeat;
 pub mod hypervisor;

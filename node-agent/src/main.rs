@@ -9,6 +9,7 @@ use anyhow::Context;
 use clap::Parser;
 use deskvirt_node_agent::agent::{self, AgentConfig};
 use deskvirt_node_agent::config::Config;
+use deskvirt_node_agent::desktops::DesktopConfig;
 use deskvirt_node_agent::domain::inputs::domain_type_str;
 use deskvirt_node_agent::heartbeat::HeartbeatConfig;
 use deskvirt_node_agent::hypervisor::LibvirtHypervisor;
@@ -78,9 +79,17 @@ async fn run(config: Config) -> anyhow::Result<()> {
         inventory: InventoryConfig {
             libvirt_uri: config.libvirt_uri.clone(),
             domain_type,
-            address,
+            address: address.clone(),
             refresh_interval: config.refresh_interval,
             poll_interval: POLL_INTERVAL.min(config.heartbeat_interval),
+        },
+        desktops: DesktopConfig {
+            node_name: config.node_name.clone(),
+            node_address: address.clone(),
+            domain_type,
+            console_namespace: config.console_namespace.clone(),
+            qemu_img: config.qemu_img.clone(),
+            shutdown_grace: config.shutdown_grace,
         },
     };
 

@@ -50,7 +50,16 @@ pub struct Metrics {
     pub libvirt_connected: Gauge,
     /// Domains on the host by state.
     pub domains: Family<StateLabel, Gauge>,
+    /// Desktop reconciles by result (`ok`, or the error's reason).
+    pub reconciles: Family<ResultLabel, Counter>,
+    /// Domain starts that libvirt refused.
+    pub start_failures: Counter,
+    /// Domains carrying deskvirt metadata whose Desktop is not bound to this host.
+    pub orphan_domains: Gauge,
 }
+
+/// The `result` label of a reconcile.
+pub type ResultLabel = [(&'static str, &'static str); 1];
 
 impl Metrics {
     /// The metrics and a registry (prefix `deskvirt_agent`) holding them.
@@ -76,6 +85,21 @@ impl Metrics {
             "domains",
             "libvirt domains on this host by state",
             metrics.domains.clone(),
+        );
+        registry.register(
+            "desktop_reconciles",
+            "Desktop reconciles by result",
+            metrics.reconciles.clone(),
+        );
+        registry.register(
+            "domain_start_failures",
+            "Domain starts that libvirt refused",
+            metrics.start_failures.clone(),
+        );
+        registry.register(
+            "orphan_domains",
+            "Domains with deskvirt metadata and no Desktop bound to this host (left untouched)",
+            metrics.orphan_domains.clone(),
         );
         for state in STATES {
             metrics.domains.get_or_create(&[("state", state)]).set(0);

@@ -3,11 +3,13 @@
 //! the Node of the same name, heartbeats a Lease, serves its endpoints and stops on SIGTERM
 //! without touching domains. Every test uses its own node name and removes what it created.
 
-use std::net::TcpListener;
-use std::panic::AssertUnwindSafe;
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::time::{Duration, Instant};
+mod common;
 
+use std::panic::AssertUnwindSafe;
+use std::process::Command;
+use std::time::Duration;
+
+use common::{AGENT, AgentProcess, TEST_URI as URI, eventually, finish};
 use deskvirt_crds::DomainNode;
 use deskvirt_crds::conditions;
 use deskvirt_crds::constants::condition::LIBVIRT_CONNECTED;
@@ -15,116 +17,14 @@ use deskvirt_crds::constants::{LEASE_NAMESPACE_DEFAULT, MANAGER_AGENT};
 use deskvirt_crds::domain_node::Hypervisor as DomainType;
 use deskvirt_crds::quantity::format_bytes;
 use deskvirt_node_agent::hypervisor::{Hypervisor, LibvirtHypervisor};
-use deskvirt_tests::cluster::{client, ensure_crds, kubeconfig_path, unique_suffix};
+use deskvirt_tests::cluster::{client, ensure_crds, unique_suffix};
 use futures::FutureExt;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{Namespace, Node};
 use kube::api::{DeleteParams, PostParams};
 use kube::{Api, Client};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 type TestResult = anyhow::Result<()>;
-
-const AGENT: &str = env!("CARGO_BIN_EXE_deskvirt-node-agent");
-const URI: &str = "test:///default";
-
-/// The agent process; killed when dropped if it still runs.
-struct AgentProcess {
-    child: Child,
-    metrics_port: u16,
-}
-
-impl AgentProcess {
-    fn start(node: &str, extra: &[&str]) -> anyhow::Result<Self> {
-        Self::start_with(node, URI, LEASE_NAMESPACE_DEFAULT, extra)
-    }
-
-    fn start_with(node: &str, uri: &str, lease_ns: &str, extra: &[&str]) -> anyhow::Result<Self> {
-        let metrics_port = free_port()?;
-        let child = Command::new(AGENT)
-            .env("KUBECONFIG", kubeconfig_path()?)
-            .env("RUST_LOG", "warn")
-            .args([
-                "--node-name",
-                node,
-                "--libvirt-uri",
-                uri,
-                "--lease-namespace",
-                lease_ns,
-                "--hypervisor",
-                "qemu",
-                "--heartbeat-interval",
-                "1s",
-                "--node-address",
-                "10.11.12.13",
-                "--metrics-addr",
-                &format!("127.0.0.1:{metrics_port}"),
-            ])
-            .args(extra)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()?;
-        Ok(Self {
-            child,
-            metrics_port,
-        })
-    }
-
-    /// Sends SIGTERM and waits up to `limit` for the exit.
-    fn terminate(&mut self, limit: Duration) -> anyhow::Result<Option<ExitStatus>> {
-        let status = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status()?;
-        anyhow::ensure!(status.success(), "kill -TERM failed");
-        let deadline = Instant::now() + limit;
-        while Instant::now() < deadline {
-            if let Some(status) = self.child.try_wait()? {
-                return Ok(Some(status));
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        Ok(None)
-    }
-
-    async fn http_get(&self, path: &str) -> anyhow::Result<String> {
-        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", self.metrics_port)).await?;
-        s.write_all(format!("GET {path} HTTP/1.1\r\nhost: agent\r\n\r\n").as_bytes())
-            .await?;
-        let mut out = String::new();
-        s.read_to_string(&mut out).await?;
-        Ok(out)
-    }
-}
-
-impl Drop for AgentProcess {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
-}
-
-fn free_port() -> anyhow::Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
-}
-
-/// Polls `f` until it returns `Some`, for at most `limit`.
-async fn eventually<T, F, Fut>(limit: Duration, what: &str, mut f: F) -> anyhow::Result<T>
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = anyhow::Result<Option<T>>>,
-{
-    let deadline = Instant::now() + limit;
-    loop {
-        if let Some(v) = f().await? {
-            return Ok(v);
-        }
-        anyhow::ensure!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
 
 async fn setup() -> anyhow::Result<Client> {
     let client = client().await?;
@@ -151,14 +51,6 @@ async fn cleanup(client: &Client, node: &str) {
     let _ = Api::<Lease>::namespaced(client.clone(), LEASE_NAMESPACE_DEFAULT)
         .delete(node, &DeleteParams::default())
         .await;
-}
-
-/// The test's outcome after cleanup ran: a panic inside the test body is resumed here.
-fn finish(result: std::thread::Result<TestResult>) -> TestResult {
-    match result {
-        Ok(r) => r,
-        Err(panic) => std::panic::resume_unwind(panic),
-    }
 }
 
 async fn reported(api: &Api<DomainNode>, node: &str) -> anyhow::Result<DomainNode> {

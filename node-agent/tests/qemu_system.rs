@@ -15,13 +15,13 @@ mod common;
 
 use std::collections::BTreeSet;
 use std::io::{BufRead, BufReader};
-use std::net::{Ipv4Addr, SocketAddr, TcpListener};
+use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::mpsc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
-use common::desktop;
+use common::{desktop, free_port, prepare_host, run, unique};
 use deskvirt_node_agent::domain::{
     Binding, DomainInputs, DomainType, HostContext, NetworkAttachment, Secret, domain_xml,
 };
@@ -39,30 +39,6 @@ const BOOT_TIMEOUT: Duration = Duration::from_secs(90);
 /// One guest at a time on this 2-core machine.
 static ONE_GUEST: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
-fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .map(Path::to_path_buf)
-        .unwrap_or_else(|| PathBuf::from(".."))
-}
-
-/// Runs a command; panics with its output when it cannot run or fails. Returns stdout.
-fn run(what: &str, cmd: &mut Command) -> String {
-    let out = match cmd.output() {
-        Ok(out) => out,
-        Err(e) => panic!("{what}: cannot run {cmd:?}: {e}"),
-    };
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    if !out.status.success() {
-        panic!(
-            "{what} failed ({}):\n--- stdout\n{stdout}\n--- stderr\n{}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    stdout
-}
-
 /// Everything one test run needs from the machine.
 struct Env {
     hv: LibvirtHypervisor,
@@ -71,25 +47,7 @@ struct Env {
 }
 
 async fn setup() -> Env {
-    let root = repo_root();
-    run(
-        "scripts/libvirt.sh start",
-        Command::new(root.join("scripts/libvirt.sh")).arg("start"),
-    );
-    let out = run(
-        "scripts/build-guest.sh",
-        &mut Command::new(root.join("scripts/build-guest.sh")),
-    );
-    let guest_dir = match out.lines().rev().find(|l| !l.trim().is_empty()) {
-        Some(dir) => dir.trim().to_string(),
-        None => panic!("scripts/build-guest.sh printed no directory"),
-    };
-    for f in ["vmlinuz", "initrd.img", "base.qcow2"] {
-        assert!(
-            Path::new(&guest_dir).join(f).is_file(),
-            "{guest_dir}/{f} is missing"
-        );
-    }
+    let guest_dir = prepare_host();
     ensure_bridge();
     let disk_dir = std::env::temp_dir().join(format!("deskvirt-qemu-{}", std::process::id()));
     if let Err(e) = std::fs::create_dir_all(&disk_dir) {
@@ -122,27 +80,6 @@ fn ensure_bridge() {
         "ip link set up",
         Command::new("ip").args(["link", "set", BRIDGE, "up"]),
     );
-}
-
-/// A port nobody listens on right now.
-fn free_port() -> u16 {
-    match TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).and_then(|l| l.local_addr()) {
-        Ok(addr) => addr.port(),
-        Err(e) => panic!("cannot find a free port: {e}"),
-    }
-}
-
-/// A value unique to this process and call, for names, UIDs, MACs and passwords.
-fn unique() -> u64 {
-    use std::sync::atomic::{AtomicU64, Ordering};
-    static NEXT: AtomicU64 = AtomicU64::new(0);
-    let nanos = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.subsec_nanos())
-        .unwrap_or_default();
-    (u64::from(std::process::id()) << 24)
-        ^ u64::from(nanos >> 8)
-        ^ (NEXT.fetch_add(1, Ordering::Relaxed) << 40)
 }
 
 /// Inputs of a test desktop, made by our converter's own input path.

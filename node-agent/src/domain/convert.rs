@@ -72,7 +72,7 @@ pub fn domain(inputs: &DomainInputs) -> Result<Domain, XmlError> {
             disk: disk(&inputs.disk_path),
             controller: vec![controller()],
             interface: interface(&inputs.network, &inputs.mac),
-            serial: serial(),
+            serial: serial(&inputs.domain_name()),
             console: console(),
             channel: vec![vdagent_channel()],
             input: vec![tablet()],
@@ -83,6 +83,12 @@ pub fn domain(inputs: &DomainInputs) -> Result<Domain, XmlError> {
             memballoon: memballoon(),
         },
     })
+}
+
+/// Only the `<graphics>` device of `inputs`, for changing the password of a running domain.
+pub fn graphics_xml(inputs: &DomainInputs) -> Result<String, XmlError> {
+    check_inputs(inputs)?;
+    Ok(xml::to_string(&graphics(&inputs.spice))?)
 }
 
 /// The domain XML for `inputs`, ready for `virDomainDefineXML`.

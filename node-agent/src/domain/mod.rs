@@ -24,7 +24,8 @@ pub mod usb;
 pub mod xml;
 
 pub use boot::KernelBoot;
-pub use convert::domain_xml;
+pub use convert::{domain_xml, graphics_xml};
+pub use devices::serial_log_path;
 pub use disks::parse_disk_paths;
 pub use error::{BuildError, XmlError};
 pub use graphics::{SpiceConfig, listen_address};

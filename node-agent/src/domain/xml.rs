@@ -333,6 +333,19 @@ pub struct Serial {
     pub kind: &'static str,
     /// Port.
     pub target: SerialTarget,
+    /// A file that keeps everything the guest writes, also while nobody is attached.
+    pub log: SerialLog,
+}
+
+/// `<log file='...' append='on'/>` of a serial port.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct SerialLog {
+    /// Absolute path of the log file.
+    #[serde(rename = "@file")]
+    pub file: String,
+    /// `on`: a restart appends rather than truncates.
+    #[serde(rename = "@append")]
+    pub append: &'static str,
 }
 
 /// `<target port='0'/>` of a serial port.
@@ -398,6 +411,7 @@ pub struct Input {
 
 /// `<graphics type='spice'>`. The password is a [`Secret`], redacted from Debug output.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename = "graphics")]
 pub struct Graphics {
     /// `spice`.
     #[serde(rename = "@type")]

@@ -197,4 +197,21 @@ impl Hypervisor for LibvirtHypervisor {
     async fn domain_disk_paths(&self) -> Result<BTreeSet<String>> {
         self.run("list disk paths", domains::disk_paths).await
     }
+
+    async fn update_live_device(&self, name: &str, device_xml: &str) -> Result<Change> {
+        let name = name.to_string();
+        let xml = device_xml.to_string();
+        self.run("update live device", move |c| {
+            domains::update_live_device(c, &name, &xml)
+        })
+        .await
+    }
+
+    async fn dhcp_hosts(&self, network: &str) -> Result<Vec<DhcpHost>> {
+        let network = network.to_string();
+        self.run("read dhcp hosts", move |c| {
+            networks::dhcp_hosts(c, &network)
+        })
+        .await
+    }
 }

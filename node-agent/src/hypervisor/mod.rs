@@ -204,4 +204,16 @@ pub trait Hypervisor: Send + Sync {
     /// Every file used as a disk (or backing file) by any domain, defined or running, so
     /// that disk cleanup never deletes one in use.
     fn domain_disk_paths(&self) -> impl Future<Output = Result<BTreeSet<String>>> + Send;
+
+    /// Changes a device of the running domain in place (`device_xml` names the device, e.g. its
+    /// `<graphics>` with a new password); `AlreadyDone` when the domain is not running. The
+    /// definition is not touched: define the domain again for that.
+    fn update_live_device(
+        &self,
+        name: &str,
+        device_xml: &str,
+    ) -> impl Future<Output = Result<Change>> + Send;
+
+    /// The static DHCP leases in the network's definition.
+    fn dhcp_hosts(&self, network: &str) -> impl Future<Output = Result<Vec<DhcpHost>>> + Send;
 }

@@ -2,7 +2,17 @@
 //! context, a binding, and golden-file comparison.
 #![allow(dead_code)]
 
-use std::path::PathBuf;
+use std::future::Future;
+use std::net::{Ipv4Addr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use deskvirt_crds::constants::LEASE_NAMESPACE_DEFAULT;
+use deskvirt_tests::cluster::kubeconfig_path;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use deskvirt_crds::{Desktop, DesktopSpec};
 use deskvirt_node_agent::domain::{Binding, DomainType, HostContext, NetworkAttachment, Secret};
@@ -86,4 +96,192 @@ pub fn assert_golden(file: &str, actual: &str) {
         "{} differs from the generated XML (run with UPDATE_GOLDEN=1 to accept):\n--- expected\n{expected}\n--- actual\n{actual}",
         path.display()
     );
+}
+
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from(".."))
+}
+
+/// Runs a command; panics with its output when it cannot run or fails. Returns stdout.
+pub fn run(what: &str, cmd: &mut Command) -> String {
+    let out = match cmd.output() {
+        Ok(out) => out,
+        Err(e) => panic!("{what}: cannot run {cmd:?}: {e}"),
+    };
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    if !out.status.success() {
+        panic!(
+            "{what} failed ({}):\n--- stdout\n{stdout}\n--- stderr\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    stdout
+}
+
+/// A port nobody listens on right now.
+pub fn free_port() -> u16 {
+    match TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).and_then(|l| l.local_addr()) {
+        Ok(addr) => addr.port(),
+        Err(e) => panic!("cannot find a free port: {e}"),
+    }
+}
+
+/// A value unique to this process and call, for names, UIDs, MACs and passwords.
+pub fn unique() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or_default();
+    (u64::from(std::process::id()) << 24)
+        ^ u64::from(nanos >> 8)
+        ^ (NEXT.fetch_add(1, Ordering::Relaxed) << 40)
+}
+
+/// Starts libvirt and builds (or finds) the tiny guest; returns the guest directory holding
+/// `vmlinuz`, `initrd.img` and `base.qcow2`.
+pub fn prepare_host() -> String {
+    let root = repo_root();
+    run(
+        "scripts/libvirt.sh start",
+        Command::new(root.join("scripts/libvirt.sh")).arg("start"),
+    );
+    let out = run(
+        "scripts/build-guest.sh",
+        &mut Command::new(root.join("scripts/build-guest.sh")),
+    );
+    let guest_dir = match out.lines().rev().find(|l| !l.trim().is_empty()) {
+        Some(dir) => dir.trim().to_string(),
+        None => panic!("scripts/build-guest.sh printed no directory"),
+    };
+    for f in ["vmlinuz", "initrd.img", "base.qcow2"] {
+        assert!(
+            Path::new(&guest_dir).join(f).is_file(),
+            "{guest_dir}/{f} is missing"
+        );
+    }
+    guest_dir
+}
+
+/// The agent binary under test.
+pub const AGENT: &str = env!("CARGO_BIN_EXE_deskvirt-node-agent");
+/// The in-process libvirt driver.
+pub const TEST_URI: &str = "test:///default";
+
+/// The agent process; killed when dropped if it still runs.
+pub struct AgentProcess {
+    pub child: Child,
+    pub metrics_port: u16,
+}
+
+impl AgentProcess {
+    pub fn start(node: &str, extra: &[&str]) -> anyhow::Result<Self> {
+        Self::start_with(node, TEST_URI, LEASE_NAMESPACE_DEFAULT, extra)
+    }
+
+    pub fn start_with(
+        node: &str,
+        uri: &str,
+        lease_ns: &str,
+        extra: &[&str],
+    ) -> anyhow::Result<Self> {
+        let metrics_port = free_port();
+        let child = Command::new(AGENT)
+            .env("KUBECONFIG", kubeconfig_path()?)
+            .env(
+                "RUST_LOG",
+                std::env::var("DESKVIRT_TEST_AGENT_LOG").unwrap_or_else(|_| "warn".into()),
+            )
+            .args([
+                "--node-name",
+                node,
+                "--libvirt-uri",
+                uri,
+                "--lease-namespace",
+                lease_ns,
+                "--hypervisor",
+                "qemu",
+                "--heartbeat-interval",
+                "1s",
+                "--metrics-addr",
+                &format!("127.0.0.1:{metrics_port}"),
+            ])
+            .args(extra)
+            .args(if extra.contains(&"--node-address") {
+                &[][..]
+            } else {
+                &["--node-address", "10.11.12.13"][..]
+            })
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()?;
+        Ok(Self {
+            child,
+            metrics_port,
+        })
+    }
+
+    /// Sends SIGTERM and waits up to `limit` for the exit.
+    pub fn terminate(&mut self, limit: Duration) -> anyhow::Result<Option<ExitStatus>> {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()?;
+        anyhow::ensure!(status.success(), "kill -TERM failed");
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            if let Some(status) = self.child.try_wait()? {
+                return Ok(Some(status));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(None)
+    }
+
+    pub async fn http_get(&self, path: &str) -> anyhow::Result<String> {
+        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", self.metrics_port)).await?;
+        s.write_all(format!("GET {path} HTTP/1.1\r\nhost: agent\r\n\r\n").as_bytes())
+            .await?;
+        let mut out = String::new();
+        s.read_to_string(&mut out).await?;
+        Ok(out)
+    }
+}
+
+impl Drop for AgentProcess {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// Polls `f` until it returns `Some`, for at most `limit`.
+pub async fn eventually<T, F, Fut>(limit: Duration, what: &str, mut f: F) -> anyhow::Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = anyhow::Result<Option<T>>>,
+{
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(v) = f().await? {
+            return Ok(v);
+        }
+        anyhow::ensure!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// The test's outcome after cleanup ran: a panic inside the test body is resumed here.
+pub fn finish(result: std::thread::Result<anyhow::Result<()>>) -> anyhow::Result<()> {
+    match result {
+        Ok(r) => r,
+        Err(panic) => std::panic::resume_unwind(panic),
+    }
 }

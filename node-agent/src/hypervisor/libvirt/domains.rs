@@ -161,6 +161,22 @@ pub(super) fn destroy(conn: &Connect, name: &str) -> Result<Change> {
     }
 }
 
+/// Changes a device of the running domain; not running (or gone) counts as done.
+pub(super) fn update_live_device(conn: &Connect, name: &str, xml: &str) -> Result<Change> {
+    let op = "update live device";
+    let Some(dom) = found(lookup(conn, op, name))? else {
+        return Ok(Change::AlreadyDone);
+    };
+    if !is_active(&dom, op, name)? {
+        return Ok(Change::AlreadyDone);
+    }
+    match dom.update_device_flags(xml, sys::VIR_DOMAIN_AFFECT_LIVE) {
+        Ok(()) => Ok(Change::Done),
+        Err(e) if already_off(&e) => Ok(Change::AlreadyDone),
+        Err(e) => Err(map(op, ObjectKind::Domain, name, &e)),
+    }
+}
+
 fn has_nvram(dom: &Domain, op: &'static str, name: &str) -> Result<bool> {
     let xml = dom
         .xml_desc(sys::VIR_DOMAIN_XML_INACTIVE)

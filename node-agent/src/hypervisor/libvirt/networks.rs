@@ -113,6 +113,18 @@ pub(super) fn sync_dhcp_hosts(
     Ok(Change::Done)
 }
 
+/// The static leases of the network's definition.
+pub(super) fn dhcp_hosts(conn: &Connect, network: &str) -> Result<Vec<DhcpHost>> {
+    let op = "read dhcp hosts";
+    let net = lookup(conn, op, network)?;
+    let xml = config(&net).map_err(|e| map(op, ObjectKind::Network, network, &e))?;
+    parse_dhcp_hosts(&xml).map_err(|e| HypervisorError::Failed {
+        op,
+        target: network.to_string(),
+        message: e.to_string(),
+    })
+}
+
 /// Stops and undefines; done already when gone.
 pub(super) fn remove(conn: &Connect, name: &str) -> Result<Change> {
     let op = "remove network";

@@ -1,0 +1,406 @@
+//! Decides what a live Desktop bound here needs on the host, in order: the agent's finalizer
+//! first, then its inputs (pool, console password, binding, address), the disk, the domain
+//! definition, the password of the running domain, and power; then reports the outcome as the
+//! agent's status. An input that is not there yet becomes a condition, never a crash loop.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use deskvirt_crds::Desktop;
+use deskvirt_crds::conditions::{self, Status};
+use deskvirt_crds::constants::condition::{DOMAIN_DEFINED, RUNNING};
+use deskvirt_crds::constants::{SECRET_KEY_PASSWORD, console_mirror_name};
+use deskvirt_crds::desktop::{DesktopStatus, Power};
+use deskvirt_crds::quantity::parse_bytes;
+use kube::runtime::controller::Action;
+use kube::runtime::events::EventType;
+use kube::runtime::reflector::ObjectRef;
+use kube::{Api, ResourceExt};
+use tokio::time::Instant;
+
+use super::context::DesktopContext;
+use super::ip::{self, Pending};
+use super::patch::{add_finalizer, apply_status, has_finalizer};
+use super::status::{Cond, Report, body};
+use super::{BUSY_RESYNC, Error, STEADY_RESYNC};
+use crate::disks::{self, DiskPlan, Prepared};
+use crate::domain::names::fnv1a64;
+use crate::domain::{Binding, DomainInputs, HostContext, Secret, graphics_xml};
+use crate::hypervisor::{DomainState, Hypervisor};
+
+/// How long to wait before looking again at a desktop that needs an admin (missing image).
+const ADMIN_RESYNC: Duration = Duration::from_secs(60);
+
+/// The outcome of converging one desktop: what to report and when to look again.
+struct Outcome {
+    report: Report,
+    requeue: Duration,
+}
+
+impl Outcome {
+    fn waiting(mut report: Report, cond: Cond, requeue: Duration) -> Self {
+        report.defined = Some(cond);
+        Self { report, requeue }
+    }
+}
+
+/// Converges one live Desktop bound to this host and reports.
+pub async fn apply<H: Hypervisor>(d: &Desktop, ctx: &DesktopContext<H>) -> Result<Action, Error> {
+    let ns = d
+        .namespace()
+        .ok_or(Error::MissingField("metadata.namespace"))?;
+    let uid = d.uid().ok_or(Error::MissingField("metadata.uid"))?;
+    let status = d.status.clone().unwrap_or_default();
+    if status.node.as_deref() != Some(ctx.config.node_name.as_str()) {
+        // Labelled for this host but the binding is not written yet (or moved): wait for it.
+        return Ok(Action::await_change());
+    }
+    let api: Api<Desktop> = Api::namespaced(ctx.client.clone(), &ns);
+    if !has_finalizer(d) {
+        add_finalizer(&api, d).await?;
+    }
+    let outcome = converge(d, ctx, &status, &uid).await?;
+    if let Some(b) = body(&status, &outcome.report, d.metadata.generation, now()) {
+        apply_status(&api, &d.name_any(), b).await?;
+        announce(d, ctx, &status, &outcome.report).await;
+    }
+    ctx.succeeded(&uid);
+    Ok(Action::requeue(outcome.requeue))
+}
+
+fn now() -> k8s_openapi::jiff::Timestamp {
+    k8s_openapi::jiff::Timestamp::now()
+}
+
+/// One Event per change of the agent's condition reasons, so transitions are visible in
+/// `kubectl describe` without repeating every resync.
+async fn announce<H>(d: &Desktop, ctx: &DesktopContext<H>, before: &DesktopStatus, r: &Report) {
+    for (type_, cond) in [(DOMAIN_DEFINED, &r.defined), (RUNNING, &r.running)] {
+        let Some(c) = cond else { continue };
+        let old = conditions::find(&before.conditions, type_).map(|o| o.reason.as_str());
+        if old == Some(c.reason) {
+            continue;
+        }
+        let warning = c.status == Status::False
+            && ["Fail", "Missing", "Invalid", "Exhausted", "Insufficient"]
+                .iter()
+                .any(|w| c.reason.contains(w));
+        let t = if warning {
+            EventType::Warning
+        } else {
+            EventType::Normal
+        };
+        ctx.event(d, t, c.reason, type_, c.message.clone()).await;
+    }
+}
+
+/// The console password from this desktop's mirror, with the mirror's version.
+fn console_password<H>(ctx: &DesktopContext<H>, uid: &str) -> Option<(Secret, String)> {
+    let mirror = ctx
+        .mirrors
+        .get(&ObjectRef::new(&console_mirror_name(uid)).within(&ctx.config.console_namespace))?;
+    let bytes = mirror.data.as_ref()?.get(SECRET_KEY_PASSWORD)?;
+    let password = String::from_utf8(bytes.0.clone()).ok()?;
+    if password.is_empty() {
+        return None;
+    }
+    Some((
+        Secret::new(password),
+        mirror.resource_version().unwrap_or_default(),
+    ))
+}
+
+/// Host CPUs for a desktop with dedicated CPUs: desktops bound here that ask for them share
+/// out the host's logical CPUs from CPU 1 up (CPU 0 stays with the host), oldest first.
+fn pinned_cpus<H>(ctx: &DesktopContext<H>, d: &Desktop) -> Result<Vec<u32>, Cond> {
+    if !d.spec.performance.dedicated_cpus {
+        return Ok(Vec::new());
+    }
+    let total = ctx
+        .domain_node()
+        .and_then(|n| {
+            n.status
+                .as_ref()
+                .and_then(|s| s.cpu.as_ref().map(|c| c.threads))
+        })
+        .unwrap_or(0);
+    let mut dedicated: Vec<_> = ctx
+        .desktops()
+        .map(|s| s.state())
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|o| o.spec.performance.dedicated_cpus && o.metadata.deletion_timestamp.is_none())
+        .map(|o| (o.metadata.creation_timestamp.clone(), o.uid(), o.spec.cpu))
+        .collect();
+    if !dedicated.iter().any(|(_, u, _)| *u == d.uid()) {
+        dedicated.push((d.metadata.creation_timestamp.clone(), d.uid(), d.spec.cpu));
+    }
+    dedicated
+        .sort_by(|a, b| (a.0.as_ref().map(|t| t.0), &a.1).cmp(&(b.0.as_ref().map(|t| t.0), &b.1)));
+    let mut next = 1u32;
+    for (_, u, cpus) in dedicated {
+        let end = next.saturating_add(cpus);
+        if u == d.uid() {
+            if end > total {
+                return Err(Cond::new(
+                    Status::False,
+                    "InsufficientDedicatedCpus",
+                    format!(
+                        "{cpus} dedicated CPUs do not fit: this host has {total} logical CPUs, CPU 0 stays with the host and {} are dedicated to older desktops",
+                        next.saturating_sub(1)
+                    ),
+                ));
+            }
+            return Ok((next..end).collect());
+        }
+        next = end;
+    }
+    Ok(Vec::new())
+}
+
+async fn converge<H: Hypervisor>(
+    d: &Desktop,
+    ctx: &DesktopContext<H>,
+    status: &DesktopStatus,
+    uid: &str,
+) -> Result<Outcome, Error> {
+    let cfg = &ctx.config;
+    let mut report = Report {
+        spice_port: status.spice.as_ref().and_then(|s| s.port),
+        ..Report::default()
+    };
+
+    // Inputs: pool, host context, password, binding.
+    let Some(pool) = ctx.pool(&d.spec.pool) else {
+        let c = Cond::new(
+            Status::Unknown,
+            "WaitingForPool",
+            format!("ResourcePool {} is not known to this host yet", d.spec.pool),
+        );
+        return Ok(Outcome::waiting(report, c, BUSY_RESYNC));
+    };
+    let host =
+        match HostContext::for_pool(&cfg.node_name, &cfg.node_address, cfg.domain_type, &pool) {
+            Ok(h) => h,
+            Err(e) => {
+                let c = Cond::new(Status::False, "InvalidPool", e.to_string());
+                return Ok(Outcome::waiting(report, c, ADMIN_RESYNC));
+            }
+        };
+    report.spice_host = Some(if host.spice_listen == "0.0.0.0" {
+        cfg.node_address.clone()
+    } else {
+        host.spice_listen.clone()
+    });
+    let Some((password, password_version)) = console_password(ctx, uid) else {
+        let c = Cond::new(
+            Status::Unknown,
+            "WaitingForConsolePassword",
+            "the operator has not published this desktop's console password yet",
+        );
+        return Ok(Outcome::waiting(report, c, BUSY_RESYNC));
+    };
+    let mut binding = match Binding::from_status(Some(status), password) {
+        Ok(b) => b,
+        Err(e) => {
+            let c = Cond::new(Status::Unknown, "WaitingForBinding", e.to_string());
+            return Ok(Outcome::waiting(report, c, BUSY_RESYNC));
+        }
+    };
+    binding.pinned_cpus = match pinned_cpus(ctx, d) {
+        Ok(p) => p,
+        Err(c) => return Ok(Outcome::waiting(report, c, ADMIN_RESYNC)),
+    };
+    let inputs = match DomainInputs::from_desktop(d, &binding, &host) {
+        Ok(i) => i,
+        Err(e) => {
+            let (s, wait) = if e.is_transient() {
+                (Status::Unknown, BUSY_RESYNC)
+            } else {
+                (Status::False, ADMIN_RESYNC)
+            };
+            let c = Cond::new(s, "InvalidSpec", e.to_string());
+            return Ok(Outcome::waiting(report, c, wait));
+        }
+    };
+
+    // Address.
+    match ip::pin(ctx, &pool, &inputs.mac, status.ip.as_deref()).await {
+        Ok(ip) => report.ip = ip.map(|a| a.to_string()),
+        Err(Pending::Wait(c)) => return Ok(Outcome::waiting(report, c, BUSY_RESYNC)),
+        Err(Pending::Failed(e)) => return Err(e.into()),
+    }
+
+    // What the domain is now.
+    let hv = &ctx.hypervisor;
+    let domain = inputs.domain_name();
+    let current = match hv.domain_status(&domain).await {
+        Ok(s) => Some(s),
+        Err(e) if e.is_not_found() => None,
+        Err(e) => return Err(e.into()),
+    };
+    let active = current.is_some_and(|s| s.state.is_active());
+    let want_on = d.spec.power == Power::On;
+    let stays_off = want_on && !active && current.is_some() && guest_shut_down(d, status);
+    let will_start = want_on && !active && !stays_off;
+
+    // Disk: made once; a non-persistent desktop gets a fresh clone each time it starts.
+    let fresh = will_start
+        && !d.spec.disk.persistent
+        && current.is_some_and(|s| s.state == DomainState::ShutOff && !s.has_managed_save);
+    let size = match d.spec.disk.size.as_deref().map(parse_bytes).transpose() {
+        Ok(s) => s,
+        Err(e) => {
+            let c = Cond::new(Status::False, "InvalidSpec", format!("spec.disk.size: {e}"));
+            return Ok(Outcome::waiting(report, c, ADMIN_RESYNC));
+        }
+    };
+    let plan = DiskPlan {
+        base: PathBuf::from(&host.image_dir).join(&d.spec.disk.image),
+        target: PathBuf::from(&inputs.disk_path),
+        clone: d.spec.disk.clone,
+        size,
+    };
+    if !active {
+        match disks::prepare(&cfg.qemu_img, &plan, fresh).await {
+            Ok(Prepared::Created) => {
+                tracing::info!(disk = %inputs.disk_path, clone = ?plan.clone, fresh, "disk created");
+            }
+            Ok(Prepared::Existing) => {}
+            Err(e) => {
+                let wait = if e.is_transient() {
+                    BUSY_RESYNC
+                } else {
+                    ADMIN_RESYNC
+                };
+                let c = Cond::new(Status::False, e.reason(), e.to_string());
+                return Ok(Outcome::waiting(report, c, wait));
+            }
+        }
+    }
+
+    // Definition (skipped when unchanged since this process defined it).
+    let xml = match inputs.to_xml() {
+        Ok(x) => x,
+        Err(e) => {
+            let c = Cond::new(Status::False, "InvalidSpec", e.to_string());
+            return Ok(Outcome::waiting(report, c, ADMIN_RESYNC));
+        }
+    };
+    let xml_hash = fnv1a64(xml.as_bytes());
+    if current.is_none() || !ctx.defined_already(uid, xml_hash) {
+        match hv.define_domain(&xml).await {
+            Ok(_) => ctx.record_defined(uid, xml_hash),
+            Err(e) if e.is_transient() => return Err(e.into()),
+            Err(e) => {
+                let c = Cond::new(Status::False, "DefineFailed", e.to_string());
+                return Ok(Outcome::waiting(report, c, ADMIN_RESYNC));
+            }
+        }
+    }
+    report.defined = Some(Cond::new(
+        Status::True,
+        "Defined",
+        format!("domain {domain} is defined on {}", cfg.node_name),
+    ));
+
+    // A rotated password reaches the running domain at once (the definition has it already).
+    if active && !ctx.password_pushed(uid, &password_version) {
+        let graphics = graphics_xml(&inputs).map_err(|e| {
+            Error::Hypervisor(crate::hypervisor::HypervisorError::Rejected {
+                op: "update live device",
+                target: domain.clone(),
+                message: e.to_string(),
+            })
+        })?;
+        hv.update_live_device(&domain, &graphics).await?;
+        ctx.record_password(uid, &password_version);
+    }
+
+    // Power.
+    let (running, requeue) = if want_on {
+        ctx.clear_shutdown(uid);
+        if active {
+            (running_cond(current.map(|s| s.state)), STEADY_RESYNC)
+        } else if stays_off {
+            let c = Cond::new(
+                Status::False,
+                "Shutdown",
+                "the guest shut itself down; set spec.power to Off and back to On to start it again",
+            );
+            (c, STEADY_RESYNC)
+        } else {
+            match hv.start_domain(&domain).await {
+                Ok(_) => {
+                    ctx.record_password(uid, &password_version);
+                    tracing::info!(domain = %domain, "domain started");
+                    (running_cond(Some(DomainState::Running)), STEADY_RESYNC)
+                }
+                Err(e) if e.is_transient() => return Err(e.into()),
+                Err(e) => {
+                    ctx.metrics.start_failures.inc();
+                    (
+                        Cond::new(Status::False, "StartFailed", e.to_string()),
+                        ADMIN_RESYNC,
+                    )
+                }
+            }
+        }
+    } else if active {
+        let asked = ctx.shutdown_asked_at(uid);
+        if Instant::now().duration_since(asked) > cfg.shutdown_grace {
+            hv.destroy_domain(&domain).await?;
+            ctx.event(
+                d,
+                EventType::Warning,
+                "PoweredOff",
+                "Stop",
+                format!(
+                    "the guest did not shut down within {}s; powered off",
+                    cfg.shutdown_grace.as_secs()
+                ),
+            )
+            .await;
+        } else {
+            hv.shutdown_domain(&domain).await?;
+        }
+        let c = Cond::new(
+            Status::False,
+            "Stopping",
+            "shutting the guest down (spec.power is Off)",
+        );
+        (c, BUSY_RESYNC)
+    } else {
+        ctx.clear_shutdown(uid);
+        let c = Cond::new(
+            Status::False,
+            "Stopped",
+            "powered off (spec.power is Off); the disk is kept",
+        );
+        (c, STEADY_RESYNC)
+    };
+    report.running = Some(running);
+    Ok(Outcome { report, requeue })
+}
+
+/// `Running` for an active domain.
+fn running_cond(state: Option<DomainState>) -> Cond {
+    match state {
+        Some(DomainState::Paused) => Cond::new(
+            Status::False,
+            "Paused",
+            "the domain is paused by libvirt (for example after an I/O error such as a full disk)",
+        ),
+        _ => Cond::new(Status::True, "Running", "the domain runs"),
+    }
+}
+
+/// Whether an inactive domain with power On went down by itself (the agent saw it run, or
+/// already reported the shutdown for this generation), so it is not started again until the
+/// user asks.
+fn guest_shut_down(d: &Desktop, status: &DesktopStatus) -> bool {
+    let Some(c) = conditions::find(&status.conditions, RUNNING) else {
+        return false;
+    };
+    c.status == "True" || (c.reason == "Shutdown" && c.observed_generation == d.metadata.generation)
+}

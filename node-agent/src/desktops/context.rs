@@ -1,0 +1,262 @@
+//! What every Desktop reconcile shares: configuration, the API client and libvirt, caches of
+//! the pools, this host's DomainNode and the Desktops bound here, the Event recorder, and the
+//! small per-desktop memory of what was last applied (so unchanged work is skipped).
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Mutex, OnceLock};
+use std::time::Duration;
+
+use deskvirt_crds::constants::{LABEL_NODE, MANAGER_AGENT};
+use deskvirt_crds::{Desktop, DomainNode, ResourcePool};
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::Secret;
+use kube::runtime::events::{EventType, Reporter};
+use kube::runtime::reflector::{self, Store};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Api, Client, Resource};
+use tokio::time::Instant;
+
+use crate::domain::DomainType;
+use crate::hypervisor::Backoff;
+use crate::metrics::Metrics;
+
+/// The controller's settings.
+#[derive(Debug, Clone)]
+pub struct DesktopConfig {
+    /// This host (DomainNode name).
+    pub node_name: String,
+    /// Address SPICE clients use to reach this host.
+    pub node_address: String,
+    /// `kvm` or `qemu`.
+    pub domain_type: DomainType,
+    /// Namespace of the console password mirrors.
+    pub console_namespace: String,
+    /// The `qemu-img` program.
+    pub qemu_img: String,
+    /// How long a guest gets to shut down after ACPI power-off before it is powered off hard.
+    pub shutdown_grace: Duration,
+}
+
+/// Shared state of the controller.
+pub struct DesktopContext<H> {
+    pub client: Client,
+    pub hypervisor: H,
+    pub config: DesktopConfig,
+    pub metrics: Metrics,
+    pub pools: Store<ResourcePool>,
+    pub nodes: Store<DomainNode>,
+    /// Console password mirrors of the desktops bound here.
+    pub mirrors: Store<Secret>,
+    desktops: OnceLock<Store<Desktop>>,
+    reporter: Reporter,
+    memory: Mutex<Memory>,
+    /// Serializes changes to the host's libvirt networks (static DHCP leases).
+    pub network_lock: tokio::sync::Mutex<()>,
+}
+
+/// What was last done per desktop (by UID), in this process.
+#[derive(Default)]
+struct Memory {
+    /// Hash of the domain XML last defined.
+    defined: HashMap<String, u64>,
+    /// resourceVersion of the password mirror last pushed into the running domain.
+    password: HashMap<String, String>,
+    /// When an ACPI shutdown was first asked for.
+    shutdown_asked: HashMap<String, Instant>,
+    /// libvirt networks defined and started by this process.
+    networks: HashSet<String>,
+    /// Consecutive failures, for the retry backoff.
+    failures: HashMap<String, u32>,
+}
+
+impl<H> DesktopContext<H> {
+    /// A context whose pool and DomainNode caches are filled by background watches; waits
+    /// until both have listed once.
+    pub async fn start(
+        client: Client,
+        hypervisor: H,
+        config: DesktopConfig,
+        metrics: Metrics,
+    ) -> Self {
+        let pools = spawn_reflector(
+            Api::<ResourcePool>::all(client.clone()),
+            watcher::Config::default(),
+        );
+        let nodes = spawn_reflector(
+            Api::<DomainNode>::all(client.clone()),
+            watcher::Config::default().fields(&format!("metadata.name={}", config.node_name)),
+        );
+        let mirrors = spawn_reflector(
+            Api::<Secret>::namespaced(client.clone(), &config.console_namespace),
+            watcher::Config::default().labels(&format!("{LABEL_NODE}={}", config.node_name)),
+        );
+        let _ = pools.wait_until_ready().await;
+        let _ = nodes.wait_until_ready().await;
+        let _ = mirrors.wait_until_ready().await;
+        Self {
+            reporter: Reporter {
+                controller: MANAGER_AGENT.into(),
+                instance: Some(config.node_name.clone()),
+            },
+            client,
+            hypervisor,
+            config,
+            metrics,
+            pools,
+            nodes,
+            mirrors,
+            desktops: OnceLock::new(),
+            memory: Mutex::new(Memory::default()),
+            network_lock: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    pub(super) fn set_desktop_store(&self, store: Store<Desktop>) {
+        let _ = self.desktops.set(store);
+    }
+
+    /// The Desktops bound to this host, once the controller runs.
+    pub fn desktops(&self) -> Option<&Store<Desktop>> {
+        self.desktops.get()
+    }
+
+    /// This host's DomainNode, from the cache.
+    pub fn domain_node(&self) -> Option<std::sync::Arc<DomainNode>> {
+        self.nodes
+            .state()
+            .into_iter()
+            .find(|n| n.metadata.name.as_deref() == Some(self.config.node_name.as_str()))
+    }
+
+    /// A pool from the cache.
+    pub fn pool(&self, name: &str) -> Option<std::sync::Arc<ResourcePool>> {
+        self.pools.get(&reflector::ObjectRef::new(name))
+    }
+
+    fn with_memory<T>(&self, f: impl FnOnce(&mut Memory) -> T) -> T {
+        match self.memory.lock() {
+            Ok(mut m) => f(&mut m),
+            Err(poisoned) => f(&mut poisoned.into_inner()),
+        }
+    }
+
+    /// Whether `xml_hash` is what was defined last for `uid`.
+    pub fn defined_already(&self, uid: &str, xml_hash: u64) -> bool {
+        self.with_memory(|m| m.defined.get(uid) == Some(&xml_hash))
+    }
+
+    /// Records the XML defined for `uid`.
+    pub fn record_defined(&self, uid: &str, xml_hash: u64) {
+        self.with_memory(|m| m.defined.insert(uid.to_string(), xml_hash));
+    }
+
+    /// Whether the mirror at `version` was pushed into the running domain of `uid`.
+    pub fn password_pushed(&self, uid: &str, version: &str) -> bool {
+        self.with_memory(|m| m.password.get(uid).map(String::as_str) == Some(version))
+    }
+
+    /// Records the mirror version pushed into the running domain of `uid`.
+    pub fn record_password(&self, uid: &str, version: &str) {
+        self.with_memory(|m| m.password.insert(uid.to_string(), version.to_string()));
+    }
+
+    /// When the ACPI shutdown of `uid` was first asked for (now, if not before).
+    pub fn shutdown_asked_at(&self, uid: &str) -> Instant {
+        self.with_memory(|m| {
+            *m.shutdown_asked
+                .entry(uid.to_string())
+                .or_insert_with(Instant::now)
+        })
+    }
+
+    /// Forgets a pending shutdown of `uid`.
+    pub fn clear_shutdown(&self, uid: &str) {
+        self.with_memory(|m| m.shutdown_asked.remove(uid));
+    }
+
+    /// Whether this process already defined and started `network`.
+    pub fn network_ready(&self, network: &str) -> bool {
+        self.with_memory(|m| m.networks.contains(network))
+    }
+
+    /// Records that `network` is defined and started.
+    pub fn record_network(&self, network: &str) {
+        self.with_memory(|m| m.networks.insert(network.to_string()));
+    }
+
+    /// Forgets everything about `uid` (after teardown).
+    pub fn forget(&self, uid: &str) {
+        self.with_memory(|m| {
+            m.defined.remove(uid);
+            m.password.remove(uid);
+            m.shutdown_asked.remove(uid);
+            m.failures.remove(uid);
+        });
+    }
+
+    /// Resets the failure count of `uid` after a good reconcile.
+    pub fn succeeded(&self, uid: &str) {
+        self.with_memory(|m| m.failures.remove(uid));
+    }
+
+    /// The next retry delay of `uid`: 1 s doubling to 2 min.
+    pub fn backoff(&self, uid: &str) -> Duration {
+        let failures = self.with_memory(|m| {
+            let n = m.failures.entry(uid.to_string()).or_insert(0);
+            *n = n.saturating_add(1);
+            *n
+        });
+        Backoff {
+            initial: Duration::from_secs(1),
+            max: Duration::from_secs(120),
+        }
+        .delay(failures)
+    }
+
+    /// Publishes an Event about `obj`; failures are logged, never fatal.
+    pub async fn event<K: Resource<DynamicType = ()>>(
+        &self,
+        obj: &K,
+        type_: EventType,
+        reason: &str,
+        action: &str,
+        note: String,
+    ) {
+        deskvirt_runtime::events::publish(
+            &self.client,
+            &self.reporter,
+            obj,
+            type_,
+            reason,
+            action,
+            note,
+        )
+        .await;
+    }
+}
+
+/// A store kept by a background watch (restarted with backoff on errors).
+fn spawn_reflector<K>(api: Api<K>, config: watcher::Config) -> Store<K>
+where
+    K: Resource<DynamicType = ()>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug
+        + Send
+        + Sync
+        + 'static,
+{
+    let (store, writer) = reflector::store();
+    let stream = reflector::reflector(writer, watcher(api, config))
+        .default_backoff()
+        .applied_objects();
+    tokio::spawn(async move {
+        futures::pin_mut!(stream);
+        while let Some(item) = stream.next().await {
+            if let Err(e) = item {
+                tracing::warn!(error = %e, "watch failed; retrying");
+            }
+        }
+    });
+    store
+}

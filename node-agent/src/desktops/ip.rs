@@ -1,0 +1,203 @@
+//! Decides each desktop's address on this host's pool network (nat and isolated modes): the
+//! network is defined once per process from the host's subnet, and every desktop gets a static
+//! DHCP lease MAC→IP kept in the network's own definition, so it survives agent and libvirt
+//! restarts. A desktop keeps the address it had; a new one takes the lowest free address.
+
+use std::collections::BTreeSet;
+use std::net::Ipv4Addr;
+
+use deskvirt_crds::resource_pool::ResourcePool;
+
+use super::context::DesktopContext;
+use super::status::Cond;
+use crate::domain::{DhcpHost, NetworkInputs, Subnet, network_xml};
+use crate::hypervisor::{Hypervisor, HypervisorError};
+use deskvirt_crds::conditions::Status;
+
+/// The lowest address of the subnet's DHCP range that no lease holds, preferring `wanted`.
+pub fn pick_address(
+    subnet: &Subnet,
+    leases: &[DhcpHost],
+    wanted: Option<Ipv4Addr>,
+) -> Option<Ipv4Addr> {
+    let taken: BTreeSet<Ipv4Addr> = leases.iter().map(|h| h.ip).collect();
+    if let Some(w) = wanted
+        && subnet.contains_host(w)
+        && !taken.contains(&w)
+    {
+        return Some(w);
+    }
+    let (first, last) = subnet.dhcp_range();
+    (u32::from(first)..=u32::from(last))
+        .map(Ipv4Addr::from)
+        .find(|ip| !taken.contains(ip))
+}
+
+/// Why no address could be pinned (reported as `DomainDefined=Unknown` or `False`).
+pub enum Pending {
+    /// Waiting for something outside the agent.
+    Wait(Cond),
+    /// libvirt failed.
+    Failed(HypervisorError),
+}
+
+/// Makes sure the pool's network exists on this host and `mac` holds a lease; returns the
+/// address, or `None` in bridge mode (addresses come from the outside network there).
+pub async fn pin<H: Hypervisor>(
+    ctx: &DesktopContext<H>,
+    pool: &ResourcePool,
+    mac: &str,
+    wanted: Option<&str>,
+) -> Result<Option<Ipv4Addr>, Pending> {
+    let pool_name = pool.metadata.name.clone().unwrap_or_default();
+    let subnet = ctx
+        .domain_node()
+        .and_then(|n| n.status.as_ref().and_then(|s| s.subnet.clone()));
+    let Some(subnet) = subnet else {
+        // Bridge mode needs no subnet; the others wait for the operator to carve one.
+        return match NetworkInputs::for_pool(&pool_name, &pool.spec.network, "10.0.0.0/24", vec![])
+        {
+            Ok(None) => Ok(None),
+            _ => Err(Pending::Wait(Cond::new(
+                Status::Unknown,
+                "WaitingForSubnet",
+                "the operator has not assigned this host a subnet of the pool yet",
+            ))),
+        };
+    };
+    let invalid =
+        |message: String| Pending::Wait(Cond::new(Status::False, "InvalidNetwork", message));
+    let Some(inputs) = NetworkInputs::for_pool(&pool_name, &pool.spec.network, &subnet, vec![])
+        .map_err(|e| invalid(e.to_string()))?
+    else {
+        return Ok(None);
+    };
+    let _guard = ctx.network_lock.lock().await;
+    let hv = &ctx.hypervisor;
+    let leases = if ctx.network_ready(&inputs.name) {
+        hv.dhcp_hosts(&inputs.name).await
+    } else {
+        // Keep the leases a previous run pinned: read them first when the network exists.
+        let existing = match hv.dhcp_hosts(&inputs.name).await {
+            Ok(l) => l,
+            Err(e) if e.is_not_found() => Vec::new(),
+            Err(e) => return Err(Pending::Failed(e)),
+        };
+        let kept: Vec<DhcpHost> = existing
+            .iter()
+            .filter(|h| inputs.subnet.contains_host(h.ip))
+            .cloned()
+            .collect();
+        let xml = network_xml(&NetworkInputs {
+            hosts: kept.clone(),
+            ..inputs.clone()
+        })
+        .map_err(|e| invalid(e.to_string()))?;
+        hv.ensure_network(&xml).await.map_err(Pending::Failed)?;
+        ctx.record_network(&inputs.name);
+        tracing::info!(network = %inputs.name, subnet = %subnet, "pool network ready on this host");
+        Ok(kept)
+    };
+    let mut leases = leases.map_err(Pending::Failed)?;
+    let mac = mac.to_ascii_lowercase();
+    if let Some(own) = leases
+        .iter()
+        .find(|h| h.mac == mac && inputs.subnet.contains_host(h.ip))
+    {
+        return Ok(Some(own.ip));
+    }
+    leases.retain(|h| h.mac != mac);
+    let wanted = wanted.and_then(|w| w.parse().ok());
+    let Some(ip) = pick_address(&inputs.subnet, &leases, wanted) else {
+        return Err(Pending::Wait(Cond::new(
+            Status::False,
+            "AddressesExhausted",
+            format!("no free address left in this host's subnet {subnet}"),
+        )));
+    };
+    leases.push(DhcpHost { mac, ip });
+    hv.sync_dhcp_hosts(&inputs.name, &leases)
+        .await
+        .map_err(Pending::Failed)?;
+    Ok(Some(ip))
+}
+
+/// Drops the lease of `mac` from the pool's network on this host (teardown); nothing to do in
+/// bridge mode or when the network is gone.
+pub async fn release<H: Hypervisor>(
+    ctx: &DesktopContext<H>,
+    pool: &ResourcePool,
+    mac: &str,
+) -> Result<(), HypervisorError> {
+    let pool_name = pool.metadata.name.clone().unwrap_or_default();
+    let Ok(Some(inputs)) =
+        NetworkInputs::for_pool(&pool_name, &pool.spec.network, "10.0.0.0/24", vec![])
+    else {
+        return Ok(());
+    };
+    let _guard = ctx.network_lock.lock().await;
+    let hv = &ctx.hypervisor;
+    let mut leases = match hv.dhcp_hosts(&inputs.name).await {
+        Ok(l) => l,
+        Err(e) if e.is_not_found() => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    let mac = mac.to_ascii_lowercase();
+    let before = leases.len();
+    leases.retain(|h| h.mac != mac);
+    if leases.len() != before {
+        hv.sync_dhcp_hosts(&inputs.name, &leases).await?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn subnet() -> Subnet {
+        match Subnet::parse("10.200.3.0/29") {
+            Ok(s) => s,
+            Err(e) => panic!("{e}"),
+        }
+    }
+
+    fn lease(mac: &str, ip: [u8; 4]) -> DhcpHost {
+        DhcpHost {
+            mac: mac.into(),
+            ip: Ipv4Addr::from(ip),
+        }
+    }
+
+    #[test]
+    fn lowest_free_address_or_the_wanted_one() {
+        let s = subnet();
+        let leases = vec![lease("52:54:00:00:00:01", [10, 200, 3, 2])];
+        assert_eq!(
+            pick_address(&s, &leases, None),
+            Some(Ipv4Addr::new(10, 200, 3, 3))
+        );
+        assert_eq!(
+            pick_address(&s, &leases, Some(Ipv4Addr::new(10, 200, 3, 5))),
+            Some(Ipv4Addr::new(10, 200, 3, 5))
+        );
+        // A taken or out-of-range wish is ignored.
+        assert_eq!(
+            pick_address(&s, &leases, Some(Ipv4Addr::new(10, 200, 3, 2))),
+            Some(Ipv4Addr::new(10, 200, 3, 3))
+        );
+        assert_eq!(
+            pick_address(&s, &leases, Some(Ipv4Addr::new(10, 200, 3, 1))),
+            Some(Ipv4Addr::new(10, 200, 3, 3))
+        );
+    }
+
+    #[test]
+    fn a_full_subnet_has_no_address() {
+        let s = subnet();
+        let leases: Vec<DhcpHost> = (2..=6)
+            .map(|i| lease(&format!("52:54:00:00:00:0{i}"), [10, 200, 3, i]))
+            .collect();
+        assert_eq!(pick_address(&s, &leases, None), None);
+    }
+}

@@ -1,0 +1,167 @@
+//! Decides the agent's part of a Desktop's status: the address, the SPICE host and URI, and
+//! the conditions `DomainDefined` and `Running`, with stable transition times. Pure; the
+//! caller applies the result only when it differs from what the object already says.
+
+use deskvirt_crds::conditions::{self, Status, condition};
+use deskvirt_crds::constants::condition::{DOMAIN_DEFINED, RUNNING};
+use deskvirt_crds::desktop::DesktopStatus;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use k8s_openapi::jiff::Timestamp;
+use serde_json::json;
+
+/// One condition as the agent sees it now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Cond {
+    pub status: Status,
+    pub reason: &'static str,
+    pub message: String,
+}
+
+impl Cond {
+    pub fn new(status: Status, reason: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            reason,
+            message: message.into(),
+        }
+    }
+}
+
+/// What the agent reports about one desktop.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Report {
+    /// The desktop's pinned address, when it has one.
+    pub ip: Option<String>,
+    /// Where SPICE clients connect.
+    pub spice_host: Option<String>,
+    /// The SPICE port, to build the URI (the operator owns `spice.port` itself).
+    pub spice_port: Option<u16>,
+    /// `DomainDefined`; `None` leaves the condition as it is.
+    pub defined: Option<Cond>,
+    /// `Running`; `None` leaves the condition as it is.
+    pub running: Option<Cond>,
+}
+
+fn spice_uri(host: &str, port: u16) -> String {
+    if host.contains(':') {
+        format!("spice://[{host}]:{port}")
+    } else {
+        format!("spice://{host}:{port}")
+    }
+}
+
+/// The agent's conditions after this report, keeping transition times that did not change.
+fn agent_conditions(
+    current: &DesktopStatus,
+    report: &Report,
+    generation: Option<i64>,
+    now: Timestamp,
+) -> Vec<Condition> {
+    let prev = &current.conditions;
+    let mut out = Vec::new();
+    for (type_, wanted) in [
+        (DOMAIN_DEFINED, &report.defined),
+        (RUNNING, &report.running),
+    ] {
+        match wanted {
+            Some(c) => out.push(condition(
+                prev,
+                type_,
+                c.status,
+                c.reason,
+                c.message.clone(),
+                generation,
+                now,
+            )),
+            None => {
+                if let Some(old) = conditions::find(prev, type_) {
+                    out.push(old.clone());
+                }
+            }
+        }
+    }
+    out
+}
+
+/// The status body to apply, or `None` when the object already says all of it.
+pub fn body(
+    current: &DesktopStatus,
+    report: &Report,
+    generation: Option<i64>,
+    now: Timestamp,
+) -> Option<serde_json::Value> {
+    let conds = agent_conditions(current, report, generation, now);
+    let current_conds: Vec<Condition> = current
+        .conditions
+        .iter()
+        .filter(|c| c.type_ == DOMAIN_DEFINED || c.type_ == RUNNING)
+        .cloned()
+        .collect();
+    let spice = current.spice.clone().unwrap_or_default();
+    let uri = match (&report.spice_host, report.spice_port) {
+        (Some(h), Some(p)) => Some(spice_uri(h, p)),
+        _ => None,
+    };
+    let same = current.ip == report.ip
+        && spice.host == report.spice_host
+        && spice.uri == uri
+        && !conditions::differ_ignoring_time(&current_conds, &conds);
+    if same {
+        return None;
+    }
+    let mut status = serde_json::Map::new();
+    if let Some(ip) = &report.ip {
+        status.insert("ip".into(), json!(ip));
+    }
+    let mut spice = serde_json::Map::new();
+    if let Some(h) = &report.spice_host {
+        spice.insert("host".into(), json!(h));
+    }
+    if let Some(u) = uri {
+        spice.insert("uri".into(), json!(u));
+    }
+    if !spice.is_empty() {
+        status.insert("spice".into(), spice.into());
+    }
+    status.insert("conditions".into(), json!(conds));
+    Some(status.into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn report() -> Report {
+        Report {
+            ip: Some("10.200.0.5".into()),
+            spice_host: Some("192.0.2.10".into()),
+            spice_port: Some(5901),
+            defined: Some(Cond::new(Status::True, "Defined", "domain ns--a defined")),
+            running: Some(Cond::new(Status::True, "Running", "the domain runs")),
+        }
+    }
+
+    #[test]
+    fn a_new_report_is_applied_once() {
+        let now = Timestamp::UNIX_EPOCH;
+        let body = body(&DesktopStatus::default(), &report(), Some(1), now);
+        let Some(body) = body else {
+            panic!("expected a body");
+        };
+        assert_eq!(body["spice"]["uri"], "spice://192.0.2.10:5901");
+        assert_eq!(body["ip"], "10.200.0.5");
+        assert_eq!(body["conditions"][0]["type"], DOMAIN_DEFINED);
+        // Once the object says it, nothing more is written.
+        let applied: DesktopStatus = match serde_json::from_value(body) {
+            Ok(s) => s,
+            Err(e) => panic!("{e}"),
+        };
+        let later = Timestamp::from_second(60).unwrap_or(now);
+        assert_eq!(super::body(&applied, &report(), Some(1), later), None);
+    }
+
+    #[test]
+    fn ipv6_hosts_are_bracketed() {
+        assert_eq!(spice_uri("fd00::1", 5900), "spice://[fd00::1]:5900");
+    }
+}

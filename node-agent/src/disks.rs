@@ -1,0 +1,270 @@
+//! Decides how a desktop's disk comes to exist and goes away on the host: a qcow2 overlay on
+//! the pool's base image (linked clone) or an independent qcow2 copy (full clone), made with
+//! `qemu-img` under a temporary name and renamed into place, so a crash never leaves a
+//! half-written disk under the real name. Removal refuses anything in the image directory and
+//! any file a domain still uses.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+
+use deskvirt_crds::desktop::CloneMode;
+use tokio::process::Command;
+
+/// Why a disk could not be prepared or removed.
+#[derive(Debug, thiserror::Error)]
+pub enum DiskError {
+    /// The base image named by the Desktop is not in the pool's image directory.
+    #[error("base image {path} does not exist on this host")]
+    BaseMissing { path: String },
+    /// `qemu-img` refused or failed.
+    #[error("qemu-img {op} failed for {path}: {message}")]
+    Tool {
+        op: &'static str,
+        path: String,
+        message: String,
+    },
+    /// A file-system call failed.
+    #[error("cannot {op} {path}")]
+    Io {
+        op: &'static str,
+        path: String,
+        source: std::io::Error,
+    },
+    /// The disk is still used by a defined or running domain.
+    #[error("disk {path} is still used by a domain; kept")]
+    InUse { path: String },
+    /// The path is a base image (or inside the image directory); never deleted.
+    #[error("{path} is a base image or inside the image directory; never deleted")]
+    Protected { path: String },
+}
+
+impl DiskError {
+    /// Short category for metrics, conditions and logs.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::BaseMissing { .. } => "BaseImageMissing",
+            Self::Tool { .. } => "DiskPreparationFailed",
+            Self::Io { .. } => "DiskIoFailed",
+            Self::InUse { .. } => "DiskInUse",
+            Self::Protected { .. } => "DiskProtected",
+        }
+    }
+
+    /// Whether retrying soon may help (a missing image needs an admin first).
+    pub fn is_transient(&self) -> bool {
+        matches!(self, Self::Io { .. } | Self::InUse { .. })
+    }
+}
+
+/// What a desktop's disk is made from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskPlan {
+    /// The base image: `<imageDir>/<spec.disk.image>`.
+    pub base: PathBuf,
+    /// The desktop's disk.
+    pub target: PathBuf,
+    /// Linked (overlay) or full (copy).
+    pub clone: CloneMode,
+    /// Virtual size in bytes when the Desktop asks for one.
+    pub size: Option<u64>,
+}
+
+/// What [`prepare`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Prepared {
+    /// The disk was made now.
+    Created,
+    /// The disk was there already and is kept.
+    Existing,
+}
+
+/// The image format `qemu-img info` reports for `path` (`qcow2`, `raw`, ...).
+async fn image_format(qemu_img: &str, path: &Path) -> Result<String, DiskError> {
+    let out = run(
+        qemu_img,
+        "info",
+        path,
+        &["info", "--output=json", "-U", &path.to_string_lossy()],
+    )
+    .await?;
+    let info: serde_json::Value =
+        serde_json::from_slice(&out).map_err(|e| tool("info", path, e.to_string()))?;
+    info.get("format")
+        .and_then(|f| f.as_str())
+        .map(str::to_string)
+        .ok_or_else(|| tool("info", path, "no format in qemu-img info".into()))
+}
+
+fn tool(op: &'static str, path: &Path, message: String) -> DiskError {
+    DiskError::Tool {
+        op,
+        path: path.display().to_string(),
+        message,
+    }
+}
+
+fn io(op: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> DiskError {
+    let path = path.display().to_string();
+    move |source| DiskError::Io { op, path, source }
+}
+
+/// Runs `qemu-img args`; its stdout, or its stderr as the error.
+async fn run(
+    qemu_img: &str,
+    op: &'static str,
+    path: &Path,
+    args: &[&str],
+) -> Result<Vec<u8>, DiskError> {
+    let out = Command::new(qemu_img)
+        .args(args)
+        .kill_on_drop(true)
+        .output()
+        .await
+        .map_err(|e| tool(op, path, format!("cannot run {qemu_img}: {e}")))?;
+    if out.status.success() {
+        Ok(out.stdout)
+    } else {
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        Err(tool(op, path, stderr.trim().to_string()))
+    }
+}
+
+/// The temporary name a disk is built under before it is renamed into place.
+fn partial_path(target: &Path) -> PathBuf {
+    let mut name = target.file_name().unwrap_or_default().to_os_string();
+    name.push(".partial");
+    target.with_file_name(name)
+}
+
+/// Makes the desktop's disk unless it exists. With `fresh`, an existing disk is replaced by a
+/// new clone (a non-persistent desktop starting again); the caller guarantees no running
+/// domain uses it.
+pub async fn prepare(qemu_img: &str, plan: &DiskPlan, fresh: bool) -> Result<Prepared, DiskError> {
+    let exists = tokio::fs::try_exists(&plan.target)
+        .await
+        .map_err(io("look at", &plan.target))?;
+    if exists && !fresh {
+        return Ok(Prepared::Existing);
+    }
+    match tokio::fs::metadata(&plan.base).await {
+        Ok(m) if m.is_file() => {}
+        Ok(_) | Err(_) => {
+            return Err(DiskError::BaseMissing {
+                path: plan.base.display().to_string(),
+            });
+        }
+    }
+    if let Some(dir) = plan.target.parent() {
+        tokio::fs::create_dir_all(dir)
+            .await
+            .map_err(io("create directory", dir))?;
+    }
+    let format = image_format(qemu_img, &plan.base).await?;
+    let partial = partial_path(&plan.target);
+    let _ = tokio::fs::remove_file(&partial).await;
+    let base = plan.base.to_string_lossy();
+    let part = partial.to_string_lossy();
+    let size = plan.size.map(|s| s.to_string());
+    match plan.clone {
+        CloneMode::Linked => {
+            let mut args = vec!["create", "-q", "-f", "qcow2", "-F", &format, "-b", &base];
+            args.push(&part);
+            if let Some(s) = &size {
+                args.push(s);
+            }
+            run(qemu_img, "create", &plan.target, &args).await?;
+        }
+        CloneMode::Full => {
+            let args = ["convert", "-q", "-f", &format, "-O", "qcow2", &base, &part];
+            run(qemu_img, "convert", &plan.target, &args).await?;
+            if let Some(s) = &size {
+                run(
+                    qemu_img,
+                    "resize",
+                    &plan.target,
+                    &["resize", "-q", &part, s],
+                )
+                .await?;
+            }
+        }
+    }
+    tokio::fs::rename(&partial, &plan.target)
+        .await
+        .map_err(io("rename into place", &plan.target))?;
+    Ok(Prepared::Created)
+}
+
+/// Whether `path` is `dir` or inside it, by plain path components (no file-system access).
+fn is_within(path: &Path, dir: &Path) -> bool {
+    path.starts_with(dir)
+}
+
+/// Deletes the desktop's disk. Refused for anything inside `image_dir` and for any file in
+/// `in_use` (every disk and backing file of every defined or running domain); `Ok(false)`
+/// when it was already gone.
+pub async fn remove(
+    target: &Path,
+    image_dir: &Path,
+    in_use: &BTreeSet<String>,
+) -> Result<bool, DiskError> {
+    let shown = target.display().to_string();
+    if is_within(target, image_dir) {
+        return Err(DiskError::Protected { path: shown });
+    }
+    if in_use.contains(&shown) {
+        return Err(DiskError::InUse { path: shown });
+    }
+    let _ = tokio::fs::remove_file(partial_path(target)).await;
+    match tokio::fs::remove_file(target).await {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(io("delete", target)(e)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn partial_is_beside_the_target() {
+        assert_eq!(
+            partial_path(Path::new("/d/ns--a.qcow2")),
+            PathBuf::from("/d/ns--a.qcow2.partial")
+        );
+    }
+
+    #[tokio::test]
+    async fn base_images_and_disks_in_use_are_never_deleted() {
+        let images = Path::new("/var/lib/deskvirt/images");
+        let none = BTreeSet::new();
+        let base = images.join("debian.qcow2");
+        assert!(matches!(
+            remove(&base, images, &none).await,
+            Err(DiskError::Protected { .. })
+        ));
+        let disk = Path::new("/nonexistent-deskvirt/disks/ns--a.qcow2");
+        let used: BTreeSet<String> = [disk.display().to_string()].into();
+        assert!(matches!(
+            remove(disk, images, &used).await,
+            Err(DiskError::InUse { .. })
+        ));
+        assert!(matches!(remove(disk, images, &none).await, Ok(false)));
+    }
+
+    #[tokio::test]
+    async fn a_missing_base_image_is_a_clear_error() {
+        let plan = DiskPlan {
+            base: PathBuf::from("/nonexistent-deskvirt/images/none.qcow2"),
+            target: PathBuf::from("/nonexistent-deskvirt/disks/x.qcow2"),
+            clone: CloneMode::Linked,
+            size: None,
+        };
+        let err = prepare("qemu-img", &plan, false).await;
+        assert!(
+            matches!(&err, Err(DiskError::BaseMissing { path }) if path.contains("none.qcow2")),
+            "{err:?}"
+        );
+        assert!(err.is_err_and(|e| !e.is_transient()));
+    }
+}

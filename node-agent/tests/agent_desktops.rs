@@ -1,0 +1,602 @@
+//! The real `deskvirt-node-agent` binary with the real API server and real libvirt
+//! (`qemu:///system`, TCG): the test plays the operator (binding, node label, console password
+//! mirror, host subnet) exactly as the operator writes them, and checks what the agent does on
+//! the host and reports:
+//! - a bound Desktop becomes a running domain on a linked clone, with a pinned address on the
+//!   pool's nat network, USB redirection channels, and SPICE on its port with its password;
+//! - the guest boots to userspace (serial log), a wrong SPICE password is refused;
+//! - a rotated password reaches the running domain;
+//! - `kill -9` of the agent and a restart keep the same QEMU PID;
+//! - power Off stops the domain and keeps the disk, power On starts it again;
+//! - a missing base image is a clear condition, not a crash loop;
+//! - a domain with deskvirt metadata and no Desktop is reported as an orphan, not deleted;
+//! - deleting the Desktop removes the domain, the overlay and the lease, and keeps the base.
+//!
+//! Run: `cargo test -p deskvirt-node-agent --test agent_desktops -- --nocapture`.
+
+mod common;
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::panic::AssertUnwindSafe;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::{AgentProcess, eventually, finish, free_port, prepare_host, unique};
+use deskvirt_crds::conditions::find;
+use deskvirt_crds::constants::condition::{DOMAIN_DEFINED, RUNNING};
+use deskvirt_crds::constants::{
+    ANNOTATION_DESKTOP, LABEL_DESKTOP_UID, LABEL_NODE, MANAGER_AGENT, MANAGER_OPERATOR,
+    console_mirror_name,
+};
+use deskvirt_crds::{Desktop, DomainNode, ResourcePool};
+use deskvirt_node_agent::domain::{
+    Binding, DomainInputs, DomainType, HostContext, NetworkAttachment, Secret, domain_name,
+    network_name, serial_log_path,
+};
+use deskvirt_node_agent::hypervisor::{DomainState, Hypervisor, LibvirtHypervisor};
+use deskvirt_tests::cluster::{TestNamespace, client, ensure_crds, unique_suffix};
+use deskvirt_tests::spice::{self, LinkOutcome};
+use futures::FutureExt;
+use k8s_openapi::api::core::v1::Secret as KubeSecret;
+use k8s_openapi::api::events::v1::Event;
+use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::{Api, Client, ResourceExt};
+use serde_json::json;
+
+const URI: &str = "qemu:///system";
+const MARKER: &str = "DESKVIRT-GUEST-READY";
+
+struct World {
+    client: Client,
+    ns: String,
+    node: String,
+    pool: String,
+    guest_dir: String,
+    disk_dir: PathBuf,
+    first_port: u16,
+    hv: LibvirtHypervisor,
+}
+
+impl World {
+    fn desktops(&self) -> Api<Desktop> {
+        Api::namespaced(self.client.clone(), &self.ns)
+    }
+
+    fn start_agent(&self) -> anyhow::Result<AgentProcess> {
+        AgentProcess::start_with(
+            &self.node,
+            URI,
+            &self.ns,
+            &[
+                "--node-address",
+                "127.0.0.1",
+                "--shutdown-grace",
+                "3s",
+                "--console-namespace",
+                &self.ns,
+            ],
+        )
+    }
+
+    /// Creates a Desktop and binds it as the operator does; returns its UID.
+    async fn create_bound(
+        &self,
+        name: &str,
+        image: &str,
+        port: u16,
+        mac: &str,
+        password: &str,
+    ) -> anyhow::Result<String> {
+        let desktop: Desktop = serde_json::from_value(json!({
+            "apiVersion": "deskvirt.io/v1alpha1", "kind": "Desktop",
+            "metadata": { "name": name, "namespace": self.ns },
+            "spec": {
+                "pool": self.pool, "user": "alice@example.org", "cpu": 1, "memory": "256Mi",
+                "disk": { "image": image, "clone": "Linked" },
+                "boot": { "kernel": "vmlinuz", "initrd": "initrd.img", "cmdline": "console=ttyS0" },
+                "display": { "usb": { "redirect": true, "channels": 2 } },
+                "power": "On"
+            }
+        }))?;
+        let created = self
+            .desktops()
+            .create(&PostParams::default(), &desktop)
+            .await?;
+        let uid = created.uid().unwrap_or_default();
+        self.publish_password(name, &uid, password).await?;
+        let pp = PatchParams::apply(MANAGER_OPERATOR).force();
+        let meta = json!({
+            "apiVersion": "deskvirt.io/v1alpha1", "kind": "Desktop",
+            "metadata": { "name": name, "labels": { LABEL_NODE: self.node } }
+        });
+        self.desktops()
+            .patch(name, &pp, &Patch::Apply(&meta))
+            .await?;
+        let status = json!({
+            "apiVersion": "deskvirt.io/v1alpha1", "kind": "Desktop",
+            "metadata": { "name": name },
+            "status": {
+                "phase": "Scheduled", "node": self.node, "mac": mac,
+                "spice": { "port": port, "passwordSecret": format!("{name}-console") }
+            }
+        });
+        self.desktops()
+            .patch_status(name, &pp, &Patch::Apply(&status))
+            .await?;
+        Ok(uid)
+    }
+
+    /// Writes the console password mirror as the operator does.
+    async fn publish_password(&self, name: &str, uid: &str, password: &str) -> anyhow::Result<()> {
+        let secrets: Api<KubeSecret> = Api::namespaced(self.client.clone(), &self.ns);
+        let mirror = json!({
+            "apiVersion": "v1", "kind": "Secret",
+            "metadata": {
+                "name": console_mirror_name(uid), "namespace": self.ns,
+                "labels": { LABEL_NODE: self.node, LABEL_DESKTOP_UID: uid },
+                "annotations": { ANNOTATION_DESKTOP: format!("{}/{name}", self.ns) }
+            },
+            "stringData": { "password": password }
+        });
+        let pp = PatchParams::apply(MANAGER_OPERATOR).force();
+        secrets
+            .patch(&console_mirror_name(uid), &pp, &Patch::Apply(&mirror))
+            .await?;
+        Ok(())
+    }
+
+    async fn wait_desktop(
+        &self,
+        name: &str,
+        what: &str,
+        limit: Duration,
+        f: impl Fn(&Desktop) -> bool,
+    ) -> anyhow::Result<Desktop> {
+        let api = self.desktops();
+        let mut last = None;
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(d) = api.get_opt(name).await? {
+                if f(&d) {
+                    return Ok(d);
+                }
+                last = d.status;
+            }
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "timed out waiting for {what} on {name}; last status: {last:#?}"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    async fn qemu_pid(&self, domain: &str) -> anyhow::Result<u32> {
+        self.hv
+            .qemu_pid(domain)
+            .await?
+            .ok_or_else(|| anyhow::anyhow!("{domain} has no QEMU PID"))
+    }
+}
+
+fn cond_is(d: &Desktop, type_: &str, status: &str, reason: Option<&str>) -> bool {
+    let conds = d
+        .status
+        .as_ref()
+        .map(|s| s.conditions.as_slice())
+        .unwrap_or_default();
+    find(conds, type_).is_some_and(|c| c.status == status && reason.is_none_or(|r| c.reason == r))
+}
+
+fn spicevmc_channels(xml: &str) -> usize {
+    xml.match_indices("<redirdev ")
+        .filter(|(at, _)| {
+            let tag = &xml[*at..];
+            tag[..tag.find('>').unwrap_or(tag.len())].contains("type='spicevmc'")
+        })
+        .count()
+}
+
+async fn link(port: u16, password: &str) -> anyhow::Result<LinkOutcome> {
+    let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+    Ok(spice::link(addr, password).await?)
+}
+
+/// Removes everything the test made on the host and in the cluster.
+async fn cleanup(w: &World) {
+    let prefix = format!("{}--", w.ns);
+    if let Ok(domains) = w.hv.list_domains().await {
+        for d in domains.iter().filter(|d| d.name.starts_with(&prefix)) {
+            let _ = w.hv.destroy_domain(&d.name).await;
+            let _ = w.hv.undefine_domain(&d.name).await;
+            let _ = std::fs::remove_file(serial_log_path(&d.name));
+        }
+    }
+    let _ = w.hv.remove_network(&network_name(&w.pool)).await;
+    let _ = std::fs::remove_dir_all(&w.disk_dir);
+    let _ = Api::<DomainNode>::all(w.client.clone())
+        .delete(&w.node, &DeleteParams::default())
+        .await;
+    let _ = Api::<ResourcePool>::all(w.client.clone())
+        .delete(&w.pool, &DeleteParams::default())
+        .await;
+    // Desktops left by a failed run: drop finalizers so the namespace can go.
+    if let Ok(list) = w.desktops().list(&ListParams::default()).await {
+        for d in list {
+            let patch = json!({ "metadata": { "finalizers": null } });
+            let _ = w
+                .desktops()
+                .patch(
+                    &d.name_any(),
+                    &PatchParams::default(),
+                    &Patch::Merge(&patch),
+                )
+                .await;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_runs_desktops_on_real_libvirt() -> anyhow::Result<()> {
+    let guest_dir = prepare_host();
+    let client = client().await?;
+    ensure_crds(&client).await?;
+    let ns = TestNamespace::new(&client, "agent-desk").await?;
+    let suffix = unique_suffix();
+    let id = unique();
+    let w = World {
+        client: client.clone(),
+        ns: ns.name.clone(),
+        node: format!("agent-desk-{suffix}"),
+        pool: format!("agent-desk-{suffix}"),
+        guest_dir,
+        disk_dir: std::env::temp_dir().join(format!("deskvirt-agent-desk-{suffix}")),
+        first_port: free_port(),
+        hv: LibvirtHypervisor::connect(URI).await?,
+    };
+    let result = AssertUnwindSafe(scenario(&w, id)).catch_unwind().await;
+    cleanup(&w).await;
+    drop(ns);
+    finish(result)
+}
+
+async fn scenario(w: &World, id: u64) -> anyhow::Result<()> {
+    // A nat pool whose subnet for this host is unlikely to collide with another run.
+    let octet = 100 + (id % 100) as u8;
+    let subnet = format!("10.{octet}.7.0/24");
+    let pool: ResourcePool = serde_json::from_value(json!({
+        "apiVersion": "deskvirt.io/v1alpha1", "kind": "ResourcePool",
+        "metadata": { "name": w.pool },
+        "spec": {
+            "storage": { "imageDir": w.guest_dir, "diskDir": w.disk_dir.display().to_string() },
+            "network": { "mode": "nat", "cidr": format!("10.{octet}.0.0/16"), "nodePrefixLength": 24 },
+            "display": { "spicePorts": { "first": w.first_port, "last": w.first_port + 20 }, "listen": "Loopback" }
+        }
+    }))?;
+    Api::<ResourcePool>::all(w.client.clone())
+        .create(&PostParams::default(), &pool)
+        .await?;
+
+    let mut agent = w.start_agent()?;
+    // The operator assigns the host its subnet once the host has joined.
+    let nodes: Api<DomainNode> = Api::all(w.client.clone());
+    eventually(Duration::from_secs(30), "the DomainNode", || async {
+        Ok(nodes.get_opt(&w.node).await?)
+    })
+    .await?;
+    let op = PatchParams::apply(MANAGER_OPERATOR).force();
+    let dn_status = json!({
+        "apiVersion": "deskvirt.io/v1alpha1", "kind": "DomainNode",
+        "metadata": { "name": w.node },
+        "status": { "pool": w.pool, "subnet": subnet }
+    });
+    nodes
+        .patch_status(&w.node, &op, &Patch::Apply(&dn_status))
+        .await?;
+
+    // Bound Desktop → running domain.
+    let name = "alice";
+    let port = w.first_port;
+    let mac = format!("52:54:00:{:02x}:{:02x}:01", (id >> 8) & 0xff, id & 0xff);
+    let password = format!("pw-{:x}", unique());
+    let bound_at = Instant::now();
+    let uid = w
+        .create_bound(name, "base.qcow2", port, &mac, &password)
+        .await?;
+    let running = w
+        .wait_desktop(
+            name,
+            "DomainDefined and Running",
+            Duration::from_secs(120),
+            |d| cond_is(d, DOMAIN_DEFINED, "True", None) && cond_is(d, RUNNING, "True", None),
+        )
+        .await?;
+    let bound_to_running = bound_at.elapsed();
+    let domain = domain_name(&w.ns, name);
+    let status = running.status.clone().unwrap_or_default();
+    let ip: Ipv4Addr = status.ip.as_deref().unwrap_or_default().parse()?;
+    assert_eq!(
+        ip.octets()[..3],
+        [10, octet, 7],
+        "address outside the host subnet"
+    );
+    let spice_status = status.spice.clone().unwrap_or_default();
+    assert_eq!(spice_status.host.as_deref(), Some("127.0.0.1"));
+    assert_eq!(
+        spice_status.uri.as_deref(),
+        Some(format!("spice://127.0.0.1:{port}").as_str())
+    );
+    assert!(
+        running
+            .finalizers()
+            .iter()
+            .any(|f| f == "deskvirt.io/node-agent")
+    );
+    // The agent's status fields are owned by its field manager.
+    let agent_fields = running
+        .metadata
+        .managed_fields
+        .iter()
+        .flatten()
+        .filter(|m| m.manager.as_deref() == Some(MANAGER_AGENT))
+        .filter_map(|m| m.fields_v1.as_ref().map(|f| f.0.to_string()))
+        .collect::<Vec<_>>()
+        .join(" ");
+    for field in [
+        "f:ip",
+        "f:uri",
+        "f:host",
+        "k:{\\\"type\\\":\\\"Running\\\"}",
+    ] {
+        assert!(
+            agent_fields.contains(field),
+            "{field} not owned by {MANAGER_AGENT}: {agent_fields}"
+        );
+    }
+    // Linked clone on the base image; the lease pinned in the network.
+    let overlay = w.disk_dir.join(format!("{domain}.qcow2"));
+    let base = Path::new(&w.guest_dir).join("base.qcow2");
+    assert!(overlay.is_file(), "overlay {} missing", overlay.display());
+    let info = Command::new("qemu-img")
+        .args(["info", "-U", &overlay.display().to_string()])
+        .output()?;
+    assert!(
+        String::from_utf8_lossy(&info.stdout).contains(&base.display().to_string()),
+        "overlay is not backed by the base image"
+    );
+    let leases = w.hv.dhcp_hosts(&network_name(&w.pool)).await?;
+    assert!(
+        leases.iter().any(|l| l.mac == mac && l.ip == ip),
+        "{leases:?}"
+    );
+    let live = w.hv.domain_xml(&domain, false).await?;
+    assert_eq!(spicevmc_channels(&live), 2, "USB redirection channels");
+    assert!(!live.contains(&password), "live XML shows the password");
+
+    // The guest boots to userspace.
+    let log = serial_log_path(&domain);
+    let booted = eventually(Duration::from_secs(180), "the guest marker", || async {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        Ok(text.contains(MARKER).then_some(()))
+    })
+    .await;
+    booted?;
+    let bound_to_userspace = bound_at.elapsed();
+    eprintln!(
+        "[agent_desktops] bound → Running condition: {:.2}s; bound → guest userspace: {:.2}s",
+        bound_to_running.as_secs_f64(),
+        bound_to_userspace.as_secs_f64()
+    );
+
+    // SPICE: the right password links, a wrong one is refused.
+    assert!(
+        matches!(
+            link(port, &password).await?,
+            LinkOutcome::Accepted { main_init: true }
+        ),
+        "right password refused"
+    );
+    assert!(
+        matches!(link(port, "wrong").await?, LinkOutcome::Refused { .. }),
+        "wrong password accepted"
+    );
+
+    // Rotation: a new mirror password reaches the running domain.
+    let rotated = format!("pw-{:x}", unique());
+    w.publish_password(name, &uid, &rotated).await?;
+    eventually(Duration::from_secs(30), "the rotated password", || async {
+        Ok(matches!(link(port, &rotated).await?, LinkOutcome::Accepted { .. }).then_some(()))
+    })
+    .await?;
+    assert!(
+        matches!(link(port, &password).await?, LinkOutcome::Refused { .. }),
+        "old password still accepted after rotation"
+    );
+
+    // kill -9 and restart: same QEMU process.
+    let pid = w.qemu_pid(&domain).await?;
+    agent.child.kill()?;
+    agent.child.wait()?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        w.qemu_pid(&domain).await?,
+        pid,
+        "QEMU changed while the agent was down"
+    );
+    let agent = w.start_agent()?;
+    eventually(
+        Duration::from_secs(60),
+        "a reconcile after restart",
+        || async {
+            let metrics = agent.http_get("/metrics").await.unwrap_or_default();
+            Ok(metrics
+                .lines()
+                .any(|l| l.starts_with("deskvirt_agent_desktop_reconciles_total{result=\"ok\"}"))
+                .then_some(()))
+        },
+    )
+    .await?;
+    assert_eq!(
+        w.qemu_pid(&domain).await?,
+        pid,
+        "the restarted agent replaced QEMU"
+    );
+    assert!(cond_is(
+        &w.desktops().get(name).await?,
+        RUNNING,
+        "True",
+        None
+    ));
+    assert!(
+        matches!(link(port, &rotated).await?, LinkOutcome::Accepted { .. }),
+        "password lost over the restart"
+    );
+
+    // Power Off keeps the disk; On starts again.
+    let power = |p: &str| json!({ "spec": { "power": p } });
+    w.desktops()
+        .patch(name, &PatchParams::default(), &Patch::Merge(&power("Off")))
+        .await?;
+    w.wait_desktop(
+        name,
+        "Running=False Stopped",
+        Duration::from_secs(60),
+        |d| cond_is(d, RUNNING, "False", Some("Stopped")),
+    )
+    .await?;
+    assert_eq!(
+        w.hv.domain_status(&domain).await?.state,
+        DomainState::ShutOff
+    );
+    assert!(
+        overlay.is_file(),
+        "a stopped persistent desktop lost its disk"
+    );
+    w.desktops()
+        .patch(name, &PatchParams::default(), &Patch::Merge(&power("On")))
+        .await?;
+    w.wait_desktop(name, "Running again", Duration::from_secs(60), |d| {
+        cond_is(d, RUNNING, "True", None)
+    })
+    .await?;
+
+    // A missing base image is a condition, and such a Desktop still deletes cleanly.
+    let broken = "broken";
+    let broken_mac = format!("52:54:00:{:02x}:{:02x}:02", (id >> 8) & 0xff, id & 0xff);
+    w.create_bound(broken, "missing.qcow2", port + 1, &broken_mac, "pw-broken")
+        .await?;
+    let failed = w
+        .wait_desktop(broken, "BaseImageMissing", Duration::from_secs(60), |d| {
+            cond_is(d, DOMAIN_DEFINED, "False", Some("BaseImageMissing"))
+        })
+        .await?;
+    let message = failed
+        .status
+        .as_ref()
+        .and_then(|s| find(&s.conditions, DOMAIN_DEFINED))
+        .map(|c| c.message.clone())
+        .unwrap_or_default();
+    assert!(
+        message.contains("missing.qcow2"),
+        "unclear message: {message}"
+    );
+    w.desktops()
+        .delete(broken, &DeleteParams::default())
+        .await?;
+    eventually(
+        Duration::from_secs(60),
+        "the broken Desktop gone",
+        || async { Ok(w.desktops().get_opt(broken).await?.is_none().then_some(())) },
+    )
+    .await?;
+
+    // An orphan: deskvirt metadata, no Desktop. Reported, never deleted.
+    let orphan = orphan_domain(w, id).await?;
+    eventually(
+        Duration::from_secs(90),
+        "the OrphanDomain event",
+        || async {
+            let events: Api<Event> = Api::all(w.client.clone());
+            let list = events.list(&ListParams::default()).await?;
+            Ok(list
+                .items
+                .iter()
+                .any(|e| {
+                    e.reason.as_deref() == Some("OrphanDomain")
+                        && e.regarding.as_ref().and_then(|r| r.name.as_deref())
+                            == Some(w.node.as_str())
+                        && e.note.as_deref().unwrap_or_default().contains(&orphan)
+                })
+                .then_some(()))
+        },
+    )
+    .await?;
+    let metrics = agent.http_get("/metrics").await?;
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("deskvirt_agent_orphan_domains ") && !l.ends_with(" 0")),
+        "orphan gauge is 0"
+    );
+    assert!(
+        w.hv.list_domains().await?.iter().any(|d| d.name == orphan),
+        "the orphan was deleted"
+    );
+    w.hv.undefine_domain(&orphan).await?;
+
+    // Delete: domain, overlay and lease go; the base image stays.
+    w.desktops().delete(name, &DeleteParams::default()).await?;
+    eventually(Duration::from_secs(90), "the Desktop gone", || async {
+        Ok(w.desktops().get_opt(name).await?.is_none().then_some(()))
+    })
+    .await?;
+    assert!(
+        !w.hv.list_domains().await?.iter().any(|d| d.name == domain),
+        "domain still defined"
+    );
+    assert!(!overlay.exists(), "overlay still there");
+    assert!(base.is_file(), "the base image was deleted");
+    let leases = w.hv.dhcp_hosts(&network_name(&w.pool)).await?;
+    assert!(
+        !leases.iter().any(|l| l.mac == mac),
+        "lease kept: {leases:?}"
+    );
+    drop(agent);
+    Ok(())
+}
+
+/// Defines (without starting) a domain with deskvirt metadata for a Desktop that does not exist.
+async fn orphan_domain(w: &World, id: u64) -> anyhow::Result<String> {
+    let uid = format!(
+        "{:08x}-0000-4000-8000-{:012x}",
+        id >> 32,
+        id & 0xffff_ffff_ffff
+    );
+    let desk = common::desktop(
+        &w.ns,
+        "ghost",
+        &uid,
+        json!({ "pool": w.pool, "cpu": 1, "memory": "128Mi", "disk": { "image": "base.qcow2" } }),
+    );
+    let host = HostContext {
+        node_name: w.node.clone(),
+        domain_type: DomainType::Qemu,
+        image_dir: w.guest_dir.clone(),
+        disk_dir: w.disk_dir.display().to_string(),
+        network: NetworkAttachment::Network {
+            name: network_name(&w.pool),
+        },
+        spice_listen: "127.0.0.1".into(),
+        spice_tls: false,
+        default_usb: None,
+    };
+    let binding = Binding {
+        node: w.node.clone(),
+        spice_port: w.first_port + 2,
+        mac: format!("52:54:00:{:02x}:{:02x}:03", (id >> 8) & 0xff, id & 0xff),
+        spice_password: Secret::new("orphan"),
+        pinned_cpus: Vec::new(),
+    };
+    let inputs = DomainInputs::from_desktop(&desk, &binding, &host)?;
+    Ok(w.hv.define_domain(&inputs.to_xml()?).await?)
+}
