@@ -73,6 +73,7 @@ pub async fn run<H: Hypervisor>(
             },
             hypervisor: config.domain_type,
             address: config.address.clone(),
+            memory: None,
         },
         applied_owner: None,
         owner_checked: None,
@@ -132,6 +133,7 @@ async fn observe<H: Hypervisor>(
         match hypervisor.host_facts(config.domain_type).await {
             Ok(facts) => {
                 state.observation.facts = Some(facts);
+                state.observation.memory = Some(crate::host_memory::read());
                 state.facts_due = Instant::now() + config.refresh_interval;
             }
             Err(e) => failure = Some(e),

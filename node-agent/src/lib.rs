@@ -8,6 +8,7 @@ pub mod desktops;
 pub mod disks;
 pub mod domain;
 pub mod heartbeat;
+pub mod host_memory;
 pub mod hypervisor;
 pub mod inventory;
 pub mod metrics;

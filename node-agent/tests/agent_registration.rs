@@ -90,6 +90,12 @@ async fn registers_reports_heartbeats_and_stops_on_sigterm() -> TestResult {
             Some(facts.hypervisor_version.clone())
         );
         assert_eq!(status.hypervisor, Some(DomainType::Qemu));
+        // Swap and KSM come from this host's /proc and /sys.
+        assert!(status.swap.is_some(), "no swap fact");
+        assert_eq!(
+            status.ksm.is_some(),
+            std::path::Path::new("/sys/kernel/mm/ksm/run").exists()
+        );
         assert_eq!(status.address.as_deref(), Some("10.11.12.13"));
         assert_eq!(
             status.agent_version.as_deref(),

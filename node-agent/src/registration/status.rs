@@ -68,6 +68,8 @@ pub struct Observation {
     pub hypervisor: Hypervisor,
     /// Address SPICE clients use.
     pub address: String,
+    /// Swap, hugepages and KSM, read with the host facts.
+    pub memory: Option<crate::host_memory::HostMemory>,
 }
 
 /// Counts defined (persistent) and running (active) domains.
@@ -114,6 +116,12 @@ pub fn agent_status(
         address: Some(observation.address.clone()),
         cpu: facts.map(cpu_facts),
         memory: facts.map(|f| format_bytes(f.memory_bytes)),
+        swap: observation.memory.as_ref().and_then(|m| m.swap.clone()),
+        hugepages: observation
+            .memory
+            .as_ref()
+            .and_then(|m| m.hugepages.clone()),
+        ksm: observation.memory.as_ref().and_then(|m| m.ksm.clone()),
         max_vcpus: facts.map(|f| f.max_vcpus),
         hypervisor: Some(observation.hypervisor),
         libvirt_version: facts.map(|f| f.libvirt_version.clone()),
@@ -133,6 +141,9 @@ pub fn agent_part(status: &DomainNodeStatus) -> DomainNodeStatus {
         address: status.address.clone(),
         cpu: status.cpu.clone(),
         memory: status.memory.clone(),
+        swap: status.swap.clone(),
+        hugepages: status.hugepages.clone(),
+        ksm: status.ksm.clone(),
         max_vcpus: status.max_vcpus,
         hypervisor: status.hypervisor,
         libvirt_version: status.libvirt_version.clone(),
@@ -200,6 +211,11 @@ mod tests {
             },
             hypervisor: Hypervisor::Qemu,
             address: "10.0.0.1".into(),
+            memory: Some(crate::host_memory::HostMemory {
+                swap: Some("0".into()),
+                hugepages: None,
+                ksm: None,
+            }),
         }
     }
 
