@@ -157,5 +157,7 @@ case "${1:-}" in
   start) start ;;
   status) status ;;
   stop) stop ;;
-  *) echo "usage: $0 start|status|stop" >&2; exit 2 ;;
+  # Restarts libvirtd only; running domains keep running and are re-adopted.
+  restart) stop_one libvirtd "$LIBVIRTD_PID"; start ;;
+  *) echo "usage: $0 start|status|stop|restart" >&2; exit 2 ;;
 esac

@@ -6,7 +6,8 @@
 //!   pool's nat network, USB redirection channels, and SPICE on its port with its password;
 //! - the guest boots to userspace (serial log), a wrong SPICE password is refused;
 //! - a rotated password reaches the running domain;
-//! - `kill -9` of the agent and a restart keep the same QEMU PID;
+//! - `kill -9` of the agent and a restart keep the same QEMU PID, and so does a libvirtd
+//!   restart, after which the agent reconnects;
 //! - power Off stops the domain and keeps the disk, power On starts it again;
 //! - a missing base image is a clear condition, not a crash loop;
 //! - a domain with deskvirt metadata and no Desktop is reported as an orphan, not deleted;
@@ -452,7 +453,31 @@ async fn scenario(w: &World, id: u64) -> anyhow::Result<()> {
         "password lost over the restart"
     );
 
-    // Power Off keeps the disk; On starts again.
+    // libvirtd restarts under the running desktop: QEMU stays, the agent reconnects.
+    common::run(
+        "scripts/libvirt.sh restart",
+        Command::new(common::repo_root().join("scripts/libvirt.sh")).arg("restart"),
+    );
+    // This test's own connection broke too; it reconnects with backoff.
+    let after = eventually(Duration::from_secs(30), "libvirt again", || async {
+        Ok(w.hv.qemu_pid(&domain).await.ok().flatten())
+    })
+    .await?;
+    assert_eq!(after, pid, "QEMU changed over a libvirtd restart");
+    eventually(
+        Duration::from_secs(60),
+        "LibvirtConnected after the restart",
+        || async {
+            let dn = nodes.get(&w.node).await?;
+            let conds = dn.status.map(|s| s.conditions).unwrap_or_default();
+            Ok(find(&conds, "LibvirtConnected")
+                .is_some_and(|c| c.status == "True")
+                .then_some(()))
+        },
+    )
+    .await?;
+
+    // Power Off keeps the disk; On starts again (the agent works over the new connection).
     let power = |p: &str| json!({ "spec": { "power": p } });
     w.desktops()
         .patch(name, &PatchParams::default(), &Patch::Merge(&power("Off")))
