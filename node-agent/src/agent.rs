@@ -25,6 +25,8 @@ pub struct AgentConfig {
     pub inventory: InventoryConfig,
     /// Desktop controller settings.
     pub desktops: DesktopConfig,
+    /// Labels kept on the DomainNode.
+    pub node_labels: std::collections::BTreeMap<String, String>,
 }
 
 /// `error: cause: cause` in one line, for logs; an API error ends the chain as
@@ -82,7 +84,8 @@ pub async fn run<H: Hypervisor + Clone + 'static>(
     health: Health,
 ) {
     wait_for_apiserver(&client).await;
-    let registrar = Registrar::new(client.clone(), &config.heartbeat.node_name);
+    let registrar = Registrar::new(client.clone(), &config.heartbeat.node_name)
+        .with_labels(config.node_labels.clone());
     let orphan_sweep = config.inventory.refresh_interval;
     let ready = health.clone();
     let inventory = inventory::run(

@@ -2,6 +2,7 @@
 //! from the downward API. Decides the hypervisor type (`auto` → kvm when `/dev/kvm` opens) and
 //! the address SPICE clients use.
 
+use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket};
 use std::time::Duration;
 
@@ -45,6 +46,12 @@ pub struct Config {
     /// Secrets the agent reads, and only those labelled with its host.
     #[arg(long, env = "DESKVIRT_CONSOLE_NAMESPACE", default_value = CONSOLE_NAMESPACE_DEFAULT)]
     pub console_namespace: String,
+
+    /// Labels the agent sets on its DomainNode, as `key=value,key=value` (for example
+    /// `deskvirt.io/pool=lab` to join the pool selecting that label). Other labels an admin
+    /// puts on the DomainNode are left alone.
+    #[arg(long, env = "DESKVIRT_NODE_LABELS", default_value = "", value_parser = parse_labels)]
+    pub node_labels: BTreeMap<String, String>,
 
     /// The qemu-img program that makes desktop disks.
     #[arg(long, env = "DESKVIRT_QEMU_IMG", default_value = "qemu-img")]
@@ -133,6 +140,20 @@ fn usable_address(ip: IpAddr) -> bool {
     matches!(ip, IpAddr::V4(v4) if !v4.is_loopback() && !v4.is_unspecified() && !v4.is_link_local())
 }
 
+/// Parses `key=value,key=value` (empty: no labels).
+pub fn parse_labels(s: &str) -> Result<BTreeMap<String, String>, String> {
+    s.split(',')
+        .map(str::trim)
+        .filter(|kv| !kv.is_empty())
+        .map(|kv| match kv.split_once('=') {
+            Some((k, v)) if !k.trim().is_empty() => {
+                Ok((k.trim().to_string(), v.trim().to_string()))
+            }
+            _ => Err(format!("invalid label {kv:?}: use key=value")),
+        })
+        .collect()
+}
+
 /// Parses an interval: `500ms`, `10s`, `15m`, `2h`; never zero.
 pub fn parse_interval(s: &str) -> Result<Duration, String> {
     let s = s.trim();
@@ -153,6 +174,20 @@ pub fn parse_interval(s: &str) -> Result<Duration, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn labels_parse_or_say_why_not() {
+        let labels = parse_labels("deskvirt.io/pool=lab, tier = gold");
+        assert_eq!(
+            labels,
+            Ok(BTreeMap::from([
+                ("deskvirt.io/pool".to_string(), "lab".to_string()),
+                ("tier".to_string(), "gold".to_string())
+            ]))
+        );
+        assert_eq!(parse_labels(""), Ok(BTreeMap::new()));
+        assert!(parse_labels("novalue").is_err_and(|e| e.contains("key=value")));
+    }
 
     #[test]
     fn intervals() {

@@ -91,6 +91,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
             qemu_img: config.qemu_img.clone(),
             shutdown_grace: config.shutdown_grace,
         },
+        node_labels: config.node_labels.clone(),
     };
 
     tokio::select! {

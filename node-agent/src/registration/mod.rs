@@ -7,6 +7,7 @@
 
 pub mod status;
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use deskvirt_crds::constants::{LABEL_MANAGED_BY, MANAGER_AGENT};
@@ -82,6 +83,7 @@ async fn bounded<T>(
 #[derive(Clone)]
 pub struct Registrar {
     node_name: String,
+    labels: BTreeMap<String, String>,
     nodes: Api<Node>,
     domain_nodes: Api<DomainNode>,
 }
@@ -99,9 +101,17 @@ impl Registrar {
     pub fn new(client: Client, node_name: &str) -> Self {
         Self {
             node_name: node_name.to_string(),
+            labels: BTreeMap::new(),
             nodes: Api::all(client.clone()),
             domain_nodes: Api::all(client),
         }
+    }
+
+    /// Labels the agent keeps on its DomainNode (such as the pool selector's); the admin's
+    /// other labels are left alone.
+    pub fn with_labels(mut self, labels: BTreeMap<String, String>) -> Self {
+        self.labels = labels;
+        self
     }
 
     fn params() -> PatchParams {
@@ -145,7 +155,7 @@ impl Registrar {
 
     /// Creates or updates the DomainNode object (metadata and an empty spec).
     pub async fn apply_domain_node(&self, owner: Option<&Owner>) -> Result<(), RegistrationError> {
-        let body = domain_node_patch(&self.node_name, owner);
+        let body = domain_node_patch(&self.node_name, owner, &self.labels);
         bounded("apply DomainNode", async {
             self.domain_nodes
                 .patch(&self.node_name, &Self::params(), &Patch::Apply(&body))
@@ -177,7 +187,13 @@ impl Registrar {
 }
 
 /// The apply body of the DomainNode object: name, label, owner reference, empty spec.
-pub fn domain_node_patch(name: &str, owner: Option<&Owner>) -> serde_json::Value {
+pub fn domain_node_patch(
+    name: &str,
+    owner: Option<&Owner>,
+    labels: &BTreeMap<String, String>,
+) -> serde_json::Value {
+    let mut all = labels.clone();
+    all.insert(LABEL_MANAGED_BY.into(), MANAGER_AGENT.into());
     let owner_references: Vec<serde_json::Value> = owner
         .map(|o| {
             json!({
@@ -194,7 +210,7 @@ pub fn domain_node_patch(name: &str, owner: Option<&Owner>) -> serde_json::Value
         "kind": DomainNode::kind(&()),
         "metadata": {
             "name": name,
-            "labels": { LABEL_MANAGED_BY: MANAGER_AGENT },
+            "labels": all,
             "ownerReferences": owner_references,
         },
         "spec": {},
@@ -220,13 +236,13 @@ mod tests {
             name: "h1".into(),
             uid: "u-1".into(),
         };
-        let body = domain_node_patch("h1", Some(&owner));
+        let body = domain_node_patch("h1", Some(&owner), &BTreeMap::new());
         assert_eq!(body["apiVersion"], "deskvirt.io/v1alpha1");
         assert_eq!(body["kind"], "DomainNode");
         assert_eq!(body["spec"], json!({}));
         assert_eq!(body["metadata"]["ownerReferences"][0]["uid"], "u-1");
         assert_eq!(body["metadata"]["ownerReferences"][0]["kind"], "Node");
-        let none = domain_node_patch("h1", None);
+        let none = domain_node_patch("h1", None, &BTreeMap::new());
         assert_eq!(none["metadata"]["ownerReferences"], json!([]));
     }
 
