@@ -51,7 +51,8 @@ pub const ANNOTATION_DESKTOP: &str = "deskvirt.io/desktop";
 /// ([`CONSOLE_NAMESPACE_DEFAULT`]), labelled [`LABEL_NODE`] with the host it is bound to and
 /// [`LABEL_DESKTOP_UID`], key [`SECRET_KEY_PASSWORD`]. A node-agent reads only Secrets of that
 /// one namespace (a Role, not a ClusterRole) and watches only those labelled with its own host.
-/// No ServiceAccount lives there, so no token Secret can be read through that grant. The
+/// No component's ServiceAccount lives there (only the namespace's `default` one, which must
+/// stay without any binding), so no useful token can be read through that grant. The
 /// user-facing console Secret in the desktop's namespace is written from the mirror and never
 /// read back, so neither component reads Secrets cluster-wide.
 pub const CONSOLE_MIRROR_PREFIX: &str = "console-";

@@ -3,5 +3,7 @@
 #![forbid(unsafe_code)]
 
 pub mod cluster;
+pub mod helm;
+pub mod host;
 pub mod kubectl;
 pub mod spice;

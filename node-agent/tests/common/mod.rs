@@ -2,9 +2,7 @@
 //! context, a binding, and golden-file comparison.
 #![allow(dead_code)]
 
-use std::future::Future;
-use std::net::{Ipv4Addr, TcpListener};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
@@ -98,36 +96,19 @@ pub fn assert_golden(file: &str, actual: &str) {
     );
 }
 
+/// The repository's root directory.
 pub fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .map(Path::to_path_buf)
-        .unwrap_or_else(|| PathBuf::from(".."))
+    deskvirt_tests::cluster::repo_root()
 }
 
 /// Runs a command; panics with its output when it cannot run or fails. Returns stdout.
 pub fn run(what: &str, cmd: &mut Command) -> String {
-    let out = match cmd.output() {
-        Ok(out) => out,
-        Err(e) => panic!("{what}: cannot run {cmd:?}: {e}"),
-    };
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    if !out.status.success() {
-        panic!(
-            "{what} failed ({}):\n--- stdout\n{stdout}\n--- stderr\n{}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    stdout
+    deskvirt_tests::host::run(what, cmd).unwrap_or_else(|e| panic!("{e:#}"))
 }
 
 /// A port nobody listens on right now.
 pub fn free_port() -> u16 {
-    match TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).and_then(|l| l.local_addr()) {
-        Ok(addr) => addr.port(),
-        Err(e) => panic!("cannot find a free port: {e}"),
-    }
+    deskvirt_tests::host::free_port().unwrap_or_else(|e| panic!("cannot find a free port: {e}"))
 }
 
 /// A value unique to this process and call, for names, UIDs, MACs and passwords.
@@ -143,29 +124,12 @@ pub fn unique() -> u64 {
         ^ (NEXT.fetch_add(1, Ordering::Relaxed) << 40)
 }
 
-/// Starts libvirt and builds (or finds) the tiny guest; returns the guest directory holding
-/// `vmlinuz`, `initrd.img` and `base.qcow2`.
+/// Starts libvirt and builds (or finds) the tiny guest; returns the guest directory.
 pub fn prepare_host() -> String {
-    let root = repo_root();
-    run(
-        "scripts/libvirt.sh start",
-        Command::new(root.join("scripts/libvirt.sh")).arg("start"),
-    );
-    let out = run(
-        "scripts/build-guest.sh",
-        &mut Command::new(root.join("scripts/build-guest.sh")),
-    );
-    let guest_dir = match out.lines().rev().find(|l| !l.trim().is_empty()) {
-        Some(dir) => dir.trim().to_string(),
-        None => panic!("scripts/build-guest.sh printed no directory"),
-    };
-    for f in ["vmlinuz", "initrd.img", "base.qcow2"] {
-        assert!(
-            Path::new(&guest_dir).join(f).is_file(),
-            "{guest_dir}/{f} is missing"
-        );
-    }
-    guest_dir
+    deskvirt_tests::host::prepare_host()
+        .unwrap_or_else(|e| panic!("{e:#}"))
+        .display()
+        .to_string()
 }
 
 /// The agent binary under test.
@@ -262,21 +226,8 @@ impl Drop for AgentProcess {
     }
 }
 
-/// Polls `f` until it returns `Some`, for at most `limit`.
-pub async fn eventually<T, F, Fut>(limit: Duration, what: &str, mut f: F) -> anyhow::Result<T>
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = anyhow::Result<Option<T>>>,
-{
-    let deadline = Instant::now() + limit;
-    loop {
-        if let Some(v) = f().await? {
-            return Ok(v);
-        }
-        anyhow::ensure!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
+#[allow(unused_imports)]
+pub use deskvirt_tests::host::eventually;
 
 /// The test's outcome after cleanup ran: a panic inside the test body is resumed here.
 pub fn finish(result: std::thread::Result<anyhow::Result<()>>) -> anyhow::Result<()> {

@@ -1,0 +1,170 @@
+//! This machine as a KVM host for the tests: libvirt started and the tiny guest built by the
+//! project's scripts, the workspace binaries built and located, free ports, and child
+//! processes that die with the test.
+
+use std::net::{Ipv4Addr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+
+use crate::cluster::repo_root;
+
+/// Runs a command; its stdout, or an error carrying its output.
+pub fn run(what: &str, cmd: &mut Command) -> anyhow::Result<String> {
+    let out = cmd
+        .output()
+        .with_context(|| format!("{what}: cannot run {cmd:?}"))?;
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    anyhow::ensure!(
+        out.status.success(),
+        "{what} failed ({}):\n--- stdout\n{stdout}\n--- stderr\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(stdout)
+}
+
+/// Starts libvirt and builds (or finds) the tiny guest; the guest directory holding
+/// `vmlinuz`, `initrd.img` and `base.qcow2`.
+pub fn prepare_host() -> anyhow::Result<PathBuf> {
+    let root = repo_root();
+    run(
+        "scripts/libvirt.sh start",
+        Command::new(root.join("scripts/libvirt.sh")).arg("start"),
+    )?;
+    let out = run(
+        "scripts/build-guest.sh",
+        &mut Command::new(root.join("scripts/build-guest.sh")),
+    )?;
+    let dir = out
+        .lines()
+        .rev()
+        .find(|l| !l.trim().is_empty())
+        .map(|l| PathBuf::from(l.trim()))
+        .context("scripts/build-guest.sh printed no directory")?;
+    for f in ["vmlinuz", "initrd.img", "base.qcow2"] {
+        anyhow::ensure!(dir.join(f).is_file(), "{}/{f} is missing", dir.display());
+    }
+    Ok(dir)
+}
+
+/// A TCP port nobody listens on right now.
+pub fn free_port() -> anyhow::Result<u16> {
+    Ok(TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?
+        .local_addr()?
+        .port())
+}
+
+/// `count` consecutive free ports from a random start (for a pool's SPICE range).
+pub fn free_port_range(count: u16) -> anyhow::Result<u16> {
+    for _ in 0..50 {
+        let first = free_port()?;
+        if first > u16::MAX - count {
+            continue;
+        }
+        let all_free =
+            (first..first + count).all(|p| TcpListener::bind((Ipv4Addr::LOCALHOST, p)).is_ok());
+        if all_free {
+            return Ok(first);
+        }
+    }
+    anyhow::bail!("no {count} consecutive free ports found")
+}
+
+/// The workspace's binaries (operator and node-agent), built once per test process.
+pub fn workspace_binary(name: &str) -> anyhow::Result<PathBuf> {
+    static BUILT: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    let dir = BUILT
+        .get_or_init(|| {
+            let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+            let target = std::env::var("CARGO_TARGET_DIR")
+                .map(PathBuf::from)
+                .unwrap_or_else(|_| repo_root().join("target"));
+            run(
+                "cargo build of the binaries",
+                Command::new(cargo)
+                    .current_dir(repo_root())
+                    .args(["build", "--locked", "--bins"])
+                    .args(["-p", "deskvirt-operator", "-p", "deskvirt-node-agent"])
+                    .env("CARGO_TARGET_DIR", &target),
+            )
+            .map(|_| target.join("debug"))
+            .map_err(|e| format!("{e:#}"))
+        })
+        .clone()
+        .map_err(|e| anyhow::anyhow!(e))?;
+    let path = dir.join(name);
+    anyhow::ensure!(path.is_file(), "{} was not built", path.display());
+    Ok(path)
+}
+
+/// A child process killed (SIGKILL) when dropped.
+#[derive(Debug)]
+pub struct Process {
+    pub child: Child,
+    pub what: String,
+}
+
+impl Process {
+    /// Spawns `cmd` with stdin closed and output inherited.
+    pub fn spawn(what: &str, cmd: &mut Command) -> anyhow::Result<Self> {
+        let child = cmd
+            .stdin(Stdio::null())
+            .spawn()
+            .with_context(|| format!("starting {what}"))?;
+        Ok(Self {
+            child,
+            what: what.to_string(),
+        })
+    }
+
+    /// `kill -9` and reap.
+    pub fn kill(&mut self) -> anyhow::Result<()> {
+        if self.child.try_wait()?.is_none() {
+            self.child.kill()?;
+            self.child.wait()?;
+        }
+        Ok(())
+    }
+
+    /// Whether it still runs.
+    pub fn running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.kill();
+    }
+}
+
+/// Polls `f` until it yields `Some`, for at most `limit`.
+pub async fn eventually<T, F, Fut>(limit: Duration, what: &str, mut f: F) -> anyhow::Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = anyhow::Result<Option<T>>>,
+{
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(v) = f().await? {
+            return Ok(v);
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "timed out after {limit:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// QEMU's PID of a running domain of `qemu:///system`, from libvirt's PID file.
+pub fn qemu_pid(domain: &str) -> Option<u32> {
+    let text =
+        std::fs::read_to_string(Path::new("/run/libvirt/qemu").join(format!("{domain}.pid")))
+            .ok()?;
+    text.trim().parse().ok()
+}
