@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use clap::Parser;
-use deskvirt_crds::constants::LEASE_NAMESPACE_DEFAULT;
+use deskvirt_crds::constants::{CONSOLE_NAMESPACE_DEFAULT, LEASE_NAMESPACE_DEFAULT};
 use deskvirt_crds::quantity::parse_duration;
 use deskvirt_runtime::logging::LogFormat;
 
@@ -17,9 +17,14 @@ pub struct Config {
     #[arg(long, env = "DESKVIRT_METRICS_ADDR", default_value = "0.0.0.0:8080")]
     pub metrics_addr: SocketAddr,
 
-    /// Namespace of the leader-election Lease and of the hosts' heartbeat Leases.
+    /// deskvirt's system namespace: the leader-election Lease and the hosts' heartbeat Leases.
     #[arg(long, env = "POD_NAMESPACE", default_value = LEASE_NAMESPACE_DEFAULT)]
     pub namespace: String,
+
+    /// Namespace of the console password mirrors (`console-<desktop uid>`), which the
+    /// node-agents read; keep nothing else there (see `CONSOLE_MIRROR_PREFIX`).
+    #[arg(long, env = "DESKVIRT_CONSOLE_NAMESPACE", default_value = CONSOLE_NAMESPACE_DEFAULT)]
+    pub console_namespace: String,
 
     /// Log format: text or json.
     #[arg(long, env = "DESKVIRT_LOG_FORMAT", value_enum, default_value = "text")]
@@ -48,6 +53,16 @@ pub struct Config {
     /// Identity in the leader Lease and in Events; the pod name, else the host name.
     #[arg(long, env = "POD_NAME")]
     pub identity: Option<String>,
+
+    /// How often the leader deletes console password mirrors whose Desktop is gone (besides
+    /// once on becoming leader).
+    #[arg(
+        long,
+        env = "DESKVIRT_MIRROR_SWEEP_INTERVAL",
+        default_value = "10m",
+        value_parser = parse_flag_duration
+    )]
+    pub mirror_sweep_interval: Duration,
 
     /// Only manage ResourcePools, DomainNodes and Desktops matching this label selector
     /// (sharding, and isolation of concurrent test runs). Empty manages everything.
@@ -88,6 +103,7 @@ mod tests {
         assert_eq!(c.host_timeout, Duration::from_secs(3));
         assert_eq!(c.leader_lease_duration, Duration::from_secs(15));
         assert_eq!(c.metrics_addr.port(), 8080);
+        assert_eq!(c.mirror_sweep_interval, Duration::from_secs(600));
         assert!(Config::try_parse_from(["x", "--host-timeout", "0s"]).is_err());
         let c = Config::try_parse_from(["x", "--lease-duration", "1m"])
             .unwrap_or_else(|e| panic!("{e}"));

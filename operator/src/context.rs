@@ -5,11 +5,14 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use deskvirt_crds::constants::console_mirror_name;
 use deskvirt_crds::{Desktop, DomainNode, ResourcePool};
-use futures::StreamExt;
+use futures::future::BoxFuture;
+use futures::{FutureExt, StreamExt};
 use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::jiff::Timestamp;
-use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::events::{EventType, Reporter};
 use kube::runtime::reflector::{self, ObjectRef, Store, reflector};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, Resource, ResourceExt};
@@ -19,6 +22,7 @@ use tokio::sync::watch;
 use crate::allocators::{
     DesktopBinding, Ledger, LedgerConfig, LedgerError, Seniority, SubnetBinding,
 };
+use crate::console::mirror;
 use crate::heartbeat::Heartbeat;
 use crate::metrics::Metrics;
 
@@ -29,33 +33,46 @@ pub struct Stores {
     pub nodes: Store<DomainNode>,
     pub desktops: Store<Desktop>,
     pub leases: Store<Lease>,
+    /// Console password mirrors in the operator's namespace.
+    pub mirrors: Store<Secret>,
 }
 
 impl Stores {
-    /// Starts one reflector per kind; they stop when `stop` flips.
+    /// The caches, and the future that fills them until `stop` flips. The caller drives that
+    /// future, so dropping the operator's future stops every watch with it.
     pub fn start(
         client: &Client,
         namespace: &str,
+        console_namespace: &str,
         selector: &str,
         stop: watch::Receiver<bool>,
-    ) -> Self {
-        let cfg = || {
-            if selector.is_empty() {
-                watcher::Config::default()
-            } else {
-                watcher::Config::default().labels(selector)
+    ) -> (Self, impl Future<Output = ()> + Send + 'static) {
+        let cfg = || crate::controllers::watch_config(selector);
+        let (pools, a) = reflect(Api::all(client.clone()), cfg());
+        let (nodes, b) = reflect(Api::all(client.clone()), cfg());
+        let (desktops, c) = reflect(Api::all(client.clone()), cfg());
+        let (leases, d) = reflect(
+            Api::namespaced(client.clone(), namespace),
+            watcher::Config::default(),
+        );
+        let (mirrors, e) = reflect(
+            Api::namespaced(client.clone(), console_namespace),
+            watcher::Config::default().labels(&mirror::selector()),
+        );
+        let drive = async move {
+            tokio::select! {
+                _ = futures::future::join5(a, b, c, d, e) => {}
+                () = stopped(stop) => {}
             }
         };
-        Self {
-            pools: reflect(Api::all(client.clone()), cfg(), stop.clone()),
-            nodes: reflect(Api::all(client.clone()), cfg(), stop.clone()),
-            desktops: reflect(Api::all(client.clone()), cfg(), stop.clone()),
-            leases: reflect(
-                Api::namespaced(client.clone(), namespace),
-                watcher::Config::default(),
-                stop,
-            ),
-        }
+        let stores = Self {
+            pools,
+            nodes,
+            desktops,
+            leases,
+            mirrors,
+        };
+        (stores, drive)
     }
 
     /// Waits until every store has its first full list.
@@ -64,6 +81,7 @@ impl Stores {
             && self.nodes.wait_until_ready().await.is_ok()
             && self.desktops.wait_until_ready().await.is_ok()
             && self.leases.wait_until_ready().await.is_ok()
+            && self.mirrors.wait_until_ready().await.is_ok()
     }
 
     pub fn pool(&self, name: &str) -> Option<Arc<ResourcePool>> {
@@ -77,9 +95,21 @@ impl Stores {
     pub fn lease(&self, namespace: &str, name: &str) -> Option<Arc<Lease>> {
         self.leases.get(&ObjectRef::new(name).within(namespace))
     }
+
+    /// The cached mirror of the desktop with UID `uid`.
+    pub fn mirror(&self, namespace: &str, uid: &str) -> Option<Arc<Secret>> {
+        self.mirrors
+            .get(&ObjectRef::new(&console_mirror_name(uid)).within(namespace))
+    }
+
+    /// The cached desktop with UID `uid`.
+    pub fn desktop_by_uid(&self, uid: &str) -> Option<Arc<Desktop>> {
+        self.desktops
+            .find(|d| d.metadata.uid.as_deref() == Some(uid))
+    }
 }
 
-fn reflect<K>(api: Api<K>, cfg: watcher::Config, stop: watch::Receiver<bool>) -> Store<K>
+fn reflect<K>(api: Api<K>, cfg: watcher::Config) -> (Store<K>, BoxFuture<'static, ()>)
 where
     K: Resource<DynamicType = ()>
         + Clone
@@ -91,13 +121,7 @@ where
 {
     let (reader, writer) = reflector::store();
     let stream = reflector(writer, watcher(api, cfg).default_backoff()).for_each(|_| async {});
-    tokio::spawn(async move {
-        tokio::select! {
-            () = stream => {}
-            () = stopped(stop) => {}
-        }
-    });
-    reader
+    (reader, stream.boxed())
 }
 
 /// Completes once `stop` is true (or its sender is gone).
@@ -133,22 +157,27 @@ impl Ledgers {
     pub fn of(&mut self, pool: &ResourcePool, stores: &Stores) -> Result<&mut Ledger, LedgerError> {
         let name = pool.metadata.name.clone().unwrap_or_default();
         let config = LedgerConfig::from_spec(&pool.spec)?;
-        let stale = self.pools.get(&name).is_none_or(|l| l.config() != config);
-        if stale {
-            let old = self.pools.remove(&name);
-            let mut ledger = Ledger::new(config);
-            let conflicts = ledger.rebuild(
-                desktop_bindings(&name, stores, old.as_ref()),
-                host_bindings(&name, stores),
-            );
-            for c in &conflicts {
-                tracing::warn!(pool = %name, conflict = %c, "ledger rebuild refused a recorded value");
-                self.rebind.insert(c.loser().to_string());
-            }
-            tracing::info!(pool = %name, conflicts = conflicts.len(), "ledger rebuilt");
-            self.pools.insert(name.clone(), ledger);
+        if self.pools.get(&name).is_none_or(|l| l.config() != config) {
+            self.rebuild(&name, config, stores);
         }
         self.pools.get_mut(&name).ok_or(LedgerError::NoSubnets)
+    }
+
+    /// Replaces the ledger of `name` with one rebuilt from the recorded bindings, keeping the
+    /// old ledger's bindings the cache does not show yet.
+    fn rebuild(&mut self, name: &str, config: LedgerConfig, stores: &Stores) {
+        let old = self.pools.remove(name);
+        let mut ledger = Ledger::new(config);
+        let conflicts = ledger.rebuild(
+            desktop_bindings(name, stores, old.as_ref()),
+            host_bindings(name, stores),
+        );
+        for c in &conflicts {
+            tracing::warn!(pool = %name, conflict = %c, "ledger rebuild refused a recorded value");
+            self.rebind.insert(c.loser().to_string());
+        }
+        tracing::info!(pool = %name, conflicts = conflicts.len(), "ledger rebuilt");
+        self.pools.insert(name.to_string(), ledger);
     }
 
     /// The ledger of `pool` if already built.
@@ -227,6 +256,15 @@ pub fn holds_binding(d: &Desktop) -> bool {
             .any(|f| f == deskvirt_crds::constants::FINALIZER_OPERATOR)
 }
 
+/// The operator's two namespaces.
+#[derive(Clone, Debug)]
+pub struct Namespaces {
+    /// Leader and heartbeat Leases.
+    pub system: String,
+    /// Console password mirrors.
+    pub console: String,
+}
+
 /// Shared state of the controllers.
 pub struct Context {
     pub client: Client,
@@ -234,6 +272,8 @@ pub struct Context {
     pub metrics: Metrics,
     /// Namespace of the leader and heartbeat Leases.
     pub namespace: String,
+    /// Namespace of the console password mirrors.
+    pub console_namespace: String,
     /// Heartbeat validity when a Lease names none.
     pub host_timeout: Duration,
     pub leader: watch::Receiver<bool>,
@@ -247,7 +287,7 @@ impl Context {
         client: Client,
         identity: &str,
         metrics: Metrics,
-        namespace: String,
+        namespaces: Namespaces,
         host_timeout: Duration,
         leader: watch::Receiver<bool>,
         stores: Stores,
@@ -259,7 +299,8 @@ impl Context {
                 instance: Some(identity.to_string()),
             },
             metrics,
-            namespace,
+            namespace: namespaces.system,
+            console_namespace: namespaces.console,
             host_timeout,
             leader,
             stores,
@@ -278,7 +319,9 @@ impl Context {
         Heartbeat::of(lease.as_deref(), now, self.host_timeout)
     }
 
-    /// Records an Event on `obj`; failures are logged, never returned.
+    /// Records an Event on `obj`; failures are logged, never returned. Events about
+    /// cluster-scoped objects (DomainNodes, ResourcePools) go to the operator's namespace: an
+    /// API server before 1.20.12 refuses `events.k8s.io/v1` Events in `default` for them.
     pub async fn event<K: Resource<DynamicType = ()>>(
         &self,
         obj: &K,
@@ -287,17 +330,16 @@ impl Context {
         action: &str,
         note: String,
     ) {
-        let recorder = Recorder::new(self.client.clone(), self.reporter.clone());
-        let ev = Event {
+        deskvirt_runtime::events::publish(
+            &self.client,
+            &self.reporter,
+            obj,
             type_,
-            reason: reason.into(),
-            note: Some(note),
-            action: action.into(),
-            secondary: None,
-        };
-        if let Err(e) = recorder.publish(&ev, &obj.object_ref(&())).await {
-            tracing::warn!(error = %e, reason, "cannot record Event");
-        }
+            reason,
+            action,
+            note,
+        )
+        .await;
     }
 
     /// The next retry delay for `key` after a failure: 1s doubling to 5 minutes.

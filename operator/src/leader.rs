@@ -1,6 +1,10 @@
 //! Leader election on a `coordination.k8s.io/v1` Lease: acquire it when free or expired, renew
 //! it every third of its duration, step down at the first failed renewal, release it on
 //! shutdown. Only the leader binds, allocates and writes statuses.
+//!
+//! A Lease naming this replica's identity is taken over like anyone else's (only once expired)
+//! unless this very process holds it: a restarted process reusing its pod name must not lead
+//! while writes of its previous life may still be landing.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -14,9 +18,11 @@ use tokio::sync::watch;
 
 use crate::context::{Context, Ledgers, stopped};
 
-/// Whether `holder` may take a Lease held by `current` (renewed at `renewed` for `secs`).
+/// Whether `me` may take a Lease held by `current` (renewed at `renewed` for `secs`);
+/// `leading` says whether this process holds it now (a renewal).
 pub fn may_take(
     me: &str,
+    leading: bool,
     current: Option<&str>,
     renewed: Option<Timestamp>,
     secs: Option<i32>,
@@ -24,7 +30,7 @@ pub fn may_take(
 ) -> bool {
     match current {
         None | Some("") => true,
-        Some(h) if h == me => true,
+        Some(h) if h == me && leading => true,
         Some(_) => match (renewed, secs) {
             (Some(r), Some(s)) => r
                 .checked_add(SignedDuration::from_secs(i64::from(s)))
@@ -44,7 +50,7 @@ pub struct Elector {
 
 impl Elector {
     /// One attempt to acquire or renew. `Ok(true)`: this replica holds the Lease now.
-    async fn attempt(&self) -> Result<bool, kube::Error> {
+    async fn attempt(&self, leading: bool) -> Result<bool, kube::Error> {
         let now = Timestamp::now();
         let secs = i32::try_from(self.duration.as_secs())
             .unwrap_or(i32::MAX)
@@ -76,6 +82,7 @@ impl Elector {
                 let holder = spec.holder_identity.as_deref();
                 if !may_take(
                     &self.identity,
+                    leading,
                     holder,
                     spec.renew_time.as_ref().map(|t| t.0),
                     spec.lease_duration_seconds,
@@ -83,7 +90,7 @@ impl Elector {
                 ) {
                     return Ok(false);
                 }
-                let mine = holder == Some(self.identity.as_str());
+                let mine = leading && holder == Some(self.identity.as_str());
                 let mut new = spec.clone();
                 if !mine {
                     new.acquire_time = Some(MicroTime(now));
@@ -129,7 +136,8 @@ impl Elector {
 
 /// Runs the election until `stop`, publishing leadership on `tx`. On gaining leadership the
 /// ledgers are reset (each pool's is rebuilt from recorded bindings on first use) before the
-/// flag flips, so no reconcile binds against an empty ledger.
+/// flag flips, so no reconcile binds against an empty ledger. `stop` should flip only once the
+/// controllers have stopped, so nothing writes after the Lease is released.
 pub async fn run(
     elector: Elector,
     ctx: Arc<Context>,
@@ -137,9 +145,18 @@ pub async fn run(
     stop: watch::Receiver<bool>,
 ) {
     let renew = (elector.duration / 3).max(Duration::from_millis(500));
+    // Campaign only with full caches: a Lease won while they fill would go unrenewed.
+    let filled = tokio::select! {
+        ready = ctx.stores.ready() => ready,
+        () = stopped(stop.clone()) => false,
+    };
+    if !filled {
+        tracing::warn!("watch caches never filled; not campaigning");
+        return;
+    }
     let mut leading = false;
     loop {
-        let held = match elector.attempt().await {
+        let held = match elector.attempt(leading).await {
             Ok(h) => h,
             Err(e) => {
                 tracing::warn!(error = %e, "leader Lease renewal failed");
@@ -147,15 +164,11 @@ pub async fn run(
             }
         };
         if held && !leading {
-            if !ctx.stores.ready().await {
-                tracing::warn!("watch caches never filled; not leading");
-            } else {
-                *ctx.ledgers.lock().await = Ledgers::fresh();
-                leading = true;
-                ctx.metrics.leader.set(1);
-                tracing::info!(identity = %elector.identity, "became leader");
-                let _ = tx.send(true);
-            }
+            *ctx.ledgers.lock().await = Ledgers::fresh();
+            leading = true;
+            ctx.metrics.leader.set(1);
+            tracing::info!(identity = %elector.identity, "became leader");
+            let _ = tx.send(true);
         } else if !held && leading {
             leading = false;
             let _ = tx.send(false);
@@ -184,11 +197,22 @@ mod tests {
         Timestamp::from_second(s).unwrap_or(Timestamp::UNIX_EPOCH)
     }
 
+    /// Whether "a" may take a Lease renewed at 0 s for 15 s, at `now`.
+    fn take(leading: bool, holder: Option<&str>, now: i64) -> bool {
+        may_take("a", leading, holder, Some(at(0)), Some(15), at(now))
+    }
+
     #[test]
     fn takes_free_own_or_expired_leases_only() {
-        assert!(may_take("a", None, None, None, at(0)));
-        assert!(may_take("a", Some("a"), Some(at(0)), Some(15), at(1)));
-        assert!(!may_take("a", Some("b"), Some(at(0)), Some(15), at(10)));
-        assert!(may_take("a", Some("b"), Some(at(0)), Some(15), at(16)));
+        assert!(may_take("a", false, None, None, None, at(0)));
+        assert!(take(true, Some("a"), 1));
+        assert!(!take(false, Some("b"), 10));
+        assert!(take(false, Some("b"), 16));
+    }
+
+    #[test]
+    fn a_restarted_process_waits_for_its_own_lease_to_expire() {
+        assert!(!take(false, Some("a"), 1));
+        assert!(take(false, Some("a"), 16));
     }
 }

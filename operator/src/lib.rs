@@ -13,4 +13,5 @@ pub mod metrics;
 pub mod operator;
 pub mod phase;
 pub mod scheduler;
+pub mod sweep;
 pub mod world;

@@ -1,5 +1,5 @@
-//! Wiring: connect to the API server, start the watch caches, the leader elector and the three
-//! controllers, and stop them all when asked.
+//! Wiring: connect to the API server, start the watch caches, the leader elector, the three
+//! controllers and the mirror sweep, and stop them all when asked.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -11,10 +11,11 @@ use kube::{Api, Client};
 use tokio::sync::watch;
 
 use crate::config::Config;
-use crate::context::{Context, Stores};
+use crate::context::{Context, Namespaces, Stores};
 use crate::controllers::{desktop, domain_node, resource_pool};
 use crate::leader::{self, Elector};
 use crate::metrics::Metrics;
+use crate::sweep;
 
 pub use crate::context::stopped;
 
@@ -40,7 +41,8 @@ pub async fn connect() -> anyhow::Result<Client> {
 }
 
 /// Runs the operator until `stop` flips; returns once every controller has stopped and the
-/// leader Lease is released.
+/// leader Lease is released. Everything runs inside the returned future (nothing is spawned
+/// that outlives it), so dropping it stops the replica at once, as a crash would.
 pub async fn run(
     config: Config,
     client: Client,
@@ -49,18 +51,24 @@ pub async fn run(
     stop: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
     let identity = config.identity();
-    let stores = Stores::start(
+    // Caches and the Lease outlive the controllers: they stop once the controllers are done.
+    let (drained_tx, drained) = watch::channel(false);
+    let (stores, caches) = Stores::start(
         &client,
         &config.namespace,
+        &config.console_namespace,
         &config.label_selector,
-        stop.clone(),
+        drained.clone(),
     );
     let (leader_tx, leader_rx) = watch::channel(false);
     let ctx = Arc::new(Context::new(
         client.clone(),
         &identity,
         metrics,
-        config.namespace.clone(),
+        Namespaces {
+            system: config.namespace.clone(),
+            console: config.console_namespace.clone(),
+        },
         config.host_timeout,
         leader_rx,
         stores,
@@ -73,13 +81,20 @@ pub async fn run(
         identity,
         duration: config.leader_lease_duration,
     };
-    let election = tokio::spawn(leader::run(elector, ctx.clone(), leader_tx, stop.clone()));
     let sel = config.label_selector.clone();
+    let controllers = async {
+        tokio::join!(
+            desktop::run(ctx.clone(), sel.clone(), stop.clone()),
+            domain_node::run(ctx.clone(), sel.clone(), stop.clone()),
+            resource_pool::run(ctx.clone(), sel, stop.clone()),
+            sweep::run(ctx.clone(), config.mirror_sweep_interval, stop.clone()),
+        );
+        let _ = drained_tx.send(true);
+    };
     tokio::join!(
-        desktop::run(ctx.clone(), sel.clone(), stop.clone()),
-        domain_node::run(ctx.clone(), sel.clone(), stop.clone()),
-        resource_pool::run(ctx.clone(), sel, stop.clone()),
+        caches,
+        leader::run(elector, ctx.clone(), leader_tx, drained),
+        controllers,
     );
-    let _ = election.await;
     Ok(())
 }

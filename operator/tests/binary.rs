@@ -1,12 +1,15 @@
 //! The `deskvirt-operator` binary against the real API server: flags, health endpoints, and a
 //! clean exit on SIGTERM.
 
+mod common;
+
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use deskvirt_tests::cluster::{TestNamespace, client, kubeconfig_path, unique_suffix};
+use common::Run;
+use deskvirt_tests::cluster::kubeconfig_path;
 
 const BIN: &str = env!("CARGO_BIN_EXE_deskvirt-operator");
 
@@ -45,10 +48,7 @@ fn help_lists_the_flags() {
 #[tokio::test]
 async fn serves_health_and_stops_on_sigterm() {
     let kubeconfig = kubeconfig_path().unwrap_or_else(|e| panic!("{e:#}"));
-    let client = client().await.unwrap_or_else(|e| panic!("{e:#}"));
-    let ns = TestNamespace::new(&client, "op-bin")
-        .await
-        .unwrap_or_else(|e| panic!("{e:#}"));
+    let run = Run::new("op-bin").await;
     let port = TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
@@ -56,12 +56,9 @@ async fn serves_health_and_stops_on_sigterm() {
     let mut child = Command::new(BIN)
         .env("KUBECONFIG", &kubeconfig)
         .args(["--metrics-addr", &format!("127.0.0.1:{port}")])
-        .args(["--namespace", &ns.name])
+        .args(["--namespace", &run.ns])
         // Manage nothing real: only objects of this (empty) test run.
-        .args([
-            "--label-selector",
-            &format!("deskvirt.io/test-run=bin-{}", unique_suffix()),
-        ])
+        .args(["--label-selector", &run.selector()])
         .stdout(Stdio::null())
         .stderr(Stdio::inherit())
         .spawn()

@@ -205,6 +205,31 @@ impl Ledger {
         }
     }
 
+    /// Makes the ledger hold exactly the binding recorded in a desktop's status (for when a
+    /// write the ledger gave up on landed after all). Refused (`false`, nothing changed) when
+    /// another desktop holds the port or the MAC.
+    pub fn adopt(&mut self, desktop: &str, host: &str, port: u16, mac: &str) -> bool {
+        let port_free = self
+            .ports
+            .holder(host, port)
+            .is_none_or(|holder| holder == desktop);
+        let mac_free = mac
+            .parse::<Mac>()
+            .is_ok_and(|m| self.macs.holder(m).is_none_or(|holder| holder == desktop));
+        if !(port_free && mac_free) {
+            return false;
+        }
+        self.ports.adopt(desktop, host, port) && self.macs.adopt(desktop, mac)
+    }
+
+    /// Whether the ledger holds exactly this binding for `desktop`.
+    pub fn holds(&self, desktop: &str, host: &str, port: u16, mac: &str) -> bool {
+        self.port_of(desktop) == Some((host, port))
+            && self
+                .mac_of(desktop)
+                .is_some_and(|m| mac.parse::<Mac>().is_ok_and(|r| r == m))
+    }
+
     /// Frees the port and MAC of a deleted desktop.
     pub fn release(&mut self, desktop: &str) -> Released {
         Released {
@@ -454,6 +479,28 @@ mod tests {
         assert_eq!(young.port, 5902);
         assert_ne!(Some(young.mac), l.mac_of("old"));
         assert_eq!(l.assign_subnet("h2")?.to_string(), "10.200.1.0/24");
+        Ok(())
+    }
+
+    #[test]
+    fn adopts_a_recorded_binding_only_when_free() -> Result<(), LedgerError> {
+        let mut l = ledger(5900, 5910);
+        let a = l.bind(&claim("a", "h1"))?;
+        // A write the ledger gave up on landed: "b" holds 5905 on h2 with this MAC.
+        let mac = "52:54:00:00:00:42";
+        assert!(!l.holds("b", "h2", 5905, mac));
+        assert!(l.adopt("b", "h2", 5905, mac));
+        assert!(l.holds("b", "h2", 5905, mac));
+        // Adopting replaces what the ledger held for the desktop.
+        assert!(l.adopt("b", "h1", 5906, mac));
+        assert_eq!(l.port_of("b"), Some(("h1", 5906)));
+        assert_eq!(l.ports_in_use("h2"), 0);
+        // Another desktop's port or MAC is never taken over; nothing changes then.
+        assert!(!l.adopt("c", "h1", a.port, "52:54:00:00:00:43"));
+        assert!(!l.adopt("c", "h1", 5907, &a.mac.to_string()));
+        assert!(!l.adopt("c", "h1", 5907, "not-a-mac"));
+        assert_eq!(l.port_of("c"), None);
+        assert_eq!(l.mac_of("c"), None);
         Ok(())
     }
 }

@@ -218,6 +218,27 @@ impl MacLedger {
         Ok(mac)
     }
 
+    /// Records that `desktop` holds `mac` (as its status says), replacing what the ledger held
+    /// for it. Refused (`false`, nothing changed) when the MAC is malformed, not unicast, or
+    /// held by another desktop.
+    pub fn adopt(&mut self, desktop: &str, mac: &str) -> bool {
+        let Ok(mac) = mac.parse::<Mac>() else {
+            return false;
+        };
+        if !mac.is_unicast() {
+            return false;
+        }
+        match self.macs.get(&mac) {
+            Some(holder) => holder == desktop,
+            None => {
+                self.release(desktop);
+                self.macs.insert(mac, desktop.to_owned());
+                self.desktops.insert(desktop.to_owned(), mac);
+                true
+            }
+        }
+    }
+
     /// The address a fresh ledger would give `desktop` first.
     pub fn candidate(&self, desktop: &str) -> Mac {
         Mac::from_prefix(self.prefix, fold24(fnv1a64(desktop.as_bytes())))

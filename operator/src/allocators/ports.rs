@@ -117,6 +117,19 @@ impl PortLedger {
         Ok(port)
     }
 
+    /// Records that `desktop` holds `port` on `host` (as its status says), replacing what the
+    /// ledger held for it. Refused (`false`, nothing changed) when another desktop holds it.
+    pub fn adopt(&mut self, desktop: &str, host: &str, port: u16) -> bool {
+        match self.holder(host, port) {
+            Some(holder) => holder == desktop,
+            None => {
+                self.release(desktop);
+                self.insert(desktop, host, port);
+                true
+            }
+        }
+    }
+
     /// Frees the port of `desktop`, returning the host and port it held.
     pub fn release(&mut self, desktop: &str) -> Option<(String, u16)> {
         let (host, port) = self.desktops.remove(desktop)?;

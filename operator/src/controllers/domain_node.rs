@@ -8,7 +8,6 @@ use std::time::Duration;
 use deskvirt_crds::conditions::{self, Status, condition};
 use deskvirt_crds::constants::condition::{READY, SCHEDULABLE};
 use deskvirt_crds::domain_node::{Allocatable, DomainNode};
-use futures::StreamExt;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use k8s_openapi::jiff::Timestamp;
@@ -20,7 +19,7 @@ use kube::{Api, ResourceExt};
 use serde_json::json;
 use tokio::sync::watch;
 
-use super::{Categorized, apply_status, kube_transient, on_leadership};
+use super::{Categorized, apply_status, drive, kube_transient, on_leadership, watch_config};
 use crate::allocators::LedgerError;
 use crate::context::{Context, stopped};
 use crate::heartbeat::Heartbeat;
@@ -49,14 +48,10 @@ impl Categorized for Error {
 
 pub async fn run(ctx: Arc<Context>, selector: String, stop: watch::Receiver<bool>) {
     let client = ctx.client.clone();
-    let cfg = if selector.is_empty() {
-        watcher::Config::default()
-    } else {
-        watcher::Config::default().labels(&selector)
-    };
+    let cfg = watch_config(&selector);
     let stores = ctx.stores.clone();
     let pool_stores = ctx.stores.clone();
-    Controller::new(Api::<DomainNode>::all(client.clone()), cfg.clone())
+    let controller = Controller::new(Api::<DomainNode>::all(client.clone()), cfg.clone())
         .watches(
             Api::<Lease>::namespaced(client.clone(), &ctx.namespace),
             watcher::Config::default(),
@@ -80,14 +75,13 @@ pub async fn run(ctx: Arc<Context>, selector: String, stop: watch::Receiver<bool
             },
         )
         .reconcile_all_on(on_leadership(ctx.leader.clone()))
-        .graceful_shutdown_on(stopped(stop))
+        .graceful_shutdown_on(stopped(stop.clone()))
         .run(
             reconcile,
             |n, e, c| super::error_policy(NAME, &n, e, &c),
             ctx,
-        )
-        .for_each(|_| async {})
-        .await;
+        );
+    drive(NAME, controller, stop).await;
 }
 
 /// The operator's part of a host status.

@@ -1,21 +1,27 @@
 //! The three controllers (Desktop, DomainNode, ResourcePool) and what they share: server-side
-//! apply under the operator's field manager, the leadership trigger, and the error policy.
+//! apply under the operator's field manager, the leadership trigger, the error policy, and a
+//! shutdown that cannot hang.
 
 pub mod desktop;
 pub mod domain_node;
 pub mod resource_pool;
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use deskvirt_crds::constants::MANAGER_OPERATOR;
-use futures::Stream;
+use futures::{Stream, StreamExt};
 use kube::api::{Patch, PatchParams};
 use kube::runtime::controller::Action;
+use kube::runtime::watcher;
 use kube::{Api, Resource, ResourceExt};
 use serde::de::DeserializeOwned;
 use tokio::sync::watch;
 
-use crate::context::Context;
+use crate::context::{Context, stopped};
+
+/// How long a controller may finish its reconciles in flight after the stop signal.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
 /// Errors that know how to be counted and retried.
 pub trait Categorized: std::error::Error {
@@ -30,6 +36,40 @@ pub fn kube_transient(e: &kube::Error) -> bool {
     match e {
         kube::Error::Api(s) => s.code == 409 || s.code == 429 || s.code >= 500,
         _ => true,
+    }
+}
+
+/// Whether the API refused a write because the object changed since it was read.
+pub fn is_conflict(e: &kube::Error) -> bool {
+    matches!(e, kube::Error::Api(s) if s.code == 409)
+}
+
+/// Watch settings restricted to `selector` (empty: everything).
+pub fn watch_config(selector: &str) -> watcher::Config {
+    if selector.is_empty() {
+        watcher::Config::default()
+    } else {
+        watcher::Config::default().labels(selector)
+    }
+}
+
+/// Drives a controller until its stream ends. Once `stop` flips the controller gets
+/// [`SHUTDOWN_GRACE`] to finish, then is dropped: kube's graceful shutdown waits for a first
+/// list that never comes when a watch cannot list (CRDs missing, RBAC), and SIGTERM must still
+/// end the process.
+pub async fn drive<S: Stream>(name: &'static str, controller: S, stop: watch::Receiver<bool>) {
+    let run = controller.for_each(|_| async {});
+    tokio::pin!(run);
+    tokio::select! {
+        () = &mut run => return,
+        () = stopped(stop) => {}
+    }
+    if tokio::time::timeout(SHUTDOWN_GRACE, run).await.is_err() {
+        tracing::warn!(
+            controller = name,
+            grace = ?SHUTDOWN_GRACE,
+            "controller did not stop in time; dropped"
+        );
     }
 }
 
@@ -73,6 +113,18 @@ pub fn on_leadership(rx: watch::Receiver<bool>) -> impl Stream<Item = ()> + Send
     })
 }
 
+/// An error with its sources, for logs (messages do not repeat their source, so the log must).
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        source = s.source();
+    }
+    out
+}
+
 /// The shared error policy: log, count, and requeue with a per-object backoff.
 pub fn error_policy<K, E>(controller: &'static str, obj: &Arc<K>, err: &E, ctx: &Context) -> Action
 where
@@ -86,7 +138,7 @@ where
         controller,
         object = %obj.name_any(),
         category = err.category(),
-        error = %err,
+        error = %chain(err),
         retry_in = ?delay,
         "reconcile failed"
     );

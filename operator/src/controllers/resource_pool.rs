@@ -11,16 +11,15 @@ use deskvirt_crds::constants::condition::{DEGRADED, READY};
 use deskvirt_crds::desktop::Phase;
 use deskvirt_crds::resource_pool::{ResourcePool, ResourcePoolStatus};
 use deskvirt_crds::{Desktop, DomainNode};
-use futures::StreamExt;
 use k8s_openapi::jiff::Timestamp;
+use kube::runtime::Controller;
 use kube::runtime::controller::Action;
 use kube::runtime::reflector::ObjectRef;
-use kube::runtime::{Controller, watcher};
 use kube::{Api, ResourceExt};
 use serde_json::json;
 use tokio::sync::watch;
 
-use super::{Categorized, apply_status, kube_transient, on_leadership};
+use super::{Categorized, apply_status, drive, kube_transient, on_leadership, watch_config};
 use crate::context::{Context, stopped};
 use crate::scheduler::{PoolCapacity, PoolPolicy};
 use crate::world::{host_views, pool_of};
@@ -53,13 +52,9 @@ impl Categorized for Error {
 
 pub async fn run(ctx: Arc<Context>, selector: String, stop: watch::Receiver<bool>) {
     let client = ctx.client.clone();
-    let cfg = if selector.is_empty() {
-        watcher::Config::default()
-    } else {
-        watcher::Config::default().labels(&selector)
-    };
+    let cfg = watch_config(&selector);
     let stores = ctx.stores.clone();
-    Controller::new(Api::<ResourcePool>::all(client.clone()), cfg.clone())
+    let controller = Controller::new(Api::<ResourcePool>::all(client.clone()), cfg.clone())
         .watches(
             Api::<DomainNode>::all(client.clone()),
             cfg.clone(),
@@ -78,22 +73,35 @@ pub async fn run(ctx: Arc<Context>, selector: String, stop: watch::Receiver<bool
             Some(ObjectRef::new(&d.spec.pool))
         })
         .reconcile_all_on(on_leadership(ctx.leader.clone()))
-        .graceful_shutdown_on(stopped(stop))
+        .graceful_shutdown_on(stopped(stop.clone()))
         .run(
             reconcile,
             |p, e, c| super::error_policy(NAME, &p, e, &c),
             ctx,
-        )
-        .for_each(|_| async {})
-        .await;
+        );
+    drive(NAME, controller, stop).await;
 }
 
-/// Desktops of `pool` by phase (an unset phase counts as Pending).
+/// Every phase, counted even at zero: the map then never loses its last key, which a server-side
+/// apply on Kubernetes 1.20 turns into a null the schema refuses.
+const PHASES: [Phase; 8] = [
+    Phase::Pending,
+    Phase::Scheduled,
+    Phase::Starting,
+    Phase::Running,
+    Phase::Stopped,
+    Phase::Suspended,
+    Phase::Failed,
+    Phase::Unknown,
+];
+
+/// Desktops of `pool` by phase (an unset phase counts as Pending), every phase present.
 pub fn count_phases<'a>(
     pool: &str,
     desktops: impl IntoIterator<Item = &'a Desktop>,
 ) -> BTreeMap<String, u32> {
-    let mut out = BTreeMap::new();
+    let mut out: BTreeMap<String, u32> =
+        PHASES.iter().map(|p| (p.as_str().to_string(), 0)).collect();
     for d in desktops.into_iter().filter(|d| d.spec.pool == pool) {
         let phase = d
             .status
@@ -259,4 +267,38 @@ pub async fn reconcile(pool: Arc<ResourcePool>, ctx: Arc<Context>) -> Result<Act
     }
     ctx.succeeded(&format!("{NAME}/{}", pool.uid().unwrap_or_default()));
     Ok(Action::requeue(Duration::from_secs(300)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn desktop(pool: &str, phase: Option<&str>) -> Desktop {
+        let mut v = serde_json::json!({
+            "apiVersion": "deskvirt.io/v1alpha1", "kind": "Desktop",
+            "metadata": { "name": "d", "namespace": "ns" },
+            "spec": { "pool": pool, "cpu": 1, "memory": "1Gi", "disk": { "image": "b.qcow2" } }
+        });
+        if let Some(p) = phase {
+            v["status"] = serde_json::json!({ "phase": p });
+        }
+        serde_json::from_value(v).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    #[test]
+    fn counts_every_phase_even_at_zero() {
+        let ds = [
+            desktop("a", None),
+            desktop("a", Some("Running")),
+            desktop("a", Some("Running")),
+            desktop("b", Some("Failed")),
+        ];
+        let counts = count_phases("a", ds.iter());
+        assert_eq!(counts.len(), PHASES.len());
+        assert_eq!(counts.get("Pending"), Some(&1));
+        assert_eq!(counts.get("Running"), Some(&2));
+        assert_eq!(counts.get("Failed"), Some(&0));
+        let none = count_phases("empty", ds.iter());
+        assert!(none.values().all(|n| *n == 0) && !none.is_empty());
+    }
 }

@@ -1,0 +1,217 @@
+//! Binding an unbound desktop: place it with the pure scheduler, reserve its port and MAC in the
+//! pool's ledger, publish its console password mirror, then write the binding once, onto the
+//! version of the Desktop it was decided on. Or record why it cannot be placed.
+
+use std::time::Duration;
+
+use deskvirt_crds::conditions::{self, Status};
+use deskvirt_crds::constants::condition::SCHEDULED;
+use deskvirt_crds::desktop::Phase;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use kube::ResourceExt;
+use kube::runtime::controller::Action;
+use kube::runtime::events::EventType;
+use kube::runtime::reflector::ObjectRef;
+
+use super::console::ensure_mirror;
+use super::status::{Owned, write, write_binding};
+use super::{Error, Pass};
+use crate::allocators::{Bound, Claim};
+use crate::console::user::secret_name;
+use crate::scheduler::{PoolIndex, Request, schedule};
+use crate::world::host_views;
+
+/// What the ledger said, decided under its lock; acted on after the lock is released.
+enum Placement {
+    /// Ask again later (ledgers not rebuilt yet, or the shared cache lags).
+    Later(Duration),
+    /// Cannot be placed now.
+    Unschedulable {
+        reason: &'static str,
+        message: String,
+        /// When to look again; `None` waits for a change.
+        retry: Option<Duration>,
+        /// Whether an Event is due (the reason is new).
+        event: bool,
+    },
+    /// Port and MAC reserved on `host`.
+    Reserved {
+        host: String,
+        bound: Bound,
+        /// The reservation was made by this pass (not kept from an earlier one).
+        fresh: bool,
+    },
+}
+
+/// Schedules and binds an unbound desktop, or records why it cannot be placed.
+pub(super) async fn bind(pass: &Pass<'_>) -> Result<Action, Error> {
+    let (d, ctx, api) = (&pass.d, pass.ctx, &pass.api);
+    let (uid, now) = (pass.uid.as_str(), pass.now);
+    let current = &Owned::from_status(&d.status.clone().unwrap_or_default());
+    let gen_ = d.metadata.generation;
+    let prev = d
+        .status
+        .as_ref()
+        .map(|s| s.conditions.clone())
+        .unwrap_or_default();
+    let (host, bound, fresh) = match place(pass, &prev).await {
+        Placement::Later(delay) => return Ok(Action::requeue(delay)),
+        Placement::Unschedulable {
+            reason,
+            message,
+            retry,
+            event,
+        } => {
+            let mut want = current.clone();
+            want.phase = Phase::Pending;
+            want.generation = gen_;
+            want.judge(
+                &prev,
+                now,
+                (Status::False, reason, message.clone()),
+                (Status::False, reason, message.clone()),
+            );
+            write(d, api, current, &want).await?;
+            if event {
+                ctx.event(d.as_ref(), EventType::Warning, reason, "Schedule", message)
+                    .await;
+            }
+            return Ok(retry.map_or_else(Action::await_change, Action::requeue));
+        }
+        Placement::Reserved { host, bound, fresh } => (host, bound, fresh),
+    };
+
+    let mut want = current.clone();
+    want.node = Some(host.clone());
+    want.port = Some(bound.port);
+    want.mac = Some(bound.mac.to_string());
+    want.secret = Some(secret_name(&d.name_any()));
+    want.phase = Phase::Scheduled;
+    want.generation = gen_;
+    let msg = format!(
+        "bound to host {host}, SPICE port {}, MAC {}",
+        bound.port, bound.mac
+    );
+    want.judge(
+        &prev,
+        now,
+        (Status::True, "Bound", msg.clone()),
+        (
+            Status::False,
+            "WaitingForHost",
+            "bound; the host has not defined the domain yet".into(),
+        ),
+    );
+
+    // The password first, so the host finds it as soon as it sees the binding.
+    let written = async {
+        ensure_mirror(d, ctx, uid, &host).await?;
+        write_binding(d, api, &host, &want).await
+    }
+    .await;
+    if let Err(e) = written {
+        // A conflict may mean the binding landed after all (or someone else's did): keep the
+        // reservation; the next pass reuses it or corrects the ledger from the recorded one.
+        if fresh && !e.is_conflict() {
+            let mut ledgers = ctx.ledgers.lock().await;
+            if let Some(l) = ledgers.get_mut(&d.spec.pool) {
+                l.release(uid);
+            }
+        }
+        return Err(e);
+    }
+    ctx.metrics.bindings.inc();
+    tracing::info!(host = %host, port = bound.port, "desktop bound");
+    ctx.event(d.as_ref(), EventType::Normal, "Scheduled", "Bind", msg)
+        .await;
+    Ok(Action::await_change())
+}
+
+/// Decides where the desktop goes and reserves its port and MAC, under the ledger lock.
+async fn place(pass: &Pass<'_>, prev: &[Condition]) -> Placement {
+    let (d, ctx, uid, now) = (pass.d.as_ref(), pass.ctx, pass.uid.as_str(), pass.now);
+    // Capacity is counted over the shared cache: a desktop reserved before the cache holds it
+    // would be invisible to the next placement.
+    if ctx.stores.desktops.get(&ObjectRef::from_obj(d)).is_none() {
+        return Placement::Later(Duration::from_millis(200));
+    }
+    let unschedulable = |reason: &'static str, message: String, retry: Option<Duration>| {
+        let was = conditions::find(prev, SCHEDULED).map(|c| c.reason.as_str());
+        Placement::Unschedulable {
+            reason,
+            message,
+            retry,
+            event: was != Some(reason),
+        }
+    };
+    let mut ledgers = ctx.ledgers.lock().await;
+    if !ledgers.ready {
+        return Placement::Later(Duration::from_secs(1));
+    }
+    let request = match Request::from_spec(&d.spec) {
+        Ok(r) => r,
+        Err(e) => return unschedulable("InvalidSpec", e.to_string(), None),
+    };
+    let mut index = PoolIndex::new();
+    let pool = ctx.stores.pool(&d.spec.pool);
+    if let Some(p) = &pool {
+        index.apply(&d.spec.pool, &p.spec);
+    }
+    let ledger = match &pool {
+        Some(p) => match ledgers.of(p, &ctx.stores) {
+            Ok(l) => Some(l),
+            Err(e) => {
+                let msg = format!("pool {}: {e}", d.spec.pool);
+                return unschedulable("InvalidPool", msg, None);
+            }
+        },
+        None => None,
+    };
+    // A reservation kept from an earlier pass (its write failed, or is not in the cache yet)
+    // is reused rather than placed again.
+    let reserved = ledger
+        .as_ref()
+        .and_then(|l| l.port_of(uid))
+        .map(|(h, _)| h.to_string());
+    let host = match reserved.clone() {
+        Some(h) => h,
+        None => {
+            let hosts = match (&pool, index.get(&d.spec.pool)) {
+                (Some(_), Some(Ok(policy))) => host_views(
+                    &d.spec.pool,
+                    policy,
+                    &ctx.stores.nodes.state(),
+                    &ctx.stores.pools.state(),
+                    &ctx.stores.desktops.state(),
+                    ledger.as_deref(),
+                    |n| ctx.heartbeat(n, now),
+                ),
+                _ => vec![],
+            };
+            match schedule(&d.spec.pool, &index, &request, &hosts) {
+                Ok(decision) => decision.host.name.clone(),
+                // Capacity changes arrive as DomainNode and ResourcePool events.
+                Err(why) => {
+                    let retry = Some(Duration::from_secs(300));
+                    return unschedulable(why.reason(), why.to_string(), retry);
+                }
+            }
+        }
+    };
+    let Some(ledger) = ledger else {
+        return Placement::Later(Duration::from_secs(1));
+    };
+    let claim = Claim {
+        desktop: uid,
+        host: &host,
+        fixed_mac: d.spec.network.mac.as_deref(),
+    };
+    match ledger.bind(&claim) {
+        Ok(bound) => Placement::Reserved {
+            host,
+            bound,
+            fresh: reserved.is_none(),
+        },
+        Err(e) => unschedulable(e.category(), e.to_string(), Some(Duration::from_secs(300))),
+    }
+}

@@ -1,0 +1,227 @@
+//! A deleted Desktop: wait for the agent's teardown, saying so in `Ready`; let a desktop of a
+//! host lost past the pool's `failover.after` finish without it when the user annotates
+//! `deskvirt.io/force-delete`; then delete the console mirror, drop the operator's finalizer and
+//! release the ledger.
+
+use std::time::Duration;
+
+use deskvirt_crds::conditions::{self, Status, condition};
+use deskvirt_crds::constants::condition::READY;
+use deskvirt_crds::constants::{
+    ANNOTATION_FORCE_DELETE, FINALIZER_AGENT, FINALIZER_OPERATOR, MANAGER_OPERATOR,
+};
+use deskvirt_crds::desktop::Desktop;
+use deskvirt_crds::quantity::{format_duration, parse_duration};
+use kube::api::{Patch, PatchParams};
+use kube::runtime::controller::Action;
+use kube::runtime::events::EventType;
+use kube::{Api, ResourceExt};
+use serde_json::json;
+
+use super::console::delete_mirror;
+use super::status::{Owned, write};
+use super::{Error, Pass, kube};
+
+/// Reason of `Ready=False` while deletion waits for the host.
+pub const WAITING_FOR_HOST_CLEANUP: &str = "WaitingForHostCleanup";
+
+/// What deletion does while the agent's finalizer is on.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum HostCleanup {
+    /// Wait for the host; look again after `recheck` (or on the next change).
+    Wait {
+        message: String,
+        recheck: Option<Duration>,
+    },
+    /// Remove the agent's finalizer: the host is lost past `failover.after` and the user asked.
+    Force,
+}
+
+/// Decides from how long the host has been lost (zero while alive), the pool's
+/// `failover.after`, and whether the Desktop carries `deskvirt.io/force-delete`.
+pub fn host_cleanup(node: &str, lost_for: Duration, after: Duration, forced: bool) -> HostCleanup {
+    let after_text = format_duration(after);
+    if lost_for.is_zero() {
+        return HostCleanup::Wait {
+            message: format!("deleting: waiting for host {node} to remove the domain and disk"),
+            recheck: None,
+        };
+    }
+    if lost_for <= after {
+        return HostCleanup::Wait {
+            message: format!(
+                "deleting: host {node} is lost; it may come back and clean up until the pool's \
+                 failover.after ({after_text}) has passed, then the annotation \
+                 {ANNOTATION_FORCE_DELETE} lets the deletion finish without it"
+            ),
+            recheck: Some(after - lost_for + Duration::from_secs(1)),
+        };
+    }
+    if forced {
+        return HostCleanup::Force;
+    }
+    HostCleanup::Wait {
+        message: format!(
+            "deleting: host {node} is lost for longer than the pool's failover.after \
+             ({after_text}); annotate {ANNOTATION_FORCE_DELETE} to finish without host cleanup \
+             (whatever is left on the host stays there)"
+        ),
+        recheck: None,
+    }
+}
+
+/// One pass over a Desktop being deleted.
+pub(super) async fn cleanup(pass: &Pass<'_>) -> Result<Action, Error> {
+    let (d, ctx, api, uid) = (&pass.d, pass.ctx, &pass.api, pass.uid.as_str());
+    if !d.finalizers().iter().any(|f| f == FINALIZER_OPERATOR) {
+        return Ok(Action::await_change());
+    }
+    if d.finalizers().iter().any(|f| f == FINALIZER_AGENT) {
+        return wait_for_host(pass).await;
+    }
+    if !ctx.ledgers.lock().await.ready {
+        return Ok(Action::requeue(Duration::from_secs(1)));
+    }
+    delete_mirror(ctx, uid).await?;
+    remove_finalizer(d, api, FINALIZER_OPERATOR)
+        .await
+        .map_err(kube("remove the operator finalizer"))?;
+    let mut ledgers = ctx.ledgers.lock().await;
+    if let Some(pool) = ctx.stores.pool(&d.spec.pool)
+        && let Ok(ledger) = ledgers.of(&pool, &ctx.stores)
+    {
+        let freed = ledger.release(uid);
+        tracing::info!(?freed, "released ledger entries");
+    } else if let Some(l) = ledgers.get_mut(&d.spec.pool) {
+        l.release(uid);
+    }
+    ledgers.rebind.remove(uid);
+    Ok(Action::await_change())
+}
+
+/// The agent's finalizer is on: report the wait, or force past a lost host when asked.
+async fn wait_for_host(pass: &Pass<'_>) -> Result<Action, Error> {
+    let (d, ctx, api, now) = (&pass.d, pass.ctx, &pass.api, pass.now);
+    let node = d.status.as_ref().and_then(|s| s.node.clone());
+    let after = ctx
+        .stores
+        .pool(&d.spec.pool)
+        .and_then(|p| parse_duration(&p.spec.failover.after).ok())
+        .unwrap_or(Duration::from_secs(300));
+    let lost_for = match &node {
+        Some(n) if ctx.stores.node(n).is_some() => ctx.heartbeat(n, now).lost_for(now),
+        _ => Duration::MAX,
+    };
+    let forced = d.annotations().contains_key(ANNOTATION_FORCE_DELETE);
+    let host = node.as_deref().unwrap_or("(unknown)");
+    match host_cleanup(host, lost_for, after, forced) {
+        HostCleanup::Force => {
+            remove_finalizer(d, api, FINALIZER_AGENT)
+                .await
+                .map_err(kube("remove the agent finalizer"))?;
+            let note = format!(
+                "host {host} is gone or lost for longer than {}; deleted without host cleanup",
+                format_duration(after)
+            );
+            tracing::warn!(host, "deleted without host cleanup");
+            ctx.event(
+                d.as_ref(),
+                EventType::Warning,
+                "ForceDeleted",
+                "Delete",
+                note,
+            )
+            .await;
+            Ok(Action::await_change())
+        }
+        HostCleanup::Wait { message, recheck } => {
+            let status = d.status.clone().unwrap_or_default();
+            let current = Owned::from_status(&status);
+            let mut want = current.clone();
+            let gen_ = d.metadata.generation;
+            let ready = condition(
+                &status.conditions,
+                READY,
+                Status::False,
+                WAITING_FOR_HOST_CLEANUP,
+                message,
+                gen_,
+                now,
+            );
+            conditions::upsert(&mut want.conditions, ready);
+            write(d, api, &current, &want).await?;
+            Ok(recheck.map_or_else(Action::await_change, Action::requeue))
+        }
+    }
+}
+
+/// Removes `finalizer` with a merge patch guarded by the version it was read at: a conflict
+/// means "read again", never a lost finalizer of someone else. Not an apply: on Kubernetes
+/// 1.20 managedFields has no subresource, so the operator's status applies take over the entry
+/// of its metadata apply, and an apply that leaves the finalizer out no longer removes it.
+async fn remove_finalizer(
+    d: &Desktop,
+    api: &Api<Desktop>,
+    finalizer: &str,
+) -> Result<(), kube::Error> {
+    let rest: Vec<&String> = d.finalizers().iter().filter(|f| *f != finalizer).collect();
+    let patch = json!({
+        "metadata": { "resourceVersion": d.resource_version(), "finalizers": rest }
+    });
+    let pp = PatchParams {
+        field_manager: Some(MANAGER_OPERATOR.into()),
+        ..Default::default()
+    };
+    match api.patch(&d.name_any(), &pp, &Patch::Merge(&patch)).await {
+        // Gone already: an earlier pass removed the last finalizer.
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const AFTER: Duration = Duration::from_secs(300);
+
+    #[test]
+    fn waits_for_a_live_host_whatever_the_annotation() {
+        for forced in [false, true] {
+            match host_cleanup("h1", Duration::ZERO, AFTER, forced) {
+                HostCleanup::Wait { message, recheck } => {
+                    assert!(message.contains("waiting for host h1"), "{message}");
+                    assert_eq!(recheck, None);
+                }
+                HostCleanup::Force => panic!("forced past a live host"),
+            }
+        }
+    }
+
+    #[test]
+    fn a_lost_host_gets_its_grace_then_the_annotation_decides() {
+        let lost = Duration::from_secs(100);
+        match host_cleanup("h1", lost, AFTER, true) {
+            HostCleanup::Wait { recheck, .. } => {
+                assert_eq!(recheck, Some(Duration::from_secs(201)));
+            }
+            HostCleanup::Force => panic!("forced within failover.after"),
+        }
+        let long = Duration::from_secs(301);
+        assert_eq!(host_cleanup("h1", long, AFTER, true), HostCleanup::Force);
+        match host_cleanup("h1", long, AFTER, false) {
+            HostCleanup::Wait { message, recheck } => {
+                assert!(message.contains(ANNOTATION_FORCE_DELETE), "{message}");
+                assert!(message.contains("5m"), "{message}");
+                assert_eq!(recheck, None);
+            }
+            HostCleanup::Force => panic!("forced without the annotation"),
+        }
+        // A host that is gone counts as lost forever.
+        assert_eq!(
+            host_cleanup("h1", Duration::MAX, AFTER, true),
+            HostCleanup::Force
+        );
+    }
+}

@@ -1,0 +1,182 @@
+//! The Desktop controller: validates, binds a desktop once to a host (port, MAC) with the pure
+//! scheduler and the pool's ledger, hands its console password over, derives its phase from the
+//! agent's conditions and the host's heartbeat, and releases the ledger when it is deleted.
+
+mod apply;
+mod bind;
+mod cleanup;
+mod console;
+mod status;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use deskvirt_crds::DomainNode;
+use deskvirt_crds::ResourcePool;
+use deskvirt_crds::desktop::Desktop;
+use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::jiff::Timestamp;
+use kube::runtime::controller::Action;
+use kube::runtime::reflector::ObjectRef;
+use kube::runtime::{Controller, watcher};
+use kube::{Api, ResourceExt};
+use tokio::sync::watch;
+
+use super::{Categorized, drive, is_conflict, kube_transient, on_leadership, watch_config};
+use crate::console::mirror;
+use crate::context::{Context, Stores, stopped};
+use crate::world::pool_of;
+
+const NAME: &str = "desktop";
+
+/// Why a Desktop reconcile failed.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot {action}")]
+    Kube {
+        action: &'static str,
+        source: kube::Error,
+    },
+    #[error("cannot draw a console password")]
+    Random(#[source] getrandom::Error),
+    #[error("desktop has no {0}")]
+    MissingField(&'static str),
+    #[error("the console password mirror keeps changing under the operator")]
+    MirrorContended,
+}
+
+impl Error {
+    /// Whether the write lost a race with another writer: read again, nothing is wrong.
+    fn is_conflict(&self) -> bool {
+        matches!(self, Error::Kube { source, .. } if is_conflict(source))
+    }
+}
+
+impl Categorized for Error {
+    fn category(&self) -> &'static str {
+        match self {
+            Error::Kube { .. } => "KubeApi",
+            Error::Random(_) => "Random",
+            Error::MissingField(_) => "InvalidObject",
+            Error::MirrorContended => "Conflict",
+        }
+    }
+    fn is_transient(&self) -> bool {
+        match self {
+            Error::Kube { source, .. } => kube_transient(source),
+            Error::Random(_) | Error::MirrorContended => true,
+            Error::MissingField(_) => false,
+        }
+    }
+}
+
+fn kube(action: &'static str) -> impl FnOnce(kube::Error) -> Error {
+    move |source| Error::Kube { action, source }
+}
+
+/// What one pass over a Desktop works with.
+struct Pass<'a> {
+    /// The version of the Desktop the pass decides on.
+    d: Arc<Desktop>,
+    ctx: &'a Context,
+    /// Desktops of its namespace.
+    api: Api<Desktop>,
+    uid: String,
+    now: Timestamp,
+}
+
+/// Runs the controller until `stop`.
+pub async fn run(ctx: Arc<Context>, selector: String, stop: watch::Receiver<bool>) {
+    let client = ctx.client.clone();
+    let cfg = watch_config(&selector);
+    let by_node = ctx.stores.clone();
+    let by_pool = ctx.stores.clone();
+    let by_mirror = ctx.stores.clone();
+    let controller = Controller::new(Api::<Desktop>::all(client.clone()), cfg.clone())
+        .watches(
+            Api::<Secret>::namespaced(client.clone(), &ctx.console_namespace),
+            watcher::Config::default().labels(&mirror::selector()),
+            move |m| desktop_of_mirror(&m, &by_mirror),
+        )
+        .watches(
+            Api::<DomainNode>::all(client.clone()),
+            cfg.clone(),
+            move |node| {
+                // Desktops on the host (health) and pending desktops of its pool (capacity).
+                let name = node.name_any();
+                let pool = pool_of(&node, &by_node.pools.state());
+                by_node
+                    .desktops
+                    .state()
+                    .iter()
+                    .filter(|d| {
+                        let bound = d.status.as_ref().and_then(|s| s.node.as_deref());
+                        bound == Some(name.as_str())
+                            || (bound.is_none() && Some(&d.spec.pool) == pool.as_ref())
+                    })
+                    .map(|d| ObjectRef::from_obj(d.as_ref()))
+                    .collect::<Vec<_>>()
+            },
+        )
+        .watches(Api::<ResourcePool>::all(client.clone()), cfg, move |pool| {
+            let name = pool.name_any();
+            by_pool
+                .desktops
+                .state()
+                .iter()
+                .filter(|d| d.spec.pool == name)
+                .map(|d| ObjectRef::from_obj(d.as_ref()))
+                .collect::<Vec<_>>()
+        })
+        .reconcile_all_on(on_leadership(ctx.leader.clone()))
+        .graceful_shutdown_on(stopped(stop.clone()))
+        .run(
+            reconcile,
+            |d, e, c| super::error_policy(NAME, &d, e, &c),
+            ctx,
+        );
+    drive(NAME, controller, stop).await;
+}
+
+/// The Desktop a mirror belongs to: by its annotation, else by UID through the cache.
+fn desktop_of_mirror(m: &Secret, stores: &Stores) -> Option<ObjectRef<Desktop>> {
+    if let Some((ns, name)) = mirror::desktop_of(m) {
+        return Some(ObjectRef::new(name).within(ns));
+    }
+    let d = stores.desktop_by_uid(mirror::uid_of(m)?)?;
+    Some(ObjectRef::from_obj(d.as_ref()))
+}
+
+/// One pass over a Desktop.
+#[tracing::instrument(skip_all, fields(desktop = %d.name_any(), ns = d.namespace().unwrap_or_default()))]
+pub async fn reconcile(d: Arc<Desktop>, ctx: Arc<Context>) -> Result<Action, Error> {
+    ctx.metrics.reconciled(NAME);
+    if !ctx.is_leader() {
+        return Ok(Action::await_change());
+    }
+    let ns = d.namespace().ok_or(Error::MissingField("namespace"))?;
+    let uid = d.uid().ok_or(Error::MissingField("uid"))?;
+    let pass = Pass {
+        d: d.clone(),
+        ctx: &ctx,
+        api: Api::namespaced(ctx.client.clone(), &ns),
+        uid: uid.clone(),
+        now: Timestamp::now(),
+    };
+    let result = if d.metadata.deletion_timestamp.is_some() {
+        cleanup::cleanup(&pass).await
+    } else {
+        apply::apply(pass).await
+    };
+    let action = match result {
+        Ok(action) => action,
+        // Someone wrote since the cache was filled; its watch event brings the news.
+        Err(e) if e.is_conflict() => {
+            tracing::debug!(error = %e, "lost a write race; looking again");
+            Action::requeue(Duration::from_secs(1))
+        }
+        Err(e) => return Err(e),
+    };
+    ctx.succeeded(&format!("{NAME}/{uid}"));
+    Ok(action)
+}
