@@ -1,23 +1,120 @@
 #!/usr/bin/env bash
 # The main job on the embedded default: a local control plane (or the cluster KUBECONFIG points
-# at), the deskvirt CRDs, and the examples, shown with kubectl.
+# at), libvirt with QEMU on this host, the deskvirt CRDs, the operator and the node-agent as
+# local processes, and the example pool and desktop. Ends when the desktop is Running and prints
+# how to connect to it.
+#
+#   scripts/demo.sh          set everything up and start the example desktop
+#   scripts/demo.sh stop     delete the demo desktop (while the agent still runs) and the pool,
+#                            then stop the operator and the agent (the control plane and
+#                            libvirt stay)
+#
+# Environment:
+#   DESKVIRT_HYPERVISOR  qemu (default: TCG, works everywhere) or kvm (real hardware)
+#   DESKVIRT_IMAGE       a qcow2 image to serve as examples/desktop.yaml's debian-12.qcow2
+#                        (default: the tiny test guest's empty disk, which has nothing to boot)
 set -euo pipefail
 cd "$(dirname "$0")/.."
+
+STATE=${DESKVIRT_DEMO_STATE:-$HOME/.cache/deskvirt/demo}
+NS=deskvirt-demo
+SYSTEM_NS=deskvirt-system
+CONSOLE_NS=deskvirt-consoles
+IMAGES=/var/lib/deskvirt/images   # examples/pool.yaml's storage.imageDir
+NODE=${DESKVIRT_NODE_NAME:-$(hostname -s)}
+BIN=target/release
+
+log() { echo "==> $*"; }
+die() { echo "error: $*" >&2; exit 1; }
+
+stop_process() {
+  local name=$1 pidfile="$STATE/$1.pid"
+  if [ -f "$pidfile" ] && kill -0 "$(cat "$pidfile")" 2>/dev/null; then
+    log "stopping $name (pid $(cat "$pidfile"))"
+    kill -TERM "$(cat "$pidfile")" || true
+    for _ in $(seq 1 50); do kill -0 "$(cat "$pidfile")" 2>/dev/null || break; sleep 0.1; done
+  fi
+  rm -f "$pidfile"
+}
+
+if [ "${1:-}" = stop ]; then
+  KUBECONFIG=${KUBECONFIG:-$HOME/.cache/deskvirt/plane/admin.kubeconfig}
+  export KUBECONFIG
+  if [ -f "$KUBECONFIG" ]; then
+    log "deleting the demo desktops (the agent tears their domains and disks down)"
+    kubectl delete desktops --all -n "$NS" --wait=true --timeout=120s || true
+    kubectl delete resourcepool lab --ignore-not-found || true
+  fi
+  stop_process deskvirt-operator
+  stop_process deskvirt-node-agent
+  exit 0
+fi
+
 scripts/install-deps.sh
-cargo build --release --locked --workspace
+log "building the operator and the node-agent (release)"
+cargo build --release --locked -p deskvirt-operator -p deskvirt-node-agent
 KUBECONFIG=$(scripts/control-plane.sh start)
 export KUBECONFIG
-echo "==> installing the deskvirt.io CRDs"
-kubectl apply --server-side --field-manager=deskvirt-demo -f charts/deskvirt/crds/deskvirt.io.yaml
+scripts/libvirt.sh start
+GUEST=$(scripts/build-guest.sh)
+mkdir -p "$STATE" "$IMAGES" /var/lib/deskvirt/disks
+
+log "installing the deskvirt.io CRDs"
+kubectl apply --server-side --field-manager=deskvirt-demo -f charts/deskvirt/crds/deskvirt.io.yaml >/dev/null
 kubectl wait --for=condition=Established --timeout=60s \
-  crd/desktops.deskvirt.io crd/domainnodes.deskvirt.io crd/resourcepools.deskvirt.io
-echo "==> applying examples/"
-kubectl create namespace deskvirt-demo --dry-run=client -o yaml | kubectl apply -f - >/dev/null
-kubectl apply --server-side --field-manager=deskvirt-demo -n deskvirt-demo -f examples/
+  crd/desktops.deskvirt.io crd/domainnodes.deskvirt.io crd/resourcepools.deskvirt.io >/dev/null
+for ns in "$SYSTEM_NS" "$CONSOLE_NS" "$NS"; do
+  kubectl get namespace "$ns" >/dev/null 2>&1 || kubectl create namespace "$ns" >/dev/null
+done
+
+image=${DESKVIRT_IMAGE:-$GUEST/base.qcow2}
+[ -f "$image" ] || die "DESKVIRT_IMAGE=$image does not exist"
+ln -sf "$image" "$IMAGES/debian-12.qcow2"
+
+log "starting the operator and the node-agent (logs in $STATE)"
+stop_process deskvirt-operator
+stop_process deskvirt-node-agent
+POD_NAMESPACE=$SYSTEM_NS POD_NAME=demo-operator nohup "$BIN/deskvirt-operator" \
+  --console-namespace "$CONSOLE_NS" --metrics-addr 127.0.0.1:18080 \
+  >"$STATE/deskvirt-operator.log" 2>&1 &
+echo $! >"$STATE/deskvirt-operator.pid"
+nohup "$BIN/deskvirt-node-agent" --node-name "$NODE" \
+  --hypervisor "${DESKVIRT_HYPERVISOR:-qemu}" \
+  --lease-namespace "$SYSTEM_NS" --console-namespace "$CONSOLE_NS" \
+  --node-labels deskvirt.io/pool=lab --metrics-addr 127.0.0.1:18081 \
+  >"$STATE/deskvirt-node-agent.log" 2>&1 &
+echo $! >"$STATE/deskvirt-node-agent.pid"
+
+log "applying examples/pool.yaml and examples/desktop.yaml"
+kubectl apply -f examples/pool.yaml
+kubectl apply -n "$NS" -f examples/desktop.yaml
+if ! kubectl wait -n "$NS" --for=condition=Ready --timeout=300s desktop/alice; then
+  kubectl describe -n "$NS" desktop/alice >&2 || true
+  tail -n 30 "$STATE"/*.log >&2 || true
+  die "the example desktop did not become Ready"
+fi
 echo
 kubectl get resourcepools
 echo
-kubectl get desktops -n deskvirt-demo -o wide
+kubectl get domainnodes
 echo
-echo "The control plane keeps running: export KUBECONFIG=$KUBECONFIG"
-echo "Stop it with: scripts/control-plane.sh stop"
+kubectl get desktops -n "$NS" -o wide
+vv="$STATE/alice.vv"
+kubectl get secret -n "$NS" alice-console -o jsonpath='{.data.console\.vv}' | base64 -d >"$vv"
+chmod 600 "$vv"
+uri=$(kubectl get desktop -n "$NS" alice -o jsonpath='{.status.spice.uri}')
+cat <<EOF
+
+The desktop alice is Running at $uri.
+Connect with a SPICE client (package virt-viewer):
+
+  remote-viewer $vv
+
+or, from anywhere kubectl works:
+
+  kubectl get secret -n $NS alice-console -o jsonpath='{.data.console\.vv}' | base64 -d > alice.vv
+  remote-viewer alice.vv
+
+The control plane keeps running: export KUBECONFIG=$KUBECONFIG
+Stop the demo with: scripts/demo.sh stop   (then scripts/control-plane.sh stop)
+EOF

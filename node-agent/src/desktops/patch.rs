@@ -15,41 +15,62 @@ pub fn has_finalizer(d: &Desktop) -> bool {
     d.finalizers().iter().any(|f| f == FINALIZER_AGENT)
 }
 
+/// Sets the finalizer list computed by `change` from the object's current list, guarded by its
+/// resourceVersion; on a conflict (someone else wrote the object meanwhile, such as the
+/// operator's status) it reads the object again and retries, a few times.
 async fn set_finalizers(
     api: &Api<Desktop>,
     d: &Desktop,
-    finalizers: Vec<String>,
+    change: impl Fn(&[String]) -> Vec<String>,
     action: &'static str,
 ) -> Result<(), Error> {
-    let patch = json!({
-        "metadata": { "resourceVersion": d.resource_version(), "finalizers": finalizers }
-    });
-    api.patch(
-        &d.name_any(),
-        &PatchParams::default(),
-        &Patch::Merge(&patch),
-    )
-    .await
-    .map_err(kube(action))?;
+    let name = d.name_any();
+    let mut current = d.clone();
+    for attempt in 0..4 {
+        let patch = json!({
+            "metadata": {
+                "resourceVersion": current.resource_version(),
+                "finalizers": change(current.finalizers()),
+            }
+        });
+        match api
+            .patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+        {
+            Ok(_) => return Ok(()),
+            Err(kube::Error::Api(s)) if s.code == 409 && attempt < 3 => {
+                match api.get_opt(&name).await.map_err(kube(action))? {
+                    Some(fresh) => current = fresh,
+                    None => return Ok(()),
+                }
+            }
+            Err(e) => return Err(kube(action)(e)),
+        }
+    }
     Ok(())
 }
 
 /// Adds the agent's finalizer (before anything is created on the host).
 pub async fn add_finalizer(api: &Api<Desktop>, d: &Desktop) -> Result<(), Error> {
-    let mut finalizers = d.finalizers().to_vec();
-    finalizers.push(FINALIZER_AGENT.to_string());
-    set_finalizers(api, d, finalizers, "add the agent finalizer").await
+    let add = |list: &[String]| {
+        let mut out = list.to_vec();
+        if !out.iter().any(|f| f == FINALIZER_AGENT) {
+            out.push(FINALIZER_AGENT.to_string());
+        }
+        out
+    };
+    set_finalizers(api, d, add, "add the agent finalizer").await
 }
 
 /// Removes the agent's finalizer (after the host is clean).
 pub async fn remove_finalizer(api: &Api<Desktop>, d: &Desktop) -> Result<(), Error> {
-    let finalizers = d
-        .finalizers()
-        .iter()
-        .filter(|f| *f != FINALIZER_AGENT)
-        .cloned()
-        .collect();
-    set_finalizers(api, d, finalizers, "remove the agent finalizer").await
+    let remove = |list: &[String]| {
+        list.iter()
+            .filter(|f| *f != FINALIZER_AGENT)
+            .cloned()
+            .collect()
+    };
+    set_finalizers(api, d, remove, "remove the agent finalizer").await
 }
 
 /// Applies the agent's part of the status.
