@@ -320,8 +320,8 @@ impl Context {
     }
 
     /// Records an Event on `obj`; failures are logged, never returned. Events about
-    /// cluster-scoped objects (DomainNodes, ResourcePools) go to the operator's namespace: an
-    /// API server before 1.20.12 refuses `events.k8s.io/v1` Events in `default` for them.
+    /// cluster-scoped objects (DomainNodes, ResourcePools) go to `default`, with the reference
+    /// naming it (see `deskvirt_runtime::events`).
     pub async fn event<K: Resource<DynamicType = ()>>(
         &self,
         obj: &K,
