@@ -5,6 +5,7 @@
 //! - a bound Desktop becomes a running domain on a linked clone, with a pinned address on the
 //!   pool's nat network, USB redirection channels, and SPICE on its port with its password;
 //! - the guest boots to userspace (serial log), a wrong SPICE password is refused;
+//! - a quiet desktop reports `idleSince`, and a connected SPICE client makes it active;
 //! - a rotated password reaches the running domain;
 //! - `kill -9` of the agent and a restart keep the same QEMU PID, and so does a libvirtd
 //!   restart, after which the agent reconnects;
@@ -400,6 +401,45 @@ async fn scenario(w: &World, id: u64) -> anyhow::Result<()> {
     assert!(
         matches!(link(port, "wrong").await?, LinkOutcome::Refused { .. }),
         "wrong password accepted"
+    );
+
+    // Activity: a quiet guest with no client becomes idle (idleSince set, no session); a
+    // client left connected makes it active again (connected sessions count by default).
+    let idle = w
+        .wait_desktop(
+            name,
+            "idleSince on a quiet desktop",
+            Duration::from_secs(150),
+            |d| {
+                d.status.as_ref().is_some_and(|s| {
+                    s.idle_since.is_some() && s.session.as_ref().is_some_and(|x| !x.connected)
+                })
+            },
+        )
+        .await?;
+    let idle_since = idle.status.and_then(|s| s.idle_since);
+    let held = spice::hold(SocketAddr::from((Ipv4Addr::LOCALHOST, port)), &password)
+        .await?
+        .ok_or_else(|| anyhow::anyhow!("held session refused"))?;
+    let connected = w
+        .wait_desktop(name, "a connected session", Duration::from_secs(90), |d| {
+            d.status.as_ref().is_some_and(|s| {
+                s.idle_since.is_none()
+                    && s.session.as_ref().is_some_and(|x| {
+                        x.connected && x.client_address.as_deref() == Some("127.0.0.1")
+                    })
+            })
+        })
+        .await?;
+    assert!(
+        connected
+            .status
+            .and_then(|s| s.last_activity_time)
+            .is_some()
+    );
+    drop(held);
+    eprintln!(
+        "[agent_desktops] idle since {idle_since:?}, then active while a client was connected"
     );
 
     // Rotation: a new mirror password reaches the running domain.

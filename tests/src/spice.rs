@@ -102,6 +102,23 @@ pub async fn link_with_timeout(
     password: &str,
     timeout: Duration,
 ) -> Result<LinkOutcome, SpiceError> {
+    Ok(link_stream(addr, password, timeout).await?.0)
+}
+
+/// Links the main channel and keeps the connection open while the returned stream lives, like
+/// a SPICE client left connected; `None` when the link was refused.
+pub async fn hold(addr: SocketAddr, password: &str) -> Result<Option<TcpStream>, SpiceError> {
+    match link_stream(addr, password, DEFAULT_TIMEOUT).await? {
+        (LinkOutcome::Accepted { .. }, stream) => Ok(Some(stream)),
+        (LinkOutcome::Refused { .. }, _) => Ok(None),
+    }
+}
+
+async fn link_stream(
+    addr: SocketAddr,
+    password: &str,
+    timeout: Duration,
+) -> Result<(LinkOutcome, TcpStream), SpiceError> {
     let mut stream = step("connect", timeout, TcpStream::connect(addr)).await?;
     stream.set_nodelay(true).map_err(|source| SpiceError::Io {
         step: "set nodelay",
@@ -143,7 +160,7 @@ pub async fn link_with_timeout(
     step("read link reply", timeout, stream.read_exact(&mut reply)).await?;
     let error = le32(&reply, 0);
     if error != 0 {
-        return Ok(LinkOutcome::Refused { code: error });
+        return Ok((LinkOutcome::Refused { code: error }, stream));
     }
     let der = reply
         .get(4..4 + PUBKEY_BYTES)
@@ -155,7 +172,7 @@ pub async fn link_with_timeout(
     step("read link result", timeout, stream.read_exact(&mut result)).await?;
     let code = u32::from_le_bytes(result);
     if code != 0 {
-        return Ok(LinkOutcome::Refused { code });
+        return Ok((LinkOutcome::Refused { code }, stream));
     }
 
     // Without the mini-header capability every message has the full 18-byte data header:
@@ -170,7 +187,7 @@ pub async fn link_with_timeout(
         .await?;
         let kind = u16::from_le_bytes([header[8], header[9]]);
         if kind == MSG_MAIN_INIT {
-            return Ok(LinkOutcome::Accepted { main_init: true });
+            return Ok((LinkOutcome::Accepted { main_init: true }, stream));
         }
         let size = le32(&header, 10);
         if size > 1 << 20 {
@@ -186,7 +203,7 @@ pub async fn link_with_timeout(
         )
         .await?;
     }
-    Ok(LinkOutcome::Accepted { main_init: false })
+    Ok((LinkOutcome::Accepted { main_init: false }, stream))
 }
 
 /// `SpiceLinkHeader` + `SpiceLinkMess` for the main channel, connection id 0, no capabilities.

@@ -18,6 +18,7 @@ use kube::runtime::reflector::ObjectRef;
 use kube::{Api, ResourceExt};
 use tokio::time::Instant;
 
+use super::activity::{self, ActivityStatus, Sample};
 use super::context::DesktopContext;
 use super::ip::{self, Pending};
 use super::patch::{add_finalizer, apply_status, has_finalizer};
@@ -380,7 +381,48 @@ async fn converge<H: Hypervisor>(
         (c, STEADY_RESYNC)
     };
     report.running = Some(running);
+    report.activity = Some(observe_activity(ctx, d, &pool, status, uid, &domain, active).await);
     Ok(Outcome { report, requeue })
+}
+
+/// Samples the running domain and derives the session and idleness fields; a domain that is
+/// not running reports no client and leaves the idleness fields as they are.
+async fn observe_activity<H: Hypervisor>(
+    ctx: &DesktopContext<H>,
+    d: &Desktop,
+    pool: &deskvirt_crds::ResourcePool,
+    status: &DesktopStatus,
+    uid: &str,
+    domain: &str,
+    active: bool,
+) -> ActivityStatus {
+    if !active {
+        return activity::next(status, None, None, now());
+    }
+    let counters = match ctx.hypervisor.activity(domain).await {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::debug!(domain, error = %e, "cannot read activity");
+            return activity::next(status, None, None, now());
+        }
+    };
+    let sample = Sample {
+        at: Instant::now(),
+        cpu_time_ns: counters.cpu_time_ns,
+        block_bytes: counters.block_bytes,
+        net_bytes: counters.net_bytes,
+    };
+    let guest = ctx
+        .swap_sample(uid, sample)
+        .and_then(|prev| activity::guest_active(&prev, &sample));
+    let connected_is_active = d
+        .spec
+        .idle
+        .as_ref()
+        .or(pool.spec.defaults.idle.as_ref())
+        .is_none_or(|p| p.connected_is_active);
+    let in_use = activity::in_use(guest, counters.spice_client.is_some(), connected_is_active);
+    activity::next(status, in_use, counters.spice_client.as_deref(), now())
 }
 
 /// `Running` for an active domain.

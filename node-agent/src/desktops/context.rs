@@ -67,6 +67,8 @@ struct Memory {
     networks: HashSet<String>,
     /// Consecutive failures, for the retry backoff.
     failures: HashMap<String, u32>,
+    /// The last activity sample of each running desktop.
+    samples: HashMap<String, super::activity::Sample>,
 }
 
 impl<H> DesktopContext<H> {
@@ -184,6 +186,15 @@ impl<H> DesktopContext<H> {
         self.with_memory(|m| m.networks.insert(network.to_string()));
     }
 
+    /// Records `sample` for `uid`; returns the one before it.
+    pub fn swap_sample(
+        &self,
+        uid: &str,
+        sample: super::activity::Sample,
+    ) -> Option<super::activity::Sample> {
+        self.with_memory(|m| m.samples.insert(uid.to_string(), sample))
+    }
+
     /// Forgets everything about `uid` (after teardown).
     pub fn forget(&self, uid: &str) {
         self.with_memory(|m| {
@@ -191,6 +202,7 @@ impl<H> DesktopContext<H> {
             m.password.remove(uid);
             m.shutdown_asked.remove(uid);
             m.failures.remove(uid);
+            m.samples.remove(uid);
         });
     }
 

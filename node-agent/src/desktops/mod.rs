@@ -3,6 +3,7 @@
 //! agent's part of the status. Runs beside an orphan sweep that reports domains with deskvirt
 //! metadata and no Desktop here, without touching them.
 
+mod activity;
 mod apply;
 mod context;
 mod ip;

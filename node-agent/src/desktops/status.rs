@@ -1,10 +1,12 @@
-//! Decides the agent's part of a Desktop's status: the address, the SPICE host and URI, and
-//! the conditions `DomainDefined` and `Running`, with stable transition times. Pure; the
+//! Decides the agent's part of a Desktop's status: the address, the SPICE host and URI, the
+//! session and idleness fields, and the conditions `DomainDefined` and `Running`, with stable transition times. Pure; the
 //! caller applies the result only when it differs from what the object already says.
 
 use deskvirt_crds::conditions::{self, Status, condition};
 use deskvirt_crds::constants::condition::{DOMAIN_DEFINED, RUNNING};
 use deskvirt_crds::desktop::DesktopStatus;
+
+use super::activity::ActivityStatus;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use k8s_openapi::jiff::Timestamp;
 use serde_json::json;
@@ -28,7 +30,7 @@ impl Cond {
 }
 
 /// What the agent reports about one desktop.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, PartialEq, Default)]
 pub struct Report {
     /// The desktop's pinned address, when it has one.
     pub ip: Option<String>,
@@ -40,6 +42,8 @@ pub struct Report {
     pub defined: Option<Cond>,
     /// `Running`; `None` leaves the condition as it is.
     pub running: Option<Cond>,
+    /// Session, last activity and idle start; `None` leaves them as they are.
+    pub activity: Option<ActivityStatus>,
 }
 
 fn spice_uri(host: &str, port: u16) -> String {
@@ -102,9 +106,17 @@ pub fn body(
         (Some(h), Some(p)) => Some(spice_uri(h, p)),
         _ => None,
     };
+    let activity = report.activity.clone().unwrap_or_else(|| ActivityStatus {
+        session: current.session.clone(),
+        last_activity_time: current.last_activity_time.clone(),
+        idle_since: current.idle_since.clone(),
+    });
     let same = current.ip == report.ip
         && spice.host == report.spice_host
         && spice.uri == uri
+        && current.session == activity.session
+        && current.last_activity_time == activity.last_activity_time
+        && current.idle_since == activity.idle_since
         && !conditions::differ_ignoring_time(&current_conds, &conds);
     if same {
         return None;
@@ -123,6 +135,15 @@ pub fn body(
     if !spice.is_empty() {
         status.insert("spice".into(), spice.into());
     }
+    if let Some(session) = &activity.session {
+        status.insert("session".into(), json!(session));
+    }
+    if let Some(t) = &activity.last_activity_time {
+        status.insert("lastActivityTime".into(), json!(t));
+    }
+    if let Some(t) = &activity.idle_since {
+        status.insert("idleSince".into(), json!(t));
+    }
     status.insert("conditions".into(), json!(conds));
     Some(status.into())
 }
@@ -138,6 +159,7 @@ mod tests {
             spice_port: Some(5901),
             defined: Some(Cond::new(Status::True, "Defined", "domain ns--a defined")),
             running: Some(Cond::new(Status::True, "Running", "the domain runs")),
+            activity: None,
         }
     }
 

@@ -9,6 +9,7 @@ pub mod boot;
 pub mod convert;
 pub mod cpu_memory;
 pub mod devices;
+pub mod devices_live;
 pub mod disks;
 pub mod error;
 pub mod graphics;

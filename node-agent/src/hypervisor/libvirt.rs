@@ -17,7 +17,8 @@ use virt::connect::Connect;
 
 use self::connection::Connection;
 use super::{
-    Backoff, Change, DomainStatus, DomainSummary, HostFacts, Hypervisor, HypervisorError, Result,
+    Activity, Backoff, Change, DomainStatus, DomainSummary, HostFacts, Hypervisor, HypervisorError,
+    Result,
 };
 use crate::domain::{DhcpHost, DomainType};
 
@@ -205,6 +206,12 @@ impl Hypervisor for LibvirtHypervisor {
             domains::update_live_device(c, &name, &xml)
         })
         .await
+    }
+
+    async fn activity(&self, name: &str) -> Result<Activity> {
+        let name = name.to_string();
+        self.run("read activity", move |c| domains::activity(c, &name))
+            .await
     }
 
     async fn dhcp_hosts(&self, network: &str) -> Result<Vec<DhcpHost>> {

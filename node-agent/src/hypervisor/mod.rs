@@ -97,6 +97,19 @@ pub struct DomainStatus {
     pub has_managed_save: bool,
 }
 
+/// Activity counters of a running domain and its SPICE client, for idle detection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Activity {
+    /// CPU time used, in nanoseconds.
+    pub cpu_time_ns: u64,
+    /// Bytes read and written on all disks.
+    pub block_bytes: u64,
+    /// Bytes received and sent on all NICs.
+    pub net_bytes: u64,
+    /// Address of the connected SPICE client; `None` when nobody is connected.
+    pub spice_client: Option<String>,
+}
+
 /// Facts about the host, for the DomainNode status.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HostFacts {
@@ -213,6 +226,9 @@ pub trait Hypervisor: Send + Sync {
         name: &str,
         device_xml: &str,
     ) -> impl Future<Output = Result<Change>> + Send;
+
+    /// Activity counters and the SPICE client of a running domain.
+    fn activity(&self, name: &str) -> impl Future<Output = Result<Activity>> + Send;
 
     /// The static DHCP leases in the network's definition.
     fn dhcp_hosts(&self, network: &str) -> impl Future<Output = Result<Vec<DhcpHost>>> + Send;

@@ -10,12 +10,13 @@ use virt::error::ErrorNumber;
 use virt::sys;
 
 use super::errors::{found, has_code, map};
+use crate::domain::devices_live::{spice_client, stat_devices};
 use crate::domain::read::walk;
 use crate::domain::{
     DesktopIdentity, METADATA_NS, parse_disk_paths, parse_identity, parse_identity_element,
 };
 use crate::hypervisor::{
-    Change, DomainState, DomainStatus, DomainSummary, HypervisorError, ObjectKind, Result,
+    Activity, Change, DomainState, DomainStatus, DomainSummary, HypervisorError, ObjectKind, Result,
 };
 
 /// Where libvirt's QEMU driver writes PID files when connected to `qemu:///system`.
@@ -159,6 +160,49 @@ pub(super) fn destroy(conn: &Connect, name: &str) -> Result<Change> {
         Err(e) if already_off(&e) => Ok(Change::AlreadyDone),
         Err(e) => Err(map(op, ObjectKind::Domain, name, &e)),
     }
+}
+
+/// CPU time, disk and NIC byte counters, and the SPICE client of a running domain.
+pub(super) fn activity(conn: &Connect, name: &str) -> Result<Activity> {
+    let op = "read activity";
+    let dom = lookup(conn, op, name)?;
+    let err = |e: virt::error::Error| map(op, ObjectKind::Domain, name, &e);
+    let info = dom.info().map_err(err)?;
+    let xml = dom.xml_desc(0).map_err(err)?;
+    let (disks, nics) = stat_devices(&xml).map_err(|e| HypervisorError::Failed {
+        op,
+        target: name.to_string(),
+        message: e.to_string(),
+    })?;
+    let positive = |v: i64| u64::try_from(v).unwrap_or(0);
+    let mut block_bytes = 0u64;
+    for d in &disks {
+        if let Ok(s) = dom.block_stats(d) {
+            block_bytes = block_bytes.saturating_add(positive(s.rd_bytes) + positive(s.wr_bytes));
+        }
+    }
+    let mut net_bytes = 0u64;
+    for n in &nics {
+        if let Ok(s) = dom.interface_stats(n) {
+            net_bytes = net_bytes.saturating_add(positive(s.rx_bytes) + positive(s.tx_bytes));
+        }
+    }
+    // QMP through libvirt; a domain of another driver (test:///) has no monitor.
+    let spice_client = match dom.qemu_monitor_command(r#"{"execute":"query-spice"}"#, 0) {
+        Ok(reply) => spice_client(&reply).map_err(|message| HypervisorError::Failed {
+            op,
+            target: name.to_string(),
+            message,
+        })?,
+        Err(e) if has_code(&e, ErrorNumber::NoSupport) => None,
+        Err(e) => return Err(err(e)),
+    };
+    Ok(Activity {
+        cpu_time_ns: info.cpu_time,
+        block_bytes,
+        net_bytes,
+        spice_client,
+    })
 }
 
 /// Changes a device of the running domain; not running (or gone) counts as done.
