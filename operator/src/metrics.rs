@@ -1,5 +1,7 @@
 //! The operator's Prometheus metrics: reconciles and failures per controller and error
-//! category, and whether this replica leads. Labels are low-cardinality: never an object name.
+//! category, whether this replica leads, and each pool's capacity, allocation, SPICE ports,
+//! hosts and desktops by phase (what the chart's alerts read). Labels are low-cardinality:
+//! a pool name at most, never a desktop or host name.
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -18,6 +20,34 @@ pub struct ErrorLabels {
     pub category: &'static str,
 }
 
+/// A pool and one of its resources (`cpu`, `memory` in bytes, `desktops` of the reference size).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PoolResource {
+    pub pool: String,
+    pub resource: &'static str,
+}
+
+/// A pool and a SPICE port state (`allocated`, `total`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PoolState {
+    pub pool: String,
+    pub state: String,
+}
+
+/// A pool and host readiness.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PoolReady {
+    pub pool: String,
+    pub ready: &'static str,
+}
+
+/// A pool and a desktop phase.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PoolPhase {
+    pub pool: String,
+    pub phase: String,
+}
+
 /// Handles to the metrics; cheap to clone.
 #[derive(Clone, Debug, Default)]
 pub struct Metrics {
@@ -25,6 +55,11 @@ pub struct Metrics {
     pub failures: Family<ErrorLabels, Counter>,
     pub leader: Gauge,
     pub bindings: Counter,
+    pub pool_capacity: Family<PoolResource, Gauge>,
+    pub pool_allocated: Family<PoolResource, Gauge>,
+    pub spice_ports: Family<PoolState, Gauge>,
+    pub domain_nodes: Family<PoolReady, Gauge>,
+    pub desktops: Family<PoolPhase, Gauge>,
 }
 
 impl Metrics {
@@ -52,7 +87,90 @@ impl Metrics {
             "Desktops bound to a host by this replica",
             m.bindings.clone(),
         );
+        sub.register(
+            "pool_capacity",
+            "What a pool's ready hosts offer after reserve and overcommit (cpu, memory bytes, desktops of the reference size)",
+            m.pool_capacity.clone(),
+        );
+        sub.register(
+            "pool_allocated",
+            "What a pool's desktops hold (cpu, memory bytes, desktops of the reference size)",
+            m.pool_allocated.clone(),
+        );
+        sub.register(
+            "spice_ports",
+            "SPICE ports of a pool by state (allocated, total)",
+            m.spice_ports.clone(),
+        );
+        sub.register(
+            "domain_nodes",
+            "Hosts of a pool by readiness",
+            m.domain_nodes.clone(),
+        );
+        sub.register(
+            "desktops",
+            "Desktops of a pool by phase",
+            m.desktops.clone(),
+        );
         m
+    }
+
+    /// Publishes one pool's status as gauges (leader only; a standby leaves them unset).
+    pub fn pool(&self, pool: &str, st: &deskvirt_crds::resource_pool::ResourcePoolStatus) {
+        let bytes = |q: &str| {
+            deskvirt_crds::quantity::parse_bytes(q)
+                .map(|b| i64::try_from(b).unwrap_or(i64::MAX))
+                .unwrap_or(0)
+        };
+        for (family, amounts) in [
+            (&self.pool_capacity, &st.capacity),
+            (&self.pool_allocated, &st.allocated),
+        ] {
+            let Some(a) = amounts else { continue };
+            for (resource, value) in [
+                ("cpu", i64::from(a.cpu)),
+                ("memory", bytes(&a.memory)),
+                ("desktops", i64::from(a.desktops)),
+            ] {
+                family
+                    .get_or_create(&PoolResource {
+                        pool: pool.to_string(),
+                        resource,
+                    })
+                    .set(value);
+            }
+        }
+        if let Some(p) = st.ports {
+            for (state, value) in [("allocated", p.used), ("total", p.total)] {
+                self.spice_ports
+                    .get_or_create(&PoolState {
+                        pool: pool.to_string(),
+                        state: state.to_string(),
+                    })
+                    .set(i64::from(value));
+            }
+        }
+        if let Some(n) = st.nodes {
+            for (ready, value) in [
+                ("true", n.ready),
+                ("false", n.total.saturating_sub(n.ready)),
+            ] {
+                self.domain_nodes
+                    .get_or_create(&PoolReady {
+                        pool: pool.to_string(),
+                        ready,
+                    })
+                    .set(i64::from(value));
+            }
+        }
+        for (phase, count) in &st.desktops {
+            self.desktops
+                .get_or_create(&PoolPhase {
+                    pool: pool.to_string(),
+                    phase: phase.clone(),
+                })
+                .set(i64::from(*count));
+        }
     }
 
     pub fn reconciled(&self, controller: &'static str) {

@@ -9,7 +9,10 @@ mod common;
 use common::{Setup, cond, node_of, secret_value, wait_for, wait_phase};
 use deskvirt_crds::desktop::Phase;
 use deskvirt_crds::{Desktop, DomainNode, ResourcePool};
+use deskvirt_operator::metrics::{PoolPhase, PoolResource};
 use kube::api::PostParams;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use serde_json::json;
 
 #[tokio::test]
@@ -125,6 +128,23 @@ async fn binds_reports_unschedulable_tracks_host_loss_and_pool_status() {
         },
     )
     .await;
+
+    // The same figures as gauges, for the chart's alerts.
+    let gauge = |family: &Family<PoolResource, Gauge>, resource| {
+        family
+            .get_or_create(&PoolResource {
+                pool: pool_name.clone(),
+                resource,
+            })
+            .get()
+    };
+    assert_eq!(gauge(&t.operator.metrics.pool_capacity, "cpu"), 28);
+    assert_eq!(gauge(&t.operator.metrics.pool_allocated, "cpu"), 2);
+    let phase = PoolPhase {
+        pool: pool_name.clone(),
+        phase: "Pending".into(),
+    };
+    assert_eq!(t.operator.metrics.desktops.get_or_create(&phase).get(), 1);
 
     // Host loss and return.
     t.host.heartbeat.set_alive(false);

@@ -250,6 +250,7 @@ pub async fn reconcile(pool: Arc<ResourcePool>, ctx: Arc<Context>) -> Result<Act
         }
     };
     st.conditions = vec![ready, degraded];
+    ctx.metrics.pool(&name, &st);
     let mut old_cmp = old.clone();
     old_cmp.conditions = vec![];
     let mut new_cmp = st.clone();
