@@ -1,0 +1,210 @@
+//! `deskvirt-bench`: issue 7's benchmarks in one run — time to desktop against plain libvirt,
+//! bursts with their API cost, the footprint of both binaries, and placement latency — printed
+//! as markdown and written to `results/<timestamp>/` with a latency CDF.
+#![forbid(unsafe_code)]
+
+mod apimetrics;
+mod burst;
+mod env;
+mod footprint;
+mod plot;
+mod report;
+mod sched;
+mod stats;
+mod ttd;
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Duration;
+
+use clap::Parser;
+use deskvirt_tests::cluster::{client, ensure_crds, repo_root};
+use deskvirt_tests::host::prepare_host;
+use k8s_openapi::jiff::Timestamp;
+
+use crate::env::Env;
+use crate::report::Report;
+
+/// Benchmarks deskvirt on this machine (real kube-apiserver, libvirt and QEMU).
+#[derive(Parser, Debug)]
+struct Args {
+    /// Desktops per side in the time-to-desktop comparison.
+    #[arg(long, default_value_t = 10)]
+    n: usize,
+    /// Desktops of the paced burst.
+    #[arg(long, default_value_t = 20)]
+    paced: usize,
+    /// Creations per second of the paced burst.
+    #[arg(long, default_value_t = 10.0)]
+    rate: f64,
+    /// Desktops created all at once.
+    #[arg(long, default_value_t = 50)]
+    at_once: usize,
+    /// Hosts for the placement micro-benchmark.
+    #[arg(long, default_value_t = 500)]
+    hosts: usize,
+    /// Bound desktops for the placement micro-benchmark.
+    #[arg(long, default_value_t = 5000)]
+    bound: usize,
+    /// Timed placements through the bind path (ten times as many for `place_in_pool`).
+    #[arg(long, default_value_t = 1000)]
+    iterations: usize,
+    /// Idle window for CPU and the apiserver's background rate, in seconds.
+    #[arg(long, default_value_t = 10)]
+    idle_secs: u64,
+    /// Only the placement micro-benchmark (no cluster, no VM).
+    #[arg(long)]
+    scheduler_only: bool,
+    /// Skip the time-to-desktop comparison.
+    #[arg(long)]
+    skip_ttd: bool,
+    /// Skip the bursts and the footprint.
+    #[arg(long)]
+    skip_bursts: bool,
+    /// Run debug builds of the operator and the agent instead of release builds.
+    #[arg(long)]
+    debug_binaries: bool,
+    /// Log level of the operator and the agent.
+    #[arg(long, default_value = "warn")]
+    log: String,
+    /// Where `<timestamp>/report.md` and `ttd-cdf.png` go.
+    #[arg(long)]
+    results: Option<PathBuf>,
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let mut report = Report {
+        machine: machine(),
+        command: format!(
+            "cargo run --release -p deskvirt-bench -- {}",
+            std::env::args().skip(1).collect::<Vec<_>>().join(" ")
+        ),
+        ..Report::default()
+    };
+    eprintln!(
+        "[bench] placement: {} hosts, {} desktops",
+        args.hosts, args.bound
+    );
+    let r = sched::run(args.hosts, args.bound, args.iterations)?;
+    eprintln!("[bench] {}", sched::describe(&r));
+    report.sched = Some(r);
+
+    if !args.scheduler_only {
+        let outcome = tokio::select! {
+            r = live(&args, &mut report) => r,
+            _ = tokio::signal::ctrl_c() => Err(anyhow::anyhow!("interrupted")),
+        };
+        if let Err(e) = outcome {
+            report.notes.push(format!("live run failed: {e:#}"));
+            eprintln!("[bench] live run failed: {e:#}");
+        }
+    }
+
+    let md = report.markdown();
+    println!("{md}");
+    let stamp = Timestamp::now().strftime("%Y%m%dT%H%M%SZ").to_string();
+    let dir = args
+        .results
+        .clone()
+        .unwrap_or_else(|| {
+            let root = repo_root();
+            root.canonicalize().unwrap_or(root).join("results")
+        })
+        .join(stamp);
+    std::fs::create_dir_all(&dir)?;
+    std::fs::write(dir.join("report.md"), &md)?;
+    if let Some(t) = &report.ttd {
+        let png = dir.join("ttd-cdf.png");
+        match plot::cdf(&png, &[("raw libvirt", &t.raw), ("deskvirt", &t.deskvirt)]) {
+            Ok(()) => eprintln!("[bench] wrote {}", png.display()),
+            Err(e) => eprintln!("[bench] no plot: {e:#}"),
+        }
+    }
+    eprintln!("[bench] wrote {}", dir.join("report.md").display());
+    Ok(())
+}
+
+/// The parts that need the cluster and libvirt; tears its world down whatever happens.
+async fn live(args: &Args, report: &mut Report) -> anyhow::Result<()> {
+    let guest = prepare_host()?;
+    let client = client().await?;
+    ensure_crds(&client).await?;
+    let mut env = Env::create(client, &guest).await?;
+    eprintln!(
+        "[bench] run {} (pool {}, namespace {})",
+        env.run, env.pool, env.user_ns
+    );
+    let result = measure(args, &mut env, report).await;
+    eprintln!("[bench] tearing down run {}", env.run);
+    env.teardown().await;
+    result
+}
+
+async fn measure(args: &Args, env: &mut Env, report: &mut Report) -> anyhow::Result<()> {
+    let bins = if args.debug_binaries {
+        "debug"
+    } else {
+        "release"
+    };
+    eprintln!("[bench] building the operator and the node-agent ({bins})");
+    let dir = env::build_binaries(!args.debug_binaries)?;
+    env.start(&dir, &args.log).await?;
+    report.notes.push(format!(
+        "operator and node-agent: {bins} builds, admin kubeconfig"
+    ));
+    if !args.skip_ttd && args.n > 0 {
+        report.ttd = Some(ttd::run_pairs(env, args.n).await?);
+    }
+    if args.skip_bursts {
+        return Ok(());
+    }
+    let idle = Duration::from_secs(args.idle_secs);
+    let (bg, _) = burst::background_rate(&env.client, idle).await?;
+    report.background_per_s = Some(bg);
+    if args.paced > 0 {
+        eprintln!("[bench] burst: {} at {}/s", args.paced, args.rate);
+        let label = format!("{} at {}/s", args.paced, args.rate);
+        let b = burst::run(env, "paced", &label, args.paced, Some(args.rate), bg).await?;
+        report.bursts.push(b);
+        env.delete_desktops("deskvirt.io/bench", Duration::from_secs(300))
+            .await?;
+    }
+    if args.at_once > 0 {
+        eprintln!("[bench] burst: {} at once", args.at_once);
+        let label = format!("{} at once", args.at_once);
+        let b = burst::run(env, "once", &label, args.at_once, None, bg).await?;
+        report.bursts.push(b);
+        report.footprint = Some(burst::footprint(env, args.at_once, idle).await?);
+        env.delete_desktops("deskvirt.io/bench", Duration::from_secs(300))
+            .await?;
+    }
+    Ok(())
+}
+
+/// `nproc`, the CPU model, memory and the hypervisor mode.
+fn machine() -> String {
+    let out = |cmd: &str, args: &[&str]| {
+        Command::new(cmd)
+            .args(args)
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+            .unwrap_or_default()
+    };
+    let model = out("lscpu", &[])
+        .lines()
+        .find(|l| l.starts_with("Model name:"))
+        .map(|l| l.trim_start_matches("Model name:").trim().to_string())
+        .unwrap_or_default();
+    let mem = out("free", &["-g"])
+        .lines()
+        .find(|l| l.starts_with("Mem:"))
+        .and_then(|l| l.split_whitespace().nth(1).map(str::to_string))
+        .unwrap_or_default();
+    format!(
+        "Machine: {} CPUs (`nproc`), {model}, {mem} GiB RAM, kernel {}; QEMU under TCG (`<domain type='qemu'>`), shared and noisy.",
+        out("nproc", &[]),
+        out("uname", &["-r"])
+    )
+}

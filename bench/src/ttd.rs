@@ -1,0 +1,275 @@
+//! Time to desktop, side by side: the example Desktop through deskvirt (API create → its SPICE
+//! port accepts a link with the Secret's password) against the same domain XML through plain
+//! libvirt (overlay, define, start → the same link), interleaved so both share the noise.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use deskvirt_tests::host::run;
+use deskvirt_tests::spice::{LinkOutcome, link_with_timeout};
+use kube::api::PostParams;
+use virt::connect::Connect;
+
+use crate::env::{Env, LIBVIRT, POOL_PORTS, example_desktop, raw_prefix};
+use crate::stats::Samples;
+
+/// Longest wait for one desktop.
+const LIMIT: Duration = Duration::from_secs(180);
+/// Pause between link attempts.
+const POLL: Duration = Duration::from_millis(20);
+
+/// Both series.
+#[derive(Debug)]
+pub struct TtdResult {
+    pub raw: Samples,
+    pub deskvirt: Samples,
+}
+
+/// What a raw run reuses from the deskvirt domain it copies.
+struct Template {
+    xml: String,
+    overlay: String,
+    backing: String,
+    port: u16,
+    password: String,
+}
+
+/// Runs `n` pairs, alternating which side goes first.
+pub async fn run_pairs(env: &Env, n: usize) -> anyhow::Result<TtdResult> {
+    virt::error::clear_error_callback();
+    let mut raw = Vec::new();
+    let mut deskvirt = Vec::new();
+    let mut template = None;
+    for i in 0..n {
+        let raw_first = i % 2 == 1 && template.is_some();
+        if raw_first && let Some(t) = &template {
+            raw.push(raw_once(env, t, i).await?);
+        }
+        let name = format!("ttd-{i:02}");
+        let (took, addr) = deskvirt_once(env, &name).await?;
+        deskvirt.push(took);
+        if template.is_none() {
+            template = Some(capture(env, &name, addr.port()).await?);
+        }
+        env.delete_desktops("deskvirt.io/bench=ttd", LIMIT).await?;
+        if !raw_first && let Some(t) = &template {
+            raw.push(raw_once(env, t, i).await?);
+        }
+        eprintln!(
+            "[bench] pair {i}: deskvirt {:.3} s, raw {:.3} s",
+            took.as_secs_f64(),
+            raw.last().map(|d| d.as_secs_f64()).unwrap_or(f64::NAN)
+        );
+    }
+    Ok(TtdResult {
+        raw: Samples::new(raw),
+        deskvirt: Samples::new(deskvirt),
+    })
+}
+
+/// Creates the example Desktop and times until its SPICE port accepts the Secret's password.
+async fn deskvirt_once(env: &Env, name: &str) -> anyhow::Result<(Duration, SocketAddr)> {
+    let api = env.desktops();
+    let desktop = example_desktop(env, name)?;
+    let started = Instant::now();
+    api.create(&PostParams::default(), &desktop).await?;
+    let mut password = None;
+    loop {
+        anyhow::ensure!(
+            started.elapsed() < LIMIT,
+            "{name} not reachable in {LIMIT:?}"
+        );
+        let spice = api
+            .get(name)
+            .await?
+            .status
+            .and_then(|s| s.spice)
+            .and_then(|s| Some((s.host?, s.port?)));
+        if password.is_none() {
+            password = env.password(name).await?;
+        }
+        if let (Some((host, port)), Some(pw)) = (spice, password.as_deref()) {
+            let ip: IpAddr = host.parse().context("status.spice.host")?;
+            let addr = SocketAddr::new(ip, port);
+            if accepted(addr, pw).await {
+                return Ok((started.elapsed(), addr));
+            }
+        }
+        tokio::time::sleep(POLL).await;
+    }
+}
+
+async fn accepted(addr: SocketAddr, password: &str) -> bool {
+    matches!(
+        link_with_timeout(addr, password, Duration::from_secs(2)).await,
+        Ok(LinkOutcome::Accepted { .. })
+    )
+}
+
+/// The inactive XML (with the SPICE password) of a running deskvirt desktop.
+async fn capture(env: &Env, desktop: &str, port: u16) -> anyhow::Result<Template> {
+    let domain = env.domain_of(desktop);
+    let xml = run(
+        "virsh dumpxml",
+        Command::new("virsh").args([
+            "-c",
+            LIBVIRT,
+            "dumpxml",
+            "--inactive",
+            "--security-info",
+            &domain,
+        ]),
+    )?;
+    let overlay = env.disk_dir.join(format!("{domain}.qcow2"));
+    let overlay = overlay.display().to_string();
+    anyhow::ensure!(
+        xml.contains(&overlay),
+        "the domain XML does not use {overlay}"
+    );
+    let password = env
+        .password(desktop)
+        .await?
+        .context("no console password")?;
+    Ok(Template {
+        xml,
+        overlay,
+        backing: env.image_dir.join("debian-12.qcow2").display().to_string(),
+        port,
+        password,
+    })
+}
+
+/// One raw run: overlay, define, start, then the link; torn down afterwards (untimed).
+async fn raw_once(env: &Env, t: &Template, i: usize) -> anyhow::Result<Duration> {
+    let name = format!("{}{i:02}", raw_prefix(&env.run));
+    let overlay = env.work.join("raw").join(format!("{name}.qcow2"));
+    let port = env.first_port + POOL_PORTS + u16::try_from(i % 20).unwrap_or(0);
+    let xml = to_raw(
+        &t.xml,
+        &name,
+        &t.overlay,
+        &overlay.display().to_string(),
+        t.port,
+        port,
+    )?;
+    let backing = t.backing.clone();
+    let overlay_path = overlay.clone();
+    let started = Instant::now();
+    let defined =
+        tokio::task::spawn_blocking(move || define_and_start(&xml, &backing, &overlay_path))
+            .await?;
+    let addr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port);
+    let result = match defined {
+        Ok(()) => loop {
+            if accepted(addr, &t.password).await {
+                break Ok(started.elapsed());
+            }
+            if started.elapsed() > LIMIT {
+                break Err(anyhow::anyhow!("raw {name} not reachable in {LIMIT:?}"));
+            }
+            tokio::time::sleep(POLL).await;
+        },
+        Err(e) => Err(e),
+    };
+    let cleanup_name = name.clone();
+    tokio::task::spawn_blocking(move || teardown(&cleanup_name)).await?;
+    let _ = std::fs::remove_file(&overlay);
+    result
+}
+
+/// `qemu-img create` of the overlay (the agent does it too), then define and start through one
+/// libvirt connection, as an agent would hold it.
+fn define_and_start(xml: &str, backing: &str, overlay: &Path) -> anyhow::Result<()> {
+    run(
+        "qemu-img create",
+        Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", backing])
+            .arg(overlay),
+    )?;
+    // virt closes the connection on drop (a failed close panics, caught by spawn_blocking).
+    let conn = Connect::open(Some(LIBVIRT))?;
+    let dom = conn.define_domain_xml(xml)?;
+    dom.create()?;
+    Ok(())
+}
+
+fn teardown(name: &str) {
+    if let Ok(conn) = Connect::open(Some(LIBVIRT))
+        && let Ok(dom) = conn.lookup_domain_by_name(name)
+    {
+        let _ = dom.destroy();
+        let _ = dom.undefine();
+    }
+}
+
+/// The deskvirt domain's XML as a plain libvirt domain: new name, no UUID, no deskvirt
+/// metadata (so no agent ever adopts it), libvirt-chosen MACs, its own overlay and SPICE port.
+pub fn to_raw(
+    xml: &str,
+    name: &str,
+    overlay_from: &str,
+    overlay_to: &str,
+    port_from: u16,
+    port_to: u16,
+) -> anyhow::Result<String> {
+    let mut out = replace_element(xml, "name", &format!("<name>{name}</name>"))?;
+    out = replace_element(&out, "uuid", "")?;
+    if out.contains("<metadata>") {
+        out = replace_element(&out, "metadata", "")?;
+    }
+    out = out
+        .lines()
+        .filter(|l| !l.trim_start().starts_with("<mac address="))
+        .collect::<Vec<_>>()
+        .join("\n");
+    anyhow::ensure!(
+        out.contains(overlay_from),
+        "no disk {overlay_from} in the XML"
+    );
+    out = out.replace(overlay_from, overlay_to);
+    let start = out
+        .find("<graphics type='spice'")
+        .context("no SPICE graphics in the XML")?;
+    let end = start + out[start..].find('>').context("unterminated <graphics>")?;
+    let tag = out[start..end].replace(&format!("port='{port_from}'"), &format!("port='{port_to}'"));
+    anyhow::ensure!(
+        tag.contains(&format!("port='{port_to}'")),
+        "no SPICE port {port_from} in {tag}"
+    );
+    out.replace_range(start..end, &tag);
+    Ok(out)
+}
+
+/// Replaces the first `<tag>…</tag>` with `with`.
+fn replace_element(xml: &str, tag: &str, with: &str) -> anyhow::Result<String> {
+    let open = format!("<{tag}>");
+    let close = format!("</{tag}>");
+    let start = xml.find(&open).with_context(|| format!("no <{tag}>"))?;
+    let end = start
+        + xml[start..]
+            .find(&close)
+            .with_context(|| format!("no </{tag}>"))?
+        + close.len();
+    let mut out = xml.to_string();
+    out.replace_range(start..end, with);
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn makes_an_independent_domain() -> anyhow::Result<()> {
+        let xml = "<domain type='qemu'>\n  <name>ns--d</name>\n  <uuid>1234</uuid>\n  <metadata>\n    <x:desktop/>\n  </metadata>\n  <devices>\n    <source file='/d/ns--d.qcow2'/>\n    <mac address='52:54:00:00:00:01'/>\n    <graphics type='spice' port='5901' autoport='no' passwd='pw'>\n  </devices>\n</domain>";
+        let out = to_raw(xml, "raw-0", "/d/ns--d.qcow2", "/r/raw-0.qcow2", 5901, 6001)?;
+        assert!(out.contains("<name>raw-0</name>"));
+        assert!(!out.contains("uuid") && !out.contains("metadata") && !out.contains("mac "));
+        assert!(out.contains("/r/raw-0.qcow2") && out.contains("port='6001'"));
+        assert!(to_raw(xml, "r", "/nope", "/r", 5901, 6001).is_err());
+        Ok(())
+    }
+}
