@@ -280,6 +280,8 @@ pub struct Context {
     pub stores: Stores,
     pub ledgers: tokio::sync::Mutex<Ledgers>,
     failures: Mutex<HashMap<String, u32>>,
+    /// What each desktop's user console Secret was last applied from, and when.
+    user_secrets: Mutex<HashMap<String, (u64, std::time::Instant)>>,
 }
 
 impl Context {
@@ -306,6 +308,7 @@ impl Context {
             stores,
             ledgers: tokio::sync::Mutex::new(Ledgers::default()),
             failures: Mutex::new(HashMap::new()),
+            user_secrets: Mutex::new(HashMap::new()),
         }
     }
 
@@ -340,6 +343,29 @@ impl Context {
             note,
         )
         .await;
+    }
+
+    /// Whether the user Secret of `uid` must be applied for content `fingerprint`: when it
+    /// differs from the last one applied, or that was longer ago than `refresh` (so a deleted
+    /// Secret comes back without reading it). Records the fingerprint when it returns true.
+    pub fn user_secret_due(&self, uid: &str, fingerprint: u64, refresh: Duration) -> bool {
+        let mut applied = self.user_secrets.lock().unwrap_or_else(|p| p.into_inner());
+        let now = std::time::Instant::now();
+        let due = applied
+            .get(uid)
+            .is_none_or(|(f, at)| *f != fingerprint || now.duration_since(*at) >= refresh);
+        if due {
+            applied.insert(uid.to_string(), (fingerprint, now));
+        }
+        due
+    }
+
+    /// Forgets the user Secret record of `uid` (a failed apply, or a deleted desktop).
+    pub fn forget_user_secret(&self, uid: &str) {
+        self.user_secrets
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(uid);
     }
 
     /// The next retry delay for `key` after a failure: 1s doubling to 5 minutes.

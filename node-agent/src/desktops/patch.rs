@@ -38,6 +38,8 @@ async fn set_finalizers(
             .await
         {
             Ok(_) => return Ok(()),
+            // Gone already: nothing holds it any more.
+            Err(kube::Error::Api(s)) if s.code == 404 => return Ok(()),
             Err(kube::Error::Api(s)) if s.code == 409 && attempt < 3 => {
                 match api.get_opt(&name).await.map_err(kube(action))? {
                     Some(fresh) => current = fresh,

@@ -83,6 +83,7 @@ pub(super) async fn cleanup(pass: &Pass<'_>) -> Result<Action, Error> {
         return Ok(Action::requeue(Duration::from_secs(1)));
     }
     delete_mirror(ctx, uid).await?;
+    ctx.forget_user_secret(uid);
     remove_finalizer(d, api, FINALIZER_OPERATOR)
         .await
         .map_err(kube("remove the operator finalizer"))?;

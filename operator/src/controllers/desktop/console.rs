@@ -10,11 +10,13 @@ use kube::runtime::events::EventType;
 use kube::{Api, ResourceExt};
 
 use super::{Error, kube};
+use crate::allocators::fnv::fnv1a64;
 use crate::console::mirror::{self, Mirror, Password};
 use crate::console::new_password;
 use crate::console::user::{self, Console};
 use crate::context::Context;
 use crate::controllers::is_conflict;
+use std::time::Duration;
 
 /// How often a mirror write may lose a race before the pass gives up.
 const MIRROR_ATTEMPTS: usize = 3;
@@ -105,8 +107,14 @@ pub(super) async fn ensure_mirror(
     Err(Error::MirrorContended)
 }
 
-/// Applies the user's console Secret from the mirror's password; returns its name. Applied on
-/// every pass (identical content is a no-op on the server), so a deleted Secret comes back.
+/// How often the user's console Secret is applied even when nothing it is made from changed,
+/// so a deleted one comes back (it is never read).
+const USER_SECRET_REFRESH: Duration = Duration::from_secs(600);
+
+/// Applies the user's console Secret from the mirror's password; returns its name. Applied when
+/// the Desktop, the password, host or port changed since the last apply, and at least every
+/// [`USER_SECRET_REFRESH`]; not on every pass, because a change of the desktop's pool or host
+/// re-queues every desktop on it.
 pub(super) async fn apply_user_secret(
     d: &Desktop,
     ctx: &Context,
@@ -135,15 +143,30 @@ pub(super) async fn apply_user_secret(
         port,
     };
     let secret_name = user::secret_name(&name);
+    let fingerprint = fnv1a64(
+        format!(
+            "{}|{:?}|{:?}|{password}",
+            d.resource_version().unwrap_or_default(),
+            host,
+            port
+        )
+        .as_bytes(),
+    );
+    if !ctx.user_secret_due(uid, fingerprint, USER_SECRET_REFRESH) {
+        return Ok(secret_name);
+    }
     let pp = PatchParams::apply(MANAGER_OPERATOR).force();
-    Api::<Secret>::namespaced(ctx.client.clone(), &ns)
+    let applied = Api::<Secret>::namespaced(ctx.client.clone(), &ns)
         .patch(
             &secret_name,
             &pp,
             &Patch::Apply(&user::secret(&spec, password)),
         )
-        .await
-        .map_err(kube("apply console secret"))?;
+        .await;
+    if let Err(e) = applied {
+        ctx.forget_user_secret(uid);
+        return Err(kube("apply console secret")(e));
+    }
     Ok(secret_name)
 }
 
