@@ -7,16 +7,13 @@ use std::time::Duration;
 
 use deskvirt_crds::constants::console_mirror_name;
 use deskvirt_crds::{Desktop, DomainNode, ResourcePool};
-use futures::future::BoxFuture;
-use futures::{FutureExt, StreamExt};
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::jiff::Timestamp;
 use kube::runtime::events::{EventType, Reporter};
-use kube::runtime::reflector::{self, ObjectRef, Store, reflector};
-use kube::runtime::{WatchStreamExt, watcher};
+use kube::runtime::reflector::{ObjectRef, Store};
+use kube::runtime::watcher;
 use kube::{Api, Client, Resource, ResourceExt};
-use serde::de::DeserializeOwned;
 use tokio::sync::watch;
 
 use crate::allocators::{
@@ -25,6 +22,7 @@ use crate::allocators::{
 use crate::console::mirror;
 use crate::heartbeat::Heartbeat;
 use crate::metrics::Metrics;
+use deskvirt_runtime::cache::reflect;
 
 /// The objects the operator watches, as local caches.
 #[derive(Clone)]
@@ -107,21 +105,6 @@ impl Stores {
         self.desktops
             .find(|d| d.metadata.uid.as_deref() == Some(uid))
     }
-}
-
-fn reflect<K>(api: Api<K>, cfg: watcher::Config) -> (Store<K>, BoxFuture<'static, ()>)
-where
-    K: Resource<DynamicType = ()>
-        + Clone
-        + DeserializeOwned
-        + std::fmt::Debug
-        + Send
-        + Sync
-        + 'static,
-{
-    let (reader, writer) = reflector::store();
-    let stream = reflector(writer, watcher(api, cfg).default_backoff()).for_each(|_| async {});
-    (reader, stream.boxed())
 }
 
 /// Completes once `stop` is true (or its sender is gone).

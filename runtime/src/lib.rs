@@ -2,6 +2,7 @@
 //! metrics HTTP server, and shutdown on SIGTERM.
 #![forbid(unsafe_code)]
 
+pub mod cache;
 pub mod events;
 pub mod health;
 pub mod http;

@@ -8,11 +8,10 @@ use std::time::Duration;
 
 use deskvirt_crds::constants::{LABEL_NODE, MANAGER_AGENT};
 use deskvirt_crds::{Desktop, DomainNode, ResourcePool};
-use futures::StreamExt;
 use k8s_openapi::api::core::v1::Secret;
 use kube::runtime::events::{EventType, Reporter};
 use kube::runtime::reflector::{self, Store};
-use kube::runtime::{WatchStreamExt, watcher};
+use kube::runtime::watcher;
 use kube::{Api, Client, Resource};
 use tokio::time::Instant;
 
@@ -258,17 +257,7 @@ where
         + Sync
         + 'static,
 {
-    let (store, writer) = reflector::store();
-    let stream = reflector::reflector(writer, watcher(api, config))
-        .default_backoff()
-        .applied_objects();
-    tokio::spawn(async move {
-        futures::pin_mut!(stream);
-        while let Some(item) = stream.next().await {
-            if let Err(e) = item {
-                tracing::warn!(error = %e, "watch failed; retrying");
-            }
-        }
-    });
+    let (store, fill) = deskvirt_runtime::cache::reflect(api, config);
+    tokio::spawn(fill);
     store
 }

@@ -10,9 +10,10 @@ use deskvirt_crds::resource_pool::ResourcePool;
 
 use super::context::DesktopContext;
 use super::status::Cond;
-use crate::domain::{DhcpHost, NetworkInputs, Subnet, network_xml};
+use crate::domain::{DhcpHost, NetworkInputs, Subnet, network_name, network_xml};
 use crate::hypervisor::{Hypervisor, HypervisorError};
 use deskvirt_crds::conditions::Status;
+use deskvirt_crds::resource_pool::NetworkMode;
 
 /// The lowest address of the subnet's DHCP range that no lease holds, preferring `wanted`.
 pub fn pick_address(
@@ -49,21 +50,20 @@ pub async fn pin<H: Hypervisor>(
     mac: &str,
     wanted: Option<&str>,
 ) -> Result<Option<Ipv4Addr>, Pending> {
+    // Bridge mode: addresses come from the outside network.
+    if pool.spec.network.mode == NetworkMode::Bridge {
+        return Ok(None);
+    }
     let pool_name = pool.metadata.name.clone().unwrap_or_default();
     let subnet = ctx
         .domain_node()
         .and_then(|n| n.status.as_ref().and_then(|s| s.subnet.clone()));
     let Some(subnet) = subnet else {
-        // Bridge mode needs no subnet; the others wait for the operator to carve one.
-        return match NetworkInputs::for_pool(&pool_name, &pool.spec.network, "10.0.0.0/24", vec![])
-        {
-            Ok(None) => Ok(None),
-            _ => Err(Pending::Wait(Cond::new(
-                Status::Unknown,
-                "WaitingForSubnet",
-                "the operator has not assigned this host a subnet of the pool yet",
-            ))),
-        };
+        return Err(Pending::Wait(Cond::new(
+            Status::Unknown,
+            "WaitingForSubnet",
+            "the operator has not assigned this host a subnet of the pool yet",
+        )));
     };
     let invalid =
         |message: String| Pending::Wait(Cond::new(Status::False, "InvalidNetwork", message));
@@ -129,15 +129,13 @@ pub async fn release<H: Hypervisor>(
     pool: &ResourcePool,
     mac: &str,
 ) -> Result<(), HypervisorError> {
-    let pool_name = pool.metadata.name.clone().unwrap_or_default();
-    let Ok(Some(inputs)) =
-        NetworkInputs::for_pool(&pool_name, &pool.spec.network, "10.0.0.0/24", vec![])
-    else {
+    if pool.spec.network.mode == NetworkMode::Bridge {
         return Ok(());
-    };
+    }
+    let network = network_name(pool.metadata.name.as_deref().unwrap_or_default());
     let _guard = ctx.network_lock.lock().await;
     let hv = &ctx.hypervisor;
-    let mut leases = match hv.dhcp_hosts(&inputs.name).await {
+    let mut leases = match hv.dhcp_hosts(&network).await {
         Ok(l) => l,
         Err(e) if e.is_not_found() => return Ok(()),
         Err(e) => return Err(e),
@@ -146,7 +144,7 @@ pub async fn release<H: Hypervisor>(
     let before = leases.len();
     leases.retain(|h| h.mac != mac);
     if leases.len() != before {
-        hv.sync_dhcp_hosts(&inputs.name, &leases).await?;
+        hv.sync_dhcp_hosts(&network, &leases).await?;
     }
     Ok(())
 }
