@@ -69,6 +69,32 @@ pub const SECRET_KEY_PASSWORD: &str = "password";
 /// Key of the ready-to-use `remote-viewer` file inside a desktop's console Secret.
 pub const SECRET_KEY_VV: &str = "console.vv";
 
+/// Reasons of the `Running` condition the agent writes that other components act on.
+pub mod running_reason {
+    /// The domain runs.
+    pub const RUNNING: &str = "Running";
+    /// The idle policy's Suspend is done: memory saved to disk (libvirt managed save).
+    pub const SUSPENDED: &str = "Suspended";
+    /// The idle policy's Shutdown is done: the domain is off.
+    pub const IDLE_SHUTDOWN: &str = "IdleShutdown";
+    /// The domain is being saved or shut down for the idle policy.
+    pub const RECLAIMING: &str = "Reclaiming";
+}
+
+/// Reasons of the operator's `Idle` condition.
+pub mod idle_reason {
+    /// Active, or no idle policy applies.
+    pub const ACTIVE: &str = "Active";
+    /// Idle, still within the timeout.
+    pub const COUNTING_DOWN: &str = "CountingDown";
+    /// Idle past the timeout; the action is asked of the host, or done.
+    pub const IDLE_TIMEOUT: &str = "IdleTimeout";
+    /// Idle past the timeout, and the policy's action is None: only reported.
+    pub const IDLE_REPORTED: &str = "IdleReported";
+    /// Woken by the `deskvirt.io/wake` annotation; waiting for room or starting.
+    pub const WOKEN: &str = "Woken";
+}
+
 /// Condition types. Positive polarity; `Ready` is the summary on every kind.
 pub mod condition {
     /// Summary: the desktop is usable, the host is heartbeating, the pool can place desktops.

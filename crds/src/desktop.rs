@@ -378,6 +378,14 @@ pub struct DesktopStatus {
     /// Since when the desktop has been idle; unset while active.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub idle_since: Option<Time>,
+    /// What the idle policy did to the desktop (operator). While set, the host keeps the
+    /// domain suspended or shut off whatever `spec.power` says, and the desktop's CPU, memory
+    /// and SPICE port go back to the pool once the host confirms. A wake clears it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reclaimed: Option<Reclaimed>,
+    /// The last `deskvirt.io/wake` annotation value the operator acted on (operator).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wake: Option<Wake>,
     /// Scheduled, DomainDefined, Running, Idle and the summary Ready.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
@@ -385,6 +393,31 @@ pub struct DesktopStatus {
     /// The spec generation the operator last acted on.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
+}
+
+/// The idle policy's action on a desktop, recorded instead of editing spec.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Reclaimed {
+    /// Suspend (memory saved to disk) or Shutdown (ACPI, forced after a grace period).
+    pub action: IdleAction,
+    /// When the idle timeout passed and the operator decided the action.
+    pub at: Time,
+    /// The SPICE port the desktop held; tried first when it wakes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1024, max = 65535))]
+    pub port: Option<u16>,
+}
+
+/// A wake the operator acted on.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Wake {
+    /// The `deskvirt.io/wake` annotation value.
+    #[schemars(length(max = 253))]
+    pub token: String,
+    /// When the operator acted on it; the idle countdown starts again from here.
+    pub at: Time,
 }
 
 /// SPICE console endpoint.
