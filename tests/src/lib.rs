@@ -7,3 +7,4 @@ pub mod helm;
 pub mod host;
 pub mod kubectl;
 pub mod spice;
+pub mod world;

@@ -1,0 +1,329 @@
+//! One deskvirt installation for the end-to-end tiers, the way a user meets it: `helm install`
+//! of the chart into the local control plane, the operator and the node-agent as local
+//! processes authenticated with the chart's own ServiceAccount tokens (so the chart's RBAC is
+//! what is tested), libvirt with QEMU (TCG) on this machine, and a pool made from
+//! `examples/pool.yaml`. Dropping the [`World`] stops the processes, deletes what the run made
+//! and uninstalls the release.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::Context;
+use deskvirt_crds::constants::{SECRET_KEY_PASSWORD, SECRET_KEY_VV};
+use deskvirt_crds::desktop::Phase;
+use deskvirt_crds::{Desktop, ResourcePool};
+use k8s_openapi::api::core::v1::Secret;
+use kube::api::PostParams;
+use kube::{Api, Client};
+use serde_json::json;
+
+use crate::cluster::{client, ensure_crds, kubeconfig_path, repo_root, unique_suffix};
+use crate::helm::{Release, ScratchNamespace, chart_dir};
+use crate::host::{
+    Process, eventually, free_port, free_port_range, prepare_host, workspace_binary,
+};
+use crate::kubectl::kubectl;
+
+/// Label on everything a run creates; the operator of the run is restricted to it.
+pub const RUN_LABEL: &str = "deskvirt.io/test-run";
+/// How long the agent's heartbeat Lease stays valid without renewal.
+pub const LEASE: &str = "4s";
+
+/// Everything one end-to-end run holds; dropping it stops the processes, uninstalls the
+/// release and removes the host's leftovers.
+pub struct World {
+    pub client: Client,
+    pub run: String,
+    pub release: Release,
+    pub _release_ns: ScratchNamespace,
+    pub user_ns: ScratchNamespace,
+    pub console_ns: String,
+    pub node: String,
+    pub pool: String,
+    pub image_dir: PathBuf,
+    pub disk_dir: PathBuf,
+    pub operator_kubeconfig: PathBuf,
+    pub agent_kubeconfig: PathBuf,
+    pub agent: Option<Process>,
+    pub operator: Option<Process>,
+    pub guest_dir: PathBuf,
+}
+
+impl World {
+    pub fn start_agent(&mut self) -> anyhow::Result<()> {
+        let bin = workspace_binary("deskvirt-node-agent")?;
+        let labels = format!("deskvirt.io/pool={},{RUN_LABEL}={}", self.pool, self.run);
+        let metrics = format!("127.0.0.1:{}", free_port()?);
+        let mut cmd = Command::new(bin);
+        cmd.env("KUBECONFIG", &self.agent_kubeconfig)
+            .env("RUST_LOG", log_level())
+            .args(["--node-name", &self.node, "--hypervisor", "qemu"])
+            .args(["--lease-namespace", &self.release.namespace])
+            .args(["--console-namespace", &self.console_ns])
+            .args(["--node-address", "127.0.0.1", "--node-labels", &labels])
+            .args(["--heartbeat-interval", "1s", "--lease-duration", LEASE])
+            .args(["--shutdown-grace", "3s", "--metrics-addr", &metrics]);
+        self.agent = Some(Process::spawn("node-agent", &mut cmd)?);
+        Ok(())
+    }
+
+    pub fn start_operator(&mut self) -> anyhow::Result<()> {
+        let bin = workspace_binary("deskvirt-operator")?;
+        let metrics = format!("127.0.0.1:{}", free_port()?);
+        let selector = format!("{RUN_LABEL}={}", self.run);
+        let mut cmd = Command::new(bin);
+        cmd.env("KUBECONFIG", &self.operator_kubeconfig)
+            .env("RUST_LOG", log_level())
+            .env("POD_NAMESPACE", &self.release.namespace)
+            .env("POD_NAME", format!("operator-{}", unique_suffix()))
+            .args(["--console-namespace", &self.console_ns])
+            .args(["--label-selector", &selector, "--metrics-addr", &metrics]);
+        self.operator = Some(Process::spawn("operator", &mut cmd)?);
+        Ok(())
+    }
+
+    pub fn desktops(&self) -> Api<Desktop> {
+        Api::namespaced(self.client.clone(), &self.user_ns.name)
+    }
+
+    pub fn kubectl_ns(&self, args: &[&str]) -> anyhow::Result<crate::kubectl::Run> {
+        let mut all = vec!["-n", self.user_ns.name.as_str()];
+        all.extend_from_slice(args);
+        kubectl(&all, None)
+    }
+
+    pub async fn phase(&self, name: &str) -> anyhow::Result<Option<Phase>> {
+        Ok(self
+            .desktops()
+            .get_opt(name)
+            .await?
+            .and_then(|d| d.status.and_then(|s| s.phase)))
+    }
+}
+
+impl Drop for World {
+    fn drop(&mut self) {
+        // Desktops go while the agent still runs (their finalizers need it); then the host.
+        let _ = kubectl(
+            &[
+                "delete",
+                "desktops",
+                "--all",
+                "-n",
+                &self.user_ns.name,
+                "--wait=true",
+                "--timeout=120s",
+            ],
+            None,
+        );
+        let _ = kubectl(
+            &[
+                "patch",
+                "desktops",
+                "--all",
+                "-n",
+                &self.user_ns.name,
+                "--type=merge",
+                "-p",
+                r#"{"metadata":{"finalizers":null}}"#,
+            ],
+            None,
+        );
+        if let Some(mut p) = self.agent.take() {
+            let _ = p.kill();
+        }
+        if let Some(mut p) = self.operator.take() {
+            let _ = p.kill();
+        }
+        let prefix = format!("{}--", self.user_ns.name);
+        if let Ok(names) = crate::host::run(
+            "virsh list",
+            Command::new("virsh").args(["-c", "qemu:///system", "list", "--all", "--name"]),
+        ) {
+            for d in names.lines().filter(|n| n.starts_with(&prefix)) {
+                let _ = Command::new("virsh")
+                    .args(["-c", "qemu:///system", "destroy", d])
+                    .output();
+                let _ = Command::new("virsh")
+                    .args(["-c", "qemu:///system", "undefine", d])
+                    .output();
+            }
+        }
+        let net = format!("deskvirt-{}", self.pool);
+        let _ = Command::new("virsh")
+            .args(["-c", "qemu:///system", "net-destroy", &net])
+            .output();
+        let _ = Command::new("virsh")
+            .args(["-c", "qemu:///system", "net-undefine", &net])
+            .output();
+        let _ = kubectl(
+            &[
+                "delete",
+                "resourcepool,domainnode",
+                "-l",
+                &format!("{RUN_LABEL}={}", self.run),
+                "--wait=false",
+            ],
+            None,
+        );
+        let _ = std::fs::remove_dir_all(&self.disk_dir);
+        let _ = std::fs::remove_dir_all(&self.image_dir);
+    }
+}
+
+pub fn log_level() -> String {
+    std::env::var("DESKVIRT_TEST_LOG").unwrap_or_else(|_| "warn".into())
+}
+
+/// A kubeconfig for the ServiceAccount whose token Secret is `secret` in `namespace`: the
+/// admin kubeconfig's server and CA, the chart's token.
+async fn token_kubeconfig(
+    client: &Client,
+    namespace: &str,
+    secret: &str,
+    out: &Path,
+) -> anyhow::Result<()> {
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), namespace);
+    let token = eventually(Duration::from_secs(60), "the token controller", || async {
+        Ok(secrets
+            .get_opt(secret)
+            .await?
+            .and_then(|s| s.data)
+            .and_then(|d| d.get("token").cloned()))
+    })
+    .await?;
+    let admin = std::fs::read_to_string(kubeconfig_path()?)?;
+    let admin: serde_yaml::Value = serde_yaml::from_str(&admin)?;
+    let cluster = admin["clusters"][0]["cluster"].clone();
+    let config = json!({
+        "apiVersion": "v1", "kind": "Config",
+        "clusters": [{ "name": "local", "cluster": serde_json::to_value(&cluster)? }],
+        "users": [{ "name": secret, "user": { "token": String::from_utf8(token.0)? } }],
+        "contexts": [{ "name": "sa", "context": { "cluster": "local", "user": secret } }],
+        "current-context": "sa",
+    });
+    std::fs::write(out, serde_yaml::to_string(&config)?)?;
+    Ok(())
+}
+
+/// Installs the chart into a scratch namespace and prepares the host for a pool named `pool`.
+pub async fn setup(pool: &str) -> anyhow::Result<World> {
+    let guest_dir = prepare_host()?;
+    let client = client().await?;
+    ensure_crds(&client).await?;
+    let run = unique_suffix();
+    let release_ns = ScratchNamespace::create("e2e")?;
+    let console_ns = format!("{}-consoles", release_ns.name);
+    let name = format!("deskvirt-{run}");
+    let values = json!({
+        "serviceAccountTokens": { "enabled": true },
+        "nodeAgent": { "hypervisor": "qemu" },
+    });
+    let release = Release::install(&release_ns.name, &name, &chart_dir(), &values)?;
+    let work = std::env::temp_dir().join(format!("deskvirt-e2e-{run}"));
+    std::fs::create_dir_all(&work)?;
+    let operator_kubeconfig = work.join("operator.kubeconfig");
+    let agent_kubeconfig = work.join("agent.kubeconfig");
+    token_kubeconfig(
+        &client,
+        &release_ns.name,
+        &format!("{name}-operator-token"),
+        &operator_kubeconfig,
+    )
+    .await?;
+    token_kubeconfig(
+        &client,
+        &release_ns.name,
+        &format!("{name}-node-agent-token"),
+        &agent_kubeconfig,
+    )
+    .await?;
+    // The pool's images: the example's debian-12.qcow2 is the tiny guest's disk here.
+    let image_dir = work.join("images");
+    std::fs::create_dir_all(&image_dir)?;
+    for (from, to) in [
+        ("base.qcow2", "debian-12.qcow2"),
+        ("base.qcow2", "base.qcow2"),
+        ("vmlinuz", "vmlinuz"),
+        ("initrd.img", "initrd.img"),
+    ] {
+        std::os::unix::fs::symlink(guest_dir.join(from), image_dir.join(to))?;
+    }
+    let user_ns = ScratchNamespace::create("e2e-user")?;
+    Ok(World {
+        client,
+        pool: pool.into(),
+        node: format!("e2e-host-{run}"),
+        run,
+        release,
+        _release_ns: release_ns,
+        user_ns,
+        console_ns,
+        disk_dir: work.join("disks"),
+        image_dir,
+        operator_kubeconfig,
+        agent_kubeconfig,
+        agent: None,
+        operator: None,
+        guest_dir,
+    })
+}
+
+/// examples/pool.yaml with this machine's directories, a free SPICE range on loopback, and
+/// the run label.
+pub async fn create_pool(w: &World) -> anyhow::Result<()> {
+    let text = std::fs::read_to_string(repo_root().join("examples/pool.yaml"))?;
+    let mut pool: serde_json::Value = serde_yaml::from_str(&text)?;
+    pool["metadata"]["name"] = json!(w.pool);
+    pool["spec"]["nodeSelector"] = json!({ "deskvirt.io/pool": w.pool });
+    let first = free_port_range(40)?;
+    pool["metadata"]["labels"] = json!({ RUN_LABEL: w.run });
+    pool["spec"]["storage"] = json!({
+        "imageDir": w.image_dir.display().to_string(),
+        "diskDir": w.disk_dir.display().to_string(),
+    });
+    pool["spec"]["display"]["spicePorts"] = json!({ "first": first, "last": first + 39 });
+    pool["spec"]["display"]["listen"] = json!("Node");
+    // This 2-core machine must hold the example desktop and the burst of 20.
+    pool["spec"]["overcommit"] = json!({ "cpu": 16, "memory": 1 });
+    pool["spec"]["reserved"] = json!({ "cpu": 0, "memory": "1Gi" });
+    // A unique address range per run, so the host network never collides with another run.
+    let octet = 16 + (first % 200);
+    pool["spec"]["network"]["cidr"] = json!(format!("10.{octet}.0.0/16"));
+    let pools: Api<ResourcePool> = Api::all(w.client.clone());
+    if pools.get_opt(&w.pool).await?.is_some() {
+        anyhow::bail!(
+            "ResourcePool {} already exists (left by scripts/demo.sh?); delete it before the end-to-end test",
+            w.pool
+        );
+    }
+    pools
+        .create(&PostParams::default(), &serde_json::from_value(pool)?)
+        .await?;
+    Ok(())
+}
+
+pub fn spice_addr(d: &Desktop) -> anyhow::Result<SocketAddr> {
+    let spice = d
+        .status
+        .as_ref()
+        .and_then(|s| s.spice.clone())
+        .context("no status.spice")?;
+    let host: IpAddr = spice.host.as_deref().context("no spice.host")?.parse()?;
+    Ok(SocketAddr::new(host, spice.port.context("no spice.port")?))
+}
+
+pub async fn console_password(w: &World, desktop: &str) -> anyhow::Result<(String, String)> {
+    let secret = Api::<Secret>::namespaced(w.client.clone(), &w.user_ns.name)
+        .get(&format!("{desktop}-console"))
+        .await?;
+    let data = secret.data.unwrap_or_default();
+    let text = |k: &str| {
+        data.get(k)
+            .map(|b| String::from_utf8_lossy(&b.0).into_owned())
+            .unwrap_or_default()
+    };
+    Ok((text(SECRET_KEY_PASSWORD), text(SECRET_KEY_VV)))
+}
