@@ -193,11 +193,14 @@ fn desktop_bindings(pool: &str, stores: &Stores, old: Option<&Ledger>) -> Vec<De
         .map(|d| {
             let uid = d.metadata.uid.clone().unwrap_or_default();
             let st = d.status.clone().unwrap_or_default();
+            // A desktop whose resources the idle policy released holds no port, whatever its
+            // status still says; its host and MAC stay.
+            let port = st.spice.as_ref().and_then(|s| s.port);
             let mut b = DesktopBinding {
                 desktop: uid.clone(),
                 seniority: seniority(d.as_ref()),
                 host: st.node.clone(),
-                port: st.spice.as_ref().and_then(|s| s.port),
+                port: port.filter(|_| crate::idle::holds_resources(d)),
                 mac: st.mac.clone(),
             };
             // A binding made just now may not be in the cache yet: keep the old ledger's.

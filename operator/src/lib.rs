@@ -8,6 +8,7 @@ pub mod console;
 pub mod context;
 pub mod controllers;
 pub mod heartbeat;
+pub mod idle;
 pub mod leader;
 pub mod metrics;
 pub mod operator;

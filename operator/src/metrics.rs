@@ -1,6 +1,7 @@
 //! The operator's Prometheus metrics: reconciles and failures per controller and error
 //! category, whether this replica leads, and each pool's capacity, allocation, SPICE ports,
-//! hosts and desktops by phase (what the chart's alerts read). Labels are low-cardinality:
+//! hosts, desktops by phase, idle desktops, what idle reclamation gave back and SPICE sessions
+//! (what the chart's alerts read). Labels are low-cardinality:
 //! a pool name at most, never a desktop or host name.
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -41,6 +42,12 @@ pub struct PoolReady {
     pub ready: &'static str,
 }
 
+/// A pool.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PoolLabel {
+    pub pool: String,
+}
+
 /// A pool and a desktop phase.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct PoolPhase {
@@ -60,6 +67,12 @@ pub struct Metrics {
     pub spice_ports: Family<PoolState, Gauge>,
     pub domain_nodes: Family<PoolReady, Gauge>,
     pub desktops: Family<PoolPhase, Gauge>,
+    /// Desktops whose `Idle` condition is True.
+    pub idle_desktops: Family<PoolLabel, Gauge>,
+    /// What reclaimed desktops gave back (`cpu`, `memory_bytes`, `spice_ports`).
+    pub reclaimed: Family<PoolResource, Gauge>,
+    /// Desktops with a SPICE client connected.
+    pub sessions: Family<PoolLabel, Gauge>,
 }
 
 impl Metrics {
@@ -112,7 +125,48 @@ impl Metrics {
             "Desktops of a pool by phase",
             m.desktops.clone(),
         );
+        sub.register(
+            "idle_desktops",
+            "Desktops of a pool idle past their timeout (Idle condition True)",
+            m.idle_desktops.clone(),
+        );
+        sub.register(
+            "reclaimed",
+            "What a pool's reclaimed desktops gave back (cpu, memory_bytes, spice_ports)",
+            m.reclaimed.clone(),
+        );
+        sub.register(
+            "sessions",
+            "Desktops of a pool with a SPICE client connected",
+            m.sessions.clone(),
+        );
         m
+    }
+
+    /// Publishes one pool's idle figures (leader only).
+    pub fn idle(&self, pool: &str, idle: &crate::idle::PoolIdle) {
+        let gauge = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
+        let label = PoolLabel {
+            pool: pool.to_string(),
+        };
+        self.idle_desktops
+            .get_or_create(&label)
+            .set(gauge(idle.idle));
+        self.sessions
+            .get_or_create(&label)
+            .set(gauge(idle.sessions));
+        for (resource, value) in [
+            ("cpu", idle.cpu),
+            ("memory_bytes", idle.memory_bytes),
+            ("spice_ports", idle.released),
+        ] {
+            self.reclaimed
+                .get_or_create(&PoolResource {
+                    pool: pool.to_string(),
+                    resource,
+                })
+                .set(gauge(value));
+        }
     }
 
     /// Publishes one pool's status as gauges (leader only; a standby leaves them unset).

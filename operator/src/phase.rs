@@ -1,9 +1,11 @@
-//! A Desktop's phase and summary `Ready`, derived from the operator's binding, the agent's
-//! conditions (`DomainDefined`, `Running`) and the host's heartbeat. Pure.
+//! A Desktop's phase and summary `Ready`, derived from the operator's binding and idle
+//! reclamation, the agent's conditions (`DomainDefined`, `Running`) and the host's heartbeat.
+//! Pure.
 
 use deskvirt_crds::conditions::{find, is_true};
 use deskvirt_crds::constants::condition::{DOMAIN_DEFINED, RUNNING};
-use deskvirt_crds::desktop::{Phase, Power};
+use deskvirt_crds::constants::{idle_reason, running_reason};
+use deskvirt_crds::desktop::{IdleAction, Phase, Power};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 
 /// What the phase is derived from.
@@ -15,6 +17,8 @@ pub struct Facts<'a> {
     pub host_alive: bool,
     /// Declared power.
     pub power: Power,
+    /// The idle policy's action recorded in `status.reclaimed`, if any.
+    pub reclaimed: Option<IdleAction>,
     /// Every condition on the Desktop (the agent's among them).
     pub conditions: &'a [Condition],
 }
@@ -69,6 +73,11 @@ pub fn derive(f: &Facts<'_>) -> Derived {
             "the host is defining the domain".into(),
         ),
         Some(_) => {
+            if let Some(action) = f.reclaimed
+                && let Some(d) = reclaimed(action, running.map(|c| c.reason.as_str()))
+            {
+                return d;
+            }
             if is_true(f.conditions, RUNNING) {
                 return out(Phase::Running, "Running", "the desktop runs".into());
             }
@@ -91,6 +100,44 @@ pub fn derive(f: &Facts<'_>) -> Derived {
     }
 }
 
+/// A reclaimed desktop, by the agent's `Running` reason: done (Suspended, IdleShutdown), or on
+/// its way (Reclaiming, or still running); `None` for anything else (a failure stays a failure).
+fn reclaimed(action: IdleAction, running: Option<&str>) -> Option<Derived> {
+    let target = if action == IdleAction::Suspend {
+        Phase::Suspended
+    } else {
+        Phase::Stopped
+    };
+    let derived = |phase, reason, message: &str| Derived {
+        phase,
+        ready: false,
+        reason,
+        message: message.to_string(),
+    };
+    match running {
+        Some(running_reason::SUSPENDED) => Some(derived(
+            Phase::Suspended,
+            idle_reason::IDLE_TIMEOUT,
+            "suspended by the idle policy; wake it with the deskvirt.io/wake annotation",
+        )),
+        Some(running_reason::IDLE_SHUTDOWN) => Some(derived(
+            Phase::Stopped,
+            idle_reason::IDLE_TIMEOUT,
+            "shut down by the idle policy; wake it with the deskvirt.io/wake annotation",
+        )),
+        Some(running_reason::RECLAIMING | running_reason::RUNNING) | None => Some(derived(
+            target,
+            running_reason::RECLAIMING,
+            if action == IdleAction::Suspend {
+                "the host is suspending the desktop for the idle policy"
+            } else {
+                "the host is shutting the desktop down for the idle policy"
+            },
+        )),
+        Some(_) => None,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -106,6 +153,7 @@ mod tests {
             bound,
             host_alive: alive,
             power,
+            reclaimed: None,
             conditions: conds,
         })
         .phase
@@ -125,6 +173,7 @@ mod tests {
                 bound: true,
                 host_alive: true,
                 power: on,
+                reclaimed: None,
                 conditions: &both
             })
             .ready
@@ -140,5 +189,48 @@ mod tests {
         assert_eq!(phase(true, true, on, &failed), Phase::Failed);
         let saved = [defined, c(RUNNING, Status::False, "Suspended")];
         assert_eq!(phase(true, true, on, &saved), Phase::Suspended);
+    }
+
+    #[test]
+    fn reclaimed_desktops() {
+        let defined = c(DOMAIN_DEFINED, Status::True, "Defined");
+        let of = |action, reason: &str, ok: bool, alive: bool| {
+            let running = if ok { Status::True } else { Status::False };
+            derive(&Facts {
+                bound: true,
+                host_alive: alive,
+                power: Power::On,
+                reclaimed: Some(action),
+                conditions: &[defined.clone(), c(RUNNING, running, reason)],
+            })
+        };
+        let d = of(IdleAction::Suspend, "Suspended", false, true);
+        assert_eq!(
+            (d.phase, d.ready, d.reason),
+            (Phase::Suspended, false, "IdleTimeout")
+        );
+        let d = of(IdleAction::Shutdown, "IdleShutdown", false, true);
+        assert_eq!(
+            (d.phase, d.ready, d.reason),
+            (Phase::Stopped, false, "IdleTimeout")
+        );
+        let d = of(IdleAction::Suspend, "Reclaiming", false, true);
+        assert_eq!(
+            (d.phase, d.ready, d.reason),
+            (Phase::Suspended, false, "Reclaiming")
+        );
+        let d = of(IdleAction::Shutdown, "Running", true, true);
+        assert_eq!(
+            (d.phase, d.ready, d.reason),
+            (Phase::Stopped, false, "Reclaiming")
+        );
+        assert_eq!(
+            of(IdleAction::Suspend, "SaveFailed", false, true).phase,
+            Phase::Failed
+        );
+        assert_eq!(
+            of(IdleAction::Suspend, "Suspended", false, false).phase,
+            Phase::Unknown
+        );
     }
 }

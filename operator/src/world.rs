@@ -43,10 +43,11 @@ pub fn bound_host(d: &Desktop, ledger: Option<&Ledger>) -> Option<String> {
     ledger?.port_of(uid).map(|(h, _)| h.to_string())
 }
 
-/// What the desktops bound to each host hold.
+/// What the desktops bound to each host hold (those whose resources the idle policy released
+/// hold nothing: [`crate::idle::holds_resources`]).
 pub fn usage_by_host(desktops: &[Arc<Desktop>], ledger: Option<&Ledger>) -> HashMap<String, Usage> {
     let mut requests: HashMap<String, Vec<Request>> = HashMap::new();
-    for d in desktops.iter().filter(|d| crate::context::holds_binding(d)) {
+    for d in desktops.iter().filter(|d| crate::idle::holds_resources(d)) {
         let (Some(host), Ok(req)) = (bound_host(d, ledger), Request::from_spec(&d.spec)) else {
             continue;
         };

@@ -1123,7 +1123,8 @@ fn access_table() -> Vec<Access> {
         a(op, "patch", d, "desktops/status", User, true),
         a(op, "update", d, "desktops", User, false),
         a(op, "create", d, "desktops", User, false),
-        a(op, "delete", d, "desktops", User, false),
+        // Only the idle policy's Delete action (non-persistent desktops) deletes a Desktop.
+        a(op, "delete", d, "desktops", User, true),
         a(op, "patch", d, "domainnodes/status", Cluster, true),
         a(op, "patch", d, "domainnodes", Cluster, false),
         a(op, "create", d, "domainnodes", Cluster, false),

@@ -238,6 +238,25 @@ impl Ledger {
         }
     }
 
+    /// Frees only the port of `desktop`: its resources went back to the pool (idle
+    /// reclamation) while it keeps its MAC and its host.
+    pub fn release_port(&mut self, desktop: &str) -> Option<(String, u16)> {
+        self.ports.release(desktop)
+    }
+
+    /// A port on `host` for a desktop whose port was released: the one it holds, else
+    /// `preferred` (the port it had) when free and in the range, else the lowest free one.
+    pub fn restore_port(
+        &mut self,
+        desktop: &str,
+        host: &str,
+        preferred: Option<u16>,
+    ) -> Result<u16, LedgerError> {
+        Ok(self
+            .ports
+            .allocate_preferring(desktop, host, self.config.ports, preferred)?)
+    }
+
     /// The subnet of `host`: the one it holds, else the lowest free one.
     pub fn assign_subnet(&mut self, host: &str) -> Result<HostSubnet, LedgerError> {
         let subnets = self.subnets.as_mut().ok_or(LedgerError::NoSubnets)?;
@@ -501,6 +520,31 @@ mod tests {
         assert!(!l.adopt("c", "h1", 5907, "not-a-mac"));
         assert_eq!(l.port_of("c"), None);
         assert_eq!(l.mac_of("c"), None);
+        Ok(())
+    }
+
+    #[test]
+    fn a_reclaimed_desktop_gives_back_its_port_and_keeps_its_mac() -> Result<(), LedgerError> {
+        let mut l = ledger(5900, 5910);
+        let a = l.bind(&claim("a", "h1"))?;
+        let b = l.bind(&claim("b", "h1"))?;
+        assert_eq!((a.port, b.port), (5900, 5901));
+        assert_eq!(l.release_port("b"), Some(("h1".into(), 5901)));
+        assert_eq!(l.ports_in_use("h1"), 1);
+        assert_eq!(l.mac_of("b"), Some(b.mac));
+        // Someone else takes the lowest free port meanwhile.
+        assert_eq!(l.bind(&claim("c", "h1"))?.port, 5901);
+        // Its old port is taken: the lowest free one.
+        assert_eq!(l.restore_port("b", "h1", Some(5901))?, 5902);
+        assert_eq!(l.release_port("b"), Some(("h1".into(), 5902)));
+        assert_eq!(l.release_port("c"), Some(("h1".into(), 5901)));
+        // Free again, and not the lowest: still preferred.
+        assert_eq!(l.release_port("a"), Some(("h1".into(), 5900)));
+        assert_eq!(l.restore_port("b", "h1", Some(5901))?, 5901);
+        // Idempotent while held; a preference outside the range is ignored.
+        assert_eq!(l.restore_port("b", "h1", Some(5905))?, 5901);
+        assert_eq!(l.restore_port("a", "h1", Some(6000))?, 5900);
+        assert_eq!(l.mac_of("b"), Some(b.mac));
         Ok(())
     }
 }

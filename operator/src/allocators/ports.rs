@@ -117,6 +117,29 @@ impl PortLedger {
         Ok(port)
     }
 
+    /// Like [`PortLedger::allocate`], but a desktop that holds no port gets `preferred` when it
+    /// is in `range` and free on `host` (a woken desktop takes back the port it had).
+    pub fn allocate_preferring(
+        &mut self,
+        desktop: &str,
+        host: &str,
+        range: PortRange,
+        preferred: Option<u16>,
+    ) -> Result<u16, PortError> {
+        if self.desktops.contains_key(desktop) || range.is_empty() {
+            return self.allocate(desktop, host, range);
+        }
+        match preferred {
+            Some(p)
+                if (range.first..=range.last).contains(&p) && self.holder(host, p).is_none() =>
+            {
+                self.insert(desktop, host, p);
+                Ok(p)
+            }
+            _ => self.allocate(desktop, host, range),
+        }
+    }
+
     /// Records that `desktop` holds `port` on `host` (as its status says), replacing what the
     /// ledger held for it. Refused (`false`, nothing changed) when another desktop holds it.
     pub fn adopt(&mut self, desktop: &str, host: &str, port: u16) -> bool {

@@ -1,5 +1,6 @@
 //! The ResourcePool controller: pure aggregation of the pool's hosts and desktops into its
-//! status (capacity, allocated, available, ports, desktops by phase, Ready and Degraded). The
+//! status (capacity, allocated, available, ports, desktops by phase, Ready and Degraded; a
+//! desktop whose resources idle reclamation released counts in none of them). The
 //! patch is skipped when nothing but timestamps changed.
 
 use std::collections::BTreeMap;
@@ -21,6 +22,7 @@ use tokio::sync::watch;
 
 use super::{Categorized, apply_status, drive, kube_transient, on_leadership, watch_config};
 use crate::context::{Context, stopped};
+use crate::idle::PoolIdle;
 use crate::scheduler::{PoolCapacity, PoolPolicy};
 use crate::world::{host_views, pool_of};
 
@@ -251,6 +253,10 @@ pub async fn reconcile(pool: Arc<ResourcePool>, ctx: Arc<Context>) -> Result<Act
     };
     st.conditions = vec![ready, degraded];
     ctx.metrics.pool(&name, &st);
+    ctx.metrics.idle(
+        &name,
+        &PoolIdle::of(&name, desktops.iter().map(|d| d.as_ref())),
+    );
     let mut old_cmp = old.clone();
     old_cmp.conditions = vec![];
     let mut new_cmp = st.clone();

@@ -497,6 +497,40 @@ pub async fn agent_reports(api: &Api<Desktop>, name: &str, defined: bool, runnin
         .unwrap_or_else(|e| panic!("agent status of {name}: {e}"));
 }
 
+/// Applies the agent's view of a running domain as the agent does: `DomainDefined` True,
+/// `Running` (`running`, `reason`) and `status.idleSince` when idle. Every apply says all the
+/// agent owns, so a field left out is removed, as with the agent.
+pub async fn agent_power(
+    api: &Api<Desktop>,
+    name: &str,
+    running: bool,
+    reason: &str,
+    idle_since: Option<k8s_openapi::jiff::Timestamp>,
+) {
+    let cond = |t: &str, ok: bool, reason: &str| {
+        json!({ "type": t, "status": if ok { "True" } else { "False" }, "reason": reason,
+                "message": format!("{t} reported by the fake agent"),
+                "lastTransitionTime": k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+                    k8s_openapi::jiff::Timestamp::now()) })
+    };
+    let mut status = json!({ "conditions": [
+        cond("DomainDefined", true, "Defined"),
+        cond("Running", running, reason),
+    ] });
+    if let Some(t) = idle_since {
+        status["idleSince"] = json!(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(t));
+    }
+    let body = json!({
+        "apiVersion": "deskvirt.io/v1alpha1", "kind": "Desktop",
+        "metadata": { "name": name },
+        "status": status,
+    });
+    let pp = PatchParams::apply(MANAGER_AGENT).force();
+    api.patch_status(name, &pp, &Patch::Apply(&body))
+        .await
+        .unwrap_or_else(|e| panic!("agent status of {name}: {e}"));
+}
+
 /// Polls `f` until it returns `Some`, failing the test after [`DEADLINE`].
 pub async fn eventually<T, F, Fut>(what: &str, mut f: F) -> T
 where

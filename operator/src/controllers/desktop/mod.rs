@@ -1,11 +1,13 @@
 //! The Desktop controller: validates, binds a desktop once to a host (port, MAC) with the pure
-//! scheduler and the pool's ledger, hands its console password over, derives its phase from the
-//! agent's conditions and the host's heartbeat, and releases the ledger when it is deleted.
+//! scheduler and the pool's ledger, hands its console password over, reclaims it when idle past
+//! its policy's timeout and brings it back on a wake, derives its phase from the agent's
+//! conditions and the host's heartbeat, and releases the ledger when it is deleted.
 
 mod apply;
 mod bind;
 mod cleanup;
 mod console;
+mod idle;
 mod status;
 
 use std::sync::Arc;

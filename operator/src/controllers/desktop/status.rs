@@ -1,13 +1,14 @@
-//! What the operator writes on a Desktop: its part of the status (phase, binding, `Scheduled`
-//! and `Ready`) and its metadata (pool and node labels, its finalizer), each applied only when
-//! it differs from what is there.
+//! What the operator writes on a Desktop: its part of the status (phase, binding, `Scheduled`,
+//! `Ready` and `Idle`, what the idle policy reclaimed and the last wake) and its metadata (pool
+//! and node labels, its finalizer), each applied only when it differs from what is there.
 
 use deskvirt_crds::conditions::{self, Status, condition};
-use deskvirt_crds::constants::condition::{READY, SCHEDULED};
-use deskvirt_crds::constants::{FINALIZER_OPERATOR, LABEL_NODE, LABEL_POOL};
-use deskvirt_crds::desktop::{Desktop, DesktopStatus, Phase};
+use deskvirt_crds::constants::condition::{IDLE, READY, SCHEDULED};
+use deskvirt_crds::constants::{FINALIZER_OPERATOR, LABEL_NODE, LABEL_POOL, MANAGER_OPERATOR};
+use deskvirt_crds::desktop::{Desktop, DesktopStatus, Phase, Reclaimed, Wake};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use k8s_openapi::jiff::Timestamp;
+use kube::api::{Patch, PatchParams};
 use kube::{Api, ResourceExt};
 use serde_json::json;
 
@@ -71,6 +72,8 @@ pub(super) struct Owned {
     pub secret: Option<String>,
     pub conditions: Vec<Condition>,
     pub generation: Option<i64>,
+    pub reclaimed: Option<Reclaimed>,
+    pub wake: Option<Wake>,
 }
 
 impl Owned {
@@ -84,10 +87,12 @@ impl Owned {
             conditions: st
                 .conditions
                 .iter()
-                .filter(|c| c.type_ == SCHEDULED || c.type_ == READY)
+                .filter(|c| c.type_ == SCHEDULED || c.type_ == READY || c.type_ == IDLE)
                 .cloned()
                 .collect(),
             generation: st.observed_generation,
+            reclaimed: st.reclaimed.clone(),
+            wake: st.wake.clone(),
         }
     }
 
@@ -106,13 +111,26 @@ impl Owned {
         }
     }
 
-    fn same_as(&self, o: &Owned) -> bool {
+    /// Whether this touches idle reclamation: such a write is guarded by the version it was
+    /// decided on, so a pass on a stale copy never brings back a `reclaimed`, a wake or a port
+    /// that a later pass changed.
+    pub fn idle_involved(&self, o: &Owned) -> bool {
+        self.reclaimed.is_some()
+            || o.reclaimed.is_some()
+            || self.wake.is_some()
+            || o.wake.is_some()
+            || self.port != o.port
+    }
+
+    pub(super) fn same_as(&self, o: &Owned) -> bool {
         self.phase == o.phase
             && self.node == o.node
             && self.port == o.port
             && self.mac == o.mac
             && self.secret == o.secret
             && self.generation == o.generation
+            && self.reclaimed == o.reclaimed
+            && self.wake == o.wake
             && !conditions::differ_ignoring_time(&self.conditions, &o.conditions)
     }
 
@@ -141,6 +159,13 @@ impl Owned {
         if let Some(g) = self.generation {
             status.insert("observedGeneration".into(), json!(g));
         }
+        // The operator owns both; `reclaimed` is removed by `clear_reclaimed`, not left out.
+        if let Some(r) = &self.reclaimed {
+            status.insert("reclaimed".into(), json!(r));
+        }
+        if let Some(w) = &self.wake {
+            status.insert("wake".into(), json!(w));
+        }
         let mut metadata = json!({ "name": d.name_any(), "namespace": d.namespace() });
         if let Some(rv) = resource_version {
             metadata["resourceVersion"] = json!(rv);
@@ -165,6 +190,57 @@ pub(super) async fn write(
         return Ok(());
     }
     put(d, api, want, None, "apply desktop status").await
+}
+
+/// Applies `want` unless it says nothing new beside `current`; when it touches idle
+/// reclamation ([`Owned::idle_involved`]) only onto the version of `d` it was decided on.
+/// Returns whether it wrote.
+pub(super) async fn write_bound(
+    d: &Desktop,
+    api: &Api<Desktop>,
+    current: &Owned,
+    want: &Owned,
+) -> Result<bool, Error> {
+    if current.same_as(want) {
+        return Ok(false);
+    }
+    let mut rv = if want.idle_involved(current) {
+        Some(
+            d.resource_version()
+                .ok_or(Error::MissingField("resourceVersion"))?,
+        )
+    } else {
+        None
+    };
+    if current.reclaimed.is_some() && want.reclaimed.is_none() {
+        // The guarded patch decides; the apply right after it needs no guard.
+        clear_reclaimed(d, api, rv.take()).await?;
+    }
+    put(d, api, want, rv, "apply desktop status").await?;
+    Ok(true)
+}
+
+/// Removes `status.reclaimed` with a merge patch, guarded by `resource_version` when given.
+/// Not by leaving it out of an apply: on Kubernetes 1.20 that leaves a null behind, which the
+/// schema refuses. The patch only removes, so the operator's update entry owns no field and a
+/// later apply that leaves a field out still removes it.
+async fn clear_reclaimed(
+    d: &Desktop,
+    api: &Api<Desktop>,
+    resource_version: Option<String>,
+) -> Result<(), Error> {
+    let mut patch = json!({ "status": { "reclaimed": null } });
+    if let Some(rv) = resource_version {
+        patch["metadata"] = json!({ "resourceVersion": rv });
+    }
+    let pp = PatchParams {
+        field_manager: Some(MANAGER_OPERATOR.into()),
+        ..Default::default()
+    };
+    api.patch_status(&d.name_any(), &pp, &Patch::Merge(&patch))
+        .await
+        .map_err(kube("clear status.reclaimed"))?;
+    Ok(())
 }
 
 async fn put(
@@ -202,4 +278,73 @@ pub(super) async fn write_binding(
         .resource_version()
         .ok_or(Error::MissingField("resourceVersion"))?;
     put(d, api, want, Some(rv), "bind desktop").await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use deskvirt_crds::desktop::IdleAction;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+
+    fn desktop() -> Desktop {
+        serde_json::from_value(json!({
+            "apiVersion": "deskvirt.io/v1alpha1", "kind": "Desktop",
+            "metadata": { "name": "d", "namespace": "ns" },
+            "spec": { "pool": "p", "disk": { "image": "b.qcow2" } }
+        }))
+        .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    fn at(s: i64) -> Timestamp {
+        Timestamp::from_second(s).unwrap_or(Timestamp::UNIX_EPOCH)
+    }
+
+    /// What a pass applies reads back as the same: the next pass writes nothing.
+    fn round_trip(want: &Owned) -> Owned {
+        let body = want.body(&desktop(), None);
+        let st: DesktopStatus = serde_json::from_value(body["status"].clone())
+            .unwrap_or_else(|e| panic!("{e}: {body}"));
+        Owned::from_status(&st)
+    }
+
+    #[test]
+    fn idle_fields_round_trip_and_are_left_out_when_cleared() {
+        let mut want = Owned::from_status(&DesktopStatus::default());
+        want.node = Some("h".into());
+        want.port = Some(5900);
+        want.mac = Some("52:54:00:00:00:01".into());
+        want.secret = Some("d-console".into());
+        want.reclaimed = Some(Reclaimed {
+            action: IdleAction::Suspend,
+            at: Time(at(100)),
+            port: Some(5900),
+        });
+        want.wake = Some(Wake {
+            token: "1".into(),
+            at: Time(at(50)),
+        });
+        let idle = condition(&[], IDLE, Status::True, "IdleTimeout", "m", None, at(100));
+        conditions::upsert(&mut want.conditions, idle);
+        let back = round_trip(&want);
+        assert!(back.same_as(&want), "{back:?}");
+
+        // Released: no port, and `spice` keeps only the password Secret.
+        let mut released = want.clone();
+        released.port = None;
+        assert!(!released.same_as(&want) && released.idle_involved(&want));
+        let body = released.body(&desktop(), Some("7".into()));
+        assert_eq!(
+            body["status"]["spice"],
+            json!({ "passwordSecret": "d-console" })
+        );
+        assert_eq!(body["metadata"]["resourceVersion"], "7");
+
+        // Woken: `reclaimed` is left out of the apply, so the operator's apply removes it.
+        let mut woken = want.clone();
+        woken.reclaimed = None;
+        let body = woken.body(&desktop(), None);
+        assert!(body["status"].get("reclaimed").is_none(), "{body}");
+        assert!(!woken.same_as(&want));
+        assert!(round_trip(&woken).same_as(&woken));
+    }
 }

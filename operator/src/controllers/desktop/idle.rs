@@ -1,0 +1,331 @@
+//! A bound desktop's idle reclamation, around the pure decisions of [`crate::idle`]: acts on a
+//! new wake token (records it, cancels a reclaim the host has not done yet, or finds room and a
+//! port on the desktop's host again), applies the policy (reclaim, delete, the `Idle` condition,
+//! the requeue at the countdown's end), keeps the ledger's port in step with released resources,
+//! and records the Events once the status is written.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use deskvirt_crds::conditions::{self, Status, condition};
+use deskvirt_crds::constants::condition::{IDLE, RUNNING};
+use deskvirt_crds::constants::idle_reason;
+use deskvirt_crds::desktop::{Desktop, DesktopStatus, IdleAction, Wake};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kube::ResourceExt;
+use kube::api::{DeleteParams, Preconditions};
+use kube::runtime::events::EventType;
+
+use super::status::Owned;
+use super::{Error, Pass, kube};
+use crate::idle::{
+    self, Facts, IdleCondition, Policy, Step, WakeStep, WakeTarget, released, to_second, wake_step,
+    wake_target, wake_token,
+};
+use crate::scheduler::{PoolPolicy, Request};
+use crate::world::host_views;
+
+/// How often a woken desktop waiting for room looks again.
+const WAKE_RETRY: Duration = Duration::from_secs(15);
+
+/// Reason of the Warning Event of a wake that waits for room.
+pub const WAKE_WAITING: &str = "WakeWaiting";
+
+/// An Event due once the status is written: type, reason, action, note.
+type Due = (EventType, &'static str, &'static str, String);
+
+/// What the idle part of a pass leaves for after the status write.
+#[derive(Debug, Default)]
+pub(super) struct Plan {
+    /// Look again then (the countdown's end, or a wake waiting for room).
+    pub requeue: Option<Duration>,
+    events: Vec<Due>,
+    /// A port this pass reserved for a woken desktop: released again when the write fails.
+    fresh_port: bool,
+    /// The write drops the port of a released desktop: the ledger lets it go once written.
+    drop_port: bool,
+}
+
+/// The outcome of the idle part of a pass.
+pub(super) enum Settled {
+    /// The policy deleted the Desktop.
+    Deleted,
+    /// Carry on with the status write; then [`after_write`].
+    Write(Plan),
+}
+
+/// What restoring a released desktop found.
+enum Restore {
+    /// A port on its host again; `fresh` when this pass reserved it.
+    Back { port: u16, fresh: bool },
+    /// No room (or no port) now.
+    Wait(String),
+    /// The ledgers are not rebuilt yet.
+    Later,
+}
+
+/// Decides the idle part of a pass for a desktop bound to `node`, into `want`.
+pub(super) async fn settle(
+    pass: &Pass<'_>,
+    node: &str,
+    status: &DesktopStatus,
+    host_alive: bool,
+    want: &mut Owned,
+) -> Result<Settled, Error> {
+    let (d, ctx, now) = (&pass.d, pass.ctx, pass.now);
+    let mut plan = Plan::default();
+    let pool = ctx.stores.pool(&d.spec.pool);
+    let policy = idle::effective(&d.spec, pool.as_ref().map(|p| &p.spec.defaults)).and_then(|p| {
+        match Policy::of(p) {
+            Ok(p) => Some(p),
+            Err(e) => {
+                tracing::warn!(error = %e, "idle policy ignored");
+                None
+            }
+        }
+    });
+
+    // A wake first: the policy then decides on what it leaves.
+    let mut waiting = None;
+    if let Some(token) = wake_token(d.annotations(), Some(status)) {
+        let wake = Wake {
+            token,
+            at: Time(to_second(now)),
+        };
+        match wake_step(status) {
+            WakeStep::Record => want.wake = Some(wake),
+            WakeStep::Cancel => {
+                want.reclaimed = None;
+                want.wake = Some(wake);
+                plan.events.push((
+                    EventType::Normal,
+                    idle_reason::WOKEN,
+                    "Wake",
+                    "woken before the host finished reclaiming it; it keeps running".into(),
+                ));
+            }
+            WakeStep::Restore => match restore(pass, node).await {
+                Restore::Back { port, fresh } => {
+                    want.port = Some(port);
+                    want.reclaimed = None;
+                    want.wake = Some(wake);
+                    plan.fresh_port = fresh;
+                    plan.events.push((
+                        EventType::Normal,
+                        idle_reason::WOKEN,
+                        "Wake",
+                        format!("woken on host {node} with SPICE port {port}; starting"),
+                    ));
+                }
+                Restore::Wait(message) => {
+                    let was = conditions::find(&status.conditions, IDLE);
+                    if !was.is_some_and(|c| {
+                        c.status == Status::True.as_str() && c.reason == idle_reason::WOKEN
+                    }) {
+                        plan.events.push((
+                            EventType::Warning,
+                            WAKE_WAITING,
+                            "Wake",
+                            message.clone(),
+                        ));
+                    }
+                    waiting = Some(message);
+                    plan.requeue = Some(WAKE_RETRY);
+                }
+                Restore::Later => plan.requeue = Some(Duration::from_secs(1)),
+            },
+        }
+    }
+
+    // Resources the host confirmed released: the port goes back (node and MAC stay).
+    if released(status) && want.reclaimed.is_some() && want.port.is_some() {
+        want.port = None;
+        plan.drop_port = true;
+    }
+
+    let decision = idle::decide(&Facts {
+        namespace: &d.namespace().unwrap_or_default(),
+        name: &d.name_any(),
+        policy,
+        persistent: d.spec.disk.persistent,
+        host_alive,
+        running: conditions::find(&status.conditions, RUNNING),
+        idle_since: status.idle_since.as_ref().map(|t| t.0),
+        wake: want.wake.as_ref(),
+        reclaimed: want.reclaimed.as_ref(),
+        port: want.port,
+        now,
+    });
+    match decision.step {
+        Step::Nothing => {}
+        Step::Reclaim { reclaimed, event } => {
+            tracing::info!(action = ?reclaimed.action, "idle past the timeout; reclaiming");
+            want.reclaimed = Some(reclaimed);
+            plan.events.push((
+                EventType::Warning,
+                idle_reason::IDLE_TIMEOUT,
+                "Reclaim",
+                event,
+            ));
+        }
+        Step::Delete { event } => {
+            delete(pass, event).await?;
+            return Ok(Settled::Deleted);
+        }
+    }
+    let verdict = match (waiting, decision.condition) {
+        (Some(message), _) => Some((Status::True, idle_reason::WOKEN, message)),
+        (None, IdleCondition::Set(v)) => Some((v.status, v.reason, v.message)),
+        (None, IdleCondition::Keep) => None,
+        (None, IdleCondition::Remove) => {
+            want.conditions.retain(|c| c.type_ != IDLE);
+            None
+        }
+    };
+    if let Some((s, reason, message)) = verdict {
+        let c = condition(
+            &status.conditions,
+            IDLE,
+            s,
+            reason,
+            message,
+            d.metadata.generation,
+            now,
+        );
+        conditions::upsert(&mut want.conditions, c);
+    }
+    plan.requeue = match (plan.requeue, decision.requeue) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    };
+    Ok(Settled::Write(plan))
+}
+
+/// Finds room and a port for a released desktop on its host, under the ledger lock.
+async fn restore(pass: &Pass<'_>, node: &str) -> Restore {
+    let (d, ctx, uid, now) = (&pass.d, pass.ctx, pass.uid.as_str(), pass.now);
+    let pool_name = &d.spec.pool;
+    let mut ledgers = ctx.ledgers.lock().await;
+    if !ledgers.ready {
+        return Restore::Later;
+    }
+    let Some(pool) = ctx.stores.pool(pool_name) else {
+        return Restore::Wait(format!("woken, but its pool {pool_name} does not exist"));
+    };
+    let (policy, request) = match (
+        PoolPolicy::from_spec(&pool.spec),
+        Request::from_spec(&d.spec),
+    ) {
+        (Ok(p), Ok(r)) => (p, r),
+        (Err(e), _) => return Restore::Wait(format!("woken, but pool {pool_name}: {e}")),
+        (_, Err(e)) => return Restore::Wait(format!("woken, but {e}")),
+    };
+    let ledger = match ledgers.of(&pool, &ctx.stores) {
+        Ok(l) => l,
+        Err(e) => return Restore::Wait(format!("woken, but pool {pool_name}: {e}")),
+    };
+    // The host as it is without this desktop (a port an earlier pass reserved included).
+    let others: Vec<Arc<Desktop>> = ctx
+        .stores
+        .desktops
+        .state()
+        .into_iter()
+        .filter(|o| o.metadata.uid.as_deref() != Some(uid))
+        .collect();
+    let mut hosts = host_views(
+        pool_name,
+        &policy,
+        &ctx.stores.nodes.state(),
+        &ctx.stores.pools.state(),
+        &others,
+        Some(&*ledger),
+        |n| ctx.heartbeat(n, now),
+    );
+    if let Some((h, _)) = ledger.port_of(uid)
+        && let Some(v) = hosts.iter_mut().find(|v| v.name == h)
+    {
+        v.ports_in_use = v.ports_in_use.saturating_sub(1);
+    }
+    match wake_target(node, &hosts, &request, policy.ports) {
+        WakeTarget::Wait(message) => Restore::Wait(message),
+        WakeTarget::Host(host) => {
+            let fresh = ledger.port_of(uid).is_none();
+            let preferred = d
+                .status
+                .as_ref()
+                .and_then(|s| s.reclaimed.as_ref())
+                .and_then(|r| r.port);
+            match ledger.restore_port(uid, &host, preferred) {
+                Ok(port) => Restore::Back { port, fresh },
+                Err(e) => Restore::Wait(format!(
+                    "woken, waiting for a SPICE port on host {host} where its disk lives: {e}"
+                )),
+            }
+        }
+    }
+}
+
+/// The Warning Event, then the deletion, only of the version the decision was made on.
+async fn delete(pass: &Pass<'_>, event: String) -> Result<(), Error> {
+    let d = &pass.d;
+    tracing::info!("idle past the timeout; deleting the desktop");
+    pass.ctx
+        .event(
+            d.as_ref(),
+            EventType::Warning,
+            idle_reason::IDLE_TIMEOUT,
+            "Delete",
+            event,
+        )
+        .await;
+    let dp = DeleteParams {
+        preconditions: Some(Preconditions {
+            uid: Some(pass.uid.clone()),
+            resource_version: d.resource_version(),
+        }),
+        ..Default::default()
+    };
+    match pass.api.delete(&d.name_any(), &dp).await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
+        Err(e) => Err(kube("delete the idle desktop")(e)),
+    }
+}
+
+/// After the status write: the ledger follows it (or forgets a reservation it did not carry),
+/// then the Events.
+pub(super) async fn after_write(
+    pass: &Pass<'_>,
+    plan: Plan,
+    written: Result<bool, Error>,
+) -> Result<(), Error> {
+    let (d, ctx, uid) = (&pass.d, pass.ctx, pass.uid.as_str());
+    if let Err(e) = written {
+        abandon(pass, &plan).await;
+        return Err(e);
+    }
+    if plan.drop_port
+        && let Some(l) = ctx.ledgers.lock().await.get_mut(&d.spec.pool)
+        && let Some((host, port)) = l.release_port(uid)
+    {
+        tracing::info!(%host, port, "released the SPICE port of a reclaimed desktop");
+    }
+    for (type_, reason, action, note) in plan.events {
+        ctx.event(d.as_ref(), type_, reason, action, note).await;
+    }
+    Ok(())
+}
+
+/// A pass that fails before its status is written gives back the port it reserved.
+pub(super) async fn abandon(pass: &Pass<'_>, plan: &Plan) {
+    if plan.fresh_port
+        && let Some(l) = pass.ctx.ledgers.lock().await.get_mut(&pass.d.spec.pool)
+    {
+        l.release_port(&pass.uid);
+    }
+}
+
+/// The idle action a desktop's status records, for its phase.
+pub(super) fn reclaimed_action(want: &Owned) -> Option<IdleAction> {
+    want.reclaimed.as_ref().map(|r| r.action)
+}
