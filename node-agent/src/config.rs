@@ -4,6 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
@@ -62,6 +63,20 @@ pub struct Config {
     #[arg(long, env = "DESKVIRT_SHUTDOWN_GRACE", default_value = "60s", value_parser = parse_interval)]
     pub shutdown_grace: Duration,
 
+    /// Where libvirt keeps the managed save images (the saved memory of suspended desktops), as
+    /// `<dir>/<domain name>.save`: the QEMU driver's default for `qemu:///system`. It is a path
+    /// on the libvirt host, opened by libvirtd, not by the agent. Before a suspended desktop is
+    /// restored, the agent writes its current definition (SPICE port and password) into that
+    /// image; when that fails, the image is discarded and the desktop boots from its disk.
+    #[arg(long, env = "DESKVIRT_MANAGED_SAVE_DIR", default_value = MANAGED_SAVE_DIR_DEFAULT)]
+    pub managed_save_dir: PathBuf,
+
+    /// How often a running desktop's activity (guest CPU, disk and network bytes, SPICE client)
+    /// is sampled. An idle countdown starts at most this long after the guest went quiet, so it
+    /// bounds how late an idle action runs; each sample is two cheap libvirt calls per desktop.
+    #[arg(long, env = "DESKVIRT_ACTIVITY_INTERVAL", default_value = "10s", value_parser = parse_interval)]
+    pub activity_interval: Duration,
+
     /// How often host facts are re-read and reported even when libvirt's state did not change.
     #[arg(long, env = "DESKVIRT_REFRESH_INTERVAL", default_value = "60s", value_parser = parse_interval)]
     pub refresh_interval: Duration,
@@ -79,6 +94,9 @@ pub struct Config {
     #[arg(long, env = "DESKVIRT_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
 }
+
+/// Managed save images of libvirt's QEMU driver on `qemu:///system`.
+pub const MANAGED_SAVE_DIR_DEFAULT: &str = "/var/lib/libvirt/qemu/save";
 
 /// The `--hypervisor` setting.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -217,6 +235,11 @@ mod tests {
         assert_eq!(c.lease_duration, Duration::from_secs(40));
         assert_eq!(c.lease_namespace, "deskvirt-system");
         assert_eq!(c.metrics_addr.port(), 8081);
+        assert_eq!(c.activity_interval, Duration::from_secs(10));
+        assert_eq!(
+            c.managed_save_dir,
+            PathBuf::from("/var/lib/libvirt/qemu/save")
+        );
         let c = Config::try_parse_from([
             "agent",
             "--node-name=h2",

@@ -124,6 +124,9 @@ async fn observe<H: Hypervisor>(
     match hypervisor.list_domains().await {
         Ok(domains) => {
             metrics.set_domains(domains.iter().map(|d| d.state));
+            metrics
+                .suspended_desktops
+                .set(crate::metrics::suspended_desktops(&domains));
             let counts: DomainCounts = count_domains(&domains);
             state.observation.domains = Some(counts);
         }

@@ -90,6 +90,8 @@ async fn run(config: Config) -> anyhow::Result<()> {
             console_namespace: config.console_namespace.clone(),
             qemu_img: config.qemu_img.clone(),
             shutdown_grace: config.shutdown_grace,
+            managed_save_dir: config.managed_save_dir.clone(),
+            activity_interval: config.activity_interval,
         },
         node_labels: config.node_labels.clone(),
     };

@@ -1,12 +1,13 @@
 //! The agent's Prometheus metrics (`deskvirt_agent_*`), all with low-cardinality labels: the
-//! heartbeat counters, the libvirt connection gauge and domains per state.
+//! heartbeat counters, the libvirt connection gauge, domains per state, and the idle
+//! reclamation gauges (SPICE sessions, suspended desktops).
 
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
-use crate::hypervisor::DomainState;
+use crate::hypervisor::{DomainState, DomainSummary};
 
 /// Label set of `deskvirt_agent_domains`.
 pub type StateLabel = [(&'static str, &'static str); 1];
@@ -56,6 +57,13 @@ pub struct Metrics {
     pub start_failures: Counter,
     /// Domains carrying deskvirt metadata whose Desktop is not bound to this host.
     pub orphan_domains: Gauge,
+    /// Desktops on this host with a SPICE client connected.
+    pub spice_sessions: Gauge,
+    /// deskvirt domains on this host that are suspended to disk (off, with a managed save).
+    pub suspended_desktops: Gauge,
+    /// Saved memory images discarded at a wake because they could not take the desktop's
+    /// definition; each such desktop booted from its disk.
+    pub saved_memory_discarded: Counter,
 }
 
 /// The `result` label of a reconcile.
@@ -101,6 +109,21 @@ impl Metrics {
             "Domains with deskvirt metadata and no Desktop bound to this host (left untouched)",
             metrics.orphan_domains.clone(),
         );
+        registry.register(
+            "spice_sessions",
+            "Desktops on this host with a SPICE client connected",
+            metrics.spice_sessions.clone(),
+        );
+        registry.register(
+            "suspended_desktops",
+            "Desktops on this host suspended to disk (shut off with a managed save image)",
+            metrics.suspended_desktops.clone(),
+        );
+        registry.register(
+            "saved_memory_discarded",
+            "Saved memory images discarded at a wake because they could not take the desktop's definition (the desktop booted from its disk)",
+            metrics.saved_memory_discarded.clone(),
+        );
         for state in STATES {
             metrics.domains.get_or_create(&[("state", state)]).set(0);
         }
@@ -119,6 +142,15 @@ impl Metrics {
             self.domains.get_or_create(&[("state", state)]).set(count);
         }
     }
+}
+
+/// deskvirt domains (with desktop metadata) that are off with a managed save image.
+pub fn suspended_desktops(domains: &[DomainSummary]) -> i64 {
+    let n = domains
+        .iter()
+        .filter(|d| d.identity.is_some() && !d.state.is_active() && d.has_managed_save)
+        .count();
+    i64::try_from(n).unwrap_or(i64::MAX)
 }
 
 #[cfg(test)]
@@ -143,10 +175,42 @@ mod tests {
         assert!(out.contains("deskvirt_agent_domains{state=\"running\"} 2"));
         assert!(out.contains("deskvirt_agent_domains{state=\"shut_off\"} 1"));
         assert!(out.contains("deskvirt_agent_domains{state=\"crashed\"} 0"));
+        metrics.spice_sessions.set(2);
+        metrics.suspended_desktops.set(1);
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &registry)?;
+        assert!(out.contains("deskvirt_agent_spice_sessions 2"), "{out}");
+        assert!(out.contains("deskvirt_agent_suspended_desktops 1"));
+        assert!(out.contains("deskvirt_agent_saved_memory_discarded_total 0"));
         metrics.set_domains([]);
         let mut out = String::new();
         prometheus_client::encoding::text::encode(&mut out, &registry)?;
         assert!(out.contains("deskvirt_agent_domains{state=\"running\"} 0"));
         Ok(())
+    }
+
+    #[test]
+    fn suspended_desktops_are_deskvirt_domains_off_with_a_save() {
+        let domain = |name: &str, state, saved, ours: bool| DomainSummary {
+            name: name.into(),
+            uuid: String::new(),
+            state,
+            persistent: true,
+            has_managed_save: saved,
+            identity: ours.then(|| crate::domain::DesktopIdentity {
+                namespace: "ns".into(),
+                name: name.into(),
+                uid: "u".into(),
+                user: None,
+                pool: "p".into(),
+            }),
+        };
+        let domains = [
+            domain("a", DomainState::ShutOff, true, true),
+            domain("b", DomainState::ShutOff, false, true),
+            domain("c", DomainState::Running, false, true),
+            domain("d", DomainState::ShutOff, true, false),
+        ];
+        assert_eq!(suspended_desktops(&domains), 1);
     }
 }

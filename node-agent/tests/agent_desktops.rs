@@ -20,175 +20,28 @@ mod common;
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::panic::AssertUnwindSafe;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{AgentProcess, eventually, finish, free_port, prepare_host, unique};
+use common::world::{MARKER, World, cleanup, cond_is, link};
+use common::{eventually, finish, unique};
+use deskvirt_crds::DomainNode;
 use deskvirt_crds::conditions::find;
+use deskvirt_crds::constants::MANAGER_AGENT;
 use deskvirt_crds::constants::condition::{DOMAIN_DEFINED, RUNNING};
-use deskvirt_crds::constants::{
-    ANNOTATION_DESKTOP, LABEL_DESKTOP_UID, LABEL_NODE, MANAGER_AGENT, MANAGER_OPERATOR,
-    console_mirror_name,
-};
-use deskvirt_crds::{Desktop, DomainNode, ResourcePool};
 use deskvirt_node_agent::domain::{
     Binding, DomainInputs, DomainType, HostContext, NetworkAttachment, Secret, domain_name,
     network_name, serial_log_path,
 };
-use deskvirt_node_agent::hypervisor::{DomainState, Hypervisor, LibvirtHypervisor};
-use deskvirt_tests::cluster::{TestNamespace, client, ensure_crds, unique_suffix};
+use deskvirt_node_agent::hypervisor::{DomainState, Hypervisor};
+use deskvirt_tests::cluster::{TestNamespace, client, ensure_crds};
 use deskvirt_tests::spice::{self, LinkOutcome};
 use futures::FutureExt;
-use k8s_openapi::api::core::v1::Secret as KubeSecret;
 use k8s_openapi::api::events::v1::Event;
-use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
-use kube::{Api, Client, ResourceExt};
+use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
+use kube::{Api, ResourceExt};
 use serde_json::json;
-
-const URI: &str = "qemu:///system";
-const MARKER: &str = "DESKVIRT-GUEST-READY";
-
-struct World {
-    client: Client,
-    ns: String,
-    node: String,
-    pool: String,
-    guest_dir: String,
-    disk_dir: PathBuf,
-    first_port: u16,
-    hv: LibvirtHypervisor,
-}
-
-impl World {
-    fn desktops(&self) -> Api<Desktop> {
-        Api::namespaced(self.client.clone(), &self.ns)
-    }
-
-    fn start_agent(&self) -> anyhow::Result<AgentProcess> {
-        AgentProcess::start_with(
-            &self.node,
-            URI,
-            &self.ns,
-            &[
-                "--node-address",
-                "127.0.0.1",
-                "--shutdown-grace",
-                "3s",
-                "--console-namespace",
-                &self.ns,
-            ],
-        )
-    }
-
-    /// Creates a Desktop and binds it as the operator does; returns its UID.
-    async fn create_bound(
-        &self,
-        name: &str,
-        image: &str,
-        port: u16,
-        mac: &str,
-        password: &str,
-    ) -> anyhow::Result<String> {
-        let desktop: Desktop = serde_json::from_value(json!({
-            "apiVersion": "deskvirt.io/v1alpha1", "kind": "Desktop",
-            "metadata": { "name": name, "namespace": self.ns },
-            "spec": {
-                "pool": self.pool, "user": "alice@example.org", "cpu": 1, "memory": "256Mi",
-                "disk": { "image": image, "clone": "Linked" },
-                "boot": { "kernel": "vmlinuz", "initrd": "initrd.img", "cmdline": "console=ttyS0" },
-                "display": { "usb": { "redirect": true, "channels": 2 } },
-                "power": "On"
-            }
-        }))?;
-        let created = self
-            .desktops()
-            .create(&PostParams::default(), &desktop)
-            .await?;
-        let uid = created.uid().unwrap_or_default();
-        self.publish_password(name, &uid, password).await?;
-        let pp = PatchParams::apply(MANAGER_OPERATOR).force();
-        let meta = json!({
-            "apiVersion": "deskvirt.io/v1alpha1", "kind": "Desktop",
-            "metadata": { "name": name, "labels": { LABEL_NODE: self.node } }
-        });
-        self.desktops()
-            .patch(name, &pp, &Patch::Apply(&meta))
-            .await?;
-        let status = json!({
-            "apiVersion": "deskvirt.io/v1alpha1", "kind": "Desktop",
-            "metadata": { "name": name },
-            "status": {
-                "phase": "Scheduled", "node": self.node, "mac": mac,
-                "spice": { "port": port, "passwordSecret": format!("{name}-console") }
-            }
-        });
-        self.desktops()
-            .patch_status(name, &pp, &Patch::Apply(&status))
-            .await?;
-        Ok(uid)
-    }
-
-    /// Writes the console password mirror as the operator does.
-    async fn publish_password(&self, name: &str, uid: &str, password: &str) -> anyhow::Result<()> {
-        let secrets: Api<KubeSecret> = Api::namespaced(self.client.clone(), &self.ns);
-        let mirror = json!({
-            "apiVersion": "v1", "kind": "Secret",
-            "metadata": {
-                "name": console_mirror_name(uid), "namespace": self.ns,
-                "labels": { LABEL_NODE: self.node, LABEL_DESKTOP_UID: uid },
-                "annotations": { ANNOTATION_DESKTOP: format!("{}/{name}", self.ns) }
-            },
-            "stringData": { "password": password }
-        });
-        let pp = PatchParams::apply(MANAGER_OPERATOR).force();
-        secrets
-            .patch(&console_mirror_name(uid), &pp, &Patch::Apply(&mirror))
-            .await?;
-        Ok(())
-    }
-
-    async fn wait_desktop(
-        &self,
-        name: &str,
-        what: &str,
-        limit: Duration,
-        f: impl Fn(&Desktop) -> bool,
-    ) -> anyhow::Result<Desktop> {
-        let api = self.desktops();
-        let mut last = None;
-        let deadline = Instant::now() + limit;
-        loop {
-            if let Some(d) = api.get_opt(name).await? {
-                if f(&d) {
-                    return Ok(d);
-                }
-                last = d.status;
-            }
-            anyhow::ensure!(
-                Instant::now() < deadline,
-                "timed out waiting for {what} on {name}; last status: {last:#?}"
-            );
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-    }
-
-    async fn qemu_pid(&self, domain: &str) -> anyhow::Result<u32> {
-        self.hv
-            .qemu_pid(domain)
-            .await?
-            .ok_or_else(|| anyhow::anyhow!("{domain} has no QEMU PID"))
-    }
-}
-
-fn cond_is(d: &Desktop, type_: &str, status: &str, reason: Option<&str>) -> bool {
-    let conds = d
-        .status
-        .as_ref()
-        .map(|s| s.conditions.as_slice())
-        .unwrap_or_default();
-    find(conds, type_).is_some_and(|c| c.status == status && reason.is_none_or(|r| c.reason == r))
-}
 
 fn spicevmc_channels(xml: &str) -> usize {
     xml.match_indices("<redirdev ")
@@ -199,63 +52,13 @@ fn spicevmc_channels(xml: &str) -> usize {
         .count()
 }
 
-async fn link(port: u16, password: &str) -> anyhow::Result<LinkOutcome> {
-    let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
-    Ok(spice::link(addr, password).await?)
-}
-
-/// Removes everything the test made on the host and in the cluster.
-async fn cleanup(w: &World) {
-    let prefix = format!("{}--", w.ns);
-    if let Ok(domains) = w.hv.list_domains().await {
-        for d in domains.iter().filter(|d| d.name.starts_with(&prefix)) {
-            let _ = w.hv.destroy_domain(&d.name).await;
-            let _ = w.hv.undefine_domain(&d.name).await;
-            let _ = std::fs::remove_file(serial_log_path(&d.name));
-        }
-    }
-    let _ = w.hv.remove_network(&network_name(&w.pool)).await;
-    let _ = std::fs::remove_dir_all(&w.disk_dir);
-    let _ = Api::<DomainNode>::all(w.client.clone())
-        .delete(&w.node, &DeleteParams::default())
-        .await;
-    let _ = Api::<ResourcePool>::all(w.client.clone())
-        .delete(&w.pool, &DeleteParams::default())
-        .await;
-    // Desktops left by a failed run: drop finalizers so the namespace can go.
-    if let Ok(list) = w.desktops().list(&ListParams::default()).await {
-        for d in list {
-            let patch = json!({ "metadata": { "finalizers": null } });
-            let _ = w
-                .desktops()
-                .patch(
-                    &d.name_any(),
-                    &PatchParams::default(),
-                    &Patch::Merge(&patch),
-                )
-                .await;
-        }
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agent_runs_desktops_on_real_libvirt() -> anyhow::Result<()> {
-    let guest_dir = prepare_host();
     let client = client().await?;
     ensure_crds(&client).await?;
     let ns = TestNamespace::new(&client, "agent-desk").await?;
-    let suffix = unique_suffix();
     let id = unique();
-    let w = World {
-        client: client.clone(),
-        ns: ns.name.clone(),
-        node: format!("agent-desk-{suffix}"),
-        pool: format!("agent-desk-{suffix}"),
-        guest_dir,
-        disk_dir: std::env::temp_dir().join(format!("deskvirt-agent-desk-{suffix}")),
-        first_port: free_port(),
-        hv: LibvirtHypervisor::connect(URI).await?,
-    };
+    let w = World::new(client.clone(), &ns.name, "agent-desk").await?;
     let result = AssertUnwindSafe(scenario(&w, id)).catch_unwind().await;
     cleanup(&w).await;
     drop(ns);
@@ -266,35 +69,11 @@ async fn scenario(w: &World, id: u64) -> anyhow::Result<()> {
     // A nat pool whose subnet for this host is unlikely to collide with another run.
     let octet = 100 + (id % 100) as u8;
     let subnet = format!("10.{octet}.7.0/24");
-    let pool: ResourcePool = serde_json::from_value(json!({
-        "apiVersion": "deskvirt.io/v1alpha1", "kind": "ResourcePool",
-        "metadata": { "name": w.pool },
-        "spec": {
-            "storage": { "imageDir": w.guest_dir, "diskDir": w.disk_dir.display().to_string() },
-            "network": { "mode": "nat", "cidr": format!("10.{octet}.0.0/16"), "nodePrefixLength": 24 },
-            "display": { "spicePorts": { "first": w.first_port, "last": w.first_port + 20 }, "listen": "Loopback" }
-        }
-    }))?;
-    Api::<ResourcePool>::all(w.client.clone())
-        .create(&PostParams::default(), &pool)
-        .await?;
-
+    w.create_pool(octet).await?;
     let mut agent = w.start_agent()?;
     // The operator assigns the host its subnet once the host has joined.
+    w.assign_subnet(&subnet).await?;
     let nodes: Api<DomainNode> = Api::all(w.client.clone());
-    eventually(Duration::from_secs(30), "the DomainNode", || async {
-        Ok(nodes.get_opt(&w.node).await?)
-    })
-    .await?;
-    let op = PatchParams::apply(MANAGER_OPERATOR).force();
-    let dn_status = json!({
-        "apiVersion": "deskvirt.io/v1alpha1", "kind": "DomainNode",
-        "metadata": { "name": w.node },
-        "status": { "pool": w.pool, "subnet": subnet }
-    });
-    nodes
-        .patch_status(&w.node, &op, &Patch::Apply(&dn_status))
-        .await?;
 
     // Bound Desktop → running domain.
     let name = "alice";

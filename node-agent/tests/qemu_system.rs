@@ -7,6 +7,9 @@
 //! their output when they fail. The NIC is plugged into a plain Linux bridge made here
 //! ([`BRIDGE`]), because a libvirt nat/isolated network needs dnsmasq.
 //!
+//! Also: a managed save (idle suspend) restored with a new SPICE port and password written
+//! into its image, a refused ABI change, and images removed with their domain.
+//!
 //! Run: `cargo test -p deskvirt-node-agent --test qemu_system -- --nocapture`.
 //! The tests hold one lock so only one guest runs at a time, and a [`DomainGuard`] destroys and
 //! undefines every domain and removes its overlay even when an assertion fails.
@@ -25,7 +28,9 @@ use common::{desktop, free_port, prepare_host, run, unique};
 use deskvirt_node_agent::domain::{
     Binding, DomainInputs, DomainType, HostContext, NetworkAttachment, Secret, domain_xml,
 };
-use deskvirt_node_agent::hypervisor::{DomainState, Hypervisor, LibvirtHypervisor};
+use deskvirt_node_agent::hypervisor::{
+    Change, DomainState, Hypervisor, HypervisorError, LibvirtHypervisor,
+};
 use deskvirt_tests::spice::{self, LINK_ERR_PERMISSION_DENIED, LinkOutcome};
 
 const URI: &str = "qemu:///system";
@@ -448,5 +453,126 @@ async fn usb_redirection_off_means_no_redirdev() {
         "the vdagent channel is still there"
     );
     guard.delete().await;
+    let _ = std::fs::remove_dir(&env.disk_dir);
+}
+
+/// `virsh domstate --reason` of a domain, such as `running (restored)`.
+fn state_reason(name: &str) -> String {
+    run(
+        "virsh domstate --reason",
+        Command::new("virsh").args(["-c", URI, "domstate", "--reason", name]),
+    )
+    .trim()
+    .to_string()
+}
+
+/// Idle reclamation on the hypervisor tier: a managed save is restored with a new SPICE port
+/// and password written into its image; a definition with another guest ABI is refused, and the
+/// image can then be removed so the domain boots from its disk; undefine removes an image too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn managed_save_is_restored_with_a_new_spice_port() {
+    let _one = ONE_GUEST.lock().await;
+    let env = setup().await;
+    let (old_port, new_port) = (free_port(), free_port());
+    let mut inputs = inputs(
+        &env,
+        serde_json::json!({ "redirect": true }),
+        old_port,
+        "before-pw",
+    );
+    let (mut guard, _xml) = define(&env, &inputs).await;
+    let name = guard.name.clone();
+    let image = PathBuf::from(format!("/var/lib/libvirt/qemu/save/{name}.save"));
+    let expect = |what: &str, r: Result<Change, HypervisorError>| match r {
+        Ok(c) => c,
+        Err(e) => panic!("{what} {name}: {e}"),
+    };
+    expect("start", env.hv.start_domain(&name).await);
+    let Some(pty) = serial_pty(&live_xml(&env.hv, &name).await) else {
+        panic!("no pty serial")
+    };
+    wait_for_marker(console_lines(&pty), BOOT_TIMEOUT).await;
+    // Nothing to update without an image.
+    assert_eq!(
+        expect("sync", env.hv.sync_managed_save(&name, &image).await),
+        Change::AlreadyDone
+    );
+
+    let t = Instant::now();
+    assert_eq!(
+        expect("managed save", env.hv.managed_save(&name).await),
+        Change::Done
+    );
+    let saved_in = t.elapsed();
+    let status = env.hv.domain_status(&name).await;
+    assert!(
+        status.is_ok_and(|s| s.state == DomainState::ShutOff && s.has_managed_save),
+        "not off with a managed save"
+    );
+    assert!(image.is_file(), "no image at {}", image.display());
+
+    // The binding moves to another port and the password rotates while it is suspended.
+    inputs.spice.port = new_port;
+    inputs.spice.password = Secret::new("after-pw");
+    let xml = domain_xml(&inputs).unwrap_or_default();
+    if let Err(e) = env.hv.define_domain(&xml).await {
+        panic!("redefine {name}: {e}");
+    }
+    assert_eq!(
+        expect("sync", env.hv.sync_managed_save(&name, &image).await),
+        Change::Done
+    );
+    let t = Instant::now();
+    expect("restore", env.hv.start_domain(&name).await);
+    let restored_in = t.elapsed();
+    assert_eq!(state_reason(&name), "running (restored)");
+    let live = live_xml(&env.hv, &name).await;
+    assert!(live.contains(&format!("port='{new_port}'")), "{live}");
+    assert!(
+        listens_on_loopback_only(new_port).0,
+        "nothing on {new_port}"
+    );
+    assert!(!listens_on_loopback_only(old_port).0, "still on {old_port}");
+    let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, new_port));
+    match spice::link(addr, "after-pw").await {
+        Ok(LinkOutcome::Accepted { .. }) => {}
+        other => panic!("new password: {other:?}"),
+    }
+    match spice::link(addr, "before-pw").await {
+        Ok(LinkOutcome::Refused { .. }) => {}
+        other => panic!("old password: {other:?}"),
+    }
+    println!("[qemu_system] managed save {saved_in:?}, sync + restore {restored_in:?}");
+
+    // Another guest ABI (more memory) is refused; the image is then removed: a cold boot.
+    expect("managed save", env.hv.managed_save(&name).await);
+    inputs.memory_bytes *= 2;
+    let xml = domain_xml(&inputs).unwrap_or_default();
+    if let Err(e) = env.hv.define_domain(&xml).await {
+        panic!("redefine {name}: {e}");
+    }
+    match env.hv.sync_managed_save(&name, &image).await {
+        Err(e @ HypervisorError::Rejected { .. }) => {
+            println!("[qemu_system] ABI change refused: {e}")
+        }
+        other => panic!("a new ABI was not refused: {other:?}"),
+    }
+    assert_eq!(
+        expect("remove", env.hv.remove_managed_save(&name).await),
+        Change::Done
+    );
+    assert_eq!(
+        expect("remove", env.hv.remove_managed_save(&name).await),
+        Change::AlreadyDone
+    );
+    assert!(!image.exists(), "image kept after removal");
+    expect("start", env.hv.start_domain(&name).await);
+    assert_eq!(state_reason(&name), "running (booted)");
+
+    // Undefine takes a managed save image with it.
+    expect("managed save", env.hv.managed_save(&name).await);
+    assert!(image.is_file());
+    guard.delete().await;
+    assert!(!image.exists(), "undefine left the image");
     let _ = std::fs::remove_dir(&env.disk_dir);
 }

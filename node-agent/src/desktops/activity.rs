@@ -98,6 +98,26 @@ pub fn next(
     }
 }
 
+/// The activity fields right after the agent started the domain, or restored it from its saved
+/// memory after a wake: the idle countdown is cleared and activity stamped now, so the desktop
+/// gets its whole timeout again. A fresh QEMU has no SPICE client yet.
+pub fn started(prev: &DesktopStatus, now: Timestamp) -> ActivityStatus {
+    ActivityStatus {
+        last_activity_time: Some(Time(now)),
+        idle_since: None,
+        ..next(prev, None, None, now)
+    }
+}
+
+/// The activity fields as the status already has them (nothing could be observed).
+pub fn unchanged(prev: &DesktopStatus) -> ActivityStatus {
+    ActivityStatus {
+        session: prev.session.clone(),
+        last_activity_time: prev.last_activity_time.clone(),
+        idle_since: prev.idle_since.clone(),
+    }
+}
+
 /// Whether the desktop counts as in use: the guest works, or a client is connected and the
 /// policy counts a connected session as activity.
 pub fn in_use(guest: Option<bool>, connected: bool, connected_is_active: bool) -> Option<bool> {
@@ -183,6 +203,32 @@ mod tests {
         let session = gone.session.unwrap_or_default();
         assert!(!session.connected);
         assert_eq!(session.since, Some(Time(later(30))));
+    }
+
+    #[test]
+    fn a_start_clears_the_countdown_and_an_unknown_changes_nothing() {
+        let t0 = Timestamp::UNIX_EPOCH;
+        let later = Timestamp::from_second(600).unwrap_or(t0);
+        let prev = DesktopStatus {
+            idle_since: Some(Time(t0)),
+            last_activity_time: Some(Time(t0)),
+            session: Some(Session {
+                connected: false,
+                since: Some(Time(t0)),
+                client_address: None,
+            }),
+            ..DesktopStatus::default()
+        };
+        let started = started(&prev, later);
+        assert_eq!(started.idle_since, None);
+        assert_eq!(started.last_activity_time, Some(Time(later)));
+        assert_eq!(
+            started.session, prev.session,
+            "no client: the session is kept"
+        );
+        let same = unchanged(&prev);
+        assert_eq!(same.idle_since, prev.idle_since);
+        assert_eq!(same.session, prev.session);
     }
 
     #[test]

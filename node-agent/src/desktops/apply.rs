@@ -2,6 +2,8 @@
 //! first, then its inputs (pool, console password, binding, address), the disk, the domain
 //! definition, the password of the running domain, and power; then reports the outcome as the
 //! agent's status. An input that is not there yet becomes a condition, never a crash loop.
+//! A desktop the idle policy reclaimed takes the short path of [`super::held`] instead; a
+//! disk that saved memory refers to is never replaced.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -21,21 +23,20 @@ use tokio::time::Instant;
 use super::activity::{self, ActivityStatus, Sample};
 use super::context::DesktopContext;
 use super::ip::{self, Pending};
+use super::lifecycle::{self, ADMIN_RESYNC};
 use super::patch::{add_finalizer, apply_status, has_finalizer};
+use super::power::{self, DomainView, Facts, Step};
 use super::status::{Cond, Report, body};
-use super::{BUSY_RESYNC, Error, STEADY_RESYNC};
+use super::{BUSY_RESYNC, Error, held};
 use crate::disks::{self, DiskPlan, Prepared};
 use crate::domain::names::fnv1a64;
 use crate::domain::{Binding, DomainInputs, HostContext, Secret, graphics_xml};
 use crate::hypervisor::{DomainState, Hypervisor};
 
-/// How long to wait before looking again at a desktop that needs an admin (missing image).
-const ADMIN_RESYNC: Duration = Duration::from_secs(60);
-
 /// The outcome of converging one desktop: what to report and when to look again.
-struct Outcome {
-    report: Report,
-    requeue: Duration,
+pub(super) struct Outcome {
+    pub report: Report,
+    pub requeue: Duration,
 }
 
 impl Outcome {
@@ -69,7 +70,7 @@ pub async fn apply<H: Hypervisor>(d: &Desktop, ctx: &DesktopContext<H>) -> Resul
     Ok(Action::requeue(outcome.requeue))
 }
 
-fn now() -> k8s_openapi::jiff::Timestamp {
+pub(super) fn now() -> k8s_openapi::jiff::Timestamp {
     k8s_openapi::jiff::Timestamp::now()
 }
 
@@ -82,10 +83,10 @@ async fn announce<H>(d: &Desktop, ctx: &DesktopContext<H>, before: &DesktopStatu
         if old == Some(c.reason) {
             continue;
         }
-        let warning = c.status == Status::False
-            && ["Fail", "Missing", "Invalid", "Exhausted", "Insufficient"]
-                .iter()
-                .any(|w| c.reason.contains(w));
+        // Failures are warnings even when the domain still runs (SuspendFailed).
+        let warning = ["Fail", "Missing", "Invalid", "Exhausted", "Insufficient"]
+            .iter()
+            .any(|w| c.reason.contains(w));
         let t = if warning {
             EventType::Warning
         } else {
@@ -165,6 +166,9 @@ async fn converge<H: Hypervisor>(
     status: &DesktopStatus,
     uid: &str,
 ) -> Result<Outcome, Error> {
+    if let Some(hold) = power::hold(status.reclaimed.as_ref()) {
+        return held::converge(d, ctx, status, uid, hold).await;
+    }
     let cfg = &ctx.config;
     let mut report = Report {
         spice_port: status.spice.as_ref().and_then(|s| s.port),
@@ -235,20 +239,12 @@ async fn converge<H: Hypervisor>(
     // What the domain is now.
     let hv = &ctx.hypervisor;
     let domain = inputs.domain_name();
-    let current = match hv.domain_status(&domain).await {
+    let mut current = match hv.domain_status(&domain).await {
         Ok(s) => Some(s),
         Err(e) if e.is_not_found() => None,
         Err(e) => return Err(e.into()),
     };
     let active = current.is_some_and(|s| s.state.is_active());
-    let want_on = d.spec.power == Power::On;
-    let stays_off = want_on && !active && current.is_some() && guest_shut_down(d, status);
-    let will_start = want_on && !active && !stays_off;
-
-    // Disk: made once; a non-persistent desktop gets a fresh clone each time it starts.
-    let fresh = will_start
-        && !d.spec.disk.persistent
-        && current.is_some_and(|s| s.state == DomainState::ShutOff && !s.has_managed_save);
     let size = match d.spec.disk.size.as_deref().map(parse_bytes).transpose() {
         Ok(s) => s,
         Err(e) => {
@@ -262,6 +258,33 @@ async fn converge<H: Hypervisor>(
         clone: d.spec.disk.clone,
         size,
     };
+    // Saved memory whose disk is gone can never be restored: a new disk under it would be
+    // corrupted at once.
+    if let Some(s) = current
+        .as_mut()
+        .filter(|s| s.has_managed_save && !s.state.is_active())
+        && !tokio::fs::try_exists(&plan.target).await.unwrap_or(true)
+    {
+        let why = format!("its disk {} is gone", plan.target.display());
+        lifecycle::discard_saved_memory(ctx, d, &domain, &why).await?;
+        s.has_managed_save = false;
+    }
+    let step = power::decide(&Facts {
+        hold: None,
+        want_on: d.spec.power == Power::On,
+        domain: current.map(|s| DomainView {
+            active: s.state.is_active(),
+            managed_save: s.has_managed_save,
+        }),
+        running_reason: conditions::find(&status.conditions, RUNNING).map(|c| c.reason.as_str()),
+        shut_itself_down: guest_shut_down(d, status),
+    });
+
+    // Disk: made once; a non-persistent desktop gets a fresh clone each time it boots (never
+    // under saved memory, which refers to the disk it has).
+    let fresh = step == (Step::Start { restore: false })
+        && !d.spec.disk.persistent
+        && current.is_some_and(|s| s.state == DomainState::ShutOff && !s.has_managed_save);
     if !active {
         match disks::prepare(&cfg.qemu_img, &plan, fresh).await {
             Ok(Prepared::Created) => {
@@ -319,69 +342,24 @@ async fn converge<H: Hypervisor>(
     }
 
     // Power.
-    let (running, requeue) = if want_on {
-        ctx.clear_shutdown(uid);
-        if active {
-            (running_cond(current.map(|s| s.state)), STEADY_RESYNC)
-        } else if stays_off {
-            let c = Cond::new(
-                Status::False,
-                "Shutdown",
-                "the guest shut itself down; set spec.power to Off and back to On to start it again",
-            );
-            (c, STEADY_RESYNC)
-        } else {
-            match hv.start_domain(&domain).await {
-                Ok(_) => {
-                    ctx.record_password(uid, &password_version);
-                    tracing::info!(domain = %domain, "domain started");
-                    (running_cond(Some(DomainState::Running)), STEADY_RESYNC)
-                }
-                Err(e) if e.is_transient() => return Err(e.into()),
-                Err(e) => {
-                    ctx.metrics.start_failures.inc();
-                    (
-                        Cond::new(Status::False, "StartFailed", e.to_string()),
-                        ADMIN_RESYNC,
-                    )
-                }
-            }
-        }
-    } else if active {
-        let asked = ctx.shutdown_asked_at(uid);
-        if Instant::now().duration_since(asked) > cfg.shutdown_grace {
-            hv.destroy_domain(&domain).await?;
-            ctx.event(
-                d,
-                EventType::Warning,
-                "PoweredOff",
-                "Stop",
-                format!(
-                    "the guest did not shut down within {}s; powered off",
-                    cfg.shutdown_grace.as_secs()
-                ),
-            )
-            .await;
-        } else {
-            hv.shutdown_domain(&domain).await?;
-        }
-        let c = Cond::new(
-            Status::False,
-            "Stopping",
-            "shutting the guest down (spec.power is Off)",
-        );
-        (c, BUSY_RESYNC)
+    let done = lifecycle::execute(ctx, d, uid, &domain, current.map(|s| s.state), step).await?;
+    // A running desktop is looked at again when its activity is due for a sample.
+    let requeue = if done.running.status == Status::True {
+        done.requeue.min(ctx.config.activity_interval)
     } else {
-        ctx.clear_shutdown(uid);
-        let c = Cond::new(
-            Status::False,
-            "Stopped",
-            "powered off (spec.power is Off); the disk is kept",
-        );
-        (c, STEADY_RESYNC)
+        done.requeue
     };
-    report.running = Some(running);
-    report.activity = Some(observe_activity(ctx, d, &pool, status, uid, &domain, active).await);
+    report.running = Some(done.running);
+    report.activity = Some(if done.started {
+        // The definition (or the saved memory, updated from it) has the current password, and
+        // a fresh QEMU starts its idle countdown from zero.
+        ctx.record_password(uid, &password_version);
+        ctx.forget_sample(uid);
+        ctx.record_session(uid, false);
+        activity::started(status, now())
+    } else {
+        observe_activity(ctx, d, &pool, status, uid, &domain, active).await
+    });
     Ok(Outcome { report, requeue })
 }
 
@@ -397,15 +375,18 @@ async fn observe_activity<H: Hypervisor>(
     active: bool,
 ) -> ActivityStatus {
     if !active {
+        ctx.record_session(uid, false);
         return activity::next(status, None, None, now());
     }
     let counters = match ctx.hypervisor.activity(domain).await {
         Ok(c) => c,
         Err(e) => {
+            // Nothing learnt: the session and the countdown stay as reported.
             tracing::debug!(domain, error = %e, "cannot read activity");
-            return activity::next(status, None, None, now());
+            return activity::unchanged(status);
         }
     };
+    ctx.record_session(uid, counters.spice_client.is_some());
     let sample = Sample {
         at: Instant::now(),
         cpu_time_ns: counters.cpu_time_ns,
@@ -423,18 +404,6 @@ async fn observe_activity<H: Hypervisor>(
         .is_none_or(|p| p.connected_is_active);
     let in_use = activity::in_use(guest, counters.spice_client.is_some(), connected_is_active);
     activity::next(status, in_use, counters.spice_client.as_deref(), now())
-}
-
-/// `Running` for an active domain.
-fn running_cond(state: Option<DomainState>) -> Cond {
-    match state {
-        Some(DomainState::Paused) => Cond::new(
-            Status::False,
-            "Paused",
-            "the domain is paused by libvirt (for example after an I/O error such as a full disk)",
-        ),
-        _ => Cond::new(Status::True, "Running", "the domain runs"),
-    }
 }
 
 /// Whether an inactive domain with power On went down by itself (the agent saw it run, or

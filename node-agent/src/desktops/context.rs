@@ -3,6 +3,7 @@
 //! small per-desktop memory of what was last applied (so unchanged work is skipped).
 
 use std::collections::{HashMap, HashSet};
+use std::path::PathBuf;
 use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 
@@ -34,6 +35,17 @@ pub struct DesktopConfig {
     pub qemu_img: String,
     /// How long a guest gets to shut down after ACPI power-off before it is powered off hard.
     pub shutdown_grace: Duration,
+    /// libvirt's directory of managed save images (`<domain name>.save`), on the libvirt host.
+    pub managed_save_dir: PathBuf,
+    /// How often a running desktop's activity is sampled.
+    pub activity_interval: Duration,
+}
+
+impl DesktopConfig {
+    /// The managed save image of `domain`.
+    pub fn managed_save_image(&self, domain: &str) -> PathBuf {
+        self.managed_save_dir.join(format!("{domain}.save"))
+    }
 }
 
 /// Shared state of the controller.
@@ -68,6 +80,8 @@ struct Memory {
     failures: HashMap<String, u32>,
     /// The last activity sample of each running desktop.
     samples: HashMap<String, super::activity::Sample>,
+    /// Desktops with a SPICE client connected at their last observation.
+    sessions: HashSet<String>,
 }
 
 impl<H> DesktopContext<H> {
@@ -194,6 +208,26 @@ impl<H> DesktopContext<H> {
         self.with_memory(|m| m.samples.insert(uid.to_string(), sample))
     }
 
+    /// Forgets the activity sample of `uid` (its domain starts anew: counters restart).
+    pub fn forget_sample(&self, uid: &str) {
+        self.with_memory(|m| m.samples.remove(uid));
+    }
+
+    /// Records whether a SPICE client is connected to `uid`, and updates the sessions gauge.
+    pub fn record_session(&self, uid: &str, connected: bool) {
+        let count = self.with_memory(|m| {
+            if connected {
+                m.sessions.insert(uid.to_string());
+            } else {
+                m.sessions.remove(uid);
+            }
+            m.sessions.len()
+        });
+        self.metrics
+            .spice_sessions
+            .set(i64::try_from(count).unwrap_or(i64::MAX));
+    }
+
     /// Forgets everything about `uid` (after teardown).
     pub fn forget(&self, uid: &str) {
         self.with_memory(|m| {
@@ -203,6 +237,7 @@ impl<H> DesktopContext<H> {
             m.failures.remove(uid);
             m.samples.remove(uid);
         });
+        self.record_session(uid, false);
     }
 
     /// Resets the failure count of `uid` after a good reconcile.

@@ -1,14 +1,18 @@
 //! The agent's Desktop controller: watches only the Desktops labelled with this host, and for
-//! each one converges the host (finalizer, disk, network lease, domain, power) and reports the
-//! agent's part of the status. Runs beside an orphan sweep that reports domains with deskvirt
+//! each one converges the host (finalizer, disk, network lease, domain, power, and the idle
+//! policy's suspend or shutdown while `status.reclaimed` is set) and reports the agent's part
+//! of the status. Runs beside an orphan sweep that reports domains with deskvirt
 //! metadata and no Desktop here, without touching them.
 
 mod activity;
 mod apply;
 mod context;
+mod held;
 mod ip;
+mod lifecycle;
 pub mod orphans;
 mod patch;
+mod power;
 mod status;
 mod teardown;
 

@@ -183,6 +183,20 @@ mod tests {
     }
 
     #[test]
+    fn a_released_port_means_no_uri_and_the_host_is_kept() {
+        let now = Timestamp::UNIX_EPOCH;
+        let released = Report {
+            spice_port: None,
+            ..report()
+        };
+        let Some(body) = body(&DesktopStatus::default(), &released, Some(1), now) else {
+            panic!("expected a body");
+        };
+        assert_eq!(body["spice"]["host"], "192.0.2.10");
+        assert!(body["spice"].get("uri").is_none(), "{body}");
+    }
+
+    #[test]
     fn ipv6_hosts_are_bracketed() {
         assert_eq!(spice_uri("fd00::1", 5900), "spice://[fd00::1]:5900");
     }

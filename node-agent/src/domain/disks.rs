@@ -41,6 +41,23 @@ pub fn parse_disk_paths(xml: &str) -> Result<BTreeSet<String>, quick_xml::Error>
     Ok(paths)
 }
 
+/// The files a domain XML attaches as disks, without their backing stores: what a guest's
+/// memory refers to, compared before a saved memory image is restored with a new definition.
+pub fn parse_disk_sources(xml: &str) -> Result<BTreeSet<String>, quick_xml::Error> {
+    let mut paths = BTreeSet::new();
+    walk(xml, |path, attrs| {
+        if path.len() == 4
+            && path[1] == "devices"
+            && path[2] == "disk"
+            && path[3] == "source"
+            && let Some(file) = attribute(attrs, "file")
+        {
+            paths.insert(file.to_string());
+        }
+    })?;
+    Ok(paths)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -58,5 +75,8 @@ mod tests {
             .map(String::from)
             .into();
         assert_eq!(paths, expected);
+        let sources = parse_disk_sources(xml).unwrap_or_default();
+        let expected: BTreeSet<String> = ["/d/a.qcow2", "/i/x.iso"].map(String::from).into();
+        assert_eq!(sources, expected);
     }
 }

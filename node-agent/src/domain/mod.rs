@@ -27,7 +27,7 @@ pub mod xml;
 pub use boot::KernelBoot;
 pub use convert::{domain_xml, graphics_xml};
 pub use devices::serial_log_path;
-pub use disks::parse_disk_paths;
+pub use disks::{parse_disk_paths, parse_disk_sources};
 pub use error::{BuildError, XmlError};
 pub use graphics::{SpiceConfig, listen_address};
 pub use host_network::{

@@ -11,6 +11,7 @@ mod host;
 mod networks;
 
 use std::collections::BTreeSet;
+use std::path::Path;
 use std::sync::Arc;
 
 use virt::connect::Connect;
@@ -148,6 +149,23 @@ impl Hypervisor for LibvirtHypervisor {
         let name = name.to_string();
         self.run("managed save", move |c| domains::managed_save(c, &name))
             .await
+    }
+
+    async fn sync_managed_save(&self, name: &str, image: &Path) -> Result<Change> {
+        let name = name.to_string();
+        let image = image.to_string_lossy().into_owned();
+        self.run("update saved memory image", move |c| {
+            domains::sync_managed_save(c, &name, &image)
+        })
+        .await
+    }
+
+    async fn remove_managed_save(&self, name: &str) -> Result<Change> {
+        let name = name.to_string();
+        self.run("remove saved memory image", move |c| {
+            domains::remove_managed_save(c, &name)
+        })
+        .await
     }
 
     async fn domain_status(&self, name: &str) -> Result<DomainStatus> {

@@ -7,6 +7,7 @@
 
 use std::collections::BTreeSet;
 use std::future::Future;
+use std::path::Path;
 
 use crate::domain::{DesktopIdentity, DhcpHost, DomainType};
 
@@ -187,6 +188,22 @@ pub trait Hypervisor: Send + Sync {
     /// Saves the running domain's memory to disk and stops it; the next start resumes it.
     /// `AlreadyDone` when it is off with a save image already.
     fn managed_save(&self, name: &str) -> impl Future<Output = Result<Change>> + Send;
+
+    /// Replaces the domain XML stored in its managed save image (the file `image`) with the
+    /// domain's definition, SPICE password included, so the next start restores the saved
+    /// memory with the definition's SPICE port and password. libvirt refuses a definition whose
+    /// guest ABI differs (memory, vCPUs, devices: `Rejected`), and so does this call when the
+    /// definition's disks are not the ones the saved memory refers to. `AlreadyDone` when the
+    /// domain runs or has no managed save image.
+    fn sync_managed_save(
+        &self,
+        name: &str,
+        image: &Path,
+    ) -> impl Future<Output = Result<Change>> + Send;
+
+    /// Deletes the domain's managed save image, so its next start boots from disk;
+    /// `AlreadyDone` when it has none or is gone.
+    fn remove_managed_save(&self, name: &str) -> impl Future<Output = Result<Change>> + Send;
 
     /// State, CPU time and memory of one domain.
     fn domain_status(&self, name: &str) -> impl Future<Output = Result<DomainStatus>> + Send;

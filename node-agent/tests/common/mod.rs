@@ -1,6 +1,9 @@
 //! Fixtures shared by the node-agent's integration tests: Desktops from inline JSON, a host
-//! context, a binding, and golden-file comparison.
+//! context, a binding, golden-file comparison, the agent process, and ([`world`]) the agent
+//! tests' cluster and host.
 #![allow(dead_code)]
+
+pub mod world;
 
 use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Stdio};

@@ -13,7 +13,8 @@ use super::errors::{found, has_code, map};
 use crate::domain::devices_live::{spice_client, stat_devices};
 use crate::domain::read::walk;
 use crate::domain::{
-    DesktopIdentity, METADATA_NS, parse_disk_paths, parse_identity, parse_identity_element,
+    DesktopIdentity, METADATA_NS, parse_disk_paths, parse_disk_sources, parse_identity,
+    parse_identity_element,
 };
 use crate::hypervisor::{
     Activity, Change, DomainState, DomainStatus, DomainSummary, HypervisorError, ObjectKind, Result,
@@ -270,6 +271,64 @@ pub(super) fn managed_save(conn: &Connect, name: &str) -> Result<Change> {
         return Ok(Change::AlreadyDone);
     }
     dom.managed_save(0)
+        .map_err(|e| map(op, ObjectKind::Domain, name, &e))?;
+    Ok(Change::Done)
+}
+
+/// Copies the definition (with its SPICE password) into the managed save image at `image`.
+///
+/// The definition is the inactive, migratable XML: the form libvirt checks against the saved
+/// guest ABI (memory, vCPUs, machine, device addresses), while SPICE ports and passwords may
+/// change. libvirt does not compare disk sources, so that is checked here: a restore onto
+/// another file than the one the saved memory refers to would corrupt it.
+pub(super) fn sync_managed_save(conn: &Connect, name: &str, image: &str) -> Result<Change> {
+    let op = "update saved memory image";
+    let dom = lookup(conn, op, name)?;
+    if is_active(&dom, op, name)? || !has_managed_save(&dom, op, name)? {
+        return Ok(Change::AlreadyDone);
+    }
+    let err = |e: virt::error::Error| map(op, ObjectKind::Domain, name, &e);
+    let definition = dom
+        .xml_desc(
+            sys::VIR_DOMAIN_XML_INACTIVE
+                | sys::VIR_DOMAIN_XML_SECURE
+                | sys::VIR_DOMAIN_XML_MIGRATABLE,
+        )
+        .map_err(err)?;
+    let saved = conn
+        .save_image_xml_desc(image, sys::VIR_DOMAIN_SAVE_IMAGE_XML_SECURE)
+        .map_err(err)?;
+    let unreadable = |e: quick_xml::Error| HypervisorError::Failed {
+        op,
+        target: name.to_string(),
+        message: e.to_string(),
+    };
+    let wanted = parse_disk_sources(&definition).map_err(unreadable)?;
+    let saved_disks = parse_disk_sources(&saved).map_err(unreadable)?;
+    if wanted != saved_disks {
+        return Err(HypervisorError::Rejected {
+            op,
+            target: name.to_string(),
+            message: format!(
+                "the saved memory refers to the disks {saved_disks:?}, the definition to {wanted:?}"
+            ),
+        });
+    }
+    conn.save_image_define_xml(image, &definition, 0)
+        .map_err(err)?;
+    Ok(Change::Done)
+}
+
+/// Deletes the managed save image; none (or no domain) counts as done.
+pub(super) fn remove_managed_save(conn: &Connect, name: &str) -> Result<Change> {
+    let op = "remove saved memory image";
+    let Some(dom) = found(lookup(conn, op, name))? else {
+        return Ok(Change::AlreadyDone);
+    };
+    if !has_managed_save(&dom, op, name)? {
+        return Ok(Change::AlreadyDone);
+    }
+    dom.managed_save_remove(0)
         .map_err(|e| map(op, ObjectKind::Domain, name, &e))?;
     Ok(Change::Done)
 }

@@ -1,0 +1,71 @@
+//! Converges a desktop the idle policy reclaimed (`status.reclaimed` is set): its domain is
+//! kept suspended or off whatever `spec.power` says, and saved or shut down first when it still
+//! runs. Nothing of the binding is needed: once the operator has released the SPICE port the
+//! domain is kept exactly as it is (never redefined, its disk never touched) and no SPICE URI is
+//! reported. The address and SPICE host already reported are kept.
+
+use deskvirt_crds::Desktop;
+use deskvirt_crds::conditions;
+use deskvirt_crds::constants::condition::RUNNING;
+use deskvirt_crds::desktop::{DesktopStatus, Power};
+use kube::ResourceExt;
+
+use super::Error;
+use super::activity;
+use super::apply::{Outcome, now};
+use super::context::DesktopContext;
+use super::lifecycle;
+use super::power::{self, DomainView, Facts, Hold};
+use super::status::Report;
+use crate::domain::domain_name;
+use crate::hypervisor::Hypervisor;
+
+/// Keeps the domain of `d` in `hold`.
+pub(super) async fn converge<H: Hypervisor>(
+    d: &Desktop,
+    ctx: &DesktopContext<H>,
+    status: &DesktopStatus,
+    uid: &str,
+    hold: Hold,
+) -> Result<Outcome, Error> {
+    let ns = d
+        .namespace()
+        .ok_or(Error::MissingField("metadata.namespace"))?;
+    let domain = domain_name(&ns, &d.name_any());
+    let spice = status.spice.clone().unwrap_or_default();
+    let mut report = Report {
+        ip: status.ip.clone(),
+        spice_host: spice.host,
+        spice_port: spice.port,
+        ..Report::default()
+    };
+    let current = match ctx.hypervisor.domain_status(&domain).await {
+        Ok(s) => Some(s),
+        Err(e) if e.is_not_found() => None,
+        Err(e) => return Err(e.into()),
+    };
+    let active = current.is_some_and(|s| s.state.is_active());
+    let step = power::decide(&Facts {
+        hold: Some(hold),
+        want_on: d.spec.power == Power::On,
+        domain: current.map(|s| DomainView {
+            active: s.state.is_active(),
+            managed_save: s.has_managed_save,
+        }),
+        running_reason: conditions::find(&status.conditions, RUNNING).map(|c| c.reason.as_str()),
+        shut_itself_down: false,
+    });
+    let done = lifecycle::execute(ctx, d, uid, &domain, current.map(|s| s.state), step).await?;
+    report.running = Some(done.running);
+    report.activity = Some(if active {
+        // Being saved or shut down: nothing new is learnt, nothing is changed.
+        activity::unchanged(status)
+    } else {
+        ctx.record_session(uid, false);
+        activity::next(status, None, None, now())
+    });
+    Ok(Outcome {
+        report,
+        requeue: done.requeue,
+    })
+}

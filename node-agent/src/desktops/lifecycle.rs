@@ -1,0 +1,241 @@
+//! Carries out the power step [`power::decide`](super::power::decide) chose, on the host: starts
+//! (a restore first gets the current definition written into the saved memory image, or the
+//! image is discarded when it cannot take it), powers off with a grace, saves memory for the
+//! idle policy; and says what `Running` is afterwards and when to look again.
+
+use std::time::Duration;
+
+use deskvirt_crds::Desktop;
+use deskvirt_crds::conditions::Status;
+use kube::runtime::events::EventType;
+use tokio::time::Instant;
+
+use super::context::DesktopContext;
+use super::power::{self, Step};
+use super::status::Cond;
+use super::{BUSY_RESYNC, Error, STEADY_RESYNC};
+use crate::hypervisor::{DomainState, Hypervisor, HypervisorError};
+
+/// How long to wait before looking again at a desktop that needs an admin.
+pub(super) const ADMIN_RESYNC: Duration = Duration::from_secs(60);
+
+/// What the power step did.
+#[derive(Debug)]
+pub(super) struct Done {
+    /// `Running` after it.
+    pub running: Cond,
+    /// When to look again.
+    pub requeue: Duration,
+    /// The domain was started (booted or restored) now.
+    pub started: bool,
+}
+
+impl Done {
+    fn steady(running: Cond) -> Self {
+        Self {
+            running,
+            requeue: STEADY_RESYNC,
+            started: false,
+        }
+    }
+}
+
+/// `Running` for an active domain.
+pub(super) fn running_cond(state: Option<DomainState>) -> Cond {
+    match state {
+        Some(DomainState::Paused) => Cond::new(
+            Status::False,
+            "Paused",
+            "the domain is paused by libvirt (for example after an I/O error such as a full disk)",
+        ),
+        _ => Cond::new(Status::True, "Running", "the domain runs"),
+    }
+}
+
+/// Carries out `step` on `domain` of `d` (UID `uid`), whose state was `state` when it was decided.
+pub(super) async fn execute<H: Hypervisor>(
+    ctx: &DesktopContext<H>,
+    d: &Desktop,
+    uid: &str,
+    domain: &str,
+    state: Option<DomainState>,
+    step: Step,
+) -> Result<Done, Error> {
+    if !matches!(step, Step::PowerOff { .. }) {
+        ctx.clear_shutdown(uid);
+    }
+    let done = match step {
+        Step::KeepRunning => Done::steady(running_cond(state)),
+        Step::Start { restore } => start(ctx, d, domain, restore).await?,
+        Step::StayOff => Done::steady(Cond::new(
+            Status::False,
+            "Shutdown",
+            "the guest shut itself down; set spec.power to Off and back to On to start it again",
+        )),
+        Step::PowerOff { idle } => {
+            power_off(ctx, d, uid, domain, idle).await?;
+            let running = if idle {
+                power::reclaiming(false)
+            } else {
+                Cond::new(
+                    Status::False,
+                    "Stopping",
+                    "shutting the guest down (spec.power is Off)",
+                )
+            };
+            Done {
+                running,
+                requeue: BUSY_RESYNC,
+                started: false,
+            }
+        }
+        Step::Stopped { saved } => Done::steady(power::stopped(saved)),
+        Step::AnnounceSave => Done {
+            running: power::reclaiming(true),
+            requeue: BUSY_RESYNC,
+            started: false,
+        },
+        Step::Save => save(ctx, domain).await?,
+        Step::Suspended { saved } => Done::steady(power::suspended(saved)),
+        Step::IdleShutdown => Done::steady(power::idle_shutdown()),
+    };
+    Ok(done)
+}
+
+/// Starts the domain; a restore first carries the definition into the saved memory image. A
+/// start that fails keeps the image (the cause may well be elsewhere, such as a SPICE port
+/// taken by another process): it is retried, or reported as `StartFailed` when refused.
+async fn start<H: Hypervisor>(
+    ctx: &DesktopContext<H>,
+    d: &Desktop,
+    domain: &str,
+    restore: bool,
+) -> Result<Done, Error> {
+    let restore = restore && prepare_restore(ctx, d, domain).await?;
+    let began = Instant::now();
+    match ctx.hypervisor.start_domain(domain).await {
+        Ok(_) => {
+            let took = began.elapsed();
+            let message = if restore {
+                tracing::info!(domain, took = ?took, "domain restored from its saved memory");
+                "the domain runs, restored from the memory saved when it was suspended"
+            } else {
+                tracing::info!(domain, took = ?took, "domain started");
+                "the domain runs"
+            };
+            Ok(Done {
+                running: Cond::new(Status::True, "Running", message),
+                requeue: STEADY_RESYNC,
+                started: true,
+            })
+        }
+        Err(e) if e.is_transient() => Err(e.into()),
+        Err(e) => {
+            ctx.metrics.start_failures.inc();
+            Ok(Done {
+                running: Cond::new(Status::False, "StartFailed", e.to_string()),
+                requeue: ADMIN_RESYNC,
+                started: false,
+            })
+        }
+    }
+}
+
+/// Writes the domain's definition (SPICE port and password included) into its managed save
+/// image, so the restore matches what the Desktop's status says. When libvirt refuses (the
+/// guest ABI changed, the disks differ) or the image cannot be read, the image is discarded and
+/// the desktop boots from its disk; `Ok(false)` then. A lost connection is retried instead.
+async fn prepare_restore<H: Hypervisor>(
+    ctx: &DesktopContext<H>,
+    d: &Desktop,
+    domain: &str,
+) -> Result<bool, Error> {
+    let image = ctx.config.managed_save_image(domain);
+    match ctx.hypervisor.sync_managed_save(domain, &image).await {
+        Ok(_) => Ok(true),
+        Err(e @ (HypervisorError::Rejected { .. } | HypervisorError::Failed { .. })) => {
+            discard_saved_memory(ctx, d, domain, &e.to_string()).await?;
+            Ok(false)
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Deletes the domain's saved memory image because it cannot be restored (`why`), with a
+/// Warning Event: the desktop boots from its disk and its unsaved work is lost.
+pub(super) async fn discard_saved_memory<H: Hypervisor>(
+    ctx: &DesktopContext<H>,
+    d: &Desktop,
+    domain: &str,
+    why: &str,
+) -> Result<(), Error> {
+    ctx.hypervisor.remove_managed_save(domain).await?;
+    ctx.metrics.saved_memory_discarded.inc();
+    tracing::warn!(
+        domain,
+        reason = why,
+        "saved memory discarded; the desktop boots from its disk"
+    );
+    ctx.event(
+        d,
+        EventType::Warning,
+        "SavedMemoryDiscarded",
+        "Start",
+        format!(
+            "the memory saved when the desktop was suspended cannot be restored ({why}); it boots from its disk, and what was only in memory is lost"
+        ),
+    )
+    .await;
+    Ok(())
+}
+
+/// ACPI shutdown, then a hard power-off once the grace has passed.
+async fn power_off<H: Hypervisor>(
+    ctx: &DesktopContext<H>,
+    d: &Desktop,
+    uid: &str,
+    domain: &str,
+    idle: bool,
+) -> Result<(), Error> {
+    let asked = ctx.shutdown_asked_at(uid);
+    let grace = ctx.config.shutdown_grace;
+    if Instant::now().duration_since(asked) <= grace {
+        ctx.hypervisor.shutdown_domain(domain).await?;
+        return Ok(());
+    }
+    ctx.hypervisor.destroy_domain(domain).await?;
+    let why = if idle {
+        "for the idle policy"
+    } else {
+        "(spec.power is Off)"
+    };
+    ctx.event(
+        d,
+        EventType::Warning,
+        "PoweredOff",
+        "Stop",
+        format!(
+            "the guest did not shut down within {}s {why}; powered off",
+            grace.as_secs()
+        ),
+    )
+    .await;
+    Ok(())
+}
+
+/// Saves the running domain's memory with libvirt's managed save (the domain ends off).
+async fn save<H: Hypervisor>(ctx: &DesktopContext<H>, domain: &str) -> Result<Done, Error> {
+    let began = Instant::now();
+    match ctx.hypervisor.managed_save(domain).await {
+        Ok(_) => {
+            tracing::info!(domain, took = ?began.elapsed(), "domain memory saved for the idle policy");
+            Ok(Done::steady(power::suspended(true)))
+        }
+        Err(e) if e.is_transient() => Err(e.into()),
+        Err(e) => Ok(Done {
+            running: power::suspend_failed(&e.to_string()),
+            requeue: ADMIN_RESYNC,
+            started: false,
+        }),
+    }
+}
