@@ -75,8 +75,10 @@ pub(super) fn now() -> k8s_openapi::jiff::Timestamp {
 }
 
 /// One Event per change of the agent's condition reasons, so transitions are visible in
-/// `kubectl describe` without repeating every resync.
+/// `kubectl describe` without repeating every resync. Normal changes of one pass (a domain
+/// defined and started) make one Event, not one per condition: each is an API write.
 async fn announce<H>(d: &Desktop, ctx: &DesktopContext<H>, before: &DesktopStatus, r: &Report) {
+    let mut normal: Vec<(&'static str, &Cond)> = Vec::new();
     for (type_, cond) in [(DOMAIN_DEFINED, &r.defined), (RUNNING, &r.running)] {
         let Some(c) = cond else { continue };
         let old = conditions::find(&before.conditions, type_).map(|o| o.reason.as_str());
@@ -87,12 +89,22 @@ async fn announce<H>(d: &Desktop, ctx: &DesktopContext<H>, before: &DesktopStatu
         let warning = ["Fail", "Missing", "Invalid", "Exhausted", "Insufficient"]
             .iter()
             .any(|w| c.reason.contains(w));
-        let t = if warning {
-            EventType::Warning
+        if warning {
+            ctx.event(d, EventType::Warning, c.reason, type_, c.message.clone())
+                .await;
         } else {
-            EventType::Normal
-        };
-        ctx.event(d, t, c.reason, type_, c.message.clone()).await;
+            normal.push((type_, c));
+        }
+    }
+    // The last change names the Event (Running's when both changed).
+    if let Some((type_, last)) = normal.last() {
+        let note = normal
+            .iter()
+            .map(|(_, c)| c.message.as_str())
+            .collect::<Vec<_>>()
+            .join("; ");
+        ctx.event(d, EventType::Normal, last.reason, type_, note)
+            .await;
     }
 }
 

@@ -70,9 +70,6 @@ impl World {
                 "127.0.0.1",
                 "--shutdown-grace",
                 "3s",
-                // Idleness is seen within a few seconds, so the idle tests wait less.
-                "--activity-interval",
-                "3s",
                 "--console-namespace",
                 &self.ns,
             ],
