@@ -64,6 +64,17 @@ pub struct Config {
     )]
     pub mirror_sweep_interval: Duration,
 
+    /// Shortest time between two writes of one ResourcePool's status. A pool's status changes
+    /// with every desktop of the pool; during a burst it is written at most this often, and
+    /// once more when the burst ends. `0s` writes every change at once.
+    #[arg(
+        long,
+        env = "DESKVIRT_POOL_STATUS_INTERVAL",
+        default_value = "2s",
+        value_parser = parse_duration_or_zero
+    )]
+    pub pool_status_interval: Duration,
+
     /// Only manage ResourcePools, DomainNodes and Desktops matching this label selector
     /// (sharding, and isolation of concurrent test runs). Empty manages everything.
     #[arg(long, env = "DESKVIRT_LABEL_SELECTOR", default_value = "")]
@@ -76,6 +87,10 @@ fn parse_flag_duration(s: &str) -> Result<Duration, String> {
         return Err("must be longer than zero".into());
     }
     Ok(d)
+}
+
+fn parse_duration_or_zero(s: &str) -> Result<Duration, String> {
+    parse_duration(s).map_err(|e| e.to_string())
 }
 
 impl Config {
@@ -104,6 +119,10 @@ mod tests {
         assert_eq!(c.leader_lease_duration, Duration::from_secs(15));
         assert_eq!(c.metrics_addr.port(), 8080);
         assert_eq!(c.mirror_sweep_interval, Duration::from_secs(600));
+        assert_eq!(c.pool_status_interval, Duration::from_secs(2));
+        let c = Config::try_parse_from(["x", "--pool-status-interval", "0s"])
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(c.pool_status_interval, Duration::ZERO);
         assert!(Config::try_parse_from(["x", "--host-timeout", "0s"]).is_err());
         let c = Config::try_parse_from(["x", "--lease-duration", "1m"])
             .unwrap_or_else(|e| panic!("{e}"));

@@ -19,6 +19,7 @@ use tokio::sync::watch;
 use crate::allocators::{
     DesktopBinding, Ledger, LedgerConfig, LedgerError, Seniority, SubnetBinding,
 };
+use crate::coalesce::Coalescer;
 use crate::console::mirror;
 use crate::heartbeat::Heartbeat;
 use crate::metrics::Metrics;
@@ -242,6 +243,10 @@ pub fn holds_binding(d: &Desktop) -> bool {
             .any(|f| f == deskvirt_crds::constants::FINALIZER_OPERATOR)
 }
 
+/// Shortest time between two writes of one pool's status unless configured
+/// (`--pool-status-interval`).
+pub const POOL_STATUS_INTERVAL: Duration = Duration::from_secs(2);
+
 /// The operator's two namespaces.
 #[derive(Clone, Debug)]
 pub struct Namespaces {
@@ -265,9 +270,15 @@ pub struct Context {
     pub leader: watch::Receiver<bool>,
     pub stores: Stores,
     pub ledgers: tokio::sync::Mutex<Ledgers>,
+    /// When each pool's status may be written next.
+    pub pool_status: Coalescer,
     failures: Mutex<HashMap<String, u32>>,
     /// What each desktop's user console Secret was last applied from, and when.
     user_secrets: Mutex<HashMap<String, (u64, std::time::Instant)>>,
+    /// When this replica wrote each desktop's binding, until a pass sees it bound.
+    bindings: Mutex<HashMap<String, std::time::Instant>>,
+    /// What this replica last wrote of each desktop's status (a fingerprint), and when.
+    statuses: Mutex<HashMap<String, (u64, std::time::Instant)>>,
 }
 
 impl Context {
@@ -293,8 +304,11 @@ impl Context {
             leader,
             stores,
             ledgers: tokio::sync::Mutex::new(Ledgers::default()),
+            pool_status: Coalescer::new(POOL_STATUS_INTERVAL),
             failures: Mutex::new(HashMap::new()),
             user_secrets: Mutex::new(HashMap::new()),
+            bindings: Mutex::new(HashMap::new()),
+            statuses: Mutex::new(HashMap::new()),
         }
     }
 
@@ -349,6 +363,67 @@ impl Context {
     /// Forgets the user Secret record of `uid` (a failed apply, or a deleted desktop).
     pub fn forget_user_secret(&self, uid: &str) {
         self.user_secrets
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(uid);
+    }
+
+    /// Records that the binding of `uid` was written just now.
+    pub fn binding_written(&self, uid: &str) {
+        self.bindings
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(uid.to_string(), std::time::Instant::now());
+    }
+
+    /// How much longer a pass that finds `uid` unbound should wait for the watch to bring its
+    /// binding, written less than `settle` ago by this replica; `None` when none was. A pass
+    /// right after the write often runs on the copy from before it, and writing again would
+    /// only be refused.
+    pub fn binding_in_flight(&self, uid: &str, settle: Duration) -> Option<Duration> {
+        let mut written = self.bindings.lock().unwrap_or_else(|p| p.into_inner());
+        let since = written.get(uid)?.elapsed();
+        if since < settle {
+            return Some(settle - since);
+        }
+        written.remove(uid);
+        None
+    }
+
+    /// Forgets the binding record of `uid` (seen bound, or deleted).
+    pub fn forget_binding(&self, uid: &str) {
+        self.bindings
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(uid);
+    }
+
+    /// Records that the status of `uid` was written with content `fingerprint` just now.
+    pub fn status_written(&self, uid: &str, fingerprint: u64) {
+        self.statuses
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(uid.to_string(), (fingerprint, std::time::Instant::now()));
+    }
+
+    /// How much longer a pass that would write status `fingerprint` of `uid` should wait: this
+    /// replica wrote exactly that less than `settle` ago, so the copy the pass decided on is
+    /// older than that write, and its watch event brings the pass that sees it. `None`: write.
+    pub fn status_in_flight(
+        &self,
+        uid: &str,
+        fingerprint: u64,
+        settle: Duration,
+    ) -> Option<Duration> {
+        let written = self.statuses.lock().unwrap_or_else(|p| p.into_inner());
+        let (f, at) = written.get(uid)?;
+        let since = at.elapsed();
+        (*f == fingerprint && since < settle).then(|| settle - since)
+    }
+
+    /// Forgets the status record of `uid` (deleted).
+    pub fn forget_status(&self, uid: &str) {
+        self.statuses
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(uid);

@@ -3,6 +3,7 @@
 #![forbid(unsafe_code)]
 
 pub mod allocators;
+pub mod coalesce;
 pub mod config;
 pub mod console;
 pub mod context;

@@ -10,6 +10,7 @@ use deskvirt_runtime::health::Health;
 use kube::{Api, Client};
 use tokio::sync::watch;
 
+use crate::coalesce::Coalescer;
 use crate::config::Config;
 use crate::context::{Context, Namespaces, Stores};
 use crate::controllers::{desktop, domain_node, resource_pool};
@@ -61,7 +62,7 @@ pub async fn run(
         drained.clone(),
     );
     let (leader_tx, leader_rx) = watch::channel(false);
-    let ctx = Arc::new(Context::new(
+    let mut ctx = Context::new(
         client.clone(),
         &identity,
         metrics,
@@ -72,7 +73,9 @@ pub async fn run(
         config.host_timeout,
         leader_rx,
         stores,
-    ));
+    );
+    ctx.pool_status = Coalescer::new(config.pool_status_interval);
+    let ctx = Arc::new(ctx);
     health.set_ready(true);
     tracing::info!(%identity, namespace = %config.namespace, "operator started");
     let elector = Elector {

@@ -1,11 +1,11 @@
 //! The console password hand-off against the real API server: rotation on the Desktop's
 //! annotation replaces the password in the mirror and in the user's Secret (and nowhere keeps
-//! the old one), a deleted user Secret comes back, and a new leader sweeps mirrors whose
+//! the old one), a deleted user Secret comes back when the Desktop is touched, and a new leader sweeps mirrors whose
 //! Desktop is gone while leaving those of live Desktops it does not manage.
 
 mod common;
 
-use common::{Run, Setup, agent_reports, node_of, secret_value, wait_for, wait_gone};
+use common::{Run, Setup, node_of, secret_value, wait_for, wait_gone};
 use deskvirt_crds::Desktop;
 use deskvirt_crds::constants::{
     ANNOTATION_DESKTOP, ANNOTATION_ROTATE_PASSWORD, LABEL_DESKTOP_UID, LABEL_MANAGED_BY,
@@ -86,12 +86,17 @@ async fn rotation_replaces_the_password_in_mirror_and_user_secret() {
     let note = ev.note.unwrap_or_default();
     assert!(!note.contains(&new) && !note.contains(&old));
 
-    // A deleted user Secret comes back with the current password on the next pass.
+    // A deleted user Secret comes back with the current password once the Desktop is touched
+    // (its spec, labels or annotations: not its status, which changes all the time).
     secrets
         .delete("r1-console", &DeleteParams::default())
         .await
         .unwrap_or_else(|e| panic!("{e}"));
-    agent_reports(&desks, "r1", true, true).await;
+    let touch = json!({ "metadata": { "annotations": { "example.com/touched": "1" } } });
+    desks
+        .patch("r1", &PatchParams::default(), &Patch::Merge(&touch))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
     wait_for(
         &secrets,
         "r1-console",

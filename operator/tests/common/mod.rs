@@ -94,6 +94,12 @@ impl Run {
     /// Starts an operator replica in-process, restricted to this run, with a short leader
     /// Lease (3 s unless `extra` names one); `extra` flags come last.
     pub fn operator(&self, identity: &str, extra: &[&str]) -> Operator {
+        self.operator_with(self.client.clone(), identity, extra)
+    }
+
+    /// As [`Run::operator`], talking to the API server through `client` (one that counts its
+    /// requests, say).
+    pub fn operator_with(&self, client: Client, identity: &str, extra: &[&str]) -> Operator {
         let selector = self.selector();
         let mut args = vec![
             "deskvirt-operator",
@@ -115,7 +121,7 @@ impl Run {
         let (stop, stop_rx) = watch::channel(false);
         let task = self.spawn(operator::run(
             config,
-            self.client.clone(),
+            client,
             Health::new(),
             metrics.clone(),
             stop_rx,

@@ -14,34 +14,37 @@ use kube::runtime::events::EventType;
 use super::bind::bind;
 use super::console::{apply_user_secret, ensure_mirror};
 use super::idle::{self, Settled};
-use super::status::{Owned, ensure_meta, write_bound};
+use super::status::{Owned, bound_message, ensure_meta, write_bound};
 use super::{Error, Pass};
 use crate::allocators::Claim;
 use crate::context::Context;
 use crate::idle::holds_resources;
 use crate::phase::{self, Facts};
 
-/// One pass over a Desktop that is not being deleted.
+/// One pass over a Desktop that is not being deleted. An unbound desktop gets the operator's
+/// labels and finalizer with its binding, in one write (or, when it cannot be placed, with its
+/// Pending status).
 pub(super) async fn apply(mut pass: Pass<'_>) -> Result<Action, Error> {
-    let node = pass.d.status.as_ref().and_then(|s| s.node.clone());
-    // Continue from the API's answer when metadata was written: its version is the fresh one
-    // a binding must be written onto.
-    if let Some(fresh) = ensure_meta(&pass.d, &pass.api, node.as_deref()).await? {
+    let Some(node) = pass.d.status.as_ref().and_then(|s| s.node.clone()) else {
+        return bind(&pass).await;
+    };
+    if let Some(fresh) = ensure_meta(&pass.d, &pass.api, Some(&node)).await? {
         pass.d = Arc::new(fresh);
     }
-    match pass.d.status.as_ref().and_then(|s| s.node.clone()) {
-        None => bind(&pass).await,
-        Some(node) => bound(&pass, &node).await,
-    }
+    bound(&pass, &node).await
 }
 
 /// Longest wait between two passes over a bound desktop.
 const RECHECK: Duration = Duration::from_secs(300);
 
+/// How long after writing a status a copy without it is taken for an older one.
+const STATUS_SETTLE: Duration = Duration::from_secs(5);
+
 /// A bound desktop: ledger, idle reclamation, console hand-off, phase.
 async fn bound(pass: &Pass<'_>, node: &str) -> Result<Action, Error> {
     let (d, ctx, api) = (&pass.d, pass.ctx, &pass.api);
     let (uid, now) = (pass.uid.as_str(), pass.now);
+    ctx.forget_binding(uid);
     let status = d.status.clone().unwrap_or_default();
     let current = Owned::from_status(&status);
     let gen_ = d.metadata.generation;
@@ -80,25 +83,54 @@ async fn bound(pass: &Pass<'_>, node: &str) -> Result<Action, Error> {
     } else {
         Status::from_bool(derived.ready)
     };
+    let scheduled = bound_message(node, want.port, want.mac.as_deref());
     want.judge(
         &status.conditions,
         now,
-        (Status::True, "Bound", format!("bound to host {node}")),
+        (Status::True, "Bound", scheduled),
         (ready, derived.reason, derived.message.clone()),
     );
-    let written = write_bound(d, api, &current, &want).await;
-    let requeue = plan.requeue.map_or(RECHECK, |r| r.min(RECHECK));
+    // The same as this replica wrote a moment ago: the copy is older than that write (not for
+    // idle reclamation, whose writes are guarded by the version they were decided on anyway).
+    let in_flight = if current.same_as(&want) || want.idle_involved(&current) {
+        None
+    } else {
+        ctx.status_in_flight(uid, want.fingerprint(), STATUS_SETTLE)
+    };
+    let written = match in_flight {
+        Some(_) => Ok(false),
+        None => write_bound(d, api, &current, &want).await,
+    };
+    let wrote = matches!(written, Ok(true));
+    if wrote {
+        ctx.status_written(uid, want.fingerprint());
+    }
+    let requeue = [plan.requeue, in_flight]
+        .into_iter()
+        .flatten()
+        .fold(RECHECK, Duration::min);
     idle::after_write(pass, plan, written).await?;
-    if current.phase != want.phase {
-        let t = if matches!(want.phase, Phase::Unknown | Phase::Failed) {
-            EventType::Warning
-        } else {
-            EventType::Normal
-        };
+    if wrote && let Some(t) = phase_event(current.phase, want.phase) {
         ctx.event(d.as_ref(), t, want.phase.as_str(), "Phase", derived.message)
             .await;
     }
     Ok(Action::requeue(requeue))
+}
+
+/// The Event a phase change deserves: into trouble (`Unknown`, `Failed`: a Warning) or out of
+/// it. Routine progress (Scheduled, Starting, Running, and power and idle changes) has its
+/// `Scheduled` Event, the agent's Events and the idle policy's, and shows in the conditions.
+fn phase_event(from: Phase, to: Phase) -> Option<EventType> {
+    let trouble = |p| matches!(p, Phase::Unknown | Phase::Failed);
+    if from == to {
+        None
+    } else if trouble(to) {
+        Some(EventType::Warning)
+    } else if trouble(from) {
+        Some(EventType::Normal)
+    } else {
+        None
+    }
 }
 
 /// The console password: the mirror is canonical, the user's Secret is written from it; returns
@@ -191,5 +223,22 @@ async fn keep_ledger(d: &Desktop, ctx: &Context, uid: &str, node: &str, want: &m
     } else if !ledger.holds(uid, node, port, mac) {
         // Newer than the cache (a rebind just written), or older: the cache settles it.
         tracing::debug!(host = node, port, mac, "ledger and recorded binding differ");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn events_for_trouble_and_recovery_only() {
+        use Phase::*;
+        assert_eq!(phase_event(Scheduled, Running), None);
+        assert_eq!(phase_event(Starting, Running), None);
+        assert_eq!(phase_event(Running, Stopped), None);
+        assert_eq!(phase_event(Running, Unknown), Some(EventType::Warning));
+        assert_eq!(phase_event(Starting, Failed), Some(EventType::Warning));
+        assert_eq!(phase_event(Unknown, Running), Some(EventType::Normal));
+        assert_eq!(phase_event(Failed, Failed), None);
     }
 }

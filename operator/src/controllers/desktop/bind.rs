@@ -1,6 +1,7 @@
 //! Binding an unbound desktop: place it with the pure scheduler, reserve its port and MAC in the
-//! pool's ledger, publish its console password mirror, then write the binding once, onto the
-//! version of the Desktop it was decided on. Or record why it cannot be placed.
+//! pool's ledger, publish its console password mirror, then write the binding once (metadata,
+//! then status), onto the version of the Desktop it was decided on. Or record why it cannot be
+//! placed.
 
 use std::time::Duration;
 
@@ -14,12 +15,15 @@ use kube::runtime::events::EventType;
 use kube::runtime::reflector::ObjectRef;
 
 use super::console::ensure_mirror;
-use super::status::{Owned, write, write_binding};
+use super::status::{BindFailure, Owned, bound_message, ensure_meta, write, write_binding};
 use super::{Error, Pass};
 use crate::allocators::{Bound, Claim};
 use crate::console::user::secret_name;
 use crate::scheduler::{PoolIndex, Request, schedule};
 use crate::world::host_views;
+
+/// How long after writing a binding a copy without it is taken for an older one.
+const BINDING_SETTLE: Duration = Duration::from_secs(5);
 
 /// What the ledger said, decided under its lock; acted on after the lock is released.
 enum Placement {
@@ -62,6 +66,8 @@ pub(super) async fn bind(pass: &Pass<'_>) -> Result<Action, Error> {
             retry,
             event,
         } => {
+            // The labels and finalizer a bound desktop gets with its binding.
+            ensure_meta(d, api, None).await?;
             let mut want = current.clone();
             want.phase = Phase::Pending;
             want.generation = gen_;
@@ -88,10 +94,7 @@ pub(super) async fn bind(pass: &Pass<'_>) -> Result<Action, Error> {
     want.secret = Some(secret_name(&d.name_any()));
     want.phase = Phase::Scheduled;
     want.generation = gen_;
-    let msg = format!(
-        "bound to host {host}, SPICE port {}, MAC {}",
-        bound.port, bound.mac
-    );
+    let msg = bound_message(&host, want.port, want.mac.as_deref());
     want.judge(
         &prev,
         now,
@@ -104,22 +107,28 @@ pub(super) async fn bind(pass: &Pass<'_>) -> Result<Action, Error> {
     );
 
     // The password first, so the host finds it as soon as it sees the binding.
-    let written = async {
-        ensure_mirror(d, ctx, uid, &host).await?;
-        write_binding(d, api, &host, &want).await
-    }
-    .await;
-    if let Err(e) = written {
-        // A conflict may mean the binding landed after all (or someone else's did): keep the
-        // reservation; the next pass reuses it or corrects the ledger from the recorded one.
-        if fresh && !e.is_conflict() {
+    let written = match ensure_mirror(d, ctx, uid, &host).await {
+        Ok(_) => write_binding(d, api, &host, &want).await,
+        Err(error) => Err(BindFailure {
+            error,
+            labelled: false,
+        }),
+    };
+    if let Err(BindFailure { error, labelled }) = written {
+        // Nothing landed (the finalizer neither, so no later pass would release it), or the
+        // desktop is gone: the reservation goes back. Once labelled, a conflict may mean the
+        // binding landed after all (or someone else's did): keep the reservation; the next
+        // pass reuses it or corrects the ledger from the recorded one.
+        if error.is_gone() || (fresh && (!labelled || !error.is_conflict())) {
             let mut ledgers = ctx.ledgers.lock().await;
             if let Some(l) = ledgers.get_mut(&d.spec.pool) {
                 l.release(uid);
             }
         }
-        return Err(e);
+        return Err(error);
     }
+    ctx.binding_written(uid);
+    ctx.status_written(uid, want.fingerprint());
     ctx.metrics.bindings.inc();
     tracing::info!(host = %host, port = bound.port, "desktop bound");
     ctx.event(d.as_ref(), EventType::Normal, "Scheduled", "Bind", msg)
@@ -173,6 +182,13 @@ async fn place(pass: &Pass<'_>, prev: &[Condition]) -> Placement {
         .as_ref()
         .and_then(|l| l.port_of(uid))
         .map(|(h, _)| h.to_string());
+    // Bound a moment ago by this replica: this copy is older than the binding; its watch event
+    // brings the pass that sees it (the requeue is for a binding undone meanwhile).
+    if reserved.is_some()
+        && let Some(wait) = ctx.binding_in_flight(uid, BINDING_SETTLE)
+    {
+        return Placement::Later(wait);
+    }
     let host = match reserved.clone() {
         Some(h) => h,
         None => {

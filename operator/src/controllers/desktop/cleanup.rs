@@ -84,6 +84,8 @@ pub(super) async fn cleanup(pass: &Pass<'_>) -> Result<Action, Error> {
     }
     delete_mirror(ctx, uid).await?;
     ctx.forget_user_secret(uid);
+    ctx.forget_binding(uid);
+    ctx.forget_status(uid);
     remove_finalizer(d, api, FINALIZER_OPERATOR)
         .await
         .map_err(kube("remove the operator finalizer"))?;

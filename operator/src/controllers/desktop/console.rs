@@ -112,9 +112,12 @@ pub(super) async fn ensure_mirror(
 const USER_SECRET_REFRESH: Duration = Duration::from_secs(600);
 
 /// Applies the user's console Secret from the mirror's password; returns its name. Applied when
-/// the Desktop, the password, host or port changed since the last apply, and at least every
-/// [`USER_SECRET_REFRESH`]; not on every pass, because a change of the desktop's pool or host
-/// re-queues every desktop on it.
+/// what it is made from (password, host, port; the rest is fixed for a desktop's UID) or the
+/// Desktop's spec, labels or annotations changed since the last apply (touching the Desktop
+/// brings a deleted Secret back), and at least every [`USER_SECRET_REFRESH`]. Not on every
+/// pass, nor on every change of the Desktop: a change of the desktop's pool or host re-queues
+/// every desktop on it, and its status and finalizers change several times on the way to
+/// Running and with every activity report.
 pub(super) async fn apply_user_secret(
     d: &Desktop,
     ctx: &Context,
@@ -143,12 +146,11 @@ pub(super) async fn apply_user_secret(
         port,
     };
     let secret_name = user::secret_name(&name);
+    let m = &d.metadata;
     let fingerprint = fnv1a64(
         format!(
-            "{}|{:?}|{:?}|{password}",
-            d.resource_version().unwrap_or_default(),
-            host,
-            port
+            "{:?}|{:?}|{:?}|{host:?}|{port:?}|{password}",
+            m.generation, m.labels, m.annotations
         )
         .as_bytes(),
     );

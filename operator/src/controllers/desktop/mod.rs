@@ -52,6 +52,11 @@ impl Error {
     fn is_conflict(&self) -> bool {
         matches!(self, Error::Kube { source, .. } if is_conflict(source))
     }
+
+    /// Whether the object written is gone.
+    fn is_gone(&self) -> bool {
+        matches!(self, Error::Kube { source: kube::Error::Api(s), .. } if s.code == 404)
+    }
 }
 
 impl Categorized for Error {

@@ -13,6 +13,7 @@ use kube::{Api, ResourceExt};
 use serde_json::json;
 
 use super::{Error, kube};
+use crate::allocators::fnv::fnv1a64;
 use crate::controllers::{apply_meta, apply_status};
 
 /// The operator's metadata: the pool label, the node label once bound, its finalizer. With
@@ -120,6 +121,36 @@ impl Owned {
             || self.wake.is_some()
             || o.wake.is_some()
             || self.port != o.port
+    }
+
+    /// What [`Owned::same_as`] compares, hashed: equal for two values that are the same.
+    pub(super) fn fingerprint(&self) -> u64 {
+        let mut conditions: Vec<_> = self
+            .conditions
+            .iter()
+            .map(|c| {
+                (
+                    &c.type_,
+                    &c.status,
+                    &c.reason,
+                    &c.message,
+                    c.observed_generation,
+                )
+            })
+            .collect();
+        conditions.sort();
+        let text = format!(
+            "{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{conditions:?}",
+            self.phase,
+            self.node,
+            self.port,
+            self.mac,
+            self.secret,
+            self.generation,
+            self.reclaimed,
+            self.wake
+        );
+        fnv1a64(text.as_bytes())
     }
 
     pub(super) fn same_as(&self, o: &Owned) -> bool {
@@ -253,31 +284,67 @@ async fn put(
     apply_status(api, &d.name_any(), &want.body(d, resource_version))
         .await
         .map_err(kube(action))?;
+    tracing::debug!(
+        phase = want.phase.as_str(),
+        action,
+        "desktop status written"
+    );
     Ok(())
+}
+
+/// A binding write that failed, and whether its metadata (finalizer, labels) landed first.
+#[derive(Debug)]
+pub(super) struct BindFailure {
+    pub error: Error,
+    pub labelled: bool,
 }
 
 /// Writes a binding, only onto the version of `d` it was decided on: a binding is written once,
 /// so a Desktop that changed meanwhile (bound by an earlier leader whose write landed late, or
 /// read from a stale cache) is refused with a conflict and looked at again.
 ///
-/// The node label goes first and the status last: on Kubernetes 1.20 managedFields has no
+/// Two writes: the operator's metadata (its finalizer, the pool label and the node label the
+/// host's agent watches for) in one apply, then the status (binding, `Scheduled`, phase). The
+/// metadata goes first and the status last: on Kubernetes 1.20 managedFields has no
 /// subresource, so the manager's last apply owns its entry, and that must be the binding.
 pub(super) async fn write_binding(
     d: &Desktop,
     api: &Api<Desktop>,
     node: &str,
     want: &Owned,
-) -> Result<(), Error> {
+) -> Result<(), BindFailure> {
+    let unlabelled = |error| BindFailure {
+        error,
+        labelled: false,
+    };
     let rv = d
         .resource_version()
-        .ok_or(Error::MissingField("resourceVersion"))?;
+        .ok_or(Error::MissingField("resourceVersion"))
+        .map_err(unlabelled)?;
     let labelled = apply_meta(api, &d.name_any(), &meta_body(d, Some(node), Some(rv)))
         .await
-        .map_err(kube("label the bound desktop"))?;
-    let rv = labelled
-        .resource_version()
-        .ok_or(Error::MissingField("resourceVersion"))?;
-    put(d, api, want, Some(rv), "bind desktop").await
+        .map_err(kube("label the bound desktop"))
+        .map_err(unlabelled)?;
+    let written = match labelled.resource_version() {
+        Some(rv) => put(d, api, want, Some(rv), "bind desktop").await,
+        None => Err(Error::MissingField("resourceVersion")),
+    };
+    written.map_err(|error| BindFailure {
+        error,
+        labelled: true,
+    })
+}
+
+/// What `Scheduled` says of a bound desktop: its host, and its port and MAC when it has them.
+pub(super) fn bound_message(node: &str, port: Option<u16>, mac: Option<&str>) -> String {
+    let mut out = format!("bound to host {node}");
+    if let Some(p) = port {
+        out.push_str(&format!(", SPICE port {p}"));
+    }
+    if let Some(m) = mac {
+        out.push_str(&format!(", MAC {m}"));
+    }
+    out
 }
 
 #[cfg(test)]
@@ -305,6 +372,38 @@ mod tests {
         let st: DesktopStatus = serde_json::from_value(body["status"].clone())
             .unwrap_or_else(|e| panic!("{e}: {body}"));
         Owned::from_status(&st)
+    }
+
+    #[test]
+    fn fingerprints_follow_same_as_and_ignore_transition_times() {
+        let mut a = Owned::from_status(&DesktopStatus::default());
+        a.node = Some("h".into());
+        a.port = Some(5900);
+        let ready = |s, t| condition(&[], READY, s, "Running", "runs", Some(1), at(t));
+        let scheduled = condition(&[], SCHEDULED, Status::True, "Bound", "b", Some(1), at(5));
+        a.conditions = vec![scheduled.clone(), ready(Status::True, 10)];
+        let mut b = a.clone();
+        b.conditions = vec![ready(Status::True, 20), scheduled];
+        assert!(a.same_as(&b));
+        assert_eq!(a.fingerprint(), b.fingerprint());
+        let mut c = a.clone();
+        c.conditions = vec![ready(Status::False, 10)];
+        assert_ne!(a.fingerprint(), c.fingerprint());
+        let mut d = a.clone();
+        d.phase = Phase::Running;
+        assert_ne!(a.fingerprint(), d.fingerprint());
+        let mut e = a.clone();
+        e.port = None;
+        assert_ne!(a.fingerprint(), e.fingerprint());
+    }
+
+    #[test]
+    fn bound_message_names_what_is_known() {
+        assert_eq!(
+            bound_message("h", Some(5901), Some("52:54:00:00:00:01")),
+            "bound to host h, SPICE port 5901, MAC 52:54:00:00:00:01"
+        );
+        assert_eq!(bound_message("h", None, None), "bound to host h");
     }
 
     #[test]
