@@ -405,9 +405,19 @@ async fn observe_activity<H: Hypervisor>(
         block_bytes: counters.block_bytes,
         net_bytes: counters.net_bytes,
     };
-    let guest = ctx
-        .swap_sample(uid, sample)
-        .and_then(|prev| activity::guest_active(&prev, &sample));
+    let prev = ctx.swap_sample(uid, sample);
+    let guest = prev.and_then(|prev| activity::guest_active(&prev, &sample));
+    if let Some(p) = prev {
+        tracing::debug!(
+            domain,
+            window = ?sample.at.saturating_duration_since(p.at),
+            cpu_ns = sample.cpu_time_ns.saturating_sub(p.cpu_time_ns),
+            block_bytes = sample.block_bytes.saturating_sub(p.block_bytes),
+            net_bytes = sample.net_bytes.saturating_sub(p.net_bytes),
+            active = ?guest,
+            "activity sample"
+        );
+    }
     let connected_is_active = d
         .spec
         .idle
