@@ -18,7 +18,7 @@ use deskvirt_crds::ResourcePool;
 use deskvirt_crds::desktop::Desktop;
 use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::jiff::Timestamp;
-use kube::runtime::controller::Action;
+use kube::runtime::controller::{self, Action};
 use kube::runtime::reflector::ObjectRef;
 use kube::runtime::{Controller, watcher};
 use kube::{Api, ResourceExt};
@@ -92,6 +92,11 @@ struct Pass<'a> {
     now: Timestamp,
 }
 
+/// Desktops reconciled at once. Unbounded, every reconcile in flight held its own apiserver
+/// connection (hundreds during a burst of 1,000, about 10 KiB of buffers each); binding is
+/// serialized by the ledger anyway.
+const CONCURRENCY: u16 = 16;
+
 /// Runs the controller until `stop`.
 pub async fn run(ctx: Arc<Context>, selector: String, stop: watch::Receiver<bool>) {
     let client = ctx.client.clone();
@@ -137,6 +142,7 @@ pub async fn run(ctx: Arc<Context>, selector: String, stop: watch::Receiver<bool
         })
         .reconcile_all_on(on_leadership(ctx.leader.clone()))
         .graceful_shutdown_on(stopped(stop.clone()))
+        .with_config(controller::Config::default().concurrency(CONCURRENCY))
         .run(
             reconcile,
             |d, e, c| super::error_policy(NAME, &d, e, &c),
