@@ -215,19 +215,7 @@ impl Env {
             .await
         {
             eprintln!("[bench] teardown: {e:#}; removing finalizers");
-            let api = self.desktops();
-            if let Ok(list) = api.list(&ListParams::default()).await {
-                for d in list.items {
-                    let patch = json!({ "metadata": { "finalizers": null } });
-                    let _ = api
-                        .patch(
-                            &d.name_any(),
-                            &PatchParams::default(),
-                            &Patch::Merge(&patch),
-                        )
-                        .await;
-                }
-            }
+            clear_finalizers(&self.desktops(), false).await;
         }
         for p in [self.agent.take(), self.operator.take()]
             .into_iter()
@@ -301,4 +289,25 @@ pub fn small_desktop(env: &Env, name: &str, group: &str) -> anyhow::Result<Deskt
             "display": { "usb": { "redirect": false } }
         }
     }))?)
+}
+
+/// Last resort of a teardown: every Desktop of `api` loses its finalizers (deleted first when
+/// `delete`), so a namespace can go even when the processes that own them are gone.
+pub async fn clear_finalizers(api: &Api<Desktop>, delete: bool) {
+    let Ok(list) = api.list(&ListParams::default()).await else {
+        return;
+    };
+    for d in list.items {
+        if delete {
+            let _ = api.delete(&d.name_any(), &DeleteParams::default()).await;
+        }
+        let patch = json!({ "metadata": { "finalizers": null } });
+        let _ = api
+            .patch(
+                &d.name_any(),
+                &PatchParams::default(),
+                &Patch::Merge(&patch),
+            )
+            .await;
+    }
 }

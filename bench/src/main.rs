@@ -1,14 +1,18 @@
 //! `deskvirt-bench`: issue 7's benchmarks in one run — time to desktop against plain libvirt,
 //! bursts with their API cost, the footprint of both binaries, and placement latency — printed
-//! as markdown and written to `results/<timestamp>/` with a latency CDF.
+//! as markdown and written to `results/<timestamp>/` with a latency CDF. `--scale` and
+//! `--footprint-desktops` instead run real agents on libvirt's test driver (simulated hosts).
 #![forbid(unsafe_code)]
 
 mod apimetrics;
 mod burst;
 mod env;
+mod fleet;
 mod footprint;
 mod plot;
 mod report;
+mod scale;
+mod scale_report;
 mod sched;
 mod stats;
 mod ttd;
@@ -26,6 +30,11 @@ use crate::env::Env;
 use crate::report::Report;
 
 /// Benchmarks deskvirt on this machine (real kube-apiserver, libvirt and QEMU).
+///
+/// With --scale or --footprint-desktops it runs simulated hosts instead: real
+/// deskvirt-node-agent processes on libvirt's test:///default driver (no QEMU), one real
+/// operator, metrics ports 19000-19200, everything removed at the end. Example:
+/// `deskvirt-bench --scale --scale-hosts 100 --scale-desktops 1000 --footprint-desktops 200`.
 #[derive(Parser, Debug)]
 struct Args {
     /// Desktops per side in the time-to-desktop comparison.
@@ -67,6 +76,39 @@ struct Args {
     /// Log level of the operator and the agent.
     #[arg(long, default_value = "warn")]
     log: String,
+    /// Scale run on simulated hosts: a tenth of the hosts with a tenth of the desktops, all
+    /// hosts with a tenth, then all hosts with all desktops; time to all Running, RSS, CPU and
+    /// mutating API calls at each step, and `scale.png`. Skips the QEMU sections.
+    #[arg(long)]
+    scale: bool,
+    /// Simulated hosts (agents) of the largest scale step.
+    #[arg(long, default_value_t = 100)]
+    scale_hosts: usize,
+    /// Desktops of the largest scale step.
+    #[arg(long, default_value_t = 1000)]
+    scale_desktops: usize,
+    /// Memory of each scale desktop (1 vCPU each).
+    #[arg(long, default_value = "256Mi")]
+    scale_memory: String,
+    /// Footprint: this many desktops on ONE simulated host; operator and agent RSS, and their
+    /// CPU over a quiet window. Skips the QEMU sections.
+    #[arg(long)]
+    footprint_desktops: Option<usize>,
+    /// Memory of each footprint desktop (the test driver's host has 3 GiB; the pool
+    /// overcommits memory 4×).
+    #[arg(long, default_value = "48Mi")]
+    footprint_memory: String,
+    /// Quiet window for the footprint's idle CPU, in seconds.
+    #[arg(long, default_value_t = 30)]
+    footprint_idle_secs: u64,
+    /// Extra environment for the simulated fleet's operator and agents, `KEY=VALUE`
+    /// (repeatable), for experiments such as `MALLOC_ARENA_MAX=2` or `TOKIO_WORKER_THREADS=1`.
+    #[arg(long, value_parser = parse_env)]
+    fleet_env: Vec<(String, String)>,
+    /// Use the operator and agent binaries in this directory for the simulated fleet instead
+    /// of building them (for example a build with another Cargo profile).
+    #[arg(long)]
+    bin_dir: Option<PathBuf>,
     /// Where `<timestamp>/report.md` and `ttd-cdf.png` go.
     #[arg(long)]
     results: Option<PathBuf>,
@@ -75,6 +117,7 @@ struct Args {
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    let fleet_mode = args.scale || args.footprint_desktops.is_some();
     let mut report = Report {
         machine: machine(),
         command: format!(
@@ -83,15 +126,24 @@ async fn main() -> anyhow::Result<()> {
         ),
         ..Report::default()
     };
-    eprintln!(
-        "[bench] placement: {} hosts, {} desktops",
-        args.hosts, args.bound
-    );
-    let r = sched::run(args.hosts, args.bound, args.iterations)?;
-    eprintln!("[bench] {}", sched::describe(&r));
-    report.sched = Some(r);
+    if fleet_mode {
+        if let Err(e) = fleet_run(&args, &mut report).await {
+            report
+                .notes
+                .push(format!("simulated-host run failed: {e:#}"));
+            eprintln!("[bench] simulated-host run failed: {e:#}");
+        }
+    } else {
+        eprintln!(
+            "[bench] placement: {} hosts, {} desktops",
+            args.hosts, args.bound
+        );
+        let r = sched::run(args.hosts, args.bound, args.iterations)?;
+        eprintln!("[bench] {}", sched::describe(&r));
+        report.sched = Some(r);
+    }
 
-    if !args.scheduler_only {
+    if !args.scheduler_only && !fleet_mode {
         let outcome = tokio::select! {
             r = live(&args, &mut report) => r,
             _ = tokio::signal::ctrl_c() => Err(anyhow::anyhow!("interrupted")),
@@ -122,7 +174,106 @@ async fn main() -> anyhow::Result<()> {
             Err(e) => eprintln!("[bench] no plot: {e:#}"),
         }
     }
+    if !report.scale.is_empty() || report.fleet_footprint.is_some() {
+        let png = dir.join("scale.png");
+        let steps: Vec<&scale::Step> = report
+            .scale
+            .iter()
+            .chain(report.fleet_footprint.as_ref())
+            .collect();
+        match plot::scale(&png, &steps) {
+            Ok(()) => eprintln!("[bench] wrote {}", png.display()),
+            Err(e) => eprintln!("[bench] no plot: {e:#}"),
+        }
+    }
     eprintln!("[bench] wrote {}", dir.join("report.md").display());
+    Ok(())
+}
+
+/// `KEY=VALUE`.
+fn parse_env(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
+        _ => Err(format!("{s:?} is not KEY=VALUE")),
+    }
+}
+
+/// The simulated-host sections: footprint first (one host), then the scale steps; the fleet
+/// is torn down whatever happens, Ctrl-C included.
+async fn fleet_run(args: &Args, report: &mut Report) -> anyhow::Result<()> {
+    let client = client().await?;
+    ensure_crds(&client).await?;
+    let bins = if args.debug_binaries {
+        "debug"
+    } else {
+        "release"
+    };
+    let bin_dir = match &args.bin_dir {
+        Some(d) => {
+            report.notes.push(format!(
+                "binaries from {} (not built by the bench)",
+                d.display()
+            ));
+            d.clone()
+        }
+        None => {
+            eprintln!("[bench] building the operator and the node-agent ({bins})");
+            env::build_binaries(!args.debug_binaries)?
+        }
+    };
+    let mut fleet =
+        fleet::Fleet::create(client, &bin_dir, &args.log, args.fleet_env.clone()).await?;
+    eprintln!(
+        "[bench] fleet run {} (pool {}, work dir {})",
+        fleet.run,
+        fleet.pool,
+        fleet.work.display()
+    );
+    report.notes.push(format!(
+        "simulated hosts: real deskvirt-node-agent processes ({bins}) on `{}` with `--hypervisor qemu`, \
+         one operator ({bins}), admin kubeconfig, pool network isolated {} with a /24 per host, SPICE \
+         ports {}–{} per host (never bound: no QEMU), disks are qcow2 overlays of a 64 MiB base in a temp dir",
+        fleet::TEST_URI,
+        fleet::CIDR,
+        fleet::SPICE_FIRST,
+        fleet::SPICE_LAST
+    ));
+    if !args.fleet_env.is_empty() {
+        report
+            .notes
+            .push(format!("fleet environment: {:?}", args.fleet_env));
+    }
+    let outcome = tokio::select! {
+        r = fleet_measure(args, &mut fleet, report) => r,
+        _ = tokio::signal::ctrl_c() => Err(anyhow::anyhow!("interrupted")),
+    };
+    eprintln!("[bench] tearing down fleet run {}", fleet.run);
+    fleet.teardown().await;
+    outcome
+}
+
+async fn fleet_measure(
+    args: &Args,
+    fleet: &mut fleet::Fleet,
+    report: &mut Report,
+) -> anyhow::Result<()> {
+    if let Some(n) = args.footprint_desktops {
+        let spec = scale::StepSpec {
+            label: format!("1 host / {n} desktops"),
+            hosts: 1,
+            desktops: n,
+            memory: args.footprint_memory.clone(),
+            idle: Duration::from_secs(args.footprint_idle_secs),
+            caches: true,
+        };
+        report.fleet_footprint = Some(scale::run_step(fleet, &spec).await?);
+    }
+    if args.scale {
+        for spec in scale::steps(args.scale_hosts, args.scale_desktops, &args.scale_memory) {
+            let step = scale::run_step(fleet, &spec).await?;
+            report.scale.push(step);
+        }
+    }
     Ok(())
 }
 

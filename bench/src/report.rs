@@ -6,6 +6,7 @@ use std::time::Duration;
 use crate::apimetrics;
 use crate::burst::{BurstResult, Footprint};
 use crate::footprint::mib;
+use crate::scale::Step;
 use crate::sched::SchedResult;
 use crate::stats::{micros, ratio, secs};
 use crate::ttd::TtdResult;
@@ -20,6 +21,10 @@ pub struct Report {
     pub bursts: Vec<BurstResult>,
     pub footprint: Option<Footprint>,
     pub sched: Option<SchedResult>,
+    /// Scale steps on simulated hosts (test driver).
+    pub scale: Vec<Step>,
+    /// Many desktops on one simulated host.
+    pub fleet_footprint: Option<Step>,
     pub notes: Vec<String>,
 }
 
@@ -150,6 +155,10 @@ impl Report {
                 mib(f.agent_rss),
                 verdict(mib_of(f.agent_rss) <= 15.0)
             ));
+        }
+        crate::scale_report::scale(&mut s, &self.scale);
+        if let Some(f) = &self.fleet_footprint {
+            crate::scale_report::footprint(&mut s, f, &mut goals);
         }
         if let Some(r) = &self.sched {
             let _ = writeln!(
