@@ -137,7 +137,7 @@ start_plane() {
   setsid "$bin/kube-controller-manager" --kubeconfig="$kubeconfig" \
     --controllers=garbagecollector,namespace,serviceaccount,serviceaccount-token \
     --service-account-private-key-file="$dir/pki/sa.key" --root-ca-file="$dir/pki/ca.crt" \
-    --leader-elect=false --bind-address=127.0.0.1 --secure-port="$kcm_port" --v=1 \
+    --leader-elect=false --bind-address=127.0.0.1 --secure-port="$kcm_port" --port=0 --v=1 \
     >"$dir/kube-controller-manager.log" 2>&1 < /dev/null 8>&- &
   echo $! > "$dir/kube-controller-manager.pid"
   log "started in $((SECONDS - t0))s: apiserver https://127.0.0.1:$api_port, state in $dir"
