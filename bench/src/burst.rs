@@ -10,10 +10,10 @@ use futures::future::join_all;
 use kube::api::{ListParams, PostParams};
 use kube::{Client, ResourceExt};
 
-use crate::apimetrics::{self, Counts};
 use crate::env::{Env, small_desktop};
 use crate::footprint;
 use crate::stats::Samples;
+use deskvirt_tests::apimetrics::{self, Counts};
 
 /// How long a burst may take to be Ready.
 const LIMIT: Duration = Duration::from_secs(600);

@@ -4,7 +4,6 @@
 //! `--footprint-desktops` instead run real agents on libvirt's test driver (simulated hosts).
 #![forbid(unsafe_code)]
 
-mod apimetrics;
 mod burst;
 mod env;
 mod fleet;

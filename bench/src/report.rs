@@ -3,13 +3,13 @@
 use std::fmt::Write;
 use std::time::Duration;
 
-use crate::apimetrics;
 use crate::burst::{BurstResult, Footprint};
 use crate::footprint::mib;
 use crate::scale::Step;
 use crate::sched::SchedResult;
 use crate::stats::{micros, ratio, secs};
 use crate::ttd::TtdResult;
+use deskvirt_tests::apimetrics;
 
 /// Everything one run measured (each part optional: sections can be skipped).
 #[derive(Debug, Default)]

@@ -14,11 +14,11 @@ use kube::api::{ListParams, PostParams};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, ResourceExt};
 
-use crate::apimetrics::{self, Counts};
 use crate::env::RUN_LABEL;
 use crate::fleet::{self, Fleet};
 use crate::footprint::{self, ProcMem};
 use crate::stats::Samples;
+use deskvirt_tests::apimetrics::{self, Counts};
 
 /// How long all desktops of a step may take to be Running, and to be deleted.
 const LIMIT: Duration = Duration::from_secs(1800);

@@ -13,7 +13,7 @@
 
 mod common;
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -22,6 +22,7 @@ use common::{Run, wait_leader};
 use deskvirt_crds::Desktop;
 use deskvirt_crds::constants::{FINALIZER_AGENT, LABEL_NODE, MANAGER_AGENT};
 use deskvirt_crds::desktop::Phase;
+use deskvirt_tests::apimetrics::{self, Counts, delta};
 use futures::TryStreamExt;
 use kube::api::{ListParams, Patch, PatchParams, PostParams};
 use kube::client::ClientBuilder;
@@ -38,9 +39,6 @@ const SETTLE: Duration = Duration::from_secs(4);
 /// A loose bound on the operator's calls per desktop (the goal is far below; the API server
 /// and the machine are shared, so only a regression by a wide margin fails the test).
 const OPERATOR_BOUND: f64 = 10.0;
-
-/// `(verb, resource[/subresource])` → calls.
-type Counts = BTreeMap<(String, String), f64>;
 
 /// Requests counted by verb and resource.
 #[derive(Clone, Default)]
@@ -139,58 +137,11 @@ async fn counting_client(calls: &Calls) -> Client {
         .build()
 }
 
-/// Mutating calls on deskvirt.io resources, Secrets, Leases and Events, from the API server's
-/// `apiserver_request_total`.
+/// The API server's own count of mutating calls (`apiserver_request_total`).
 async fn scrape(client: &Client) -> Counts {
-    let req = http::Request::get("/metrics")
-        .body(Vec::new())
-        .unwrap_or_else(|e| panic!("{e}"));
-    let text = client
-        .request_text(req)
+    apimetrics::scrape(client)
         .await
-        .unwrap_or_else(|e| panic!("reading the API server's /metrics: {e}"));
-    let mut out = Counts::new();
-    for line in text.lines() {
-        let Some((labels, value)) = line
-            .strip_prefix("apiserver_request_total{")
-            .and_then(|r| r.rsplit_once('}'))
-        else {
-            continue;
-        };
-        let Ok(value) = value.trim().parse::<f64>() else {
-            continue;
-        };
-        let label = |name: &str| {
-            let key = format!("{name}=\"");
-            labels
-                .split(',')
-                .find_map(|kv| kv.strip_prefix(&key))
-                .map(|v| v.trim_end_matches('"').to_string())
-                .unwrap_or_default()
-        };
-        let (verb, group, resource) = (label("verb"), label("group"), label("resource"));
-        if !["POST", "PUT", "PATCH", "APPLY", "DELETE"].contains(&verb.as_str())
-            || (group != "deskvirt.io" && !["secrets", "leases", "events"].contains(&&*resource))
-        {
-            continue;
-        }
-        let sub = label("subresource");
-        let what = if sub.is_empty() {
-            resource
-        } else {
-            format!("{resource}/{sub}")
-        };
-        *out.entry((verb, what)).or_default() += value;
-    }
-    out
-}
-
-fn delta(before: &Counts, after: &Counts) -> Counts {
-    after
-        .iter()
-        .map(|(k, v)| (k.clone(), v - before.get(k).copied().unwrap_or(0.0)))
-        .filter(|(_, v)| v.abs() > 0.0)
-        .collect()
+        .unwrap_or_else(|e| panic!("reading the API server's /metrics: {e}"))
 }
 
 fn total(c: &Counts, leases: bool) -> f64 {

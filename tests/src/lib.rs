@@ -2,6 +2,7 @@
 //! plane, installs the CRDs, and gives tests a client, unique namespaces and `kubectl`.
 #![forbid(unsafe_code)]
 
+pub mod apimetrics;
 pub mod cluster;
 pub mod helm;
 pub mod host;
