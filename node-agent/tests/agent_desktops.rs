@@ -389,15 +389,7 @@ async fn scenario(w: &World, id: u64) -> anyhow::Result<()> {
     w.hv.undefine_domain(&orphan).await?;
 
     // Delete: domain, overlay and lease go; the base image stays.
-    w.desktops().delete(name, &DeleteParams::default()).await?;
-    eventually(Duration::from_secs(90), "the Desktop gone", || async {
-        Ok(w.desktops().get_opt(name).await?.is_none().then_some(()))
-    })
-    .await?;
-    assert!(
-        !w.hv.list_domains().await?.iter().any(|d| d.name == domain),
-        "domain still defined"
-    );
+    w.delete_desktop(name, &domain).await?;
     assert!(!overlay.exists(), "overlay still there");
     assert!(base.is_file(), "the base image was deleted");
     let leases = w.hv.dhcp_hosts(&network_name(&w.pool)).await?;

@@ -38,7 +38,7 @@ use k8s_openapi::api::events::v1::Event;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kube::Api;
-use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
+use kube::api::{ListParams, Patch, PatchParams};
 use serde_json::json;
 
 /// Where libvirt's QEMU driver keeps managed save images.
@@ -253,7 +253,8 @@ async fn scenario(w: &World, id: u64) -> anyhow::Result<()> {
 
     // 4. Woken on another port: restored, not booted.
     let new_port = w.first_port + 5;
-    let woke_at = Timestamp::now();
+    // Status times are whole seconds: the wake's second counts as after it.
+    let woke_at = Timestamp::from_second(Timestamp::now().as_second())?;
     let t = Instant::now();
     w.operator_status(name, Some(new_port), &mac, None).await?;
     let woken = w
@@ -406,15 +407,7 @@ async fn scenario(w: &World, id: u64) -> anyhow::Result<()> {
     })
     .await?;
     assert!(image.is_file());
-    w.desktops().delete(name, &DeleteParams::default()).await?;
-    eventually(Duration::from_secs(90), "the Desktop gone", || async {
-        Ok(w.desktops().get_opt(name).await?.is_none().then_some(()))
-    })
-    .await?;
-    assert!(
-        !w.hv.list_domains().await?.iter().any(|d| d.name == domain),
-        "domain still defined"
-    );
+    w.delete_desktop(name, &domain).await?;
     assert!(!image.exists(), "saved memory kept");
     assert!(!disk.exists(), "disk kept");
     assert!(Path::new(&w.guest_dir).join("base.qcow2").is_file());

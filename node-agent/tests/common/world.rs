@@ -56,6 +56,27 @@ impl World {
         })
     }
 
+    /// Deletes the Desktop `name` and waits until it is gone and its domain is undefined.
+    pub async fn delete_desktop(&self, name: &str, domain: &str) -> anyhow::Result<()> {
+        self.desktops()
+            .delete(name, &DeleteParams::default())
+            .await?;
+        eventually(Duration::from_secs(90), "the Desktop gone", || async {
+            Ok(self.desktops().get_opt(name).await?.is_none().then_some(()))
+        })
+        .await?;
+        anyhow::ensure!(
+            !self
+                .hv
+                .list_domains()
+                .await?
+                .iter()
+                .any(|d| d.name == domain),
+            "domain still defined"
+        );
+        Ok(())
+    }
+
     pub fn desktops(&self) -> Api<Desktop> {
         Api::namespaced(self.client.clone(), &self.ns)
     }
