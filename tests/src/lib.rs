@@ -7,5 +7,6 @@ pub mod cluster;
 pub mod helm;
 pub mod host;
 pub mod kubectl;
+pub mod second_host;
 pub mod spice;
 pub mod world;

@@ -1,0 +1,124 @@
+//! A second, independent libvirt host on this machine for tests that need two hypervisors:
+//! `scripts/second-host.sh` runs it in its own network and mount namespaces, and this module
+//! decides where its state lives (a fresh directory per call) and stops it on drop.
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use anyhow::Context;
+
+use crate::cluster::repo_root;
+
+/// A running second host. Its libvirt directories are under `dir`: `/etc/libvirt` is
+/// `dir/etc`, `/run/libvirt` is `dir/run`, `/var/lib/libvirt` is `dir/lib`, `/var/log/libvirt`
+/// is `dir/log`; every other path means the same file on both hosts.
+#[derive(Debug)]
+pub struct SecondHost {
+    /// The network namespace (also the prefix of the host end of its veth, `<name>-h`).
+    pub name: String,
+    /// Its state directory; removed by `stop`.
+    pub dir: PathBuf,
+    /// The libvirt URI that reaches it from here: `qemu+unix:///system?socket=<dir>/run/libvirt-sock`.
+    pub uri: String,
+    /// Its IPv4 address on the veth link to this machine: a SPICE port it opens on this address
+    /// (or on 0.0.0.0) is reachable from here; its 127.0.0.1 is not this machine's loopback.
+    pub address: String,
+}
+
+impl SecondHost {
+    /// Starts a second host in network namespace `name` (1-13 characters `[A-Za-z0-9_.-]`,
+    /// unique among the second hosts running at once) with a fresh state directory.
+    pub fn start(name: &str) -> anyhow::Result<Self> {
+        static COUNTER: AtomicU32 = AtomicU32::new(0);
+        let dir = std::env::temp_dir().join(format!(
+            "deskvirt-{name}.{}.{}",
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::Relaxed)
+        ));
+        let stdout = match script("start", name, &dir) {
+            Ok(out) => out,
+            Err(e) => {
+                // Whatever the failed start left behind (the script never touches another
+                // running second host's namespace).
+                let _ = script("stop", name, &dir);
+                return Err(e);
+            }
+        };
+        let mut host = SecondHost {
+            name: name.to_string(),
+            dir,
+            uri: String::new(),
+            address: String::new(),
+        };
+        // From here on, `host` going out of scope stops it.
+        host.uri = stdout
+            .lines()
+            .rev()
+            .map(str::trim)
+            .find(|l| !l.is_empty())
+            .context("scripts/second-host.sh start printed no URI")?
+            .to_string();
+        host.address = std::fs::read_to_string(host.dir.join("address"))
+            .with_context(|| format!("reading {}/address", host.dir.display()))?
+            .trim()
+            .to_string();
+        Ok(host)
+    }
+
+    /// Where its libvirt keeps managed save images, as seen from here.
+    pub fn managed_save_dir(&self) -> PathBuf {
+        self.dir.join("lib/qemu/save")
+    }
+
+    /// Its QEMU log directory (domain logs and serial logs), as seen from here.
+    pub fn qemu_log_dir(&self) -> PathBuf {
+        self.dir.join("log/qemu")
+    }
+
+    /// `virsh -c <uri> args...`: its stdout, or an error carrying its stderr.
+    pub fn virsh(&self, args: &[&str]) -> anyhow::Result<String> {
+        let out = Command::new("virsh")
+            .arg("-c")
+            .arg(&self.uri)
+            .args(args)
+            .output()
+            .context("cannot run virsh")?;
+        anyhow::ensure!(
+            out.status.success(),
+            "virsh -c {} {} failed ({}): {}",
+            self.uri,
+            args.join(" "),
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+}
+
+impl Drop for SecondHost {
+    fn drop(&mut self) {
+        if let Err(e) = script("stop", &self.name, &self.dir) {
+            eprintln!("second host {}: {e:#}", self.name);
+        }
+    }
+}
+
+/// `scripts/second-host.sh <cmd> <name> <dir>`: its stdout, or an error carrying its output.
+fn script(cmd: &str, name: &str, dir: &std::path::Path) -> anyhow::Result<String> {
+    let out = Command::new(repo_root().join("scripts/second-host.sh"))
+        .arg(cmd)
+        .arg(name)
+        .arg(dir)
+        .output()
+        .with_context(|| format!("cannot run scripts/second-host.sh {cmd}"))?;
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    anyhow::ensure!(
+        out.status.success(),
+        "scripts/second-host.sh {cmd} {name} {} failed ({}):\n--- stdout\n{stdout}\n--- stderr\n{}",
+        dir.display(),
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(stdout)
+}
