@@ -356,7 +356,8 @@ pub struct DesktopStatus {
     /// Lifecycle phase, derived by the operator from the conditions and the host's health.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub phase: Option<Phase>,
-    /// Host (DomainNode name) the desktop is bound to; set once by the operator.
+    /// Host (DomainNode name) the desktop is bound to; set by the operator at binding, and
+    /// changed only when a woken desktop moves to another host (see `lastMove`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(regex(pattern = DNS_SUBDOMAIN), length(max = 253))]
     pub node: Option<String>,
@@ -386,6 +387,11 @@ pub struct DesktopStatus {
     /// The last `deskvirt.io/wake` annotation value the operator acted on (operator).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub wake: Option<Wake>,
+    /// The last move of the desktop to another host (operator): a woken desktop whose host had
+    /// no room, in a pool with `storage.shared`. It boots there from the same disk; memory saved
+    /// on the old host is discarded there, never restored.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_move: Option<Move>,
     /// Scheduled, DomainDefined, Running, Idle and the summary Ready.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
@@ -417,6 +423,20 @@ pub struct Wake {
     #[schemars(length(max = 253))]
     pub token: String,
     /// When the operator acted on it; the idle countdown starts again from here.
+    pub at: Time,
+}
+
+/// A move of a desktop from one host to another.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Move {
+    /// The host it left.
+    #[schemars(regex(pattern = DNS_SUBDOMAIN), length(max = 253))]
+    pub from: String,
+    /// The host it moved to.
+    #[schemars(regex(pattern = DNS_SUBDOMAIN), length(max = 253))]
+    pub to: String,
+    /// When the operator moved it. Memory the old host saved before this is stale.
     pub at: Time,
 }
 

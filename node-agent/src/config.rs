@@ -77,7 +77,9 @@ pub struct Config {
     #[arg(long, env = "DESKVIRT_ACTIVITY_INTERVAL", default_value = "10s", value_parser = parse_interval)]
     pub activity_interval: Duration,
 
-    /// How often host facts are re-read and reported even when libvirt's state did not change.
+    /// How often host facts are re-read and reported even when libvirt's state did not change,
+    /// and domains without a Desktop bound here are swept (those of desktops that moved to
+    /// another host are undefined, others reported).
     #[arg(long, env = "DESKVIRT_REFRESH_INTERVAL", default_value = "60s", value_parser = parse_interval)]
     pub refresh_interval: Duration,
 

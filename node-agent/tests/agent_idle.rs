@@ -11,6 +11,7 @@
 //!    port with the same disk and MAC, idle countdown cleared; a connected client is reported;
 //! 5. reclaimed Shutdown: off, `Running=False/IdleShutdown`; woken, it boots on a fresh clone;
 //! 6. woken with more memory than it was saved with: a Warning, and it boots from its disk;
+//!    woken after it ran on another host since the save (`status.lastMove`): the same;
 //! 7. deleted while suspended: domain, saved memory and disk are gone.
 //!
 //! Run: `cargo test -p deskvirt-node-agent --test agent_idle -- --nocapture`.
@@ -27,6 +28,7 @@ use std::time::{Duration, Instant};
 use common::world::{MARKER, URI, World, cleanup, cond_is, link};
 use common::{AgentProcess, eventually, finish, unique};
 use deskvirt_crds::Desktop;
+use deskvirt_crds::constants::MANAGER_OPERATOR;
 use deskvirt_crds::constants::condition::{DOMAIN_DEFINED, RUNNING};
 use deskvirt_crds::constants::running_reason::{IDLE_SHUTDOWN, SUSPENDED};
 use deskvirt_node_agent::domain::{domain_name, serial_log_path};
@@ -67,6 +69,17 @@ fn boots(log: &str) -> usize {
 
 fn inode(path: &Path) -> anyhow::Result<u64> {
     Ok(std::fs::metadata(path)?.ino())
+}
+
+/// Plays the operator's reclaim (Suspend, holding `port`) and waits for the host to confirm.
+async fn suspend(w: &World, name: &str, port: u16, mac: &str) -> anyhow::Result<()> {
+    w.operator_status(name, Some(port), mac, Some(reclaimed("Suspend", port)))
+        .await?;
+    w.wait_desktop(name, "Suspended", Duration::from_secs(60), |d| {
+        cond_is(d, RUNNING, "False", Some(SUSPENDED))
+    })
+    .await?;
+    Ok(())
 }
 
 /// `status.reclaimed` as the operator writes it.
@@ -204,12 +217,7 @@ async fn scenario(w: &World, id: u64) -> anyhow::Result<()> {
     // 2. Suspend: the memory goes to a managed save image, the disk stays as it is.
     let disk_inode = inode(&disk)?;
     let t = Instant::now();
-    w.operator_status(name, Some(port), &mac, Some(reclaimed("Suspend", port)))
-        .await?;
-    w.wait_desktop(name, "Suspended", Duration::from_secs(60), |d| {
-        cond_is(d, RUNNING, "False", Some(SUSPENDED))
-    })
-    .await?;
+    suspend(w, name, port, &mac).await?;
     let suspend_took = t.elapsed();
     assert_eq!(virsh(&["domstate", &domain]), "shut off");
     assert!(has_managed_save(&domain), "no managed save");
@@ -354,17 +362,7 @@ async fn scenario(w: &World, id: u64) -> anyhow::Result<()> {
     );
 
     // 6. Woken with another memory size: the saved memory cannot take it; it boots from disk.
-    w.operator_status(
-        name,
-        Some(new_port),
-        &mac,
-        Some(reclaimed("Suspend", new_port)),
-    )
-    .await?;
-    w.wait_desktop(name, "Suspended", Duration::from_secs(60), |d| {
-        cond_is(d, RUNNING, "False", Some(SUSPENDED))
-    })
-    .await?;
+    suspend(w, name, new_port, &mac).await?;
     let disk_inode = inode(&disk)?;
     let memory = json!({ "spec": { "memory": "384Mi" } });
     w.desktops()
@@ -394,18 +392,43 @@ async fn scenario(w: &World, id: u64) -> anyhow::Result<()> {
             .contains("<memory unit='KiB'>393216</memory>")
     );
 
-    // 7. Deleted while suspended: domain, saved memory and disk go; the base image stays.
-    w.operator_status(
+    // 6b. Woken after it ran on another host since its memory was saved here (the operator
+    // moved it away and back: `status.lastMove` is newer than the image): the stale memory
+    // would not match the disk, so it is discarded and the desktop boots from its disk.
+    suspend(w, name, new_port, &mac).await?;
+    assert!(has_managed_save(&domain));
+    // The image's time is compared at whole seconds: the move is a later second.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let at = Timestamp::from_second(Timestamp::now().as_second())?;
+    let moved = json!({ "status": { "lastMove": {
+        "from": "elsewhere", "to": w.node, "at": at.to_string()
+    } } });
+    let pp = PatchParams {
+        field_manager: Some(MANAGER_OPERATOR.into()),
+        ..Default::default()
+    };
+    w.desktops()
+        .patch_status(name, &pp, &Patch::Merge(&moved))
+        .await?;
+    let disk_inode = inode(&disk)?;
+    w.operator_status(name, Some(new_port), &mac, None).await?;
+    w.wait_desktop(
         name,
-        Some(new_port),
-        &mac,
-        Some(reclaimed("Suspend", new_port)),
+        "Running after the move back",
+        Duration::from_secs(60),
+        |d| cond_is(d, RUNNING, "True", None),
     )
     .await?;
-    w.wait_desktop(name, "Suspended", Duration::from_secs(60), |d| {
-        cond_is(d, RUNNING, "False", Some(SUSPENDED))
-    })
-    .await?;
+    assert_eq!(
+        virsh(&["domstate", "--reason", &domain]),
+        "running (booted)",
+        "stale saved memory restored over a disk that ran elsewhere"
+    );
+    wait_metric(&agent, "deskvirt_agent_saved_memory_discarded_total", 2.0).await?;
+    assert_eq!(inode(&disk)?, disk_inode, "the disk was replaced");
+
+    // 7. Deleted while suspended: domain, saved memory and disk go; the base image stays.
+    suspend(w, name, new_port, &mac).await?;
     assert!(image.is_file());
     w.delete_desktop(name, &domain).await?;
     assert!(!image.exists(), "saved memory kept");

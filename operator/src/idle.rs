@@ -1,8 +1,9 @@
 //! What the idle policy decides for one desktop: which policy applies (its own or its pool's
 //! default), when its countdown ends, whether it is reclaimed now (Suspend, Shutdown, Delete or
-//! Delete's fallback), what its `Idle` condition says, what a wake annotation asks for, whether a
-//! woken desktop fits on its host again, and whether a desktop holds CPU, memory and a SPICE port
-//! at all (the one rule placement, the ledger and pool accounting share). Pure.
+//! Delete's fallback), what its `Idle` condition says, what a wake annotation asks for, where a
+//! woken desktop runs again (its own host, or another one when its storage is shared), and
+//! whether a desktop holds CPU, memory and a SPICE port at all (the one rule placement, the
+//! ledger and pool accounting share). Pure.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -20,7 +21,7 @@ use k8s_openapi::jiff::Timestamp;
 
 use crate::allocators::fnv::fnv1a64;
 use crate::context::holds_binding;
-use crate::scheduler::{HostView, Request};
+use crate::scheduler::{HostView, PoolPolicy, Request, place_in_pool};
 
 /// How long after the countdown's end the reconcile is requeued: the deadline is a whole second,
 /// so a little past it the pass surely sees it passed.
@@ -117,40 +118,68 @@ pub fn wake_step(st: &DesktopStatus) -> WakeStep {
 /// Where a woken desktop can run again.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum WakeTarget {
-    /// Back on this host.
+    /// Back on the host it ran on.
     Host(String),
+    /// To another host of the pool (its disk is on shared storage): `why` its own host cannot
+    /// take it.
+    Move { to: String, why: String },
     /// Not now; the `Idle` message says why.
     Wait(String),
 }
 
 /// Where a released desktop bound to `node` can run again, judged on `hosts` built without the
-/// desktop itself. Only its own host today: its disk lives there. With shared storage
-/// (`spec.storage.shared`) a desktop could move to another host of the pool; that is where the
-/// scheduler would be asked for one when its own host has no room.
+/// desktop itself: back on its own host when that has room and a port; else, when the pool's
+/// storage is `shared`, on the host the scheduler picks among the others (its disk is reachable
+/// there, and its domain on the old host is confirmed stopped); else it waits.
 pub fn wake_target(
+    pool: &str,
+    node: &str,
+    hosts: &[HostView],
+    request: &Request,
+    policy: &PoolPolicy,
+    shared: bool,
+) -> WakeTarget {
+    let Some(why) = home_problem(node, hosts, request, policy.ports) else {
+        return WakeTarget::Host(node.to_string());
+    };
+    if !shared {
+        return WakeTarget::Wait(format!(
+            "woken, waiting for room on host {node} where its disk lives: {why} (the pool's \
+             storage is not shared, so it cannot move to another host)"
+        ));
+    }
+    match place_in_pool(pool, policy, request, hosts) {
+        Ok(d) => WakeTarget::Move {
+            to: d.host.name.clone(),
+            why,
+        },
+        Err(e) => WakeTarget::Wait(format!(
+            "woken, waiting for room: host {node} where it ran {why}, and no other host of the \
+             pool takes it: {e}"
+        )),
+    }
+}
+
+/// Why host `node` cannot take the woken desktop back now, if it cannot.
+fn home_problem(
     node: &str,
     hosts: &[HostView],
     request: &Request,
     ports: PortRange,
-) -> WakeTarget {
-    let wait = |why: String| {
-        WakeTarget::Wait(format!(
-            "woken, waiting for room on host {node} where its disk lives: {why}"
-        ))
-    };
+) -> Option<String> {
     let Some(host) = hosts.iter().find(|h| h.name == node) else {
-        return wait("the host is not in the desktop's pool".into());
+        return Some("is not in the desktop's pool".into());
     };
     if !host.ready {
-        return wait("the host is not ready".into());
+        return Some("is not ready".into());
     }
     if host.maintenance {
-        return wait("the host is in maintenance".into());
+        return Some("is in maintenance".into());
     }
     let short = host.capacity.shortfalls(&host.allocated, request);
     let no_port = host.ports_in_use >= ports.len();
     if short.none() && !no_port {
-        return WakeTarget::Host(node.to_string());
+        return None;
     }
     let free = host.free();
     let cpus = if request.dedicated_cpus {
@@ -159,7 +188,7 @@ pub fn wake_target(
         free.vcpus
     };
     let mut why = format!(
-        "needs {} CPU / {}, free {cpus} CPU / {}",
+        "is full: needs {} CPU / {}, free {cpus} CPU / {}",
         request.vcpus,
         format_bytes(request.memory),
         format_bytes(free.memory)
@@ -173,7 +202,7 @@ pub fn wake_target(
             ports.first, ports.last
         ));
     }
-    wait(why)
+    Some(why)
 }
 
 /// Status, reason and message of the `Idle` condition.
@@ -482,6 +511,7 @@ mod tests {
     use super::*;
     use crate::scheduler::{HostCapacity, Ratio, Usage};
     use deskvirt_crds::conditions::condition;
+    use deskvirt_crds::resource_pool::Placement;
 
     const GI: u64 = 1 << 30;
 
@@ -803,41 +833,73 @@ mod tests {
     }
 
     #[test]
-    fn a_woken_desktop_needs_room_on_its_own_host() {
+    fn a_woken_desktop_goes_home_else_moves_only_with_shared_storage() {
         let cap = HostCapacity {
             physical_cpus: 4,
             cpu_ratio: Ratio::ONE,
             memory: 4 * GI,
             hugepages: 0,
         };
-        let range = PortRange {
+        let mut policy = crate::scheduler::bench::policy(Placement::Spread);
+        policy.ports = PortRange {
             first: 5900,
             last: 5901,
         };
         let req = Request::new(2, 2 * GI);
+        let target = |node: &str, hosts: &[HostView], shared: bool| {
+            wake_target("p", node, hosts, &req, &policy, shared)
+        };
         let roomy = HostView::new("h", "p", cap).with_ports_in_use(1);
         assert_eq!(
-            wake_target("h", std::slice::from_ref(&roomy), &req, range),
+            target("h", std::slice::from_ref(&roomy), true),
             WakeTarget::Host("h".into())
         );
         let full = roomy
             .clone()
             .with_allocated(Usage::of(&[Request::new(4, 3584 << 20)]));
-        let WakeTarget::Wait(msg) = wake_target("h", &[full], &req, range) else {
+        let WakeTarget::Wait(msg) = target("h", std::slice::from_ref(&full), false) else {
             panic!("fits on a full host");
         };
         assert_eq!(
             msg,
-            "woken, waiting for room on host h where its disk lives: needs 2 CPU / 2Gi, free 0 CPU / 512Mi"
+            "woken, waiting for room on host h where its disk lives: is full: needs 2 CPU / 2Gi, \
+             free 0 CPU / 512Mi (the pool's storage is not shared, so it cannot move to another host)"
         );
-        let WakeTarget::Wait(msg) = wake_target("h", &[roomy.with_ports_in_use(2)], &req, range)
-        else {
+        let no_port = roomy.clone().with_ports_in_use(2);
+        let WakeTarget::Wait(msg) = target("h", &[no_port], false) else {
             panic!("fits without a port");
         };
         assert!(msg.contains("SPICE port"), "{msg}");
+
+        // Shared storage: to the other host when it has room, else still waiting.
+        let other = HostView::new("g", "p", cap);
+        let hosts = [full.clone(), other.clone()];
+        assert_eq!(
+            target("h", &hosts, true),
+            WakeTarget::Move {
+                to: "g".into(),
+                why: "is full: needs 2 CPU / 2Gi, free 0 CPU / 512Mi".into()
+            }
+        );
+        assert_eq!(
+            target("h", &hosts, false),
+            target("h", std::slice::from_ref(&full), false)
+        );
+        let WakeTarget::Wait(msg) = target("h", std::slice::from_ref(&full), true) else {
+            panic!("moved without another host");
+        };
+        assert!(msg.contains("no other host of the pool takes it"), "{msg}");
+        // A host that is gone or not ready is left too (its domain was confirmed stopped).
+        let mut lost = roomy.clone();
+        lost.ready = false;
         assert!(matches!(
-            wake_target("other", &[], &req, range),
-            WakeTarget::Wait(_)
+            target("h", &[lost, other.clone()], true),
+            WakeTarget::Move { to, why } if to == "g" && why == "is not ready"
         ));
+        assert!(matches!(
+            target("gone", std::slice::from_ref(&other), true),
+            WakeTarget::Move { to, .. } if to == "g"
+        ));
+        assert!(matches!(target("gone", &[], false), WakeTarget::Wait(_)));
     }
 }

@@ -47,26 +47,38 @@ pub struct World {
     pub operator_kubeconfig: PathBuf,
     pub agent_kubeconfig: PathBuf,
     pub agent: Option<Process>,
+    /// Agents of further hosts; stopped with the World, after its desktops are gone.
+    pub more_agents: Vec<Process>,
     pub operator: Option<Process>,
     pub guest_dir: PathBuf,
 }
 
 impl World {
     pub fn start_agent(&mut self) -> anyhow::Result<()> {
+        self.agent = Some(self.spawn_agent(&self.node, &[])?);
+        Ok(())
+    }
+
+    /// A node-agent for host `node` of the run's pool, with the tests' settings and `extra`
+    /// arguments (another libvirt, say).
+    pub fn spawn_agent(&self, node: &str, extra: &[&str]) -> anyhow::Result<Process> {
         let bin = workspace_binary("deskvirt-node-agent")?;
         let labels = format!("deskvirt.io/pool={},{RUN_LABEL}={}", self.pool, self.run);
         let metrics = format!("127.0.0.1:{}", free_port()?);
         let mut cmd = Command::new(bin);
         cmd.env("KUBECONFIG", &self.agent_kubeconfig)
             .env("RUST_LOG", log_level())
-            .args(["--node-name", &self.node, "--hypervisor", "qemu"])
+            .args(["--node-name", node, "--hypervisor", "qemu"])
             .args(["--lease-namespace", &self.release.namespace])
             .args(["--console-namespace", &self.console_ns])
-            .args(["--node-address", "127.0.0.1", "--node-labels", &labels])
+            .args(["--node-labels", &labels])
             .args(["--heartbeat-interval", "1s", "--lease-duration", LEASE])
-            .args(["--shutdown-grace", "3s", "--metrics-addr", &metrics]);
-        self.agent = Some(Process::spawn("node-agent", &mut cmd)?);
-        Ok(())
+            .args(["--shutdown-grace", "3s", "--metrics-addr", &metrics])
+            .args(extra);
+        if !extra.contains(&"--node-address") {
+            cmd.args(["--node-address", "127.0.0.1"]);
+        }
+        Process::spawn(&format!("node-agent {node}"), &mut cmd)
     }
 
     pub fn start_operator(&mut self) -> anyhow::Result<()> {
@@ -132,6 +144,9 @@ impl Drop for World {
             None,
         );
         if let Some(mut p) = self.agent.take() {
+            let _ = p.kill();
+        }
+        for mut p in self.more_agents.drain(..) {
             let _ = p.kill();
         }
         if let Some(mut p) = self.operator.take() {
@@ -266,9 +281,57 @@ pub async fn setup(pool: &str) -> anyhow::Result<World> {
         operator_kubeconfig,
         agent_kubeconfig,
         agent: None,
+        more_agents: Vec::new(),
         operator: None,
         guest_dir,
     })
+}
+
+/// Sets the fields of `spec` on the run's pool (a merge patch).
+pub async fn patch_pool(w: &World, spec: serde_json::Value) -> anyhow::Result<()> {
+    let pools: Api<ResourcePool> = Api::all(w.client.clone());
+    pools
+        .patch(
+            &w.pool,
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(json!({ "spec": spec })),
+        )
+        .await?;
+    Ok(())
+}
+
+/// A Desktop of the run's pool that boots the tiny test guest: 1 vCPU, `memory`, no USB
+/// redirection, with the fields of `extra` set over that spec (`idle`, `power`, ...).
+pub fn guest_desktop(
+    w: &World,
+    name: &str,
+    memory: &str,
+    extra: serde_json::Value,
+) -> anyhow::Result<Desktop> {
+    let mut spec = json!({
+        "pool": w.pool, "user": format!("{name}@example.org"), "cpu": 1, "memory": memory,
+        "disk": { "image": "base.qcow2" },
+        "boot": { "kernel": "vmlinuz", "initrd": "initrd.img", "cmdline": "console=ttyS0" },
+        "display": { "usb": { "redirect": false } }
+    });
+    if let (Some(spec), serde_json::Value::Object(extra)) = (spec.as_object_mut(), extra) {
+        spec.extend(extra);
+    }
+    Ok(serde_json::from_value(json!({
+        "apiVersion": "deskvirt.io/v1alpha1", "kind": "Desktop",
+        "metadata": { "name": name, "labels": { RUN_LABEL: w.run } },
+        "spec": spec,
+    }))?)
+}
+
+/// `virsh` against this machine's own libvirt (`qemu:///system`).
+pub fn virsh_system(args: &[&str]) -> anyhow::Result<String> {
+    crate::host::run(
+        "virsh",
+        Command::new("virsh")
+            .args(["-c", "qemu:///system"])
+            .args(args),
+    )
 }
 
 /// examples/pool.yaml with this machine's directories, a free SPICE range on loopback, and

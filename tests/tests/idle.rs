@@ -13,7 +13,6 @@
 //!
 //! Run: `cargo test -p deskvirt-tests --test idle -- --nocapture`.
 
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -24,13 +23,16 @@ use deskvirt_crds::desktop::{IdleAction, Phase};
 use deskvirt_crds::quantity::parse_bytes;
 use deskvirt_crds::{Desktop, ResourcePool};
 use deskvirt_tests::cluster::unique_suffix;
-use deskvirt_tests::host::{eventually, run};
+use deskvirt_tests::host::eventually;
 use deskvirt_tests::spice::hold;
-use deskvirt_tests::world::{RUN_LABEL, World, console_password, create_pool, setup, spice_addr};
+use deskvirt_tests::world::{
+    World, console_password, create_pool, guest_desktop, patch_pool, setup, spice_addr,
+    virsh_system,
+};
 use k8s_openapi::api::core::v1::Event;
 use k8s_openapi::jiff::Timestamp;
 use kube::Api;
-use kube::api::{ListParams, Patch, PatchParams, PostParams};
+use kube::api::{ListParams, PostParams};
 use serde_json::json;
 
 /// The pool's default idle timeout, and `countdown`'s own.
@@ -38,29 +40,8 @@ const POOL_TIMEOUT_S: i64 = 20;
 const OWN_TIMEOUT_S: i64 = 30;
 
 fn desktop(w: &World, name: &str, idle: Option<serde_json::Value>) -> anyhow::Result<Desktop> {
-    let mut spec = json!({
-        "pool": w.pool, "user": format!("{name}@example.org"), "cpu": 1, "memory": "128Mi",
-        "disk": { "image": "base.qcow2" },
-        "boot": { "kernel": "vmlinuz", "initrd": "initrd.img", "cmdline": "console=ttyS0" },
-        "display": { "usb": { "redirect": false } }
-    });
-    if let Some(idle) = idle {
-        spec["idle"] = idle;
-    }
-    Ok(serde_json::from_value(json!({
-        "apiVersion": "deskvirt.io/v1alpha1", "kind": "Desktop",
-        "metadata": { "name": name, "labels": { RUN_LABEL: w.run } },
-        "spec": spec,
-    }))?)
-}
-
-fn virsh(args: &[&str]) -> anyhow::Result<String> {
-    run(
-        "virsh",
-        Command::new("virsh")
-            .args(["-c", "qemu:///system"])
-            .args(args),
-    )
+    let extra = idle.map_or_else(|| json!({}), |idle| json!({ "idle": idle }));
+    guest_desktop(w, name, "128Mi", extra)
 }
 
 /// Seconds from `a` to `b`.
@@ -93,15 +74,10 @@ async fn idle_desktops_are_reclaimed_held_ones_are_not_and_wake_keeps_disk_and_m
     let mut w = setup(&format!("idle-{}", unique_suffix())).await?;
     create_pool(&w).await?;
     let pools: Api<ResourcePool> = Api::all(w.client.clone());
-    pools
-        .patch(
-            &w.pool,
-            &PatchParams::default(),
-            &Patch::Merge(json!({ "spec": { "defaults": { "idle": {
-                "timeout": format!("{POOL_TIMEOUT_S}s"), "action": "Suspend", "connectedIsActive": true
-            } } } })),
-        )
-        .await?;
+    let idle = json!({
+        "timeout": format!("{POOL_TIMEOUT_S}s"), "action": "Suspend", "connectedIsActive": true
+    });
+    patch_pool(&w, json!({ "defaults": { "idle": idle } })).await?;
     w.start_agent()?;
     w.start_operator()?;
     let desktops = w.desktops();
@@ -157,7 +133,7 @@ async fn idle_desktops_are_reclaimed_held_ones_are_not_and_wake_keeps_disk_and_m
     w.start_agent()?;
 
     // `quiet` is suspended after its timeout.
-    let quiet_disk = virsh(&["domblklist", &format!("{}--quiet", w.user_ns.name)])?;
+    let quiet_disk = virsh_system(&["domblklist", &format!("{}--quiet", w.user_ns.name)])?;
     let quiet_before = desktops.get("quiet").await?;
     let quiet_mac = quiet_before
         .status
@@ -183,7 +159,7 @@ async fn idle_desktops_are_reclaimed_held_ones_are_not_and_wake_keeps_disk_and_m
         waited,
         waited - POOL_TIMEOUT_S as f64
     );
-    let dominfo = virsh(&["dominfo", &format!("{}--quiet", w.user_ns.name)])?;
+    let dominfo = virsh_system(&["dominfo", &format!("{}--quiet", w.user_ns.name)])?;
     anyhow::ensure!(
         dominfo.contains("shut off")
             && dominfo
@@ -324,10 +300,10 @@ async fn idle_desktops_are_reclaimed_held_ones_are_not_and_wake_keeps_disk_and_m
     anyhow::ensure!(qs.mac.as_deref() == Some(quiet_mac.as_str()), "MAC changed");
     let domain = format!("{}--quiet", w.user_ns.name);
     anyhow::ensure!(
-        virsh(&["domblklist", &domain])? == quiet_disk,
+        virsh_system(&["domblklist", &domain])? == quiet_disk,
         "the disk changed"
     );
-    let xml = virsh(&["dumpxml", &domain])?;
+    let xml = virsh_system(&["dumpxml", &domain])?;
     anyhow::ensure!(
         xml.contains(&format!("<mac address='{quiet_mac}'/>")),
         "the domain's MAC is not {quiet_mac}"

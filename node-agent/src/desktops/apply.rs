@@ -281,6 +281,24 @@ async fn converge<H: Hypervisor>(
         lifecycle::discard_saved_memory(ctx, d, &domain, &why).await?;
         s.has_managed_save = false;
     }
+    // Saved memory from before the desktop last moved here: it ran on another host since, from
+    // the same (shared) disk, so the memory no longer matches the disk. The disk is what it
+    // has now: it boots from it, never from a fresh clone.
+    let mut ran_elsewhere = false;
+    if let Some(s) = current
+        .as_mut()
+        .filter(|s| s.has_managed_save && !s.state.is_active())
+        && let Some(m) = status.last_move.as_ref()
+        && lifecycle::saved_before(ctx, &domain, m.at.0).await
+    {
+        let why = format!(
+            "the desktop ran on host {} after it was saved here (it moved at {})",
+            m.from, m.at.0
+        );
+        lifecycle::discard_saved_memory(ctx, d, &domain, &why).await?;
+        s.has_managed_save = false;
+        ran_elsewhere = true;
+    }
     let step = power::decide(&Facts {
         hold: None,
         want_on: d.spec.power == Power::On,
@@ -293,9 +311,10 @@ async fn converge<H: Hypervisor>(
     });
 
     // Disk: made once; a non-persistent desktop gets a fresh clone each time it boots (never
-    // under saved memory, which refers to the disk it has).
+    // under saved memory, which refers to the disk it has, nor right after it ran elsewhere).
     let fresh = step == (Step::Start { restore: false })
         && !d.spec.disk.persistent
+        && !ran_elsewhere
         && current.is_some_and(|s| s.state == DomainState::ShutOff && !s.has_managed_save);
     if !active {
         match disks::prepare(&cfg.qemu_img, &plan, fresh).await {

@@ -161,6 +161,28 @@ async fn prepare_restore<H: Hypervisor>(
     }
 }
 
+/// Whether the domain's saved memory image was written before `at` (or cannot be dated, which
+/// counts as before: a stale image restored over a changed disk corrupts it).
+pub(super) async fn saved_before<H>(
+    ctx: &DesktopContext<H>,
+    domain: &str,
+    at: k8s_openapi::jiff::Timestamp,
+) -> bool {
+    let image = ctx.config.managed_save_image(domain);
+    let written = match tokio::fs::metadata(&image).await.and_then(|m| m.modified()) {
+        Ok(t) => t,
+        Err(e) => {
+            tracing::warn!(image = %image.display(), error = %e, "cannot date the saved memory image");
+            return true;
+        }
+    };
+    let secs = written
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    i64::try_from(secs).unwrap_or(i64::MAX) < at.as_second()
+}
+
 /// Deletes the domain's saved memory image because it cannot be restored (`why`), with a
 /// Warning Event: the desktop boots from its disk and its unsaved work is lost.
 pub(super) async fn discard_saved_memory<H: Hypervisor>(

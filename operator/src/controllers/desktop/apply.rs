@@ -14,7 +14,7 @@ use kube::runtime::events::EventType;
 use super::bind::bind;
 use super::console::{apply_user_secret, ensure_mirror};
 use super::idle::{self, Settled};
-use super::status::{Owned, bound_message, ensure_meta, write_bound};
+use super::status::{Owned, bound_message, ensure_meta, relabel, write_bound};
 use super::{Error, Pass};
 use crate::allocators::Claim;
 use crate::context::Context;
@@ -51,12 +51,15 @@ async fn bound(pass: &Pass<'_>, node: &str) -> Result<Action, Error> {
     let mut want = current.clone();
     keep_ledger(d, ctx, uid, node, &mut want).await;
 
-    let heartbeat = ctx.heartbeat(node, now);
-    let alive = heartbeat.is_fresh() && ctx.stores.node(node).is_some();
-    let plan = match idle::settle(pass, node, &status, alive, &mut want).await? {
+    let alive = |n: &str| ctx.heartbeat(n, now).is_fresh() && ctx.stores.node(n).is_some();
+    let plan = match idle::settle(pass, node, &status, alive(node), &mut want).await? {
         Settled::Deleted => return Ok(Action::await_change()),
         Settled::Write(plan) => plan,
     };
+    // A woken desktop may have moved to another host: the rest of the pass is about that one.
+    let node = plan.moved_to.clone().unwrap_or_else(|| node.to_string());
+    let node = node.as_str();
+    let alive = alive(node);
 
     match console(pass, node, &want).await {
         Ok(Some(secret)) => want.secret = Some(secret),
@@ -97,9 +100,21 @@ async fn bound(pass: &Pass<'_>, node: &str) -> Result<Action, Error> {
     } else {
         ctx.status_in_flight(uid, want.fingerprint(), STATUS_SETTLE)
     };
+    // A move relabels the desktop for its new host first; the status write is guarded by the
+    // version that wrote.
+    let relabelled = match &plan.moved_to {
+        Some(to) => match relabel(d, api, to).await {
+            Ok(fresh) => Some(fresh),
+            Err(e) => {
+                idle::abandon(pass, &plan).await;
+                return Err(e);
+            }
+        },
+        None => None,
+    };
     let written = match in_flight {
         Some(_) => Ok(false),
-        None => write_bound(d, api, &current, &want).await,
+        None => write_bound(relabelled.as_ref().unwrap_or(d), api, &current, &want).await,
     };
     let wrote = matches!(written, Ok(true));
     if wrote {

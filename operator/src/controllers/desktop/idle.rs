@@ -1,6 +1,7 @@
 //! A bound desktop's idle reclamation, around the pure decisions of [`crate::idle`]: acts on a
 //! new wake token (records it, cancels a reclaim the host has not done yet, or finds room and a
-//! port on the desktop's host again), applies the policy (reclaim, delete, the `Idle` condition,
+//! port on the desktop's host again, or on another host of the pool when its own is full and
+//! the pool's storage is shared), applies the policy (reclaim, delete, the `Idle` condition,
 //! the requeue at the countdown's end), keeps the ledger's port in step with released resources,
 //! and records the Events once the status is written.
 
@@ -10,7 +11,7 @@ use std::time::Duration;
 use deskvirt_crds::conditions::{self, Status, condition};
 use deskvirt_crds::constants::condition::{IDLE, RUNNING};
 use deskvirt_crds::constants::idle_reason;
-use deskvirt_crds::desktop::{Desktop, DesktopStatus, IdleAction, Wake};
+use deskvirt_crds::desktop::{Desktop, DesktopStatus, IdleAction, Move, Wake};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::ResourceExt;
 use kube::api::{DeleteParams, Preconditions};
@@ -31,6 +32,9 @@ const WAKE_RETRY: Duration = Duration::from_secs(15);
 /// Reason of the Warning Event of a wake that waits for room.
 pub const WAKE_WAITING: &str = "WakeWaiting";
 
+/// Reason of the Event of a woken desktop that moves to another host.
+pub const MOVED: &str = "Moved";
+
 /// An Event due once the status is written: type, reason, action, note.
 type Due = (EventType, &'static str, &'static str, String);
 
@@ -44,6 +48,8 @@ pub(super) struct Plan {
     fresh_port: bool,
     /// The write drops the port of a released desktop: the ledger lets it go once written.
     drop_port: bool,
+    /// The desktop moves to this host: its node label follows before the status write.
+    pub moved_to: Option<String>,
 }
 
 /// The outcome of the idle part of a pass.
@@ -56,8 +62,14 @@ pub(super) enum Settled {
 
 /// What restoring a released desktop found.
 enum Restore {
-    /// A port on its host again; `fresh` when this pass reserved it.
-    Back { port: u16, fresh: bool },
+    /// A port on `host` again; `fresh` when this pass reserved it. `away` says why its own
+    /// host could not take it, when `host` is another one.
+    Back {
+        host: String,
+        port: u16,
+        fresh: bool,
+        away: Option<String>,
+    },
     /// No room (or no port) now.
     Wait(String),
     /// The ledgers are not rebuilt yet.
@@ -105,17 +117,46 @@ pub(super) async fn settle(
                 ));
             }
             WakeStep::Restore => match restore(pass, node).await {
-                Restore::Back { port, fresh } => {
+                Restore::Back {
+                    host,
+                    port,
+                    fresh,
+                    away,
+                } => {
+                    let note = match &away {
+                        None => format!("woken on host {node} with SPICE port {port}; starting"),
+                        Some(why) => {
+                            want.node = Some(host.clone());
+                            want.last_move = Some(Move {
+                                from: node.to_string(),
+                                to: host.clone(),
+                                at: wake.at.clone(),
+                            });
+                            plan.moved_to = Some(host.clone());
+                            let memory = match status.reclaimed.as_ref().map(|r| r.action) {
+                                Some(IdleAction::Suspend) => {
+                                    "; the memory it saved on the old host is discarded, so it \
+                                     boots from its disk"
+                                }
+                                _ => "",
+                            };
+                            tracing::info!(from = node, to = %host, port, "woken desktop moves to another host");
+                            format!(
+                                "woken; host {node} {why}, so it moves to host {host} with SPICE \
+                                 port {port}, keeping its disk (shared storage) and MAC{memory}"
+                            )
+                        }
+                    };
                     want.port = Some(port);
                     want.reclaimed = None;
                     want.wake = Some(wake);
                     plan.fresh_port = fresh;
-                    plan.events.push((
-                        EventType::Normal,
-                        idle_reason::WOKEN,
-                        "Wake",
-                        format!("woken on host {node} with SPICE port {port}; starting"),
-                    ));
+                    let reason = if away.is_some() {
+                        MOVED
+                    } else {
+                        idle_reason::WOKEN
+                    };
+                    plan.events.push((EventType::Normal, reason, "Wake", note));
                 }
                 Restore::Wait(message) => {
                     let was = conditions::find(&status.conditions, IDLE);
@@ -201,7 +242,8 @@ pub(super) async fn settle(
     Ok(Settled::Write(plan))
 }
 
-/// Finds room and a port for a released desktop on its host, under the ledger lock.
+/// Finds room and a port for a released desktop on its host (or, with shared storage, on
+/// another host of its pool), under the ledger lock.
 async fn restore(pass: &Pass<'_>, node: &str) -> Restore {
     let (d, ctx, uid, now) = (&pass.d, pass.ctx, pass.uid.as_str(), pass.now);
     let pool_name = &d.spec.pool;
@@ -246,22 +288,32 @@ async fn restore(pass: &Pass<'_>, node: &str) -> Restore {
     {
         v.ports_in_use = v.ports_in_use.saturating_sub(1);
     }
-    match wake_target(node, &hosts, &request, policy.ports) {
-        WakeTarget::Wait(message) => Restore::Wait(message),
-        WakeTarget::Host(host) => {
-            let fresh = ledger.port_of(uid).is_none();
-            let preferred = d
-                .status
-                .as_ref()
-                .and_then(|s| s.reclaimed.as_ref())
-                .and_then(|r| r.port);
-            match ledger.restore_port(uid, &host, preferred) {
-                Ok(port) => Restore::Back { port, fresh },
-                Err(e) => Restore::Wait(format!(
-                    "woken, waiting for a SPICE port on host {host} where its disk lives: {e}"
-                )),
-            }
-        }
+    let shared = pool.spec.storage.shared;
+    let (host, away) = match wake_target(pool_name, node, &hosts, &request, &policy, shared) {
+        WakeTarget::Wait(message) => return Restore::Wait(message),
+        WakeTarget::Host(host) => (host, None),
+        WakeTarget::Move { to, why } => (to, Some(why)),
+    };
+    // A port an earlier pass reserved on another host (its write failed) goes back first.
+    if ledger.port_of(uid).is_some_and(|(h, _)| h != host) {
+        ledger.release_port(uid);
+    }
+    let fresh = ledger.port_of(uid).is_none();
+    let preferred = d
+        .status
+        .as_ref()
+        .and_then(|s| s.reclaimed.as_ref())
+        .and_then(|r| r.port);
+    match ledger.restore_port(uid, &host, preferred) {
+        Ok(port) => Restore::Back {
+            host,
+            port,
+            fresh,
+            away,
+        },
+        Err(e) => Restore::Wait(format!(
+            "woken, waiting for a SPICE port on host {host}: {e}"
+        )),
     }
 }
 

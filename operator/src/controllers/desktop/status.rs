@@ -1,11 +1,11 @@
 //! What the operator writes on a Desktop: its part of the status (phase, binding, `Scheduled`,
-//! `Ready` and `Idle`, what the idle policy reclaimed and the last wake) and its metadata (pool
+//! `Ready` and `Idle`, what the idle policy reclaimed, the last wake and the last move) and its metadata (pool
 //! and node labels, its finalizer), each applied only when it differs from what is there.
 
 use deskvirt_crds::conditions::{self, Status, condition};
 use deskvirt_crds::constants::condition::{IDLE, READY, SCHEDULED};
 use deskvirt_crds::constants::{FINALIZER_OPERATOR, LABEL_NODE, LABEL_POOL, MANAGER_OPERATOR};
-use deskvirt_crds::desktop::{Desktop, DesktopStatus, Phase, Reclaimed, Wake};
+use deskvirt_crds::desktop::{Desktop, DesktopStatus, Move, Phase, Reclaimed, Wake};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Patch, PatchParams};
@@ -75,6 +75,7 @@ pub(super) struct Owned {
     pub generation: Option<i64>,
     pub reclaimed: Option<Reclaimed>,
     pub wake: Option<Wake>,
+    pub last_move: Option<Move>,
 }
 
 impl Owned {
@@ -94,6 +95,7 @@ impl Owned {
             generation: st.observed_generation,
             reclaimed: st.reclaimed.clone(),
             wake: st.wake.clone(),
+            last_move: st.last_move.clone(),
         }
     }
 
@@ -121,6 +123,7 @@ impl Owned {
             || self.wake.is_some()
             || o.wake.is_some()
             || self.port != o.port
+            || self.node != o.node
     }
 
     /// What [`Owned::same_as`] compares, hashed: equal for two values that are the same.
@@ -140,7 +143,7 @@ impl Owned {
             .collect();
         conditions.sort();
         let text = format!(
-            "{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{conditions:?}",
+            "{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{conditions:?}",
             self.phase,
             self.node,
             self.port,
@@ -148,7 +151,8 @@ impl Owned {
             self.secret,
             self.generation,
             self.reclaimed,
-            self.wake
+            self.wake,
+            self.last_move
         );
         fnv1a64(text.as_bytes())
     }
@@ -162,6 +166,7 @@ impl Owned {
             && self.generation == o.generation
             && self.reclaimed == o.reclaimed
             && self.wake == o.wake
+            && self.last_move == o.last_move
             && !conditions::differ_ignoring_time(&self.conditions, &o.conditions)
     }
 
@@ -196,6 +201,9 @@ impl Owned {
         }
         if let Some(w) = &self.wake {
             status.insert("wake".into(), json!(w));
+        }
+        if let Some(m) = &self.last_move {
+            status.insert("lastMove".into(), json!(m));
         }
         let mut metadata = json!({ "name": d.name_any(), "namespace": d.namespace() });
         if let Some(rv) = resource_version {
@@ -333,6 +341,19 @@ pub(super) async fn write_binding(
         error,
         labelled: true,
     })
+}
+
+/// Moves the node label (the one the host agents watch by) of a desktop that moves to `node`,
+/// only onto the version of `d` the move was decided on; returns the Desktop as written, whose
+/// version the status write then is guarded by. The label first, the status last, as for a
+/// binding.
+pub(super) async fn relabel(d: &Desktop, api: &Api<Desktop>, node: &str) -> Result<Desktop, Error> {
+    let rv = d
+        .resource_version()
+        .ok_or(Error::MissingField("resourceVersion"))?;
+    apply_meta(api, &d.name_any(), &meta_body(d, Some(node), Some(rv)))
+        .await
+        .map_err(kube("label the desktop for its new host"))
 }
 
 /// What `Scheduled` says of a bound desktop: its host, and its port and MAC when it has them.
