@@ -10,6 +10,7 @@
 #
 # The packages come from scripts/install-deps.sh; see shared/LOCAL-LIBVIRT.md for the facts.
 set -euo pipefail
+. "$(dirname "$0")/lib/pids.sh"
 
 URI=qemu:///system
 STATE_DIR=/run/deskvirt
@@ -29,16 +30,6 @@ require_binaries() {
     command -v "$b" >/dev/null 2>&1 || [ -x "/usr/sbin/$b" ] || missing+=("$b")
   done
   [ ${#missing[@]} -eq 0 ] || die "missing ${missing[*]}; run scripts/install-deps.sh first"
-}
-
-# The pid in $1 when that process is alive and named $2.
-live_pid() {
-  local file=$1 name=$2 pid
-  [ -s "$file" ] || return 1
-  pid=$(cat "$file")
-  [[ "$pid" =~ ^[0-9]+$ ]] || return 1
-  [ "$(cat "/proc/$pid/comm" 2>/dev/null)" = "$name" ] || return 1
-  echo "$pid"
 }
 
 running() { pgrep -x "$1" >/dev/null 2>&1; }

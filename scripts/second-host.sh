@@ -39,6 +39,7 @@
 #
 # See shared/LOCAL-LIBVIRT.md; scripts/libvirt.sh must have set the machine up once (accounts).
 set -euo pipefail
+. "$(dirname "$0")/lib/pids.sh"
 
 TIMEOUT=${SECOND_HOST_START_TIMEOUT:-60}
 NET_PREFIX=${SECOND_HOST_NET:-10.213}
@@ -69,23 +70,6 @@ esac
 
 URI="qemu+unix:///system?socket=$DIR/run/libvirt-sock"
 HOST_IF="$NAME-h"
-
-# The pid in $1 when that process is alive (not a zombie) and named $2.
-live_pid() {
-  local file=$1 name=$2 pid
-  [ -s "$file" ] || return 1
-  pid=$(cat "$file")
-  [[ "$pid" =~ ^[0-9]+$ ]] || return 1
-  [ "$(cat "/proc/$pid/comm" 2>/dev/null)" = "$name" ] || return 1
-  alive "$pid" || return 1
-  echo "$pid"
-}
-
-alive() {
-  local state
-  state=$(awk '/^State:/ {print $2}' "/proc/$1/status" 2>/dev/null) || return 1
-  [ -n "$state" ] && [ "$state" != Z ]
-}
 
 answers() { timeout 10 virsh -c "$URI" version >/dev/null 2>&1; }
 vb() { timeout 60 virsh -q -c "$URI" "$@"; }

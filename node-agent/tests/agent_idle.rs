@@ -82,6 +82,16 @@ async fn suspend(w: &World, name: &str, port: u16, mac: &str) -> anyhow::Result<
     Ok(())
 }
 
+/// Plays the operator's wake (port `port`, `reclaimed` cleared) and waits until the host runs
+/// the desktop again (`what` names the wait).
+async fn wake(w: &World, name: &str, port: u16, mac: &str, what: &str) -> anyhow::Result<Desktop> {
+    w.operator_status(name, Some(port), mac, None).await?;
+    w.wait_desktop(name, what, Duration::from_secs(60), |d| {
+        cond_is(d, RUNNING, "True", None)
+    })
+    .await
+}
+
 /// `status.reclaimed` as the operator writes it.
 fn reclaimed(action: &str, port: u16) -> serde_json::Value {
     json!({ "action": action, "at": Time(Timestamp::now()), "port": port })
@@ -264,15 +274,7 @@ async fn scenario(w: &World, id: u64) -> anyhow::Result<()> {
     // Status times are whole seconds: the wake's second counts as after it.
     let woke_at = Timestamp::from_second(Timestamp::now().as_second())?;
     let t = Instant::now();
-    w.operator_status(name, Some(new_port), &mac, None).await?;
-    let woken = w
-        .wait_desktop(
-            name,
-            "Running after the wake",
-            Duration::from_secs(60),
-            |d| cond_is(d, RUNNING, "True", None),
-        )
-        .await?;
+    let woken = wake(w, name, new_port, &mac, "Running after the wake").await?;
     let wake_took = t.elapsed();
     assert_eq!(
         virsh(&["domstate", "--reason", &domain]),
@@ -339,14 +341,7 @@ async fn scenario(w: &World, id: u64) -> anyhow::Result<()> {
     let shutdown_took = t.elapsed();
     assert_eq!(virsh(&["domstate", &domain]), "shut off");
     assert!(!has_managed_save(&domain));
-    w.operator_status(name, Some(new_port), &mac, None).await?;
-    w.wait_desktop(
-        name,
-        "Running after the wake",
-        Duration::from_secs(60),
-        |d| cond_is(d, RUNNING, "True", None),
-    )
-    .await?;
+    wake(w, name, new_port, &mac, "Running after the wake").await?;
     assert_eq!(
         virsh(&["domstate", "--reason", &domain]),
         "running (booted)"
@@ -368,14 +363,7 @@ async fn scenario(w: &World, id: u64) -> anyhow::Result<()> {
     w.desktops()
         .patch(name, &PatchParams::default(), &Patch::Merge(&memory))
         .await?;
-    w.operator_status(name, Some(new_port), &mac, None).await?;
-    w.wait_desktop(
-        name,
-        "Running after the wake",
-        Duration::from_secs(60),
-        |d| cond_is(d, RUNNING, "True", None),
-    )
-    .await?;
+    wake(w, name, new_port, &mac, "Running after the wake").await?;
     assert_eq!(
         virsh(&["domstate", "--reason", &domain]),
         "running (booted)"
@@ -411,14 +399,7 @@ async fn scenario(w: &World, id: u64) -> anyhow::Result<()> {
         .patch_status(name, &pp, &Patch::Merge(&moved))
         .await?;
     let disk_inode = inode(&disk)?;
-    w.operator_status(name, Some(new_port), &mac, None).await?;
-    w.wait_desktop(
-        name,
-        "Running after the move back",
-        Duration::from_secs(60),
-        |d| cond_is(d, RUNNING, "True", None),
-    )
-    .await?;
+    wake(w, name, new_port, &mac, "Running after the move back").await?;
     assert_eq!(
         virsh(&["domstate", "--reason", &domain]),
         "running (booted)",

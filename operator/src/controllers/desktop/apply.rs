@@ -56,9 +56,10 @@ async fn bound(pass: &Pass<'_>, node: &str) -> Result<Action, Error> {
         Settled::Deleted => return Ok(Action::await_change()),
         Settled::Write(plan) => plan,
     };
-    // A woken desktop may have moved to another host: the rest of the pass is about that one.
-    let node = plan.moved_to.clone().unwrap_or_else(|| node.to_string());
-    let node = node.as_str();
+    // A woken desktop may have moved to another host (its node label follows before the status
+    // write): the rest of the pass is about that one.
+    let moved_to = want.node.clone().filter(|n| n != node);
+    let node = moved_to.as_deref().unwrap_or(node);
     let alive = alive(node);
 
     match console(pass, node, &want).await {
@@ -102,7 +103,7 @@ async fn bound(pass: &Pass<'_>, node: &str) -> Result<Action, Error> {
     };
     // A move relabels the desktop for its new host first; the status write is guarded by the
     // version that wrote.
-    let relabelled = match &plan.moved_to {
+    let relabelled = match &moved_to {
         Some(to) => match relabel(d, api, to).await {
             Ok(fresh) => Some(fresh),
             Err(e) => {

@@ -48,8 +48,6 @@ pub(super) struct Plan {
     fresh_port: bool,
     /// The write drops the port of a released desktop: the ledger lets it go once written.
     drop_port: bool,
-    /// The desktop moves to this host: its node label follows before the status write.
-    pub moved_to: Option<String>,
 }
 
 /// The outcome of the idle part of a pass.
@@ -132,7 +130,6 @@ pub(super) async fn settle(
                                 to: host.clone(),
                                 at: wake.at.clone(),
                             });
-                            plan.moved_to = Some(host.clone());
                             let memory = match status.reclaimed.as_ref().map(|r| r.action) {
                                 Some(IdleAction::Suspend) => {
                                     "; the memory it saved on the old host is discarded, so it \
