@@ -94,7 +94,17 @@ async fn idle_desktops_are_reclaimed_held_ones_are_not_and_wake_keeps_disk_and_m
         .await
         .with_context(|| format!("{name} never ran"))?;
     }
-    let before = allocated(&pools, &w.pool).await?;
+    // The pool's status is coalesced (every 2 s): a desktop that started a moment ago may not be
+    // counted yet. `before` is read once the pool counts all three (1 CPU / 128Mi each).
+    let before = eventually(
+        Duration::from_secs(30),
+        "pool counts 3 desktops",
+        || async {
+            let a = allocated(&pools, &w.pool).await?;
+            Ok((a == (3, 3 * 128 * 1024 * 1024)).then_some(a))
+        },
+    )
+    .await?;
 
     // A client linked to `held` and kept open, as remote-viewer left connected.
     let held = desktops.get("held").await?;
