@@ -167,9 +167,15 @@ impl Env {
         Api::namespaced(self.client.clone(), &self.user_ns)
     }
 
-    /// The libvirt domain name of a desktop of this run.
-    pub fn domain_of(&self, desktop: &str) -> String {
-        format!("{}--{desktop}", self.user_ns)
+    /// The libvirt domain name of a desktop of this run (it carries the Desktop's UID).
+    pub async fn domain_of(&self, desktop: &str) -> anyhow::Result<String> {
+        let d = self.desktops().get(desktop).await?;
+        let uid = d.metadata.uid.unwrap_or_default();
+        Ok(deskvirt_crds::names::domain_name(
+            &self.user_ns,
+            desktop,
+            &uid,
+        ))
     }
 
     /// The console password of `desktop`, once its Secret exists.

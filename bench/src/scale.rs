@@ -398,7 +398,11 @@ async fn create_and_wait(fleet: &Fleet, spec: &StepSpec) -> anyhow::Result<Watch
 /// What one agent is sent for its desktops: the Desktops bound to host 0 and their mirrors.
 async fn cache_sizes(fleet: &Fleet) -> anyhow::Result<CacheSizes> {
     let host = fleet.host_name(0);
-    let selector = format!("{}={host}", deskvirt_crds::constants::LABEL_NODE);
+    let selector = format!(
+        "{}={}",
+        deskvirt_crds::constants::LABEL_NODE,
+        deskvirt_crds::names::label_value(&host)
+    );
     let lp = ListParams::default().labels(&selector);
     let mut c = CacheSizes::default();
     for d in fleet.desktops().list(&lp).await?.items {

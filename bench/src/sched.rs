@@ -9,7 +9,7 @@ use deskvirt_crds::resource_pool::Placement;
 use deskvirt_crds::{Desktop, DomainNode, ResourcePool};
 use deskvirt_operator::heartbeat::Heartbeat;
 use deskvirt_operator::scheduler::{self, PoolIndex, Request, bench};
-use deskvirt_operator::world::host_views;
+use deskvirt_operator::world::{Bindings, host_views};
 use k8s_openapi::jiff::Timestamp;
 use serde_json::json;
 
@@ -92,7 +92,15 @@ pub fn run(hosts: usize, desktops: usize, iterations: usize) -> anyhow::Result<S
     let mut bind_path = Vec::with_capacity(iterations);
     for _ in 0..iterations {
         let t = Instant::now();
-        let views = host_views(POOL, &policy, &nodes, &pools, &bound, None, |_| fresh);
+        let views = host_views(
+            POOL,
+            &policy,
+            &nodes,
+            &pools,
+            &bound,
+            Bindings::trusting(None),
+            |_| fresh,
+        );
         let chosen = scheduler::schedule(POOL, &index, &request, &views)
             .map(|d| d.host.name.len())
             .map_err(|e| anyhow::anyhow!("no placement: {e}"))?;
@@ -100,7 +108,15 @@ pub fn run(hosts: usize, desktops: usize, iterations: usize) -> anyhow::Result<S
         std::hint::black_box(chosen);
     }
 
-    let views = host_views(POOL, &policy, &nodes, &pools, &bound, None, |_| fresh);
+    let views = host_views(
+        POOL,
+        &policy,
+        &nodes,
+        &pools,
+        &bound,
+        Bindings::trusting(None),
+        |_| fresh,
+    );
     let mut place_only = Vec::with_capacity(iterations * 10);
     for _ in 0..iterations * 10 {
         let t = Instant::now();

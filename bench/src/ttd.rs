@@ -111,7 +111,7 @@ async fn accepted(addr: SocketAddr, password: &str) -> bool {
 
 /// The inactive XML (with the SPICE password) of a running deskvirt desktop.
 async fn capture(env: &Env, desktop: &str, port: u16) -> anyhow::Result<Template> {
-    let domain = env.domain_of(desktop);
+    let domain = env.domain_of(desktop).await?;
     let xml = run(
         "virsh dumpxml",
         Command::new("virsh").args([

@@ -31,6 +31,9 @@ pub const FINALIZER_OPERATOR: &str = "deskvirt.io/operator";
 pub const MANAGER_OPERATOR: &str = "deskvirt-operator";
 /// Server-side apply field manager of the node-agent.
 pub const MANAGER_AGENT: &str = "deskvirt-node-agent";
+/// Server-side apply field manager of the node-agent's orphan sweep (`DomainNode.status.orphans`
+/// only, apart from the agent's other status fields).
+pub const MANAGER_AGENT_SWEEP: &str = "deskvirt-node-agent-sweep";
 
 /// Namespace of the heartbeat Leases, one per host, named after the host. It is deskvirt's
 /// system namespace, where the leader Lease lives too.

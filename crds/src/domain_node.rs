@@ -135,10 +135,47 @@ pub struct DomainNodeStatus {
     /// What desktops may use after reserve and overcommit (operator).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub allocatable: Option<Allocatable>,
+    /// deskvirt domains on the host whose Desktop is gone or not bound here (its finalizers
+    /// removed by hand, say): still charged to the host's capacity, ports and MACs until they
+    /// are gone; the pool's `orphans` policy says what happens to them (agent).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["uid"]))]
+    pub orphans: Vec<OrphanDomain>,
     /// LibvirtConnected (agent), Ready and Schedulable (operator).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
     pub conditions: Vec<Condition>,
+}
+
+/// A deskvirt domain on a host with no Desktop bound there, and what it holds.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct OrphanDomain {
+    /// UID of the Desktop the domain was made for (its `<uuid>`).
+    pub uid: String,
+    /// The libvirt domain name.
+    pub domain: String,
+    /// `<namespace>/<name>` of the Desktop the domain was made for.
+    pub desktop: String,
+    /// Pool recorded in the domain.
+    pub pool: String,
+    /// Whether it runs (only a running domain uses CPU and memory).
+    pub running: bool,
+    /// vCPUs.
+    pub cpu: u32,
+    /// Memory as a quantity.
+    pub memory: String,
+    /// SPICE port it listens on (or will, when started).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub spice_port: Option<u16>,
+    /// MAC of its NIC.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mac: Option<String>,
+    /// When the agent first found it an orphan.
+    pub since: Time,
+    /// What the pool's policy did to it (`Stopped`, `Undefined`), once done.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub action: Option<String>,
 }
 
 /// CPU topology and speed.

@@ -6,6 +6,7 @@ pub mod conditions;
 pub mod constants;
 pub mod desktop;
 pub mod domain_node;
+pub mod names;
 pub mod quantity;
 pub mod resource_pool;
 mod schema;

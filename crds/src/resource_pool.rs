@@ -98,6 +98,11 @@ pub struct ResourcePoolSpec {
     /// What happens to desktops of a host whose heartbeat is lost.
     #[serde(default)]
     pub failover: Failover,
+    /// What happens to a domain of the pool left on a host without its Desktop (the Desktop
+    /// deleted with its finalizers removed by hand, say). Until it is gone it is charged to
+    /// its host: CPU and memory while it runs, its SPICE port and MAC always.
+    #[serde(default)]
+    pub orphans: OrphanPolicy,
     /// Settings inherited by every desktop of the pool unless the desktop overrides them.
     #[serde(default)]
     pub defaults: PoolDefaults,
@@ -386,6 +391,44 @@ impl Default for Failover {
         Self {
             restart_elsewhere: false,
             after: default_failover_after(),
+        }
+    }
+}
+
+/// What the host's agent does with an orphan domain once it has been one for `after`.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum OrphanAction {
+    /// Only report it (a Warning Event on the DomainNode and `status.orphans`).
+    #[default]
+    Report,
+    /// Power it off (ACPI shutdown, then hard power-off), keeping its definition and disk.
+    Stop,
+    /// Power it off and undefine it (with any saved memory); its disk is kept.
+    Undefine,
+}
+
+/// The orphan-domain policy of a pool.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct OrphanPolicy {
+    /// What to do: Report (default), Stop, or Undefine (the disk is always kept).
+    #[serde(default)]
+    pub action: OrphanAction,
+    /// Grace period before the action, counted from when the agent found the orphan.
+    #[serde(default = "default_orphan_after")]
+    #[schemars(regex(pattern = crate::quantity::DURATION_PATTERN))]
+    pub after: String,
+}
+
+fn default_orphan_after() -> String {
+    "1h".into()
+}
+
+impl Default for OrphanPolicy {
+    fn default() -> Self {
+        Self {
+            action: OrphanAction::default(),
+            after: default_orphan_after(),
         }
     }
 }

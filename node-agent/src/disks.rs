@@ -2,7 +2,9 @@
 //! the pool's base image (linked clone) or an independent qcow2 copy (full clone), made with
 //! `qemu-img` under a temporary name and renamed into place, so a crash never leaves a
 //! half-written disk under the real name. Removal refuses anything in the image directory and
-//! any file a domain still uses.
+//! any file a domain still uses. Every disk has its owner, the Desktop UID, recorded beside it
+//! (`<disk>.owner`, written before the disk is renamed into place); a disk recorded for another
+//! Desktop is never booted, cloned over or deleted.
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -36,6 +38,9 @@ pub enum DiskError {
     /// The path is a base image (or inside the image directory); never deleted.
     #[error("{path} is a base image or inside the image directory; never deleted")]
     Protected { path: String },
+    /// The disk belongs to another Desktop (or to nobody this agent can prove): untouched.
+    #[error("disk {path} belongs to {owner}, not to this desktop; it is left untouched")]
+    NotOurs { path: String, owner: String },
 }
 
 impl DiskError {
@@ -47,6 +52,7 @@ impl DiskError {
             Self::Io { .. } => "DiskIoFailed",
             Self::InUse { .. } => "DiskInUse",
             Self::Protected { .. } => "DiskProtected",
+            Self::NotOurs { .. } => "DiskNotOurs",
         }
     }
 
@@ -67,6 +73,73 @@ pub struct DiskPlan {
     pub clone: CloneMode,
     /// Virtual size in bytes when the Desktop asks for one.
     pub size: Option<u64>,
+    /// Who the disk is for: the Desktop UID recorded beside it.
+    pub owner: String,
+    /// Whether a disk found without an owner record may be taken as this desktop's: true only
+    /// when its own domain (found by its `<uuid>`) uses that very file, as a domain an earlier
+    /// release defined does. The record is written then.
+    pub adopt: bool,
+}
+
+/// Who a disk belongs to, by the record beside it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Owner {
+    /// Recorded for the Desktop asking.
+    Us,
+    /// Recorded for another Desktop UID.
+    Other(String),
+    /// No record: a disk of a release before owner records, or a file deskvirt did not make.
+    Unrecorded,
+}
+
+/// The owner record of `target`: `<target>.owner`.
+pub fn owner_path(target: &Path) -> PathBuf {
+    let mut name = target.file_name().unwrap_or_default().to_os_string();
+    name.push(".owner");
+    target.with_file_name(name)
+}
+
+/// Whom the record beside `target` names, compared with `uid`.
+pub async fn owner_of(target: &Path, uid: &str) -> Result<Owner, DiskError> {
+    let record = owner_path(target);
+    match tokio::fs::read_to_string(&record).await {
+        Ok(text) if text.trim().eq_ignore_ascii_case(uid) => Ok(Owner::Us),
+        Ok(text) => Ok(Owner::Other(text.trim().chars().take(64).collect())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Owner::Unrecorded),
+        Err(e) => Err(io("read the owner record of", target)(e)),
+    }
+}
+
+/// Writes the owner record of `target` (through a temporary file, so it is whole or absent).
+async fn record_owner(target: &Path, uid: &str) -> Result<(), DiskError> {
+    let record = owner_path(target);
+    let mut tmp = record.as_os_str().to_os_string();
+    tmp.push(".partial");
+    let tmp = PathBuf::from(tmp);
+    tokio::fs::write(&tmp, format!("{uid}\n"))
+        .await
+        .map_err(io("write the owner record of", target))?;
+    tokio::fs::rename(&tmp, &record)
+        .await
+        .map_err(io("write the owner record of", target))
+}
+
+/// Whether `uid` may use, replace or delete the disk at `target`; records the owner of an
+/// unrecorded disk it may adopt. The refusal names the owner found.
+async fn claim(target: &Path, uid: &str, adopt: bool) -> Result<(), DiskError> {
+    let refuse = |owner: String| DiskError::NotOurs {
+        path: target.display().to_string(),
+        owner,
+    };
+    match owner_of(target, uid).await? {
+        Owner::Us => Ok(()),
+        Owner::Other(other) => Err(refuse(format!("Desktop UID {other}"))),
+        Owner::Unrecorded if adopt => record_owner(target, uid).await,
+        Owner::Unrecorded => Err(refuse(
+            "no recorded desktop (a file deskvirt did not make, or one whose domain is gone)"
+                .into(),
+        )),
+    }
 }
 
 /// What [`prepare`] did.
@@ -136,6 +209,18 @@ fn partial_path(target: &Path) -> PathBuf {
     target.with_file_name(name)
 }
 
+/// Records `uid` as the owner of the existing, unrecorded disk of its own running domain (one an
+/// earlier release made). A disk with a record, or none at all, is left as it is.
+pub async fn adopt(target: &Path, uid: &str) -> Result<(), DiskError> {
+    let exists = tokio::fs::try_exists(target)
+        .await
+        .map_err(io("look at", target))?;
+    if exists && owner_of(target, uid).await? == Owner::Unrecorded {
+        record_owner(target, uid).await?;
+    }
+    Ok(())
+}
+
 /// Makes the desktop's disk unless it exists. With `fresh`, an existing disk is replaced by a
 /// new clone (a non-persistent desktop starting again); the caller guarantees no running
 /// domain uses it.
@@ -143,8 +228,16 @@ pub async fn prepare(qemu_img: &str, plan: &DiskPlan, fresh: bool) -> Result<Pre
     let exists = tokio::fs::try_exists(&plan.target)
         .await
         .map_err(io("look at", &plan.target))?;
-    if exists && !fresh {
-        return Ok(Prepared::Existing);
+    if exists {
+        claim(&plan.target, &plan.owner, plan.adopt).await?;
+        if !fresh {
+            return Ok(Prepared::Existing);
+        }
+    } else if let Owner::Other(other) = owner_of(&plan.target, &plan.owner).await? {
+        return Err(DiskError::NotOurs {
+            path: plan.target.display().to_string(),
+            owner: format!("Desktop UID {other}"),
+        });
     }
     match tokio::fs::metadata(&plan.base).await {
         Ok(m) if m.is_file() => {}
@@ -188,6 +281,7 @@ pub async fn prepare(qemu_img: &str, plan: &DiskPlan, fresh: bool) -> Result<Pre
             }
         }
     }
+    record_owner(&plan.target, &plan.owner).await?;
     tokio::fs::rename(&partial, &plan.target)
         .await
         .map_err(io("rename into place", &plan.target))?;
@@ -199,13 +293,16 @@ fn is_within(path: &Path, dir: &Path) -> bool {
     path.starts_with(dir)
 }
 
-/// Deletes the desktop's disk. Refused for anything inside `image_dir` and for any file in
-/// `in_use` (every disk and backing file of every defined or running domain); `Ok(false)`
-/// when it was already gone.
+/// Deletes the disk of the Desktop with UID `uid`, then its owner record. Refused for
+/// anything inside `image_dir`, for any file in `in_use` (every disk and backing file of every
+/// defined or running domain), and for a disk recorded for another Desktop (or, unless
+/// `adopt`, for nobody); `Ok(false)` when it was already gone.
 pub async fn remove(
     target: &Path,
     image_dir: &Path,
     in_use: &BTreeSet<String>,
+    uid: &str,
+    adopt: bool,
 ) -> Result<bool, DiskError> {
     let shown = target.display().to_string();
     if is_within(target, image_dir) {
@@ -214,17 +311,111 @@ pub async fn remove(
     if in_use.contains(&shown) {
         return Err(DiskError::InUse { path: shown });
     }
-    let _ = tokio::fs::remove_file(partial_path(target)).await;
-    match tokio::fs::remove_file(target).await {
-        Ok(()) => Ok(true),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
-        Err(e) => Err(io("delete", target)(e)),
+    let exists = tokio::fs::try_exists(target)
+        .await
+        .map_err(io("look at", target))?;
+    if !exists {
+        if owner_of(target, uid).await? == Owner::Us {
+            let _ = tokio::fs::remove_file(owner_path(target)).await;
+        }
+        return Ok(false);
     }
+    claim(target, uid, adopt).await?;
+    let _ = tokio::fs::remove_file(partial_path(target)).await;
+    let removed = match tokio::fs::remove_file(target).await {
+        Ok(()) => true,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
+        Err(e) => return Err(io("delete", target)(e)),
+    };
+    let _ = tokio::fs::remove_file(owner_path(target)).await;
+    Ok(removed)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const UID: &str = "0b7e9a4c-1111-4222-8333-444455556666";
+    const OTHER: &str = "9f2c1d3e-aaaa-4bbb-8ccc-ddddeeeeffff";
+
+    /// A scratch directory removed at drop.
+    struct Scratch(PathBuf);
+
+    impl Scratch {
+        fn new(tag: &str) -> Self {
+            let dir = std::env::temp_dir().join(format!(
+                "deskvirt-disks-{tag}-{}-{:?}",
+                std::process::id(),
+                std::thread::current().id()
+            ));
+            let _ = std::fs::remove_dir_all(&dir);
+            std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("{e}"));
+            Self(dir)
+        }
+    }
+
+    impl Drop for Scratch {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    #[tokio::test]
+    async fn a_disk_of_another_desktop_is_never_used_or_deleted() {
+        let dir = Scratch::new("owner");
+        let images = dir.0.join("images");
+        let disk = dir.0.join("d.qcow2");
+        std::fs::write(&disk, b"other tenant's data").unwrap_or_else(|e| panic!("{e}"));
+        std::fs::write(owner_path(&disk), OTHER).unwrap_or_else(|e| panic!("{e}"));
+        let plan = DiskPlan {
+            base: images.join("base.qcow2"),
+            target: disk.clone(),
+            clone: CloneMode::Linked,
+            size: None,
+            owner: UID.into(),
+            adopt: true,
+        };
+        for fresh in [false, true] {
+            let got = prepare("qemu-img", &plan, fresh).await;
+            assert!(
+                matches!(&got, Err(DiskError::NotOurs { owner, .. }) if owner.contains(OTHER)),
+                "{got:?}"
+            );
+        }
+        let got = remove(&disk, &images, &BTreeSet::new(), UID, true).await;
+        assert!(matches!(got, Err(DiskError::NotOurs { .. })), "{got:?}");
+        assert_eq!(
+            std::fs::read(&disk).unwrap_or_default(),
+            b"other tenant's data"
+        );
+    }
+
+    #[tokio::test]
+    async fn an_unrecorded_disk_is_adopted_only_by_its_own_domain() {
+        let dir = Scratch::new("adopt");
+        let images = dir.0.join("images");
+        let disk = dir.0.join("legacy.qcow2");
+        std::fs::write(&disk, b"x").unwrap_or_else(|e| panic!("{e}"));
+        let mut plan = DiskPlan {
+            base: images.join("base.qcow2"),
+            target: disk.clone(),
+            clone: CloneMode::Linked,
+            size: None,
+            owner: UID.into(),
+            adopt: false,
+        };
+        let got = prepare("qemu-img", &plan, false).await;
+        assert!(matches!(got, Err(DiskError::NotOurs { .. })), "{got:?}");
+        plan.adopt = true;
+        assert!(matches!(
+            prepare("qemu-img", &plan, false).await,
+            Ok(Prepared::Existing)
+        ));
+        assert_eq!(owner_of(&disk, UID).await.ok(), Some(Owner::Us));
+        let got = remove(&disk, &images, &BTreeSet::new(), UID, false).await;
+        assert!(matches!(got, Ok(true)), "{got:?}");
+        assert!(!owner_path(&disk).exists() && !disk.exists());
+    }
 
     #[test]
     fn partial_is_beside_the_target() {
@@ -240,16 +431,19 @@ mod tests {
         let none = BTreeSet::new();
         let base = images.join("debian.qcow2");
         assert!(matches!(
-            remove(&base, images, &none).await,
+            remove(&base, images, &none, UID, true).await,
             Err(DiskError::Protected { .. })
         ));
         let disk = Path::new("/nonexistent-deskvirt/disks/ns--a.qcow2");
         let used: BTreeSet<String> = [disk.display().to_string()].into();
         assert!(matches!(
-            remove(disk, images, &used).await,
+            remove(disk, images, &used, UID, true).await,
             Err(DiskError::InUse { .. })
         ));
-        assert!(matches!(remove(disk, images, &none).await, Ok(false)));
+        assert!(matches!(
+            remove(disk, images, &none, UID, true).await,
+            Ok(false)
+        ));
     }
 
     #[tokio::test]
@@ -259,6 +453,8 @@ mod tests {
             target: PathBuf::from("/nonexistent-deskvirt/disks/x.qcow2"),
             clone: CloneMode::Linked,
             size: None,
+            owner: UID.into(),
+            adopt: false,
         };
         let err = prepare("qemu-img", &plan, false).await;
         assert!(

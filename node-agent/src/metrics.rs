@@ -64,6 +64,9 @@ pub struct Metrics {
     /// Saved memory images discarded at a wake because they could not take the desktop's
     /// definition; each such desktop booted from its disk.
     pub saved_memory_discarded: Counter,
+    /// Reconciles of Desktops labelled for this host that the operator has not bound here
+    /// (not yet, moved away, or a label, finalizer or status set by someone else): left alone.
+    pub unbound_desktops: Counter,
 }
 
 /// The `result` label of a reconcile.
@@ -123,6 +126,11 @@ impl Metrics {
             "saved_memory_discarded",
             "Saved memory images discarded at a wake because they could not take the desktop's definition (the desktop booted from its disk)",
             metrics.saved_memory_discarded.clone(),
+        );
+        registry.register(
+            "unbound_desktops",
+            "Reconciles of Desktops labelled for this host that the operator has not bound here (not yet, moved away, or forged): nothing was done for them",
+            metrics.unbound_desktops.clone(),
         );
         for state in STATES {
             metrics.domains.get_or_create(&[("state", state)]).set(0);

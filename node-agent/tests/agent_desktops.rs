@@ -93,7 +93,7 @@ async fn scenario(w: &World, id: u64) -> anyhow::Result<()> {
         )
         .await?;
     let bound_to_running = bound_at.elapsed();
-    let domain = domain_name(&w.ns, name);
+    let domain = domain_name(&w.ns, name, &uid);
     let status = running.status.clone().unwrap_or_default();
     let ip: Ipv4Addr = status.ip.as_deref().unwrap_or_default().parse()?;
     assert_eq!(

@@ -179,17 +179,18 @@ async fn scenario(w: &World, id: u64) -> anyhow::Result<()> {
     w.assign_subnet(&format!("10.{octet}.9.0/24")).await?;
 
     let name = "idler";
-    let domain = domain_name(&w.ns, name);
-    let disk = w.disk_dir.join(format!("{domain}.qcow2"));
-    let image = PathBuf::from(SAVE_DIR).join(format!("{domain}.save"));
-    let log = serial_log_path(&domain);
     let mac = format!("52:54:00:{:02x}:{:02x}:21", (id >> 8) & 0xff, id & 0xff);
     let password = format!("pw-{:x}", unique());
     let port = w.first_port;
     let mut spec = w.spec("base.qcow2");
     spec["disk"]["persistent"] = json!(false);
-    w.create_bound_with(name, spec, port, &mac, &password)
+    let uid = w
+        .create_bound_with(name, spec, port, &mac, &password)
         .await?;
+    let domain = domain_name(&w.ns, name, &uid);
+    let disk = w.disk_dir.join(format!("{domain}.qcow2"));
+    let image = PathBuf::from(SAVE_DIR).join(format!("{domain}.save"));
+    let log = serial_log_path(&domain);
     w.wait_desktop(name, "Running", Duration::from_secs(120), |d| {
         cond_is(d, RUNNING, "True", None)
     })

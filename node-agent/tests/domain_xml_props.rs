@@ -6,7 +6,7 @@
 mod common;
 
 use common::{UID, binding, desktop, host};
-use deskvirt_node_agent::domain::names::MAX_DOMAIN_NAME;
+use deskvirt_node_agent::domain::names::MAX_DESKTOP_DOMAIN_NAME;
 use deskvirt_node_agent::domain::text::is_xml_char;
 use deskvirt_node_agent::domain::{BuildError, DomainInputs, domain_xml, parse_identity};
 use proptest::prelude::*;
@@ -100,7 +100,7 @@ proptest! {
                 prop_assert_eq!(parse_identity(&xml), Some(inputs.identity.clone()));
                 prop_assert_eq!(inputs.identity.user.clone(), user);
                 let domain = inputs.domain_name();
-                prop_assert!(domain.len() <= MAX_DOMAIN_NAME && !domain.is_empty());
+                prop_assert!(domain.len() <= MAX_DESKTOP_DOMAIN_NAME && !domain.is_empty());
                 prop_assert!(domain.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)), "{}", domain);
             }
         }

@@ -5,7 +5,9 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use deskvirt_crds::constants::console_mirror_name;
+use deskvirt_crds::constants::{LABEL_NODE, console_mirror_name};
+use deskvirt_crds::domain_node::OrphanDomain;
+use deskvirt_crds::names::label_value;
 use deskvirt_crds::{Desktop, DomainNode, ResourcePool};
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::Secret;
@@ -34,6 +36,8 @@ pub struct Stores {
     pub leases: Store<Lease>,
     /// Console password mirrors in the operator's namespace.
     pub mirrors: Store<Secret>,
+    /// The console namespace, where the mirrors are.
+    console: String,
 }
 
 impl Stores {
@@ -70,6 +74,7 @@ impl Stores {
             desktops,
             leases,
             mirrors,
+            console: console_namespace.to_string(),
         };
         (stores, drive)
     }
@@ -93,6 +98,21 @@ impl Stores {
 
     pub fn lease(&self, namespace: &str, name: &str) -> Option<Arc<Lease>> {
         self.leases.get(&ObjectRef::new(name).within(namespace))
+    }
+
+    /// Whether the host `d`'s status names was bound by the operator: its console mirror (which
+    /// only the operator writes, before it binds) is labelled with that host. A status someone
+    /// else wrote is never charged to a host, nor replayed into a ledger. An unbound desktop
+    /// is trivially confirmed.
+    pub fn binding_confirmed(&self, d: &Desktop) -> bool {
+        let Some(node) = d.status.as_ref().and_then(|s| s.node.as_deref()) else {
+            return true;
+        };
+        let Some(uid) = d.metadata.uid.as_deref() else {
+            return false;
+        };
+        self.mirror(&self.console, uid)
+            .is_some_and(|m| m.labels().get(LABEL_NODE) == Some(&label_value(node)))
     }
 
     /// The cached mirror of the desktop with UID `uid`.
@@ -125,6 +145,8 @@ pub struct Ledgers {
     pools: BTreeMap<String, Ledger>,
     /// Desktops whose recorded port or MAC a rebuild refused; they get new ones.
     pub rebind: BTreeSet<String>,
+    /// UIDs of the orphan domains whose port and MAC the ledger holds, by (pool, host).
+    orphans: BTreeMap<(String, String), BTreeSet<String>>,
 }
 
 impl Ledgers {
@@ -152,8 +174,18 @@ impl Ledgers {
     fn rebuild(&mut self, name: &str, config: LedgerConfig, stores: &Stores) {
         let old = self.pools.remove(name);
         let mut ledger = Ledger::new(config);
+        let orphans = orphan_bindings(name, stores);
+        self.orphans.retain(|(pool, _), _| pool != name);
+        for (host, b) in &orphans {
+            self.orphans
+                .entry((name.to_string(), host.clone()))
+                .or_default()
+                .insert(b.desktop.clone());
+        }
         let conflicts = ledger.rebuild(
-            desktop_bindings(name, stores, old.as_ref()),
+            desktop_bindings(name, stores, old.as_ref())
+                .into_iter()
+                .chain(orphans.into_iter().map(|(_, b)| b)),
             host_bindings(name, stores),
         );
         for c in &conflicts {
@@ -162,6 +194,46 @@ impl Ledgers {
         }
         tracing::info!(pool = %name, conflicts = conflicts.len(), "ledger rebuilt");
         self.pools.insert(name.to_string(), ledger);
+    }
+
+    /// Makes the ledger of `pool` hold the SPICE port and MAC of every orphan domain `host`
+    /// reports (a domain whose Desktop is gone still listens on its port and owns its MAC), and
+    /// frees those of orphans no longer reported. Returns the orphans whose port or MAC another
+    /// desktop holds, in words.
+    pub fn sync_orphans(
+        &mut self,
+        pool: &str,
+        host: &str,
+        orphans: &[&OrphanDomain],
+    ) -> Vec<String> {
+        let Some(ledger) = self.pools.get_mut(pool) else {
+            return Vec::new();
+        };
+        let key = (pool.to_string(), host.to_string());
+        let before = self.orphans.remove(&key).unwrap_or_default();
+        let mut held = BTreeSet::new();
+        let mut refused = Vec::new();
+        for o in orphans {
+            let (Some(port), Some(mac)) = (o.spice_port, o.mac.as_deref()) else {
+                continue;
+            };
+            if ledger.holds(&o.uid, host, port, mac) || ledger.adopt(&o.uid, host, port, mac) {
+                held.insert(o.uid.clone());
+            } else {
+                refused.push(format!(
+                    "orphan domain {} (Desktop {} is gone) uses SPICE port {port} and MAC {mac}, which another desktop holds",
+                    o.domain, o.desktop
+                ));
+            }
+        }
+        for gone in before.difference(&held) {
+            let freed = ledger.release(gone);
+            tracing::info!(pool, host, orphan = %gone, ?freed, "orphan domain gone: its port and MAC are free");
+        }
+        if !held.is_empty() {
+            self.orphans.insert(key, held);
+        }
+        refused
     }
 
     /// The ledger of `pool` if already built.
@@ -190,7 +262,7 @@ fn desktop_bindings(pool: &str, stores: &Stores, old: Option<&Ledger>) -> Vec<De
         .desktops
         .state()
         .iter()
-        .filter(|d| d.spec.pool == pool && holds_binding(d))
+        .filter(|d| d.spec.pool == pool && holds_binding(d) && stores.binding_confirmed(d))
         .map(|d| {
             let uid = d.metadata.uid.clone().unwrap_or_default();
             let st = d.status.clone().unwrap_or_default();
@@ -214,6 +286,29 @@ fn desktop_bindings(pool: &str, stores: &Stores, old: Option<&Ledger>) -> Vec<De
                 b.mac = old.mac_of(&uid).map(|m| m.to_string());
             }
             b
+        })
+        .collect()
+}
+
+/// The ports and MACs of the orphan domains the hosts of `pool` report, with their hosts.
+fn orphan_bindings(pool: &str, stores: &Stores) -> Vec<(String, DesktopBinding)> {
+    let nodes: Vec<_> = stores
+        .nodes
+        .state()
+        .into_iter()
+        .filter(|n| n.status.as_ref().and_then(|s| s.pool.as_deref()) == Some(pool))
+        .collect();
+    crate::world::orphans_by_host(&nodes, &stores.desktops.state())
+        .into_iter()
+        .map(|(host, o)| {
+            let b = DesktopBinding {
+                desktop: o.uid.clone(),
+                seniority: Seniority::new(o.since.0.as_second(), o.uid.clone()),
+                host: Some(host.clone()),
+                port: o.spice_port,
+                mac: o.mac.clone(),
+            };
+            (host, b)
         })
         .collect()
 }
@@ -444,5 +539,58 @@ impl Context {
     pub fn succeeded(&self, key: &str) {
         let mut f = self.failures.lock().unwrap_or_else(|p| p.into_inner());
         f.remove(key);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::allocators::Claim;
+    use deskvirt_crds::resource_pool::ResourcePoolSpec;
+
+    fn orphan(uid: &str, port: u16, mac: &str) -> OrphanDomain {
+        serde_json::from_value(serde_json::json!({
+            "uid": uid, "domain": format!("ns--d--{uid}"), "desktop": "ns/d", "pool": "p",
+            "running": true, "cpu": 1, "memory": "1Gi", "spicePort": port, "mac": mac,
+            "since": "2026-01-01T00:00:00Z"
+        }))
+        .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    #[test]
+    fn orphans_hold_their_port_and_mac_until_gone() {
+        let spec: ResourcePoolSpec =
+            serde_json::from_value(serde_json::json!({})).unwrap_or_else(|e| panic!("{e}"));
+        let mut ledgers = Ledgers::fresh();
+        let ledger = Ledger::from_spec(&spec).unwrap_or_else(|e| panic!("{e}"));
+        let first = spec.display.spice_ports.first;
+        ledgers.pools.insert("p".into(), ledger);
+        let mac = "52:54:00:00:00:01";
+        let o = orphan("gone", first, mac);
+        assert!(ledgers.sync_orphans("p", "h1", &[&o]).is_empty());
+        assert!(
+            ledgers.sync_orphans("p", "h1", &[&o]).is_empty(),
+            "idempotent"
+        );
+        // A new desktop on that host never gets the orphan's port.
+        let l = ledgers.get_mut("p").unwrap_or_else(|| panic!("no ledger"));
+        let bound = l
+            .bind(&Claim {
+                desktop: "new",
+                host: "h1",
+                fixed_mac: None,
+            })
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_ne!(bound.port, first);
+        assert_ne!(bound.mac.to_string(), mac);
+        // Another orphan on the new desktop's port is refused and named.
+        let clash = orphan("clash", bound.port, "52:54:00:00:00:09");
+        let refused = ledgers.sync_orphans("p", "h1", &[&o, &clash]);
+        assert_eq!(refused.len(), 1, "{refused:?}");
+        assert!(refused[0].contains("ns--d--clash"));
+        // Gone: its port is free again.
+        ledgers.sync_orphans("p", "h1", &[]);
+        let l = ledgers.get("p").unwrap_or_else(|| panic!("no ledger"));
+        assert_eq!(l.ports().holder("h1", first), None);
     }
 }

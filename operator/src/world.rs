@@ -1,9 +1,12 @@
 //! Pure readings of the watched objects the controllers share: which pool a host belongs to,
-//! what each host's bound desktops hold, and the scheduler's view of a pool's hosts.
+//! what each host's bound desktops and orphan domains hold, and the scheduler's view of a
+//! pool's hosts.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use deskvirt_crds::domain_node::OrphanDomain;
+use deskvirt_crds::quantity::parse_bytes;
 use deskvirt_crds::{Desktop, DomainNode, ResourcePool};
 
 use crate::allocators::Ledger;
@@ -43,15 +46,76 @@ pub fn bound_host(d: &Desktop, ledger: Option<&Ledger>) -> Option<String> {
     ledger?.port_of(uid).map(|(h, _)| h.to_string())
 }
 
+/// The orphan domains each host reports whose Desktop is gone: a domain of a Desktop that
+/// still exists (bound elsewhere, a leftover of a move) is that Desktop's, and counted there.
+pub fn orphans_by_host<'a>(
+    nodes: &'a [Arc<DomainNode>],
+    desktops: &[Arc<Desktop>],
+) -> Vec<(String, &'a OrphanDomain)> {
+    let live: std::collections::HashSet<&str> = desktops
+        .iter()
+        .filter_map(|d| d.metadata.uid.as_deref())
+        .collect();
+    nodes
+        .iter()
+        .filter_map(|n| Some((n.metadata.name.clone()?, n.status.as_ref()?)))
+        .flat_map(|(host, st)| st.orphans.iter().map(move |o| (host.clone(), o)))
+        .filter(|(_, o)| !live.contains(o.uid.as_str()))
+        .collect()
+}
+
+/// How the operator knows which bindings it made: the pool's ledger (when this replica holds
+/// it) and a check of the operator's own record of a binding a status names.
+#[derive(Clone, Copy)]
+pub struct Bindings<'a> {
+    pub ledger: Option<&'a Ledger>,
+    pub confirmed: &'a dyn Fn(&Desktop) -> bool,
+}
+
+impl<'a> Bindings<'a> {
+    /// Every recorded binding counts (for tools and tests that hold no mirrors).
+    pub fn trusting(ledger: Option<&'a Ledger>) -> Self {
+        Self {
+            ledger,
+            confirmed: &|_| true,
+        }
+    }
+}
+
 /// What the desktops bound to each host hold (those whose resources the idle policy released
-/// hold nothing: [`crate::idle::holds_resources`]).
-pub fn usage_by_host(desktops: &[Arc<Desktop>], ledger: Option<&Ledger>) -> HashMap<String, Usage> {
+/// hold nothing: [`crate::idle::holds_resources`]), and what the running orphan domains the
+/// hosts report use: a domain whose Desktop is gone still takes its CPU and memory.
+/// Only desktops whose binding the operator made count (`confirmed`,
+/// [`crate::context::Stores::binding_confirmed`], or held by the ledger): a status written by
+/// anyone else charges nothing.
+pub fn usage_by_host(
+    desktops: &[Arc<Desktop>],
+    nodes: &[Arc<DomainNode>],
+    bindings: Bindings<'_>,
+) -> HashMap<String, Usage> {
+    let Bindings { ledger, confirmed } = bindings;
     let mut requests: HashMap<String, Vec<Request>> = HashMap::new();
     for d in desktops.iter().filter(|d| crate::idle::holds_resources(d)) {
         let (Some(host), Ok(req)) = (bound_host(d, ledger), Request::from_spec(&d.spec)) else {
             continue;
         };
-        requests.entry(host).or_default().push(req);
+        // The ledger's own record counts too: the mirror of a binding made a moment ago may
+        // not be in the cache yet.
+        let in_ledger = || {
+            let uid = d.metadata.uid.as_deref().unwrap_or_default();
+            ledger.is_some_and(|l| l.port_of(uid).is_some_and(|(h, _)| h == host))
+        };
+        if confirmed(d) || in_ledger() {
+            requests.entry(host).or_default().push(req);
+        }
+    }
+    for (host, o) in orphans_by_host(nodes, desktops) {
+        if let (true, Ok(memory)) = (o.running, parse_bytes(&o.memory)) {
+            requests
+                .entry(host)
+                .or_default()
+                .push(Request::new(o.cpu, memory));
+        }
     }
     requests
         .into_iter()
@@ -66,10 +130,11 @@ pub fn host_views(
     nodes: &[Arc<DomainNode>],
     pools: &[Arc<ResourcePool>],
     desktops: &[Arc<Desktop>],
-    ledger: Option<&Ledger>,
+    bindings: Bindings<'_>,
     heartbeat: impl Fn(&str) -> Heartbeat,
 ) -> Vec<HostView> {
-    let usage = usage_by_host(desktops, ledger);
+    let ledger = bindings.ledger;
+    let usage = usage_by_host(desktops, nodes, bindings);
     nodes
         .iter()
         .filter(|n| pool_of(n, pools).as_deref() == Some(pool))
@@ -124,5 +189,51 @@ mod tests {
         assert_eq!(pool_of(&node(&[("zone", "c")]), &pools), None);
         let all = vec![pool("everything", 50, &[])];
         assert_eq!(pool_of(&node(&[]), &all).as_deref(), Some("everything"));
+    }
+
+    fn with_orphans(orphans: &[(&str, bool)]) -> Arc<DomainNode> {
+        let mut n = node(&[]);
+        let list: Vec<serde_json::Value> = orphans
+            .iter()
+            .map(|(uid, running)| {
+                serde_json::json!({
+                    "uid": uid, "domain": format!("ns--d--{uid}"), "desktop": "ns/d", "pool": "p",
+                    "running": running, "cpu": 2, "memory": "1Gi", "spicePort": 5900,
+                    "mac": "52:54:00:00:00:01", "since": "2026-01-01T00:00:00Z"
+                })
+            })
+            .collect();
+        n.status = serde_json::from_value(serde_json::json!({ "orphans": list }))
+            .unwrap_or_else(|e| panic!("{e}"));
+        Arc::new(n)
+    }
+
+    fn desktop(uid: &str) -> Arc<Desktop> {
+        Arc::new(
+            serde_json::from_value(serde_json::json!({
+                "apiVersion": "deskvirt.io/v1alpha1", "kind": "Desktop",
+                "metadata": {"name": "d", "namespace": "ns", "uid": uid},
+                "spec": {"pool": "p", "cpu": 1, "memory": "1Gi", "disk": {"image": "i.qcow2"}}
+            }))
+            .unwrap_or_else(|e| panic!("{e}")),
+        )
+    }
+
+    #[test]
+    fn running_orphans_of_gone_desktops_are_charged_to_their_host() {
+        let nodes = vec![with_orphans(&[
+            ("gone", true),
+            ("stopped", false),
+            ("moved", true),
+        ])];
+        // `moved` is the domain of a Desktop that still exists (bound elsewhere): it is
+        // counted as that Desktop's, not twice.
+        let desktops = vec![desktop("moved")];
+        let usage = usage_by_host(&desktops, &nodes, Bindings::trusting(None));
+        let h1 = usage.get("h1").copied().unwrap_or_default();
+        assert_eq!((h1.shared_vcpus, h1.memory), (2, 1 << 30));
+        let orphans = orphans_by_host(&nodes, &desktops);
+        let uids: Vec<&str> = orphans.iter().map(|(_, o)| o.uid.as_str()).collect();
+        assert_eq!(uids, ["gone", "stopped"]);
     }
 }

@@ -340,7 +340,12 @@ pub struct ScratchNamespace {
 impl ScratchNamespace {
     /// Creates `<prefix>-<random>`, labelled as a test namespace.
     pub fn create(prefix: &str) -> anyhow::Result<Self> {
-        let name = format!("{prefix}-{}", unique_suffix());
+        Self::named(&format!("{prefix}-{}", unique_suffix()))
+    }
+
+    /// Creates the namespace `name`, labelled as a test namespace.
+    pub fn named(name: &str) -> anyhow::Result<Self> {
+        let name = name.to_string();
         let manifest = format!(
             "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: {name}\n  labels:\n    deskvirt.io/test: \"true\"\n"
         );

@@ -168,3 +168,29 @@ pub fn qemu_pid(domain: &str) -> Option<u32> {
             .ok()?;
     text.trim().parse().ok()
 }
+
+/// The body of `GET path` from a plain HTTP/1.0 server at `addr` (our `/metrics` endpoints),
+/// within 5 seconds.
+pub async fn http_get(addr: &str, path: &str) -> anyhow::Result<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let fetch = async {
+        let mut stream = tokio::net::TcpStream::connect(addr).await?;
+        let request = format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+        stream.write_all(request.as_bytes()).await?;
+        let mut response = Vec::new();
+        stream.read_to_end(&mut response).await?;
+        anyhow::Ok(String::from_utf8_lossy(&response).into_owned())
+    };
+    let response = tokio::time::timeout(Duration::from_secs(5), fetch)
+        .await
+        .with_context(|| format!("GET {addr}{path} timed out"))??;
+    let (head, body) = response
+        .split_once("\r\n\r\n")
+        .with_context(|| format!("GET {addr}{path}: no HTTP response"))?;
+    anyhow::ensure!(
+        head.lines().next().is_some_and(|l| l.contains(" 200")),
+        "GET {addr}{path}: {}",
+        head.lines().next().unwrap_or_default()
+    );
+    Ok(body.to_string())
+}

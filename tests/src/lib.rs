@@ -7,6 +7,7 @@ pub mod cluster;
 pub mod helm;
 pub mod host;
 pub mod kubectl;
+pub mod previous;
 pub mod second_host;
 pub mod spice;
 pub mod world;

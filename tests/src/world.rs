@@ -51,20 +51,33 @@ pub struct World {
     pub more_agents: Vec<Process>,
     pub operator: Option<Process>,
     pub guest_dir: PathBuf,
+    /// `/metrics` address of the agent [`World::start_agent`] started last.
+    pub agent_metrics: Option<String>,
 }
 
 impl World {
     pub fn start_agent(&mut self) -> anyhow::Result<()> {
-        self.agent = Some(self.spawn_agent(&self.node, &[])?);
+        let metrics = format!("127.0.0.1:{}", free_port()?);
+        self.agent = Some(self.spawn_agent_at(&self.node, &metrics, &[])?);
+        self.agent_metrics = Some(metrics);
         Ok(())
     }
 
     /// A node-agent for host `node` of the run's pool, with the tests' settings and `extra`
     /// arguments (another libvirt, say).
     pub fn spawn_agent(&self, node: &str, extra: &[&str]) -> anyhow::Result<Process> {
+        self.spawn_agent_at(node, &format!("127.0.0.1:{}", free_port()?), extra)
+    }
+
+    /// [`Self::spawn_agent`] serving `/metrics` on `metrics`.
+    pub fn spawn_agent_at(
+        &self,
+        node: &str,
+        metrics: &str,
+        extra: &[&str],
+    ) -> anyhow::Result<Process> {
         let bin = workspace_binary("deskvirt-node-agent")?;
         let labels = format!("deskvirt.io/pool={},{RUN_LABEL}={}", self.pool, self.run);
-        let metrics = format!("127.0.0.1:{}", free_port()?);
         let mut cmd = Command::new(bin);
         cmd.env("KUBECONFIG", &self.agent_kubeconfig)
             .env("RUST_LOG", log_level())
@@ -73,7 +86,7 @@ impl World {
             .args(["--console-namespace", &self.console_ns])
             .args(["--node-labels", &labels])
             .args(["--heartbeat-interval", "1s", "--lease-duration", LEASE])
-            .args(["--shutdown-grace", "3s", "--metrics-addr", &metrics])
+            .args(["--shutdown-grace", "3s", "--metrics-addr", metrics])
             .args(extra);
         if !extra.contains(&"--node-address") {
             cmd.args(["--node-address", "127.0.0.1"]);
@@ -106,6 +119,21 @@ impl World {
         kubectl(&all, None)
     }
 
+    /// The value of `metric` (a counter or gauge without labels) on the agent's `/metrics`.
+    pub async fn agent_metric(&self, metric: &str) -> anyhow::Result<f64> {
+        let addr = self
+            .agent_metrics
+            .clone()
+            .context("no agent started with start_agent")?;
+        let text = crate::host::http_get(&addr, "/metrics").await?;
+        text.lines()
+            .find_map(|l| {
+                let (name, value) = l.split_once(' ')?;
+                (name == metric).then(|| value.trim().parse::<f64>().ok())?
+            })
+            .with_context(|| format!("no {metric} in the agent's /metrics"))
+    }
+
     pub async fn phase(&self, name: &str) -> anyhow::Result<Option<Phase>> {
         Ok(self
             .desktops()
@@ -118,31 +146,7 @@ impl World {
 impl Drop for World {
     fn drop(&mut self) {
         // Desktops go while the agent still runs (their finalizers need it); then the host.
-        let _ = kubectl(
-            &[
-                "delete",
-                "desktops",
-                "--all",
-                "-n",
-                &self.user_ns.name,
-                "--wait=true",
-                "--timeout=120s",
-            ],
-            None,
-        );
-        let _ = kubectl(
-            &[
-                "patch",
-                "desktops",
-                "--all",
-                "-n",
-                &self.user_ns.name,
-                "--type=merge",
-                "-p",
-                r#"{"metadata":{"finalizers":null}}"#,
-            ],
-            None,
-        );
+        delete_desktops(&self.user_ns.name);
         if let Some(mut p) = self.agent.take() {
             let _ = p.kill();
         }
@@ -152,20 +156,7 @@ impl Drop for World {
         if let Some(mut p) = self.operator.take() {
             let _ = p.kill();
         }
-        let prefix = format!("{}--", self.user_ns.name);
-        if let Ok(names) = crate::host::run(
-            "virsh list",
-            Command::new("virsh").args(["-c", "qemu:///system", "list", "--all", "--name"]),
-        ) {
-            for d in names.lines().filter(|n| n.starts_with(&prefix)) {
-                let _ = Command::new("virsh")
-                    .args(["-c", "qemu:///system", "destroy", d])
-                    .output();
-                let _ = Command::new("virsh")
-                    .args(["-c", "qemu:///system", "undefine", d])
-                    .output();
-            }
-        }
+        remove_domains(&format!("{}--", self.user_ns.name));
         let net = format!("deskvirt-{}", self.pool);
         let _ = Command::new("virsh")
             .args(["-c", "qemu:///system", "net-destroy", &net])
@@ -284,6 +275,7 @@ pub async fn setup(pool: &str) -> anyhow::Result<World> {
         more_agents: Vec::new(),
         operator: None,
         guest_dir,
+        agent_metrics: None,
     })
 }
 
@@ -302,6 +294,64 @@ pub async fn patch_pool(w: &World, spec: serde_json::Value) -> anyhow::Result<()
 
 /// A Desktop of the run's pool that boots the tiny test guest: 1 vCPU, `memory`, no USB
 /// redirection, with the fields of `extra` set over that spec (`idle`, `power`, ...).
+/// Deletes the Desktops of `namespace` (waiting up to 2 minutes for their finalizers, which
+/// need the agent), then strips the finalizers of any left.
+pub fn delete_desktops(namespace: &str) {
+    let _ = kubectl(
+        &[
+            "delete",
+            "desktops",
+            "--all",
+            "-n",
+            namespace,
+            "--wait=true",
+            "--timeout=120s",
+        ],
+        None,
+    );
+    let _ = kubectl(
+        &[
+            "patch",
+            "desktops",
+            "--all",
+            "-n",
+            namespace,
+            "--type=merge",
+            "-p",
+            r#"{"metadata":{"finalizers":null}}"#,
+        ],
+        None,
+    );
+}
+
+/// Destroys and undefines every domain of this machine's libvirt whose name starts with `prefix`.
+pub fn remove_domains(prefix: &str) {
+    if let Ok(names) = crate::host::run(
+        "virsh list",
+        Command::new("virsh").args(["-c", "qemu:///system", "list", "--all", "--name"]),
+    ) {
+        for d in names.lines().filter(|n| n.starts_with(prefix)) {
+            let _ = Command::new("virsh")
+                .args(["-c", "qemu:///system", "destroy", d])
+                .output();
+            let _ = Command::new("virsh")
+                .args(["-c", "qemu:///system", "undefine", d, "--managed-save"])
+                .output();
+        }
+    }
+}
+
+/// The libvirt domain name of `desktop` in `namespace` (it carries the Desktop's UID).
+pub async fn domain_of(
+    desktops: &Api<Desktop>,
+    namespace: &str,
+    desktop: &str,
+) -> anyhow::Result<String> {
+    let d = desktops.get(desktop).await?;
+    let uid = d.metadata.uid.unwrap_or_default();
+    Ok(deskvirt_crds::names::domain_name(namespace, desktop, &uid))
+}
+
 pub fn guest_desktop(
     w: &World,
     name: &str,

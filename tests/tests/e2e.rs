@@ -32,7 +32,9 @@ use deskvirt_tests::cluster::repo_root;
 use deskvirt_tests::host::{eventually, qemu_pid};
 use deskvirt_tests::kubectl::kubectl;
 use deskvirt_tests::spice::{LinkOutcome, link};
-use deskvirt_tests::world::{LEASE, RUN_LABEL, console_password, create_pool, setup, spice_addr};
+use deskvirt_tests::world::{
+    LEASE, RUN_LABEL, console_password, create_pool, domain_of, setup, spice_addr,
+};
 use kube::api::{DeleteParams, ListParams, PostParams};
 use kube::{Api, ResourceExt};
 use serde_json::json;
@@ -145,7 +147,7 @@ async fn helm_install_apply_connect_survive_and_delete() -> anyhow::Result<()> {
     }
 
     // kill -9 the agent: host and desktop go Unknown; a restart brings them back, same QEMU.
-    let domain = format!("{}--alice", w.user_ns.name);
+    let domain = domain_of(&w.desktops(), &w.user_ns.name, "alice").await?;
     let pid = qemu_pid(&domain).context("no QEMU PID")?;
     if let Some(mut a) = w.agent.take() {
         a.kill()?;

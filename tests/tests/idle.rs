@@ -26,7 +26,7 @@ use deskvirt_tests::cluster::unique_suffix;
 use deskvirt_tests::host::eventually;
 use deskvirt_tests::spice::hold;
 use deskvirt_tests::world::{
-    World, console_password, create_pool, guest_desktop, patch_pool, setup, spice_addr,
+    World, console_password, create_pool, domain_of, guest_desktop, patch_pool, setup, spice_addr,
     virsh_system,
 };
 use k8s_openapi::api::core::v1::Event;
@@ -143,7 +143,8 @@ async fn idle_desktops_are_reclaimed_held_ones_are_not_and_wake_keeps_disk_and_m
     w.start_agent()?;
 
     // `quiet` is suspended after its timeout.
-    let quiet_disk = virsh_system(&["domblklist", &format!("{}--quiet", w.user_ns.name)])?;
+    let quiet_domain = domain_of(&w.desktops(), &w.user_ns.name, "quiet").await?;
+    let quiet_disk = virsh_system(&["domblklist", &quiet_domain])?;
     let quiet_before = desktops.get("quiet").await?;
     let quiet_mac = quiet_before
         .status
@@ -169,7 +170,7 @@ async fn idle_desktops_are_reclaimed_held_ones_are_not_and_wake_keeps_disk_and_m
         waited,
         waited - POOL_TIMEOUT_S as f64
     );
-    let dominfo = virsh_system(&["dominfo", &format!("{}--quiet", w.user_ns.name)])?;
+    let dominfo = virsh_system(&["dominfo", &quiet_domain])?;
     anyhow::ensure!(
         dominfo.contains("shut off")
             && dominfo
@@ -308,7 +309,7 @@ async fn idle_desktops_are_reclaimed_held_ones_are_not_and_wake_keeps_disk_and_m
         qs.wake
     );
     anyhow::ensure!(qs.mac.as_deref() == Some(quiet_mac.as_str()), "MAC changed");
-    let domain = format!("{}--quiet", w.user_ns.name);
+    let domain = quiet_domain;
     anyhow::ensure!(
         virsh_system(&["domblklist", &domain])? == quiet_disk,
         "the disk changed"

@@ -26,7 +26,9 @@ use deskvirt_crds::{Desktop, ResourcePool};
 use deskvirt_tests::cluster::unique_suffix;
 use deskvirt_tests::host::eventually;
 use deskvirt_tests::second_host::SecondHost;
-use deskvirt_tests::world::{World, create_pool, guest_desktop, patch_pool, setup, virsh_system};
+use deskvirt_tests::world::{
+    World, create_pool, domain_of, guest_desktop, patch_pool, setup, virsh_system,
+};
 use k8s_openapi::api::core::v1::Event;
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::{Api, ResourceExt};
@@ -101,7 +103,7 @@ async fn a_woken_desktop_moves_to_another_host_when_its_own_is_full() -> anyhow:
     let rs = status_of(&roamer);
     anyhow::ensure!(rs.node.as_deref() == Some(host_a.as_str()), "{:?}", rs.node);
     let mac = rs.mac.clone().context("roamer has no MAC")?;
-    let domain = format!("{}--roamer", w.user_ns.name);
+    let domain = domain_of(&w.desktops(), &w.user_ns.name, "roamer").await?;
     let disk = disk_of(&virsh_system(&["domblklist", &domain])?)?;
     let inode = std::fs::metadata(&disk)?.ino();
     eventually(Duration::from_secs(180), "roamer suspended", || async {

@@ -25,9 +25,10 @@ use super::context::DesktopContext;
 use super::ip::{self, Pending};
 use super::lifecycle::{self, ADMIN_RESYNC};
 use super::patch::{add_finalizer, apply_status, has_finalizer};
+use super::place::{self, Place};
 use super::power::{self, DomainView, Facts, Step};
 use super::status::{Cond, Report, body};
-use super::{BUSY_RESYNC, Error, held};
+use super::{BUSY_RESYNC, Error, bound, held};
 use crate::disks::{self, DiskPlan, Prepared};
 use crate::domain::names::fnv1a64;
 use crate::domain::{Binding, DomainInputs, HostContext, Secret, graphics_xml};
@@ -53,8 +54,14 @@ pub async fn apply<H: Hypervisor>(d: &Desktop, ctx: &DesktopContext<H>) -> Resul
         .ok_or(Error::MissingField("metadata.namespace"))?;
     let uid = d.uid().ok_or(Error::MissingField("metadata.uid"))?;
     let status = d.status.clone().unwrap_or_default();
-    if status.node.as_deref() != Some(ctx.config.node_name.as_str()) {
-        // Labelled for this host but the binding is not written yet (or moved): wait for it.
+    let mirror = ctx
+        .mirrors
+        .get(&ObjectRef::new(&console_mirror_name(&uid)).within(&ctx.config.console_namespace));
+    if let Err(why) = bound::check(d, mirror.as_deref(), &ctx.config.node_name) {
+        ctx.metrics.unbound_desktops.inc();
+        // Labelled for this host, but the operator has not bound it here (not yet, moved away,
+        // or a label, finalizer or status written by someone else): nothing is done for it.
+        tracing::debug!(desktop = %format!("{ns}/{}", d.name_any()), %why, "not bound to this host");
         return Ok(Action::await_change());
     }
     let api: Api<Desktop> = Api::namespaced(ctx.client.clone(), &ns);
@@ -68,6 +75,19 @@ pub async fn apply<H: Hypervisor>(d: &Desktop, ctx: &DesktopContext<H>) -> Resul
     }
     ctx.succeeded(&uid);
     Ok(Action::requeue(outcome.requeue))
+}
+
+/// `DomainDefined=False`: the name this desktop's domain needs on `node` is held by a domain of
+/// `owner`, which is left untouched.
+pub(super) fn not_ours(node: &str, name: &str, owner: &str) -> Cond {
+    Cond::new(
+        Status::False,
+        "DomainNotOurs",
+        format!(
+            "host {node} holds a domain {name} that belongs to {owner}: this desktop's domain is \
+             not defined there and nothing of the other is touched; ask the host's admin"
+        ),
+    )
 }
 
 pub(super) fn now() -> k8s_openapi::jiff::Timestamp {
@@ -86,9 +106,16 @@ async fn announce<H>(d: &Desktop, ctx: &DesktopContext<H>, before: &DesktopStatu
             continue;
         }
         // Failures are warnings even when the domain still runs (SuspendFailed).
-        let warning = ["Fail", "Missing", "Invalid", "Exhausted", "Insufficient"]
-            .iter()
-            .any(|w| c.reason.contains(w));
+        let warning = [
+            "Fail",
+            "Missing",
+            "Invalid",
+            "Exhausted",
+            "Insufficient",
+            "NotOurs",
+        ]
+        .iter()
+        .any(|w| c.reason.contains(w));
         if warning {
             ctx.event(d, EventType::Warning, c.reason, type_, c.message.clone())
                 .await;
@@ -240,6 +267,16 @@ async fn converge<H: Hypervisor>(
             return Ok(Outcome::waiting(report, c, wait));
         }
     };
+    // Which domain is this desktop's: by its UID, never by name alone.
+    let hv = &ctx.hypervisor;
+    let (inputs, adopt) = match place::locate(hv, uid, &inputs.domain).await? {
+        Place::Ours { name } => (inputs.under_name(&name, &host), true),
+        Place::Free { .. } => (inputs, false),
+        Place::Taken { name, owner } => {
+            let c = not_ours(&cfg.node_name, &name, &owner);
+            return Ok(Outcome::waiting(report, c, ADMIN_RESYNC));
+        }
+    };
 
     // Address.
     match ip::pin(ctx, &pool, &inputs.mac, status.ip.as_deref()).await {
@@ -249,7 +286,6 @@ async fn converge<H: Hypervisor>(
     }
 
     // What the domain is now.
-    let hv = &ctx.hypervisor;
     let domain = inputs.domain_name();
     let mut current = match hv.domain_status(&domain).await {
         Ok(s) => Some(s),
@@ -269,6 +305,8 @@ async fn converge<H: Hypervisor>(
         target: PathBuf::from(&inputs.disk_path),
         clone: d.spec.disk.clone,
         size,
+        owner: uid.to_string(),
+        adopt,
     };
     // Saved memory whose disk is gone can never be restored: a new disk under it would be
     // corrupted at once.
@@ -316,6 +354,12 @@ async fn converge<H: Hypervisor>(
         && !d.spec.disk.persistent
         && !ran_elsewhere
         && current.is_some_and(|s| s.state == DomainState::ShutOff && !s.has_managed_save);
+    if active && adopt {
+        // A running domain an earlier release defined: its disk gets its owner record now.
+        if let Err(e) = disks::adopt(&plan.target, uid).await {
+            tracing::warn!(disk = %inputs.disk_path, error = %e, "cannot record the owner of an adopted disk");
+        }
+    }
     if !active {
         match disks::prepare(&cfg.qemu_img, &plan, fresh).await {
             Ok(Prepared::Created) => {

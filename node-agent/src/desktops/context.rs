@@ -8,6 +8,7 @@ use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 
 use deskvirt_crds::constants::{LABEL_NODE, MANAGER_AGENT};
+use deskvirt_crds::names::label_value;
 use deskvirt_crds::{Desktop, DomainNode, ResourcePool};
 use k8s_openapi::api::core::v1::Secret;
 use kube::runtime::events::{EventType, Reporter};
@@ -103,7 +104,8 @@ impl<H> DesktopContext<H> {
         );
         let mirrors = spawn_reflector(
             Api::<Secret>::namespaced(client.clone(), &config.console_namespace),
-            watcher::Config::default().labels(&format!("{LABEL_NODE}={}", config.node_name)),
+            watcher::Config::default()
+                .labels(&format!("{LABEL_NODE}={}", label_value(&config.node_name))),
         );
         let _ = pools.wait_until_ready().await;
         let _ = nodes.wait_until_ready().await;

@@ -12,9 +12,10 @@ use kube::ResourceExt;
 
 use super::Error;
 use super::activity;
-use super::apply::{Outcome, now};
+use super::apply::{Outcome, not_ours, now};
 use super::context::DesktopContext;
 use super::lifecycle;
+use super::place::{self, Place};
 use super::power::{self, DomainView, Facts, Hold};
 use super::status::Report;
 use crate::domain::domain_name;
@@ -31,13 +32,23 @@ pub(super) async fn converge<H: Hypervisor>(
     let ns = d
         .namespace()
         .ok_or(Error::MissingField("metadata.namespace"))?;
-    let domain = domain_name(&ns, &d.name_any());
     let spice = status.spice.clone().unwrap_or_default();
     let mut report = Report {
         ip: status.ip.clone(),
         spice_host: spice.host,
         spice_port: spice.port,
         ..Report::default()
+    };
+    let wanted = domain_name(&ns, &d.name_any(), uid);
+    let domain = match place::locate(&ctx.hypervisor, uid, &wanted).await? {
+        Place::Ours { name } | Place::Free { name } => name,
+        Place::Taken { name, owner } => {
+            report.defined = Some(not_ours(&ctx.config.node_name, &name, &owner));
+            return Ok(Outcome {
+                report,
+                requeue: lifecycle::ADMIN_RESYNC,
+            });
+        }
     };
     let current = match ctx.hypervisor.domain_status(&domain).await {
         Ok(s) => Some(s),

@@ -6,12 +6,15 @@
 
 mod activity;
 mod apply;
+pub mod bound;
 mod context;
 mod held;
 mod ip;
 mod lifecycle;
+pub mod orphan_policy;
 pub mod orphans;
 mod patch;
+pub mod place;
 mod power;
 mod status;
 mod teardown;
@@ -21,6 +24,7 @@ use std::time::Duration;
 
 use deskvirt_crds::Desktop;
 use deskvirt_crds::constants::{ANNOTATION_DESKTOP, LABEL_NODE};
+use deskvirt_crds::names::label_value;
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::Secret;
 use kube::runtime::controller::{self, Action};
@@ -81,7 +85,7 @@ const CONCURRENCY: u16 = 8;
 /// Runs the controller until the future is dropped.
 pub async fn run<H: Hypervisor + Clone + 'static>(ctx: Arc<DesktopContext<H>>) {
     let node = ctx.config.node_name.clone();
-    let selector = format!("{LABEL_NODE}={node}");
+    let selector = format!("{LABEL_NODE}={}", label_value(&node));
     let desktops: Api<Desktop> = Api::all(ctx.client.clone());
     let mirrors: Api<Secret> = Api::namespaced(ctx.client.clone(), &ctx.config.console_namespace);
     let controller = Controller::new(desktops, watcher::Config::default().labels(&selector));

@@ -2,20 +2,33 @@
 //! Desktop with their UID is bound here. A stopped orphan whose Desktop now runs on another host
 //! (a woken desktop moved, its disk on shared storage) is undefined here, with the memory saved
 //! here and its address lease, never its disk. Other orphans are reported (a Warning Event on
-//! the DomainNode, once per domain and process, and the `orphan_domains` gauge), never deleted:
-//! a domain may belong to a Desktop that is being restored, and a disk is worth more than a
-//! tidy host.
+//! the DomainNode, once per domain and process, the `orphan_domains` gauge, and
+//! `DomainNode.status.orphans` with what each holds, which the operator charges to the host),
+//! and after the pool's grace period the pool's `orphans` policy runs
+//! ([`super::orphan_policy`]): report only (the default), stop, or undefine. A disk is never
+//! deleted: a domain may belong to a Desktop that is being restored, and a disk is worth more
+//! than a tidy host.
 
-use std::collections::{BTreeSet, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
 use deskvirt_crds::Desktop;
+use deskvirt_crds::DomainNode;
+use deskvirt_crds::constants::MANAGER_AGENT_SWEEP;
+use deskvirt_crds::domain_node::OrphanDomain;
+use deskvirt_crds::quantity::{format_bytes, parse_duration};
+use deskvirt_crds::resource_pool::OrphanAction;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{Patch, PatchParams};
 use kube::runtime::events::EventType;
 use kube::{Api, ResourceExt};
+use tokio::time::Instant;
 
 use super::context::DesktopContext;
 use super::ip;
+use super::orphan_policy::{Step, decide, spice_port_and_mac};
 use crate::agent::error_chain;
 use crate::domain::serial_log_path;
 use crate::hypervisor::{DomainSummary, Hypervisor};
@@ -76,17 +89,28 @@ async fn clear_moved<H: Hypervisor>(
 }
 
 /// The Desktop a domain's metadata names, read from the API (it is not bound here, so not in
-/// the cache).
-async fn desktop_of<H>(ctx: &DesktopContext<H>, o: &DomainSummary) -> Option<Desktop> {
-    let i = o.identity.as_ref()?;
+/// the cache); `Err` when the API cannot tell.
+async fn lookup<H>(ctx: &DesktopContext<H>, o: &DomainSummary) -> Result<Option<Desktop>, ()> {
+    let Some(i) = o.identity.as_ref() else {
+        return Ok(None);
+    };
     let api: Api<Desktop> = Api::namespaced(ctx.client.clone(), &i.namespace);
-    match api.get_opt(&i.name).await {
-        Ok(d) => d,
-        Err(e) => {
-            tracing::debug!(domain = %o.name, error = %e, "cannot read the Desktop of an orphan domain");
-            None
-        }
-    }
+    api.get_opt(&i.name).await.map_err(|e| {
+        tracing::debug!(domain = %o.name, error = %e, "cannot read the Desktop of an orphan domain");
+    })
+}
+
+/// The Desktop a domain's metadata names, when the API says.
+async fn desktop_of<H>(ctx: &DesktopContext<H>, o: &DomainSummary) -> Option<Desktop> {
+    lookup(ctx, o).await.ok().flatten()
+}
+
+/// Whether the Desktop a domain was made for is gone (deleted, or another object of that name):
+/// `None` when the API cannot tell. A domain whose Desktop exists is that Desktop's, accounted
+/// where it is bound, and not charged here as an orphan.
+async fn desktop_gone<H>(ctx: &DesktopContext<H>, o: &DomainSummary) -> Option<bool> {
+    let d = lookup(ctx, o).await.ok()?;
+    Some(!d.is_some_and(|d| d.uid().is_some_and(|u| u.eq_ignore_ascii_case(&o.uuid))))
 }
 
 /// The orphans among `domains`, given the UIDs of the Desktops bound here.
@@ -107,6 +131,7 @@ pub fn orphans<'a>(
 /// Sweeps every `every` until the future is dropped.
 pub async fn run<H: Hypervisor>(ctx: Arc<DesktopContext<H>>, every: Duration) {
     let mut reported: HashSet<String> = HashSet::new();
+    let mut shutdowns: HashMap<String, Instant> = HashMap::new();
     let mut ticker = tokio::time::interval(every);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -143,30 +168,191 @@ pub async fn run<H: Hypervisor>(ctx: Arc<DesktopContext<H>>, every: Duration) {
         }
         found.retain(|o| !cleared.contains(&o.uuid));
         ctx.metrics.orphan_domains.set(found.len() as i64);
-        for o in found {
-            if !reported.insert(o.uuid.clone()) {
+        let previous: BTreeMap<String, OrphanDomain> = ctx
+            .domain_node()
+            .and_then(|n| n.status.clone())
+            .map(|s| s.orphans.into_iter().map(|o| (o.uid.clone(), o)).collect())
+            .unwrap_or_default();
+        let mut report = Vec::new();
+        for o in &found {
+            let before = previous.get(&o.uuid.to_ascii_lowercase());
+            match desktop_gone(&ctx, o).await {
+                Some(false) => continue,
+                None if before.is_none() => continue,
+                _ => {}
+            }
+            // A domain that cannot be read now keeps what was last reported of it.
+            let Some(mut entry) = describe(&ctx, o, before).await.or_else(|| before.cloned())
+            else {
                 continue;
+            };
+            if reported.insert(o.uuid.clone()) {
+                announce(&ctx, o, &entry.desktop).await;
             }
-            let who = o
-                .identity
-                .as_ref()
-                .map(|i| format!("{}/{} (UID {})", i.namespace, i.name, i.uid))
-                .unwrap_or_default();
-            tracing::warn!(domain = %o.name, desktop = %who, "orphan domain: no Desktop bound here; left untouched");
-            if let Some(node) = ctx.domain_node() {
-                ctx.event(
-                    node.as_ref(),
-                    EventType::Warning,
-                    "OrphanDomain",
-                    "Sweep",
-                    format!(
-                        "domain {} belongs to Desktop {who}, which is not bound to this host; left untouched (delete it with virsh once you are sure)",
-                        o.name
-                    ),
-                )
-                .await;
+            if let Some(done) = enforce(&ctx, o, &entry, &mut shutdowns).await {
+                entry.action = Some(done.into());
             }
+            report.push(entry);
         }
+        let alive: HashSet<String> = report.iter().map(|e| e.uid.clone()).collect();
+        shutdowns.retain(|uid, _| alive.contains(uid));
+        publish(&ctx, &previous, report).await;
+    }
+}
+
+/// What an orphan holds, with when it was first found (kept from the last report).
+async fn describe<H: Hypervisor>(
+    ctx: &DesktopContext<H>,
+    o: &DomainSummary,
+    before: Option<&OrphanDomain>,
+) -> Option<OrphanDomain> {
+    let identity = o.identity.as_ref()?;
+    let hv = &ctx.hypervisor;
+    let status = hv.domain_status(&o.name).await.ok()?;
+    let xml = hv.domain_xml(&o.name, false).await.unwrap_or_default();
+    let (spice_port, mac) = spice_port_and_mac(&xml);
+    Some(OrphanDomain {
+        uid: o.uuid.to_ascii_lowercase(),
+        domain: o.name.clone(),
+        desktop: format!("{}/{}", identity.namespace, identity.name),
+        pool: identity.pool.clone(),
+        running: o.state.is_active(),
+        cpu: status.vcpus,
+        memory: format_bytes(status.max_memory_kib.saturating_mul(1024)),
+        spice_port,
+        mac,
+        since: before
+            .map(|b| b.since.clone())
+            .unwrap_or_else(|| Time(Timestamp::now())),
+        action: before.and_then(|b| b.action.clone()),
+    })
+}
+
+/// A Warning Event on the DomainNode, once per orphan and process.
+async fn announce<H>(ctx: &DesktopContext<H>, o: &DomainSummary, desktop: &str) {
+    tracing::warn!(domain = %o.name, desktop, "orphan domain: no Desktop bound here; charged to this host until it is gone");
+    if let Some(node) = ctx.domain_node() {
+        ctx.event(
+            node.as_ref(),
+            EventType::Warning,
+            "OrphanDomain",
+            "Sweep",
+            format!(
+                "domain {} belongs to Desktop {desktop} (UID {}), which is not bound to this host; it stays charged to this host (CPU and memory while it runs, its SPICE port and MAC) and the pool's orphans policy decides what happens to it; its disk is never deleted",
+                o.name, o.uuid
+            ),
+        )
+        .await;
+    }
+}
+
+/// Runs the pool's orphan policy on `o` once its grace period is over; what it did, when
+/// something is done for good.
+async fn enforce<H: Hypervisor>(
+    ctx: &DesktopContext<H>,
+    o: &DomainSummary,
+    entry: &OrphanDomain,
+    shutdowns: &mut HashMap<String, Instant>,
+) -> Option<&'static str> {
+    let policy = ctx
+        .pool(&entry.pool)
+        .map(|p| p.spec.orphans.clone())
+        .unwrap_or_default();
+    let after = parse_duration(&policy.after).unwrap_or(Duration::from_secs(3600));
+    let age = Timestamp::now()
+        .duration_since(entry.since.0)
+        .unsigned_abs();
+    let due = age >= after;
+    let asked = shutdowns.get(&entry.uid).map(Instant::elapsed);
+    let step = decide(
+        policy.action,
+        due,
+        o.state.is_active(),
+        asked,
+        ctx.config.shutdown_grace,
+    );
+    let hv = &ctx.hypervisor;
+    let (result, done, what) = match step {
+        Step::Keep => {
+            let stopped = policy.action == OrphanAction::Stop && due && !o.state.is_active();
+            return stopped.then_some("Stopped");
+        }
+        Step::Shutdown => {
+            shutdowns.insert(entry.uid.clone(), Instant::now());
+            (
+                hv.shutdown_domain(&o.name).await.map(|_| ()),
+                None,
+                "asked to shut down",
+            )
+        }
+        Step::PowerOff => (
+            hv.destroy_domain(&o.name).await.map(|_| ()),
+            Some("Stopped"),
+            "powered off",
+        ),
+        Step::Undefine => (
+            hv.undefine_domain(&o.name).await.map(|_| ()),
+            Some("Undefined"),
+            "undefined (its disk is kept)",
+        ),
+    };
+    if let Err(e) = result {
+        tracing::warn!(domain = %o.name, error = %error_chain(&e), "orphan policy step failed");
+        return None;
+    }
+    tracing::info!(domain = %o.name, desktop = %entry.desktop, what, "orphan policy");
+    if let Some(node) = ctx.domain_node() {
+        ctx.event(
+            node.as_ref(),
+            EventType::Normal,
+            "OrphanPolicy",
+            "Sweep",
+            format!(
+                "orphan domain {} of Desktop {} {what}: the pool's orphans policy ({:?} after {})",
+                o.name, entry.desktop, policy.action, policy.after
+            ),
+        )
+        .await;
+    }
+    done
+}
+
+/// Writes `status.orphans` of this host's DomainNode when it changed (its own field manager,
+/// so the agent's other status writes leave it alone).
+async fn publish<H>(
+    ctx: &DesktopContext<H>,
+    previous: &BTreeMap<String, OrphanDomain>,
+    report: Vec<OrphanDomain>,
+) {
+    let now: BTreeMap<String, OrphanDomain> =
+        report.into_iter().map(|o| (o.uid.clone(), o)).collect();
+    if &now == previous || ctx.domain_node().is_none() {
+        return;
+    }
+    let orphans: Vec<&OrphanDomain> = now.values().collect();
+    let api: Api<DomainNode> = Api::all(ctx.client.clone());
+    let written = if orphans.is_empty() {
+        // An apply of an empty list is refused by Kubernetes 1.20 ("must be of type array:
+        // null"); a merge patch removes the field.
+        let body = serde_json::json!({ "status": { "orphans": null } });
+        let pp = PatchParams {
+            field_manager: Some(MANAGER_AGENT_SWEEP.into()),
+            ..Default::default()
+        };
+        api.patch_status(&ctx.config.node_name, &pp, &Patch::Merge(&body))
+            .await
+    } else {
+        let body = serde_json::json!({
+            "apiVersion": "deskvirt.io/v1alpha1", "kind": "DomainNode",
+            "metadata": { "name": ctx.config.node_name },
+            "status": { "orphans": orphans },
+        });
+        let pp = PatchParams::apply(MANAGER_AGENT_SWEEP).force();
+        api.patch_status(&ctx.config.node_name, &pp, &Patch::Apply(&body))
+            .await
+    };
+    if let Err(e) = written {
+        tracing::warn!(error = %e, "cannot report orphan domains on the DomainNode");
     }
 }
 

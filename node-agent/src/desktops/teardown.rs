@@ -1,19 +1,24 @@
 //! Decides how a deleted Desktop leaves this host, in this order: power off, undefine, delete
 //! the desktop's own disk (never a base image, never a file any remaining domain uses), drop
-//! its address lease and serial log, and only then remove the agent's finalizer. A domain of
-//! the same name that belongs to another Desktop UID is left alone.
+//! its address lease and serial log, and only then remove the agent's finalizer. Only a Desktop
+//! the operator bound here is torn down ([`super::bound`]); its domain is found by its UID
+//! ([`super::place`]) and its disk deleted only when the record beside it names this Desktop.
+//! A domain or disk of another Desktop is left alone.
 
-use std::collections::BTreeSet;
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use deskvirt_crds::Desktop;
+use deskvirt_crds::constants::console_mirror_name;
 use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
+use kube::runtime::reflector::ObjectRef;
 use kube::{Api, ResourceExt};
 
 use super::context::DesktopContext;
 use super::patch::{has_finalizer, remove_finalizer};
-use super::{Error, ip};
+use super::place::{self, Place};
+use super::{Error, bound, ip};
 use crate::disks::{self, DiskError};
 use crate::domain::{disk_path, domain_name, parse_disk_paths, serial_log_path};
 use crate::hypervisor::Hypervisor;
@@ -34,55 +39,63 @@ pub async fn teardown<H: Hypervisor>(
         .ok_or(Error::MissingField("metadata.namespace"))?;
     let uid = d.uid().ok_or(Error::MissingField("metadata.uid"))?;
     let name = d.name_any();
-    let api: Api<Desktop> = Api::namespaced(ctx.client.clone(), &ns);
-    let hv = &ctx.hypervisor;
-    let domain = domain_name(&ns, &name);
-    let pool = ctx.pool(&d.spec.pool);
-
-    let owner = hv
-        .list_domains()
-        .await?
-        .into_iter()
-        .find(|s| s.name == domain)
-        .map(|s| s.uuid.to_ascii_lowercase());
-    if let Some(other) = owner.as_ref().filter(|u| **u != uid.to_ascii_lowercase()) {
-        ctx.event(
-            d,
-            EventType::Warning,
-            "DomainNotOurs",
-            "Delete",
-            format!("domain {domain} belongs to UID {other}, not to this Desktop; left untouched"),
-        )
-        .await;
-        remove_finalizer(&api, d).await?;
-        ctx.forget(&uid);
+    let mirror = ctx
+        .mirrors
+        .get(&ObjectRef::new(&console_mirror_name(&uid)).within(&ctx.config.console_namespace));
+    if let Err(why) = bound::check(d, mirror.as_deref(), &ctx.config.node_name) {
+        ctx.metrics.unbound_desktops.inc();
+        // A finalizer or label set by hand, or a desktop that moved away: not this host's.
+        tracing::debug!(desktop = %format!("{ns}/{name}"), %why, "deleted desktop not bound here; left alone");
         return Ok(Action::await_change());
     }
+    let api: Api<Desktop> = Api::namespaced(ctx.client.clone(), &ns);
+    let hv = &ctx.hypervisor;
+    let pool = ctx.pool(&d.spec.pool);
+    let wanted = domain_name(&ns, &name, &uid);
+    let place = place::locate(hv, &uid, &wanted).await?;
 
-    // The desktop's own disk: by the pool's layout, and as its definition names it.
-    let mut candidates: BTreeSet<PathBuf> = BTreeSet::new();
+    // The desktop's own disk: by the pool's layout (deleted only when its owner record names
+    // this Desktop), and as its own domain's definition names it (adopted when unrecorded).
+    let mut candidates: BTreeMap<PathBuf, bool> = BTreeMap::new();
+    let layout_name = place.usable().unwrap_or(&wanted).to_string();
     if let Some(p) = &pool {
-        candidates.insert(PathBuf::from(disk_path(&p.spec.storage.disk_dir, &domain)));
+        candidates.insert(
+            PathBuf::from(disk_path(&p.spec.storage.disk_dir, &layout_name)),
+            false,
+        );
     }
-    if owner.is_some() {
-        let file_name = format!("{domain}.qcow2");
-        let xml = match hv.domain_xml(&domain, true).await {
-            Ok(x) => x,
-            Err(e) if e.is_not_found() => String::new(),
-            Err(e) => return Err(e.into()),
-        };
-        for path in parse_disk_paths(&xml).unwrap_or_default() {
-            let path = PathBuf::from(path);
-            if path
-                .file_name()
-                .is_some_and(|f| f.to_string_lossy() == file_name)
-            {
-                candidates.insert(path);
-            }
+    match &place {
+        Place::Taken { name: held, owner } => {
+            ctx.event(
+                d,
+                EventType::Warning,
+                "DomainNotOurs",
+                "Delete",
+                format!("domain {held} belongs to {owner}, not to this Desktop; left untouched"),
+            )
+            .await;
         }
-        hv.destroy_domain(&domain).await?;
-        hv.undefine_domain(&domain).await?;
-        tracing::info!(domain = %domain, "domain destroyed and undefined");
+        Place::Free { .. } => {}
+        Place::Ours { name: domain } => {
+            let file_name = format!("{domain}.qcow2");
+            let xml = match hv.domain_xml(domain, true).await {
+                Ok(x) => x,
+                Err(e) if e.is_not_found() => String::new(),
+                Err(e) => return Err(e.into()),
+            };
+            for path in parse_disk_paths(&xml).unwrap_or_default() {
+                let path = PathBuf::from(path);
+                if path
+                    .file_name()
+                    .is_some_and(|f| f.to_string_lossy() == file_name)
+                {
+                    candidates.insert(path, true);
+                }
+            }
+            hv.destroy_domain(domain).await?;
+            hv.undefine_domain(domain).await?;
+            tracing::info!(domain = %domain, "domain destroyed and undefined");
+        }
     }
 
     let in_use = hv.domain_disk_paths().await?;
@@ -90,11 +103,15 @@ pub async fn teardown<H: Hypervisor>(
         .as_ref()
         .map(|p| PathBuf::from(&p.spec.storage.image_dir))
         .unwrap_or_else(|| PathBuf::from(NO_DIR));
-    for path in candidates {
-        match disks::remove(&path, &image_dir, &in_use).await {
+    for (path, adopt) in candidates {
+        match disks::remove(&path, &image_dir, &in_use, &uid, adopt).await {
             Ok(true) => tracing::info!(disk = %path.display(), "disk deleted"),
             Ok(false) => {}
-            Err(e @ (DiskError::InUse { .. } | DiskError::Protected { .. })) => {
+            Err(
+                e @ (DiskError::InUse { .. }
+                | DiskError::Protected { .. }
+                | DiskError::NotOurs { .. }),
+            ) => {
                 tracing::warn!(disk = %path.display(), error = %e, "disk kept");
                 ctx.event(d, EventType::Warning, "DiskKept", "Delete", e.to_string())
                     .await;
@@ -110,7 +127,9 @@ pub async fn teardown<H: Hypervisor>(
             }
         }
     }
-    let _ = tokio::fs::remove_file(Path::new(&serial_log_path(&domain))).await;
+    if place.usable().is_some() {
+        let _ = tokio::fs::remove_file(Path::new(&serial_log_path(&layout_name))).await;
+    }
     if let (Some(p), Some(mac)) = (&pool, d.status.as_ref().and_then(|s| s.mac.as_deref())) {
         ip::release(ctx, p, mac).await?;
     }

@@ -119,6 +119,9 @@ impl HostContext {
 pub struct DomainInputs {
     /// The Desktop the domain belongs to (its UID becomes the domain `<uuid>`).
     pub identity: DesktopIdentity,
+    /// The libvirt domain name: [`domain_name`] of the identity, or the name an adopted domain
+    /// of an earlier release already has ([`Self::under_name`]).
+    pub domain: String,
     /// `kvm` or `qemu`.
     pub domain_type: DomainType,
     /// vCPUs.
@@ -216,8 +219,10 @@ impl DomainInputs {
         } else {
             Vec::new()
         };
-        let domain = domain_name(&namespace, &name);
+        let domain = domain_name(&namespace, &name, &uid);
         Ok(Self {
+            disk_path: disk_path(&host.disk_dir, &domain),
+            domain,
             identity: DesktopIdentity {
                 namespace,
                 name,
@@ -228,7 +233,6 @@ impl DomainInputs {
             domain_type: host.domain_type,
             vcpus: spec.cpu,
             memory_bytes,
-            disk_path: disk_path(&host.disk_dir, &domain),
             boot,
             network: host.network.clone(),
             mac,
@@ -244,9 +248,18 @@ impl DomainInputs {
         })
     }
 
-    /// The libvirt domain name, see [`domain_name`].
+    /// The libvirt domain name.
     pub fn domain_name(&self) -> String {
-        domain_name(&self.identity.namespace, &self.identity.name)
+        self.domain.clone()
+    }
+
+    /// The same inputs for a domain that exists under `domain` already (one an earlier release
+    /// defined under another naming scheme, found by its `<uuid>` and adopted): it keeps its
+    /// name, and the disk named after it.
+    pub fn under_name(mut self, domain: &str, host: &HostContext) -> Self {
+        self.domain = domain.to_string();
+        self.disk_path = disk_path(&host.disk_dir, domain);
+        self
     }
 }
 

@@ -35,7 +35,7 @@ pub use host_network::{
 };
 pub use inputs::{Binding, DomainInputs, DomainType, HostContext};
 pub use metadata::{DesktopIdentity, METADATA_NS, parse_identity, parse_identity_element};
-pub use names::{disk_path, domain_name, network_name};
+pub use names::{disk_path, domain_name, legacy_domain_name, network_name};
 pub use network::NetworkAttachment;
 pub use secret::Secret;
 

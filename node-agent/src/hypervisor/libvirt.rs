@@ -115,6 +115,18 @@ impl Hypervisor for LibvirtHypervisor {
         self.run("list domains", domains::list).await
     }
 
+    async fn domain_by_uuid(&self, uuid: &str) -> Result<Option<DomainSummary>> {
+        let uuid = uuid.to_string();
+        self.run("look up domain", move |c| domains::by_uuid(c, &uuid))
+            .await
+    }
+
+    async fn domain_by_name(&self, name: &str) -> Result<Option<DomainSummary>> {
+        let name = name.to_string();
+        self.run("look up domain", move |c| domains::by_name(c, &name))
+            .await
+    }
+
     async fn define_domain(&self, xml: &str) -> Result<String> {
         let xml = xml.to_string();
         self.run("define domain", move |c| domains::define(c, &xml))

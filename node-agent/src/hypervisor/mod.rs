@@ -168,6 +168,18 @@ pub trait Hypervisor: Send + Sync {
     /// Every domain, defined or only running.
     fn list_domains(&self) -> impl Future<Output = Result<Vec<DomainSummary>>> + Send;
 
+    /// The domain whose `<uuid>` is `uuid`, if any (a Desktop's domain has its UID).
+    fn domain_by_uuid(
+        &self,
+        uuid: &str,
+    ) -> impl Future<Output = Result<Option<DomainSummary>>> + Send;
+
+    /// The domain named `name`, if any.
+    fn domain_by_name(
+        &self,
+        name: &str,
+    ) -> impl Future<Output = Result<Option<DomainSummary>>> + Send;
+
     /// Defines (or, with the same `<uuid>`, updates in place) a persistent domain; returns its name.
     fn define_domain(&self, xml: &str) -> impl Future<Output = Result<String>> + Send;
 

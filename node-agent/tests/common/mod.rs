@@ -5,7 +5,7 @@
 
 pub mod world;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
@@ -157,8 +157,19 @@ impl AgentProcess {
         lease_ns: &str,
         extra: &[&str],
     ) -> anyhow::Result<Self> {
+        Self::start_binary(Path::new(AGENT), node, uri, lease_ns, extra)
+    }
+
+    /// [`Self::start_with`] for another build of the agent (the previous release's, say).
+    pub fn start_binary(
+        bin: &Path,
+        node: &str,
+        uri: &str,
+        lease_ns: &str,
+        extra: &[&str],
+    ) -> anyhow::Result<Self> {
         let metrics_port = free_port();
-        let child = Command::new(AGENT)
+        let child = Command::new(bin)
             .env("KUBECONFIG", kubeconfig_path()?)
             .env(
                 "RUST_LOG",

@@ -3,7 +3,7 @@
 //! password mirror, host subnet, idle reclamation) exactly as the operator writes them.
 
 use std::net::{Ipv4Addr, SocketAddr};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use deskvirt_crds::conditions::find;
@@ -82,7 +82,13 @@ impl World {
     }
 
     pub fn start_agent(&self) -> anyhow::Result<AgentProcess> {
-        AgentProcess::start_with(
+        self.start_agent_binary(Path::new(super::AGENT))
+    }
+
+    /// [`Self::start_agent`] with another build of the agent.
+    pub fn start_agent_binary(&self, bin: &Path) -> anyhow::Result<AgentProcess> {
+        AgentProcess::start_binary(
+            bin,
             &self.node,
             URI,
             &self.ns,

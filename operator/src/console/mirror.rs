@@ -8,6 +8,7 @@ use deskvirt_crds::constants::{
     ANNOTATION_DESKTOP, ANNOTATION_ROTATE_PASSWORD, LABEL_DESKTOP_UID, LABEL_MANAGED_BY,
     LABEL_NODE, MANAGER_OPERATOR, SECRET_KEY_PASSWORD, console_mirror_name,
 };
+use deskvirt_crds::names::label_value;
 use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
@@ -114,7 +115,7 @@ pub fn secret(m: &Mirror<'_>, password: &str) -> Secret {
             name: Some(console_mirror_name(m.desktop_uid)),
             namespace: Some(m.namespace.to_string()),
             labels: Some(BTreeMap::from([
-                (LABEL_NODE.to_string(), m.node.to_string()),
+                (LABEL_NODE.to_string(), label_value(m.node)),
                 (LABEL_DESKTOP_UID.to_string(), m.desktop_uid.to_string()),
                 (LABEL_MANAGED_BY.to_string(), MANAGER_OPERATOR.to_string()),
             ])),

@@ -13,9 +13,24 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference}
 
 use super::vv_file;
 
-/// Name of the console Secret of desktop `desktop`.
+/// Suffix of a console Secret's name.
+const SUFFIX: &str = "-console";
+
+/// Name of the console Secret of desktop `desktop`: `<desktop>-console`, or, when that passes
+/// the 253 characters of an object name, a prefix of the name, a hash of all of it and the
+/// suffix (deterministic, distinct for distinct names).
 pub fn secret_name(desktop: &str) -> String {
-    format!("{desktop}-console")
+    const MAX: usize = 253;
+    if desktop.len() + SUFFIX.len() <= MAX {
+        return format!("{desktop}{SUFFIX}");
+    }
+    let hash = format!("{:016x}", deskvirt_crds::names::fnv1a64(desktop.as_bytes()));
+    let prefix: String = desktop
+        .chars()
+        .take(MAX - SUFFIX.len() - hash.len() - 1)
+        .collect();
+    let prefix = prefix.trim_end_matches(['.', '-']);
+    format!("{prefix}-{hash}{SUFFIX}")
 }
 
 /// What the user's console Secret should hold besides the password.
@@ -48,7 +63,10 @@ pub fn secret(c: &Console<'_>, password: &str) -> Secret {
             name: Some(secret_name(c.desktop)),
             namespace: Some(c.namespace.to_string()),
             labels: Some(BTreeMap::from([
-                (LABEL_DESKTOP.to_string(), c.desktop.to_string()),
+                (
+                    LABEL_DESKTOP.to_string(),
+                    deskvirt_crds::names::label_value(c.desktop),
+                ),
                 (LABEL_MANAGED_BY.to_string(), MANAGER_OPERATOR.to_string()),
             ])),
             owner_references: Some(vec![OwnerReference {
@@ -70,6 +88,16 @@ pub fn secret(c: &Console<'_>, password: &str) -> Secret {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn long_desktop_names_give_valid_distinct_secret_names() {
+        assert_eq!(secret_name("alice"), "alice-console");
+        let a = secret_name(&"a".repeat(253));
+        let b = secret_name(&format!("{}b", "a".repeat(252)));
+        assert!(a.len() <= 253 && b.len() <= 253, "{} {}", a.len(), b.len());
+        assert_ne!(a, b);
+        assert!(a.ends_with("-console"));
+    }
 
     #[test]
     fn owned_by_the_desktop_with_password_and_viewer_file() {

@@ -24,7 +24,7 @@ use crate::allocators::LedgerError;
 use crate::context::{Context, stopped};
 use crate::heartbeat::Heartbeat;
 use crate::scheduler::{HostCapacity, HostFacts, PoolPolicy};
-use crate::world::{pool_of, usage_by_host};
+use crate::world::{Bindings, orphans_by_host, pool_of, usage_by_host};
 
 const NAME: &str = "domainnode";
 
@@ -119,6 +119,18 @@ pub async fn reconcile(node: Arc<DomainNode>, ctx: Arc<Context>) -> Result<Actio
     }
     let mut subnet = None;
     let mut ledger = None;
+    let mut refused = Vec::new();
+    if let (Some(p), Some(pn)) = (&pool, pool_name.as_deref())
+        && ledgers.of(p, &ctx.stores).is_ok()
+    {
+        let desktops = ctx.stores.desktops.state();
+        let this = [node.clone()];
+        let orphans: Vec<_> = orphans_by_host(&this, &desktops)
+            .into_iter()
+            .map(|(_, o)| o)
+            .collect();
+        refused = ledgers.sync_orphans(pn, &name, &orphans);
+    }
     if let Some(p) = &pool {
         match ledgers.of(p, &ctx.stores) {
             Ok(l) => {
@@ -138,14 +150,32 @@ pub async fn reconcile(node: Arc<DomainNode>, ctx: Arc<Context>) -> Result<Actio
     let facts = HostFacts::from_status(&status).ok();
     let allocatable = match (&policy, &facts) {
         (Some(policy), Some(facts)) => {
-            let usage = usage_by_host(&ctx.stores.desktops.state(), ledger)
-                .remove(&name)
-                .unwrap_or_default();
+            let usage = usage_by_host(
+                &ctx.stores.desktops.state(),
+                &ctx.stores.nodes.state(),
+                Bindings {
+                    ledger,
+                    confirmed: &|d| ctx.stores.binding_confirmed(d),
+                },
+            )
+            .remove(&name)
+            .unwrap_or_default();
             Some(HostCapacity::new(facts, policy).allocatable(&usage))
         }
         _ => None,
     };
     drop(ledgers);
+    for why in refused {
+        tracing::warn!(host = %name, %why, "orphan domain's port or MAC is held by a desktop");
+        ctx.event(
+            node.as_ref(),
+            EventType::Warning,
+            "OrphanConflict",
+            "Account",
+            why,
+        )
+        .await;
+    }
 
     let prev = &status.conditions;
     let gen_ = node.metadata.generation;

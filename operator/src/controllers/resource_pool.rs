@@ -25,7 +25,7 @@ use super::{Categorized, apply_status, drive, kube_transient, on_leadership, wat
 use crate::context::{Context, stopped};
 use crate::idle::PoolIdle;
 use crate::scheduler::{PoolCapacity, PoolPolicy};
-use crate::world::{host_views, pool_of};
+use crate::world::{Bindings, host_views, pool_of};
 
 const NAME: &str = "resourcepool";
 
@@ -181,7 +181,10 @@ pub async fn reconcile(pool: Arc<ResourcePool>, ctx: Arc<Context>) -> Result<Act
                 &ctx.stores.nodes.state(),
                 &ctx.stores.pools.state(),
                 &desktops,
-                ledger,
+                Bindings {
+                    ledger,
+                    confirmed: &|d| ctx.stores.binding_confirmed(d),
+                },
                 |n| ctx.heartbeat(n, now),
             );
             drop(ledgers);

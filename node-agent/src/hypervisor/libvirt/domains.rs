@@ -104,6 +104,24 @@ pub(super) fn list(conn: &Connect) -> Result<Vec<DomainSummary>> {
     Ok(out)
 }
 
+/// The domain with `<uuid>` `uuid`; `None` when there is none (or it went away meanwhile).
+pub(super) fn by_uuid(conn: &Connect, uuid: &str) -> Result<Option<DomainSummary>> {
+    match conn.lookup_domain_by_uuid_string(uuid) {
+        Ok(dom) => found(summarize(&dom)),
+        Err(e) if has_code(&e, ErrorNumber::NoDomain) => Ok(None),
+        Err(e) => Err(map("look up domain", ObjectKind::Domain, uuid, &e)),
+    }
+}
+
+/// The domain named `name`; `None` when there is none (or it went away meanwhile).
+pub(super) fn by_name(conn: &Connect, name: &str) -> Result<Option<DomainSummary>> {
+    match conn.lookup_domain_by_name(name) {
+        Ok(dom) => found(summarize(&dom)),
+        Err(e) if has_code(&e, ErrorNumber::NoDomain) => Ok(None),
+        Err(e) => Err(map("look up domain", ObjectKind::Domain, name, &e)),
+    }
+}
+
 /// Defines (or updates in place, by `<uuid>`) a domain; its name.
 pub(super) fn define(conn: &Connect, xml: &str) -> Result<String> {
     let op = "define domain";

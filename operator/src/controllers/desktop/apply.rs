@@ -6,15 +6,16 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use deskvirt_crds::conditions::Status;
+use deskvirt_crds::conditions::{self, Status, condition};
+use deskvirt_crds::constants::condition::SCHEDULED;
 use deskvirt_crds::desktop::{Desktop, Phase};
 use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
 
 use super::bind::bind;
-use super::console::{apply_user_secret, ensure_mirror};
+use super::console::{apply_user_secret, ensure_mirror, ever_bound};
 use super::idle::{self, Settled};
-use super::status::{Owned, bound_message, ensure_meta, relabel, write_bound};
+use super::status::{Owned, bound_message, ensure_meta, relabel, write, write_bound};
 use super::{Error, Pass};
 use crate::allocators::Claim;
 use crate::context::Context;
@@ -28,10 +29,40 @@ pub(super) async fn apply(mut pass: Pass<'_>) -> Result<Action, Error> {
     let Some(node) = pass.d.status.as_ref().and_then(|s| s.node.clone()) else {
         return bind(&pass).await;
     };
+    if !ever_bound(pass.ctx, &pass.uid).await? {
+        return forged(&pass, &node).await;
+    }
     if let Some(fresh) = ensure_meta(&pass.d, &pass.api, Some(&node)).await? {
         pass.d = Arc::new(fresh);
     }
     bound(&pass, &node).await
+}
+
+/// Reason of `Scheduled=False` for a binding the operator did not make.
+pub const BINDING_NOT_OURS: &str = "BindingNotOurs";
+
+/// A `status.node` the operator never wrote (no console mirror was ever made for the
+/// desktop): nothing is bound, charged or handed to a host; `Scheduled=False` says why.
+async fn forged(pass: &Pass<'_>, node: &str) -> Result<Action, Error> {
+    let (d, api) = (&pass.d, &pass.api);
+    let status = d.status.clone().unwrap_or_default();
+    let current = Owned::from_status(&status);
+    let mut want = current.clone();
+    let scheduled = condition(
+        &status.conditions,
+        SCHEDULED,
+        Status::False,
+        BINDING_NOT_OURS,
+        format!(
+            "status.node names host {node}, but the operator never bound this desktop: the status \
+             was written by someone else and is ignored (no host acts on it, nothing is charged)"
+        ),
+        d.metadata.generation,
+        pass.now,
+    );
+    conditions::upsert(&mut want.conditions, scheduled);
+    write(d, api, &current, &want).await?;
+    Ok(Action::await_change())
 }
 
 /// Longest wait between two passes over a bound desktop.

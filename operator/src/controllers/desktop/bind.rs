@@ -20,7 +20,7 @@ use super::{Error, Pass};
 use crate::allocators::{Bound, Claim};
 use crate::console::user::secret_name;
 use crate::scheduler::{PoolIndex, Request, schedule};
-use crate::world::host_views;
+use crate::world::{Bindings, host_views};
 
 /// How long after writing a binding a copy without it is taken for an older one.
 const BINDING_SETTLE: Duration = Duration::from_secs(5);
@@ -199,7 +199,10 @@ async fn place(pass: &Pass<'_>, prev: &[Condition]) -> Placement {
                     &ctx.stores.nodes.state(),
                     &ctx.stores.pools.state(),
                     &ctx.stores.desktops.state(),
-                    ledger.as_deref(),
+                    Bindings {
+                        ledger: ledger.as_deref(),
+                        confirmed: &|d| ctx.stores.binding_confirmed(d),
+                    },
                     |n| ctx.heartbeat(n, now),
                 ),
                 _ => vec![],

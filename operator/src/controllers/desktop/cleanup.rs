@@ -18,7 +18,7 @@ use kube::runtime::events::EventType;
 use kube::{Api, ResourceExt};
 use serde_json::json;
 
-use super::console::delete_mirror;
+use super::console::{delete_mirror, ever_bound};
 use super::status::{Owned, write};
 use super::{Error, Pass, kube};
 
@@ -73,11 +73,12 @@ pub fn host_cleanup(node: &str, lost_for: Duration, after: Duration, forced: boo
 /// One pass over a Desktop being deleted.
 pub(super) async fn cleanup(pass: &Pass<'_>) -> Result<Action, Error> {
     let (d, ctx, api, uid) = (&pass.d, pass.ctx, &pass.api, pass.uid.as_str());
-    if !d.finalizers().iter().any(|f| f == FINALIZER_OPERATOR) {
-        return Ok(Action::await_change());
-    }
-    if d.finalizers().iter().any(|f| f == FINALIZER_AGENT) {
+    let has = |finalizer: &str| d.finalizers().iter().any(|f| f == finalizer);
+    if has(FINALIZER_AGENT) {
         return wait_for_host(pass).await;
+    }
+    if !has(FINALIZER_OPERATOR) {
+        return Ok(Action::await_change());
     }
     if !ctx.ledgers.lock().await.ready {
         return Ok(Action::requeue(Duration::from_secs(1)));
@@ -102,9 +103,28 @@ pub(super) async fn cleanup(pass: &Pass<'_>) -> Result<Action, Error> {
     Ok(Action::await_change())
 }
 
-/// The agent's finalizer is on: report the wait, or force past a lost host when asked.
+/// The agent's finalizer is on: report the wait, or force past a lost host when asked. A
+/// finalizer on a desktop the operator never bound was set by hand (no agent acts without a
+/// binding, so there is nothing on any host): it is removed, with a Warning Event.
 async fn wait_for_host(pass: &Pass<'_>) -> Result<Action, Error> {
     let (d, ctx, api, now) = (&pass.d, pass.ctx, &pass.api, pass.now);
+    if !ever_bound(ctx, &pass.uid).await? {
+        remove_finalizer(d, api, FINALIZER_AGENT)
+            .await
+            .map_err(kube("remove the agent finalizer"))?;
+        ctx.event(
+            d.as_ref(),
+            EventType::Warning,
+            "FinalizerNotBound",
+            "Delete",
+            format!(
+                "{FINALIZER_AGENT} was set on a desktop no host was ever bound to (by hand, not \
+                 by a node-agent); removed: there is nothing on any host to clean up"
+            ),
+        )
+        .await;
+        return Ok(Action::await_change());
+    }
     let node = d.status.as_ref().and_then(|s| s.node.clone());
     let after = ctx
         .stores

@@ -18,6 +18,22 @@ use crate::context::Context;
 use crate::controllers::is_conflict;
 use std::time::Duration;
 
+/// Whether the operator ever bound the desktop with UID `uid` to a host: its console mirror,
+/// created before any binding and deleted only after the agent's finalizer is gone, exists.
+/// The cache first, the API on a miss (a mirror written a moment ago may not be cached yet). A
+/// `status.node` without a mirror was written by someone else.
+pub(super) async fn ever_bound(ctx: &Context, uid: &str) -> Result<bool, Error> {
+    if ctx.stores.mirror(&ctx.console_namespace, uid).is_some() {
+        return Ok(true);
+    }
+    let api: Api<Secret> = Api::namespaced(ctx.client.clone(), &ctx.console_namespace);
+    Ok(api
+        .get_opt(&console_mirror_name(uid))
+        .await
+        .map_err(kube("read console mirror"))?
+        .is_some())
+}
+
 /// How often a mirror write may lose a race before the pass gives up.
 const MIRROR_ATTEMPTS: usize = 3;
 

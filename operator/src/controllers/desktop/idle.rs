@@ -24,7 +24,7 @@ use crate::idle::{
     wake_target, wake_token,
 };
 use crate::scheduler::{PoolPolicy, Request};
-use crate::world::host_views;
+use crate::world::{Bindings, host_views};
 
 /// How often a woken desktop waiting for room looks again.
 const WAKE_RETRY: Duration = Duration::from_secs(15);
@@ -277,7 +277,10 @@ async fn restore(pass: &Pass<'_>, node: &str) -> Restore {
         &ctx.stores.nodes.state(),
         &ctx.stores.pools.state(),
         &others,
-        Some(&*ledger),
+        Bindings {
+            ledger: Some(&*ledger),
+            confirmed: &|d| ctx.stores.binding_confirmed(d),
+        },
         |n| ctx.heartbeat(n, now),
     );
     if let Some((h, _)) = ledger.port_of(uid)

@@ -6,6 +6,7 @@ use deskvirt_crds::conditions::{self, Status, condition};
 use deskvirt_crds::constants::condition::{IDLE, READY, SCHEDULED};
 use deskvirt_crds::constants::{FINALIZER_OPERATOR, LABEL_NODE, LABEL_POOL, MANAGER_OPERATOR};
 use deskvirt_crds::desktop::{Desktop, DesktopStatus, Move, Phase, Reclaimed, Wake};
+use deskvirt_crds::names::label_value;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Patch, PatchParams};
@@ -24,9 +25,9 @@ fn meta_body(
     resource_version: Option<String>,
 ) -> serde_json::Value {
     let mut labels = serde_json::Map::new();
-    labels.insert(LABEL_POOL.into(), json!(d.spec.pool));
+    labels.insert(LABEL_POOL.into(), json!(label_value(&d.spec.pool)));
     if let Some(n) = node {
-        labels.insert(LABEL_NODE.into(), json!(n));
+        labels.insert(LABEL_NODE.into(), json!(label_value(n)));
     }
     let mut metadata = json!({
         "name": d.name_any(),
@@ -43,8 +44,8 @@ fn meta_body(
 fn has_meta(d: &Desktop, node: Option<&str>) -> bool {
     let labels = d.labels();
     d.finalizers().iter().any(|f| f == FINALIZER_OPERATOR)
-        && labels.get(LABEL_POOL) == Some(&d.spec.pool)
-        && node.is_none_or(|n| labels.get(LABEL_NODE).map(String::as_str) == Some(n))
+        && labels.get(LABEL_POOL) == Some(&label_value(&d.spec.pool))
+        && node.is_none_or(|n| labels.get(LABEL_NODE) == Some(&label_value(n)))
 }
 
 /// Applies the operator's labels and finalizer unless present; returns the Desktop as it is
