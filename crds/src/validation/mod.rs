@@ -1,0 +1,101 @@
+//! What a schema cannot check, checked by pure functions: each takes a spec (and the pool a
+//! Desktop names) and returns every field error, each naming the field's path
+//! (`spec.network.nodePrefixLength`) and saying in plain words what is wrong. The operator
+//! turns them into an `InvalidSpec` condition; no kube client, no I/O.
+
+mod desktop;
+mod labels;
+mod pool;
+mod usb;
+
+use std::fmt;
+
+pub use desktop::desktop;
+pub use labels::{SelectorError, matches as selector_matches};
+pub use pool::pool;
+
+/// One invalid field.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FieldError {
+    /// Path of the field from the object's root, such as `spec.storage.diskDir` or
+    /// `spec.display.usb.allow[1].product`.
+    pub path: String,
+    /// What is wrong, in plain words.
+    pub message: String,
+}
+
+impl FieldError {
+    pub fn new(path: impl Into<String>, message: impl Into<String>) -> Self {
+        Self {
+            path: path.into(),
+            message: message.into(),
+        }
+    }
+}
+
+impl fmt::Display for FieldError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.path, self.message)
+    }
+}
+
+/// Every error in one line for a condition message: `path: what; path: what`.
+pub fn summary(errors: &[FieldError]) -> String {
+    errors
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+/// Collects field errors under a path prefix.
+#[derive(Debug, Default)]
+struct Errors(Vec<FieldError>);
+
+impl Errors {
+    fn add(&mut self, path: impl Into<String>, message: impl Into<String>) {
+        self.0.push(FieldError::new(path, message));
+    }
+
+    /// Records `Err` of `result` at `path`.
+    fn check<E: fmt::Display>(&mut self, path: &str, result: Result<impl Sized, E>) {
+        if let Err(e) = result {
+            self.add(path, e.to_string());
+        }
+    }
+}
+
+/// A quantity that must parse to a positive number of bytes.
+fn positive_bytes(errors: &mut Errors, path: &str, q: &str) {
+    match crate::quantity::parse_bytes(q) {
+        Ok(0) => errors.add(path, format!("{q:?} is zero; it must be more")),
+        Ok(_) => {}
+        Err(e) => errors.add(path, e.to_string()),
+    }
+}
+
+/// A quantity that must parse (zero allowed).
+fn bytes(errors: &mut Errors, path: &str, q: &str) {
+    errors.check(path, crate::quantity::parse_bytes(q));
+}
+
+/// A duration that must be longer than zero.
+fn positive_duration(errors: &mut Errors, path: &str, d: &str) {
+    match crate::quantity::parse_duration(d) {
+        Ok(t) if t.is_zero() => errors.add(path, format!("{d:?} is zero; it must be longer")),
+        Ok(_) => {}
+        Err(e) => errors.add(path, e.to_string()),
+    }
+}
+
+/// A network interface name the schema's pattern lets through: refuse `.` and `..`.
+fn interface(errors: &mut Errors, path: &str, name: &str) {
+    if name == "." || name == ".." {
+        errors.add(path, format!("{name:?} is not an interface name"));
+    }
+}
+
+/// The idle policy's fields (a Desktop's own or a pool's default).
+fn idle(errors: &mut Errors, at: &str, policy: &crate::desktop::IdlePolicy) {
+    positive_duration(errors, &format!("{at}.timeout"), &policy.timeout);
+}
