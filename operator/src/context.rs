@@ -8,7 +8,7 @@ use std::time::Duration;
 use deskvirt_crds::constants::console_mirror_name;
 use deskvirt_crds::{Desktop, DomainNode, ResourcePool};
 use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::api::core::v1::{Namespace, ResourceQuota, Secret};
 use k8s_openapi::jiff::Timestamp;
 use kube::runtime::events::{EventType, Reporter};
 use kube::runtime::reflector::{ObjectRef, Store};
@@ -34,6 +34,10 @@ pub struct Stores {
     pub leases: Store<Lease>,
     /// Console password mirrors in the operator's namespace.
     pub mirrors: Store<Secret>,
+    /// Namespaces, for the labels a pool's `namespaceSelector` matches.
+    pub namespaces: Store<Namespace>,
+    /// ResourceQuotas, for the `deskvirt.io/cpu` and `deskvirt.io/memory` limits of a namespace.
+    pub quotas: Store<ResourceQuota>,
 }
 
 impl Stores {
@@ -58,9 +62,11 @@ impl Stores {
             Api::namespaced(client.clone(), console_namespace),
             watcher::Config::default().labels(&mirror::selector()),
         );
+        let (namespaces, f) = reflect(Api::all(client.clone()), cfg());
+        let (quotas, g) = reflect(Api::all(client.clone()), cfg());
         let drive = async move {
             tokio::select! {
-                _ = futures::future::join5(a, b, c, d, e) => {}
+                _ = futures::future::join3(futures::future::join5(a, b, c, d, e), f, g) => {}
                 () = stopped(stop) => {}
             }
         };
@@ -70,6 +76,8 @@ impl Stores {
             desktops,
             leases,
             mirrors,
+            namespaces,
+            quotas,
         };
         (stores, drive)
     }
@@ -81,6 +89,8 @@ impl Stores {
             && self.desktops.wait_until_ready().await.is_ok()
             && self.leases.wait_until_ready().await.is_ok()
             && self.mirrors.wait_until_ready().await.is_ok()
+            && self.namespaces.wait_until_ready().await.is_ok()
+            && self.quotas.wait_until_ready().await.is_ok()
     }
 
     pub fn pool(&self, name: &str) -> Option<Arc<ResourcePool>> {
@@ -171,6 +181,12 @@ impl Ledgers {
 
     pub fn get_mut(&mut self, pool: &str) -> Option<&mut Ledger> {
         self.pools.get_mut(pool)
+    }
+
+    /// Whether any pool's ledger holds a reservation for the desktop with UID `uid` (a binding
+    /// decided whose write the cache may not show yet).
+    pub fn reserved(&self, uid: &str) -> bool {
+        self.pools.values().any(|l| l.port_of(uid).is_some())
     }
 }
 

@@ -32,6 +32,21 @@ fn within(narrow: &UsbFilter, wide: &UsbFilter) -> bool {
         && same(&wide.product, &narrow.product)
 }
 
+/// The field of `narrow` that makes it wider than the first of `wide`: one `wide` sets that
+/// `narrow` leaves out or sets to another value.
+fn widening_field(narrow: &UsbFilter, wide: &[UsbFilter]) -> &'static str {
+    let differs = |w: &Option<String>, n: &Option<String>| {
+        w.as_ref()
+            .is_some_and(|w| !n.as_ref().is_some_and(|n| n.eq_ignore_ascii_case(w)))
+    };
+    match wide.first() {
+        Some(w) if differs(&w.class, &narrow.class) => "class",
+        Some(w) if differs(&w.vendor, &narrow.vendor) => "vendor",
+        Some(_) => "product",
+        None => "class",
+    }
+}
+
 fn show(f: &UsbFilter) -> String {
     let parts: Vec<String> = [
         ("class", &f.class),
@@ -87,7 +102,7 @@ pub(super) fn narrows(errors: &mut Errors, desktop: &UsbPolicy, pool: &UsbPolicy
         for (i, a) in desktop.allow.iter().enumerate() {
             if !pool.allow.iter().any(|p| within(a, p)) {
                 errors.add(
-                    format!("{at}.allow[{i}]"),
+                    format!("{at}.allow[{i}].{}", widening_field(a, &pool.allow)),
                     format!("allows {}, which the pool's allow list does not", show(a)),
                 );
             }
@@ -132,7 +147,7 @@ mod tests {
                 "spec.display.usb.redirect",
                 "spec.display.usb.channels",
                 "spec.display.usb.deny",
-                "spec.display.usb.allow[0]",
+                "spec.display.usb.allow[0].vendor",
             ]
         );
     }
