@@ -94,7 +94,11 @@ pub async fn teardown<H: Hypervisor>(
         match disks::remove(&path, &image_dir, &in_use).await {
             Ok(true) => tracing::info!(disk = %path.display(), "disk deleted"),
             Ok(false) => {}
-            Err(e @ (DiskError::InUse { .. } | DiskError::Protected { .. })) => {
+            Err(
+                e @ (DiskError::InUse { .. }
+                | DiskError::Protected { .. }
+                | DiskError::UnsafePath { .. }),
+            ) => {
                 tracing::warn!(disk = %path.display(), error = %e, "disk kept");
                 ctx.event(d, EventType::Warning, "DiskKept", "Delete", e.to_string())
                     .await;
