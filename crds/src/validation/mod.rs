@@ -99,3 +99,25 @@ fn interface(errors: &mut Errors, path: &str, name: &str) {
 fn idle(errors: &mut Errors, at: &str, policy: &crate::desktop::IdlePolicy) {
     positive_duration(errors, &format!("{at}.timeout"), &policy.timeout);
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::{Desktop, ResourcePool};
+
+    fn example<T: serde::de::DeserializeOwned>(name: &str) -> T {
+        let path = format!("{}/../examples/{name}", env!("CARGO_MANIFEST_DIR"));
+        let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+        serde_yaml::from_str(&text).unwrap_or_else(|e| panic!("{path}: {e}"))
+    }
+
+    /// What users copy must pass: the example pool, and each example desktop in it.
+    #[test]
+    fn the_examples_are_valid() {
+        let pool: ResourcePool = example("pool.yaml");
+        assert_eq!(super::pool(&pool.spec), vec![]);
+        for name in ["desktop.yaml", "desktop-full.yaml"] {
+            let d: Desktop = example(name);
+            assert_eq!(super::desktop(&d.spec, Some(&pool.spec)), vec![], "{name}");
+        }
+    }
+}
