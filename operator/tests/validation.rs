@@ -10,14 +10,14 @@ mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use common::{Run, Setup, cond, wait_for, wait_refused};
+use common::{Run, Setup, cond, node_of, wait_for, wait_refused};
 use deskvirt_crds::validation::{self, FieldError};
 use deskvirt_crds::{Desktop, DesktopSpec, ResourcePool, ResourcePoolSpec};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::{
     JSONSchemaProps, JSONSchemaPropsOrArray,
 };
 use kube::Api;
-use kube::api::{ApiResource, DynamicObject, PostParams};
+use kube::api::{ApiResource, DynamicObject, Patch, PatchParams, PostParams};
 use serde_json::{Value, json};
 
 /// How one field is shown to be checked.
@@ -709,15 +709,23 @@ async fn the_api_server_refuses_schema_cases_and_accepts_condition_cases() {
 
 /// Through the running operator: an invalid pool is not Ready and names its bad fields, and
 /// nothing is placed into it; an invalid desktop in a valid pool is not Scheduled and names its
-/// bad field; neither gets a port or a MAC.
+/// bad field; neither gets a port or a MAC. A bound desktop edited into an invalid one stays
+/// bound and is not Ready, naming the field.
 #[tokio::test]
 async fn invalid_pools_and_desktops_get_a_condition_naming_the_field() {
-    let t = Setup::new("op-valid", json!({}), 10).await;
+    let t = Setup::new(
+        "op-valid",
+        json!({"defaults": {"usb": {"channels": 1}}}),
+        10,
+    )
+    .await;
     let run: &Run = &t.run;
     let bad_pool = format!("op-bad-{}", run.id);
     run.pool(
         &bad_pool,
         json!({
+            // No host: the run's host stays with the run's valid pool.
+            "nodeSelector": { "deskvirt.io/no-host": run.id },
             "network": { "cidr": "10.9.0.0/24", "nodePrefixLength": 16 },
             "storage": { "imageDir": "/srv/vm", "diskDir": "/srv/vm/disks" },
         }),
@@ -767,4 +775,42 @@ async fn invalid_pools_and_desktops_get_a_condition_naming_the_field() {
         msg.contains("spec.network.mac") && msg.contains("52:54:00"),
         "{msg}"
     );
+
+    // Valid when bound, loosened after: still bound, not Ready, the field named.
+    desks
+        .create(
+            &PostParams::default(),
+            &run.desktop("edited", &t.host.pool, 1, "1Gi"),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    wait_for(&desks, "edited", "binding", |d: &Desktop| {
+        node_of(d).is_some()
+    })
+    .await;
+    let loosen = json!({ "spec": { "display": { "usb": { "channels": 4 } } } });
+    desks
+        .patch("edited", &PatchParams::default(), &Patch::Merge(&loosen))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let d = wait_for(
+        &desks,
+        "edited",
+        "Ready=False InvalidSpec",
+        |d: &Desktop| {
+            let c = d
+                .status
+                .as_ref()
+                .map(|s| s.conditions.as_slice())
+                .unwrap_or_default();
+            cond(c, "Ready").is_some_and(|c| c.reason == "InvalidSpec" && c.status == "False")
+        },
+    )
+    .await;
+    let st = d.status.unwrap_or_default();
+    let msg = cond(&st.conditions, "Ready")
+        .map(|c| c.message.clone())
+        .unwrap_or_default();
+    assert!(msg.contains("spec.display.usb.channels"), "{msg}");
+    assert!(st.node.is_some(), "a bound desktop stays bound: {st:?}");
 }

@@ -39,6 +39,17 @@ impl fmt::Display for FieldError {
     }
 }
 
+/// How a desktop's USB policy loosens its pool's `defaults.usb` (empty when it only narrows
+/// it); the node-agent uses it to never apply a looser policy than the pool's.
+pub fn usb_loosening(
+    desktop: &crate::desktop::UsbPolicy,
+    pool: &crate::desktop::UsbPolicy,
+) -> Vec<FieldError> {
+    let mut e = Errors::default();
+    usb::narrows(&mut e, desktop, pool);
+    e.0
+}
+
 /// Every error in one line for a condition message: `path: what; path: what`.
 pub fn summary(errors: &[FieldError]) -> String {
     errors
