@@ -10,7 +10,7 @@ mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use common::{Run, Setup, cond, node_of, wait_for, wait_refused};
+use common::{Run, Setup, cond, desktop_conditions, node_of, wait_for, wait_refused};
 use deskvirt_crds::validation::{self, FieldError};
 use deskvirt_crds::{Desktop, DesktopSpec, ResourcePool, ResourcePoolSpec};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::{
@@ -798,11 +798,7 @@ async fn invalid_pools_and_desktops_get_a_condition_naming_the_field() {
         "edited",
         "Ready=False InvalidSpec",
         |d: &Desktop| {
-            let c = d
-                .status
-                .as_ref()
-                .map(|s| s.conditions.as_slice())
-                .unwrap_or_default();
+            let c = desktop_conditions(d);
             cond(c, "Ready").is_some_and(|c| c.reason == "InvalidSpec" && c.status == "False")
         },
     )
