@@ -62,8 +62,10 @@ impl Stores {
             Api::namespaced(client.clone(), console_namespace),
             watcher::Config::default().labels(&mirror::selector()),
         );
-        let (namespaces, f) = reflect(Api::all(client.clone()), cfg());
-        let (quotas, g) = reflect(Api::all(client.clone()), cfg());
+        // Context, not objects deskvirt manages: never restricted by the label selector (a
+        // Desktop's namespace and quotas carry no deskvirt label).
+        let (namespaces, f) = reflect(Api::all(client.clone()), watcher::Config::default());
+        let (quotas, g) = reflect(Api::all(client.clone()), watcher::Config::default());
         let drive = async move {
             tokio::select! {
                 _ = futures::future::join3(futures::future::join5(a, b, c, d, e), f, g) => {}

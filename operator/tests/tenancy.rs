@@ -9,7 +9,7 @@ mod common;
 
 use std::process::{Child, Command, Stdio};
 
-use common::{RUN_LABEL, Run, Setup, node_of, wait_for, wait_refused};
+use common::{Run, Setup, node_of, wait_for, wait_refused};
 use deskvirt_crds::Desktop;
 use deskvirt_crds::constants::quota::{COUNT, CPU, MEMORY};
 use deskvirt_tests::cluster::{kubeconfig_path, repo_root};
@@ -115,7 +115,7 @@ async fn namespace_quotas_cap_desktops_cpu_and_memory() {
     let (run, pool) = (&t.run, &t.host.pool);
     let quotas: Api<ResourceQuota> = Api::namespaced(run.client.clone(), &run.ns);
     let quota: ResourceQuota = serde_json::from_value(json!({
-        "metadata": { "name": "desktops", "labels": { RUN_LABEL: run.id } },
+        "metadata": { "name": "desktops" },
         "spec": { "hard": { COUNT: "3", CPU: "3", MEMORY: "3Gi" } }
     }))
     .unwrap_or_else(|e| panic!("{e}"));
