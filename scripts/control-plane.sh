@@ -134,8 +134,10 @@ start_plane() {
   done
   [ -n "$ok" ] || { log "kube-apiserver did not become ready; last log lines:"; tail -20 "$dir/kube-apiserver.log" >&2; stop_plane; exit 1; }
 
+  # resourcequota: without it no quota gets a status and none is enforced at admission
+  # (count/desktops.deskvirt.io; see README "per-namespace limits").
   setsid "$bin/kube-controller-manager" --kubeconfig="$kubeconfig" \
-    --controllers=garbagecollector,namespace,serviceaccount,serviceaccount-token \
+    --controllers=garbagecollector,namespace,serviceaccount,serviceaccount-token,resourcequota \
     --service-account-private-key-file="$dir/pki/sa.key" --root-ca-file="$dir/pki/ca.crt" \
     --leader-elect=false --bind-address=127.0.0.1 --secure-port="$kcm_port" --port=0 --v=1 \
     >"$dir/kube-controller-manager.log" 2>&1 < /dev/null 8>&- &

@@ -117,3 +117,36 @@ pub mod condition {
     /// ResourcePool: some hosts are not ready or some desktops failed.
     pub const DEGRADED: &str = "Degraded";
 }
+
+/// Reasons of the operator's `Scheduled` (and, while unbound, `Ready`) condition on a Desktop
+/// that is refused before any host is considered; nothing is allocated for it.
+pub mod scheduled_reason {
+    /// A field of the Desktop's spec is invalid (the message names each one).
+    pub const INVALID_SPEC: &str = "InvalidSpec";
+    /// The Desktop's pool has an invalid spec; nothing is placed into it.
+    pub const INVALID_POOL: &str = "InvalidPool";
+    /// The pool's `namespaceSelector` does not select the Desktop's namespace.
+    pub const POOL_NOT_ALLOWED: &str = "PoolNotAllowed";
+    /// Binding would take the namespace past a `deskvirt.io/cpu` or `deskvirt.io/memory`
+    /// limit of one of its ResourceQuotas.
+    pub const QUOTA_EXCEEDED: &str = "QuotaExceeded";
+}
+
+/// Reasons of a ResourcePool's `Ready` and `Degraded` conditions set from its spec alone.
+pub mod pool_reason {
+    /// A field of the pool's spec is invalid (the message names each one).
+    pub const INVALID_SPEC: &str = "InvalidSpec";
+}
+
+/// `hard` keys of a ResourceQuota that deskvirt enforces itself, since Kubernetes cannot count
+/// a custom resource's CPU or memory: the sum over the namespace's bound Desktops of
+/// `spec.cpu` (vCPUs) and `spec.memory`. The number of Desktops is Kubernetes' own
+/// `count/desktops.deskvirt.io`, enforced at admission.
+pub mod quota {
+    /// vCPUs of the namespace's bound Desktops.
+    pub const CPU: &str = "deskvirt.io/cpu";
+    /// Memory of the namespace's bound Desktops.
+    pub const MEMORY: &str = "deskvirt.io/memory";
+    /// Kubernetes' object count of Desktops.
+    pub const COUNT: &str = "count/desktops.deskvirt.io";
+}

@@ -74,7 +74,7 @@ pub struct DesktopSpec {
     #[serde(default = "default_cpu")]
     #[schemars(range(min = 1, max = 256))]
     pub cpu: u32,
-    /// Guest memory as a Kubernetes quantity, such as 4Gi.
+    /// Guest memory as a Kubernetes quantity, such as 4Gi; more than zero.
     #[serde(default = "default_memory")]
     #[schemars(regex(pattern = QUANTITY_PATTERN))]
     pub memory: String,
@@ -175,7 +175,10 @@ pub enum Power {
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct DisplaySpec {
-    /// USB redirection from the SPICE client; the pool's default when unset.
+    /// USB redirection from the SPICE client; the pool's default when unset. May only narrow
+    /// the pool's `defaults.usb` (no redirection the pool forbids, no more channels, the pool's
+    /// deny filters kept, allow filters only inside the pool's); a looser policy is refused
+    /// with Scheduled=False, reason InvalidSpec.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub usb: Option<UsbPolicy>,
 }
@@ -238,8 +241,10 @@ pub struct UsbFilter {
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct NetworkSpec {
-    /// A fixed MAC address. Unset lets the operator allocate one from the pool's prefix; a fixed
-    /// one is checked for collisions in the pool.
+    /// A fixed MAC address. Unset lets the operator allocate one from the pool's prefix. A fixed
+    /// one must start with the pool's `network.macPrefix` (one outside is refused with
+    /// Scheduled=False, reason InvalidSpec, so pools never collide) and is checked for
+    /// collisions in the pool.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(regex(pattern = MAC))]
     pub mac: Option<String>,
@@ -263,7 +268,7 @@ pub enum IdleAction {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct IdlePolicy {
-    /// How long a desktop must be idle before `action` runs, such as 30m.
+    /// How long a desktop must be idle before `action` runs, such as 30m; more than zero.
     #[schemars(regex(pattern = DURATION_PATTERN))]
     pub timeout: String,
     /// None, Suspend, Shutdown or Delete.

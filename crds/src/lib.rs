@@ -7,9 +7,11 @@ pub mod constants;
 pub mod desktop;
 pub mod domain_node;
 pub mod names;
+pub mod paths;
 pub mod quantity;
 pub mod resource_pool;
 mod schema;
+pub mod validation;
 
 pub use desktop::{Desktop, DesktopSpec, DesktopStatus};
 pub use domain_node::{DomainNode, DomainNodeSpec, DomainNodeStatus};

@@ -6,7 +6,7 @@
 
 use std::collections::BTreeMap;
 
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, LabelSelector};
 use kube::CustomResource;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -70,6 +70,13 @@ pub struct ResourcePoolSpec {
     /// A host belongs to at most one pool; when several match, the oldest pool wins.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub node_selector: BTreeMap<String, String>,
+    /// Namespaces whose Desktops may be placed in this pool, selected by the namespaces' labels.
+    /// Unset lets every namespace use the pool (so does an empty selector `{}`). A Desktop in
+    /// a namespace the selector does not match stays unbound with `Scheduled=False`, reason
+    /// PoolNotAllowed; nothing is allocated for it. Changing the selector does not unbind
+    /// desktops already placed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace_selector: Option<LabelSelector>,
     /// Where base images and per-desktop disks live on the hosts.
     #[serde(default)]
     pub storage: PoolStorage,
@@ -113,10 +120,13 @@ pub struct ResourcePoolSpec {
 #[serde(rename_all = "camelCase")]
 pub struct PoolStorage {
     /// Absolute directory holding the base images that `spec.disk.image` of a Desktop names.
+    /// Clean (no empty, `.` or `..` segment, not `/`), and neither inside `diskDir` nor holding
+    /// it: the operator refuses the pool otherwise (Ready=False, reason InvalidSpec).
     #[serde(default = "default_image_dir")]
     #[schemars(regex(pattern = ABS_PATH), length(max = 4096))]
     pub image_dir: String,
     /// Absolute directory where per-desktop disks (linked clones or full copies) are created.
+    /// Clean, and apart from `imageDir` (neither inside the other), as for `imageDir`.
     #[serde(default = "default_disk_dir")]
     #[schemars(regex(pattern = ABS_PATH), length(max = 4096))]
     pub disk_dir: String,
@@ -163,7 +173,8 @@ pub struct PoolNetwork {
     /// nat, bridge or isolated.
     #[serde(default)]
     pub mode: NetworkMode,
-    /// Name of the Linux bridge on every host; required when mode is bridge.
+    /// Name of the Linux bridge on every host; required when mode is bridge (checked by the
+    /// operator).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(regex(pattern = IFNAME))]
     pub bridge: Option<String>,
@@ -171,11 +182,13 @@ pub struct PoolNetwork {
     #[serde(default = "default_cidr")]
     #[schemars(regex(pattern = IPV4_CIDR))]
     pub cidr: String,
-    /// Prefix length of each host's subnet inside `cidr`; 24 gives 253 desktops per host.
+    /// Prefix length of each host's subnet inside `cidr`; 24 gives 253 desktops per host. At
+    /// least the prefix length of `cidr` (checked by the operator).
     #[serde(default = "default_node_prefix")]
     #[schemars(range(min = 8, max = 30))]
     pub node_prefix_length: u8,
-    /// First three octets of every desktop MAC in the pool, for example 52:54:00.
+    /// First three octets of every desktop MAC in the pool, for example 52:54:00. A Desktop's
+    /// fixed `spec.network.mac` must start with it: one outside is refused (InvalidSpec).
     #[serde(default = "default_mac_prefix")]
     #[schemars(regex(pattern = MAC_PREFIX))]
     pub mac_prefix: String,
@@ -230,7 +243,8 @@ pub struct PoolDisplay {
     pub tls: bool,
 }
 
-/// An inclusive port range. `first` must not exceed `last` (checked by the operator).
+/// An inclusive port range of unprivileged ports. `first` must not exceed `last` (checked by the
+/// operator).
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct PortRange {
@@ -371,11 +385,12 @@ impl Default for ReferenceSize {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Failover {
-    /// Restart desktops of a lost host on another host. Needs `storage.shared`, and assumes the
+    /// Restart desktops of a lost host on another host. Needs `storage.shared` (the operator
+    /// refuses the pool otherwise), and assumes the
     /// lost host is fenced (powered off) once `after` has passed: never two QEMUs on one disk.
     #[serde(default)]
     pub restart_elsewhere: bool,
-    /// How long a host must be lost before its desktops are restarted elsewhere, or before a
+    /// How long (more than zero) a host must be lost before its desktops are restarted elsewhere, or before a
     /// Desktop being deleted may finish without the host's cleanup.
     #[serde(default = "default_failover_after")]
     #[schemars(regex(pattern = crate::quantity::DURATION_PATTERN))]
@@ -440,7 +455,10 @@ pub struct PoolDefaults {
     /// Idle policy for desktops that do not set `spec.idle`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub idle: Option<IdlePolicy>,
-    /// USB redirection policy for desktops that do not set `spec.display.usb`.
+    /// USB redirection policy for desktops that do not set `spec.display.usb`, and the limit
+    /// for those that do: a Desktop may only narrow it (no redirection when this forbids it,
+    /// no more channels, every deny filter kept, allow filters only inside these). Unset puts
+    /// no limit on the desktops' own policies.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub usb: Option<UsbPolicy>,
 }

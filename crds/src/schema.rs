@@ -13,8 +13,10 @@ pub const MAC_PREFIX: &str = r"^[0-9a-fA-F][02468aceACE](:[0-9a-fA-F]{2}){2}$";
 pub const MAC: &str = r"^[0-9a-fA-F][02468aceACE](:[0-9a-fA-F]{2}){5}$";
 /// A file name inside a pool directory: no slashes, no leading dot (so no `..`).
 pub const FILE_NAME: &str = r"^[A-Za-z0-9_][A-Za-z0-9._-]*$";
-/// An absolute path on the host without `..` components.
-pub const ABS_PATH: &str = r"^/([A-Za-z0-9._-]+/?)*$";
+/// An absolute path on the host below `/`, without empty, `.` or `..` segments (one trailing
+/// slash allowed). Whether two directories overlap is checked by the operator (`paths`).
+pub const ABS_PATH: &str =
+    r"^(/([A-Za-z0-9_-][A-Za-z0-9._-]*|\.[A-Za-z0-9_-][A-Za-z0-9._-]*|\.\.[A-Za-z0-9._-]+))+/?$";
 /// A Linux network interface name.
 pub const IFNAME: &str = r"^[A-Za-z0-9_.-]{1,15}$";
 /// A 16-bit USB id written in hex, such as 0x046d.

@@ -41,6 +41,14 @@ pub enum DiskError {
     /// The disk belongs to another Desktop (or to nobody this agent can prove): untouched.
     #[error("disk {path} belongs to {owner}, not to this desktop; it is left untouched")]
     NotOurs { path: String, owner: String },
+    /// A path breaks the rules of `deskvirt_crds::paths`; nothing is touched.
+    #[error(
+        "refusing to touch {path}: it breaks the path rules (absolute, clean, apart from the image directory)"
+    )]
+    UnsafePath {
+        path: String,
+        source: deskvirt_crds::paths::PathError,
+    },
 }
 
 impl DiskError {
@@ -53,6 +61,7 @@ impl DiskError {
             Self::InUse { .. } => "DiskInUse",
             Self::Protected { .. } => "DiskProtected",
             Self::NotOurs { .. } => "DiskNotOurs",
+            Self::UnsafePath { .. } => "UnsafePath",
         }
     }
 
@@ -176,6 +185,11 @@ fn tool(op: &'static str, path: &Path, message: String) -> DiskError {
     }
 }
 
+fn unsafe_path(path: &Path) -> impl FnOnce(deskvirt_crds::paths::PathError) -> DiskError {
+    let path = path.display().to_string();
+    move |source| DiskError::UnsafePath { path, source }
+}
+
 fn io(op: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> DiskError {
     let path = path.display().to_string();
     move |source| DiskError::Io { op, path, source }
@@ -225,6 +239,7 @@ pub async fn adopt(target: &Path, uid: &str) -> Result<(), DiskError> {
 /// new clone (a non-persistent desktop starting again); the caller guarantees no running
 /// domain uses it.
 pub async fn prepare(qemu_img: &str, plan: &DiskPlan, fresh: bool) -> Result<Prepared, DiskError> {
+    crate::paths::check_clone(&plan.base, &plan.target).map_err(unsafe_path(&plan.target))?;
     let exists = tokio::fs::try_exists(&plan.target)
         .await
         .map_err(io("look at", &plan.target))?;
@@ -308,6 +323,7 @@ pub async fn remove(
     if is_within(target, image_dir) {
         return Err(DiskError::Protected { path: shown });
     }
+    crate::paths::check_removal(target, image_dir).map_err(unsafe_path(target))?;
     if in_use.contains(&shown) {
         return Err(DiskError::InUse { path: shown });
     }

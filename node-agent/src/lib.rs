@@ -12,4 +12,5 @@ pub mod host_memory;
 pub mod hypervisor;
 pub mod inventory;
 pub mod metrics;
+pub mod paths;
 pub mod registration;

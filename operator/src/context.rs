@@ -10,7 +10,7 @@ use deskvirt_crds::domain_node::OrphanDomain;
 use deskvirt_crds::names::label_value;
 use deskvirt_crds::{Desktop, DomainNode, ResourcePool};
 use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::api::core::v1::{Namespace, ResourceQuota, Secret};
 use k8s_openapi::jiff::Timestamp;
 use kube::runtime::events::{EventType, Reporter};
 use kube::runtime::reflector::{ObjectRef, Store};
@@ -38,6 +38,10 @@ pub struct Stores {
     pub mirrors: Store<Secret>,
     /// The console namespace, where the mirrors are.
     console: String,
+    /// Namespaces, for the labels a pool's `namespaceSelector` matches.
+    pub namespaces: Store<Namespace>,
+    /// ResourceQuotas, for the `deskvirt.io/cpu` and `deskvirt.io/memory` limits of a namespace.
+    pub quotas: Store<ResourceQuota>,
 }
 
 impl Stores {
@@ -62,9 +66,13 @@ impl Stores {
             Api::namespaced(client.clone(), console_namespace),
             watcher::Config::default().labels(&mirror::selector()),
         );
+        // Context, not objects deskvirt manages: never restricted by the label selector (a
+        // Desktop's namespace and quotas carry no deskvirt label).
+        let (namespaces, f) = reflect(Api::all(client.clone()), watcher::Config::default());
+        let (quotas, g) = reflect(Api::all(client.clone()), watcher::Config::default());
         let drive = async move {
             tokio::select! {
-                _ = futures::future::join5(a, b, c, d, e) => {}
+                _ = futures::future::join3(futures::future::join5(a, b, c, d, e), f, g) => {}
                 () = stopped(stop) => {}
             }
         };
@@ -75,6 +83,8 @@ impl Stores {
             leases,
             mirrors,
             console: console_namespace.to_string(),
+            namespaces,
+            quotas,
         };
         (stores, drive)
     }
@@ -86,6 +96,8 @@ impl Stores {
             && self.desktops.wait_until_ready().await.is_ok()
             && self.leases.wait_until_ready().await.is_ok()
             && self.mirrors.wait_until_ready().await.is_ok()
+            && self.namespaces.wait_until_ready().await.is_ok()
+            && self.quotas.wait_until_ready().await.is_ok()
     }
 
     pub fn pool(&self, name: &str) -> Option<Arc<ResourcePool>> {
@@ -243,6 +255,12 @@ impl Ledgers {
 
     pub fn get_mut(&mut self, pool: &str) -> Option<&mut Ledger> {
         self.pools.get_mut(pool)
+    }
+
+    /// Whether any pool's ledger holds a reservation for the desktop with UID `uid` (a binding
+    /// decided whose write the cache may not show yet).
+    pub fn reserved(&self, uid: &str) -> bool {
+        self.pools.values().any(|l| l.port_of(uid).is_some())
     }
 }
 

@@ -16,4 +16,5 @@ pub mod operator;
 pub mod phase;
 pub mod scheduler;
 pub mod sweep;
+pub mod tenancy;
 pub mod world;

@@ -1131,6 +1131,12 @@ fn access_table() -> Vec<Access> {
         a(op, "patch", d, "resourcepools/status", Cluster, true),
         a(op, "patch", d, "resourcepools", Cluster, false),
         a(op, "get", "", "nodes", Cluster, false),
+        // operator: namespace labels (pool access) and quotas (cpu/memory limits), read only.
+        a(op, "watch", "", "namespaces", Cluster, true),
+        a(op, "patch", "", "namespaces", Cluster, false),
+        a(op, "list", "", "resourcequotas", User, true),
+        a(op, "watch", "", "resourcequotas", User, true),
+        a(op, "patch", "", "resourcequotas", User, false),
         a(op, "create", "", "events", User, true),
         a(op, "patch", "events.k8s.io", "events", User, true),
         a(op, "get", "", "configmaps", Release, false),

@@ -110,7 +110,8 @@ pub async fn teardown<H: Hypervisor>(
             Err(
                 e @ (DiskError::InUse { .. }
                 | DiskError::Protected { .. }
-                | DiskError::NotOurs { .. }),
+                | DiskError::NotOurs { .. }
+                | DiskError::UnsafePath { .. }),
             ) => {
                 tracing::warn!(disk = %path.display(), error = %e, "disk kept");
                 ctx.event(d, EventType::Warning, "DiskKept", "Delete", e.to_string())

@@ -18,17 +18,9 @@ pub struct KernelBoot {
     pub cmdline: Option<String>,
 }
 
-/// Whether `name` is a plain file name (the CRD's FILE_NAME pattern): no slash, no leading dot.
-fn is_file_name(name: &str) -> bool {
-    let mut chars = name.chars();
-    let first_ok = chars
-        .next()
-        .is_some_and(|c| c.is_ascii_alphanumeric() || c == '_');
-    first_ok && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'))
-}
-
 fn image_path(image_dir: &str, field: &'static str, name: &str) -> Result<String, BuildError> {
-    if !is_file_name(name) {
+    // The rule the operator checks too (the CRD's FILE_NAME pattern): one clean segment.
+    if deskvirt_crds::paths::check_file_name(name).is_err() {
         return Err(BuildError::BadFileName {
             field,
             value: name.to_string(),

@@ -1,5 +1,5 @@
 //! The ResourcePool controller: pure aggregation of the pool's hosts and desktops into its
-//! status (capacity, allocated, available, ports, desktops by phase, Ready and Degraded; a
+//! status (an invalid spec: `Ready=False` naming every bad field, and no capacity; else capacity, allocated, available, ports, desktops by phase, Ready and Degraded; a
 //! desktop whose resources idle reclamation released counts in none of them). The
 //! patch is skipped when nothing but timestamps changed, and coalesced during bursts: at most
 //! one write per pool per `--pool-status-interval`, the last value written when it ends.
@@ -10,8 +10,10 @@ use std::time::{Duration, Instant};
 
 use deskvirt_crds::conditions::{self, Status, condition};
 use deskvirt_crds::constants::condition::{DEGRADED, READY};
+use deskvirt_crds::constants::pool_reason::INVALID_SPEC;
 use deskvirt_crds::desktop::Phase;
 use deskvirt_crds::resource_pool::{ResourcePool, ResourcePoolStatus};
+use deskvirt_crds::validation;
 use deskvirt_crds::{Desktop, DomainNode};
 use k8s_openapi::jiff::Timestamp;
 use kube::runtime::Controller;
@@ -148,26 +150,26 @@ pub async fn reconcile(pool: Arc<ResourcePool>, ctx: Arc<Context>) -> Result<Act
         .get(Phase::Failed.as_str())
         .copied()
         .unwrap_or(0);
-    let (ready, degraded) = match PoolPolicy::from_spec(&pool.spec) {
-        Err(e) => (
+    // Nothing is placed into an invalid pool (the Desktop controller checks the same).
+    let invalid = validation::pool(&pool.spec);
+    let policy = if invalid.is_empty() {
+        PoolPolicy::from_spec(&pool.spec).map_err(|e| ("InvalidPool", e.to_string()))
+    } else {
+        let summary = validation::summary(&invalid);
+        Err((INVALID_SPEC, format!("invalid spec: {summary}")))
+    };
+    let (ready, degraded) = match policy {
+        Err((reason, message)) => (
             condition(
                 prev,
                 READY,
                 Status::False,
-                "InvalidPool",
-                e.to_string(),
+                reason,
+                message.clone(),
                 gen_,
                 now,
             ),
-            condition(
-                prev,
-                DEGRADED,
-                Status::True,
-                "InvalidPool",
-                e.to_string(),
-                gen_,
-                now,
-            ),
+            condition(prev, DEGRADED, Status::True, reason, message, gen_, now),
         ),
         Ok(policy) => {
             let mut ledgers = ctx.ledgers.lock().await;

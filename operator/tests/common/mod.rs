@@ -628,3 +628,35 @@ pub async fn wait_leader(run: &Run, identity: &str) {
     )
     .await;
 }
+
+/// A Desktop's conditions (none without a status).
+pub fn desktop_conditions(d: &Desktop) -> &[Condition] {
+    d.status
+        .as_ref()
+        .map(|s| s.conditions.as_slice())
+        .unwrap_or_default()
+}
+
+/// Waits until the Desktop `name` is refused with `Scheduled=False` (and `Ready=False`) for
+/// `reason`, checks that nothing was allocated (no host, MAC or port), and returns the message.
+pub async fn wait_refused(api: &Api<Desktop>, name: &str, reason: &str) -> String {
+    let d = wait_for(
+        api,
+        name,
+        &format!("Scheduled=False {reason}"),
+        |d: &Desktop| {
+            let c = desktop_conditions(d);
+            cond(c, "Scheduled").is_some_and(|c| c.status == "False" && c.reason == reason)
+                && cond(c, "Ready").is_some_and(|c| c.status == "False")
+        },
+    )
+    .await;
+    let st = d.status.unwrap_or_default();
+    assert!(
+        st.node.is_none() && st.mac.is_none() && st.spice.is_none(),
+        "{name} was refused but holds an allocation: {st:?}"
+    );
+    cond(&st.conditions, "Scheduled")
+        .map(|c| c.message.clone())
+        .unwrap_or_default()
+}

@@ -1,14 +1,17 @@
 //! A live Desktop's pass: labels and finalizer, then binding when unbound; once bound, keep the
 //! ledger in step with the recorded binding, run idle reclamation and wakes, hand the console
 //! password over, and derive the phase and `Ready` from the agent's conditions, what the idle
-//! policy reclaimed and the host's heartbeat.
+//! policy reclaimed and the host's heartbeat (`Ready=False InvalidSpec` once the spec is
+//! edited into an invalid one).
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use deskvirt_crds::conditions::{self, Status, condition};
 use deskvirt_crds::constants::condition::SCHEDULED;
+use deskvirt_crds::constants::scheduled_reason::INVALID_SPEC;
 use deskvirt_crds::desktop::{Desktop, Phase};
+use deskvirt_crds::validation;
 use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
 
@@ -119,11 +122,24 @@ async fn bound(pass: &Pass<'_>, node: &str) -> Result<Action, Error> {
         Status::from_bool(derived.ready)
     };
     let scheduled = bound_message(node, want.port, want.mac.as_deref());
+    // A spec made invalid after binding: not Ready, naming the fields (the host never applies
+    // a USB policy looser than the pool's; nothing bound is taken back).
+    let pool = ctx.stores.pool(&d.spec.pool);
+    let invalid = validation::desktop(&d.spec, pool.as_ref().map(|p| &p.spec));
+    let summary = if invalid.is_empty() {
+        (ready, derived.reason, derived.message.clone())
+    } else {
+        let message = format!(
+            "spec changed since binding: {}",
+            validation::summary(&invalid)
+        );
+        (Status::False, INVALID_SPEC, message)
+    };
     want.judge(
         &status.conditions,
         now,
         (Status::True, "Bound", scheduled),
-        (ready, derived.reason, derived.message.clone()),
+        summary,
     );
     // The same as this replica wrote a moment ago: the copy is older than that write (not for
     // idle reclamation, whose writes are guarded by the version they were decided on anyway).

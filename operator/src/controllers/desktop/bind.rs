@@ -1,12 +1,13 @@
 //! Binding an unbound desktop: place it with the pure scheduler, reserve its port and MAC in the
 //! pool's ledger, publish its console password mirror, then write the binding once (metadata,
 //! then status), onto the version of the Desktop it was decided on. Or record why it cannot be
-//! placed.
+//! placed (an invalid spec, a pool it may not use and a quota it would exceed among them).
 
 use std::time::Duration;
 
 use deskvirt_crds::conditions::{self, Status};
 use deskvirt_crds::constants::condition::SCHEDULED;
+use deskvirt_crds::constants::scheduled_reason::{INVALID_POOL, INVALID_SPEC};
 use deskvirt_crds::desktop::Phase;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::ResourceExt;
@@ -14,6 +15,7 @@ use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
 use kube::runtime::reflector::ObjectRef;
 
+use super::admit::admit;
 use super::console::ensure_mirror;
 use super::status::{BindFailure, Owned, bound_message, ensure_meta, write, write_binding};
 use super::{Error, Pass};
@@ -157,12 +159,17 @@ async fn place(pass: &Pass<'_>, prev: &[Condition]) -> Placement {
     if !ledgers.ready {
         return Placement::Later(Duration::from_secs(1));
     }
+    let pool = ctx.stores.pool(&d.spec.pool);
+    match admit(d, uid, pool.as_deref(), ctx, &ledgers) {
+        Ok(Some(())) => {}
+        Ok(None) => return Placement::Later(Duration::from_secs(1)),
+        Err(r) => return unschedulable(r.reason, r.message, r.retry),
+    }
     let request = match Request::from_spec(&d.spec) {
         Ok(r) => r,
-        Err(e) => return unschedulable("InvalidSpec", e.to_string(), None),
+        Err(e) => return unschedulable(INVALID_SPEC, e.to_string(), None),
     };
     let mut index = PoolIndex::new();
-    let pool = ctx.stores.pool(&d.spec.pool);
     if let Some(p) = &pool {
         index.apply(&d.spec.pool, &p.spec);
     }
@@ -171,7 +178,7 @@ async fn place(pass: &Pass<'_>, prev: &[Condition]) -> Placement {
             Ok(l) => Some(l),
             Err(e) => {
                 let msg = format!("pool {}: {e}", d.spec.pool);
-                return unschedulable("InvalidPool", msg, None);
+                return unschedulable(INVALID_POOL, msg, None);
             }
         },
         None => None,

@@ -3,6 +3,7 @@
 //! its policy's timeout and brings it back on a wake, derives its phase from the agent's
 //! conditions and the host's heartbeat, and releases the ledger when it is deleted.
 
+mod admit;
 mod apply;
 mod bind;
 mod cleanup;

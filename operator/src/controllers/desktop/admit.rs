@@ -1,0 +1,130 @@
+//! Whether an unbound Desktop may be placed at all, before any host is looked at: its own spec
+//! (and its pool's) valid, its namespace allowed by the pool, its namespace's ResourceQuotas
+//! not exceeded. A refusal names the field, the pool or the quota; nothing is allocated.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use deskvirt_crds::ResourcePool;
+use deskvirt_crds::constants::scheduled_reason::{
+    INVALID_POOL, INVALID_SPEC, POOL_NOT_ALLOWED, QUOTA_EXCEEDED,
+};
+use deskvirt_crds::desktop::Desktop;
+use deskvirt_crds::quantity::parse_bytes;
+use deskvirt_crds::validation::{self, summary};
+use kube::ResourceExt;
+use kube::runtime::reflector::ObjectRef;
+
+use crate::context::{Context, Ledgers, holds_binding};
+use crate::tenancy::{Amount, Refused, pool_allows, within_quotas};
+
+/// How often a desktop refused for its namespace (labels, quotas) looks again: neither a
+/// namespace's labels nor a quota nor another desktop's release wakes it.
+const TENANCY_RECHECK: Duration = Duration::from_secs(15);
+
+/// Why the desktop may not be placed now.
+pub(super) struct Refusal {
+    pub reason: &'static str,
+    pub message: String,
+    /// When to look again; `None` waits for a change of the desktop or its pool.
+    pub retry: Option<Duration>,
+}
+
+/// Checks spec, pool, access and quotas; `Ok(None)` when the namespace is not cached yet.
+pub(super) fn admit(
+    d: &Desktop,
+    uid: &str,
+    pool: Option<&ResourcePool>,
+    ctx: &Context,
+    ledgers: &Ledgers,
+) -> Result<Option<()>, Refusal> {
+    let errors = validation::desktop(&d.spec, pool.map(|p| &p.spec));
+    if !errors.is_empty() {
+        return Err(Refusal {
+            reason: INVALID_SPEC,
+            message: summary(&errors),
+            retry: None,
+        });
+    }
+    // A missing pool is the scheduler's to report.
+    let Some(pool) = pool else {
+        return Ok(Some(()));
+    };
+    let name = &d.spec.pool;
+    let errors = validation::pool(&pool.spec);
+    if !errors.is_empty() {
+        return Err(Refusal {
+            reason: INVALID_POOL,
+            message: format!(
+                "pool {name} has an invalid spec, so nothing is placed into it: {}",
+                summary(&errors)
+            ),
+            retry: None,
+        });
+    }
+    let namespace = d.namespace().unwrap_or_default();
+    let Some(ns) = ctx.stores.namespaces.get(&ObjectRef::new(&namespace)) else {
+        return Ok(None);
+    };
+    let tenancy = |e: Refused| {
+        let reason = match e {
+            Refused::NotAllowed { .. } | Refused::BadSelector { .. } => POOL_NOT_ALLOWED,
+            Refused::Quota(_) | Refused::UnreadableQuota { .. } => QUOTA_EXCEEDED,
+        };
+        Refusal {
+            reason,
+            message: e.to_string(),
+            retry: Some(TENANCY_RECHECK),
+        }
+    };
+    pool_allows(name, &pool.spec, &namespace, ns.labels()).map_err(tenancy)?;
+
+    let quotas: Vec<(String, BTreeMap<String, String>)> = ctx
+        .stores
+        .quotas
+        .state()
+        .iter()
+        .filter(|q| q.namespace().as_deref() == Some(namespace.as_str()))
+        .map(|q| {
+            let hard = q.spec.as_ref().and_then(|s| s.hard.as_ref());
+            let hard = hard
+                .iter()
+                .flat_map(|h| h.iter())
+                .map(|(k, v)| (k.clone(), v.0.clone()))
+                .collect();
+            (q.name_any(), hard)
+        })
+        .collect();
+    if quotas.is_empty() {
+        return Ok(Some(()));
+    }
+    let used = ctx
+        .stores
+        .desktops
+        .state()
+        .iter()
+        .filter(|o| o.namespace().as_deref() == Some(namespace.as_str()))
+        .filter(|o| o.uid().as_deref() != Some(uid))
+        .filter(|o| {
+            let bound = o.status.as_ref().is_some_and(|s| s.node.is_some());
+            holds_binding(o) && (bound || o.uid().is_some_and(|u| ledgers.reserved(&u)))
+        })
+        .map(|o| amount(o))
+        .fold(Amount::default(), |a, b| a + b);
+    within_quotas(
+        &namespace,
+        quotas.iter().map(|(n, h)| (n.as_str(), h)),
+        used,
+        amount(d),
+    )
+    .map_err(tenancy)?;
+    Ok(Some(()))
+}
+
+/// What a desktop holds against its namespace's quotas (memory a validated spec can parse).
+fn amount(d: &Desktop) -> Amount {
+    Amount {
+        cpu: u64::from(d.spec.cpu),
+        memory: parse_bytes(&d.spec.memory).unwrap_or(0),
+    }
+}
