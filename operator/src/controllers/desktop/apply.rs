@@ -12,11 +12,12 @@ use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
 
 use super::bind::bind;
-use super::console::{apply_user_secret, ensure_mirror};
+use super::console::{ensure_mirror, write_user_secret};
 use super::idle::{self, Settled};
 use super::status::{Owned, bound_message, ensure_meta, relabel, write_bound};
 use super::{Error, Pass};
 use crate::allocators::Claim;
+use crate::console::user::Outcome;
 use crate::context::Context;
 use crate::idle::holds_resources;
 use crate::phase::{self, Facts};
@@ -62,14 +63,17 @@ async fn bound(pass: &Pass<'_>, node: &str) -> Result<Action, Error> {
     let node = moved_to.as_deref().unwrap_or(node);
     let alive = alive(node);
 
-    match console(pass, node, &want).await {
-        Ok(Some(secret)) => want.secret = Some(secret),
-        Ok(None) => {}
+    let handed = match console(pass, node, &want).await {
+        Ok(handed) => handed,
         // A port reserved for a wake goes back with the failed pass.
         Err(e) => {
             idle::abandon(pass, &plan).await;
             return Err(e);
         }
+    };
+    if let Some(outcome) = &handed {
+        want.secret = outcome.secret().map(str::to_string);
+        want.console(&status.conditions, now, gen_, outcome);
     }
 
     // Phase from the agent's conditions, the idle policy's record and the host's heartbeat.
@@ -130,6 +134,10 @@ async fn bound(pass: &Pass<'_>, node: &str) -> Result<Action, Error> {
         ctx.event(d.as_ref(), t, want.phase.as_str(), "Phase", derived.message)
             .await;
     }
+    if wrote && let Some((reason, message)) = console_event(&current, &want) {
+        ctx.event(d.as_ref(), EventType::Warning, &reason, "Console", message)
+            .await;
+    }
     Ok(Action::requeue(requeue))
 }
 
@@ -149,18 +157,30 @@ fn phase_event(from: Phase, to: Phase) -> Option<EventType> {
     }
 }
 
+/// The Warning a `ConsoleSecret` that turned False deserves: its reason and message.
+fn console_event(current: &Owned, want: &Owned) -> Option<(String, String)> {
+    let now = want.console_condition().filter(|c| c.status == "False")?;
+    let before = current.console_condition();
+    if before.is_some_and(|b| b.status == now.status && b.reason == now.reason) {
+        return None;
+    }
+    Some((now.reason.clone(), now.message.clone()))
+}
+
 /// The console password: the mirror is canonical, the user's Secret is written from it; returns
-/// the Secret's name when written. A desktop whose port went back to the pool keeps its last
-/// console file until it is woken.
-async fn console(pass: &Pass<'_>, node: &str, want: &Owned) -> Result<Option<String>, Error> {
+/// what became of that Secret, `None` when nothing was due. A desktop whose port went back to
+/// the pool keeps its last console file until it is woken.
+async fn console(pass: &Pass<'_>, node: &str, want: &Owned) -> Result<Option<Outcome>, Error> {
     let (d, ctx, uid) = (&pass.d, pass.ctx, pass.uid.as_str());
-    let password = ensure_mirror(d, ctx, uid, node).await?;
+    let held = ensure_mirror(d, ctx, uid, node).await?;
     if want.port.is_none() && want.reclaimed.is_some() {
         return Ok(None);
     }
-    apply_user_secret(d, ctx, uid, node, want.port, &password)
-        .await
-        .map(Some)
+    // A status without the condition (a write that did not land): say it again now.
+    if want.console_condition().is_none() {
+        ctx.forget_user_secret(uid);
+    }
+    write_user_secret(d, ctx, uid, node, want.port, &held).await
 }
 
 /// Keeps the pool's ledger in step with the recorded binding: a binding a rebuild refused gets
