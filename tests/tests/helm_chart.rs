@@ -126,7 +126,11 @@ fn chart_lints_clean_as_with_strict() -> anyhow::Result<()> {
         "operator": {"nodeSelector": {}, "tolerations": [], "resources": {}},
         "nodeAgent": {"nodeSelector": {}, "tolerations": [], "resources": {}},
     });
-    let admission_policy = json!({"nodeAgent": {"admissionPolicy": {"enabled": true}}});
+    let admission_policy = json!({
+        "nodeAgent": {"admissionPolicy": {"enabled": true}},
+        "operator": {"admissionPolicy": {"enabled": true}},
+        "consoles": {"userNamespaces": ["team-a", "team-b"]},
+    });
     for (what, values) in [
         ("everything on", everything_on),
         ("the admission policy", admission_policy),
@@ -364,6 +368,16 @@ fn bad_values() -> Vec<BadValues> {
             "/nodeAgent/hypervisor",
         ),
         b(
+            "console user namespace not a DNS label",
+            json!({"consoles": {"userNamespaces": ["Team_A"]}}),
+            "/consoles/userNamespaces/0",
+        ),
+        b(
+            "console user namespaces as one string",
+            json!({"consoles": {"userNamespaces": "team-a,team-b"}}),
+            "/consoles/userNamespaces",
+        ),
+        b(
             "duration without unit",
             json!({"operator": {"hostTimeout": "40"}}),
             "/operator/hostTimeout",
@@ -510,14 +524,20 @@ async fn admission_policy_fails_the_install_where_the_api_is_missing() -> anyhow
         return Ok(());
     }
     let nowhere = format!("helm-vap-{}", unique_suffix());
-    let values = json!({"nodeAgent": {"admissionPolicy": {"enabled": true}}});
-    match helm::install(&nowhere, &release_name("vap"), &chart_dir(), &values)? {
-        Ok(_) => bail!("the admission policy was installed on 1.{minor}, which cannot enforce it"),
-        Err(refused) => assert!(
-            refused.message.contains("ValidatingAdmissionPolicy")
-                && refused.message.contains("1.30"),
-            "{refused}"
-        ),
+    for component in ["nodeAgent", "operator"] {
+        let values = json!({component: {"admissionPolicy": {"enabled": true}}});
+        match helm::install(&nowhere, &release_name("vap"), &chart_dir(), &values)? {
+            Ok(_) => {
+                bail!("the {component} policy was installed on 1.{minor}, which cannot enforce it")
+            }
+            Err(refused) => assert!(
+                refused
+                    .message
+                    .contains(&format!("{component}.admissionPolicy"))
+                    && refused.message.contains("1.30"),
+                "{refused}"
+            ),
+        }
     }
     Ok(())
 }
@@ -551,6 +571,34 @@ async fn console_namespace_is_never_one_holding_service_accounts() -> anyhow::Re
             Err(refused) => assert!(
                 refused.message.contains(says),
                 "console namespace {console_ns:?}: {refused}"
+            ),
+        }
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn console_user_namespaces_never_reach_deskvirt_or_kubernetes_secrets() -> anyhow::Result<()>
+{
+    // The operator gets create, patch and delete on every Secret of a listed namespace: the
+    // chart refuses the release namespace (ServiceAccount tokens), the console namespace
+    // (mirrors, which the agents read) and kube-* namespaces. Rendering fails first, so the
+    // namespaces need not exist.
+    let c = client().await?;
+    ensure_crds(&c).await?;
+    let nowhere = format!("helm-uns-{}", unique_suffix());
+    for listed in [
+        nowhere.clone(),
+        consoles(&nowhere),
+        "kube-system".to_string(),
+        "kube-public".to_string(),
+    ] {
+        let values = json!({"consoles": {"userNamespaces": ["team-a", listed]}});
+        match helm::install(&nowhere, &release_name("uns"), &chart_dir(), &values)? {
+            Ok(_) => bail!("installed with {listed} among consoles.userNamespaces"),
+            Err(refused) => assert!(
+                refused.message.contains(&format!("must not list {listed}")),
+                "{listed}: {refused}"
             ),
         }
     }
