@@ -1367,8 +1367,19 @@ fn golden(name: &str, actual: &str) -> anyhow::Result<()> {
     if want == actual {
         return Ok(());
     }
-    let (want_lines, have_lines): (Vec<&str>, Vec<&str>) =
-        (want.lines().collect(), actual.lines().collect());
+    // Each rule with the section it is in: a line may stand in several.
+    let keyed = |text: &str| -> Vec<String> {
+        let mut section = String::new();
+        let mut out = vec![];
+        for l in text.lines() {
+            match l.strip_prefix("## ") {
+                Some(h) => section = h.to_string(),
+                None => out.push(format!("[{section}] {l}")),
+            }
+        }
+        out
+    };
+    let (want_lines, have_lines) = (keyed(&want), keyed(actual));
     let mut diff = vec![];
     for l in &want_lines {
         if !have_lines.contains(l) {
