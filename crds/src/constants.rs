@@ -58,8 +58,9 @@ pub const ANNOTATION_DESKTOP: &str = "deskvirt.io/desktop";
 /// one namespace (a Role, not a ClusterRole) and watches only those labelled with its own host.
 /// No component's ServiceAccount lives there (only the namespace's `default` one, which must
 /// stay without any binding), so no useful token can be read through that grant. The
-/// user-facing console Secret in the desktop's namespace is written from the mirror and never
-/// read back, so neither component reads Secrets cluster-wide.
+/// user-facing console Secret in the desktop's namespace is written from the mirror, only in
+/// the namespaces the administrator lists (one Role each, no get/list/watch), and never read
+/// back; neither component holds any Secret right cluster-wide.
 pub const CONSOLE_MIRROR_PREFIX: &str = "console-";
 
 /// Name of the console password mirror of the Desktop with UID `uid`.
