@@ -267,6 +267,37 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_console_secret_refused_anew_is_worth_one_warning() {
+        use deskvirt_crds::desktop::DesktopStatus;
+        let at = k8s_openapi::jiff::Timestamp::UNIX_EPOCH;
+        let with = |outcome: &Outcome| {
+            let mut o = Owned::from_status(&DesktopStatus::default());
+            o.console(&[], at, Some(1), outcome);
+            o
+        };
+        let none = Owned::from_status(&DesktopStatus::default());
+        let written = with(&Outcome::Written {
+            namespace: "ns".into(),
+            secret: "d-console".into(),
+        });
+        let foreign = with(&Outcome::NotOurs {
+            namespace: "ns".into(),
+            secret: "d-console".into(),
+        });
+        let refused = with(&Outcome::NamespaceNotAllowed {
+            namespace: "ns".into(),
+        });
+        assert_eq!(console_event(&none, &written), None);
+        let (reason, message) = console_event(&written, &foreign).unwrap_or_default();
+        assert_eq!(reason, "SecretNotOurs");
+        assert!(message.contains("ns/d-console"), "{message}");
+        assert_eq!(console_event(&foreign, &foreign), None, "said once");
+        let (reason, _) = console_event(&none, &refused).unwrap_or_default();
+        assert_eq!(reason, "NamespaceNotAllowed");
+        assert_eq!(console_event(&foreign, &written), None);
+    }
+
+    #[test]
     fn events_for_trouble_and_recovery_only() {
         use Phase::*;
         assert_eq!(phase_event(Scheduled, Running), None);
