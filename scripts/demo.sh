@@ -75,7 +75,8 @@ log "starting the operator and the node-agent (logs in $STATE)"
 stop_process deskvirt-operator
 stop_process deskvirt-node-agent
 POD_NAMESPACE=$SYSTEM_NS POD_NAME=demo-operator nohup "$BIN/deskvirt-operator" \
-  --console-namespace "$CONSOLE_NS" --metrics-addr 127.0.0.1:18080 \
+  --console-namespace "$CONSOLE_NS" --console-user-namespaces "$NS" \
+  --metrics-addr 127.0.0.1:18080 \
   >"$STATE/deskvirt-operator.log" 2>&1 &
 echo $! >"$STATE/deskvirt-operator.pid"
 nohup "$BIN/deskvirt-node-agent" --node-name "$NODE" \

@@ -52,4 +52,10 @@ if ! python3 -c 'import helm_sdkpy' 2>/dev/null; then
   echo "[deps] installing helm-sdkpy"
   pip install -q --ignore-requires-python 'helm-sdkpy==0.1.32'
 fi
+# helm template (client-only render with --api-versions/--kube-version), which helm-sdkpy lacks:
+# Helm v4's C library through PyPI; tests/src/helm.rs `template`
+if ! python3 -c 'import helm_python' 2>/dev/null; then
+  echo "[deps] installing helm-python-sdk"
+  pip install -q 'helm-python-sdk==0.2.2'
+fi
 echo "[deps] ok"

@@ -145,6 +145,7 @@ impl Env {
             .env("POD_NAMESPACE", &self.sys_ns)
             .env("POD_NAME", format!("bench-operator-{}", self.run))
             .args(["--console-namespace", &self.console_ns])
+            .args(["--console-user-namespaces", &self.user_ns])
             .args(["--label-selector", &format!("{RUN_LABEL}={}", self.run)])
             .args(["--metrics-addr", &format!("127.0.0.1:{}", free_port()?)]);
         self.operator = Some(Process::spawn("operator", &mut operator)?);

@@ -165,6 +165,7 @@ impl Fleet {
             .env("POD_NAME", format!("scale-operator-{}", self.run))
             .envs(self.proc_env.iter().map(|(k, v)| (k, v)))
             .args(["--console-namespace", &self.console_ns])
+            .args(["--console-user-namespaces", &self.user_ns])
             .args(["--label-selector", &format!("{RUN_LABEL}={}", self.run)])
             .args(["--metrics-addr", &format!("127.0.0.1:{operator_port}")])
             .stdout(out)

@@ -43,6 +43,11 @@ pub const LEASE_NAMESPACE_DEFAULT: &str = "deskvirt-system";
 /// agents' Secret read grant reaches no ServiceAccount token.
 pub const CONSOLE_NAMESPACE_DEFAULT: &str = "deskvirt-consoles";
 
+/// Annotation on a console password mirror: the UID of the user's `<desktop>-console` Secret the
+/// operator created. Every later write of that Secret carries it as a precondition, so a Secret
+/// of that name that someone else created (or recreated) is never written over or deleted.
+pub const ANNOTATION_CONSOLE_SECRET_UID: &str = "deskvirt.io/console-secret-uid";
+
 /// Label on a console password mirror naming the UID of its Desktop.
 pub const LABEL_DESKTOP_UID: &str = "deskvirt.io/desktop-uid";
 /// Annotation on a console password mirror: `<namespace>/<name>` of its Desktop, for humans.
@@ -56,8 +61,9 @@ pub const ANNOTATION_DESKTOP: &str = "deskvirt.io/desktop";
 /// one namespace (a Role, not a ClusterRole) and watches only those labelled with its own host.
 /// No component's ServiceAccount lives there (only the namespace's `default` one, which must
 /// stay without any binding), so no useful token can be read through that grant. The
-/// user-facing console Secret in the desktop's namespace is written from the mirror and never
-/// read back, so neither component reads Secrets cluster-wide.
+/// user-facing console Secret in the desktop's namespace is written from the mirror, only in
+/// the namespaces the administrator lists (one Role each, no get/list/watch), and never read
+/// back; neither component holds any Secret right cluster-wide.
 pub const CONSOLE_MIRROR_PREFIX: &str = "console-";
 
 /// Name of the console password mirror of the Desktop with UID `uid`.
@@ -98,6 +104,18 @@ pub mod idle_reason {
     pub const WOKEN: &str = "Woken";
 }
 
+/// Reasons of the operator's `ConsoleSecret` condition.
+pub mod console_reason {
+    /// The console Secret is written and is the operator's own.
+    pub const WRITTEN: &str = "Written";
+    /// The Desktop's namespace is not among the operator's console user namespaces (chart value
+    /// `consoles.userNamespaces`): no Secret is written there.
+    pub const NAMESPACE_NOT_ALLOWED: &str = "NamespaceNotAllowed";
+    /// A Secret of the console Secret's name exists that the operator did not create: it is
+    /// left untouched.
+    pub const SECRET_NOT_OURS: &str = "SecretNotOurs";
+}
+
 /// Condition types. Positive polarity; `Ready` is the summary on every kind.
 pub mod condition {
     /// Summary: the desktop is usable, the host is heartbeating, the pool can place desktops.
@@ -114,6 +132,8 @@ pub mod condition {
     pub const LIBVIRT_CONNECTED: &str = "LibvirtConnected";
     /// DomainNode: the scheduler may place desktops on the host (operator).
     pub const SCHEDULABLE: &str = "Schedulable";
+    /// Desktop: the user's `<desktop>-console` Secret holds the current password (operator).
+    pub const CONSOLE_SECRET: &str = "ConsoleSecret";
     /// ResourcePool: some hosts are not ready or some desktops failed.
     pub const DEGRADED: &str = "Degraded";
 }

@@ -26,6 +26,18 @@ pub struct Config {
     #[arg(long, env = "DESKVIRT_CONSOLE_NAMESPACE", default_value = CONSOLE_NAMESPACE_DEFAULT)]
     pub console_namespace: String,
 
+    /// Namespaces whose Desktops get their `<desktop>-console` Secret, comma-separated. The
+    /// operator holds Secret rights only there (one Role each, chart value
+    /// `consoles.userNamespaces`); a Desktop elsewhere gets `ConsoleSecret=False
+    /// NamespaceNotAllowed` and no Secret. Empty: no namespace gets one.
+    #[arg(
+        long,
+        env = "DESKVIRT_CONSOLE_USER_NAMESPACES",
+        value_delimiter = ',',
+        default_value = ""
+    )]
+    pub console_user_namespaces: Vec<String>,
+
     /// Log format: text or json.
     #[arg(long, env = "DESKVIRT_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,
@@ -94,6 +106,15 @@ fn parse_duration_or_zero(s: &str) -> Result<Duration, String> {
 }
 
 impl Config {
+    /// The namespaces whose Desktops get a console Secret, without blanks.
+    pub fn console_user_namespaces(&self) -> std::collections::BTreeSet<String> {
+        self.console_user_namespaces
+            .iter()
+            .map(|n| n.trim().to_string())
+            .filter(|n| !n.is_empty())
+            .collect()
+    }
+
     /// The identity to use: `--identity`, else the host name, else a fixed fallback.
     pub fn identity(&self) -> String {
         if let Some(id) = self.identity.as_ref().filter(|s| !s.is_empty()) {
@@ -127,5 +148,12 @@ mod tests {
         let c = Config::try_parse_from(["x", "--lease-duration", "1m"])
             .unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(c.host_timeout, Duration::from_secs(60));
+        assert!(c.console_user_namespaces().is_empty());
+        let c = Config::try_parse_from(["x", "--console-user-namespaces", "team-a, team-b,,"])
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            c.console_user_namespaces().into_iter().collect::<Vec<_>>(),
+            ["team-a", "team-b"]
+        );
     }
 }

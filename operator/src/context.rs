@@ -360,13 +360,15 @@ pub fn holds_binding(d: &Desktop) -> bool {
 /// (`--pool-status-interval`).
 pub const POOL_STATUS_INTERVAL: Duration = Duration::from_secs(2);
 
-/// The operator's two namespaces.
+/// The operator's namespaces.
 #[derive(Clone, Debug)]
 pub struct Namespaces {
     /// Leader and heartbeat Leases.
     pub system: String,
     /// Console password mirrors.
     pub console: String,
+    /// Namespaces whose Desktops get a user console Secret (the only ones with Secret rights).
+    pub users: std::collections::BTreeSet<String>,
 }
 
 /// Shared state of the controllers.
@@ -378,6 +380,8 @@ pub struct Context {
     pub namespace: String,
     /// Namespace of the console password mirrors.
     pub console_namespace: String,
+    /// Namespaces whose Desktops get a user console Secret.
+    pub console_user_namespaces: std::collections::BTreeSet<String>,
     /// Heartbeat validity when a Lease names none.
     pub host_timeout: Duration,
     pub leader: watch::Receiver<bool>,
@@ -413,6 +417,7 @@ impl Context {
             metrics,
             namespace: namespaces.system,
             console_namespace: namespaces.console,
+            console_user_namespaces: namespaces.users,
             host_timeout,
             leader,
             stores,

@@ -69,6 +69,7 @@ pub async fn run(
         Namespaces {
             system: config.namespace.clone(),
             console: config.console_namespace.clone(),
+            users: config.console_user_namespaces(),
         },
         config.host_timeout,
         leader_rx,

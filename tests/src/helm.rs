@@ -21,7 +21,8 @@ pub fn chart_dir() -> PathBuf {
 /// The Python side: one request as JSON on stdin, one answer on a marked stdout line (Helm's Go
 /// code may log on stdout too). Helm's own refusals come back as `refused`; anything else that
 /// goes wrong in the driver as `driver_error`.
-const DRIVER: &str = r#"
+/// What every driver starts with: the request read, and `answer` to reply.
+const PRELUDE: &str = r#"
 import asyncio, json, sys
 
 def answer(obj):
@@ -29,6 +30,10 @@ def answer(obj):
     sys.stdout.flush()
 
 req = json.load(sys.stdin)
+"#;
+
+/// The helm-sdkpy driver (after [`PRELUDE`]).
+const DRIVER: &str = r#"
 try:
     import helm_sdkpy
 except ImportError as e:
@@ -89,8 +94,59 @@ struct Answer {
 }
 
 fn call(request: Value) -> anyhow::Result<Result<Value, Refused>> {
+    call_driver(DRIVER, request)
+}
+
+/// `helm template`: Helm v4's renderer through its C library (the PyPI package
+/// `helm-python-sdk`, installed by `scripts/install-deps.sh`), offline, with the API versions
+/// and Kubernetes version given, as `helm template --api-versions --kube-version` does.
+/// helm-sdkpy has no client-only render; helm-python-sdk's public `Chart.render` takes neither
+/// option, so the driver passes them to its native `helm_render`, which reads both.
+const TEMPLATE_DRIVER: &str = r#"
+try:
+    import helm_python
+    from helm_python import _native
+except ImportError as e:
+    answer({"driver_error": "cannot import helm_python (%s): run scripts/install-deps.sh" % e})
+    sys.exit(0)
+try:
+    chart = helm_python.Chart.load(req["chart"])
+    opts = {"name": req["release"], "namespace": req["namespace"], "is_install": True,
+            "api_versions": req["api_versions"], "kube_version": req["kube_version"]}
+    out = _native.call_string("helm_render", chart._raw(), json.dumps(req["values"]), json.dumps(opts))
+    answer({"result": json.loads(out)})
+except helm_python.HelmError as e:
+    answer({"refused": {"kind": type(e).__name__, "message": str(e)}})
+except Exception as e:
+    answer({"driver_error": "%s: %s" % (type(e).__name__, e)})
+"#;
+
+/// The templates of `chart` rendered offline for release `release` in `namespace` with
+/// `values`, as on a cluster that serves `api_versions` (`group/version/Kind` too) and is
+/// Kubernetes `kube_version`: template path → manifest.
+pub fn template(
+    chart: &Path,
+    release: &str,
+    namespace: &str,
+    values: &Value,
+    api_versions: &[&str],
+    kube_version: &str,
+) -> anyhow::Result<std::collections::BTreeMap<String, String>> {
+    let request = json!({
+        "chart": path_str(chart)?,
+        "release": release,
+        "namespace": namespace,
+        "values": values,
+        "api_versions": api_versions,
+        "kube_version": kube_version,
+    });
+    let rendered = call_driver(TEMPLATE_DRIVER, request)?.map_err(|r| anyhow::anyhow!("{r}"))?;
+    Ok(serde_json::from_value(rendered)?)
+}
+
+fn call_driver(driver: &str, request: Value) -> anyhow::Result<Result<Value, Refused>> {
     let mut child = Command::new("python3")
-        .args(["-c", DRIVER])
+        .args(["-c", &format!("{PRELUDE}{driver}")])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

@@ -104,6 +104,7 @@ impl World {
             .env("POD_NAMESPACE", &self.release.namespace)
             .env("POD_NAME", format!("operator-{}", unique_suffix()))
             .args(["--console-namespace", &self.console_ns])
+            .args(["--console-user-namespaces", &self.user_ns.name])
             .args(["--label-selector", &selector, "--metrics-addr", &metrics]);
         self.operator = Some(Process::spawn("operator", &mut cmd)?);
         Ok(())
@@ -223,9 +224,13 @@ pub async fn setup(pool: &str) -> anyhow::Result<World> {
     let release_ns = ScratchNamespace::create("e2e")?;
     let console_ns = format!("{}-consoles", release_ns.name);
     let name = format!("deskvirt-{run}");
+    // The tenant namespace exists before the install: the chart puts the operator's console
+    // Secret Role there, the only namespace whose Secrets the operator may write.
+    let user_ns = ScratchNamespace::create("e2e-user")?;
     let values = json!({
         "serviceAccountTokens": { "enabled": true },
         "nodeAgent": { "hypervisor": "qemu" },
+        "consoles": { "userNamespaces": [user_ns.name] },
     });
     let release = Release::install(&release_ns.name, &name, &chart_dir(), &values)?;
     let work = std::env::temp_dir().join(format!("deskvirt-e2e-{run}"));
@@ -257,7 +262,6 @@ pub async fn setup(pool: &str) -> anyhow::Result<World> {
     ] {
         std::os::unix::fs::symlink(guest_dir.join(from), image_dir.join(to))?;
     }
-    let user_ns = ScratchNamespace::create("e2e-user")?;
     Ok(World {
         client,
         pool: pool.into(),

@@ -20,7 +20,7 @@ use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBind
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{ListParams, Patch, PatchParams, PostParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
-use kube::{Api, Client, Config};
+use kube::{Api, Client, Config, ResourceExt};
 use serde_json::{Value, json};
 
 /// A release name unique to this run (Helm: at most 53 characters, DNS-1123).
@@ -126,7 +126,11 @@ fn chart_lints_clean_as_with_strict() -> anyhow::Result<()> {
         "operator": {"nodeSelector": {}, "tolerations": [], "resources": {}},
         "nodeAgent": {"nodeSelector": {}, "tolerations": [], "resources": {}},
     });
-    let admission_policy = json!({"nodeAgent": {"admissionPolicy": {"enabled": true}}});
+    let admission_policy = json!({
+        "nodeAgent": {"admissionPolicy": {"enabled": true}},
+        "operator": {"admissionPolicy": {"enabled": true}},
+        "consoles": {"userNamespaces": ["team-a", "team-b"]},
+    });
     for (what, values) in [
         ("everything on", everything_on),
         ("the admission policy", admission_policy),
@@ -364,6 +368,16 @@ fn bad_values() -> Vec<BadValues> {
             "/nodeAgent/hypervisor",
         ),
         b(
+            "console user namespace not a DNS label",
+            json!({"consoles": {"userNamespaces": ["Team_A"]}}),
+            "/consoles/userNamespaces/0",
+        ),
+        b(
+            "console user namespaces as one string",
+            json!({"consoles": {"userNamespaces": "team-a,team-b"}}),
+            "/consoles/userNamespaces",
+        ),
+        b(
             "duration without unit",
             json!({"operator": {"hostTimeout": "40"}}),
             "/operator/hostTimeout",
@@ -510,14 +524,20 @@ async fn admission_policy_fails_the_install_where_the_api_is_missing() -> anyhow
         return Ok(());
     }
     let nowhere = format!("helm-vap-{}", unique_suffix());
-    let values = json!({"nodeAgent": {"admissionPolicy": {"enabled": true}}});
-    match helm::install(&nowhere, &release_name("vap"), &chart_dir(), &values)? {
-        Ok(_) => bail!("the admission policy was installed on 1.{minor}, which cannot enforce it"),
-        Err(refused) => assert!(
-            refused.message.contains("ValidatingAdmissionPolicy")
-                && refused.message.contains("1.30"),
-            "{refused}"
-        ),
+    for component in ["nodeAgent", "operator"] {
+        let values = json!({component: {"admissionPolicy": {"enabled": true}}});
+        match helm::install(&nowhere, &release_name("vap"), &chart_dir(), &values)? {
+            Ok(_) => {
+                bail!("the {component} policy was installed on 1.{minor}, which cannot enforce it")
+            }
+            Err(refused) => assert!(
+                refused
+                    .message
+                    .contains(&format!("{component}.admissionPolicy"))
+                    && refused.message.contains("1.30"),
+                "{refused}"
+            ),
+        }
     }
     Ok(())
 }
@@ -551,6 +571,34 @@ async fn console_namespace_is_never_one_holding_service_accounts() -> anyhow::Re
             Err(refused) => assert!(
                 refused.message.contains(says),
                 "console namespace {console_ns:?}: {refused}"
+            ),
+        }
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn console_user_namespaces_never_reach_deskvirt_or_kubernetes_secrets() -> anyhow::Result<()>
+{
+    // The operator gets create, patch and delete on every Secret of a listed namespace: the
+    // chart refuses the release namespace (ServiceAccount tokens), the console namespace
+    // (mirrors, which the agents read) and kube-* namespaces. Rendering fails first, so the
+    // namespaces need not exist.
+    let c = client().await?;
+    ensure_crds(&c).await?;
+    let nowhere = format!("helm-uns-{}", unique_suffix());
+    for listed in [
+        nowhere.clone(),
+        consoles(&nowhere),
+        "kube-system".to_string(),
+        "kube-public".to_string(),
+    ] {
+        let values = json!({"consoles": {"userNamespaces": ["team-a", listed]}});
+        match helm::install(&nowhere, &release_name("uns"), &chart_dir(), &values)? {
+            Ok(_) => bail!("installed with {listed} among consoles.userNamespaces"),
+            Err(refused) => assert!(
+                refused.message.contains(&format!("must not list {listed}")),
+                "{listed}: {refused}"
             ),
         }
     }
@@ -1021,8 +1069,10 @@ enum Where {
     Release,
     /// The console namespace: the console password mirrors.
     Consoles,
-    /// A namespace of users' desktops.
+    /// A namespace of users' desktops not listed in consoles.userNamespaces.
     User,
+    /// A namespace of users' desktops listed in consoles.userNamespaces.
+    Tenant,
     /// Cluster-wide ("" namespace).
     Cluster,
 }
@@ -1088,16 +1138,29 @@ fn access_table() -> Vec<Access> {
         a(agent, "create", coord, "leases", Consoles, false),
         a(agent, "create", "", "events", User, true),
         a(agent, "create", "events.k8s.io", "events", User, true),
-        // operator: writes console Secrets anywhere but reads none outside the console namespace.
-        a(op, "create", "", "secrets", User, true),
-        a(op, "patch", "", "secrets", User, true),
-        a(op, "delete", "", "secrets", User, true),
+        // operator: no Secret right in a tenant namespace the administrator did not list.
+        a(op, "create", "", "secrets", User, false),
+        a(op, "patch", "", "secrets", User, false),
+        a(op, "delete", "", "secrets", User, false),
         a(op, "get", "", "secrets", User, false),
         a(op, "list", "", "secrets", User, false),
         a(op, "watch", "", "secrets", User, false),
         a(op, "update", "", "secrets", User, false),
         a(op, "list", "", "secrets", Cluster, false),
         a(op, "watch", "", "secrets", Cluster, false),
+        a(op, "create", "", "secrets", Cluster, false),
+        a(op, "patch", "", "secrets", Cluster, false),
+        a(op, "delete", "", "secrets", Cluster, false),
+        // operator: in a listed tenant namespace, writes the console Secrets, reads none.
+        a(op, "create", "", "secrets", Tenant, true),
+        a(op, "patch", "", "secrets", Tenant, true),
+        a(op, "delete", "", "secrets", Tenant, true),
+        a(op, "get", "", "secrets", Tenant, false),
+        a(op, "list", "", "secrets", Tenant, false),
+        a(op, "watch", "", "secrets", Tenant, false),
+        a(op, "update", "", "secrets", Tenant, false),
+        a(agent, "get", "", "secrets", Tenant, false),
+        a(agent, "patch", "", "secrets", Tenant, false),
         // operator: the mirrors, read and written in the console namespace.
         a(op, "get", "", "secrets", Consoles, true),
         a(op, "list", "", "secrets", Consoles, true),
@@ -1105,12 +1168,16 @@ fn access_table() -> Vec<Access> {
         a(op, "create", "", "secrets", Consoles, true),
         a(op, "patch", "", "secrets", Consoles, true),
         a(op, "delete", "", "secrets", Consoles, true),
-        // operator: no Secret of the release namespace is readable (the cluster-wide write-only
-        // grant reaches it, as it reaches every namespace).
+        // operator: no right at all on the Secrets of the release namespace (the
+        // ServiceAccounts' token Secrets).
         a(op, "get", "", "secrets", Release, false),
         a(op, "list", "", "secrets", Release, false),
         a(op, "watch", "", "secrets", Release, false),
-        a(op, "create", "", "secrets", Release, true),
+        a(op, "create", "", "secrets", Release, false),
+        a(op, "patch", "", "secrets", Release, false),
+        a(op, "delete", "", "secrets", Release, false),
+        a(agent, "patch", "", "secrets", Release, false),
+        a(agent, "delete", "", "secrets", Release, false),
         // operator: Leases of the release namespace (its leader Lease, the hosts' heartbeats).
         a(op, "watch", coord, "leases", Release, true),
         a(op, "create", coord, "leases", Release, true),
@@ -1182,8 +1249,10 @@ async fn rbac_grants_each_component_only_what_it_needs() -> anyhow::Result<()> {
     let c = client().await?;
     ensure_crds(&c).await?;
     let ns = ScratchNamespace::create("helm-rbac")?;
+    let tenant = ScratchNamespace::create("helm-rbac-tenant")?;
     let name = release_name("rbac");
-    let _release = Release::install(&ns.name, &name, &chart_dir(), &json!({}))?;
+    let values = json!({"consoles": {"userNamespaces": [tenant.name]}});
+    let _release = Release::install(&ns.name, &name, &chart_dir(), &values)?;
     let user_ns = format!("{}-users", ns.name);
     let console_ns = consoles(&ns.name);
     let table = access_table();
@@ -1199,6 +1268,7 @@ async fn rbac_grants_each_component_only_what_it_needs() -> anyhow::Result<()> {
             Where::Release => ns.name.as_str(),
             Where::Consoles => console_ns.as_str(),
             Where::User => user_ns.as_str(),
+            Where::Tenant => tenant.name.as_str(),
             Where::Cluster => "",
         };
         let allowed = may(&c, &user, &ns.name, access, namespace).await?;
@@ -1239,6 +1309,151 @@ async fn rbac_grants_each_component_only_what_it_needs() -> anyhow::Result<()> {
             !may(&c, &default_sa, &console_ns, &access, &console_ns).await?,
             "{default_sa} may {verb} Secrets in {console_ns}"
         );
+    }
+
+    // Everything else each ServiceAccount may do, against the golden list.
+    check_golden_rbac(&ns.name, &name, &console_ns, &tenant.name, &user_ns)?;
+    Ok(())
+}
+
+/// `kubectl auth can-i --list` of `user` in `namespace`, normalized: one line per rule with
+/// single spaces, `replace` pairs (release-specific names to placeholders) applied, sorted,
+/// without duplicates; the header first.
+fn can_i_list(
+    user: &str,
+    namespace: &str,
+    replace: &[(&str, &str)],
+) -> anyhow::Result<Vec<String>> {
+    let run = kubectl(
+        &[
+            "auth",
+            "can-i",
+            "--list",
+            &format!("--as={user}"),
+            "-n",
+            namespace,
+        ],
+        None,
+    )?;
+    if !run.success {
+        bail!(
+            "kubectl auth can-i --list as {user} in {namespace}: {}",
+            run.stderr.trim()
+        );
+    }
+    let mut lines: Vec<String> = run
+        .stdout
+        .lines()
+        .skip(1)
+        .map(|l| {
+            let mut l = l.split_whitespace().collect::<Vec<_>>().join(" ");
+            for (from, to) in replace {
+                l = l.replace(from, to);
+            }
+            l
+        })
+        .filter(|l| !l.is_empty())
+        .collect();
+    lines.sort();
+    lines.dedup();
+    Ok(lines)
+}
+
+/// Compares `actual` with the golden file `name` under tests/golden/rbac; with
+/// `DESKVIRT_BLESS=1` writes it instead. A difference names every line that came or went.
+fn golden(name: &str, actual: &str) -> anyhow::Result<()> {
+    let path = repo_root().join("tests/golden/rbac").join(name);
+    if std::env::var("DESKVIRT_BLESS").is_ok_and(|v| v == "1") {
+        std::fs::create_dir_all(path.parent().context("golden path")?)?;
+        std::fs::write(&path, actual)?;
+        return Ok(());
+    }
+    let want =
+        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    if want == actual {
+        return Ok(());
+    }
+    // Each rule with the section it is in: a line may stand in several.
+    let keyed = |text: &str| -> Vec<String> {
+        let mut section = String::new();
+        let mut out = vec![];
+        for l in text.lines() {
+            match l.strip_prefix("## ") {
+                Some(h) => section = h.to_string(),
+                None => out.push(format!("[{section}] {l}")),
+            }
+        }
+        out
+    };
+    let (want_lines, have_lines) = (keyed(&want), keyed(actual));
+    let mut diff = vec![];
+    for l in &want_lines {
+        if !have_lines.contains(l) {
+            diff.push(format!("- {l}"));
+        }
+    }
+    for l in &have_lines {
+        if !want_lines.contains(l) {
+            diff.push(format!("+ {l}"));
+        }
+    }
+    bail!(
+        "what a ServiceAccount may do changed ({}; - golden, + now):\n{}\n\nIf the change is \
+         intended, review it and regenerate with\n  DESKVIRT_BLESS=1 cargo test -p deskvirt-tests \
+         --test helm_chart rbac_grants_each_component_only_what_it_needs",
+        path.display(),
+        if diff.is_empty() {
+            "order".to_string()
+        } else {
+            diff.join("\n")
+        }
+    )
+}
+
+/// The golden list of what each of the chart's ServiceAccounts may do (`kubectl auth can-i
+/// --list`, which impersonates it), in the release, console, a listed tenant, an unlisted
+/// tenant (which shows the cluster-wide rules only) and kube-system namespace.
+fn check_golden_rbac(
+    release_ns: &str,
+    release: &str,
+    console_ns: &str,
+    tenant: &str,
+    unlisted: &str,
+) -> anyhow::Result<()> {
+    let full = fullname(release);
+    let replace = [
+        (full.as_str(), "<fullname>"),
+        (console_ns, "<console-ns>"),
+        (tenant, "<tenant-ns>"),
+        (release_ns, "<release-ns>"),
+    ];
+    for who in ["operator", "node-agent"] {
+        let user = format!("system:serviceaccount:{release_ns}:{full}-{who}");
+        let mut out = format!(
+            "# What the chart's {who} ServiceAccount may do: `kubectl auth can-i --list` in each\n\
+             # namespace, normalized (sorted, release-specific names replaced). Checked by\n\
+             # tests/tests/helm_chart.rs; regenerate with DESKVIRT_BLESS=1 (see there).\n"
+        );
+        for (label, ns) in [
+            (
+                "cluster-wide rules only (a tenant namespace not listed)",
+                unlisted,
+            ),
+            ("release namespace <release-ns>", release_ns),
+            ("console namespace <console-ns>", console_ns),
+            (
+                "tenant namespace <tenant-ns> (listed in consoles.userNamespaces)",
+                tenant,
+            ),
+            ("kube-system", "kube-system"),
+        ] {
+            out.push_str(&format!("\n## {label}\n"));
+            for line in can_i_list(&user, ns, &replace)? {
+                out.push_str(&line);
+                out.push('\n');
+            }
+        }
+        golden(&format!("{who}.txt"), &out)?;
     }
     Ok(())
 }
@@ -1288,19 +1503,140 @@ fn expect_forbidden<T>(r: Result<T, kube::Error>, what: &str) -> anyhow::Result<
     }
 }
 
+/// With the chart's own tokens, read, patch and delete a Secret that is not deskvirt's in a
+/// tenant namespace not listed, the release namespace (a ServiceAccount token), kube-system
+/// and default: every one is refused (403), and the Secret is unchanged. In a listed tenant
+/// namespace RBAC lets the operator patch (the residual risk the chart README names); a write
+/// guarded by a UID as the operator's are is refused there by the apiserver, and a create
+/// finds the name taken.
+async fn foreign_secrets_are_out_of_reach(
+    admin: &Client,
+    operator: &Client,
+    agent: &Client,
+    release_ns: &str,
+    full: &str,
+    unlisted: &str,
+    tenant: &str,
+) -> anyhow::Result<()> {
+    // Someone's Secret in each namespace: the tenant's own, a ServiceAccount token, and
+    // whatever kube-system and default hold (the token of their `default` ServiceAccount).
+    let own: Secret = serde_json::from_value(json!({
+        "metadata": {"name": "own-console"},
+        "stringData": {"password": "a tenant's own"},
+    }))?;
+    let pp = PostParams::default();
+    for ns in [unlisted, tenant] {
+        Api::<Secret>::namespaced(admin.clone(), ns)
+            .create(&pp, &own)
+            .await?;
+    }
+    let first_secret = |ns: &'static str| async move {
+        let api = Api::<Secret>::namespaced(admin.clone(), ns);
+        for _ in 0..120 {
+            if let Some(s) = api.list(&ListParams::default().limit(1)).await?.items.pop() {
+                return anyhow::Ok(s.metadata.name.unwrap_or_default());
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+        bail!("no Secret in {ns} within 30s")
+    };
+    let targets = [
+        (unlisted.to_string(), "own-console".to_string()),
+        (release_ns.to_string(), format!("{full}-node-agent-token")),
+        (
+            "kube-system".to_string(),
+            first_secret("kube-system").await?,
+        ),
+        ("default".to_string(), first_secret("default").await?),
+    ];
+    let patch = Patch::Merge(json!({"stringData": {"password": "overwritten"}}));
+    let dp = kube::api::DeleteParams::default();
+    for (ns, secret) in &targets {
+        let before = Api::<Secret>::namespaced(admin.clone(), ns)
+            .get(secret)
+            .await?;
+        for (who, client) in [("operator", operator), ("node-agent", agent)] {
+            let api = Api::<Secret>::namespaced(client.clone(), ns);
+            let what = |verb: &str| format!("{who} {verb} Secret {ns}/{secret}");
+            expect_forbidden(api.get(secret).await, &what("reading"))?;
+            expect_forbidden(
+                api.patch(secret, &PatchParams::default(), &patch).await,
+                &what("patching"),
+            )?;
+            expect_forbidden(api.delete(secret, &dp).await, &what("deleting"))?;
+        }
+        let after = Api::<Secret>::namespaced(admin.clone(), ns)
+            .get(secret)
+            .await?;
+        assert_eq!(
+            (before.resource_version(), before.data),
+            (after.resource_version(), after.data),
+            "{ns}/{secret} changed"
+        );
+    }
+
+    // A listed tenant namespace: no read, and the operator's guarded writes leave a tenant's
+    // Secret alone.
+    let api = Api::<Secret>::namespaced(operator.clone(), tenant);
+    expect_forbidden(
+        api.get("own-console").await,
+        "operator reading a tenant's Secret",
+    )?;
+    match api.create(&pp, &own).await {
+        Err(kube::Error::Api(s)) if s.code == 409 => {}
+        other => bail!("operator creating over a tenant's Secret: want 409, got {other:?}"),
+    }
+    let guarded = Patch::Merge(json!({
+        "metadata": {"uid": "00000000-0000-0000-0000-000000000000"},
+        "stringData": {"password": "overwritten"},
+    }));
+    match api
+        .patch("own-console", &PatchParams::default(), &guarded)
+        .await
+    {
+        Err(kube::Error::Api(s)) if s.code == 422 => {}
+        other => bail!("a UID-guarded patch of a tenant's Secret: want 422, got {other:?}"),
+    }
+    let guarded_delete = kube::api::DeleteParams {
+        preconditions: Some(kube::api::Preconditions {
+            uid: Some("00000000-0000-0000-0000-000000000000".into()),
+            resource_version: None,
+        }),
+        ..Default::default()
+    };
+    match api.delete("own-console", &guarded_delete).await {
+        Err(kube::Error::Api(s)) if s.code == 409 => {}
+        other => bail!("a UID-guarded delete of a tenant's Secret: want 409, got {other:?}"),
+    }
+    let left = Api::<Secret>::namespaced(admin.clone(), tenant)
+        .get("own-console")
+        .await?;
+    let password = left
+        .data
+        .as_ref()
+        .and_then(|d| d.get("password"))
+        .map(|b| b.0.clone());
+    assert_eq!(password, Some(b"a tenant's own".to_vec()));
+    Ok(())
+}
+
 #[tokio::test]
 async fn service_account_tokens_carry_exactly_the_chart_rbac() -> anyhow::Result<()> {
     let c = client().await?;
     ensure_crds(&c).await?;
     let ns = ScratchNamespace::create("helm-token")?;
     let users = ScratchNamespace::create("helm-token-users")?;
+    let tenant = ScratchNamespace::create("helm-token-tenant")?;
     let name = release_name("tok");
     let full = fullname(&name);
     let _release = Release::install(
         &ns.name,
         &name,
         &chart_dir(),
-        &json!({"serviceAccountTokens": {"enabled": true}}),
+        &json!({
+            "serviceAccountTokens": {"enabled": true},
+            "consoles": {"userNamespaces": [tenant.name]},
+        }),
     )?;
     let agent = client_with_token(
         &service_account_token(&c, &ns.name, &format!("{full}-node-agent-token")).await?,
@@ -1401,8 +1737,8 @@ async fn service_account_tokens_carry_exactly_the_chart_rbac() -> anyhow::Result
         "agent listing Nodes",
     )?;
 
-    // operator: writes a console Secret into a user namespace by server-side apply, cannot read
-    // it back or any other Secret there; reads the mirrors; takes its leader Lease.
+    // operator: writes a console Secret into a listed tenant namespace, cannot read it back or
+    // any other Secret there; reads the mirrors; takes its leader Lease.
     let console: Secret = serde_json::from_value(json!({
         "apiVersion": "v1",
         "kind": "Secret",
@@ -1413,10 +1749,16 @@ async fn service_account_tokens_carry_exactly_the_chart_rbac() -> anyhow::Result
         dry_run: true,
         ..PatchParams::apply("deskvirt-operator").force()
     };
-    Api::<Secret>::namespaced(operator.clone(), &users.name)
-        .patch("alice-console", &apply, &Patch::Apply(&console))
+    Api::<Secret>::namespaced(operator.clone(), &tenant.name)
+        .create(&dry, &console)
         .await
-        .context("operator applying a console Secret in a user namespace")?;
+        .context("operator creating a console Secret in a listed tenant namespace")?;
+    expect_forbidden(
+        Api::<Secret>::namespaced(operator.clone(), &users.name)
+            .create(&dry, &console)
+            .await,
+        "operator creating a console Secret in a tenant namespace not listed",
+    )?;
     expect_forbidden(
         Api::<Secret>::namespaced(operator.clone(), &users.name)
             .get("private")
@@ -1455,6 +1797,16 @@ async fn service_account_tokens_carry_exactly_the_chart_rbac() -> anyhow::Result
             .await,
         "operator listing the release namespace's Secrets",
     )?;
+    foreign_secrets_are_out_of_reach(
+        &c,
+        &operator,
+        &agent,
+        &ns.name,
+        &full,
+        &users.name,
+        &tenant.name,
+    )
+    .await?;
     Api::<Lease>::namespaced(operator.clone(), &ns.name)
         .create(&dry, &lease("deskvirt-operator-leader")?)
         .await

@@ -1,6 +1,8 @@
 //! Hostile tenants against each other on the real apiserver, the chart's operator and agent
 //! (chart ServiceAccount tokens) and QEMU (TCG). Tenant A owns namespace `<ns>`, tenant B owns
 //! `<ns>--a`, and a third tenant a namespace of 63 characters:
+//! - a Secret tenant A made, named like the console Secret of a desktop A then creates, is
+//!   never written over (`ConsoleSecret=False SecretNotOurs`);
 //! - colliding names: `a--x` in A and `x` in B (both `<ns>--a--x` under the old naming) both
 //!   run, each on its own domain and disk, with its own port; deleting one leaves the other;
 //! - a 253-character Desktop name in a 63-character namespace runs;
@@ -21,7 +23,9 @@ use std::time::Duration;
 
 use anyhow::Context;
 use deskvirt_crds::conditions::find;
-use deskvirt_crds::constants::{FINALIZER_AGENT, LABEL_NODE, LABEL_POOL, condition};
+use deskvirt_crds::constants::{
+    FINALIZER_AGENT, LABEL_NODE, LABEL_POOL, condition, console_reason,
+};
 use deskvirt_crds::desktop::Phase;
 use deskvirt_crds::names::{domain_name, is_label_value};
 use deskvirt_crds::{Desktop, DomainNode, ResourcePool};
@@ -31,7 +35,7 @@ use deskvirt_tests::host::eventually;
 use deskvirt_tests::world::{
     World, create_pool, delete_desktops, guest_desktop, remove_domains, setup, virsh_system,
 };
-use k8s_openapi::api::core::v1::Event;
+use k8s_openapi::api::core::v1::{Event, Secret};
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::{Api, ResourceExt};
 use serde_json::json;
@@ -122,6 +126,20 @@ async fn hostile_tenants_reach_no_domain_disk_or_binding_of_another() -> anyhow:
     let in_b: Api<Desktop> = Api::namespaced(w.client.clone(), &b.name);
     let in_long: Api<Desktop> = Api::namespaced(w.client.clone(), &long_ns.name);
 
+    // Tenant A (a namespace whose console Secrets the chart allows) keeps a Secret of its own
+    // named like the console Secret of a desktop it then creates: it is never written over.
+    let secrets: Api<Secret> = Api::namespaced(w.client.clone(), &a_ns);
+    let mine: Secret = serde_json::from_value(json!({
+        "metadata": { "name": "victim-console" },
+        "stringData": { "password": "tenant's own", "note": "not deskvirt's" }
+    }))?;
+    let mine = secrets.create(&PostParams::default(), &mine).await?;
+    in_a.create(
+        &PostParams::default(),
+        &guest_desktop(&w, "victim", "128Mi", json!({}))?,
+    )
+    .await?;
+
     // Colliding names and a 253-character name.
     let long_name = format!("d{}", "x".repeat(252));
     in_a.create(
@@ -146,6 +164,28 @@ async fn hostile_tenants_reach_no_domain_disk_or_binding_of_another() -> anyhow:
         )
         .await?;
     let ax = running(&in_a, "a--x").await?;
+    let victim = eventually(
+        Duration::from_secs(60),
+        "victim's ConsoleSecret",
+        || async {
+            let d = in_a.get("victim").await?;
+            Ok(d.status
+                .as_ref()
+                .and_then(|s| find(&s.conditions, condition::CONSOLE_SECRET).cloned())
+                .filter(|c| c.reason == console_reason::SECRET_NOT_OURS))
+        },
+    )
+    .await?;
+    let after = secrets.get("victim-console").await?;
+    anyhow::ensure!(
+        after.data == mine.data
+            && after.metadata.resource_version == mine.metadata.resource_version,
+        "the tenant's own victim-console Secret was written"
+    );
+    eprintln!(
+        "[tenants] a pre-existing victim-console Secret is untouched: {}",
+        victim.message
+    );
     let x = running(&in_b, "x").await?;
     let long = running(&in_long, &long_name).await?;
 

@@ -5,8 +5,9 @@
 use std::collections::BTreeMap;
 
 use deskvirt_crds::constants::{
-    ANNOTATION_DESKTOP, ANNOTATION_ROTATE_PASSWORD, LABEL_DESKTOP_UID, LABEL_MANAGED_BY,
-    LABEL_NODE, MANAGER_OPERATOR, SECRET_KEY_PASSWORD, console_mirror_name,
+    ANNOTATION_CONSOLE_SECRET_UID, ANNOTATION_DESKTOP, ANNOTATION_ROTATE_PASSWORD,
+    LABEL_DESKTOP_UID, LABEL_MANAGED_BY, LABEL_NODE, MANAGER_OPERATOR, SECRET_KEY_PASSWORD,
+    console_mirror_name,
 };
 use deskvirt_crds::names::label_value;
 use k8s_openapi::ByteString;
@@ -89,6 +90,11 @@ pub fn password_of(s: &Secret) -> Option<String> {
 /// The rotation request the mirror's password answers ("" for none).
 pub fn rotation_of(s: &Secret) -> &str {
     annotation(s, ANNOTATION_ROTATE_PASSWORD).unwrap_or("")
+}
+
+/// UID of the user's console Secret the operator created, as recorded in the mirror.
+pub fn user_secret_uid(s: &Secret) -> Option<&str> {
+    annotation(s, ANNOTATION_CONSOLE_SECRET_UID).filter(|u| !u.is_empty())
 }
 
 /// UID of the mirror's desktop.
@@ -191,6 +197,7 @@ mod tests {
         assert_eq!(uid_of(&s), Some("u-1"));
         assert_eq!(desktop_of(&s), Some(("team", "d")));
         assert_eq!(password_of(&s), Some("ab".repeat(20)));
+        assert_eq!(user_secret_uid(&s), None, "no user Secret recorded yet");
         assert!(
             s.metadata.owner_references.is_none(),
             "no cross-namespace owner"

@@ -1,6 +1,7 @@
 //! A desktop's console password: drawn from the kernel's CSPRNG, kept canonically in a mirror
 //! Secret in the operator's namespace ([`mirror`]) and handed to the user as a Secret in the
-//! desktop's namespace that is written but never read back ([`user`]). Pure.
+//! desktop's namespace, in the namespaces the administrator allows, that is written under its
+//! recorded UID but never read back ([`user`]). Pure.
 
 pub mod mirror;
 pub mod user;

@@ -1,11 +1,14 @@
 //! The console Secret a user reads, `<desktop>-console` in the desktop's namespace: the
-//! password and a ready-to-use `remote-viewer` file, owned by the Desktop so it goes with it.
-//! The operator applies it from the mirror on every pass and never reads it. Pure.
+//! password and a ready-to-use `remote-viewer` file, owned by the Desktop so it goes with it;
+//! which namespaces get one; and what the `ConsoleSecret` condition says about it. The operator
+//! creates it, records its UID and writes it again only under that UID; it never reads it. Pure.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
+use deskvirt_crds::conditions::Status;
 use deskvirt_crds::constants::{
     LABEL_DESKTOP, LABEL_MANAGED_BY, MANAGER_OPERATOR, SECRET_KEY_PASSWORD, SECRET_KEY_VV,
+    console_reason,
 };
 use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::Secret;
@@ -85,6 +88,79 @@ pub fn secret(c: &Console<'_>, password: &str) -> Secret {
     }
 }
 
+/// The body of a merge patch that rewrites our Secret (data, labels, owner) only while it is
+/// the one with `uid`: the apiserver refuses a patch whose `metadata.uid` differs from the
+/// stored object's, and answers 404 when there is none, so a Secret someone else created under
+/// that name is never written.
+pub fn guarded_patch(wanted: &Secret, uid: &str) -> serde_json::Value {
+    serde_json::json!({
+        "metadata": {
+            "uid": uid,
+            "labels": wanted.metadata.labels,
+            "ownerReferences": wanted.metadata.owner_references,
+        },
+        "data": wanted.data,
+    })
+}
+
+/// Whether Desktops of `namespace` get a console Secret: only in the namespaces the
+/// administrator listed (the operator holds Secret rights nowhere else).
+pub fn allowed(users: &BTreeSet<String>, namespace: &str) -> bool {
+    users.contains(namespace)
+}
+
+/// What became of a desktop's console Secret.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// Written: the Secret is the operator's own and holds the current password.
+    Written { namespace: String, secret: String },
+    /// The namespace is not one the administrator allows console Secrets in.
+    NamespaceNotAllowed { namespace: String },
+    /// A Secret of that name exists that the operator did not create; it is left untouched.
+    NotOurs { namespace: String, secret: String },
+}
+
+impl Outcome {
+    /// The Secret a user reads the password from (`status.spice.passwordSecret`), if any.
+    pub fn secret(&self) -> Option<&str> {
+        match self {
+            Outcome::Written { secret, .. } => Some(secret),
+            Outcome::NamespaceNotAllowed { .. } | Outcome::NotOurs { .. } => None,
+        }
+    }
+
+    /// Status, reason and message of the `ConsoleSecret` condition.
+    pub fn verdict(&self) -> (Status, &'static str, String) {
+        match self {
+            Outcome::Written { namespace, secret } => (
+                Status::True,
+                console_reason::WRITTEN,
+                format!(
+                    "the SPICE password and a remote-viewer file are in Secret {namespace}/{secret}"
+                ),
+            ),
+            Outcome::NamespaceNotAllowed { namespace } => (
+                Status::False,
+                console_reason::NAMESPACE_NOT_ALLOWED,
+                format!(
+                    "no console Secret is written: namespace {namespace} is not one the \
+                     administrator allows console Secrets in (chart value \
+                     consoles.userNamespaces); the desktop runs, its password stays with deskvirt"
+                ),
+            ),
+            Outcome::NotOurs { namespace, secret } => (
+                Status::False,
+                console_reason::SECRET_NOT_OURS,
+                format!(
+                    "Secret {namespace}/{secret} exists and deskvirt did not create it: it is left \
+                     untouched and gets no password; delete or rename it and deskvirt writes its \
+                     own"
+                ),
+            ),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -97,6 +173,50 @@ mod tests {
         assert!(a.len() <= 253 && b.len() <= 253, "{} {}", a.len(), b.len());
         assert_ne!(a, b);
         assert!(a.ends_with("-console"));
+    }
+
+    #[test]
+    fn only_listed_namespaces_get_a_secret_and_each_outcome_says_why() {
+        let users = BTreeSet::from(["team-a".to_string()]);
+        assert!(allowed(&users, "team-a"));
+        assert!(!allowed(&users, "team-b") && !allowed(&BTreeSet::new(), "team-a"));
+        let written = Outcome::Written {
+            namespace: "team-a".into(),
+            secret: "d-console".into(),
+        };
+        assert_eq!(written.secret(), Some("d-console"));
+        assert_eq!(written.verdict().0, Status::True);
+        let refused = Outcome::NamespaceNotAllowed {
+            namespace: "team-b".into(),
+        };
+        let (status, reason, message) = refused.verdict();
+        assert_eq!((status, reason), (Status::False, "NamespaceNotAllowed"));
+        assert!(message.contains("team-b") && message.contains("consoles.userNamespaces"));
+        assert_eq!(refused.secret(), None);
+        let foreign = Outcome::NotOurs {
+            namespace: "team-a".into(),
+            secret: "d-console".into(),
+        };
+        let (status, reason, message) = foreign.verdict();
+        assert_eq!((status, reason), (Status::False, "SecretNotOurs"));
+        assert!(message.contains("team-a/d-console"), "{message}");
+        assert_eq!(foreign.secret(), None);
+    }
+
+    #[test]
+    fn a_guarded_patch_names_the_uid_it_may_write() {
+        let c = Console {
+            namespace: "ns",
+            desktop: "d",
+            desktop_uid: "u",
+            host: None,
+            port: None,
+        };
+        let body = guarded_patch(&secret(&c, "pw"), "secret-uid");
+        assert_eq!(body["metadata"]["uid"], "secret-uid");
+        assert_eq!(body["metadata"]["ownerReferences"][0]["uid"], "u");
+        assert!(body["data"].get(SECRET_KEY_PASSWORD).is_some(), "{body}");
+        assert!(body.get("type").is_none(), "type is immutable");
     }
 
     #[test]

@@ -112,6 +112,10 @@ impl Run {
             "--identity",
             identity,
         ];
+        // The run's namespace gets console Secrets unless the test says which do.
+        if !extra.contains(&"--console-user-namespaces") {
+            args.extend(["--console-user-namespaces", &self.ns]);
+        }
         if !extra.contains(&"--leader-lease-duration") {
             args.extend(["--leader-lease-duration", "3s"]);
         }

@@ -16,11 +16,12 @@ use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
 
 use super::bind::bind;
-use super::console::{apply_user_secret, ensure_mirror, ever_bound};
+use super::console::{ensure_mirror, ever_bound, write_user_secret};
 use super::idle::{self, Settled};
 use super::status::{Owned, bound_message, ensure_meta, relabel, write, write_bound};
 use super::{Error, Pass};
 use crate::allocators::Claim;
+use crate::console::user::Outcome;
 use crate::context::Context;
 use crate::idle::holds_resources;
 use crate::phase::{self, Facts};
@@ -96,14 +97,17 @@ async fn bound(pass: &Pass<'_>, node: &str) -> Result<Action, Error> {
     let node = moved_to.as_deref().unwrap_or(node);
     let alive = alive(node);
 
-    match console(pass, node, &want).await {
-        Ok(Some(secret)) => want.secret = Some(secret),
-        Ok(None) => {}
+    let handed = match console(pass, node, &want).await {
+        Ok(handed) => handed,
         // A port reserved for a wake goes back with the failed pass.
         Err(e) => {
             idle::abandon(pass, &plan).await;
             return Err(e);
         }
+    };
+    if let Some(outcome) = &handed {
+        want.secret = outcome.secret().map(str::to_string);
+        want.console(&status.conditions, now, gen_, outcome);
     }
 
     // Phase from the agent's conditions, the idle policy's record and the host's heartbeat.
@@ -177,6 +181,10 @@ async fn bound(pass: &Pass<'_>, node: &str) -> Result<Action, Error> {
         ctx.event(d.as_ref(), t, want.phase.as_str(), "Phase", derived.message)
             .await;
     }
+    if wrote && let Some((reason, message)) = console_event(&current, &want) {
+        ctx.event(d.as_ref(), EventType::Warning, &reason, "Console", message)
+            .await;
+    }
     Ok(Action::requeue(requeue))
 }
 
@@ -196,18 +204,30 @@ fn phase_event(from: Phase, to: Phase) -> Option<EventType> {
     }
 }
 
+/// The Warning a `ConsoleSecret` that turned False deserves: its reason and message.
+fn console_event(current: &Owned, want: &Owned) -> Option<(String, String)> {
+    let now = want.console_condition().filter(|c| c.status == "False")?;
+    let before = current.console_condition();
+    if before.is_some_and(|b| b.status == now.status && b.reason == now.reason) {
+        return None;
+    }
+    Some((now.reason.clone(), now.message.clone()))
+}
+
 /// The console password: the mirror is canonical, the user's Secret is written from it; returns
-/// the Secret's name when written. A desktop whose port went back to the pool keeps its last
-/// console file until it is woken.
-async fn console(pass: &Pass<'_>, node: &str, want: &Owned) -> Result<Option<String>, Error> {
+/// what became of that Secret, `None` when nothing was due. A desktop whose port went back to
+/// the pool keeps its last console file until it is woken.
+async fn console(pass: &Pass<'_>, node: &str, want: &Owned) -> Result<Option<Outcome>, Error> {
     let (d, ctx, uid) = (&pass.d, pass.ctx, pass.uid.as_str());
-    let password = ensure_mirror(d, ctx, uid, node).await?;
+    let held = ensure_mirror(d, ctx, uid, node).await?;
     if want.port.is_none() && want.reclaimed.is_some() {
         return Ok(None);
     }
-    apply_user_secret(d, ctx, uid, node, want.port, &password)
-        .await
-        .map(Some)
+    // A status without the condition (a write that did not land): say it again now.
+    if want.console_condition().is_none() {
+        ctx.forget_user_secret(uid);
+    }
+    write_user_secret(d, ctx, uid, node, want.port, &held).await
 }
 
 /// Keeps the pool's ledger in step with the recorded binding: a binding a rebuild refused gets
@@ -292,6 +312,37 @@ async fn keep_ledger(d: &Desktop, ctx: &Context, uid: &str, node: &str, want: &m
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_console_secret_refused_anew_is_worth_one_warning() {
+        use deskvirt_crds::desktop::DesktopStatus;
+        let at = k8s_openapi::jiff::Timestamp::UNIX_EPOCH;
+        let with = |outcome: &Outcome| {
+            let mut o = Owned::from_status(&DesktopStatus::default());
+            o.console(&[], at, Some(1), outcome);
+            o
+        };
+        let none = Owned::from_status(&DesktopStatus::default());
+        let written = with(&Outcome::Written {
+            namespace: "ns".into(),
+            secret: "d-console".into(),
+        });
+        let foreign = with(&Outcome::NotOurs {
+            namespace: "ns".into(),
+            secret: "d-console".into(),
+        });
+        let refused = with(&Outcome::NamespaceNotAllowed {
+            namespace: "ns".into(),
+        });
+        assert_eq!(console_event(&none, &written), None);
+        let (reason, message) = console_event(&written, &foreign).unwrap_or_default();
+        assert_eq!(reason, "SecretNotOurs");
+        assert!(message.contains("ns/d-console"), "{message}");
+        assert_eq!(console_event(&foreign, &foreign), None, "said once");
+        let (reason, _) = console_event(&none, &refused).unwrap_or_default();
+        assert_eq!(reason, "NamespaceNotAllowed");
+        assert_eq!(console_event(&foreign, &written), None);
+    }
 
     #[test]
     fn events_for_trouble_and_recovery_only() {

@@ -20,7 +20,7 @@ use super::console::ensure_mirror;
 use super::status::{BindFailure, Owned, bound_message, ensure_meta, write, write_binding};
 use super::{Error, Pass};
 use crate::allocators::{Bound, Claim};
-use crate::console::user::secret_name;
+use crate::console::user::{allowed, secret_name};
 use crate::scheduler::{PoolIndex, Request, schedule};
 use crate::world::{Bindings, host_views};
 
@@ -93,7 +93,11 @@ pub(super) async fn bind(pass: &Pass<'_>) -> Result<Action, Error> {
     want.node = Some(host.clone());
     want.port = Some(bound.port);
     want.mac = Some(bound.mac.to_string());
-    want.secret = Some(secret_name(&d.name_any()));
+    // Named once written; a namespace without console Secrets never gets one.
+    want.secret = d
+        .namespace()
+        .filter(|ns| allowed(&ctx.console_user_namespaces, ns))
+        .map(|_| secret_name(&d.name_any()));
     want.phase = Phase::Scheduled;
     want.generation = gen_;
     let msg = bound_message(&host, want.port, want.mac.as_deref());

@@ -18,7 +18,7 @@ use kube::runtime::events::EventType;
 use kube::{Api, ResourceExt};
 use serde_json::json;
 
-use super::console::{delete_mirror, ever_bound};
+use super::console::{delete_mirror, delete_user_secret, ever_bound};
 use super::status::{Owned, write};
 use super::{Error, Pass, kube};
 
@@ -83,6 +83,9 @@ pub(super) async fn cleanup(pass: &Pass<'_>) -> Result<Action, Error> {
     if !ctx.ledgers.lock().await.ready {
         return Ok(Action::requeue(Duration::from_secs(1)));
     }
+    // The user's Secret first: the mirror records which one is ours.
+    let ns = d.namespace().unwrap_or_default();
+    delete_user_secret(ctx, uid, &ns, &d.name_any()).await;
     delete_mirror(ctx, uid).await?;
     ctx.forget_user_secret(uid);
     ctx.forget_binding(uid);

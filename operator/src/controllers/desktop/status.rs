@@ -3,7 +3,7 @@
 //! and node labels, its finalizer), each applied only when it differs from what is there.
 
 use deskvirt_crds::conditions::{self, Status, condition};
-use deskvirt_crds::constants::condition::{IDLE, READY, SCHEDULED};
+use deskvirt_crds::constants::condition::{CONSOLE_SECRET, IDLE, READY, SCHEDULED};
 use deskvirt_crds::constants::{FINALIZER_OPERATOR, LABEL_NODE, LABEL_POOL, MANAGER_OPERATOR};
 use deskvirt_crds::desktop::{Desktop, DesktopStatus, Move, Phase, Reclaimed, Wake};
 use deskvirt_crds::names::label_value;
@@ -90,7 +90,7 @@ impl Owned {
             conditions: st
                 .conditions
                 .iter()
-                .filter(|c| c.type_ == SCHEDULED || c.type_ == READY || c.type_ == IDLE)
+                .filter(|c| [SCHEDULED, READY, IDLE, CONSOLE_SECRET].contains(&c.type_.as_str()))
                 .cloned()
                 .collect(),
             generation: st.observed_generation,
@@ -113,6 +113,32 @@ impl Owned {
             let c = condition(prev, type_, status, reason, message, self.generation, now);
             conditions::upsert(&mut self.conditions, c);
         }
+    }
+
+    /// Sets `ConsoleSecret` from what became of the user's console Secret.
+    pub fn console(
+        &mut self,
+        prev: &[Condition],
+        now: Timestamp,
+        generation: Option<i64>,
+        outcome: &crate::console::user::Outcome,
+    ) {
+        let (status, reason, message) = outcome.verdict();
+        let c = condition(
+            prev,
+            CONSOLE_SECRET,
+            status,
+            reason,
+            message,
+            generation,
+            now,
+        );
+        conditions::upsert(&mut self.conditions, c);
+    }
+
+    /// The `ConsoleSecret` condition, when set.
+    pub fn console_condition(&self) -> Option<&Condition> {
+        conditions::find(&self.conditions, CONSOLE_SECRET)
     }
 
     /// Whether this touches idle reclamation: such a write is guarded by the version it was
