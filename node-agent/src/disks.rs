@@ -359,11 +359,9 @@ mod tests {
 
     impl Scratch {
         fn new(tag: &str) -> Self {
-            let dir = std::env::temp_dir().join(format!(
-                "deskvirt-disks-{tag}-{}-{:?}",
-                std::process::id(),
-                std::thread::current().id()
-            ));
+            // Only characters the path rules accept (no `ThreadId(3)`).
+            let dir =
+                std::env::temp_dir().join(format!("deskvirt-disks-{tag}-{}", std::process::id()));
             let _ = std::fs::remove_dir_all(&dir);
             std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("{e}"));
             Self(dir)
@@ -380,7 +378,8 @@ mod tests {
     async fn a_disk_of_another_desktop_is_never_used_or_deleted() {
         let dir = Scratch::new("owner");
         let images = dir.0.join("images");
-        let disk = dir.0.join("d.qcow2");
+        let disk = dir.0.join("disks/d.qcow2");
+        std::fs::create_dir_all(dir.0.join("disks")).unwrap_or_else(|e| panic!("{e}"));
         std::fs::write(&disk, b"other tenant's data").unwrap_or_else(|e| panic!("{e}"));
         std::fs::write(owner_path(&disk), OTHER).unwrap_or_else(|e| panic!("{e}"));
         let plan = DiskPlan {
@@ -410,7 +409,8 @@ mod tests {
     async fn an_unrecorded_disk_is_adopted_only_by_its_own_domain() {
         let dir = Scratch::new("adopt");
         let images = dir.0.join("images");
-        let disk = dir.0.join("legacy.qcow2");
+        let disk = dir.0.join("disks/legacy.qcow2");
+        std::fs::create_dir_all(dir.0.join("disks")).unwrap_or_else(|e| panic!("{e}"));
         std::fs::write(&disk, b"x").unwrap_or_else(|e| panic!("{e}"));
         let mut plan = DiskPlan {
             base: images.join("base.qcow2"),
