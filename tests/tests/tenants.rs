@@ -392,8 +392,8 @@ async fn hostile_tenants_reach_no_domain_disk_or_binding_of_another() -> anyhow:
     );
 
     // Until it is gone the orphan is charged to the host: the pool still counts its CPU and
-    // memory (the long-named desktop's and x's), read from a pool status written after a spec
-    // change, so not a stale one.
+    // memory beside those of the two desktops left in the pool (victim and the long-named
+    // one), read from a pool status written after a spec change, so not a stale one.
     let pools: Api<ResourcePool> = Api::all(w.client.clone());
     let bump = |spec: serde_json::Value| {
         let pools = pools.clone();
@@ -421,7 +421,7 @@ async fn hostile_tenants_reach_no_domain_disk_or_binding_of_another() -> anyhow:
         },
     )
     .await?;
-    if charged.cpu != 2 {
+    if charged.cpu != 3 {
         let all: Api<Desktop> = Api::all(w.client.clone());
         let seen: Vec<String> = all
             .list(&ListParams::default())
@@ -455,7 +455,7 @@ async fn hostile_tenants_reach_no_domain_disk_or_binding_of_another() -> anyhow:
         "the orphan's charge released",
         || async {
             let st = pools.get(&w.pool).await?.status.unwrap_or_default();
-            Ok(st.allocated.filter(|a| a.cpu == 1).map(|_| ()))
+            Ok(st.allocated.filter(|a| a.cpu == 2).map(|_| ()))
         },
     )
     .await?;
