@@ -159,6 +159,8 @@ pub struct Ledgers {
     pub rebind: BTreeSet<String>,
     /// UIDs of the orphan domains whose port and MAC the ledger holds, by (pool, host).
     orphans: BTreeMap<(String, String), BTreeSet<String>>,
+    /// UIDs of the orphan domains whose port or MAC a desktop holds, by (pool, host): said once.
+    orphans_refused: BTreeMap<(String, String), BTreeSet<String>>,
 }
 
 impl Ledgers {
@@ -211,7 +213,7 @@ impl Ledgers {
     /// Makes the ledger of `pool` hold the SPICE port and MAC of every orphan domain `host`
     /// reports (a domain whose Desktop is gone still listens on its port and owns its MAC), and
     /// frees those of orphans no longer reported. Returns the orphans whose port or MAC another
-    /// desktop holds, in words.
+    /// desktop holds, in words, each once (not again on every pass while the clash lasts).
     pub fn sync_orphans(
         &mut self,
         pool: &str,
@@ -225,13 +227,15 @@ impl Ledgers {
         let before = self.orphans.remove(&key).unwrap_or_default();
         let mut held = BTreeSet::new();
         let mut refused = Vec::new();
+        let told = self.orphans_refused.remove(&key).unwrap_or_default();
+        let mut clashing = BTreeSet::new();
         for o in orphans {
             let (Some(port), Some(mac)) = (o.spice_port, o.mac.as_deref()) else {
                 continue;
             };
             if ledger.holds(&o.uid, host, port, mac) || ledger.adopt(&o.uid, host, port, mac) {
                 held.insert(o.uid.clone());
-            } else {
+            } else if clashing.insert(o.uid.clone()) && !told.contains(&o.uid) {
                 refused.push(format!(
                     "orphan domain {} (Desktop {} is gone) uses SPICE port {port} and MAC {mac}, which another desktop holds",
                     o.domain, o.desktop
@@ -241,6 +245,9 @@ impl Ledgers {
         for gone in before.difference(&held) {
             let freed = ledger.release(gone);
             tracing::info!(pool, host, orphan = %gone, ?freed, "orphan domain gone: its port and MAC are free");
+        }
+        if !clashing.is_empty() {
+            self.orphans_refused.insert(key.clone(), clashing);
         }
         if !held.is_empty() {
             self.orphans.insert(key, held);
@@ -611,6 +618,8 @@ mod tests {
         let refused = ledgers.sync_orphans("p", "h1", &[&o, &clash]);
         assert_eq!(refused.len(), 1, "{refused:?}");
         assert!(refused[0].contains("ns--d--clash"));
+        let again = ledgers.sync_orphans("p", "h1", &[&o, &clash]);
+        assert!(again.is_empty(), "said once: {again:?}");
         // Gone: its port is free again.
         ledgers.sync_orphans("p", "h1", &[]);
         let l = ledgers.get("p").unwrap_or_else(|| panic!("no ledger"));
