@@ -54,11 +54,7 @@ pub async fn apply<H: Hypervisor>(d: &Desktop, ctx: &DesktopContext<H>) -> Resul
         .ok_or(Error::MissingField("metadata.namespace"))?;
     let uid = d.uid().ok_or(Error::MissingField("metadata.uid"))?;
     let status = d.status.clone().unwrap_or_default();
-    let mirror = ctx
-        .mirrors
-        .get(&ObjectRef::new(&console_mirror_name(&uid)).within(&ctx.config.console_namespace));
-    if let Err(why) = bound::check(d, mirror.as_deref(), &ctx.config.node_name) {
-        ctx.metrics.unbound_desktops.inc();
+    if let Err(why) = bound::here(ctx, d, &uid) {
         // Labelled for this host, but the operator has not bound it here (not yet, moved away,
         // or a label, finalizer or status written by someone else): nothing is done for it.
         tracing::debug!(desktop = %format!("{ns}/{}", d.name_any()), %why, "not bound to this host");

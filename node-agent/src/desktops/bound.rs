@@ -6,10 +6,15 @@
 //! status written by anyone but the operator, gets no domain, no disk and no teardown here.
 
 use deskvirt_crds::Desktop;
-use deskvirt_crds::constants::{ANNOTATION_DESKTOP, LABEL_DESKTOP_UID, LABEL_NODE};
+use deskvirt_crds::constants::{
+    ANNOTATION_DESKTOP, LABEL_DESKTOP_UID, LABEL_NODE, console_mirror_name,
+};
 use deskvirt_crds::names::label_value;
 use k8s_openapi::api::core::v1::Secret;
 use kube::ResourceExt;
+use kube::runtime::reflector::ObjectRef;
+
+use super::context::DesktopContext;
 
 /// Why a Desktop seen here is not this host's to act on.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -31,6 +36,19 @@ impl std::fmt::Display for NotBound {
             Self::MirrorDisagrees(what) => write!(f, "the operator's binding record names {what}"),
         }
     }
+}
+
+/// Whether `d` (UID `uid`) is bound to this host, by the mirror in this host's cache; a refusal
+/// is counted in `unbound_desktops`.
+pub fn here<H>(ctx: &DesktopContext<H>, d: &Desktop, uid: &str) -> Result<(), NotBound> {
+    let mirror = ctx
+        .mirrors
+        .get(&ObjectRef::new(&console_mirror_name(uid)).within(&ctx.config.console_namespace));
+    let checked = check(d, mirror.as_deref(), &ctx.config.node_name);
+    if checked.is_err() {
+        ctx.metrics.unbound_desktops.inc();
+    }
+    checked
 }
 
 /// Whether `d` is bound to host `node`, given the mirror this host's cache holds for its UID.

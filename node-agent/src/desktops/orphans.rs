@@ -100,17 +100,15 @@ async fn lookup<H>(ctx: &DesktopContext<H>, o: &DomainSummary) -> Result<Option<
     })
 }
 
-/// The Desktop a domain's metadata names, when the API says.
-async fn desktop_of<H>(ctx: &DesktopContext<H>, o: &DomainSummary) -> Option<Desktop> {
-    lookup(ctx, o).await.ok().flatten()
-}
-
-/// Whether the Desktop a domain was made for is gone (deleted, or another object of that name):
-/// `None` when the API cannot tell. A domain whose Desktop exists is that Desktop's, accounted
-/// where it is bound, and not charged here as an orphan.
-async fn desktop_gone<H>(ctx: &DesktopContext<H>, o: &DomainSummary) -> Option<bool> {
-    let d = lookup(ctx, o).await.ok()?;
-    Some(!d.is_some_and(|d| d.uid().is_some_and(|u| u.eq_ignore_ascii_case(&o.uuid))))
+/// Whether the Desktop a domain was made for is gone (deleted, or another object of that name),
+/// given what [`lookup`] found: `None` when the API could not tell. A domain whose Desktop
+/// exists is that Desktop's, accounted where it is bound, and not charged here as an orphan.
+fn gone(o: &DomainSummary, found: &Result<Option<Desktop>, ()>) -> Option<bool> {
+    let d = found.as_ref().ok()?;
+    Some(
+        !d.as_ref()
+            .is_some_and(|d| d.uid().is_some_and(|u| u.eq_ignore_ascii_case(&o.uuid))),
+    )
 }
 
 /// The orphans among `domains`, given the UIDs of the Desktops bound here.
@@ -156,12 +154,17 @@ pub async fn run<H: Hypervisor>(ctx: Arc<DesktopContext<H>>, every: Duration) {
             .map(|u| u.to_ascii_lowercase())
             .collect();
         let mut found = orphans(&domains, &bound);
+        // The Desktop each orphan names, read once per sweep.
+        let mut owners: HashMap<String, Result<Option<Desktop>, ()>> = HashMap::new();
+        for o in &found {
+            owners.insert(o.uuid.clone(), lookup(&ctx, o).await);
+        }
         // Leftovers of desktops that moved to another host go; the rest is reported.
         let mut cleared = BTreeSet::new();
         for o in found.iter().filter(|o| !o.state.is_active()) {
-            if let Some(d) = desktop_of(&ctx, o).await
-                && let Some(to) = moved_to(o, &d, &ctx.config.node_name)
-                && clear_moved(&ctx, o, &d, to).await
+            if let Some(Ok(Some(d))) = owners.get(&o.uuid)
+                && let Some(to) = moved_to(o, d, &ctx.config.node_name)
+                && clear_moved(&ctx, o, d, to).await
             {
                 cleared.insert(o.uuid.clone());
             }
@@ -176,7 +179,7 @@ pub async fn run<H: Hypervisor>(ctx: Arc<DesktopContext<H>>, every: Duration) {
         let mut report = Vec::new();
         for o in &found {
             let before = previous.get(&o.uuid.to_ascii_lowercase());
-            match desktop_gone(&ctx, o).await {
+            match owners.get(&o.uuid).and_then(|found| gone(o, found)) {
                 Some(false) => continue,
                 None if before.is_none() => continue,
                 _ => {}

@@ -9,10 +9,8 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use deskvirt_crds::Desktop;
-use deskvirt_crds::constants::console_mirror_name;
 use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
-use kube::runtime::reflector::ObjectRef;
 use kube::{Api, ResourceExt};
 
 use super::context::DesktopContext;
@@ -39,11 +37,7 @@ pub async fn teardown<H: Hypervisor>(
         .ok_or(Error::MissingField("metadata.namespace"))?;
     let uid = d.uid().ok_or(Error::MissingField("metadata.uid"))?;
     let name = d.name_any();
-    let mirror = ctx
-        .mirrors
-        .get(&ObjectRef::new(&console_mirror_name(&uid)).within(&ctx.config.console_namespace));
-    if let Err(why) = bound::check(d, mirror.as_deref(), &ctx.config.node_name) {
-        ctx.metrics.unbound_desktops.inc();
+    if let Err(why) = bound::here(ctx, d, &uid) {
         // A finalizer or label set by hand, or a desktop that moved away: not this host's.
         tracing::debug!(desktop = %format!("{ns}/{name}"), %why, "deleted desktop not bound here; left alone");
         return Ok(Action::await_change());
