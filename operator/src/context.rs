@@ -8,6 +8,7 @@ use std::time::Duration;
 use deskvirt_crds::constants::{LABEL_NODE, console_mirror_name};
 use deskvirt_crds::domain_node::OrphanDomain;
 use deskvirt_crds::names::label_value;
+use deskvirt_crds::read::FromPoolSpec;
 use deskvirt_crds::{Desktop, DomainNode, ResourcePool};
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{Namespace, ResourceQuota, Secret};

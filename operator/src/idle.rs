@@ -15,6 +15,7 @@ use deskvirt_crds::desktop::{
     Desktop, DesktopSpec, DesktopStatus, IdleAction, IdlePolicy, Reclaimed, Wake,
 };
 use deskvirt_crds::quantity::{QuantityError, format_bytes, format_duration, parse_duration};
+use deskvirt_crds::read::FromDesktopSpec;
 use deskvirt_crds::resource_pool::{PoolDefaults, PortRange};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::jiff::Timestamp;

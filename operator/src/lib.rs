@@ -2,7 +2,6 @@
 //! tracks host health and keeps pool accounting.
 #![forbid(unsafe_code)]
 
-pub mod allocators;
 pub mod coalesce;
 pub mod config;
 pub mod console;
@@ -14,7 +13,9 @@ pub mod leader;
 pub mod metrics;
 pub mod operator;
 pub mod phase;
-pub mod scheduler;
 pub mod sweep;
 pub mod tenancy;
 pub mod world;
+
+/// The pure allocators and scheduler, from the kube-free core.
+pub use deskvirt_core::{allocators, scheduler};

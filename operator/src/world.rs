@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use deskvirt_crds::domain_node::OrphanDomain;
 use deskvirt_crds::quantity::parse_bytes;
+use deskvirt_crds::read::{FromDesktopSpec, host_report};
 use deskvirt_crds::{Desktop, DomainNode, ResourcePool};
 
 use crate::allocators::Ledger;
@@ -140,8 +141,8 @@ pub fn host_views(
         .filter(|n| pool_of(n, pools).as_deref() == Some(pool))
         .map(|n| {
             let name = n.metadata.name.clone().unwrap_or_default();
-            let mut v = HostView::from_domain_node(
-                n,
+            let mut v = HostView::from_report(
+                &host_report(n),
                 policy,
                 heartbeat(&name).is_fresh(),
                 usage.get(&name).copied().unwrap_or_default(),

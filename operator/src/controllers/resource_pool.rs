@@ -12,6 +12,7 @@ use deskvirt_crds::conditions::{self, Status, condition};
 use deskvirt_crds::constants::condition::{DEGRADED, READY};
 use deskvirt_crds::constants::pool_reason::INVALID_SPEC;
 use deskvirt_crds::desktop::Phase;
+use deskvirt_crds::read::{FromPoolSpec, write_capacity};
 use deskvirt_crds::resource_pool::{ResourcePool, ResourcePoolStatus};
 use deskvirt_crds::validation;
 use deskvirt_crds::{Desktop, DomainNode};
@@ -191,7 +192,7 @@ pub async fn reconcile(pool: Arc<ResourcePool>, ctx: Arc<Context>) -> Result<Act
             );
             drop(ledgers);
             let cap = PoolCapacity::of(&name, &policy, &hosts);
-            cap.write_to(&mut st);
+            write_capacity(&cap, &mut st);
             let ready = if policy.ports.is_empty() {
                 condition(
                     prev,

@@ -9,6 +9,7 @@ use deskvirt_crds::conditions::{self, Status};
 use deskvirt_crds::constants::condition::SCHEDULED;
 use deskvirt_crds::constants::scheduled_reason::{INVALID_POOL, INVALID_SPEC};
 use deskvirt_crds::desktop::Phase;
+use deskvirt_crds::read::{FromDesktopSpec, FromPoolSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::ResourceExt;
 use kube::runtime::controller::Action;
@@ -21,7 +22,7 @@ use super::status::{BindFailure, Owned, bound_message, ensure_meta, write, write
 use super::{Error, Pass};
 use crate::allocators::{Bound, Claim};
 use crate::console::user::{allowed, secret_name};
-use crate::scheduler::{PoolIndex, Request, schedule};
+use crate::scheduler::{PoolIndex, PoolPolicy, Request, schedule};
 use crate::world::{Bindings, host_views};
 
 /// How long after writing a binding a copy without it is taken for an older one.
@@ -175,7 +176,7 @@ async fn place(pass: &Pass<'_>, prev: &[Condition]) -> Placement {
     };
     let mut index = PoolIndex::new();
     if let Some(p) = &pool {
-        index.apply(&d.spec.pool, &p.spec);
+        index.apply(&d.spec.pool, PoolPolicy::from_spec(&p.spec));
     }
     let ledger = match &pool {
         Some(p) => match ledgers.of(p, &ctx.stores) {

@@ -12,6 +12,7 @@ use deskvirt_crds::conditions::{self, Status, condition};
 use deskvirt_crds::constants::condition::{IDLE, RUNNING};
 use deskvirt_crds::constants::idle_reason;
 use deskvirt_crds::desktop::{Desktop, DesktopStatus, IdleAction, Move, Wake};
+use deskvirt_crds::read::{FromDesktopSpec, FromPoolSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::ResourceExt;
 use kube::api::{DeleteParams, Preconditions};
