@@ -7,5 +7,7 @@
 pub mod allocators;
 pub mod names;
 pub mod quantity;
+pub mod reasons;
+pub mod resize;
 pub mod scheduler;
 pub mod types;

@@ -288,7 +288,7 @@ fn desktop_bindings(pool: &str, stores: &Stores, old: Option<&Ledger>) -> Vec<De
         .desktops
         .state()
         .iter()
-        .filter(|d| d.spec.pool == pool && holds_binding(d) && stores.binding_confirmed(d))
+        .filter(|d| d.pool() == pool && holds_binding(d) && stores.binding_confirmed(d))
         .map(|d| {
             let uid = d.metadata.uid.clone().unwrap_or_default();
             let st = d.status.clone().unwrap_or_default();

@@ -12,8 +12,8 @@ use deskvirt_crds::Desktop;
 use deskvirt_crds::conditions::{self, Status};
 use deskvirt_crds::constants::condition::{DOMAIN_DEFINED, RUNNING};
 use deskvirt_crds::constants::{SECRET_KEY_PASSWORD, console_mirror_name};
-use deskvirt_crds::desktop::{DesktopStatus, Power};
-use deskvirt_crds::quantity::parse_bytes;
+use deskvirt_crds::desktop::{DesktopStatus, Power, Size};
+use deskvirt_crds::quantity::{format_bytes, parse_bytes};
 use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
 use kube::runtime::reflector::ObjectRef;
@@ -211,11 +211,11 @@ async fn converge<H: Hypervisor>(
     };
 
     // Inputs: pool, host context, password, binding.
-    let Some(pool) = ctx.pool(&d.spec.pool) else {
+    let Some(pool) = ctx.pool(d.pool()) else {
         let c = Cond::new(
             Status::Unknown,
             "WaitingForPool",
-            format!("ResourcePool {} is not known to this host yet", d.spec.pool),
+            format!("ResourcePool {} is not known to this host yet", d.pool()),
         );
         return Ok(Outcome::waiting(report, c, BUSY_RESYNC));
     };
@@ -420,6 +420,18 @@ async fn converge<H: Hypervisor>(
     } else {
         done.requeue
     };
+    report.running_size = match current {
+        Some(s) if s.state.is_active() => {
+            Some(size_of(s.vcpus, s.max_memory_kib.saturating_mul(1024)))
+        }
+        // Started from its definition now (a restore from saved memory keeps the saved size:
+        // the next pass reads it from the domain).
+        Some(s) if done.started && !s.has_managed_save => {
+            Some(size_of(inputs.vcpus, inputs.memory_bytes))
+        }
+        None if done.started => Some(size_of(inputs.vcpus, inputs.memory_bytes)),
+        _ => None,
+    };
     report.running = Some(done.running);
     report.activity = Some(if done.started {
         // The definition (or the saved memory, updated from it) has the current password, and
@@ -432,6 +444,14 @@ async fn converge<H: Hypervisor>(
         observe_activity(ctx, d, &pool, status, uid, &domain, active).await
     });
     Ok(Outcome { report, requeue })
+}
+
+/// A size as the Desktop's status reports it.
+fn size_of(vcpus: u32, memory_bytes: u64) -> Size {
+    Size {
+        cpu: vcpus,
+        memory: format_bytes(memory_bytes),
+    }
 }
 
 /// Samples the running domain and derives the session and idleness fields; a domain that is

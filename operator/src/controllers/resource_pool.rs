@@ -76,7 +76,7 @@ pub async fn run(ctx: Arc<Context>, selector: String, stop: watch::Receiver<bool
             },
         )
         .watches(Api::<Desktop>::all(client.clone()), cfg, |d| {
-            Some(ObjectRef::new(&d.spec.pool))
+            Some(ObjectRef::new(d.pool()))
         })
         .reconcile_all_on(on_leadership(ctx.leader.clone()))
         .graceful_shutdown_on(stopped(stop.clone()))
@@ -108,7 +108,7 @@ pub fn count_phases<'a>(
 ) -> BTreeMap<String, u32> {
     let mut out: BTreeMap<String, u32> =
         PHASES.iter().map(|p| (p.as_str().to_string(), 0)).collect();
-    for d in desktops.into_iter().filter(|d| d.spec.pool == pool) {
+    for d in desktops.into_iter().filter(|d| d.pool() == pool) {
         let phase = d
             .status
             .as_ref()

@@ -18,6 +18,7 @@ use kube::runtime::events::EventType;
 use super::bind::bind;
 use super::console::{ensure_mirror, ever_bound, write_user_secret};
 use super::idle::{self, Settled};
+use super::size;
 use super::status::{Owned, bound_message, ensure_meta, relabel, write, write_bound};
 use super::{Error, Pass};
 use crate::allocators::Claim;
@@ -125,10 +126,11 @@ async fn bound(pass: &Pass<'_>, node: &str) -> Result<Action, Error> {
     } else {
         Status::from_bool(derived.ready)
     };
+    let warnings = size::settle(ctx, d, uid, node, &mut want, now);
     let scheduled = bound_message(node, want.port, want.mac.as_deref());
     // A spec made invalid after binding: not Ready, naming the fields (the host never applies
     // a USB policy looser than the pool's; nothing bound is taken back).
-    let pool = ctx.stores.pool(&d.spec.pool);
+    let pool = ctx.stores.pool(d.pool());
     let invalid = validation::desktop(&d.spec, pool.as_ref().map(|p| &p.spec));
     let summary = if invalid.is_empty() {
         (ready, derived.reason, derived.message.clone())
@@ -147,7 +149,7 @@ async fn bound(pass: &Pass<'_>, node: &str) -> Result<Action, Error> {
     );
     // The same as this replica wrote a moment ago: the copy is older than that write (not for
     // idle reclamation, whose writes are guarded by the version they were decided on anyway).
-    let in_flight = if current.same_as(&want) || want.idle_involved(&current) {
+    let in_flight = if current.same_as(&want) || want.needs_guard(&current) {
         None
     } else {
         ctx.status_in_flight(uid, want.fingerprint(), STATUS_SETTLE)
@@ -180,6 +182,16 @@ async fn bound(pass: &Pass<'_>, node: &str) -> Result<Action, Error> {
     if wrote && let Some(t) = phase_event(current.phase, want.phase) {
         ctx.event(d.as_ref(), t, want.phase.as_str(), "Phase", derived.message)
             .await;
+    }
+    for w in warnings.into_iter().filter(|_| wrote) {
+        ctx.event(
+            d.as_ref(),
+            EventType::Warning,
+            w.reason,
+            w.action,
+            w.message,
+        )
+        .await;
     }
     if wrote && let Some((reason, message)) = console_event(&current, &want) {
         ctx.event(d.as_ref(), EventType::Warning, &reason, "Console", message)
@@ -242,7 +254,7 @@ async fn keep_ledger(d: &Desktop, ctx: &Context, uid: &str, node: &str, want: &m
     if !ledgers.ready {
         return;
     }
-    let Some(pool) = ctx.stores.pool(&d.spec.pool) else {
+    let Some(pool) = ctx.stores.pool(d.pool()) else {
         return;
     };
     if ledgers.rebind.contains(uid) {
@@ -276,7 +288,7 @@ async fn keep_ledger(d: &Desktop, ctx: &Context, uid: &str, node: &str, want: &m
     // Holds resources but no port: a wake whose write stopped half-way (`reclaimed` cleared,
     // the port not written yet). The ledger's port, else its lowest free one.
     if want.port.is_none()
-        && let Some(ledger) = ledgers.get_mut(&d.spec.pool)
+        && let Some(ledger) = ledgers.get_mut(d.pool())
     {
         match ledger.restore_port(uid, node, None) {
             Ok(port) => want.port = Some(port),
@@ -287,7 +299,7 @@ async fn keep_ledger(d: &Desktop, ctx: &Context, uid: &str, node: &str, want: &m
     let (Some(port), Some(mac)) = (want.port, want.mac.as_deref()) else {
         return;
     };
-    let Some(ledger) = ledgers.get_mut(&d.spec.pool) else {
+    let Some(ledger) = ledgers.get_mut(d.pool()) else {
         // Not built yet: the build reads this binding from the cache.
         return;
     };

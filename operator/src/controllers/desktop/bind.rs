@@ -8,7 +8,7 @@ use std::time::Duration;
 use deskvirt_crds::conditions::{self, Status};
 use deskvirt_crds::constants::condition::SCHEDULED;
 use deskvirt_crds::constants::scheduled_reason::{INVALID_POOL, INVALID_SPEC};
-use deskvirt_crds::desktop::Phase;
+use deskvirt_crds::desktop::{Allocation, Phase};
 use deskvirt_crds::read::{FromDesktopSpec, FromPoolSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::ResourceExt;
@@ -18,6 +18,7 @@ use kube::runtime::reflector::ObjectRef;
 
 use super::admit::admit;
 use super::console::ensure_mirror;
+use super::size;
 use super::status::{BindFailure, Owned, bound_message, ensure_meta, write, write_binding};
 use super::{Error, Pass};
 use crate::allocators::{Bound, Claim};
@@ -101,6 +102,12 @@ pub(super) async fn bind(pass: &Pass<'_>) -> Result<Action, Error> {
         .map(|_| secret_name(&d.name_any()));
     want.phase = Phase::Scheduled;
     want.generation = gen_;
+    want.allocation = Some(Allocation {
+        pool: d.spec.pool.clone(),
+        cpu: d.spec.cpu,
+        memory: d.spec.memory.clone(),
+    });
+    size::admitted(&mut want, &prev, gen_, now);
     let msg = bound_message(&host, want.port, want.mac.as_deref());
     want.judge(
         &prev,

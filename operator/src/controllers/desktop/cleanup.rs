@@ -94,12 +94,12 @@ pub(super) async fn cleanup(pass: &Pass<'_>) -> Result<Action, Error> {
         .await
         .map_err(kube("remove the operator finalizer"))?;
     let mut ledgers = ctx.ledgers.lock().await;
-    if let Some(pool) = ctx.stores.pool(&d.spec.pool)
+    if let Some(pool) = ctx.stores.pool(d.pool())
         && let Ok(ledger) = ledgers.of(&pool, &ctx.stores)
     {
         let freed = ledger.release(uid);
         tracing::info!(?freed, "released ledger entries");
-    } else if let Some(l) = ledgers.get_mut(&d.spec.pool) {
+    } else if let Some(l) = ledgers.get_mut(d.pool()) {
         l.release(uid);
     }
     ledgers.rebind.remove(uid);
@@ -131,7 +131,7 @@ async fn wait_for_host(pass: &Pass<'_>) -> Result<Action, Error> {
     let node = d.status.as_ref().and_then(|s| s.node.clone());
     let after = ctx
         .stores
-        .pool(&d.spec.pool)
+        .pool(d.pool())
         .and_then(|p| parse_duration(&p.spec.failover.after).ok())
         .unwrap_or(Duration::from_secs(300));
     let lost_for = match &node {

@@ -9,6 +9,7 @@ mod bind;
 mod cleanup;
 mod console;
 mod idle;
+mod size;
 mod status;
 
 use std::sync::Arc;
@@ -125,7 +126,7 @@ pub async fn run(ctx: Arc<Context>, selector: String, stop: watch::Receiver<bool
                     .filter(|d| {
                         let bound = d.status.as_ref().and_then(|s| s.node.as_deref());
                         bound == Some(name.as_str())
-                            || (bound.is_none() && Some(&d.spec.pool) == pool.as_ref())
+                            || (bound.is_none() && pool.as_deref() == Some(d.pool()))
                     })
                     .map(|d| ObjectRef::from_obj(d.as_ref()))
                     .collect::<Vec<_>>()
@@ -137,7 +138,7 @@ pub async fn run(ctx: Arc<Context>, selector: String, stop: watch::Receiver<bool
                 .desktops
                 .state()
                 .iter()
-                .filter(|d| d.spec.pool == name)
+                .filter(|d| d.pool() == name)
                 .map(|d| ObjectRef::from_obj(d.as_ref()))
                 .collect::<Vec<_>>()
         })
