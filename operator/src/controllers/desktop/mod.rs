@@ -11,6 +11,7 @@ mod console;
 mod idle;
 mod size;
 mod status;
+mod triggers;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -106,6 +107,8 @@ pub async fn run(ctx: Arc<Context>, selector: String, stop: watch::Receiver<bool
     let by_node = ctx.stores.clone();
     let by_pool = ctx.stores.clone();
     let by_mirror = ctx.stores.clone();
+    let seen = Arc::new(triggers::Seen::default());
+    let (seen_hosts, seen_pools) = (seen.clone(), seen);
     let controller = Controller::new(Api::<Desktop>::all(client.clone()), cfg.clone())
         .watches(
             Api::<Secret>::namespaced(client.clone(), &ctx.console_namespace),
@@ -116,7 +119,12 @@ pub async fn run(ctx: Arc<Context>, selector: String, stop: watch::Receiver<bool
             Api::<DomainNode>::all(client.clone()),
             cfg.clone(),
             move |node| {
-                // Desktops on the host (health) and pending desktops of its pool (capacity).
+                // Desktops on the host (health) and pending desktops of its pool (capacity),
+                // only when what they depend on changed.
+                let wake = seen_hosts.host(&node);
+                if !wake.bound && !wake.pending {
+                    return vec![];
+                }
                 let name = node.name_any();
                 let pool = pool_of(&node, &by_node.pools.state());
                 by_node
@@ -133,12 +141,17 @@ pub async fn run(ctx: Arc<Context>, selector: String, stop: watch::Receiver<bool
             },
         )
         .watches(Api::<ResourcePool>::all(client.clone()), cfg, move |pool| {
+            let wake = seen_pools.pool(&pool);
             let name = pool.name_any();
             by_pool
                 .desktops
                 .state()
                 .iter()
                 .filter(|d| d.pool() == name)
+                .filter(|d| {
+                    let bound = d.status.as_ref().is_some_and(|s| s.node.is_some());
+                    if bound { wake.bound } else { wake.pending }
+                })
                 .map(|d| ObjectRef::from_obj(d.as_ref()))
                 .collect::<Vec<_>>()
         })
