@@ -88,7 +88,7 @@ impl HostCapacity {
     /// ratio, both saturating at zero.
     pub fn new(facts: &HostFacts, policy: &PoolPolicy) -> Self {
         Self {
-            physical_cpus: facts.threads.saturating_sub(policy.reserved_cpus),
+            physical_cpus: crate::pinning::pinnable(facts.threads, policy.reserved_cpus),
             cpu_ratio: policy.cpu_ratio,
             memory: policy
                 .memory_ratio
