@@ -23,6 +23,7 @@ use crate::allocators::{
 };
 use crate::coalesce::Coalescer;
 use crate::console::mirror;
+use crate::fence::Fence;
 use crate::heartbeat::Heartbeat;
 use crate::metrics::Metrics;
 use deskvirt_runtime::cache::reflect;
@@ -396,9 +397,16 @@ pub struct Context {
     pub ledgers: tokio::sync::Mutex<Ledgers>,
     /// When each pool's status may be written next.
     pub pool_status: Coalescer,
+    /// Until when this replica may commit (see [`crate::fence`]); set by the elector.
+    pub fence: Fence,
+    /// Test only: a pause between deciding a binding and writing it.
+    pub test_bind_delay: Option<Duration>,
     failures: Mutex<HashMap<String, u32>>,
     /// What each desktop's user console Secret was last applied from, and when.
     user_secrets: Mutex<HashMap<String, (u64, std::time::Instant)>>,
+    /// The duplicate binding last repaired per desktop (its recorded host, port and MAC), so a
+    /// stale copy of it is repaired without a second Event.
+    pub repaired: Mutex<HashMap<String, (String, u16, String)>>,
     /// When this replica wrote each desktop's binding, until a pass sees it bound.
     bindings: Mutex<HashMap<String, std::time::Instant>>,
     /// What this replica last wrote of each desktop's status (a fingerprint), and when.
@@ -430,15 +438,19 @@ impl Context {
             stores,
             ledgers: tokio::sync::Mutex::new(Ledgers::default()),
             pool_status: Coalescer::new(POOL_STATUS_INTERVAL),
+            fence: Fence::default(),
+            test_bind_delay: None,
             failures: Mutex::new(HashMap::new()),
             user_secrets: Mutex::new(HashMap::new()),
+            repaired: Mutex::new(HashMap::new()),
             bindings: Mutex::new(HashMap::new()),
             statuses: Mutex::new(HashMap::new()),
         }
     }
 
+    /// Whether this replica leads and its Lease cannot have expired yet.
     pub fn is_leader(&self) -> bool {
-        *self.leader.borrow()
+        *self.leader.borrow() && self.fence.holds(std::time::Instant::now())
     }
 
     /// The heartbeat verdict of host `node` now.

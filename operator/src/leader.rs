@@ -2,12 +2,23 @@
 //! it every third of its duration, step down at the first failed renewal, release it on
 //! shutdown. Only the leader binds, allocates and writes statuses.
 //!
+//! Leadership gates writes through [`crate::fence`]: each successful renewal moves the fence to
+//! the local instant the Lease cannot yet have expired for anyone else; a fence that lapses (a
+//! renewal hung, the process was paused) makes the replica step down at once, before any other
+//! write, and campaign again as a newcomer (rebuilding its ledgers from what is recorded).
+//!
+//! Why not `kube-lease-manager` (0.13.1, checked against its source): it reports leadership
+//! only as a `bool` (`watch()` gives a `Receiver<bool>`, `changed()` a `bool`); the instant its
+//! renewal was sent and the expiry it computes are private, and that expiry is wall-clock time
+//! from the Lease's `renewTime`, not a local monotonic deadline, so no fence can be derived
+//! from it. It also renews inside `changed()`, with no hook between renewal and use.
+//!
 //! A Lease naming this replica's identity is taken over like anyone else's (only once expired)
 //! unless this very process holds it: a restarted process reusing its pod name must not lead
 //! while writes of its previous life may still be landing.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
@@ -155,14 +166,35 @@ pub async fn run(
         return;
     }
     let mut leading = false;
+    let fence = ctx.fence.clone();
     loop {
-        let held = match elector.attempt(leading).await {
-            Ok(h) => h,
-            Err(e) => {
+        // A lapsed fence: whatever the Lease says now, another replica may have led meanwhile.
+        if leading && !fence.holds(Instant::now()) {
+            leading = false;
+            step_down(
+                &ctx,
+                &tx,
+                &elector.identity,
+                "the leader Lease may have expired",
+            )
+            .await;
+        }
+        let sent = Instant::now();
+        let attempt = tokio::time::timeout(elector.duration, elector.attempt(leading)).await;
+        let held = match attempt {
+            Ok(Ok(h)) => h,
+            Ok(Err(e)) => {
                 tracing::warn!(error = %e, "leader Lease renewal failed");
                 false
             }
+            Err(_) => {
+                tracing::warn!("leader Lease renewal timed out");
+                false
+            }
         };
+        if held {
+            fence.renewed(sent, elector.duration);
+        }
         if held && !leading {
             *ctx.ledgers.lock().await = Ledgers::fresh();
             leading = true;
@@ -171,22 +203,32 @@ pub async fn run(
             let _ = tx.send(true);
         } else if !held && leading {
             leading = false;
-            let _ = tx.send(false);
-            ctx.metrics.leader.set(0);
-            *ctx.ledgers.lock().await = Ledgers::default();
-            tracing::warn!(identity = %elector.identity, "stepped down");
+            step_down(&ctx, &tx, &elector.identity, "the leader Lease was lost").await;
         }
         tokio::select! {
             () = tokio::time::sleep(renew) => {}
+            // A pass found the fence lapsed: step down now, not at the next renewal.
+            () = fence.refused_write() => {}
             () = stopped(stop.clone()) => break,
         }
     }
+    fence.revoke();
     if leading {
         let _ = tx.send(false);
         ctx.metrics.leader.set(0);
         elector.release().await;
         tracing::info!("leader Lease released");
     }
+}
+
+/// Stops leading: no write passes the fence any more, then the flag and the ledgers go.
+async fn step_down(ctx: &Context, tx: &watch::Sender<bool>, identity: &str, why: &str) {
+    ctx.fence.revoke();
+    let _ = tx.send(false);
+    ctx.metrics.leader.set(0);
+    ctx.metrics.step_downs.inc();
+    *ctx.ledgers.lock().await = Ledgers::default();
+    tracing::warn!(%identity, why, "stepped down");
 }
 
 #[cfg(test)]

@@ -16,6 +16,7 @@ use serde_json::json;
 use super::{Error, kube};
 use crate::allocators::fnv::fnv1a64;
 use crate::controllers::{apply_meta, apply_status};
+use crate::fence;
 
 /// The operator's metadata: the pool label, the node label once bound, its finalizer. With
 /// `resource_version` the API refuses it (409) when the Desktop changed since that version.
@@ -58,6 +59,7 @@ pub(super) async fn ensure_meta(
     if has_meta(d, node) {
         return Ok(None);
     }
+    fence::check()?;
     apply_meta(api, &d.name_any(), &meta_body(d, node, None))
         .await
         .map(Some)
@@ -270,7 +272,9 @@ pub(super) async fn write_bound(
     if current.same_as(want) {
         return Ok(false);
     }
-    let mut rv = if want.idle_involved(current) {
+    // A binding repaired (new port or MAC) is written only onto the version it was decided on.
+    let rebound = want.port != current.port || want.mac != current.mac;
+    let mut rv = if want.idle_involved(current) || rebound {
         Some(
             d.resource_version()
                 .ok_or(Error::MissingField("resourceVersion"))?,
@@ -303,6 +307,7 @@ async fn clear_reclaimed(
         field_manager: Some(MANAGER_OPERATOR.into()),
         ..Default::default()
     };
+    fence::check()?;
     api.patch_status(&d.name_any(), &pp, &Patch::Merge(&patch))
         .await
         .map_err(kube("clear status.reclaimed"))?;
@@ -316,6 +321,7 @@ async fn put(
     resource_version: Option<String>,
     action: &'static str,
 ) -> Result<(), Error> {
+    fence::check()?;
     apply_status(api, &d.name_any(), &want.body(d, resource_version))
         .await
         .map_err(kube(action))?;
@@ -356,6 +362,7 @@ pub(super) async fn write_binding(
         .resource_version()
         .ok_or(Error::MissingField("resourceVersion"))
         .map_err(unlabelled)?;
+    fence::check().map_err(Error::from).map_err(unlabelled)?;
     let labelled = apply_meta(api, &d.name_any(), &meta_body(d, Some(node), Some(rv)))
         .await
         .map_err(kube("label the bound desktop"))
@@ -378,6 +385,7 @@ pub(super) async fn relabel(d: &Desktop, api: &Api<Desktop>, node: &str) -> Resu
     let rv = d
         .resource_version()
         .ok_or(Error::MissingField("resourceVersion"))?;
+    fence::check()?;
     apply_meta(api, &d.name_any(), &meta_body(d, Some(node), Some(rv)))
         .await
         .map_err(kube("label the desktop for its new host"))
