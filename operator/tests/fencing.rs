@@ -8,12 +8,15 @@ mod common;
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{Host, Run, agent_reports, eventually, node_of, wait_for, wait_leader, wait_phase};
+use common::{
+    Host, Run, agent_reports, binding, eventually, free_port, node_of, wait_for, wait_leader,
+    wait_phase,
+};
 use deskvirt_crds::Desktop;
 use deskvirt_crds::constants::MANAGER_OPERATOR;
 use deskvirt_crds::desktop::Phase;
@@ -26,11 +29,6 @@ use serde_json::json;
 const BIN: &str = env!("CARGO_BIN_EXE_deskvirt-operator");
 
 type Binding = (Option<String>, Option<u16>, Option<String>);
-
-fn binding(d: &Desktop) -> Binding {
-    let st = d.status.clone().unwrap_or_default();
-    (st.node, st.spice.and_then(|s| s.port), st.mac)
-}
 
 /// Watches the run's Desktops and records every moment two of them held one port on one host
 /// or one MAC.
@@ -79,10 +77,7 @@ struct Replica {
 impl Replica {
     fn start(run: &Run, identity: &str, extra: &[&str]) -> Self {
         let kubeconfig = kubeconfig_path().unwrap_or_else(|e| panic!("{e:#}"));
-        let port = TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .map(|a| a.port())
-            .unwrap_or_else(|e| panic!("{e}"));
+        let port = free_port();
         let mut child = Command::new(BIN)
             .env("KUBECONFIG", &kubeconfig)
             .args(["--metrics-addr", &format!("127.0.0.1:{port}")])
