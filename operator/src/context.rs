@@ -19,7 +19,7 @@ use kube::{Api, Client, Resource, ResourceExt};
 use tokio::sync::watch;
 
 use crate::allocators::{
-    DesktopBinding, Ledger, LedgerConfig, LedgerError, Seniority, SubnetBinding,
+    Conflict, DesktopBinding, Ledger, LedgerConfig, LedgerError, Seniority, SubnetBinding,
 };
 use crate::coalesce::Coalescer;
 use crate::console::mirror;
@@ -158,6 +158,8 @@ pub struct Ledgers {
     pools: BTreeMap<String, Ledger>,
     /// Desktops whose recorded port or MAC a rebuild refused; they get new ones.
     pub rebind: BTreeSet<String>,
+    /// What each of those lost, and to whom (for the Warning that names both).
+    pub rebind_why: BTreeMap<String, Conflict>,
     /// UIDs of the orphan domains whose port and MAC the ledger holds, by (pool, host).
     orphans: BTreeMap<(String, String), BTreeSet<String>>,
     /// UIDs of the orphan domains whose port or MAC a desktop holds, by (pool, host): said once.
@@ -206,6 +208,7 @@ impl Ledgers {
         for c in &conflicts {
             tracing::warn!(pool = %name, conflict = %c, "ledger rebuild refused a recorded value");
             self.rebind.insert(c.loser().to_string());
+            self.rebind_why.insert(c.loser().to_string(), c.clone());
         }
         tracing::info!(pool = %name, conflicts = conflicts.len(), "ledger rebuilt");
         self.pools.insert(name.to_string(), ledger);

@@ -247,15 +247,18 @@ async fn a_duplicate_port_and_mac_are_repaired_and_the_desktop_keeps_running() {
     // Two leaders: the late binding of a fenced-out one lands, giving `second` the port and
     // MAC of `first`.
     let (_, p1, m1) = binding(&first);
-    let late = json!({ "status": { "spice": { "port": p1 }, "mac": m1 } });
-    let pp = PatchParams {
-        field_manager: Some(MANAGER_OPERATOR.into()),
-        ..Default::default()
+    let late_binding = || async {
+        let late = json!({ "status": { "spice": { "port": p1 }, "mac": m1 } });
+        let pp = PatchParams {
+            field_manager: Some(MANAGER_OPERATOR.into()),
+            ..Default::default()
+        };
+        desks
+            .patch_status("second", &pp, &Patch::Merge(&late))
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
     };
-    desks
-        .patch_status("second", &pp, &Patch::Merge(&late))
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
+    late_binding().await;
 
     // Repaired: `second` (younger) gets new, unique values; `first` keeps its own.
     let repaired = wait_for(&desks, "second", "the repair", |d: &Desktop| {
@@ -285,4 +288,28 @@ async fn a_duplicate_port_and_mac_are_repaired_and_the_desktop_keeps_running() {
     let second_now = wait_phase(&desks, "second", Phase::Running).await;
     assert_eq!(second_now.spec.power, second.spec.power);
     assert_eq!(run.events("first", "DuplicateBinding").await.len(), 0);
+
+    // The same found by the next leader's ledger rebuild: repaired alike, named alike.
+    op.stop().await;
+    late_binding().await;
+    let next = format!("next-{}", run.id);
+    let _op = run.operator(&next, &[]);
+    wait_leader(&run, &next).await;
+    wait_for(
+        &desks,
+        "second",
+        "the repair by the rebuild",
+        |d: &Desktop| {
+            let (_, p, m) = binding(d);
+            p.is_some() && p != p1 && m.is_some() && m != m1
+        },
+    )
+    .await;
+    let note = run
+        .event("second", "BindingConflict")
+        .await
+        .note
+        .unwrap_or_default();
+    assert!(note.contains("first") && note.contains("second"), "{note}");
+    wait_phase(&desks, "second", Phase::Running).await;
 }

@@ -21,7 +21,7 @@ use super::console::{ensure_mirror, ever_bound, write_user_secret};
 use super::idle::{self, Settled};
 use super::status::{Owned, bound_message, ensure_meta, relabel, write, write_bound};
 use super::{Error, Pass};
-use crate::allocators::Claim;
+use crate::allocators::{Claim, Conflict};
 use crate::console::user::Outcome;
 use crate::context::{Context, seniority};
 use crate::idle::holds_resources;
@@ -261,18 +261,26 @@ async fn keep_ledger(d: &Desktop, ctx: &Context, uid: &str, node: &str, want: &m
             want.port = Some(b.port);
             want.mac = Some(b.mac.to_string());
             ledgers.rebind.remove(uid);
+            let why = ledgers.rebind_why.remove(uid);
             drop(ledgers);
-            ctx.event(
-                d,
-                EventType::Warning,
-                "BindingConflict",
-                "Rebind",
-                format!(
+            let message = match why {
+                Some(Conflict::Taken {
+                    resource, holder, ..
+                }) => repair::message(
+                    &resource,
+                    &desktop_name(ctx, uid),
+                    &desktop_name(ctx, &holder),
+                    b.port,
+                    &b.mac.to_string(),
+                ),
+                _ => format!(
                     "recorded port or MAC was held by an older desktop; now port {} MAC {}",
                     b.port, b.mac
                 ),
-            )
-            .await;
+            };
+            ctx.metrics.binding_repairs.inc();
+            ctx.event(d, EventType::Warning, "BindingConflict", "Rebind", message)
+                .await;
         }
         return;
     }
@@ -314,6 +322,18 @@ async fn keep_ledger(d: &Desktop, ctx: &Context, uid: &str, node: &str, want: &m
     }
 }
 
+/// A claim of the ledger in words: `Desktop namespace/name`, else its key.
+fn desktop_name(ctx: &Context, uid: &str) -> String {
+    match ctx.stores.desktop_by_uid(uid) {
+        Some(d) => format!(
+            "Desktop {}/{}",
+            d.namespace().unwrap_or_default(),
+            d.name_any()
+        ),
+        None => format!("{uid} (not a desktop: an orphan domain, or deleted)"),
+    }
+}
+
 /// A recorded port or MAC another desktop holds in the ledger (a late binding of a fenced-out
 /// leader that landed): the younger claim gets new values on its host, with a Warning naming
 /// both desktops and the resource. Nothing is stopped: the host's agent redefines the domain
@@ -335,19 +355,8 @@ async fn repair_duplicate(
             (dup, s)
         })
         .collect();
-    let name = |holder: &str| match known(holder) {
-        Some(h) => format!(
-            "Desktop {}/{}",
-            h.namespace().unwrap_or_default(),
-            h.name_any()
-        ),
-        None => format!("{holder} (not a desktop: an orphan domain, or deleted)"),
-    };
-    let me = format!(
-        "Desktop {}/{}",
-        d.namespace().unwrap_or_default(),
-        d.name_any()
-    );
+    let name = |holder: &str| desktop_name(ctx, holder);
+    let me = desktop_name(ctx, uid);
     let recorded = (node.to_string(), port, mac.to_string());
     let mut ledgers = ctx.ledgers.lock().await;
     if crate::fence::check().is_err() {

@@ -107,6 +107,7 @@ pub(super) async fn cleanup(pass: &Pass<'_>) -> Result<Action, Error> {
         l.release(uid);
     }
     ledgers.rebind.remove(uid);
+    ledgers.rebind_why.remove(uid);
     Ok(Action::await_change())
 }
 
