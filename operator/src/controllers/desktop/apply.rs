@@ -12,21 +12,21 @@ use deskvirt_crds::constants::condition::SCHEDULED;
 use deskvirt_crds::constants::scheduled_reason::INVALID_SPEC;
 use deskvirt_crds::desktop::{Desktop, Phase};
 use deskvirt_crds::validation;
-use kube::ResourceExt;
 use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
 
 use super::bind::bind;
 use super::console::{ensure_mirror, ever_bound, write_user_secret};
+use super::duplicate;
 use super::idle::{self, Settled};
 use super::status::{Owned, bound_message, ensure_meta, relabel, write, write_bound};
 use super::{Error, Pass};
 use crate::allocators::{Claim, Conflict};
 use crate::console::user::Outcome;
-use crate::context::{Context, seniority};
+use crate::context::Context;
 use crate::idle::holds_resources;
 use crate::phase::{self, Facts};
-use crate::repair::{self, Repair};
+use crate::repair;
 
 /// One pass over a Desktop that is not being deleted. An unbound desktop gets the operator's
 /// labels and finalizer with its binding, in one write (or, when it cannot be placed, with its
@@ -268,8 +268,8 @@ async fn keep_ledger(d: &Desktop, ctx: &Context, uid: &str, node: &str, want: &m
                     resource, holder, ..
                 }) => repair::message(
                     &resource,
-                    &desktop_name(ctx, uid),
-                    &desktop_name(ctx, &holder),
+                    &duplicate::name(ctx, uid),
+                    &duplicate::name(ctx, &holder),
                     b.port,
                     &b.mac.to_string(),
                 ),
@@ -309,7 +309,7 @@ async fn keep_ledger(d: &Desktop, ctx: &Context, uid: &str, node: &str, want: &m
     if !dups.is_empty() {
         let mac = mac.to_string();
         drop(ledgers);
-        return repair_duplicate(d, ctx, uid, node, (port, &mac), dups, want).await;
+        return duplicate::repair(d, ctx, uid, node, (port, &mac), dups, want).await;
     }
     // No port (a woken desktop's reservation given up on, whose write landed after all): adopt.
     if ledger.port_of(uid).is_none() {
@@ -319,113 +319,6 @@ async fn keep_ledger(d: &Desktop, ctx: &Context, uid: &str, node: &str, want: &m
     } else {
         // Newer than the cache (a rebind just written), or older: the cache settles it.
         tracing::debug!(host = node, port, mac, "ledger and recorded binding differ");
-    }
-}
-
-/// A claim of the ledger in words: `Desktop namespace/name`, else its key.
-fn desktop_name(ctx: &Context, uid: &str) -> String {
-    match ctx.stores.desktop_by_uid(uid) {
-        Some(d) => format!(
-            "Desktop {}/{}",
-            d.namespace().unwrap_or_default(),
-            d.name_any()
-        ),
-        None => format!("{uid} (not a desktop: an orphan domain, or deleted)"),
-    }
-}
-
-/// A recorded port or MAC another desktop holds in the ledger (a late binding of a fenced-out
-/// leader that landed): the younger claim gets new values on its host, with a Warning naming
-/// both desktops and the resource. Nothing is stopped: the host's agent redefines the domain
-/// with the new values, which a running domain takes at its next start.
-async fn repair_duplicate(
-    d: &Desktop,
-    ctx: &Context,
-    uid: &str,
-    node: &str,
-    (port, mac): (u16, &str),
-    dups: Vec<repair::Duplicate>,
-    want: &mut Owned,
-) {
-    let known = |holder: &str| ctx.stores.desktop_by_uid(holder);
-    let holders: Vec<_> = dups
-        .into_iter()
-        .map(|dup| {
-            let s = known(&dup.holder).map(|h| seniority(h.as_ref()));
-            (dup, s)
-        })
-        .collect();
-    let name = |holder: &str| desktop_name(ctx, holder);
-    let me = desktop_name(ctx, uid);
-    let recorded = (node.to_string(), port, mac.to_string());
-    let mut ledgers = ctx.ledgers.lock().await;
-    if crate::fence::check().is_err() {
-        return;
-    }
-    let Some(ledger) = ledgers.get_mut(&d.spec.pool) else {
-        return;
-    };
-    match repair::decide(&seniority(d), &holders) {
-        Repair::MoveMine => {
-            let claim = Claim {
-                desktop: uid,
-                host: node,
-                fixed_mac: d.spec.network.mac.as_deref(),
-            };
-            let b = match ledger.bind(&claim) {
-                Ok(b) => b,
-                Err(e) => {
-                    tracing::warn!(host = node, error = %e, "cannot repair a duplicate binding");
-                    return;
-                }
-            };
-            drop(ledgers);
-            want.port = Some(b.port);
-            want.mac = Some(b.mac.to_string());
-            let said = ctx
-                .repaired
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .insert(uid.to_string(), recorded.clone());
-            if said.as_ref() == Some(&recorded) {
-                return;
-            }
-            ctx.metrics.binding_repairs.inc();
-            let (dup, _) = &holders[0];
-            let mac = b.mac.to_string();
-            let message = repair::message(&dup.resource, &me, &name(&dup.holder), b.port, &mac);
-            tracing::warn!(%message, "duplicate binding repaired");
-            ctx.event(d, EventType::Warning, "DuplicateBinding", "Repair", message)
-                .await;
-        }
-        Repair::MoveTheirs(younger) => {
-            for y in &younger {
-                ledger.release(y);
-            }
-            ledger.adopt(uid, node, port, mac);
-            ledgers.rebind.extend(younger.iter().cloned());
-            drop(ledgers);
-            for (dup, _) in &holders {
-                let Some(y) = known(&dup.holder) else {
-                    continue;
-                };
-                let message = format!(
-                    "{} was recorded for both {} and {me}, which is older and keeps it; {} gets a new one on its next pass. A running domain is not stopped",
-                    dup.resource,
-                    name(&dup.holder),
-                    name(&dup.holder),
-                );
-                ctx.metrics.binding_repairs.inc();
-                ctx.event(
-                    y.as_ref(),
-                    EventType::Warning,
-                    "DuplicateBinding",
-                    "Repair",
-                    message,
-                )
-                .await;
-            }
-        }
     }
 }
 

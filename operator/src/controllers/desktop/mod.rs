@@ -8,6 +8,7 @@ mod apply;
 mod bind;
 mod cleanup;
 mod console;
+mod duplicate;
 mod idle;
 mod status;
 
