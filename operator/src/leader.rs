@@ -63,9 +63,7 @@ impl Elector {
     /// One attempt to acquire or renew. `Ok(true)`: this replica holds the Lease now.
     async fn attempt(&self, leading: bool) -> Result<bool, kube::Error> {
         let now = Timestamp::now();
-        let secs = i32::try_from(self.duration.as_secs())
-            .unwrap_or(i32::MAX)
-            .max(1);
+        let secs = self.lease_seconds();
         match self.api.get_opt(&self.name).await? {
             None => {
                 let lease = Lease {
@@ -124,6 +122,18 @@ impl Elector {
                 }
             }
         }
+    }
+
+    /// The duration written into the Lease, in whole seconds (what other replicas go by).
+    fn lease_seconds(&self) -> i32 {
+        i32::try_from(self.duration.as_secs())
+            .unwrap_or(i32::MAX)
+            .max(1)
+    }
+
+    /// The duration the Lease says, as other replicas read it.
+    fn lease(&self) -> Duration {
+        Duration::from_secs(u64::try_from(self.lease_seconds()).unwrap_or(1))
     }
 
     /// Gives the Lease up so another replica takes over at once.
@@ -193,7 +203,7 @@ pub async fn run(
             }
         };
         if held {
-            fence.renewed(sent, elector.duration);
+            fence.renewed(sent, elector.lease());
         }
         if held && !leading {
             *ctx.ledgers.lock().await = Ledgers::fresh();
