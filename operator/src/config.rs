@@ -64,7 +64,7 @@ pub struct Config {
     pub leader_lease_duration: Duration,
 
     /// Allowance for clock skew between replicas: this replica stops writing this long before
-    /// its leader Lease could expire (at most half the Lease).
+    /// its leader Lease could expire (at most a quarter of the Lease).
     #[arg(
         long,
         env = "DESKVIRT_LEADER_CLOCK_SKEW",

@@ -29,10 +29,17 @@ pub fn deadline(sent: Instant, lease: Duration, margin: Duration) -> Option<Inst
     sent.checked_add(valid)
 }
 
-/// The margin actually used for a Lease of `lease`: `wanted`, at most half the Lease, so a
-/// short Lease (tests) still leaves a window to commit in.
+/// The margin actually used for a Lease of `lease`: `wanted`, at most a quarter of the Lease,
+/// so a short Lease (tests) still leaves a window to commit in.
 pub fn margin_for(lease: Duration, wanted: Duration) -> Duration {
-    wanted.min(lease / 2)
+    wanted.min(lease / 4)
+}
+
+/// How often to renew a Lease of `lease`: three times within the window the fence leaves, so
+/// one slow renewal does not let the fence lapse.
+pub fn renew_every(lease: Duration, wanted_margin: Duration) -> Duration {
+    let window = lease.saturating_sub(margin_for(lease, wanted_margin));
+    (window / 3).max(Duration::from_millis(200))
 }
 
 /// Why a write was not sent.
@@ -69,6 +76,11 @@ impl Fence {
             margin,
             refused,
         }
+    }
+
+    /// How often the elector renews a Lease of `lease` (see [`renew_every`]).
+    pub fn renew_every(&self, lease: Duration) -> Duration {
+        renew_every(lease, self.margin)
     }
 
     /// Records a successful renewal whose request was sent at `sent`.
@@ -137,7 +149,13 @@ mod tests {
         assert_eq!(deadline(sent, S(2), S(2)), None, "no window at all");
         assert_eq!(deadline(sent, S(1), S(2)), None);
         assert_eq!(margin_for(S(15), S(2)), S(2));
-        assert_eq!(margin_for(S(2), S(2)), S(1), "at most half a short Lease");
+        assert_eq!(
+            margin_for(S(2), S(2)),
+            Duration::from_millis(500),
+            "a quarter of a short one"
+        );
+        assert_eq!(renew_every(S(15), S(1)), Duration::from_secs(14) / 3);
+        assert_eq!(renew_every(S(2), S(1)), Duration::from_millis(500));
     }
 
     #[test]
@@ -147,7 +165,7 @@ mod tests {
         let t = Instant::now();
         assert!(!f.holds(t), "nothing renewed yet");
         f.renewed(t, S(15));
-        assert!(f.holds(t + S(12)));
+        assert!(f.holds(t + Duration::from_millis(12_900)));
         assert!(!f.holds(t + S(13)), "the margin is kept back");
         // A renewal sent long ago (a paused process) gives a lapsed fence.
         f.renewed(Instant::now() - S(14), S(15));

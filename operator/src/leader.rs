@@ -1,5 +1,5 @@
 //! Leader election on a `coordination.k8s.io/v1` Lease: acquire it when free or expired, renew
-//! it every third of its duration, step down at the first failed renewal, release it on
+//! it three times within the part of its duration the fence leaves, step down at the first failed renewal, release it on
 //! shutdown. Only the leader binds, allocates and writes statuses.
 //!
 //! Leadership gates writes through [`crate::fence`]: each successful renewal moves the fence to
@@ -165,7 +165,7 @@ pub async fn run(
     tx: watch::Sender<bool>,
     stop: watch::Receiver<bool>,
 ) {
-    let renew = (elector.duration / 3).max(Duration::from_millis(500));
+    let renew = ctx.fence.renew_every(elector.lease());
     // Campaign only with full caches: a Lease won while they fill would go unrenewed.
     let filled = tokio::select! {
         ready = ctx.stores.ready() => ready,
