@@ -89,6 +89,11 @@ impl Elector {
             Some(mut lease) => {
                 let spec = lease.spec.clone().unwrap_or_default();
                 let holder = spec.holder_identity.as_deref();
+                // A leader whose Lease no longer names it lost it (another replica led, or
+                // released it, meanwhile): it steps down and campaigns afresh, ledgers rebuilt.
+                if leading && holder != Some(self.identity.as_str()) {
+                    return Ok(false);
+                }
                 if !may_take(
                     &self.identity,
                     leading,
