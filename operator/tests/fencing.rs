@@ -2,7 +2,8 @@
 //! bind, past its Lease, sends nothing when it resumes (SIGCONT) and steps down, while the other
 //! replica took over: no port or MAC is ever held twice. And two leaders forced (a duplicate
 //! port and MAC written as a fenced-out leader's late binding would land): the younger desktop
-//! gets new ones, with a Warning naming both, and keeps running.
+//! gets new ones, with a Warning naming both, and keeps running. And the API client's call
+//! deadline leaves watches alone.
 
 mod common;
 
@@ -312,4 +313,43 @@ async fn a_duplicate_port_and_mac_are_repaired_and_the_desktop_keeps_running() {
         .unwrap_or_default();
     assert!(note.contains("first") && note.contains("second"), "{note}");
     wait_phase(&desks, "second", Phase::Running).await;
+}
+
+/// The API client's call deadline bounds a response head, not a watch: a watch silent for
+/// longer than the deadline still delivers the next change.
+#[tokio::test]
+async fn a_watch_outlives_the_call_deadline() {
+    use k8s_openapi::api::core::v1::ConfigMap;
+    use kube::Api;
+    use kube::config::{KubeConfigOptions, Kubeconfig};
+
+    let run = Run::new("op-deadline").await;
+    let path = kubeconfig_path().unwrap_or_else(|e| panic!("{e:#}"));
+    let kc = Kubeconfig::read_from(&path).unwrap_or_else(|e| panic!("{e}"));
+    let config = kube::Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let deadline = Duration::from_millis(300);
+    let client =
+        deskvirt_runtime::api::client_from(config, deadline).unwrap_or_else(|e| panic!("{e}"));
+    let api: Api<ConfigMap> = Api::namespaced(client, &run.ns);
+    let only_late = watcher::Config::default().fields("metadata.name=late");
+    let stream = watcher(api, only_late).touched_objects();
+    futures::pin_mut!(stream);
+    // Silent for several deadlines, then a change.
+    let quiet = tokio::time::timeout(deadline * 5, stream.next()).await;
+    assert!(quiet.is_err(), "nothing to see yet: {quiet:?}");
+    let cm: ConfigMap = serde_json::from_value(json!({ "metadata": { "name": "late" } }))
+        .unwrap_or_else(|e| panic!("{e}"));
+    Api::<ConfigMap>::namespaced(run.client.clone(), &run.ns)
+        .create(&Default::default(), &cm)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let seen = tokio::time::timeout(Duration::from_secs(10), stream.next())
+        .await
+        .unwrap_or_else(|e| panic!("the watch died: {e}"));
+    assert!(
+        matches!(&seen, Some(Ok(c)) if c.metadata.name.as_deref() == Some("late")),
+        "{seen:?}"
+    );
 }
