@@ -9,6 +9,7 @@ pub mod names;
 pub mod pinning;
 pub mod quantity;
 pub mod reasons;
+pub mod repair;
 pub mod resize;
 pub mod scheduler;
 pub mod types;

@@ -7,6 +7,7 @@ pub mod config;
 pub mod console;
 pub mod context;
 pub mod controllers;
+pub mod fence;
 pub mod heartbeat;
 pub mod idle;
 pub mod leader;
@@ -17,5 +18,5 @@ pub mod sweep;
 pub mod tenancy;
 pub mod world;
 
-/// The pure allocators and scheduler, from the kube-free core.
-pub use deskvirt_core::{allocators, scheduler};
+/// The pure allocators, scheduler and duplicate repair, from the kube-free core.
+pub use deskvirt_core::{allocators, repair, scheduler};

@@ -109,7 +109,8 @@ pub async fn reconcile(node: Arc<DomainNode>, ctx: Arc<Context>) -> Result<Actio
     let heartbeat = ctx.heartbeat(&name, now);
 
     let mut ledgers = ctx.ledgers.lock().await;
-    if !ledgers.ready {
+    // Subnets are allocations: decided and written only while the Lease holds (`crate::fence`).
+    if !ledgers.ready || ctx.fence.check().is_err() {
         return Ok(Action::requeue(Duration::from_secs(1)));
     }
     if let Some(old) = status.pool.as_deref()
@@ -273,6 +274,9 @@ pub async fn reconcile(node: Arc<DomainNode>, ctx: Arc<Context>) -> Result<Actio
             "metadata": { "name": name },
             "status": st,
         });
+        if ctx.fence.check().is_err() {
+            return Ok(Action::requeue(Duration::from_secs(1)));
+        }
         apply_status(&Api::<DomainNode>::all(ctx.client.clone()), &name, &body)
             .await
             .map_err(Error::Apply)?;

@@ -286,6 +286,9 @@ pub async fn reconcile(pool: Arc<ResourcePool>, ctx: Arc<Context>) -> Result<Act
             "metadata": { "name": name },
             "status": serde_json::to_value(&st).map_err(Error::Encode)?,
         });
+        if ctx.fence.check().is_err() {
+            return Ok(Action::requeue(Duration::from_secs(1)));
+        }
         apply_status(&Api::<ResourcePool>::all(ctx.client.clone()), &name, &body)
             .await
             .map_err(Error::Apply)?;

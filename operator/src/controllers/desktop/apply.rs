@@ -17,15 +17,17 @@ use kube::runtime::events::EventType;
 
 use super::bind::bind;
 use super::console::{ensure_mirror, ever_bound, write_user_secret};
+use super::duplicate;
 use super::idle::{self, Settled};
 use super::size;
 use super::status::{Owned, bound_message, ensure_meta, relabel, write, write_bound};
 use super::{Error, Pass};
-use crate::allocators::Claim;
+use crate::allocators::{Claim, Conflict};
 use crate::console::user::Outcome;
 use crate::context::Context;
 use crate::idle::holds_resources;
 use crate::phase::{self, Facts};
+use crate::repair;
 
 /// One pass over a Desktop that is not being deleted. An unbound desktop gets the operator's
 /// labels and finalizer with its binding, in one write (or, when it cannot be placed, with its
@@ -251,7 +253,8 @@ async fn keep_ledger(d: &Desktop, ctx: &Context, uid: &str, node: &str, want: &m
         return;
     }
     let mut ledgers = ctx.ledgers.lock().await;
-    if !ledgers.ready {
+    // The wait for the lock may have outlasted the Lease: the ledger is no longer ours.
+    if !ledgers.ready || crate::fence::check().is_err() {
         return;
     }
     let Some(pool) = ctx.stores.pool(d.pool()) else {
@@ -270,18 +273,26 @@ async fn keep_ledger(d: &Desktop, ctx: &Context, uid: &str, node: &str, want: &m
             want.port = Some(b.port);
             want.mac = Some(b.mac.to_string());
             ledgers.rebind.remove(uid);
+            let why = ledgers.rebind_why.remove(uid);
             drop(ledgers);
-            ctx.event(
-                d,
-                EventType::Warning,
-                "BindingConflict",
-                "Rebind",
-                format!(
+            let message = match why {
+                Some(Conflict::Taken {
+                    resource, holder, ..
+                }) => repair::message(
+                    &resource,
+                    &duplicate::name(ctx, uid),
+                    &duplicate::name(ctx, &holder),
+                    b.port,
+                    &b.mac.to_string(),
+                ),
+                _ => format!(
                     "recorded port or MAC was held by an older desktop; now port {} MAC {}",
                     b.port, b.mac
                 ),
-            )
-            .await;
+            };
+            ctx.metrics.binding_repairs.inc();
+            ctx.event(d, EventType::Warning, "BindingConflict", "Rebind", message)
+                .await;
         }
         return;
     }
@@ -303,19 +314,21 @@ async fn keep_ledger(d: &Desktop, ctx: &Context, uid: &str, node: &str, want: &m
         // Not built yet: the build reads this binding from the cache.
         return;
     };
+    if ledger.holds(uid, node, port, mac) {
+        return;
+    }
+    let dups = repair::duplicates(ledger, uid, node, port, mac);
+    if !dups.is_empty() {
+        let mac = mac.to_string();
+        drop(ledgers);
+        return duplicate::repair(d, ctx, uid, node, (port, &mac), dups, want).await;
+    }
     // No port (a woken desktop's reservation given up on, whose write landed after all): adopt.
     if ledger.port_of(uid).is_none() {
         if ledger.adopt(uid, node, port, mac) {
             tracing::info!(host = node, port, mac, "ledger adopted a recorded binding");
-        } else {
-            tracing::warn!(
-                host = node,
-                port,
-                mac,
-                "recorded binding held by another desktop"
-            );
         }
-    } else if !ledger.holds(uid, node, port, mac) {
+    } else {
         // Newer than the cache (a rebind just written), or older: the cache settles it.
         tracing::debug!(host = node, port, mac, "ledger and recorded binding differ");
     }

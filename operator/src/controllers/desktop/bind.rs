@@ -120,6 +120,10 @@ pub(super) async fn bind(pass: &Pass<'_>) -> Result<Action, Error> {
         ),
     );
 
+    if let Some(delay) = ctx.test_bind_delay {
+        tracing::info!(?delay, "test: pausing before the binding is written");
+        tokio::time::sleep(delay).await;
+    }
     // The password first, so the host finds it as soon as it sees the binding.
     let written = match ensure_mirror(d, ctx, uid, &host).await {
         Ok(_) => write_binding(d, api, &host, &want).await,
@@ -168,7 +172,8 @@ async fn place(pass: &Pass<'_>, prev: &[Condition]) -> Placement {
         }
     };
     let mut ledgers = ctx.ledgers.lock().await;
-    if !ledgers.ready {
+    // The wait for the lock may have outlasted the Lease.
+    if !ledgers.ready || crate::fence::check().is_err() {
         return Placement::Later(Duration::from_secs(1));
     }
     let pool = ctx.stores.pool(&d.spec.pool);

@@ -21,6 +21,7 @@ use serde_json::json;
 use super::console::{delete_mirror, delete_user_secret, ever_bound};
 use super::status::{Owned, write};
 use super::{Error, Pass, kube};
+use crate::fence;
 
 /// Reason of `Ready=False` while deletion waits for the host.
 pub const WAITING_FOR_HOST_CLEANUP: &str = "WaitingForHostCleanup";
@@ -83,6 +84,8 @@ pub(super) async fn cleanup(pass: &Pass<'_>) -> Result<Action, Error> {
     if !ctx.ledgers.lock().await.ready {
         return Ok(Action::requeue(Duration::from_secs(1)));
     }
+    // The release is committed by these writes: only while the Lease holds.
+    fence::check()?;
     // The user's Secret first: the mirror records which one is ours.
     let ns = d.namespace().unwrap_or_default();
     delete_user_secret(ctx, uid, &ns, &d.name_any()).await;
@@ -90,6 +93,7 @@ pub(super) async fn cleanup(pass: &Pass<'_>) -> Result<Action, Error> {
     ctx.forget_user_secret(uid);
     ctx.forget_binding(uid);
     ctx.forget_status(uid);
+    fence::check()?;
     remove_finalizer(d, api, FINALIZER_OPERATOR)
         .await
         .map_err(kube("remove the operator finalizer"))?;
@@ -103,6 +107,7 @@ pub(super) async fn cleanup(pass: &Pass<'_>) -> Result<Action, Error> {
         l.release(uid);
     }
     ledgers.rebind.remove(uid);
+    ledgers.rebind_why.remove(uid);
     Ok(Action::await_change())
 }
 
@@ -112,6 +117,7 @@ pub(super) async fn cleanup(pass: &Pass<'_>) -> Result<Action, Error> {
 async fn wait_for_host(pass: &Pass<'_>) -> Result<Action, Error> {
     let (d, ctx, api, now) = (&pass.d, pass.ctx, &pass.api, pass.now);
     if !ever_bound(ctx, &pass.uid).await? {
+        fence::check()?;
         remove_finalizer(d, api, FINALIZER_AGENT)
             .await
             .map_err(kube("remove the agent finalizer"))?;
@@ -142,6 +148,7 @@ async fn wait_for_host(pass: &Pass<'_>) -> Result<Action, Error> {
     let host = node.as_deref().unwrap_or("(unknown)");
     match host_cleanup(host, lost_for, after, forced) {
         HostCleanup::Force => {
+            fence::check()?;
             remove_finalizer(d, api, FINALIZER_AGENT)
                 .await
                 .map_err(kube("remove the agent finalizer"))?;

@@ -338,6 +338,7 @@ async fn delete(pass: &Pass<'_>, event: String) -> Result<(), Error> {
         }),
         ..Default::default()
     };
+    crate::fence::check()?;
     match pass.api.delete(&d.name_any(), &dp).await {
         Ok(_) => Ok(()),
         Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),

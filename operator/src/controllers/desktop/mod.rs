@@ -8,6 +8,7 @@ mod apply;
 mod bind;
 mod cleanup;
 mod console;
+mod duplicate;
 mod idle;
 mod size;
 mod status;
@@ -30,6 +31,7 @@ use tokio::sync::watch;
 use super::{Categorized, drive, is_conflict, kube_transient, on_leadership, watch_config};
 use crate::console::mirror;
 use crate::context::{Context, Stores, stopped};
+use crate::fence;
 use crate::world::pool_of;
 
 const NAME: &str = "desktop";
@@ -48,6 +50,8 @@ pub enum Error {
     MissingField(&'static str),
     #[error("the console password mirror keeps changing under the operator")]
     MirrorContended,
+    #[error("write not sent")]
+    Fenced(#[from] crate::fence::Fenced),
 }
 
 impl Error {
@@ -69,12 +73,13 @@ impl Categorized for Error {
             Error::Random(_) => "Random",
             Error::MissingField(_) => "InvalidObject",
             Error::MirrorContended => "Conflict",
+            Error::Fenced(_) => "Fenced",
         }
     }
     fn is_transient(&self) -> bool {
         match self {
             Error::Kube { source, .. } => kube_transient(source),
-            Error::Random(_) | Error::MirrorContended => true,
+            Error::Random(_) | Error::MirrorContended | Error::Fenced(_) => true,
             Error::MissingField(_) => false,
         }
     }
@@ -191,13 +196,22 @@ pub async fn reconcile(d: Arc<Desktop>, ctx: Arc<Context>) -> Result<Action, Err
         uid: uid.clone(),
         now: Timestamp::now(),
     };
-    let result = if d.metadata.deletion_timestamp.is_some() {
-        cleanup::cleanup(&pass).await
-    } else {
-        apply::apply(pass).await
-    };
+    // Every write of the pass passes the fence first (see `crate::fence`).
+    let result = fence::scope(ctx.fence.clone(), async {
+        if d.metadata.deletion_timestamp.is_some() {
+            cleanup::cleanup(&pass).await
+        } else {
+            apply::apply(pass).await
+        }
+    })
+    .await;
     let action = match result {
         Ok(action) => action,
+        // The Lease may have expired: nothing was sent; the elector steps down meanwhile.
+        Err(Error::Fenced(e)) => {
+            tracing::warn!(error = %e, "pass stopped before writing");
+            Action::requeue(Duration::from_secs(1))
+        }
         // Someone wrote since the cache was filled; its watch event brings the news.
         Err(e) if e.is_conflict() => {
             tracing::debug!(error = %e, "lost a write race; looking again");

@@ -18,6 +18,7 @@ use serde_json::json;
 use super::{Error, kube};
 use crate::allocators::fnv::fnv1a64;
 use crate::controllers::{apply_meta, apply_status};
+use crate::fence;
 
 /// The operator's metadata: the pool label, the node label once bound, its finalizer. With
 /// `resource_version` the API refuses it (409) when the Desktop changed since that version.
@@ -60,6 +61,7 @@ pub(super) async fn ensure_meta(
     if has_meta(d, node) {
         return Ok(None);
     }
+    fence::check()?;
     apply_meta(api, &d.name_any(), &meta_body(d, node, None))
         .await
         .map(Some)
@@ -159,7 +161,7 @@ impl Owned {
     /// guarded by the version it was decided on, so a pass on a stale copy never brings back a
     /// `reclaimed`, a wake, a port or an admitted size that a later pass changed.
     pub fn needs_guard(&self, o: &Owned) -> bool {
-        self.allocation != o.allocation || self.idle_involved(o)
+        self.allocation != o.allocation || self.mac != o.mac || self.idle_involved(o)
     }
 
     fn idle_involved(&self, o: &Owned) -> bool {
@@ -293,6 +295,7 @@ pub(super) async fn write_bound(
     if current.same_as(want) {
         return Ok(false);
     }
+    // A binding repaired (new port or MAC) is written only onto the version it was decided on.
     let mut rv = if want.needs_guard(current) {
         Some(
             d.resource_version()
@@ -326,6 +329,7 @@ async fn clear_reclaimed(
         field_manager: Some(MANAGER_OPERATOR.into()),
         ..Default::default()
     };
+    fence::check()?;
     api.patch_status(&d.name_any(), &pp, &Patch::Merge(&patch))
         .await
         .map_err(kube("clear status.reclaimed"))?;
@@ -339,6 +343,7 @@ async fn put(
     resource_version: Option<String>,
     action: &'static str,
 ) -> Result<(), Error> {
+    fence::check()?;
     apply_status(api, &d.name_any(), &want.body(d, resource_version))
         .await
         .map_err(kube(action))?;
@@ -379,6 +384,7 @@ pub(super) async fn write_binding(
         .resource_version()
         .ok_or(Error::MissingField("resourceVersion"))
         .map_err(unlabelled)?;
+    fence::check().map_err(Error::from).map_err(unlabelled)?;
     let labelled = apply_meta(api, &d.name_any(), &meta_body(d, Some(node), Some(rv)))
         .await
         .map_err(kube("label the bound desktop"))
@@ -401,6 +407,7 @@ pub(super) async fn relabel(d: &Desktop, api: &Api<Desktop>, node: &str) -> Resu
     let rv = d
         .resource_version()
         .ok_or(Error::MissingField("resourceVersion"))?;
+    fence::check()?;
     apply_meta(api, &d.name_any(), &meta_body(d, Some(node), Some(rv)))
         .await
         .map_err(kube("label the desktop for its new host"))
