@@ -10,9 +10,11 @@ use clap::Parser;
 use deskvirt_node_agent::agent::{self, AgentConfig};
 use deskvirt_node_agent::config::Config;
 use deskvirt_node_agent::desktops::DesktopConfig;
+use deskvirt_node_agent::disks::{self, QemuImgDeadlines};
 use deskvirt_node_agent::domain::inputs::domain_type_str;
 use deskvirt_node_agent::heartbeat::HeartbeatConfig;
-use deskvirt_node_agent::hypervisor::LibvirtHypervisor;
+use deskvirt_node_agent::hypervisor::libvirt::Deadlines;
+use deskvirt_node_agent::hypervisor::{Backoff, LibvirtHypervisor};
 use deskvirt_node_agent::inventory::{InventoryConfig, POLL_INTERVAL};
 use deskvirt_node_agent::metrics::Metrics;
 use deskvirt_runtime::health::Health;
@@ -68,7 +70,18 @@ async fn run(config: Config) -> anyhow::Result<()> {
     let client = kube::Client::try_default()
         .await
         .context("configuring the Kubernetes client")?;
-    let hypervisor = LibvirtHypervisor::new(&config.libvirt_uri);
+    let hypervisor = LibvirtHypervisor::with_deadlines(
+        &config.libvirt_uri,
+        Backoff::default(),
+        Deadlines {
+            call: config.libvirt_timeout,
+            slow: config.libvirt_slow_timeout,
+        },
+    );
+    disks::set_deadlines(QemuImgDeadlines {
+        quick: config.qemu_img_timeout,
+        copy: config.disk_copy_timeout,
+    });
     let agent_config = AgentConfig {
         heartbeat: HeartbeatConfig {
             node_name: config.node_name.clone(),
@@ -94,6 +107,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
             activity_interval: config.activity_interval,
         },
         node_labels: config.node_labels.clone(),
+        libvirt_timeout: config.libvirt_timeout,
     };
 
     tokio::select! {

@@ -45,7 +45,8 @@ impl HostView {
     }
 
     /// The view of a DomainNode in a pool with `policy`. `ready` is the heartbeat verdict; a host
-    /// whose facts are missing or unreadable is not ready and has no capacity.
+    /// whose facts are missing or unreadable, or whose agent reports libvirt not connected, is
+    /// not ready (and without facts has no capacity).
     pub fn from_domain_node(
         node: &DomainNode,
         policy: &PoolPolicy,
@@ -61,7 +62,7 @@ impl HostView {
         Self {
             name: node.metadata.name.clone().unwrap_or_default(),
             pool: node.status.as_ref().and_then(|s| s.pool.clone()),
-            ready: ready && matches!(facts, Some(Ok(_))),
+            ready: ready && matches!(facts, Some(Ok(_))) && libvirt_connected(node),
             unschedulable: node.spec.unschedulable,
             maintenance: node.spec.maintenance,
             capacity,
@@ -123,6 +124,18 @@ impl HostView {
     }
 }
 
+/// Whether the agent does not report libvirt down (`LibvirtConnected` not `False`): a host
+/// whose libvirt is unreachable or stalled takes no new desktop.
+pub fn libvirt_connected(node: &DomainNode) -> bool {
+    node.status.as_ref().is_none_or(|s| {
+        deskvirt_crds::conditions::find(
+            &s.conditions,
+            deskvirt_crds::constants::condition::LIBVIRT_CONNECTED,
+        )
+        .is_none_or(|c| c.status != "False")
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use deskvirt_crds::domain_node::{CpuFacts, DomainNodeSpec, DomainNodeStatus};
@@ -174,6 +187,42 @@ mod tests {
         assert_eq!(h.capacity.vcpus(), 32);
         assert_eq!(h.capacity.memory, 16 << 30);
         assert_eq!(h.ports_in_use, 3);
+    }
+
+    #[test]
+    fn a_host_whose_libvirt_is_down_is_not_ready_but_keeps_its_capacity() {
+        let mut status = DomainNodeStatus {
+            cpu: Some(CpuFacts {
+                threads: 9,
+                ..CpuFacts::default()
+            }),
+            memory: Some("17Gi".into()),
+            ..DomainNodeStatus::default()
+        };
+        let libvirt = |s: &str| k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition {
+            type_: deskvirt_crds::constants::condition::LIBVIRT_CONNECTED.into(),
+            status: s.into(),
+            reason: "Test".into(),
+            message: String::new(),
+            last_transition_time: k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+                k8s_openapi::jiff::Timestamp::UNIX_EPOCH,
+            ),
+            observed_generation: None,
+        };
+        status.conditions = vec![libvirt("True")];
+        let up = HostView::from_domain_node(
+            &node(Some(status.clone())),
+            &policy(),
+            true,
+            Usage::default(),
+            0,
+        );
+        assert!(up.ready);
+        status.conditions = vec![libvirt("False")];
+        let down =
+            HostView::from_domain_node(&node(Some(status)), &policy(), true, Usage::default(), 0);
+        assert!(!down.ready);
+        assert_eq!(down.capacity, up.capacity);
     }
 
     #[test]
