@@ -23,11 +23,20 @@ use deskvirt_runtime::{logging, shutdown};
 
 /// How long shutdown waits for libvirt calls in flight before the process exits anyway.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
+/// Async worker threads: the agent's work is I/O (API server, libvirt in blocking threads), so
+/// two suffice on any host; tokio's default, one per core, costs a stack and a malloc arena per
+/// core on a 64-core KVM host.
+const WORKER_THREADS: usize = 2;
+/// Blocking threads (libvirt calls, file system): above the desktop controller's concurrency,
+/// and a bound on the threads a hung libvirtd can strand (tokio's default is 512).
+const MAX_BLOCKING_THREADS: usize = 16;
 
 fn main() -> anyhow::Result<()> {
     let config = Config::parse();
     logging::init(config.log_format, "info,kube=warn,tower=warn,hyper=warn");
     let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(WORKER_THREADS)
+        .max_blocking_threads(MAX_BLOCKING_THREADS)
         .enable_all()
         .build()
         .context("starting the async runtime")?;
