@@ -23,7 +23,9 @@ use serde_json::json;
 
 use crate::env::RUN_LABEL;
 
-/// The libvirt URI of every simulated host.
+/// The default libvirt URI of every simulated host: libvirt's in-process test driver, whose
+/// domains then count as the agent's memory (`--fleet-libvirt-uri test+unix:///default?socket=…`
+/// keeps them in a libvirtd instead, as on a real host).
 pub const TEST_URI: &str = "test:///default";
 /// Ports the fleet's /metrics endpoints may use (the operator takes the first free one).
 pub const METRICS_PORTS: std::ops::RangeInclusive<u16> = 19000..=19200;
@@ -56,6 +58,8 @@ pub struct Fleet {
     /// Extra environment for both binaries (`KEY=VALUE`, for experiments such as
     /// `MALLOC_ARENA_MAX=2` or `TOKIO_WORKER_THREADS=1`).
     proc_env: Vec<(String, String)>,
+    /// The libvirt URI every simulated host's agent uses.
+    pub libvirt_uri: String,
     pub operator: Option<Process>,
     pub operator_port: Option<u16>,
     pub agents: Vec<Agent>,
@@ -68,6 +72,7 @@ impl Fleet {
         bin_dir: &Path,
         log_level: &str,
         proc_env: Vec<(String, String)>,
+        libvirt_uri: &str,
     ) -> anyhow::Result<Self> {
         let id = unique_suffix();
         let work = std::env::temp_dir().join(format!("deskvirt-scale-{id}"));
@@ -81,6 +86,7 @@ impl Fleet {
             bin_dir: bin_dir.to_path_buf(),
             log_level: log_level.to_string(),
             proc_env,
+            libvirt_uri: libvirt_uri.to_string(),
             run: id,
             operator: None,
             operator_port: None,
@@ -182,7 +188,7 @@ impl Fleet {
                 .env("KUBECONFIG", &kubeconfig)
                 .env("RUST_LOG", &self.log_level)
                 .envs(self.proc_env.iter().map(|(k, v)| (k, v)))
-                .args(["--node-name", &name, "--libvirt-uri", TEST_URI])
+                .args(["--node-name", &name, "--libvirt-uri", &self.libvirt_uri])
                 .args(["--hypervisor", "qemu"])
                 .args(["--lease-namespace", &self.sys_ns])
                 .args(["--console-namespace", &self.console_ns])

@@ -104,6 +104,11 @@ struct Args {
     /// (repeatable), for experiments such as `MALLOC_ARENA_MAX=2` or `TOKIO_WORKER_THREADS=1`.
     #[arg(long, value_parser = parse_env)]
     fleet_env: Vec<(String, String)>,
+    /// libvirt URI of the simulated hosts' agents. The default, libvirt's in-process test
+    /// driver, keeps every domain inside the agent; `test+unix:///default?socket=<libvirtd
+    /// socket>` (a daemon's test driver) measures the agent as on a real host.
+    #[arg(long, default_value = fleet::TEST_URI)]
+    fleet_libvirt_uri: String,
     /// Use the operator and agent binaries in this directory for the simulated fleet instead
     /// of building them (for example a build with another Cargo profile).
     #[arg(long)]
@@ -220,8 +225,14 @@ async fn fleet_run(args: &Args, report: &mut Report) -> anyhow::Result<()> {
             env::build_binaries(!args.debug_binaries)?
         }
     };
-    let mut fleet =
-        fleet::Fleet::create(client, &bin_dir, &args.log, args.fleet_env.clone()).await?;
+    let mut fleet = fleet::Fleet::create(
+        client,
+        &bin_dir,
+        &args.log,
+        args.fleet_env.clone(),
+        &args.fleet_libvirt_uri,
+    )
+    .await?;
     eprintln!(
         "[bench] fleet run {} (pool {}, work dir {})",
         fleet.run,
@@ -232,7 +243,7 @@ async fn fleet_run(args: &Args, report: &mut Report) -> anyhow::Result<()> {
         "simulated hosts: real deskvirt-node-agent processes ({bins}) on `{}` with `--hypervisor qemu`, \
          one operator ({bins}), admin kubeconfig, pool network isolated {} with a /24 per host, SPICE \
          ports {}–{} per host (never bound: no QEMU), disks are qcow2 overlays of a 64 MiB base in a temp dir",
-        fleet::TEST_URI,
+        fleet.libvirt_uri,
         fleet::CIDR,
         fleet::SPICE_FIRST,
         fleet::SPICE_LAST

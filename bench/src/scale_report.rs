@@ -198,7 +198,7 @@ pub fn footprint(s: &mut String, f: &Step, goals: &mut Vec<String>) {
     let window = f.spec.idle;
     let _ = writeln!(
         s,
-        "\n## Footprint: {} desktops on one simulated host (`test:///default`, {} each)\n\n\
+        "\n## Footprint: {} desktops on one simulated host (libvirt test driver, URI in the notes; {} each)\n\n\
          | | RSS before desktops | RSS with {} Running | anon | file | PSS | USS | threads | CPU over {} s idle |\n|---|---|---|---|---|---|---|---|---|",
         f.spec.desktops,
         f.spec.memory,

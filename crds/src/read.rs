@@ -7,6 +7,7 @@ use deskvirt_core::scheduler::{
     HostFacts, HostReport, PolicyError, PolicySpec, PoolCapacity, PoolPolicy, Request, RequestError,
 };
 
+use crate::constants::condition::LIBVIRT_CONNECTED;
 use crate::{DesktopSpec, DomainNode, ResourcePoolSpec, ResourcePoolStatus};
 
 /// A core value read from a pool's spec.
@@ -94,6 +95,10 @@ pub fn host_report(node: &DomainNode) -> HostReport {
         }),
         unschedulable: node.spec.unschedulable,
         maintenance: node.spec.maintenance,
+        libvirt_connected: status.is_none_or(|s| {
+            crate::conditions::find(&s.conditions, LIBVIRT_CONNECTED)
+                .is_none_or(|c| c.status != "False")
+        }),
     }
 }
 

@@ -1,7 +1,9 @@
 //! Wires the agent together: waits for the API server, then runs the heartbeat, the
 //! inventory loop and the Desktop controller side by side; readiness follows "API server
-//! reached and libvirt answers". Dropping the future stops everything without touching any
-//! domain; only the Desktop controller changes domains, and only as Desktops ask.
+//! reached and libvirt answers"; liveness follows the heartbeat and inventory loops' progress
+//! (each must complete a round within twice its worst case, every call of it timing out).
+//! Dropping the future stops everything without touching any domain; only the Desktop
+//! controller changes domains, and only as Desktops ask.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -27,6 +29,23 @@ pub struct AgentConfig {
     pub desktops: DesktopConfig,
     /// Labels kept on the DomainNode.
     pub node_labels: std::collections::BTreeMap<String, String>,
+    /// The deadline of one libvirt call (for the inventory loop's liveness allowance).
+    pub libvirt_timeout: Duration,
+}
+
+impl AgentConfig {
+    /// How long the heartbeat loop may go without completing a round: twice its worst round.
+    pub fn heartbeat_allowance(&self) -> Duration {
+        2 * (self.heartbeat.interval + heartbeat::call_timeout(&self.heartbeat))
+    }
+
+    /// How long the inventory loop may go without completing a round: twice its worst round
+    /// (a poll interval, three libvirt calls and four API calls, each timing out).
+    pub fn inventory_allowance(&self) -> Duration {
+        2 * (self.inventory.poll_interval
+            + 3 * self.libvirt_timeout
+            + 4 * crate::registration::CALL_TIMEOUT)
+    }
 }
 
 /// `error: cause: cause` in one line, for logs; an API error ends the chain as
@@ -87,6 +106,8 @@ pub async fn run<H: Hypervisor + Clone + 'static>(
     let registrar = Registrar::new(client.clone(), &config.heartbeat.node_name)
         .with_labels(config.node_labels.clone());
     let orphan_sweep = config.inventory.refresh_interval;
+    let inventory_beat = health.watch("inventory", config.inventory_allowance());
+    let heartbeat_beat = health.watch("heartbeat", config.heartbeat_allowance());
     let ready = health.clone();
     let inventory = inventory::run(
         &hypervisor,
@@ -94,8 +115,14 @@ pub async fn run<H: Hypervisor + Clone + 'static>(
         config.inventory,
         &metrics,
         move |connected| ready.set_ready(connected),
+        inventory_beat,
     );
-    let heartbeat = heartbeat::run(client.clone(), config.heartbeat, metrics.clone());
+    let heartbeat = heartbeat::run(
+        client.clone(),
+        config.heartbeat,
+        metrics.clone(),
+        heartbeat_beat,
+    );
     let desktops = async {
         let ctx = Arc::new(
             DesktopContext::start(client, hypervisor.clone(), config.desktops, metrics.clone())

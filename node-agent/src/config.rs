@@ -58,6 +58,27 @@ pub struct Config {
     #[arg(long, env = "DESKVIRT_QEMU_IMG", default_value = "qemu-img")]
     pub qemu_img: String,
 
+    /// How long a `qemu-img info`, `create` or `resize` may run before it is killed and the
+    /// desktop reports `DiskToolTimeout` (retried later).
+    #[arg(long, env = "DESKVIRT_QEMU_IMG_TIMEOUT", default_value = "60s", value_parser = parse_interval)]
+    pub qemu_img_timeout: Duration,
+
+    /// How long a `qemu-img convert` (a full clone copies the whole base image) may run before
+    /// it is killed.
+    #[arg(long, env = "DESKVIRT_DISK_COPY_TIMEOUT", default_value = "30m", value_parser = parse_interval)]
+    pub disk_copy_timeout: Duration,
+
+    /// How long a libvirt call may take before the agent stops waiting for it. A call that
+    /// misses it marks libvirt stalled: `LibvirtConnected=False`, not ready, and every call
+    /// fails fast until libvirt answers a probe again. Running domains are not touched.
+    #[arg(long, env = "DESKVIRT_LIBVIRT_TIMEOUT", default_value = "10s", value_parser = parse_interval)]
+    pub libvirt_timeout: Duration,
+
+    /// The deadline of the libvirt calls that move guest memory or wait for QEMU: managed
+    /// save, start (which may restore saved memory) and destroy.
+    #[arg(long, env = "DESKVIRT_LIBVIRT_SLOW_TIMEOUT", default_value = "10m", value_parser = parse_interval)]
+    pub libvirt_slow_timeout: Duration,
+
     /// How long a guest gets to shut down after `spec.power: Off` (ACPI) before it is powered
     /// off hard.
     #[arg(long, env = "DESKVIRT_SHUTDOWN_GRACE", default_value = "60s", value_parser = parse_interval)]

@@ -4,10 +4,13 @@
 //! half-written disk under the real name. Removal refuses anything in the image directory and
 //! any file a domain still uses. Every disk has its owner, the Desktop UID, recorded beside it
 //! (`<disk>.owner`, written before the disk is renamed into place); a disk recorded for another
-//! Desktop is never booted, cloned over or deleted.
+//! Desktop is never booted, cloned over or deleted. Every `qemu-img` run has a deadline
+//! ([`QemuImgDeadlines`]); one that misses it is killed and reported as `DiskToolTimeout`.
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+use std::time::Duration;
 
 use deskvirt_crds::desktop::CloneMode;
 use tokio::process::Command;
@@ -24,6 +27,13 @@ pub enum DiskError {
         op: &'static str,
         path: String,
         message: String,
+    },
+    /// `qemu-img` did not finish within its deadline; it was killed.
+    #[error("qemu-img {op} for {path} did not finish within {}s; killed", after.as_secs_f32())]
+    Timeout {
+        op: &'static str,
+        path: String,
+        after: Duration,
     },
     /// A file-system call failed.
     #[error("cannot {op} {path}")]
@@ -57,6 +67,7 @@ impl DiskError {
         match self {
             Self::BaseMissing { .. } => "BaseImageMissing",
             Self::Tool { .. } => "DiskPreparationFailed",
+            Self::Timeout { .. } => "DiskToolTimeout",
             Self::Io { .. } => "DiskIoFailed",
             Self::InUse { .. } => "DiskInUse",
             Self::Protected { .. } => "DiskProtected",
@@ -67,7 +78,10 @@ impl DiskError {
 
     /// Whether retrying soon may help (a missing image needs an admin first).
     pub fn is_transient(&self) -> bool {
-        matches!(self, Self::Io { .. } | Self::InUse { .. })
+        matches!(
+            self,
+            Self::Io { .. } | Self::InUse { .. } | Self::Timeout { .. }
+        )
     }
 }
 
@@ -202,11 +216,29 @@ async fn run(
     path: &Path,
     args: &[&str],
 ) -> Result<Vec<u8>, DiskError> {
-    let out = Command::new(qemu_img)
+    run_within(qemu_img, op, path, args, deadline(op)).await
+}
+
+/// [`run`] with the deadline `limit`.
+async fn run_within(
+    qemu_img: &str,
+    op: &'static str,
+    path: &Path,
+    args: &[&str],
+    limit: Duration,
+) -> Result<Vec<u8>, DiskError> {
+    // Dropping the future at the deadline kills the child (`kill_on_drop`).
+    let run = Command::new(qemu_img)
         .args(args)
         .kill_on_drop(true)
-        .output()
+        .output();
+    let out = tokio::time::timeout(limit, run)
         .await
+        .map_err(|_| DiskError::Timeout {
+            op,
+            path: path.display().to_string(),
+            after: limit,
+        })?
         .map_err(|e| tool(op, path, format!("cannot run {qemu_img}: {e}")))?;
     if out.status.success() {
         Ok(out.stdout)
@@ -214,6 +246,37 @@ async fn run(
         let stderr = String::from_utf8_lossy(&out.stderr);
         Err(tool(op, path, stderr.trim().to_string()))
     }
+}
+
+/// How long a `qemu-img` run may take before it is killed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QemuImgDeadlines {
+    /// `info`, `create` (a linked clone) and `resize`: metadata only.
+    pub quick: Duration,
+    /// `convert` (a full clone copies the whole base image).
+    pub copy: Duration,
+}
+
+impl Default for QemuImgDeadlines {
+    fn default() -> Self {
+        Self {
+            quick: Duration::from_secs(60),
+            copy: Duration::from_secs(1800),
+        }
+    }
+}
+
+static DEADLINES: OnceLock<QemuImgDeadlines> = OnceLock::new();
+
+/// Sets the process's `qemu-img` deadlines once, at startup (later calls are ignored: the
+/// deadlines are a process setting, like the `qemu-img` path).
+pub fn set_deadlines(deadlines: QemuImgDeadlines) {
+    let _ = DEADLINES.set(deadlines);
+}
+
+fn deadline(op: &str) -> Duration {
+    let d = DEADLINES.get().copied().unwrap_or_default();
+    if op == "convert" { d.copy } else { d.quick }
 }
 
 /// The temporary name a disk is built under before it is renamed into place.
@@ -431,6 +494,49 @@ mod tests {
         let got = remove(&disk, &images, &BTreeSet::new(), UID, false).await;
         assert!(matches!(got, Ok(true)), "{got:?}");
         assert!(!owner_path(&disk).exists() && !disk.exists());
+    }
+
+    #[tokio::test]
+    async fn a_hanging_qemu_img_is_killed_at_its_deadline() -> Result<(), Box<dyn std::error::Error>>
+    {
+        let dir = Scratch::new("hang");
+        let tool = dir.0.join("qemu-img");
+        let pid_file = dir.0.join("pid");
+        std::fs::write(
+            &tool,
+            format!(
+                "#!/bin/sh\necho $$ > {}\nexec sleep 600\n",
+                pid_file.display()
+            ),
+        )?;
+        std::fs::set_permissions(&tool, std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
+        let started = std::time::Instant::now();
+        let err = run_within(
+            &tool.to_string_lossy(),
+            "info",
+            Path::new("/x.qcow2"),
+            &[],
+            Duration::from_millis(500),
+        )
+        .await;
+        assert!(started.elapsed() < Duration::from_secs(5));
+        let Err(e) = err else {
+            panic!("a hanging qemu-img succeeded")
+        };
+        assert_eq!(e.reason(), "DiskToolTimeout");
+        assert!(e.is_transient());
+        assert!(e.to_string().contains("did not finish within 0.5s"), "{e}");
+        // The child is gone (killed and reaped), not left sleeping.
+        let pid = std::fs::read_to_string(&pid_file)?.trim().to_string();
+        let proc = PathBuf::from(format!("/proc/{pid}"));
+        for _ in 0..50 {
+            let state = std::fs::read_to_string(proc.join("stat")).unwrap_or_default();
+            if state.is_empty() || state.contains(") Z ") {
+                return Ok(());
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("qemu-img {pid} still runs after its deadline");
     }
 
     #[test]

@@ -6,6 +6,7 @@
 use std::time::Duration;
 
 use deskvirt_crds::constants::{LABEL_MANAGED_BY, MANAGER_AGENT};
+use deskvirt_runtime::health::Beat;
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
 use k8s_openapi::jiff::Timestamp;
@@ -68,11 +69,16 @@ pub fn lease(config: &HeartbeatConfig, acquired: Timestamp, now: Timestamp) -> L
     }
 }
 
-/// Renews the Lease every interval until the future is dropped.
-pub async fn run(client: Client, config: HeartbeatConfig, metrics: Metrics) {
+/// The deadline of one renewal.
+pub fn call_timeout(config: &HeartbeatConfig) -> Duration {
+    config.interval.max(Duration::from_secs(5))
+}
+
+/// Renews the Lease every interval until the future is dropped; `beat` ticks after each try.
+pub async fn run(client: Client, config: HeartbeatConfig, metrics: Metrics, beat: Beat) {
     let api: Api<Lease> = Api::namespaced(client, &config.namespace);
     let acquired = Timestamp::now();
-    let call_timeout = config.interval.max(Duration::from_secs(5));
+    let call_timeout = call_timeout(&config);
     let mut ticker = tokio::time::interval(config.interval);
     ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let mut failing = 0u64;
@@ -92,6 +98,7 @@ pub async fn run(client: Client, config: HeartbeatConfig, metrics: Metrics) {
                 tracing::warn!(error = %crate::agent::error_chain(&e), failures = failing, "heartbeat failed; retrying at the next interval");
             }
         }
+        beat.tick();
     }
 }
 

@@ -1,12 +1,14 @@
 //! Keeps the DomainNode up to date: polls libvirt (connection and domain counts) every few
 //! seconds, re-reads host facts periodically and whenever the connection changes, and applies
 //! the agent's status only when it differs in more than timestamps (or has gone stale). Never
-//! changes any domain.
+//! changes any domain. Every libvirt and API call of a round has a deadline, so a round always
+//! ends and ticks the loop's liveness beat, even while libvirt hangs.
 
 use std::time::Duration;
 
 use deskvirt_crds::domain_node::{DomainCounts, Hypervisor as DomainType};
 use deskvirt_crds::{DomainNode, DomainNodeStatus};
+use deskvirt_runtime::health::Beat;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use k8s_openapi::jiff::Timestamp;
 use tokio::time::{Instant, MissedTickBehavior};
@@ -53,13 +55,15 @@ struct State {
     published: Option<(DomainNodeStatus, Instant)>,
 }
 
-/// Runs until the future is dropped. `on_libvirt` is told the connection state after each poll.
+/// Runs until the future is dropped. `on_libvirt` is told the connection state after each
+/// poll; `beat` ticks after each round.
 pub async fn run<H: Hypervisor>(
     hypervisor: &H,
     registrar: &Registrar,
     config: InventoryConfig,
     metrics: &Metrics,
     on_libvirt: impl Fn(bool),
+    beat: Beat,
 ) {
     let mut state = State {
         facts_due: Instant::now(),
@@ -89,6 +93,7 @@ pub async fn run<H: Hypervisor>(
         if let Err(e) = publish(registrar, &config, &mut state).await {
             tracing::warn!(error = %error_chain(&e), category = e.category(), "cannot report host status; retrying");
         }
+        beat.tick();
     }
 }
 
@@ -114,7 +119,7 @@ async fn observe<H: Hypervisor>(
         state.observation.libvirt = LibvirtHealth {
             reason: LibvirtReason::Unreachable,
             message: format!(
-                "libvirt at {} does not answer; reconnecting with backoff",
+                "libvirt at {} does not answer (not connected, or a call missed its deadline); retrying",
                 config.libvirt_uri
             ),
         };

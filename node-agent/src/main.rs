@@ -10,9 +10,11 @@ use clap::Parser;
 use deskvirt_node_agent::agent::{self, AgentConfig};
 use deskvirt_node_agent::config::Config;
 use deskvirt_node_agent::desktops::DesktopConfig;
+use deskvirt_node_agent::disks::{self, QemuImgDeadlines};
 use deskvirt_node_agent::domain::inputs::domain_type_str;
 use deskvirt_node_agent::heartbeat::HeartbeatConfig;
-use deskvirt_node_agent::hypervisor::LibvirtHypervisor;
+use deskvirt_node_agent::hypervisor::libvirt::Deadlines;
+use deskvirt_node_agent::hypervisor::{Backoff, LibvirtHypervisor};
 use deskvirt_node_agent::inventory::{InventoryConfig, POLL_INTERVAL};
 use deskvirt_node_agent::metrics::Metrics;
 use deskvirt_runtime::health::Health;
@@ -21,11 +23,20 @@ use deskvirt_runtime::{logging, shutdown};
 
 /// How long shutdown waits for libvirt calls in flight before the process exits anyway.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
+/// Async worker threads: the agent's work is I/O (API server, libvirt in blocking threads), so
+/// two suffice on any host; tokio's default, one per core, costs a stack and a malloc arena per
+/// core on a 64-core KVM host.
+const WORKER_THREADS: usize = 2;
+/// Blocking threads (libvirt calls, file system): above the desktop controller's concurrency,
+/// and a bound on the threads a hung libvirtd can strand (tokio's default is 512).
+const MAX_BLOCKING_THREADS: usize = 16;
 
 fn main() -> anyhow::Result<()> {
     let config = Config::parse();
     logging::init(config.log_format, "info,kube=warn,tower=warn,hyper=warn");
     let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(WORKER_THREADS)
+        .max_blocking_threads(MAX_BLOCKING_THREADS)
         .enable_all()
         .build()
         .context("starting the async runtime")?;
@@ -68,7 +79,18 @@ async fn run(config: Config) -> anyhow::Result<()> {
     let client = deskvirt_runtime::api::client(&config.api)
         .await
         .context("configuring the Kubernetes client")?;
-    let hypervisor = LibvirtHypervisor::new(&config.libvirt_uri);
+    let hypervisor = LibvirtHypervisor::with_deadlines(
+        &config.libvirt_uri,
+        Backoff::default(),
+        Deadlines {
+            call: config.libvirt_timeout,
+            slow: config.libvirt_slow_timeout,
+        },
+    );
+    disks::set_deadlines(QemuImgDeadlines {
+        quick: config.qemu_img_timeout,
+        copy: config.disk_copy_timeout,
+    });
     let agent_config = AgentConfig {
         heartbeat: HeartbeatConfig {
             node_name: config.node_name.clone(),
@@ -94,6 +116,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
             activity_interval: config.activity_interval,
         },
         node_labels: config.node_labels.clone(),
+        libvirt_timeout: config.libvirt_timeout,
     };
 
     tokio::select! {

@@ -1,5 +1,6 @@
 //! Wiring: connect to the API server, start the watch caches, the leader elector, the three
-//! controllers and the mirror sweep, and stop them all when asked.
+//! controllers and the mirror sweep, and stop them all when asked. Ready once every watch
+//! cache has synced; live while the async runtime turns (a beat every few seconds).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -21,6 +22,9 @@ use crate::metrics::Metrics;
 use crate::sweep;
 
 pub use crate::context::stopped;
+
+/// How often the operator's runtime beat ticks; liveness fails after six missed beats.
+const RUNTIME_BEAT: Duration = Duration::from_secs(5);
 
 /// A client from the in-cluster config or `KUBECONFIG` with the deadlines of `timeouts`, once
 /// the API server answers.
@@ -82,8 +86,23 @@ pub async fn run(
     ctx.fence = Fence::new(config.leader_clock_skew, ctx.metrics.fenced_writes.clone());
     ctx.test_bind_delay = config.test_bind_delay;
     let ctx = Arc::new(ctx);
-    health.set_ready(true);
     tracing::info!(%identity, namespace = %config.namespace, "operator started");
+    let synced = async {
+        if ctx.stores.ready().await {
+            health.set_ready(true);
+            tracing::info!("watch caches synced; ready");
+        }
+    };
+    let beat = health.watch("runtime", 6 * RUNTIME_BEAT);
+    let turning = async {
+        let mut ticker = tokio::time::interval(RUNTIME_BEAT);
+        loop {
+            tokio::select! {
+                _ = ticker.tick() => beat.tick(),
+                () = stopped(stop.clone()) => return,
+            }
+        }
+    };
     let elector = Elector {
         api: Api::namespaced(client, &config.namespace),
         name: LEADER_LEASE.to_string(),
@@ -104,6 +123,8 @@ pub async fn run(
         caches,
         leader::run(elector, ctx.clone(), leader_tx, drained),
         controllers,
+        synced,
+        turning,
     );
     Ok(())
 }

@@ -131,7 +131,17 @@ fn route(
         }
     };
     match path {
-        "/healthz" | "/livez" => flag(health.is_live(), "live"),
+        "/healthz" | "/livez" => match health.stalled().as_slice() {
+            [] => flag(health.is_live(), "live"),
+            stalled => (
+                "503 Service Unavailable",
+                TEXT,
+                stalled
+                    .iter()
+                    .map(|(name, silent)| format!("{name} stalled for {}s\n", silent.as_secs()))
+                    .collect(),
+            ),
+        },
         "/readyz" => flag(health.is_ready(), "ready"),
         "/metrics" => {
             let mut out = String::new();

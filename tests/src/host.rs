@@ -169,9 +169,9 @@ pub fn qemu_pid(domain: &str) -> Option<u32> {
     text.trim().parse().ok()
 }
 
-/// The body of `GET path` from a plain HTTP/1.0 server at `addr` (our `/metrics` endpoints),
-/// within 5 seconds.
-pub async fn http_get(addr: &str, path: &str) -> anyhow::Result<String> {
+/// The status code and body of `GET path` from a plain HTTP/1.0 server at `addr` (our
+/// `/healthz`, `/readyz` and `/metrics` endpoints), within 5 seconds.
+pub async fn http_response(addr: &str, path: &str) -> anyhow::Result<(u16, String)> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let fetch = async {
         let mut stream = tokio::net::TcpStream::connect(addr).await?;
@@ -187,10 +187,18 @@ pub async fn http_get(addr: &str, path: &str) -> anyhow::Result<String> {
     let (head, body) = response
         .split_once("\r\n\r\n")
         .with_context(|| format!("GET {addr}{path}: no HTTP response"))?;
-    anyhow::ensure!(
-        head.lines().next().is_some_and(|l| l.contains(" 200")),
-        "GET {addr}{path}: {}",
-        head.lines().next().unwrap_or_default()
-    );
-    Ok(body.to_string())
+    let code = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .with_context(|| format!("GET {addr}{path}: no status in {head:?}"))?;
+    Ok((code, body.to_string()))
+}
+
+/// The body of `GET path` from a plain HTTP/1.0 server at `addr` (our `/metrics` endpoints),
+/// within 5 seconds; an error unless it answers 200.
+pub async fn http_get(addr: &str, path: &str) -> anyhow::Result<String> {
+    let (code, body) = http_response(addr, path).await?;
+    anyhow::ensure!(code == 200, "GET {addr}{path}: {code}");
+    Ok(body)
 }

@@ -19,6 +19,9 @@ pub struct HostReport {
     pub unschedulable: bool,
     /// `spec.maintenance`.
     pub maintenance: bool,
+    /// `LibvirtConnected` is not False: a host whose libvirt is unreachable or stalled takes
+    /// no new desktop.
+    pub libvirt_connected: bool,
 }
 
 /// One host, flattened for placement.
@@ -58,7 +61,8 @@ impl HostView {
     }
 
     /// The view of a reported host in a pool with `policy`. `ready` is the heartbeat verdict; a
-    /// host whose facts are missing or unreadable is not ready and has no capacity.
+    /// host whose facts are missing or unreadable, or whose agent reports libvirt not connected,
+    /// is not ready (and without facts has no capacity).
     pub fn from_report(
         report: &HostReport,
         policy: &PoolPolicy,
@@ -73,7 +77,7 @@ impl HostView {
         Self {
             name: report.name.clone(),
             pool: report.pool.clone(),
-            ready: ready && matches!(report.facts, Some(Ok(_))),
+            ready: ready && matches!(report.facts, Some(Ok(_))) && report.libvirt_connected,
             unschedulable: report.unschedulable,
             maintenance: report.maintenance,
             capacity,
@@ -154,6 +158,7 @@ mod tests {
             facts,
             unschedulable: true,
             maintenance: false,
+            libvirt_connected: true,
         }
     }
 
@@ -169,6 +174,26 @@ mod tests {
         assert_eq!(h.capacity.vcpus(), 32);
         assert_eq!(h.capacity.memory, 16 << 30);
         assert_eq!(h.ports_in_use, 3);
+    }
+
+    #[test]
+    fn a_host_whose_libvirt_is_down_is_not_ready_but_keeps_its_capacity() {
+        let facts = HostFacts::read(Some(9), Some("17Gi"), None);
+        let up = HostView::from_report(
+            &report(Some(facts.clone())),
+            &policy(),
+            true,
+            Usage::default(),
+            0,
+        );
+        assert!(up.ready);
+        let down = HostReport {
+            libvirt_connected: false,
+            ..report(Some(facts))
+        };
+        let down = HostView::from_report(&down, &policy(), true, Usage::default(), 0);
+        assert!(!down.ready);
+        assert_eq!(down.capacity, up.capacity);
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! Decides how hypervisor failures are reported: our own error enum, independent of `virt`,
-//! with the libvirt codes that matter folded into NotFound, Disconnected and Rejected.
+//! with the libvirt codes that matter folded into NotFound, Disconnected and Rejected, and a
+//! missed deadline as Timeout (transient).
 
 /// What a hypervisor object is, for messages.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -59,6 +60,15 @@ pub enum HypervisorError {
         /// libvirt's message, with its error code.
         message: String,
     },
+    /// libvirt did not answer within the call's deadline. The call may still complete in its
+    /// blocking thread (libvirt calls cannot be cancelled); nothing waits for it.
+    #[error("{op}: libvirt did not answer within {}s", after.as_secs_f32())]
+    Timeout {
+        /// The operation.
+        op: &'static str,
+        /// The deadline it missed.
+        after: std::time::Duration,
+    },
     /// The blocking task running the call panicked or was cancelled.
     #[error("{op}: blocking task failed: {message}")]
     Task {
@@ -77,6 +87,7 @@ impl HypervisorError {
             Self::Disconnected { .. } => "LibvirtDisconnected",
             Self::Rejected { .. } => "LibvirtRejected",
             Self::Failed { .. } => "LibvirtFailed",
+            Self::Timeout { .. } => "LibvirtTimeout",
             Self::Task { .. } => "TaskFailed",
         }
     }

@@ -1,7 +1,8 @@
 //! The libvirt implementation of [`Hypervisor`], and the only module tree of the workspace
-//! that imports `virt`. Every call runs in `tokio::task::spawn_blocking`; the blocking
-//! operations live in [`domains`], [`networks`] and [`host`]; libvirt errors are mapped in
-//! [`errors`]; the connection is kept (and re-opened with backoff) by [`connection`].
+//! that imports `virt`. Every call runs in `tokio::task::spawn_blocking` under a deadline
+//! ([`Deadlines`]); the blocking operations live in [`domains`], [`networks`] and [`host`];
+//! libvirt errors are mapped in [`errors`]; the connection is kept (and re-opened with
+//! backoff, and marked stalled when a call misses its deadline) by [`connection`].
 //! `virt::sys` is used for flag constants only, never for raw calls.
 
 mod connection;
@@ -13,6 +14,8 @@ mod networks;
 use std::collections::BTreeSet;
 use std::path::Path;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::time::{Duration, Instant};
 
 use virt::connect::Connect;
 
@@ -23,11 +26,36 @@ use super::{
 };
 use crate::domain::{DhcpHost, DomainType};
 
+/// How long a libvirt call may take before the agent stops waiting for it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Deadlines {
+    /// Every call but the slow ones below (lookups, define, list, status, networks).
+    pub call: Duration,
+    /// Calls that move guest memory or wait for QEMU: managed save, start (which may restore
+    /// a save image) and destroy.
+    pub slow: Duration,
+}
+
+impl Default for Deadlines {
+    fn default() -> Self {
+        Self {
+            call: Duration::from_secs(10),
+            slow: Duration::from_secs(600),
+        }
+    }
+}
+
+/// Where a blocking call is, between its thread and the task waiting for it.
+const RUNNING: u8 = 0;
+const RETURNED: u8 = 1;
+const ABANDONED: u8 = 2;
+
 /// A [`Hypervisor`] backed by libvirt at one URI (`qemu:///system`, or `test:///default` in
 /// tests). Cheap to clone; clones share the connection.
 #[derive(Clone)]
 pub struct LibvirtHypervisor {
     connection: Arc<Connection>,
+    deadlines: Deadlines,
 }
 
 impl std::fmt::Debug for LibvirtHypervisor {
@@ -35,6 +63,7 @@ impl std::fmt::Debug for LibvirtHypervisor {
         f.debug_struct("LibvirtHypervisor")
             .field("uri", &self.connection.uri())
             .field("connected", &self.connection.is_connected())
+            .field("deadlines", &self.deadlines)
             .finish()
     }
 }
@@ -48,8 +77,14 @@ impl LibvirtHypervisor {
 
     /// Like [`Self::new`] with a chosen reconnect backoff.
     pub fn with_backoff(uri: &str, backoff: Backoff) -> Self {
+        Self::with_deadlines(uri, backoff, Deadlines::default())
+    }
+
+    /// Like [`Self::with_backoff`] with chosen call deadlines.
+    pub fn with_deadlines(uri: &str, backoff: Backoff, deadlines: Deadlines) -> Self {
         Self {
             connection: Arc::new(Connection::new(uri, backoff)),
+            deadlines,
         }
     }
 
@@ -65,36 +100,129 @@ impl LibvirtHypervisor {
         self.connection.uri()
     }
 
-    /// Runs `f` on the connection in a blocking thread; a disconnect drops the connection so
-    /// the next call reopens it.
+    /// Calls that missed their deadline and still wait for libvirt in a blocking thread.
+    pub fn abandoned_calls(&self) -> usize {
+        self.connection.abandoned()
+    }
+
+    /// Runs `f` on the connection under the ordinary deadline.
     async fn run<T, F>(&self, op: &'static str, f: F) -> Result<T>
     where
         T: Send + 'static,
         F: FnOnce(&Connect) -> Result<T> + Send + 'static,
     {
+        self.guarded(op, self.deadlines.call, f).await
+    }
+
+    /// Runs `f` on the connection under the slow deadline.
+    async fn run_slow<T, F>(&self, op: &'static str, f: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connect) -> Result<T> + Send + 'static,
+    {
+        self.guarded(op, self.deadlines.slow, f).await
+    }
+
+    /// Fails fast while libvirt is stalled (so a hung daemon does not pile up threads), else
+    /// runs the call.
+    async fn guarded<T, F>(&self, op: &'static str, limit: Duration, f: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connect) -> Result<T> + Send + 'static,
+    {
+        if self.connection.is_stalled() {
+            return Err(HypervisorError::Disconnected {
+                op,
+                message: format!(
+                    "libvirt stopped answering (a call missed its {}s deadline); waiting for it to answer a probe",
+                    self.deadlines.call.as_secs_f32()
+                ),
+            });
+        }
+        self.blocking(op, limit, false, f).await
+    }
+
+    /// Runs `f` on the connection in a blocking thread and waits for it at most `limit`. A
+    /// disconnect drops the connection so the next call reopens it; a missed deadline marks
+    /// libvirt stalled and leaves the thread to finish on its own. A probe (`probe`) releases
+    /// the probe slot when its thread ends, however late.
+    async fn blocking<T, F>(
+        &self,
+        op: &'static str,
+        limit: Duration,
+        probe: bool,
+        f: F,
+    ) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connect) -> Result<T> + Send + 'static,
+    {
         let connection = Arc::clone(&self.connection);
-        let task = tokio::task::spawn_blocking(move || {
-            let conn = connection.get(op)?;
-            let result = match conn.get() {
-                Some(c) => f(c),
-                None => Err(HypervisorError::Disconnected {
+        let outcome = Arc::new(AtomicU8::new(RUNNING));
+        let seen = Arc::clone(&outcome);
+        let deadline = Instant::now() + limit;
+        let mut task = tokio::task::spawn_blocking(move || {
+            let result = call(&connection, op, deadline, f);
+            if probe {
+                connection.end_probe(result.is_ok());
+            }
+            if seen
+                .compare_exchange(RUNNING, RETURNED, Ordering::AcqRel, Ordering::Acquire)
+                .is_err()
+            {
+                connection.count_abandoned(false);
+                tracing::info!(
                     op,
-                    message: "connection is closing".into(),
-                }),
-            };
-            if matches!(result, Err(HypervisorError::Disconnected { .. })) {
-                connection.invalidate(&conn);
+                    ok = result.is_ok(),
+                    "a libvirt call returned after its deadline"
+                );
             }
             result
         });
-        match task.await {
-            Ok(result) => result,
-            Err(join) => Err(HypervisorError::Task {
+        let joined = match tokio::time::timeout(limit, &mut task).await {
+            Ok(joined) => joined,
+            Err(_) => {
+                self.connection.count_abandoned(true);
+                if outcome
+                    .compare_exchange(RUNNING, ABANDONED, Ordering::AcqRel, Ordering::Acquire)
+                    .is_ok()
+                {
+                    self.connection.missed_deadline(op, limit);
+                    return Err(HypervisorError::Timeout { op, after: limit });
+                }
+                // It returned just now: take its answer.
+                self.connection.count_abandoned(false);
+                task.await
+            }
+        };
+        joined.unwrap_or_else(|join| {
+            Err(HypervisorError::Task {
                 op,
                 message: join.to_string(),
-            }),
-        }
+            })
+        })
     }
+}
+
+/// The blocking part of a call: the connection, then `f` on it.
+fn call<T>(
+    connection: &Connection,
+    op: &'static str,
+    deadline: Instant,
+    f: impl FnOnce(&Connect) -> Result<T>,
+) -> Result<T> {
+    let conn = connection.get(op, deadline)?;
+    let result = match conn.get() {
+        Some(c) => f(c),
+        None => Err(HypervisorError::Disconnected {
+            op,
+            message: "connection is closing".into(),
+        }),
+    };
+    if matches!(result, Err(HypervisorError::Disconnected { .. })) {
+        connection.invalidate(&conn);
+    }
+    result
 }
 
 impl Hypervisor for LibvirtHypervisor {
@@ -103,7 +231,15 @@ impl Hypervisor for LibvirtHypervisor {
     }
 
     async fn probe(&self) -> bool {
-        self.run("probe", host::probe).await.is_ok() && self.is_connected()
+        // One probe at a time: a probe stuck in a hung daemon blocks no one, and the next
+        // probe answers "not connected" at once until it returns.
+        if !self.connection.start_probe() {
+            return false;
+        }
+        self.blocking("probe", self.deadlines.call, true, host::probe)
+            .await
+            .is_ok()
+            && self.is_connected()
     }
 
     async fn host_facts(&self, domain_type: DomainType) -> Result<HostFacts> {
@@ -135,7 +271,7 @@ impl Hypervisor for LibvirtHypervisor {
 
     async fn start_domain(&self, name: &str) -> Result<Change> {
         let name = name.to_string();
-        self.run("start domain", move |c| domains::start(c, &name))
+        self.run_slow("start domain", move |c| domains::start(c, &name))
             .await
     }
 
@@ -147,7 +283,7 @@ impl Hypervisor for LibvirtHypervisor {
 
     async fn destroy_domain(&self, name: &str) -> Result<Change> {
         let name = name.to_string();
-        self.run("destroy domain", move |c| domains::destroy(c, &name))
+        self.run_slow("destroy domain", move |c| domains::destroy(c, &name))
             .await
     }
 
@@ -159,7 +295,7 @@ impl Hypervisor for LibvirtHypervisor {
 
     async fn managed_save(&self, name: &str) -> Result<Change> {
         let name = name.to_string();
-        self.run("managed save", move |c| domains::managed_save(c, &name))
+        self.run_slow("managed save", move |c| domains::managed_save(c, &name))
             .await
     }
 

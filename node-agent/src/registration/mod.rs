@@ -65,7 +65,7 @@ impl RegistrationError {
 }
 
 /// Longest wait for one API call.
-const CALL_TIMEOUT: Duration = Duration::from_secs(15);
+pub const CALL_TIMEOUT: Duration = Duration::from_secs(15);
 
 async fn bounded<T>(
     op: &'static str,

@@ -216,6 +216,12 @@ pub async fn reconcile(node: Arc<DomainNode>, ctx: Arc<Context>) -> Result<Actio
         (false, "Cordoned", "spec.unschedulable is set")
     } else if !heartbeat.is_fresh() {
         (false, "NotReady", "the host's heartbeat is not fresh")
+    } else if !host_report(&node).libvirt_connected {
+        (
+            false,
+            "LibvirtDisconnected",
+            "the agent reports libvirt unreachable or not answering",
+        )
     } else if pool.is_none() {
         (false, "NoPool", "no ResourcePool selects the host")
     } else if facts.is_none() {

@@ -1,10 +1,13 @@
-//! Keeps the libvirt connection: opened lazily, shared by concurrent calls, dropped on a
-//! disconnect and reopened with capped exponential backoff. Closing never panics.
+//! Keeps the libvirt connection: opened lazily outside any lock (one open at a time; other
+//! callers wait for it up to their deadline), shared by concurrent calls, dropped on a
+//! disconnect and reopened with capped exponential backoff. Decides when libvirt counts as
+//! stalled: a call that missed its deadline marks it so, and only a probe that answers clears
+//! it, so a hung daemon costs a bounded number of stuck threads. Closing never panics.
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, Once};
-use std::time::Instant;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, Once};
+use std::time::{Duration, Instant};
 
 use virt::connect::Connect;
 
@@ -37,6 +40,8 @@ struct State {
     conn: Option<Arc<Conn>>,
     failures: u32,
     next_attempt: Option<Instant>,
+    /// A `Connect::open` runs (outside the lock); others wait on [`Connection::opened`].
+    opening: bool,
 }
 
 /// The shared connection state of one hypervisor handle.
@@ -44,7 +49,14 @@ pub(super) struct Connection {
     uri: String,
     backoff: Backoff,
     connected: AtomicBool,
+    /// A call missed its deadline and no probe has answered since.
+    stalled: AtomicBool,
+    /// A probe runs (at most one, even when it hangs).
+    probing: AtomicBool,
+    /// Calls that missed their deadline and still run in their blocking thread.
+    abandoned: AtomicUsize,
     state: Mutex<State>,
+    opened: Condvar,
 }
 
 static QUIET_LIBVIRT: Once = Once::new();
@@ -58,11 +70,16 @@ impl Connection {
             uri: uri.to_string(),
             backoff,
             connected: AtomicBool::new(false),
+            stalled: AtomicBool::new(false),
+            probing: AtomicBool::new(false),
+            abandoned: AtomicUsize::new(0),
             state: Mutex::new(State {
                 conn: None,
                 failures: 0,
                 next_attempt: None,
+                opening: false,
             }),
+            opened: Condvar::new(),
         }
     }
 
@@ -71,9 +88,48 @@ impl Connection {
         &self.uri
     }
 
-    /// Whether the last attempt found libvirt reachable.
+    /// Whether the last attempt found libvirt reachable and answering in time.
     pub(super) fn is_connected(&self) -> bool {
-        self.connected.load(Ordering::Relaxed)
+        self.connected.load(Ordering::Relaxed) && !self.is_stalled()
+    }
+
+    /// Whether a call missed its deadline and no probe has answered since.
+    pub(super) fn is_stalled(&self) -> bool {
+        self.stalled.load(Ordering::Relaxed)
+    }
+
+    /// Calls still running after their deadline.
+    pub(super) fn abandoned(&self) -> usize {
+        self.abandoned.load(Ordering::Relaxed)
+    }
+
+    /// Records that call `op` missed its deadline `after`; its thread still runs.
+    pub(super) fn missed_deadline(&self, op: &'static str, after: Duration) {
+        if !self.stalled.swap(true, Ordering::Relaxed) {
+            tracing::warn!(uri = %self.uri, op, ?after, "libvirt did not answer in time; calls fail fast until it answers a probe");
+        }
+    }
+
+    /// Counts a call that outlived its deadline (`true`) or came back after it (`false`).
+    pub(super) fn count_abandoned(&self, stuck: bool) {
+        if stuck {
+            self.abandoned.fetch_add(1, Ordering::Relaxed);
+        } else {
+            self.abandoned.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Takes the probe slot; `false` when a probe already runs.
+    pub(super) fn start_probe(&self) -> bool {
+        !self.probing.swap(true, Ordering::Relaxed)
+    }
+
+    /// Releases the probe slot; an answer (even a late one) means libvirt works again.
+    pub(super) fn end_probe(&self, answered: bool) {
+        if answered && self.stalled.swap(false, Ordering::Relaxed) {
+            tracing::info!(uri = %self.uri, "libvirt answers again");
+        }
+        self.probing.store(false, Ordering::Relaxed);
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -82,9 +138,27 @@ impl Connection {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// The open connection, opening it when the backoff allows. Blocking.
-    pub(super) fn get(&self, op: &'static str) -> Result<Arc<Conn>, HypervisorError> {
+    /// The open connection, opening it when the backoff allows; waits until `deadline` for an
+    /// open another call started. Blocking, but never holds the lock while libvirt works.
+    pub(super) fn get(
+        &self,
+        op: &'static str,
+        deadline: Instant,
+    ) -> Result<Arc<Conn>, HypervisorError> {
         let mut state = self.lock();
+        while state.opening && state.conn.is_none() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(HypervisorError::Disconnected {
+                    op,
+                    message: "still connecting".into(),
+                });
+            }
+            state = match self.opened.wait_timeout(state, left) {
+                Ok((guard, _)) => guard,
+                Err(poisoned) => poisoned.into_inner().0,
+            };
+        }
         if let Some(conn) = &state.conn {
             return Ok(Arc::clone(conn));
         }
@@ -96,7 +170,13 @@ impl Connection {
                 message: format!("next reconnect attempt in {wait:?}"),
             });
         }
-        match Connect::open(Some(&self.uri)) {
+        state.opening = true;
+        drop(state);
+        let opened = Connect::open(Some(&self.uri));
+        let mut state = self.lock();
+        state.opening = false;
+        self.opened.notify_all();
+        match opened {
             Ok(conn) => {
                 let conn = Arc::new(Conn(Some(conn)));
                 state.conn = Some(Arc::clone(&conn));
@@ -111,7 +191,7 @@ impl Connection {
             Err(err) => {
                 state.failures = state.failures.saturating_add(1);
                 let delay = self.backoff.delay(state.failures);
-                state.next_attempt = Some(now + delay);
+                state.next_attempt = Some(Instant::now() + delay);
                 self.connected.store(false, Ordering::Relaxed);
                 tracing::warn!(uri = %self.uri, failures = state.failures, retry_in = ?delay, error = %err, "cannot connect to libvirt");
                 Err(HypervisorError::Disconnected {

@@ -31,10 +31,14 @@ pub(super) fn facts(conn: &Connect, domain_type: DomainType) -> Result<HostFacts
     })
 }
 
-/// `Ok` while the connection is alive; `Disconnected` otherwise.
+/// `Ok` while the connection is alive and the daemon answers a request (`is_alive` alone is
+/// a local check of the socket: a stopped daemon passes it); `Disconnected` otherwise.
 pub(super) fn probe(conn: &Connect) -> Result<()> {
     match conn.is_alive() {
-        Ok(true) => Ok(()),
+        Ok(true) => conn
+            .lib_version()
+            .map(drop)
+            .map_err(|e| map("probe", ObjectKind::Domain, "-", &e)),
         Ok(false) => Err(HypervisorError::Disconnected {
             op: "probe",
             message: "connection is not alive".into(),
