@@ -734,6 +734,7 @@ async fn install_upgrade_and_uninstall_in_a_fresh_namespace() -> anyhow::Result<
         "/run/libvirt",
         "/var/lib/deskvirt/images",
         "/var/lib/deskvirt/disks",
+        "/var/lib/libvirt/qemu/save",
     ] {
         assert!(
             host_paths.iter().any(|p| p == path),
@@ -751,6 +752,7 @@ async fn install_upgrade_and_uninstall_in_a_fresh_namespace() -> anyhow::Result<
         "/run/libvirt",
         "/var/lib/deskvirt/images",
         "/var/lib/deskvirt/disks",
+        "/var/lib/libvirt/qemu/save",
     ] {
         assert!(
             mounts.iter().any(|m| m == path),

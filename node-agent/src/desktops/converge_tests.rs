@@ -1,0 +1,472 @@
+//! Branches of converging a live Desktop ([`super::apply`], [`super::held`],
+//! [`super::lifecycle`]) on the fake hypervisor: what each one defines, starts, saves, stops or
+//! discards on the host, and what it reports. Each test is named after the branch it covers.
+
+use deskvirt_crds::constants::condition::{DOMAIN_DEFINED, RUNNING};
+use deskvirt_crds::desktop::{IdleAction, Move, Power, Reclaimed};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::jiff::Timestamp;
+
+use super::apply::apply;
+use super::testkit::{Kit, NODE, OTHER_UID, desktop, last_condition, with_last_status};
+use super::{Error, failure, show_failure};
+use crate::hypervisor::fake::Op;
+use crate::hypervisor::{DomainState, HypervisorError};
+
+fn rejected() -> HypervisorError {
+    HypervisorError::Rejected {
+        op: "op",
+        target: "t".into(),
+        message: "unsupported configuration: no".into(),
+    }
+}
+
+fn failed() -> HypervisorError {
+    HypervisorError::Failed {
+        op: "op",
+        target: "t".into(),
+        message: "internal error: something unclassified".into(),
+    }
+}
+
+fn cond(kit: &Kit, type_: &str) -> (String, String) {
+    let Some((s, r, _)) = last_condition(&kit.api, type_) else {
+        panic!("no {type_} written: {:?}", kit.api.statuses())
+    };
+    (s, r)
+}
+
+fn pair(s: &str, r: &str) -> (String, String) {
+    (s.to_string(), r.to_string())
+}
+
+/// Changes only: the journal without lookups.
+fn changes(kit: &Kit, from: usize) -> Vec<String> {
+    kit.calls_since(from)
+}
+
+#[tokio::test]
+async fn new_desktop_disk_there_is_defined_and_started() {
+    let kit = Kit::new();
+    kit.make_disk();
+    let pass = apply(&desktop(), &kit.ctx).await;
+    assert!(pass.is_ok(), "{pass:?}");
+    let dom = kit.domain();
+    assert_eq!(
+        changes(&kit, 0),
+        [format!("define {dom}"), format!("start {dom}")]
+    );
+    assert_eq!(cond(&kit, DOMAIN_DEFINED), pair("True", "Defined"));
+    assert_eq!(cond(&kit, RUNNING), pair("True", "Running"));
+    assert!(
+        kit.api.finalizer_writes().is_empty(),
+        "finalizer already there"
+    );
+}
+
+#[tokio::test]
+async fn not_bound_here_nothing_is_done() {
+    let kit = Kit::new();
+    kit.make_disk();
+    let mut d = desktop();
+    if let Some(s) = d.status.as_mut() {
+        s.node = Some("elsewhere".into());
+    }
+    let pass = apply(&d, &kit.ctx).await;
+    assert!(pass.is_ok(), "{pass:?}");
+    assert!(kit.hv.journal().is_empty(), "{:?}", kit.hv.journal());
+    assert!(kit.api.statuses().is_empty());
+}
+
+#[tokio::test]
+async fn input_missing_pool_waits_and_defines_nothing() {
+    let mut kit = Kit::new();
+    kit.forget_pool();
+    let pass = apply(&desktop(), &kit.ctx).await;
+    assert!(pass.is_ok(), "{pass:?}");
+    assert!(kit.hv.journal().is_empty(), "{:?}", kit.hv.journal());
+    assert_eq!(
+        cond(&kit, DOMAIN_DEFINED),
+        pair("Unknown", "WaitingForPool")
+    );
+}
+
+#[tokio::test]
+async fn disk_base_image_missing_defines_nothing() {
+    let kit = Kit::new();
+    let _ = std::fs::remove_file(kit.dir.0.join("images/base.qcow2"));
+    let pass = apply(&desktop(), &kit.ctx).await;
+    assert!(pass.is_ok(), "{pass:?}");
+    assert!(kit.hv.journal().is_empty(), "{:?}", kit.hv.journal());
+    assert_eq!(
+        cond(&kit, DOMAIN_DEFINED),
+        pair("False", "BaseImageMissing")
+    );
+}
+
+#[tokio::test]
+async fn domain_of_another_uid_is_neither_defined_over_nor_touched() {
+    let kit = Kit::new();
+    kit.make_disk();
+    kit.put_foreign(&kit.domain(), OTHER_UID);
+    let pass = apply(&desktop(), &kit.ctx).await;
+    assert!(pass.is_ok(), "{pass:?}");
+    assert!(kit.hv.journal().is_empty(), "{:?}", kit.hv.journal());
+    assert_eq!(cond(&kit, DOMAIN_DEFINED), pair("False", "DomainNotOurs"));
+    let Some(theirs) = kit.hv.domain(&kit.domain()) else {
+        panic!("the other domain is gone")
+    };
+    assert_eq!(theirs.state, DomainState::Running);
+}
+
+#[tokio::test]
+async fn define_refused_is_define_failed_and_nothing_starts() {
+    let kit = Kit::new();
+    kit.make_disk();
+    kit.hv.fail(Op::Define, rejected());
+    let pass = apply(&desktop(), &kit.ctx).await;
+    assert!(pass.is_ok(), "{pass:?}");
+    assert_eq!(changes(&kit, 0), [format!("define {}", kit.domain())]);
+    let Some((s, r, m)) = last_condition(&kit.api, DOMAIN_DEFINED) else {
+        panic!("no DomainDefined")
+    };
+    assert_eq!((s.as_str(), r.as_str()), ("False", "DefineFailed"));
+    assert!(m.contains("unsupported configuration"), "{m}");
+}
+
+#[tokio::test]
+async fn define_fails_unclassified_is_retried_then_shown() {
+    let kit = Kit::new();
+    kit.make_disk();
+    kit.hv.fail(Op::Define, failed());
+    let d = desktop();
+    for attempt in 1..=failure::SHOW_AFTER {
+        let pass = apply(&d, &kit.ctx).await;
+        let Err(err) = pass else {
+            panic!("a transient define failure passed: {pass:?}")
+        };
+        assert!(err.is_transient());
+        show_failure(&d, &kit.ctx, &err).await;
+        let shown = last_condition(&kit.api, DOMAIN_DEFINED);
+        if attempt < failure::SHOW_AFTER {
+            assert_eq!(shown, None, "shown after {attempt} failures");
+        }
+    }
+    let Some((s, r, m)) = last_condition(&kit.api, DOMAIN_DEFINED) else {
+        panic!("a failure that keeps coming back is not on the Desktop")
+    };
+    assert_eq!((s.as_str(), r.as_str()), ("Unknown", "LibvirtFailed"));
+    assert!(m.contains("something unclassified"), "{m}");
+    assert!(!kit.hv.journal().iter().any(|c| c.starts_with("start")));
+}
+
+#[tokio::test]
+async fn permanent_failure_of_a_pass_is_shown_at_once() {
+    let kit = Kit::new();
+    let d = desktop();
+    let err = Error::MissingField("metadata.namespace");
+    assert!(!err.is_transient());
+    show_failure(&d, &kit.ctx, &err).await;
+    assert_eq!(cond(&kit, DOMAIN_DEFINED), pair("False", "InvalidObject"));
+}
+
+#[tokio::test]
+async fn start_refused_is_start_failed_and_the_domain_stays_defined() {
+    let kit = Kit::new();
+    kit.make_disk();
+    kit.hv.fail(Op::Start, rejected());
+    let pass = apply(&desktop(), &kit.ctx).await;
+    assert!(pass.is_ok(), "{pass:?}");
+    let dom = kit.domain();
+    assert_eq!(
+        changes(&kit, 0),
+        [format!("define {dom}"), format!("start {dom}")]
+    );
+    assert_eq!(cond(&kit, DOMAIN_DEFINED), pair("True", "Defined"));
+    assert_eq!(cond(&kit, RUNNING), pair("False", "StartFailed"));
+    assert!(kit.hv.domain(&dom).is_some());
+}
+
+#[tokio::test]
+async fn start_fails_transiently_is_an_error_to_retry() {
+    let kit = Kit::new();
+    kit.make_disk();
+    kit.hv.fail(Op::Start, failed());
+    let pass = apply(&desktop(), &kit.ctx).await;
+    assert!(matches!(&pass, Err(e) if e.is_transient()), "{pass:?}");
+    let Some(dom) = kit.hv.domain(&kit.domain()) else {
+        panic!("not defined")
+    };
+    assert_eq!(dom.state, DomainState::ShutOff);
+}
+
+#[tokio::test]
+async fn running_and_unchanged_is_left_alone() {
+    let kit = Kit::new();
+    kit.make_domain(DomainState::Running, false).await;
+    let before = kit.hv.journal().len();
+    let d = with_last_status(desktop(), &kit.api);
+    let pass = apply(&d, &kit.ctx).await;
+    assert!(pass.is_ok(), "{pass:?}");
+    assert!(
+        changes(&kit, before).is_empty(),
+        "{:?}",
+        changes(&kit, before)
+    );
+}
+
+#[tokio::test]
+async fn power_off_shuts_the_running_domain_down() {
+    let kit = Kit::new();
+    kit.make_domain(DomainState::Running, false).await;
+    let before = kit.hv.journal().len();
+    let mut d = with_last_status(desktop(), &kit.api);
+    d.spec.power = Power::Off;
+    let pass = apply(&d, &kit.ctx).await;
+    assert!(pass.is_ok(), "{pass:?}");
+    assert_eq!(
+        changes(&kit, before),
+        [format!("shutdown {}", kit.domain())],
+        "{:?}",
+        kit.api.statuses()
+    );
+    assert_eq!(cond(&kit, RUNNING), pair("False", "Stopping"));
+}
+
+#[tokio::test]
+async fn saved_memory_is_restored_at_start() {
+    let kit = Kit::new();
+    kit.make_domain(DomainState::ShutOff, true).await;
+    let before = kit.hv.journal().len();
+    let pass = apply(&desktop(), &kit.ctx).await;
+    assert!(pass.is_ok(), "{pass:?}");
+    let dom = kit.domain();
+    assert_eq!(
+        changes(&kit, before),
+        [format!("sync-save {dom}"), format!("start {dom}")]
+    );
+}
+
+#[tokio::test]
+async fn saved_memory_refused_by_libvirt_is_discarded_and_the_desktop_boots() {
+    let kit = Kit::new();
+    kit.make_domain(DomainState::ShutOff, true).await;
+    kit.hv.fail_once(Op::SyncManagedSave, rejected());
+    let before = kit.hv.journal().len();
+    let pass = apply(&desktop(), &kit.ctx).await;
+    assert!(pass.is_ok(), "{pass:?}");
+    let dom = kit.domain();
+    assert_eq!(
+        changes(&kit, before),
+        [
+            format!("sync-save {dom}"),
+            format!("discard-save {dom}"),
+            format!("start {dom}")
+        ]
+    );
+    assert!(
+        kit.api
+            .event_reasons()
+            .contains(&"SavedMemoryDiscarded".to_string())
+    );
+}
+
+#[tokio::test]
+async fn saved_memory_whose_disk_is_gone_is_discarded() {
+    let kit = Kit::new();
+    kit.make_domain(DomainState::ShutOff, true).await;
+    std::fs::remove_file(kit.disk()).unwrap_or_else(|e| panic!("{e}"));
+    let before = kit.hv.journal().len();
+    let _ = apply(&desktop(), &kit.ctx).await;
+    let dom = kit.domain();
+    assert_eq!(
+        changes(&kit, before).first(),
+        Some(&format!("discard-save {dom}"))
+    );
+}
+
+#[tokio::test]
+async fn saved_memory_with_the_disk_dir_not_visible_is_kept_and_reported() {
+    let kit = Kit::new();
+    kit.make_domain(DomainState::ShutOff, true).await;
+    std::fs::remove_dir_all(kit.dir.0.join("disks")).unwrap_or_else(|e| panic!("{e}"));
+    let before = kit.hv.journal().len();
+    let pass = apply(&desktop(), &kit.ctx).await;
+    assert!(pass.is_ok(), "{pass:?}");
+    assert!(
+        changes(&kit, before).is_empty(),
+        "{:?}",
+        changes(&kit, before)
+    );
+    assert_eq!(cond(&kit, DOMAIN_DEFINED), pair("False", "DiskDirMissing"));
+    assert!(kit.hv.domain(&kit.domain()).is_some_and(|d| d.managed_save));
+}
+
+fn moved(secs_from_now: i64) -> Move {
+    let at = Timestamp::now().as_second() + secs_from_now;
+    Move {
+        from: "h0".into(),
+        to: NODE.into(),
+        at: Time(Timestamp::from_second(at).unwrap_or(Timestamp::UNIX_EPOCH)),
+    }
+}
+
+#[tokio::test]
+async fn saved_memory_from_before_a_move_is_discarded_and_the_disk_kept() {
+    let kit = Kit::new();
+    kit.make_domain(DomainState::ShutOff, true).await;
+    let mut d = desktop();
+    d.spec.disk.persistent = false;
+    if let Some(s) = d.status.as_mut() {
+        s.last_move = Some(moved(3600));
+    }
+    let before = kit.hv.journal().len();
+    let pass = apply(&d, &kit.ctx).await;
+    assert!(pass.is_ok(), "{pass:?}");
+    let dom = kit.domain();
+    assert_eq!(
+        changes(&kit, before),
+        [format!("discard-save {dom}"), format!("start {dom}")]
+    );
+    assert_eq!(
+        std::fs::read(kit.disk()).ok().as_deref(),
+        Some(&b"disk"[..]),
+        "no fresh clone right after it ran elsewhere"
+    );
+}
+
+#[tokio::test]
+async fn saved_memory_from_after_the_move_is_restored() {
+    let kit = Kit::new();
+    kit.make_domain(DomainState::ShutOff, true).await;
+    let mut d = desktop();
+    if let Some(s) = d.status.as_mut() {
+        s.last_move = Some(moved(-3600));
+    }
+    let before = kit.hv.journal().len();
+    let pass = apply(&d, &kit.ctx).await;
+    assert!(pass.is_ok(), "{pass:?}");
+    let dom = kit.domain();
+    assert_eq!(
+        changes(&kit, before),
+        [format!("sync-save {dom}"), format!("start {dom}")]
+    );
+}
+
+#[tokio::test]
+async fn saved_memory_unreadable_after_a_move_is_kept_and_reported() {
+    let kit = Kit::new();
+    kit.make_domain(DomainState::ShutOff, true).await;
+    std::fs::remove_file(kit.ctx.config.managed_save_image(&kit.domain()))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let mut d = desktop();
+    if let Some(s) = d.status.as_mut() {
+        s.last_move = Some(moved(-3600));
+    }
+    let before = kit.hv.journal().len();
+    let pass = apply(&d, &kit.ctx).await;
+    assert!(pass.is_ok(), "{pass:?}");
+    assert!(
+        changes(&kit, before).is_empty(),
+        "{:?}",
+        changes(&kit, before)
+    );
+    assert_eq!(
+        cond(&kit, DOMAIN_DEFINED),
+        pair("False", "SavedMemoryUnreadable")
+    );
+    assert!(kit.hv.domain(&kit.domain()).is_some_and(|d| d.managed_save));
+}
+
+fn reclaimed(d: &mut deskvirt_crds::Desktop, action: IdleAction) {
+    if let Some(s) = d.status.as_mut() {
+        s.reclaimed = Some(Reclaimed {
+            action,
+            at: Time(Timestamp::now()),
+            port: None,
+        });
+    }
+}
+
+#[tokio::test]
+async fn held_suspend_announces_then_saves_the_running_domain() {
+    let kit = Kit::new();
+    kit.make_domain(DomainState::Running, false).await;
+    let before = kit.hv.journal().len();
+    let mut d = with_last_status(desktop(), &kit.api);
+    reclaimed(&mut d, IdleAction::Suspend);
+    let pass = apply(&d, &kit.ctx).await;
+    assert!(pass.is_ok(), "{pass:?}");
+    assert!(changes(&kit, before).is_empty(), "announced first");
+    assert_eq!(cond(&kit, RUNNING), pair("False", "Reclaiming"));
+    let mut d = with_last_status(d, &kit.api);
+    reclaimed(&mut d, IdleAction::Suspend);
+    let pass = apply(&d, &kit.ctx).await;
+    assert!(pass.is_ok(), "{pass:?}");
+    assert_eq!(changes(&kit, before), [format!("save {}", kit.domain())]);
+    assert_eq!(cond(&kit, RUNNING), pair("False", "Suspended"));
+}
+
+#[tokio::test]
+async fn held_save_refused_reports_suspend_failed_and_keeps_it_running() {
+    let kit = Kit::new();
+    kit.make_domain(DomainState::Running, false).await;
+    kit.hv.fail(Op::ManagedSave, rejected());
+    let mut d = with_last_status(desktop(), &kit.api);
+    reclaimed(&mut d, IdleAction::Suspend);
+    let _ = apply(&d, &kit.ctx).await;
+    let mut d = with_last_status(d, &kit.api);
+    reclaimed(&mut d, IdleAction::Suspend);
+    let pass = apply(&d, &kit.ctx).await;
+    assert!(pass.is_ok(), "{pass:?}");
+    assert_eq!(cond(&kit, RUNNING), pair("True", "SuspendFailed"));
+    assert!(
+        kit.hv
+            .domain(&kit.domain())
+            .is_some_and(|d| d.state == DomainState::Running)
+    );
+}
+
+#[tokio::test]
+async fn held_never_starts_a_suspended_domain() {
+    let kit = Kit::new();
+    kit.make_domain(DomainState::ShutOff, true).await;
+    let before = kit.hv.journal().len();
+    let mut d = desktop();
+    reclaimed(&mut d, IdleAction::Suspend);
+    let pass = apply(&d, &kit.ctx).await;
+    assert!(pass.is_ok(), "{pass:?}");
+    assert!(
+        changes(&kit, before).is_empty(),
+        "{:?}",
+        changes(&kit, before)
+    );
+    assert_eq!(cond(&kit, RUNNING), pair("False", "Suspended"));
+}
+
+#[tokio::test]
+async fn held_shutdown_powers_the_running_domain_off() {
+    let kit = Kit::new();
+    kit.make_domain(DomainState::Running, false).await;
+    let before = kit.hv.journal().len();
+    let mut d = with_last_status(desktop(), &kit.api);
+    reclaimed(&mut d, IdleAction::Shutdown);
+    let pass = apply(&d, &kit.ctx).await;
+    assert!(pass.is_ok(), "{pass:?}");
+    assert_eq!(
+        changes(&kit, before),
+        [format!("shutdown {}", kit.domain())]
+    );
+}
+
+#[tokio::test]
+async fn held_domain_of_another_uid_is_not_touched() {
+    let kit = Kit::new();
+    kit.put_foreign(&kit.domain(), OTHER_UID);
+    let mut d = desktop();
+    reclaimed(&mut d, IdleAction::Suspend);
+    let pass = apply(&d, &kit.ctx).await;
+    assert!(pass.is_ok(), "{pass:?}");
+    assert!(kit.hv.journal().is_empty(), "{:?}", kit.hv.journal());
+    assert_eq!(cond(&kit, DOMAIN_DEFINED), pair("False", "DomainNotOurs"));
+}
