@@ -149,11 +149,6 @@ impl From<HypervisorError> for Stop {
     }
 }
 
-/// `DomainDefined` is `cond`; the pass stops there.
-fn wait(cond: Cond, again: Duration) -> Stop {
-    Stop::Wait(cond, again)
-}
-
 async fn converge<H: Hypervisor>(
     d: &Desktop,
     ctx: &DesktopContext<H>,
@@ -204,7 +199,7 @@ async fn locate<H: Hypervisor>(
             Ok((Inputs { domain, ..inputs }, true))
         }
         Place::Free { .. } => Ok((inputs, false)),
-        Place::Taken { name, owner } => Err(wait(
+        Place::Taken { name, owner } => Err(Stop::Wait(
             not_ours(&ctx.config.node_name, &name, &owner),
             ADMIN_RESYNC,
         )),
@@ -219,7 +214,7 @@ async fn pin_address<H: Hypervisor>(
 ) -> Result<Option<String>, Stop> {
     match ip::pin(ctx, &inputs.pool, &inputs.domain.mac, status.ip.as_deref()).await {
         Ok(ip) => Ok(ip.map(|a| a.to_string())),
-        Err(Pending::Wait(c)) => Err(wait(c, BUSY_RESYNC)),
+        Err(Pending::Wait(c)) => Err(Stop::Wait(c, BUSY_RESYNC)),
         Err(Pending::Failed(e)) => Err(e.into()),
     }
 }
@@ -279,7 +274,7 @@ async fn observe<H: Hypervisor>(
             }
             Verdict::Blocked(c) => {
                 let again = lifecycle::resync(c.status == Status::Unknown);
-                return Err(wait(c, again));
+                return Err(Stop::Wait(c, again));
             }
         }
     }
@@ -392,7 +387,7 @@ async fn prepare_disk<H>(
         Ok(Prepared::Existing) => Ok(()),
         Err(e) => {
             let c = Cond::new(Status::False, Reason::of_disk(&e), e.to_string());
-            Err(wait(c, lifecycle::resync(e.is_transient())))
+            Err(Stop::Wait(c, lifecycle::resync(e.is_transient())))
         }
     }
 }
@@ -405,7 +400,7 @@ async fn define<H: Hypervisor>(
     exists: bool,
 ) -> Result<(), Stop> {
     let xml = inputs.domain.to_xml().map_err(|e| {
-        wait(
+        Stop::Wait(
             Cond::new(Status::False, Reason::InvalidSpec, e.to_string()),
             ADMIN_RESYNC,
         )
@@ -420,7 +415,7 @@ async fn define<H: Hypervisor>(
             Ok(())
         }
         Err(e) if e.is_transient() => Err(e.into()),
-        Err(e) => Err(wait(
+        Err(e) => Err(Stop::Wait(
             Cond::new(Status::False, Reason::DefineFailed, e.to_string()),
             ADMIN_RESYNC,
         )),
