@@ -470,3 +470,117 @@ async fn held_domain_of_another_uid_is_not_touched() {
     assert!(kit.hv.journal().is_empty(), "{:?}", kit.hv.journal());
     assert_eq!(cond(&kit, DOMAIN_DEFINED), pair("False", "DomainNotOurs"));
 }
+
+#[tokio::test]
+async fn non_persistent_desktop_booting_from_off_gets_a_fresh_clone() {
+    let kit = Kit::new();
+    kit.make_domain(DomainState::ShutOff, false).await;
+    let mut d = desktop();
+    d.spec.disk.persistent = false;
+    let before = kit.hv.journal().len();
+    let pass = apply(&d, &kit.ctx).await;
+    assert!(pass.is_ok(), "{pass:?}");
+    assert_eq!(changes(&kit, before), [format!("start {}", kit.domain())]);
+    assert_eq!(
+        std::fs::read(kit.disk()).ok().as_deref(),
+        Some(&b"fresh\n"[..])
+    );
+}
+
+#[tokio::test]
+async fn persistent_desktop_booting_from_off_keeps_its_disk() {
+    let kit = Kit::new();
+    kit.make_domain(DomainState::ShutOff, false).await;
+    let pass = apply(&desktop(), &kit.ctx).await;
+    assert!(pass.is_ok(), "{pass:?}");
+    assert_eq!(
+        std::fs::read(kit.disk()).ok().as_deref(),
+        Some(&b"disk"[..])
+    );
+}
+
+#[tokio::test]
+async fn moved_desktop_without_saved_memory_boots() {
+    let kit = Kit::new();
+    kit.make_domain(DomainState::ShutOff, false).await;
+    let mut d = desktop();
+    if let Some(s) = d.status.as_mut() {
+        s.last_move = Some(moved(-3600));
+    }
+    let before = kit.hv.journal().len();
+    let pass = apply(&d, &kit.ctx).await;
+    assert!(pass.is_ok(), "{pass:?}");
+    assert_eq!(changes(&kit, before), [format!("start {}", kit.domain())]);
+}
+
+#[tokio::test]
+async fn changed_spec_redefines_the_existing_domain() {
+    let kit = Kit::new();
+    kit.make_domain(DomainState::ShutOff, false).await;
+    let mut d = with_last_status(desktop(), &kit.api);
+    d.spec.power = Power::Off;
+    d.spec.cpu = 2;
+    let before = kit.hv.journal().len();
+    let pass = apply(&d, &kit.ctx).await;
+    assert!(pass.is_ok(), "{pass:?}");
+    assert_eq!(changes(&kit, before), [format!("define {}", kit.domain())]);
+    assert_eq!(cond(&kit, RUNNING), pair("False", "Stopped"));
+}
+
+#[tokio::test]
+async fn guest_that_shut_itself_down_stays_off_until_a_new_generation() {
+    let kit = Kit::new();
+    kit.make_domain(DomainState::Running, false).await;
+    // The guest powers itself off; the status still says it ran.
+    let Some(mut dom) = kit.hv.domain(&kit.domain()) else {
+        panic!("no domain")
+    };
+    dom.state = DomainState::ShutOff;
+    kit.hv.put(&kit.domain(), dom);
+    let before = kit.hv.journal().len();
+    let d = with_last_status(desktop(), &kit.api);
+    let pass = apply(&d, &kit.ctx).await;
+    assert!(pass.is_ok(), "{pass:?}");
+    assert!(
+        changes(&kit, before).is_empty(),
+        "{:?}",
+        changes(&kit, before)
+    );
+    assert_eq!(cond(&kit, RUNNING), pair("False", "Shutdown"));
+    // The next pass of the same generation keeps it off too.
+    let d = with_last_status(d, &kit.api);
+    let pass = apply(&d, &kit.ctx).await;
+    assert!(pass.is_ok(), "{pass:?}");
+    assert!(
+        changes(&kit, before).is_empty(),
+        "{:?}",
+        changes(&kit, before)
+    );
+    // A new generation (power Off and On again) starts it.
+    let mut d = with_last_status(d, &kit.api);
+    d.metadata.generation = Some(2);
+    let pass = apply(&d, &kit.ctx).await;
+    assert!(pass.is_ok(), "{pass:?}");
+    assert_eq!(changes(&kit, before), [format!("start {}", kit.domain())]);
+}
+
+#[tokio::test]
+async fn rotated_password_reaches_the_running_domain_once() {
+    let mut kit = Kit::new();
+    kit.make_domain(DomainState::Running, false).await;
+    kit.rotate_password("8");
+    let before = kit.hv.journal().len();
+    let d = with_last_status(desktop(), &kit.api);
+    let pass = apply(&d, &kit.ctx).await;
+    assert!(pass.is_ok(), "{pass:?}");
+    let dom = kit.domain();
+    assert_eq!(changes(&kit, before), [format!("update-device {dom}")]);
+    let again = kit.hv.journal().len();
+    let pass = apply(&d, &kit.ctx).await;
+    assert!(pass.is_ok(), "{pass:?}");
+    assert!(
+        changes(&kit, again).is_empty(),
+        "{:?}",
+        changes(&kit, again)
+    );
+}

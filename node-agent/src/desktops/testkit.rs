@@ -113,6 +113,17 @@ impl Scratch {
             std::fs::create_dir_all(dir.join(sub)).unwrap_or_else(|e| panic!("{e}"));
         }
         std::fs::write(dir.join("images/base.qcow2"), b"base").unwrap_or_else(|e| panic!("{e}"));
+        // A qemu-img that says every image is raw and writes "fresh" into the clone it makes.
+        let tool = dir.join("qemu-img");
+        std::fs::write(
+            &tool,
+            "#!/bin/sh\ncase \"$1\" in\ninfo) echo '{\"format\":\"raw\"}' ;;\n\
+             *) for a; do case \"$a\" in *.partial) echo fresh > \"$a\" ;; esac; done ;;\nesac\n",
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&tool, std::fs::Permissions::from_mode(0o755))
+            .unwrap_or_else(|e| panic!("{e}"));
         Self(dir)
     }
 }
@@ -158,10 +169,10 @@ fn pool(dir: &Path) -> ResourcePool {
     .unwrap_or_else(|e| panic!("{e}"))
 }
 
-fn mirror() -> Secret {
+fn mirror(version: &str) -> Secret {
     serde_json::from_value(json!({
         "metadata": {"name": format!("console-{UID}"), "namespace": CONSOLES,
-                     "resourceVersion": "7",
+                     "resourceVersion": version,
                      "labels": {"deskvirt.io/desktop-uid": UID, "deskvirt.io/node": NODE},
                      "annotations": {"deskvirt.io/desktop": "team/a"}},
         "data": {"password": "c2VjcmV0"}
@@ -176,6 +187,7 @@ pub struct Kit {
     pub api: ApiLog,
     pub dir: Scratch,
     pools: Writer<ResourcePool>,
+    mirrors: Writer<Secret>,
 }
 
 impl Kit {
@@ -193,13 +205,13 @@ impl Kit {
         pools.apply_watcher_event(&watcher::Event::Apply(pool(&dir.0)));
         let (nodes, _) = reflector::store();
         let (mirrors, mut mirror_writer) = reflector::store::<Secret>();
-        mirror_writer.apply_watcher_event(&watcher::Event::Apply(mirror()));
+        mirror_writer.apply_watcher_event(&watcher::Event::Apply(mirror("7")));
         let config = DesktopConfig {
             node_name: NODE.into(),
             node_address: "192.0.2.10".into(),
             domain_type: DomainType::Qemu,
             console_namespace: CONSOLES.into(),
-            qemu_img: "/nonexistent/qemu-img".into(),
+            qemu_img: dir.0.join("qemu-img").display().to_string(),
             shutdown_grace: Duration::from_secs(60),
             managed_save_dir: dir.0.join("save"),
             activity_interval: Duration::from_secs(10),
@@ -219,7 +231,14 @@ impl Kit {
             api,
             dir,
             pools,
+            mirrors: mirror_writer,
         }
+    }
+
+    /// The operator rotates the console password: the mirror gets a new version.
+    pub fn rotate_password(&mut self, version: &str) {
+        self.mirrors
+            .apply_watcher_event(&watcher::Event::Apply(mirror(version)));
     }
 
     /// The pool leaves the cache.
