@@ -58,6 +58,11 @@ async fn new_desktop_disk_there_is_defined_and_started() {
     );
     assert_eq!(cond(&kit, DOMAIN_DEFINED), pair("True", "Defined"));
     assert_eq!(cond(&kit, RUNNING), pair("True", "Running"));
+    let statuses = kit.api.statuses();
+    assert_eq!(
+        statuses.last().map(|s| s["spice"]["uri"].clone()),
+        Some(serde_json::json!("spice://192.0.2.10:5901"))
+    );
     assert!(
         kit.api.finalizer_writes().is_empty(),
         "finalizer already there"
@@ -583,4 +588,107 @@ async fn rotated_password_reaches_the_running_domain_once() {
         "{:?}",
         changes(&kit, again)
     );
+}
+
+#[tokio::test]
+async fn domain_state_unreadable_defines_and_starts_nothing() {
+    let kit = Kit::new();
+    kit.make_domain(DomainState::ShutOff, false).await;
+    kit.hv.fail(Op::Status, failed());
+    let before = kit.hv.journal().len();
+    let pass = apply(&desktop(), &kit.ctx).await;
+    assert!(matches!(&pass, Err(e) if e.is_transient()), "{pass:?}");
+    assert!(
+        changes(&kit, before).is_empty(),
+        "{:?}",
+        changes(&kit, before)
+    );
+}
+
+#[tokio::test]
+async fn non_persistent_crashed_domain_restarts_on_its_disk() {
+    let kit = Kit::new();
+    kit.make_domain(DomainState::Crashed, false).await;
+    let mut d = desktop();
+    d.spec.disk.persistent = false;
+    let before = kit.hv.journal().len();
+    let pass = apply(&d, &kit.ctx).await;
+    assert!(pass.is_ok(), "{pass:?}");
+    assert_eq!(changes(&kit, before), [format!("start {}", kit.domain())]);
+    assert_eq!(
+        std::fs::read(kit.disk()).ok().as_deref(),
+        Some(&b"disk"[..])
+    );
+}
+
+#[tokio::test]
+async fn held_domain_state_unreadable_is_an_error_and_nothing_is_saved() {
+    let kit = Kit::new();
+    kit.make_domain(DomainState::Running, false).await;
+    kit.hv.fail(Op::Status, failed());
+    let before = kit.hv.journal().len();
+    let mut d = with_last_status(desktop(), &kit.api);
+    reclaimed(&mut d, IdleAction::Suspend);
+    let pass = apply(&d, &kit.ctx).await;
+    assert!(matches!(&pass, Err(e) if e.is_transient()), "{pass:?}");
+    assert!(
+        changes(&kit, before).is_empty(),
+        "{:?}",
+        changes(&kit, before)
+    );
+}
+
+#[tokio::test]
+async fn held_without_a_domain_is_suspended_with_nothing_saved() {
+    let kit = Kit::new();
+    let mut d = desktop();
+    reclaimed(&mut d, IdleAction::Suspend);
+    let pass = apply(&d, &kit.ctx).await;
+    assert!(pass.is_ok(), "{pass:?}");
+    assert!(kit.hv.journal().is_empty(), "{:?}", kit.hv.journal());
+    let Some((s, r, m)) = last_condition(&kit.api, RUNNING) else {
+        panic!("no Running")
+    };
+    assert_eq!((s.as_str(), r.as_str()), ("False", "Suspended"));
+    assert!(m.contains("no memory to save"), "{m}");
+}
+
+#[tokio::test]
+async fn power_off_ignored_by_the_guest_is_forced_after_the_grace() {
+    let mut kit = Kit::new();
+    kit.make_domain(DomainState::Running, false).await;
+    kit.hv.ignore_acpi();
+    kit.ctx.config.shutdown_grace = std::time::Duration::from_millis(200);
+    let before = kit.hv.journal().len();
+    let mut d = with_last_status(desktop(), &kit.api);
+    d.spec.power = Power::Off;
+    let pass = apply(&d, &kit.ctx).await;
+    assert!(pass.is_ok(), "{pass:?}");
+    assert_eq!(
+        changes(&kit, before),
+        [format!("shutdown {}", kit.domain())]
+    );
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let pass = apply(&d, &kit.ctx).await;
+    assert!(pass.is_ok(), "{pass:?}");
+    let dom = kit.domain();
+    assert_eq!(
+        changes(&kit, before),
+        [format!("shutdown {dom}"), format!("destroy {dom}")]
+    );
+    assert!(kit.api.event_reasons().contains(&"PoweredOff".to_string()));
+}
+
+#[tokio::test]
+async fn held_save_failing_transiently_is_retried_as_an_error() {
+    let kit = Kit::new();
+    kit.make_domain(DomainState::Running, false).await;
+    kit.hv.fail(Op::ManagedSave, failed());
+    let mut d = with_last_status(desktop(), &kit.api);
+    reclaimed(&mut d, IdleAction::Suspend);
+    let _ = apply(&d, &kit.ctx).await;
+    let mut d = with_last_status(d, &kit.api);
+    reclaimed(&mut d, IdleAction::Suspend);
+    let pass = apply(&d, &kit.ctx).await;
+    assert!(matches!(&pass, Err(e) if e.is_transient()), "{pass:?}");
 }

@@ -157,3 +157,64 @@ async fn without_the_agents_finalizer_nothing_is_touched() {
     assert!(kit.calls_since(before).is_empty());
     assert!(kit.disk().exists());
 }
+
+#[tokio::test]
+async fn domain_definition_unreadable_nothing_is_destroyed_or_deleted() {
+    let kit = Kit::new();
+    kit.make_domain(DomainState::Running, false).await;
+    kit.hv.fail(Op::Xml, failed());
+    let before = kit.hv.journal().len();
+    let pass = teardown(&deleted(desktop()), &kit.ctx).await;
+    assert!(matches!(&pass, Err(e) if e.is_transient()), "{pass:?}");
+    assert!(
+        kit.calls_since(before).is_empty(),
+        "{:?}",
+        kit.calls_since(before)
+    );
+    assert!(kit.disk().exists());
+    assert!(!released(&kit));
+}
+
+#[tokio::test]
+async fn domain_gone_while_its_definition_is_read_teardown_goes_on() {
+    let kit = Kit::new();
+    kit.make_domain(DomainState::ShutOff, false).await;
+    kit.hv.fail_once(
+        Op::Xml,
+        HypervisorError::NotFound {
+            kind: crate::hypervisor::ObjectKind::Domain,
+            name: kit.domain(),
+        },
+    );
+    let pass = teardown(&deleted(desktop()), &kit.ctx).await;
+    assert!(pass.is_ok(), "{pass:?}");
+    assert!(kit.hv.domain(&kit.domain()).is_none());
+    assert!(
+        !kit.disk().exists(),
+        "the disk with our owner record is deleted"
+    );
+    assert!(released(&kit));
+}
+
+#[tokio::test]
+async fn unrecorded_disk_of_its_own_domain_is_adopted_and_deleted() {
+    let kit = Kit::new();
+    kit.make_domain(DomainState::ShutOff, false).await;
+    // A disk an earlier release made: no owner record, named after the domain that uses it.
+    std::fs::remove_file(crate::disks::owner_path(&kit.disk())).unwrap_or_else(|e| panic!("{e}"));
+    let pass = teardown(&deleted(desktop()), &kit.ctx).await;
+    assert!(pass.is_ok(), "{pass:?}");
+    assert!(!kit.disk().exists(), "its own domain's disk is deleted");
+    assert!(released(&kit));
+}
+
+#[tokio::test]
+async fn unrecorded_disk_without_its_domain_is_kept() {
+    let kit = Kit::new();
+    kit.make_disk();
+    std::fs::remove_file(crate::disks::owner_path(&kit.disk())).unwrap_or_else(|e| panic!("{e}"));
+    let pass = teardown(&deleted(desktop()), &kit.ctx).await;
+    assert!(pass.is_ok(), "{pass:?}");
+    assert!(kit.disk().exists(), "nobody can prove it is this desktop's");
+    assert!(kit.api.event_reasons().contains(&"DiskKept".to_string()));
+}

@@ -52,6 +52,8 @@ struct State {
     /// Failures to return: (operation, error, remaining count; `None` for ever).
     failures: Vec<(Op, HypervisorError, Option<u32>)>,
     journal: Vec<String>,
+    /// Guests ignore ACPI shutdown requests.
+    ignore_acpi: bool,
 }
 
 /// The fake host. Clones share it.
@@ -99,6 +101,11 @@ impl FakeHypervisor {
     /// The next call of `op` fails with `err`.
     pub fn fail_once(&self, op: Op, err: HypervisorError) {
         self.with(|s| s.failures.push((op, err, Some(1))));
+    }
+
+    /// From now on guests ignore ACPI shutdown requests (only a destroy stops them).
+    pub fn ignore_acpi(&self) {
+        self.with(|s| s.ignore_acpi = true);
     }
 
     /// No more injected failures.
@@ -271,7 +278,9 @@ impl Hypervisor for FakeHypervisor {
 
     async fn shutdown_domain(&self, name: &str) -> Result<Change> {
         self.change(Op::Shutdown, "shutdown", name, |s| {
+            let ignored = s.ignore_acpi;
             Ok(match s.domains.get_mut(name) {
+                Some(_) if ignored => Change::Done,
                 Some(d) if d.state.is_active() => {
                     d.state = DomainState::ShutOff;
                     Change::Done
