@@ -40,6 +40,12 @@ fn pair(s: &str, r: &str) -> (String, String) {
     (s.to_string(), r.to_string())
 }
 
+/// Runs one pass of `d`, which must succeed.
+async fn passes(kit: &Kit, d: &deskvirt_crds::Desktop) {
+    let pass = apply(d, &kit.ctx).await;
+    assert!(pass.is_ok(), "{pass:?}");
+}
+
 /// Changes only: the journal without lookups.
 fn changes(kit: &Kit, from: usize) -> Vec<String> {
     kit.calls_since(from)
@@ -49,8 +55,7 @@ fn changes(kit: &Kit, from: usize) -> Vec<String> {
 async fn new_desktop_disk_there_is_defined_and_started() {
     let kit = Kit::new();
     kit.make_disk();
-    let pass = apply(&desktop(), &kit.ctx).await;
-    assert!(pass.is_ok(), "{pass:?}");
+    passes(&kit, &desktop()).await;
     let dom = kit.domain();
     assert_eq!(
         changes(&kit, 0),
@@ -77,8 +82,7 @@ async fn not_bound_here_nothing_is_done() {
     if let Some(s) = d.status.as_mut() {
         s.node = Some("elsewhere".into());
     }
-    let pass = apply(&d, &kit.ctx).await;
-    assert!(pass.is_ok(), "{pass:?}");
+    passes(&kit, &d).await;
     assert!(kit.hv.journal().is_empty(), "{:?}", kit.hv.journal());
     assert!(kit.api.statuses().is_empty());
 }
@@ -87,8 +91,7 @@ async fn not_bound_here_nothing_is_done() {
 async fn input_missing_pool_waits_and_defines_nothing() {
     let mut kit = Kit::new();
     kit.forget_pool();
-    let pass = apply(&desktop(), &kit.ctx).await;
-    assert!(pass.is_ok(), "{pass:?}");
+    passes(&kit, &desktop()).await;
     assert!(kit.hv.journal().is_empty(), "{:?}", kit.hv.journal());
     assert_eq!(
         cond(&kit, DOMAIN_DEFINED),
@@ -100,8 +103,7 @@ async fn input_missing_pool_waits_and_defines_nothing() {
 async fn disk_base_image_missing_defines_nothing() {
     let kit = Kit::new();
     let _ = std::fs::remove_file(kit.dir.0.join("images/base.qcow2"));
-    let pass = apply(&desktop(), &kit.ctx).await;
-    assert!(pass.is_ok(), "{pass:?}");
+    passes(&kit, &desktop()).await;
     assert!(kit.hv.journal().is_empty(), "{:?}", kit.hv.journal());
     assert_eq!(
         cond(&kit, DOMAIN_DEFINED),
@@ -114,8 +116,7 @@ async fn domain_of_another_uid_is_neither_defined_over_nor_touched() {
     let kit = Kit::new();
     kit.make_disk();
     kit.put_foreign(&kit.domain(), OTHER_UID);
-    let pass = apply(&desktop(), &kit.ctx).await;
-    assert!(pass.is_ok(), "{pass:?}");
+    passes(&kit, &desktop()).await;
     assert!(kit.hv.journal().is_empty(), "{:?}", kit.hv.journal());
     assert_eq!(cond(&kit, DOMAIN_DEFINED), pair("False", "DomainNotOurs"));
     let Some(theirs) = kit.hv.domain(&kit.domain()) else {
@@ -129,8 +130,7 @@ async fn define_refused_is_define_failed_and_nothing_starts() {
     let kit = Kit::new();
     kit.make_disk();
     kit.hv.fail(Op::Define, rejected());
-    let pass = apply(&desktop(), &kit.ctx).await;
-    assert!(pass.is_ok(), "{pass:?}");
+    passes(&kit, &desktop()).await;
     assert_eq!(changes(&kit, 0), [format!("define {}", kit.domain())]);
     let Some((s, r, m)) = last_condition(&kit.api, DOMAIN_DEFINED) else {
         panic!("no DomainDefined")
@@ -180,8 +180,7 @@ async fn start_refused_is_start_failed_and_the_domain_stays_defined() {
     let kit = Kit::new();
     kit.make_disk();
     kit.hv.fail(Op::Start, rejected());
-    let pass = apply(&desktop(), &kit.ctx).await;
-    assert!(pass.is_ok(), "{pass:?}");
+    passes(&kit, &desktop()).await;
     let dom = kit.domain();
     assert_eq!(
         changes(&kit, 0),
@@ -211,8 +210,7 @@ async fn running_and_unchanged_is_left_alone() {
     kit.make_domain(DomainState::Running, false).await;
     let before = kit.hv.journal().len();
     let d = with_last_status(desktop(), &kit.api);
-    let pass = apply(&d, &kit.ctx).await;
-    assert!(pass.is_ok(), "{pass:?}");
+    passes(&kit, &d).await;
     assert!(
         changes(&kit, before).is_empty(),
         "{:?}",
@@ -227,8 +225,7 @@ async fn power_off_shuts_the_running_domain_down() {
     let before = kit.hv.journal().len();
     let mut d = with_last_status(desktop(), &kit.api);
     d.spec.power = Power::Off;
-    let pass = apply(&d, &kit.ctx).await;
-    assert!(pass.is_ok(), "{pass:?}");
+    passes(&kit, &d).await;
     assert_eq!(
         changes(&kit, before),
         [format!("shutdown {}", kit.domain())],
@@ -243,8 +240,7 @@ async fn saved_memory_is_restored_at_start() {
     let kit = Kit::new();
     kit.make_domain(DomainState::ShutOff, true).await;
     let before = kit.hv.journal().len();
-    let pass = apply(&desktop(), &kit.ctx).await;
-    assert!(pass.is_ok(), "{pass:?}");
+    passes(&kit, &desktop()).await;
     let dom = kit.domain();
     assert_eq!(
         changes(&kit, before),
@@ -258,8 +254,7 @@ async fn saved_memory_refused_by_libvirt_is_discarded_and_the_desktop_boots() {
     kit.make_domain(DomainState::ShutOff, true).await;
     kit.hv.fail_once(Op::SyncManagedSave, rejected());
     let before = kit.hv.journal().len();
-    let pass = apply(&desktop(), &kit.ctx).await;
-    assert!(pass.is_ok(), "{pass:?}");
+    passes(&kit, &desktop()).await;
     let dom = kit.domain();
     assert_eq!(
         changes(&kit, before),
@@ -296,8 +291,7 @@ async fn saved_memory_with_the_disk_dir_not_visible_is_kept_and_reported() {
     kit.make_domain(DomainState::ShutOff, true).await;
     std::fs::remove_dir_all(kit.dir.0.join("disks")).unwrap_or_else(|e| panic!("{e}"));
     let before = kit.hv.journal().len();
-    let pass = apply(&desktop(), &kit.ctx).await;
-    assert!(pass.is_ok(), "{pass:?}");
+    passes(&kit, &desktop()).await;
     assert!(
         changes(&kit, before).is_empty(),
         "{:?}",
@@ -326,15 +320,14 @@ async fn saved_memory_from_before_a_move_is_discarded_and_the_disk_kept() {
         s.last_move = Some(moved(3600));
     }
     let before = kit.hv.journal().len();
-    let pass = apply(&d, &kit.ctx).await;
-    assert!(pass.is_ok(), "{pass:?}");
+    passes(&kit, &d).await;
     let dom = kit.domain();
     assert_eq!(
         changes(&kit, before),
         [format!("discard-save {dom}"), format!("start {dom}")]
     );
     assert_eq!(
-        std::fs::read(kit.disk()).ok().as_deref(),
+        kit.disk_content().as_deref(),
         Some(&b"disk"[..]),
         "no fresh clone right after it ran elsewhere"
     );
@@ -349,8 +342,7 @@ async fn saved_memory_from_after_the_move_is_restored() {
         s.last_move = Some(moved(-3600));
     }
     let before = kit.hv.journal().len();
-    let pass = apply(&d, &kit.ctx).await;
-    assert!(pass.is_ok(), "{pass:?}");
+    passes(&kit, &d).await;
     let dom = kit.domain();
     assert_eq!(
         changes(&kit, before),
@@ -369,8 +361,7 @@ async fn saved_memory_unreadable_after_a_move_is_kept_and_reported() {
         s.last_move = Some(moved(-3600));
     }
     let before = kit.hv.journal().len();
-    let pass = apply(&d, &kit.ctx).await;
-    assert!(pass.is_ok(), "{pass:?}");
+    passes(&kit, &d).await;
     assert!(
         changes(&kit, before).is_empty(),
         "{:?}",
@@ -400,14 +391,12 @@ async fn held_suspend_announces_then_saves_the_running_domain() {
     let before = kit.hv.journal().len();
     let mut d = with_last_status(desktop(), &kit.api);
     reclaimed(&mut d, IdleAction::Suspend);
-    let pass = apply(&d, &kit.ctx).await;
-    assert!(pass.is_ok(), "{pass:?}");
+    passes(&kit, &d).await;
     assert!(changes(&kit, before).is_empty(), "announced first");
     assert_eq!(cond(&kit, RUNNING), pair("False", "Reclaiming"));
     let mut d = with_last_status(d, &kit.api);
     reclaimed(&mut d, IdleAction::Suspend);
-    let pass = apply(&d, &kit.ctx).await;
-    assert!(pass.is_ok(), "{pass:?}");
+    passes(&kit, &d).await;
     assert_eq!(changes(&kit, before), [format!("save {}", kit.domain())]);
     assert_eq!(cond(&kit, RUNNING), pair("False", "Suspended"));
 }
@@ -422,8 +411,7 @@ async fn held_save_refused_reports_suspend_failed_and_keeps_it_running() {
     let _ = apply(&d, &kit.ctx).await;
     let mut d = with_last_status(d, &kit.api);
     reclaimed(&mut d, IdleAction::Suspend);
-    let pass = apply(&d, &kit.ctx).await;
-    assert!(pass.is_ok(), "{pass:?}");
+    passes(&kit, &d).await;
     assert_eq!(cond(&kit, RUNNING), pair("True", "SuspendFailed"));
     assert!(
         kit.hv
@@ -439,8 +427,7 @@ async fn held_never_starts_a_suspended_domain() {
     let before = kit.hv.journal().len();
     let mut d = desktop();
     reclaimed(&mut d, IdleAction::Suspend);
-    let pass = apply(&d, &kit.ctx).await;
-    assert!(pass.is_ok(), "{pass:?}");
+    passes(&kit, &d).await;
     assert!(
         changes(&kit, before).is_empty(),
         "{:?}",
@@ -456,8 +443,7 @@ async fn held_shutdown_powers_the_running_domain_off() {
     let before = kit.hv.journal().len();
     let mut d = with_last_status(desktop(), &kit.api);
     reclaimed(&mut d, IdleAction::Shutdown);
-    let pass = apply(&d, &kit.ctx).await;
-    assert!(pass.is_ok(), "{pass:?}");
+    passes(&kit, &d).await;
     assert_eq!(
         changes(&kit, before),
         [format!("shutdown {}", kit.domain())]
@@ -470,38 +456,35 @@ async fn held_domain_of_another_uid_is_not_touched() {
     kit.put_foreign(&kit.domain(), OTHER_UID);
     let mut d = desktop();
     reclaimed(&mut d, IdleAction::Suspend);
-    let pass = apply(&d, &kit.ctx).await;
-    assert!(pass.is_ok(), "{pass:?}");
+    passes(&kit, &d).await;
     assert!(kit.hv.journal().is_empty(), "{:?}", kit.hv.journal());
     assert_eq!(cond(&kit, DOMAIN_DEFINED), pair("False", "DomainNotOurs"));
 }
 
-#[tokio::test]
-async fn non_persistent_desktop_booting_from_off_gets_a_fresh_clone() {
+/// Starts a non-persistent desktop whose domain is `state`; returns what its disk holds then.
+async fn non_persistent_start(state: DomainState) -> Option<Vec<u8>> {
     let kit = Kit::new();
-    kit.make_domain(DomainState::ShutOff, false).await;
+    kit.make_domain(state, false).await;
     let mut d = desktop();
     d.spec.disk.persistent = false;
     let before = kit.hv.journal().len();
-    let pass = apply(&d, &kit.ctx).await;
-    assert!(pass.is_ok(), "{pass:?}");
+    passes(&kit, &d).await;
     assert_eq!(changes(&kit, before), [format!("start {}", kit.domain())]);
-    assert_eq!(
-        std::fs::read(kit.disk()).ok().as_deref(),
-        Some(&b"fresh\n"[..])
-    );
+    kit.disk_content()
+}
+
+#[tokio::test]
+async fn non_persistent_desktop_booting_from_off_gets_a_fresh_clone() {
+    let disk = non_persistent_start(DomainState::ShutOff).await;
+    assert_eq!(disk.as_deref(), Some(&b"fresh\n"[..]));
 }
 
 #[tokio::test]
 async fn persistent_desktop_booting_from_off_keeps_its_disk() {
     let kit = Kit::new();
     kit.make_domain(DomainState::ShutOff, false).await;
-    let pass = apply(&desktop(), &kit.ctx).await;
-    assert!(pass.is_ok(), "{pass:?}");
-    assert_eq!(
-        std::fs::read(kit.disk()).ok().as_deref(),
-        Some(&b"disk"[..])
-    );
+    passes(&kit, &desktop()).await;
+    assert_eq!(kit.disk_content().as_deref(), Some(&b"disk"[..]));
 }
 
 #[tokio::test]
@@ -513,8 +496,7 @@ async fn moved_desktop_without_saved_memory_boots() {
         s.last_move = Some(moved(-3600));
     }
     let before = kit.hv.journal().len();
-    let pass = apply(&d, &kit.ctx).await;
-    assert!(pass.is_ok(), "{pass:?}");
+    passes(&kit, &d).await;
     assert_eq!(changes(&kit, before), [format!("start {}", kit.domain())]);
 }
 
@@ -526,8 +508,7 @@ async fn changed_spec_redefines_the_existing_domain() {
     d.spec.power = Power::Off;
     d.spec.cpu = 2;
     let before = kit.hv.journal().len();
-    let pass = apply(&d, &kit.ctx).await;
-    assert!(pass.is_ok(), "{pass:?}");
+    passes(&kit, &d).await;
     assert_eq!(changes(&kit, before), [format!("define {}", kit.domain())]);
     assert_eq!(cond(&kit, RUNNING), pair("False", "Stopped"));
 }
@@ -544,8 +525,7 @@ async fn guest_that_shut_itself_down_stays_off_until_a_new_generation() {
     kit.hv.put(&kit.domain(), dom);
     let before = kit.hv.journal().len();
     let d = with_last_status(desktop(), &kit.api);
-    let pass = apply(&d, &kit.ctx).await;
-    assert!(pass.is_ok(), "{pass:?}");
+    passes(&kit, &d).await;
     assert!(
         changes(&kit, before).is_empty(),
         "{:?}",
@@ -554,8 +534,7 @@ async fn guest_that_shut_itself_down_stays_off_until_a_new_generation() {
     assert_eq!(cond(&kit, RUNNING), pair("False", "Shutdown"));
     // The next pass of the same generation keeps it off too.
     let d = with_last_status(d, &kit.api);
-    let pass = apply(&d, &kit.ctx).await;
-    assert!(pass.is_ok(), "{pass:?}");
+    passes(&kit, &d).await;
     assert!(
         changes(&kit, before).is_empty(),
         "{:?}",
@@ -564,8 +543,7 @@ async fn guest_that_shut_itself_down_stays_off_until_a_new_generation() {
     // A new generation (power Off and On again) starts it.
     let mut d = with_last_status(d, &kit.api);
     d.metadata.generation = Some(2);
-    let pass = apply(&d, &kit.ctx).await;
-    assert!(pass.is_ok(), "{pass:?}");
+    passes(&kit, &d).await;
     assert_eq!(changes(&kit, before), [format!("start {}", kit.domain())]);
 }
 
@@ -576,13 +554,11 @@ async fn rotated_password_reaches_the_running_domain_once() {
     kit.rotate_password("8");
     let before = kit.hv.journal().len();
     let d = with_last_status(desktop(), &kit.api);
-    let pass = apply(&d, &kit.ctx).await;
-    assert!(pass.is_ok(), "{pass:?}");
+    passes(&kit, &d).await;
     let dom = kit.domain();
     assert_eq!(changes(&kit, before), [format!("update-device {dom}")]);
     let again = kit.hv.journal().len();
-    let pass = apply(&d, &kit.ctx).await;
-    assert!(pass.is_ok(), "{pass:?}");
+    passes(&kit, &d).await;
     assert!(
         changes(&kit, again).is_empty(),
         "{:?}",
@@ -607,18 +583,8 @@ async fn domain_state_unreadable_defines_and_starts_nothing() {
 
 #[tokio::test]
 async fn non_persistent_crashed_domain_restarts_on_its_disk() {
-    let kit = Kit::new();
-    kit.make_domain(DomainState::Crashed, false).await;
-    let mut d = desktop();
-    d.spec.disk.persistent = false;
-    let before = kit.hv.journal().len();
-    let pass = apply(&d, &kit.ctx).await;
-    assert!(pass.is_ok(), "{pass:?}");
-    assert_eq!(changes(&kit, before), [format!("start {}", kit.domain())]);
-    assert_eq!(
-        std::fs::read(kit.disk()).ok().as_deref(),
-        Some(&b"disk"[..])
-    );
+    let disk = non_persistent_start(DomainState::Crashed).await;
+    assert_eq!(disk.as_deref(), Some(&b"disk"[..]));
 }
 
 #[tokio::test]
@@ -643,8 +609,7 @@ async fn held_without_a_domain_is_suspended_with_nothing_saved() {
     let kit = Kit::new();
     let mut d = desktop();
     reclaimed(&mut d, IdleAction::Suspend);
-    let pass = apply(&d, &kit.ctx).await;
-    assert!(pass.is_ok(), "{pass:?}");
+    passes(&kit, &d).await;
     assert!(kit.hv.journal().is_empty(), "{:?}", kit.hv.journal());
     let Some((s, r, m)) = last_condition(&kit.api, RUNNING) else {
         panic!("no Running")
@@ -662,15 +627,13 @@ async fn power_off_ignored_by_the_guest_is_forced_after_the_grace() {
     let before = kit.hv.journal().len();
     let mut d = with_last_status(desktop(), &kit.api);
     d.spec.power = Power::Off;
-    let pass = apply(&d, &kit.ctx).await;
-    assert!(pass.is_ok(), "{pass:?}");
+    passes(&kit, &d).await;
     assert_eq!(
         changes(&kit, before),
         [format!("shutdown {}", kit.domain())]
     );
     tokio::time::sleep(std::time::Duration::from_millis(300)).await;
-    let pass = apply(&d, &kit.ctx).await;
-    assert!(pass.is_ok(), "{pass:?}");
+    passes(&kit, &d).await;
     let dom = kit.domain();
     assert_eq!(
         changes(&kit, before),

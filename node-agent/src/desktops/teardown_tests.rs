@@ -15,6 +15,12 @@ fn failed() -> HypervisorError {
     }
 }
 
+/// Runs one teardown pass of `d`, which must succeed.
+async fn torn_down(kit: &Kit, d: &deskvirt_crds::Desktop) {
+    let pass = teardown(d, &kit.ctx).await;
+    assert!(pass.is_ok(), "{pass:?}");
+}
+
 /// The finalizer lists written; the release writes one without the agent's finalizer.
 fn released(kit: &Kit) -> bool {
     kit.api
@@ -28,8 +34,7 @@ async fn running_domain_is_destroyed_undefined_its_disk_deleted_then_released() 
     let kit = Kit::new();
     kit.make_domain(DomainState::Running, false).await;
     let before = kit.hv.journal().len();
-    let pass = teardown(&deleted(desktop()), &kit.ctx).await;
-    assert!(pass.is_ok(), "{pass:?}");
+    torn_down(&kit, &deleted(desktop())).await;
     let dom = kit.domain();
     assert_eq!(
         kit.calls_since(before),
@@ -44,8 +49,7 @@ async fn running_domain_is_destroyed_undefined_its_disk_deleted_then_released() 
 async fn half_finished_teardown_domain_gone_disk_left_completes() {
     let kit = Kit::new();
     kit.make_disk();
-    let pass = teardown(&deleted(desktop()), &kit.ctx).await;
-    assert!(pass.is_ok(), "{pass:?}");
+    torn_down(&kit, &deleted(desktop())).await;
     assert!(kit.hv.journal().is_empty(), "{:?}", kit.hv.journal());
     assert!(!kit.disk().exists(), "the disk left behind is deleted");
     assert!(released(&kit));
@@ -54,8 +58,7 @@ async fn half_finished_teardown_domain_gone_disk_left_completes() {
 #[tokio::test]
 async fn nothing_left_releases_at_once() {
     let kit = Kit::new();
-    let pass = teardown(&deleted(desktop()), &kit.ctx).await;
-    assert!(pass.is_ok(), "{pass:?}");
+    torn_down(&kit, &deleted(desktop())).await;
     assert!(released(&kit));
 }
 
@@ -73,8 +76,7 @@ async fn undefine_fails_keeps_the_disk_and_the_finalizer() {
     assert!(!released(&kit));
     // The next pass finishes the job.
     kit.hv.clear_failures();
-    let pass = teardown(&deleted(desktop()), &kit.ctx).await;
-    assert!(pass.is_ok(), "{pass:?}");
+    torn_down(&kit, &deleted(desktop())).await;
     assert!(kit.hv.domain(&kit.domain()).is_none());
     assert!(!kit.disk().exists());
     assert!(released(&kit));
@@ -100,8 +102,7 @@ async fn destroy_fails_nothing_is_undefined_or_deleted() {
 async fn domain_of_another_uid_is_left_running_and_released() {
     let kit = Kit::new();
     kit.put_foreign(&kit.domain(), OTHER_UID);
-    let pass = teardown(&deleted(desktop()), &kit.ctx).await;
-    assert!(pass.is_ok(), "{pass:?}");
+    torn_down(&kit, &deleted(desktop())).await;
     assert!(kit.hv.journal().is_empty(), "{:?}", kit.hv.journal());
     assert!(
         kit.hv
@@ -122,8 +123,7 @@ async fn disk_of_another_uid_is_kept() {
     kit.make_disk();
     std::fs::write(crate::disks::owner_path(&kit.disk()), OTHER_UID)
         .unwrap_or_else(|e| panic!("{e}"));
-    let pass = teardown(&deleted(desktop()), &kit.ctx).await;
-    assert!(pass.is_ok(), "{pass:?}");
+    torn_down(&kit, &deleted(desktop())).await;
     assert!(kit.disk().exists());
     assert!(kit.api.event_reasons().contains(&"DiskKept".to_string()));
     assert!(released(&kit));
@@ -138,8 +138,7 @@ async fn not_bound_here_nothing_is_touched_nor_released() {
     if let Some(s) = d.status.as_mut() {
         s.node = Some("elsewhere".into());
     }
-    let pass = teardown(&d, &kit.ctx).await;
-    assert!(pass.is_ok(), "{pass:?}");
+    torn_down(&kit, &d).await;
     assert!(kit.calls_since(before).is_empty());
     assert!(kit.disk().exists());
     assert!(!released(&kit));
@@ -152,8 +151,7 @@ async fn without_the_agents_finalizer_nothing_is_touched() {
     let before = kit.hv.journal().len();
     let mut d = deleted(desktop());
     d.metadata.finalizers = None;
-    let pass = teardown(&d, &kit.ctx).await;
-    assert!(pass.is_ok(), "{pass:?}");
+    torn_down(&kit, &d).await;
     assert!(kit.calls_since(before).is_empty());
     assert!(kit.disk().exists());
 }
@@ -186,8 +184,7 @@ async fn domain_gone_while_its_definition_is_read_teardown_goes_on() {
             name: kit.domain(),
         },
     );
-    let pass = teardown(&deleted(desktop()), &kit.ctx).await;
-    assert!(pass.is_ok(), "{pass:?}");
+    torn_down(&kit, &deleted(desktop())).await;
     assert!(kit.hv.domain(&kit.domain()).is_none());
     assert!(
         !kit.disk().exists(),
@@ -202,8 +199,7 @@ async fn unrecorded_disk_of_its_own_domain_is_adopted_and_deleted() {
     kit.make_domain(DomainState::ShutOff, false).await;
     // A disk an earlier release made: no owner record, named after the domain that uses it.
     std::fs::remove_file(crate::disks::owner_path(&kit.disk())).unwrap_or_else(|e| panic!("{e}"));
-    let pass = teardown(&deleted(desktop()), &kit.ctx).await;
-    assert!(pass.is_ok(), "{pass:?}");
+    torn_down(&kit, &deleted(desktop())).await;
     assert!(!kit.disk().exists(), "its own domain's disk is deleted");
     assert!(released(&kit));
 }
@@ -213,8 +209,7 @@ async fn unrecorded_disk_without_its_domain_is_kept() {
     let kit = Kit::new();
     kit.make_disk();
     std::fs::remove_file(crate::disks::owner_path(&kit.disk())).unwrap_or_else(|e| panic!("{e}"));
-    let pass = teardown(&deleted(desktop()), &kit.ctx).await;
-    assert!(pass.is_ok(), "{pass:?}");
+    torn_down(&kit, &deleted(desktop())).await;
     assert!(kit.disk().exists(), "nobody can prove it is this desktop's");
     assert!(kit.api.event_reasons().contains(&"DiskKept".to_string()));
 }

@@ -260,6 +260,11 @@ impl Kit {
         ))
     }
 
+    /// What [`desktop`]'s disk holds now.
+    pub fn disk_content(&self) -> Option<Vec<u8>> {
+        std::fs::read(self.disk()).ok()
+    }
+
     /// Makes [`desktop`]'s disk, recorded as its own.
     pub fn make_disk(&self) {
         let disk = self.disk();
