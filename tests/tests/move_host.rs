@@ -350,7 +350,14 @@ async fn a_woken_desktop_moves_to_another_host_when_its_own_is_full() -> anyhow:
         let running = find(&s.conditions, condition::RUNNING).filter(|c| c.status == "True");
         Ok(running.map(|c| (s.node.clone(), c.message.clone())))
     })
-    .await?;
+    .await;
+    let restored = match restored {
+        Ok(r) => r,
+        Err(e) => {
+            let conditions = status_of(&desktops.get("roamer").await?).conditions;
+            return Err(e.context(format!("conditions: {conditions:#?}")));
+        }
+    };
     eprintln!(
         "[move] second wake → Running on host B: {:.1}s",
         woken.elapsed().as_secs_f64()
