@@ -7,7 +7,10 @@ use deskvirt_crds::desktop::{IdleAction, Move, Power, Reclaimed};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 
+use kube::runtime::controller::Action;
+
 use super::apply::apply;
+use super::lifecycle::ADMIN_RESYNC;
 use super::testkit::{Kit, NODE, OTHER_UID, desktop, last_condition, with_last_status};
 use super::{Error, failure, show_failure};
 use crate::hypervisor::fake::Op;
@@ -654,4 +657,25 @@ async fn held_save_failing_transiently_is_retried_as_an_error() {
     reclaimed(&mut d, IdleAction::Suspend);
     let pass = apply(&d, &kit.ctx).await;
     assert!(matches!(&pass, Err(e) if e.is_transient()), "{pass:?}");
+}
+
+#[tokio::test]
+async fn requeue_running_at_the_activity_interval_blocked_at_an_admins_pace() {
+    let kit = Kit::new();
+    kit.make_disk();
+    let pass = apply(&desktop(), &kit.ctx).await;
+    assert_eq!(
+        pass.ok(),
+        Some(Action::requeue(kit.ctx.config.activity_interval)),
+        "a running desktop is sampled at the activity interval"
+    );
+    let kit = Kit::new();
+    kit.make_domain(DomainState::ShutOff, true).await;
+    std::fs::remove_dir_all(kit.dir.0.join("disks")).unwrap_or_else(|e| panic!("{e}"));
+    let pass = apply(&desktop(), &kit.ctx).await;
+    assert_eq!(
+        pass.ok(),
+        Some(Action::requeue(ADMIN_RESYNC)),
+        "DiskDirMissing needs an admin"
+    );
 }
