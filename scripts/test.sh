@@ -18,6 +18,12 @@ cargo fmt --all -- --check
 step "cargo clippy -D warnings"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 
+step "deskvirt-core stays kube-free"
+if cargo tree -e normal -p deskvirt-core --locked --prefix none | grep -E '^(kube|k8s-openapi|tokio)'; then
+  echo "deskvirt-core must not depend on kube, k8s-openapi or tokio (its decisions are pure)" >&2
+  exit 1
+fi
+
 step "control plane"
 KUBECONFIG=$(scripts/control-plane.sh start)
 export KUBECONFIG

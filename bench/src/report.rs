@@ -62,6 +62,29 @@ impl Report {
                 ratio(t.deskvirt.p95(), t.raw.p95()),
             );
             let _ = writeln!(s, "| deskvirt / raw | {r50:.2}× | {r95:.2}× | |\n");
+            if !t.hops.is_empty() {
+                let _ = writeln!(
+                    s,
+                    "Where deskvirt's time goes (from the POST; polled every 20 ms):\n\n| hop | p50 | p50 step | max |\n|---|---|---|---|"
+                );
+                let mut before = Duration::ZERO;
+                for (hop, x) in &t.hops {
+                    let _ = writeln!(
+                        s,
+                        "| {} | {} | +{} | {} |",
+                        hop.label(),
+                        secs(x.p50()),
+                        secs(x.p50().saturating_sub(before)),
+                        secs(x.max())
+                    );
+                    before = x.p50();
+                }
+                let _ = writeln!(
+                    s,
+                    "| raw libvirt, whole job | {} | | |\n",
+                    secs(t.raw.p50())
+                );
+            }
             goals.push(format!(
                 "| time to desktop ≤ 1.3× raw | p50 {r50:.2}×, p95 {r95:.2}× | {} |",
                 verdict(r50 <= 1.3)

@@ -5,6 +5,7 @@
 use std::sync::Arc;
 use std::time::Instant;
 
+use deskvirt_crds::read::FromPoolSpec;
 use deskvirt_crds::resource_pool::Placement;
 use deskvirt_crds::{Desktop, DomainNode, ResourcePool};
 use deskvirt_operator::heartbeat::Heartbeat;
@@ -78,7 +79,7 @@ pub fn run(hosts: usize, desktops: usize, iterations: usize) -> anyhow::Result<S
         .map(|i| desktop(i, hosts).map(Arc::new))
         .collect::<anyhow::Result<Vec<_>>>()?;
     let mut index = PoolIndex::new();
-    index.apply(POOL, &pools[0].spec);
+    index.apply(POOL, scheduler::PoolPolicy::from_spec(&pools[0].spec));
     let policy = match index.get(POOL) {
         Some(Ok(p)) => *p,
         Some(Err(e)) => anyhow::bail!("benchmark pool is invalid: {e}"),

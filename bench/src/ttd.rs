@@ -8,6 +8,8 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
+use deskvirt_crds::constants::FINALIZER_AGENT;
+use deskvirt_crds::constants::condition::{DOMAIN_DEFINED, RUNNING};
 use deskvirt_tests::host::run;
 use deskvirt_tests::spice::{LinkOutcome, link_with_timeout};
 use kube::api::PostParams;
@@ -21,11 +23,73 @@ const LIMIT: Duration = Duration::from_secs(180);
 /// Pause between link attempts.
 const POLL: Duration = Duration::from_millis(20);
 
-/// Both series.
+/// Both series, and where deskvirt's time went.
 #[derive(Debug)]
 pub struct TtdResult {
     pub raw: Samples,
     pub deskvirt: Samples,
+    /// For each hop of a deskvirt desktop, the time from its POST, one sample per run.
+    pub hops: Vec<(Hop, Samples)>,
+}
+
+/// A hop on the way from the POST to a console that answers, as the bench sees it by polling the
+/// Desktop every 20 ms (so each time is late by up to one poll and a GET).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Hop {
+    /// `status.node` set: the operator bound it.
+    Bound,
+    /// The agent's finalizer is on it: the host's agent saw the binding.
+    AgentSaw,
+    /// `DomainDefined=True`.
+    Defined,
+    /// `Running=True`.
+    Started,
+    /// The SPICE port accepts a link with the Secret's password.
+    ConsoleAnswers,
+}
+
+impl Hop {
+    pub const ALL: [Hop; 5] = [
+        Hop::Bound,
+        Hop::AgentSaw,
+        Hop::Defined,
+        Hop::Started,
+        Hop::ConsoleAnswers,
+    ];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Hop::Bound => "bound (operator)",
+            Hop::AgentSaw => "agent saw it (its finalizer)",
+            Hop::Defined => "domain defined",
+            Hop::Started => "domain started (Running=True)",
+            Hop::ConsoleAnswers => "console answers (SPICE link accepted)",
+        }
+    }
+}
+
+/// When each hop was first seen, from the POST.
+#[derive(Clone, Debug, Default)]
+struct Seen([Option<Duration>; 5]);
+
+impl Seen {
+    fn mark(&mut self, hop: Hop, at: Duration) {
+        let slot = &mut self.0[hop as usize];
+        if slot.is_none() {
+            *slot = Some(at);
+        }
+    }
+
+    /// Each hop's time; a hop the poll missed takes the next one's.
+    fn filled(&self) -> [Duration; 5] {
+        let mut out = [Duration::ZERO; 5];
+        let mut later = self.0[4].unwrap_or_default();
+        for i in (0..5).rev() {
+            later = self.0[i].unwrap_or(later).min(later);
+            out[i] = later;
+        }
+        out
+    }
 }
 
 /// What a raw run reuses from the deskvirt domain it copies.
@@ -42,6 +106,7 @@ pub async fn run_pairs(env: &Env, n: usize) -> anyhow::Result<TtdResult> {
     virt::error::clear_error_callback();
     let mut raw = Vec::new();
     let mut deskvirt = Vec::new();
+    let mut hops: Vec<[Duration; 5]> = Vec::new();
     let mut template = None;
     for i in 0..n {
         let raw_first = i % 2 == 1 && template.is_some();
@@ -49,8 +114,9 @@ pub async fn run_pairs(env: &Env, n: usize) -> anyhow::Result<TtdResult> {
             raw.push(raw_once(env, t, i).await?);
         }
         let name = format!("ttd-{i:02}");
-        let (took, addr) = deskvirt_once(env, &name).await?;
+        let (took, addr, seen) = deskvirt_once(env, &name).await?;
         deskvirt.push(took);
+        hops.push(seen.filled());
         if template.is_none() {
             template = Some(capture(env, &name, addr.port()).await?);
         }
@@ -64,30 +130,57 @@ pub async fn run_pairs(env: &Env, n: usize) -> anyhow::Result<TtdResult> {
             raw.last().map(|d| d.as_secs_f64()).unwrap_or(f64::NAN)
         );
     }
+    let hops = Hop::ALL
+        .iter()
+        .map(|h| {
+            (
+                *h,
+                Samples::new(hops.iter().map(|s| s[*h as usize]).collect()),
+            )
+        })
+        .collect();
     Ok(TtdResult {
         raw: Samples::new(raw),
         deskvirt: Samples::new(deskvirt),
+        hops,
     })
 }
 
 /// Creates the example Desktop and times until its SPICE port accepts the Secret's password.
-async fn deskvirt_once(env: &Env, name: &str) -> anyhow::Result<(Duration, SocketAddr)> {
+async fn deskvirt_once(env: &Env, name: &str) -> anyhow::Result<(Duration, SocketAddr, Seen)> {
     let api = env.desktops();
     let desktop = example_desktop(env, name)?;
     let started = Instant::now();
     api.create(&PostParams::default(), &desktop).await?;
     let mut password = None;
+    let mut seen = Seen::default();
     loop {
         anyhow::ensure!(
             started.elapsed() < LIMIT,
             "{name} not reachable in {LIMIT:?}"
         );
-        let spice = api
-            .get(name)
-            .await?
-            .status
-            .and_then(|s| s.spice)
-            .and_then(|s| Some((s.host?, s.port?)));
+        let d = api.get(name).await?;
+        let at = started.elapsed();
+        let st = d.status.clone().unwrap_or_default();
+        let is_true = |t| deskvirt_crds::conditions::is_true(&st.conditions, t);
+        if st.node.is_some() {
+            seen.mark(Hop::Bound, at);
+        }
+        if d.metadata
+            .finalizers
+            .iter()
+            .flatten()
+            .any(|f| f == FINALIZER_AGENT)
+        {
+            seen.mark(Hop::AgentSaw, at);
+        }
+        if is_true(DOMAIN_DEFINED) {
+            seen.mark(Hop::Defined, at);
+        }
+        if is_true(RUNNING) {
+            seen.mark(Hop::Started, at);
+        }
+        let spice = st.spice.and_then(|s| Some((s.host?, s.port?)));
         if password.is_none() {
             password = env.password(name).await?;
         }
@@ -95,7 +188,9 @@ async fn deskvirt_once(env: &Env, name: &str) -> anyhow::Result<(Duration, Socke
             let ip: IpAddr = host.parse().context("status.spice.host")?;
             let addr = SocketAddr::new(ip, port);
             if accepted(addr, pw).await {
-                return Ok((started.elapsed(), addr));
+                let took = started.elapsed();
+                seen.mark(Hop::ConsoleAnswers, took);
+                return Ok((took, addr, seen));
             }
         }
         tokio::time::sleep(POLL).await;

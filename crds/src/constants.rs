@@ -134,6 +134,12 @@ pub mod condition {
     pub const SCHEDULABLE: &str = "Schedulable";
     /// Desktop: the user's `<desktop>-console` Secret holds the current password (operator).
     pub const CONSOLE_SECRET: &str = "ConsoleSecret";
+    /// Desktop: the domain runs with (or, stopped, starts with) the size `spec` asks for
+    /// (operator): False while a resize waits for a restart or does not fit its host.
+    pub const SIZE_APPLIED: &str = "SizeApplied";
+    /// Desktop: `spec.pool` is the pool the desktop is bound in (operator): False after an edit
+    /// that would move a bound desktop (refused; moving is a migration).
+    pub const POOL_APPLIED: &str = "PoolApplied";
     /// ResourcePool: some hosts are not ready or some desktops failed.
     pub const DEGRADED: &str = "Degraded";
 }

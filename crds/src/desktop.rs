@@ -397,6 +397,16 @@ pub struct DesktopStatus {
     /// on the old host is discarded there, never restored.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_move: Option<Move>,
+    /// What the operator bound the desktop with and charges its host for (operator): the pool
+    /// of the binding and the admitted size. A resize is admitted here once the host can hold
+    /// it; the host defines the domain with this size, never with a larger `spec`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allocation: Option<Allocation>,
+    /// The vCPUs and memory the desktop's running domain really has (agent); unset while no
+    /// domain runs. Until a restart this may differ from `allocation`, and the host is charged
+    /// the larger of the two.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub running_size: Option<Size>,
     /// Scheduled, DomainDefined, Running, Idle and the summary Ready.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
@@ -443,6 +453,41 @@ pub struct Move {
     pub to: String,
     /// When the operator moved it. Memory the old host saved before this is stale.
     pub at: Time,
+}
+
+/// The pool and size a desktop is bound with.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Allocation {
+    /// The pool the binding was made in. A later `spec.pool` edit does not move it.
+    #[schemars(length(max = 253))]
+    pub pool: String,
+    /// Admitted vCPUs.
+    pub cpu: u32,
+    /// Admitted memory, as a quantity.
+    #[schemars(regex(pattern = QUANTITY_PATTERN))]
+    pub memory: String,
+}
+
+/// vCPUs and memory.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Size {
+    /// vCPUs.
+    pub cpu: u32,
+    /// Memory, as a quantity.
+    #[schemars(regex(pattern = QUANTITY_PATTERN))]
+    pub memory: String,
+}
+
+impl Desktop {
+    /// The pool the desktop belongs to: the one its binding was made in, else `spec.pool`.
+    pub fn pool(&self) -> &str {
+        self.status
+            .as_ref()
+            .and_then(|s| s.allocation.as_ref())
+            .map_or(self.spec.pool.as_str(), |a| a.pool.as_str())
+    }
 }
 
 /// SPICE console endpoint.

@@ -9,6 +9,8 @@ use kube::CustomResource;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+pub use deskvirt_core::types::Allocatable;
+
 /// A KVM host running a deskvirt node-agent, named after its Kubernetes Node.
 #[derive(CustomResource, Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[kube(
@@ -225,16 +227,4 @@ pub struct KsmStats {
     pub enabled: bool,
     /// Memory saved by page sharing, as a quantity.
     pub saved: String,
-}
-
-/// Schedulable resources.
-#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
-#[serde(rename_all = "camelCase")]
-pub struct Allocatable {
-    /// vCPUs after reserve and overcommit.
-    pub cpu: u32,
-    /// Memory after reserve and overcommit, as a quantity.
-    pub memory: String,
-    /// Physical CPU threads available for dedicated pinning.
-    pub dedicated_cpus: u32,
 }

@@ -6,12 +6,13 @@ pub mod conditions;
 pub mod constants;
 pub mod desktop;
 pub mod domain_node;
-pub mod names;
 pub mod paths;
-pub mod quantity;
+pub mod read;
 pub mod resource_pool;
 mod schema;
 pub mod validation;
+
+pub use deskvirt_core::{names, quantity};
 
 pub use desktop::{Desktop, DesktopSpec, DesktopStatus};
 pub use domain_node::{DomainNode, DomainNodeSpec, DomainNodeStatus};

@@ -15,6 +15,8 @@ use crate::desktop::{IdlePolicy, UsbPolicy};
 use crate::quantity::QUANTITY_PATTERN;
 use crate::schema::{ABS_PATH, IFNAME, IPV4_CIDR, MAC_PREFIX};
 
+pub use deskvirt_core::types::{Amounts, NetworkMode, NodeCounts, Placement, PortRange, PortUsage};
+
 /// A pool of KVM hosts (the papers' "domain node"): hosts selected by labels that share storage
 /// and a network, so that a desktop may be placed on any of them.
 #[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
@@ -153,19 +155,6 @@ impl Default for PoolStorage {
     }
 }
 
-/// How desktops reach the network.
-#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
-#[serde(rename_all = "lowercase")]
-pub enum NetworkMode {
-    /// A libvirt NAT network per host holding the host's subnet; MAC→IP pinned by DHCP.
-    #[default]
-    Nat,
-    /// Desktops join an existing Linux bridge (`bridge`) on every host.
-    Bridge,
-    /// A host-only network without outside access.
-    Isolated,
-}
-
 /// The pool's network.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
@@ -243,44 +232,6 @@ pub struct PoolDisplay {
     pub tls: bool,
 }
 
-/// An inclusive port range of unprivileged ports. `first` must not exceed `last` (checked by the
-/// operator).
-#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
-#[serde(rename_all = "camelCase")]
-pub struct PortRange {
-    /// First port of the range.
-    #[schemars(range(min = 1024, max = 65535))]
-    pub first: u16,
-    /// Last port of the range (inclusive).
-    #[schemars(range(min = 1024, max = 65535))]
-    pub last: u16,
-}
-
-impl Default for PortRange {
-    fn default() -> Self {
-        Self {
-            first: 5900,
-            last: 6899,
-        }
-    }
-}
-
-impl PortRange {
-    /// Number of ports in the range; zero when reversed.
-    pub fn len(&self) -> u32 {
-        if self.last < self.first {
-            0
-        } else {
-            u32::from(self.last - self.first) + 1
-        }
-    }
-
-    /// Whether the range holds no port (reversed).
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-}
-
 /// Overcommit ratios: schedulable = physical × ratio.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
@@ -339,16 +290,6 @@ impl Default for Reserved {
             memory: default_reserved_memory(),
         }
     }
-}
-
-/// Placement strategy inside a pool.
-#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
-pub enum Placement {
-    /// Pick the host with the most free capacity (balanced load).
-    #[default]
-    Spread,
-    /// Pick the fullest host that still fits (saves power).
-    Pack,
 }
 
 /// A desktop size used to count capacity in desktops.
@@ -492,36 +433,4 @@ pub struct ResourcePoolStatus {
     /// The spec generation this status was computed from.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
-}
-
-/// Host counts.
-#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
-#[serde(rename_all = "camelCase")]
-pub struct NodeCounts {
-    /// Hosts selected by the pool.
-    pub total: u32,
-    /// Hosts with a fresh heartbeat, connected to libvirt and schedulable.
-    pub ready: u32,
-}
-
-/// An amount of CPU, memory and desktop slots.
-#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
-#[serde(rename_all = "camelCase")]
-pub struct Amounts {
-    /// vCPUs.
-    pub cpu: u32,
-    /// Memory as a quantity.
-    pub memory: String,
-    /// Desktops of the pool's reference size.
-    pub desktops: u32,
-}
-
-/// SPICE port usage.
-#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
-#[serde(rename_all = "camelCase")]
-pub struct PortUsage {
-    /// Ports in the pool's range times ready hosts.
-    pub total: u32,
-    /// Ports held by desktops.
-    pub used: u32,
 }

@@ -95,6 +95,10 @@ pub struct Config {
     /// Log format.
     #[arg(long, env = "DESKVIRT_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+
+    /// Deadlines of API calls.
+    #[command(flatten)]
+    pub api: deskvirt_runtime::api::ApiTimeouts,
 }
 
 /// Managed save images of libvirt's QEMU driver on `qemu:///system`.

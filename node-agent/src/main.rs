@@ -65,7 +65,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
     }
     let serve = tokio::spawn(server.run());
 
-    let client = kube::Client::try_default()
+    let client = deskvirt_runtime::api::client(&config.api)
         .await
         .context("configuring the Kubernetes client")?;
     let hypervisor = LibvirtHypervisor::new(&config.libvirt_uri);

@@ -7,6 +7,7 @@ use std::time::Duration;
 use clap::Parser;
 use deskvirt_crds::constants::{CONSOLE_NAMESPACE_DEFAULT, LEASE_NAMESPACE_DEFAULT};
 use deskvirt_crds::quantity::parse_duration;
+use deskvirt_runtime::api::ApiTimeouts;
 use deskvirt_runtime::logging::LogFormat;
 
 /// Schedules Desktops onto KVM hosts, allocates SPICE ports, MACs and subnets, tracks host health.
@@ -62,6 +63,21 @@ pub struct Config {
     )]
     pub leader_lease_duration: Duration,
 
+    /// Allowance for clock skew between replicas: this replica stops writing this long before
+    /// its leader Lease could expire (at most a quarter of the Lease).
+    #[arg(
+        long,
+        env = "DESKVIRT_LEADER_CLOCK_SKEW",
+        default_value = "1s",
+        value_parser = parse_duration_or_zero
+    )]
+    pub leader_clock_skew: Duration,
+
+    /// Test only: wait this long between deciding a binding and writing it (to catch a
+    /// leader mid-bind).
+    #[arg(long, env = "DESKVIRT_TEST_BIND_DELAY", hide = true, value_parser = parse_flag_duration)]
+    pub test_bind_delay: Option<Duration>,
+
     /// Identity in the leader Lease and in Events; the pod name, else the host name.
     #[arg(long, env = "POD_NAME")]
     pub identity: Option<String>,
@@ -91,6 +107,10 @@ pub struct Config {
     /// (sharding, and isolation of concurrent test runs). Empty manages everything.
     #[arg(long, env = "DESKVIRT_LABEL_SELECTOR", default_value = "")]
     pub label_selector: String,
+
+    /// Deadlines of API calls.
+    #[command(flatten)]
+    pub api: ApiTimeouts,
 }
 
 fn parse_flag_duration(s: &str) -> Result<Duration, String> {

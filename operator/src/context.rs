@@ -8,6 +8,7 @@ use std::time::Duration;
 use deskvirt_crds::constants::{LABEL_NODE, console_mirror_name};
 use deskvirt_crds::domain_node::OrphanDomain;
 use deskvirt_crds::names::label_value;
+use deskvirt_crds::read::FromPoolSpec;
 use deskvirt_crds::{Desktop, DomainNode, ResourcePool};
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{Namespace, ResourceQuota, Secret};
@@ -19,10 +20,11 @@ use kube::{Api, Client, Resource, ResourceExt};
 use tokio::sync::watch;
 
 use crate::allocators::{
-    DesktopBinding, Ledger, LedgerConfig, LedgerError, Seniority, SubnetBinding,
+    Conflict, DesktopBinding, Ledger, LedgerConfig, LedgerError, Seniority, SubnetBinding,
 };
 use crate::coalesce::Coalescer;
 use crate::console::mirror;
+use crate::fence::Fence;
 use crate::heartbeat::Heartbeat;
 use crate::metrics::Metrics;
 use deskvirt_runtime::cache::reflect;
@@ -157,6 +159,8 @@ pub struct Ledgers {
     pools: BTreeMap<String, Ledger>,
     /// Desktops whose recorded port or MAC a rebuild refused; they get new ones.
     pub rebind: BTreeSet<String>,
+    /// What each of those lost, and to whom (for the Warning that names both).
+    pub rebind_why: BTreeMap<String, Conflict>,
     /// UIDs of the orphan domains whose port and MAC the ledger holds, by (pool, host).
     orphans: BTreeMap<(String, String), BTreeSet<String>>,
     /// UIDs of the orphan domains whose port or MAC a desktop holds, by (pool, host): said once.
@@ -205,6 +209,7 @@ impl Ledgers {
         for c in &conflicts {
             tracing::warn!(pool = %name, conflict = %c, "ledger rebuild refused a recorded value");
             self.rebind.insert(c.loser().to_string());
+            self.rebind_why.insert(c.loser().to_string(), c.clone());
         }
         tracing::info!(pool = %name, conflicts = conflicts.len(), "ledger rebuilt");
         self.pools.insert(name.to_string(), ledger);
@@ -287,7 +292,7 @@ fn desktop_bindings(pool: &str, stores: &Stores, old: Option<&Ledger>) -> Vec<De
         .desktops
         .state()
         .iter()
-        .filter(|d| d.spec.pool == pool && holds_binding(d) && stores.binding_confirmed(d))
+        .filter(|d| d.pool() == pool && holds_binding(d) && stores.binding_confirmed(d))
         .map(|d| {
             let uid = d.metadata.uid.clone().unwrap_or_default();
             let st = d.status.clone().unwrap_or_default();
@@ -396,9 +401,16 @@ pub struct Context {
     pub ledgers: tokio::sync::Mutex<Ledgers>,
     /// When each pool's status may be written next.
     pub pool_status: Coalescer,
+    /// Until when this replica may commit (see [`crate::fence`]); set by the elector.
+    pub fence: Fence,
+    /// Test only: a pause between deciding a binding and writing it.
+    pub test_bind_delay: Option<Duration>,
     failures: Mutex<HashMap<String, u32>>,
     /// What each desktop's user console Secret was last applied from, and when.
     user_secrets: Mutex<HashMap<String, (u64, std::time::Instant)>>,
+    /// The duplicate binding last repaired per desktop (its recorded host, port and MAC), so a
+    /// stale copy of it is repaired without a second Event.
+    pub repaired: Mutex<HashMap<String, (String, u16, String)>>,
     /// When this replica wrote each desktop's binding, until a pass sees it bound.
     bindings: Mutex<HashMap<String, std::time::Instant>>,
     /// What this replica last wrote of each desktop's status (a fingerprint), and when.
@@ -430,15 +442,19 @@ impl Context {
             stores,
             ledgers: tokio::sync::Mutex::new(Ledgers::default()),
             pool_status: Coalescer::new(POOL_STATUS_INTERVAL),
+            fence: Fence::default(),
+            test_bind_delay: None,
             failures: Mutex::new(HashMap::new()),
             user_secrets: Mutex::new(HashMap::new()),
+            repaired: Mutex::new(HashMap::new()),
             bindings: Mutex::new(HashMap::new()),
             statuses: Mutex::new(HashMap::new()),
         }
     }
 
+    /// Whether this replica leads and its Lease cannot have expired yet.
     pub fn is_leader(&self) -> bool {
-        *self.leader.borrow()
+        *self.leader.borrow() && self.fence.holds(std::time::Instant::now())
     }
 
     /// The heartbeat verdict of host `node` now.

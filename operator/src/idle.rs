@@ -15,6 +15,7 @@ use deskvirt_crds::desktop::{
     Desktop, DesktopSpec, DesktopStatus, IdleAction, IdlePolicy, Reclaimed, Wake,
 };
 use deskvirt_crds::quantity::{QuantityError, format_bytes, format_duration, parse_duration};
+use deskvirt_crds::read::FromDesktopSpec;
 use deskvirt_crds::resource_pool::{PoolDefaults, PortRange};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::jiff::Timestamp;
@@ -486,7 +487,7 @@ impl PoolIdle {
     /// Sums the desktops of `pool`.
     pub fn of<'a>(pool: &str, desktops: impl IntoIterator<Item = &'a Desktop>) -> Self {
         let mut sum = Self::default();
-        for d in desktops.into_iter().filter(|d| d.spec.pool == pool) {
+        for d in desktops.into_iter().filter(|d| d.pool() == pool) {
             let Some(st) = &d.status else { continue };
             if find(&st.conditions, IDLE).is_some_and(|c| c.status == Status::True.as_str()) {
                 sum.idle += 1;

@@ -1,13 +1,24 @@
 //! Leader election on a `coordination.k8s.io/v1` Lease: acquire it when free or expired, renew
-//! it every third of its duration, step down at the first failed renewal, release it on
+//! it three times within the part of its duration the fence leaves, step down at the first failed renewal, release it on
 //! shutdown. Only the leader binds, allocates and writes statuses.
+//!
+//! Leadership gates writes through [`crate::fence`]: each successful renewal moves the fence to
+//! the local instant the Lease cannot yet have expired for anyone else; a fence that lapses (a
+//! renewal hung, the process was paused) makes the replica step down at once, before any other
+//! write, and campaign again as a newcomer (rebuilding its ledgers from what is recorded).
+//!
+//! Why not `kube-lease-manager` (0.13.1, checked against its source): it reports leadership
+//! only as a `bool` (`watch()` gives a `Receiver<bool>`, `changed()` a `bool`); the instant its
+//! renewal was sent and the expiry it computes are private, and that expiry is wall-clock time
+//! from the Lease's `renewTime`, not a local monotonic deadline, so no fence can be derived
+//! from it. It also renews inside `changed()`, with no hook between renewal and use.
 //!
 //! A Lease naming this replica's identity is taken over like anyone else's (only once expired)
 //! unless this very process holds it: a restarted process reusing its pod name must not lead
 //! while writes of its previous life may still be landing.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
@@ -52,9 +63,7 @@ impl Elector {
     /// One attempt to acquire or renew. `Ok(true)`: this replica holds the Lease now.
     async fn attempt(&self, leading: bool) -> Result<bool, kube::Error> {
         let now = Timestamp::now();
-        let secs = i32::try_from(self.duration.as_secs())
-            .unwrap_or(i32::MAX)
-            .max(1);
+        let secs = self.lease_seconds();
         match self.api.get_opt(&self.name).await? {
             None => {
                 let lease = Lease {
@@ -80,6 +89,11 @@ impl Elector {
             Some(mut lease) => {
                 let spec = lease.spec.clone().unwrap_or_default();
                 let holder = spec.holder_identity.as_deref();
+                // A leader whose Lease no longer names it lost it (another replica led, or
+                // released it, meanwhile): it steps down and campaigns afresh, ledgers rebuilt.
+                if leading && holder != Some(self.identity.as_str()) {
+                    return Ok(false);
+                }
                 if !may_take(
                     &self.identity,
                     leading,
@@ -115,6 +129,18 @@ impl Elector {
         }
     }
 
+    /// The duration written into the Lease, in whole seconds (what other replicas go by).
+    fn lease_seconds(&self) -> i32 {
+        i32::try_from(self.duration.as_secs())
+            .unwrap_or(i32::MAX)
+            .max(1)
+    }
+
+    /// The duration the Lease says, as other replicas read it.
+    fn lease(&self) -> Duration {
+        Duration::from_secs(u64::try_from(self.lease_seconds()).unwrap_or(1))
+    }
+
     /// Gives the Lease up so another replica takes over at once.
     async fn release(&self) {
         if let Ok(Some(mut lease)) = self.api.get_opt(&self.name).await
@@ -144,7 +170,7 @@ pub async fn run(
     tx: watch::Sender<bool>,
     stop: watch::Receiver<bool>,
 ) {
-    let renew = (elector.duration / 3).max(Duration::from_millis(500));
+    let renew = ctx.fence.renew_every(elector.lease());
     // Campaign only with full caches: a Lease won while they fill would go unrenewed.
     let filled = tokio::select! {
         ready = ctx.stores.ready() => ready,
@@ -155,14 +181,35 @@ pub async fn run(
         return;
     }
     let mut leading = false;
+    let fence = ctx.fence.clone();
     loop {
-        let held = match elector.attempt(leading).await {
-            Ok(h) => h,
-            Err(e) => {
+        // A lapsed fence: whatever the Lease says now, another replica may have led meanwhile.
+        if leading && !fence.holds(Instant::now()) {
+            leading = false;
+            step_down(
+                &ctx,
+                &tx,
+                &elector.identity,
+                "the leader Lease may have expired",
+            )
+            .await;
+        }
+        let sent = Instant::now();
+        let attempt = tokio::time::timeout(elector.duration, elector.attempt(leading)).await;
+        let held = match attempt {
+            Ok(Ok(h)) => h,
+            Ok(Err(e)) => {
                 tracing::warn!(error = %e, "leader Lease renewal failed");
                 false
             }
+            Err(_) => {
+                tracing::warn!("leader Lease renewal timed out");
+                false
+            }
         };
+        if held {
+            fence.renewed(sent, elector.lease());
+        }
         if held && !leading {
             *ctx.ledgers.lock().await = Ledgers::fresh();
             leading = true;
@@ -171,22 +218,32 @@ pub async fn run(
             let _ = tx.send(true);
         } else if !held && leading {
             leading = false;
-            let _ = tx.send(false);
-            ctx.metrics.leader.set(0);
-            *ctx.ledgers.lock().await = Ledgers::default();
-            tracing::warn!(identity = %elector.identity, "stepped down");
+            step_down(&ctx, &tx, &elector.identity, "the leader Lease was lost").await;
         }
         tokio::select! {
             () = tokio::time::sleep(renew) => {}
+            // A pass found the fence lapsed: step down now, not at the next renewal.
+            () = fence.refused_write() => {}
             () = stopped(stop.clone()) => break,
         }
     }
+    fence.revoke();
     if leading {
         let _ = tx.send(false);
         ctx.metrics.leader.set(0);
         elector.release().await;
         tracing::info!("leader Lease released");
     }
+}
+
+/// Stops leading: no write passes the fence any more, then the flag and the ledgers go.
+async fn step_down(ctx: &Context, tx: &watch::Sender<bool>, identity: &str, why: &str) {
+    ctx.fence.revoke();
+    let _ = tx.send(false);
+    ctx.metrics.leader.set(0);
+    ctx.metrics.step_downs.inc();
+    *ctx.ledgers.lock().await = Ledgers::default();
+    tracing::warn!(%identity, why, "stepped down");
 }
 
 #[cfg(test)]

@@ -46,7 +46,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
     });
 
     let client = tokio::select! {
-        c = operator::connect() => c?,
+        c = operator::connect(&config.api) => c?,
         () = operator::stopped(stop_rx.clone()) => { server.abort(); return Ok(()) }
     };
     let result = operator::run(config, client, health.clone(), metrics, stop_rx).await;

@@ -61,6 +61,12 @@ pub struct Metrics {
     pub reconciles: Family<ControllerLabels, Counter>,
     pub failures: Family<ErrorLabels, Counter>,
     pub leader: Gauge,
+    /// Times this replica stopped leading while running (renewal lost or fence lapsed).
+    pub step_downs: Counter,
+    /// Writes not sent because the leader Lease might have expired.
+    pub fenced_writes: Counter,
+    /// Duplicate ports or MACs repaired (the junior desktop got new ones).
+    pub binding_repairs: Counter,
     pub bindings: Counter,
     pub pool_capacity: Family<PoolResource, Gauge>,
     pub pool_allocated: Family<PoolResource, Gauge>,
@@ -94,6 +100,21 @@ impl Metrics {
             "leader",
             "1 while this replica holds the leader Lease",
             m.leader.clone(),
+        );
+        sub.register(
+            "leader_step_downs",
+            "Times this replica stopped leading while running",
+            m.step_downs.clone(),
+        );
+        sub.register(
+            "fenced_writes",
+            "Writes not sent because this replica's leader Lease might have expired",
+            m.fenced_writes.clone(),
+        );
+        sub.register(
+            "binding_repairs",
+            "Duplicate SPICE ports or MACs repaired by giving the younger desktop new ones",
+            m.binding_repairs.clone(),
         );
         sub.register(
             "bindings",

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use deskvirt_crds::constants::LEADER_LEASE;
+use deskvirt_runtime::api::{self, ApiTimeouts};
 use deskvirt_runtime::health::Health;
 use kube::{Api, Client};
 use tokio::sync::watch;
@@ -14,15 +15,17 @@ use crate::coalesce::Coalescer;
 use crate::config::Config;
 use crate::context::{Context, Namespaces, Stores};
 use crate::controllers::{desktop, domain_node, resource_pool};
+use crate::fence::Fence;
 use crate::leader::{self, Elector};
 use crate::metrics::Metrics;
 use crate::sweep;
 
 pub use crate::context::stopped;
 
-/// A client from the in-cluster config or `KUBECONFIG`, once the API server answers.
-pub async fn connect() -> anyhow::Result<Client> {
-    let client = Client::try_default()
+/// A client from the in-cluster config or `KUBECONFIG` with the deadlines of `timeouts`, once
+/// the API server answers.
+pub async fn connect(timeouts: &ApiTimeouts) -> anyhow::Result<Client> {
+    let client = api::client(timeouts)
         .await
         .context("no Kubernetes client configuration")?;
     let mut delay = Duration::from_millis(500);
@@ -76,6 +79,8 @@ pub async fn run(
         stores,
     );
     ctx.pool_status = Coalescer::new(config.pool_status_interval);
+    ctx.fence = Fence::new(config.leader_clock_skew, ctx.metrics.fenced_writes.clone());
+    ctx.test_bind_delay = config.test_bind_delay;
     let ctx = Arc::new(ctx);
     health.set_ready(true);
     tracing::info!(%identity, namespace = %config.namespace, "operator started");

@@ -54,6 +54,10 @@ pub async fn sweep(ctx: &Context) -> usize {
                 continue;
             }
         }
+        // The check above may have waited past the Lease (`crate::fence`).
+        if ctx.fence.check().is_err() {
+            break;
+        }
         let api: Api<Secret> = Api::namespaced(ctx.client.clone(), &ctx.console_namespace);
         let dp = DeleteParams {
             preconditions: Some(Preconditions {

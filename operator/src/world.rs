@@ -7,11 +7,14 @@ use std::sync::Arc;
 
 use deskvirt_crds::domain_node::OrphanDomain;
 use deskvirt_crds::quantity::parse_bytes;
+use deskvirt_crds::read::{FromDesktopSpec, host_report};
 use deskvirt_crds::{Desktop, DomainNode, ResourcePool};
 
 use crate::allocators::Ledger;
 use crate::heartbeat::Heartbeat;
-use crate::scheduler::{HostView, PoolPolicy, Request, Usage};
+use crate::scheduler::{HostCapacity, HostView, PoolPolicy, Request, Usage};
+use deskvirt_core::resize::charge;
+use deskvirt_crds::constants::condition::RUNNING;
 
 /// The pool a host belongs to: among pools whose `nodeSelector` its labels satisfy, the oldest
 /// (by creation time, then name).
@@ -82,6 +85,59 @@ impl<'a> Bindings<'a> {
     }
 }
 
+/// What a desktop holds on its host: its admitted size (`status.allocation`, else its spec),
+/// or while its domain still runs with another size, the larger of the two
+/// ([`deskvirt_core::resize::charge`]). `None` when neither can be read.
+pub fn charged(d: &Desktop) -> Option<Request> {
+    let wanted = Request::from_spec(&d.spec).ok();
+    let st = d.status.as_ref();
+    let admitted = match st.and_then(|s| s.allocation.as_ref()) {
+        Some(a) => Request::read(a.cpu, &a.memory).ok().map(|r| Request {
+            vcpus: r.vcpus,
+            memory: r.memory,
+            ..wanted.unwrap_or(r)
+        }),
+        None => wanted,
+    }?;
+    Some(charge(admitted, running_size(d)))
+}
+
+/// The size the desktop's domain runs with, as its host reports it; `None` unless the host
+/// says the domain runs.
+pub fn running_size(d: &Desktop) -> Option<Request> {
+    let st = d.status.as_ref()?;
+    if !deskvirt_crds::conditions::is_true(&st.conditions, RUNNING) {
+        return None;
+    }
+    let r = st.running_size.as_ref()?;
+    Request::read(r.cpu, &r.memory).ok()
+}
+
+/// What desktops other than `except` hold on `host`, and what the host can hold under
+/// `pool`'s policy: the room a resize is judged against. `None` when the host is unknown.
+pub fn host_room(
+    host: &str,
+    policy: &PoolPolicy,
+    nodes: &[Arc<DomainNode>],
+    desktops: &[Arc<Desktop>],
+    except: &str,
+    bindings: Bindings<'_>,
+) -> Option<(HostCapacity, Usage)> {
+    let node = nodes
+        .iter()
+        .find(|n| n.metadata.name.as_deref() == Some(host))?;
+    let others: Vec<Arc<Desktop>> = desktops
+        .iter()
+        .filter(|d| d.metadata.uid.as_deref() != Some(except))
+        .cloned()
+        .collect();
+    let usage = usage_by_host(&others, nodes, bindings)
+        .remove(host)
+        .unwrap_or_default();
+    let view = HostView::from_report(&host_report(node), policy, true, usage, 0);
+    Some((view.capacity, usage))
+}
+
 /// What the desktops bound to each host hold (those whose resources the idle policy released
 /// hold nothing: [`crate::idle::holds_resources`]), and what the running orphan domains the
 /// hosts report use: a domain whose Desktop is gone still takes its CPU and memory.
@@ -96,7 +152,7 @@ pub fn usage_by_host(
     let Bindings { ledger, confirmed } = bindings;
     let mut requests: HashMap<String, Vec<Request>> = HashMap::new();
     for d in desktops.iter().filter(|d| crate::idle::holds_resources(d)) {
-        let (Some(host), Ok(req)) = (bound_host(d, ledger), Request::from_spec(&d.spec)) else {
+        let (Some(host), Some(req)) = (bound_host(d, ledger), charged(d)) else {
             continue;
         };
         // The ledger's own record counts too: the mirror of a binding made a moment ago may
@@ -140,8 +196,8 @@ pub fn host_views(
         .filter(|n| pool_of(n, pools).as_deref() == Some(pool))
         .map(|n| {
             let name = n.metadata.name.clone().unwrap_or_default();
-            let mut v = HostView::from_domain_node(
-                n,
+            let mut v = HostView::from_report(
+                &host_report(n),
                 policy,
                 heartbeat(&name).is_fresh(),
                 usage.get(&name).copied().unwrap_or_default(),

@@ -4,7 +4,7 @@
 mod common;
 
 use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -49,10 +49,7 @@ fn help_lists_the_flags() {
 async fn serves_health_and_stops_on_sigterm() {
     let kubeconfig = kubeconfig_path().unwrap_or_else(|e| panic!("{e:#}"));
     let run = Run::new("op-bin").await;
-    let port = TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .unwrap_or_else(|e| panic!("{e}"));
+    let port = common::free_port();
     let mut child = Command::new(BIN)
         .env("KUBECONFIG", &kubeconfig)
         .args(["--metrics-addr", &format!("127.0.0.1:{port}")])

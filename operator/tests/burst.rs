@@ -141,6 +141,7 @@ async fn two_hundred_desktops_bind_once_across_an_operator_restart() {
     })
     .await;
     let before_kill = first_operator.bindings();
+    let first_fenced = first_operator.metrics.fenced_writes.get();
     first_operator.kill();
     let killed_at = bound(&seen);
     let second_operator = run.operator(&identity, &lease);
@@ -160,6 +161,14 @@ async fn two_hundred_desktops_bind_once_across_an_operator_restart() {
          bound and restarted; bindings by the first replica {before_kill}, by the second {})",
         took.as_secs_f64(),
         second_operator.bindings()
+    );
+    // With a 2 s Lease, a renewal slowed by the burst lets the fence lapse now and then: the
+    // writes refused then are passed again a second later (said here, not asserted).
+    eprintln!(
+        "writes refused by the fence: {first_fenced} by the first replica, {} by the second; \
+         step-downs of the second: {}",
+        second_operator.metrics.fenced_writes.get(),
+        second_operator.metrics.step_downs.get()
     );
     creating
         .await

@@ -4,14 +4,9 @@
 
 mod common;
 
-use common::{Host, Run, eventually, node_of, wait_for, wait_leader};
+use common::{Host, Run, binding, eventually, node_of, wait_for, wait_leader};
 use deskvirt_crds::Desktop;
 use serde_json::json;
-
-fn binding(d: &Desktop) -> (Option<String>, Option<u16>, Option<String>) {
-    let st = d.status.clone().unwrap_or_default();
-    (st.node, st.spice.and_then(|s| s.port), st.mac)
-}
 
 #[tokio::test]
 async fn the_standby_replica_takes_over_when_the_leader_dies() {

@@ -1,7 +1,8 @@
 //! What the operator and the node-agent share at run time: logging setup, the health and
-//! metrics HTTP server, and shutdown on SIGTERM.
+//! metrics HTTP server, the API client with its deadlines, and shutdown on SIGTERM.
 #![forbid(unsafe_code)]
 
+pub mod api;
 pub mod cache;
 pub mod events;
 pub mod health;

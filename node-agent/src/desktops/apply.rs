@@ -13,7 +13,8 @@ use std::time::Duration;
 use deskvirt_crds::Desktop;
 use deskvirt_crds::conditions::{self, Status};
 use deskvirt_crds::constants::condition::{DOMAIN_DEFINED, RUNNING};
-use deskvirt_crds::desktop::{DesktopStatus, Power};
+use deskvirt_crds::desktop::{DesktopStatus, Power, Size};
+use deskvirt_crds::quantity::format_bytes;
 use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
 use kube::{Api, ResourceExt};
@@ -347,6 +348,18 @@ async fn execute<H: Hypervisor>(
     } else {
         done.requeue
     };
+    report.running_size = match seen.current {
+        Some(s) if s.state.is_active() => {
+            Some(size_of(s.vcpus, s.max_memory_kib.saturating_mul(1024)))
+        }
+        // Started from its definition now (a restore from saved memory keeps the saved size:
+        // the next pass reads it from the domain).
+        Some(s) if done.started && !s.has_managed_save => {
+            Some(size_of(inputs.domain.vcpus, inputs.domain.memory_bytes))
+        }
+        None if done.started => Some(size_of(inputs.domain.vcpus, inputs.domain.memory_bytes)),
+        _ => None,
+    };
     report.running = Some(done.running);
     let status = d.status.clone().unwrap_or_default();
     report.activity = Some(if done.started {
@@ -440,6 +453,14 @@ async fn push_password<H: Hypervisor>(
     ctx.hypervisor.update_live_device(domain, &graphics).await?;
     ctx.record_password(uid, &inputs.password_version);
     Ok(())
+}
+
+/// A size as the Desktop's status reports it.
+fn size_of(vcpus: u32, memory_bytes: u64) -> Size {
+    Size {
+        cpu: vcpus,
+        memory: format_bytes(memory_bytes),
+    }
 }
 
 /// Samples the running domain and derives the session and idleness fields; a domain that is

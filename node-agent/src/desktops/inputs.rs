@@ -62,11 +62,11 @@ pub(super) fn gather<H>(
     report: &mut Report,
 ) -> Result<Inputs, Stop> {
     let cfg = &ctx.config;
-    let pool = ctx.pool(&d.spec.pool).ok_or_else(|| {
+    let pool = ctx.pool(d.pool()).ok_or_else(|| {
         wait(
             Status::Unknown,
             Reason::WaitingForPool,
-            format!("ResourcePool {} is not known to this host yet", d.spec.pool),
+            format!("ResourcePool {} is not known to this host yet", d.pool()),
         )
     })?;
     let host = HostContext::for_pool(&cfg.node_name, &cfg.node_address, cfg.domain_type, &pool)

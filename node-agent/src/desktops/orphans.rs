@@ -60,7 +60,7 @@ async fn clear_moved<H: Hypervisor>(
         return false;
     }
     if let (Some(pool), Some(mac)) = (
-        ctx.pool(&d.spec.pool),
+        ctx.pool(d.pool()),
         d.status.as_ref().and_then(|s| s.mac.as_deref()),
     ) && let Err(e) = ip::release(ctx, &pool, mac).await
     {

@@ -4,7 +4,7 @@
 
 use deskvirt_crds::conditions::{self, Status, condition};
 use deskvirt_crds::constants::condition::{DOMAIN_DEFINED, RUNNING};
-use deskvirt_crds::desktop::DesktopStatus;
+use deskvirt_crds::desktop::{DesktopStatus, Size};
 
 use super::activity::ActivityStatus;
 use super::reason::Reason;
@@ -45,6 +45,9 @@ pub struct Report {
     pub running: Option<Cond>,
     /// Session, last activity and idle start; `None` leaves them as they are.
     pub activity: Option<ActivityStatus>,
+    /// The size of the running domain; `None` leaves the last one reported (the operator reads
+    /// it only while `Running` is True).
+    pub running_size: Option<Size>,
 }
 
 impl Report {
@@ -126,7 +129,12 @@ pub fn body(
         last_activity_time: current.last_activity_time.clone(),
         idle_since: current.idle_since.clone(),
     });
+    let running_size = report
+        .running_size
+        .clone()
+        .or_else(|| current.running_size.clone());
     let same = current.ip == report.ip
+        && current.running_size == running_size
         && spice.host == report.spice_host
         && spice.uri == uri
         && current.session == activity.session
@@ -159,6 +167,9 @@ pub fn body(
     if let Some(t) = &activity.idle_since {
         status.insert("idleSince".into(), json!(t));
     }
+    if let Some(size) = &running_size {
+        status.insert("runningSize".into(), json!(size));
+    }
     status.insert("conditions".into(), json!(conds));
     Some(status.into())
 }
@@ -179,7 +190,39 @@ mod tests {
             )),
             running: Some(Cond::new(Status::True, Reason::Running, "the domain runs")),
             activity: None,
+            running_size: Some(Size {
+                cpu: 2,
+                memory: "2Gi".into(),
+            }),
         }
+    }
+
+    #[test]
+    fn the_running_size_is_kept_until_a_new_one_is_known() {
+        let now = Timestamp::UNIX_EPOCH;
+        let Some(body) = body(&DesktopStatus::default(), &report(), Some(1), now) else {
+            panic!("expected a body");
+        };
+        assert_eq!(body["runningSize"], json!({"cpu": 2, "memory": "2Gi"}));
+        let current: DesktopStatus = serde_json::from_value(body).unwrap_or_else(|e| panic!("{e}"));
+        let unknown = Report {
+            running_size: None,
+            ..report()
+        };
+        assert_eq!(body_of(&current, &unknown), None, "nothing new to say");
+        let off = Report {
+            running: Some(Cond::new(Status::False, Reason::Stopped, "off")),
+            running_size: None,
+            ..report()
+        };
+        let Some(b) = body_of(&current, &off) else {
+            panic!("expected a body");
+        };
+        assert_eq!(b["runningSize"]["memory"], "2Gi", "an apply never drops it");
+    }
+
+    fn body_of(current: &DesktopStatus, r: &Report) -> Option<serde_json::Value> {
+        body(current, r, Some(1), Timestamp::UNIX_EPOCH)
     }
 
     #[test]

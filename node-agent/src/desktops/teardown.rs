@@ -44,7 +44,7 @@ pub async fn teardown<H: Hypervisor>(
     }
     let api: Api<Desktop> = Api::namespaced(ctx.client.clone(), &ns);
     let hv = &ctx.hypervisor;
-    let pool = ctx.pool(&d.spec.pool);
+    let pool = ctx.pool(d.pool());
     let wanted = domain_name(&ns, &name, &uid);
     let place = place::locate(hv, &uid, &wanted).await?;
 

@@ -4,6 +4,7 @@
 
 use std::net::Ipv4Addr;
 
+use deskvirt_core::allocators::{HostSubnet, Ipv4Net};
 use deskvirt_crds::resource_pool::{NetworkMode, PoolNetwork};
 use serde::Serialize;
 
@@ -13,48 +14,38 @@ use super::network::normalize_mac;
 use super::read::{attribute, walk};
 use super::xml::to_string;
 
-/// An IPv4 subnet given by its network address and prefix length.
+/// This host's subnet of a pool network: the core's [`HostSubnet`] (gateway on the first
+/// address, DHCP over the rest), as the agent reads it from `status.subnet`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Subnet {
-    /// Network address (host bits zero).
-    pub network: Ipv4Addr,
-    /// Prefix length, 8 to 30.
-    pub prefix: u8,
-}
+pub struct Subnet(HostSubnet);
 
 impl Subnet {
     /// Parses `a.b.c.d/n`; the host bits must be zero and `n` between 8 and 30.
     pub fn parse(cidr: &str) -> Result<Self, XmlError> {
-        let invalid = || XmlError::Invalid {
-            field: "subnet",
-            value: cidr.to_string(),
-        };
-        let (addr, prefix) = cidr.split_once('/').ok_or_else(invalid)?;
-        let network: Ipv4Addr = addr.parse().map_err(|_| invalid())?;
-        let prefix: u8 = prefix.parse().map_err(|_| invalid())?;
-        if !(8..=30).contains(&prefix) || u32::from(network) & !Self::mask_bits(prefix) != 0 {
-            return Err(invalid());
-        }
-        Ok(Self { network, prefix })
+        cidr.parse::<Ipv4Net>()
+            .ok()
+            .filter(|n| n.prefix() >= 8)
+            .and_then(HostSubnet::new)
+            .map(Self)
+            .ok_or_else(|| XmlError::Invalid {
+                field: "subnet",
+                value: cidr.to_string(),
+            })
     }
 
-    fn mask_bits(prefix: u8) -> u32 {
-        u32::MAX.checked_shl(32 - u32::from(prefix)).unwrap_or(0)
-    }
-
-    fn offset(&self, n: u32) -> Ipv4Addr {
-        Ipv4Addr::from(u32::from(self.network).wrapping_add(n))
+    /// The prefix length.
+    pub fn prefix(&self) -> u8 {
+        self.0.net().prefix()
     }
 
     /// The host side of the network: the first address.
     pub fn gateway(&self) -> Ipv4Addr {
-        self.offset(1)
+        self.0.gateway()
     }
 
     /// The DHCP range: every address after the gateway up to the one before broadcast.
     pub fn dhcp_range(&self) -> (Ipv4Addr, Ipv4Addr) {
-        let size = 1u32 << (32 - u32::from(self.prefix));
-        (self.offset(2), self.offset(size - 2))
+        self.0.dhcp_range()
     }
 
     /// Whether `ip` may be handed to a desktop (inside the DHCP range).
@@ -220,7 +211,7 @@ pub fn network_xml(inputs: &NetworkInputs) -> Result<String, XmlError> {
         },
         ip: Ip {
             address: inputs.subnet.gateway().to_string(),
-            prefix: inputs.subnet.prefix,
+            prefix: inputs.subnet.prefix(),
             dhcp: Dhcp {
                 range: Range {
                     start: start.to_string(),
@@ -274,10 +265,9 @@ mod tests {
 
     #[test]
     fn gateway_and_range() {
-        let s = Subnet::parse("10.200.3.0/24").unwrap_or(Subnet {
-            network: Ipv4Addr::UNSPECIFIED,
-            prefix: 8,
-        });
+        let Ok(s) = Subnet::parse("10.200.3.0/24") else {
+            panic!("a /24 is a subnet");
+        };
         assert_eq!(s.gateway(), Ipv4Addr::new(10, 200, 3, 1));
         assert_eq!(
             s.dhcp_range(),
@@ -313,10 +303,7 @@ mod tests {
         let inputs = NetworkInputs {
             name: "deskvirt-a".into(),
             mode: HostNetworkMode::Nat,
-            subnet: Subnet {
-                network: Ipv4Addr::new(10, 0, 0, 0),
-                prefix: 24,
-            },
+            subnet: Subnet::parse("10.0.0.0/24").unwrap_or_else(|e| panic!("{e}")),
             hosts: vec![DhcpHost {
                 mac: "52:54:00:00:00:01".into(),
                 ip: Ipv4Addr::new(10, 0, 1, 5),

@@ -182,10 +182,15 @@ impl DomainInputs {
             });
         }
         let spec = &desktop.spec;
-        if spec.cpu == 0 {
+        // The size the operator admitted for this host; a larger spec waits until it fits.
+        let (vcpus, memory) = match desktop.status.as_ref().and_then(|s| s.allocation.as_ref()) {
+            Some(a) => (a.cpu, a.memory.as_str()),
+            None => (spec.cpu, spec.memory.as_str()),
+        };
+        if vcpus == 0 {
             return Err(BuildError::Zero { field: "spec.cpu" });
         }
-        let memory_bytes = parse_bytes(&spec.memory).map_err(|source| BuildError::BadQuantity {
+        let memory_bytes = parse_bytes(memory).map_err(|source| BuildError::BadQuantity {
             field: "spec.memory",
             source,
         })?;
@@ -208,10 +213,10 @@ impl DomainInputs {
             .map(|b| KernelBoot::from_spec(b, &host.image_dir))
             .transpose()?;
         let cpu_pinning = if spec.performance.dedicated_cpus {
-            let wanted = spec.cpu as usize;
+            let wanted = vcpus as usize;
             if binding.pinned_cpus.len() < wanted {
                 return Err(BuildError::NotEnoughPinnedCpus {
-                    wanted: spec.cpu,
+                    wanted: vcpus,
                     got: binding.pinned_cpus.len(),
                 });
             }
@@ -228,10 +233,10 @@ impl DomainInputs {
                 name,
                 uid,
                 user: spec.user.clone(),
-                pool: spec.pool.clone(),
+                pool: desktop.pool().to_string(),
             },
             domain_type: host.domain_type,
-            vcpus: spec.cpu,
+            vcpus,
             memory_bytes,
             boot,
             network: host.network.clone(),

@@ -1,6 +1,7 @@
 //! Decides how a desktop's NIC is attached: to the pool's per-host libvirt network (nat and
 //! isolated modes) or to an existing Linux bridge, with the MAC the operator allocated.
 
+use deskvirt_core::allocators::Mac;
 use deskvirt_crds::resource_pool::{NetworkMode, PoolNetwork};
 
 use super::error::BuildError;
@@ -40,15 +41,12 @@ impl NetworkAttachment {
 }
 
 /// Normalizes a MAC address to lower case; `None` unless it is six colon-separated hex octets
-/// with a unicast first octet.
+/// with a unicast first octet (the core's [`Mac`] reads it).
 pub fn normalize_mac(mac: &str) -> Option<String> {
-    let octets: Vec<&str> = mac.split(':').collect();
-    let well_formed = octets.len() == 6
-        && octets
-            .iter()
-            .all(|o| o.len() == 2 && o.bytes().all(|b| b.is_ascii_hexdigit()));
-    let first = u8::from_str_radix(octets.first()?, 16).ok()?;
-    (well_formed && first & 1 == 0).then(|| mac.to_ascii_lowercase())
+    mac.parse::<Mac>()
+        .ok()
+        .filter(Mac::is_unicast)
+        .map(|m| m.to_string())
 }
 
 /// `<interface>` with a virtio NIC.

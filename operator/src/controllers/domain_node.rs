@@ -8,6 +8,7 @@ use std::time::Duration;
 use deskvirt_crds::conditions::{self, Status, condition};
 use deskvirt_crds::constants::condition::{READY, SCHEDULABLE};
 use deskvirt_crds::domain_node::{Allocatable, DomainNode};
+use deskvirt_crds::read::{FromPoolSpec, host_report};
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use k8s_openapi::jiff::Timestamp;
@@ -23,7 +24,7 @@ use super::{Categorized, apply_status, drive, kube_transient, on_leadership, wat
 use crate::allocators::LedgerError;
 use crate::context::{Context, stopped};
 use crate::heartbeat::Heartbeat;
-use crate::scheduler::{HostCapacity, HostFacts, PoolPolicy};
+use crate::scheduler::{HostCapacity, PoolPolicy};
 use crate::world::{Bindings, orphans_by_host, pool_of, usage_by_host};
 
 const NAME: &str = "domainnode";
@@ -108,7 +109,8 @@ pub async fn reconcile(node: Arc<DomainNode>, ctx: Arc<Context>) -> Result<Actio
     let heartbeat = ctx.heartbeat(&name, now);
 
     let mut ledgers = ctx.ledgers.lock().await;
-    if !ledgers.ready {
+    // Subnets are allocations: decided and written only while the Lease holds (`crate::fence`).
+    if !ledgers.ready || ctx.fence.check().is_err() {
         return Ok(Action::requeue(Duration::from_secs(1)));
     }
     if let Some(old) = status.pool.as_deref()
@@ -147,7 +149,7 @@ pub async fn reconcile(node: Arc<DomainNode>, ctx: Arc<Context>) -> Result<Actio
     let policy = pool
         .as_ref()
         .and_then(|p| PoolPolicy::from_spec(&p.spec).ok());
-    let facts = HostFacts::from_status(&status).ok();
+    let facts = host_report(&node).facts.and_then(Result::ok);
     let allocatable = match (&policy, &facts) {
         (Some(policy), Some(facts)) => {
             let usage = usage_by_host(
@@ -272,6 +274,9 @@ pub async fn reconcile(node: Arc<DomainNode>, ctx: Arc<Context>) -> Result<Actio
             "metadata": { "name": name },
             "status": st,
         });
+        if ctx.fence.check().is_err() {
+            return Ok(Action::requeue(Duration::from_secs(1)));
+        }
         apply_status(&Api::<DomainNode>::all(ctx.client.clone()), &name, &body)
             .await
             .map_err(Error::Apply)?;

@@ -12,6 +12,7 @@ use deskvirt_crds::conditions::{self, Status, condition};
 use deskvirt_crds::constants::condition::{DEGRADED, READY};
 use deskvirt_crds::constants::pool_reason::INVALID_SPEC;
 use deskvirt_crds::desktop::Phase;
+use deskvirt_crds::read::{FromPoolSpec, write_capacity};
 use deskvirt_crds::resource_pool::{ResourcePool, ResourcePoolStatus};
 use deskvirt_crds::validation;
 use deskvirt_crds::{Desktop, DomainNode};
@@ -75,7 +76,7 @@ pub async fn run(ctx: Arc<Context>, selector: String, stop: watch::Receiver<bool
             },
         )
         .watches(Api::<Desktop>::all(client.clone()), cfg, |d| {
-            Some(ObjectRef::new(&d.spec.pool))
+            Some(ObjectRef::new(d.pool()))
         })
         .reconcile_all_on(on_leadership(ctx.leader.clone()))
         .graceful_shutdown_on(stopped(stop.clone()))
@@ -107,7 +108,7 @@ pub fn count_phases<'a>(
 ) -> BTreeMap<String, u32> {
     let mut out: BTreeMap<String, u32> =
         PHASES.iter().map(|p| (p.as_str().to_string(), 0)).collect();
-    for d in desktops.into_iter().filter(|d| d.spec.pool == pool) {
+    for d in desktops.into_iter().filter(|d| d.pool() == pool) {
         let phase = d
             .status
             .as_ref()
@@ -191,7 +192,7 @@ pub async fn reconcile(pool: Arc<ResourcePool>, ctx: Arc<Context>) -> Result<Act
             );
             drop(ledgers);
             let cap = PoolCapacity::of(&name, &policy, &hosts);
-            cap.write_to(&mut st);
+            write_capacity(&cap, &mut st);
             let ready = if policy.ports.is_empty() {
                 condition(
                     prev,
@@ -285,6 +286,9 @@ pub async fn reconcile(pool: Arc<ResourcePool>, ctx: Arc<Context>) -> Result<Act
             "metadata": { "name": name },
             "status": serde_json::to_value(&st).map_err(Error::Encode)?,
         });
+        if ctx.fence.check().is_err() {
+            return Ok(Action::requeue(Duration::from_secs(1)));
+        }
         apply_status(&Api::<ResourcePool>::all(ctx.client.clone()), &name, &body)
             .await
             .map_err(Error::Apply)?;

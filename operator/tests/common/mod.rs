@@ -614,6 +614,20 @@ pub fn node_of(d: &Desktop) -> Option<&str> {
     d.status.as_ref().and_then(|s| s.node.as_deref())
 }
 
+/// A Desktop's binding: host, SPICE port, MAC.
+pub fn binding(d: &Desktop) -> (Option<String>, Option<u16>, Option<String>) {
+    let st = d.status.clone().unwrap_or_default();
+    (st.node, st.spice.and_then(|s| s.port), st.mac)
+}
+
+/// A local TCP port free right now (for a child's metrics endpoint).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .unwrap_or_else(|e| panic!("{e}"))
+}
+
 /// A Secret's value under `key`, as text.
 pub fn secret_value(s: &Secret, key: &str) -> Option<String> {
     s.data

@@ -17,14 +17,17 @@ use kube::runtime::events::EventType;
 
 use super::bind::bind;
 use super::console::{ensure_mirror, ever_bound, write_user_secret};
+use super::duplicate;
 use super::idle::{self, Settled};
+use super::size;
 use super::status::{Owned, bound_message, ensure_meta, relabel, write, write_bound};
 use super::{Error, Pass};
-use crate::allocators::Claim;
+use crate::allocators::{Claim, Conflict};
 use crate::console::user::Outcome;
 use crate::context::Context;
 use crate::idle::holds_resources;
 use crate::phase::{self, Facts};
+use crate::repair;
 
 /// One pass over a Desktop that is not being deleted. An unbound desktop gets the operator's
 /// labels and finalizer with its binding, in one write (or, when it cannot be placed, with its
@@ -125,10 +128,11 @@ async fn bound(pass: &Pass<'_>, node: &str) -> Result<Action, Error> {
     } else {
         Status::from_bool(derived.ready)
     };
+    let warnings = size::settle(ctx, d, uid, node, &mut want, now);
     let scheduled = bound_message(node, want.port, want.mac.as_deref());
     // A spec made invalid after binding: not Ready, naming the fields (the host never applies
     // a USB policy looser than the pool's; nothing bound is taken back).
-    let pool = ctx.stores.pool(&d.spec.pool);
+    let pool = ctx.stores.pool(d.pool());
     let invalid = validation::desktop(&d.spec, pool.as_ref().map(|p| &p.spec));
     let summary = if invalid.is_empty() {
         (ready, derived.reason, derived.message.clone())
@@ -147,7 +151,7 @@ async fn bound(pass: &Pass<'_>, node: &str) -> Result<Action, Error> {
     );
     // The same as this replica wrote a moment ago: the copy is older than that write (not for
     // idle reclamation, whose writes are guarded by the version they were decided on anyway).
-    let in_flight = if current.same_as(&want) || want.idle_involved(&current) {
+    let in_flight = if current.same_as(&want) || want.needs_guard(&current) {
         None
     } else {
         ctx.status_in_flight(uid, want.fingerprint(), STATUS_SETTLE)
@@ -180,6 +184,16 @@ async fn bound(pass: &Pass<'_>, node: &str) -> Result<Action, Error> {
     if wrote && let Some(t) = phase_event(current.phase, want.phase) {
         ctx.event(d.as_ref(), t, want.phase.as_str(), "Phase", derived.message)
             .await;
+    }
+    for w in warnings.into_iter().filter(|_| wrote) {
+        ctx.event(
+            d.as_ref(),
+            EventType::Warning,
+            w.reason,
+            w.action,
+            w.message,
+        )
+        .await;
     }
     if wrote && let Some((reason, message)) = console_event(&current, &want) {
         ctx.event(d.as_ref(), EventType::Warning, &reason, "Console", message)
@@ -239,10 +253,11 @@ async fn keep_ledger(d: &Desktop, ctx: &Context, uid: &str, node: &str, want: &m
         return;
     }
     let mut ledgers = ctx.ledgers.lock().await;
-    if !ledgers.ready {
+    // The wait for the lock may have outlasted the Lease: the ledger is no longer ours.
+    if !ledgers.ready || crate::fence::check().is_err() {
         return;
     }
-    let Some(pool) = ctx.stores.pool(&d.spec.pool) else {
+    let Some(pool) = ctx.stores.pool(d.pool()) else {
         return;
     };
     if ledgers.rebind.contains(uid) {
@@ -258,25 +273,33 @@ async fn keep_ledger(d: &Desktop, ctx: &Context, uid: &str, node: &str, want: &m
             want.port = Some(b.port);
             want.mac = Some(b.mac.to_string());
             ledgers.rebind.remove(uid);
+            let why = ledgers.rebind_why.remove(uid);
             drop(ledgers);
-            ctx.event(
-                d,
-                EventType::Warning,
-                "BindingConflict",
-                "Rebind",
-                format!(
+            let message = match why {
+                Some(Conflict::Taken {
+                    resource, holder, ..
+                }) => repair::message(
+                    &resource,
+                    &duplicate::name(ctx, uid),
+                    &duplicate::name(ctx, &holder),
+                    b.port,
+                    &b.mac.to_string(),
+                ),
+                _ => format!(
                     "recorded port or MAC was held by an older desktop; now port {} MAC {}",
                     b.port, b.mac
                 ),
-            )
-            .await;
+            };
+            ctx.metrics.binding_repairs.inc();
+            ctx.event(d, EventType::Warning, "BindingConflict", "Rebind", message)
+                .await;
         }
         return;
     }
     // Holds resources but no port: a wake whose write stopped half-way (`reclaimed` cleared,
     // the port not written yet). The ledger's port, else its lowest free one.
     if want.port.is_none()
-        && let Some(ledger) = ledgers.get_mut(&d.spec.pool)
+        && let Some(ledger) = ledgers.get_mut(d.pool())
     {
         match ledger.restore_port(uid, node, None) {
             Ok(port) => want.port = Some(port),
@@ -287,23 +310,25 @@ async fn keep_ledger(d: &Desktop, ctx: &Context, uid: &str, node: &str, want: &m
     let (Some(port), Some(mac)) = (want.port, want.mac.as_deref()) else {
         return;
     };
-    let Some(ledger) = ledgers.get_mut(&d.spec.pool) else {
+    let Some(ledger) = ledgers.get_mut(d.pool()) else {
         // Not built yet: the build reads this binding from the cache.
         return;
     };
+    if ledger.holds(uid, node, port, mac) {
+        return;
+    }
+    let dups = repair::duplicates(ledger, uid, node, port, mac);
+    if !dups.is_empty() {
+        let mac = mac.to_string();
+        drop(ledgers);
+        return duplicate::repair(d, ctx, uid, node, (port, &mac), dups, want).await;
+    }
     // No port (a woken desktop's reservation given up on, whose write landed after all): adopt.
     if ledger.port_of(uid).is_none() {
         if ledger.adopt(uid, node, port, mac) {
             tracing::info!(host = node, port, mac, "ledger adopted a recorded binding");
-        } else {
-            tracing::warn!(
-                host = node,
-                port,
-                mac,
-                "recorded binding held by another desktop"
-            );
         }
-    } else if !ledger.holds(uid, node, port, mac) {
+    } else {
         // Newer than the cache (a rebind just written), or older: the cache settles it.
         tracing::debug!(host = node, port, mac, "ledger and recorded binding differ");
     }

@@ -8,7 +8,8 @@ use std::time::Duration;
 use deskvirt_crds::conditions::{self, Status};
 use deskvirt_crds::constants::condition::SCHEDULED;
 use deskvirt_crds::constants::scheduled_reason::{INVALID_POOL, INVALID_SPEC};
-use deskvirt_crds::desktop::Phase;
+use deskvirt_crds::desktop::{Allocation, Phase};
+use deskvirt_crds::read::{FromDesktopSpec, FromPoolSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::ResourceExt;
 use kube::runtime::controller::Action;
@@ -17,11 +18,12 @@ use kube::runtime::reflector::ObjectRef;
 
 use super::admit::admit;
 use super::console::ensure_mirror;
+use super::size;
 use super::status::{BindFailure, Owned, bound_message, ensure_meta, write, write_binding};
 use super::{Error, Pass};
 use crate::allocators::{Bound, Claim};
 use crate::console::user::{allowed, secret_name};
-use crate::scheduler::{PoolIndex, Request, schedule};
+use crate::scheduler::{PoolIndex, PoolPolicy, Request, schedule};
 use crate::world::{Bindings, host_views};
 
 /// How long after writing a binding a copy without it is taken for an older one.
@@ -100,6 +102,12 @@ pub(super) async fn bind(pass: &Pass<'_>) -> Result<Action, Error> {
         .map(|_| secret_name(&d.name_any()));
     want.phase = Phase::Scheduled;
     want.generation = gen_;
+    want.allocation = Some(Allocation {
+        pool: d.spec.pool.clone(),
+        cpu: d.spec.cpu,
+        memory: d.spec.memory.clone(),
+    });
+    size::admitted(&mut want, &prev, gen_, now);
     let msg = bound_message(&host, want.port, want.mac.as_deref());
     want.judge(
         &prev,
@@ -112,6 +120,10 @@ pub(super) async fn bind(pass: &Pass<'_>) -> Result<Action, Error> {
         ),
     );
 
+    if let Some(delay) = ctx.test_bind_delay {
+        tracing::info!(?delay, "test: pausing before the binding is written");
+        tokio::time::sleep(delay).await;
+    }
     // The password first, so the host finds it as soon as it sees the binding.
     let written = match ensure_mirror(d, ctx, uid, &host).await {
         Ok(_) => write_binding(d, api, &host, &want).await,
@@ -160,7 +172,8 @@ async fn place(pass: &Pass<'_>, prev: &[Condition]) -> Placement {
         }
     };
     let mut ledgers = ctx.ledgers.lock().await;
-    if !ledgers.ready {
+    // The wait for the lock may have outlasted the Lease.
+    if !ledgers.ready || crate::fence::check().is_err() {
         return Placement::Later(Duration::from_secs(1));
     }
     let pool = ctx.stores.pool(&d.spec.pool);
@@ -175,7 +188,7 @@ async fn place(pass: &Pass<'_>, prev: &[Condition]) -> Placement {
     };
     let mut index = PoolIndex::new();
     if let Some(p) = &pool {
-        index.apply(&d.spec.pool, &p.spec);
+        index.apply(&d.spec.pool, PoolPolicy::from_spec(&p.spec));
     }
     let ledger = match &pool {
         Some(p) => match ledgers.of(p, &ctx.stores) {

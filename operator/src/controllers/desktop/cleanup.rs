@@ -21,6 +21,7 @@ use serde_json::json;
 use super::console::{delete_mirror, delete_user_secret, ever_bound};
 use super::status::{Owned, write};
 use super::{Error, Pass, kube};
+use crate::fence;
 
 /// Reason of `Ready=False` while deletion waits for the host.
 pub const WAITING_FOR_HOST_CLEANUP: &str = "WaitingForHostCleanup";
@@ -83,6 +84,8 @@ pub(super) async fn cleanup(pass: &Pass<'_>) -> Result<Action, Error> {
     if !ctx.ledgers.lock().await.ready {
         return Ok(Action::requeue(Duration::from_secs(1)));
     }
+    // The release is committed by these writes: only while the Lease holds.
+    fence::check()?;
     // The user's Secret first: the mirror records which one is ours.
     let ns = d.namespace().unwrap_or_default();
     delete_user_secret(ctx, uid, &ns, &d.name_any()).await;
@@ -90,19 +93,21 @@ pub(super) async fn cleanup(pass: &Pass<'_>) -> Result<Action, Error> {
     ctx.forget_user_secret(uid);
     ctx.forget_binding(uid);
     ctx.forget_status(uid);
+    fence::check()?;
     remove_finalizer(d, api, FINALIZER_OPERATOR)
         .await
         .map_err(kube("remove the operator finalizer"))?;
     let mut ledgers = ctx.ledgers.lock().await;
-    if let Some(pool) = ctx.stores.pool(&d.spec.pool)
+    if let Some(pool) = ctx.stores.pool(d.pool())
         && let Ok(ledger) = ledgers.of(&pool, &ctx.stores)
     {
         let freed = ledger.release(uid);
         tracing::info!(?freed, "released ledger entries");
-    } else if let Some(l) = ledgers.get_mut(&d.spec.pool) {
+    } else if let Some(l) = ledgers.get_mut(d.pool()) {
         l.release(uid);
     }
     ledgers.rebind.remove(uid);
+    ledgers.rebind_why.remove(uid);
     Ok(Action::await_change())
 }
 
@@ -112,6 +117,7 @@ pub(super) async fn cleanup(pass: &Pass<'_>) -> Result<Action, Error> {
 async fn wait_for_host(pass: &Pass<'_>) -> Result<Action, Error> {
     let (d, ctx, api, now) = (&pass.d, pass.ctx, &pass.api, pass.now);
     if !ever_bound(ctx, &pass.uid).await? {
+        fence::check()?;
         remove_finalizer(d, api, FINALIZER_AGENT)
             .await
             .map_err(kube("remove the agent finalizer"))?;
@@ -131,7 +137,7 @@ async fn wait_for_host(pass: &Pass<'_>) -> Result<Action, Error> {
     let node = d.status.as_ref().and_then(|s| s.node.clone());
     let after = ctx
         .stores
-        .pool(&d.spec.pool)
+        .pool(d.pool())
         .and_then(|p| parse_duration(&p.spec.failover.after).ok())
         .unwrap_or(Duration::from_secs(300));
     let lost_for = match &node {
@@ -142,6 +148,7 @@ async fn wait_for_host(pass: &Pass<'_>) -> Result<Action, Error> {
     let host = node.as_deref().unwrap_or("(unknown)");
     match host_cleanup(host, lost_for, after, forced) {
         HostCleanup::Force => {
+            fence::check()?;
             remove_finalizer(d, api, FINALIZER_AGENT)
                 .await
                 .map_err(kube("remove the agent finalizer"))?;

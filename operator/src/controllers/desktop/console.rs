@@ -22,6 +22,7 @@ use crate::console::new_password;
 use crate::console::user::{self, Console, Outcome};
 use crate::context::Context;
 use crate::controllers::is_conflict;
+use crate::fence;
 use std::time::Duration;
 
 /// Whether the operator ever bound the desktop with UID `uid` to a host: its console mirror,
@@ -94,6 +95,12 @@ pub(super) async fn ensure_mirror(
         };
         let mut wanted = mirror::secret(&spec, &password);
         let recorded = |s: &Secret| mirror::user_secret_uid(s).map(str::to_string);
+        if !existing
+            .as_ref()
+            .is_some_and(|e| mirror::up_to_date(e, &wanted))
+        {
+            fence::check()?;
+        }
         let written = match &existing {
             Some(e) if mirror::up_to_date(e, &wanted) => {
                 return Ok(Held {
@@ -243,6 +250,7 @@ async fn create_or_rewrite(
                 ..Default::default()
             };
             let patch = Patch::Merge(user::guarded_patch(wanted, owned));
+            fence::check()?;
             match api.patch(&name, &pp, &patch).await {
                 Ok(_) => return Ok(written),
                 // Deleted: ours to create again.
@@ -256,6 +264,7 @@ async fn create_or_rewrite(
             field_manager: Some(MANAGER_OPERATOR.into()),
             ..Default::default()
         };
+        fence::check()?;
         match api.create(&pp, wanted).await {
             Ok(created) => {
                 record_user_secret(ctx, uid, &api, &created).await?;
@@ -360,6 +369,7 @@ pub(super) async fn delete_user_secret(ctx: &Context, uid: &str, ns: &str, deskt
 
 /// Deletes the mirror of the desktop with UID `uid`; a missing one is fine.
 pub(super) async fn delete_mirror(ctx: &Context, uid: &str) -> Result<(), Error> {
+    fence::check()?;
     let api: Api<Secret> = Api::namespaced(ctx.client.clone(), &ctx.console_namespace);
     match api
         .delete(&console_mirror_name(uid), &DeleteParams::default())

@@ -12,6 +12,7 @@ use deskvirt_crds::conditions::{self, Status, condition};
 use deskvirt_crds::constants::condition::{IDLE, RUNNING};
 use deskvirt_crds::constants::idle_reason;
 use deskvirt_crds::desktop::{Desktop, DesktopStatus, IdleAction, Move, Wake};
+use deskvirt_crds::read::{FromDesktopSpec, FromPoolSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::ResourceExt;
 use kube::api::{DeleteParams, Preconditions};
@@ -84,7 +85,7 @@ pub(super) async fn settle(
 ) -> Result<Settled, Error> {
     let (d, ctx, now) = (&pass.d, pass.ctx, pass.now);
     let mut plan = Plan::default();
-    let pool = ctx.stores.pool(&d.spec.pool);
+    let pool = ctx.stores.pool(d.pool());
     let policy = idle::effective(&d.spec, pool.as_ref().map(|p| &p.spec.defaults)).and_then(|p| {
         match Policy::of(p) {
             Ok(p) => Some(p),
@@ -243,7 +244,7 @@ pub(super) async fn settle(
 /// another host of its pool), under the ledger lock.
 async fn restore(pass: &Pass<'_>, node: &str) -> Restore {
     let (d, ctx, uid, now) = (&pass.d, pass.ctx, pass.uid.as_str(), pass.now);
-    let pool_name = &d.spec.pool;
+    let pool_name = d.pool();
     let mut ledgers = ctx.ledgers.lock().await;
     if !ledgers.ready {
         return Restore::Later;
@@ -337,6 +338,7 @@ async fn delete(pass: &Pass<'_>, event: String) -> Result<(), Error> {
         }),
         ..Default::default()
     };
+    crate::fence::check()?;
     match pass.api.delete(&d.name_any(), &dp).await {
         Ok(_) => Ok(()),
         Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
@@ -357,7 +359,7 @@ pub(super) async fn after_write(
         return Err(e);
     }
     if plan.drop_port
-        && let Some(l) = ctx.ledgers.lock().await.get_mut(&d.spec.pool)
+        && let Some(l) = ctx.ledgers.lock().await.get_mut(d.pool())
         && let Some((host, port)) = l.release_port(uid)
     {
         tracing::info!(%host, port, "released the SPICE port of a reclaimed desktop");
@@ -371,7 +373,7 @@ pub(super) async fn after_write(
 /// A pass that fails before its status is written gives back the port it reserved.
 pub(super) async fn abandon(pass: &Pass<'_>, plan: &Plan) {
     if plan.fresh_port
-        && let Some(l) = pass.ctx.ledgers.lock().await.get_mut(&pass.d.spec.pool)
+        && let Some(l) = pass.ctx.ledgers.lock().await.get_mut(pass.d.pool())
     {
         l.release_port(&pass.uid);
     }

@@ -8,8 +8,11 @@ mod apply;
 mod bind;
 mod cleanup;
 mod console;
+mod duplicate;
 mod idle;
+mod size;
 mod status;
+mod triggers;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -28,6 +31,7 @@ use tokio::sync::watch;
 use super::{Categorized, drive, is_conflict, kube_transient, on_leadership, watch_config};
 use crate::console::mirror;
 use crate::context::{Context, Stores, stopped};
+use crate::fence;
 use crate::world::pool_of;
 
 const NAME: &str = "desktop";
@@ -46,6 +50,8 @@ pub enum Error {
     MissingField(&'static str),
     #[error("the console password mirror keeps changing under the operator")]
     MirrorContended,
+    #[error("write not sent")]
+    Fenced(#[from] crate::fence::Fenced),
 }
 
 impl Error {
@@ -67,12 +73,13 @@ impl Categorized for Error {
             Error::Random(_) => "Random",
             Error::MissingField(_) => "InvalidObject",
             Error::MirrorContended => "Conflict",
+            Error::Fenced(_) => "Fenced",
         }
     }
     fn is_transient(&self) -> bool {
         match self {
             Error::Kube { source, .. } => kube_transient(source),
-            Error::Random(_) | Error::MirrorContended => true,
+            Error::Random(_) | Error::MirrorContended | Error::Fenced(_) => true,
             Error::MissingField(_) => false,
         }
     }
@@ -105,6 +112,8 @@ pub async fn run(ctx: Arc<Context>, selector: String, stop: watch::Receiver<bool
     let by_node = ctx.stores.clone();
     let by_pool = ctx.stores.clone();
     let by_mirror = ctx.stores.clone();
+    let seen = Arc::new(triggers::Seen::default());
+    let (seen_hosts, seen_pools) = (seen.clone(), seen);
     let controller = Controller::new(Api::<Desktop>::all(client.clone()), cfg.clone())
         .watches(
             Api::<Secret>::namespaced(client.clone(), &ctx.console_namespace),
@@ -115,7 +124,12 @@ pub async fn run(ctx: Arc<Context>, selector: String, stop: watch::Receiver<bool
             Api::<DomainNode>::all(client.clone()),
             cfg.clone(),
             move |node| {
-                // Desktops on the host (health) and pending desktops of its pool (capacity).
+                // Desktops on the host (health) and pending desktops of its pool (capacity),
+                // only when what they depend on changed.
+                let wake = seen_hosts.host(&node);
+                if !wake.bound && !wake.pending {
+                    return vec![];
+                }
                 let name = node.name_any();
                 let pool = pool_of(&node, &by_node.pools.state());
                 by_node
@@ -125,19 +139,24 @@ pub async fn run(ctx: Arc<Context>, selector: String, stop: watch::Receiver<bool
                     .filter(|d| {
                         let bound = d.status.as_ref().and_then(|s| s.node.as_deref());
                         bound == Some(name.as_str())
-                            || (bound.is_none() && Some(&d.spec.pool) == pool.as_ref())
+                            || (bound.is_none() && pool.as_deref() == Some(d.pool()))
                     })
                     .map(|d| ObjectRef::from_obj(d.as_ref()))
                     .collect::<Vec<_>>()
             },
         )
         .watches(Api::<ResourcePool>::all(client.clone()), cfg, move |pool| {
+            let wake = seen_pools.pool(&pool);
             let name = pool.name_any();
             by_pool
                 .desktops
                 .state()
                 .iter()
-                .filter(|d| d.spec.pool == name)
+                .filter(|d| d.pool() == name)
+                .filter(|d| {
+                    let bound = d.status.as_ref().is_some_and(|s| s.node.is_some());
+                    if bound { wake.bound } else { wake.pending }
+                })
                 .map(|d| ObjectRef::from_obj(d.as_ref()))
                 .collect::<Vec<_>>()
         })
@@ -177,13 +196,22 @@ pub async fn reconcile(d: Arc<Desktop>, ctx: Arc<Context>) -> Result<Action, Err
         uid: uid.clone(),
         now: Timestamp::now(),
     };
-    let result = if d.metadata.deletion_timestamp.is_some() {
-        cleanup::cleanup(&pass).await
-    } else {
-        apply::apply(pass).await
-    };
+    // Every write of the pass passes the fence first (see `crate::fence`).
+    let result = fence::scope(ctx.fence.clone(), async {
+        if d.metadata.deletion_timestamp.is_some() {
+            cleanup::cleanup(&pass).await
+        } else {
+            apply::apply(pass).await
+        }
+    })
+    .await;
     let action = match result {
         Ok(action) => action,
+        // The Lease may have expired: nothing was sent; the elector steps down meanwhile.
+        Err(Error::Fenced(e)) => {
+            tracing::warn!(error = %e, "pass stopped before writing");
+            Action::requeue(Duration::from_secs(1))
+        }
         // Someone wrote since the cache was filled; its watch event brings the news.
         Err(e) if e.is_conflict() => {
             tracing::debug!(error = %e, "lost a write race; looking again");

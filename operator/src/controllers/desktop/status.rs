@@ -3,9 +3,11 @@
 //! and node labels, its finalizer), each applied only when it differs from what is there.
 
 use deskvirt_crds::conditions::{self, Status, condition};
-use deskvirt_crds::constants::condition::{CONSOLE_SECRET, IDLE, READY, SCHEDULED};
+use deskvirt_crds::constants::condition::{
+    CONSOLE_SECRET, IDLE, POOL_APPLIED, READY, SCHEDULED, SIZE_APPLIED,
+};
 use deskvirt_crds::constants::{FINALIZER_OPERATOR, LABEL_NODE, LABEL_POOL, MANAGER_OPERATOR};
-use deskvirt_crds::desktop::{Desktop, DesktopStatus, Move, Phase, Reclaimed, Wake};
+use deskvirt_crds::desktop::{Allocation, Desktop, DesktopStatus, Move, Phase, Reclaimed, Wake};
 use deskvirt_crds::names::label_value;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use k8s_openapi::jiff::Timestamp;
@@ -16,6 +18,7 @@ use serde_json::json;
 use super::{Error, kube};
 use crate::allocators::fnv::fnv1a64;
 use crate::controllers::{apply_meta, apply_status};
+use crate::fence;
 
 /// The operator's metadata: the pool label, the node label once bound, its finalizer. With
 /// `resource_version` the API refuses it (409) when the Desktop changed since that version.
@@ -25,7 +28,7 @@ fn meta_body(
     resource_version: Option<String>,
 ) -> serde_json::Value {
     let mut labels = serde_json::Map::new();
-    labels.insert(LABEL_POOL.into(), json!(label_value(&d.spec.pool)));
+    labels.insert(LABEL_POOL.into(), json!(label_value(d.pool())));
     if let Some(n) = node {
         labels.insert(LABEL_NODE.into(), json!(label_value(n)));
     }
@@ -44,7 +47,7 @@ fn meta_body(
 fn has_meta(d: &Desktop, node: Option<&str>) -> bool {
     let labels = d.labels();
     d.finalizers().iter().any(|f| f == FINALIZER_OPERATOR)
-        && labels.get(LABEL_POOL) == Some(&label_value(&d.spec.pool))
+        && labels.get(LABEL_POOL) == Some(&label_value(d.pool()))
         && node.is_none_or(|n| labels.get(LABEL_NODE) == Some(&label_value(n)))
 }
 
@@ -58,6 +61,7 @@ pub(super) async fn ensure_meta(
     if has_meta(d, node) {
         return Ok(None);
     }
+    fence::check()?;
     apply_meta(api, &d.name_any(), &meta_body(d, node, None))
         .await
         .map(Some)
@@ -77,6 +81,7 @@ pub(super) struct Owned {
     pub reclaimed: Option<Reclaimed>,
     pub wake: Option<Wake>,
     pub last_move: Option<Move>,
+    pub allocation: Option<Allocation>,
 }
 
 impl Owned {
@@ -90,13 +95,24 @@ impl Owned {
             conditions: st
                 .conditions
                 .iter()
-                .filter(|c| [SCHEDULED, READY, IDLE, CONSOLE_SECRET].contains(&c.type_.as_str()))
+                .filter(|c| {
+                    [
+                        SCHEDULED,
+                        READY,
+                        IDLE,
+                        CONSOLE_SECRET,
+                        SIZE_APPLIED,
+                        POOL_APPLIED,
+                    ]
+                    .contains(&c.type_.as_str())
+                })
                 .cloned()
                 .collect(),
             generation: st.observed_generation,
             reclaimed: st.reclaimed.clone(),
             wake: st.wake.clone(),
             last_move: st.last_move.clone(),
+            allocation: st.allocation.clone(),
         }
     }
 
@@ -141,10 +157,14 @@ impl Owned {
         conditions::find(&self.conditions, CONSOLE_SECRET)
     }
 
-    /// Whether this touches idle reclamation: such a write is guarded by the version it was
-    /// decided on, so a pass on a stale copy never brings back a `reclaimed`, a wake or a port
-    /// that a later pass changed.
-    pub fn idle_involved(&self, o: &Owned) -> bool {
+    /// Whether this touches idle reclamation or what the host is charged: such a write is
+    /// guarded by the version it was decided on, so a pass on a stale copy never brings back a
+    /// `reclaimed`, a wake, a port or an admitted size that a later pass changed.
+    pub fn needs_guard(&self, o: &Owned) -> bool {
+        self.allocation != o.allocation || self.mac != o.mac || self.idle_involved(o)
+    }
+
+    fn idle_involved(&self, o: &Owned) -> bool {
         self.reclaimed.is_some()
             || o.reclaimed.is_some()
             || self.wake.is_some()
@@ -170,7 +190,7 @@ impl Owned {
             .collect();
         conditions.sort();
         let text = format!(
-            "{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{conditions:?}",
+            "{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{conditions:?}",
             self.phase,
             self.node,
             self.port,
@@ -179,7 +199,8 @@ impl Owned {
             self.generation,
             self.reclaimed,
             self.wake,
-            self.last_move
+            self.last_move,
+            self.allocation
         );
         fnv1a64(text.as_bytes())
     }
@@ -194,6 +215,7 @@ impl Owned {
             && self.reclaimed == o.reclaimed
             && self.wake == o.wake
             && self.last_move == o.last_move
+            && self.allocation == o.allocation
             && !conditions::differ_ignoring_time(&self.conditions, &o.conditions)
     }
 
@@ -232,6 +254,9 @@ impl Owned {
         if let Some(m) = &self.last_move {
             status.insert("lastMove".into(), json!(m));
         }
+        if let Some(a) = &self.allocation {
+            status.insert("allocation".into(), json!(a));
+        }
         let mut metadata = json!({ "name": d.name_any(), "namespace": d.namespace() });
         if let Some(rv) = resource_version {
             metadata["resourceVersion"] = json!(rv);
@@ -259,7 +284,7 @@ pub(super) async fn write(
 }
 
 /// Applies `want` unless it says nothing new beside `current`; when it touches idle
-/// reclamation ([`Owned::idle_involved`]) only onto the version of `d` it was decided on.
+/// reclamation or the charge ([`Owned::needs_guard`]) only onto the version of `d` it was decided on.
 /// Returns whether it wrote.
 pub(super) async fn write_bound(
     d: &Desktop,
@@ -270,7 +295,8 @@ pub(super) async fn write_bound(
     if current.same_as(want) {
         return Ok(false);
     }
-    let mut rv = if want.idle_involved(current) {
+    // A binding repaired (new port or MAC) is written only onto the version it was decided on.
+    let mut rv = if want.needs_guard(current) {
         Some(
             d.resource_version()
                 .ok_or(Error::MissingField("resourceVersion"))?,
@@ -303,6 +329,7 @@ async fn clear_reclaimed(
         field_manager: Some(MANAGER_OPERATOR.into()),
         ..Default::default()
     };
+    fence::check()?;
     api.patch_status(&d.name_any(), &pp, &Patch::Merge(&patch))
         .await
         .map_err(kube("clear status.reclaimed"))?;
@@ -316,6 +343,7 @@ async fn put(
     resource_version: Option<String>,
     action: &'static str,
 ) -> Result<(), Error> {
+    fence::check()?;
     apply_status(api, &d.name_any(), &want.body(d, resource_version))
         .await
         .map_err(kube(action))?;
@@ -356,6 +384,7 @@ pub(super) async fn write_binding(
         .resource_version()
         .ok_or(Error::MissingField("resourceVersion"))
         .map_err(unlabelled)?;
+    fence::check().map_err(Error::from).map_err(unlabelled)?;
     let labelled = apply_meta(api, &d.name_any(), &meta_body(d, Some(node), Some(rv)))
         .await
         .map_err(kube("label the bound desktop"))
@@ -378,6 +407,7 @@ pub(super) async fn relabel(d: &Desktop, api: &Api<Desktop>, node: &str) -> Resu
     let rv = d
         .resource_version()
         .ok_or(Error::MissingField("resourceVersion"))?;
+    fence::check()?;
     apply_meta(api, &d.name_any(), &meta_body(d, Some(node), Some(rv)))
         .await
         .map_err(kube("label the desktop for its new host"))
@@ -478,7 +508,7 @@ mod tests {
         // Released: no port, and `spice` keeps only the password Secret.
         let mut released = want.clone();
         released.port = None;
-        assert!(!released.same_as(&want) && released.idle_involved(&want));
+        assert!(!released.same_as(&want) && released.needs_guard(&want));
         let body = released.body(&desktop(), Some("7".into()));
         assert_eq!(
             body["status"]["spice"],

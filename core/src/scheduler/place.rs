@@ -96,7 +96,7 @@ fn report(pool: &str, policy: &PoolPolicy, request: &Request, hosts: &[HostView]
 
 #[cfg(test)]
 mod tests {
-    use deskvirt_crds::resource_pool::{Placement, PortRange};
+    use crate::types::{Placement, PortRange};
 
     use super::*;
     use crate::scheduler::capacity::{HostCapacity, Usage};

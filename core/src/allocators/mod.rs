@@ -9,7 +9,9 @@ pub mod ports;
 pub mod subnets;
 
 pub use conflict::{Conflict, Resource, Seniority};
-pub use ledger::{Bound, Claim, DesktopBinding, Ledger, LedgerConfig, LedgerError, Released};
+pub use ledger::{
+    Bound, Claim, DesktopBinding, Ledger, LedgerConfig, LedgerError, NetworkSpec, Released,
+};
 pub use macs::{Mac, MacError, MacPrefix};
 pub use ports::PortError;
 pub use subnets::{HostSubnet, Ipv4Net, SubnetBinding, SubnetError, SubnetPlan};

@@ -1,8 +1,8 @@
 //! What a pool's spec says about capacity and placement, read once into numbers: reserve,
 //! overcommit ratios, the reference desktop size, the placement strategy and the SPICE port range.
 
-use deskvirt_crds::quantity::{QuantityError, parse_bytes};
-use deskvirt_crds::resource_pool::{Placement, PortRange, ResourcePoolSpec};
+use crate::quantity::{QuantityError, parse_bytes};
+use crate::types::{Placement, PortRange};
 
 /// Why a pool's spec cannot be used for placement.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -100,30 +100,68 @@ pub struct PoolPolicy {
 }
 
 impl PoolPolicy {
-    /// Reads the policy of a pool's spec.
-    pub fn from_spec(spec: &ResourcePoolSpec) -> Result<Self, PolicyError> {
+    /// Reads a pool's policy from its spec's values (quantities as the API writes them).
+    pub fn read(spec: &PolicySpec<'_>) -> Result<Self, PolicyError> {
         let ratio = |resource, value| {
             Ratio::from_f64(value).ok_or(PolicyError::Overcommit { resource, value })
         };
         let reference = ReferenceDesktop {
-            vcpus: spec.reference_size.cpu,
-            memory: parse_bytes(&spec.reference_size.memory)
-                .map_err(PolicyError::ReferenceMemory)?,
+            vcpus: spec.reference_cpu,
+            memory: parse_bytes(spec.reference_memory).map_err(PolicyError::ReferenceMemory)?,
         };
         if reference.vcpus == 0 && reference.memory == 0 {
             return Err(PolicyError::EmptyReferenceSize);
         }
         Ok(Self {
-            reserved_cpus: spec.reserved.cpu,
-            reserved_memory: parse_bytes(&spec.reserved.memory)
+            reserved_cpus: spec.reserved_cpu,
+            reserved_memory: parse_bytes(spec.reserved_memory)
                 .map_err(PolicyError::ReservedMemory)?,
-            cpu_ratio: ratio("cpu", spec.overcommit.cpu)?,
-            memory_ratio: ratio("memory", spec.overcommit.memory)?,
+            cpu_ratio: ratio("cpu", spec.cpu_ratio)?,
+            memory_ratio: ratio("memory", spec.memory_ratio)?,
             reference,
             placement: spec.placement,
-            ports: spec.display.spice_ports,
+            ports: spec.ports,
         })
     }
+}
+
+/// A pool spec's values a [`PoolPolicy`] is read from.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct PolicySpec<'a> {
+    /// `spec.reserved.cpu`.
+    pub reserved_cpu: u32,
+    /// `spec.reserved.memory`.
+    pub reserved_memory: &'a str,
+    /// `spec.overcommit.cpu`.
+    pub cpu_ratio: f64,
+    /// `spec.overcommit.memory`.
+    pub memory_ratio: f64,
+    /// `spec.referenceSize.cpu`.
+    pub reference_cpu: u32,
+    /// `spec.referenceSize.memory`.
+    pub reference_memory: &'a str,
+    /// `spec.placement`.
+    pub placement: Placement,
+    /// `spec.display.spicePorts`.
+    pub ports: PortRange,
+}
+
+impl PolicySpec<'_> {
+    /// The API's defaults: one thread and 1 GiB reserved, 4× CPU overcommit, a 2 vCPU / 4 GiB
+    /// reference desktop, Spread, ports 5900-6899.
+    pub const DEFAULT: PolicySpec<'static> = PolicySpec {
+        reserved_cpu: 1,
+        reserved_memory: "1Gi",
+        cpu_ratio: 4.0,
+        memory_ratio: 1.0,
+        reference_cpu: 2,
+        reference_memory: "4Gi",
+        placement: Placement::Spread,
+        ports: PortRange {
+            first: 5900,
+            last: 6899,
+        },
+    };
 }
 
 #[cfg(test)]
@@ -154,16 +192,13 @@ impl PoolPolicy {
 mod tests {
     use super::*;
 
-    fn spec() -> ResourcePoolSpec {
-        match serde_json::from_str("{}") {
-            Ok(spec) => spec,
-            Err(e) => panic!("an empty pool spec must deserialize with defaults: {e}"),
-        }
+    fn spec() -> PolicySpec<'static> {
+        PolicySpec::DEFAULT
     }
 
     #[test]
     fn reads_the_defaults() -> Result<(), PolicyError> {
-        let p = PoolPolicy::from_spec(&spec())?;
+        let p = PoolPolicy::read(&spec())?;
         assert_eq!(p.reserved_cpus, 1);
         assert_eq!(p.reserved_memory, 1 << 30);
         assert_eq!(p.cpu_ratio, Ratio::from_millionths(4_000_000));
@@ -189,36 +224,33 @@ mod tests {
     #[test]
     fn refuses_bad_numbers() {
         let mut s = spec();
-        s.overcommit.cpu = f64::NAN;
+        s.cpu_ratio = f64::NAN;
         assert!(matches!(
-            PoolPolicy::from_spec(&s),
+            PoolPolicy::read(&s),
             Err(PolicyError::Overcommit {
                 resource: "cpu",
                 ..
             })
         ));
         s = spec();
-        s.overcommit.memory = 0.0;
+        s.memory_ratio = 0.0;
         assert!(matches!(
-            PoolPolicy::from_spec(&s),
+            PoolPolicy::read(&s),
             Err(PolicyError::Overcommit {
                 resource: "memory",
                 ..
             })
         ));
         s = spec();
-        s.reserved.memory = "lots".into();
+        s.reserved_memory = "lots";
         assert_eq!(
-            PoolPolicy::from_spec(&s).map_err(|e| e.category()),
+            PoolPolicy::read(&s).map_err(|e| e.category()),
             Err("InvalidQuantity")
         );
         s = spec();
-        s.reference_size.cpu = 0;
-        s.reference_size.memory = "0".into();
-        assert_eq!(
-            PoolPolicy::from_spec(&s),
-            Err(PolicyError::EmptyReferenceSize)
-        );
+        s.reference_cpu = 0;
+        s.reference_memory = "0";
+        assert_eq!(PoolPolicy::read(&s), Err(PolicyError::EmptyReferenceSize));
     }
 
     #[test]

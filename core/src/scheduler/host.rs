@@ -2,11 +2,24 @@
 //! bound desktops already hold, and how many SPICE ports are taken. Built by the controllers from
 //! a DomainNode, its heartbeat and the ledger; the scheduler only reads it.
 
-use deskvirt_crds::domain_node::DomainNode;
-
-use super::capacity::{Free, HostCapacity, HostFacts, Usage};
+use super::capacity::{FactsError, Free, HostCapacity, HostFacts, Usage};
 use super::policy::PoolPolicy;
 use super::request::Request;
+
+/// What a host's DomainNode says of it, read once at the edge.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct HostReport {
+    /// DomainNode name.
+    pub name: String,
+    /// `status.pool`.
+    pub pool: Option<String>,
+    /// The facts of `status`; `None` before the host reported any.
+    pub facts: Option<Result<HostFacts, FactsError>>,
+    /// `spec.unschedulable`.
+    pub unschedulable: bool,
+    /// `spec.maintenance`.
+    pub maintenance: bool,
+}
 
 /// One host, flattened for placement.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -44,26 +57,25 @@ impl HostView {
         }
     }
 
-    /// The view of a DomainNode in a pool with `policy`. `ready` is the heartbeat verdict; a host
-    /// whose facts are missing or unreadable is not ready and has no capacity.
-    pub fn from_domain_node(
-        node: &DomainNode,
+    /// The view of a reported host in a pool with `policy`. `ready` is the heartbeat verdict; a
+    /// host whose facts are missing or unreadable is not ready and has no capacity.
+    pub fn from_report(
+        report: &HostReport,
         policy: &PoolPolicy,
         ready: bool,
         allocated: Usage,
         ports_in_use: u32,
     ) -> Self {
-        let facts = node.status.as_ref().map(HostFacts::from_status);
-        let capacity = match &facts {
+        let capacity = match &report.facts {
             Some(Ok(facts)) => HostCapacity::new(facts, policy),
             _ => HostCapacity::NONE,
         };
         Self {
-            name: node.metadata.name.clone().unwrap_or_default(),
-            pool: node.status.as_ref().and_then(|s| s.pool.clone()),
-            ready: ready && matches!(facts, Some(Ok(_))),
-            unschedulable: node.spec.unschedulable,
-            maintenance: node.spec.maintenance,
+            name: report.name.clone(),
+            pool: report.pool.clone(),
+            ready: ready && matches!(report.facts, Some(Ok(_))),
+            unschedulable: report.unschedulable,
+            maintenance: report.maintenance,
             capacity,
             allocated,
             ports_in_use,
@@ -125,47 +137,30 @@ impl HostView {
 
 #[cfg(test)]
 mod tests {
-    use deskvirt_crds::domain_node::{CpuFacts, DomainNodeSpec, DomainNodeStatus};
-    use deskvirt_crds::resource_pool::ResourcePoolSpec;
-
     use super::*;
+    use crate::scheduler::policy::PolicySpec;
 
     fn policy() -> PoolPolicy {
-        let spec: ResourcePoolSpec = match serde_json::from_str("{}") {
-            Ok(spec) => spec,
-            Err(e) => panic!("an empty pool spec must deserialize with defaults: {e}"),
-        };
-        match PoolPolicy::from_spec(&spec) {
+        match PoolPolicy::read(&PolicySpec::DEFAULT) {
             Ok(p) => p,
             Err(e) => panic!("default pool policy must be valid: {e}"),
         }
     }
 
-    fn node(status: Option<DomainNodeStatus>) -> DomainNode {
-        let mut node = DomainNode::new(
-            "host-1",
-            DomainNodeSpec {
-                unschedulable: true,
-                maintenance: false,
-            },
-        );
-        node.status = status;
-        node
+    fn report(facts: Option<Result<HostFacts, FactsError>>) -> HostReport {
+        HostReport {
+            name: "host-1".into(),
+            pool: Some("lab".into()),
+            facts,
+            unschedulable: true,
+            maintenance: false,
+        }
     }
 
     #[test]
-    fn reads_a_domain_node() {
-        let status = DomainNodeStatus {
-            cpu: Some(CpuFacts {
-                threads: 9,
-                ..CpuFacts::default()
-            }),
-            memory: Some("17Gi".into()),
-            pool: Some("lab".into()),
-            ..DomainNodeStatus::default()
-        };
-        let h =
-            HostView::from_domain_node(&node(Some(status)), &policy(), true, Usage::default(), 3);
+    fn reads_a_report() {
+        let facts = HostFacts::read(Some(9), Some("17Gi"), None);
+        let h = HostView::from_report(&report(Some(facts)), &policy(), true, Usage::default(), 3);
         assert_eq!(h.name, "host-1");
         assert!(h.in_pool("lab"));
         assert!(h.ready);
@@ -178,16 +173,11 @@ mod tests {
 
     #[test]
     fn a_host_without_facts_is_not_ready() {
-        let h = HostView::from_domain_node(&node(None), &policy(), true, Usage::default(), 0);
+        let h = HostView::from_report(&report(None), &policy(), true, Usage::default(), 0);
         assert!(!h.ready);
         assert_eq!(h.capacity, HostCapacity::NONE);
-        let empty = HostView::from_domain_node(
-            &node(Some(DomainNodeStatus::default())),
-            &policy(),
-            true,
-            Usage::default(),
-            0,
-        );
+        let bad = Some(Err(FactsError::MissingCpu));
+        let empty = HostView::from_report(&report(bad), &policy(), true, Usage::default(), 0);
         assert!(!empty.ready);
     }
 

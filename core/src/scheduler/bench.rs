@@ -1,7 +1,7 @@
 //! Inputs of a chosen size for timing placement (for example 500 hosts), deterministic so runs
 //! compare. No benchmark harness yet: call [`place_all`] from one when it exists.
 
-use deskvirt_crds::resource_pool::{Placement, PortRange};
+use crate::types::{Placement, PortRange};
 
 use super::capacity::{HostCapacity, Usage};
 use super::host::HostView;

@@ -4,8 +4,8 @@
 
 use std::fmt;
 
-use deskvirt_crds::quantity::format_bytes_approx;
-use deskvirt_crds::resource_pool::PortRange;
+use crate::quantity::format_bytes_approx;
+use crate::types::PortRange;
 
 use super::filter::Verdict;
 use super::request::Request;

@@ -19,9 +19,9 @@ pub mod unschedulable;
 pub mod weigh;
 
 pub use capacity::{FactsError, Free, HostCapacity, HostFacts, Shortfalls, Usage};
-pub use host::HostView;
+pub use host::{HostReport, HostView};
 pub use place::{Decision, place_in_pool, schedule};
-pub use policy::{PolicyError, PoolPolicy, Ratio, ReferenceDesktop};
+pub use policy::{PolicyError, PolicySpec, PoolPolicy, Ratio, ReferenceDesktop};
 pub use pool_capacity::{HostTotals, PoolCapacity, Totals};
 pub use pools::PoolIndex;
 pub use request::{Request, RequestError};

@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::collections::btree_map::Entry;
 
-use deskvirt_crds::resource_pool::PortRange;
+use crate::types::PortRange;
 
 use super::conflict::{Conflict, Resource, Seniority};
 

@@ -2,9 +2,8 @@
 //! reserve and overcommit, physical threads for dedicated pinning, hugepages, and the papers'
 //! Capacity value (how many reference desktops still fit).
 
-use deskvirt_crds::DomainNodeStatus;
-use deskvirt_crds::domain_node::Allocatable;
-use deskvirt_crds::quantity::{QuantityError, format_bytes, parse_bytes};
+use crate::quantity::{QuantityError, format_bytes, parse_bytes};
+use crate::types::Allocatable;
 
 use super::policy::{PoolPolicy, Ratio, ReferenceDesktop};
 use super::request::Request;
@@ -38,14 +37,19 @@ pub struct HostFacts {
 }
 
 impl HostFacts {
-    /// Reads the facts from a DomainNode's status.
-    pub fn from_status(status: &DomainNodeStatus) -> Result<Self, FactsError> {
-        let threads = status.cpu.as_ref().ok_or(FactsError::MissingCpu)?.threads;
-        let memory = status.memory.as_deref().ok_or(FactsError::MissingMemory)?;
-        let hugepages = match &status.hugepages {
-            Some(h) => parse_bytes(&h.size)
+    /// Reads the facts a host reports: its CPU threads, its memory quantity and its hugepage
+    /// pool (page size quantity and page count).
+    pub fn read(
+        threads: Option<u32>,
+        memory: Option<&str>,
+        hugepages: Option<(&str, u64)>,
+    ) -> Result<Self, FactsError> {
+        let threads = threads.ok_or(FactsError::MissingCpu)?;
+        let memory = memory.ok_or(FactsError::MissingMemory)?;
+        let hugepages = match hugepages {
+            Some((size, total)) => parse_bytes(size)
                 .map_err(FactsError::HugepageSize)?
-                .saturating_mul(h.total),
+                .saturating_mul(total),
             None => 0,
         };
         Ok(Self {
@@ -84,7 +88,7 @@ impl HostCapacity {
     /// ratio, both saturating at zero.
     pub fn new(facts: &HostFacts, policy: &PoolPolicy) -> Self {
         Self {
-            physical_cpus: facts.threads.saturating_sub(policy.reserved_cpus),
+            physical_cpus: crate::pinning::pinnable(facts.threads, policy.reserved_cpus),
             cpu_ratio: policy.cpu_ratio,
             memory: policy
                 .memory_ratio
@@ -250,8 +254,7 @@ pub(crate) fn saturate_u32(n: u64) -> u32 {
 
 #[cfg(test)]
 mod tests {
-    use deskvirt_crds::domain_node::{CpuFacts, Hugepages};
-    use deskvirt_crds::resource_pool::{Placement, PortRange};
+    use crate::types::{Placement, PortRange};
 
     use super::*;
 
@@ -284,24 +287,9 @@ mod tests {
     }
 
     #[test]
-    fn reads_facts_from_a_domain_node_status() -> Result<(), FactsError> {
-        let status = DomainNodeStatus {
-            cpu: Some(CpuFacts {
-                threads: 16,
-                sockets: 1,
-                cores: 8,
-                ..CpuFacts::default()
-            }),
-            memory: Some("64Gi".into()),
-            hugepages: Some(Hugepages {
-                size: "2Mi".into(),
-                total: 1024,
-                free: 512,
-            }),
-            ..DomainNodeStatus::default()
-        };
+    fn reads_what_a_host_reports() -> Result<(), FactsError> {
         assert_eq!(
-            HostFacts::from_status(&status)?,
+            HostFacts::read(Some(16), Some("64Gi"), Some(("2Mi", 1024)))?,
             HostFacts {
                 threads: 16,
                 memory: 64 * GI,
@@ -309,23 +297,15 @@ mod tests {
             }
         );
         assert_eq!(
-            HostFacts::from_status(&DomainNodeStatus::default()),
+            HostFacts::read(None, Some("64Gi"), None),
             Err(FactsError::MissingCpu)
         );
-        let no_memory = DomainNodeStatus {
-            memory: None,
-            ..status.clone()
-        };
         assert_eq!(
-            HostFacts::from_status(&no_memory),
+            HostFacts::read(Some(16), None, None),
             Err(FactsError::MissingMemory)
         );
-        let bad = DomainNodeStatus {
-            memory: Some("64GB".into()),
-            ..status
-        };
         assert!(matches!(
-            HostFacts::from_status(&bad),
+            HostFacts::read(Some(16), Some("64GB"), None),
             Err(FactsError::Memory(_))
         ));
         Ok(())

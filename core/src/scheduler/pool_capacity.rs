@@ -2,9 +2,8 @@
 //! available CPU, memory and desktop slots (the papers' Capacity value), host counts and SPICE
 //! port usage. Capacity and availability count only hosts that can take desktops.
 
-use deskvirt_crds::ResourcePoolStatus;
-use deskvirt_crds::quantity::format_bytes;
-use deskvirt_crds::resource_pool::{Amounts, NodeCounts, PortUsage};
+use crate::quantity::format_bytes;
+use crate::types::{Amounts, NodeCounts, PortUsage};
 
 use super::capacity::{Usage, saturate_u32};
 use super::host::HostView;
@@ -114,21 +113,11 @@ impl PoolCapacity {
         }
         sum
     }
-
-    /// Writes node counts, capacity, allocated, available and ports into a pool status, leaving
-    /// its other fields alone.
-    pub fn write_to(&self, status: &mut ResourcePoolStatus) {
-        status.nodes = Some(self.nodes);
-        status.capacity = Some(self.capacity.to_amounts());
-        status.allocated = Some(self.allocated.to_amounts());
-        status.available = Some(self.available.to_amounts());
-        status.ports = Some(self.ports);
-    }
 }
 
 #[cfg(test)]
 mod tests {
-    use deskvirt_crds::resource_pool::Placement;
+    use crate::types::Placement;
 
     use super::*;
     use crate::scheduler::capacity::HostCapacity;
@@ -233,16 +222,14 @@ mod tests {
         );
         assert_eq!(p.ports, PortUsage { total: 20, used: 2 });
 
-        let mut status = ResourcePoolStatus::default();
-        p.write_to(&mut status);
         assert_eq!(
-            status.capacity,
-            Some(Amounts {
+            p.capacity.to_amounts(),
+            Amounts {
                 cpu: 32,
                 memory: "64Gi".into(),
                 desktops: 16
-            })
+            }
         );
-        assert_eq!(status.available.map(|a| a.memory), Some("60Gi".into()));
+        assert_eq!(p.available.to_amounts().memory, "60Gi");
     }
 }

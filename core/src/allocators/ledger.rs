@@ -2,7 +2,7 @@
 //! per host, rebuilt from recorded bindings when the operator starts and then updated in place by
 //! the leader as it binds and releases desktops.
 
-use deskvirt_crds::resource_pool::{NetworkMode, PortRange, ResourcePoolSpec};
+use crate::types::{NetworkMode, PortRange};
 
 use super::conflict::{Conflict, Seniority};
 use super::macs::{Mac, MacBinding, MacError, MacLedger, MacPrefix};
@@ -52,20 +52,49 @@ pub struct LedgerConfig {
 impl LedgerConfig {
     /// Reads the port range, MAC prefix and subnet plan of a pool. A reversed port range is not
     /// an error here: binding reports it, and the scheduler reports `InvalidPortRange`.
-    pub fn from_spec(spec: &ResourcePoolSpec) -> Result<Self, LedgerError> {
-        let subnets = match spec.network.mode {
+    pub fn read(spec: &NetworkSpec<'_>) -> Result<Self, LedgerError> {
+        let subnets = match spec.mode {
             NetworkMode::Bridge => None,
-            NetworkMode::Nat | NetworkMode::Isolated => Some(SubnetPlan::parse(
-                &spec.network.cidr,
-                spec.network.node_prefix_length,
-            )?),
+            NetworkMode::Nat | NetworkMode::Isolated => {
+                Some(SubnetPlan::parse(spec.cidr, spec.node_prefix_length)?)
+            }
         };
         Ok(Self {
-            ports: spec.display.spice_ports,
-            mac_prefix: spec.network.mac_prefix.parse()?,
+            ports: spec.ports,
+            mac_prefix: spec.mac_prefix.parse()?,
             subnets,
         })
     }
+}
+
+/// A pool spec's values a [`LedgerConfig`] is read from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NetworkSpec<'a> {
+    /// `spec.network.mode`.
+    pub mode: NetworkMode,
+    /// `spec.network.cidr`.
+    pub cidr: &'a str,
+    /// `spec.network.nodePrefixLength`.
+    pub node_prefix_length: u8,
+    /// `spec.network.macPrefix`.
+    pub mac_prefix: &'a str,
+    /// `spec.display.spicePorts`.
+    pub ports: PortRange,
+}
+
+impl NetworkSpec<'_> {
+    /// The API's defaults: NAT over 10.200.0.0/16 cut into /24s, MACs under 52:54:00, ports
+    /// 5900-6899.
+    pub const DEFAULT: NetworkSpec<'static> = NetworkSpec {
+        mode: NetworkMode::Nat,
+        cidr: "10.200.0.0/16",
+        node_prefix_length: 24,
+        mac_prefix: "52:54:00",
+        ports: PortRange {
+            first: 5900,
+            last: 6899,
+        },
+    };
 }
 
 /// A desktop's recorded binding (from its status), replayed by [`Ledger::rebuild`].
@@ -134,8 +163,8 @@ impl Ledger {
     }
 
     /// An empty ledger for a pool.
-    pub fn from_spec(spec: &ResourcePoolSpec) -> Result<Self, LedgerError> {
-        LedgerConfig::from_spec(spec).map(Self::new)
+    pub fn read(spec: &NetworkSpec<'_>) -> Result<Self, LedgerError> {
+        LedgerConfig::read(spec).map(Self::new)
     }
 
     /// What the ledger hands out.
@@ -310,17 +339,15 @@ mod tests {
     use crate::allocators::conflict::Resource;
 
     /// A pool spec with a small port range, so exhaustion is easy to reach.
-    fn spec(first: u16, last: u16) -> ResourcePoolSpec {
-        let mut spec: ResourcePoolSpec = match serde_json::from_str("{}") {
-            Ok(spec) => spec,
-            Err(e) => panic!("an empty pool spec must deserialize with defaults: {e}"),
-        };
-        spec.display.spice_ports = PortRange { first, last };
-        spec
+    fn spec(first: u16, last: u16) -> NetworkSpec<'static> {
+        NetworkSpec {
+            ports: PortRange { first, last },
+            ..NetworkSpec::DEFAULT
+        }
     }
 
     fn ledger(first: u16, last: u16) -> Ledger {
-        match Ledger::from_spec(&spec(first, last)) {
+        match Ledger::read(&spec(first, last)) {
             Ok(l) => l,
             Err(e) => panic!("default pool spec must give a ledger: {e}"),
         }
@@ -358,20 +385,20 @@ mod tests {
         assert!(l.subnets().is_some());
 
         let mut bridged = spec(5900, 5999);
-        bridged.network.mode = NetworkMode::Bridge;
-        let mut l = Ledger::from_spec(&bridged)?;
+        bridged.mode = NetworkMode::Bridge;
+        let mut l = Ledger::read(&bridged)?;
         assert_eq!(l.assign_subnet("h"), Err(LedgerError::NoSubnets));
 
         let mut broken = spec(5900, 5999);
-        broken.network.mac_prefix = "01:00:5e".into();
+        broken.mac_prefix = "01:00:5e";
         assert_eq!(
-            Ledger::from_spec(&broken).map_err(|e| e.category()),
+            Ledger::read(&broken).map_err(|e| e.category()),
             Err("InvalidMACPrefix")
         );
         broken = spec(5900, 5999);
-        broken.network.cidr = "10.0.0.1/8".into();
+        broken.cidr = "10.0.0.1/8";
         assert_eq!(
-            Ledger::from_spec(&broken).map_err(|e| e.category()),
+            Ledger::read(&broken).map_err(|e| e.category()),
             Err("InvalidCIDR")
         );
         Ok(())

@@ -1,7 +1,7 @@
 //! Whether one host can take one desktop, and if not, why: health and admin flags first, then
 //! CPU, dedicated CPUs, memory, hugepages and a free SPICE port.
 
-use deskvirt_crds::resource_pool::PortRange;
+use crate::types::PortRange;
 
 use super::capacity::Shortfalls;
 use super::host::HostView;

@@ -1,8 +1,7 @@
 //! What a desktop asks of a host, read from its spec: vCPUs, memory bytes, and whether its vCPUs
 //! are pinned to dedicated threads and its memory backed by hugepages.
 
-use deskvirt_crds::DesktopSpec;
-use deskvirt_crds::quantity::{QuantityError, parse_bytes};
+use crate::quantity::{QuantityError, parse_bytes};
 
 /// Why a desktop's spec cannot be turned into a request.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -48,14 +47,12 @@ impl Request {
         self
     }
 
-    /// Reads the request of a desktop's spec.
-    pub fn from_spec(spec: &DesktopSpec) -> Result<Self, RequestError> {
-        Ok(Self {
-            vcpus: spec.cpu,
-            memory: parse_bytes(&spec.memory).map_err(RequestError::Memory)?,
-            dedicated_cpus: spec.performance.dedicated_cpus,
-            hugepages: spec.performance.hugepages,
-        })
+    /// Reads a request of `vcpus` and a `memory` quantity (`spec.memory`).
+    pub fn read(vcpus: u32, memory: &str) -> Result<Self, RequestError> {
+        Ok(Self::new(
+            vcpus,
+            parse_bytes(memory).map_err(RequestError::Memory)?,
+        ))
     }
 }
 
@@ -63,30 +60,17 @@ impl Request {
 mod tests {
     use super::*;
 
-    fn spec(json: &str) -> DesktopSpec {
-        match serde_json::from_str(json) {
-            Ok(spec) => spec,
-            Err(e) => panic!("test spec must parse: {e}"),
-        }
-    }
-
     #[test]
-    fn reads_a_desktop_spec() -> Result<(), RequestError> {
-        let r = Request::from_spec(&spec(r#"{"pool": "a", "disk": {"image": "x.qcow2"}}"#))?;
-        assert_eq!(r, Request::new(2, 2 << 30), "defaults");
-        let r = Request::from_spec(&spec(
-            r#"{"pool": "a", "cpu": 8, "memory": "16Gi", "disk": {"image": "x.qcow2"},
-                "performance": {"dedicatedCpus": true, "hugepages": true}}"#,
-        ))?;
-        assert_eq!(r, Request::new(8, 16 << 30).dedicated().with_hugepages());
-        Ok(())
-    }
-
-    #[test]
-    fn a_bad_quantity_is_an_error() {
-        let err = Request::from_spec(&spec(
-            r#"{"pool": "a", "memory": "4GB", "disk": {"image": "x.qcow2"}}"#,
+    fn reads_quantities_and_refuses_bad_ones() -> Result<(), RequestError> {
+        assert_eq!(Request::read(2, "2Gi")?, Request::new(2, 2 << 30));
+        assert_eq!(
+            Request::read(8, "16Gi")?.dedicated().with_hugepages(),
+            Request::new(8, 16 << 30).dedicated().with_hugepages()
+        );
+        assert!(matches!(
+            Request::read(2, "4GB"),
+            Err(RequestError::Memory(_))
         ));
-        assert!(matches!(err, Err(RequestError::Memory(_))));
+        Ok(())
     }
 }

@@ -4,18 +4,18 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use deskvirt_crds::resource_pool::{Placement, PortRange};
-use deskvirt_operator::allocators::macs::{MacBinding, MacError, MacLedger};
-use deskvirt_operator::allocators::ports::{PortBinding, PortError, PortLedger};
-use deskvirt_operator::allocators::{
+use deskvirt_core::allocators::macs::{MacBinding, MacError, MacLedger};
+use deskvirt_core::allocators::ports::{PortBinding, PortError, PortLedger};
+use deskvirt_core::allocators::{
     Claim, Conflict, DesktopBinding, Ledger, LedgerConfig, Mac, MacPrefix, Resource, Seniority,
     SubnetBinding, SubnetPlan,
 };
-use deskvirt_operator::scheduler::filter::{Verdict, judge};
-use deskvirt_operator::scheduler::{
+use deskvirt_core::scheduler::filter::{Verdict, judge};
+use deskvirt_core::scheduler::{
     HostCapacity, HostView, PoolPolicy, Ratio, ReferenceDesktop, Request, Unschedulable,
     place_in_pool,
 };
+use deskvirt_core::types::{Placement, PortRange};
 use proptest::prelude::*;
 use proptest::test_runner::TestCaseError;
 

@@ -3,8 +3,6 @@
 
 use std::collections::BTreeMap;
 
-use deskvirt_crds::ResourcePoolSpec;
-
 use super::policy::{PolicyError, PoolPolicy};
 
 /// Pools by name, each with its policy or the reason its spec cannot be used.
@@ -19,10 +17,9 @@ impl PoolIndex {
         Self::default()
     }
 
-    /// Records (or replaces) pool `name` from its spec.
-    pub fn apply(&mut self, name: &str, spec: &ResourcePoolSpec) {
-        self.pools
-            .insert(name.to_owned(), PoolPolicy::from_spec(spec));
+    /// Records (or replaces) pool `name` with its policy as read, or why it could not be.
+    pub fn apply(&mut self, name: &str, policy: Result<PoolPolicy, PolicyError>) {
+        self.pools.insert(name.to_owned(), policy);
     }
 
     /// Records (or replaces) pool `name` with an already-read policy.
@@ -49,17 +46,15 @@ impl PoolIndex {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::scheduler::policy::PolicySpec;
 
     #[test]
     fn apply_get_delete() {
-        let mut spec: ResourcePoolSpec = match serde_json::from_str("{}") {
-            Ok(spec) => spec,
-            Err(e) => panic!("an empty pool spec must deserialize with defaults: {e}"),
-        };
+        let mut spec = PolicySpec::DEFAULT;
         let mut index = PoolIndex::new();
-        index.apply("a", &spec);
-        spec.overcommit.cpu = -1.0;
-        index.apply("b", &spec);
+        index.apply("a", PoolPolicy::read(&spec));
+        spec.cpu_ratio = -1.0;
+        index.apply("b", PoolPolicy::read(&spec));
         assert!(matches!(index.get("a"), Some(Ok(_))));
         assert!(matches!(
             index.get("b"),

@@ -4,7 +4,7 @@
 
 use std::cmp::Ordering;
 
-use deskvirt_crds::resource_pool::Placement;
+use crate::types::Placement;
 
 use super::host::HostView;
 use super::request::Request;

@@ -1,0 +1,180 @@
+//! Reads the API's objects into the core's values, once, at the edge: a pool's placement policy
+//! and ledger configuration, a desktop's request, a host's report, a pool's capacity into its
+//! status. The decisions themselves live in `deskvirt_core`.
+
+use deskvirt_core::allocators::{Ledger, LedgerConfig, LedgerError, NetworkSpec};
+use deskvirt_core::scheduler::{
+    HostFacts, HostReport, PolicyError, PolicySpec, PoolCapacity, PoolPolicy, Request, RequestError,
+};
+
+use crate::{DesktopSpec, DomainNode, ResourcePoolSpec, ResourcePoolStatus};
+
+/// A core value read from a pool's spec.
+pub trait FromPoolSpec: Sized {
+    /// Why the spec cannot be read.
+    type Error;
+    /// Reads it.
+    fn from_spec(spec: &ResourcePoolSpec) -> Result<Self, Self::Error>;
+}
+
+fn policy_spec(spec: &ResourcePoolSpec) -> PolicySpec<'_> {
+    PolicySpec {
+        reserved_cpu: spec.reserved.cpu,
+        reserved_memory: &spec.reserved.memory,
+        cpu_ratio: spec.overcommit.cpu,
+        memory_ratio: spec.overcommit.memory,
+        reference_cpu: spec.reference_size.cpu,
+        reference_memory: &spec.reference_size.memory,
+        placement: spec.placement,
+        ports: spec.display.spice_ports,
+    }
+}
+
+fn network_spec(spec: &ResourcePoolSpec) -> NetworkSpec<'_> {
+    NetworkSpec {
+        mode: spec.network.mode,
+        cidr: &spec.network.cidr,
+        node_prefix_length: spec.network.node_prefix_length,
+        mac_prefix: &spec.network.mac_prefix,
+        ports: spec.display.spice_ports,
+    }
+}
+
+impl FromPoolSpec for PoolPolicy {
+    type Error = PolicyError;
+    fn from_spec(spec: &ResourcePoolSpec) -> Result<Self, PolicyError> {
+        PoolPolicy::read(&policy_spec(spec))
+    }
+}
+
+impl FromPoolSpec for LedgerConfig {
+    type Error = LedgerError;
+    fn from_spec(spec: &ResourcePoolSpec) -> Result<Self, LedgerError> {
+        LedgerConfig::read(&network_spec(spec))
+    }
+}
+
+impl FromPoolSpec for Ledger {
+    type Error = LedgerError;
+    fn from_spec(spec: &ResourcePoolSpec) -> Result<Self, LedgerError> {
+        Ledger::read(&network_spec(spec))
+    }
+}
+
+/// A core value read from a desktop's spec.
+pub trait FromDesktopSpec: Sized {
+    /// Why the spec cannot be read.
+    type Error;
+    /// Reads it.
+    fn from_spec(spec: &DesktopSpec) -> Result<Self, Self::Error>;
+}
+
+impl FromDesktopSpec for Request {
+    type Error = RequestError;
+    fn from_spec(spec: &DesktopSpec) -> Result<Self, RequestError> {
+        let mut r = Request::read(spec.cpu, &spec.memory)?;
+        r.dedicated_cpus = spec.performance.dedicated_cpus;
+        r.hugepages = spec.performance.hugepages;
+        Ok(r)
+    }
+}
+
+/// What a DomainNode says of its host.
+pub fn host_report(node: &DomainNode) -> HostReport {
+    let status = node.status.as_ref();
+    HostReport {
+        name: node.metadata.name.clone().unwrap_or_default(),
+        pool: status.and_then(|s| s.pool.clone()),
+        facts: status.map(|s| {
+            HostFacts::read(
+                s.cpu.as_ref().map(|c| c.threads),
+                s.memory.as_deref(),
+                s.hugepages.as_ref().map(|h| (h.size.as_str(), h.total)),
+            )
+        }),
+        unschedulable: node.spec.unschedulable,
+        maintenance: node.spec.maintenance,
+    }
+}
+
+/// Writes node counts, capacity, allocated, available and ports into a pool status, leaving its
+/// other fields alone.
+pub fn write_capacity(capacity: &PoolCapacity, status: &mut ResourcePoolStatus) {
+    status.nodes = Some(capacity.nodes);
+    status.capacity = Some(capacity.capacity.to_amounts());
+    status.allocated = Some(capacity.allocated.to_amounts());
+    status.available = Some(capacity.available.to_amounts());
+    status.ports = Some(capacity.ports);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain_node::{CpuFacts, DomainNodeSpec, DomainNodeStatus, Hugepages};
+
+    fn pool_spec() -> ResourcePoolSpec {
+        serde_json::from_str("{}").unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    #[test]
+    fn the_cores_defaults_are_the_apis() {
+        let spec = pool_spec();
+        assert_eq!(policy_spec(&spec), PolicySpec::DEFAULT);
+        assert_eq!(network_spec(&spec), NetworkSpec::DEFAULT);
+    }
+
+    #[test]
+    fn reads_a_desktop_spec() -> Result<(), RequestError> {
+        let spec = |j: serde_json::Value| -> DesktopSpec {
+            serde_json::from_value(j).unwrap_or_else(|e| panic!("{e}"))
+        };
+        let r = Request::from_spec(&spec(
+            serde_json::json!({"pool": "a", "disk": {"image": "x.qcow2"}}),
+        ))?;
+        assert_eq!(r, Request::new(2, 2 << 30), "defaults");
+        let r = Request::from_spec(&spec(serde_json::json!({
+            "pool": "a", "cpu": 8, "memory": "16Gi", "disk": {"image": "x.qcow2"},
+            "performance": {"dedicatedCpus": true, "hugepages": true}
+        })))?;
+        assert_eq!(r, Request::new(8, 16 << 30).dedicated().with_hugepages());
+        Ok(())
+    }
+
+    #[test]
+    fn reads_a_domain_node() {
+        let mut node = DomainNode::new(
+            "host-1",
+            DomainNodeSpec {
+                unschedulable: true,
+                maintenance: false,
+            },
+        );
+        assert_eq!(host_report(&node).facts, None);
+        node.status = Some(DomainNodeStatus {
+            cpu: Some(CpuFacts {
+                threads: 16,
+                ..CpuFacts::default()
+            }),
+            memory: Some("64Gi".into()),
+            hugepages: Some(Hugepages {
+                size: "2Mi".into(),
+                total: 1024,
+                free: 512,
+            }),
+            pool: Some("lab".into()),
+            ..DomainNodeStatus::default()
+        });
+        let r = host_report(&node);
+        assert_eq!(r.name, "host-1");
+        assert_eq!(r.pool.as_deref(), Some("lab"));
+        assert!(r.unschedulable && !r.maintenance);
+        assert_eq!(
+            r.facts,
+            Some(Ok(HostFacts {
+                threads: 16,
+                memory: 64 << 30,
+                hugepages: 2 << 30
+            }))
+        );
+    }
+}

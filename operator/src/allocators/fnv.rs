@@ -1,4 +1,0 @@
-//! FNV-1a, the 64-bit hash that turns a desktop UID into a MAC candidate and a MAC into an IP
-//! candidate: the one in `deskvirt_crds::names`, which must never change between releases.
-
-pub use deskvirt_crds::names::fnv1a64;
