@@ -4,6 +4,7 @@
 
 pub mod apimetrics;
 pub mod cluster;
+pub mod confined;
 pub mod helm;
 pub mod host;
 pub mod kubectl;

@@ -76,9 +76,35 @@ impl World {
         metrics: &str,
         extra: &[&str],
     ) -> anyhow::Result<Process> {
+        let mut cmd = Command::new(workspace_binary("deskvirt-node-agent")?);
+        self.agent_args(&mut cmd, node, metrics, extra);
+        Process::spawn(&format!("node-agent {node}"), &mut cmd)
+    }
+
+    /// [`Self::spawn_agent`] confined to the files the chart's DaemonSet gives the agent
+    /// (`volumes`, see [`crate::confined`]) and its API credentials.
+    pub fn spawn_agent_confined(
+        &self,
+        node: &str,
+        extra: &[&str],
+        volumes: &[crate::confined::Volume],
+    ) -> anyhow::Result<Process> {
         let bin = workspace_binary("deskvirt-node-agent")?;
+        let root = std::env::temp_dir().join(format!("deskvirt-confined-{node}"));
+        let mut cmd =
+            crate::confined::command(&bin, volumes, &[self.agent_kubeconfig.as_path()], &root)?;
+        self.agent_args(
+            &mut cmd,
+            node,
+            &format!("127.0.0.1:{}", free_port()?),
+            extra,
+        );
+        Process::spawn(&format!("confined node-agent {node}"), &mut cmd)
+    }
+
+    /// The tests' settings of a node-agent for host `node`, then `extra`.
+    fn agent_args(&self, cmd: &mut Command, node: &str, metrics: &str, extra: &[&str]) {
         let labels = format!("deskvirt.io/pool={},{RUN_LABEL}={}", self.pool, self.run);
-        let mut cmd = Command::new(bin);
         cmd.env("KUBECONFIG", &self.agent_kubeconfig)
             .env("RUST_LOG", log_level())
             .args(["--node-name", node, "--hypervisor", "qemu"])
@@ -91,7 +117,6 @@ impl World {
         if !extra.contains(&"--node-address") {
             cmd.args(["--node-address", "127.0.0.1"]);
         }
-        Process::spawn(&format!("node-agent {node}"), &mut cmd)
     }
 
     pub fn start_operator(&mut self) -> anyhow::Result<()> {

@@ -10,6 +10,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use deskvirt_crds::DomainNode;
 use deskvirt_tests::cluster::{client, ensure_crds, kubeconfig_path, repo_root, unique_suffix};
+use deskvirt_tests::confined::{Volume, agent_volumes};
 use deskvirt_tests::helm::{self, ChartCopy, Release, ScratchNamespace, Severity, chart_dir};
 use deskvirt_tests::kubectl::kubectl;
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
@@ -97,6 +98,32 @@ fn is_not_found(e: &kube::Error) -> bool {
 
 fn is_forbidden(e: &kube::Error) -> bool {
     matches!(e, kube::Error::Api(s) if s.is_forbidden())
+}
+
+#[test]
+fn agent_sees_the_paths_it_uses_and_dates_saved_memory_read_only() -> anyhow::Result<()> {
+    // What deskvirt_tests::confined gives a confined agent: every directory the agent reads or
+    // writes, at the same path; the managed save directory read-only (it only dates images).
+    let volumes = agent_volumes(json!({ "managedSaveDir": "/srv/save" }))?;
+    let host = |at: &str| {
+        volumes.iter().find_map(|v| match v {
+            Volume::Host {
+                path, read_only, ..
+            } if path == at => Some(*read_only),
+            _ => None,
+        })
+    };
+    assert_eq!(host("/srv/save"), Some(true), "{volumes:?}");
+    for rw in [
+        "/run/libvirt",
+        "/var/lib/deskvirt/images",
+        "/var/lib/deskvirt/disks",
+        "/var/log/libvirt/qemu",
+    ] {
+        assert_eq!(host(rw), Some(false), "{rw}: {volumes:?}");
+    }
+    assert!(volumes.contains(&Volume::Scratch { at: "/tmp".into() }));
+    Ok(())
 }
 
 #[test]
@@ -734,6 +761,7 @@ async fn install_upgrade_and_uninstall_in_a_fresh_namespace() -> anyhow::Result<
         "/run/libvirt",
         "/var/lib/deskvirt/images",
         "/var/lib/deskvirt/disks",
+        "/var/lib/libvirt/qemu/save",
     ] {
         assert!(
             host_paths.iter().any(|p| p == path),
@@ -751,6 +779,7 @@ async fn install_upgrade_and_uninstall_in_a_fresh_namespace() -> anyhow::Result<
         "/run/libvirt",
         "/var/lib/deskvirt/images",
         "/var/lib/deskvirt/disks",
+        "/var/lib/libvirt/qemu/save",
     ] {
         assert!(
             mounts.iter().any(|m| m == path),

@@ -5,9 +5,13 @@
 //! is the same directory for both hosts, as NFS or Ceph would make it (`storage.shared`).
 //! - `roamer` runs on host A and is suspended by the pool's idle policy (20 s);
 //! - `filler`, powered off, takes all of host A's memory that `roamer` gave back;
-//! - host B joins; waking `roamer` moves it to host B: new node and label, `lastMove`, a
-//!   `Moved` Event, Running there from the same disk file (same inode) with the same MAC;
+//! - host B joins, its agent confined to what the chart's DaemonSet mounts (rendered from the
+//!   chart, see `deskvirt_tests::confined`); waking `roamer` moves it to host B: new node and
+//!   label, `lastMove`, a `Moved` Event, Running there from the same disk file (same inode)
+//!   with the same MAC;
 //! - host A undefines its leftover domain (and the memory saved there), never the disk;
+//! - on host B, `roamer` is suspended again and woken: the memory saved there after the move
+//!   is restored (suspend → move → run → suspend → wake), by the confined agent;
 //! - deleting `roamer` removes its disk through host B.
 //!
 //! Run: `cargo test -p deskvirt-tests --test move_host -- --nocapture`.
@@ -24,6 +28,7 @@ use deskvirt_crds::desktop::Phase;
 use deskvirt_crds::quantity::parse_bytes;
 use deskvirt_crds::{Desktop, ResourcePool};
 use deskvirt_tests::cluster::unique_suffix;
+use deskvirt_tests::confined::agent_volumes;
 use deskvirt_tests::host::eventually;
 use deskvirt_tests::second_host::SecondHost;
 use deskvirt_tests::world::{
@@ -54,6 +59,17 @@ fn disk_of(listing: &str) -> anyhow::Result<PathBuf> {
 
 fn status_of(d: &Desktop) -> deskvirt_crds::desktop::DesktopStatus {
     d.status.clone().unwrap_or_default()
+}
+
+/// The uptimes the guest printed on its serial console (`DESKVIRT-GUEST-READY uptime=…`), in
+/// order.
+fn guest_uptimes(log: &std::path::Path) -> anyhow::Result<Vec<f64>> {
+    let text = std::fs::read_to_string(log).with_context(|| format!("{}", log.display()))?;
+    Ok(text
+        .lines()
+        .filter_map(|l| l.split("DESKVIRT-GUEST-READY uptime=").nth(1))
+        .filter_map(|rest| rest.split_whitespace().next()?.parse().ok())
+        .collect())
 }
 
 async fn events(w: &World, name: &str) -> anyhow::Result<Vec<Event>> {
@@ -154,7 +170,15 @@ async fn a_woken_desktop_moves_to_another_host_when_its_own_is_full() -> anyhow:
     // Host B's agent joins the pool.
     let node_b = format!("{host_a}-b");
     let save_dir = host_b.managed_save_dir().display().to_string();
-    let agent_b = w.spawn_agent(
+    // Host B's agent sees only what the chart mounts: its libvirt socket directory, the
+    // pool's directories, the QEMU logs and (read-only) its managed save directory.
+    let volumes = agent_volumes(json!({
+        "libvirtSocketDir": host_b.dir.join("run"),
+        "imageDir": w.image_dir,
+        "diskDir": w.disk_dir,
+        "managedSaveDir": save_dir,
+    }))?;
+    let agent_b = w.spawn_agent_confined(
         &node_b,
         &[
             "--libvirt-uri",
@@ -165,6 +189,7 @@ async fn a_woken_desktop_moves_to_another_host_when_its_own_is_full() -> anyhow:
             "--node-address",
             &host_b.address,
         ],
+        &volumes,
     )?;
     w.more_agents.push(agent_b);
     eventually(
@@ -282,6 +307,94 @@ async fn a_woken_desktop_moves_to_another_host_when_its_own_is_full() -> anyhow:
         Ok(left.then_some(()))
     })
     .await?;
+
+    // suspend → move → run → suspend → wake: the idle policy suspends `roamer` on host B,
+    // after the move; waking it restores the memory saved there (the move is older than it).
+    eventually(
+        Duration::from_secs(180),
+        "roamer suspended on B",
+        || async {
+            let s = status_of(&desktops.get("roamer").await?);
+            let saved = s.phase == Some(Phase::Suspended)
+                && find(&s.conditions, condition::RUNNING)
+                    .is_some_and(|c| c.status == "False" && c.reason == SUSPENDED);
+            Ok(saved.then_some(()))
+        },
+    )
+    .await?;
+    let dominfo = host_b.virsh(&["dominfo", &domain])?;
+    anyhow::ensure!(
+        dominfo
+            .lines()
+            .any(|l| l.starts_with("Managed save:") && l.contains("yes")),
+        "roamer is not managed-saved on host B:\n{dominfo}"
+    );
+    // The guest prints its uptime every second: a restored guest goes on counting, a booted
+    // one starts again from about 2 s.
+    let serial = host_b.qemu_log_dir().join(format!("{domain}-serial.log"));
+    let before = guest_uptimes(&serial)?;
+    let last = *before
+        .last()
+        .context("no uptime in the serial log before the suspend")?;
+    let woken = Instant::now();
+    desktops
+        .patch(
+            "roamer",
+            &PatchParams::default(),
+            &Patch::Merge(json!({ "metadata": { "annotations": { ANNOTATION_WAKE: "2" } } })),
+        )
+        .await?;
+    let restored = eventually(Duration::from_secs(120), "roamer restored on B", || async {
+        let d = desktops.get("roamer").await?;
+        let s = status_of(&d);
+        let running = find(&s.conditions, condition::RUNNING).filter(|c| c.status == "True");
+        Ok(running.map(|c| (s.node.clone(), c.message.clone())))
+    })
+    .await;
+    let restored = match restored {
+        Ok(r) => r,
+        Err(e) => {
+            let conditions = status_of(&desktops.get("roamer").await?).conditions;
+            return Err(e.context(format!("conditions: {conditions:#?}")));
+        }
+    };
+    eprintln!(
+        "[move] second wake → Running on host B: {:.1}s",
+        woken.elapsed().as_secs_f64()
+    );
+    anyhow::ensure!(
+        restored.0.as_deref() == Some(node_b.as_str()),
+        "roamer moved again: {:?}",
+        restored.0
+    );
+    let after = eventually(
+        Duration::from_secs(60),
+        "the guest after the wake",
+        || async { Ok(guest_uptimes(&serial)?.get(before.len()).copied()) },
+    )
+    .await?;
+    eprintln!("[move] guest uptime {last}s before the suspend on B, {after}s after the wake");
+    anyhow::ensure!(
+        after >= last,
+        "the second wake booted from disk instead of restoring memory: uptime {after}s after, \
+         {last}s before ({})",
+        restored.1
+    );
+    let discarded: Vec<String> = events(&w, "roamer")
+        .await?
+        .into_iter()
+        .filter(|e| {
+            matches!(
+                e.reason.as_deref(),
+                Some("SavedMemoryDiscarded" | "SavedMemoryUnreadable")
+            )
+        })
+        .filter_map(|e| e.message)
+        .collect();
+    anyhow::ensure!(
+        discarded.is_empty(),
+        "saved memory was discarded or unreadable: {discarded:?}"
+    );
 
     // Deleting `roamer` goes through host B, which removes the disk.
     desktops.delete("roamer", &DeleteParams::default()).await?;

@@ -1,38 +1,41 @@
-//! Decides what a live Desktop bound here needs on the host, in order: the agent's finalizer
-//! first, then its inputs (pool, console password, binding, address), the disk, the domain
-//! definition, the password of the running domain, and power; then reports the outcome as the
-//! agent's status. An input that is not there yet becomes a condition, never a crash loop.
-//! A desktop the idle policy reclaimed takes the short path of [`super::held`] instead; a
-//! disk that saved memory refers to is never replaced.
+//! Converges a live Desktop bound here, as a pipeline of small steps: the agent's finalizer
+//! first, then the inputs ([`super::inputs`]: pool, console password, binding, spec), checks
+//! against the host (whose domain holds its name, its address, the domain's state and its
+//! saved memory, judged by [`super::saved`]), the plan (power step, fresh disk or not), its
+//! execution (disk, definition, password of the running domain, power through
+//! [`super::lifecycle`]) and the report of the agent's status. A step that cannot go on stops
+//! the pipeline with a condition, never a crash loop. A desktop the idle policy reclaimed takes
+//! the short path of [`super::held`] instead; a disk that saved memory refers to is never
+//! replaced.
 
-use std::path::PathBuf;
 use std::time::Duration;
 
 use deskvirt_crds::Desktop;
 use deskvirt_crds::conditions::{self, Status};
 use deskvirt_crds::constants::condition::{DOMAIN_DEFINED, RUNNING};
-use deskvirt_crds::constants::{SECRET_KEY_PASSWORD, console_mirror_name};
 use deskvirt_crds::desktop::{DesktopStatus, Power, Size};
-use deskvirt_crds::quantity::{format_bytes, parse_bytes};
+use deskvirt_crds::quantity::format_bytes;
 use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
-use kube::runtime::reflector::ObjectRef;
 use kube::{Api, ResourceExt};
 use tokio::time::Instant;
 
 use super::activity::{self, ActivityStatus, Sample};
 use super::context::DesktopContext;
+use super::inputs::{self, Inputs};
 use super::ip::{self, Pending};
 use super::lifecycle::{self, ADMIN_RESYNC};
 use super::patch::{add_finalizer, apply_status, has_finalizer};
 use super::place::{self, Place};
 use super::power::{self, DomainView, Facts, Step};
+use super::reason::Reason;
+use super::saved::{self, Verdict};
 use super::status::{Cond, Report, body};
 use super::{BUSY_RESYNC, Error, bound, held};
 use crate::disks::{self, DiskPlan, Prepared};
+use crate::domain::graphics_xml;
 use crate::domain::names::fnv1a64;
-use crate::domain::{Binding, DomainInputs, HostContext, Secret, graphics_xml};
-use crate::hypervisor::{DomainState, Hypervisor};
+use crate::hypervisor::{DomainState, DomainStatus, Hypervisor, HypervisorError};
 
 /// The outcome of converging one desktop: what to report and when to look again.
 pub(super) struct Outcome {
@@ -78,7 +81,7 @@ pub async fn apply<H: Hypervisor>(d: &Desktop, ctx: &DesktopContext<H>) -> Resul
 pub(super) fn not_ours(node: &str, name: &str, owner: &str) -> Cond {
     Cond::new(
         Status::False,
-        "DomainNotOurs",
+        Reason::DomainNotOurs,
         format!(
             "host {node} holds a domain {name} that belongs to {owner}: this desktop's domain is \
              not defined there and nothing of the other is touched; ask the host's admin"
@@ -98,23 +101,18 @@ async fn announce<H>(d: &Desktop, ctx: &DesktopContext<H>, before: &DesktopStatu
     for (type_, cond) in [(DOMAIN_DEFINED, &r.defined), (RUNNING, &r.running)] {
         let Some(c) = cond else { continue };
         let old = conditions::find(&before.conditions, type_).map(|o| o.reason.as_str());
-        if old == Some(c.reason) {
+        if old == Some(c.reason.as_str()) {
             continue;
         }
-        // Failures are warnings even when the domain still runs (SuspendFailed).
-        let warning = [
-            "Fail",
-            "Missing",
-            "Invalid",
-            "Exhausted",
-            "Insufficient",
-            "NotOurs",
-        ]
-        .iter()
-        .any(|w| c.reason.contains(w));
-        if warning {
-            ctx.event(d, EventType::Warning, c.reason, type_, c.message.clone())
-                .await;
+        if c.reason.is_warning() {
+            ctx.event(
+                d,
+                EventType::Warning,
+                c.reason.as_str(),
+                type_,
+                c.message.clone(),
+            )
+            .await;
         } else {
             normal.push((type_, c));
         }
@@ -126,73 +124,30 @@ async fn announce<H>(d: &Desktop, ctx: &DesktopContext<H>, before: &DesktopStatu
             .map(|(_, c)| c.message.as_str())
             .collect::<Vec<_>>()
             .join("; ");
-        ctx.event(d, EventType::Normal, last.reason, type_, note)
+        ctx.event(d, EventType::Normal, last.reason.as_str(), type_, note)
             .await;
     }
 }
 
-/// The console password from this desktop's mirror, with the mirror's version.
-fn console_password<H>(ctx: &DesktopContext<H>, uid: &str) -> Option<(Secret, String)> {
-    let mirror = ctx
-        .mirrors
-        .get(&ObjectRef::new(&console_mirror_name(uid)).within(&ctx.config.console_namespace))?;
-    let bytes = mirror.data.as_ref()?.get(SECRET_KEY_PASSWORD)?;
-    let password = String::from_utf8(bytes.0.clone()).ok()?;
-    if password.is_empty() {
-        return None;
-    }
-    Some((
-        Secret::new(password),
-        mirror.resource_version().unwrap_or_default(),
-    ))
+/// Why the pipeline of [`converge`] stopped before its end.
+pub(super) enum Stop {
+    /// Something must change first: `DomainDefined` says what, and the desktop is looked at
+    /// again after the delay.
+    Wait(Cond, Duration),
+    /// The pass failed; the controller's error policy takes it.
+    Fail(Error),
 }
 
-/// Host CPUs for a desktop with dedicated CPUs: desktops bound here that ask for them share
-/// out the host's logical CPUs from CPU 1 up (CPU 0 stays with the host), oldest first.
-fn pinned_cpus<H>(ctx: &DesktopContext<H>, d: &Desktop) -> Result<Vec<u32>, Cond> {
-    if !d.spec.performance.dedicated_cpus {
-        return Ok(Vec::new());
+impl From<Error> for Stop {
+    fn from(e: Error) -> Self {
+        Self::Fail(e)
     }
-    let total = ctx
-        .domain_node()
-        .and_then(|n| {
-            n.status
-                .as_ref()
-                .and_then(|s| s.cpu.as_ref().map(|c| c.threads))
-        })
-        .unwrap_or(0);
-    let mut dedicated: Vec<_> = ctx
-        .desktops()
-        .map(|s| s.state())
-        .unwrap_or_default()
-        .into_iter()
-        .filter(|o| o.spec.performance.dedicated_cpus && o.metadata.deletion_timestamp.is_none())
-        .map(|o| (o.metadata.creation_timestamp.clone(), o.uid(), o.spec.cpu))
-        .collect();
-    if !dedicated.iter().any(|(_, u, _)| *u == d.uid()) {
-        dedicated.push((d.metadata.creation_timestamp.clone(), d.uid(), d.spec.cpu));
+}
+
+impl From<HypervisorError> for Stop {
+    fn from(e: HypervisorError) -> Self {
+        Self::Fail(e.into())
     }
-    dedicated
-        .sort_by(|a, b| (a.0.as_ref().map(|t| t.0), &a.1).cmp(&(b.0.as_ref().map(|t| t.0), &b.1)));
-    let mut next = 1u32;
-    for (_, u, cpus) in dedicated {
-        let end = next.saturating_add(cpus);
-        if u == d.uid() {
-            if end > total {
-                return Err(Cond::new(
-                    Status::False,
-                    "InsufficientDedicatedCpus",
-                    format!(
-                        "{cpus} dedicated CPUs do not fit: this host has {total} logical CPUs, CPU 0 stays with the host and {} are dedicated to older desktops",
-                        next.saturating_sub(1)
-                    ),
-                ));
-            }
-            return Ok((next..end).collect());
-        }
-        next = end;
-    }
-    Ok(Vec::new())
 }
 
 async fn converge<H: Hypervisor>(
@@ -204,135 +159,146 @@ async fn converge<H: Hypervisor>(
     if let Some(hold) = power::hold(status.reclaimed.as_ref()) {
         return held::converge(d, ctx, status, uid, hold).await;
     }
-    let cfg = &ctx.config;
     let mut report = Report {
         spice_port: status.spice.as_ref().and_then(|s| s.port),
         ..Report::default()
     };
-
-    // Inputs: pool, host context, password, binding.
-    let Some(pool) = ctx.pool(d.pool()) else {
-        let c = Cond::new(
-            Status::Unknown,
-            "WaitingForPool",
-            format!("ResourcePool {} is not known to this host yet", d.pool()),
-        );
-        return Ok(Outcome::waiting(report, c, BUSY_RESYNC));
-    };
-    let host =
-        match HostContext::for_pool(&cfg.node_name, &cfg.node_address, cfg.domain_type, &pool) {
-            Ok(h) => h,
-            Err(e) => {
-                let c = Cond::new(Status::False, "InvalidPool", e.to_string());
-                return Ok(Outcome::waiting(report, c, ADMIN_RESYNC));
-            }
-        };
-    report.spice_host = Some(if host.spice_listen == "0.0.0.0" {
-        cfg.node_address.clone()
-    } else {
-        host.spice_listen.clone()
-    });
-    let Some((password, password_version)) = console_password(ctx, uid) else {
-        let c = Cond::new(
-            Status::Unknown,
-            "WaitingForConsolePassword",
-            "the operator has not published this desktop's console password yet",
-        );
-        return Ok(Outcome::waiting(report, c, BUSY_RESYNC));
-    };
-    let mut binding = match Binding::from_status(Some(status), password) {
-        Ok(b) => b,
-        Err(e) => {
-            let c = Cond::new(Status::Unknown, "WaitingForBinding", e.to_string());
-            return Ok(Outcome::waiting(report, c, BUSY_RESYNC));
-        }
-    };
-    binding.pinned_cpus = match pinned_cpus(ctx, d) {
-        Ok(p) => p,
-        Err(c) => return Ok(Outcome::waiting(report, c, ADMIN_RESYNC)),
-    };
-    let inputs = match DomainInputs::from_desktop(d, &binding, &host) {
-        Ok(i) => i,
-        Err(e) => {
-            let (s, wait) = if e.is_transient() {
-                (Status::Unknown, BUSY_RESYNC)
-            } else {
-                (Status::False, ADMIN_RESYNC)
-            };
-            let c = Cond::new(s, "InvalidSpec", e.to_string());
-            return Ok(Outcome::waiting(report, c, wait));
-        }
-    };
-    // Which domain is this desktop's: by its UID, never by name alone.
-    let hv = &ctx.hypervisor;
-    let (inputs, adopt) = match place::locate(hv, uid, &inputs.domain).await? {
-        Place::Ours { name } => (inputs.under_name(&name, &host), true),
-        Place::Free { .. } => (inputs, false),
-        Place::Taken { name, owner } => {
-            let c = not_ours(&cfg.node_name, &name, &owner);
-            return Ok(Outcome::waiting(report, c, ADMIN_RESYNC));
-        }
-    };
-
-    // Address.
-    match ip::pin(ctx, &pool, &inputs.mac, status.ip.as_deref()).await {
-        Ok(ip) => report.ip = ip.map(|a| a.to_string()),
-        Err(Pending::Wait(c)) => return Ok(Outcome::waiting(report, c, BUSY_RESYNC)),
-        Err(Pending::Failed(e)) => return Err(e.into()),
+    match pipeline(d, ctx, status, uid, &mut report).await {
+        Ok(requeue) => Ok(Outcome { report, requeue }),
+        Err(Stop::Wait(c, again)) => Ok(Outcome::waiting(report, c, again)),
+        Err(Stop::Fail(e)) => Err(e),
     }
+}
 
-    // What the domain is now.
-    let domain = inputs.domain_name();
-    let mut current = match hv.domain_status(&domain).await {
+/// Inputs, then checks against the host, then the plan, then its execution; fills `report`
+/// on the way and says when to look again.
+async fn pipeline<H: Hypervisor>(
+    d: &Desktop,
+    ctx: &DesktopContext<H>,
+    status: &DesktopStatus,
+    uid: &str,
+    report: &mut Report,
+) -> Result<Duration, Stop> {
+    let inputs = inputs::gather(ctx, d, status, uid, report)?;
+    let (inputs, adopt) = locate(ctx, uid, inputs).await?;
+    report.ip = pin_address(ctx, &inputs, status).await?;
+    let seen = observe(ctx, d, status, uid, &inputs, adopt).await?;
+    let plan = plan(d, status, &seen);
+    execute(ctx, d, uid, &inputs, &seen, plan, report).await
+}
+
+/// Which domain is this desktop's: by its UID, never by name alone. Returns the inputs under
+/// the name it has, and whether it was found (its disk may then be adopted).
+async fn locate<H: Hypervisor>(
+    ctx: &DesktopContext<H>,
+    uid: &str,
+    inputs: Inputs,
+) -> Result<(Inputs, bool), Stop> {
+    match place::locate(&ctx.hypervisor, uid, &inputs.domain.domain).await? {
+        Place::Ours { name } => {
+            let domain = inputs.domain.under_name(&name, &inputs.host);
+            Ok((Inputs { domain, ..inputs }, true))
+        }
+        Place::Free { .. } => Ok((inputs, false)),
+        Place::Taken { name, owner } => Err(Stop::Wait(
+            not_ours(&ctx.config.node_name, &name, &owner),
+            ADMIN_RESYNC,
+        )),
+    }
+}
+
+/// The desktop's address on the pool network, pinned to its MAC.
+async fn pin_address<H: Hypervisor>(
+    ctx: &DesktopContext<H>,
+    inputs: &Inputs,
+    status: &DesktopStatus,
+) -> Result<Option<String>, Stop> {
+    match ip::pin(ctx, &inputs.pool, &inputs.domain.mac, status.ip.as_deref()).await {
+        Ok(ip) => Ok(ip.map(|a| a.to_string())),
+        Err(Pending::Wait(c)) => Err(Stop::Wait(c, BUSY_RESYNC)),
+        Err(Pending::Failed(e)) => Err(e.into()),
+    }
+}
+
+/// The domain as it is on the host, after its saved memory has been judged.
+struct Observed {
+    /// The domain's name.
+    domain: String,
+    /// Its status; `None` when it is not defined.
+    current: Option<DomainStatus>,
+    /// Its saved memory was discarded now because the desktop ran on another host since.
+    ran_elsewhere: bool,
+    /// Its disk.
+    disk: DiskPlan,
+    /// Whether its disk may be adopted (the domain was found by its UID).
+    adopt: bool,
+}
+
+impl Observed {
+    fn active(&self) -> bool {
+        self.current.is_some_and(|s| s.state.is_active())
+    }
+}
+
+/// Reads the domain's state and judges its saved memory ([`saved::judge`]): stale memory is
+/// discarded, memory that cannot be judged stops the pass with a condition.
+async fn observe<H: Hypervisor>(
+    ctx: &DesktopContext<H>,
+    d: &Desktop,
+    status: &DesktopStatus,
+    uid: &str,
+    inputs: &Inputs,
+    adopt: bool,
+) -> Result<Observed, Stop> {
+    let domain = inputs.domain.domain_name();
+    let mut current = match ctx.hypervisor.domain_status(&domain).await {
         Ok(s) => Some(s),
         Err(e) if e.is_not_found() => None,
         Err(e) => return Err(e.into()),
     };
-    let active = current.is_some_and(|s| s.state.is_active());
-    let size = match d.spec.disk.size.as_deref().map(parse_bytes).transpose() {
-        Ok(s) => s,
-        Err(e) => {
-            let c = Cond::new(Status::False, "InvalidSpec", format!("spec.disk.size: {e}"));
-            return Ok(Outcome::waiting(report, c, ADMIN_RESYNC));
-        }
-    };
-    let plan = DiskPlan {
-        base: PathBuf::from(&host.image_dir).join(&d.spec.disk.image),
-        target: PathBuf::from(&inputs.disk_path),
-        clone: d.spec.disk.clone,
-        size,
-        owner: uid.to_string(),
-        adopt,
-    };
-    // Saved memory whose disk is gone can never be restored: a new disk under it would be
-    // corrupted at once.
-    if let Some(s) = current
-        .as_mut()
-        .filter(|s| s.has_managed_save && !s.state.is_active())
-        && !tokio::fs::try_exists(&plan.target).await.unwrap_or(true)
-    {
-        let why = format!("its disk {} is gone", plan.target.display());
-        lifecycle::discard_saved_memory(ctx, d, &domain, &why).await?;
-        s.has_managed_save = false;
-    }
-    // Saved memory from before the desktop last moved here: it ran on another host since, from
-    // the same (shared) disk, so the memory no longer matches the disk. The disk is what it
-    // has now: it boots from it, never from a fresh clone.
+    let disk = inputs.disk_plan(d, uid, adopt);
     let mut ran_elsewhere = false;
     if let Some(s) = current
         .as_mut()
         .filter(|s| s.has_managed_save && !s.state.is_active())
-        && let Some(m) = status.last_move.as_ref()
-        && lifecycle::saved_before(ctx, &domain, m.at.0).await
     {
-        let why = format!(
-            "the desktop ran on host {} after it was saved here (it moved at {})",
-            m.from, m.at.0
-        );
-        lifecycle::discard_saved_memory(ctx, d, &domain, &why).await?;
-        s.has_managed_save = false;
-        ran_elsewhere = true;
+        let last_move = status.last_move.as_ref();
+        let image = ctx.config.managed_save_image(&domain);
+        let seen = saved::see_disk(&disk.target).await;
+        let written = saved::written(&image, last_move).await;
+        match saved::judge(&disk.target, &seen, &image, &written, last_move) {
+            Verdict::Keep => {}
+            Verdict::Discard { why, moved } => {
+                lifecycle::discard_saved_memory(ctx, d, &domain, &why).await?;
+                s.has_managed_save = false;
+                ran_elsewhere = moved;
+            }
+            Verdict::Blocked(c) => {
+                let again = lifecycle::resync(c.status == Status::Unknown);
+                return Err(Stop::Wait(c, again));
+            }
+        }
     }
+    Ok(Observed {
+        domain,
+        current,
+        ran_elsewhere,
+        disk,
+        adopt,
+    })
+}
+
+/// What this pass does: the power step, and whether the disk is a fresh clone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Plan {
+    step: Step,
+    /// A non-persistent desktop booting gets a fresh clone (never under saved memory, which
+    /// refers to the disk it has, nor right after it ran elsewhere).
+    fresh: bool,
+}
+
+fn plan(d: &Desktop, status: &DesktopStatus, seen: &Observed) -> Plan {
+    let current = seen.current;
     let step = power::decide(&Facts {
         hold: None,
         want_on: d.spec.power == Power::On,
@@ -343,107 +309,150 @@ async fn converge<H: Hypervisor>(
         running_reason: conditions::find(&status.conditions, RUNNING).map(|c| c.reason.as_str()),
         shut_itself_down: guest_shut_down(d, status),
     });
-
-    // Disk: made once; a non-persistent desktop gets a fresh clone each time it boots (never
-    // under saved memory, which refers to the disk it has, nor right after it ran elsewhere).
     let fresh = step == (Step::Start { restore: false })
         && !d.spec.disk.persistent
-        && !ran_elsewhere
+        && !seen.ran_elsewhere
         && current.is_some_and(|s| s.state == DomainState::ShutOff && !s.has_managed_save);
-    if active && adopt {
-        // A running domain an earlier release defined: its disk gets its owner record now.
-        if let Err(e) = disks::adopt(&plan.target, uid).await {
-            tracing::warn!(disk = %inputs.disk_path, error = %e, "cannot record the owner of an adopted disk");
-        }
-    }
-    if !active {
-        match disks::prepare(&cfg.qemu_img, &plan, fresh).await {
-            Ok(Prepared::Created) => {
-                tracing::info!(disk = %inputs.disk_path, clone = ?plan.clone, fresh, "disk created");
-            }
-            Ok(Prepared::Existing) => {}
-            Err(e) => {
-                let wait = if e.is_transient() {
-                    BUSY_RESYNC
-                } else {
-                    ADMIN_RESYNC
-                };
-                let c = Cond::new(Status::False, e.reason(), e.to_string());
-                return Ok(Outcome::waiting(report, c, wait));
-            }
-        }
-    }
+    Plan { step, fresh }
+}
 
-    // Definition (skipped when unchanged since this process defined it).
-    let xml = match inputs.to_xml() {
-        Ok(x) => x,
-        Err(e) => {
-            let c = Cond::new(Status::False, "InvalidSpec", e.to_string());
-            return Ok(Outcome::waiting(report, c, ADMIN_RESYNC));
-        }
-    };
-    let xml_hash = fnv1a64(xml.as_bytes());
-    if current.is_none() || !ctx.defined_already(uid, xml_hash) {
-        match hv.define_domain(&xml).await {
-            Ok(_) => ctx.record_defined(uid, xml_hash),
-            Err(e) if e.is_transient() => return Err(e.into()),
-            Err(e) => {
-                let c = Cond::new(Status::False, "DefineFailed", e.to_string());
-                return Ok(Outcome::waiting(report, c, ADMIN_RESYNC));
-            }
-        }
-    }
+/// Carries the plan out: disk, definition, password, power; then the activity report.
+async fn execute<H: Hypervisor>(
+    ctx: &DesktopContext<H>,
+    d: &Desktop,
+    uid: &str,
+    inputs: &Inputs,
+    seen: &Observed,
+    plan: Plan,
+    report: &mut Report,
+) -> Result<Duration, Stop> {
+    let active = seen.active();
+    prepare_disk(ctx, uid, seen, plan.fresh).await?;
+    define(ctx, uid, inputs, seen.current.is_some()).await?;
     report.defined = Some(Cond::new(
         Status::True,
-        "Defined",
-        format!("domain {domain} is defined on {}", cfg.node_name),
+        Reason::Defined,
+        format!(
+            "domain {} is defined on {}",
+            seen.domain, ctx.config.node_name
+        ),
     ));
-
-    // A rotated password reaches the running domain at once (the definition has it already).
-    if active && !ctx.password_pushed(uid, &password_version) {
-        let graphics = graphics_xml(&inputs).map_err(|e| {
-            Error::Hypervisor(crate::hypervisor::HypervisorError::Rejected {
-                op: "update live device",
-                target: domain.clone(),
-                message: e.to_string(),
-            })
-        })?;
-        hv.update_live_device(&domain, &graphics).await?;
-        ctx.record_password(uid, &password_version);
+    if active {
+        push_password(ctx, uid, inputs, &seen.domain).await?;
     }
-
-    // Power.
-    let done = lifecycle::execute(ctx, d, uid, &domain, current.map(|s| s.state), step).await?;
+    let state = seen.current.map(|s| s.state);
+    let done = lifecycle::execute(ctx, d, uid, &seen.domain, state, plan.step).await?;
     // A running desktop is looked at again when its activity is due for a sample.
     let requeue = if done.running.status == Status::True {
         done.requeue.min(ctx.config.activity_interval)
     } else {
         done.requeue
     };
-    report.running_size = match current {
+    report.running_size = match seen.current {
         Some(s) if s.state.is_active() => {
             Some(size_of(s.vcpus, s.max_memory_kib.saturating_mul(1024)))
         }
         // Started from its definition now (a restore from saved memory keeps the saved size:
         // the next pass reads it from the domain).
         Some(s) if done.started && !s.has_managed_save => {
-            Some(size_of(inputs.vcpus, inputs.memory_bytes))
+            Some(size_of(inputs.domain.vcpus, inputs.domain.memory_bytes))
         }
-        None if done.started => Some(size_of(inputs.vcpus, inputs.memory_bytes)),
+        None if done.started => Some(size_of(inputs.domain.vcpus, inputs.domain.memory_bytes)),
         _ => None,
     };
     report.running = Some(done.running);
+    let status = d.status.clone().unwrap_or_default();
     report.activity = Some(if done.started {
         // The definition (or the saved memory, updated from it) has the current password, and
         // a fresh QEMU starts its idle countdown from zero.
-        ctx.record_password(uid, &password_version);
+        ctx.record_password(uid, &inputs.password_version);
         ctx.forget_sample(uid);
         ctx.record_session(uid, false);
-        activity::started(status, now())
+        activity::started(&status, now())
     } else {
-        observe_activity(ctx, d, &pool, status, uid, &domain, active).await
+        observe_activity(ctx, d, &inputs.pool, &status, uid, &seen.domain, active).await
     });
-    Ok(Outcome { report, requeue })
+    Ok(requeue)
+}
+
+/// The disk: made once (a fresh clone when the plan says so), never touched under a running
+/// domain; a running domain an earlier release defined gets its disk's owner record.
+async fn prepare_disk<H>(
+    ctx: &DesktopContext<H>,
+    uid: &str,
+    seen: &Observed,
+    fresh: bool,
+) -> Result<(), Stop> {
+    let target = seen.disk.target.display();
+    if seen.active() {
+        if seen.adopt
+            && let Err(e) = disks::adopt(&seen.disk.target, uid).await
+        {
+            tracing::warn!(disk = %target, error = %e, "cannot record the owner of an adopted disk");
+        }
+        return Ok(());
+    }
+    match disks::prepare(&ctx.config.qemu_img, &seen.disk, fresh).await {
+        Ok(Prepared::Created) => {
+            tracing::info!(disk = %target, clone = ?seen.disk.clone, fresh, "disk created");
+            Ok(())
+        }
+        Ok(Prepared::Existing) => Ok(()),
+        Err(e) => {
+            let c = Cond::new(Status::False, Reason::of_disk(&e), e.to_string());
+            Err(Stop::Wait(c, lifecycle::resync(e.is_transient())))
+        }
+    }
+}
+
+/// Defines the domain, unless this process defined the same XML already and it exists.
+async fn define<H: Hypervisor>(
+    ctx: &DesktopContext<H>,
+    uid: &str,
+    inputs: &Inputs,
+    exists: bool,
+) -> Result<(), Stop> {
+    let xml = inputs.domain.to_xml().map_err(|e| {
+        Stop::Wait(
+            Cond::new(Status::False, Reason::InvalidSpec, e.to_string()),
+            ADMIN_RESYNC,
+        )
+    })?;
+    let xml_hash = fnv1a64(xml.as_bytes());
+    if exists && ctx.defined_already(uid, xml_hash) {
+        return Ok(());
+    }
+    match ctx.hypervisor.define_domain(&xml).await {
+        Ok(_) => {
+            ctx.record_defined(uid, xml_hash);
+            Ok(())
+        }
+        Err(e) if e.is_transient() => Err(e.into()),
+        Err(e) => Err(Stop::Wait(
+            Cond::new(Status::False, Reason::DefineFailed, e.to_string()),
+            ADMIN_RESYNC,
+        )),
+    }
+}
+
+/// A rotated password reaches the running domain at once (the definition has it already).
+async fn push_password<H: Hypervisor>(
+    ctx: &DesktopContext<H>,
+    uid: &str,
+    inputs: &Inputs,
+    domain: &str,
+) -> Result<(), Stop> {
+    if ctx.password_pushed(uid, &inputs.password_version) {
+        return Ok(());
+    }
+    let graphics = graphics_xml(&inputs.domain).map_err(|e| HypervisorError::Rejected {
+        op: "update live device",
+        target: domain.to_string(),
+        message: e.to_string(),
+    })?;
+    ctx.hypervisor.update_live_device(domain, &graphics).await?;
+    ctx.record_password(uid, &inputs.password_version);
+    Ok(())
 }
 
 /// A size as the Desktop's status reports it.

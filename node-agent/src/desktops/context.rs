@@ -18,7 +18,6 @@ use kube::{Api, Client, Resource};
 use tokio::time::Instant;
 
 use crate::domain::DomainType;
-use crate::hypervisor::Backoff;
 use crate::metrics::Metrics;
 
 /// The controller's settings.
@@ -110,6 +109,19 @@ impl<H> DesktopContext<H> {
         let _ = pools.wait_until_ready().await;
         let _ = nodes.wait_until_ready().await;
         let _ = mirrors.wait_until_ready().await;
+        Self::with_caches(client, hypervisor, config, metrics, pools, nodes, mirrors)
+    }
+
+    /// A context over caches the caller keeps filled (by watches, or by a unit test).
+    pub(crate) fn with_caches(
+        client: Client,
+        hypervisor: H,
+        config: DesktopConfig,
+        metrics: Metrics,
+        pools: Store<ResourcePool>,
+        nodes: Store<DomainNode>,
+        mirrors: Store<Secret>,
+    ) -> Self {
         Self {
             reporter: Reporter {
                 controller: MANAGER_AGENT.into(),
@@ -247,18 +259,18 @@ impl<H> DesktopContext<H> {
         self.with_memory(|m| m.failures.remove(uid));
     }
 
-    /// The next retry delay of `uid`: 1 s doubling to 2 min.
-    pub fn backoff(&self, uid: &str) -> Duration {
-        let failures = self.with_memory(|m| {
+    /// Counts one more consecutive failure of `uid`; returns the count.
+    pub fn record_failure(&self, uid: &str) -> u32 {
+        self.with_memory(|m| {
             let n = m.failures.entry(uid.to_string()).or_insert(0);
             *n = n.saturating_add(1);
             *n
-        });
-        Backoff {
-            initial: Duration::from_secs(1),
-            max: Duration::from_secs(120),
-        }
-        .delay(failures)
+        })
+    }
+
+    /// Consecutive failures of `uid` so far.
+    pub fn failures(&self, uid: &str) -> u32 {
+        self.with_memory(|m| m.failures.get(uid).copied().unwrap_or(0))
     }
 
     /// Publishes an Event about `obj`; failures are logged, never fatal.

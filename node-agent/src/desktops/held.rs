@@ -32,13 +32,7 @@ pub(super) async fn converge<H: Hypervisor>(
     let ns = d
         .namespace()
         .ok_or(Error::MissingField("metadata.namespace"))?;
-    let spice = status.spice.clone().unwrap_or_default();
-    let mut report = Report {
-        ip: status.ip.clone(),
-        spice_host: spice.host,
-        spice_port: spice.port,
-        ..Report::default()
-    };
+    let mut report = Report::keeping(status);
     let wanted = domain_name(&ns, &d.name_any(), uid);
     let domain = match place::locate(&ctx.hypervisor, uid, &wanted).await? {
         Place::Ours { name } | Place::Free { name } => name,

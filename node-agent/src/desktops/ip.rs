@@ -9,6 +9,7 @@ use std::net::Ipv4Addr;
 use deskvirt_crds::resource_pool::ResourcePool;
 
 use super::context::DesktopContext;
+use super::reason::Reason;
 use super::status::Cond;
 use crate::domain::{DhcpHost, NetworkInputs, Subnet, network_name, network_xml};
 use crate::hypervisor::{Hypervisor, HypervisorError};
@@ -61,12 +62,12 @@ pub async fn pin<H: Hypervisor>(
     let Some(subnet) = subnet else {
         return Err(Pending::Wait(Cond::new(
             Status::Unknown,
-            "WaitingForSubnet",
+            Reason::WaitingForSubnet,
             "the operator has not assigned this host a subnet of the pool yet",
         )));
     };
     let invalid =
-        |message: String| Pending::Wait(Cond::new(Status::False, "InvalidNetwork", message));
+        |message: String| Pending::Wait(Cond::new(Status::False, Reason::InvalidNetwork, message));
     let Some(inputs) = NetworkInputs::for_pool(&pool_name, &pool.spec.network, &subnet, vec![])
         .map_err(|e| invalid(e.to_string()))?
     else {
@@ -111,7 +112,7 @@ pub async fn pin<H: Hypervisor>(
     let Some(ip) = pick_address(&inputs.subnet, &leases, wanted) else {
         return Err(Pending::Wait(Cond::new(
             Status::False,
-            "AddressesExhausted",
+            Reason::AddressesExhausted,
             format!("no free address left in this host's subnet {subnet}"),
         )));
     };

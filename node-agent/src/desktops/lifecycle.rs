@@ -12,12 +12,19 @@ use tokio::time::Instant;
 
 use super::context::DesktopContext;
 use super::power::{self, Step};
+use super::reason::Reason;
 use super::status::Cond;
 use super::{BUSY_RESYNC, Error, STEADY_RESYNC};
 use crate::hypervisor::{DomainState, Hypervisor, HypervisorError};
 
 /// How long to wait before looking again at a desktop that needs an admin.
 pub(super) const ADMIN_RESYNC: Duration = Duration::from_secs(60);
+
+/// When to look again at a desktop waiting on something: soon when it may resolve by itself
+/// (`transient`), at an admin's pace otherwise.
+pub(super) fn resync(transient: bool) -> Duration {
+    if transient { BUSY_RESYNC } else { ADMIN_RESYNC }
+}
 
 /// What the power step did.
 #[derive(Debug)]
@@ -45,10 +52,10 @@ pub(super) fn running_cond(state: Option<DomainState>) -> Cond {
     match state {
         Some(DomainState::Paused) => Cond::new(
             Status::False,
-            "Paused",
+            Reason::Paused,
             "the domain is paused by libvirt (for example after an I/O error such as a full disk)",
         ),
-        _ => Cond::new(Status::True, "Running", "the domain runs"),
+        _ => Cond::new(Status::True, Reason::Running, "the domain runs"),
     }
 }
 
@@ -69,7 +76,7 @@ pub(super) async fn execute<H: Hypervisor>(
         Step::Start { restore } => start(ctx, d, domain, restore).await?,
         Step::StayOff => Done::steady(Cond::new(
             Status::False,
-            "Shutdown",
+            Reason::Shutdown,
             "the guest shut itself down; set spec.power to Off and back to On to start it again",
         )),
         Step::PowerOff { idle } => {
@@ -79,7 +86,7 @@ pub(super) async fn execute<H: Hypervisor>(
             } else {
                 Cond::new(
                     Status::False,
-                    "Stopping",
+                    Reason::Stopping,
                     "shutting the guest down (spec.power is Off)",
                 )
             };
@@ -124,7 +131,7 @@ async fn start<H: Hypervisor>(
                 "the domain runs"
             };
             Ok(Done {
-                running: Cond::new(Status::True, "Running", message),
+                running: Cond::new(Status::True, Reason::Running, message),
                 requeue: STEADY_RESYNC,
                 started: true,
             })
@@ -133,7 +140,7 @@ async fn start<H: Hypervisor>(
         Err(e) => {
             ctx.metrics.start_failures.inc();
             Ok(Done {
-                running: Cond::new(Status::False, "StartFailed", e.to_string()),
+                running: Cond::new(Status::False, Reason::StartFailed, e.to_string()),
                 requeue: ADMIN_RESYNC,
                 started: false,
             })
@@ -159,28 +166,6 @@ async fn prepare_restore<H: Hypervisor>(
         }
         Err(e) => Err(e.into()),
     }
-}
-
-/// Whether the domain's saved memory image was written before `at` (or cannot be dated, which
-/// counts as before: a stale image restored over a changed disk corrupts it).
-pub(super) async fn saved_before<H>(
-    ctx: &DesktopContext<H>,
-    domain: &str,
-    at: k8s_openapi::jiff::Timestamp,
-) -> bool {
-    let image = ctx.config.managed_save_image(domain);
-    let written = match tokio::fs::metadata(&image).await.and_then(|m| m.modified()) {
-        Ok(t) => t,
-        Err(e) => {
-            tracing::warn!(image = %image.display(), error = %e, "cannot date the saved memory image");
-            return true;
-        }
-    };
-    let secs = written
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
-    i64::try_from(secs).unwrap_or(i64::MAX) < at.as_second()
 }
 
 /// Deletes the domain's saved memory image because it cannot be restored (`why`), with a

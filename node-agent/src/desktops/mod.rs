@@ -8,7 +8,11 @@ mod activity;
 mod apply;
 pub mod bound;
 mod context;
+#[cfg(test)]
+mod converge_tests;
+mod failure;
 mod held;
+mod inputs;
 mod ip;
 mod lifecycle;
 pub mod orphan_policy;
@@ -16,8 +20,14 @@ pub mod orphans;
 mod patch;
 pub mod place;
 mod power;
+mod reason;
+mod saved;
 mod status;
 mod teardown;
+#[cfg(test)]
+mod teardown_tests;
+#[cfg(test)]
+mod testkit;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -55,12 +65,40 @@ pub enum Error {
 }
 
 impl Error {
-    fn reason(&self) -> &'static str {
+    /// Short category for metrics labels.
+    pub fn category(&self) -> &'static str {
         match self {
             Self::Kube { .. } => "KubeApi",
             Self::Hypervisor(_) => "Libvirt",
             Self::MissingField(_) => "InvalidObject",
         }
+    }
+
+    /// Whether trying again soon may help: the API's conflicts, throttling and server errors,
+    /// and what libvirt itself calls transient.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            Self::Kube { source, .. } => kube_transient(source),
+            Self::Hypervisor(e) => e.is_transient(),
+            Self::MissingField(_) => false,
+        }
+    }
+
+    /// The reason the failure is shown with on the Desktop.
+    pub fn reason(&self) -> reason::Reason {
+        match self {
+            Self::Kube { .. } => reason::Reason::KubeApiFailed,
+            Self::Hypervisor(e) => reason::Reason::of_hypervisor(e),
+            Self::MissingField(_) => reason::Reason::InvalidObject,
+        }
+    }
+}
+
+/// Whether a Kubernetes API error may go away by itself.
+fn kube_transient(e: &kube::Error) -> bool {
+    match e {
+        kube::Error::Api(s) => s.code == 409 || s.code == 429 || s.code >= 500,
+        _ => true,
     }
 }
 
@@ -112,13 +150,43 @@ async fn reconcile<H: Hypervisor + Clone + 'static>(
     } else {
         apply::apply(&d, &ctx).await
     };
-    if result.is_ok() {
-        ctx.metrics
-            .reconciles
-            .get_or_create(&[("result", "ok")])
-            .inc();
+    match &result {
+        Ok(_) => {
+            ctx.metrics
+                .reconciles
+                .get_or_create(&[("result", "ok")])
+                .inc();
+        }
+        Err(e) => show_failure(&d, &ctx, e).await,
     }
     result
+}
+
+/// Counts the failure and, once [`failure::shown`] says so, writes it on the Desktop. Only a
+/// Desktop bound here gets it (the passes fail only after that check).
+async fn show_failure<H>(d: &Desktop, ctx: &DesktopContext<H>, err: &Error) {
+    let Some(uid) = d.uid() else { return };
+    let failures = ctx.record_failure(&uid);
+    let transient = err.is_transient();
+    if !failure::shown(transient, failures) {
+        return;
+    }
+    let status = d.status.clone().unwrap_or_default();
+    let report = failure::report(
+        &status,
+        err.reason(),
+        transient,
+        &error_chain(err),
+        failures,
+    );
+    let Some(body) = status::body(&status, &report, d.metadata.generation, apply::now()) else {
+        return;
+    };
+    let Some(ns) = d.namespace() else { return };
+    let api: Api<Desktop> = Api::namespaced(ctx.client.clone(), &ns);
+    if let Err(e) = patch::apply_status(&api, &d.name_any(), body).await {
+        tracing::debug!(error = %error_chain(&e), "cannot show the failure on the desktop");
+    }
 }
 
 fn error_policy<H: Hypervisor>(
@@ -128,12 +196,15 @@ fn error_policy<H: Hypervisor>(
 ) -> Action {
     ctx.metrics
         .reconciles
-        .get_or_create(&[("result", err.reason())])
+        .get_or_create(&[("result", err.category())])
         .inc();
-    let delay = ctx.backoff(&d.uid().unwrap_or_default());
+    let failures = ctx.failures(&d.uid().unwrap_or_default());
+    let delay = failure::retry_in(err.is_transient(), failures);
     tracing::warn!(
         desktop = %format!("{}/{}", d.namespace().unwrap_or_default(), d.name_any()),
-        reason = err.reason(),
+        category = err.category(),
+        transient = err.is_transient(),
+        failures,
         error = %error_chain(err),
         retry_in = ?delay,
         "desktop reconcile failed"

@@ -6,9 +6,10 @@
 //! `spec.power: Off` does. A managed save image is restored by the next start. Pure.
 
 use deskvirt_crds::conditions::Status;
-use deskvirt_crds::constants::running_reason::{IDLE_SHUTDOWN, RECLAIMING, SUSPENDED};
+use deskvirt_crds::constants::running_reason::RECLAIMING;
 use deskvirt_crds::desktop::{IdleAction, Reclaimed};
 
+use super::reason::Reason;
 use super::status::Cond;
 
 /// `Running` reason while a managed save the idle policy asked for keeps failing; the domain
@@ -116,7 +117,7 @@ pub fn reclaiming(save: bool) -> Cond {
     } else {
         "shutting the guest down for the idle policy"
     };
-    Cond::new(Status::False, RECLAIMING, message)
+    Cond::new(Status::False, Reason::Reclaiming, message)
 }
 
 /// `Running` of a desktop the idle policy suspended.
@@ -126,14 +127,14 @@ pub fn suspended(saved: bool) -> Cond {
     } else {
         "suspended by the idle policy: the domain was already off, so there was no memory to save; it boots when the desktop wakes"
     };
-    Cond::new(Status::False, SUSPENDED, message)
+    Cond::new(Status::False, Reason::Suspended, message)
 }
 
 /// `Running` of a desktop the idle policy shut down.
 pub fn idle_shutdown() -> Cond {
     Cond::new(
         Status::False,
-        IDLE_SHUTDOWN,
+        Reason::IdleShutdown,
         "shut down by the idle policy; it boots when the desktop wakes",
     )
 }
@@ -142,7 +143,7 @@ pub fn idle_shutdown() -> Cond {
 pub fn suspend_failed(message: &str) -> Cond {
     Cond::new(
         Status::True,
-        SUSPEND_FAILED,
+        Reason::SuspendFailed,
         format!("the idle policy's suspend failed, the domain still runs: {message}"),
     )
 }
@@ -154,12 +155,13 @@ pub fn stopped(saved: bool) -> Cond {
     } else {
         "powered off (spec.power is Off); the disk is kept"
     };
-    Cond::new(Status::False, "Stopped", message)
+    Cond::new(Status::False, Reason::Stopped, message)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use deskvirt_crds::constants::running_reason::{IDLE_SHUTDOWN, SUSPENDED};
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
     use k8s_openapi::jiff::Timestamp;
 
@@ -279,10 +281,10 @@ mod tests {
 
     #[test]
     fn conditions_carry_the_reasons_the_operator_reads() {
-        assert_eq!(reclaiming(true).reason, RECLAIMING);
+        assert_eq!(reclaiming(true).reason.as_str(), RECLAIMING);
         assert_eq!(reclaiming(false).status, Status::False);
-        assert_eq!(suspended(true).reason, SUSPENDED);
-        assert_eq!(idle_shutdown().reason, IDLE_SHUTDOWN);
+        assert_eq!(suspended(true).reason.as_str(), SUSPENDED);
+        assert_eq!(idle_shutdown().reason.as_str(), IDLE_SHUTDOWN);
         assert_eq!(suspend_failed("no").status, Status::True);
         assert!(stopped(true).message.contains("memory"));
     }

@@ -7,6 +7,7 @@ use deskvirt_crds::constants::condition::{DOMAIN_DEFINED, RUNNING};
 use deskvirt_crds::desktop::{DesktopStatus, Size};
 
 use super::activity::ActivityStatus;
+use super::reason::Reason;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use k8s_openapi::jiff::Timestamp;
 use serde_json::json;
@@ -15,12 +16,12 @@ use serde_json::json;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Cond {
     pub status: Status,
-    pub reason: &'static str,
+    pub reason: Reason,
     pub message: String,
 }
 
 impl Cond {
-    pub fn new(status: Status, reason: &'static str, message: impl Into<String>) -> Self {
+    pub fn new(status: Status, reason: Reason, message: impl Into<String>) -> Self {
         Self {
             status,
             reason,
@@ -49,6 +50,20 @@ pub struct Report {
     pub running_size: Option<Size>,
 }
 
+impl Report {
+    /// A report that keeps the address, SPICE host and port `status` has, and changes nothing
+    /// else until filled in.
+    pub fn keeping(status: &DesktopStatus) -> Self {
+        let spice = status.spice.clone().unwrap_or_default();
+        Self {
+            ip: status.ip.clone(),
+            spice_host: spice.host,
+            spice_port: spice.port,
+            ..Self::default()
+        }
+    }
+}
+
 fn spice_uri(host: &str, port: u16) -> String {
     if host.contains(':') {
         format!("spice://[{host}]:{port}")
@@ -75,7 +90,7 @@ fn agent_conditions(
                 prev,
                 type_,
                 c.status,
-                c.reason,
+                c.reason.as_str(),
                 c.message.clone(),
                 generation,
                 now,
@@ -168,8 +183,12 @@ mod tests {
             ip: Some("10.200.0.5".into()),
             spice_host: Some("192.0.2.10".into()),
             spice_port: Some(5901),
-            defined: Some(Cond::new(Status::True, "Defined", "domain ns--a defined")),
-            running: Some(Cond::new(Status::True, "Running", "the domain runs")),
+            defined: Some(Cond::new(
+                Status::True,
+                Reason::Defined,
+                "domain ns--a defined",
+            )),
+            running: Some(Cond::new(Status::True, Reason::Running, "the domain runs")),
             activity: None,
             running_size: Some(Size {
                 cpu: 2,
@@ -192,7 +211,7 @@ mod tests {
         };
         assert_eq!(body_of(&current, &unknown), None, "nothing new to say");
         let off = Report {
-            running: Some(Cond::new(Status::False, "ShutOff", "off")),
+            running: Some(Cond::new(Status::False, Reason::Stopped, "off")),
             running_size: None,
             ..report()
         };

@@ -13,6 +13,8 @@ use crate::domain::{DesktopIdentity, DhcpHost, DomainType};
 
 pub mod backoff;
 pub mod error;
+#[cfg(test)]
+pub mod fake;
 pub mod libvirt;
 
 pub use backoff::Backoff;

@@ -1,0 +1,681 @@
+//! Branches of converging a live Desktop ([`super::apply`], [`super::held`],
+//! [`super::lifecycle`]) on the fake hypervisor: what each one defines, starts, saves, stops or
+//! discards on the host, and what it reports. Each test is named after the branch it covers.
+
+use deskvirt_crds::constants::condition::{DOMAIN_DEFINED, RUNNING};
+use deskvirt_crds::desktop::{IdleAction, Move, Power, Reclaimed};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::jiff::Timestamp;
+
+use kube::runtime::controller::Action;
+
+use super::apply::apply;
+use super::lifecycle::ADMIN_RESYNC;
+use super::testkit::{Kit, NODE, OTHER_UID, desktop, last_condition, with_last_status};
+use super::{Error, failure, show_failure};
+use crate::hypervisor::fake::Op;
+use crate::hypervisor::{DomainState, HypervisorError};
+
+fn rejected() -> HypervisorError {
+    HypervisorError::Rejected {
+        op: "op",
+        target: "t".into(),
+        message: "unsupported configuration: no".into(),
+    }
+}
+
+fn failed() -> HypervisorError {
+    HypervisorError::Failed {
+        op: "op",
+        target: "t".into(),
+        message: "internal error: something unclassified".into(),
+    }
+}
+
+fn cond(kit: &Kit, type_: &str) -> (String, String) {
+    let Some((s, r, _)) = last_condition(&kit.api, type_) else {
+        panic!("no {type_} written: {:?}", kit.api.statuses())
+    };
+    (s, r)
+}
+
+fn pair(s: &str, r: &str) -> (String, String) {
+    (s.to_string(), r.to_string())
+}
+
+/// Runs one pass of `d`, which must succeed.
+async fn passes(kit: &Kit, d: &deskvirt_crds::Desktop) {
+    let pass = apply(d, &kit.ctx).await;
+    assert!(pass.is_ok(), "{pass:?}");
+}
+
+/// Changes only: the journal without lookups.
+fn changes(kit: &Kit, from: usize) -> Vec<String> {
+    kit.calls_since(from)
+}
+
+#[tokio::test]
+async fn new_desktop_disk_there_is_defined_and_started() {
+    let kit = Kit::new();
+    kit.make_disk();
+    passes(&kit, &desktop()).await;
+    let dom = kit.domain();
+    assert_eq!(
+        changes(&kit, 0),
+        [format!("define {dom}"), format!("start {dom}")]
+    );
+    assert_eq!(cond(&kit, DOMAIN_DEFINED), pair("True", "Defined"));
+    assert_eq!(cond(&kit, RUNNING), pair("True", "Running"));
+    let statuses = kit.api.statuses();
+    assert_eq!(
+        statuses.last().map(|s| s["spice"]["uri"].clone()),
+        Some(serde_json::json!("spice://192.0.2.10:5901"))
+    );
+    assert!(
+        kit.api.finalizer_writes().is_empty(),
+        "finalizer already there"
+    );
+}
+
+#[tokio::test]
+async fn not_bound_here_nothing_is_done() {
+    let kit = Kit::new();
+    kit.make_disk();
+    let mut d = desktop();
+    if let Some(s) = d.status.as_mut() {
+        s.node = Some("elsewhere".into());
+    }
+    passes(&kit, &d).await;
+    assert!(kit.hv.journal().is_empty(), "{:?}", kit.hv.journal());
+    assert!(kit.api.statuses().is_empty());
+}
+
+#[tokio::test]
+async fn input_missing_pool_waits_and_defines_nothing() {
+    let mut kit = Kit::new();
+    kit.forget_pool();
+    passes(&kit, &desktop()).await;
+    assert!(kit.hv.journal().is_empty(), "{:?}", kit.hv.journal());
+    assert_eq!(
+        cond(&kit, DOMAIN_DEFINED),
+        pair("Unknown", "WaitingForPool")
+    );
+}
+
+#[tokio::test]
+async fn disk_base_image_missing_defines_nothing() {
+    let kit = Kit::new();
+    let _ = std::fs::remove_file(kit.dir.0.join("images/base.qcow2"));
+    passes(&kit, &desktop()).await;
+    assert!(kit.hv.journal().is_empty(), "{:?}", kit.hv.journal());
+    assert_eq!(
+        cond(&kit, DOMAIN_DEFINED),
+        pair("False", "BaseImageMissing")
+    );
+}
+
+#[tokio::test]
+async fn domain_of_another_uid_is_neither_defined_over_nor_touched() {
+    let kit = Kit::new();
+    kit.make_disk();
+    kit.put_foreign(&kit.domain(), OTHER_UID);
+    passes(&kit, &desktop()).await;
+    assert!(kit.hv.journal().is_empty(), "{:?}", kit.hv.journal());
+    assert_eq!(cond(&kit, DOMAIN_DEFINED), pair("False", "DomainNotOurs"));
+    let Some(theirs) = kit.hv.domain(&kit.domain()) else {
+        panic!("the other domain is gone")
+    };
+    assert_eq!(theirs.state, DomainState::Running);
+}
+
+#[tokio::test]
+async fn define_refused_is_define_failed_and_nothing_starts() {
+    let kit = Kit::new();
+    kit.make_disk();
+    kit.hv.fail(Op::Define, rejected());
+    passes(&kit, &desktop()).await;
+    assert_eq!(changes(&kit, 0), [format!("define {}", kit.domain())]);
+    let Some((s, r, m)) = last_condition(&kit.api, DOMAIN_DEFINED) else {
+        panic!("no DomainDefined")
+    };
+    assert_eq!((s.as_str(), r.as_str()), ("False", "DefineFailed"));
+    assert!(m.contains("unsupported configuration"), "{m}");
+}
+
+#[tokio::test]
+async fn define_fails_unclassified_is_retried_then_shown() {
+    let kit = Kit::new();
+    kit.make_disk();
+    kit.hv.fail(Op::Define, failed());
+    let d = desktop();
+    for attempt in 1..=failure::SHOW_AFTER {
+        let pass = apply(&d, &kit.ctx).await;
+        let Err(err) = pass else {
+            panic!("a transient define failure passed: {pass:?}")
+        };
+        assert!(err.is_transient());
+        show_failure(&d, &kit.ctx, &err).await;
+        let shown = last_condition(&kit.api, DOMAIN_DEFINED);
+        if attempt < failure::SHOW_AFTER {
+            assert_eq!(shown, None, "shown after {attempt} failures");
+        }
+    }
+    let Some((s, r, m)) = last_condition(&kit.api, DOMAIN_DEFINED) else {
+        panic!("a failure that keeps coming back is not on the Desktop")
+    };
+    assert_eq!((s.as_str(), r.as_str()), ("Unknown", "LibvirtFailed"));
+    assert!(m.contains("something unclassified"), "{m}");
+    assert!(!kit.hv.journal().iter().any(|c| c.starts_with("start")));
+}
+
+#[tokio::test]
+async fn permanent_failure_of_a_pass_is_shown_at_once() {
+    let kit = Kit::new();
+    let d = desktop();
+    let err = Error::MissingField("metadata.namespace");
+    assert!(!err.is_transient());
+    show_failure(&d, &kit.ctx, &err).await;
+    assert_eq!(cond(&kit, DOMAIN_DEFINED), pair("False", "InvalidObject"));
+}
+
+#[tokio::test]
+async fn start_refused_is_start_failed_and_the_domain_stays_defined() {
+    let kit = Kit::new();
+    kit.make_disk();
+    kit.hv.fail(Op::Start, rejected());
+    passes(&kit, &desktop()).await;
+    let dom = kit.domain();
+    assert_eq!(
+        changes(&kit, 0),
+        [format!("define {dom}"), format!("start {dom}")]
+    );
+    assert_eq!(cond(&kit, DOMAIN_DEFINED), pair("True", "Defined"));
+    assert_eq!(cond(&kit, RUNNING), pair("False", "StartFailed"));
+    assert!(kit.hv.domain(&dom).is_some());
+}
+
+#[tokio::test]
+async fn start_fails_transiently_is_an_error_to_retry() {
+    let kit = Kit::new();
+    kit.make_disk();
+    kit.hv.fail(Op::Start, failed());
+    let pass = apply(&desktop(), &kit.ctx).await;
+    assert!(matches!(&pass, Err(e) if e.is_transient()), "{pass:?}");
+    let Some(dom) = kit.hv.domain(&kit.domain()) else {
+        panic!("not defined")
+    };
+    assert_eq!(dom.state, DomainState::ShutOff);
+}
+
+#[tokio::test]
+async fn running_and_unchanged_is_left_alone() {
+    let kit = Kit::new();
+    kit.make_domain(DomainState::Running, false).await;
+    let before = kit.hv.journal().len();
+    let d = with_last_status(desktop(), &kit.api);
+    passes(&kit, &d).await;
+    assert!(
+        changes(&kit, before).is_empty(),
+        "{:?}",
+        changes(&kit, before)
+    );
+}
+
+#[tokio::test]
+async fn power_off_shuts_the_running_domain_down() {
+    let kit = Kit::new();
+    kit.make_domain(DomainState::Running, false).await;
+    let before = kit.hv.journal().len();
+    let mut d = with_last_status(desktop(), &kit.api);
+    d.spec.power = Power::Off;
+    passes(&kit, &d).await;
+    assert_eq!(
+        changes(&kit, before),
+        [format!("shutdown {}", kit.domain())],
+        "{:?}",
+        kit.api.statuses()
+    );
+    assert_eq!(cond(&kit, RUNNING), pair("False", "Stopping"));
+}
+
+#[tokio::test]
+async fn saved_memory_is_restored_at_start() {
+    let kit = Kit::new();
+    kit.make_domain(DomainState::ShutOff, true).await;
+    let before = kit.hv.journal().len();
+    passes(&kit, &desktop()).await;
+    let dom = kit.domain();
+    assert_eq!(
+        changes(&kit, before),
+        [format!("sync-save {dom}"), format!("start {dom}")]
+    );
+}
+
+#[tokio::test]
+async fn saved_memory_refused_by_libvirt_is_discarded_and_the_desktop_boots() {
+    let kit = Kit::new();
+    kit.make_domain(DomainState::ShutOff, true).await;
+    kit.hv.fail_once(Op::SyncManagedSave, rejected());
+    let before = kit.hv.journal().len();
+    passes(&kit, &desktop()).await;
+    let dom = kit.domain();
+    assert_eq!(
+        changes(&kit, before),
+        [
+            format!("sync-save {dom}"),
+            format!("discard-save {dom}"),
+            format!("start {dom}")
+        ]
+    );
+    assert!(
+        kit.api
+            .event_reasons()
+            .contains(&"SavedMemoryDiscarded".to_string())
+    );
+}
+
+#[tokio::test]
+async fn saved_memory_whose_disk_is_gone_is_discarded() {
+    let kit = Kit::new();
+    kit.make_domain(DomainState::ShutOff, true).await;
+    std::fs::remove_file(kit.disk()).unwrap_or_else(|e| panic!("{e}"));
+    let before = kit.hv.journal().len();
+    let _ = apply(&desktop(), &kit.ctx).await;
+    let dom = kit.domain();
+    assert_eq!(
+        changes(&kit, before).first(),
+        Some(&format!("discard-save {dom}"))
+    );
+}
+
+#[tokio::test]
+async fn saved_memory_with_the_disk_dir_not_visible_is_kept_and_reported() {
+    let kit = Kit::new();
+    kit.make_domain(DomainState::ShutOff, true).await;
+    std::fs::remove_dir_all(kit.dir.0.join("disks")).unwrap_or_else(|e| panic!("{e}"));
+    let before = kit.hv.journal().len();
+    passes(&kit, &desktop()).await;
+    assert!(
+        changes(&kit, before).is_empty(),
+        "{:?}",
+        changes(&kit, before)
+    );
+    assert_eq!(cond(&kit, DOMAIN_DEFINED), pair("False", "DiskDirMissing"));
+    assert!(kit.hv.domain(&kit.domain()).is_some_and(|d| d.managed_save));
+}
+
+fn moved(secs_from_now: i64) -> Move {
+    let at = Timestamp::now().as_second() + secs_from_now;
+    Move {
+        from: "h0".into(),
+        to: NODE.into(),
+        at: Time(Timestamp::from_second(at).unwrap_or(Timestamp::UNIX_EPOCH)),
+    }
+}
+
+#[tokio::test]
+async fn saved_memory_from_before_a_move_is_discarded_and_the_disk_kept() {
+    let kit = Kit::new();
+    kit.make_domain(DomainState::ShutOff, true).await;
+    let mut d = desktop();
+    d.spec.disk.persistent = false;
+    if let Some(s) = d.status.as_mut() {
+        s.last_move = Some(moved(3600));
+    }
+    let before = kit.hv.journal().len();
+    passes(&kit, &d).await;
+    let dom = kit.domain();
+    assert_eq!(
+        changes(&kit, before),
+        [format!("discard-save {dom}"), format!("start {dom}")]
+    );
+    assert_eq!(
+        kit.disk_content().as_deref(),
+        Some(&b"disk"[..]),
+        "no fresh clone right after it ran elsewhere"
+    );
+}
+
+#[tokio::test]
+async fn saved_memory_from_after_the_move_is_restored() {
+    let kit = Kit::new();
+    kit.make_domain(DomainState::ShutOff, true).await;
+    let mut d = desktop();
+    if let Some(s) = d.status.as_mut() {
+        s.last_move = Some(moved(-3600));
+    }
+    let before = kit.hv.journal().len();
+    passes(&kit, &d).await;
+    let dom = kit.domain();
+    assert_eq!(
+        changes(&kit, before),
+        [format!("sync-save {dom}"), format!("start {dom}")]
+    );
+}
+
+#[tokio::test]
+async fn saved_memory_unreadable_after_a_move_is_kept_and_reported() {
+    let kit = Kit::new();
+    kit.make_domain(DomainState::ShutOff, true).await;
+    std::fs::remove_file(kit.ctx.config.managed_save_image(&kit.domain()))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let mut d = desktop();
+    if let Some(s) = d.status.as_mut() {
+        s.last_move = Some(moved(-3600));
+    }
+    let before = kit.hv.journal().len();
+    passes(&kit, &d).await;
+    assert!(
+        changes(&kit, before).is_empty(),
+        "{:?}",
+        changes(&kit, before)
+    );
+    assert_eq!(
+        cond(&kit, DOMAIN_DEFINED),
+        pair("False", "SavedMemoryUnreadable")
+    );
+    assert!(kit.hv.domain(&kit.domain()).is_some_and(|d| d.managed_save));
+}
+
+fn reclaimed(d: &mut deskvirt_crds::Desktop, action: IdleAction) {
+    if let Some(s) = d.status.as_mut() {
+        s.reclaimed = Some(Reclaimed {
+            action,
+            at: Time(Timestamp::now()),
+            port: None,
+        });
+    }
+}
+
+#[tokio::test]
+async fn held_suspend_announces_then_saves_the_running_domain() {
+    let kit = Kit::new();
+    kit.make_domain(DomainState::Running, false).await;
+    let before = kit.hv.journal().len();
+    let mut d = with_last_status(desktop(), &kit.api);
+    reclaimed(&mut d, IdleAction::Suspend);
+    passes(&kit, &d).await;
+    assert!(changes(&kit, before).is_empty(), "announced first");
+    assert_eq!(cond(&kit, RUNNING), pair("False", "Reclaiming"));
+    let mut d = with_last_status(d, &kit.api);
+    reclaimed(&mut d, IdleAction::Suspend);
+    passes(&kit, &d).await;
+    assert_eq!(changes(&kit, before), [format!("save {}", kit.domain())]);
+    assert_eq!(cond(&kit, RUNNING), pair("False", "Suspended"));
+}
+
+#[tokio::test]
+async fn held_save_refused_reports_suspend_failed_and_keeps_it_running() {
+    let kit = Kit::new();
+    kit.make_domain(DomainState::Running, false).await;
+    kit.hv.fail(Op::ManagedSave, rejected());
+    let mut d = with_last_status(desktop(), &kit.api);
+    reclaimed(&mut d, IdleAction::Suspend);
+    let _ = apply(&d, &kit.ctx).await;
+    let mut d = with_last_status(d, &kit.api);
+    reclaimed(&mut d, IdleAction::Suspend);
+    passes(&kit, &d).await;
+    assert_eq!(cond(&kit, RUNNING), pair("True", "SuspendFailed"));
+    assert!(
+        kit.hv
+            .domain(&kit.domain())
+            .is_some_and(|d| d.state == DomainState::Running)
+    );
+}
+
+#[tokio::test]
+async fn held_never_starts_a_suspended_domain() {
+    let kit = Kit::new();
+    kit.make_domain(DomainState::ShutOff, true).await;
+    let before = kit.hv.journal().len();
+    let mut d = desktop();
+    reclaimed(&mut d, IdleAction::Suspend);
+    passes(&kit, &d).await;
+    assert!(
+        changes(&kit, before).is_empty(),
+        "{:?}",
+        changes(&kit, before)
+    );
+    assert_eq!(cond(&kit, RUNNING), pair("False", "Suspended"));
+}
+
+#[tokio::test]
+async fn held_shutdown_powers_the_running_domain_off() {
+    let kit = Kit::new();
+    kit.make_domain(DomainState::Running, false).await;
+    let before = kit.hv.journal().len();
+    let mut d = with_last_status(desktop(), &kit.api);
+    reclaimed(&mut d, IdleAction::Shutdown);
+    passes(&kit, &d).await;
+    assert_eq!(
+        changes(&kit, before),
+        [format!("shutdown {}", kit.domain())]
+    );
+}
+
+#[tokio::test]
+async fn held_domain_of_another_uid_is_not_touched() {
+    let kit = Kit::new();
+    kit.put_foreign(&kit.domain(), OTHER_UID);
+    let mut d = desktop();
+    reclaimed(&mut d, IdleAction::Suspend);
+    passes(&kit, &d).await;
+    assert!(kit.hv.journal().is_empty(), "{:?}", kit.hv.journal());
+    assert_eq!(cond(&kit, DOMAIN_DEFINED), pair("False", "DomainNotOurs"));
+}
+
+/// Starts a non-persistent desktop whose domain is `state`; returns what its disk holds then.
+async fn non_persistent_start(state: DomainState) -> Option<Vec<u8>> {
+    let kit = Kit::new();
+    kit.make_domain(state, false).await;
+    let mut d = desktop();
+    d.spec.disk.persistent = false;
+    let before = kit.hv.journal().len();
+    passes(&kit, &d).await;
+    assert_eq!(changes(&kit, before), [format!("start {}", kit.domain())]);
+    kit.disk_content()
+}
+
+#[tokio::test]
+async fn non_persistent_desktop_booting_from_off_gets_a_fresh_clone() {
+    let disk = non_persistent_start(DomainState::ShutOff).await;
+    assert_eq!(disk.as_deref(), Some(&b"fresh\n"[..]));
+}
+
+#[tokio::test]
+async fn persistent_desktop_booting_from_off_keeps_its_disk() {
+    let kit = Kit::new();
+    kit.make_domain(DomainState::ShutOff, false).await;
+    passes(&kit, &desktop()).await;
+    assert_eq!(kit.disk_content().as_deref(), Some(&b"disk"[..]));
+}
+
+#[tokio::test]
+async fn moved_desktop_without_saved_memory_boots() {
+    let kit = Kit::new();
+    kit.make_domain(DomainState::ShutOff, false).await;
+    let mut d = desktop();
+    if let Some(s) = d.status.as_mut() {
+        s.last_move = Some(moved(-3600));
+    }
+    let before = kit.hv.journal().len();
+    passes(&kit, &d).await;
+    assert_eq!(changes(&kit, before), [format!("start {}", kit.domain())]);
+}
+
+#[tokio::test]
+async fn changed_spec_redefines_the_existing_domain() {
+    let kit = Kit::new();
+    kit.make_domain(DomainState::ShutOff, false).await;
+    let mut d = with_last_status(desktop(), &kit.api);
+    d.spec.power = Power::Off;
+    d.spec.cpu = 2;
+    let before = kit.hv.journal().len();
+    passes(&kit, &d).await;
+    assert_eq!(changes(&kit, before), [format!("define {}", kit.domain())]);
+    assert_eq!(cond(&kit, RUNNING), pair("False", "Stopped"));
+}
+
+#[tokio::test]
+async fn guest_that_shut_itself_down_stays_off_until_a_new_generation() {
+    let kit = Kit::new();
+    kit.make_domain(DomainState::Running, false).await;
+    // The guest powers itself off; the status still says it ran.
+    let Some(mut dom) = kit.hv.domain(&kit.domain()) else {
+        panic!("no domain")
+    };
+    dom.state = DomainState::ShutOff;
+    kit.hv.put(&kit.domain(), dom);
+    let before = kit.hv.journal().len();
+    let d = with_last_status(desktop(), &kit.api);
+    passes(&kit, &d).await;
+    assert!(
+        changes(&kit, before).is_empty(),
+        "{:?}",
+        changes(&kit, before)
+    );
+    assert_eq!(cond(&kit, RUNNING), pair("False", "Shutdown"));
+    // The next pass of the same generation keeps it off too.
+    let d = with_last_status(d, &kit.api);
+    passes(&kit, &d).await;
+    assert!(
+        changes(&kit, before).is_empty(),
+        "{:?}",
+        changes(&kit, before)
+    );
+    // A new generation (power Off and On again) starts it.
+    let mut d = with_last_status(d, &kit.api);
+    d.metadata.generation = Some(2);
+    passes(&kit, &d).await;
+    assert_eq!(changes(&kit, before), [format!("start {}", kit.domain())]);
+}
+
+#[tokio::test]
+async fn rotated_password_reaches_the_running_domain_once() {
+    let mut kit = Kit::new();
+    kit.make_domain(DomainState::Running, false).await;
+    kit.rotate_password("8");
+    let before = kit.hv.journal().len();
+    let d = with_last_status(desktop(), &kit.api);
+    passes(&kit, &d).await;
+    let dom = kit.domain();
+    assert_eq!(changes(&kit, before), [format!("update-device {dom}")]);
+    let again = kit.hv.journal().len();
+    passes(&kit, &d).await;
+    assert!(
+        changes(&kit, again).is_empty(),
+        "{:?}",
+        changes(&kit, again)
+    );
+}
+
+#[tokio::test]
+async fn domain_state_unreadable_defines_and_starts_nothing() {
+    let kit = Kit::new();
+    kit.make_domain(DomainState::ShutOff, false).await;
+    kit.hv.fail(Op::Status, failed());
+    let before = kit.hv.journal().len();
+    let pass = apply(&desktop(), &kit.ctx).await;
+    assert!(matches!(&pass, Err(e) if e.is_transient()), "{pass:?}");
+    assert!(
+        changes(&kit, before).is_empty(),
+        "{:?}",
+        changes(&kit, before)
+    );
+}
+
+#[tokio::test]
+async fn non_persistent_crashed_domain_restarts_on_its_disk() {
+    let disk = non_persistent_start(DomainState::Crashed).await;
+    assert_eq!(disk.as_deref(), Some(&b"disk"[..]));
+}
+
+#[tokio::test]
+async fn held_domain_state_unreadable_is_an_error_and_nothing_is_saved() {
+    let kit = Kit::new();
+    kit.make_domain(DomainState::Running, false).await;
+    kit.hv.fail(Op::Status, failed());
+    let before = kit.hv.journal().len();
+    let mut d = with_last_status(desktop(), &kit.api);
+    reclaimed(&mut d, IdleAction::Suspend);
+    let pass = apply(&d, &kit.ctx).await;
+    assert!(matches!(&pass, Err(e) if e.is_transient()), "{pass:?}");
+    assert!(
+        changes(&kit, before).is_empty(),
+        "{:?}",
+        changes(&kit, before)
+    );
+}
+
+#[tokio::test]
+async fn held_without_a_domain_is_suspended_with_nothing_saved() {
+    let kit = Kit::new();
+    let mut d = desktop();
+    reclaimed(&mut d, IdleAction::Suspend);
+    passes(&kit, &d).await;
+    assert!(kit.hv.journal().is_empty(), "{:?}", kit.hv.journal());
+    let Some((s, r, m)) = last_condition(&kit.api, RUNNING) else {
+        panic!("no Running")
+    };
+    assert_eq!((s.as_str(), r.as_str()), ("False", "Suspended"));
+    assert!(m.contains("no memory to save"), "{m}");
+}
+
+#[tokio::test]
+async fn power_off_ignored_by_the_guest_is_forced_after_the_grace() {
+    let mut kit = Kit::new();
+    kit.make_domain(DomainState::Running, false).await;
+    kit.hv.ignore_acpi();
+    kit.ctx.config.shutdown_grace = std::time::Duration::from_millis(200);
+    let before = kit.hv.journal().len();
+    let mut d = with_last_status(desktop(), &kit.api);
+    d.spec.power = Power::Off;
+    passes(&kit, &d).await;
+    assert_eq!(
+        changes(&kit, before),
+        [format!("shutdown {}", kit.domain())]
+    );
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    passes(&kit, &d).await;
+    let dom = kit.domain();
+    assert_eq!(
+        changes(&kit, before),
+        [format!("shutdown {dom}"), format!("destroy {dom}")]
+    );
+    assert!(kit.api.event_reasons().contains(&"PoweredOff".to_string()));
+}
+
+#[tokio::test]
+async fn held_save_failing_transiently_is_retried_as_an_error() {
+    let kit = Kit::new();
+    kit.make_domain(DomainState::Running, false).await;
+    kit.hv.fail(Op::ManagedSave, failed());
+    let mut d = with_last_status(desktop(), &kit.api);
+    reclaimed(&mut d, IdleAction::Suspend);
+    let _ = apply(&d, &kit.ctx).await;
+    let mut d = with_last_status(d, &kit.api);
+    reclaimed(&mut d, IdleAction::Suspend);
+    let pass = apply(&d, &kit.ctx).await;
+    assert!(matches!(&pass, Err(e) if e.is_transient()), "{pass:?}");
+}
+
+#[tokio::test]
+async fn requeue_running_at_the_activity_interval_blocked_at_an_admins_pace() {
+    let kit = Kit::new();
+    kit.make_disk();
+    let pass = apply(&desktop(), &kit.ctx).await;
+    assert_eq!(
+        pass.ok(),
+        Some(Action::requeue(kit.ctx.config.activity_interval)),
+        "a running desktop is sampled at the activity interval"
+    );
+    let kit = Kit::new();
+    kit.make_domain(DomainState::ShutOff, true).await;
+    std::fs::remove_dir_all(kit.dir.0.join("disks")).unwrap_or_else(|e| panic!("{e}"));
+    let pass = apply(&desktop(), &kit.ctx).await;
+    assert_eq!(
+        pass.ok(),
+        Some(Action::requeue(ADMIN_RESYNC)),
+        "DiskDirMissing needs an admin"
+    );
+}

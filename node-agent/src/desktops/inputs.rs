@@ -1,0 +1,182 @@
+//! The first steps of converging a live Desktop: gathers what its domain is made from (the
+//! pool and this host's part of it, the console password, the operator's binding, dedicated
+//! CPUs, the typed domain inputs and the disk plan) and checks each, so that every input that is
+//! not there yet or is wrong becomes one condition, never a crash loop. Reads only caches.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use deskvirt_crds::conditions::Status;
+use deskvirt_crds::constants::{SECRET_KEY_PASSWORD, console_mirror_name};
+use deskvirt_crds::desktop::DesktopStatus;
+use deskvirt_crds::quantity::parse_bytes;
+use deskvirt_crds::{Desktop, ResourcePool};
+use kube::ResourceExt;
+use kube::runtime::reflector::ObjectRef;
+
+use super::apply::Stop;
+use super::context::DesktopContext;
+use super::lifecycle::{ADMIN_RESYNC, resync};
+use super::reason::Reason;
+use super::status::{Cond, Report};
+use crate::disks::DiskPlan;
+use crate::domain::{Binding, DomainInputs, HostContext, Secret};
+
+/// Everything a live desktop's domain is made from, checked.
+pub(super) struct Inputs {
+    pub pool: Arc<ResourcePool>,
+    pub host: HostContext,
+    pub domain: DomainInputs,
+    /// The version of the console password mirror the password came from.
+    pub password_version: String,
+    /// The disk's virtual size asked for, in bytes.
+    pub size: Option<u64>,
+}
+
+impl Inputs {
+    /// The disk plan of the domain named as `self.domain` says (after [`super::place`]).
+    pub fn disk_plan(&self, d: &Desktop, uid: &str, adopt: bool) -> DiskPlan {
+        DiskPlan {
+            base: PathBuf::from(&self.host.image_dir).join(&d.spec.disk.image),
+            target: PathBuf::from(&self.domain.disk_path),
+            clone: d.spec.disk.clone,
+            size: self.size,
+            owner: uid.to_string(),
+            adopt,
+        }
+    }
+}
+
+fn wait(status: Status, reason: Reason, message: impl Into<String>) -> Stop {
+    let again = resync(status == Status::Unknown);
+    Stop::Wait(Cond::new(status, reason, message), again)
+}
+
+/// Gathers and checks the inputs of `d`; the SPICE host goes into `report` as soon as the
+/// pool is known.
+pub(super) fn gather<H>(
+    ctx: &DesktopContext<H>,
+    d: &Desktop,
+    status: &DesktopStatus,
+    uid: &str,
+    report: &mut Report,
+) -> Result<Inputs, Stop> {
+    let cfg = &ctx.config;
+    let pool = ctx.pool(d.pool()).ok_or_else(|| {
+        wait(
+            Status::Unknown,
+            Reason::WaitingForPool,
+            format!("ResourcePool {} is not known to this host yet", d.pool()),
+        )
+    })?;
+    let host = HostContext::for_pool(&cfg.node_name, &cfg.node_address, cfg.domain_type, &pool)
+        .map_err(|e| wait(Status::False, Reason::InvalidPool, e.to_string()))?;
+    report.spice_host = Some(if host.spice_listen == "0.0.0.0" {
+        cfg.node_address.clone()
+    } else {
+        host.spice_listen.clone()
+    });
+    let (password, password_version) = console_password(ctx, uid).ok_or_else(|| {
+        wait(
+            Status::Unknown,
+            Reason::WaitingForConsolePassword,
+            "the operator has not published this desktop's console password yet",
+        )
+    })?;
+    let mut binding = Binding::from_status(Some(status), password)
+        .map_err(|e| wait(Status::Unknown, Reason::WaitingForBinding, e.to_string()))?;
+    binding.pinned_cpus = pinned_cpus(ctx, d).map_err(|c| Stop::Wait(c, ADMIN_RESYNC))?;
+    let domain = DomainInputs::from_desktop(d, &binding, &host).map_err(|e| {
+        let s = if e.is_transient() {
+            Status::Unknown
+        } else {
+            Status::False
+        };
+        wait(s, Reason::InvalidSpec, e.to_string())
+    })?;
+    let size = d
+        .spec
+        .disk
+        .size
+        .as_deref()
+        .map(parse_bytes)
+        .transpose()
+        .map_err(|e| {
+            wait(
+                Status::False,
+                Reason::InvalidSpec,
+                format!("spec.disk.size: {e}"),
+            )
+        })?;
+    Ok(Inputs {
+        pool,
+        host,
+        domain,
+        password_version,
+        size,
+    })
+}
+
+/// The console password from this desktop's mirror, with the mirror's version.
+pub(super) fn console_password<H>(ctx: &DesktopContext<H>, uid: &str) -> Option<(Secret, String)> {
+    let mirror = ctx
+        .mirrors
+        .get(&ObjectRef::new(&console_mirror_name(uid)).within(&ctx.config.console_namespace))?;
+    let bytes = mirror.data.as_ref()?.get(SECRET_KEY_PASSWORD)?;
+    let password = String::from_utf8(bytes.0.clone()).ok()?;
+    if password.is_empty() {
+        return None;
+    }
+    Some((
+        Secret::new(password),
+        mirror.resource_version().unwrap_or_default(),
+    ))
+}
+
+/// Host CPUs for a desktop with dedicated CPUs: desktops bound here that ask for them share
+/// out the host's logical CPUs from CPU 1 up (CPU 0 stays with the host), oldest first.
+fn pinned_cpus<H>(ctx: &DesktopContext<H>, d: &Desktop) -> Result<Vec<u32>, Cond> {
+    if !d.spec.performance.dedicated_cpus {
+        return Ok(Vec::new());
+    }
+    let total = ctx
+        .domain_node()
+        .and_then(|n| {
+            n.status
+                .as_ref()
+                .and_then(|s| s.cpu.as_ref().map(|c| c.threads))
+        })
+        .unwrap_or(0);
+    let mut dedicated: Vec<_> = ctx
+        .desktops()
+        .map(|s| s.state())
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|o| o.spec.performance.dedicated_cpus && o.metadata.deletion_timestamp.is_none())
+        .map(|o| (o.metadata.creation_timestamp.clone(), o.uid(), o.spec.cpu))
+        .collect();
+    if !dedicated.iter().any(|(_, u, _)| *u == d.uid()) {
+        dedicated.push((d.metadata.creation_timestamp.clone(), d.uid(), d.spec.cpu));
+    }
+    dedicated
+        .sort_by(|a, b| (a.0.as_ref().map(|t| t.0), &a.1).cmp(&(b.0.as_ref().map(|t| t.0), &b.1)));
+    let mut next = 1u32;
+    for (_, u, cpus) in dedicated {
+        let end = next.saturating_add(cpus);
+        if u == d.uid() {
+            if end > total {
+                return Err(Cond::new(
+                    Status::False,
+                    Reason::InsufficientDedicatedCpus,
+                    format!(
+                        "{cpus} dedicated CPUs do not fit: this host has {total} logical CPUs, CPU 0 stays with the host and {} are dedicated to older desktops",
+                        next.saturating_sub(1)
+                    ),
+                ));
+            }
+            return Ok((next..end).collect());
+        }
+        next = end;
+    }
+    Ok(Vec::new())
+}

@@ -1,0 +1,352 @@
+//! What the Desktop controller's unit tests stand on: a context over the in-memory
+//! [`FakeHypervisor`], a fake API server that answers every request with the Desktop and keeps
+//! the requests, a scratch host directory (base image, disks, save images), and builders of a
+//! Desktop bound here with its pool and console password mirror.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use deskvirt_crds::desktop::DesktopStatus;
+use deskvirt_crds::{Desktop, ResourcePool};
+use k8s_openapi::api::core::v1::Secret;
+use kube::runtime::reflector::{self, store::Writer};
+use kube::runtime::watcher;
+use serde_json::{Value, json};
+
+use super::context::{DesktopConfig, DesktopContext};
+use crate::domain::{DomainType, disk_path, domain_name};
+use crate::hypervisor::DomainState;
+use crate::hypervisor::fake::{FakeDomain, FakeHypervisor};
+use crate::metrics::Metrics;
+
+pub const UID: &str = "0b7e9a4c-1111-4222-8333-444455556666";
+pub const OTHER_UID: &str = "9f2c1d3e-aaaa-4bbb-8ccc-ddddeeeeffff";
+pub const NODE: &str = "h1";
+const CONSOLES: &str = "deskvirt-consoles";
+
+/// One request the fake API server got.
+#[derive(Debug, Clone)]
+pub struct Request {
+    pub method: String,
+    pub path: String,
+    pub body: Value,
+}
+
+/// Requests the fake API server got, shared with its service.
+#[derive(Clone, Default)]
+pub struct ApiLog(Arc<Mutex<Vec<Request>>>);
+
+impl ApiLog {
+    fn push(&self, r: Request) {
+        match self.0.lock() {
+            Ok(mut l) => l.push(r),
+            Err(p) => p.into_inner().push(r),
+        }
+    }
+
+    fn all(&self) -> Vec<Request> {
+        match self.0.lock() {
+            Ok(l) => l.clone(),
+            Err(p) => p.into_inner().clone(),
+        }
+    }
+
+    /// The status bodies applied to the Desktop, in order.
+    pub fn statuses(&self) -> Vec<Value> {
+        self.all()
+            .into_iter()
+            .filter(|r| r.method == "PATCH" && r.path.ends_with("/status"))
+            .map(|r| r.body["status"].clone())
+            .collect()
+    }
+
+    /// The reasons of the Events published, in order.
+    pub fn event_reasons(&self) -> Vec<String> {
+        self.all()
+            .into_iter()
+            .filter(|r| r.method == "POST" && r.path.contains("/events"))
+            .map(|r| r.body["reason"].as_str().unwrap_or_default().to_string())
+            .collect()
+    }
+
+    /// The finalizer lists written with merge patches, in order.
+    pub fn finalizer_writes(&self) -> Vec<Value> {
+        self.all()
+            .into_iter()
+            .filter(|r| r.method == "PATCH" && !r.path.ends_with("/status"))
+            .map(|r| r.body["metadata"]["finalizers"].clone())
+            .collect()
+    }
+}
+
+/// A client whose every request is logged and answered with `answer`.
+fn fake_client(log: ApiLog, answer: Value) -> kube::Client {
+    let service = tower::service_fn(move |req: http::Request<kube::client::Body>| {
+        let log = log.clone();
+        let answer = answer.clone();
+        async move {
+            let (parts, body) = req.into_parts();
+            let bytes = body.collect_bytes().await.unwrap_or_default();
+            log.push(Request {
+                method: parts.method.to_string(),
+                path: parts.uri.path().to_string(),
+                body: serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+            });
+            let out = serde_json::to_vec(&answer).unwrap_or_default();
+            Ok::<_, std::convert::Infallible>(http::Response::new(kube::client::Body::from(out)))
+        }
+    });
+    kube::Client::new(service, "default")
+}
+
+/// A scratch directory removed when dropped.
+pub struct Scratch(pub PathBuf);
+
+impl Scratch {
+    fn new() -> Self {
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!("deskvirt-kit-{}-{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        for sub in ["images", "disks", "save"] {
+            std::fs::create_dir_all(dir.join(sub)).unwrap_or_else(|e| panic!("{e}"));
+        }
+        std::fs::write(dir.join("images/base.qcow2"), b"base").unwrap_or_else(|e| panic!("{e}"));
+        // A qemu-img that says every image is raw and writes "fresh" into the clone it makes.
+        let tool = dir.join("qemu-img");
+        std::fs::write(
+            &tool,
+            "#!/bin/sh\ncase \"$1\" in\ninfo) echo '{\"format\":\"raw\"}' ;;\n\
+             *) for a; do case \"$a\" in *.partial) echo fresh > \"$a\" ;; esac; done ;;\nesac\n",
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&tool, std::fs::Permissions::from_mode(0o755))
+            .unwrap_or_else(|e| panic!("{e}"));
+        Self(dir)
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A Desktop `team/a` bound to [`NODE`] in pool `p`, with power On and the agent's finalizer.
+pub fn desktop() -> Desktop {
+    let d: Desktop = serde_json::from_value(json!({
+        "apiVersion": "deskvirt.io/v1alpha1", "kind": "Desktop",
+        "metadata": {"name": "a", "namespace": "team", "uid": UID, "generation": 1,
+                     "resourceVersion": "1",
+                     "labels": {"deskvirt.io/node": NODE},
+                     "finalizers": ["deskvirt.io/node-agent"]},
+        "spec": {"pool": "p", "cpu": 1, "memory": "1Gi", "disk": {"image": "base.qcow2"}},
+        "status": {"node": NODE, "mac": "52:54:00:00:00:01", "spice": {"port": 5901}}
+    }))
+    .unwrap_or_else(|e| panic!("{e}"));
+    d
+}
+
+/// `d` being deleted.
+pub fn deleted(mut d: Desktop) -> Desktop {
+    d.metadata.deletion_timestamp = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+        k8s_openapi::jiff::Timestamp::UNIX_EPOCH,
+    ));
+    d
+}
+
+fn pool(dir: &Path) -> ResourcePool {
+    serde_json::from_value(json!({
+        "apiVersion": "deskvirt.io/v1alpha1", "kind": "ResourcePool",
+        "metadata": {"name": "p"},
+        "spec": {
+            "storage": {"imageDir": dir.join("images"), "diskDir": dir.join("disks")},
+            "network": {"mode": "bridge", "bridge": "br0"}
+        }
+    }))
+    .unwrap_or_else(|e| panic!("{e}"))
+}
+
+fn mirror(version: &str) -> Secret {
+    serde_json::from_value(json!({
+        "metadata": {"name": format!("console-{UID}"), "namespace": CONSOLES,
+                     "resourceVersion": version,
+                     "labels": {"deskvirt.io/desktop-uid": UID, "deskvirt.io/node": NODE},
+                     "annotations": {"deskvirt.io/desktop": "team/a"}},
+        "data": {"password": "c2VjcmV0"}
+    }))
+    .unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// A host with the fake hypervisor and API, the pool `p` and the mirror of [`desktop`].
+pub struct Kit {
+    pub ctx: DesktopContext<FakeHypervisor>,
+    pub hv: FakeHypervisor,
+    pub api: ApiLog,
+    pub dir: Scratch,
+    pools: Writer<ResourcePool>,
+    mirrors: Writer<Secret>,
+}
+
+impl Kit {
+    pub fn new() -> Self {
+        Self::answering(desktop())
+    }
+
+    /// A kit whose API answers with `d`.
+    pub fn answering(d: Desktop) -> Self {
+        let dir = Scratch::new();
+        let hv = FakeHypervisor::default();
+        let api = ApiLog::default();
+        let client = fake_client(api.clone(), serde_json::to_value(&d).unwrap_or_default());
+        let (pools_store, mut pools) = reflector::store::<ResourcePool>();
+        pools.apply_watcher_event(&watcher::Event::Apply(pool(&dir.0)));
+        let (nodes, _) = reflector::store();
+        let (mirrors, mut mirror_writer) = reflector::store::<Secret>();
+        mirror_writer.apply_watcher_event(&watcher::Event::Apply(mirror("7")));
+        let config = DesktopConfig {
+            node_name: NODE.into(),
+            node_address: "192.0.2.10".into(),
+            domain_type: DomainType::Qemu,
+            console_namespace: CONSOLES.into(),
+            qemu_img: dir.0.join("qemu-img").display().to_string(),
+            shutdown_grace: Duration::from_secs(60),
+            managed_save_dir: dir.0.join("save"),
+            activity_interval: Duration::from_secs(10),
+        };
+        let ctx = DesktopContext::with_caches(
+            client,
+            hv.clone(),
+            config,
+            Metrics::new().0,
+            pools_store,
+            nodes,
+            mirrors,
+        );
+        Self {
+            ctx,
+            hv,
+            api,
+            dir,
+            pools,
+            mirrors: mirror_writer,
+        }
+    }
+
+    /// The operator rotates the console password: the mirror gets a new version.
+    pub fn rotate_password(&mut self, version: &str) {
+        self.mirrors
+            .apply_watcher_event(&watcher::Event::Apply(mirror(version)));
+    }
+
+    /// The pool leaves the cache.
+    pub fn forget_pool(&mut self) {
+        self.pools
+            .apply_watcher_event(&watcher::Event::Delete(pool(&self.dir.0)));
+    }
+
+    /// The name of [`desktop`]'s domain.
+    pub fn domain(&self) -> String {
+        domain_name("team", "a", UID)
+    }
+
+    /// The path of [`desktop`]'s disk.
+    pub fn disk(&self) -> PathBuf {
+        PathBuf::from(disk_path(
+            &self.dir.0.join("disks").display().to_string(),
+            &self.domain(),
+        ))
+    }
+
+    /// What [`desktop`]'s disk holds now.
+    pub fn disk_content(&self) -> Option<Vec<u8>> {
+        std::fs::read(self.disk()).ok()
+    }
+
+    /// Makes [`desktop`]'s disk, recorded as its own.
+    pub fn make_disk(&self) {
+        let disk = self.disk();
+        std::fs::write(&disk, b"disk").unwrap_or_else(|e| panic!("{e}"));
+        std::fs::write(crate::disks::owner_path(&disk), UID).unwrap_or_else(|e| panic!("{e}"));
+    }
+
+    /// Puts a domain for [`desktop`] on the host, defined by a first pass and then set to
+    /// `state` with or without a managed save image.
+    pub async fn make_domain(&self, state: DomainState, managed_save: bool) {
+        self.make_disk();
+        let pass = super::apply::apply(&desktop(), &self.ctx).await;
+        assert!(pass.is_ok(), "first pass: {pass:?}");
+        let name = self.domain();
+        let Some(mut dom) = self.hv.domain(&name) else {
+            panic!("the first pass defined no domain: {:?}", self.hv.journal())
+        };
+        dom.state = state;
+        dom.managed_save = managed_save;
+        self.hv.put(&name, dom);
+        if managed_save {
+            std::fs::write(self.ctx.config.managed_save_image(&name), b"memory")
+                .unwrap_or_else(|e| panic!("{e}"));
+        }
+    }
+
+    /// A domain of another Desktop under `name`.
+    pub fn put_foreign(&self, name: &str, uuid: &str) {
+        self.hv.put(
+            name,
+            FakeDomain {
+                uuid: uuid.into(),
+                xml: String::new(),
+                state: DomainState::Running,
+                managed_save: false,
+                identity: None,
+            },
+        );
+    }
+
+    /// The journal of the fake hypervisor from call `from` on.
+    pub fn calls_since(&self, from: usize) -> Vec<String> {
+        self.hv.journal().into_iter().skip(from).collect()
+    }
+}
+
+/// The condition `type_` of the last status written, as (status, reason).
+pub fn last_condition(api: &ApiLog, type_: &str) -> Option<(String, String, String)> {
+    let statuses = api.statuses();
+    let last = statuses.last()?;
+    last["conditions"].as_array()?.iter().find_map(|c| {
+        (c["type"] == type_).then(|| {
+            (
+                c["status"].as_str().unwrap_or_default().to_string(),
+                c["reason"].as_str().unwrap_or_default().to_string(),
+                c["message"].as_str().unwrap_or_default().to_string(),
+            )
+        })
+    })
+}
+
+/// Merges `from` into `into` object by object, as server-side apply merges the agent's fields
+/// with the operator's.
+fn merge(into: &mut Value, from: &Value) {
+    match (into.as_object_mut(), from.as_object()) {
+        (Some(i), Some(f)) => {
+            for (k, v) in f {
+                merge(i.entry(k.clone()).or_insert(Value::Null), v);
+            }
+        }
+        _ => *into = from.clone(),
+    }
+}
+
+/// `d` with `status` merged in from the last status the agent wrote, as the next pass sees it.
+pub fn with_last_status(mut d: Desktop, api: &ApiLog) -> Desktop {
+    if let Some(last) = api.statuses().last() {
+        let mut st = serde_json::to_value(d.status.clone().unwrap_or_default())
+            .unwrap_or_else(|e| panic!("{e}"));
+        merge(&mut st, last);
+        d.status =
+            Some(serde_json::from_value::<DesktopStatus>(st).unwrap_or_else(|e| panic!("{e}")));
+    }
+    d
+}

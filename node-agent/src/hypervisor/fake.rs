@@ -1,0 +1,452 @@
+//! An in-memory [`Hypervisor`] for unit tests of the controllers' branches: domains and
+//! networks kept in a map, with libvirt's rules that the controllers rely on (a name or UUID
+//! held by another domain is refused, teardown of something gone is `AlreadyDone`, a managed
+//! save is restored by the next start), failures injected per operation, and a journal of the
+//! calls that change something. Real-libvirt behaviour is tested against libvirt itself.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use super::{
+    Activity, Change, DomainState, DomainStatus, DomainSummary, HostFacts, Hypervisor,
+    HypervisorError, ObjectKind, Result,
+};
+use crate::domain::{DesktopIdentity, DhcpHost, DomainType, parse_disk_paths, parse_identity};
+
+/// An operation of the trait, to inject a failure into.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Op {
+    List,
+    Lookup,
+    Define,
+    Start,
+    Shutdown,
+    Destroy,
+    Undefine,
+    ManagedSave,
+    SyncManagedSave,
+    RemoveManagedSave,
+    Status,
+    Xml,
+    Network,
+    DiskPaths,
+    UpdateLiveDevice,
+    Activity,
+}
+
+/// One domain of the fake host.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FakeDomain {
+    pub uuid: String,
+    pub xml: String,
+    pub state: DomainState,
+    pub managed_save: bool,
+    pub identity: Option<DesktopIdentity>,
+}
+
+#[derive(Default)]
+struct State {
+    domains: BTreeMap<String, FakeDomain>,
+    networks: BTreeMap<String, Vec<DhcpHost>>,
+    /// Failures to return: (operation, error, remaining count; `None` for ever).
+    failures: Vec<(Op, HypervisorError, Option<u32>)>,
+    journal: Vec<String>,
+    /// Guests ignore ACPI shutdown requests.
+    ignore_acpi: bool,
+}
+
+/// The fake host. Clones share it.
+#[derive(Clone, Default)]
+pub struct FakeHypervisor {
+    state: Arc<Mutex<State>>,
+}
+
+/// Text of the first `<tag>` element of `xml` (the fake's own light reading).
+fn element<'a>(xml: &'a str, tag: &str) -> Option<&'a str> {
+    let open = format!("<{tag}>");
+    let start = xml.find(&open)? + open.len();
+    let end = xml[start..].find(&format!("</{tag}>"))? + start;
+    Some(&xml[start..end])
+}
+
+fn rejected(op: &'static str, target: &str, message: &str) -> HypervisorError {
+    HypervisorError::Rejected {
+        op,
+        target: target.to_string(),
+        message: message.to_string(),
+    }
+}
+
+fn not_found(name: &str) -> HypervisorError {
+    HypervisorError::NotFound {
+        kind: ObjectKind::Domain,
+        name: name.to_string(),
+    }
+}
+
+impl FakeHypervisor {
+    fn with<T>(&self, f: impl FnOnce(&mut State) -> T) -> T {
+        match self.state.lock() {
+            Ok(mut s) => f(&mut s),
+            Err(poisoned) => f(&mut poisoned.into_inner()),
+        }
+    }
+
+    /// Every call of `op` fails with `err` from now on.
+    pub fn fail(&self, op: Op, err: HypervisorError) {
+        self.with(|s| s.failures.push((op, err, None)));
+    }
+
+    /// The next call of `op` fails with `err`.
+    pub fn fail_once(&self, op: Op, err: HypervisorError) {
+        self.with(|s| s.failures.push((op, err, Some(1))));
+    }
+
+    /// From now on guests ignore ACPI shutdown requests (only a destroy stops them).
+    pub fn ignore_acpi(&self) {
+        self.with(|s| s.ignore_acpi = true);
+    }
+
+    /// No more injected failures.
+    pub fn clear_failures(&self) {
+        self.with(|s| s.failures.clear());
+    }
+
+    /// Puts a domain on the host as it is.
+    pub fn put(&self, name: &str, domain: FakeDomain) {
+        self.with(|s| s.domains.insert(name.to_string(), domain));
+    }
+
+    /// The domain named `name`.
+    pub fn domain(&self, name: &str) -> Option<FakeDomain> {
+        self.with(|s| s.domains.get(name).cloned())
+    }
+
+    /// The calls that changed (or tried to change) something, such as `define team--a`.
+    pub fn journal(&self) -> Vec<String> {
+        self.with(|s| s.journal.clone())
+    }
+
+    fn check(&self, op: Op) -> Result<()> {
+        self.with(|s| {
+            let Some(i) = s.failures.iter().position(|(o, _, _)| *o == op) else {
+                return Ok(());
+            };
+            let err = s.failures[i].1.clone();
+            match &mut s.failures[i].2 {
+                Some(n) if *n <= 1 => {
+                    s.failures.remove(i);
+                }
+                Some(n) => *n -= 1,
+                None => {}
+            }
+            Err(err)
+        })
+    }
+
+    /// Checks the injected failures, journals the call, then runs `f` on the state.
+    fn change<T>(
+        &self,
+        op: Op,
+        what: &str,
+        name: &str,
+        f: impl FnOnce(&mut State) -> Result<T>,
+    ) -> Result<T> {
+        self.with(|s| s.journal.push(format!("{what} {name}")));
+        self.check(op)?;
+        self.with(f)
+    }
+
+    fn summary(name: &str, d: &FakeDomain) -> DomainSummary {
+        DomainSummary {
+            name: name.to_string(),
+            uuid: d.uuid.clone(),
+            state: d.state,
+            persistent: true,
+            has_managed_save: d.managed_save,
+            identity: d.identity.clone(),
+        }
+    }
+}
+
+impl Hypervisor for FakeHypervisor {
+    fn is_connected(&self) -> bool {
+        true
+    }
+
+    async fn probe(&self) -> bool {
+        true
+    }
+
+    async fn host_facts(&self, _domain_type: DomainType) -> Result<HostFacts> {
+        Ok(HostFacts {
+            hostname: "fake".into(),
+            cpu_model: "fake".into(),
+            numa_nodes: 1,
+            sockets: 1,
+            cores_per_socket: 4,
+            threads_per_core: 1,
+            cpus: 4,
+            mhz: 1000,
+            memory_bytes: 8 << 30,
+            max_vcpus: 4,
+            driver: "FAKE".into(),
+            hypervisor_version: "0.0.0".into(),
+            libvirt_version: "0.0.0".into(),
+        })
+    }
+
+    async fn list_domains(&self) -> Result<Vec<DomainSummary>> {
+        self.check(Op::List)?;
+        Ok(self.with(|s| s.domains.iter().map(|(n, d)| Self::summary(n, d)).collect()))
+    }
+
+    async fn domain_by_uuid(&self, uuid: &str) -> Result<Option<DomainSummary>> {
+        self.check(Op::Lookup)?;
+        Ok(self.with(|s| {
+            s.domains
+                .iter()
+                .find(|(_, d)| d.uuid.eq_ignore_ascii_case(uuid))
+                .map(|(n, d)| Self::summary(n, d))
+        }))
+    }
+
+    async fn domain_by_name(&self, name: &str) -> Result<Option<DomainSummary>> {
+        self.check(Op::Lookup)?;
+        Ok(self.with(|s| s.domains.get(name).map(|d| Self::summary(name, d))))
+    }
+
+    async fn define_domain(&self, xml: &str) -> Result<String> {
+        let name = element(xml, "name").unwrap_or_default().to_string();
+        let uuid = element(xml, "uuid").unwrap_or_default().to_string();
+        self.change(Op::Define, "define", &name, |s| {
+            if name.is_empty() || uuid.is_empty() {
+                return Err(rejected("define domain", "-", "no name or uuid"));
+            }
+            if let Some((other, _)) = s
+                .domains
+                .iter()
+                .find(|(n, d)| d.uuid.eq_ignore_ascii_case(&uuid) && **n != name)
+            {
+                return Err(rejected(
+                    "define domain",
+                    &name,
+                    &format!("uuid held by {other}"),
+                ));
+            }
+            let identity = parse_identity(xml);
+            match s.domains.get_mut(&name) {
+                Some(d) if !d.uuid.eq_ignore_ascii_case(&uuid) => Err(rejected(
+                    "define domain",
+                    &name,
+                    "name held by another uuid",
+                )),
+                Some(d) => {
+                    d.xml = xml.to_string();
+                    d.identity = identity;
+                    Ok(name.clone())
+                }
+                None => {
+                    s.domains.insert(
+                        name.clone(),
+                        FakeDomain {
+                            uuid,
+                            xml: xml.to_string(),
+                            state: DomainState::ShutOff,
+                            managed_save: false,
+                            identity,
+                        },
+                    );
+                    Ok(name.clone())
+                }
+            }
+        })
+    }
+
+    async fn start_domain(&self, name: &str) -> Result<Change> {
+        self.change(Op::Start, "start", name, |s| {
+            let d = s.domains.get_mut(name).ok_or_else(|| not_found(name))?;
+            if d.state.is_active() {
+                return Err(rejected("start domain", name, "domain is already running"));
+            }
+            d.state = DomainState::Running;
+            d.managed_save = false;
+            Ok(Change::Done)
+        })
+    }
+
+    async fn shutdown_domain(&self, name: &str) -> Result<Change> {
+        self.change(Op::Shutdown, "shutdown", name, |s| {
+            let ignored = s.ignore_acpi;
+            Ok(match s.domains.get_mut(name) {
+                Some(_) if ignored => Change::Done,
+                Some(d) if d.state.is_active() => {
+                    d.state = DomainState::ShutOff;
+                    Change::Done
+                }
+                _ => Change::AlreadyDone,
+            })
+        })
+    }
+
+    async fn destroy_domain(&self, name: &str) -> Result<Change> {
+        self.change(Op::Destroy, "destroy", name, |s| {
+            Ok(match s.domains.get_mut(name) {
+                Some(d) if d.state.is_active() => {
+                    d.state = DomainState::ShutOff;
+                    Change::Done
+                }
+                _ => Change::AlreadyDone,
+            })
+        })
+    }
+
+    async fn undefine_domain(&self, name: &str) -> Result<Change> {
+        self.change(Op::Undefine, "undefine", name, |s| {
+            Ok(match s.domains.remove(name) {
+                Some(_) => Change::Done,
+                None => Change::AlreadyDone,
+            })
+        })
+    }
+
+    async fn managed_save(&self, name: &str) -> Result<Change> {
+        self.change(Op::ManagedSave, "save", name, |s| {
+            let d = s.domains.get_mut(name).ok_or_else(|| not_found(name))?;
+            match (d.state.is_active(), d.managed_save) {
+                (true, _) => {
+                    d.state = DomainState::ShutOff;
+                    d.managed_save = true;
+                    Ok(Change::Done)
+                }
+                (false, true) => Ok(Change::AlreadyDone),
+                (false, false) => Err(rejected("managed save", name, "domain is not running")),
+            }
+        })
+    }
+
+    async fn sync_managed_save(&self, name: &str, _image: &Path) -> Result<Change> {
+        self.change(Op::SyncManagedSave, "sync-save", name, |s| {
+            let d = s.domains.get(name).ok_or_else(|| not_found(name))?;
+            Ok(if d.managed_save && !d.state.is_active() {
+                Change::Done
+            } else {
+                Change::AlreadyDone
+            })
+        })
+    }
+
+    async fn remove_managed_save(&self, name: &str) -> Result<Change> {
+        self.change(Op::RemoveManagedSave, "discard-save", name, |s| {
+            Ok(match s.domains.get_mut(name) {
+                Some(d) if d.managed_save => {
+                    d.managed_save = false;
+                    Change::Done
+                }
+                _ => Change::AlreadyDone,
+            })
+        })
+    }
+
+    async fn domain_status(&self, name: &str) -> Result<DomainStatus> {
+        self.check(Op::Status)?;
+        self.with(|s| {
+            let d = s.domains.get(name).ok_or_else(|| not_found(name))?;
+            Ok(DomainStatus {
+                state: d.state,
+                cpu_time_ns: 0,
+                memory_kib: 1 << 20,
+                max_memory_kib: 1 << 20,
+                vcpus: 1,
+                has_managed_save: d.managed_save,
+            })
+        })
+    }
+
+    async fn domain_xml(&self, name: &str, _inactive: bool) -> Result<String> {
+        self.check(Op::Xml)?;
+        self.with(|s| {
+            s.domains
+                .get(name)
+                .map(|d| d.xml.clone())
+                .ok_or_else(|| not_found(name))
+        })
+    }
+
+    async fn qemu_pid(&self, _name: &str) -> Result<Option<u32>> {
+        Ok(None)
+    }
+
+    async fn ensure_network(&self, xml: &str) -> Result<String> {
+        let name = element(xml, "name").unwrap_or_default().to_string();
+        self.change(Op::Network, "network", &name, |s| {
+            s.networks.entry(name.clone()).or_default();
+            Ok(name.clone())
+        })
+    }
+
+    async fn sync_dhcp_hosts(&self, network: &str, hosts: &[DhcpHost]) -> Result<Change> {
+        self.change(Op::Network, "leases", network, |s| {
+            s.networks.insert(network.to_string(), hosts.to_vec());
+            Ok(Change::Done)
+        })
+    }
+
+    async fn remove_network(&self, name: &str) -> Result<Change> {
+        self.change(Op::Network, "remove-network", name, |s| {
+            Ok(match s.networks.remove(name) {
+                Some(_) => Change::Done,
+                None => Change::AlreadyDone,
+            })
+        })
+    }
+
+    async fn domain_disk_paths(&self) -> Result<BTreeSet<String>> {
+        self.check(Op::DiskPaths)?;
+        Ok(self.with(|s| {
+            s.domains
+                .values()
+                .flat_map(|d| parse_disk_paths(&d.xml).unwrap_or_default())
+                .collect()
+        }))
+    }
+
+    async fn update_live_device(&self, name: &str, _device_xml: &str) -> Result<Change> {
+        self.change(Op::UpdateLiveDevice, "update-device", name, |s| {
+            let d = s.domains.get(name).ok_or_else(|| not_found(name))?;
+            Ok(if d.state.is_active() {
+                Change::Done
+            } else {
+                Change::AlreadyDone
+            })
+        })
+    }
+
+    async fn activity(&self, name: &str) -> Result<Activity> {
+        self.check(Op::Activity)?;
+        self.with(|s| match s.domains.get(name) {
+            Some(d) if d.state.is_active() => Ok(Activity {
+                cpu_time_ns: 0,
+                block_bytes: 0,
+                net_bytes: 0,
+                spice_client: None,
+            }),
+            Some(_) => Err(rejected("activity", name, "domain is not running")),
+            None => Err(not_found(name)),
+        })
+    }
+
+    async fn dhcp_hosts(&self, network: &str) -> Result<Vec<DhcpHost>> {
+        self.check(Op::Network)?;
+        self.with(|s| {
+            s.networks
+                .get(network)
+                .cloned()
+                .ok_or_else(|| HypervisorError::NotFound {
+                    kind: ObjectKind::Network,
+                    name: network.to_string(),
+                })
+        })
+    }
+}
