@@ -6,6 +6,7 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use deskvirt_core::pinning::{Pinned, pin};
 use deskvirt_crds::conditions::Status;
 use deskvirt_crds::constants::{SECRET_KEY_PASSWORD, console_mirror_name};
 use deskvirt_crds::desktop::DesktopStatus;
@@ -133,13 +134,14 @@ pub(super) fn console_password<H>(ctx: &DesktopContext<H>, uid: &str) -> Option<
     ))
 }
 
-/// Host CPUs for a desktop with dedicated CPUs: desktops bound here that ask for them share
-/// out the host's logical CPUs from CPU 1 up (CPU 0 stays with the host), oldest first.
+/// Host CPUs for a desktop with dedicated CPUs, by the core's one rule
+/// ([`deskvirt_core::pinning`]): the host keeps its pool's `reserved.cpu` first threads, and
+/// the desktops bound here that ask for dedicated CPUs share out the rest, oldest first.
 fn pinned_cpus<H>(ctx: &DesktopContext<H>, d: &Desktop) -> Result<Vec<u32>, Cond> {
     if !d.spec.performance.dedicated_cpus {
         return Ok(Vec::new());
     }
-    let total = ctx
+    let threads = ctx
         .domain_node()
         .and_then(|n| {
             n.status
@@ -147,36 +149,51 @@ fn pinned_cpus<H>(ctx: &DesktopContext<H>, d: &Desktop) -> Result<Vec<u32>, Cond
                 .and_then(|s| s.cpu.as_ref().map(|c| c.threads))
         })
         .unwrap_or(0);
-    let mut dedicated: Vec<_> = ctx
-        .desktops()
-        .map(|s| s.state())
-        .unwrap_or_default()
-        .into_iter()
+    let reserved = ctx.pool(d.pool()).map(|p| p.spec.reserved.cpu).unwrap_or(1);
+    let others = ctx.desktops().map(|s| s.state()).unwrap_or_default();
+    let uids: Vec<(Option<i64>, String, u32)> = others
+        .iter()
         .filter(|o| o.spec.performance.dedicated_cpus && o.metadata.deletion_timestamp.is_none())
-        .map(|o| (o.metadata.creation_timestamp.clone(), o.uid(), o.spec.cpu))
+        .map(|o| {
+            let created = o
+                .metadata
+                .creation_timestamp
+                .as_ref()
+                .map(|t| t.0.as_second());
+            (created, o.uid().unwrap_or_default(), admitted_cpu(o))
+        })
         .collect();
-    if !dedicated.iter().any(|(_, u, _)| *u == d.uid()) {
-        dedicated.push((d.metadata.creation_timestamp.clone(), d.uid(), d.spec.cpu));
-    }
-    dedicated
-        .sort_by(|a, b| (a.0.as_ref().map(|t| t.0), &a.1).cmp(&(b.0.as_ref().map(|t| t.0), &b.1)));
-    let mut next = 1u32;
-    for (_, u, cpus) in dedicated {
-        let end = next.saturating_add(cpus);
-        if u == d.uid() {
-            if end > total {
-                return Err(Cond::new(
-                    Status::False,
-                    Reason::InsufficientDedicatedCpus,
-                    format!(
-                        "{cpus} dedicated CPUs do not fit: this host has {total} logical CPUs, CPU 0 stays with the host and {} are dedicated to older desktops",
-                        next.saturating_sub(1)
-                    ),
-                ));
-            }
-            return Ok((next..end).collect());
-        }
-        next = end;
-    }
-    Ok(Vec::new())
+    let pinned: Vec<Pinned<'_>> = uids
+        .iter()
+        .map(|(created, uid, vcpus)| Pinned {
+            created: *created,
+            uid,
+            vcpus: *vcpus,
+        })
+        .collect();
+    let uid = d.uid().unwrap_or_default();
+    let me = Pinned {
+        created: d
+            .metadata
+            .creation_timestamp
+            .as_ref()
+            .map(|t| t.0.as_second()),
+        uid: &uid,
+        vcpus: admitted_cpu(d),
+    };
+    pin(threads, reserved, &pinned, &me).map_err(|e| {
+        Cond::new(
+            Status::False,
+            Reason::InsufficientDedicatedCpus,
+            e.to_string(),
+        )
+    })
+}
+
+/// The vCPUs the operator admitted for the desktop (its spec's, before it recorded any).
+fn admitted_cpu(d: &Desktop) -> u32 {
+    d.status
+        .as_ref()
+        .and_then(|s| s.allocation.as_ref())
+        .map_or(d.spec.cpu, |a| a.cpu)
 }

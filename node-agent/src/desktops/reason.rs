@@ -28,6 +28,8 @@ pub enum Reason {
     // The disk.
     BaseImageMissing,
     DiskPreparationFailed,
+    /// `qemu-img` missed its deadline and was killed (retried with backoff).
+    DiskToolTimeout,
     DiskIoFailed,
     DiskInUse,
     DiskProtected,
@@ -73,6 +75,7 @@ impl Reason {
             Self::Defined => "Defined",
             Self::BaseImageMissing => "BaseImageMissing",
             Self::DiskPreparationFailed => "DiskPreparationFailed",
+            Self::DiskToolTimeout => "DiskToolTimeout",
             Self::DiskIoFailed => "DiskIoFailed",
             Self::DiskInUse => "DiskInUse",
             Self::DiskProtected => "DiskProtected",
@@ -111,6 +114,7 @@ impl Reason {
                 | Self::DefineFailed
                 | Self::BaseImageMissing
                 | Self::DiskPreparationFailed
+                | Self::DiskToolTimeout
                 | Self::DiskIoFailed
                 | Self::DiskNotOurs
                 | Self::DiskDirMissing
@@ -127,6 +131,7 @@ impl Reason {
     pub fn of_disk(e: &DiskError) -> Self {
         match e {
             DiskError::BaseMissing { .. } => Self::BaseImageMissing,
+            DiskError::Timeout { .. } => Self::DiskToolTimeout,
             DiskError::Io { .. } => Self::DiskIoFailed,
             DiskError::InUse { .. } => Self::DiskInUse,
             DiskError::Protected { .. } => Self::DiskProtected,
@@ -169,6 +174,12 @@ mod tests {
         };
         assert_eq!(Reason::of_disk(&e).as_str(), e.reason());
         let e = DiskError::InUse { path: "/x".into() };
+        assert_eq!(Reason::of_disk(&e).as_str(), e.reason());
+        let e = DiskError::Timeout {
+            op: "create",
+            path: "/x".into(),
+            after: std::time::Duration::from_secs(5),
+        };
         assert_eq!(Reason::of_disk(&e).as_str(), e.reason());
     }
 
