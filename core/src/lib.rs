@@ -6,6 +6,7 @@
 
 pub mod allocators;
 pub mod names;
+pub mod phase;
 pub mod pinning;
 pub mod quantity;
 pub mod reasons;

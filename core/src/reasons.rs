@@ -58,6 +58,144 @@ reasons! {
     }
 }
 
+reasons! {
+    /// Reasons of the agent's `DomainDefined` and `Running` conditions on a Desktop (and the
+    /// names of its Events). The operator reads them to derive the phase.
+    AgentReason {
+        /// Waiting for the desktop's pool to reach the host's cache.
+        WaitingForPool,
+        /// Waiting for the operator's console password mirror.
+        WaitingForConsolePassword,
+        /// Waiting for the operator's binding to be complete.
+        WaitingForBinding,
+        /// Waiting for the host's subnet of the pool network.
+        WaitingForSubnet,
+        /// The pool cannot be used on this host.
+        InvalidPool,
+        /// A field of the Desktop's spec cannot be applied.
+        InvalidSpec,
+        /// The pool's network cannot be set up on this host.
+        InvalidNetwork,
+        /// The Desktop object lacks something every object has.
+        InvalidObject,
+        /// The host has not enough threads left to pin.
+        InsufficientDedicatedCpus,
+        /// The host's subnet has no free address.
+        AddressesExhausted,
+        /// A domain of another Desktop holds the name or UUID.
+        DomainNotOurs,
+        /// libvirt refused the definition.
+        DefineFailed,
+        /// The domain is defined.
+        Defined,
+        /// The base image is missing.
+        BaseImageMissing,
+        /// The disk could not be prepared.
+        DiskPreparationFailed,
+        /// `qemu-img` missed its deadline and was killed.
+        DiskToolTimeout,
+        /// A file-system call on the disk failed.
+        DiskIoFailed,
+        /// The disk is used by another domain.
+        DiskInUse,
+        /// The disk is protected from deletion.
+        DiskProtected,
+        /// The disk belongs to another Desktop.
+        DiskNotOurs,
+        /// A path escapes the pool's directories.
+        UnsafePath,
+        /// The pool's disk directory is not visible to the agent.
+        DiskDirMissing,
+        /// A managed save image exists but cannot be dated.
+        SavedMemoryUnreadable,
+        /// The agent keeps failing to talk to the API server.
+        KubeApiFailed,
+        /// libvirt is not reachable.
+        LibvirtUnavailable,
+        /// libvirt keeps failing.
+        LibvirtFailed,
+        /// The domain runs.
+        Running,
+        /// libvirt paused the domain (an I/O error, say).
+        Paused,
+        /// The guest shut itself down.
+        Shutdown,
+        /// Shutting the guest down (`spec.power: Off`).
+        Stopping,
+        /// The domain is off.
+        Stopped,
+        /// The domain could not be started.
+        StartFailed,
+        /// Being saved or shut down for the idle policy.
+        Reclaiming,
+        /// Saved to disk by the idle policy.
+        Suspended,
+        /// Shut down by the idle policy.
+        IdleShutdown,
+        /// The idle policy's suspend failed; the domain still runs.
+        SuspendFailed,
+    }
+}
+
+impl AgentReason {
+    /// Whether a change to this reason is a Warning Event (a failure, even while the domain
+    /// still runs, as with `SuspendFailed`).
+    pub fn is_warning(self) -> bool {
+        matches!(
+            self,
+            Self::InvalidPool
+                | Self::InvalidSpec
+                | Self::InvalidNetwork
+                | Self::InvalidObject
+                | Self::InsufficientDedicatedCpus
+                | Self::AddressesExhausted
+                | Self::DomainNotOurs
+                | Self::DefineFailed
+                | Self::BaseImageMissing
+                | Self::DiskPreparationFailed
+                | Self::DiskToolTimeout
+                | Self::DiskIoFailed
+                | Self::DiskNotOurs
+                | Self::DiskDirMissing
+                | Self::SavedMemoryUnreadable
+                | Self::KubeApiFailed
+                | Self::LibvirtUnavailable
+                | Self::LibvirtFailed
+                | Self::StartFailed
+                | Self::SuspendFailed
+        )
+    }
+}
+
+reasons! {
+    /// Reasons of the operator's summary `Ready` condition of a bound Desktop, derived by
+    /// [`crate::phase`].
+    ReadyReason {
+        /// Not bound to a host yet.
+        NotScheduled,
+        /// The host stopped heartbeating.
+        HostLost,
+        /// Bound; the host has not defined the domain yet.
+        WaitingForHost,
+        /// The host could not define the domain.
+        DefineFailed,
+        /// The desktop runs.
+        Running,
+        /// Saved to disk.
+        Suspended,
+        /// The domain could not be started (or a host operation on it failed).
+        StartFailed,
+        /// Shut down.
+        Stopped,
+        /// Starting.
+        Starting,
+        /// Reclaimed by the idle policy.
+        IdleTimeout,
+        /// The host is reclaiming it for the idle policy.
+        Reclaiming,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

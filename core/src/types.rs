@@ -109,3 +109,77 @@ pub struct Allocatable {
     /// Physical CPU threads available for dedicated pinning.
     pub dedicated_cpus: u32,
 }
+
+/// Declared power state.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum Power {
+    /// The desktop runs.
+    #[default]
+    On,
+    /// The desktop is shut down; its disk, MAC and binding are kept.
+    Off,
+}
+
+/// What the idle policy does to an idle desktop.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum IdleAction {
+    /// Only report idleness.
+    #[default]
+    None,
+    /// Save the desktop's memory to disk and free its CPU and memory.
+    Suspend,
+    /// ACPI shutdown, forced after a grace period.
+    Shutdown,
+    /// Delete the desktop; only for non-persistent desktops.
+    Delete,
+}
+
+/// Lifecycle phase.
+#[derive(
+    Serialize,
+    Deserialize,
+    Clone,
+    Copy,
+    Debug,
+    Default,
+    PartialEq,
+    Eq,
+    Hash,
+    PartialOrd,
+    Ord,
+    JsonSchema,
+)]
+pub enum Phase {
+    /// Accepted, not yet placed.
+    #[default]
+    Pending,
+    /// Bound to a host; the host has not created the domain yet.
+    Scheduled,
+    /// The domain is defined and starting.
+    Starting,
+    /// The domain runs.
+    Running,
+    /// Shut down, by spec.power or by the idle policy.
+    Stopped,
+    /// Saved to disk by the idle policy.
+    Suspended,
+    /// Could not be created or started; see conditions.
+    Failed,
+    /// Its host stopped heartbeating; the real state is not known.
+    Unknown,
+}
+
+impl Phase {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Phase::Pending => "Pending",
+            Phase::Scheduled => "Scheduled",
+            Phase::Starting => "Starting",
+            Phase::Running => "Running",
+            Phase::Stopped => "Stopped",
+            Phase::Suspended => "Suspended",
+            Phase::Failed => "Failed",
+            Phase::Unknown => "Unknown",
+        }
+    }
+}

@@ -10,6 +10,8 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use crate::quantity::{DURATION_PATTERN, QUANTITY_PATTERN};
+pub use deskvirt_core::types::{IdleAction, Phase, Power};
+
 use crate::schema::{DNS_LABEL, DNS_SUBDOMAIN, FILE_NAME, IFNAME, MAC, USB_CLASS, USB_ID};
 
 /// A VM desktop on a KVM host of a ResourcePool, reachable over SPICE.
@@ -161,16 +163,6 @@ pub struct DirectBoot {
     pub cmdline: Option<String>,
 }
 
-/// Declared power state.
-#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
-pub enum Power {
-    /// The desktop runs.
-    #[default]
-    On,
-    /// The desktop is shut down; its disk, MAC and binding are kept.
-    Off,
-}
-
 /// Console settings.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
@@ -250,20 +242,6 @@ pub struct NetworkSpec {
     pub mac: Option<String>,
 }
 
-/// What the idle policy does to an idle desktop.
-#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
-pub enum IdleAction {
-    /// Only report idleness.
-    #[default]
-    None,
-    /// Save the desktop's memory to disk and free its CPU and memory.
-    Suspend,
-    /// ACPI shutdown, forced after a grace period.
-    Shutdown,
-    /// Delete the desktop; only for non-persistent desktops.
-    Delete,
-}
-
 /// Idle reclamation policy.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
@@ -302,56 +280,6 @@ pub struct SriovInterface {
     /// Name of the physical function's interface on the host, such as ens1f0.
     #[schemars(regex(pattern = IFNAME))]
     pub physical_function: String,
-}
-
-/// Lifecycle phase.
-#[derive(
-    Serialize,
-    Deserialize,
-    Clone,
-    Copy,
-    Debug,
-    Default,
-    PartialEq,
-    Eq,
-    Hash,
-    PartialOrd,
-    Ord,
-    JsonSchema,
-)]
-pub enum Phase {
-    /// Accepted, not yet placed.
-    #[default]
-    Pending,
-    /// Bound to a host; the host has not created the domain yet.
-    Scheduled,
-    /// The domain is defined and starting.
-    Starting,
-    /// The domain runs.
-    Running,
-    /// Shut down, by spec.power or by the idle policy.
-    Stopped,
-    /// Saved to disk by the idle policy.
-    Suspended,
-    /// Could not be created or started; see conditions.
-    Failed,
-    /// Its host stopped heartbeating; the real state is not known.
-    Unknown,
-}
-
-impl Phase {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Phase::Pending => "Pending",
-            Phase::Scheduled => "Scheduled",
-            Phase::Starting => "Starting",
-            Phase::Running => "Running",
-            Phase::Stopped => "Stopped",
-            Phase::Suspended => "Suspended",
-            Phase::Failed => "Failed",
-            Phase::Unknown => "Unknown",
-        }
-    }
 }
 
 /// Observed state of a desktop.

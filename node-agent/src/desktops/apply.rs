@@ -28,7 +28,7 @@ use super::lifecycle::{self, ADMIN_RESYNC};
 use super::patch::{add_finalizer, apply_status, has_finalizer};
 use super::place::{self, Place};
 use super::power::{self, DomainView, Facts, Step};
-use super::reason::Reason;
+use super::reason::{Reason, ReasonOf};
 use super::saved::{self, Verdict};
 use super::status::{Cond, Report, body};
 use super::{BUSY_RESYNC, Error, bound, held};

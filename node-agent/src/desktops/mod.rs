@@ -88,7 +88,7 @@ impl Error {
     pub fn reason(&self) -> reason::Reason {
         match self {
             Self::Kube { .. } => reason::Reason::KubeApiFailed,
-            Self::Hypervisor(e) => reason::Reason::of_hypervisor(e),
+            Self::Hypervisor(e) => <reason::Reason as reason::ReasonOf>::of_hypervisor(e),
             Self::MissingField(_) => reason::Reason::InvalidObject,
         }
     }

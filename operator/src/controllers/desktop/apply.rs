@@ -114,12 +114,14 @@ async fn bound(pass: &Pass<'_>, node: &str) -> Result<Action, Error> {
     }
 
     // Phase from the agent's conditions, the idle policy's record and the host's heartbeat.
+    let (defined, running) = phase::agent_conditions(&status.conditions);
     let derived = phase::derive(&Facts {
         bound: true,
         host_alive: alive,
         power: d.spec.power,
         reclaimed: idle::reclaimed_action(&want),
-        conditions: &status.conditions,
+        defined,
+        running,
     });
     want.phase = derived.phase;
     want.generation = gen_;
