@@ -42,18 +42,14 @@ pub fn shown(transient: bool, failures: u32) -> bool {
 /// The agent's report for a failed pass: the failure on `Running` once the domain is defined
 /// (`DomainDefined` stays as it was), else on `DomainDefined`; `Unknown` while it is retried
 /// by itself, `False` when it needs someone. Address and SPICE host stay as reported.
-pub fn report(
-    status: &DesktopStatus,
-    reason: Reason,
-    transient: bool,
-    what: &str,
-    failures: u32,
-) -> Report {
+pub fn report(status: &DesktopStatus, reason: Reason, transient: bool, what: &str) -> Report {
     let cond = if transient {
         Cond::new(
             Status::Unknown,
             reason,
-            format!("{what}; failed {failures} times in a row, the agent keeps retrying"),
+            // No count in the message: a status that changed with every retry would wake the
+            // desktop's own watch at once, and the retries would never wait their backoff.
+            format!("{what}; the agent keeps retrying, waiting up to 2 min between tries"),
         )
     } else {
         Cond::new(
@@ -104,7 +100,7 @@ mod tests {
             ip: Some("10.0.0.2".into()),
             ..DesktopStatus::default()
         };
-        let r = report(&st, Reason::LibvirtFailed, false, "define failed", 1);
+        let r = report(&st, Reason::LibvirtFailed, false, "define failed");
         let Some(c) = &r.defined else {
             panic!("no DomainDefined: {r:?}")
         };
@@ -130,12 +126,35 @@ mod tests {
             conditions: vec![defined],
             ..DesktopStatus::default()
         };
-        let r = report(&st, Reason::LibvirtUnavailable, true, "start failed", 3);
+        let r = report(&st, Reason::LibvirtUnavailable, true, "start failed");
         assert_eq!(r.defined, None, "DomainDefined is left as it is");
         let Some(c) = &r.running else {
             panic!("no Running: {r:?}")
         };
         assert_eq!(c.status, Status::Unknown);
-        assert!(c.message.contains("3 times"), "{}", c.message);
+        assert!(c.message.contains("keeps retrying"), "{}", c.message);
+    }
+
+    #[test]
+    fn a_failure_shown_once_is_not_written_again_on_the_next_retry() {
+        let now = Timestamp::UNIX_EPOCH;
+        let st = DesktopStatus::default();
+        let first = report(&st, Reason::LibvirtFailed, true, "ensure network failed");
+        let Some(body) = super::super::status::body(&st, &first, Some(1), now) else {
+            panic!("the first failure is written");
+        };
+        let written: DesktopStatus = serde_json::from_value(body).unwrap_or_else(|e| panic!("{e}"));
+        let again = report(
+            &written,
+            Reason::LibvirtFailed,
+            true,
+            "ensure network failed",
+        );
+        let later = Timestamp::from_second(600).unwrap_or(now);
+        assert_eq!(
+            super::super::status::body(&written, &again, Some(1), later),
+            None,
+            "a retry that says the same writes nothing, so it cannot wake the desktop's watch"
+        );
     }
 }

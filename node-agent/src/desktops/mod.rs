@@ -172,13 +172,7 @@ async fn show_failure<H>(d: &Desktop, ctx: &DesktopContext<H>, err: &Error) {
         return;
     }
     let status = d.status.clone().unwrap_or_default();
-    let report = failure::report(
-        &status,
-        err.reason(),
-        transient,
-        &error_chain(err),
-        failures,
-    );
+    let report = failure::report(&status, err.reason(), transient, &error_chain(err));
     let Some(body) = status::body(&status, &report, d.metadata.generation, apply::now()) else {
         return;
     };
