@@ -240,7 +240,8 @@ fn chart_sets_the_environment_the_binaries_read() -> anyhow::Result<()> {
     // Read by tracing's filter and by glibc's malloc, not by clap.
     const NOT_CLAP: &[&str] = &["RUST_LOG", "MALLOC_ARENA_MAX"];
     // Flags whose default is right in a pod, so the chart leaves them out on purpose.
-    const DEFAULT_IS_RIGHT: &[&str] = &["DESKVIRT_QEMU_IMG"];
+    // The test-only bind delay must stay off in a pod.
+    const DEFAULT_IS_RIGHT: &[&str] = &["DESKVIRT_QEMU_IMG", "DESKVIRT_TEST_BIND_DELAY"];
     for (template, config) in [
         ("operator-deployment.yaml", "operator/src/config.rs"),
         ("node-agent-daemonset.yaml", "node-agent/src/config.rs"),
