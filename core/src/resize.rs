@@ -149,11 +149,19 @@ pub fn decide(
         }
         wanted
     };
-    let verdict = match running {
+    SizeDecision {
+        admitted,
+        verdict: caught_up(admitted, running),
+    }
+}
+
+/// What an admitted size says while the domain runs at `running` (`None` when it is off):
+/// applied, or waiting for a restart.
+pub fn caught_up(admitted: Request, running: Option<Request>) -> SizeVerdict {
+    match running {
         Some(r) if !same_size(&r, &admitted) => SizeVerdict::RestartRequired { running: r },
         _ => SizeVerdict::Applied,
-    };
-    SizeDecision { admitted, verdict }
+    }
 }
 
 #[cfg(test)]

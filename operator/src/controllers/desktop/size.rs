@@ -4,7 +4,7 @@
 //! and a `spec.pool` edit never moves the binding. Sets `status.allocation`, `SizeApplied` and
 //! `PoolApplied`.
 
-use deskvirt_core::resize::{SizeDecision, SizeVerdict, decide, pool_condition};
+use deskvirt_core::resize::{SizeDecision, SizeVerdict, caught_up, decide, pool_condition};
 use deskvirt_crds::conditions::{self, Status, condition};
 use deskvirt_crds::constants::condition::{POOL_APPLIED, SIZE_APPLIED};
 use deskvirt_crds::desktop::{Allocation, Desktop};
@@ -15,7 +15,7 @@ use k8s_openapi::jiff::Timestamp;
 use super::status::Owned;
 use crate::context::Context;
 use crate::idle::holds_resources;
-use crate::scheduler::{HostCapacity, PoolPolicy, Request, Usage};
+use crate::scheduler::{PoolPolicy, Request};
 use crate::world::{Bindings, host_room, running_size};
 
 /// A Warning the pass owes: a condition that newly turned False for a reason a human acts on.
@@ -123,14 +123,10 @@ pub(super) fn settle(
     let decision = if !holds_resources(d) || admitted == wanted {
         // Released by the idle policy (a wake places it again at the size asked), or nothing
         // changed: only whether the running domain has caught up is left to say.
-        decide(
-            node,
-            &HostCapacity::NONE,
-            &Usage::default(),
-            wanted,
-            wanted,
-            running.filter(|_| holds_resources(d)),
-        )
+        SizeDecision {
+            admitted: wanted,
+            verdict: caught_up(wanted, running.filter(|_| holds_resources(d))),
+        }
     } else {
         let room = ctx
             .stores
