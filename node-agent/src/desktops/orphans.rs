@@ -126,20 +126,47 @@ pub fn orphans<'a>(
         .collect()
 }
 
-/// Sweeps every `every` until the future is dropped.
+/// How often the cache is checked for a Desktop that left it: a Desktop deleted without its
+/// finalizers leaves its domain running, and that domain is reported within this long rather
+/// than at the next full sweep.
+const NOTICE: Duration = Duration::from_secs(2);
+
+/// Whether a sweep is due: the full interval passed, or a Desktop bound at the last sweep has
+/// left the cache since (deleted, or bound elsewhere).
+pub fn sweep_due(
+    now: Instant,
+    due: Instant,
+    last: &BTreeSet<String>,
+    bound: &BTreeSet<String>,
+) -> bool {
+    now >= due || !last.is_subset(bound)
+}
+
+/// Sweeps every `every`, and within [`NOTICE`] of a bound Desktop leaving the cache, until the
+/// future is dropped.
 pub async fn run<H: Hypervisor>(ctx: Arc<DesktopContext<H>>, every: Duration) {
     let mut reported: HashSet<String> = HashSet::new();
     let mut shutdowns: HashMap<String, Instant> = HashMap::new();
-    let mut ticker = tokio::time::interval(every);
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut due = Instant::now();
+    let mut last: BTreeSet<String> = BTreeSet::new();
     loop {
-        ticker.tick().await;
+        tokio::time::sleep_until(due.min(Instant::now() + NOTICE)).await;
         let Some(store) = ctx.desktops() else {
             continue;
         };
         if store.wait_until_ready().await.is_err() {
             continue;
         }
+        let bound: BTreeSet<String> = store
+            .state()
+            .iter()
+            .filter_map(|d| d.uid())
+            .map(|u| u.to_ascii_lowercase())
+            .collect();
+        if !sweep_due(Instant::now(), due, &last, &bound) {
+            continue;
+        }
+        due = Instant::now() + every;
         let domains = match ctx.hypervisor.list_domains().await {
             Ok(d) => d,
             Err(e) => {
@@ -147,12 +174,7 @@ pub async fn run<H: Hypervisor>(ctx: Arc<DesktopContext<H>>, every: Duration) {
                 continue;
             }
         };
-        let bound: BTreeSet<String> = store
-            .state()
-            .iter()
-            .filter_map(|d| d.uid())
-            .map(|u| u.to_ascii_lowercase())
-            .collect();
+        last = bound.clone();
         let mut found = orphans(&domains, &bound);
         // The Desktop each orphan names, read once per sweep.
         let mut owners: HashMap<String, Result<Option<Desktop>, ()>> = HashMap::new();
@@ -380,6 +402,27 @@ mod tests {
                 pool: "p".into(),
             }),
         }
+    }
+
+    #[test]
+    fn a_desktop_leaving_the_cache_makes_a_sweep_due_before_the_interval() {
+        let now = Instant::now();
+        let later = now + Duration::from_secs(60);
+        let set =
+            |uids: &[&str]| -> BTreeSet<String> { uids.iter().map(|u| u.to_string()).collect() };
+        assert!(!sweep_due(now, later, &set(&["a", "b"]), &set(&["a", "b"])));
+        assert!(
+            !sweep_due(now, later, &set(&["a"]), &set(&["a", "b"])),
+            "a new desktop is no orphan"
+        );
+        assert!(
+            sweep_due(now, later, &set(&["a", "b"]), &set(&["a"])),
+            "b left the cache"
+        );
+        assert!(
+            sweep_due(later, later, &set(&["a"]), &set(&["a"])),
+            "the interval passed"
+        );
     }
 
     #[test]
