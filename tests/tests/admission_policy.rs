@@ -179,6 +179,25 @@ fn desktop(label: Option<&str>, bound: Option<&str>) -> Json {
     d
 }
 
+/// A desktop bound to `node`, with the operator's fields `fields` merged into its status.
+fn bound_with(node: &str, fields: Json) -> Json {
+    let mut d = desktop(Some(node), Some(node));
+    if let (Some(status), Some(fields)) = (d["status"].as_object_mut(), fields.as_object()) {
+        status.extend(fields.clone());
+    }
+    d
+}
+
+/// The operator's part of a bound desktop's status.
+fn operator_fields() -> Json {
+    json!({
+        "allocation": {"pool": "lab", "cpu": 2, "memory": "4Gi"},
+        "mac": "52:54:00:aa:bb:cc",
+        "spice": {"port": 5901, "passwordSecret": "d-console"},
+        "reclaimed": {"action": "Suspend", "at": "2026-12-03T10:00:00Z"},
+    })
+}
+
 fn named(kind: &str, name: &str) -> Json {
     json!({"kind": kind, "metadata": {"name": name, "namespace": NAMESPACE}})
 }
@@ -249,6 +268,22 @@ fn an_agent_writes_only_its_own_hosts_objects_and_desktops_the_operator_bound_th
                 "status",
                 desktop(Some("a"), Some("a")),
                 desktop(Some("a"), Some("a")),
+            ),
+        ),
+        (
+            "report its own fields beside the operator's, leaving those as they were",
+            agent(
+                "a",
+                "desktops",
+                "status",
+                {
+                    let mut d = bound_with("a", operator_fields());
+                    d["status"]["runningSize"] = json!({"cpu": 2, "memory": "4Gi"});
+                    d["status"]["spice"]["host"] = json!("192.0.2.10");
+                    d["status"]["ip"] = json!("10.200.0.5");
+                    d
+                },
+                bound_with("a", operator_fields()),
             ),
         ),
         (
@@ -327,6 +362,65 @@ fn an_agent_writes_only_its_own_hosts_objects_and_desktops_the_operator_bound_th
     for (what, r) in allowed {
         assert_eq!(judge(policy, &r)?, Verdict::Allowed, "an agent may {what}");
     }
+
+    // The operator's fields of a desktop bound to the agent's own host: changed, dropped or
+    // added, each is refused and named.
+    let forged: [(&str, Json); 6] = [
+        (
+            "allocation",
+            json!({"pool": "lab", "cpu": 1, "memory": "1Gi"}),
+        ),
+        ("mac", json!("52:54:00:00:00:01")),
+        ("spice.port", json!(5902)),
+        ("spice.passwordSecret", json!("other-console")),
+        ("reclaimed", Json::Null),
+        ("wake", json!({"token": "x", "at": "2026-12-03T10:00:00Z"})),
+    ];
+    for (path, value) in forged {
+        let mut after = bound_with("a", operator_fields());
+        let (parent, field) = match path.split_once('.') {
+            Some((p, f)) => (&mut after["status"][p], f),
+            None => (&mut after["status"], path),
+        };
+        match (parent.as_object_mut(), value.is_null()) {
+            (Some(p), true) => {
+                p.remove(field);
+            }
+            (Some(p), false) => {
+                p.insert(field.to_string(), value);
+            }
+            (None, _) => panic!("no parent for {path}"),
+        }
+        let r = agent(
+            "a",
+            "desktops",
+            "status",
+            after,
+            bound_with("a", operator_fields()),
+        );
+        match judge(policy, &r)? {
+            Verdict::Denied(m) => assert!(
+                m.contains(&format!("status.{path}")) && m.contains("only the operator"),
+                "{path}: {m}"
+            ),
+            other => panic!("an agent may not change status.{path}: {other:?}"),
+        }
+    }
+    // Nor may it set one the operator has not (an allocation on a desktop without one).
+    let r = agent(
+        "a",
+        "desktops",
+        "status",
+        bound_with(
+            "a",
+            json!({"allocation": {"pool": "lab", "cpu": 1, "memory": "1Gi"}}),
+        ),
+        bound_with("a", json!({})),
+    );
+    assert!(
+        matches!(judge(policy, &r)?, Verdict::Denied(m) if m.contains("status.allocation")),
+        "an agent may not set an allocation"
+    );
     for (what, r, says) in denied {
         match judge(policy, &r)? {
             Verdict::Denied(m) => assert!(m.contains(says), "{what}: {m}"),

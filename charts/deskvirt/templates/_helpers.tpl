@@ -100,3 +100,17 @@ A label map as key=value,key=value (sorted by key), for DESKVIRT_NODE_LABELS.
 {{- end }}
 {{- join "," $pairs }}
 {{- end }}
+
+{{/*
+A CEL test that `<root>.status.<path>` is set, parent by parent: celHasStatus (list "object"
+"spice.port") gives has(object.status) && has(object.status.spice) && has(object.status.spice.port).
+*/}}
+{{- define "deskvirt.celHasStatus" -}}
+{{- $at := printf "%s.status" (index . 0) -}}
+{{- $out := list (printf "has(%s)" $at) -}}
+{{- range splitList "." (index . 1) -}}
+{{- $at = printf "%s.%s" $at . -}}
+{{- $out = append $out (printf "has(%s)" $at) -}}
+{{- end -}}
+{{- join " && " $out -}}
+{{- end }}
