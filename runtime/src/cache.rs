@@ -1,18 +1,52 @@
 //! Decides how both binaries keep a watched cache: a reflector store and the future that fills
 //! it (restarting the watch with backoff, logging its errors); the caller decides whether to
-//! spawn that future or drive it alongside others. Cached objects carry no managedFields.
+//! spawn that future or drive it alongside others; and the trimmed stream a controller runs on.
+//! Cached objects carry no managedFields and no `kubectl apply` copy of themselves.
 
 use futures::future::BoxFuture;
+use futures::stream::BoxStream;
 use futures::{FutureExt, StreamExt};
 use kube::runtime::reflector::{self, Store};
-use kube::runtime::{WatchStreamExt, watcher};
+use kube::runtime::{Controller, WatchStreamExt, watcher};
 use kube::{Api, Resource};
 use serde::de::DeserializeOwned;
 
-/// Drops `metadata.managedFields` from a cached object: neither binary reads it, and it is
-/// about half of a Desktop's JSON (each entry a `serde_json::Value` tree in memory).
-pub fn strip_managed_fields<K: Resource>(o: &mut K) {
-    o.meta_mut().managed_fields = None;
+/// The annotation `kubectl apply` keeps a copy of the whole last applied object in.
+const LAST_APPLIED: &str = "kubectl.kubernetes.io/last-applied-configuration";
+
+/// Drops what neither binary reads from a cached object: `metadata.managedFields`, about half
+/// of a Desktop's JSON and, as `serde_json::Value` trees, most of its memory, and the copy of
+/// the object that `kubectl apply` keeps in an annotation.
+pub fn trim<K: Resource>(o: &mut K) {
+    let meta = o.meta_mut();
+    meta.managed_fields = None;
+    if let Some(a) = meta.annotations.as_mut() {
+        a.remove(LAST_APPLIED);
+    }
+}
+
+/// A store of `api` filtered by `config`, filled by the returned stream of trimmed objects,
+/// for `Controller::for_stream`: what `Controller::new` builds, without the fields [`trim`]
+/// drops (`Controller::new` caches every object whole).
+pub fn controlled<K>(
+    api: Api<K>,
+    config: watcher::Config,
+) -> (Store<K>, BoxStream<'static, Result<K, watcher::Error>>)
+where
+    K: Resource<DynamicType = ()>
+        + Clone
+        + DeserializeOwned
+        + std::fmt::Debug
+        + Send
+        + Sync
+        + 'static,
+{
+    let (reader, writer) = reflector::store();
+    let objects = watcher(api, config)
+        .modify(trim)
+        .reflect(writer)
+        .applied_objects();
+    (reader, objects.boxed())
 }
 
 /// A store of `api` filtered by `config`, and the future that keeps it filled until dropped.
@@ -26,14 +60,85 @@ where
         + Sync
         + 'static,
 {
+    reflect_touching(api, config, |_| {})
+}
+
+/// [`reflect`], calling `touched` with each object the watch adds, changes or deletes, once
+/// the store holds the change: one watch both fills a cache and wakes what depends on it.
+pub fn reflect_touching<K, F>(
+    api: Api<K>,
+    config: watcher::Config,
+    touched: F,
+) -> (Store<K>, BoxFuture<'static, ()>)
+where
+    K: Resource<DynamicType = ()>
+        + Clone
+        + DeserializeOwned
+        + std::fmt::Debug
+        + Send
+        + Sync
+        + 'static,
+    F: Fn(&K) + Send + 'static,
+{
     let (reader, writer) = reflector::store();
-    let events = watcher(api, config)
-        .default_backoff()
-        .modify(strip_managed_fields);
-    let fill = reflector::reflector(writer, events).for_each(|event| async move {
-        if let Err(e) = event {
-            tracing::warn!(kind = %K::kind(&()), error = %e, "watch failed; retrying");
+    let events = watcher(api, config).default_backoff().modify(trim);
+    let fill = reflector::reflector(writer, events).for_each(move |event| {
+        match &event {
+            Ok(
+                watcher::Event::Apply(o) | watcher::Event::InitApply(o) | watcher::Event::Delete(o),
+            ) => touched(o),
+            Ok(watcher::Event::Init | watcher::Event::InitDone) => {}
+            Err(e) => {
+                tracing::warn!(kind = %K::kind(&()), error = %e, "watch failed; retrying");
+            }
         }
+        futures::future::ready(())
     });
     (reader, fill.boxed())
+}
+
+/// A controller of `api`'s objects filtered by `config`, over a cache of trimmed objects
+/// ([`controlled`]): a drop-in for `Controller::new`.
+pub fn controller<K>(api: Api<K>, config: watcher::Config) -> Controller<K>
+where
+    K: Resource<DynamicType = ()>
+        + Clone
+        + DeserializeOwned
+        + std::fmt::Debug
+        + Send
+        + Sync
+        + 'static,
+{
+    let (store, objects) = controlled(api, config);
+    Controller::for_stream(objects, store)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::api::core::v1::Secret;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::ManagedFieldsEntry;
+
+    #[test]
+    fn trimming_keeps_every_annotation_but_kubectls_copy() {
+        let mut s = Secret::default();
+        s.metadata.managed_fields = Some(vec![ManagedFieldsEntry::default()]);
+        s.metadata.annotations = Some(
+            [
+                (LAST_APPLIED.to_string(), "{}".to_string()),
+                ("deskvirt.io/wake".to_string(), "1".to_string()),
+            ]
+            .into(),
+        );
+        trim(&mut s);
+        assert_eq!(s.metadata.managed_fields, None);
+        let kept: Vec<&String> = s
+            .metadata
+            .annotations
+            .iter()
+            .flatten()
+            .map(|(k, _)| k)
+            .collect();
+        assert_eq!(kept, ["deskvirt.io/wake"]);
+    }
 }

@@ -10,9 +10,10 @@ use std::time::Duration;
 use deskvirt_crds::constants::{LABEL_NODE, MANAGER_AGENT};
 use deskvirt_crds::names::label_value;
 use deskvirt_crds::{Desktop, DomainNode, ResourcePool};
+use futures::channel::mpsc::UnboundedReceiver;
 use k8s_openapi::api::core::v1::Secret;
 use kube::runtime::events::{EventType, Reporter};
-use kube::runtime::reflector::{self, Store};
+use kube::runtime::reflector::{ObjectRef, Store};
 use kube::runtime::watcher;
 use kube::{Api, Client, Resource};
 use tokio::time::Instant;
@@ -59,6 +60,8 @@ pub struct DesktopContext<H> {
     /// Console password mirrors of the desktops bound here.
     pub mirrors: Store<Secret>,
     desktops: OnceLock<Store<Desktop>>,
+    /// Desktops whose mirror the mirror watch added, changed or deleted.
+    mirror_touches: Mutex<Option<UnboundedReceiver<ObjectRef<Desktop>>>>,
     reporter: Reporter,
     memory: Mutex<Memory>,
     /// Serializes changes to the host's libvirt networks (static DHCP leases).
@@ -101,15 +104,34 @@ impl<H> DesktopContext<H> {
             Api::<DomainNode>::all(client.clone()),
             watcher::Config::default().fields(&format!("metadata.name={}", config.node_name)),
         );
-        let mirrors = spawn_reflector(
+        // One watch of the mirrors fills their cache and wakes their desktops (the
+        // controller takes `mirror_touches`).
+        let (touch, touches) = futures::channel::mpsc::unbounded();
+        let (mirrors, fill) = deskvirt_runtime::cache::reflect_touching(
             Api::<Secret>::namespaced(client.clone(), &config.console_namespace),
             watcher::Config::default()
                 .labels(&format!("{LABEL_NODE}={}", label_value(&config.node_name))),
+            move |m: &Secret| {
+                if let Some(d) = super::desktop_of_mirror(m) {
+                    let _ = touch.unbounded_send(d);
+                }
+            },
         );
+        tokio::spawn(fill);
         let _ = pools.wait_until_ready().await;
         let _ = nodes.wait_until_ready().await;
         let _ = mirrors.wait_until_ready().await;
-        Self::with_caches(client, hypervisor, config, metrics, pools, nodes, mirrors)
+        let ctx = Self::with_caches(client, hypervisor, config, metrics, pools, nodes, mirrors);
+        if let Ok(mut slot) = ctx.mirror_touches.lock() {
+            *slot = Some(touches);
+        }
+        ctx
+    }
+
+    /// The desktops whose console mirror changed, for the controller to reconcile; `None`
+    /// after the first call, and for a context over caches the caller fills.
+    pub(super) fn take_mirror_touches(&self) -> Option<UnboundedReceiver<ObjectRef<Desktop>>> {
+        self.mirror_touches.lock().ok()?.take()
     }
 
     /// A context over caches the caller keeps filled (by watches, or by a unit test).
@@ -135,6 +157,7 @@ impl<H> DesktopContext<H> {
             nodes,
             mirrors,
             desktops: OnceLock::new(),
+            mirror_touches: Mutex::new(None),
             memory: Mutex::new(Memory::default()),
             network_lock: tokio::sync::Mutex::new(()),
         }
@@ -159,7 +182,7 @@ impl<H> DesktopContext<H> {
 
     /// A pool from the cache.
     pub fn pool(&self, name: &str) -> Option<std::sync::Arc<ResourcePool>> {
-        self.pools.get(&reflector::ObjectRef::new(name))
+        self.pools.get(&ObjectRef::new(name))
     }
 
     fn with_memory<T>(&self, f: impl FnOnce(&mut Memory) -> T) -> T {

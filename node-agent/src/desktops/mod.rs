@@ -39,7 +39,7 @@ use futures::StreamExt;
 use k8s_openapi::api::core::v1::Secret;
 use kube::runtime::controller::{self, Action};
 use kube::runtime::reflector::ObjectRef;
-use kube::runtime::{Controller, watcher};
+use kube::runtime::watcher;
 use kube::{Api, ResourceExt};
 
 pub use context::{DesktopConfig, DesktopContext};
@@ -107,7 +107,7 @@ pub(crate) fn kube(action: &'static str) -> impl FnOnce(kube::Error) -> Error {
 }
 
 /// The Desktop a console password mirror belongs to, from its `deskvirt.io/desktop` annotation.
-fn desktop_of_mirror(secret: Secret) -> Option<ObjectRef<Desktop>> {
+pub(super) fn desktop_of_mirror(secret: &Secret) -> Option<ObjectRef<Desktop>> {
     let (ns, name) = secret
         .annotations()
         .get(ANNOTATION_DESKTOP)?
@@ -125,15 +125,14 @@ pub async fn run<H: Hypervisor + Clone + 'static>(ctx: Arc<DesktopContext<H>>) {
     let node = ctx.config.node_name.clone();
     let selector = format!("{LABEL_NODE}={}", label_value(&node));
     let desktops: Api<Desktop> = Api::all(ctx.client.clone());
-    let mirrors: Api<Secret> = Api::namespaced(ctx.client.clone(), &ctx.config.console_namespace);
-    let controller = Controller::new(desktops, watcher::Config::default().labels(&selector));
-    let store = controller.store();
-    ctx.set_desktop_store(store);
+    let controller =
+        deskvirt_runtime::cache::controller(desktops, watcher::Config::default().labels(&selector));
+    ctx.set_desktop_store(controller.store());
     controller
-        .watches(
-            mirrors,
-            watcher::Config::default().labels(&selector),
-            desktop_of_mirror,
+        .reconcile_on(
+            ctx.take_mirror_touches()
+                .map(StreamExt::boxed)
+                .unwrap_or_else(|| futures::stream::empty().boxed()),
         )
         .with_config(controller::Config::default().concurrency(CONCURRENCY))
         .run(reconcile, error_policy, ctx)

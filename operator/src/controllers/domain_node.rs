@@ -15,7 +15,7 @@ use k8s_openapi::jiff::Timestamp;
 use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
 use kube::runtime::reflector::ObjectRef;
-use kube::runtime::{Controller, watcher};
+use kube::runtime::watcher;
 use kube::{Api, ResourceExt};
 use serde_json::json;
 use tokio::sync::watch;
@@ -52,36 +52,37 @@ pub async fn run(ctx: Arc<Context>, selector: String, stop: watch::Receiver<bool
     let cfg = watch_config(&selector);
     let stores = ctx.stores.clone();
     let pool_stores = ctx.stores.clone();
-    let controller = Controller::new(Api::<DomainNode>::all(client.clone()), cfg.clone())
-        .watches(
-            Api::<Lease>::namespaced(client.clone(), &ctx.namespace),
-            watcher::Config::default(),
-            move |lease| {
-                stores
-                    .node(&lease.name_any())
-                    .map(|n| ObjectRef::from_obj(n.as_ref()))
-            },
-        )
-        .watches(
-            Api::<deskvirt_crds::ResourcePool>::all(client.clone()),
-            cfg,
-            move |_pool| {
-                // Membership may move: every host is looked at again (pools change rarely).
-                pool_stores
-                    .nodes
-                    .state()
-                    .iter()
-                    .map(|n| ObjectRef::from_obj(n.as_ref()))
-                    .collect::<Vec<_>>()
-            },
-        )
-        .reconcile_all_on(on_leadership(ctx.leader.clone()))
-        .graceful_shutdown_on(stopped(stop.clone()))
-        .run(
-            reconcile,
-            |n, e, c| super::error_policy(NAME, &n, e, &c),
-            ctx,
-        );
+    let controller =
+        deskvirt_runtime::cache::controller(Api::<DomainNode>::all(client.clone()), cfg.clone())
+            .watches(
+                Api::<Lease>::namespaced(client.clone(), &ctx.namespace),
+                watcher::Config::default(),
+                move |lease| {
+                    stores
+                        .node(&lease.name_any())
+                        .map(|n| ObjectRef::from_obj(n.as_ref()))
+                },
+            )
+            .watches(
+                Api::<deskvirt_crds::ResourcePool>::all(client.clone()),
+                cfg,
+                move |_pool| {
+                    // Membership may move: every host is looked at again (pools change rarely).
+                    pool_stores
+                        .nodes
+                        .state()
+                        .iter()
+                        .map(|n| ObjectRef::from_obj(n.as_ref()))
+                        .collect::<Vec<_>>()
+                },
+            )
+            .reconcile_all_on(on_leadership(ctx.leader.clone()))
+            .graceful_shutdown_on(stopped(stop.clone()))
+            .run(
+                reconcile,
+                |n, e, c| super::error_policy(NAME, &n, e, &c),
+                ctx,
+            );
     drive(NAME, controller, stop).await;
 }
 

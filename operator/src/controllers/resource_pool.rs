@@ -17,7 +17,6 @@ use deskvirt_crds::resource_pool::{ResourcePool, ResourcePoolStatus};
 use deskvirt_crds::validation;
 use deskvirt_crds::{Desktop, DomainNode};
 use k8s_openapi::jiff::Timestamp;
-use kube::runtime::Controller;
 use kube::runtime::controller::Action;
 use kube::runtime::reflector::ObjectRef;
 use kube::{Api, ResourceExt};
@@ -60,31 +59,32 @@ pub async fn run(ctx: Arc<Context>, selector: String, stop: watch::Receiver<bool
     let client = ctx.client.clone();
     let cfg = watch_config(&selector);
     let stores = ctx.stores.clone();
-    let controller = Controller::new(Api::<ResourcePool>::all(client.clone()), cfg.clone())
-        .watches(
-            Api::<DomainNode>::all(client.clone()),
-            cfg.clone(),
-            move |n| {
-                let mut pools: Vec<String> = n
-                    .status
-                    .as_ref()
-                    .and_then(|s| s.pool.clone())
-                    .into_iter()
-                    .collect();
-                pools.extend(pool_of(&n, &stores.pools.state()));
-                pools.iter().map(|p| ObjectRef::new(p)).collect::<Vec<_>>()
-            },
-        )
-        .watches(Api::<Desktop>::all(client.clone()), cfg, |d| {
-            Some(ObjectRef::new(d.pool()))
-        })
-        .reconcile_all_on(on_leadership(ctx.leader.clone()))
-        .graceful_shutdown_on(stopped(stop.clone()))
-        .run(
-            reconcile,
-            |p, e, c| super::error_policy(NAME, &p, e, &c),
-            ctx,
-        );
+    let controller =
+        deskvirt_runtime::cache::controller(Api::<ResourcePool>::all(client.clone()), cfg.clone())
+            .watches(
+                Api::<DomainNode>::all(client.clone()),
+                cfg.clone(),
+                move |n| {
+                    let mut pools: Vec<String> = n
+                        .status
+                        .as_ref()
+                        .and_then(|s| s.pool.clone())
+                        .into_iter()
+                        .collect();
+                    pools.extend(pool_of(&n, &stores.pools.state()));
+                    pools.iter().map(|p| ObjectRef::new(p)).collect::<Vec<_>>()
+                },
+            )
+            .watches(Api::<Desktop>::all(client.clone()), cfg, |d| {
+                Some(ObjectRef::new(d.pool()))
+            })
+            .reconcile_all_on(on_leadership(ctx.leader.clone()))
+            .graceful_shutdown_on(stopped(stop.clone()))
+            .run(
+                reconcile,
+                |p, e, c| super::error_policy(NAME, &p, e, &c),
+                ctx,
+            );
     drive(NAME, controller, stop).await;
 }
 
