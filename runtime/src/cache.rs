@@ -11,6 +11,23 @@ use kube::runtime::{Controller, WatchStreamExt, watcher};
 use kube::{Api, Resource};
 use serde::de::DeserializeOwned;
 
+/// What a cached object must be: a static Kubernetes type a watch can decode and share.
+pub trait Cached:
+    Resource<DynamicType = ()> + Clone + DeserializeOwned + std::fmt::Debug + Send + Sync + 'static
+{
+}
+
+impl<K> Cached for K where
+    K: Resource<DynamicType = ()>
+        + Clone
+        + DeserializeOwned
+        + std::fmt::Debug
+        + Send
+        + Sync
+        + 'static
+{
+}
+
 /// The annotation `kubectl apply` keeps a copy of the whole last applied object in.
 const LAST_APPLIED: &str = "kubectl.kubernetes.io/last-applied-configuration";
 
@@ -33,13 +50,7 @@ pub fn controlled<K>(
     config: watcher::Config,
 ) -> (Store<K>, BoxStream<'static, Result<K, watcher::Error>>)
 where
-    K: Resource<DynamicType = ()>
-        + Clone
-        + DeserializeOwned
-        + std::fmt::Debug
-        + Send
-        + Sync
-        + 'static,
+    K: Cached,
 {
     let (reader, writer) = reflector::store();
     let objects = watcher(api, config)
@@ -52,13 +63,7 @@ where
 /// A store of `api` filtered by `config`, and the future that keeps it filled until dropped.
 pub fn reflect<K>(api: Api<K>, config: watcher::Config) -> (Store<K>, BoxFuture<'static, ()>)
 where
-    K: Resource<DynamicType = ()>
-        + Clone
-        + DeserializeOwned
-        + std::fmt::Debug
-        + Send
-        + Sync
-        + 'static,
+    K: Cached,
 {
     reflect_touching(api, config, |_| {})
 }
@@ -71,13 +76,7 @@ pub fn reflect_touching<K, F>(
     touched: F,
 ) -> (Store<K>, BoxFuture<'static, ()>)
 where
-    K: Resource<DynamicType = ()>
-        + Clone
-        + DeserializeOwned
-        + std::fmt::Debug
-        + Send
-        + Sync
-        + 'static,
+    K: Cached,
     F: Fn(&K) + Send + 'static,
 {
     let (reader, writer) = reflector::store();
@@ -101,13 +100,7 @@ where
 /// ([`controlled`]): a drop-in for `Controller::new`.
 pub fn controller<K>(api: Api<K>, config: watcher::Config) -> Controller<K>
 where
-    K: Resource<DynamicType = ()>
-        + Clone
-        + DeserializeOwned
-        + std::fmt::Debug
-        + Send
-        + Sync
-        + 'static,
+    K: Cached,
 {
     let (store, objects) = controlled(api, config);
     Controller::for_stream(objects, store)

@@ -319,16 +319,10 @@ impl<H> DesktopContext<H> {
 }
 
 /// A store kept by a background watch (restarted with backoff on errors).
-fn spawn_reflector<K>(api: Api<K>, config: watcher::Config) -> Store<K>
-where
-    K: Resource<DynamicType = ()>
-        + Clone
-        + serde::de::DeserializeOwned
-        + std::fmt::Debug
-        + Send
-        + Sync
-        + 'static,
-{
+fn spawn_reflector<K: deskvirt_runtime::cache::Cached>(
+    api: Api<K>,
+    config: watcher::Config,
+) -> Store<K> {
     let (store, fill) = deskvirt_runtime::cache::reflect(api, config);
     tokio::spawn(fill);
     store
