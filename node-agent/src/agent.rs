@@ -31,6 +31,8 @@ pub struct AgentConfig {
     pub node_labels: std::collections::BTreeMap<String, String>,
     /// The deadline of one libvirt call (for the inventory loop's liveness allowance).
     pub libvirt_timeout: Duration,
+    /// How long desktop reconciles may be in flight with none finishing (liveness).
+    pub reconcile_allowance: Duration,
 }
 
 impl AgentConfig {
@@ -108,6 +110,7 @@ pub async fn run<H: Hypervisor + Clone + 'static>(
     let orphan_sweep = config.inventory.refresh_interval;
     let inventory_beat = health.watch("inventory", config.inventory_allowance());
     let heartbeat_beat = health.watch("heartbeat", config.heartbeat_allowance());
+    let reconciles = health.watch_work("desktop reconciles", config.reconcile_allowance);
     let ready = health.clone();
     let inventory = inventory::run(
         &hypervisor,
@@ -125,8 +128,14 @@ pub async fn run<H: Hypervisor + Clone + 'static>(
     );
     let desktops = async {
         let ctx = Arc::new(
-            DesktopContext::start(client, hypervisor.clone(), config.desktops, metrics.clone())
-                .await,
+            DesktopContext::start(
+                client,
+                hypervisor.clone(),
+                config.desktops,
+                metrics.clone(),
+                reconciles,
+            )
+            .await,
         );
         tracing::info!("desktop controller started");
         tokio::join!(

@@ -167,6 +167,18 @@ impl Config {
     pub fn address(&self) -> IpAddr {
         self.node_address.unwrap_or_else(default_address)
     }
+
+    /// The longest one desktop reconcile may take with every deadline it can meet (a full disk
+    /// copy, two `qemu-img` runs, two slow and ten plain libvirt calls, ten API calls of 10 s),
+    /// and a minute more: liveness fails only when reconciles are in flight and none finished
+    /// for that long, which is a stuck controller, not a slow host.
+    pub fn reconcile_allowance(&self) -> Duration {
+        self.disk_copy_timeout
+            + 2 * self.qemu_img_timeout
+            + 2 * self.libvirt_slow_timeout
+            + 10 * self.libvirt_timeout
+            + Duration::from_secs(10 * 10 + 60)
+    }
 }
 
 /// The address of the interface that routes outwards (no packet is sent: a UDP socket is only

@@ -117,6 +117,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
         },
         node_labels: config.node_labels.clone(),
         libvirt_timeout: config.libvirt_timeout,
+        reconcile_allowance: config.reconcile_allowance(),
     };
 
     tokio::select! {

@@ -28,6 +28,7 @@ use crate::fence::Fence;
 use crate::heartbeat::Heartbeat;
 use crate::metrics::Metrics;
 use deskvirt_runtime::cache::reflect;
+use deskvirt_runtime::health::Work;
 
 /// The objects the operator watches, as local caches.
 #[derive(Clone)]
@@ -384,6 +385,37 @@ pub struct Namespaces {
 }
 
 /// Shared state of the controllers.
+/// The reconciles of each controller, as on-demand work that liveness watches.
+#[derive(Clone, Debug)]
+pub struct Reconciles {
+    pub desktops: Work,
+    pub pools: Work,
+    pub nodes: Work,
+}
+
+impl Default for Reconciles {
+    fn default() -> Self {
+        Self {
+            desktops: Work::unwatched(),
+            pools: Work::unwatched(),
+            nodes: Work::unwatched(),
+        }
+    }
+}
+
+impl Reconciles {
+    /// Work `health` watches: a reconcile makes a few API calls, each with a deadline, and may
+    /// wait for the ledger behind others; one that has not finished in `allowed`, with none
+    /// of its controller's finishing meanwhile, is stuck.
+    pub fn watched(health: &deskvirt_runtime::health::Health, allowed: Duration) -> Self {
+        Self {
+            desktops: health.watch_work("desktop reconciles", allowed),
+            pools: health.watch_work("pool reconciles", allowed),
+            nodes: health.watch_work("host reconciles", allowed),
+        }
+    }
+}
+
 pub struct Context {
     pub client: Client,
     pub reporter: Reporter,
@@ -405,6 +437,8 @@ pub struct Context {
     pub fence: Fence,
     /// Test only: a pause between deciding a binding and writing it.
     pub test_bind_delay: Option<Duration>,
+    /// Each controller's reconciles, for liveness (set by the operator from its health).
+    pub reconciles: Reconciles,
     failures: Mutex<HashMap<String, u32>>,
     /// What each desktop's user console Secret was last applied from, and when.
     user_secrets: Mutex<HashMap<String, (u64, std::time::Instant)>>,
@@ -444,6 +478,7 @@ impl Context {
             pool_status: Coalescer::new(POOL_STATUS_INTERVAL),
             fence: Fence::default(),
             test_bind_delay: None,
+            reconciles: Reconciles::default(),
             failures: Mutex::new(HashMap::new()),
             user_secrets: Mutex::new(HashMap::new()),
             repaired: Mutex::new(HashMap::new()),

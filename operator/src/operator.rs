@@ -14,7 +14,7 @@ use tokio::sync::watch;
 
 use crate::coalesce::Coalescer;
 use crate::config::Config;
-use crate::context::{Context, Namespaces, Stores};
+use crate::context::{Context, Namespaces, Reconciles, Stores};
 use crate::controllers::{desktop, domain_node, resource_pool};
 use crate::fence::Fence;
 use crate::leader::{self, Elector};
@@ -25,6 +25,11 @@ pub use crate::context::stopped;
 
 /// How often the operator's runtime beat ticks; liveness fails after six missed beats.
 const RUNTIME_BEAT: Duration = Duration::from_secs(5);
+
+/// How long a controller may have reconciles in flight without one finishing before liveness
+/// fails: a pass makes a handful of API calls of at most 10 s each (`runtime::api`), so five
+/// minutes is a stuck pass, not a slow one.
+const RECONCILE_ALLOWANCE: Duration = Duration::from_secs(300);
 
 /// A client from the in-cluster config or `KUBECONFIG` with the deadlines of `timeouts`, once
 /// the API server answers.
@@ -85,6 +90,7 @@ pub async fn run(
     ctx.pool_status = Coalescer::new(config.pool_status_interval);
     ctx.fence = Fence::new(config.leader_clock_skew, ctx.metrics.fenced_writes.clone());
     ctx.test_bind_delay = config.test_bind_delay;
+    ctx.reconciles = Reconciles::watched(&health, RECONCILE_ALLOWANCE);
     let ctx = Arc::new(ctx);
     tracing::info!(%identity, namespace = %config.namespace, "operator started");
     let synced = async {

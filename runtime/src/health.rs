@@ -2,7 +2,10 @@
 //! [`Beat`] with the silence it may keep, ticks it once per round, and the process is live
 //! while no loop has been silent for longer (a loop blocked forever on a call fails it; a loop
 //! whose calls time out keeps ticking). Readiness is a flag the process sets: API server
-//! reached and caches synced (operator), libvirt answering (agent).
+//! reached and caches synced (operator), libvirt answering (agent). A loop that works on
+//! demand (a controller's reconciles) registers [`Work`] instead: it is stalled only while some
+//! of its work is in flight and none has finished for longer than it may take, so an idle
+//! controller is live and a deadlocked one is not.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -29,6 +32,76 @@ struct Loop {
     allowed: Duration,
     /// Milliseconds since `origin` at the last tick.
     last: AtomicU64,
+    /// For on-demand work ([`Work`]): the pieces in flight; `None` for a periodic loop.
+    in_flight: Option<AtomicU64>,
+}
+
+impl Loop {
+    /// How long the loop has been silent at `now` (ms since origin), if longer than it may.
+    fn stalled_at(&self, now: u64) -> Option<Duration> {
+        if let Some(n) = &self.in_flight
+            && n.load(Ordering::Relaxed) == 0
+        {
+            return None;
+        }
+        let silent = Duration::from_millis(now.saturating_sub(self.last.load(Ordering::Relaxed)));
+        (silent > self.allowed).then_some(silent)
+    }
+}
+
+/// Progress of a loop that works on demand: [`Work::begin`] each piece (a reconcile); the
+/// guard marks it finished when dropped. Cheap to clone.
+#[derive(Clone, Debug)]
+pub struct Work {
+    origin: Instant,
+    inner: Arc<Loop>,
+}
+
+/// One piece of [`Work`] in flight, until dropped.
+#[derive(Debug)]
+pub struct Busy {
+    work: Work,
+}
+
+impl Work {
+    /// Work that no [`Health`] watches (unit tests, tools).
+    pub fn unwatched() -> Self {
+        Self {
+            origin: Instant::now(),
+            inner: Arc::new(Loop {
+                name: "unwatched",
+                allowed: Duration::MAX,
+                last: AtomicU64::new(0),
+                in_flight: Some(AtomicU64::new(0)),
+            }),
+        }
+    }
+
+    /// Starts a piece of work. Starting after a pause restarts the clock: silence counts only
+    /// while something is in flight.
+    pub fn begin(&self) -> Busy {
+        if let Some(n) = &self.inner.in_flight
+            && n.fetch_add(1, Ordering::Relaxed) == 0
+        {
+            self.tick();
+        }
+        Busy { work: self.clone() }
+    }
+
+    fn tick(&self) {
+        self.inner
+            .last
+            .store(millis(self.origin.elapsed()), Ordering::Relaxed);
+    }
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        self.work.tick();
+        if let Some(n) = &self.work.inner.in_flight {
+            n.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
 }
 
 /// One loop's progress handle: [`Beat::tick`] once per round.
@@ -72,20 +145,39 @@ impl Health {
 
     /// Watches loop `name`, which must tick at least every `allowed` (counted from now).
     pub fn watch(&self, name: &'static str, allowed: Duration) -> Beat {
+        Beat {
+            origin: self.inner.origin,
+            inner: self.register(name, allowed, None),
+        }
+    }
+
+    /// Watches on-demand work `name`: while some is in flight, a piece must finish at least
+    /// every `allowed` (the longest one piece may take, its deadlines included).
+    pub fn watch_work(&self, name: &'static str, allowed: Duration) -> Work {
+        Work {
+            origin: self.inner.origin,
+            inner: self.register(name, allowed, Some(AtomicU64::new(0))),
+        }
+    }
+
+    fn register(
+        &self,
+        name: &'static str,
+        allowed: Duration,
+        in_flight: Option<AtomicU64>,
+    ) -> Arc<Loop> {
         let inner = Arc::new(Loop {
             name,
             allowed,
             last: AtomicU64::new(millis(self.inner.origin.elapsed())),
+            in_flight,
         });
         self.inner
             .loops
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .push(Arc::clone(&inner));
-        Beat {
-            origin: self.inner.origin,
-            inner,
-        }
+        inner
     }
 
     pub fn set_ready(&self, ready: bool) {
@@ -114,11 +206,7 @@ impl Health {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .iter()
-            .filter_map(|l| {
-                let silent =
-                    Duration::from_millis(now.saturating_sub(l.last.load(Ordering::Relaxed)));
-                (silent > l.allowed).then_some((l.name, silent))
-            })
+            .filter_map(|l| l.stalled_at(now).map(|silent| (l.name, silent)))
             .collect()
     }
 }
@@ -142,6 +230,29 @@ mod tests {
         assert!(!health.is_live());
         quiet.tick();
         assert!(health.is_live());
+    }
+
+    #[test]
+    fn on_demand_work_is_stalled_only_while_a_piece_is_in_flight_too_long() {
+        let health = Health::new();
+        let work = health.watch_work("reconciles", Duration::from_secs(60));
+        let at = |secs: u64| work.inner.stalled_at(secs * 1000);
+        // Idle for an hour: live.
+        assert_eq!(at(3600), None);
+        // A piece in flight: the clock starts when it began, not when the work last finished.
+        let busy = work.begin();
+        let began = work.inner.last.load(Ordering::Relaxed) / 1000;
+        assert_eq!(at(began + 30), None);
+        assert_eq!(at(began + 61), Some(Duration::from_secs(61)));
+        // Another piece finishing is progress; once none is in flight, silence does not count.
+        let other = work.begin();
+        drop(other);
+        let finished = work.inner.last.load(Ordering::Relaxed) / 1000;
+        assert_eq!(at(finished + 30), None);
+        drop(busy);
+        assert_eq!(at(finished + 3600), None);
+        // Unwatched work never stalls anyone.
+        drop(Work::unwatched().begin());
     }
 
     #[test]

@@ -10,6 +10,7 @@ use std::time::Duration;
 use deskvirt_crds::constants::{LABEL_NODE, MANAGER_AGENT};
 use deskvirt_crds::names::label_value;
 use deskvirt_crds::{Desktop, DomainNode, ResourcePool};
+use deskvirt_runtime::health::Work;
 use futures::channel::mpsc::UnboundedReceiver;
 use k8s_openapi::api::core::v1::Secret;
 use kube::runtime::events::{EventType, Reporter};
@@ -60,6 +61,8 @@ pub struct DesktopContext<H> {
     /// Console password mirrors of the desktops bound here.
     pub mirrors: Store<Secret>,
     desktops: OnceLock<Store<Desktop>>,
+    /// The reconciles in flight, for liveness.
+    pub reconciles: Work,
     /// Desktops whose mirror the mirror watch added, changed or deleted.
     mirror_touches: Mutex<Option<UnboundedReceiver<ObjectRef<Desktop>>>>,
     reporter: Reporter,
@@ -95,6 +98,7 @@ impl<H> DesktopContext<H> {
         hypervisor: H,
         config: DesktopConfig,
         metrics: Metrics,
+        reconciles: Work,
     ) -> Self {
         let pools = spawn_reflector(
             Api::<ResourcePool>::all(client.clone()),
@@ -121,7 +125,8 @@ impl<H> DesktopContext<H> {
         let _ = pools.wait_until_ready().await;
         let _ = nodes.wait_until_ready().await;
         let _ = mirrors.wait_until_ready().await;
-        let ctx = Self::with_caches(client, hypervisor, config, metrics, pools, nodes, mirrors);
+        let mut ctx = Self::with_caches(client, hypervisor, config, metrics, pools, nodes, mirrors);
+        ctx.reconciles = reconciles;
         if let Ok(mut slot) = ctx.mirror_touches.lock() {
             *slot = Some(touches);
         }
@@ -158,6 +163,7 @@ impl<H> DesktopContext<H> {
             mirrors,
             desktops: OnceLock::new(),
             mirror_touches: Mutex::new(None),
+            reconciles: Work::unwatched(),
             memory: Mutex::new(Memory::default()),
             network_lock: tokio::sync::Mutex::new(()),
         }

@@ -144,6 +144,7 @@ async fn reconcile<H: Hypervisor + Clone + 'static>(
     d: Arc<Desktop>,
     ctx: Arc<DesktopContext<H>>,
 ) -> Result<Action, Error> {
+    let _busy = ctx.reconciles.begin();
     let result = if d.metadata.deletion_timestamp.is_some() {
         teardown::teardown(&d, &ctx).await
     } else {

@@ -97,6 +97,7 @@ struct Owned {
 
 #[tracing::instrument(skip_all, fields(node = %node.name_any()))]
 pub async fn reconcile(node: Arc<DomainNode>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let _busy = ctx.reconciles.nodes.begin();
     ctx.metrics.reconciled(NAME);
     if !ctx.is_leader() {
         return Ok(Action::await_change());

@@ -131,6 +131,7 @@ pub fn differs(old: &ResourcePoolStatus, new: &ResourcePoolStatus) -> bool {
 
 #[tracing::instrument(skip_all, fields(pool = %pool.name_any()))]
 pub async fn reconcile(pool: Arc<ResourcePool>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let _busy = ctx.reconciles.pools.begin();
     ctx.metrics.reconciled(NAME);
     if !ctx.is_leader() {
         return Ok(Action::await_change());

@@ -184,6 +184,7 @@ fn desktop_of_mirror(m: &Secret, stores: &Stores) -> Option<ObjectRef<Desktop>> 
 /// One pass over a Desktop.
 #[tracing::instrument(skip_all, fields(desktop = %d.name_any(), ns = d.namespace().unwrap_or_default()))]
 pub async fn reconcile(d: Arc<Desktop>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let _busy = ctx.reconciles.desktops.begin();
     ctx.metrics.reconciled(NAME);
     if !ctx.is_leader() {
         return Ok(Action::await_change());
