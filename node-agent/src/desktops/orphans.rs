@@ -131,15 +131,15 @@ pub fn orphans<'a>(
 /// than at the next full sweep.
 const NOTICE: Duration = Duration::from_secs(2);
 
-/// Whether a sweep is due: the full interval passed, or a Desktop bound at the last sweep has
-/// left the cache since (deleted, or bound elsewhere).
-pub fn sweep_due(
-    now: Instant,
-    due: Instant,
-    last: &BTreeSet<String>,
-    bound: &BTreeSet<String>,
-) -> bool {
-    now >= due || !last.is_subset(bound)
+/// Whether a sweep is due: the full interval passed, or a Desktop left the cache since the
+/// last sweep (`left`: deleted, or bound elsewhere).
+pub fn sweep_due(now: Instant, due: Instant, left: bool) -> bool {
+    now >= due || left
+}
+
+/// Whether a Desktop in the cache at the last look (`before`) is gone from it (`now`).
+pub fn one_left(before: &BTreeSet<String>, now: &BTreeSet<String>) -> bool {
+    !before.is_subset(now)
 }
 
 /// Sweeps every `every`, and within [`NOTICE`] of a bound Desktop leaving the cache, until the
@@ -148,7 +148,10 @@ pub async fn run<H: Hypervisor>(ctx: Arc<DesktopContext<H>>, every: Duration) {
     let mut reported: HashSet<String> = HashSet::new();
     let mut shutdowns: HashMap<String, Instant> = HashMap::new();
     let mut due = Instant::now();
-    let mut last: BTreeSet<String> = BTreeSet::new();
+    // The Desktops in the cache at the last look, every NOTICE; whether one left since the
+    // last sweep that listed the domains.
+    let mut seen: BTreeSet<String> = BTreeSet::new();
+    let mut left = false;
     loop {
         tokio::time::sleep_until(due.min(Instant::now() + NOTICE)).await;
         let Some(store) = ctx.desktops() else {
@@ -163,7 +166,9 @@ pub async fn run<H: Hypervisor>(ctx: Arc<DesktopContext<H>>, every: Duration) {
             .filter_map(|d| d.uid())
             .map(|u| u.to_ascii_lowercase())
             .collect();
-        if !sweep_due(Instant::now(), due, &last, &bound) {
+        left |= one_left(&seen, &bound);
+        seen = bound.clone();
+        if !sweep_due(Instant::now(), due, left) {
             continue;
         }
         due = Instant::now() + every;
@@ -174,7 +179,7 @@ pub async fn run<H: Hypervisor>(ctx: Arc<DesktopContext<H>>, every: Duration) {
                 continue;
             }
         };
-        last = bound.clone();
+        left = false;
         let mut found = orphans(&domains, &bound);
         // The Desktop each orphan names, read once per sweep.
         let mut owners: HashMap<String, Result<Option<Desktop>, ()>> = HashMap::new();
@@ -410,19 +415,18 @@ mod tests {
         let later = now + Duration::from_secs(60);
         let set =
             |uids: &[&str]| -> BTreeSet<String> { uids.iter().map(|u| u.to_string()).collect() };
-        assert!(!sweep_due(now, later, &set(&["a", "b"]), &set(&["a", "b"])));
+        assert!(!one_left(&set(&["a", "b"]), &set(&["a", "b"])));
         assert!(
-            !sweep_due(now, later, &set(&["a"]), &set(&["a", "b"])),
+            !one_left(&set(&["a"]), &set(&["a", "b"])),
             "a new desktop is no orphan"
         );
         assert!(
-            sweep_due(now, later, &set(&["a", "b"]), &set(&["a"])),
+            one_left(&set(&["a", "b"]), &set(&["a"])),
             "b left the cache"
         );
-        assert!(
-            sweep_due(later, later, &set(&["a"]), &set(&["a"])),
-            "the interval passed"
-        );
+        assert!(!sweep_due(now, later, false));
+        assert!(sweep_due(now, later, true));
+        assert!(sweep_due(later, later, false), "the interval passed");
     }
 
     #[test]
