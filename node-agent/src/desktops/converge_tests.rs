@@ -551,6 +551,22 @@ async fn guest_that_shut_itself_down_stays_off_until_a_new_generation() {
 }
 
 #[tokio::test]
+async fn a_mirror_rewritten_with_the_same_password_pushes_nothing() {
+    let mut kit = Kit::new();
+    kit.make_domain(DomainState::Running, false).await;
+    let d = with_last_status(desktop(), &kit.api);
+    passes(&kit, &d).await;
+    kit.rewrite_mirror("9");
+    let before = kit.hv.journal().len();
+    passes(&kit, &d).await;
+    assert!(
+        changes(&kit, before).is_empty(),
+        "{:?}",
+        changes(&kit, before)
+    );
+}
+
+#[tokio::test]
 async fn rotated_password_reaches_the_running_domain_once() {
     let mut kit = Kit::new();
     kit.make_domain(DomainState::Running, false).await;
@@ -559,7 +575,11 @@ async fn rotated_password_reaches_the_running_domain_once() {
     let d = with_last_status(desktop(), &kit.api);
     passes(&kit, &d).await;
     let dom = kit.domain();
-    assert_eq!(changes(&kit, before), [format!("update-device {dom}")]);
+    // The new password goes into the definition (a restart keeps it) and the running domain.
+    assert_eq!(
+        changes(&kit, before),
+        [format!("define {dom}"), format!("update-device {dom}")]
+    );
     let again = kit.hv.journal().len();
     passes(&kit, &d).await;
     assert!(

@@ -28,7 +28,9 @@ pub(super) struct Inputs {
     pub pool: Arc<ResourcePool>,
     pub host: HostContext,
     pub domain: DomainInputs,
-    /// The version of the console password mirror the password came from.
+    /// A fingerprint of the console password (not the mirror's resourceVersion: the operator
+    /// rewrites a mirror's labels and annotations without changing its password, and each
+    /// rewrite would push the same password into the running domain again).
     pub password_version: String,
     /// The disk's virtual size asked for, in bytes.
     pub size: Option<u64>,
@@ -128,10 +130,11 @@ pub(super) fn console_password<H>(ctx: &DesktopContext<H>, uid: &str) -> Option<
     if password.is_empty() {
         return None;
     }
-    Some((
-        Secret::new(password),
-        mirror.resource_version().unwrap_or_default(),
-    ))
+    let version = format!(
+        "{:016x}",
+        deskvirt_crds::names::fnv1a64(password.as_bytes())
+    );
+    Some((Secret::new(password), version))
 }
 
 /// Host CPUs for a desktop with dedicated CPUs, by the core's one rule

@@ -169,15 +169,23 @@ fn pool(dir: &Path) -> ResourcePool {
     .unwrap_or_else(|e| panic!("{e}"))
 }
 
-fn mirror(version: &str) -> Secret {
-    serde_json::from_value(json!({
+/// The console mirror of [`desktop`] at `version`, holding `password`.
+fn mirror(version: &str, password: &str) -> Secret {
+    let mut m: Secret = serde_json::from_value(json!({
         "metadata": {"name": format!("console-{UID}"), "namespace": CONSOLES,
                      "resourceVersion": version,
                      "labels": {"deskvirt.io/desktop-uid": UID, "deskvirt.io/node": NODE},
                      "annotations": {"deskvirt.io/desktop": "team/a"}},
-        "data": {"password": "c2VjcmV0"}
     }))
-    .unwrap_or_else(|e| panic!("{e}"))
+    .unwrap_or_else(|e| panic!("{e}"));
+    m.data = Some(
+        [(
+            "password".to_string(),
+            k8s_openapi::ByteString(password.as_bytes().to_vec()),
+        )]
+        .into(),
+    );
+    m
 }
 
 /// A host with the fake hypervisor and API, the pool `p` and the mirror of [`desktop`].
@@ -205,7 +213,7 @@ impl Kit {
         pools.apply_watcher_event(&watcher::Event::Apply(pool(&dir.0)));
         let (nodes, _) = reflector::store();
         let (mirrors, mut mirror_writer) = reflector::store::<Secret>();
-        mirror_writer.apply_watcher_event(&watcher::Event::Apply(mirror("7")));
+        mirror_writer.apply_watcher_event(&watcher::Event::Apply(mirror("7", "secret")));
         let config = DesktopConfig {
             node_name: NODE.into(),
             node_address: "192.0.2.10".into(),
@@ -235,10 +243,19 @@ impl Kit {
         }
     }
 
-    /// The operator rotates the console password: the mirror gets a new version.
+    /// The operator rotates the console password: the mirror gets a new version and password.
     pub fn rotate_password(&mut self, version: &str) {
         self.mirrors
-            .apply_watcher_event(&watcher::Event::Apply(mirror(version)));
+            .apply_watcher_event(&watcher::Event::Apply(mirror(
+                version,
+                &format!("secret-{version}"),
+            )));
+    }
+
+    /// The operator rewrites the mirror (labels, annotations) without changing the password.
+    pub fn rewrite_mirror(&mut self, version: &str) {
+        self.mirrors
+            .apply_watcher_event(&watcher::Event::Apply(mirror(version, "secret")));
     }
 
     /// The pool leaves the cache.
