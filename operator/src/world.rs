@@ -162,6 +162,12 @@ pub fn usage_by_host(
             ledger.is_some_and(|l| l.port_of(uid).is_some_and(|(h, _)| h == host))
         };
         if confirmed(d) || in_ledger() {
+            // A size the ledger admitted that the cache may not show yet counts as well.
+            let uid = d.metadata.uid.as_deref().unwrap_or_default();
+            let req = match ledger.and_then(|l| l.admitted_size(uid)) {
+                Some(admitted) => deskvirt_core::resize::larger(admitted, req),
+                None => req,
+            };
             requests.entry(host).or_default().push(req);
         }
     }

@@ -179,3 +179,59 @@ async fn resizes_are_admitted_at_restart_refused_when_they_do_not_fit_and_pools_
     edit(&run, "d", json!({ "pool": pool })).await;
     wait_condition(&run, "d", "PoolApplied", "True", "Bound").await;
 }
+
+/// Two resizes on one host decided at the same moment, each fitting alone but not together:
+/// exactly one is admitted (the ledger lock and the admitted-but-not-yet-seen growth of the
+/// other), and what the pool counts is what was admitted.
+#[tokio::test]
+async fn concurrent_resizes_never_admit_more_than_the_host_holds() {
+    let run = Run::new("op-resize-race").await;
+    let _op = run.operator(&format!("op-resize-race-{}", run.id), &[]);
+    let exact = json!({ "overcommit": { "cpu": 1.0, "memory": 1.0 },
+                        "reserved": { "cpu": 0, "memory": "0" } });
+    let pool = format!("rr-{}", run.id);
+    run.pool(&pool, exact).await;
+    let node = format!("rr-node-{}", run.id);
+    run.host(&node, 4, "8Gi").await;
+    let _hb = run.heartbeat(&node, 30);
+    let desks = run.desktops();
+    for name in ["a", "b"] {
+        desks
+            .create(&PostParams::default(), &run.desktop(name, &pool, 1, "2Gi"))
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        wait_for(&desks, name, "binding", |d: &Desktop| node_of(d).is_some()).await;
+        runs_with(&run, name, 1, "2Gi").await;
+        wait_condition(&run, name, "SizeApplied", "True", "Applied").await;
+    }
+    wait_allocated(&run, &pool, 2, "4Gi").await;
+
+    // Each to 2 vCPU and 5 GiB: one fits (3 vCPU, 7 GiB charged), both do not (4, 10 GiB).
+    tokio::join!(
+        edit(&run, "a", json!({ "cpu": 2, "memory": "5Gi" })),
+        edit(&run, "b", json!({ "cpu": 2, "memory": "5Gi" })),
+    );
+    let decided = |d: &Desktop| {
+        cond(desktop_conditions(d), "SizeApplied")
+            .filter(|c| c.observed_generation == d.metadata.generation)
+            .map(|c| c.reason.clone())
+    };
+    let mut reasons = Vec::new();
+    for name in ["a", "b"] {
+        let d = wait_for(&desks, name, "a size decision", |d: &Desktop| {
+            decided(d).is_some()
+        })
+        .await;
+        reasons.push((name, decided(&d).unwrap_or_default(), allocation(&d)));
+    }
+    let admitted = reasons
+        .iter()
+        .filter(|(_, r, _)| r == "RestartRequired")
+        .count();
+    let refused = reasons
+        .iter()
+        .filter(|(_, r, _)| r == "InsufficientCapacity")
+        .count();
+    assert_eq!((admitted, refused), (1, 1), "{reasons:?}");
+    wait_allocated(&run, &pool, 3, "7Gi").await;
+}

@@ -2,6 +2,9 @@
 //! per host, rebuilt from recorded bindings when the operator starts and then updated in place by
 //! the leader as it binds and releases desktops.
 
+use std::collections::BTreeMap;
+
+use crate::scheduler::Request;
 use crate::types::{NetworkMode, PortRange};
 
 use super::conflict::{Conflict, Seniority};
@@ -141,14 +144,18 @@ pub struct Released {
     pub mac: Option<Mac>,
 }
 
-/// Ports, MACs and subnets of one pool. When the pool's spec changes, build a new ledger and
-/// rebuild it from the recorded bindings: held values stay, conflicts are reported.
+/// Ports, MACs and subnets of one pool, and the resizes admitted in it that the recorded
+/// bindings may not show yet. When the pool's spec changes, build a new ledger and rebuild it
+/// from the recorded bindings: held values stay, conflicts are reported.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Ledger {
     config: LedgerConfig,
     ports: PortLedger,
     macs: MacLedger,
     subnets: Option<SubnetLedger>,
+    /// Sizes admitted by a resize, by desktop, until its recorded allocation says so: two
+    /// resizes decided a moment apart each count the other's.
+    grown: BTreeMap<String, Request>,
 }
 
 impl Ledger {
@@ -159,6 +166,29 @@ impl Ledger {
             ports: PortLedger::new(),
             macs: MacLedger::new(config.mac_prefix),
             subnets: config.subnets.map(SubnetLedger::new),
+            grown: BTreeMap::new(),
+        }
+    }
+
+    /// Records that `desktop` was admitted at `size`, before its allocation is recorded.
+    pub fn admit_size(&mut self, desktop: &str, size: Request) {
+        self.grown.insert(desktop.to_string(), size);
+    }
+
+    /// What `desktop` was admitted at and is not recorded yet, if anything.
+    pub fn admitted_size(&self, desktop: &str) -> Option<Request> {
+        self.grown.get(desktop).copied()
+    }
+
+    /// `desktop`'s recorded allocation is `recorded`: an admitted size it matches is recorded
+    /// now and no longer the ledger's to count.
+    pub fn size_recorded(&mut self, desktop: &str, recorded: Request) {
+        if self
+            .grown
+            .get(desktop)
+            .is_some_and(|g| g.vcpus == recorded.vcpus && g.memory == recorded.memory)
+        {
+            self.grown.remove(desktop);
         }
     }
 
@@ -261,6 +291,7 @@ impl Ledger {
 
     /// Frees the port and MAC of a deleted desktop.
     pub fn release(&mut self, desktop: &str) -> Released {
+        self.grown.remove(desktop);
         Released {
             port: self.ports.release(desktop),
             mac: self.macs.release(desktop),
@@ -351,6 +382,24 @@ mod tests {
             Ok(l) => l,
             Err(e) => panic!("default pool spec must give a ledger: {e}"),
         }
+    }
+
+    #[test]
+    fn an_admitted_size_counts_until_recorded_or_released() {
+        let mut l = ledger(5900, 5910);
+        let gib = 1 << 30;
+        let grown = Request::new(2, 5 * gib);
+        assert_eq!(l.admitted_size("a"), None);
+        l.admit_size("a", grown);
+        assert_eq!(l.admitted_size("a"), Some(grown));
+        // Another size recorded (an older write landing): still the ledger's to count.
+        l.size_recorded("a", Request::new(1, 2 * gib));
+        assert_eq!(l.admitted_size("a"), Some(grown));
+        l.size_recorded("a", grown);
+        assert_eq!(l.admitted_size("a"), None);
+        l.admit_size("b", grown);
+        l.release("b");
+        assert_eq!(l.admitted_size("b"), None);
     }
 
     fn claim<'a>(desktop: &'a str, host: &'a str) -> Claim<'a> {

@@ -130,7 +130,7 @@ async fn bound(pass: &Pass<'_>, node: &str) -> Result<Action, Error> {
     } else {
         Status::from_bool(derived.ready)
     };
-    let warnings = size::settle(ctx, d, uid, node, &mut want, now);
+    let warnings = size::settle(ctx, d, uid, node, &mut want, now).await;
     let scheduled = bound_message(node, want.port, want.mac.as_deref());
     // A spec made invalid after binding: not Ready, naming the fields (the host never applies
     // a USB policy looser than the pool's; nothing bound is taken back).

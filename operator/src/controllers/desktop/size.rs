@@ -62,7 +62,7 @@ pub(super) fn admitted(
 
 /// Decides the allocation and the two conditions of `d`, bound to `node`, into `want`;
 /// returns the Warnings due.
-pub(super) fn settle(
+pub(super) async fn settle(
     ctx: &Context,
     d: &Desktop,
     uid: &str,
@@ -120,6 +120,14 @@ pub(super) fn settle(
         })
         .unwrap_or(wanted);
     let running = running_size(d);
+    if admitted == wanted
+        && let Ok(mut ledgers) = ctx.ledgers.try_lock()
+        && let Some(l) = ledgers.get_mut(&alloc.pool)
+    {
+        // Recorded now: the ledger stops counting it (skipped when the lock is busy; a size
+        // both recorded and admitted counts once either way).
+        l.size_recorded(uid, admitted);
+    }
     let decision = if !holds_resources(d) || admitted == wanted {
         // Released by the idle policy (a wake places it again at the size asked), or nothing
         // changed: only whether the running domain has caught up is left to say.
@@ -128,9 +136,16 @@ pub(super) fn settle(
             verdict: caught_up(wanted, running.filter(|_| holds_resources(d))),
         }
     } else {
-        let room = ctx
-            .stores
-            .pool(&alloc.pool)
+        // Under the ledger lock, counting what the ledger admitted and the cache may not show
+        // yet: two resizes (or a resize and a binding) on one host never both take its room.
+        let mut ledgers = ctx.ledgers.lock().await;
+        let pool = ctx.stores.pool(&alloc.pool);
+        let ledger = match pool.as_deref() {
+            Some(p) if ledgers.ready => ledgers.of(p, &ctx.stores).ok(),
+            _ => None,
+        };
+        let room = pool
+            .as_deref()
             .and_then(|p| PoolPolicy::from_spec(&p.spec).ok())
             .and_then(|policy| {
                 host_room(
@@ -140,14 +155,16 @@ pub(super) fn settle(
                     &ctx.stores.desktops.state(),
                     uid,
                     Bindings {
-                        ledger: None,
+                        ledger: ledger.as_deref(),
                         confirmed: &|d| ctx.stores.binding_confirmed(d),
                     },
                 )
             });
-        match room {
-            Some((capacity, others)) => decide(node, &capacity, &others, admitted, wanted, running),
-            None => SizeDecision {
+        let decision = match (room, ledger.as_deref()) {
+            (Some((capacity, others)), Some(_)) => {
+                decide(node, &capacity, &others, admitted, wanted, running)
+            }
+            _ => SizeDecision {
                 admitted,
                 verdict: SizeVerdict::Refused {
                     message: format!(
@@ -157,7 +174,11 @@ pub(super) fn settle(
                     ),
                 },
             },
+        };
+        if let Some(l) = ledger {
+            l.admit_size(uid, decision.admitted);
         }
+        decision
     };
     if decision.admitted == wanted && !matches!(decision.verdict, SizeVerdict::Refused { .. }) {
         alloc.cpu = d.spec.cpu;
