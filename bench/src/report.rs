@@ -1,4 +1,4 @@
-//! The markdown report: one table per section and a comparison with issue 7's goals.
+//! The markdown report: one table per section and a comparison with the issues' goals.
 
 use std::fmt::Write;
 use std::time::Duration;
@@ -207,7 +207,7 @@ impl Report {
         if !goals.is_empty() {
             let _ = writeln!(
                 s,
-                "\n## Against issue 7's goals\n\n| goal | measured | |\n|---|---|---|"
+                "\n## Against the issues' goals\n\n| goal | measured | |\n|---|---|---|"
             );
             for g in goals {
                 let _ = writeln!(s, "{g}");
