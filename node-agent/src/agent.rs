@@ -31,7 +31,7 @@ pub struct AgentConfig {
     pub node_labels: std::collections::BTreeMap<String, String>,
     /// The deadline of one libvirt call (for the inventory loop's liveness allowance).
     pub libvirt_timeout: Duration,
-    /// How long desktop reconciles may be in flight with none finishing (liveness).
+    /// How long one desktop reconcile may be in flight before liveness fails.
     pub reconcile_allowance: Duration,
 }
 

@@ -170,8 +170,8 @@ impl Config {
 
     /// The longest one desktop reconcile may take with every deadline it can meet (a full disk
     /// copy, two `qemu-img` runs, two slow and ten plain libvirt calls, ten API calls of 10 s),
-    /// and a minute more: liveness fails only when reconciles are in flight and none finished
-    /// for that long, which is a stuck controller, not a slow host.
+    /// and a minute more: liveness fails only when one reconcile has been in flight that long,
+    /// which is a stuck reconcile, not a slow host.
     pub fn reconcile_allowance(&self) -> Duration {
         self.disk_copy_timeout
             + 2 * self.qemu_img_timeout

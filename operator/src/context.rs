@@ -212,6 +212,9 @@ impl Ledgers {
             self.rebind.insert(c.loser().to_string());
             self.rebind_why.insert(c.loser().to_string(), c.clone());
         }
+        if let Some(old) = &old {
+            ledger.keep_admitted_sizes(old);
+        }
         tracing::info!(pool = %name, conflicts = conflicts.len(), "ledger rebuilt");
         self.pools.insert(name.to_string(), ledger);
     }
@@ -405,8 +408,7 @@ impl Default for Reconciles {
 
 impl Reconciles {
     /// Work `health` watches: a reconcile makes a few API calls, each with a deadline, and may
-    /// wait for the ledger behind others; one that has not finished in `allowed`, with none
-    /// of its controller's finishing meanwhile, is stuck.
+    /// wait for the ledger behind others; one that has not finished in `allowed` is stuck.
     pub fn watched(health: &deskvirt_runtime::health::Health, allowed: Duration) -> Self {
         Self {
             desktops: health.watch_work("desktop reconciles", allowed),

@@ -26,9 +26,9 @@ pub use crate::context::stopped;
 /// How often the operator's runtime beat ticks; liveness fails after six missed beats.
 const RUNTIME_BEAT: Duration = Duration::from_secs(5);
 
-/// How long a controller may have reconciles in flight without one finishing before liveness
-/// fails: a pass makes a handful of API calls of at most 10 s each (`runtime::api`), so five
-/// minutes is a stuck pass, not a slow one.
+/// How long one reconcile may be in flight before liveness fails: a pass makes a handful of
+/// API calls of at most 10 s each (`runtime::api`) and may wait for the ledger behind the
+/// others in flight, so five minutes is a stuck pass, not a slow one.
 const RECONCILE_ALLOWANCE: Duration = Duration::from_secs(300);
 
 /// A client from the in-cluster config or `KUBECONFIG` with the deadlines of `timeouts`, once

@@ -3,10 +3,11 @@
 //! while no loop has been silent for longer (a loop blocked forever on a call fails it; a loop
 //! whose calls time out keeps ticking). Readiness is a flag the process sets: API server
 //! reached and caches synced (operator), libvirt answering (agent). A loop that works on
-//! demand (a controller's reconciles) registers [`Work`] instead: it is stalled only while some
-//! of its work is in flight and none has finished for longer than it may take, so an idle
-//! controller is live and a deadlocked one is not.
+//! demand (a controller's reconciles) registers [`Work`] instead: it is stalled when a piece of
+//! its work has been in flight for longer than one may take, so an idle controller is live, and
+//! one reconcile stuck for ever fails liveness even while others finish.
 
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -33,18 +34,30 @@ struct Loop {
     /// Milliseconds since `origin` at the last tick.
     last: AtomicU64,
     /// For on-demand work ([`Work`]): the pieces in flight; `None` for a periodic loop.
-    in_flight: Option<AtomicU64>,
+    pieces: Option<Mutex<Pieces>>,
+}
+
+/// The pieces of on-demand work in flight, with when each began (ms since origin).
+#[derive(Debug, Default)]
+struct Pieces {
+    next: u64,
+    started: BTreeMap<u64, u64>,
 }
 
 impl Loop {
-    /// How long the loop has been silent at `now` (ms since origin), if longer than it may.
+    /// How long the loop has been silent at `now` (ms since origin), if longer than it may: a
+    /// periodic loop since its last tick, on-demand work since its oldest piece in flight began.
     fn stalled_at(&self, now: u64) -> Option<Duration> {
-        if let Some(n) = &self.in_flight
-            && n.load(Ordering::Relaxed) == 0
-        {
-            return None;
-        }
-        let silent = Duration::from_millis(now.saturating_sub(self.last.load(Ordering::Relaxed)));
+        let since = match &self.pieces {
+            None => self.last.load(Ordering::Relaxed),
+            Some(p) => *p
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .started
+                .values()
+                .min()?,
+        };
+        let silent = Duration::from_millis(now.saturating_sub(since));
         (silent > self.allowed).then_some(silent)
     }
 }
@@ -61,6 +74,7 @@ pub struct Work {
 #[derive(Debug)]
 pub struct Busy {
     work: Work,
+    id: u64,
 }
 
 impl Work {
@@ -72,35 +86,38 @@ impl Work {
                 name: "unwatched",
                 allowed: Duration::MAX,
                 last: AtomicU64::new(0),
-                in_flight: Some(AtomicU64::new(0)),
+                pieces: Some(Mutex::default()),
             }),
         }
     }
 
-    /// Starts a piece of work. Starting after a pause restarts the clock: silence counts only
-    /// while something is in flight.
+    /// Starts a piece of work, timed from now until its guard is dropped.
     pub fn begin(&self) -> Busy {
-        if let Some(n) = &self.inner.in_flight
-            && n.fetch_add(1, Ordering::Relaxed) == 0
-        {
-            self.tick();
+        let now = millis(self.origin.elapsed());
+        let id = self.with_pieces(|p| {
+            let id = p.next;
+            p.next += 1;
+            p.started.insert(id, now);
+            id
+        });
+        Busy {
+            work: self.clone(),
+            id,
         }
-        Busy { work: self.clone() }
     }
 
-    fn tick(&self) {
-        self.inner
-            .last
-            .store(millis(self.origin.elapsed()), Ordering::Relaxed);
+    fn with_pieces<T>(&self, f: impl FnOnce(&mut Pieces) -> T) -> T {
+        let mut fallback = Pieces::default();
+        match &self.inner.pieces {
+            Some(p) => f(&mut p.lock().unwrap_or_else(|e| e.into_inner())),
+            None => f(&mut fallback),
+        }
     }
 }
 
 impl Drop for Busy {
     fn drop(&mut self) {
-        self.work.tick();
-        if let Some(n) = &self.work.inner.in_flight {
-            n.fetch_sub(1, Ordering::Relaxed);
-        }
+        self.work.with_pieces(|p| p.started.remove(&self.id));
     }
 }
 
@@ -151,12 +168,12 @@ impl Health {
         }
     }
 
-    /// Watches on-demand work `name`: while some is in flight, a piece must finish at least
-    /// every `allowed` (the longest one piece may take, its deadlines included).
+    /// Watches on-demand work `name`: no piece may stay in flight longer than `allowed` (the
+    /// longest one may take, its deadlines included).
     pub fn watch_work(&self, name: &'static str, allowed: Duration) -> Work {
         Work {
             origin: self.inner.origin,
-            inner: self.register(name, allowed, Some(AtomicU64::new(0))),
+            inner: self.register(name, allowed, Some(Mutex::default())),
         }
     }
 
@@ -164,13 +181,13 @@ impl Health {
         &self,
         name: &'static str,
         allowed: Duration,
-        in_flight: Option<AtomicU64>,
+        pieces: Option<Mutex<Pieces>>,
     ) -> Arc<Loop> {
         let inner = Arc::new(Loop {
             name,
             allowed,
             last: AtomicU64::new(millis(self.inner.origin.elapsed())),
-            in_flight,
+            pieces,
         });
         self.inner
             .loops
@@ -233,24 +250,22 @@ mod tests {
     }
 
     #[test]
-    fn on_demand_work_is_stalled_only_while_a_piece_is_in_flight_too_long() {
+    fn on_demand_work_is_stalled_only_by_a_piece_in_flight_too_long() {
         let health = Health::new();
         let work = health.watch_work("reconciles", Duration::from_secs(60));
         let at = |secs: u64| work.inner.stalled_at(secs * 1000);
         // Idle for an hour: live.
         assert_eq!(at(3600), None);
-        // A piece in flight: the clock starts when it began, not when the work last finished.
-        let busy = work.begin();
-        let began = work.inner.last.load(Ordering::Relaxed) / 1000;
+        // A piece in flight: timed from when it began.
+        let stuck = work.begin();
+        let began = millis(work.origin.elapsed()) / 1000;
         assert_eq!(at(began + 30), None);
-        assert_eq!(at(began + 61), Some(Duration::from_secs(61)));
-        // Another piece finishing is progress; once none is in flight, silence does not count.
-        let other = work.begin();
-        drop(other);
-        let finished = work.inner.last.load(Ordering::Relaxed) / 1000;
-        assert_eq!(at(finished + 30), None);
-        drop(busy);
-        assert_eq!(at(finished + 3600), None);
+        // Others beginning and finishing meanwhile do not hide it.
+        drop(work.begin());
+        assert!(at(began + 62).is_some());
+        // Once it finishes, nothing in flight: live however long the quiet lasts.
+        drop(stuck);
+        assert_eq!(at(began + 3600), None);
         // Unwatched work never stalls anyone.
         drop(Work::unwatched().begin());
     }

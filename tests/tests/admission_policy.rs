@@ -365,7 +365,7 @@ fn an_agent_writes_only_its_own_hosts_objects_and_desktops_the_operator_bound_th
 
     // The operator's fields of a desktop bound to the agent's own host: changed, dropped or
     // added, each is refused and named.
-    let forged: [(&str, Json); 6] = [
+    let forged: [(&str, Json); 7] = [
         (
             "allocation",
             json!({"pool": "lab", "cpu": 1, "memory": "1Gi"}),
@@ -375,6 +375,10 @@ fn an_agent_writes_only_its_own_hosts_objects_and_desktops_the_operator_bound_th
         ("spice.passwordSecret", json!("other-console")),
         ("reclaimed", Json::Null),
         ("wake", json!({"token": "x", "at": "2026-12-03T10:00:00Z"})),
+        (
+            "lastMove",
+            json!({"from": "b", "to": "a", "at": "2026-12-03T10:00:00Z"}),
+        ),
     ];
     for (path, value) in forged {
         let mut after = bound_with("a", operator_fields());

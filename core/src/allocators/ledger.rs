@@ -180,15 +180,17 @@ impl Ledger {
         self.grown.get(desktop).copied()
     }
 
-    /// `desktop`'s recorded allocation is `recorded`: an admitted size it matches is recorded
-    /// now and no longer the ledger's to count.
-    pub fn size_recorded(&mut self, desktop: &str, recorded: Request) {
-        if self
-            .grown
-            .get(desktop)
-            .is_some_and(|g| g.vcpus == recorded.vcpus && g.memory == recorded.memory)
-        {
-            self.grown.remove(desktop);
+    /// `desktop`'s recorded allocation is what its spec asks: whatever the ledger admitted
+    /// for it is recorded, or was given up (a revert, a failed write), and no longer counts.
+    pub fn size_settled(&mut self, desktop: &str) {
+        self.grown.remove(desktop);
+    }
+
+    /// Carries the admitted sizes of `old` (the ledger this one replaces) over: a rebuild
+    /// starts from recorded bindings, which may not show them yet.
+    pub fn keep_admitted_sizes(&mut self, old: &Ledger) {
+        for (d, size) in &old.grown {
+            self.grown.entry(d.clone()).or_insert(*size);
         }
     }
 
@@ -301,6 +303,7 @@ impl Ledger {
     /// Frees only the port of `desktop`: its resources went back to the pool (idle
     /// reclamation) while it keeps its MAC and its host.
     pub fn release_port(&mut self, desktop: &str) -> Option<(String, u16)> {
+        self.grown.remove(desktop);
         self.ports.release(desktop)
     }
 
@@ -385,21 +388,27 @@ mod tests {
     }
 
     #[test]
-    fn an_admitted_size_counts_until_recorded_or_released() {
-        let mut l = ledger(5900, 5910);
+    fn an_admitted_size_counts_until_settled_released_or_its_resources_released() {
         let gib = 1 << 30;
         let grown = Request::new(2, 5 * gib);
+        let mut l = ledger(5900, 5910);
         assert_eq!(l.admitted_size("a"), None);
         l.admit_size("a", grown);
         assert_eq!(l.admitted_size("a"), Some(grown));
-        // Another size recorded (an older write landing): still the ledger's to count.
-        l.size_recorded("a", Request::new(1, 2 * gib));
-        assert_eq!(l.admitted_size("a"), Some(grown));
-        l.size_recorded("a", grown);
+        // A rebuilt ledger keeps it.
+        let mut rebuilt = ledger(5900, 5920);
+        rebuilt.keep_admitted_sizes(&l);
+        assert_eq!(rebuilt.admitted_size("a"), Some(grown));
+        l.size_settled("a");
         assert_eq!(l.admitted_size("a"), None);
-        l.admit_size("b", grown);
-        l.release("b");
-        assert_eq!(l.admitted_size("b"), None);
+        for release in [
+            |l: &mut Ledger| drop(l.release("b")),
+            |l: &mut Ledger| drop(l.release_port("b")),
+        ] {
+            l.admit_size("b", grown);
+            release(&mut l);
+            assert_eq!(l.admitted_size("b"), None);
+        }
     }
 
     fn claim<'a>(desktop: &'a str, host: &'a str) -> Claim<'a> {

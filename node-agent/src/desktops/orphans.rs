@@ -175,7 +175,9 @@ pub async fn run<H: Hypervisor>(ctx: Arc<DesktopContext<H>>, every: Duration) {
         let domains = match ctx.hypervisor.list_domains().await {
             Ok(d) => d,
             Err(e) => {
+                // Retried at the next full sweep, not every NOTICE while libvirt is down.
                 tracing::debug!(error = %error_chain(&e), "orphan sweep skipped");
+                left = false;
                 continue;
             }
         };

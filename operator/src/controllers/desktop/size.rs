@@ -121,12 +121,10 @@ pub(super) async fn settle(
         .unwrap_or(wanted);
     let running = running_size(d);
     if admitted == wanted
-        && let Ok(mut ledgers) = ctx.ledgers.try_lock()
-        && let Some(l) = ledgers.get_mut(&alloc.pool)
+        && let Some(l) = ctx.ledgers.lock().await.get_mut(&alloc.pool)
     {
-        // Recorded now: the ledger stops counting it (skipped when the lock is busy; a size
-        // both recorded and admitted counts once either way).
-        l.size_recorded(uid, admitted);
+        // Recorded as asked (or reverted): whatever the ledger admitted no longer counts.
+        l.size_settled(uid);
     }
     let decision = if !holds_resources(d) || admitted == wanted {
         // Released by the idle policy (a wake places it again at the size asked), or nothing
@@ -140,6 +138,8 @@ pub(super) async fn settle(
         // yet: two resizes (or a resize and a binding) on one host never both take its room.
         let mut ledgers = ctx.ledgers.lock().await;
         let pool = ctx.stores.pool(&alloc.pool);
+        // Without a ledger (leadership just gained, or the pool's network settings rejected,
+        // which its own condition reports) the cache alone decides, as it does for the pool.
         let ledger = match pool.as_deref() {
             Some(p) if ledgers.ready => ledgers.of(p, &ctx.stores).ok(),
             _ => None,
@@ -160,11 +160,9 @@ pub(super) async fn settle(
                     },
                 )
             });
-        let decision = match (room, ledger.as_deref()) {
-            (Some((capacity, others)), Some(_)) => {
-                decide(node, &capacity, &others, admitted, wanted, running)
-            }
-            _ => SizeDecision {
+        let decision = match room {
+            Some((capacity, others)) => decide(node, &capacity, &others, admitted, wanted, running),
+            None => SizeDecision {
                 admitted,
                 verdict: SizeVerdict::Refused {
                     message: format!(
