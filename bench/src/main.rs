@@ -109,8 +109,9 @@ struct Args {
     /// socket>` (a daemon's test driver) measures the agent as on a real host.
     #[arg(long, default_value = fleet::TEST_URI)]
     fleet_libvirt_uri: String,
-    /// Use the operator and agent binaries in this directory for the simulated fleet instead
-    /// of building them (for example a build with another Cargo profile).
+
+    /// Use the operator and agent binaries in this directory (the simulated fleet and the
+    /// time-to-desktop run) instead of building them, for example a build of another profile.
     #[arg(long)]
     bin_dir: Option<PathBuf>,
     /// Where `<timestamp>/report.md` and `ttd-cdf.png` go.
@@ -309,12 +310,23 @@ async fn measure(args: &Args, env: &mut Env, report: &mut Report) -> anyhow::Res
     } else {
         "release"
     };
-    eprintln!("[bench] building the operator and the node-agent ({bins})");
-    let dir = env::build_binaries(!args.debug_binaries)?;
+    let dir = match &args.bin_dir {
+        Some(d) => {
+            report.notes.push(format!(
+                "operator and node-agent from {} (not built by the bench), admin kubeconfig",
+                d.display()
+            ));
+            d.clone()
+        }
+        None => {
+            eprintln!("[bench] building the operator and the node-agent ({bins})");
+            report.notes.push(format!(
+                "operator and node-agent: {bins} builds, admin kubeconfig"
+            ));
+            env::build_binaries(!args.debug_binaries)?
+        }
+    };
     env.start(&dir, &args.log).await?;
-    report.notes.push(format!(
-        "operator and node-agent: {bins} builds, admin kubeconfig"
-    ));
     if !args.skip_ttd && args.n > 0 {
         report.ttd = Some(ttd::run_pairs(env, args.n).await?);
     }
