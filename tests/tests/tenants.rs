@@ -36,7 +36,7 @@ use deskvirt_tests::world::{
     World, create_pool, delete_desktops, guest_desktop, remove_domains, setup, virsh_system,
 };
 use k8s_openapi::api::core::v1::{Event, Secret};
-use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams, Preconditions};
 use kube::{Api, ResourceExt};
 use serde_json::json;
 
@@ -356,14 +356,34 @@ async fn hostile_tenants_reach_no_domain_disk_or_binding_of_another() -> anyhow:
     eprintln!("[tenants] a--x deleted: its domain and disk gone; x runs on the same disk");
 
     // Tenant B strips the finalizers of x and deletes it: its domain is not stopped, and the
-    // agent reports it as an orphan.
-    in_b.patch(
-        "x",
-        &PatchParams::default(),
-        &Patch::Merge(&json!({ "metadata": { "finalizers": null } })),
-    )
-    .await?;
-    in_b.delete("x", &DeleteParams::default()).await?;
+    // agent reports it as an orphan. The agent and the operator put their finalizers back as
+    // soon as they see them gone (then the deletion is an ordinary one, and nothing is left
+    // running), so the tenant deletes on the condition that nobody wrote x since its strip,
+    // and strips again until that holds, as a determined tenant would.
+    let mut attempts = 0;
+    loop {
+        attempts += 1;
+        let stripped = in_b
+            .patch(
+                "x",
+                &PatchParams::default(),
+                &Patch::Merge(&json!({ "metadata": { "finalizers": null } })),
+            )
+            .await?;
+        let unchanged = DeleteParams {
+            preconditions: Some(Preconditions {
+                resource_version: stripped.resource_version(),
+                uid: None,
+            }),
+            ..DeleteParams::default()
+        };
+        match in_b.delete("x", &unchanged).await {
+            Ok(_) => break,
+            Err(kube::Error::Api(e)) if e.code == 409 && attempts < 50 => continue,
+            Err(e) => return Err(e.into()),
+        }
+    }
+    eprintln!("[tenants] x deleted without its finalizers after {attempts} strip(s)");
     eventually(Duration::from_secs(30), "x gone", || async {
         Ok(in_b.get_opt("x").await?.is_none().then_some(()))
     })
