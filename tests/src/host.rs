@@ -58,20 +58,36 @@ pub fn free_port() -> anyhow::Result<u16> {
         .port())
 }
 
-/// `count` consecutive free ports from a random start (for a pool's SPICE range).
+/// `count` consecutive free ports from a random start (for a pool's SPICE range), below the
+/// kernel's ephemeral range: a port in that range may become the local port of any outgoing
+/// connection (a watch lives as long as its process), and QEMU then cannot listen on it for
+/// the whole test (an e2e burst desktop failed so for 10 minutes).
 pub fn free_port_range(count: u16) -> anyhow::Result<u16> {
-    for _ in 0..50 {
-        let first = free_port()?;
-        if first > u16::MAX - count {
-            continue;
-        }
+    let ephemeral = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32768);
+    let (low, high) = (10_000u16, ephemeral.saturating_sub(count));
+    anyhow::ensure!(
+        high > low,
+        "no room below the ephemeral ports ({ephemeral})"
+    );
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or_default()
+        ^ std::process::id().wrapping_mul(2_654_435_761);
+    let span = u32::from(high - low);
+    for i in 0..200u32 {
+        let offset = seed.wrapping_add(i.wrapping_mul(7_919)) % span;
+        let first = low + u16::try_from(offset).unwrap_or_default();
         let all_free =
-            (first..first + count).all(|p| TcpListener::bind((Ipv4Addr::LOCALHOST, p)).is_ok());
+            (first..first + count).all(|p| TcpListener::bind((Ipv4Addr::UNSPECIFIED, p)).is_ok());
         if all_free {
             return Ok(first);
         }
     }
-    anyhow::bail!("no {count} consecutive free ports found")
+    anyhow::bail!("no {count} consecutive free ports found below {ephemeral}")
 }
 
 /// The workspace's binaries (operator and node-agent), built once per test process.
