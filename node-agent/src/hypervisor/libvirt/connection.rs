@@ -146,9 +146,14 @@ impl Connection {
         deadline: Instant,
     ) -> Result<Arc<Conn>, HypervisorError> {
         let mut state = self.lock();
+        let waiting = Instant::now();
         while state.opening && state.conn.is_none() {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
+                // Another call's open outlasted this call's deadline: libvirt is not answering,
+                // as surely as when a call of its own misses it (whichever of the two timers
+                // fires first, the call ends stalled, and later calls fail fast).
+                self.missed_deadline(op, waiting.elapsed());
                 return Err(HypervisorError::Disconnected {
                     op,
                     message: "still connecting".into(),
