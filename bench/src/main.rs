@@ -213,19 +213,7 @@ async fn fleet_run(args: &Args, report: &mut Report) -> anyhow::Result<()> {
     } else {
         "release"
     };
-    let bin_dir = match &args.bin_dir {
-        Some(d) => {
-            report.notes.push(format!(
-                "binaries from {} (not built by the bench)",
-                d.display()
-            ));
-            d.clone()
-        }
-        None => {
-            eprintln!("[bench] building the operator and the node-agent ({bins})");
-            env::build_binaries(!args.debug_binaries)?
-        }
-    };
+    let bin_dir = binaries(args, report)?;
     let mut fleet = fleet::Fleet::create(
         client,
         &bin_dir,
@@ -304,28 +292,33 @@ async fn live(args: &Args, report: &mut Report) -> anyhow::Result<()> {
     result
 }
 
-async fn measure(args: &Args, env: &mut Env, report: &mut Report) -> anyhow::Result<()> {
+/// The directory of the operator and agent binaries: `--bin-dir`, else a build of them
+/// (release unless `--debug-binaries`); the report notes which.
+fn binaries(args: &Args, report: &mut Report) -> anyhow::Result<PathBuf> {
+    if let Some(d) = &args.bin_dir {
+        report.notes.push(format!(
+            "operator and node-agent from {} (not built by the bench)",
+            d.display()
+        ));
+        return Ok(d.clone());
+    }
     let bins = if args.debug_binaries {
         "debug"
     } else {
         "release"
     };
-    let dir = match &args.bin_dir {
-        Some(d) => {
-            report.notes.push(format!(
-                "operator and node-agent from {} (not built by the bench), admin kubeconfig",
-                d.display()
-            ));
-            d.clone()
-        }
-        None => {
-            eprintln!("[bench] building the operator and the node-agent ({bins})");
-            report.notes.push(format!(
-                "operator and node-agent: {bins} builds, admin kubeconfig"
-            ));
-            env::build_binaries(!args.debug_binaries)?
-        }
-    };
+    eprintln!("[bench] building the operator and the node-agent ({bins})");
+    report
+        .notes
+        .push(format!("operator and node-agent: {bins} builds"));
+    env::build_binaries(!args.debug_binaries)
+}
+
+async fn measure(args: &Args, env: &mut Env, report: &mut Report) -> anyhow::Result<()> {
+    let dir = binaries(args, report)?;
+    report
+        .notes
+        .push("operator and node-agent run with the admin kubeconfig".into());
     env.start(&dir, &args.log).await?;
     if !args.skip_ttd && args.n > 0 {
         report.ttd = Some(ttd::run_pairs(env, args.n).await?);
