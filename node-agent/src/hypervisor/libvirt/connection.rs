@@ -148,6 +148,14 @@ impl Connection {
         let mut state = self.lock();
         let waiting = Instant::now();
         while state.opening && state.conn.is_none() {
+            if self.is_stalled() {
+                // The open in flight is the one that stalled: waiting for it would only hold
+                // one more thread for a whole deadline (a probe while the daemon hangs).
+                return Err(HypervisorError::Disconnected {
+                    op,
+                    message: "still connecting to a libvirt that stopped answering".into(),
+                });
+            }
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
                 // Another call's open outlasted this call's deadline: libvirt is not answering,
