@@ -69,7 +69,8 @@ async fn a_pool_refuses_namespaces_its_selector_does_not_select() {
 /// Kubernetes' ResourceQuota controller, alone, for as long as the test runs: the shared
 /// local control plane may run without it, and without it no quota has a status, so none is
 /// enforced at admission. `None` when the cluster is not the local plane (it has its own).
-struct QuotaController(Option<Child>);
+/// Its output goes to a file, shown when the test fails waiting for it.
+struct QuotaController(Option<(Child, std::path::PathBuf)>);
 
 impl QuotaController {
     fn start() -> Self {
@@ -86,31 +87,91 @@ impl QuotaController {
             .and_then(|l| l.local_addr())
             .map(|a| a.port())
             .unwrap_or_else(|e| panic!("no free port: {e}"));
+        let log = std::env::temp_dir().join(format!(
+            "deskvirt-quota-controller-{}.log",
+            std::process::id()
+        ));
+        let out = std::fs::File::create(&log)
+            .unwrap_or_else(|e| panic!("creating {}: {e}", log.display()));
         let child = Command::new(format!("{bin}/kube-controller-manager"))
             .arg(format!("--kubeconfig={}", kubeconfig.display()))
             .args(["--controllers=resourcequota", "--leader-elect=false"])
             .args(["--bind-address=127.0.0.1", "--port=0"])
             .arg(format!("--secure-port={port}"))
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(out)
             .spawn()
             .unwrap_or_else(|e| panic!("starting the quota controller: {e}"));
-        Self(Some(child))
+        Self(Some((child, log)))
+    }
+
+    /// Whether it still runs, and the end of what it printed: for a failure message.
+    fn report(&mut self) -> String {
+        let Some((child, log)) = self.0.as_mut() else {
+            return "no quota controller of the test's own".into();
+        };
+        let state = match child.try_wait() {
+            Ok(Some(status)) => format!("exited with {status}"),
+            Ok(None) => "still running".into(),
+            Err(e) => format!("state unknown: {e}"),
+        };
+        let text = std::fs::read_to_string(&*log).unwrap_or_default();
+        let tail: Vec<&str> = text.lines().rev().take(30).collect();
+        let tail: Vec<&str> = tail.into_iter().rev().collect();
+        format!(
+            "quota controller {state}; its last lines:\n{}",
+            tail.join("\n")
+        )
     }
 }
 
 impl Drop for QuotaController {
     fn drop(&mut self) {
-        if let Some(c) = self.0.as_mut() {
+        if let Some((c, log)) = self.0.as_mut() {
             let _ = c.kill();
             let _ = c.wait();
+            let _ = std::fs::remove_file(&*log);
         }
+    }
+}
+
+/// The quota's `used` value of `key`, as the API server holds it.
+fn used(q: &ResourceQuota, key: &str) -> Option<String> {
+    q.status
+        .as_ref()
+        .and_then(|s| s.used.as_ref())
+        .and_then(|u| u.get(key))
+        .map(|v| v.0.clone())
+}
+
+/// Waits until `f` holds for the quota `name`; the failure shows the controller's state.
+async fn wait_quota(
+    quotas: &Api<ResourceQuota>,
+    controller: &mut QuotaController,
+    what: &str,
+    f: impl Fn(&ResourceQuota) -> bool,
+) -> ResourceQuota {
+    let deadline = std::time::Instant::now() + common::DEADLINE;
+    let mut last = None;
+    loop {
+        match quotas.get_opt("desktops").await {
+            Ok(Some(q)) if f(&q) => return q,
+            Ok(q) => last = q,
+            Err(_) => {}
+        }
+        if std::time::Instant::now() >= deadline {
+            panic!(
+                "timed out waiting for {what}: {last:#?}\n{}",
+                controller.report()
+            );
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     }
 }
 
 #[tokio::test]
 async fn namespace_quotas_cap_desktops_cpu_and_memory() {
-    let _controller = QuotaController::start();
+    let mut controller = QuotaController::start();
     let t = setup("op-quota", |_| json!({})).await;
     let (run, pool) = (&t.run, &t.host.pool);
     let quotas: Api<ResourceQuota> = Api::namespaced(run.client.clone(), &run.ns);
@@ -124,16 +185,11 @@ async fn namespace_quotas_cap_desktops_cpu_and_memory() {
         .await
         .unwrap_or_else(|e| panic!("creating the quota: {e}"));
     // Admission enforces a quota only once the controller has written its status.
-    wait_for(
+    wait_quota(
         &quotas,
-        "desktops",
+        &mut controller,
         "the quota controller's status",
-        |q: &ResourceQuota| {
-            q.status
-                .as_ref()
-                .and_then(|s| s.used.as_ref())
-                .is_some_and(|u| u.contains_key(COUNT))
-        },
+        |q| used(q, COUNT).is_some(),
     )
     .await;
 
@@ -165,7 +221,12 @@ async fn namespace_quotas_cap_desktops_cpu_and_memory() {
     let msg = wait_refused(&desks, "more-memory", "QuotaExceeded").await;
     assert!(msg.contains(MEMORY), "{msg}");
 
-    // A fourth Desktop is refused by Kubernetes itself, at admission.
+    // A fourth Desktop is refused by Kubernetes itself, at admission, once admission has
+    // counted the three (a recount of the controller's own could lag behind it).
+    wait_quota(&quotas, &mut controller, "3 desktops counted", |q| {
+        used(q, COUNT).as_deref() == Some("3")
+    })
+    .await;
     let err = create("fourth", 1, "1Gi")
         .await
         .err()
