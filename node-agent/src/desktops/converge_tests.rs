@@ -169,6 +169,48 @@ async fn define_fails_unclassified_is_retried_then_shown() {
 }
 
 #[tokio::test]
+async fn the_same_failure_at_another_time_writes_no_new_status() {
+    // QEMU stamps its errors; a retry that wrote a new status each time would wake the
+    // desktop's watch at once and never wait its backoff.
+    let kit = Kit::new();
+    kit.make_disk();
+    let mut d = desktop();
+    for second in 10..20 {
+        kit.hv.fail_once(
+            Op::Define,
+            HypervisorError::Failed {
+                op: "op",
+                target: "t".into(),
+                message: format!(
+                    "internal error: 2026-12-03T20:01:{second}.000123Z qemu-system-x86_64: boom"
+                ),
+            },
+        );
+        let Err(err) = apply(&d, &kit.ctx).await else {
+            panic!(
+                "a failing define passed at {second}: {:?}",
+                kit.hv.journal()
+            )
+        };
+        show_failure(&d, &kit.ctx, &err).await;
+        // The object as the API server now holds it, for the next pass.
+        if let Some(written) = kit.api.statuses().last() {
+            let mut status = serde_json::to_value(&d.status).unwrap_or_else(|e| panic!("{e}"));
+            if let (Some(held), Some(fields)) = (status.as_object_mut(), written.as_object()) {
+                held.extend(fields.clone());
+            }
+            d.status = serde_json::from_value(status).unwrap_or_else(|e| panic!("{e}"));
+        }
+    }
+    assert_eq!(
+        kit.api.statuses().len(),
+        1,
+        "one write when the failure is first shown, none for its repeats: {:?}",
+        kit.api.statuses()
+    );
+}
+
+#[tokio::test]
 async fn permanent_failure_of_a_pass_is_shown_at_once() {
     let kit = Kit::new();
     let d = desktop();

@@ -1,6 +1,7 @@
 //! Decides the agent's part of a Desktop's status: the address, the SPICE host and URI, the
-//! session and idleness fields, and the conditions `DomainDefined` and `Running`, with stable transition times. Pure; the
-//! caller applies the result only when it differs from what the object already says.
+//! session and idleness fields, and the conditions `DomainDefined` and `Running`, with stable
+//! transition times and messages (the same failure again reads the same). Pure; the caller
+//! applies the result only when it differs from what the object already says.
 
 use deskvirt_crds::conditions::{self, Status, condition};
 use deskvirt_crds::constants::condition::{DOMAIN_DEFINED, RUNNING};
@@ -25,7 +26,7 @@ impl Cond {
         Self {
             status,
             reason,
-            message: message.into(),
+            message: without_timestamps(&message.into()),
         }
     }
 }
@@ -174,6 +175,68 @@ pub fn body(
     Some(status.into())
 }
 
+/// `message` without the timestamps QEMU and libvirt put in their errors
+/// (`2026-12-03T20:01:02.123456Z qemu-system-x86_64: ...`): the same failure again must give
+/// the same status, else each retry's status write wakes the desktop at once and the retries
+/// never wait their backoff.
+pub fn without_timestamps(message: &str) -> String {
+    let b = message.as_bytes();
+    let mut out = String::with_capacity(message.len());
+    let mut i = 0;
+    let mut kept = 0;
+    while i < b.len() {
+        match timestamp_at(b, i) {
+            Some(end) => {
+                out.push_str(&message[kept..i]);
+                // The blank after it goes too; the text around it stays as it was.
+                let mut end = end;
+                while end < b.len() && b[end] == b' ' {
+                    end += 1;
+                }
+                i = end;
+                kept = end;
+            }
+            None => i += 1,
+        }
+    }
+    out.push_str(&message[kept..]);
+    out
+}
+
+/// The end of an ISO-8601 timestamp starting at `i` (`YYYY-MM-DD[T ]HH:MM:SS`, then an
+/// optional fraction and zone), or `None`.
+fn timestamp_at(b: &[u8], i: usize) -> Option<usize> {
+    const SHAPE: &[u8] = b"dddd-dd-ddTdd:dd:dd";
+    if i > 0 && b[i - 1].is_ascii_digit() {
+        return None;
+    }
+    let head = b.get(i..i + SHAPE.len())?;
+    let fits = head.iter().zip(SHAPE).all(|(c, s)| match s {
+        b'd' => c.is_ascii_digit(),
+        b'T' => *c == b'T' || *c == b' ',
+        other => c == other,
+    });
+    if !fits {
+        return None;
+    }
+    let mut end = i + SHAPE.len();
+    let digits = |from: usize| b[from..].iter().take_while(|c| c.is_ascii_digit()).count();
+    if b.get(end) == Some(&b'.') && digits(end + 1) > 0 {
+        end += 1 + digits(end + 1);
+    }
+    match b.get(end) {
+        Some(b'Z') => end += 1,
+        Some(b'+' | b'-') if digits(end + 1) >= 2 => {
+            end += 1 + digits(end + 1);
+            if b.get(end) == Some(&b':') && digits(end + 1) > 0 {
+                end += 1 + digits(end + 1);
+            }
+        }
+        _ => {}
+    }
+    Some(end)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -195,6 +258,40 @@ mod tests {
                 memory: "2Gi".into(),
             }),
         }
+    }
+
+    #[test]
+    fn the_same_failure_gives_the_same_message() {
+        let qemu = |t: &str| {
+            format!(
+                "start domain: internal error: QEMU unexpectedly closed the monitor \
+                 (vm='t--a'): {t} qemu-system-x86_64: -spice port=5901: Failed to listen"
+            )
+        };
+        let a = without_timestamps(&qemu("2026-12-03T20:01:02.123456Z"));
+        let b = without_timestamps(&qemu("2026-12-03T20:01:04.654321Z"));
+        assert_eq!(a, b);
+        assert!(a.ends_with("(vm='t--a'): qemu-system-x86_64: -spice port=5901: Failed to listen"));
+        assert_eq!(
+            without_timestamps("at 2026-12-03 20:01:02+01:00 it failed"),
+            "at it failed"
+        );
+        assert_eq!(without_timestamps("ends 2026-12-03T20:01:02"), "ends ");
+        // Numbers that are no timestamp stay.
+        for kept in [
+            "port 5901 busy",
+            "12026-12-03T20:01:02",
+            "2026-12-03",
+            "π 2026-1",
+        ] {
+            assert_eq!(without_timestamps(kept), kept);
+        }
+        let c = Cond::new(
+            Status::False,
+            Reason::StartFailed,
+            qemu("2026-12-03T20:01:02Z"),
+        );
+        assert!(!c.message.contains("2026"), "{}", c.message);
     }
 
     #[test]
