@@ -7,7 +7,7 @@ use futures::future::BoxFuture;
 use futures::stream::BoxStream;
 use futures::{FutureExt, StreamExt};
 use kube::runtime::reflector::{self, Store};
-use kube::runtime::{Controller, WatchStreamExt, watcher};
+use kube::runtime::{Controller, PredicateConfig, WatchStreamExt, watcher};
 use kube::{Api, Resource};
 use serde::de::DeserializeOwned;
 
@@ -104,6 +104,19 @@ where
 {
     let (store, objects) = controlled(api, config);
     Controller::for_stream(objects, store)
+}
+
+/// [`controller`], woken only by objects whose `key` changed (or that have none): the cache
+/// still holds every version, but a change the controller does not care about, such as a
+/// status it wrote itself, runs no reconcile. Keys are kept per object (by UID) for an hour.
+pub fn controller_keyed<K, P>(api: Api<K>, config: watcher::Config, key: P) -> Controller<K>
+where
+    K: Cached,
+    P: Fn(&K) -> Option<u64> + Send + 'static,
+{
+    let (store, objects) = controlled(api, config);
+    let keyed = objects.predicate_filter(key, PredicateConfig::default());
+    Controller::for_stream(keyed, store)
 }
 
 #[cfg(test)]

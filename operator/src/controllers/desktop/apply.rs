@@ -262,6 +262,11 @@ async fn keep_ledger(d: &Desktop, ctx: &Context, uid: &str, node: &str, want: &m
     let Some(pool) = ctx.stores.pool(d.pool()) else {
         return;
     };
+    // Built here if no pass has yet: a rebuild that refuses this binding says so at once, and
+    // no later wake-up is needed to repair it.
+    if ledgers.of(&pool, &ctx.stores).is_err() {
+        return;
+    }
     if ledgers.rebind.contains(uid) {
         let Ok(ledger) = ledgers.of(&pool, &ctx.stores) else {
             return;
@@ -313,7 +318,6 @@ async fn keep_ledger(d: &Desktop, ctx: &Context, uid: &str, node: &str, want: &m
         return;
     };
     let Some(ledger) = ledgers.get_mut(d.pool()) else {
-        // Not built yet: the build reads this binding from the cache.
         return;
     };
     if ledger.holds(uid, node, port, mac) {

@@ -114,61 +114,64 @@ pub async fn run(ctx: Arc<Context>, selector: String, stop: watch::Receiver<bool
     let by_mirror = ctx.stores.clone();
     let seen = Arc::new(triggers::Seen::default());
     let (seen_hosts, seen_pools) = (seen.clone(), seen);
-    let controller =
-        deskvirt_runtime::cache::controller(Api::<Desktop>::all(client.clone()), cfg.clone())
-            .watches(
-                Api::<Secret>::namespaced(client.clone(), &ctx.console_namespace),
-                watcher::Config::default().labels(&mirror::selector()),
-                move |m| desktop_of_mirror(&m, &by_mirror),
-            )
-            .watches(
-                Api::<DomainNode>::all(client.clone()),
-                cfg.clone(),
-                move |node| {
-                    // Desktops on the host (health) and pending desktops of its pool (capacity),
-                    // only when what they depend on changed.
-                    let wake = seen_hosts.host(&node);
-                    if !wake.bound && !wake.pending {
-                        return vec![];
-                    }
-                    let name = node.name_any();
-                    let pool = pool_of(&node, &by_node.pools.state());
-                    by_node
-                        .desktops
-                        .state()
-                        .iter()
-                        .filter(|d| {
-                            let bound = d.status.as_ref().and_then(|s| s.node.as_deref());
-                            bound == Some(name.as_str())
-                                || (bound.is_none() && pool.as_deref() == Some(d.pool()))
-                        })
-                        .map(|d| ObjectRef::from_obj(d.as_ref()))
-                        .collect::<Vec<_>>()
-                },
-            )
-            .watches(Api::<ResourcePool>::all(client.clone()), cfg, move |pool| {
-                let wake = seen_pools.pool(&pool);
-                let name = pool.name_any();
-                by_pool
-                    .desktops
-                    .state()
-                    .iter()
-                    .filter(|d| d.pool() == name)
-                    .filter(|d| {
-                        let bound = d.status.as_ref().is_some_and(|s| s.node.is_some());
-                        if bound { wake.bound } else { wake.pending }
-                    })
-                    .map(|d| ObjectRef::from_obj(d.as_ref()))
-                    .collect::<Vec<_>>()
+    let controller = deskvirt_runtime::cache::controller_keyed(
+        Api::<Desktop>::all(client.clone()),
+        cfg.clone(),
+        triggers::desktop_key,
+    )
+    .watches(
+        Api::<Secret>::namespaced(client.clone(), &ctx.console_namespace),
+        watcher::Config::default().labels(&mirror::selector()),
+        move |m| desktop_of_mirror(&m, &by_mirror),
+    )
+    .watches(
+        Api::<DomainNode>::all(client.clone()),
+        cfg.clone(),
+        move |node| {
+            // Desktops on the host (health) and pending desktops of its pool (capacity),
+            // only when what they depend on changed.
+            let wake = seen_hosts.host(&node);
+            if !wake.bound && !wake.pending {
+                return vec![];
+            }
+            let name = node.name_any();
+            let pool = pool_of(&node, &by_node.pools.state());
+            by_node
+                .desktops
+                .state()
+                .iter()
+                .filter(|d| {
+                    let bound = d.status.as_ref().and_then(|s| s.node.as_deref());
+                    bound == Some(name.as_str())
+                        || (bound.is_none() && pool.as_deref() == Some(d.pool()))
+                })
+                .map(|d| ObjectRef::from_obj(d.as_ref()))
+                .collect::<Vec<_>>()
+        },
+    )
+    .watches(Api::<ResourcePool>::all(client.clone()), cfg, move |pool| {
+        let wake = seen_pools.pool(&pool);
+        let name = pool.name_any();
+        by_pool
+            .desktops
+            .state()
+            .iter()
+            .filter(|d| d.pool() == name)
+            .filter(|d| {
+                let bound = d.status.as_ref().is_some_and(|s| s.node.is_some());
+                if bound { wake.bound } else { wake.pending }
             })
-            .reconcile_all_on(on_leadership(ctx.leader.clone()))
-            .graceful_shutdown_on(stopped(stop.clone()))
-            .with_config(controller::Config::default().concurrency(CONCURRENCY))
-            .run(
-                reconcile,
-                |d, e, c| super::error_policy(NAME, &d, e, &c),
-                ctx,
-            );
+            .map(|d| ObjectRef::from_obj(d.as_ref()))
+            .collect::<Vec<_>>()
+    })
+    .reconcile_all_on(on_leadership(ctx.leader.clone()))
+    .graceful_shutdown_on(stopped(stop.clone()))
+    .with_config(controller::Config::default().concurrency(CONCURRENCY))
+    .run(
+        reconcile,
+        |d, e, c| super::error_policy(NAME, &d, e, &c),
+        ctx,
+    );
     drive(NAME, controller, stop).await;
 }
 

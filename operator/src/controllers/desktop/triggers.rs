@@ -4,17 +4,21 @@
 //! changes wakes all of its desktops; a pool whose available capacity grows wakes its pending
 //! ones. What the operator writes for itself (a host's allocatable, a pool's counts) and the
 //! agent's periodic report (times, domain counts, KSM) wake nobody: with hundreds of desktops
-//! pending, each such wake-up was a pass per pending desktop.
+//! pending, each such wake-up was a pass per pending desktop. A Desktop's own change wakes it
+//! unless all that changed is the phase and the conditions the operator derives itself.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
 
 use deskvirt_crds::conditions::find;
-use deskvirt_crds::constants::condition::{LIBVIRT_CONNECTED, READY};
+use deskvirt_crds::constants::condition::{
+    CONSOLE_SECRET, IDLE, LIBVIRT_CONNECTED, POOL_APPLIED, READY, SCHEDULED, SIZE_APPLIED,
+};
 use deskvirt_crds::names::fnv1a64;
 use deskvirt_crds::quantity::parse_bytes;
 use deskvirt_crds::resource_pool::Amounts;
-use deskvirt_crds::{DomainNode, ResourcePool};
+use deskvirt_crds::{Desktop, DomainNode, ResourcePool};
+use serde_json::Value;
 
 /// What a host says that placement and a bound desktop's phase depend on, hashed.
 pub fn host_key(n: &DomainNode) -> u64 {
@@ -42,6 +46,54 @@ pub fn host_key(n: &DomainNode) -> u64 {
         cond(READY),
     );
     fnv1a64(text.as_bytes())
+}
+
+/// The status fields the operator derives on every pass (the chart's admission policy keeps the
+/// agent from them). The binding's values (host, port, MAC, allocation, idle record) are not
+/// among them: a late write of a fenced-out leader changes them, and the pass repairs it.
+const DERIVED_FIELDS: [&str; 2] = ["phase", "observedGeneration"];
+
+/// The conditions only the operator writes.
+const OPERATOR_CONDITIONS: [&str; 6] = [
+    READY,
+    SCHEDULED,
+    IDLE,
+    CONSOLE_SECRET,
+    SIZE_APPLIED,
+    POOL_APPLIED,
+];
+
+/// A Desktop as its own pass cares, hashed: all of it but its resourceVersion and the status
+/// the operator derives (phase and its own conditions: a pass that wrote them has acted on what
+/// it knew, and the next pass would find nothing to do). Anyone else's change (spec, labels,
+/// annotations, finalizers, deletion, the agent's report) and any change of the binding wake
+/// it.
+pub fn desktop_key(d: &Desktop) -> Option<u64> {
+    let mut v = serde_json::to_value(d).ok()?;
+    if let Some(meta) = v.get_mut("metadata").and_then(Value::as_object_mut) {
+        meta.remove("resourceVersion");
+        meta.remove("managedFields");
+    }
+    if let Some(status) = v.get_mut("status").and_then(Value::as_object_mut) {
+        for f in DERIVED_FIELDS {
+            status.remove(f);
+        }
+        if let Some(conds) = status.get_mut("conditions").and_then(Value::as_array_mut) {
+            conds.retain(|c| {
+                c.get("type")
+                    .and_then(Value::as_str)
+                    .is_none_or(|t| !OPERATOR_CONDITIONS.contains(&t))
+            });
+        }
+        // What is left empty is as good as absent.
+        status.retain(|_, v| match v {
+            Value::Null => false,
+            Value::Object(o) => !o.is_empty(),
+            Value::Array(a) => !a.is_empty(),
+            _ => true,
+        });
+    }
+    Some(fnv1a64(v.to_string().as_bytes()))
 }
 
 /// A pool as its desktops care: its spec (by generation) and whether it is going away.
@@ -131,6 +183,7 @@ impl Seen {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use deskvirt_crds::constants::condition::{DOMAIN_DEFINED as DOMAIN, RUNNING as RUNNING_};
     use serde_json::json;
 
     fn node(status: serde_json::Value) -> DomainNode {
@@ -164,6 +217,77 @@ mod tests {
         let mut grown = report.clone();
         grown["memory"] = json!("32Gi");
         assert_eq!(seen.host(&node(grown)), Wake::ALL, "more memory");
+    }
+
+    fn desktop(status: serde_json::Value) -> Desktop {
+        serde_json::from_value(json!({
+            "apiVersion": "deskvirt.io/v1alpha1", "kind": "Desktop",
+            "metadata": { "name": "d", "namespace": "t", "uid": "u1", "generation": 1,
+                          "resourceVersion": "7" },
+            "spec": { "pool": "p", "cpu": 1, "memory": "1Gi",
+                      "disk": { "image": "/var/lib/deskvirt/images/base.qcow2" } },
+            "status": status
+        }))
+        .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    fn cond(type_: &str, status: &str) -> serde_json::Value {
+        json!({ "type": type_, "status": status, "reason": "R", "message": "",
+                "lastTransitionTime": "2026-01-01T00:00:00Z" })
+    }
+
+    #[test]
+    fn a_desktop_wakes_for_what_others_write_not_for_the_operators_own_status() {
+        let bound = json!({ "node": "h", "conditions": [cond(DOMAIN, "True")] });
+        let key = |status: &serde_json::Value| desktop_key(&desktop(status.clone()));
+        let base = key(&bound);
+        assert!(base.is_some());
+
+        let mut own = bound.clone();
+        own["phase"] = json!("Running");
+        own["observedGeneration"] = json!(1);
+        own["conditions"] = json!([
+            cond(DOMAIN, "True"),
+            cond(READY, "True"),
+            cond(SCHEDULED, "True"),
+            cond(SIZE_APPLIED, "True")
+        ]);
+        assert_eq!(key(&own), base, "the operator's own status");
+        let mut other_version = desktop(own.clone());
+        other_version.metadata.resource_version = Some("8".into());
+        assert_eq!(
+            desktop_key(&other_version),
+            base,
+            "a new resourceVersion alone"
+        );
+
+        let mut agent = own.clone();
+        agent["conditions"] = json!([
+            cond(DOMAIN, "True"),
+            cond(RUNNING_, "True"),
+            cond(READY, "True")
+        ]);
+        assert_ne!(key(&agent), base, "the agent's Running");
+        let mut addressed = own.clone();
+        addressed["ip"] = json!("10.0.0.2");
+        addressed["spice"]["host"] = json!("h.example");
+        assert_ne!(key(&addressed), base, "the agent's address");
+        assert_ne!(
+            key(&json!({ "conditions": [cond(DOMAIN, "True")] })),
+            base,
+            "the binding"
+        );
+
+        let mut edited = desktop(bound.clone());
+        edited.metadata.annotations = Some([("deskvirt.io/wake".into(), "1".into())].into());
+        assert_ne!(desktop_key(&edited), base, "an annotation");
+        let mut deleted = desktop(bound.clone());
+        deleted.metadata.finalizers = Some(vec![]);
+        deleted.metadata.generation = Some(2);
+        assert_ne!(desktop_key(&deleted), base, "a spec edit");
+        let mut other = desktop(bound);
+        other.metadata.uid = Some("u2".into());
+        assert_ne!(desktop_key(&other), base, "another object of the same name");
     }
 
     #[test]
