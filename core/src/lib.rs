@@ -13,4 +13,5 @@ pub mod reasons;
 pub mod repair;
 pub mod resize;
 pub mod scheduler;
+pub mod spice;
 pub mod types;

@@ -131,6 +131,17 @@ fn defined(f: &Facts<'_>) -> Derived {
     if why == Some(AgentReason::Suspended) || running.is_some_and(|c| c.reason == "Saved") {
         return out(Phase::Suspended, ReadyReason::Suspended, "saved to disk");
     }
+    // Not a failure of the desktop: the operator moves it to another port, and it starts.
+    if let Some(c) = running
+        && why == Some(AgentReason::SpicePortBusy)
+    {
+        return Derived {
+            phase: Phase::Starting,
+            ready: false,
+            reason: ReadyReason::SpicePortBusy.as_str(),
+            message: c.message.to_string(),
+        };
+    }
     if let Some(c) = running
         && why.is_some_and(failed)
     {
@@ -267,6 +278,12 @@ mod tests {
         assert_eq!(
             phase(facts(defined, c("Unknown", "LibvirtFailed"))),
             Phase::Failed
+        );
+        // A SPICE port taken on the host is the operator's to fix: starting, not failed.
+        let busy = derive(&facts(defined, c("False", "SpicePortBusy")));
+        assert_eq!(
+            (busy.phase, busy.ready, busy.reason),
+            (Phase::Starting, false, "SpicePortBusy")
         );
     }
 

@@ -126,6 +126,9 @@ reasons! {
         Stopped,
         /// The domain could not be started.
         StartFailed,
+        /// The domain could not start because another process on the host listens on its SPICE
+        /// port; the operator gives the desktop another port ([`crate::spice`]).
+        SpicePortBusy,
         /// Being saved or shut down for the idle policy.
         Reclaiming,
         /// Saved to disk by the idle policy.
@@ -162,6 +165,7 @@ impl AgentReason {
                 | Self::LibvirtUnavailable
                 | Self::LibvirtFailed
                 | Self::StartFailed
+                | Self::SpicePortBusy
                 | Self::SuspendFailed
         )
     }
@@ -185,6 +189,8 @@ reasons! {
         Suspended,
         /// The domain could not be started (or a host operation on it failed).
         StartFailed,
+        /// Its SPICE port was taken on the host by another process; it moves to another port.
+        SpicePortBusy,
         /// Shut down.
         Stopped,
         /// Starting.

@@ -96,6 +96,14 @@ pub struct PortUsage {
     pub total: u32,
     /// Ports held by desktops.
     pub used: u32,
+    /// Ports another process on a host listens on: kept from desktops while the operator runs
+    /// (a desktop that was given one moved to another port: `SpicePortBusy`).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub taken: u32,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 /// Schedulable resources.

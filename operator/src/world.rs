@@ -210,6 +210,7 @@ pub fn host_views(
                 ledger.map(|l| l.ports_in_use(&name)).unwrap_or(0),
             );
             v.pool = Some(pool.to_string());
+            v.ports_taken = ledger.map(|l| l.ports_taken(&name)).unwrap_or(0);
             v
         })
         .collect()

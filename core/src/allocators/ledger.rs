@@ -307,6 +307,43 @@ impl Ledger {
         self.ports.release(desktop)
     }
 
+    /// Moves `desktop` off `busy`, a port on `host` that another process there listens on: the
+    /// port stays held (by [`busy_holder`]), so no desktop of the pool gets it while this
+    /// ledger lives, and the desktop gets the lowest free one. `Ok(None)` when the desktop does
+    /// not hold `busy` on `host` (it has moved already); when no other port is free, it keeps
+    /// `busy` and the error says so.
+    pub fn move_port(
+        &mut self,
+        desktop: &str,
+        host: &str,
+        busy: u16,
+    ) -> Result<Option<u16>, LedgerError> {
+        if self.ports.port_of(desktop) != Some((host, busy)) {
+            return Ok(None);
+        }
+        self.ports.release(desktop);
+        let blocker = busy_holder(host, busy);
+        self.ports.adopt(&blocker, host, busy);
+        match self.ports.allocate(desktop, host, self.config.ports) {
+            Ok(port) => Ok(Some(port)),
+            Err(e) => {
+                self.ports.release(&blocker);
+                self.ports.adopt(desktop, host, busy);
+                Err(e.into())
+            }
+        }
+    }
+
+    /// How many ports of `host` another process listens on ([`Ledger::move_port`]).
+    pub fn ports_taken(&self, host: &str) -> u32 {
+        let taken = self
+            .ports
+            .held_on(host)
+            .filter(|(_, holder)| holder.starts_with(BUSY))
+            .count();
+        u32::try_from(taken).unwrap_or(u32::MAX)
+    }
+
     /// A port on `host` for a desktop whose port was released: the one it holds, else
     /// `preferred` (the port it had) when free and in the range, else the lowest free one.
     pub fn restore_port(
@@ -365,6 +402,14 @@ impl Ledger {
     pub fn subnets(&self) -> Option<&SubnetLedger> {
         self.subnets.as_ref()
     }
+}
+
+/// How the ledger's holder of a port another process listens on begins: no UID looks like it.
+const BUSY: &str = "busy-port:";
+
+/// The ledger's holder of a port another process listens on.
+pub fn busy_holder(host: &str, port: u16) -> String {
+    format!("{BUSY}{host}:{port}")
 }
 
 #[cfg(test)]
@@ -427,6 +472,38 @@ mod tests {
             port: Some(port),
             mac: Some(mac.into()),
         }
+    }
+
+    #[test]
+    fn a_port_taken_on_the_host_is_left_to_its_taker() -> Result<(), LedgerError> {
+        let mut l = ledger(5900, 5902);
+        let a = l.bind(&claim("a", "h1"))?;
+        let b = l.bind(&claim("b", "h1"))?;
+        assert_eq!((a.port, b.port), (5900, 5901));
+        let mac = l.mac_of("a");
+        assert_eq!(l.move_port("a", "h1", 5900)?, Some(5902));
+        assert_eq!(l.port_of("a"), Some(("h1", 5902)));
+        assert_eq!(l.mac_of("a"), mac, "the MAC stays");
+        assert_eq!(
+            l.ports().holder("h1", 5900),
+            Some(busy_holder("h1", 5900).as_str())
+        );
+        assert_eq!(l.ports_in_use("h1"), 3, "the taken port is not free");
+        assert_eq!((l.ports_taken("h1"), l.ports_taken("h2")), (1, 0));
+        // A report about a port the desktop no longer holds moves nothing.
+        assert_eq!(l.move_port("a", "h1", 5900)?, None);
+        assert_eq!(l.move_port("a", "h2", 5902)?, None);
+        // Nothing else free: the desktop keeps its port, and the error says why.
+        let err = l.move_port("b", "h1", 5901);
+        assert!(err.is_err(), "{err:?}");
+        assert_eq!(l.port_of("b"), Some(("h1", 5901)));
+        assert_eq!(l.ports().holder("h1", 5901), Some("b"));
+        // Another desktop never gets the taken port; on another host it is free.
+        l.release("b");
+        let c = l.bind(&claim("c", "h1"))?;
+        assert_eq!(c.port, 5901);
+        assert_eq!(l.bind(&claim("d", "h2"))?.port, 5900);
+        Ok(())
     }
 
     #[test]

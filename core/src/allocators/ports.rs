@@ -177,6 +177,14 @@ impl PortLedger {
         self.hosts.get(host)?.get(&port).map(String::as_str)
     }
 
+    /// Every port held on `host`, with its holder.
+    pub fn held_on(&self, host: &str) -> impl Iterator<Item = (u16, &str)> + '_ {
+        self.hosts
+            .get(host)
+            .into_iter()
+            .flat_map(|ports| ports.iter().map(|(p, h)| (*p, h.as_str())))
+    }
+
     /// How many ports of `range` are held on `host`.
     pub fn in_use(&self, host: &str, range: PortRange) -> u32 {
         if range.is_empty() {

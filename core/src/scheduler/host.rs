@@ -41,8 +41,10 @@ pub struct HostView {
     pub capacity: HostCapacity,
     /// The sum of the desktops bound to the host that hold resources.
     pub allocated: Usage,
-    /// SPICE ports of the pool's range held on the host.
+    /// SPICE ports of the pool's range held on the host, the taken ones included.
     pub ports_in_use: u32,
+    /// Of those, the ports another process on the host listens on (no desktop holds them).
+    pub ports_taken: u32,
 }
 
 impl HostView {
@@ -57,6 +59,7 @@ impl HostView {
             capacity,
             allocated: Usage::default(),
             ports_in_use: 0,
+            ports_taken: 0,
         }
     }
 
@@ -83,6 +86,7 @@ impl HostView {
             capacity,
             allocated,
             ports_in_use,
+            ports_taken: 0,
         }
     }
 

@@ -103,7 +103,9 @@ impl PoolCapacity {
             let t = HostTotals::of(host, policy);
             sum.nodes.total = sum.nodes.total.saturating_add(1);
             sum.allocated.add(&t.allocated);
-            sum.ports.used = sum.ports.used.saturating_add(host.ports_in_use);
+            let held = host.ports_in_use.saturating_sub(host.ports_taken);
+            sum.ports.used = sum.ports.used.saturating_add(held);
+            sum.ports.taken = sum.ports.taken.saturating_add(host.ports_taken);
             if host.eligible() {
                 sum.nodes.ready = sum.nodes.ready.saturating_add(1);
                 sum.capacity.add(&t.capacity);
@@ -220,7 +222,14 @@ mod tests {
                 desktops: 15
             }
         );
-        assert_eq!(p.ports, PortUsage { total: 20, used: 2 });
+        assert_eq!(
+            p.ports,
+            PortUsage {
+                total: 20,
+                used: 2,
+                taken: 0
+            }
+        );
 
         assert_eq!(
             p.capacity.to_amounts(),

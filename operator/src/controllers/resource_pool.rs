@@ -336,6 +336,7 @@ mod tests {
             ports: Some(PortUsage {
                 total: 1000,
                 used: 3,
+                taken: 0,
             }),
             desktops: count_phases("a", [desktop("a", Some("Running"))].iter()),
             conditions: vec![condition(
