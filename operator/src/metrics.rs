@@ -67,6 +67,8 @@ pub struct Metrics {
     pub fenced_writes: Counter,
     /// Duplicate ports or MACs repaired (the junior desktop got new ones).
     pub binding_repairs: Counter,
+    /// Desktops moved off a SPICE port another process took on their host.
+    pub busy_ports_moved: Counter,
     pub bindings: Counter,
     pub pool_capacity: Family<PoolResource, Gauge>,
     pub pool_allocated: Family<PoolResource, Gauge>,
@@ -115,6 +117,11 @@ impl Metrics {
             "binding_repairs",
             "Duplicate SPICE ports or MACs repaired by giving the younger desktop new ones",
             m.binding_repairs.clone(),
+        );
+        sub.register(
+            "busy_spice_ports_moved",
+            "Desktops given another SPICE port because another process listened on theirs",
+            m.busy_ports_moved.clone(),
         );
         sub.register(
             "bindings",

@@ -161,3 +161,102 @@ async fn binds_reports_unschedulable_tracks_host_loss_and_pool_status() {
     t.host.heartbeat.set_alive(true);
     wait_phase(&desks, "bound", Phase::Scheduled).await;
 }
+
+/// A host that cannot start a desktop because another process listens on its SPICE port says
+/// so (`Running=False SpicePortBusy`, as the agent writes it): the operator moves the desktop to
+/// another port on the same host, with a Warning, and no desktop gets the taken port; a report
+/// about the port it has left moves nothing more.
+#[tokio::test]
+async fn a_spice_port_taken_on_the_host_moves_the_desktop_to_another() {
+    use deskvirt_crds::constants::MANAGER_AGENT;
+    use kube::api::{Patch, PatchParams};
+
+    let t = Setup::new("op-busy", json!({}), 30).await;
+    let (run, pool, node) = (&t.run, &t.host.pool, &t.host.node);
+    let desks = run.desktops();
+    run.create_desktop("a", pool).await;
+    let before = wait_for(&desks, "a", "binding", |d: &Desktop| node_of(d).is_some()).await;
+    let (_, Some(busy), mac) = common::binding(&before) else {
+        panic!("bound without a port: {before:?}")
+    };
+
+    let report = |running: serde_json::Value| {
+        let desks = desks.clone();
+        async move {
+            let body = json!({
+                "apiVersion": "deskvirt.io/v1alpha1", "kind": "Desktop",
+                "metadata": { "name": "a" },
+                "status": { "conditions": [
+                    { "type": "DomainDefined", "status": "True", "reason": "Defined",
+                      "message": "defined", "lastTransitionTime": "2026-01-01T00:00:00Z" },
+                    running,
+                ] }
+            });
+            desks
+                .patch_status(
+                    "a",
+                    &PatchParams::apply(MANAGER_AGENT).force(),
+                    &Patch::Apply(&body),
+                )
+                .await
+                .unwrap_or_else(|e| panic!("agent status: {e}"));
+        }
+    };
+    let taken = |port: u16| {
+        json!({ "type": "Running", "status": "False", "reason": "SpicePortBusy",
+                "message": deskvirt_core::spice::busy_message(port, "failed to initialize spice server"),
+                "lastTransitionTime": "2026-01-01T00:00:01Z" })
+    };
+    report(taken(busy)).await;
+    let moved = wait_for(&desks, "a", "another port", |d: &Desktop| {
+        let (_, p, _) = common::binding(d);
+        p.is_some() && p != Some(busy)
+    })
+    .await;
+    let (host, port, mac_now) = common::binding(&moved);
+    assert_eq!(host.as_deref(), Some(node.as_str()), "same host");
+    assert_eq!(mac_now, mac, "same MAC");
+    assert_eq!(
+        moved.status.as_ref().and_then(|s| s.phase),
+        Some(Phase::Starting),
+        "not Failed: the operator is fixing it"
+    );
+    let event = run.event("a", "SpicePortBusy").await;
+    let note = event.note.unwrap_or_default();
+    assert!(
+        note.contains(&format!("SPICE port {busy} is taken")),
+        "{note}"
+    );
+    assert_eq!(event.type_.as_deref(), Some("Warning"));
+    assert_eq!(t.operator.metrics.busy_ports_moved.get(), 1);
+
+    // The taken port stays out of use: the next desktop gets neither it nor a's.
+    run.create_desktop("b", pool).await;
+    let b = wait_for(&desks, "b", "binding", |d: &Desktop| node_of(d).is_some()).await;
+    let (_, b_port, _) = common::binding(&b);
+    assert!(
+        b_port.is_some() && b_port != Some(busy) && b_port != port,
+        "{b_port:?}"
+    );
+    // The pool counts it apart from the ports its desktops hold.
+    wait_for(
+        &run.pools(),
+        pool,
+        "the taken port counted",
+        |p: &ResourcePool| {
+            let ports = p.status.as_ref().and_then(|s| s.ports);
+            ports.is_some_and(|u| u.used == 2 && u.taken == 1)
+        },
+    )
+    .await;
+
+    // The host starts it on the new port; the old report is gone and nothing moves again.
+    report(
+        json!({ "type": "Running", "status": "True", "reason": "Running",
+                   "message": "the domain runs", "lastTransitionTime": "2026-01-01T00:00:02Z" }),
+    )
+    .await;
+    let running = wait_phase(&desks, "a", Phase::Running).await;
+    assert_eq!(common::binding(&running).1, port);
+    assert_eq!(t.operator.metrics.busy_ports_moved.get(), 1);
+}

@@ -8,8 +8,9 @@
 //! - `kill -9` of the agent: the host and the desktop go Unknown, and come back with the same
 //!   QEMU process when the agent restarts;
 //! - a libvirtd restart under the running desktop: it keeps running, the agent reconnects;
-//! - a burst of 20 Desktops with the operator killed in the middle: all Running, no port or
-//!   MAC twice;
+//! - a burst of 20 Desktops with the operator killed in the middle, one of them given a SPICE
+//!   port another process on the host listens on: all Running (that one moved to another
+//!   port, with a `SpicePortBusy` Event), no port or MAC twice;
 //! - deleting a Desktop while its host is down waits with a clear condition and completes when
 //!   the host returns; the domain, its overlay, its port and its MAC are gone;
 //! - an invalid manifest is rejected by the apiserver.
@@ -221,6 +222,18 @@ async fn helm_install_apply_connect_survive_and_delete() -> anyhow::Result<()> {
         "desktop not Running"
     );
 
+    // Another process on the host listens on a port the burst is given (the lowest free one
+    // after alice's): the desktop that gets it cannot start there, the host says so, and the
+    // operator moves it to another port, where it runs. No desktop gets the taken port.
+    let pools: Api<ResourcePool> = Api::all(w.client.clone());
+    let range = pools.get(&w.pool).await?.spec.display.spice_ports;
+    let alice_port = spice_addr(&desktops.get("alice").await?)?.port();
+    let taken_port = (range.first..=range.last)
+        .find(|p| *p != alice_port)
+        .context("a pool range of one port")?;
+    let taker = std::net::TcpListener::bind((std::net::Ipv4Addr::UNSPECIFIED, taken_port))
+        .with_context(|| format!("taking port {taken_port}"))?;
+
     // A burst of 20 with the operator killed in the middle.
     let burst_started = Instant::now();
     for i in 0..BURST {
@@ -277,6 +290,27 @@ async fn helm_install_apply_connect_survive_and_delete() -> anyhow::Result<()> {
         let mac = s.mac.context("no mac")?;
         anyhow::ensure!(macs.insert(mac.clone()), "MAC {mac} handed out twice");
     }
+    anyhow::ensure!(
+        !ports.contains(&taken_port),
+        "a desktop holds port {taken_port}, which another process listens on"
+    );
+    let moved = w.kubectl_ns(&[
+        "get",
+        "events",
+        "--field-selector=reason=SpicePortBusy",
+        "-o",
+        "jsonpath={.items[*].message}",
+    ])?;
+    anyhow::ensure!(
+        moved
+            .stdout
+            .contains(&format!("SPICE port {taken_port} is taken")),
+        "no SpicePortBusy Event names port {taken_port}: {} {}",
+        moved.stdout,
+        moved.stderr
+    );
+    eprintln!("[e2e] the desktop given taken port {taken_port} moved off it and runs");
+    drop(taker);
     for d in &all {
         desktops
             .delete(&d.name_any(), &DeleteParams::default())
@@ -351,7 +385,8 @@ async fn helm_install_apply_connect_survive_and_delete() -> anyhow::Result<()> {
         w.guest_dir.join("base.qcow2").is_file(),
         "base image deleted"
     );
-    // Port and MAC are free again: the pool counts no port in use.
+    // Port and MAC are free again: the pool counts no port in use (the taken one, kept from
+    // desktops while this operator runs, is counted apart).
     let pools: Api<ResourcePool> = Api::all(w.client.clone());
     eventually(Duration::from_secs(60), "ports released", || async {
         let used = pools

@@ -237,6 +237,31 @@ async fn start_refused_is_start_failed_and_the_domain_stays_defined() {
 }
 
 #[tokio::test]
+async fn a_spice_port_taken_on_the_host_is_reported_with_the_port() {
+    let kit = Kit::new();
+    kit.make_disk();
+    kit.hv.fail(
+        Op::Start,
+        HypervisorError::Failed {
+            op: "start domain",
+            target: "t".into(),
+            message: "internal error: qemu unexpectedly closed the monitor: qemu-system-x86_64: \
+                      warning: Spice: ../server/reds.cpp:2585:reds_init_socket: binding socket \
+                      to 0.0.0.0:5901 failed\nqemu-system-x86_64: failed to initialize spice \
+                      server"
+                .into(),
+        },
+    );
+    passes(&kit, &desktop()).await;
+    let Some((s, r, m)) = last_condition(&kit.api, RUNNING) else {
+        panic!("no Running written")
+    };
+    assert_eq!((s.as_str(), r.as_str()), ("False", "SpicePortBusy"));
+    assert_eq!(deskvirt_core::spice::busy_port(&m), Some(5901), "{m}");
+    assert_eq!(cond(&kit, DOMAIN_DEFINED), pair("True", "Defined"));
+}
+
+#[tokio::test]
 async fn start_fails_transiently_is_an_error_to_retry() {
     let kit = Kit::new();
     kit.make_disk();

@@ -111,7 +111,8 @@ pub(super) async fn execute<H: Hypervisor>(
 
 /// Starts the domain; a restore first carries the definition into the saved memory image. A
 /// start that fails keeps the image (the cause may well be elsewhere, such as a SPICE port
-/// taken by another process): it is retried, or reported as `StartFailed` when refused.
+/// taken by another process): it is retried, or reported as `StartFailed` when refused, or as
+/// `SpicePortBusy` when QEMU could not listen on the desktop's SPICE port.
 async fn start<H: Hypervisor>(
     ctx: &DesktopContext<H>,
     d: &Desktop,
@@ -134,6 +135,24 @@ async fn start<H: Hypervisor>(
                 running: Cond::new(Status::True, Reason::Running, message),
                 requeue: STEADY_RESYNC,
                 started: true,
+            })
+        }
+        // Another process on the host listens on the desktop's SPICE port: retrying cannot
+        // help; the operator gives the desktop another port, and its change brings a pass.
+        Err(e)
+            if deskvirt_core::spice::port_taken(&e.to_string())
+                && let Some(port) = d.status.as_ref().and_then(|s| s.spice.as_ref()?.port) =>
+        {
+            ctx.metrics.start_failures.inc();
+            tracing::warn!(domain, port, error = %e, "the SPICE port is taken on this host");
+            Ok(Done {
+                running: Cond::new(
+                    Status::False,
+                    Reason::SpicePortBusy,
+                    deskvirt_core::spice::busy_message(port, &e.to_string()),
+                ),
+                requeue: ADMIN_RESYNC,
+                started: false,
             })
         }
         Err(e) if e.is_transient() => Err(e.into()),

@@ -16,6 +16,7 @@ use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
 
 use super::bind::bind;
+use super::busy_port;
 use super::console::{ensure_mirror, ever_bound, write_user_secret};
 use super::duplicate;
 use super::idle::{self, Settled};
@@ -88,6 +89,7 @@ async fn bound(pass: &Pass<'_>, node: &str) -> Result<Action, Error> {
     let gen_ = d.metadata.generation;
     let mut want = current.clone();
     keep_ledger(d, ctx, uid, node, &mut want).await;
+    let moved_port = busy_port::move_off(d, ctx, uid, node, &status, &mut want).await;
 
     let alive = |n: &str| ctx.heartbeat(n, now).is_fresh() && ctx.stores.node(n).is_some();
     let plan = match idle::settle(pass, node, &status, alive(node), &mut want).await? {
@@ -194,6 +196,20 @@ async fn bound(pass: &Pass<'_>, node: &str) -> Result<Action, Error> {
             w.reason,
             w.action,
             w.message,
+        )
+        .await;
+    }
+    if let Some((busy, port)) = moved_port.filter(|_| wrote) {
+        ctx.metrics.busy_ports_moved.inc();
+        let message = format!(
+            "SPICE port {busy} is taken on host {node} by another process; the desktop moves to port {port}"
+        );
+        ctx.event(
+            d.as_ref(),
+            EventType::Warning,
+            "SpicePortBusy",
+            "MovePort",
+            message,
         )
         .await;
     }

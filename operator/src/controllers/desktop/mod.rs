@@ -6,6 +6,7 @@
 mod admit;
 mod apply;
 mod bind;
+mod busy_port;
 mod cleanup;
 mod console;
 mod duplicate;
