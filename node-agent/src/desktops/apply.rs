@@ -64,12 +64,17 @@ pub async fn apply<H: Hypervisor>(d: &Desktop, ctx: &DesktopContext<H>) -> Resul
         return Ok(Action::await_change());
     }
     let api: Api<Desktop> = Api::namespaced(ctx.client.clone(), &ns);
+    let steps = &ctx.metrics.steps;
     if !has_finalizer(d) {
+        let t = std::time::Instant::now();
         add_finalizer(&api, d).await?;
+        steps.record("finalizer", t);
     }
     let outcome = converge(d, ctx, &status, &uid).await?;
     if let Some(b) = body(&status, &outcome.report, d.metadata.generation, now()) {
+        let t = std::time::Instant::now();
         apply_status(&api, &d.name_any(), b).await?;
+        steps.record("status", t);
         announce(d, ctx, &status, &outcome.report).await;
     }
     ctx.succeeded(&uid);
@@ -179,12 +184,24 @@ async fn pipeline<H: Hypervisor>(
     uid: &str,
     report: &mut Report,
 ) -> Result<Duration, Stop> {
+    let (steps, clock) = (&ctx.metrics.steps, std::time::Instant::now);
+    let t = clock();
     let inputs = inputs::gather(ctx, d, status, uid, report)?;
+    steps.record("inputs", t);
+    let t = clock();
     let (inputs, adopt) = locate(ctx, uid, inputs).await?;
+    steps.record("locate", t);
+    let t = clock();
     report.ip = pin_address(ctx, &inputs, status).await?;
+    steps.record("address", t);
+    let t = clock();
     let seen = observe(ctx, d, status, uid, &inputs, adopt).await?;
+    steps.record("observe", t);
     let plan = plan(d, status, &seen);
-    execute(ctx, d, uid, &inputs, &seen, plan, report).await
+    let t = clock();
+    let requeue = execute(ctx, d, uid, &inputs, &seen, plan, report).await?;
+    steps.record("execute", t);
+    Ok(requeue)
 }
 
 /// Which domain is this desktop's: by its UID, never by name alone. Returns the inputs under

@@ -78,6 +78,27 @@ async fn new_desktop_disk_there_is_defined_and_started() {
 }
 
 #[tokio::test]
+async fn each_step_of_a_pass_is_timed() {
+    let kit = Kit::new();
+    kit.make_disk();
+    passes(&kit, &desktop()).await;
+    let mut registry = prometheus_client::registry::Registry::default();
+    registry.register("step", "steps", kit.ctx.metrics.steps.0.clone());
+    let mut text = String::new();
+    prometheus_client::encoding::text::encode(&mut text, &registry)
+        .unwrap_or_else(|e| panic!("{e}"));
+    for step in crate::metrics::STEPS {
+        // The desktop has the agent's finalizer already: that step is not taken.
+        let want = if step == "finalizer" { None } else { Some("1") };
+        let count = text
+            .lines()
+            .find(|l| l.starts_with(&format!("step_count{{step=\"{step}\"}}")))
+            .and_then(|l| l.split_whitespace().last());
+        assert_eq!(count, want, "{step}:\n{text}");
+    }
+}
+
+#[tokio::test]
 async fn not_bound_here_nothing_is_done() {
     let kit = Kit::new();
     kit.make_disk();
