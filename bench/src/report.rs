@@ -186,12 +186,15 @@ impl Report {
         if let Some(r) = &self.sched {
             let _ = writeln!(
                 s,
-                "\n## Placement ({} hosts, {} bound desktops)\n\n| path | p50 | p99 | samples |\n|---|---|---|---|\n| bind path: `world::host_views` + `schedule` | {} | {} | {} |\n| `place_in_pool` alone | {} | {} | {} |\n",
+                "\n## Placement ({} hosts, {} bound desktops)\n\n| path | p50 | p99 | samples |\n|---|---|---|---|\n| bind path: charges counted one desktop at a time, `world::host_views_counted` + `schedule` | {} | {} | {} |\n| every desktop counted again, `world::host_views` + `schedule` | {} | {} | {} |\n| `place_in_pool` alone | {} | {} | {} |\n",
                 r.hosts,
                 r.desktops,
                 micros(r.bind_path.p50()),
                 micros(r.bind_path.p99()),
                 r.bind_path.len(),
+                micros(r.full_count.p50()),
+                micros(r.full_count.p99()),
+                r.full_count.len(),
                 micros(r.place_only.p50()),
                 micros(r.place_only.p99()),
                 r.place_only.len(),
@@ -202,6 +205,14 @@ impl Report {
                 micros(r.bind_path.p99()),
                 micros(r.place_only.p99()),
                 verdict(r.bind_path.p99() <= Duration::from_millis(1))
+            ));
+            goals.push(format!(
+                "| bind path ≤ 50 µs p99 at {} hosts / {} desktops | {} ({} counting every desktop) | {} |",
+                r.hosts,
+                r.desktops,
+                micros(r.bind_path.p99()),
+                micros(r.full_count.p99()),
+                verdict(r.bind_path.p99() <= Duration::from_micros(50))
             ));
         }
         if !goals.is_empty() {

@@ -22,12 +22,13 @@ use tokio::sync::watch;
 use crate::allocators::{
     Conflict, DesktopBinding, Ledger, LedgerConfig, LedgerError, Seniority, SubnetBinding,
 };
+use crate::charges::{Charges, Counted};
 use crate::coalesce::Coalescer;
 use crate::console::mirror;
 use crate::fence::Fence;
 use crate::heartbeat::Heartbeat;
 use crate::metrics::Metrics;
-use deskvirt_runtime::cache::reflect;
+use deskvirt_runtime::cache::{reflect, reflect_relisting};
 use deskvirt_runtime::health::Work;
 
 /// The objects the operator watches, as local caches.
@@ -45,6 +46,8 @@ pub struct Stores {
     pub namespaces: Store<Namespace>,
     /// ResourceQuotas, for the `deskvirt.io/cpu` and `deskvirt.io/memory` limits of a namespace.
     pub quotas: Store<ResourceQuota>,
+    /// What each host is charged, kept up to date by the desktop and mirror watches.
+    pub charges: Charges,
 }
 
 impl Stores {
@@ -60,14 +63,24 @@ impl Stores {
         let cfg = || crate::controllers::watch_config(selector);
         let (pools, a) = reflect(Api::all(client.clone()), cfg());
         let (nodes, b) = reflect(Api::all(client.clone()), cfg());
-        let (desktops, c) = reflect(Api::all(client.clone()), cfg());
+        let charges = Charges::default();
+        let (on_desktop, on_relist) = (charges.clone(), charges.clone());
+        let (desktops, c) = reflect_relisting(
+            Api::all(client.clone()),
+            cfg(),
+            move |d: &Desktop| on_desktop.desktop_touched(d),
+            move || on_relist.relisted(),
+        );
         let (leases, d) = reflect(
             Api::namespaced(client.clone(), namespace),
             watcher::Config::default(),
         );
-        let (mirrors, e) = reflect(
+        let (on_mirror, on_relist) = (charges.clone(), charges.clone());
+        let (mirrors, e) = reflect_relisting(
             Api::namespaced(client.clone(), console_namespace),
             watcher::Config::default().labels(&mirror::selector()),
+            move |m: &Secret| on_mirror.mirror_touched(m),
+            move || on_relist.relisted(),
         );
         // Context, not objects deskvirt manages: never restricted by the label selector (a
         // Desktop's namespace and quotas carry no deskvirt label).
@@ -88,6 +101,7 @@ impl Stores {
             console: console_namespace.to_string(),
             namespaces,
             quotas,
+            charges,
         };
         (stores, drive)
     }
@@ -136,6 +150,18 @@ impl Stores {
             .get(&ObjectRef::new(&console_mirror_name(uid)).within(namespace))
     }
 
+    /// What each host is charged now: the desktops and ledger bindings that changed since the
+    /// last count are counted again (under the ledgers' lock, which `ledgers` proves).
+    pub fn charges(&self, ledgers: &mut Ledgers) -> Counted<'_> {
+        self.charges.count(
+            ledgers,
+            |r| self.desktops.get(r),
+            |d, ledgers| {
+                crate::world::charge_of(d, ledgers.get(d.pool()), &|d| self.binding_confirmed(d))
+            },
+        )
+    }
+
     /// The cached desktop with UID `uid`.
     pub fn desktop_by_uid(&self, uid: &str) -> Option<Arc<Desktop>> {
         self.desktops
@@ -166,6 +192,15 @@ pub struct Ledgers {
     orphans: BTreeMap<(String, String), BTreeSet<String>>,
     /// UIDs of the orphan domains whose port or MAC a desktop holds, by (pool, host): said once.
     orphans_refused: BTreeMap<(String, String), BTreeSet<String>>,
+    /// Which ledgers these are: new for every term and every rebuild, never reused.
+    epoch: u64,
+}
+
+/// The last [`Ledgers::epoch`] handed out.
+static EPOCHS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+fn next_epoch() -> u64 {
+    EPOCHS.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1
 }
 
 impl Ledgers {
@@ -173,8 +208,32 @@ impl Ledgers {
     pub fn fresh() -> Self {
         Self {
             ready: true,
+            epoch: next_epoch(),
             ..Default::default()
         }
+    }
+
+    /// Which ledgers these are: a reader that keeps its own sums over them (the charges per
+    /// host, [`crate::charges::Charges`]) counts everything again when it changes.
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
+    /// Puts `ledger` in as `pool`'s, as a rebuild would (for tests that hold no stores).
+    #[cfg(test)]
+    pub(crate) fn put(&mut self, pool: &str, ledger: Ledger) {
+        self.pools.insert(pool.to_string(), ledger);
+        self.epoch = next_epoch();
+    }
+
+    /// The desktops whose port or admitted size changed in any pool's ledger since the last
+    /// call.
+    pub fn take_changed(&mut self) -> BTreeSet<String> {
+        let mut all = BTreeSet::new();
+        for l in self.pools.values_mut() {
+            all.append(&mut l.take_changed());
+        }
+        all
     }
 
     /// The ledger of `pool`, rebuilt from recorded bindings when missing or when the pool's
@@ -217,6 +276,7 @@ impl Ledgers {
         }
         tracing::info!(pool = %name, conflicts = conflicts.len(), "ledger rebuilt");
         self.pools.insert(name.to_string(), ledger);
+        self.epoch = next_epoch();
     }
 
     /// Makes the ledger of `pool` hold the SPICE port and MAC of every orphan domain `host`

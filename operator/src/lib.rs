@@ -2,6 +2,7 @@
 //! tracks host health and keeps pool accounting.
 #![forbid(unsafe_code)]
 
+pub mod charges;
 pub mod coalesce;
 pub mod config;
 pub mod console;

@@ -19,6 +19,11 @@ use deskvirt_crds::constants::condition::RUNNING;
 /// The pool a host belongs to: among pools whose `nodeSelector` its labels satisfy, the oldest
 /// (by creation time, then name).
 pub fn pool_of(node: &DomainNode, pools: &[Arc<ResourcePool>]) -> Option<String> {
+    owning_pool(node, pools).map(str::to_string)
+}
+
+/// [`pool_of`], borrowed.
+fn owning_pool<'a>(node: &DomainNode, pools: &'a [Arc<ResourcePool>]) -> Option<&'a str> {
     let empty = Default::default();
     let labels = node.metadata.labels.as_ref().unwrap_or(&empty);
     pools
@@ -33,10 +38,10 @@ pub fn pool_of(node: &DomainNode, pools: &[Arc<ResourcePool>]) -> Option<String>
         .min_by_key(|p| {
             (
                 p.metadata.creation_timestamp.as_ref().map(|t| t.0),
-                p.metadata.name.clone(),
+                p.metadata.name.as_deref(),
             )
         })
-        .and_then(|p| p.metadata.name.clone())
+        .and_then(|p| p.metadata.name.as_deref())
 }
 
 /// The host a desktop is bound to: its status, else a binding the ledger holds but the cache
@@ -151,38 +156,69 @@ pub fn usage_by_host(
 ) -> HashMap<String, Usage> {
     let Bindings { ledger, confirmed } = bindings;
     let mut requests: HashMap<String, Vec<Request>> = HashMap::new();
-    for d in desktops.iter().filter(|d| crate::idle::holds_resources(d)) {
-        let (Some(host), Some(req)) = (bound_host(d, ledger), charged(d)) else {
+    for (host, req) in desktops
+        .iter()
+        .filter_map(|d| charge_of(d, ledger, confirmed))
+    {
+        requests.entry(host).or_default().push(req);
+    }
+    let live: std::collections::HashSet<&str> = desktops
+        .iter()
+        .filter_map(|d| d.metadata.uid.as_deref())
+        .collect();
+    for n in nodes {
+        let (Some(host), Some(st)) = (n.metadata.name.as_ref(), n.status.as_ref()) else {
             continue;
         };
-        // The ledger's own record counts too: the mirror of a binding made a moment ago may
-        // not be in the cache yet.
-        let in_ledger = || {
-            let uid = d.metadata.uid.as_deref().unwrap_or_default();
-            ledger.is_some_and(|l| l.port_of(uid).is_some_and(|(h, _)| h == host))
-        };
-        if confirmed(d) || in_ledger() {
-            // A size the ledger admitted that the cache may not show yet counts as well.
-            let uid = d.metadata.uid.as_deref().unwrap_or_default();
-            let req = match ledger.and_then(|l| l.admitted_size(uid)) {
-                Some(admitted) => deskvirt_core::resize::larger(admitted, req),
-                None => req,
-            };
-            requests.entry(host).or_default().push(req);
-        }
-    }
-    for (host, o) in orphans_by_host(nodes, desktops) {
-        if let (true, Ok(memory)) = (o.running, parse_bytes(&o.memory)) {
-            requests
-                .entry(host)
-                .or_default()
-                .push(Request::new(o.cpu, memory));
+        for req in orphan_charges(&st.orphans, |uid| live.contains(uid)) {
+            requests.entry(host.clone()).or_default().push(req);
         }
     }
     requests
         .into_iter()
         .map(|(h, r)| (h, Usage::of(r.iter())))
         .collect()
+}
+
+/// Where desktop `d` is charged and how much, under `ledger` (its pool's): nothing when the
+/// idle policy released its resources ([`crate::idle::holds_resources`]), when it is not bound,
+/// or when the operator did not make its binding (a status someone else wrote charges
+/// nothing). A binding or a resize the ledger holds counts before the cache shows it.
+pub fn charge_of(
+    d: &Desktop,
+    ledger: Option<&Ledger>,
+    confirmed: &dyn Fn(&Desktop) -> bool,
+) -> Option<(String, Request)> {
+    if !crate::idle::holds_resources(d) {
+        return None;
+    }
+    let (host, req) = (bound_host(d, ledger)?, charged(d)?);
+    let uid = d.metadata.uid.as_deref().unwrap_or_default();
+    // The ledger's own record counts too: the mirror of a binding made a moment ago may not be
+    // in the cache yet.
+    let in_ledger = || ledger.is_some_and(|l| l.port_of(uid).is_some_and(|(h, _)| h == host));
+    if !(confirmed(d) || in_ledger()) {
+        return None;
+    }
+    // A size the ledger admitted that the cache may not show yet counts as well.
+    let req = match ledger.and_then(|l| l.admitted_size(uid)) {
+        Some(admitted) => deskvirt_core::resize::larger(admitted, req),
+        None => req,
+    };
+    Some((host, req))
+}
+
+/// What the running domains among `orphans` (one host's) use, but those whose Desktop still
+/// exists (`live`): a domain of a Desktop bound elsewhere, a leftover of a move, is that
+/// Desktop's, and counted there.
+pub fn orphan_charges<'a>(
+    orphans: &'a [OrphanDomain],
+    live: impl Fn(&str) -> bool + 'a,
+) -> impl Iterator<Item = Request> + 'a {
+    orphans
+        .iter()
+        .filter(move |o| o.running && !live(&o.uid))
+        .filter_map(|o| Some(Request::new(o.cpu, parse_bytes(&o.memory).ok()?)))
 }
 
 /// The scheduler's view of every host `pool` owns by membership.
@@ -197,20 +233,54 @@ pub fn host_views(
 ) -> Vec<HostView> {
     let ledger = bindings.ledger;
     let usage = usage_by_host(desktops, nodes, bindings);
+    let usage = |n: &DomainNode| {
+        let name = n.metadata.name.as_deref().unwrap_or_default();
+        usage.get(name).copied().unwrap_or_default()
+    };
+    views_of(pool, policy, nodes, pools, &usage, ledger, heartbeat)
+}
+
+/// [`host_views`] with the charges as counted incrementally ([`crate::charges::Charges`]):
+/// what placing a desktop reads, without walking every desktop.
+pub fn host_views_counted(
+    pool: &str,
+    policy: &PoolPolicy,
+    nodes: &[Arc<DomainNode>],
+    pools: &[Arc<ResourcePool>],
+    charges: &crate::charges::Counted<'_>,
+    ledger: Option<&Ledger>,
+    heartbeat: impl Fn(&str) -> Heartbeat,
+) -> Vec<HostView> {
+    let usage = |n: &DomainNode| {
+        let name = n.metadata.name.as_deref().unwrap_or_default();
+        let orphans = n.status.as_ref().map_or(&[][..], |s| &s.orphans[..]);
+        charges.on(name, orphans)
+    };
+    views_of(pool, policy, nodes, pools, &usage, ledger, heartbeat)
+}
+
+/// The scheduler's view of every host `pool` owns by membership, each charged `usage`.
+fn views_of(
+    pool: &str,
+    policy: &PoolPolicy,
+    nodes: &[Arc<DomainNode>],
+    pools: &[Arc<ResourcePool>],
+    usage: &dyn Fn(&DomainNode) -> Usage,
+    ledger: Option<&Ledger>,
+    heartbeat: impl Fn(&str) -> Heartbeat,
+) -> Vec<HostView> {
     nodes
         .iter()
-        .filter(|n| pool_of(n, pools).as_deref() == Some(pool))
+        .filter(|n| owning_pool(n, pools) == Some(pool))
         .map(|n| {
-            let name = n.metadata.name.clone().unwrap_or_default();
-            let mut v = HostView::from_report(
-                &host_report(n),
-                policy,
-                heartbeat(&name).is_fresh(),
-                usage.get(&name).copied().unwrap_or_default(),
-                ledger.map(|l| l.ports_in_use(&name)).unwrap_or(0),
-            );
-            v.pool = Some(pool.to_string());
-            v.ports_taken = ledger.map(|l| l.ports_taken(&name)).unwrap_or(0);
+            let name = n.metadata.name.as_deref().unwrap_or_default();
+            let ready = heartbeat(name).is_fresh();
+            let ports = ledger.map(|l| l.ports_in_use(name)).unwrap_or(0);
+            let taken = ledger.map(|l| l.ports_taken(name)).unwrap_or(0);
+            let mut report = host_report(n);
+            report.pool = Some(pool.to_string());
+            let mut v = HostView::from_owned_report(report, policy, ready, usage(n), ports);
+            v.ports_taken = taken;
             v
         })
         .collect()

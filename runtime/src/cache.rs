@@ -79,6 +79,23 @@ where
     K: Cached,
     F: Fn(&K) + Send + 'static,
 {
+    reflect_relisting(api, config, touched, || {})
+}
+
+/// [`reflect_touching`], also calling `relisted` once the store holds a new full list (after
+/// a watch restarted): an object deleted while the watch was down leaves the store then,
+/// without a call of `touched`.
+pub fn reflect_relisting<K, F, R>(
+    api: Api<K>,
+    config: watcher::Config,
+    touched: F,
+    relisted: R,
+) -> (Store<K>, BoxFuture<'static, ()>)
+where
+    K: Cached,
+    F: Fn(&K) + Send + 'static,
+    R: Fn() + Send + 'static,
+{
     let (reader, writer) = reflector::store();
     let events = watcher(api, config).default_backoff().modify(trim);
     let fill = reflector::reflector(writer, events).for_each(move |event| {
@@ -86,7 +103,8 @@ where
             Ok(
                 watcher::Event::Apply(o) | watcher::Event::InitApply(o) | watcher::Event::Delete(o),
             ) => touched(o),
-            Ok(watcher::Event::Init | watcher::Event::InitDone) => {}
+            Ok(watcher::Event::InitDone) => relisted(),
+            Ok(watcher::Event::Init) => {}
             Err(e) => {
                 tracing::warn!(kind = %K::kind(&()), error = %e, "watch failed; retrying");
             }

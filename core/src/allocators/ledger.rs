@@ -2,7 +2,7 @@
 //! per host, rebuilt from recorded bindings when the operator starts and then updated in place by
 //! the leader as it binds and releases desktops.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use crate::scheduler::Request;
 use crate::types::{NetworkMode, PortRange};
@@ -147,7 +147,7 @@ pub struct Released {
 /// Ports, MACs and subnets of one pool, and the resizes admitted in it that the recorded
 /// bindings may not show yet. When the pool's spec changes, build a new ledger and rebuild it
 /// from the recorded bindings: held values stay, conflicts are reported.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug)]
 pub struct Ledger {
     config: LedgerConfig,
     ports: PortLedger,
@@ -156,6 +156,9 @@ pub struct Ledger {
     /// Sizes admitted by a resize, by desktop, until its recorded allocation says so: two
     /// resizes decided a moment apart each count the other's.
     grown: BTreeMap<String, Request>,
+    /// Desktops whose port or admitted size changed since [`Ledger::take_changed`]: what a
+    /// reader that keeps its own sums (the operator's charges per host) must count again.
+    changed: BTreeSet<String>,
 }
 
 impl Ledger {
@@ -167,11 +170,24 @@ impl Ledger {
             macs: MacLedger::new(config.mac_prefix),
             subnets: config.subnets.map(SubnetLedger::new),
             grown: BTreeMap::new(),
+            changed: BTreeSet::new(),
+        }
+    }
+
+    /// The desktops whose port or admitted size changed since the last call, and forgets them.
+    pub fn take_changed(&mut self) -> BTreeSet<String> {
+        std::mem::take(&mut self.changed)
+    }
+
+    fn touch(&mut self, desktop: &str) {
+        if !self.changed.contains(desktop) {
+            self.changed.insert(desktop.to_string());
         }
     }
 
     /// Records that `desktop` was admitted at `size`, before its allocation is recorded.
     pub fn admit_size(&mut self, desktop: &str, size: Request) {
+        self.touch(desktop);
         self.grown.insert(desktop.to_string(), size);
     }
 
@@ -183,6 +199,7 @@ impl Ledger {
     /// `desktop`'s recorded allocation is what its spec asks: whatever the ledger admitted
     /// for it is recorded, or was given up (a revert, a failed write), and no longer counts.
     pub fn size_settled(&mut self, desktop: &str) {
+        self.touch(desktop);
         self.grown.remove(desktop);
     }
 
@@ -191,6 +208,7 @@ impl Ledger {
     pub fn keep_admitted_sizes(&mut self, old: &Ledger) {
         for (d, size) in &old.grown {
             self.grown.entry(d.clone()).or_insert(*size);
+            self.changed.insert(d.clone());
         }
     }
 
@@ -221,6 +239,7 @@ impl Ledger {
         let mut ports = Vec::new();
         let mut macs = Vec::new();
         for d in desktops {
+            self.changed.insert(d.desktop.clone());
             match (&d.host, d.port) {
                 (Some(host), Some(port)) => ports.push(PortBinding {
                     desktop: d.desktop.clone(),
@@ -251,6 +270,7 @@ impl Ledger {
     /// Gives the desktop of `claim` a port on its host and a MAC; idempotent, so binding again
     /// returns what it holds. Either both are held afterwards or the ledger is unchanged.
     pub fn bind(&mut self, claim: &Claim<'_>) -> Result<Bound, LedgerError> {
+        self.touch(claim.desktop);
         let had_port = self.ports.port_of(claim.desktop).is_some();
         let port = self
             .ports
@@ -280,6 +300,7 @@ impl Ledger {
         if !(port_free && mac_free) {
             return false;
         }
+        self.touch(desktop);
         self.ports.adopt(desktop, host, port) && self.macs.adopt(desktop, mac)
     }
 
@@ -293,6 +314,7 @@ impl Ledger {
 
     /// Frees the port and MAC of a deleted desktop.
     pub fn release(&mut self, desktop: &str) -> Released {
+        self.touch(desktop);
         self.grown.remove(desktop);
         Released {
             port: self.ports.release(desktop),
@@ -303,6 +325,7 @@ impl Ledger {
     /// Frees only the port of `desktop`: its resources went back to the pool (idle
     /// reclamation) while it keeps its MAC and its host.
     pub fn release_port(&mut self, desktop: &str) -> Option<(String, u16)> {
+        self.touch(desktop);
         self.grown.remove(desktop);
         self.ports.release(desktop)
     }
@@ -321,6 +344,7 @@ impl Ledger {
         if self.ports.port_of(desktop) != Some((host, busy)) {
             return Ok(None);
         }
+        self.touch(desktop);
         self.ports.release(desktop);
         let blocker = busy_holder(host, busy);
         self.ports.adopt(&blocker, host, busy);
@@ -352,6 +376,7 @@ impl Ledger {
         host: &str,
         preferred: Option<u16>,
     ) -> Result<u16, LedgerError> {
+        self.touch(desktop);
         Ok(self
             .ports
             .allocate_preferring(desktop, host, self.config.ports, preferred)?)
@@ -430,6 +455,28 @@ mod tests {
             Ok(l) => l,
             Err(e) => panic!("default pool spec must give a ledger: {e}"),
         }
+    }
+
+    #[test]
+    fn every_change_of_a_port_or_size_is_named_once() {
+        let mut l = ledger(5900, 5901);
+        let claim = |d| Claim {
+            desktop: d,
+            host: "h",
+            fixed_mac: None,
+        };
+        assert!(l.bind(&claim("a")).is_ok());
+        assert!(l.bind(&claim("b")).is_ok());
+        l.admit_size("c", Request::new(1, 1 << 30));
+        let names = |l: &mut Ledger| l.take_changed().into_iter().collect::<Vec<_>>();
+        assert_eq!(names(&mut l), ["a", "b", "c"]);
+        assert_eq!(names(&mut l), Vec::<String>::new());
+        assert!(l.move_port("a", "h", 5900).is_err(), "no port is free");
+        l.release_port("b");
+        assert_eq!(l.restore_port("b", "h", None), Ok(5901));
+        l.size_settled("c");
+        l.release("a");
+        assert_eq!(names(&mut l), ["a", "b", "c"]);
     }
 
     #[test]
@@ -527,13 +574,13 @@ mod tests {
         let mut broken = spec(5900, 5999);
         broken.mac_prefix = "01:00:5e";
         assert_eq!(
-            Ledger::read(&broken).map_err(|e| e.category()),
+            Ledger::read(&broken).map(|_| ()).map_err(|e| e.category()),
             Err("InvalidMACPrefix")
         );
         broken = spec(5900, 5999);
         broken.cidr = "10.0.0.1/8";
         assert_eq!(
-            Ledger::read(&broken).map_err(|e| e.category()),
+            Ledger::read(&broken).map(|_| ()).map_err(|e| e.category()),
             Err("InvalidCIDR")
         );
         Ok(())

@@ -73,13 +73,24 @@ impl HostView {
         allocated: Usage,
         ports_in_use: u32,
     ) -> Self {
+        Self::from_owned_report(report.clone(), policy, ready, allocated, ports_in_use)
+    }
+
+    /// [`HostView::from_report`], taking the report's names rather than copying them.
+    pub fn from_owned_report(
+        report: HostReport,
+        policy: &PoolPolicy,
+        ready: bool,
+        allocated: Usage,
+        ports_in_use: u32,
+    ) -> Self {
         let capacity = match &report.facts {
             Some(Ok(facts)) => HostCapacity::new(facts, policy),
             _ => HostCapacity::NONE,
         };
         Self {
-            name: report.name.clone(),
-            pool: report.pool.clone(),
+            name: report.name,
+            pool: report.pool,
             ready: ready && matches!(report.facts, Some(Ok(_))) && report.libvirt_connected,
             unschedulable: report.unschedulable,
             maintenance: report.maintenance,

@@ -8,6 +8,7 @@
 
 pub mod bench;
 pub mod capacity;
+pub mod charges;
 pub mod filter;
 pub mod host;
 pub mod place;
@@ -19,6 +20,7 @@ pub mod unschedulable;
 pub mod weigh;
 
 pub use capacity::{FactsError, Free, HostCapacity, HostFacts, Shortfalls, Usage};
+pub use charges::ChargeIndex;
 pub use host::{HostReport, HostView};
 pub use place::{Decision, place_in_pool, schedule};
 pub use policy::{PolicyError, PolicySpec, PoolPolicy, Ratio, ReferenceDesktop};

@@ -24,7 +24,7 @@ use super::{Error, Pass};
 use crate::allocators::{Bound, Claim};
 use crate::console::user::{allowed, secret_name};
 use crate::scheduler::{PoolIndex, PoolPolicy, Request, schedule};
-use crate::world::{Bindings, host_views};
+use crate::world::host_views_counted;
 
 /// How long after writing a binding a copy without it is taken for an older one.
 const BINDING_SETTLE: Duration = Duration::from_secs(5);
@@ -190,20 +190,16 @@ async fn place(pass: &Pass<'_>, prev: &[Condition]) -> Placement {
     if let Some(p) = &pool {
         index.apply(&d.spec.pool, PoolPolicy::from_spec(&p.spec));
     }
-    let ledger = match &pool {
-        Some(p) => match ledgers.of(p, &ctx.stores) {
-            Ok(l) => Some(l),
-            Err(e) => {
-                let msg = format!("pool {}: {e}", d.spec.pool);
-                return unschedulable(INVALID_POOL, msg, None);
-            }
-        },
-        None => None,
-    };
+    if let Some(p) = &pool
+        && let Err(e) = ledgers.of(p, &ctx.stores)
+    {
+        let msg = format!("pool {}: {e}", d.spec.pool);
+        return unschedulable(INVALID_POOL, msg, None);
+    }
     // A reservation kept from an earlier pass (its write failed, or is not in the cache yet)
     // is reused rather than placed again.
-    let reserved = ledger
-        .as_ref()
+    let reserved = ledgers
+        .get(&d.spec.pool)
         .and_then(|l| l.port_of(uid))
         .map(|(h, _)| h.to_string());
     // Bound a moment ago by this replica: this copy is older than the binding; its watch event
@@ -217,18 +213,18 @@ async fn place(pass: &Pass<'_>, prev: &[Condition]) -> Placement {
         Some(h) => h,
         None => {
             let hosts = match (&pool, index.get(&d.spec.pool)) {
-                (Some(_), Some(Ok(policy))) => host_views(
-                    &d.spec.pool,
-                    policy,
-                    &ctx.stores.nodes.state(),
-                    &ctx.stores.pools.state(),
-                    &ctx.stores.desktops.state(),
-                    Bindings {
-                        ledger: ledger.as_deref(),
-                        confirmed: &|d| ctx.stores.binding_confirmed(d),
-                    },
-                    |n| ctx.heartbeat(n, now),
-                ),
+                (Some(_), Some(Ok(policy))) => {
+                    let charges = ctx.stores.charges(&mut ledgers);
+                    host_views_counted(
+                        &d.spec.pool,
+                        policy,
+                        &ctx.stores.nodes.state(),
+                        &ctx.stores.pools.state(),
+                        &charges,
+                        ledgers.get(&d.spec.pool),
+                        |n| ctx.heartbeat(n, now),
+                    )
+                }
                 _ => vec![],
             };
             match schedule(&d.spec.pool, &index, &request, &hosts) {
@@ -241,7 +237,7 @@ async fn place(pass: &Pass<'_>, prev: &[Condition]) -> Placement {
             }
         }
     };
-    let Some(ledger) = ledger else {
+    let Some(ledger) = pool.as_ref().and_then(|_| ledgers.get_mut(&d.spec.pool)) else {
         return Placement::Later(Duration::from_secs(1));
     };
     let claim = Claim {

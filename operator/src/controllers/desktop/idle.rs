@@ -5,13 +5,12 @@
 //! the requeue at the countdown's end), keeps the ledger's port in step with released resources,
 //! and records the Events once the status is written.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use deskvirt_crds::conditions::{self, Status, condition};
 use deskvirt_crds::constants::condition::{IDLE, RUNNING};
 use deskvirt_crds::constants::idle_reason;
-use deskvirt_crds::desktop::{Desktop, DesktopStatus, IdleAction, Move, Wake};
+use deskvirt_crds::desktop::{DesktopStatus, IdleAction, Move, Wake};
 use deskvirt_crds::read::{FromDesktopSpec, FromPoolSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::ResourceExt;
@@ -25,7 +24,7 @@ use crate::idle::{
     wake_target, wake_token,
 };
 use crate::scheduler::{PoolPolicy, Request};
-use crate::world::{Bindings, host_views};
+use crate::world::host_views_counted;
 
 /// How often a woken desktop waiting for room looks again.
 const WAKE_RETRY: Duration = Duration::from_secs(15);
@@ -260,30 +259,25 @@ async fn restore(pass: &Pass<'_>, node: &str) -> Restore {
         (Err(e), _) => return Restore::Wait(format!("woken, but pool {pool_name}: {e}")),
         (_, Err(e)) => return Restore::Wait(format!("woken, but {e}")),
     };
-    let ledger = match ledgers.of(&pool, &ctx.stores) {
-        Ok(l) => l,
-        Err(e) => return Restore::Wait(format!("woken, but pool {pool_name}: {e}")),
-    };
+    if let Err(e) = ledgers.of(&pool, &ctx.stores) {
+        return Restore::Wait(format!("woken, but pool {pool_name}: {e}"));
+    }
     // The host as it is without this desktop (a port an earlier pass reserved included).
-    let others: Vec<Arc<Desktop>> = ctx
-        .stores
-        .desktops
-        .state()
-        .into_iter()
-        .filter(|o| o.metadata.uid.as_deref() != Some(uid))
-        .collect();
-    let mut hosts = host_views(
-        pool_name,
-        &policy,
-        &ctx.stores.nodes.state(),
-        &ctx.stores.pools.state(),
-        &others,
-        Bindings {
-            ledger: Some(&*ledger),
-            confirmed: &|d| ctx.stores.binding_confirmed(d),
-        },
-        |n| ctx.heartbeat(n, now),
-    );
+    let mut hosts = {
+        let charges = ctx.stores.charges(&mut ledgers).without(uid);
+        host_views_counted(
+            pool_name,
+            &policy,
+            &ctx.stores.nodes.state(),
+            &ctx.stores.pools.state(),
+            &charges,
+            ledgers.get(pool_name),
+            |n| ctx.heartbeat(n, now),
+        )
+    };
+    let Some(ledger) = ledgers.get_mut(pool_name) else {
+        return Restore::Later;
+    };
     if let Some((h, _)) = ledger.port_of(uid)
         && let Some(v) = hosts.iter_mut().find(|v| v.name == h)
     {
