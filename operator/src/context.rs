@@ -511,6 +511,8 @@ pub struct Context {
     bindings: Mutex<HashMap<String, std::time::Instant>>,
     /// What this replica last wrote of each desktop's status (a fingerprint), and when.
     statuses: Mutex<HashMap<String, (u64, std::time::Instant)>>,
+    /// What this replica last wrote of each desktop's console mirror (a fingerprint).
+    mirrors: Mutex<HashMap<String, u64>>,
 }
 
 impl Context {
@@ -546,6 +548,7 @@ impl Context {
             repaired: Mutex::new(HashMap::new()),
             bindings: Mutex::new(HashMap::new()),
             statuses: Mutex::new(HashMap::new()),
+            mirrors: Mutex::new(HashMap::new()),
         }
     }
 
@@ -596,6 +599,35 @@ impl Context {
             applied.insert(uid.to_string(), (fingerprint, now));
         }
         due
+    }
+
+    /// Records that the mirror of the desktop with UID `uid` was written as `written`.
+    pub fn mirror_written(&self, uid: &str, written: &Secret) {
+        self.mirrors
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(uid.to_string(), mirror::fingerprint(written));
+    }
+
+    /// Whether `m` is the mirror as this replica last wrote it: its watch event brings the
+    /// desktop's pass nothing new (it made that write).
+    pub fn mirror_is_own(&self, m: &Secret) -> bool {
+        let Some(uid) = mirror::uid_of(m) else {
+            return false;
+        };
+        self.mirrors
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(uid)
+            .is_some_and(|f| *f == mirror::fingerprint(m))
+    }
+
+    /// Forgets the mirror record of `uid` (a deleted desktop).
+    pub fn forget_mirror(&self, uid: &str) {
+        self.mirrors
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(uid);
     }
 
     /// Forgets the user Secret record of `uid` (a failed apply, or a deleted desktop).

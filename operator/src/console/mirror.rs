@@ -168,6 +168,17 @@ pub fn up_to_date(existing: &Secret, wanted: &Secret) -> bool {
         )
 }
 
+/// What a mirror says, hashed: its data, labels and annotations (not its version, its field
+/// managers, or the copy `kubectl apply` keeps). A watch event of a mirror whose fingerprint is
+/// what the operator last wrote brings nothing new.
+pub fn fingerprint(s: &Secret) -> u64 {
+    let mut annotations = s.metadata.annotations.clone().unwrap_or_default();
+    annotations.remove("kubectl.kubernetes.io/last-applied-configuration");
+    let text =
+        serde_json::to_string(&(&s.data, &s.metadata.labels, &annotations)).unwrap_or_default();
+    deskvirt_crds::names::fnv1a64(text.as_bytes())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -181,6 +192,32 @@ mod tests {
             node,
             rotation,
         }
+    }
+
+    #[test]
+    fn a_fingerprint_changes_with_what_the_mirror_says_only() {
+        let written = secret(&spec("h1", ""), "pw");
+        let mut seen = written.clone();
+        seen.metadata.resource_version = Some("42".into());
+        seen.metadata.managed_fields = Some(vec![Default::default()]);
+        assert_eq!(fingerprint(&seen), fingerprint(&written));
+        assert_ne!(
+            fingerprint(&secret(&spec("h1", ""), "other")),
+            fingerprint(&written),
+            "another password"
+        );
+        assert_ne!(
+            fingerprint(&secret(&spec("h2", ""), "pw")),
+            fingerprint(&written),
+            "another host"
+        );
+        let mut tagged = written.clone();
+        tagged
+            .metadata
+            .annotations
+            .get_or_insert_default()
+            .insert("someone".into(), "else".into());
+        assert_ne!(fingerprint(&tagged), fingerprint(&written), "an annotation");
     }
 
     #[test]

@@ -93,6 +93,7 @@ pub(super) async fn cleanup(pass: &Pass<'_>) -> Result<Action, Error> {
     ctx.forget_user_secret(uid);
     ctx.forget_binding(uid);
     ctx.forget_status(uid);
+    ctx.forget_mirror(uid);
     fence::check()?;
     remove_finalizer(d, api, FINALIZER_OPERATOR)
         .await

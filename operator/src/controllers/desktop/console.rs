@@ -123,6 +123,7 @@ pub(super) async fn ensure_mirror(
         };
         match written {
             Ok(s) => {
+                ctx.mirror_written(uid, &s);
                 if decision == Password::Rotate {
                     tracing::info!("console password rotated");
                     ctx.event(
@@ -320,6 +321,9 @@ async fn record_user_secret(
     let recorded = api
         .patch(&console_mirror_name(uid), &pp, &Patch::Merge(&patch))
         .await;
+    if let Ok(mirror) = &recorded {
+        ctx.mirror_written(uid, mirror);
+    }
     if let Err(e) = recorded {
         let dp = only(&secret_uid);
         if let Err(undo) = user_api.delete(&created.name_any(), &dp).await {

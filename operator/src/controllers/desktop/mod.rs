@@ -21,11 +21,12 @@ use std::time::Duration;
 use deskvirt_crds::DomainNode;
 use deskvirt_crds::ResourcePool;
 use deskvirt_crds::desktop::Desktop;
+use futures::{Stream, StreamExt};
 use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::jiff::Timestamp;
 use kube::runtime::controller::{self, Action};
 use kube::runtime::reflector::ObjectRef;
-use kube::runtime::watcher;
+use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, ResourceExt};
 use tokio::sync::watch;
 
@@ -120,11 +121,9 @@ pub async fn run(ctx: Arc<Context>, selector: String, stop: watch::Receiver<bool
         cfg.clone(),
         triggers::desktop_key,
     )
-    .watches(
-        Api::<Secret>::namespaced(client.clone(), &ctx.console_namespace),
-        watcher::Config::default().labels(&mirror::selector()),
-        move |m| desktop_of_mirror(&m, &by_mirror),
-    )
+    .watches_stream(mirror_changes(&ctx), move |m| {
+        desktop_of_mirror(&m, &by_mirror)
+    })
     .watches(
         Api::<DomainNode>::all(client.clone()),
         cfg.clone(),
@@ -176,6 +175,31 @@ pub async fn run(ctx: Arc<Context>, selector: String, stop: watch::Receiver<bool
     drive(NAME, controller, stop).await;
 }
 
+/// The console mirrors that changed in a way their desktop's pass has not seen: deleted, or
+/// written by anyone but this replica (or not as it last wrote them). A mirror this replica
+/// has just written wakes nobody: the pass that wrote it acted on it.
+fn mirror_changes(
+    ctx: &Arc<Context>,
+) -> impl Stream<Item = Result<Secret, watcher::Error>> + use<> {
+    let api = Api::<Secret>::namespaced(ctx.client.clone(), &ctx.console_namespace);
+    let config = watcher::Config::default().labels(&mirror::selector());
+    let ctx = ctx.clone();
+    watcher(api, config)
+        .default_backoff()
+        .modify(deskvirt_runtime::cache::trim)
+        .filter_map(move |event| {
+            let changed = match event {
+                Ok(watcher::Event::Delete(m)) => Some(Ok(m)),
+                Ok(watcher::Event::Apply(m) | watcher::Event::InitApply(m)) => {
+                    (!ctx.mirror_is_own(&m)).then_some(Ok(m))
+                }
+                Ok(watcher::Event::Init | watcher::Event::InitDone) => None,
+                Err(e) => Some(Err(e)),
+            };
+            futures::future::ready(changed)
+        })
+}
+
 /// The Desktop a mirror belongs to: by its annotation, else by UID through the cache.
 fn desktop_of_mirror(m: &Secret, stores: &Stores) -> Option<ObjectRef<Desktop>> {
     if let Some((ns, name)) = mirror::desktop_of(m) {
@@ -190,6 +214,10 @@ fn desktop_of_mirror(m: &Secret, stores: &Stores) -> Option<ObjectRef<Desktop>> 
 pub async fn reconcile(d: Arc<Desktop>, ctx: Arc<Context>) -> Result<Action, Error> {
     let _busy = ctx.reconciles.desktops.begin();
     ctx.metrics.reconciled(NAME);
+    tracing::debug!(
+        resource_version = d.resource_version().unwrap_or_default(),
+        "desktop pass"
+    );
     if !ctx.is_leader() {
         return Ok(Action::await_change());
     }

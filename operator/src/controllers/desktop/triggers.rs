@@ -11,6 +11,7 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 
 use deskvirt_crds::conditions::find;
+use deskvirt_crds::constants::FINALIZER_AGENT;
 use deskvirt_crds::constants::condition::{
     CONSOLE_SECRET, IDLE, LIBVIRT_CONNECTED, POOL_APPLIED, READY, SCHEDULED, SIZE_APPLIED,
 };
@@ -73,6 +74,17 @@ pub fn desktop_key(d: &Desktop) -> Option<u64> {
     if let Some(meta) = v.get_mut("metadata").and_then(Value::as_object_mut) {
         meta.remove("resourceVersion");
         meta.remove("managedFields");
+        // The agent's finalizer matters to the operator only once the desktop is deleted
+        // (cleanup waits for the host to let go); its arrival on a live desktop is the agent's
+        // first write, and needs no pass.
+        if !meta.contains_key("deletionTimestamp")
+            && let Some(f) = meta.get_mut("finalizers").and_then(Value::as_array_mut)
+        {
+            f.retain(|f| f.as_str() != Some(FINALIZER_AGENT));
+            if f.is_empty() {
+                meta.remove("finalizers");
+            }
+        }
     }
     if let Some(status) = v.get_mut("status").and_then(Value::as_object_mut) {
         for f in DERIVED_FIELDS {
@@ -184,6 +196,7 @@ impl Seen {
 mod tests {
     use super::*;
     use deskvirt_crds::constants::condition::{DOMAIN_DEFINED as DOMAIN, RUNNING as RUNNING_};
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
     use serde_json::json;
 
     fn node(status: serde_json::Value) -> DomainNode {
@@ -285,9 +298,26 @@ mod tests {
         deleted.metadata.finalizers = Some(vec![]);
         deleted.metadata.generation = Some(2);
         assert_ne!(desktop_key(&deleted), base, "a spec edit");
-        let mut other = desktop(bound);
+        let mut other = desktop(bound.clone());
         other.metadata.uid = Some("u2".into());
         assert_ne!(desktop_key(&other), base, "another object of the same name");
+
+        let mut held = desktop(bound.clone());
+        held.metadata.finalizers = Some(vec![FINALIZER_AGENT.into()]);
+        assert_eq!(
+            desktop_key(&held),
+            base,
+            "the agent's finalizer on a live desktop"
+        );
+        let mut deleting = held.clone();
+        deleting.metadata.deletion_timestamp = Some(Time(k8s_openapi::jiff::Timestamp::UNIX_EPOCH));
+        let mut let_go = deleting.clone();
+        let_go.metadata.finalizers = Some(vec![]);
+        assert_ne!(
+            desktop_key(&deleting),
+            desktop_key(&let_go),
+            "the agent letting go of a deleted desktop"
+        );
     }
 
     #[test]
