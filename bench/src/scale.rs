@@ -103,6 +103,8 @@ pub struct Step {
     pub caches: Option<CacheSizes>,
     /// Reconciles from the first POST to the last Running (the binaries' own counters).
     pub operator_reconciles: f64,
+    /// Of them, the Desktop controller's.
+    pub desktop_reconciles: f64,
     pub agent_reconciles: f64,
 }
 
@@ -212,23 +214,44 @@ async fn step_inner(fleet: &mut Fleet, spec: &StepSpec) -> anyhow::Result<Step> 
         load_before,
         load_after,
         caches,
-        operator_reconciles: rec1.0 - rec0.0,
-        agent_reconciles: rec1.1 - rec0.1,
+        operator_reconciles: rec1.operator - rec0.operator,
+        desktop_reconciles: rec1.desktop - rec0.desktop,
+        agent_reconciles: rec1.agents - rec0.agents,
     })
 }
 
-/// Reconciles so far: the operator's (every controller) and the agents' (summed).
-async fn reconciles(fleet: &Fleet) -> (f64, f64) {
-    let op = match fleet.operator_port {
-        Some(p) => fleet::scrape_counter(p, "deskvirt_operator_reconciles_total").await,
-        None => 0.0,
+/// Reconciles so far, from the binaries' own counters.
+struct Reconciles {
+    /// The operator's, every controller.
+    operator: f64,
+    /// The operator's Desktop controller alone: its passes per desktop.
+    desktop: f64,
+    /// The agents', summed.
+    agents: f64,
+}
+
+async fn reconciles(fleet: &Fleet) -> Reconciles {
+    let (operator, desktop) = match fleet.operator_port {
+        Some(p) => (
+            fleet::scrape_counter(p, "deskvirt_operator_reconciles_total").await,
+            fleet::scrape_counter(
+                p,
+                "deskvirt_operator_reconciles_total{controller=\"desktop\"}",
+            )
+            .await,
+        ),
+        None => (0.0, 0.0),
     };
     let mut agents = 0.0;
     for a in &fleet.agents {
         agents +=
             fleet::scrape_counter(a.metrics_port, "deskvirt_agent_desktop_reconciles_total").await;
     }
-    (op, agents)
+    Reconciles {
+        operator,
+        desktop,
+        agents,
+    }
 }
 
 /// Mutating calls per second other than Leases while the fleet idles.
@@ -494,6 +517,7 @@ mod tests {
             load_after: String::new(),
             caches: None,
             operator_reconciles: 0.0,
+            desktop_reconciles: 0.0,
             agent_reconciles: 0.0,
         };
         assert!((step.calls_per_desktop() - 3.0).abs() < 1e-9);

@@ -118,27 +118,20 @@ pub fn running_size(d: &Desktop) -> Option<Request> {
     Request::read(r.cpu, &r.memory).ok()
 }
 
-/// What desktops other than `except` hold on `host`, and what the host can hold under
-/// `pool`'s policy: the room a resize is judged against. `None` when the host is unknown.
+/// What the desktops `charges` counts hold on `host` (read [`crate::charges::Counted::without`]
+/// the desktop being resized), and what the host can hold under `pool`'s policy: the room a
+/// resize is judged against. `None` when the host is unknown.
 pub fn host_room(
     host: &str,
     policy: &PoolPolicy,
     nodes: &[Arc<DomainNode>],
-    desktops: &[Arc<Desktop>],
-    except: &str,
-    bindings: Bindings<'_>,
+    charges: crate::charges::Counted<'_>,
 ) -> Option<(HostCapacity, Usage)> {
     let node = nodes
         .iter()
         .find(|n| n.metadata.name.as_deref() == Some(host))?;
-    let others: Vec<Arc<Desktop>> = desktops
-        .iter()
-        .filter(|d| d.metadata.uid.as_deref() != Some(except))
-        .cloned()
-        .collect();
-    let usage = usage_by_host(&others, nodes, bindings)
-        .remove(host)
-        .unwrap_or_default();
+    let orphans = node.status.as_ref().map_or(&[][..], |s| &s.orphans[..]);
+    let usage = charges.on(host, orphans);
     let view = HostView::from_report(&host_report(node), policy, true, usage, 0);
     Some((view.capacity, usage))
 }

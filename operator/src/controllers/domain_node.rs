@@ -25,7 +25,7 @@ use crate::allocators::LedgerError;
 use crate::context::{Context, stopped};
 use crate::heartbeat::Heartbeat;
 use crate::scheduler::{HostCapacity, PoolPolicy};
-use crate::world::{Bindings, orphans_by_host, pool_of, usage_by_host};
+use crate::world::{orphans_by_host, pool_of};
 
 const NAME: &str = "domainnode";
 
@@ -122,7 +122,6 @@ pub async fn reconcile(node: Arc<DomainNode>, ctx: Arc<Context>) -> Result<Actio
         l.release_host(&name);
     }
     let mut subnet = None;
-    let mut ledger = None;
     let mut refused = Vec::new();
     if let (Some(p), Some(pn)) = (&pool, pool_name.as_deref())
         && ledgers.of(p, &ctx.stores).is_ok()
@@ -137,14 +136,11 @@ pub async fn reconcile(node: Arc<DomainNode>, ctx: Arc<Context>) -> Result<Actio
     }
     if let Some(p) = &pool {
         match ledgers.of(p, &ctx.stores) {
-            Ok(l) => {
-                match l.assign_subnet(&name) {
-                    Ok(s) => subnet = Some(s.to_string()),
-                    Err(LedgerError::NoSubnets) => {}
-                    Err(e) => tracing::warn!(error = %e, "no subnet for the host"),
-                }
-                ledger = Some(&*l);
-            }
+            Ok(l) => match l.assign_subnet(&name) {
+                Ok(s) => subnet = Some(s.to_string()),
+                Err(LedgerError::NoSubnets) => {}
+                Err(e) => tracing::warn!(error = %e, "no subnet for the host"),
+            },
             Err(e) => tracing::warn!(error = %e, "pool ledger unusable"),
         }
     }
@@ -154,16 +150,8 @@ pub async fn reconcile(node: Arc<DomainNode>, ctx: Arc<Context>) -> Result<Actio
     let facts = host_report(&node).facts.and_then(Result::ok);
     let allocatable = match (&policy, &facts) {
         (Some(policy), Some(facts)) => {
-            let usage = usage_by_host(
-                &ctx.stores.desktops.state(),
-                &ctx.stores.nodes.state(),
-                Bindings {
-                    ledger,
-                    confirmed: &|d| ctx.stores.binding_confirmed(d),
-                },
-            )
-            .remove(&name)
-            .unwrap_or_default();
+            let orphans = node.status.as_ref().map_or(&[][..], |s| &s.orphans[..]);
+            let usage = ctx.stores.charges(&mut ledgers).on(&name, orphans);
             Some(HostCapacity::new(facts, policy).allocatable(&usage))
         }
         _ => None,

@@ -27,7 +27,7 @@ use super::{Categorized, apply_status, drive, kube_transient, on_leadership, wat
 use crate::context::{Context, stopped};
 use crate::idle::PoolIdle;
 use crate::scheduler::{PoolCapacity, PoolPolicy};
-use crate::world::{Bindings, host_views, pool_of};
+use crate::world::{host_views_counted, pool_of};
 
 const NAME: &str = "resourcepool";
 
@@ -178,19 +178,19 @@ pub async fn reconcile(pool: Arc<ResourcePool>, ctx: Arc<Context>) -> Result<Act
             if !ledgers.ready {
                 return Ok(Action::requeue(Duration::from_secs(1)));
             }
-            let ledger = ledgers.of(&pool, &ctx.stores).ok().map(|l| &*l);
-            let hosts = host_views(
+            // The pool's ledger is made here if it is not yet; the charges read every pool's.
+            let ledger_ok = ledgers.of(&pool, &ctx.stores).is_ok();
+            let charges = ctx.stores.charges(&mut ledgers);
+            let hosts = host_views_counted(
                 &name,
                 &policy,
                 &ctx.stores.nodes.state(),
                 &ctx.stores.pools.state(),
-                &desktops,
-                Bindings {
-                    ledger,
-                    confirmed: &|d| ctx.stores.binding_confirmed(d),
-                },
+                &charges,
+                ledgers.get(&name).filter(|_| ledger_ok),
                 |n| ctx.heartbeat(n, now),
             );
+            drop(charges);
             drop(ledgers);
             let cap = PoolCapacity::of(&name, &policy, &hosts);
             write_capacity(&cap, &mut st);

@@ -16,7 +16,7 @@ use super::status::Owned;
 use crate::context::Context;
 use crate::idle::holds_resources;
 use crate::scheduler::{PoolPolicy, Request};
-use crate::world::{Bindings, host_room, running_size};
+use crate::world::{host_room, running_size};
 
 /// A Warning the pass owes: a condition that newly turned False for a reason a human acts on.
 pub(super) struct Warning {
@@ -140,9 +140,9 @@ pub(super) async fn settle(
         let pool = ctx.stores.pool(&alloc.pool);
         // Without a ledger (leadership just gained, or the pool's network settings rejected,
         // which its own condition reports) the cache alone decides, as it does for the pool.
-        let ledger = match pool.as_deref() {
-            Some(p) if ledgers.ready => ledgers.of(p, &ctx.stores).ok(),
-            _ => None,
+        let has_ledger = match pool.as_deref() {
+            Some(p) if ledgers.ready => ledgers.of(p, &ctx.stores).is_ok(),
+            _ => false,
         };
         let room = pool
             .as_deref()
@@ -152,14 +152,14 @@ pub(super) async fn settle(
                     node,
                     &policy,
                     &ctx.stores.nodes.state(),
-                    &ctx.stores.desktops.state(),
-                    uid,
-                    Bindings {
-                        ledger: ledger.as_deref(),
-                        confirmed: &|d| ctx.stores.binding_confirmed(d),
-                    },
+                    ctx.stores.charges(&mut ledgers).without(uid),
                 )
             });
+        let ledger = if has_ledger {
+            ledgers.get_mut(&alloc.pool)
+        } else {
+            None
+        };
         let decision = match room {
             Some((capacity, others)) => decide(node, &capacity, &others, admitted, wanted, running),
             None => SizeDecision {
