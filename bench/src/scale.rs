@@ -103,8 +103,11 @@ pub struct Step {
     pub caches: Option<CacheSizes>,
     /// Reconciles from the first POST to the last Running (the binaries' own counters).
     pub operator_reconciles: f64,
-    /// Of them, the Desktop controller's.
+    /// Of them, the Desktop controller's, the DomainNode controller's and the ResourcePool
+    /// controller's.
     pub desktop_reconciles: f64,
+    pub domainnode_reconciles: f64,
+    pub resourcepool_reconciles: f64,
     pub agent_reconciles: f64,
 }
 
@@ -216,6 +219,8 @@ async fn step_inner(fleet: &mut Fleet, spec: &StepSpec) -> anyhow::Result<Step> 
         caches,
         operator_reconciles: rec1.operator - rec0.operator,
         desktop_reconciles: rec1.desktop - rec0.desktop,
+        domainnode_reconciles: rec1.domainnode - rec0.domainnode,
+        resourcepool_reconciles: rec1.resourcepool - rec0.resourcepool,
         agent_reconciles: rec1.agents - rec0.agents,
     })
 }
@@ -226,22 +231,23 @@ struct Reconciles {
     operator: f64,
     /// The operator's Desktop controller alone: its passes per desktop.
     desktop: f64,
+    /// The operator's DomainNode and ResourcePool controllers.
+    domainnode: f64,
+    resourcepool: f64,
     /// The agents', summed.
     agents: f64,
 }
 
 async fn reconciles(fleet: &Fleet) -> Reconciles {
-    let (operator, desktop) = match fleet.operator_port {
-        Some(p) => (
-            fleet::scrape_counter(p, "deskvirt_operator_reconciles_total").await,
-            fleet::scrape_counter(
-                p,
-                "deskvirt_operator_reconciles_total{controller=\"desktop\"}",
-            )
-            .await,
-        ),
-        None => (0.0, 0.0),
-    };
+    let mut op = [0.0; 4];
+    if let Some(p) = fleet.operator_port {
+        const METRIC: &str = "deskvirt_operator_reconciles_total";
+        op[0] = fleet::scrape_counter(p, METRIC).await;
+        for (i, c) in ["desktop", "domainnode", "resourcepool"].iter().enumerate() {
+            op[i + 1] = fleet::scrape_counter(p, &format!("{METRIC}{{controller=\"{c}\"}}")).await;
+        }
+    }
+    let [operator, desktop, domainnode, resourcepool] = op;
     let mut agents = 0.0;
     for a in &fleet.agents {
         agents +=
@@ -250,6 +256,8 @@ async fn reconciles(fleet: &Fleet) -> Reconciles {
     Reconciles {
         operator,
         desktop,
+        domainnode,
+        resourcepool,
         agents,
     }
 }
@@ -518,6 +526,8 @@ mod tests {
             caches: None,
             operator_reconciles: 0.0,
             desktop_reconciles: 0.0,
+            domainnode_reconciles: 0.0,
+            resourcepool_reconciles: 0.0,
             agent_reconciles: 0.0,
         };
         assert!((step.calls_per_desktop() - 3.0).abs() < 1e-9);

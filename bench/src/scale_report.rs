@@ -44,13 +44,13 @@ pub fn scale(s: &mut String, steps: &[Step]) {
     let _ = writeln!(
         s,
         "\n## Scale (simulated hosts: real agents on libvirt's `test:///default`)\n\n\
-         | step | hosts Ready | all bound | all Running | creation→bound p50 | creation→Running p50 / p95 | mutating calls / desktop | reconciles / desktop: operator (its Desktop controller) / agents | operator RSS idle → loaded | agent RSS mean idle → loaded (max) | CPU busy: operator / agents | deletion | load before → after |\n\
+         | step | hosts Ready | all bound | all Running | creation→bound p50 | creation→Running p50 / p95 | mutating calls / desktop | reconciles / desktop: operator (Desktop + DomainNode + ResourcePool) / agents | operator RSS idle → loaded | agent RSS mean idle → loaded (max) | CPU busy: operator / agents | deletion | load before → after |\n\
          |---|---|---|---|---|---|---|---|---|---|---|---|---|"
     );
     for st in steps {
         let _ = writeln!(
             s,
-            "| {} | {} | {} | {} | {} | {} / {} | {:.1} | {:.1} ({:.1}) / {:.1} | {} | {} ({:.1}) | {} / {} | {} | {} → {} |",
+            "| {} | {} | {} | {} | {} | {} / {} | {:.1} | {:.1} ({:.1} + {:.1} + {:.1}) / {:.1} | {} | {} ({:.1}) | {} / {} | {} | {} → {} |",
             st.spec.label,
             secs(st.hosts_ready),
             secs(st.all_bound),
@@ -61,6 +61,8 @@ pub fn scale(s: &mut String, steps: &[Step]) {
             st.calls_per_desktop(),
             st.operator_reconciles / st.spec.desktops.max(1) as f64,
             st.desktop_reconciles / st.spec.desktops.max(1) as f64,
+            st.domainnode_reconciles / st.spec.desktops.max(1) as f64,
+            st.resourcepool_reconciles / st.spec.desktops.max(1) as f64,
             st.agent_reconciles / st.spec.desktops.max(1) as f64,
             arrow(st.idle_before.operator.rss, st.loaded.operator.rss),
             arrow(st.idle_before.agent_mean().rss, st.loaded.agent_mean().rss),
@@ -238,7 +240,7 @@ pub fn footprint(s: &mut String, f: &Step, goals: &mut Vec<String>) {
     let _ = writeln!(
         s,
         "\nPer desktop: operator {} RSS ({} anon), agent {} RSS ({} anon). All {} bound {} and Running {} after the first POST \
-         (p50 from its own POST: bound {}, Running {}); {:.1} mutating calls and {:.1} operator ({:.1} of its Desktop controller) / {:.1} agent reconciles per desktop; deletion {}. Load {} → {}.",
+         (p50 from its own POST: bound {}, Running {}); {:.1} mutating calls and {:.1} operator ({:.1} Desktop, {:.1} DomainNode, {:.1} ResourcePool) / {:.1} agent reconciles per desktop; deletion {}. Load {} → {}.",
         kib_signed((f.loaded.operator.rss as f64 - f.idle_before.operator.rss as f64) / d),
         kib_signed((f.loaded.operator.anon as f64 - f.idle_before.operator.anon as f64) / d),
         kib_signed((f.loaded.agent_mean().rss as f64 - f.idle_before.agent_mean().rss as f64) / d),
@@ -253,6 +255,8 @@ pub fn footprint(s: &mut String, f: &Step, goals: &mut Vec<String>) {
         f.calls_per_desktop(),
         f.operator_reconciles / d,
         f.desktop_reconciles / d,
+        f.domainnode_reconciles / d,
+        f.resourcepool_reconciles / d,
         f.agent_reconciles / d,
         f.deleted.map(secs).unwrap_or_else(|| "incomplete".into()),
         f.load_before,

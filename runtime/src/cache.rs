@@ -137,6 +137,69 @@ where
     Controller::for_stream(keyed, store)
 }
 
+/// The objects of `api` filtered by `config` whose `key` changed since the watch last showed
+/// them, and every deleted one: for a secondary watch whose mapper wakes many objects, so that
+/// a change the woken ones do not read (a status write, say) wakes none of them. Objects come
+/// trimmed ([`trim`]); a relist passes each object whose key it has not seen.
+pub fn changes_by_key<K, T, P>(
+    api: Api<K>,
+    config: watcher::Config,
+    key: P,
+) -> BoxStream<'static, Result<K, watcher::Error>>
+where
+    K: Cached,
+    T: PartialEq + Send + 'static,
+    P: Fn(&K) -> T + Send + 'static,
+{
+    let mut seen = ChangedKeys::default();
+    watcher(api, config)
+        .default_backoff()
+        .modify(trim)
+        .filter_map(move |event| futures::future::ready(seen.pass(event, &key)))
+        .boxed()
+}
+
+/// The last key [`changes_by_key`] saw of each object, by UID (by name where it has none).
+struct ChangedKeys<T> {
+    keys: std::collections::HashMap<String, T>,
+}
+
+impl<T> Default for ChangedKeys<T> {
+    fn default() -> Self {
+        Self {
+            keys: std::collections::HashMap::new(),
+        }
+    }
+}
+
+impl<T: PartialEq> ChangedKeys<T> {
+    /// The object `event` shows, if it is deleted or its key changed; errors pass through.
+    fn pass<K: Resource>(
+        &mut self,
+        event: Result<watcher::Event<K>, watcher::Error>,
+        key: &impl Fn(&K) -> T,
+    ) -> Option<Result<K, watcher::Error>> {
+        let id = |o: &K| {
+            let m = o.meta();
+            m.uid.clone().or_else(|| m.name.clone()).unwrap_or_default()
+        };
+        match event {
+            Ok(watcher::Event::Apply(o) | watcher::Event::InitApply(o)) => {
+                let k = key(&o);
+                let changed = self.keys.get(&id(&o)) != Some(&k);
+                self.keys.insert(id(&o), k);
+                changed.then_some(Ok(o))
+            }
+            Ok(watcher::Event::Delete(o)) => {
+                self.keys.remove(&id(&o));
+                Some(Ok(o))
+            }
+            Ok(watcher::Event::Init | watcher::Event::InitDone) => None,
+            Err(e) => Some(Err(e)),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -164,5 +227,45 @@ mod tests {
             .map(|(k, _)| k)
             .collect();
         assert_eq!(kept, ["deskvirt.io/wake"]);
+    }
+
+    #[test]
+    fn a_watched_object_passes_when_its_key_changes_or_it_is_deleted() {
+        let secret = |uid: &str, gen_: i64| {
+            let mut s = Secret::default();
+            s.metadata.uid = Some(uid.into());
+            s.metadata.generation = Some(gen_);
+            s
+        };
+        let mut seen = ChangedKeys::default();
+        let key = |s: &Secret| s.metadata.generation;
+        let mut pass = |e: watcher::Event<Secret>| {
+            seen.pass(Ok(e), &key)
+                .and_then(Result::ok)
+                .map(|s| (s.metadata.uid.unwrap_or_default(), s.metadata.generation))
+        };
+        use watcher::Event::{Apply, Delete, Init, InitApply, InitDone};
+        let steps = [
+            (Init, None, "the start of a list"),
+            (InitApply(secret("a", 1)), Some(("a", 1)), "first sight"),
+            (InitDone, None, "the end of a list"),
+            (Apply(secret("a", 1)), None, "the same key"),
+            (Apply(secret("a", 2)), Some(("a", 2)), "a new key"),
+            (
+                Apply(secret("b", 2)),
+                Some(("b", 2)),
+                "another object with that key",
+            ),
+            (Delete(secret("a", 2)), Some(("a", 2)), "a deletion, always"),
+            (
+                InitApply(secret("a", 2)),
+                Some(("a", 2)),
+                "seen again after its deletion",
+            ),
+        ];
+        for (event, passed, what) in steps {
+            let want = passed.map(|(uid, g)| (uid.to_string(), Some(g)));
+            assert_eq!(pass(event), want, "{what}");
+        }
     }
 }

@@ -360,11 +360,8 @@ impl Ledger {
 
     /// How many ports of `host` another process listens on ([`Ledger::move_port`]).
     pub fn ports_taken(&self, host: &str) -> u32 {
-        let taken = self
-            .ports
-            .held_on(host)
-            .filter(|(_, holder)| holder.starts_with(BUSY))
-            .count();
+        // The holders of taken ports are keyed by host ([`busy_holder`]): read just this host's.
+        let taken = self.ports.holders_prefixed(&format!("{BUSY}{host}:"));
         u32::try_from(taken).unwrap_or(u32::MAX)
     }
 

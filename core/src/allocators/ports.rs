@@ -191,8 +191,28 @@ impl PortLedger {
             return 0;
         }
         self.hosts.get(host).map_or(0, |ports| {
-            u32::try_from(ports.range(range.first..=range.last).count()).unwrap_or(u32::MAX)
+            let inside = |p: Option<(&u16, &String)>| {
+                p.is_some_and(|(p, _)| (range.first..=range.last).contains(p))
+            };
+            // Ports held from an earlier range are the exception: only then are they counted one
+            // by one (placement asks this of every host of the pool on each bind).
+            let n = if inside(ports.first_key_value()) && inside(ports.last_key_value()) {
+                ports.len()
+            } else {
+                ports.range(range.first..=range.last).count()
+            };
+            u32::try_from(n).unwrap_or(u32::MAX)
         })
+    }
+
+    /// How many holders whose key begins with `prefix` hold a port (in key order, so this
+    /// reads only those).
+    pub fn holders_prefixed(&self, prefix: &str) -> usize {
+        use std::ops::Bound;
+        self.desktops
+            .range::<str, _>((Bound::Included(prefix), Bound::Unbounded))
+            .take_while(|(k, _)| k.starts_with(prefix))
+            .count()
     }
 
     /// How many desktops hold a port.
@@ -321,6 +341,39 @@ mod tests {
             "a released port is reused first"
         );
         assert_eq!(l.in_use("h1", r), 2);
+        Ok(())
+    }
+
+    #[test]
+    fn ports_in_use_count_only_those_of_the_range() -> Result<(), PortError> {
+        let mut l = PortLedger::new();
+        let (old, new) = (range(5900, 5999), range(6000, 6099));
+        assert_eq!(l.allocate("a", "h1", old)?, 5900);
+        assert_eq!(l.allocate("b", "h1", new)?, 6000);
+        assert_eq!(l.allocate("c", "h1", new)?, 6001);
+        assert_eq!(
+            l.in_use("h1", new),
+            2,
+            "a port of an earlier range is not counted"
+        );
+        assert_eq!(l.in_use("h1", old), 1);
+        assert_eq!(l.in_use("h1", range(5900, 6099)), 3);
+        assert_eq!(l.in_use("h2", new), 0);
+        l.release("a");
+        assert_eq!(l.in_use("h1", new), 2);
+        Ok(())
+    }
+
+    #[test]
+    fn holders_are_counted_by_the_beginning_of_their_key() -> Result<(), PortError> {
+        let mut l = PortLedger::new();
+        let r = range(5900, 5999);
+        for d in ["x:h1:1", "x:h1:2", "x:h10:1", "y:h1:1", "x:h"] {
+            l.allocate(d, "h", r)?;
+        }
+        assert_eq!(l.holders_prefixed("x:h1:"), 2);
+        assert_eq!(l.holders_prefixed("x:h"), 4);
+        assert_eq!(l.holders_prefixed("z"), 0);
         Ok(())
     }
 

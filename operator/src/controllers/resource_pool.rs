@@ -12,10 +12,12 @@ use deskvirt_crds::conditions::{self, Status, condition};
 use deskvirt_crds::constants::condition::{DEGRADED, READY};
 use deskvirt_crds::constants::pool_reason::INVALID_SPEC;
 use deskvirt_crds::desktop::Phase;
+use deskvirt_crds::names::fnv1a64;
 use deskvirt_crds::read::{FromPoolSpec, write_capacity};
 use deskvirt_crds::resource_pool::{ResourcePool, ResourcePoolStatus};
 use deskvirt_crds::validation;
 use deskvirt_crds::{Desktop, DomainNode};
+use deskvirt_runtime::cache::changes_by_key;
 use k8s_openapi::jiff::Timestamp;
 use kube::runtime::controller::Action;
 use kube::runtime::reflector::ObjectRef;
@@ -23,6 +25,7 @@ use kube::{Api, ResourceExt};
 use serde_json::json;
 use tokio::sync::watch;
 
+use super::desktop::triggers;
 use super::{Categorized, apply_status, drive, kube_transient, on_leadership, watch_config};
 use crate::context::{Context, stopped};
 use crate::idle::PoolIdle;
@@ -61,9 +64,12 @@ pub async fn run(ctx: Arc<Context>, selector: String, stop: watch::Receiver<bool
     let stores = ctx.stores.clone();
     let controller =
         deskvirt_runtime::cache::controller(Api::<ResourcePool>::all(client.clone()), cfg.clone())
-            .watches(
-                Api::<DomainNode>::all(client.clone()),
-                cfg.clone(),
+            .watches_stream(
+                changes_by_key(
+                    Api::<DomainNode>::all(client.clone()),
+                    cfg.clone(),
+                    host_key,
+                ),
                 move |n| {
                     let mut pools: Vec<String> = n
                         .status
@@ -75,9 +81,10 @@ pub async fn run(ctx: Arc<Context>, selector: String, stop: watch::Receiver<bool
                     pools.iter().map(|p| ObjectRef::new(p)).collect::<Vec<_>>()
                 },
             )
-            .watches(Api::<Desktop>::all(client.clone()), cfg, |d| {
-                Some(ObjectRef::new(d.pool()))
-            })
+            .watches_stream(
+                changes_by_key(Api::<Desktop>::all(client.clone()), cfg, desktop_key),
+                |d| Some(ObjectRef::new(d.pool())),
+            )
             .reconcile_all_on(on_leadership(ctx.leader.clone()))
             .graceful_shutdown_on(stopped(stop.clone()))
             .run(
@@ -86,6 +93,40 @@ pub async fn run(ctx: Arc<Context>, selector: String, stop: watch::Receiver<bool
                 ctx,
             );
     drive(NAME, controller, stop).await;
+}
+
+/// What the pool's status reads of a host, hashed: what placement reads
+/// ([`triggers::host_key`]: not the allocatable the operator writes itself, nor the agent's
+/// periodic report) and its labels (membership).
+fn host_key(n: &DomainNode) -> u64 {
+    let labels = format!("{:?}", n.metadata.labels);
+    triggers::host_key(n) ^ fnv1a64(labels.as_bytes()).rotate_left(1)
+}
+
+/// What the pool's status reads of a desktop, hashed: its pool, spec and deletion, and its
+/// status but for when activity was last seen and the conditions' times, reasons and messages
+/// (the pool counts phases, bindings, sizes, sessions, and `Running` and `Idle` by their
+/// status). The agent's activity reports and the operator's condition messages then wake no
+/// pool pass.
+fn desktop_key(d: &Desktop) -> u64 {
+    let mut st = serde_json::to_value(&d.status).unwrap_or_default();
+    if let Some(o) = st.as_object_mut() {
+        for f in ["observedGeneration", "lastActivityTime", "idleSince"] {
+            o.remove(f);
+        }
+        if let Some(conds) = o.get_mut("conditions").and_then(|c| c.as_array_mut()) {
+            for c in conds.iter_mut() {
+                *c = serde_json::json!([c.get("type"), c.get("status")]);
+            }
+        }
+    }
+    let text = format!(
+        "{}|{:?}|{}|{st}",
+        d.pool(),
+        d.metadata.generation,
+        d.metadata.deletion_timestamp.is_some()
+    );
+    fnv1a64(text.as_bytes())
 }
 
 /// Every phase, counted even at zero: the map then never loses its last key, which a server-side
@@ -313,6 +354,53 @@ mod tests {
             v["status"] = serde_json::json!({ "phase": p });
         }
         serde_json::from_value(v).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// A change to a Desktop's JSON.
+    type Edit = dyn Fn(&mut serde_json::Value);
+
+    #[test]
+    fn a_desktop_wakes_its_pool_only_for_what_the_pool_counts() {
+        let with = |f: &dyn Fn(&mut serde_json::Value)| {
+            let mut v = serde_json::to_value(desktop("a", Some("Running")))
+                .unwrap_or_else(|e| panic!("{e}"));
+            v["status"]["conditions"] = serde_json::json!([{
+                "type": "Running", "status": "True", "reason": "Started", "message": "m",
+                "lastTransitionTime": "2026-01-01T00:00:00Z"
+            }]);
+            v["status"]["lastActivityTime"] = serde_json::json!("2026-01-01T00:00:00Z");
+            f(&mut v);
+            desktop_key(&serde_json::from_value(v).unwrap_or_else(|e| panic!("{e}")))
+        };
+        let base = with(&|_| {});
+        let quiet: [(&str, &Edit); 3] = [
+            ("activity", &|v| {
+                v["status"]["lastActivityTime"] = "2026-01-01T00:01:00Z".into()
+            }),
+            ("a message", &|v| {
+                v["status"]["conditions"][0]["message"] = "n".into()
+            }),
+            ("a reason", &|v| {
+                v["status"]["conditions"][0]["reason"] = "Resumed".into()
+            }),
+        ];
+        for (what, f) in quiet {
+            assert_eq!(with(f), base, "{what}");
+        }
+        let loud: [(&str, &Edit); 5] = [
+            ("the phase", &|v| v["status"]["phase"] = "Suspended".into()),
+            ("Running", &|v| {
+                v["status"]["conditions"][0]["status"] = "False".into()
+            }),
+            ("the host", &|v| v["status"]["node"] = "h2".into()),
+            ("the pool", &|v| v["spec"]["pool"] = "b".into()),
+            ("deletion", &|v| {
+                v["metadata"]["deletionTimestamp"] = "2026-01-01T00:00:00Z".into()
+            }),
+        ];
+        for (what, f) in loud {
+            assert_ne!(with(f), base, "{what}");
+        }
     }
 
     /// What a pass computes reads back from the API as the same: the next pass writes nothing,

@@ -13,7 +13,7 @@ mod duplicate;
 mod idle;
 mod size;
 mod status;
-mod triggers;
+pub(crate) mod triggers;
 
 use std::sync::Arc;
 use std::time::Duration;
