@@ -114,7 +114,7 @@ pub fn on_leadership(rx: watch::Receiver<bool>) -> impl Stream<Item = ()> + Send
 }
 
 /// An error with its sources, for logs (messages do not repeat their source, so the log must).
-fn chain(e: &dyn std::error::Error) -> String {
+pub(crate) fn chain(e: &dyn std::error::Error) -> String {
     let mut out = e.to_string();
     let mut source = e.source();
     while let Some(s) = source {

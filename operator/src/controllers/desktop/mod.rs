@@ -30,7 +30,7 @@ use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, ResourceExt};
 use tokio::sync::watch;
 
-use super::{Categorized, drive, is_conflict, kube_transient, on_leadership, watch_config};
+use super::{Categorized, chain, drive, is_conflict, kube_transient, on_leadership, watch_config};
 use crate::console::mirror;
 use crate::context::{Context, Stores, stopped};
 use crate::fence;
@@ -65,6 +65,15 @@ impl Error {
     /// Whether the object written is gone.
     fn is_gone(&self) -> bool {
         matches!(self, Error::Kube { source: kube::Error::Api(s), .. } if s.code == 404)
+    }
+
+    /// Whether the write came after the desktop was deleted, which the cached copy did not show
+    /// yet: gone, or refused for adding a finalizer to an object being deleted (the API's 422
+    /// says so in its message, the only place it does).
+    fn is_after_deletion(&self) -> bool {
+        self.is_gone()
+            || matches!(self, Error::Kube { source: kube::Error::Api(s), .. }
+                if s.code == 422 && s.message.contains("being deleted"))
     }
 }
 
@@ -251,8 +260,37 @@ pub async fn reconcile(d: Arc<Desktop>, ctx: Arc<Context>) -> Result<Action, Err
             tracing::debug!(error = %e, "lost a write race; looking again");
             Action::requeue(Duration::from_secs(1))
         }
+        // Deleted under the pass: the deletion's watch event brings the cleanup pass.
+        Err(e) if e.is_after_deletion() => {
+            tracing::debug!(error = %chain(&e), "the desktop was deleted during the pass");
+            Action::await_change()
+        }
         Err(e) => return Err(e),
     };
     ctx.succeeded(&format!("{NAME}/{uid}"));
     Ok(action)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn api(code: u16, reason: &str, message: &str) -> Error {
+        let status = kube::core::Status::failure(message, reason).with_code(code);
+        Error::Kube {
+            action: "add finalizer and labels",
+            source: kube::Error::Api(Box::new(status)),
+        }
+    }
+
+    #[test]
+    fn a_write_after_the_deletion_is_told_apart() {
+        let finalizer = "metadata.finalizers: Forbidden: no new finalizers can be added if the \
+                         object is being deleted, found new finalizers []string{\"deskvirt.io/operator\"}";
+        assert!(api(422, "Invalid", finalizer).is_after_deletion());
+        assert!(api(404, "NotFound", "desktops \"d\" not found").is_after_deletion());
+        let invalid = "spec.cpu: Invalid value: 0: spec.cpu in body should be >= 1";
+        assert!(!api(422, "Invalid", invalid).is_after_deletion());
+        assert!(!api(409, "Conflict", "the object has been modified").is_after_deletion());
+    }
 }
