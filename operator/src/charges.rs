@@ -69,6 +69,12 @@ impl Charges {
         }
     }
 
+    /// Where the desktop with UID `uid` is in the cache, as the desktop watch last showed it
+    /// (perhaps deleted since).
+    pub fn desktop_ref(&self, uid: &str) -> Option<ObjectRef<Desktop>> {
+        self.state().refs.get(uid).cloned()
+    }
+
     /// A watch listed everything anew: what it dropped was never shown as deleted.
     pub fn relisted(&self) {
         self.state().all = true;
@@ -176,6 +182,16 @@ mod tests {
             "u{i}"
         )));
         s
+    }
+
+    #[test]
+    fn a_desktop_is_found_by_uid_where_the_watch_showed_it() {
+        let charges = Charges::default();
+        assert_eq!(charges.desktop_ref("u1"), None);
+        let d = desktop(1, 1, None, false);
+        charges.desktop_touched(&d);
+        assert_eq!(charges.desktop_ref("u1"), Some(ObjectRef::from_obj(&d)));
+        assert_eq!(charges.desktop_ref("u2"), None);
     }
 
     /// One change a watch or a pass could make.

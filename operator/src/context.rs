@@ -162,10 +162,15 @@ impl Stores {
         )
     }
 
-    /// The cached desktop with UID `uid`.
+    /// The cached desktop with UID `uid`: where the desktop watch last showed it, else (a
+    /// desktop the watch has not shown, or one gone) by walking the cache.
     pub fn desktop_by_uid(&self, uid: &str) -> Option<Arc<Desktop>> {
-        self.desktops
-            .find(|d| d.metadata.uid.as_deref() == Some(uid))
+        let is = |d: &Desktop| d.metadata.uid.as_deref() == Some(uid);
+        self.charges
+            .desktop_ref(uid)
+            .and_then(|r| self.desktops.get(&r))
+            .filter(|d| is(d))
+            .or_else(|| self.desktops.find(is))
     }
 }
 
