@@ -37,6 +37,8 @@ pub struct Env {
     pub first_port: u16,
     pub operator: Option<Process>,
     pub agent: Option<Process>,
+    /// Where the agent serves `/metrics`, once started.
+    pub agent_metrics: Option<u16>,
 }
 
 /// Release (default) or debug builds of the operator and the agent.
@@ -77,6 +79,7 @@ impl Env {
             run,
             operator: None,
             agent: None,
+            agent_metrics: None,
         };
         std::fs::create_dir_all(&env.image_dir)?;
         std::fs::create_dir_all(env.work.join("raw"))?;
@@ -135,9 +138,11 @@ impl Env {
             .args(["--lease-namespace", &self.sys_ns])
             .args(["--console-namespace", &self.console_ns])
             .args(["--node-address", "127.0.0.1", "--node-labels", &labels])
-            .args(["--shutdown-grace", "3s"])
-            .args(["--metrics-addr", &format!("127.0.0.1:{}", free_port()?)]);
+            .args(["--shutdown-grace", "3s"]);
+        let agent_metrics = free_port()?;
+        agent.args(["--metrics-addr", &format!("127.0.0.1:{agent_metrics}")]);
         self.agent = Some(Process::spawn("node-agent", &mut agent)?);
+        self.agent_metrics = Some(agent_metrics);
         let mut operator = Command::new(bin_dir.join("deskvirt-operator"));
         operator
             .env("KUBECONFIG", &kubeconfig)

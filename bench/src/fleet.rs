@@ -352,6 +352,19 @@ impl Fleet {
 /// The sum of every sample of the counters named `prefix…` on a local `/metrics` endpoint
 /// (plain HTTP/1.0 over loopback; zero when unreachable).
 pub async fn scrape_counter(port: u16, prefix: &str) -> f64 {
+    scrape(port)
+        .await
+        .lines()
+        .filter(|l| l.starts_with(prefix))
+        .filter_map(|l| {
+            l.rsplit_once(' ')
+                .and_then(|(_, v)| v.trim().parse::<f64>().ok())
+        })
+        .sum()
+}
+
+/// The text `/metrics` on `port` of this machine answers, empty when it does not answer in 5 s.
+pub async fn scrape(port: u16) -> String {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let get = async {
         let mut s = tokio::net::TcpStream::connect((Ipv4Addr::LOCALHOST, port)).await?;
@@ -361,16 +374,10 @@ pub async fn scrape_counter(port: u16, prefix: &str) -> f64 {
         s.read_to_string(&mut text).await?;
         Ok::<_, std::io::Error>(text)
     };
-    let Ok(Ok(text)) = tokio::time::timeout(Duration::from_secs(5), get).await else {
-        return 0.0;
-    };
-    text.lines()
-        .filter(|l| l.starts_with(prefix))
-        .filter_map(|l| {
-            l.rsplit_once(' ')
-                .and_then(|(_, v)| v.trim().parse::<f64>().ok())
-        })
-        .sum()
+    match tokio::time::timeout(Duration::from_secs(5), get).await {
+        Ok(Ok(text)) => text,
+        _ => String::new(),
+    }
 }
 
 /// `count` ports of [`METRICS_PORTS`] that nothing listens on now.

@@ -85,6 +85,20 @@ impl Report {
                     secs(t.raw.p50())
                 );
             }
+            if t.steps.iter().any(|(_, _, passes)| *passes > 0.0) {
+                let _ = writeln!(
+                    s,
+                    "Inside the agent (`deskvirt_agent_pass_step_seconds`), per desktop from the POST until its console answered, means over the runs:\n\n| step | time | passes that took it |\n|---|---|---|"
+                );
+                for (step, secs_per, passes) in &t.steps {
+                    let _ = writeln!(
+                        s,
+                        "| {step} | {} | {passes:.1} |",
+                        secs(Duration::from_secs_f64(secs_per.max(0.0)))
+                    );
+                }
+                let _ = writeln!(s);
+            }
             goals.push(format!(
                 "| time to desktop ≤ 1.3× raw | p50 {r50:.2}×, p95 {r95:.2}× | {} |",
                 verdict(r50 <= 1.3)

@@ -2,6 +2,7 @@
 //! port accepts a link with the Secret's password) against the same domain XML through plain
 //! libvirt (overlay, define, start → the same link), interleaved so both share the noise.
 
+use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::Path;
 use std::process::Command;
@@ -30,6 +31,9 @@ pub struct TtdResult {
     pub deskvirt: Samples,
     /// For each hop of a deskvirt desktop, the time from its POST, one sample per run.
     pub hops: Vec<(Hop, Samples)>,
+    /// For each step of an agent pass, the time the agent spent in it and the passes that took
+    /// it, per desktop, from the POST until the console answered; the slowest first.
+    pub steps: Vec<(String, f64, f64)>,
 }
 
 /// A hop on the way from the POST to a console that answers, as the bench sees it by polling the
@@ -107,6 +111,7 @@ pub async fn run_pairs(env: &Env, n: usize) -> anyhow::Result<TtdResult> {
     let mut raw = Vec::new();
     let mut deskvirt = Vec::new();
     let mut hops: Vec<[Duration; 5]> = Vec::new();
+    let mut steps: BTreeMap<String, (f64, f64)> = BTreeMap::new();
     let mut template = None;
     for i in 0..n {
         let raw_first = i % 2 == 1 && template.is_some();
@@ -114,7 +119,13 @@ pub async fn run_pairs(env: &Env, n: usize) -> anyhow::Result<TtdResult> {
             raw.push(raw_once(env, t, i).await?);
         }
         let name = format!("ttd-{i:02}");
+        let before = agent_steps(env).await;
         let (took, addr, seen) = deskvirt_once(env, &name).await?;
+        for (step, (secs, passes)) in agent_steps(env).await {
+            let (b_secs, b_passes) = before.get(&step).copied().unwrap_or_default();
+            let e: &mut (f64, f64) = steps.entry(step).or_default();
+            *e = (e.0 + secs - b_secs, e.1 + passes - b_passes);
+        }
         deskvirt.push(took);
         hops.push(seen.filled());
         if template.is_none() {
@@ -139,11 +150,53 @@ pub async fn run_pairs(env: &Env, n: usize) -> anyhow::Result<TtdResult> {
             )
         })
         .collect();
+    let per = n.max(1) as f64;
     Ok(TtdResult {
         raw: Samples::new(raw),
         deskvirt: Samples::new(deskvirt),
         hops,
+        steps: {
+            let mut steps: Vec<_> = steps
+                .into_iter()
+                .map(|(name, (secs, passes))| (name, secs / per, passes / per))
+                .collect();
+            // The slowest first: where the time goes.
+            steps.sort_by(|a, b| b.1.total_cmp(&a.1));
+            steps
+        },
     })
+}
+
+/// Seconds spent so far in each step of an agent pass, and how many passes took it, by step,
+/// from the agent's `/metrics` (empty when it cannot be read).
+async fn agent_steps(env: &Env) -> BTreeMap<String, (f64, f64)> {
+    let Some(port) = env.agent_metrics else {
+        return BTreeMap::new();
+    };
+    step_totals(&crate::fleet::scrape(port).await)
+}
+
+/// The sum and count of each step of `deskvirt_agent_pass_step_seconds` in a `/metrics` text.
+fn step_totals(text: &str) -> BTreeMap<String, (f64, f64)> {
+    let mut out = BTreeMap::new();
+    const METRIC: &str = "deskvirt_agent_pass_step_seconds";
+    for line in text.lines() {
+        for (suffix, sum) in [("_sum", true), ("_count", false)] {
+            let labelled = line
+                .strip_prefix(METRIC)
+                .and_then(|l| l.strip_prefix(suffix))
+                .and_then(|l| l.strip_prefix("{step=\""));
+            let Some((step, value)) = labelled.and_then(|l| l.split_once("\"} ")) else {
+                continue;
+            };
+            let Ok(v) = value.trim().parse::<f64>() else {
+                continue;
+            };
+            let e: &mut (f64, f64) = out.entry(step.to_string()).or_default();
+            if sum { e.0 = v } else { e.1 = v }
+        }
+    }
+    out
 }
 
 /// Creates the example Desktop and times until its SPICE port accepts the Secret's password.
@@ -366,5 +419,25 @@ mod tests {
         assert!(out.contains("/r/raw-0.qcow2") && out.contains("port='6001'"));
         assert!(to_raw(xml, "r", "/nope", "/r", 5901, 6001).is_err());
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod step_tests {
+    use super::*;
+
+    #[test]
+    fn step_totals_are_read_from_the_exposition() {
+        let text = "# HELP deskvirt_agent_pass_step_seconds Time each step took.\n\
+            deskvirt_agent_pass_step_seconds_bucket{step=\"execute\",le=\"0.001\"} 0\n\
+            deskvirt_agent_pass_step_seconds_sum{step=\"execute\"} 1.5\n\
+            deskvirt_agent_pass_step_seconds_count{step=\"execute\"} 3\n\
+            deskvirt_agent_pass_step_seconds_sum{step=\"status\"} 0.25\n\
+            deskvirt_agent_pass_step_seconds_count{step=\"status\"} 5\n\
+            deskvirt_agent_desktop_reconciles_total 9\n";
+        let t = step_totals(text);
+        assert_eq!(t.get("execute"), Some(&(1.5, 3.0)));
+        assert_eq!(t.get("status"), Some(&(0.25, 5.0)));
+        assert_eq!(t.len(), 2);
     }
 }
