@@ -55,6 +55,62 @@ fn changes(kit: &Kit, from: usize) -> Vec<String> {
 }
 
 #[tokio::test]
+async fn a_nat_desktop_gets_its_lease_then_starts() {
+    let mut kit = Kit::new();
+    kit.nat();
+    kit.make_disk();
+    passes(&kit, &desktop()).await;
+    let dom = kit.domain();
+    let calls = changes(&kit, 0);
+    let at = |want: &str| calls.iter().position(|c| c.starts_with(want));
+    let (lease, start) = (at("leases "), at(&format!("start {dom}")));
+    assert!(
+        lease.is_some() && start.is_some() && lease < start,
+        "the lease is written before the start: {calls:?}"
+    );
+    assert_eq!(cond(&kit, RUNNING), pair("True", "Running"));
+    let ip = kit.api.statuses().last().map(|s| s["ip"].clone());
+    assert_eq!(
+        ip,
+        Some(serde_json::json!("10.233.1.2")),
+        "{:?}",
+        kit.api.statuses()
+    );
+
+    // The next pass finds the lease and writes none.
+    let from = kit.hv.journal().len();
+    passes(&kit, &with_last_status(desktop(), &kit.api)).await;
+    assert!(changes(&kit, from).is_empty(), "{:?}", changes(&kit, from));
+}
+
+#[tokio::test]
+async fn a_lease_that_cannot_be_written_stops_the_start_until_it_is() {
+    let mut kit = Kit::new();
+    kit.nat();
+    kit.make_disk();
+    kit.hv.fail_once(Op::Leases, failed());
+    let first = apply(&desktop(), &kit.ctx).await;
+    assert!(first.is_err(), "the lease failure is the pass's: {first:?}");
+    let dom = kit.domain();
+    assert!(
+        !changes(&kit, 0).iter().any(|c| c.ends_with(&dom)),
+        "nothing is defined or started without the lease: {:?}",
+        changes(&kit, 0)
+    );
+    let from = kit.hv.journal().len();
+    passes(&kit, &with_last_status(desktop(), &kit.api)).await;
+    let calls = changes(&kit, from);
+    assert!(
+        calls.iter().any(|c| c.starts_with("leases ")) && calls.contains(&format!("start {dom}")),
+        "the next pass writes it and starts: {calls:?}"
+    );
+    assert_eq!(
+        kit.api.statuses().last().map(|s| s["ip"].clone()),
+        Some(serde_json::json!("10.233.1.2"))
+    );
+}
+
+#[tokio::test]
 async fn new_desktop_disk_there_is_defined_and_started() {
     let kit = Kit::new();
     kit.make_disk();

@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use deskvirt_crds::desktop::DesktopStatus;
-use deskvirt_crds::{Desktop, ResourcePool};
+use deskvirt_crds::{Desktop, DomainNode, ResourcePool};
 use k8s_openapi::api::core::v1::Secret;
 use kube::runtime::reflector::{self, store::Writer};
 use kube::runtime::watcher;
@@ -195,6 +195,7 @@ pub struct Kit {
     pub api: ApiLog,
     pub dir: Scratch,
     pools: Writer<ResourcePool>,
+    nodes: Writer<DomainNode>,
     mirrors: Writer<Secret>,
 }
 
@@ -211,7 +212,7 @@ impl Kit {
         let client = fake_client(api.clone(), serde_json::to_value(&d).unwrap_or_default());
         let (pools_store, mut pools) = reflector::store::<ResourcePool>();
         pools.apply_watcher_event(&watcher::Event::Apply(pool(&dir.0)));
-        let (nodes, _) = reflector::store();
+        let (nodes, nodes_writer) = reflector::store::<DomainNode>();
         let (mirrors, mut mirror_writer) = reflector::store::<Secret>();
         mirror_writer.apply_watcher_event(&watcher::Event::Apply(mirror("7", "secret")));
         let config = DesktopConfig {
@@ -239,8 +240,28 @@ impl Kit {
             api,
             dir,
             pools,
+            nodes: nodes_writer,
             mirrors: mirror_writer,
         }
+    }
+
+    /// Pool `p` in nat mode, and this host given the subnet 10.233.1.0/24 of it: desktops get
+    /// an address on the pool's network.
+    pub fn nat(&mut self) {
+        let mut p = pool(&self.dir.0);
+        p.spec.network = serde_json::from_value(
+            json!({"mode": "nat", "cidr": "10.233.0.0/16", "nodePrefixLength": 24}),
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        self.pools.apply_watcher_event(&watcher::Event::Apply(p));
+        let node: DomainNode = serde_json::from_value(json!({
+            "apiVersion": "deskvirt.io/v1alpha1", "kind": "DomainNode",
+            "metadata": {"name": NODE},
+            "spec": {},
+            "status": {"pool": "p", "subnet": "10.233.1.0/24"}
+        }))
+        .unwrap_or_else(|e| panic!("{e}"));
+        self.nodes.apply_watcher_event(&watcher::Event::Apply(node));
     }
 
     /// The operator rotates the console password: the mirror gets a new version and password.

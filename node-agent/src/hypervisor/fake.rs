@@ -30,6 +30,8 @@ pub enum Op {
     Status,
     Xml,
     Network,
+    /// Writing a network's DHCP leases (its other calls are [`Op::Network`]).
+    Leases,
     DiskPaths,
     UpdateLiveDevice,
     Activity,
@@ -387,7 +389,7 @@ impl Hypervisor for FakeHypervisor {
     }
 
     async fn sync_dhcp_hosts(&self, network: &str, hosts: &[DhcpHost]) -> Result<Change> {
-        self.change(Op::Network, "leases", network, |s| {
+        self.change(Op::Leases, "leases", network, |s| {
             s.networks.insert(network.to_string(), hosts.to_vec());
             Ok(Change::Done)
         })
