@@ -29,7 +29,7 @@ impl<K> Cached for K where
 }
 
 /// The annotation `kubectl apply` keeps a copy of the whole last applied object in.
-const LAST_APPLIED: &str = "kubectl.kubernetes.io/last-applied-configuration";
+pub const LAST_APPLIED: &str = "kubectl.kubernetes.io/last-applied-configuration";
 
 /// Drops what neither binary reads from a cached object: `metadata.managedFields`, about half
 /// of a Desktop's JSON and, as `serde_json::Value` trees, most of its memory, and the copy of
@@ -137,10 +137,47 @@ where
     Controller::for_stream(keyed, store)
 }
 
-/// The objects of `api` filtered by `config` whose `key` changed since the watch last showed
-/// them, and every deleted one: for a secondary watch whose mapper wakes many objects, so that
-/// a change the woken ones do not read (a status write, say) wakes none of them. Objects come
-/// trimmed ([`trim`]); a relist passes each object whose key it has not seen.
+/// The objects of `api` filtered by `config` that `wanted` keeps, and every deleted one, for a
+/// secondary watch: a change the woken objects do not read (a status write, say, or a write the
+/// operator made itself) then wakes none of them. `wanted` sees each added or changed object,
+/// and each deleted one with `deleted` set (which passes whatever it answers). Objects come
+/// trimmed ([`trim`]).
+pub fn changes_where<K, W>(
+    api: Api<K>,
+    config: watcher::Config,
+    mut wanted: W,
+) -> BoxStream<'static, Result<K, watcher::Error>>
+where
+    K: Cached,
+    W: FnMut(&watcher::Event<K>) -> bool + Send + 'static,
+{
+    watcher(api, config)
+        .default_backoff()
+        .modify(trim)
+        .filter_map(move |event| futures::future::ready(passed(event, &mut wanted)))
+        .boxed()
+}
+
+/// The object `event` shows if it is deleted or `wanted` keeps it; errors pass through, and the
+/// start and end of a list pass nothing (but `wanted` sees them).
+fn passed<K>(
+    event: Result<watcher::Event<K>, watcher::Error>,
+    wanted: &mut impl FnMut(&watcher::Event<K>) -> bool,
+) -> Option<Result<K, watcher::Error>> {
+    let event = match event {
+        Ok(e) => e,
+        Err(e) => return Some(Err(e)),
+    };
+    let keep = wanted(&event);
+    match event {
+        watcher::Event::Apply(o) | watcher::Event::InitApply(o) => keep.then_some(Ok(o)),
+        watcher::Event::Delete(o) => Some(Ok(o)),
+        watcher::Event::Init | watcher::Event::InitDone => None,
+    }
+}
+
+/// [`changes_where`] keeping the objects whose `key` changed since the watch last showed them.
+/// A relist passes each object whose key it has not seen.
 pub fn changes_by_key<K, T, P>(
     api: Api<K>,
     config: watcher::Config,
@@ -152,50 +189,57 @@ where
     P: Fn(&K) -> T + Send + 'static,
 {
     let mut seen = ChangedKeys::default();
-    watcher(api, config)
-        .default_backoff()
-        .modify(trim)
-        .filter_map(move |event| futures::future::ready(seen.pass(event, &key)))
-        .boxed()
+    changes_where(api, config, move |e| seen.changed(e, &key))
 }
 
 /// The last key [`changes_by_key`] saw of each object, by UID (by name where it has none).
 struct ChangedKeys<T> {
     keys: std::collections::HashMap<String, T>,
+    /// The objects a relist in progress has shown: those it did not are dropped at its end
+    /// (deleted while the watch was down).
+    listed: Option<std::collections::HashSet<String>>,
 }
 
 impl<T> Default for ChangedKeys<T> {
     fn default() -> Self {
         Self {
             keys: std::collections::HashMap::new(),
+            listed: None,
         }
     }
 }
 
 impl<T: PartialEq> ChangedKeys<T> {
-    /// The object `event` shows, if it is deleted or its key changed; errors pass through.
-    fn pass<K: Resource>(
-        &mut self,
-        event: Result<watcher::Event<K>, watcher::Error>,
-        key: &impl Fn(&K) -> T,
-    ) -> Option<Result<K, watcher::Error>> {
+    /// Whether the object `event` shows changed its key (records it; forgets a deleted one).
+    fn changed<K: Resource>(&mut self, event: &watcher::Event<K>, key: &impl Fn(&K) -> T) -> bool {
         let id = |o: &K| {
             let m = o.meta();
             m.uid.clone().or_else(|| m.name.clone()).unwrap_or_default()
         };
         match event {
-            Ok(watcher::Event::Apply(o) | watcher::Event::InitApply(o)) => {
-                let k = key(&o);
-                let changed = self.keys.get(&id(&o)) != Some(&k);
-                self.keys.insert(id(&o), k);
-                changed.then_some(Ok(o))
+            watcher::Event::Apply(o) | watcher::Event::InitApply(o) => {
+                if let (watcher::Event::InitApply(_), Some(l)) = (event, self.listed.as_mut()) {
+                    l.insert(id(o));
+                }
+                let k = key(o);
+                let changed = self.keys.get(&id(o)) != Some(&k);
+                self.keys.insert(id(o), k);
+                changed
             }
-            Ok(watcher::Event::Delete(o)) => {
-                self.keys.remove(&id(&o));
-                Some(Ok(o))
+            watcher::Event::Delete(o) => {
+                self.keys.remove(&id(o));
+                true
             }
-            Ok(watcher::Event::Init | watcher::Event::InitDone) => None,
-            Err(e) => Some(Err(e)),
+            watcher::Event::Init => {
+                self.listed = Some(std::collections::HashSet::new());
+                false
+            }
+            watcher::Event::InitDone => {
+                if let Some(listed) = self.listed.take() {
+                    self.keys.retain(|id, _| listed.contains(id));
+                }
+                false
+            }
         }
     }
 }
@@ -240,9 +284,11 @@ mod tests {
         let mut seen = ChangedKeys::default();
         let key = |s: &Secret| s.metadata.generation;
         let mut pass = |e: watcher::Event<Secret>| {
-            seen.pass(Ok(e), &key)
-                .and_then(Result::ok)
-                .map(|s| (s.metadata.uid.unwrap_or_default(), s.metadata.generation))
+            passed(Ok(e), &mut |e: &watcher::Event<Secret>| {
+                seen.changed(e, &key)
+            })
+            .and_then(Result::ok)
+            .map(|s| (s.metadata.uid.unwrap_or_default(), s.metadata.generation))
         };
         use watcher::Event::{Apply, Delete, Init, InitApply, InitDone};
         let steps = [
@@ -262,6 +308,18 @@ mod tests {
                 Some(("a", 2)),
                 "seen again after its deletion",
             ),
+            (Init, None, "a relist"),
+            (
+                InitApply(secret("a", 2)),
+                None,
+                "listed with the key it had",
+            ),
+            (
+                InitDone,
+                None,
+                "b was not listed: deleted while the watch was down",
+            ),
+            (Apply(secret("b", 2)), Some(("b", 2)), "so b is new again"),
         ];
         for (event, passed, what) in steps {
             let want = passed.map(|(uid, g)| (uid.to_string(), Some(g)));

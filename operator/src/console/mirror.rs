@@ -173,7 +173,7 @@ pub fn up_to_date(existing: &Secret, wanted: &Secret) -> bool {
 /// what the operator last wrote brings nothing new.
 pub fn fingerprint(s: &Secret) -> u64 {
     let mut annotations = s.metadata.annotations.clone().unwrap_or_default();
-    annotations.remove("kubectl.kubernetes.io/last-applied-configuration");
+    annotations.remove(deskvirt_runtime::cache::LAST_APPLIED);
     let text =
         serde_json::to_string(&(&s.data, &s.metadata.labels, &annotations)).unwrap_or_default();
     deskvirt_crds::names::fnv1a64(text.as_bytes())

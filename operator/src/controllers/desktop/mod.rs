@@ -21,12 +21,12 @@ use std::time::Duration;
 use deskvirt_crds::DomainNode;
 use deskvirt_crds::ResourcePool;
 use deskvirt_crds::desktop::Desktop;
-use futures::{Stream, StreamExt};
+use futures::stream::BoxStream;
 use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::jiff::Timestamp;
 use kube::runtime::controller::{self, Action};
 use kube::runtime::reflector::ObjectRef;
-use kube::runtime::{WatchStreamExt, watcher};
+use kube::runtime::watcher;
 use kube::{Api, ResourceExt};
 use tokio::sync::watch;
 
@@ -187,26 +187,14 @@ pub async fn run(ctx: Arc<Context>, selector: String, stop: watch::Receiver<bool
 /// The console mirrors that changed in a way their desktop's pass has not seen: deleted, or
 /// written by anyone but this replica (or not as it last wrote them). A mirror this replica
 /// has just written wakes nobody: the pass that wrote it acted on it.
-fn mirror_changes(
-    ctx: &Arc<Context>,
-) -> impl Stream<Item = Result<Secret, watcher::Error>> + use<> {
+fn mirror_changes(ctx: &Arc<Context>) -> BoxStream<'static, Result<Secret, watcher::Error>> {
     let api = Api::<Secret>::namespaced(ctx.client.clone(), &ctx.console_namespace);
     let config = watcher::Config::default().labels(&mirror::selector());
     let ctx = ctx.clone();
-    watcher(api, config)
-        .default_backoff()
-        .modify(deskvirt_runtime::cache::trim)
-        .filter_map(move |event| {
-            let changed = match event {
-                Ok(watcher::Event::Delete(m)) => Some(Ok(m)),
-                Ok(watcher::Event::Apply(m) | watcher::Event::InitApply(m)) => {
-                    (!ctx.mirror_is_own(&m)).then_some(Ok(m))
-                }
-                Ok(watcher::Event::Init | watcher::Event::InitDone) => None,
-                Err(e) => Some(Err(e)),
-            };
-            futures::future::ready(changed)
-        })
+    deskvirt_runtime::cache::changes_where(api, config, move |e| match e {
+        watcher::Event::Apply(m) | watcher::Event::InitApply(m) => !ctx.mirror_is_own(m),
+        _ => true,
+    })
 }
 
 /// The Desktop a mirror belongs to: by its annotation, else by UID through the cache.
