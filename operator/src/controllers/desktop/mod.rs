@@ -68,12 +68,14 @@ impl Error {
     }
 
     /// Whether the write came after the desktop was deleted, which the cached copy did not show
-    /// yet: gone, or refused for adding a finalizer to an object being deleted (the API's 422
-    /// says so in its message, the only place it does).
+    /// yet: gone, or refused for adding a finalizer to an object being deleted. The API's 422
+    /// says so only in its message; the whole sentence is matched, so a value a tenant wrote
+    /// that the message quotes cannot pass for it.
     fn is_after_deletion(&self) -> bool {
+        const FINALIZER_REFUSED: &str = "metadata.finalizers: Forbidden: no new finalizers can be added if the object is being deleted";
         self.is_gone()
             || matches!(self, Error::Kube { source: kube::Error::Api(s), .. }
-                if s.code == 422 && s.message.contains("being deleted"))
+                if s.code == 422 && s.message.contains(FINALIZER_REFUSED))
     }
 }
 
@@ -279,6 +281,8 @@ mod tests {
         assert!(api(404, "NotFound", "desktops \"d\" not found").is_after_deletion());
         let invalid = "spec.cpu: Invalid value: 0: spec.cpu in body should be >= 1";
         assert!(!api(422, "Invalid", invalid).is_after_deletion());
+        let quoted = "status.message: Invalid value: \"the object is being deleted\": too long";
+        assert!(!api(422, "Invalid", quoted).is_after_deletion());
         assert!(!api(409, "Conflict", "the object has been modified").is_after_deletion());
     }
 }
