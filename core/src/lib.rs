@@ -1,10 +1,11 @@
 //! deskvirt's decisions without Kubernetes: where a desktop goes and what it is given (scheduler,
-//! allocators, capacity), what phase and conditions follow from what was observed, and the plain
-//! values both binaries share. No kube, k8s-openapi or tokio: everything here is a pure function
-//! of its inputs, tested with builders.
+//! allocators, capacity), what phase and conditions follow from what was observed, what the idle
+//! policy does, and the plain values both binaries share. No kube, k8s-openapi or tokio:
+//! everything here is a pure function of its inputs, tested with builders.
 #![forbid(unsafe_code)]
 
 pub mod allocators;
+pub mod idle;
 pub mod names;
 pub mod phase;
 pub mod pinning;

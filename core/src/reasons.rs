@@ -59,6 +59,22 @@ reasons! {
 }
 
 reasons! {
+    /// Reasons of a Desktop's `Idle` condition (operator), decided by [`crate::idle`].
+    IdleReason {
+        /// Active, or not running (idle time counts only while it runs).
+        Active,
+        /// Idle, still within the timeout.
+        CountingDown,
+        /// Idle past the timeout; the action is asked of the host, or done.
+        IdleTimeout,
+        /// Idle past the timeout, and the policy's action is None: only reported.
+        IdleReported,
+        /// Woken by the `deskvirt.io/wake` annotation; waiting for room or starting.
+        Woken,
+    }
+}
+
+reasons! {
     /// Reasons of the agent's `DomainDefined` and `Running` conditions on a Desktop (and the
     /// names of its Events). The operator reads them to derive the phase.
     AgentReason {

@@ -16,7 +16,7 @@ pub const LABEL_MANAGED_BY: &str = "app.kubernetes.io/managed-by";
 pub const LABEL_DESKTOP: &str = "deskvirt.io/desktop";
 
 /// Annotation a user sets (to any new value, for example a timestamp) to wake an idle desktop.
-pub const ANNOTATION_WAKE: &str = "deskvirt.io/wake";
+pub const ANNOTATION_WAKE: &str = deskvirt_core::idle::ANNOTATION_WAKE;
 /// Annotation a user sets (to any new value) to rotate a desktop's SPICE password.
 pub const ANNOTATION_ROTATE_PASSWORD: &str = "deskvirt.io/rotate-password";
 /// Annotation that lets a Desktop on a lost host finish deleting without host cleanup.
@@ -92,16 +92,17 @@ pub mod running_reason {
 
 /// Reasons of the operator's `Idle` condition.
 pub mod idle_reason {
+    use deskvirt_core::reasons::IdleReason;
     /// Active, or no idle policy applies.
-    pub const ACTIVE: &str = "Active";
+    pub const ACTIVE: &str = IdleReason::Active.as_str();
     /// Idle, still within the timeout.
-    pub const COUNTING_DOWN: &str = "CountingDown";
+    pub const COUNTING_DOWN: &str = IdleReason::CountingDown.as_str();
     /// Idle past the timeout; the action is asked of the host, or done.
-    pub const IDLE_TIMEOUT: &str = "IdleTimeout";
+    pub const IDLE_TIMEOUT: &str = IdleReason::IdleTimeout.as_str();
     /// Idle past the timeout, and the policy's action is None: only reported.
-    pub const IDLE_REPORTED: &str = "IdleReported";
+    pub const IDLE_REPORTED: &str = IdleReason::IdleReported.as_str();
     /// Woken by the `deskvirt.io/wake` annotation; waiting for room or starting.
-    pub const WOKEN: &str = "Woken";
+    pub const WOKEN: &str = IdleReason::Woken.as_str();
 }
 
 /// Reasons of the operator's `ConsoleSecret` condition.

@@ -3,11 +3,18 @@
 //! status. The decisions themselves live in `deskvirt_core`.
 
 use deskvirt_core::allocators::{Ledger, LedgerConfig, LedgerError, NetworkSpec};
+use deskvirt_core::idle::{self, Reclaim};
+use deskvirt_core::phase::Cond;
+use deskvirt_core::quantity::QuantityError;
 use deskvirt_core::scheduler::{
     HostFacts, HostReport, PolicyError, PolicySpec, PoolCapacity, PoolPolicy, Request, RequestError,
 };
 
-use crate::constants::condition::LIBVIRT_CONNECTED;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+
+use crate::constants::condition::{DOMAIN_DEFINED, LIBVIRT_CONNECTED, RUNNING};
+use crate::desktop::{DesktopStatus, IdlePolicy, Reclaimed};
+use crate::resource_pool::PoolDefaults;
 use crate::{DesktopSpec, DomainNode, ResourcePoolSpec, ResourcePoolStatus};
 
 /// A core value read from a pool's spec.
@@ -80,6 +87,69 @@ impl FromDesktopSpec for Request {
     }
 }
 
+/// The idle policy in force for a desktop: its own `spec.idle`, else its pool's
+/// `spec.defaults.idle`. The one place both binaries resolve it.
+pub fn idle_policy<'a>(
+    spec: &'a DesktopSpec,
+    defaults: Option<&'a PoolDefaults>,
+) -> Option<&'a IdlePolicy> {
+    spec.idle.as_ref().or_else(|| defaults?.idle.as_ref())
+}
+
+impl IdlePolicy {
+    /// The policy as the core decides with it; its timeout is a duration such as 30m.
+    pub fn read(&self) -> Result<idle::Policy, QuantityError> {
+        idle::Policy::read(&self.timeout, self.action)
+    }
+}
+
+impl From<&Reclaimed> for Reclaim {
+    fn from(r: &Reclaimed) -> Self {
+        Reclaim {
+            action: r.action,
+            at: r.at.0,
+            port: r.port,
+        }
+    }
+}
+
+impl From<Reclaim> for Reclaimed {
+    fn from(r: Reclaim) -> Self {
+        Reclaimed {
+            action: r.action,
+            at: k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(r.at),
+            port: r.port,
+        }
+    }
+}
+
+/// The condition of `type_` among `conditions`, as the core reads conditions.
+pub fn core_condition<'a>(conditions: &'a [Condition], type_: &str) -> Option<Cond<'a>> {
+    crate::conditions::find(conditions, type_).map(|c| Cond {
+        status: &c.status,
+        reason: &c.reason,
+        message: &c.message,
+    })
+}
+
+/// The agent's `DomainDefined` and `Running` among a Desktop's conditions, for its phase
+/// ([`deskvirt_core::phase`]).
+pub fn agent_conditions(conditions: &[Condition]) -> (Option<Cond<'_>>, Option<Cond<'_>>) {
+    (
+        core_condition(conditions, DOMAIN_DEFINED),
+        core_condition(conditions, RUNNING),
+    )
+}
+
+/// Whether the idle policy's action is done and the host confirmed it
+/// ([`deskvirt_core::idle::released`]).
+pub fn released(st: &DesktopStatus) -> bool {
+    idle::released(
+        st.reclaimed.is_some(),
+        core_condition(&st.conditions, RUNNING),
+    )
+}
+
 /// What a DomainNode says of its host.
 pub fn host_report(node: &DomainNode) -> HostReport {
     let status = node.status.as_ref();
@@ -143,6 +213,44 @@ mod tests {
         })))?;
         assert_eq!(r, Request::new(8, 16 << 30).dedicated().with_hugepages());
         Ok(())
+    }
+
+    #[test]
+    fn the_desktops_idle_policy_wins_over_the_pools_default() {
+        use crate::desktop::IdleAction;
+        let own = IdlePolicy {
+            timeout: "5m".into(),
+            action: IdleAction::Suspend,
+            connected_is_active: true,
+        };
+        let pool = PoolDefaults {
+            idle: Some(IdlePolicy {
+                timeout: "1h".into(),
+                action: IdleAction::Shutdown,
+                connected_is_active: true,
+            }),
+            usb: None,
+        };
+        let mut spec: DesktopSpec =
+            serde_json::from_value(serde_json::json!({"pool": "a", "disk": {"image": "x.qcow2"}}))
+                .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(idle_policy(&spec, None), None);
+        assert_eq!(idle_policy(&spec, Some(&pool)), pool.idle.as_ref());
+        spec.idle = Some(own.clone());
+        assert_eq!(idle_policy(&spec, Some(&pool)), Some(&own));
+        assert_eq!(
+            own.read(),
+            Ok(idle::Policy {
+                timeout: std::time::Duration::from_secs(300),
+                action: IdleAction::Suspend
+            }),
+            "timeout read with the duration parser"
+        );
+        let bad = IdlePolicy {
+            timeout: "5x".into(),
+            ..own
+        };
+        assert!(bad.read().is_err());
     }
 
     #[test]

@@ -14,7 +14,6 @@ pub mod idle;
 pub mod leader;
 pub mod metrics;
 pub mod operator;
-pub mod phase;
 pub mod sweep;
 pub mod tenancy;
 pub mod world;

@@ -523,11 +523,7 @@ async fn observe_activity<H: Hypervisor>(
             "activity sample"
         );
     }
-    let connected_is_active = d
-        .spec
-        .idle
-        .as_ref()
-        .or(pool.spec.defaults.idle.as_ref())
+    let connected_is_active = deskvirt_crds::read::idle_policy(&d.spec, Some(&pool.spec.defaults))
         .is_none_or(|p| p.connected_is_active);
     let in_use = activity::in_use(guest, counters.spice_client.is_some(), connected_is_active);
     activity::next(status, in_use, counters.spice_client.as_deref(), now())

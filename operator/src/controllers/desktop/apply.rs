@@ -27,8 +27,9 @@ use crate::allocators::{Claim, Conflict};
 use crate::console::user::Outcome;
 use crate::context::Context;
 use crate::idle::holds_resources;
-use crate::phase::{self, Facts};
 use crate::repair;
+use deskvirt_core::phase::{self, Facts};
+use deskvirt_crds::read::agent_conditions;
 
 /// One pass over a Desktop that is not being deleted. An unbound desktop gets the operator's
 /// labels and finalizer with its binding, in one write (or, when it cannot be placed, with its
@@ -116,7 +117,7 @@ async fn bound(pass: &Pass<'_>, node: &str) -> Result<Action, Error> {
     }
 
     // Phase from the agent's conditions, the idle policy's record and the host's heartbeat.
-    let (defined, running) = phase::agent_conditions(&status.conditions);
+    let (defined, running) = agent_conditions(&status.conditions);
     let derived = phase::derive(&Facts {
         bound: true,
         host_alive: alive,

@@ -1,4 +1,5 @@
-//! A bound desktop's idle reclamation, around the pure decisions of [`crate::idle`]: acts on a
+//! A bound desktop's idle reclamation, around the core's pure decisions
+//! ([`deskvirt_core::idle`]): acts on a
 //! new wake token (records it, cancels a reclaim the host has not done yet, or finds room and a
 //! port on the desktop's host again, or on another host of the pool when its own is full and
 //! the pool's storage is shared), applies the policy (reclaim, delete, the `Idle` condition,
@@ -7,11 +8,14 @@
 
 use std::time::Duration;
 
+use deskvirt_core::idle::{
+    self, Facts, IdleCondition, Running, Step, WakeStep, WakeTarget, to_second, wake_target,
+};
 use deskvirt_crds::conditions::{self, Status, condition};
 use deskvirt_crds::constants::condition::{IDLE, RUNNING};
 use deskvirt_crds::constants::idle_reason;
-use deskvirt_crds::desktop::{DesktopStatus, IdleAction, Move, Wake};
-use deskvirt_crds::read::{FromDesktopSpec, FromPoolSpec};
+use deskvirt_crds::desktop::{DesktopStatus, IdleAction, Move, Reclaimed, Wake};
+use deskvirt_crds::read::{FromDesktopSpec, FromPoolSpec, idle_policy};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::ResourceExt;
 use kube::api::{DeleteParams, Preconditions};
@@ -19,10 +23,7 @@ use kube::runtime::events::EventType;
 
 use super::status::Owned;
 use super::{Error, Pass, kube};
-use crate::idle::{
-    self, Facts, IdleCondition, Policy, Step, WakeStep, WakeTarget, released, to_second, wake_step,
-    wake_target, wake_token,
-};
+use crate::idle::{released, wake_step, wake_token};
 use crate::scheduler::{PoolPolicy, Request};
 use crate::world::host_views_counted;
 
@@ -85,15 +86,16 @@ pub(super) async fn settle(
     let (d, ctx, now) = (&pass.d, pass.ctx, pass.now);
     let mut plan = Plan::default();
     let pool = ctx.stores.pool(d.pool());
-    let policy = idle::effective(&d.spec, pool.as_ref().map(|p| &p.spec.defaults)).and_then(|p| {
-        match Policy::of(p) {
-            Ok(p) => Some(p),
-            Err(e) => {
-                tracing::warn!(error = %e, "idle policy ignored");
-                None
+    let policy =
+        idle_policy(&d.spec, pool.as_ref().map(|p| &p.spec.defaults)).and_then(|p| {
+            match p.read() {
+                Ok(p) => Some(p),
+                Err(e) => {
+                    tracing::warn!(error = %e, "idle policy ignored");
+                    None
+                }
             }
-        }
-    });
+        });
 
     // A wake first: the policy then decides on what it leaves.
     let mut waiting = None;
@@ -187,10 +189,13 @@ pub(super) async fn settle(
         policy,
         persistent: d.spec.disk.persistent,
         host_alive,
-        running: conditions::find(&status.conditions, RUNNING),
+        running: conditions::find(&status.conditions, RUNNING).map(|c| Running {
+            runs: c.status == Status::True.as_str(),
+            since: c.last_transition_time.0,
+        }),
         idle_since: status.idle_since.as_ref().map(|t| t.0),
-        wake: want.wake.as_ref(),
-        reclaimed: want.reclaimed.as_ref(),
+        woken_at: want.wake.as_ref().map(|w| w.at.0),
+        reclaimed: want.reclaimed.as_ref().map(Into::into),
         port: want.port,
         now,
     });
@@ -198,7 +203,7 @@ pub(super) async fn settle(
         Step::Nothing => {}
         Step::Reclaim { reclaimed, event } => {
             tracing::info!(action = ?reclaimed.action, "idle past the timeout; reclaiming");
-            want.reclaimed = Some(reclaimed);
+            want.reclaimed = Some(Reclaimed::from(reclaimed));
             plan.events.push((
                 EventType::Warning,
                 idle_reason::IDLE_TIMEOUT,
@@ -213,7 +218,9 @@ pub(super) async fn settle(
     }
     let verdict = match (waiting, decision.condition) {
         (Some(message), _) => Some((Status::True, idle_reason::WOKEN, message)),
-        (None, IdleCondition::Set(v)) => Some((v.status, v.reason, v.message)),
+        (None, IdleCondition::Set(v)) => {
+            Some((Status::from_bool(v.idle), v.reason.as_str(), v.message))
+        }
         (None, IdleCondition::Keep) => None,
         (None, IdleCondition::Remove) => {
             want.conditions.retain(|c| c.type_ != IDLE);
