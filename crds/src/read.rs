@@ -80,11 +80,34 @@ pub trait FromDesktopSpec: Sized {
 impl FromDesktopSpec for Request {
     type Error = RequestError;
     fn from_spec(spec: &DesktopSpec) -> Result<Self, RequestError> {
-        let mut r = Request::read(spec.cpu, &spec.memory)?;
-        r.dedicated_cpus = spec.performance.dedicated_cpus;
-        r.hugepages = spec.performance.hugepages;
-        Ok(r)
+        admitted_size(spec, None)
     }
+}
+
+/// The vCPUs a desktop's host gives its domain: what the operator admitted
+/// (`status.allocation`), else what its spec asks (bound by a release that recorded none).
+pub fn admitted_cpu(spec: &DesktopSpec, status: Option<&DesktopStatus>) -> u32 {
+    status
+        .and_then(|s| s.allocation.as_ref())
+        .map_or(spec.cpu, |a| a.cpu)
+}
+
+/// The size a desktop's host gives its domain, and the operator charges it for (before a
+/// running domain's larger size, [`deskvirt_core::resize::charge`]): the vCPUs and memory the
+/// operator admitted (`status.allocation`), else its spec's; dedicated CPUs and hugepages are
+/// always its spec's. The one reading both binaries use.
+pub fn admitted_size(
+    spec: &DesktopSpec,
+    status: Option<&DesktopStatus>,
+) -> Result<Request, RequestError> {
+    let memory = match status.and_then(|s| s.allocation.as_ref()) {
+        Some(a) => &a.memory,
+        None => &spec.memory,
+    };
+    let mut r = Request::read(admitted_cpu(spec, status), memory)?;
+    r.dedicated_cpus = spec.performance.dedicated_cpus;
+    r.hugepages = spec.performance.hugepages;
+    Ok(r)
 }
 
 /// The idle policy in force for a desktop: its own `spec.idle`, else its pool's
@@ -251,6 +274,40 @@ mod tests {
             ..own
         };
         assert!(bad.read().is_err());
+    }
+
+    #[test]
+    fn the_admitted_size_is_the_allocation_with_the_specs_placement_needs() {
+        use crate::desktop::{Allocation, DesktopStatus};
+        let spec: DesktopSpec = serde_json::from_value(serde_json::json!({
+            "pool": "a", "cpu": 8, "memory": "16Gi", "disk": {"image": "x.qcow2"},
+            "performance": {"dedicatedCpus": true}
+        }))
+        .unwrap_or_else(|e| panic!("{e}"));
+        let wanted = Request::new(8, 16 << 30).dedicated();
+        assert_eq!(admitted_size(&spec, None), Ok(wanted));
+        let mut st = DesktopStatus::default();
+        assert_eq!(admitted_size(&spec, Some(&st)), Ok(wanted), "none recorded");
+        st.allocation = Some(Allocation {
+            pool: "a".into(),
+            cpu: 2,
+            memory: "4Gi".into(),
+        });
+        assert_eq!(
+            admitted_size(&spec, Some(&st)),
+            Ok(Request::new(2, 4 << 30).dedicated())
+        );
+        assert_eq!(admitted_cpu(&spec, Some(&st)), 2);
+        if let Some(a) = st.allocation.as_mut() {
+            a.memory = "4GB".into();
+        }
+        assert!(
+            matches!(
+                admitted_size(&spec, Some(&st)),
+                Err(RequestError::Memory(_))
+            ),
+            "an unreadable allocation is not taken for the spec"
+        );
     }
 
     #[test]

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use deskvirt_crds::domain_node::OrphanDomain;
 use deskvirt_crds::quantity::parse_bytes;
-use deskvirt_crds::read::{FromDesktopSpec, host_report};
+use deskvirt_crds::read::{admitted_size, host_report};
 use deskvirt_crds::{Desktop, DomainNode, ResourcePool};
 
 use crate::allocators::Ledger;
@@ -94,16 +94,7 @@ impl<'a> Bindings<'a> {
 /// or while its domain still runs with another size, the larger of the two
 /// ([`deskvirt_core::resize::charge`]). `None` when neither can be read.
 pub fn charged(d: &Desktop) -> Option<Request> {
-    let wanted = Request::from_spec(&d.spec).ok();
-    let st = d.status.as_ref();
-    let admitted = match st.and_then(|s| s.allocation.as_ref()) {
-        Some(a) => Request::read(a.cpu, &a.memory).ok().map(|r| Request {
-            vcpus: r.vcpus,
-            memory: r.memory,
-            ..wanted.unwrap_or(r)
-        }),
-        None => wanted,
-    }?;
+    let admitted = admitted_size(&d.spec, d.status.as_ref()).ok()?;
     Some(charge(admitted, running_size(d)))
 }
 

@@ -195,8 +195,5 @@ fn pinned_cpus<H>(ctx: &DesktopContext<H>, d: &Desktop) -> Result<Vec<u32>, Cond
 
 /// The vCPUs the operator admitted for the desktop (its spec's, before it recorded any).
 fn admitted_cpu(d: &Desktop) -> u32 {
-    d.status
-        .as_ref()
-        .and_then(|s| s.allocation.as_ref())
-        .map_or(d.spec.cpu, |a| a.cpu)
+    deskvirt_crds::read::admitted_cpu(&d.spec, d.status.as_ref())
 }

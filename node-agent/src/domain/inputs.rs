@@ -1,9 +1,9 @@
 //! Decides what a domain is made from: the plain [`DomainInputs`] value, gathered from a
 //! Desktop, the operator's binding and this host's context, with every field checked.
 
+use deskvirt_core::scheduler::RequestError;
 use deskvirt_crds::Desktop;
 use deskvirt_crds::desktop::{DesktopStatus, UsbPolicy};
-use deskvirt_crds::quantity::parse_bytes;
 use deskvirt_crds::resource_pool::ResourcePool;
 
 use super::boot::KernelBoot;
@@ -183,17 +183,16 @@ impl DomainInputs {
         }
         let spec = &desktop.spec;
         // The size the operator admitted for this host; a larger spec waits until it fits.
-        let (vcpus, memory) = match desktop.status.as_ref().and_then(|s| s.allocation.as_ref()) {
-            Some(a) => (a.cpu, a.memory.as_str()),
-            None => (spec.cpu, spec.memory.as_str()),
-        };
+        let size = deskvirt_crds::read::admitted_size(spec, desktop.status.as_ref()).map_err(
+            |RequestError::Memory(source)| BuildError::BadQuantity {
+                field: "spec.memory",
+                source,
+            },
+        )?;
+        let (vcpus, memory_bytes) = (size.vcpus, size.memory);
         if vcpus == 0 {
             return Err(BuildError::Zero { field: "spec.cpu" });
         }
-        let memory_bytes = parse_bytes(memory).map_err(|source| BuildError::BadQuantity {
-            field: "spec.memory",
-            source,
-        })?;
         if memory_bytes < 1024 {
             return Err(BuildError::Zero {
                 field: "spec.memory",

@@ -8,7 +8,7 @@ use deskvirt_core::resize::{SizeDecision, SizeVerdict, caught_up, decide, pool_c
 use deskvirt_crds::conditions::{self, Status, condition};
 use deskvirt_crds::constants::condition::{POOL_APPLIED, SIZE_APPLIED};
 use deskvirt_crds::desktop::{Allocation, Desktop};
-use deskvirt_crds::read::{FromDesktopSpec, FromPoolSpec};
+use deskvirt_crds::read::{FromDesktopSpec, FromPoolSpec, admitted_size};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use k8s_openapi::jiff::Timestamp;
 
@@ -112,13 +112,8 @@ pub(super) async fn settle(
         want.allocation = Some(alloc);
         return warnings;
     };
-    let admitted = Request::read(alloc.cpu, &alloc.memory)
-        .map(|r| Request {
-            vcpus: r.vcpus,
-            memory: r.memory,
-            ..wanted
-        })
-        .unwrap_or(wanted);
+    // An unreadable recorded size is taken for the spec's (its next admission writes it anew).
+    let admitted = admitted_size(&d.spec, d.status.as_ref()).unwrap_or(wanted);
     let running = running_size(d);
     if admitted == wanted
         && let Some(l) = ctx.ledgers.lock().await.get_mut(&alloc.pool)
