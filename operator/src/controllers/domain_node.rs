@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use deskvirt_crds::conditions::{self, Status, condition};
 use deskvirt_crds::constants::condition::{READY, SCHEDULABLE};
-use deskvirt_crds::domain_node::{Allocatable, DomainNode};
+use deskvirt_crds::domain_node::{Allocatable, DomainNode, DomainNodeStatus};
 use deskvirt_crds::read::{FromPoolSpec, host_report};
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
@@ -17,10 +17,11 @@ use kube::runtime::events::EventType;
 use kube::runtime::reflector::ObjectRef;
 use kube::runtime::watcher;
 use kube::{Api, ResourceExt};
-use serde_json::json;
 use tokio::sync::watch;
 
-use super::{Categorized, apply_status, drive, kube_transient, on_leadership, watch_config};
+use super::{
+    Categorized, StatusApply, apply_status, drive, kube_transient, on_leadership, watch_config,
+};
 use crate::allocators::LedgerError;
 use crate::context::{Context, stopped};
 use crate::heartbeat::Heartbeat;
@@ -266,27 +267,19 @@ pub async fn reconcile(node: Arc<DomainNode>, ctx: Arc<Context>) -> Result<Actio
         || want.allocatable != current.allocatable
         || conditions::differ_ignoring_time(&want.conditions, &current.conditions);
     if changed {
-        let mut st = serde_json::Map::new();
-        if let Some(p) = &want.pool {
-            st.insert("pool".into(), json!(p));
-        }
-        if let Some(s) = &want.subnet {
-            st.insert("subnet".into(), json!(s));
-        }
-        if let Some(a) = &want.allocatable {
-            st.insert("allocatable".into(), json!(a));
-        }
-        st.insert("conditions".into(), json!(want.conditions));
-        let body = json!({
-            "apiVersion": "deskvirt.io/v1alpha1",
-            "kind": "DomainNode",
-            "metadata": { "name": name },
-            "status": st,
-        });
+        // The operator's fields only; the agent owns the rest.
+        let st = DomainNodeStatus {
+            pool: want.pool,
+            subnet: want.subnet,
+            allocatable: want.allocatable,
+            conditions: want.conditions,
+            ..DomainNodeStatus::default()
+        };
+        let body = StatusApply::new::<DomainNode>(&name, None, st);
         if ctx.fence.check().is_err() {
             return Ok(Action::requeue(Duration::from_secs(1)));
         }
-        apply_status(&Api::<DomainNode>::all(ctx.client.clone()), &name, &body)
+        apply_status(&Api::<DomainNode>::all(ctx.client.clone()), &body)
             .await
             .map_err(Error::Apply)?;
     }

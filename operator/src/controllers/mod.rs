@@ -15,6 +15,7 @@ use kube::api::{Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::runtime::watcher;
 use kube::{Api, Resource, ResourceExt};
+use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio::sync::watch;
 
@@ -73,17 +74,62 @@ pub async fn drive<S: Stream>(name: &'static str, controller: S, stop: watch::Re
     }
 }
 
-/// Server-side apply of `status` on the status subresource, as the operator.
-pub async fn apply_status<K>(
-    api: &Api<K>,
-    name: &str,
-    body: &serde_json::Value,
-) -> Result<K, kube::Error>
+/// A server-side apply of an object's status: its identity, an optional resourceVersion
+/// precondition, and the owner's typed status fragment (the fields it owns, and only those).
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct StatusApply<'a, S> {
+    api_version: String,
+    kind: String,
+    metadata: ApplyMeta<'a>,
+    status: S,
+}
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+struct ApplyMeta<'a> {
+    name: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    namespace: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    resource_version: Option<&'a str>,
+}
+
+impl<'a, S: Serialize> StatusApply<'a, S> {
+    /// `status` for the `K` named `name` (in `namespace`, for a namespaced kind).
+    pub fn new<K: Resource<DynamicType = ()>>(
+        name: &'a str,
+        namespace: Option<&'a str>,
+        status: S,
+    ) -> Self {
+        Self {
+            api_version: K::api_version(&()).into_owned(),
+            kind: K::kind(&()).into_owned(),
+            metadata: ApplyMeta {
+                name,
+                namespace,
+                resource_version: None,
+            },
+            status,
+        }
+    }
+
+    /// The API refuses it (409) when the object changed since `resource_version`.
+    pub fn guarded(mut self, resource_version: Option<&'a str>) -> Self {
+        self.metadata.resource_version = resource_version;
+        self
+    }
+}
+
+/// Server-side apply of a status on the status subresource, as the operator.
+pub async fn apply_status<K, S>(api: &Api<K>, body: &StatusApply<'_, S>) -> Result<K, kube::Error>
 where
     K: Clone + DeserializeOwned + std::fmt::Debug,
+    S: Serialize + std::fmt::Debug,
 {
     let pp = PatchParams::apply(MANAGER_OPERATOR).force();
-    api.patch_status(name, &pp, &Patch::Apply(body)).await
+    api.patch_status(body.metadata.name, &pp, &Patch::Apply(body))
+        .await
 }
 
 /// Server-side apply of metadata (labels, finalizers), as the operator.

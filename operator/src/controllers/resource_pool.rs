@@ -22,11 +22,12 @@ use k8s_openapi::jiff::Timestamp;
 use kube::runtime::controller::Action;
 use kube::runtime::reflector::ObjectRef;
 use kube::{Api, ResourceExt};
-use serde_json::json;
 use tokio::sync::watch;
 
 use super::desktop::triggers;
-use super::{Categorized, apply_status, drive, kube_transient, on_leadership, watch_config};
+use super::{
+    Categorized, StatusApply, apply_status, drive, kube_transient, on_leadership, watch_config,
+};
 use crate::context::{Context, stopped};
 use crate::idle::PoolIdle;
 use crate::scheduler::{PoolCapacity, PoolPolicy};
@@ -39,21 +40,17 @@ const NAME: &str = "resourcepool";
 pub enum Error {
     #[error("cannot apply pool status")]
     Apply(#[source] kube::Error),
-    #[error("cannot encode pool status")]
-    Encode(#[source] serde_json::Error),
 }
 
 impl Categorized for Error {
     fn category(&self) -> &'static str {
         match self {
             Error::Apply(_) => "KubeApi",
-            Error::Encode(_) => "Encode",
         }
     }
     fn is_transient(&self) -> bool {
         match self {
             Error::Apply(e) => kube_transient(e),
-            Error::Encode(_) => false,
         }
     }
 }
@@ -322,16 +319,11 @@ pub async fn reconcile(pool: Arc<ResourcePool>, ctx: Arc<Context>) -> Result<Act
         if let Some(wait) = ctx.pool_status.wait(&name, clock) {
             return Ok(Action::requeue(wait));
         }
-        let body = json!({
-            "apiVersion": "deskvirt.io/v1alpha1",
-            "kind": "ResourcePool",
-            "metadata": { "name": name },
-            "status": serde_json::to_value(&st).map_err(Error::Encode)?,
-        });
+        let body = StatusApply::new::<ResourcePool>(&name, None, &st);
         if ctx.fence.check().is_err() {
             return Ok(Action::requeue(Duration::from_secs(1)));
         }
-        apply_status(&Api::<ResourcePool>::all(ctx.client.clone()), &name, &body)
+        apply_status(&Api::<ResourcePool>::all(ctx.client.clone()), &body)
             .await
             .map_err(Error::Apply)?;
         ctx.pool_status.wrote(&name, clock);
@@ -440,7 +432,7 @@ mod tests {
         };
         // As the API server stores it: JSON, transition times to the second.
         let mut stored = serde_json::to_value(&st).unwrap_or_else(|e| panic!("{e}"));
-        stored["conditions"][0]["lastTransitionTime"] = json!("2024-01-01T00:00:00Z");
+        stored["conditions"][0]["lastTransitionTime"] = serde_json::json!("2024-01-01T00:00:00Z");
         let back: ResourcePoolStatus =
             serde_json::from_value(stored).unwrap_or_else(|e| panic!("{e}"));
         assert!(!differs(&back, &st), "{back:?}");

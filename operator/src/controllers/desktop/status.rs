@@ -7,7 +7,9 @@ use deskvirt_crds::constants::condition::{
     CONSOLE_SECRET, IDLE, POOL_APPLIED, READY, SCHEDULED, SIZE_APPLIED,
 };
 use deskvirt_crds::constants::{FINALIZER_OPERATOR, LABEL_NODE, LABEL_POOL, MANAGER_OPERATOR};
-use deskvirt_crds::desktop::{Allocation, Desktop, DesktopStatus, Move, Phase, Reclaimed, Wake};
+use deskvirt_crds::desktop::{
+    Allocation, Desktop, DesktopStatus, Move, Phase, Reclaimed, SpiceStatus, Wake,
+};
 use deskvirt_crds::names::label_value;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use k8s_openapi::jiff::Timestamp;
@@ -17,7 +19,7 @@ use serde_json::json;
 
 use super::{Error, kube};
 use crate::allocators::fnv::fnv1a64;
-use crate::controllers::{apply_meta, apply_status};
+use crate::controllers::{StatusApply, apply_meta, apply_status};
 use crate::fence;
 
 /// The operator's metadata: the pool label, the node label once bound, its finalizer. With
@@ -219,54 +221,39 @@ impl Owned {
             && !conditions::differ_ignoring_time(&self.conditions, &o.conditions)
     }
 
+    /// The operator's fields of the status, typed: everything else stays unset, so the apply
+    /// claims nothing the agent owns. `reclaimed` is left out once cleared; its removal is
+    /// `clear_reclaimed`'s.
+    fn fragment(&self) -> DesktopStatus {
+        let spice = (self.port.is_some() || self.secret.is_some()).then(|| SpiceStatus {
+            port: self.port,
+            password_secret: self.secret.clone(),
+            ..SpiceStatus::default()
+        });
+        DesktopStatus {
+            phase: Some(self.phase),
+            node: self.node.clone(),
+            spice,
+            mac: self.mac.clone(),
+            conditions: self.conditions.clone(),
+            observed_generation: self.generation,
+            reclaimed: self.reclaimed.clone(),
+            wake: self.wake.clone(),
+            last_move: self.last_move.clone(),
+            allocation: self.allocation.clone(),
+            ..DesktopStatus::default()
+        }
+    }
+
     /// The apply body; with `resource_version` the API refuses it (409) when the Desktop
     /// changed since that version.
-    fn body(&self, d: &Desktop, resource_version: Option<String>) -> serde_json::Value {
-        let mut status = serde_json::Map::new();
-        status.insert("phase".into(), json!(self.phase));
-        if let Some(n) = &self.node {
-            status.insert("node".into(), json!(n));
-        }
-        let mut spice = serde_json::Map::new();
-        if let Some(p) = self.port {
-            spice.insert("port".into(), json!(p));
-        }
-        if let Some(s) = &self.secret {
-            spice.insert("passwordSecret".into(), json!(s));
-        }
-        if !spice.is_empty() {
-            status.insert("spice".into(), spice.into());
-        }
-        if let Some(m) = &self.mac {
-            status.insert("mac".into(), json!(m));
-        }
-        status.insert("conditions".into(), json!(self.conditions));
-        if let Some(g) = self.generation {
-            status.insert("observedGeneration".into(), json!(g));
-        }
-        // The operator owns both; `reclaimed` is removed by `clear_reclaimed`, not left out.
-        if let Some(r) = &self.reclaimed {
-            status.insert("reclaimed".into(), json!(r));
-        }
-        if let Some(w) = &self.wake {
-            status.insert("wake".into(), json!(w));
-        }
-        if let Some(m) = &self.last_move {
-            status.insert("lastMove".into(), json!(m));
-        }
-        if let Some(a) = &self.allocation {
-            status.insert("allocation".into(), json!(a));
-        }
-        let mut metadata = json!({ "name": d.name_any(), "namespace": d.namespace() });
-        if let Some(rv) = resource_version {
-            metadata["resourceVersion"] = json!(rv);
-        }
-        json!({
-            "apiVersion": "deskvirt.io/v1alpha1",
-            "kind": "Desktop",
-            "metadata": metadata,
-            "status": status,
-        })
+    fn body<'a>(
+        &self,
+        name: &'a str,
+        namespace: Option<&'a str>,
+        resource_version: Option<&'a str>,
+    ) -> StatusApply<'a, DesktopStatus> {
+        StatusApply::new::<Desktop>(name, namespace, self.fragment()).guarded(resource_version)
     }
 }
 
@@ -344,9 +331,9 @@ async fn put(
     action: &'static str,
 ) -> Result<(), Error> {
     fence::check()?;
-    apply_status(api, &d.name_any(), &want.body(d, resource_version))
-        .await
-        .map_err(kube(action))?;
+    let (name, namespace) = (d.name_any(), d.namespace());
+    let body = want.body(&name, namespace.as_deref(), resource_version.as_deref());
+    apply_status(api, &body).await.map_err(kube(action))?;
     tracing::debug!(
         phase = want.phase.as_str(),
         action,
@@ -431,22 +418,18 @@ mod tests {
     use deskvirt_crds::desktop::IdleAction;
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
-    fn desktop() -> Desktop {
-        serde_json::from_value(json!({
-            "apiVersion": "deskvirt.io/v1alpha1", "kind": "Desktop",
-            "metadata": { "name": "d", "namespace": "ns" },
-            "spec": { "pool": "p", "disk": { "image": "b.qcow2" } }
-        }))
-        .unwrap_or_else(|e| panic!("{e}"))
-    }
 
     fn at(s: i64) -> Timestamp {
         Timestamp::from_second(s).unwrap_or(Timestamp::UNIX_EPOCH)
     }
 
+    fn encode(body: StatusApply<'_, DesktopStatus>) -> serde_json::Value {
+        serde_json::to_value(&body).unwrap_or_else(|e| panic!("{e}"))
+    }
+
     /// What a pass applies reads back as the same: the next pass writes nothing.
     fn round_trip(want: &Owned) -> Owned {
-        let body = want.body(&desktop(), None);
+        let body = encode(want.body("d", Some("ns"), None));
         let st: DesktopStatus = serde_json::from_value(body["status"].clone())
             .unwrap_or_else(|e| panic!("{e}: {body}"));
         Owned::from_status(&st)
@@ -509,7 +492,7 @@ mod tests {
         let mut released = want.clone();
         released.port = None;
         assert!(!released.same_as(&want) && released.needs_guard(&want));
-        let body = released.body(&desktop(), Some("7".into()));
+        let body = encode(released.body("d", Some("ns"), Some("7")));
         assert_eq!(
             body["status"]["spice"],
             json!({ "passwordSecret": "d-console" })
@@ -519,7 +502,7 @@ mod tests {
         // Woken: `reclaimed` is left out of the apply, so the operator's apply removes it.
         let mut woken = want.clone();
         woken.reclaimed = None;
-        let body = woken.body(&desktop(), None);
+        let body = encode(woken.body("d", Some("ns"), None));
         assert!(body["status"].get("reclaimed").is_none(), "{body}");
         assert!(!woken.same_as(&want));
         assert!(round_trip(&woken).same_as(&woken));
