@@ -483,6 +483,46 @@ impl Reconciles {
     }
 }
 
+/// The version of each desktop that a pass wrote (its metadata, before its status) and went on
+/// from, until the watch shows it: that watch event holds only the pass's own write, so it
+/// wakes nobody.
+#[derive(Debug, Default)]
+pub struct Steps(Mutex<HashMap<String, String>>);
+
+impl Steps {
+    /// Records that a pass wrote `d` and went on from the version the API answered with.
+    pub fn record(&self, d: &Desktop) {
+        let (Some(uid), Some(rv)) = (d.uid(), d.resource_version()) else {
+            return;
+        };
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(uid, rv);
+    }
+
+    /// Whether `d` is a version a pass recorded ([`Self::record`]); said once per version.
+    pub fn is_own(&self, d: &Desktop) -> bool {
+        let (Some(uid), Some(rv)) = (
+            d.metadata.uid.as_deref(),
+            d.metadata.resource_version.as_deref(),
+        ) else {
+            return false;
+        };
+        let mut steps = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if steps.get(uid).is_some_and(|r| r == rv) {
+            steps.remove(uid);
+            return true;
+        }
+        false
+    }
+
+    /// Forgets the record of `uid` (a deleted desktop).
+    pub fn forget(&self, uid: &str) {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).remove(uid);
+    }
+}
+
 pub struct Context {
     pub client: Client,
     pub reporter: Reporter,
@@ -518,6 +558,9 @@ pub struct Context {
     statuses: Mutex<HashMap<String, (u64, std::time::Instant)>>,
     /// What this replica last wrote of each desktop's console mirror (a fingerprint).
     mirrors: Mutex<HashMap<String, u64>>,
+    /// The versions of desktops that passes of this replica wrote (their metadata) and went on
+    /// from, until the watch shows them.
+    pub steps: Steps,
 }
 
 impl Context {
@@ -554,6 +597,7 @@ impl Context {
             bindings: Mutex::new(HashMap::new()),
             statuses: Mutex::new(HashMap::new()),
             mirrors: Mutex::new(HashMap::new()),
+            steps: Steps::default(),
         }
     }
 
@@ -735,6 +779,31 @@ mod tests {
             "since": "2026-01-01T00:00:00Z"
         }))
         .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    #[test]
+    fn a_recorded_step_is_taken_for_its_own_version_once() {
+        let at = |uid: &str, rv: &str| {
+            let mut d: Desktop = serde_json::from_value(serde_json::json!({
+                "apiVersion": "deskvirt.io/v1alpha1", "kind": "Desktop",
+                "metadata": { "name": "d", "namespace": "ns" },
+                "spec": { "pool": "p", "disk": { "image": "b.qcow2" } }
+            }))
+            .unwrap_or_else(|e| panic!("{e}"));
+            d.metadata.uid = Some(uid.into());
+            d.metadata.resource_version = Some(rv.into());
+            d
+        };
+        let steps = Steps::default();
+        assert!(!steps.is_own(&at("u1", "7")), "nothing recorded");
+        steps.record(&at("u1", "7"));
+        assert!(!steps.is_own(&at("u1", "6")), "an older version is news");
+        assert!(!steps.is_own(&at("u2", "7")), "another desktop");
+        assert!(steps.is_own(&at("u1", "7")));
+        assert!(!steps.is_own(&at("u1", "7")), "said once");
+        steps.record(&at("u1", "9"));
+        steps.forget("u1");
+        assert!(!steps.is_own(&at("u1", "9")), "forgotten with the desktop");
     }
 
     #[test]

@@ -127,13 +127,23 @@ where
 /// [`controller`], woken only by objects whose `key` changed (or that have none): the cache
 /// still holds every version, but a change the controller does not care about, such as a
 /// status it wrote itself, runs no reconcile. Keys are kept per object (by UID) for an hour.
-pub fn controller_keyed<K, P>(api: Api<K>, config: watcher::Config, key: P) -> Controller<K>
+/// A version `known` says the controller has seen already (one it wrote and went on from)
+/// wakes nobody either; its key still becomes the one the next version is compared with.
+pub fn controller_keyed<K, P, S>(
+    api: Api<K>,
+    config: watcher::Config,
+    key: P,
+    known: S,
+) -> Controller<K>
 where
     K: Cached,
     P: Fn(&K) -> Option<u64> + Send + 'static,
+    S: Fn(&K) -> bool + Send + 'static,
 {
     let (store, objects) = controlled(api, config);
-    let keyed = objects.predicate_filter(key, PredicateConfig::default());
+    let keyed = objects
+        .predicate_filter(key, PredicateConfig::default())
+        .filter(move |o| futures::future::ready(!o.as_ref().is_ok_and(&known)));
     Controller::for_stream(keyed, store)
 }
 

@@ -42,6 +42,7 @@ pub(super) async fn apply(mut pass: Pass<'_>) -> Result<Action, Error> {
         return forged(&pass, &node).await;
     }
     if let Some(fresh) = ensure_meta(&pass.d, &pass.api, Some(&node)).await? {
+        pass.ctx.steps.record(&fresh);
         pass.d = Arc::new(fresh);
     }
     bound(&pass, &node).await
@@ -165,7 +166,10 @@ async fn bound(pass: &Pass<'_>, node: &str) -> Result<Action, Error> {
     // version that wrote.
     let relabelled = match &moved_to {
         Some(to) => match relabel(d, api, to).await {
-            Ok(fresh) => Some(fresh),
+            Ok(fresh) => {
+                ctx.steps.record(&fresh);
+                Some(fresh)
+            }
             Err(e) => {
                 idle::abandon(pass, &plan).await;
                 return Err(e);
@@ -238,7 +242,7 @@ fn phase_event(from: Phase, to: Phase) -> Option<EventType> {
 }
 
 /// The Warning a `ConsoleSecret` that turned False deserves: its reason and message.
-fn console_event(current: &Owned, want: &Owned) -> Option<(String, String)> {
+pub(super) fn console_event(current: &Owned, want: &Owned) -> Option<(String, String)> {
     let now = want.console_condition().filter(|c| c.status == "False")?;
     let before = current.console_condition();
     if before.is_some_and(|b| b.status == now.status && b.reason == now.reason) {

@@ -17,12 +17,16 @@ use kube::runtime::events::EventType;
 use kube::runtime::reflector::ObjectRef;
 
 use super::admit::admit;
-use super::console::ensure_mirror;
+use super::apply::console_event;
+use super::console::{Held, ensure_mirror, write_user_secret};
 use super::size;
-use super::status::{BindFailure, Owned, bound_message, ensure_meta, write, write_binding};
+use super::status::{
+    BindFailure, Owned, bound_message, ensure_meta, label_binding, put_binding, write,
+};
 use super::{Error, Pass};
 use crate::allocators::{Bound, Claim};
 use crate::console::user::{allowed, secret_name};
+use crate::controllers::chain;
 use crate::scheduler::{PoolIndex, PoolPolicy, Request, schedule};
 use crate::world::host_views_counted;
 
@@ -71,7 +75,9 @@ pub(super) async fn bind(pass: &Pass<'_>) -> Result<Action, Error> {
             event,
         } => {
             // The labels and finalizer a bound desktop gets with its binding.
-            ensure_meta(d, api, None).await?;
+            if let Some(fresh) = ensure_meta(d, api, None).await? {
+                ctx.steps.record(&fresh);
+            }
             let mut want = current.clone();
             want.phase = Phase::Pending;
             want.generation = gen_;
@@ -126,7 +132,7 @@ pub(super) async fn bind(pass: &Pass<'_>) -> Result<Action, Error> {
     }
     // The password first, so the host finds it as soon as it sees the binding.
     let written = match ensure_mirror(d, ctx, uid, &host).await {
-        Ok(_) => write_binding(d, api, &host, &want).await,
+        Ok(held) => commit_binding(pass, &host, &held, &prev, &mut want).await,
         Err(error) => Err(BindFailure {
             error,
             labelled: false,
@@ -151,7 +157,37 @@ pub(super) async fn bind(pass: &Pass<'_>) -> Result<Action, Error> {
     tracing::info!(host = %host, port = bound.port, "desktop bound");
     ctx.event(d.as_ref(), EventType::Normal, "Scheduled", "Bind", msg)
         .await;
+    if let Some((reason, message)) = console_event(current, &want) {
+        ctx.event(d.as_ref(), EventType::Warning, &reason, "Console", message)
+            .await;
+    }
     Ok(Action::await_change())
+}
+
+/// Writes the binding: the labels and finalizer, then the user's console Secret (made from
+/// the labelled Desktop, so the first bound pass finds it as due nothing), then the status
+/// with its `ConsoleSecret` condition. A console Secret that cannot be written does not hold
+/// the binding back: the bound pass tries it again.
+async fn commit_binding(
+    pass: &Pass<'_>,
+    host: &str,
+    held: &Held,
+    prev: &[Condition],
+    want: &mut Owned,
+) -> Result<(), BindFailure> {
+    let (ctx, uid) = (pass.ctx, pass.uid.as_str());
+    let labelled = label_binding(&pass.d, &pass.api, host).await?;
+    // The pass goes on from the labelled version: its watch event brings nothing new.
+    ctx.steps.record(&labelled);
+    match write_user_secret(&labelled, ctx, uid, host, want.port, held).await {
+        Ok(Some(outcome)) => {
+            want.secret = outcome.secret().map(str::to_string);
+            want.console(prev, pass.now, labelled.metadata.generation, &outcome);
+        }
+        Ok(None) => {}
+        Err(e) => tracing::warn!(error = %chain(&e), "console Secret not written with the binding"),
+    }
+    put_binding(&labelled, &pass.api, want).await
 }
 
 /// Decides where the desktop goes and reserves its port and MAC, under the ledger lock.

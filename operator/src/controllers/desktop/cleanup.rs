@@ -94,6 +94,7 @@ pub(super) async fn cleanup(pass: &Pass<'_>) -> Result<Action, Error> {
     ctx.forget_binding(uid);
     ctx.forget_status(uid);
     ctx.forget_mirror(uid);
+    ctx.steps.forget(uid);
     fence::check()?;
     remove_finalizer(d, api, FINALIZER_OPERATOR)
         .await

@@ -126,11 +126,14 @@ pub async fn run(ctx: Arc<Context>, selector: String, stop: watch::Receiver<bool
     let by_pool = ctx.stores.clone();
     let by_mirror = ctx.stores.clone();
     let seen = Arc::new(triggers::Seen::default());
+    let stepped = ctx.clone();
     let (seen_hosts, seen_pools) = (seen.clone(), seen);
     let controller = deskvirt_runtime::cache::controller_keyed(
         Api::<Desktop>::all(client.clone()),
         cfg.clone(),
         triggers::desktop_key,
+        // A version a pass wrote and went on from: its event brings that pass's own write.
+        move |d| stepped.steps.is_own(d),
     )
     .watches_stream(mirror_changes(&ctx), move |m| {
         desktop_of_mirror(&m, &by_mirror)

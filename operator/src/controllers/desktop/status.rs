@@ -349,20 +349,21 @@ pub(super) struct BindFailure {
     pub labelled: bool,
 }
 
-/// Writes a binding, only onto the version of `d` it was decided on: a binding is written once,
-/// so a Desktop that changed meanwhile (bound by an earlier leader whose write landed late, or
-/// read from a stale cache) is refused with a conflict and looked at again.
+/// The first write of a binding, only onto the version of `d` it was decided on: a binding is
+/// written once, so a Desktop that changed meanwhile (bound by an earlier leader whose write
+/// landed late, or read from a stale cache) is refused with a conflict and looked at again.
+/// Returns the Desktop as labelled.
 ///
 /// Two writes: the operator's metadata (its finalizer, the pool label and the node label the
-/// host's agent watches for) in one apply, then the status (binding, `Scheduled`, phase). The
-/// metadata goes first and the status last: on Kubernetes 1.20 managedFields has no
-/// subresource, so the manager's last apply owns its entry, and that must be the binding.
-pub(super) async fn write_binding(
+/// host's agent watches for) in one apply, then the status (binding, `Scheduled`, phase,
+/// [`put_binding`]). The metadata goes first and the status last: on Kubernetes 1.20
+/// managedFields has no subresource, so the manager's last apply owns its entry, and that must
+/// be the binding.
+pub(super) async fn label_binding(
     d: &Desktop,
     api: &Api<Desktop>,
     node: &str,
-    want: &Owned,
-) -> Result<(), BindFailure> {
+) -> Result<Desktop, BindFailure> {
     let unlabelled = |error| BindFailure {
         error,
         labelled: false,
@@ -372,12 +373,21 @@ pub(super) async fn write_binding(
         .ok_or(Error::MissingField("resourceVersion"))
         .map_err(unlabelled)?;
     fence::check().map_err(Error::from).map_err(unlabelled)?;
-    let labelled = apply_meta(api, &d.name_any(), &meta_body(d, Some(node), Some(rv)))
+    apply_meta(api, &d.name_any(), &meta_body(d, Some(node), Some(rv)))
         .await
         .map_err(kube("label the bound desktop"))
-        .map_err(unlabelled)?;
+        .map_err(unlabelled)
+}
+
+/// The second write of a binding ([`label_binding`]): the status, onto the version the labels
+/// were written as.
+pub(super) async fn put_binding(
+    labelled: &Desktop,
+    api: &Api<Desktop>,
+    want: &Owned,
+) -> Result<(), BindFailure> {
     let written = match labelled.resource_version() {
-        Some(rv) => put(d, api, want, Some(rv), "bind desktop").await,
+        Some(rv) => put(labelled, api, want, Some(rv), "bind desktop").await,
         None => Err(Error::MissingField("resourceVersion")),
     };
     written.map_err(|error| BindFailure {
@@ -417,7 +427,6 @@ mod tests {
     use super::*;
     use deskvirt_crds::desktop::IdleAction;
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
-
 
     fn at(s: i64) -> Timestamp {
         Timestamp::from_second(s).unwrap_or(Timestamp::UNIX_EPOCH)
