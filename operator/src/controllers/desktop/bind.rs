@@ -187,7 +187,12 @@ async fn commit_binding(
         Ok(None) => {}
         Err(e) => tracing::warn!(error = %chain(&e), "console Secret not written with the binding"),
     }
-    put_binding(&labelled, &pass.api, want).await
+    let bound = put_binding(&labelled, &pass.api, want).await?;
+    // What a bound pass would find in it is what this one wrote: the labels, the console
+    // Secret and its condition, the binding, its size and phase. So its watch event wakes no
+    // pass either; the host's first report does.
+    ctx.steps.record(&bound);
+    Ok(())
 }
 
 /// Decides where the desktop goes and reserves its port and MAC, under the ledger lock.

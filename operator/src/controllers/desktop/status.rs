@@ -267,7 +267,8 @@ pub(super) async fn write(
     if current.same_as(want) {
         return Ok(());
     }
-    put(d, api, want, None, "apply desktop status").await
+    put(d, api, want, None, "apply desktop status").await?;
+    Ok(())
 }
 
 /// Applies `want` unless it says nothing new beside `current`; when it touches idle
@@ -329,17 +330,17 @@ async fn put(
     want: &Owned,
     resource_version: Option<String>,
     action: &'static str,
-) -> Result<(), Error> {
+) -> Result<Desktop, Error> {
     fence::check()?;
     let (name, namespace) = (d.name_any(), d.namespace());
     let body = want.body(&name, namespace.as_deref(), resource_version.as_deref());
-    apply_status(api, &body).await.map_err(kube(action))?;
+    let written = apply_status(api, &body).await.map_err(kube(action))?;
     tracing::debug!(
         phase = want.phase.as_str(),
         action,
         "desktop status written"
     );
-    Ok(())
+    Ok(written)
 }
 
 /// A binding write that failed, and whether its metadata (finalizer, labels) landed first.
@@ -380,12 +381,12 @@ pub(super) async fn label_binding(
 }
 
 /// The second write of a binding ([`label_binding`]): the status, onto the version the labels
-/// were written as.
+/// were written as. Returns the Desktop as bound.
 pub(super) async fn put_binding(
     labelled: &Desktop,
     api: &Api<Desktop>,
     want: &Owned,
-) -> Result<(), BindFailure> {
+) -> Result<Desktop, BindFailure> {
     let written = match labelled.resource_version() {
         Some(rv) => put(labelled, api, want, Some(rv), "bind desktop").await,
         None => Err(Error::MissingField("resourceVersion")),
