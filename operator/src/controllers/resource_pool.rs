@@ -18,6 +18,7 @@ use deskvirt_crds::resource_pool::{ResourcePool, ResourcePoolStatus};
 use deskvirt_crds::validation;
 use deskvirt_crds::{Desktop, DomainNode};
 use deskvirt_runtime::cache::changes_by_key;
+use deskvirt_runtime::throttle::throttled;
 use k8s_openapi::jiff::Timestamp;
 use kube::runtime::controller::Action;
 use kube::runtime::reflector::ObjectRef;
@@ -79,7 +80,11 @@ pub async fn run(ctx: Arc<Context>, selector: String, stop: watch::Receiver<bool
                 },
             )
             .watches_stream(
-                changes_by_key(Api::<Desktop>::all(client.clone()), cfg, desktop_key),
+                throttled(
+                    changes_by_key(Api::<Desktop>::all(client.clone()), cfg, desktop_key),
+                    DESKTOP_WAKES,
+                    |d: &Desktop| d.pool().to_string(),
+                ),
                 |d| Some(ObjectRef::new(d.pool())),
             )
             .reconcile_all_on(on_leadership(ctx.leader.clone()))
@@ -91,6 +96,12 @@ pub async fn run(ctx: Arc<Context>, selector: String, stop: watch::Receiver<bool
             );
     drive(NAME, controller, stop).await;
 }
+
+/// At most one pass per pool per this long is woken by its desktops' changes: the first change
+/// of a burst wakes it at once, the last at the window's end. A burst of 1,000 desktops on
+/// their way to Running changes what a pool counts some 2,000 times; the status is written at
+/// most once per `POOL_STATUS_INTERVAL` anyway.
+const DESKTOP_WAKES: Duration = Duration::from_secs(1);
 
 /// What the pool's status reads of a host, hashed: what placement reads
 /// ([`triggers::host_key`]: not the allocatable the operator writes itself, nor the agent's
