@@ -19,6 +19,7 @@ use kube::runtime::watcher;
 use kube::{Api, ResourceExt};
 use tokio::sync::watch;
 
+use super::desktop::triggers::key_without;
 use super::{
     Categorized, StatusApply, apply_status, drive, kube_transient, on_leadership, watch_config,
 };
@@ -53,51 +54,68 @@ pub async fn run(ctx: Arc<Context>, selector: String, stop: watch::Receiver<bool
     let cfg = watch_config(&selector);
     let stores = ctx.stores.clone();
     let pool_stores = ctx.stores.clone();
-    let controller =
-        deskvirt_runtime::cache::controller(Api::<DomainNode>::all(client.clone()), cfg.clone())
-            .watches(
-                Api::<Lease>::namespaced(client.clone(), &ctx.namespace),
-                watcher::Config::default(),
-                move |lease| {
-                    stores
-                        .node(&lease.name_any())
-                        .map(|n| ObjectRef::from_obj(n.as_ref()))
-                },
-            )
-            .watches_stream(
-                // A host reads a pool's spec (membership, reserve, overcommit, network) and
-                // whether it is going away, never its status: the pool's status writes, one
-                // per desktop phase change, wake no host.
-                deskvirt_runtime::cache::changes_by_key(
-                    Api::<deskvirt_crds::ResourcePool>::all(client.clone()),
-                    cfg,
-                    |p| {
-                        let m = &p.metadata;
-                        (
-                            m.generation,
-                            m.deletion_timestamp.is_some(),
-                            m.creation_timestamp.clone(),
-                        )
-                    },
-                ),
-                move |_pool| {
-                    // Membership may move: every host is looked at again (pools change rarely).
-                    pool_stores
-                        .nodes
-                        .state()
-                        .iter()
-                        .map(|n| ObjectRef::from_obj(n.as_ref()))
-                        .collect::<Vec<_>>()
-                },
-            )
-            .reconcile_all_on(on_leadership(ctx.leader.clone()))
-            .graceful_shutdown_on(stopped(stop.clone()))
-            .run(
-                reconcile,
-                |n, e, c| super::error_policy(NAME, &n, e, &c),
-                ctx,
-            );
+    let controller = deskvirt_runtime::cache::controller_keyed(
+        Api::<DomainNode>::all(client.clone()),
+        cfg.clone(),
+        node_key,
+        |_| false,
+    )
+    .watches(
+        Api::<Lease>::namespaced(client.clone(), &ctx.namespace),
+        watcher::Config::default(),
+        move |lease| {
+            stores
+                .node(&lease.name_any())
+                .map(|n| ObjectRef::from_obj(n.as_ref()))
+        },
+    )
+    .watches_stream(
+        // A host reads a pool's spec (membership, reserve, overcommit, network) and
+        // whether it is going away, never its status: the pool's status writes, one
+        // per desktop phase change, wake no host.
+        deskvirt_runtime::cache::changes_by_key(
+            Api::<deskvirt_crds::ResourcePool>::all(client.clone()),
+            cfg,
+            |p| {
+                let m = &p.metadata;
+                (
+                    m.generation,
+                    m.deletion_timestamp.is_some(),
+                    m.creation_timestamp.clone(),
+                )
+            },
+        ),
+        move |_pool| {
+            // Membership may move: every host is looked at again (pools change rarely).
+            pool_stores
+                .nodes
+                .state()
+                .iter()
+                .map(|n| ObjectRef::from_obj(n.as_ref()))
+                .collect::<Vec<_>>()
+        },
+    )
+    .reconcile_all_on(on_leadership(ctx.leader.clone()))
+    .graceful_shutdown_on(stopped(stop.clone()))
+    .run(
+        reconcile,
+        |n, e, c| super::error_policy(NAME, &n, e, &c),
+        ctx,
+    );
     drive(NAME, controller, stop).await;
+}
+
+/// A host as its own pass cares, hashed: all of it but what the operator writes itself (the
+/// pool, subnet and allocatable, `Ready` and `Schedulable`): the pass that wrote them acted on
+/// what it knew. Anyone else's change of those is set right by the pass the host's next
+/// heartbeat wakes.
+fn node_key(n: &DomainNode) -> Option<u64> {
+    let v = serde_json::to_value(n).ok()?;
+    Some(key_without(
+        v,
+        &["pool", "subnet", "allocatable"],
+        &[READY, SCHEDULABLE],
+    ))
 }
 
 /// The operator's part of a host status.
@@ -299,4 +317,49 @@ pub async fn reconcile(node: Arc<DomainNode>, ctx: Arc<Context>) -> Result<Actio
         .map(|d| d + Duration::from_secs(1))
         .unwrap_or(Duration::from_secs(60));
     Ok(Action::requeue(next))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node(status: serde_json::Value) -> DomainNode {
+        serde_json::from_value(serde_json::json!({
+            "apiVersion": "deskvirt.io/v1alpha1", "kind": "DomainNode",
+            "metadata": { "name": "h", "resourceVersion": "1" },
+            "spec": {}, "status": status
+        }))
+        .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    fn cond(type_: &str, status: &str) -> serde_json::Value {
+        serde_json::json!({ "type": type_, "status": status, "reason": "R", "message": "m",
+                            "lastTransitionTime": "2026-01-01T00:00:00Z" })
+    }
+
+    #[test]
+    fn a_hosts_own_pass_wakes_on_what_others_write_only() {
+        let base = node(serde_json::json!({
+            "memory": "8Gi", "conditions": [cond("LibvirtConnected", "True")] }));
+        // What the operator writes itself: no pass.
+        let own = node(serde_json::json!({
+            "memory": "8Gi", "pool": "lab", "subnet": "10.0.1.0/24",
+            "allocatable": { "cpu": 4, "memory": "6Gi", "dedicatedCpus": 3 },
+            "conditions": [cond("LibvirtConnected", "True"), cond(READY, "True"),
+                           cond(SCHEDULABLE, "True")] }));
+        assert_eq!(node_key(&base), node_key(&own));
+        let mut newer = own.clone();
+        newer.metadata.resource_version = Some("2".into());
+        assert_eq!(node_key(&own), node_key(&newer), "the version alone");
+        // The agent's report and the admin's spec: a pass.
+        let report = node(serde_json::json!({
+            "memory": "16Gi", "conditions": [cond("LibvirtConnected", "True")] }));
+        assert_ne!(node_key(&base), node_key(&report));
+        let libvirt = node(serde_json::json!({
+            "memory": "8Gi", "conditions": [cond("LibvirtConnected", "False")] }));
+        assert_ne!(node_key(&base), node_key(&libvirt));
+        let mut cordoned = base.clone();
+        cordoned.spec.unschedulable = true;
+        assert_ne!(node_key(&base), node_key(&cordoned));
+    }
 }

@@ -72,8 +72,6 @@ const OPERATOR_CONDITIONS: [&str; 6] = [
 pub fn desktop_key(d: &Desktop) -> Option<u64> {
     let mut v = serde_json::to_value(d).ok()?;
     if let Some(meta) = v.get_mut("metadata").and_then(Value::as_object_mut) {
-        meta.remove("resourceVersion");
-        meta.remove("managedFields");
         // The agent's finalizer matters to the operator only once the desktop is deleted
         // (cleanup waits for the host to let go); its arrival on a live desktop is the agent's
         // first write, and needs no pass.
@@ -86,18 +84,28 @@ pub fn desktop_key(d: &Desktop) -> Option<u64> {
             }
         }
     }
+    Some(key_without(v, &DERIVED_FIELDS, &OPERATOR_CONDITIONS))
+}
+
+/// An object's JSON `v` hashed without its resourceVersion and managedFields, the status
+/// fields `fields` and the conditions of the types `conditions` (what the operator writes
+/// itself); what is left empty counts as absent.
+pub fn key_without(mut v: Value, fields: &[&str], conditions: &[&str]) -> u64 {
+    if let Some(meta) = v.get_mut("metadata").and_then(Value::as_object_mut) {
+        meta.remove("resourceVersion");
+        meta.remove("managedFields");
+    }
     if let Some(status) = v.get_mut("status").and_then(Value::as_object_mut) {
-        for f in DERIVED_FIELDS {
-            status.remove(f);
+        for f in fields {
+            status.remove(*f);
         }
         if let Some(conds) = status.get_mut("conditions").and_then(Value::as_array_mut) {
             conds.retain(|c| {
                 c.get("type")
                     .and_then(Value::as_str)
-                    .is_none_or(|t| !OPERATOR_CONDITIONS.contains(&t))
+                    .is_none_or(|t| !conditions.contains(&t))
             });
         }
-        // What is left empty is as good as absent.
         status.retain(|_, v| match v {
             Value::Null => false,
             Value::Object(o) => !o.is_empty(),
@@ -105,7 +113,7 @@ pub fn desktop_key(d: &Desktop) -> Option<u64> {
             _ => true,
         });
     }
-    Some(fnv1a64(v.to_string().as_bytes()))
+    fnv1a64(v.to_string().as_bytes())
 }
 
 /// A pool as its desktops care: its spec (by generation) and whether it is going away.
