@@ -6,11 +6,11 @@
 use deskvirt_core::reasons::AgentReason;
 use deskvirt_crds::conditions::find;
 use deskvirt_crds::constants::condition::RUNNING;
-use deskvirt_crds::desktop::{Desktop, DesktopStatus};
+use deskvirt_crds::desktop::DesktopStatus;
 
+use super::bound::Seen;
 use super::status::Owned;
-use crate::context::Context;
-use crate::idle::holds_resources;
+use super::txn::Txn;
 
 /// The port the host says is taken, when it is the one the desktop holds (`current`): a report
 /// about a port the desktop has already left moves nothing.
@@ -23,26 +23,15 @@ pub fn reported(status: &DesktopStatus, current: Option<u16>) -> Option<u16> {
     (Some(busy) == current).then_some(busy)
 }
 
-/// Moves the desktop off a port its host reported taken: `want.port` becomes the new one.
-/// Returns the old and the new port, or `None` when nothing moved.
-pub async fn move_off(
-    d: &Desktop,
-    ctx: &Context,
-    uid: &str,
-    node: &str,
-    status: &DesktopStatus,
-    want: &mut Owned,
-) -> Option<(u16, u16)> {
-    let busy = reported(status, want.port)?;
-    if !holds_resources(d) {
+/// Moves the desktop off a port its host reported taken, in the transaction: `want.port`
+/// becomes the new one. Returns the old and the new port, or `None` when nothing moved.
+pub(super) fn move_off(seen: &Seen<'_>, txn: &mut Txn<'_>, want: &mut Owned) -> Option<(u16, u16)> {
+    let (uid, node) = (seen.uid, seen.node.as_str());
+    let busy = reported(&seen.status, want.port)?;
+    if !seen.holds {
         return None;
     }
-    let mut ledgers = ctx.ledgers.lock().await;
-    if !ledgers.ready || crate::fence::check().is_err() {
-        return None;
-    }
-    let ledger = ledgers.get_mut(d.pool())?;
-    match ledger.move_port(uid, node, busy) {
+    match txn.ledger()?.move_port(uid, node, busy) {
         Ok(Some(port)) => {
             want.port = Some(port);
             Some((busy, port))

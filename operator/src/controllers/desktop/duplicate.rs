@@ -6,11 +6,12 @@
 use kube::ResourceExt;
 use kube::runtime::events::EventType;
 
+use super::bound::{Seen, Told};
 use super::status::Owned;
+use super::txn::Txn;
 use crate::allocators::{Claim, Conflict};
 use crate::context::{Context, seniority};
 use crate::repair::{self, Repair};
-use deskvirt_crds::desktop::Desktop;
 
 /// A claim of the ledger in words: `Desktop namespace/name`, else its key.
 pub(super) fn name(ctx: &Context, uid: &str) -> String {
@@ -25,36 +26,28 @@ pub(super) fn name(ctx: &Context, uid: &str) -> String {
 }
 
 /// A recorded port or MAC another desktop holds in the ledger (a late binding of a fenced-out
-/// leader that landed): the younger claim gets new values on its host, with a Warning naming
-/// both desktops and the resource. Nothing is stopped: the host's agent redefines the domain
-/// with the new values, which a running domain takes at its next start.
-pub(super) async fn repair(
-    d: &Desktop,
+/// leader that landed): the younger claim gets new values on its host (in `want`), with a
+/// Warning naming both desktops and the resource. Nothing is stopped: the host's agent
+/// redefines the domain with the new values, which a running domain takes at its next start.
+pub(super) fn repair(
+    seen: &Seen<'_>,
     ctx: &Context,
-    uid: &str,
-    node: &str,
+    txn: &mut Txn<'_>,
     (port, mac): (u16, &str),
     dups: Vec<repair::Duplicate>,
     want: &mut Owned,
-) {
-    let known = |holder: &str| ctx.stores.desktop_by_uid(holder);
+) -> Option<Told> {
+    let (d, uid, node) = (seen.d, seen.uid, seen.node.as_str());
     let holders: Vec<_> = dups
         .into_iter()
         .map(|dup| {
-            let s = known(&dup.holder).map(|h| seniority(h.as_ref()));
+            let s = ctx
+                .stores
+                .desktop_by_uid(&dup.holder)
+                .map(|h| seniority(h.as_ref()));
             (dup, s)
         })
         .collect();
-    let named = |holder: &str| name(ctx, holder);
-    let me = name(ctx, uid);
-    let recorded = (node.to_string(), port, mac.to_string());
-    let mut ledgers = ctx.ledgers.lock().await;
-    if crate::fence::check().is_err() {
-        return;
-    }
-    let Some(ledger) = ledgers.get_mut(&d.spec.pool) else {
-        return;
-    };
     let mine = seniority(d);
     match repair::decide(&mine, &holders) {
         Repair::MoveMine => {
@@ -63,44 +56,42 @@ pub(super) async fn repair(
                 host: node,
                 fixed_mac: d.spec.network.mac.as_deref(),
             };
-            let b = match ledger.bind(&claim) {
+            let b = match txn.ledger()?.bind(&claim) {
                 Ok(b) => b,
                 Err(e) => {
                     tracing::warn!(host = node, error = %e, "cannot repair a duplicate binding");
-                    return;
+                    return None;
                 }
             };
-            drop(ledgers);
             want.port = Some(b.port);
             want.mac = Some(b.mac.to_string());
-            let said = ctx
-                .repaired
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .insert(uid.to_string(), recorded.clone());
-            if said.as_ref() == Some(&recorded) {
-                return;
-            }
-            ctx.metrics.binding_repairs.inc();
             // The holder that keeps the resource: older, or not a desktop.
-            let Some((dup, _)) = holders
+            let keeper = holders
                 .iter()
-                .find(|(_, s)| s.as_ref().is_none_or(|s| *s <= mine))
-            else {
-                return;
-            };
-            let mac = b.mac.to_string();
-            let message = repair::message(&dup.resource, &me, &named(&dup.holder), b.port, &mac);
-            tracing::warn!(%message, "duplicate binding repaired");
-            ctx.event(d, EventType::Warning, "DuplicateBinding", "Repair", message)
-                .await;
+                .find(|(_, s)| s.as_ref().is_none_or(|s| *s <= mine));
+            let mac_now = b.mac.to_string();
+            let note = keeper.map(|(dup, _)| {
+                repair::message(
+                    &dup.resource,
+                    &name(ctx, uid),
+                    &name(ctx, &dup.holder),
+                    b.port,
+                    &mac_now,
+                )
+            });
+            Some(Told {
+                once: Some((node.to_string(), port, mac.to_string())),
+                due: note.map(|note| (EventType::Warning, "DuplicateBinding", "Repair", note)),
+            })
         }
         Repair::MoveTheirs(younger) => {
+            let ledger = txn.ledger()?;
             for y in &younger {
                 ledger.release(y);
             }
             ledger.adopt(uid, node, port, mac);
             // Each younger holder gets new values on its next pass, with the Warning.
+            let ledgers = txn.ledgers();
             for (dup, _) in holders {
                 ledgers.rebind.insert(dup.holder.clone());
                 ledgers.rebind_why.insert(
@@ -112,6 +103,7 @@ pub(super) async fn repair(
                     },
                 );
             }
+            None
         }
     }
 }

@@ -3,8 +3,9 @@
 //! new wake token (records it, cancels a reclaim the host has not done yet, or finds room and a
 //! port on the desktop's host again, or on another host of the pool when its own is full and
 //! the pool's storage is shared), applies the policy (reclaim, delete, the `Idle` condition,
-//! the requeue at the countdown's end), keeps the ledger's port in step with released resources,
-//! and records the Events once the status is written.
+//! the requeue at the countdown's end), and keeps the ledger's port in step with released
+//! resources. It decides in the pass's ledger transaction; the commit deletes, writes and
+//! records the Events.
 
 use std::time::Duration;
 
@@ -14,15 +15,18 @@ use deskvirt_core::idle::{
 use deskvirt_crds::conditions::{self, Status, condition};
 use deskvirt_crds::constants::condition::{IDLE, RUNNING};
 use deskvirt_crds::constants::idle_reason;
-use deskvirt_crds::desktop::{DesktopStatus, IdleAction, Move, Reclaimed, Wake};
+use deskvirt_crds::desktop::{IdleAction, Move, Reclaimed, Wake};
 use deskvirt_crds::read::{FromDesktopSpec, FromPoolSpec, idle_policy};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::ResourceExt;
 use kube::api::{DeleteParams, Preconditions};
 use kube::runtime::events::EventType;
 
+use super::bound::{Due, Seen};
 use super::status::Owned;
+use super::txn::{Closed, Txn};
 use super::{Error, Pass, kube};
+use crate::context::Context;
 use crate::idle::{released, wake_step, wake_token};
 use crate::scheduler::{PoolPolicy, Request};
 use crate::world::host_views_counted;
@@ -36,26 +40,22 @@ pub const WAKE_WAITING: &str = "WakeWaiting";
 /// Reason of the Event of a woken desktop that moves to another host.
 pub const MOVED: &str = "Moved";
 
-/// An Event due once the status is written: type, reason, action, note.
-type Due = (EventType, &'static str, &'static str, String);
-
-/// What the idle part of a pass leaves for after the status write.
+/// What the idle part of a pass leaves for the commit.
 #[derive(Debug, Default)]
 pub(super) struct Plan {
     /// Look again then (the countdown's end, or a wake waiting for room).
     pub requeue: Option<Duration>,
-    events: Vec<Due>,
-    /// A port this pass reserved for a woken desktop: released again when the write fails.
-    fresh_port: bool,
+    /// Events due once the status write went through (or had nothing to write).
+    pub events: Vec<Due>,
     /// The write drops the port of a released desktop: the ledger lets it go once written.
-    drop_port: bool,
+    pub drop_port: bool,
 }
 
 /// The outcome of the idle part of a pass.
 pub(super) enum Settled {
-    /// The policy deleted the Desktop.
-    Deleted,
-    /// Carry on with the status write; then [`after_write`].
+    /// The policy deletes the Desktop (the Warning's note).
+    Delete(String),
+    /// Carry on with the status write.
     Write(Plan),
 }
 
@@ -75,17 +75,18 @@ enum Restore {
     Later,
 }
 
-/// Decides the idle part of a pass for a desktop bound to `node`, into `want`.
-pub(super) async fn settle(
-    pass: &Pass<'_>,
-    node: &str,
-    status: &DesktopStatus,
+/// Decides the idle part of a pass for a bound desktop, into `want`, in the pass's ledger
+/// transaction.
+pub(super) fn settle(
+    seen: &Seen<'_>,
+    ctx: &Context,
+    txn: &mut Txn<'_>,
     host_alive: bool,
     want: &mut Owned,
-) -> Result<Settled, Error> {
-    let (d, ctx, now) = (&pass.d, pass.ctx, pass.now);
+) -> Settled {
+    let (d, now, node, status) = (seen.d, seen.now, seen.node.as_str(), &seen.status);
     let mut plan = Plan::default();
-    let pool = ctx.stores.pool(d.pool());
+    let pool = txn.pool().cloned();
     let policy =
         idle_policy(&d.spec, pool.as_ref().map(|p| &p.spec.defaults)).and_then(|p| {
             match p.read() {
@@ -116,7 +117,7 @@ pub(super) async fn settle(
                     "woken before the host finished reclaiming it; it keeps running".into(),
                 ));
             }
-            WakeStep::Restore => match restore(pass, node).await {
+            WakeStep::Restore => match restore(seen, ctx, txn) {
                 Restore::Back {
                     host,
                     port,
@@ -149,7 +150,9 @@ pub(super) async fn settle(
                     want.port = Some(port);
                     want.reclaimed = None;
                     want.wake = Some(wake);
-                    plan.fresh_port = fresh;
+                    if fresh {
+                        txn.reserved_port();
+                    }
                     let reason = if away.is_some() {
                         MOVED
                     } else {
@@ -211,10 +214,7 @@ pub(super) async fn settle(
                 event,
             ));
         }
-        Step::Delete { event } => {
-            delete(pass, event).await?;
-            return Ok(Settled::Deleted);
-        }
+        Step::Delete { event } => return Settled::Delete(event),
     }
     let verdict = match (waiting, decision.condition) {
         (Some(message), _) => Some((Status::True, idle_reason::WOKEN, message)),
@@ -243,20 +243,23 @@ pub(super) async fn settle(
         (Some(a), Some(b)) => Some(a.min(b)),
         (a, b) => a.or(b),
     };
-    Ok(Settled::Write(plan))
+    Settled::Write(plan)
 }
 
 /// Finds room and a port for a released desktop on its host (or, with shared storage, on
-/// another host of its pool), under the ledger lock.
-async fn restore(pass: &Pass<'_>, node: &str) -> Restore {
-    let (d, ctx, uid, now) = (&pass.d, pass.ctx, pass.uid.as_str(), pass.now);
+/// another host of its pool), in the transaction.
+fn restore(seen: &Seen<'_>, ctx: &Context, txn: &mut Txn<'_>) -> Restore {
+    let (d, uid, now, node) = (seen.d, seen.uid, seen.now, seen.node.as_str());
     let pool_name = d.pool();
-    let mut ledgers = ctx.ledgers.lock().await;
-    if !ledgers.ready {
-        return Restore::Later;
-    }
-    let Some(pool) = ctx.stores.pool(pool_name) else {
-        return Restore::Wait(format!("woken, but its pool {pool_name} does not exist"));
+    let pool = match (txn.closed(), txn.pool()) {
+        (Some(Closed::NotReady), _) => return Restore::Later,
+        (Some(Closed::Invalid(e)), _) => {
+            return Restore::Wait(format!("woken, but pool {pool_name}: {e}"));
+        }
+        (Some(Closed::NoPool), _) | (_, None) => {
+            return Restore::Wait(format!("woken, but its pool {pool_name} does not exist"));
+        }
+        (None, Some(p)) => p.clone(),
     };
     let (policy, request) = match (
         PoolPolicy::from_spec(&pool.spec),
@@ -266,23 +269,20 @@ async fn restore(pass: &Pass<'_>, node: &str) -> Restore {
         (Err(e), _) => return Restore::Wait(format!("woken, but pool {pool_name}: {e}")),
         (_, Err(e)) => return Restore::Wait(format!("woken, but {e}")),
     };
-    if let Err(e) = ledgers.of(&pool, &ctx.stores) {
-        return Restore::Wait(format!("woken, but pool {pool_name}: {e}"));
-    }
     // The host as it is without this desktop (a port an earlier pass reserved included).
     let mut hosts = {
-        let charges = ctx.stores.charges(&mut ledgers).without(uid);
+        let charges = txn.charges_without(uid);
         host_views_counted(
             pool_name,
             &policy,
             &ctx.stores.nodes.state(),
             &ctx.stores.pools.state(),
             &charges,
-            ledgers.get(pool_name),
+            txn.ledger().map(|l| &*l),
             |n| ctx.heartbeat(n, now),
         )
     };
-    let Some(ledger) = ledgers.get_mut(pool_name) else {
+    let Some(ledger) = txn.ledger() else {
         return Restore::Later;
     };
     if let Some((h, _)) = ledger.port_of(uid)
@@ -301,11 +301,7 @@ async fn restore(pass: &Pass<'_>, node: &str) -> Restore {
         ledger.release_port(uid);
     }
     let fresh = ledger.port_of(uid).is_none();
-    let preferred = d
-        .status
-        .as_ref()
-        .and_then(|s| s.reclaimed.as_ref())
-        .and_then(|r| r.port);
+    let preferred = seen.status.reclaimed.as_ref().and_then(|r| r.port);
     match ledger.restore_port(uid, &host, preferred) {
         Ok(port) => Restore::Back {
             host,
@@ -320,7 +316,7 @@ async fn restore(pass: &Pass<'_>, node: &str) -> Restore {
 }
 
 /// The Warning Event, then the deletion, only of the version the decision was made on.
-async fn delete(pass: &Pass<'_>, event: String) -> Result<(), Error> {
+pub(super) async fn delete(pass: &Pass<'_>, event: String) -> Result<(), Error> {
     let d = &pass.d;
     tracing::info!("idle past the timeout; deleting the desktop");
     pass.ctx
@@ -344,39 +340,6 @@ async fn delete(pass: &Pass<'_>, event: String) -> Result<(), Error> {
         Ok(_) => Ok(()),
         Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
         Err(e) => Err(kube("delete the idle desktop")(e)),
-    }
-}
-
-/// After the status write: the ledger follows it (or forgets a reservation it did not carry),
-/// then the Events.
-pub(super) async fn after_write(
-    pass: &Pass<'_>,
-    plan: Plan,
-    written: Result<bool, Error>,
-) -> Result<(), Error> {
-    let (d, ctx, uid) = (&pass.d, pass.ctx, pass.uid.as_str());
-    if let Err(e) = written {
-        abandon(pass, &plan).await;
-        return Err(e);
-    }
-    if plan.drop_port
-        && let Some(l) = ctx.ledgers.lock().await.get_mut(d.pool())
-        && let Some((host, port)) = l.release_port(uid)
-    {
-        tracing::info!(%host, port, "released the SPICE port of a reclaimed desktop");
-    }
-    for (type_, reason, action, note) in plan.events {
-        ctx.event(d.as_ref(), type_, reason, action, note).await;
-    }
-    Ok(())
-}
-
-/// A pass that fails before its status is written gives back the port it reserved.
-pub(super) async fn abandon(pass: &Pass<'_>, plan: &Plan) {
-    if plan.fresh_port
-        && let Some(l) = pass.ctx.ledgers.lock().await.get_mut(pass.d.pool())
-    {
-        l.release_port(&pass.uid);
     }
 }
 

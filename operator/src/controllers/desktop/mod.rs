@@ -6,14 +6,17 @@
 mod admit;
 mod apply;
 mod bind;
+mod bound;
 mod busy_port;
 mod cleanup;
 mod console;
 mod duplicate;
 mod idle;
+mod keep;
 mod size;
 mod status;
 pub(crate) mod triggers;
+mod txn;
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -12,9 +12,10 @@ use deskvirt_crds::read::{FromDesktopSpec, FromPoolSpec, admitted_size};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use k8s_openapi::jiff::Timestamp;
 
+use super::bound::Seen;
 use super::status::Owned;
+use super::txn::Txn;
 use crate::context::Context;
-use crate::idle::holds_resources;
 use crate::scheduler::{PoolPolicy, Request};
 use crate::world::{host_room, running_size};
 
@@ -60,16 +61,16 @@ pub(super) fn admitted(
     }
 }
 
-/// Decides the allocation and the two conditions of `d`, bound to `node`, into `want`;
-/// returns the Warnings due.
-pub(super) async fn settle(
+/// Decides the allocation and the two conditions of a desktop bound to `node`, into `want`, in
+/// the pass's ledger transaction; returns the Warnings due.
+pub(super) fn settle(
+    seen: &Seen<'_>,
     ctx: &Context,
-    d: &Desktop,
-    uid: &str,
+    txn: &mut Txn<'_>,
     node: &str,
     want: &mut Owned,
-    now: Timestamp,
 ) -> Vec<Warning> {
+    let (d, uid, now) = (seen.d, seen.uid, seen.now);
     let mut warnings = Vec::new();
     let prev = d
         .status
@@ -115,30 +116,26 @@ pub(super) async fn settle(
     // An unreadable recorded size is taken for the spec's (its next admission writes it anew).
     let admitted = admitted_size(&d.spec, d.status.as_ref()).unwrap_or(wanted);
     let running = running_size(d);
+    // The transaction holds the ledger of the pool the desktop is bound in (`alloc.pool`).
     if admitted == wanted
-        && let Some(l) = ctx.ledgers.lock().await.get_mut(&alloc.pool)
+        && let Some(l) = txn.ledger()
     {
         // Recorded as asked (or reverted): whatever the ledger admitted no longer counts.
         l.size_settled(uid);
     }
-    let decision = if !holds_resources(d) || admitted == wanted {
+    let decision = if !seen.holds || admitted == wanted {
         // Released by the idle policy (a wake places it again at the size asked), or nothing
         // changed: only whether the running domain has caught up is left to say.
         SizeDecision {
             admitted: wanted,
-            verdict: caught_up(wanted, running.filter(|_| holds_resources(d))),
+            verdict: caught_up(wanted, running.filter(|_| seen.holds)),
         }
     } else {
-        // Under the ledger lock, counting what the ledger admitted and the cache may not show
+        // In the transaction, counting what the ledger admitted and the cache may not show
         // yet: two resizes (or a resize and a binding) on one host never both take its room.
-        let mut ledgers = ctx.ledgers.lock().await;
-        let pool = ctx.stores.pool(&alloc.pool);
         // Without a ledger (leadership just gained, or the pool's network settings rejected,
         // which its own condition reports) the cache alone decides, as it does for the pool.
-        let has_ledger = match pool.as_deref() {
-            Some(p) if ledgers.ready => ledgers.of(p, &ctx.stores).is_ok(),
-            _ => false,
-        };
+        let pool = ctx.stores.pool(&alloc.pool);
         let room = pool
             .as_deref()
             .and_then(|p| PoolPolicy::from_spec(&p.spec).ok())
@@ -147,14 +144,9 @@ pub(super) async fn settle(
                     node,
                     &policy,
                     &ctx.stores.nodes.state(),
-                    ctx.stores.charges(&mut ledgers).without(uid),
+                    txn.charges_without(uid),
                 )
             });
-        let ledger = if has_ledger {
-            ledgers.get_mut(&alloc.pool)
-        } else {
-            None
-        };
         let decision = match room {
             Some((capacity, others)) => decide(node, &capacity, &others, admitted, wanted, running),
             None => SizeDecision {
@@ -168,7 +160,7 @@ pub(super) async fn settle(
                 },
             },
         };
-        if let Some(l) = ledger {
+        if let Some(l) = txn.ledger() {
             l.admit_size(uid, decision.admitted);
         }
         decision

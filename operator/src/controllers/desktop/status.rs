@@ -71,7 +71,7 @@ pub(super) async fn ensure_meta(
 }
 
 /// The operator's part of the status, as applied.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, Default, PartialEq)]
 pub(super) struct Owned {
     pub phase: Phase,
     pub node: Option<String>,
