@@ -92,11 +92,16 @@ pub fn derive(f: &Facts<'_>) -> Derived {
             ReadyReason::WaitingForHost,
             "bound; the host has not defined the domain yet",
         ),
-        Some(c) if c.status == "False" => out(
-            Phase::Failed,
-            ReadyReason::DefineFailed,
-            format!("the host could not define the domain: {}", c.message),
-        ),
+        // Ready names the host's own reason (BaseImageMissing, DiskDirMissing, ...) when it is
+        // one of the agent's; DefineFailed otherwise.
+        Some(c) if c.status == "False" => Derived {
+            phase: Phase::Failed,
+            ready: false,
+            reason: c
+                .agent_reason()
+                .map_or(ReadyReason::DefineFailed.as_str(), AgentReason::as_str),
+            message: format!("the host could not define the domain: {}", c.message),
+        },
         Some(c) if c.status != "True" => match c.agent_reason().filter(|r| r.is_warning()) {
             // A failure the host retries, shown once it keeps coming back.
             Some(r) => Derived {
@@ -300,6 +305,18 @@ mod tests {
             phase(facts(defined, c("Unknown", "LibvirtUnavailable"))),
             Phase::Starting
         );
+    }
+
+    #[test]
+    fn a_permanent_failure_shows_the_hosts_reason() {
+        let d = derive(&facts(c("False", "BaseImageMissing"), None));
+        assert_eq!(
+            (d.phase, d.ready, d.reason),
+            (Phase::Failed, false, "BaseImageMissing")
+        );
+        assert_eq!(d.message, "the host could not define the domain: m");
+        let d = derive(&facts(c("False", "SomethingNew"), None));
+        assert_eq!((d.phase, d.reason), (Phase::Failed, "DefineFailed"));
     }
 
     #[test]

@@ -45,6 +45,14 @@ pub enum DiskError {
     /// The disk is still used by a defined or running domain.
     #[error("disk {path} is still used by a domain; kept")]
     InUse { path: String },
+    /// The directory the disk lives in is not visible to the agent: a pool `diskDir` the
+    /// agent's mounts do not hold. Nothing is made or deleted until it is.
+    #[error(
+        "the disk directory {dir} is not visible to the node-agent (the chart mounts \
+         nodeAgent.diskDir, which must be the pool's storage.diskDir); nothing is made or \
+         deleted there until it is"
+    )]
+    DirMissing { dir: String },
     /// The path is a base image (or inside the image directory); never deleted.
     #[error("{path} is a base image or inside the image directory; never deleted")]
     Protected { path: String },
@@ -70,6 +78,7 @@ impl DiskError {
             Self::Timeout { .. } => "DiskToolTimeout",
             Self::Io { .. } => "DiskIoFailed",
             Self::InUse { .. } => "DiskInUse",
+            Self::DirMissing { .. } => "DiskDirMissing",
             Self::Protected { .. } => "DiskProtected",
             Self::NotOurs { .. } => "DiskNotOurs",
             Self::UnsafePath { .. } => "UnsafePath",
@@ -326,9 +335,17 @@ pub async fn prepare(qemu_img: &str, plan: &DiskPlan, fresh: bool) -> Result<Pre
         }
     }
     if let Some(dir) = plan.target.parent() {
-        tokio::fs::create_dir_all(dir)
-            .await
-            .map_err(io("create directory", dir))?;
+        match tokio::fs::create_dir_all(dir).await {
+            Ok(()) => {}
+            // Not there, and not to be made: outside what is mounted writable for the agent
+            // (its root file system is read-only in the chart).
+            Err(e) if e.kind() == std::io::ErrorKind::ReadOnlyFilesystem => {
+                return Err(DiskError::DirMissing {
+                    dir: dir.display().to_string(),
+                });
+            }
+            Err(e) => return Err(io("create directory", dir)(e)),
+        }
     }
     let format = image_format(qemu_img, &plan.base).await?;
     let partial = partial_path(&plan.target);
@@ -369,6 +386,23 @@ pub async fn prepare(qemu_img: &str, plan: &DiskPlan, fresh: bool) -> Result<Pre
 /// Whether `path` is `dir` or inside it, by plain path components (no file-system access).
 fn is_within(path: &Path, dir: &Path) -> bool {
     path.starts_with(dir)
+}
+
+/// Fails with [`DiskError::DirMissing`] when the directory of `disk` is not visible to the
+/// agent (not mounted into it): the disk may well be there on the host.
+pub async fn dir_visible(disk: &Path) -> Result<(), DiskError> {
+    let Some(dir) = disk.parent() else {
+        return Ok(());
+    };
+    if tokio::fs::try_exists(dir)
+        .await
+        .map_err(io("look at", dir))?
+    {
+        return Ok(());
+    }
+    Err(DiskError::DirMissing {
+        dir: dir.display().to_string(),
+    })
 }
 
 /// Deletes the disk of the Desktop with UID `uid`, then its owner record. Refused for

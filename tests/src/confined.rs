@@ -150,6 +150,9 @@ pub fn command(
             "mkdir -p \"$r$(dirname {f})\"; touch \"$r\"{f}; mount --bind {f} \"$r\"{f}; mount -o remount,bind,ro \"$r\"{f}"
         ));
     }
+    // The root itself is read-only, as the chart's readOnlyRootFilesystem makes it: a write
+    // anywhere but the mounts fails here as it would in the pod.
+    script.push("mount -o remount,ro \"$r\"".into());
     script.push(format!(
         "exec chroot \"$r\" {} \"$@\"",
         quote(path_str(program)?)

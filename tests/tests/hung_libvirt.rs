@@ -157,7 +157,7 @@ async fn a_stopped_libvirtd_makes_the_host_unready_and_unschedulable_but_not_dea
         || async {
             let d = desktops.get("stuck").await?;
             Ok(condition_of(&d, DOMAIN_DEFINED)
-                .filter(|(s, r, _)| (s == "False" || s == "Unknown") && r == "DiskToolTimeout"))
+                .filter(|(s, r, _)| s == "Unknown" && r == "DiskToolTimeout"))
         },
     )
     .await?;

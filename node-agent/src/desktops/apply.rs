@@ -415,9 +415,12 @@ async fn prepare_disk<H>(
             Ok(())
         }
         Ok(Prepared::Existing) => Ok(()),
+        // A slow, busy or failing disk may come back by itself: retried with the backoff and
+        // shown once it keeps failing ([`super::failure`]), like any transient failure.
+        Err(e) if e.is_transient() => Err(Stop::Fail(e.into())),
         Err(e) => {
             let c = Cond::new(Status::False, Reason::of_disk(&e), e.to_string());
-            Err(Stop::Wait(c, lifecycle::resync(e.is_transient())))
+            Err(Stop::Wait(c, ADMIN_RESYNC))
         }
     }
 }

@@ -54,6 +54,31 @@ fn changes(kit: &Kit, from: usize) -> Vec<String> {
     kit.calls_since(from)
 }
 
+/// Runs [`failure::SHOW_AFTER`] passes of `d` that must each fail transiently, as the
+/// controller would (each failure counted and shown once it keeps coming back): `condition`
+/// is not written anew before the last. Returns the last failure.
+async fn retried_until_shown(kit: &Kit, d: &deskvirt_crds::Desktop, condition: &str) -> Error {
+    let mut last = None;
+    let before = last_condition(&kit.api, condition);
+    for attempt in 1..=failure::SHOW_AFTER {
+        let pass = apply(d, &kit.ctx).await;
+        let Err(err) = pass else {
+            panic!("pass {attempt} of a failing desktop passed: {pass:?}")
+        };
+        assert!(err.is_transient(), "{err}");
+        show_failure(d, &kit.ctx, &err).await;
+        if attempt < failure::SHOW_AFTER {
+            let shown = last_condition(&kit.api, condition);
+            assert_eq!(shown, before, "shown after {attempt} failures");
+        }
+        last = Some(err);
+    }
+    let Some(err) = last else {
+        panic!("no pass ran")
+    };
+    err
+}
+
 #[tokio::test]
 async fn a_nat_desktop_gets_its_lease_then_starts() {
     let mut kit = Kit::new();
@@ -192,6 +217,26 @@ async fn disk_base_image_missing_defines_nothing() {
 }
 
 #[tokio::test]
+async fn disk_io_failure_is_retried_with_backoff_then_shown_as_unknown() {
+    // A disk directory that cannot be used now (here: a file where the directory should be)
+    // may come back by itself: the pass fails transiently, so the controller's backoff and the
+    // failure count apply, and the Desktop shows it as Unknown (not a Failed desktop) once it
+    // keeps coming back. Nothing is defined meanwhile.
+    let kit = Kit::new();
+    let disks = kit.dir.0.join("disks");
+    let _ = std::fs::remove_dir_all(&disks);
+    std::fs::write(&disks, b"not a directory").unwrap_or_else(|e| panic!("{e}"));
+    let d = desktop();
+    let err = retried_until_shown(&kit, &d, DOMAIN_DEFINED).await;
+    assert_eq!(err.category(), "Disk");
+    let Some((s, r, _)) = last_condition(&kit.api, DOMAIN_DEFINED) else {
+        panic!("a disk failure that keeps coming back is not on the Desktop")
+    };
+    assert_eq!((s.as_str(), r.as_str()), ("Unknown", "DiskIoFailed"));
+    assert!(kit.hv.journal().is_empty(), "{:?}", kit.hv.journal());
+}
+
+#[tokio::test]
 async fn domain_of_another_uid_is_neither_defined_over_nor_touched() {
     let kit = Kit::new();
     kit.make_disk();
@@ -225,18 +270,7 @@ async fn define_fails_unclassified_is_retried_then_shown() {
     kit.make_disk();
     kit.hv.fail(Op::Define, failed());
     let d = desktop();
-    for attempt in 1..=failure::SHOW_AFTER {
-        let pass = apply(&d, &kit.ctx).await;
-        let Err(err) = pass else {
-            panic!("a transient define failure passed: {pass:?}")
-        };
-        assert!(err.is_transient());
-        show_failure(&d, &kit.ctx, &err).await;
-        let shown = last_condition(&kit.api, DOMAIN_DEFINED);
-        if attempt < failure::SHOW_AFTER {
-            assert_eq!(shown, None, "shown after {attempt} failures");
-        }
-    }
+    retried_until_shown(&kit, &d, DOMAIN_DEFINED).await;
     let Some((s, r, m)) = last_condition(&kit.api, DOMAIN_DEFINED) else {
         panic!("a failure that keeps coming back is not on the Desktop")
     };
@@ -416,6 +450,40 @@ async fn saved_memory_refused_by_libvirt_is_discarded_and_the_desktop_boots() {
             .event_reasons()
             .contains(&"SavedMemoryDiscarded".to_string())
     );
+}
+
+#[tokio::test]
+async fn saved_memory_that_cannot_be_read_now_is_kept_and_the_failure_shown() {
+    // No positive evidence that the image is stale: the memory stays, nothing starts, and the
+    // failure is retried and shown (Unknown, naming the way out) once it keeps coming back.
+    let kit = Kit::new();
+    kit.make_domain(DomainState::ShutOff, true).await;
+    kit.hv.fail(Op::SyncManagedSave, failed());
+    let before = kit.hv.journal().len();
+    let d = desktop();
+    retried_until_shown(&kit, &d, RUNNING).await;
+    let dom = kit.domain();
+    let changed = changes(&kit, before);
+    assert!(
+        changed.iter().all(|c| *c == format!("sync-save {dom}")),
+        "{changed:?}"
+    );
+    assert!(
+        !kit.api
+            .event_reasons()
+            .contains(&"SavedMemoryDiscarded".to_string())
+    );
+    let Some((s, _, m)) =
+        last_condition(&kit.api, RUNNING).or_else(|| last_condition(&kit.api, DOMAIN_DEFINED))
+    else {
+        panic!("the failure is not on the Desktop")
+    };
+    assert_eq!(s, "Unknown");
+    assert!(m.contains("managedsave-remove"), "{m}");
+    let Some(still) = kit.hv.domain(&dom) else {
+        panic!("the domain is gone")
+    };
+    assert!(still.managed_save, "the saved memory was dropped");
 }
 
 #[tokio::test]

@@ -168,9 +168,11 @@ async fn start<H: Hypervisor>(
 }
 
 /// Writes the domain's definition (SPICE port and password included) into its managed save
-/// image, so the restore matches what the Desktop's status says. When libvirt refuses (the
-/// guest ABI changed, the disks differ) or the image cannot be read, the image is discarded and
-/// the desktop boots from its disk; `Ok(false)` then. A lost connection is retried instead.
+/// image, so the restore matches what the Desktop's status says. Only libvirt's positive
+/// refusal (the guest ABI changed, the disks differ) discards the image, and the desktop boots
+/// from its disk; `Ok(false)` then. Any other failure, an image that cannot be read now among
+/// them, keeps the saved memory: the pass fails transiently (retried with backoff, shown on the
+/// Desktop once it keeps failing), naming the way out if the image can never be read.
 async fn prepare_restore<H: Hypervisor>(
     ctx: &DesktopContext<H>,
     d: &Desktop,
@@ -179,10 +181,26 @@ async fn prepare_restore<H: Hypervisor>(
     let image = ctx.config.managed_save_image(domain);
     match ctx.hypervisor.sync_managed_save(domain, &image).await {
         Ok(_) => Ok(true),
-        Err(e @ (HypervisorError::Rejected { .. } | HypervisorError::Failed { .. })) => {
+        Err(e @ HypervisorError::Rejected { .. }) => {
             discard_saved_memory(ctx, d, domain, &e.to_string()).await?;
             Ok(false)
         }
+        Err(HypervisorError::Failed {
+            op,
+            target,
+            message,
+        }) => Err(HypervisorError::Failed {
+            op,
+            target,
+            message: format!(
+                "{message}; the memory saved at suspend ({}) is kept and the desktop waits \
+                     for it. If it can never be read, `virsh managedsave-remove {domain}` on \
+                     host {} lets the desktop boot from its disk, losing what was only in memory",
+                image.display(),
+                ctx.config.node_name
+            ),
+        }
+        .into()),
         Err(e) => Err(e.into()),
     }
 }

@@ -59,6 +59,9 @@ pub enum Error {
     /// A libvirt call failed.
     #[error(transparent)]
     Hypervisor(#[from] crate::hypervisor::HypervisorError),
+    /// The desktop's disk could not be prepared, for a reason that may go away by itself.
+    #[error(transparent)]
+    Disk(#[from] crate::disks::DiskError),
     /// The Desktop object lacks a field every stored object has.
     #[error("desktop has no {0}")]
     MissingField(&'static str),
@@ -70,6 +73,7 @@ impl Error {
         match self {
             Self::Kube { .. } => "KubeApi",
             Self::Hypervisor(_) => "Libvirt",
+            Self::Disk(_) => "Disk",
             Self::MissingField(_) => "InvalidObject",
         }
     }
@@ -80,6 +84,7 @@ impl Error {
         match self {
             Self::Kube { source, .. } => kube_transient(source),
             Self::Hypervisor(e) => e.is_transient(),
+            Self::Disk(e) => e.is_transient(),
             Self::MissingField(_) => false,
         }
     }
@@ -89,6 +94,7 @@ impl Error {
         match self {
             Self::Kube { .. } => reason::Reason::KubeApiFailed,
             Self::Hypervisor(e) => <reason::Reason as reason::ReasonOf>::of_hypervisor(e),
+            Self::Disk(e) => <reason::Reason as reason::ReasonOf>::of_disk(e),
             Self::MissingField(_) => reason::Reason::InvalidObject,
         }
     }

@@ -24,6 +24,7 @@ impl ReasonOf for Reason {
             DiskError::Timeout { .. } => Self::DiskToolTimeout,
             DiskError::Io { .. } => Self::DiskIoFailed,
             DiskError::InUse { .. } => Self::DiskInUse,
+            DiskError::DirMissing { .. } => Self::DiskDirMissing,
             DiskError::Protected { .. } => Self::DiskProtected,
             DiskError::NotOurs { .. } => Self::DiskNotOurs,
             DiskError::UnsafePath { .. } => Self::UnsafePath,

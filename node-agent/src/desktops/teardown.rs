@@ -87,6 +87,12 @@ pub async fn teardown<H: Hypervisor>(
                 }
             }
             hv.destroy_domain(domain).await?;
+            // A disk its definition names in a directory the agent cannot see (a pool
+            // `diskDir` not mounted into it): the definition, the only record of that disk,
+            // stays until the directory is visible, and the failure shows on the Desktop.
+            for (path, _) in candidates.iter().filter(|(_, named)| **named) {
+                disks::dir_visible(path).await?;
+            }
             hv.undefine_domain(domain).await?;
             tracing::info!(domain = %domain, "domain destroyed and undefined");
         }

@@ -213,3 +213,32 @@ async fn unrecorded_disk_without_its_domain_is_kept() {
     assert!(kit.disk().exists(), "nobody can prove it is this desktop's");
     assert!(kit.api.event_reasons().contains(&"DiskKept".to_string()));
 }
+
+#[tokio::test]
+async fn disk_dir_not_visible_keeps_the_definition_and_the_finalizer() {
+    // The pool's diskDir is not mounted into the agent: the disk its domain names may well be
+    // on the host. The domain is stopped, but its definition (the only record of that disk)
+    // and the finalizer stay, and the failure is permanent (shown at once), until the
+    // directory is visible; then the next pass finishes the job.
+    let kit = Kit::new();
+    kit.make_domain(DomainState::Running, false).await;
+    let disks = kit.dir.0.join("disks");
+    let hidden = kit.dir.0.join("disks-hidden");
+    std::fs::rename(&disks, &hidden).unwrap_or_else(|e| panic!("{e}"));
+    let before = kit.hv.journal().len();
+    let pass = teardown(&deleted(desktop()), &kit.ctx).await;
+    let Err(err) = pass else {
+        panic!("a teardown that cannot see the disk passed: {pass:?}")
+    };
+    assert!(!err.is_transient(), "{err}");
+    assert_eq!(err.reason().as_str(), "DiskDirMissing");
+    let dom = kit.domain();
+    assert_eq!(kit.calls_since(before), [format!("destroy {dom}")]);
+    assert!(kit.hv.domain(&dom).is_some(), "the definition is kept");
+    assert!(!released(&kit));
+    std::fs::rename(&hidden, &disks).unwrap_or_else(|e| panic!("{e}"));
+    torn_down(&kit, &deleted(desktop())).await;
+    assert!(kit.hv.domain(&dom).is_none());
+    assert!(!kit.disk().exists(), "disk deleted");
+    assert!(released(&kit));
+}
