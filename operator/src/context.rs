@@ -106,6 +106,43 @@ impl Stores {
         (stores, drive)
     }
 
+    /// Caches that hold exactly these objects, and nothing else (for tests of the passes'
+    /// decisions, with no API server).
+    #[cfg(test)]
+    pub(crate) fn holding(
+        pools: Vec<ResourcePool>,
+        nodes: Vec<DomainNode>,
+        desktops: Vec<Desktop>,
+        console_namespace: &str,
+    ) -> Self {
+        fn store<K>(objects: Vec<K>) -> Store<K>
+        where
+            K: kube::Resource + Clone + std::fmt::Debug + Send + Sync + 'static,
+            K::DynamicType: Default + Eq + std::hash::Hash + Clone,
+        {
+            let (store, mut writer) = kube::runtime::reflector::store::<K>();
+            for o in objects {
+                writer.apply_watcher_event(&watcher::Event::Apply(o));
+            }
+            store
+        }
+        let charges = Charges::default();
+        for d in &desktops {
+            charges.desktop_touched(d);
+        }
+        Self {
+            pools: store(pools),
+            nodes: store(nodes),
+            desktops: store(desktops),
+            leases: store(vec![]),
+            mirrors: store(vec![]),
+            console: console_namespace.to_string(),
+            namespaces: store(vec![]),
+            quotas: store(vec![]),
+            charges,
+        }
+    }
+
     /// Waits until every store has its first full list.
     pub async fn ready(&self) -> bool {
         self.pools.wait_until_ready().await.is_ok()

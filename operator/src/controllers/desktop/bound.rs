@@ -55,38 +55,43 @@ pub(super) struct Seen<'p> {
 
 impl<'p> Seen<'p> {
     fn observe(pass: &'p Pass<'_>, node: &str) -> Self {
-        let status = pass.d.status.clone().unwrap_or_default();
+        Self::of(&pass.d, &pass.uid, node, pass.now)
+    }
+
+    /// What a pass at `now` over `d` (UID `uid`), bound to `node`, decides on.
+    pub(super) fn of(d: &'p Desktop, uid: &'p str, node: &str, now: Timestamp) -> Self {
+        let status = d.status.clone().unwrap_or_default();
         Self {
-            d: &pass.d,
-            uid: &pass.uid,
+            d,
+            uid,
             node: node.to_string(),
-            now: pass.now,
+            now,
             current: Owned::from_status(&status),
             status,
-            holds: holds_resources(&pass.d),
+            holds: holds_resources(d),
         }
     }
 }
 
 /// Everything a bound desktop's pass will do, decided at once.
-struct Plan {
+pub(super) struct Plan {
     /// The operator's part of the status, but for what becomes of the console Secret.
-    want: Owned,
+    pub want: Owned,
     /// The host the writes are about: the bound one, or the one a woken desktop moves to.
-    host: String,
+    pub host: String,
     /// The host a woken desktop moves to (its node label changes before the status).
-    moved_to: Option<String>,
+    pub moved_to: Option<String>,
     /// The idle policy deletes the Desktop (the Warning's note); nothing else is written.
-    delete: Option<String>,
+    pub delete: Option<String>,
     /// A change of the ledger to tell.
-    told: Option<Told>,
-    idle: idle::Plan,
+    pub told: Option<Told>,
+    pub idle: idle::Plan,
     /// The SPICE port the host found taken, and the one the desktop moves to.
-    moved_port: Option<(u16, u16)>,
+    pub moved_port: Option<(u16, u16)>,
     /// Warnings about the size or the pool, due when the status is written.
-    warnings: Vec<size::Warning>,
+    pub warnings: Vec<size::Warning>,
     /// Why the phase is what it is (the phase Event's note).
-    phase_note: String,
+    pub phase_note: String,
 }
 
 /// Longest wait between two passes over a bound desktop.
@@ -110,7 +115,7 @@ pub(super) async fn bound(pass: &Pass<'_>, node: &str) -> Result<Action, Error> 
 }
 
 /// Decides the whole pass, in the ledger transaction; reads only the caches.
-fn plan(seen: &Seen<'_>, ctx: &Context, txn: &mut Txn<'_>) -> Plan {
+pub(super) fn plan(seen: &Seen<'_>, ctx: &Context, txn: &mut Txn<'_>) -> Plan {
     let (d, now) = (seen.d, seen.now);
     let gen_ = d.metadata.generation;
     let mut want = seen.current.clone();

@@ -7,6 +7,8 @@ mod admit;
 mod apply;
 mod bind;
 mod bound;
+#[cfg(test)]
+mod bound_tests;
 mod busy_port;
 mod cleanup;
 mod console;

@@ -1,0 +1,182 @@
+//! The bound pass's plan ([`super::bound`]) decided from plain caches, without an API server:
+//! what it allocates in the ledger transaction, what the status will say, and what a failed
+//! commit gives back. Each test is named after the branch it covers.
+
+use std::time::{Duration, Instant};
+
+use deskvirt_crds::ResourcePool;
+use deskvirt_crds::desktop::Desktop;
+use k8s_openapi::jiff::Timestamp;
+use serde_json::json;
+use tokio::sync::watch;
+
+use super::bound::{Seen, plan};
+use super::txn::Txn;
+use crate::context::{Context, Ledgers, Namespaces, Stores};
+use crate::fence::{self, Fence, Fenced};
+use crate::metrics::Metrics;
+
+const UID: &str = "0000-a";
+
+/// A client that answers nothing: the plan must not call the API.
+fn no_api() -> kube::Client {
+    let service = tower::service_fn(|_req: http::Request<kube::client::Body>| async {
+        Err::<http::Response<kube::client::Body>, _>(std::io::Error::other(
+            "the plan called the API",
+        ))
+    });
+    kube::Client::new(service, "default")
+}
+
+fn pool() -> ResourcePool {
+    serde_json::from_value(json!({
+        "apiVersion": "deskvirt.io/v1alpha1", "kind": "ResourcePool",
+        "metadata": {"name": "p", "uid": "pool-uid", "creationTimestamp": "2026-01-01T00:00:00Z"},
+        "spec": {"nodeSelector": {}}
+    }))
+    .unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// Desktop `ns/a` bound to `h1` with SPICE port `port`, its size recorded.
+fn bound(port: u16) -> Desktop {
+    serde_json::from_value(json!({
+        "apiVersion": "deskvirt.io/v1alpha1", "kind": "Desktop",
+        "metadata": {"name": "a", "namespace": "ns", "uid": UID, "resourceVersion": "7",
+                     "generation": 1, "creationTimestamp": "2026-01-01T00:00:00Z"},
+        "spec": {"pool": "p", "cpu": 1, "memory": "1Gi", "disk": {"image": "i.qcow2"}},
+        "status": {
+            "node": "h1", "mac": "52:54:00:00:00:07",
+            "spice": {"port": port},
+            "allocation": {"pool": "p", "cpu": 1, "memory": "1Gi"}
+        }
+    }))
+    .unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// The host says another process listens on `port`.
+fn port_busy(mut d: Desktop, port: u16) -> Desktop {
+    let c = deskvirt_crds::conditions::condition(
+        &[],
+        deskvirt_crds::constants::condition::RUNNING,
+        deskvirt_crds::conditions::Status::False,
+        "SpicePortBusy",
+        deskvirt_core::spice::busy_message(port, "qemu"),
+        Some(1),
+        Timestamp::UNIX_EPOCH,
+    );
+    if let Some(st) = d.status.as_mut() {
+        st.conditions.push(c);
+    }
+    d
+}
+
+/// An operator context over these caches, with no API server behind it.
+fn context(desktops: Vec<Desktop>) -> Context {
+    let stores = Stores::holding(vec![pool()], vec![], desktops, "consoles");
+    let (_tx, leader) = watch::channel(true);
+    Context::new(
+        no_api(),
+        "test",
+        Metrics::register(&mut Default::default()),
+        Namespaces {
+            system: "system".into(),
+            console: "consoles".into(),
+            users: Default::default(),
+        },
+        Duration::from_secs(30),
+        leader,
+        stores,
+    )
+}
+
+/// A fence that holds for a minute.
+fn holding() -> Fence {
+    let f = Fence::default();
+    f.renewed(Instant::now(), Duration::from_secs(60));
+    f
+}
+
+#[tokio::test]
+async fn port_reported_busy_moves_in_the_transaction_and_is_kept_from_everyone() {
+    let d = port_busy(bound(5900), 5900);
+    let ctx = context(vec![d.clone()]);
+    *ctx.ledgers.lock().await = Ledgers::fresh();
+    let seen = Seen::of(&d, UID, "h1", Timestamp::now());
+    let (p, undo) = fence::scope(holding(), async {
+        let mut ledgers = ctx.ledgers.lock().await;
+        let mut txn = Txn::begin(&mut ledgers, &ctx.stores, "p")?;
+        let p = plan(&seen, &ctx, &mut txn);
+        Ok::<_, Fenced>((p, txn.finish()))
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
+    let moved = p.moved_port.unwrap_or_else(|| panic!("no move planned"));
+    assert_eq!(moved.0, 5900);
+    assert_ne!(moved.1, 5900);
+    assert_eq!(p.want.port, Some(moved.1), "the status names the new port");
+    assert_eq!(p.want.node.as_deref(), Some("h1"), "the host is kept");
+    let ledgers = ctx.ledgers.lock().await;
+    let Some(l) = ledgers.get("p") else {
+        panic!("no ledger")
+    };
+    assert_eq!(l.port_of(UID), Some(("h1", moved.1)));
+    assert_eq!(
+        l.ports_taken("h1"),
+        1,
+        "the busy port is held from every desktop"
+    );
+    drop(ledgers);
+    // Nothing was reserved that a failed commit must give back: the move stays.
+    undo.rollback(&ctx, UID).await;
+    let ledgers = ctx.ledgers.lock().await;
+    assert_eq!(
+        ledgers
+            .get("p")
+            .and_then(|l| l.port_of(UID))
+            .map(|(_, p)| p),
+        Some(moved.1)
+    );
+}
+
+#[tokio::test]
+async fn a_binding_the_ledger_lost_is_adopted_and_the_status_unchanged() {
+    let d = bound(5905);
+    let ctx = context(vec![d.clone()]);
+    *ctx.ledgers.lock().await = Ledgers::fresh();
+    let seen = Seen::of(&d, UID, "h1", Timestamp::now());
+    let p = fence::scope(holding(), async {
+        let mut ledgers = ctx.ledgers.lock().await;
+        let mut txn = Txn::begin(&mut ledgers, &ctx.stores, "p")?;
+        Ok::<_, Fenced>(plan(&seen, &ctx, &mut txn))
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        (p.want.port, p.want.mac.as_deref()),
+        (Some(5905), Some("52:54:00:00:00:07"))
+    );
+    assert!(p.moved_port.is_none() && p.delete.is_none() && p.moved_to.is_none());
+    let ledgers = ctx.ledgers.lock().await;
+    assert!(
+        ledgers
+            .get("p")
+            .is_some_and(|l| l.holds(UID, "h1", 5905, "52:54:00:00:00:07"))
+    );
+}
+
+#[tokio::test]
+async fn a_lapsed_fence_opens_no_transaction() {
+    let d = port_busy(bound(5900), 5900);
+    let ctx = context(vec![d.clone()]);
+    *ctx.ledgers.lock().await = Ledgers::fresh();
+    let opened = fence::scope(Fence::default(), async {
+        let mut ledgers = ctx.ledgers.lock().await;
+        Txn::begin(&mut ledgers, &ctx.stores, "p").map(|_| ())
+    })
+    .await;
+    assert_eq!(opened, Err(Fenced::Lapsed));
+    assert!(
+        ctx.ledgers.lock().await.get("p").is_none(),
+        "nothing was built or allocated"
+    );
+}
