@@ -530,6 +530,20 @@ mod tests {
         assert!(!owner_path(&disk).exists() && !disk.exists());
     }
 
+    #[test]
+    fn a_copy_gets_the_long_deadline_and_metadata_calls_the_short_one() {
+        // The process's deadlines, set once at startup (longer than the defaults, so no other
+        // test's qemu-img run is cut short by them).
+        set_deadlines(QemuImgDeadlines {
+            quick: Duration::from_secs(61),
+            copy: Duration::from_secs(1801),
+        });
+        assert_eq!(deadline("convert"), Duration::from_secs(1801));
+        for op in ["info", "create", "resize"] {
+            assert_eq!(deadline(op), Duration::from_secs(61), "{op}");
+        }
+    }
+
     #[tokio::test]
     async fn a_hanging_qemu_img_is_killed_at_its_deadline() -> Result<(), Box<dyn std::error::Error>>
     {

@@ -911,3 +911,56 @@ async fn requeue_running_at_the_activity_interval_blocked_at_an_admins_pace() {
         "DiskDirMissing needs an admin"
     );
 }
+
+/// The `runningSize` each status written since the `from`th reports.
+fn running_sizes(kit: &Kit, from: usize) -> Vec<serde_json::Value> {
+    kit.api.statuses()[from..]
+        .iter()
+        .map(|s| s["runningSize"].clone())
+        .collect()
+}
+
+#[tokio::test]
+async fn running_size_is_what_runs_observed_started_or_left_to_a_restore() {
+    // What the host is charged follows what runs. The spec now asks 2 vCPUs; domains made
+    // before run with 1.
+    let mut d = desktop();
+    d.spec.cpu = 2;
+    let one = serde_json::json!({"cpu": 1, "memory": "1Gi"});
+    let two = serde_json::json!({"cpu": 2, "memory": "1Gi"});
+
+    // Running: the size it runs with, observed, not the spec's.
+    let kit = Kit::new();
+    kit.make_domain(DomainState::Running, false).await;
+    let n = kit.api.statuses().len();
+    passes(&kit, &d).await;
+    assert_eq!(running_sizes(&kit, n), [one]);
+
+    // Started from its definition now: the definition's size.
+    let kit = Kit::new();
+    kit.make_domain(DomainState::ShutOff, false).await;
+    let n = kit.api.statuses().len();
+    passes(&kit, &d).await;
+    assert_eq!(running_sizes(&kit, n), std::slice::from_ref(&two));
+
+    // Defined and started for the first time: the definition's size.
+    let kit = Kit::new();
+    kit.make_disk();
+    passes(&kit, &d).await;
+    assert_eq!(running_sizes(&kit, 0), [two]);
+
+    // Restored from saved memory: the saved size, read from the domain on the next pass.
+    let kit = Kit::new();
+    kit.make_domain(DomainState::ShutOff, true).await;
+    let n = kit.api.statuses().len();
+    passes(&kit, &d).await;
+    assert_eq!(running_sizes(&kit, n), [serde_json::Value::Null]);
+
+    // Defined but not started (power Off): nothing runs.
+    let kit = Kit::new();
+    kit.make_disk();
+    let mut off = d.clone();
+    off.spec.power = Power::Off;
+    passes(&kit, &off).await;
+    assert_eq!(running_sizes(&kit, 0), [serde_json::Value::Null]);
+}
