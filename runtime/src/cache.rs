@@ -147,6 +147,28 @@ where
     Controller::for_stream(keyed, store)
 }
 
+/// [`controller_keyed`] with each object's wake-ups throttled to one per `window`
+/// ([`crate::throttle::throttled`]): the first change of a burst wakes the controller at once,
+/// the latest of the rest at the window's end. For objects another party rewrites in bursts
+/// (a host's report after each domain it starts) whose reconcile need not follow every one.
+pub fn controller_keyed_throttled<K, P>(
+    api: Api<K>,
+    config: watcher::Config,
+    key: P,
+    window: std::time::Duration,
+) -> Controller<K>
+where
+    K: Cached,
+    P: Fn(&K) -> Option<u64> + Send + 'static,
+{
+    let (store, objects) = controlled(api, config);
+    let keyed = objects.predicate_filter(key, PredicateConfig::default());
+    let paced = crate::throttle::throttled(keyed, window, |o: &K| {
+        o.meta().uid.clone().or_else(|| o.meta().name.clone())
+    });
+    Controller::for_stream(paced, store)
+}
+
 /// The objects of `api` filtered by `config` that `wanted` keeps, and every deleted one, for a
 /// secondary watch: a change the woken objects do not read (a status write, say, or a write the
 /// operator made itself) then wakes none of them. `wanted` sees each added or changed object,

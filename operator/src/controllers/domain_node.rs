@@ -54,18 +54,22 @@ pub async fn run(ctx: Arc<Context>, selector: String, stop: watch::Receiver<bool
     let cfg = watch_config(&selector);
     let stores = ctx.stores.clone();
     let pool_stores = ctx.stores.clone();
-    let controller = deskvirt_runtime::cache::controller_keyed(
+    let controller = deskvirt_runtime::cache::controller_keyed_throttled(
         Api::<DomainNode>::all(client.clone()),
         cfg.clone(),
         node_key,
-        |_| false,
+        HOST_WAKES,
     )
     .watches(
         Api::<Lease>::namespaced(client.clone(), &ctx.namespace),
         watcher::Config::default(),
         move |lease| {
+            // A renewal of a Ready host's heartbeat changes nothing the pass decides: its pass
+            // is already due when the Lease it read expires. A host shown not Ready is woken
+            // at once, so its recovery shows without waiting for that.
             stores
                 .node(&lease.name_any())
+                .filter(|n| !shown_ready(n))
                 .map(|n| ObjectRef::from_obj(n.as_ref()))
         },
     )
@@ -109,6 +113,19 @@ pub async fn run(ctx: Arc<Context>, selector: String, stop: watch::Receiver<bool
 /// pool, subnet and allocatable, `Ready` and `Schedulable`): the pass that wrote them acted on
 /// what it knew. Anyone else's change of those is set right by the pass the host's next
 /// heartbeat wakes.
+/// At most one pass per host per this window for changes of the host itself (the agent's
+/// report after each domain it starts or stops): the first change of a burst passes at once,
+/// the latest at the window's end. Placement never reads what this pass writes (it counts the
+/// charge index), so only the shown allocatable lags, by at most this.
+const HOST_WAKES: Duration = Duration::from_secs(2);
+
+/// Whether the host's status shows `Ready=True`.
+fn shown_ready(n: &DomainNode) -> bool {
+    n.status
+        .as_ref()
+        .is_some_and(|s| deskvirt_crds::conditions::is_true(&s.conditions, READY))
+}
+
 fn node_key(n: &DomainNode) -> Option<u64> {
     let v = serde_json::to_value(n).ok()?;
     Some(key_without(
