@@ -174,6 +174,7 @@ impl AgentReason {
                 | Self::DiskPreparationFailed
                 | Self::DiskToolTimeout
                 | Self::DiskIoFailed
+                | Self::DiskInUse
                 | Self::DiskNotOurs
                 | Self::DiskDirMissing
                 | Self::SavedMemoryUnreadable

@@ -50,7 +50,9 @@ pub enum DiskError {
     #[error(
         "the disk directory {dir} is not visible to the node-agent (the chart mounts \
          nodeAgent.diskDir, which must be the pool's storage.diskDir); nothing is made or \
-         deleted there until it is"
+         deleted there until it is. If the directory is gone for good, undefining the \
+         desktop's domain by hand (virsh undefine) lets its deletion finish, leaving any disk \
+         there behind"
     )]
     DirMissing { dir: String },
     /// The path is a base image (or inside the image directory); never deleted.

@@ -109,10 +109,6 @@ pub async fn run(ctx: Arc<Context>, selector: String, stop: watch::Receiver<bool
     drive(NAME, controller, stop).await;
 }
 
-/// A host as its own pass cares, hashed: all of it but what the operator writes itself (the
-/// pool, subnet and allocatable, `Ready` and `Schedulable`): the pass that wrote them acted on
-/// what it knew. Anyone else's change of those is set right by the pass the host's next
-/// heartbeat wakes.
 /// At most one pass per host per this window for changes of the host itself (the agent's
 /// report after each domain it starts or stops): the first change of a burst passes at once,
 /// the latest at the window's end. Placement never reads what this pass writes (it counts the
@@ -126,6 +122,10 @@ fn shown_ready(n: &DomainNode) -> bool {
         .is_some_and(|s| deskvirt_crds::conditions::is_true(&s.conditions, READY))
 }
 
+/// A host as its own pass cares, hashed: all of it but what the operator writes itself (the
+/// pool, subnet and allocatable, `Ready` and `Schedulable`): the pass that wrote them acted on
+/// what it knew. Anyone else's change of those is set right by the host's next pass: at its
+/// heartbeat Lease's expiry at the latest, or at once for a host not shown Ready.
 fn node_key(n: &DomainNode) -> Option<u64> {
     let v = serde_json::to_value(n).ok()?;
     Some(key_without(

@@ -31,7 +31,7 @@ pub(super) fn move_off(seen: &Seen<'_>, txn: &mut Txn<'_>, want: &mut Owned) -> 
     if !seen.holds {
         return None;
     }
-    match txn.ledger()?.move_port(uid, node, busy) {
+    match txn.existing()?.move_port(uid, node, busy) {
         Ok(Some(port)) => {
             want.port = Some(port);
             Some((busy, port))

@@ -118,7 +118,7 @@ pub(super) fn settle(
     let running = running_size(d);
     // The transaction holds the ledger of the pool the desktop is bound in (`alloc.pool`).
     if admitted == wanted
-        && let Some(l) = txn.ledger()
+        && let Some(l) = txn.existing()
     {
         // Recorded as asked (or reverted): whatever the ledger admitted no longer counts.
         l.size_settled(uid);

@@ -76,6 +76,16 @@ impl<'a> Txn<'a> {
         self.ledgers.get_mut(&self.pool_name)
     }
 
+    /// The pool's ledger as it stands, also while the pool's allocation settings are
+    /// rejected (it keeps the last accepted ones): for what only follows what the host
+    /// reported or the status recorded (a busy port moved, a resize settled).
+    pub fn existing(&mut self) -> Option<&mut Ledger> {
+        if self.closed == Some(Closed::NotReady) {
+            return None;
+        }
+        self.ledgers.get_mut(&self.pool_name)
+    }
+
     /// All the pools' ledgers (for the rebind records).
     pub fn ledgers(&mut self) -> &mut Ledgers {
         self.ledgers
