@@ -26,6 +26,7 @@ use super::txn::{Txn, Undo};
 use super::{Error, Pass, busy_port, keep, size};
 use crate::console::user::Outcome;
 use crate::context::Context;
+use crate::fence::Fenced;
 use crate::idle::holds_resources;
 
 /// An Event a plan makes due: type, reason, action, note.
@@ -105,17 +106,21 @@ pub(super) async fn bound(pass: &Pass<'_>, node: &str) -> Result<Action, Error> 
     let ctx = pass.ctx;
     ctx.forget_binding(&pass.uid);
     let seen = Seen::observe(pass, node);
-    let (plan, undo) = {
-        let mut ledgers = ctx.ledgers.lock().await;
-        let mut txn = Txn::begin(&mut ledgers, &ctx.stores, pass.d.pool())?;
-        let plan = plan(&seen, ctx, &mut txn);
-        (plan, txn.finish())
-    };
+    let (plan, undo) = decide(&seen, ctx).await?;
     commit(pass, &seen, plan, undo).await
 }
 
+/// Plans the pass in one ledger transaction on the desktop's pool: the plan, and what a failed
+/// commit gives back. Refused when the fence lapsed while waiting for the lock.
+pub(super) async fn decide(seen: &Seen<'_>, ctx: &Context) -> Result<(Plan, Undo), Fenced> {
+    let mut ledgers = ctx.ledgers.lock().await;
+    let mut txn = Txn::begin(&mut ledgers, &ctx.stores, seen.d.pool())?;
+    let plan = plan(seen, ctx, &mut txn);
+    Ok((plan, txn.finish()))
+}
+
 /// Decides the whole pass, in the ledger transaction; reads only the caches.
-pub(super) fn plan(seen: &Seen<'_>, ctx: &Context, txn: &mut Txn<'_>) -> Plan {
+fn plan(seen: &Seen<'_>, ctx: &Context, txn: &mut Txn<'_>) -> Plan {
     let (d, now) = (seen.d, seen.now);
     let gen_ = d.metadata.generation;
     let mut want = seen.current.clone();

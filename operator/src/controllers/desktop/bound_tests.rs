@@ -10,7 +10,7 @@ use k8s_openapi::jiff::Timestamp;
 use serde_json::json;
 use tokio::sync::watch;
 
-use super::bound::{Seen, plan};
+use super::bound::{Seen, decide};
 use super::txn::Txn;
 use crate::context::{Context, Ledgers, Namespaces, Stores};
 use crate::fence::{self, Fence, Fenced};
@@ -102,14 +102,9 @@ async fn port_reported_busy_moves_in_the_transaction_and_is_kept_from_everyone()
     let ctx = context(vec![d.clone()]);
     *ctx.ledgers.lock().await = Ledgers::fresh();
     let seen = Seen::of(&d, UID, "h1", Timestamp::now());
-    let (p, undo) = fence::scope(holding(), async {
-        let mut ledgers = ctx.ledgers.lock().await;
-        let mut txn = Txn::begin(&mut ledgers, &ctx.stores, "p")?;
-        let p = plan(&seen, &ctx, &mut txn);
-        Ok::<_, Fenced>((p, txn.finish()))
-    })
-    .await
-    .unwrap_or_else(|e| panic!("{e}"));
+    let (p, undo) = fence::scope(holding(), decide(&seen, &ctx))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
     let moved = p.moved_port.unwrap_or_else(|| panic!("no move planned"));
     assert_eq!(moved.0, 5900);
     assert_ne!(moved.1, 5900);
@@ -144,13 +139,9 @@ async fn a_binding_the_ledger_lost_is_adopted_and_the_status_unchanged() {
     let ctx = context(vec![d.clone()]);
     *ctx.ledgers.lock().await = Ledgers::fresh();
     let seen = Seen::of(&d, UID, "h1", Timestamp::now());
-    let p = fence::scope(holding(), async {
-        let mut ledgers = ctx.ledgers.lock().await;
-        let mut txn = Txn::begin(&mut ledgers, &ctx.stores, "p")?;
-        Ok::<_, Fenced>(plan(&seen, &ctx, &mut txn))
-    })
-    .await
-    .unwrap_or_else(|e| panic!("{e}"));
+    let (p, _) = fence::scope(holding(), decide(&seen, &ctx))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(
         (p.want.port, p.want.mac.as_deref()),
         (Some(5905), Some("52:54:00:00:00:07"))
