@@ -116,7 +116,7 @@ pub struct DomainNodeStatus {
     /// QEMU version, such as 7.2.0 (agent).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hypervisor_version: Option<String>,
-    /// Domains on the host (agent).
+    /// Domains on the host (agent; a change of the counts alone is reported within 30 s).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub domains: Option<DomainCounts>,
     /// Kernel samepage merging savings (agent).

@@ -1,6 +1,7 @@
 //! Keeps the DomainNode up to date: polls libvirt (connection and domain counts) every few
 //! seconds, re-reads host facts periodically and whenever the connection changes, and applies
-//! the agent's status only when it differs in more than timestamps (or has gone stale). Never
+//! the agent's status only when it differs in more than timestamps (or has gone stale; a change
+//! of the domain counts alone at most every 30 s). Never
 //! changes any domain. Every libvirt and API call of a round has a deadline, so a round always
 //! ends and ticks the loop's liveness beat, even while libvirt hangs.
 
@@ -25,6 +26,11 @@ use crate::registration::{Owner, Registrar};
 pub const POLL_INTERVAL: Duration = Duration::from_secs(5);
 /// A report is re-applied at least this often, even when nothing changed.
 pub const MAX_REPORT_AGE: Duration = Duration::from_secs(600);
+/// A change of the domain counts alone is applied at most this often: they change with every
+/// domain started or stopped (40 in a minute when a class begins), nothing decides on them, and
+/// each write of the host's status is one more API call and one more watch event for every
+/// watcher of hosts.
+pub const COUNTS_EVERY: Duration = Duration::from_secs(30);
 
 /// What the inventory loop reports.
 #[derive(Debug, Clone)]
@@ -203,10 +209,11 @@ async fn publish(
         state.applied_owner = Some(owner);
     }
     let status = agent_status(&state.observation, &state.conditions, Timestamp::now());
-    let fresh = state.published.as_ref().is_some_and(|(last, at)| {
-        !differs(last, &status) && now.duration_since(*at) < MAX_REPORT_AGE
-    });
-    if fresh {
+    let last = state
+        .published
+        .as_ref()
+        .map(|(last, at)| (last, now.duration_since(*at)));
+    if !report_due(last, &status) {
         return Ok(());
     }
     match registrar.apply_status(&status).await {
@@ -225,6 +232,27 @@ async fn publish(
     }
 }
 
+/// Whether `status` is to be applied, over `last` applied that long ago (`None`: nothing applied
+/// yet): when anything but the timestamps changed, except a change of the domain counts alone,
+/// which waits until [`COUNTS_EVERY`] has passed since the last write; and every
+/// [`MAX_REPORT_AGE`] in any case.
+fn report_due(last: Option<(&DomainNodeStatus, Duration)>, status: &DomainNodeStatus) -> bool {
+    let Some((last, age)) = last else {
+        return true;
+    };
+    if age >= MAX_REPORT_AGE {
+        return true;
+    }
+    if !differs(last, status) {
+        return false;
+    }
+    let counts_as_before = DomainNodeStatus {
+        domains: last.domains,
+        ..status.clone()
+    };
+    differs(last, &counts_as_before) || age >= COUNTS_EVERY
+}
+
 /// Whether the object carries the owner reference to `owner` (trivially true without one).
 fn has_owner(dn: &DomainNode, owner: Option<&Owner>) -> bool {
     owner.is_none_or(|o| {
@@ -234,4 +262,52 @@ fn has_owner(dn: &DomainNode, owner: Option<&Owner>) -> bool {
             .flatten()
             .any(|r| r.uid == o.uid && r.kind == "Node")
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn counted(running: u32) -> DomainNodeStatus {
+        DomainNodeStatus {
+            memory: Some("8Gi".into()),
+            domains: Some(DomainCounts {
+                defined: running,
+                running,
+            }),
+            ..DomainNodeStatus::default()
+        }
+    }
+
+    #[test]
+    fn a_change_of_the_domain_counts_alone_waits_for_its_period() {
+        let s = Duration::from_secs;
+        assert!(report_due(None, &counted(0)), "the first report");
+        let last = counted(1);
+        assert!(!report_due(Some((&last, s(1))), &counted(1)), "nothing new");
+        assert!(
+            !report_due(Some((&last, s(5))), &counted(2)),
+            "counts alone, soon"
+        );
+        assert!(
+            report_due(Some((&last, COUNTS_EVERY)), &counted(2)),
+            "counts, due"
+        );
+        // Anything else goes at once, with the counts it has.
+        let mut facts = counted(2);
+        facts.memory = Some("16Gi".into());
+        assert!(report_due(Some((&last, s(1))), &facts));
+        let mut stamped = counted(1);
+        stamped.last_report_time = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+            Timestamp::UNIX_EPOCH,
+        ));
+        assert!(
+            !report_due(Some((&last, s(1))), &stamped),
+            "a timestamp alone"
+        );
+        assert!(
+            report_due(Some((&last, MAX_REPORT_AGE)), &counted(1)),
+            "too old"
+        );
+    }
 }

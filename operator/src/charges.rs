@@ -13,6 +13,7 @@ use deskvirt_crds::constants::CONSOLE_MIRROR_PREFIX;
 use deskvirt_crds::domain_node::OrphanDomain;
 use k8s_openapi::api::core::v1::Secret;
 use kube::runtime::reflector::ObjectRef;
+use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender};
 
 use crate::context::Ledgers;
 use crate::scheduler::{Request, Usage};
@@ -32,6 +33,8 @@ struct State {
     refs: HashMap<String, ObjectRef<Desktop>>,
     /// The ledgers (by [`Ledgers::epoch`]) the charges were last counted with.
     epoch: Option<u64>,
+    /// Where a host whose pinned CPUs may have changed is named, once someone listens.
+    pinned: Option<UnboundedSender<String>>,
 }
 
 impl Charges {
@@ -46,14 +49,40 @@ impl Charges {
         s
     }
 
-    /// The desktop watch added, changed or deleted `d`.
+    /// The desktop watch added, changed or deleted `d`. A desktop with dedicated CPUs names the
+    /// host it is bound to and the one it was last charged to ([`Self::pinned_changes`]).
     pub fn desktop_touched(&self, d: &Desktop) {
         let Some(uid) = d.metadata.uid.clone() else {
             return;
         };
         let mut s = self.state();
+        if let Some(tx) = &s.pinned {
+            let charged = s.index.charge_of(&uid).filter(|(_, r)| r.dedicated_cpus);
+            let bound = d
+                .spec
+                .performance
+                .dedicated_cpus
+                .then(|| d.status.as_ref()?.node.as_deref());
+            for host in [charged.map(|(h, _)| h), bound.flatten()]
+                .into_iter()
+                .flatten()
+            {
+                // Nobody listens any more: the operator is stopping.
+                let _ = tx.send(host.to_string());
+            }
+        }
         s.refs.insert(uid.clone(), ObjectRef::from_obj(d));
         s.dirty.insert(uid);
+    }
+
+    /// The hosts whose pinned CPUs a desktop watch event may have changed (a desktop with
+    /// dedicated CPUs bound, moved, resized or gone), by name, from now on: the threads a host
+    /// still has free for pinning are shown in its status, and nothing else of the host's own
+    /// object changes when they do. Only the latest receiver is told.
+    pub fn pinned_changes(&self) -> UnboundedReceiver<String> {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        self.state().pinned = Some(tx);
+        rx
     }
 
     /// The mirror watch added, changed or deleted `mirror`: its desktop's binding may now be
@@ -182,6 +211,33 @@ mod tests {
             "u{i}"
         )));
         s
+    }
+
+    #[test]
+    fn a_pinned_desktop_names_the_host_it_is_bound_to_and_the_one_it_was_charged_to() {
+        let charges = Charges::default();
+        let mut rx = charges.pinned_changes();
+        let mut drained = || std::iter::from_fn(|| rx.try_recv().ok()).collect::<Vec<_>>();
+        // A shared desktop names no host, bound or not.
+        charges.desktop_touched(&desktop(1, 2, Some("h0"), false));
+        assert!(drained().is_empty());
+        let pinned = |node| {
+            let mut d = desktop(2, 2, node, false);
+            d.spec.performance.dedicated_cpus = true;
+            d
+        };
+        charges.desktop_touched(&pinned(None));
+        assert!(drained().is_empty(), "not bound, never charged");
+        charges.desktop_touched(&pinned(Some("h1")));
+        assert_eq!(drained(), ["h1"]);
+        // Charged to h1, now bound to h2 (a move): both hosts' free threads change.
+        let size = Request::new(2, 1 << 30).dedicated();
+        charges.state().index.set("u2", Some(("h1", size)));
+        charges.desktop_touched(&pinned(Some("h2")));
+        assert_eq!(drained(), ["h1", "h2"]);
+        // Gone from the binding (released, or the object deleted): the host it was charged to.
+        charges.desktop_touched(&pinned(None));
+        assert_eq!(drained(), ["h1"]);
     }
 
     #[test]

@@ -160,6 +160,37 @@ async fn binds_reports_unschedulable_tracks_host_loss_and_pool_status() {
     wait_phase(&desks, "bound", Phase::Unknown).await;
     t.host.heartbeat.set_alive(true);
     wait_phase(&desks, "bound", Phase::Scheduled).await;
+
+    // A desktop with dedicated CPUs takes threads from the host's `dedicatedCpus` though the
+    // host's own object does not change; deleting it gives them back.
+    let free = |n: &DomainNode| {
+        n.status
+            .as_ref()
+            .and_then(|s| s.allocatable.as_ref())
+            .map(|a| a.dedicated_cpus)
+    };
+    let before = free(&nodes.get(node).await.unwrap_or_else(|e| panic!("{e}")));
+    let Some(before) = before else {
+        panic!("no allocatable.dedicatedCpus on {node}");
+    };
+    let mut pinned = run.desktop("pinned", pool_name, 2, "1Gi");
+    pinned.spec.performance.dedicated_cpus = true;
+    desks
+        .create(&PostParams::default(), &pinned)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    wait_for(&nodes, node, "2 threads pinned", |n: &DomainNode| {
+        free(n) == Some(before - 2)
+    })
+    .await;
+    desks
+        .delete("pinned", &Default::default())
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    wait_for(&nodes, node, "the threads given back", |n: &DomainNode| {
+        free(n) == Some(before)
+    })
+    .await;
 }
 
 /// A host that cannot start a desktop because another process listens on its SPICE port says

@@ -99,6 +99,7 @@ pub async fn run(ctx: Arc<Context>, selector: String, stop: watch::Receiver<bool
                 .collect::<Vec<_>>()
         },
     )
+    .reconcile_on(pinned_wakes(&ctx))
     .reconcile_all_on(on_leadership(ctx.leader.clone()))
     .graceful_shutdown_on(stopped(stop.clone()))
     .run(
@@ -110,10 +111,28 @@ pub async fn run(ctx: Arc<Context>, selector: String, stop: watch::Receiver<bool
 }
 
 /// At most one pass per host per this window for changes of the host itself (the agent's
-/// report after each domain it starts or stops): the first change of a burst passes at once,
-/// the latest at the window's end. Placement never reads what this pass writes (it counts the
+/// facts and orphans, the admin's spec) and of its pinned CPUs: the first change of a burst
+/// passes at once, the latest at the window's end. Placement never reads what this pass writes (it counts the
 /// charge index), so only the shown allocatable lags, by at most this.
 const HOST_WAKES: Duration = Duration::from_secs(2);
+
+/// The hosts whose free threads for pinning may have changed (a desktop with dedicated CPUs
+/// bound, moved, resized or gone: [`crate::charges::Charges::pinned_changes`]), paced as the
+/// host's own changes are. The host's object does not change with them, so without this its
+/// `allocatable.dedicatedCpus` would wait for the next pass.
+fn pinned_wakes(
+    ctx: &Context,
+) -> impl futures::Stream<Item = ObjectRef<DomainNode>> + Send + 'static {
+    use futures::StreamExt;
+    let hosts = futures::stream::unfold(ctx.stores.charges.pinned_changes(), |mut rx| async {
+        rx.recv()
+            .await
+            .map(|h| (Ok::<_, std::convert::Infallible>(h), rx))
+    });
+    deskvirt_runtime::throttle::throttled(hosts, HOST_WAKES, String::clone)
+        .filter_map(|h| futures::future::ready(h.ok()))
+        .map(|h| ObjectRef::new(&h))
+}
 
 /// Whether the host's status shows `Ready=True`.
 fn shown_ready(n: &DomainNode) -> bool {
@@ -123,14 +142,17 @@ fn shown_ready(n: &DomainNode) -> bool {
 }
 
 /// A host as its own pass cares, hashed: all of it but what the operator writes itself (the
-/// pool, subnet and allocatable, `Ready` and `Schedulable`): the pass that wrote them acted on
-/// what it knew. Anyone else's change of those is set right by the host's next pass: at its
-/// heartbeat Lease's expiry at the latest, or at once for a host not shown Ready.
+/// pool, subnet and allocatable, `Ready` and `Schedulable`: the pass that wrote them acted on
+/// what it knew) and the agent's domain counts and report time, which the pass never reads
+/// (the charges come from the desktops; the agent rewrites its counts after each domain it
+/// starts or stops). Anyone else's change of the operator's fields is set right by the host's
+/// next pass: at its heartbeat Lease's expiry at the latest, or at once for a host not shown
+/// Ready.
 fn node_key(n: &DomainNode) -> Option<u64> {
     let v = serde_json::to_value(n).ok()?;
     Some(key_without(
         v,
-        &["pool", "subnet", "allocatable"],
+        &["pool", "subnet", "allocatable", "domains", "lastReportTime"],
         &[READY, SCHEDULABLE],
     ))
 }
@@ -368,6 +390,12 @@ mod tests {
         let mut newer = own.clone();
         newer.metadata.resource_version = Some("2".into());
         assert_eq!(node_key(&own), node_key(&newer), "the version alone");
+        // The agent's domain counts and report time: the pass reads neither.
+        let counted = node(serde_json::json!({
+            "memory": "8Gi", "domains": { "defined": 3, "running": 2 },
+            "lastReportTime": "2026-01-01T00:00:05Z",
+            "conditions": [cond("LibvirtConnected", "True")] }));
+        assert_eq!(node_key(&base), node_key(&counted), "domain counts");
         // The agent's report and the admin's spec: a pass.
         let report = node(serde_json::json!({
             "memory": "16Gi", "conditions": [cond("LibvirtConnected", "True")] }));
