@@ -15,7 +15,7 @@ use deskvirt_operator::charges::Charges;
 use deskvirt_operator::context::Ledgers;
 use deskvirt_operator::heartbeat::Heartbeat;
 use deskvirt_operator::scheduler::{self, PoolIndex, Request, bench};
-use deskvirt_operator::world::{Bindings, charge_of, host_views, host_views_counted};
+use deskvirt_operator::world::{Bindings, ViewMemo, charge_of, host_views, host_views_counted};
 use k8s_openapi::jiff::Timestamp;
 use kube::runtime::reflector::ObjectRef;
 use serde_json::json;
@@ -116,13 +116,23 @@ pub fn run(hosts: usize, desktops: usize, iterations: usize) -> anyhow::Result<S
         )
     };
     drop(count(&mut ledgers));
+    let memo = ViewMemo::default();
     let mut bind_path = Vec::with_capacity(iterations);
     for i in 0..iterations {
         // The watch event of the desktop the previous bind wrote.
         charges.desktop_touched(&bound[i % bound.len().max(1)]);
         let t = Instant::now();
         let counted = count(&mut ledgers);
-        let views = host_views_counted(POOL, &policy, &nodes, &pools, &counted, None, |_| fresh);
+        let views = host_views_counted(
+            POOL,
+            &policy,
+            &nodes,
+            &pools,
+            &counted,
+            None,
+            |_| fresh,
+            &memo,
+        );
         drop(counted);
         let chosen = scheduler::schedule(POOL, &index, &request, &views)
             .map(|d| d.host.name.len())

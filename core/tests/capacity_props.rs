@@ -163,7 +163,7 @@ impl World {
                     created: self.next,
                     spec_pool: POOL.into(),
                     pool: POOL.into(),
-                    host,
+                    host: host.to_string(),
                     port: bound.port,
                     mac: bound.mac.to_string(),
                     admitted: wanted,

@@ -320,7 +320,7 @@ fn outcome(
     hosts: &[HostView],
 ) -> Result<String, (&'static str, String)> {
     place_in_pool(POOL, policy, request, hosts)
-        .map(|d| d.host.name.clone())
+        .map(|d| d.host.name.to_string())
         .map_err(|u: Unschedulable| (u.reason(), u.to_string()))
 }
 

@@ -28,6 +28,7 @@ use crate::console::mirror;
 use crate::fence::Fence;
 use crate::heartbeat::Heartbeat;
 use crate::metrics::Metrics;
+use crate::world::ViewMemo;
 use deskvirt_runtime::cache::{reflect, reflect_relisting};
 use deskvirt_runtime::health::Work;
 
@@ -48,6 +49,8 @@ pub struct Stores {
     pub quotas: Store<ResourceQuota>,
     /// What each host is charged, kept up to date by the desktop and mirror watches.
     pub charges: Charges,
+    /// Each host's view as its object last read, for placing desktops.
+    pub views: ViewMemo,
 }
 
 impl Stores {
@@ -102,6 +105,7 @@ impl Stores {
             namespaces,
             quotas,
             charges,
+            views: ViewMemo::default(),
         };
         (stores, drive)
     }
@@ -140,6 +144,7 @@ impl Stores {
             namespaces: store(vec![]),
             quotas: store(vec![]),
             charges,
+            views: ViewMemo::default(),
         }
     }
 

@@ -3,7 +3,8 @@
 //! pool's hosts.
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::hash::BuildHasherDefault;
+use std::sync::{Arc, Mutex, PoisonError};
 
 use deskvirt_crds::domain_node::OrphanDomain;
 use deskvirt_crds::quantity::parse_bytes;
@@ -12,6 +13,7 @@ use deskvirt_crds::{Desktop, DomainNode, ResourcePool};
 
 use crate::allocators::Ledger;
 use crate::heartbeat::Heartbeat;
+use crate::scheduler::charges::Fnv;
 use crate::scheduler::{HostCapacity, HostView, PoolPolicy, Request, Usage};
 use deskvirt_core::resize::charge;
 use deskvirt_crds::constants::condition::RUNNING;
@@ -225,7 +227,9 @@ pub fn host_views(
 }
 
 /// [`host_views`] with the charges as counted incrementally ([`crate::charges::Charges`]):
-/// what placing a desktop reads, without walking every desktop.
+/// what placing a desktop reads, without walking every desktop, and each host's report read
+/// again only when its object or the pools changed (`memo`).
+#[allow(clippy::too_many_arguments)]
 pub fn host_views_counted(
     pool: &str,
     policy: &PoolPolicy,
@@ -234,13 +238,126 @@ pub fn host_views_counted(
     charges: &crate::charges::Counted<'_>,
     ledger: Option<&Ledger>,
     heartbeat: impl Fn(&str) -> Heartbeat,
+    memo: &ViewMemo,
 ) -> Vec<HostView> {
     let usage = |n: &DomainNode| {
         let name = n.metadata.name.as_deref().unwrap_or_default();
         let orphans = n.status.as_ref().map_or(&[][..], |s| &s.orphans[..]);
         charges.on(name, orphans)
     };
-    views_of(pool, policy, nodes, pools, &usage, ledger, heartbeat)
+    let pools_key = pools_key(pools);
+    let mut memo = memo.0.lock().unwrap_or_else(PoisonError::into_inner);
+    if memo.len() > nodes.len() * 2 + 16 {
+        let names: std::collections::HashSet<&str> = nodes
+            .iter()
+            .filter_map(|n| n.metadata.name.as_deref())
+            .collect();
+        memo.retain(|k, _| names.contains(k.as_str()));
+    }
+    let mut views = Vec::with_capacity(nodes.len());
+    views.extend(nodes.iter().filter_map(|n| {
+        let name = n.metadata.name.as_deref().unwrap_or_default();
+        let m = &n.metadata;
+        let same =
+            |e: &&Memo| e.uid == m.uid && e.version == m.resource_version && e.pools == pools_key;
+        let kept = memo.get(name).filter(same);
+        let entry = |owner: Option<&str>, view| Memo {
+            uid: m.uid.clone(),
+            version: m.resource_version.clone(),
+            pools: pools_key,
+            owner: owner.map(str::to_string),
+            view,
+        };
+        // The pool owning the host, as these pools decide: a host of another pool (or none) is
+        // left out at once.
+        let ours = match kept {
+            Some(e) => e.owner.as_deref() == Some(pool),
+            None => {
+                let owner = owning_pool(n, pools);
+                if owner != Some(pool) {
+                    memo.insert(name.to_string(), entry(owner, None));
+                    return None;
+                }
+                true
+            }
+        };
+        if !ours {
+            return None;
+        }
+        // Its view is read only for its own pool, so two pools never take turns at it.
+        let usable = kept
+            .and_then(|e| e.view.as_ref())
+            .is_some_and(|(p, _)| p == policy);
+        if !usable {
+            let view = view_of(n, pool, policy);
+            memo.insert(name.to_string(), entry(Some(pool), Some((*policy, view))));
+        }
+        let base = memo
+            .get(name)
+            .and_then(|e| e.view.as_ref())
+            .map(|(_, v)| v)?;
+        Some(as_now(base.clone(), name, &heartbeat, usage(n), ledger))
+    }));
+    views
+}
+
+/// What [`host_views_counted`] keeps of each host between calls: the part of its view that
+/// only the host's object, the pools and the pool's policy decide (its pool, capacity,
+/// readiness as reported, cordon). Reading a host's report (quantities, conditions, names) was
+/// most of building a pool's 500 views. Clones share it.
+#[derive(Clone, Default)]
+pub struct ViewMemo(Arc<Mutex<HashMap<String, Memo, BuildHasherDefault<Fnv>>>>);
+
+/// One host's kept view, and what it was read from.
+struct Memo {
+    uid: Option<String>,
+    version: Option<String>,
+    pools: u64,
+    /// The pool owning the host.
+    owner: Option<String>,
+    /// Its view in that pool, once asked for, and the pool's policy it was read with.
+    view: Option<(PoolPolicy, HostView)>,
+}
+
+/// What decides which pool owns a host, hashed: each pool's name, generation (its spec),
+/// creation time and whether it is going away.
+fn pools_key(pools: &[Arc<ResourcePool>]) -> u64 {
+    let mut text = String::new();
+    for p in pools {
+        let m = &p.metadata;
+        text.push_str(&format!(
+            "{:?}/{:?}/{:?}/{:?}/{};",
+            m.name,
+            m.uid,
+            m.generation,
+            m.creation_timestamp.as_ref().map(|t| t.0),
+            m.deletion_timestamp.is_some()
+        ));
+    }
+    crate::allocators::fnv::fnv1a64(text.as_bytes())
+}
+
+/// A host's view in `pool` as its object reports it: ready as far as the report goes, nothing
+/// charged, no ports held.
+fn view_of(n: &DomainNode, pool: &str, policy: &PoolPolicy) -> HostView {
+    let mut report = host_report(n);
+    report.pool = Some(pool.to_string());
+    HostView::from_owned_report(report, policy, true, Usage::default(), 0)
+}
+
+/// `base` with the host's heartbeat verdict, what it is charged, and its ports in `ledger`.
+fn as_now(
+    mut v: HostView,
+    name: &str,
+    heartbeat: &impl Fn(&str) -> Heartbeat,
+    usage: Usage,
+    ledger: Option<&Ledger>,
+) -> HostView {
+    v.ready = v.ready && heartbeat(name).is_fresh();
+    v.allocated = usage;
+    v.ports_in_use = ledger.map(|l| l.ports_in_use(name)).unwrap_or(0);
+    v.ports_taken = ledger.map(|l| l.ports_taken(name)).unwrap_or(0);
+    v
 }
 
 /// The scheduler's view of every host `pool` owns by membership, each charged `usage`.
@@ -258,14 +375,7 @@ fn views_of(
         .filter(|n| owning_pool(n, pools) == Some(pool))
         .map(|n| {
             let name = n.metadata.name.as_deref().unwrap_or_default();
-            let ready = heartbeat(name).is_fresh();
-            let ports = ledger.map(|l| l.ports_in_use(name)).unwrap_or(0);
-            let taken = ledger.map(|l| l.ports_taken(name)).unwrap_or(0);
-            let mut report = host_report(n);
-            report.pool = Some(pool.to_string());
-            let mut v = HostView::from_owned_report(report, policy, ready, usage(n), ports);
-            v.ports_taken = taken;
-            v
+            as_now(view_of(n, pool, policy), name, &heartbeat, usage(n), ledger)
         })
         .collect()
 }
@@ -290,6 +400,83 @@ mod tests {
             "spec": {}
         });
         serde_json::from_value(v).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    #[test]
+    fn kept_views_are_what_reading_every_host_again_gives() {
+        use deskvirt_crds::read::FromPoolSpec;
+        let host = |version: &str, zone: &str, memory: &str| {
+            let mut n = node(&[("zone", zone)]);
+            n.metadata.resource_version = Some(version.into());
+            n.metadata.uid = Some("u-h1".into());
+            n.status = serde_json::from_value(serde_json::json!({
+                "memory": memory, "maxVcpus": 64,
+                "cpu": { "model": "m", "sockets": 1, "cores": 4, "threads": 8, "mhz": 1000 },
+                "conditions": [{ "type": "LibvirtConnected", "status": "True", "reason": "R",
+                                 "message": "m", "lastTransitionTime": "2026-01-01T00:00:00Z" }]
+            }))
+            .unwrap_or_else(|e| panic!("{e}"));
+            Arc::new(n)
+        };
+        let mut ledgers = crate::context::Ledgers::fresh();
+        let charges = crate::charges::Charges::default();
+        let kept = ViewMemo::default();
+        let fresh = Heartbeat::Fresh {
+            until: k8s_openapi::jiff::Timestamp::MAX,
+        };
+        let mut views = |asked: &str,
+                         nodes: &[Arc<DomainNode>],
+                         pools: &[Arc<ResourcePool>],
+                         memo: &ViewMemo| {
+            let policy = PoolPolicy::from_spec(&pools[0].spec).unwrap_or_else(|e| panic!("{e}"));
+            let counted = charges.count(&mut ledgers, |_| None, |_, _| None);
+            host_views_counted(
+                asked,
+                &policy,
+                nodes,
+                pools,
+                &counted,
+                None,
+                |_| fresh,
+                memo,
+            )
+        };
+        let mut zone_b = pool("p", 1, &[("zone", "b")]);
+        Arc::make_mut(&mut zone_b).metadata.generation = Some(2);
+        let steps = [
+            (host("1", "a", "8Gi"), pool("p", 1, &[("zone", "a")])),
+            // The host's facts change: its capacity with them.
+            (host("2", "a", "16Gi"), pool("p", 1, &[("zone", "a")])),
+            // Relabelled out of the pool, then the pool follows it.
+            (host("3", "b", "16Gi"), pool("p", 1, &[("zone", "a")])),
+            (host("3", "b", "16Gi"), zone_b),
+        ];
+        let mut shown = Vec::new();
+        for (n, p) in steps {
+            let (nodes, pools) = ([n], [p]);
+            let with_kept = views("p", &nodes, &pools, &kept);
+            assert_eq!(with_kept, views("p", &nodes, &pools, &ViewMemo::default()));
+            shown.push(with_kept.first().map(|v| v.capacity));
+        }
+        assert!(
+            shown[0].is_some() && shown[1].is_some() && shown[0] != shown[1],
+            "{shown:?}"
+        );
+        assert_eq!(shown[2], None, "not in the pool");
+        assert_eq!(shown[3], shown[1], "in it again");
+
+        // Two pools of one policy: asking for the one that does not own the host first leaves
+        // the host in its own.
+        let kept = ViewMemo::default();
+        let nodes = [host("1", "a", "8Gi")];
+        let pools = [
+            pool("p", 1, &[("zone", "a")]),
+            pool("q", 2, &[("zone", "a")]),
+        ];
+        for (asked, hosts) in [("q", 0), ("p", 1), ("q", 0), ("p", 1)] {
+            let got = views(asked, &nodes, &pools, &kept);
+            assert_eq!(got.len(), hosts, "asked for {asked}");
+        }
     }
 
     #[test]

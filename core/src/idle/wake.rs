@@ -84,7 +84,7 @@ pub fn wake_target(
     }
     match place_in_pool(pool, policy, request, hosts) {
         Ok(d) => WakeTarget::Move {
-            to: d.host.name.clone(),
+            to: d.host.name.to_string(),
             why,
         },
         Err(e) => WakeTarget::Wait(format!(
@@ -101,7 +101,7 @@ fn home_problem(
     request: &Request,
     ports: PortRange,
 ) -> Option<String> {
-    let Some(host) = hosts.iter().find(|h| h.name == node) else {
+    let Some(host) = hosts.iter().find(|h| &*h.name == node) else {
         return Some("is not in the desktop's pool".into());
     };
     if !host.ready {

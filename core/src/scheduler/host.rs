@@ -2,6 +2,8 @@
 //! bound desktops already hold, and how many SPICE ports are taken. Built by the controllers from
 //! a DomainNode, its heartbeat and the ledger; the scheduler only reads it.
 
+use std::sync::Arc;
+
 use super::capacity::{FactsError, Free, HostCapacity, HostFacts, Usage};
 use super::policy::PoolPolicy;
 use super::request::Request;
@@ -27,10 +29,11 @@ pub struct HostReport {
 /// One host, flattened for placement.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct HostView {
-    /// DomainNode name.
-    pub name: String,
+    /// DomainNode name (shared: a pool's views are built for every placement, and copying
+    /// 500 names was most of it).
+    pub name: Arc<str>,
     /// The pool the host belongs to (`status.pool`), if any.
-    pub pool: Option<String>,
+    pub pool: Option<Arc<str>>,
     /// Heartbeat fresh, libvirt connected and host facts known.
     pub ready: bool,
     /// `spec.unschedulable`: cordoned by an admin.
@@ -49,7 +52,11 @@ pub struct HostView {
 
 impl HostView {
     /// A ready, schedulable, empty host of `pool`.
-    pub fn new(name: impl Into<String>, pool: impl Into<String>, capacity: HostCapacity) -> Self {
+    pub fn new(
+        name: impl Into<Arc<str>>,
+        pool: impl Into<Arc<str>>,
+        capacity: HostCapacity,
+    ) -> Self {
         Self {
             name: name.into(),
             pool: Some(pool.into()),
@@ -89,8 +96,8 @@ impl HostView {
             _ => HostCapacity::NONE,
         };
         Self {
-            name: report.name,
-            pool: report.pool,
+            name: report.name.into(),
+            pool: report.pool.map(Into::into),
             ready: ready && matches!(report.facts, Some(Ok(_))) && report.libvirt_connected,
             unschedulable: report.unschedulable,
             maintenance: report.maintenance,
@@ -181,7 +188,7 @@ mod tests {
     fn reads_a_report() {
         let facts = HostFacts::read(Some(9), Some("17Gi"), None);
         let h = HostView::from_report(&report(Some(facts)), &policy(), true, Usage::default(), 3);
-        assert_eq!(h.name, "host-1");
+        assert_eq!(&*h.name, "host-1");
         assert!(h.in_pool("lab"));
         assert!(h.ready);
         assert!(h.unschedulable);

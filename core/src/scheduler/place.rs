@@ -127,7 +127,7 @@ mod tests {
         request: Request,
         hosts: &[HostView],
     ) -> Result<&str, Unschedulable> {
-        place_in_pool("lab", &policy(placement), &request, hosts).map(|d| d.host.name.as_str())
+        place_in_pool("lab", &policy(placement), &request, hosts).map(|d| &*d.host.name)
     }
 
     #[test]
@@ -176,7 +176,7 @@ mod tests {
             &Request::new(1, GI),
             &hosts,
         )?;
-        assert_eq!((d.index, d.host.name.as_str()), (4, "d"));
+        assert_eq!((d.index, &*d.host.name), (4, "d"));
         Ok(())
     }
 

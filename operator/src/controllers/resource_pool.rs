@@ -238,6 +238,7 @@ pub async fn reconcile(pool: Arc<ResourcePool>, ctx: Arc<Context>) -> Result<Act
                 &charges,
                 ledgers.get(&name).filter(|_| ledger_ok),
                 |n| ctx.heartbeat(n, now),
+                &ctx.stores.views,
             );
             drop(charges);
             drop(ledgers);

@@ -264,12 +264,13 @@ async fn place(pass: &Pass<'_>, prev: &[Condition]) -> Placement {
                         &charges,
                         ledgers.get(&d.spec.pool),
                         |n| ctx.heartbeat(n, now),
+                        &ctx.stores.views,
                     )
                 }
                 _ => vec![],
             };
             match schedule(&d.spec.pool, &index, &request, &hosts) {
-                Ok(decision) => decision.host.name.clone(),
+                Ok(decision) => decision.host.name.to_string(),
                 // Capacity changes arrive as DomainNode and ResourcePool events.
                 Err(why) => {
                     let retry = Some(Duration::from_secs(300));

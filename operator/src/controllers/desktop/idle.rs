@@ -280,13 +280,14 @@ fn restore(seen: &Seen<'_>, ctx: &Context, txn: &mut Txn<'_>) -> Restore {
             &charges,
             txn.ledger().map(|l| &*l),
             |n| ctx.heartbeat(n, now),
+            &ctx.stores.views,
         )
     };
     let Some(ledger) = txn.ledger() else {
         return Restore::Later;
     };
     if let Some((h, _)) = ledger.port_of(uid)
-        && let Some(v) = hosts.iter_mut().find(|v| v.name == h)
+        && let Some(v) = hosts.iter_mut().find(|v| &*v.name == h)
     {
         v.ports_in_use = v.ports_in_use.saturating_sub(1);
     }
