@@ -287,16 +287,20 @@ pub fn host_views_counted(
         // Its view is read only for its own pool, so two pools never take turns at it.
         let usable = kept
             .and_then(|e| e.view.as_ref())
-            .is_some_and(|(p, _)| p == policy);
-        if !usable {
-            let view = view_of(n, pool, policy);
-            memo.insert(name.to_string(), entry(Some(pool), Some((*policy, view))));
-        }
-        let base = memo
-            .get(name)
-            .and_then(|e| e.view.as_ref())
-            .map(|(_, v)| v)?;
-        Some(as_now(base.clone(), name, &heartbeat, usage(n), ledger))
+            .filter(|(p, _)| p == policy)
+            .map(|(_, v)| v.clone());
+        let base = match usable {
+            Some(v) => v,
+            None => {
+                let view = view_of(n, pool, policy);
+                memo.insert(
+                    name.to_string(),
+                    entry(Some(pool), Some((*policy, view.clone()))),
+                );
+                view
+            }
+        };
+        Some(as_now(base, name, &heartbeat, usage(n), ledger))
     }));
     views
 }
