@@ -3,7 +3,7 @@
 //! in flight) and watched until every one is Running, the mutating API calls that cost, the
 //! memory and CPU of every process once settled, and the deletion of them all.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -109,6 +109,11 @@ pub struct Step {
     pub domainnode_reconciles: f64,
     pub resourcepool_reconciles: f64,
     pub agent_reconciles: f64,
+    /// The agents' own status writes over the same window (their `status` step count).
+    pub agent_status_writes: f64,
+    /// Events about the step's desktops once all were Running, by reporting component and
+    /// reason.
+    pub events: BTreeMap<(String, String), f64>,
 }
 
 impl Step {
@@ -177,6 +182,7 @@ async fn step_inner(fleet: &mut Fleet, spec: &StepSpec) -> anyhow::Result<Step> 
     tokio::time::sleep(Duration::from_secs(2)).await;
     let after = apimetrics::scrape(&fleet.client).await?;
     let window = all_running + Duration::from_secs(2);
+    let events = desktop_events(fleet).await?;
     tokio::time::sleep(SETTLE).await;
     let loaded = snapshot(fleet)?;
     let caches = if spec.caches {
@@ -222,7 +228,30 @@ async fn step_inner(fleet: &mut Fleet, spec: &StepSpec) -> anyhow::Result<Step> 
         domainnode_reconciles: rec1.domainnode - rec0.domainnode,
         resourcepool_reconciles: rec1.resourcepool - rec0.resourcepool,
         agent_reconciles: rec1.agents - rec0.agents,
+        agent_status_writes: rec1.agent_status_writes - rec0.agent_status_writes,
+        events,
     })
+}
+
+/// The Events about the fleet's Desktops, counted by reporting component and reason.
+async fn desktop_events(fleet: &Fleet) -> anyhow::Result<BTreeMap<(String, String), f64>> {
+    use k8s_openapi::api::core::v1::Event;
+    let api: kube::Api<Event> = kube::Api::namespaced(fleet.client.clone(), &fleet.user_ns);
+    let lp = kube::api::ListParams::default().fields("involvedObject.kind=Desktop");
+    let list = tokio::time::timeout(Duration::from_secs(30), api.list(&lp))
+        .await
+        .map_err(|_| anyhow::anyhow!("listing events took over 30 s"))??;
+    let mut out = BTreeMap::new();
+    for e in list.items {
+        let who = e
+            .reporting_component
+            .filter(|c| !c.is_empty())
+            .or_else(|| e.source.and_then(|s| s.component))
+            .unwrap_or_default();
+        *out.entry((who, e.reason.unwrap_or_default())).or_default() +=
+            f64::from(e.count.unwrap_or(1).max(1));
+    }
+    Ok(out)
 }
 
 /// Reconciles so far, from the binaries' own counters.
@@ -236,6 +265,8 @@ struct Reconciles {
     resourcepool: f64,
     /// The agents', summed.
     agents: f64,
+    /// The agents' status writes, summed.
+    agent_status_writes: f64,
 }
 
 async fn reconciles(fleet: &Fleet) -> Reconciles {
@@ -248,10 +279,15 @@ async fn reconciles(fleet: &Fleet) -> Reconciles {
         }
     }
     let [operator, desktop, domainnode, resourcepool] = op;
-    let mut agents = 0.0;
+    let (mut agents, mut agent_status_writes) = (0.0, 0.0);
     for a in &fleet.agents {
         agents +=
             fleet::scrape_counter(a.metrics_port, "deskvirt_agent_desktop_reconciles_total").await;
+        agent_status_writes += fleet::scrape_counter(
+            a.metrics_port,
+            "deskvirt_agent_pass_step_seconds_count{step=\"status\"}",
+        )
+        .await;
     }
     Reconciles {
         operator,
@@ -259,6 +295,7 @@ async fn reconciles(fleet: &Fleet) -> Reconciles {
         domainnode,
         resourcepool,
         agents,
+        agent_status_writes,
     }
 }
 
@@ -529,6 +566,8 @@ mod tests {
             domainnode_reconciles: 0.0,
             resourcepool_reconciles: 0.0,
             agent_reconciles: 0.0,
+            agent_status_writes: 0.0,
+            events: BTreeMap::new(),
         };
         assert!((step.calls_per_desktop() - 3.0).abs() < 1e-9);
     }

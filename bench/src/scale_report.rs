@@ -104,12 +104,20 @@ fn calls(s: &mut String, st: &Step) {
          Leases are the hosts' heartbeats):\n\n| verb | resource | calls | per desktop |\n|---|---|---|---|",
         st.spec.label, st.background
     );
+    let per = |n: f64| n / st.spec.desktops.max(1) as f64;
     for ((verb, resource), n) in &st.calls {
-        let _ = writeln!(
-            s,
-            "| {verb} | {resource} | {n:.0} | {:.2} |",
-            n / st.spec.desktops.max(1) as f64
-        );
+        let _ = writeln!(s, "| {verb} | {resource} | {n:.0} | {:.2} |", per(*n));
+    }
+    let _ = writeln!(
+        s,
+        "\nOf the `desktops/status` writes, the agents' own: {:.0} ({:.2} per desktop; the rest are \
+         the operator's). Events about the desktops once all were Running:\n\n\
+         | component | reason | events | per desktop |\n|---|---|---|---|",
+        st.agent_status_writes,
+        per(st.agent_status_writes)
+    );
+    for ((who, reason), n) in &st.events {
+        let _ = writeln!(s, "| {who} | {reason} | {n:.0} | {:.2} |", per(*n));
     }
 }
 
