@@ -168,6 +168,7 @@ async fn step_inner(fleet: &mut Fleet, spec: &StepSpec) -> anyhow::Result<Step> 
     let (op, agents) = fleet.pids();
     let op = op.ok_or_else(|| anyhow::anyhow!("no operator"))?;
     let cpu0 = (footprint::cpu_time(op)?, cpu_sum(&agents)?);
+    let events_before = desktop_events(fleet).await?;
     let before = apimetrics::scrape(&fleet.client).await?;
     let rec0 = reconciles(fleet).await;
     let w = create_and_wait(fleet, spec).await?;
@@ -182,7 +183,7 @@ async fn step_inner(fleet: &mut Fleet, spec: &StepSpec) -> anyhow::Result<Step> 
     tokio::time::sleep(Duration::from_secs(2)).await;
     let after = apimetrics::scrape(&fleet.client).await?;
     let window = all_running + Duration::from_secs(2);
-    let events = desktop_events(fleet).await?;
+    let events = new_events(&events_before, &desktop_events(fleet).await?);
     tokio::time::sleep(SETTLE).await;
     let loaded = snapshot(fleet)?;
     let caches = if spec.caches {
@@ -233,25 +234,47 @@ async fn step_inner(fleet: &mut Fleet, spec: &StepSpec) -> anyhow::Result<Step> 
     })
 }
 
-/// The Events about the fleet's Desktops, counted by reporting component and reason.
-async fn desktop_events(fleet: &Fleet) -> anyhow::Result<BTreeMap<(String, String), f64>> {
+/// The Events about the fleet's Desktops: each one's count by its UID, and its reporting
+/// component and reason.
+type Events = HashMap<String, (i32, (String, String))>;
+
+async fn desktop_events(fleet: &Fleet) -> anyhow::Result<Events> {
     use k8s_openapi::api::core::v1::Event;
     let api: kube::Api<Event> = kube::Api::namespaced(fleet.client.clone(), &fleet.user_ns);
     let lp = kube::api::ListParams::default().fields("involvedObject.kind=Desktop");
     let list = tokio::time::timeout(Duration::from_secs(30), api.list(&lp))
         .await
         .map_err(|_| anyhow::anyhow!("listing events took over 30 s"))??;
-    let mut out = BTreeMap::new();
+    let mut out = HashMap::new();
     for e in list.items {
         let who = e
             .reporting_component
             .filter(|c| !c.is_empty())
             .or_else(|| e.source.and_then(|s| s.component))
             .unwrap_or_default();
-        *out.entry((who, e.reason.unwrap_or_default())).or_default() +=
-            f64::from(e.count.unwrap_or(1).max(1));
+        let uid = e.metadata.uid.unwrap_or_default();
+        out.insert(
+            uid,
+            (
+                e.count.unwrap_or(1).max(1),
+                (who, e.reason.unwrap_or_default()),
+            ),
+        );
     }
     Ok(out)
+}
+
+/// The Events in `after` that are not in `before`, or were repeated since, by component and
+/// reason.
+fn new_events(before: &Events, after: &Events) -> BTreeMap<(String, String), f64> {
+    let mut out = BTreeMap::new();
+    for (uid, (count, what)) in after {
+        let seen = before.get(uid).map_or(0, |(c, _)| *c);
+        if *count > seen {
+            *out.entry(what.clone()).or_default() += f64::from(count - seen);
+        }
+    }
+    out
 }
 
 /// Reconciles so far, from the binaries' own counters.
@@ -515,6 +538,21 @@ pub fn steps(hosts: usize, desktops: usize, memory: &str) -> Vec<StepSpec> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn events_of_a_step_are_the_new_ones_and_the_repeats() {
+        let what = |r: &str| ("deskvirt-operator".to_string(), r.to_string());
+        let before: Events = [("a".to_string(), (1, what("Scheduled")))].into();
+        let after: Events = [
+            ("a".to_string(), (1, what("Scheduled"))),
+            ("b".to_string(), (1, what("Scheduled"))),
+            ("c".to_string(), (3, what("Running"))),
+        ]
+        .into();
+        let got = new_events(&before, &after);
+        assert_eq!(got.get(&what("Scheduled")), Some(&1.0));
+        assert_eq!(got.get(&what("Running")), Some(&3.0));
+    }
 
     #[test]
     fn steps_grow_hosts_then_desktops() {

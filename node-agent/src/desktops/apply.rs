@@ -71,14 +71,29 @@ pub async fn apply<H: Hypervisor>(d: &Desktop, ctx: &DesktopContext<H>) -> Resul
         steps.record("finalizer", t);
     }
     let outcome = converge(d, ctx, &status, &uid).await?;
+    let mut requeue = outcome.requeue;
     if let Some(b) = body(&status, &outcome.report, d.metadata.generation, now()) {
-        let t = std::time::Instant::now();
-        apply_status(&api, &d.name_any(), b).await?;
-        steps.record("status", t);
-        announce(d, ctx, &status, &outcome.report).await;
+        // What the report decides, without the activity samples (which differ from pass to
+        // pass, and wait for the next pass when nothing else changed).
+        let decided = Report {
+            activity: None,
+            ..outcome.report.clone()
+        };
+        let fingerprint = fnv1a64(format!("{decided:?}/{:?}", d.metadata.generation).as_bytes());
+        match ctx.report_in_flight(&uid, fingerprint) {
+            // Written already: this copy predates it (no second write, no second Event).
+            Some(wait) => requeue = requeue.min(wait),
+            None => {
+                let t = std::time::Instant::now();
+                apply_status(&api, &d.name_any(), b).await?;
+                steps.record("status", t);
+                ctx.record_report(&uid, fingerprint);
+                announce(d, ctx, &status, &outcome.report).await;
+            }
+        }
     }
     ctx.succeeded(&uid);
-    Ok(Action::requeue(outcome.requeue))
+    Ok(Action::requeue(requeue))
 }
 
 /// `DomainDefined=False`: the name this desktop's domain needs on `node` is held by a domain of

@@ -71,6 +71,11 @@ pub struct DesktopContext<H> {
     pub network_lock: tokio::sync::Mutex<()>,
 }
 
+/// How long a status the agent wrote is taken to be on its way to the cache: a pass that
+/// would write the same report again within it leaves it (the watch lags under load, and the
+/// copy a pass works from may not hold the agent's own last write yet).
+pub const REPORT_SETTLE: Duration = Duration::from_secs(5);
+
 /// What was last done per desktop (by UID), in this process.
 #[derive(Default)]
 struct Memory {
@@ -88,6 +93,8 @@ struct Memory {
     samples: HashMap<String, super::activity::Sample>,
     /// Desktops with a SPICE client connected at their last observation.
     sessions: HashSet<String>,
+    /// The report last written into each desktop's status (its fingerprint), and when.
+    reported: HashMap<String, (u64, Instant)>,
 }
 
 impl<H> DesktopContext<H> {
@@ -279,8 +286,40 @@ impl<H> DesktopContext<H> {
             m.shutdown_asked.remove(uid);
             m.failures.remove(uid);
             m.samples.remove(uid);
+            m.reported.remove(uid);
         });
         self.record_session(uid, false);
+    }
+
+    /// Records that the status of `uid` was written with the report `fingerprint` just now.
+    pub fn record_report(&self, uid: &str, fingerprint: u64) {
+        self.with_memory(|m| {
+            let now = Instant::now();
+            if m.reported.len() > 64 {
+                m.reported
+                    .retain(|_, (_, at)| now.duration_since(*at) < REPORT_SETTLE);
+            }
+            m.reported.insert(uid.to_string(), (fingerprint, now));
+        });
+    }
+
+    /// Forgets the report last written for `uid` (tests: a domain made as by an earlier
+    /// process).
+    #[cfg(test)]
+    pub fn forget_report(&self, uid: &str) {
+        self.with_memory(|m| m.reported.remove(uid));
+    }
+
+    /// How much longer a pass about to write the report `fingerprint` of `uid` should leave it:
+    /// this process wrote exactly that less than [`REPORT_SETTLE`] ago, so the copy the pass
+    /// worked from is older than that write, whose watch event brings the pass that sees it.
+    /// `None`: write.
+    pub fn report_in_flight(&self, uid: &str, fingerprint: u64) -> Option<Duration> {
+        self.with_memory(|m| {
+            let (f, at) = m.reported.get(uid)?;
+            let since = at.elapsed();
+            (*f == fingerprint && since < REPORT_SETTLE).then(|| REPORT_SETTLE - since)
+        })
     }
 
     /// Resets the failure count of `uid` after a good reconcile.

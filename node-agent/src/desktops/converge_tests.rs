@@ -386,6 +386,35 @@ async fn start_fails_transiently_is_an_error_to_retry() {
 }
 
 #[tokio::test]
+async fn a_pass_from_a_copy_older_than_its_own_write_writes_and_announces_nothing_again() {
+    // Under load the watch shows the agent's own status write seconds late, and another
+    // change (the operator's write, a console mirror) wakes a pass on the copy without it.
+    let kit = Kit::new();
+    kit.make_disk();
+    let d = desktop();
+    passes(&kit, &d).await;
+    assert_eq!(kit.api.statuses().len(), 1, "{:?}", kit.api.statuses());
+    let events = kit.api.event_reasons();
+    assert_eq!(events.len(), 1, "{events:?}");
+    passes(&kit, &d).await;
+    assert_eq!(
+        kit.api.statuses().len(),
+        1,
+        "written again: {:?}",
+        kit.api.statuses()
+    );
+    assert_eq!(kit.api.event_reasons(), events, "announced again");
+    // The copy that holds the write: nothing to write either.
+    passes(&kit, &with_last_status(desktop(), &kit.api)).await;
+    assert_eq!(kit.api.statuses().len(), 1);
+    // Something else to report (a new generation observed) is written at once.
+    let mut edited = d.clone();
+    edited.metadata.generation = Some(d.metadata.generation.unwrap_or(1) + 1);
+    passes(&kit, &edited).await;
+    assert_eq!(kit.api.statuses().len(), 2, "{:?}", kit.api.statuses());
+}
+
+#[tokio::test]
 async fn running_and_unchanged_is_left_alone() {
     let kit = Kit::new();
     kit.make_domain(DomainState::Running, false).await;

@@ -316,6 +316,10 @@ impl Kit {
         self.make_disk();
         let pass = super::apply::apply(&desktop(), &self.ctx).await;
         assert!(pass.is_ok(), "first pass: {pass:?}");
+        // As an earlier process would have left it: what this one wrote is not on its way.
+        if let Some(uid) = desktop().metadata.uid {
+            self.ctx.forget_report(&uid);
+        }
         let name = self.domain();
         let Some(mut dom) = self.hv.domain(&name) else {
             panic!("the first pass defined no domain: {:?}", self.hv.journal())
