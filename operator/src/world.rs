@@ -256,53 +256,66 @@ pub fn host_views_counted(
     }
     let mut views = Vec::with_capacity(nodes.len());
     views.extend(nodes.iter().filter_map(|n| {
+        let base = kept_view(&mut memo, n, pool, policy, pools, pools_key)?;
         let name = n.metadata.name.as_deref().unwrap_or_default();
-        let m = &n.metadata;
-        let same =
-            |e: &&Memo| e.uid == m.uid && e.version == m.resource_version && e.pools == pools_key;
-        let kept = memo.get(name).filter(same);
-        let entry = |owner: Option<&str>, view| Memo {
-            uid: m.uid.clone(),
-            version: m.resource_version.clone(),
-            pools: pools_key,
-            owner: owner.map(str::to_string),
-            view,
-        };
-        // The pool owning the host, as these pools decide: a host of another pool (or none) is
-        // left out at once.
-        let ours = match kept {
-            Some(e) => e.owner.as_deref() == Some(pool),
-            None => {
-                let owner = owning_pool(n, pools);
-                if owner != Some(pool) {
-                    memo.insert(name.to_string(), entry(owner, None));
-                    return None;
-                }
-                true
-            }
-        };
-        if !ours {
-            return None;
-        }
-        // Its view is read only for its own pool, so two pools never take turns at it.
-        let usable = kept
-            .and_then(|e| e.view.as_ref())
-            .filter(|(p, _)| p == policy)
-            .map(|(_, v)| v.clone());
-        let base = match usable {
-            Some(v) => v,
-            None => {
-                let view = view_of(n, pool, policy);
-                memo.insert(
-                    name.to_string(),
-                    entry(Some(pool), Some((*policy, view.clone()))),
-                );
-                view
-            }
-        };
         Some(as_now(base, name, &heartbeat, usage(n), ledger))
     }));
     views
+}
+
+/// Host `n`'s view in `pool` as kept in `memo` (read again when the host's object, the pools
+/// or the pool's policy changed), or `None` when another pool (or none) owns the host. The
+/// view is read only for the host's own pool, so two pools never take turns at it.
+fn kept_view(
+    memo: &mut HashMap<String, Memo, BuildHasherDefault<Fnv>>,
+    n: &DomainNode,
+    pool: &str,
+    policy: &PoolPolicy,
+    pools: &[Arc<ResourcePool>],
+    pools_key: u64,
+) -> Option<HostView> {
+    let name = n.metadata.name.as_deref().unwrap_or_default();
+    let m = &n.metadata;
+    let kept = memo
+        .get(name)
+        .filter(|e| e.uid == m.uid && e.version == m.resource_version && e.pools == pools_key);
+    let owner = match kept {
+        Some(e) => e.owner.clone(),
+        None => owning_pool(n, pools).map(str::to_string),
+    };
+    if owner.as_deref() != Some(pool) {
+        if kept.is_none() {
+            memo.insert(name.to_string(), Memo::of(m, pools_key, owner, None));
+        }
+        return None;
+    }
+    if let Some((_, v)) = kept
+        .and_then(|e| e.view.as_ref())
+        .filter(|(p, _)| p == policy)
+    {
+        return Some(v.clone());
+    }
+    let view = view_of(n, pool, policy);
+    let entry = Memo::of(m, pools_key, owner, Some((*policy, view.clone())));
+    memo.insert(name.to_string(), entry);
+    Some(view)
+}
+
+impl Memo {
+    fn of(
+        m: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
+        pools: u64,
+        owner: Option<String>,
+        view: Option<(PoolPolicy, HostView)>,
+    ) -> Self {
+        Self {
+            uid: m.uid.clone(),
+            version: m.resource_version.clone(),
+            pools,
+            owner,
+            view,
+        }
+    }
 }
 
 /// What [`host_views_counted`] keeps of each host between calls: the part of its view that
@@ -326,17 +339,19 @@ struct Memo {
 /// What decides which pool owns a host, hashed: each pool's name, generation (its spec),
 /// creation time and whether it is going away.
 fn pools_key(pools: &[Arc<ResourcePool>]) -> u64 {
+    use std::fmt::Write;
     let mut text = String::new();
     for p in pools {
         let m = &p.metadata;
-        text.push_str(&format!(
+        let _ = write!(
+            text,
             "{:?}/{:?}/{:?}/{:?}/{};",
             m.name,
             m.uid,
             m.generation,
             m.creation_timestamp.as_ref().map(|t| t.0),
             m.deletion_timestamp.is_some()
-        ));
+        );
     }
     crate::allocators::fnv::fnv1a64(text.as_bytes())
 }
