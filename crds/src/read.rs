@@ -5,7 +5,6 @@
 use deskvirt_core::allocators::{Ledger, LedgerConfig, LedgerError, NetworkSpec};
 use deskvirt_core::idle::{self, Reclaim};
 use deskvirt_core::phase::Cond;
-use deskvirt_core::quantity::QuantityError;
 use deskvirt_core::scheduler::{
     HostFacts, HostReport, PolicyError, PolicySpec, PoolCapacity, PoolPolicy, Request, RequestError,
 };
@@ -13,8 +12,7 @@ use deskvirt_core::scheduler::{
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 
 use crate::constants::condition::{DOMAIN_DEFINED, LIBVIRT_CONNECTED, RUNNING};
-use crate::desktop::{DesktopStatus, IdlePolicy, Reclaimed};
-use crate::resource_pool::PoolDefaults;
+use crate::desktop::{DesktopStatus, Reclaimed};
 use crate::{DesktopSpec, DomainNode, ResourcePoolSpec, ResourcePoolStatus};
 
 /// A core value read from a pool's spec.
@@ -95,7 +93,8 @@ pub fn admitted_cpu(spec: &DesktopSpec, status: Option<&DesktopStatus>) -> u32 {
 /// The size a desktop's host gives its domain, and the operator charges it for (before a
 /// running domain's larger size, [`deskvirt_core::resize::charge`]): the vCPUs and memory the
 /// operator admitted (`status.allocation`), else its spec's; dedicated CPUs and hugepages are
-/// always its spec's. The one reading both binaries use.
+/// always its spec's. The one reading both binaries use (a desktop whose spec is read already
+/// goes through [`crate::validation::ValidDesktop::admitted`], the same rule).
 pub fn admitted_size(
     spec: &DesktopSpec,
     status: Option<&DesktopStatus>,
@@ -108,22 +107,6 @@ pub fn admitted_size(
     r.dedicated_cpus = spec.performance.dedicated_cpus;
     r.hugepages = spec.performance.hugepages;
     Ok(r)
-}
-
-/// The idle policy in force for a desktop: its own `spec.idle`, else its pool's
-/// `spec.defaults.idle`. The one place both binaries resolve it.
-pub fn idle_policy<'a>(
-    spec: &'a DesktopSpec,
-    defaults: Option<&'a PoolDefaults>,
-) -> Option<&'a IdlePolicy> {
-    spec.idle.as_ref().or_else(|| defaults?.idle.as_ref())
-}
-
-impl IdlePolicy {
-    /// The policy as the core decides with it; its timeout is a duration such as 30m.
-    pub fn read(&self) -> Result<idle::Policy, QuantityError> {
-        idle::Policy::read(&self.timeout, self.action)
-    }
 }
 
 impl From<&Reclaimed> for Reclaim {
@@ -236,44 +219,6 @@ mod tests {
         })))?;
         assert_eq!(r, Request::new(8, 16 << 30).dedicated().with_hugepages());
         Ok(())
-    }
-
-    #[test]
-    fn the_desktops_idle_policy_wins_over_the_pools_default() {
-        use crate::desktop::IdleAction;
-        let own = IdlePolicy {
-            timeout: "5m".into(),
-            action: IdleAction::Suspend,
-            connected_is_active: true,
-        };
-        let pool = PoolDefaults {
-            idle: Some(IdlePolicy {
-                timeout: "1h".into(),
-                action: IdleAction::Shutdown,
-                connected_is_active: true,
-            }),
-            usb: None,
-        };
-        let mut spec: DesktopSpec =
-            serde_json::from_value(serde_json::json!({"pool": "a", "disk": {"image": "x.qcow2"}}))
-                .unwrap_or_else(|e| panic!("{e}"));
-        assert_eq!(idle_policy(&spec, None), None);
-        assert_eq!(idle_policy(&spec, Some(&pool)), pool.idle.as_ref());
-        spec.idle = Some(own.clone());
-        assert_eq!(idle_policy(&spec, Some(&pool)), Some(&own));
-        assert_eq!(
-            own.read(),
-            Ok(idle::Policy {
-                timeout: std::time::Duration::from_secs(300),
-                action: IdleAction::Suspend
-            }),
-            "timeout read with the duration parser"
-        );
-        let bad = IdlePolicy {
-            timeout: "5x".into(),
-            ..own
-        };
-        assert!(bad.read().is_err());
     }
 
     #[test]

@@ -424,7 +424,6 @@ async fn orphan_domain(w: &World, id: u64) -> anyhow::Result<String> {
         },
         spice_listen: "127.0.0.1".into(),
         spice_tls: false,
-        default_usb: None,
     };
     let binding = Binding {
         node: w.node.clone(),
@@ -433,6 +432,6 @@ async fn orphan_domain(w: &World, id: u64) -> anyhow::Result<String> {
         spice_password: Secret::new("orphan"),
         pinned_cpus: Vec::new(),
     };
-    let inputs = DomainInputs::from_desktop(&desk, &binding, &host)?;
+    let inputs = DomainInputs::from_desktop(&desk, &common::valid(&desk), &binding, &host)?;
     Ok(w.hv.define_domain(&inputs.to_xml()?).await?)
 }

@@ -5,7 +5,7 @@ mod common;
 
 use std::net::Ipv4Addr;
 
-use common::{UID, assert_golden, binding, desktop, host, minimal_spec};
+use common::{UID, assert_golden, binding, desktop, host, minimal_spec, valid};
 use deskvirt_crds::resource_pool::{NetworkMode, PoolNetwork};
 use deskvirt_node_agent::domain::{
     DhcpHost, DomainInputs, NetworkAttachment, NetworkInputs, domain_xml, network_xml,
@@ -18,7 +18,7 @@ fn inputs(
     binding: &deskvirt_node_agent::domain::Binding,
 ) -> DomainInputs {
     let desktop = desktop("team-a", "alice", UID, spec);
-    match DomainInputs::from_desktop(&desktop, binding, host) {
+    match DomainInputs::from_desktop(&desktop, &valid(&desktop), binding, host) {
         Ok(inputs) => inputs,
         Err(e) => panic!("fixture desktop does not convert: {e}"),
     }
@@ -101,13 +101,15 @@ fn usb_redirection_off() {
 
 #[test]
 fn pool_default_usb_applies_when_the_desktop_sets_none() {
-    let mut host = host();
-    host.default_usb = Some(deskvirt_crds::desktop::UsbPolicy {
-        redirect: false,
-        ..Default::default()
-    });
-    let xml = render(&inputs(minimal_spec(), &host, &binding()));
-    assert!(!xml.contains("<redirdev"));
+    let desktop = desktop("team-a", "alice", UID, minimal_spec());
+    let pool: deskvirt_crds::ResourcePoolSpec =
+        serde_json::from_value(serde_json::json!({ "defaults": { "usb": { "redirect": false } } }))
+            .unwrap_or_else(|e| panic!("{e}"));
+    let valid = deskvirt_crds::validation::read_desktop(&desktop.spec, Some(&pool))
+        .unwrap_or_else(|e| panic!("{e:?}"));
+    let inputs = DomainInputs::from_desktop(&desktop, &valid, &binding(), &host())
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(!render(&inputs).contains("<redirdev"));
 }
 
 #[test]

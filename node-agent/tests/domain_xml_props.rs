@@ -86,7 +86,7 @@ proptest! {
         });
         let desktop = desktop(&namespace, &name, UID, spec);
         let carriable = cmdline.chars().all(is_xml_char);
-        match DomainInputs::from_desktop(&desktop, &binding(), &host()) {
+        match DomainInputs::from_desktop(&desktop, &common::valid(&desktop), &binding(), &host()) {
             Err(BuildError::InvalidText { field }) => {
                 prop_assert!(!carriable, "rejected a command line XML can carry");
                 prop_assert_eq!(field, "spec.boot.cmdline");

@@ -32,7 +32,8 @@ fn unique_uid(tag: u32) -> String {
 fn inputs_for(namespace: &str, name: &str, uid: &str, spec: serde_json::Value) -> DomainInputs {
     let mut host = host();
     host.domain_type = DomainType::Kvm;
-    match DomainInputs::from_desktop(&desktop(namespace, name, uid, spec), &binding(), &host) {
+    let desk = desktop(namespace, name, uid, spec);
+    match DomainInputs::from_desktop(&desk, &common::valid(&desk), &binding(), &host) {
         Ok(inputs) => inputs,
         Err(e) => panic!("fixture desktop does not convert: {e}"),
     }
@@ -177,11 +178,8 @@ async fn every_field_desktop_is_accepted() -> TestResult {
     host.spice_tls = true;
     let mut binding = binding();
     binding.pinned_cpus = vec![0, 1];
-    let inputs = match DomainInputs::from_desktop(
-        &desktop("full", "carol", &unique_uid(3), spec),
-        &binding,
-        &host,
-    ) {
+    let desk = desktop("full", "carol", &unique_uid(3), spec);
+    let inputs = match DomainInputs::from_desktop(&desk, &common::valid(&desk), &binding, &host) {
         Ok(inputs) => inputs,
         Err(e) => panic!("fixture does not convert: {e}"),
     };

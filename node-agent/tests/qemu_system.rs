@@ -115,7 +115,6 @@ fn inputs(env: &Env, usb: serde_json::Value, port: u16, password: &str) -> Domai
         },
         spice_listen: "127.0.0.1".into(),
         spice_tls: false,
-        default_usb: None,
     };
     let mac = format!(
         "52:54:00:{:02x}:{:02x}:{:02x}",
@@ -130,7 +129,7 @@ fn inputs(env: &Env, usb: serde_json::Value, port: u16, password: &str) -> Domai
         spice_password: Secret::new(password),
         pinned_cpus: Vec::new(),
     };
-    match DomainInputs::from_desktop(&desk, &binding, &host) {
+    match DomainInputs::from_desktop(&desk, &common::valid(&desk), &binding, &host) {
         Ok(inputs) => inputs,
         Err(e) => panic!("test desktop does not convert: {e}"),
     }

@@ -555,7 +555,10 @@ fn validate(kind: &str, spec: &Value, pool: &Value) -> Vec<FieldError> {
         _ => {
             let spec: DesktopSpec = serde_json::from_value(spec.clone())
                 .unwrap_or_else(|e| panic!("desktop spec {spec}: {e}"));
-            validation::desktop(&spec, Some(&pool_spec))
+            match validation::read_desktop(&spec, Some(&pool_spec)) {
+                Ok(valid) => valid.refused,
+                Err(errors) => errors,
+            }
         }
     }
 }

@@ -1,29 +1,77 @@
-//! What a Desktop's schema cannot check: quantities and durations that parse and are not zero,
-//! a fixed MAC inside its pool's `macPrefix`, a USB policy no looser than its pool's, file
-//! names and interface names that are not `.` or `..`.
+//! A Desktop's spec read once, against its pool, into the one value both binaries decide with
+//! ([`ValidDesktop`]): quantities and durations that parse and are not zero, file and
+//! interface names that are not `.` or `..`, and the idle and USB policies in force. What only
+//! the pool forbids (a fixed MAC outside its `macPrefix`, a USB policy looser than its
+//! default) is kept apart: the operator refuses on it, a host applies the pool's bound.
 
-use super::{Errors, FieldError, idle, interface, positive_bytes};
-use crate::desktop::DesktopSpec;
+use deskvirt_core::idle;
+use deskvirt_core::scheduler::{Request, RequestError};
+
+use super::{Errors, FieldError, interface, positive_bytes};
+use crate::desktop::{DesktopSpec, DesktopStatus, UsbPolicy};
 use crate::paths;
 use crate::resource_pool::ResourcePoolSpec;
 
-/// Every field error of a desktop's spec, judged against its pool's spec when the pool exists.
-pub fn desktop(spec: &DesktopSpec, pool: Option<&ResourcePoolSpec>) -> Vec<FieldError> {
-    let mut e = Errors::default();
-    positive_bytes(&mut e, "spec.memory", &spec.memory);
-    e.check("spec.disk.image", paths::check_file_name(&spec.disk.image));
-    if let Some(size) = &spec.disk.size {
-        positive_bytes(&mut e, "spec.disk.size", size);
+/// A Desktop's spec, read and checked once against its pool.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ValidDesktop {
+    /// The size the spec asks for: vCPUs, memory in bytes, dedicated CPUs, hugepages.
+    pub asked: Request,
+    /// The disk's virtual size in bytes; `None` keeps the image's.
+    pub disk_size: Option<u64>,
+    /// The idle policy in force: the desktop's `spec.idle`, else its pool's
+    /// `spec.defaults.idle` (`None` when neither is set, or the pool's does not parse: the
+    /// pool is then refused as a whole).
+    pub idle: Option<idle::Policy>,
+    /// Whether a connected SPICE client keeps the desktop active (from the same policy; true
+    /// when none is set).
+    pub connected_is_active: bool,
+    /// The USB redirection policy in force: the desktop's own, unless it is looser than the
+    /// pool's `defaults.usb`; else the pool's; else redirection on with two channels.
+    pub usb: UsbPolicy,
+    /// What the pool forbids in this spec. The operator refuses the desktop on them; a host
+    /// never applies them (the value holds the pool's bound instead).
+    pub refused: Vec<FieldError>,
+}
+
+impl ValidDesktop {
+    /// The size a desktop's host gives its domain and the operator charges it for: what the
+    /// operator admitted (`status.allocation`), else what the spec asks.
+    pub fn admitted(&self, status: Option<&DesktopStatus>) -> Result<Request, RequestError> {
+        let Some(a) = status.and_then(|s| s.allocation.as_ref()) else {
+            return Ok(self.asked);
+        };
+        let mut r = Request::read(a.cpu, &a.memory)?;
+        r.dedicated_cpus = self.asked.dedicated_cpus;
+        r.hugepages = self.asked.hugepages;
+        Ok(r)
     }
+}
+
+/// Reads `spec` against its pool's spec (when the pool exists): the value, or every field
+/// error of the spec itself, the pool's refusals after them.
+pub fn read_desktop(
+    spec: &DesktopSpec,
+    pool: Option<&ResourcePoolSpec>,
+) -> Result<ValidDesktop, Vec<FieldError>> {
+    let mut e = Errors::default();
+    let memory = positive_bytes(&mut e, "spec.memory", &spec.memory);
+    e.check("spec.disk.image", paths::check_file_name(&spec.disk.image));
+    let disk_size = spec
+        .disk
+        .size
+        .as_deref()
+        .map(|size| positive_bytes(&mut e, "spec.disk.size", size));
     if let Some(boot) = &spec.boot {
         e.check("spec.boot.kernel", paths::check_file_name(&boot.kernel));
         if let Some(initrd) = &boot.initrd {
             e.check("spec.boot.initrd", paths::check_file_name(initrd));
         }
     }
-    if let Some(policy) = &spec.idle {
-        idle(&mut e, "spec.idle", policy);
-    }
+    let own_idle = spec
+        .idle
+        .as_ref()
+        .map(|policy| super::idle(&mut e, "spec.idle", policy));
     for (i, sriov) in spec.performance.sriov.iter().enumerate() {
         interface(
             &mut e,
@@ -34,9 +82,41 @@ pub fn desktop(spec: &DesktopSpec, pool: Option<&ResourcePoolSpec>) -> Vec<Field
     if let Some(usb) = &spec.display.usb {
         super::usb::filters(&mut e, "spec.display.usb", usb);
     }
-    let Some(pool) = pool else {
-        return e.0;
+    let refused = pool.map(|p| refusals(spec, p)).unwrap_or_default();
+    let (Some(memory), false) = (memory, !e.0.is_empty()) else {
+        e.0.extend(refused);
+        return Err(e.0);
     };
+    let defaults = pool.map(|p| &p.defaults);
+    let (idle, connected_is_active) = match (&spec.idle, own_idle) {
+        (Some(own), Some(read)) => (read, own.connected_is_active),
+        _ => match defaults.and_then(|d| d.idle.as_ref()) {
+            Some(p) => (
+                idle::Policy::read(&p.timeout, p.action).ok(),
+                p.connected_is_active,
+            ),
+            None => (None, true),
+        },
+    };
+    let mut asked = Request::new(spec.cpu, memory);
+    asked.dedicated_cpus = spec.performance.dedicated_cpus;
+    asked.hugepages = spec.performance.hugepages;
+    Ok(ValidDesktop {
+        asked,
+        disk_size: disk_size.flatten(),
+        idle,
+        connected_is_active,
+        usb: usb_in_force(
+            spec.display.usb.as_ref(),
+            defaults.and_then(|d| d.usb.as_ref()),
+        ),
+        refused,
+    })
+}
+
+/// What `pool` forbids in `spec`.
+fn refusals(spec: &DesktopSpec, pool: &ResourcePoolSpec) -> Vec<FieldError> {
+    let mut e = Errors::default();
     if let Some(mac) = &spec.network.mac {
         let prefix = &pool.network.mac_prefix;
         let inside = mac
@@ -59,9 +139,23 @@ pub fn desktop(spec: &DesktopSpec, pool: Option<&ResourcePoolSpec>) -> Vec<Field
     e.0
 }
 
+/// The desktop's USB policy, else the pool's default, else redirection on with two channels.
+/// A desktop policy looser than the pool's (an edit after binding: the operator refuses one
+/// before) is never in force: the pool's is.
+fn usb_in_force(desktop: Option<&UsbPolicy>, pool: Option<&UsbPolicy>) -> UsbPolicy {
+    let desktop = match (desktop, pool) {
+        (Some(d), Some(p)) if !super::usb_loosening(d, p).is_empty() => Some(p),
+        (d, _) => d,
+    };
+    desktop.or(pool).cloned().unwrap_or_default()
+}
+
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
+    use crate::desktop::IdleAction;
 
     fn desk(v: serde_json::Value) -> DesktopSpec {
         let mut base = serde_json::json!({ "pool": "a", "disk": { "image": "b.qcow2" } });
@@ -75,34 +169,135 @@ mod tests {
         serde_json::from_value(v).unwrap_or_else(|e| panic!("{e}"))
     }
 
-    #[test]
-    fn a_plain_desktop_is_valid() {
-        assert_eq!(desktop(&desk(serde_json::json!({})), None), vec![]);
-        let p = pool(serde_json::json!({}));
-        assert_eq!(desktop(&desk(serde_json::json!({})), Some(&p)), vec![]);
+    fn valid(d: &DesktopSpec, p: Option<&ResourcePoolSpec>) -> ValidDesktop {
+        read_desktop(d, p).unwrap_or_else(|e| panic!("{e:?}"))
+    }
+
+    fn paths(errors: Vec<FieldError>) -> Vec<String> {
+        errors.into_iter().map(|e| e.path).collect()
     }
 
     #[test]
-    fn a_mac_outside_the_prefix_is_refused() {
+    fn a_plain_desktop_is_read_with_its_defaults() {
+        let d = desk(serde_json::json!({}));
+        let v = valid(&d, Some(&pool(serde_json::json!({}))));
+        assert_eq!(v.asked, Request::new(2, 2 << 30));
+        assert_eq!(v.disk_size, None);
+        assert_eq!((v.idle, v.connected_is_active), (None, true));
+        assert_eq!(v.usb, UsbPolicy::default());
+        assert_eq!(v.refused, vec![]);
+        assert_eq!(valid(&d, None).refused, vec![]);
+    }
+
+    #[test]
+    fn a_mac_outside_the_prefix_is_refused_by_the_pool() {
         let p = pool(serde_json::json!({ "network": { "macPrefix": "52:54:00" } }));
         let inside = desk(serde_json::json!({ "network": { "mac": "52:54:00:aa:bb:cc" } }));
-        assert_eq!(desktop(&inside, Some(&p)), vec![]);
+        assert_eq!(valid(&inside, Some(&p)).refused, vec![]);
         let outside = desk(serde_json::json!({ "network": { "mac": "02:00:00:aa:bb:cc" } }));
-        let errors = desktop(&outside, Some(&p));
-        assert_eq!(errors.len(), 1);
-        assert_eq!(errors[0].path, "spec.network.mac");
+        assert_eq!(
+            paths(valid(&outside, Some(&p)).refused),
+            ["spec.network.mac"]
+        );
+        assert_eq!(valid(&outside, None).refused, vec![]);
     }
 
     #[test]
-    fn zero_sizes_and_durations_are_named() {
+    fn zero_sizes_and_durations_are_named_with_the_pools_refusals_after_them() {
         let d = desk(
             serde_json::json!({ "memory": "0", "idle": { "timeout": "0m" },
+            "network": { "mac": "02:00:00:aa:bb:cc" },
             "disk": { "image": "b.qcow2", "size": "99999999Ei" } }),
         );
-        let paths: Vec<_> = desktop(&d, None).into_iter().map(|e| e.path).collect();
+        let p = pool(serde_json::json!({ "network": { "macPrefix": "52:54:00" } }));
         assert_eq!(
-            paths,
-            ["spec.memory", "spec.disk.size", "spec.idle.timeout"]
+            read_desktop(&d, None).map_err(paths),
+            Err(vec![
+                "spec.memory".to_string(),
+                "spec.disk.size".into(),
+                "spec.idle.timeout".into()
+            ])
         );
+        let errors = read_desktop(&d, Some(&p)).map_err(paths);
+        assert_eq!(
+            errors.err().and_then(|e| e.last().cloned()).as_deref(),
+            Some("spec.network.mac")
+        );
+    }
+
+    #[test]
+    fn every_size_is_parsed_once() {
+        let d = desk(serde_json::json!({ "cpu": 3, "memory": "1536Mi",
+            "performance": { "dedicatedCpus": true, "hugepages": true },
+            "disk": { "image": "b.qcow2", "size": "20Gi" } }));
+        let v = valid(&d, None);
+        assert_eq!(v.asked, {
+            let mut r = Request::new(3, 1536 << 20).dedicated();
+            r.hugepages = true;
+            r
+        });
+        assert_eq!(v.disk_size, Some(20 << 30));
+    }
+
+    #[test]
+    fn the_size_admitted_is_the_recorded_one_with_the_specs_pinning() {
+        let d = desk(serde_json::json!({ "cpu": 8, "memory": "8Gi",
+            "performance": { "dedicatedCpus": true } }));
+        let v = valid(&d, None);
+        assert_eq!(v.admitted(None), Ok(v.asked));
+        let st: DesktopStatus = serde_json::from_value(serde_json::json!({
+            "allocation": { "pool": "a", "cpu": 2, "memory": "2Gi" } }))
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            v.admitted(Some(&st)),
+            Ok(Request::new(2, 2 << 30).dedicated())
+        );
+    }
+
+    #[test]
+    fn the_desktops_idle_policy_wins_over_the_pools_default() {
+        let p = pool(serde_json::json!({ "defaults": { "idle":
+            { "timeout": "30m", "action": "Shutdown", "connectedIsActive": false } } }));
+        let inherit = valid(&desk(serde_json::json!({})), Some(&p));
+        assert_eq!(
+            (inherit.idle, inherit.connected_is_active),
+            (
+                Some(idle::Policy {
+                    timeout: Duration::from_secs(1800),
+                    action: IdleAction::Shutdown
+                }),
+                false
+            )
+        );
+        let own = desk(serde_json::json!({ "idle": { "timeout": "5m", "action": "Suspend" } }));
+        let own = valid(&own, Some(&p));
+        assert_eq!(
+            (
+                own.idle.map(|i| (i.timeout, i.action)),
+                own.connected_is_active
+            ),
+            (Some((Duration::from_secs(300), IdleAction::Suspend)), true)
+        );
+        let unreadable = pool(serde_json::json!({ "defaults": { "idle": { "timeout": "soon" } } }));
+        assert_eq!(
+            valid(&desk(serde_json::json!({})), Some(&unreadable)).idle,
+            None
+        );
+    }
+
+    #[test]
+    fn a_usb_policy_looser_than_the_pools_is_refused_and_never_in_force() {
+        let p =
+            pool(serde_json::json!({ "defaults": { "usb": { "redirect": true, "channels": 2 } } }));
+        let looser = desk(serde_json::json!({ "display": { "usb": { "channels": 4 } } }));
+        let v = valid(&looser, Some(&p));
+        assert_eq!(paths(v.refused), ["spec.display.usb.channels"]);
+        assert_eq!(v.usb.channels, 2);
+        let narrower = desk(serde_json::json!({ "display": { "usb": { "channels": 1 } } }));
+        let v = valid(&narrower, Some(&p));
+        assert_eq!((v.refused.len(), v.usb.channels), (0, 1));
+        let off = pool(serde_json::json!({ "defaults": { "usb": { "redirect": false } } }));
+        assert!(!valid(&desk(serde_json::json!({})), Some(&off)).usb.redirect);
+        assert!(valid(&desk(serde_json::json!({})), None).usb.redirect);
     }
 }

@@ -10,7 +10,7 @@ mod usb;
 
 use std::fmt;
 
-pub use desktop::desktop;
+pub use desktop::{ValidDesktop, read_desktop};
 pub use labels::{SelectorError, matches as selector_matches};
 pub use pool::pool;
 
@@ -76,13 +76,15 @@ impl Errors {
     }
 }
 
-/// A quantity that must parse to a positive number of bytes.
-fn positive_bytes(errors: &mut Errors, path: &str, q: &str) {
+/// A quantity that must parse to a positive number of bytes: the bytes, or `None` with the
+/// error recorded.
+fn positive_bytes(errors: &mut Errors, path: &str, q: &str) -> Option<u64> {
     match crate::quantity::parse_bytes(q) {
         Ok(0) => errors.add(path, format!("{q:?} is zero; it must be more")),
-        Ok(_) => {}
+        Ok(b) => return Some(b),
         Err(e) => errors.add(path, e.to_string()),
     }
+    None
 }
 
 /// A quantity that must parse (zero allowed).
@@ -90,13 +92,14 @@ fn bytes(errors: &mut Errors, path: &str, q: &str) {
     errors.check(path, crate::quantity::parse_bytes(q));
 }
 
-/// A duration that must be longer than zero.
-fn positive_duration(errors: &mut Errors, path: &str, d: &str) {
+/// A duration that must be longer than zero: the duration, or `None` with the error recorded.
+fn positive_duration(errors: &mut Errors, path: &str, d: &str) -> Option<std::time::Duration> {
     match crate::quantity::parse_duration(d) {
         Ok(t) if t.is_zero() => errors.add(path, format!("{d:?} is zero; it must be longer")),
-        Ok(_) => {}
+        Ok(t) => return Some(t),
         Err(e) => errors.add(path, e.to_string()),
     }
+    None
 }
 
 /// A network interface name the schema's pattern lets through: refuse `.` and `..`.
@@ -106,9 +109,18 @@ fn interface(errors: &mut Errors, path: &str, name: &str) {
     }
 }
 
-/// The idle policy's fields (a Desktop's own or a pool's default).
-fn idle(errors: &mut Errors, at: &str, policy: &crate::desktop::IdlePolicy) {
-    positive_duration(errors, &format!("{at}.timeout"), &policy.timeout);
+/// The idle policy's fields (a Desktop's own or a pool's default): the policy as the core
+/// decides with it, or `None` with the errors recorded.
+fn idle(
+    errors: &mut Errors,
+    at: &str,
+    policy: &crate::desktop::IdlePolicy,
+) -> Option<deskvirt_core::idle::Policy> {
+    let timeout = positive_duration(errors, &format!("{at}.timeout"), &policy.timeout)?;
+    Some(deskvirt_core::idle::Policy {
+        timeout,
+        action: policy.action,
+    })
 }
 
 #[cfg(test)]
@@ -128,7 +140,8 @@ mod tests {
         assert_eq!(super::pool(&pool.spec), vec![]);
         for name in ["desktop.yaml", "desktop-full.yaml"] {
             let d: Desktop = example(name);
-            assert_eq!(super::desktop(&d.spec, Some(&pool.spec)), vec![], "{name}");
+            let valid = super::read_desktop(&d.spec, Some(&pool.spec));
+            assert_eq!(valid.map(|v| v.refused), Ok(vec![]), "{name}");
         }
     }
 }

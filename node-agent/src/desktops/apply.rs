@@ -15,6 +15,7 @@ use deskvirt_crds::conditions::{self, Status};
 use deskvirt_crds::constants::condition::{DOMAIN_DEFINED, RUNNING};
 use deskvirt_crds::desktop::{DesktopStatus, Power, Size};
 use deskvirt_crds::quantity::format_bytes;
+use deskvirt_crds::validation::ValidDesktop;
 use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
 use kube::{Api, ResourceExt};
@@ -402,7 +403,7 @@ async fn execute<H: Hypervisor>(
         ctx.record_session(uid, false);
         activity::started(&status, now())
     } else {
-        observe_activity(ctx, d, &inputs.pool, &status, uid, &seen.domain, active).await
+        observe_activity(ctx, &inputs.valid, &status, uid, &seen.domain, active).await
     });
     Ok(requeue)
 }
@@ -502,8 +503,7 @@ fn size_of(vcpus: u32, memory_bytes: u64) -> Size {
 /// not running reports no client and leaves the idleness fields as they are.
 async fn observe_activity<H: Hypervisor>(
     ctx: &DesktopContext<H>,
-    d: &Desktop,
-    pool: &deskvirt_crds::ResourcePool,
+    valid: &ValidDesktop,
     status: &DesktopStatus,
     uid: &str,
     domain: &str,
@@ -541,9 +541,11 @@ async fn observe_activity<H: Hypervisor>(
             "activity sample"
         );
     }
-    let connected_is_active = deskvirt_crds::read::idle_policy(&d.spec, Some(&pool.spec.defaults))
-        .is_none_or(|p| p.connected_is_active);
-    let in_use = activity::in_use(guest, counters.spice_client.is_some(), connected_is_active);
+    let in_use = activity::in_use(
+        guest,
+        counters.spice_client.is_some(),
+        valid.connected_is_active,
+    );
     activity::next(status, in_use, counters.spice_client.as_deref(), now())
 }
 

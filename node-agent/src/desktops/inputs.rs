@@ -10,7 +10,7 @@ use deskvirt_core::pinning::{Pinned, pin};
 use deskvirt_crds::conditions::Status;
 use deskvirt_crds::constants::{SECRET_KEY_PASSWORD, console_mirror_name};
 use deskvirt_crds::desktop::DesktopStatus;
-use deskvirt_crds::quantity::parse_bytes;
+use deskvirt_crds::validation::{ValidDesktop, read_desktop, summary};
 use deskvirt_crds::{Desktop, ResourcePool};
 use kube::ResourceExt;
 use kube::runtime::reflector::ObjectRef;
@@ -32,8 +32,8 @@ pub(super) struct Inputs {
     /// rewrites a mirror's labels and annotations without changing its password, and each
     /// rewrite would push the same password into the running domain again).
     pub password_version: String,
-    /// The disk's virtual size asked for, in bytes.
-    pub size: Option<u64>,
+    /// The spec read once against its pool.
+    pub valid: ValidDesktop,
 }
 
 impl Inputs {
@@ -43,7 +43,7 @@ impl Inputs {
             base: PathBuf::from(&self.host.image_dir).join(&d.spec.disk.image),
             target: PathBuf::from(&self.domain.disk_path),
             clone: d.spec.disk.clone,
-            size: self.size,
+            size: self.valid.disk_size,
             owner: uid.to_string(),
             adopt,
         }
@@ -89,7 +89,11 @@ pub(super) fn gather<H>(
     let mut binding = Binding::from_status(Some(status), password)
         .map_err(|e| wait(Status::Unknown, Reason::WaitingForBinding, e.to_string()))?;
     binding.pinned_cpus = pinned_cpus(ctx, d).map_err(|c| Stop::Wait(c, ADMIN_RESYNC))?;
-    let domain = DomainInputs::from_desktop(d, &binding, &host).map_err(|e| {
+    // The spec read once against the pool. What only the pool forbids (a looser USB policy,
+    // a MAC outside its prefix) is the operator's to refuse; the value holds the pool's bound.
+    let valid = read_desktop(&d.spec, Some(&pool.spec))
+        .map_err(|errors| wait(Status::False, Reason::InvalidSpec, summary(&errors)))?;
+    let domain = DomainInputs::from_desktop(d, &valid, &binding, &host).map_err(|e| {
         let s = if e.is_transient() {
             Status::Unknown
         } else {
@@ -97,26 +101,12 @@ pub(super) fn gather<H>(
         };
         wait(s, Reason::InvalidSpec, e.to_string())
     })?;
-    let size = d
-        .spec
-        .disk
-        .size
-        .as_deref()
-        .map(parse_bytes)
-        .transpose()
-        .map_err(|e| {
-            wait(
-                Status::False,
-                Reason::InvalidSpec,
-                format!("spec.disk.size: {e}"),
-            )
-        })?;
     Ok(Inputs {
         pool,
         host,
         domain,
         password_version,
-        size,
+        valid,
     })
 }
 

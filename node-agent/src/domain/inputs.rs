@@ -5,6 +5,7 @@ use deskvirt_core::scheduler::RequestError;
 use deskvirt_crds::Desktop;
 use deskvirt_crds::desktop::{DesktopStatus, UsbPolicy};
 use deskvirt_crds::resource_pool::ResourcePool;
+use deskvirt_crds::validation::ValidDesktop;
 
 use super::boot::KernelBoot;
 use super::error::BuildError;
@@ -13,7 +14,6 @@ use super::metadata::DesktopIdentity;
 use super::names::{disk_path, domain_name};
 use super::network::{NetworkAttachment, normalize_mac};
 use super::secret::Secret;
-use super::usb::effective_policy;
 
 /// `kvm` (hardware virtualization) or `qemu` (TCG), the domain's `type` attribute.
 pub use deskvirt_crds::domain_node::Hypervisor as DomainType;
@@ -81,8 +81,6 @@ pub struct HostContext {
     pub spice_listen: String,
     /// The pool's `display.tls`.
     pub spice_tls: bool,
-    /// The pool's `defaults.usb`.
-    pub default_usb: Option<UsbPolicy>,
 }
 
 impl HostContext {
@@ -109,7 +107,6 @@ impl HostContext {
             network: NetworkAttachment::for_pool(pool_name, &spec.network)?,
             spice_listen: listen_address(spec.display.listen, node_address),
             spice_tls: spec.display.tls,
-            default_usb: spec.defaults.usb.clone(),
         })
     }
 }
@@ -158,9 +155,11 @@ fn is_uuid(uid: &str) -> bool {
 }
 
 impl DomainInputs {
-    /// Gathers the inputs of a Desktop's domain on this host.
+    /// Gathers the inputs of a Desktop's domain on this host, from the Desktop and its spec read
+    /// against its pool ([`deskvirt_crds::validation::read_desktop`]).
     pub fn from_desktop(
         desktop: &Desktop,
+        valid: &ValidDesktop,
         binding: &Binding,
         host: &HostContext,
     ) -> Result<Self, BuildError> {
@@ -183,12 +182,13 @@ impl DomainInputs {
         }
         let spec = &desktop.spec;
         // The size the operator admitted for this host; a larger spec waits until it fits.
-        let size = deskvirt_crds::read::admitted_size(spec, desktop.status.as_ref()).map_err(
-            |RequestError::Memory(source)| BuildError::BadQuantity {
-                field: "spec.memory",
-                source,
-            },
-        )?;
+        let size =
+            valid
+                .admitted(desktop.status.as_ref())
+                .map_err(|RequestError::Memory(source)| BuildError::BadQuantity {
+                    field: "status.allocation.memory",
+                    source,
+                })?;
         let (vcpus, memory_bytes) = (size.vcpus, size.memory);
         if vcpus == 0 {
             return Err(BuildError::Zero { field: "spec.cpu" });
@@ -246,7 +246,7 @@ impl DomainInputs {
                 password: binding.spice_password.clone(),
                 tls: host.spice_tls,
             },
-            usb: effective_policy(spec.display.usb.as_ref(), host.default_usb.as_ref()),
+            usb: valid.usb.clone(),
             cpu_pinning,
             hugepages: spec.performance.hugepages,
         })

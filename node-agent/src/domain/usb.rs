@@ -1,26 +1,12 @@
 //! Decides USB for a desktop: a qemu-xhci controller always (the tablet sits on it), and when
 //! the policy allows redirection, N spicevmc redirection channels plus a filter of deny rules,
 //! then allow rules, then a catch-all. With redirection off there is no redirdev and no filter.
-//! A desktop policy looser than its pool's is never applied (the pool's applies).
+//! The policy in force comes resolved against the pool
+//! ([`deskvirt_crds::validation::ValidDesktop::usb`]).
 
 use deskvirt_crds::desktop::{UsbFilter, UsbPolicy};
-use deskvirt_crds::validation;
 
 use super::xml::{Controller, RedirDev, RedirFilter, UsbDevRule};
-
-/// The policy that applies: the desktop's, else the pool's default, else redirection on with
-/// two channels. A desktop policy looser than the pool's (an edit after binding: the operator
-/// refuses one before) is never applied: the pool's applies instead.
-pub fn effective_policy(
-    desktop: Option<&UsbPolicy>,
-    pool_default: Option<&UsbPolicy>,
-) -> UsbPolicy {
-    let desktop = match (desktop, pool_default) {
-        (Some(d), Some(p)) if !validation::usb_loosening(d, p).is_empty() => Some(p),
-        (d, _) => d,
-    };
-    desktop.or(pool_default).cloned().unwrap_or_default()
-}
 
 /// The USB controller.
 pub fn controller() -> Controller {
@@ -125,37 +111,5 @@ mod tests {
         };
         let rules = redirfilter(&policy).map(|f| f.usbdev).unwrap_or_default();
         assert_eq!(rules.last().map(|r| r.allow), Some("yes"));
-    }
-
-    #[test]
-    fn desktop_policy_wins_over_pool_default() {
-        let off = UsbPolicy {
-            redirect: false,
-            ..UsbPolicy::default()
-        };
-        let on = UsbPolicy::default();
-        assert!(!effective_policy(Some(&off), Some(&on)).redirect);
-        assert!(!effective_policy(None, Some(&off)).redirect);
-        assert!(effective_policy(None, None).redirect);
-    }
-
-    #[test]
-    fn a_desktop_policy_looser_than_the_pool_is_never_applied() {
-        let pool = UsbPolicy {
-            redirect: true,
-            channels: 1,
-            allow: vec![],
-            deny: vec![filter("0x08")],
-        };
-        let looser = UsbPolicy {
-            channels: 4,
-            ..UsbPolicy::default()
-        };
-        assert_eq!(effective_policy(Some(&looser), Some(&pool)), pool);
-        let narrower = UsbPolicy {
-            redirect: false,
-            ..pool.clone()
-        };
-        assert_eq!(effective_policy(Some(&narrower), Some(&pool)), narrower);
     }
 }

@@ -55,7 +55,14 @@ pub fn host() -> HostContext {
         },
         spice_listen: "10.0.0.11".into(),
         spice_tls: false,
-        default_usb: None,
+    }
+}
+
+/// `desktop`'s spec read as the agent reads it, in a pool with the default spec.
+pub fn valid(desktop: &Desktop) -> deskvirt_crds::validation::ValidDesktop {
+    match deskvirt_crds::validation::read_desktop(&desktop.spec, None) {
+        Ok(v) => v,
+        Err(e) => panic!("fixture spec does not read: {e:?}"),
     }
 }
 

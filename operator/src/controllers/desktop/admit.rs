@@ -5,13 +5,14 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use deskvirt_core::scheduler::Request;
 use deskvirt_crds::ResourcePool;
 use deskvirt_crds::constants::scheduled_reason::{
     INVALID_POOL, INVALID_SPEC, POOL_NOT_ALLOWED, QUOTA_EXCEEDED,
 };
 use deskvirt_crds::desktop::Desktop;
-use deskvirt_crds::quantity::parse_bytes;
-use deskvirt_crds::validation::{self, summary};
+use deskvirt_crds::read::FromDesktopSpec;
+use deskvirt_crds::validation::{self, ValidDesktop, summary};
 use kube::ResourceExt;
 use kube::runtime::reflector::ObjectRef;
 
@@ -30,25 +31,28 @@ pub(super) struct Refusal {
     pub retry: Option<Duration>,
 }
 
-/// Checks spec, pool, access and quotas; `Ok(None)` when the namespace is not cached yet.
+/// Checks spec, pool, access and quotas: the spec read against its pool, or `Ok(None)` when the
+/// namespace is not cached yet.
 pub(super) fn admit(
     d: &Desktop,
     uid: &str,
     pool: Option<&ResourcePool>,
     ctx: &Context,
     ledgers: &Ledgers,
-) -> Result<Option<()>, Refusal> {
-    let errors = validation::desktop(&d.spec, pool.map(|p| &p.spec));
-    if !errors.is_empty() {
-        return Err(Refusal {
-            reason: INVALID_SPEC,
-            message: summary(&errors),
-            retry: None,
-        });
-    }
+) -> Result<Option<ValidDesktop>, Refusal> {
+    let invalid = |errors: &[validation::FieldError]| Refusal {
+        reason: INVALID_SPEC,
+        message: summary(errors),
+        retry: None,
+    };
+    let valid = match validation::read_desktop(&d.spec, pool.map(|p| &p.spec)) {
+        Ok(v) if v.refused.is_empty() => v,
+        Ok(v) => return Err(invalid(&v.refused)),
+        Err(errors) => return Err(invalid(&errors)),
+    };
     // A missing pool is the scheduler's to report.
     let Some(pool) = pool else {
-        return Ok(Some(()));
+        return Ok(Some(valid));
     };
     let name = &d.spec.pool;
     let errors = validation::pool(&pool.spec);
@@ -96,7 +100,7 @@ pub(super) fn admit(
         })
         .collect();
     if quotas.is_empty() {
-        return Ok(Some(()));
+        return Ok(Some(valid));
     }
     let used = ctx
         .stores
@@ -109,22 +113,23 @@ pub(super) fn admit(
             let bound = o.status.as_ref().is_some_and(|s| s.node.is_some());
             holds_binding(o) && (bound || o.uid().is_some_and(|u| ledgers.reserved(&u)))
         })
-        .map(|o| amount(o))
+        .map(|o| Request::from_spec(&o.spec).map_or_else(|_| Amount::default(), amount))
         .fold(Amount::default(), |a, b| a + b);
     within_quotas(
         &namespace,
         quotas.iter().map(|(n, h)| (n.as_str(), h)),
         used,
-        amount(d),
+        amount(valid.asked),
     )
     .map_err(tenancy)?;
-    Ok(Some(()))
+    Ok(Some(valid))
 }
 
-/// What a desktop holds against its namespace's quotas (memory a validated spec can parse).
-fn amount(d: &Desktop) -> Amount {
+/// What a desktop of `size` holds against its namespace's quotas (an unreadable spec, which
+/// was never admitted, holds nothing).
+fn amount(size: Request) -> Amount {
     Amount {
-        cpu: u64::from(d.spec.cpu),
-        memory: parse_bytes(&d.spec.memory).unwrap_or(0),
+        cpu: u64::from(size.vcpus),
+        memory: size.memory,
     }
 }

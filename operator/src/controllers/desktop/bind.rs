@@ -7,9 +7,9 @@ use std::time::Duration;
 
 use deskvirt_crds::conditions::{self, Status};
 use deskvirt_crds::constants::condition::SCHEDULED;
-use deskvirt_crds::constants::scheduled_reason::{INVALID_POOL, INVALID_SPEC};
+use deskvirt_crds::constants::scheduled_reason::INVALID_POOL;
 use deskvirt_crds::desktop::{Allocation, Phase};
-use deskvirt_crds::read::{FromDesktopSpec, FromPoolSpec};
+use deskvirt_crds::read::FromPoolSpec;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::ResourceExt;
 use kube::runtime::controller::Action;
@@ -27,7 +27,7 @@ use super::{Error, Pass};
 use crate::allocators::{Bound, Claim};
 use crate::console::user::{allowed, secret_name};
 use crate::controllers::chain;
-use crate::scheduler::{PoolIndex, PoolPolicy, Request, schedule};
+use crate::scheduler::{PoolIndex, PoolPolicy, schedule};
 use crate::world::host_views_counted;
 
 /// How long after writing a binding a copy without it is taken for an older one.
@@ -218,14 +218,10 @@ async fn place(pass: &Pass<'_>, prev: &[Condition]) -> Placement {
         return Placement::Later(Duration::from_secs(1));
     }
     let pool = ctx.stores.pool(&d.spec.pool);
-    match admit(d, uid, pool.as_deref(), ctx, &ledgers) {
-        Ok(Some(())) => {}
+    let request = match admit(d, uid, pool.as_deref(), ctx, &ledgers) {
+        Ok(Some(valid)) => valid.asked,
         Ok(None) => return Placement::Later(Duration::from_secs(1)),
         Err(r) => return unschedulable(r.reason, r.message, r.retry),
-    }
-    let request = match Request::from_spec(&d.spec) {
-        Ok(r) => r,
-        Err(e) => return unschedulable(INVALID_SPEC, e.to_string(), None),
     };
     let mut index = PoolIndex::new();
     if let Some(p) = &pool {

@@ -124,6 +124,8 @@ fn plan(seen: &Seen<'_>, ctx: &Context, txn: &mut Txn<'_>) -> Plan {
     let (d, now) = (seen.d, seen.now);
     let gen_ = d.metadata.generation;
     let mut want = seen.current.clone();
+    // The spec read once against its pool; an invalid one is reported below.
+    let valid = validation::read_desktop(&d.spec, txn.pool().map(|p| &p.spec));
     let told = keep::keep(seen, ctx, txn, &mut want);
     let moved_port = busy_port::move_off(seen, txn, &mut want);
     let alive = |n: &str| ctx.heartbeat(n, now).is_fresh() && ctx.stores.node(n).is_some();
@@ -138,7 +140,14 @@ fn plan(seen: &Seen<'_>, ctx: &Context, txn: &mut Txn<'_>) -> Plan {
         warnings: Vec::new(),
         phase_note: String::new(),
     };
-    plan.idle = match idle::settle(seen, ctx, txn, alive(&seen.node), &mut want) {
+    plan.idle = match idle::settle(
+        seen,
+        valid.as_ref().ok(),
+        ctx,
+        txn,
+        alive(&seen.node),
+        &mut want,
+    ) {
         Settled::Delete(note) => {
             plan.delete = Some(note);
             plan.want = want;
@@ -170,17 +179,20 @@ fn plan(seen: &Seen<'_>, ctx: &Context, txn: &mut Txn<'_>) -> Plan {
     } else {
         Status::from_bool(derived.ready)
     };
-    plan.warnings = size::settle(seen, ctx, txn, host, &mut want);
+    plan.warnings = size::settle(seen, valid.as_ref().ok(), ctx, txn, host, &mut want);
     let scheduled = bound_message(host, want.port, want.mac.as_deref());
     // A spec made invalid after binding: not Ready, naming the fields (the host never applies
     // a USB policy looser than the pool's; nothing bound is taken back).
-    let invalid = validation::desktop(&d.spec, txn.pool().map(|p| &p.spec));
+    let invalid = match &valid {
+        Ok(v) => v.refused.as_slice(),
+        Err(errors) => errors.as_slice(),
+    };
     let summary = if invalid.is_empty() {
         (ready, derived.reason, derived.message.clone())
     } else {
         let message = format!(
             "spec changed since binding: {}",
-            validation::summary(&invalid)
+            validation::summary(invalid)
         );
         (Status::False, INVALID_SPEC, message)
     };

@@ -16,7 +16,8 @@ use deskvirt_crds::conditions::{self, Status, condition};
 use deskvirt_crds::constants::condition::{IDLE, RUNNING};
 use deskvirt_crds::constants::idle_reason;
 use deskvirt_crds::desktop::{IdleAction, Move, Reclaimed, Wake};
-use deskvirt_crds::read::{FromDesktopSpec, FromPoolSpec, idle_policy};
+use deskvirt_crds::read::FromPoolSpec;
+use deskvirt_crds::validation::ValidDesktop;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::ResourceExt;
 use kube::api::{DeleteParams, Preconditions};
@@ -28,7 +29,7 @@ use super::txn::{Closed, Txn};
 use super::{Error, Pass, kube};
 use crate::context::Context;
 use crate::idle::{released, wake_step, wake_token};
-use crate::scheduler::{PoolPolicy, Request};
+use crate::scheduler::PoolPolicy;
 use crate::world::host_views_counted;
 
 /// How often a woken desktop waiting for room looks again.
@@ -79,6 +80,7 @@ enum Restore {
 /// transaction.
 pub(super) fn settle(
     seen: &Seen<'_>,
+    valid: Option<&ValidDesktop>,
     ctx: &Context,
     txn: &mut Txn<'_>,
     host_alive: bool,
@@ -86,17 +88,7 @@ pub(super) fn settle(
 ) -> Settled {
     let (d, now, node, status) = (seen.d, seen.now, seen.node.as_str(), &seen.status);
     let mut plan = Plan::default();
-    let pool = txn.pool().cloned();
-    let policy =
-        idle_policy(&d.spec, pool.as_ref().map(|p| &p.spec.defaults)).and_then(|p| {
-            match p.read() {
-                Ok(p) => Some(p),
-                Err(e) => {
-                    tracing::warn!(error = %e, "idle policy ignored");
-                    None
-                }
-            }
-        });
+    let policy = valid.and_then(|v| v.idle);
 
     // A wake first: the policy then decides on what it leaves.
     let mut waiting = None;
@@ -117,7 +109,7 @@ pub(super) fn settle(
                     "woken before the host finished reclaiming it; it keeps running".into(),
                 ));
             }
-            WakeStep::Restore => match restore(seen, ctx, txn) {
+            WakeStep::Restore => match restore(seen, valid, ctx, txn) {
                 Restore::Back {
                     host,
                     port,
@@ -248,7 +240,12 @@ pub(super) fn settle(
 
 /// Finds room and a port for a released desktop on its host (or, with shared storage, on
 /// another host of its pool), in the transaction.
-fn restore(seen: &Seen<'_>, ctx: &Context, txn: &mut Txn<'_>) -> Restore {
+fn restore(
+    seen: &Seen<'_>,
+    valid: Option<&ValidDesktop>,
+    ctx: &Context,
+    txn: &mut Txn<'_>,
+) -> Restore {
     let (d, uid, now, node) = (seen.d, seen.uid, seen.now, seen.node.as_str());
     let pool_name = d.pool();
     let pool = match (txn.closed(), txn.pool()) {
@@ -261,13 +258,10 @@ fn restore(seen: &Seen<'_>, ctx: &Context, txn: &mut Txn<'_>) -> Restore {
         }
         (None, Some(p)) => p.clone(),
     };
-    let (policy, request) = match (
-        PoolPolicy::from_spec(&pool.spec),
-        Request::from_spec(&d.spec),
-    ) {
-        (Ok(p), Ok(r)) => (p, r),
+    let (policy, request) = match (PoolPolicy::from_spec(&pool.spec), valid) {
+        (Ok(p), Some(v)) => (p, v.asked),
         (Err(e), _) => return Restore::Wait(format!("woken, but pool {pool_name}: {e}")),
-        (_, Err(e)) => return Restore::Wait(format!("woken, but {e}")),
+        (_, None) => return Restore::Wait("woken, but its spec is invalid".to_string()),
     };
     // The host as it is without this desktop (a port an earlier pass reserved included).
     let mut hosts = {

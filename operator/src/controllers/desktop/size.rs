@@ -8,7 +8,8 @@ use deskvirt_core::resize::{SizeDecision, SizeVerdict, caught_up, decide, pool_c
 use deskvirt_crds::conditions::{self, Status, condition};
 use deskvirt_crds::constants::condition::{POOL_APPLIED, SIZE_APPLIED};
 use deskvirt_crds::desktop::{Allocation, Desktop};
-use deskvirt_crds::read::{FromDesktopSpec, FromPoolSpec, admitted_size};
+use deskvirt_crds::read::FromPoolSpec;
+use deskvirt_crds::validation::ValidDesktop;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use k8s_openapi::jiff::Timestamp;
 
@@ -65,6 +66,7 @@ pub(super) fn admitted(
 /// the pass's ledger transaction; returns the Warnings due.
 pub(super) fn settle(
     seen: &Seen<'_>,
+    valid: Option<&ValidDesktop>,
     ctx: &Context,
     txn: &mut Txn<'_>,
     node: &str,
@@ -109,12 +111,13 @@ pub(super) fn settle(
     say(POOL_APPLIED, (ok, reason.as_str(), message));
 
     // An unreadable spec is `Ready=False InvalidSpec`'s to report; nothing changes here.
-    let Ok(wanted) = Request::from_spec(&d.spec) else {
+    let Some(valid) = valid else {
         want.allocation = Some(alloc);
         return warnings;
     };
+    let wanted = valid.asked;
     // An unreadable recorded size is taken for the spec's (its next admission writes it anew).
-    let admitted = admitted_size(&d.spec, d.status.as_ref()).unwrap_or(wanted);
+    let admitted = valid.admitted(d.status.as_ref()).unwrap_or(wanted);
     let running = running_size(d);
     // The transaction holds the ledger of the pool the desktop is bound in (`alloc.pool`).
     if admitted == wanted
