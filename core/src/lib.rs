@@ -16,3 +16,5 @@ pub mod resize;
 pub mod scheduler;
 pub mod spice;
 pub mod types;
+pub mod usb;
+pub mod valid;

@@ -90,6 +90,14 @@ pub fn admitted_cpu(spec: &DesktopSpec, status: Option<&DesktopStatus>) -> u32 {
         .map_or(spec.cpu, |a| a.cpu)
 }
 
+/// What the operator admitted for a desktop (`status.allocation`): vCPUs and memory, as
+/// [`deskvirt_core::valid::ValidDesktop::admitted`] takes it.
+pub fn allocation(status: Option<&DesktopStatus>) -> Option<(u32, &str)> {
+    status
+        .and_then(|s| s.allocation.as_ref())
+        .map(|a| (a.cpu, a.memory.as_str()))
+}
+
 /// The size a desktop's host gives its domain, and the operator charges it for (before a
 /// running domain's larger size, [`deskvirt_core::resize::charge`]): the vCPUs and memory the
 /// operator admitted (`status.allocation`), else its spec's; dedicated CPUs and hugepages are

@@ -19,7 +19,3 @@ pub const ABS_PATH: &str =
     r"^(/([A-Za-z0-9_-][A-Za-z0-9._-]*|\.[A-Za-z0-9_-][A-Za-z0-9._-]*|\.\.[A-Za-z0-9._-]+))+/?$";
 /// A Linux network interface name.
 pub const IFNAME: &str = r"^[A-Za-z0-9_.-]{1,15}$";
-/// A 16-bit USB id written in hex, such as 0x046d.
-pub const USB_ID: &str = r"^0x[0-9a-fA-F]{4}$";
-/// A USB class code written in hex, such as 0x08 (mass storage).
-pub const USB_CLASS: &str = r"^0x[0-9a-fA-F]{2}$";

@@ -1,52 +1,17 @@
-//! A Desktop's spec read once, against its pool, into the one value both binaries decide with
+//! A Desktop's spec read once, against its pool, into the core's value both binaries decide with
 //! ([`ValidDesktop`]): quantities and durations that parse and are not zero, file and
 //! interface names that are not `.` or `..`, and the idle and USB policies in force. What only
 //! the pool forbids (a fixed MAC outside its `macPrefix`, a USB policy looser than its
 //! default) is kept apart: the operator refuses on it, a host applies the pool's bound.
 
 use deskvirt_core::idle;
-use deskvirt_core::scheduler::{Request, RequestError};
+use deskvirt_core::scheduler::Request;
+pub use deskvirt_core::valid::ValidDesktop;
 
 use super::{Errors, FieldError, interface, positive_bytes};
-use crate::desktop::{DesktopSpec, DesktopStatus, UsbPolicy};
+use crate::desktop::{DesktopSpec, UsbPolicy};
 use crate::paths;
 use crate::resource_pool::ResourcePoolSpec;
-
-/// A Desktop's spec, read and checked once against its pool.
-#[derive(Debug, Clone, PartialEq)]
-pub struct ValidDesktop {
-    /// The size the spec asks for: vCPUs, memory in bytes, dedicated CPUs, hugepages.
-    pub asked: Request,
-    /// The disk's virtual size in bytes; `None` keeps the image's.
-    pub disk_size: Option<u64>,
-    /// The idle policy in force: the desktop's `spec.idle`, else its pool's
-    /// `spec.defaults.idle` (`None` when neither is set, or the pool's does not parse: the
-    /// pool is then refused as a whole).
-    pub idle: Option<idle::Policy>,
-    /// Whether a connected SPICE client keeps the desktop active (from the same policy; true
-    /// when none is set).
-    pub connected_is_active: bool,
-    /// The USB redirection policy in force: the desktop's own, unless it is looser than the
-    /// pool's `defaults.usb`; else the pool's; else redirection on with two channels.
-    pub usb: UsbPolicy,
-    /// What the pool forbids in this spec. The operator refuses the desktop on them; a host
-    /// never applies them (the value holds the pool's bound instead).
-    pub refused: Vec<FieldError>,
-}
-
-impl ValidDesktop {
-    /// The size a desktop's host gives its domain and the operator charges it for: what the
-    /// operator admitted (`status.allocation`), else what the spec asks.
-    pub fn admitted(&self, status: Option<&DesktopStatus>) -> Result<Request, RequestError> {
-        let Some(a) = status.and_then(|s| s.allocation.as_ref()) else {
-            return Ok(self.asked);
-        };
-        let mut r = Request::read(a.cpu, &a.memory)?;
-        r.dedicated_cpus = self.asked.dedicated_cpus;
-        r.hugepages = self.asked.hugepages;
-        Ok(r)
-    }
-}
 
 /// Reads `spec` against its pool's spec (when the pool exists): the value, or every field
 /// error of the spec itself, the pool's refusals after them.
@@ -244,12 +209,11 @@ mod tests {
         let d = desk(serde_json::json!({ "cpu": 8, "memory": "8Gi",
             "performance": { "dedicatedCpus": true } }));
         let v = valid(&d, None);
-        assert_eq!(v.admitted(None), Ok(v.asked));
-        let st: DesktopStatus = serde_json::from_value(serde_json::json!({
+        let st: crate::desktop::DesktopStatus = serde_json::from_value(serde_json::json!({
             "allocation": { "pool": "a", "cpu": 2, "memory": "2Gi" } }))
         .unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(
-            v.admitted(Some(&st)),
+            v.admitted(crate::read::allocation(Some(&st))),
             Ok(Request::new(2, 2 << 30).dedicated())
         );
     }

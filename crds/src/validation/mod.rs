@@ -11,33 +11,9 @@ mod usb;
 use std::fmt;
 
 pub use desktop::{ValidDesktop, read_desktop};
+pub use deskvirt_core::valid::FieldError;
 pub use labels::{SelectorError, matches as selector_matches};
 pub use pool::pool;
-
-/// One invalid field.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct FieldError {
-    /// Path of the field from the object's root, such as `spec.storage.diskDir` or
-    /// `spec.display.usb.allow[1].product`.
-    pub path: String,
-    /// What is wrong, in plain words.
-    pub message: String,
-}
-
-impl FieldError {
-    pub fn new(path: impl Into<String>, message: impl Into<String>) -> Self {
-        Self {
-            path: path.into(),
-            message: message.into(),
-        }
-    }
-}
-
-impl fmt::Display for FieldError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}: {}", self.path, self.message)
-    }
-}
 
 /// How a desktop's USB policy loosens its pool's `defaults.usb` (empty when it only narrows
 /// it); the node-agent uses it to never apply a looser policy than the pool's.

@@ -182,13 +182,12 @@ impl DomainInputs {
         }
         let spec = &desktop.spec;
         // The size the operator admitted for this host; a larger spec waits until it fits.
-        let size =
-            valid
-                .admitted(desktop.status.as_ref())
-                .map_err(|RequestError::Memory(source)| BuildError::BadQuantity {
-                    field: "status.allocation.memory",
-                    source,
-                })?;
+        let size = valid
+            .admitted(deskvirt_crds::read::allocation(desktop.status.as_ref()))
+            .map_err(|RequestError::Memory(source)| BuildError::BadQuantity {
+                field: "status.allocation.memory",
+                source,
+            })?;
         let (vcpus, memory_bytes) = (size.vcpus, size.memory);
         if vcpus == 0 {
             return Err(BuildError::Zero { field: "spec.cpu" });

@@ -8,7 +8,7 @@ use deskvirt_core::resize::{SizeDecision, SizeVerdict, caught_up, decide, pool_c
 use deskvirt_crds::conditions::{self, Status, condition};
 use deskvirt_crds::constants::condition::{POOL_APPLIED, SIZE_APPLIED};
 use deskvirt_crds::desktop::{Allocation, Desktop};
-use deskvirt_crds::read::FromPoolSpec;
+use deskvirt_crds::read::{FromPoolSpec, allocation};
 use deskvirt_crds::validation::ValidDesktop;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use k8s_openapi::jiff::Timestamp;
@@ -117,7 +117,9 @@ pub(super) fn settle(
     };
     let wanted = valid.asked;
     // An unreadable recorded size is taken for the spec's (its next admission writes it anew).
-    let admitted = valid.admitted(d.status.as_ref()).unwrap_or(wanted);
+    let admitted = valid
+        .admitted(allocation(d.status.as_ref()))
+        .unwrap_or(wanted);
     let running = running_size(d);
     // The transaction holds the ledger of the pool the desktop is bound in (`alloc.pool`).
     if admitted == wanted
