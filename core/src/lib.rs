@@ -6,6 +6,7 @@
 
 pub mod allocators;
 pub mod idle;
+pub mod migration;
 pub mod names;
 pub mod phase;
 pub mod pinning;

@@ -219,6 +219,63 @@ reasons! {
     }
 }
 
+reasons! {
+    /// Reasons of a DesktopMigration's conditions (operator): why it waits, why it ended.
+    MigrationReason {
+        /// A target holds a port and the desktop's size; the source host may start.
+        TargetReserved,
+        /// The desktop runs on the target.
+        Succeeded,
+        /// The Desktop does not exist (yet).
+        DesktopNotFound,
+        /// The Desktop is not bound to a host yet.
+        DesktopNotBound,
+        /// The Desktop's domain is not running, so there is nothing to move live.
+        DesktopNotRunning,
+        /// No other host of the pool can take the desktop now.
+        NoTarget,
+        /// The pool's concurrency limit is reached; the migration waits its turn.
+        Queued,
+        /// The Desktop the migration was made for was deleted and made again under the same name.
+        DesktopReplaced,
+        /// The Desktop is being deleted.
+        DesktopDeleted,
+        /// Live migration needs storage every host of the pool reaches (`storage.shared`).
+        StorageNotShared,
+        /// The mode is not supported for this desktop.
+        ModeNotSupported,
+        /// The target named is the host the desktop runs on.
+        TargetIsSource,
+        /// The target named is not a host of the desktop's pool.
+        TargetNotInPool,
+        /// An older migration of the same desktop has not ended.
+        AlreadyMigrating,
+        /// Desktops with dedicated CPUs or passed-through devices are pinned to their host.
+        PinnedToHost,
+        /// Deleted by the user before it ended.
+        Cancelled,
+    }
+}
+
+impl MigrationReason {
+    /// Whether the reason ends the migration (Failed) rather than make it wait (Pending): what
+    /// cannot change by waiting ends it.
+    pub const fn ends(self) -> bool {
+        matches!(
+            self,
+            Self::DesktopReplaced
+                | Self::DesktopDeleted
+                | Self::StorageNotShared
+                | Self::ModeNotSupported
+                | Self::TargetIsSource
+                | Self::TargetNotInPool
+                | Self::AlreadyMigrating
+                | Self::PinnedToHost
+                | Self::Cancelled
+        )
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -22,7 +22,7 @@ pub mod weigh;
 pub use capacity::{FactsError, Free, HostCapacity, HostFacts, Shortfalls, Usage};
 pub use charges::ChargeIndex;
 pub use host::{HostReport, HostView};
-pub use place::{Decision, place_in_pool, schedule};
+pub use place::{Decision, place_in_pool, place_in_pool_where, schedule};
 pub use policy::{PolicyError, PolicySpec, PoolPolicy, Ratio, ReferenceDesktop};
 pub use pool_capacity::{HostTotals, PoolCapacity, Totals};
 pub use pools::PoolIndex;

@@ -51,6 +51,18 @@ pub fn place_in_pool<'a>(
     request: &Request,
     hosts: &'a [HostView],
 ) -> Result<Decision<'a>, Unschedulable> {
+    place_in_pool_where(pool, policy, request, hosts, |_| true)
+}
+
+/// [`place_in_pool`] among the hosts of the pool that `keep` keeps (a migration leaves its
+/// source out): a host left out is not a candidate, and not counted in the failure's report.
+pub fn place_in_pool_where<'a>(
+    pool: &str,
+    policy: &PoolPolicy,
+    request: &Request,
+    hosts: &'a [HostView],
+    keep: impl Fn(&HostView) -> bool,
+) -> Result<Decision<'a>, Unschedulable> {
     let range = policy.ports;
     if range.is_empty() {
         return Err(Unschedulable::InvalidPortRange {
@@ -60,7 +72,11 @@ pub fn place_in_pool<'a>(
         });
     }
     let mut best: Option<Decision<'a>> = None;
-    for (index, host) in hosts.iter().enumerate().filter(|(_, h)| h.in_pool(pool)) {
+    for (index, host) in hosts
+        .iter()
+        .enumerate()
+        .filter(|(_, h)| h.in_pool(pool) && keep(h))
+    {
         if judge(host, request, range) != Verdict::Fits {
             continue;
         }
@@ -81,14 +97,20 @@ pub fn place_in_pool<'a>(
     }
     match best {
         Some(decision) => Ok(decision),
-        None => Err(report(pool, policy, request, hosts).into_unschedulable()),
+        None => Err(report(pool, policy, request, hosts, keep).into_unschedulable()),
     }
 }
 
-/// Judges every host of the pool again to explain a failure; only runs when nothing fits.
-fn report(pool: &str, policy: &PoolPolicy, request: &Request, hosts: &[HostView]) -> FitReport {
+/// Judges every kept host of the pool again to explain a failure; only runs when nothing fits.
+fn report(
+    pool: &str,
+    policy: &PoolPolicy,
+    request: &Request,
+    hosts: &[HostView],
+    keep: impl Fn(&HostView) -> bool,
+) -> FitReport {
     let mut report = FitReport::new(pool, *request, policy.ports);
-    for host in hosts.iter().filter(|h| h.in_pool(pool)) {
+    for host in hosts.iter().filter(|h| h.in_pool(pool) && keep(h)) {
         report.record(&judge(host, request, policy.ports));
     }
     report

@@ -1,0 +1,170 @@
+//! Whether a migration may go ahead now, before any host is looked at: its desktop is the one
+//! it was made for, bound, running and movable, in a pool whose storage every host reaches, and
+//! no older migration of it is under way. A refusal says whether waiting can help
+//! ([`MigrationReason::ends`]).
+
+use super::MigrationMode;
+use crate::reasons::MigrationReason;
+
+/// What a migration's pass knows of its desktop, read from the API.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Desktop<'a> {
+    /// The Desktop's UID now.
+    pub uid: &'a str,
+    /// The host it is bound to, once bound.
+    pub node: Option<&'a str>,
+    /// Its domain runs (the host's `Running` condition is True).
+    pub running: bool,
+    /// It is being deleted.
+    pub deleting: bool,
+    /// Its vCPUs are pinned to the host's threads, or devices are passed through to it.
+    pub pinned_to_host: bool,
+}
+
+/// Everything [`admit`] decides on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Facts<'a> {
+    pub mode: MigrationMode,
+    /// The Desktop named, when it exists.
+    pub desktop: Option<Desktop<'a>>,
+    /// The Desktop UID the migration recorded on its first pass, if any.
+    pub pinned_uid: Option<&'a str>,
+    /// The pool declares its storage reachable from every host (`storage.shared`).
+    pub shared_storage: bool,
+    /// An older migration of the same desktop has not ended.
+    pub older_active: bool,
+}
+
+/// Whether the migration may look for a target now.
+pub fn admit(f: &Facts<'_>) -> Result<(), MigrationReason> {
+    use MigrationReason as R;
+    let Some(d) = f.desktop else {
+        return Err(match f.pinned_uid {
+            Some(_) => R::DesktopDeleted,
+            None => R::DesktopNotFound,
+        });
+    };
+    if f.pinned_uid.is_some_and(|uid| uid != d.uid) {
+        return Err(R::DesktopReplaced);
+    }
+    if d.deleting {
+        return Err(R::DesktopDeleted);
+    }
+    if f.older_active {
+        return Err(R::AlreadyMigrating);
+    }
+    if d.pinned_to_host {
+        return Err(R::PinnedToHost);
+    }
+    match f.mode {
+        MigrationMode::Live if !f.shared_storage => return Err(R::StorageNotShared),
+        MigrationMode::Live => {}
+        // Cold moves come with the disk copy; until then they are refused, not left waiting.
+        MigrationMode::Cold => return Err(R::ModeNotSupported),
+    }
+    if d.node.is_none() {
+        return Err(R::DesktopNotBound);
+    }
+    if !d.running {
+        return Err(R::DesktopNotRunning);
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn running() -> Facts<'static> {
+        Facts {
+            mode: MigrationMode::Live,
+            desktop: Some(Desktop {
+                uid: "u1",
+                node: Some("h1"),
+                running: true,
+                deleting: false,
+                pinned_to_host: false,
+            }),
+            pinned_uid: Some("u1"),
+            shared_storage: true,
+            older_active: false,
+        }
+    }
+
+    fn with(change: impl FnOnce(&mut Facts<'static>)) -> Result<(), MigrationReason> {
+        let mut f = running();
+        change(&mut f);
+        admit(&f)
+    }
+
+    fn desktop(change: impl FnOnce(&mut Desktop<'static>)) -> Result<(), MigrationReason> {
+        with(|f| {
+            if let Some(d) = f.desktop.as_mut() {
+                change(d);
+            }
+        })
+    }
+
+    #[test]
+    fn a_running_bound_desktop_in_a_shared_pool_may_move() {
+        assert_eq!(admit(&running()), Ok(()));
+        assert_eq!(with(|f| f.pinned_uid = None), Ok(()), "first pass");
+    }
+
+    #[test]
+    fn what_waiting_can_fix_waits_and_what_it_cannot_ends_the_migration() {
+        let cases = [
+            (with(|f| f.desktop = None), MigrationReason::DesktopDeleted),
+            (
+                with(|f| {
+                    f.pinned_uid = None;
+                    f.desktop = None;
+                }),
+                MigrationReason::DesktopNotFound,
+            ),
+            (desktop(|d| d.uid = "u2"), MigrationReason::DesktopReplaced),
+            (
+                desktop(|d| d.deleting = true),
+                MigrationReason::DesktopDeleted,
+            ),
+            (
+                with(|f| f.older_active = true),
+                MigrationReason::AlreadyMigrating,
+            ),
+            (
+                desktop(|d| d.pinned_to_host = true),
+                MigrationReason::PinnedToHost,
+            ),
+            (
+                with(|f| f.shared_storage = false),
+                MigrationReason::StorageNotShared,
+            ),
+            (
+                with(|f| f.mode = MigrationMode::Cold),
+                MigrationReason::ModeNotSupported,
+            ),
+            (desktop(|d| d.node = None), MigrationReason::DesktopNotBound),
+            (
+                desktop(|d| d.running = false),
+                MigrationReason::DesktopNotRunning,
+            ),
+        ];
+        for (got, want) in cases {
+            assert_eq!(got, Err(want));
+        }
+        let waits = [
+            MigrationReason::DesktopNotFound,
+            MigrationReason::DesktopNotBound,
+            MigrationReason::DesktopNotRunning,
+        ];
+        for r in waits {
+            assert!(!r.ends(), "{r} waits");
+        }
+        for r in [
+            MigrationReason::DesktopReplaced,
+            MigrationReason::StorageNotShared,
+        ] {
+            assert!(r.ends(), "{r} ends it");
+        }
+    }
+}
