@@ -159,6 +159,9 @@ pub struct Ledger {
     /// Desktops whose port or admitted size changed since [`Ledger::take_changed`]: what a
     /// reader that keeps its own sums (the operator's charges per host) must count again.
     changed: BTreeSet<String>,
+    /// The hosts migrating desktops go to, with the size each is charged there until it
+    /// arrives or the migration ends ([`targets`]).
+    targets: BTreeMap<String, (String, Request)>,
 }
 
 impl Ledger {
@@ -171,6 +174,7 @@ impl Ledger {
             subnets: config.subnets.map(SubnetLedger::new),
             grown: BTreeMap::new(),
             changed: BTreeSet::new(),
+            targets: BTreeMap::new(),
         }
     }
 
@@ -232,6 +236,10 @@ impl Ledger {
         hosts: impl IntoIterator<Item = SubnetBinding>,
     ) -> Vec<Conflict> {
         let mut conflicts = Vec::new();
+        // Migration targets are not in the recorded bindings: their holders re-reserve them.
+        for d in std::mem::take(&mut self.targets).into_keys() {
+            self.changed.insert(d);
+        }
         // In bridge mode recorded subnets are left over from an earlier mode; nothing to keep.
         if let Some(subnets) = &mut self.subnets {
             conflicts.extend(subnets.rebuild(hosts));
@@ -312,10 +320,11 @@ impl Ledger {
                 .is_some_and(|m| mac.parse::<Mac>().is_ok_and(|r| r == m))
     }
 
-    /// Frees the port and MAC of a deleted desktop.
+    /// Frees the port and MAC of a deleted desktop, and the port a migration of it reserved.
     pub fn release(&mut self, desktop: &str) -> Released {
         self.touch(desktop);
         self.grown.remove(desktop);
+        self.release_target(desktop);
         Released {
             port: self.ports.release(desktop),
             mac: self.macs.release(desktop),
@@ -425,6 +434,9 @@ impl Ledger {
         self.subnets.as_ref()
     }
 }
+
+mod targets;
+pub use targets::migration_holder;
 
 /// How the ledger's holder of a port another process listens on begins: no UID looks like it.
 const BUSY: &str = "busy-port:";

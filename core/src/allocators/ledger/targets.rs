@@ -1,0 +1,197 @@
+//! A migrating desktop's second place in its pool's ledger: the port it will listen on at the
+//! target host, held (by [`migration_holder`]) from the moment the target is chosen, so no
+//! desktop of the pool gets it, and the size the target is charged meanwhile. When the desktop
+//! arrives, that port becomes its own and the source's is freed; when the migration ends
+//! otherwise, the target's is freed and nothing else changes.
+
+use super::{Ledger, LedgerError};
+use crate::scheduler::Request;
+
+/// How the ledger's holder of a migration target's port begins: no UID looks like it.
+const MIGRATION: &str = "migration:";
+
+/// The ledger's holder of the port a migration of `desktop` reserved on its target.
+pub fn migration_holder(desktop: &str) -> String {
+    format!("{MIGRATION}{desktop}")
+}
+
+/// A reservation on a migration's target.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Target<'a> {
+    pub host: &'a str,
+    pub port: u16,
+    /// What the target is charged for the desktop until it arrives or the migration ends.
+    pub size: Request,
+}
+
+impl Ledger {
+    /// Reserves a port on `host` for a migration of `desktop` and charges `size` there: the
+    /// port it holds there already, else the lowest free one. A reservation on another host is
+    /// given up first. Refused when `host` is the one the desktop holds its own port on.
+    pub fn reserve_target(
+        &mut self,
+        desktop: &str,
+        host: &str,
+        size: Request,
+    ) -> Result<u16, LedgerError> {
+        if let Some((own, port)) = self.ports.port_of(desktop)
+            && own == host
+        {
+            return Err(crate::allocators::PortError::BoundElsewhere {
+                desktop: desktop.to_owned(),
+                host: own.to_owned(),
+                port,
+            }
+            .into());
+        }
+        if self.target_of(desktop).is_some_and(|t| t.host != host) {
+            self.release_target(desktop);
+        }
+        let port = self
+            .ports
+            .allocate(&migration_holder(desktop), host, self.config.ports)?;
+        self.touch(desktop);
+        self.targets
+            .insert(desktop.to_string(), (host.to_string(), size));
+        Ok(port)
+    }
+
+    /// What a migration of `desktop` holds on its target.
+    pub fn target_of(&self, desktop: &str) -> Option<Target<'_>> {
+        let (host, size) = self.targets.get(desktop)?;
+        let (_, port) = self.ports.port_of(&migration_holder(desktop))?;
+        Some(Target {
+            host,
+            port,
+            size: *size,
+        })
+    }
+
+    /// Every migration target held: desktop, and what it holds.
+    pub fn targets(&self) -> impl Iterator<Item = (&str, Target<'_>)> {
+        self.targets
+            .keys()
+            .filter_map(|d| Some((d.as_str(), self.target_of(d)?)))
+    }
+
+    /// Gives up the target of a migration of `desktop` that ended without moving it: its port
+    /// and charge there. Returns the host and port freed.
+    pub fn release_target(&mut self, desktop: &str) -> Option<(String, u16)> {
+        self.targets.remove(desktop)?;
+        self.touch(desktop);
+        self.ports.release(&migration_holder(desktop))
+    }
+
+    /// The desktop arrived on its target: the target's port becomes its own, its charge there
+    /// is the desktop's, and the port it held on the source is freed (returned).
+    pub fn complete_target(&mut self, desktop: &str) -> Option<(String, u16)> {
+        let (host, port) = {
+            let t = self.target_of(desktop)?;
+            (t.host.to_string(), t.port)
+        };
+        self.targets.remove(desktop);
+        self.touch(desktop);
+        self.ports.release(&migration_holder(desktop));
+        let source = self.ports.release(desktop);
+        self.ports.adopt(desktop, &host, port);
+        source
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::allocators::NetworkSpec;
+    use crate::allocators::ledger::{Claim, LedgerConfig};
+    use crate::types::{NetworkMode, PortRange};
+
+    const GI: u64 = 1 << 30;
+    const SIZE: Request = Request::new(2, 2 * GI);
+
+    fn ledger() -> Ledger {
+        let spec = NetworkSpec {
+            mode: NetworkMode::Bridge,
+            cidr: "",
+            node_prefix_length: 24,
+            mac_prefix: "52:54:00",
+            ports: PortRange {
+                first: 5900,
+                last: 5902,
+            },
+        };
+        Ledger::new(LedgerConfig::read(&spec).unwrap_or_else(|e| panic!("{e}")))
+    }
+
+    fn bound(l: &mut Ledger, desktop: &str, host: &str) -> u16 {
+        let claim = Claim {
+            desktop,
+            host,
+            fixed_mac: None,
+        };
+        l.bind(&claim).unwrap_or_else(|e| panic!("{e}")).port
+    }
+
+    #[test]
+    fn a_target_port_is_held_against_every_other_desktop_and_counted() {
+        let mut l = ledger();
+        assert_eq!(bound(&mut l, "a", "h1"), 5900);
+        assert_eq!(l.reserve_target("a", "h2", SIZE).ok(), Some(5900));
+        assert_eq!(
+            l.reserve_target("a", "h2", SIZE).ok(),
+            Some(5900),
+            "again: same port"
+        );
+        assert_eq!(
+            bound(&mut l, "b", "h2"),
+            5901,
+            "the target's port is not handed out"
+        );
+        assert_eq!(l.ports_in_use("h2"), 2);
+        let t = l.target_of("a").map(|t| (t.host, t.port, t.size));
+        assert_eq!(t, Some(("h2", 5900, SIZE)));
+        assert_eq!(l.targets().count(), 1);
+        assert!(l.take_changed().contains("a"), "charges are counted again");
+    }
+
+    #[test]
+    fn the_source_is_refused_and_another_target_replaces_the_first() {
+        let mut l = ledger();
+        bound(&mut l, "a", "h1");
+        assert!(l.reserve_target("a", "h1", SIZE).is_err());
+        assert_eq!(l.reserve_target("a", "h2", SIZE).ok(), Some(5900));
+        assert_eq!(l.reserve_target("a", "h3", SIZE).ok(), Some(5900));
+        assert_eq!(l.ports_in_use("h2"), 0, "the first target's port is freed");
+    }
+
+    #[test]
+    fn an_ended_migration_frees_only_the_target_and_an_arrival_frees_only_the_source() {
+        let mut l = ledger();
+        bound(&mut l, "a", "h1");
+        l.reserve_target("a", "h2", SIZE).ok();
+        assert_eq!(l.release_target("a"), Some(("h2".into(), 5900)));
+        assert_eq!(
+            l.port_of("a"),
+            Some(("h1", 5900)),
+            "the desktop keeps its own"
+        );
+        assert_eq!(l.release_target("a"), None);
+
+        bound(&mut l, "b", "h2");
+        assert_eq!(l.reserve_target("a", "h2", SIZE).ok(), Some(5901));
+        assert_eq!(l.complete_target("a"), Some(("h1".into(), 5900)));
+        assert_eq!(l.port_of("a"), Some(("h2", 5901)));
+        assert_eq!(l.target_of("a"), None);
+        assert_eq!(l.ports_in_use("h1"), 0);
+        assert_eq!(l.ports_in_use("h2"), 2);
+    }
+
+    #[test]
+    fn deleting_a_migrating_desktop_frees_both_ports() {
+        let mut l = ledger();
+        bound(&mut l, "a", "h1");
+        l.reserve_target("a", "h2", SIZE).ok();
+        l.release("a");
+        assert_eq!((l.ports_in_use("h1"), l.ports_in_use("h2")), (0, 0));
+        assert_eq!(l.targets().count(), 0);
+    }
+}
