@@ -27,9 +27,10 @@ use std::time::{Duration, Instant};
 use common::{desktop, free_port, prepare_host, run, unique};
 use deskvirt_node_agent::domain::{
     Binding, DomainInputs, DomainType, HostContext, NetworkAttachment, Secret, domain_xml,
+    graphics_xml,
 };
 use deskvirt_node_agent::hypervisor::{
-    Change, DomainState, Hypervisor, HypervisorError, LibvirtHypervisor,
+    Change, DomainState, Hypervisor, HypervisorError, LibvirtHypervisor, Outbound,
 };
 use deskvirt_tests::spice::{self, LINK_ERR_PERMISSION_DENIED, LinkOutcome};
 
@@ -574,4 +575,114 @@ async fn managed_save_is_restored_with_a_new_spice_port() {
     guard.delete().await;
     assert!(!image.exists(), "undefine left the image");
     let _ = std::fs::remove_dir(&env.disk_dir);
+}
+
+/// Live migration to a second libvirt host on this machine (`scripts/second-host.sh`): the
+/// booted guest moves peer to peer with its SPICE server on the target's address and the port
+/// given there, keeps running there, is gone here, and its console answers on the target.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_running_guest_moves_live_to_a_second_host_and_its_console_answers_there() {
+    let _one = ONE_GUEST.lock().await;
+    let env = setup().await;
+    let second = match deskvirt_tests::second_host::SecondHost::start("dvmigq") {
+        Ok(h) => h,
+        Err(e) => panic!("second host: {e:#}"),
+    };
+    // The NIC's bridge, by the same name, on the target's side of the link.
+    for args in [
+        vec!["link", "add", BRIDGE, "type", "bridge"],
+        vec!["link", "set", BRIDGE, "up"],
+    ] {
+        run(
+            "bridge on the second host",
+            Command::new("ip")
+                .args(["netns", "exec", &second.name, "ip"])
+                .args(&args),
+        );
+    }
+    let target = match LibvirtHypervisor::connect(&second.uri).await {
+        Ok(hv) => hv,
+        Err(e) => panic!("cannot open {}: {e}", second.uri),
+    };
+    let password = format!("pw-{:x}", unique());
+    let source_inputs = inputs(
+        &env,
+        serde_json::json!({ "redirect": false }),
+        free_port(),
+        &password,
+    );
+    let (mut guard, _) = define(&env, &source_inputs).await;
+    if let Err(e) = env.hv.start_domain(&guard.name).await {
+        panic!("start {}: {e}", guard.name);
+    }
+    let live = live_xml(&env.hv, &guard.name).await;
+    let Some(pty) = serial_pty(&live) else {
+        panic!("no pty serial in the live XML:\n{live}")
+    };
+    wait_for_marker(console_lines(&pty), BOOT_TIMEOUT).await;
+
+    // The domain's graphics on the target: the same converter, the target's SPICE address
+    // and port.
+    let mut dest = source_inputs.clone();
+    dest.spice.listen = second.address.clone();
+    dest.spice.port = free_port();
+    let graphics_xml = match graphics_xml(&dest) {
+        Ok(xml) => xml,
+        Err(e) => panic!("target graphics: {e}"),
+    };
+    let out = Outbound {
+        dest_uri: second.uri.clone(),
+        migrate_uri: format!("tcp://{}", second.address),
+        graphics_xml,
+        graphics_uri: Some(format!("spice://{}:{}", second.address, dest.spice.port)),
+        declared_shared: true,
+    };
+    let t0 = Instant::now();
+    let moved = match env.hv.migrate_out(&guard.name, &out).await {
+        Ok(m) => m,
+        Err(e) => panic!("migrate {}: {e}", guard.name),
+    };
+    println!(
+        "[qemu_system] {} moved in {:?} (libvirt: {:?}, downtime {:?}, {} MiB)",
+        guard.name,
+        t0.elapsed(),
+        moved.total,
+        moved.downtime,
+        moved.bytes >> 20
+    );
+    assert!(
+        moved.total > Duration::ZERO && moved.downtime <= moved.total,
+        "{moved:?}"
+    );
+
+    // Running there, persistent there, and nothing of it left here.
+    assert_eq!(state(&target, &guard.name).await, DomainState::Running);
+    match target.domain_xml(&guard.name, true).await {
+        Ok(xml) => assert!(
+            xml.contains(&format!("port='{}'", dest.spice.port)),
+            "{xml}"
+        ),
+        Err(e) => panic!("the target has no persistent definition: {e}"),
+    }
+    match env.hv.domain_status(&guard.name).await {
+        Err(HypervisorError::NotFound { .. }) => {}
+        other => panic!("the source still has the domain: {other:?}"),
+    }
+    let addr: SocketAddr = match format!("{}:{}", second.address, dest.spice.port).parse() {
+        Ok(a) => a,
+        Err(e) => panic!("target SPICE address: {e}"),
+    };
+    match spice::link(addr, &password).await {
+        Ok(LinkOutcome::Accepted { .. }) => {}
+        other => panic!("the console on the target: {other:?}"),
+    }
+
+    // Migrating a domain that is not here is refused, and nothing runs twice.
+    match env.hv.migrate_out(&guard.name, &out).await {
+        Err(HypervisorError::NotFound { .. }) => {}
+        other => panic!("a second migration of a gone domain: {other:?}"),
+    }
+    // The target tears it down; the guard's own teardown then finds nothing here.
+    guard.hv = target;
+    guard.delete().await;
 }

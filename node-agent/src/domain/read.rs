@@ -47,6 +47,55 @@ pub fn walk(
     }
 }
 
+/// `xml` with the first element at `path` (local names from the root, inclusive) replaced by
+/// `with`, byte for byte around it; `None` when there is no such element.
+pub fn replace_element(
+    xml: &str,
+    path: &[&str],
+    with: &str,
+) -> Result<Option<String>, quick_xml::Error> {
+    let mut reader = Reader::from_str(xml);
+    let mut at: Vec<String> = Vec::new();
+    let mut start = None;
+    let position = |r: &Reader<&[u8]>| usize::try_from(r.buffer_position()).unwrap_or(usize::MAX);
+    loop {
+        let before = position(&reader);
+        let event = reader.read_event()?;
+        let here =
+            |at: &[String]| at.len() == path.len() && at.iter().zip(path).all(|(a, p)| a == p);
+        match event {
+            Event::Start(e) => {
+                at.push(e.local_name().as_ref().to_string());
+                if start.is_none() && here(&at) {
+                    start = Some((before, at.len()));
+                }
+            }
+            Event::Empty(e) => {
+                at.push(e.local_name().as_ref().to_string());
+                if start.is_none() && here(&at) {
+                    let end = position(&reader);
+                    return Ok(splice(xml, before, end, with));
+                }
+                at.pop();
+            }
+            Event::End(_) => {
+                if let Some((from, depth)) = start
+                    && depth == at.len()
+                {
+                    return Ok(splice(xml, from, position(&reader), with));
+                }
+                at.pop();
+            }
+            Event::Eof => return Ok(None),
+            _ => {}
+        }
+    }
+}
+
+fn splice(xml: &str, from: usize, to: usize, with: &str) -> Option<String> {
+    Some(format!("{}{with}{}", xml.get(..from)?, xml.get(to..)?))
+}
+
 /// The value of attribute `key` in `attrs`.
 pub fn attribute<'a>(attrs: &'a Attributes, key: &str) -> Option<&'a str> {
     attrs
@@ -58,6 +107,30 @@ pub fn attribute<'a>(attrs: &'a Attributes, key: &str) -> Option<&'a str> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_element_is_replaced_and_nothing_around_it_changes() {
+        let xml = "<domain><devices><input type='tablet'><address type='usb' bus='0'/></input>\n  \
+                   <graphics type='spice' port='5900'><listen type='address' address='a'/></graphics>\n  \
+                   <video/></devices></domain>";
+        let new = "<graphics type='spice' port='6000'/>";
+        let out = replace_element(xml, &["domain", "devices", "graphics"], new);
+        assert_eq!(
+            out.ok().flatten().as_deref(),
+            Some(
+                "<domain><devices><input type='tablet'><address type='usb' bus='0'/></input>\n  \
+                 <graphics type='spice' port='6000'/>\n  <video/></devices></domain>"
+            )
+        );
+        let empty = "<domain><devices><graphics type='vnc'/></devices></domain>";
+        let out = replace_element(empty, &["domain", "devices", "graphics"], new);
+        assert_eq!(
+            out.ok().flatten().as_deref(),
+            Some("<domain><devices><graphics type='spice' port='6000'/></devices></domain>")
+        );
+        let none = replace_element("<domain/>", &["domain", "devices", "graphics"], new);
+        assert_eq!(none.ok().flatten(), None);
+    }
 
     #[test]
     fn walks_paths_and_unescapes_attributes() {

@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 
 use super::{
     Activity, Change, DomainState, DomainStatus, DomainSummary, HostFacts, Hypervisor,
-    HypervisorError, ObjectKind, Result,
+    HypervisorError, Migrated, ObjectKind, Outbound, Result,
 };
 use crate::domain::{DesktopIdentity, DhcpHost, DomainType, parse_disk_paths, parse_identity};
 
@@ -35,6 +35,7 @@ pub enum Op {
     DiskPaths,
     UpdateLiveDevice,
     Activity,
+    Migrate,
 }
 
 /// One domain of the fake host.
@@ -449,6 +450,19 @@ impl Hypervisor for FakeHypervisor {
                     kind: ObjectKind::Network,
                     name: network.to_string(),
                 })
+        })
+    }
+
+    async fn migrate_out(&self, name: &str, out: &Outbound) -> Result<Migrated> {
+        let what = format!("migrate to {}", out.dest_uri);
+        self.change(Op::Migrate, &what, name, |s| {
+            let d = s.domains.get(name).ok_or_else(|| not_found(name))?;
+            if !d.state.is_active() {
+                return Err(rejected("migrate", name, "domain is not running"));
+            }
+            // It runs on the target now and is undefined here.
+            s.domains.remove(name);
+            Ok(Migrated::default())
         })
     }
 }

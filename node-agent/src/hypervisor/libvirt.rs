@@ -22,7 +22,7 @@ use virt::connect::Connect;
 use self::connection::Connection;
 use super::{
     Activity, Backoff, Change, DomainStatus, DomainSummary, HostFacts, Hypervisor, HypervisorError,
-    Result,
+    Migrated, Outbound, Result,
 };
 use crate::domain::{DhcpHost, DomainType};
 
@@ -386,5 +386,11 @@ impl Hypervisor for LibvirtHypervisor {
             networks::dhcp_hosts(c, &network)
         })
         .await
+    }
+
+    async fn migrate_out(&self, name: &str, out: &Outbound) -> Result<Migrated> {
+        let (name, out) = (name.to_string(), out.clone());
+        self.run_slow("migrate", move |c| domains::migrate_out(c, &name, &out))
+            .await
     }
 }

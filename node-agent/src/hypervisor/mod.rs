@@ -263,4 +263,43 @@ pub trait Hypervisor: Send + Sync {
 
     /// The static DHCP leases in the network's definition.
     fn dhcp_hosts(&self, network: &str) -> impl Future<Output = Result<Vec<DhcpHost>>> + Send;
+
+    /// Moves running domain `name` live to another host ([`Outbound`]): peer to peer, with
+    /// the domain's own definition but for its `<graphics>` (the target's), defined there and
+    /// undefined here once it runs there. On an error the domain still runs here.
+    fn migrate_out(
+        &self,
+        name: &str,
+        out: &Outbound,
+    ) -> impl Future<Output = Result<Migrated>> + Send;
+}
+
+/// Where and how a live migration goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Outbound {
+    /// The target host's libvirt, as this host's libvirtd reaches it (peer to peer):
+    /// `qemu+tls://host/system`, `qemu+ssh://host/system`, or a local socket in tests.
+    pub dest_uri: String,
+    /// Where QEMU sends the memory: `tcp://<target address>`.
+    pub migrate_uri: String,
+    /// The domain's `<graphics>` element on the target (its SPICE port, listen address and
+    /// ticket there). Everything else is the running domain's own definition, device
+    /// addresses included, as libvirt's ABI check wants it.
+    pub graphics_xml: String,
+    /// Where a connected SPICE client is told to reconnect: `spice://<address>:<port>`.
+    pub graphics_uri: Option<String>,
+    /// The pool declares its storage reachable from every host although libvirt cannot tell
+    /// (not NFS): libvirt refuses such a migration without this.
+    pub declared_shared: bool,
+}
+
+/// What a finished live migration measured (from the target's completed job).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Migrated {
+    /// From the start of the job to the domain running on the target.
+    pub total: std::time::Duration,
+    /// How long the guest was paused.
+    pub downtime: std::time::Duration,
+    /// Memory sent.
+    pub bytes: u64,
 }
