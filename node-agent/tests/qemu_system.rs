@@ -579,7 +579,8 @@ async fn managed_save_is_restored_with_a_new_spice_port() {
 
 /// Live migration to a second libvirt host on this machine (`scripts/second-host.sh`): the
 /// booted guest moves peer to peer with its SPICE server on the target's address and the port
-/// given there, keeps running there, is gone here, and its console answers on the target.
+/// given there, keeps running there, is gone here, and its console answers on the target; a
+/// target that cannot run it refuses it and it runs on here.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_running_guest_moves_live_to_a_second_host_and_its_console_answers_there() {
     let _one = ONE_GUEST.lock().await;
@@ -588,18 +589,6 @@ async fn a_running_guest_moves_live_to_a_second_host_and_its_console_answers_the
         Ok(h) => h,
         Err(e) => panic!("second host: {e:#}"),
     };
-    // The NIC's bridge, by the same name, on the target's side of the link.
-    for args in [
-        vec!["link", "add", BRIDGE, "type", "bridge"],
-        vec!["link", "set", BRIDGE, "up"],
-    ] {
-        run(
-            "bridge on the second host",
-            Command::new("ip")
-                .args(["netns", "exec", &second.name, "ip"])
-                .args(&args),
-        );
-    }
     let target = match LibvirtHypervisor::connect(&second.uri).await {
         Ok(hv) => hv,
         Err(e) => panic!("cannot open {}: {e}", second.uri),
@@ -637,6 +626,30 @@ async fn a_running_guest_moves_live_to_a_second_host_and_its_console_answers_the
         graphics_uri: Some(format!("spice://{}:{}", second.address, dest.spice.port)),
         declared_shared: true,
     };
+    // A target that cannot run it (no bridge there for its NIC yet): refused, and the domain
+    // runs on here as before.
+    match env.hv.migrate_out(&guard.name, &out).await {
+        Err(e) => println!("[qemu_system] a target without the bridge refuses: {e}"),
+        Ok(m) => panic!("moved to a host without its bridge: {m:?}"),
+    }
+    assert_eq!(state(&env.hv, &guard.name).await, DomainState::Running);
+    match target.domain_status(&guard.name).await {
+        Err(HypervisorError::NotFound { .. }) => {}
+        other => panic!("the failed target kept the domain: {other:?}"),
+    }
+
+    // Its NIC's bridge, by the same name, on the target's side of the link.
+    for args in [
+        vec!["link", "add", BRIDGE, "type", "bridge"],
+        vec!["link", "set", BRIDGE, "up"],
+    ] {
+        run(
+            "bridge on the second host",
+            Command::new("ip")
+                .args(["netns", "exec", &second.name, "ip"])
+                .args(&args),
+        );
+    }
     let t0 = Instant::now();
     let moved = match env.hv.migrate_out(&guard.name, &out).await {
         Ok(m) => m,
