@@ -650,6 +650,12 @@ async fn a_running_guest_moves_live_to_a_second_host_and_its_console_answers_the
                 .args(&args),
         );
     }
+    // A SPICE client left connected on the source is told where the desktop went.
+    let source_addr = SocketAddr::from((Ipv4Addr::LOCALHOST, source_inputs.spice.port));
+    let mut client = match spice::hold(source_addr, &password).await {
+        Ok(Some(stream)) => stream,
+        other => panic!("the console on the source: {other:?}"),
+    };
     let t0 = Instant::now();
     let moved = match env.hv.migrate_out(&guard.name, &out).await {
         Ok(m) => m,
@@ -666,6 +672,11 @@ async fn a_running_guest_moves_live_to_a_second_host_and_its_console_answers_the
     assert!(
         moved.total > Duration::ZERO && moved.downtime <= moved.total,
         "{moved:?}"
+    );
+    assert!(
+        told_of(&mut client, &second.address).await,
+        "the connected SPICE client was not told of {}",
+        second.address
     );
 
     // Running there, persistent there, and nothing of it left here.
@@ -698,4 +709,22 @@ async fn a_running_guest_moves_live_to_a_second_host_and_its_console_answers_the
     // The target tears it down; the guard's own teardown then finds nothing here.
     guard.hv = target;
     guard.delete().await;
+}
+
+/// Whether the main channel of a held SPICE session carries `host` (the migration messages
+/// name the host the desktop moved to) before the connection closes or 15 s pass.
+async fn told_of(stream: &mut tokio::net::TcpStream, host: &str) -> bool {
+    use tokio::io::AsyncReadExt;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        if seen.windows(host.len()).any(|w| w == host.as_bytes()) {
+            return true;
+        }
+        match tokio::time::timeout_at(deadline, stream.read(&mut buf)).await {
+            Ok(Ok(n)) if n > 0 => seen.extend_from_slice(&buf[..n]),
+            _ => return false,
+        }
+    }
 }
