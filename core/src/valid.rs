@@ -60,13 +60,7 @@ impl ValidDesktop {
     /// and memory the operator admitted (`status.allocation`, when recorded), else what the spec
     /// asks; dedicated CPUs and hugepages are always the spec's.
     pub fn admitted(&self, allocation: Option<(u32, &str)>) -> Result<Request, RequestError> {
-        let Some((cpu, memory)) = allocation else {
-            return Ok(self.asked);
-        };
-        let mut r = Request::read(cpu, memory)?;
-        r.dedicated_cpus = self.asked.dedicated_cpus;
-        r.hugepages = self.asked.hugepages;
-        Ok(r)
+        self.asked.admitted_as(allocation)
     }
 }
 

@@ -107,14 +107,16 @@ pub fn admitted_size(
     spec: &DesktopSpec,
     status: Option<&DesktopStatus>,
 ) -> Result<Request, RequestError> {
-    let memory = match status.and_then(|s| s.allocation.as_ref()) {
-        Some(a) => &a.memory,
-        None => &spec.memory,
+    let recorded = allocation(status);
+    // The spec's memory is read only when nothing is recorded: a recorded size stands even
+    // when the spec was edited to one that does not read.
+    let mut asked = match recorded {
+        Some(_) => Request::new(spec.cpu, 0),
+        None => Request::read(spec.cpu, &spec.memory)?,
     };
-    let mut r = Request::read(admitted_cpu(spec, status), memory)?;
-    r.dedicated_cpus = spec.performance.dedicated_cpus;
-    r.hugepages = spec.performance.hugepages;
-    Ok(r)
+    asked.dedicated_cpus = spec.performance.dedicated_cpus;
+    asked.hugepages = spec.performance.hugepages;
+    asked.admitted_as(recorded)
 }
 
 impl From<&Reclaimed> for Reclaim {

@@ -54,6 +54,20 @@ impl Request {
             parse_bytes(memory).map_err(RequestError::Memory)?,
         ))
     }
+
+    /// The size a desktop's host gives its domain and the operator charges it for: the vCPUs
+    /// and memory the operator admitted (`status.allocation`, when recorded), else this
+    /// request's; dedicated CPUs and hugepages are always this request's.
+    pub fn admitted_as(self, allocation: Option<(u32, &str)>) -> Result<Self, RequestError> {
+        let Some((vcpus, memory)) = allocation else {
+            return Ok(self);
+        };
+        Ok(Self {
+            dedicated_cpus: self.dedicated_cpus,
+            hugepages: self.hugepages,
+            ..Self::read(vcpus, memory)?
+        })
+    }
 }
 
 #[cfg(test)]

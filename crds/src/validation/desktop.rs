@@ -48,7 +48,7 @@ pub fn read_desktop(
         super::usb::filters(&mut e, "spec.display.usb", usb);
     }
     let refused = pool.map(|p| refusals(spec, p)).unwrap_or_default();
-    let (Some(memory), false) = (memory, !e.0.is_empty()) else {
+    let Some(memory) = memory.filter(|_| e.0.is_empty()) else {
         e.0.extend(refused);
         return Err(e.0);
     };
