@@ -254,6 +254,11 @@ reasons! {
         PinnedToHost,
         /// Deleted by the user before it ended.
         Cancelled,
+        /// The source host did not start moving the desktop within the start timeout.
+        StartTimeout,
+        /// The port reserved on the target is no longer held (the pool's ledger was rebuilt
+        /// and another desktop holds it, or the target left the pool).
+        TargetLost,
     }
 }
 
@@ -272,6 +277,8 @@ impl MigrationReason {
                 | Self::AlreadyMigrating
                 | Self::PinnedToHost
                 | Self::Cancelled
+                | Self::StartTimeout
+                | Self::TargetLost
         )
     }
 }

@@ -436,7 +436,7 @@ impl Ledger {
 }
 
 mod targets;
-pub use targets::migration_holder;
+pub use targets::{Target, migration_holder};
 
 /// How the ledger's holder of a port another process listens on begins: no UID looks like it.
 const BUSY: &str = "busy-port:";

@@ -10,7 +10,7 @@ pub mod subnets;
 
 pub use conflict::{Conflict, Resource, Seniority};
 pub use ledger::{
-    Bound, Claim, DesktopBinding, Ledger, LedgerConfig, LedgerError, NetworkSpec, Released,
+    Bound, Claim, DesktopBinding, Ledger, LedgerConfig, LedgerError, NetworkSpec, Released, Target,
 };
 pub use macs::{Mac, MacError, MacPrefix};
 pub use ports::PortError;

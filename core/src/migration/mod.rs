@@ -1,9 +1,12 @@
 //! Moving a running desktop to another host of its pool, as pure decisions: whether a
-//! migration may start ([`admit`]), which host it goes to ([`target`]), and which phase
+//! migration may start ([`admit`]), which host it goes to ([`target`]), how many run at once ([`limits`]), how long a
+//! reserved target waits ([`held`]), and which phase
 //! changes a migration may make ([`phase`]). The controllers read the API into these values and
 //! act on the answers; nothing here calls a host or the API.
 
 pub mod admit;
+pub mod held;
+pub mod limits;
 pub mod phase;
 pub mod target;
 
@@ -11,6 +14,8 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 pub use admit::{Facts, admit};
+pub use held::Held;
+pub use limits::{Active, Limits, Slots};
 pub use phase::allowed;
 pub use target::{Refusal, choose_target};
 

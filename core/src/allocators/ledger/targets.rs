@@ -56,6 +56,26 @@ impl Ledger {
         Ok(port)
     }
 
+    /// Records a reservation made before this ledger was built (a migration's status says
+    /// `host` and `port`): held again unless another holder has that port, or the desktop's own
+    /// port is on `host`. Returns whether it is held.
+    pub fn adopt_target(&mut self, desktop: &str, host: &str, port: u16, size: Request) -> bool {
+        if self
+            .ports
+            .port_of(desktop)
+            .is_some_and(|(own, _)| own == host)
+        {
+            return false;
+        }
+        if !self.ports.adopt(&migration_holder(desktop), host, port) {
+            return false;
+        }
+        self.touch(desktop);
+        self.targets
+            .insert(desktop.to_string(), (host.to_string(), size));
+        true
+    }
+
     /// What a migration of `desktop` holds on its target.
     pub fn target_of(&self, desktop: &str) -> Option<Target<'_>> {
         let (host, size) = self.targets.get(desktop)?;
@@ -183,6 +203,22 @@ mod tests {
         assert_eq!(l.target_of("a"), None);
         assert_eq!(l.ports_in_use("h1"), 0);
         assert_eq!(l.ports_in_use("h2"), 2);
+    }
+
+    #[test]
+    fn a_rebuilt_ledger_takes_back_a_recorded_target_unless_its_port_is_taken() {
+        let mut l = ledger();
+        bound(&mut l, "a", "h1");
+        bound(&mut l, "b", "h2");
+        assert!(!l.adopt_target("a", "h2", 5900, SIZE), "b holds it");
+        assert!(
+            !l.adopt_target("a", "h1", 5901, SIZE),
+            "the desktop's own host"
+        );
+        assert!(l.adopt_target("a", "h2", 5901, SIZE));
+        assert!(l.adopt_target("a", "h2", 5901, SIZE), "again: still held");
+        assert_eq!(l.target_of("a").map(|t| t.port), Some(5901));
+        assert_eq!(bound(&mut l, "c", "h2"), 5902);
     }
 
     #[test]

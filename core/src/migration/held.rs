@@ -1,0 +1,152 @@
+//! What happens to a migration that holds a target and waits for its source host: it keeps the
+//! target while its desktop is the one it was made for, still there, and the ledger still holds
+//! the reservation, until the start timeout; otherwise it ends and the target is freed.
+
+use std::time::Duration;
+
+use crate::reasons::MigrationReason;
+
+/// What a held migration's pass knows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Facts<'a> {
+    /// The UID of the Desktop named now, if it exists and is not being deleted.
+    pub desktop_uid: Option<&'a str>,
+    /// The UID pinned when the target was reserved.
+    pub pinned_uid: &'a str,
+    /// The pool's ledger still holds the target and port recorded.
+    pub target_held: bool,
+    /// Since the target was reserved.
+    pub waited: Duration,
+    pub start_timeout: Duration,
+}
+
+/// The decision.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Held {
+    /// Keep the target; look again after this long at the latest.
+    Keep(Duration),
+    /// End it (Failed) for this reason, with this message; the target is freed.
+    End(MigrationReason, String),
+}
+
+/// Decides a held migration's pass.
+pub fn decide(f: &Facts<'_>) -> Held {
+    use MigrationReason as R;
+    match f.desktop_uid {
+        None => return Held::End(R::DesktopDeleted, "the desktop was deleted".into()),
+        Some(uid) if uid != f.pinned_uid => {
+            return Held::End(
+                R::DesktopReplaced,
+                "the desktop was deleted and made again under its name".into(),
+            );
+        }
+        Some(_) => {}
+    }
+    if !f.target_held {
+        return Held::End(
+            R::TargetLost,
+            "the port reserved on the target is no longer held for this migration".into(),
+        );
+    }
+    match f.start_timeout.checked_sub(f.waited) {
+        Some(left) if !left.is_zero() => Held::Keep(left),
+        _ => Held::End(
+            R::StartTimeout,
+            format!(
+                "the source host did not start moving the desktop within {}s",
+                f.start_timeout.as_secs()
+            ),
+        ),
+    }
+}
+
+/// Whether a Pending migration waiting for `reason` has waited too long: then it ends with that
+/// reason, and the message says how long it waited. Else how long until it has.
+pub fn pending(
+    reason: MigrationReason,
+    message: &str,
+    waited: Duration,
+    timeout: Duration,
+) -> Result<Duration, String> {
+    match timeout.checked_sub(waited) {
+        Some(left) if !left.is_zero() && !reason.ends() => Ok(left),
+        _ if reason.ends() => Err(message.to_string()),
+        _ => Err(format!("gave up after {}s: {message}", timeout.as_secs())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIN: Duration = Duration::from_secs(60);
+
+    fn facts() -> Facts<'static> {
+        Facts {
+            desktop_uid: Some("u1"),
+            pinned_uid: "u1",
+            target_held: true,
+            waited: Duration::from_secs(10),
+            start_timeout: MIN,
+        }
+    }
+
+    #[test]
+    fn a_held_target_is_kept_until_the_start_timeout() {
+        assert_eq!(decide(&facts()), Held::Keep(Duration::from_secs(50)));
+        let late = Facts {
+            waited: MIN,
+            ..facts()
+        };
+        assert!(matches!(
+            decide(&late),
+            Held::End(MigrationReason::StartTimeout, _)
+        ));
+    }
+
+    #[test]
+    fn a_gone_or_replaced_desktop_or_a_lost_port_ends_it() {
+        let gone = Facts {
+            desktop_uid: None,
+            ..facts()
+        };
+        assert!(matches!(
+            decide(&gone),
+            Held::End(MigrationReason::DesktopDeleted, _)
+        ));
+        let replaced = Facts {
+            desktop_uid: Some("u2"),
+            ..facts()
+        };
+        assert!(matches!(
+            decide(&replaced),
+            Held::End(MigrationReason::DesktopReplaced, _)
+        ));
+        let lost = Facts {
+            target_held: false,
+            ..facts()
+        };
+        assert!(matches!(
+            decide(&lost),
+            Held::End(MigrationReason::TargetLost, _)
+        ));
+    }
+
+    #[test]
+    fn a_pending_migration_waits_until_its_timeout_and_a_final_reason_ends_it_at_once() {
+        let r = MigrationReason::NoTarget;
+        assert_eq!(
+            pending(r, "full", Duration::from_secs(20), MIN),
+            Ok(Duration::from_secs(40))
+        );
+        let over = pending(r, "full", MIN, MIN);
+        assert!(over.is_err_and(|m| m.contains("gave up after 60s: full")));
+        let fin = pending(
+            MigrationReason::StorageNotShared,
+            "not shared",
+            Duration::ZERO,
+            MIN,
+        );
+        assert_eq!(fin, Err("not shared".into()));
+    }
+}
