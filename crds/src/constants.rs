@@ -34,6 +34,9 @@ pub const MANAGER_AGENT: &str = "deskvirt-node-agent";
 /// Server-side apply field manager of the node-agent's orphan sweep (`DomainNode.status.orphans`
 /// only, apart from the agent's other status fields).
 pub const MANAGER_AGENT_SWEEP: &str = "deskvirt-node-agent-sweep";
+/// Field manager of the operator's migration record on a Desktop (`status.migration`), apart
+/// from the Desktop pass's own status so neither apply drops the other's fields.
+pub const MANAGER_OPERATOR_MIGRATION: &str = "deskvirt-operator-migration";
 
 /// Namespace of the heartbeat Leases, one per host, named after the host. It is deskvirt's
 /// system namespace, where the leader Lease lives too.

@@ -272,6 +272,11 @@ pub struct DesktopStatus {
     /// on the old host is discarded there, never restored.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_move: Option<Move>,
+    /// A migration of the desktop under way (operator, field manager
+    /// `deskvirt-operator-migration`): the DesktopMigration, the target host and the SPICE port
+    /// reserved there. Written before any host acts; cleared when the migration ends.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub migration: Option<crate::migration::Migrating>,
     /// What the operator bound the desktop with and charges its host for (operator): the pool
     /// of the binding and the admitted size. A resize is admitted here once the host can hold
     /// it; the host defines the domain with this size, never with a larger `spec`.

@@ -1,4 +1,4 @@
-//! The `deskvirt.io/v1alpha1` API shared by the operator and the node-agent: the three custom
+//! The `deskvirt.io/v1alpha1` API shared by the operator and the node-agent: the custom
 //! resources, the names that cross process boundaries, and pure helpers for quantities.
 #![forbid(unsafe_code)]
 
@@ -6,6 +6,7 @@ pub mod conditions;
 pub mod constants;
 pub mod desktop;
 pub mod domain_node;
+pub mod migration;
 pub mod paths;
 pub mod read;
 pub mod resource_pool;
@@ -16,6 +17,7 @@ pub use deskvirt_core::{names, quantity};
 
 pub use desktop::{Desktop, DesktopSpec, DesktopStatus};
 pub use domain_node::{DomainNode, DomainNodeSpec, DomainNodeStatus};
+pub use migration::{DesktopMigration, DesktopMigrationSpec, DesktopMigrationStatus, Migrating};
 pub use resource_pool::{ResourcePool, ResourcePoolSpec, ResourcePoolStatus};
 
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::{
@@ -25,7 +27,12 @@ use kube::CustomResourceExt;
 
 /// Every CRD of the API, in the order they are installed.
 pub fn crds() -> Vec<CustomResourceDefinition> {
-    let mut crds = vec![ResourcePool::crd(), DomainNode::crd(), Desktop::crd()];
+    let mut crds = vec![
+        ResourcePool::crd(),
+        DomainNode::crd(),
+        Desktop::crd(),
+        DesktopMigration::crd(),
+    ];
     for crd in &mut crds {
         for version in &mut crd.spec.versions {
             if let Some(schema) = version

@@ -141,9 +141,14 @@ impl Charges {
             let c = charge(&d, ledgers);
             s.index.set(&uid, c.as_ref().map(|(h, r)| (h.as_str(), *r)));
         }
+        let targets = ledgers
+            .targets()
+            .map(|(uid, t)| (t.host.to_string(), uid.to_string(), t.size))
+            .collect();
         Counted {
             state: guard,
             except: None,
+            targets,
         }
     }
 }
@@ -153,6 +158,8 @@ pub struct Counted<'a> {
     state: MutexGuard<'a, State>,
     /// The desktop read as if it did not exist.
     except: Option<String>,
+    /// The migration targets the ledgers hold: host, desktop UID and the size charged there.
+    targets: Vec<(String, String, Request)>,
 }
 
 impl Counted<'_> {
@@ -173,6 +180,15 @@ impl Counted<'_> {
         let live = |uid: &str| Some(uid) != except && self.state.refs.contains_key(uid);
         for r in crate::world::orphan_charges(orphans, live) {
             usage = usage.plus(&r);
+        }
+        // A migration's target is charged the desktop's size until it arrives or the migration
+        // ends (the desktop read as absent is absent there too).
+        for (_, _, r) in self
+            .targets
+            .iter()
+            .filter(|(h, uid, _)| h == host && Some(uid.as_str()) != except)
+        {
+            usage = usage.plus(r);
         }
         usage
     }
@@ -263,6 +279,8 @@ mod tests {
         Release(u8),
         Admit(u8, u32),
         Settled(u8),
+        Reserve(u8, u8),
+        Unreserve(u8),
         NewTerm,
     }
 
@@ -278,7 +296,9 @@ mod tests {
             (d.clone(), 0u8..3).prop_map(|(d, h)| Change::Bind(d, h)),
             d.clone().prop_map(Change::Release),
             (d.clone(), 1u32..9).prop_map(|(d, c)| Change::Admit(d, c)),
-            d.prop_map(Change::Settled),
+            d.clone().prop_map(Change::Settled),
+            (d.clone(), 0u8..3).prop_map(|(d, h)| Change::Reserve(d, h)),
+            d.prop_map(Change::Unreserve),
             Just(Change::NewTerm),
         ]
     }
@@ -340,6 +360,12 @@ mod tests {
                         if let Some(l) = ledgers.get_mut("p") { l.admit_size(&format!("u{d}"), Request::new(cpu, 1 << 30)); }
                     }
                     Change::Settled(d) => { if let Some(l) = ledgers.get_mut("p") { l.size_settled(&format!("u{d}")); } }
+                    Change::Reserve(d, h) => {
+                        if let Some(l) = ledgers.get_mut("p") {
+                            let _ = l.reserve_target(&format!("u{d}"), HOSTS[usize::from(h)], Request::new(3, 1 << 30));
+                        }
+                    }
+                    Change::Unreserve(d) => { if let Some(l) = ledgers.get_mut("p") { l.release_target(&format!("u{d}")); } }
                     Change::NewTerm => {
                         let kept = ledgers.get("p").cloned();
                         ledgers = Ledgers::fresh();

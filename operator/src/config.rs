@@ -103,6 +103,38 @@ pub struct Config {
     )]
     pub pool_status_interval: Duration,
 
+    /// Migrations that may hold a target at once in one pool; more wait (Pending, reason
+    /// Queued), oldest first.
+    #[arg(long, env = "DESKVIRT_MIGRATIONS_PER_POOL", default_value = "4",
+          value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub migrations_per_pool: u32,
+
+    /// Migrations that may hold a target at once per host, counting those leaving it and those
+    /// coming to it: a host's link and memory bandwidth are shared by every copy.
+    #[arg(long, env = "DESKVIRT_MIGRATIONS_PER_HOST", default_value = "2",
+          value_parser = clap::value_parser!(u32).range(1..=100))]
+    pub migrations_per_host: u32,
+
+    /// How long a migration may wait for its desktop to be movable or for a target (Pending)
+    /// before it fails with the reason it waited for.
+    #[arg(
+        long,
+        env = "DESKVIRT_MIGRATION_PENDING_TIMEOUT",
+        default_value = "5m",
+        value_parser = parse_flag_duration
+    )]
+    pub migration_pending_timeout: Duration,
+
+    /// How long a reserved target waits for the source host to start moving the desktop
+    /// before the migration fails (StartTimeout) and the target is freed.
+    #[arg(
+        long,
+        env = "DESKVIRT_MIGRATION_START_TIMEOUT",
+        default_value = "60s",
+        value_parser = parse_flag_duration
+    )]
+    pub migration_start_timeout: Duration,
+
     /// Only manage ResourcePools, DomainNodes and Desktops matching this label selector
     /// (sharding, and isolation of concurrent test runs). Empty manages everything.
     #[arg(long, env = "DESKVIRT_LABEL_SELECTOR", default_value = "")]

@@ -9,7 +9,7 @@ use deskvirt_crds::constants::{LABEL_NODE, console_mirror_name};
 use deskvirt_crds::domain_node::OrphanDomain;
 use deskvirt_crds::names::label_value;
 use deskvirt_crds::read::FromPoolSpec;
-use deskvirt_crds::{Desktop, DomainNode, ResourcePool};
+use deskvirt_crds::{Desktop, DesktopMigration, DomainNode, ResourcePool};
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{Namespace, ResourceQuota, Secret};
 use k8s_openapi::jiff::Timestamp;
@@ -20,7 +20,7 @@ use kube::{Api, Client, Resource, ResourceExt};
 use tokio::sync::watch;
 
 use crate::allocators::{
-    Conflict, DesktopBinding, Ledger, LedgerConfig, LedgerError, Seniority, SubnetBinding,
+    Conflict, DesktopBinding, Ledger, LedgerConfig, LedgerError, Seniority, SubnetBinding, Target,
 };
 use crate::charges::{Charges, Counted};
 use crate::coalesce::Coalescer;
@@ -38,6 +38,8 @@ pub struct Stores {
     pub pools: Store<ResourcePool>,
     pub nodes: Store<DomainNode>,
     pub desktops: Store<Desktop>,
+    /// DesktopMigrations in every namespace.
+    pub migrations: Store<DesktopMigration>,
     pub leases: Store<Lease>,
     /// Console password mirrors in the operator's namespace.
     pub mirrors: Store<Secret>,
@@ -74,6 +76,7 @@ impl Stores {
             move |d: &Desktop| on_desktop.desktop_touched(d),
             move || on_relist.relisted(),
         );
+        let (migrations, h) = reflect(Api::all(client.clone()), cfg());
         let (leases, d) = reflect(
             Api::namespaced(client.clone(), namespace),
             watcher::Config::default(),
@@ -91,7 +94,7 @@ impl Stores {
         let (quotas, g) = reflect(Api::all(client.clone()), watcher::Config::default());
         let drive = async move {
             tokio::select! {
-                _ = futures::future::join3(futures::future::join5(a, b, c, d, e), f, g) => {}
+                _ = futures::future::join4(futures::future::join5(a, b, c, d, e), f, g, h) => {}
                 () = stopped(stop) => {}
             }
         };
@@ -99,6 +102,7 @@ impl Stores {
             pools,
             nodes,
             desktops,
+            migrations,
             leases,
             mirrors,
             console: console_namespace.to_string(),
@@ -119,17 +123,6 @@ impl Stores {
         desktops: Vec<Desktop>,
         console_namespace: &str,
     ) -> Self {
-        fn store<K>(objects: Vec<K>) -> Store<K>
-        where
-            K: kube::Resource + Clone + std::fmt::Debug + Send + Sync + 'static,
-            K::DynamicType: Default + Eq + std::hash::Hash + Clone,
-        {
-            let (store, mut writer) = kube::runtime::reflector::store::<K>();
-            for o in objects {
-                writer.apply_watcher_event(&watcher::Event::Apply(o));
-            }
-            store
-        }
         let charges = Charges::default();
         for d in &desktops {
             charges.desktop_touched(d);
@@ -138,6 +131,7 @@ impl Stores {
             pools: store(pools),
             nodes: store(nodes),
             desktops: store(desktops),
+            migrations: store(vec![]),
             leases: store(vec![]),
             mirrors: store(vec![]),
             console: console_namespace.to_string(),
@@ -148,11 +142,23 @@ impl Stores {
         }
     }
 
+    /// These caches with `migrations` and the console `mirrors` too (for tests).
+    #[cfg(test)]
+    pub(crate) fn with(mut self, migrations: Vec<DesktopMigration>, mirrors: Vec<Secret>) -> Self {
+        for m in &mirrors {
+            self.charges.mirror_touched(m);
+        }
+        self.migrations = store(migrations);
+        self.mirrors = store(mirrors);
+        self
+    }
+
     /// Waits until every store has its first full list.
     pub async fn ready(&self) -> bool {
         self.pools.wait_until_ready().await.is_ok()
             && self.nodes.wait_until_ready().await.is_ok()
             && self.desktops.wait_until_ready().await.is_ok()
+            && self.migrations.wait_until_ready().await.is_ok()
             && self.leases.wait_until_ready().await.is_ok()
             && self.mirrors.wait_until_ready().await.is_ok()
             && self.namespaces.wait_until_ready().await.is_ok()
@@ -214,6 +220,20 @@ impl Stores {
             .filter(|d| is(d))
             .or_else(|| self.desktops.find(is))
     }
+}
+
+/// A cache that holds exactly `objects` (for tests).
+#[cfg(test)]
+fn store<K>(objects: Vec<K>) -> Store<K>
+where
+    K: kube::Resource + Clone + std::fmt::Debug + Send + Sync + 'static,
+    K::DynamicType: Default + Eq + std::hash::Hash + Clone,
+{
+    let (store, mut writer) = kube::runtime::reflector::store::<K>();
+    for o in objects {
+        writer.apply_watcher_event(&watcher::Event::Apply(o));
+    }
+    store
 }
 
 /// Completes once `stop` is true (or its sender is gone).
@@ -321,6 +341,12 @@ impl Ledgers {
         if let Some(old) = &old {
             ledger.keep_admitted_sizes(old);
         }
+        for t in target_bindings(name, stores) {
+            if !ledger.adopt_target(&t.desktop, &t.host, t.port, t.size) {
+                tracing::warn!(pool = %name, desktop = %t.desktop, host = %t.host, port = t.port,
+                    "ledger rebuild: a migration's target port is held by another; it will fail");
+            }
+        }
         tracing::info!(pool = %name, conflicts = conflicts.len(), "ledger rebuilt");
         self.pools.insert(name.to_string(), ledger);
         self.epoch = next_epoch();
@@ -380,6 +406,11 @@ impl Ledgers {
         self.pools.get_mut(pool)
     }
 
+    /// Every migration target the pools' ledgers hold: desktop UID and what it holds.
+    pub fn targets(&self) -> impl Iterator<Item = (&str, Target<'_>)> {
+        self.pools.values().flat_map(|l| l.targets())
+    }
+
     /// Whether any pool's ledger holds a reservation for the desktop with UID `uid` (a binding
     /// decided whose write the cache may not show yet).
     pub fn reserved(&self, uid: &str) -> bool {
@@ -427,6 +458,36 @@ fn desktop_bindings(pool: &str, stores: &Stores, old: Option<&Ledger>) -> Vec<De
                 b.mac = old.mac_of(&uid).map(|m| m.to_string());
             }
             b
+        })
+        .collect()
+}
+
+/// A migration target recorded in a DesktopMigration's status (only the operator writes it).
+struct TargetBinding {
+    desktop: String,
+    host: String,
+    port: u16,
+    size: crate::scheduler::Request,
+}
+
+/// The targets that the migrations of `pool`'s desktops hold (Scheduling or Running), as their
+/// status records them, with the size their desktop is charged.
+fn target_bindings(pool: &str, stores: &Stores) -> Vec<TargetBinding> {
+    stores
+        .migrations
+        .state()
+        .iter()
+        .filter(|m| m.phase().holds_target())
+        .filter_map(|m| {
+            let st = m.status.as_ref()?;
+            let d = stores.desktop_by_uid(st.desktop_uid.as_deref()?)?;
+            (d.pool() == pool && holds_binding(&d)).then_some(())?;
+            Some(TargetBinding {
+                desktop: st.desktop_uid.clone()?,
+                host: st.target.clone()?,
+                port: st.target_port?,
+                size: crate::world::charged(&d)?,
+            })
         })
         .collect()
 }
@@ -494,11 +555,34 @@ pub struct Namespaces {
     pub users: std::collections::BTreeSet<String>,
 }
 
-/// Shared state of the controllers.
+/// How many DesktopMigrations run at once and how long they may wait.
+#[derive(Clone, Copy, Debug)]
+pub struct MigrationSettings {
+    pub limits: deskvirt_core::migration::Limits,
+    /// How long a migration may wait for its desktop or a target.
+    pub pending_timeout: Duration,
+    /// How long a reserved target waits for the source host to start.
+    pub start_timeout: Duration,
+}
+
+impl Default for MigrationSettings {
+    fn default() -> Self {
+        Self {
+            limits: deskvirt_core::migration::Limits {
+                per_pool: 4,
+                per_host: 2,
+            },
+            pending_timeout: Duration::from_secs(300),
+            start_timeout: Duration::from_secs(60),
+        }
+    }
+}
+
 /// The reconciles of each controller, as on-demand work that liveness watches.
 #[derive(Clone, Debug)]
 pub struct Reconciles {
     pub desktops: Work,
+    pub migrations: Work,
     pub pools: Work,
     pub nodes: Work,
 }
@@ -507,6 +591,7 @@ impl Default for Reconciles {
     fn default() -> Self {
         Self {
             desktops: Work::unwatched(),
+            migrations: Work::unwatched(),
             pools: Work::unwatched(),
             nodes: Work::unwatched(),
         }
@@ -519,6 +604,7 @@ impl Reconciles {
     pub fn watched(health: &deskvirt_runtime::health::Health, allowed: Duration) -> Self {
         Self {
             desktops: health.watch_work("desktop reconciles", allowed),
+            migrations: health.watch_work("migration reconciles", allowed),
             pools: health.watch_work("pool reconciles", allowed),
             nodes: health.watch_work("host reconciles", allowed),
         }
@@ -586,6 +672,8 @@ pub struct Context {
     pub fence: Fence,
     /// Test only: a pause between deciding a binding and writing it.
     pub test_bind_delay: Option<Duration>,
+    /// How many migrations run at once and how long they may wait.
+    pub migrations: MigrationSettings,
     /// Each controller's reconciles, for liveness (set by the operator from its health).
     pub reconciles: Reconciles,
     failures: Mutex<HashMap<String, u32>>,
@@ -632,6 +720,7 @@ impl Context {
             pool_status: Coalescer::new(POOL_STATUS_INTERVAL),
             fence: Fence::default(),
             test_bind_delay: None,
+            migrations: MigrationSettings::default(),
             reconciles: Reconciles::default(),
             failures: Mutex::new(HashMap::new()),
             user_secrets: Mutex::new(HashMap::new()),

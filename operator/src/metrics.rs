@@ -15,6 +15,12 @@ pub struct ControllerLabels {
     pub controller: &'static str,
 }
 
+/// How a migration ended.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabels {
+    pub outcome: &'static str,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ErrorLabels {
     pub controller: &'static str,
@@ -70,6 +76,8 @@ pub struct Metrics {
     /// Desktops moved off a SPICE port another process took on their host.
     pub busy_ports_moved: Counter,
     pub bindings: Counter,
+    /// DesktopMigrations ended, by outcome (Succeeded, Failed, Cancelled).
+    pub migrations: Family<OutcomeLabels, Counter>,
     pub pool_capacity: Family<PoolResource, Gauge>,
     pub pool_allocated: Family<PoolResource, Gauge>,
     pub spice_ports: Family<PoolState, Gauge>,
@@ -127,6 +135,11 @@ impl Metrics {
             "bindings",
             "Desktops bound to a host by this replica",
             m.bindings.clone(),
+        );
+        sub.register(
+            "migrations",
+            "DesktopMigrations ended, by outcome (Succeeded, Failed, Cancelled)",
+            m.migrations.clone(),
         );
         sub.register(
             "pool_capacity",
@@ -258,6 +271,13 @@ impl Metrics {
     pub fn reconciled(&self, controller: &'static str) {
         self.reconciles
             .get_or_create(&ControllerLabels { controller })
+            .inc();
+    }
+
+    /// A migration ended with `outcome`.
+    pub fn migration_ended(&self, outcome: &'static str) {
+        self.migrations
+            .get_or_create(&OutcomeLabels { outcome })
             .inc();
     }
 

@@ -1,4 +1,4 @@
-//! Wiring: connect to the API server, start the watch caches, the leader elector, the three
+//! Wiring: connect to the API server, start the watch caches, the leader elector, the
 //! controllers and the mirror sweep, and stop them all when asked. Ready once every watch
 //! cache has synced; live while the async runtime turns (a beat every few seconds).
 
@@ -15,7 +15,7 @@ use tokio::sync::watch;
 use crate::coalesce::Coalescer;
 use crate::config::Config;
 use crate::context::{Context, Namespaces, Reconciles, Stores};
-use crate::controllers::{desktop, domain_node, resource_pool};
+use crate::controllers::{desktop, domain_node, migration, resource_pool};
 use crate::fence::Fence;
 use crate::leader::{self, Elector};
 use crate::metrics::Metrics;
@@ -90,6 +90,14 @@ pub async fn run(
     ctx.pool_status = Coalescer::new(config.pool_status_interval);
     ctx.fence = Fence::new(config.leader_clock_skew, ctx.metrics.fenced_writes.clone());
     ctx.test_bind_delay = config.test_bind_delay;
+    ctx.migrations = crate::context::MigrationSettings {
+        limits: deskvirt_core::migration::Limits {
+            per_pool: config.migrations_per_pool,
+            per_host: config.migrations_per_host,
+        },
+        pending_timeout: config.migration_pending_timeout,
+        start_timeout: config.migration_start_timeout,
+    };
     ctx.reconciles = Reconciles::watched(&health, RECONCILE_ALLOWANCE);
     let ctx = Arc::new(ctx);
     tracing::info!(%identity, namespace = %config.namespace, "operator started");
@@ -119,6 +127,7 @@ pub async fn run(
     let controllers = async {
         tokio::join!(
             desktop::run(ctx.clone(), sel.clone(), stop.clone()),
+            migration::run(ctx.clone(), sel.clone(), stop.clone()),
             domain_node::run(ctx.clone(), sel.clone(), stop.clone()),
             resource_pool::run(ctx.clone(), sel, stop.clone()),
             sweep::run(ctx.clone(), config.mirror_sweep_interval, stop.clone()),

@@ -148,6 +148,10 @@ pub fn usage_by_host(
     {
         requests.entry(host).or_default().push(req);
     }
+    // Migration targets, charged the desktop's size until it arrives (as `Counted::on`).
+    for (_, t) in ledger.into_iter().flat_map(|l| l.targets()) {
+        requests.entry(t.host.to_string()).or_default().push(t.size);
+    }
     let live: std::collections::HashSet<&str> = desktops
         .iter()
         .filter_map(|d| d.metadata.uid.as_deref())

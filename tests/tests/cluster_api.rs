@@ -13,6 +13,7 @@ async fn crds_are_established_with_short_names() -> anyhow::Result<()> {
         ("desk", "Desktop"),
         ("dn", "DomainNode"),
         ("pool", "ResourcePool"),
+        ("dmig", "DesktopMigration"),
     ] {
         let run = kubectl(
             &["api-resources", "--api-group=deskvirt.io", "-o", "wide"],
@@ -22,7 +23,7 @@ async fn crds_are_established_with_short_names() -> anyhow::Result<()> {
         let line = run
             .stdout
             .lines()
-            .find(|l| l.contains(kind))
+            .find(|l| l.split_whitespace().any(|w| w == kind))
             .unwrap_or_default()
             .to_string();
         assert!(
@@ -283,13 +284,20 @@ async fn kubectl_explain_shows_our_descriptions() -> anyhow::Result<()> {
     let mut last = String::new();
     for _ in 0..30 {
         let run = kubectl(&["explain", "desktop.spec.idle"], None)?;
-        last = format!("{}{}", run.stdout, run.stderr);
-        if run.success && last.contains("idle for a while") && last.contains("connectedIsActive") {
+        let mig = kubectl(&["explain", "desktopmigration.spec"], None)?;
+        last = format!("{}{}{}{}", run.stdout, run.stderr, mig.stdout, mig.stderr);
+        if run.success
+            && last.contains("idle for a while")
+            && last.contains("connectedIsActive")
+            && mig.success
+            && mig.stdout.contains("targetNode")
+            && mig.stdout.contains("storage.shared")
+        {
             let pool = kubectl(&["explain", "resourcepool.spec.overcommit"], None)?;
             assert!(pool.stdout.contains("overcommitted"), "{}", pool.stdout);
             return Ok(());
         }
         tokio::time::sleep(std::time::Duration::from_secs(1)).await;
     }
-    panic!("kubectl explain desktop.spec.idle did not show our description:\n{last}")
+    panic!("kubectl explain did not show our descriptions:\n{last}")
 }

@@ -980,6 +980,7 @@ async fn install_upgrade_and_uninstall_in_a_fresh_namespace() -> anyhow::Result<
     let crds = Api::<CustomResourceDefinition>::all(c.clone());
     for crd in [
         "desktops.deskvirt.io",
+        "desktopmigrations.deskvirt.io",
         "domainnodes.deskvirt.io",
         "resourcepools.deskvirt.io",
     ] {

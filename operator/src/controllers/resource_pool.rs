@@ -16,7 +16,7 @@ use deskvirt_crds::names::fnv1a64;
 use deskvirt_crds::read::{FromPoolSpec, write_capacity};
 use deskvirt_crds::resource_pool::{ResourcePool, ResourcePoolStatus};
 use deskvirt_crds::validation;
-use deskvirt_crds::{Desktop, DomainNode};
+use deskvirt_crds::{Desktop, DesktopMigration, DomainNode};
 use deskvirt_runtime::cache::changes_by_key;
 use deskvirt_runtime::throttle::throttled;
 use k8s_openapi::jiff::Timestamp;
@@ -60,6 +60,7 @@ pub async fn run(ctx: Arc<Context>, selector: String, stop: watch::Receiver<bool
     let client = ctx.client.clone();
     let cfg = watch_config(&selector);
     let stores = ctx.stores.clone();
+    let by_migration = ctx.stores.clone();
     let controller =
         deskvirt_runtime::cache::controller(Api::<ResourcePool>::all(client.clone()), cfg.clone())
             .watches_stream(
@@ -86,6 +87,18 @@ pub async fn run(ctx: Arc<Context>, selector: String, stop: watch::Receiver<bool
                     |d: &Desktop| d.pool().to_string(),
                 ),
                 |d| Some(ObjectRef::new(d.pool())),
+            )
+            // A migration's target is charged and holds a port: its pool counts again when the
+            // migration's status or finalizer changes, which the operator writes after each
+            // reservation and each release.
+            .watches(
+                Api::<DesktopMigration>::all(client.clone()),
+                watch_config(&selector),
+                move |m| {
+                    let uid = m.status.as_ref().and_then(|s| s.desktop_uid.as_deref());
+                    uid.and_then(|u| by_migration.desktop_by_uid(u))
+                        .map(|d| ObjectRef::new(d.pool()))
+                },
             )
             .reconcile_all_on(on_leadership(ctx.leader.clone()))
             .graceful_shutdown_on(stopped(stop.clone()))

@@ -7,20 +7,16 @@ use std::time::Duration;
 
 use deskvirt_crds::conditions::{self, Status, condition};
 use deskvirt_crds::constants::condition::READY;
-use deskvirt_crds::constants::{
-    ANNOTATION_FORCE_DELETE, FINALIZER_AGENT, FINALIZER_OPERATOR, MANAGER_OPERATOR,
-};
-use deskvirt_crds::desktop::Desktop;
+use deskvirt_crds::constants::{ANNOTATION_FORCE_DELETE, FINALIZER_AGENT, FINALIZER_OPERATOR};
 use deskvirt_crds::quantity::{format_duration, parse_duration};
-use kube::api::{Patch, PatchParams};
+use kube::ResourceExt;
 use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
-use kube::{Api, ResourceExt};
-use serde_json::json;
 
 use super::console::{delete_mirror, delete_user_secret, ever_bound};
 use super::status::{Owned, write};
 use super::{Error, Pass, kube};
+use crate::controllers::remove_finalizer;
 use crate::fence;
 
 /// Reason of `Ready=False` while deletion waits for the host.
@@ -96,7 +92,7 @@ pub(super) async fn cleanup(pass: &Pass<'_>) -> Result<Action, Error> {
     ctx.forget_mirror(uid);
     ctx.steps.forget(uid);
     fence::check()?;
-    remove_finalizer(d, api, FINALIZER_OPERATOR)
+    remove_finalizer(api, d, FINALIZER_OPERATOR)
         .await
         .map_err(kube("remove the operator finalizer"))?;
     let mut ledgers = ctx.ledgers.lock().await;
@@ -120,7 +116,7 @@ async fn wait_for_host(pass: &Pass<'_>) -> Result<Action, Error> {
     let (d, ctx, api, now) = (&pass.d, pass.ctx, &pass.api, pass.now);
     if !ever_bound(ctx, &pass.uid).await? {
         fence::check()?;
-        remove_finalizer(d, api, FINALIZER_AGENT)
+        remove_finalizer(api, d, FINALIZER_AGENT)
             .await
             .map_err(kube("remove the agent finalizer"))?;
         ctx.event(
@@ -151,7 +147,7 @@ async fn wait_for_host(pass: &Pass<'_>) -> Result<Action, Error> {
     match host_cleanup(host, lost_for, after, forced) {
         HostCleanup::Force => {
             fence::check()?;
-            remove_finalizer(d, api, FINALIZER_AGENT)
+            remove_finalizer(api, d, FINALIZER_AGENT)
                 .await
                 .map_err(kube("remove the agent finalizer"))?;
             let note = format!(
@@ -187,31 +183,6 @@ async fn wait_for_host(pass: &Pass<'_>) -> Result<Action, Error> {
             write(d, api, &current, &want).await?;
             Ok(recheck.map_or_else(Action::await_change, Action::requeue))
         }
-    }
-}
-
-/// Removes `finalizer` with a merge patch guarded by the version it was read at: a conflict
-/// means "read again", never a lost finalizer of someone else. Not an apply: on Kubernetes
-/// 1.20 managedFields has no subresource, so the operator's status applies take over the entry
-/// of its metadata apply, and an apply that leaves the finalizer out no longer removes it.
-async fn remove_finalizer(
-    d: &Desktop,
-    api: &Api<Desktop>,
-    finalizer: &str,
-) -> Result<(), kube::Error> {
-    let rest: Vec<&String> = d.finalizers().iter().filter(|f| *f != finalizer).collect();
-    let patch = json!({
-        "metadata": { "resourceVersion": d.resource_version(), "finalizers": rest }
-    });
-    let pp = PatchParams {
-        field_manager: Some(MANAGER_OPERATOR.into()),
-        ..Default::default()
-    };
-    match api.patch(&d.name_any(), &pp, &Patch::Merge(&patch)).await {
-        // Gone already: an earlier pass removed the last finalizer.
-        Ok(_) => Ok(()),
-        Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
-        Err(e) => Err(e),
     }
 }
 

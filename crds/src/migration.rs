@@ -1,0 +1,154 @@
+//! `DesktopMigration`: an action that moves one Desktop to another host of its pool. The spec is
+//! the user's request; the status is the operator's (the target it chose and reserved, the
+//! phase, the reasons). The Desktop's own spec never changes, so GitOps sees no drift.
+
+// kube-derive expands each `printcolumn(...)` into attributes clippy sees as duplicates.
+#![allow(clippy::duplicated_attributes)]
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use kube::CustomResource;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+pub use deskvirt_core::migration::{MigrationMode, MigrationPhase};
+
+use crate::schema::DNS_SUBDOMAIN;
+
+/// A request to move one Desktop of this namespace to another host of its pool.
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[kube(
+    group = "deskvirt.io",
+    version = "v1alpha1",
+    kind = "DesktopMigration",
+    plural = "desktopmigrations",
+    shortname = "dmig",
+    category = "deskvirt",
+    doc = "A request to move one Desktop of this namespace to another host of its pool.",
+    namespaced,
+    status = "DesktopMigrationStatus",
+    printcolumn(
+        name = "Desktop",
+        type_ = "string",
+        json_path = ".spec.desktop",
+        description = "The Desktop to move"
+    ),
+    printcolumn(
+        name = "Phase",
+        type_ = "string",
+        json_path = ".status.phase",
+        description = "Pending, Scheduling, Running, Succeeded or Failed"
+    ),
+    printcolumn(
+        name = "Source",
+        type_ = "string",
+        json_path = ".status.source",
+        description = "Host the desktop runs on"
+    ),
+    printcolumn(
+        name = "Target",
+        type_ = "string",
+        json_path = ".status.target",
+        description = "Host it moves to"
+    ),
+    printcolumn(
+        name = "Reason",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].reason",
+        description = "Why it is in its phase"
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
+)]
+#[serde(rename_all = "camelCase")]
+pub struct DesktopMigrationSpec {
+    /// Name of the Desktop to move, in this namespace. Read once: the migration acts on the
+    /// Desktop (by UID) it found first, and a later edit of this field is ignored.
+    #[schemars(regex(pattern = DNS_SUBDOMAIN), length(min = 1, max = 253))]
+    pub desktop: String,
+    /// The host (DomainNode name) to move to. Unset lets the pool's scheduler pick one, by the
+    /// same capacity and overcommit rules as a binding. A host that cannot take the desktop
+    /// makes the migration wait (Pending, reason NoTarget) until the pending timeout.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = DNS_SUBDOMAIN), length(min = 1, max = 253))]
+    pub target_node: Option<String>,
+    /// Live (the default: the desktop keeps running while its memory is copied; needs a pool
+    /// with `storage.shared`) or Cold (not supported yet: refused with reason ModeNotSupported).
+    #[serde(default)]
+    pub mode: MigrationMode,
+}
+
+/// What the operator decided and observed.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DesktopMigrationStatus {
+    /// Pending, Scheduling, Running, Succeeded or Failed. Succeeded and Failed never change.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<MigrationPhase>,
+    /// UID of the Desktop the migration acts on, pinned on its first pass: a Desktop deleted
+    /// and made again under the same name is not moved by it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 64))]
+    pub desktop_uid: Option<String>,
+    /// Host the desktop ran on when its target was chosen.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = DNS_SUBDOMAIN), length(max = 253))]
+    pub source: Option<String>,
+    /// Host the desktop moves to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = DNS_SUBDOMAIN), length(max = 253))]
+    pub target: Option<String>,
+    /// SPICE port reserved for the desktop on the target, from the pool's range.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1024, max = 65535))]
+    pub target_port: Option<u16>,
+    /// When the target was chosen and reserved.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scheduled_time: Option<Time>,
+    /// When the migration ended (Succeeded or Failed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub completion_time: Option<Time>,
+    /// `Scheduled` (a target is reserved) and the summary `Ready` (True once Succeeded; its
+    /// reason says why the migration waits or failed).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
+    pub conditions: Vec<Condition>,
+    /// The spec generation the operator last acted on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+}
+
+/// A migration of a Desktop under way, recorded on the Desktop's status by the operator
+/// (field manager `deskvirt-operator-migration`) before any host acts on it.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Migrating {
+    /// The DesktopMigration's name, in the Desktop's namespace.
+    #[schemars(regex(pattern = DNS_SUBDOMAIN), length(max = 253))]
+    pub name: String,
+    /// The DesktopMigration's UID.
+    #[schemars(length(max = 64))]
+    pub uid: String,
+    /// Live or Cold.
+    pub mode: MigrationMode,
+    /// The host the desktop moves to.
+    #[schemars(regex(pattern = DNS_SUBDOMAIN), length(max = 253))]
+    pub target: String,
+    /// The SPICE port the desktop listens on there.
+    #[schemars(range(min = 1024, max = 65535))]
+    pub port: u16,
+    /// When the target was reserved.
+    pub since: Time,
+}
+
+impl DesktopMigration {
+    /// The phase, Pending until the operator wrote one.
+    pub fn phase(&self) -> MigrationPhase {
+        self.status
+            .as_ref()
+            .and_then(|s| s.phase)
+            .unwrap_or_default()
+    }
+}

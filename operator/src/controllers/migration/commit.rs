@@ -1,0 +1,382 @@
+//! A migration's writes, in the order that keeps every reservation findable: the finalizer
+//! before a target is reserved; the migration's status (which the ledger is rebuilt from)
+//! before the record on the Desktop (which hosts act on); and at the end the record cleared
+//! before the target is freed and the finalizer dropped.
+
+use std::time::Duration;
+
+use deskvirt_core::migration::{MigrationPhase, allowed};
+use deskvirt_core::reasons::MigrationReason;
+use deskvirt_crds::conditions::{self, Status};
+use deskvirt_crds::constants::condition::{READY, SCHEDULED};
+use deskvirt_crds::constants::{FINALIZER_OPERATOR, MANAGER_OPERATOR_MIGRATION};
+use deskvirt_crds::{Desktop, DesktopMigration, DesktopMigrationStatus, DesktopStatus, Migrating};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kube::ResourceExt;
+use kube::api::{Patch, PatchParams};
+use kube::runtime::controller::Action;
+use kube::runtime::events::EventType;
+use serde_json::json;
+
+use super::plan::{self, Decision, Reserved};
+use super::{Error, Pass, has_finalizer, kube, pinned};
+use crate::controllers::{StatusApply, apply_meta, apply_status, remove_finalizer};
+use crate::fence;
+
+/// A pass over a migration that is not being deleted.
+pub(super) async fn apply(pass: &Pass<'_>) -> Result<Action, Error> {
+    let m = pass.m.as_ref();
+    if m.phase().is_terminal() {
+        settle(pass, m).await?;
+        return Ok(Action::await_change());
+    }
+    if !has_finalizer(m) {
+        fence::check()?;
+        let body = json!({
+            "apiVersion": "deskvirt.io/v1alpha1",
+            "kind": "DesktopMigration",
+            "metadata": { "name": m.name_any(), "finalizers": [FINALIZER_OPERATOR] },
+        });
+        let fresh = apply_meta(&pass.api, &m.name_any(), &body)
+            .await
+            .map_err(kube("add the operator finalizer"))?;
+        // Decide on the version that carries it: its status is the same.
+        return decide(pass, &fresh).await;
+    }
+    decide(pass, m).await
+}
+
+async fn decide(pass: &Pass<'_>, m: &DesktopMigration) -> Result<Action, Error> {
+    let ctx = pass.ctx;
+    let phase = m.phase();
+    let decision = {
+        let mut ledgers = ctx.ledgers.lock().await;
+        if fence::check().is_err() {
+            Decision::Later(Duration::from_secs(1))
+        } else if phase.holds_target() {
+            plan::held(&ctx.stores, &ctx.migrations, &ledgers, m, pass.now)
+        } else {
+            plan::pending(
+                &ctx.stores,
+                &ctx.migrations,
+                &mut ledgers,
+                m,
+                pass.now,
+                |n| ctx.heartbeat(n, pass.now),
+            )
+        }
+    };
+    match decision {
+        Decision::Later(delay) => Ok(Action::requeue(delay)),
+        Decision::Wait {
+            reason,
+            message,
+            retry,
+        } => {
+            let mut want = want_status(m, MigrationPhase::Pending);
+            want.desktop_uid = pinned(m)
+                .map(str::to_string)
+                .or_else(|| plan::desktop_of(&ctx.stores, m).and_then(|d| d.uid()));
+            set(
+                &mut want,
+                m,
+                pass,
+                SCHEDULED,
+                Status::False,
+                reason,
+                &message,
+            );
+            set(&mut want, m, pass, READY, Status::False, reason, &message);
+            let was = ready_reason(m);
+            write_status(pass, m, &want).await?;
+            if was.as_deref() != Some(reason.as_str()) {
+                tracing::info!(reason = reason.as_str(), %message, "migration waits");
+            }
+            Ok(Action::requeue(retry))
+        }
+        Decision::Fail { reason, message } => fail(pass, m, reason, &message).await,
+        Decision::Reserved(r) => scheduled(pass, m, &r).await,
+        Decision::Keep(left) => {
+            ensure_record(pass, m).await?;
+            Ok(Action::requeue(left))
+        }
+    }
+}
+
+/// Writes the reservation: the migration's status, then the record on the Desktop.
+async fn scheduled(pass: &Pass<'_>, m: &DesktopMigration, r: &Reserved) -> Result<Action, Error> {
+    let ctx = pass.ctx;
+    let mut want = want_status(m, MigrationPhase::Scheduling);
+    want.desktop_uid = Some(r.desktop_uid.clone());
+    want.source = Some(r.source.clone());
+    want.target = Some(r.target.clone());
+    want.target_port = Some(r.port);
+    want.scheduled_time = Some(Time(pass.now));
+    let msg = format!(
+        "{} reserved SPICE port {} for the desktop, which runs on {}",
+        r.target, r.port, r.source
+    );
+    let reason = MigrationReason::TargetReserved;
+    set(&mut want, m, pass, SCHEDULED, Status::True, reason, &msg);
+    let waiting = format!("waiting for {} to start moving the desktop", r.source);
+    set(&mut want, m, pass, READY, Status::False, reason, &waiting);
+    let written = match write_status(pass, m, &want).await {
+        Ok(written) => written,
+        Err(e) => {
+            // Not recorded anywhere a rebuild reads: the reservation goes back.
+            let mut ledgers = ctx.ledgers.lock().await;
+            if let Some(l) = ledgers.get_mut(&r.pool) {
+                l.release_target(&r.desktop_uid);
+            }
+            return Err(e);
+        }
+    };
+    tracing::info!(source = %r.source, target = %r.target, port = r.port, "migration target reserved");
+    ctx.event(m, EventType::Normal, "MigrationScheduled", "Schedule", msg)
+        .await;
+    ensure_record(pass, &written).await?;
+    Ok(Action::requeue(ctx.migrations.start_timeout))
+}
+
+/// Ends a migration (Failed), then lets go of what it holds.
+async fn fail(
+    pass: &Pass<'_>,
+    m: &DesktopMigration,
+    reason: MigrationReason,
+    message: &str,
+) -> Result<Action, Error> {
+    let mut want = want_status(m, MigrationPhase::Failed);
+    if want.desktop_uid.is_none() {
+        want.desktop_uid = plan::desktop_of(&pass.ctx.stores, m).and_then(|d| d.uid());
+    }
+    want.completion_time = Some(Time(pass.now));
+    if !m.phase().holds_target() {
+        set(
+            &mut want,
+            m,
+            pass,
+            SCHEDULED,
+            Status::False,
+            reason,
+            message,
+        );
+    }
+    set(&mut want, m, pass, READY, Status::False, reason, message);
+    let written = write_status(pass, m, &want).await?;
+    tracing::info!(reason = reason.as_str(), %message, "migration failed");
+    pass.ctx.metrics.migration_ended("Failed");
+    pass.ctx
+        .event(
+            m,
+            EventType::Warning,
+            "MigrationFailed",
+            "Migrate",
+            format!("{reason}: {message}"),
+        )
+        .await;
+    settle(pass, &written).await?;
+    Ok(Action::await_change())
+}
+
+/// A deleted migration: cancelled if it had not ended. What it holds is let go of.
+pub(super) async fn cancel(pass: &Pass<'_>) -> Result<Action, Error> {
+    let m = pass.m.as_ref();
+    if !has_finalizer(m) {
+        return Ok(Action::await_change());
+    }
+    if !m.phase().is_terminal() {
+        tracing::info!("migration cancelled");
+        pass.ctx.metrics.migration_ended("Cancelled");
+        let msg = "the DesktopMigration was deleted before it ended".to_string();
+        pass.ctx
+            .event(m, EventType::Normal, "MigrationCancelled", "Cancel", msg)
+            .await;
+    }
+    settle(pass, m).await?;
+    Ok(Action::await_change())
+}
+
+/// Lets go of what an ended or deleted migration holds: the record on its Desktop (if it is
+/// this migration's), then the target in the ledger, then the finalizer.
+async fn settle(pass: &Pass<'_>, m: &DesktopMigration) -> Result<(), Error> {
+    if !has_finalizer(m) {
+        return Ok(());
+    }
+    clear_record(pass, m).await?;
+    let freed = {
+        let mut ledgers = pass.ctx.ledgers.lock().await;
+        plan::release(&pass.ctx.stores, &mut ledgers, m)
+    };
+    if let Some((host, port)) = freed {
+        tracing::info!(%host, port, "migration target freed");
+    }
+    fence::check()?;
+    remove_finalizer(&pass.api, m, FINALIZER_OPERATOR)
+        .await
+        .map_err(kube("remove the operator finalizer"))
+}
+
+/// Records the migration on its Desktop (`status.migration`) unless it is there already.
+async fn ensure_record(pass: &Pass<'_>, m: &DesktopMigration) -> Result<(), Error> {
+    let Some(record) = record_of(m, pass) else {
+        return Ok(());
+    };
+    let Some(d) = plan::desktop_of(&pass.ctx.stores, m) else {
+        return Ok(());
+    };
+    let current = d.status.as_ref().and_then(|s| s.migration.as_ref());
+    if current.is_some_and(|c| same_record(c, &record)) {
+        return Ok(());
+    }
+    let status = DesktopStatus {
+        migration: Some(Migrating {
+            since: current
+                .filter(|c| c.uid == record.uid)
+                .map_or(record.since.clone(), |c| c.since.clone()),
+            ..record
+        }),
+        ..DesktopStatus::default()
+    };
+    let name = d.name_any();
+    let ns = d.namespace();
+    // Onto the Desktop the plan saw, so a replaced one is never recorded.
+    let body = StatusApply::new::<Desktop>(&name, ns.as_deref(), status)
+        .guarded(d.metadata.resource_version.as_deref());
+    fence::check()?;
+    let pp = PatchParams::apply(MANAGER_OPERATOR_MIGRATION).force();
+    pass.desktops
+        .patch_status(&name, &pp, &Patch::Apply(&body))
+        .await
+        .map_err(kube("record the migration on the desktop"))?;
+    Ok(())
+}
+
+/// Removes the Desktop's `status.migration` if this migration wrote it, read fresh from the
+/// API (the cache may not show the record yet), guarded by the version read. A merge patch
+/// that only removes, as `status.reclaimed` is cleared (an apply leaving it out would leave a
+/// null on Kubernetes 1.20).
+async fn clear_record(pass: &Pass<'_>, m: &DesktopMigration) -> Result<(), Error> {
+    let Some(uid) = pinned(m) else {
+        return Ok(());
+    };
+    let Some(d) = pass.ctx.stores.desktop_by_uid(uid) else {
+        return Ok(());
+    };
+    let fresh = pass
+        .desktops
+        .get_opt(&d.name_any())
+        .await
+        .map_err(kube("read the desktop"))?;
+    let Some(fresh) = fresh.filter(|f| f.uid().as_deref() == Some(uid)) else {
+        return Ok(());
+    };
+    let ours = fresh
+        .status
+        .as_ref()
+        .and_then(|s| s.migration.as_ref())
+        .is_some_and(|r| Some(r.uid.as_str()) == m.metadata.uid.as_deref());
+    if !ours {
+        return Ok(());
+    }
+    let patch = json!({
+        "metadata": { "resourceVersion": fresh.resource_version() },
+        "status": { "migration": null },
+    });
+    let pp = PatchParams {
+        field_manager: Some(MANAGER_OPERATOR_MIGRATION.into()),
+        ..Default::default()
+    };
+    fence::check()?;
+    match pass
+        .desktops
+        .patch_status(&fresh.name_any(), &pp, &Patch::Merge(&patch))
+        .await
+    {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
+        Err(e) => Err(kube("clear the desktop's migration record")(e)),
+    }
+}
+
+/// The record a migration holding a target puts on its Desktop.
+fn record_of(m: &DesktopMigration, pass: &Pass<'_>) -> Option<Migrating> {
+    let st = m.status.as_ref()?;
+    Some(Migrating {
+        name: m.name_any(),
+        uid: pass.uid.clone(),
+        mode: m.spec.mode,
+        target: st.target.clone()?,
+        port: st.target_port?,
+        since: st.scheduled_time.clone().unwrap_or(Time(pass.now)),
+    })
+}
+
+fn same_record(a: &Migrating, b: &Migrating) -> bool {
+    (&a.name, &a.uid, a.mode, &a.target, a.port) == (&b.name, &b.uid, b.mode, &b.target, b.port)
+}
+
+/// The migration's status as it stands, moved to `phase` (a change `allowed` permits: the
+/// plan only asks for those).
+fn want_status(m: &DesktopMigration, phase: MigrationPhase) -> DesktopMigrationStatus {
+    debug_assert!(allowed(m.phase(), phase), "{:?} -> {phase:?}", m.phase());
+    let mut st = m.status.clone().unwrap_or_default();
+    st.phase = Some(phase);
+    st.observed_generation = m.metadata.generation;
+    st
+}
+
+fn set(
+    st: &mut DesktopMigrationStatus,
+    m: &DesktopMigration,
+    pass: &Pass<'_>,
+    type_: &str,
+    status: Status,
+    reason: MigrationReason,
+    message: &str,
+) {
+    let prev = m.status.as_ref().map_or(&[][..], |s| &s.conditions[..]);
+    let c = conditions::condition(
+        prev,
+        type_,
+        status,
+        reason.as_str(),
+        message,
+        m.metadata.generation,
+        pass.now,
+    );
+    conditions::upsert(&mut st.conditions, c);
+}
+
+fn ready_reason(m: &DesktopMigration) -> Option<String> {
+    let st = m.status.as_ref()?;
+    conditions::find(&st.conditions, READY).map(|c| c.reason.clone())
+}
+
+/// Applies `want` onto the version of the migration decided on, unless nothing but times
+/// changed; returns the migration as written (or as it was).
+async fn write_status(
+    pass: &Pass<'_>,
+    m: &DesktopMigration,
+    want: &DesktopMigrationStatus,
+) -> Result<DesktopMigration, Error> {
+    let current = m.status.clone().unwrap_or_default();
+    let same = !conditions::differ_ignoring_time(&current.conditions, &want.conditions)
+        && DesktopMigrationStatus {
+            conditions: vec![],
+            ..current.clone()
+        } == DesktopMigrationStatus {
+            conditions: vec![],
+            ..want.clone()
+        };
+    if same {
+        return Ok(m.clone());
+    }
+    let name = m.name_any();
+    let ns = m.namespace();
+    let body = StatusApply::new::<DesktopMigration>(&name, ns.as_deref(), want.clone())
+        .guarded(m.metadata.resource_version.as_deref());
+    fence::check()?;
+    apply_status(&pass.api, &body)
+        .await
+        .map_err(kube("write the migration's status"))
+}

@@ -1,0 +1,192 @@
+//! The DesktopMigration controller: admits a request to move a desktop, picks and reserves its
+//! target in the pool's ledger (a port, and the desktop's size charged there), records the
+//! target on the Desktop before any host acts, and frees the target when the migration ends or
+//! is deleted (cancelled).
+
+mod commit;
+mod plan;
+#[cfg(test)]
+mod plan_tests;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use deskvirt_crds::{Desktop, DesktopMigration, DomainNode};
+use k8s_openapi::jiff::Timestamp;
+use kube::runtime::controller::{self, Action, Controller};
+use kube::runtime::reflector::ObjectRef;
+use kube::{Api, ResourceExt};
+use tokio::sync::watch;
+
+use super::{Categorized, drive, is_conflict, kube_transient, on_leadership, watch_config};
+use crate::context::{Context, stopped};
+use crate::fence;
+
+const NAME: &str = "migration";
+
+/// Migrations reconciled at once: each holds the ledger lock only to plan.
+const CONCURRENCY: u16 = 4;
+
+/// Why a DesktopMigration reconcile failed.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot {action}")]
+    Kube {
+        action: &'static str,
+        source: kube::Error,
+    },
+    #[error("migration has no {0}")]
+    MissingField(&'static str),
+    #[error("write not sent")]
+    Fenced(#[from] crate::fence::Fenced),
+}
+
+impl Error {
+    fn is_conflict(&self) -> bool {
+        matches!(self, Error::Kube { source, .. } if is_conflict(source))
+    }
+
+    fn is_gone(&self) -> bool {
+        matches!(self, Error::Kube { source: kube::Error::Api(s), .. } if s.code == 404)
+    }
+}
+
+impl Categorized for Error {
+    fn category(&self) -> &'static str {
+        match self {
+            Error::Kube { .. } => "KubeApi",
+            Error::MissingField(_) => "InvalidObject",
+            Error::Fenced(_) => "Fenced",
+        }
+    }
+    fn is_transient(&self) -> bool {
+        match self {
+            Error::Kube { source, .. } => kube_transient(source),
+            Error::Fenced(_) => true,
+            Error::MissingField(_) => false,
+        }
+    }
+}
+
+fn kube(action: &'static str) -> impl FnOnce(kube::Error) -> Error {
+    move |source| Error::Kube { action, source }
+}
+
+/// What one pass over a DesktopMigration works with.
+struct Pass<'a> {
+    m: Arc<DesktopMigration>,
+    ctx: &'a Context,
+    /// DesktopMigrations of its namespace.
+    api: Api<DesktopMigration>,
+    /// Desktops of its namespace.
+    desktops: Api<Desktop>,
+    uid: String,
+    now: Timestamp,
+}
+
+/// Runs the controller until `stop`.
+pub async fn run(ctx: Arc<Context>, selector: String, stop: watch::Receiver<bool>) {
+    let client = ctx.client.clone();
+    let cfg = watch_config(&selector);
+    let (by_desktop, by_node) = (ctx.stores.clone(), ctx.stores.clone());
+    let controller = Controller::new(Api::<DesktopMigration>::all(client.clone()), cfg.clone())
+        .watches(Api::<Desktop>::all(client.clone()), cfg.clone(), move |d| {
+            // The migrations of a desktop that have not let go of it yet.
+            let (ns, name, uid) = (d.namespace(), d.name_any(), d.uid());
+            by_desktop
+                .migrations
+                .state()
+                .iter()
+                .filter(|m| m.namespace() == ns && is_open(m))
+                .filter(|m| match pinned(m) {
+                    Some(p) => Some(p) == uid.as_deref(),
+                    None => m.spec.desktop == name,
+                })
+                .map(|m| ObjectRef::from_obj(m.as_ref()))
+                .collect::<Vec<_>>()
+        })
+        .watches(Api::<DomainNode>::all(client.clone()), cfg, move |_| {
+            // A host's capacity or health changed: the waiting migrations look again.
+            by_node
+                .migrations
+                .state()
+                .iter()
+                .filter(|m| {
+                    m.status
+                        .as_ref()
+                        .and_then(|s| s.phase)
+                        .is_none_or(|p| !p.is_terminal())
+                })
+                .map(|m| ObjectRef::from_obj(m.as_ref()))
+                .collect::<Vec<_>>()
+        })
+        .reconcile_all_on(on_leadership(ctx.leader.clone()))
+        .graceful_shutdown_on(stopped(stop.clone()))
+        .with_config(controller::Config::default().concurrency(CONCURRENCY))
+        .run(
+            reconcile,
+            |m, e, c| super::error_policy(NAME, &m, e, &c),
+            ctx,
+        );
+    drive(NAME, controller, stop).await;
+}
+
+/// The Desktop UID a migration pinned on its first pass.
+fn pinned(m: &DesktopMigration) -> Option<&str> {
+    m.status.as_ref().and_then(|s| s.desktop_uid.as_deref())
+}
+
+/// Whether a migration may still hold something: not ended, or ended but not yet settled (its
+/// finalizer is on until its target is freed and its record cleared).
+fn is_open(m: &DesktopMigration) -> bool {
+    !m.phase().is_terminal() || has_finalizer(m)
+}
+
+fn has_finalizer(m: &DesktopMigration) -> bool {
+    m.finalizers()
+        .iter()
+        .any(|f| f == deskvirt_crds::constants::FINALIZER_OPERATOR)
+}
+
+/// One pass over a DesktopMigration.
+#[tracing::instrument(skip_all, fields(migration = %m.name_any(), ns = m.namespace().unwrap_or_default()))]
+pub async fn reconcile(m: Arc<DesktopMigration>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let _busy = ctx.reconciles.migrations.begin();
+    ctx.metrics.reconciled(NAME);
+    if !ctx.is_leader() {
+        return Ok(Action::await_change());
+    }
+    let ns = m.namespace().ok_or(Error::MissingField("namespace"))?;
+    let uid = m.uid().ok_or(Error::MissingField("uid"))?;
+    let pass = Pass {
+        m: m.clone(),
+        ctx: &ctx,
+        api: Api::namespaced(ctx.client.clone(), &ns),
+        desktops: Api::namespaced(ctx.client.clone(), &ns),
+        uid: uid.clone(),
+        now: Timestamp::now(),
+    };
+    let result = fence::scope(ctx.fence.clone(), async {
+        if m.metadata.deletion_timestamp.is_some() {
+            commit::cancel(&pass).await
+        } else {
+            commit::apply(&pass).await
+        }
+    })
+    .await;
+    let action = match result {
+        Ok(action) => action,
+        Err(Error::Fenced(e)) => {
+            tracing::warn!(error = %e, "pass stopped before writing");
+            Action::requeue(Duration::from_secs(1))
+        }
+        Err(e) if e.is_conflict() => {
+            tracing::debug!(error = %super::chain(&e), "lost a write race; looking again");
+            Action::requeue(Duration::from_secs(1))
+        }
+        Err(e) if e.is_gone() => Action::await_change(),
+        Err(e) => return Err(e),
+    };
+    ctx.succeeded(&format!("{NAME}/{uid}"));
+    Ok(action)
+}

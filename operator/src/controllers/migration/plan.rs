@@ -1,0 +1,359 @@
+//! What a migration's pass decides, from the caches and the pool's ledger, under the ledger
+//! lock and without calling the API: whether it may go ahead (`core::migration::admit`), whether
+//! a slot of its pool and hosts is free (`limits`), which host it goes to (`choose_target`),
+//! and the reservation there; or, once it holds a target, whether it keeps it (`held`).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use deskvirt_core::migration::{self, Active, Held, Slots, admit, choose_target};
+use deskvirt_core::reasons::MigrationReason;
+use deskvirt_crds::conditions;
+use deskvirt_crds::constants::condition::{READY, RUNNING};
+use deskvirt_crds::read::FromPoolSpec;
+use deskvirt_crds::{Desktop, DesktopMigration};
+use k8s_openapi::jiff::Timestamp;
+use kube::ResourceExt;
+use kube::runtime::reflector::ObjectRef;
+
+use crate::context::{Ledgers, MigrationSettings, Stores, seniority};
+use crate::heartbeat::Heartbeat;
+use crate::scheduler::PoolPolicy;
+use crate::world::{charged, host_views_counted};
+
+/// How often a waiting migration looks again at most, besides the watches that wake it.
+const WAIT_RECHECK: Duration = Duration::from_secs(10);
+
+/// What the pass does.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) enum Decision {
+    /// The ledgers are not rebuilt yet or the caches lag: look again after this long.
+    Later(Duration),
+    /// Stay Pending, for this reason; look again after `retry`.
+    Wait {
+        reason: MigrationReason,
+        message: String,
+        retry: Duration,
+    },
+    /// End (Failed) for this reason; whatever it holds is freed.
+    Fail {
+        reason: MigrationReason,
+        message: String,
+    },
+    /// A target is reserved (or was, by an earlier pass whose write did not land).
+    Reserved(Reserved),
+    /// Keep the target held; look again after this long at the latest.
+    Keep(Duration),
+}
+
+/// A target reserved for a migration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct Reserved {
+    pub desktop_uid: String,
+    pub pool: String,
+    pub source: String,
+    pub target: String,
+    pub port: u16,
+}
+
+/// The Desktop a migration acts on: by the UID it pinned, else by the name in its spec.
+pub(super) fn desktop_of(stores: &Stores, m: &DesktopMigration) -> Option<Arc<Desktop>> {
+    let ns = m.namespace();
+    let pinned = super::pinned(m).and_then(|uid| stores.desktop_by_uid(uid));
+    pinned.filter(|d| d.namespace() == ns).or_else(|| {
+        let r = ObjectRef::new(&m.spec.desktop).within(ns.as_deref().unwrap_or_default());
+        stores.desktops.get(&r)
+    })
+}
+
+/// Whether `other` is about the same desktop as `m` (by pinned UID, else by name).
+fn same_desktop(m: &DesktopMigration, other: &DesktopMigration, uid: Option<&str>) -> bool {
+    if m.namespace() != other.namespace() {
+        return false;
+    }
+    match (super::pinned(other), uid) {
+        (Some(p), Some(u)) => p == u,
+        _ => other.spec.desktop == m.spec.desktop,
+    }
+}
+
+/// The pool a held migration's target is in: its desktop's.
+fn pool_of_uid(stores: &Stores, uid: &str) -> Option<String> {
+    stores.desktop_by_uid(uid).map(|d| d.pool().to_string())
+}
+
+/// Decides a Pending migration's pass, reserving its target when it may go.
+pub(super) fn pending(
+    stores: &Stores,
+    settings: &MigrationSettings,
+    ledgers: &mut Ledgers,
+    m: &DesktopMigration,
+    now: Timestamp,
+    heartbeat: impl Fn(&str) -> Heartbeat,
+) -> Decision {
+    let waited = age(m, now);
+    let wait =
+        |reason: MigrationReason, message: String, retry: Duration| match migration::held::pending(
+            reason,
+            &message,
+            waited,
+            settings.pending_timeout,
+        ) {
+            Ok(left) => Decision::Wait {
+                reason,
+                message,
+                retry: retry.min(left),
+            },
+            Err(message) => Decision::Fail { reason, message },
+        };
+    if !ledgers.ready {
+        return Decision::Later(Duration::from_secs(1));
+    }
+    let d = desktop_of(stores, m);
+    let uid = d.as_ref().and_then(|d| d.uid());
+    let all = stores.migrations.state();
+    let me = seniority(m);
+    let others: Vec<_> = all
+        .iter()
+        .filter(|o| o.uid() != m.uid() && same_desktop(m, o, uid.as_deref()))
+        .collect();
+    let older_active = others
+        .iter()
+        .any(|o| !o.phase().is_terminal() && seniority(o.as_ref()) < me);
+    let facts = migration::Facts {
+        mode: m.spec.mode,
+        desktop: d.as_deref().map(|d| migration::admit::Desktop {
+            uid: d.metadata.uid.as_deref().unwrap_or_default(),
+            node: d
+                .status
+                .as_ref()
+                .and_then(|s| s.node.as_deref())
+                .filter(|_| stores.binding_confirmed(d)),
+            running: d
+                .status
+                .as_ref()
+                .is_some_and(|s| conditions::is_true(&s.conditions, RUNNING)),
+            deleting: d.metadata.deletion_timestamp.is_some(),
+            pinned_to_host: d.spec.performance.dedicated_cpus
+                || !d.spec.performance.sriov.is_empty(),
+        }),
+        pinned_uid: super::pinned(m),
+        shared_storage: d
+            .as_ref()
+            .and_then(|d| stores.pool(d.pool()))
+            .is_some_and(|p| p.spec.storage.shared),
+        older_active,
+    };
+    if let Err(reason) = admit(&facts) {
+        return wait(reason, admit_message(reason, m), WAIT_RECHECK);
+    }
+    // `admit` refuses a missing, unbound desktop.
+    let (Some(d), Some(desktop_uid)) = (d, uid) else {
+        return Decision::Later(Duration::from_secs(1));
+    };
+    let source = d
+        .status
+        .as_ref()
+        .and_then(|s| s.node.clone())
+        .unwrap_or_default();
+    if others
+        .iter()
+        .any(|o| o.phase().is_terminal() && super::has_finalizer(o))
+    {
+        let msg = "an earlier migration of the desktop is still freeing its target".to_string();
+        return wait(MigrationReason::Queued, msg, Duration::from_secs(2));
+    }
+    let pool_name = d.pool().to_string();
+    let Some(pool) = stores.pool(&pool_name) else {
+        let msg = format!("the desktop's pool {pool_name} does not exist");
+        return wait(MigrationReason::NoTarget, msg, WAIT_RECHECK);
+    };
+    // The migrations of the pool that hold a target, and the older ones queued for a slot.
+    let active: Vec<(String, String)> = all
+        .iter()
+        .filter(|o| o.uid() != m.uid() && o.phase().holds_target())
+        .filter_map(|o| {
+            let st = o.status.as_ref()?;
+            (pool_of_uid(stores, st.desktop_uid.as_deref()?)? == pool_name).then_some(())?;
+            Some((st.source.clone()?, st.target.clone()?))
+        })
+        .collect();
+    let active: Vec<Active<'_>> = active
+        .iter()
+        .map(|(s, t)| Active {
+            source: s,
+            target: t,
+        })
+        .collect();
+    let older_waiting = all
+        .iter()
+        .filter(|o| o.uid() != m.uid() && o.phase() == migration::MigrationPhase::Pending)
+        .filter(|o| seniority(o.as_ref()) < me && waits_for_a_slot(o))
+        .filter(|o| desktop_of(stores, o).is_some_and(|d| d.pool() == pool_name))
+        .count();
+    let slots = Slots {
+        limits: settings.limits,
+        active: &active,
+        older_waiting,
+    };
+    if let Err(msg) = slots.pool_slot().and_then(|()| slots.source_slot(&source)) {
+        return wait(MigrationReason::Queued, msg, Duration::from_secs(5));
+    }
+    let policy = match PoolPolicy::from_spec(&pool.spec) {
+        Ok(p) => p,
+        Err(e) => {
+            let msg = format!("pool {pool_name}: {e}");
+            return wait(MigrationReason::NoTarget, msg, WAIT_RECHECK);
+        }
+    };
+    if let Err(e) = ledgers.of(&pool, stores) {
+        let msg = format!("pool {pool_name}: {e}");
+        return wait(MigrationReason::NoTarget, msg, WAIT_RECHECK);
+    }
+    let Some(size) = charged(&d) else {
+        let msg = "the desktop's size cannot be read".to_string();
+        return wait(MigrationReason::NoTarget, msg, WAIT_RECHECK);
+    };
+    // A reservation an earlier pass made (its status write did not land) is reused.
+    let kept = ledgers
+        .get(&pool_name)
+        .and_then(|l| l.target_of(&desktop_uid))
+        .map(|t| t.host.to_string());
+    let target = match kept {
+        Some(host) => host,
+        None => {
+            let hosts = {
+                let charges = stores.charges(ledgers);
+                host_views_counted(
+                    &pool_name,
+                    &policy,
+                    &stores.nodes.state(),
+                    &stores.pools.state(),
+                    &charges,
+                    ledgers.get(&pool_name),
+                    heartbeat,
+                    &stores.views,
+                )
+            };
+            let wanted = m.spec.target_node.as_deref();
+            match choose_target(&pool_name, &policy, &size, &source, wanted, &hosts, |h| {
+                slots.host_full(h)
+            }) {
+                Ok(h) => h.name.to_string(),
+                Err(r) => return wait(r.reason, r.message, WAIT_RECHECK),
+            }
+        }
+    };
+    let Some(ledger) = ledgers.get_mut(&pool_name) else {
+        return Decision::Later(Duration::from_secs(1));
+    };
+    match ledger.reserve_target(&desktop_uid, &target, size) {
+        Ok(port) => Decision::Reserved(Reserved {
+            desktop_uid,
+            pool: pool_name,
+            source,
+            target,
+            port,
+        }),
+        Err(e) => wait(MigrationReason::NoTarget, e.to_string(), WAIT_RECHECK),
+    }
+}
+
+/// Decides the pass of a migration that holds a target (Scheduling, Running).
+pub(super) fn held(
+    stores: &Stores,
+    settings: &MigrationSettings,
+    ledgers: &Ledgers,
+    m: &DesktopMigration,
+    now: Timestamp,
+) -> Decision {
+    if !ledgers.ready {
+        return Decision::Later(Duration::from_secs(1));
+    }
+    let st = m.status.clone().unwrap_or_default();
+    let Some(pinned) = st.desktop_uid.as_deref() else {
+        return Decision::Fail {
+            reason: MigrationReason::TargetLost,
+            message: "the migration's status names no desktop".into(),
+        };
+    };
+    let d = desktop_of(stores, m).filter(|d| d.metadata.deletion_timestamp.is_none());
+    let target_held = d
+        .as_ref()
+        .and_then(|d| ledgers.get(d.pool()))
+        .and_then(|l| l.target_of(pinned))
+        .is_some_and(|t| Some(t.host) == st.target.as_deref() && Some(t.port) == st.target_port);
+    let since = st.scheduled_time.as_ref().map_or(now, |t| t.0);
+    let facts = migration::held::Facts {
+        desktop_uid: d.as_ref().and_then(|d| d.metadata.uid.as_deref()),
+        pinned_uid: pinned,
+        target_held,
+        waited: elapsed(since, now),
+        start_timeout: settings.start_timeout,
+    };
+    match migration::held::decide(&facts) {
+        Held::Keep(left) => Decision::Keep(left),
+        Held::End(reason, message) => Decision::Fail { reason, message },
+    }
+}
+
+/// Frees the target a migration holds in its desktop's pool's ledger, if the ledger holds the
+/// one its status records. Returns the host and port freed.
+pub(super) fn release(
+    stores: &Stores,
+    ledgers: &mut Ledgers,
+    m: &DesktopMigration,
+) -> Option<(String, u16)> {
+    let st = m.status.as_ref()?;
+    let uid = st.desktop_uid.as_deref()?;
+    let pool = pool_of_uid(stores, uid)?;
+    let ledger = ledgers.get_mut(&pool)?;
+    let t = ledger.target_of(uid)?;
+    (Some(t.host) == st.target.as_deref() && Some(t.port) == st.target_port).then_some(())?;
+    ledger.release_target(uid)
+}
+
+/// Whether a Pending migration waits for a free slot (its `Ready` reason says Queued).
+fn waits_for_a_slot(m: &DesktopMigration) -> bool {
+    m.status
+        .as_ref()
+        .and_then(|s| conditions::find(&s.conditions, READY))
+        .is_some_and(|c| c.reason == MigrationReason::Queued.as_str())
+}
+
+/// What a refusal by `admit` tells the user.
+fn admit_message(reason: MigrationReason, m: &DesktopMigration) -> String {
+    use MigrationReason as R;
+    let name = &m.spec.desktop;
+    match reason {
+        R::DesktopNotFound => format!("Desktop {name} does not exist in this namespace"),
+        R::DesktopDeleted => format!("Desktop {name} was deleted"),
+        R::DesktopReplaced => {
+            format!("Desktop {name} was deleted and made again; this migration was for the first")
+        }
+        R::DesktopNotBound => format!("Desktop {name} is not bound to a host yet"),
+        R::DesktopNotRunning => {
+            format!("Desktop {name} does not run; only a running desktop moves live")
+        }
+        R::AlreadyMigrating => format!("an older migration of Desktop {name} has not ended"),
+        R::PinnedToHost => {
+            format!("Desktop {name} has dedicated CPUs or SR-IOV devices, which tie it to its host")
+        }
+        R::StorageNotShared => format!(
+            "the pool of Desktop {name} does not declare storage.shared: true, which live migration needs"
+        ),
+        R::ModeNotSupported => "mode Cold is not supported yet; use Live".to_string(),
+        other => other.as_str().to_string(),
+    }
+}
+
+fn age(m: &DesktopMigration, now: Timestamp) -> Duration {
+    m.metadata
+        .creation_timestamp
+        .as_ref()
+        .map_or(Duration::ZERO, |t| elapsed(t.0, now))
+}
+
+fn elapsed(since: Timestamp, now: Timestamp) -> Duration {
+    Duration::try_from(now.duration_since(since)).unwrap_or(Duration::ZERO)
+}

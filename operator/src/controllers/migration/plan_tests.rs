@@ -1,0 +1,338 @@
+//! A migration's plan ([`super::plan`]) decided from plain caches, without an API server: what
+//! it refuses, where it reserves, what it keeps and what it frees.
+
+use std::time::Duration;
+
+use deskvirt_core::reasons::MigrationReason as R;
+use deskvirt_crds::constants::{LABEL_NODE, console_mirror_name};
+use deskvirt_crds::{Desktop, DesktopMigration, DomainNode, ResourcePool};
+use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::jiff::Timestamp;
+use serde_json::json;
+
+use super::plan::{self, Decision};
+use crate::context::{Ledgers, MigrationSettings, Stores};
+use crate::heartbeat::Heartbeat;
+
+const CONSOLES: &str = "consoles";
+
+fn at(s: &str) -> Timestamp {
+    s.parse().unwrap_or_else(|e| panic!("{e}"))
+}
+
+fn pool(shared: bool) -> ResourcePool {
+    serde_json::from_value(json!({
+        "apiVersion": "deskvirt.io/v1alpha1", "kind": "ResourcePool",
+        "metadata": {"name": "p", "uid": "pool-uid", "creationTimestamp": "2026-01-01T00:00:00Z"},
+        "spec": {"nodeSelector": {}, "storage": {"shared": shared}}
+    }))
+    .unwrap_or_else(|e| panic!("{e}"))
+}
+
+fn node(name: &str) -> DomainNode {
+    serde_json::from_value(json!({
+        "apiVersion": "deskvirt.io/v1alpha1", "kind": "DomainNode",
+        "metadata": {"name": name, "uid": format!("n-{name}"), "resourceVersion": "1"},
+        "spec": {},
+        "status": {
+            "cpu": {"threads": 8, "sockets": 1, "cores": 4, "mhz": 1},
+            "memory": "16Gi", "pool": "p",
+            "allocatable": {"cpu": 8, "memory": "14Gi", "dedicatedCpus": 7},
+            "conditions": [
+                {"type": "LibvirtConnected", "status": "True", "reason": "R", "message": "m",
+                 "lastTransitionTime": "2026-01-01T00:00:00Z"}
+            ]
+        }
+    }))
+    .unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// Desktop `ns/a` (UID `u-a`) bound to `h1`, running when `running`.
+fn desktop(uid: &str, node: Option<&str>, running: bool) -> Desktop {
+    let conditions = if running {
+        json!([{"type": "Running", "status": "True", "reason": "Running", "message": "",
+                "lastTransitionTime": "2026-01-01T00:00:00Z"}])
+    } else {
+        json!([])
+    };
+    serde_json::from_value(json!({
+        "apiVersion": "deskvirt.io/v1alpha1", "kind": "Desktop",
+        "metadata": {"name": "a", "namespace": "ns", "uid": uid, "resourceVersion": "7",
+                     "generation": 1, "creationTimestamp": "2026-01-01T00:00:00Z"},
+        "spec": {"pool": "p", "cpu": 1, "memory": "1Gi", "disk": {"image": "i.qcow2"}},
+        "status": {
+            "node": node, "mac": "52:54:00:00:00:07", "spice": {"port": 5900},
+            "allocation": {"pool": "p", "cpu": 1, "memory": "1Gi"},
+            "conditions": conditions
+        }
+    }))
+    .unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// The operator's console mirror of desktop `uid`, labelled with the host it bound it to.
+fn mirror(uid: &str, node: &str) -> Secret {
+    let mut s = Secret::default();
+    s.metadata.name = Some(console_mirror_name(uid));
+    s.metadata.namespace = Some(CONSOLES.into());
+    s.metadata.labels = Some([(LABEL_NODE.to_string(), node.to_string())].into());
+    s
+}
+
+fn migration(name: &str, created: &str, status: serde_json::Value) -> DesktopMigration {
+    serde_json::from_value(json!({
+        "apiVersion": "deskvirt.io/v1alpha1", "kind": "DesktopMigration",
+        "metadata": {"name": name, "namespace": "ns", "uid": format!("m-{name}"),
+                     "resourceVersion": "3", "generation": 1, "creationTimestamp": created},
+        "spec": {"desktop": "a"},
+        "status": status
+    }))
+    .unwrap_or_else(|e| panic!("{e}"))
+}
+
+struct World {
+    stores: Stores,
+    ledgers: Ledgers,
+    settings: MigrationSettings,
+}
+
+impl World {
+    fn new(shared: bool, desktops: Vec<Desktop>, migrations: Vec<DesktopMigration>) -> Self {
+        let stores = Stores::holding(
+            vec![pool(shared)],
+            vec![node("h1"), node("h2")],
+            desktops,
+            CONSOLES,
+        )
+        .with(migrations, vec![mirror("u-a", "h1")]);
+        Self {
+            stores,
+            ledgers: Ledgers::fresh(),
+            settings: MigrationSettings::default(),
+        }
+    }
+
+    fn pending(&mut self, m: &DesktopMigration, now: &str) -> Decision {
+        let alive = |_: &str| Heartbeat::Fresh {
+            until: at("2030-01-01T00:00:00Z"),
+        };
+        plan::pending(
+            &self.stores,
+            &self.settings,
+            &mut self.ledgers,
+            m,
+            at(now),
+            alive,
+        )
+    }
+}
+
+const T0: &str = "2026-01-01T00:00:10Z";
+
+fn reason(d: &Decision) -> Option<R> {
+    match d {
+        Decision::Wait { reason, .. } | Decision::Fail { reason, .. } => Some(*reason),
+        _ => None,
+    }
+}
+
+#[test]
+fn a_running_desktop_in_a_shared_pool_gets_the_other_host_and_a_port_there() {
+    let m = migration("m1", "2026-01-01T00:00:00Z", json!({}));
+    let mut w = World::new(
+        true,
+        vec![desktop("u-a", Some("h1"), true)],
+        vec![m.clone()],
+    );
+    let Decision::Reserved(r) = w.pending(&m, T0) else {
+        panic!("not reserved: {:?}", w.pending(&m, T0));
+    };
+    assert_eq!((r.source.as_str(), r.target.as_str()), ("h1", "h2"));
+    assert_eq!(r.desktop_uid, "u-a");
+    let held = w
+        .ledgers
+        .get("p")
+        .and_then(|l| l.target_of("u-a"))
+        .map(|t| (t.host, t.port));
+    assert_eq!(held, Some(("h2", r.port)));
+    // Again (its status write did not land): the same reservation.
+    assert_eq!(w.pending(&m, T0), Decision::Reserved(r));
+}
+
+#[test]
+fn what_waiting_cannot_change_fails_at_once_and_the_rest_waits_until_the_timeout() {
+    let m = migration("m1", "2026-01-01T00:00:00Z", json!({}));
+    let mut w = World::new(
+        false,
+        vec![desktop("u-a", Some("h1"), true)],
+        vec![m.clone()],
+    );
+    assert!(matches!(
+        w.pending(&m, T0),
+        Decision::Fail {
+            reason: R::StorageNotShared,
+            ..
+        }
+    ));
+
+    let mut w = World::new(
+        true,
+        vec![desktop("u-a", Some("h1"), false)],
+        vec![m.clone()],
+    );
+    assert_eq!(reason(&w.pending(&m, T0)), Some(R::DesktopNotRunning));
+    assert!(matches!(w.pending(&m, T0), Decision::Wait { .. }));
+    let late = w.pending(&m, "2026-01-01T00:06:00Z");
+    assert!(
+        matches!(&late, Decision::Fail { reason: R::DesktopNotRunning, message } if message.contains("gave up")),
+        "{late:?}"
+    );
+
+    let mut w = World::new(true, vec![], vec![m.clone()]);
+    assert_eq!(reason(&w.pending(&m, T0)), Some(R::DesktopNotFound));
+}
+
+#[test]
+fn a_target_named_must_be_another_host_of_the_pool() {
+    let mut m = migration("m1", "2026-01-01T00:00:00Z", json!({}));
+    let mut w = World::new(
+        true,
+        vec![desktop("u-a", Some("h1"), true)],
+        vec![m.clone()],
+    );
+    m.spec.target_node = Some("h1".into());
+    assert!(matches!(
+        w.pending(&m, T0),
+        Decision::Fail {
+            reason: R::TargetIsSource,
+            ..
+        }
+    ));
+    m.spec.target_node = Some("h9".into());
+    assert!(matches!(
+        w.pending(&m, T0),
+        Decision::Fail {
+            reason: R::TargetNotInPool,
+            ..
+        }
+    ));
+    assert!(w.ledgers.get("p").is_none_or(|l| l.targets().count() == 0));
+}
+
+#[test]
+fn a_binding_the_operator_did_not_make_is_not_moved() {
+    let m = migration("m1", "2026-01-01T00:00:00Z", json!({}));
+    // A status naming h2 that the mirror (labelled h1) does not confirm.
+    let mut w = World::new(
+        true,
+        vec![desktop("u-a", Some("h2"), true)],
+        vec![m.clone()],
+    );
+    assert_eq!(reason(&w.pending(&m, T0)), Some(R::DesktopNotBound));
+}
+
+#[test]
+fn the_older_migration_of_a_desktop_wins_and_a_newer_one_fails() {
+    let older = migration("m0", "2026-01-01T00:00:00Z", json!({"phase": "Pending"}));
+    let newer = migration("m1", "2026-01-01T00:00:05Z", json!({}));
+    let mut w = World::new(
+        true,
+        vec![desktop("u-a", Some("h1"), true)],
+        vec![older, newer.clone()],
+    );
+    assert!(matches!(
+        w.pending(&newer, T0),
+        Decision::Fail {
+            reason: R::AlreadyMigrating,
+            ..
+        }
+    ));
+}
+
+#[test]
+fn the_pool_limit_queues_a_migration_behind_those_holding_a_target() {
+    let busy = migration(
+        "m0",
+        "2026-01-01T00:00:00Z",
+        json!({"phase": "Scheduling", "desktopUid": "u-b", "source": "h2", "target": "h1",
+               "targetPort": 5901}),
+    );
+    let m = migration("m1", "2026-01-01T00:00:05Z", json!({}));
+    let mut b = desktop("u-b", Some("h2"), true);
+    b.metadata.name = Some("b".into());
+    let mut w = World::new(
+        true,
+        vec![desktop("u-a", Some("h1"), true), b],
+        vec![busy, m.clone()],
+    );
+    w.settings.limits.per_host = 1;
+    let d = w.pending(&m, T0);
+    assert!(
+        matches!(&d, Decision::Wait { reason: R::Queued, message, .. } if message.contains("h1")),
+        "{d:?}"
+    );
+}
+
+#[test]
+fn a_held_target_is_kept_until_the_start_timeout_then_freed() {
+    let m = migration(
+        "m1",
+        "2026-01-01T00:00:00Z",
+        json!({"phase": "Scheduling", "desktopUid": "u-a", "source": "h1", "target": "h2",
+               "targetPort": 5900, "scheduledTime": "2026-01-01T00:00:10Z"}),
+    );
+    let mut w = World::new(
+        true,
+        vec![desktop("u-a", Some("h1"), true)],
+        vec![m.clone()],
+    );
+    let p = w.stores.pool("p").unwrap_or_else(|| panic!("no pool"));
+    let _ = w.ledgers.of(&p, &w.stores);
+    // The rebuild took the recorded target back.
+    let held = w
+        .ledgers
+        .get("p")
+        .and_then(|l| l.target_of("u-a"))
+        .map(|t| (t.host, t.port));
+    assert_eq!(held, Some(("h2", 5900)));
+    let keep = plan::held(
+        &w.stores,
+        &w.settings,
+        &w.ledgers,
+        &m,
+        at("2026-01-01T00:00:40Z"),
+    );
+    assert_eq!(keep, Decision::Keep(Duration::from_secs(30)));
+    let late = plan::held(
+        &w.stores,
+        &w.settings,
+        &w.ledgers,
+        &m,
+        at("2026-01-01T00:01:10Z"),
+    );
+    assert!(matches!(
+        late,
+        Decision::Fail {
+            reason: R::StartTimeout,
+            ..
+        }
+    ));
+    assert_eq!(
+        plan::release(&w.stores, &mut w.ledgers, &m),
+        Some(("h2".into(), 5900))
+    );
+    assert_eq!(plan::release(&w.stores, &mut w.ledgers, &m), None, "once");
+    let lost = plan::held(
+        &w.stores,
+        &w.settings,
+        &w.ledgers,
+        &m,
+        at("2026-01-01T00:00:40Z"),
+    );
+    assert!(matches!(
+        lost,
+        Decision::Fail {
+            reason: R::TargetLost,
+            ..
+        }
+    ));
+}
