@@ -74,9 +74,7 @@ async fn decide(pass: &Pass<'_>, m: &DesktopMigration) -> Result<Action, Error> 
             retry,
         } => {
             let mut want = want_status(m, MigrationPhase::Pending);
-            want.desktop_uid = pinned(m)
-                .map(str::to_string)
-                .or_else(|| plan::desktop_of(&ctx.stores, m).and_then(|d| d.uid()));
+            pin_desktop(&mut want, m, pass);
             set(
                 &mut want,
                 m,
@@ -146,9 +144,7 @@ async fn fail(
     message: &str,
 ) -> Result<Action, Error> {
     let mut want = want_status(m, MigrationPhase::Failed);
-    if want.desktop_uid.is_none() {
-        want.desktop_uid = plan::desktop_of(&pass.ctx.stores, m).and_then(|d| d.uid());
-    }
+    pin_desktop(&mut want, m, pass);
     want.completion_time = Some(Time(pass.now));
     if !m.phase().holds_target() {
         set(
@@ -323,6 +319,14 @@ fn want_status(m: &DesktopMigration, phase: MigrationPhase) -> DesktopMigrationS
     st.phase = Some(phase);
     st.observed_generation = m.metadata.generation;
     st
+}
+
+/// Pins the UID of the Desktop the migration acts on, unless pinned already: the one its
+/// spec names now.
+fn pin_desktop(want: &mut DesktopMigrationStatus, m: &DesktopMigration, pass: &Pass<'_>) {
+    if want.desktop_uid.is_none() {
+        want.desktop_uid = plan::desktop_of(&pass.ctx.stores, m).and_then(|d| d.uid());
+    }
 }
 
 fn set(
