@@ -102,6 +102,35 @@ impl World {
         Process::spawn(&format!("confined node-agent {node}"), &mut cmd)
     }
 
+    /// A node-agent for `host` (a second libvirt host), named `node`, confined to what the
+    /// chart's DaemonSet mounts: its libvirt socket directory, the pool's directories, the QEMU
+    /// logs and (read-only) its managed save directory; its SPICE consoles listen on its veth
+    /// address. `extra` comes last.
+    pub fn spawn_second_agent(
+        &self,
+        host: &crate::second_host::SecondHost,
+        node: &str,
+        extra: &[&str],
+    ) -> anyhow::Result<Process> {
+        let save_dir = host.managed_save_dir().display().to_string();
+        let volumes = crate::confined::agent_volumes(json!({
+            "libvirtSocketDir": host.dir.join("run"),
+            "imageDir": self.image_dir,
+            "diskDir": self.disk_dir,
+            "managedSaveDir": save_dir,
+        }))?;
+        let mut args = vec![
+            "--libvirt-uri",
+            &host.uri,
+            "--managed-save-dir",
+            &save_dir,
+            "--node-address",
+            &host.address,
+        ];
+        args.extend_from_slice(extra);
+        self.spawn_agent_confined(node, &args, &volumes)
+    }
+
     /// The tests' settings of a node-agent for host `node`, then `extra`.
     fn agent_args(&self, cmd: &mut Command, node: &str, metrics: &str, extra: &[&str]) {
         let labels = format!("deskvirt.io/pool={},{RUN_LABEL}={}", self.pool, self.run);
@@ -431,8 +460,10 @@ pub async fn create_pool(w: &World) -> anyhow::Result<()> {
     // This 2-core machine must hold the example desktop and the burst of 20.
     pool["spec"]["overcommit"] = json!({ "cpu": 16, "memory": 1 });
     pool["spec"]["reserved"] = json!({ "cpu": 0, "memory": "1Gi" });
-    // A unique address range per run, so the host network never collides with another run.
-    let octet = 16 + (first % 200);
+    // A unique address range per run, so the host network never collides with another run,
+    // and below 10.213/16, where `scripts/second-host.sh` puts its links (a pool network of
+    // 10.213.1.0/24 on a second host cut its route: seen as "No route to host" in a migration).
+    let octet = 16 + (first % 197);
     pool["spec"]["network"]["cidr"] = json!(format!("10.{octet}.0.0/16"));
     let pools: Api<ResourcePool> = Api::all(w.client.clone());
     if pools.get_opt(&w.pool).await?.is_some() {
@@ -468,4 +499,53 @@ pub async fn console_password(w: &World, desktop: &str) -> anyhow::Result<(Strin
             .unwrap_or_default()
     };
     Ok((text(SECRET_KEY_PASSWORD), text(SECRET_KEY_VV)))
+}
+
+/// The one disk file of a domain (`virsh domblklist` without its header).
+pub fn disk_of(listing: &str) -> anyhow::Result<PathBuf> {
+    listing
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(1))
+        .find(|p| p.ends_with(".qcow2"))
+        .map(PathBuf::from)
+        .with_context(|| format!("no qcow2 disk in:\n{listing}"))
+}
+
+/// The uptimes the guest printed on its serial console (`DESKVIRT-GUEST-READY uptime=…`), in
+/// order; none before the log exists.
+pub fn guest_uptimes(log: &Path) -> anyhow::Result<Vec<f64>> {
+    let text = match std::fs::read_to_string(log) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(e).with_context(|| format!("{}", log.display())),
+    };
+    Ok(text
+        .lines()
+        .filter_map(|l| l.split("DESKVIRT-GUEST-READY uptime=").nth(1))
+        .filter_map(|rest| rest.split_whitespace().next()?.parse().ok())
+        .collect())
+}
+
+/// The Events about object `name` in the tenant's namespace.
+pub async fn events(
+    w: &World,
+    name: &str,
+) -> anyhow::Result<Vec<k8s_openapi::api::core::v1::Event>> {
+    let api: Api<k8s_openapi::api::core::v1::Event> =
+        Api::namespaced(w.client.clone(), &w.user_ns.name);
+    Ok(api
+        .list(&kube::api::ListParams::default().fields(&format!("involvedObject.name={name}")))
+        .await?
+        .items)
+}
+
+/// Waits until the pool counts `n` ready hosts.
+pub async fn wait_ready_hosts(w: &World, n: u32) -> anyhow::Result<()> {
+    let pools: Api<ResourcePool> = Api::all(w.client.clone());
+    let what = format!("{n} ready hosts in the pool");
+    crate::host::eventually(Duration::from_secs(60), &what, || async {
+        let st = pools.get(&w.pool).await?.status.unwrap_or_default();
+        Ok(st.nodes.is_some_and(|h| h.ready == n).then_some(()))
+    })
+    .await
 }

@@ -17,7 +17,6 @@
 //! Run: `cargo test -p deskvirt-tests --test move_host -- --nocapture`.
 
 use std::os::unix::fs::MetadataExt;
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -28,14 +27,13 @@ use deskvirt_crds::desktop::Phase;
 use deskvirt_crds::quantity::parse_bytes;
 use deskvirt_crds::{Desktop, ResourcePool};
 use deskvirt_tests::cluster::unique_suffix;
-use deskvirt_tests::confined::agent_volumes;
 use deskvirt_tests::host::eventually;
 use deskvirt_tests::second_host::SecondHost;
 use deskvirt_tests::world::{
-    World, create_pool, domain_of, guest_desktop, patch_pool, setup, virsh_system,
+    World, create_pool, disk_of, domain_of, events, guest_desktop, guest_uptimes, patch_pool,
+    setup, virsh_system, wait_ready_hosts,
 };
-use k8s_openapi::api::core::v1::Event;
-use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
 use kube::{Api, ResourceExt};
 use serde_json::json;
 
@@ -47,37 +45,8 @@ fn desktop(w: &World, name: &str, memory: &str, power: &str) -> anyhow::Result<D
     guest_desktop(w, name, memory, extra)
 }
 
-/// The one disk file of a domain (`virsh domblklist` without its header).
-fn disk_of(listing: &str) -> anyhow::Result<PathBuf> {
-    listing
-        .lines()
-        .filter_map(|l| l.split_whitespace().nth(1))
-        .find(|p| p.ends_with(".qcow2"))
-        .map(PathBuf::from)
-        .with_context(|| format!("no qcow2 disk in:\n{listing}"))
-}
-
 fn status_of(d: &Desktop) -> deskvirt_crds::desktop::DesktopStatus {
     d.status.clone().unwrap_or_default()
-}
-
-/// The uptimes the guest printed on its serial console (`DESKVIRT-GUEST-READY uptime=…`), in
-/// order.
-fn guest_uptimes(log: &std::path::Path) -> anyhow::Result<Vec<f64>> {
-    let text = std::fs::read_to_string(log).with_context(|| format!("{}", log.display()))?;
-    Ok(text
-        .lines()
-        .filter_map(|l| l.split("DESKVIRT-GUEST-READY uptime=").nth(1))
-        .filter_map(|rest| rest.split_whitespace().next()?.parse().ok())
-        .collect())
-}
-
-async fn events(w: &World, name: &str) -> anyhow::Result<Vec<Event>> {
-    let api: Api<Event> = Api::namespaced(w.client.clone(), &w.user_ns.name);
-    Ok(api
-        .list(&ListParams::default().fields(&format!("involvedObject.name={name}")))
-        .await?
-        .items)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -169,38 +138,10 @@ async fn a_woken_desktop_moves_to_another_host_when_its_own_is_full() -> anyhow:
 
     // Host B's agent joins the pool.
     let node_b = format!("{host_a}-b");
-    let save_dir = host_b.managed_save_dir().display().to_string();
-    // Host B's agent sees only what the chart mounts: its libvirt socket directory, the
-    // pool's directories, the QEMU logs and (read-only) its managed save directory.
-    let volumes = agent_volumes(json!({
-        "libvirtSocketDir": host_b.dir.join("run"),
-        "imageDir": w.image_dir,
-        "diskDir": w.disk_dir,
-        "managedSaveDir": save_dir,
-    }))?;
-    let agent_b = w.spawn_agent_confined(
-        &node_b,
-        &[
-            "--libvirt-uri",
-            &host_b.uri,
-            "--managed-save-dir",
-            &save_dir,
-            // Its SPICE consoles listen in its own network namespace, on its veth address.
-            "--node-address",
-            &host_b.address,
-        ],
-        &volumes,
-    )?;
+    // Host B's agent sees only what the chart mounts.
+    let agent_b = w.spawn_second_agent(&host_b, &node_b, &[])?;
     w.more_agents.push(agent_b);
-    eventually(
-        Duration::from_secs(60),
-        "host B ready in the pool",
-        || async {
-            let st = pools.get(&w.pool).await?.status.unwrap_or_default();
-            Ok(st.nodes.is_some_and(|n| n.ready == 2).then_some(()))
-        },
-    )
-    .await?;
+    wait_ready_hosts(&w, 2).await?;
 
     // Waking `roamer`: host A is full, the storage is shared, so it moves to host B.
     let woken = Instant::now();
