@@ -224,6 +224,8 @@ reasons! {
     MigrationReason {
         /// A target holds a port and the desktop's size; the source host may start.
         TargetReserved,
+        /// The source host is moving the desktop.
+        Moving,
         /// The desktop runs on the target.
         Succeeded,
         /// The Desktop does not exist (yet).
@@ -259,6 +261,8 @@ reasons! {
         /// The port reserved on the target is no longer held (the pool's ledger was rebuilt
         /// and another desktop holds it, or the target left the pool).
         TargetLost,
+        /// The source host tried and failed; the desktop runs there as before.
+        HostFailed,
     }
 }
 
@@ -279,6 +283,7 @@ impl MigrationReason {
                 | Self::Cancelled
                 | Self::StartTimeout
                 | Self::TargetLost
+                | Self::HostFailed
         )
     }
 }

@@ -37,6 +37,13 @@ pub const MANAGER_AGENT_SWEEP: &str = "deskvirt-node-agent-sweep";
 /// Field manager of the operator's migration record on a Desktop (`status.migration`), apart
 /// from the Desktop pass's own status so neither apply drops the other's fields.
 pub const MANAGER_OPERATOR_MIGRATION: &str = "deskvirt-operator-migration";
+/// Field manager of the source host's migration report on a Desktop's status
+/// (`status.migrationReport`), apart from the agent's other status fields.
+pub const MANAGER_AGENT_MIGRATION: &str = "deskvirt-node-agent-migration";
+/// Annotation the operator puts on a desktop's console mirror before it records a migration on
+/// the Desktop: `<migration uid>/<target host>/<port>` ([`crate::migration::Migrating::stamp`]).
+/// The source host acts on the record only when the mirror agrees: tenants cannot write there.
+pub const ANNOTATION_MIGRATION: &str = "deskvirt.io/migration";
 
 /// Namespace of the heartbeat Leases, one per host, named after the host. It is deskvirt's
 /// system namespace, where the leader Lease lives too.

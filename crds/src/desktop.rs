@@ -277,6 +277,11 @@ pub struct DesktopStatus {
     /// reserved there. Written before any host acts; cleared when the migration ends.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub migration: Option<crate::migration::Migrating>,
+    /// What the source host did with the migration recorded in `migration` (agent, field
+    /// manager `deskvirt-node-agent-migration`): Started, then Completed or Failed, with the
+    /// figures of a completed move. Kept after the migration ends, until the next one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub migration_report: Option<crate::migration::MigrationReport>,
     /// What the operator bound the desktop with and charges its host for (operator): the pool
     /// of the binding and the admitted size. A resize is admitted here once the host can hold
     /// it; the host defines the domain with this size, never with a larger `spec`.

@@ -143,6 +143,10 @@ pub struct DomainNodeStatus {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["uid"]))]
     pub orphans: Vec<OrphanDomain>,
+    /// Where other hosts send desktops that move here live (agent; `--migration-uri`). A host
+    /// without it is never chosen as a migration target.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub migration: Option<crate::migration::MigrationEndpoint>,
     /// LibvirtConnected (agent), Ready and Schedulable (operator).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]

@@ -17,7 +17,10 @@ pub use deskvirt_core::{names, quantity};
 
 pub use desktop::{Desktop, DesktopSpec, DesktopStatus};
 pub use domain_node::{DomainNode, DomainNodeSpec, DomainNodeStatus};
-pub use migration::{DesktopMigration, DesktopMigrationSpec, DesktopMigrationStatus, Migrating};
+pub use migration::{
+    DesktopMigration, DesktopMigrationSpec, DesktopMigrationStatus, Migrating, MigrationEndpoint,
+    MigrationReport,
+};
 pub use resource_pool::{ResourcePool, ResourcePoolSpec, ResourcePoolStatus};
 
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::{

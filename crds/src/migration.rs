@@ -10,7 +10,7 @@ use kube::CustomResource;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-pub use deskvirt_core::migration::{MigrationMode, MigrationPhase};
+pub use deskvirt_core::migration::{MigrationMode, MigrationPhase, MigrationState};
 
 use crate::schema::DNS_SUBDOMAIN;
 
@@ -49,6 +49,13 @@ use crate::schema::DNS_SUBDOMAIN;
         type_ = "string",
         json_path = ".status.target",
         description = "Host it moves to"
+    ),
+    printcolumn(
+        name = "Downtime",
+        type_ = "integer",
+        json_path = ".status.downtimeMillis",
+        description = "Milliseconds the desktop was paused, once Succeeded",
+        priority = 1
     ),
     printcolumn(
         name = "Reason",
@@ -107,6 +114,18 @@ pub struct DesktopMigrationStatus {
     /// When the target was chosen and reserved.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub scheduled_time: Option<Time>,
+    /// When the source host started moving the desktop.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub start_time: Option<Time>,
+    /// From the start of the move to the desktop running on the target, in milliseconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub total_millis: Option<u64>,
+    /// How long the desktop was paused, in milliseconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub downtime_millis: Option<u64>,
+    /// Memory sent to the target, in bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bytes_moved: Option<u64>,
     /// When the migration ended (Succeeded or Failed).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub completion_time: Option<Time>,
@@ -141,6 +160,76 @@ pub struct Migrating {
     pub port: u16,
     /// When the target was reserved.
     pub since: Time,
+    /// The target's libvirt, as the source host's libvirt reaches it (the target's
+    /// `status.migration.uri`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 1024))]
+    pub uri: Option<String>,
+    /// The address the memory is sent to (the target's `status.migration.address`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 253))]
+    pub address: Option<String>,
+    /// The address SPICE clients reach the target at (the target's `status.address`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 253))]
+    pub spice_address: Option<String>,
+}
+
+impl Migrating {
+    /// The value of the console mirror's `deskvirt.io/migration` annotation that confirms
+    /// this record: only the operator writes there.
+    pub fn stamp(&self) -> String {
+        stamp(&self.uid, &self.target, self.port)
+    }
+}
+
+/// The mirror annotation confirming a migration `uid` to `target`, port `port`.
+pub fn stamp(uid: &str, target: &str, port: u16) -> String {
+    format!("{uid}/{target}/{port}")
+}
+
+/// Where a host takes in desktops moved live (agent).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct MigrationEndpoint {
+    /// This host's libvirt as other hosts' libvirt reach it, such as
+    /// `qemu+tls://host-3.lab/system`.
+    #[schemars(length(min = 1, max = 1024))]
+    pub uri: String,
+    /// The address other hosts send memory to (`tcp://<address>`); the host's address when
+    /// unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 253))]
+    pub address: Option<String>,
+}
+
+/// The source host's report of a migration (agent).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct MigrationReport {
+    /// The DesktopMigration's UID the report is about.
+    #[schemars(length(max = 64))]
+    pub uid: String,
+    /// The host that moved the desktop away (wrote the report).
+    #[schemars(regex(pattern = DNS_SUBDOMAIN), length(max = 253))]
+    pub source: String,
+    /// Started, Completed or Failed.
+    pub state: MigrationState,
+    /// When the host reached that state.
+    pub at: Time,
+    /// Why it failed, or what it measured.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 1024))]
+    pub message: Option<String>,
+    /// From the start of the move to the domain running on the target, in milliseconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub total_millis: Option<u64>,
+    /// How long the guest was paused, in milliseconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub downtime_millis: Option<u64>,
+    /// Memory sent, in bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bytes: Option<u64>,
 }
 
 impl DesktopMigration {

@@ -18,6 +18,9 @@ use crate::inventory::{self, InventoryConfig};
 use crate::metrics::Metrics;
 use crate::registration::Registrar;
 
+/// How often a host that takes in migrations checks that its pool's network is defined.
+const INBOUND_CHECK: Duration = Duration::from_secs(5);
+
 /// Everything the agent's loops need.
 #[derive(Debug, Clone)]
 pub struct AgentConfig {
@@ -140,6 +143,7 @@ pub async fn run<H: Hypervisor + Clone + 'static>(
         tracing::info!("desktop controller started");
         tokio::join!(
             desktops::run(Arc::clone(&ctx)),
+            desktops::inbound::run(Arc::clone(&ctx), INBOUND_CHECK),
             desktops::orphans::run(ctx, orphan_sweep)
         );
     };

@@ -113,6 +113,18 @@ pub struct Config {
     #[arg(long, env = "NODE_ADDRESS")]
     pub node_address: Option<IpAddr>,
 
+    /// This host's libvirt as the other hosts' libvirt reach it, for desktops moved here live
+    /// (DesktopMigration), such as `qemu+tls://host-3.lab/system`; published in
+    /// `DomainNode.status.migration`. Unset: the host takes in no migrations (it may still send
+    /// its desktops away).
+    #[arg(long, env = "DESKVIRT_MIGRATION_URI")]
+    pub migration_uri: Option<String>,
+
+    /// The address other hosts send a moving desktop's memory to (`tcp://<address>`); default:
+    /// the host's address (`--node-address`).
+    #[arg(long, env = "DESKVIRT_MIGRATION_ADDRESS")]
+    pub migration_address: Option<IpAddr>,
+
     /// Log format.
     #[arg(long, env = "DESKVIRT_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -166,6 +178,23 @@ impl Config {
     /// The address reported to SPICE clients.
     pub fn address(&self) -> IpAddr {
         self.node_address.unwrap_or_else(default_address)
+    }
+
+    /// Where this host takes in migrations, when `--migration-uri` is set.
+    pub fn migration(&self) -> Option<deskvirt_crds::MigrationEndpoint> {
+        let uri = self
+            .migration_uri
+            .as_deref()
+            .map(str::trim)
+            .filter(|u| !u.is_empty())?;
+        Some(deskvirt_crds::MigrationEndpoint {
+            uri: uri.to_string(),
+            address: Some(
+                self.migration_address
+                    .unwrap_or_else(|| self.address())
+                    .to_string(),
+            ),
+        })
     }
 
     /// The longest one desktop reconcile may take with every deadline it can meet (a full disk

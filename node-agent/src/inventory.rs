@@ -41,6 +41,11 @@ pub struct InventoryConfig {
     pub domain_type: DomainType,
     /// Address SPICE clients use.
     pub address: String,
+    /// Where this host takes in migrations (`--migration-uri`); published once `inbound`
+    /// says the host is ready for them.
+    pub migration: Option<deskvirt_crds::MigrationEndpoint>,
+    /// Whether the host is ready to take in migrations (its pool's network is defined).
+    pub inbound: tokio::sync::watch::Receiver<bool>,
     /// Period of the full facts refresh.
     pub refresh_interval: Duration,
     /// Period of the libvirt poll.
@@ -84,6 +89,7 @@ pub async fn run<H: Hypervisor>(
             hypervisor: config.domain_type,
             address: config.address.clone(),
             memory: None,
+            migration: None,
         },
         applied_owner: None,
         owner_checked: None,
@@ -95,6 +101,10 @@ pub async fn run<H: Hypervisor>(
     loop {
         ticker.tick().await;
         observe(hypervisor, &config, metrics, &mut state).await;
+        state.observation.migration = config
+            .migration
+            .clone()
+            .filter(|_| *config.inbound.borrow());
         on_libvirt(state.last_connected == Some(true));
         if let Err(e) = publish(registrar, &config, &mut state).await {
             tracing::warn!(error = %error_chain(&e), category = e.category(), "cannot report host status; retrying");

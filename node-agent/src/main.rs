@@ -91,6 +91,8 @@ async fn run(config: Config) -> anyhow::Result<()> {
         quick: config.qemu_img_timeout,
         copy: config.disk_copy_timeout,
     });
+    // The desktop controller says when the host is ready to take in migrations.
+    let (inbound_ready, inbound) = tokio::sync::watch::channel(false);
     let agent_config = AgentConfig {
         heartbeat: HeartbeatConfig {
             node_name: config.node_name.clone(),
@@ -102,6 +104,8 @@ async fn run(config: Config) -> anyhow::Result<()> {
             libvirt_uri: config.libvirt_uri.clone(),
             domain_type,
             address: address.clone(),
+            migration: config.migration(),
+            inbound,
             refresh_interval: config.refresh_interval,
             poll_interval: POLL_INTERVAL.min(config.heartbeat_interval),
         },
@@ -114,6 +118,8 @@ async fn run(config: Config) -> anyhow::Result<()> {
             shutdown_grace: config.shutdown_grace,
             managed_save_dir: config.managed_save_dir.clone(),
             activity_interval: config.activity_interval,
+            takes_migrations: config.migration().is_some(),
+            inbound_ready,
         },
         node_labels: config.node_labels.clone(),
         libvirt_timeout: config.libvirt_timeout,

@@ -674,7 +674,7 @@ async fn a_running_guest_moves_live_to_a_second_host_and_its_console_answers_the
         "{moved:?}"
     );
     assert!(
-        told_of(&mut client, &second.address).await,
+        spice::told_of(&mut client, &second.address).await,
         "the connected SPICE client was not told of {}",
         second.address
     );
@@ -709,22 +709,4 @@ async fn a_running_guest_moves_live_to_a_second_host_and_its_console_answers_the
     // The target tears it down; the guard's own teardown then finds nothing here.
     guard.hv = target;
     guard.delete().await;
-}
-
-/// Whether the main channel of a held SPICE session carries `host` (the migration messages
-/// name the host the desktop moved to) before the connection closes or 15 s pass.
-async fn told_of(stream: &mut tokio::net::TcpStream, host: &str) -> bool {
-    use tokio::io::AsyncReadExt;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
-    let mut seen = Vec::new();
-    let mut buf = [0u8; 4096];
-    loop {
-        if seen.windows(host.len()).any(|w| w == host.as_bytes()) {
-            return true;
-        }
-        match tokio::time::timeout_at(deadline, stream.read(&mut buf)).await {
-            Ok(Ok(n)) if n > 0 => seen.extend_from_slice(&buf[..n]),
-            _ => return false,
-        }
-    }
 }

@@ -257,6 +257,23 @@ where
     }
 }
 
+/// Whether the main channel of a held SPICE session carries `host` (the migration messages
+/// name the host the desktop moved to) before the connection closes or 15 s pass.
+pub async fn told_of(stream: &mut TcpStream, host: &str) -> bool {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        if seen.windows(host.len()).any(|w| w == host.as_bytes()) {
+            return true;
+        }
+        match tokio::time::timeout_at(deadline, stream.read(&mut buf)).await {
+            Ok(Ok(n)) if n > 0 => seen.extend_from_slice(&buf[..n]),
+            _ => return false,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1228,6 +1228,15 @@ fn access_table() -> Vec<Access> {
         a(op, "create", d, "domainnodes", Cluster, false),
         a(op, "patch", d, "resourcepools/status", Cluster, true),
         a(op, "patch", d, "resourcepools", Cluster, false),
+        // operator: migrations' finalizer and status; tenants create and delete them.
+        a(op, "watch", d, "desktopmigrations", Cluster, true),
+        a(op, "patch", d, "desktopmigrations", User, true),
+        a(op, "patch", d, "desktopmigrations/status", User, true),
+        a(op, "create", d, "desktopmigrations", User, false),
+        a(op, "delete", d, "desktopmigrations", User, false),
+        // node-agent: learns of a migration from the Desktop and the mirror only.
+        a(agent, "list", d, "desktopmigrations", Cluster, false),
+        a(agent, "patch", d, "desktopmigrations/status", User, false),
         a(op, "get", "", "nodes", Cluster, false),
         // operator: namespace labels (pool access) and quotas (cpu/memory limits), read only.
         a(op, "watch", "", "namespaces", Cluster, true),

@@ -1,9 +1,12 @@
-//! What happens to a migration that holds a target and waits for its source host: it keeps the
-//! target while its desktop is the one it was made for, still there, and the ledger still holds
-//! the reservation, until the start timeout; otherwise it ends and the target is freed.
+//! What happens to a migration that holds a target: it keeps the target while its desktop is
+//! the one it was made for, still there, and the ledger still holds the reservation; it waits
+//! for the source host until the start timeout, then follows the source host's report (moving,
+//! failed) until the desktop's binding moved to the target. Otherwise it ends and the target
+//! is freed.
 
 use std::time::Duration;
 
+use super::MigrationState;
 use crate::reasons::MigrationReason;
 
 /// What a held migration's pass knows.
@@ -18,6 +21,11 @@ pub struct Facts<'a> {
     /// Since the target was reserved.
     pub waited: Duration,
     pub start_timeout: Duration,
+    /// The source host's report of this migration (by its UID), and its message.
+    pub report: Option<(MigrationState, &'a str)>,
+    /// The desktop's binding moved to the target (the Desktop pass did it on a completed
+    /// report).
+    pub arrived: bool,
 }
 
 /// The decision.
@@ -27,11 +35,27 @@ pub enum Held {
     Keep(Duration),
     /// End it (Failed) for this reason, with this message; the target is freed.
     End(MigrationReason, String),
+    /// The source host is moving it (phase Running): wait for its report.
+    Moving,
+    /// The desktop runs on the target and is bound there: Succeeded.
+    Arrived,
 }
 
 /// Decides a held migration's pass.
 pub fn decide(f: &Facts<'_>) -> Held {
     use MigrationReason as R;
+    if f.arrived {
+        return Held::Arrived;
+    }
+    match f.report {
+        Some((MigrationState::Failed, why)) => {
+            return Held::End(R::HostFailed, format!("the source host failed: {why}"));
+        }
+        // The domain is on its way: whatever happened meanwhile (the desktop deleted, say),
+        // the target is held until the source host says how the move ended.
+        Some((MigrationState::Started, _)) => return Held::Moving,
+        _ => {}
+    }
     match f.desktop_uid {
         None => return Held::End(R::DesktopDeleted, "the desktop was deleted".into()),
         Some(uid) if uid != f.pinned_uid => {
@@ -41,6 +65,10 @@ pub fn decide(f: &Facts<'_>) -> Held {
             );
         }
         Some(_) => {}
+    }
+    // Moved: the target's port became the desktop's own as its binding follows.
+    if let Some((MigrationState::Completed, _)) = f.report {
+        return Held::Moving;
     }
     if !f.target_held {
         return Held::End(
@@ -88,6 +116,8 @@ mod tests {
             target_held: true,
             waited: Duration::from_secs(10),
             start_timeout: MIN,
+            report: None,
+            arrived: false,
         }
     }
 
@@ -129,6 +159,50 @@ mod tests {
         assert!(matches!(
             decide(&lost),
             Held::End(MigrationReason::TargetLost, _)
+        ));
+    }
+
+    #[test]
+    fn the_source_report_moves_it_on_and_only_the_binding_ends_it() {
+        let started = Facts {
+            report: Some((MigrationState::Started, "")),
+            waited: MIN * 10,
+            ..facts()
+        };
+        assert_eq!(
+            decide(&started),
+            Held::Moving,
+            "no start timeout once moving"
+        );
+        let done = Facts {
+            report: Some((MigrationState::Completed, "")),
+            ..facts()
+        };
+        assert_eq!(decide(&done), Held::Moving, "until the binding moved");
+        let arrived = Facts {
+            arrived: true,
+            ..done
+        };
+        assert_eq!(decide(&arrived), Held::Arrived);
+        let failed = Facts {
+            report: Some((MigrationState::Failed, "no route")),
+            ..facts()
+        };
+        assert!(
+            matches!(decide(&failed), Held::End(MigrationReason::HostFailed, m) if m.contains("no route"))
+        );
+        let deleted = Facts {
+            desktop_uid: None,
+            ..started
+        };
+        assert_eq!(decide(&deleted), Held::Moving, "held until the move ends");
+        let moved_then_deleted = Facts {
+            desktop_uid: None,
+            ..done
+        };
+        assert!(matches!(
+            decide(&moved_then_deleted),
+            Held::End(MigrationReason::DesktopDeleted, _)
         ));
     }
 

@@ -30,6 +30,17 @@ pub enum MigrationMode {
     Cold,
 }
 
+/// What the source host reports of a migration it acts on.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum MigrationState {
+    /// The source host started moving the domain.
+    Started,
+    /// The domain runs on the target, and the source host let go of it.
+    Completed,
+    /// The move failed; the domain runs on the source as before.
+    Failed,
+}
+
 /// Where a migration is.
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
 pub enum MigrationPhase {

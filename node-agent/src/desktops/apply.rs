@@ -32,7 +32,7 @@ use super::power::{self, DomainView, Facts, Step};
 use super::reason::{Reason, ReasonOf};
 use super::saved::{self, Verdict};
 use super::status::{Cond, Report, body};
-use super::{BUSY_RESYNC, Error, bound, held};
+use super::{BUSY_RESYNC, Error, bound, held, migrate};
 use crate::disks::{self, DiskPlan, Prepared};
 use crate::domain::graphics_xml;
 use crate::domain::names::fnv1a64;
@@ -213,6 +213,14 @@ async fn pipeline<H: Hypervisor>(
     let t = clock();
     let seen = observe(ctx, d, status, uid, &inputs, adopt).await?;
     steps.record("observe", t);
+    let here = match seen.current {
+        None => migrate::Domain::Absent,
+        Some(s) if s.state.is_active() => migrate::Domain::Running,
+        Some(_) => migrate::Domain::Stopped,
+    };
+    if let Some(requeue) = migrate::drive(ctx, d, status, uid, &inputs, here).await? {
+        return Ok(requeue);
+    }
     let plan = plan(d, status, &seen);
     let t = clock();
     let requeue = execute(ctx, d, uid, &inputs, &seen, plan, report).await?;

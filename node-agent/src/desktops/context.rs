@@ -41,6 +41,12 @@ pub struct DesktopConfig {
     pub managed_save_dir: PathBuf,
     /// How often a running desktop's activity is sampled.
     pub activity_interval: Duration,
+    /// The host takes in desktops moved live (`--migration-uri` is set): its pool's network
+    /// is kept ready before any desktop of the pool runs here.
+    pub takes_migrations: bool,
+    /// Told `true` once the host is ready to take in migrations (the inventory then publishes
+    /// its endpoint).
+    pub inbound_ready: tokio::sync::watch::Sender<bool>,
 }
 
 impl DesktopConfig {
@@ -89,6 +95,8 @@ struct Memory {
     networks: HashSet<String>,
     /// Consecutive failures, for the retry backoff.
     failures: HashMap<String, u32>,
+    /// The last migration report written, per desktop: newer than the cache may show.
+    moves: HashMap<String, deskvirt_crds::MigrationReport>,
     /// The last activity sample of each running desktop.
     samples: HashMap<String, super::activity::Sample>,
     /// Desktops with a SPICE client connected at their last observation.
@@ -289,6 +297,16 @@ impl<H> DesktopContext<H> {
             m.reported.remove(uid);
         });
         self.record_session(uid, false);
+    }
+
+    /// Records the migration report written for desktop `uid`.
+    pub fn record_move(&self, uid: &str, report: &deskvirt_crds::MigrationReport) {
+        self.with_memory(|m| m.moves.insert(uid.to_string(), report.clone()));
+    }
+
+    /// The migration report this process last wrote for desktop `uid`.
+    pub fn last_move(&self, uid: &str) -> Option<deskvirt_crds::MigrationReport> {
+        self.with_memory(|m| m.moves.get(uid).cloned())
     }
 
     /// Records that the status of `uid` was written with the report `fingerprint` just now.

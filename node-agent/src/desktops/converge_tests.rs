@@ -11,7 +11,7 @@ use kube::runtime::controller::Action;
 
 use super::apply::apply;
 use super::lifecycle::ADMIN_RESYNC;
-use super::testkit::{Kit, NODE, OTHER_UID, desktop, last_condition, with_last_status};
+use super::testkit::{Kit, NODE, OTHER_UID, deleted, desktop, last_condition, with_last_status};
 use super::{Error, failure, show_failure};
 use crate::hypervisor::fake::Op;
 use crate::hypervisor::{DomainState, HypervisorError};
@@ -992,4 +992,101 @@ async fn running_size_is_what_runs_observed_started_or_left_to_a_restore() {
     off.spec.power = Power::Off;
     passes(&kit, &off).await;
     assert_eq!(running_sizes(&kit, 0), [serde_json::Value::Null]);
+}
+
+/// [`desktop`] with the operator's record of a live migration `m1` to host `h2`, port 5902.
+fn migrating(report: Option<serde_json::Value>) -> deskvirt_crds::Desktop {
+    let mut d = desktop();
+    if let Some(st) = d.status.as_mut() {
+        st.migration = serde_json::from_value(serde_json::json!({
+            "name": "m", "uid": "m1", "mode": "Live", "target": "h2", "port": 5902,
+            "since": "2026-01-01T00:00:00Z", "uri": "qemu+tls://h2/system",
+            "spiceAddress": "192.0.2.20"
+        }))
+        .unwrap_or_else(|e| panic!("{e}"));
+        st.migration_report =
+            report.map(|r| serde_json::from_value(r).unwrap_or_else(|e| panic!("{e}")));
+    }
+    d
+}
+
+fn reports(kit: &Kit) -> Vec<String> {
+    kit.api
+        .statuses()
+        .iter()
+        .filter_map(|s| s["migrationReport"]["state"].as_str().map(str::to_string))
+        .collect()
+}
+
+#[tokio::test]
+async fn a_confirmed_migration_moves_the_domain_and_the_host_never_starts_it_again() {
+    let mut kit = Kit::new();
+    kit.make_domain(DomainState::Running, false).await;
+    kit.stamp_mirror("m1/h2/5902");
+    let from = kit.hv.journal().len();
+    passes(&kit, &migrating(None)).await;
+    let calls = changes(&kit, from);
+    assert!(
+        calls
+            .iter()
+            .any(|c| c == &format!("migrate to qemu+tls://h2/system {}", kit.domain())),
+        "{calls:?}"
+    );
+    assert_eq!(reports(&kit), ["Started", "Completed"]);
+    assert!(kit.hv.domain(&kit.domain()).is_none(), "still defined here");
+    // A later pass, on a copy that does not show the Completed report yet: nothing is defined,
+    // started or reported again here.
+    let from = kit.hv.journal().len();
+    let stale = migrating(Some(serde_json::json!({
+        "uid": "m1", "source": "h1", "state": "Started", "at": "2026-01-01T00:00:01Z"
+    })));
+    passes(&kit, &stale).await;
+    assert!(changes(&kit, from).is_empty(), "{:?}", changes(&kit, from));
+    assert_eq!(reports(&kit), ["Started", "Completed"]);
+    // Deleted before the operator bound it to the target: the disk is the target's now.
+    let from = kit.hv.journal().len();
+    let pass = super::teardown::teardown(&deleted(stale), &kit.ctx).await;
+    assert!(pass.is_ok(), "{pass:?}");
+    assert!(
+        kit.disk().exists(),
+        "the disk the target runs on was deleted"
+    );
+    assert!(changes(&kit, from).is_empty(), "{:?}", changes(&kit, from));
+}
+
+#[tokio::test]
+async fn a_migration_record_the_mirror_does_not_confirm_is_ignored() {
+    let mut kit = Kit::new();
+    kit.make_domain(DomainState::Running, false).await;
+    // Forged (or stale): the stamp names another port.
+    kit.stamp_mirror("m1/h2/5999");
+    let from = kit.hv.journal().len();
+    passes(&kit, &migrating(None)).await;
+    assert!(
+        !changes(&kit, from).iter().any(|c| c.starts_with("migrate")),
+        "{:?}",
+        changes(&kit, from)
+    );
+    assert!(reports(&kit).is_empty());
+    assert!(kit.hv.domain(&kit.domain()).is_some());
+}
+
+#[tokio::test]
+async fn a_failed_move_is_reported_and_the_domain_runs_here_as_before() {
+    let mut kit = Kit::new();
+    kit.make_domain(DomainState::Running, false).await;
+    kit.stamp_mirror("m1/h2/5902");
+    kit.hv.fail_once(Op::Migrate, rejected());
+    passes(&kit, &migrating(None)).await;
+    assert_eq!(reports(&kit), ["Started", "Failed"]);
+    assert_eq!(
+        kit.hv.domain(&kit.domain()).map(|d| d.state),
+        Some(DomainState::Running)
+    );
+    assert!(
+        kit.api
+            .event_reasons()
+            .iter()
+            .any(|r| r == "MigrationFailed")
+    );
 }

@@ -51,14 +51,70 @@ pub async fn pin<H: Hypervisor>(
     mac: &str,
     wanted: Option<&str>,
 ) -> Result<Option<Ipv4Addr>, Pending> {
+    let _guard = ctx.network_lock.lock().await;
+    let Some((inputs, mut leases)) = network(ctx, pool).await? else {
+        return Ok(None);
+    };
+    let mac = mac.to_ascii_lowercase();
+    if let Some(own) = leases
+        .iter()
+        .find(|h| h.mac == mac && inputs.subnet.contains_host(h.ip))
+    {
+        return Ok(Some(own.ip));
+    }
+    leases.retain(|h| h.mac != mac);
+    let wanted = wanted.and_then(|w| w.parse().ok());
+    let Some(ip) = pick_address(&inputs.subnet, &leases, wanted) else {
+        return Err(Pending::Wait(Cond::new(
+            Status::False,
+            Reason::AddressesExhausted,
+            format!(
+                "no free address left in this host's subnet {}",
+                host_subnet(ctx)
+            ),
+        )));
+    };
+    leases.push(DhcpHost { mac, ip });
+    ctx.hypervisor
+        .sync_dhcp_hosts(&inputs.name, &leases)
+        .await
+        .map_err(Pending::Failed)?;
+    Ok(Some(ip))
+}
+
+/// The subnet the operator assigned this host, as its DomainNode says.
+fn host_subnet<H>(ctx: &DesktopContext<H>) -> String {
+    ctx.domain_node()
+        .and_then(|n| n.status.as_ref().and_then(|s| s.subnet.clone()))
+        .unwrap_or_default()
+}
+
+/// Makes sure the pool's network exists on this host (nat and isolated modes), so a desktop
+/// moved here live finds the network its NIC names.
+pub async fn ensure<H: Hypervisor>(
+    ctx: &DesktopContext<H>,
+    pool: &ResourcePool,
+) -> Result<(), Pending> {
+    let name = network_name(pool.metadata.name.as_deref().unwrap_or_default());
+    if pool.spec.network.mode == NetworkMode::Bridge || ctx.network_ready(&name) {
+        return Ok(());
+    }
+    let _guard = ctx.network_lock.lock().await;
+    network(ctx, pool).await.map(|_| ())
+}
+
+/// The pool's network on this host, defined from the host's subnet when this process has not
+/// yet, and its leases; `None` in bridge mode. The caller holds `ctx.network_lock`.
+async fn network<H: Hypervisor>(
+    ctx: &DesktopContext<H>,
+    pool: &ResourcePool,
+) -> Result<Option<(NetworkInputs, Vec<DhcpHost>)>, Pending> {
     // Bridge mode: addresses come from the outside network.
     if pool.spec.network.mode == NetworkMode::Bridge {
         return Ok(None);
     }
     let pool_name = pool.metadata.name.clone().unwrap_or_default();
-    let subnet = ctx
-        .domain_node()
-        .and_then(|n| n.status.as_ref().and_then(|s| s.subnet.clone()));
+    let subnet = Some(host_subnet(ctx)).filter(|s| !s.is_empty());
     let Some(subnet) = subnet else {
         return Err(Pending::Wait(Cond::new(
             Status::Unknown,
@@ -73,54 +129,31 @@ pub async fn pin<H: Hypervisor>(
     else {
         return Ok(None);
     };
-    let _guard = ctx.network_lock.lock().await;
     let hv = &ctx.hypervisor;
-    let leases = if ctx.network_ready(&inputs.name) {
-        hv.dhcp_hosts(&inputs.name).await
-    } else {
-        // Keep the leases a previous run pinned: read them first when the network exists.
-        let existing = match hv.dhcp_hosts(&inputs.name).await {
-            Ok(l) => l,
-            Err(e) if e.is_not_found() => Vec::new(),
-            Err(e) => return Err(Pending::Failed(e)),
-        };
-        let kept: Vec<DhcpHost> = existing
-            .iter()
-            .filter(|h| inputs.subnet.contains_host(h.ip))
-            .cloned()
-            .collect();
-        let xml = network_xml(&NetworkInputs {
-            hosts: kept.clone(),
-            ..inputs.clone()
-        })
-        .map_err(|e| invalid(e.to_string()))?;
-        hv.ensure_network(&xml).await.map_err(Pending::Failed)?;
-        ctx.record_network(&inputs.name);
-        tracing::info!(network = %inputs.name, subnet = %subnet, "pool network ready on this host");
-        Ok(kept)
-    };
-    let mut leases = leases.map_err(Pending::Failed)?;
-    let mac = mac.to_ascii_lowercase();
-    if let Some(own) = leases
-        .iter()
-        .find(|h| h.mac == mac && inputs.subnet.contains_host(h.ip))
-    {
-        return Ok(Some(own.ip));
+    if ctx.network_ready(&inputs.name) {
+        let leases = hv.dhcp_hosts(&inputs.name).await.map_err(Pending::Failed)?;
+        return Ok(Some((inputs, leases)));
     }
-    leases.retain(|h| h.mac != mac);
-    let wanted = wanted.and_then(|w| w.parse().ok());
-    let Some(ip) = pick_address(&inputs.subnet, &leases, wanted) else {
-        return Err(Pending::Wait(Cond::new(
-            Status::False,
-            Reason::AddressesExhausted,
-            format!("no free address left in this host's subnet {subnet}"),
-        )));
+    // Keep the leases a previous run pinned: read them first when the network exists.
+    let existing = match hv.dhcp_hosts(&inputs.name).await {
+        Ok(l) => l,
+        Err(e) if e.is_not_found() => Vec::new(),
+        Err(e) => return Err(Pending::Failed(e)),
     };
-    leases.push(DhcpHost { mac, ip });
-    hv.sync_dhcp_hosts(&inputs.name, &leases)
-        .await
-        .map_err(Pending::Failed)?;
-    Ok(Some(ip))
+    let kept: Vec<DhcpHost> = existing
+        .iter()
+        .filter(|h| inputs.subnet.contains_host(h.ip))
+        .cloned()
+        .collect();
+    let xml = network_xml(&NetworkInputs {
+        hosts: kept.clone(),
+        ..inputs.clone()
+    })
+    .map_err(|e| invalid(e.to_string()))?;
+    hv.ensure_network(&xml).await.map_err(Pending::Failed)?;
+    ctx.record_network(&inputs.name);
+    tracing::info!(network = %inputs.name, subnet = %subnet, "pool network ready on this host");
+    Ok(Some((inputs, kept)))
 }
 
 /// Drops the lease of `mac` from the pool's network on this host (teardown); nothing to do in

@@ -16,7 +16,7 @@ use kube::{Api, ResourceExt};
 use super::context::DesktopContext;
 use super::patch::{has_finalizer, remove_finalizer};
 use super::place::{self, Place};
-use super::{Error, bound, ip};
+use super::{Error, bound, ip, migrate};
 use crate::disks::{self, DiskError};
 use crate::domain::{disk_path, domain_name, parse_disk_paths, serial_log_path};
 use crate::hypervisor::Hypervisor;
@@ -98,6 +98,22 @@ pub async fn teardown<H: Hypervisor>(
         }
     }
 
+    // Moved live to another host whose binding the operator had not made yet: the domain
+    // runs there on this same (shared) disk.
+    let status = d.status.clone().unwrap_or_default();
+    if matches!(place, Place::Free { .. }) && migrate::moved_away(ctx, &status, &uid) {
+        let there = status
+            .migration
+            .as_ref()
+            .map_or("another host", |m| m.target.as_str());
+        let note = format!(
+            "the desktop's domain runs on {there} after a live migration; its disk is left to that host"
+        );
+        tracing::warn!(%note, "disk kept");
+        ctx.event(d, EventType::Warning, "DiskKept", "Delete", note)
+            .await;
+        candidates.clear();
+    }
     let in_use = hv.domain_disk_paths().await?;
     let image_dir = pool
         .as_ref()

@@ -224,6 +224,8 @@ impl Kit {
             shutdown_grace: Duration::from_secs(60),
             managed_save_dir: dir.0.join("save"),
             activity_interval: Duration::from_secs(10),
+            takes_migrations: false,
+            inbound_ready: tokio::sync::watch::channel(false).0,
         };
         let ctx = DesktopContext::with_caches(
             client,
@@ -277,6 +279,16 @@ impl Kit {
     pub fn rewrite_mirror(&mut self, version: &str) {
         self.mirrors
             .apply_watcher_event(&watcher::Event::Apply(mirror(version, "secret")));
+    }
+
+    /// The operator stamps the mirror with a migration (`deskvirt.io/migration`).
+    pub fn stamp_mirror(&mut self, stamp: &str) {
+        let mut m = mirror("8", "secret");
+        m.metadata
+            .annotations
+            .get_or_insert_default()
+            .insert("deskvirt.io/migration".into(), stamp.into());
+        self.mirrors.apply_watcher_event(&watcher::Event::Apply(m));
     }
 
     /// The pool leaves the cache.

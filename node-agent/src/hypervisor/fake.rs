@@ -57,6 +57,8 @@ struct State {
     journal: Vec<String>,
     /// Guests ignore ACPI shutdown requests.
     ignore_acpi: bool,
+    /// Domains a job runs on.
+    jobs: std::collections::BTreeSet<String>,
 }
 
 /// The fake host. Clones share it.
@@ -109,6 +111,17 @@ impl FakeHypervisor {
     /// From now on guests ignore ACPI shutdown requests (only a destroy stops them).
     pub fn ignore_acpi(&self) {
         self.with(|s| s.ignore_acpi = true);
+    }
+
+    /// A job runs on domain `name` (or no longer).
+    pub fn set_job(&self, name: &str, running: bool) {
+        self.with(|s| {
+            if running {
+                s.jobs.insert(name.to_string());
+            } else {
+                s.jobs.remove(name);
+            }
+        });
     }
 
     /// No more injected failures.
@@ -463,6 +476,13 @@ impl Hypervisor for FakeHypervisor {
             // It runs on the target now and is undefined here.
             s.domains.remove(name);
             Ok(Migrated::default())
+        })
+    }
+
+    async fn job_running(&self, name: &str) -> Result<bool> {
+        self.check(Op::Status)?;
+        self.with(|s| {
+            Ok(s.jobs.contains(name) && s.domains.get(name).is_some_and(|d| d.state.is_active()))
         })
     }
 }

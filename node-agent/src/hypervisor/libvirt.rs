@@ -388,6 +388,12 @@ impl Hypervisor for LibvirtHypervisor {
         .await
     }
 
+    async fn job_running(&self, name: &str) -> Result<bool> {
+        let name = name.to_string();
+        self.run("read job", move |c| domains::job_running(c, &name))
+            .await
+    }
+
     async fn migrate_out(&self, name: &str, out: &Outbound) -> Result<Migrated> {
         let (name, out) = (name.to_string(), out.clone());
         self.run_slow("migrate", move |c| domains::migrate_out(c, &name, &out))

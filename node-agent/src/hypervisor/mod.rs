@@ -272,6 +272,10 @@ pub trait Hypervisor: Send + Sync {
         name: &str,
         out: &Outbound,
     ) -> impl Future<Output = Result<Migrated>> + Send;
+
+    /// Whether a job (a migration, say) runs on domain `name`; `false` when it does not run or
+    /// does not exist.
+    fn job_running(&self, name: &str) -> impl Future<Output = Result<bool>> + Send;
 }
 
 /// Where and how a live migration goes.

@@ -70,6 +70,8 @@ pub struct Observation {
     pub address: String,
     /// Swap, hugepages and KSM, read with the host facts.
     pub memory: Option<crate::host_memory::HostMemory>,
+    /// Where this host takes in migrations.
+    pub migration: Option<deskvirt_crds::MigrationEndpoint>,
 }
 
 /// Counts defined (persistent) and running (active) domains.
@@ -114,6 +116,7 @@ pub fn agent_status(
     );
     DomainNodeStatus {
         address: Some(observation.address.clone()),
+        migration: observation.migration.clone(),
         cpu: facts.map(cpu_facts),
         memory: facts.map(|f| format_bytes(f.memory_bytes)),
         swap: observation.memory.as_ref().and_then(|m| m.swap.clone()),
@@ -139,6 +142,7 @@ pub fn agent_status(
 pub fn agent_part(status: &DomainNodeStatus) -> DomainNodeStatus {
     DomainNodeStatus {
         address: status.address.clone(),
+        migration: status.migration.clone(),
         cpu: status.cpu.clone(),
         memory: status.memory.clone(),
         swap: status.swap.clone(),
@@ -196,6 +200,7 @@ mod tests {
 
     fn observation(up: bool) -> Observation {
         Observation {
+            migration: None,
             facts: Some(facts()),
             domains: Some(DomainCounts {
                 defined: 1,

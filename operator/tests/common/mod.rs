@@ -192,6 +192,7 @@ impl Run {
             "metadata": { "name": node },
             "status": {
                 "address": "192.0.2.10",
+                "migration": { "uri": format!("qemu+tls://{node}/system") },
                 "cpu": { "sockets": 1, "cores": threads / 2, "threads": threads, "mhz": 2000 },
                 "memory": memory,
                 "hypervisor": "kvm",

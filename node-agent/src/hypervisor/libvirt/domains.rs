@@ -438,6 +438,24 @@ pub(super) fn disk_paths(conn: &Connect) -> Result<BTreeSet<String>> {
     Ok(paths)
 }
 
+/// Whether a job runs on domain `name` (`virDomainGetJobInfo`: its type is not NONE); `false`
+/// when the domain is gone or does not run.
+pub(super) fn job_running(conn: &Connect, name: &str) -> Result<bool> {
+    let op = "read job";
+    let dom = match lookup(conn, op, name) {
+        Ok(d) => d,
+        Err(e) if e.is_not_found() => return Ok(false),
+        Err(e) => return Err(e),
+    };
+    if !is_active(&dom, op, name)? {
+        return Ok(false);
+    }
+    let info = dom
+        .job_info()
+        .map_err(|e| map(op, ObjectKind::Domain, name, &e))?;
+    Ok(info.r#type != sys::VIR_DOMAIN_JOB_NONE as i32)
+}
+
 /// Moves running domain `name` live to `out.dest_uri`, peer to peer: defined there from
 /// `out.dest_xml`, undefined here once it runs there, the job aborted (the domain left running
 /// here) on any error. Then reads the target's completed job for the figures.
@@ -483,8 +501,17 @@ pub(super) fn migrate_out(conn: &Connect, name: &str, out: &Outbound) -> Result<
         graphics_uri: out.graphics_uri.clone(),
         ..Default::default()
     };
+    // An object the target lacks (its network, say) is no "not found" of this domain: the
+    // move is refused, and libvirt's own words say why.
     dom.migrate_to_uri3(Some(&out.dest_uri), params, flags)
-        .map_err(|e| map(op, ObjectKind::Domain, name, &e))?;
+        .map_err(|e| match map(op, ObjectKind::Domain, name, &e) {
+            HypervisorError::NotFound { .. } => HypervisorError::Rejected {
+                op,
+                target: name.to_string(),
+                message: e.to_string(),
+            },
+            other => other,
+        })?;
     // The figures are the target's: the source's domain is gone with its job.
     let stats = Connect::open(Some(&out.dest_uri))
         .and_then(|dest| dest.lookup_domain_by_uuid_string(&uuid))

@@ -23,7 +23,7 @@ use super::console::{ensure_mirror, write_user_secret};
 use super::idle::{self, Settled};
 use super::status::{Owned, bound_message, relabel, write_bound};
 use super::txn::{Txn, Undo};
-use super::{Error, Pass, busy_port, keep, size};
+use super::{Error, Pass, arrive, busy_port, keep, size};
 use crate::console::user::Outcome;
 use crate::context::Context;
 use crate::fence::Fenced;
@@ -93,6 +93,10 @@ pub(super) struct Plan {
     pub warnings: Vec<size::Warning>,
     /// Why the phase is what it is (the phase Event's note).
     pub phase_note: String,
+    /// The migration target the desktop's binding moved to.
+    pub migrated_to: Option<String>,
+    /// Look again this soon: a completed migration the caches do not confirm yet.
+    pub recheck: Option<Duration>,
 }
 
 /// Longest wait between two passes over a bound desktop.
@@ -126,8 +130,16 @@ fn plan(seen: &Seen<'_>, ctx: &Context, txn: &mut Txn<'_>) -> Plan {
     let mut want = seen.current.clone();
     // The spec read once against its pool; an invalid one is reported below.
     let valid = validation::read_desktop(&d.spec, txn.pool().map(|p| &p.spec));
-    let told = keep::keep(seen, ctx, txn, &mut want);
-    let moved_port = busy_port::move_off(seen, txn, &mut want);
+    // A desktop that arrived on a migration's target: its binding follows it, and the ledger
+    // agrees with the new binding already.
+    let arrived = arrive::arrive(seen, &ctx.stores, txn, &mut want);
+    let (told, moved_port) = match arrived {
+        Some(_) => (None, None),
+        None => (
+            keep::keep(seen, ctx, txn, &mut want),
+            busy_port::move_off(seen, txn, &mut want),
+        ),
+    };
     let alive = |n: &str| ctx.heartbeat(n, now).is_fresh() && ctx.stores.node(n).is_some();
     let mut plan = Plan {
         want: Owned::default(),
@@ -139,6 +151,9 @@ fn plan(seen: &Seen<'_>, ctx: &Context, txn: &mut Txn<'_>) -> Plan {
         moved_port,
         warnings: Vec::new(),
         phase_note: String::new(),
+        recheck: (arrived.is_none() && arrive::completed(&seen.status).is_some())
+            .then_some(Duration::from_secs(2)),
+        migrated_to: arrived,
     };
     plan.idle = match idle::settle(
         seen,
@@ -240,7 +255,7 @@ async fn commit(
     {
         tracing::info!(%host, port, "released the SPICE port of a reclaimed desktop");
     }
-    let requeue = [plan.idle.requeue, in_flight]
+    let requeue = [plan.idle.requeue, in_flight, plan.recheck]
         .into_iter()
         .flatten()
         .fold(RECHECK, Duration::min);
@@ -256,6 +271,15 @@ async fn commit(
     }
     for w in plan.warnings {
         ctx.event(d, EventType::Warning, w.reason, w.action, w.message)
+            .await;
+    }
+    if let Some(to) = &plan.migrated_to {
+        let note = format!(
+            "moved live from host {} to host {to}; SPICE port {}",
+            seen.node,
+            want.port.unwrap_or_default()
+        );
+        ctx.event(d, EventType::Normal, "Migrated", "Migrate", note)
             .await;
     }
     if let Some((busy, port)) = plan.moved_port {

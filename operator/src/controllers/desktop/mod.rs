@@ -5,6 +5,7 @@
 
 mod admit;
 mod apply;
+mod arrive;
 mod bind;
 mod bound;
 #[cfg(test)]

@@ -9,8 +9,11 @@ use deskvirt_core::migration::{MigrationPhase, allowed};
 use deskvirt_core::reasons::MigrationReason;
 use deskvirt_crds::conditions::{self, Status};
 use deskvirt_crds::constants::condition::{READY, SCHEDULED};
-use deskvirt_crds::constants::{FINALIZER_OPERATOR, MANAGER_OPERATOR_MIGRATION};
+use deskvirt_crds::constants::{
+    ANNOTATION_MIGRATION, FINALIZER_OPERATOR, MANAGER_OPERATOR_MIGRATION, console_mirror_name,
+};
 use deskvirt_crds::{Desktop, DesktopMigration, DesktopMigrationStatus, DesktopStatus, Migrating};
+use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::ResourceExt;
 use kube::api::{Patch, PatchParams};
@@ -98,7 +101,98 @@ async fn decide(pass: &Pass<'_>, m: &DesktopMigration) -> Result<Action, Error> 
             ensure_record(pass, m).await?;
             Ok(Action::requeue(left))
         }
+        Decision::Moving => {
+            moving(pass, m).await?;
+            Ok(Action::requeue(MOVING_RECHECK))
+        }
+        Decision::Arrived => succeeded(pass, m).await,
     }
+}
+
+/// How often a moving migration looks again at most; the Desktop's report wakes it sooner.
+const MOVING_RECHECK: Duration = Duration::from_secs(30);
+
+/// The source host started: Running, from when it said so. Returns the migration as written.
+async fn moving(pass: &Pass<'_>, m: &DesktopMigration) -> Result<DesktopMigration, Error> {
+    let mut want = want_status(m, MigrationPhase::Running);
+    let report = report_of(pass, m);
+    if want.start_time.is_none() {
+        want.start_time = Some(report.as_ref().map_or(Time(pass.now), |r| r.at.clone()));
+    }
+    let (source, target) = (
+        want.source.clone().unwrap_or_default(),
+        want.target.clone().unwrap_or_default(),
+    );
+    let msg = format!("{source} is moving the desktop to {target}");
+    set(
+        &mut want,
+        m,
+        pass,
+        READY,
+        Status::False,
+        MigrationReason::Moving,
+        &msg,
+    );
+    let was = m.phase();
+    let written = write_status(pass, m, &want).await?;
+    if was != MigrationPhase::Running {
+        tracing::info!(%source, %target, "migration running");
+        pass.ctx
+            .event(m, EventType::Normal, "MigrationRunning", "Migrate", msg)
+            .await;
+    }
+    Ok(written)
+}
+
+/// The desktop runs on the target and is bound there: Succeeded, with the source's figures;
+/// then the record is cleared and the finalizer dropped (the target's port is the desktop's
+/// own now, so nothing is freed).
+async fn succeeded(pass: &Pass<'_>, m: &DesktopMigration) -> Result<Action, Error> {
+    // A move faster than this controller: Running first, as phases go one at a time.
+    let running;
+    let m = if m.phase() == MigrationPhase::Scheduling {
+        running = moving(pass, m).await?;
+        &running
+    } else {
+        m
+    };
+    let mut want = want_status(m, MigrationPhase::Succeeded);
+    want.completion_time = Some(Time(pass.now));
+    if let Some(r) = report_of(pass, m) {
+        want.total_millis = r.total_millis;
+        want.downtime_millis = r.downtime_millis;
+        want.bytes_moved = r.bytes;
+    }
+    let (source, target) = (
+        want.source.clone().unwrap_or_default(),
+        want.target.clone().unwrap_or_default(),
+    );
+    let msg = format!(
+        "the desktop runs on {target} (from {source}); paused {} ms, {} MiB moved in {} ms",
+        want.downtime_millis.unwrap_or(0),
+        want.bytes_moved.unwrap_or(0) >> 20,
+        want.total_millis.unwrap_or(0),
+    );
+    let reason = MigrationReason::Succeeded;
+    set(&mut want, m, pass, READY, Status::True, reason, &msg);
+    let written = write_status(pass, m, &want).await?;
+    tracing::info!(%source, %target, downtime_ms = want.downtime_millis, "migration succeeded");
+    pass.ctx.metrics.migration_ended("Succeeded");
+    pass.ctx
+        .event(m, EventType::Normal, "MigrationSucceeded", "Migrate", msg)
+        .await;
+    settle(pass, &written).await?;
+    Ok(Action::await_change())
+}
+
+/// The source host's report of this migration, from its Desktop.
+fn report_of(pass: &Pass<'_>, m: &DesktopMigration) -> Option<deskvirt_crds::MigrationReport> {
+    let d = plan::desktop_of(&pass.ctx.stores, m)?;
+    d.status
+        .as_ref()?
+        .migration_report
+        .clone()
+        .filter(|r| Some(r.uid.as_str()) == m.metadata.uid.as_deref())
 }
 
 /// Writes the reservation: the migration's status, then the record on the Desktop.
@@ -180,6 +274,19 @@ pub(super) async fn cancel(pass: &Pass<'_>) -> Result<Action, Error> {
     if !has_finalizer(m) {
         return Ok(Action::await_change());
     }
+    // The domain is on its way: the move is not stopped half-way, and the target stays held
+    // until the source host says how it ended (the desktop then arrives, or stays).
+    if m.phase() == MigrationPhase::Running {
+        let ctx = pass.ctx;
+        let decision = {
+            let ledgers = ctx.ledgers.lock().await;
+            plan::held(&ctx.stores, &ctx.migrations, &ledgers, m, pass.now)
+        };
+        if decision == Decision::Moving {
+            tracing::info!("migration deleted while the domain moves; waiting for the move to end");
+            return Ok(Action::requeue(Duration::from_secs(2)));
+        }
+    }
     if !m.phase().is_terminal() {
         tracing::info!("migration cancelled");
         pass.ctx.metrics.migration_ended("Cancelled");
@@ -224,6 +331,10 @@ async fn ensure_record(pass: &Pass<'_>, m: &DesktopMigration) -> Result<(), Erro
     if current.is_some_and(|c| same_record(c, &record)) {
         return Ok(());
     }
+    // The mirror first: the source host acts on the record only when the mirror agrees.
+    if let Some(uid) = d.uid() {
+        stamp_mirror(pass, &uid, &record).await?;
+    }
     let status = DesktopStatus {
         migration: Some(Migrating {
             since: current
@@ -244,6 +355,50 @@ async fn ensure_record(pass: &Pass<'_>, m: &DesktopMigration) -> Result<(), Erro
         .patch_status(&name, &pp, &Patch::Apply(&body))
         .await
         .map_err(kube("record the migration on the desktop"))?;
+    Ok(())
+}
+
+/// Stamps the desktop's console mirror with the migration (`deskvirt.io/migration`), under the
+/// migration's own field manager so the Desktop pass's writes of the mirror keep it. Nothing
+/// is written when the cached mirror carries the stamp already; no mirror, no stamp (and no
+/// host acts).
+async fn stamp_mirror(pass: &Pass<'_>, desktop_uid: &str, record: &Migrating) -> Result<(), Error> {
+    let ctx = pass.ctx;
+    let ns = &ctx.console_namespace;
+    let stamp = record.stamp();
+    let mirror = ctx.stores.mirror(ns, desktop_uid);
+    if mirror
+        .as_ref()
+        .is_some_and(|s| s.annotations().get(ANNOTATION_MIGRATION) == Some(&stamp))
+    {
+        return Ok(());
+    }
+    let name = console_mirror_name(desktop_uid);
+    let body = json!({
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {
+            "name": name,
+            "namespace": ns,
+            "annotations": { ANNOTATION_MIGRATION: stamp },
+        },
+    });
+    let api: kube::Api<Secret> = kube::Api::namespaced(ctx.client.clone(), ns);
+    fence::check()?;
+    // Only onto a mirror that exists: an apply would create a bare one.
+    if mirror.is_none()
+        && api
+            .get_opt(&name)
+            .await
+            .map_err(kube("read the console mirror"))?
+            .is_none()
+    {
+        return Err(Error::MissingField("console mirror"));
+    }
+    let pp = PatchParams::apply(MANAGER_OPERATOR_MIGRATION).force();
+    api.patch(&name, &pp, &Patch::Apply(&body))
+        .await
+        .map_err(kube("stamp the console mirror with the migration"))?;
     Ok(())
 }
 
@@ -297,18 +452,27 @@ async fn clear_record(pass: &Pass<'_>, m: &DesktopMigration) -> Result<(), Error
 /// The record a migration holding a target puts on its Desktop.
 fn record_of(m: &DesktopMigration, pass: &Pass<'_>) -> Option<Migrating> {
     let st = m.status.as_ref()?;
+    let target = st.target.clone()?;
+    let node = pass.ctx.stores.node(&target);
+    let node_status = node.as_ref().and_then(|n| n.status.as_ref());
+    let endpoint = node_status.and_then(|s| s.migration.as_ref());
     Some(Migrating {
         name: m.name_any(),
         uid: pass.uid.clone(),
         mode: m.spec.mode,
-        target: st.target.clone()?,
         port: st.target_port?,
         since: st.scheduled_time.clone().unwrap_or(Time(pass.now)),
+        uri: endpoint.map(|e| e.uri.clone()),
+        address: endpoint.and_then(|e| e.address.clone()),
+        spice_address: node_status.and_then(|s| s.address.clone()),
+        target,
     })
 }
 
 fn same_record(a: &Migrating, b: &Migrating) -> bool {
-    (&a.name, &a.uid, a.mode, &a.target, a.port) == (&b.name, &b.uid, b.mode, &b.target, b.port)
+    a.stamp() == b.stamp()
+        && (&a.name, a.mode, &a.uri, &a.address, &a.spice_address)
+            == (&b.name, b.mode, &b.uri, &b.address, &b.spice_address)
 }
 
 /// The migration's status as it stands, moved to `phase` (a change `allowed` permits: the

@@ -44,6 +44,10 @@ pub(super) enum Decision {
     Reserved(Reserved),
     /// Keep the target held; look again after this long at the latest.
     Keep(Duration),
+    /// The source host reported it is moving the desktop (phase Running).
+    Moving,
+    /// The desktop runs on the target and is bound there (Succeeded).
+    Arrived,
 }
 
 /// A target reserved for a migration.
@@ -236,10 +240,19 @@ pub(super) fn pending(
                 )
             };
             let wanted = m.spec.target_node.as_deref();
+            let takes_in = |h: &str| endpoint_of(stores, h).is_some();
             match choose_target(&pool_name, &policy, &size, &source, wanted, &hosts, |h| {
-                slots.host_full(h)
+                slots.host_full(h) || (wanted.is_none() && !takes_in(h))
             }) {
+                Ok(h) if !takes_in(&h.name) => {
+                    let msg = format!("host {} takes in no migrations: its {NO_ENDPOINT}", h.name);
+                    return wait(MigrationReason::NoTarget, msg, WAIT_RECHECK);
+                }
                 Ok(h) => h.name.to_string(),
+                Err(r) if wanted.is_none() && r.reason == MigrationReason::NoTarget => {
+                    let msg = format!("{} (hosts whose {NO_ENDPOINT} are left out)", r.message);
+                    return wait(r.reason, msg, WAIT_RECHECK);
+                }
                 Err(r) => return wait(r.reason, r.message, WAIT_RECHECK),
             }
         }
@@ -257,6 +270,17 @@ pub(super) fn pending(
         }),
         Err(e) => wait(MigrationReason::NoTarget, e.to_string(), WAIT_RECHECK),
     }
+}
+
+/// Why a host without a published migration endpoint is no target.
+const NO_ENDPOINT: &str = "node-agent runs without --migration-uri";
+
+/// Where host `name` takes in migrations, as its agent published it.
+pub(super) fn endpoint_of(
+    stores: &Stores,
+    name: &str,
+) -> Option<deskvirt_crds::migration::MigrationEndpoint> {
+    stores.node(name)?.status.as_ref()?.migration.clone()
 }
 
 /// Decides the pass of a migration that holds a target (Scheduling, Running).
@@ -284,16 +308,32 @@ pub(super) fn held(
         .and_then(|l| l.target_of(pinned))
         .is_some_and(|t| Some(t.host) == st.target.as_deref() && Some(t.port) == st.target_port);
     let since = st.scheduled_time.as_ref().map_or(now, |t| t.0);
+    let dst = d.as_ref().and_then(|d| d.status.as_ref());
+    let me = m.metadata.uid.as_deref();
+    let report = dst
+        .and_then(|s| s.migration_report.as_ref())
+        .filter(|r| Some(r.uid.as_str()) == me)
+        .map(|r| (r.state, r.message.as_deref().unwrap_or("no reason given")));
+    // The Desktop pass moved the binding to the target: the move is done.
+    let arrived = d.as_ref().is_some_and(|d| {
+        st.target.is_some()
+            && dst.and_then(|s| s.node.as_deref()) == st.target.as_deref()
+            && stores.binding_confirmed(d)
+    });
     let facts = migration::held::Facts {
         desktop_uid: d.as_ref().and_then(|d| d.metadata.uid.as_deref()),
         pinned_uid: pinned,
         target_held,
         waited: elapsed(since, now),
         start_timeout: settings.start_timeout,
+        report,
+        arrived,
     };
     match migration::held::decide(&facts) {
         Held::Keep(left) => Decision::Keep(left),
         Held::End(reason, message) => Decision::Fail { reason, message },
+        Held::Moving => Decision::Moving,
+        Held::Arrived => Decision::Arrived,
     }
 }
 

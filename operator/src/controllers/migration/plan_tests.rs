@@ -37,6 +37,7 @@ fn node(name: &str) -> DomainNode {
         "status": {
             "cpu": {"threads": 8, "sockets": 1, "cores": 4, "mhz": 1},
             "memory": "16Gi", "pool": "p",
+            "migration": {"uri": format!("qemu+tls://{name}/system")},
             "allocatable": {"cpu": 8, "memory": "14Gi", "dedicatedCpus": 7},
             "conditions": [
                 {"type": "LibvirtConnected", "status": "True", "reason": "R", "message": "m",
@@ -335,4 +336,94 @@ fn a_held_target_is_kept_until_the_start_timeout_then_freed() {
             ..
         }
     ));
+}
+
+#[test]
+fn a_host_whose_agent_publishes_no_migration_endpoint_is_no_target() {
+    let m = migration("m1", "2026-01-01T00:00:00Z", json!({}));
+    let mut closed = node("h2");
+    if let Some(s) = closed.status.as_mut() {
+        s.migration = None;
+    }
+    let stores = Stores::holding(
+        vec![pool(true)],
+        vec![node("h1"), closed],
+        vec![desktop("u-a", Some("h1"), true)],
+        CONSOLES,
+    )
+    .with(vec![m.clone()], vec![mirror("u-a", "h1")]);
+    let mut w = World {
+        stores,
+        ledgers: Ledgers::fresh(),
+        settings: MigrationSettings::default(),
+    };
+    let picked = w.pending(&m, T0);
+    assert_eq!(reason(&picked), Some(R::NoTarget));
+    assert!(
+        matches!(&picked, Decision::Wait { message, .. } if message.contains("--migration-uri"))
+    );
+    let mut named = m.clone();
+    named.spec.target_node = Some("h2".into());
+    let named = w.pending(&named, T0);
+    assert!(
+        matches!(&named, Decision::Wait { message, .. } if message.contains("h2 takes in no migrations"))
+    );
+    assert!(w.ledgers.get("p").is_none_or(|l| l.targets().count() == 0));
+}
+
+#[test]
+fn the_source_report_moves_a_held_migration_on_and_the_moved_binding_ends_it() {
+    let status = json!({"phase": "Running", "desktopUid": "u-a", "source": "h1", "target": "h2",
+                        "targetPort": 5900, "scheduledTime": "2026-01-01T00:00:10Z"});
+    let m = migration("m1", "2026-01-01T00:00:00Z", status);
+    let report = |state: &str| {
+        let mut d = desktop("u-a", Some("h1"), true);
+        if let Some(s) = d.status.as_mut() {
+            s.migration_report = serde_json::from_value(json!({
+                "uid": "m-m1", "source": "h1", "state": state, "at": "2026-01-01T00:00:20Z",
+                "message": "boom"
+            }))
+            .unwrap_or_else(|e| panic!("{e}"));
+        }
+        d
+    };
+    let held = |d: Desktop, mirror_on: &str| {
+        let mut w = World::new(true, vec![d], vec![m.clone()]);
+        w.stores = Stores::holding(
+            vec![pool(true)],
+            vec![node("h1"), node("h2")],
+            w.stores
+                .desktops
+                .state()
+                .iter()
+                .map(|d| (**d).clone())
+                .collect(),
+            CONSOLES,
+        )
+        .with(vec![m.clone()], vec![mirror("u-a", mirror_on)]);
+        let p = w.stores.pool("p").unwrap_or_else(|| panic!("no pool"));
+        let _ = w.ledgers.of(&p, &w.stores);
+        plan::held(
+            &w.stores,
+            &w.settings,
+            &w.ledgers,
+            &m,
+            at("2026-01-01T01:00:00Z"),
+        )
+    };
+    // Long past the start timeout: moving is not timed out.
+    assert_eq!(held(report("Started"), "h1"), Decision::Moving);
+    assert_eq!(held(report("Completed"), "h1"), Decision::Moving);
+    assert!(matches!(
+        held(report("Failed"), "h1"),
+        Decision::Fail { reason: R::HostFailed, message } if message.contains("boom")
+    ));
+    // The Desktop pass moved the binding (status and mirror) to the target.
+    let mut there = report("Completed");
+    if let Some(s) = there.status.as_mut() {
+        s.node = Some("h2".into());
+    }
+    assert_eq!(held(there.clone(), "h2"), Decision::Arrived);
+    // A status naming the target that the mirror does not confirm is no arrival.
+    assert_eq!(held(there, "h1"), Decision::Moving);
 }

@@ -1,0 +1,486 @@
+//! Decides what the source host does with a live migration the operator recorded on a Desktop
+//! bound here (`status.migration`): it acts only when the console mirror, which tenants cannot
+//! write, carries the same stamp (`deskvirt.io/migration`); it reports Started, moves the
+//! domain with [`Hypervisor::migrate_out`], then reports Completed (with the figures) or
+//! Failed, under its own field manager. Meanwhile, and after a completed move until the
+//! operator binds the desktop to the target, this host neither defines nor starts the domain
+//! again. After an agent restart the report and the host say where the move got to.
+
+use std::time::Duration;
+
+use deskvirt_core::migration::{MigrationMode, MigrationState};
+use deskvirt_crds::constants::{
+    ANNOTATION_MIGRATION, MANAGER_AGENT_MIGRATION, console_mirror_name,
+};
+use deskvirt_crds::desktop::DesktopStatus;
+use deskvirt_crds::{Desktop, Migrating, MigrationReport};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kube::api::{Patch, PatchParams};
+use kube::runtime::events::EventType;
+use kube::runtime::reflector::ObjectRef;
+use kube::{Api, ResourceExt};
+use serde_json::json;
+
+use super::Error;
+use super::context::DesktopContext;
+use super::inputs::Inputs;
+use crate::domain::{HostContext, graphics_xml};
+use crate::hypervisor::{Hypervisor, Migrated, Outbound};
+
+/// How often a desktop whose domain is moving, or moved, is looked at again.
+pub const MIGRATION_RESYNC: Duration = Duration::from_secs(2);
+
+/// Where the domain is, as this host sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Domain {
+    Absent,
+    Running,
+    /// Defined, not running.
+    Stopped,
+}
+
+/// What a pass knows of the desktop's migration.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Facts<'a> {
+    /// The live migration recorded on the Desktop, when the mirror confirms it and its target
+    /// is another host.
+    pub record: Option<&'a Migrating>,
+    /// The last report of a migration: its UID and state, when this host wrote it.
+    pub reported: Option<(&'a str, MigrationState)>,
+    /// The operator moved the desktop here since that report (`status.lastMove` is later).
+    pub moved_since: bool,
+    pub domain: Domain,
+    /// A job runs on the domain.
+    pub job: bool,
+}
+
+/// What the pass does.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Step {
+    /// Nothing about a migration: converge as always.
+    Converge,
+    /// Report Started, then move the domain.
+    Start,
+    /// Leave the domain alone (moving, or moved and not yet bound to the target); look again.
+    Hold(&'static str),
+    /// Report the move Completed (it ended while the agent was away).
+    Completed,
+    /// Report the move Failed, for this reason; the domain runs here as before.
+    Failed(&'static str),
+}
+
+/// Decides the pass.
+pub fn decide(f: &Facts<'_>) -> Step {
+    // Moved to the target, and the binding has not followed yet: never again here.
+    if f.domain == Domain::Absent
+        && !f.moved_since
+        && f.reported
+            .is_some_and(|(_, s)| s == MigrationState::Completed)
+    {
+        return Step::Hold("the domain runs on the migration's target; waiting for the binding");
+    }
+    let Some(record) = f.record else {
+        return Step::Converge;
+    };
+    let mine = f
+        .reported
+        .filter(|(uid, _)| *uid == record.uid)
+        .map(|(_, s)| s);
+    match (mine, f.domain) {
+        (None, Domain::Running) => Step::Start,
+        (None, _) => Step::Failed("the desktop's domain does not run on this host"),
+        (Some(MigrationState::Started), _) if f.job => Step::Hold("the domain is moving"),
+        (Some(MigrationState::Started), Domain::Absent) => Step::Completed,
+        (Some(MigrationState::Started), _) => Step::Failed(
+            "the move stopped before it ended (the node-agent restarted); the desktop runs \
+             on this host as before",
+        ),
+        (Some(MigrationState::Completed), Domain::Absent) => {
+            Step::Hold("the domain runs on the migration's target; waiting for the binding")
+        }
+        (Some(MigrationState::Completed), _) => Step::Converge,
+        (Some(MigrationState::Failed), _) => Step::Converge,
+    }
+}
+
+/// The live migration on `status`, when the console mirror of `uid` carries its stamp and its
+/// target is another host.
+pub fn confirmed<'a, H>(
+    ctx: &DesktopContext<H>,
+    status: &'a DesktopStatus,
+    uid: &str,
+) -> Option<&'a Migrating> {
+    let m = status.migration.as_ref()?;
+    if m.mode != MigrationMode::Live || m.target == ctx.config.node_name {
+        return None;
+    }
+    let mirror = ctx
+        .mirrors
+        .get(&ObjectRef::new(&console_mirror_name(uid)).within(&ctx.config.console_namespace))?;
+    let stamped = mirror.annotations().get(ANNOTATION_MIGRATION) == Some(&m.stamp());
+    if !stamped {
+        tracing::warn!(target = %m.target, "a migration record the operator's mirror does not confirm is ignored");
+    }
+    stamped.then_some(m)
+}
+
+/// `status` with the migration report this process wrote last, when the cached copy does not
+/// show it yet.
+fn latest<'a, H>(
+    ctx: &DesktopContext<H>,
+    status: &'a DesktopStatus,
+    uid: &str,
+) -> std::borrow::Cow<'a, DesktopStatus> {
+    match ctx.last_move(uid) {
+        Some(r) if newer(&r, status.migration_report.as_ref()) => {
+            std::borrow::Cow::Owned(DesktopStatus {
+                migration_report: Some(r),
+                ..status.clone()
+            })
+        }
+        _ => std::borrow::Cow::Borrowed(status),
+    }
+}
+
+/// Whether `written` (by this process) is later than the report `cached`.
+fn newer(written: &MigrationReport, cached: Option<&MigrationReport>) -> bool {
+    let rank = |s: MigrationState| match s {
+        MigrationState::Started => 0,
+        MigrationState::Completed | MigrationState::Failed => 1,
+    };
+    match cached {
+        None => true,
+        Some(c) if c.uid != written.uid => written.at.0 > c.at.0,
+        Some(c) => rank(written.state) > rank(c.state),
+    }
+}
+
+/// This host's last report of a migration of the desktop, and whether the operator moved the
+/// desktop here since (`status.lastMove` to this host, later than the report).
+fn own_report<'a, H>(
+    ctx: &DesktopContext<H>,
+    status: &'a DesktopStatus,
+) -> (Option<&'a MigrationReport>, bool) {
+    let me = ctx.config.node_name.as_str();
+    let report = status.migration_report.as_ref().filter(|r| r.source == me);
+    let moved_since = match (report, status.last_move.as_ref()) {
+        (Some(r), Some(m)) => m.to == me && m.at.0 > r.at.0,
+        _ => false,
+    };
+    (report, moved_since)
+}
+
+/// Whether this host moved the desktop's domain away live and the binding has not followed
+/// (so the domain, and its disk, are the target's).
+pub fn moved_away<H>(ctx: &DesktopContext<H>, status: &DesktopStatus, uid: &str) -> bool {
+    let status = latest(ctx, status, uid);
+    let (report, moved_since) = own_report(ctx, &status);
+    !moved_since && report.is_some_and(|r| r.state == MigrationState::Completed)
+}
+
+/// Runs the migration part of a pass over a desktop bound here, after its inputs were read
+/// and its domain observed: `Some(requeue)` when the pass ends here, `None` to converge.
+pub(super) async fn drive<H: Hypervisor>(
+    ctx: &DesktopContext<H>,
+    d: &Desktop,
+    status: &DesktopStatus,
+    uid: &str,
+    inputs: &Inputs,
+    domain: Domain,
+) -> Result<Option<Duration>, Error> {
+    if status.migration.is_none() && status.migration_report.is_none() {
+        return Ok(None);
+    }
+    let name = inputs.domain.domain_name();
+    let status = &*latest(ctx, status, uid);
+    let record = confirmed(ctx, status, uid);
+    let (report, moved_since) = own_report(ctx, status);
+    let job = match (record, domain) {
+        (Some(_), Domain::Running) => ctx.hypervisor.job_running(&name).await?,
+        _ => false,
+    };
+    let facts = Facts {
+        record,
+        reported: report.map(|r| (r.uid.as_str(), r.state)),
+        moved_since,
+        domain,
+        job,
+    };
+    let step = decide(&facts);
+    match (step, record) {
+        (Step::Converge, _) => Ok(None),
+        (Step::Hold(why), _) => {
+            tracing::debug!(domain = %name, why, "held for a migration");
+            Ok(Some(MIGRATION_RESYNC))
+        }
+        (Step::Start, Some(m)) => {
+            move_out(ctx, d, inputs, &name, m).await?;
+            Ok(Some(MIGRATION_RESYNC))
+        }
+        (Step::Completed, Some(m)) => {
+            let why = Some("moved while the node-agent was away".into());
+            let r = report_of(&ctx.config.node_name, m, MigrationState::Completed, why);
+            write(ctx, d, &r).await?;
+            Ok(Some(MIGRATION_RESYNC))
+        }
+        (Step::Failed(why), Some(m)) => {
+            fail(ctx, d, m, why.to_string()).await?;
+            Ok(None)
+        }
+        // Each step but Converge and Hold comes with a record.
+        (_, None) => Ok(None),
+    }
+}
+
+/// Reports Started, moves the domain, reports how it went.
+async fn move_out<H: Hypervisor>(
+    ctx: &DesktopContext<H>,
+    d: &Desktop,
+    inputs: &Inputs,
+    name: &str,
+    m: &Migrating,
+) -> Result<(), Error> {
+    let out = match outbound(ctx, inputs, m) {
+        Ok(out) => out,
+        Err(why) => return fail(ctx, d, m, why).await,
+    };
+    let me = ctx.config.node_name.as_str();
+    write(ctx, d, &report_of(me, m, MigrationState::Started, None)).await?;
+    tracing::info!(domain = name, target = %m.target, uri = %out.dest_uri, "moving the domain live");
+    ctx.event(
+        d,
+        EventType::Normal,
+        "MigrationStarted",
+        "Migrate",
+        format!("moving live to host {}", m.target),
+    )
+    .await;
+    match ctx.hypervisor.migrate_out(name, &out).await {
+        Ok(moved) => {
+            tracing::info!(domain = name, target = %m.target, total_ms = moved.total.as_millis() as u64,
+                downtime_ms = moved.downtime.as_millis() as u64, bytes = moved.bytes, "domain moved");
+            let r = completed(me, m, &moved);
+            write(ctx, d, &r).await
+        }
+        Err(e) => {
+            tracing::warn!(domain = name, target = %m.target, error = %e, "the move failed; the domain runs here as before");
+            fail(ctx, d, m, e.to_string()).await
+        }
+    }
+}
+
+/// Where and how the domain goes: the target's libvirt and address from the record, its
+/// SPICE port there, listening as the pool's policy says on the target.
+fn outbound<H>(
+    ctx: &DesktopContext<H>,
+    inputs: &Inputs,
+    m: &Migrating,
+) -> Result<Outbound, String> {
+    let uri = m
+        .uri
+        .clone()
+        .ok_or_else(|| format!("host {} published no migration endpoint", m.target))?;
+    let spice_address = m.spice_address.clone().unwrap_or_default();
+    let address = m.address.clone().unwrap_or_else(|| spice_address.clone());
+    if address.is_empty() {
+        return Err(format!("host {} published no address", m.target));
+    }
+    let there = HostContext::for_pool(
+        &m.target,
+        &spice_address,
+        ctx.config.domain_type,
+        &inputs.pool,
+    )
+    .map_err(|e| e.to_string())?;
+    let mut dest = inputs.domain.clone();
+    dest.spice.port = m.port;
+    dest.spice.listen = there.spice_listen.clone();
+    let graphics = graphics_xml(&dest).map_err(|e| e.to_string())?;
+    let client_host = if there.spice_listen == "0.0.0.0" {
+        spice_address
+    } else {
+        there.spice_listen
+    };
+    Ok(Outbound {
+        dest_uri: uri,
+        migrate_uri: format!("tcp://{}", bracketed(&address)),
+        graphics_xml: graphics,
+        graphics_uri: Some(format!("spice://{}:{}", bracketed(&client_host), m.port)),
+        declared_shared: inputs.pool.spec.storage.shared,
+    })
+}
+
+fn bracketed(address: &str) -> String {
+    if address.contains(':') {
+        format!("[{address}]")
+    } else {
+        address.to_string()
+    }
+}
+
+fn report_of(
+    source: &str,
+    m: &Migrating,
+    state: MigrationState,
+    message: Option<String>,
+) -> MigrationReport {
+    MigrationReport {
+        uid: m.uid.clone(),
+        source: source.to_string(),
+        state,
+        at: Time(k8s_openapi::jiff::Timestamp::now()),
+        message,
+        total_millis: None,
+        downtime_millis: None,
+        bytes: None,
+    }
+}
+
+fn completed(source: &str, m: &Migrating, moved: &Migrated) -> MigrationReport {
+    let millis = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+    MigrationReport {
+        total_millis: Some(millis(moved.total)),
+        downtime_millis: Some(millis(moved.downtime)),
+        bytes: Some(moved.bytes),
+        ..report_of(source, m, MigrationState::Completed, None)
+    }
+}
+
+async fn fail<H>(
+    ctx: &DesktopContext<H>,
+    d: &Desktop,
+    m: &Migrating,
+    why: String,
+) -> Result<(), Error> {
+    let mut why = why;
+    why.truncate(1000);
+    ctx.event(
+        d,
+        EventType::Warning,
+        "MigrationFailed",
+        "Migrate",
+        format!("the move to host {} failed: {why}", m.target),
+    )
+    .await;
+    let me = ctx.config.node_name.as_str();
+    write(ctx, d, &report_of(me, m, MigrationState::Failed, Some(why))).await
+}
+
+/// Writes the report under the agent's migration field manager.
+async fn write<H>(ctx: &DesktopContext<H>, d: &Desktop, r: &MigrationReport) -> Result<(), Error> {
+    let uid = d.uid().ok_or(Error::MissingField("metadata.uid"))?;
+    let ns = d
+        .namespace()
+        .ok_or(Error::MissingField("metadata.namespace"))?;
+    let api: Api<Desktop> = Api::namespaced(ctx.client.clone(), &ns);
+    let name = d.name_any();
+    let body = json!({
+        "apiVersion": "deskvirt.io/v1alpha1",
+        "kind": "Desktop",
+        "metadata": { "name": name },
+        "status": { "migrationReport": r },
+    });
+    let pp = PatchParams::apply(MANAGER_AGENT_MIGRATION).force();
+    api.patch_status(&name, &pp, &Patch::Apply(&body))
+        .await
+        .map_err(|source| Error::Kube {
+            action: "report the migration",
+            source,
+        })?;
+    ctx.record_move(&uid, r);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::jiff::Timestamp;
+
+    fn record() -> Migrating {
+        Migrating {
+            name: "m".into(),
+            uid: "m1".into(),
+            mode: MigrationMode::Live,
+            target: "h2".into(),
+            port: 5901,
+            since: Time(Timestamp::UNIX_EPOCH),
+            uri: Some("qemu+tcp://h2/system".into()),
+            address: None,
+            spice_address: Some("10.0.0.2".into()),
+        }
+    }
+
+    fn facts<'a>(
+        record: Option<&'a Migrating>,
+        reported: Option<(&'static str, MigrationState)>,
+        domain: Domain,
+    ) -> Facts<'a> {
+        Facts {
+            record,
+            reported,
+            moved_since: false,
+            domain,
+            job: false,
+        }
+    }
+
+    use MigrationState::{Completed, Failed, Started};
+
+    #[test]
+    fn a_confirmed_record_of_a_running_domain_starts_the_move() {
+        let m = record();
+        assert_eq!(decide(&facts(Some(&m), None, Domain::Running)), Step::Start);
+        // An older migration's report does not count.
+        assert_eq!(
+            decide(&facts(Some(&m), Some(("m0", Failed)), Domain::Running)),
+            Step::Start
+        );
+        assert!(matches!(
+            decide(&facts(Some(&m), None, Domain::Stopped)),
+            Step::Failed(_)
+        ));
+        assert_eq!(decide(&facts(None, None, Domain::Running)), Step::Converge);
+    }
+
+    #[test]
+    fn after_a_restart_the_host_says_where_the_move_got_to() {
+        let m = record();
+        let moving = Facts {
+            job: true,
+            ..facts(Some(&m), Some(("m1", Started)), Domain::Running)
+        };
+        assert!(matches!(decide(&moving), Step::Hold(_)));
+        assert_eq!(
+            decide(&facts(Some(&m), Some(("m1", Started)), Domain::Absent)),
+            Step::Completed
+        );
+        assert!(matches!(
+            decide(&facts(Some(&m), Some(("m1", Started)), Domain::Running)),
+            Step::Failed(_)
+        ));
+        assert_eq!(
+            decide(&facts(Some(&m), Some(("m1", Failed)), Domain::Running)),
+            Step::Converge
+        );
+    }
+
+    #[test]
+    fn a_moved_domain_is_never_made_again_here_until_the_binding_follows() {
+        let m = record();
+        assert!(matches!(
+            decide(&facts(Some(&m), Some(("m1", Completed)), Domain::Absent)),
+            Step::Hold(_)
+        ));
+        // The record is cleared (the migration ended) but the binding did not move.
+        assert!(matches!(
+            decide(&facts(None, Some(("m1", Completed)), Domain::Absent)),
+            Step::Hold(_)
+        ));
+        // Moved since (later moved back here, say): converge as always.
+        let back = Facts {
+            moved_since: true,
+            ..facts(None, Some(("m1", Completed)), Domain::Absent)
+        };
+        assert_eq!(decide(&back), Step::Converge);
+    }
+}

@@ -1,0 +1,316 @@
+//! A running desktop moves live to another host, end to end: the operator, two node-agents on
+//! two independent libvirt hosts (host A is this machine's qemu:///system, host B a second
+//! libvirtd in its own network and mount namespaces, see `scripts/second-host.sh`, its agent
+//! confined to what the chart's DaemonSet mounts), real QEMU (TCG), the real apiserver, and a
+//! pool whose disk directory is the same directory for both hosts (`storage.shared`).
+//! - host A's agent runs without `--migration-uri`: a migration to it waits with `NoTarget`,
+//!   naming the flag;
+//! - `mover` runs on host A with a SPICE client connected; a `DesktopMigration` moves it to
+//!   host B: Scheduling, Running, Succeeded with its downtime; the Desktop is bound to host B
+//!   (node, label, port, `lastMove`) with its MAC and disk file; the guest keeps counting its
+//!   uptime (it was not rebooted); the SPICE client was told of host B, and host B's console
+//!   takes the password; host A has nothing of it left and never started it again;
+//! - a second migration back to host A waits (`NoTarget`: A takes in no migrations) and is
+//!   cancelled by deleting it, which frees what it held;
+//! - deleting `mover` removes its disk through host B.
+//!
+//! Run: `cargo test -p deskvirt-tests --test migrate -- --nocapture`.
+
+use std::os::unix::fs::MetadataExt;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use deskvirt_crds::conditions::find;
+use deskvirt_crds::constants::{LABEL_NODE, condition};
+use deskvirt_crds::desktop::Phase;
+use deskvirt_crds::migration::MigrationPhase;
+use deskvirt_crds::{Desktop, DesktopMigration};
+use deskvirt_tests::cluster::unique_suffix;
+use deskvirt_tests::host::eventually;
+use deskvirt_tests::second_host::SecondHost;
+use deskvirt_tests::spice::{self, LinkOutcome};
+use deskvirt_tests::world::{
+    RUN_LABEL, World, console_password, create_pool, disk_of, domain_of, events, guest_desktop,
+    guest_uptimes, patch_pool, setup, spice_addr, virsh_system, wait_ready_hosts,
+};
+use kube::api::{DeleteParams, PostParams};
+use kube::{Api, ResourceExt};
+use serde_json::json;
+
+fn status_of(d: &Desktop) -> deskvirt_crds::desktop::DesktopStatus {
+    d.status.clone().unwrap_or_default()
+}
+
+fn migration(
+    w: &World,
+    name: &str,
+    desktop: &str,
+    target: Option<&str>,
+) -> anyhow::Result<DesktopMigration> {
+    let mut spec = json!({ "desktop": desktop });
+    if let Some(t) = target {
+        spec["targetNode"] = json!(t);
+    }
+    Ok(serde_json::from_value(json!({
+        "apiVersion": "deskvirt.io/v1alpha1", "kind": "DesktopMigration",
+        "metadata": { "name": name, "labels": { RUN_LABEL: w.run } },
+        "spec": spec,
+    }))?)
+}
+
+fn ready_reason(m: &DesktopMigration) -> Option<(String, String)> {
+    let st = m.status.as_ref()?;
+    find(&st.conditions, condition::READY).map(|c| (c.reason.clone(), c.message.clone()))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_running_desktop_moves_live_to_another_host() -> anyhow::Result<()> {
+    // Host B first, so that it goes last: the World's desktops are deleted while its agent runs.
+    let started = Instant::now();
+    let host_b = SecondHost::start(&format!("dvl{}", unique_suffix()))?;
+    let mut w = setup(&format!("mig-{}", unique_suffix())).await?;
+    create_pool(&w).await?;
+    patch_pool(&w, json!({ "storage": { "shared": true } })).await?;
+    w.agent = Some(w.spawn_agent(&w.node, &[])?);
+    w.start_operator()?;
+    let desktops = w.desktops();
+    let migrations: Api<DesktopMigration> = Api::namespaced(w.client.clone(), &w.user_ns.name);
+    let host_a = w.node.clone();
+
+    let extra = json!({ "disk": { "image": "base.qcow2", "persistent": true } });
+    desktops
+        .create(
+            &PostParams::default(),
+            &guest_desktop(&w, "mover", "128Mi", extra)?,
+        )
+        .await?;
+
+    // Host B joins, taking in migrations on its libvirt as host A's libvirtd reaches it.
+    let node_b = format!("{host_a}-b");
+    let agent_b = w.spawn_second_agent(
+        &host_b,
+        &node_b,
+        &[
+            "--migration-uri",
+            &host_b.uri,
+            "--migration-address",
+            &host_b.address,
+        ],
+    )?;
+    w.more_agents.push(agent_b);
+    eventually(Duration::from_secs(240), "mover Running on A", || async {
+        Ok((w.phase("mover").await? == Some(Phase::Running)).then_some(()))
+    })
+    .await?;
+    wait_ready_hosts(&w, 2).await?;
+    eprintln!(
+        "[migrate] both hosts up, mover running: {:.1}s",
+        started.elapsed().as_secs_f64()
+    );
+    let before = status_of(&desktops.get("mover").await?);
+    anyhow::ensure!(
+        before.node.as_deref() == Some(host_a.as_str()),
+        "{:?}",
+        before.node
+    );
+    let mac = before.mac.clone().context("no MAC")?;
+    let port_a = before
+        .spice
+        .as_ref()
+        .and_then(|s| s.port)
+        .context("no port")?;
+    let domain = domain_of(&desktops, &w.user_ns.name, "mover").await?;
+    let disk = disk_of(&virsh_system(&["domblklist", &domain])?)?;
+    let inode = std::fs::metadata(&disk)?.ino();
+    let serial_a = PathBuf::from(format!("/var/log/libvirt/qemu/{domain}-serial.log"));
+    let uptime_before = eventually(
+        Duration::from_secs(120),
+        "the guest's uptime on A",
+        || async { Ok(guest_uptimes(&serial_a)?.last().copied()) },
+    )
+    .await?;
+
+    // A SPICE client stays connected on host A through the move.
+    let (password, _) = console_password(&w, "mover").await?;
+    let mover = desktops.get("mover").await?;
+    let mut client = spice::hold(spice_addr(&mover)?, &password)
+        .await?
+        .context("the console on host A refused the password")?;
+
+    // Live: Scheduling → Running → Succeeded.
+    let t0 = Instant::now();
+    migrations
+        .create(
+            &PostParams::default(),
+            &migration(&w, "to-b", "mover", None)?,
+        )
+        .await?;
+    let done = eventually(Duration::from_secs(180), "to-b ended", || async {
+        let m = migrations.get("to-b").await?;
+        Ok(m.phase().is_terminal().then_some(m))
+    })
+    .await;
+    let done = match done {
+        Ok(m) => m,
+        Err(e) => {
+            let m = migrations.get("to-b").await?;
+            let d = desktops.get("mover").await?;
+            return Err(e.context(format!(
+                "migration: {:#?}\ndesktop status: {:#?}",
+                m.status, d.status
+            )));
+        }
+    };
+    let took = t0.elapsed();
+    let st = done.status.clone().unwrap_or_default();
+    anyhow::ensure!(
+        done.phase() == MigrationPhase::Succeeded,
+        "to-b ended {:?}: {:?}",
+        done.phase(),
+        ready_reason(&done)
+    );
+    anyhow::ensure!(
+        st.source.as_deref() == Some(host_a.as_str())
+            && st.target.as_deref() == Some(node_b.as_str()),
+        "{st:?}"
+    );
+    let report = status_of(&desktops.get("mover").await?).migration_report;
+    let downtime = st
+        .downtime_millis
+        .with_context(|| format!("no downtime figure: {st:#?}\nreport: {report:#?}"))?;
+    eprintln!(
+        "[migrate] to-b Succeeded in {:.1}s (host: {} ms total, {downtime} ms paused, {} MiB): {:?}",
+        took.as_secs_f64(),
+        st.total_millis.unwrap_or(0),
+        st.bytes_moved.unwrap_or(0) >> 20,
+        ready_reason(&done).map(|r| r.1)
+    );
+    anyhow::ensure!(downtime < 10_000, "paused {downtime} ms");
+
+    // The Desktop is bound to host B: node, label, port, lastMove; MAC and disk unchanged.
+    let moved = eventually(Duration::from_secs(30), "mover Running on B", || async {
+        let d = desktops.get("mover").await?;
+        let s = status_of(&d);
+        let ok = s.node.as_deref() == Some(node_b.as_str())
+            && s.phase == Some(Phase::Running)
+            && s.migration.is_none()
+            && s.spice.as_ref().and_then(|p| p.host.as_deref()) == Some(host_b.address.as_str());
+        Ok(ok.then_some(d))
+    })
+    .await?;
+    let ms = status_of(&moved);
+    anyhow::ensure!(moved.labels().get(LABEL_NODE) == Some(&node_b), "label");
+    let last = ms.last_move.clone().context("no lastMove")?;
+    anyhow::ensure!(last.from == host_a && last.to == node_b, "{last:?}");
+    anyhow::ensure!(ms.mac.as_deref() == Some(mac.as_str()), "MAC changed");
+    let port_b = ms
+        .spice
+        .as_ref()
+        .and_then(|s| s.port)
+        .context("no port on B")?;
+    anyhow::ensure!(st.target_port == Some(port_b), "port {port_b} vs {st:?}");
+    eprintln!("[migrate] SPICE port {port_a} on A, {port_b} on B");
+    anyhow::ensure!(
+        host_b.virsh(&["domstate", &domain])?.trim() == "running",
+        "not running on host B"
+    );
+    let disk_b = disk_of(&host_b.virsh(&["domblklist", &domain])?)?;
+    anyhow::ensure!(
+        disk_b == disk && std::fs::metadata(&disk_b)?.ino() == inode,
+        "host B runs {disk_b:?}"
+    );
+    anyhow::ensure!(
+        host_b
+            .virsh(&["dominfo", &domain])?
+            .contains("Persistent:     yes"),
+        "not persistent on host B"
+    );
+    let names = virsh_system(&["list", "--all", "--name"])?;
+    anyhow::ensure!(
+        !names.lines().any(|n| n.trim() == domain),
+        "host A still has {domain}"
+    );
+
+    // The guest was not rebooted: its uptime goes on on B's serial log.
+    let serial_b = host_b.qemu_log_dir().join(format!("{domain}-serial.log"));
+    let after = eventually(
+        Duration::from_secs(60),
+        "the guest's uptime on B",
+        || async {
+            Ok(guest_uptimes(&serial_b)?
+                .into_iter()
+                .find(|u| *u > uptime_before))
+        },
+    )
+    .await
+    .context("the guest on B did not go on counting (rebooted?)")?;
+    eprintln!("[migrate] guest uptime {uptime_before}s on A, then {after}s on B");
+
+    // The SPICE client on A was told of host B; B's console takes the password.
+    anyhow::ensure!(
+        spice::told_of(&mut client, &host_b.address).await,
+        "the SPICE client was not told of host B"
+    );
+    match spice::link(spice_addr(&moved)?, &password).await {
+        Ok(LinkOutcome::Accepted { .. }) => {}
+        other => anyhow::bail!("the console on host B: {other:?}"),
+    }
+    let reasons: Vec<String> = events(&w, "mover")
+        .await?
+        .into_iter()
+        .filter_map(|e| e.reason)
+        .collect();
+    anyhow::ensure!(
+        reasons.iter().any(|r| r == "Migrated"),
+        "no Migrated Event: {reasons:?}"
+    );
+    anyhow::ensure!(
+        !reasons.iter().any(|r| r == "MigrationFailed"),
+        "{reasons:?}"
+    );
+
+    // Back to A: A takes in no migrations, so it waits and says why; deleting it cancels it.
+    migrations
+        .create(
+            &PostParams::default(),
+            &migration(&w, "to-a", "mover", Some(&host_a))?,
+        )
+        .await?;
+    let waiting = eventually(Duration::from_secs(30), "to-a waits", || async {
+        let m = migrations.get("to-a").await?;
+        Ok(ready_reason(&m).filter(|(r, _)| r == "NoTarget"))
+    })
+    .await?;
+    anyhow::ensure!(waiting.1.contains("--migration-uri"), "{waiting:?}");
+    migrations.delete("to-a", &DeleteParams::default()).await?;
+    eventually(Duration::from_secs(30), "to-a gone", || async {
+        Ok(migrations.get_opt("to-a").await?.is_none().then_some(()))
+    })
+    .await?;
+    anyhow::ensure!(
+        host_b.virsh(&["domstate", &domain])?.trim() == "running",
+        "mover stopped on host B"
+    );
+
+    // Deleting `mover` goes through host B, which removes the disk.
+    migrations.delete("to-b", &DeleteParams::default()).await?;
+    desktops.delete("mover", &DeleteParams::default()).await?;
+    eventually(Duration::from_secs(90), "mover deleted", || async {
+        Ok(desktops.get_opt("mover").await?.is_none().then_some(()))
+    })
+    .await?;
+    anyhow::ensure!(!disk.exists(), "the disk outlived the desktop");
+    anyhow::ensure!(
+        !host_b
+            .virsh(&["list", "--all", "--name"])?
+            .lines()
+            .any(|n| n.trim() == domain),
+        "host B kept the domain"
+    );
+    eprintln!(
+        "[migrate] whole test {:.1}s",
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
