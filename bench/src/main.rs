@@ -8,6 +8,7 @@ mod burst;
 mod env;
 mod fleet;
 mod footprint;
+mod migrate;
 mod plot;
 mod report;
 mod scale;
@@ -110,6 +111,12 @@ struct Args {
     #[arg(long, default_value = fleet::TEST_URI)]
     fleet_libvirt_uri: String,
 
+    /// Only live migration: this many desktops moved by a DesktopMigration against as many
+    /// plain domains moved by `virsh migrate`, interleaved, between this machine's libvirt and
+    /// a second libvirt host (`scripts/second-host.sh`); debug builds of the binaries.
+    #[arg(long)]
+    migrate: Option<usize>,
+
     /// Use the operator and agent binaries in this directory (the simulated fleet and the
     /// time-to-desktop run) instead of building them, for example a build of another profile.
     #[arg(long)]
@@ -122,6 +129,14 @@ struct Args {
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    if let Some(n) = args.migrate {
+        prepare_host()?;
+        let c = client().await?;
+        ensure_crds(&c).await?;
+        let r = migrate::run_bench(n).await?;
+        println!("{}", migrate::markdown(&r));
+        return Ok(());
+    }
     let fleet_mode = args.scale || args.footprint_desktops.is_some();
     let mut report = Report {
         machine: machine(),

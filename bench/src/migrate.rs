@@ -1,0 +1,263 @@
+//! Live migration, side by side: a running desktop moved by a `DesktopMigration` (API create →
+//! `Succeeded`, the Desktop bound to the target) against `virsh migrate` of a plain domain made
+//! from the same definition (the same flags deskvirt's agent passes: live, peer to peer,
+//! persistent on the target, undefined on the source), between the same two libvirt hosts
+//! (this machine's qemu:///system and a second libvirtd, `scripts/second-host.sh`), interleaved
+//! so both share the noise. No SPICE client is connected on either side (a client that does not
+//! do SPICE's seamless migration makes QEMU wait spice-server's 10 s timeout).
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use deskvirt_crds::DesktopMigration;
+use deskvirt_crds::desktop::Phase;
+use deskvirt_tests::cluster::unique_suffix;
+use deskvirt_tests::host::{eventually, run};
+use deskvirt_tests::second_host::SecondHost;
+use deskvirt_tests::world::{
+    RUN_LABEL, create_pool, domain_of, guest_desktop, guest_uptimes, patch_pool, setup,
+    virsh_system, wait_ready_hosts,
+};
+use kube::Api;
+use kube::api::{DeleteParams, PostParams};
+use serde_json::json;
+
+use crate::stats::{Samples, secs};
+
+/// Both series, and the hosts' own figures of deskvirt's moves.
+pub struct MigrateResult {
+    pub deskvirt: Samples,
+    pub virsh: Samples,
+    /// libvirt's job time and downtime of each deskvirt move, in ms.
+    pub job_ms: Vec<(u64, u64)>,
+}
+
+/// Runs `n` interleaved rounds.
+pub async fn run_bench(n: usize) -> anyhow::Result<MigrateResult> {
+    let host_b = SecondHost::start(&format!("dvb{}", unique_suffix()))?;
+    let mut w = setup(&format!("migb-{}", unique_suffix())).await?;
+    create_pool(&w).await?;
+    patch_pool(&w, json!({ "storage": { "shared": true } })).await?;
+    w.agent = Some(w.spawn_agent(&w.node, &[])?);
+    w.start_operator()?;
+    let node_b = format!("{}-b", w.node);
+    let agent_b = w.spawn_second_agent(
+        &host_b,
+        &node_b,
+        &[
+            "--migration-uri",
+            &host_b.uri,
+            "--migration-address",
+            &host_b.address,
+        ],
+    )?;
+    w.more_agents.push(agent_b);
+    wait_ready_hosts(&w, 2).await?;
+    let desktops = w.desktops();
+    let migrations: Api<DesktopMigration> = Api::namespaced(w.client.clone(), &w.user_ns.name);
+    let (mut ours, mut plain, mut job_ms) = (vec![], vec![], vec![]);
+    for i in 0..n {
+        // A desktop running on host A, booted (its guest prints its uptime).
+        let name = format!("bench-{i}");
+        let extra = json!({ "disk": { "image": "base.qcow2", "persistent": true } });
+        desktops
+            .create(
+                &PostParams::default(),
+                &guest_desktop(&w, &name, "128Mi", extra)?,
+            )
+            .await?;
+        eventually(Duration::from_secs(240), "desktop Running", || async {
+            Ok((w.phase(&name).await? == Some(Phase::Running)).then_some(()))
+        })
+        .await?;
+        let domain = domain_of(&desktops, &w.user_ns.name, &name).await?;
+        booted(&format!("/var/log/libvirt/qemu/{domain}-serial.log")).await?;
+        let xml = virsh_system(&["dumpxml", "--migratable", &domain])?;
+
+        // deskvirt: API create → Succeeded.
+        let m: DesktopMigration = serde_json::from_value(json!({
+            "apiVersion": "deskvirt.io/v1alpha1", "kind": "DesktopMigration",
+            "metadata": { "name": name, "labels": { RUN_LABEL: w.run } },
+            "spec": { "desktop": name },
+        }))?;
+        let t0 = Instant::now();
+        migrations.create(&PostParams::default(), &m).await?;
+        let done = eventually(Duration::from_secs(120), "migration ended", || async {
+            let m = migrations.get(&name).await?;
+            Ok(m.phase().is_terminal().then_some(m))
+        })
+        .await?;
+        let took = t0.elapsed();
+        let st = done.status.clone().unwrap_or_default();
+        anyhow::ensure!(
+            done.phase() == deskvirt_crds::migration::MigrationPhase::Succeeded,
+            "{:?}",
+            st.conditions
+        );
+        ours.push(took);
+        job_ms.push((
+            st.total_millis.unwrap_or(0),
+            st.downtime_millis.unwrap_or(0),
+        ));
+
+        // virsh: the same definition as a plain domain on host A, booted, then moved.
+        let plain_name = format!("plain-{}-{i}", w.run);
+        let disk = w.disk_dir.join(format!("{plain_name}.qcow2"));
+        run(
+            "plain overlay",
+            Command::new("qemu-img")
+                .args(["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b"])
+                .arg(w.image_dir.join("base.qcow2"))
+                .arg(&disk),
+        )?;
+        let plain_xml = plain_definition(&xml, &domain, &plain_name);
+        let file = std::env::temp_dir().join(format!("{plain_name}.xml"));
+        std::fs::write(&file, plain_xml)?;
+        let path = file.display().to_string();
+        virsh_system(&["define", &path])?;
+        virsh_system(&["start", &plain_name])?;
+        booted(&format!("/var/log/libvirt/qemu/{plain_name}-serial.log")).await?;
+        let migrate_uri = format!("tcp://{}", host_b.address);
+        let t0 = Instant::now();
+        virsh_system(&[
+            "migrate",
+            "--live",
+            "--p2p",
+            "--persistent",
+            "--undefinesource",
+            "--abort-on-error",
+            "--unsafe",
+            &plain_name,
+            &host_b.uri,
+            &migrate_uri,
+        ])?;
+        plain.push(t0.elapsed());
+        eprintln!(
+            "[bench] migration {i}: deskvirt {}, virsh {}",
+            secs(took),
+            secs(t0.elapsed())
+        );
+        let _ = host_b.virsh(&["destroy", &plain_name]);
+        let _ = host_b.virsh(&["undefine", &plain_name]);
+        let _ = std::fs::remove_file(&disk);
+        let _ = std::fs::remove_file(&file);
+        migrations.delete(&name, &DeleteParams::default()).await?;
+        desktops.delete(&name, &DeleteParams::default()).await?;
+        eventually(Duration::from_secs(90), "desktop deleted", || async {
+            Ok(desktops.get_opt(&name).await?.is_none().then_some(()))
+        })
+        .await?;
+    }
+    Ok(MigrateResult {
+        deskvirt: Samples::new(ours),
+        virsh: Samples::new(plain),
+        job_ms,
+    })
+}
+
+/// Waits until the guest whose serial log is `log` printed its uptime (it booted).
+async fn booted(log: &str) -> anyhow::Result<()> {
+    let log = std::path::PathBuf::from(log);
+    eventually(Duration::from_secs(120), "the guest booted", || async {
+        Ok(guest_uptimes(&log)?.first().map(|_| ()))
+    })
+    .await
+    .with_context(|| format!("{}", log.display()))
+}
+
+/// deskvirt's definition of `domain` as a plain domain `name`: its own disk overlay and serial
+/// log (every occurrence of the name), no UUID or MAC (libvirt makes new ones), no deskvirt
+/// metadata, any free SPICE port.
+fn plain_definition(xml: &str, domain: &str, name: &str) -> String {
+    let mut out = String::new();
+    let mut skipping = false;
+    for line in xml.lines() {
+        let t = line.trim();
+        if t.starts_with("<uuid>") || t.starts_with("<mac address=") {
+            continue;
+        }
+        if t.starts_with("<metadata") {
+            skipping = !t.ends_with("</metadata>") && !t.ends_with("/>");
+            continue;
+        }
+        if skipping {
+            skipping = !t.starts_with("</metadata>");
+            continue;
+        }
+        let mut l = line.replace(domain, name);
+        if l.contains("<graphics") {
+            l = strip_attr(&strip_attr(&l, "port"), "autoport")
+                .replace("<graphics", "<graphics autoport='yes'");
+        }
+        out.push_str(&l);
+        out.push('\n');
+    }
+    out
+}
+
+/// `line` without its attribute `attr='…'`.
+fn strip_attr(line: &str, attr: &str) -> String {
+    let key = format!(" {attr}='");
+    match line.find(&key) {
+        Some(i) => {
+            let rest = &line[i + key.len()..];
+            let end = rest
+                .find('\'')
+                .map_or(line.len(), |j| i + key.len() + j + 1);
+            format!("{}{}", &line[..i], &line[end..])
+        }
+        None => line.to_string(),
+    }
+}
+
+/// The markdown section.
+pub fn markdown(r: &MigrateResult) -> String {
+    let ratio = r.deskvirt.p50().as_secs_f64() / r.virsh.p50().as_secs_f64().max(1e-9);
+    let jobs: Vec<String> = r
+        .job_ms
+        .iter()
+        .map(|(t, d)| format!("{t} ms / {d} ms"))
+        .collect();
+    format!(
+        "### Live migration, 128 MiB guest, host A → host B (N={} each, interleaved)\n\n\
+         | | p50 | max |\n|---|---|---|\n\
+         | `virsh migrate --live --p2p --persistent --undefinesource` | {} | {} |\n\
+         | deskvirt `DesktopMigration` create → `Succeeded` | {} | {} |\n\n\
+         Ratio of the medians (deskvirt / virsh): **{ratio:.2}×**. libvirt's own job time / \
+         downtime of deskvirt's moves: {}.\n",
+        r.deskvirt.len(),
+        secs(r.virsh.p50()),
+        secs(r.virsh.max()),
+        secs(r.deskvirt.p50()),
+        secs(r.deskvirt.max()),
+        jobs.join(", ")
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_plain_definition_has_its_own_name_disk_and_a_free_port() {
+        let xml = "<domain>\n  <name>d1</name>\n  <uuid>u</uuid>\n  <metadata>\n    <x/>\n  </metadata>\n  \
+                   <mac address='52:54:00:00:00:01'/>\n  <source file='/disks/d1.qcow2'/>\n  <graphics type='spice' port='5901' autoport='no' listen='127.0.0.1'>\n</domain>\n";
+        let p = plain_definition(xml, "d1", "p1");
+        assert!(
+            p.contains("<name>p1</name>") && p.contains("/disks/p1.qcow2"),
+            "{p}"
+        );
+        assert!(
+            !p.contains("<uuid>")
+                && !p.contains("<mac")
+                && !p.contains("<metadata")
+                && !p.contains("<x/>"),
+            "{p}"
+        );
+        assert!(
+            p.contains("<graphics autoport='yes' type='spice' listen='127.0.0.1'>"),
+            "{p}"
+        );
+    }
+}
