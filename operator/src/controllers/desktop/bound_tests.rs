@@ -72,7 +72,11 @@ fn port_busy(mut d: Desktop, port: u16) -> Desktop {
 
 /// An operator context over these caches, with no API server behind it.
 fn context(desktops: Vec<Desktop>) -> Context {
-    let stores = Stores::holding(vec![pool()], vec![], desktops, "consoles");
+    context_of(Stores::holding(vec![pool()], vec![], desktops, "consoles"))
+}
+
+/// An operator context over `stores`, with no API server behind it.
+fn context_of(stores: Stores) -> Context {
     let (_tx, leader) = watch::channel(true);
     Context::new(
         no_api(),
@@ -169,5 +173,103 @@ async fn a_lapsed_fence_opens_no_transaction() {
     assert!(
         ctx.ledgers.lock().await.get("p").is_none(),
         "nothing was built or allocated"
+    );
+}
+
+/// `d` with the record of a live migration `m1` to `h2`, port 5910, that its source host
+/// reported `state`.
+fn migrating(mut d: Desktop, state: &str) -> Desktop {
+    if let Some(st) = d.status.as_mut() {
+        st.migration = serde_json::from_value(json!({
+            "name": "m", "uid": "m1", "mode": "Live", "target": "h2", "port": 5910,
+            "since": "2026-01-01T00:00:00Z"
+        }))
+        .unwrap_or_else(|e| panic!("{e}"));
+        st.migration_report = serde_json::from_value(json!({
+            "uid": "m1", "source": "h1", "state": state, "at": "2026-01-01T00:00:05Z"
+        }))
+        .unwrap_or_else(|e| panic!("{e}"));
+    }
+    d
+}
+
+/// An operator context whose caches hold the migration `m1` as the operator wrote it (holding
+/// `h2`:5910 for the desktop) and the desktop's mirror on `h1`.
+fn context_migrating(d: &Desktop) -> Context {
+    let m: deskvirt_crds::DesktopMigration = serde_json::from_value(json!({
+        "apiVersion": "deskvirt.io/v1alpha1", "kind": "DesktopMigration",
+        "metadata": {"name": "m", "namespace": "ns", "uid": "m1", "resourceVersion": "3",
+                     "creationTimestamp": "2026-01-01T00:00:00Z"},
+        "spec": {"desktop": "a"},
+        "status": {"phase": "Running", "desktopUid": UID, "source": "h1", "target": "h2",
+                   "targetPort": 5910, "scheduledTime": "2026-01-01T00:00:01Z"}
+    }))
+    .unwrap_or_else(|e| panic!("{e}"));
+    let mut mirror = k8s_openapi::api::core::v1::Secret::default();
+    mirror.metadata.name = Some(deskvirt_crds::constants::console_mirror_name(UID));
+    mirror.metadata.namespace = Some("consoles".into());
+    mirror.metadata.labels = Some(
+        [(
+            deskvirt_crds::constants::LABEL_NODE.to_string(),
+            "h1".to_string(),
+        )]
+        .into(),
+    );
+    context_of(
+        Stores::holding(vec![pool()], vec![], vec![d.clone()], "consoles")
+            .with(vec![m], vec![mirror]),
+    )
+}
+
+#[tokio::test]
+async fn a_completed_migration_moves_the_binding_and_the_ledger_to_the_target() {
+    let d = migrating(bound(5900), "Completed");
+    let ctx = context_migrating(&d);
+    *ctx.ledgers.lock().await = Ledgers::fresh();
+    let seen = Seen::of(&d, UID, "h1", Timestamp::now());
+    let (p, _) = fence::scope(holding(), decide(&seen, &ctx))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(p.migrated_to.as_deref(), Some("h2"));
+    assert_eq!(
+        p.moved_to.as_deref(),
+        Some("h2"),
+        "relabelled for the target"
+    );
+    assert_eq!(p.want.port, Some(5910));
+    let last = p
+        .want
+        .last_move
+        .clone()
+        .unwrap_or_else(|| panic!("no lastMove"));
+    assert_eq!((last.from.as_str(), last.to.as_str()), ("h1", "h2"));
+    let ledgers = ctx.ledgers.lock().await;
+    let l = ledgers.get("p").unwrap_or_else(|| panic!("no ledger"));
+    assert_eq!(
+        l.port_of(UID),
+        Some(("h2", 5910)),
+        "the target's port is its own"
+    );
+    assert!(l.target_of(UID).is_none(), "and no longer a reservation");
+    assert_eq!(l.ports_taken("h1"), 0, "the source's port is free");
+}
+
+#[tokio::test]
+async fn a_migration_still_moving_leaves_the_binding_where_it_is() {
+    let d = migrating(bound(5900), "Started");
+    let ctx = context_migrating(&d);
+    *ctx.ledgers.lock().await = Ledgers::fresh();
+    let seen = Seen::of(&d, UID, "h1", Timestamp::now());
+    let (p, _) = fence::scope(holding(), decide(&seen, &ctx))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(p.migrated_to.is_none() && p.moved_to.is_none());
+    assert_eq!(p.want.port, Some(5900));
+    let ledgers = ctx.ledgers.lock().await;
+    let l = ledgers.get("p").unwrap_or_else(|| panic!("no ledger"));
+    assert_eq!(l.port_of(UID), Some(("h1", 5900)));
+    assert_eq!(
+        l.target_of(UID).map(|t| (t.host, t.port)),
+        Some(("h2", 5910))
     );
 }

@@ -196,6 +196,12 @@ pub(super) fn settle(
     });
     match decision.step {
         Step::Nothing => {}
+        // A migration holds a target: its host is moving the running domain, which neither a
+        // suspend nor a shutdown may cut short. The policy decides again once it ended (the
+        // record's removal wakes this pass).
+        Step::Reclaim { .. } | Step::Delete { .. } if status.migration.is_some() => {
+            tracing::info!("idle past the timeout; waits for the migration under way");
+        }
         Step::Reclaim { reclaimed, event } => {
             tracing::info!(action = ?reclaimed.action, "idle past the timeout; reclaiming");
             want.reclaimed = Some(Reclaimed::from(reclaimed));
