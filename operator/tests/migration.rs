@@ -93,8 +93,12 @@ impl Rig {
             &format!("{phase} / {reason}"),
             |m: &DesktopMigration| {
                 let st = m.status.clone().unwrap_or_default();
+                // An ended migration writes its phase, then lets go of what it holds and
+                // drops its finalizer: wait for all of it.
+                let settled = !matches!(phase, "Failed" | "Succeeded") || m.finalizers().is_empty();
                 st.phase.map(|p| p.as_str()) == Some(phase)
                     && cond(&st.conditions, "Ready").is_some_and(|c| c.reason == reason)
+                    && settled
             },
         )
         .await
