@@ -41,18 +41,7 @@ pub async fn run_bench(n: usize) -> anyhow::Result<MigrateResult> {
     patch_pool(&w, json!({ "storage": { "shared": true } })).await?;
     w.agent = Some(w.spawn_agent(&w.node, &[])?);
     w.start_operator()?;
-    let node_b = format!("{}-b", w.node);
-    let agent_b = w.spawn_second_agent(
-        &host_b,
-        &node_b,
-        &[
-            "--migration-uri",
-            &host_b.uri,
-            "--migration-address",
-            &host_b.address,
-        ],
-    )?;
-    w.more_agents.push(agent_b);
+    w.add_migration_target(&host_b)?;
     wait_ready_hosts(&w, 2).await?;
     let desktops = w.desktops();
     let migrations: Api<DesktopMigration> = Api::namespaced(w.client.clone(), &w.user_ns.name);

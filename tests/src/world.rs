@@ -131,6 +131,24 @@ impl World {
         self.spawn_agent_confined(node, &args, &volumes)
     }
 
+    /// Host B (`host`) joins as `<this host>-b`, taking in migrations on its libvirt as this
+    /// machine's libvirtd reaches it; its agent is kept with the World's. Returns its name.
+    pub fn add_migration_target(
+        &mut self,
+        host: &crate::second_host::SecondHost,
+    ) -> anyhow::Result<String> {
+        let node = format!("{}-b", self.node);
+        let extra = [
+            "--migration-uri",
+            &host.uri,
+            "--migration-address",
+            &host.address,
+        ];
+        let agent = self.spawn_second_agent(host, &node, &extra)?;
+        self.more_agents.push(agent);
+        Ok(node)
+    }
+
     /// The tests' settings of a node-agent for host `node`, then `extra`.
     fn agent_args(&self, cmd: &mut Command, node: &str, metrics: &str, extra: &[&str]) {
         let labels = format!("deskvirt.io/pool={},{RUN_LABEL}={}", self.pool, self.run);

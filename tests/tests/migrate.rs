@@ -87,18 +87,7 @@ async fn a_running_desktop_moves_live_to_another_host() -> anyhow::Result<()> {
         .await?;
 
     // Host B joins, taking in migrations on its libvirt as host A's libvirtd reaches it.
-    let node_b = format!("{host_a}-b");
-    let agent_b = w.spawn_second_agent(
-        &host_b,
-        &node_b,
-        &[
-            "--migration-uri",
-            &host_b.uri,
-            "--migration-address",
-            &host_b.address,
-        ],
-    )?;
-    w.more_agents.push(agent_b);
+    let node_b = w.add_migration_target(&host_b)?;
     eventually(Duration::from_secs(240), "mover Running on A", || async {
         Ok((w.phase("mover").await? == Some(Phase::Running)).then_some(()))
     })
