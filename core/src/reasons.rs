@@ -266,6 +266,26 @@ reasons! {
     }
 }
 
+reasons! {
+    /// Why a desktop keeps a draining host from being empty (operator, `DomainNode.status.drain`).
+    DrainReason {
+        /// A live migration moves it (or waits for a slot of the host's migration limit).
+        Migrating,
+        /// It is not running; the Desktop pass binds it to another host of the pool.
+        Rebinding,
+        /// Suspended with its memory saved on this host: moving it would lose that memory.
+        MemorySaved,
+        /// Its vCPUs are pinned to this host's threads, or devices are passed through to it.
+        PinnedToHost,
+        /// The pool's storage is not shared, so its disk cannot be reached from another host.
+        StorageNotShared,
+        /// Its last migration failed; the drain tries again after a while.
+        MigrationFailed,
+        /// Its domain neither runs nor is stopped yet (starting, stopping, or failing to start).
+        Settling,
+    }
+}
+
 impl MigrationReason {
     /// Whether the reason ends the migration (Failed) rather than make it wait (Pending): what
     /// cannot change by waiting ends it.
