@@ -40,6 +40,13 @@ pub const MANAGER_OPERATOR_MIGRATION: &str = "deskvirt-operator-migration";
 /// Field manager of the source host's migration report on a Desktop's status
 /// (`status.migrationReport`), apart from the agent's other status fields.
 pub const MANAGER_AGENT_MIGRATION: &str = "deskvirt-node-agent-migration";
+/// Field manager of the drain's part of a DomainNode's status (`status.drain` and the
+/// `Drained` condition), apart from the host pass's fields.
+pub const MANAGER_OPERATOR_DRAIN: &str = "deskvirt-operator-drain";
+/// Label on the DesktopMigrations a drain makes: the label value of the draining host's name.
+pub const LABEL_DRAIN: &str = "deskvirt.io/drain";
+/// Annotation on those migrations: the draining host's full name.
+pub const ANNOTATION_DRAIN_NODE: &str = "deskvirt.io/drain-node";
 /// Annotation the operator puts on a desktop's console mirror before it records a migration on
 /// the Desktop: `<migration uid>/<target host>/<port>` ([`crate::migration::Migrating::stamp`]).
 /// The source host acts on the record only when the mirror agrees: tenants cannot write there.
@@ -143,6 +150,9 @@ pub mod condition {
     pub const LIBVIRT_CONNECTED: &str = "LibvirtConnected";
     /// DomainNode: the scheduler may place desktops on the host (operator).
     pub const SCHEDULABLE: &str = "Schedulable";
+    /// DomainNode, while `spec.drain` is set: no desktop is bound to the host any more
+    /// (operator, drain field manager).
+    pub const DRAINED: &str = "Drained";
     /// Desktop: the user's `<desktop>-console` Secret holds the current password (operator).
     pub const CONSOLE_SECRET: &str = "ConsoleSecret";
     /// Desktop: the domain runs with (or, stopped, starts with) the size `spec` asks for

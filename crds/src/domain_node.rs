@@ -53,6 +53,13 @@ pub use deskvirt_core::types::Allocatable;
         description = "Running domains"
     ),
     printcolumn(
+        name = "Drained",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Drained\")].status",
+        description = "While spec.drain is set: True once no desktop is left",
+        priority = 1
+    ),
+    printcolumn(
         name = "Hypervisor",
         type_ = "string",
         json_path = ".status.hypervisor",
@@ -69,9 +76,18 @@ pub struct DomainNodeSpec {
     /// Keep new desktops off this host; desktops already on it keep running.
     #[serde(default)]
     pub unschedulable: bool,
-    /// The host is under maintenance: unschedulable, and excluded from pool capacity.
+    /// The host is under maintenance: unschedulable, and excluded from pool capacity. Desktops
+    /// on it stay where they are; set `drain` to move them off first.
     #[serde(default)]
     pub maintenance: bool,
+    /// Move every desktop off the host, and keep new ones off it (as `unschedulable`). Running
+    /// desktops migrate live to other hosts of the pool, connected ones first, within the
+    /// pool's migration limits; stopped ones are bound to another host. `status.drain` and
+    /// the `Drained` condition show the progress and what blocks it (`kubectl wait
+    /// --for=condition=Drained`). Set it to false to make the host schedulable again; unfinished
+    /// drain migrations are then cancelled.
+    #[serde(default)]
+    pub drain: bool,
 }
 
 /// The hypervisor a host runs domains with.
@@ -147,10 +163,48 @@ pub struct DomainNodeStatus {
     /// without it is never chosen as a migration target.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub migration: Option<crate::migration::MigrationEndpoint>,
-    /// LibvirtConnected (agent), Ready and Schedulable (operator).
+    /// Progress of a drain (operator, field manager `deskvirt-operator-drain`), while
+    /// `spec.drain` is set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub drain: Option<DrainStatus>,
+    /// LibvirtConnected (agent), Ready and Schedulable (operator), Drained (operator, while
+    /// `spec.drain` is set).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
     pub conditions: Vec<Condition>,
+}
+
+/// How far the drain of a host has come.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DrainStatus {
+    /// When the operator first saw `spec.drain` set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub start_time: Option<Time>,
+    /// Desktops still bound to the host.
+    pub remaining: u32,
+    /// Of those, the ones a live migration moves or is about to.
+    pub migrating: u32,
+    /// Desktops the drain's live migrations moved off the host (its migrations that
+    /// Succeeded).
+    pub migrated: u32,
+    /// The desktops still bound to the host, each with why (the first 50).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub desktops: Vec<DrainLeft>,
+}
+
+/// A desktop that keeps a draining host from being empty.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DrainLeft {
+    /// `<namespace>/<name>` of the Desktop.
+    pub desktop: String,
+    /// Migrating, Rebinding, MemorySaved, PinnedToHost, StorageNotShared, MigrationFailed or
+    /// Settling.
+    pub reason: String,
+    /// What happens next, or what an admin can do.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub message: String,
 }
 
 /// A deskvirt domain on a host with no Desktop bound there, and what it holds.

@@ -179,7 +179,7 @@ pub fn host_report(node: &DomainNode) -> HostReport {
                 s.hugepages.as_ref().map(|h| (h.size.as_str(), h.total)),
             )
         }),
-        unschedulable: node.spec.unschedulable,
+        unschedulable: node.spec.unschedulable || node.spec.drain,
         maintenance: node.spec.maintenance,
         libvirt_connected: status.is_none_or(|s| {
             crate::conditions::find(&s.conditions, LIBVIRT_CONNECTED)
@@ -272,6 +272,7 @@ mod tests {
             DomainNodeSpec {
                 unschedulable: true,
                 maintenance: false,
+                drain: false,
             },
         );
         assert_eq!(host_report(&node).facts, None);
@@ -293,6 +294,12 @@ mod tests {
         assert_eq!(r.name, "host-1");
         assert_eq!(r.pool.as_deref(), Some("lab"));
         assert!(r.unschedulable && !r.maintenance);
+        node.spec.unschedulable = false;
+        node.spec.drain = true;
+        assert!(
+            host_report(&node).unschedulable,
+            "a draining host takes no new desktops"
+        );
         assert_eq!(
             r.facts,
             Some(Ok(HostFacts {

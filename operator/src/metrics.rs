@@ -75,6 +75,10 @@ pub struct Metrics {
     pub binding_repairs: Counter,
     /// Desktops moved off a SPICE port another process took on their host.
     pub busy_ports_moved: Counter,
+    /// Live migrations made by host drains.
+    pub drain_migrations: Counter,
+    /// Stopped desktops bound to another host because theirs drains.
+    pub drain_rebinds: Counter,
     pub bindings: Counter,
     /// DesktopMigrations ended, by outcome (Succeeded, Failed, Cancelled).
     pub migrations: Family<OutcomeLabels, Counter>,
@@ -130,6 +134,16 @@ impl Metrics {
             "busy_spice_ports_moved",
             "Desktops given another SPICE port because another process listened on theirs",
             m.busy_ports_moved.clone(),
+        );
+        sub.register(
+            "drain_migrations",
+            "Live DesktopMigrations made by host drains",
+            m.drain_migrations.clone(),
+        );
+        sub.register(
+            "drain_rebinds",
+            "Stopped desktops bound to another host because theirs drains",
+            m.drain_rebinds.clone(),
         );
         sub.register(
             "bindings",

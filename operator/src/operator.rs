@@ -15,7 +15,7 @@ use tokio::sync::watch;
 use crate::coalesce::Coalescer;
 use crate::config::Config;
 use crate::context::{Context, Namespaces, Reconciles, Stores};
-use crate::controllers::{desktop, domain_node, migration, resource_pool};
+use crate::controllers::{desktop, domain_node, drain, migration, resource_pool};
 use crate::fence::Fence;
 use crate::leader::{self, Elector};
 use crate::metrics::Metrics;
@@ -129,6 +129,7 @@ pub async fn run(
             desktop::run(ctx.clone(), sel.clone(), stop.clone()),
             migration::run(ctx.clone(), sel.clone(), stop.clone()),
             domain_node::run(ctx.clone(), sel.clone(), stop.clone()),
+            drain::run(ctx.clone(), sel.clone(), stop.clone()),
             resource_pool::run(ctx.clone(), sel, stop.clone()),
             sweep::run(ctx.clone(), config.mirror_sweep_interval, stop.clone()),
         );

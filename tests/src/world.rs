@@ -167,6 +167,11 @@ impl World {
     }
 
     pub fn start_operator(&mut self) -> anyhow::Result<()> {
+        self.start_operator_with(&[])
+    }
+
+    /// Starts the operator with the chart's token and the tests' settings, then `extra`.
+    pub fn start_operator_with(&mut self, extra: &[&str]) -> anyhow::Result<()> {
         let bin = workspace_binary("deskvirt-operator")?;
         let metrics = format!("127.0.0.1:{}", free_port()?);
         let selector = format!("{RUN_LABEL}={}", self.run);
@@ -177,7 +182,8 @@ impl World {
             .env("POD_NAME", format!("operator-{}", unique_suffix()))
             .args(["--console-namespace", &self.console_ns])
             .args(["--console-user-namespaces", &self.user_ns.name])
-            .args(["--label-selector", &selector, "--metrics-addr", &metrics]);
+            .args(["--label-selector", &selector, "--metrics-addr", &metrics])
+            .args(extra);
         self.operator = Some(Process::spawn("operator", &mut cmd)?);
         Ok(())
     }

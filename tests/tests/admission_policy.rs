@@ -432,6 +432,75 @@ fn an_agent_writes_only_its_own_hosts_objects_and_desktops_the_operator_bound_th
         }
     }
 
+    // A host's admin flags and the operator's fields of its DomainNode: the agent registers
+    // with the schema's defaults and reports beside them, and changes none of them.
+    let node = |spec: Json, status: Json| json!({"kind": "DomainNode", "metadata": {"name": "a"}, "spec": spec, "status": status});
+    let defaults = json!({"unschedulable": false, "maintenance": false, "drain": false});
+    let drained = json!({"unschedulable": false, "maintenance": false, "drain": true});
+    let ours = json!({"pool": "lab", "subnet": "10.200.1.0/24",
+        "drain": {"remaining": 2, "migrating": 1, "migrated": 1}});
+    let registers = agent(
+        "a",
+        "domainnodes",
+        "",
+        node(defaults.clone(), json!({})),
+        Json::Null,
+    );
+    assert_eq!(judge(policy, &registers)?, Verdict::Allowed, "register");
+    let reports = agent(
+        "a",
+        "domainnodes",
+        "status",
+        node(drained.clone(), {
+            let mut st = ours.clone();
+            st["hypervisor"] = json!("qemu");
+            st
+        }),
+        node(drained.clone(), ours.clone()),
+    );
+    assert_eq!(
+        judge(policy, &reports)?,
+        Verdict::Allowed,
+        "report while drained"
+    );
+    let refused = [
+        (
+            "drain itself at registration",
+            node(drained.clone(), json!({})),
+            Json::Null,
+            "DomainNode's spec",
+        ),
+        (
+            "clear a drain an admin set",
+            node(defaults.clone(), json!({})),
+            node(drained.clone(), json!({})),
+            "DomainNode's spec",
+        ),
+        (
+            "report itself drained",
+            node(drained.clone(), {
+                let mut st = ours.clone();
+                st["drain"]["remaining"] = json!(0);
+                st
+            }),
+            node(drained.clone(), ours.clone()),
+            "status.drain",
+        ),
+        (
+            "move itself to another pool",
+            node(defaults.clone(), json!({"pool": "other"})),
+            node(defaults.clone(), json!({"pool": "lab"})),
+            "status.pool",
+        ),
+    ];
+    for (what, object, old, says) in refused {
+        let r = agent("a", "domainnodes", "", object, old);
+        match judge(policy, &r)? {
+            Verdict::Denied(m) => assert!(m.contains(says), "{what}: {m}"),
+            other => panic!("an agent may not {what}: {other:?}"),
+        }
+    }
+
     // A long-lived token names no node: every write is refused.
     let mut r = agent("a", "leases", "", named("Lease", "a"), named("Lease", "a"));
     r.extra = json!({});

@@ -1228,12 +1228,15 @@ fn access_table() -> Vec<Access> {
         a(op, "create", d, "domainnodes", Cluster, false),
         a(op, "patch", d, "resourcepools/status", Cluster, true),
         a(op, "patch", d, "resourcepools", Cluster, false),
-        // operator: migrations' finalizer and status; tenants create and delete them.
+        // operator: migrations' finalizer and status; tenants create and delete them, and so
+        // does a host drain (one per running desktop of the host); never an update.
         a(op, "watch", d, "desktopmigrations", Cluster, true),
         a(op, "patch", d, "desktopmigrations", User, true),
         a(op, "patch", d, "desktopmigrations/status", User, true),
-        a(op, "create", d, "desktopmigrations", User, false),
-        a(op, "delete", d, "desktopmigrations", User, false),
+        a(op, "create", d, "desktopmigrations", User, true),
+        a(op, "delete", d, "desktopmigrations", User, true),
+        a(op, "update", d, "desktopmigrations", User, false),
+        a(op, "deletecollection", d, "desktopmigrations", User, false),
         // node-agent: learns of a migration from the Desktop and the mirror only.
         a(agent, "list", d, "desktopmigrations", Cluster, false),
         a(agent, "patch", d, "desktopmigrations/status", User, false),

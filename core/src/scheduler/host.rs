@@ -36,7 +36,7 @@ pub struct HostView {
     pub pool: Option<Arc<str>>,
     /// Heartbeat fresh, libvirt connected and host facts known.
     pub ready: bool,
-    /// `spec.unschedulable`: cordoned by an admin.
+    /// `spec.unschedulable` or `spec.drain`: cordoned or drained by an admin.
     pub unschedulable: bool,
     /// `spec.maintenance`: unschedulable and left out of pool capacity.
     pub maintenance: bool,

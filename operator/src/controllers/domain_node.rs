@@ -273,6 +273,12 @@ pub async fn reconcile(node: Arc<DomainNode>, ctx: Arc<Context>) -> Result<Actio
     };
     let (sched, reason, msg) = if node.spec.maintenance {
         (false, "Maintenance", "the host is in maintenance")
+    } else if node.spec.drain {
+        (
+            false,
+            "Draining",
+            "spec.drain is set: the host's desktops move to other hosts",
+        )
     } else if node.spec.unschedulable {
         (false, "Cordoned", "spec.unschedulable is set")
     } else if !heartbeat.is_fresh() {

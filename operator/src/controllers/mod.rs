@@ -4,6 +4,7 @@
 
 pub mod desktop;
 pub mod domain_node;
+pub mod drain;
 pub mod migration;
 pub mod resource_pool;
 
@@ -128,7 +129,21 @@ where
     K: Clone + DeserializeOwned + std::fmt::Debug,
     S: Serialize + std::fmt::Debug,
 {
-    let pp = PatchParams::apply(MANAGER_OPERATOR).force();
+    apply_status_as(api, body, MANAGER_OPERATOR).await
+}
+
+/// Server-side apply of an object's status under `manager`: an owner of a part of the status
+/// (a migration record, a drain's progress) keeps its fields apart from the pass's.
+pub async fn apply_status_as<K, S>(
+    api: &Api<K>,
+    body: &StatusApply<'_, S>,
+    manager: &str,
+) -> Result<K, kube::Error>
+where
+    K: Clone + DeserializeOwned + std::fmt::Debug,
+    S: Serialize + std::fmt::Debug,
+{
+    let pp = PatchParams::apply(manager).force();
     api.patch_status(body.metadata.name, &pp, &Patch::Apply(body))
         .await
 }

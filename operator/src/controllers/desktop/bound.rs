@@ -23,7 +23,7 @@ use super::console::{ensure_mirror, write_user_secret};
 use super::idle::{self, Settled};
 use super::status::{Owned, bound_message, relabel, write_bound};
 use super::txn::{Txn, Undo};
-use super::{Error, Pass, arrive, busy_port, keep, size};
+use super::{Error, Pass, arrive, busy_port, drain, keep, size};
 use crate::console::user::Outcome;
 use crate::context::Context;
 use crate::fence::Fenced;
@@ -97,6 +97,8 @@ pub(super) struct Plan {
     pub migrated_to: Option<String>,
     /// Look again this soon: a completed migration the caches do not confirm yet.
     pub recheck: Option<Duration>,
+    /// A stopped desktop bound to another host because its own drains.
+    pub rebound: Option<drain::Rebound>,
 }
 
 /// Longest wait between two passes over a bound desktop.
@@ -154,6 +156,7 @@ fn plan(seen: &Seen<'_>, ctx: &Context, txn: &mut Txn<'_>) -> Plan {
         recheck: (arrived.is_none() && arrive::completed(&seen.status).is_some())
             .then_some(Duration::from_secs(2)),
         migrated_to: arrived,
+        rebound: None,
     };
     plan.idle = match idle::settle(
         seen,
@@ -170,7 +173,12 @@ fn plan(seen: &Seen<'_>, ctx: &Context, txn: &mut Txn<'_>) -> Plan {
         }
         Settled::Write(p) => p,
     };
-    // A woken desktop may move to another host: the rest of the pass is about that one.
+    // A stopped desktop of a draining host is bound to another one.
+    if plan.migrated_to.is_none() && want.node.as_deref().is_none_or(|n| n == seen.node) {
+        plan.rebound = drain::rebind(seen, valid.as_ref().ok(), ctx, txn, &mut want);
+    }
+    // A woken or re-bound desktop may move to another host: the rest of the pass is about
+    // that one.
     plan.moved_to = want.node.clone().filter(|n| *n != seen.node);
     if let Some(to) = &plan.moved_to {
         plan.host = to.clone();
@@ -280,6 +288,20 @@ async fn commit(
             want.port.unwrap_or_default()
         );
         ctx.event(d, EventType::Normal, "Migrated", "Migrate", note)
+            .await;
+    }
+    if let Some(r) = &plan.rebound {
+        ctx.metrics.drain_rebinds.inc();
+        let port = r
+            .port
+            .map(|p| format!(" with SPICE port {p}"))
+            .unwrap_or_default();
+        let note = format!(
+            "host {} drains; the stopped desktop is bound to host {}{port}, keeping its disk \
+             (shared storage) and MAC",
+            seen.node, r.to
+        );
+        ctx.event(d, EventType::Normal, "Rebound", "Drain", note)
             .await;
     }
     if let Some((busy, port)) = plan.moved_port {

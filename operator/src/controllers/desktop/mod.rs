@@ -13,6 +13,7 @@ mod bound_tests;
 mod busy_port;
 mod cleanup;
 mod console;
+mod drain;
 mod duplicate;
 mod idle;
 mod keep;

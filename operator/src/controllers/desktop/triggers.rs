@@ -34,9 +34,10 @@ pub fn host_key(n: &DomainNode) -> u64 {
         .map(|o| (&o.uid, o.running, o.cpu, &o.memory, o.spice_port, &o.mac))
         .collect();
     let text = format!(
-        "{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{orphans:?}",
+        "{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{orphans:?}",
         n.spec.unschedulable,
         n.spec.maintenance,
+        n.spec.drain,
         n.metadata.deletion_timestamp.is_some(),
         st.and_then(|s| s.cpu.as_ref()).map(|c| c.threads),
         st.and_then(|s| s.memory.as_ref()),

@@ -1,0 +1,106 @@
+//! Decides when a stopped desktop of a draining host is bound to another host of its pool: its
+//! host's `spec.drain` is set, its domain is confirmed shut off, nothing is moving it, no
+//! memory is saved for it there, and the pool's storage is shared
+//! ([`deskvirt_core::drain::rebind_target_wanted`]). The scheduler picks the host as at
+//! binding; in the pass's ledger transaction a desktop that holds its port gets one on the new
+//! host and frees the old. The old host's agent then undefines its shut-off domain, never the
+//! disk; the new one defines it there, still stopped.
+
+use deskvirt_core::drain::rebind_target_wanted;
+use deskvirt_core::scheduler::place_in_pool;
+use deskvirt_crds::desktop::Move;
+use deskvirt_crds::read::FromPoolSpec;
+use deskvirt_crds::validation::ValidDesktop;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+
+use super::bound::Seen;
+use super::status::Owned;
+use super::txn::Txn;
+use crate::context::Context;
+use crate::controllers::drain::{desktop_facts, key};
+use crate::scheduler::PoolPolicy;
+use crate::world::host_views_counted;
+
+/// A stopped desktop bound elsewhere because its host drains.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct Rebound {
+    pub to: String,
+    pub port: Option<u16>,
+}
+
+/// Binds a stopped desktop of a draining host to another host, into `want`. `None` when the
+/// host does not drain, the desktop may not move, or no host takes it now (the drain's status
+/// says what is left; the next pass tries again).
+pub(super) fn rebind(
+    seen: &Seen<'_>,
+    valid: Option<&ValidDesktop>,
+    ctx: &Context,
+    txn: &mut Txn<'_>,
+    want: &mut Owned,
+) -> Option<Rebound> {
+    let (d, uid, node) = (seen.d, seen.uid, seen.node.as_str());
+    if !ctx.stores.node(node).is_some_and(|n| n.spec.drain) {
+        return None;
+    }
+    let pool = txn.pool()?.clone();
+    let k = key(d);
+    if !rebind_target_wanted(&desktop_facts(d, &k), pool.spec.storage.shared) {
+        return None;
+    }
+    let policy = PoolPolicy::from_spec(&pool.spec).ok()?;
+    let request = valid?.asked;
+    let hosts = {
+        let charges = txn.charges_without(uid);
+        host_views_counted(
+            d.pool(),
+            &policy,
+            &ctx.stores.nodes.state(),
+            &ctx.stores.pools.state(),
+            &charges,
+            txn.ledger().map(|l| &*l),
+            |n| ctx.heartbeat(n, seen.now),
+            &ctx.stores.views,
+        )
+    };
+    let to = match place_in_pool(d.pool(), &policy, &request, &hosts) {
+        Ok(p) => p.host.name.to_string(),
+        Err(e) => {
+            tracing::info!(error = %e, "drain: no other host takes the stopped desktop now");
+            return None;
+        }
+    };
+    if to == node {
+        return None;
+    }
+    let port = if seen.holds {
+        let ledger = txn.ledger()?;
+        let old = ledger.release_port(uid);
+        match ledger.restore_port(uid, &to, None) {
+            Ok(p) => Some(p),
+            Err(e) => {
+                // The old port goes back to the desktop: nothing moved.
+                if let Some((host, p)) = old {
+                    let _ = ledger.restore_port(uid, &host, Some(p));
+                }
+                tracing::info!(error = %e, host = %to, "drain: no SPICE port on the new host now");
+                return None;
+            }
+        }
+    } else {
+        None
+    };
+    if port.is_some() {
+        txn.reserved_port();
+    }
+    want.node = Some(to.clone());
+    if port.is_some() {
+        want.port = port;
+    }
+    want.last_move = Some(Move {
+        from: node.to_string(),
+        to: to.clone(),
+        at: Time(seen.now),
+    });
+    tracing::info!(from = node, to = %to, ?port, "drain: stopped desktop bound to another host");
+    Some(Rebound { to, port })
+}
