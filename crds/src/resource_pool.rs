@@ -115,6 +115,59 @@ pub struct ResourcePoolSpec {
     /// Settings inherited by every desktop of the pool unless the desktop overrides them.
     #[serde(default)]
     pub defaults: PoolDefaults,
+    /// How live migrations of the pool's desktops run (DesktopMigration, host drain).
+    #[serde(default)]
+    pub migration: PoolMigration,
+}
+
+/// How a live migration runs between the pool's hosts.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PoolMigration {
+    /// Cap on the memory stream, in MiB/s, so that moves leave the hosts' link to the
+    /// desktops. Unset: as fast as the link goes.
+    #[serde(
+        default,
+        rename = "bandwidthMiBPerSecond",
+        skip_serializing_if = "Option::is_none"
+    )]
+    #[schemars(range(min = 1, max = 100000))]
+    pub bandwidth_mib_per_second: Option<u32>,
+    /// How long a move may take before it is ended, such as 5m: a guest that dirties memory
+    /// faster than the link would never finish. Then, with `postCopy`, the desktop switches to
+    /// the target and fetches the rest from the source; without it the move is aborted and the
+    /// desktop runs on at the source (the migration is Failed, reason HostFailed).
+    #[serde(default = "default_migration_timeout")]
+    #[schemars(regex(pattern = crate::quantity::DURATION_PATTERN))]
+    pub completion_timeout: String,
+    /// Slow the guest's vCPUs down while it dirties memory faster than the link, so the move
+    /// converges (QEMU's auto-converge).
+    #[serde(default = "default_true")]
+    pub auto_converge: bool,
+    /// At the completion timeout, switch to post-copy instead of aborting: the move always
+    /// finishes, but a failure of the source host or the link during the post-copy phase
+    /// loses the desktop's running state (the disk is kept). Off by default.
+    #[serde(default)]
+    pub post_copy: bool,
+}
+
+fn default_migration_timeout() -> String {
+    "5m".into()
+}
+
+fn default_true() -> bool {
+    true
+}
+
+impl Default for PoolMigration {
+    fn default() -> Self {
+        Self {
+            bandwidth_mib_per_second: None,
+            completion_timeout: default_migration_timeout(),
+            auto_converge: true,
+            post_copy: false,
+        }
+    }
 }
 
 /// Storage locations on the pool's hosts.

@@ -30,7 +30,7 @@ use deskvirt_node_agent::domain::{
     graphics_xml,
 };
 use deskvirt_node_agent::hypervisor::{
-    Change, DomainState, Hypervisor, HypervisorError, LibvirtHypervisor, Outbound,
+    Change, DomainState, Hypervisor, HypervisorError, LibvirtHypervisor, MoveLimits, Outbound,
 };
 use deskvirt_tests::spice::{self, LINK_ERR_PERMISSION_DENIED, LinkOutcome};
 
@@ -625,6 +625,7 @@ async fn a_running_guest_moves_live_to_a_second_host_and_its_console_answers_the
         graphics_xml,
         graphics_uri: Some(format!("spice://{}:{}", second.address, dest.spice.port)),
         declared_shared: true,
+        limits: MoveLimits::default(),
     };
     // A target that cannot run it (no bridge there for its NIC yet): refused, and the domain
     // runs on here as before.
@@ -650,6 +651,34 @@ async fn a_running_guest_moves_live_to_a_second_host_and_its_console_answers_the
                 .args(&args),
         );
     }
+    // A move capped at 1 MiB/s cannot send the guest's memory within a 3 s completion
+    // timeout: it is aborted, and the domain runs on here, gone from the target.
+    let capped = Outbound {
+        limits: MoveLimits {
+            bandwidth_mib: Some(1),
+            completion_timeout: Duration::from_secs(3),
+            auto_converge: false,
+            post_copy: false,
+        },
+        ..out.clone()
+    };
+    let t0 = Instant::now();
+    match env.hv.migrate_out(&guard.name, &capped).await {
+        Err(HypervisorError::Rejected { message, .. }) => {
+            assert!(message.contains("completion timeout (3s)"), "{message}");
+            println!(
+                "[qemu_system] a capped move is aborted after {:?}: {message}",
+                t0.elapsed()
+            );
+        }
+        other => panic!("a capped move past its timeout: {other:?}"),
+    }
+    assert_eq!(state(&env.hv, &guard.name).await, DomainState::Running);
+    match target.domain_status(&guard.name).await {
+        Err(HypervisorError::NotFound { .. }) => {}
+        other => panic!("the aborted move left the domain on the target: {other:?}"),
+    }
+
     // A SPICE client left connected on the source is told where the desktop went.
     let source_addr = SocketAddr::from((Ipv4Addr::LOCALHOST, source_inputs.spice.port));
     let mut client = match spice::hold(source_addr, &password).await {

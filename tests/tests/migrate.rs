@@ -3,6 +3,8 @@
 //! libvirtd in its own network and mount namespaces, see `scripts/second-host.sh`, its agent
 //! confined to what the chart's DaemonSet mounts), real QEMU (TCG), the real apiserver, and a
 //! pool whose disk directory is the same directory for both hosts (`storage.shared`).
+//! - a move the pool caps at 1 MiB/s with a 5 s completion timeout is aborted: the migration
+//!   is Failed (HostFailed, naming the timeout), the desktop runs on at A, B has nothing of it;
 //! - host A's agent runs without `--migration-uri`: a migration to it waits with `NoTarget`,
 //!   naming the flag;
 //! - `mover` runs on host A with a SPICE client connected; a `DesktopMigration` moves it to
@@ -119,6 +121,53 @@ async fn a_running_desktop_moves_live_to_another_host() -> anyhow::Result<()> {
         || async { Ok(guest_uptimes(&serial_a)?.last().copied()) },
     )
     .await?;
+
+    // A move the pool caps at 1 MiB/s cannot finish within a 5 s completion timeout: it is
+    // aborted and fails with the host's reason; the desktop runs on at A, and host B never
+    // runs it.
+    patch_pool(
+        &w,
+        json!({ "migration": { "bandwidthMiBPerSecond": 1, "completionTimeout": "5s",
+                               "autoConverge": false } }),
+    )
+    .await?;
+    migrations
+        .create(
+            &PostParams::default(),
+            &migration(&w, "capped", "mover", None)?,
+        )
+        .await?;
+    let capped = eventually(Duration::from_secs(120), "capped ended", || async {
+        let m = migrations.get("capped").await?;
+        Ok(m.phase().is_terminal().then_some(m))
+    })
+    .await?;
+    let (reason, message) = ready_reason(&capped).unwrap_or_default();
+    anyhow::ensure!(
+        capped.phase() == MigrationPhase::Failed
+            && reason == "HostFailed"
+            && message.contains("completion timeout (5s)"),
+        "capped ended {:?}: {reason}: {message}",
+        capped.phase()
+    );
+    eprintln!("[migrate] capped: {reason}: {message}");
+    let still = status_of(&desktops.get("mover").await?);
+    anyhow::ensure!(
+        still.node.as_deref() == Some(host_a.as_str()) && still.phase == Some(Phase::Running),
+        "{still:?}"
+    );
+    anyhow::ensure!(
+        virsh_system(&["domstate", &domain])?.trim() == "running",
+        "mover does not run on A after the aborted move"
+    );
+    anyhow::ensure!(
+        !host_b
+            .virsh(&["list", "--all", "--name"])?
+            .lines()
+            .any(|n| n.trim() == domain),
+        "host B kept the aborted move's domain"
+    );
+    patch_pool(&w, json!({ "migration": null })).await?;
 
     // A SPICE client stays connected on host A through the move.
     let (password, _) = console_password(&w, "mover").await?;
@@ -254,8 +303,9 @@ async fn a_running_desktop_moves_live_to_another_host() -> anyhow::Result<()> {
         reasons.iter().any(|r| r == "Migrated"),
         "no Migrated Event: {reasons:?}"
     );
+    // One failure only: the capped move's.
     anyhow::ensure!(
-        !reasons.iter().any(|r| r == "MigrationFailed"),
+        reasons.iter().filter(|r| *r == "MigrationFailed").count() == 1,
         "{reasons:?}"
     );
 

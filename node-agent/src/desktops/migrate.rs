@@ -25,7 +25,7 @@ use super::Error;
 use super::context::DesktopContext;
 use super::inputs::Inputs;
 use crate::domain::{HostContext, graphics_xml};
-use crate::hypervisor::{Hypervisor, Migrated, Outbound};
+use crate::hypervisor::{Hypervisor, Migrated, MoveLimits, Outbound};
 
 /// How often a desktop whose domain is moving, or moved, is looked at again.
 pub const MIGRATION_RESYNC: Duration = Duration::from_secs(2);
@@ -246,7 +246,7 @@ async fn move_out<H: Hypervisor>(
     };
     let me = ctx.config.node_name.as_str();
     write(ctx, d, &report_of(me, m, MigrationState::Started, None)).await?;
-    tracing::info!(domain = name, target = %m.target, uri = %out.dest_uri, "moving the domain live");
+    tracing::info!(domain = name, target = %m.target, uri = %out.dest_uri, limits = ?out.limits, "moving the domain live");
     ctx.event(
         d,
         EventType::Normal,
@@ -307,7 +307,25 @@ fn outbound<H>(
         graphics_xml: graphics,
         graphics_uri: Some(format!("spice://{}:{}", bracketed(&client_host), m.port)),
         declared_shared: inputs.pool.spec.storage.shared,
+        limits: limits(&inputs.pool.spec.migration),
     })
+}
+
+/// Shortest completion timeout a pool may set: a move needs a few seconds to start.
+const MIN_COMPLETION: Duration = Duration::from_secs(5);
+
+/// The pool's migration settings as the hypervisor applies them. A timeout the schema let
+/// through but that does not parse (or is shorter than [`MIN_COMPLETION`]) is raised to it.
+fn limits(p: &deskvirt_crds::resource_pool::PoolMigration) -> MoveLimits {
+    let timeout = deskvirt_core::quantity::parse_duration(&p.completion_timeout)
+        .unwrap_or(MIN_COMPLETION)
+        .max(MIN_COMPLETION);
+    MoveLimits {
+        bandwidth_mib: p.bandwidth_mib_per_second.map(u64::from),
+        completion_timeout: timeout,
+        auto_converge: p.auto_converge,
+        post_copy: p.post_copy,
+    }
 }
 
 fn bracketed(address: &str) -> String {
@@ -395,6 +413,24 @@ async fn write<H>(ctx: &DesktopContext<H>, d: &Desktop, r: &MigrationReport) -> 
 mod tests {
     use super::*;
     use k8s_openapi::jiff::Timestamp;
+
+    #[test]
+    fn the_pools_settings_bound_the_move_and_a_too_short_timeout_is_raised() {
+        use deskvirt_crds::resource_pool::PoolMigration;
+        let d = limits(&PoolMigration::default());
+        assert_eq!(d.completion_timeout, Duration::from_secs(300));
+        assert!(d.auto_converge && !d.post_copy && d.bandwidth_mib.is_none());
+        let capped = PoolMigration {
+            bandwidth_mib_per_second: Some(50),
+            completion_timeout: "1s".into(),
+            auto_converge: false,
+            post_copy: true,
+        };
+        let l = limits(&capped);
+        assert_eq!(l.bandwidth_mib, Some(50));
+        assert_eq!(l.completion_timeout, MIN_COMPLETION);
+        assert!(!l.auto_converge && l.post_copy);
+    }
 
     fn record() -> Migrating {
         Migrating {

@@ -395,8 +395,38 @@ impl Hypervisor for LibvirtHypervisor {
     }
 
     async fn migrate_out(&self, name: &str, out: &Outbound) -> Result<Migrated> {
-        let (name, out) = (name.to_string(), out.clone());
-        self.run_slow("migrate", move |c| domains::migrate_out(c, &name, &out))
-            .await
+        let limits = out.limits;
+        let (n, o) = (name.to_string(), out.clone());
+        let moving = self.run_slow("migrate", move |c| domains::migrate_out(c, &n, &o));
+        tokio::pin!(moving);
+        tokio::select! {
+            done = &mut moving => return done,
+            () = tokio::time::sleep(limits.completion_timeout) => {}
+        }
+        // Past the pool's completion timeout: post-copy if the pool allows it, else abort.
+        let n = name.to_string();
+        let post = limits.post_copy;
+        let op = if post {
+            "start post-copy"
+        } else {
+            "abort migration"
+        };
+        let ended = self
+            .run(op, move |c| domains::end_migration(c, &n, post))
+            .await;
+        let secs = limits.completion_timeout.as_secs();
+        tracing::warn!(domain = name, timeout_secs = secs, post_copy = post, ended = ?ended.as_ref().err(), "live migration past its completion timeout");
+        match moving.await {
+            Err(e) if !post => Err(HypervisorError::Rejected {
+                op: "migrate",
+                target: name.to_string(),
+                message: format!(
+                    "the move did not complete within the pool's completion timeout ({secs}s): \
+                     the guest changes memory faster than the link (or the pool's bandwidth \
+                     cap) moves it; aborted, and the desktop runs on here as before ({e})"
+                ),
+            }),
+            other => other,
+        }
     }
 }

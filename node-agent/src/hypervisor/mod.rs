@@ -295,6 +295,32 @@ pub struct Outbound {
     /// The pool declares its storage reachable from every host although libvirt cannot tell
     /// (not NFS): libvirt refuses such a migration without this.
     pub declared_shared: bool,
+    /// The pool's bandwidth cap, completion timeout and convergence settings.
+    pub limits: MoveLimits,
+}
+
+/// How a live migration is bounded (the pool's `spec.migration`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MoveLimits {
+    /// Cap on the memory stream, MiB/s.
+    pub bandwidth_mib: Option<u64>,
+    /// Longer than this, the move is switched to post-copy (`post_copy`) or aborted.
+    pub completion_timeout: std::time::Duration,
+    /// Throttle the guest's vCPUs while it dirties memory faster than the link.
+    pub auto_converge: bool,
+    /// Switch to post-copy at the timeout instead of aborting.
+    pub post_copy: bool,
+}
+
+impl Default for MoveLimits {
+    fn default() -> Self {
+        Self {
+            bandwidth_mib: None,
+            completion_timeout: std::time::Duration::from_secs(300),
+            auto_converge: true,
+            post_copy: false,
+        }
+    }
 }
 
 /// What a finished live migration measured (from the target's completed job).

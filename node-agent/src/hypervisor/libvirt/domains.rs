@@ -456,6 +456,24 @@ pub(super) fn job_running(conn: &Connect, name: &str) -> Result<bool> {
     Ok(info.r#type != sys::VIR_DOMAIN_JOB_NONE as i32)
 }
 
+/// Ends the outgoing migration of domain `name` that ran past its completion timeout: switches
+/// it to post-copy (`post_copy`, started with that flag) or aborts it, leaving the domain
+/// running here.
+pub(super) fn end_migration(conn: &Connect, name: &str, post_copy: bool) -> Result<()> {
+    let op = if post_copy {
+        "start post-copy"
+    } else {
+        "abort migration"
+    };
+    let dom = lookup(conn, op, name)?;
+    let ended = if post_copy {
+        deskvirt_libvirt_ext::start_post_copy(&dom)
+    } else {
+        deskvirt_libvirt_ext::abort_job(&dom)
+    };
+    ended.map_err(|e| map(op, ObjectKind::Domain, name, &e))
+}
+
 /// Moves running domain `name` live to `out.dest_uri`, peer to peer: defined there from
 /// `out.dest_xml`, undefined here once it runs there, the job aborted (the domain left running
 /// here) on any error. Then reads the target's completed job for the figures.
@@ -480,6 +498,12 @@ pub(super) fn migrate_out(conn: &Connect, name: &str, out: &Outbound) -> Result<
     if out.declared_shared {
         flags |= sys::VIR_MIGRATE_UNSAFE;
     }
+    if out.limits.auto_converge {
+        flags |= sys::VIR_MIGRATE_AUTO_CONVERGE;
+    }
+    if out.limits.post_copy {
+        flags |= sys::VIR_MIGRATE_POSTCOPY;
+    }
     // The running and the persistent definitions, each with the target's graphics.
     let on_target = |flags: u32| -> Result<String> {
         let xml = dom
@@ -499,6 +523,7 @@ pub(super) fn migrate_out(conn: &Connect, name: &str, out: &Outbound) -> Result<
         dest_xml: Some(on_target(0)?),
         persist_xml: Some(on_target(sys::VIR_DOMAIN_XML_INACTIVE)?),
         graphics_uri: out.graphics_uri.clone(),
+        bandwidth: out.limits.bandwidth_mib,
         ..Default::default()
     };
     // An object the target lacks (its network, say) is no "not found" of this domain: the
