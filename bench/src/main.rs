@@ -5,6 +5,7 @@
 #![forbid(unsafe_code)]
 
 mod burst;
+mod drain;
 mod env;
 mod fleet;
 mod footprint;
@@ -116,6 +117,13 @@ struct Args {
     /// a second libvirt host (`scripts/second-host.sh`); debug builds of the binaries.
     #[arg(long)]
     migrate: Option<usize>,
+    /// Only host drain: this many running desktops emptied off host A by `spec.drain`,
+    /// against a loop of `virsh migrate` over as many plain domains (`--drain-rounds` rounds).
+    #[arg(long)]
+    drain: Option<usize>,
+    /// Rounds of the drain benchmark.
+    #[arg(long, default_value = "2")]
+    drain_rounds: usize,
 
     /// Use the operator and agent binaries in this directory (the simulated fleet and the
     /// time-to-desktop run) instead of building them, for example a build of another profile.
@@ -129,6 +137,14 @@ struct Args {
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    if let Some(n) = args.drain {
+        prepare_host()?;
+        let c = client().await?;
+        ensure_crds(&c).await?;
+        let r = drain::run_bench(n, args.drain_rounds).await?;
+        println!("{}", drain::markdown(&r));
+        return Ok(());
+    }
     if let Some(n) = args.migrate {
         prepare_host()?;
         let c = client().await?;

@@ -6,6 +6,7 @@
 //! so both share the noise. No SPICE client is connected on either side (a client that does not
 //! do SPICE's seamless migration makes QEMU wait spice-server's 10 s timeout).
 
+use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -16,7 +17,7 @@ use deskvirt_tests::cluster::unique_suffix;
 use deskvirt_tests::host::{eventually, run};
 use deskvirt_tests::second_host::SecondHost;
 use deskvirt_tests::world::{
-    RUN_LABEL, create_pool, domain_of, guest_desktop, guest_uptimes, patch_pool, setup,
+    RUN_LABEL, World, create_pool, domain_of, guest_desktop, guest_uptimes, patch_pool, setup,
     virsh_system, wait_ready_hosts,
 };
 use kube::Api;
@@ -92,35 +93,10 @@ pub async fn run_bench(n: usize) -> anyhow::Result<MigrateResult> {
 
         // virsh: the same definition as a plain domain on host A, booted, then moved.
         let plain_name = format!("plain-{}-{i}", w.run);
-        let disk = w.disk_dir.join(format!("{plain_name}.qcow2"));
-        run(
-            "plain overlay",
-            Command::new("qemu-img")
-                .args(["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b"])
-                .arg(w.image_dir.join("base.qcow2"))
-                .arg(&disk),
-        )?;
-        let plain_xml = plain_definition(&xml, &domain, &plain_name);
-        let file = std::env::temp_dir().join(format!("{plain_name}.xml"));
-        std::fs::write(&file, plain_xml)?;
-        let path = file.display().to_string();
-        virsh_system(&["define", &path])?;
-        virsh_system(&["start", &plain_name])?;
+        let (disk, file) = start_plain(&w, &xml, &domain, &plain_name)?;
         booted(&format!("/var/log/libvirt/qemu/{plain_name}-serial.log")).await?;
-        let migrate_uri = format!("tcp://{}", host_b.address);
         let t0 = Instant::now();
-        virsh_system(&[
-            "migrate",
-            "--live",
-            "--p2p",
-            "--persistent",
-            "--undefinesource",
-            "--abort-on-error",
-            "--unsafe",
-            &plain_name,
-            &host_b.uri,
-            &migrate_uri,
-        ])?;
+        virsh_migrate(&host_b, &plain_name, &[])?;
         plain.push(t0.elapsed());
         eprintln!(
             "[bench] migration {i}: deskvirt {}, virsh {}",
@@ -145,8 +121,51 @@ pub async fn run_bench(n: usize) -> anyhow::Result<MigrateResult> {
     })
 }
 
+/// Defines and starts plain domain `name` on host A from deskvirt's definition `xml` of
+/// `domain`, on an overlay of its own over the same base image. Returns its disk and XML file.
+pub(crate) fn start_plain(
+    w: &World,
+    xml: &str,
+    domain: &str,
+    name: &str,
+) -> anyhow::Result<(PathBuf, PathBuf)> {
+    let disk = w.disk_dir.join(format!("{name}.qcow2"));
+    run(
+        "plain overlay",
+        Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b"])
+            .arg(w.image_dir.join("base.qcow2"))
+            .arg(&disk),
+    )?;
+    let file = std::env::temp_dir().join(format!("{name}.xml"));
+    std::fs::write(&file, plain_definition(xml, domain, name))?;
+    virsh_system(&["define", &file.display().to_string()])?;
+    virsh_system(&["start", name])?;
+    Ok((disk, file))
+}
+
+/// `virsh migrate` of plain domain `name` to host B with the flags deskvirt's agent passes
+/// (live, peer to peer, persistent there, undefined here, aborted on error, shared storage
+/// declared), then `extra`.
+pub(crate) fn virsh_migrate(host_b: &SecondHost, name: &str, extra: &[&str]) -> anyhow::Result<()> {
+    let migrate_uri = format!("tcp://{}", host_b.address);
+    let mut args = vec![
+        "migrate",
+        "--live",
+        "--p2p",
+        "--persistent",
+        "--undefinesource",
+        "--abort-on-error",
+        "--unsafe",
+    ];
+    args.extend_from_slice(extra);
+    args.extend([name, host_b.uri.as_str(), migrate_uri.as_str()]);
+    virsh_system(&args)?;
+    Ok(())
+}
+
 /// Waits until the guest whose serial log is `log` printed its uptime (it booted).
-async fn booted(log: &str) -> anyhow::Result<()> {
+pub(crate) async fn booted(log: &str) -> anyhow::Result<()> {
     let log = std::path::PathBuf::from(log);
     eventually(Duration::from_secs(120), "the guest booted", || async {
         Ok(guest_uptimes(&log)?.first().map(|_| ()))
@@ -158,7 +177,7 @@ async fn booted(log: &str) -> anyhow::Result<()> {
 /// deskvirt's definition of `domain` as a plain domain `name`: its own disk overlay and serial
 /// log (every occurrence of the name), no UUID or MAC (libvirt makes new ones), no deskvirt
 /// metadata, any free SPICE port.
-fn plain_definition(xml: &str, domain: &str, name: &str) -> String {
+pub(crate) fn plain_definition(xml: &str, domain: &str, name: &str) -> String {
     let mut out = String::new();
     let mut skipping = false;
     for line in xml.lines() {

@@ -279,3 +279,60 @@ async fn a_status_written_with_the_request_is_dropped_and_the_operator_decides()
     assert!(st.target.is_none() && st.target_port.is_none());
     rig.wait_pool(2, 1).await;
 }
+
+/// The source host's report of migration `uid` of desktop `name`, as the agent writes it.
+async fn report(api: &Api<Desktop>, name: &str, uid: &str, source: &str, state: &str) {
+    let body = json!({
+        "apiVersion": "deskvirt.io/v1alpha1", "kind": "Desktop",
+        "metadata": { "name": name },
+        "status": { "migrationReport": {
+            "uid": uid, "source": source, "state": state,
+            "at": k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+                k8s_openapi::jiff::Timestamp::now()),
+        } }
+    });
+    let pp =
+        kube::api::PatchParams::apply(deskvirt_crds::constants::MANAGER_AGENT_MIGRATION).force();
+    api.patch_status(name, &pp, &kube::api::Patch::Apply(&body))
+        .await
+        .unwrap_or_else(|e| panic!("migration report of {name}: {e}"));
+}
+
+#[tokio::test]
+async fn a_desktop_deleted_while_it_moves_is_bound_to_the_target_before_it_goes() {
+    let rig = Rig::new("op-mig-del", true).await;
+    let _op = rig.run.operator(&format!("op-mig-del-{}", rig.run.id), &[]);
+    let desks = rig.run.desktops();
+    let d = rig.running_desktop("d").await;
+    common::agent_adds_finalizer(&desks, "d").await;
+    let source = node_of(&d).unwrap_or_default().to_string();
+    rig.migrate("mv", "d", None).await;
+    let d = wait_for(&desks, "d", "the migration record", |d: &Desktop| {
+        record(d).is_some()
+    })
+    .await;
+    let (uid, target, port) = record(&d).unwrap_or_default();
+    report(&desks, "d", &uid, &source, "Started").await;
+    rig.wait_migration("mv", "Running", "Moving").await;
+
+    // Deleted while the domain moves: the target stays held until the source reports.
+    delete(&desks, "d").await;
+    report(&desks, "d", &uid, &source, "Completed").await;
+    // The binding follows the domain to the target, whose host then tears it down.
+    let moved = wait_for(&desks, "d", "bound to the target", |d: &Desktop| {
+        node_of(d) == Some(target.as_str())
+    })
+    .await;
+    let st = moved.status.clone().unwrap_or_default();
+    assert_eq!(st.spice.and_then(|s| s.port), Some(port));
+    assert!(moved.metadata.deletion_timestamp.is_some());
+    assert_eq!(
+        moved.labels().get("deskvirt.io/node"),
+        Some(&target),
+        "relabelled for the target's agent"
+    );
+    rig.wait_migration("mv", "Succeeded", "Succeeded").await;
+    common::agent_removes_finalizer(&desks, "d").await;
+    wait_gone(&desks, "d", "the deleted desktop").await;
+    rig.wait_pool(0, 0).await;
+}

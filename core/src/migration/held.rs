@@ -14,6 +14,8 @@ use crate::reasons::MigrationReason;
 pub struct Facts<'a> {
     /// The UID of the Desktop named now, if it exists and is not being deleted.
     pub desktop_uid: Option<&'a str>,
+    /// The Desktop with the pinned UID exists and is being deleted.
+    pub deleting: bool,
     /// The UID pinned when the target was reserved.
     pub pinned_uid: &'a str,
     /// The pool's ledger still holds the target and port recorded.
@@ -54,6 +56,9 @@ pub fn decide(f: &Facts<'_>) -> Held {
         // The domain is on its way: whatever happened meanwhile (the desktop deleted, say),
         // the target is held until the source host says how the move ended.
         Some((MigrationState::Started, _)) => return Held::Moving,
+        // The domain runs on the target: a desktop being deleted is bound there first, so
+        // that the target's host tears it down (its disk included).
+        Some((MigrationState::Completed, _)) if f.deleting => return Held::Moving,
         _ => {}
     }
     match f.desktop_uid {
@@ -112,6 +117,7 @@ mod tests {
     fn facts() -> Facts<'static> {
         Facts {
             desktop_uid: Some("u1"),
+            deleting: false,
             pinned_uid: "u1",
             target_held: true,
             waited: Duration::from_secs(10),
@@ -196,14 +202,24 @@ mod tests {
             ..started
         };
         assert_eq!(decide(&deleted), Held::Moving, "held until the move ends");
-        let moved_then_deleted = Facts {
+        let moved_then_gone = Facts {
             desktop_uid: None,
             ..done
         };
         assert!(matches!(
-            decide(&moved_then_deleted),
+            decide(&moved_then_gone),
             Held::End(MigrationReason::DesktopDeleted, _)
         ));
+        let moved_then_deleting = Facts {
+            desktop_uid: None,
+            deleting: true,
+            ..done
+        };
+        assert_eq!(
+            decide(&moved_then_deleting),
+            Held::Moving,
+            "held until the binding follows, so the target's host tears it down"
+        );
     }
 
     #[test]

@@ -102,6 +102,12 @@ pub async fn teardown<H: Hypervisor>(
     // runs there on this same (shared) disk.
     let status = d.status.clone().unwrap_or_default();
     if matches!(place, Place::Free { .. }) && migrate::moved_away(ctx, &status, &uid) {
+        // While the migration is recorded, the operator moves the binding to the target,
+        // whose host then tears the domain down: this host keeps its finalizer until then.
+        if status.migration.is_some() {
+            tracing::info!("deleted after moving live; waiting for the binding to follow");
+            return Ok(Action::requeue(std::time::Duration::from_secs(2)));
+        }
         let there = status
             .migration
             .as_ref()

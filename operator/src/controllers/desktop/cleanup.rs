@@ -133,6 +133,16 @@ async fn wait_for_host(pass: &Pass<'_>) -> Result<Action, Error> {
         return Ok(Action::await_change());
     }
     let node = d.status.as_ref().and_then(|s| s.node.clone());
+    // Moved live before the deletion, the binding not yet moved: it follows the domain to its
+    // target first (the Desktop pass's own move), so that the target's host tears it down,
+    // disk included.
+    if let (Some(n), Some(st)) = (&node, d.status.as_ref())
+        && super::arrive::completed(st)
+            .is_some_and(|m| m.target != *n && super::arrive::confirmed(&ctx.stores, &pass.uid, m))
+    {
+        tracing::info!(from = %n, "deleted after a completed live migration; the binding follows it first");
+        return super::bound::bound(pass, n).await;
+    }
     let after = ctx
         .stores
         .pool(d.pool())

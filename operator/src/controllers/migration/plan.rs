@@ -301,6 +301,12 @@ pub(super) fn held(
             message: "the migration's status names no desktop".into(),
         };
     };
+    // The desktop it was made for, being deleted or not: a move it reported goes on.
+    let pinned_desktop =
+        desktop_of(stores, m).filter(|d| d.metadata.uid.as_deref() == Some(pinned));
+    let deleting = pinned_desktop
+        .as_ref()
+        .is_some_and(|d| d.metadata.deletion_timestamp.is_some());
     let d = desktop_of(stores, m).filter(|d| d.metadata.deletion_timestamp.is_none());
     let target_held = d
         .as_ref()
@@ -308,20 +314,21 @@ pub(super) fn held(
         .and_then(|l| l.target_of(pinned))
         .is_some_and(|t| Some(t.host) == st.target.as_deref() && Some(t.port) == st.target_port);
     let since = st.scheduled_time.as_ref().map_or(now, |t| t.0);
-    let dst = d.as_ref().and_then(|d| d.status.as_ref());
+    let dst = pinned_desktop.as_ref().and_then(|d| d.status.as_ref());
     let me = m.metadata.uid.as_deref();
     let report = dst
         .and_then(|s| s.migration_report.as_ref())
         .filter(|r| Some(r.uid.as_str()) == me)
         .map(|r| (r.state, r.message.as_deref().unwrap_or("no reason given")));
     // The Desktop pass moved the binding to the target: the move is done.
-    let arrived = d.as_ref().is_some_and(|d| {
+    let arrived = pinned_desktop.as_ref().is_some_and(|d| {
         st.target.is_some()
             && dst.and_then(|s| s.node.as_deref()) == st.target.as_deref()
             && stores.binding_confirmed(d)
     });
     let facts = migration::held::Facts {
         desktop_uid: d.as_ref().and_then(|d| d.metadata.uid.as_deref()),
+        deleting,
         pinned_uid: pinned,
         target_held,
         waited: elapsed(since, now),
