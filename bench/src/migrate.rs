@@ -96,7 +96,7 @@ pub async fn run_bench(n: usize) -> anyhow::Result<MigrateResult> {
         let (disk, file) = start_plain(&w, &xml, &domain, &plain_name)?;
         booted(&format!("/var/log/libvirt/qemu/{plain_name}-serial.log")).await?;
         let t0 = Instant::now();
-        virsh_migrate(&host_b, &plain_name, &[])?;
+        virsh_migrate(&host_b, &plain_name, &["--auto-converge"])?;
         plain.push(t0.elapsed());
         eprintln!(
             "[bench] migration {i}: deskvirt {}, virsh {}",
@@ -230,7 +230,7 @@ pub fn markdown(r: &MigrateResult) -> String {
     format!(
         "### Live migration, 128 MiB guest, host A → host B (N={} each, interleaved)\n\n\
          | | p50 | max |\n|---|---|---|\n\
-         | `virsh migrate --live --p2p --persistent --undefinesource` | {} | {} |\n\
+         | `virsh migrate --live --p2p --persistent --undefinesource --auto-converge` | {} | {} |\n\
          | deskvirt `DesktopMigration` create → `Succeeded` | {} | {} |\n\n\
          Ratio of the medians (deskvirt / virsh): **{ratio:.2}×**. libvirt's own job time / \
          downtime of deskvirt's moves: {}.\n",

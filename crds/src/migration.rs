@@ -173,6 +173,10 @@ pub struct Migrating {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 253))]
     pub spice_address: Option<String>,
+    /// The DesktopMigration was deleted while the domain moves: the source host aborts the
+    /// move, and the desktop runs on there.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub cancelled: bool,
 }
 
 impl Migrating {

@@ -336,3 +336,51 @@ async fn a_desktop_deleted_while_it_moves_is_bound_to_the_target_before_it_goes(
     wait_gone(&desks, "d", "the deleted desktop").await;
     rig.wait_pool(0, 0).await;
 }
+
+#[tokio::test]
+async fn a_migration_deleted_while_the_domain_moves_asks_the_source_to_abort() {
+    let rig = Rig::new("op-mig-abort", true).await;
+    let _op = rig
+        .run
+        .operator(&format!("op-mig-abort-{}", rig.run.id), &[]);
+    let desks = rig.run.desktops();
+    let d = rig.running_desktop("d").await;
+    let source = node_of(&d).unwrap_or_default().to_string();
+    rig.migrate("mv", "d", None).await;
+    let d = wait_for(&desks, "d", "the migration record", |d: &Desktop| {
+        record(d).is_some()
+    })
+    .await;
+    let (uid, _, _) = record(&d).unwrap_or_default();
+    report(&desks, "d", &uid, &source, "Started").await;
+    rig.wait_migration("mv", "Running", "Moving").await;
+    rig.wait_pool(4, 2).await;
+
+    rig.migrations()
+        .delete("mv", &DeleteParams::default())
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    // The record tells the source host to abort; the target stays held meanwhile.
+    wait_for(&desks, "d", "the record marked cancelled", |d: &Desktop| {
+        d.status
+            .as_ref()
+            .and_then(|s| s.migration.as_ref())
+            .is_some_and(|m| m.uid == uid && m.cancelled)
+    })
+    .await;
+    let m = rig
+        .migrations()
+        .get("mv")
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(m.metadata.deletion_timestamp.is_some());
+    // The source host aborted: the migration goes, and with it the record and the target.
+    report(&desks, "d", &uid, &source, "Failed").await;
+    wait_gone(&rig.migrations(), "mv", "the cancelled migration").await;
+    let d = wait_for(&desks, "d", "no migration record", |d: &Desktop| {
+        record(d).is_none()
+    })
+    .await;
+    assert_eq!(node_of(&d), Some(source.as_str()), "the desktop stays");
+    rig.wait_pool(2, 1).await;
+}

@@ -5,6 +5,8 @@
 //! pool whose disk directory is the same directory for both hosts (`storage.shared`).
 //! - a move the pool caps at 1 MiB/s with a 5 s completion timeout is aborted: the migration
 //!   is Failed (HostFailed, naming the timeout), the desktop runs on at A, B has nothing of it;
+//! - a move deleted while the domain moves (capped so that it would take minutes) is aborted:
+//!   the migration goes at once, the desktop runs on at A;
 //! - host A's agent runs without `--migration-uri`: a migration to it waits with `NoTarget`,
 //!   naming the flag;
 //! - `mover` runs on host A with a SPICE client connected; a `DesktopMigration` moves it to
@@ -167,6 +169,57 @@ async fn a_running_desktop_moves_live_to_another_host() -> anyhow::Result<()> {
             .any(|n| n.trim() == domain),
         "host B kept the aborted move's domain"
     );
+    // Deleting a migration while the domain moves aborts the move: a move capped so that it
+    // would take minutes is cancelled, and the desktop runs on at A.
+    patch_pool(
+        &w,
+        json!({ "migration": { "bandwidthMiBPerSecond": 1, "completionTimeout": "10m",
+                               "autoConverge": false } }),
+    )
+    .await?;
+    migrations
+        .create(
+            &PostParams::default(),
+            &migration(&w, "cancelled", "mover", None)?,
+        )
+        .await?;
+    eventually(Duration::from_secs(60), "cancelled moving", || async {
+        let m = migrations.get("cancelled").await?;
+        Ok((m.phase() == MigrationPhase::Running).then_some(()))
+    })
+    .await?;
+    let t_cancel = Instant::now();
+    migrations
+        .delete("cancelled", &DeleteParams::default())
+        .await?;
+    eventually(Duration::from_secs(60), "cancelled gone", || async {
+        Ok(migrations
+            .get_opt("cancelled")
+            .await?
+            .is_none()
+            .then_some(()))
+    })
+    .await?;
+    eprintln!(
+        "[migrate] a running move cancelled in {:.1}s",
+        t_cancel.elapsed().as_secs_f64()
+    );
+    let still = status_of(&desktops.get("mover").await?);
+    anyhow::ensure!(
+        still.node.as_deref() == Some(host_a.as_str()) && still.migration.is_none(),
+        "{still:?}"
+    );
+    anyhow::ensure!(
+        virsh_system(&["domstate", &domain])?.trim() == "running",
+        "mover does not run on A after the cancelled move"
+    );
+    anyhow::ensure!(
+        !host_b
+            .virsh(&["list", "--all", "--name"])?
+            .lines()
+            .any(|n| n.trim() == domain),
+        "host B kept the cancelled move's domain"
+    );
     patch_pool(&w, json!({ "migration": null })).await?;
 
     // A SPICE client stays connected on host A through the move.
@@ -303,9 +356,9 @@ async fn a_running_desktop_moves_live_to_another_host() -> anyhow::Result<()> {
         reasons.iter().any(|r| r == "Migrated"),
         "no Migrated Event: {reasons:?}"
     );
-    // One failure only: the capped move's.
+    // Two failures only: the capped move's and the cancelled one's.
     anyhow::ensure!(
-        reasons.iter().filter(|r| *r == "MigrationFailed").count() == 1,
+        reasons.iter().filter(|r| *r == "MigrationFailed").count() == 2,
         "{reasons:?}"
     );
 

@@ -255,7 +255,20 @@ async fn move_out<H: Hypervisor>(
         format!("moving live to host {}", m.target),
     )
     .await;
-    match ctx.hypervisor.migrate_out(name, &out).await {
+    let moving = ctx.hypervisor.migrate_out(name, &out);
+    tokio::pin!(moving);
+    let outcome = tokio::select! {
+        done = &mut moving => done,
+        () = cancelled(ctx, d, &m.uid) => {
+            tracing::info!(domain = name, "the migration was cancelled while the domain moves; aborting the move");
+            if let Err(e) = ctx.hypervisor.abort_migration(name).await {
+                tracing::warn!(domain = name, error = %e, "could not abort the move");
+            }
+            // The move ends now (aborted), or completed before the abort reached it.
+            moving.await
+        }
+    };
+    match outcome {
         Ok(moved) => {
             tracing::info!(domain = name, target = %m.target, total_ms = moved.total.as_millis() as u64,
                 downtime_ms = moved.downtime.as_millis() as u64, bytes = moved.bytes, "domain moved");
@@ -268,6 +281,30 @@ async fn move_out<H: Hypervisor>(
         }
     }
 }
+
+/// Returns once the operator marks migration `uid` of desktop `d` cancelled in the record on
+/// the Desktop (its DesktopMigration was deleted while the domain moves), as the cache shows
+/// it; never when there is no cache.
+async fn cancelled<H>(ctx: &DesktopContext<H>, d: &Desktop, uid: &str) {
+    let Some(store) = ctx.desktops() else {
+        return std::future::pending().await;
+    };
+    let key = ObjectRef::from_obj(d);
+    loop {
+        let marked = store
+            .get(&key)
+            .and_then(|d| d.status.clone())
+            .and_then(|s| s.migration)
+            .is_some_and(|m| m.uid == uid && m.cancelled);
+        if marked {
+            return;
+        }
+        tokio::time::sleep(CANCEL_POLL).await;
+    }
+}
+
+/// How often a move looks for its cancellation.
+const CANCEL_POLL: Duration = Duration::from_millis(500);
 
 /// Where and how the domain goes: the target's libvirt and address from the record, its
 /// SPICE port there, listening as the pool's policy says on the target.
@@ -443,6 +480,7 @@ mod tests {
             uri: Some("qemu+tcp://h2/system".into()),
             address: None,
             spice_address: Some("10.0.0.2".into()),
+            cancelled: false,
         }
     }
 

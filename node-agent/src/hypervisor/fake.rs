@@ -485,4 +485,12 @@ impl Hypervisor for FakeHypervisor {
             Ok(s.jobs.contains(name) && s.domains.get(name).is_some_and(|d| d.state.is_active()))
         })
     }
+
+    async fn abort_migration(&self, name: &str) -> Result<()> {
+        self.check(Op::Status)?;
+        self.with(|s| {
+            s.jobs.remove(name);
+            Ok(())
+        })
+    }
 }

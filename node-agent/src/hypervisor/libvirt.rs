@@ -394,6 +394,14 @@ impl Hypervisor for LibvirtHypervisor {
             .await
     }
 
+    async fn abort_migration(&self, name: &str) -> Result<()> {
+        let name = name.to_string();
+        self.run("abort migration", move |c| {
+            domains::end_migration(c, &name, false)
+        })
+        .await
+    }
+
     async fn migrate_out(&self, name: &str, out: &Outbound) -> Result<Migrated> {
         let limits = out.limits;
         let (n, o) = (name.to_string(), out.clone());

@@ -276,6 +276,10 @@ pub trait Hypervisor: Send + Sync {
     /// Whether a job (a migration, say) runs on domain `name`; `false` when it does not run or
     /// does not exist.
     fn job_running(&self, name: &str) -> impl Future<Output = Result<bool>> + Send;
+
+    /// Aborts the outgoing migration of domain `name` (`virDomainAbortJob`): the move that
+    /// `migrate_out` runs ends with an error, and the domain runs on here.
+    fn abort_migration(&self, name: &str) -> impl Future<Output = Result<()>> + Send;
 }
 
 /// Where and how a live migration goes.

@@ -274,8 +274,9 @@ pub(super) async fn cancel(pass: &Pass<'_>) -> Result<Action, Error> {
     if !has_finalizer(m) {
         return Ok(Action::await_change());
     }
-    // The domain is on its way: the move is not stopped half-way, and the target stays held
-    // until the source host says how it ended (the desktop then arrives, or stays).
+    // The domain is on its way: the record tells the source host to abort the move, and the
+    // target stays held until the source host says how it ended (aborted: the desktop stays;
+    // completed before the abort: it arrives).
     if m.phase() == MigrationPhase::Running {
         let ctx = pass.ctx;
         let decision = {
@@ -283,7 +284,8 @@ pub(super) async fn cancel(pass: &Pass<'_>) -> Result<Action, Error> {
             plan::held(&ctx.stores, &ctx.migrations, &ledgers, m, pass.now)
         };
         if decision == Decision::Moving {
-            tracing::info!("migration deleted while the domain moves; waiting for the move to end");
+            mark_cancelled(pass, m).await?;
+            tracing::info!("migration deleted while the domain moves; the source host aborts it");
             return Ok(Action::requeue(Duration::from_secs(2)));
         }
     }
@@ -297,6 +299,38 @@ pub(super) async fn cancel(pass: &Pass<'_>) -> Result<Action, Error> {
     }
     settle(pass, m).await?;
     Ok(Action::await_change())
+}
+
+/// Marks this migration's record on its Desktop `cancelled` (once), under the migration's
+/// field manager, guarded by the version read: the source host then aborts the move.
+async fn mark_cancelled(pass: &Pass<'_>, m: &DesktopMigration) -> Result<(), Error> {
+    let Some(d) = plan::desktop_of(&pass.ctx.stores, m) else {
+        return Ok(());
+    };
+    let Some(record) = d.status.as_ref().and_then(|s| s.migration.clone()) else {
+        return Ok(());
+    };
+    if record.uid != pass.uid || record.cancelled {
+        return Ok(());
+    }
+    let status = DesktopStatus {
+        migration: Some(Migrating {
+            cancelled: true,
+            ..record
+        }),
+        ..DesktopStatus::default()
+    };
+    let name = d.name_any();
+    let ns = d.namespace();
+    let body = StatusApply::new::<Desktop>(&name, ns.as_deref(), status)
+        .guarded(d.metadata.resource_version.as_deref());
+    fence::check()?;
+    let pp = PatchParams::apply(MANAGER_OPERATOR_MIGRATION).force();
+    pass.desktops
+        .patch_status(&name, &pp, &Patch::Apply(&body))
+        .await
+        .map_err(kube("mark the migration cancelled on the desktop"))?;
+    Ok(())
 }
 
 /// Lets go of what an ended or deleted migration holds: the record on its Desktop (if it is
@@ -465,6 +499,7 @@ fn record_of(m: &DesktopMigration, pass: &Pass<'_>) -> Option<Migrating> {
         uri: endpoint.map(|e| e.uri.clone()),
         address: endpoint.and_then(|e| e.address.clone()),
         spice_address: node_status.and_then(|s| s.address.clone()),
+        cancelled: false,
         target,
     })
 }
