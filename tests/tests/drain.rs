@@ -8,7 +8,8 @@
 //!   migration per host at once here); neither guest is rebooted;
 //! - binds `parked` to host B, where it is defined and stays shut off, on the same disk;
 //! - leaves host A with no domain of them, and says `Drained=True` with no desktop left;
-//! - never has a domain running on both hosts: both libvirtds are polled throughout.
+//! - never has a domain running on both hosts: both libvirtds are polled throughout;
+//! - survives host A's agent killed and started again while beta moves.
 //!
 //! Clearing the drain removes its status and makes host A schedulable again.
 //!
@@ -176,6 +177,27 @@ async fn a_drain_empties_a_host_of_running_and_stopped_desktops() -> anyhow::Res
             &Patch::Merge(json!({ "spec": { "drain": true } })),
         )
         .await?;
+    // Host A's agent is killed (SIGKILL) while beta moves (QEMU waits for beta's SPICE client
+    // to follow), and started again: the move is libvirt's, and the new agent finds how it
+    // ended.
+    eventually(Duration::from_secs(60), "beta moving", || async {
+        let moving = desktops
+            .get("beta")
+            .await?
+            .status
+            .and_then(|s| s.migration_report)
+            .is_some_and(|r| r.state == deskvirt_crds::migration::MigrationState::Started);
+        Ok(moving.then_some(()))
+    })
+    .await?;
+    if let Some(mut agent) = w.agent.take() {
+        agent.kill()?;
+    }
+    eprintln!(
+        "[drain] host A's agent killed while beta moves, {:.1}s into the drain",
+        t0.elapsed().as_secs_f64()
+    );
+    w.agent = Some(w.spawn_agent(&w.node, &[])?);
     let done = eventually(Duration::from_secs(300), "host A Drained", || async {
         let n = nodes.get(&host_a).await?;
         let all_moved = n
@@ -296,11 +318,11 @@ async fn a_drain_empties_a_host_of_running_and_stopped_desktops() -> anyhow::Res
     );
     for m in [a, b] {
         let s = m.status.clone().unwrap_or_default();
+        // A move the restarted agent found ended has no figures: only the agent that ran it
+        // read them.
         eprintln!(
-            "[drain] {}: {} ms total, {} ms paused",
-            m.spec.desktop,
-            s.total_millis.unwrap_or(0),
-            s.downtime_millis.unwrap_or(0)
+            "[drain] {}: total {:?} ms, paused {:?} ms",
+            m.spec.desktop, s.total_millis, s.downtime_millis
         );
     }
 
