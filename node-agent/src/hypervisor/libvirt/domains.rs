@@ -535,6 +535,18 @@ pub(super) fn migrate_out(conn: &Connect, name: &str, out: &Outbound) -> Result<
                 target: name.to_string(),
                 message: e.to_string(),
             },
+            // This host's libvirt still answers: the connection that broke was its own to the
+            // target's libvirt (the target host went away), not this agent's.
+            HypervisorError::Disconnected { .. } if conn.is_alive().unwrap_or(false) => {
+                HypervisorError::Rejected {
+                    op,
+                    target: name.to_string(),
+                    message: format!(
+                        "the connection to the target host's libvirt broke during the move; the \
+                         domain runs on here ({e})"
+                    ),
+                }
+            }
             other => other,
         })?;
     // The figures are the target's: the source's domain is gone with its job.
