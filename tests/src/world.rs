@@ -456,6 +456,50 @@ pub fn guest_desktop(
     }))?)
 }
 
+/// Creates `name`, a desktop of the test guest with 128 MiB on a persistent disk plus the
+/// fields of `extra`, and waits (up to 4 minutes) until its phase is `phase`.
+pub async fn guest_in_phase(
+    w: &World,
+    name: &str,
+    extra: serde_json::Value,
+    phase: Phase,
+) -> anyhow::Result<()> {
+    let mut spec = json!({ "disk": { "image": "base.qcow2", "persistent": true } });
+    if let (Some(spec), serde_json::Value::Object(extra)) = (spec.as_object_mut(), extra) {
+        spec.extend(extra);
+    }
+    w.desktops()
+        .create(
+            &kube::api::PostParams::default(),
+            &guest_desktop(w, name, "128Mi", spec)?,
+        )
+        .await?;
+    crate::host::eventually(
+        std::time::Duration::from_secs(240),
+        &format!("{name} {phase:?}"),
+        || async { Ok((w.phase(name).await? == Some(phase)).then_some(())) },
+    )
+    .await
+}
+
+/// A DesktopMigration request `name` of the run for desktop `desktop`, to `target` if given.
+pub fn migration_request(
+    w: &World,
+    name: &str,
+    desktop: &str,
+    target: Option<&str>,
+) -> anyhow::Result<deskvirt_crds::DesktopMigration> {
+    let mut spec = json!({ "desktop": desktop });
+    if let Some(t) = target {
+        spec["targetNode"] = json!(t);
+    }
+    Ok(serde_json::from_value(json!({
+        "apiVersion": "deskvirt.io/v1alpha1", "kind": "DesktopMigration",
+        "metadata": { "name": name, "labels": { RUN_LABEL: w.run } },
+        "spec": spec,
+    }))?)
+}
+
 /// `virsh` against this machine's own libvirt (`qemu:///system`).
 pub fn virsh_system(args: &[&str]) -> anyhow::Result<String> {
     crate::host::run(

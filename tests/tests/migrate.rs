@@ -35,8 +35,8 @@ use deskvirt_tests::host::eventually;
 use deskvirt_tests::second_host::SecondHost;
 use deskvirt_tests::spice::{self, LinkOutcome};
 use deskvirt_tests::world::{
-    RUN_LABEL, World, console_password, create_pool, disk_of, domain_of, events, guest_desktop,
-    guest_uptimes, patch_pool, setup, spice_addr, virsh_system, wait_ready_hosts,
+    console_password, create_pool, disk_of, domain_of, events, guest_in_phase, guest_uptimes,
+    migration_request, patch_pool, setup, spice_addr, virsh_system, wait_ready_hosts,
 };
 use kube::api::{DeleteParams, PostParams};
 use kube::{Api, ResourceExt};
@@ -44,23 +44,6 @@ use serde_json::json;
 
 fn status_of(d: &Desktop) -> deskvirt_crds::desktop::DesktopStatus {
     d.status.clone().unwrap_or_default()
-}
-
-fn migration(
-    w: &World,
-    name: &str,
-    desktop: &str,
-    target: Option<&str>,
-) -> anyhow::Result<DesktopMigration> {
-    let mut spec = json!({ "desktop": desktop });
-    if let Some(t) = target {
-        spec["targetNode"] = json!(t);
-    }
-    Ok(serde_json::from_value(json!({
-        "apiVersion": "deskvirt.io/v1alpha1", "kind": "DesktopMigration",
-        "metadata": { "name": name, "labels": { RUN_LABEL: w.run } },
-        "spec": spec,
-    }))?)
 }
 
 fn ready_reason(m: &DesktopMigration) -> Option<(String, String)> {
@@ -82,20 +65,9 @@ async fn a_running_desktop_moves_live_to_another_host() -> anyhow::Result<()> {
     let migrations: Api<DesktopMigration> = Api::namespaced(w.client.clone(), &w.user_ns.name);
     let host_a = w.node.clone();
 
-    let extra = json!({ "disk": { "image": "base.qcow2", "persistent": true } });
-    desktops
-        .create(
-            &PostParams::default(),
-            &guest_desktop(&w, "mover", "128Mi", extra)?,
-        )
-        .await?;
-
+    guest_in_phase(&w, "mover", json!({}), Phase::Running).await?;
     // Host B joins, taking in migrations on its libvirt as host A's libvirtd reaches it.
     let node_b = w.add_migration_target(&host_b)?;
-    eventually(Duration::from_secs(240), "mover Running on A", || async {
-        Ok((w.phase("mover").await? == Some(Phase::Running)).then_some(()))
-    })
-    .await?;
     wait_ready_hosts(&w, 2).await?;
     eprintln!(
         "[migrate] both hosts up, mover running: {:.1}s",
@@ -136,7 +108,7 @@ async fn a_running_desktop_moves_live_to_another_host() -> anyhow::Result<()> {
     migrations
         .create(
             &PostParams::default(),
-            &migration(&w, "capped", "mover", None)?,
+            &migration_request(&w, "capped", "mover", None)?,
         )
         .await?;
     let capped = eventually(Duration::from_secs(120), "capped ended", || async {
@@ -180,7 +152,7 @@ async fn a_running_desktop_moves_live_to_another_host() -> anyhow::Result<()> {
     migrations
         .create(
             &PostParams::default(),
-            &migration(&w, "cancelled", "mover", None)?,
+            &migration_request(&w, "cancelled", "mover", None)?,
         )
         .await?;
     eventually(Duration::from_secs(60), "cancelled moving", || async {
@@ -234,7 +206,7 @@ async fn a_running_desktop_moves_live_to_another_host() -> anyhow::Result<()> {
     migrations
         .create(
             &PostParams::default(),
-            &migration(&w, "to-b", "mover", None)?,
+            &migration_request(&w, "to-b", "mover", None)?,
         )
         .await?;
     let done = eventually(Duration::from_secs(180), "to-b ended", || async {
@@ -366,7 +338,7 @@ async fn a_running_desktop_moves_live_to_another_host() -> anyhow::Result<()> {
     migrations
         .create(
             &PostParams::default(),
-            &migration(&w, "to-a", "mover", Some(&host_a))?,
+            &migration_request(&w, "to-a", "mover", Some(&host_a))?,
         )
         .await?;
     let waiting = eventually(Duration::from_secs(30), "to-a waits", || async {

@@ -23,7 +23,7 @@ use deskvirt_tests::cluster::unique_suffix;
 use deskvirt_tests::host::eventually;
 use deskvirt_tests::second_host::SecondHost;
 use deskvirt_tests::world::{
-    RUN_LABEL, create_pool, domain_of, guest_desktop, patch_pool, setup, virsh_system,
+    create_pool, domain_of, guest_in_phase, migration_request, patch_pool, setup, virsh_system,
     wait_ready_hosts,
 };
 use kube::Api;
@@ -68,17 +68,7 @@ async fn a_target_lost_mid_move_leaves_the_desktop_running_at_the_source() -> an
     let desktops = w.desktops();
     let migrations: Api<DesktopMigration> = Api::namespaced(w.client.clone(), &w.user_ns.name);
     let host_a = w.node.clone();
-    let extra = json!({ "disk": { "image": "base.qcow2", "persistent": true } });
-    desktops
-        .create(
-            &PostParams::default(),
-            &guest_desktop(&w, "mover", "128Mi", extra)?,
-        )
-        .await?;
-    eventually(Duration::from_secs(240), "mover Running on A", || async {
-        Ok((w.phase("mover").await? == Some(Phase::Running)).then_some(()))
-    })
-    .await?;
+    guest_in_phase(&w, "mover", json!({}), Phase::Running).await?;
     w.add_migration_target(&host_b)?;
     wait_ready_hosts(&w, 2).await?;
     let domain = domain_of(&desktops, &w.user_ns.name, "mover").await?;
@@ -112,11 +102,7 @@ async fn a_target_lost_mid_move_leaves_the_desktop_running_at_the_source() -> an
     migrations
         .create(
             &PostParams::default(),
-            &serde_json::from_value(json!({
-                "apiVersion": "deskvirt.io/v1alpha1", "kind": "DesktopMigration",
-                "metadata": { "name": "lost", "labels": { RUN_LABEL: w.run } },
-                "spec": { "desktop": "mover" },
-            }))?,
+            &migration_request(&w, "lost", "mover", None)?,
         )
         .await?;
     eventually(Duration::from_secs(60), "the move started", || async {
