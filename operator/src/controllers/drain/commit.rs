@@ -293,8 +293,9 @@ async fn remove_status(ctx: &Context, n: &DomainNode) -> Result<(), Error> {
     Ok(())
 }
 
-/// A pass over a host whose drain was cleared: its migrations are deleted (a running one ends
-/// first: its finalizer holds until the move is settled) and the drain's fields removed.
+/// A pass over a host whose drain was cleared: its migrations are deleted (a move under way is
+/// aborted by its source host; the finalizer holds until it is settled) and the drain's fields
+/// removed.
 pub(super) async fn undrain(ctx: &Context, n: &DomainNode) -> Result<Action, Error> {
     let migrations = made_for(&ctx.stores, n);
     for m in migrations
