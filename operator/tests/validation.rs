@@ -103,6 +103,32 @@ fn pool_cases() -> Table {
             )],
         ),
         (
+            "spec.migration.bandwidthMiBPerSecond",
+            vec![
+                Schema(json!({"migration": {"bandwidthMiBPerSecond": 0}})),
+                Schema(json!({"migration": {"bandwidthMiBPerSecond": 100001}})),
+            ],
+        ),
+        (
+            "spec.migration.completionTimeout",
+            vec![
+                Schema(json!({"migration": {"completionTimeout": "5 minutes"}})),
+                Schema(json!({"migration": {"completionTimeout": "-1s"}})),
+            ],
+        ),
+        (
+            "spec.migration.autoConverge",
+            vec![Any(
+                "either is valid: QEMU throttles the guest's vCPUs, or not",
+            )],
+        ),
+        (
+            "spec.migration.postCopy",
+            vec![Any(
+                "either is valid: post-copy at the completion timeout, or an abort",
+            )],
+        ),
+        (
             "spec.network.mode",
             vec![Schema(json!({"network": {"mode": "overlay"}}))],
         ),
