@@ -121,10 +121,13 @@ impl Plan {
 /// Decides a drain pass.
 pub fn plan(f: &Facts<'_>) -> Plan {
     let mut out = Plan::default();
+    // Only migrations of desktops still bound here take a slot: one that names anything else
+    // (a look-alike a tenant made, say) holds no move of this host.
     let open = f
         .migrations
         .iter()
         .filter(|m| m.outcome == Outcome::Open)
+        .filter(|m| f.desktops.iter().any(|d| d.key == m.desktop))
         .count();
     let mut slots = (f.per_host as usize).saturating_sub(open);
     let mut wanting: Vec<(usize, &Desktop<'_>)> = Vec::new();
@@ -294,6 +297,20 @@ mod tests {
         }];
         let p = plan(&facts(&ds, &ms));
         assert_eq!(p.create, ["ns/b"], "one slot of two is taken");
+        let ghosts = [
+            Migration {
+                name: "g1",
+                desktop: "ns/ghost",
+                outcome: Outcome::Open,
+            },
+            Migration {
+                name: "g2",
+                desktop: "other/ghost",
+                outcome: Outcome::Open,
+            },
+        ];
+        let p = plan(&facts(&ds, &ghosts));
+        assert_eq!(p.create, ["ns/a", "ns/b"], "look-alikes take no slot");
     }
 
     #[test]

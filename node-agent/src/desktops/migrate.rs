@@ -275,6 +275,9 @@ async fn move_out<H: Hypervisor>(
             let r = completed(me, m, &moved);
             write(ctx, d, &r).await
         }
+        // The call's deadline passed while libvirt may still move the domain: nothing is
+        // reported; the next pass finds the job running (and holds) or the domain gone.
+        Err(e @ crate::hypervisor::HypervisorError::Timeout { .. }) => Err(e.into()),
         Err(e) => {
             tracing::warn!(domain = name, target = %m.target, error = %e, "the move failed; the domain runs here as before");
             fail(ctx, d, m, e.to_string()).await
@@ -291,11 +294,11 @@ async fn cancelled<H>(ctx: &DesktopContext<H>, d: &Desktop, uid: &str) {
     };
     let key = ObjectRef::from_obj(d);
     loop {
+        // Marked cancelled, or the record is gone or another's: the operator let the target go.
         let marked = store
             .get(&key)
             .and_then(|d| d.status.clone())
-            .and_then(|s| s.migration)
-            .is_some_and(|m| m.uid == uid && m.cancelled);
+            .is_some_and(|s| s.migration.is_none_or(|m| m.uid != uid || m.cancelled));
         if marked {
             return;
         }
@@ -355,7 +358,7 @@ const MIN_COMPLETION: Duration = Duration::from_secs(5);
 /// through but that does not parse (or is shorter than [`MIN_COMPLETION`]) is raised to it.
 fn limits(p: &deskvirt_crds::resource_pool::PoolMigration) -> MoveLimits {
     let timeout = deskvirt_core::quantity::parse_duration(&p.completion_timeout)
-        .unwrap_or(MIN_COMPLETION)
+        .unwrap_or(MoveLimits::default().completion_timeout)
         .max(MIN_COMPLETION);
     MoveLimits {
         bandwidth_mib: p.bandwidth_mib_per_second.map(u64::from),

@@ -36,6 +36,9 @@ pub struct Deadlines {
     pub slow: Duration,
 }
 
+/// How long past a migration's completion timeout its call may run: the abort needs to land.
+const ABORT_GRACE: Duration = Duration::from_secs(120);
+
 impl Default for Deadlines {
     fn default() -> Self {
         Self {
@@ -405,7 +408,13 @@ impl Hypervisor for LibvirtHypervisor {
     async fn migrate_out(&self, name: &str, out: &Outbound) -> Result<Migrated> {
         let limits = out.limits;
         let (n, o) = (name.to_string(), out.clone());
-        let moving = self.run_slow("migrate", move |c| domains::migrate_out(c, &n, &o));
+        // The call's own deadline leaves the abort at the completion timeout time to land: a
+        // move whose call gave up while libvirt still moves it would be taken for a failure.
+        let limit = self
+            .deadlines
+            .slow
+            .max(limits.completion_timeout + ABORT_GRACE);
+        let moving = self.guarded("migrate", limit, move |c| domains::migrate_out(c, &n, &o));
         tokio::pin!(moving);
         tokio::select! {
             done = &mut moving => return done,
@@ -419,12 +428,26 @@ impl Hypervisor for LibvirtHypervisor {
         } else {
             "abort migration"
         };
-        let ended = self
-            .run(op, move |c| domains::end_migration(c, &n, post))
-            .await;
         let secs = limits.completion_timeout.as_secs();
-        tracing::warn!(domain = name, timeout_secs = secs, post_copy = post, ended = ?ended.as_ref().err(), "live migration past its completion timeout");
+        // Tried until it lands or the move ends by itself.
+        loop {
+            let n = n.clone();
+            let ended = self
+                .run(op, move |c| domains::end_migration(c, &n, post))
+                .await;
+            tracing::warn!(domain = name, timeout_secs = secs, post_copy = post, ended = ?ended.as_ref().err(), "live migration past its completion timeout");
+            if ended.is_ok() || post {
+                break;
+            }
+            tokio::select! {
+                done = &mut moving => return done,
+                () = tokio::time::sleep(Duration::from_secs(5)) => {}
+            }
+        }
         match moving.await {
+            // The call's deadline passed with libvirt still moving: not a failure to report;
+            // the next pass judges the job and the domain.
+            Err(e @ HypervisorError::Timeout { .. }) => Err(e),
             Err(e) if !post => Err(HypervisorError::Rejected {
                 op: "migrate",
                 target: name.to_string(),

@@ -141,7 +141,15 @@ async fn wait_for_host(pass: &Pass<'_>) -> Result<Action, Error> {
             .is_some_and(|m| m.target != *n && super::arrive::confirmed(&ctx.stores, &pass.uid, m))
     {
         tracing::info!(from = %n, "deleted after a completed live migration; the binding follows it first");
-        return super::bound::bound(pass, n).await;
+        match super::bound::bound(pass, n).await {
+            Ok(action) => return Ok(action),
+            // The pass could not move it (its namespace going away refuses the console
+            // Secret, say): the deletion waits for the source host as before, and the force
+            // annotation still applies to a lost one.
+            Err(e) => {
+                tracing::warn!(error = %super::chain(&e), "the binding could not follow the moved domain")
+            }
+        }
     }
     let after = ctx
         .stores

@@ -42,6 +42,10 @@ pub(super) fn rebind(
     if !ctx.stores.node(node).is_some_and(|n| n.spec.drain) {
         return None;
     }
+    // What the host last said of the domain must be current: its heartbeat is fresh.
+    if !ctx.heartbeat(node, seen.now).is_fresh() {
+        return None;
+    }
     let pool = txn.pool()?.clone();
     let k = key(d);
     if !rebind_target_wanted(&desktop_facts(d, &k), pool.spec.storage.shared) {

@@ -240,7 +240,26 @@ async fn create(
             ctx.metrics.drain_migrations.inc();
             Ok(true)
         }
-        Err(kube::Error::Api(s)) if s.code == 409 => Ok(false),
+        Err(kube::Error::Api(s)) if s.code == 409 => {
+            // Ours, made before the cache shows it; or someone else's of that name, which
+            // blocks the drain of this desktop: said on the host, never touched.
+            let theirs = api.get_opt(&name).await.ok().flatten().is_some_and(|o| {
+                !o.owner_references()
+                    .iter()
+                    .any(|r| r.kind == "DomainNode" && Some(&r.uid) == n.uid().as_ref())
+            });
+            if theirs {
+                let note = format!(
+                    "DesktopMigration {ns}/{name} exists and was not made by the drain; {ns}/{} \
+                     is not moved until it is gone",
+                    d.name_any()
+                );
+                tracing::warn!(%note, "drain blocked by a look-alike migration");
+                ctx.event(n, EventType::Warning, "DrainBlocked", "Drain", note)
+                    .await;
+            }
+            Ok(false)
+        }
         Err(e) => Err(kube("make a drain migration")(e)),
     }
 }

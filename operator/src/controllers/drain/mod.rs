@@ -169,7 +169,8 @@ pub fn desktop_facts<'a>(d: &Desktop, key: &'a str) -> drain::Desktop<'a> {
         Power::Settling
     } else if running.is_some_and(|c| c.status == "True") {
         Power::Running
-    } else if running.is_none_or(|c| c.status == "False")
+    // Stopped only as the host reported it: a Running condition that is False.
+    } else if running.is_some_and(|c| c.status == "False")
         && (d.spec.power == SpecPower::Off || st.is_some_and(released))
     {
         Power::Stopped

@@ -277,7 +277,8 @@ pub(super) async fn cancel(pass: &Pass<'_>) -> Result<Action, Error> {
     // The domain is on its way: the record tells the source host to abort the move, and the
     // target stays held until the source host says how it ended (aborted: the desktop stays;
     // completed before the abort: it arrives).
-    if m.phase() == MigrationPhase::Running {
+    // Scheduling too: the source may have reported Started before this status moved on.
+    if m.phase().holds_target() {
         let ctx = pass.ctx;
         let decision = {
             let ledgers = ctx.ledgers.lock().await;
