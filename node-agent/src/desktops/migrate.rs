@@ -67,6 +67,9 @@ pub enum Step {
     Completed,
     /// Report the move Failed, for this reason; the domain runs here as before.
     Failed(&'static str),
+    /// Abort the move under way (it was cancelled while a restarted agent found it moving);
+    /// the next pass reports how it ended.
+    Abort,
 }
 
 /// Decides the pass.
@@ -89,6 +92,7 @@ pub fn decide(f: &Facts<'_>) -> Step {
     match (mine, f.domain) {
         (None, Domain::Running) => Step::Start,
         (None, _) => Step::Failed("the desktop's domain does not run on this host"),
+        (Some(MigrationState::Started), _) if f.job && record.cancelled => Step::Abort,
         (Some(MigrationState::Started), _) if f.job => Step::Hold("the domain is moving"),
         (Some(MigrationState::Started), Domain::Absent) => Step::Completed,
         (Some(MigrationState::Started), _) => Step::Failed(
@@ -226,6 +230,13 @@ pub(super) async fn drive<H: Hypervisor>(
         (Step::Failed(why), Some(m)) => {
             fail(ctx, d, m, why.to_string()).await?;
             Ok(None)
+        }
+        (Step::Abort, _) => {
+            tracing::info!(domain = %name, "a move found under way after a restart was cancelled; aborting it");
+            if let Err(e) = ctx.hypervisor.abort_migration(&name).await {
+                tracing::warn!(domain = %name, error = %e, "could not abort the move");
+            }
+            Ok(Some(MIGRATION_RESYNC))
         }
         // Each step but Converge and Hold comes with a record.
         (_, None) => Ok(None),
@@ -527,6 +538,17 @@ mod tests {
             ..facts(Some(&m), Some(("m1", Started)), Domain::Running)
         };
         assert!(matches!(decide(&moving), Step::Hold(_)));
+        let mut cancelled = record();
+        cancelled.cancelled = true;
+        let to_abort = Facts {
+            job: true,
+            ..facts(Some(&cancelled), Some(("m1", Started)), Domain::Running)
+        };
+        assert_eq!(
+            decide(&to_abort),
+            Step::Abort,
+            "a cancel reaches a move found moving"
+        );
         assert_eq!(
             decide(&facts(Some(&m), Some(("m1", Started)), Domain::Absent)),
             Step::Completed
