@@ -51,11 +51,11 @@ pub fn prepare_host() -> anyhow::Result<PathBuf> {
     Ok(dir)
 }
 
-/// A TCP port nobody listens on right now.
+/// A TCP port nobody listens on right now, below the kernel's ephemeral range (see
+/// [`free_port_range`]): a SPICE port a test hands to QEMU was once taken meanwhile by the
+/// local end of an outgoing connection, and the domain could not start.
 pub fn free_port() -> anyhow::Result<u16> {
-    Ok(TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?
-        .local_addr()?
-        .port())
+    free_port_range(1)
 }
 
 /// `count` consecutive free ports from a random start (for a pool's SPICE range), below the
