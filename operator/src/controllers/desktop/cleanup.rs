@@ -16,6 +16,7 @@ use kube::runtime::events::EventType;
 use super::console::{delete_mirror, delete_user_secret, ever_bound};
 use super::status::{Owned, write};
 use super::{Error, Pass, kube};
+use crate::controllers::Categorized as _;
 use crate::controllers::remove_finalizer;
 use crate::fence;
 
@@ -143,6 +144,8 @@ async fn wait_for_host(pass: &Pass<'_>) -> Result<Action, Error> {
         tracing::info!(from = %n, "deleted after a completed live migration; the binding follows it first");
         match super::bound::bound(pass, n).await {
             Ok(action) => return Ok(action),
+            // Lost a write race or the fence: the pass looks again soon.
+            Err(e) if e.is_conflict() || e.is_transient() => return Err(e),
             // The pass could not move it (its namespace going away refuses the console
             // Secret, say): the deletion waits for the source host as before, and the force
             // annotation still applies to a lost one.
