@@ -314,11 +314,29 @@ async fn mark_cancelled(pass: &Pass<'_>, m: &DesktopMigration) -> Result<(), Err
     if record.uid != pass.uid || record.cancelled {
         return Ok(());
     }
+    let record = Migrating {
+        cancelled: true,
+        ..record
+    };
+    apply_record(
+        pass,
+        &d,
+        record,
+        "mark the migration cancelled on the desktop",
+    )
+    .await
+}
+
+/// Applies `record` as the Desktop `d`'s `status.migration`, under the migration's field
+/// manager, onto the version of `d` the pass saw (a replaced Desktop is never written).
+async fn apply_record(
+    pass: &Pass<'_>,
+    d: &Desktop,
+    record: Migrating,
+    action: &'static str,
+) -> Result<(), Error> {
     let status = DesktopStatus {
-        migration: Some(Migrating {
-            cancelled: true,
-            ..record
-        }),
+        migration: Some(record),
         ..DesktopStatus::default()
     };
     let name = d.name_any();
@@ -330,7 +348,7 @@ async fn mark_cancelled(pass: &Pass<'_>, m: &DesktopMigration) -> Result<(), Err
     pass.desktops
         .patch_status(&name, &pp, &Patch::Apply(&body))
         .await
-        .map_err(kube("mark the migration cancelled on the desktop"))?;
+        .map_err(kube(action))?;
     Ok(())
 }
 
@@ -370,27 +388,13 @@ async fn ensure_record(pass: &Pass<'_>, m: &DesktopMigration) -> Result<(), Erro
     if let Some(uid) = d.uid() {
         stamp_mirror(pass, &uid, &record).await?;
     }
-    let status = DesktopStatus {
-        migration: Some(Migrating {
-            since: current
-                .filter(|c| c.uid == record.uid)
-                .map_or(record.since.clone(), |c| c.since.clone()),
-            ..record
-        }),
-        ..DesktopStatus::default()
+    let record = Migrating {
+        since: current
+            .filter(|c| c.uid == record.uid)
+            .map_or(record.since.clone(), |c| c.since.clone()),
+        ..record
     };
-    let name = d.name_any();
-    let ns = d.namespace();
-    // Onto the Desktop the plan saw, so a replaced one is never recorded.
-    let body = StatusApply::new::<Desktop>(&name, ns.as_deref(), status)
-        .guarded(d.metadata.resource_version.as_deref());
-    fence::check()?;
-    let pp = PatchParams::apply(MANAGER_OPERATOR_MIGRATION).force();
-    pass.desktops
-        .patch_status(&name, &pp, &Patch::Apply(&body))
-        .await
-        .map_err(kube("record the migration on the desktop"))?;
-    Ok(())
+    apply_record(pass, &d, record, "record the migration on the desktop").await
 }
 
 /// Stamps the desktop's console mirror with the migration (`deskvirt.io/migration`), under the
