@@ -53,6 +53,9 @@ pub struct ValidDesktop {
     /// What the pool forbids in this spec. The operator refuses the desktop on them; a host
     /// never applies them (the value holds the pool's bound instead).
     pub refused: Vec<FieldError>,
+    /// The CPU model the pool pins (`spec.cpu.model` of the pool); `None` for the hypervisor's
+    /// default.
+    pub cpu_model: Option<String>,
 }
 
 impl ValidDesktop {
@@ -77,6 +80,7 @@ mod tests {
             connected_is_active: true,
             usb: UsbPolicy::default(),
             refused: vec![],
+            cpu_model: None,
         };
         assert_eq!(v.admitted(None), Ok(v.asked));
         assert_eq!(

@@ -54,6 +54,7 @@ fn policy() -> impl Strategy<Value = PoolPolicy> {
             },
             placement,
             ports,
+            cpu_model: None,
         })
 }
 
@@ -68,13 +69,14 @@ fn hosts(policy: PoolPolicy, max: usize) -> impl Strategy<Value = Vec<HostView>>
         prop::bool::weighted(0.1),
         prop::bool::weighted(0.05),
         prop::bool::weighted(0.1),
+        prop::bool::weighted(0.1),
     );
     prop::collection::vec(host, 0..max).prop_map(move |specs| {
         specs
             .into_iter()
             .enumerate()
             .map(
-                |(i, (cpus, mem_gi, huge_gi, ready, cordoned, maintenance, foreign))| {
+                |(i, (cpus, mem_gi, huge_gi, ready, cordoned, maintenance, foreign, no_model))| {
                     let capacity = HostCapacity {
                         physical_cpus: cpus,
                         cpu_ratio: policy.cpu_ratio,
@@ -86,6 +88,7 @@ fn hosts(policy: PoolPolicy, max: usize) -> impl Strategy<Value = Vec<HostView>>
                     h.ready = ready;
                     h.unschedulable = cordoned;
                     h.maintenance = maintenance;
+                    h.lacks_cpu_model = no_model;
                     h
                 },
             )

@@ -253,6 +253,12 @@ pub struct CpuFacts {
     pub threads: u32,
     /// Nominal speed in MHz.
     pub mhz: u32,
+    /// The named CPU models the hypervisor can give a domain here (libvirt's domain
+    /// capabilities, custom mode, usable ones): what a pool's `spec.cpu.model` may name.
+    /// Unset when the agent could not read them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 256))]
+    pub models: Option<Vec<String>>,
 }
 
 /// Hugepage pool of the host.

@@ -33,6 +33,7 @@ fn policy_spec(spec: &ResourcePoolSpec) -> PolicySpec<'_> {
         reference_memory: &spec.reference_size.memory,
         placement: spec.placement,
         ports: spec.display.spice_ports,
+        cpu_model: spec.cpu.model.as_deref(),
     }
 }
 
@@ -185,6 +186,9 @@ pub fn host_report(node: &DomainNode) -> HostReport {
             crate::conditions::find(&s.conditions, LIBVIRT_CONNECTED)
                 .is_none_or(|c| c.status != "False")
         }),
+        cpu_models: status
+            .and_then(|s| s.cpu.as_ref())
+            .and_then(|c| c.models.clone()),
     }
 }
 

@@ -118,6 +118,41 @@ pub struct ResourcePoolSpec {
     /// How live migrations of the pool's desktops run (DesktopMigration, host drain).
     #[serde(default)]
     pub migration: PoolMigration,
+    /// The virtual CPU every desktop of the pool is given.
+    #[serde(default)]
+    pub cpu: PoolCpu,
+}
+
+/// The virtual CPU of the pool's desktops.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PoolCpu {
+    /// A named CPU model pinned for every desktop of the pool, such as `Westmere`,
+    /// `Skylake-Client-IBRS` or `EPYC` (the usable names of a host are in its DomainNode's
+    /// `status.cpu.models`, from `virsh domcapabilities`). A desktop then sees the same CPU
+    /// on every host, so it live-migrates between hosts of different CPU generations, and the
+    /// guest may use the model's instructions. Desktops are placed (and moved) only on hosts
+    /// that report the model usable; others count as `CpuModelUnsupported` in `Scheduled`.
+    /// Unset: the hypervisor's default model (qemu64), which runs and migrates everywhere but
+    /// hides newer instructions. The host's own model (`host-model`, `host-passthrough`) is not
+    /// offered: it breaks migration between unlike hosts. A change applies at each desktop's
+    /// next start.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = CPU_MODEL), length(max = 64))]
+    pub model: Option<String>,
+}
+
+/// A libvirt CPU model name: letters, digits, `-`, `_` and `.`, starting with a letter. The
+/// host's own models (`host-model`, `host-passthrough`) match it; the operator refuses them
+/// (Ready=False, reason InvalidSpec).
+pub const CPU_MODEL: &str = r"^[A-Za-z][A-Za-z0-9._-]{0,63}$";
+
+/// Whether `model` names the host's own CPU rather than a fixed model (`host-model`,
+/// `host-passthrough`, any `host-*`): such a desktop cannot move between unlike hosts.
+pub fn is_host_cpu(model: &str) -> bool {
+    model
+        .get(..5)
+        .is_some_and(|p| p.eq_ignore_ascii_case("host-"))
 }
 
 /// How a live migration runs between the pool's hosts.

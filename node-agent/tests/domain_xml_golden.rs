@@ -66,7 +66,8 @@ fn every_field_desktop() {
     let mut binding = binding();
     binding.pinned_cpus = vec![4, 5, 6, 7, 8];
     binding.mac = "52:54:00:AA:BB:CC".into();
-    let inputs = inputs(spec, &host, &binding);
+    let mut inputs = inputs(spec, &host, &binding);
+    inputs.cpu_model = Some("Westmere".into());
     assert_eq!(inputs.cpu_pinning, vec![4, 5, 6, 7]);
     assert_eq!(inputs.mac, "52:54:00:aa:bb:cc");
     let xml = render(&inputs);

@@ -291,3 +291,60 @@ async fn a_spice_port_taken_on_the_host_moves_the_desktop_to_another() {
     assert_eq!(common::binding(&running).1, port);
     assert_eq!(t.operator.metrics.busy_ports_moved.get(), 1);
 }
+
+/// A pool that pins a CPU model places its desktops only on hosts that list the model: a host
+/// that does not is left out of the pool's capacity and counted by name in `Scheduled`; when no
+/// ready host runs it, the desktop is `Scheduled=False CpuModelUnsupported`, naming the model.
+#[tokio::test]
+async fn a_pinned_cpu_model_places_desktops_only_on_hosts_that_run_it() {
+    let t = Setup::new("op-cpu", json!({ "cpu": { "model": "Westmere" } }), 30).await;
+    let (run, pool, lacking) = (&t.run, &t.host.pool, &t.host.node);
+    run.host_with_cpu_models(lacking, 8, "16Gi", Some(&["qemu64"]))
+        .await;
+    let able = format!("op-node-able-{}", run.id);
+    run.host_with_cpu_models(&able, 8, "16Gi", Some(&["qemu64", "Westmere"]))
+        .await;
+    let _heartbeat = run.heartbeat(&able, 30);
+
+    let desks = run.desktops();
+    for name in ["one", "two"] {
+        run.create_desktop(name, pool).await;
+        let d = wait_for(&desks, name, "binding", |d: &Desktop| node_of(d).is_some()).await;
+        assert_eq!(
+            node_of(&d),
+            Some(able.as_str()),
+            "{name} on a host without Westmere"
+        );
+    }
+    let p = wait_for(&run.pools(), pool, "one node ready", |p: &ResourcePool| {
+        p.status
+            .as_ref()
+            .and_then(|s| s.nodes)
+            .is_some_and(|n| n.total == 2 && n.ready == 1)
+    })
+    .await;
+    assert_eq!(p.status.and_then(|s| s.capacity).map(|c| c.cpu), Some(28));
+
+    // The able host stops listing the model: nothing is left that runs it.
+    run.host_with_cpu_models(&able, 8, "16Gi", Some(&["qemu64"]))
+        .await;
+    run.create_desktop("three", pool).await;
+    let d = wait_for(&desks, "three", "CpuModelUnsupported", |d: &Desktop| {
+        d.status
+            .as_ref()
+            .and_then(|s| cond(&s.conditions, "Scheduled"))
+            .is_some_and(|c| c.status == "False" && c.reason == "CpuModelUnsupported")
+    })
+    .await;
+    let msg = d
+        .status
+        .as_ref()
+        .and_then(|s| cond(&s.conditions, "Scheduled"))
+        .map(|c| c.message.clone())
+        .unwrap_or_default();
+    assert!(
+        msg.contains("0 of 2 hosts fit: 2 cannot run CPU model Westmere"),
+        "{msg}"
+    );
+    assert_eq!(node_of(&d), None);
+}

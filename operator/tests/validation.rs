@@ -117,6 +117,15 @@ fn pool_cases() -> Table {
             ],
         ),
         (
+            "spec.cpu.model",
+            vec![
+                Schema(json!({"cpu": {"model": "Sky lake"}})),
+                Schema(json!({"cpu": {"model": "x".repeat(65)}})),
+                cond_(json!({"cpu": {"model": "host-passthrough"}})),
+                cond_(json!({"cpu": {"model": "host-model"}})),
+            ],
+        ),
+        (
             "spec.migration.autoConverge",
             vec![Any(
                 "either is valid: QEMU throttles the guest's vCPUs, or not",

@@ -18,6 +18,9 @@
 //!   cancelled by deleting it, which frees what it held;
 //! - deleting `mover` removes its disk through host B.
 //!
+//! The pool pins a CPU model (`spec.cpu.model`) that both agents report usable: `mover` runs
+//! with it on host A and, after the move, on host B.
+//!
 //! Run: `cargo test -p deskvirt-tests --test migrate -- --nocapture`.
 
 use std::os::unix::fs::MetadataExt;
@@ -29,7 +32,7 @@ use deskvirt_crds::conditions::find;
 use deskvirt_crds::constants::{LABEL_NODE, condition};
 use deskvirt_crds::desktop::Phase;
 use deskvirt_crds::migration::MigrationPhase;
-use deskvirt_crds::{Desktop, DesktopMigration};
+use deskvirt_crds::{Desktop, DesktopMigration, DomainNode};
 use deskvirt_tests::cluster::unique_suffix;
 use deskvirt_tests::host::eventually;
 use deskvirt_tests::second_host::SecondHost;
@@ -41,6 +44,9 @@ use deskvirt_tests::world::{
 use kube::api::{DeleteParams, PostParams};
 use kube::{Api, ResourceExt};
 use serde_json::json;
+
+/// The model the pool pins: one of QEMU's named models that TCG emulates on any host.
+const CPU_MODEL: &str = "Westmere";
 
 fn status_of(d: &Desktop) -> deskvirt_crds::desktop::DesktopStatus {
     d.status.clone().unwrap_or_default()
@@ -60,6 +66,21 @@ async fn a_running_desktop_moves_live_to_another_host() -> anyhow::Result<()> {
     create_pool(&w).await?;
     patch_pool(&w, json!({ "storage": { "shared": true } })).await?;
     w.agent = Some(w.spawn_agent(&w.node, &[])?);
+    // The pool pins a CPU model host A's agent reports usable, so the desktop sees the same
+    // CPU on both hosts (under TCG both offer QEMU's emulated models).
+    let nodes: Api<DomainNode> = Api::all(w.client.clone());
+    let models = eventually(Duration::from_secs(60), "host A's CPU models", || async {
+        let n = nodes.get_opt(&w.node).await?;
+        Ok(n.and_then(|n| n.status)
+            .and_then(|s| s.cpu)
+            .and_then(|c| c.models))
+    })
+    .await?;
+    anyhow::ensure!(
+        models.iter().any(|m| m == CPU_MODEL),
+        "host A does not offer {CPU_MODEL}: {models:?}"
+    );
+    patch_pool(&w, json!({ "cpu": { "model": CPU_MODEL } })).await?;
     w.start_operator()?;
     let desktops = w.desktops();
     let migrations: Api<DesktopMigration> = Api::namespaced(w.client.clone(), &w.user_ns.name);
@@ -86,6 +107,11 @@ async fn a_running_desktop_moves_live_to_another_host() -> anyhow::Result<()> {
         .and_then(|s| s.port)
         .context("no port")?;
     let domain = domain_of(&desktops, &w.user_ns.name, "mover").await?;
+    let pinned = format!("<model fallback='forbid'>{CPU_MODEL}</model>");
+    anyhow::ensure!(
+        virsh_system(&["dumpxml", &domain])?.contains(&pinned),
+        "mover on host A does not run the pool's CPU model"
+    );
     let disk = disk_of(&virsh_system(&["domblklist", &domain])?)?;
     let inode = std::fs::metadata(&disk)?.ino();
     let serial_a = PathBuf::from(format!("/var/log/libvirt/qemu/{domain}-serial.log"));
@@ -288,6 +314,10 @@ async fn a_running_desktop_moves_live_to_another_host() -> anyhow::Result<()> {
             .virsh(&["dominfo", &domain])?
             .contains("Persistent:     yes"),
         "not persistent on host B"
+    );
+    anyhow::ensure!(
+        host_b.virsh(&["dumpxml", &domain])?.contains(&pinned),
+        "mover on host B does not run the pool's CPU model"
     );
     let names = virsh_system(&["list", "--all", "--name"])?;
     anyhow::ensure!(

@@ -110,6 +110,9 @@ fn home_problem(
     if host.maintenance {
         return Some("is in maintenance".into());
     }
+    if host.lacks_cpu_model {
+        return Some("cannot run the pool's CPU model".into());
+    }
     let short = host.capacity.shortfalls(&host.allocated, request);
     let no_port = host.ports_in_use >= ports.len();
     if short.none() && !no_port {

@@ -59,7 +59,8 @@ pub fn choose_target<'a>(
     match judge(host, request, policy.ports) {
         Verdict::Fits => Ok(host),
         verdict => {
-            let mut report = FitReport::new(pool, *request, policy.ports);
+            let mut report =
+                FitReport::new(pool, *request, policy.ports).with_cpu_model(policy.cpu_model);
             report.record(&verdict);
             refuse(
                 MigrationReason::NoTarget,

@@ -27,6 +27,7 @@ pub fn policy(placement: Placement) -> PoolPolicy {
             first: 5900,
             last: 6899,
         },
+        cpu_model: None,
     }
 }
 

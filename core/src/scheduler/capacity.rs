@@ -275,6 +275,7 @@ mod tests {
                 first: 5900,
                 last: 6899,
             },
+            cpu_model: None,
         }
     }
 

@@ -1,5 +1,5 @@
-//! Whether one host can take one desktop, and if not, why: health and admin flags first, then
-//! CPU, dedicated CPUs, memory, hugepages and a free SPICE port.
+//! Whether one host can take one desktop, and if not, why: health and admin flags first, the
+//! pool's CPU model, then CPU, dedicated CPUs, memory, hugepages and a free SPICE port.
 
 use crate::types::PortRange;
 
@@ -18,6 +18,8 @@ pub enum Verdict {
     Maintenance,
     /// Cordoned (`spec.unschedulable`).
     Cordoned,
+    /// Cannot run the pool's pinned CPU model.
+    CpuModel,
     /// Healthy, but short of something.
     Short {
         /// Resource dimensions that do not fit.
@@ -37,6 +39,9 @@ pub fn judge(host: &HostView, request: &Request, range: PortRange) -> Verdict {
     }
     if host.unschedulable {
         return Verdict::Cordoned;
+    }
+    if host.lacks_cpu_model {
+        return Verdict::CpuModel;
     }
     let shortfalls = host.capacity.shortfalls(&host.allocated, request);
     let no_port = host.ports_in_use >= range.len();
@@ -84,6 +89,10 @@ mod tests {
             Verdict::Maintenance
         );
         assert_eq!(judge(&host().cordoned(), &req, RANGE), Verdict::Cordoned);
+        assert_eq!(
+            judge(&host().without_cpu_model(), &req, RANGE),
+            Verdict::CpuModel
+        );
     }
 
     #[test]

@@ -24,6 +24,9 @@ pub struct HostReport {
     /// `LibvirtConnected` is not False: a host whose libvirt is unreachable or stalled takes
     /// no new desktop.
     pub libvirt_connected: bool,
+    /// `status.cpu.models`: the named CPU models the host's hypervisor can run; `None` when
+    /// the host does not say.
+    pub cpu_models: Option<Vec<String>>,
 }
 
 /// One host, flattened for placement.
@@ -40,6 +43,9 @@ pub struct HostView {
     pub unschedulable: bool,
     /// `spec.maintenance`: unschedulable and left out of pool capacity.
     pub maintenance: bool,
+    /// The host cannot run the pool's pinned CPU model: it takes none of the pool's desktops
+    /// and is left out of the pool's capacity.
+    pub lacks_cpu_model: bool,
     /// What desktops may use after reserve and overcommit.
     pub capacity: HostCapacity,
     /// The sum of the desktops bound to the host that hold resources.
@@ -63,6 +69,7 @@ impl HostView {
             ready: true,
             unschedulable: false,
             maintenance: false,
+            lacks_cpu_model: false,
             capacity,
             allocated: Usage::default(),
             ports_in_use: 0,
@@ -101,6 +108,9 @@ impl HostView {
             ready: ready && matches!(report.facts, Some(Ok(_))) && report.libvirt_connected,
             unschedulable: report.unschedulable,
             maintenance: report.maintenance,
+            lacks_cpu_model: policy
+                .cpu_model
+                .is_some_and(|m| !m.runs_on(report.cpu_models.as_deref())),
             capacity,
             allocated,
             ports_in_use,
@@ -138,14 +148,21 @@ impl HostView {
         self
     }
 
+    /// The same host unable to run the pool's CPU model.
+    pub fn without_cpu_model(mut self) -> Self {
+        self.lacks_cpu_model = true;
+        self
+    }
+
     /// Whether the host belongs to `pool`.
     pub fn in_pool(&self, pool: &str) -> bool {
         self.pool.as_deref() == Some(pool)
     }
 
-    /// Whether new desktops may go here at all: ready, not cordoned, not in maintenance.
+    /// Whether new desktops may go here at all: ready, not cordoned, not in maintenance, and
+    /// able to run the pool's CPU model.
     pub fn eligible(&self) -> bool {
-        self.ready && !self.unschedulable && !self.maintenance
+        self.ready && !self.unschedulable && !self.maintenance && !self.lacks_cpu_model
     }
 
     /// What is left on the host.
@@ -164,6 +181,7 @@ impl HostView {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::scheduler::cpu_model::CpuModel;
     use crate::scheduler::policy::PolicySpec;
 
     fn policy() -> PoolPolicy {
@@ -181,7 +199,37 @@ mod tests {
             unschedulable: true,
             maintenance: false,
             libvirt_connected: true,
+            cpu_models: None,
         }
+    }
+
+    #[test]
+    fn a_host_that_cannot_run_the_pools_cpu_model_is_not_eligible() {
+        let facts = HostFacts::read(Some(9), Some("17Gi"), None);
+        let mut pinned = policy();
+        pinned.cpu_model = CpuModel::new("Westmere");
+        let listing = |models: &[&str]| HostReport {
+            unschedulable: false,
+            cpu_models: Some(models.iter().map(|m| (*m).to_string()).collect()),
+            ..report(Some(facts.clone()))
+        };
+        let view =
+            |r: &HostReport, p: &PoolPolicy| HostView::from_report(r, p, true, Usage::default(), 0);
+        let lacking = view(&listing(&["qemu64"]), &pinned);
+        assert!(lacking.lacks_cpu_model && !lacking.eligible());
+        assert!(view(&listing(&["qemu64", "Westmere"]), &pinned).eligible());
+        assert!(
+            view(&listing(&["qemu64"]), &policy()).eligible(),
+            "no model pinned"
+        );
+        let silent = HostReport {
+            unschedulable: false,
+            ..report(Some(facts.clone()))
+        };
+        assert!(
+            view(&silent, &pinned).eligible(),
+            "a host that does not say is trusted"
+        );
     }
 
     #[test]

@@ -9,6 +9,7 @@
 pub mod bench;
 pub mod capacity;
 pub mod charges;
+pub mod cpu_model;
 pub mod filter;
 pub mod host;
 pub mod place;
@@ -21,6 +22,7 @@ pub mod weigh;
 
 pub use capacity::{FactsError, Free, HostCapacity, HostFacts, Shortfalls, Usage};
 pub use charges::ChargeIndex;
+pub use cpu_model::CpuModel;
 pub use host::{HostReport, HostView};
 pub use place::{Decision, place_in_pool, place_in_pool_where, schedule};
 pub use policy::{PolicyError, PolicySpec, PoolPolicy, Ratio, ReferenceDesktop};

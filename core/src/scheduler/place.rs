@@ -109,7 +109,7 @@ fn report(
     hosts: &[HostView],
     keep: impl Fn(&HostView) -> bool,
 ) -> FitReport {
-    let mut report = FitReport::new(pool, *request, policy.ports);
+    let mut report = FitReport::new(pool, *request, policy.ports).with_cpu_model(policy.cpu_model);
     for host in hosts.iter().filter(|h| h.in_pool(pool) && keep(h)) {
         report.record(&judge(host, request, policy.ports));
     }

@@ -1,6 +1,8 @@
 //! What a pool's spec says about capacity and placement, read once into numbers: reserve,
-//! overcommit ratios, the reference desktop size, the placement strategy and the SPICE port range.
+//! overcommit ratios, the reference desktop size, the placement strategy, the SPICE port range
+//! and the pinned CPU model.
 
+use super::cpu_model::CpuModel;
 use crate::quantity::{QuantityError, parse_bytes};
 use crate::types::{Placement, PortRange};
 
@@ -24,6 +26,9 @@ pub enum PolicyError {
     /// The reference desktop has neither CPU nor memory, so capacity cannot be counted in desktops.
     #[error("referenceSize must ask for some CPU or memory")]
     EmptyReferenceSize,
+    /// The pinned CPU model is empty or too long.
+    #[error("cpu.model {0:?} is not a CPU model name (1 to 64 characters)")]
+    CpuModel(String),
 }
 
 impl PolicyError {
@@ -33,6 +38,7 @@ impl PolicyError {
             PolicyError::ReservedMemory(_) | PolicyError::ReferenceMemory(_) => "InvalidQuantity",
             PolicyError::Overcommit { .. } => "InvalidOvercommit",
             PolicyError::EmptyReferenceSize => "InvalidReferenceSize",
+            PolicyError::CpuModel(_) => "InvalidCpuModel",
         }
     }
 }
@@ -97,6 +103,8 @@ pub struct PoolPolicy {
     pub placement: Placement,
     /// SPICE ports each host hands out.
     pub ports: PortRange,
+    /// The CPU model pinned for the pool's desktops; only hosts that run it take them.
+    pub cpu_model: Option<CpuModel>,
 }
 
 impl PoolPolicy {
@@ -121,6 +129,10 @@ impl PoolPolicy {
             reference,
             placement: spec.placement,
             ports: spec.ports,
+            cpu_model: spec
+                .cpu_model
+                .map(|m| CpuModel::new(m).ok_or_else(|| PolicyError::CpuModel(m.to_owned())))
+                .transpose()?,
         })
     }
 }
@@ -144,6 +156,8 @@ pub struct PolicySpec<'a> {
     pub placement: Placement,
     /// `spec.display.spicePorts`.
     pub ports: PortRange,
+    /// `spec.cpu.model`.
+    pub cpu_model: Option<&'a str>,
 }
 
 impl PolicySpec<'_> {
@@ -161,6 +175,7 @@ impl PolicySpec<'_> {
             first: 5900,
             last: 6899,
         },
+        cpu_model: None,
     };
 }
 
@@ -184,6 +199,7 @@ impl PoolPolicy {
                 first: 5900,
                 last: 5909,
             },
+            cpu_model: None,
         }
     }
 }

@@ -7,6 +7,7 @@ use std::fmt;
 use crate::quantity::format_bytes_approx;
 use crate::types::PortRange;
 
+use super::cpu_model::CpuModel;
 use super::filter::Verdict;
 use super::request::Request;
 
@@ -27,6 +28,8 @@ pub struct FitReport {
     pub maintenance: u32,
     /// Hosts cordoned.
     pub cordoned: u32,
+    /// Hosts that cannot run the pool's pinned CPU model.
+    pub lack_cpu_model: u32,
     /// Healthy hosts short of shared vCPUs.
     pub lack_cpu: u32,
     /// Healthy hosts short of threads to pin.
@@ -37,6 +40,8 @@ pub struct FitReport {
     pub lack_hugepages: u32,
     /// Healthy hosts with every SPICE port taken.
     pub no_port: u32,
+    /// The pool's pinned CPU model, named when hosts cannot run it.
+    pub cpu_model: Option<String>,
 }
 
 impl FitReport {
@@ -50,12 +55,20 @@ impl FitReport {
             not_ready: 0,
             maintenance: 0,
             cordoned: 0,
+            lack_cpu_model: 0,
             lack_cpu: 0,
             lack_dedicated_cpus: 0,
             lack_memory: 0,
             lack_hugepages: 0,
             no_port: 0,
+            cpu_model: None,
         }
+    }
+
+    /// The same report for a pool that pins `model`.
+    pub fn with_cpu_model(mut self, model: Option<CpuModel>) -> Self {
+        self.cpu_model = model.map(|m| m.as_str().to_owned());
+        self
     }
 
     /// Counts one host's verdict.
@@ -66,6 +79,7 @@ impl FitReport {
             Verdict::NotReady => self.not_ready += 1,
             Verdict::Maintenance => self.maintenance += 1,
             Verdict::Cordoned => self.cordoned += 1,
+            Verdict::CpuModel => self.lack_cpu_model += 1,
             Verdict::Short {
                 shortfalls,
                 no_port,
@@ -79,12 +93,14 @@ impl FitReport {
         }
     }
 
-    /// Hosts that are ready, not cordoned and not in maintenance.
+    /// Hosts that are ready, not cordoned, not in maintenance and able to run the pool's CPU
+    /// model.
     pub fn healthy(&self) -> u32 {
         self.hosts
             .saturating_sub(self.not_ready)
             .saturating_sub(self.maintenance)
             .saturating_sub(self.cordoned)
+            .saturating_sub(self.lack_cpu_model)
     }
 
     /// The verdict for a request no host took: no healthy host, else the shortage shared by the
@@ -92,6 +108,10 @@ impl FitReport {
     /// memory, ports).
     pub fn into_unschedulable(self) -> Unschedulable {
         if self.healthy() == 0 {
+            // Ready, schedulable hosts exist but none runs the model: say so, not "not ready".
+            if self.lack_cpu_model > 0 {
+                return Unschedulable::CpuModelUnsupported(self);
+            }
             return Unschedulable::NoReadyHosts(self);
         }
         // Most specific first, so a tie keeps the earlier entry.
@@ -171,6 +191,13 @@ impl FitReport {
                     self.ports.last
                 ),
             ),
+            (
+                self.lack_cpu_model,
+                format!(
+                    "cannot run CPU model {} (spec.cpu.model of the pool)",
+                    self.cpu_model.as_deref().unwrap_or_default()
+                ),
+            ),
             (self.not_ready, "not ready".to_owned()),
             (self.maintenance, "in maintenance".to_owned()),
             (self.cordoned, "cordoned".to_owned()),
@@ -217,6 +244,9 @@ pub enum Unschedulable {
     /// No host of the pool is ready, schedulable and out of maintenance.
     #[error("{}", .0.message())]
     NoReadyHosts(FitReport),
+    /// The pool's ready, schedulable hosts cannot run its pinned CPU model.
+    #[error("{}", .0.message())]
+    CpuModelUnsupported(FitReport),
     /// Healthy hosts lack shared vCPUs.
     #[error("{}", .0.message())]
     InsufficientCpu(FitReport),
@@ -242,6 +272,7 @@ impl Unschedulable {
             Unschedulable::InvalidPool { .. } => "InvalidPool",
             Unschedulable::InvalidPortRange { .. } => "InvalidPortRange",
             Unschedulable::NoReadyHosts(_) => "NoReadyHosts",
+            Unschedulable::CpuModelUnsupported(_) => "CpuModelUnsupported",
             Unschedulable::InsufficientCpu(_) => "InsufficientCPU",
             Unschedulable::InsufficientMemory(_) => "InsufficientMemory",
             Unschedulable::InsufficientDedicatedCpus(_) => "InsufficientDedicatedCPUs",
@@ -257,6 +288,7 @@ impl Unschedulable {
             | Unschedulable::InvalidPool { .. }
             | Unschedulable::InvalidPortRange { .. } => None,
             Unschedulable::NoReadyHosts(r)
+            | Unschedulable::CpuModelUnsupported(r)
             | Unschedulable::InsufficientCpu(r)
             | Unschedulable::InsufficientMemory(r)
             | Unschedulable::InsufficientDedicatedCpus(r)
@@ -313,6 +345,33 @@ mod tests {
             },
             no_port,
         }
+    }
+
+    #[test]
+    fn hosts_that_cannot_run_the_cpu_model_are_named_with_it() {
+        let u = report(
+            &[Verdict::CpuModel, Verdict::CpuModel, Verdict::NotReady],
+            Request::new(1, GI),
+        )
+        .with_cpu_model(CpuModel::new("Westmere"))
+        .into_unschedulable();
+        assert_eq!(u.reason(), "CpuModelUnsupported");
+        assert_eq!(
+            u.to_string(),
+            "0 of 3 hosts fit: 2 cannot run CPU model Westmere (spec.cpu.model of the pool), \
+             1 not ready"
+        );
+        let mixed = report(
+            &[Verdict::CpuModel, short(true, false, false)],
+            Request::new(1, GI),
+        )
+        .with_cpu_model(CpuModel::new("Westmere"))
+        .into_unschedulable();
+        assert_eq!(
+            mixed.reason(),
+            "InsufficientCPU",
+            "a healthy host is short of CPU"
+        );
     }
 
     #[test]

@@ -76,6 +76,7 @@ pub fn read_desktop(
             defaults.and_then(|d| d.usb.as_ref()),
         ),
         refused,
+        cpu_model: pool.and_then(|p| p.cpu.model.clone()),
     })
 }
 

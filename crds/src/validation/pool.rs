@@ -1,13 +1,14 @@
 //! What a ResourcePool's schema cannot check: directories that are clean and apart, a host
 //! prefix inside the pool CIDR, a bridge named when the mode needs one, a port range in order,
-//! quantities and durations that parse, failover only on shared storage, label syntax.
+//! quantities and durations that parse, failover only on shared storage, label syntax, a
+//! fixed CPU model.
 
 use std::net::Ipv4Addr;
 
 use super::labels::{check_map, check_selector};
 use super::{Errors, FieldError, bytes, idle, interface, positive_bytes, positive_duration};
 use crate::paths;
-use crate::resource_pool::{NetworkMode, ResourcePoolSpec};
+use crate::resource_pool::{NetworkMode, ResourcePoolSpec, is_host_cpu};
 
 /// Every field error of a pool's spec; empty when the pool is valid.
 pub fn pool(spec: &ResourcePoolSpec) -> Vec<FieldError> {
@@ -82,6 +83,16 @@ pub fn pool(spec: &ResourcePoolSpec) -> Vec<FieldError> {
     if let Some(usb) = &spec.defaults.usb {
         super::usb::filters(&mut e, "spec.defaults.usb", usb);
     }
+    if let Some(model) = spec.cpu.model.as_deref().filter(|m| is_host_cpu(m)) {
+        e.add(
+            "spec.cpu.model",
+            format!(
+                "{model} is the host's own CPU, which breaks live migration between unlike \
+                 hosts; name a fixed model such as Westmere or EPYC (see a DomainNode's \
+                 status.cpu.models), or leave it unset for the hypervisor's default"
+            ),
+        );
+    }
     e.0
 }
 
@@ -119,6 +130,22 @@ mod tests {
     #[test]
     fn the_defaults_are_valid() {
         assert_eq!(pool(&spec(serde_json::json!({}))), vec![]);
+    }
+
+    #[test]
+    fn the_hosts_own_cpu_is_refused_and_a_fixed_model_is_not() {
+        for own in ["host-model", "host-passthrough", "Host-Passthrough"] {
+            let errors = pool(&spec(serde_json::json!({ "cpu": { "model": own } })));
+            assert_eq!(paths_of(&errors), ["spec.cpu.model"], "{own}");
+            assert!(
+                errors[0].message.contains("breaks live migration"),
+                "{errors:?}"
+            );
+        }
+        for fixed in ["Westmere", "EPYC", "qemu64", "hostile"] {
+            let errors = pool(&spec(serde_json::json!({ "cpu": { "model": fixed } })));
+            assert_eq!(errors, vec![], "{fixed}");
+        }
     }
 
     #[test]

@@ -2,7 +2,7 @@
 //! value is XML text before anything is serialized.
 
 use super::boot::os;
-use super::cpu_memory::{cputune, memory, memory_backing, vcpu};
+use super::cpu_memory::{cpu, cputune, memory, memory_backing, vcpu};
 use super::devices::{console, memballoon, serial, tablet};
 use super::disks::disk;
 use super::error::XmlError;
@@ -29,6 +29,7 @@ fn check_inputs(inputs: &DomainInputs) -> Result<(), XmlError> {
     check("mac", &inputs.mac)?;
     check("spice listen address", &inputs.spice.listen)?;
     check("spice password", inputs.spice.password.expose())?;
+    check("cpu model", inputs.cpu_model.as_deref().unwrap_or_default())?;
     if let Some(boot) = &inputs.boot {
         check("kernel", &boot.kernel)?;
         check("initrd", boot.initrd.as_deref().unwrap_or_default())?;
@@ -64,6 +65,7 @@ pub fn domain(inputs: &DomainInputs) -> Result<Domain, XmlError> {
             acpi: Empty {},
             apic: Empty {},
         },
+        cpu: cpu(inputs.cpu_model.as_deref()),
         clock: Clock { offset: "utc" },
         on_poweroff: "destroy",
         on_reboot: "restart",

@@ -1,7 +1,7 @@
-//! Decides the domain's CPU and memory: vCPU count, memory size in KiB, vCPU pinning to host
-//! CPUs for dedicated-CPU desktops, and hugepage backing.
+//! Decides the domain's CPU and memory: vCPU count, the pool's pinned CPU model, memory size in
+//! KiB, vCPU pinning to host CPUs for dedicated-CPU desktops, and hugepage backing.
 
-use super::xml::{CpuTune, Empty, MemoryBacking, SizedValue, Vcpu, VcpuPin};
+use super::xml::{Cpu, CpuModel, CpuTune, Empty, MemoryBacking, SizedValue, Vcpu, VcpuPin};
 
 /// `<memory>` / `<currentMemory>` for a size in bytes, rounded up to whole KiB.
 pub fn memory(bytes: u64) -> SizedValue {
@@ -17,6 +17,18 @@ pub fn vcpu(count: u32) -> Vcpu {
         placement: "static",
         count,
     }
+}
+
+/// `<cpu>` naming the pool's pinned model; `None` leaves the hypervisor's default.
+pub fn cpu(model: Option<&str>) -> Option<Cpu> {
+    model.map(|name| Cpu {
+        mode: "custom",
+        matching: "exact",
+        model: CpuModel {
+            fallback: "forbid",
+            name: name.to_owned(),
+        },
+    })
 }
 
 /// `<cputune>` pinning vCPU `i` to host CPU `pins[i]`; `None` without pinning.

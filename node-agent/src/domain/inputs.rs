@@ -141,6 +141,8 @@ pub struct DomainInputs {
     pub cpu_pinning: Vec<u32>,
     /// Back memory with hugepages.
     pub hugepages: bool,
+    /// The named CPU model the pool pins; `None` for the hypervisor's default.
+    pub cpu_model: Option<String>,
 }
 
 /// Whether `uid` looks like a UUID (8-4-4-4-12 hex digits).
@@ -248,6 +250,7 @@ impl DomainInputs {
             usb: valid.usb.clone(),
             cpu_pinning,
             hugepages: spec.performance.hugepages,
+            cpu_model: valid.cpu_model.clone(),
         })
     }
 

@@ -40,6 +40,9 @@ pub struct Domain {
     pub os: Os,
     /// Machine features (ACPI for graceful shutdown).
     pub features: Features,
+    /// The pool's pinned CPU model; absent for the hypervisor's default.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cpu: Option<Cpu>,
     /// Guest clock.
     pub clock: Clock,
     /// Action when the guest powers off.
@@ -110,6 +113,31 @@ pub struct Vcpu {
     /// vCPU count.
     #[serde(rename = "$text")]
     pub count: u32,
+}
+
+/// `<cpu mode='custom' match='exact'><model fallback='forbid'>NAME</model></cpu>`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Cpu {
+    /// Always `custom`: a named model, the same on every host.
+    #[serde(rename = "@mode")]
+    pub mode: &'static str,
+    /// Always `exact`.
+    #[serde(rename = "@match")]
+    pub matching: &'static str,
+    /// The model.
+    pub model: CpuModel,
+}
+
+/// `<model fallback='forbid'>NAME</model>`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct CpuModel {
+    /// Always `forbid`: a host without the model refuses the domain rather than give it
+    /// another CPU (which would break a later migration).
+    #[serde(rename = "@fallback")]
+    pub fallback: &'static str,
+    /// The model's name.
+    #[serde(rename = "$text")]
+    pub name: String,
 }
 
 /// `<cputune>`.

@@ -199,6 +199,7 @@ impl Hypervisor for FakeHypervisor {
         Ok(HostFacts {
             hostname: "fake".into(),
             cpu_model: "fake".into(),
+            cpu_models: Some(vec!["qemu64".into(), "Westmere".into()]),
             numa_nodes: 1,
             sockets: 1,
             cores_per_socket: 4,

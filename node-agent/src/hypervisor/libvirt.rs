@@ -6,6 +6,7 @@
 //! `virt::sys` is used for flag constants only, never for raw calls.
 
 mod connection;
+mod cpu_models;
 mod domains;
 mod errors;
 mod host;

@@ -120,6 +120,8 @@ pub struct HostFacts {
     pub hostname: String,
     /// CPU model.
     pub cpu_model: String,
+    /// The named CPU models domains may be given; `None` when libvirt could not say.
+    pub cpu_models: Option<Vec<String>>,
     /// NUMA nodes.
     pub numa_nodes: u32,
     /// CPU sockets in total.

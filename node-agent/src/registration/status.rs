@@ -93,6 +93,7 @@ pub fn cpu_facts(facts: &HostFacts) -> CpuFacts {
         cores: facts.cores_per_socket,
         threads: facts.cpus,
         mhz: facts.mhz,
+        models: facts.cpu_models.clone(),
     }
 }
 
@@ -184,6 +185,7 @@ mod tests {
         HostFacts {
             hostname: "h".into(),
             cpu_model: "i686".into(),
+            cpu_models: Some(vec!["qemu64".into()]),
             numa_nodes: 2,
             sockets: 4,
             cores_per_socket: 2,

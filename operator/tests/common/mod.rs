@@ -177,6 +177,17 @@ impl Run {
 
     /// Registers a host as the agent does: its DomainNode, then its facts.
     pub async fn host(&self, node: &str, threads: u32, memory: &str) {
+        self.host_with_cpu_models(node, threads, memory, None).await;
+    }
+
+    /// [`Run::host`], the host listing `models` as the CPU models it runs (`None`: no list).
+    pub async fn host_with_cpu_models(
+        &self,
+        node: &str,
+        threads: u32,
+        memory: &str,
+        models: Option<&[&str]>,
+    ) {
         let dn = json!({
             "apiVersion": "deskvirt.io/v1alpha1", "kind": "DomainNode",
             "metadata": { "name": node, "labels": { RUN_LABEL: self.id } },
@@ -187,13 +198,18 @@ impl Run {
             .patch(node, &pp, &Patch::Apply(&dn))
             .await
             .unwrap_or_else(|e| panic!("registering {node}: {e}"));
+        let mut cpu =
+            json!({ "sockets": 1, "cores": threads / 2, "threads": threads, "mhz": 2000 });
+        if let (Some(cpu), Some(models)) = (cpu.as_object_mut(), models) {
+            cpu.insert("models".into(), json!(models));
+        }
         let st = json!({
             "apiVersion": "deskvirt.io/v1alpha1", "kind": "DomainNode",
             "metadata": { "name": node },
             "status": {
                 "address": "192.0.2.10",
                 "migration": { "uri": format!("qemu+tls://{node}/system") },
-                "cpu": { "sockets": 1, "cores": threads / 2, "threads": threads, "mhz": 2000 },
+                "cpu": cpu,
                 "memory": memory,
                 "hypervisor": "kvm",
                 "conditions": [{ "type": "LibvirtConnected", "status": "True", "reason": "Connected",

@@ -1,5 +1,5 @@
-//! Decides what the agent reports about its host (CPU, memory, versions, max vCPUs) and how a
-//! connection is checked for life (blocking calls on a libvirt connection).
+//! Decides what the agent reports about its host (CPU, memory, versions, max vCPUs, CPU models)
+//! and how a connection is checked for life (blocking calls on a libvirt connection).
 
 use virt::connect::Connect;
 
@@ -28,7 +28,23 @@ pub(super) fn facts(conn: &Connect, domain_type: DomainType) -> Result<HostFacts
         driver: conn.driver_type().map_err(err)?,
         hypervisor_version: format_version(u64::from(conn.hyp_version().map_err(err)?)),
         libvirt_version: format_version(u64::from(conn.lib_version().map_err(err)?)),
+        cpu_models: cpu_models(conn, domain_type),
     })
+}
+
+/// The named CPU models domains of `domain_type` may be given here; `None` (logged) when the
+/// daemon cannot say, so the operator trusts the host rather than shunning it.
+fn cpu_models(conn: &Connect, domain_type: DomainType) -> Option<Vec<String>> {
+    let virttype = domain_type_str(domain_type);
+    let xml = conn
+        .domain_capabilities(None, None, None, Some(virttype), 0)
+        .map_err(|e| tracing::warn!(error = %e, "cannot read the domain capabilities"))
+        .ok()?;
+    super::cpu_models::usable(&xml)
+        .map_err(
+            |e| tracing::warn!(error = %e, "cannot read the CPU models of the domain capabilities"),
+        )
+        .ok()
 }
 
 /// `Ok` while the connection is alive and the daemon answers a request (`is_alive` alone is
