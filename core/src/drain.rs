@@ -1,5 +1,5 @@
-//! What draining a host does next: which of its running desktops get a live migration now
-//! (connected ones first, never more at once than the host's migration limit), which failed
+//! What draining a host does next: which of its running or suspended desktops get a migration
+//! now (connected ones first, never more at once than the host's migration limit), which failed
 //! drain migrations are cleared for another try, and what still keeps the host from being
 //! empty, desktop by desktop, with the reason. Stopped desktops are not moved here: the
 //! Desktop pass re-binds them ([`rebind_target_wanted`]).
@@ -32,6 +32,14 @@ pub struct Desktop<'a> {
     pub pinned_to_host: bool,
     /// A migration (the drain's or a user's) is recorded on it (`status.migration`).
     pub migrating: bool,
+}
+
+impl Desktop<'_> {
+    /// Whether a migration moves it: its domain runs, or its memory is saved on the host (the
+    /// move restores it paused, moves it, and saves it again at the target).
+    fn movable(&self) -> bool {
+        self.power == Power::Running || self.memory_saved
+    }
 }
 
 /// Where a migration the drain made stands.
@@ -139,12 +147,6 @@ pub fn plan(f: &Facts<'_>) -> Plan {
                 DrainReason::Migrating,
                 format!("migration {name} is moving it"),
             ),
-            (d, _) if d.memory_saved => (
-                DrainReason::MemorySaved,
-                "suspended with its memory saved on this host; wake it (annotation \
-                 deskvirt.io/wake) and the drain moves it live, or delete it"
-                    .into(),
-            ),
             (d, _) if d.pinned_to_host => (
                 DrainReason::PinnedToHost,
                 "dedicated CPUs or passed-through devices tie it to this host; stop or delete it"
@@ -157,10 +159,7 @@ pub fn plan(f: &Facts<'_>) -> Plan {
                     .into(),
             ),
             (
-                Desktop {
-                    power: Power::Running,
-                    ..
-                },
+                d,
                 Some((
                     name,
                     Outcome::Failed {
@@ -169,7 +168,7 @@ pub fn plan(f: &Facts<'_>) -> Plan {
                         age_secs,
                     },
                 )),
-            ) => {
+            ) if d.movable() => {
                 let wait = f.retry_after_secs - age_secs;
                 let then = if wait <= 0 {
                     out.delete.push(name.to_string());
@@ -182,13 +181,7 @@ pub fn plan(f: &Facts<'_>) -> Plan {
                     format!("migration {name} failed ({reason}: {message}); {then}"),
                 )
             }
-            (
-                Desktop {
-                    power: Power::Running,
-                    ..
-                },
-                _,
-            ) => {
+            (d, _) if d.movable() => {
                 wanting.push((out.left.len(), d));
                 (DrainReason::Migrating, String::new())
             }
@@ -324,22 +317,18 @@ mod tests {
 
     #[test]
     fn what_cannot_move_is_named_with_its_reason() {
-        let mut saved = desktop("ns/saved");
-        saved.power = Power::Stopped;
-        saved.memory_saved = true;
         let mut pinned = desktop("ns/pinned");
         pinned.pinned_to_host = true;
         let mut stopped = desktop("ns/stopped");
         stopped.power = Power::Stopped;
         let mut settling = desktop("ns/settling");
         settling.power = Power::Settling;
-        let ds = [saved, pinned, stopped, settling];
+        let ds = [pinned, stopped, settling];
         let p = plan(&facts(&ds, &[]));
         let reasons: Vec<_> = p.left.iter().map(|l| l.reason).collect();
         assert_eq!(
             reasons,
             [
-                DrainReason::MemorySaved,
                 DrainReason::PinnedToHost,
                 DrainReason::Rebinding,
                 DrainReason::Settling
@@ -348,8 +337,31 @@ mod tests {
         assert!(p.create.is_empty());
         assert!(rebind_target_wanted(&stopped, true));
         assert!(!rebind_target_wanted(&stopped, false));
-        assert!(!rebind_target_wanted(&saved, true));
         assert!(!rebind_target_wanted(&settling, true));
+    }
+
+    #[test]
+    fn a_suspended_desktop_moves_with_its_memory_and_is_never_rebound() {
+        let mut saved = desktop("ns/saved");
+        saved.power = Power::Stopped;
+        saved.memory_saved = true;
+        let ds = [saved];
+        let p = plan(&facts(&ds, &[]));
+        assert_eq!(p.create, ["ns/saved"]);
+        assert_eq!(p.left[0].reason, DrainReason::Migrating);
+        assert!(!rebind_target_wanted(&saved, true));
+        let failed = [Migration {
+            name: "saved-drain-1",
+            desktop: "ns/saved",
+            outcome: Outcome::Failed {
+                reason: "HostFailed",
+                message: "x",
+                age_secs: 61,
+            },
+        }];
+        let p = plan(&facts(&ds, &failed));
+        assert_eq!(p.delete, ["saved-drain-1"]);
+        assert_eq!(p.left[0].reason, DrainReason::MigrationFailed);
     }
 
     #[test]

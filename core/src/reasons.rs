@@ -273,8 +273,6 @@ reasons! {
         Migrating,
         /// It is not running; the Desktop pass binds it to another host of the pool.
         Rebinding,
-        /// Suspended with its memory saved on this host: moving it would lose that memory.
-        MemorySaved,
         /// Its vCPUs are pinned to this host's threads, or devices are passed through to it.
         PinnedToHost,
         /// The pool's storage is not shared, so its disk cannot be reached from another host.

@@ -199,7 +199,7 @@ pub struct DrainStatus {
 pub struct DrainLeft {
     /// `<namespace>/<name>` of the Desktop.
     pub desktop: String,
-    /// Migrating, Rebinding, MemorySaved, PinnedToHost, StorageNotShared, MigrationFailed or
+    /// Migrating, Rebinding, PinnedToHost, StorageNotShared, MigrationFailed or
     /// Settling.
     pub reason: String,
     /// What happens next, or what an admin can do.

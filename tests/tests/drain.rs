@@ -1,11 +1,13 @@
 //! A host drain, end to end: the operator (with the chart's token, which must let it make and
 //! delete DesktopMigrations), two node-agents on two independent libvirt hosts (host A is this
 //! machine's qemu:///system, host B a `scripts/second-host.sh` libvirtd taking in migrations),
-//! real QEMU (TCG) and a pool with shared storage. Host A holds three desktops: `alpha` and
-//! `beta` run (a SPICE client is connected to `beta`), `parked` is powered off. Setting
-//! `spec.drain` on host A:
+//! real QEMU (TCG) and a pool with shared storage. Host A holds four desktops: `alpha` and
+//! `beta` run (a SPICE client is connected to `beta`), `parked` is powered off, `napper` was
+//! suspended by its idle policy (memory saved on host A). Setting `spec.drain` on host A:
 //! - moves `beta` live first (it is connected), then `alpha` (the operator allows one
 //!   migration per host at once here); neither guest is rebooted;
+//! - moves `napper` with its saved memory (restored on A, moved live, saved again on B): it is
+//!   Suspended on B, and once woken there its guest goes on counting (not rebooted);
 //! - binds `parked` to host B, where it is defined and stays shut off, on the same disk;
 //! - leaves host A with no domain of them, and says `Drained=True` with no desktop left;
 //! - never has a domain running on both hosts: both libvirtds are polled throughout;
@@ -84,10 +86,19 @@ async fn a_drain_empties_a_host_of_running_and_stopped_desktops() -> anyhow::Res
             &guest_desktop(&w, "parked", "128Mi", off)?,
         )
         .await?;
+    let mut napping = persistent.clone();
+    napping["idle"] = json!({ "timeout": "20s", "action": "Suspend" });
+    desktops
+        .create(
+            &PostParams::default(),
+            &guest_desktop(&w, "napper", "128Mi", napping)?,
+        )
+        .await?;
     for (name, phase) in [
         ("alpha", Phase::Running),
         ("beta", Phase::Running),
         ("parked", Phase::Stopped),
+        ("napper", Phase::Suspended),
     ] {
         eventually(
             Duration::from_secs(240),
@@ -99,19 +110,23 @@ async fn a_drain_empties_a_host_of_running_and_stopped_desktops() -> anyhow::Res
     let node_b = w.add_migration_target(&host_b)?;
     wait_ready_hosts(&w, 2).await?;
     eprintln!(
-        "[drain] three desktops on A, B up: {:.1}s",
+        "[drain] four desktops on A (napper suspended), B up: {:.1}s",
         started.elapsed().as_secs_f64()
     );
 
     let mut domains = BTreeMap::new();
     let mut disks = BTreeMap::new();
     let mut uptimes = BTreeMap::new();
-    for name in ["alpha", "beta", "parked"] {
+    for name in ["alpha", "beta", "parked", "napper"] {
         let domain = domain_of(&desktops, &w.user_ns.name, name).await?;
         disks.insert(name, disk_of(&virsh_system(&["domblklist", &domain])?)?);
         domains.insert(name, domain);
     }
-    for name in ["alpha", "beta"] {
+    anyhow::ensure!(
+        virsh_system(&["dominfo", &domains["napper"]])?.contains("Managed save:   yes"),
+        "napper's memory is not saved on A"
+    );
+    for name in ["alpha", "beta", "napper"] {
         let serial = PathBuf::from(format!(
             "/var/log/libvirt/qemu/{}-serial.log",
             domains[name]
@@ -204,7 +219,7 @@ async fn a_drain_empties_a_host_of_running_and_stopped_desktops() -> anyhow::Res
             .status
             .as_ref()
             .and_then(|s| s.drain.as_ref())
-            .is_some_and(|d| d.migrated == 2);
+            .is_some_and(|d| d.migrated == 3);
         Ok(drained(&n)
             .filter(|(s, _)| s == "True" && all_moved)
             .map(|_| n))
@@ -232,20 +247,21 @@ async fn a_drain_empties_a_host_of_running_and_stopped_desktops() -> anyhow::Res
         .join()
         .map_err(|_| anyhow::anyhow!("the poller panicked"))??;
     eprintln!(
-        "[drain] host A drained in {:.1}s (3 desktops: 2 live, 1 stopped); {polls} polls of both hosts",
+        "[drain] host A drained in {:.1}s (4 desktops: 2 live, 1 suspended, 1 stopped); {polls} polls of both hosts",
         took.as_secs_f64()
     );
     both.dedup();
     anyhow::ensure!(both.is_empty(), "running on both hosts at once: {both:?}");
     let st = done.status.clone().unwrap_or_default();
     let drain = st.drain.clone().context("no status.drain")?;
-    anyhow::ensure!(drain.remaining == 0 && drain.migrated == 2, "{drain:?}");
+    anyhow::ensure!(drain.remaining == 0 && drain.migrated == 3, "{drain:?}");
 
     // Every desktop is bound to B; the running ones run there, the stopped one is defined.
     for (name, phase) in [
         ("alpha", Phase::Running),
         ("beta", Phase::Running),
         ("parked", Phase::Stopped),
+        ("napper", Phase::Suspended),
     ] {
         eventually(
             Duration::from_secs(60),
@@ -274,6 +290,23 @@ async fn a_drain_empties_a_host_of_running_and_stopped_desktops() -> anyhow::Res
         host_b.virsh(&["domstate", &domains["parked"]])?.trim() == "shut off",
         "parked is not shut off on B"
     );
+    // napper arrives running (restored to move), and host B's agent saves it again.
+    let saved_b = eventually(Duration::from_secs(120), "napper saved on B", || async {
+        let info = host_b.virsh(&["dominfo", &domains["napper"]])?;
+        Ok(
+            (info.contains("Managed save:   yes") && info.contains("State:          shut off"))
+                .then_some(()),
+        )
+    })
+    .await;
+    if let Err(e) = saved_b {
+        let info = host_b.virsh(&["dominfo", &domains["napper"]])?;
+        let st = desktops.get("napper").await?.status;
+        return Err(e.context(format!(
+            "napper on B: {info}
+status: {st:#?}"
+        )));
+    }
     // Neither running guest was rebooted.
     for name in ["alpha", "beta"] {
         let serial = host_b
@@ -286,6 +319,39 @@ async fn a_drain_empties_a_host_of_running_and_stopped_desktops() -> anyhow::Res
         .await
         .with_context(|| format!("{name} did not go on counting on B (rebooted?)"))?;
     }
+    // Woken on B, napper resumes from the memory saved there: its guest goes on counting. What
+    // B's log shows before the wake is from the arrival (it ran there until saved again).
+    let serial = host_b
+        .qemu_log_dir()
+        .join(format!("{}-serial.log", domains["napper"]));
+    let before = uptimes["napper"];
+    let arrived = guest_uptimes(&serial)?;
+    anyhow::ensure!(
+        arrived.iter().all(|u| *u > before),
+        "napper counted {arrived:?} on B after {before:.1}s on A: rebooted, its memory lost"
+    );
+    let woken = Instant::now();
+    let annotated = w.kubectl_ns(&[
+        "annotate",
+        "desktop",
+        "napper",
+        &format!("{}=1", deskvirt_crds::constants::ANNOTATION_WAKE),
+        "--overwrite",
+    ])?;
+    anyhow::ensure!(annotated.success, "kubectl annotate: {}", annotated.stderr);
+    let after = eventually(Duration::from_secs(120), "napper counting on B", || async {
+        Ok(guest_uptimes(&serial)?.get(arrived.len()).copied())
+    })
+    .await?;
+    let last = arrived.last().copied().unwrap_or(before);
+    anyhow::ensure!(
+        after > last,
+        "napper counts {after:.1}s on B after its wake, {last:.1}s before: rebooted, its memory lost"
+    );
+    eprintln!(
+        "[drain] napper woken on B in {:.1}s: guest uptime {before:.1}s on A before the drain, {last:.1}s on B when saved again, {after:.1}s after the wake",
+        woken.elapsed().as_secs_f64()
+    );
 
     // The connected desktop went first, and the host's limit kept them one at a time.
     let ms = migrations

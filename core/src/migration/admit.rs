@@ -1,5 +1,5 @@
 //! Whether a migration may go ahead now, before any host is looked at: its desktop is the one
-//! it was made for, bound, running and movable, in a pool whose storage every host reaches, and
+//! it was made for, bound, running (or suspended with its memory saved) and movable, in a pool whose storage every host reaches, and
 //! no older migration of it is under way. A refusal says whether waiting can help
 //! ([`MigrationReason::ends`]).
 
@@ -15,6 +15,10 @@ pub struct Desktop<'a> {
     pub node: Option<&'a str>,
     /// Its domain runs (the host's `Running` condition is True).
     pub running: bool,
+    /// Suspended by the idle policy with its memory saved on its host (and confirmed): it
+    /// moves with that memory (restored paused at the source, moved, saved again at the
+    /// target).
+    pub suspended: bool,
     /// It is being deleted.
     pub deleting: bool,
     /// Its vCPUs are pinned to the host's threads, or devices are passed through to it.
@@ -65,7 +69,7 @@ pub fn admit(f: &Facts<'_>) -> Result<(), MigrationReason> {
     if d.node.is_none() {
         return Err(R::DesktopNotBound);
     }
-    if !d.running {
+    if !d.running && !d.suspended {
         return Err(R::DesktopNotRunning);
     }
     Ok(())
@@ -82,6 +86,7 @@ mod tests {
                 uid: "u1",
                 node: Some("h1"),
                 running: true,
+                suspended: false,
                 deleting: false,
                 pinned_to_host: false,
             }),
@@ -109,6 +114,15 @@ mod tests {
     fn a_running_bound_desktop_in_a_shared_pool_may_move() {
         assert_eq!(admit(&running()), Ok(()));
         assert_eq!(with(|f| f.pinned_uid = None), Ok(()), "first pass");
+    }
+
+    #[test]
+    fn a_suspended_desktop_moves_with_its_saved_memory() {
+        let suspended = desktop(|d| {
+            d.running = false;
+            d.suspended = true;
+        });
+        assert_eq!(suspended, Ok(()));
     }
 
     #[test]

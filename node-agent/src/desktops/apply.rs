@@ -213,11 +213,7 @@ async fn pipeline<H: Hypervisor>(
     let t = clock();
     let seen = observe(ctx, d, status, uid, &inputs, adopt).await?;
     steps.record("observe", t);
-    let here = match seen.current {
-        None => migrate::Domain::Absent,
-        Some(s) if s.state.is_active() => migrate::Domain::Running,
-        Some(_) => migrate::Domain::Stopped,
-    };
+    let here = migrate::Domain::of(seen.current.map(|s| (s.state, s.has_managed_save)));
     if let Some(requeue) = migrate::drive(ctx, d, status, uid, &inputs, here).await? {
         return Ok(requeue);
     }

@@ -1090,3 +1090,63 @@ async fn a_failed_move_is_reported_and_the_domain_runs_here_as_before() {
             .any(|r| r == "MigrationFailed")
     );
 }
+
+#[tokio::test]
+async fn a_suspended_desktop_moves_with_its_saved_memory() {
+    let mut kit = Kit::new();
+    kit.make_domain(DomainState::ShutOff, true).await;
+    kit.stamp_mirror("m1/h2/5902");
+    let mut d = migrating(None);
+    reclaimed(&mut d, IdleAction::Suspend);
+    // Suspended, it gave its SPICE port back.
+    if let Some(st) = d.status.as_mut() {
+        st.spice = None;
+    }
+    let from = kit.hv.journal().len();
+    passes(&kit, &d).await;
+    let calls = changes(&kit, from);
+    let name = kit.domain();
+    let start = calls.iter().position(|c| c == &format!("start {name}"));
+    let migrate = calls
+        .iter()
+        .position(|c| c == &format!("migrate to qemu+tls://h2/system {name}"));
+    assert!(
+        matches!((start, migrate), (Some(s), Some(m)) if s < m),
+        "restored, then moved: {calls:?}"
+    );
+    assert!(
+        !calls.iter().any(|c| c.starts_with("save ")),
+        "saved again here: {calls:?}"
+    );
+    assert_eq!(reports(&kit), ["Started", "Completed"]);
+    assert!(kit.hv.domain(&name).is_none(), "still defined here");
+}
+
+#[tokio::test]
+async fn a_suspended_desktop_whose_move_fails_is_saved_again() {
+    let mut kit = Kit::new();
+    kit.make_domain(DomainState::ShutOff, true).await;
+    kit.stamp_mirror("m1/h2/5902");
+    kit.hv.fail_once(
+        crate::hypervisor::fake::Op::Migrate,
+        crate::hypervisor::HypervisorError::Rejected {
+            op: "migrate",
+            target: kit.domain(),
+            message: "the target refused it".into(),
+        },
+    );
+    let mut d = migrating(None);
+    reclaimed(&mut d, IdleAction::Suspend);
+    passes(&kit, &d).await;
+    assert_eq!(reports(&kit), ["Started", "Failed"]);
+    // The guest runs here again (restored to move): the hold saves it again.
+    let mut d = with_last_status(d, &kit.api);
+    reclaimed(&mut d, IdleAction::Suspend);
+    let from = kit.hv.journal().len();
+    passes(&kit, &d).await;
+    let mut d = with_last_status(d, &kit.api);
+    reclaimed(&mut d, IdleAction::Suspend);
+    passes(&kit, &d).await;
+    assert_eq!(changes(&kit, from), [format!("save {}", kit.domain())]);
+    assert_eq!(cond(&kit, RUNNING), pair("False", "Suspended"));
+}

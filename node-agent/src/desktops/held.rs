@@ -2,7 +2,8 @@
 //! kept suspended or off whatever `spec.power` says, and saved or shut down first when it still
 //! runs. Nothing of the binding is needed: once the operator has released the SPICE port the
 //! domain is kept exactly as it is (never redefined, its disk never touched) and no SPICE URI is
-//! reported. The address and SPICE host already reported are kept.
+//! reported. The address and SPICE host already reported are kept. A migration recorded on it
+//! moves it with its saved memory ([`migrate::drive_held`]).
 
 use deskvirt_crds::Desktop;
 use deskvirt_crds::conditions;
@@ -15,6 +16,7 @@ use super::activity;
 use super::apply::{Outcome, not_ours, now};
 use super::context::DesktopContext;
 use super::lifecycle;
+use super::migrate;
 use super::place::{self, Place};
 use super::power::{self, DomainView, Facts, Hold};
 use super::status::Report;
@@ -50,6 +52,11 @@ pub(super) async fn converge<H: Hypervisor>(
         Err(e) => return Err(e.into()),
     };
     let active = current.is_some_and(|s| s.state.is_active());
+    // A migration of the suspended desktop (a drain's, say) moves it with its saved memory.
+    let here = migrate::Domain::of(current.map(|s| (s.state, s.has_managed_save)));
+    if let Some(requeue) = migrate::drive_held(ctx, d, status, uid, &domain, here).await? {
+        return Ok(Outcome { report, requeue });
+    }
     let step = power::decide(&Facts {
         hold: Some(hold),
         want_on: d.spec.power == Power::On,

@@ -24,7 +24,7 @@ use serde_json::json;
 use super::Error;
 use super::context::DesktopContext;
 use super::inputs::Inputs;
-use crate::domain::{HostContext, graphics_xml};
+use crate::domain::{ANY_PORT, HostContext, graphics_xml};
 use crate::hypervisor::{Hypervisor, Migrated, MoveLimits, Outbound};
 
 /// How often a desktop whose domain is moving, or moved, is looked at again.
@@ -37,6 +37,22 @@ pub enum Domain {
     Running,
     /// Defined, not running.
     Stopped,
+    /// Defined, not running, its memory in a managed save image (suspended by the idle
+    /// policy): it moves by being restored here, then moved live, then saved at the target.
+    Saved,
+}
+
+impl Domain {
+    /// The domain as libvirt shows it: `None` when it is not defined, else its state and
+    /// whether a managed save image holds its memory.
+    pub fn of(seen: Option<(crate::hypervisor::DomainState, bool)>) -> Self {
+        match seen {
+            None => Self::Absent,
+            Some((state, _)) if state.is_active() => Self::Running,
+            Some((_, true)) => Self::Saved,
+            Some(_) => Self::Stopped,
+        }
+    }
 }
 
 /// What a pass knows of the desktop's migration.
@@ -90,8 +106,10 @@ pub fn decide(f: &Facts<'_>) -> Step {
         .filter(|(uid, _)| *uid == record.uid)
         .map(|(_, s)| s);
     match (mine, f.domain) {
-        (None, Domain::Running) => Step::Start,
-        (None, _) => Step::Failed("the desktop's domain does not run on this host"),
+        (None, Domain::Running | Domain::Saved) => Step::Start,
+        (None, _) => Step::Failed(
+            "the desktop's domain neither runs on this host nor has its memory saved here",
+        ),
         (Some(MigrationState::Started), _) if f.job && record.cancelled => Step::Abort,
         (Some(MigrationState::Started), _) if f.job => Step::Hold("the domain is moving"),
         (Some(MigrationState::Started), Domain::Absent) => Step::Completed,
@@ -218,7 +236,7 @@ pub(super) async fn drive<H: Hypervisor>(
             Ok(Some(MIGRATION_RESYNC))
         }
         (Step::Start, Some(m)) => {
-            move_out(ctx, d, inputs, &name, m).await?;
+            move_out(ctx, d, inputs, &name, m, domain == Domain::Saved).await?;
             Ok(Some(MIGRATION_RESYNC))
         }
         (Step::Completed, Some(m)) => {
@@ -243,6 +261,43 @@ pub(super) async fn drive<H: Hypervisor>(
     }
 }
 
+/// The migration part of a pass over a desktop the idle policy holds (`status.reclaimed`):
+/// the same as [`drive`] for domain `name` (as [`super::place`] found it), its inputs read
+/// with the SPICE port the record reserved on the target, since a suspended desktop holds no
+/// port on its host. `None` to go on holding it.
+pub(super) async fn drive_held<H: Hypervisor>(
+    ctx: &DesktopContext<H>,
+    d: &Desktop,
+    status: &DesktopStatus,
+    uid: &str,
+    name: &str,
+    domain: Domain,
+) -> Result<Option<Duration>, Error> {
+    if status.migration.is_none() && status.migration_report.is_none() {
+        return Ok(None);
+    }
+    let port = status
+        .migration
+        .as_ref()
+        .map(|m| m.port)
+        .or_else(|| status.spice.as_ref().and_then(|s| s.port))
+        .unwrap_or(ANY_PORT);
+    let mut with_port = status.clone();
+    with_port.spice.get_or_insert_default().port = Some(port);
+    // What reading the inputs would report (a SPICE host) is not the held desktop's to say.
+    let mut scratch = super::status::Report::keeping(status);
+    let mut inputs = match super::inputs::gather(ctx, d, &with_port, uid, &mut scratch) {
+        Ok(inputs) => inputs,
+        Err(super::apply::Stop::Fail(e)) => return Err(e),
+        Err(super::apply::Stop::Wait(why, _)) => {
+            tracing::debug!(domain = name, why = %why.message, "a held desktop's migration waits for its inputs");
+            return Ok(None);
+        }
+    };
+    inputs.domain = inputs.domain.under_name(name, &inputs.host);
+    drive(ctx, d, status, uid, &inputs, domain).await
+}
+
 /// Reports Started, moves the domain, reports how it went.
 async fn move_out<H: Hypervisor>(
     ctx: &DesktopContext<H>,
@@ -250,6 +305,7 @@ async fn move_out<H: Hypervisor>(
     inputs: &Inputs,
     name: &str,
     m: &Migrating,
+    saved: bool,
 ) -> Result<(), Error> {
     let out = match outbound(ctx, inputs, m) {
         Ok(out) => out,
@@ -257,6 +313,11 @@ async fn move_out<H: Hypervisor>(
     };
     let me = ctx.config.node_name.as_str();
     write(ctx, d, &report_of(me, m, MigrationState::Started, None)).await?;
+    if saved && let Err(e) = restore_to_move(ctx, inputs, name).await {
+        tracing::warn!(domain = name, error = %e, "cannot restore the saved memory to move it; it stays saved here");
+        let why = format!("the memory saved on this host could not be restored to move it: {e}");
+        return fail(ctx, d, m, why).await;
+    }
     tracing::info!(domain = name, target = %m.target, uri = %out.dest_uri, limits = ?out.limits, "moving the domain live");
     ctx.event(
         d,
@@ -294,6 +355,34 @@ async fn move_out<H: Hypervisor>(
             fail(ctx, d, m, e.to_string()).await
         }
     }
+}
+
+/// Restores a suspended desktop's saved memory so that it can move live: its definition gets
+/// a SPICE server on any free port (the desktop gave its port back when it was suspended, and
+/// that port may be another desktop's by now), the saved image takes that definition (libvirt
+/// refuses one whose guest ABI differs: the memory then stays saved, untouched), and the
+/// domain starts from it. If the move then fails the guest runs here, and the idle policy's
+/// hold saves it again.
+async fn restore_to_move<H: Hypervisor>(
+    ctx: &DesktopContext<H>,
+    inputs: &Inputs,
+    name: &str,
+) -> Result<(), crate::hypervisor::HypervisorError> {
+    let mut here = inputs.domain.clone();
+    here.spice.port = ANY_PORT;
+    let xml = here
+        .to_xml()
+        .map_err(|e| crate::hypervisor::HypervisorError::Failed {
+            op: "restore to move",
+            target: name.to_string(),
+            message: e.to_string(),
+        })?;
+    ctx.hypervisor.define_domain(&xml).await?;
+    let image = ctx.config.managed_save_image(name);
+    ctx.hypervisor.sync_managed_save(name, &image).await?;
+    ctx.hypervisor.start_domain(name).await?;
+    tracing::info!(domain = name, "saved memory restored to move the desktop");
+    Ok(())
 }
 
 /// Returns once the operator marks migration `uid` of desktop `d` cancelled in the record on
@@ -528,6 +617,18 @@ mod tests {
             Step::Failed(_)
         ));
         assert_eq!(decide(&facts(None, None, Domain::Running)), Step::Converge);
+        assert_eq!(
+            decide(&facts(Some(&m), None, Domain::Saved)),
+            Step::Start,
+            "a suspended desktop moves with its saved memory"
+        );
+        assert_eq!(
+            decide(&facts(Some(&m), Some(("m1", Started)), Domain::Saved)),
+            Step::Failed(
+                "the move stopped before it ended (the node-agent restarted); the desktop runs \
+                 on this host as before"
+            ),
+        );
     }
 
     #[test]

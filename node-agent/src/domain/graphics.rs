@@ -9,7 +9,8 @@ use super::xml::{Channel, ChannelTarget, Graphics, GraphicsListen, Video, VideoM
 /// SPICE settings of one desktop.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SpiceConfig {
-    /// Port on the host, from the operator's binding.
+    /// Port on the host, from the operator's binding; [`ANY_PORT`] lets libvirt pick a free
+    /// one (a suspended desktop restored only to move away holds no port on its host).
     pub port: u16,
     /// Address the SPICE server listens on.
     pub listen: String,
@@ -18,6 +19,9 @@ pub struct SpiceConfig {
     /// Serve TLS only (the port becomes the TLS port).
     pub tls: bool,
 }
+
+/// The port that asks libvirt for any free one (`autoport`).
+pub const ANY_PORT: u16 = 0;
 
 /// The listen address a pool's policy calls for on a host whose address is `node_address`.
 pub fn listen_address(policy: ListenPolicy, node_address: &str) -> String {
@@ -31,16 +35,17 @@ pub fn listen_address(policy: ListenPolicy, node_address: &str) -> String {
 /// `<graphics type='spice'>`. With TLS the allocated port is the TLS port and no plain port is
 /// opened; without, it is the plain port.
 pub fn graphics(spice: &SpiceConfig) -> Graphics {
+    let fixed = Some(spice.port).filter(|p| *p != ANY_PORT);
     let (port, tls_port, default_mode) = if spice.tls {
-        (None, Some(spice.port), Some("secure"))
+        (None, fixed, Some("secure"))
     } else {
-        (Some(spice.port), None, None)
+        (fixed, None, None)
     };
     Graphics {
         kind: "spice",
         port,
         tls_port,
-        autoport: "no",
+        autoport: if fixed.is_some() { "no" } else { "yes" },
         passwd: spice.password.clone(),
         default_mode,
         listen: GraphicsListen {
@@ -97,6 +102,15 @@ mod tests {
             (tls.port, tls.tls_port, tls.default_mode),
             (None, Some(5901), Some("secure"))
         );
+    }
+
+    #[test]
+    fn any_port_lets_libvirt_pick() {
+        let mut any = spice(false);
+        any.port = ANY_PORT;
+        let g = graphics(&any);
+        assert_eq!((g.port, g.tls_port, g.autoport), (None, None, "yes"));
+        assert_eq!(graphics(&spice(false)).autoport, "no");
     }
 
     #[test]

@@ -29,7 +29,7 @@ pub use convert::{domain_xml, graphics_xml};
 pub use devices::serial_log_path;
 pub use disks::{parse_disk_paths, parse_disk_sources};
 pub use error::{BuildError, XmlError};
-pub use graphics::{SpiceConfig, listen_address};
+pub use graphics::{ANY_PORT, SpiceConfig, listen_address};
 pub use host_network::{
     DhcpHost, HostNetworkMode, NetworkInputs, Subnet, dhcp_host_xml, network_xml, parse_dhcp_hosts,
 };

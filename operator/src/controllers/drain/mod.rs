@@ -160,11 +160,19 @@ pub fn key(d: &Desktop) -> String {
     format!("{}/{}", d.namespace().unwrap_or_default(), d.name_any())
 }
 
+/// Whether the idle policy suspended `d` with its memory saved on its host, as the host
+/// confirmed (`status.reclaimed` Suspend, released).
+pub fn memory_saved(d: &Desktop) -> bool {
+    let st = d.status.as_ref();
+    st.and_then(|s| s.reclaimed.as_ref())
+        .is_some_and(|r| r.action == IdleAction::Suspend)
+        && st.is_some_and(released)
+}
+
 /// What the drain decides on about one desktop bound to the draining host.
 pub fn desktop_facts<'a>(d: &Desktop, key: &'a str) -> drain::Desktop<'a> {
     let st = d.status.as_ref();
     let running = st.and_then(|s| conditions::find(&s.conditions, RUNNING));
-    let reclaimed = st.and_then(|s| s.reclaimed.as_ref()).map(|r| r.action);
     let power = if d.metadata.deletion_timestamp.is_some() {
         Power::Settling
     } else if running.is_some_and(|c| c.status == "True") {
@@ -183,7 +191,7 @@ pub fn desktop_facts<'a>(d: &Desktop, key: &'a str) -> drain::Desktop<'a> {
         connected: st
             .and_then(|s| s.session.as_ref())
             .is_some_and(|s| s.connected),
-        memory_saved: reclaimed == Some(IdleAction::Suspend) && st.is_some_and(released),
+        memory_saved: memory_saved(d),
         pinned_to_host: d.spec.performance.dedicated_cpus || !d.spec.performance.sriov.is_empty(),
         migrating: st.is_some_and(|s| s.migration.is_some()),
     }

@@ -137,6 +137,7 @@ pub(super) fn pending(
                 .status
                 .as_ref()
                 .is_some_and(|s| conditions::is_true(&s.conditions, RUNNING)),
+            suspended: crate::controllers::drain::memory_saved(d),
             deleting: d.metadata.deletion_timestamp.is_some(),
             pinned_to_host: d.spec.performance.dedicated_cpus
                 || !d.spec.performance.sriov.is_empty(),
@@ -380,7 +381,10 @@ fn admit_message(reason: MigrationReason, m: &DesktopMigration) -> String {
         }
         R::DesktopNotBound => format!("Desktop {name} is not bound to a host yet"),
         R::DesktopNotRunning => {
-            format!("Desktop {name} does not run; only a running desktop moves live")
+            format!(
+                "Desktop {name} neither runs nor is suspended with its memory saved; a stopped \
+                 desktop does not need a migration (drain re-binds it)"
+            )
         }
         R::AlreadyMigrating => format!("an older migration of Desktop {name} has not ended"),
         R::PinnedToHost => {
