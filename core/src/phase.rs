@@ -92,6 +92,12 @@ pub fn derive(f: &Facts<'_>) -> Derived {
             ReadyReason::WaitingForHost,
             "bound; the host has not defined the domain yet",
         ),
+        // Shut down on its old host by a Cold move: its new host boots it once bound there.
+        Some(c) if c.agent_reason() == Some(AgentReason::MovedCold) => out(
+            Phase::Scheduled,
+            ReadyReason::WaitingForHost,
+            "moved cold: its new host boots it",
+        ),
         // Ready names the host's own reason (BaseImageMissing, DiskDirMissing, ...) when it is
         // one of the agent's; DefineFailed otherwise.
         Some(c) if c.status == "False" => Derived {
@@ -283,6 +289,13 @@ mod tests {
         assert_eq!(
             phase(facts(defined, c("Unknown", "LibvirtFailed"))),
             Phase::Failed
+        );
+        // Shut down on its old host by a Cold move: waiting for the new host, not running.
+        let moved = c("Unknown", "MovedCold");
+        let d = derive(&facts(moved, c("False", "MovedCold")));
+        assert_eq!(
+            (d.phase, d.ready, d.reason),
+            (Phase::Scheduled, false, "WaitingForHost")
         );
         // A SPICE port taken on the host is the operator's to fix: starting, not failed.
         let busy = derive(&facts(defined, c("False", "SpicePortBusy")));

@@ -153,6 +153,8 @@ reasons! {
         IdleShutdown,
         /// The idle policy's suspend failed; the domain still runs.
         SuspendFailed,
+        /// Shut down and undefined here by a Cold migration: the migration's target boots it.
+        MovedCold,
     }
 }
 

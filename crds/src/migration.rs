@@ -81,8 +81,11 @@ pub struct DesktopMigrationSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(regex(pattern = DNS_SUBDOMAIN), length(min = 1, max = 253))]
     pub target_node: Option<String>,
-    /// Live (the default: the desktop keeps running while its memory is copied; needs a pool
-    /// with `storage.shared`) or Cold (not supported yet: refused with reason ModeNotSupported).
+    /// Live (the default: the desktop keeps running while its memory is copied; a desktop
+    /// suspended by the idle policy moves with its saved memory) or Cold (the guest is shut
+    /// down, forced after the source agent's shutdown grace, and boots on the target; any host
+    /// of the pool takes it, `--migration-uri` or not). Both need a pool with `storage.shared`;
+    /// Cold without it (a disk copy) is refused with reason ModeNotSupported.
     #[serde(default)]
     pub mode: MigrationMode,
 }

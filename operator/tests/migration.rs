@@ -69,7 +69,17 @@ impl Rig {
     }
 
     async fn migrate(&self, name: &str, desktop: &str, target: Option<&str>) -> DesktopMigration {
-        let mut spec = json!({ "desktop": desktop });
+        self.migrate_as(name, desktop, target, "Live").await
+    }
+
+    async fn migrate_as(
+        &self,
+        name: &str,
+        desktop: &str,
+        target: Option<&str>,
+        mode: &str,
+    ) -> DesktopMigration {
+        let mut spec = json!({ "desktop": desktop, "mode": mode });
         if let Some(t) = target {
             spec["targetNode"] = json!(t);
         }
@@ -233,7 +243,7 @@ async fn a_target_nobody_starts_is_freed_after_the_start_timeout() {
 }
 
 #[tokio::test]
-async fn live_migration_needs_a_pool_with_shared_storage() {
+async fn migration_needs_a_pool_with_shared_storage() {
     let rig = Rig::new("op-migs", false).await;
     let _op = rig.run.operator(&format!("op-migs-{}", rig.run.id), &[]);
     rig.running_desktop("d").await;
@@ -245,6 +255,16 @@ async fn live_migration_needs_a_pool_with_shared_storage() {
         .unwrap_or_default();
     assert!(msg.contains("storage.shared"), "{msg}");
     assert!(st.target.is_none() && st.target_port.is_none());
+    // Cold would need the disk copied there: refused too, saying so.
+    rig.migrate_as("cold", "d", None, "Cold").await;
+    let m = rig
+        .wait_migration("cold", "Failed", "ModeNotSupported")
+        .await;
+    let st = m.status.unwrap_or_default();
+    let msg = cond(&st.conditions, "Ready")
+        .map(|c| c.message.clone())
+        .unwrap_or_default();
+    assert!(msg.contains("copying the disk"), "{msg}");
 }
 
 #[tokio::test]

@@ -94,6 +94,14 @@ impl SecondHost {
         );
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
+
+    /// Whether a domain named `name` is defined on this host (running or not).
+    pub fn has_domain(&self, name: &str) -> anyhow::Result<bool> {
+        Ok(self
+            .virsh(&["list", "--all", "--name"])?
+            .lines()
+            .any(|n| n.trim() == name))
+    }
 }
 
 impl Drop for SecondHost {

@@ -7,6 +7,8 @@
 //!   is Failed (HostFailed, naming the timeout), the desktop runs on at A, B has nothing of it;
 //! - a move deleted while the domain moves (capped so that it would take minutes) is aborted:
 //!   the migration goes at once, the desktop runs on at A;
+//! - host A's agent killed while a capped move runs: the restarted agent ends the move once it
+//!   outlived the completion timeout (and a grace); Failed, the desktop runs on at A;
 //! - host A's agent runs without `--migration-uri`: a migration to it waits with `NoTarget`,
 //!   naming the flag;
 //! - `mover` runs on host A with a SPICE client connected; a `DesktopMigration` moves it to
@@ -16,7 +18,9 @@
 //!   takes the password; host A has nothing of it left and never started it again;
 //! - a second migration back to host A waits (`NoTarget`: A takes in no migrations) and is
 //!   cancelled by deleting it, which frees what it held;
-//! - deleting `mover` removes its disk through host B.
+//! - a Cold migration back to host A (which takes in no live ones) shuts `mover` down on B and
+//!   boots it on A on the same disk;
+//! - deleting `mover` removes its disk.
 //!
 //! The pool pins a CPU model (`spec.cpu.model`) that both agents report usable: `mover` runs
 //! with it on host A and, after the move, on host B.
@@ -38,8 +42,9 @@ use deskvirt_tests::host::eventually;
 use deskvirt_tests::second_host::SecondHost;
 use deskvirt_tests::spice::{self, LinkOutcome};
 use deskvirt_tests::world::{
-    console_password, create_pool, disk_of, domain_of, events, guest_in_phase, guest_uptimes,
-    migration_request, patch_pool, setup, spice_addr, virsh_system, wait_ready_hosts,
+    World, console_password, create_pool, disk_of, domain_of, events, guest_in_phase,
+    guest_uptimes, migration_request, patch_pool, setup, spice_addr, virsh_system,
+    wait_ready_hosts,
 };
 use kube::api::{DeleteParams, PostParams};
 use kube::{Api, ResourceExt};
@@ -55,6 +60,38 @@ fn status_of(d: &Desktop) -> deskvirt_crds::desktop::DesktopStatus {
 fn ready_reason(m: &DesktopMigration) -> Option<(String, String)> {
     let st = m.status.as_ref()?;
     find(&st.conditions, condition::READY).map(|c| (c.reason.clone(), c.message.clone()))
+}
+
+/// Caps the pool's moves at 1 MiB/s, without auto-converge, with this completion timeout: a
+/// move of the test's guest then takes far longer than the timeout.
+async fn cap_moves(w: &World, completion_timeout: &str) -> anyhow::Result<()> {
+    let spec = json!({ "migration": { "bandwidthMiBPerSecond": 1,
+                                      "completionTimeout": completion_timeout,
+                                      "autoConverge": false } });
+    patch_pool(w, spec).await
+}
+
+/// Requests migration `name` of `mover` to any host, and waits until its domain moves.
+async fn start_moving(
+    w: &World,
+    migrations: &Api<DesktopMigration>,
+    name: &str,
+) -> anyhow::Result<()> {
+    migrations
+        .create(
+            &PostParams::default(),
+            &migration_request(w, name, "mover", None)?,
+        )
+        .await?;
+    eventually(
+        Duration::from_secs(60),
+        &format!("{name} moving"),
+        || async {
+            let m = migrations.get(name).await?;
+            Ok((m.phase() == MigrationPhase::Running).then_some(()))
+        },
+    )
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -125,12 +162,7 @@ async fn a_running_desktop_moves_live_to_another_host() -> anyhow::Result<()> {
     // A move the pool caps at 1 MiB/s cannot finish within a 5 s completion timeout: it is
     // aborted and fails with the host's reason; the desktop runs on at A, and host B never
     // runs it.
-    patch_pool(
-        &w,
-        json!({ "migration": { "bandwidthMiBPerSecond": 1, "completionTimeout": "5s",
-                               "autoConverge": false } }),
-    )
-    .await?;
+    cap_moves(&w, "5s").await?;
     migrations
         .create(
             &PostParams::default(),
@@ -161,31 +193,13 @@ async fn a_running_desktop_moves_live_to_another_host() -> anyhow::Result<()> {
         "mover does not run on A after the aborted move"
     );
     anyhow::ensure!(
-        !host_b
-            .virsh(&["list", "--all", "--name"])?
-            .lines()
-            .any(|n| n.trim() == domain),
+        !host_b.has_domain(&domain)?,
         "host B kept the aborted move's domain"
     );
     // Deleting a migration while the domain moves aborts the move: a move capped so that it
     // would take minutes is cancelled, and the desktop runs on at A.
-    patch_pool(
-        &w,
-        json!({ "migration": { "bandwidthMiBPerSecond": 1, "completionTimeout": "10m",
-                               "autoConverge": false } }),
-    )
-    .await?;
-    migrations
-        .create(
-            &PostParams::default(),
-            &migration_request(&w, "cancelled", "mover", None)?,
-        )
-        .await?;
-    eventually(Duration::from_secs(60), "cancelled moving", || async {
-        let m = migrations.get("cancelled").await?;
-        Ok((m.phase() == MigrationPhase::Running).then_some(()))
-    })
-    .await?;
+    cap_moves(&w, "10m").await?;
+    start_moving(&w, &migrations, "cancelled").await?;
     let t_cancel = Instant::now();
     migrations
         .delete("cancelled", &DeleteParams::default())
@@ -212,11 +226,41 @@ async fn a_running_desktop_moves_live_to_another_host() -> anyhow::Result<()> {
         "mover does not run on A after the cancelled move"
     );
     anyhow::ensure!(
-        !host_b
-            .virsh(&["list", "--all", "--name"])?
-            .lines()
-            .any(|n| n.trim() == domain),
+        !host_b.has_domain(&domain)?,
         "host B kept the cancelled move's domain"
+    );
+    // Host A's agent is killed while a capped move runs, and started again: the new agent finds
+    // the move under way and, once it outlived the pool's completion timeout (5 s) by the
+    // grace (30 s), ends it; the migration is Failed and the desktop runs on at A.
+    cap_moves(&w, "5s").await?;
+    start_moving(&w, &migrations, "orphaned").await?;
+    if let Some(mut agent) = w.agent.take() {
+        agent.kill()?;
+    }
+    w.agent = Some(w.spawn_agent(&w.node, &[])?);
+    let t_orphan = Instant::now();
+    let orphaned = eventually(Duration::from_secs(120), "orphaned ended", || async {
+        let m = migrations.get("orphaned").await?;
+        Ok(m.phase().is_terminal().then_some(m))
+    })
+    .await?;
+    let (reason, message) = ready_reason(&orphaned).unwrap_or_default();
+    anyhow::ensure!(
+        orphaned.phase() == MigrationPhase::Failed && reason == "HostFailed",
+        "orphaned ended {:?}: {reason}: {message}",
+        orphaned.phase()
+    );
+    eprintln!(
+        "[migrate] a move the restarted agent found past its timeout ended {:.1}s after the restart: {message}",
+        t_orphan.elapsed().as_secs_f64()
+    );
+    anyhow::ensure!(
+        virsh_system(&["domstate", &domain])?.trim() == "running",
+        "mover does not run on A after the orphaned move"
+    );
+    anyhow::ensure!(
+        !host_b.has_domain(&domain)?,
+        "host B kept the orphaned move's domain"
     );
     patch_pool(&w, json!({ "migration": null })).await?;
 
@@ -358,9 +402,9 @@ async fn a_running_desktop_moves_live_to_another_host() -> anyhow::Result<()> {
         reasons.iter().any(|r| r == "Migrated"),
         "no Migrated Event: {reasons:?}"
     );
-    // Two failures only: the capped move's and the cancelled one's.
+    // Three failures only: the capped move's, the cancelled one's and the orphaned one's.
     anyhow::ensure!(
-        reasons.iter().filter(|r| *r == "MigrationFailed").count() == 2,
+        reasons.iter().filter(|r| *r == "MigrationFailed").count() == 3,
         "{reasons:?}"
     );
 
@@ -387,21 +431,63 @@ async fn a_running_desktop_moves_live_to_another_host() -> anyhow::Result<()> {
         "mover stopped on host B"
     );
 
-    // Deleting `mover` goes through host B, which removes the disk.
+    // Cold back to A: shut down on B, booted on A (a Cold move needs no --migration-uri on
+    // the target), on the same disk; B keeps nothing of it.
+    let mut cold = migration_request(&w, "cold-a", "mover", Some(&host_a))?;
+    cold.spec.mode = deskvirt_crds::migration::MigrationMode::Cold;
+    let t_cold = Instant::now();
+    migrations.create(&PostParams::default(), &cold).await?;
+    let cold = eventually(Duration::from_secs(120), "cold-a ended", || async {
+        let m = migrations.get("cold-a").await?;
+        Ok(m.phase().is_terminal().then_some(m))
+    })
+    .await?;
+    anyhow::ensure!(
+        cold.phase() == MigrationPhase::Succeeded,
+        "cold-a ended {:?}: {:?}",
+        cold.phase(),
+        ready_reason(&cold)
+    );
+    eventually(Duration::from_secs(120), "mover Running on A", || async {
+        let s = status_of(&desktops.get("mover").await?);
+        Ok(
+            (s.node.as_deref() == Some(host_a.as_str()) && s.phase == Some(Phase::Running))
+                .then_some(()),
+        )
+    })
+    .await?;
+    let cs = cold.status.clone().unwrap_or_default();
+    eprintln!(
+        "[migrate] cold back to A: Running there {:.1}s after the request (stopped on B in {:?} ms)",
+        t_cold.elapsed().as_secs_f64(),
+        cs.total_millis
+    );
+    anyhow::ensure!(
+        virsh_system(&["domstate", &domain])?.trim() == "running",
+        "mover does not run on A after the cold move"
+    );
+    let disk_a = disk_of(&virsh_system(&["domblklist", &domain])?)?;
+    anyhow::ensure!(
+        disk_a == disk && std::fs::metadata(&disk_a)?.ino() == inode,
+        "host A runs {disk_a:?} after the cold move"
+    );
+    anyhow::ensure!(
+        !host_b.has_domain(&domain)?,
+        "host B kept the domain after the cold move"
+    );
+
+    // Deleting `mover` goes through host A, which removes the disk.
     migrations.delete("to-b", &DeleteParams::default()).await?;
+    migrations
+        .delete("cold-a", &DeleteParams::default())
+        .await?;
     desktops.delete("mover", &DeleteParams::default()).await?;
     eventually(Duration::from_secs(90), "mover deleted", || async {
         Ok(desktops.get_opt("mover").await?.is_none().then_some(()))
     })
     .await?;
     anyhow::ensure!(!disk.exists(), "the disk outlived the desktop");
-    anyhow::ensure!(
-        !host_b
-            .virsh(&["list", "--all", "--name"])?
-            .lines()
-            .any(|n| n.trim() == domain),
-        "host B kept the domain"
-    );
+    anyhow::ensure!(!host_b.has_domain(&domain)?, "host B kept the domain");
     eprintln!(
         "[migrate] whole test {:.1}s",
         started.elapsed().as_secs_f64()

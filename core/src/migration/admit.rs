@@ -63,13 +63,20 @@ pub fn admit(f: &Facts<'_>) -> Result<(), MigrationReason> {
     match f.mode {
         MigrationMode::Live if !f.shared_storage => return Err(R::StorageNotShared),
         MigrationMode::Live => {}
-        // Cold moves come with the disk copy; until then they are refused, not left waiting.
-        MigrationMode::Cold => return Err(R::ModeNotSupported),
+        // A Cold move without shared storage needs the disk copied; until that is built it
+        // is refused, not left waiting.
+        MigrationMode::Cold if !f.shared_storage => return Err(R::ModeNotSupported),
+        MigrationMode::Cold => {}
     }
     if d.node.is_none() {
         return Err(R::DesktopNotBound);
     }
-    if !d.running && !d.suspended {
+    // A Cold move shuts the guest down, which would lose a suspended desktop's saved memory.
+    let movable = match f.mode {
+        MigrationMode::Live => d.running || d.suspended,
+        MigrationMode::Cold => d.running,
+    };
+    if !movable {
         return Err(R::DesktopNotRunning);
     }
     Ok(())
@@ -117,6 +124,11 @@ mod tests {
     }
 
     #[test]
+    fn a_running_desktop_in_a_shared_pool_may_move_cold() {
+        assert_eq!(with(|f| f.mode = MigrationMode::Cold), Ok(()));
+    }
+
+    #[test]
     fn a_suspended_desktop_moves_with_its_saved_memory() {
         let suspended = desktop(|d| {
             d.running = false;
@@ -154,8 +166,21 @@ mod tests {
                 MigrationReason::StorageNotShared,
             ),
             (
-                with(|f| f.mode = MigrationMode::Cold),
+                with(|f| {
+                    f.mode = MigrationMode::Cold;
+                    f.shared_storage = false;
+                }),
                 MigrationReason::ModeNotSupported,
+            ),
+            (
+                with(|f| {
+                    f.mode = MigrationMode::Cold;
+                    if let Some(d) = f.desktop.as_mut() {
+                        d.running = false;
+                        d.suspended = true;
+                    }
+                }),
+                MigrationReason::DesktopNotRunning,
             ),
             (desktop(|d| d.node = None), MigrationReason::DesktopNotBound),
             (

@@ -214,7 +214,7 @@ async fn pipeline<H: Hypervisor>(
     let seen = observe(ctx, d, status, uid, &inputs, adopt).await?;
     steps.record("observe", t);
     let here = migrate::Domain::of(seen.current.map(|s| (s.state, s.has_managed_save)));
-    if let Some(requeue) = migrate::drive(ctx, d, status, uid, &inputs, here).await? {
+    if let Some(requeue) = migrate::drive(ctx, d, status, uid, &inputs, here, report).await? {
         return Ok(requeue);
     }
     let plan = plan(d, status, &seen);

@@ -11,7 +11,9 @@ use kube::runtime::controller::Action;
 
 use super::apply::apply;
 use super::lifecycle::ADMIN_RESYNC;
-use super::testkit::{Kit, NODE, OTHER_UID, deleted, desktop, last_condition, with_last_status};
+use super::testkit::{
+    Kit, NODE, OTHER_UID, deleted, desktop, last_condition, with_all_statuses, with_last_status,
+};
 use super::{Error, failure, show_failure};
 use crate::hypervisor::fake::Op;
 use crate::hypervisor::{DomainState, HypervisorError};
@@ -1149,4 +1151,110 @@ async fn a_suspended_desktop_whose_move_fails_is_saved_again() {
     passes(&kit, &d).await;
     assert_eq!(changes(&kit, from), [format!("save {}", kit.domain())]);
     assert_eq!(cond(&kit, RUNNING), pair("False", "Suspended"));
+}
+
+#[tokio::test]
+async fn a_move_found_under_way_past_the_completion_timeout_is_aborted() {
+    use crate::hypervisor::Hypervisor;
+    let mut kit = Kit::new();
+    kit.make_domain(DomainState::Running, false).await;
+    kit.stamp_mirror("m1/h2/5902");
+    let name = kit.domain();
+    kit.hv.set_job(&name, true);
+    // Reported Started by the process before this one, within the pool's 5m timeout: held.
+    let recent = k8s_openapi::jiff::Timestamp::now().to_string();
+    let d = migrating(Some(serde_json::json!({
+        "uid": "m1", "source": "h1", "state": "Started", "at": recent
+    })));
+    passes(&kit, &d).await;
+    assert!(kit.hv.job_running(&name).await.unwrap_or(false), "held");
+    // Long past it: the move is ended, and the next pass reports it failed.
+    let d = migrating(Some(serde_json::json!({
+        "uid": "m1", "source": "h1", "state": "Started", "at": "2026-01-01T00:00:00Z"
+    })));
+    passes(&kit, &d).await;
+    assert!(
+        !kit.hv.job_running(&name).await.unwrap_or(true),
+        "not aborted"
+    );
+    passes(&kit, &d).await;
+    assert_eq!(reports(&kit), ["Failed"]);
+}
+
+#[tokio::test]
+async fn a_cold_move_shuts_the_domain_down_and_undefines_it_keeping_the_disk() {
+    let mut kit = Kit::new();
+    kit.make_disk();
+    kit.make_domain(DomainState::Running, false).await;
+    kit.stamp_mirror("m1/h2/5902");
+    let mut d = migrating(None);
+    if let Some(m) = d.status.as_mut().and_then(|s| s.migration.as_mut()) {
+        m.mode = deskvirt_core::migration::MigrationMode::Cold;
+    }
+    let from = kit.hv.journal().len();
+    passes(&kit, &d).await;
+    let name = kit.domain();
+    let calls = changes(&kit, from);
+    assert!(
+        calls.iter().any(|c| c == &format!("shutdown {name}"))
+            && calls.iter().any(|c| c == &format!("undefine {name}")),
+        "{calls:?}"
+    );
+    assert!(
+        !calls.iter().any(|c| c.starts_with("migrate")),
+        "moved live: {calls:?}"
+    );
+    assert_eq!(reports(&kit), ["Started", "Completed"]);
+    // Shown as moved (never Running) before the move is reported Completed.
+    assert_eq!(cond(&kit, RUNNING), pair("False", "MovedCold"));
+    assert_eq!(cond(&kit, DOMAIN_DEFINED), pair("Unknown", "MovedCold"));
+    let statuses = kit.api.statuses();
+    let at = |f: &dyn Fn(&serde_json::Value) -> bool| statuses.iter().position(f);
+    let shown = at(&|s| s["conditions"].to_string().contains("MovedCold"));
+    let completed = at(&|s| s["migrationReport"]["state"] == "Completed");
+    assert!(
+        matches!((shown, completed), (Some(a), Some(b)) if a < b),
+        "{statuses:?}"
+    );
+    assert!(kit.hv.domain(&name).is_none(), "still defined here");
+    assert!(kit.disk().exists(), "the shared disk was deleted");
+    // Until the binding follows, nothing is defined or started here again.
+    let from = kit.hv.journal().len();
+    let d = with_all_statuses(d, &kit.api);
+    passes(&kit, &d).await;
+    assert!(changes(&kit, from).is_empty(), "{:?}", changes(&kit, from));
+}
+
+#[tokio::test]
+async fn a_cold_move_cancelled_while_the_guest_shuts_down_boots_it_here_again() {
+    let mut kit = Kit::new();
+    kit.make_disk();
+    kit.make_domain(DomainState::Running, false).await;
+    kit.stamp_mirror("m1/h2/5902");
+    let mut d = migrating(None);
+    if let Some(m) = d.status.as_mut().and_then(|s| s.migration.as_mut()) {
+        m.mode = deskvirt_core::migration::MigrationMode::Cold;
+    }
+    // The cache shows what the operator wrote meanwhile: the record marked cancelled.
+    let mut seen = d.clone();
+    if let Some(m) = seen.status.as_mut().and_then(|s| s.migration.as_mut()) {
+        m.cancelled = true;
+    }
+    let (store, mut writer) = kube::runtime::reflector::store();
+    writer.apply_watcher_event(&kube::runtime::watcher::Event::Apply(seen));
+    kit.ctx.set_desktop_store(store);
+    let from = kit.hv.journal().len();
+    passes(&kit, &d).await;
+    let name = kit.domain();
+    let calls = changes(&kit, from);
+    assert!(
+        calls.iter().any(|c| c == &format!("shutdown {name}"))
+            && calls.iter().any(|c| c == &format!("start {name}"))
+            && !calls.iter().any(|c| c.starts_with("undefine")),
+        "{calls:?}"
+    );
+    assert_eq!(reports(&kit), ["Started", "Failed"]);
+    let running = kit.hv.domain(&name).is_some_and(|x| x.state.is_active());
+    assert!(running, "not running here again");
+    assert!(kit.disk().exists());
 }

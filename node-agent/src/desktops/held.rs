@@ -54,7 +54,9 @@ pub(super) async fn converge<H: Hypervisor>(
     let active = current.is_some_and(|s| s.state.is_active());
     // A migration of the suspended desktop (a drain's, say) moves it with its saved memory.
     let here = migrate::Domain::of(current.map(|s| (s.state, s.has_managed_save)));
-    if let Some(requeue) = migrate::drive_held(ctx, d, status, uid, &domain, here).await? {
+    if let Some(requeue) =
+        migrate::drive_held(ctx, d, status, uid, &domain, here, &mut report).await?
+    {
         return Ok(Outcome { report, requeue });
     }
     let step = power::decide(&Facts {

@@ -1,10 +1,11 @@
-//! Decides what the source host does with a live migration the operator recorded on a Desktop
+//! Decides what the source host does with a migration the operator recorded on a Desktop
 //! bound here (`status.migration`): it acts only when the console mirror, which tenants cannot
 //! write, carries the same stamp (`deskvirt.io/migration`); it reports Started, moves the
-//! domain with [`Hypervisor::migrate_out`], then reports Completed (with the figures) or
-//! Failed, under its own field manager. Meanwhile, and after a completed move until the
-//! operator binds the desktop to the target, this host neither defines nor starts the domain
-//! again. After an agent restart the report and the host say where the move got to.
+//! domain (Live: with [`Hypervisor::migrate_out`]; Cold: [`super::cold`]), then reports
+//! Completed (with the figures) or Failed, under its own field manager. Meanwhile, and after a
+//! completed move until the operator binds the desktop to the target, this host neither
+//! defines nor starts the domain again. After an agent restart the report and the host say
+//! where the move got to.
 
 use std::time::Duration;
 
@@ -68,6 +69,9 @@ pub struct Facts<'a> {
     pub domain: Domain,
     /// A job runs on the domain.
     pub job: bool,
+    /// The move was reported Started longer ago than the pool's completion timeout (and a
+    /// grace): the process that ran it would have ended it by now (a restarted agent finds it).
+    pub overdue: bool,
 }
 
 /// What the pass does.
@@ -110,7 +114,9 @@ pub fn decide(f: &Facts<'_>) -> Step {
         (None, _) => Step::Failed(
             "the desktop's domain neither runs on this host nor has its memory saved here",
         ),
-        (Some(MigrationState::Started), _) if f.job && record.cancelled => Step::Abort,
+        (Some(MigrationState::Started), _) if f.job && (record.cancelled || f.overdue) => {
+            Step::Abort
+        }
         (Some(MigrationState::Started), _) if f.job => Step::Hold("the domain is moving"),
         (Some(MigrationState::Started), Domain::Absent) => Step::Completed,
         (Some(MigrationState::Started), _) => Step::Failed(
@@ -133,7 +139,7 @@ pub fn confirmed<'a, H>(
     uid: &str,
 ) -> Option<&'a Migrating> {
     let m = status.migration.as_ref()?;
-    if m.mode != MigrationMode::Live || m.target == ctx.config.node_name {
+    if m.target == ctx.config.node_name {
         return None;
     }
     let mirror = ctx
@@ -202,6 +208,7 @@ pub fn moved_away<H>(ctx: &DesktopContext<H>, status: &DesktopStatus, uid: &str)
 
 /// Runs the migration part of a pass over a desktop bound here, after its inputs were read
 /// and its domain observed: `Some(requeue)` when the pass ends here, `None` to converge.
+/// `out`, the pass's status report, gets the conditions a step wrote itself (a cold move's).
 pub(super) async fn drive<H: Hypervisor>(
     ctx: &DesktopContext<H>,
     d: &Desktop,
@@ -209,6 +216,7 @@ pub(super) async fn drive<H: Hypervisor>(
     uid: &str,
     inputs: &Inputs,
     domain: Domain,
+    out: &mut super::status::Report,
 ) -> Result<Option<Duration>, Error> {
     if status.migration.is_none() && status.migration_report.is_none() {
         return Ok(None);
@@ -227,6 +235,7 @@ pub(super) async fn drive<H: Hypervisor>(
         moved_since,
         domain,
         job,
+        overdue: report.is_some_and(|r| overdue(r, &inputs.pool.spec.migration)),
     };
     let step = decide(&facts);
     match (step, record) {
@@ -235,11 +244,24 @@ pub(super) async fn drive<H: Hypervisor>(
             tracing::debug!(domain = %name, why, "held for a migration");
             Ok(Some(MIGRATION_RESYNC))
         }
+        (Step::Start, Some(m)) if m.mode == MigrationMode::Cold => {
+            if domain == Domain::Saved {
+                let why =
+                    "a suspended desktop moves Live only: a Cold move would lose its saved memory";
+                fail(ctx, d, m, why.to_string()).await?;
+                return Ok(None);
+            }
+            super::cold::move_out(ctx, d, &name, m, out).await?;
+            Ok(Some(MIGRATION_RESYNC))
+        }
         (Step::Start, Some(m)) => {
             move_out(ctx, d, inputs, &name, m, domain == Domain::Saved).await?;
             Ok(Some(MIGRATION_RESYNC))
         }
         (Step::Completed, Some(m)) => {
+            if m.mode == MigrationMode::Cold {
+                super::cold::show_moved(ctx, d, m, out).await?;
+            }
             let why = Some("moved while the node-agent was away".into());
             let r = report_of(&ctx.config.node_name, m, MigrationState::Completed, why);
             write(ctx, d, &r).await?;
@@ -250,7 +272,7 @@ pub(super) async fn drive<H: Hypervisor>(
             Ok(None)
         }
         (Step::Abort, _) => {
-            tracing::info!(domain = %name, "a move found under way after a restart was cancelled; aborting it");
+            tracing::info!(domain = %name, overdue = facts.overdue, "a move found under way after a restart was cancelled or outlived the pool's completion timeout; aborting it");
             if let Err(e) = ctx.hypervisor.abort_migration(&name).await {
                 tracing::warn!(domain = %name, error = %e, "could not abort the move");
             }
@@ -272,6 +294,7 @@ pub(super) async fn drive_held<H: Hypervisor>(
     uid: &str,
     name: &str,
     domain: Domain,
+    out: &mut super::status::Report,
 ) -> Result<Option<Duration>, Error> {
     if status.migration.is_none() && status.migration_report.is_none() {
         return Ok(None);
@@ -295,7 +318,7 @@ pub(super) async fn drive_held<H: Hypervisor>(
         }
     };
     inputs.domain = inputs.domain.under_name(name, &inputs.host);
-    drive(ctx, d, status, uid, &inputs, domain).await
+    drive(ctx, d, status, uid, &inputs, domain, out).await
 }
 
 /// Reports Started, moves the domain, reports how it went.
@@ -389,21 +412,24 @@ async fn restore_to_move<H: Hypervisor>(
 /// the Desktop (its DesktopMigration was deleted while the domain moves), as the cache shows
 /// it; never when there is no cache.
 async fn cancelled<H>(ctx: &DesktopContext<H>, d: &Desktop, uid: &str) {
-    let Some(store) = ctx.desktops() else {
+    if ctx.desktops().is_none() {
         return std::future::pending().await;
-    };
-    let key = ObjectRef::from_obj(d);
-    loop {
-        // Marked cancelled, or the record is gone or another's: the operator let the target go.
-        let marked = store
-            .get(&key)
-            .and_then(|d| d.status.clone())
-            .is_some_and(|s| s.migration.is_none_or(|m| m.uid != uid || m.cancelled));
-        if marked {
-            return;
-        }
+    }
+    while !marked_cancelled(ctx, d, uid) {
         tokio::time::sleep(CANCEL_POLL).await;
     }
+}
+
+/// Whether the cache shows migration `uid` of desktop `d` cancelled: marked so, or its record
+/// gone or another's (the operator let the target go).
+pub(super) fn marked_cancelled<H>(ctx: &DesktopContext<H>, d: &Desktop, uid: &str) -> bool {
+    let Some(store) = ctx.desktops() else {
+        return false;
+    };
+    store
+        .get(&ObjectRef::from_obj(d))
+        .and_then(|d| d.status.clone())
+        .is_some_and(|s| s.migration.is_none_or(|m| m.uid != uid || m.cancelled))
 }
 
 /// How often a move looks for its cancellation.
@@ -451,6 +477,23 @@ fn outbound<H>(
     })
 }
 
+/// How long past the pool's completion timeout a move found under way is left to the process
+/// that started it (which ends it at the timeout) before this one aborts it.
+const OVERDUE_GRACE: Duration = Duration::from_secs(30);
+
+/// Whether a move reported Started by `r` has outlived the pool's completion timeout by
+/// [`OVERDUE_GRACE`]: the process that ran it would have ended it (aborted, or switched to
+/// post-copy, which is no longer a job that can be aborted), so it was lost with that process.
+fn overdue(r: &MigrationReport, p: &deskvirt_crds::resource_pool::PoolMigration) -> bool {
+    if r.state != MigrationState::Started {
+        return false;
+    }
+    let limit = limits(p).completion_timeout.saturating_add(OVERDUE_GRACE);
+    let now = k8s_openapi::jiff::Timestamp::now();
+    let age = now.duration_since(r.at.0);
+    age.is_positive() && age.unsigned_abs() > limit
+}
+
 /// Shortest completion timeout a pool may set: a move needs a few seconds to start.
 const MIN_COMPLETION: Duration = Duration::from_secs(5);
 
@@ -476,7 +519,7 @@ fn bracketed(address: &str) -> String {
     }
 }
 
-fn report_of(
+pub(super) fn report_of(
     source: &str,
     m: &Migrating,
     state: MigrationState,
@@ -494,7 +537,7 @@ fn report_of(
     }
 }
 
-fn completed(source: &str, m: &Migrating, moved: &Migrated) -> MigrationReport {
+pub(super) fn completed(source: &str, m: &Migrating, moved: &Migrated) -> MigrationReport {
     let millis = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
     MigrationReport {
         total_millis: Some(millis(moved.total)),
@@ -504,7 +547,7 @@ fn completed(source: &str, m: &Migrating, moved: &Migrated) -> MigrationReport {
     }
 }
 
-async fn fail<H>(
+pub(super) async fn fail<H>(
     ctx: &DesktopContext<H>,
     d: &Desktop,
     m: &Migrating,
@@ -525,7 +568,11 @@ async fn fail<H>(
 }
 
 /// Writes the report under the agent's migration field manager.
-async fn write<H>(ctx: &DesktopContext<H>, d: &Desktop, r: &MigrationReport) -> Result<(), Error> {
+pub(super) async fn write<H>(
+    ctx: &DesktopContext<H>,
+    d: &Desktop,
+    r: &MigrationReport,
+) -> Result<(), Error> {
     let uid = d.uid().ok_or(Error::MissingField("metadata.uid"))?;
     let ns = d
         .namespace()
@@ -598,6 +645,7 @@ mod tests {
             moved_since: false,
             domain,
             job: false,
+            overdue: false,
         }
     }
 
@@ -632,6 +680,27 @@ mod tests {
     }
 
     #[test]
+    fn a_started_report_is_overdue_past_the_completion_timeout_and_a_grace() {
+        let pool = deskvirt_crds::resource_pool::PoolMigration {
+            completion_timeout: "10s".into(),
+            ..Default::default()
+        };
+        let at = |secs_ago: i64| {
+            let t = k8s_openapi::jiff::Timestamp::now()
+                - k8s_openapi::jiff::SignedDuration::from_secs(secs_ago);
+            let mut r = report_of("h1", &record(), Started, None);
+            r.at = Time(t);
+            r
+        };
+        assert!(!overdue(&at(5), &pool));
+        assert!(!overdue(&at(35), &pool), "within the grace");
+        assert!(overdue(&at(45), &pool));
+        let mut done = at(45);
+        done.state = Completed;
+        assert!(!overdue(&done, &pool), "only a move under way");
+    }
+
+    #[test]
     fn after_a_restart_the_host_says_where_the_move_got_to() {
         let m = record();
         let moving = Facts {
@@ -649,6 +718,16 @@ mod tests {
             decide(&to_abort),
             Step::Abort,
             "a cancel reaches a move found moving"
+        );
+        let overdue = Facts {
+            job: true,
+            overdue: true,
+            ..facts(Some(&m), Some(("m1", Started)), Domain::Running)
+        };
+        assert_eq!(
+            decide(&overdue),
+            Step::Abort,
+            "a move found moving past the pool's completion timeout is ended"
         );
         assert_eq!(
             decide(&facts(Some(&m), Some(("m1", Started)), Domain::Absent)),

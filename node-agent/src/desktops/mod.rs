@@ -7,6 +7,7 @@
 mod activity;
 mod apply;
 pub mod bound;
+mod cold;
 mod context;
 #[cfg(test)]
 mod converge_tests;

@@ -149,6 +149,17 @@ pub fn desktop() -> Desktop {
     d
 }
 
+/// `d` with every status the agent wrote merged in, in order, as the next pass sees it.
+pub fn with_all_statuses(mut d: Desktop, api: &ApiLog) -> Desktop {
+    let mut st = serde_json::to_value(d.status.clone().unwrap_or_default())
+        .unwrap_or_else(|e| panic!("{e}"));
+    for s in api.statuses() {
+        merge(&mut st, &s);
+    }
+    d.status = Some(serde_json::from_value::<DesktopStatus>(st).unwrap_or_else(|e| panic!("{e}")));
+    d
+}
+
 /// `d` being deleted.
 pub fn deleted(mut d: Desktop) -> Desktop {
     d.metadata.deletion_timestamp = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(

@@ -241,7 +241,9 @@ pub(super) fn pending(
                 )
             };
             let wanted = m.spec.target_node.as_deref();
-            let takes_in = |h: &str| endpoint_of(stores, h).is_some();
+            // A Cold move boots the desktop there: any host of the pool takes it in.
+            let cold = m.spec.mode == migration::MigrationMode::Cold;
+            let takes_in = |h: &str| cold || endpoint_of(stores, h).is_some();
             match choose_target(&pool_name, &policy, &size, &source, wanted, &hosts, |h| {
                 slots.host_full(h) || (wanted.is_none() && !takes_in(h))
             }) {
@@ -382,8 +384,9 @@ fn admit_message(reason: MigrationReason, m: &DesktopMigration) -> String {
         R::DesktopNotBound => format!("Desktop {name} is not bound to a host yet"),
         R::DesktopNotRunning => {
             format!(
-                "Desktop {name} neither runs nor is suspended with its memory saved; a stopped \
-                 desktop does not need a migration (drain re-binds it)"
+                "Desktop {name} does not run: a Live move takes a running desktop or one \
+                 suspended with its memory saved, a Cold move a running one (a stopped desktop \
+                 needs no migration: a drain re-binds it)"
             )
         }
         R::AlreadyMigrating => format!("an older migration of Desktop {name} has not ended"),
@@ -393,7 +396,10 @@ fn admit_message(reason: MigrationReason, m: &DesktopMigration) -> String {
         R::StorageNotShared => format!(
             "the pool of Desktop {name} does not declare storage.shared: true, which live migration needs"
         ),
-        R::ModeNotSupported => "mode Cold is not supported yet; use Live".to_string(),
+        R::ModeNotSupported => format!(
+            "mode Cold needs the pool of Desktop {name} to declare storage.shared: true; copying \
+             the disk to the target is not supported yet"
+        ),
         other => other.as_str().to_string(),
     }
 }
