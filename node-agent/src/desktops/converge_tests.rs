@@ -1181,8 +1181,8 @@ async fn a_move_found_under_way_past_the_completion_timeout_is_aborted() {
     assert_eq!(reports(&kit), ["Failed"]);
 }
 
-#[tokio::test]
-async fn a_cold_move_shuts_the_domain_down_and_undefines_it_keeping_the_disk() {
+/// A host running the desktop's domain, with a confirmed Cold migration of it to `h2`.
+async fn cold_move() -> (Kit, deskvirt_crds::Desktop) {
     let mut kit = Kit::new();
     kit.make_disk();
     kit.make_domain(DomainState::Running, false).await;
@@ -1191,6 +1191,12 @@ async fn a_cold_move_shuts_the_domain_down_and_undefines_it_keeping_the_disk() {
     if let Some(m) = d.status.as_mut().and_then(|s| s.migration.as_mut()) {
         m.mode = deskvirt_core::migration::MigrationMode::Cold;
     }
+    (kit, d)
+}
+
+#[tokio::test]
+async fn a_cold_move_shuts_the_domain_down_and_undefines_it_keeping_the_disk() {
+    let (kit, d) = cold_move().await;
     let from = kit.hv.journal().len();
     passes(&kit, &d).await;
     let name = kit.domain();
@@ -1227,14 +1233,7 @@ async fn a_cold_move_shuts_the_domain_down_and_undefines_it_keeping_the_disk() {
 
 #[tokio::test]
 async fn a_cold_move_cancelled_while_the_guest_shuts_down_boots_it_here_again() {
-    let mut kit = Kit::new();
-    kit.make_disk();
-    kit.make_domain(DomainState::Running, false).await;
-    kit.stamp_mirror("m1/h2/5902");
-    let mut d = migrating(None);
-    if let Some(m) = d.status.as_mut().and_then(|s| s.migration.as_mut()) {
-        m.mode = deskvirt_core::migration::MigrationMode::Cold;
-    }
+    let (kit, d) = cold_move().await;
     // The cache shows what the operator wrote meanwhile: the record marked cancelled.
     let mut seen = d.clone();
     if let Some(m) = seen.status.as_mut().and_then(|s| s.migration.as_mut()) {
