@@ -171,6 +171,7 @@ pub struct DomainNodeStatus {
     /// `spec.drain` is set).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
+    #[schemars(length(max = 16))]
     pub conditions: Vec<Condition>,
 }
 
@@ -190,6 +191,7 @@ pub struct DrainStatus {
     pub migrated: u32,
     /// The desktops still bound to the host, each with why (the first 50).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 50))]
     pub desktops: Vec<DrainLeft>,
 }
 

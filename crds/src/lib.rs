@@ -126,6 +126,42 @@ mod tests {
         );
     }
 
+    /// Every list of a status is bounded, but a host's orphan domains: the operator charges
+    /// the host for each of them, so none may be cut off (the API server's request size bounds
+    /// the object).
+    #[test]
+    fn every_status_list_has_a_max_items() {
+        fn unbounded(path: &str, s: &serde_json::Value, out: &mut Vec<String>) {
+            if s["type"] == "array" && s.get("maxItems").is_none() {
+                out.push(path.to_string());
+            }
+            if let Some(props) = s["properties"].as_object() {
+                for (k, v) in props {
+                    unbounded(&format!("{path}.{k}"), v, out);
+                }
+            }
+            if s.get("items").is_some() {
+                unbounded(&format!("{path}[]"), &s["items"], out);
+            }
+        }
+        let mut found = Vec::new();
+        for crd in super::crds() {
+            let schema = crd.spec.versions[0]
+                .schema
+                .as_ref()
+                .and_then(|s| s.open_api_v3_schema.as_ref())
+                .map(|s| serde_json::to_value(s).unwrap_or_default())
+                .unwrap_or_default();
+            let status = &schema["properties"]["status"];
+            unbounded(
+                &format!("{}.status", crd.spec.names.kind),
+                status,
+                &mut found,
+            );
+        }
+        assert_eq!(found, ["DomainNode.status.orphans"]);
+    }
+
     #[test]
     fn every_crd_has_status_short_name_and_columns() {
         for crd in super::crds() {

@@ -136,6 +136,7 @@ pub struct DesktopMigrationStatus {
     /// reason says why the migration waits or failed).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
+    #[schemars(length(max = 16))]
     pub conditions: Vec<Condition>,
     /// The spec generation the operator last acted on.
     #[serde(default, skip_serializing_if = "Option::is_none")]

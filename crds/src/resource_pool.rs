@@ -517,6 +517,7 @@ pub struct ResourcePoolStatus {
     /// Ready (the pool can place desktops) and Degraded (some hosts are lost or not ready).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
+    #[schemars(length(max = 16))]
     pub conditions: Vec<Condition>,
     /// The spec generation this status was computed from.
     #[serde(default, skip_serializing_if = "Option::is_none")]

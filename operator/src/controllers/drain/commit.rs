@@ -25,7 +25,8 @@ use crate::context::Context;
 use crate::controllers::{StatusApply, apply_status_as};
 use crate::fence;
 
-/// Desktops listed by name in `status.drain.desktops`; the counts cover the rest.
+/// Desktops listed by name in `status.drain.desktops` (the CRD's `maxItems`); the counts
+/// cover the rest.
 const LISTED: usize = 50;
 
 /// The `key=value` (or `key==value`) terms of a label selector; other terms are skipped (a
