@@ -4,7 +4,9 @@
 #   initrd.img   a gzip'd newc initramfs: busybox-static, the virtio modules and an /init that
 #                mounts proc/sys/dev, loads the modules, prints "DESKVIRT-GUEST-READY ..." on the
 #                serial console (once a second, so a late reader of a pty still sees it) and
-#                stays alive
+#                stays alive; with `deskvirt.dhcp` on the kernel command line it also takes eth0's
+#                address by DHCP at boot and whenever its carrier comes back, printing
+#                "DESKVIRT-GUEST-IP <address>"
 #   base.qcow2   an empty 64 MiB qcow2 image to hang linked clones on
 #
 #   scripts/build-guest.sh [outdir]     (default ~/.cache/deskvirt/guest/current)
@@ -13,7 +15,7 @@
 # layout version; a cached build takes well under a second. Prints the output dir on stdout.
 set -euo pipefail
 
-LAYOUT=3   # bump when the initramfs layout or /init changes
+LAYOUT=4   # bump when the initramfs layout or /init changes
 CACHE=${DESKVIRT_GUEST_CACHE:-$HOME/.cache/deskvirt/guest}
 OUT=${1:-$CACHE/current}
 MODULES=(virtio_ring virtio virtio_pci_legacy_dev virtio_pci_modern_dev virtio_pci
@@ -111,6 +113,33 @@ exec </dev/console >/dev/console 2>&1
 for m in ${loaded[*]}; do
   insmod /lib/modules/\$m.ko || echo "DESKVIRT-GUEST-MODULE-FAILED \$m"
 done
+# With deskvirt.dhcp on the kernel command line: eth0 asks DHCP for its address at boot and
+# again each time its carrier comes back (as NetworkManager does), and prints what it got.
+if grep -qw deskvirt.dhcp /proc/cmdline; then
+  cat >/bin/dhcp-event <<'EVENT'
+#!/bin/sh
+case "\$1" in
+  bound | renew)
+    ip addr flush dev "\$interface"
+    ip addr add "\$ip/\$mask" dev "\$interface"
+    echo "DESKVIRT-GUEST-IP \$ip" >/dev/console
+    ;;
+esac
+EVENT
+  chmod +x /bin/dhcp-event
+  ip link set eth0 up
+  (
+    was=0
+    while true; do
+      now=\$(cat /sys/class/net/eth0/carrier 2>/dev/null || echo 0)
+      if [ "\$now" = 1 ] && [ "\$was" != 1 ]; then
+        udhcpc -i eth0 -n -q -t 5 -T 1 -s /bin/dhcp-event >/dev/null 2>&1
+      fi
+      was=\$now
+      sleep 1
+    done
+  ) &
+fi
 echo "DESKVIRT-GUEST-READY uptime=\$(cut -d' ' -f1 /proc/uptime) disks=\$(ls /sys/block | tr '\n' ,)"
 while true; do
   sleep 1

@@ -579,9 +579,22 @@ pub fn disk_of(listing: &str) -> anyhow::Result<PathBuf> {
         .with_context(|| format!("no qcow2 disk in:\n{listing}"))
 }
 
-/// The uptimes the guest printed on its serial console (`DESKVIRT-GUEST-READY uptime=…`), in
-/// order; none before the log exists.
+/// The guest's uptimes in its serial log, in order (its `DESKVIRT-GUEST-READY` lines).
 pub fn guest_uptimes(log: &Path) -> anyhow::Result<Vec<f64>> {
+    Ok(serial_values(log, "DESKVIRT-GUEST-READY uptime=")?
+        .iter()
+        .filter_map(|v| v.parse().ok())
+        .collect())
+}
+
+/// The addresses the test guest took by DHCP (`deskvirt.dhcp` on its command line), in order,
+/// from its serial log.
+pub fn guest_addresses(log: &Path) -> anyhow::Result<Vec<String>> {
+    serial_values(log, "DESKVIRT-GUEST-IP ")
+}
+
+/// The word after each `marker` in serial log `log` (none while it does not exist).
+fn serial_values(log: &Path, marker: &str) -> anyhow::Result<Vec<String>> {
     let text = match std::fs::read_to_string(log) {
         Ok(t) => t,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
@@ -589,8 +602,8 @@ pub fn guest_uptimes(log: &Path) -> anyhow::Result<Vec<f64>> {
     };
     Ok(text
         .lines()
-        .filter_map(|l| l.split("DESKVIRT-GUEST-READY uptime=").nth(1))
-        .filter_map(|rest| rest.split_whitespace().next()?.parse().ok())
+        .filter_map(|l| l.split(marker).nth(1))
+        .filter_map(|rest| rest.split_whitespace().next().map(str::to_string))
         .collect())
 }
 

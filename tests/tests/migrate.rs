@@ -42,8 +42,8 @@ use deskvirt_tests::host::eventually;
 use deskvirt_tests::second_host::SecondHost;
 use deskvirt_tests::spice::{self, LinkOutcome};
 use deskvirt_tests::world::{
-    World, console_password, create_pool, disk_of, domain_of, events, guest_in_phase,
-    guest_uptimes, migration_request, patch_pool, setup, spice_addr, virsh_system,
+    World, console_password, create_pool, disk_of, domain_of, events, guest_addresses,
+    guest_in_phase, guest_uptimes, migration_request, patch_pool, setup, spice_addr, virsh_system,
     wait_ready_hosts,
 };
 use kube::api::{DeleteParams, PostParams};
@@ -123,7 +123,10 @@ async fn a_running_desktop_moves_live_to_another_host() -> anyhow::Result<()> {
     let migrations: Api<DesktopMigration> = Api::namespaced(w.client.clone(), &w.user_ns.name);
     let host_a = w.node.clone();
 
-    guest_in_phase(&w, "mover", json!({}), Phase::Running).await?;
+    // The guest takes its address by DHCP, and again when its carrier comes back.
+    let dhcp = json!({ "boot": { "kernel": "vmlinuz", "initrd": "initrd.img",
+                                 "cmdline": "console=ttyS0 deskvirt.dhcp" } });
+    guest_in_phase(&w, "mover", dhcp, Phase::Running).await?;
     // Host B joins, taking in migrations on its libvirt as host A's libvirtd reaches it.
     let node_b = w.add_migration_target(&host_b)?;
     wait_ready_hosts(&w, 2).await?;
@@ -152,6 +155,13 @@ async fn a_running_desktop_moves_live_to_another_host() -> anyhow::Result<()> {
     let disk = disk_of(&virsh_system(&["domblklist", &domain])?)?;
     let inode = std::fs::metadata(&disk)?.ino();
     let serial_a = PathBuf::from(format!("/var/log/libvirt/qemu/{domain}-serial.log"));
+    let ip_a = before.ip.clone().context("no address on A")?;
+    eventually(
+        Duration::from_secs(120),
+        "the guest's address on A",
+        || async { Ok(guest_addresses(&serial_a)?.contains(&ip_a).then_some(())) },
+    )
+    .await?;
     let uptime_before = eventually(
         Duration::from_secs(120),
         "the guest's uptime on A",
@@ -230,9 +240,11 @@ async fn a_running_desktop_moves_live_to_another_host() -> anyhow::Result<()> {
         "host B kept the cancelled move's domain"
     );
     // Host A's agent is killed while a capped move runs, and started again: the new agent finds
-    // the move under way and, once it outlived the pool's completion timeout (5 s) by the
-    // grace (30 s), ends it; the migration is Failed and the desktop runs on at A.
-    cap_moves(&w, "5s").await?;
+    // the move under way and, once it outlived the pool's completion timeout (20 s: long
+    // enough that the move is seen moving before it times out) by the grace (30 s), ends it,
+    // or finds it ended with the old agent's connection; either way the migration is Failed
+    // and the desktop runs on at A.
+    cap_moves(&w, "20s").await?;
     start_moving(&w, &migrations, "orphaned").await?;
     if let Some(mut agent) = w.agent.take() {
         agent.kill()?;
@@ -384,6 +396,22 @@ async fn a_running_desktop_moves_live_to_another_host() -> anyhow::Result<()> {
     .context("the guest on B did not go on counting (rebooted?)")?;
     eprintln!("[migrate] guest uptime {uptime_before}s on A, then {after}s on B");
 
+    // Host B's subnet of the nat network is not A's: B pins the guest another address and
+    // cycles its link, and the guest's DHCP client takes that address.
+    let ip_b = eventually(Duration::from_secs(60), "mover's address on B", || async {
+        let ip = status_of(&desktops.get("mover").await?).ip;
+        Ok(ip.filter(|ip| *ip != ip_a))
+    })
+    .await?;
+    eventually(
+        Duration::from_secs(60),
+        "the guest's address on B",
+        || async { Ok(guest_addresses(&serial_b)?.contains(&ip_b).then_some(())) },
+    )
+    .await
+    .context("the guest did not take host B's address")?;
+    eprintln!("[migrate] guest address {ip_a} on A, then {ip_b} on B");
+
     // The SPICE client on A was told of host B; B's console takes the password.
     anyhow::ensure!(
         spice::told_of(&mut client, &host_b.address).await,
@@ -399,8 +427,8 @@ async fn a_running_desktop_moves_live_to_another_host() -> anyhow::Result<()> {
         .filter_map(|e| e.reason)
         .collect();
     anyhow::ensure!(
-        reasons.iter().any(|r| r == "Migrated"),
-        "no Migrated Event: {reasons:?}"
+        reasons.iter().any(|r| r == "Migrated") && reasons.iter().any(|r| r == "AddressChanged"),
+        "no Migrated or AddressChanged Event: {reasons:?}"
     );
     // Three failures only: the capped move's, the cancelled one's and the orphaned one's.
     anyhow::ensure!(

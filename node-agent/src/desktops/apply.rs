@@ -32,7 +32,7 @@ use super::power::{self, DomainView, Facts, Step};
 use super::reason::{Reason, ReasonOf};
 use super::saved::{self, Verdict};
 use super::status::{Cond, Report, body};
-use super::{BUSY_RESYNC, Error, bound, held, migrate};
+use super::{BUSY_RESYNC, Error, bound, held, lease, migrate};
 use crate::disks::{self, DiskPlan, Prepared};
 use crate::domain::graphics_xml;
 use crate::domain::names::fnv1a64;
@@ -216,6 +216,12 @@ async fn pipeline<H: Hypervisor>(
     let here = migrate::Domain::of(seen.current.map(|s| (s.state, s.has_managed_save)));
     if let Some(requeue) = migrate::drive(ctx, d, status, uid, &inputs, here, report).await? {
         return Ok(requeue);
+    }
+    // Moved live from another host's subnet: the guest asks for the address pinned here.
+    if seen.active()
+        && let Some((had, pinned)) = lease::stale(status.ip.as_deref(), report.ip.as_deref())
+    {
+        lease::renew(ctx, d, &inputs, &seen.domain, had, pinned).await?;
     }
     let plan = plan(d, status, &seen);
     let t = clock();

@@ -111,6 +111,48 @@ async fn a_nat_desktop_gets_its_lease_then_starts() {
 }
 
 #[tokio::test]
+async fn a_guest_moved_in_with_another_hosts_address_has_its_link_cycled_once() {
+    let mut kit = Kit::new();
+    kit.nat();
+    kit.make_disk();
+    kit.make_domain(DomainState::Running, false).await;
+    // Moved live from a host whose subnet is 10.233.2.0/24.
+    let mut d = desktop();
+    if let Some(st) = d.status.as_mut() {
+        st.ip = Some("10.233.2.7".into());
+    }
+    let from = kit.hv.journal().len();
+    passes(&kit, &d).await;
+    let dom = kit.domain();
+    let calls = changes(&kit, from);
+    let at = |want: &str| calls.iter().position(|c| c == want);
+    let (down, up) = (
+        at(&format!("link-down {dom}")),
+        at(&format!("link-up {dom}")),
+    );
+    assert!(
+        down.is_some() && up.is_some() && down < up,
+        "the link down, then up: {calls:?}"
+    );
+    assert_eq!(
+        kit.api.statuses().last().map(|s| s["ip"].clone()),
+        Some(serde_json::json!("10.233.1.2"))
+    );
+    assert!(
+        kit.api
+            .event_reasons()
+            .contains(&"AddressChanged".to_string()),
+        "{:?}",
+        kit.api.event_reasons()
+    );
+    // The address the desktop now shows is the one pinned here: no second cycle.
+    let from = kit.hv.journal().len();
+    passes(&kit, &with_last_status(d, &kit.api)).await;
+    let again = changes(&kit, from);
+    assert!(!again.iter().any(|c| c.starts_with("link-")), "{again:?}");
+}
+
+#[tokio::test]
 async fn a_lease_that_cannot_be_written_stops_the_start_until_it_is() {
     let mut kit = Kit::new();
     kit.nat();

@@ -16,6 +16,7 @@ mod held;
 pub mod inbound;
 mod inputs;
 mod ip;
+mod lease;
 mod lifecycle;
 mod migrate;
 pub mod orphan_policy;

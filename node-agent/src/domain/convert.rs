@@ -12,7 +12,7 @@ use super::metadata::metadata;
 use super::network::{NetworkAttachment, interface};
 use super::text::is_xml_text;
 use super::usb::{controller, redirdevs, redirfilter};
-use super::xml::{self, Clock, Devices, Domain, Empty, Features};
+use super::xml::{self, Clock, Devices, Domain, Empty, Features, LinkState};
 
 fn check(field: &'static str, value: &str) -> Result<(), XmlError> {
     if is_xml_text(value) {
@@ -91,6 +91,17 @@ pub fn domain(inputs: &DomainInputs) -> Result<Domain, XmlError> {
 pub fn graphics_xml(inputs: &DomainInputs) -> Result<String, XmlError> {
     check_inputs(inputs)?;
     Ok(xml::to_string(&graphics(&inputs.spice))?)
+}
+
+/// Only the `<interface>` of `inputs`, its link `up` or down, for cycling a running domain's
+/// link.
+pub fn interface_xml(inputs: &DomainInputs, up: bool) -> Result<String, XmlError> {
+    check_inputs(inputs)?;
+    let mut nic = interface(&inputs.network, &inputs.mac);
+    nic.link = Some(LinkState {
+        state: if up { "up" } else { "down" },
+    });
+    Ok(xml::to_string(&nic)?)
 }
 
 /// The domain XML for `inputs`, ready for `virDomainDefineXML`.

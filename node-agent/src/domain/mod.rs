@@ -25,7 +25,7 @@ pub mod usb;
 pub mod xml;
 
 pub use boot::KernelBoot;
-pub use convert::{domain_xml, graphics_xml};
+pub use convert::{domain_xml, graphics_xml, interface_xml};
 pub use devices::serial_log_path;
 pub use disks::{parse_disk_paths, parse_disk_sources};
 pub use error::{BuildError, XmlError};

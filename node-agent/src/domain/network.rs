@@ -74,6 +74,7 @@ pub fn interface(attachment: &NetworkAttachment, mac: &str) -> Interface {
         },
         source,
         model: TypedModel { kind: "virtio" },
+        link: None,
     }
 }
 

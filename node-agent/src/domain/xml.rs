@@ -314,6 +314,7 @@ pub struct Controller {
 
 /// `<interface type='network|bridge'>`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename = "interface")]
 pub struct Interface {
     /// `network` or `bridge`.
     #[serde(rename = "@type")]
@@ -324,6 +325,18 @@ pub struct Interface {
     pub source: InterfaceSource,
     /// NIC model.
     pub model: TypedModel,
+    /// `<link state='up|down'/>`: only in a live update that cycles the link; absent (up) in
+    /// a definition.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub link: Option<LinkState>,
+}
+
+/// `<link state='...'/>`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct LinkState {
+    /// `up` or `down`.
+    #[serde(rename = "@state")]
+    pub state: &'static str,
 }
 
 /// `<mac address='...'/>`.

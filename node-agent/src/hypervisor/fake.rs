@@ -429,8 +429,16 @@ impl Hypervisor for FakeHypervisor {
         }))
     }
 
-    async fn update_live_device(&self, name: &str, _device_xml: &str) -> Result<Change> {
-        self.change(Op::UpdateLiveDevice, "update-device", name, |s| {
+    async fn update_live_device(&self, name: &str, device_xml: &str) -> Result<Change> {
+        // A link cycled is journaled as such; other devices (a new password) as an update.
+        let verb = if device_xml.contains("<link state=\"down\"") {
+            "link-down"
+        } else if device_xml.contains("<link state=\"up\"") {
+            "link-up"
+        } else {
+            "update-device"
+        };
+        self.change(Op::UpdateLiveDevice, verb, name, |s| {
             let d = s.domains.get(name).ok_or_else(|| not_found(name))?;
             Ok(if d.state.is_active() {
                 Change::Done
