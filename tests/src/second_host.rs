@@ -130,3 +130,63 @@ fn script(cmd: &str, name: &str, dir: &std::path::Path) -> anyhow::Result<String
     );
     Ok(stdout)
 }
+
+/// Polls both hosts' libvirtds every 100 ms in a thread, from [`BothWatch::start`] until
+/// [`BothWatch::finish`], for watched domains running on both at once. Running, not paused: a
+/// live migration's incoming domain is active on the target, paused, until the source pauses
+/// for the last copy.
+pub struct BothWatch {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<anyhow::Result<(u32, Vec<String>)>>,
+}
+
+impl BothWatch {
+    /// Starts watching `domains` on host A (`qemu:///system`) and `host_b`.
+    pub fn start(host_b: std::sync::Arc<SecondHost>, domains: Vec<String>) -> Self {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let (mut polls, mut both) = (0, Vec::new());
+            while !flag.load(Ordering::Relaxed) {
+                let a = names(&crate::world::virsh_system(&[
+                    "list",
+                    "--state-running",
+                    "--name",
+                ])?);
+                let b = names(&host_b.virsh(&["list", "--state-running", "--name"])?);
+                for d in &domains {
+                    if a.contains(d) && b.contains(d) {
+                        both.push(d.clone());
+                    }
+                }
+                polls += 1;
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            }
+            Ok((polls, both))
+        });
+        Self { stop, thread }
+    }
+
+    /// Stops polling: how many polls were made; fails if a watched domain ever ran on both
+    /// hosts (or a poll failed).
+    pub fn finish(self) -> anyhow::Result<u32> {
+        self.stop.store(true, Ordering::Relaxed);
+        let (polls, mut both) = self
+            .thread
+            .join()
+            .map_err(|_| anyhow::anyhow!("the poller of both hosts panicked"))??;
+        both.dedup();
+        anyhow::ensure!(both.is_empty(), "running on both hosts at once: {both:?}");
+        Ok(polls)
+    }
+}
+
+/// Names of the domains a `virsh list --name` printed.
+pub fn names(listing: &str) -> Vec<String> {
+    listing
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .map(String::from)
+        .collect()
+}

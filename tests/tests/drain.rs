@@ -20,7 +20,6 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -29,7 +28,7 @@ use deskvirt_crds::desktop::Phase;
 use deskvirt_crds::{DesktopMigration, DomainNode};
 use deskvirt_tests::cluster::unique_suffix;
 use deskvirt_tests::host::eventually;
-use deskvirt_tests::second_host::SecondHost;
+use deskvirt_tests::second_host::{BothWatch, SecondHost};
 use deskvirt_tests::spice;
 use deskvirt_tests::world::{
     console_password, create_pool, disk_of, domain_of, guest_desktop, guest_uptimes, patch_pool,
@@ -38,16 +37,6 @@ use deskvirt_tests::world::{
 use kube::api::{ListParams, Patch, PatchParams, PostParams};
 use kube::{Api, ResourceExt};
 use serde_json::json;
-
-/// Names of the domains a `virsh list --name` printed.
-fn running(listing: &str) -> Vec<String> {
-    listing
-        .lines()
-        .map(str::trim)
-        .filter(|l| !l.is_empty())
-        .map(String::from)
-        .collect()
-}
 
 fn drained(n: &DomainNode) -> Option<(String, String)> {
     let st = n.status.as_ref()?;
@@ -161,28 +150,7 @@ async fn a_drain_empties_a_host_of_running_and_stopped_desktops() -> anyhow::Res
     .await?;
 
     // Both libvirtds polled throughout: no domain ever runs on both.
-    let stop = Arc::new(AtomicBool::new(false));
-    let poller = {
-        let (stop, host_b) = (stop.clone(), host_b.clone());
-        let watched: Vec<String> = domains.values().cloned().collect();
-        std::thread::spawn(move || -> anyhow::Result<(u32, Vec<String>)> {
-            let (mut polls, mut both) = (0, Vec::new());
-            while !stop.load(Ordering::Relaxed) {
-                // Running, not paused: a live migration's incoming domain is active on the
-                // target, paused, until the source pauses for the last copy.
-                let a = running(&virsh_system(&["list", "--state-running", "--name"])?);
-                let b = running(&host_b.virsh(&["list", "--state-running", "--name"])?);
-                for d in &watched {
-                    if a.contains(d) && b.contains(d) {
-                        both.push(d.clone());
-                    }
-                }
-                polls += 1;
-                std::thread::sleep(Duration::from_millis(100));
-            }
-            Ok((polls, both))
-        })
-    };
+    let watch = BothWatch::start(host_b.clone(), domains.values().cloned().collect());
 
     let t0 = Instant::now();
     nodes
@@ -242,16 +210,11 @@ async fn a_drain_empties_a_host_of_running_and_stopped_desktops() -> anyhow::Res
         }
     };
     let took = t0.elapsed();
-    stop.store(true, Ordering::Relaxed);
-    let (polls, mut both) = poller
-        .join()
-        .map_err(|_| anyhow::anyhow!("the poller panicked"))??;
+    let polls = watch.finish()?;
     eprintln!(
         "[drain] host A drained in {:.1}s (4 desktops: 2 live, 1 suspended, 1 stopped); {polls} polls of both hosts",
         took.as_secs_f64()
     );
-    both.dedup();
-    anyhow::ensure!(both.is_empty(), "running on both hosts at once: {both:?}");
     let st = done.status.clone().unwrap_or_default();
     let drain = st.drain.clone().context("no status.drain")?;
     anyhow::ensure!(drain.remaining == 0 && drain.migrated == 3, "{drain:?}");

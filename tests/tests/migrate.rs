@@ -8,20 +8,24 @@
 //! - a move deleted while the domain moves (capped so that it would take minutes) is aborted:
 //!   the migration goes at once, the desktop runs on at A;
 //! - host A's agent killed while a capped move runs: the restarted agent ends the move once it
-//!   outlived the completion timeout (and a grace); Failed, the desktop runs on at A;
+//!   outlived the completion timeout (and a grace), or finds it ended; Failed, the desktop runs
+//!   on at A;
 //! - host A's agent runs without `--migration-uri`: a migration to it waits with `NoTarget`,
 //!   naming the flag;
 //! - `mover` runs on host A with a SPICE client connected; a `DesktopMigration` moves it to
 //!   host B: Scheduling, Running, Succeeded with its downtime; the Desktop is bound to host B
 //!   (node, label, port, `lastMove`) with its MAC and disk file; the guest keeps counting its
 //!   uptime (it was not rebooted); the SPICE client was told of host B, and host B's console
-//!   takes the password; host A has nothing of it left and never started it again;
+//!   takes the password; host A has nothing of it left and never started it again; host B's
+//!   subnet being another, the guest's DHCP client takes B's address after B cycles its link;
 //! - a second migration back to host A waits (`NoTarget`: A takes in no migrations) and is
 //!   cancelled by deleting it, which frees what it held;
 //! - a Cold migration back to host A (which takes in no live ones) shuts `mover` down on B and
 //!   boots it on A on the same disk;
 //! - deleting `mover` removes its disk.
 //!
+//! Both libvirtds are polled every 100 ms from the first move to the last: `mover` never runs
+//! on both hosts at once.
 //! The pool pins a CPU model (`spec.cpu.model`) that both agents report usable: `mover` runs
 //! with it on host A and, after the move, on host B.
 //!
@@ -29,6 +33,7 @@
 
 use std::os::unix::fs::MetadataExt;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -39,7 +44,7 @@ use deskvirt_crds::migration::MigrationPhase;
 use deskvirt_crds::{Desktop, DesktopMigration, DomainNode};
 use deskvirt_tests::cluster::unique_suffix;
 use deskvirt_tests::host::eventually;
-use deskvirt_tests::second_host::SecondHost;
+use deskvirt_tests::second_host::{BothWatch, SecondHost};
 use deskvirt_tests::spice::{self, LinkOutcome};
 use deskvirt_tests::world::{
     World, console_password, create_pool, disk_of, domain_of, events, guest_addresses,
@@ -98,7 +103,7 @@ async fn start_moving(
 async fn a_running_desktop_moves_live_to_another_host() -> anyhow::Result<()> {
     // Host B first, so that it goes last: the World's desktops are deleted while its agent runs.
     let started = Instant::now();
-    let host_b = SecondHost::start(&format!("dvl{}", unique_suffix()))?;
+    let host_b = Arc::new(SecondHost::start(&format!("dvl{}", unique_suffix()))?);
     let mut w = setup(&format!("mig-{}", unique_suffix())).await?;
     create_pool(&w).await?;
     patch_pool(&w, json!({ "storage": { "shared": true } })).await?;
@@ -147,6 +152,8 @@ async fn a_running_desktop_moves_live_to_another_host() -> anyhow::Result<()> {
         .and_then(|s| s.port)
         .context("no port")?;
     let domain = domain_of(&desktops, &w.user_ns.name, "mover").await?;
+    // Both libvirtds polled throughout every step: the domain never runs on both.
+    let watch = BothWatch::start(host_b.clone(), vec![domain.clone()]);
     let pinned = format!("<model fallback='forbid'>{CPU_MODEL}</model>");
     anyhow::ensure!(
         virsh_system(&["dumpxml", &domain])?.contains(&pinned),
@@ -503,6 +510,9 @@ async fn a_running_desktop_moves_live_to_another_host() -> anyhow::Result<()> {
         !host_b.has_domain(&domain)?,
         "host B kept the domain after the cold move"
     );
+
+    let polls = watch.finish()?;
+    eprintln!("[migrate] never running on both hosts: {polls} polls of both");
 
     // Deleting `mover` goes through host A, which removes the disk.
     migrations.delete("to-b", &DeleteParams::default()).await?;
