@@ -1136,6 +1136,40 @@ async fn a_failed_move_is_reported_and_the_domain_runs_here_as_before() {
 }
 
 #[tokio::test]
+async fn an_error_after_the_domain_left_is_a_completed_move_and_the_host_never_starts_it() {
+    let mut kit = Kit::new();
+    kit.make_disk();
+    kit.make_domain(DomainState::Running, false).await;
+    kit.stamp_mirror("m1/h2/5902");
+    kit.hv.migration_ends(None, failed());
+    let d = migrating(None);
+    passes(&kit, &d).await;
+    assert_eq!(reports(&kit), ["Started", "Completed"]);
+    // Until the binding follows, nothing is defined or started here again.
+    let from = kit.hv.journal().len();
+    passes(&kit, &with_all_statuses(d, &kit.api)).await;
+    assert!(changes(&kit, from).is_empty(), "{:?}", changes(&kit, from));
+    assert!(kit.disk().exists());
+}
+
+#[tokio::test]
+async fn a_move_that_leaves_the_guest_paused_says_an_admin_must_act() {
+    let mut kit = Kit::new();
+    kit.make_domain(DomainState::Running, false).await;
+    kit.stamp_mirror("m1/h2/5902");
+    kit.hv.migration_ends(Some(DomainState::Paused), failed());
+    passes(&kit, &migrating(None)).await;
+    assert_eq!(reports(&kit), ["Started", "Failed"]);
+    let message = kit
+        .api
+        .statuses()
+        .iter()
+        .find_map(|s| s["migrationReport"]["message"].as_str().map(str::to_string))
+        .unwrap_or_default();
+    assert!(message.contains("paused on this host"), "{message}");
+}
+
+#[tokio::test]
 async fn a_suspended_desktop_moves_with_its_saved_memory() {
     let mut kit = Kit::new();
     kit.make_domain(DomainState::ShutOff, true).await;

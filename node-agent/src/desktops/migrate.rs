@@ -374,8 +374,21 @@ async fn move_out<H: Hypervisor>(
         // reported; the next pass finds the job running (and holds) or the domain gone.
         Err(e @ crate::hypervisor::HypervisorError::Timeout { .. }) => Err(e.into()),
         Err(e) => {
-            tracing::warn!(domain = name, target = %m.target, error = %e, "the move failed; the domain runs here as before");
-            fail(ctx, d, m, e.to_string()).await
+            // Where the domain is now says how the move ended; unreadable, the next pass looks.
+            let here = match ctx.hypervisor.domain_status(name).await {
+                Ok(s) => Some(s.state),
+                Err(x) if x.is_not_found() => None,
+                Err(x) => return Err(x.into()),
+            };
+            let how = super::move_end::ended(here);
+            let why = super::move_end::message(how, &e.to_string());
+            if how == super::move_end::Ended::Moved {
+                tracing::warn!(domain = name, target = %m.target, error = %e, "libvirt reported an error, but the domain left this host: it runs on the target");
+                let r = report_of(me, m, MigrationState::Completed, Some(why));
+                return write(ctx, d, &r).await;
+            }
+            tracing::warn!(domain = name, target = %m.target, error = %e, ended = ?how, "the move failed");
+            fail(ctx, d, m, why).await
         }
     }
 }

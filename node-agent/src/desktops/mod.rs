@@ -19,6 +19,7 @@ mod ip;
 mod lease;
 mod lifecycle;
 mod migrate;
+mod move_end;
 pub mod orphan_policy;
 pub mod orphans;
 mod patch;

@@ -59,6 +59,9 @@ struct State {
     ignore_acpi: bool,
     /// Domains a job runs on.
     jobs: std::collections::BTreeSet<String>,
+    /// How the next migration ends in an error after it went some way: the domain left here
+    /// (`None`) or in this state (paused after a failed post-copy, say).
+    migrate_ends: Option<(Option<DomainState>, HypervisorError)>,
 }
 
 /// The fake host. Clones share it.
@@ -122,6 +125,12 @@ impl FakeHypervisor {
                 s.jobs.remove(name);
             }
         });
+    }
+
+    /// The next migration fails with `err` after the domain left this host (`state` `None`)
+    /// or was left in `state`.
+    pub fn migration_ends(&self, state: Option<DomainState>, err: HypervisorError) {
+        self.with(|s| s.migrate_ends = Some((state, err)));
     }
 
     /// No more injected failures.
@@ -481,6 +490,19 @@ impl Hypervisor for FakeHypervisor {
             let d = s.domains.get(name).ok_or_else(|| not_found(name))?;
             if !d.state.is_active() {
                 return Err(rejected("migrate", name, "domain is not running"));
+            }
+            if let Some((state, err)) = s.migrate_ends.take() {
+                match state {
+                    Some(state) => {
+                        if let Some(d) = s.domains.get_mut(name) {
+                            d.state = state;
+                        }
+                    }
+                    None => {
+                        s.domains.remove(name);
+                    }
+                }
+                return Err(err);
             }
             // It runs on the target now and is undefined here.
             s.domains.remove(name);
