@@ -153,6 +153,17 @@ fn defined(f: &Facts<'_>) -> Derived {
             message: c.message.to_string(),
         };
     }
+    // Not usable while paused; the agent's message says whether it resumes it by itself.
+    if let Some(c) = running
+        && why == Some(AgentReason::Paused)
+    {
+        return Derived {
+            phase: Phase::Failed,
+            ready: false,
+            reason: ReadyReason::Paused.as_str(),
+            message: c.message.to_string(),
+        };
+    }
     if let Some(c) = running
         && why.is_some_and(failed)
     {
@@ -296,6 +307,11 @@ mod tests {
         assert_eq!(
             (d.phase, d.ready, d.reason),
             (Phase::Scheduled, false, "WaitingForHost")
+        );
+        let paused = derive(&facts(defined, c("False", "Paused")));
+        assert_eq!(
+            (paused.phase, paused.ready, paused.reason),
+            (Phase::Failed, false, "Paused")
         );
         // A SPICE port taken on the host is the operator's to fix: starting, not failed.
         let busy = derive(&facts(defined, c("False", "SpicePortBusy")));

@@ -218,6 +218,8 @@ reasons! {
         IdleTimeout,
         /// The host is reclaiming it for the idle policy.
         Reclaiming,
+        /// libvirt paused the domain (an I/O error, a broken post-copy migration, a user).
+        Paused,
     }
 }
 

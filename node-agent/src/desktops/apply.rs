@@ -223,7 +223,7 @@ async fn pipeline<H: Hypervisor>(
     {
         lease::renew(ctx, d, &inputs, &seen.domain, had, pinned).await?;
     }
-    let plan = plan(d, status, &seen);
+    let plan = plan(d, status, &seen, ctx.resume_due(uid));
     let t = clock();
     let requeue = execute(ctx, d, uid, &inputs, &seen, plan, report).await?;
     steps.record("execute", t);
@@ -340,17 +340,15 @@ struct Plan {
     fresh: bool,
 }
 
-fn plan(d: &Desktop, status: &DesktopStatus, seen: &Observed) -> Plan {
+fn plan(d: &Desktop, status: &DesktopStatus, seen: &Observed, resume_due: bool) -> Plan {
     let current = seen.current;
     let step = power::decide(&Facts {
         hold: None,
         want_on: d.spec.power == Power::On,
-        domain: current.map(|s| DomainView {
-            active: s.state.is_active(),
-            managed_save: s.has_managed_save,
-        }),
+        domain: current.as_ref().map(DomainView::of),
         running_reason: conditions::find(&status.conditions, RUNNING).map(|c| c.reason.as_str()),
         shut_itself_down: guest_shut_down(d, status),
+        resume_due,
     });
     let fresh = step == (Step::Start { restore: false })
         && !d.spec.disk.persistent
@@ -383,8 +381,7 @@ async fn execute<H: Hypervisor>(
     if active {
         push_password(ctx, uid, inputs, &seen.domain).await?;
     }
-    let state = seen.current.map(|s| s.state);
-    let done = lifecycle::execute(ctx, d, uid, &seen.domain, state, plan.step).await?;
+    let done = lifecycle::execute(ctx, d, uid, &seen.domain, seen.current, plan.step).await?;
     // A running desktop is looked at again when its activity is due for a sample.
     let requeue = if done.running.status == Status::True {
         done.requeue.min(ctx.config.activity_interval)

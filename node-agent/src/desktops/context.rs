@@ -91,6 +91,8 @@ struct Memory {
     password: HashMap<String, String>,
     /// When an ACPI shutdown was first asked for.
     shutdown_asked: HashMap<String, Instant>,
+    /// When a domain paused on an I/O error was last resumed.
+    resumed: HashMap<String, Instant>,
     /// libvirt networks defined and started by this process.
     networks: HashSet<String>,
     /// Consecutive failures, for the retry backoff.
@@ -242,6 +244,21 @@ impl<H> DesktopContext<H> {
         })
     }
 
+    /// Whether `uid`'s domain, paused on an I/O error, may be resumed now: never tried by this
+    /// process, or not for [`super::power::RESUME_EVERY`].
+    pub fn resume_due(&self, uid: &str) -> bool {
+        self.with_memory(|m| {
+            m.resumed
+                .get(uid)
+                .is_none_or(|t| t.elapsed() >= super::power::RESUME_EVERY)
+        })
+    }
+
+    /// Records a resume of `uid`'s domain now.
+    pub fn record_resume(&self, uid: &str) {
+        self.with_memory(|m| m.resumed.insert(uid.to_string(), Instant::now()));
+    }
+
     /// Forgets a pending shutdown of `uid`.
     pub fn clear_shutdown(&self, uid: &str) {
         self.with_memory(|m| m.shutdown_asked.remove(uid));
@@ -292,6 +309,7 @@ impl<H> DesktopContext<H> {
             m.defined.remove(uid);
             m.password.remove(uid);
             m.shutdown_asked.remove(uid);
+            m.resumed.remove(uid);
             m.failures.remove(uid);
             m.samples.remove(uid);
             m.reported.remove(uid);

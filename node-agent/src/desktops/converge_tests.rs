@@ -153,6 +153,46 @@ async fn a_guest_moved_in_with_another_hosts_address_has_its_link_cycled_once() 
 }
 
 #[tokio::test]
+async fn a_domain_paused_on_an_io_error_is_resumed_and_not_again_within_the_interval() {
+    let kit = Kit::new();
+    kit.make_disk();
+    kit.make_domain(DomainState::Running, false).await;
+    let dom = kit.domain();
+    kit.hv.pause(&dom, crate::hypervisor::PauseCause::IoError);
+    let from = kit.hv.journal().len();
+    passes(&kit, &desktop()).await;
+    assert!(changes(&kit, from).contains(&format!("resume {dom}")));
+    assert_eq!(
+        kit.hv.domain(&dom).map(|d| d.state),
+        Some(DomainState::Running)
+    );
+    assert_eq!(cond(&kit, RUNNING), pair("True", "Running"));
+    // The disk is still full: it pauses again, and is left paused (said so) until the interval.
+    kit.hv.pause(&dom, crate::hypervisor::PauseCause::IoError);
+    let from = kit.hv.journal().len();
+    passes(&kit, &with_last_status(desktop(), &kit.api)).await;
+    assert!(!changes(&kit, from).iter().any(|c| c.starts_with("resume")));
+    assert_eq!(cond(&kit, RUNNING), pair("False", "Paused"));
+}
+
+#[tokio::test]
+async fn a_domain_paused_by_a_broken_post_copy_or_a_user_is_left_paused() {
+    for cause in [
+        crate::hypervisor::PauseCause::PostCopyFailed,
+        crate::hypervisor::PauseCause::Other,
+    ] {
+        let kit = Kit::new();
+        kit.make_disk();
+        kit.make_domain(DomainState::Running, false).await;
+        let dom = kit.domain();
+        kit.hv.pause(&dom, cause);
+        passes(&kit, &desktop()).await;
+        assert!(!changes(&kit, 0).iter().any(|c| c.starts_with("resume")));
+        assert_eq!(cond(&kit, RUNNING), pair("False", "Paused"), "{cause:?}");
+    }
+}
+
+#[tokio::test]
 async fn a_lease_that_cannot_be_written_stops_the_start_until_it_is() {
     let mut kit = Kit::new();
     kit.nat();

@@ -62,14 +62,13 @@ pub(super) async fn converge<H: Hypervisor>(
     let step = power::decide(&Facts {
         hold: Some(hold),
         want_on: d.spec.power == Power::On,
-        domain: current.map(|s| DomainView {
-            active: s.state.is_active(),
-            managed_save: s.has_managed_save,
-        }),
+        domain: current.as_ref().map(DomainView::of),
         running_reason: conditions::find(&status.conditions, RUNNING).map(|c| c.reason.as_str()),
         shut_itself_down: false,
+        // Held off: a paused domain is saved or shut down, never resumed.
+        resume_due: false,
     });
-    let done = lifecycle::execute(ctx, d, uid, &domain, current.map(|s| s.state), step).await?;
+    let done = lifecycle::execute(ctx, d, uid, &domain, current, step).await?;
     report.running = Some(done.running);
     report.activity = Some(if active {
         // Being saved or shut down: nothing new is learnt, nothing is changed.

@@ -15,7 +15,7 @@ use super::power::{self, Step};
 use super::reason::Reason;
 use super::status::Cond;
 use super::{BUSY_RESYNC, Error, STEADY_RESYNC};
-use crate::hypervisor::{DomainState, Hypervisor, HypervisorError};
+use crate::hypervisor::{DomainState, DomainStatus, Hypervisor, HypervisorError, PauseCause};
 
 /// How long to wait before looking again at a desktop that needs an admin.
 pub(super) const ADMIN_RESYNC: Duration = Duration::from_secs(60);
@@ -47,15 +47,27 @@ impl Done {
     }
 }
 
-/// `Running` for an active domain.
-pub(super) fn running_cond(state: Option<DomainState>) -> Cond {
-    match state {
-        Some(DomainState::Paused) => Cond::new(
+/// `Running` for an active domain (`None`: its status is not known).
+pub(super) fn running_cond(current: Option<DomainStatus>) -> Cond {
+    match current.and_then(|s| s.paused.filter(|_| s.state == DomainState::Paused)) {
+        Some(PauseCause::IoError) => Cond::new(
             Status::False,
             Reason::Paused,
-            "the domain is paused by libvirt (for example after an I/O error such as a full disk)",
+            "paused by libvirt after an I/O error (a full disk, say); the agent resumes it every \
+             30 s while it should run, and it runs on once the cause is gone",
         ),
-        _ => Cond::new(Status::True, Reason::Running, "the domain runs"),
+        Some(PauseCause::PostCopyFailed) => Cond::new(
+            Status::False,
+            Reason::Paused,
+            "paused after a post-copy migration broke: its memory is split between two hosts; an \
+             admin recovers it (virsh migrate --postcopy-resume) or destroys it",
+        ),
+        Some(PauseCause::Other) => Cond::new(
+            Status::False,
+            Reason::Paused,
+            "the domain is paused (by virsh suspend, say); it is left so",
+        ),
+        None => Cond::new(Status::True, Reason::Running, "the domain runs"),
     }
 }
 
@@ -65,14 +77,31 @@ pub(super) async fn execute<H: Hypervisor>(
     d: &Desktop,
     uid: &str,
     domain: &str,
-    state: Option<DomainState>,
+    current: Option<DomainStatus>,
     step: Step,
 ) -> Result<Done, Error> {
     if !matches!(step, Step::PowerOff { .. }) {
         ctx.clear_shutdown(uid);
     }
     let done = match step {
-        Step::KeepRunning => Done::steady(running_cond(state)),
+        Step::KeepRunning => Done::steady(running_cond(current)),
+        Step::Resume => {
+            ctx.record_resume(uid);
+            ctx.hypervisor.resume_domain(domain).await?;
+            tracing::info!(
+                domain,
+                "resumed a domain libvirt had paused on an I/O error"
+            );
+            Done {
+                running: Cond::new(
+                    Status::True,
+                    Reason::Running,
+                    "the domain runs (resumed after libvirt had paused it on an I/O error)",
+                ),
+                requeue: BUSY_RESYNC,
+                started: false,
+            }
+        }
         Step::Start { restore } => start(ctx, d, domain, restore).await?,
         Step::StayOff => Done::steady(Cond::new(
             Status::False,

@@ -3,7 +3,8 @@
 //! the domain is now (running or not, with a managed save image or not), and what the agent then
 //! reports as `Running`. While reclaimed, a domain is never started: Suspend saves its memory
 //! with libvirt's managed save after announcing `Reclaiming`, Shutdown powers it off the way
-//! `spec.power: Off` does. A managed save image is restored by the next start. Pure.
+//! `spec.power: Off` does. A managed save image is restored by the next start. A domain libvirt
+//! paused on an I/O error is resumed every [`RESUME_EVERY`] while it should run. Pure.
 
 use deskvirt_crds::conditions::Status;
 use deskvirt_crds::constants::running_reason::RECLAIMING;
@@ -40,6 +41,20 @@ pub struct DomainView {
     pub active: bool,
     /// A managed save image holds its memory.
     pub managed_save: bool,
+    /// libvirt paused it on an I/O error (a full disk, say): resuming is safe, and works once
+    /// the cause is gone.
+    pub paused_on_io_error: bool,
+}
+
+impl DomainView {
+    /// The domain as libvirt reports it.
+    pub fn of(s: &crate::hypervisor::DomainStatus) -> Self {
+        Self {
+            active: s.state.is_active(),
+            managed_save: s.has_managed_save,
+            paused_on_io_error: s.paused == Some(crate::hypervisor::PauseCause::IoError),
+        }
+    }
 }
 
 /// What is known when the power step decides.
@@ -56,13 +71,21 @@ pub struct Facts<'a> {
     /// The guest went down by itself while power is On (it is not started again until the user
     /// asks).
     pub shut_itself_down: bool,
+    /// No resume was tried for [`RESUME_EVERY`] (or ever, by this process).
+    pub resume_due: bool,
 }
+
+/// How often a domain paused on an I/O error is resumed while it wants to run: a cause that
+/// is still there (the disk still full) pauses it again at its next write.
+pub const RESUME_EVERY: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// What to do to the domain.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Step {
     /// It runs and should: nothing to do.
     KeepRunning,
+    /// libvirt paused it on an I/O error and it should run: resume it.
+    Resume,
     /// Start it; `restore` when it resumes from its managed save image.
     Start { restore: bool },
     /// The guest shut itself down: it stays off until spec.power goes Off and On again.
@@ -97,7 +120,13 @@ pub fn decide(f: &Facts<'_>) -> Step {
         Some(Hold::Suspend) => Step::Suspended { saved },
         Some(Hold::Shutdown) if active => Step::PowerOff { idle: true },
         Some(Hold::Shutdown) => Step::IdleShutdown,
-        None if f.want_on && active => Step::KeepRunning,
+        None if f.want_on && active => {
+            if f.domain.is_some_and(|d| d.paused_on_io_error) && f.resume_due {
+                Step::Resume
+            } else {
+                Step::KeepRunning
+            }
+        }
         None if f.want_on => {
             if f.domain.is_some() && !saved && f.shut_itself_down {
                 Step::StayOff
@@ -168,14 +197,22 @@ mod tests {
     const RUNNING: Option<DomainView> = Some(DomainView {
         active: true,
         managed_save: false,
+        paused_on_io_error: false,
     });
     const OFF: Option<DomainView> = Some(DomainView {
         active: false,
         managed_save: false,
+        paused_on_io_error: false,
     });
     const SAVED: Option<DomainView> = Some(DomainView {
         active: false,
         managed_save: true,
+        paused_on_io_error: false,
+    });
+    const PAUSED_ON_IO: Option<DomainView> = Some(DomainView {
+        active: true,
+        managed_save: false,
+        paused_on_io_error: true,
     });
 
     fn facts(hold: Option<Hold>, want_on: bool, domain: Option<DomainView>) -> Facts<'static> {
@@ -185,7 +222,27 @@ mod tests {
             domain,
             running_reason: None,
             shut_itself_down: false,
+            resume_due: true,
         }
+    }
+
+    #[test]
+    fn a_domain_paused_on_an_io_error_is_resumed_at_most_every_so_often() {
+        assert_eq!(decide(&facts(None, true, PAUSED_ON_IO)), Step::Resume);
+        let not_yet = Facts {
+            resume_due: false,
+            ..facts(None, true, PAUSED_ON_IO)
+        };
+        assert_eq!(decide(&not_yet), Step::KeepRunning);
+        // Off wanted, or held by the idle policy: no resume.
+        assert_eq!(
+            decide(&facts(None, false, PAUSED_ON_IO)),
+            Step::PowerOff { idle: false }
+        );
+        assert_eq!(
+            decide(&facts(Some(Hold::Shutdown), true, PAUSED_ON_IO)),
+            Step::PowerOff { idle: true }
+        );
     }
 
     #[test]

@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 
 use super::{
     Activity, Change, DomainState, DomainStatus, DomainSummary, HostFacts, Hypervisor,
-    HypervisorError, Migrated, ObjectKind, Outbound, Result,
+    HypervisorError, Migrated, ObjectKind, Outbound, PauseCause, Result,
 };
 use crate::domain::{DesktopIdentity, DhcpHost, DomainType, parse_disk_paths, parse_identity};
 
@@ -62,6 +62,8 @@ struct State {
     /// How the next migration ends in an error after it went some way: the domain left here
     /// (`None`) or in this state (paused after a failed post-copy, say).
     migrate_ends: Option<(Option<DomainState>, HypervisorError)>,
+    /// Why paused domains were paused (`Other` when not said).
+    pause_causes: BTreeMap<String, PauseCause>,
 }
 
 /// The fake host. Clones share it.
@@ -131,6 +133,16 @@ impl FakeHypervisor {
     /// or was left in `state`.
     pub fn migration_ends(&self, state: Option<DomainState>, err: HypervisorError) {
         self.with(|s| s.migrate_ends = Some((state, err)));
+    }
+
+    /// libvirt pauses running domain `name` for `cause`.
+    pub fn pause(&self, name: &str, cause: PauseCause) {
+        self.with(|s| {
+            if let Some(d) = s.domains.get_mut(name) {
+                d.state = DomainState::Paused;
+                s.pause_causes.insert(name.to_string(), cause);
+            }
+        });
     }
 
     /// No more injected failures.
@@ -386,7 +398,25 @@ impl Hypervisor for FakeHypervisor {
                 max_memory_kib: 1 << 20,
                 vcpus: 1,
                 has_managed_save: d.managed_save,
+                paused: (d.state == DomainState::Paused).then(|| {
+                    s.pause_causes
+                        .get(name)
+                        .copied()
+                        .unwrap_or(PauseCause::Other)
+                }),
             })
+        })
+    }
+
+    async fn resume_domain(&self, name: &str) -> Result<Change> {
+        self.change(Op::Start, "resume", name, |s| {
+            let d = s.domains.get_mut(name).ok_or_else(|| not_found(name))?;
+            if d.state != DomainState::Paused {
+                return Ok(Change::AlreadyDone);
+            }
+            d.state = DomainState::Running;
+            s.pause_causes.remove(name);
+            Ok(Change::Done)
         })
     }
 

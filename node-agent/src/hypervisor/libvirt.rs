@@ -285,6 +285,12 @@ impl Hypervisor for LibvirtHypervisor {
             .await
     }
 
+    async fn resume_domain(&self, name: &str) -> Result<Change> {
+        let name = name.to_string();
+        self.run("resume domain", move |c| domains::resume(c, &name))
+            .await
+    }
+
     async fn destroy_domain(&self, name: &str) -> Result<Change> {
         let name = name.to_string();
         self.run_slow("destroy domain", move |c| domains::destroy(c, &name))

@@ -98,6 +98,21 @@ pub struct DomainStatus {
     pub vcpus: u32,
     /// Whether a managed save image exists.
     pub has_managed_save: bool,
+    /// Why libvirt paused it, while `state` is `Paused`.
+    pub paused: Option<PauseCause>,
+}
+
+/// Why libvirt paused a domain, as far as the agent acts on it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PauseCause {
+    /// A disk write or read failed (a full disk, a lost NFS server): resuming is safe and
+    /// works once the cause is gone.
+    IoError,
+    /// A post-copy migration broke: its memory is split between two hosts; resuming it here
+    /// would run a guest without all of it.
+    PostCopyFailed,
+    /// Anything else (a user's `virsh suspend`, a migration or save under way, unknown).
+    Other,
 }
 
 /// Activity counters of a running domain and its SPICE client, for idle detection.
@@ -192,6 +207,9 @@ pub trait Hypervisor: Send + Sync {
 
     /// Asks the guest to shut down (ACPI); `AlreadyDone` when it is off or gone.
     fn shutdown_domain(&self, name: &str) -> impl Future<Output = Result<Change>> + Send;
+
+    /// Resumes a paused domain; `AlreadyDone` when it is not paused.
+    fn resume_domain(&self, name: &str) -> impl Future<Output = Result<Change>> + Send;
 
     /// Powers the domain off at once; `AlreadyDone` when it is off or gone.
     fn destroy_domain(&self, name: &str) -> impl Future<Output = Result<Change>> + Send;

@@ -18,7 +18,7 @@ use crate::domain::{
 };
 use crate::hypervisor::{
     Activity, Change, DomainState, DomainStatus, DomainSummary, HypervisorError, Migrated,
-    ObjectKind, Outbound, Result,
+    ObjectKind, Outbound, PauseCause, Result,
 };
 
 /// Where libvirt's QEMU driver writes PID files when connected to `qemu:///system`.
@@ -179,6 +179,33 @@ pub(super) fn destroy(conn: &Connect, name: &str) -> Result<Change> {
         Ok(()) => Ok(Change::Done),
         Err(e) if already_off(&e) => Ok(Change::AlreadyDone),
         Err(e) => Err(map(op, ObjectKind::Domain, name, &e)),
+    }
+}
+
+/// Resumes a paused domain.
+pub(super) fn resume(conn: &Connect, name: &str) -> Result<Change> {
+    let op = "resume domain";
+    let dom = lookup(conn, op, name)?;
+    if state_of(&dom, op, name)? != DomainState::Paused {
+        return Ok(Change::AlreadyDone);
+    }
+    dom.resume()
+        .map_err(|e| map(op, ObjectKind::Domain, name, &e))?;
+    Ok(Change::Done)
+}
+
+/// Why libvirt paused `dom`; `Other` when the reason cannot be read (virt 0.5's `state()`
+/// turns a failed call into an unknown state, never into a cause the agent acts on).
+fn pause_cause(dom: &Domain) -> PauseCause {
+    use virt::domain::{DomainPausedReason as R, DomainStateReason};
+    match dom.state() {
+        Ok((_, Enum::Known(DomainStateReason::Paused(Enum::Known(R::IOError))))) => {
+            PauseCause::IoError
+        }
+        Ok((_, Enum::Known(DomainStateReason::Paused(Enum::Known(R::PostCopyFailed))))) => {
+            PauseCause::PostCopyFailed
+        }
+        _ => PauseCause::Other,
     }
 }
 
@@ -359,8 +386,10 @@ pub(super) fn status(conn: &Connect, name: &str) -> Result<DomainStatus> {
     let info = dom
         .info()
         .map_err(|e| map(op, ObjectKind::Domain, name, &e))?;
+    let state = convert_state(info.state);
     Ok(DomainStatus {
-        state: convert_state(info.state),
+        paused: (state == DomainState::Paused).then(|| pause_cause(&dom)),
+        state,
         cpu_time_ns: info.cpu_time,
         memory_kib: info.memory,
         max_memory_kib: info.max_mem,
