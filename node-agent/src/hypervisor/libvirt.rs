@@ -436,22 +436,24 @@ impl Hypervisor for LibvirtHypervisor {
             "abort migration"
         };
         let secs = limits.completion_timeout.as_secs();
-        // Tried until it lands or the move ends by itself.
-        loop {
+        // Tried again every 5 s until the move ends: an abort that lands while the job is still
+        // setting up (the target's QEMU starting, on a loaded host) can succeed without
+        // stopping the transfer that follows. A post-copy switch is asked for once.
+        let result = loop {
             let n = n.clone();
             let ended = self
                 .run(op, move |c| domains::end_migration(c, &n, post))
                 .await;
             tracing::warn!(domain = name, timeout_secs = secs, post_copy = post, ended = ?ended.as_ref().err(), "live migration past its completion timeout");
-            if ended.is_ok() || post {
-                break;
+            if post && ended.is_ok() {
+                break moving.await;
             }
             tokio::select! {
-                done = &mut moving => return done,
+                done = &mut moving => break done,
                 () = tokio::time::sleep(Duration::from_secs(5)) => {}
             }
-        }
-        match moving.await {
+        };
+        match result {
             // The call's deadline passed with libvirt still moving: not a failure to report;
             // the next pass judges the job and the domain.
             Err(e @ HypervisorError::Timeout { .. }) => Err(e),
