@@ -29,7 +29,7 @@ use crate::fence::Fence;
 use crate::heartbeat::Heartbeat;
 use crate::metrics::Metrics;
 use crate::world::ViewMemo;
-use deskvirt_runtime::cache::{reflect, reflect_relisting};
+use deskvirt_runtime::cache::{Changes, reflect, reflect_relisting, reflect_touching};
 use deskvirt_runtime::health::Work;
 
 /// The objects the operator watches, as local caches.
@@ -53,6 +53,10 @@ pub struct Stores {
     pub charges: Charges,
     /// Each host's view as its object last read, for placing desktops.
     pub views: ViewMemo,
+    /// The hosts and pools that changed, once `nodes` and `pools` show it: the Desktop
+    /// controller's wake-ups, so a pass reads the version that woke it.
+    pub node_changes: Changes<DomainNode>,
+    pub pool_changes: Changes<ResourcePool>,
 }
 
 impl Stores {
@@ -66,8 +70,15 @@ impl Stores {
         stop: watch::Receiver<bool>,
     ) -> (Self, impl Future<Output = ()> + Send + 'static) {
         let cfg = || crate::controllers::watch_config(selector);
-        let (pools, a) = reflect(Api::all(client.clone()), cfg());
-        let (nodes, b) = reflect(Api::all(client.clone()), cfg());
+        let (node_changes, pool_changes) = (Changes::default(), Changes::default());
+        let touched = pool_changes.clone();
+        let (pools, a) = reflect_touching(Api::all(client.clone()), cfg(), move |p| {
+            touched.touched(p);
+        });
+        let touched = node_changes.clone();
+        let (nodes, b) = reflect_touching(Api::all(client.clone()), cfg(), move |n| {
+            touched.touched(n);
+        });
         let charges = Charges::default();
         let (on_desktop, on_relist) = (charges.clone(), charges.clone());
         let (desktops, c) = reflect_relisting(
@@ -110,6 +121,8 @@ impl Stores {
             quotas,
             charges,
             views: ViewMemo::default(),
+            node_changes,
+            pool_changes,
         };
         (stores, drive)
     }
@@ -139,6 +152,8 @@ impl Stores {
             quotas: store(vec![]),
             charges,
             views: ViewMemo::default(),
+            node_changes: Changes::default(),
+            pool_changes: Changes::default(),
         }
     }
 

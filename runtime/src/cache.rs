@@ -114,6 +114,80 @@ where
     (reader, fill.boxed())
 }
 
+/// The latest version of each object a store's watch changed (or deleted) since the consumer
+/// last took them, handed on only once the store holds the change: a controller woken by it
+/// reads a cache that already shows what woke it (a watch of its own may run ahead of the cache
+/// its pass reads). Versions of one object coalesce, so it holds at most one per object, taken
+/// or not. One consumer: [`Changes::stream`] shares the objects with any other stream of it.
+pub struct Changes<K> {
+    shared: std::sync::Arc<ChangesShared<K>>,
+}
+
+struct ChangesShared<K> {
+    latest: std::sync::Mutex<std::collections::BTreeMap<String, K>>,
+    changed: tokio::sync::Notify,
+}
+
+impl<K> Clone for Changes<K> {
+    fn clone(&self) -> Self {
+        Self {
+            shared: self.shared.clone(),
+        }
+    }
+}
+
+impl<K> Default for Changes<K> {
+    fn default() -> Self {
+        Self {
+            shared: std::sync::Arc::new(ChangesShared {
+                latest: std::sync::Mutex::new(std::collections::BTreeMap::new()),
+                changed: tokio::sync::Notify::new(),
+            }),
+        }
+    }
+}
+
+impl<K: Cached> Changes<K> {
+    /// Records `o`'s latest version (call it once the store holds it).
+    pub fn touched(&self, o: &K) {
+        let m = o.meta();
+        let id = m.uid.clone().or_else(|| m.name.clone()).unwrap_or_default();
+        self.take_lock().insert(id, o.clone());
+        self.shared.changed.notify_one();
+    }
+
+    /// Takes what changed since the last call, in no particular order.
+    fn take(&self) -> Vec<K> {
+        std::mem::take(&mut *self.take_lock())
+            .into_values()
+            .collect()
+    }
+
+    fn take_lock(&self) -> std::sync::MutexGuard<'_, std::collections::BTreeMap<String, K>> {
+        // A panic while holding the map leaves whole versions in it: still usable.
+        self.shared
+            .latest
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The changed objects, for `Controller::watches_stream`; never ends.
+    pub fn stream(&self) -> BoxStream<'static, Result<K, watcher::Error>> {
+        let me = self.clone();
+        futures::stream::unfold(me, |me| async move {
+            loop {
+                let batch = me.take();
+                if !batch.is_empty() {
+                    return Some((futures::stream::iter(batch.into_iter().map(Ok)), me));
+                }
+                me.shared.changed.notified().await;
+            }
+        })
+        .flatten()
+        .boxed()
+    }
+}
+
 /// A controller of `api`'s objects filtered by `config`, over a cache of trimmed objects
 /// ([`controlled`]): a drop-in for `Controller::new`.
 pub fn controller<K>(api: Api<K>, config: watcher::Config) -> Controller<K>
@@ -281,6 +355,34 @@ mod tests {
     use super::*;
     use k8s_openapi::api::core::v1::Secret;
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::ManagedFieldsEntry;
+
+    #[tokio::test]
+    async fn changes_hand_on_the_latest_version_of_each_object_once() {
+        let secret = |name: &str, v: &str| {
+            let mut s = Secret::default();
+            s.metadata.name = Some(name.into());
+            s.metadata.resource_version = Some(v.into());
+            s
+        };
+        let changes = Changes::<Secret>::default();
+        let mut stream = changes.stream();
+        changes.touched(&secret("a", "1"));
+        changes.touched(&secret("b", "2"));
+        changes.touched(&secret("a", "3"));
+        let mut got = vec![];
+        for _ in 0..2 {
+            let s = stream.next().await.and_then(Result::ok).unwrap_or_default();
+            got.push((s.metadata.name, s.metadata.resource_version));
+        }
+        got.sort();
+        let v = |n: &str, r: &str| (Some(n.to_string()), Some(r.to_string()));
+        assert_eq!(got, [v("a", "3"), v("b", "2")]);
+        // Nothing else is pending until the next change, which is handed on.
+        assert!(stream.next().now_or_never().is_none());
+        changes.touched(&secret("b", "4"));
+        let s = stream.next().await.and_then(Result::ok).unwrap_or_default();
+        assert_eq!(s.metadata.resource_version.as_deref(), Some("4"));
+    }
 
     #[test]
     fn trimming_keeps_every_annotation_but_kubectls_copy() {

@@ -175,7 +175,12 @@ fn plan(seen: &Seen<'_>, ctx: &Context, txn: &mut Txn<'_>) -> Plan {
     };
     // A stopped desktop of a draining host is bound to another one.
     if plan.migrated_to.is_none() && want.node.as_deref().is_none_or(|n| n == seen.node) {
-        plan.rebound = drain::rebind(seen, valid.as_ref().ok(), ctx, txn, &mut want);
+        match drain::rebind(seen, valid.as_ref().ok(), ctx, txn, &mut want) {
+            drain::Rebind::Later => {
+                plan.recheck = Some(plan.recheck.map_or(drain::RETRY, |r| r.min(drain::RETRY)));
+            }
+            r => plan.rebound = r.moved(),
+        }
     }
     // A woken or re-bound desktop may move to another host: the rest of the pass is about
     // that one.

@@ -273,3 +273,45 @@ async fn a_migration_still_moving_leaves_the_binding_where_it_is() {
         Some(("h2", 5910))
     );
 }
+
+/// Desktop `a` stopped by its user on `h1`, as the host reported it.
+fn stopped_by_user() -> Desktop {
+    let mut d = bound(5900);
+    d.spec.power = deskvirt_core::types::Power::Off;
+    let c = deskvirt_crds::conditions::condition(
+        &[],
+        deskvirt_crds::constants::condition::RUNNING,
+        deskvirt_crds::conditions::Status::False,
+        "Shutdown",
+        "shut off",
+        Some(1),
+        Timestamp::UNIX_EPOCH,
+    );
+    if let Some(st) = d.status.as_mut() {
+        st.conditions.push(c);
+    }
+    d
+}
+
+#[tokio::test]
+async fn a_stopped_desktop_that_cannot_leave_a_draining_host_yet_is_looked_at_again_soon() {
+    let d = stopped_by_user();
+    let mut p = pool();
+    p.spec.storage.shared = true;
+    let host: deskvirt_crds::DomainNode = serde_json::from_value(json!({
+        "apiVersion": "deskvirt.io/v1alpha1", "kind": "DomainNode",
+        "metadata": {"name": "h1", "uid": "h1-uid"},
+        "spec": {"drain": true}
+    }))
+    .unwrap_or_else(|e| panic!("{e}"));
+    // No heartbeat of h1 is cached: what it said of the domain may be stale, so the desktop
+    // stays for now, and no other host's change would wake it.
+    let ctx = context_of(Stores::holding(vec![p], vec![host], vec![d.clone()], "c"));
+    *ctx.ledgers.lock().await = Ledgers::fresh();
+    let seen = Seen::of(&d, UID, "h1", Timestamp::now());
+    let (plan, _) = fence::scope(holding(), decide(&seen, &ctx))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(plan.rebound.is_none() && plan.moved_to.is_none());
+    assert_eq!(plan.recheck, Some(Duration::from_secs(15)));
+}

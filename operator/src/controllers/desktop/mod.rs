@@ -25,8 +25,6 @@ mod txn;
 use std::sync::Arc;
 use std::time::Duration;
 
-use deskvirt_crds::DomainNode;
-use deskvirt_crds::ResourcePool;
 use deskvirt_crds::desktop::Desktop;
 use futures::stream::BoxStream;
 use k8s_openapi::api::core::v1::Secret;
@@ -145,32 +143,30 @@ pub async fn run(ctx: Arc<Context>, selector: String, stop: watch::Receiver<bool
     .watches_stream(mirror_changes(&ctx), move |m| {
         desktop_of_mirror(&m, &by_mirror)
     })
-    .watches(
-        Api::<DomainNode>::all(client.clone()),
-        cfg.clone(),
-        move |node| {
-            // Desktops on the host (health) and pending desktops of its pool (capacity),
-            // only when what they depend on changed.
-            let wake = seen_hosts.host(&node);
-            if !wake.bound && !wake.pending {
-                return vec![];
-            }
-            let name = node.name_any();
-            let pool = pool_of(&node, &by_node.pools.state());
-            by_node
-                .desktops
-                .state()
-                .iter()
-                .filter(|d| {
-                    let bound = d.status.as_ref().and_then(|s| s.node.as_deref());
-                    bound == Some(name.as_str())
-                        || (bound.is_none() && pool.as_deref() == Some(d.pool()))
-                })
-                .map(|d| ObjectRef::from_obj(d.as_ref()))
-                .collect::<Vec<_>>()
-        },
-    )
-    .watches(Api::<ResourcePool>::all(client.clone()), cfg, move |pool| {
+    // Hosts and pools wake desktops from the operator's own caches, once those show the
+    // change: a watch of its own could run ahead of what the pass then reads.
+    .watches_stream(ctx.stores.node_changes.stream(), move |node| {
+        // Desktops on the host (health) and pending desktops of its pool (capacity),
+        // only when what they depend on changed.
+        let wake = seen_hosts.host(&node);
+        if !wake.bound && !wake.pending {
+            return vec![];
+        }
+        let name = node.name_any();
+        let pool = pool_of(&node, &by_node.pools.state());
+        by_node
+            .desktops
+            .state()
+            .iter()
+            .filter(|d| {
+                let bound = d.status.as_ref().and_then(|s| s.node.as_deref());
+                bound == Some(name.as_str())
+                    || (bound.is_none() && pool.as_deref() == Some(d.pool()))
+            })
+            .map(|d| ObjectRef::from_obj(d.as_ref()))
+            .collect::<Vec<_>>()
+    })
+    .watches_stream(ctx.stores.pool_changes.stream(), move |pool| {
         let wake = seen_pools.pool(&pool);
         let name = pool.name_any();
         by_pool
