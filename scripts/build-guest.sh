@@ -6,7 +6,8 @@
 #                serial console (once a second, so a late reader of a pty still sees it) and
 #                stays alive; with `deskvirt.dhcp` on the kernel command line it also takes eth0's
 #                address by DHCP at boot and whenever its carrier comes back, printing
-#                "DESKVIRT-GUEST-IP <address>"
+#                "DESKVIRT-GUEST-IP <address>"; with `deskvirt.write=N` it writes N MiB of zeroes
+#                over its disk at boot (then fsync) and prints "DESKVIRT-GUEST-WROTE N"
 #   base.qcow2   an empty 64 MiB qcow2 image to hang linked clones on
 #
 #   scripts/build-guest.sh [outdir]     (default ~/.cache/deskvirt/guest/current)
@@ -15,7 +16,7 @@
 # layout version; a cached build takes well under a second. Prints the output dir on stdout.
 set -euo pipefail
 
-LAYOUT=4   # bump when the initramfs layout or /init changes
+LAYOUT=5   # bump when the initramfs layout or /init changes
 CACHE=${DESKVIRT_GUEST_CACHE:-$HOME/.cache/deskvirt/guest}
 OUT=${1:-$CACHE/current}
 MODULES=(virtio_ring virtio virtio_pci_legacy_dev virtio_pci_modern_dev virtio_pci
@@ -138,6 +139,15 @@ EVENT
       was=\$now
       sleep 1
     done
+  ) &
+fi
+# With deskvirt.write=N: N MiB written over the disk (each write reaches the host's file; a
+# full host disk pauses the guest mid-way), then a line that says it is done.
+mib=\$(tr ' ' '\n' </proc/cmdline | sed -n 's/^deskvirt.write=\([0-9][0-9]*\)\$/\1/p')
+if [ -n "\$mib" ]; then
+  (
+    dd if=/dev/zero of=/dev/vda bs=1M count="\$mib" conv=fsync >/dev/null 2>&1 &&
+      echo "DESKVIRT-GUEST-WROTE \$mib" >/dev/console
   ) &
 fi
 echo "DESKVIRT-GUEST-READY uptime=\$(cut -d' ' -f1 /proc/uptime) disks=\$(ls /sys/block | tr '\n' ,)"

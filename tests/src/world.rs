@@ -593,6 +593,12 @@ pub fn guest_addresses(log: &Path) -> anyhow::Result<Vec<String>> {
     serial_values(log, "DESKVIRT-GUEST-IP ")
 }
 
+/// The MiB the test guest wrote over its disk (`deskvirt.write=N` on its command line), once
+/// its write finished, from its serial log.
+pub fn guest_writes(log: &Path) -> anyhow::Result<Vec<String>> {
+    serial_values(log, "DESKVIRT-GUEST-WROTE ")
+}
+
 /// The word after each `marker` in serial log `log` (none while it does not exist).
 fn serial_values(log: &Path, marker: &str) -> anyhow::Result<Vec<String>> {
     let text = match std::fs::read_to_string(log) {
