@@ -30,7 +30,8 @@ use deskvirt_node_agent::domain::{
     graphics_xml,
 };
 use deskvirt_node_agent::hypervisor::{
-    Change, DomainState, Hypervisor, HypervisorError, LibvirtHypervisor, MoveLimits, Outbound,
+    BackupJob, BackupProgress, Change, Checkpoint, DomainState, Hypervisor, HypervisorError,
+    LibvirtHypervisor, MoveLimits, Outbound,
 };
 use deskvirt_tests::spice::{self, LINK_ERR_PERMISSION_DENIED, LinkOutcome};
 
@@ -255,23 +256,34 @@ fn console_lines(pty: &str) -> mpsc::Receiver<String> {
 
 /// Waits for the marker line; returns it.
 async fn wait_for_marker(rx: mpsc::Receiver<String>, timeout: Duration) -> (String, Vec<String>) {
+    let (line, seen, _) = wait_for_line(rx, MARKER, timeout).await;
+    (line, seen)
+}
+
+/// Waits for a console line holding `marker`; returns it, the lines before it, and the
+/// console to read on.
+async fn wait_for_line(
+    rx: mpsc::Receiver<String>,
+    marker: &'static str,
+    timeout: Duration,
+) -> (String, Vec<String>, mpsc::Receiver<String>) {
     let waited = tokio::task::spawn_blocking(move || {
         let deadline = Instant::now() + timeout;
         let mut seen = Vec::new();
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             match rx.recv_timeout(left) {
-                Ok(line) if line.contains(MARKER) => return (Some(line), seen),
+                Ok(line) if line.contains(marker) => return (Some(line), seen, rx),
                 Ok(line) => seen.push(line),
-                Err(_) => return (None, seen),
+                Err(_) => return (None, seen, rx),
             }
         }
     })
     .await;
     match waited {
-        Ok((Some(line), seen)) => (line, seen),
-        Ok((None, seen)) => panic!(
-            "no {MARKER} on the serial console within {timeout:?}; last lines:\n{}",
+        Ok((Some(line), seen, rx)) => (line, seen, rx),
+        Ok((None, seen, _)) => panic!(
+            "no {marker} on the serial console within {timeout:?}; last lines:\n{}",
             seen[seen.len().saturating_sub(30)..].join("\n")
         ),
         Err(e) => panic!("console reader: {e}"),
@@ -738,4 +750,160 @@ async fn a_running_guest_moves_live_to_a_second_host_and_its_console_answers_the
     // The target tears it down; the guard's own teardown then finds nothing here.
     guard.hv = target;
     guard.delete().await;
+}
+
+/// The bytes of `file`'s own clusters (not its backing file's), from `qemu-img map`.
+fn own_bytes(file: &Path) -> u64 {
+    let out = run(
+        "qemu-img map",
+        Command::new("qemu-img")
+            .args(["map", "--output=json", "-U"])
+            .arg(file),
+    );
+    let extents: Vec<serde_json::Value> = match serde_json::from_str(&out) {
+        Ok(v) => v,
+        Err(e) => panic!("qemu-img map printed no JSON ({e}): {out}"),
+    };
+    extents
+        .iter()
+        .filter(|e| e["depth"] == 0 && e["data"] == true)
+        .filter_map(|e| e["length"].as_u64())
+        .sum()
+}
+
+/// Polls the backup job of `name` until it ends; how it ended.
+async fn backup_end(hv: &LibvirtHypervisor, name: &str) -> BackupProgress {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        match hv.backup_progress(name).await {
+            Ok(BackupProgress::Running { .. }) | Ok(BackupProgress::Idle) => {}
+            Ok(ended) => return ended,
+            Err(e) => panic!("backup progress of {name}: {e}"),
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the backup of {name} did not end"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_incremental_backup_holds_exactly_what_the_guest_wrote_since_its_checkpoint() {
+    let _one = ONE_GUEST.lock().await;
+    let env = setup().await;
+    let mut inputs = inputs(&env, serde_json::json!({}), free_port(), "pw");
+    // The guest writes 2 MiB over its disk at boot.
+    if let Some(b) = inputs.boot.as_mut() {
+        b.cmdline = Some("console=ttyS0 deskvirt.write=2".into());
+    }
+    let (mut guard, _) = define(&env, &inputs).await;
+    let name = guard.name.clone();
+    let disk = "vda".to_string();
+    // An empty overlay has changed nothing: its first checkpoint is a bitmap added offline.
+    run(
+        "qemu-img bitmap --add",
+        Command::new("qemu-img")
+            .args(["bitmap", "--add"])
+            .arg(&inputs.disk_path)
+            .arg("c0"),
+    );
+    let created = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or_default();
+    let c0 = Checkpoint {
+        name: "c0".into(),
+        disk: disk.clone(),
+        created,
+    };
+    let backup = |n: u32, since: Option<&str>| BackupJob {
+        disk: disk.clone(),
+        target: env.disk_dir.join(format!("{name}-b{n}.qcow2")),
+        since: since.map(str::to_string),
+        checkpoint: format!("c{n}"),
+    };
+    // Not running: refused, and nothing is written.
+    match env.hv.begin_backup(&name, &backup(1, Some("c0"))).await {
+        Err(HypervisorError::Rejected { .. }) => {}
+        other => panic!("a backup of a stopped domain: {other:?}"),
+    }
+    assert!(!backup(1, None).target.exists());
+
+    if let Err(e) = env.hv.start_domain(&name).await {
+        panic!("start {name}: {e}");
+    }
+    let pty = serial_pty(&live_xml(&env.hv, &name).await).unwrap_or_else(|| panic!("no pty"));
+    let (_, _, _console) =
+        wait_for_line(console_lines(&pty), "DESKVIRT-GUEST-WROTE", BOOT_TIMEOUT).await;
+    // libvirt does not know c0 until it is redefined over the bitmap; once is enough.
+    assert_eq!(
+        env.hv.ensure_checkpoint(&name, &c0).await.ok(),
+        Some(Change::Done)
+    );
+    assert_eq!(
+        env.hv.ensure_checkpoint(&name, &c0).await.ok(),
+        Some(Change::AlreadyDone)
+    );
+
+    let first = backup(1, Some("c0"));
+    let t0 = Instant::now();
+    if let Err(e) = env.hv.begin_backup(&name, &first).await {
+        panic!("backup since c0: {e}");
+    }
+    let ended = backup_end(&env.hv, &name).await;
+    eprintln!(
+        "[backup] incremental since c0: {ended:?} in {:?}",
+        t0.elapsed()
+    );
+    assert_eq!(ended, BackupProgress::Completed { bytes: 2 << 20 });
+    run(
+        "qemu-img check",
+        Command::new("qemu-img")
+            .args(["check", "-U"])
+            .arg(&first.target),
+    );
+    assert_eq!(
+        own_bytes(&first.target),
+        2 << 20,
+        "the backup holds the 2 MiB"
+    );
+
+    // Nothing written since c1: the next one holds nothing.
+    let second = backup(2, Some("c1"));
+    if let Err(e) = env.hv.begin_backup(&name, &second).await {
+        panic!("backup since c1: {e}");
+    }
+    assert_eq!(
+        backup_end(&env.hv, &name).await,
+        BackupProgress::Completed { bytes: 0 }
+    );
+    assert_eq!(own_bytes(&second.target), 0);
+
+    // A checkpoint libvirt does not know is refused, not taken as "since the start".
+    match env.hv.begin_backup(&name, &backup(3, Some("c9"))).await {
+        Err(HypervisorError::Rejected { .. } | HypervisorError::Failed { .. }) => {}
+        other => panic!("a backup since an unknown checkpoint: {other:?}"),
+    }
+    // Deleting c1 merges it into c0: a backup since c0 still holds the 2 MiB.
+    assert_eq!(
+        env.hv.delete_checkpoint(&name, "c1").await.ok(),
+        Some(Change::Done)
+    );
+    assert_eq!(
+        env.hv.delete_checkpoint(&name, "c1").await.ok(),
+        Some(Change::AlreadyDone)
+    );
+    let again = backup(4, Some("c0"));
+    if let Err(e) = env.hv.begin_backup(&name, &again).await {
+        panic!("backup since c0 after deleting c1: {e}");
+    }
+    assert_eq!(
+        backup_end(&env.hv, &name).await,
+        BackupProgress::Completed { bytes: 2 << 20 }
+    );
+    guard.delete().await;
+    for n in [1, 2, 4] {
+        let _ = std::fs::remove_file(backup(n, None).target);
+    }
 }

@@ -9,8 +9,9 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use super::{
-    Activity, Change, DomainState, DomainStatus, DomainSummary, HostFacts, Hypervisor,
-    HypervisorError, Migrated, ObjectKind, Outbound, PauseCause, Result,
+    Activity, BackupJob, BackupProgress, Change, Checkpoint, DomainState, DomainStatus,
+    DomainSummary, HostFacts, Hypervisor, HypervisorError, Migrated, ObjectKind, Outbound,
+    PauseCause, Result,
 };
 use crate::domain::{DesktopIdentity, DhcpHost, DomainType, parse_disk_paths, parse_identity};
 
@@ -36,6 +37,8 @@ pub enum Op {
     UpdateLiveDevice,
     Activity,
     Migrate,
+    /// Backups and checkpoints.
+    Backup,
 }
 
 /// One domain of the fake host.
@@ -59,6 +62,10 @@ struct State {
     ignore_acpi: bool,
     /// Domains a job runs on.
     jobs: std::collections::BTreeSet<String>,
+    /// The checkpoints libvirt knows, by domain.
+    checkpoints: BTreeMap<String, BTreeSet<String>>,
+    /// How the last backup of each domain ended (every backup completes at once here).
+    backups: BTreeMap<String, BackupProgress>,
     /// How the next migration ends in an error after it went some way: the domain left here
     /// (`None`) or in this state (paused after a failed post-copy, say).
     migrate_ends: Option<(Option<DomainState>, HypervisorError)>,
@@ -552,6 +559,67 @@ impl Hypervisor for FakeHypervisor {
         self.with(|s| {
             s.jobs.remove(name);
             Ok(())
+        })
+    }
+
+    async fn begin_backup(&self, name: &str, job: &BackupJob) -> Result<()> {
+        let what = format!("backup {} since {:?}", job.checkpoint, job.since);
+        self.change(Op::Backup, &what, name, |s| {
+            let d = s.domains.get(name).ok_or_else(|| not_found(name))?;
+            if !d.state.is_active() {
+                return Err(rejected("begin backup", name, "domain is not running"));
+            }
+            let known = s.checkpoints.entry(name.to_string()).or_default();
+            if let Some(since) = &job.since
+                && !known.contains(since)
+            {
+                return Err(rejected("begin backup", name, "no such checkpoint"));
+            }
+            known.insert(job.checkpoint.clone());
+            s.backups
+                .insert(name.to_string(), BackupProgress::Completed { bytes: 0 });
+            Ok(())
+        })
+    }
+
+    async fn backup_progress(&self, name: &str) -> Result<BackupProgress> {
+        self.check(Op::Backup)?;
+        self.with(|s| {
+            s.domains.get(name).ok_or_else(|| not_found(name))?;
+            Ok(s.backups.get(name).cloned().unwrap_or(BackupProgress::Idle))
+        })
+    }
+
+    async fn ensure_checkpoint(&self, name: &str, c: &Checkpoint) -> Result<Change> {
+        let what = format!("redefine checkpoint {}", c.name);
+        self.change(Op::Backup, &what, name, |s| {
+            s.domains.get(name).ok_or_else(|| not_found(name))?;
+            let added = s
+                .checkpoints
+                .entry(name.to_string())
+                .or_default()
+                .insert(c.name.clone());
+            Ok(if added {
+                Change::Done
+            } else {
+                Change::AlreadyDone
+            })
+        })
+    }
+
+    async fn delete_checkpoint(&self, name: &str, checkpoint: &str) -> Result<Change> {
+        let what = format!("delete checkpoint {checkpoint}");
+        self.change(Op::Backup, &what, name, |s| {
+            s.domains.get(name).ok_or_else(|| not_found(name))?;
+            let gone = s
+                .checkpoints
+                .get_mut(name)
+                .is_some_and(|c| c.remove(checkpoint));
+            Ok(if gone {
+                Change::Done
+            } else {
+                Change::AlreadyDone
+            })
         })
     }
 }

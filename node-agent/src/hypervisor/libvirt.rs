@@ -5,6 +5,7 @@
 //! backoff, and marked stalled when a call misses its deadline) by [`connection`].
 //! `virt::sys` is used for flag constants only, never for raw calls.
 
+mod backups;
 mod connection;
 mod cpu_models;
 mod domains;
@@ -22,8 +23,8 @@ use virt::connect::Connect;
 
 use self::connection::Connection;
 use super::{
-    Activity, Backoff, Change, DomainStatus, DomainSummary, HostFacts, Hypervisor, HypervisorError,
-    Migrated, Outbound, Result,
+    Activity, Backoff, BackupJob, BackupProgress, Change, Checkpoint, DomainStatus, DomainSummary,
+    HostFacts, Hypervisor, HypervisorError, Migrated, Outbound, Result,
 };
 use crate::domain::{DhcpHost, DomainType};
 
@@ -408,6 +409,35 @@ impl Hypervisor for LibvirtHypervisor {
         let name = name.to_string();
         self.run("abort migration", move |c| {
             domains::end_migration(c, &name, false)
+        })
+        .await
+    }
+
+    async fn begin_backup(&self, name: &str, job: &BackupJob) -> Result<()> {
+        let (name, job) = (name.to_string(), job.clone());
+        self.run("begin backup", move |c| backups::begin(c, &name, &job))
+            .await
+    }
+
+    async fn backup_progress(&self, name: &str) -> Result<BackupProgress> {
+        let name = name.to_string();
+        self.run("read backup job", move |c| backups::progress(c, &name))
+            .await
+    }
+
+    async fn ensure_checkpoint(&self, name: &str, cp: &Checkpoint) -> Result<Change> {
+        let (name, cp) = (name.to_string(), cp.clone());
+        self.run("redefine checkpoint", move |c| {
+            backups::ensure_checkpoint(c, &name, &cp)
+        })
+        .await
+    }
+
+    async fn delete_checkpoint(&self, name: &str, checkpoint: &str) -> Result<Change> {
+        let (name, checkpoint) = (name.to_string(), checkpoint.to_string());
+        // Merging a bitmap into its parent's writes the disk: the slow deadline.
+        self.run_slow("delete checkpoint", move |c| {
+            backups::delete_checkpoint(c, &name, &checkpoint)
         })
         .await
     }

@@ -12,12 +12,14 @@ use std::path::Path;
 use crate::domain::{DesktopIdentity, DhcpHost, DomainType};
 
 pub mod backoff;
+pub mod backup;
 pub mod error;
 #[cfg(test)]
 pub mod fake;
 pub mod libvirt;
 
 pub use backoff::Backoff;
+pub use backup::{BackupJob, BackupProgress, Checkpoint};
 pub use error::{HypervisorError, ObjectKind};
 pub use libvirt::LibvirtHypervisor;
 
@@ -300,6 +302,30 @@ pub trait Hypervisor: Send + Sync {
     /// Aborts the outgoing migration of domain `name` (`virDomainAbortJob`): the move that
     /// `migrate_out` runs ends with an error, and the domain runs on here.
     fn abort_migration(&self, name: &str) -> impl Future<Output = Result<()>> + Send;
+
+    /// Starts a backup of running domain `name`'s disk ([`BackupJob`]); it runs on after the
+    /// call, and [`Hypervisor::backup_progress`] tells where it is. The checkpoint it starts
+    /// from must be known to libvirt ([`Hypervisor::ensure_checkpoint`]).
+    fn begin_backup(&self, name: &str, job: &BackupJob) -> impl Future<Output = Result<()>> + Send;
+
+    /// Where the backup job of domain `name` is: running, or how the last one ended.
+    fn backup_progress(&self, name: &str) -> impl Future<Output = Result<BackupProgress>> + Send;
+
+    /// Records checkpoint `c` in libvirt's metadata of domain `name` when it is not there
+    /// (its bitmap is in the disk already); done already when it is.
+    fn ensure_checkpoint(
+        &self,
+        name: &str,
+        c: &Checkpoint,
+    ) -> impl Future<Output = Result<Change>> + Send;
+
+    /// Deletes checkpoint `checkpoint` of domain `name`: its bitmap is merged into the one
+    /// before it (an incremental since that one stays exact); done already when it is gone.
+    fn delete_checkpoint(
+        &self,
+        name: &str,
+        checkpoint: &str,
+    ) -> impl Future<Output = Result<Change>> + Send;
 }
 
 /// Where and how a live migration goes.

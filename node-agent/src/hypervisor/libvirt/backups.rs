@@ -1,0 +1,105 @@
+//! Decides how a disk backup and its checkpoints are carried out on a libvirt connection
+//! (blocking): the backup job started in one transaction with its checkpoint, its progress and
+//! its end read from the domain's job stats, and checkpoints redefined or deleted by name.
+
+use std::ffi::CString;
+
+use deskvirt_libvirt_ext::JobFigures;
+use virt::connect::Connect;
+use virt::domain::Domain;
+use virt::sys;
+
+use super::domains::{is_active, lookup, running};
+use super::errors::map;
+use crate::hypervisor::backup::{backup_xml, checkpoint_xml, redefine_xml};
+use crate::hypervisor::{
+    BackupJob, BackupProgress, Change, Checkpoint, HypervisorError, ObjectKind, Result,
+};
+
+/// `text` for a C call; our XML and names never hold a NUL, a tenant's input that did is
+/// refused here.
+fn c_string(op: &'static str, target: &str, text: String) -> Result<CString> {
+    CString::new(text).map_err(|_| HypervisorError::Rejected {
+        op,
+        target: target.to_string(),
+        message: "a NUL byte in the request".into(),
+    })
+}
+
+/// Starts `job` on running domain `name`.
+pub(super) fn begin(conn: &Connect, name: &str, job: &BackupJob) -> Result<()> {
+    let op = "begin backup";
+    let dom = running(conn, op, name)?;
+    let backup = c_string(op, name, backup_xml(job))?;
+    let checkpoint = c_string(op, name, checkpoint_xml(&job.checkpoint, &job.disk))?;
+    deskvirt_libvirt_ext::backup_begin(&dom, &backup, Some(&checkpoint))
+        .map_err(|e| map(op, ObjectKind::Domain, name, &e))
+}
+
+fn is_backup(stats: &JobFigures) -> bool {
+    stats.operation == Some(sys::VIR_DOMAIN_JOB_OPERATION_BACKUP as i32)
+}
+
+/// The running backup job of domain `name`, else how the last one ended (kept for the next
+/// read: the stats of a completed job are not consumed).
+pub(super) fn progress(conn: &Connect, name: &str) -> Result<BackupProgress> {
+    let op = "read backup job";
+    let dom = lookup(conn, op, name)?;
+    let err = |e: virt::error::Error| map(op, ObjectKind::Domain, name, &e);
+    if is_active(&dom, op, name)? {
+        let now = deskvirt_libvirt_ext::job_stats(&dom, false).map_err(err)?;
+        if now.job_type != sys::VIR_DOMAIN_JOB_NONE as i32 && is_backup(&now) {
+            return Ok(BackupProgress::Running {
+                processed: now.disk_processed.unwrap_or(0),
+                total: now.disk_total.unwrap_or(0),
+            });
+        }
+    }
+    let done = deskvirt_libvirt_ext::job_stats(&dom, true).map_err(err)?;
+    if !is_backup(&done) {
+        return Ok(BackupProgress::Idle);
+    }
+    Ok(match done.job_type as u32 {
+        sys::VIR_DOMAIN_JOB_COMPLETED => BackupProgress::Completed {
+            bytes: done.disk_processed.unwrap_or(0),
+        },
+        _ => BackupProgress::Failed {
+            message: done
+                .error_message
+                .unwrap_or_else(|| "the backup job failed".into()),
+        },
+    })
+}
+
+fn checkpoint_exists(dom: &Domain, name: &str, checkpoint: &str) -> Result<bool> {
+    let op = "read checkpoint";
+    let c = c_string(op, name, checkpoint.to_string())?;
+    deskvirt_libvirt_ext::checkpoint_exists(dom, &c)
+        .map_err(|e| map(op, ObjectKind::Domain, name, &e))
+}
+
+/// Redefines checkpoint `c` of domain `name` unless libvirt knows it.
+pub(super) fn ensure_checkpoint(conn: &Connect, name: &str, c: &Checkpoint) -> Result<Change> {
+    let op = "redefine checkpoint";
+    let dom = lookup(conn, op, name)?;
+    if checkpoint_exists(&dom, name, &c.name)? {
+        return Ok(Change::AlreadyDone);
+    }
+    let xml = c_string(op, name, redefine_xml(c))?;
+    deskvirt_libvirt_ext::checkpoint_create(&dom, &xml, true)
+        .map_err(|e| map(op, ObjectKind::Domain, name, &e))?;
+    Ok(Change::Done)
+}
+
+/// Deletes checkpoint `checkpoint` of domain `name`, merging its bitmap; gone already is done.
+pub(super) fn delete_checkpoint(conn: &Connect, name: &str, checkpoint: &str) -> Result<Change> {
+    let op = "delete checkpoint";
+    let dom = lookup(conn, op, name)?;
+    if !checkpoint_exists(&dom, name, checkpoint)? {
+        return Ok(Change::AlreadyDone);
+    }
+    let c = c_string(op, name, checkpoint.to_string())?;
+    deskvirt_libvirt_ext::checkpoint_delete(&dom, &c, false)
+        .map_err(|e| map(op, ObjectKind::Domain, name, &e))?;
+    Ok(Change::Done)
+}
