@@ -5,6 +5,7 @@
 #![forbid(unsafe_code)]
 
 pub mod allocators;
+pub mod backup;
 pub mod drain;
 pub mod idle;
 pub mod migration;
