@@ -53,10 +53,12 @@ pub struct Stores {
     pub charges: Charges,
     /// Each host's view as its object last read, for placing desktops.
     pub views: ViewMemo,
-    /// The hosts and pools that changed, once `nodes` and `pools` show it: the Desktop
-    /// controller's wake-ups, so a pass reads the version that woke it.
+    /// The hosts, pools, desktops and migrations that changed, once their caches show it: the
+    /// controllers' wake-ups by other kinds, so a pass reads the version that woke it.
     pub node_changes: Changes<DomainNode>,
     pub pool_changes: Changes<ResourcePool>,
+    pub desktop_changes: Changes<Desktop>,
+    pub migration_changes: Changes<DesktopMigration>,
 }
 
 impl Stores {
@@ -72,22 +74,31 @@ impl Stores {
         let cfg = || crate::controllers::watch_config(selector);
         let (node_changes, pool_changes) = (Changes::default(), Changes::default());
         let touched = pool_changes.clone();
-        let (pools, a) = reflect_touching(Api::all(client.clone()), cfg(), move |p| {
-            touched.touched(p);
+        let (pools, a) = reflect_touching(Api::all(client.clone()), cfg(), move |p, t| {
+            touched.record(p, t);
         });
         let touched = node_changes.clone();
-        let (nodes, b) = reflect_touching(Api::all(client.clone()), cfg(), move |n| {
-            touched.touched(n);
+        let (nodes, b) = reflect_touching(Api::all(client.clone()), cfg(), move |n, t| {
+            touched.record(n, t);
         });
         let charges = Charges::default();
         let (on_desktop, on_relist) = (charges.clone(), charges.clone());
+        let desktop_changes = Changes::default();
+        let touched = desktop_changes.clone();
         let (desktops, c) = reflect_relisting(
             Api::all(client.clone()),
             cfg(),
-            move |d: &Desktop| on_desktop.desktop_touched(d),
+            move |d: &Desktop, t| {
+                on_desktop.desktop_touched(d);
+                touched.record(d, t);
+            },
             move || on_relist.relisted(),
         );
-        let (migrations, h) = reflect(Api::all(client.clone()), cfg());
+        let migration_changes = Changes::default();
+        let touched = migration_changes.clone();
+        let (migrations, h) = reflect_touching(Api::all(client.clone()), cfg(), move |m, t| {
+            touched.record(m, t);
+        });
         let (leases, d) = reflect(
             Api::namespaced(client.clone(), namespace),
             watcher::Config::default(),
@@ -96,7 +107,7 @@ impl Stores {
         let (mirrors, e) = reflect_relisting(
             Api::namespaced(client.clone(), console_namespace),
             watcher::Config::default().labels(&mirror::selector()),
-            move |m: &Secret| on_mirror.mirror_touched(m),
+            move |m: &Secret, _| on_mirror.mirror_touched(m),
             move || on_relist.relisted(),
         );
         // Context, not objects deskvirt manages: never restricted by the label selector (a
@@ -123,6 +134,8 @@ impl Stores {
             views: ViewMemo::default(),
             node_changes,
             pool_changes,
+            desktop_changes,
+            migration_changes,
         };
         (stores, drive)
     }
@@ -154,6 +167,8 @@ impl Stores {
             views: ViewMemo::default(),
             node_changes: Changes::default(),
             pool_changes: Changes::default(),
+            desktop_changes: Changes::default(),
+            migration_changes: Changes::default(),
         }
     }
 

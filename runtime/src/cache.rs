@@ -65,11 +65,12 @@ pub fn reflect<K>(api: Api<K>, config: watcher::Config) -> (Store<K>, BoxFuture<
 where
     K: Cached,
 {
-    reflect_touching(api, config, |_| {})
+    reflect_touching(api, config, |_, _| {})
 }
 
-/// [`reflect`], calling `touched` with each object the watch adds, changes or deletes, once
-/// the store holds the change: one watch both fills a cache and wakes what depends on it.
+/// [`reflect`], calling `touched` with each object the watch adds, changes or deletes (and
+/// which of these), once the store holds the change: one watch both fills a cache and wakes
+/// what depends on it.
 pub fn reflect_touching<K, F>(
     api: Api<K>,
     config: watcher::Config,
@@ -77,7 +78,7 @@ pub fn reflect_touching<K, F>(
 ) -> (Store<K>, BoxFuture<'static, ()>)
 where
     K: Cached,
-    F: Fn(&K) + Send + 'static,
+    F: Fn(&K, Touch) + Send + 'static,
 {
     reflect_relisting(api, config, touched, || {})
 }
@@ -93,16 +94,17 @@ pub fn reflect_relisting<K, F, R>(
 ) -> (Store<K>, BoxFuture<'static, ()>)
 where
     K: Cached,
-    F: Fn(&K) + Send + 'static,
+    F: Fn(&K, Touch) + Send + 'static,
     R: Fn() + Send + 'static,
 {
     let (reader, writer) = reflector::store();
     let events = watcher(api, config).default_backoff().modify(trim);
     let fill = reflector::reflector(writer, events).for_each(move |event| {
         match &event {
-            Ok(
-                watcher::Event::Apply(o) | watcher::Event::InitApply(o) | watcher::Event::Delete(o),
-            ) => touched(o),
+            Ok(watcher::Event::Apply(o) | watcher::Event::InitApply(o)) => {
+                touched(o, Touch::Applied)
+            }
+            Ok(watcher::Event::Delete(o)) => touched(o, Touch::Deleted),
             Ok(watcher::Event::InitDone) => relisted(),
             Ok(watcher::Event::Init) => {}
             Err(e) => {
@@ -114,24 +116,33 @@ where
     (reader, fill.boxed())
 }
 
-/// The latest version of each object a store's watch changed (or deleted) since the consumer
-/// last took them, handed on only once the store holds the change: a controller woken by it
-/// reads a cache that already shows what woke it (a watch of its own may run ahead of the cache
-/// its pass reads). Versions of one object coalesce, so it holds at most one per object, taken
-/// or not. One consumer: [`Changes::stream`] shares the objects with any other stream of it.
-pub struct Changes<K> {
-    shared: std::sync::Arc<ChangesShared<K>>,
+/// Whether a watch event changed an object or deleted it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Touch {
+    Applied,
+    Deleted,
 }
 
-struct ChangesShared<K> {
-    latest: std::sync::Mutex<std::collections::BTreeMap<String, K>>,
+/// The objects a store's watch changed (or deleted), handed on to each subscriber only once
+/// the store holds the change: a controller woken by it reads a cache that already shows what
+/// woke it (a watch of its own may run ahead of the cache its pass reads). Each subscriber
+/// gets the latest version of each object since it last took them, so it holds at most one per
+/// object. Subscribe before the store's watch is driven: a subscriber sees only what changes
+/// after it subscribed.
+pub struct Changes<K> {
+    sinks: std::sync::Arc<std::sync::Mutex<Vec<std::sync::Arc<Sink<K>>>>>,
+}
+
+/// One subscriber's changes not taken yet.
+struct Sink<K> {
+    latest: std::sync::Mutex<std::collections::BTreeMap<String, (K, Touch)>>,
     changed: tokio::sync::Notify,
 }
 
 impl<K> Clone for Changes<K> {
     fn clone(&self) -> Self {
         Self {
-            shared: self.shared.clone(),
+            sinks: self.sinks.clone(),
         }
     }
 }
@@ -139,52 +150,85 @@ impl<K> Clone for Changes<K> {
 impl<K> Default for Changes<K> {
     fn default() -> Self {
         Self {
-            shared: std::sync::Arc::new(ChangesShared {
-                latest: std::sync::Mutex::new(std::collections::BTreeMap::new()),
-                changed: tokio::sync::Notify::new(),
-            }),
+            sinks: std::sync::Arc::default(),
         }
     }
 }
 
+/// `m`, recovered if a panic poisoned it: what it guards is whole at every point.
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// An object's key among others of its kind: its UID, else its name.
+fn id_of<K: Resource>(o: &K) -> String {
+    let m = o.meta();
+    m.uid.clone().or_else(|| m.name.clone()).unwrap_or_default()
+}
+
 impl<K: Cached> Changes<K> {
-    /// Records `o`'s latest version (call it once the store holds it).
-    pub fn touched(&self, o: &K) {
-        let m = o.meta();
-        let id = m.uid.clone().or_else(|| m.name.clone()).unwrap_or_default();
-        self.take_lock().insert(id, o.clone());
-        self.shared.changed.notify_one();
+    /// Records `o`'s latest version, or its deletion (call it once the store holds it).
+    pub fn record(&self, o: &K, touch: Touch) {
+        let id = id_of(o);
+        for sink in lock(&self.sinks).iter() {
+            lock(&sink.latest).insert(id.clone(), (o.clone(), touch));
+            sink.changed.notify_one();
+        }
     }
 
-    /// Takes what changed since the last call, in no particular order.
-    fn take(&self) -> Vec<K> {
-        std::mem::take(&mut *self.take_lock())
-            .into_values()
-            .collect()
-    }
-
-    fn take_lock(&self) -> std::sync::MutexGuard<'_, std::collections::BTreeMap<String, K>> {
-        // A panic while holding the map leaves whole versions in it: still usable.
-        self.shared
-            .latest
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-
-    /// The changed objects, for `Controller::watches_stream`; never ends.
-    pub fn stream(&self) -> BoxStream<'static, Result<K, watcher::Error>> {
-        let me = self.clone();
-        futures::stream::unfold(me, |me| async move {
+    /// A new subscriber's changes, in batches, for ever.
+    fn subscribe(&self) -> BoxStream<'static, (K, Touch)> {
+        let sink = std::sync::Arc::new(Sink {
+            latest: std::sync::Mutex::new(std::collections::BTreeMap::new()),
+            changed: tokio::sync::Notify::new(),
+        });
+        lock(&self.sinks).push(sink.clone());
+        futures::stream::unfold(sink, |sink| async move {
             loop {
-                let batch = me.take();
+                let batch: Vec<(K, Touch)> = std::mem::take(&mut *lock(&sink.latest))
+                    .into_values()
+                    .collect();
                 if !batch.is_empty() {
-                    return Some((futures::stream::iter(batch.into_iter().map(Ok)), me));
+                    return Some((futures::stream::iter(batch), sink));
                 }
-                me.shared.changed.notified().await;
+                sink.changed.notified().await;
             }
         })
         .flatten()
         .boxed()
+    }
+
+    /// Every changed or deleted object, for `Controller::watches_stream`; never ends.
+    pub fn stream(&self) -> BoxStream<'static, Result<K, watcher::Error>> {
+        self.subscribe().map(|(o, _)| Ok(o)).boxed()
+    }
+
+    /// The objects whose `key` changed since this stream last handed them on, and every
+    /// deleted one.
+    pub fn stream_by_key<T, P>(&self, key: P) -> BoxStream<'static, Result<K, watcher::Error>>
+    where
+        T: PartialEq + Send + 'static,
+        P: Fn(&K) -> T + Send + 'static,
+    {
+        let mut seen: std::collections::HashMap<String, T> = std::collections::HashMap::new();
+        self.subscribe()
+            .filter_map(move |(o, touch)| {
+                let id = id_of(&o);
+                let pass = match touch {
+                    Touch::Deleted => {
+                        seen.remove(&id);
+                        true
+                    }
+                    Touch::Applied => {
+                        let k = key(&o);
+                        let changed = seen.get(&id) != Some(&k);
+                        seen.insert(id, k);
+                        changed
+                    }
+                };
+                futures::future::ready(pass.then_some(Ok(o)))
+            })
+            .boxed()
     }
 }
 
@@ -366,9 +410,9 @@ mod tests {
         };
         let changes = Changes::<Secret>::default();
         let mut stream = changes.stream();
-        changes.touched(&secret("a", "1"));
-        changes.touched(&secret("b", "2"));
-        changes.touched(&secret("a", "3"));
+        changes.record(&secret("a", "1"), Touch::Applied);
+        changes.record(&secret("b", "2"), Touch::Applied);
+        changes.record(&secret("a", "3"), Touch::Applied);
         let mut got = vec![];
         for _ in 0..2 {
             let s = stream.next().await.and_then(Result::ok).unwrap_or_default();
@@ -379,9 +423,40 @@ mod tests {
         assert_eq!(got, [v("a", "3"), v("b", "2")]);
         // Nothing else is pending until the next change, which is handed on.
         assert!(stream.next().now_or_never().is_none());
-        changes.touched(&secret("b", "4"));
+        changes.record(&secret("b", "4"), Touch::Applied);
         let s = stream.next().await.and_then(Result::ok).unwrap_or_default();
         assert_eq!(s.metadata.resource_version.as_deref(), Some("4"));
+    }
+
+    #[tokio::test]
+    async fn each_subscriber_gets_every_change_and_a_keyed_one_only_new_keys_and_deletions() {
+        let secret = |name: &str, label: &str, v: &str| {
+            let mut s = Secret::default();
+            s.metadata.name = Some(name.into());
+            s.metadata.resource_version = Some(v.into());
+            s.metadata.labels = Some([("k".to_string(), label.to_string())].into());
+            s
+        };
+        let label = |s: &Secret| s.metadata.labels.clone().unwrap_or_default();
+        let changes = Changes::<Secret>::default();
+        let mut all = changes.stream();
+        let mut keyed = changes.stream_by_key(label);
+        changes.record(&secret("a", "x", "1"), Touch::Applied);
+        let next = |s: Option<Result<Secret, watcher::Error>>| {
+            s.and_then(Result::ok)
+                .and_then(|s| s.metadata.resource_version)
+                .unwrap_or_default()
+        };
+        assert_eq!(next(all.next().await), "1");
+        assert_eq!(next(keyed.next().await), "1");
+        // The same key again: the keyed stream lets it by, the other does not.
+        changes.record(&secret("a", "x", "2"), Touch::Applied);
+        assert_eq!(next(all.next().await), "2");
+        assert!(keyed.next().now_or_never().is_none());
+        // A deletion passes whatever its key.
+        changes.record(&secret("a", "x", "3"), Touch::Deleted);
+        assert_eq!(next(keyed.next().await), "3");
+        assert_eq!(next(all.next().await), "3");
     }
 
     #[test]

@@ -132,7 +132,7 @@ impl<H> DesktopContext<H> {
             Api::<Secret>::namespaced(client.clone(), &config.console_namespace),
             watcher::Config::default()
                 .labels(&format!("{LABEL_NODE}={}", label_value(&config.node_name))),
-            move |m: &Secret| {
+            move |m: &Secret, _| {
                 if let Some(d) = super::desktop_of_mirror(m) {
                     let _ = touch.unbounded_send(d);
                 }

@@ -77,18 +77,15 @@ pub async fn run(ctx: Arc<Context>, selector: String, stop: watch::Receiver<bool
         // A host reads a pool's spec (membership, reserve, overcommit, network) and
         // whether it is going away, never its status: the pool's status writes, one
         // per desktop phase change, wake no host.
-        deskvirt_runtime::cache::changes_by_key(
-            Api::<deskvirt_crds::ResourcePool>::all(client.clone()),
-            cfg,
-            |p| {
-                let m = &p.metadata;
-                (
-                    m.generation,
-                    m.deletion_timestamp.is_some(),
-                    m.creation_timestamp.clone(),
-                )
-            },
-        ),
+        // From the pools' cache once it shows the change: the pass reads the pool there.
+        ctx.stores.pool_changes.stream_by_key(|p| {
+            let m = &p.metadata;
+            (
+                m.generation,
+                m.deletion_timestamp.is_some(),
+                m.creation_timestamp.clone(),
+            )
+        }),
         move |_pool| {
             // Membership may move: every host is looked at again (pools change rarely).
             pool_stores

@@ -17,7 +17,6 @@ use deskvirt_crds::read::{FromPoolSpec, write_capacity};
 use deskvirt_crds::resource_pool::{ResourcePool, ResourcePoolStatus};
 use deskvirt_crds::validation;
 use deskvirt_crds::{Desktop, DesktopMigration, DomainNode};
-use deskvirt_runtime::cache::changes_by_key;
 use deskvirt_runtime::throttle::throttled;
 use k8s_openapi::jiff::Timestamp;
 use kube::runtime::controller::Action;
@@ -63,26 +62,21 @@ pub async fn run(ctx: Arc<Context>, selector: String, stop: watch::Receiver<bool
     let by_migration = ctx.stores.clone();
     let controller =
         deskvirt_runtime::cache::controller(Api::<ResourcePool>::all(client.clone()), cfg.clone())
-            .watches_stream(
-                changes_by_key(
-                    Api::<DomainNode>::all(client.clone()),
-                    cfg.clone(),
-                    host_key,
-                ),
-                move |n| {
-                    let mut pools: Vec<String> = n
-                        .status
-                        .as_ref()
-                        .and_then(|s| s.pool.clone())
-                        .into_iter()
-                        .collect();
-                    pools.extend(pool_of(&n, &stores.pools.state()));
-                    pools.iter().map(|p| ObjectRef::new(p)).collect::<Vec<_>>()
-                },
-            )
+            // Hosts and desktops wake pools from the operator's caches once those show the
+            // change: the pass counts from them.
+            .watches_stream(ctx.stores.node_changes.stream_by_key(host_key), move |n| {
+                let mut pools: Vec<String> = n
+                    .status
+                    .as_ref()
+                    .and_then(|s| s.pool.clone())
+                    .into_iter()
+                    .collect();
+                pools.extend(pool_of(&n, &stores.pools.state()));
+                pools.iter().map(|p| ObjectRef::new(p)).collect::<Vec<_>>()
+            })
             .watches_stream(
                 throttled(
-                    changes_by_key(Api::<Desktop>::all(client.clone()), cfg, desktop_key),
+                    ctx.stores.desktop_changes.stream_by_key(desktop_key),
                     DESKTOP_WAKES,
                     |d: &Desktop| d.pool().to_string(),
                 ),

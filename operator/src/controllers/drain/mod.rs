@@ -74,8 +74,10 @@ pub async fn run(ctx: Arc<Context>, selector: String, stop: watch::Receiver<bool
     let cfg = watch_config(&selector);
     let (by_desktop, by_migration) = (ctx.stores.clone(), ctx.stores.clone());
     let labels = Arc::new(commit::selector_labels(&selector));
-    let controller = Controller::new(Api::<DomainNode>::all(client.clone()), cfg.clone())
-        .watches(Api::<Desktop>::all(client.clone()), cfg.clone(), move |d| {
+    // Desktops and migrations wake hosts from the operator's caches once those show the
+    // change: the pass reads them there.
+    let controller = Controller::new(Api::<DomainNode>::all(client.clone()), cfg)
+        .watches_stream(ctx.stores.desktop_changes.stream(), move |d| {
             // The host a desktop is bound to, and the one it last left, when either drains.
             let st = d.status.as_ref();
             let hosts = [
@@ -91,16 +93,12 @@ pub async fn run(ctx: Arc<Context>, selector: String, stop: watch::Receiver<bool
                 .map(|n| ObjectRef::from_obj(n.as_ref()))
                 .collect::<Vec<_>>()
         })
-        .watches(
-            Api::<DesktopMigration>::all(client.clone()),
-            cfg,
-            move |m| {
-                m.annotations()
-                    .get(ANNOTATION_DRAIN_NODE)
-                    .and_then(|h| by_migration.node(h))
-                    .map(|n| ObjectRef::from_obj(n.as_ref()))
-            },
-        )
+        .watches_stream(ctx.stores.migration_changes.stream(), move |m| {
+            m.annotations()
+                .get(ANNOTATION_DRAIN_NODE)
+                .and_then(|h| by_migration.node(h))
+                .map(|n| ObjectRef::from_obj(n.as_ref()))
+        })
         .reconcile_all_on(on_leadership(ctx.leader.clone()))
         .graceful_shutdown_on(stopped(stop.clone()))
         .run(
@@ -124,7 +122,11 @@ async fn reconcile(
     labels: Arc<Vec<(String, String)>>,
 ) -> Result<Action, Error> {
     ctx.metrics.reconciled(NAME);
-    if !ctx.is_leader() || !involved(&n) && !has_drained_condition(&n) {
+    // A migration the drain made may show in the cache only after the drain was cleared and
+    // its status removed: the host is still involved until none is left.
+    if !ctx.is_leader()
+        || !involved(&n) && !has_drained_condition(&n) && made_for(&ctx.stores, &n).is_empty()
+    {
         return Ok(Action::await_change());
     }
     let now = Timestamp::now();

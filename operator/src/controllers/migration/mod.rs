@@ -11,7 +11,7 @@ mod plan_tests;
 use std::sync::Arc;
 use std::time::Duration;
 
-use deskvirt_crds::{Desktop, DesktopMigration, DomainNode};
+use deskvirt_crds::{Desktop, DesktopMigration};
 use k8s_openapi::jiff::Timestamp;
 use kube::runtime::controller::{self, Action, Controller};
 use kube::runtime::reflector::ObjectRef;
@@ -89,8 +89,10 @@ pub async fn run(ctx: Arc<Context>, selector: String, stop: watch::Receiver<bool
     let client = ctx.client.clone();
     let cfg = watch_config(&selector);
     let (by_desktop, by_node) = (ctx.stores.clone(), ctx.stores.clone());
-    let controller = Controller::new(Api::<DesktopMigration>::all(client.clone()), cfg.clone())
-        .watches(Api::<Desktop>::all(client.clone()), cfg.clone(), move |d| {
+    // Desktops and hosts wake migrations from the operator's caches once those show the
+    // change: the pass reads them there.
+    let controller = Controller::new(Api::<DesktopMigration>::all(client.clone()), cfg)
+        .watches_stream(ctx.stores.desktop_changes.stream(), move |d| {
             // The migrations of a desktop that have not let go of it yet.
             let (ns, name, uid) = (d.namespace(), d.name_any(), d.uid());
             by_desktop
@@ -105,7 +107,7 @@ pub async fn run(ctx: Arc<Context>, selector: String, stop: watch::Receiver<bool
                 .map(|m| ObjectRef::from_obj(m.as_ref()))
                 .collect::<Vec<_>>()
         })
-        .watches(Api::<DomainNode>::all(client.clone()), cfg, move |_| {
+        .watches_stream(ctx.stores.node_changes.stream(), move |_| {
             // A host's capacity or health changed: the waiting migrations look again.
             by_node
                 .migrations
