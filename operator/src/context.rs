@@ -53,12 +53,16 @@ pub struct Stores {
     pub charges: Charges,
     /// Each host's view as its object last read, for placing desktops.
     pub views: ViewMemo,
-    /// The hosts, pools, desktops and migrations that changed, once their caches show it: the
+    /// The hosts, pools, desktops, migrations, console mirrors, namespaces and quotas that
+    /// changed, once their caches show it: the
     /// controllers' wake-ups by other kinds, so a pass reads the version that woke it.
     pub node_changes: Changes<DomainNode>,
     pub pool_changes: Changes<ResourcePool>,
     pub desktop_changes: Changes<Desktop>,
     pub migration_changes: Changes<DesktopMigration>,
+    pub mirror_changes: Changes<Secret>,
+    pub namespace_changes: Changes<Namespace>,
+    pub quota_changes: Changes<ResourceQuota>,
 }
 
 impl Stores {
@@ -104,16 +108,32 @@ impl Stores {
             watcher::Config::default(),
         );
         let (on_mirror, on_relist) = (charges.clone(), charges.clone());
+        let mirror_changes = Changes::default();
+        let touched = mirror_changes.clone();
         let (mirrors, e) = reflect_relisting(
             Api::namespaced(client.clone(), console_namespace),
             watcher::Config::default().labels(&mirror::selector()),
-            move |m: &Secret, _| on_mirror.mirror_touched(m),
+            move |m: &Secret, t| {
+                on_mirror.mirror_touched(m);
+                touched.record(m, t);
+            },
             move || on_relist.relisted(),
         );
         // Context, not objects deskvirt manages: never restricted by the label selector (a
         // Desktop's namespace and quotas carry no deskvirt label).
-        let (namespaces, f) = reflect(Api::all(client.clone()), watcher::Config::default());
-        let (quotas, g) = reflect(Api::all(client.clone()), watcher::Config::default());
+        let (namespace_changes, quota_changes) = (Changes::default(), Changes::default());
+        let touched = namespace_changes.clone();
+        let (namespaces, f) = reflect_touching(
+            Api::all(client.clone()),
+            watcher::Config::default(),
+            move |n, t| touched.record(n, t),
+        );
+        let touched = quota_changes.clone();
+        let (quotas, g) = reflect_touching(
+            Api::all(client.clone()),
+            watcher::Config::default(),
+            move |q, t| touched.record(q, t),
+        );
         let drive = async move {
             tokio::select! {
                 _ = futures::future::join4(futures::future::join5(a, b, c, d, e), f, g, h) => {}
@@ -136,6 +156,9 @@ impl Stores {
             pool_changes,
             desktop_changes,
             migration_changes,
+            mirror_changes,
+            namespace_changes,
+            quota_changes,
         };
         (stores, drive)
     }
@@ -169,6 +192,9 @@ impl Stores {
             pool_changes: Changes::default(),
             desktop_changes: Changes::default(),
             migration_changes: Changes::default(),
+            mirror_changes: Changes::default(),
+            namespace_changes: Changes::default(),
+            quota_changes: Changes::default(),
         }
     }
 

@@ -203,6 +203,18 @@ impl<K: Cached> Changes<K> {
         self.subscribe().map(|(o, _)| Ok(o)).boxed()
     }
 
+    /// The changed or deleted objects `wanted` keeps.
+    pub fn stream_where<W>(&self, mut wanted: W) -> BoxStream<'static, Result<K, watcher::Error>>
+    where
+        W: FnMut(&K, Touch) -> bool + Send + 'static,
+    {
+        self.subscribe()
+            .filter_map(move |(o, touch)| {
+                futures::future::ready(wanted(&o, touch).then_some(Ok(o)))
+            })
+            .boxed()
+    }
+
     /// The objects whose `key` changed since this stream last handed them on, and every
     /// deleted one.
     pub fn stream_by_key<T, P>(&self, key: P) -> BoxStream<'static, Result<K, watcher::Error>>
@@ -210,25 +222,59 @@ impl<K: Cached> Changes<K> {
         T: PartialEq + Send + 'static,
         P: Fn(&K) -> T + Send + 'static,
     {
-        let mut seen: std::collections::HashMap<String, T> = std::collections::HashMap::new();
+        let mut seen = SeenKeys::default();
         self.subscribe()
             .filter_map(move |(o, touch)| {
-                let id = id_of(&o);
-                let pass = match touch {
-                    Touch::Deleted => {
-                        seen.remove(&id);
-                        true
-                    }
-                    Touch::Applied => {
-                        let k = key(&o);
-                        let changed = seen.get(&id) != Some(&k);
-                        seen.insert(id, k);
-                        changed
-                    }
-                };
+                let pass = seen.changed(id_of(&o), touch, || key(&o));
                 futures::future::ready(pass.then_some(Ok(o)))
             })
             .boxed()
+    }
+}
+
+/// How long a keyed stream remembers the key of an object that did not change: one deleted
+/// while the watch was down (no deletion event) is forgotten then, and one that comes back
+/// after as long a quiet wakes its controller once more.
+const KEY_MEMORY: std::time::Duration = std::time::Duration::from_secs(3600);
+
+/// The last key a keyed stream handed on for each object, by UID (by name where it has none).
+struct SeenKeys<T> {
+    keys: std::collections::HashMap<String, (T, std::time::Instant)>,
+    /// The size after the last pruning: the next one comes when it has doubled.
+    pruned_at: usize,
+}
+
+impl<T> Default for SeenKeys<T> {
+    fn default() -> Self {
+        Self {
+            keys: std::collections::HashMap::new(),
+            pruned_at: 0,
+        }
+    }
+}
+
+impl<T: PartialEq> SeenKeys<T> {
+    /// Whether the object `id` passes: deleted, or its key (computed only then) changed.
+    fn changed(&mut self, id: String, touch: Touch, key: impl FnOnce() -> T) -> bool {
+        let now = std::time::Instant::now();
+        let pass = match touch {
+            Touch::Deleted => {
+                self.keys.remove(&id);
+                true
+            }
+            Touch::Applied => {
+                let k = key();
+                let changed = self.keys.get(&id).is_none_or(|(old, _)| *old != k);
+                self.keys.insert(id, (k, now));
+                changed
+            }
+        };
+        if self.keys.len() > 2 * self.pruned_at.max(512) {
+            self.keys
+                .retain(|_, (_, at)| now.duration_since(*at) < KEY_MEMORY);
+            self.pruned_at = self.keys.len();
+        }
+        pass
     }
 }
 
@@ -285,113 +331,6 @@ where
         o.meta().uid.clone().or_else(|| o.meta().name.clone())
     });
     Controller::for_stream(paced, store)
-}
-
-/// The objects of `api` filtered by `config` that `wanted` keeps, and every deleted one, for a
-/// secondary watch: a change the woken objects do not read (a status write, say, or a write the
-/// operator made itself) then wakes none of them. `wanted` sees each added or changed object,
-/// and each deleted one with `deleted` set (which passes whatever it answers). Objects come
-/// trimmed ([`trim`]).
-pub fn changes_where<K, W>(
-    api: Api<K>,
-    config: watcher::Config,
-    mut wanted: W,
-) -> BoxStream<'static, Result<K, watcher::Error>>
-where
-    K: Cached,
-    W: FnMut(&watcher::Event<K>) -> bool + Send + 'static,
-{
-    watcher(api, config)
-        .default_backoff()
-        .modify(trim)
-        .filter_map(move |event| futures::future::ready(passed(event, &mut wanted)))
-        .boxed()
-}
-
-/// The object `event` shows if it is deleted or `wanted` keeps it; errors pass through, and the
-/// start and end of a list pass nothing (but `wanted` sees them).
-fn passed<K>(
-    event: Result<watcher::Event<K>, watcher::Error>,
-    wanted: &mut impl FnMut(&watcher::Event<K>) -> bool,
-) -> Option<Result<K, watcher::Error>> {
-    let event = match event {
-        Ok(e) => e,
-        Err(e) => return Some(Err(e)),
-    };
-    let keep = wanted(&event);
-    match event {
-        watcher::Event::Apply(o) | watcher::Event::InitApply(o) => keep.then_some(Ok(o)),
-        watcher::Event::Delete(o) => Some(Ok(o)),
-        watcher::Event::Init | watcher::Event::InitDone => None,
-    }
-}
-
-/// [`changes_where`] keeping the objects whose `key` changed since the watch last showed them.
-/// A relist passes each object whose key it has not seen.
-pub fn changes_by_key<K, T, P>(
-    api: Api<K>,
-    config: watcher::Config,
-    key: P,
-) -> BoxStream<'static, Result<K, watcher::Error>>
-where
-    K: Cached,
-    T: PartialEq + Send + 'static,
-    P: Fn(&K) -> T + Send + 'static,
-{
-    let mut seen = ChangedKeys::default();
-    changes_where(api, config, move |e| seen.changed(e, &key))
-}
-
-/// The last key [`changes_by_key`] saw of each object, by UID (by name where it has none).
-struct ChangedKeys<T> {
-    keys: std::collections::HashMap<String, T>,
-    /// The objects a relist in progress has shown: those it did not are dropped at its end
-    /// (deleted while the watch was down).
-    listed: Option<std::collections::HashSet<String>>,
-}
-
-impl<T> Default for ChangedKeys<T> {
-    fn default() -> Self {
-        Self {
-            keys: std::collections::HashMap::new(),
-            listed: None,
-        }
-    }
-}
-
-impl<T: PartialEq> ChangedKeys<T> {
-    /// Whether the object `event` shows changed its key (records it; forgets a deleted one).
-    fn changed<K: Resource>(&mut self, event: &watcher::Event<K>, key: &impl Fn(&K) -> T) -> bool {
-        let id = |o: &K| {
-            let m = o.meta();
-            m.uid.clone().or_else(|| m.name.clone()).unwrap_or_default()
-        };
-        match event {
-            watcher::Event::Apply(o) | watcher::Event::InitApply(o) => {
-                if let (watcher::Event::InitApply(_), Some(l)) = (event, self.listed.as_mut()) {
-                    l.insert(id(o));
-                }
-                let k = key(o);
-                let changed = self.keys.get(&id(o)) != Some(&k);
-                self.keys.insert(id(o), k);
-                changed
-            }
-            watcher::Event::Delete(o) => {
-                self.keys.remove(&id(o));
-                true
-            }
-            watcher::Event::Init => {
-                self.listed = Some(std::collections::HashSet::new());
-                false
-            }
-            watcher::Event::InitDone => {
-                if let Some(listed) = self.listed.take() {
-                    self.keys.retain(|id, _| listed.contains(id));
-                }
-                false
-            }
-        }
-    }
 }
 
 #[cfg(test)]
@@ -480,59 +419,5 @@ mod tests {
             .map(|(k, _)| k)
             .collect();
         assert_eq!(kept, ["deskvirt.io/wake"]);
-    }
-
-    #[test]
-    fn a_watched_object_passes_when_its_key_changes_or_it_is_deleted() {
-        let secret = |uid: &str, gen_: i64| {
-            let mut s = Secret::default();
-            s.metadata.uid = Some(uid.into());
-            s.metadata.generation = Some(gen_);
-            s
-        };
-        let mut seen = ChangedKeys::default();
-        let key = |s: &Secret| s.metadata.generation;
-        let mut pass = |e: watcher::Event<Secret>| {
-            passed(Ok(e), &mut |e: &watcher::Event<Secret>| {
-                seen.changed(e, &key)
-            })
-            .and_then(Result::ok)
-            .map(|s| (s.metadata.uid.unwrap_or_default(), s.metadata.generation))
-        };
-        use watcher::Event::{Apply, Delete, Init, InitApply, InitDone};
-        let steps = [
-            (Init, None, "the start of a list"),
-            (InitApply(secret("a", 1)), Some(("a", 1)), "first sight"),
-            (InitDone, None, "the end of a list"),
-            (Apply(secret("a", 1)), None, "the same key"),
-            (Apply(secret("a", 2)), Some(("a", 2)), "a new key"),
-            (
-                Apply(secret("b", 2)),
-                Some(("b", 2)),
-                "another object with that key",
-            ),
-            (Delete(secret("a", 2)), Some(("a", 2)), "a deletion, always"),
-            (
-                InitApply(secret("a", 2)),
-                Some(("a", 2)),
-                "seen again after its deletion",
-            ),
-            (Init, None, "a relist"),
-            (
-                InitApply(secret("a", 2)),
-                None,
-                "listed with the key it had",
-            ),
-            (
-                InitDone,
-                None,
-                "b was not listed: deleted while the watch was down",
-            ),
-            (Apply(secret("b", 2)), Some(("b", 2)), "so b is new again"),
-        ];
-        for (event, passed, what) in steps {
-            let want = passed.map(|(uid, g)| (uid.to_string(), Some(g)));
-            assert_eq!(pass(event), want, "{what}");
-        }
     }
 }

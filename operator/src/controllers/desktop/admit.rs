@@ -19,8 +19,8 @@ use kube::runtime::reflector::ObjectRef;
 use crate::context::{Context, Ledgers, holds_binding};
 use crate::tenancy::{Amount, Refused, pool_allows, within_quotas};
 
-/// How often a desktop refused for its namespace (labels, quotas) looks again: neither a
-/// namespace's labels nor a quota nor another desktop's release wakes it.
+/// How often a desktop refused for its namespace (labels, quotas) looks again: a change of
+/// its namespace's labels or quotas wakes it at once, another desktop's release does not.
 const TENANCY_RECHECK: Duration = Duration::from_secs(15);
 
 /// Why the desktop may not be placed now.

@@ -26,6 +26,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use deskvirt_crds::desktop::Desktop;
+use deskvirt_runtime::cache::Touch;
 use futures::stream::BoxStream;
 use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::jiff::Timestamp;
@@ -130,6 +131,7 @@ pub async fn run(ctx: Arc<Context>, selector: String, stop: watch::Receiver<bool
     let by_node = ctx.stores.clone();
     let by_pool = ctx.stores.clone();
     let by_mirror = ctx.stores.clone();
+    let (by_namespace, by_quota) = (ctx.stores.clone(), ctx.stores.clone());
     let seen = Arc::new(triggers::Seen::default());
     let stepped = ctx.clone();
     let (seen_hosts, seen_pools) = (seen.clone(), seen);
@@ -181,6 +183,20 @@ pub async fn run(ctx: Arc<Context>, selector: String, stop: watch::Receiver<bool
             .map(|d| ObjectRef::from_obj(d.as_ref()))
             .collect::<Vec<_>>()
     })
+    // A namespace's labels (a pool's namespaceSelector) and its quotas decide whether its
+    // unbound desktops may be placed: a change wakes them.
+    .watches_stream(
+        ctx.stores
+            .namespace_changes
+            .stream_by_key(|n| n.metadata.labels.clone()),
+        move |n| unbound_in(&by_namespace, &n.name_any()),
+    )
+    .watches_stream(
+        ctx.stores
+            .quota_changes
+            .stream_by_key(|q| q.spec.as_ref().and_then(|s| s.hard.clone())),
+        move |q| unbound_in(&by_quota, &q.namespace().unwrap_or_default()),
+    )
     .reconcile_all_on(on_leadership(ctx.leader.clone()))
     .graceful_shutdown_on(stopped(stop.clone()))
     .with_config(controller::Config::default().concurrency(CONCURRENCY))
@@ -192,17 +208,27 @@ pub async fn run(ctx: Arc<Context>, selector: String, stop: watch::Receiver<bool
     drive(NAME, controller, stop).await;
 }
 
+/// The desktops of `namespace` not bound to a host.
+fn unbound_in(stores: &Stores, namespace: &str) -> Vec<ObjectRef<Desktop>> {
+    stores
+        .desktops
+        .state()
+        .iter()
+        .filter(|d| d.namespace().as_deref() == Some(namespace))
+        .filter(|d| d.status.as_ref().is_none_or(|s| s.node.is_none()))
+        .map(|d| ObjectRef::from_obj(d.as_ref()))
+        .collect()
+}
+
 /// The console mirrors that changed in a way their desktop's pass has not seen: deleted, or
 /// written by anyone but this replica (or not as it last wrote them). A mirror this replica
 /// has just written wakes nobody: the pass that wrote it acted on it.
 fn mirror_changes(ctx: &Arc<Context>) -> BoxStream<'static, Result<Secret, watcher::Error>> {
-    let api = Api::<Secret>::namespaced(ctx.client.clone(), &ctx.console_namespace);
-    let config = watcher::Config::default().labels(&mirror::selector());
-    let ctx = ctx.clone();
-    deskvirt_runtime::cache::changes_where(api, config, move |e| match e {
-        watcher::Event::Apply(m) | watcher::Event::InitApply(m) => !ctx.mirror_is_own(m),
-        _ => true,
-    })
+    let own = ctx.clone();
+    // From the mirrors' cache once it shows the change: the pass reads the mirror there.
+    ctx.stores
+        .mirror_changes
+        .stream_where(move |m, touch| touch == Touch::Deleted || !own.mirror_is_own(m))
 }
 
 /// The Desktop a mirror belongs to: by its annotation, else by UID through the cache.
