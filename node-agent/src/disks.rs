@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 use std::time::Duration;
 
+use deskvirt_core::backup::CREATION_CHECKPOINT;
 use deskvirt_crds::desktop::CloneMode;
 use tokio::process::Command;
 
@@ -378,6 +379,10 @@ pub async fn prepare(qemu_img: &str, plan: &DiskPlan, fresh: bool) -> Result<Pre
             }
         }
     }
+    // What the desktop writes from now on is tracked from the start: the first backup holds
+    // only that, never the base image (docs/design/backup.md).
+    let bitmap = ["bitmap", "--add", &part, CREATION_CHECKPOINT];
+    run(qemu_img, "bitmap", &plan.target, &bitmap).await?;
     record_owner(&plan.target, &plan.owner).await?;
     tokio::fs::rename(&partial, &plan.target)
         .await
@@ -474,6 +479,43 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_new_disk_tracks_what_is_written_to_it_from_its_creation() {
+        let dir = Scratch::new("bitmap");
+        std::fs::create_dir_all(dir.0.join("images")).unwrap_or_else(|e| panic!("{e}"));
+        let base = dir.0.join("images/base.qcow2");
+        let made = std::process::Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2"])
+            .arg(&base)
+            .arg("16M")
+            .status();
+        assert!(
+            made.as_ref().is_ok_and(|s| s.success()),
+            "qemu-img create {made:?}"
+        );
+        for (clone, name) in [(CloneMode::Linked, "l.qcow2"), (CloneMode::Full, "f.qcow2")] {
+            let plan = DiskPlan {
+                base: base.clone(),
+                target: dir.0.join("disks").join(name),
+                clone,
+                size: None,
+                owner: UID.into(),
+                adopt: false,
+            };
+            let got = prepare("qemu-img", &plan, true).await;
+            assert!(matches!(got, Ok(Prepared::Created)), "{got:?}");
+            let info = std::process::Command::new("qemu-img")
+                .args(["info", "--output=json"])
+                .arg(&plan.target)
+                .output()
+                .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+                .unwrap_or_default();
+            let info: serde_json::Value = serde_json::from_str(&info).unwrap_or_default();
+            let bitmaps = &info["format-specific"]["data"]["bitmaps"];
+            assert_eq!(bitmaps[0]["name"], CREATION_CHECKPOINT, "{clone:?}: {info}");
+        }
+    }
+
+    #[tokio::test]
     async fn a_disk_of_another_desktop_is_never_used_or_deleted() {
         let dir = Scratch::new("owner");
         let images = dir.0.join("images");
@@ -541,7 +583,7 @@ mod tests {
             copy: Duration::from_secs(1801),
         });
         assert_eq!(deadline("convert"), Duration::from_secs(1801));
-        for op in ["info", "create", "resize"] {
+        for op in ["info", "create", "resize", "bitmap"] {
             assert_eq!(deadline(op), Duration::from_secs(61), "{op}");
         }
     }
