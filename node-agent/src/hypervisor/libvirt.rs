@@ -41,6 +41,11 @@ pub struct Deadlines {
 /// How long past a migration's completion timeout its call may run: the abort needs to land.
 const ABORT_GRACE: Duration = Duration::from_secs(120);
 
+/// How long one abort (or post-copy switch) of a move may take: libvirt waits up to 30 s for
+/// the domain's job lock before it answers, longer than an ordinary call's deadline on a
+/// loaded host (a CI run saw an abort miss 10 s, and the capped move ran its 108 s).
+const ABORT_CALL: Duration = Duration::from_secs(40);
+
 impl Default for Deadlines {
     fn default() -> Self {
         Self {
@@ -470,9 +475,14 @@ impl Hypervisor for LibvirtHypervisor {
         // setting up (the target's QEMU starting, on a loaded host) can succeed without
         // stopping the transfer that follows. A post-copy switch is asked for once.
         let result = loop {
+            // A slow abort (the earlier one) marked libvirt stalled: ask it again once it
+            // answers a probe, or the move would run on to its end unchecked.
+            if self.connection.is_stalled() {
+                self.probe().await;
+            }
             let n = n.clone();
             let ended = self
-                .run(op, move |c| domains::end_migration(c, &n, post))
+                .guarded(op, ABORT_CALL, move |c| domains::end_migration(c, &n, post))
                 .await;
             tracing::warn!(domain = name, timeout_secs = secs, post_copy = post, ended = ?ended.as_ref().err(), "live migration past its completion timeout");
             if post && ended.is_ok() {
