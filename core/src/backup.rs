@@ -6,17 +6,23 @@
 //! shrinks from its root once a newer root exists (a full backup, or the oldest kept backup
 //! rebased onto the base image, which is not decided here yet).
 
+pub mod pass;
+
 use std::collections::{BTreeMap, BTreeSet};
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
 
 /// The bitmap the agent adds to every new overlay: what changed since the disk was made.
 pub const CREATION_CHECKPOINT: &str = "c0";
 
 /// What a backup holds.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
 pub enum Kind {
-    /// The whole disk, base image included: a chain of its own.
+    /// The whole disk, base image included, flattened: a file of its own that needs no other.
     Full,
-    /// The blocks written since its parent (or since the disk was made).
+    /// Only the blocks written since its parent backup (or, for the first, since the disk was
+    /// made from its base image).
     Incremental,
 }
 
@@ -30,9 +36,10 @@ pub enum Origin {
 }
 
 /// Where a backup is.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
 pub enum State {
     /// Not started.
+    #[default]
     Pending,
     /// Being written.
     Running,
@@ -40,6 +47,23 @@ pub enum State {
     Succeeded,
     /// Incomplete or unverified: nothing may chain on it.
     Failed,
+}
+
+impl State {
+    /// The phase as the API writes it.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Pending => "Pending",
+            Self::Running => "Running",
+            Self::Succeeded => "Succeeded",
+            Self::Failed => "Failed",
+        }
+    }
+
+    /// Whether the backup has ended (nothing changes it any more).
+    pub const fn is_terminal(self) -> bool {
+        matches!(self, Self::Succeeded | Self::Failed)
+    }
 }
 
 /// One backup of the desktop, as its object says.

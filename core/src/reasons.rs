@@ -256,6 +256,8 @@ reasons! {
         TargetNotInPool,
         /// An older migration of the same desktop has not ended.
         AlreadyMigrating,
+        /// A backup of the desktop is being written; the move waits for it.
+        BackupInProgress,
         /// Desktops with dedicated CPUs or passed-through devices are pinned to their host.
         PinnedToHost,
         /// Deleted by the user before it ended.
@@ -321,5 +323,39 @@ mod tests {
         }
         assert_eq!(PoolReason::PoolChangeRefused.as_str(), "PoolChangeRefused");
         assert_eq!(PoolReason::parse("Bound "), None);
+    }
+}
+
+reasons! {
+    /// Reasons of a DesktopBackup's `Ready` condition (operator): why it waits, runs or ended.
+    BackupReason {
+        /// No Desktop of that name in the namespace (yet).
+        DesktopNotFound,
+        /// The Desktop the backup pinned was deleted (or made again under its name).
+        DesktopGone,
+        /// The Desktop is being deleted.
+        DesktopDeleting,
+        /// The Desktop's pool has no `spec.backup.dir`: nowhere to write.
+        NoBackupDir,
+        /// The Desktop is not bound to a host yet.
+        NotBound,
+        /// The Desktop's host is not heartbeating.
+        HostNotReady,
+        /// The Desktop is moving to another host.
+        Migrating,
+        /// The Desktop's domain does not run; only running desktops are backed up.
+        NotRunning,
+        /// Another backup of the Desktop is being written.
+        Busy,
+        /// It waited past the operator's pending timeout.
+        PendingTimeout,
+        /// The host writes the backup.
+        Started,
+        /// Written, verified, and its checksum recorded.
+        Succeeded,
+        /// The host could not write or verify it (the message says why); its file is removed.
+        BackupFailed,
+        /// The host was lost, or the desktop left it, while the backup was written.
+        HostLost,
     }
 }

@@ -40,6 +40,10 @@ pub const MANAGER_OPERATOR_MIGRATION: &str = "deskvirt-operator-migration";
 /// Field manager of the source host's migration report on a Desktop's status
 /// (`status.migrationReport`), apart from the agent's other status fields.
 pub const MANAGER_AGENT_MIGRATION: &str = "deskvirt-node-agent-migration";
+/// Field manager of the operator's backup record on a Desktop (`status.backup`).
+pub const MANAGER_OPERATOR_BACKUP: &str = "deskvirt-operator-backup";
+/// Field manager of the host's backup report on a Desktop (`status.backupReport`).
+pub const MANAGER_AGENT_BACKUP: &str = "deskvirt-node-agent-backup";
 /// Field manager of the drain's part of a DomainNode's status (`status.drain` and the
 /// `Drained` condition), apart from the host pass's fields.
 pub const MANAGER_OPERATOR_DRAIN: &str = "deskvirt-operator-drain";
@@ -161,6 +165,9 @@ pub mod condition {
     /// Desktop: `spec.pool` is the pool the desktop is bound in (operator): False after an edit
     /// that would move a bound desktop (refused; moving is a migration).
     pub const POOL_APPLIED: &str = "PoolApplied";
+    /// Desktop being deleted, while its host keeps the domain and disk for a backup being
+    /// written (agent, backup field manager): reason WaitingForBackup.
+    pub const DELETING: &str = "Deleting";
     /// ResourcePool: some hosts are not ready or some desktops failed.
     pub const DEGRADED: &str = "Degraded";
 }

@@ -282,6 +282,16 @@ pub struct DesktopStatus {
     /// figures of a completed move. Kept after the migration ends, until the next one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub migration_report: Option<crate::migration::MigrationReport>,
+    /// A backup of the desktop being written (operator, field manager
+    /// `deskvirt-operator-backup`): the DesktopBackup, the checkpoint it starts from and the
+    /// file. Written before the host acts; cleared when the backup ends.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backup: Option<crate::backup::BackingUp>,
+    /// What the host did with the backup recorded in `backup` (agent, field manager
+    /// `deskvirt-node-agent-backup`): Started, then Completed or Failed, with its figures.
+    /// Kept until the next backup.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backup_report: Option<crate::backup::BackupReport>,
     /// What the operator bound the desktop with and charges its host for (operator): the pool
     /// of the binding and the admitted size. A resize is admitted here once the host can hold
     /// it; the host defines the domain with this size, never with a larger `spec`.

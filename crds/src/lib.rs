@@ -2,6 +2,7 @@
 //! resources, the names that cross process boundaries, and pure helpers for quantities.
 #![forbid(unsafe_code)]
 
+pub mod backup;
 pub mod conditions;
 pub mod constants;
 pub mod desktop;
@@ -15,6 +16,7 @@ pub mod validation;
 
 pub use deskvirt_core::{names, quantity};
 
+pub use backup::{BackingUp, BackupReport, DesktopBackup, DesktopBackupSpec, DesktopBackupStatus};
 pub use desktop::{Desktop, DesktopSpec, DesktopStatus};
 pub use domain_node::{DomainNode, DomainNodeSpec, DomainNodeStatus};
 pub use migration::{
@@ -35,6 +37,7 @@ pub fn crds() -> Vec<CustomResourceDefinition> {
         DomainNode::crd(),
         Desktop::crd(),
         DesktopMigration::crd(),
+        DesktopBackup::crd(),
     ];
     for crd in &mut crds {
         for version in &mut crd.spec.versions {

@@ -121,6 +121,10 @@ pub struct ResourcePoolSpec {
     /// The virtual CPU every desktop of the pool is given.
     #[serde(default)]
     pub cpu: PoolCpu,
+    /// Where backups of the pool's desktops (DesktopBackup) are written. Unset: the pool's
+    /// desktops cannot be backed up (a DesktopBackup waits with reason NoBackupDir).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backup: Option<PoolBackup>,
 }
 
 /// The virtual CPU of the pool's desktops.
@@ -241,6 +245,19 @@ impl Default for PoolStorage {
             shared: false,
         }
     }
+}
+
+/// Where the pool's desktops are backed up.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PoolBackup {
+    /// Absolute directory, on storage apart from the disks and reached by every host of the
+    /// pool (NFS or the like), that backups are written under as
+    /// `<dir>/<namespace>/<desktop uid>/<backup uid>.qcow2`. Clean, and apart from
+    /// `storage.imageDir` and `storage.diskDir` (neither inside the other): the operator refuses
+    /// the pool otherwise (Ready=False, reason InvalidSpec).
+    #[schemars(regex(pattern = ABS_PATH), length(max = 4096))]
+    pub dir: String,
 }
 
 /// The pool's network.

@@ -97,6 +97,19 @@ fn pool_cases() -> Table {
             ],
         ),
         (
+            "spec.backup.dir",
+            vec![
+                Schema(json!({"backup": {"dir": "relative/backups"}})),
+                Schema(json!({"backup": {}})),
+                cond_(
+                    json!({"storage": {"diskDir": "/srv/vm/disks"}, "backup": {"dir": "/srv/vm/disks/b"}}),
+                ),
+                cond_(
+                    json!({"storage": {"imageDir": "/srv/i", "diskDir": "/srv/d"}, "backup": {"dir": "/srv"}}),
+                ),
+            ],
+        ),
+        (
             "spec.storage.shared",
             vec![Any(
                 "either is valid; failover that needs it is checked at spec.failover.restartElsewhere",

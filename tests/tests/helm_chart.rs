@@ -981,6 +981,7 @@ async fn install_upgrade_and_uninstall_in_a_fresh_namespace() -> anyhow::Result<
     for crd in [
         "desktops.deskvirt.io",
         "desktopmigrations.deskvirt.io",
+        "desktopbackups.deskvirt.io",
         "domainnodes.deskvirt.io",
         "resourcepools.deskvirt.io",
     ] {
@@ -1238,6 +1239,15 @@ fn access_table() -> Vec<Access> {
         a(op, "update", d, "desktopmigrations", User, false),
         a(op, "deletecollection", d, "desktopmigrations", User, false),
         // node-agent: learns of a migration from the Desktop and the mirror only.
+        // Backups: the operator decides and writes status, never makes or deletes one; the
+        // agent reads and writes only the Desktop's own status.
+        a(op, "watch", d, "desktopbackups", Cluster, true),
+        a(op, "patch", d, "desktopbackups", User, true),
+        a(op, "patch", d, "desktopbackups/status", User, true),
+        a(op, "create", d, "desktopbackups", User, false),
+        a(op, "delete", d, "desktopbackups", User, false),
+        a(agent, "list", d, "desktopbackups", Cluster, false),
+        a(agent, "patch", d, "desktopbackups/status", User, false),
         a(agent, "list", d, "desktopmigrations", Cluster, false),
         a(agent, "patch", d, "desktopmigrations/status", User, false),
         a(op, "get", "", "nodes", Cluster, false),

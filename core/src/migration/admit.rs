@@ -23,6 +23,9 @@ pub struct Desktop<'a> {
     pub deleting: bool,
     /// Its vCPUs are pinned to the host's threads, or devices are passed through to it.
     pub pinned_to_host: bool,
+    /// A backup of it is being written (`status.backup`): the host's backup job and a move
+    /// cannot run at once.
+    pub backing_up: bool,
 }
 
 /// Everything [`admit`] decides on.
@@ -79,6 +82,9 @@ pub fn admit(f: &Facts<'_>) -> Result<(), MigrationReason> {
     if !movable {
         return Err(R::DesktopNotRunning);
     }
+    if d.backing_up {
+        return Err(R::BackupInProgress);
+    }
     Ok(())
 }
 
@@ -96,6 +102,7 @@ mod tests {
                 suspended: false,
                 deleting: false,
                 pinned_to_host: false,
+                backing_up: false,
             }),
             pinned_uid: Some("u1"),
             shared_storage: true,
@@ -160,6 +167,10 @@ mod tests {
             (
                 desktop(|d| d.pinned_to_host = true),
                 MigrationReason::PinnedToHost,
+            ),
+            (
+                desktop(|d| d.backing_up = true),
+                MigrationReason::BackupInProgress,
             ),
             (
                 with(|f| f.shared_storage = false),

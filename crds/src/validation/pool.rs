@@ -30,6 +30,24 @@ pub fn pool(spec: &ResourcePoolSpec) -> Vec<FieldError> {
             format!("must lie apart from spec.storage.imageDir: {err}"),
         );
     }
+    if let Some(backup) = &spec.backup {
+        let dir = paths::check_dir(&backup.dir);
+        let clean = dir.is_ok();
+        e.check("spec.backup.dir", dir);
+        if clean && both_clean {
+            for (other, field) in [
+                (&storage.image_dir, "spec.storage.imageDir"),
+                (&storage.disk_dir, "spec.storage.diskDir"),
+            ] {
+                if let Err(err) = paths::check_apart(other, &backup.dir) {
+                    e.add(
+                        "spec.backup.dir",
+                        format!("must lie apart from {field}: {err}"),
+                    );
+                }
+            }
+        }
+    }
 
     let net = &spec.network;
     match (&net.mode, &net.bridge) {
@@ -173,6 +191,22 @@ mod tests {
             paths_of(&errors),
             ["spec.storage.imageDir", "spec.storage.diskDir"]
         );
+    }
+
+    #[test]
+    fn a_backup_dir_must_be_clean_and_apart_from_the_disks() {
+        let ok = pool(&spec(
+            serde_json::json!({ "backup": { "dir": "/srv/backups" } }),
+        ));
+        assert_eq!(ok, vec![]);
+        for bad in ["/var/lib/deskvirt/disks/b", "/var/lib", "/srv/../etc"] {
+            let errors = pool(&spec(serde_json::json!({ "backup": { "dir": bad } })));
+            let paths = paths_of(&errors);
+            assert!(
+                !paths.is_empty() && paths.iter().all(|p| *p == "spec.backup.dir"),
+                "{bad}: {errors:?}"
+            );
+        }
     }
 
     #[test]
