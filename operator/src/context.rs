@@ -9,7 +9,7 @@ use deskvirt_crds::constants::{LABEL_NODE, console_mirror_name};
 use deskvirt_crds::domain_node::OrphanDomain;
 use deskvirt_crds::names::label_value;
 use deskvirt_crds::read::FromPoolSpec;
-use deskvirt_crds::{Desktop, DesktopMigration, DomainNode, ResourcePool};
+use deskvirt_crds::{Desktop, DesktopBackup, DesktopMigration, DomainNode, ResourcePool};
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{Namespace, ResourceQuota, Secret};
 use k8s_openapi::jiff::Timestamp;
@@ -40,6 +40,8 @@ pub struct Stores {
     pub desktops: Store<Desktop>,
     /// DesktopMigrations in every namespace.
     pub migrations: Store<DesktopMigration>,
+    /// DesktopBackups in every namespace.
+    pub backups: Store<DesktopBackup>,
     pub leases: Store<Lease>,
     /// Console password mirrors in the operator's namespace.
     pub mirrors: Store<Secret>,
@@ -103,6 +105,7 @@ impl Stores {
         let (migrations, h) = reflect_touching(Api::all(client.clone()), cfg(), move |m, t| {
             touched.record(m, t);
         });
+        let (backups, i) = reflect(Api::all(client.clone()), cfg());
         let (leases, d) = reflect(
             Api::namespaced(client.clone(), namespace),
             watcher::Config::default(),
@@ -136,7 +139,7 @@ impl Stores {
         );
         let drive = async move {
             tokio::select! {
-                _ = futures::future::join4(futures::future::join5(a, b, c, d, e), f, g, h) => {}
+                _ = futures::future::join5(futures::future::join5(a, b, c, d, e), f, g, h, i) => {}
                 () = stopped(stop) => {}
             }
         };
@@ -145,6 +148,7 @@ impl Stores {
             nodes,
             desktops,
             migrations,
+            backups,
             leases,
             mirrors,
             console: console_namespace.to_string(),
@@ -181,6 +185,7 @@ impl Stores {
             nodes: store(nodes),
             desktops: store(desktops),
             migrations: store(vec![]),
+            backups: store(vec![]),
             leases: store(vec![]),
             mirrors: store(vec![]),
             console: console_namespace.to_string(),
@@ -639,6 +644,7 @@ impl Default for MigrationSettings {
 pub struct Reconciles {
     pub desktops: Work,
     pub migrations: Work,
+    pub backups: Work,
     pub pools: Work,
     pub nodes: Work,
 }
@@ -648,6 +654,7 @@ impl Default for Reconciles {
         Self {
             desktops: Work::unwatched(),
             migrations: Work::unwatched(),
+            backups: Work::unwatched(),
             pools: Work::unwatched(),
             nodes: Work::unwatched(),
         }
@@ -661,6 +668,7 @@ impl Reconciles {
         Self {
             desktops: health.watch_work("desktop reconciles", allowed),
             migrations: health.watch_work("migration reconciles", allowed),
+            backups: health.watch_work("backup reconciles", allowed),
             pools: health.watch_work("pool reconciles", allowed),
             nodes: health.watch_work("host reconciles", allowed),
         }

@@ -15,7 +15,7 @@ use tokio::sync::watch;
 use crate::coalesce::Coalescer;
 use crate::config::Config;
 use crate::context::{Context, Namespaces, Reconciles, Stores};
-use crate::controllers::{desktop, domain_node, drain, migration, resource_pool};
+use crate::controllers::{backup, desktop, domain_node, drain, migration, resource_pool};
 use crate::fence::Fence;
 use crate::leader::{self, Elector};
 use crate::metrics::Metrics;
@@ -128,6 +128,7 @@ pub async fn run(
         tokio::join!(
             desktop::run(ctx.clone(), sel.clone(), stop.clone()),
             migration::run(ctx.clone(), sel.clone(), stop.clone()),
+            backup::run(ctx.clone(), sel.clone(), stop.clone()),
             domain_node::run(ctx.clone(), sel.clone(), stop.clone()),
             drain::run(ctx.clone(), sel.clone(), stop.clone()),
             resource_pool::run(ctx.clone(), sel, stop.clone()),

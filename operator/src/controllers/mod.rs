@@ -1,7 +1,9 @@
-//! The controllers (Desktop, DesktopMigration, DomainNode, ResourcePool) and what they share: server-side
+//! The controllers (Desktop, DesktopMigration, DesktopBackup, DomainNode, ResourcePool) and what they share: server-side
 //! apply under the operator's field manager, the leadership trigger, the error policy, and a
 //! shutdown that cannot hang.
 
+pub mod action;
+pub mod backup;
 pub mod desktop;
 pub mod domain_node;
 pub mod drain;

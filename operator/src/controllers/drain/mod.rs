@@ -24,7 +24,7 @@ use kube::runtime::reflector::ObjectRef;
 use kube::{Api, ResourceExt};
 use tokio::sync::watch;
 
-use super::{Categorized, drive, is_conflict, kube_transient, on_leadership, watch_config};
+use super::{drive, on_leadership, watch_config};
 use crate::context::{Context, Stores, stopped};
 use crate::fence;
 
@@ -36,36 +36,8 @@ const RETRY_AFTER: Duration = Duration::from_secs(60);
 /// How often a drain that is not done looks again, whatever the watches say.
 const RECHECK: Duration = Duration::from_secs(15);
 
-/// Why a drain pass failed.
-#[derive(Debug, thiserror::Error)]
-pub enum Error {
-    #[error("cannot {action}")]
-    Kube {
-        action: &'static str,
-        source: kube::Error,
-    },
-    #[error("write not sent")]
-    Fenced(#[from] crate::fence::Fenced),
-}
-
-impl Categorized for Error {
-    fn category(&self) -> &'static str {
-        match self {
-            Error::Kube { .. } => "KubeApi",
-            Error::Fenced(_) => "Fenced",
-        }
-    }
-    fn is_transient(&self) -> bool {
-        match self {
-            Error::Kube { source, .. } => kube_transient(source),
-            Error::Fenced(_) => true,
-        }
-    }
-}
-
-fn kube(action: &'static str) -> impl FnOnce(kube::Error) -> Error {
-    move |source| Error::Kube { action, source }
-}
+pub use super::action::PassError as Error;
+use super::action::kube;
 
 /// Runs the controller until `stop`. `selector` is the operator's label selector: the
 /// migrations a drain makes carry its `key=value` terms so that the operator sees them.
@@ -138,17 +110,7 @@ async fn reconcile(
         }
     })
     .await;
-    match result {
-        Ok(action) => Ok(action),
-        Err(Error::Fenced(e)) => {
-            tracing::warn!(error = %e, "pass stopped before writing");
-            Ok(Action::requeue(Duration::from_secs(1)))
-        }
-        Err(Error::Kube { source, .. }) if is_conflict(&source) => {
-            Ok(Action::requeue(Duration::from_secs(1)))
-        }
-        Err(e) => Err(e),
-    }
+    super::action::settle(result)
 }
 
 fn has_drained_condition(n: &DomainNode) -> bool {

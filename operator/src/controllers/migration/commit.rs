@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use deskvirt_core::migration::{MigrationPhase, allowed};
 use deskvirt_core::reasons::MigrationReason;
-use deskvirt_crds::conditions::{self, Status};
+use deskvirt_crds::conditions::Status;
 use deskvirt_crds::constants::condition::{READY, SCHEDULED};
 use deskvirt_crds::constants::{
     ANNOTATION_MIGRATION, FINALIZER_OPERATOR, MANAGER_OPERATOR_MIGRATION, console_mirror_name,
@@ -23,7 +23,8 @@ use serde_json::json;
 
 use super::plan::{self, Decision, Reserved};
 use super::{Error, Pass, has_finalizer, kube, pinned};
-use crate::controllers::{StatusApply, apply_meta, apply_status, remove_finalizer};
+use crate::controllers::action::{Conditioned, clear_desktop_record};
+use crate::controllers::{StatusApply, apply_meta, remove_finalizer};
 use crate::fence;
 
 /// A pass over a migration that is not being deleted.
@@ -452,40 +453,16 @@ async fn clear_record(pass: &Pass<'_>, m: &DesktopMigration) -> Result<(), Error
     let Some(d) = pass.ctx.stores.desktop_by_uid(uid) else {
         return Ok(());
     };
-    let fresh = pass
-        .desktops
-        .get_opt(&d.name_any())
-        .await
-        .map_err(kube("read the desktop"))?;
-    let Some(fresh) = fresh.filter(|f| f.uid().as_deref() == Some(uid)) else {
-        return Ok(());
+    let ours = |s: &DesktopStatus| {
+        s.migration
+            .as_ref()
+            .is_some_and(|r| Some(r.uid.as_str()) == m.metadata.uid.as_deref())
     };
-    let ours = fresh
-        .status
-        .as_ref()
-        .and_then(|s| s.migration.as_ref())
-        .is_some_and(|r| Some(r.uid.as_str()) == m.metadata.uid.as_deref());
-    if !ours {
-        return Ok(());
-    }
-    let patch = json!({
-        "metadata": { "resourceVersion": fresh.resource_version() },
-        "status": { "migration": null },
-    });
-    let pp = PatchParams {
-        field_manager: Some(MANAGER_OPERATOR_MIGRATION.into()),
-        ..Default::default()
-    };
-    fence::check()?;
-    match pass
-        .desktops
-        .patch_status(&fresh.name_any(), &pp, &Patch::Merge(&patch))
-        .await
-    {
-        Ok(_) => Ok(()),
-        Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
-        Err(e) => Err(kube("clear the desktop's migration record")(e)),
-    }
+    let (manager, action) = (
+        MANAGER_OPERATOR_MIGRATION,
+        "clear the desktop's migration record",
+    );
+    clear_desktop_record(&pass.desktops, &d, "migration", ours, manager, action).await
 }
 
 /// The record a migration holding a target puts on its Desktop.
@@ -542,22 +519,20 @@ fn set(
     reason: MigrationReason,
     message: &str,
 ) {
-    let prev = m.status.as_ref().map_or(&[][..], |s| &s.conditions[..]);
-    let c = conditions::condition(
+    let (generation, prev) = (m.metadata.generation, m.status.as_ref());
+    st.set_condition(
         prev,
         type_,
         status,
         reason.as_str(),
         message,
-        m.metadata.generation,
+        generation,
         pass.now,
     );
-    conditions::upsert(&mut st.conditions, c);
 }
 
 fn ready_reason(m: &DesktopMigration) -> Option<String> {
-    let st = m.status.as_ref()?;
-    conditions::find(&st.conditions, READY).map(|c| c.reason.clone())
+    crate::controllers::action::ready_reason(m.status.as_ref())
 }
 
 /// Applies `want` onto the version of the migration decided on, unless nothing but times
@@ -567,24 +542,6 @@ async fn write_status(
     m: &DesktopMigration,
     want: &DesktopMigrationStatus,
 ) -> Result<DesktopMigration, Error> {
-    let current = m.status.clone().unwrap_or_default();
-    let same = !conditions::differ_ignoring_time(&current.conditions, &want.conditions)
-        && DesktopMigrationStatus {
-            conditions: vec![],
-            ..current.clone()
-        } == DesktopMigrationStatus {
-            conditions: vec![],
-            ..want.clone()
-        };
-    if same {
-        return Ok(m.clone());
-    }
-    let name = m.name_any();
-    let ns = m.namespace();
-    let body = StatusApply::new::<DesktopMigration>(&name, ns.as_deref(), want.clone())
-        .guarded(m.metadata.resource_version.as_deref());
-    fence::check()?;
-    apply_status(&pass.api, &body)
-        .await
-        .map_err(kube("write the migration's status"))
+    let action = "write the migration's status";
+    crate::controllers::action::write_status(&pass.api, m, m.status.as_ref(), want, action).await
 }

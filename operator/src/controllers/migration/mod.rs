@@ -9,7 +9,6 @@ mod plan;
 mod plan_tests;
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use deskvirt_crds::{Desktop, DesktopMigration};
 use k8s_openapi::jiff::Timestamp;
@@ -18,7 +17,7 @@ use kube::runtime::reflector::ObjectRef;
 use kube::{Api, ResourceExt};
 use tokio::sync::watch;
 
-use super::{Categorized, drive, is_conflict, kube_transient, on_leadership, watch_config};
+use super::{drive, on_leadership, watch_config};
 use crate::context::{Context, stopped};
 use crate::fence;
 
@@ -27,50 +26,8 @@ const NAME: &str = "migration";
 /// Migrations reconciled at once: each holds the ledger lock only to plan.
 const CONCURRENCY: u16 = 4;
 
-/// Why a DesktopMigration reconcile failed.
-#[derive(Debug, thiserror::Error)]
-pub enum Error {
-    #[error("cannot {action}")]
-    Kube {
-        action: &'static str,
-        source: kube::Error,
-    },
-    #[error("migration has no {0}")]
-    MissingField(&'static str),
-    #[error("write not sent")]
-    Fenced(#[from] crate::fence::Fenced),
-}
-
-impl Error {
-    fn is_conflict(&self) -> bool {
-        matches!(self, Error::Kube { source, .. } if is_conflict(source))
-    }
-
-    fn is_gone(&self) -> bool {
-        matches!(self, Error::Kube { source: kube::Error::Api(s), .. } if s.code == 404)
-    }
-}
-
-impl Categorized for Error {
-    fn category(&self) -> &'static str {
-        match self {
-            Error::Kube { .. } => "KubeApi",
-            Error::MissingField(_) => "InvalidObject",
-            Error::Fenced(_) => "Fenced",
-        }
-    }
-    fn is_transient(&self) -> bool {
-        match self {
-            Error::Kube { source, .. } => kube_transient(source),
-            Error::Fenced(_) => true,
-            Error::MissingField(_) => false,
-        }
-    }
-}
-
-fn kube(action: &'static str) -> impl FnOnce(kube::Error) -> Error {
-    move |source| Error::Kube { action, source }
-}
+pub use super::action::PassError as Error;
+use super::action::kube;
 
 /// What one pass over a DesktopMigration works with.
 struct Pass<'a> {
@@ -176,19 +133,7 @@ pub async fn reconcile(m: Arc<DesktopMigration>, ctx: Arc<Context>) -> Result<Ac
         }
     })
     .await;
-    let action = match result {
-        Ok(action) => action,
-        Err(Error::Fenced(e)) => {
-            tracing::warn!(error = %e, "pass stopped before writing");
-            Action::requeue(Duration::from_secs(1))
-        }
-        Err(e) if e.is_conflict() => {
-            tracing::debug!(error = %super::chain(&e), "lost a write race; looking again");
-            Action::requeue(Duration::from_secs(1))
-        }
-        Err(e) if e.is_gone() => Action::await_change(),
-        Err(e) => return Err(e),
-    };
+    let action = super::action::settle(result)?;
     ctx.succeeded(&format!("{NAME}/{uid}"));
     Ok(action)
 }

@@ -1,0 +1,379 @@
+//! A backup's writes, in the order that never leaves a host writing an unrecorded backup: the
+//! finalizer first; the record on the Desktop (guarded by the version the pass decided on)
+//! before the backup shows Running; the host's report copied into the backup's status before
+//! the record is cleared; and the finalizer dropped only once no record of it is left.
+
+use std::time::Duration;
+
+use deskvirt_core::backup::pass::{Decision, decide as plan};
+use deskvirt_core::backup::{Backup, CREATION_CHECKPOINT, Kind, Since, State};
+use deskvirt_core::reasons::BackupReason;
+use deskvirt_crds::backup::{BackingUp, location};
+use deskvirt_crds::conditions::Status;
+use deskvirt_crds::constants::condition::READY;
+use deskvirt_crds::constants::{FINALIZER_OPERATOR, MANAGER_OPERATOR_BACKUP};
+use deskvirt_crds::{Desktop, DesktopBackup, DesktopBackupStatus, DesktopStatus};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kube::ResourceExt;
+use kube::api::{Patch, PatchParams};
+use kube::runtime::controller::Action;
+use kube::runtime::events::EventType;
+use serde_json::json;
+
+use super::{
+    Error, Pass, RUNNING_RECHECK, WAIT_RECHECK, as_backup, desktop_of, facts, has_finalizer, kube,
+    siblings,
+};
+use crate::controllers::action::{Conditioned, clear_desktop_record};
+use crate::controllers::{StatusApply, apply_meta, remove_finalizer};
+use crate::fence;
+
+/// A pass over a backup that is not being deleted.
+pub(super) async fn apply(pass: &Pass<'_>) -> Result<Action, Error> {
+    let b = pass.b.as_ref();
+    if !has_finalizer(b) && !b.phase().is_terminal() {
+        fence::check()?;
+        let body = json!({
+            "apiVersion": "deskvirt.io/v1alpha1",
+            "kind": "DesktopBackup",
+            "metadata": { "name": b.name_any(), "finalizers": [FINALIZER_OPERATOR] },
+        });
+        let fresh = apply_meta(&pass.api, &b.name_any(), &body)
+            .await
+            .map_err(kube("add the operator finalizer"))?;
+        return decide(pass, &fresh).await;
+    }
+    decide(pass, b).await
+}
+
+/// A deleted backup: the record of it on its Desktop is cleared (the host stops a job it
+/// runs and removes the unfinished file), then the finalizer goes.
+pub(super) async fn deleted(pass: &Pass<'_>) -> Result<Action, Error> {
+    let b = pass.b.as_ref();
+    if !has_finalizer(b) {
+        return Ok(Action::await_change());
+    }
+    if !b.phase().is_terminal() {
+        tracing::info!("backup deleted before it ended");
+    }
+    settle(pass, b).await?;
+    Ok(Action::await_change())
+}
+
+async fn decide(pass: &Pass<'_>, b: &DesktopBackup) -> Result<Action, Error> {
+    let stores = &pass.ctx.stores;
+    let d = desktop_of(stores, b);
+    let others = d
+        .as_ref()
+        .and_then(|d| d.metadata.uid.as_deref())
+        .map(|uid| siblings(stores, b, uid))
+        .unwrap_or_default();
+    let chain: Vec<Backup<'_>> = others.iter().map(|o| as_backup(o)).collect();
+    let decision = plan(&facts(pass, b, d.as_deref(), &chain));
+    match decision {
+        Decision::Wait { reason, message } => {
+            let mut want = want_status(b, State::Pending);
+            if want.desktop_uid.is_none() {
+                want.desktop_uid = d.as_ref().and_then(|d| d.uid());
+            }
+            let was = ready_reason(b);
+            set(&mut want, b, pass, Status::False, reason, &message);
+            write_status(pass, b, &want).await?;
+            if was.as_deref() != Some(reason.as_str()) {
+                tracing::info!(reason = reason.as_str(), %message, "backup waits");
+            }
+            Ok(Action::requeue(WAIT_RECHECK))
+        }
+        Decision::Fail { reason, message } => fail(pass, b, reason, &message).await,
+        Decision::Start { kind, since } => {
+            let Some(d) = d else {
+                return Ok(Action::requeue(Duration::from_secs(1)));
+            };
+            start(pass, b, &d, kind, &since, &others).await
+        }
+        Decision::Keep => {
+            running(pass, b, d.as_deref()).await?;
+            Ok(Action::requeue(RUNNING_RECHECK))
+        }
+        Decision::Conclude { state } => conclude(pass, b, d.as_deref(), state).await,
+        Decision::ClearRecord | Decision::Nothing => {
+            settle(pass, b).await?;
+            Ok(Action::await_change())
+        }
+    }
+}
+
+/// Records the backup on its Desktop for the host, then shows it Running there.
+async fn start(
+    pass: &Pass<'_>,
+    b: &DesktopBackup,
+    d: &Desktop,
+    kind: Kind,
+    since: &Since,
+    others: &[std::sync::Arc<DesktopBackup>],
+) -> Result<Action, Error> {
+    let st = d.status.as_ref();
+    let desktop_uid = d.uid().ok_or(Error::MissingField("desktop uid"))?;
+    let node = st
+        .and_then(|s| s.node.clone())
+        .ok_or(Error::MissingField("desktop node"))?;
+    let pool = st
+        .and_then(|s| s.allocation.as_ref())
+        .map_or(d.spec.pool.clone(), |a| a.pool.clone());
+    let Some(dir) = pass
+        .ctx
+        .stores
+        .pool(&pool)
+        .and_then(|p| p.spec.backup.as_ref().map(|b| b.dir.clone()))
+    else {
+        return Ok(Action::requeue(Duration::from_secs(1)));
+    };
+    let (since_checkpoint, since_time, parent, parent_location) = match since {
+        Since::Nothing => (None, None, None, None),
+        Since::Creation => (
+            Some(CREATION_CHECKPOINT.to_string()),
+            d.metadata.creation_timestamp.clone(),
+            None,
+            None,
+        ),
+        Since::Backup(name) => {
+            let Some(p) = others.iter().find(|o| o.name_any() == *name) else {
+                return Ok(Action::requeue(Duration::from_secs(1)));
+            };
+            let ps = p.status.as_ref();
+            (
+                p.uid(),
+                ps.and_then(|s| s.start_time.clone()),
+                Some(name.clone()),
+                ps.and_then(|s| s.location.clone()),
+            )
+        }
+    };
+    let file = location(&dir, &pass.ns, &desktop_uid, &pass.uid);
+    let record = BackingUp {
+        name: b.name_any(),
+        uid: pass.uid.clone(),
+        kind,
+        since: since_checkpoint,
+        since_time,
+        parent_location,
+        location: file.clone(),
+        at: Time(pass.now),
+    };
+    let recorded = st
+        .and_then(|s| s.backup.as_ref())
+        .is_some_and(|r| r.uid == pass.uid);
+    if !recorded {
+        let status = DesktopStatus {
+            backup: Some(record),
+            ..DesktopStatus::default()
+        };
+        let name = d.name_any();
+        let body = StatusApply::new::<Desktop>(&name, Some(&pass.ns), status)
+            .guarded(d.metadata.resource_version.as_deref());
+        fence::check()?;
+        let pp = PatchParams::apply(MANAGER_OPERATOR_BACKUP).force();
+        pass.desktops
+            .patch_status(&name, &pp, &Patch::Apply(&body))
+            .await
+            .map_err(kube("record the backup on the desktop"))?;
+    }
+    let mut want = want_status(b, State::Running);
+    want.desktop_uid = Some(desktop_uid);
+    want.kind = Some(kind);
+    want.parent = parent;
+    want.node = Some(node.clone());
+    want.location = Some(file);
+    let msg = format!("host {node} writes the backup");
+    set(
+        &mut want,
+        b,
+        pass,
+        Status::False,
+        BackupReason::Started,
+        &msg,
+    );
+    write_status(pass, b, &want).await?;
+    tracing::info!(%node, ?kind, ?since, "backup started");
+    pass.ctx
+        .event(b, EventType::Normal, "BackupStarted", "Backup", msg)
+        .await;
+    Ok(Action::requeue(RUNNING_RECHECK))
+}
+
+/// Running: the host's Started report's figures (its start time) shown on the backup.
+async fn running(pass: &Pass<'_>, b: &DesktopBackup, d: Option<&Desktop>) -> Result<(), Error> {
+    let report = d
+        .and_then(|d| d.status.as_ref())
+        .and_then(|s| s.backup_report.as_ref())
+        .filter(|r| r.uid == pass.uid);
+    let Some(r) = report else {
+        return Ok(());
+    };
+    let mut want = want_status(b, State::Running);
+    want.start_time = r.started.clone().or(want.start_time);
+    want.start_millis = r.start_millis.or(want.start_millis);
+    want.kind = Some(r.kind);
+    write_status(pass, b, &want).await?;
+    Ok(())
+}
+
+/// Ends the backup with the host's report, then clears the record.
+async fn conclude(
+    pass: &Pass<'_>,
+    b: &DesktopBackup,
+    d: Option<&Desktop>,
+    state: State,
+) -> Result<Action, Error> {
+    let report = d
+        .and_then(|d| d.status.as_ref())
+        .and_then(|s| s.backup_report.as_ref())
+        .filter(|r| r.uid == pass.uid)
+        .ok_or(Error::MissingField("report"))?;
+    let mut want = want_status(b, state);
+    want.kind = Some(report.kind);
+    if report.kind == Kind::Full {
+        want.parent = None;
+    }
+    want.start_time = report.started.clone().or(want.start_time);
+    want.start_millis = report.start_millis.or(want.start_millis);
+    want.completion_time = Some(report.at.clone());
+    want.base_image = report.base_image.clone();
+    want.size_bytes = report.size_bytes;
+    want.data_bytes = report.data_bytes;
+    want.checksum = report.checksum.clone();
+    let message = report.message.clone().unwrap_or_default();
+    let (status, reason, msg, event) = if state == State::Succeeded {
+        let msg = format!(
+            "{} backup of {} bytes ({} of the disk), verified; {}{message}",
+            kind_word(report.kind),
+            report.size_bytes.unwrap_or(0),
+            report.data_bytes.unwrap_or(0),
+            report.checksum.as_deref().unwrap_or("no checksum"),
+            message = if message.is_empty() {
+                String::new()
+            } else {
+                format!("; {message}")
+            }
+        );
+        (
+            Status::True,
+            BackupReason::Succeeded,
+            msg,
+            EventType::Normal,
+        )
+    } else {
+        want.location = None;
+        (
+            Status::False,
+            BackupReason::BackupFailed,
+            message,
+            EventType::Warning,
+        )
+    };
+    set(&mut want, b, pass, status, reason, &msg);
+    let written = write_status(pass, b, &want).await?;
+    tracing::info!(phase = state.as_str(), %msg, "backup ended");
+    pass.ctx
+        .event(b, event, reason.as_str(), "Backup", msg)
+        .await;
+    settle(pass, &written).await?;
+    Ok(Action::await_change())
+}
+
+fn kind_word(k: Kind) -> &'static str {
+    match k {
+        Kind::Full => "full",
+        Kind::Incremental => "incremental",
+    }
+}
+
+async fn fail(
+    pass: &Pass<'_>,
+    b: &DesktopBackup,
+    reason: BackupReason,
+    message: &str,
+) -> Result<Action, Error> {
+    let mut want = want_status(b, State::Failed);
+    want.completion_time = Some(Time(pass.now));
+    want.location = None;
+    set(&mut want, b, pass, Status::False, reason, message);
+    let written = write_status(pass, b, &want).await?;
+    tracing::info!(reason = reason.as_str(), %message, "backup failed");
+    pass.ctx
+        .event(
+            b,
+            EventType::Warning,
+            "BackupFailed",
+            "Backup",
+            format!("{reason}: {message}"),
+        )
+        .await;
+    settle(pass, &written).await?;
+    Ok(Action::await_change())
+}
+
+/// Lets go of an ended or deleted backup: the record on its Desktop if it is this backup's,
+/// then the finalizer.
+async fn settle(pass: &Pass<'_>, b: &DesktopBackup) -> Result<(), Error> {
+    if !has_finalizer(b) {
+        return Ok(());
+    }
+    clear_record(pass, b).await?;
+    fence::check()?;
+    remove_finalizer(&pass.api, b, FINALIZER_OPERATOR)
+        .await
+        .map_err(kube("remove the operator finalizer"))
+}
+
+/// Removes the Desktop's `status.backup` if it is this backup's, read fresh from the API and
+/// guarded by the version read.
+async fn clear_record(pass: &Pass<'_>, b: &DesktopBackup) -> Result<(), Error> {
+    let Some(d) = desktop_of(&pass.ctx.stores, b) else {
+        return Ok(());
+    };
+    let ours = |s: &DesktopStatus| s.backup.as_ref().is_some_and(|r| r.uid == pass.uid);
+    let (manager, action) = (MANAGER_OPERATOR_BACKUP, "clear the desktop's backup record");
+    clear_desktop_record(&pass.desktops, &d, "backup", ours, manager, action).await
+}
+
+fn want_status(b: &DesktopBackup, phase: State) -> DesktopBackupStatus {
+    let mut st = b.status.clone().unwrap_or_default();
+    st.phase = Some(phase);
+    st.observed_generation = b.metadata.generation;
+    st
+}
+
+fn set(
+    st: &mut DesktopBackupStatus,
+    b: &DesktopBackup,
+    pass: &Pass<'_>,
+    status: Status,
+    reason: BackupReason,
+    message: &str,
+) {
+    let (generation, prev) = (b.metadata.generation, b.status.as_ref());
+    st.set_condition(
+        prev,
+        READY,
+        status,
+        reason.as_str(),
+        message,
+        generation,
+        pass.now,
+    );
+}
+
+fn ready_reason(b: &DesktopBackup) -> Option<String> {
+    crate::controllers::action::ready_reason(b.status.as_ref())
+}
+
+/// Applies `want` onto the version decided on, unless nothing but times changed.
+async fn write_status(
+    pass: &Pass<'_>,
+    b: &DesktopBackup,
+    want: &DesktopBackupStatus,
+) -> Result<DesktopBackup, Error> {
+    let action = "write the backup's status";
+    crate::controllers::action::write_status(&pass.api, b, b.status.as_ref(), want, action).await
+}
