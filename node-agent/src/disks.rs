@@ -203,7 +203,7 @@ async fn image_format(qemu_img: &str, path: &Path) -> Result<String, DiskError> 
         .ok_or_else(|| tool("info", path, "no format in qemu-img info".into()))
 }
 
-fn tool(op: &'static str, path: &Path, message: String) -> DiskError {
+pub(crate) fn tool(op: &'static str, path: &Path, message: String) -> DiskError {
     DiskError::Tool {
         op,
         path: path.display().to_string(),
@@ -216,7 +216,7 @@ fn unsafe_path(path: &Path) -> impl FnOnce(deskvirt_crds::paths::PathError) -> D
     move |source| DiskError::UnsafePath { path, source }
 }
 
-fn io(op: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> DiskError {
+pub(crate) fn io(op: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> DiskError {
     let path = path.display().to_string();
     move |source| DiskError::Io { op, path, source }
 }
@@ -232,7 +232,7 @@ async fn run(
 }
 
 /// [`run`] with the deadline `limit`.
-async fn run_within(
+pub(crate) async fn run_within(
     qemu_img: &str,
     op: &'static str,
     path: &Path,
@@ -286,7 +286,7 @@ pub fn set_deadlines(deadlines: QemuImgDeadlines) {
     let _ = DEADLINES.set(deadlines);
 }
 
-fn deadline(op: &str) -> Duration {
+pub(crate) fn deadline(op: &str) -> Duration {
     let d = DEADLINES.get().copied().unwrap_or_default();
     if op == "convert" { d.copy } else { d.quick }
 }

@@ -3,6 +3,7 @@
 #![forbid(unsafe_code)]
 
 pub mod agent;
+pub mod backup_files;
 pub mod config;
 pub mod desktops;
 pub mod disks;

@@ -223,11 +223,19 @@ async fn pipeline<H: Hypervisor>(
     {
         lease::renew(ctx, d, &inputs, &seen.domain, had, pinned).await?;
     }
+    // The backup recorded on the desktop, before a power change could stop its job.
+    let t = clock();
+    let here = super::backup::Here {
+        pool: &inputs.pool,
+        domain: &inputs.domain.domain,
+    };
+    let backing_up = super::backup::drive(ctx, d, status, here, seen.active()).await?;
+    steps.record("backup", t);
     let plan = plan(d, status, &seen, ctx.resume_due(uid));
     let t = clock();
     let requeue = execute(ctx, d, uid, &inputs, &seen, plan, report).await?;
     steps.record("execute", t);
-    Ok(requeue)
+    Ok(backing_up.map_or(requeue, |b| requeue.min(b)))
 }
 
 /// Which domain is this desktop's: by its UID, never by name alone. Returns the inputs under

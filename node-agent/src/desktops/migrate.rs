@@ -16,7 +16,6 @@ use deskvirt_crds::constants::{
 use deskvirt_crds::desktop::DesktopStatus;
 use deskvirt_crds::{Desktop, Migrating, MigrationReport};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
-use kube::api::{Patch, PatchParams};
 use kube::runtime::events::EventType;
 use kube::runtime::reflector::ObjectRef;
 use kube::{Api, ResourceExt};
@@ -591,20 +590,15 @@ pub(super) async fn write<H>(
         .namespace()
         .ok_or(Error::MissingField("metadata.namespace"))?;
     let api: Api<Desktop> = Api::namespaced(ctx.client.clone(), &ns);
-    let name = d.name_any();
-    let body = json!({
-        "apiVersion": "deskvirt.io/v1alpha1",
-        "kind": "Desktop",
-        "metadata": { "name": name },
-        "status": { "migrationReport": r },
-    });
-    let pp = PatchParams::apply(MANAGER_AGENT_MIGRATION).force();
-    api.patch_status(&name, &pp, &Patch::Apply(&body))
-        .await
-        .map_err(|source| Error::Kube {
-            action: "report the migration",
-            source,
-        })?;
+    let status = json!({ "migrationReport": r });
+    super::patch::apply_status_as(
+        &api,
+        &d.name_any(),
+        status,
+        MANAGER_AGENT_MIGRATION,
+        "report the migration",
+    )
+    .await?;
     ctx.record_move(&uid, r);
     Ok(())
 }

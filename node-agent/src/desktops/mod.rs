@@ -6,6 +6,7 @@
 
 mod activity;
 mod apply;
+mod backup;
 pub mod bound;
 mod cold;
 mod context;

@@ -81,15 +81,28 @@ pub async fn apply_status(
     name: &str,
     status: serde_json::Value,
 ) -> Result<(), Error> {
+    apply_status_as(api, name, status, MANAGER_AGENT, "apply the desktop status").await
+}
+
+/// Server-side apply of `status` (a part of the Desktop's status) under field manager
+/// `manager`, which owns just those fields: the agent's migration and backup reports are
+/// written apart from its main status so that neither write drops the other's.
+pub async fn apply_status_as(
+    api: &Api<Desktop>,
+    name: &str,
+    status: serde_json::Value,
+    manager: &str,
+    action: &'static str,
+) -> Result<(), Error> {
     let body = json!({
         "apiVersion": "deskvirt.io/v1alpha1",
         "kind": "Desktop",
         "metadata": { "name": name },
         "status": status,
     });
-    let pp = PatchParams::apply(MANAGER_AGENT).force();
+    let pp = PatchParams::apply(manager).force();
     api.patch_status(name, &pp, &Patch::Apply(&body))
         .await
-        .map_err(kube("apply the desktop status"))?;
+        .map_err(kube(action))?;
     Ok(())
 }

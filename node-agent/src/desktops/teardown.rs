@@ -16,7 +16,7 @@ use kube::{Api, ResourceExt};
 use super::context::DesktopContext;
 use super::patch::{has_finalizer, remove_finalizer};
 use super::place::{self, Place};
-use super::{Error, bound, ip, migrate};
+use super::{Error, backup, bound, ip, migrate};
 use crate::disks::{self, DiskError};
 use crate::domain::{disk_path, domain_name, parse_disk_paths, serial_log_path};
 use crate::hypervisor::Hypervisor;
@@ -71,6 +71,14 @@ pub async fn teardown<H: Hypervisor>(
         }
         Place::Free { .. } => {}
         Place::Ours { name: domain } => {
+            // A backup being written reads the disk through the domain: both wait for it.
+            if let Some(p) = &pool {
+                let here = backup::Here { pool: p, domain };
+                let status = d.status.clone().unwrap_or_default();
+                if let Some(again) = backup::before_teardown(ctx, d, &status, here).await? {
+                    return Ok(Action::requeue(again));
+                }
+            }
             let file_name = format!("{domain}.qcow2");
             let xml = match hv.domain_xml(domain, true).await {
                 Ok(x) => x,

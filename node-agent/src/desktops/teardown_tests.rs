@@ -242,3 +242,70 @@ async fn disk_dir_not_visible_keeps_the_definition_and_the_finalizer() {
     assert!(!kit.disk().exists(), "disk deleted");
     assert!(released(&kit));
 }
+
+/// `d` with backup `b1` recorded by the operator and reported Started by this host.
+fn backing_up(mut d: deskvirt_crds::Desktop) -> deskvirt_crds::Desktop {
+    let st = d.status.get_or_insert_with(Default::default);
+    let record: deskvirt_crds::BackingUp = serde_json::from_value(serde_json::json!({
+        "name": "b1", "uid": "bu-1", "type": "Incremental", "since": "c0",
+        "location": "/srv/backups/team/d/bu-1.qcow2", "at": "2026-12-06T10:00:00Z"
+    }))
+    .unwrap_or_else(|e| panic!("{e}"));
+    let report: deskvirt_crds::BackupReport = serde_json::from_value(serde_json::json!({
+        "uid": "bu-1", "node": super::testkit::NODE, "state": "Started", "type": "Incremental",
+        "location": "/srv/backups/team/d/bu-1.qcow2", "at": "2026-12-06T10:00:01Z"
+    }))
+    .unwrap_or_else(|e| panic!("{e}"));
+    st.backup = Some(record);
+    st.backup_report = Some(report);
+    d
+}
+
+#[tokio::test]
+async fn a_backup_being_written_keeps_the_domain_and_disk_until_its_end_is_recorded() {
+    use crate::hypervisor::BackupProgress;
+    let kit = Kit::new();
+    kit.make_domain(DomainState::Running, false).await;
+    let dom = kit.domain();
+    kit.hv.set_backup(
+        &dom,
+        BackupProgress::Running {
+            processed: 1 << 20,
+            total: 4 << 20,
+        },
+    );
+    let before = kit.hv.journal().len();
+    let d = deleted(backing_up(desktop()));
+    torn_down(&kit, &d).await;
+    assert!(kit.calls_since(before).is_empty(), "{:?}", kit.hv.journal());
+    assert!(kit.disk().exists() && !released(&kit));
+    let shown = super::testkit::last_condition(&kit.api, "Deleting");
+    assert!(
+        shown.as_ref().is_some_and(|(s, r, m)| s == "True"
+            && r == "WaitingForBackup"
+            && m.contains("1 of 4 MiB")),
+        "{shown:?}"
+    );
+    // The job ends: the host reports it, and still waits for the operator to record the end.
+    kit.hv
+        .set_backup(&dom, BackupProgress::Completed { bytes: 4 << 20 });
+    torn_down(&kit, &d).await;
+    let reported = kit
+        .api
+        .statuses()
+        .iter()
+        .any(|s| s["backupReport"]["uid"] == "bu-1" && s["backupReport"]["state"] != "Started");
+    assert!(reported, "{:?}", kit.api.statuses());
+    assert!(kit.hv.domain(&dom).is_some() && kit.disk().exists() && !released(&kit));
+    // The operator cleared the record: the teardown goes on.
+    let mut cleared = d.clone();
+    if let Some(st) = cleared.status.as_mut() {
+        st.backup = None;
+        if let Some(r) = st.backup_report.as_mut() {
+            r.state = deskvirt_crds::backup::BackupState::Completed;
+        }
+    }
+    torn_down(&kit, &cleared).await;
+    assert!(kit.hv.domain(&dom).is_none());
+    assert!(!kit.disk().exists() && released(&kit));
+}

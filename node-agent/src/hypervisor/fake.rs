@@ -136,6 +136,11 @@ impl FakeHypervisor {
         });
     }
 
+    /// The backup job of domain `name` is at `progress`.
+    pub fn set_backup(&self, name: &str, progress: BackupProgress) {
+        self.with(|s| s.backups.insert(name.to_string(), progress));
+    }
+
     /// The next migration fails with `err` after the domain left this host (`state` `None`)
     /// or was left in `state`.
     pub fn migration_ends(&self, state: Option<DomainState>, err: HypervisorError) {
@@ -578,6 +583,19 @@ impl Hypervisor for FakeHypervisor {
             known.insert(job.checkpoint.clone());
             s.backups
                 .insert(name.to_string(), BackupProgress::Completed { bytes: 0 });
+            Ok(())
+        })
+    }
+
+    async fn abort_backup(&self, name: &str) -> Result<()> {
+        self.change(Op::Backup, "abort backup", name, |s| {
+            s.domains.get(name).ok_or_else(|| not_found(name))?;
+            s.backups.insert(
+                name.to_string(),
+                BackupProgress::Failed {
+                    message: "operation aborted".into(),
+                },
+            );
             Ok(())
         })
     }

@@ -424,6 +424,14 @@ impl Hypervisor for LibvirtHypervisor {
             .await
     }
 
+    async fn abort_backup(&self, name: &str) -> Result<()> {
+        let name = name.to_string();
+        self.guarded("abort backup", ABORT_CALL, move |c| {
+            backups::abort(c, &name)
+        })
+        .await
+    }
+
     async fn backup_progress(&self, name: &str) -> Result<BackupProgress> {
         let name = name.to_string();
         self.run("read backup job", move |c| backups::progress(c, &name))

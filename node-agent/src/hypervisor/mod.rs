@@ -308,6 +308,11 @@ pub trait Hypervisor: Send + Sync {
     /// from must be known to libvirt ([`Hypervisor::ensure_checkpoint`]).
     fn begin_backup(&self, name: &str, job: &BackupJob) -> impl Future<Output = Result<()>> + Send;
 
+    /// Stops the backup job of domain `name` (`virDomainAbortJob`): its file is left
+    /// incomplete, and the checkpoint it created stays (a later incremental since an older
+    /// checkpoint is not changed by it).
+    fn abort_backup(&self, name: &str) -> impl Future<Output = Result<()>> + Send;
+
     /// Where the backup job of domain `name` is: running, or how the last one ended.
     fn backup_progress(&self, name: &str) -> impl Future<Output = Result<BackupProgress>> + Send;
 

@@ -36,6 +36,13 @@ pub(super) fn begin(conn: &Connect, name: &str, job: &BackupJob) -> Result<()> {
         .map_err(|e| map(op, ObjectKind::Domain, name, &e))
 }
 
+/// Stops the backup job of running domain `name`.
+pub(super) fn abort(conn: &Connect, name: &str) -> Result<()> {
+    let op = "abort backup";
+    let dom = running(conn, op, name)?;
+    deskvirt_libvirt_ext::abort_job(&dom).map_err(|e| map(op, ObjectKind::Domain, name, &e))
+}
+
 fn is_backup(stats: &JobFigures) -> bool {
     stats.operation == Some(sys::VIR_DOMAIN_JOB_OPERATION_BACKUP as i32)
 }
