@@ -7,7 +7,9 @@
 #                stays alive; with `deskvirt.dhcp` on the kernel command line it also takes eth0's
 #                address by DHCP at boot and whenever its carrier comes back, printing
 #                "DESKVIRT-GUEST-IP <address>"; with `deskvirt.write=N` it writes N MiB of zeroes
-#                over its disk at boot (then fsync) and prints "DESKVIRT-GUEST-WROTE N"
+#                over its disk at boot (then fsync; each byte `deskvirt.byte=OOO` in octal, from
+#                `deskvirt.seek=S` MiB on) and prints "DESKVIRT-GUEST-WROTE N"; a serial line
+#                "deskvirt-write N S OOO" does the same while it runs
 #   base.qcow2   an empty 64 MiB qcow2 image to hang linked clones on
 #
 #   scripts/build-guest.sh [outdir]     (default ~/.cache/deskvirt/guest/current)
@@ -16,7 +18,7 @@
 # layout version; a cached build takes well under a second. Prints the output dir on stdout.
 set -euo pipefail
 
-LAYOUT=5   # bump when the initramfs layout or /init changes
+LAYOUT=7   # bump when the initramfs layout or /init changes
 CACHE=${DESKVIRT_GUEST_CACHE:-$HOME/.cache/deskvirt/guest}
 OUT=${1:-$CACHE/current}
 MODULES=(virtio_ring virtio virtio_pci_legacy_dev virtio_pci_modern_dev virtio_pci
@@ -142,14 +144,31 @@ EVENT
   ) &
 fi
 # With deskvirt.write=N: N MiB written over the disk (each write reaches the host's file; a
-# full host disk pauses the guest mid-way), then a line that says it is done.
-mib=\$(tr ' ' '\n' </proc/cmdline | sed -n 's/^deskvirt.write=\([0-9][0-9]*\)\$/\1/p')
+# full host disk pauses the guest mid-way), then a line that says it is done. The bytes are
+# zeroes, or every byte the octal value of deskvirt.byte=OOO; they start deskvirt.seek=S MiB in.
+# A line "deskvirt-write N S OOO" on the serial console writes the same way while it runs.
+arg() { tr ' ' '\n' </proc/cmdline | sed -n "s/^deskvirt.\$1=\\([0-9][0-9]*\\)\$/\\1/p"; }
+write_disk() {
+  if [ -n "\$3" ]; then
+    tr '\\000' "\\\\\$3" </dev/zero
+  else
+    cat /dev/zero
+  fi | dd of=/dev/vda bs=1M count="\$1" seek="\${2:-0}" iflag=fullblock conv=fsync \
+    >/dev/null 2>&1 && echo "DESKVIRT-GUEST-WROTE \$1" >/dev/console
+}
+mib=\$(arg write)
 if [ -n "\$mib" ]; then
-  (
-    dd if=/dev/zero of=/dev/vda bs=1M count="\$mib" conv=fsync >/dev/null 2>&1 &&
-      echo "DESKVIRT-GUEST-WROTE \$mib" >/dev/console
-  ) &
+  write_disk "\$mib" "\$(arg seek)" "\$(arg byte)" &
 fi
+(
+  while true; do
+    while read -r cmd n s o; do
+      o=\$(echo "\$o" | tr -d '\\r')
+      [ "\$cmd" = deskvirt-write ] && write_disk "\$n" "\$s" "\$o"
+    done </dev/ttyS0
+    sleep 1
+  done
+) &
 echo "DESKVIRT-GUEST-READY uptime=\$(cut -d' ' -f1 /proc/uptime) disks=\$(ls /sys/block | tr '\n' ,)"
 while true; do
   sleep 1

@@ -224,7 +224,20 @@ impl World {
 
 impl Drop for World {
     fn drop(&mut self) {
-        // Desktops go while the agent still runs (their finalizers need it); then the host.
+        // Backups go while the operator still runs (its finalizer needs it), desktops while
+        // the agent still runs (theirs need it); then the host.
+        let _ = kubectl(
+            &[
+                "delete",
+                "desktopbackups",
+                "--all",
+                "-n",
+                &self.user_ns.name,
+                "--wait=true",
+                "--timeout=60s",
+            ],
+            None,
+        );
         delete_desktops(&self.user_ns.name);
         if let Some(mut p) = self.agent.take() {
             let _ = p.kill();
@@ -591,6 +604,33 @@ pub fn guest_uptimes(log: &Path) -> anyhow::Result<Vec<f64>> {
 /// from its serial log.
 pub fn guest_addresses(log: &Path) -> anyhow::Result<Vec<String>> {
     serial_values(log, "DESKVIRT-GUEST-IP ")
+}
+
+/// Sends `line` to the running test guest of `domain` on its serial console (the pty libvirt
+/// gave it): the guest's /init reads `deskvirt-write N S OOO` there. QEMU reads a pty only once
+/// its once-a-second poll saw a client, so the pty is held open a little before and after the
+/// write; then closed, so the guest's console output never waits for a reader.
+pub async fn guest_command(domain: &str, line: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    let xml = virsh_system(&["dumpxml", domain])?;
+    let serial = xml
+        .split("<serial type='pty'>")
+        .nth(1)
+        .context("no pty serial in the live XML")?;
+    let pty = serial
+        .split("<source path='")
+        .nth(1)
+        .and_then(|rest| rest.split('\'').next())
+        .context("no pty path in the live XML")?;
+    let mut tty = std::fs::OpenOptions::new()
+        .write(true)
+        .open(pty)
+        .with_context(|| format!("open {pty}"))?;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    tty.write_all(format!("{line}\n").as_bytes())
+        .with_context(|| format!("write to {pty}"))?;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    Ok(())
 }
 
 /// The MiB the test guest wrote over its disk (`deskvirt.write=N` on its command line), once

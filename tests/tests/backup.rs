@@ -1,0 +1,385 @@
+//! Desktop backups end to end: the chart's operator and a node-agent (with the chart's tokens),
+//! this machine's libvirt, real QEMU (TCG) and the real apiserver. The pool sets
+//! `spec.backup.dir`; desktop `work`'s guest writes 4 MiB of byte 0xaa at boot.
+//! - `b1` (no type): an incremental since the disk was made, holding exactly the 4 MiB written,
+//!   its backing file the base image, its recorded checksum the file's SHA-256;
+//! - `b2` right after: nothing changed, so it holds 0 bytes, its parent `b1`;
+//! - the guest writes 2 MiB of 0x55 16 MiB in (a command on its serial console), then `b3`:
+//!   exactly those 2 MiB, its parent `b2`; the chain `b3 → b2 → b1 → base` reads the same as
+//!   the live disk (`qemu-img compare`);
+//! - `b4` (`type: Full`): the whole 64 MiB disk in one file without a backing file, the same
+//!   content again;
+//! - the base image's checksum never changes;
+//! - a tenant's backup naming `work` from another namespace finds no such desktop (it waits,
+//!   reason DesktopNotFound), and a backup of a stopped desktop waits (NotRunning), then goes
+//!   ahead once the desktop runs again;
+//! - a backup taken as its desktop is deleted succeeds, and outlives the desktop;
+//! - deleting a backup clears it away (the operator's finalizer goes).
+//!
+//! Run: `cargo test -p deskvirt-tests --test backup -- --nocapture`.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use deskvirt_crds::backup::{BackupPhase, BackupType};
+use deskvirt_crds::conditions::find;
+use deskvirt_crds::constants::condition::{READY, RUNNING};
+use deskvirt_crds::{Desktop, DesktopBackup, ResourcePool};
+use deskvirt_tests::cluster::unique_suffix;
+use deskvirt_tests::helm::ScratchNamespace;
+use deskvirt_tests::host::{eventually, run};
+use deskvirt_tests::world::{
+    RUN_LABEL, World, create_pool, domain_of, guest_command, guest_desktop, guest_writes, setup,
+    virsh_system,
+};
+use kube::Api;
+use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
+use serde_json::json;
+
+const MIB: u64 = 1 << 20;
+
+fn backup(
+    w: &World,
+    name: &str,
+    desktop: &str,
+    kind: Option<&str>,
+) -> anyhow::Result<DesktopBackup> {
+    let mut spec = json!({ "desktop": desktop });
+    if let Some(k) = kind {
+        spec["type"] = json!(k);
+    }
+    Ok(serde_json::from_value(json!({
+        "apiVersion": "deskvirt.io/v1alpha1", "kind": "DesktopBackup",
+        "metadata": { "name": name, "labels": { RUN_LABEL: w.run } },
+        "spec": spec,
+    }))?)
+}
+
+/// Creates backup `name` of `desktop` and waits for it to end; returns it and how long it took.
+async fn take(
+    w: &World,
+    name: &str,
+    desktop: &str,
+    kind: Option<&str>,
+) -> anyhow::Result<(DesktopBackup, Duration)> {
+    let api: Api<DesktopBackup> = Api::namespaced(w.client.clone(), &w.user_ns.name);
+    api.create(&PostParams::default(), &backup(w, name, desktop, kind)?)
+        .await?;
+    let t = Instant::now();
+    let b = eventually(
+        Duration::from_secs(120),
+        &format!("{name} to end"),
+        || async { Ok(api.get_opt(name).await?.filter(|b| b.phase().is_terminal())) },
+    )
+    .await?;
+    let took = t.elapsed();
+    anyhow::ensure!(
+        b.phase() == BackupPhase::Succeeded,
+        "{name} ended {:?}: {:?}",
+        b.phase(),
+        b.status
+    );
+    Ok((b, took))
+}
+
+fn sha256(file: &Path) -> anyhow::Result<String> {
+    let out = run("sha256sum", Command::new("sha256sum").arg(file))?;
+    let hex = out
+        .split_whitespace()
+        .next()
+        .context("no sha256sum output")?;
+    Ok(format!("sha256:{hex}"))
+}
+
+/// `qemu-img info`'s backing file of `file` (none: `None`).
+fn backing_of(file: &Path) -> anyhow::Result<Option<String>> {
+    let out = run(
+        "qemu-img info",
+        Command::new("qemu-img")
+            .args(["info", "-U", "--output=json"])
+            .arg(file),
+    )?;
+    let info: serde_json::Value = serde_json::from_str(&out)?;
+    Ok(info["backing-filename"].as_str().map(str::to_string))
+}
+
+/// Whether `a` and `b` (with their backing chains) read the same, by `qemu-img compare`.
+fn same_content(a: &Path, b: &Path) -> anyhow::Result<bool> {
+    let out = Command::new("qemu-img")
+        .args(["compare", "-U"])
+        .arg(a)
+        .arg(b)
+        .output()?;
+    Ok(out.status.success())
+}
+
+/// The file of domain `domain`'s disk.
+fn disk_of(domain: &str) -> anyhow::Result<PathBuf> {
+    let list = virsh_system(&["domblklist", domain])?;
+    list.lines()
+        .find_map(|l| l.trim().strip_prefix("vda"))
+        .map(|p| PathBuf::from(p.trim()))
+        .context("no vda in domblklist")
+}
+
+fn ready_reason(b: &DesktopBackup) -> Option<String> {
+    let st = b.status.as_ref()?;
+    find(&st.conditions, READY).map(|c| c.reason.clone())
+}
+
+fn summary(name: &str, b: &DesktopBackup, took: Duration) -> String {
+    let st = b.status.clone().unwrap_or_default();
+    format!(
+        "{name}: {:?} parent {:?}, {} KiB copied, file {} KiB, start {} ms, {:.1}s from create to Succeeded",
+        st.kind,
+        st.parent,
+        st.data_bytes.unwrap_or(0) >> 10,
+        st.size_bytes.unwrap_or(0) >> 10,
+        st.start_millis.unwrap_or(0),
+        took.as_secs_f64()
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backups_hold_only_what_changed_and_chain_to_the_disk_as_it_was() -> anyhow::Result<()> {
+    let started = Instant::now();
+    let suffix = unique_suffix();
+    let mut w = setup(&format!("backup-{suffix}")).await?;
+    let backups_dir = std::env::temp_dir().join(format!("deskvirt-backups-{suffix}"));
+    create_pool(&w).await?;
+    let pools: Api<ResourcePool> = Api::all(w.client.clone());
+    pools
+        .patch(
+            &w.pool,
+            &PatchParams::default(),
+            &Patch::Merge(json!({ "spec": { "backup": { "dir": backups_dir } } })),
+        )
+        .await?;
+    w.start_agent()?;
+    w.start_operator()?;
+    let desktops = w.desktops();
+    let work = guest_desktop(
+        &w,
+        "work",
+        "128Mi",
+        json!({ "boot": { "kernel": "vmlinuz", "initrd": "initrd.img",
+                          "cmdline": "console=ttyS0 deskvirt.write=4 deskvirt.byte=252" } }),
+    )?;
+    desktops.create(&PostParams::default(), &work).await?;
+    eventually(Duration::from_secs(240), "work to run", || async {
+        let d = desktops.get_opt("work").await?;
+        let running = d
+            .as_ref()
+            .and_then(|d| d.status.as_ref())
+            .is_some_and(|s| deskvirt_crds::conditions::is_true(&s.conditions, RUNNING));
+        Ok(running.then_some(()))
+    })
+    .await?;
+    let domain = domain_of(&desktops, &w.user_ns.name, "work").await?;
+    let serial = PathBuf::from(format!("/var/log/libvirt/qemu/{domain}-serial.log"));
+    eventually(
+        Duration::from_secs(120),
+        "the guest's boot write",
+        || async { Ok((!guest_writes(&serial)?.is_empty()).then_some(())) },
+    )
+    .await?;
+    let base = w.image_dir.join("base.qcow2");
+    let base_sum = sha256(&base)?;
+    let live = disk_of(&domain)?;
+    eprintln!(
+        "[backup] world up, work runs and wrote 4 MiB: {:.1}s",
+        started.elapsed().as_secs_f64()
+    );
+
+    // b1: what changed since the disk was made, on the base image.
+    let (b1, took) = take(&w, "b1", "work", None).await?;
+    eprintln!("[backup] {}", summary("b1", &b1, took));
+    let st1 = b1.status.clone().unwrap_or_default();
+    anyhow::ensure!(st1.kind == Some(BackupType::Incremental), "{st1:?}");
+    anyhow::ensure!(st1.parent.is_none(), "{st1:?}");
+    anyhow::ensure!(
+        st1.data_bytes == Some(4 * MIB),
+        "b1 copied {:?}",
+        st1.data_bytes
+    );
+    let f1 = PathBuf::from(st1.location.clone().context("b1 has no location")?);
+    anyhow::ensure!(f1.starts_with(&backups_dir), "{}", f1.display());
+    let size1 = std::fs::metadata(&f1)?.len();
+    anyhow::ensure!(
+        st1.size_bytes == Some(size1) && size1 <= 4 * MIB + MIB,
+        "b1's file is {size1} bytes (status {:?}): more than the 4 MiB written plus 1 MiB",
+        st1.size_bytes
+    );
+    anyhow::ensure!(st1.checksum == Some(sha256(&f1)?), "b1's checksum");
+    anyhow::ensure!(
+        backing_of(&f1)?.as_deref() == Some(&*base.to_string_lossy()),
+        "b1's backing file: {:?}",
+        backing_of(&f1)?
+    );
+
+    // b2: nothing changed since b1.
+    let (b2, took) = take(&w, "b2", "work", None).await?;
+    eprintln!("[backup] {}", summary("b2", &b2, took));
+    let st2 = b2.status.clone().unwrap_or_default();
+    anyhow::ensure!(st2.parent.as_deref() == Some("b1"), "{st2:?}");
+    anyhow::ensure!(st2.data_bytes == Some(0), "b2 copied {:?}", st2.data_bytes);
+    let f2 = PathBuf::from(st2.location.clone().context("b2 has no location")?);
+    anyhow::ensure!(
+        backing_of(&f2)?.as_deref() == Some(&*f1.to_string_lossy()),
+        "b2's backing file: {:?}",
+        backing_of(&f2)?
+    );
+
+    // The guest changes 2 MiB, then b3 holds exactly them.
+    guest_command(&domain, "deskvirt-write 2 16 125").await?;
+    eventually(
+        Duration::from_secs(60),
+        "the guest's second write",
+        || async { Ok((guest_writes(&serial)?.len() >= 2).then_some(())) },
+    )
+    .await?;
+    let (b3, took) = take(&w, "b3", "work", None).await?;
+    eprintln!("[backup] {}", summary("b3", &b3, took));
+    let st3 = b3.status.clone().unwrap_or_default();
+    anyhow::ensure!(st3.parent.as_deref() == Some("b2"), "{st3:?}");
+    anyhow::ensure!(
+        st3.data_bytes == Some(2 * MIB),
+        "b3 copied {:?}",
+        st3.data_bytes
+    );
+    let f3 = PathBuf::from(st3.location.clone().context("b3 has no location")?);
+    anyhow::ensure!(
+        same_content(&live, &f3)?,
+        "the chain b3 → b2 → b1 → base does not read as the live disk"
+    );
+
+    // b4: the whole disk, standing alone.
+    let (b4, took) = take(&w, "b4", "work", Some("Full")).await?;
+    eprintln!("[backup] {}", summary("b4", &b4, took));
+    let st4 = b4.status.clone().unwrap_or_default();
+    anyhow::ensure!(
+        st4.kind == Some(BackupType::Full) && st4.parent.is_none(),
+        "{st4:?}"
+    );
+    anyhow::ensure!(
+        st4.data_bytes == Some(64 * MIB),
+        "b4 copied {:?}",
+        st4.data_bytes
+    );
+    let f4 = PathBuf::from(st4.location.clone().context("b4 has no location")?);
+    anyhow::ensure!(backing_of(&f4)?.is_none(), "b4 has a backing file");
+    anyhow::ensure!(
+        same_content(&live, &f4)?,
+        "b4 does not read as the live disk"
+    );
+    anyhow::ensure!(sha256(&base)? == base_sum, "the base image changed");
+
+    // Another tenant names `work`: there is no such desktop in its namespace.
+    let other = ScratchNamespace::create("backup-other")?;
+    let theirs: Api<DesktopBackup> = Api::namespaced(w.client.clone(), &other.name);
+    theirs
+        .create(&PostParams::default(), &backup(&w, "steal", "work", None)?)
+        .await?;
+    let reason = eventually(Duration::from_secs(30), "steal to wait", || async {
+        Ok(theirs
+            .get_opt("steal")
+            .await?
+            .and_then(|b| ready_reason(&b)))
+    })
+    .await?;
+    anyhow::ensure!(reason == "DesktopNotFound", "steal: {reason}");
+    theirs.delete("steal", &DeleteParams::default()).await?;
+
+    // A stopped desktop waits to be started.
+    desktops
+        .patch(
+            "work",
+            &PatchParams::default(),
+            &Patch::Merge(json!({ "spec": { "power": "Off" } })),
+        )
+        .await?;
+    eventually(Duration::from_secs(120), "work to stop", || async {
+        let d: Option<Desktop> = desktops.get_opt("work").await?;
+        let stopped = d
+            .as_ref()
+            .and_then(|d| d.status.as_ref())
+            .and_then(|s| find(&s.conditions, RUNNING))
+            .is_some_and(|c| c.status == "False");
+        Ok(stopped.then_some(()))
+    })
+    .await?;
+    let api: Api<DesktopBackup> = Api::namespaced(w.client.clone(), &w.user_ns.name);
+    api.create(&PostParams::default(), &backup(&w, "b5", "work", None)?)
+        .await?;
+    let reason = eventually(Duration::from_secs(30), "b5 to wait", || async {
+        Ok(api.get_opt("b5").await?.and_then(|b| ready_reason(&b)))
+    })
+    .await?;
+    anyhow::ensure!(reason == "NotRunning", "b5: {reason}");
+
+    // Started again, b5 goes ahead by itself.
+    desktops
+        .patch(
+            "work",
+            &PatchParams::default(),
+            &Patch::Merge(json!({ "spec": { "power": "On" } })),
+        )
+        .await?;
+    let t = Instant::now();
+    let b5 = eventually(Duration::from_secs(180), "b5 to end", || async {
+        Ok(api.get_opt("b5").await?.filter(|b| b.phase().is_terminal()))
+    })
+    .await?;
+    anyhow::ensure!(b5.phase() == BackupPhase::Succeeded, "b5: {:?}", b5.status);
+    eprintln!(
+        "[backup] {}",
+        summary("b5 (waited for the desktop to run again)", &b5, t.elapsed())
+    );
+
+    // A backup taken as its desktop is deleted is never lost with it: the host keeps the
+    // domain and disk until the backup is written and its end recorded.
+    api.create(&PostParams::default(), &backup(&w, "b6", "work", None)?)
+        .await?;
+    eventually(Duration::from_secs(30), "b6 to start", || async {
+        Ok(api
+            .get_opt("b6")
+            .await?
+            .filter(|b| b.phase() != BackupPhase::Pending))
+    })
+    .await?;
+    desktops.delete("work", &DeleteParams::default()).await?;
+    let b6 = eventually(Duration::from_secs(60), "b6 to end", || async {
+        Ok(api.get_opt("b6").await?.filter(|b| b.phase().is_terminal()))
+    })
+    .await?;
+    anyhow::ensure!(b6.phase() == BackupPhase::Succeeded, "b6: {:?}", b6.status);
+    eventually(Duration::from_secs(120), "work to go", || async {
+        Ok(desktops.get_opt("work").await?.is_none().then_some(()))
+    })
+    .await?;
+    let f6 = PathBuf::from(
+        b6.status
+            .and_then(|s| s.location)
+            .context("b6 has no location")?,
+    );
+    anyhow::ensure!(f6.exists(), "b6's file went with its desktop");
+
+    // Deleted backups go (the operator lets go of them).
+    for name in ["b6", "b4"] {
+        api.delete(name, &DeleteParams::default()).await?;
+    }
+    eventually(Duration::from_secs(30), "b4 and b6 to go", || async {
+        let left = api.get_opt("b4").await?.is_some() || api.get_opt("b6").await?.is_some();
+        Ok((!left).then_some(()))
+    })
+    .await?;
+    eprintln!(
+        "[backup] whole test {:.1}s",
+        started.elapsed().as_secs_f64()
+    );
+    drop(w);
+    let _ = std::fs::remove_dir_all(&backups_dir);
+    Ok(())
+}
