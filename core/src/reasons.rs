@@ -120,6 +120,9 @@ reasons! {
         DiskNotOurs,
         /// A path escapes the pool's directories.
         UnsafePath,
+        /// The backup the disk is to be restored from fails its checks (a changed file, a
+        /// chain that does not check clean); nothing is made.
+        RestoreRefused,
         /// The pool's disk directory is not visible to the agent.
         DiskDirMissing,
         /// A managed save image exists but cannot be dated.
@@ -178,6 +181,7 @@ impl AgentReason {
                 | Self::DiskIoFailed
                 | Self::DiskInUse
                 | Self::DiskNotOurs
+                | Self::RestoreRefused
                 | Self::DiskDirMissing
                 | Self::SavedMemoryUnreadable
                 | Self::KubeApiFailed

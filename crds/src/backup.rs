@@ -183,6 +183,36 @@ pub struct BackingUp {
     pub at: Time,
 }
 
+/// The backup chain a desktop's disk is restored from (operator).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Restoring {
+    /// The DesktopBackup named in `spec.disk.restoreFrom`.
+    #[schemars(regex(pattern = DNS_SUBDOMAIN), length(max = 253))]
+    pub backup: String,
+    /// Its UID.
+    #[schemars(length(max = 64))]
+    pub uid: String,
+    /// The files of the chain, root first, each with the checksum it was verified with: the
+    /// host refuses to restore from a file that no longer matches it.
+    #[schemars(length(min = 1, max = 256))]
+    pub layers: Vec<BackupLayer>,
+}
+
+/// One file of a backup chain.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct BackupLayer {
+    /// The DesktopBackup's name.
+    #[schemars(regex(pattern = DNS_SUBDOMAIN), length(max = 253))]
+    pub name: String,
+    #[schemars(regex(pattern = ABS_PATH), length(max = 4096))]
+    pub location: String,
+    /// `sha256:<hex>`.
+    #[schemars(length(max = 80))]
+    pub checksum: String,
+}
+
 /// What the host reports of a backup it writes.
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
 pub enum BackupState {

@@ -184,6 +184,9 @@ pub mod scheduled_reason {
     /// Binding would take the namespace past a `deskvirt.io/cpu` or `deskvirt.io/memory`
     /// limit of one of its ResourceQuotas.
     pub const QUOTA_EXCEEDED: &str = "QuotaExceeded";
+    /// `spec.disk.restoreFrom` names a backup that cannot be restored (yet): missing, not
+    /// Succeeded, its chain broken, on another base image or outside the pool's backup dir.
+    pub const RESTORE_UNAVAILABLE: &str = "RestoreUnavailable";
 }
 
 /// Reasons of a ResourcePool's `Ready` and `Degraded` conditions set from its spec alone.

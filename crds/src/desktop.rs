@@ -141,6 +141,22 @@ pub struct DiskSpec {
     /// from a fresh clone each time and may be deleted by the idle policy.
     #[serde(default = "default_true")]
     pub persistent: bool,
+    /// Make the disk from a backup instead of an empty clone: the desktop boots with its disk
+    /// as it was at that point. The DesktopBackup must be of this namespace, Succeeded, with
+    /// its whole chain of parents Succeeded, on the base image `image` names, and in a pool
+    /// whose `spec.backup.dir` holds it; until then the desktop is not placed (Scheduled=False,
+    /// reason RestoreUnavailable). Read once, when the disk is made.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restore_from: Option<RestoreFrom>,
+}
+
+/// Where a desktop's disk is restored from.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RestoreFrom {
+    /// Name of a DesktopBackup in this namespace.
+    #[schemars(regex(pattern = DNS_SUBDOMAIN), length(min = 1, max = 253))]
+    pub backup: String,
 }
 
 fn default_true() -> bool {
@@ -287,6 +303,11 @@ pub struct DesktopStatus {
     /// file. Written before the host acts; cleared when the backup ends.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub backup: Option<crate::backup::BackingUp>,
+    /// The backup chain the desktop's disk is made from, `spec.disk.restoreFrom` resolved by
+    /// the operator (field manager `deskvirt-operator-backup`) before it is placed. Pinned once
+    /// written.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restore: Option<crate::backup::Restoring>,
     /// What the host did with the backup recorded in `backup` (agent, field manager
     /// `deskvirt-node-agent-backup`): Started, then Completed or Failed, with its figures.
     /// Kept until the next backup.

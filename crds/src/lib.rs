@@ -16,7 +16,10 @@ pub mod validation;
 
 pub use deskvirt_core::{names, quantity};
 
-pub use backup::{BackingUp, BackupReport, DesktopBackup, DesktopBackupSpec, DesktopBackupStatus};
+pub use backup::{
+    BackingUp, BackupLayer, BackupReport, DesktopBackup, DesktopBackupSpec, DesktopBackupStatus,
+    Restoring,
+};
 pub use desktop::{Desktop, DesktopSpec, DesktopStatus};
 pub use domain_node::{DomainNode, DomainNodeSpec, DomainNodeStatus};
 pub use migration::{

@@ -46,6 +46,9 @@ pub enum DiskError {
     /// The disk is still used by a defined or running domain.
     #[error("disk {path} is still used by a domain; kept")]
     InUse { path: String },
+    /// A backup the disk is to be restored from fails its checks; nothing is made.
+    #[error("refusing to restore from {path}: {message}")]
+    RestoreRefused { path: String, message: String },
     /// The directory the disk lives in is not visible to the agent: a pool `diskDir` the
     /// agent's mounts do not hold. Nothing is made or deleted until it is.
     #[error(
@@ -85,6 +88,7 @@ impl DiskError {
             Self::Protected { .. } => "DiskProtected",
             Self::NotOurs { .. } => "DiskNotOurs",
             Self::UnsafePath { .. } => "UnsafePath",
+            Self::RestoreRefused { .. } => "RestoreRefused",
         }
     }
 
@@ -114,6 +118,17 @@ pub struct DiskPlan {
     /// when its own domain (found by its `<uuid>`) uses that very file, as a domain an earlier
     /// release defined does. The record is written then.
     pub adopt: bool,
+    /// The backup chain to make the disk from instead of an empty clone.
+    pub restore: Option<RestorePlan>,
+}
+
+/// A backup chain a disk is made from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RestorePlan {
+    /// The pool's backup directory (`None`: the pool sets none); every file must be inside it.
+    pub dir: Option<PathBuf>,
+    /// Each file, root first, with the checksum it must still have.
+    pub layers: Vec<(PathBuf, String)>,
 }
 
 /// Who a disk belongs to, by the record beside it.
@@ -356,6 +371,14 @@ pub async fn prepare(qemu_img: &str, plan: &DiskPlan, fresh: bool) -> Result<Pre
     let base = plan.base.to_string_lossy();
     let part = partial.to_string_lossy();
     let size = plan.size.map(|s| s.to_string());
+    if let Some(chain) = &plan.restore {
+        restore(qemu_img, plan, chain, &format, &partial).await?;
+        record_owner(&plan.target, &plan.owner).await?;
+        tokio::fs::rename(&partial, &plan.target)
+            .await
+            .map_err(io("rename into place", &plan.target))?;
+        return Ok(Prepared::Created);
+    }
     match plan.clone {
         CloneMode::Linked => {
             let mut args = vec!["create", "-q", "-f", "qcow2", "-F", &format, "-b", &base];
@@ -388,6 +411,102 @@ pub async fn prepare(qemu_img: &str, plan: &DiskPlan, fresh: bool) -> Result<Pre
         .await
         .map_err(io("rename into place", &plan.target))?;
     Ok(Prepared::Created)
+}
+
+/// Builds `partial` from the backup chain `layers` (root first): every file must still have
+/// its recorded checksum and the chain must check clean; a linked clone gets only what the
+/// chain holds above the base image, a full clone all of it; the result must read the same as
+/// the chain. It carries no creation bitmap: its first backup is a full one.
+///
+/// `partial` is removed on any failure by the next attempt (`prepare` starts from scratch).
+async fn restore(
+    qemu_img: &str,
+    plan: &DiskPlan,
+    chain: &RestorePlan,
+    base_format: &str,
+    partial: &Path,
+) -> Result<(), DiskError> {
+    let refuse = |path: &Path, message: String| DiskError::RestoreRefused {
+        path: path.display().to_string(),
+        message,
+    };
+    let Some((top, _)) = chain.layers.last() else {
+        return Err(refuse(&plan.target, "the backup chain is empty".into()));
+    };
+    let Some(dir) = &chain.dir else {
+        return Err(refuse(top, "the pool sets no spec.backup.dir".into()));
+    };
+    for (file, _) in &chain.layers {
+        deskvirt_crds::paths::check_joined(file).map_err(unsafe_path(file))?;
+        if !is_within(file, dir) {
+            return Err(refuse(
+                file,
+                format!("it is outside the pool's backup dir {}", dir.display()),
+            ));
+        }
+    }
+    for (file, want) in &chain.layers {
+        let got = crate::backup_files::sha256(file, deadline("convert")).await?;
+        if &got != want {
+            return Err(refuse(
+                file,
+                format!("its checksum is {got}, the backup recorded {want}: the file changed"),
+            ));
+        }
+    }
+    let (top_s, part, base) = (
+        top.to_string_lossy(),
+        partial.to_string_lossy(),
+        plan.base.to_string_lossy(),
+    );
+    run(
+        qemu_img,
+        "convert",
+        top,
+        &["check", "-U", "-q", "-f", "qcow2", &top_s],
+    )
+    .await
+    .map_err(|e| refuse(top, format!("qemu-img check: {e}")))?;
+    match plan.clone {
+        // The newest file, then rebased (safely: every cluster the chain holds above the
+        // base image is copied in) onto the base image. `convert -B` is not used: it copies
+        // only the top file's own clusters.
+        CloneMode::Linked => {
+            tokio::fs::copy(top, partial)
+                .await
+                .map_err(io("copy the newest backup file", top))?;
+            let args = [
+                "rebase",
+                "-q",
+                "-f",
+                "qcow2",
+                "-b",
+                &base,
+                "-F",
+                base_format,
+                &part,
+            ];
+            run(qemu_img, "convert", &plan.target, &args).await?;
+        }
+        CloneMode::Full => {
+            let args = [
+                "convert", "-q", "-U", "-f", "qcow2", "-O", "qcow2", &top_s, &part,
+            ];
+            run(qemu_img, "convert", &plan.target, &args).await?;
+        }
+    }
+    let compare = [
+        "compare", "-U", "-q", "-f", "qcow2", "-F", "qcow2", &part, &top_s,
+    ];
+    run(qemu_img, "convert", &plan.target, &compare)
+        .await
+        .map_err(|e| {
+            refuse(
+                top,
+                format!("the restored disk does not read as the backup: {e}"),
+            )
+        })?;
+    Ok(())
 }
 
 /// Whether `path` is `dir` or inside it, by plain path components (no file-system access).
@@ -500,6 +619,7 @@ mod tests {
                 size: None,
                 owner: UID.into(),
                 adopt: false,
+                restore: None,
             };
             let got = prepare("qemu-img", &plan, true).await;
             assert!(matches!(got, Ok(Prepared::Created)), "{got:?}");
@@ -530,6 +650,7 @@ mod tests {
             size: None,
             owner: UID.into(),
             adopt: true,
+            restore: None,
         };
         for fresh in [false, true] {
             let got = prepare("qemu-img", &plan, fresh).await;
@@ -560,6 +681,7 @@ mod tests {
             size: None,
             owner: UID.into(),
             adopt: false,
+            restore: None,
         };
         let got = prepare("qemu-img", &plan, false).await;
         assert!(matches!(got, Err(DiskError::NotOurs { .. })), "{got:?}");
@@ -669,6 +791,7 @@ mod tests {
             size: None,
             owner: UID.into(),
             adopt: false,
+            restore: None,
         };
         let err = prepare("qemu-img", &plan, false).await;
         assert!(

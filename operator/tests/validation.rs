@@ -331,6 +331,13 @@ fn desktop_cases() -> Table {
             )],
         ),
         (
+            "spec.disk.restoreFrom.backup",
+            vec![
+                Schema(json!({"disk": {"image": "base.qcow2", "restoreFrom": {"backup": ""}}})),
+                Schema(json!({"disk": {"image": "base.qcow2", "restoreFrom": {"backup": "../b"}}})),
+            ],
+        ),
+        (
             "spec.disk.persistent",
             vec![Any(
                 "either is valid; an idle action Delete on a persistent disk falls back to Shutdown",

@@ -365,7 +365,7 @@ fn an_agent_writes_only_its_own_hosts_objects_and_desktops_the_operator_bound_th
 
     // The operator's fields of a desktop bound to the agent's own host: changed, dropped or
     // added, each is refused and named.
-    let forged: [(&str, Json); 8] = [
+    let forged: [(&str, Json); 9] = [
         (
             "allocation",
             json!({"pool": "lab", "cpu": 1, "memory": "1Gi"}),
@@ -383,6 +383,11 @@ fn an_agent_writes_only_its_own_hosts_objects_and_desktops_the_operator_bound_th
             "backup",
             json!({"name": "b", "uid": "u", "type": "Full",
                    "location": "/srv/backups/ns/d/u.qcow2", "at": "2026-12-03T10:00:00Z"}),
+        ),
+        (
+            "restore",
+            json!({"backup": "b", "uid": "u", "layers": [{"name": "b",
+                   "location": "/srv/backups/other/d/u.qcow2", "checksum": "sha256:00"}]}),
         ),
     ];
     for (path, value) in forged {

@@ -10,6 +10,10 @@
 //! - `b4` (`type: Full`): the whole 64 MiB disk in one file without a backing file, the same
 //!   content again;
 //! - the base image's checksum never changes;
+//! - a new desktop restored from `b3` boots with its disk reading as `b3` (a linked clone of the
+//!   base image); one restoring from a backup that does not exist is not placed
+//!   (RestoreUnavailable, naming `spec.disk.restoreFrom.backup`), and one restoring over a
+//!   stored backup with one changed byte is refused (RestoreRefused, naming the checksum);
 //! - a tenant's backup naming `work` from another namespace finds no such desktop (it waits,
 //!   reason DesktopNotFound), and a backup of a stopped desktop waits (NotRunning), then goes
 //!   ahead once the desktop runs again;
@@ -25,7 +29,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use deskvirt_crds::backup::{BackupPhase, BackupType};
 use deskvirt_crds::conditions::find;
-use deskvirt_crds::constants::condition::{READY, RUNNING};
+use deskvirt_crds::constants::condition::{DOMAIN_DEFINED, READY, RUNNING, SCHEDULED};
 use deskvirt_crds::{Desktop, DesktopBackup, ResourcePool};
 use deskvirt_tests::cluster::unique_suffix;
 use deskvirt_tests::helm::ScratchNamespace;
@@ -142,6 +146,53 @@ fn summary(name: &str, b: &DesktopBackup, took: Duration) -> String {
     )
 }
 
+/// Waits (up to 4 minutes) for desktop `name` to run.
+async fn runs(desktops: &Api<Desktop>, name: &str) -> anyhow::Result<()> {
+    eventually(
+        Duration::from_secs(240),
+        &format!("{name} to run"),
+        || async {
+            let d = desktops.get_opt(name).await?;
+            let running = d
+                .as_ref()
+                .and_then(|d| d.status.as_ref())
+                .is_some_and(|s| deskvirt_crds::conditions::is_true(&s.conditions, RUNNING));
+            Ok(running.then_some(()))
+        },
+    )
+    .await
+}
+
+/// Creates desktop `name` restoring from backup `from`, then waits for its condition `type_`
+/// to turn False; returns that condition's reason and message.
+async fn refused_restore(
+    w: &World,
+    name: &str,
+    from: &str,
+    type_: &str,
+    wait: Duration,
+) -> anyhow::Result<(String, String)> {
+    let desktops = w.desktops();
+    let d = guest_desktop(
+        w,
+        name,
+        "128Mi",
+        json!({ "disk": { "image": "base.qcow2", "restoreFrom": { "backup": from } } }),
+    )?;
+    desktops.create(&PostParams::default(), &d).await?;
+    let got = eventually(wait, &format!("{name} refused"), || async {
+        let d = desktops.get_opt(name).await?;
+        Ok(d.as_ref()
+            .and_then(|d| d.status.as_ref())
+            .and_then(|s| find(&s.conditions, type_))
+            .filter(|c| c.status == "False")
+            .map(|c| (c.reason.clone(), c.message.clone())))
+    })
+    .await?;
+    desktops.delete(name, &DeleteParams::default()).await?;
+    Ok(got)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn backups_hold_only_what_changed_and_chain_to_the_disk_as_it_was() -> anyhow::Result<()> {
     let started = Instant::now();
@@ -168,15 +219,7 @@ async fn backups_hold_only_what_changed_and_chain_to_the_disk_as_it_was() -> any
                           "cmdline": "console=ttyS0 deskvirt.write=4 deskvirt.byte=252" } }),
     )?;
     desktops.create(&PostParams::default(), &work).await?;
-    eventually(Duration::from_secs(240), "work to run", || async {
-        let d = desktops.get_opt("work").await?;
-        let running = d
-            .as_ref()
-            .and_then(|d| d.status.as_ref())
-            .is_some_and(|s| deskvirt_crds::conditions::is_true(&s.conditions, RUNNING));
-        Ok(running.then_some(()))
-    })
-    .await?;
+    runs(&desktops, "work").await?;
     let domain = domain_of(&desktops, &w.user_ns.name, "work").await?;
     let serial = PathBuf::from(format!("/var/log/libvirt/qemu/{domain}-serial.log"));
     eventually(
@@ -253,6 +296,39 @@ async fn backups_hold_only_what_changed_and_chain_to_the_disk_as_it_was() -> any
     anyhow::ensure!(
         same_content(&live, &f3)?,
         "the chain b3 → b2 → b1 → base does not read as the live disk"
+    );
+
+    // A new desktop restored from b3 boots with the disk as it was then.
+    let back = guest_desktop(
+        &w,
+        "back",
+        "128Mi",
+        json!({ "disk": { "image": "base.qcow2", "restoreFrom": { "backup": "b3" } } }),
+    )?;
+    desktops.create(&PostParams::default(), &back).await?;
+    let t = Instant::now();
+    runs(&desktops, "back").await?;
+    let restored_in = t.elapsed();
+    let back_domain = domain_of(&desktops, &w.user_ns.name, "back").await?;
+    let back_disk = disk_of(&back_domain)?;
+    anyhow::ensure!(
+        same_content(&back_disk, &f3)?,
+        "the restored disk does not read as backup b3"
+    );
+    anyhow::ensure!(
+        backing_of(&back_disk)?.as_deref() == Some(&*base.to_string_lossy()),
+        "the restored disk is not a linked clone of the base image"
+    );
+    eprintln!(
+        "[backup] back restored from b3 and running {:.1}s after it was created; its disk reads as b3",
+        restored_in.as_secs_f64()
+    );
+    // A backup that does not exist is named, and the desktop is not placed.
+    let (reason, message) =
+        refused_restore(&w, "nothing", "nope", SCHEDULED, Duration::from_secs(30)).await?;
+    anyhow::ensure!(
+        reason == "RestoreUnavailable" && message.contains("spec.disk.restoreFrom.backup"),
+        "{reason}: {message}"
     );
 
     // b4: the whole disk, standing alone.
@@ -365,6 +441,21 @@ async fn backups_hold_only_what_changed_and_chain_to_the_disk_as_it_was() -> any
             .context("b6 has no location")?,
     );
     anyhow::ensure!(f6.exists(), "b6's file went with its desktop");
+
+    // One changed byte in a stored backup: a restore that reads it refuses, and says why.
+    {
+        use std::io::{Seek, SeekFrom, Write};
+        let mut f = std::fs::OpenOptions::new().write(true).open(&f2)?;
+        f.seek(SeekFrom::Start(100))?;
+        f.write_all(&[0x5a])?;
+    }
+    let (reason, message) =
+        refused_restore(&w, "broken", "b3", DOMAIN_DEFINED, Duration::from_secs(120)).await?;
+    anyhow::ensure!(
+        reason == "RestoreRefused" && message.contains("checksum"),
+        "{reason}: {message}"
+    );
+    eprintln!("[backup] a restore over a changed byte is refused: {message}");
 
     // Deleted backups go (the operator lets go of them).
     for name in ["b6", "b4"] {

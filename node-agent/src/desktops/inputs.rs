@@ -20,7 +20,7 @@ use super::context::DesktopContext;
 use super::lifecycle::{ADMIN_RESYNC, resync};
 use super::reason::Reason;
 use super::status::{Cond, Report};
-use crate::disks::DiskPlan;
+use crate::disks::{DiskPlan, RestorePlan};
 use crate::domain::{Binding, DomainInputs, HostContext, Secret};
 
 /// Everything a live desktop's domain is made from, checked.
@@ -46,6 +46,24 @@ impl Inputs {
             size: self.valid.disk_size,
             owner: uid.to_string(),
             adopt,
+            restore: d
+                .status
+                .as_ref()
+                .and_then(|s| s.restore.as_ref())
+                .filter(|_| d.spec.disk.restore_from.is_some())
+                .map(|r| RestorePlan {
+                    dir: self
+                        .pool
+                        .spec
+                        .backup
+                        .as_ref()
+                        .map(|b| PathBuf::from(&b.dir)),
+                    layers: r
+                        .layers
+                        .iter()
+                        .map(|l| (PathBuf::from(&l.location), l.checksum.clone()))
+                        .collect(),
+                }),
         }
     }
 }

@@ -28,6 +28,7 @@ impl ReasonOf for Reason {
             DiskError::Protected { .. } => Self::DiskProtected,
             DiskError::NotOurs { .. } => Self::DiskNotOurs,
             DiskError::UnsafePath { .. } => Self::UnsafePath,
+            DiskError::RestoreRefused { .. } => Self::RestoreRefused,
             // qemu-img refused or failed, or a failure added later.
             #[allow(unreachable_patterns)]
             _ => Self::DiskPreparationFailed,

@@ -201,3 +201,25 @@ pub async fn clear_desktop_record(
         Err(e) => Err(kube(action)(e)),
     }
 }
+
+/// Applies `status` (an action's record: a part of the Desktop's status) to Desktop `d` under
+/// field manager `manager`, guarded by the version of `d` the pass decided on.
+pub async fn record_on_desktop(
+    desktops: &Api<deskvirt_crds::Desktop>,
+    d: &deskvirt_crds::Desktop,
+    status: deskvirt_crds::DesktopStatus,
+    manager: &str,
+    action: &'static str,
+) -> Result<(), PassError> {
+    let name = d.name_any();
+    let ns = d.namespace();
+    let body = StatusApply::new::<deskvirt_crds::Desktop>(&name, ns.as_deref(), status)
+        .guarded(d.metadata.resource_version.as_deref());
+    fence::check()?;
+    let pp = kube::api::PatchParams::apply(manager).force();
+    desktops
+        .patch_status(&name, &pp, &kube::api::Patch::Apply(&body))
+        .await
+        .map_err(kube(action))?;
+    Ok(())
+}

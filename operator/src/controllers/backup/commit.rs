@@ -15,7 +15,6 @@ use deskvirt_crds::constants::{FINALIZER_OPERATOR, MANAGER_OPERATOR_BACKUP};
 use deskvirt_crds::{Desktop, DesktopBackup, DesktopBackupStatus, DesktopStatus};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::ResourceExt;
-use kube::api::{Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
 use serde_json::json;
@@ -24,8 +23,8 @@ use super::{
     Error, Pass, RUNNING_RECHECK, WAIT_RECHECK, as_backup, desktop_of, facts, has_finalizer, kube,
     siblings,
 };
-use crate::controllers::action::{Conditioned, clear_desktop_record};
-use crate::controllers::{StatusApply, apply_meta, remove_finalizer};
+use crate::controllers::action::{Conditioned, clear_desktop_record, record_on_desktop};
+use crate::controllers::{apply_meta, remove_finalizer};
 use crate::fence;
 
 /// A pass over a backup that is not being deleted.
@@ -98,6 +97,9 @@ async fn decide(pass: &Pass<'_>, b: &DesktopBackup) -> Result<Action, Error> {
         Decision::Conclude { state } => conclude(pass, b, d.as_deref(), state).await,
         Decision::ClearRecord | Decision::Nothing => {
             settle(pass, b).await?;
+            if b.phase() == State::Succeeded {
+                super::restore::serve(pass, b).await?;
+            }
             Ok(Action::await_change())
         }
     }
@@ -168,15 +170,8 @@ async fn start(
             backup: Some(record),
             ..DesktopStatus::default()
         };
-        let name = d.name_any();
-        let body = StatusApply::new::<Desktop>(&name, Some(&pass.ns), status)
-            .guarded(d.metadata.resource_version.as_deref());
-        fence::check()?;
-        let pp = PatchParams::apply(MANAGER_OPERATOR_BACKUP).force();
-        pass.desktops
-            .patch_status(&name, &pp, &Patch::Apply(&body))
-            .await
-            .map_err(kube("record the backup on the desktop"))?;
+        let action = "record the backup on the desktop";
+        record_on_desktop(&pass.desktops, d, status, MANAGER_OPERATOR_BACKUP, action).await?;
     }
     let mut want = want_status(b, State::Running);
     want.desktop_uid = Some(desktop_uid);

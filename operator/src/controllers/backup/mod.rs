@@ -5,6 +5,7 @@
 //! backup ends or is deleted.
 
 mod commit;
+pub mod restore;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -66,15 +67,27 @@ pub async fn run(ctx: Arc<Context>, selector: String, stop: watch::Receiver<bool
         .watches_stream(ctx.stores.desktop_changes.stream(), move |d| {
             // The open backups of the desktop: its report or record changed, or it came to
             // run, or it was made.
+            // And the backup a new desktop restores from, until its chain is recorded.
             let (ns, name, uid) = (d.namespace(), d.name_any(), d.uid());
+            let restores = d
+                .spec
+                .disk
+                .restore_from
+                .as_ref()
+                .filter(|_| d.status.as_ref().is_none_or(|s| s.restore.is_none()))
+                .map(|r| r.backup.clone());
             by_desktop
                 .backups
                 .state()
                 .iter()
-                .filter(|b| b.namespace() == ns && is_open(b))
-                .filter(|b| match pinned(b) {
-                    Some(p) => Some(p) == uid.as_deref(),
-                    None => b.spec.desktop == name,
+                .filter(|b| b.namespace() == ns)
+                .filter(|b| {
+                    let of_desktop = is_open(b)
+                        && match pinned(b) {
+                            Some(p) => Some(p) == uid.as_deref(),
+                            None => b.spec.desktop == name,
+                        };
+                    of_desktop || restores.as_deref() == b.metadata.name.as_deref()
                 })
                 .map(|b| ObjectRef::from_obj(b.as_ref()))
                 .collect::<Vec<_>>()

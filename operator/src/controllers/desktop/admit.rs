@@ -8,7 +8,7 @@ use std::time::Duration;
 use deskvirt_core::scheduler::Request;
 use deskvirt_crds::ResourcePool;
 use deskvirt_crds::constants::scheduled_reason::{
-    INVALID_POOL, INVALID_SPEC, POOL_NOT_ALLOWED, QUOTA_EXCEEDED,
+    INVALID_POOL, INVALID_SPEC, POOL_NOT_ALLOWED, QUOTA_EXCEEDED, RESTORE_UNAVAILABLE,
 };
 use deskvirt_crds::desktop::Desktop;
 use deskvirt_crds::read::FromDesktopSpec;
@@ -29,6 +29,33 @@ pub(super) struct Refusal {
     pub message: String,
     /// When to look again; `None` waits for a change of the desktop or its pool.
     pub retry: Option<Duration>,
+}
+
+/// How often a desktop whose backup cannot be restored yet looks again (a backup being
+/// written, say); the backup's pass records the chain and wakes it once it can.
+const RESTORE_RECHECK: Duration = Duration::from_secs(15);
+
+/// A desktop restoring from a backup is placed only once the chain is recorded on it
+/// (`status.restore`, by the backup's pass): its host builds the disk from that.
+fn restorable(d: &Desktop, pool: &ResourcePool, ctx: &Context) -> Result<(), Refusal> {
+    let Some(from) = d.spec.disk.restore_from.as_ref() else {
+        return Ok(());
+    };
+    if d.status.as_ref().is_some_and(|s| s.restore.is_some()) {
+        return Ok(());
+    }
+    let message = match crate::controllers::backup::restore::resolve(&ctx.stores, d, pool) {
+        Ok(_) => format!(
+            "spec.disk.restoreFrom.backup: the chain of backup {} is being recorded",
+            from.backup
+        ),
+        Err(why) => format!("spec.disk.restoreFrom.backup: {why}"),
+    };
+    Err(Refusal {
+        reason: RESTORE_UNAVAILABLE,
+        message,
+        retry: Some(RESTORE_RECHECK),
+    })
 }
 
 /// Checks spec, pool, access and quotas: the spec read against its pool, or `Ok(None)` when the
@@ -54,6 +81,7 @@ pub(super) fn admit(
     let Some(pool) = pool else {
         return Ok(Some(valid));
     };
+    restorable(d, pool, ctx)?;
     let name = &d.spec.pool;
     let errors = validation::pool(&pool.spec);
     if !errors.is_empty() {

@@ -23,8 +23,8 @@ use serde_json::json;
 
 use super::plan::{self, Decision, Reserved};
 use super::{Error, Pass, has_finalizer, kube, pinned};
-use crate::controllers::action::{Conditioned, clear_desktop_record};
-use crate::controllers::{StatusApply, apply_meta, remove_finalizer};
+use crate::controllers::action::{Conditioned, clear_desktop_record, record_on_desktop};
+use crate::controllers::{apply_meta, remove_finalizer};
 use crate::fence;
 
 /// A pass over a migration that is not being deleted.
@@ -340,17 +340,14 @@ async fn apply_record(
         migration: Some(record),
         ..DesktopStatus::default()
     };
-    let name = d.name_any();
-    let ns = d.namespace();
-    let body = StatusApply::new::<Desktop>(&name, ns.as_deref(), status)
-        .guarded(d.metadata.resource_version.as_deref());
-    fence::check()?;
-    let pp = PatchParams::apply(MANAGER_OPERATOR_MIGRATION).force();
-    pass.desktops
-        .patch_status(&name, &pp, &Patch::Apply(&body))
-        .await
-        .map_err(kube(action))?;
-    Ok(())
+    record_on_desktop(
+        &pass.desktops,
+        d,
+        status,
+        MANAGER_OPERATOR_MIGRATION,
+        action,
+    )
+    .await
 }
 
 /// Lets go of what an ended or deleted migration holds: the record on its Desktop (if it is

@@ -1,0 +1,126 @@
+//! Decides whether a Desktop's `spec.disk.restoreFrom` can be served, from the operator's
+//! caches: the backup is of the desktop's namespace and Succeeded, its whole chain of parents
+//! Succeeded (`core::backup::chain`), its files in the pool's backup directory, and its root on
+//! the base image the desktop names; and records the chain on the Desktop (`status.restore`,
+//! pinned once written) for its host to build the disk from.
+
+use std::sync::Arc;
+
+use deskvirt_core::backup::{Backup, Kind, State, chain};
+use deskvirt_crds::constants::MANAGER_OPERATOR_BACKUP;
+use deskvirt_crds::{BackupLayer, Desktop, DesktopBackup, DesktopStatus, ResourcePool, Restoring};
+use kube::ResourceExt;
+use kube::runtime::reflector::ObjectRef;
+
+use super::{Error, Pass, as_backup, pinned};
+use crate::context::Stores;
+use crate::controllers::action::record_on_desktop;
+
+/// The chain `d` restores from, or why it cannot be restored now.
+pub fn resolve(stores: &Stores, d: &Desktop, pool: &ResourcePool) -> Result<Restoring, String> {
+    let Some(from) = d.spec.disk.restore_from.as_ref() else {
+        return Err("the desktop restores from no backup".into());
+    };
+    let ns = d.namespace().unwrap_or_default();
+    let name = from.backup.as_str();
+    let b = stores
+        .backups
+        .get(&ObjectRef::new(name).within(&ns))
+        .ok_or_else(|| format!("no DesktopBackup {name} in namespace {ns}"))?;
+    if b.phase() != State::Succeeded {
+        return Err(format!(
+            "backup {name} is {}, not Succeeded",
+            b.phase().as_str()
+        ));
+    }
+    let of = pinned(&b).unwrap_or_default().to_string();
+    let all: Vec<Arc<DesktopBackup>> = stores
+        .backups
+        .state()
+        .into_iter()
+        .filter(|o| o.namespace().as_deref() == Some(ns.as_str()) && pinned(o) == Some(&of))
+        .collect();
+    let list: Vec<Backup<'_>> = all.iter().map(|o| as_backup(o)).collect();
+    let names = chain(&list, name).map_err(|e| format!("backup {name} cannot be restored: {e}"))?;
+    let dir = pool
+        .spec
+        .backup
+        .as_ref()
+        .map(|p| p.dir.trim_end_matches('/').to_string())
+        .ok_or_else(|| format!("pool {} sets no spec.backup.dir", d.spec.pool))?;
+    let mut layers = Vec::with_capacity(names.len());
+    for (i, layer) in names.iter().enumerate() {
+        let Some(o) = all.iter().find(|o| o.name_any() == *layer) else {
+            return Err(format!("backup {layer} of the chain is gone"));
+        };
+        let st = o.status.clone().unwrap_or_default();
+        let (Some(location), Some(checksum)) = (st.location, st.checksum) else {
+            return Err(format!("backup {layer} records no file or checksum"));
+        };
+        if !location.starts_with(&format!("{dir}/")) {
+            return Err(format!(
+                "backup {layer}'s file {location} is outside pool {}'s spec.backup.dir {dir}",
+                d.spec.pool
+            ));
+        }
+        if i == 0 && st.kind != Some(Kind::Full) {
+            let base = st.base_image.unwrap_or_default();
+            let image = base.rsplit('/').next().unwrap_or_default();
+            if image != d.spec.disk.image {
+                return Err(format!(
+                    "backup {layer} holds changes to base image {base}, and the desktop's \
+                     spec.disk.image is {}",
+                    d.spec.disk.image
+                ));
+            }
+        }
+        layers.push(BackupLayer {
+            name: (*layer).to_string(),
+            location,
+            checksum,
+        });
+    }
+    Ok(Restoring {
+        backup: name.to_string(),
+        uid: b.uid().unwrap_or_default(),
+        layers,
+    })
+}
+
+/// Records its chain on every Desktop of the namespace that restores from backup `b` and has
+/// none yet, each guarded by the version the cache shows.
+pub(super) async fn serve(pass: &Pass<'_>, b: &DesktopBackup) -> Result<(), Error> {
+    let stores = &pass.ctx.stores;
+    let name = b.name_any();
+    let waiting: Vec<Arc<Desktop>> = stores
+        .desktops
+        .state()
+        .into_iter()
+        .filter(|d| d.namespace().as_deref() == Some(pass.ns.as_str()))
+        .filter(|d| d.metadata.deletion_timestamp.is_none())
+        .filter(|d| {
+            d.spec
+                .disk
+                .restore_from
+                .as_ref()
+                .is_some_and(|r| r.backup == name)
+        })
+        .filter(|d| d.status.as_ref().is_none_or(|s| s.restore.is_none()))
+        .collect();
+    for d in waiting {
+        let Some(pool) = stores.pool(&d.spec.pool) else {
+            continue;
+        };
+        let Ok(restoring) = resolve(stores, &d, &pool) else {
+            continue;
+        };
+        let status = DesktopStatus {
+            restore: Some(restoring),
+            ..DesktopStatus::default()
+        };
+        let action = "record the restore chain on the desktop";
+        record_on_desktop(&pass.desktops, &d, status, MANAGER_OPERATOR_BACKUP, action).await?;
+        tracing::info!(desktop = %d.name_any(), backup = %name, "restore chain recorded");
+    }
+    Ok(())
+}
