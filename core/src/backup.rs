@@ -69,14 +69,15 @@ impl State {
 /// One backup of the desktop, as its object says.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Backup<'a> {
+    /// Its identity: the object's UID (a name can be deleted and made again).
     pub name: &'a str,
     /// Creation time, seconds since the epoch (orders the chain).
     pub created: i64,
     pub kind: Kind,
     pub origin: Origin,
     pub state: State,
-    /// The backup it holds the changes since; `None` for a full one, or for an incremental
-    /// since the disk was made.
+    /// The identity of the backup it holds the changes since; `None` for a full one, or for
+    /// an incremental since the disk was made.
     pub parent: Option<&'a str>,
 }
 
@@ -110,10 +111,12 @@ pub fn next(backups: &[Backup<'_>], kind: Option<Kind>) -> Result<Since, Wait> {
     if kind == Some(Kind::Full) {
         return Ok(Since::Nothing);
     }
+    // Newest first; backups made in the same second are told apart by how far down their
+    // chain they are (a child is newer than its parent), then by identity.
     Ok(backups
         .iter()
         .filter(|b| b.state == State::Succeeded)
-        .max_by_key(|b| (b.created, b.name))
+        .max_by_key(|b| (b.created, ancestors(backups, b.name).len(), b.name))
         .map_or(Since::Creation, |tip| Since::Backup(tip.name.to_string())))
 }
 
@@ -271,6 +274,22 @@ mod tests {
                 running: "b4".into()
             })
         );
+    }
+
+    #[test]
+    fn backups_made_in_the_same_second_extend_the_deepest() {
+        // Identities that sort the other way round from the chain.
+        let all = [
+            Backup {
+                state: State::Succeeded,
+                ..b("z-first", 100, None)
+            },
+            Backup {
+                state: State::Succeeded,
+                ..b("a-second", 100, Some("z-first"))
+            },
+        ];
+        assert_eq!(next(&all, None), Ok(Since::Backup("a-second".into())));
     }
 
     #[test]

@@ -107,6 +107,11 @@ pub struct DesktopBackupStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(regex(pattern = DNS_SUBDOMAIN), length(max = 253))]
     pub parent: Option<String>,
+    /// The parent's UID: the chain is followed by UID, so a parent deleted and made again
+    /// under its name is never taken for the one this backup extends.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 64))]
+    pub parent_uid: Option<String>,
     /// The base image the chain of an incremental rests on, as the host's disk named it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 4096))]
@@ -169,6 +174,10 @@ pub struct BackingUp {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 64))]
     pub since: Option<String>,
+    /// The parent backup's name (unset for a full backup and for the first incremental).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = DNS_SUBDOMAIN), length(max = 253))]
+    pub parent: Option<String>,
     /// When that checkpoint was made (the parent backup's start), for libvirt's record of it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub since_time: Option<Time>,

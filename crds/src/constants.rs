@@ -42,6 +42,12 @@ pub const MANAGER_OPERATOR_MIGRATION: &str = "deskvirt-operator-migration";
 pub const MANAGER_AGENT_MIGRATION: &str = "deskvirt-node-agent-migration";
 /// Field manager of the operator's backup record on a Desktop (`status.backup`).
 pub const MANAGER_OPERATOR_BACKUP: &str = "deskvirt-operator-backup";
+/// Field manager of the operator's restore chain on a Desktop (`status.restore`): apart from
+/// the backup record, as server-side apply drops a manager's fields that an apply leaves out.
+pub const MANAGER_OPERATOR_RESTORE: &str = "deskvirt-operator-restore";
+/// Field manager of the host's `Deleting` condition on a Desktop whose teardown waits for a
+/// backup: apart from its backup report, for the same reason.
+pub const MANAGER_AGENT_TEARDOWN: &str = "deskvirt-node-agent-teardown";
 /// Field manager of the host's backup report on a Desktop (`status.backupReport`).
 pub const MANAGER_AGENT_BACKUP: &str = "deskvirt-node-agent-backup";
 /// Field manager of the drain's part of a DomainNode's status (`status.drain` and the

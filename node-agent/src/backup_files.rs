@@ -116,6 +116,27 @@ pub async fn finish(
     Ok(Verified { size, checksum })
 }
 
+/// The backing file `file` names (`None`: it stands alone), from `qemu-img info`.
+pub async fn backing_of(qemu_img: &str, file: &Path) -> Result<Option<PathBuf>, DiskError> {
+    let name = file.to_string_lossy();
+    let out = run_within(
+        qemu_img,
+        "info",
+        file,
+        &["info", "-U", "--output=json", &name],
+        deadline("info"),
+    )
+    .await?;
+    let info: serde_json::Value =
+        serde_json::from_slice(&out).map_err(|e| tool("info", file, e.to_string()))?;
+    Ok(info
+        .get("full-backing-filename")
+        .or_else(|| info.get("backing-filename"))
+        .and_then(|b| b.as_str())
+        .filter(|b| !b.is_empty())
+        .map(PathBuf::from))
+}
+
 /// `sha256:<hex>` of `file`, read in a blocking thread within `limit`.
 pub async fn sha256(file: &Path, limit: Duration) -> Result<String, DiskError> {
     let path = file.to_path_buf();

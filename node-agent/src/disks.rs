@@ -472,8 +472,14 @@ async fn restore(
         // base image is copied in) onto the base image. `convert -B` is not used: it copies
         // only the top file's own clusters.
         CloneMode::Linked => {
-            tokio::fs::copy(top, partial)
+            let limit = deadline("convert");
+            tokio::time::timeout(limit, tokio::fs::copy(top, partial))
                 .await
+                .map_err(|_| DiskError::Timeout {
+                    op: "copy",
+                    path: top.display().to_string(),
+                    after: limit,
+                })?
                 .map_err(io("copy the newest backup file", top))?;
             let args = [
                 "rebase",

@@ -16,13 +16,27 @@ use crate::context::{Context, stopped};
 
 /// Runs until `stop`: one sweep each time this replica becomes leader, then one per `every`.
 pub async fn run(ctx: Arc<Context>, every: Duration, stop: watch::Receiver<bool>) {
+    while_leading(&ctx, every, stop, || sweep(&ctx)).await;
+}
+
+/// Runs `pass` until `stop`: once each time this replica becomes leader, then once per
+/// `every` while it leads.
+pub async fn while_leading<F, Fut>(
+    ctx: &Context,
+    every: Duration,
+    stop: watch::Receiver<bool>,
+    pass: F,
+) where
+    F: Fn() -> Fut,
+    Fut: Future,
+{
     let mut leader = ctx.leader.clone();
     loop {
         tokio::select! {
             r = leader.wait_for(|l| *l) => if r.is_err() { return },
             () = stopped(stop.clone()) => return,
         }
-        sweep(&ctx).await;
+        pass().await;
         tokio::select! {
             () = tokio::time::sleep(every) => {}
             r = leader.wait_for(|l| !*l) => if r.is_err() { return },

@@ -13,7 +13,8 @@
 //! - a new desktop restored from `b3` boots with its disk reading as `b3` (a linked clone of the
 //!   base image); one restoring from a backup that does not exist is not placed
 //!   (RestoreUnavailable, naming `spec.disk.restoreFrom.backup`), and one restoring over a
-//!   stored backup with one changed byte is refused (RestoreRefused, naming the checksum);
+//!   stored backup with one changed byte is refused (RestoreRefused, naming the checksum); the
+//!   restored desktop's first backup is a full one, and says why;
 //! - a tenant's backup naming `work` from another namespace finds no such desktop (it waits,
 //!   reason DesktopNotFound), and a backup of a stopped desktop waits (NotRunning), then goes
 //!   ahead once the desktop runs again;
@@ -322,6 +323,18 @@ async fn backups_hold_only_what_changed_and_chain_to_the_disk_as_it_was() -> any
     eprintln!(
         "[backup] back restored from b3 and running {:.1}s after it was created; its disk reads as b3",
         restored_in.as_secs_f64()
+    );
+    // Its disk stands alone (no creation bitmap): its first backup is a full one, and says so.
+    let (first, took) = take(&w, "back-1", "back", None).await?;
+    eprintln!("[backup] {}", summary("back-1", &first, took));
+    let st = first.status.clone().unwrap_or_default();
+    let said = find(&st.conditions, READY)
+        .map(|c| c.message.clone())
+        .unwrap_or_default();
+    anyhow::ensure!(
+        st.kind == Some(BackupType::Full) && said.contains("taken full"),
+        "back-1: {:?}: {said}",
+        st.kind
     );
     // A backup that does not exist is named, and the desktop is not placed.
     let (reason, message) =

@@ -329,21 +329,37 @@ status: {st:#?}"
         by_desktop.get("alpha").context("no migration of alpha")?,
         by_desktop.get("beta").context("no migration of beta")?,
     );
-    let ended_b = b
-        .status
-        .as_ref()
-        .and_then(|s| s.completion_time.clone())
-        .context("beta's migration has no end")?;
-    let created_a = a
-        .metadata
-        .creation_timestamp
-        .clone()
-        .context("no creation time")?;
+    // One at a time: the later of the two was made after the earlier ended. A move the
+    // drain had to make again (its first attempt failed, and was deleted to try again) is the
+    // later one; the Events of the desktop say why its first attempt failed.
+    let times = |m: &DesktopMigration| {
+        let made = m.metadata.creation_timestamp.clone().map(|t| t.0);
+        let ended = m
+            .status
+            .as_ref()
+            .and_then(|s| s.completion_time.clone())
+            .map(|t| t.0);
+        (made, ended)
+    };
+    let ((made_a, ended_a), (made_b, ended_b)) = (times(a), times(b));
+    let (first, second) = if made_b <= made_a {
+        (("beta", ended_b), ("alpha", made_a))
+    } else {
+        for e in deskvirt_tests::world::events(&w, "beta").await? {
+            eprintln!(
+                "[drain] beta was moved again; event {:?}: {:?}",
+                e.reason, e.message
+            );
+        }
+        (("alpha", ended_a), ("beta", made_b))
+    };
     anyhow::ensure!(
-        created_a.0 >= ended_b.0,
-        "alpha's migration was made at {} before beta's ended at {}",
-        created_a.0,
-        ended_b.0
+        first.1.is_some() && second.1.is_some() && second.1 >= first.1,
+        "{}'s migration was made at {:?} before {}'s ended at {:?}",
+        second.0,
+        second.1,
+        first.0,
+        first.1
     );
     for m in [a, b] {
         let s = m.status.clone().unwrap_or_default();

@@ -228,6 +228,7 @@ async fn pipeline<H: Hypervisor>(
     let here = super::backup::Here {
         pool: &inputs.pool,
         domain: &inputs.domain.domain,
+        disk: Some(&seen.disk.target),
     };
     let backing_up = super::backup::drive(ctx, d, status, here, seen.active()).await?;
     steps.record("backup", t);

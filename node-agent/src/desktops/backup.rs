@@ -8,11 +8,11 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use deskvirt_core::backup::Kind;
+use deskvirt_core::backup::{CREATION_CHECKPOINT, Kind};
 use deskvirt_crds::backup::{BackingUp, BackupReport, BackupState, BackupType};
 use deskvirt_crds::conditions;
-use deskvirt_crds::constants::MANAGER_AGENT_BACKUP;
 use deskvirt_crds::constants::condition::DELETING;
+use deskvirt_crds::constants::{MANAGER_AGENT_BACKUP, MANAGER_AGENT_TEARDOWN};
 use deskvirt_crds::desktop::DesktopStatus;
 use deskvirt_crds::{Desktop, ResourcePool};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
@@ -62,6 +62,8 @@ pub(super) fn step(record: Option<&BackingUp>, report: Option<&BackupReport>) ->
 pub(super) struct Here<'a> {
     pub pool: &'a ResourcePool,
     pub domain: &'a str,
+    /// The desktop's disk (known where a backup may start).
+    pub disk: Option<&'a Path>,
 }
 
 /// Drives the desktop's backup; returns when to look again while one is written. `active`:
@@ -164,13 +166,16 @@ async fn deleting<H>(
         d.metadata.generation,
         now(),
     );
-    write_status(
-        ctx,
-        d,
-        json!({ "conditions": [c] }),
-        "show that deletion waits for a backup",
-    )
-    .await?;
+    // Under its own field manager: an apply of the report's manager without the report
+    // would drop it.
+    let ns = d
+        .namespace()
+        .ok_or(Error::MissingField("metadata.namespace"))?;
+    let api: Api<Desktop> = Api::namespaced(ctx.client.clone(), &ns);
+    let action = "show that deletion waits for a backup";
+    let body = json!({ "conditions": [c] });
+    super::patch::apply_status_as(&api, &d.name_any(), body, MANAGER_AGENT_TEARDOWN, action)
+        .await?;
     if conditions::find(&status.conditions, DELETING).is_none() {
         ctx.event(d, EventType::Normal, reason, "Delete", message.to_string())
             .await;
@@ -215,9 +220,29 @@ async fn start<H: Hypervisor>(
         Ok(f) => f,
         Err(why) => return finish(ctx, d, fail(report, why)).await,
     };
-    // A job found running is this record's: the host began it and stopped before reporting.
+    // A job found running writing this record's file is this record's: the host began it
+    // and stopped before reporting. What it holds is read from the file (an incremental's has
+    // the disk as its backing file); any other job is stopped.
     if let Ok(BackupProgress::Running { .. }) = hv.backup_progress(domain).await {
+        let exists = tokio::fs::try_exists(&file).await.unwrap_or(false);
+        let backing = match exists {
+            true => backup_files::backing_of(&ctx.config.qemu_img, &file)
+                .await
+                .ok(),
+            false => None,
+        };
+        let Some(backing) = backing else {
+            tracing::warn!(%domain, backup = %r.name, "a backup job of no record runs; stopping it");
+            hv.abort_backup(domain).await?;
+            return Ok(BACKUP_RESYNC);
+        };
         tracing::info!(%domain, backup = %r.name, "backup job found running; adopting it");
+        report.kind = if backing.is_some() {
+            Kind::Incremental
+        } else {
+            Kind::Full
+        };
+        report.base_image = base_of(ctx, inputs).await;
         report.started = Some(r.at.clone());
         return finish(ctx, d, report).await;
     }
@@ -228,6 +253,20 @@ async fn start<H: Hypervisor>(
     hv.delete_checkpoint(domain, &r.uid).await?;
     let mut kind = r.kind;
     let mut since = r.since.clone().filter(|_| kind == Kind::Incremental);
+    // The changes since the disk was made rest on the image it was made from: its backing
+    // file, as the disk names it (not as the spec names an image today). A disk without one
+    // (a full clone) has no image its changes can rest on: a Full backup.
+    if since.as_deref() == Some(CREATION_CHECKPOINT) {
+        report.base_image = base_of(ctx, inputs).await;
+        if report.base_image.is_none() {
+            report.message = Some(
+                "taken full: the disk stands alone (a full clone, or restored), so its first \
+                 backup holds all of it"
+                    .into(),
+            );
+            (kind, since) = (Kind::Full, None);
+        }
+    }
     if let Some(cp) = &since {
         let c = Checkpoint {
             name: cp.clone(),
@@ -316,14 +355,16 @@ async fn poll<H: Hypervisor>(
             return failed(ctx, d, report, &file, why).await;
         }
     };
-    let base = base_image(d, inputs);
     let backing: Option<PathBuf> = match started.kind {
         Kind::Full => None,
-        Kind::Incremental => Some(
-            r.parent_location
-                .as_ref()
-                .map_or_else(|| base.clone(), PathBuf::from),
-        ),
+        Kind::Incremental => match (&r.parent_location, &started.base_image) {
+            (Some(p), _) => Some(PathBuf::from(p)),
+            (None, Some(b)) => Some(PathBuf::from(b)),
+            (None, None) => {
+                let why = "no base image was recorded for the changes since the disk was made";
+                return failed(ctx, d, report, &file, why.into()).await;
+            }
+        },
     };
     match backup_files::finish(&ctx.config.qemu_img, &file, backing.as_deref()).await {
         Ok(Verified { size, checksum }) => {
@@ -331,8 +372,9 @@ async fn poll<H: Hypervisor>(
             report.size_bytes = Some(size);
             report.data_bytes = Some(bytes);
             report.checksum = Some(checksum);
-            report.base_image =
-                (started.kind == Kind::Incremental).then(|| base.display().to_string());
+            if started.kind == Kind::Full {
+                report.base_image = None;
+            }
             tracing::info!(%domain, backup = %r.name, size, bytes, "backup written and verified");
             finish(ctx, d, report).await
         }
@@ -340,9 +382,17 @@ async fn poll<H: Hypervisor>(
     }
 }
 
-/// The base image the desktop's disk was made from.
-fn base_image(d: &Desktop, inputs: Here<'_>) -> PathBuf {
-    Path::new(&inputs.pool.spec.storage.image_dir).join(&d.spec.disk.image)
+/// The base image the desktop's disk rests on, as the disk names it (`None`: it stands alone,
+/// or it cannot be read).
+async fn base_of<H>(ctx: &DesktopContext<H>, here: Here<'_>) -> Option<String> {
+    let disk = here.disk?;
+    match backup_files::backing_of(&ctx.config.qemu_img, disk).await {
+        Ok(b) => b.map(|b| b.display().to_string()),
+        Err(e) => {
+            tracing::warn!(disk = %disk.display(), error = %e, "cannot read the disk's backing file");
+            None
+        }
+    }
 }
 
 /// Stops a job whose record is gone, removes its file, and reports it Failed.
@@ -455,20 +505,12 @@ fn truncate(mut s: String) -> String {
 
 /// Writes the report under the agent's backup field manager.
 async fn write<H>(ctx: &DesktopContext<H>, d: &Desktop, r: &BackupReport) -> Result<(), Error> {
-    write_status(ctx, d, json!({ "backupReport": r }), "report the backup").await
-}
-
-/// Applies `status` to the Desktop under the agent's backup field manager.
-async fn write_status<H>(
-    ctx: &DesktopContext<H>,
-    d: &Desktop,
-    status: serde_json::Value,
-    action: &'static str,
-) -> Result<(), Error> {
     let ns = d
         .namespace()
         .ok_or(Error::MissingField("metadata.namespace"))?;
     let api: Api<Desktop> = Api::namespaced(ctx.client.clone(), &ns);
+    let status = json!({ "backupReport": r });
+    let action = "report the backup";
     super::patch::apply_status_as(&api, &d.name_any(), status, MANAGER_AGENT_BACKUP, action).await
 }
 
@@ -483,6 +525,7 @@ mod tests {
             uid: uid.into(),
             kind: Kind::Incremental,
             since: Some("c0".into()),
+            parent: None,
             since_time: None,
             parent_location: None,
             location: format!("/b/ns/d/{uid}.qcow2"),

@@ -73,7 +73,11 @@ pub async fn teardown<H: Hypervisor>(
         Place::Ours { name: domain } => {
             // A backup being written reads the disk through the domain: both wait for it.
             if let Some(p) = &pool {
-                let here = backup::Here { pool: p, domain };
+                let here = backup::Here {
+                    pool: p,
+                    domain,
+                    disk: None,
+                };
                 let status = d.status.clone().unwrap_or_default();
                 if let Some(again) = backup::before_teardown(ctx, d, &status, here).await? {
                     return Ok(Action::requeue(again));

@@ -21,7 +21,7 @@ use serde_json::json;
 
 use super::{
     Error, Pass, RUNNING_RECHECK, WAIT_RECHECK, as_backup, desktop_of, facts, has_finalizer, kube,
-    siblings,
+    pinned, siblings,
 };
 use crate::controllers::action::{Conditioned, clear_desktop_record, record_on_desktop};
 use crate::controllers::{apply_meta, remove_finalizer};
@@ -88,6 +88,14 @@ async fn decide(pass: &Pass<'_>, b: &DesktopBackup) -> Result<Action, Error> {
             let Some(d) = d else {
                 return Ok(Action::requeue(Duration::from_secs(1)));
             };
+            if pinned(b).is_none() {
+                // The desktop's UID first: a record is never left on a desktop the backup
+                // could lose track of (its spec.desktop edited meanwhile).
+                let mut want = want_status(b, State::Pending);
+                want.desktop_uid = d.uid();
+                let fresh = write_status(pass, b, &want).await?;
+                return Box::pin(decide(pass, &fresh)).await;
+            }
             start(pass, b, &d, kind, &since, &others).await
         }
         Decision::Keep => {
@@ -138,45 +146,60 @@ async fn start(
             None,
             None,
         ),
-        Since::Backup(name) => {
-            let Some(p) = others.iter().find(|o| o.name_any() == *name) else {
+        Since::Backup(uid) => {
+            let Some(p) = others
+                .iter()
+                .find(|o| o.uid().as_deref() == Some(uid.as_str()))
+            else {
                 return Ok(Action::requeue(Duration::from_secs(1)));
             };
             let ps = p.status.as_ref();
             (
-                p.uid(),
+                Some(uid.clone()),
                 ps.and_then(|s| s.start_time.clone()),
-                Some(name.clone()),
+                Some(p.name_any()),
                 ps.and_then(|s| s.location.clone()),
             )
         }
     };
     let file = location(&dir, &pass.ns, &desktop_uid, &pass.uid);
-    let record = BackingUp {
+    let decided = BackingUp {
         name: b.name_any(),
         uid: pass.uid.clone(),
         kind,
         since: since_checkpoint,
+        parent,
         since_time,
         parent_location,
         location: file.clone(),
         at: Time(pass.now),
     };
+    // Recorded by an earlier pass whose status write did not land: what the host acts on is
+    // that record, whatever this pass would decide now (a spec.type edited meanwhile).
     let recorded = st
-        .and_then(|s| s.backup.as_ref())
-        .is_some_and(|r| r.uid == pass.uid);
-    if !recorded {
-        let status = DesktopStatus {
-            backup: Some(record),
-            ..DesktopStatus::default()
-        };
-        let action = "record the backup on the desktop";
-        record_on_desktop(&pass.desktops, d, status, MANAGER_OPERATOR_BACKUP, action).await?;
-    }
+        .and_then(|s| s.backup.clone())
+        .filter(|r| r.uid == pass.uid);
+    let record = match recorded {
+        Some(r) => r,
+        None => {
+            let status = DesktopStatus {
+                backup: Some(decided.clone()),
+                ..DesktopStatus::default()
+            };
+            let action = "record the backup on the desktop";
+            record_on_desktop(&pass.desktops, d, status, MANAGER_OPERATOR_BACKUP, action).await?;
+            decided
+        }
+    };
+    let kind = record.kind;
     let mut want = want_status(b, State::Running);
     want.desktop_uid = Some(desktop_uid);
     want.kind = Some(kind);
-    want.parent = parent;
+    want.parent = record.parent.clone();
+    want.parent_uid = record
+        .since
+        .clone()
+        .filter(|s| s != CREATION_CHECKPOINT && record.parent.is_some());
     want.node = Some(node.clone());
     want.location = Some(file);
     let msg = format!("host {node} writes the backup");
@@ -229,6 +252,7 @@ async fn conclude(
     want.kind = Some(report.kind);
     if report.kind == Kind::Full {
         want.parent = None;
+        want.parent_uid = None;
     }
     want.start_time = report.started.clone().or(want.start_time);
     want.start_millis = report.start_millis.or(want.start_millis);

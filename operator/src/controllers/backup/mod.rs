@@ -5,6 +5,7 @@
 //! backup ends or is deleted.
 
 mod commit;
+pub mod orphans;
 pub mod restore;
 
 use std::sync::Arc;
@@ -154,7 +155,7 @@ fn siblings(stores: &Stores, b: &DesktopBackup, desktop_uid: &str) -> Vec<Arc<De
 fn as_backup(b: &DesktopBackup) -> Backup<'_> {
     let st = b.status.as_ref();
     Backup {
-        name: b.metadata.name.as_deref().unwrap_or_default(),
+        name: b.metadata.uid.as_deref().unwrap_or_default(),
         created: b
             .metadata
             .creation_timestamp
@@ -163,7 +164,7 @@ fn as_backup(b: &DesktopBackup) -> Backup<'_> {
         kind: st.and_then(|s| s.kind).unwrap_or(Kind::Incremental),
         origin: Origin::User,
         state: b.phase(),
-        parent: st.and_then(|s| s.parent.as_deref()),
+        parent: st.and_then(|s| s.parent_uid.as_deref()),
     }
 }
 

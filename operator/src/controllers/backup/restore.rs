@@ -6,8 +6,8 @@
 
 use std::sync::Arc;
 
-use deskvirt_core::backup::{Backup, Kind, State, chain};
-use deskvirt_crds::constants::MANAGER_OPERATOR_BACKUP;
+use deskvirt_core::backup::{Backup, Broken, Kind, State, chain};
+use deskvirt_crds::constants::MANAGER_OPERATOR_RESTORE;
 use deskvirt_crds::{BackupLayer, Desktop, DesktopBackup, DesktopStatus, ResourcePool, Restoring};
 use kube::ResourceExt;
 use kube::runtime::reflector::ObjectRef;
@@ -41,18 +41,34 @@ pub fn resolve(stores: &Stores, d: &Desktop, pool: &ResourcePool) -> Result<Rest
         .filter(|o| o.namespace().as_deref() == Some(ns.as_str()) && pinned(o) == Some(&of))
         .collect();
     let list: Vec<Backup<'_>> = all.iter().map(|o| as_backup(o)).collect();
-    let names = chain(&list, name).map_err(|e| format!("backup {name} cannot be restored: {e}"))?;
+    let target = b.uid().unwrap_or_default();
+    let name_of = |uid: &str| {
+        all.iter()
+            .find(|o| o.uid().as_deref() == Some(uid))
+            .map_or_else(|| uid.to_string(), |o| o.name_any())
+    };
+    let uids = chain(&list, &target).map_err(|e| {
+        let why = match e {
+            Broken::Missing(u) => format!("its parent {u} is gone"),
+            Broken::NotSucceeded(u) => {
+                format!("backup {} of its chain did not succeed", name_of(&u))
+            }
+            Broken::Loop(_) => "its chain loops".to_string(),
+        };
+        format!("backup {name} cannot be restored: {why}")
+    })?;
     let dir = pool
         .spec
         .backup
         .as_ref()
         .map(|p| p.dir.trim_end_matches('/').to_string())
         .ok_or_else(|| format!("pool {} sets no spec.backup.dir", d.spec.pool))?;
-    let mut layers = Vec::with_capacity(names.len());
-    for (i, layer) in names.iter().enumerate() {
-        let Some(o) = all.iter().find(|o| o.name_any() == *layer) else {
-            return Err(format!("backup {layer} of the chain is gone"));
+    let mut layers = Vec::with_capacity(uids.len());
+    for (i, uid) in uids.iter().enumerate() {
+        let Some(o) = all.iter().find(|o| o.uid().as_deref() == Some(*uid)) else {
+            return Err(format!("backup {uid} of the chain is gone"));
         };
+        let layer = o.name_any();
         let st = o.status.clone().unwrap_or_default();
         let (Some(location), Some(checksum)) = (st.location, st.checksum) else {
             return Err(format!("backup {layer} records no file or checksum"));
@@ -75,14 +91,14 @@ pub fn resolve(stores: &Stores, d: &Desktop, pool: &ResourcePool) -> Result<Rest
             }
         }
         layers.push(BackupLayer {
-            name: (*layer).to_string(),
+            name: layer,
             location,
             checksum,
         });
     }
     Ok(Restoring {
         backup: name.to_string(),
-        uid: b.uid().unwrap_or_default(),
+        uid: target.clone(),
         layers,
     })
 }
@@ -119,7 +135,7 @@ pub(super) async fn serve(pass: &Pass<'_>, b: &DesktopBackup) -> Result<(), Erro
             ..DesktopStatus::default()
         };
         let action = "record the restore chain on the desktop";
-        record_on_desktop(&pass.desktops, &d, status, MANAGER_OPERATOR_BACKUP, action).await?;
+        record_on_desktop(&pass.desktops, &d, status, MANAGER_OPERATOR_RESTORE, action).await?;
         tracing::info!(desktop = %d.name_any(), backup = %name, "restore chain recorded");
     }
     Ok(())
