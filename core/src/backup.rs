@@ -7,6 +7,7 @@
 //! rebased onto the base image, which is not decided here yet).
 
 pub mod pass;
+pub mod schedule;
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -99,23 +100,39 @@ pub enum Wait {
     Busy { running: String },
 }
 
-/// What the next backup of the desktop is, asked as `kind` (`None`: incremental when there is
-/// a chain to extend). An incremental extends the newest succeeded backup; with none, it holds
+/// What a backup asks for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Ask {
+    /// `None`: incremental when there is a chain to extend.
+    pub kind: Option<Kind>,
+    /// An incremental that starts a new chain: everything since the disk was made.
+    pub new_chain: bool,
+    /// A scheduled backup extends only the schedule's chain, so that a user's backup never
+    /// waits for retention to let go of a scheduled child.
+    pub origin: Origin,
+}
+
+/// What the next backup of the desktop is. An incremental extends the newest succeeded backup
+/// (a scheduled one: the newest scheduled one); with none, or asked for a new chain, it holds
 /// what changed since the disk was made.
-pub fn next(backups: &[Backup<'_>], kind: Option<Kind>) -> Result<Since, Wait> {
+pub fn next(backups: &[Backup<'_>], ask: Ask) -> Result<Since, Wait> {
     if let Some(b) = backups.iter().find(|b| b.state == State::Running) {
         return Err(Wait::Busy {
             running: b.name.to_string(),
         });
     }
-    if kind == Some(Kind::Full) {
+    if ask.kind == Some(Kind::Full) {
         return Ok(Since::Nothing);
+    }
+    if ask.new_chain {
+        return Ok(Since::Creation);
     }
     // Newest first; backups made in the same second are told apart by how far down their
     // chain they are (a child is newer than its parent), then by identity.
     Ok(backups
         .iter()
         .filter(|b| b.state == State::Succeeded)
+        .filter(|b| ask.origin == Origin::User || b.origin == Origin::Schedule)
         .max_by_key(|b| (b.created, ancestors(backups, b.name).len(), b.name))
         .map_or(Since::Creation, |tip| Since::Backup(tip.name.to_string())))
 }
@@ -233,13 +250,13 @@ fn ancestors<'a>(backups: &[Backup<'a>], name: &str) -> Vec<&'a str> {
     out
 }
 
+/// Builders for the tests of the chain decisions.
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use proptest::prelude::*;
+pub(crate) mod testkit {
+    use super::{Backup, Kind, Origin, State};
 
     /// A scheduled incremental that succeeded, made at `created`, on `parent`.
-    fn b<'a>(name: &'a str, created: i64, parent: Option<&'a str>) -> Backup<'a> {
+    pub fn scheduled<'a>(name: &'a str, created: i64, parent: Option<&'a str>) -> Backup<'a> {
         Backup {
             name,
             created,
@@ -249,11 +266,47 @@ mod tests {
             parent,
         }
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    use super::testkit::scheduled as b;
 
     #[test]
     fn the_first_backup_holds_what_changed_since_the_disk_was_made() {
-        assert_eq!(next(&[], None), Ok(Since::Creation));
-        assert_eq!(next(&[], Some(Kind::Full)), Ok(Since::Nothing));
+        assert_eq!(next(&[], ask(None)), Ok(Since::Creation));
+        assert_eq!(next(&[], ask(Some(Kind::Full))), Ok(Since::Nothing));
+    }
+
+    fn ask(kind: Option<Kind>) -> Ask {
+        Ask {
+            kind,
+            new_chain: false,
+            origin: Origin::User,
+        }
+    }
+
+    #[test]
+    fn a_new_chain_starts_from_the_disk_and_the_schedule_extends_its_own() {
+        let users = Backup {
+            origin: Origin::User,
+            ..b("mine", 30, Some("s1"))
+        };
+        let all = [b("s1", 10, None), users];
+        let new_chain = Ask {
+            new_chain: true,
+            ..ask(None)
+        };
+        assert_eq!(next(&all, new_chain), Ok(Since::Creation));
+        assert_eq!(next(&all, ask(None)), Ok(Since::Backup("mine".into())));
+        let scheduled = Ask {
+            origin: Origin::Schedule,
+            ..ask(None)
+        };
+        assert_eq!(next(&all, scheduled), Ok(Since::Backup("s1".into())));
     }
 
     #[test]
@@ -263,13 +316,13 @@ mod tests {
             ..b("b3", 30, Some("b2"))
         };
         let all = [b("b1", 10, None), b("b2", 20, Some("b1")), failed];
-        assert_eq!(next(&all, None), Ok(Since::Backup("b2".into())));
+        assert_eq!(next(&all, ask(None)), Ok(Since::Backup("b2".into())));
         let running = Backup {
             state: State::Running,
             ..b("b4", 40, Some("b2"))
         };
         assert_eq!(
-            next(&[all[0], all[1], running], Some(Kind::Full)),
+            next(&[all[0], all[1], running], ask(Some(Kind::Full))),
             Err(Wait::Busy {
                 running: "b4".into()
             })
@@ -289,7 +342,7 @@ mod tests {
                 ..b("a-second", 100, Some("z-first"))
             },
         ];
-        assert_eq!(next(&all, None), Ok(Since::Backup("a-second".into())));
+        assert_eq!(next(&all, ask(None)), Ok(Since::Backup("a-second".into())));
     }
 
     #[test]

@@ -7,8 +7,8 @@ use std::time::Duration;
 /// Schema pattern of a memory or disk quantity: a plain number with an optional binary (Ki..Ei)
 /// or decimal (k..E) suffix. Rejects "4GB", "-1Gi" and "4 Gi".
 pub const QUANTITY_PATTERN: &str = r"^([0-9]+(\.[0-9]+)?)(Ki|Mi|Gi|Ti|Pi|Ei|k|M|G|T|P|E)?$";
-/// Schema pattern of a duration: a whole number of seconds, minutes or hours.
-pub const DURATION_PATTERN: &str = r"^[0-9]{1,6}(s|m|h)$";
+/// Schema pattern of a duration: a whole number of seconds, minutes, hours or days.
+pub const DURATION_PATTERN: &str = r"^[0-9]{1,6}(s|m|h|d)$";
 
 /// Why a quantity or duration could not be read.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -93,15 +93,16 @@ pub fn format_bytes_approx(bytes: u64) -> String {
     }
 }
 
-/// Parses a duration such as "30s", "15m" or "2h".
+/// Parses a duration such as "30s", "15m", "2h" or "7d".
 pub fn parse_duration(d: &str) -> Result<Duration, QuantityError> {
     let bad = || QuantityError::MalformedDuration(d.to_string());
     let unit = d.chars().last().ok_or_else(bad)?;
     let n: u64 = d[..d.len() - unit.len_utf8()].parse().map_err(|_| bad())?;
     let secs = match unit {
         's' => n,
-        'm' => n * 60,
-        'h' => n * 3600,
+        'm' => n.checked_mul(60).ok_or_else(bad)?,
+        'h' => n.checked_mul(3600).ok_or_else(bad)?,
+        'd' => n.checked_mul(86_400).ok_or_else(bad)?,
         _ => return Err(bad()),
     };
     Ok(Duration::from_secs(secs))
@@ -190,7 +191,17 @@ mod tests {
         assert_eq!(parse_duration("30s"), Ok(Duration::from_secs(30)));
         assert_eq!(parse_duration("15m"), Ok(Duration::from_secs(900)));
         assert_eq!(parse_duration("2h"), Ok(Duration::from_secs(7200)));
-        for bad in ["", "s", "10", "10d", "-1s", "1.5h", "ü"] {
+        assert_eq!(parse_duration("7d"), Ok(Duration::from_secs(7 * 86_400)));
+        for bad in [
+            "",
+            "s",
+            "10",
+            "10w",
+            "-1s",
+            "1.5h",
+            "ü",
+            "99999999999999999999d",
+        ] {
             assert!(parse_duration(bad).is_err(), "{bad} should be rejected");
         }
         assert_eq!(format_duration(Duration::from_secs(90)), "90s");

@@ -361,5 +361,10 @@ reasons! {
         BackupFailed,
         /// The host was lost, or the desktop left it, while the backup was written.
         HostLost,
+        /// Deleted, but a backup or a desktop being restored still reads its file: the
+        /// deletion waits for it.
+        InUse,
+        /// Deleted: the host that wrote its file removes it.
+        RemovingFile,
     }
 }

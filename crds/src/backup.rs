@@ -84,6 +84,12 @@ pub struct DesktopBackupSpec {
     /// condition says so.
     #[serde(default, rename = "type", skip_serializing_if = "Option::is_none")]
     pub kind: Option<BackupType>,
+    /// Incremental only: hold every block written since the disk was made from its base
+    /// image, not only those since the newest backup, so that the backup needs no older one
+    /// and the older chain can be deleted. A pool's schedule sets it to start each new chain
+    /// (`spec.backup.maxChain`). A disk without that history gets a Full backup.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub new_chain: bool,
 }
 
 /// What the operator decided and the host reported.

@@ -26,6 +26,16 @@ pub const ANNOTATION_FORCE_DELETE: &str = "deskvirt.io/force-delete";
 pub const FINALIZER_AGENT: &str = "deskvirt.io/node-agent";
 /// Finalizer of the operator: release of ports, MACs and capacity in the ledger.
 pub const FINALIZER_OPERATOR: &str = "deskvirt.io/operator";
+/// Finalizer on a DesktopBackup that the host which wrote its file removes once the file is
+/// gone (after the operator's finalizer: nothing restores from it any more).
+pub const FINALIZER_BACKUP_FILE: &str = "deskvirt.io/backup-file";
+
+/// Label on a DesktopBackup that a pool's schedule made (value `true`): the pool's retention
+/// may delete it. Backups without it are the user's and stay until the user deletes them.
+pub const LABEL_SCHEDULED: &str = "deskvirt.io/scheduled";
+/// Annotation on a scheduled DesktopBackup naming the pool whose schedule made it, whose
+/// retention applies to it after its Desktop is gone.
+pub const ANNOTATION_POOL: &str = "deskvirt.io/pool";
 
 /// Server-side apply field manager of the operator.
 pub const MANAGER_OPERATOR: &str = "deskvirt-operator";

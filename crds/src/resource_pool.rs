@@ -258,6 +258,38 @@ pub struct PoolBackup {
     /// the pool otherwise (Ready=False, reason InvalidSpec).
     #[schemars(regex(pattern = ABS_PATH), length(max = 4096))]
     pub dir: String,
+    /// When every running desktop of the pool is backed up, in cron syntax and UTC: five
+    /// fields (minute hour day-of-month month weekday; `*`, `a-b`, `*/n`, lists, `jan`, `mon`)
+    /// or six with seconds first, or `@hourly`, `@daily`, `@weekly`, `@monthly`, `@yearly`.
+    /// A desktop that does not run at a moment is not backed up at it; a moment missed by more
+    /// than 10 minutes (the operator was down) is skipped. A scheduled backup is a
+    /// DesktopBackup named `<desktop>-YYYYMMDD-HHMMSS`, labelled `deskvirt.io/scheduled=true`:
+    /// retention (`keep`, `maxAge`) deletes only those. Unset: no schedule.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 128))]
+    pub schedule: Option<String>,
+    /// How many of each desktop's newest succeeded scheduled backups are kept; older ones
+    /// are deleted, unless a kept backup restores from them. Unset: no count limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 10000))]
+    pub keep: Option<u32>,
+    /// How old a scheduled backup may get before it is deleted, such as 7d or 12h, unless a
+    /// kept backup restores from it. Unset: no age limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = crate::quantity::DURATION_PATTERN))]
+    pub max_age: Option<String>,
+    /// The longest chain of scheduled incrementals: once the newest scheduled backup of a
+    /// desktop restores through this many files, the next one starts a new chain (all the
+    /// desktop changed since its disk was made, `newChain`), and retention can then delete
+    /// the old chain whole. Longer chains store less; shorter ones let retention free space
+    /// sooner. Storage holds at most about `keep + maxChain` backups of a desktop.
+    #[serde(default = "default_max_chain")]
+    #[schemars(range(min = 1, max = 1000))]
+    pub max_chain: u32,
+}
+
+fn default_max_chain() -> u32 {
+    7
 }
 
 /// The pool's network.

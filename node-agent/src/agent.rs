@@ -144,6 +144,7 @@ pub async fn run<H: Hypervisor + Clone + 'static>(
         tokio::join!(
             desktops::run(Arc::clone(&ctx)),
             desktops::inbound::run(Arc::clone(&ctx), INBOUND_CHECK),
+            desktops::backup_removal::run(Arc::clone(&ctx)),
             desktops::orphans::run(ctx, orphan_sweep)
         );
     };

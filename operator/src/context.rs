@@ -62,6 +62,7 @@ pub struct Stores {
     pub pool_changes: Changes<ResourcePool>,
     pub desktop_changes: Changes<Desktop>,
     pub migration_changes: Changes<DesktopMigration>,
+    pub backup_changes: Changes<DesktopBackup>,
     pub mirror_changes: Changes<Secret>,
     pub namespace_changes: Changes<Namespace>,
     pub quota_changes: Changes<ResourceQuota>,
@@ -105,7 +106,11 @@ impl Stores {
         let (migrations, h) = reflect_touching(Api::all(client.clone()), cfg(), move |m, t| {
             touched.record(m, t);
         });
-        let (backups, i) = reflect(Api::all(client.clone()), cfg());
+        let backup_changes = Changes::default();
+        let touched = backup_changes.clone();
+        let (backups, i) = reflect_touching(Api::all(client.clone()), cfg(), move |b, t| {
+            touched.record(b, t);
+        });
         let (leases, d) = reflect(
             Api::namespaced(client.clone(), namespace),
             watcher::Config::default(),
@@ -160,6 +165,7 @@ impl Stores {
             pool_changes,
             desktop_changes,
             migration_changes,
+            backup_changes,
             mirror_changes,
             namespace_changes,
             quota_changes,
@@ -197,6 +203,7 @@ impl Stores {
             pool_changes: Changes::default(),
             desktop_changes: Changes::default(),
             migration_changes: Changes::default(),
+            backup_changes: Changes::default(),
             mirror_changes: Changes::default(),
             namespace_changes: Changes::default(),
             quota_changes: Changes::default(),

@@ -130,6 +130,7 @@ pub async fn run(
             migration::run(ctx.clone(), sel.clone(), stop.clone()),
             backup::run(ctx.clone(), sel.clone(), stop.clone()),
             backup::orphans::run(ctx.clone(), stop.clone()),
+            backup::schedule::run(ctx.clone(), stop.clone()),
             domain_node::run(ctx.clone(), sel.clone(), stop.clone()),
             drain::run(ctx.clone(), sel.clone(), stop.clone()),
             resource_pool::run(ctx.clone(), sel, stop.clone()),

@@ -110,6 +110,32 @@ fn pool_cases() -> Table {
             ],
         ),
         (
+            "spec.backup.schedule",
+            vec![
+                Schema(json!({"backup": {"dir": "/srv/b", "schedule": ""}})),
+                cond_(json!({"backup": {"dir": "/srv/b", "schedule": "61 * * * *"}})),
+                cond_(json!({"backup": {"dir": "/srv/b", "schedule": "* * *"}})),
+            ],
+        ),
+        (
+            "spec.backup.keep",
+            vec![Schema(json!({"backup": {"dir": "/srv/b", "keep": 0}}))],
+        ),
+        (
+            "spec.backup.maxAge",
+            vec![
+                Schema(json!({"backup": {"dir": "/srv/b", "maxAge": "1w"}})),
+                cond_(json!({"backup": {"dir": "/srv/b", "maxAge": "0d"}})),
+            ],
+        ),
+        (
+            "spec.backup.maxChain",
+            vec![
+                Schema(json!({"backup": {"dir": "/srv/b", "maxChain": 0}})),
+                Schema(json!({"backup": {"dir": "/srv/b", "maxChain": 1001}})),
+            ],
+        ),
+        (
             "spec.storage.shared",
             vec![Any(
                 "either is valid; failover that needs it is checked at spec.failover.restartElsewhere",
@@ -240,7 +266,7 @@ fn pool_cases() -> Table {
         (
             "spec.failover.after",
             vec![
-                Schema(json!({"failover": {"after": "1d"}})),
+                Schema(json!({"failover": {"after": "1w"}})),
                 cond_(json!({"failover": {"after": "0s"}})),
             ],
         ),
@@ -251,7 +277,7 @@ fn pool_cases() -> Table {
         (
             "spec.orphans.after",
             vec![
-                Schema(json!({"orphans": {"after": "1d"}})),
+                Schema(json!({"orphans": {"after": "1w"}})),
                 cond_(json!({"orphans": {"after": "0s"}})),
             ],
         ),
@@ -396,7 +422,7 @@ fn desktop_cases() -> Table {
         (
             "spec.idle.timeout",
             vec![
-                Schema(json!({"idle": {"timeout": "1d"}})),
+                Schema(json!({"idle": {"timeout": "1w"}})),
                 cond_(json!({"idle": {"timeout": "0s"}})),
             ],
         ),

@@ -6,6 +6,7 @@
 pub mod api;
 pub mod cache;
 pub mod events;
+pub mod finalizers;
 pub mod health;
 pub mod http;
 pub mod logging;

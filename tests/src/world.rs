@@ -592,6 +592,13 @@ pub fn disk_of(listing: &str) -> anyhow::Result<PathBuf> {
         .with_context(|| format!("no qcow2 disk in:\n{listing}"))
 }
 
+/// A test guest's boot that writes `mib` MiB of byte `octal` (three octal digits) over its
+/// disk, for `guest_desktop`'s extra fields.
+pub fn boot_writing(mib: u64, octal: &str) -> serde_json::Value {
+    json!({ "boot": { "kernel": "vmlinuz", "initrd": "initrd.img",
+                      "cmdline": format!("console=ttyS0 deskvirt.write={mib} deskvirt.byte={octal}") } })
+}
+
 /// The guest's uptimes in its serial log, in order (its `DESKVIRT-GUEST-READY` lines).
 pub fn guest_uptimes(log: &Path) -> anyhow::Result<Vec<f64>> {
     Ok(serial_values(log, "DESKVIRT-GUEST-READY uptime=")?

@@ -511,6 +511,59 @@ fn an_agent_writes_only_its_own_hosts_objects_and_desktops_the_operator_bound_th
         }
     }
 
+    // A deleted backup's file finalizer: only the host that wrote it, only that finalizer.
+    let backup = |node: &str, deleting: bool, fins: &[&str]| {
+        let mut b = json!({
+            "apiVersion": "deskvirt.io/v1alpha1", "kind": "DesktopBackup",
+            "metadata": {"name": "b", "namespace": "team", "finalizers": fins},
+            "spec": {"desktop": "d"},
+            "status": {"node": node, "phase": "Succeeded"},
+        });
+        if deleting {
+            b["metadata"]["deletionTimestamp"] = json!("2026-12-07T00:00:00Z");
+        }
+        b
+    };
+    let file = "deskvirt.io/backup-file";
+    let r = agent(
+        "a",
+        "desktopbackups",
+        "",
+        backup("a", true, &[]),
+        backup("a", true, &[file]),
+    );
+    assert_eq!(
+        judge(policy, &r)?,
+        Verdict::Allowed,
+        "remove its own file finalizer"
+    );
+    let mut respec = backup("a", true, &[]);
+    respec["spec"]["desktop"] = json!("other");
+    for (what, object, old) in [
+        (
+            "remove another host's backup's finalizer",
+            backup("b", true, &[]),
+            backup("b", true, &[file]),
+        ),
+        (
+            "remove the finalizer of a backup not deleted",
+            backup("a", false, &[]),
+            backup("a", false, &[file]),
+        ),
+        (
+            "remove the operator's finalizer",
+            backup("a", true, &[file]),
+            backup("a", true, &["deskvirt.io/operator", file]),
+        ),
+        ("change a backup's spec", respec, backup("a", true, &[file])),
+        ("create a backup", backup("a", false, &[]), Json::Null),
+    ] {
+        match judge(policy, &agent("a", "desktopbackups", "", object, old))? {
+            Verdict::Denied(m) => assert!(m.contains("backup-file"), "{what}: {m}"),
+            other => panic!("an agent may not {what}: {other:?}"),
+        }
+    }
+
     // A long-lived token names no node: every write is refused.
     let mut r = agent("a", "leases", "", named("Lease", "a"), named("Lease", "a"));
     r.extra = json!({});

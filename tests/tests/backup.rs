@@ -19,7 +19,12 @@
 //!   reason DesktopNotFound), and a backup of a stopped desktop waits (NotRunning), then goes
 //!   ahead once the desktop runs again;
 //! - a backup taken as its desktop is deleted succeeds, and outlives the desktop;
-//! - deleting a backup clears it away (the operator's finalizer goes).
+//! - a deleted backup that others restore through waits (reason InUse, naming the child) and
+//!   keeps its file; once nothing reads them, deleted backups go with their files;
+//! - the pool's schedule (every 3 s, keep 2, chains of at most 2) backs up a running desktop:
+//!   two chains, the second started anew (what the desktop wrote since its disk was made, not
+//!   the whole disk), the first deleted with its files once the second is kept, never a kept
+//!   backup's parent, never the user's own backup of that desktop.
 //!
 //! Run: `cargo test -p deskvirt-tests --test backup -- --nocapture`.
 
@@ -36,11 +41,11 @@ use deskvirt_tests::cluster::unique_suffix;
 use deskvirt_tests::helm::ScratchNamespace;
 use deskvirt_tests::host::{eventually, run};
 use deskvirt_tests::world::{
-    RUN_LABEL, World, create_pool, domain_of, guest_command, guest_desktop, guest_writes, setup,
-    virsh_system,
+    RUN_LABEL, World, boot_writing, create_pool, disk_of, domain_of, guest_command, guest_desktop,
+    guest_writes, setup, virsh_system,
 };
-use kube::Api;
 use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
+use kube::{Api, ResourceExt};
 use serde_json::json;
 
 const MIB: u64 = 1 << 20;
@@ -118,15 +123,6 @@ fn same_content(a: &Path, b: &Path) -> anyhow::Result<bool> {
         .arg(b)
         .output()?;
     Ok(out.status.success())
-}
-
-/// The file of domain `domain`'s disk.
-fn disk_of(domain: &str) -> anyhow::Result<PathBuf> {
-    let list = virsh_system(&["domblklist", domain])?;
-    list.lines()
-        .find_map(|l| l.trim().strip_prefix("vda"))
-        .map(|p| PathBuf::from(p.trim()))
-        .context("no vda in domblklist")
 }
 
 fn ready_reason(b: &DesktopBackup) -> Option<String> {
@@ -212,13 +208,7 @@ async fn backups_hold_only_what_changed_and_chain_to_the_disk_as_it_was() -> any
     w.start_agent()?;
     w.start_operator()?;
     let desktops = w.desktops();
-    let work = guest_desktop(
-        &w,
-        "work",
-        "128Mi",
-        json!({ "boot": { "kernel": "vmlinuz", "initrd": "initrd.img",
-                          "cmdline": "console=ttyS0 deskvirt.write=4 deskvirt.byte=252" } }),
-    )?;
+    let work = guest_desktop(&w, "work", "128Mi", boot_writing(4, "252"))?;
     desktops.create(&PostParams::default(), &work).await?;
     runs(&desktops, "work").await?;
     let domain = domain_of(&desktops, &w.user_ns.name, "work").await?;
@@ -231,7 +221,7 @@ async fn backups_hold_only_what_changed_and_chain_to_the_disk_as_it_was() -> any
     .await?;
     let base = w.image_dir.join("base.qcow2");
     let base_sum = sha256(&base)?;
-    let live = disk_of(&domain)?;
+    let live = disk_of(&virsh_system(&["domblklist", &domain])?)?;
     eprintln!(
         "[backup] world up, work runs and wrote 4 MiB: {:.1}s",
         started.elapsed().as_secs_f64()
@@ -311,7 +301,7 @@ async fn backups_hold_only_what_changed_and_chain_to_the_disk_as_it_was() -> any
     runs(&desktops, "back").await?;
     let restored_in = t.elapsed();
     let back_domain = domain_of(&desktops, &w.user_ns.name, "back").await?;
-    let back_disk = disk_of(&back_domain)?;
+    let back_disk = disk_of(&virsh_system(&["domblklist", &back_domain])?)?;
     anyhow::ensure!(
         same_content(&back_disk, &f3)?,
         "the restored disk does not read as backup b3"
@@ -470,20 +460,245 @@ async fn backups_hold_only_what_changed_and_chain_to_the_disk_as_it_was() -> any
     );
     eprintln!("[backup] a restore over a changed byte is refused: {message}");
 
-    // Deleted backups go (the operator lets go of them).
-    for name in ["b6", "b4"] {
-        api.delete(name, &DeleteParams::default()).await?;
-    }
-    eventually(Duration::from_secs(30), "b4 and b6 to go", || async {
-        let left = api.get_opt("b4").await?.is_some() || api.get_opt("b6").await?.is_some();
-        Ok((!left).then_some(()))
+    // A desktop for the schedule, booting while the deletions below run.
+    let sched = guest_desktop(&w, "sched", "128Mi", boot_writing(1, "017"))?;
+    desktops.create(&PostParams::default(), &sched).await?;
+
+    // A deleted backup that others restore through waits, and its file stays.
+    let file_of = |b: &DesktopBackup| -> anyhow::Result<PathBuf> {
+        Ok(PathBuf::from(
+            b.status
+                .as_ref()
+                .and_then(|s| s.location.clone())
+                .context("no location")?,
+        ))
+    };
+    let f5 = file_of(&b5)?;
+    api.delete("b1", &DeleteParams::default()).await?;
+    let (reason, message) = eventually(Duration::from_secs(30), "b1 to wait", || async {
+        let b = api
+            .get_opt("b1")
+            .await?
+            .context("b1 went while b2 needs it")?;
+        Ok(b.status
+            .as_ref()
+            .and_then(|s| find(&s.conditions, READY))
+            .filter(|c| c.reason == "InUse")
+            .map(|c| (c.reason.clone(), c.message.clone())))
     })
     .await?;
+    anyhow::ensure!(message.contains("b2"), "{reason}: {message}");
+    anyhow::ensure!(f1.exists(), "b1's file went while b2 restores through it");
+    eprintln!("[backup] b1 deleted waits: {message}");
+    // Once nothing reads them, deleted backups go, and so do their files (the host that
+    // wrote each removes it).
+    let t = Instant::now();
+    let names = ["b2", "b3", "b4", "b5", "b6"];
+    for name in names {
+        api.delete(name, &DeleteParams::default()).await?;
+    }
+    eventually(Duration::from_secs(60), "b1 to b6 to go", || async {
+        let mut left = 0;
+        for name in ["b1"].iter().chain(names.iter()) {
+            left += usize::from(api.get_opt(name).await?.is_some());
+        }
+        Ok((left == 0).then_some(()))
+    })
+    .await?;
+    for f in [&f1, &f2, &f3, &f4, &f5, &f6] {
+        anyhow::ensure!(!f.exists(), "{} is left after its backup went", f.display());
+    }
+    eprintln!(
+        "[backup] b1..b6 deleted with their files in {:.1}s (b1 last: the chain's root)",
+        t.elapsed().as_secs_f64()
+    );
+    anyhow::ensure!(
+        api.get_opt("back-1").await?.is_some(),
+        "a backup nobody deleted went"
+    );
+
+    schedule_keeps_what_restores_and_lets_the_rest_go(&w, &backups_dir).await?;
+    anyhow::ensure!(sha256(&base)? == base_sum, "the base image changed");
     eprintln!(
         "[backup] whole test {:.1}s",
         started.elapsed().as_secs_f64()
     );
     drop(w);
     let _ = std::fs::remove_dir_all(&backups_dir);
+    Ok(())
+}
+
+/// A scheduled backup as the schedule test follows it.
+#[derive(Clone, Debug)]
+struct Seen {
+    phase: Option<BackupPhase>,
+    said: Option<String>,
+    parent: Option<String>,
+    new_chain: bool,
+    data: Option<u64>,
+    file: Option<PathBuf>,
+}
+
+/// The pool's schedule every 3 seconds, keeping 2 backups of a desktop with chains of at most
+/// 2: `s1` (what `sched` wrote since its disk was made), `s2` on it, then `s3` a new chain and
+/// `s4` on it. While `s2` is kept, `s1` stays (s2 restores through it); once `s3` and `s4` are
+/// the two kept, `s1` and `s2` go with their files. At no moment does a kept scheduled backup
+/// lack its parent, and the user's backup `mine` of the same desktop is never touched.
+async fn schedule_keeps_what_restores_and_lets_the_rest_go(
+    w: &World,
+    backups_dir: &Path,
+) -> anyhow::Result<()> {
+    let desktops = w.desktops();
+    runs(&desktops, "sched").await?;
+    let domain = domain_of(&desktops, &w.user_ns.name, "sched").await?;
+    let serial = PathBuf::from(format!("/var/log/libvirt/qemu/{domain}-serial.log"));
+    eventually(Duration::from_secs(120), "sched's boot write", || async {
+        Ok((!guest_writes(&serial)?.is_empty()).then_some(()))
+    })
+    .await?;
+    let (mine, _) = take(w, "mine", "sched", None).await?;
+    let pools: Api<ResourcePool> = Api::all(w.client.clone());
+    let t = Instant::now();
+    pools
+        .patch(
+            &w.pool,
+            &PatchParams::default(),
+            &Patch::Merge(json!({ "spec": { "backup": {
+                "dir": backups_dir, "schedule": "*/3 * * * * *", "keep": 2, "maxChain": 2,
+            } } })),
+        )
+        .await?;
+    let api: Api<DesktopBackup> = Api::namespaced(w.client.clone(), &w.user_ns.name);
+    let lp = kube::api::ListParams::default().labels("deskvirt.io/scheduled=true");
+    // Every scheduled backup seen, in the order they were made.
+    let mut seen: Vec<(String, Seen)> = Vec::new();
+    let mut most_kept = 0;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let outcome: anyhow::Result<()> = async {
+        loop {
+            let list = api.list(&lp).await?;
+            let live: Vec<&DesktopBackup> = list
+                .items
+                .iter()
+                .filter(|b| b.spec.desktop == "sched")
+                .collect();
+            let live_names: Vec<String> = live.iter().map(|b| b.name_any()).collect();
+            let mut kept = 0;
+            for b in &live {
+                let name = b.name_any();
+                let st = b.status.clone().unwrap_or_default();
+                let s = Seen {
+                    phase: st.phase,
+                    said: find(&st.conditions, READY)
+                        .map(|c| format!("{}: {}", c.reason, c.message)),
+                    parent: st.parent.clone(),
+                    new_chain: b.spec.new_chain,
+                    data: st.data_bytes,
+                    file: st.location.map(PathBuf::from),
+                };
+                match seen.iter_mut().find(|(n, _)| *n == name) {
+                    Some((_, old)) => *old = s,
+                    None => seen.push((name.clone(), s)),
+                }
+                if b.metadata.deletion_timestamp.is_none() {
+                    kept += 1;
+                    // Retention keeps what a kept backup restores through.
+                    if let Some(p) = &st.parent {
+                        anyhow::ensure!(
+                            live_names.contains(p),
+                            "{name} is kept but its parent {p} is gone"
+                        );
+                    }
+                }
+            }
+            most_kept = most_kept.max(kept);
+            let succeeded = live
+                .iter()
+                .filter(|b| b.phase() == BackupPhase::Succeeded)
+                .count();
+            let first_gone =
+                seen.len() >= 4 && seen[..2].iter().all(|(n, _)| !live_names.contains(n));
+            if first_gone && succeeded >= 2 {
+                return Ok(());
+            }
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "timed out waiting for two scheduled chains, the first one gone; seen {seen:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+    .await;
+    // The schedule stops before anything is asserted, so that nothing more is made.
+    pools
+        .patch(
+            &w.pool,
+            &PatchParams::default(),
+            &Patch::Merge(json!({ "spec": { "backup": { "schedule": null } } })),
+        )
+        .await?;
+    outcome?;
+    for (n, s) in &seen {
+        eprintln!(
+            "[backup] scheduled {n}: {:?}, parent {:?}, new chain {}, {} KiB copied ({})",
+            s.phase,
+            s.parent,
+            s.new_chain,
+            s.data.unwrap_or(0) >> 10,
+            s.said.as_deref().unwrap_or("")
+        );
+    }
+    let (s1, s2, s3, s4) = (&seen[0].1, &seen[1].1, &seen[2].1, &seen[3].1);
+    anyhow::ensure!(s1.parent.is_none() && !s1.new_chain, "s1: {s1:?}");
+    anyhow::ensure!(
+        s2.parent.as_deref() == Some(seen[0].0.as_str()),
+        "s2: {s2:?}"
+    );
+    anyhow::ensure!(s3.new_chain && s3.parent.is_none(), "s3: {s3:?}");
+    anyhow::ensure!(
+        s4.parent.as_deref() == Some(seen[2].0.as_str()),
+        "s4: {s4:?}"
+    );
+    // A new chain holds what the desktop wrote since its disk was made, not the whole disk.
+    anyhow::ensure!(
+        s1.data == Some(MIB) && s3.data == Some(MIB),
+        "s1 copied {:?}, s3 {:?}",
+        s1.data,
+        s3.data
+    );
+    for s in [s1, s2] {
+        let f = s.file.as_ref().context("no file")?;
+        anyhow::ensure!(!f.exists(), "{} is left after retention", f.display());
+    }
+    anyhow::ensure!(
+        most_kept <= 2 + 2,
+        "{most_kept} scheduled backups of sched were kept at once"
+    );
+    let mine_now = api
+        .get_opt("mine")
+        .await?
+        .context("retention deleted mine")?;
+    anyhow::ensure!(
+        mine_now.metadata.uid == mine.metadata.uid,
+        "mine was replaced"
+    );
+    eprintln!(
+        "[backup] schedule: 4 scheduled backups, the first chain gone with its files, {:.1}s after the schedule was set; at most {most_kept} kept at once",
+        t.elapsed().as_secs_f64()
+    );
+    // Wait for what the schedule still has open before the world goes.
+    eventually(
+        Duration::from_secs(60),
+        "open scheduled backups to end",
+        || async {
+            let list = api.list(&lp).await?;
+            Ok(list
+                .items
+                .iter()
+                .all(|b| b.phase().is_terminal())
+                .then_some(()))
+        },
+    )
+    .await?;
     Ok(())
 }

@@ -1239,15 +1239,21 @@ fn access_table() -> Vec<Access> {
         a(op, "update", d, "desktopmigrations", User, false),
         a(op, "deletecollection", d, "desktopmigrations", User, false),
         // node-agent: learns of a migration from the Desktop and the mirror only.
-        // Backups: the operator decides and writes status, never makes or deletes one; the
-        // agent reads and writes only the Desktop's own status.
+        // Backups: the operator decides and writes status, makes the schedule's and deletes
+        // what retention lets go, never updates one; the agent watches them for a deleted
+        // backup's file and removes its finalizer, never writes status, makes or deletes one.
         a(op, "watch", d, "desktopbackups", Cluster, true),
         a(op, "patch", d, "desktopbackups", User, true),
         a(op, "patch", d, "desktopbackups/status", User, true),
-        a(op, "create", d, "desktopbackups", User, false),
-        a(op, "delete", d, "desktopbackups", User, false),
-        a(agent, "list", d, "desktopbackups", Cluster, false),
+        a(op, "create", d, "desktopbackups", User, true),
+        a(op, "delete", d, "desktopbackups", User, true),
+        a(op, "update", d, "desktopbackups", User, false),
+        a(op, "deletecollection", d, "desktopbackups", User, false),
+        a(agent, "watch", d, "desktopbackups", Cluster, true),
+        a(agent, "patch", d, "desktopbackups", User, true),
         a(agent, "patch", d, "desktopbackups/status", User, false),
+        a(agent, "create", d, "desktopbackups", User, false),
+        a(agent, "delete", d, "desktopbackups", User, false),
         a(agent, "list", d, "desktopmigrations", Cluster, false),
         a(agent, "patch", d, "desktopmigrations/status", User, false),
         a(op, "get", "", "nodes", Cluster, false),

@@ -3,7 +3,7 @@
 //! and whether a record of it left on the Desktop is to be cleared. The controller reads the
 //! API into [`Facts`] and commits the answer; nothing here calls a host or the API.
 
-use super::{Backup, Kind, Since, State, Wait, next};
+use super::{Ask, Backup, Kind, Since, State, Wait, next};
 use crate::reasons::BackupReason;
 
 /// What the host last reported of a backup (the Desktop's `status.backupReport`).
@@ -50,8 +50,8 @@ pub struct Facts<'a> {
     pub node: Option<&'a str>,
     /// The Desktop, found by the pinned UID, else by name.
     pub desktop: Option<Desktop<'a>>,
-    /// The type the spec asks for; `None`: incremental when there is a chain to extend.
-    pub kind: Option<Kind>,
+    /// What the spec asks for, and who made it.
+    pub ask: Ask,
     /// The desktop's other backups.
     pub siblings: &'a [Backup<'a>],
     /// Seconds since the backup was made, and how long a backup may wait to start.
@@ -171,7 +171,7 @@ fn pending(f: &Facts<'_>) -> Decision {
             format!("the host still writes (or ends) backup {other}"),
         );
     }
-    match next(f.siblings, f.kind) {
+    match next(f.siblings, f.ask) {
         Err(Wait::Busy { running }) => wait(
             BackupReason::Busy,
             format!("backup {running} of the desktop is being written"),
@@ -262,7 +262,11 @@ mod tests {
             pinned: None,
             node: None,
             desktop: d,
-            kind: None,
+            ask: Ask {
+                kind: None,
+                new_chain: false,
+                origin: Origin::User,
+            },
             siblings,
             waited_secs: 5,
             pending_timeout_secs: 600,
@@ -305,10 +309,8 @@ mod tests {
                 since: Since::Backup("b1".into())
             }
         );
-        let full = Facts {
-            kind: Some(Kind::Full),
-            ..facts(Some(desktop()), &one)
-        };
+        let mut full = facts(Some(desktop()), &one);
+        full.ask.kind = Some(Kind::Full);
         assert_eq!(
             decide(&full),
             Decision::Start {

@@ -47,6 +47,14 @@ pub fn pool(spec: &ResourcePoolSpec) -> Vec<FieldError> {
                 }
             }
         }
+        if let Some(cron) = &backup.schedule
+            && let Err(err) = deskvirt_core::backup::schedule::Cron::parse(cron)
+        {
+            e.add("spec.backup.schedule", err.to_string());
+        }
+        if let Some(age) = &backup.max_age {
+            positive_duration(&mut e, "spec.backup.maxAge", age);
+        }
     }
 
     let net = &spec.network;

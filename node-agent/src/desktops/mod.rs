@@ -7,6 +7,7 @@
 mod activity;
 mod apply;
 mod backup;
+pub mod backup_removal;
 pub mod bound;
 mod cold;
 mod context;

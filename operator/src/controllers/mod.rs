@@ -163,32 +163,24 @@ where
     api.patch(name, &pp, &Patch::Apply(body)).await
 }
 
-/// Removes `finalizer` from `obj` with a merge patch guarded by the version it was read at: a
-/// conflict means "read again", never a lost finalizer of someone else. Not an apply: on
-/// Kubernetes 1.20 managedFields has no subresource, so the operator's status applies take over
-/// the entry of its metadata apply, and an apply that leaves the finalizer out no longer
-/// removes it. An object already gone is fine: an earlier pass removed the last finalizer.
+/// Removes `finalizer` from `obj` (`deskvirt_runtime::finalizers::remove`).
 pub async fn remove_finalizer<K>(api: &Api<K>, obj: &K, finalizer: &str) -> Result<(), kube::Error>
 where
     K: Resource + Clone + DeserializeOwned + std::fmt::Debug,
 {
-    let rest: Vec<&String> = obj
-        .finalizers()
-        .iter()
-        .filter(|f| *f != finalizer)
-        .collect();
-    let patch = serde_json::json!({
-        "metadata": { "resourceVersion": obj.resource_version(), "finalizers": rest }
-    });
-    let pp = PatchParams {
-        field_manager: Some(MANAGER_OPERATOR.into()),
-        ..Default::default()
-    };
-    match api.patch(&obj.name_any(), &pp, &Patch::Merge(&patch)).await {
-        Ok(_) => Ok(()),
-        Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
-        Err(e) => Err(e),
-    }
+    remove_finalizers(api, obj, &[finalizer]).await
+}
+
+/// Removes `finalizers` from `obj` in one write, guarded by the version read.
+pub async fn remove_finalizers<K>(
+    api: &Api<K>,
+    obj: &K,
+    finalizers: &[&str],
+) -> Result<(), kube::Error>
+where
+    K: Resource + Clone + DeserializeOwned + std::fmt::Debug,
+{
+    deskvirt_runtime::finalizers::remove(api, obj, finalizers, MANAGER_OPERATOR).await
 }
 
 /// A stream that yields once each time this replica becomes leader.

@@ -1,7 +1,9 @@
 //! A backup's writes, in the order that never leaves a host writing an unrecorded backup: the
 //! finalizer first; the record on the Desktop (guarded by the version the pass decided on)
 //! before the backup shows Running; the host's report copied into the backup's status before
-//! the record is cleared; and the finalizer dropped only once no record of it is left.
+//! the record is cleared; and the finalizer dropped only once no record of it is left. A
+//! deleted backup with a file waits while a backup or a restore reads the file, then hands the
+//! file to the host that wrote it (reason `RemovingFile`), whose finalizer goes with the file.
 
 use std::time::Duration;
 
@@ -10,8 +12,10 @@ use deskvirt_core::backup::{Backup, CREATION_CHECKPOINT, Kind, Since, State};
 use deskvirt_core::reasons::BackupReason;
 use deskvirt_crds::backup::{BackingUp, location};
 use deskvirt_crds::conditions::Status;
-use deskvirt_crds::constants::condition::READY;
-use deskvirt_crds::constants::{FINALIZER_OPERATOR, MANAGER_OPERATOR_BACKUP};
+use deskvirt_crds::constants::condition::{DOMAIN_DEFINED, READY};
+use deskvirt_crds::constants::{
+    FINALIZER_BACKUP_FILE, FINALIZER_OPERATOR, MANAGER_OPERATOR_BACKUP,
+};
 use deskvirt_crds::{Desktop, DesktopBackup, DesktopBackupStatus, DesktopStatus};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::ResourceExt;
@@ -24,7 +28,7 @@ use super::{
     pinned, siblings,
 };
 use crate::controllers::action::{Conditioned, clear_desktop_record, record_on_desktop};
-use crate::controllers::{apply_meta, remove_finalizer};
+use crate::controllers::{apply_meta, remove_finalizer, remove_finalizers};
 use crate::fence;
 
 /// A pass over a backup that is not being deleted.
@@ -35,7 +39,10 @@ pub(super) async fn apply(pass: &Pass<'_>) -> Result<Action, Error> {
         let body = json!({
             "apiVersion": "deskvirt.io/v1alpha1",
             "kind": "DesktopBackup",
-            "metadata": { "name": b.name_any(), "finalizers": [FINALIZER_OPERATOR] },
+            "metadata": {
+                "name": b.name_any(),
+                "finalizers": [FINALIZER_OPERATOR, FINALIZER_BACKUP_FILE],
+            },
         });
         let fresh = apply_meta(&pass.api, &b.name_any(), &body)
             .await
@@ -45,18 +52,105 @@ pub(super) async fn apply(pass: &Pass<'_>) -> Result<Action, Error> {
     decide(pass, b).await
 }
 
-/// A deleted backup: the record of it on its Desktop is cleared (the host stops a job it
-/// runs and removes the unfinished file), then the finalizer goes.
+/// How often a deleted backup whose file is still read looks again.
+const IN_USE_RECHECK: Duration = Duration::from_secs(5);
+
+/// A deleted backup: it waits while another backup or a restore reads its file; then the
+/// record of it on its Desktop is cleared (the host stops a job it runs and removes the
+/// unfinished file), and a written file is handed to the host that wrote it (reason
+/// `RemovingFile`; that host's finalizer goes with the file). A backup without a file lets go
+/// at once.
 pub(super) async fn deleted(pass: &Pass<'_>) -> Result<Action, Error> {
     let b = pass.b.as_ref();
-    if !has_finalizer(b) {
+    let file_finalizer = b.finalizers().iter().any(|f| f == FINALIZER_BACKUP_FILE);
+    if !has_finalizer(b) && !file_finalizer {
         return Ok(Action::await_change());
     }
-    if !b.phase().is_terminal() {
+    if has_finalizer(b) && !b.phase().is_terminal() {
         tracing::info!("backup deleted before it ended");
     }
-    settle(pass, b).await?;
+    let st = b.status.as_ref();
+    let file = st.and_then(|s| s.location.clone());
+    let node = st.and_then(|s| s.node.clone());
+    if file_finalizer
+        && file.is_some()
+        && let Some(why) = in_use(pass, b)
+    {
+        let mut want = want_status(b, b.phase());
+        let was = ready_reason(b);
+        let message = format!("deleted; waits while {why}");
+        set(
+            &mut want,
+            b,
+            pass,
+            Status::False,
+            BackupReason::InUse,
+            &message,
+        );
+        write_status(pass, b, &want).await?;
+        if was.as_deref() != Some(BackupReason::InUse.as_str()) {
+            tracing::info!(%why, "deleted backup waits while its file is read");
+        }
+        return Ok(Action::requeue(IN_USE_RECHECK));
+    }
+    if has_finalizer(b) {
+        clear_record(pass, b).await?;
+    }
+    fence::check()?;
+    match (file, node) {
+        (Some(file), Some(node)) if file_finalizer => {
+            let mut want = want_status(b, b.phase());
+            let message = format!("deleted; host {node} removes {file}");
+            let reason = BackupReason::RemovingFile;
+            set(&mut want, b, pass, Status::False, reason, &message);
+            let written = write_status(pass, b, &want).await?;
+            if has_finalizer(&written) {
+                tracing::info!(%node, %file, "deleted backup's file handed to its host");
+                fence::check()?;
+                remove_finalizer(&pass.api, &written, FINALIZER_OPERATOR)
+                    .await
+                    .map_err(kube("remove the operator finalizer"))?;
+            }
+        }
+        _ => {
+            remove_finalizers(&pass.api, b, &[FINALIZER_OPERATOR, FINALIZER_BACKUP_FILE])
+                .await
+                .map_err(kube("remove the finalizers"))?;
+        }
+    }
     Ok(Action::await_change())
+}
+
+/// What still reads a deleted backup's file: a backup of the namespace that holds the changes
+/// since it (by UID, whether or not being deleted itself), or a Desktop whose disk is being
+/// restored from it and is not made yet.
+fn in_use(pass: &Pass<'_>, b: &DesktopBackup) -> Option<String> {
+    let stores = &pass.ctx.stores;
+    let ns = b.namespace();
+    if let Some(child) = stores.backups.state().iter().find(|o| {
+        o.namespace() == ns
+            && o.status.as_ref().and_then(|s| s.parent_uid.as_deref()) == Some(pass.uid.as_str())
+    }) {
+        return Some(format!(
+            "backup {} holds the changes since it",
+            child.name_any()
+        ));
+    }
+    let file = b.status.as_ref().and_then(|s| s.location.as_deref())?;
+    stores
+        .desktops
+        .state()
+        .iter()
+        .filter(|d| d.namespace() == ns && d.metadata.deletion_timestamp.is_none())
+        .find(|d| {
+            d.status.as_ref().is_some_and(|s| {
+                s.restore
+                    .as_ref()
+                    .is_some_and(|r| r.layers.iter().any(|l| l.location == file))
+                    && !deskvirt_crds::conditions::is_true(&s.conditions, DOMAIN_DEFINED)
+            })
+        })
+        .map(|d| format!("desktop {} is restored from it", d.name_any()))
 }
 
 async fn decide(pass: &Pass<'_>, b: &DesktopBackup) -> Result<Action, Error> {
@@ -67,8 +161,23 @@ async fn decide(pass: &Pass<'_>, b: &DesktopBackup) -> Result<Action, Error> {
         .and_then(|d| d.metadata.uid.as_deref())
         .map(|uid| siblings(stores, b, uid))
         .unwrap_or_default();
-    let chain: Vec<Backup<'_>> = others.iter().map(|o| as_backup(o)).collect();
-    let decision = plan(&facts(pass, b, d.as_deref(), &chain));
+    // A deleted backup is no parent for a new one (it is about to go), but one being written
+    // still holds the desktop.
+    let chain: Vec<Backup<'_>> = others
+        .iter()
+        .filter(|o| o.metadata.deletion_timestamp.is_none() || o.phase() == State::Running)
+        .map(|o| as_backup(o))
+        .collect();
+    let mut decision = plan(&facts(pass, b, d.as_deref(), &chain));
+    let mut d = d;
+    if b.phase() == State::Running && matches!(decision, Decision::Fail { .. }) {
+        // The cache may not show yet the record this operator wrote a moment ago (the
+        // backup's own status change can overtake the Desktop's): a running backup fails
+        // only on what the API says now.
+        let live = live_desktop(pass, b, d.as_deref()).await?;
+        decision = plan(&facts(pass, b, live.as_ref(), &chain));
+        d = live.map(std::sync::Arc::new);
+    }
     match decision {
         Decision::Wait { reason, message } => {
             let mut want = want_status(b, State::Pending);
@@ -111,6 +220,21 @@ async fn decide(pass: &Pass<'_>, b: &DesktopBackup) -> Result<Action, Error> {
             Ok(Action::await_change())
         }
     }
+}
+
+/// The backup's Desktop as the API has it now (by the UID it pinned), else `None`.
+async fn live_desktop(
+    pass: &Pass<'_>,
+    b: &DesktopBackup,
+    cached: Option<&Desktop>,
+) -> Result<Option<Desktop>, Error> {
+    let name = cached.map_or_else(|| b.spec.desktop.clone(), ResourceExt::name_any);
+    let live = pass
+        .desktops
+        .get_opt(&name)
+        .await
+        .map_err(kube("read the desktop"))?;
+    Ok(live.filter(|l| pinned(b).is_none_or(|p| l.uid().as_deref() == Some(p))))
 }
 
 /// Records the backup on its Desktop for the host, then shows it Running there.

@@ -7,16 +7,17 @@
 mod commit;
 pub mod orphans;
 pub mod restore;
+pub mod schedule;
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use deskvirt_core::backup::pass::{Desktop as DesktopFacts, Facts, Reported};
-use deskvirt_core::backup::{Backup, Kind, Origin};
+use deskvirt_core::backup::{Ask, Backup, Kind, Origin};
 use deskvirt_crds::backup::BackupState;
 use deskvirt_crds::conditions;
-use deskvirt_crds::constants::FINALIZER_OPERATOR;
 use deskvirt_crds::constants::condition::RUNNING;
+use deskvirt_crds::constants::{FINALIZER_OPERATOR, LABEL_SCHEDULED};
 use deskvirt_crds::{Desktop, DesktopBackup};
 use k8s_openapi::jiff::Timestamp;
 use kube::runtime::controller::{self, Action, Controller};
@@ -63,7 +64,8 @@ struct Pass<'a> {
 pub async fn run(ctx: Arc<Context>, selector: String, stop: watch::Receiver<bool>) {
     let client = ctx.client.clone();
     let cfg = watch_config(&selector);
-    let (by_desktop, by_node) = (ctx.stores.clone(), ctx.stores.clone());
+    let (by_desktop, by_node, by_child) =
+        (ctx.stores.clone(), ctx.stores.clone(), ctx.stores.clone());
     let controller = Controller::new(Api::<DesktopBackup>::all(client.clone()), cfg)
         .watches_stream(ctx.stores.desktop_changes.stream(), move |d| {
             // The open backups of the desktop: its report or record changed, or it came to
@@ -102,6 +104,22 @@ pub async fn run(ctx: Arc<Context>, selector: String, stop: watch::Receiver<bool
                 .filter(|b| !b.phase().is_terminal())
                 .map(|b| ObjectRef::from_obj(b.as_ref()))
                 .collect::<Vec<_>>()
+        })
+        .watches_stream(ctx.stores.backup_changes.stream(), move |child| {
+            // A deleted parent waits for its children: a change of one (its going, above all)
+            // wakes the parent that waits.
+            let ns = child.namespace().unwrap_or_default();
+            child
+                .status
+                .as_ref()
+                .and_then(|s| s.parent.as_deref())
+                .map(|p| ObjectRef::<DesktopBackup>::new(p).within(&ns))
+                .filter(|r| {
+                    by_child
+                        .backups
+                        .get(r)
+                        .is_some_and(|p| p.metadata.deletion_timestamp.is_some())
+                })
         })
         .reconcile_all_on(on_leadership(ctx.leader.clone()))
         .graceful_shutdown_on(stopped(stop.clone()))
@@ -152,6 +170,17 @@ fn siblings(stores: &Stores, b: &DesktopBackup, desktop_uid: &str) -> Vec<Arc<De
         .collect()
 }
 
+/// Who made a backup: the pool's schedule (labelled so; retention may delete it) or a user.
+/// A tenant who labels a backup of their own as scheduled lets retention delete it, which they
+/// could do themselves.
+fn origin(b: &DesktopBackup) -> Origin {
+    if b.labels().get(LABEL_SCHEDULED).map(String::as_str) == Some("true") {
+        Origin::Schedule
+    } else {
+        Origin::User
+    }
+}
+
 fn as_backup(b: &DesktopBackup) -> Backup<'_> {
     let st = b.status.as_ref();
     Backup {
@@ -162,7 +191,7 @@ fn as_backup(b: &DesktopBackup) -> Backup<'_> {
             .as_ref()
             .map_or(0, |t| t.0.as_second()),
         kind: st.and_then(|s| s.kind).unwrap_or(Kind::Incremental),
-        origin: Origin::User,
+        origin: origin(b),
         state: b.phase(),
         parent: st.and_then(|s| s.parent_uid.as_deref()),
     }
@@ -250,7 +279,11 @@ fn facts<'a>(
         pinned: pinned(b),
         node: st.and_then(|s| s.node.as_deref()),
         desktop: d.map(|d| desktop_facts(pass.ctx, d, pass.now)),
-        kind: b.spec.kind,
+        ask: Ask {
+            kind: b.spec.kind,
+            new_chain: b.spec.new_chain,
+            origin: origin(b),
+        },
         siblings,
         waited_secs: waited,
         pending_timeout_secs: i64::try_from(PENDING_TIMEOUT.as_secs()).unwrap_or(i64::MAX),
