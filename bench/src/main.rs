@@ -4,6 +4,7 @@
 //! `--footprint-desktops` instead run real agents on libvirt's test driver (simulated hosts).
 #![forbid(unsafe_code)]
 
+mod backup;
 mod burst;
 mod drain;
 mod env;
@@ -121,6 +122,11 @@ struct Args {
     /// against a loop of `virsh migrate` over as many plain domains (`--drain-rounds` rounds).
     #[arg(long)]
     drain: Option<usize>,
+    /// Only backups: this many rounds of a small and a large change in a running desktop's
+    /// disk, each backed up by a deskvirt incremental and a Full DesktopBackup against a
+    /// `qemu-img convert` copy of the same disk.
+    #[arg(long)]
+    backup: Option<usize>,
     /// Rounds of the drain benchmark.
     #[arg(long, default_value = "2")]
     drain_rounds: usize,
@@ -143,6 +149,14 @@ async fn main() -> anyhow::Result<()> {
         ensure_crds(&c).await?;
         let r = drain::run_bench(n, args.drain_rounds).await?;
         println!("{}", drain::markdown(&r));
+        return Ok(());
+    }
+    if let Some(n) = args.backup {
+        prepare_host()?;
+        let c = client().await?;
+        ensure_crds(&c).await?;
+        let rows = backup::run_bench(n).await?;
+        println!("{}", backup::markdown(&rows));
         return Ok(());
     }
     if let Some(n) = args.migrate {
