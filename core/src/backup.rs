@@ -129,11 +129,12 @@ pub fn next(backups: &[Backup<'_>], ask: Ask) -> Result<Since, Wait> {
     }
     // Newest first; backups made in the same second are told apart by how far down their
     // chain they are (a child is newer than its parent), then by identity.
+    let chains = Chains::of(backups);
     Ok(backups
         .iter()
         .filter(|b| b.state == State::Succeeded)
         .filter(|b| ask.origin == Origin::User || b.origin == Origin::Schedule)
-        .max_by_key(|b| (b.created, ancestors(backups, b.name).len(), b.name))
+        .max_by_key(|b| (b.created, chains.depth(b.name), b.name))
         .map_or(Since::Creation, |tip| Since::Backup(tip.name.to_string())))
 }
 
@@ -182,7 +183,9 @@ pub struct Retention {
 
 /// The backups retention deletes at `now`: scheduled ones past `keep` or `max_age_secs`, and
 /// scheduled failures once a newer scheduled backup succeeded; never a user's, never one being
-/// written, and never one that a kept backup needs for its restore.
+/// written, never the newest scheduled one that succeeded (age alone never leaves a desktop
+/// without a backup), and never one that a kept backup needs for its restore. A failed backup
+/// has no file: it needs no parent.
 pub fn expired<'a>(backups: &[Backup<'a>], policy: Retention, now: i64) -> Vec<&'a str> {
     if policy.keep.is_none() && policy.max_age_secs.is_none() {
         return Vec::new();
@@ -206,7 +209,7 @@ pub fn expired<'a>(backups: &[Backup<'a>], policy: Retention, now: i64) -> Vec<&
         match b.state {
             State::Succeeded => {
                 good += 1;
-                if too_old || policy.keep.is_some_and(|k| good > k) {
+                if (too_old && good > 1) || policy.keep.is_some_and(|k| good > k) {
                     unwanted.insert(b.name);
                 }
             }
@@ -218,19 +221,67 @@ pub fn expired<'a>(backups: &[Backup<'a>], policy: Retention, now: i64) -> Vec<&
             State::Pending | State::Running => {}
         }
     }
-    // What a kept backup restores from stays.
-    let needed: BTreeSet<&str> = backups
-        .iter()
-        .filter(|b| !unwanted.contains(b.name))
-        .flat_map(|b| ancestors(backups, b.name))
-        .collect();
+    // What a kept backup with a file restores from stays.
+    let chains = Chains::of(backups);
+    let needed = chains.needed_by(
+        backups
+            .iter()
+            .filter(|b| !unwanted.contains(b.name) && b.state != State::Failed)
+            .map(|b| b.name),
+    );
     unwanted
         .into_iter()
         .filter(|n| !needed.contains(n))
         .collect()
 }
 
+/// The backups' parent links, indexed once: what each restores through, in time linear in
+/// the backups however deep their chains (a tenant may make thousands).
+pub(crate) struct Chains<'a> {
+    parent: BTreeMap<&'a str, Option<&'a str>>,
+}
+
+impl<'a> Chains<'a> {
+    pub(crate) fn of(backups: &[Backup<'a>]) -> Self {
+        Self {
+            parent: backups.iter().map(|b| (b.name, b.parent)).collect(),
+        }
+    }
+
+    /// Every ancestor of `names` (the backups they restore through), each walked once.
+    pub(crate) fn needed_by(&self, names: impl Iterator<Item = &'a str>) -> BTreeSet<&'a str> {
+        let mut needed = BTreeSet::new();
+        for name in names {
+            let mut at = self.parent.get(name).copied().flatten();
+            while let Some(p) = at {
+                // Stops at a missing parent, at one walked already (and its ancestors), and at
+                // a loop.
+                if !self.parent.contains_key(p) || !needed.insert(p) {
+                    break;
+                }
+                at = self.parent.get(p).copied().flatten();
+            }
+        }
+        needed
+    }
+
+    /// How many files restoring `name` reads (1 for a backup without a parent); a loop or a
+    /// missing parent ends the count.
+    pub(crate) fn depth(&self, name: &str) -> usize {
+        let mut seen = BTreeSet::new();
+        let mut at = Some(name);
+        while let Some(n) = at {
+            if !self.parent.contains_key(n) || !seen.insert(n) {
+                break;
+            }
+            at = self.parent.get(n).copied().flatten();
+        }
+        seen.len()
+    }
+}
+
 /// `name`'s parents, nearest first (stops at a missing one or a loop).
+#[cfg(test)]
 fn ancestors<'a>(backups: &[Backup<'a>], name: &str) -> Vec<&'a str> {
     let mut out = Vec::new();
     let mut at = backups
@@ -413,6 +464,54 @@ mod tests {
     }
 
     #[test]
+    fn age_never_takes_the_newest_good_backup_and_a_failure_holds_no_parent() {
+        let old = [b("b1", 10, None), b("b2", 20, Some("b1"))];
+        let by_age = Retention {
+            keep: None,
+            max_age_secs: Some(5),
+        };
+        // Both are too old; b2 is the newest that succeeded and stays, and so does b1 under it.
+        assert!(expired(&old, by_age, 1_000).is_empty());
+        // A user's failed incremental on b1 does not keep b1 once a new chain is kept.
+        let failed = Backup {
+            origin: Origin::User,
+            state: State::Failed,
+            ..b("mine", 15, Some("b1"))
+        };
+        let keep1 = Retention {
+            keep: Some(1),
+            max_age_secs: None,
+        };
+        let all = [old[0], old[1], failed, b("b3", 30, None)];
+        assert_eq!(expired(&all, keep1, 40), vec!["b1", "b2"]);
+    }
+
+    #[test]
+    fn chains_are_walked_once_however_deep() {
+        let names: Vec<String> = (0..3000).map(|i| format!("b{i:04}")).collect();
+        let deep: Vec<Backup<'_>> = names
+            .iter()
+            .enumerate()
+            .map(|(i, n)| {
+                b(
+                    n,
+                    i64::try_from(i).unwrap_or(0),
+                    i.checked_sub(1).map(|p| names[p].as_str()),
+                )
+            })
+            .collect();
+        let chains = Chains::of(&deep);
+        assert_eq!(chains.depth("b2999"), 3000);
+        let keep = Retention {
+            keep: Some(1),
+            max_age_secs: None,
+        };
+        // The newest restores through all the others: nothing goes.
+        assert!(expired(&deep, keep, 5_000).is_empty());
+        assert_eq!(next(&deep, ask(None)), Ok(Since::Backup("b2999".into())));
+    }
+
+    #[test]
     fn a_scheduled_failure_goes_once_a_newer_one_succeeded() {
         let failed = Backup {
             state: State::Failed,
@@ -468,7 +567,7 @@ mod tests {
                 if gone.contains(b.name) {
                     prop_assert_eq!(b.origin, Origin::Schedule);
                     prop_assert!(matches!(b.state, State::Succeeded | State::Failed));
-                } else {
+                } else if b.state != State::Failed {
                     for a in ancestors(&backups, b.name) {
                         prop_assert!(!gone.contains(a), "{} needs {}", b.name, a);
                     }

@@ -555,6 +555,11 @@ fn an_agent_writes_only_its_own_hosts_objects_and_desktops_the_operator_bound_th
             backup("a", true, &[file]),
             backup("a", true, &["deskvirt.io/operator", file]),
         ),
+        (
+            "remove its finalizer before the operator let go",
+            backup("a", true, &["deskvirt.io/operator"]),
+            backup("a", true, &["deskvirt.io/operator", file]),
+        ),
         ("change a backup's spec", respec, backup("a", true, &[file])),
         ("create a backup", backup("a", false, &[]), Json::Null),
     ] {

@@ -21,10 +21,15 @@
 //! - a backup taken as its desktop is deleted succeeds, and outlives the desktop;
 //! - a deleted backup that others restore through waits (reason InUse, naming the child) and
 //!   keeps its file; once nothing reads them, deleted backups go with their files;
+//! - the agent of a desktop's host is killed (SIGKILL) while a Full backup of 1 GiB is written:
+//!   the guest runs on, and the agent started again finishes it (Succeeded, verified, the disk's
+//!   content); the next incremental extends it; a backup deleted while written goes with its
+//!   unfinished file, and the next extends the last that succeeded;
 //! - the pool's schedule (every 3 s, keep 2, chains of at most 2) backs up a running desktop:
 //!   two chains, the second started anew (what the desktop wrote since its disk was made, not
 //!   the whole disk), the first deleted with its files once the second is kept, never a kept
-//!   backup's parent, never the user's own backup of that desktop.
+//!   backup's parent, never the user's own backup of that desktop; the deleted backups'
+//!   bitmaps leave the desktop's disk, the kept ones' stay.
 //!
 //! Run: `cargo test -p deskvirt-tests --test backup -- --nocapture`.
 
@@ -33,13 +38,13 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use deskvirt_crds::backup::{BackupPhase, BackupType};
+use deskvirt_crds::backup::{BackupPhase, BackupState, BackupType};
 use deskvirt_crds::conditions::find;
 use deskvirt_crds::constants::condition::{DOMAIN_DEFINED, READY, RUNNING, SCHEDULED};
 use deskvirt_crds::{Desktop, DesktopBackup, ResourcePool};
 use deskvirt_tests::cluster::unique_suffix;
 use deskvirt_tests::helm::ScratchNamespace;
-use deskvirt_tests::host::{eventually, run};
+use deskvirt_tests::host::{eventually, qemu_pid, run};
 use deskvirt_tests::world::{
     RUN_LABEL, World, boot_writing, create_pool, disk_of, domain_of, guest_command, guest_desktop,
     guest_writes, setup, virsh_system,
@@ -113,6 +118,32 @@ fn backing_of(file: &Path) -> anyhow::Result<Option<String>> {
     )?;
     let info: serde_json::Value = serde_json::from_str(&out)?;
     Ok(info["backing-filename"].as_str().map(str::to_string))
+}
+
+/// The names of the dirty bitmaps QEMU keeps for running domain `domain`'s disks (the disk
+/// file holds them only once QEMU closes it), from QMP `query-named-block-nodes`.
+fn bitmaps_of(domain: &str) -> anyhow::Result<Vec<String>> {
+    let out = virsh_system(&[
+        "qemu-monitor-command",
+        domain,
+        r#"{"execute":"query-named-block-nodes","arguments":{"flat":true}}"#,
+    ])?;
+    let reply: serde_json::Value = serde_json::from_str(&out)?;
+    let mut names: Vec<String> = reply["return"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .flat_map(|node| {
+            node["dirty-bitmaps"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+        })
+        .filter_map(|b| b["name"].as_str().map(str::to_string))
+        .collect();
+    names.sort();
+    names.dedup();
+    Ok(names)
 }
 
 /// Whether `a` and `b` (with their backing chains) read the same, by `qemu-img compare`.
@@ -463,6 +494,12 @@ async fn backups_hold_only_what_changed_and_chain_to_the_disk_as_it_was() -> any
     // A desktop for the schedule, booting while the deletions below run.
     let sched = guest_desktop(&w, "sched", "128Mi", boot_writing(1, "017"))?;
     desktops.create(&PostParams::default(), &sched).await?;
+    // And one with 1 GiB written, whose backup takes long enough to kill its host's agent
+    // while it is written.
+    let mut extra = boot_writing(1024, "146");
+    extra["disk"] = json!({ "image": "base.qcow2", "size": "2Gi" });
+    let big = guest_desktop(&w, "big", "128Mi", extra)?;
+    desktops.create(&PostParams::default(), &big).await?;
 
     // A deleted backup that others restore through waits, and its file stays.
     let file_of = |b: &DesktopBackup| -> anyhow::Result<PathBuf> {
@@ -518,6 +555,7 @@ async fn backups_hold_only_what_changed_and_chain_to_the_disk_as_it_was() -> any
     );
 
     schedule_keeps_what_restores_and_lets_the_rest_go(&w, &backups_dir).await?;
+    an_agent_killed_mid_backup_finishes_it_when_it_comes_back(&mut w).await?;
     anyhow::ensure!(sha256(&base)? == base_sum, "the base image changed");
     eprintln!(
         "[backup] whole test {:.1}s",
@@ -531,6 +569,7 @@ async fn backups_hold_only_what_changed_and_chain_to_the_disk_as_it_was() -> any
 /// A scheduled backup as the schedule test follows it.
 #[derive(Clone, Debug)]
 struct Seen {
+    uid: String,
     phase: Option<BackupPhase>,
     said: Option<String>,
     parent: Option<String>,
@@ -588,6 +627,7 @@ async fn schedule_keeps_what_restores_and_lets_the_rest_go(
                 let name = b.name_any();
                 let st = b.status.clone().unwrap_or_default();
                 let s = Seen {
+                    uid: b.metadata.uid.clone().unwrap_or_default(),
                     phase: st.phase,
                     said: find(&st.conditions, READY)
                         .map(|c| format!("{}: {}", c.reason, c.message)),
@@ -670,6 +710,23 @@ async fn schedule_keeps_what_restores_and_lets_the_rest_go(
         let f = s.file.as_ref().context("no file")?;
         anyhow::ensure!(!f.exists(), "{} is left after retention", f.display());
     }
+    // Their checkpoints went from the disk with them: QEMU keeps no bitmap of theirs.
+    let domain = domain_of(&desktops, &w.user_ns.name, "sched").await?;
+    let gone = [s1.uid.clone(), s2.uid.clone()];
+    let left = eventually(
+        Duration::from_secs(30),
+        "s1's and s2's bitmaps to go",
+        || async {
+            let bitmaps = bitmaps_of(&domain)?;
+            Ok((!bitmaps.iter().any(|b| gone.contains(b))).then_some(bitmaps))
+        },
+    )
+    .await?;
+    let kept = [s3.uid.clone(), s4.uid.clone()];
+    anyhow::ensure!(
+        kept.iter().all(|k| left.contains(k)),
+        "the kept backups' bitmaps are missing: {left:?}"
+    );
     anyhow::ensure!(
         most_kept <= 2 + 2,
         "{most_kept} scheduled backups of sched were kept at once"
@@ -700,5 +757,126 @@ async fn schedule_keeps_what_restores_and_lets_the_rest_go(
         },
     )
     .await?;
+    Ok(())
+}
+
+/// Creates Full backup `name` of `desktop` and waits until its host reports the job started;
+/// returns the backup's UID and file.
+async fn start_full(w: &World, name: &str, desktop: &str) -> anyhow::Result<(String, String)> {
+    let api: Api<DesktopBackup> = Api::namespaced(w.client.clone(), &w.user_ns.name);
+    let desktops = w.desktops();
+    api.create(
+        &PostParams::default(),
+        &backup(w, name, desktop, Some("Full"))?,
+    )
+    .await?;
+    eventually(
+        Duration::from_secs(60),
+        &format!("{name} to start"),
+        || async {
+            let b = api.get(name).await?;
+            let uid = b.metadata.uid.clone().unwrap_or_default();
+            let d = desktops.get(desktop).await?;
+            let started = d
+                .status
+                .and_then(|s| s.backup_report)
+                .is_some_and(|r| r.uid == uid && r.state == BackupState::Started);
+            let file = b.status.and_then(|s| s.location);
+            Ok(started.then_some(()).and(file).map(|f| (uid, f)))
+        },
+    )
+    .await
+}
+
+/// A Full backup of `big` (1 GiB of data) is being written when its host's agent is killed
+/// (SIGKILL): the guest runs on (the same QEMU process), the job goes on inside libvirt, and
+/// the agent started again adopts it: the backup ends Succeeded with a checksum that matches
+/// its file, which reads as the disk; the next incremental extends it with nothing to copy.
+async fn an_agent_killed_mid_backup_finishes_it_when_it_comes_back(
+    w: &mut World,
+) -> anyhow::Result<()> {
+    let desktops = w.desktops();
+    runs(&desktops, "big").await?;
+    let domain = domain_of(&desktops, &w.user_ns.name, "big").await?;
+    let serial = PathBuf::from(format!("/var/log/libvirt/qemu/{domain}-serial.log"));
+    eventually(Duration::from_secs(300), "big's boot write", || async {
+        Ok((!guest_writes(&serial)?.is_empty()).then_some(()))
+    })
+    .await?;
+    let pid = qemu_pid(&domain).context("no QEMU pid")?;
+    let api: Api<DesktopBackup> = Api::namespaced(w.client.clone(), &w.user_ns.name);
+    // The host reported the job started: kill its agent now.
+    let (uid, _) = start_full(w, "big-full", "big").await?;
+    if let Some(mut a) = w.agent.take() {
+        a.kill()?;
+    }
+    let killed = Instant::now();
+    let job = virsh_system(&["domjobinfo", &domain])?;
+    anyhow::ensure!(
+        job.contains("Backup") || job.contains("Unbounded"),
+        "the backup job ended before the agent was killed, the test proves nothing:\n{job}"
+    );
+    w.start_agent()?;
+    let b = eventually(Duration::from_secs(120), "big-full to end", || async {
+        Ok(api
+            .get_opt("big-full")
+            .await?
+            .filter(|b| b.phase().is_terminal()))
+    })
+    .await?;
+    anyhow::ensure!(
+        b.phase() == BackupPhase::Succeeded && b.metadata.uid.as_deref() == Some(uid.as_str()),
+        "big-full: {:?}",
+        b.status
+    );
+    let st = b.status.clone().unwrap_or_default();
+    let file = PathBuf::from(st.location.clone().context("no location")?);
+    anyhow::ensure!(st.checksum == Some(sha256(&file)?), "big-full's checksum");
+    let live = disk_of(&virsh_system(&["domblklist", &domain])?)?;
+    anyhow::ensure!(
+        same_content(&live, &file)?,
+        "big-full does not read as the disk"
+    );
+    anyhow::ensure!(
+        qemu_pid(&domain) == Some(pid),
+        "the desktop's QEMU changed while its agent was down"
+    );
+    eprintln!(
+        "[backup] agent killed while big-full ({} MiB of data) was written; started again, it finished the backup {:.1}s after the kill; the guest ran on",
+        st.data_bytes.unwrap_or(0) >> 20,
+        killed.elapsed().as_secs_f64()
+    );
+    let (after, _) = take(w, "big-after", "big", None).await?;
+    let st = after.status.unwrap_or_default();
+    anyhow::ensure!(
+        st.parent.as_deref() == Some("big-full") && st.data_bytes == Some(0),
+        "the next incremental: {st:?}"
+    );
+
+    // A backup deleted while it is written goes, its unfinished file with it, and holds the
+    // desktop no more: the next backup extends the last one that succeeded.
+    let (_, file) = start_full(w, "big-cancel", "big").await?;
+    let t = Instant::now();
+    api.delete("big-cancel", &DeleteParams::default()).await?;
+    eventually(Duration::from_secs(60), "big-cancel to go", || async {
+        Ok(api.get_opt("big-cancel").await?.is_none().then_some(()))
+    })
+    .await?;
+    eventually(
+        Duration::from_secs(30),
+        "big-cancel's unfinished file to go",
+        || async { Ok((!Path::new(&file).exists()).then_some(())) },
+    )
+    .await?;
+    eprintln!(
+        "[backup] big-cancel deleted while written: gone with its unfinished file in {:.1}s",
+        t.elapsed().as_secs_f64()
+    );
+    let (next, _) = take(w, "big-next", "big", None).await?;
+    let st = next.status.unwrap_or_default();
+    anyhow::ensure!(
+        st.parent.as_deref() == Some("big-after"),
+        "the backup after a cancelled one: {st:?}"
+    );
     Ok(())
 }

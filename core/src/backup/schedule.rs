@@ -6,7 +6,7 @@
 use jiff::Timestamp;
 use jiff::tz::TimeZone;
 
-use super::{Backup, Origin, State, ancestors};
+use super::{Backup, Chains, Origin, State};
 
 /// A moment missed by more than this (the operator was down) is skipped, not caught up.
 pub const MISSED_AFTER_SECS: i64 = 600;
@@ -77,8 +77,9 @@ impl Cron {
             days: field("day of month", rest[2], 1, 31, &[])?,
             months: field("month", rest[3], 1, 12, &MONTHS)?,
             weekdays,
-            any_day: rest[2] == "*",
-            any_weekday: rest[4] == "*",
+            // `*` and `*/n` both leave the day to the other field (as vixie cron does).
+            any_day: rest[2].starts_with('*'),
+            any_weekday: rest[4].starts_with('*'),
             with_seconds: fields.len() == 6,
         })
     }
@@ -178,8 +179,8 @@ fn field(
                 let s: u32 = s
                     .parse()
                     .map_err(|_| bad(format!("step {s:?} is not a number")))?;
-                if s == 0 {
-                    return Err(bad("a step of 0".into()));
+                if s == 0 || s > max {
+                    return Err(bad(format!("a step of {s} (1-{max})")));
                 }
                 (r, s)
             }
@@ -236,15 +237,22 @@ pub struct Planned {
 }
 
 /// The backup the schedule makes of a desktop for the moment `slot` (the latest due moment,
-/// from [`Cron::latest`]), given the desktop's backups; `None` when there is none to make.
+/// from [`Cron::latest`]), given the desktop's backups and the last moment this operator made
+/// one for (a backup deleted since, or made under a clock ahead of the API server's, is not
+/// made again); `None` when there is none to make.
 pub fn due(
     policy: &Policy,
     desktop: Subject,
     backups: &[Backup<'_>],
     slot: Option<i64>,
+    last_made: Option<i64>,
 ) -> Option<Planned> {
     let slot = slot?;
-    if !desktop.running || desktop.deleting || desktop.created > slot {
+    if !desktop.running
+        || desktop.deleting
+        || desktop.created > slot
+        || last_made.is_some_and(|m| m >= slot)
+    {
         return None;
     }
     let scheduled = || backups.iter().filter(|b| b.origin == Origin::Schedule);
@@ -252,10 +260,11 @@ pub fn due(
     if scheduled().any(|b| b.created >= slot || !b.state.is_terminal()) {
         return None;
     }
+    let chains = Chains::of(backups);
     let tip = scheduled()
         .filter(|b| b.state == State::Succeeded)
-        .max_by_key(|b| (b.created, ancestors(backups, b.name).len(), b.name));
-    let depth = tip.map_or(0, |t| ancestors(backups, t.name).len() + 1);
+        .max_by_key(|b| (b.created, chains.depth(b.name), b.name));
+    let depth = tip.map_or(0, |t| chains.depth(t.name));
     Some(Planned {
         slot,
         new_chain: depth >= usize::try_from(policy.max_chain).unwrap_or(usize::MAX),
@@ -332,6 +341,10 @@ mod tests {
         let first_or_monday = cron("0 0 1 * mon");
         assert!(first_or_monday.matches(MONDAY));
         assert!(!first_or_monday.matches(MONDAY + 86_400));
+        // A `*/n` day is no restriction: Mondays only.
+        let mondays = cron("0 0 */1 * mon");
+        assert!(mondays.matches(MONDAY));
+        assert!(!mondays.matches(MONDAY + 86_400));
     }
 
     #[test]
@@ -343,6 +356,7 @@ mod tests {
             ("* * * 13 *", "month"),
             ("* * * * 8", "weekday"),
             ("*/0 * * * *", "minute"),
+            ("5/4294967295 * * * *", "minute"),
             ("5-1 * * * *", "minute"),
             ("x * * * *", "minute"),
             ("60 * * * * *", "second"),
@@ -374,32 +388,37 @@ mod tests {
         let p = policy(3);
         let slot = Some(100);
         assert_eq!(
-            due(&p, RUNNING, &[], slot),
+            due(&p, RUNNING, &[], slot, None),
             Some(Planned {
                 slot: 100,
                 new_chain: false
             })
         );
-        // Made for this moment already.
-        assert_eq!(due(&p, RUNNING, &[scheduled("a", 101, None)], slot), None);
+        // Made for this moment already, or made and deleted since.
+        assert_eq!(
+            due(&p, RUNNING, &[scheduled("a", 101, None)], slot, None),
+            None
+        );
+        assert_eq!(due(&p, RUNNING, &[], slot, Some(100)), None);
+        assert!(due(&p, RUNNING, &[], slot, Some(90)).is_some());
         // No moment due.
-        assert_eq!(due(&p, RUNNING, &[], None), None);
+        assert_eq!(due(&p, RUNNING, &[], None, None), None);
         // Stopped, being deleted, or made after the moment.
         let stopped = Subject {
             running: false,
             ..RUNNING
         };
-        assert_eq!(due(&p, stopped, &[], slot), None);
+        assert_eq!(due(&p, stopped, &[], slot, None), None);
         let deleting = Subject {
             deleting: true,
             ..RUNNING
         };
-        assert_eq!(due(&p, deleting, &[], slot), None);
+        assert_eq!(due(&p, deleting, &[], slot, None), None);
         let young = Subject {
             created: 150,
             ..RUNNING
         };
-        assert_eq!(due(&p, young, &[], slot), None);
+        assert_eq!(due(&p, young, &[], slot, None), None);
     }
 
     #[test]
@@ -409,12 +428,12 @@ mod tests {
             state: State::Running,
             ..scheduled("a", 90, None)
         };
-        assert_eq!(due(&p, RUNNING, &[open], Some(100)), None);
+        assert_eq!(due(&p, RUNNING, &[open], Some(100), None), None);
         let users = Backup {
             origin: Origin::User,
             ..open
         };
-        assert!(due(&p, RUNNING, &[users], Some(100)).is_some());
+        assert!(due(&p, RUNNING, &[users], Some(100), None).is_some());
     }
 
     #[test]
@@ -422,12 +441,12 @@ mod tests {
         let p = policy(2);
         let one = [scheduled("a", 10, None)];
         assert_eq!(
-            due(&p, RUNNING, &one, Some(100)).map(|d| d.new_chain),
+            due(&p, RUNNING, &one, Some(100), None).map(|d| d.new_chain),
             Some(false)
         );
         let two = [scheduled("a", 10, None), scheduled("b", 20, Some("a"))];
         assert_eq!(
-            due(&p, RUNNING, &two, Some(100)).map(|d| d.new_chain),
+            due(&p, RUNNING, &two, Some(100), None).map(|d| d.new_chain),
             Some(true)
         );
         // The new chain's first backup is one deep again.
@@ -440,7 +459,7 @@ mod tests {
             },
         ];
         assert_eq!(
-            due(&p, RUNNING, &three, Some(100)).map(|d| d.new_chain),
+            due(&p, RUNNING, &three, Some(100), None).map(|d| d.new_chain),
             Some(false)
         );
     }

@@ -30,7 +30,7 @@ use crate::hypervisor::{BackupJob, BackupProgress, Checkpoint, Hypervisor};
 pub const BACKUP_RESYNC: Duration = Duration::from_secs(1);
 
 /// The disk every desktop domain has (`<target dev='vda'/>`).
-const DISK: &str = "vda";
+pub(super) const DISK: &str = "vda";
 
 /// What the host does about the desktop's backup this pass.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -4,6 +4,9 @@
 //! a backup of that namespace, desktop and UID may be, inside a pool's backup directory. Then
 //! the file goes, and with it the host's finalizer. A path that is not such a file is left
 //! alone, said in a Warning, and the finalizer goes: a forged or stale status deletes nothing.
+//! The host that runs the backup's desktop deletes the backup's checkpoint (its bitmap in the
+//! disk, merged into its parent's) at the same hand-over: every backup leaves one, and a
+//! schedule would otherwise pile them up in the disk, each costing every guest write.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -11,9 +14,11 @@ use std::time::Duration;
 
 use deskvirt_core::reasons::BackupReason;
 use deskvirt_crds::DesktopBackup;
+use deskvirt_crds::backup::BackupPhase;
 use deskvirt_crds::constants::condition::READY;
 use deskvirt_crds::constants::{FINALIZER_BACKUP_FILE, FINALIZER_OPERATOR, MANAGER_AGENT};
 use futures::StreamExt;
+use kube::api::ListParams;
 use kube::runtime::controller::{self, Action, Controller};
 use kube::runtime::events::EventType;
 use kube::runtime::watcher;
@@ -22,7 +27,9 @@ use kube::{Api, ResourceExt};
 use super::context::DesktopContext;
 use crate::agent::error_chain;
 use crate::backup_files;
-use crate::hypervisor::Hypervisor;
+use crate::hypervisor::{Checkpoint, Hypervisor};
+
+use super::backup::DISK;
 
 /// How long removing one file may take (the backup storage is a network file system).
 const REMOVE_DEADLINE: Duration = Duration::from_secs(30);
@@ -32,7 +39,7 @@ const RETRY: Duration = Duration::from_secs(30);
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("cannot remove the host's finalizer")]
+    #[error("cannot read or release the backup")]
     Kube(#[source] kube::Error),
     #[error(transparent)]
     Disk(#[from] crate::disks::DiskError),
@@ -94,6 +101,9 @@ async fn reconcile<H: Hypervisor + Clone + 'static>(
     b: Arc<DesktopBackup>,
     ctx: Arc<DesktopContext<H>>,
 ) -> Result<Action, Error> {
+    if let Some(desktop) = desktop_here(&b, &ctx) {
+        drop_checkpoint(&ctx, &b, &desktop).await;
+    }
     if !is_ours(&b, &ctx.config.node_name) {
         return Ok(Action::await_change());
     }
@@ -110,6 +120,23 @@ async fn reconcile<H: Hypervisor + Clone + 'static>(
         .iter()
         .chain(pools.iter())
         .filter_map(|p| p.spec.backup.as_ref().map(|b| b.dir.as_str()));
+    // A backup that holds the changes since this one and did not fail reads the file: the
+    // operator looked, but a child started on a host that was slow to report may show only
+    // now. The operator then says InUse again.
+    let backups: Api<DesktopBackup> = Api::namespaced(ctx.client.clone(), &ns);
+    let uid = b.uid().unwrap_or_default();
+    let children = backups
+        .list(&ListParams::default())
+        .await
+        .map_err(Error::Kube)?;
+    if let Some(child) = children.items.iter().find(|o| {
+        o.status.as_ref().is_some_and(|s| {
+            s.parent_uid.as_deref() == Some(uid.as_str()) && s.phase != Some(BackupPhase::Failed)
+        })
+    }) {
+        tracing::warn!(%ns, backup = %name, child = %child.name_any(), "deleted backup's file is still read; left for now");
+        return Ok(Action::requeue(RETRY));
+    }
     match file_of(&b, dirs) {
         Ok(file) => {
             let shown = file.display().to_string();
@@ -130,7 +157,6 @@ async fn reconcile<H: Hypervisor + Clone + 'static>(
             .await;
         }
     }
-    let backups: Api<DesktopBackup> = Api::namespaced(ctx.client.clone(), &ns);
     deskvirt_runtime::finalizers::remove(
         &backups,
         b.as_ref(),
@@ -140,6 +166,72 @@ async fn reconcile<H: Hypervisor + Clone + 'static>(
     .await
     .map_err(Error::Kube)?;
     Ok(Action::await_change())
+}
+
+/// The UID of the deleted backup's desktop when that desktop is bound to this host and the
+/// operator handed the backup's file over (nothing restores through it any more).
+fn desktop_here<H>(b: &DesktopBackup, ctx: &DesktopContext<H>) -> Option<String> {
+    let handed = b.metadata.deletion_timestamp.is_some()
+        && !b.finalizers().iter().any(|f| f == FINALIZER_OPERATOR)
+        && b.status
+            .as_ref()
+            .and_then(|s| deskvirt_crds::conditions::find(&s.conditions, READY))
+            .is_some_and(|c| c.reason == BackupReason::RemovingFile.as_str());
+    let uid = b.status.as_ref()?.desktop_uid.as_deref()?;
+    let here = ctx.desktops()?.state().into_iter().any(|d| {
+        d.uid().as_deref() == Some(uid)
+            && d.status.as_ref().and_then(|s| s.node.as_deref())
+                == Some(ctx.config.node_name.as_str())
+    });
+    (handed && here).then(|| uid.to_string())
+}
+
+/// Deletes the checkpoint of backup `b` from the domain of desktop `desktop_uid` on this host
+/// (redefined first when libvirt's record of it was lost, by a move or a restart); best effort:
+/// a disk without that bitmap has nothing to drop, and a failure is logged.
+async fn drop_checkpoint<H: Hypervisor>(
+    ctx: &DesktopContext<H>,
+    b: &DesktopBackup,
+    desktop_uid: &str,
+) {
+    let hv = &ctx.hypervisor;
+    let uid = b.uid().unwrap_or_default();
+    let domains = match hv.list_domains().await {
+        Ok(d) => d,
+        Err(e) => {
+            tracing::warn!(error = %error_chain(&e), "cannot list domains to drop a deleted backup's checkpoint");
+            return;
+        }
+    };
+    let Some(domain) = domains
+        .iter()
+        .find(|d| d.uuid.eq_ignore_ascii_case(desktop_uid))
+        .map(|d| d.name.clone())
+    else {
+        return;
+    };
+    let created = b
+        .status
+        .as_ref()
+        .and_then(|s| s.start_time.as_ref())
+        .map_or(0, |t| t.0.as_second());
+    let c = Checkpoint {
+        name: uid.clone(),
+        disk: DISK.into(),
+        created,
+    };
+    if let Err(e) = hv.ensure_checkpoint(&domain, &c).await {
+        tracing::debug!(%domain, checkpoint = %uid, error = %error_chain(&e), "no checkpoint of the deleted backup to drop");
+        return;
+    }
+    match hv.delete_checkpoint(&domain, &uid).await {
+        Ok(_) => {
+            tracing::info!(%domain, checkpoint = %uid, "deleted backup's checkpoint dropped from its disk")
+        }
+        Err(e) => {
+            tracing::warn!(%domain, checkpoint = %uid, error = %error_chain(&e), "cannot drop a deleted backup's checkpoint")
+        }
+    }
 }
 
 fn error_policy<H: Hypervisor>(

@@ -16,11 +16,12 @@ use deskvirt_crds::constants::condition::{DOMAIN_DEFINED, READY};
 use deskvirt_crds::constants::{
     FINALIZER_BACKUP_FILE, FINALIZER_OPERATOR, MANAGER_OPERATOR_BACKUP,
 };
-use deskvirt_crds::{Desktop, DesktopBackup, DesktopBackupStatus, DesktopStatus};
+use deskvirt_crds::{Desktop, DesktopBackup, DesktopBackupStatus, DesktopStatus, DomainNode};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
-use kube::ResourceExt;
+use kube::api::ListParams;
 use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
+use kube::{Api, ResourceExt};
 use serde_json::json;
 
 use super::{
@@ -55,27 +56,64 @@ pub(super) async fn apply(pass: &Pass<'_>) -> Result<Action, Error> {
 /// How often a deleted backup whose file is still read looks again.
 const IN_USE_RECHECK: Duration = Duration::from_secs(5);
 
-/// A deleted backup: it waits while another backup or a restore reads its file; then the
-/// record of it on its Desktop is cleared (the host stops a job it runs and removes the
-/// unfinished file), and a written file is handed to the host that wrote it (reason
-/// `RemovingFile`; that host's finalizer goes with the file). A backup without a file lets go
-/// at once.
+/// How often a deleted backup whose file was handed to its host looks again (whether the file
+/// is read after all, whether the host is gone).
+const HANDED_RECHECK: Duration = Duration::from_secs(60);
+
+/// A deleted backup. One deleted before it ended: its record is cleared (the host stops the
+/// job and removes the unfinished file) and it ends Failed, so that it holds its desktop no
+/// more, and it goes. One with a file: it waits while another backup or a restore reads the
+/// file (reason `InUse`, confirmed by a live read), then the file is handed to the host that
+/// wrote it (reason `RemovingFile`; that host's finalizer goes with the file), or, that host
+/// gone for good (no DomainNode), left on the storage with a Warning. A backup without a file
+/// lets go at once.
 pub(super) async fn deleted(pass: &Pass<'_>) -> Result<Action, Error> {
     let b = pass.b.as_ref();
     let file_finalizer = b.finalizers().iter().any(|f| f == FINALIZER_BACKUP_FILE);
     if !has_finalizer(b) && !file_finalizer {
         return Ok(Action::await_change());
     }
-    if has_finalizer(b) && !b.phase().is_terminal() {
+    let all = [FINALIZER_OPERATOR, FINALIZER_BACKUP_FILE];
+    if !b.phase().is_terminal() {
         tracing::info!("backup deleted before it ended");
+        clear_record(pass, b).await?;
+        let mut want = want_status(b, State::Failed);
+        want.completion_time = Some(Time(pass.now));
+        want.location = None;
+        let message =
+            "deleted before it ended: the host stops the job and removes the unfinished file";
+        set(
+            &mut want,
+            b,
+            pass,
+            Status::False,
+            BackupReason::BackupFailed,
+            message,
+        );
+        let written = write_status(pass, b, &want).await?;
+        fence::check()?;
+        remove_finalizers(&pass.api, &written, &all)
+            .await
+            .map_err(kube("remove the finalizers"))?;
+        return Ok(Action::await_change());
+    }
+    if has_finalizer(b) {
+        clear_record(pass, b).await?;
     }
     let st = b.status.as_ref();
-    let file = st.and_then(|s| s.location.clone());
-    let node = st.and_then(|s| s.node.clone());
-    if file_finalizer
-        && file.is_some()
-        && let Some(why) = in_use(pass, b)
-    {
+    let (Some(file), Some(node), true) = (
+        st.and_then(|s| s.location.clone()),
+        st.and_then(|s| s.node.clone()),
+        file_finalizer,
+    ) else {
+        // No file (or a backup made before hosts removed files): nothing to wait for.
+        fence::check()?;
+        remove_finalizers(&pass.api, b, &all)
+            .await
+            .map_err(kube("remove the finalizers"))?;
+        return Ok(Action::await_change());
+    };
+    if let Some(why) = in_use(pass, b).await? {
         let mut want = want_status(b, b.phase());
         let was = ready_reason(b);
         let message = format!("deleted; waits while {why}");
@@ -93,64 +131,129 @@ pub(super) async fn deleted(pass: &Pass<'_>) -> Result<Action, Error> {
         }
         return Ok(Action::requeue(IN_USE_RECHECK));
     }
-    if has_finalizer(b) {
-        clear_record(pass, b).await?;
+    if host_gone(pass, &node).await? {
+        let message = format!(
+            "host {node}, which wrote {file}, is gone (no DomainNode): the file is left on the backup storage"
+        );
+        tracing::warn!(%node, %file, "deleted backup's host is gone; its file is left");
+        pass.ctx
+            .event(b, EventType::Warning, "BackupFileLeft", "Delete", message)
+            .await;
+        fence::check()?;
+        remove_finalizers(&pass.api, b, &all)
+            .await
+            .map_err(kube("remove the finalizers"))?;
+        return Ok(Action::await_change());
     }
-    fence::check()?;
-    match (file, node) {
-        (Some(file), Some(node)) if file_finalizer => {
-            let mut want = want_status(b, b.phase());
-            let message = format!("deleted; host {node} removes {file}");
-            let reason = BackupReason::RemovingFile;
-            set(&mut want, b, pass, Status::False, reason, &message);
-            let written = write_status(pass, b, &want).await?;
-            if has_finalizer(&written) {
-                tracing::info!(%node, %file, "deleted backup's file handed to its host");
-                fence::check()?;
-                remove_finalizer(&pass.api, &written, FINALIZER_OPERATOR)
-                    .await
-                    .map_err(kube("remove the operator finalizer"))?;
-            }
-        }
-        _ => {
-            remove_finalizers(&pass.api, b, &[FINALIZER_OPERATOR, FINALIZER_BACKUP_FILE])
-                .await
-                .map_err(kube("remove the finalizers"))?;
-        }
+    let mut want = want_status(b, b.phase());
+    let message = format!("deleted; host {node} removes {file}");
+    let reason = BackupReason::RemovingFile;
+    set(&mut want, b, pass, Status::False, reason, &message);
+    let written = write_status(pass, b, &want).await?;
+    if has_finalizer(&written) {
+        tracing::info!(%node, %file, "deleted backup's file handed to its host");
+        fence::check()?;
+        remove_finalizer(&pass.api, &written, FINALIZER_OPERATOR)
+            .await
+            .map_err(kube("remove the operator finalizer"))?;
     }
-    Ok(Action::await_change())
+    Ok(Action::requeue(HANDED_RECHECK))
 }
 
-/// What still reads a deleted backup's file: a backup of the namespace that holds the changes
-/// since it (by UID, whether or not being deleted itself), or a Desktop whose disk is being
-/// restored from it and is not made yet.
-fn in_use(pass: &Pass<'_>, b: &DesktopBackup) -> Option<String> {
+/// What still reads a deleted backup's file, from the caches and, when they show nothing, from
+/// a live read (a child started a moment ago may not be in the cache yet).
+async fn in_use(pass: &Pass<'_>, b: &DesktopBackup) -> Result<Option<String>, Error> {
     let stores = &pass.ctx.stores;
     let ns = b.namespace();
-    if let Some(child) = stores.backups.state().iter().find(|o| {
-        o.namespace() == ns
-            && o.status.as_ref().and_then(|s| s.parent_uid.as_deref()) == Some(pass.uid.as_str())
-    }) {
-        return Some(format!(
-            "backup {} holds the changes since it",
-            child.name_any()
-        ));
+    let in_ns = |o: &&std::sync::Arc<DesktopBackup>| o.namespace() == ns;
+    let cached_backups = stores.backups.state();
+    let cached_desktops = stores.desktops.state();
+    let cached = reader(
+        &pass.uid,
+        b,
+        cached_backups.iter().filter(in_ns).map(AsRef::as_ref),
+        cached_desktops
+            .iter()
+            .filter(|d| d.namespace() == ns)
+            .map(AsRef::as_ref),
+    );
+    if cached.is_some() {
+        return Ok(cached);
     }
-    let file = b.status.as_ref().and_then(|s| s.location.as_deref())?;
-    stores
+    let lp = ListParams::default();
+    let backups = pass
+        .api
+        .list(&lp)
+        .await
+        .map_err(kube("list the namespace's backups"))?;
+    let desktops = pass
         .desktops
-        .state()
-        .iter()
-        .filter(|d| d.namespace() == ns && d.metadata.deletion_timestamp.is_none())
-        .find(|d| {
-            d.status.as_ref().is_some_and(|s| {
-                s.restore
-                    .as_ref()
-                    .is_some_and(|r| r.layers.iter().any(|l| l.location == file))
-                    && !deskvirt_crds::conditions::is_true(&s.conditions, DOMAIN_DEFINED)
-            })
-        })
-        .map(|d| format!("desktop {} is restored from it", d.name_any()))
+        .list(&lp)
+        .await
+        .map_err(kube("list the namespace's desktops"))?;
+    Ok(reader(
+        &pass.uid,
+        b,
+        backups.items.iter(),
+        desktops.items.iter(),
+    ))
+}
+
+/// Who reads the file of backup `b` (UID `uid`) among a namespace's `backups` and `desktops`:
+/// a backup that holds the changes since it and did not fail (whether or not being deleted
+/// itself), a desktop whose host is starting such a backup (its record's checkpoint is `b`),
+/// or a desktop whose disk is being restored from the file and is not made yet.
+fn reader<'a>(
+    uid: &str,
+    b: &DesktopBackup,
+    backups: impl Iterator<Item = &'a DesktopBackup>,
+    desktops: impl Iterator<Item = &'a Desktop>,
+) -> Option<String> {
+    let file = b.status.as_ref().and_then(|s| s.location.as_deref());
+    for o in backups {
+        let child = o.status.as_ref().and_then(|s| s.parent_uid.as_deref()) == Some(uid);
+        if child && o.phase() != State::Failed {
+            return Some(format!(
+                "backup {} holds the changes since it",
+                o.name_any()
+            ));
+        }
+    }
+    for d in desktops {
+        let Some(st) = d.status.as_ref() else {
+            continue;
+        };
+        if st.backup.as_ref().and_then(|r| r.since.as_deref()) == Some(uid) {
+            return Some(format!(
+                "desktop {}'s host starts a backup on it",
+                d.name_any()
+            ));
+        }
+        let restoring = d.metadata.deletion_timestamp.is_none()
+            && st
+                .restore
+                .as_ref()
+                .is_some_and(|r| r.layers.iter().any(|l| Some(l.location.as_str()) == file))
+            && !deskvirt_crds::conditions::is_true(&st.conditions, DOMAIN_DEFINED);
+        if restoring {
+            return Some(format!("desktop {} is restored from it", d.name_any()));
+        }
+    }
+    None
+}
+
+/// Whether host `node` is gone for good: no DomainNode of that name, by the cache and a live
+/// read. A host that is only down may come back and remove the file.
+async fn host_gone(pass: &Pass<'_>, node: &str) -> Result<bool, Error> {
+    if pass.ctx.stores.node(node).is_some() {
+        return Ok(false);
+    }
+    let nodes: Api<DomainNode> = Api::all(pass.ctx.client.clone());
+    let live = nodes
+        .get_opt(node)
+        .await
+        .map_err(kube("read the backup's host"))?;
+    Ok(live.is_none())
 }
 
 async fn decide(pass: &Pass<'_>, b: &DesktopBackup) -> Result<Action, Error> {

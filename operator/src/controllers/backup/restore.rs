@@ -27,6 +27,9 @@ pub fn resolve(stores: &Stores, d: &Desktop, pool: &ResourcePool) -> Result<Rest
         .backups
         .get(&ObjectRef::new(name).within(&ns))
         .ok_or_else(|| format!("no DesktopBackup {name} in namespace {ns}"))?;
+    if b.metadata.deletion_timestamp.is_some() {
+        return Err(format!("backup {name} is being deleted"));
+    }
     if b.phase() != State::Succeeded {
         return Err(format!(
             "backup {name} is {}, not Succeeded",

@@ -33,7 +33,32 @@ const EVERY: Duration = Duration::from_secs(2);
 
 /// Runs the schedules while this operator leads, until `stop`.
 pub async fn run(ctx: Arc<Context>, stop: watch::Receiver<bool>) {
-    crate::sweep::while_leading(&ctx, EVERY, stop, || pass(&ctx)).await;
+    let made = Made::default();
+    crate::sweep::while_leading(&ctx, EVERY, stop, || pass(&ctx, &made)).await;
+}
+
+/// The last moment a scheduled backup was made for, per Desktop UID, by this operator: a
+/// backup deleted since (by its user, or by a `maxAge` shorter than the catch-up window) is not
+/// made again, nor is one whose create this operator's clock, ahead of the API server's,
+/// would otherwise repeat. Lost on restart: then the name refuses a second one.
+#[derive(Default)]
+pub struct Made(std::sync::Mutex<BTreeMap<String, i64>>);
+
+impl Made {
+    fn get(&self, uid: &str) -> Option<i64> {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(uid)
+            .copied()
+    }
+
+    fn set(&self, uid: &str, slot: i64) {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(uid.to_string(), slot);
+    }
 }
 
 /// What one pass did.
@@ -83,7 +108,7 @@ fn pool_of(d: &Desktop) -> &str {
 }
 
 /// One pass over every pool's schedule and retention.
-pub async fn pass(ctx: &Context) -> Done {
+pub async fn pass(ctx: &Context, made: &Made) -> Done {
     let now = Timestamp::now().as_second();
     let plans: BTreeMap<String, PoolPlan> = ctx
         .stores
@@ -153,10 +178,16 @@ pub async fn pass(ctx: &Context) -> Done {
                 .as_ref()
                 .map_or(0, |t| t.0.as_second()),
         };
-        if let Some(planned) = due(policy, subject, &mine, slot)
-            && create(ctx, &d, pool, planned).await
-        {
-            done.created += 1;
+        let uid = d.uid().unwrap_or_default();
+        if let Some(planned) = due(policy, subject, &mine, slot, made.get(&uid)) {
+            match create(ctx, &d, pool, planned).await {
+                Created::Made => {
+                    done.created += 1;
+                    made.set(&uid, planned.slot);
+                }
+                Created::Exists => made.set(&uid, planned.slot),
+                Created::Failed => {}
+            }
         }
     }
     // Retention, per desktop (gone ones too: backups outlive their desktops), under the pool
@@ -164,8 +195,8 @@ pub async fn pass(ctx: &Context) -> Done {
     for ((ns, _), group) in &by_desktop {
         let Some(pool) = group
             .iter()
-            .find(|b| origin(b) == Origin::Schedule)
-            .and_then(|b| b.annotations().get(ANNOTATION_POOL))
+            .filter(|b| origin(b) == Origin::Schedule)
+            .find_map(|b| b.annotations().get(ANNOTATION_POOL))
         else {
             continue;
         };
@@ -188,9 +219,18 @@ pub async fn pass(ctx: &Context) -> Done {
     done
 }
 
-/// Makes the scheduled backup `planned` of `d`; whether it did (one of that name exists
-/// already: another pass made it).
-async fn create(ctx: &Context, d: &Desktop, pool: &str, planned: Planned) -> bool {
+/// What a create of a scheduled backup came to.
+enum Created {
+    Made,
+    /// One of that name exists: made by an earlier pass or another replica (or, not labelled
+    /// as the schedule's, by a user: the moment is skipped, and said so).
+    Exists,
+    /// Not now (the API refused, or this operator no longer leads); the next pass tries again.
+    Failed,
+}
+
+/// Makes the scheduled backup `planned` of `d`.
+async fn create(ctx: &Context, d: &Desktop, pool: &str, planned: Planned) -> Created {
     let ns = d.namespace().unwrap_or_default();
     let name = name(&d.name_any(), planned.slot);
     // The desktop's own labels (an operator that watches by label selector sees the backups
@@ -224,22 +264,33 @@ async fn create(ctx: &Context, d: &Desktop, pool: &str, planned: Planned) -> boo
         Ok(b) => b,
         Err(e) => {
             tracing::warn!(desktop = %d.name_any(), error = %e, "cannot build a scheduled backup");
-            return false;
+            return Created::Failed;
         }
     };
     let api: Api<DesktopBackup> = Api::namespaced(ctx.client.clone(), &ns);
     if ctx.fence.check().is_err() {
-        return false;
+        return Created::Failed;
     }
     match api.create(&PostParams::default(), &b).await {
         Ok(_) => {
             tracing::info!(%ns, backup = %name, new_chain = planned.new_chain, "scheduled backup made");
-            true
+            Created::Made
         }
-        Err(kube::Error::Api(s)) if s.code == 409 => false,
+        Err(kube::Error::Api(s)) if s.code == 409 => {
+            let theirs = api
+                .get_opt(&name)
+                .await
+                .ok()
+                .flatten()
+                .filter(|o| origin(o) != Origin::Schedule || o.spec.desktop != d.name_any());
+            if theirs.is_some() {
+                tracing::warn!(%ns, backup = %name, "a backup of the scheduled backup's name is not the schedule's; this moment is skipped for the desktop");
+            }
+            Created::Exists
+        }
         Err(e) => {
             tracing::warn!(%ns, backup = %name, error = %e, "cannot make a scheduled backup");
-            false
+            Created::Failed
         }
     }
 }
