@@ -351,6 +351,8 @@ reasons! {
         NotRunning,
         /// Another backup of the Desktop is being written.
         Busy,
+        /// The namespace's backups fill its `deskvirt.io/backup-storage` quota.
+        QuotaExceeded,
         /// It waited past the operator's pending timeout.
         PendingTimeout,
         /// The host writes the backup.

@@ -222,4 +222,8 @@ pub mod quota {
     pub const MEMORY: &str = "deskvirt.io/memory";
     /// Kubernetes' object count of Desktops.
     pub const COUNT: &str = "count/desktops.deskvirt.io";
+    /// Bytes of the namespace's backup files (`status.sizeBytes` of its DesktopBackups that
+    /// hold a file): a new backup waits (reason QuotaExceeded) while they reach it. A backup
+    /// may take the namespace past it by its own size: its size is known only once written.
+    pub const BACKUP_STORAGE: &str = "deskvirt.io/backup-storage";
 }

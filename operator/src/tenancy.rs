@@ -1,11 +1,12 @@
 //! Who may place what, decided on values: whether a namespace may use a pool (the pool's
 //! `namespaceSelector` against the namespace's labels), and whether one more Desktop keeps its
 //! namespace within the `deskvirt.io/cpu` and `deskvirt.io/memory` limits of its
-//! ResourceQuotas. Pure; the Desktop controller feeds it from its caches.
+//! ResourceQuotas, and whether its backups leave room under `deskvirt.io/backup-storage`.
+//! Pure; the Desktop and DesktopBackup controllers feed it from their caches.
 
 use std::collections::BTreeMap;
 
-use deskvirt_crds::constants::quota::{CPU, MEMORY};
+use deskvirt_crds::constants::quota::{BACKUP_STORAGE, CPU, MEMORY};
 use deskvirt_crds::quantity::{format_bytes_approx, parse_bytes};
 use deskvirt_crds::resource_pool::ResourcePoolSpec;
 use deskvirt_crds::validation::selector_matches;
@@ -24,6 +25,15 @@ pub enum Refused {
         .0.quota, .0.namespace, .0.key, .0.limit, .0.used, .0.asked
     )]
     Quota(Box<Excess>),
+    #[error(
+        "ResourceQuota {quota} of namespace {namespace} allows {BACKUP_STORAGE} {limit}; its backups hold {used}"
+    )]
+    BackupStorage {
+        quota: String,
+        namespace: String,
+        limit: String,
+        used: String,
+    },
     #[error("ResourceQuota {quota}: {key} {value:?} is not a quantity deskvirt can read")]
     UnreadableQuota {
         quota: String,
@@ -138,6 +148,36 @@ pub fn within_quotas<'a>(
     Ok(())
 }
 
+/// Whether one more backup may be written in `namespace`, whose backups' files hold `used`
+/// bytes: not once a quota's `deskvirt.io/backup-storage` is reached.
+pub fn backup_room<'a>(
+    namespace: &str,
+    quotas: impl IntoIterator<Item = (&'a str, &'a BTreeMap<String, String>)>,
+    used: u64,
+) -> Result<(), Refused> {
+    for (name, hard) in quotas {
+        let Some(value) = hard.get(BACKUP_STORAGE) else {
+            continue;
+        };
+        let Ok(limit) = parse_bytes(value) else {
+            return Err(Refused::UnreadableQuota {
+                quota: name.into(),
+                key: BACKUP_STORAGE,
+                value: value.clone(),
+            });
+        };
+        if used >= limit {
+            return Err(Refused::BackupStorage {
+                quota: name.into(),
+                namespace: namespace.into(),
+                limit: format_bytes_approx(limit),
+                used: format_bytes_approx(used),
+            });
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -191,6 +231,24 @@ mod tests {
         );
         let msg = err.map_err(|e| e.to_string()).err().unwrap_or_default();
         assert!(msg.contains("deskvirt.io/memory 2Gi"), "{msg}");
+    }
+
+    #[test]
+    fn backups_wait_once_their_files_fill_the_quota() {
+        let q = hard(&[(BACKUP_STORAGE, "10Mi")]);
+        assert_eq!(backup_room("ns", [("q", &q)], 9 << 20), Ok(()));
+        let e = backup_room("ns", [("q", &q)], 10 << 20)
+            .err()
+            .map(|e| e.to_string());
+        assert!(
+            e.as_deref()
+                .is_some_and(|m| m.contains("deskvirt.io/backup-storage") && m.contains("q")),
+            "{e:?}"
+        );
+        let cpu_only = hard(&[(CPU, "4")]);
+        assert_eq!(backup_room("ns", [("c", &cpu_only)], u64::MAX), Ok(()));
+        let bad = hard(&[(BACKUP_STORAGE, "lots")]);
+        assert!(backup_room("ns", [("b", &bad)], 0).is_err());
     }
 
     #[test]

@@ -179,9 +179,11 @@ async fn a_leader_paused_mid_bind_sends_nothing_when_it_resumes() {
         node_of(d).is_some()
     })
     .await;
-    assert!(
-        stopped.elapsed() > Duration::from_secs(2),
-        "A was paused past its Lease"
+    // B leads and bound both while A was frozen: A's Lease ran out during the pause (how long
+    // that took depends on when A last renewed, anywhere up to the 2 s duration before it).
+    eprintln!(
+        "A frozen for {:.1}s while B took over and bound both",
+        stopped.elapsed().as_secs_f64()
     );
 
     // A resumes where it stood: its write is refused by the fence, and it steps down.

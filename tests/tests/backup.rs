@@ -25,6 +25,10 @@
 //!   the guest runs on, and the agent started again finishes it (Succeeded, verified, the disk's
 //!   content); the next incremental extends it; a backup deleted while written goes with its
 //!   unfinished file, and the next extends the last that succeeded;
+//! - two backups of one desktop asked for at once are written one after the other (the second
+//!   chains on the first);
+//! - a ResourceQuota's `deskvirt.io/backup-storage` that the namespace's backups fill holds a
+//!   new backup (QuotaExceeded, naming the quota) until it is lifted;
 //! - the pool's schedule (every 3 s, keep 2, chains of at most 2) backs up a running desktop:
 //!   two chains, the second started anew (what the desktop wrote since its disk was made, not
 //!   the whole disk), the first deleted with its files once the second is kept, never a kept
@@ -49,6 +53,7 @@ use deskvirt_tests::world::{
     RUN_LABEL, World, boot_writing, create_pool, disk_of, domain_of, guest_command, guest_desktop,
     guest_writes, setup, virsh_system,
 };
+use k8s_openapi::api::core::v1::ResourceQuota;
 use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
 use kube::{Api, ResourceExt};
 use serde_json::json;
@@ -279,6 +284,10 @@ async fn backups_hold_only_what_changed_and_chain_to_the_disk_as_it_was() -> any
     );
     anyhow::ensure!(st1.checksum == Some(sha256(&f1)?), "b1's checksum");
     anyhow::ensure!(
+        same_content(&live, &f1)?,
+        "the chain b1 → base does not read as the live disk"
+    );
+    anyhow::ensure!(
         backing_of(&f1)?.as_deref() == Some(&*base.to_string_lossy()),
         "b1's backing file: {:?}",
         backing_of(&f1)?
@@ -295,6 +304,10 @@ async fn backups_hold_only_what_changed_and_chain_to_the_disk_as_it_was() -> any
         backing_of(&f2)?.as_deref() == Some(&*f1.to_string_lossy()),
         "b2's backing file: {:?}",
         backing_of(&f2)?
+    );
+    anyhow::ensure!(
+        same_content(&live, &f2)?,
+        "the chain b2 → b1 → base does not read as the live disk"
     );
 
     // The guest changes 2 MiB, then b3 holds exactly them.
@@ -556,6 +569,7 @@ async fn backups_hold_only_what_changed_and_chain_to_the_disk_as_it_was() -> any
 
     schedule_keeps_what_restores_and_lets_the_rest_go(&w, &backups_dir).await?;
     an_agent_killed_mid_backup_finishes_it_when_it_comes_back(&mut w).await?;
+    a_full_quota_holds_new_backups_until_it_has_room(&w).await?;
     anyhow::ensure!(sha256(&base)? == base_sum, "the base image changed");
     eprintln!(
         "[backup] whole test {:.1}s",
@@ -595,7 +609,36 @@ async fn schedule_keeps_what_restores_and_lets_the_rest_go(
         Ok((!guest_writes(&serial)?.is_empty()).then_some(()))
     })
     .await?;
-    let (mine, _) = take(w, "mine", "sched", None).await?;
+    // Two backups of one desktop asked for at once are written one after the other: the
+    // second holds the changes since the first.
+    let api: Api<DesktopBackup> = Api::namespaced(w.client.clone(), &w.user_ns.name);
+    for name in ["mine", "mine-too"] {
+        api.create(&PostParams::default(), &backup(w, name, "sched", None)?)
+            .await?;
+    }
+    let both = eventually(
+        Duration::from_secs(60),
+        "mine and mine-too to end",
+        || async {
+            let (a, b) = (api.get("mine").await?, api.get("mine-too").await?);
+            Ok((a.phase().is_terminal() && b.phase().is_terminal()).then_some((a, b)))
+        },
+    )
+    .await?;
+    let parent = |b: &DesktopBackup| b.status.as_ref().and_then(|s| s.parent.clone());
+    let (mine, too) = both;
+    anyhow::ensure!(
+        mine.phase() == BackupPhase::Succeeded && too.phase() == BackupPhase::Succeeded,
+        "{:?} / {:?}",
+        mine.status,
+        too.status
+    );
+    anyhow::ensure!(
+        parent(&too).as_deref() == Some("mine") || parent(&mine).as_deref() == Some("mine-too"),
+        "two backups at once did not chain one on the other: {:?} / {:?}",
+        parent(&mine),
+        parent(&too)
+    );
     let pools: Api<ResourcePool> = Api::all(w.client.clone());
     let t = Instant::now();
     pools
@@ -607,7 +650,6 @@ async fn schedule_keeps_what_restores_and_lets_the_rest_go(
             } } })),
         )
         .await?;
-    let api: Api<DesktopBackup> = Api::namespaced(w.client.clone(), &w.user_ns.name);
     let lp = kube::api::ListParams::default().labels("deskvirt.io/scheduled=true");
     // Every scheduled backup seen, in the order they were made.
     let mut seen: Vec<(String, Seen)> = Vec::new();
@@ -877,6 +919,53 @@ async fn an_agent_killed_mid_backup_finishes_it_when_it_comes_back(
     anyhow::ensure!(
         st.parent.as_deref() == Some("big-after"),
         "the backup after a cancelled one: {st:?}"
+    );
+    Ok(())
+}
+
+/// A ResourceQuota whose `deskvirt.io/backup-storage` the namespace's backups already fill:
+/// a new backup waits (QuotaExceeded, naming the quota), and goes ahead once the quota is
+/// lifted.
+async fn a_full_quota_holds_new_backups_until_it_has_room(w: &World) -> anyhow::Result<()> {
+    let quotas: Api<ResourceQuota> = Api::namespaced(w.client.clone(), &w.user_ns.name);
+    let q: ResourceQuota = serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "ResourceQuota",
+        "metadata": { "name": "backups" },
+        "spec": { "hard": { "deskvirt.io/backup-storage": "1Mi" } },
+    }))?;
+    quotas.create(&PostParams::default(), &q).await?;
+    let api: Api<DesktopBackup> = Api::namespaced(w.client.clone(), &w.user_ns.name);
+    api.create(&PostParams::default(), &backup(w, "over", "big", None)?)
+        .await?;
+    let message = eventually(Duration::from_secs(30), "over to wait", || async {
+        Ok(api.get("over").await?.status.and_then(|s| {
+            find(&s.conditions, READY)
+                .filter(|c| c.reason == "QuotaExceeded")
+                .map(|c| c.message.clone())
+        }))
+    })
+    .await?;
+    anyhow::ensure!(
+        message.contains("backups") && message.contains("deskvirt.io/backup-storage"),
+        "{message}"
+    );
+    quotas.delete("backups", &DeleteParams::default()).await?;
+    let t = Instant::now();
+    let over = eventually(Duration::from_secs(60), "over to end", || async {
+        Ok(api
+            .get_opt("over")
+            .await?
+            .filter(|b| b.phase().is_terminal()))
+    })
+    .await?;
+    anyhow::ensure!(
+        over.phase() == BackupPhase::Succeeded,
+        "over: {:?}",
+        over.status
+    );
+    eprintln!(
+        "[backup] a full backup quota held 'over' ({message}); lifted, it went ahead in {:.1}s",
+        t.elapsed().as_secs_f64()
     );
     Ok(())
 }

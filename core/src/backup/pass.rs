@@ -54,6 +54,9 @@ pub struct Facts<'a> {
     pub ask: Ask,
     /// The desktop's other backups.
     pub siblings: &'a [Backup<'a>],
+    /// Why the namespace's backup storage quota holds no more (a ResourceQuota's
+    /// `deskvirt.io/backup-storage` reached), if it does not.
+    pub over_quota: Option<String>,
     /// Seconds since the backup was made, and how long a backup may wait to start.
     pub waited_secs: i64,
     pub pending_timeout_secs: i64,
@@ -171,6 +174,9 @@ fn pending(f: &Facts<'_>) -> Decision {
             format!("the host still writes (or ends) backup {other}"),
         );
     }
+    if let Some(why) = &f.over_quota {
+        return wait(BackupReason::QuotaExceeded, why.clone());
+    }
     match next(f.siblings, f.ask) {
         Err(Wait::Busy { running }) => wait(
             BackupReason::Busy,
@@ -268,6 +274,7 @@ mod tests {
                 origin: Origin::User,
             },
             siblings,
+            over_quota: None,
             waited_secs: 5,
             pending_timeout_secs: 600,
         }
@@ -381,6 +388,11 @@ mod tests {
             assert!(matches!(got, Decision::Fail { .. }), "{want}: {got:?}");
             assert_eq!(reason(&got), Some(BackupReason::PendingTimeout));
         }
+        let full = Facts {
+            over_quota: Some("ResourceQuota q allows 1 MiB".into()),
+            ..facts(Some(desktop()), &none)
+        };
+        assert_eq!(reason(&decide(&full)), Some(BackupReason::QuotaExceeded));
         let busy = [backup("b1", State::Running)];
         assert_eq!(
             reason(&decide(&facts(Some(desktop()), &busy))),

@@ -16,7 +16,7 @@ use deskvirt_core::backup::pass::{Desktop as DesktopFacts, Facts, Reported};
 use deskvirt_core::backup::{Ask, Backup, Kind, Origin};
 use deskvirt_crds::backup::BackupState;
 use deskvirt_crds::conditions;
-use deskvirt_crds::constants::condition::RUNNING;
+use deskvirt_crds::constants::condition::{READY, RUNNING};
 use deskvirt_crds::constants::{FINALIZER_OPERATOR, LABEL_SCHEDULED};
 use deskvirt_crds::{Desktop, DesktopBackup};
 use k8s_openapi::jiff::Timestamp;
@@ -64,8 +64,12 @@ struct Pass<'a> {
 pub async fn run(ctx: Arc<Context>, selector: String, stop: watch::Receiver<bool>) {
     let client = ctx.client.clone();
     let cfg = watch_config(&selector);
-    let (by_desktop, by_node, by_child) =
-        (ctx.stores.clone(), ctx.stores.clone(), ctx.stores.clone());
+    let (by_desktop, by_node, by_child, by_quota) = (
+        ctx.stores.clone(),
+        ctx.stores.clone(),
+        ctx.stores.clone(),
+        ctx.stores.clone(),
+    );
     let controller = Controller::new(Api::<DesktopBackup>::all(client.clone()), cfg)
         .watches_stream(ctx.stores.desktop_changes.stream(), move |d| {
             // The open backups of the desktop: its report or record changed, or it came to
@@ -107,9 +111,10 @@ pub async fn run(ctx: Arc<Context>, selector: String, stop: watch::Receiver<bool
         })
         .watches_stream(ctx.stores.backup_changes.stream(), move |child| {
             // A deleted parent waits for its children: a change of one (its going, above all)
-            // wakes the parent that waits.
+            // wakes the parent that waits. And a backup's change (its file written, or gone)
+            // wakes the namespace's backups that wait for room under its quota.
             let ns = child.namespace().unwrap_or_default();
-            child
+            let parent = child
                 .status
                 .as_ref()
                 .and_then(|s| s.parent.as_deref())
@@ -119,7 +124,14 @@ pub async fn run(ctx: Arc<Context>, selector: String, stop: watch::Receiver<bool
                         .backups
                         .get(r)
                         .is_some_and(|p| p.metadata.deletion_timestamp.is_some())
-                })
+                });
+            parent
+                .into_iter()
+                .chain(waiting_for_room(&by_child, &ns))
+                .collect::<Vec<_>>()
+        })
+        .watches_stream(ctx.stores.quota_changes.stream(), move |q| {
+            waiting_for_room(&by_quota, &q.namespace().unwrap_or_default())
         })
         .reconcile_all_on(on_leadership(ctx.leader.clone()))
         .graceful_shutdown_on(stopped(stop.clone()))
@@ -130,6 +142,24 @@ pub async fn run(ctx: Arc<Context>, selector: String, stop: watch::Receiver<bool
             ctx,
         );
     drive(NAME, controller, stop).await;
+}
+
+/// The backups of namespace `ns` that wait for room under its backup storage quota.
+fn waiting_for_room(stores: &Stores, ns: &str) -> Vec<ObjectRef<DesktopBackup>> {
+    let quota = deskvirt_core::reasons::BackupReason::QuotaExceeded.as_str();
+    stores
+        .backups
+        .state()
+        .iter()
+        .filter(|b| b.namespace().as_deref() == Some(ns) && !b.phase().is_terminal())
+        .filter(|b| {
+            b.status
+                .as_ref()
+                .and_then(|s| conditions::find(&s.conditions, READY))
+                .is_some_and(|c| c.reason == quota)
+        })
+        .map(|b| ObjectRef::from_obj(b.as_ref()))
+        .collect()
 }
 
 /// The Desktop UID a backup pinned on its first pass.
@@ -260,6 +290,43 @@ pub async fn reconcile(b: Arc<DesktopBackup>, ctx: Arc<Context>) -> Result<Actio
     Ok(action)
 }
 
+/// Why namespace `ns` may write no more backups now (its backups' files reach a quota's
+/// `deskvirt.io/backup-storage`), if so.
+fn over_quota(ctx: &Context, ns: &str) -> Option<String> {
+    let quotas: Vec<(String, std::collections::BTreeMap<String, String>)> = ctx
+        .stores
+        .quotas
+        .state()
+        .iter()
+        .filter(|q| q.namespace().as_deref() == Some(ns))
+        .map(|q| {
+            let hard = q.spec.as_ref().and_then(|s| s.hard.as_ref());
+            let hard = hard
+                .iter()
+                .flat_map(|h| h.iter())
+                .map(|(k, v)| (k.clone(), v.0.clone()))
+                .collect();
+            (q.name_any(), hard)
+        })
+        .collect();
+    if quotas.is_empty() {
+        return None;
+    }
+    let used = ctx
+        .stores
+        .backups
+        .state()
+        .iter()
+        .filter(|o| o.namespace().as_deref() == Some(ns))
+        .filter_map(|o| o.status.as_ref())
+        .filter(|s| s.location.is_some())
+        .map(|s| s.size_bytes.unwrap_or(0))
+        .fold(0u64, u64::saturating_add);
+    crate::tenancy::backup_room(ns, quotas.iter().map(|(n, h)| (n.as_str(), h)), used)
+        .err()
+        .map(|e| e.to_string())
+}
+
 /// The pass's facts, read from the caches.
 fn facts<'a>(
     pass: &Pass<'_>,
@@ -285,6 +352,9 @@ fn facts<'a>(
             origin: origin(b),
         },
         siblings,
+        over_quota: (b.phase() == deskvirt_core::backup::State::Pending)
+            .then(|| over_quota(pass.ctx, &pass.ns))
+            .flatten(),
         waited_secs: waited,
         pending_timeout_secs: i64::try_from(PENDING_TIMEOUT.as_secs()).unwrap_or(i64::MAX),
     }

@@ -101,7 +101,9 @@ pub(super) fn admit(
     let tenancy = |e: Refused| {
         let reason = match e {
             Refused::NotAllowed { .. } | Refused::BadSelector { .. } => POOL_NOT_ALLOWED,
-            Refused::Quota(_) | Refused::UnreadableQuota { .. } => QUOTA_EXCEEDED,
+            Refused::Quota(_) | Refused::UnreadableQuota { .. } | Refused::BackupStorage { .. } => {
+                QUOTA_EXCEEDED
+            }
         };
         Refusal {
             reason,
