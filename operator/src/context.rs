@@ -241,6 +241,27 @@ impl Stores {
         self.nodes.get(&ObjectRef::new(name))
     }
 
+    /// The `spec.hard` limits of namespace `ns`'s ResourceQuotas, each with its quota's name.
+    pub fn quota_limits(
+        &self,
+        ns: &str,
+    ) -> Vec<(String, std::collections::BTreeMap<String, String>)> {
+        self.quotas
+            .state()
+            .iter()
+            .filter(|q| q.namespace().as_deref() == Some(ns))
+            .map(|q| {
+                let hard = q.spec.as_ref().and_then(|s| s.hard.as_ref());
+                let hard = hard
+                    .iter()
+                    .flat_map(|h| h.iter())
+                    .map(|(k, v)| (k.clone(), v.0.clone()))
+                    .collect();
+                (q.name_any(), hard)
+            })
+            .collect()
+    }
+
     pub fn lease(&self, namespace: &str, name: &str) -> Option<Arc<Lease>> {
         self.leases.get(&ObjectRef::new(name).within(namespace))
     }

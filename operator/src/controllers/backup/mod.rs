@@ -293,22 +293,7 @@ pub async fn reconcile(b: Arc<DesktopBackup>, ctx: Arc<Context>) -> Result<Actio
 /// Why namespace `ns` may write no more backups now (its backups' files reach a quota's
 /// `deskvirt.io/backup-storage`), if so.
 fn over_quota(ctx: &Context, ns: &str) -> Option<String> {
-    let quotas: Vec<(String, std::collections::BTreeMap<String, String>)> = ctx
-        .stores
-        .quotas
-        .state()
-        .iter()
-        .filter(|q| q.namespace().as_deref() == Some(ns))
-        .map(|q| {
-            let hard = q.spec.as_ref().and_then(|s| s.hard.as_ref());
-            let hard = hard
-                .iter()
-                .flat_map(|h| h.iter())
-                .map(|(k, v)| (k.clone(), v.0.clone()))
-                .collect();
-            (q.name_any(), hard)
-        })
-        .collect();
+    let quotas = ctx.stores.quota_limits(ns);
     if quotas.is_empty() {
         return None;
     }

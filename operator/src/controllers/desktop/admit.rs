@@ -2,7 +2,6 @@
 //! (and its pool's) valid, its namespace allowed by the pool, its namespace's ResourceQuotas
 //! not exceeded. A refusal names the field, the pool or the quota; nothing is allocated.
 
-use std::collections::BTreeMap;
 use std::time::Duration;
 
 use deskvirt_core::scheduler::Request;
@@ -113,22 +112,7 @@ pub(super) fn admit(
     };
     pool_allows(name, &pool.spec, &namespace, ns.labels()).map_err(tenancy)?;
 
-    let quotas: Vec<(String, BTreeMap<String, String>)> = ctx
-        .stores
-        .quotas
-        .state()
-        .iter()
-        .filter(|q| q.namespace().as_deref() == Some(namespace.as_str()))
-        .map(|q| {
-            let hard = q.spec.as_ref().and_then(|s| s.hard.as_ref());
-            let hard = hard
-                .iter()
-                .flat_map(|h| h.iter())
-                .map(|(k, v)| (k.clone(), v.0.clone()))
-                .collect();
-            (q.name_any(), hard)
-        })
-        .collect();
+    let quotas = ctx.stores.quota_limits(&namespace);
     if quotas.is_empty() {
         return Ok(Some(valid));
     }
