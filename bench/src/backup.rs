@@ -9,16 +9,13 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use deskvirt_crds::DesktopBackup;
-use deskvirt_crds::backup::BackupPhase;
 use deskvirt_crds::desktop::Phase;
 use deskvirt_tests::cluster::unique_suffix;
 use deskvirt_tests::host::{eventually, run};
 use deskvirt_tests::world::{
-    RUN_LABEL, World, boot_writing, create_pool, disk_of, domain_of, guest_command, guest_desktop,
-    guest_writes, patch_pool, setup, virsh_system,
+    boot_writing, create_pool, disk_of, domain_of, guest_command, guest_desktop, guest_writes,
+    patch_pool, setup, take_backup, virsh_system,
 };
-use kube::Api;
 use kube::api::PostParams;
 use serde_json::json;
 
@@ -82,7 +79,7 @@ pub async fn run_bench(n: usize) -> anyhow::Result<Vec<Row>> {
     .await?;
     let live = disk_of(&virsh_system(&["domblklist", &domain])?)?;
     // The chain's first backup, so that each round's incremental holds only its change.
-    take(&w, "base", None).await?;
+    take_backup(&w, "base", "bench", None).await?;
     let mut rows: Vec<Row> = CHANGES
         .iter()
         .map(|(label, mib, _)| Row {
@@ -111,7 +108,7 @@ pub async fn run_bench(n: usize) -> anyhow::Result<Vec<Row>> {
             })
             .await?;
             let row = &mut rows[k];
-            let (took, b) = take(&w, &format!("inc-{i}-{k}"), None).await?;
+            let (b, took) = take_backup(&w, &format!("inc-{i}-{k}"), "bench", None).await?;
             let st = b.status.unwrap_or_default();
             inc[k].push(took);
             row.incremental_file.push(st.size_bytes.unwrap_or(0));
@@ -129,7 +126,8 @@ pub async fn run_bench(n: usize) -> anyhow::Result<Vec<Row>> {
             conv[k].push(t.elapsed());
             row.convert_file.push(std::fs::metadata(&out)?.len());
             let _ = std::fs::remove_file(&out);
-            let (took, b) = take(&w, &format!("full-{i}-{k}"), Some("Full")).await?;
+            let (b, took) =
+                take_backup(&w, &format!("full-{i}-{k}"), "bench", Some("Full")).await?;
             let st = b.status.unwrap_or_default();
             full[k].push(took);
             row.full_file.push(st.size_bytes.unwrap_or(0));
@@ -153,37 +151,6 @@ pub async fn run_bench(n: usize) -> anyhow::Result<Vec<Row>> {
     drop(w);
     let _ = std::fs::remove_dir_all(&dir);
     Ok(rows)
-}
-
-/// Creates backup `name` of desktop `bench` and waits for it to succeed; how long that took.
-async fn take(
-    w: &World,
-    name: &str,
-    kind: Option<&str>,
-) -> anyhow::Result<(Duration, DesktopBackup)> {
-    let api: Api<DesktopBackup> = Api::namespaced(w.client.clone(), &w.user_ns.name);
-    let mut spec = json!({ "desktop": "bench" });
-    if let Some(k) = kind {
-        spec["type"] = json!(k);
-    }
-    let b: DesktopBackup = serde_json::from_value(json!({
-        "apiVersion": "deskvirt.io/v1alpha1", "kind": "DesktopBackup",
-        "metadata": { "name": name, "labels": { RUN_LABEL: w.run } },
-        "spec": spec,
-    }))?;
-    let t = Instant::now();
-    api.create(&PostParams::default(), &b).await?;
-    let done = eventually(Duration::from_secs(120), "the backup to end", || async {
-        Ok(api.get_opt(name).await?.filter(|b| b.phase().is_terminal()))
-    })
-    .await?;
-    let took = t.elapsed();
-    anyhow::ensure!(
-        done.phase() == BackupPhase::Succeeded,
-        "{name}: {:?}",
-        done.status
-    );
-    Ok((took, done))
 }
 
 fn median(v: &[u64]) -> u64 {

@@ -140,29 +140,31 @@ struct Args {
     results: Option<PathBuf>,
 }
 
+/// The host's libvirt and control plane up, and the CRDs in place (the QEMU-only runs).
+async fn prepare() -> anyhow::Result<()> {
+    prepare_host()?;
+    let c = client().await?;
+    ensure_crds(&c).await?;
+    Ok(())
+}
+
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     if let Some(n) = args.drain {
-        prepare_host()?;
-        let c = client().await?;
-        ensure_crds(&c).await?;
+        prepare().await?;
         let r = drain::run_bench(n, args.drain_rounds).await?;
         println!("{}", drain::markdown(&r));
         return Ok(());
     }
     if let Some(n) = args.backup {
-        prepare_host()?;
-        let c = client().await?;
-        ensure_crds(&c).await?;
+        prepare().await?;
         let rows = backup::run_bench(n).await?;
         println!("{}", backup::markdown(&rows));
         return Ok(());
     }
     if let Some(n) = args.migrate {
-        prepare_host()?;
-        let c = client().await?;
-        ensure_crds(&c).await?;
+        prepare().await?;
         let r = migrate::run_bench(n).await?;
         println!("{}", migrate::markdown(&r));
         return Ok(());

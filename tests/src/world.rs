@@ -8,12 +8,13 @@
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
+use deskvirt_crds::backup::BackupPhase;
 use deskvirt_crds::constants::{SECRET_KEY_PASSWORD, SECRET_KEY_VV};
 use deskvirt_crds::desktop::Phase;
-use deskvirt_crds::{Desktop, ResourcePool};
+use deskvirt_crds::{Desktop, DesktopBackup, ResourcePool};
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::PostParams;
 use kube::{Api, Client};
@@ -590,6 +591,53 @@ pub fn disk_of(listing: &str) -> anyhow::Result<PathBuf> {
         .find(|p| p.ends_with(".qcow2"))
         .map(PathBuf::from)
         .with_context(|| format!("no qcow2 disk in:\n{listing}"))
+}
+
+/// DesktopBackup `name` of desktop `desktop` in the run's namespace, of type `kind` (unset:
+/// the default).
+pub fn backup_of(
+    w: &World,
+    name: &str,
+    desktop: &str,
+    kind: Option<&str>,
+) -> anyhow::Result<DesktopBackup> {
+    let mut spec = json!({ "desktop": desktop });
+    if let Some(k) = kind {
+        spec["type"] = json!(k);
+    }
+    Ok(serde_json::from_value(json!({
+        "apiVersion": "deskvirt.io/v1alpha1", "kind": "DesktopBackup",
+        "metadata": { "name": name, "labels": { RUN_LABEL: w.run } },
+        "spec": spec,
+    }))?)
+}
+
+/// Creates backup `name` of `desktop` and waits (up to 2 minutes) for it to succeed; returns
+/// it and how long that took from the create.
+pub async fn take_backup(
+    w: &World,
+    name: &str,
+    desktop: &str,
+    kind: Option<&str>,
+) -> anyhow::Result<(DesktopBackup, Duration)> {
+    let api: Api<DesktopBackup> = Api::namespaced(w.client.clone(), &w.user_ns.name);
+    let t = Instant::now();
+    api.create(&PostParams::default(), &backup_of(w, name, desktop, kind)?)
+        .await?;
+    let b = eventually(
+        Duration::from_secs(120),
+        &format!("{name} to end"),
+        || async { Ok(api.get_opt(name).await?.filter(|b| b.phase().is_terminal())) },
+    )
+    .await?;
+    let took = t.elapsed();
+    anyhow::ensure!(
+        b.phase() == BackupPhase::Succeeded,
+        "{name} ended {:?}: {:?}",
+        b.phase(),
+        b.status
+    );
+    Ok((b, took))
 }
 
 /// A test guest's boot that writes `mib` MiB of byte `octal` (three octal digits) over its

@@ -37,6 +37,7 @@
 //!
 //! Run: `cargo test -p deskvirt-tests --test backup -- --nocapture`.
 
+use std::cell::{Cell, RefCell};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -50,8 +51,8 @@ use deskvirt_tests::cluster::unique_suffix;
 use deskvirt_tests::helm::ScratchNamespace;
 use deskvirt_tests::host::{eventually, qemu_pid, run};
 use deskvirt_tests::world::{
-    RUN_LABEL, World, boot_writing, create_pool, disk_of, domain_of, guest_command, guest_desktop,
-    guest_writes, setup, virsh_system,
+    World, backup_of as backup, boot_writing, create_pool, disk_of, domain_of, guest_command,
+    guest_desktop, guest_writes, setup, take_backup as take, virsh_system,
 };
 use k8s_openapi::api::core::v1::ResourceQuota;
 use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
@@ -59,50 +60,6 @@ use kube::{Api, ResourceExt};
 use serde_json::json;
 
 const MIB: u64 = 1 << 20;
-
-fn backup(
-    w: &World,
-    name: &str,
-    desktop: &str,
-    kind: Option<&str>,
-) -> anyhow::Result<DesktopBackup> {
-    let mut spec = json!({ "desktop": desktop });
-    if let Some(k) = kind {
-        spec["type"] = json!(k);
-    }
-    Ok(serde_json::from_value(json!({
-        "apiVersion": "deskvirt.io/v1alpha1", "kind": "DesktopBackup",
-        "metadata": { "name": name, "labels": { RUN_LABEL: w.run } },
-        "spec": spec,
-    }))?)
-}
-
-/// Creates backup `name` of `desktop` and waits for it to end; returns it and how long it took.
-async fn take(
-    w: &World,
-    name: &str,
-    desktop: &str,
-    kind: Option<&str>,
-) -> anyhow::Result<(DesktopBackup, Duration)> {
-    let api: Api<DesktopBackup> = Api::namespaced(w.client.clone(), &w.user_ns.name);
-    api.create(&PostParams::default(), &backup(w, name, desktop, kind)?)
-        .await?;
-    let t = Instant::now();
-    let b = eventually(
-        Duration::from_secs(120),
-        &format!("{name} to end"),
-        || async { Ok(api.get_opt(name).await?.filter(|b| b.phase().is_terminal())) },
-    )
-    .await?;
-    let took = t.elapsed();
-    anyhow::ensure!(
-        b.phase() == BackupPhase::Succeeded,
-        "{name} ended {:?}: {:?}",
-        b.phase(),
-        b.status
-    );
-    Ok((b, took))
-}
 
 fn sha256(file: &Path) -> anyhow::Result<String> {
     let out = run("sha256sum", Command::new("sha256sum").arg(file))?;
@@ -651,12 +608,13 @@ async fn schedule_keeps_what_restores_and_lets_the_rest_go(
         )
         .await?;
     let lp = kube::api::ListParams::default().labels("deskvirt.io/scheduled=true");
-    // Every scheduled backup seen, in the order they were made.
-    let mut seen: Vec<(String, Seen)> = Vec::new();
-    let mut most_kept = 0;
-    let deadline = Instant::now() + Duration::from_secs(120);
-    let outcome: anyhow::Result<()> = async {
-        loop {
+    // Every scheduled backup seen, in the order they were made, and the most kept at once.
+    let seen: RefCell<Vec<(String, Seen)>> = RefCell::new(Vec::new());
+    let most_kept = Cell::new(0);
+    let outcome = eventually(
+        Duration::from_secs(120),
+        "two scheduled chains, the first one gone",
+        || async {
             let list = api.list(&lp).await?;
             let live: Vec<&DesktopBackup> = list
                 .items
@@ -664,6 +622,7 @@ async fn schedule_keeps_what_restores_and_lets_the_rest_go(
                 .filter(|b| b.spec.desktop == "sched")
                 .collect();
             let live_names: Vec<String> = live.iter().map(|b| b.name_any()).collect();
+            let mut seen = seen.borrow_mut();
             let mut kept = 0;
             for b in &live {
                 let name = b.name_any();
@@ -693,23 +652,16 @@ async fn schedule_keeps_what_restores_and_lets_the_rest_go(
                     }
                 }
             }
-            most_kept = most_kept.max(kept);
+            most_kept.set(most_kept.get().max(kept));
             let succeeded = live
                 .iter()
                 .filter(|b| b.phase() == BackupPhase::Succeeded)
                 .count();
             let first_gone =
                 seen.len() >= 4 && seen[..2].iter().all(|(n, _)| !live_names.contains(n));
-            if first_gone && succeeded >= 2 {
-                return Ok(());
-            }
-            anyhow::ensure!(
-                Instant::now() < deadline,
-                "timed out waiting for two scheduled chains, the first one gone; seen {seen:?}"
-            );
-            tokio::time::sleep(Duration::from_millis(250)).await;
-        }
-    }
+            Ok((first_gone && succeeded >= 2).then_some(()))
+        },
+    )
     .await;
     // The schedule stops before anything is asserted, so that nothing more is made.
     pools
@@ -719,7 +671,8 @@ async fn schedule_keeps_what_restores_and_lets_the_rest_go(
             &Patch::Merge(json!({ "spec": { "backup": { "schedule": null } } })),
         )
         .await?;
-    outcome?;
+    let (seen, most_kept) = (seen.into_inner(), most_kept.get());
+    outcome.with_context(|| format!("seen {seen:?}"))?;
     for (n, s) in &seen {
         eprintln!(
             "[backup] scheduled {n}: {:?}, parent {:?}, new chain {}, {} KiB copied ({})",

@@ -125,24 +125,6 @@ impl Cron {
         }
         None
     }
-
-    /// The first moment after `t` the schedule is due at, looked for up to `within` seconds
-    /// ahead.
-    pub fn next_after(&self, t: i64, within: i64) -> Option<i64> {
-        let step = if self.with_seconds { 1 } else { 60 };
-        let mut at = if self.with_seconds {
-            t + 1
-        } else {
-            t - t.rem_euclid(60) + 60
-        };
-        while at <= t + within {
-            if self.matches(at) {
-                return Some(at);
-            }
-            at += step;
-        }
-        None
-    }
 }
 
 /// One cron field as a bit set of the values it allows.
@@ -321,8 +303,6 @@ mod tests {
         assert!(!every_10_s.matches(MONDAY + 11));
         assert_eq!(every_10_s.latest(MONDAY, MONDAY + 25), Some(MONDAY + 20));
         assert_eq!(every_10_s.latest(MONDAY + 20, MONDAY + 25), None);
-        assert_eq!(every_10_s.next_after(MONDAY + 20, 60), Some(MONDAY + 30));
-        assert_eq!(every_5_min.next_after(MONDAY + 1, 600), Some(MONDAY + 300));
     }
 
     #[test]

@@ -49,13 +49,18 @@ pub enum Error {
 
 /// Whether this host is to remove the file of `b` now.
 pub fn is_ours(b: &DesktopBackup, node: &str) -> bool {
-    let st = b.status.as_ref();
-    let fins = b.finalizers();
+    handed_over(b)
+        && b.finalizers().iter().any(|f| f == FINALIZER_BACKUP_FILE)
+        && b.status.as_ref().and_then(|s| s.node.as_deref()) == Some(node)
+}
+
+/// Whether the operator handed a deleted backup's file over: nothing reads it any more (its
+/// finalizer is off and the reason is `RemovingFile`).
+fn handed_over(b: &DesktopBackup) -> bool {
     b.metadata.deletion_timestamp.is_some()
-        && fins.iter().any(|f| f == FINALIZER_BACKUP_FILE)
-        && !fins.iter().any(|f| f == FINALIZER_OPERATOR)
-        && st.and_then(|s| s.node.as_deref()) == Some(node)
-        && st
+        && !b.finalizers().iter().any(|f| f == FINALIZER_OPERATOR)
+        && b.status
+            .as_ref()
             .and_then(|s| deskvirt_crds::conditions::find(&s.conditions, READY))
             .is_some_and(|c| c.reason == BackupReason::RemovingFile.as_str())
 }
@@ -171,19 +176,16 @@ async fn reconcile<H: Hypervisor + Clone + 'static>(
 /// The UID of the deleted backup's desktop when that desktop is bound to this host and the
 /// operator handed the backup's file over (nothing restores through it any more).
 fn desktop_here<H>(b: &DesktopBackup, ctx: &DesktopContext<H>) -> Option<String> {
-    let handed = b.metadata.deletion_timestamp.is_some()
-        && !b.finalizers().iter().any(|f| f == FINALIZER_OPERATOR)
-        && b.status
-            .as_ref()
-            .and_then(|s| deskvirt_crds::conditions::find(&s.conditions, READY))
-            .is_some_and(|c| c.reason == BackupReason::RemovingFile.as_str());
+    if !handed_over(b) {
+        return None;
+    }
     let uid = b.status.as_ref()?.desktop_uid.as_deref()?;
     let here = ctx.desktops()?.state().into_iter().any(|d| {
         d.uid().as_deref() == Some(uid)
             && d.status.as_ref().and_then(|s| s.node.as_deref())
                 == Some(ctx.config.node_name.as_str())
     });
-    (handed && here).then(|| uid.to_string())
+    here.then(|| uid.to_string())
 }
 
 /// Deletes the checkpoint of backup `b` from the domain of desktop `desktop_uid` on this host

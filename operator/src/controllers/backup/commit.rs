@@ -73,29 +73,13 @@ pub(super) async fn deleted(pass: &Pass<'_>) -> Result<Action, Error> {
     if !has_finalizer(b) && !file_finalizer {
         return Ok(Action::await_change());
     }
-    let all = [FINALIZER_OPERATOR, FINALIZER_BACKUP_FILE];
     if !b.phase().is_terminal() {
         tracing::info!("backup deleted before it ended");
         clear_record(pass, b).await?;
-        let mut want = want_status(b, State::Failed);
-        want.completion_time = Some(Time(pass.now));
-        want.location = None;
         let message =
             "deleted before it ended: the host stops the job and removes the unfinished file";
-        set(
-            &mut want,
-            b,
-            pass,
-            Status::False,
-            BackupReason::BackupFailed,
-            message,
-        );
-        let written = write_status(pass, b, &want).await?;
-        fence::check()?;
-        remove_finalizers(&pass.api, &written, &all)
-            .await
-            .map_err(kube("remove the finalizers"))?;
-        return Ok(Action::await_change());
+        let written = mark_failed(pass, b, BackupReason::BackupFailed, message).await?;
+        return let_go(pass, &written).await;
     }
     if has_finalizer(b) {
         clear_record(pass, b).await?;
@@ -107,11 +91,7 @@ pub(super) async fn deleted(pass: &Pass<'_>) -> Result<Action, Error> {
         file_finalizer,
     ) else {
         // No file (or a backup made before hosts removed files): nothing to wait for.
-        fence::check()?;
-        remove_finalizers(&pass.api, b, &all)
-            .await
-            .map_err(kube("remove the finalizers"))?;
-        return Ok(Action::await_change());
+        return let_go(pass, b).await;
     };
     if let Some(why) = in_use(pass, b).await? {
         let mut want = want_status(b, b.phase());
@@ -139,11 +119,7 @@ pub(super) async fn deleted(pass: &Pass<'_>) -> Result<Action, Error> {
         pass.ctx
             .event(b, EventType::Warning, "BackupFileLeft", "Delete", message)
             .await;
-        fence::check()?;
-        remove_finalizers(&pass.api, b, &all)
-            .await
-            .map_err(kube("remove the finalizers"))?;
-        return Ok(Action::await_change());
+        return let_go(pass, b).await;
     }
     let mut want = want_status(b, b.phase());
     let message = format!("deleted; host {node} removes {file}");
@@ -354,13 +330,10 @@ async fn start(
     let node = st
         .and_then(|s| s.node.clone())
         .ok_or(Error::MissingField("desktop node"))?;
-    let pool = st
-        .and_then(|s| s.allocation.as_ref())
-        .map_or(d.spec.pool.clone(), |a| a.pool.clone());
     let Some(dir) = pass
         .ctx
         .stores
-        .pool(&pool)
+        .pool(d.pool())
         .and_then(|p| p.spec.backup.as_ref().map(|b| b.dir.clone()))
     else {
         return Ok(Action::requeue(Duration::from_secs(1)));
@@ -540,6 +513,19 @@ async fn fail(
     reason: BackupReason,
     message: &str,
 ) -> Result<Action, Error> {
+    let written = mark_failed(pass, b, reason, message).await?;
+    settle(pass, &written).await?;
+    Ok(Action::await_change())
+}
+
+/// Ends the backup Failed (no file) for `reason`, said in its status and an Event; returns it
+/// as written.
+async fn mark_failed(
+    pass: &Pass<'_>,
+    b: &DesktopBackup,
+    reason: BackupReason,
+    message: &str,
+) -> Result<DesktopBackup, Error> {
     let mut want = want_status(b, State::Failed);
     want.completion_time = Some(Time(pass.now));
     want.location = None;
@@ -555,7 +541,15 @@ async fn fail(
             format!("{reason}: {message}"),
         )
         .await;
-    settle(pass, &written).await?;
+    Ok(written)
+}
+
+/// Removes both of deskvirt's finalizers from a deleted backup: nothing of it is left to do.
+async fn let_go(pass: &Pass<'_>, b: &DesktopBackup) -> Result<Action, Error> {
+    fence::check()?;
+    remove_finalizers(&pass.api, b, &[FINALIZER_OPERATOR, FINALIZER_BACKUP_FILE])
+        .await
+        .map_err(kube("remove the finalizers"))?;
     Ok(Action::await_change())
 }
 

@@ -111,7 +111,7 @@ pub async fn run(ctx: Arc<Context>, selector: String, stop: watch::Receiver<bool
         })
         .watches_stream(ctx.stores.backup_changes.stream(), move |child| {
             // A deleted parent waits for its children: a change of one (its going, above all)
-            // wakes the parent that waits. And a backup's change (its file written, or gone)
+            // wakes the parent that waits. And a backup being deleted (its file about to go)
             // wakes the namespace's backups that wait for room under its quota.
             let ns = child.namespace().unwrap_or_default();
             let parent = child
@@ -125,10 +125,12 @@ pub async fn run(ctx: Arc<Context>, selector: String, stop: watch::Receiver<bool
                         .get(r)
                         .is_some_and(|p| p.metadata.deletion_timestamp.is_some())
                 });
-            parent
-                .into_iter()
-                .chain(waiting_for_room(&by_child, &ns))
-                .collect::<Vec<_>>()
+            let room = if child.metadata.deletion_timestamp.is_some() {
+                waiting_for_room(&by_child, &ns)
+            } else {
+                Vec::new()
+            };
+            parent.into_iter().chain(room).collect::<Vec<_>>()
         })
         .watches_stream(ctx.stores.quota_changes.stream(), move |q| {
             waiting_for_room(&by_quota, &q.namespace().unwrap_or_default())
@@ -231,12 +233,9 @@ fn as_backup(b: &DesktopBackup) -> Backup<'_> {
 fn desktop_facts<'a>(ctx: &Context, d: &'a Desktop, now: Timestamp) -> DesktopFacts<'a> {
     let st = d.status.as_ref();
     let node = st.and_then(|s| s.node.as_deref());
-    let pool = st
-        .and_then(|s| s.allocation.as_ref())
-        .map_or(d.spec.pool.as_str(), |a| a.pool.as_str());
     let has_backup_dir = ctx
         .stores
-        .pool(pool)
+        .pool(d.pool())
         .is_some_and(|p| p.spec.backup.is_some());
     DesktopFacts {
         uid: d.metadata.uid.as_deref().unwrap_or_default(),

@@ -72,10 +72,12 @@ pub struct Done {
 /// by the pool's validation and schedules nothing).
 struct PoolPlan {
     policy: Option<Policy>,
+    /// The latest moment the schedule was due at, within the catch-up window.
+    slot: Option<i64>,
     retention: Retention,
 }
 
-fn plan_of(pool: &ResourcePool) -> Option<PoolPlan> {
+fn plan_of(pool: &ResourcePool, now: i64) -> Option<PoolPlan> {
     let b = pool.spec.backup.as_ref()?;
     let policy = b
         .schedule
@@ -90,21 +92,17 @@ fn plan_of(pool: &ResourcePool) -> Option<PoolPlan> {
         .as_deref()
         .and_then(|a| parse_duration(a).ok())
         .and_then(|d| i64::try_from(d.as_secs()).ok());
+    let slot = policy
+        .as_ref()
+        .and_then(|p| p.cron.latest(now - MISSED_AFTER_SECS, now));
     Some(PoolPlan {
         policy,
+        slot,
         retention: Retention {
             keep: b.keep,
             max_age_secs,
         },
     })
-}
-
-/// The pool a desktop is charged to.
-fn pool_of(d: &Desktop) -> &str {
-    d.status
-        .as_ref()
-        .and_then(|s| s.allocation.as_ref())
-        .map_or(d.spec.pool.as_str(), |a| a.pool.as_str())
 }
 
 /// One pass over every pool's schedule and retention.
@@ -115,7 +113,7 @@ pub async fn pass(ctx: &Context, made: &Made) -> Done {
         .pools
         .state()
         .iter()
-        .filter_map(|p| plan_of(p).map(|plan| (p.name_any(), plan)))
+        .filter_map(|p| plan_of(p, now).map(|plan| (p.name_any(), plan)))
         .collect();
     if plans.is_empty() {
         return Done::default();
@@ -134,25 +132,15 @@ pub async fn pass(ctx: &Context, made: &Made) -> Done {
         .push(b);
     }
     let mut done = Done::default();
-    let slots: BTreeMap<&str, Option<i64>> = plans
-        .iter()
-        .map(|(name, p)| {
-            let slot = p
-                .policy
-                .as_ref()
-                .and_then(|pol| pol.cron.latest(now - MISSED_AFTER_SECS, now));
-            (name.as_str(), slot)
-        })
-        .collect();
     for d in ctx.stores.desktops.state() {
         if !ctx.is_leader() {
             return done;
         }
-        let pool = pool_of(&d);
-        let (Some(plan), Some(slot)) = (plans.get(pool), slots.get(pool).copied()) else {
-            continue;
-        };
-        let Some(policy) = &plan.policy else {
+        let pool = d.pool();
+        let Some((policy, slot)) = plans
+            .get(pool)
+            .and_then(|p| Some((p.policy.as_ref()?, p.slot)))
+        else {
             continue;
         };
         let (ns, uid) = (
@@ -160,7 +148,7 @@ pub async fn pass(ctx: &Context, made: &Made) -> Done {
             d.uid().unwrap_or_default(),
         );
         let mine: Vec<Backup<'_>> = by_desktop
-            .get(&(ns.clone(), uid))
+            .get(&(ns.clone(), uid.clone()))
             .into_iter()
             .chain(unpinned.get(&(ns.clone(), d.name_any())))
             .flatten()
@@ -178,7 +166,6 @@ pub async fn pass(ctx: &Context, made: &Made) -> Done {
                 .as_ref()
                 .map_or(0, |t| t.0.as_second()),
         };
-        let uid = d.uid().unwrap_or_default();
         if let Some(planned) = due(policy, subject, &mine, slot, made.get(&uid)) {
             match create(ctx, &d, pool, planned).await {
                 Created::Made => {
