@@ -9,7 +9,10 @@
 #                "DESKVIRT-GUEST-IP <address>"; with `deskvirt.write=N` it writes N MiB of zeroes
 #                over its disk at boot (then fsync; each byte `deskvirt.byte=OOO` in octal, from
 #                `deskvirt.seek=S` MiB on) and prints "DESKVIRT-GUEST-WROTE N"; a serial line
-#                "deskvirt-write N S OOO" does the same while it runs
+#                "deskvirt-write N S OOO" does the same while it runs; and Debian's real QEMU guest
+#                agent (qemu-ga, with the host's libraries it links) answering on the virtio port
+#                org.qemu.guest_agent.0 when the domain has one (not with `deskvirt.noagent`),
+#                whose fsfreeze hook prints "DESKVIRT-GUEST-FSFREEZE freeze|thaw" on the console
 #   base.qcow2   an empty 64 MiB qcow2 image to hang linked clones on
 #
 #   scripts/build-guest.sh [outdir]     (default ~/.cache/deskvirt/guest/current)
@@ -18,11 +21,11 @@
 # layout version; a cached build takes well under a second. Prints the output dir on stdout.
 set -euo pipefail
 
-LAYOUT=7   # bump when the initramfs layout or /init changes
+LAYOUT=8   # bump when the initramfs layout or /init changes
 CACHE=${DESKVIRT_GUEST_CACHE:-$HOME/.cache/deskvirt/guest}
 OUT=${1:-$CACHE/current}
 MODULES=(virtio_ring virtio virtio_pci_legacy_dev virtio_pci_modern_dev virtio_pci
-         failover net_failover virtio_net virtio_blk)
+         failover net_failover virtio_net virtio_blk virtio_console)
 
 log() { echo "[guest] $*" >&2; }
 die() { echo "[guest] error: $*" >&2; exit 1; }
@@ -36,14 +39,17 @@ kernel_pkg=$(apt-cache depends linux-image-cloud-amd64 2>/dev/null |
   awk '/Depends: linux-image-[0-9]/ {print $2; exit}')
 [ -n "$kernel_pkg" ] || die "cannot resolve linux-image-cloud-amd64 (apt-get update needed?)"
 # One apt-cache call for both candidates (apt-cache is slow to start on a busy machine).
-versions=$(apt-cache policy "$kernel_pkg" busybox-static 2>/dev/null |
+versions=$(apt-cache policy "$kernel_pkg" busybox-static qemu-guest-agent 2>/dev/null |
   awk '/^[^ ]/ {pkg=$1; sub(":$", "", pkg)} /Candidate:/ {print pkg, $2}')
 kernel_ver=$(awk -v p="$kernel_pkg" '$1 == p {print $2}' <<<"$versions")
 busybox_ver=$(awk '$1 == "busybox-static" {print $2}' <<<"$versions")
 [ -n "$kernel_ver" ] && [ "$kernel_ver" != "(none)" ] || die "no candidate for $kernel_pkg"
+qga_ver=$(awk '$1 == "qemu-guest-agent" {print $2}' <<<"$versions")
 [ -n "$busybox_ver" ] && [ "$busybox_ver" != "(none)" ] || die "no candidate for busybox-static"
+[ -n "$qga_ver" ] && [ "$qga_ver" != "(none)" ] || die "no candidate for qemu-guest-agent"
 
-key=$(printf '%s\n' "$LAYOUT" "$kernel_pkg=$kernel_ver" "busybox-static=$busybox_ver" |
+key=$(printf '%s\n' "$LAYOUT" "$kernel_pkg=$kernel_ver" "busybox-static=$busybox_ver" \
+  "qemu-guest-agent=$qga_ver" |
   sha256sum | cut -c1-16)
 built=$CACHE/$key
 
@@ -56,7 +62,8 @@ publish() {
       mv -f "$OUT/$f.tmp.$$" "$OUT/$f"
     fi
   done
-  printf '%s\n' "$kernel_pkg=$kernel_ver" "busybox-static=$busybox_ver" >"$OUT/VERSIONS"
+  printf '%s\n' "$kernel_pkg=$kernel_ver" "busybox-static=$busybox_ver" \
+    "qemu-guest-agent=$qga_ver" >"$OUT/VERSIONS"
   (cd "$OUT" && pwd)
 }
 
@@ -70,11 +77,14 @@ mkdir -p "$CACHE"
 work=$(mktemp -d "$CACHE/.build.XXXXXX")
 trap 'rm -rf "$work"' EXIT
 
-(cd "$work" && apt-get download -q "$kernel_pkg=$kernel_ver" "busybox-static=$busybox_ver" >&2) ||
+(cd "$work" && apt-get download -q "$kernel_pkg=$kernel_ver" "busybox-static=$busybox_ver" \
+  "qemu-guest-agent=$qga_ver" >&2) ||
   die "apt-get download failed"
 mkdir -p "$work/kernel" "$work/busybox"
 dpkg -x "$work/${kernel_pkg}_"*.deb "$work/kernel"
 dpkg -x "$work/busybox-static_"*.deb "$work/busybox"
+mkdir -p "$work/qga"
+dpkg -x "$work/qemu-guest-agent_"*.deb "$work/qga"
 
 vmlinuz=$(ls "$work"/kernel/boot/vmlinuz-* 2>/dev/null | head -1)
 [ -n "$vmlinuz" ] || die "no kernel in $kernel_pkg"
@@ -85,6 +95,20 @@ root=$work/root
 mkdir -p "$root"/{bin,sbin,dev,proc,sys,tmp,run,lib/modules}
 cp "$work/busybox/bin/busybox" "$root/bin/busybox"
 ln -s busybox "$root/bin/sh"
+
+# qemu-ga and the shared libraries it links, as this host has them (the same Debian release;
+# qemu-system-x86 pulls in every one), under the paths the loader looks in.
+qga=$work/qga/usr/sbin/qemu-ga
+[ -x "$qga" ] || die "no qemu-ga in qemu-guest-agent"
+cp "$qga" "$root/bin/qemu-ga"
+libs=$(ldd "$qga") || die "ldd cannot read qemu-ga"
+if grep -q "not found" <<<"$libs"; then
+  die "qemu-ga needs libraries this host lacks (run scripts/install-deps.sh): $(grep 'not found' <<<"$libs" | tr '\n' ' ')"
+fi
+for lib in $(awk '/=> \// {print $3} /^[[:space:]]*\// {print $1}' <<<"$libs"); do
+  mkdir -p "$root$(dirname "$lib")"
+  cp -L "$lib" "$root$lib"
+done
 
 # Modules in load order, decompressed here because busybox insmod may not read .xz/.zst.
 loaded=()
@@ -169,6 +193,23 @@ fi
     sleep 1
   done
 ) &
+# The QEMU guest agent, on the port the domain names org.qemu.guest_agent.0 (no udev here to
+# make the /dev/virtio-ports link). Its fsfreeze hook says on the console when the host froze
+# and thawed the guest's file systems. With deskvirt.noagent on the kernel command line, no
+# agent runs (a guest without one).
+cat >/bin/fsfreeze-hook <<'HOOK'
+#!/bin/sh
+sync
+echo "DESKVIRT-GUEST-FSFREEZE \$1" >/dev/console
+HOOK
+chmod +x /bin/fsfreeze-hook
+grep -qw deskvirt.noagent /proc/cmdline || for p in /sys/class/virtio-ports/*; do
+  if [ "\$(cat "\$p/name" 2>/dev/null)" = org.qemu.guest_agent.0 ]; then
+    mkdir -p /run /var/run
+    qemu-ga -m virtio-serial -p "/dev/\${p##*/}" -F/bin/fsfreeze-hook -t /run \
+      -f /run/qemu-ga.pid -d && echo "DESKVIRT-GUEST-AGENT \${p##*/}"
+  fi
+done
 echo "DESKVIRT-GUEST-READY uptime=\$(cut -d' ' -f1 /proc/uptime) disks=\$(ls /sys/block | tr '\n' ,)"
 while true; do
   sleep 1

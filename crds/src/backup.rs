@@ -52,6 +52,12 @@ use crate::schema::{ABS_PATH, DNS_SUBDOMAIN};
         description = "The backup an incremental holds the changes since"
     ),
     printcolumn(
+        name = "Consistency",
+        type_ = "string",
+        json_path = ".status.quiesce.consistency",
+        description = "Quiesced (the guest agent froze its file systems) or CrashConsistent"
+    ),
+    printcolumn(
         name = "Size",
         type_ = "integer",
         json_path = ".status.sizeBytes",
@@ -151,6 +157,10 @@ pub struct DesktopBackupStatus {
     /// guest's disk I/O waits while the checkpoint is taken. The copy itself does not pause it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub start_millis: Option<u64>,
+    /// Whether the guest's file systems were frozen through its guest agent while the point in
+    /// time was taken, as the host reported it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quiesce: Option<Quiesce>,
     /// The summary `Ready` (True once Succeeded; its reason says why it waits or failed).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
@@ -274,6 +284,9 @@ pub struct BackupReport {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 4096))]
     pub base_image: Option<String>,
+    /// Whether the guest agent froze the guest's file systems for the start.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quiesce: Option<Quiesce>,
     /// Bytes of the file.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub size_bytes: Option<u64>,
@@ -284,6 +297,39 @@ pub struct BackupReport {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 80))]
     pub checksum: Option<String>,
+}
+
+/// How consistent the point in time a backup holds is.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum Consistency {
+    /// The guest agent flushed and froze the guest's file systems (running its fsfreeze hooks,
+    /// where applications flush their own state) while the backup's point in time was taken,
+    /// and thawed them right after: what a clean shutdown would leave on the disk.
+    Quiesced,
+    /// No guest agent answered (none installed in the guest, not started yet, or the domain
+    /// was defined without its channel and has not been restarted since): the backup holds
+    /// the disk as a power cut at that moment would have left it. Journaling file systems
+    /// recover from it; an application's unflushed data may be missing.
+    CrashConsistent,
+}
+
+/// How the guest was held while a backup's point in time was taken.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Quiesce {
+    pub consistency: Consistency,
+    /// How many file systems the guest agent froze (Quiesced).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub filesystems: Option<u32>,
+    /// Milliseconds the guest's file systems stayed frozen: from the freeze until the thaw,
+    /// around the start of the backup job (Quiesced). Writes in the guest wait that long.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub frozen_millis: Option<u64>,
+    /// Why the backup is crash-consistent (what libvirt said of the guest agent), or what went
+    /// wrong thawing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 1024))]
+    pub message: Option<String>,
 }
 
 impl DesktopBackup {

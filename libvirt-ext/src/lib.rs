@@ -1,6 +1,7 @@
 //! The libvirt calls that `virt` 0.5 does not wrap, with safe signatures: aborting a domain's
 //! job (a migration that does not converge), switching a migration to post-copy, the
-//! checkpoint and backup calls of incremental disk backups, and a job's statistics read
+//! checkpoint and backup calls of incremental disk backups, freezing and thawing a guest's
+//! file systems through its guest agent, and a job's statistics read
 //! without `virt`'s unsound conversion. This is
 //! the workspace's only crate with `unsafe` code; every other crate forbids it, and the
 //! node-agent reaches these calls only through its `Hypervisor` door.
@@ -122,6 +123,30 @@ pub fn checkpoint_delete(dom: &Domain, name: &CStr, metadata_only: bool) -> Resu
     // SAFETY: as above: freed once, after its last use.
     unsafe { virt_sys::virDomainCheckpointFree(cp) };
     result
+}
+
+/// Flushes and freezes every file system of the guest through its guest agent
+/// (`virDomainFSFreeze`, all mount points); returns how many were frozen. Fails at once when
+/// the domain has no guest agent channel or no agent is connected to it, and after libvirt's
+/// agent timeout when one is connected but does not answer.
+pub fn fs_freeze(dom: &Domain) -> Result<u32, Error> {
+    // SAFETY: the borrowed `dom` keeps its pointer valid for the call; a NULL mount point list
+    // with count 0 means all of them, as the API allows; flags must be 0.
+    let ret = unsafe { virt_sys::virDomainFSFreeze(dom.as_ptr(), std::ptr::null_mut(), 0, 0) };
+    if ret == -1 {
+        return Err(Error::last_error());
+    }
+    Ok(u32::try_from(ret).unwrap_or(0))
+}
+
+/// Thaws the guest's file systems (`virDomainFSThaw`, all mount points); returns how many.
+pub fn fs_thaw(dom: &Domain) -> Result<u32, Error> {
+    // SAFETY: as in `fs_freeze`.
+    let ret = unsafe { virt_sys::virDomainFSThaw(dom.as_ptr(), std::ptr::null_mut(), 0, 0) };
+    if ret == -1 {
+        return Err(Error::last_error());
+    }
+    Ok(u32::try_from(ret).unwrap_or(0))
 }
 
 /// What `virDomainGetJobStats` says of a domain's job, the fields the agent reads.

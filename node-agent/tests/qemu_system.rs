@@ -30,7 +30,7 @@ use deskvirt_node_agent::domain::{
     graphics_xml,
 };
 use deskvirt_node_agent::hypervisor::{
-    BackupJob, BackupProgress, Change, Checkpoint, DomainState, Hypervisor, HypervisorError,
+    BackupJob, BackupProgress, Change, Checkpoint, DomainState, Hold, Hypervisor, HypervisorError,
     LibvirtHypervisor, MoveLimits, Outbound,
 };
 use deskvirt_tests::spice::{self, LINK_ERR_PERMISSION_DENIED, LinkOutcome};
@@ -287,6 +287,22 @@ async fn wait_for_line(
             seen[seen.len().saturating_sub(30)..].join("\n")
         ),
         Err(e) => panic!("console reader: {e}"),
+    }
+}
+
+/// Waits until libvirt says the guest agent of running domain `name` is connected.
+async fn agent_connected(hv: &LibvirtHypervisor, name: &str) {
+    let deadline = Instant::now() + BOOT_TIMEOUT;
+    loop {
+        let xml = live_xml(hv, name).await;
+        if xml.contains("name='org.qemu.guest_agent.0' state='connected'") {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the guest agent of {name} never connected: {xml}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
 
@@ -834,8 +850,10 @@ async fn an_incremental_backup_holds_exactly_what_the_guest_wrote_since_its_chec
         panic!("start {name}: {e}");
     }
     let pty = serial_pty(&live_xml(&env.hv, &name).await).unwrap_or_else(|| panic!("no pty"));
-    let (_, _, _console) =
+    let (_, _, console) =
         wait_for_line(console_lines(&pty), "DESKVIRT-GUEST-WROTE", BOOT_TIMEOUT).await;
+    // The guest's qemu-ga (Debian's) answers once libvirt saw it open its port.
+    agent_connected(&env.hv, &name).await;
     // libvirt does not know c0 until it is redefined over the bitmap; once is enough.
     assert_eq!(
         env.hv.ensure_checkpoint(&name, &c0).await.ok(),
@@ -848,9 +866,28 @@ async fn an_incremental_backup_holds_exactly_what_the_guest_wrote_since_its_chec
 
     let first = backup(1, Some("c0"));
     let t0 = Instant::now();
-    if let Err(e) = env.hv.begin_backup(&name, &first).await {
-        panic!("backup since c0: {e}");
+    let hold = match env.hv.begin_backup(&name, &first).await {
+        Ok(h) => h,
+        Err(e) => panic!("backup since c0: {e}"),
+    };
+    eprintln!("[backup] the guest was held: {hold:?}");
+    match hold {
+        Hold::Frozen {
+            millis,
+            thaw_error: None,
+            ..
+        } => assert!(millis < 5_000, "frozen {millis} ms"),
+        other => panic!("the guest agent did not freeze and thaw the guest: {other:?}"),
     }
+    // The guest's fsfreeze hook ran for the freeze, then for the thaw.
+    let (_, before, _console) =
+        wait_for_line(console, "DESKVIRT-GUEST-FSFREEZE thaw", BOOT_TIMEOUT).await;
+    assert!(
+        before
+            .iter()
+            .any(|l| l.contains("DESKVIRT-GUEST-FSFREEZE freeze")),
+        "no freeze before the thaw: {before:?}"
+    );
     let ended = backup_end(&env.hv, &name).await;
     eprintln!(
         "[backup] incremental since c0: {ended:?} in {:?}",

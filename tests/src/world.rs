@@ -695,7 +695,7 @@ pub fn guest_writes(log: &Path) -> anyhow::Result<Vec<String>> {
 }
 
 /// The word after each `marker` in serial log `log` (none while it does not exist).
-fn serial_values(log: &Path, marker: &str) -> anyhow::Result<Vec<String>> {
+pub fn serial_values(log: &Path, marker: &str) -> anyhow::Result<Vec<String>> {
     let text = match std::fs::read_to_string(log) {
         Ok(t) => t,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),

@@ -2,7 +2,9 @@
 //! this machine's libvirt, real QEMU (TCG) and the real apiserver. The pool sets
 //! `spec.backup.dir`; desktop `work`'s guest writes 4 MiB of byte 0xaa at boot.
 //! - `b1` (no type): an incremental since the disk was made, holding exactly the 4 MiB written,
-//!   its backing file the base image, its recorded checksum the file's SHA-256;
+//!   its backing file the base image, its recorded checksum the file's SHA-256; quiesced: the
+//!   guest's qemu-ga froze its file systems for the start (its fsfreeze hook ran for the freeze
+//!   and then the thaw);
 //! - `b2` right after: nothing changed, so it holds 0 bytes, its parent `b1`;
 //! - the guest writes 2 MiB of 0x55 16 MiB in (a command on its serial console), then `b3`:
 //!   exactly those 2 MiB, its parent `b2`; the chain `b3 → b2 → b1 → base` reads the same as
@@ -14,7 +16,8 @@
 //!   base image); one restoring from a backup that does not exist is not placed
 //!   (RestoreUnavailable, naming `spec.disk.restoreFrom.backup`), and one restoring over a
 //!   stored backup with one changed byte is refused (RestoreRefused, naming the checksum); the
-//!   restored desktop's first backup is a full one, and says why;
+//!   restored desktop's first backup is a full one, and says why; its guest runs no agent, so
+//!   that backup is crash-consistent, and says why;
 //! - a tenant's backup naming `work` from another namespace finds no such desktop (it waits,
 //!   reason DesktopNotFound), and a backup of a stopped desktop waits (NotRunning), then goes
 //!   ahead once the desktop runs again;
@@ -43,7 +46,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use deskvirt_crds::backup::{BackupPhase, BackupState, BackupType};
+use deskvirt_crds::backup::{BackupPhase, BackupState, BackupType, Consistency};
 use deskvirt_crds::conditions::find;
 use deskvirt_crds::constants::condition::{DOMAIN_DEFINED, READY, RUNNING, SCHEDULED};
 use deskvirt_crds::{Desktop, DesktopBackup, ResourcePool};
@@ -52,7 +55,7 @@ use deskvirt_tests::helm::ScratchNamespace;
 use deskvirt_tests::host::{eventually, qemu_pid, run};
 use deskvirt_tests::world::{
     World, backup_of as backup, boot_writing, create_pool, disk_of, domain_of, guest_command,
-    guest_desktop, guest_writes, setup, take_backup as take, virsh_system,
+    guest_desktop, guest_writes, serial_values, setup, take_backup as take, virsh_system,
 };
 use k8s_openapi::api::core::v1::ResourceQuota;
 use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
@@ -134,6 +137,22 @@ fn summary(name: &str, b: &DesktopBackup, took: Duration) -> String {
         st.start_millis.unwrap_or(0),
         took.as_secs_f64()
     )
+}
+
+/// Waits (up to 2 minutes) until libvirt says the guest agent of running domain `domain` is
+/// connected (the guest's qemu-ga opened its port).
+async fn agent_connected(domain: &str) -> anyhow::Result<()> {
+    eventually(
+        Duration::from_secs(120),
+        "the guest agent's channel connected",
+        || async {
+            let xml = virsh_system(&["dumpxml", domain])?;
+            Ok(xml
+                .contains("name='org.qemu.guest_agent.0' state='connected'")
+                .then_some(()))
+        },
+    )
+    .await
 }
 
 /// Waits (up to 4 minutes) for desktop `name` to run.
@@ -220,10 +239,29 @@ async fn backups_hold_only_what_changed_and_chain_to_the_disk_as_it_was() -> any
         started.elapsed().as_secs_f64()
     );
 
-    // b1: what changed since the disk was made, on the base image.
+    // b1: what changed since the disk was made, on the base image; the guest's qemu-ga froze
+    // its file systems for the start (its fsfreeze hook ran for the freeze, then the thaw).
+    agent_connected(&domain).await?;
     let (b1, took) = take(&w, "b1", "work", None).await?;
     eprintln!("[backup] {}", summary("b1", &b1, took));
     let st1 = b1.status.clone().unwrap_or_default();
+    let q1 = st1
+        .quiesce
+        .clone()
+        .context("b1 says nothing of quiescing")?;
+    anyhow::ensure!(
+        q1.consistency == Consistency::Quiesced && q1.frozen_millis.is_some(),
+        "b1: {q1:?}"
+    );
+    let hooks = serial_values(&serial, "DESKVIRT-GUEST-FSFREEZE ")?;
+    anyhow::ensure!(
+        hooks == ["freeze", "thaw"],
+        "the guest's fsfreeze hook ran {hooks:?}"
+    );
+    let said = find(&st1.conditions, READY)
+        .map(|c| c.message.clone())
+        .unwrap_or_default();
+    anyhow::ensure!(said.contains("quiesced"), "b1's Ready says {said}");
     anyhow::ensure!(st1.kind == Some(BackupType::Incremental), "{st1:?}");
     anyhow::ensure!(st1.parent.is_none(), "{st1:?}");
     anyhow::ensure!(
@@ -295,7 +333,9 @@ async fn backups_hold_only_what_changed_and_chain_to_the_disk_as_it_was() -> any
         &w,
         "back",
         "128Mi",
-        json!({ "disk": { "image": "base.qcow2", "restoreFrom": { "backup": "b3" } } }),
+        json!({ "disk": { "image": "base.qcow2", "restoreFrom": { "backup": "b3" } },
+                "boot": { "kernel": "vmlinuz", "initrd": "initrd.img",
+                          "cmdline": "console=ttyS0 deskvirt.noagent" } }),
     )?;
     desktops.create(&PostParams::default(), &back).await?;
     let t = Instant::now();
@@ -326,6 +366,17 @@ async fn backups_hold_only_what_changed_and_chain_to_the_disk_as_it_was() -> any
         st.kind == Some(BackupType::Full) && said.contains("taken full"),
         "back-1: {:?}: {said}",
         st.kind
+    );
+    // Its guest runs no agent: crash-consistent, and the backup says why.
+    let q = st
+        .quiesce
+        .clone()
+        .context("back-1 says nothing of quiescing")?;
+    anyhow::ensure!(
+        q.consistency == Consistency::CrashConsistent
+            && q.message.as_deref().is_some_and(|m| m.contains("agent"))
+            && said.contains("crash-consistent"),
+        "back-1: {q:?}; {said}"
     );
     // A backup that does not exist is named, and the desktop is not placed.
     let (reason, message) =

@@ -9,7 +9,9 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use deskvirt_core::backup::{CREATION_CHECKPOINT, Kind};
-use deskvirt_crds::backup::{BackingUp, BackupReport, BackupState, BackupType};
+use deskvirt_crds::backup::{
+    BackingUp, BackupReport, BackupState, BackupType, Consistency, Quiesce,
+};
 use deskvirt_crds::conditions;
 use deskvirt_crds::constants::condition::DELETING;
 use deskvirt_crds::constants::{MANAGER_AGENT_BACKUP, MANAGER_AGENT_TEARDOWN};
@@ -24,7 +26,7 @@ use super::Error;
 use super::apply::now;
 use super::context::DesktopContext;
 use crate::backup_files::{self, Verified};
-use crate::hypervisor::{BackupJob, BackupProgress, Checkpoint, Hypervisor};
+use crate::hypervisor::{BackupJob, BackupProgress, Checkpoint, Hold, Hypervisor};
 
 /// How often a desktop whose backup is being written is looked at again.
 pub const BACKUP_RESYNC: Duration = Duration::from_secs(1);
@@ -299,12 +301,37 @@ async fn start<H: Hypervisor>(
         kind = Kind::Full;
         begun = hv.begin_backup(domain, &job(None)).await;
     }
-    if let Err(e) = begun {
-        backup_files::remove(&file).await.ok();
-        return finish(
-            ctx,
+    let hold = match begun {
+        Ok(hold) => hold,
+        Err(e) => {
+            backup_files::remove(&file).await.ok();
+            return finish(
+                ctx,
+                d,
+                fail(report, format!("cannot start the backup: {e}")),
+            )
+            .await;
+        }
+    };
+    report.quiesce = Some(quiesce_of(&hold));
+    if let Hold::Frozen {
+        thaw_error: Some(e),
+        ..
+    } = &hold
+    {
+        tracing::error!(%domain, backup = %r.name, error = %e,
+            "the guest agent did not thaw the guest's file systems; its writes may wait until \
+             someone thaws them (virsh domfsthaw)");
+        ctx.event(
             d,
-            fail(report, format!("cannot start the backup: {e}")),
+            EventType::Warning,
+            "GuestNotThawed",
+            "Backup",
+            format!(
+                "backup {}: the guest agent froze the file systems and did not thaw them ({e}); \
+                 writes in the guest may hang until they are thawed",
+                r.name
+            ),
         )
         .await;
     }
@@ -469,6 +496,32 @@ async fn finish<H>(
     Ok(BACKUP_RESYNC)
 }
 
+/// What the report says of how the guest was held while the job started.
+fn quiesce_of(hold: &Hold) -> Quiesce {
+    match hold {
+        Hold::Frozen {
+            filesystems,
+            millis,
+            thaw_error,
+        } => Quiesce {
+            consistency: Consistency::Quiesced,
+            filesystems: Some(*filesystems),
+            frozen_millis: Some(*millis),
+            message: thaw_error
+                .as_ref()
+                .map(|e| truncate(format!("the thaw failed: {e}"))),
+        },
+        Hold::Unfrozen { why } => Quiesce {
+            consistency: Consistency::CrashConsistent,
+            filesystems: None,
+            frozen_millis: None,
+            message: Some(truncate(format!(
+                "no guest agent froze the file systems: {why}"
+            ))),
+        },
+    }
+}
+
 fn report_of<H>(
     ctx: &DesktopContext<H>,
     r: &BackingUp,
@@ -486,6 +539,7 @@ fn report_of<H>(
         started: None,
         start_millis: None,
         base_image: None,
+        quiesce: None,
         size_bytes: None,
         data_bytes: None,
         checksum: None,
@@ -545,6 +599,7 @@ mod tests {
             started: None,
             start_millis: None,
             base_image: None,
+            quiesce: None,
             size_bytes: None,
             data_bytes: None,
             checksum: None,

@@ -6,7 +6,7 @@ use super::cpu_memory::{cpu, cputune, memory, memory_backing, vcpu};
 use super::devices::{console, memballoon, serial, tablet};
 use super::disks::disk;
 use super::error::XmlError;
-use super::graphics::{graphics, vdagent_channel, video};
+use super::graphics::{graphics, guest_agent_channel, vdagent_channel, video};
 use super::inputs::{DomainInputs, domain_type_str};
 use super::metadata::metadata;
 use super::network::{NetworkAttachment, interface};
@@ -76,7 +76,7 @@ pub fn domain(inputs: &DomainInputs) -> Result<Domain, XmlError> {
             interface: interface(&inputs.network, &inputs.mac),
             serial: serial(&inputs.domain_name()),
             console: console(),
-            channel: vec![vdagent_channel()],
+            channel: vec![vdagent_channel(), guest_agent_channel()],
             input: vec![tablet()],
             graphics: graphics(&inputs.spice),
             video: video(),

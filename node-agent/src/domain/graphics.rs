@@ -77,6 +77,18 @@ pub fn vdagent_channel() -> Channel {
     }
 }
 
+/// The QEMU guest agent's channel (libvirt picks the host side's socket): a backup freezes the
+/// guest's file systems through it when an agent answers in the guest.
+pub fn guest_agent_channel() -> Channel {
+    Channel {
+        kind: "unix",
+        target: ChannelTarget {
+            kind: "virtio",
+            name: "org.qemu.guest_agent.0",
+        },
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -230,7 +230,7 @@ pub struct Devices {
     pub serial: Serial,
     /// Console on the serial port.
     pub console: Console,
-    /// SPICE vdagent channel.
+    /// SPICE vdagent and QEMU guest agent channels.
     pub channel: Vec<Channel>,
     /// Tablet for an absolute pointer.
     pub input: Vec<Input>,
@@ -418,10 +418,11 @@ pub struct ConsoleTarget {
     pub port: u32,
 }
 
-/// `<channel type='spicevmc'>`.
+/// `<channel type='spicevmc'>` (SPICE's vdagent) or `<channel type='unix'>` (the QEMU guest
+/// agent).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Channel {
-    /// `spicevmc`.
+    /// `spicevmc` or `unix`.
     #[serde(rename = "@type")]
     pub kind: &'static str,
     /// Guest side of the channel.

@@ -22,6 +22,21 @@ pub struct BackupJob {
     pub checkpoint: String,
 }
 
+/// How the guest was held while a backup job started.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Hold {
+    /// The guest agent froze `filesystems` file systems; they were thawed `millis` after the
+    /// freeze, once the job had started (or failed to). `thaw_error`: the thaw failed and the
+    /// guest's file systems may still be frozen.
+    Frozen {
+        filesystems: u32,
+        millis: u64,
+        thaw_error: Option<String>,
+    },
+    /// Not frozen: what libvirt said of the guest agent. The start is crash-consistent.
+    Unfrozen { why: String },
+}
+
 /// A checkpoint of a domain's disk: a bitmap in the disk of the same name.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Checkpoint {

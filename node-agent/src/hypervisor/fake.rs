@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 
 use super::{
     Activity, BackupJob, BackupProgress, Change, Checkpoint, DomainState, DomainStatus,
-    DomainSummary, HostFacts, Hypervisor, HypervisorError, Migrated, ObjectKind, Outbound,
+    DomainSummary, Hold, HostFacts, Hypervisor, HypervisorError, Migrated, ObjectKind, Outbound,
     PauseCause, Result,
 };
 use crate::domain::{DesktopIdentity, DhcpHost, DomainType, parse_disk_paths, parse_identity};
@@ -567,7 +567,7 @@ impl Hypervisor for FakeHypervisor {
         })
     }
 
-    async fn begin_backup(&self, name: &str, job: &BackupJob) -> Result<()> {
+    async fn begin_backup(&self, name: &str, job: &BackupJob) -> Result<Hold> {
         let what = format!("backup {} since {:?}", job.checkpoint, job.since);
         self.change(Op::Backup, &what, name, |s| {
             let d = s.domains.get(name).ok_or_else(|| not_found(name))?;
@@ -583,7 +583,9 @@ impl Hypervisor for FakeHypervisor {
             known.insert(job.checkpoint.clone());
             s.backups
                 .insert(name.to_string(), BackupProgress::Completed { bytes: 0 });
-            Ok(())
+            Ok(Hold::Unfrozen {
+                why: "QEMU guest agent is not connected".into(),
+            })
         })
     }
 

@@ -24,7 +24,7 @@ use virt::connect::Connect;
 use self::connection::Connection;
 use super::{
     Activity, Backoff, BackupJob, BackupProgress, Change, Checkpoint, DomainStatus, DomainSummary,
-    HostFacts, Hypervisor, HypervisorError, Migrated, Outbound, Result,
+    Hold, HostFacts, Hypervisor, HypervisorError, Migrated, Outbound, Result,
 };
 use crate::domain::{DhcpHost, DomainType};
 
@@ -418,7 +418,7 @@ impl Hypervisor for LibvirtHypervisor {
         .await
     }
 
-    async fn begin_backup(&self, name: &str, job: &BackupJob) -> Result<()> {
+    async fn begin_backup(&self, name: &str, job: &BackupJob) -> Result<Hold> {
         let (name, job) = (name.to_string(), job.clone());
         self.run("begin backup", move |c| backups::begin(c, &name, &job))
             .await

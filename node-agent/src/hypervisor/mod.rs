@@ -19,7 +19,7 @@ pub mod fake;
 pub mod libvirt;
 
 pub use backoff::Backoff;
-pub use backup::{BackupJob, BackupProgress, Checkpoint};
+pub use backup::{BackupJob, BackupProgress, Checkpoint, Hold};
 pub use error::{HypervisorError, ObjectKind};
 pub use libvirt::LibvirtHypervisor;
 
@@ -305,8 +305,14 @@ pub trait Hypervisor: Send + Sync {
 
     /// Starts a backup of running domain `name`'s disk ([`BackupJob`]); it runs on after the
     /// call, and [`Hypervisor::backup_progress`] tells where it is. The checkpoint it starts
-    /// from must be known to libvirt ([`Hypervisor::ensure_checkpoint`]).
-    fn begin_backup(&self, name: &str, job: &BackupJob) -> impl Future<Output = Result<()>> + Send;
+    /// from must be known to libvirt ([`Hypervisor::ensure_checkpoint`]). The guest's file
+    /// systems are frozen through its guest agent around the start when one answers, and
+    /// always thawed after ([`Hold`]); with none the start is crash-consistent.
+    fn begin_backup(
+        &self,
+        name: &str,
+        job: &BackupJob,
+    ) -> impl Future<Output = Result<Hold>> + Send;
 
     /// Stops the backup job of domain `name` (`virDomainAbortJob`): its file is left
     /// incomplete, and the checkpoint it created stays (a later incremental since an older

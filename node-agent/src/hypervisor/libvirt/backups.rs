@@ -1,8 +1,10 @@
 //! Decides how a disk backup and its checkpoints are carried out on a libvirt connection
-//! (blocking): the backup job started in one transaction with its checkpoint, its progress and
+//! (blocking): the backup job started in one transaction with its checkpoint, inside a freeze of
+//! the guest's file systems by its guest agent when one answers, its progress and
 //! its end read from the domain's job stats, and checkpoints redefined or deleted by name.
 
 use std::ffi::CString;
+use std::time::Instant;
 
 use deskvirt_libvirt_ext::JobFigures;
 use virt::connect::Connect;
@@ -13,7 +15,7 @@ use super::domains::{is_active, lookup, running};
 use super::errors::map;
 use crate::hypervisor::backup::{backup_xml, checkpoint_xml, redefine_xml};
 use crate::hypervisor::{
-    BackupJob, BackupProgress, Change, Checkpoint, HypervisorError, ObjectKind, Result,
+    BackupJob, BackupProgress, Change, Checkpoint, Hold, HypervisorError, ObjectKind, Result,
 };
 
 /// `text` for a C call; our XML and names never hold a NUL, a tenant's input that did is
@@ -26,14 +28,47 @@ fn c_string(op: &'static str, target: &str, text: String) -> Result<CString> {
     })
 }
 
-/// Starts `job` on running domain `name`.
-pub(super) fn begin(conn: &Connect, name: &str, job: &BackupJob) -> Result<()> {
+/// How many times a failed thaw is tried again: a guest left frozen stops every write in it.
+const THAW_TRIES: u32 = 3;
+
+/// Starts `job` on running domain `name`, inside a freeze of the guest's file systems when its
+/// guest agent answers. The thaw follows in this same call whatever the start did, so a
+/// caller that stops waiting (its deadline) never leaves the guest frozen.
+pub(super) fn begin(conn: &Connect, name: &str, job: &BackupJob) -> Result<Hold> {
     let op = "begin backup";
     let dom = running(conn, op, name)?;
     let backup = c_string(op, name, backup_xml(job))?;
     let checkpoint = c_string(op, name, checkpoint_xml(&job.checkpoint, &job.disk))?;
-    deskvirt_libvirt_ext::backup_begin(&dom, &backup, Some(&checkpoint))
-        .map_err(|e| map(op, ObjectKind::Domain, name, &e))
+    let frozen = deskvirt_libvirt_ext::fs_freeze(&dom);
+    let t = Instant::now();
+    let begun = deskvirt_libvirt_ext::backup_begin(&dom, &backup, Some(&checkpoint))
+        .map_err(|e| map(op, ObjectKind::Domain, name, &e));
+    let hold = match frozen {
+        Ok(filesystems) => {
+            let mut thawed = deskvirt_libvirt_ext::fs_thaw(&dom);
+            for _ in 1..THAW_TRIES {
+                if thawed.is_ok() {
+                    break;
+                }
+                thawed = deskvirt_libvirt_ext::fs_thaw(&dom);
+            }
+            Hold::Frozen {
+                filesystems,
+                millis: u64::try_from(t.elapsed().as_millis()).unwrap_or(u64::MAX),
+                thaw_error: thawed.err().map(|e| e.message().to_string()),
+            }
+        }
+        Err(e) => {
+            // An agent that froze and then answered too late reads as a failure here: thaw
+            // anyway (a thaw of unfrozen file systems does nothing; with no agent it fails
+            // at once).
+            deskvirt_libvirt_ext::fs_thaw(&dom).ok();
+            Hold::Unfrozen {
+                why: e.message().to_string(),
+            }
+        }
+    };
+    begun.map(|()| hold)
 }
 
 /// Stops the backup job of running domain `name`.

@@ -10,7 +10,7 @@ use std::time::Duration;
 use deskvirt_core::backup::pass::{Decision, decide as plan};
 use deskvirt_core::backup::{Backup, CREATION_CHECKPOINT, Kind, Since, State};
 use deskvirt_core::reasons::BackupReason;
-use deskvirt_crds::backup::{BackingUp, location};
+use deskvirt_crds::backup::{BackingUp, Consistency, location};
 use deskvirt_crds::conditions::Status;
 use deskvirt_crds::constants::condition::{DOMAIN_DEFINED, READY};
 use deskvirt_crds::constants::{
@@ -431,6 +431,7 @@ async fn running(pass: &Pass<'_>, b: &DesktopBackup, d: Option<&Desktop>) -> Res
     let mut want = want_status(b, State::Running);
     want.start_time = r.started.clone().or(want.start_time);
     want.start_millis = r.start_millis.or(want.start_millis);
+    want.quiesce = r.quiesce.clone().or(want.quiesce);
     want.kind = Some(r.kind);
     write_status(pass, b, &want).await?;
     Ok(())
@@ -456,6 +457,7 @@ async fn conclude(
     }
     want.start_time = report.started.clone().or(want.start_time);
     want.start_millis = report.start_millis.or(want.start_millis);
+    want.quiesce = report.quiesce.clone().or(want.quiesce);
     want.completion_time = Some(report.at.clone());
     want.base_image = report.base_image.clone();
     want.size_bytes = report.size_bytes;
@@ -463,8 +465,17 @@ async fn conclude(
     want.checksum = report.checksum.clone();
     let message = report.message.clone().unwrap_or_default();
     let (status, reason, msg, event) = if state == State::Succeeded {
+        let held = match &report.quiesce {
+            Some(q) if q.consistency == Consistency::Quiesced => format!(
+                ", quiesced ({} file systems frozen for {} ms)",
+                q.filesystems.unwrap_or(0),
+                q.frozen_millis.unwrap_or(0)
+            ),
+            Some(_) => ", crash-consistent (no guest agent answered)".to_string(),
+            None => String::new(),
+        };
         let msg = format!(
-            "{} backup of {} bytes ({} of the disk), verified; {}{message}",
+            "{} backup of {} bytes ({} of the disk){held}, verified; {}{message}",
             kind_word(report.kind),
             report.size_bytes.unwrap_or(0),
             report.data_bytes.unwrap_or(0),
