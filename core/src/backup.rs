@@ -7,6 +7,7 @@
 //! rebased onto the base image, which is not decided here yet).
 
 pub mod pass;
+pub mod restore_over;
 pub mod schedule;
 
 use std::collections::{BTreeMap, BTreeSet};

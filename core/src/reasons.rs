@@ -370,3 +370,42 @@ reasons! {
         RemovingFile,
     }
 }
+
+reasons! {
+    /// Reasons of a DesktopRestore's `Ready` condition (operator): why it waits, where it is,
+    /// or why it failed.
+    RestoreReason {
+        /// No Desktop of that name in the namespace (yet).
+        DesktopNotFound,
+        /// The Desktop the restore pinned was deleted (or made again under its name).
+        DesktopGone,
+        /// The Desktop is being deleted.
+        DesktopDeleting,
+        /// The Desktop is not stopped (spec.power is not Off, or its domain still runs).
+        DesktopRunning,
+        /// The idle policy holds the Desktop (suspended with its memory saved, or shut down).
+        Suspended,
+        /// The Desktop is moving to another host.
+        Migrating,
+        /// A backup of the Desktop is being written.
+        BackupRunning,
+        /// Another restore of the Desktop is under way.
+        Busy,
+        /// The Desktop is not bound to a host.
+        NotBound,
+        /// The Desktop's host is not heartbeating.
+        HostNotReady,
+        /// The backup cannot be restored (the message says why, naming spec.backup).
+        RestoreUnavailable,
+        /// The host builds the new disk.
+        Restoring,
+        /// The disk is restored; the old one is kept until the desktop has run.
+        Restored,
+        /// The desktop ran on the restored disk; the old disk is removed.
+        Succeeded,
+        /// The host refused or failed (the message says why); the desktop's disk is unchanged.
+        RestoreFailed,
+        /// Its record on the Desktop went before the host acted on it.
+        RecordLost,
+    }
+}

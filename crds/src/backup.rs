@@ -55,7 +55,7 @@ use crate::schema::{ABS_PATH, DNS_SUBDOMAIN};
         name = "Consistency",
         type_ = "string",
         json_path = ".status.quiesce.consistency",
-        description = "Quiesced (the guest agent froze its file systems) or CrashConsistent"
+        description = "Quiesced (the guest agent froze its file systems), CrashConsistent, or Stopped (taken while the desktop was stopped)"
     ),
     printcolumn(
         name = "Size",
@@ -78,8 +78,9 @@ use crate::schema::{ABS_PATH, DNS_SUBDOMAIN};
 #[serde(rename_all = "camelCase")]
 pub struct DesktopBackupSpec {
     /// Name of the Desktop to back up, in this namespace. Read once: the backup is of the
-    /// Desktop (by UID) it found first, and a later edit of this field is ignored. The Desktop's
-    /// domain must run, and its pool must set `spec.backup.dir`.
+    /// Desktop (by UID) it found first, and a later edit of this field is ignored. The Desktop
+    /// must run, or be stopped (`spec.power: Off`, not suspended: its host starts the domain
+    /// paused for the copy, and no guest code runs), and its pool must set `spec.backup.dir`.
     #[schemars(regex(pattern = DNS_SUBDOMAIN), length(min = 1, max = 253))]
     pub desktop: String,
     /// Full (the whole disk, base image included, in one file that needs no other) or
@@ -287,6 +288,10 @@ pub struct BackupReport {
     /// Whether the guest agent froze the guest's file systems for the start.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub quiesce: Option<Quiesce>,
+    /// The desktop was stopped: the host started its domain paused for the copy and stops it
+    /// once the backup ends (unless the desktop was started meanwhile).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub offline: bool,
     /// Bytes of the file.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub size_bytes: Option<u64>,
@@ -311,6 +316,9 @@ pub enum Consistency {
     /// the disk as a power cut at that moment would have left it. Journaling file systems
     /// recover from it; an application's unflushed data may be missing.
     CrashConsistent,
+    /// The desktop was stopped: its host started the domain paused for the copy (no guest
+    /// code ran) and the disk is as the guest left it when it stopped.
+    Stopped,
 }
 
 /// How the guest was held while a backup's point in time was taken.

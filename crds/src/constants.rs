@@ -36,6 +36,9 @@ pub const LABEL_SCHEDULED: &str = "deskvirt.io/scheduled";
 /// Annotation on a scheduled DesktopBackup naming the pool whose schedule made it, whose
 /// retention applies to it after its Desktop is gone.
 pub const ANNOTATION_POOL: &str = "deskvirt.io/pool";
+/// On a Desktop: `skip` leaves it out of its pool's backup schedule (its user's own
+/// DesktopBackups are still taken; retention of earlier scheduled ones goes on).
+pub const ANNOTATION_BACKUP_SCHEDULE: &str = "deskvirt.io/backup-schedule";
 
 /// Server-side apply field manager of the operator.
 pub const MANAGER_OPERATOR: &str = "deskvirt-operator";
@@ -55,6 +58,11 @@ pub const MANAGER_OPERATOR_BACKUP: &str = "deskvirt-operator-backup";
 /// Field manager of the operator's restore chain on a Desktop (`status.restore`): apart from
 /// the backup record, as server-side apply drops a manager's fields that an apply leaves out.
 pub const MANAGER_OPERATOR_RESTORE: &str = "deskvirt-operator-restore";
+/// Field manager of the operator's record of a DesktopRestore on a Desktop's status
+/// (`restoreOver`).
+pub const MANAGER_OPERATOR_RESTORE_OVER: &str = "deskvirt-operator-restore-over";
+/// Field manager of the agent's report of a restore over a Desktop's disk (`restoreReport`).
+pub const MANAGER_AGENT_RESTORE: &str = "deskvirt-node-agent-restore";
 /// Field manager of the host's `Deleting` condition on a Desktop whose teardown waits for a
 /// backup: apart from its backup report, for the same reason.
 pub const MANAGER_AGENT_TEARDOWN: &str = "deskvirt-node-agent-teardown";

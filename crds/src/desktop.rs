@@ -308,6 +308,14 @@ pub struct DesktopStatus {
     /// written.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub restore: Option<crate::backup::Restoring>,
+    /// A DesktopRestore of the stopped desktop's disk for its host to carry out (operator,
+    /// field manager `deskvirt-operator-restore-over`). Cleared when the restore ends.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restore_over: Option<crate::restore::RestoreOver>,
+    /// What the host did with the restore recorded in `restoreOver` (agent, field manager
+    /// `deskvirt-node-agent-restore`): Swapped, then Ran, or Failed. Kept until the next one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restore_report: Option<crate::restore::RestoreReport>,
     /// What the host did with the backup recorded in `backup` (agent, field manager
     /// `deskvirt-node-agent-backup`): Started, then Completed or Failed, with its figures.
     /// Kept until the next backup.

@@ -11,6 +11,7 @@ pub mod migration;
 pub mod paths;
 pub mod read;
 pub mod resource_pool;
+pub mod restore;
 mod schema;
 pub mod validation;
 
@@ -27,6 +28,9 @@ pub use migration::{
     MigrationReport,
 };
 pub use resource_pool::{ResourcePool, ResourcePoolSpec, ResourcePoolStatus};
+pub use restore::{
+    DesktopRestore, DesktopRestoreSpec, DesktopRestoreStatus, RestoreOver, RestoreReport,
+};
 
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::{
     CustomResourceDefinition, JSONSchemaProps, JSONSchemaPropsOrArray, JSONSchemaPropsOrBool,
@@ -41,6 +45,7 @@ pub fn crds() -> Vec<CustomResourceDefinition> {
         Desktop::crd(),
         DesktopMigration::crd(),
         DesktopBackup::crd(),
+        DesktopRestore::crd(),
     ];
     for crd in &mut crds {
         for version in &mut crd.spec.versions {

@@ -413,6 +413,58 @@ pub async fn prepare(qemu_img: &str, plan: &DiskPlan, fresh: bool) -> Result<Pre
     Ok(Prepared::Created)
 }
 
+/// Where a disk's previous content is kept while a restore over it waits for its desktop to
+/// run on the restored one: `<disk>.pre-restore`, with its own owner record.
+pub fn kept_path(target: &Path) -> PathBuf {
+    let mut name = target.file_name().unwrap_or_default().to_os_string();
+    name.push(".pre-restore");
+    target.with_file_name(name)
+}
+
+/// Replaces the disk of a stopped desktop with one built from `plan.restore`'s chain, checked
+/// as [`prepare`] checks a restore, and keeps the old disk at [`kept_path`] (with its owner
+/// record); returns that path. When a kept disk is there already (the desktop has not run
+/// since an earlier restore), that one is the last disk the desktop ran on and stays, and the
+/// current one is replaced. Nothing changes unless the new disk was built and checked; the
+/// caller makes sure no domain runs on the disk. Run again after a crash, it ends the same.
+pub async fn restore_over(qemu_img: &str, plan: &DiskPlan) -> Result<PathBuf, DiskError> {
+    let shown = plan.target.display().to_string();
+    let Some(chain) = &plan.restore else {
+        return Err(DiskError::RestoreRefused {
+            path: shown,
+            message: "no backup chain recorded".into(),
+        });
+    };
+    claim(&plan.target, &plan.owner, false).await?;
+    let kept = kept_path(&plan.target);
+    let keeping = tokio::fs::try_exists(&kept)
+        .await
+        .map_err(io("look at", &kept))?;
+    if keeping {
+        claim(&kept, &plan.owner, false).await?;
+    }
+    let format = image_format(qemu_img, &plan.base).await?;
+    let partial = partial_path(&plan.target);
+    let _ = tokio::fs::remove_file(&partial).await;
+    if let Err(e) = restore(qemu_img, plan, chain, &format, &partial).await {
+        let _ = tokio::fs::remove_file(&partial).await;
+        return Err(e);
+    }
+    let there = tokio::fs::try_exists(&plan.target)
+        .await
+        .map_err(io("look at", &plan.target))?;
+    if there && !keeping {
+        record_owner(&kept, &plan.owner).await?;
+        tokio::fs::rename(&plan.target, &kept)
+            .await
+            .map_err(io("keep the old disk as", &kept))?;
+    }
+    tokio::fs::rename(&partial, &plan.target)
+        .await
+        .map_err(io("rename into place", &plan.target))?;
+    Ok(kept)
+}
+
 /// Builds `partial` from the backup chain `layers` (root first): every file must still have
 /// its recorded checksum and the chain must check clean; a linked clone gets only what the
 /// chain holds above the base image, a full clone all of it; the result must read the same as

@@ -129,6 +129,7 @@ pub async fn run(
             desktop::run(ctx.clone(), sel.clone(), stop.clone()),
             migration::run(ctx.clone(), sel.clone(), stop.clone()),
             backup::run(ctx.clone(), sel.clone(), stop.clone()),
+            backup::restore_over::run(ctx.clone(), sel.clone(), stop.clone()),
             backup::orphans::run(ctx.clone(), stop.clone()),
             backup::schedule::run(ctx.clone(), stop.clone()),
             domain_node::run(ctx.clone(), sel.clone(), stop.clone()),

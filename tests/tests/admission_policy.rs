@@ -365,7 +365,7 @@ fn an_agent_writes_only_its_own_hosts_objects_and_desktops_the_operator_bound_th
 
     // The operator's fields of a desktop bound to the agent's own host: changed, dropped or
     // added, each is refused and named.
-    let forged: [(&str, Json); 9] = [
+    let forged: [(&str, Json); 10] = [
         (
             "allocation",
             json!({"pool": "lab", "cpu": 1, "memory": "1Gi"}),
@@ -388,6 +388,13 @@ fn an_agent_writes_only_its_own_hosts_objects_and_desktops_the_operator_bound_th
             "restore",
             json!({"backup": "b", "uid": "u", "layers": [{"name": "b",
                    "location": "/srv/backups/other/d/u.qcow2", "checksum": "sha256:00"}]}),
+        ),
+        // A host that forged a restore could replace a desktop's disk with any file.
+        (
+            "restoreOver",
+            json!({"name": "r", "uid": "r1", "at": "2026-12-03T10:00:00Z",
+                   "chain": {"backup": "b", "uid": "u", "layers": [{"name": "b",
+                   "location": "/srv/backups/other/d/u.qcow2", "checksum": "sha256:00"}]}}),
         ),
     ];
     for (path, value) in forged {

@@ -18,9 +18,15 @@
 //!   stored backup with one changed byte is refused (RestoreRefused, naming the checksum); the
 //!   restored desktop's first backup is a full one, and says why; its guest runs no agent, so
 //!   that backup is crash-consistent, and says why;
+//! - a DesktopRestore of `back` from `b1` waits while `back` runs (DesktopRunning, naming
+//!   spec.power) and one from a backup the namespace lacks waits (RestoreUnavailable, naming
+//!   spec.backup); stopped, `back`'s disk reads as `b1` and the old one (reading as `b3`) is
+//!   kept beside it; started, it runs on `b1`'s content, the kept disk goes, the restore
+//!   Succeeds and its record leaves the desktop; `back`'s next backup is a Full one;
 //! - a tenant's backup naming `work` from another namespace finds no such desktop (it waits,
-//!   reason DesktopNotFound), and a backup of a stopped desktop waits (NotRunning), then goes
-//!   ahead once the desktop runs again;
+//!   reason DesktopNotFound); a backup of a stopped desktop is taken with its domain started
+//!   paused (consistency Stopped, the chain reading as the disk), which is shut off again and
+//!   the desktop never reported running;
 //! - a backup taken as its desktop is deleted succeeds, and outlives the desktop;
 //! - a deleted backup that others restore through waits (reason InUse, naming the child) and
 //!   keeps its file; once nothing reads them, deleted backups go with their files;
@@ -36,7 +42,8 @@
 //!   two chains, the second started anew (what the desktop wrote since its disk was made, not
 //!   the whole disk), the first deleted with its files once the second is kept, never a kept
 //!   backup's parent, never the user's own backup of that desktop; the deleted backups'
-//!   bitmaps leave the desktop's disk, the kept ones' stay.
+//!   bitmaps leave the desktop's disk, the kept ones' stay; desktop `big`, annotated
+//!   `deskvirt.io/backup-schedule: skip`, gets none.
 //!
 //! Run: `cargo test -p deskvirt-tests --test backup -- --nocapture`.
 
@@ -48,14 +55,17 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use deskvirt_crds::backup::{BackupPhase, BackupState, BackupType, Consistency};
 use deskvirt_crds::conditions::find;
+use deskvirt_crds::constants::ANNOTATION_BACKUP_SCHEDULE;
 use deskvirt_crds::constants::condition::{DOMAIN_DEFINED, READY, RUNNING, SCHEDULED};
-use deskvirt_crds::{Desktop, DesktopBackup, ResourcePool};
+use deskvirt_crds::restore::RestorePhase;
+use deskvirt_crds::{Desktop, DesktopBackup, DesktopRestore, ResourcePool};
 use deskvirt_tests::cluster::unique_suffix;
 use deskvirt_tests::helm::ScratchNamespace;
 use deskvirt_tests::host::{eventually, qemu_pid, run};
 use deskvirt_tests::world::{
-    World, backup_of as backup, boot_writing, create_pool, disk_of, domain_of, guest_command,
-    guest_desktop, guest_writes, serial_values, setup, take_backup as take, virsh_system,
+    RUN_LABEL, World, backup_of as backup, boot_writing, create_pool, disk_of, domain_of,
+    guest_command, guest_desktop, guest_writes, serial_values, setup, take_backup as take,
+    virsh_system,
 };
 use k8s_openapi::api::core::v1::ResourceQuota;
 use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
@@ -153,6 +163,200 @@ async fn agent_connected(domain: &str) -> anyhow::Result<()> {
         },
     )
     .await
+}
+
+/// Sets desktop `name`'s `spec.power` and, for Off, waits (up to 2 minutes) until its host
+/// says its domain is off (`Running=False`, reason Stopped, not Stopping).
+async fn power(desktops: &Api<Desktop>, name: &str, on: bool) -> anyhow::Result<()> {
+    let word = if on { "On" } else { "Off" };
+    desktops
+        .patch(
+            name,
+            &PatchParams::default(),
+            &Patch::Merge(json!({ "spec": { "power": word } })),
+        )
+        .await?;
+    if on {
+        return Ok(());
+    }
+    eventually(Duration::from_secs(120), "the desktop to stop", || async {
+        let d: Option<Desktop> = desktops.get_opt(name).await?;
+        let stopped = d
+            .as_ref()
+            .and_then(|d| d.status.as_ref())
+            .and_then(|s| find(&s.conditions, RUNNING))
+            .is_some_and(|c| c.status == "False" && c.reason == "Stopped");
+        Ok(stopped.then_some(()))
+    })
+    .await
+}
+
+/// A DesktopRestore `name` of desktop `desktop` from backup `backup`.
+fn restore_of(
+    w: &World,
+    name: &str,
+    desktop: &str,
+    backup: &str,
+) -> anyhow::Result<DesktopRestore> {
+    Ok(serde_json::from_value(json!({
+        "apiVersion": "deskvirt.io/v1alpha1", "kind": "DesktopRestore",
+        "metadata": { "name": name, "labels": { RUN_LABEL: w.run } },
+        "spec": { "desktop": desktop, "backup": backup },
+    }))?)
+}
+
+/// Waits (up to `within`) until restore `name` satisfies `done`; returns it.
+async fn restore_until(
+    api: &Api<DesktopRestore>,
+    name: &str,
+    what: &str,
+    within: Duration,
+    done: impl Fn(&DesktopRestore) -> bool,
+) -> anyhow::Result<DesktopRestore> {
+    eventually(within, what, || async {
+        Ok(api.get_opt(name).await?.filter(|r| done(r)))
+    })
+    .await
+}
+
+/// The first reason restore `name` gives (up to 30 s), and its message.
+async fn first_reason(api: &Api<DesktopRestore>, name: &str) -> anyhow::Result<(String, String)> {
+    let within = Duration::from_secs(30);
+    let r = restore_until(api, name, "the restore to say why it waits", within, |r| {
+        !restore_reason(r).0.is_empty()
+    })
+    .await?;
+    Ok(restore_reason(&r))
+}
+
+fn restore_reason(r: &DesktopRestore) -> (String, String) {
+    r.status
+        .as_ref()
+        .and_then(|s| find(&s.conditions, READY))
+        .map(|c| (c.reason.clone(), c.message.clone()))
+        .unwrap_or_default()
+}
+
+/// Desktop `back` (restored from b3, running, its disk `disk`) is restored over from b1 (file
+/// `f1`): the restore waits while it runs (DesktopRunning, naming spec.power); stopped, its disk
+/// becomes b1's while the old one (reading as b3, file `f3`) is kept beside it; started again,
+/// it runs on b1's content, the kept disk goes and the restore Succeeds; its next backup is a
+/// Full one. A restore naming a backup the namespace does not have waits, naming spec.backup.
+async fn restore_over_a_stopped_desktop(
+    w: &World,
+    disk: &Path,
+    f1: &Path,
+    f3: &Path,
+) -> anyhow::Result<()> {
+    let desktops = w.desktops();
+    let api: Api<DesktopRestore> = Api::namespaced(w.client.clone(), &w.user_ns.name);
+    let pp = PostParams::default();
+    api.create(&pp, &restore_of(w, "back-to-b1", "back", "b1")?)
+        .await?;
+    let (reason, message) = first_reason(&api, "back-to-b1").await?;
+    anyhow::ensure!(
+        reason == "DesktopRunning" && message.contains("spec.power"),
+        "a restore of a running desktop: {reason}: {message}"
+    );
+    api.create(&pp, &restore_of(w, "back-to-nothing", "back", "nope")?)
+        .await?;
+    let (reason, message) = first_reason(&api, "back-to-nothing").await?;
+    anyhow::ensure!(
+        reason == "RestoreUnavailable" && message.contains("spec.backup"),
+        "a restore of a backup that is not there: {reason}: {message}"
+    );
+
+    let t = Instant::now();
+    power(&desktops, "back", false).await?;
+    let stopped_in = t.elapsed();
+    let t = Instant::now();
+    let r = restore_until(
+        &api,
+        "back-to-b1",
+        "the disk to be restored",
+        Duration::from_secs(120),
+        |r| {
+            r.status
+                .as_ref()
+                .and_then(|s| s.phase)
+                .is_some_and(|p| p != RestorePhase::Pending && p != RestorePhase::Restoring)
+        },
+    )
+    .await?;
+    let swapped_in = t.elapsed();
+    let st = r.status.clone().unwrap_or_default();
+    anyhow::ensure!(
+        st.phase == Some(RestorePhase::Restored),
+        "back-to-b1: {st:?}"
+    );
+    let kept = PathBuf::from(st.kept_disk.clone().context("no kept disk")?);
+    anyhow::ensure!(
+        same_content(disk, f1)?,
+        "the restored disk does not read as b1"
+    );
+    anyhow::ensure!(
+        same_content(&kept, f3)?,
+        "the kept disk does not read as before (b3)"
+    );
+    api.delete("back-to-nothing", &DeleteParams::default())
+        .await?;
+    // One more restore of the desktop waits for this one to end.
+    api.create(&pp, &restore_of(w, "back-again", "back", "b2")?)
+        .await?;
+    let (reason, message) = first_reason(&api, "back-again").await?;
+    anyhow::ensure!(
+        reason == "Busy",
+        "a second restore at once: {reason}: {message}"
+    );
+    api.delete("back-again", &DeleteParams::default()).await?;
+    eprintln!(
+        "[backup] back stopped in {:.1}s; its disk restored from b1 {:.1}s later, the old one kept as {}",
+        stopped_in.as_secs_f64(),
+        swapped_in.as_secs_f64(),
+        kept.display()
+    );
+
+    // Started, it runs on b1's content; the kept disk goes and the restore ends.
+    power(&desktops, "back", true).await?;
+    runs(&desktops, "back").await?;
+    let r = restore_until(
+        &api,
+        "back-to-b1",
+        "the restore to end",
+        Duration::from_secs(120),
+        |r| r.phase() == RestorePhase::Succeeded || r.phase() == RestorePhase::Failed,
+    )
+    .await?;
+    anyhow::ensure!(
+        r.phase() == RestorePhase::Succeeded,
+        "back-to-b1: {:?}",
+        r.status
+    );
+    anyhow::ensure!(
+        !kept.exists(),
+        "the kept disk {} is still there",
+        kept.display()
+    );
+    anyhow::ensure!(
+        same_content(disk, f1)?,
+        "the running disk does not read as b1"
+    );
+    let d = desktops.get("back").await?;
+    anyhow::ensure!(
+        d.status.as_ref().is_some_and(|s| s.restore_over.is_none()),
+        "the restore's record stays on the desktop"
+    );
+    // The restored disk has no history: its next backup is a full one, and says why.
+    let (next, took) = take(w, "back-2", "back", None).await?;
+    eprintln!("[backup] {}", summary("back-2", &next, took));
+    let st = next.status.clone().unwrap_or_default();
+    anyhow::ensure!(st.kind == Some(BackupType::Full), "back-2: {st:?}");
+    anyhow::ensure!(
+        api.get_opt("back-to-b1").await?.is_some(),
+        "an ended restore stays until deleted"
+    );
+    api.delete("back-to-b1", &DeleteParams::default()).await?;
+    Ok(())
 }
 
 /// Waits (up to 4 minutes) for desktop `name` to run.
@@ -378,6 +582,9 @@ async fn backups_hold_only_what_changed_and_chain_to_the_disk_as_it_was() -> any
             && said.contains("crash-consistent"),
         "back-1: {q:?}; {said}"
     );
+    restore_over_a_stopped_desktop(&w, &back_disk, &f1, &f3).await?;
+    anyhow::ensure!(sha256(&base)? == base_sum, "the base image changed");
+
     // A backup that does not exist is named, and the desktop is not placed.
     let (reason, message) =
         refused_restore(&w, "nothing", "nope", SCHEDULED, Duration::from_secs(30)).await?;
@@ -423,51 +630,51 @@ async fn backups_hold_only_what_changed_and_chain_to_the_disk_as_it_was() -> any
     anyhow::ensure!(reason == "DesktopNotFound", "steal: {reason}");
     theirs.delete("steal", &DeleteParams::default()).await?;
 
-    // A stopped desktop waits to be started.
-    desktops
-        .patch(
-            "work",
-            &PatchParams::default(),
-            &Patch::Merge(json!({ "spec": { "power": "Off" } })),
-        )
-        .await?;
-    eventually(Duration::from_secs(120), "work to stop", || async {
-        let d: Option<Desktop> = desktops.get_opt("work").await?;
-        let stopped = d
-            .as_ref()
-            .and_then(|d| d.status.as_ref())
-            .and_then(|s| find(&s.conditions, RUNNING))
-            .is_some_and(|c| c.status == "False");
-        Ok(stopped.then_some(()))
-    })
-    .await?;
+    // A stopped desktop is backed up too: its host starts the domain paused for the copy (no
+    // guest code runs) and stops it again.
+    power(&desktops, "work", false).await?;
     let api: Api<DesktopBackup> = Api::namespaced(w.client.clone(), &w.user_ns.name);
-    api.create(&PostParams::default(), &backup(&w, "b5", "work", None)?)
-        .await?;
-    let reason = eventually(Duration::from_secs(30), "b5 to wait", || async {
-        Ok(api.get_opt("b5").await?.and_then(|b| ready_reason(&b)))
-    })
-    .await?;
-    anyhow::ensure!(reason == "NotRunning", "b5: {reason}");
-
-    // Started again, b5 goes ahead by itself.
-    desktops
-        .patch(
-            "work",
-            &PatchParams::default(),
-            &Patch::Merge(json!({ "spec": { "power": "On" } })),
-        )
-        .await?;
-    let t = Instant::now();
-    let b5 = eventually(Duration::from_secs(180), "b5 to end", || async {
-        Ok(api.get_opt("b5").await?.filter(|b| b.phase().is_terminal()))
-    })
-    .await?;
-    anyhow::ensure!(b5.phase() == BackupPhase::Succeeded, "b5: {:?}", b5.status);
+    let (b5, took) = take(&w, "b5", "work", None).await?;
     eprintln!(
         "[backup] {}",
-        summary("b5 (waited for the desktop to run again)", &b5, t.elapsed())
+        summary("b5 (of the stopped desktop)", &b5, took)
     );
+    let st5 = b5.status.clone().unwrap_or_default();
+    anyhow::ensure!(
+        st5.parent.as_deref() == Some("b4") && st5.data_bytes == Some(0),
+        "b5: {st5:?}"
+    );
+    let q5 = st5
+        .quiesce
+        .clone()
+        .context("b5 says nothing of how it was held")?;
+    anyhow::ensure!(q5.consistency == Consistency::Stopped, "b5: {q5:?}");
+    let f5 = PathBuf::from(st5.location.clone().context("b5 has no location")?);
+    anyhow::ensure!(
+        same_content(&live, &f5)?,
+        "the chain b5 → b4 does not read as the stopped disk"
+    );
+    eventually(
+        Duration::from_secs(60),
+        "work's domain to be off again",
+        || async {
+            let state = virsh_system(&["domstate", &domain])?;
+            Ok((state.trim() == "shut off").then_some(()))
+        },
+    )
+    .await?;
+    let d = desktops.get("work").await?;
+    let running = d
+        .status
+        .as_ref()
+        .and_then(|s| find(&s.conditions, RUNNING))
+        .map(|c| (c.status.clone(), c.reason.clone()));
+    anyhow::ensure!(
+        running.as_ref().is_some_and(|(s, _)| s == "False"),
+        "work's Running after a backup while stopped: {running:?}"
+    );
+    power(&desktops, "work", true).await?;
+    runs(&desktops, "work").await?;
 
     // A backup taken as its desktop is deleted is never lost with it: the host keeps the
     // domain and disk until the backup is written and its end recorded.
@@ -519,7 +726,13 @@ async fn backups_hold_only_what_changed_and_chain_to_the_disk_as_it_was() -> any
     // while it is written.
     let mut extra = boot_writing(1024, "146");
     extra["disk"] = json!({ "image": "base.qcow2", "size": "2Gi" });
-    let big = guest_desktop(&w, "big", "128Mi", extra)?;
+    // It is left out of the pool's schedule (its owner's annotation).
+    let mut big = guest_desktop(&w, "big", "128Mi", extra)?;
+    big.metadata.annotations = Some(
+        [(ANNOTATION_BACKUP_SCHEDULE.to_string(), "skip".to_string())]
+            .into_iter()
+            .collect(),
+    );
     desktops.create(&PostParams::default(), &big).await?;
 
     // A deleted backup that others restore through waits, and its file stays.
@@ -724,6 +937,18 @@ async fn schedule_keeps_what_restores_and_lets_the_rest_go(
         .await?;
     let (seen, most_kept) = (seen.into_inner(), most_kept.get());
     outcome.with_context(|| format!("seen {seen:?}"))?;
+    let skipped: Vec<String> = api
+        .list(&lp)
+        .await?
+        .items
+        .iter()
+        .filter(|b| b.spec.desktop == "big")
+        .map(|b| b.name_any())
+        .collect();
+    anyhow::ensure!(
+        skipped.is_empty(),
+        "the schedule backed up big, annotated to skip it: {skipped:?}"
+    );
     for (n, s) in &seen {
         eprintln!(
             "[backup] scheduled {n}: {:?}, parent {:?}, new chain {}, {} KiB copied ({})",

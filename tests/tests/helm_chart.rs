@@ -982,6 +982,7 @@ async fn install_upgrade_and_uninstall_in_a_fresh_namespace() -> anyhow::Result<
         "desktops.deskvirt.io",
         "desktopmigrations.deskvirt.io",
         "desktopbackups.deskvirt.io",
+        "desktoprestores.deskvirt.io",
         "domainnodes.deskvirt.io",
         "resourcepools.deskvirt.io",
     ] {
@@ -1254,6 +1255,17 @@ fn access_table() -> Vec<Access> {
         a(agent, "patch", d, "desktopbackups/status", User, false),
         a(agent, "create", d, "desktopbackups", User, false),
         a(agent, "delete", d, "desktopbackups", User, false),
+        // Restores: the operator decides and writes status, never makes, updates or deletes
+        // one; the agent learns of a restore from its Desktop only.
+        a(op, "watch", d, "desktoprestores", Cluster, true),
+        a(op, "get", d, "desktoprestores", User, true),
+        a(op, "patch", d, "desktoprestores", User, true),
+        a(op, "patch", d, "desktoprestores/status", User, true),
+        a(op, "create", d, "desktoprestores", User, false),
+        a(op, "delete", d, "desktoprestores", User, false),
+        a(op, "update", d, "desktoprestores", User, false),
+        a(agent, "list", d, "desktoprestores", Cluster, false),
+        a(agent, "patch", d, "desktoprestores/status", User, false),
         a(agent, "list", d, "desktopmigrations", Cluster, false),
         a(agent, "patch", d, "desktopmigrations/status", User, false),
         a(op, "get", "", "nodes", Cluster, false),

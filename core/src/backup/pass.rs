@@ -27,6 +27,10 @@ pub struct Desktop<'a> {
     pub host_ready: bool,
     /// Whether its domain runs (the agent's `Running` condition).
     pub running: bool,
+    /// Whether it is stopped for good: `spec.power: Off`, its domain not running, not
+    /// suspended with saved memory. Its host backs it up by starting the domain paused (no
+    /// guest code runs) for the copy.
+    pub stopped: bool,
     /// Whether a migration of it is under way.
     pub migrating: bool,
     /// Whether it is being deleted.
@@ -162,10 +166,13 @@ fn pending(f: &Facts<'_>) -> Decision {
             "the desktop is moving to another host".into(),
         );
     }
-    if !d.running {
+    if !d.running && !d.stopped {
         return wait(
             BackupReason::NotRunning,
-            "the desktop's domain does not run; start it to back it up".into(),
+            "the desktop neither runs nor is stopped (it is starting, or suspended with its \
+             memory saved); it is backed up once it runs, or once it is stopped \
+             (spec.power: Off)"
+                .into(),
         );
     }
     if let Some(other) = d.record.filter(|r| *r != f.uid) {
@@ -253,12 +260,27 @@ mod tests {
             node: Some("host-a"),
             host_ready: true,
             running: true,
+            stopped: false,
             migrating: false,
             deleting: false,
             has_backup_dir: true,
             record: None,
             report: None,
         }
+    }
+
+    #[test]
+    fn a_stopped_desktop_is_backed_up_and_one_that_is_neither_waits() {
+        let stopped = Desktop {
+            running: false,
+            stopped: true,
+            ..desktop()
+        };
+        assert!(
+            matches!(decide(&facts(Some(stopped), &[])), Decision::Start { .. }),
+            "{:?}",
+            decide(&facts(Some(stopped), &[]))
+        );
     }
 
     fn facts<'a>(d: Option<Desktop<'a>>, siblings: &'a [Backup<'a>]) -> Facts<'a> {

@@ -202,8 +202,15 @@ pub struct Policy {
 /// A desktop of the pool, as the schedule reads it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Subject {
-    /// Whether its domain runs (a desktop that does not run is not backed up at a moment).
+    /// Whether its domain runs.
     pub running: bool,
+    /// For a desktop stopped for good (`spec.power: Off`, not suspended): when its domain
+    /// stopped, seconds since the epoch. It is backed up at a moment only if it ran after its
+    /// newest backup that succeeded (its disk may have changed since); a desktop that neither
+    /// runs nor is stopped so (starting, suspended) is not.
+    pub stopped_at: Option<i64>,
+    /// Left out of the schedule by its owner (`deskvirt.io/backup-schedule: skip`).
+    pub skipped: bool,
     pub deleting: bool,
     /// Creation time, seconds since the epoch.
     pub created: i64,
@@ -230,7 +237,14 @@ pub fn due(
     last_made: Option<i64>,
 ) -> Option<Planned> {
     let slot = slot?;
-    if !desktop.running
+    let ran_since_backup = |stopped: i64| {
+        !backups
+            .iter()
+            .any(|b| b.state == State::Succeeded && b.created >= stopped)
+    };
+    let eligible = desktop.running || desktop.stopped_at.is_some_and(ran_since_backup);
+    if !eligible
+        || desktop.skipped
         || desktop.deleting
         || desktop.created > slot
         || last_made.is_some_and(|m| m >= slot)
@@ -352,6 +366,8 @@ mod tests {
 
     const RUNNING: Subject = Subject {
         running: true,
+        stopped_at: None,
+        skipped: false,
         deleting: false,
         created: 0,
     };
@@ -394,11 +410,46 @@ mod tests {
             ..RUNNING
         };
         assert_eq!(due(&p, deleting, &[], slot, None), None);
+        let skipped = Subject {
+            skipped: true,
+            ..RUNNING
+        };
+        assert_eq!(due(&p, skipped, &[], slot, None), None);
         let young = Subject {
             created: 150,
             ..RUNNING
         };
         assert_eq!(due(&p, young, &[], slot, None), None);
+    }
+
+    #[test]
+    fn a_stopped_desktop_is_backed_up_only_when_it_ran_since_its_last_backup() {
+        let p = policy(3);
+        let slot = Some(100);
+        let stopped_at = |t| Subject {
+            running: false,
+            stopped_at: Some(t),
+            ..RUNNING
+        };
+        // Never backed up: its disk is backed up once.
+        assert!(due(&p, stopped_at(50), &[], slot, None).is_some());
+        // Stopped after its newest backup (a user's counts too): it ran since.
+        let user = Backup {
+            origin: Origin::User,
+            ..scheduled("u", 40, None)
+        };
+        assert!(due(&p, stopped_at(50), &[user], slot, None).is_some());
+        // Backed up after it stopped: nothing changed since.
+        assert_eq!(
+            due(&p, stopped_at(50), &[scheduled("a", 60, None)], slot, None),
+            None
+        );
+        // A failed one after it stopped holds nothing: still due.
+        let failed = Backup {
+            state: State::Failed,
+            ..scheduled("f", 60, None)
+        };
+        assert!(due(&p, stopped_at(50), &[failed], slot, None).is_some());
     }
 
     #[test]

@@ -8,6 +8,7 @@
 //! the short path of [`super::held`] instead; a disk that saved memory refers to is never
 //! replaced.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use deskvirt_crds::Desktop;
@@ -229,14 +230,34 @@ async fn pipeline<H: Hypervisor>(
         pool: &inputs.pool,
         domain: &inputs.domain.domain,
         disk: Some(&seen.disk.target),
+        stopped: d.spec.power == Power::Off
+            && seen
+                .current
+                .is_some_and(|s| s.state == DomainState::ShutOff && !s.has_managed_save),
     };
     let backing_up = super::backup::drive(ctx, d, status, here, seen.active()).await?;
     steps.record("backup", t);
+    // The domain runs paused for a stopped desktop's backup: its power waits for the copy.
+    if let Some(b) = backing_up.filter(|b| b.hold_power) {
+        return Ok(b.again);
+    }
+    // A restore over the stopped desktop's disk, before a power change could start it.
+    let here = super::restore_over::Here {
+        pool: &inputs.pool,
+        domain: &inputs.domain.domain,
+        disk: &seen.disk,
+        image_dir: PathBuf::from(&inputs.host.image_dir),
+        active: seen.active(),
+        saved: seen.current.is_some_and(|s| s.has_managed_save),
+    };
+    if let Some(again) = super::restore_over::drive(ctx, d, status, here).await? {
+        return Ok(again);
+    }
     let plan = plan(d, status, &seen, ctx.resume_due(uid));
     let t = clock();
     let requeue = execute(ctx, d, uid, &inputs, &seen, plan, report).await?;
     steps.record("execute", t);
-    Ok(backing_up.map_or(requeue, |b| requeue.min(b)))
+    Ok(backing_up.map_or(requeue, |b| requeue.min(b.again)))
 }
 
 /// Which domain is this desktop's: by its UID, never by name alone. Returns the inputs under

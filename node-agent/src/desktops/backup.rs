@@ -15,7 +15,7 @@ use deskvirt_crds::backup::{
 use deskvirt_crds::conditions;
 use deskvirt_crds::constants::condition::DELETING;
 use deskvirt_crds::constants::{MANAGER_AGENT_BACKUP, MANAGER_AGENT_TEARDOWN};
-use deskvirt_crds::desktop::DesktopStatus;
+use deskvirt_crds::desktop::{DesktopStatus, Power};
 use deskvirt_crds::{Desktop, ResourcePool};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::runtime::events::EventType;
@@ -66,6 +66,20 @@ pub(super) struct Here<'a> {
     pub domain: &'a str,
     /// The desktop's disk (known where a backup may start).
     pub disk: Option<&'a Path>,
+    /// The domain is defined, shut off, holds no saved memory, and `spec.power` is Off: a
+    /// backup starts it paused for the copy (no guest code runs).
+    pub stopped: bool,
+}
+
+/// What driving the backup asks of the rest of the pass.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Driven {
+    /// When to look again.
+    pub again: Duration,
+    /// The domain runs paused for the copy of a stopped desktop's backup: its power is left
+    /// alone until the copy ends (then this step stops it, or resumes it if the desktop was
+    /// started meanwhile).
+    pub hold_power: bool,
 }
 
 /// Drives the desktop's backup; returns when to look again while one is written. `active`:
@@ -76,25 +90,72 @@ pub(super) async fn drive<H: Hypervisor>(
     status: &DesktopStatus,
     inputs: Here<'_>,
     active: bool,
-) -> Result<Option<Duration>, Error> {
+) -> Result<Option<Driven>, Error> {
     let (record, report) = (status.backup.as_ref(), status.backup_report.as_ref());
+    let again = |again| Driven {
+        again,
+        hold_power: false,
+    };
     match step(record, report) {
         Step::Idle => Ok(None),
         Step::Cancel => {
             if let Some(p) = report {
                 cancel(ctx, d, inputs, p).await?;
             }
-            Ok(Some(BACKUP_RESYNC))
+            Ok(Some(again(BACKUP_RESYNC)))
         }
         Step::Start => match record {
-            Some(r) => start(ctx, d, inputs, r, active).await.map(Some),
+            Some(r) => {
+                let after = start(ctx, d, inputs, r, active).await?;
+                let offline = !active && inputs.stopped;
+                offline_settled(ctx, d, inputs.domain, offline, after).await
+            }
             None => Ok(None),
         },
         Step::Poll => match (record, report) {
-            (Some(r), Some(p)) => poll(ctx, d, inputs, r, p).await.map(Some),
+            (Some(r), Some(p)) => {
+                let after = poll(ctx, d, inputs, r, p).await?;
+                offline_settled(ctx, d, inputs.domain, p.offline, after).await
+            }
             _ => Ok(None),
         },
     }
+}
+
+/// After a pass over a stopped desktop's backup (`offline`): while its job runs the domain's
+/// power is held; once it ended, the domain started paused for it is stopped, or resumed when
+/// the desktop was started meanwhile (spec.power On).
+async fn offline_settled<H: Hypervisor>(
+    ctx: &DesktopContext<H>,
+    d: &Desktop,
+    domain: &str,
+    offline: bool,
+    again: Duration,
+) -> Result<Option<Driven>, Error> {
+    if !offline {
+        return Ok(Some(Driven {
+            again,
+            hold_power: false,
+        }));
+    }
+    let hv = &ctx.hypervisor;
+    if let BackupProgress::Running { .. } = hv.backup_progress(domain).await? {
+        return Ok(Some(Driven {
+            again,
+            hold_power: true,
+        }));
+    }
+    if d.spec.power == Power::On {
+        hv.resume_domain(domain).await?;
+        tracing::info!(%domain, "stopped desktop's backup ended; started meanwhile, its domain resumes");
+    } else {
+        hv.destroy_domain(domain).await?;
+        tracing::info!(%domain, "stopped desktop's backup ended; its paused domain is stopped");
+    }
+    Ok(Some(Driven {
+        again: BACKUP_RESYNC,
+        hold_power: false,
+    }))
 }
 
 /// Before a deleted desktop's domain and disk go: a backup being written is waited for (the
@@ -214,8 +275,11 @@ async fn start<H: Hypervisor>(
         report.message = Some(truncate(why));
         report
     };
-    if !active {
-        let why = "the desktop's domain does not run here".to_string();
+    let offline = !active && inputs.stopped;
+    if !active && !offline {
+        let why = "the desktop's domain neither runs here nor is stopped (spec.power: Off, \
+                   shut off, no saved memory)"
+            .to_string();
         return finish(ctx, d, fail(report, why)).await;
     }
     let file = match file_of(d, inputs, &r.uid, &r.location) {
@@ -250,6 +314,14 @@ async fn start<H: Hypervisor>(
     }
     if let Err(e) = backup_files::prepare(&file).await {
         return finish(ctx, d, fail(report, e.to_string())).await;
+    }
+    // A stopped desktop: QEMU opens the disk with no guest code running, for the copy only.
+    if offline {
+        if let Err(e) = hv.start_paused(domain).await {
+            let why = format!("cannot start the stopped desktop's domain paused for the copy: {e}");
+            return finish(ctx, d, fail(report, why)).await;
+        }
+        report.offline = true;
     }
     // A checkpoint of this backup's name left by an attempt that never reported.
     hv.delete_checkpoint(domain, &r.uid).await?;
@@ -313,7 +385,20 @@ async fn start<H: Hypervisor>(
             .await;
         }
     };
-    report.quiesce = Some(quiesce_of(&hold));
+    report.quiesce = Some(if offline {
+        Quiesce {
+            consistency: Consistency::Stopped,
+            filesystems: None,
+            frozen_millis: None,
+            message: Some(
+                "the desktop was stopped: its domain was started paused for the copy, and the \
+                 disk is as the guest left it"
+                    .into(),
+            ),
+        }
+    } else {
+        quiesce_of(&hold)
+    });
     if let Hold::Frozen {
         thaw_error: Some(e),
         ..
@@ -540,13 +625,14 @@ fn report_of<H>(
         start_millis: None,
         base_image: None,
         quiesce: None,
+        offline: false,
         size_bytes: None,
         data_bytes: None,
         checksum: None,
     }
 }
 
-fn truncate(mut s: String) -> String {
+pub(super) fn truncate(mut s: String) -> String {
     if s.len() > 1000 {
         let mut at = 1000;
         while !s.is_char_boundary(at) {
@@ -600,6 +686,7 @@ mod tests {
             start_millis: None,
             base_image: None,
             quiesce: None,
+            offline: false,
             size_bytes: None,
             data_bytes: None,
             checksum: None,

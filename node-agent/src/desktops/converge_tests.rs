@@ -1373,3 +1373,78 @@ async fn a_cold_move_cancelled_while_the_guest_shuts_down_boots_it_here_again() 
     assert!(running, "not running here again");
     assert!(kit.disk().exists());
 }
+
+fn restore_record() -> deskvirt_crds::RestoreOver {
+    deskvirt_crds::RestoreOver {
+        name: "r".into(),
+        uid: "r-1".into(),
+        chain: deskvirt_crds::Restoring {
+            backup: "b".into(),
+            uid: "b-1".into(),
+            layers: vec![deskvirt_crds::BackupLayer {
+                name: "b".into(),
+                location: "/nowhere/b.qcow2".into(),
+                checksum: "sha256:00".into(),
+            }],
+        },
+        at: Time(Timestamp::UNIX_EPOCH),
+    }
+}
+
+/// The last restore report written.
+fn restore_report(kit: &Kit) -> serde_json::Value {
+    kit.api
+        .statuses()
+        .into_iter()
+        .rev()
+        .find(|s| s.get("restoreReport").is_some())
+        .map(|s| s["restoreReport"].clone())
+        .unwrap_or_default()
+}
+
+/// One pass of a desktop whose domain is in `state`, with a restore recorded that its host
+/// must refuse: nothing changes on the host, the disk stays, and the report says Failed.
+async fn refused_restore(state: DomainState, power: Power) -> (Kit, deskvirt_crds::Desktop) {
+    let kit = Kit::new();
+    kit.make_domain(state, false).await;
+    let mut d = with_last_status(desktop(), &kit.api);
+    d.spec.power = power;
+    d.status.get_or_insert_default().restore_over = Some(restore_record());
+    let before = kit.hv.journal().len();
+    passes(&kit, &d).await;
+    assert!(
+        changes(&kit, before).is_empty(),
+        "{:?}",
+        changes(&kit, before)
+    );
+    let r = restore_report(&kit);
+    assert_eq!(
+        (&r["state"], &r["uid"]),
+        (&"Failed".into(), &"r-1".into()),
+        "{r}"
+    );
+    assert_eq!(kit.disk_content().as_deref(), Some(&b"disk"[..]));
+    assert!(!crate::disks::kept_path(&kit.disk()).exists());
+    (kit, d)
+}
+
+#[tokio::test]
+async fn a_restore_recorded_on_a_running_desktop_is_refused_and_nothing_is_touched() {
+    refused_restore(DomainState::Running, Power::On).await;
+}
+
+#[tokio::test]
+async fn a_restore_whose_chain_is_refused_leaves_the_stopped_desktop_s_disk_and_domain() {
+    let (kit, d) = refused_restore(DomainState::ShutOff, Power::Off).await;
+    // Reported once: the next pass does not try again.
+    let d = with_last_status(d, &kit.api);
+    let writes = kit.api.statuses().len();
+    passes(&kit, &d).await;
+    assert!(
+        kit.api.statuses()[writes..]
+            .iter()
+            .all(|s| s.get("restoreReport").is_none()),
+        "{:?}",
+        kit.api.statuses()
+    );
+}

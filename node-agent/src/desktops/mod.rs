@@ -28,6 +28,7 @@ mod patch;
 pub mod place;
 mod power;
 mod reason;
+mod restore_over;
 mod saved;
 mod status;
 mod teardown;

@@ -77,6 +77,7 @@ pub async fn teardown<H: Hypervisor>(
                     pool: p,
                     domain,
                     disk: None,
+                    stopped: false,
                 };
                 let status = d.status.clone().unwrap_or_default();
                 if let Some(again) = backup::before_teardown(ctx, d, &status, here).await? {
@@ -137,7 +138,12 @@ pub async fn teardown<H: Hypervisor>(
         .as_ref()
         .map(|p| PathBuf::from(&p.spec.storage.image_dir))
         .unwrap_or_else(|| PathBuf::from(NO_DIR));
-    for (path, adopt) in candidates {
+    // A disk kept by a restore over the desktop's disk goes with it.
+    let kept: Vec<(PathBuf, bool)> = candidates
+        .keys()
+        .map(|p| (disks::kept_path(p), false))
+        .collect();
+    for (path, adopt) in candidates.into_iter().chain(kept) {
         match disks::remove(&path, &image_dir, &in_use, &uid, adopt).await {
             Ok(true) => tracing::info!(disk = %path.display(), "disk deleted"),
             Ok(false) => {}

@@ -326,6 +326,17 @@ impl Hypervisor for FakeHypervisor {
         })
     }
 
+    async fn start_paused(&self, name: &str) -> Result<Change> {
+        self.change(Op::Start, "start paused", name, |s| {
+            let d = s.domains.get_mut(name).ok_or_else(|| not_found(name))?;
+            if d.state.is_active() {
+                return Ok(Change::AlreadyDone);
+            }
+            d.state = DomainState::Paused;
+            Ok(Change::Done)
+        })
+    }
+
     async fn shutdown_domain(&self, name: &str) -> Result<Change> {
         self.change(Op::Shutdown, "shutdown", name, |s| {
             let ignored = s.ignore_acpi;

@@ -281,8 +281,16 @@ impl Hypervisor for LibvirtHypervisor {
 
     async fn start_domain(&self, name: &str) -> Result<Change> {
         let name = name.to_string();
-        self.run_slow("start domain", move |c| domains::start(c, &name))
+        self.run_slow("start domain", move |c| domains::start(c, &name, false))
             .await
+    }
+
+    async fn start_paused(&self, name: &str) -> Result<Change> {
+        let name = name.to_string();
+        self.run_slow("start domain paused", move |c| {
+            domains::start(c, &name, true)
+        })
+        .await
     }
 
     async fn shutdown_domain(&self, name: &str) -> Result<Change> {

@@ -207,6 +207,10 @@ pub trait Hypervisor: Send + Sync {
     /// Starts a defined domain (resuming from a managed save image if one exists).
     fn start_domain(&self, name: &str) -> impl Future<Output = Result<Change>> + Send;
 
+    /// Starts the stopped domain paused: QEMU opens its disk and no guest code runs (the copy
+    /// of a stopped desktop's backup); `AlreadyDone` when it is active.
+    fn start_paused(&self, name: &str) -> impl Future<Output = Result<Change>> + Send;
+
     /// Asks the guest to shut down (ACPI); `AlreadyDone` when it is off or gone.
     fn shutdown_domain(&self, name: &str) -> impl Future<Output = Result<Change>> + Send;
 

@@ -158,7 +158,8 @@ macro_rules! conditioned {
 
 conditioned!(
     deskvirt_crds::DesktopMigrationStatus,
-    deskvirt_crds::DesktopBackupStatus
+    deskvirt_crds::DesktopBackupStatus,
+    deskvirt_crds::DesktopRestoreStatus
 );
 
 /// Removes the record field `field` of Desktop `d`'s status (an action's record for its host)

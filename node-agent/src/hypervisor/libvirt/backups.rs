@@ -141,7 +141,18 @@ pub(super) fn delete_checkpoint(conn: &Connect, name: &str, checkpoint: &str) ->
         return Ok(Change::AlreadyDone);
     }
     let c = c_string(op, name, checkpoint.to_string())?;
-    deskvirt_libvirt_ext::checkpoint_delete(&dom, &c, false)
-        .map_err(|e| map(op, ObjectKind::Domain, name, &e))?;
+    if let Err(e) = deskvirt_libvirt_ext::checkpoint_delete(&dom, &c, false) {
+        // Off, libvirt deletes no bitmap: the record stays for a later try while it runs.
+        if !is_active(&dom, op, name)? {
+            return Err(map(op, ObjectKind::Domain, name, &e));
+        }
+        // Running, and still refused: the disk lacks the bitmap (restored over, or lost), so
+        // nothing is there to merge. libvirt's record goes alone, so that it never names a
+        // bitmap the disk does not hold.
+        deskvirt_libvirt_ext::checkpoint_delete(&dom, &c, true)
+            .map_err(|_| map(op, ObjectKind::Domain, name, &e))?;
+        tracing::info!(domain = %name, %checkpoint, error = %e.message(),
+            "checkpoint's bitmap not deleted; libvirt's record of it removed");
+    }
     Ok(Change::Done)
 }

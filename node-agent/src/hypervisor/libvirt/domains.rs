@@ -146,13 +146,18 @@ pub(super) fn define(conn: &Connect, xml: &str) -> Result<String> {
 }
 
 /// Starts a domain (from its managed save image if any).
-pub(super) fn start(conn: &Connect, name: &str) -> Result<Change> {
+pub(super) fn start(conn: &Connect, name: &str, paused: bool) -> Result<Change> {
     let op = "start domain";
     let dom = lookup(conn, op, name)?;
     if is_active(&dom, op, name)? {
         return Ok(Change::AlreadyDone);
     }
-    match dom.create() {
+    let started = if paused {
+        dom.create_with_flags(sys::VIR_DOMAIN_START_PAUSED)
+    } else {
+        dom.create()
+    };
+    match started {
         Ok(()) => Ok(Change::Done),
         Err(e) if has_code(&e, ErrorNumber::OperationInvalid) && is_active(&dom, op, name)? => {
             Ok(Change::AlreadyDone)

@@ -7,6 +7,7 @@
 mod commit;
 pub mod orphans;
 pub mod restore;
+pub mod restore_over;
 pub mod schedule;
 
 use std::sync::Arc;
@@ -14,10 +15,12 @@ use std::time::Duration;
 
 use deskvirt_core::backup::pass::{Desktop as DesktopFacts, Facts, Reported};
 use deskvirt_core::backup::{Ask, Backup, Kind, Origin};
+use deskvirt_core::reasons::AgentReason;
 use deskvirt_crds::backup::BackupState;
 use deskvirt_crds::conditions;
 use deskvirt_crds::constants::condition::{READY, RUNNING};
 use deskvirt_crds::constants::{FINALIZER_OPERATOR, LABEL_SCHEDULED};
+use deskvirt_crds::desktop::Power;
 use deskvirt_crds::{Desktop, DesktopBackup};
 use k8s_openapi::jiff::Timestamp;
 use kube::runtime::controller::{self, Action, Controller};
@@ -242,6 +245,7 @@ fn desktop_facts<'a>(ctx: &Context, d: &'a Desktop, now: Timestamp) -> DesktopFa
         node,
         host_ready: node.is_some_and(|n| matches!(ctx.heartbeat(n, now), Heartbeat::Fresh { .. })),
         running: st.is_some_and(|s| conditions::is_true(&s.conditions, RUNNING)),
+        stopped: stopped_at(d).is_some(),
         migrating: st.is_some_and(|s| s.migration.is_some()),
         deleting: d.metadata.deletion_timestamp.is_some(),
         has_backup_dir,
@@ -255,6 +259,22 @@ fn desktop_facts<'a>(ctx: &Context, d: &'a Desktop, now: Timestamp) -> DesktopFa
             (r.uid.as_str(), said)
         }),
     }
+}
+
+/// When desktop `d`'s domain stopped, if it is stopped for good: `spec.power: Off`, its host
+/// says the domain is off (`Running=False`, reason Stopped), and the idle policy holds nothing of it (saved memory a backup must
+/// not start). Seconds since the epoch, from its `Running` condition.
+pub(crate) fn stopped_at(d: &Desktop) -> Option<i64> {
+    let st = d.status.as_ref()?;
+    // Held by the idle policy (suspended with saved memory, or shut down): its host keeps the
+    // domain as the policy left it and starts nothing for a backup.
+    if d.spec.power != Power::Off || st.reclaimed.is_some() {
+        return None;
+    }
+    // Stopped, not Stopping: the host says the domain is off, not that a shutdown was asked.
+    conditions::find(&st.conditions, RUNNING)
+        .filter(|c| c.status == "False" && c.reason == AgentReason::Stopped.as_str())
+        .map(|c| c.last_transition_time.0.as_second())
 }
 
 /// One pass over a DesktopBackup.

@@ -21,8 +21,18 @@ pub fn resolve(stores: &Stores, d: &Desktop, pool: &ResourcePool) -> Result<Rest
     let Some(from) = d.spec.disk.restore_from.as_ref() else {
         return Err("the desktop restores from no backup".into());
     };
+    chain_for(stores, d, pool, &from.backup)
+}
+
+/// The chain of backup `name` of `d`'s namespace, restorable onto `d`'s base image in its pool
+/// `pool`, or why it is not.
+pub fn chain_for(
+    stores: &Stores,
+    d: &Desktop,
+    pool: &ResourcePool,
+    name: &str,
+) -> Result<Restoring, String> {
     let ns = d.namespace().unwrap_or_default();
-    let name = from.backup.as_str();
     let b = stores
         .backups
         .get(&ObjectRef::new(name).within(&ns))

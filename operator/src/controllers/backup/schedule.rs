@@ -14,8 +14,8 @@ use deskvirt_core::backup::schedule::{
 use deskvirt_core::backup::{Backup, Origin, Retention, expired};
 use deskvirt_crds::constants::condition::RUNNING;
 use deskvirt_crds::constants::{
-    ANNOTATION_POOL, FINALIZER_BACKUP_FILE, FINALIZER_OPERATOR, LABEL_MANAGED_BY, LABEL_NODE,
-    LABEL_POOL, LABEL_SCHEDULED,
+    ANNOTATION_BACKUP_SCHEDULE, ANNOTATION_POOL, FINALIZER_BACKUP_FILE, FINALIZER_OPERATOR,
+    LABEL_MANAGED_BY, LABEL_NODE, LABEL_POOL, LABEL_SCHEDULED,
 };
 use deskvirt_crds::quantity::parse_duration;
 use deskvirt_crds::{Desktop, DesktopBackup, ResourcePool, conditions};
@@ -159,6 +159,11 @@ pub async fn pass(ctx: &Context, made: &Made) -> Done {
                 .status
                 .as_ref()
                 .is_some_and(|s| conditions::is_true(&s.conditions, RUNNING)),
+            stopped_at: super::stopped_at(&d),
+            skipped: d
+                .annotations()
+                .get(ANNOTATION_BACKUP_SCHEDULE)
+                .is_some_and(|v| v == "skip"),
             deleting: d.metadata.deletion_timestamp.is_some(),
             created: d
                 .metadata
