@@ -34,8 +34,11 @@ pub struct Row {
     pub incremental_data: Vec<u64>,
     pub full_file: Vec<u64>,
     pub convert_file: Vec<u64>,
-    /// Milliseconds each deskvirt backup's job took to start (the checkpoint transaction).
+    /// Milliseconds each deskvirt backup's job took to start (the guest agent's freeze, the
+    /// checkpoint transaction and the thaw).
     pub start_ms: Vec<u64>,
+    /// Milliseconds the guest's file systems stayed frozen, for each quiesced backup.
+    pub frozen_ms: Vec<u64>,
 }
 
 /// MiB the guest writes at boot: the user's data a full copy copies each time.
@@ -93,6 +96,7 @@ pub async fn run_bench(n: usize) -> anyhow::Result<Vec<Row>> {
             full_file: vec![],
             convert_file: vec![],
             start_ms: vec![],
+            frozen_ms: vec![],
         })
         .collect();
     let (mut inc, mut full, mut conv) = (vec![vec![]; 2], vec![vec![]; 2], vec![vec![]; 2]);
@@ -114,6 +118,8 @@ pub async fn run_bench(n: usize) -> anyhow::Result<Vec<Row>> {
             row.incremental_file.push(st.size_bytes.unwrap_or(0));
             row.incremental_data.push(st.data_bytes.unwrap_or(0));
             row.start_ms.extend(st.start_millis);
+            row.frozen_ms
+                .extend(st.quiesce.as_ref().and_then(|q| q.frozen_millis));
             let out = dir.join(format!("convert-{i}-{k}.qcow2"));
             let t = Instant::now();
             run(
@@ -132,6 +138,8 @@ pub async fn run_bench(n: usize) -> anyhow::Result<Vec<Row>> {
             full[k].push(took);
             row.full_file.push(st.size_bytes.unwrap_or(0));
             row.start_ms.extend(st.start_millis);
+            row.frozen_ms
+                .extend(st.quiesce.as_ref().and_then(|q| q.frozen_millis));
             eprintln!(
                 "[bench] backup {i} {}: incremental {} ({} KiB), qemu-img convert {} ({} KiB), full {}",
                 row.label,
@@ -214,6 +222,14 @@ pub fn markdown(rows: &[Row]) -> String {
         median(&starts),
         starts.iter().max().copied().unwrap_or(0),
         starts.len()
+    ));
+    let frozen: Vec<u64> = rows.iter().flat_map(|r| r.frozen_ms.clone()).collect();
+    out.push_str(&format!(
+        "The guest agent (qemu-ga) froze the guest's file systems for {} of them: median {} ms, \
+         max {} ms from freeze to thaw (included in the start above).\n",
+        frozen.len(),
+        median(&frozen),
+        frozen.iter().max().copied().unwrap_or(0),
     ));
     out
 }

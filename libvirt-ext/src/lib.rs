@@ -139,6 +139,17 @@ pub fn fs_freeze(dom: &Domain) -> Result<u32, Error> {
     Ok(u32::try_from(ret).unwrap_or(0))
 }
 
+/// Sets how long libvirt waits for `dom`'s guest agent to answer a command
+/// (`virDomainAgentSetResponseTimeout`), in seconds; kept while the domain runs.
+pub fn agent_timeout(dom: &Domain, seconds: i32) -> Result<(), Error> {
+    // SAFETY: the borrowed `dom` keeps its pointer valid for the call; flags must be 0.
+    let ret = unsafe { virt_sys::virDomainAgentSetResponseTimeout(dom.as_ptr(), seconds, 0) };
+    if ret == -1 {
+        return Err(Error::last_error());
+    }
+    Ok(())
+}
+
 /// Thaws the guest's file systems (`virDomainFSThaw`, all mount points); returns how many.
 pub fn fs_thaw(dom: &Domain) -> Result<u32, Error> {
     // SAFETY: as in `fs_freeze`.

@@ -423,11 +423,19 @@ pub fn kept_path(target: &Path) -> PathBuf {
 
 /// Replaces the disk of a stopped desktop with one built from `plan.restore`'s chain, checked
 /// as [`prepare`] checks a restore, and keeps the old disk at [`kept_path`] (with its owner
-/// record); returns that path. When a kept disk is there already (the desktop has not run
-/// since an earlier restore), that one is the last disk the desktop ran on and stays, and the
-/// current one is replaced. Nothing changes unless the new disk was built and checked; the
-/// caller makes sure no domain runs on the disk. Run again after a crash, it ends the same.
-pub async fn restore_over(qemu_img: &str, plan: &DiskPlan) -> Result<PathBuf, DiskError> {
+/// record); returns that path. A kept disk there already is the last disk the desktop ran on
+/// when `ran_since` is false (an earlier restore swapped and the desktop has not run since):
+/// it stays, and the current one is replaced. With `ran_since` it is a leftover its removal
+/// failed to take, and the restore is refused, naming it, rather than lose the current disk.
+/// Nothing changes unless the new disk was built and checked, and the disk's name never
+/// misses a disk: the old one is hard-linked to the kept name, then the new one renamed over
+/// it. The caller makes sure no domain runs on the disk. Run again after a crash, it ends the
+/// same.
+pub async fn restore_over(
+    qemu_img: &str,
+    plan: &DiskPlan,
+    ran_since: bool,
+) -> Result<PathBuf, DiskError> {
     let shown = plan.target.display().to_string();
     let Some(chain) = &plan.restore else {
         return Err(DiskError::RestoreRefused {
@@ -442,6 +450,14 @@ pub async fn restore_over(qemu_img: &str, plan: &DiskPlan) -> Result<PathBuf, Di
         .map_err(io("look at", &kept))?;
     if keeping {
         claim(&kept, &plan.owner, false).await?;
+        if ran_since {
+            return Err(DiskError::RestoreRefused {
+                path: kept.display().to_string(),
+                message: "a disk kept by an earlier restore is still there although the \
+                          desktop ran since (its removal failed); move or delete it first"
+                    .into(),
+            });
+        }
     }
     let format = image_format(qemu_img, &plan.base).await?;
     let partial = partial_path(&plan.target);
@@ -455,7 +471,7 @@ pub async fn restore_over(qemu_img: &str, plan: &DiskPlan) -> Result<PathBuf, Di
         .map_err(io("look at", &plan.target))?;
     if there && !keeping {
         record_owner(&kept, &plan.owner).await?;
-        tokio::fs::rename(&plan.target, &kept)
+        tokio::fs::hard_link(&plan.target, &kept)
             .await
             .map_err(io("keep the old disk as", &kept))?;
     }

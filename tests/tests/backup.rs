@@ -811,6 +811,8 @@ struct Seen {
     new_chain: bool,
     data: Option<u64>,
     file: Option<PathBuf>,
+    /// How the guest was held, as its status says.
+    held: Option<String>,
 }
 
 /// The pool's schedule every 3 seconds, keeping 2 backups of a desktop with chains of at most
@@ -899,7 +901,10 @@ async fn schedule_keeps_what_restores_and_lets_the_rest_go(
                     parent: st.parent.clone(),
                     new_chain: b.spec.new_chain,
                     data: st.data_bytes,
-                    file: st.location.map(PathBuf::from),
+                    file: st.location.clone().map(PathBuf::from),
+                    held: st.quiesce.as_ref().map(|q| {
+                        format!("{:?} {}", q.consistency, q.message.as_deref().unwrap_or(""))
+                    }),
                 };
                 match seen.iter_mut().find(|(n, _)| *n == name) {
                     Some((_, old)) => *old = s,
@@ -951,11 +956,12 @@ async fn schedule_keeps_what_restores_and_lets_the_rest_go(
     );
     for (n, s) in &seen {
         eprintln!(
-            "[backup] scheduled {n}: {:?}, parent {:?}, new chain {}, {} KiB copied ({})",
+            "[backup] scheduled {n}: {:?}, parent {:?}, new chain {}, {} KiB copied, held {} ({})",
             s.phase,
             s.parent,
             s.new_chain,
             s.data.unwrap_or(0) >> 10,
+            s.held.as_deref().unwrap_or("-"),
             s.said.as_deref().unwrap_or("")
         );
     }

@@ -33,6 +33,8 @@ pub struct Desktop<'a> {
     pub stopped: bool,
     /// Whether a migration of it is under way.
     pub migrating: bool,
+    /// Whether a restore over its disk is recorded (`status.restoreOver`).
+    pub restoring: bool,
     /// Whether it is being deleted.
     pub deleting: bool,
     /// Whether its pool names a backup directory.
@@ -175,6 +177,12 @@ fn pending(f: &Facts<'_>) -> Decision {
                 .into(),
         );
     }
+    if d.restoring {
+        return wait(
+            BackupReason::Busy,
+            "a restore over the desktop's disk is under way (a DesktopRestore)".into(),
+        );
+    }
     if let Some(other) = d.record.filter(|r| *r != f.uid) {
         return wait(
             BackupReason::Busy,
@@ -262,6 +270,7 @@ mod tests {
             running: true,
             stopped: false,
             migrating: false,
+            restoring: false,
             deleting: false,
             has_backup_dir: true,
             record: None,
@@ -392,6 +401,13 @@ mod tests {
             (
                 Some(Desktop {
                     record: Some("b1"),
+                    ..desktop()
+                }),
+                BackupReason::Busy,
+            ),
+            (
+                Some(Desktop {
+                    restoring: true,
                     ..desktop()
                 }),
                 BackupReason::Busy,

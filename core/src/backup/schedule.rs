@@ -205,9 +205,9 @@ pub struct Subject {
     /// Whether its domain runs.
     pub running: bool,
     /// For a desktop stopped for good (`spec.power: Off`, not suspended): when its domain
-    /// stopped, seconds since the epoch. It is backed up at a moment only if it ran after its
-    /// newest backup that succeeded (its disk may have changed since); a desktop that neither
-    /// runs nor is stopped so (starting, suspended) is not.
+    /// stopped, seconds since the epoch. It is backed up at a moment only if no backup of it
+    /// ended since it stopped (its disk may have changed since its last one; one try per
+    /// stop); a desktop that neither runs nor is stopped so (starting, suspended) is not.
     pub stopped_at: Option<i64>,
     /// Left out of the schedule by its owner (`deskvirt.io/backup-schedule: skip`).
     pub skipped: bool,
@@ -237,10 +237,12 @@ pub fn due(
     last_made: Option<i64>,
 ) -> Option<Planned> {
     let slot = slot?;
+    // One backup of a stop: one that failed is not tried again at every moment (a host that
+    // refuses it, say because the domain holds saved memory, would refuse each).
     let ran_since_backup = |stopped: i64| {
         !backups
             .iter()
-            .any(|b| b.state == State::Succeeded && b.created >= stopped)
+            .any(|b| b.state.is_terminal() && b.created >= stopped)
     };
     let eligible = desktop.running || desktop.stopped_at.is_some_and(ran_since_backup);
     if !eligible
@@ -444,12 +446,12 @@ mod tests {
             due(&p, stopped_at(50), &[scheduled("a", 60, None)], slot, None),
             None
         );
-        // A failed one after it stopped holds nothing: still due.
+        // One that failed after it stopped is not tried again until it ran again.
         let failed = Backup {
             state: State::Failed,
             ..scheduled("f", 60, None)
         };
-        assert!(due(&p, stopped_at(50), &[failed], slot, None).is_some());
+        assert_eq!(due(&p, stopped_at(50), &[failed], slot, None), None);
     }
 
     #[test]

@@ -23,8 +23,9 @@ pub struct Desktop<'a> {
     pub deleting: bool,
     /// Its vCPUs are pinned to the host's threads, or devices are passed through to it.
     pub pinned_to_host: bool,
-    /// A backup of it is being written (`status.backup`): the host's backup job and a move
-    /// cannot run at once.
+    /// A backup of it is being written (`status.backup`), or a restore over its disk is
+    /// recorded (`status.restoreOver`): the host's job on its disk and a move cannot run at
+    /// once.
     pub backing_up: bool,
 }
 

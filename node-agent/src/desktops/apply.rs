@@ -37,7 +37,7 @@ use super::{BUSY_RESYNC, Error, bound, held, lease, migrate};
 use crate::disks::{self, DiskPlan, Prepared};
 use crate::domain::graphics_xml;
 use crate::domain::names::fnv1a64;
-use crate::hypervisor::{DomainState, DomainStatus, Hypervisor, HypervisorError};
+use crate::hypervisor::{DomainState, DomainStatus, Hypervisor, HypervisorError, PauseCause};
 
 /// The outcome of converging one desktop: what to report and when to look again.
 pub(super) struct Outcome {
@@ -230,15 +230,19 @@ async fn pipeline<H: Hypervisor>(
         pool: &inputs.pool,
         domain: &inputs.domain.domain,
         disk: Some(&seen.disk.target),
+        // Off, or paused with no guest code run: a backup started it so, and this agent
+        // stopped before it reported (its copy is adopted as the stopped desktop's).
         stopped: d.spec.power == Power::Off
-            && seen
-                .current
-                .is_some_and(|s| s.state == DomainState::ShutOff && !s.has_managed_save),
+            && seen.current.is_some_and(|s| {
+                (s.state == DomainState::ShutOff && !s.has_managed_save)
+                    || (s.state == DomainState::Paused && s.paused == Some(PauseCause::Other))
+            }),
     };
     let backing_up = super::backup::drive(ctx, d, status, here, seen.active()).await?;
     steps.record("backup", t);
-    // The domain runs paused for a stopped desktop's backup: its power waits for the copy.
-    if let Some(b) = backing_up.filter(|b| b.hold_power) {
+    // The domain runs paused for a stopped desktop's backup (its power waits for the copy),
+    // or was just stopped or resumed after it.
+    if let Some(b) = backing_up.filter(|b| b.ends_pass) {
         return Ok(b.again);
     }
     // A restore over the stopped desktop's disk, before a power change could start it.
@@ -248,6 +252,9 @@ async fn pipeline<H: Hypervisor>(
         disk: &seen.disk,
         image_dir: PathBuf::from(&inputs.host.image_dir),
         active: seen.active(),
+        running: seen
+            .current
+            .is_some_and(|s| s.state == DomainState::Running),
         saved: seen.current.is_some_and(|s| s.has_managed_save),
     };
     if let Some(again) = super::restore_over::drive(ctx, d, status, here).await? {

@@ -66,8 +66,8 @@ pub(super) struct Here<'a> {
     pub domain: &'a str,
     /// The desktop's disk (known where a backup may start).
     pub disk: Option<&'a Path>,
-    /// The domain is defined, shut off, holds no saved memory, and `spec.power` is Off: a
-    /// backup starts it paused for the copy (no guest code runs).
+    /// `spec.power` is Off and the domain is defined, shut off with no saved memory (a
+    /// backup starts it paused for the copy: no guest code runs), or already paused so.
     pub stopped: bool,
 }
 
@@ -76,10 +76,10 @@ pub(super) struct Here<'a> {
 pub(super) struct Driven {
     /// When to look again.
     pub again: Duration,
-    /// The domain runs paused for the copy of a stopped desktop's backup: its power is left
-    /// alone until the copy ends (then this step stops it, or resumes it if the desktop was
-    /// started meanwhile).
-    pub hold_power: bool,
+    /// The pass ends here: the domain runs paused for the copy of a stopped desktop's backup
+    /// (its power is left alone until the copy ends), or this step just stopped or resumed it
+    /// (what the pass observed of it is stale).
+    pub ends_pass: bool,
 }
 
 /// Drives the desktop's backup; returns when to look again while one is written. `active`:
@@ -94,7 +94,7 @@ pub(super) async fn drive<H: Hypervisor>(
     let (record, report) = (status.backup.as_ref(), status.backup_report.as_ref());
     let again = |again| Driven {
         again,
-        hold_power: false,
+        ends_pass: false,
     };
     match step(record, report) {
         Step::Idle => Ok(None),
@@ -107,8 +107,7 @@ pub(super) async fn drive<H: Hypervisor>(
         Step::Start => match record {
             Some(r) => {
                 let after = start(ctx, d, inputs, r, active).await?;
-                let offline = !active && inputs.stopped;
-                offline_settled(ctx, d, inputs.domain, offline, after).await
+                offline_settled(ctx, d, inputs.domain, inputs.stopped, after).await
             }
             None => Ok(None),
         },
@@ -135,14 +134,14 @@ async fn offline_settled<H: Hypervisor>(
     if !offline {
         return Ok(Some(Driven {
             again,
-            hold_power: false,
+            ends_pass: false,
         }));
     }
     let hv = &ctx.hypervisor;
     if let BackupProgress::Running { .. } = hv.backup_progress(domain).await? {
         return Ok(Some(Driven {
             again,
-            hold_power: true,
+            ends_pass: true,
         }));
     }
     if d.spec.power == Power::On {
@@ -154,7 +153,7 @@ async fn offline_settled<H: Hypervisor>(
     }
     Ok(Some(Driven {
         again: BACKUP_RESYNC,
-        hold_power: false,
+        ends_pass: true,
     }))
 }
 
@@ -275,7 +274,7 @@ async fn start<H: Hypervisor>(
         report.message = Some(truncate(why));
         report
     };
-    let offline = !active && inputs.stopped;
+    let offline = inputs.stopped;
     if !active && !offline {
         let why = "the desktop's domain neither runs here nor is stopped (spec.power: Off, \
                    shut off, no saved memory)"
@@ -310,6 +309,7 @@ async fn start<H: Hypervisor>(
         };
         report.base_image = base_of(ctx, inputs).await;
         report.started = Some(r.at.clone());
+        report.offline = offline;
         return finish(ctx, d, report).await;
     }
     if let Err(e) = backup_files::prepare(&file).await {

@@ -1405,7 +1405,10 @@ fn restore_report(kit: &Kit) -> serde_json::Value {
 /// One pass of a desktop whose domain is in `state`, with a restore recorded that its host
 /// must refuse: nothing changes on the host, the disk stays, and the report says Failed.
 async fn refused_restore(state: DomainState, power: Power) -> (Kit, deskvirt_crds::Desktop) {
-    let kit = Kit::new();
+    // The API answers with the record on the desktop (the host reads it live before it acts).
+    let mut recorded = desktop();
+    recorded.status.get_or_insert_default().restore_over = Some(restore_record());
+    let kit = Kit::answering(recorded);
     kit.make_domain(state, false).await;
     let mut d = with_last_status(desktop(), &kit.api);
     d.spec.power = power;

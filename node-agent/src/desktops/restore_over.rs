@@ -38,10 +38,17 @@ enum Step {
     Release,
 }
 
-fn step(record: Option<&RestoreOver>, report: Option<&RestoreReport>, active: bool) -> Step {
+/// `running`: the guest runs (not paused: a domain started paused for a backup ran no guest
+/// code). `kept`: a kept disk is there (looked at only while it runs).
+fn step(
+    record: Option<&RestoreOver>,
+    report: Option<&RestoreReport>,
+    running: bool,
+    kept: bool,
+) -> Step {
     match (record, report) {
         (Some(rec), rep) if rep.is_none_or(|r| r.uid != rec.uid) => Step::Swap,
-        (_, Some(rep)) if rep.state == RestoreState::Swapped && active => Step::Release,
+        _ if running && kept => Step::Release,
         _ => Step::Idle,
     }
 }
@@ -54,6 +61,8 @@ pub(super) struct Here<'a> {
     pub image_dir: PathBuf,
     /// Whether the domain runs.
     pub active: bool,
+    /// Whether its guest runs (active and not paused).
+    pub running: bool,
     /// Whether it holds saved memory (a managed save).
     pub saved: bool,
 }
@@ -66,13 +75,14 @@ pub(super) async fn drive<H: Hypervisor>(
     here: Here<'_>,
 ) -> Result<Option<Duration>, Error> {
     let (record, report) = (status.restore_over.as_ref(), status.restore_report.as_ref());
-    match step(record, report, here.active) {
+    let kept = here.running
+        && tokio::fs::try_exists(disks::kept_path(&here.disk.target))
+            .await
+            .unwrap_or(false);
+    match step(record, report, here.running, kept) {
         Step::Idle => Ok(None),
         Step::Release => {
-            let Some(rep) = report else {
-                return Ok(None);
-            };
-            release(ctx, d, &here, rep).await?;
+            release(ctx, d, &here, report).await?;
             Ok(None)
         }
         Step::Swap => {
@@ -123,7 +133,15 @@ async fn swap<H: Hypervisor>(
         }),
         ..here.disk.clone()
     };
-    let kept = match disks::restore_over(&ctx.config.qemu_img, &plan).await {
+    // The record as the API has it now: a restore deleted since the cache saw it is not
+    // carried out.
+    if !recorded_still(ctx, d, &rec.uid).await? {
+        return Ok(AFTER_SWAP);
+    }
+    // A kept disk is the one the desktop last ran on only while the last report says an
+    // earlier restore swapped (the desktop has not run since: running, it would say Ran).
+    let ran_since = !report_of_desktop(d).is_some_and(|r| r.state == RestoreState::Swapped);
+    let kept = match disks::restore_over(&ctx.config.qemu_img, &plan, ran_since).await {
         Ok(kept) => kept,
         Err(e) => {
             let why = crate::agent::error_chain(&e);
@@ -149,33 +167,66 @@ async fn swap<H: Hypervisor>(
     Ok(AFTER_SWAP)
 }
 
-/// The desktop runs on its restored disk: the kept one goes.
+/// The desktop's report of its last restore.
+fn report_of_desktop(d: &Desktop) -> Option<&RestoreReport> {
+    d.status.as_ref().and_then(|s| s.restore_report.as_ref())
+}
+
+/// Whether the API still records restore `uid` on the desktop.
+async fn recorded_still<H>(ctx: &DesktopContext<H>, d: &Desktop, uid: &str) -> Result<bool, Error> {
+    let ns = d
+        .namespace()
+        .ok_or(Error::MissingField("metadata.namespace"))?;
+    let api: Api<Desktop> = Api::namespaced(ctx.client.clone(), &ns);
+    let fresh = api
+        .get_opt(&d.name_any())
+        .await
+        .map_err(|source| Error::Kube {
+            action: "read the desktop before restoring its disk",
+            source,
+        })?;
+    Ok(fresh.is_some_and(|f| {
+        f.uid() == d.uid()
+            && f.status
+                .as_ref()
+                .and_then(|s| s.restore_over.as_ref())
+                .is_some_and(|r| r.uid == uid)
+    }))
+}
+
+/// The guest runs on its restored disk: the kept one goes, and a restore that swapped says it
+/// ran. A kept disk that cannot be removed is said once, in a Warning Event and the report.
 async fn release<H: Hypervisor>(
     ctx: &DesktopContext<H>,
     d: &Desktop,
     here: &Here<'_>,
-    rep: &RestoreReport,
+    rep: Option<&RestoreReport>,
 ) -> Result<(), Error> {
     let kept = disks::kept_path(&here.disk.target);
     let in_use = ctx.hypervisor.domain_disk_paths().await?;
-    match disks::remove(&kept, &here.image_dir, &in_use, &here.disk.owner, false).await {
+    let swapped = rep.filter(|r| r.state == RestoreState::Swapped);
+    let owner = &here.disk.owner;
+    let left = match disks::remove(&kept, &here.image_dir, &in_use, owner, false).await {
         Ok(_) => {
-            tracing::info!(kept = %kept.display(), "the desktop ran on its restored disk; old disk removed")
+            tracing::info!(kept = %kept.display(), "the guest ran on its restored disk; old disk removed");
+            None
         }
         Err(e) => {
-            // Kept, and said: the restore still ends (the desktop runs on the restored disk).
             let why = format!("old disk {} kept: {e}", kept.display());
-            tracing::warn!(%why, "old disk not removed");
-            ctx.event(d, EventType::Warning, "DiskKept", "Restore", why)
-                .await;
+            if swapped.is_some() {
+                tracing::warn!(%why, "old disk not removed");
+                ctx.event(d, EventType::Warning, "DiskKept", "Restore", why.clone())
+                    .await;
+            } else {
+                tracing::debug!(%why, "old disk still not removed");
+            }
+            Some(why)
         }
+    };
+    match swapped {
+        Some(r) => write(ctx, d, &report(ctx, &r.uid, RestoreState::Ran, None, left)).await,
+        None => Ok(()),
     }
-    write(
-        ctx,
-        d,
-        &report(ctx, &rep.uid, RestoreState::Ran, None, None),
-    )
-    .await
 }
 
 fn report<H>(
@@ -237,21 +288,22 @@ mod tests {
     }
 
     #[test]
-    fn a_record_is_swapped_once_then_released_once_the_desktop_runs() {
+    fn a_record_is_swapped_once_then_a_kept_disk_goes_once_the_guest_runs() {
         let rec = record("r-1");
-        assert_eq!(step(Some(&rec), None, false), Step::Swap);
+        assert_eq!(step(Some(&rec), None, false, false), Step::Swap);
         // An older restore's report does not stand for this one.
         let old = said("r-0", RestoreState::Ran);
-        assert_eq!(step(Some(&rec), Some(&old), false), Step::Swap);
+        assert_eq!(step(Some(&rec), Some(&old), false, false), Step::Swap);
         let swapped = said("r-1", RestoreState::Swapped);
-        assert_eq!(step(Some(&rec), Some(&swapped), false), Step::Idle);
-        assert_eq!(step(Some(&rec), Some(&swapped), true), Step::Release);
+        assert_eq!(step(Some(&rec), Some(&swapped), false, true), Step::Idle);
+        assert_eq!(step(Some(&rec), Some(&swapped), true, true), Step::Release);
         // The record cleared (its restore deleted): the kept disk still goes once it ran.
-        assert_eq!(step(None, Some(&swapped), true), Step::Release);
-        let ran = said("r-1", RestoreState::Ran);
-        assert_eq!(step(Some(&rec), Some(&ran), true), Step::Idle);
+        assert_eq!(step(None, Some(&swapped), true, true), Step::Release);
+        // A kept disk left by any restore goes once the guest runs; none, nothing to do.
         let failed = said("r-1", RestoreState::Failed);
-        assert_eq!(step(Some(&rec), Some(&failed), false), Step::Idle);
-        assert_eq!(step(None, None, true), Step::Idle);
+        assert_eq!(step(None, Some(&failed), true, true), Step::Release);
+        let ran = said("r-1", RestoreState::Ran);
+        assert_eq!(step(Some(&rec), Some(&ran), true, false), Step::Idle);
+        assert_eq!(step(None, None, true, false), Step::Idle);
     }
 }

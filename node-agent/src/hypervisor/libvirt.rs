@@ -428,7 +428,8 @@ impl Hypervisor for LibvirtHypervisor {
 
     async fn begin_backup(&self, name: &str, job: &BackupJob) -> Result<Hold> {
         let (name, job) = (name.to_string(), job.clone());
-        self.run("begin backup", move |c| backups::begin(c, &name, &job))
+        // Slow: the guest agent's freeze and thaws come with the job's start.
+        self.run_slow("begin backup", move |c| backups::begin(c, &name, &job))
             .await
     }
 

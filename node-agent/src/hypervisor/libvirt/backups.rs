@@ -31,6 +31,11 @@ fn c_string(op: &'static str, target: &str, text: String) -> Result<CString> {
 /// How many times a failed thaw is tried again: a guest left frozen stops every write in it.
 const THAW_TRIES: u32 = 3;
 
+/// Seconds libvirt waits for the guest agent's answer to a freeze or thaw: a guest whose
+/// fsfreeze hooks hang is backed up crash-consistent instead, and the whole start (freeze,
+/// job, thaws) stays within the call's ordinary deadline.
+const AGENT_SECONDS: i32 = 2;
+
 /// Starts `job` on running domain `name`, inside a freeze of the guest's file systems when its
 /// guest agent answers. The thaw follows in this same call whatever the start did, so a
 /// caller that stops waiting (its deadline) never leaves the guest frozen.
@@ -39,6 +44,8 @@ pub(super) fn begin(conn: &Connect, name: &str, job: &BackupJob) -> Result<Hold>
     let dom = running(conn, op, name)?;
     let backup = c_string(op, name, backup_xml(job))?;
     let checkpoint = c_string(op, name, checkpoint_xml(&job.checkpoint, &job.disk))?;
+    // Not set (an old libvirt): libvirt's own default applies.
+    let _ = deskvirt_libvirt_ext::agent_timeout(&dom, AGENT_SECONDS);
     let frozen = deskvirt_libvirt_ext::fs_freeze(&dom);
     let t = Instant::now();
     let begun = deskvirt_libvirt_ext::backup_begin(&dom, &backup, Some(&checkpoint))

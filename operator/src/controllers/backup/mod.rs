@@ -247,6 +247,7 @@ fn desktop_facts<'a>(ctx: &Context, d: &'a Desktop, now: Timestamp) -> DesktopFa
         running: st.is_some_and(|s| conditions::is_true(&s.conditions, RUNNING)),
         stopped: stopped_at(d).is_some(),
         migrating: st.is_some_and(|s| s.migration.is_some()),
+        restoring: st.is_some_and(|s| s.restore_over.is_some()),
         deleting: d.metadata.deletion_timestamp.is_some(),
         has_backup_dir,
         record: st.and_then(|s| s.backup.as_ref()).map(|r| r.uid.as_str()),

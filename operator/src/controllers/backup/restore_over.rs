@@ -215,7 +215,25 @@ async fn apply(pass: &Pass<'_>, r: &DesktopRestore) -> Result<Action, Error> {
             .map(|_| ())
             .map_err(|e| format!("spec.backup: {e}")),
     };
-    let plan = decide(&facts);
+    let mut plan = decide(&facts);
+    // The cache may not show the record this restore just wrote: a live read decides.
+    if let (Plan::Fail(RestoreReason::RecordLost, _), Some(d)) = (&plan, d.as_deref()) {
+        let fresh = pass
+            .desktops
+            .get_opt(&d.name_any())
+            .await
+            .map_err(kube("read the desktop"))?;
+        let recorded = fresh
+            .filter(|f| f.uid() == d.uid())
+            .and_then(|f| f.status)
+            .is_some_and(|s| s.restore_over.is_some_and(|rec| rec.uid == pass.uid));
+        if recorded {
+            plan = Plan::Wait(
+                RestoreReason::Restoring,
+                "the desktop's host builds the new disk from the backup".into(),
+            );
+        }
+    }
     tracing::debug!(?plan, "restore pass");
     let report = d
         .as_deref()
@@ -311,10 +329,17 @@ async fn apply(pass: &Pass<'_>, r: &DesktopRestore) -> Result<Action, Error> {
             let mut want = want_status(r, Phase::Succeeded);
             want.kept_disk = None;
             want.completion_time = Some(Time(pass.now));
-            let msg = format!(
-                "the desktop ran on the disk restored from backup {}; its old disk is removed",
-                r.spec.backup
-            );
+            let msg = match report.as_ref().and_then(|rep| rep.message.as_deref()) {
+                Some(left) => format!(
+                    "the desktop ran on the disk restored from backup {}; {left}",
+                    r.spec.backup
+                ),
+                None => format!(
+                    "the desktop ran on the disk restored from backup {}; its old disk is \
+                     removed",
+                    r.spec.backup
+                ),
+            };
             set(
                 &mut want,
                 r,

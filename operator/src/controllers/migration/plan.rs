@@ -141,7 +141,10 @@ pub(super) fn pending(
             deleting: d.metadata.deletion_timestamp.is_some(),
             pinned_to_host: d.spec.performance.dedicated_cpus
                 || !d.spec.performance.sriov.is_empty(),
-            backing_up: d.status.as_ref().is_some_and(|s| s.backup.is_some()),
+            backing_up: d
+                .status
+                .as_ref()
+                .is_some_and(|s| s.backup.is_some() || s.restore_over.is_some()),
         }),
         pinned_uid: super::pinned(m),
         shared_storage: d
