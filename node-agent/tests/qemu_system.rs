@@ -292,17 +292,15 @@ async fn wait_for_line(
 
 /// Waits until libvirt says the guest agent of running domain `name` is connected.
 async fn agent_connected(hv: &LibvirtHypervisor, name: &str) {
-    let deadline = Instant::now() + BOOT_TIMEOUT;
-    loop {
+    let connected = deskvirt_tests::host::eventually(BOOT_TIMEOUT, "the guest agent", || async {
         let xml = live_xml(hv, name).await;
-        if xml.contains("name='org.qemu.guest_agent.0' state='connected'") {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the guest agent of {name} never connected: {xml}"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        Ok(xml
+            .contains("name='org.qemu.guest_agent.0' state='connected'")
+            .then_some(()))
+    })
+    .await;
+    if let Err(e) = connected {
+        panic!("the guest agent of {name} never connected: {e}");
     }
 }
 

@@ -75,7 +75,10 @@ pub(super) async fn drive<H: Hypervisor>(
     here: Here<'_>,
 ) -> Result<Option<Duration>, Error> {
     let (record, report) = (status.restore_over.as_ref(), status.restore_report.as_ref());
+    // Only a desktop some restore reported on can have a kept disk: no look at the disk
+    // directory on every pass of every other desktop.
     let kept = here.running
+        && report.is_some()
         && tokio::fs::try_exists(disks::kept_path(&here.disk.target))
             .await
             .unwrap_or(false);

@@ -216,23 +216,22 @@ async fn apply(pass: &Pass<'_>, r: &DesktopRestore) -> Result<Action, Error> {
             .map_err(|e| format!("spec.backup: {e}")),
     };
     let mut plan = decide(&facts);
-    // The cache may not show the record this restore just wrote: a live read decides.
-    if let (Plan::Fail(RestoreReason::RecordLost, _), Some(d)) = (&plan, d.as_deref()) {
-        let fresh = pass
+    // The cache may not show the record this restore just wrote: the desktop as the API has
+    // it decides again.
+    let live = match (&plan, d.as_deref()) {
+        (Plan::Fail(RestoreReason::RecordLost, _), Some(d)) => pass
             .desktops
             .get_opt(&d.name_any())
             .await
-            .map_err(kube("read the desktop"))?;
-        let recorded = fresh
-            .filter(|f| f.uid() == d.uid())
-            .and_then(|f| f.status)
-            .is_some_and(|s| s.restore_over.is_some_and(|rec| rec.uid == pass.uid));
-        if recorded {
-            plan = Plan::Wait(
-                RestoreReason::Restoring,
-                "the desktop's host builds the new disk from the backup".into(),
-            );
-        }
+            .map_err(kube("read the desktop"))?
+            .filter(|f| f.uid() == d.uid()),
+        _ => None,
+    };
+    if let Some(live) = &live {
+        plan = decide(&Facts {
+            desktop: Some(target(pass.ctx, live, pass.now, record_open)),
+            ..facts.clone()
+        });
     }
     tracing::debug!(?plan, "restore pass");
     let report = d
