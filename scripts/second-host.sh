@@ -24,7 +24,10 @@
 #   /var/lib/libvirt   <- DIR/lib    (managed saves: DIR/lib/qemu/save)
 #   /var/cache/libvirt <- DIR/cache  (seeded with host A's QEMU capability cache)
 #   /var/log/libvirt   <- DIR/log    (libvirtd.log; QEMU and serial logs in DIR/log/qemu)
-# Paths elsewhere (e.g. disk images under /tmp) mean the same file on both hosts.
+# Paths elsewhere (e.g. disk images under /tmp) mean the same file on both hosts, except the
+# absolute directories named in SECOND_HOST_PRIVATE (space-separated): each is replaced in host
+# B by its own empty directory, DIR/private/<n> (n = its place in the list, from 0), so that a
+# pool's diskDir can be local storage that the two hosts do not share.
 #
 # Its network stack is the namespace's: bridges, dnsmasq, iptables rules and SPICE ports cannot
 # collide with host A's. A veth pair links it to this machine: B's eth0 has
@@ -42,6 +45,10 @@ set -euo pipefail
 . "$(dirname "$0")/lib/pids.sh"
 
 TIMEOUT=${SECOND_HOST_START_TIMEOUT:-60}
+PRIVATE=${SECOND_HOST_PRIVATE:-}
+for p in $PRIVATE; do
+  case "$p" in /?*) ;; *) echo "[second-host] error: SECOND_HOST_PRIVATE: $p is not an absolute path" >&2; exit 2 ;; esac
+done
 NET_PREFIX=${SECOND_HOST_NET:-10.213}
 LOCK=/run/lock/deskvirt-second-host.lock
 MARKER=.deskvirt-second-host
@@ -56,7 +63,7 @@ usage() { echo "usage: $0 start|status|stop NAME DIR" >&2; exit 2; }
 [ $# -eq 3 ] || usage
 CMD=$1 NAME=$2 DIR=$3
 case "$CMD" in start | status | stop) ;; *) usage ;; esac
-if [ "$(id -u)" != 0 ]; then exec sudo -- "$0" "$@"; fi
+if [ "$(id -u)" != 0 ]; then exec sudo -- env SECOND_HOST_PRIVATE="${SECOND_HOST_PRIVATE:-}" SECOND_HOST_START_TIMEOUT="$TIMEOUT" "$0" "$@"; fi
 
 [[ "$NAME" =~ ^[A-Za-z0-9][A-Za-z0-9_.-]{0,12}$ ]] || die "NAME must be 1-13 characters [A-Za-z0-9_.-]"
 [[ "$DIR" == /* ]] || die "DIR must be an absolute path"
@@ -185,9 +192,15 @@ start_daemons() {
     mount --bind "$dir/lib" /var/lib/libvirt
     mount --bind "$dir/cache" /var/cache/libvirt
     mount --bind "$dir/log" /var/log/libvirt
+    n=0
+    for p in $6; do
+      mkdir -p "$p" "$dir/private/$n"
+      mount --bind "$dir/private/$n" "$p"
+      n=$((n + 1))
+    done
     if [ "$2" = 1 ]; then "$dir/bin/$4" -d -p "$dir/virtlogd.pid"; fi
     if [ "$3" = 1 ]; then "$dir/bin/$5" -d -p "$dir/libvirtd.pid"; fi
-  ' sh "$DIR" "$need_logd" "$need_libvirtd" "$VIRTLOGD_COMM" "$LIBVIRTD_COMM" ||
+  ' sh "$DIR" "$need_logd" "$need_libvirtd" "$VIRTLOGD_COMM" "$LIBVIRTD_COMM" "$PRIVATE" ||
     die "could not start the daemons in $NAME (log: $DIR/log/libvirtd.log)"
 }
 

@@ -1,8 +1,10 @@
-//! What draining a host does next: which of its running or suspended desktops get a migration
-//! now (connected ones first, never more at once than the host's migration limit), which failed
-//! drain migrations are cleared for another try, and what still keeps the host from being
-//! empty, desktop by desktop, with the reason. Stopped desktops are not moved here: the
-//! Desktop pass re-binds them ([`rebind_target_wanted`]).
+//! What draining a host does next: which of its desktops get a migration now (connected ones
+//! first, never more at once than the host's migration limit), which failed drain migrations
+//! are cleared for another try, and what still keeps the host from being empty, desktop by
+//! desktop, with the reason. On shared storage, running and suspended desktops move live and
+//! stopped ones are re-bound by the Desktop pass ([`rebind_target_wanted`]). Without it,
+//! stopped and suspended desktops move Cold with their disk copied, and running ones are left
+//! to an admin (a Cold move reboots them).
 
 use crate::reasons::DrainReason;
 
@@ -35,10 +37,15 @@ pub struct Desktop<'a> {
 }
 
 impl Desktop<'_> {
-    /// Whether a migration moves it: its domain runs, or its memory is saved on the host (the
-    /// move restores it paused, moves it, and saves it again at the target).
-    fn movable(&self) -> bool {
-        self.power == Power::Running || self.memory_saved
+    /// Whether a drain's migration moves it. On shared storage: its domain runs, or its memory
+    /// is saved on the host (the move restores it, moves it, and saves it again at the target).
+    /// Without: it is stopped or its memory is saved, and its disk is copied along.
+    fn movable(&self, shared_storage: bool) -> bool {
+        if shared_storage {
+            self.power == Power::Running || self.memory_saved
+        } else {
+            self.power == Power::Stopped || self.memory_saved
+        }
     }
 }
 
@@ -152,10 +159,11 @@ pub fn plan(f: &Facts<'_>) -> Plan {
                 "dedicated CPUs or passed-through devices tie it to this host; stop or delete it"
                     .into(),
             ),
-            (d, _) if !f.shared_storage && d.power != Power::Settling => (
+            (d, _) if !f.shared_storage && d.power == Power::Running && !d.memory_saved => (
                 DrainReason::StorageNotShared,
-                "the pool's storage is not shared, so its disk cannot move with it; stop and \
-                 delete it, or wait until it is deleted"
+                "it runs, and the pool's storage is not shared, so it cannot move live: stop it \
+                 (a stopped desktop moves with its disk), or move it with a Cold \
+                 DesktopMigration (it is shut down and boots on the other host)"
                     .into(),
             ),
             (
@@ -168,7 +176,7 @@ pub fn plan(f: &Facts<'_>) -> Plan {
                         age_secs,
                     },
                 )),
-            ) if d.movable() => {
+            ) if d.movable(f.shared_storage) => {
                 let wait = f.retry_after_secs - age_secs;
                 let then = if wait <= 0 {
                     out.delete.push(name.to_string());
@@ -181,7 +189,7 @@ pub fn plan(f: &Facts<'_>) -> Plan {
                     format!("migration {name} failed ({reason}: {message}); {then}"),
                 )
             }
-            (d, _) if d.movable() => {
+            (d, _) if d.movable(f.shared_storage) => {
                 wanting.push((out.left.len(), d));
                 (DrainReason::Migrating, String::new())
             }
@@ -365,15 +373,24 @@ mod tests {
     }
 
     #[test]
-    fn without_shared_storage_nothing_moves() {
+    fn without_shared_storage_stopped_and_suspended_desktops_move_and_running_ones_wait() {
         let mut stopped = desktop("ns/s");
         stopped.power = Power::Stopped;
-        let ds = [desktop("ns/r"), stopped];
+        let mut saved = desktop("ns/z");
+        saved.power = Power::Stopped;
+        saved.memory_saved = true;
+        let ds = [desktop("ns/r"), stopped, saved];
         let mut f = facts(&ds, &[]);
         f.shared_storage = false;
         let p = plan(&f);
-        assert!(p.create.is_empty());
-        assert_eq!(p.count(DrainReason::StorageNotShared), 2);
+        assert_eq!(p.create, ["ns/s", "ns/z"]);
+        assert_eq!(p.count(DrainReason::StorageNotShared), 1);
+        let r = p.left.iter().find(|l| l.desktop == "ns/r");
+        assert!(r.is_some_and(|l| l.message.contains("Cold DesktopMigration")));
+        assert!(
+            !rebind_target_wanted(&ds[1], false),
+            "no re-bind without its disk"
+        );
     }
 
     #[test]

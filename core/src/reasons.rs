@@ -273,6 +273,10 @@ reasons! {
         TargetLost,
         /// The source host tried and failed; the desktop runs there as before.
         HostFailed,
+        /// The target host cannot make the empty disk a Cold move copies into (pools whose
+        /// storage the hosts do not share): a file of that name is there, or the base image is
+        /// missing.
+        TargetNotPrepared,
     }
 }
 
@@ -285,7 +289,8 @@ reasons! {
         Rebinding,
         /// Its vCPUs are pinned to this host's threads, or devices are passed through to it.
         PinnedToHost,
-        /// The pool's storage is not shared, so its disk cannot be reached from another host.
+        /// It runs, and the pool's storage is not shared: it cannot move live, and a Cold move
+        /// (its disk copied) would reboot it, which is an admin's call.
         StorageNotShared,
         /// Its last migration failed; the drain tries again after a while.
         MigrationFailed,
@@ -312,6 +317,7 @@ impl MigrationReason {
                 | Self::StartTimeout
                 | Self::TargetLost
                 | Self::HostFailed
+                | Self::TargetNotPrepared
         )
     }
 }

@@ -71,6 +71,11 @@ pub const MANAGER_AGENT_BACKUP: &str = "deskvirt-node-agent-backup";
 /// Field manager of the drain's part of a DomainNode's status (`status.drain` and the
 /// `Drained` condition), apart from the host pass's fields.
 pub const MANAGER_OPERATOR_DRAIN: &str = "deskvirt-operator-drain";
+/// Field manager of the operator's `DomainNode.status.incoming` (disks Cold migrations copy to
+/// the host).
+pub const MANAGER_OPERATOR_INCOMING: &str = "deskvirt-operator-incoming";
+/// Field manager of the host's answers to them (`DomainNode.status.prepared`).
+pub const MANAGER_AGENT_INCOMING: &str = "deskvirt-node-agent-incoming";
 /// Label on the DesktopMigrations a drain makes: the label value of the draining host's name.
 pub const LABEL_DRAIN: &str = "deskvirt.io/drain";
 /// Annotation on those migrations: the draining host's full name.

@@ -167,12 +167,68 @@ pub struct DomainNodeStatus {
     /// `spec.drain` is set.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub drain: Option<DrainStatus>,
+    /// Disks that Cold migrations will copy to this host, in pools whose storage the hosts do
+    /// not share (operator, field manager `deskvirt-operator-incoming`): the host makes each
+    /// one empty, in the layout of the desktop's disk, before the source host copies into it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["migration"]))]
+    #[schemars(length(max = 64))]
+    pub incoming: Vec<IncomingDisk>,
+    /// The host's answer to each of `incoming` (agent, field manager
+    /// `deskvirt-node-agent-incoming`): ready, or why it cannot take the disk.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["migration"]))]
+    #[schemars(length(max = 64))]
+    pub prepared: Vec<PreparedDisk>,
     /// LibvirtConnected (agent), Ready and Schedulable (operator), Drained (operator, while
     /// `spec.drain` is set).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
     #[schemars(length(max = 16))]
     pub conditions: Vec<Condition>,
+}
+
+/// A disk a Cold migration copies to a host (operator).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct IncomingDisk {
+    /// UID of the DesktopMigration.
+    #[schemars(length(max = 64))]
+    pub migration: String,
+    /// The Desktop, as `namespace/name`.
+    #[schemars(length(max = 317))]
+    pub desktop: String,
+    /// The Desktop's UID: the owner recorded beside the disk.
+    #[schemars(length(max = 64))]
+    pub desktop_uid: String,
+    /// The disk's file name in the pool's `storage.diskDir` (`<domain>.qcow2`).
+    #[schemars(regex(pattern = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,250}\.qcow2$"))]
+    pub file: String,
+    /// The Desktop's base image: a file name in the pool's `storage.imageDir`.
+    #[schemars(length(min = 1, max = 255))]
+    pub image: String,
+    /// Linked: the disk is an overlay of the base image, which the host must hold already, and
+    /// only what the desktop wrote is copied. Full: the disk stands alone, and all of it is
+    /// copied.
+    pub clone: crate::desktop::CloneMode,
+    /// The disk's virtual size in bytes, when the Desktop asks for one (else the image's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub size_bytes: Option<u64>,
+}
+
+/// A host's answer to an [`IncomingDisk`] (agent).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PreparedDisk {
+    /// UID of the DesktopMigration.
+    #[schemars(length(max = 64))]
+    pub migration: String,
+    /// The empty disk is made and waits for the copy.
+    pub ready: bool,
+    /// Why it cannot be made, when not ready.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 1024))]
+    pub message: Option<String>,
 }
 
 /// How far the drain of a host has come.

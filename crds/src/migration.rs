@@ -82,10 +82,14 @@ pub struct DesktopMigrationSpec {
     #[schemars(regex(pattern = DNS_SUBDOMAIN), length(min = 1, max = 253))]
     pub target_node: Option<String>,
     /// Live (the default: the desktop keeps running while its memory is copied; a desktop
-    /// suspended by the idle policy moves with its saved memory) or Cold (the guest is shut
-    /// down, forced after the source agent's shutdown grace, and boots on the target; any host
-    /// of the pool takes it, `--migration-uri` or not). Both need a pool with `storage.shared`;
-    /// Cold without it (a disk copy) is refused with reason ModeNotSupported.
+    /// suspended by the idle policy moves with its saved memory; needs a pool with
+    /// `storage.shared`, else it fails with reason StorageNotShared) or Cold (the guest is shut
+    /// down, forced after the source agent's shutdown grace, and boots on the target). On shared
+    /// storage a Cold move takes a running desktop and any host of the pool takes it,
+    /// `--migration-uri` or not. Without shared storage it copies the disk's own layer to a host
+    /// with `--migration-uri` (the base image must be there): it takes running, stopped and
+    /// suspended desktops, and fails with reason TargetNotPrepared when the target cannot make
+    /// the empty disk (a file of that name there, or no base image).
     #[serde(default)]
     pub mode: MigrationMode,
 }

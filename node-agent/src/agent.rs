@@ -20,6 +20,9 @@ use crate::registration::Registrar;
 
 /// How often a host that takes in migrations checks that its pool's network is defined.
 const INBOUND_CHECK: Duration = Duration::from_secs(5);
+/// How often the agent looks at the disks asked of it for cold moves (a cached read; the
+/// move waits for the answer).
+const INCOMING_CHECK: Duration = Duration::from_secs(1);
 
 /// Everything the agent's loops need.
 #[derive(Debug, Clone)]
@@ -144,6 +147,7 @@ pub async fn run<H: Hypervisor + Clone + 'static>(
         tokio::join!(
             desktops::run(Arc::clone(&ctx)),
             desktops::inbound::run(Arc::clone(&ctx), INBOUND_CHECK),
+            desktops::incoming::run(Arc::clone(&ctx), INCOMING_CHECK),
             desktops::backup_removal::run(Arc::clone(&ctx)),
             desktops::orphans::run(ctx, orphan_sweep)
         );

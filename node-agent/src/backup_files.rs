@@ -118,17 +118,7 @@ pub async fn finish(
 
 /// The backing file `file` names (`None`: it stands alone), from `qemu-img info`.
 pub async fn backing_of(qemu_img: &str, file: &Path) -> Result<Option<PathBuf>, DiskError> {
-    let name = file.to_string_lossy();
-    let out = run_within(
-        qemu_img,
-        "info",
-        file,
-        &["info", "-U", "--output=json", &name],
-        deadline("info"),
-    )
-    .await?;
-    let info: serde_json::Value =
-        serde_json::from_slice(&out).map_err(|e| tool("info", file, e.to_string()))?;
+    let info = crate::disks::info(qemu_img, file).await?;
     Ok(info
         .get("full-backing-filename")
         .or_else(|| info.get("backing-filename"))

@@ -62,6 +62,9 @@ pub enum DiskError {
     /// The path is a base image (or inside the image directory); never deleted.
     #[error("{path} is a base image or inside the image directory; never deleted")]
     Protected { path: String },
+    /// A file is where a disk would be made for a copy: nothing is written over it.
+    #[error("a file is at {path} already; nothing is written over it")]
+    Exists { path: String },
     /// The disk belongs to another Desktop (or to nobody this agent can prove): untouched.
     #[error("disk {path} belongs to {owner}, not to this desktop; it is left untouched")]
     NotOurs { path: String, owner: String },
@@ -87,6 +90,7 @@ impl DiskError {
             Self::DirMissing { .. } => "DiskDirMissing",
             Self::Protected { .. } => "DiskProtected",
             Self::NotOurs { .. } => "DiskNotOurs",
+            Self::Exists { .. } => "DiskExists",
             Self::UnsafePath { .. } => "UnsafePath",
             Self::RestoreRefused { .. } => "RestoreRefused",
         }
@@ -201,18 +205,24 @@ pub enum Prepared {
     Existing,
 }
 
-/// The image format `qemu-img info` reports for `path` (`qcow2`, `raw`, ...).
-async fn image_format(qemu_img: &str, path: &Path) -> Result<String, DiskError> {
+/// What `qemu-img info --output=json -U` says of `path`.
+pub(crate) async fn info(qemu_img: &str, path: &Path) -> Result<serde_json::Value, DiskError> {
+    let name = path.to_string_lossy();
     let out = run(
         qemu_img,
         "info",
         path,
-        &["info", "--output=json", "-U", &path.to_string_lossy()],
+        &["info", "--output=json", "-U", &name],
     )
     .await?;
-    let info: serde_json::Value =
-        serde_json::from_slice(&out).map_err(|e| tool("info", path, e.to_string()))?;
-    info.get("format")
+    serde_json::from_slice(&out).map_err(|e| tool("info", path, e.to_string()))
+}
+
+/// The image format `qemu-img info` reports for `path` (`qcow2`, `raw`, ...).
+async fn image_format(qemu_img: &str, path: &Path) -> Result<String, DiskError> {
+    info(qemu_img, path)
+        .await?
+        .get("format")
         .and_then(|f| f.as_str())
         .map(str::to_string)
         .ok_or_else(|| tool("info", path, "no format in qemu-img info".into()))
@@ -411,6 +421,90 @@ pub async fn prepare(qemu_img: &str, plan: &DiskPlan, fresh: bool) -> Result<Pre
         .await
         .map_err(io("rename into place", &plan.target))?;
     Ok(Prepared::Created)
+}
+
+/// The marker beside a disk made empty for a Cold move's copy: `<disk>.incoming`, holding the
+/// DesktopMigration's UID until the domain moved in is settled here.
+pub fn incoming_marker(target: &Path) -> PathBuf {
+    let mut name = target.file_name().unwrap_or_default().to_os_string();
+    name.push(".incoming");
+    target.with_file_name(name)
+}
+
+/// The migration UID in the marker beside `target`, if there is one.
+pub async fn incoming_of(target: &Path) -> Result<Option<String>, DiskError> {
+    match tokio::fs::read_to_string(incoming_marker(target)).await {
+        Ok(text) => Ok(Some(text.trim().chars().take(64).collect())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(io("read the incoming marker of", target)(e)),
+    }
+}
+
+/// Makes the empty disk a Cold move's copy goes into: an overlay of `base` (`linked`), else a
+/// disk standing alone of `base`'s size; `size` when the Desktop asks for one. The owner
+/// record names `owner`, and the marker `migration`. Refused when any file is at `target`
+/// already: nothing is ever written over.
+pub async fn make_incoming(
+    qemu_img: &str,
+    base: &Path,
+    target: &Path,
+    linked: bool,
+    size: Option<u64>,
+    owner: &str,
+    migration: &str,
+) -> Result<(), DiskError> {
+    crate::paths::check_clone(base, target).map_err(unsafe_path(target))?;
+    if tokio::fs::try_exists(target)
+        .await
+        .map_err(io("look at", target))?
+    {
+        return Err(DiskError::Exists {
+            path: target.display().to_string(),
+        });
+    }
+    match tokio::fs::metadata(base).await {
+        Ok(m) if m.is_file() => {}
+        Ok(_) | Err(_) => {
+            return Err(DiskError::BaseMissing {
+                path: base.display().to_string(),
+            });
+        }
+    }
+    let format = image_format(qemu_img, base).await?;
+    let partial = partial_path(target);
+    let _ = tokio::fs::remove_file(&partial).await;
+    let (b, part) = (base.to_string_lossy(), partial.to_string_lossy());
+    let size = match (linked, size) {
+        (_, Some(s)) => Some(s.to_string()),
+        (true, None) => None,
+        (false, None) => Some(virtual_size(qemu_img, base).await?.to_string()),
+    };
+    let mut args = vec!["create", "-q", "-f", "qcow2"];
+    if linked {
+        args.extend(["-F", &format, "-b", &b]);
+    }
+    args.push(&part);
+    if let Some(s) = &size {
+        args.push(s);
+    }
+    run(qemu_img, "create", target, &args).await?;
+    record_owner(target, owner).await?;
+    let marker = incoming_marker(target);
+    tokio::fs::write(&marker, format!("{migration}\n"))
+        .await
+        .map_err(io("write the incoming marker of", target))?;
+    tokio::fs::rename(&partial, target)
+        .await
+        .map_err(io("rename into place", target))
+}
+
+/// The virtual size of the image at `path`, in bytes.
+async fn virtual_size(qemu_img: &str, path: &Path) -> Result<u64, DiskError> {
+    info(qemu_img, path)
+        .await?
+        .get("virtual-size")
+        .and_then(serde_json::Value::as_u64)
+        .ok_or_else(|| tool("info", path, "no virtual-size in qemu-img info".into()))
 }
 
 /// Where a disk's previous content is kept while a restore over it waits for its desktop to
@@ -669,6 +763,48 @@ mod tests {
         fn drop(&mut self) {
             let _ = std::fs::remove_dir_all(&self.0);
         }
+    }
+
+    #[tokio::test]
+    async fn a_disk_made_for_a_copy_is_empty_in_the_desktops_layout_and_never_over_a_file() {
+        let dir = Scratch::new("incoming");
+        std::fs::create_dir_all(dir.0.join("images")).unwrap_or_else(|e| panic!("{e}"));
+        std::fs::create_dir_all(dir.0.join("disks")).unwrap_or_else(|e| panic!("{e}"));
+        let base = dir.0.join("images/base.qcow2");
+        let made = std::process::Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2"])
+            .arg(&base)
+            .arg("32M")
+            .status()
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert!(made.success());
+        let linked = dir.0.join("disks/l.qcow2");
+        let made = make_incoming("qemu-img", &base, &linked, true, None, UID, "m1").await;
+        assert!(made.is_ok(), "{made:?}");
+        let backing = crate::backup_files::backing_of("qemu-img", &linked).await;
+        assert_eq!(backing.ok().flatten(), Some(base.clone()));
+        assert_eq!(
+            incoming_of(&linked).await.ok().flatten().as_deref(),
+            Some("m1")
+        );
+        assert_eq!(owner_of(&linked, UID).await.ok(), Some(Owner::Us));
+        // A disk standing alone, of the image's size.
+        let full = dir.0.join("disks/f.qcow2");
+        let made = make_incoming("qemu-img", &base, &full, false, None, UID, "m2").await;
+        assert!(made.is_ok(), "{made:?}");
+        let alone = crate::backup_files::backing_of("qemu-img", &full).await;
+        assert_eq!(alone.ok().flatten(), None);
+        assert_eq!(virtual_size("qemu-img", &full).await.ok(), Some(32 << 20));
+        // Never over a file.
+        let taken = dir.0.join("disks/t.qcow2");
+        std::fs::write(&taken, b"mine").unwrap_or_else(|e| panic!("{e}"));
+        let refused = make_incoming("qemu-img", &base, &taken, true, None, OTHER, "m3").await;
+        assert!(
+            matches!(refused, Err(DiskError::Exists { .. })),
+            "{refused:?}"
+        );
+        assert_eq!(std::fs::read(&taken).ok().as_deref(), Some(&b"mine"[..]));
+        assert_eq!(incoming_of(&taken).await.ok().flatten(), None);
     }
 
     #[tokio::test]

@@ -651,6 +651,7 @@ async fn a_running_guest_moves_live_to_a_second_host_and_its_console_answers_the
         graphics_xml,
         graphics_uri: Some(format!("spice://{}:{}", second.address, dest.spice.port)),
         declared_shared: true,
+        copy_disks: false,
         limits: MoveLimits::default(),
     };
     // A target that cannot run it (no bridge there for its NIC yet): refused, and the domain

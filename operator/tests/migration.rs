@@ -6,7 +6,7 @@
 mod common;
 
 use common::{RUN_LABEL, Run, agent_reports, cond, delete, node_of, wait_for, wait_gone};
-use deskvirt_crds::{Desktop, DesktopMigration, ResourcePool};
+use deskvirt_crds::{Desktop, DesktopMigration, DomainNode, ResourcePool};
 use kube::api::{DeleteParams, PostParams};
 use kube::{Api, ResourceExt};
 use serde_json::json;
@@ -255,16 +255,86 @@ async fn migration_needs_a_pool_with_shared_storage() {
         .unwrap_or_default();
     assert!(msg.contains("storage.shared"), "{msg}");
     assert!(st.target.is_none() && st.target_port.is_none());
-    // Cold would need the disk copied there: refused too, saying so.
-    rig.migrate_as("cold", "d", None, "Cold").await;
+    // Cold copies the disk: the target is asked for the empty disk first, and the move is
+    // recorded on the Desktop only once it answered. A refusal ends it, naming why.
+    let rig = &rig;
+    let ask = |name: &'static str| async move {
+        let made = rig.migrate_as(name, "d", None, "Cold").await;
+        let uid = made.uid().unwrap_or_default();
+        let m = rig
+            .wait_migration(name, "Scheduling", "TargetReserved")
+            .await;
+        let target = m.status.and_then(|s| s.target).unwrap_or_default();
+        let nodes = rig.run.nodes();
+        wait_for(&nodes, &target, "asked for the disk", |n: &DomainNode| {
+            n.status.as_ref().is_some_and(|s| {
+                s.incoming.iter().any(|i| {
+                    i.migration == uid && i.desktop.ends_with("/d") && i.file.ends_with(".qcow2")
+                })
+            })
+        })
+        .await;
+        let d = rig
+            .run
+            .desktops()
+            .get("d")
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert!(
+            d.status.and_then(|s| s.migration).is_none(),
+            "recorded before the target answered"
+        );
+        (uid, target)
+    };
+    let answer = |target: String, body: serde_json::Value| async move {
+        rig.run
+            .nodes()
+            .patch_status(
+                &target,
+                &kube::api::PatchParams::default(),
+                &kube::api::Patch::Merge(json!({ "status": { "prepared": [body] } })),
+            )
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+    };
+    let (uid, target) = ask("cold").await;
+    let why = "a file is at /srv/disks/d.qcow2 already";
+    answer(
+        target.clone(),
+        json!({ "migration": uid, "ready": false, "message": why }),
+    )
+    .await;
     let m = rig
-        .wait_migration("cold", "Failed", "ModeNotSupported")
+        .wait_migration("cold", "Failed", "TargetNotPrepared")
         .await;
     let st = m.status.unwrap_or_default();
     let msg = cond(&st.conditions, "Ready")
         .map(|c| c.message.clone())
         .unwrap_or_default();
-    assert!(msg.contains("copying the disk"), "{msg}");
+    assert!(msg.contains(why) && msg.contains(&target), "{msg}");
+    wait_for(
+        &rig.run.nodes(),
+        &target,
+        "the request withdrawn",
+        |n: &DomainNode| n.status.as_ref().is_some_and(|s| s.incoming.is_empty()),
+    )
+    .await;
+    rig.wait_pool(2, 1).await;
+    // Answered ready: recorded on the Desktop, for its host to move.
+    let (uid, target) = ask("cold2").await;
+    answer(target.clone(), json!({ "migration": uid, "ready": true })).await;
+    wait_for(
+        &rig.run.desktops(),
+        "d",
+        "the cold move recorded",
+        |d: &Desktop| {
+            d.status
+                .as_ref()
+                .and_then(|s| s.migration.as_ref())
+                .is_some_and(|r| r.uid == uid && r.target == target)
+        },
+    )
+    .await;
 }
 
 #[tokio::test]

@@ -24,19 +24,33 @@ pub struct SecondHost {
     /// Its IPv4 address on the veth link to this machine: a SPICE port it opens on this address
     /// (or on 0.0.0.0) is reachable from here; its 127.0.0.1 is not this machine's loopback.
     pub address: String,
+    /// Directories of this machine that host B sees as its own empty ones instead
+    /// ([`Self::private_dir`]): storage the two hosts do not share.
+    pub private: Vec<PathBuf>,
 }
 
 impl SecondHost {
     /// Starts a second host in network namespace `name` (1-13 characters `[A-Za-z0-9_.-]`,
     /// unique among the second hosts running at once) with a fresh state directory.
     pub fn start(name: &str) -> anyhow::Result<Self> {
+        Self::start_with_private(name, &[])
+    }
+
+    /// [`Self::start`], with each directory of `private` replaced, for host B, by one of its
+    /// own (`SECOND_HOST_PRIVATE`): a pool's diskDir there is local storage, not shared.
+    pub fn start_with_private(name: &str, private: &[PathBuf]) -> anyhow::Result<Self> {
         static COUNTER: AtomicU32 = AtomicU32::new(0);
         let dir = std::env::temp_dir().join(format!(
             "deskvirt-{name}.{}.{}",
             std::process::id(),
             COUNTER.fetch_add(1, Ordering::Relaxed)
         ));
-        let stdout = match script("start", name, &dir) {
+        let private_env = private
+            .iter()
+            .map(|p| p.display().to_string())
+            .collect::<Vec<_>>()
+            .join(" ");
+        let stdout = match script_with("start", name, &dir, &private_env) {
             Ok(out) => out,
             Err(e) => {
                 // Whatever the failed start left behind (the script never touches another
@@ -50,6 +64,7 @@ impl SecondHost {
             dir,
             uri: String::new(),
             address: String::new(),
+            private: private.to_vec(),
         };
         // From here on, `host` going out of scope stops it.
         host.uri = stdout
@@ -64,6 +79,11 @@ impl SecondHost {
             .trim()
             .to_string();
         Ok(host)
+    }
+
+    /// What host B sees at `self.private[i]`, as seen from here.
+    pub fn private_dir(&self, i: usize) -> PathBuf {
+        self.dir.join("private").join(i.to_string())
     }
 
     /// Where its libvirt keeps managed save images, as seen from here.
@@ -114,7 +134,18 @@ impl Drop for SecondHost {
 
 /// `scripts/second-host.sh <cmd> <name> <dir>`: its stdout, or an error carrying its output.
 fn script(cmd: &str, name: &str, dir: &std::path::Path) -> anyhow::Result<String> {
+    script_with(cmd, name, dir, "")
+}
+
+/// [`script`] with `SECOND_HOST_PRIVATE=private`.
+fn script_with(
+    cmd: &str,
+    name: &str,
+    dir: &std::path::Path,
+    private: &str,
+) -> anyhow::Result<String> {
     let out = Command::new(repo_root().join("scripts/second-host.sh"))
+        .env("SECOND_HOST_PRIVATE", private)
         .arg(cmd)
         .arg(name)
         .arg(dir)

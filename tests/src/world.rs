@@ -114,12 +114,23 @@ impl World {
         extra: &[&str],
     ) -> anyhow::Result<Process> {
         let save_dir = host.managed_save_dir().display().to_string();
-        let volumes = crate::confined::agent_volumes(json!({
+        let mut volumes = crate::confined::agent_volumes(json!({
             "libvirtSocketDir": host.dir.join("run"),
             "imageDir": self.image_dir,
             "diskDir": self.disk_dir,
             "managedSaveDir": save_dir,
         }))?;
+        // A directory host B has its own of: the agent mounts host B's, as a pod would.
+        for v in &mut volumes {
+            if let crate::confined::Volume::Host { path, .. } = v
+                && let Some(i) = host
+                    .private
+                    .iter()
+                    .position(|p| p.as_os_str() == path.as_str())
+            {
+                *path = host.private_dir(i).display().to_string();
+            }
+        }
         let mut args = vec![
             "--libvirt-uri",
             &host.uri,
@@ -512,6 +523,29 @@ pub fn migration_request(
         "metadata": { "name": name, "labels": { RUN_LABEL: w.run } },
         "spec": spec,
     }))?)
+}
+
+/// Pins the pool's CPU model to `model` once host A's agent reports it usable, so that a
+/// desktop sees the same CPU on both hosts of a move (under TCG both offer QEMU's emulated
+/// models).
+pub async fn pin_cpu_model(w: &World, model: &str) -> anyhow::Result<()> {
+    let nodes: Api<deskvirt_crds::DomainNode> = Api::all(w.client.clone());
+    let models = crate::host::eventually(
+        std::time::Duration::from_secs(60),
+        "host A's CPU models",
+        || async {
+            let n = nodes.get_opt(&w.node).await?;
+            Ok(n.and_then(|n| n.status)
+                .and_then(|s| s.cpu)
+                .and_then(|c| c.models))
+        },
+    )
+    .await?;
+    anyhow::ensure!(
+        models.iter().any(|m| m == model),
+        "host A does not offer {model}: {models:?}"
+    );
+    patch_pool(w, json!({ "cpu": { "model": model } })).await
 }
 
 /// `virsh` against this machine's own libvirt (`qemu:///system`).

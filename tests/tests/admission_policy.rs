@@ -509,7 +509,42 @@ fn an_agent_writes_only_its_own_hosts_objects_and_desktops_the_operator_bound_th
             node(defaults.clone(), json!({"pool": "lab"})),
             "status.pool",
         ),
+        (
+            "ask itself for a disk under another desktop's name",
+            node(defaults.clone(), {
+                let mut st = ours.clone();
+                st["incoming"] = json!([{"migration": "m1", "desktop": "team/other",
+                    "desktopUid": "u2", "file": "other.qcow2", "image": "base.qcow2",
+                    "clone": "Linked"}]);
+                st
+            }),
+            node(defaults.clone(), ours.clone()),
+            "status.incoming",
+        ),
     ];
+    // Its own answers to the disks asked of it are the agent's to write.
+    let asked = {
+        let mut st = ours.clone();
+        st["incoming"] = json!([{"migration": "m1", "desktop": "team/d", "desktopUid": "u1",
+            "file": "d.qcow2", "image": "base.qcow2", "clone": "Linked"}]);
+        st
+    };
+    let answers = agent(
+        "a",
+        "domainnodes",
+        "status",
+        node(defaults.clone(), {
+            let mut st = asked.clone();
+            st["prepared"] = json!([{"migration": "m1", "ready": true}]);
+            st
+        }),
+        node(defaults.clone(), asked.clone()),
+    );
+    assert_eq!(
+        judge(policy, &answers)?,
+        Verdict::Allowed,
+        "answer the disks asked of it"
+    );
     for (what, object, old, says) in refused {
         let r = agent("a", "domainnodes", "", object, old);
         match judge(policy, &r)? {

@@ -41,15 +41,15 @@ use deskvirt_crds::conditions::find;
 use deskvirt_crds::constants::{LABEL_NODE, condition};
 use deskvirt_crds::desktop::Phase;
 use deskvirt_crds::migration::MigrationPhase;
-use deskvirt_crds::{Desktop, DesktopMigration, DomainNode};
+use deskvirt_crds::{Desktop, DesktopMigration};
 use deskvirt_tests::cluster::unique_suffix;
 use deskvirt_tests::host::eventually;
 use deskvirt_tests::second_host::{BothWatch, SecondHost};
 use deskvirt_tests::spice::{self, LinkOutcome};
 use deskvirt_tests::world::{
     World, console_password, create_pool, disk_of, domain_of, events, guest_addresses,
-    guest_in_phase, guest_uptimes, migration_request, patch_pool, setup, spice_addr, virsh_system,
-    wait_ready_hosts,
+    guest_in_phase, guest_uptimes, migration_request, patch_pool, pin_cpu_model, setup, spice_addr,
+    virsh_system, wait_ready_hosts,
 };
 use kube::api::{DeleteParams, PostParams};
 use kube::{Api, ResourceExt};
@@ -110,19 +110,7 @@ async fn a_running_desktop_moves_live_to_another_host() -> anyhow::Result<()> {
     w.agent = Some(w.spawn_agent(&w.node, &[])?);
     // The pool pins a CPU model host A's agent reports usable, so the desktop sees the same
     // CPU on both hosts (under TCG both offer QEMU's emulated models).
-    let nodes: Api<DomainNode> = Api::all(w.client.clone());
-    let models = eventually(Duration::from_secs(60), "host A's CPU models", || async {
-        let n = nodes.get_opt(&w.node).await?;
-        Ok(n.and_then(|n| n.status)
-            .and_then(|s| s.cpu)
-            .and_then(|c| c.models))
-    })
-    .await?;
-    anyhow::ensure!(
-        models.iter().any(|m| m == CPU_MODEL),
-        "host A does not offer {CPU_MODEL}: {models:?}"
-    );
-    patch_pool(&w, json!({ "cpu": { "model": CPU_MODEL } })).await?;
+    pin_cpu_model(&w, CPU_MODEL).await?;
     w.start_operator()?;
     let desktops = w.desktops();
     let migrations: Api<DesktopMigration> = Api::namespaced(w.client.clone(), &w.user_ns.name);

@@ -1,6 +1,7 @@
 //! Whether a migration may go ahead now, before any host is looked at: its desktop is the one
-//! it was made for, bound, running (or suspended with its memory saved) and movable, in a pool whose storage every host reaches, and
-//! no older migration of it is under way. A refusal says whether waiting can help
+//! it was made for, bound, running (or suspended with its memory saved) and movable, in a pool
+//! whose storage every host reaches (Live) or by copying its disk (Cold), and no older migration
+//! of it is under way. A refusal says whether waiting can help
 //! ([`MigrationReason::ends`]).
 
 use super::MigrationMode;
@@ -19,6 +20,8 @@ pub struct Desktop<'a> {
     /// moves with that memory (restored paused at the source, moved, saved again at the
     /// target).
     pub suspended: bool,
+    /// Powered off (`spec.power: Off`, confirmed stopped by its host, no idle hold).
+    pub stopped: bool,
     /// It is being deleted.
     pub deleting: bool,
     /// Its vCPUs are pinned to the host's threads, or devices are passed through to it.
@@ -67,18 +70,19 @@ pub fn admit(f: &Facts<'_>) -> Result<(), MigrationReason> {
     match f.mode {
         MigrationMode::Live if !f.shared_storage => return Err(R::StorageNotShared),
         MigrationMode::Live => {}
-        // A Cold move without shared storage needs the disk copied; until that is built it
-        // is refused, not left waiting.
-        MigrationMode::Cold if !f.shared_storage => return Err(R::ModeNotSupported),
+        // Without shared storage a Cold move copies the disk to the target.
         MigrationMode::Cold => {}
     }
     if d.node.is_none() {
         return Err(R::DesktopNotBound);
     }
-    // A Cold move shuts the guest down, which would lose a suspended desktop's saved memory.
+    // A Cold move on shared storage shuts the guest down, which would lose a suspended
+    // desktop's saved memory; a stopped one needs no move there (a drain re-binds it). One that
+    // copies the disk takes a stopped desktop too, and a suspended one with its saved memory.
     let movable = match f.mode {
         MigrationMode::Live => d.running || d.suspended,
-        MigrationMode::Cold => d.running,
+        MigrationMode::Cold if f.shared_storage => d.running,
+        MigrationMode::Cold => d.running || d.stopped || d.suspended,
     };
     if !movable {
         return Err(R::DesktopNotRunning);
@@ -101,6 +105,7 @@ mod tests {
                 node: Some("h1"),
                 running: true,
                 suspended: false,
+                stopped: false,
                 deleting: false,
                 pinned_to_host: false,
                 backing_up: false,
@@ -134,6 +139,23 @@ mod tests {
     #[test]
     fn a_running_desktop_in_a_shared_pool_may_move_cold() {
         assert_eq!(with(|f| f.mode = MigrationMode::Cold), Ok(()));
+        // Without shared storage a Cold move copies the disk; Live is refused.
+        let copied = with(|f| {
+            f.mode = MigrationMode::Cold;
+            f.shared_storage = false;
+        });
+        assert_eq!(copied, Ok(()));
+        // Copying the disk, a stopped or suspended desktop moves too.
+        for (stopped, suspended) in [(true, false), (false, true)] {
+            let copied = with(|f| {
+                f.mode = MigrationMode::Cold;
+                f.shared_storage = false;
+                if let Some(d) = f.desktop.as_mut() {
+                    (d.running, d.stopped, d.suspended) = (false, stopped, suspended);
+                }
+            });
+            assert_eq!(copied, Ok(()), "stopped {stopped}, suspended {suspended}");
+        }
     }
 
     #[test]
@@ -176,13 +198,6 @@ mod tests {
             (
                 with(|f| f.shared_storage = false),
                 MigrationReason::StorageNotShared,
-            ),
-            (
-                with(|f| {
-                    f.mode = MigrationMode::Cold;
-                    f.shared_storage = false;
-                }),
-                MigrationReason::ModeNotSupported,
             ),
             (
                 with(|f| {

@@ -211,6 +211,10 @@ async fn pipeline<H: Hypervisor>(
     let t = clock();
     report.ip = pin_address(ctx, &inputs, status).await?;
     steps.record("address", t);
+    // Moved in cold with its disk copied: it came paused, its guest never run here.
+    super::incoming::settle_arrival(ctx, &inputs)
+        .await
+        .map_err(Stop::Fail)?;
     let t = clock();
     let seen = observe(ctx, d, status, uid, &inputs, adopt).await?;
     steps.record("observe", t);

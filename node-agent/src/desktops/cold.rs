@@ -1,10 +1,15 @@
-//! Decides how the source host moves a desktop cold (a `Cold` migration, shared storage): it
-//! reports Started, shuts the guest down (ACPI, then a hard power-off after the shutdown grace)
-//! and undefines it here, keeping the disk, then shows the desktop as moved (`DomainDefined`
-//! Unknown and `Running` False, reason `MovedCold`: the phase is Scheduled, never Running,
-//! until the target boots it) and reports Completed. The operator then binds the desktop to
-//! the target, whose agent defines and boots it on the same disk. A move cancelled while the
-//! guest shuts down boots it here again and is reported Failed.
+//! Decides how the source host moves a desktop cold (a `Cold` migration): it reports Started,
+//! shuts the guest down (ACPI, then a hard power-off after the shutdown grace), then
+//! - on shared storage, undefines it here, keeping the disk;
+//! - without, starts it paused (no guest code runs) and moves it to the target with the disk's
+//!   own layer copied into the empty disk the target made (libvirt's incremental storage copy:
+//!   the base image is the target's own), then deletes the disk here;
+//!
+//! then shows the desktop as moved (`DomainDefined` Unknown and `Running` False, reason
+//! `MovedCold`: the phase is Scheduled, never Running, until the target boots it) and reports
+//! Completed. The operator then binds the desktop to the target, whose agent boots it. A move
+//! cancelled while the guest shuts down, or a copy that fails, boots it here again and is
+//! reported Failed.
 
 use std::time::Duration;
 
@@ -16,6 +21,7 @@ use kube::{Api, ResourceExt};
 
 use super::Error;
 use super::context::DesktopContext;
+use super::inputs::Inputs;
 use super::migrate::{completed, fail, marked_cancelled, report_of, write};
 use super::reason::Reason;
 use super::status::{self, Cond, Report};
@@ -30,11 +36,21 @@ const POLL: Duration = Duration::from_millis(250);
 pub(super) async fn move_out<H: Hypervisor>(
     ctx: &DesktopContext<H>,
     d: &Desktop,
+    inputs: &Inputs,
     name: &str,
     m: &Migrating,
     report: &mut Report,
 ) -> Result<(), Error> {
     let me = ctx.config.node_name.as_str();
+    // Without shared storage the disk is copied: checked before the guest is stopped.
+    let copy = if inputs.pool.spec.storage.shared {
+        None
+    } else {
+        match super::incoming::outbound_copy(ctx, d, inputs, m).await {
+            Ok(out) => Some(out),
+            Err(why) => return fail(ctx, d, m, why).await,
+        }
+    };
     write(ctx, d, &report_of(me, m, MigrationState::Started, None)).await?;
     tracing::info!(domain = name, target = %m.target, "moving the domain cold: shutting it down here");
     ctx.event(
@@ -46,15 +62,22 @@ pub(super) async fn move_out<H: Hypervisor>(
     )
     .await;
     let started = std::time::Instant::now();
-    match stop(ctx, d, name, &m.uid).await {
+    match stop(ctx, d, name, &m.uid, copy.is_none()).await {
         Ok(Stopped::ForTheMove) => {
+            let bytes = match &copy {
+                None => 0,
+                Some(out) => match super::incoming::copy_out(ctx, d, inputs, name, m, out).await? {
+                    Ok(bytes) => bytes,
+                    Err(why) => return fail(ctx, d, m, why).await,
+                },
+            };
             let took = started.elapsed();
-            tracing::info!(domain = name, target = %m.target, ms = took.as_millis() as u64, "domain stopped and undefined here; it boots on the target");
+            tracing::info!(domain = name, target = %m.target, ms = took.as_millis() as u64, bytes, "domain stopped and gone from here; it boots on the target");
             show_moved(ctx, d, m, report).await?;
             let moved = Migrated {
                 total: took,
                 downtime: took,
-                bytes: 0,
+                bytes,
             };
             write(ctx, d, &completed(me, m, &moved)).await
         }
@@ -114,15 +137,20 @@ enum Stopped {
     Cancelled,
 }
 
-/// Shuts domain `name` down (ACPI, then a hard power-off after the shutdown grace) and
-/// undefines it; its disk is left alone. A cancel of migration `uid` seen by then (the guest
-/// cannot be told to stop shutting down) starts it here again instead.
+/// Shuts domain `name` down (ACPI, then a hard power-off after the shutdown grace) and, with
+/// `undefine`, undefines it; its disk is left alone. A cancel of migration `uid` seen by then
+/// (the guest cannot be told to stop shutting down) starts it here again instead.
 async fn stop<H: Hypervisor>(
     ctx: &DesktopContext<H>,
     d: &Desktop,
     name: &str,
     uid: &str,
+    undefine: bool,
 ) -> Result<Stopped, HypervisorError> {
+    // A stopped desktop (moved with its disk copied) is off already.
+    if !ctx.hypervisor.domain_status(name).await?.state.is_active() {
+        return Ok(Stopped::ForTheMove);
+    }
     ctx.hypervisor.shutdown_domain(name).await?;
     let deadline = tokio::time::Instant::now() + ctx.config.shutdown_grace;
     while ctx.hypervisor.domain_status(name).await?.state.is_active() {
@@ -140,6 +168,8 @@ async fn stop<H: Hypervisor>(
         ctx.hypervisor.start_domain(name).await?;
         return Ok(Stopped::Cancelled);
     }
-    ctx.hypervisor.undefine_domain(name).await?;
+    if undefine {
+        ctx.hypervisor.undefine_domain(name).await?;
+    }
     Ok(Stopped::ForTheMove)
 }

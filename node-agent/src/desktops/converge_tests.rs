@@ -1311,6 +1311,83 @@ async fn cold_move() -> (Kit, deskvirt_crds::Desktop) {
 }
 
 #[tokio::test]
+async fn a_cold_move_without_shared_storage_copies_the_disk_and_deletes_it_here() {
+    let (mut kit, d) = cold_move().await;
+    kit.local_storage();
+    let from = kit.hv.journal().len();
+    passes(&kit, &d).await;
+    let name = kit.domain();
+    let calls = changes(&kit, from);
+    let at = |want: &str| calls.iter().position(|c| c == want);
+    let (down, paused, moved) = (
+        at(&format!("shutdown {name}")),
+        at(&format!("start paused {name}")),
+        at(&format!(
+            "migrate to qemu+tls://h2/system copying its disk {name}"
+        )),
+    );
+    assert!(
+        down.is_some() && down < paused && paused < moved,
+        "shut down, started paused, moved with its disk: {calls:?}"
+    );
+    assert!(
+        !calls.iter().any(|c| c.starts_with("undefine")),
+        "{calls:?}"
+    );
+    assert_eq!(reports(&kit), ["Started", "Completed"]);
+    assert!(!kit.disk().exists(), "the disk copied away is kept here");
+}
+
+#[tokio::test]
+async fn a_failed_copy_stops_the_domain_here_again_and_keeps_its_disk() {
+    let (mut kit, d) = cold_move().await;
+    kit.local_storage();
+    let name = kit.domain();
+    kit.hv.migration_ends(
+        Some(DomainState::Paused),
+        crate::hypervisor::HypervisorError::Rejected {
+            op: "migrate",
+            target: name.clone(),
+            message: "the target refused the disk".into(),
+        },
+    );
+    let from = kit.hv.journal().len();
+    passes(&kit, &d).await;
+    let calls = changes(&kit, from);
+    assert!(
+        calls.iter().any(|c| c == &format!("destroy {name}")),
+        "the paused domain is stopped again: {calls:?}"
+    );
+    assert_eq!(reports(&kit), ["Started", "Failed"]);
+    assert!(kit.disk().exists(), "the disk is kept");
+}
+
+#[tokio::test]
+async fn a_cold_copy_refuses_a_disk_that_is_not_the_one_the_target_made_room_for() {
+    let (mut kit, d) = cold_move().await;
+    kit.local_storage();
+    // A disk standing alone, while the Desktop says it is an overlay of the base image.
+    let _ = std::fs::remove_file(kit.disk());
+    let ok = std::process::Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2"])
+        .arg(kit.disk())
+        .arg("16M")
+        .status()
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(ok.success());
+    let from = kit.hv.journal().len();
+    passes(&kit, &d).await;
+    let calls = changes(&kit, from);
+    assert!(
+        !calls
+            .iter()
+            .any(|c| c.starts_with("shutdown") || c.starts_with("migrate")),
+        "refused before anything stopped: {calls:?}"
+    );
+    assert_eq!(reports(&kit), ["Failed"]);
+}
+
+#[tokio::test]
 async fn a_cold_move_shuts_the_domain_down_and_undefines_it_keeping_the_disk() {
     let (kit, d) = cold_move().await;
     let from = kit.hv.journal().len();

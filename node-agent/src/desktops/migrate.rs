@@ -110,6 +110,9 @@ pub fn decide(f: &Facts<'_>) -> Step {
         .map(|(_, s)| s);
     match (mine, f.domain) {
         (None, Domain::Running | Domain::Saved) => Step::Start,
+        // A Cold move takes a stopped domain too (the operator admits one only when the disk is
+        // copied: on shared storage a stopped desktop is re-bound instead).
+        (None, Domain::Stopped) if record.mode == MigrationMode::Cold => Step::Start,
         (None, _) => Step::Failed(
             "the desktop's domain neither runs on this host nor has its memory saved here",
         ),
@@ -245,12 +248,17 @@ pub(super) async fn drive<H: Hypervisor>(
         }
         (Step::Start, Some(m)) if m.mode == MigrationMode::Cold => {
             if domain == Domain::Saved {
-                let why =
-                    "a suspended desktop moves Live only: a Cold move would lose its saved memory";
+                // Copying the disk, the saved memory goes along: restored, moved, saved there.
+                if !inputs.pool.spec.storage.shared {
+                    move_out(ctx, d, inputs, &name, m, true).await?;
+                    return Ok(Some(MIGRATION_RESYNC));
+                }
+                let why = "on shared storage a suspended desktop moves Live only: a Cold move \
+                           would lose its saved memory";
                 fail(ctx, d, m, why.to_string()).await?;
                 return Ok(None);
             }
-            super::cold::move_out(ctx, d, &name, m, out).await?;
+            super::cold::move_out(ctx, d, inputs, &name, m, out).await?;
             Ok(Some(MIGRATION_RESYNC))
         }
         (Step::Start, Some(m)) => {
@@ -329,7 +337,14 @@ async fn move_out<H: Hypervisor>(
     m: &Migrating,
     saved: bool,
 ) -> Result<(), Error> {
-    let out = match outbound(ctx, inputs, m) {
+    // Without shared storage (a suspended desktop's Cold move) the disk is copied along.
+    let copy = !inputs.pool.spec.storage.shared;
+    let out = if copy {
+        super::incoming::outbound_copy(ctx, d, inputs, m).await
+    } else {
+        outbound(ctx, inputs, m)
+    };
+    let out = match out {
         Ok(out) => out,
         Err(why) => return fail(ctx, d, m, why).await,
     };
@@ -349,23 +364,13 @@ async fn move_out<H: Hypervisor>(
         format!("moving live to host {}", m.target),
     )
     .await;
-    let moving = ctx.hypervisor.migrate_out(name, &out);
-    tokio::pin!(moving);
-    let outcome = tokio::select! {
-        done = &mut moving => done,
-        () = cancelled(ctx, d, &m.uid) => {
-            tracing::info!(domain = name, "the migration was cancelled while the domain moves; aborting the move");
-            if let Err(e) = ctx.hypervisor.abort_migration(name).await {
-                tracing::warn!(domain = name, error = %e, "could not abort the move");
-            }
-            // The move ends now (aborted), or completed before the abort reached it.
-            moving.await
-        }
-    };
-    match outcome {
+    match run_move(ctx, d, name, &out, &m.uid).await {
         Ok(moved) => {
             tracing::info!(domain = name, target = %m.target, total_ms = moved.total.as_millis() as u64,
                 downtime_ms = moved.downtime.as_millis() as u64, bytes = moved.bytes, "domain moved");
+            if copy {
+                super::incoming::remove_left_disk(ctx, inputs, d).await;
+            }
             let r = completed(me, m, &moved);
             write(ctx, d, &r).await
         }
@@ -388,6 +393,30 @@ async fn move_out<H: Hypervisor>(
             }
             tracing::warn!(domain = name, target = %m.target, error = %e, ended = ?how, "the move failed");
             fail(ctx, d, m, why).await
+        }
+    }
+}
+
+/// Moves domain `name` as `out` says, aborting the move when migration `uid` is cancelled
+/// meanwhile.
+pub(super) async fn run_move<H: Hypervisor>(
+    ctx: &DesktopContext<H>,
+    d: &Desktop,
+    name: &str,
+    out: &Outbound,
+    uid: &str,
+) -> Result<Migrated, crate::hypervisor::HypervisorError> {
+    let moving = ctx.hypervisor.migrate_out(name, out);
+    tokio::pin!(moving);
+    tokio::select! {
+        done = &mut moving => done,
+        () = cancelled(ctx, d, uid) => {
+            tracing::info!(domain = name, "the migration was cancelled while the domain moves; aborting the move");
+            if let Err(e) = ctx.hypervisor.abort_migration(name).await {
+                tracing::warn!(domain = name, error = %e, "could not abort the move");
+            }
+            // The move ends now (aborted), or completed before the abort reached it.
+            moving.await
         }
     }
 }
@@ -449,7 +478,7 @@ const CANCEL_POLL: Duration = Duration::from_millis(500);
 
 /// Where and how the domain goes: the target's libvirt and address from the record, its
 /// SPICE port there, listening as the pool's policy says on the target.
-fn outbound<H>(
+pub(super) fn outbound<H>(
     ctx: &DesktopContext<H>,
     inputs: &Inputs,
     m: &Migrating,
@@ -485,6 +514,7 @@ fn outbound<H>(
         graphics_xml: graphics,
         graphics_uri: Some(format!("spice://{}:{}", bracketed(&client_host), m.port)),
         declared_shared: inputs.pool.spec.storage.shared,
+        copy_disks: false,
         limits: limits(&inputs.pool.spec.migration),
     })
 }
@@ -671,6 +701,15 @@ mod tests {
             decide(&facts(Some(&m), None, Domain::Stopped)),
             Step::Failed(_)
         ));
+        // A Cold move takes a stopped domain (its disk is copied).
+        let cold = Migrating {
+            mode: MigrationMode::Cold,
+            ..record()
+        };
+        assert_eq!(
+            decide(&facts(Some(&cold), None, Domain::Stopped)),
+            Step::Start
+        );
         assert_eq!(decide(&facts(None, None, Domain::Running)), Step::Converge);
         assert_eq!(
             decide(&facts(Some(&m), None, Domain::Saved)),

@@ -16,6 +16,7 @@ mod converge_tests;
 mod failure;
 mod held;
 pub mod inbound;
+pub mod incoming;
 mod inputs;
 mod ip;
 mod lease;

@@ -52,6 +52,15 @@ impl ApiLog {
         }
     }
 
+    /// The lists of answers written to this host's DomainNode (`status.prepared`), in order.
+    pub fn prepared(&self) -> Vec<Value> {
+        self.all()
+            .into_iter()
+            .filter(|r| r.method == "PATCH" && r.path.contains("/domainnodes/"))
+            .map(|r| r.body["status"]["prepared"].clone())
+            .collect()
+    }
+
     /// The status bodies applied to the Desktop, in order.
     pub fn statuses(&self) -> Vec<Value> {
         self.all()
@@ -173,7 +182,10 @@ fn pool(dir: &Path) -> ResourcePool {
         "apiVersion": "deskvirt.io/v1alpha1", "kind": "ResourcePool",
         "metadata": {"name": "p"},
         "spec": {
-            "storage": {"imageDir": dir.join("images"), "diskDir": dir.join("disks")},
+            // Shared: the migration tests move domains live, as the operator admits them only
+            // on shared storage.
+            "storage": {"imageDir": dir.join("images"), "diskDir": dir.join("disks"),
+                        "shared": true},
             "network": {"mode": "bridge", "bridge": "br0"}
         }
     }))
@@ -272,6 +284,61 @@ impl Kit {
             "metadata": {"name": NODE},
             "spec": {},
             "status": {"pool": "p", "subnet": "10.233.1.0/24"}
+        }))
+        .unwrap_or_else(|e| panic!("{e}"));
+        self.nodes.apply_watcher_event(&watcher::Event::Apply(node));
+    }
+
+    /// Pool `p` without shared storage, and [`desktop`]'s disk a real overlay of a real base
+    /// image (`images/base.qcow2`), read by the real qemu-img: a Cold move copies it.
+    pub fn local_storage(&mut self) {
+        // The real qemu-img reads these disks.
+        let tool = self.dir.0.join("qemu-img");
+        std::fs::write(&tool, "#!/bin/sh\nexec qemu-img \"$@\"\n")
+            .unwrap_or_else(|e| panic!("{e}"));
+        let mut p = pool(&self.dir.0);
+        p.spec.storage.shared = false;
+        self.pools.apply_watcher_event(&watcher::Event::Apply(p));
+        let base = self.dir.0.join("images/base.qcow2");
+        let _ = std::fs::create_dir_all(self.dir.0.join("images"));
+        let _ = std::fs::remove_file(self.disk());
+        for args in [
+            vec![
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                &*base.to_string_lossy(),
+                "16M",
+            ],
+            vec![
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                "-F",
+                "qcow2",
+                "-b",
+                &*base.to_string_lossy(),
+                &*self.disk().to_string_lossy(),
+            ],
+        ] {
+            let ok = std::process::Command::new("qemu-img")
+                .args(args.iter().map(|a| a.to_string()))
+                .status()
+                .unwrap_or_else(|e| panic!("{e}"));
+            assert!(ok.success(), "qemu-img {args:?}");
+        }
+    }
+
+    /// This host's DomainNode, in pool `p`, with `status` besides.
+    pub fn node_status(&mut self, mut status: Value) {
+        status["pool"] = json!("p");
+        let node: DomainNode = serde_json::from_value(json!({
+            "apiVersion": "deskvirt.io/v1alpha1", "kind": "DomainNode",
+            "metadata": {"name": NODE},
+            "spec": {},
+            "status": status
         }))
         .unwrap_or_else(|e| panic!("{e}"));
         self.nodes.apply_watcher_event(&watcher::Event::Apply(node));

@@ -538,7 +538,12 @@ impl Hypervisor for FakeHypervisor {
     }
 
     async fn migrate_out(&self, name: &str, out: &Outbound) -> Result<Migrated> {
-        let what = format!("migrate to {}", out.dest_uri);
+        let copy = if out.copy_disks {
+            " copying its disk"
+        } else {
+            ""
+        };
+        let what = format!("migrate to {}{copy}", out.dest_uri);
         self.change(Op::Migrate, &what, name, |s| {
             let d = s.domains.get(name).ok_or_else(|| not_found(name))?;
             if !d.state.is_active() {

@@ -360,6 +360,9 @@ pub struct Outbound {
     /// The pool declares its storage reachable from every host although libvirt cannot tell
     /// (not NFS): libvirt refuses such a migration without this.
     pub declared_shared: bool,
+    /// Copy the disk's own layer (not its base image, which the target holds) into the empty
+    /// disk the target made for it (a Cold move without shared storage).
+    pub copy_disks: bool,
     /// The pool's bandwidth cap, completion timeout and convergence settings.
     pub limits: MoveLimits,
 }

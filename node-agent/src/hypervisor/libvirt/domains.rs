@@ -531,7 +531,8 @@ pub(super) fn end_migration(conn: &Connect, name: &str, post_copy: bool) -> Resu
     ended.map_err(|e| map(op, ObjectKind::Domain, name, &e))
 }
 
-/// Moves running domain `name` live to `out.dest_uri`, peer to peer: defined there from
+/// Moves running (or paused) domain `name` live to `out.dest_uri`, peer to peer, its disks'
+/// own layers copied along with `out.copy_disks`: defined there from
 /// `out.dest_xml`, undefined here once it runs there, the job aborted (the domain left running
 /// here) on any error. Then reads the target's completed job for the figures.
 pub(super) fn migrate_out(conn: &Connect, name: &str, out: &Outbound) -> Result<Migrated> {
@@ -547,6 +548,9 @@ pub(super) fn migrate_out(conn: &Connect, name: &str, out: &Outbound) -> Result<
         | sys::VIR_MIGRATE_ABORT_ON_ERROR;
     if out.declared_shared {
         flags |= sys::VIR_MIGRATE_UNSAFE;
+    }
+    if out.copy_disks {
+        flags |= sys::VIR_MIGRATE_NON_SHARED_INC;
     }
     if out.limits.auto_converge {
         flags |= sys::VIR_MIGRATE_AUTO_CONVERGE;

@@ -84,10 +84,11 @@ pub(super) async fn drain(
             outcome: outcome(m, now),
         })
         .collect();
+    let shared = pool.is_some_and(|p| p.spec.storage.shared);
     let plan = drain::plan(&drain::Facts {
         desktops: &facts,
         migrations: &ms,
-        shared_storage: pool.is_some_and(|p| p.spec.storage.shared),
+        shared_storage: shared,
         per_host: ctx.migrations.limits.per_host,
         retry_after_secs: RETRY_AFTER.as_secs() as i64,
     });
@@ -98,7 +99,9 @@ pub(super) async fn drain(
     }
     for k in &plan.create {
         if let Some((_, d)) = desktops.iter().find(|(key, _)| key == k) {
-            create(ctx, n, d, labels).await?;
+            // Without shared storage a drain moves desktops Cold, with their disk copied.
+            let mode = if shared { "Live" } else { "Cold" };
+            create(ctx, n, d, labels, mode).await?;
         }
     }
     let before = n.status.as_ref().and_then(|s| s.drain.clone());
@@ -200,13 +203,14 @@ async fn write(
     Ok(())
 }
 
-/// Makes the live migration of desktop `d` for the drain of `n`. False when one of that name
+/// Makes the migration (`mode` Live or Cold) of desktop `d` for the drain of `n`. False when one of that name
 /// exists already (ours, seen before the cache shows it, or a tenant's, which is left alone).
 async fn create(
     ctx: &Context,
     n: &DomainNode,
     d: &deskvirt_crds::Desktop,
     labels: &[(String, String)],
+    mode: &str,
 ) -> Result<bool, Error> {
     let (node, ns) = (n.name_any(), d.namespace().unwrap_or_default());
     let name = migration_name(&node, &d.name_any());
@@ -230,7 +234,7 @@ async fn create(
             "annotations": { ANNOTATION_DRAIN_NODE: node },
             "ownerReferences": [owner],
         },
-        "spec": { "desktop": d.name_any(), "mode": "Live" },
+        "spec": { "desktop": d.name_any(), "mode": mode },
     }))
     .map_err(|e| kube("build a drain migration")(kube::Error::SerdeError(e)))?;
     fence::check()?;

@@ -21,6 +21,7 @@ use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
 use serde_json::json;
 
+use super::incoming::{self, Answer};
 use super::plan::{self, Decision, Reserved};
 use super::{Error, Pass, has_finalizer, kube, pinned};
 use crate::controllers::action::{Conditioned, clear_desktop_record, record_on_desktop};
@@ -98,10 +99,11 @@ async fn decide(pass: &Pass<'_>, m: &DesktopMigration) -> Result<Action, Error> 
         }
         Decision::Fail { reason, message } => fail(pass, m, reason, &message).await,
         Decision::Reserved(r) => scheduled(pass, m, &r).await,
-        Decision::Keep(left) => {
-            ensure_record(pass, m).await?;
-            Ok(Action::requeue(left))
-        }
+        Decision::Keep(left) => match ensure_record(pass, m).await? {
+            Prep::Recorded => Ok(Action::requeue(left)),
+            Prep::Waiting => Ok(Action::requeue(left.min(PREPARE_RECHECK))),
+            Prep::Refused(why) => fail(pass, m, MigrationReason::TargetNotPrepared, &why).await,
+        },
         Decision::Moving => {
             moving(pass, m).await?;
             Ok(Action::requeue(MOVING_RECHECK))
@@ -227,8 +229,24 @@ async fn scheduled(pass: &Pass<'_>, m: &DesktopMigration, r: &Reserved) -> Resul
     tracing::info!(source = %r.source, target = %r.target, port = r.port, "migration target reserved");
     ctx.event(m, EventType::Normal, "MigrationScheduled", "Schedule", msg)
         .await;
-    ensure_record(pass, &written).await?;
-    Ok(Action::requeue(ctx.migrations.start_timeout))
+    match ensure_record(pass, &written).await? {
+        Prep::Recorded => Ok(Action::requeue(ctx.migrations.start_timeout)),
+        Prep::Waiting => Ok(Action::requeue(PREPARE_RECHECK)),
+        Prep::Refused(why) => fail(pass, &written, MigrationReason::TargetNotPrepared, &why).await,
+    }
+}
+
+/// How often a move whose target makes the disk it copies into looks for the answer, besides
+/// the DomainNode's change waking it.
+const PREPARE_RECHECK: Duration = Duration::from_secs(1);
+
+/// Whether the record is on the Desktop.
+enum Prep {
+    Recorded,
+    /// The target host is making the disk a Cold move copies into.
+    Waiting,
+    /// The target host cannot make it, and says why.
+    Refused(String),
 }
 
 /// Ends a migration (Failed), then lets go of what it holds.
@@ -357,6 +375,7 @@ async fn settle(pass: &Pass<'_>, m: &DesktopMigration) -> Result<(), Error> {
         return Ok(());
     }
     clear_record(pass, m).await?;
+    incoming::withdraw(pass, m).await?;
     let freed = {
         let mut ledgers = pass.ctx.ledgers.lock().await;
         plan::release(&pass.ctx.stores, &mut ledgers, m)
@@ -370,17 +389,28 @@ async fn settle(pass: &Pass<'_>, m: &DesktopMigration) -> Result<(), Error> {
         .map_err(kube("remove the operator finalizer"))
 }
 
-/// Records the migration on its Desktop (`status.migration`) unless it is there already.
-async fn ensure_record(pass: &Pass<'_>, m: &DesktopMigration) -> Result<(), Error> {
+/// Records the migration on its Desktop (`status.migration`) unless it is there already; a
+/// Cold move that copies the disk is recorded only once its target has made the empty disk.
+async fn ensure_record(pass: &Pass<'_>, m: &DesktopMigration) -> Result<Prep, Error> {
     let Some(record) = record_of(m, pass) else {
-        return Ok(());
+        return Ok(Prep::Recorded);
     };
     let Some(d) = plan::desktop_of(&pass.ctx.stores, m) else {
-        return Ok(());
+        return Ok(Prep::Recorded);
     };
     let current = d.status.as_ref().and_then(|s| s.migration.as_ref());
     if current.is_some_and(|c| same_record(c, &record)) {
-        return Ok(());
+        return Ok(Prep::Recorded);
+    }
+    match incoming::ask(pass, m).await? {
+        Answer::NotNeeded | Answer::Ready => {}
+        Answer::Waiting => return Ok(Prep::Waiting),
+        Answer::Refused(why) => {
+            let target = record.target.clone();
+            return Ok(Prep::Refused(format!(
+                "host {target} cannot make the disk the cold move copies into: {why}"
+            )));
+        }
     }
     // The mirror first: the source host acts on the record only when the mirror agrees.
     if let Some(uid) = d.uid() {
@@ -392,7 +422,8 @@ async fn ensure_record(pass: &Pass<'_>, m: &DesktopMigration) -> Result<(), Erro
             .map_or(record.since.clone(), |c| c.since.clone()),
         ..record
     };
-    apply_record(pass, &d, record, "record the migration on the desktop").await
+    apply_record(pass, &d, record, "record the migration on the desktop").await?;
+    Ok(Prep::Recorded)
 }
 
 /// Stamps the desktop's console mirror with the migration (`deskvirt.io/migration`), under the

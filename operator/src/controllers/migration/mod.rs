@@ -4,6 +4,7 @@
 //! is deleted (cancelled).
 
 mod commit;
+mod incoming;
 mod plan;
 #[cfg(test)]
 mod plan_tests;

@@ -138,6 +138,9 @@ pub(super) fn pending(
                 .as_ref()
                 .is_some_and(|s| conditions::is_true(&s.conditions, RUNNING)),
             suspended: crate::controllers::drain::memory_saved(d),
+            // As a drain sees it: off as its host reported, by `spec.power` or the idle policy.
+            stopped: crate::controllers::drain::desktop_facts(d, "").power
+                == deskvirt_core::drain::Power::Stopped,
             deleting: d.metadata.deletion_timestamp.is_some(),
             pinned_to_host: d.spec.performance.dedicated_cpus
                 || !d.spec.performance.sriov.is_empty(),
@@ -245,8 +248,9 @@ pub(super) fn pending(
                 )
             };
             let wanted = m.spec.target_node.as_deref();
-            // A Cold move boots the desktop there: any host of the pool takes it in.
-            let cold = m.spec.mode == migration::MigrationMode::Cold;
+            // A Cold move on shared storage boots the desktop there: any host of the pool takes
+            // it in. One that copies the disk needs the target's libvirt, as a Live move does.
+            let cold = m.spec.mode == migration::MigrationMode::Cold && pool.spec.storage.shared;
             let takes_in = |h: &str| cold || endpoint_of(stores, h).is_some();
             match choose_target(&pool_name, &policy, &size, &source, wanted, &hosts, |h| {
                 slots.host_full(h) || (wanted.is_none() && !takes_in(h))
@@ -389,8 +393,9 @@ fn admit_message(reason: MigrationReason, m: &DesktopMigration) -> String {
         R::DesktopNotRunning => {
             format!(
                 "Desktop {name} does not run: a Live move takes a running desktop or one \
-                 suspended with its memory saved, a Cold move a running one (a stopped desktop \
-                 needs no migration: a drain re-binds it)"
+                 suspended with its memory saved; a Cold move a running one, and in a pool \
+                 without shared storage a stopped or suspended one too (on shared storage a \
+                 stopped desktop needs no migration: a drain re-binds it)"
             )
         }
         R::AlreadyMigrating => format!("an older migration of Desktop {name} has not ended"),
@@ -398,12 +403,11 @@ fn admit_message(reason: MigrationReason, m: &DesktopMigration) -> String {
             format!("Desktop {name} has dedicated CPUs or SR-IOV devices, which tie it to its host")
         }
         R::StorageNotShared => format!(
-            "the pool of Desktop {name} does not declare storage.shared: true, which live migration needs"
+            "the pool of Desktop {name} does not declare storage.shared: true, which live migration \
+             needs; mode Cold moves it by copying its disk (the guest is shut down and boots on \
+             the target)"
         ),
-        R::ModeNotSupported => format!(
-            "mode Cold needs the pool of Desktop {name} to declare storage.shared: true; copying \
-             the disk to the target is not supported yet"
-        ),
+        R::ModeNotSupported => format!("Desktop {name} cannot move in this mode"),
         other => other.as_str().to_string(),
     }
 }

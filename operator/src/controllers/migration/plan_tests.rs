@@ -372,6 +372,40 @@ fn a_host_whose_agent_publishes_no_migration_endpoint_is_no_target() {
 }
 
 #[test]
+fn a_cold_move_without_shared_storage_goes_only_to_a_host_that_takes_migrations() {
+    let mut m = migration("m1", "2026-01-01T00:00:00Z", json!({}));
+    m.spec.mode = deskvirt_core::migration::MigrationMode::Cold;
+    let mut closed = node("h2");
+    if let Some(s) = closed.status.as_mut() {
+        s.migration = None;
+    }
+    let world = |target: DomainNode| World {
+        stores: Stores::holding(
+            vec![pool(false)],
+            vec![node("h1"), target],
+            vec![desktop("u-a", Some("h1"), true)],
+            CONSOLES,
+        )
+        .with(vec![m.clone()], vec![mirror("u-a", "h1")]),
+        ledgers: Ledgers::fresh(),
+        settings: MigrationSettings::default(),
+    };
+    // The disk is copied by the source's libvirt into the target's: it needs its endpoint.
+    let waits = world(closed).pending(&m, T0);
+    assert_eq!(reason(&waits), Some(R::NoTarget));
+    let goes = world(node("h2")).pending(&m, T0);
+    assert!(
+        matches!(&goes, Decision::Reserved(r) if r.target == "h2"),
+        "{goes:?}"
+    );
+    // Live stays refused there.
+    let mut live = m.clone();
+    live.spec.mode = deskvirt_core::migration::MigrationMode::Live;
+    let refused = world(node("h2")).pending(&live, T0);
+    assert_eq!(reason(&refused), Some(R::StorageNotShared));
+}
+
+#[test]
 fn the_source_report_moves_a_held_migration_on_and_the_moved_binding_ends_it() {
     let status = json!({"phase": "Running", "desktopUid": "u-a", "source": "h1", "target": "h2",
                         "targetPort": 5900, "scheduledTime": "2026-01-01T00:00:10Z"});

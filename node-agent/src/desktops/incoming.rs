@@ -1,0 +1,418 @@
+//! Cold moves between hosts that do not share storage, on both ends.
+//! - Target: for each disk the operator asks of this host (`DomainNode.status.incoming`), make
+//!   it empty in the desktop's layout (an overlay of the base image this host holds, or a disk
+//!   standing alone), with its owner record and a marker naming the migration, and answer in
+//!   `status.prepared`. Never over an existing file. A marked disk whose request is gone and
+//!   that no domain here uses (the move failed or was cancelled) is deleted. A domain moved in
+//!   arrives paused, its guest never run: once the desktop is bound here it is powered off, so
+//!   that it boots (or stays off) like any other.
+//! - Source: check the disk is the one the target made room for, then move the stopped domain
+//!   (started paused) with its disk's own layer copied, and delete the disk here.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use deskvirt_crds::constants::MANAGER_AGENT_INCOMING;
+use deskvirt_crds::desktop::CloneMode;
+use deskvirt_crds::domain_node::{IncomingDisk, PreparedDisk};
+use deskvirt_crds::names::domain_name;
+use deskvirt_crds::{Desktop, DomainNode, Migrating};
+use kube::api::{Api, Patch, PatchParams};
+use kube::{Resource, ResourceExt};
+use serde_json::json;
+use tokio::time::MissedTickBehavior;
+
+use super::Error;
+use super::context::DesktopContext;
+use super::inputs::Inputs;
+use crate::agent::error_chain;
+use crate::disks;
+use crate::hypervisor::{DomainState, Hypervisor, HypervisorError, Outbound};
+
+/// Looks every `every` until the future is dropped; returns at once on a host that takes in
+/// no migrations (a copy needs this host's libvirt endpoint).
+pub async fn run<H: Hypervisor>(ctx: Arc<DesktopContext<H>>, every: Duration) {
+    if !ctx.config.takes_migrations {
+        return;
+    }
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        if let Err(e) = pass(&ctx).await {
+            tracing::warn!(error = %error_chain(&e), "cannot answer the disks asked of this host for cold moves");
+        }
+    }
+}
+
+/// The pool's directories of this host, when it has a pool.
+struct Dirs {
+    images: PathBuf,
+    disks: PathBuf,
+}
+
+fn dirs<H>(ctx: &DesktopContext<H>, node: &DomainNode) -> Option<Dirs> {
+    let pool = node.status.as_ref()?.pool.clone()?;
+    let pool = ctx.pool(&pool)?;
+    Some(Dirs {
+        images: PathBuf::from(&pool.spec.storage.image_dir),
+        disks: PathBuf::from(&pool.spec.storage.disk_dir),
+    })
+}
+
+/// One look: answers the disks asked for, then deletes those no longer asked for and unused.
+pub(super) async fn pass<H: Hypervisor>(ctx: &DesktopContext<H>) -> Result<(), Error> {
+    let Some(node) = ctx.domain_node() else {
+        return Ok(());
+    };
+    let Some(dirs) = dirs(ctx, &node) else {
+        return Ok(());
+    };
+    let status = node.status.clone().unwrap_or_default();
+    let mut answers = Vec::new();
+    for want in &status.incoming {
+        let known = status
+            .prepared
+            .iter()
+            .find(|p| p.migration == want.migration);
+        let answer = match known {
+            Some(p) => p.clone(),
+            None => prepare(ctx, &dirs, want).await,
+        };
+        answers.push(answer);
+    }
+    let written = if answers != status.prepared {
+        write(ctx, &node, &answers).await
+    } else {
+        Ok(())
+    };
+    let asked: BTreeSet<&str> = status
+        .incoming
+        .iter()
+        .map(|i| i.migration.as_str())
+        .collect();
+    sweep(ctx, &dirs, &asked).await;
+    written
+}
+
+/// Makes the disk `want` asks for and says how it went.
+async fn prepare<H>(ctx: &DesktopContext<H>, dirs: &Dirs, want: &IncomingDisk) -> PreparedDisk {
+    let answer = |ready: bool, message: Option<String>| PreparedDisk {
+        migration: want.migration.clone(),
+        ready,
+        message,
+    };
+    let (Ok(()), Ok(())) = (
+        deskvirt_crds::paths::check_file_name(&want.file),
+        deskvirt_crds::paths::check_file_name(&want.image),
+    ) else {
+        return answer(
+            false,
+            Some("the disk or image name is not a plain file name".into()),
+        );
+    };
+    let target = dirs.disks.join(&want.file);
+    // Made by an earlier pass whose answer was not written.
+    if disks::incoming_of(&target).await.ok().flatten().as_deref() == Some(&want.migration) {
+        return answer(true, None);
+    }
+    let base = dirs.images.join(&want.image);
+    let linked = want.clone == CloneMode::Linked;
+    match disks::make_incoming(
+        &ctx.config.qemu_img,
+        &base,
+        &target,
+        linked,
+        want.size_bytes,
+        &want.desktop_uid,
+        &want.migration,
+    )
+    .await
+    {
+        Ok(()) => {
+            tracing::info!(desktop = %want.desktop, disk = %target.display(), "made the empty disk a cold move copies into");
+            answer(true, None)
+        }
+        Err(e) => {
+            tracing::warn!(desktop = %want.desktop, disk = %target.display(), error = %e, "cannot make the disk a cold move copies into");
+            let host = &ctx.config.node_name;
+            answer(false, Some(format!("on host {host}: {e}")))
+        }
+    }
+}
+
+/// Replaces this host's `status.prepared` with `list`.
+async fn write<H>(
+    ctx: &DesktopContext<H>,
+    node: &DomainNode,
+    list: &[PreparedDisk],
+) -> Result<(), Error> {
+    let api: Api<DomainNode> = Api::all(ctx.client.clone());
+    let value = if list.is_empty() {
+        serde_json::Value::Null
+    } else {
+        json!(list)
+    };
+    let body = json!({ "status": { "prepared": value } });
+    let pp = PatchParams {
+        field_manager: Some(MANAGER_AGENT_INCOMING.to_string()),
+        ..PatchParams::default()
+    };
+    api.patch_status(&node.name_any(), &pp, &Patch::Merge(&body))
+        .await
+        .map_err(super::kube("answer the disks asked for cold moves"))?;
+    Ok(())
+}
+
+/// Deletes the marked disks whose request is gone and that no domain here uses.
+async fn sweep<H: Hypervisor>(ctx: &DesktopContext<H>, dirs: &Dirs, asked: &BTreeSet<&str>) {
+    let Ok(mut entries) = tokio::fs::read_dir(&dirs.disks).await else {
+        return;
+    };
+    let mut left = Vec::new();
+    while let Ok(Some(e)) = entries.next_entry().await {
+        let name = e.file_name().to_string_lossy().to_string();
+        if let Some(disk) = name.strip_suffix(".incoming") {
+            left.push(dirs.disks.join(disk));
+        }
+    }
+    let mut in_use = None;
+    for disk in left {
+        let Ok(Some(migration)) = disks::incoming_of(&disk).await else {
+            continue;
+        };
+        if asked.contains(migration.as_str()) {
+            continue;
+        }
+        if in_use.is_none() {
+            match ctx.hypervisor.domain_disk_paths().await {
+                Ok(paths) => in_use = Some(paths),
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot list the disks domains use; no disk is removed");
+                    return;
+                }
+            }
+        }
+        let Some(used) = in_use.as_ref() else { return };
+        if used.contains(&disk.display().to_string()) {
+            // Moved in: the desktop's pass settles it.
+            continue;
+        }
+        let owner = match tokio::fs::read_to_string(disks::owner_path(&disk)).await {
+            Ok(o) => o.trim().to_string(),
+            Err(_) => String::new(),
+        };
+        match disks::remove(&disk, &dirs.images, used, &owner, false).await {
+            Ok(_) => {
+                let _ = tokio::fs::remove_file(disks::incoming_marker(&disk)).await;
+                tracing::info!(disk = %disk.display(), %migration, "removed the disk made for a cold move that did not happen");
+            }
+            Err(e) => {
+                tracing::warn!(disk = %disk.display(), error = %e, "cannot remove the disk made for a cold move that did not happen");
+            }
+        }
+    }
+}
+
+/// Settles a domain moved in cold by a copy, on the pass of its desktop bound here: it came
+/// paused with its guest never run, so it is powered off (the pass then boots it, or leaves it
+/// off) and the marker goes.
+pub(super) async fn settle_arrival<H: Hypervisor>(
+    ctx: &DesktopContext<H>,
+    inputs: &Inputs,
+) -> Result<(), Error> {
+    let disk = Path::new(&inputs.domain.disk_path);
+    if !tokio::fs::try_exists(disks::incoming_marker(disk))
+        .await
+        .unwrap_or(false)
+    {
+        return Ok(());
+    }
+    let name = inputs.domain.domain_name();
+    let state = match ctx.hypervisor.domain_status(&name).await {
+        Ok(s) => s.state,
+        // Not moved in (yet): the sweep decides about the disk.
+        Err(e) if e.is_not_found() => return Ok(()),
+        Err(e) => return Err(e.into()),
+    };
+    if state == DomainState::Paused {
+        tracing::info!(domain = %name, "a desktop moved in cold arrived paused; powering it off so that it boots here");
+        ctx.hypervisor.destroy_domain(&name).await?;
+    }
+    if let Err(e) = tokio::fs::remove_file(disks::incoming_marker(disk)).await {
+        tracing::warn!(disk = %disk.display(), error = %e, "cannot remove the incoming marker");
+    }
+    Ok(())
+}
+
+/// How the domain of `d` leaves with its disk copied: checked against what the operator asked
+/// the target to make room for (the same file name, an overlay of the pool's base image or a
+/// disk standing alone, as the Desktop says). A refusal says why, before anything is stopped.
+pub(super) async fn outbound_copy<H>(
+    ctx: &DesktopContext<H>,
+    d: &Desktop,
+    inputs: &Inputs,
+    m: &Migrating,
+) -> Result<Outbound, String> {
+    let disk = Path::new(&inputs.domain.disk_path);
+    let (ns, uid) = (
+        d.namespace().unwrap_or_default(),
+        d.meta().uid.clone().unwrap_or_default(),
+    );
+    let expected = format!("{}.qcow2", domain_name(&ns, &d.name_any(), &uid));
+    if disk.file_name().and_then(|f| f.to_str()) != Some(expected.as_str()) {
+        return Err(format!(
+            "the disk {} is not named {expected}, the name host {} made room for (a disk of an \
+             earlier release's layout); it cannot be copied",
+            disk.display(),
+            m.target
+        ));
+    }
+    let backing = crate::backup_files::backing_of(&ctx.config.qemu_img, disk)
+        .await
+        .map_err(|e| format!("cannot read the disk's backing file: {e}"))?;
+    let base = Path::new(&inputs.host.image_dir).join(&d.spec.disk.image);
+    let linked = d.spec.disk.clone == CloneMode::Linked;
+    match (linked, backing) {
+        (true, Some(b)) if b == base => {}
+        (false, None) => {}
+        (_, b) => {
+            let has = b.map_or("no backing file".to_string(), |b| {
+                format!("backing file {}", b.display())
+            });
+            return Err(format!(
+                "the disk {} has {has}, while spec.disk says {}; it cannot be copied onto the \
+                 disk the target made",
+                disk.display(),
+                if linked {
+                    format!("an overlay of {}", base.display())
+                } else {
+                    "a disk standing alone".to_string()
+                }
+            ));
+        }
+    }
+    let mut out = super::migrate::outbound(ctx, inputs, m)?;
+    out.copy_disks = true;
+    out.declared_shared = false;
+    Ok(out)
+}
+
+/// Moves the stopped domain `name` of `d` to the target of `m`, started paused so that no
+/// guest code runs, with its disk's own layer copied; then deletes the disk here. `Ok(Ok(bytes
+/// sent))` once it is there; `Ok(Err(why))` when the move failed (the domain is stopped here
+/// again, its disk untouched).
+pub(super) async fn copy_out<H: Hypervisor>(
+    ctx: &DesktopContext<H>,
+    d: &Desktop,
+    inputs: &Inputs,
+    name: &str,
+    m: &Migrating,
+    out: &Outbound,
+) -> Result<Result<u64, String>, Error> {
+    if let Err(e) = ctx.hypervisor.start_paused(name).await {
+        return Ok(Err(format!(
+            "the stopped guest could not be started paused to copy it: {e}"
+        )));
+    }
+    tracing::info!(domain = name, target = %m.target, "copying the stopped domain and its disk to the target");
+    let moved = super::migrate::run_move(ctx, d, name, out, &m.uid).await;
+    let gone = match &moved {
+        Ok(_) => true,
+        Err(HypervisorError::Timeout { .. }) => false,
+        Err(_) => matches!(
+            ctx.hypervisor.domain_status(name).await,
+            Err(ref e) if e.is_not_found()
+        ),
+    };
+    if !gone {
+        if let Err(e @ HypervisorError::Timeout { .. }) = moved {
+            return Err(e.into());
+        }
+        // Still here, paused: back to stopped; the disk is as it was.
+        if let Err(e) = ctx.hypervisor.destroy_domain(name).await
+            && !e.is_not_found()
+        {
+            tracing::warn!(domain = name, error = %e, "cannot power off the paused domain after a failed copy");
+        }
+        let why = match moved {
+            Err(e) => format!("the copy to host {} failed: {e}", m.target),
+            Ok(_) => "the copy ended without the domain leaving".to_string(),
+        };
+        return Ok(Err(why));
+    }
+    let bytes = moved.as_ref().map_or(0, |mv| mv.bytes);
+    remove_left_disk(ctx, inputs, d).await;
+    Ok(Ok(bytes))
+}
+
+/// Deletes the disk this host kept of a desktop copied away (its domain is gone from here).
+pub(super) async fn remove_left_disk<H: Hypervisor>(
+    ctx: &DesktopContext<H>,
+    inputs: &Inputs,
+    d: &Desktop,
+) {
+    let disk = PathBuf::from(&inputs.domain.disk_path);
+    let uid = d.meta().uid.clone().unwrap_or_default();
+    let in_use = match ctx.hypervisor.domain_disk_paths().await {
+        Ok(p) => p,
+        Err(e) => {
+            tracing::warn!(disk = %disk.display(), error = %e, "cannot list the disks domains use; the copied-away disk is kept");
+            return;
+        }
+    };
+    let images = PathBuf::from(&inputs.host.image_dir);
+    match disks::remove(&disk, &images, &in_use, &uid, false).await {
+        Ok(_) => tracing::info!(disk = %disk.display(), "deleted the disk copied away"),
+        Err(e) => {
+            tracing::warn!(disk = %disk.display(), error = %e, "cannot delete the disk copied away; it is left here")
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::desktops::testkit::Kit;
+
+    #[tokio::test]
+    async fn a_disk_asked_for_is_made_answered_and_removed_once_no_longer_asked_for() {
+        let mut kit = Kit::new();
+        kit.local_storage();
+        let ask = serde_json::json!([{"migration": "m1", "desktop": "team/b", "desktopUid": "u-b",
+            "file": "b.qcow2", "image": "base.qcow2", "clone": "Linked"}]);
+        kit.node_status(serde_json::json!({ "incoming": ask }));
+        let _ = pass(&kit.ctx).await;
+        let disk = kit.dir.0.join("disks/b.qcow2");
+        assert!(disk.exists(), "made");
+        assert_eq!(
+            disks::incoming_of(&disk).await.ok().flatten().as_deref(),
+            Some("m1")
+        );
+        let answers = kit.api.prepared();
+        assert_eq!(
+            answers.first().map(|a| a[0]["ready"].clone()),
+            Some(json!(true))
+        );
+        // Asked for a disk of a name that is taken: refused, the file untouched.
+        let taken = kit.dir.0.join("disks/c.qcow2");
+        std::fs::write(&taken, b"mine").unwrap_or_else(|e| panic!("{e}"));
+        let ask = serde_json::json!([{"migration": "m2", "desktop": "team/c", "desktopUid": "u-c",
+            "file": "c.qcow2", "image": "base.qcow2", "clone": "Linked"}]);
+        kit.node_status(serde_json::json!({ "incoming": ask }));
+        let _ = pass(&kit.ctx).await;
+        assert_eq!(std::fs::read(&taken).ok().as_deref(), Some(&b"mine"[..]));
+        let answers = kit.api.prepared();
+        let refused = answers.last().map(|a| a[0].clone()).unwrap_or_default();
+        assert_eq!(
+            (refused["migration"].clone(), refused["ready"].clone()),
+            (json!("m2"), json!(false))
+        );
+        // m1 is no longer asked for and no domain uses its disk (the move did not happen).
+        assert!(!disk.exists(), "the disk made for m1 is removed");
+        assert!(!disks::incoming_marker(&disk).exists());
+        assert!(taken.exists(), "a file without a marker is never removed");
+    }
+}
