@@ -6,6 +6,7 @@
 
 mod backup;
 mod burst;
+mod cold_copy;
 mod drain;
 mod env;
 mod fleet;
@@ -118,6 +119,14 @@ struct Args {
     /// a second libvirt host (`scripts/second-host.sh`); debug builds of the binaries.
     #[arg(long)]
     migrate: Option<usize>,
+    /// Only Cold moves with the disk copied: this many desktops in a pool without shared
+    /// storage moved by a Cold DesktopMigration against the same job by hand with `virsh`,
+    /// interleaved, between this machine's libvirt and a second host with its own disk dir.
+    #[arg(long)]
+    cold_copy: Option<usize>,
+    /// MiB each guest of `--cold-copy` writes into its disk before the move.
+    #[arg(long, default_value_t = 32)]
+    cold_copy_mib: u64,
     /// Only host drain: this many running desktops emptied off host A by `spec.drain`,
     /// against a loop of `virsh migrate` over as many plain domains (`--drain-rounds` rounds).
     #[arg(long)]
@@ -161,6 +170,12 @@ async fn main() -> anyhow::Result<()> {
         prepare().await?;
         let rows = backup::run_bench(n).await?;
         println!("{}", backup::markdown(&rows));
+        return Ok(());
+    }
+    if let Some(n) = args.cold_copy {
+        prepare().await?;
+        let r = cold_copy::run_bench(n, args.cold_copy_mib).await?;
+        println!("{}", cold_copy::markdown(&r));
         return Ok(());
     }
     if let Some(n) = args.migrate {

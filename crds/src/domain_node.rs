@@ -229,6 +229,10 @@ pub struct PreparedDisk {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 1024))]
     pub message: Option<String>,
+    /// The length in bytes of the base image the host holds under that name: the source
+    /// refuses to copy an overlay onto an image that differs from its own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_bytes: Option<u64>,
 }
 
 /// How far the drain of a host has come.

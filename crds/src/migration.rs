@@ -181,6 +181,10 @@ pub struct Migrating {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 253))]
     pub spice_address: Option<String>,
+    /// For a Cold move that copies the disk: the length in bytes of the base image the
+    /// target holds (its `status.prepared`), which the source compares with its own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base_image_bytes: Option<u64>,
     /// The DesktopMigration was deleted while the domain moves: the source host aborts the
     /// move, and the desktop runs on there.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]

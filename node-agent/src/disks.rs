@@ -431,10 +431,25 @@ pub fn incoming_marker(target: &Path) -> PathBuf {
     target.with_file_name(name)
 }
 
-/// The migration UID in the marker beside `target`, if there is one.
-pub async fn incoming_of(target: &Path) -> Result<Option<String>, DiskError> {
+/// What the marker beside a disk made for a copy says.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Incoming {
+    /// The DesktopMigration's UID.
+    pub migration: String,
+    /// The Desktop's UID, which the owner record beside the disk must name too.
+    pub desktop: String,
+}
+
+/// The marker beside `target`, if there is one.
+pub async fn incoming_of(target: &Path) -> Result<Option<Incoming>, DiskError> {
     match tokio::fs::read_to_string(incoming_marker(target)).await {
-        Ok(text) => Ok(Some(text.trim().chars().take(64).collect())),
+        Ok(text) => {
+            let mut lines = text.lines().map(|l| l.trim().chars().take(64).collect());
+            Ok(Some(Incoming {
+                migration: lines.next().unwrap_or_default(),
+                desktop: lines.next().unwrap_or_default(),
+            }))
+        }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(io("read the incoming marker of", target)(e)),
     }
@@ -489,13 +504,14 @@ pub async fn make_incoming(
     }
     run(qemu_img, "create", target, &args).await?;
     record_owner(target, owner).await?;
-    let marker = incoming_marker(target);
-    tokio::fs::write(&marker, format!("{migration}\n"))
-        .await
-        .map_err(io("write the incoming marker of", target))?;
     tokio::fs::rename(&partial, target)
         .await
-        .map_err(io("rename into place", target))
+        .map_err(io("rename into place", target))?;
+    // Last: a marker says the disk is there, whole.
+    let marker = incoming_marker(target);
+    tokio::fs::write(&marker, format!("{migration}\n{owner}\n"))
+        .await
+        .map_err(io("write the incoming marker of", target))
 }
 
 /// The virtual size of the image at `path`, in bytes.
@@ -783,9 +799,10 @@ mod tests {
         assert!(made.is_ok(), "{made:?}");
         let backing = crate::backup_files::backing_of("qemu-img", &linked).await;
         assert_eq!(backing.ok().flatten(), Some(base.clone()));
+        let marker = incoming_of(&linked).await.ok().flatten();
         assert_eq!(
-            incoming_of(&linked).await.ok().flatten().as_deref(),
-            Some("m1")
+            marker.map(|m| (m.migration, m.desktop)),
+            Some(("m1".to_string(), UID.to_string()))
         );
         assert_eq!(owner_of(&linked, UID).await.ok(), Some(Owner::Us));
         // A disk standing alone, of the image's size.

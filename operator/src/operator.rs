@@ -128,6 +128,7 @@ pub async fn run(
         tokio::join!(
             desktop::run(ctx.clone(), sel.clone(), stop.clone()),
             migration::run(ctx.clone(), sel.clone(), stop.clone()),
+            migration::incoming::run(ctx.clone(), stop.clone()),
             backup::run(ctx.clone(), sel.clone(), stop.clone()),
             backup::restore_over::run(ctx.clone(), sel.clone(), stop.clone()),
             backup::orphans::run(ctx.clone(), stop.clone()),

@@ -176,6 +176,9 @@ impl BothWatch {
     pub fn start(host_b: std::sync::Arc<SecondHost>, domains: Vec<String>) -> Self {
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let flag = stop.clone();
+        // Not kept alive by the poller: a test that fails before `finish` still stops host B
+        // when it drops its own handle.
+        let host_b = std::sync::Arc::downgrade(&host_b);
         let thread = std::thread::spawn(move || {
             let (mut polls, mut both) = (0, Vec::new());
             while !flag.load(Ordering::Relaxed) {
@@ -184,7 +187,9 @@ impl BothWatch {
                     "--state-running",
                     "--name",
                 ])?);
-                let b = names(&host_b.virsh(&["list", "--state-running", "--name"])?);
+                let Some(host) = host_b.upgrade() else { break };
+                let b = names(&host.virsh(&["list", "--state-running", "--name"])?);
+                drop(host);
                 for d in &domains {
                     if a.contains(d) && b.contains(d) {
                         both.push(d.clone());

@@ -25,7 +25,8 @@ use super::inputs::Inputs;
 use super::migrate::{completed, fail, marked_cancelled, report_of, write};
 use super::reason::Reason;
 use super::status::{self, Cond, Report};
-use crate::hypervisor::{Hypervisor, HypervisorError, Migrated};
+use crate::hypervisor::{DomainState, Hypervisor, HypervisorError, Migrated};
+use deskvirt_crds::desktop::Power;
 
 /// How often a cold move looks whether the guest has shut down.
 const POLL: Duration = Duration::from_millis(250);
@@ -68,7 +69,11 @@ pub(super) async fn move_out<H: Hypervisor>(
                 None => 0,
                 Some(out) => match super::incoming::copy_out(ctx, d, inputs, name, m, out).await? {
                     Ok(bytes) => bytes,
-                    Err(why) => return fail(ctx, d, m, why).await,
+                    Err(why) => {
+                        tracing::warn!(domain = name, target = %m.target, %why, "the copy failed; the desktop runs here again");
+                        back_here(ctx, d, name).await;
+                        return fail(ctx, d, m, why).await;
+                    }
                 },
             };
             let took = started.elapsed();
@@ -126,6 +131,34 @@ pub(super) async fn show_moved<H>(
         .ok_or(Error::MissingField("metadata.namespace"))?;
     let api: Api<Desktop> = Api::namespaced(ctx.client.clone(), &ns);
     super::patch::apply_status(&api, &d.name_any(), body).await
+}
+
+/// After a Cold move that did not happen: the domain `name` of `d`, left paused (started so
+/// for the copy, its guest never run), is powered off, and booted again when the desktop
+/// should run (`power: On`, no idle hold). Failures are logged: the next pass converges.
+pub(super) async fn back_here<H: Hypervisor>(ctx: &DesktopContext<H>, d: &Desktop, name: &str) {
+    let hv = &ctx.hypervisor;
+    let state = match hv.domain_status(name).await {
+        Ok(s) => s.state,
+        Err(e) => {
+            tracing::warn!(domain = name, error = %e, "cannot read the domain a Cold move left here");
+            return;
+        }
+    };
+    if state == DomainState::Paused
+        && let Err(e) = hv.destroy_domain(name).await
+    {
+        tracing::warn!(domain = name, error = %e, "cannot power off the domain paused for a copy");
+        return;
+    }
+    let held = d.status.as_ref().is_some_and(|s| s.reclaimed.is_some());
+    if d.spec.power == Power::On
+        && !held
+        && !(state.is_active() && state != DomainState::Paused)
+        && let Err(e) = hv.start_domain(name).await
+    {
+        tracing::warn!(domain = name, error = %e, "cannot boot the desktop again after its Cold move failed");
+    }
 }
 
 /// How a cold move's shutdown ended.

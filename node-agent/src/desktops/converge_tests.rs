@@ -1339,7 +1339,7 @@ async fn a_cold_move_without_shared_storage_copies_the_disk_and_deletes_it_here(
 }
 
 #[tokio::test]
-async fn a_failed_copy_stops_the_domain_here_again_and_keeps_its_disk() {
+async fn a_failed_copy_boots_the_desktop_here_again_and_keeps_its_disk() {
     let (mut kit, d) = cold_move().await;
     kit.local_storage();
     let name = kit.domain();
@@ -1354,9 +1354,11 @@ async fn a_failed_copy_stops_the_domain_here_again_and_keeps_its_disk() {
     let from = kit.hv.journal().len();
     passes(&kit, &d).await;
     let calls = changes(&kit, from);
+    let destroyed = calls.iter().position(|c| c == &format!("destroy {name}"));
+    let booted = calls.iter().rposition(|c| c == &format!("start {name}"));
     assert!(
-        calls.iter().any(|c| c == &format!("destroy {name}")),
-        "the paused domain is stopped again: {calls:?}"
+        destroyed.is_some() && booted > destroyed,
+        "the paused domain is stopped, then booted again (power On): {calls:?}"
     );
     assert_eq!(reports(&kit), ["Started", "Failed"]);
     assert!(kit.disk().exists(), "the disk is kept");

@@ -46,6 +46,11 @@ pub(super) async fn converge<H: Hypervisor>(
             });
         }
     };
+    // Moved in cold by a copy: it arrived paused, its guest never run.
+    if let Some(pool) = ctx.pool(d.pool()) {
+        let disk = crate::domain::names::disk_path(&pool.spec.storage.disk_dir, &domain);
+        super::incoming::settle(ctx, &domain, std::path::Path::new(&disk)).await?;
+    }
     let current = match ctx.hypervisor.domain_status(&domain).await {
         Ok(s) => Some(s),
         Err(e) if e.is_not_found() => None,

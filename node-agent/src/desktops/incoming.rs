@@ -103,6 +103,7 @@ async fn prepare<H>(ctx: &DesktopContext<H>, dirs: &Dirs, want: &IncomingDisk) -
         migration: want.migration.clone(),
         ready,
         message,
+        image_bytes: None,
     };
     let (Ok(()), Ok(())) = (
         deskvirt_crds::paths::check_file_name(&want.file),
@@ -114,11 +115,18 @@ async fn prepare<H>(ctx: &DesktopContext<H>, dirs: &Dirs, want: &IncomingDisk) -
         );
     };
     let target = dirs.disks.join(&want.file);
-    // Made by an earlier pass whose answer was not written.
-    if disks::incoming_of(&target).await.ok().flatten().as_deref() == Some(&want.migration) {
+    let base = dirs.images.join(&want.image);
+    // Made by an earlier pass whose answer was not written: the marker comes last, and the
+    // disk must still be there, recorded for that desktop.
+    let marked = disks::incoming_of(&target).await.ok().flatten();
+    if marked.is_some_and(|m| m.migration == want.migration)
+        && matches!(
+            disks::owner_of(&target, &want.desktop_uid).await,
+            Ok(disks::Owner::Us)
+        )
+    {
         return answer(true, None);
     }
-    let base = dirs.images.join(&want.image);
     let linked = want.clone == CloneMode::Linked;
     match disks::make_incoming(
         &ctx.config.qemu_img,
@@ -133,7 +141,10 @@ async fn prepare<H>(ctx: &DesktopContext<H>, dirs: &Dirs, want: &IncomingDisk) -
     {
         Ok(()) => {
             tracing::info!(desktop = %want.desktop, disk = %target.display(), "made the empty disk a cold move copies into");
-            answer(true, None)
+            PreparedDisk {
+                image_bytes: file_len(&base).await,
+                ..answer(true, None)
+            }
         }
         Err(e) => {
             tracing::warn!(desktop = %want.desktop, disk = %target.display(), error = %e, "cannot make the disk a cold move copies into");
@@ -166,7 +177,10 @@ async fn write<H>(
     Ok(())
 }
 
-/// Deletes the marked disks whose request is gone and that no domain here uses.
+/// Settles the marked disks whose request is gone: one a domain uses was moved in (a domain
+/// that arrived paused, its guest never run, is powered off, and the marker goes); one no
+/// domain uses was made for a move that did not happen, and is deleted, if the owner record
+/// beside it still names the desktop the marker names.
 async fn sweep<H: Hypervisor>(ctx: &DesktopContext<H>, dirs: &Dirs, asked: &BTreeSet<&str>) {
     let Ok(mut entries) = tokio::fs::read_dir(&dirs.disks).await else {
         return;
@@ -180,10 +194,10 @@ async fn sweep<H: Hypervisor>(ctx: &DesktopContext<H>, dirs: &Dirs, asked: &BTre
     }
     let mut in_use = None;
     for disk in left {
-        let Ok(Some(migration)) = disks::incoming_of(&disk).await else {
+        let Ok(Some(marker)) = disks::incoming_of(&disk).await else {
             continue;
         };
-        if asked.contains(migration.as_str()) {
+        if asked.contains(marker.migration.as_str()) {
             continue;
         }
         if in_use.is_none() {
@@ -197,14 +211,17 @@ async fn sweep<H: Hypervisor>(ctx: &DesktopContext<H>, dirs: &Dirs, asked: &BTre
         }
         let Some(used) = in_use.as_ref() else { return };
         if used.contains(&disk.display().to_string()) {
-            // Moved in: the desktop's pass settles it.
+            let name = disk
+                .file_stem()
+                .map(|s| s.to_string_lossy().to_string())
+                .unwrap_or_default();
+            if let Err(e) = settle(ctx, &name, &disk).await {
+                tracing::warn!(disk = %disk.display(), error = %error_chain(&e), "cannot settle a desktop moved in cold");
+            }
             continue;
         }
-        let owner = match tokio::fs::read_to_string(disks::owner_path(&disk)).await {
-            Ok(o) => o.trim().to_string(),
-            Err(_) => String::new(),
-        };
-        match disks::remove(&disk, &dirs.images, used, &owner, false).await {
+        let migration = &marker.migration;
+        match disks::remove(&disk, &dirs.images, used, &marker.desktop, false).await {
             Ok(_) => {
                 let _ = tokio::fs::remove_file(disks::incoming_marker(&disk)).await;
                 tracing::info!(disk = %disk.display(), %migration, "removed the disk made for a cold move that did not happen");
@@ -216,22 +233,21 @@ async fn sweep<H: Hypervisor>(ctx: &DesktopContext<H>, dirs: &Dirs, asked: &BTre
     }
 }
 
-/// Settles a domain moved in cold by a copy, on the pass of its desktop bound here: it came
-/// paused with its guest never run, so it is powered off (the pass then boots it, or leaves it
-/// off) and the marker goes.
-pub(super) async fn settle_arrival<H: Hypervisor>(
+/// Settles a desktop moved in cold by a copy whose disk is `disk`, on the pass of its desktop
+/// bound here (or the sweep's): a domain `name` that arrived paused, its guest never run, is
+/// powered off, so that the pass boots it or leaves it off; then the marker goes.
+pub(super) async fn settle<H: Hypervisor>(
     ctx: &DesktopContext<H>,
-    inputs: &Inputs,
+    name: &str,
+    disk: &Path,
 ) -> Result<(), Error> {
-    let disk = Path::new(&inputs.domain.disk_path);
     if !tokio::fs::try_exists(disks::incoming_marker(disk))
         .await
         .unwrap_or(false)
     {
         return Ok(());
     }
-    let name = inputs.domain.domain_name();
-    let state = match ctx.hypervisor.domain_status(&name).await {
+    let state = match ctx.hypervisor.domain_status(name).await {
         Ok(s) => s.state,
         // Not moved in (yet): the sweep decides about the disk.
         Err(e) if e.is_not_found() => return Ok(()),
@@ -239,13 +255,31 @@ pub(super) async fn settle_arrival<H: Hypervisor>(
     };
     if state == DomainState::Paused {
         tracing::info!(domain = %name, "a desktop moved in cold arrived paused; powering it off so that it boots here");
-        ctx.hypervisor.destroy_domain(&name).await?;
+        ctx.hypervisor.destroy_domain(name).await?;
     }
     if let Err(e) = tokio::fs::remove_file(disks::incoming_marker(disk)).await {
         tracing::warn!(disk = %disk.display(), error = %e, "cannot remove the incoming marker");
     }
     Ok(())
 }
+
+/// [`settle`] for the desktop of `inputs`.
+pub(super) async fn settle_arrival<H: Hypervisor>(
+    ctx: &DesktopContext<H>,
+    inputs: &Inputs,
+) -> Result<(), Error> {
+    let name = inputs.domain.domain_name();
+    settle(ctx, &name, Path::new(&inputs.domain.disk_path)).await
+}
+
+/// The length of file `path`, if it can be read.
+async fn file_len(path: &Path) -> Option<u64> {
+    tokio::fs::metadata(path).await.ok().map(|m| m.len())
+}
+
+/// How long a copy may take: the guest is stopped (or saved), so nothing converges; a copy
+/// is bounded by its bandwidth, and a delete of the migration cancels it.
+pub const COPY_TIMEOUT: Duration = Duration::from_secs(12 * 3600);
 
 /// How the domain of `d` leaves with its disk copied: checked against what the operator asked
 /// the target to make room for (the same file name, an overlay of the pool's base image or a
@@ -294,16 +328,29 @@ pub(super) async fn outbound_copy<H>(
             ));
         }
     }
+    if let (Some(there), Some(here)) = (m.base_image_bytes, file_len(&base).await)
+        && there != here
+    {
+        return Err(format!(
+            "the base image {} is {here} bytes here and {there} bytes on host {}: the hosts \
+             do not hold the same image, and an overlay copied onto another would read wrong",
+            base.display(),
+            m.target
+        ));
+    }
     let mut out = super::migrate::outbound(ctx, inputs, m)?;
     out.copy_disks = true;
     out.declared_shared = false;
+    // A stopped guest converges at once: the time is the disk's.
+    out.limits.completion_timeout = out.limits.completion_timeout.max(COPY_TIMEOUT);
+    out.limits.post_copy = false;
     Ok(out)
 }
 
 /// Moves the stopped domain `name` of `d` to the target of `m`, started paused so that no
 /// guest code runs, with its disk's own layer copied; then deletes the disk here. `Ok(Ok(bytes
-/// sent))` once it is there; `Ok(Err(why))` when the move failed (the domain is stopped here
-/// again, its disk untouched).
+/// sent))` once it is there; `Ok(Err(why))` when the move failed or was cancelled (the domain
+/// is still here, its disk untouched: see [`super::cold::back_here`]).
 pub(super) async fn copy_out<H: Hypervisor>(
     ctx: &DesktopContext<H>,
     d: &Desktop,
@@ -312,6 +359,9 @@ pub(super) async fn copy_out<H: Hypervisor>(
     m: &Migrating,
     out: &Outbound,
 ) -> Result<Result<u64, String>, Error> {
+    if super::migrate::marked_cancelled(ctx, d, &m.uid) {
+        return Ok(Err("cancelled before the copy began".to_string()));
+    }
     if let Err(e) = ctx.hypervisor.start_paused(name).await {
         return Ok(Err(format!(
             "the stopped guest could not be started paused to copy it: {e}"
@@ -330,12 +380,6 @@ pub(super) async fn copy_out<H: Hypervisor>(
     if !gone {
         if let Err(e @ HypervisorError::Timeout { .. }) = moved {
             return Err(e.into());
-        }
-        // Still here, paused: back to stopped; the disk is as it was.
-        if let Err(e) = ctx.hypervisor.destroy_domain(name).await
-            && !e.is_not_found()
-        {
-            tracing::warn!(domain = name, error = %e, "cannot power off the paused domain after a failed copy");
         }
         let why = match moved {
             Err(e) => format!("the copy to host {} failed: {e}", m.target),
@@ -387,10 +431,8 @@ mod tests {
         let _ = pass(&kit.ctx).await;
         let disk = kit.dir.0.join("disks/b.qcow2");
         assert!(disk.exists(), "made");
-        assert_eq!(
-            disks::incoming_of(&disk).await.ok().flatten().as_deref(),
-            Some("m1")
-        );
+        let marker = disks::incoming_of(&disk).await.ok().flatten();
+        assert_eq!(marker.map(|m| m.migration).as_deref(), Some("m1"));
         let answers = kit.api.prepared();
         assert_eq!(
             answers.first().map(|a| a[0]["ready"].clone()),

@@ -237,7 +237,16 @@ pub(super) async fn drive<H: Hypervisor>(
         moved_since,
         domain,
         job,
-        overdue: report.is_some_and(|r| overdue(r, &inputs.pool.spec.migration)),
+        overdue: report.is_some_and(|r| {
+            let copies = !inputs.pool.spec.storage.shared;
+            let timeout = limits(&inputs.pool.spec.migration).completion_timeout;
+            let timeout = if copies {
+                timeout.max(super::incoming::COPY_TIMEOUT)
+            } else {
+                timeout
+            };
+            overdue(r, timeout)
+        }),
     };
     let step = decide(&facts);
     match (step, record) {
@@ -269,12 +278,20 @@ pub(super) async fn drive<H: Hypervisor>(
             if m.mode == MigrationMode::Cold {
                 super::cold::show_moved(ctx, d, m, out).await?;
             }
+            if !inputs.pool.spec.storage.shared {
+                super::incoming::remove_left_disk(ctx, inputs, d).await;
+            }
             let why = Some("moved while the node-agent was away".into());
             let r = report_of(&ctx.config.node_name, m, MigrationState::Completed, why);
             write(ctx, d, &r).await?;
             Ok(Some(MIGRATION_RESYNC))
         }
         (Step::Failed(why), Some(m)) => {
+            // A Cold move stopped the guest (and may have started it paused to copy it): it
+            // runs here again as it did.
+            if m.mode == MigrationMode::Cold {
+                super::cold::back_here(ctx, d, &name).await;
+            }
             fail(ctx, d, m, why.to_string()).await?;
             Ok(None)
         }
@@ -388,6 +405,9 @@ async fn move_out<H: Hypervisor>(
             let why = super::move_end::message(how, &e.to_string());
             if how == super::move_end::Ended::Moved {
                 tracing::warn!(domain = name, target = %m.target, error = %e, "libvirt reported an error, but the domain left this host: it runs on the target");
+                if copy {
+                    super::incoming::remove_left_disk(ctx, inputs, d).await;
+                }
                 let r = report_of(me, m, MigrationState::Completed, Some(why));
                 return write(ctx, d, &r).await;
             }
@@ -412,8 +432,16 @@ pub(super) async fn run_move<H: Hypervisor>(
         done = &mut moving => done,
         () = cancelled(ctx, d, uid) => {
             tracing::info!(domain = name, "the migration was cancelled while the domain moves; aborting the move");
-            if let Err(e) = ctx.hypervisor.abort_migration(name).await {
-                tracing::warn!(domain = name, error = %e, "could not abort the move");
+            // Tried until it lands: the job may not have begun when the cancel is seen.
+            loop {
+                match ctx.hypervisor.abort_migration(name).await {
+                    Ok(_) => break,
+                    Err(e) => tracing::warn!(domain = name, error = %e, "could not abort the move yet"),
+                }
+                tokio::select! {
+                    done = &mut moving => return done,
+                    () = tokio::time::sleep(CANCEL_POLL) => {}
+                }
             }
             // The move ends now (aborted), or completed before the abort reached it.
             moving.await
@@ -526,11 +554,11 @@ const OVERDUE_GRACE: Duration = Duration::from_secs(30);
 /// Whether a move reported Started by `r` has outlived the pool's completion timeout by
 /// [`OVERDUE_GRACE`]: the process that ran it would have ended it (aborted, or switched to
 /// post-copy, which is no longer a job that can be aborted), so it was lost with that process.
-fn overdue(r: &MigrationReport, p: &deskvirt_crds::resource_pool::PoolMigration) -> bool {
+fn overdue(r: &MigrationReport, completion_timeout: Duration) -> bool {
     if r.state != MigrationState::Started {
         return false;
     }
-    let limit = limits(p).completion_timeout.saturating_add(OVERDUE_GRACE);
+    let limit = completion_timeout.saturating_add(OVERDUE_GRACE);
     let now = k8s_openapi::jiff::Timestamp::now();
     let age = now.duration_since(r.at.0);
     age.is_positive() && age.unsigned_abs() > limit
@@ -667,6 +695,7 @@ mod tests {
             uri: Some("qemu+tcp://h2/system".into()),
             address: None,
             spice_address: Some("10.0.0.2".into()),
+            base_image_bytes: None,
             cancelled: false,
         }
     }
@@ -727,10 +756,7 @@ mod tests {
 
     #[test]
     fn a_started_report_is_overdue_past_the_completion_timeout_and_a_grace() {
-        let pool = deskvirt_crds::resource_pool::PoolMigration {
-            completion_timeout: "10s".into(),
-            ..Default::default()
-        };
+        let pool = Duration::from_secs(10);
         let at = |secs_ago: i64| {
             let t = k8s_openapi::jiff::Timestamp::now()
                 - k8s_openapi::jiff::SignedDuration::from_secs(secs_ago);
@@ -738,12 +764,12 @@ mod tests {
             r.at = Time(t);
             r
         };
-        assert!(!overdue(&at(5), &pool));
-        assert!(!overdue(&at(35), &pool), "within the grace");
-        assert!(overdue(&at(45), &pool));
+        assert!(!overdue(&at(5), pool));
+        assert!(!overdue(&at(35), pool), "within the grace");
+        assert!(overdue(&at(45), pool));
         let mut done = at(45);
         done.state = Completed;
-        assert!(!overdue(&done, &pool), "only a move under way");
+        assert!(!overdue(&done, pool), "only a move under way");
     }
 
     #[test]

@@ -509,6 +509,12 @@ fn record_of(m: &DesktopMigration, pass: &Pass<'_>) -> Option<Migrating> {
         uri: endpoint.map(|e| e.uri.clone()),
         address: endpoint.and_then(|e| e.address.clone()),
         spice_address: node_status.and_then(|s| s.address.clone()),
+        base_image_bytes: node_status.and_then(|s| {
+            s.prepared
+                .iter()
+                .find(|p| p.migration == pass.uid)
+                .and_then(|p| p.image_bytes)
+        }),
         cancelled: false,
         target,
     })

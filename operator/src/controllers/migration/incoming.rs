@@ -1,7 +1,9 @@
 //! A Cold move in a pool whose hosts do not share storage copies the disk: before the move is
 //! recorded on the Desktop (which starts the source host), the target host is asked, in its
 //! DomainNode's `status.incoming`, to make the empty disk the copy goes into, and the move
-//! waits for its answer (`status.prepared`). The request is withdrawn when the migration ends.
+//! waits for its answer (`status.prepared`). The request is withdrawn when the migration ends,
+//! and a leader-only sweep withdraws those whose migration is gone without ending (its
+//! finalizer removed by hand).
 
 use deskvirt_core::migration::MigrationMode;
 use deskvirt_crds::constants::MANAGER_OPERATOR_INCOMING;
@@ -83,7 +85,13 @@ pub(super) async fn ask(pass: &Pass<'_>, m: &DesktopMigration) -> Result<Answer,
         };
         let mut list = status.incoming.clone();
         list.push(want);
-        write(pass, &node, &list, "ask the target host for the disk").await?;
+        write(
+            &pass.ctx.client,
+            &node,
+            &list,
+            "ask the target host for the disk",
+        )
+        .await?;
         tracing::info!(%target, "asked the target host to make the disk a cold move copies into");
     }
     Ok(Answer::Waiting)
@@ -123,7 +131,7 @@ pub(super) async fn withdraw(pass: &Pass<'_>, m: &DesktopMigration) -> Result<()
         .filter(|i| i.migration != uid)
         .collect();
     write(
-        pass,
+        &pass.ctx.client,
         &node,
         &left,
         "withdraw the disk asked of the target host",
@@ -134,12 +142,12 @@ pub(super) async fn withdraw(pass: &Pass<'_>, m: &DesktopMigration) -> Result<()
 /// Replaces the host's `status.incoming` with `list`, guarded by the version of `node` read (a
 /// merge patch: the whole list, so that an entry left out goes).
 async fn write(
-    pass: &Pass<'_>,
+    client: &kube::Client,
     node: &DomainNode,
     list: &[IncomingDisk],
     action: &'static str,
 ) -> Result<(), Error> {
-    let api: Api<DomainNode> = Api::all(pass.ctx.client.clone());
+    let api: Api<DomainNode> = Api::all(client.clone());
     let body = json!({
         "metadata": { "resourceVersion": node.resource_version() },
         "status": { "incoming": if list.is_empty() { serde_json::Value::Null } else { json!(list) } },
@@ -158,6 +166,83 @@ async fn write(
     Ok(())
 }
 
+/// How often the requests are looked over while this operator leads.
+const SWEEP_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Runs the sweep while this operator leads, until `stop`.
+pub async fn run(
+    ctx: std::sync::Arc<crate::context::Context>,
+    stop: tokio::sync::watch::Receiver<bool>,
+) {
+    crate::sweep::while_leading(&ctx, SWEEP_EVERY, stop, || sweep(&ctx)).await;
+}
+
+/// Withdraws every request whose DesktopMigration the cache does not hold and a live list of
+/// its namespace confirms gone; returns how many.
+pub async fn sweep(ctx: &crate::context::Context) -> usize {
+    let mut withdrawn = 0;
+    for node in ctx.stores.nodes.state() {
+        let incoming = node
+            .status
+            .as_ref()
+            .map(|s| s.incoming.clone())
+            .unwrap_or_default();
+        let mut keep = Vec::new();
+        for i in &incoming {
+            let cached = ctx
+                .stores
+                .migrations
+                .state()
+                .iter()
+                .any(|m| m.uid().as_deref() == Some(i.migration.as_str()));
+            if cached || !ctx.is_leader() || live(ctx, i).await {
+                keep.push(i.clone());
+            }
+        }
+        if keep.len() == incoming.len() {
+            continue;
+        }
+        let done = crate::fence::scope(ctx.fence.clone(), async {
+            write(
+                &ctx.client,
+                &node,
+                &keep,
+                "withdraw a request whose migration is gone",
+            )
+            .await
+        })
+        .await;
+        match done {
+            Ok(()) => {
+                withdrawn += incoming.len() - keep.len();
+                tracing::info!(node = %node.name_any(), "withdrew disks asked for migrations that are gone");
+            }
+            Err(e) => {
+                tracing::warn!(node = %node.name_any(), error = %e, "cannot withdraw disks asked for migrations that are gone")
+            }
+        }
+    }
+    withdrawn
+}
+
+/// Whether the migration of request `i` still exists (or cannot be told: kept).
+async fn live(ctx: &crate::context::Context, i: &IncomingDisk) -> bool {
+    let Some((ns, _)) = i.desktop.split_once('/') else {
+        return false;
+    };
+    let api: Api<DesktopMigration> = Api::namespaced(ctx.client.clone(), ns);
+    match api.list(&kube::api::ListParams::default()).await {
+        Ok(list) => list
+            .items
+            .iter()
+            .any(|m| m.uid().as_deref() == Some(i.migration.as_str())),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot list migrations to check a disk request");
+            true
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -168,6 +253,7 @@ mod tests {
             migration: "m".into(),
             ready,
             message: message.map(str::to_string),
+            image_bytes: None,
         };
         assert_eq!(answer_of(&p(true, None)), Answer::Ready);
         assert_eq!(

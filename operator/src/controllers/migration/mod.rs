@@ -4,7 +4,7 @@
 //! is deleted (cancelled).
 
 mod commit;
-mod incoming;
+pub mod incoming;
 mod plan;
 #[cfg(test)]
 mod plan_tests;
