@@ -16,14 +16,14 @@ use deskvirt_tests::cluster::unique_suffix;
 use deskvirt_tests::host::{eventually, run};
 use deskvirt_tests::second_host::SecondHost;
 use deskvirt_tests::world::{
-    RUN_LABEL, boot_writing, create_pool, domain_of, guest_desktop, guest_writes, pin_cpu_model,
-    setup, virsh_system, wait_ready_hosts,
+    RUN_LABEL, boot_writing, create_pool, guest_writes, pin_cpu_model, setup, virsh_system,
+    wait_ready_hosts,
 };
 use kube::Api;
-use kube::api::{DeleteParams, PostParams};
+use kube::api::PostParams;
 use serde_json::json;
 
-use crate::migrate::{booted, start_plain};
+use crate::migrate::{booted, end_round, running_guest, start_plain};
 use crate::stats::{Samples, secs};
 
 /// The model the pool pins, as the migration benchmark's.
@@ -69,17 +69,7 @@ pub async fn run_bench(n: usize, mib: u64) -> anyhow::Result<ColdResult> {
         let name = format!("cold-{i}");
         let mut extra = boot_writing(mib, octal);
         extra["disk"] = json!({ "image": "base.qcow2", "persistent": true });
-        desktops
-            .create(
-                &PostParams::default(),
-                &guest_desktop(&w, &name, "128Mi", extra)?,
-            )
-            .await?;
-        eventually(Duration::from_secs(240), "desktop Running", || async {
-            Ok((w.phase(&name).await? == Some(Phase::Running)).then_some(()))
-        })
-        .await?;
-        let domain = domain_of(&desktops, &w.user_ns.name, &name).await?;
+        let domain = running_guest(&w, &name, extra).await?;
         let serial = std::path::PathBuf::from(format!("/var/log/libvirt/qemu/{domain}-serial.log"));
         eventually(Duration::from_secs(240), "the guest's write", || async {
             Ok((!guest_writes(&serial)?.is_empty()).then_some(()))
@@ -130,21 +120,10 @@ pub async fn run_bench(n: usize, mib: u64) -> anyhow::Result<ColdResult> {
             secs(took),
             secs(by)
         );
-        let _ = host_b.virsh(&["destroy", &plain_name]);
-        let _ = host_b.virsh(&["undefine", &plain_name]);
-        let _ = std::fs::remove_file(
-            host_b
-                .private_dir(0)
-                .join(disk.file_name().unwrap_or_default()),
-        );
-        let _ = std::fs::remove_file(&disk);
-        let _ = std::fs::remove_file(&file);
-        migrations.delete(&name, &DeleteParams::default()).await?;
-        desktops.delete(&name, &DeleteParams::default()).await?;
-        eventually(Duration::from_secs(120), "desktop deleted", || async {
-            Ok(desktops.get_opt(&name).await?.is_none().then_some(()))
-        })
-        .await?;
+        let there = host_b
+            .private_dir(0)
+            .join(disk.file_name().unwrap_or_default());
+        end_round(&w, &host_b, &plain_name, &[&there, &disk, &file], &name).await?;
     }
     drop(w);
     drop(host_b);

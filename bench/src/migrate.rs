@@ -44,24 +44,13 @@ pub async fn run_bench(n: usize) -> anyhow::Result<MigrateResult> {
     w.start_operator()?;
     w.add_migration_target(&host_b)?;
     wait_ready_hosts(&w, 2).await?;
-    let desktops = w.desktops();
     let migrations: Api<DesktopMigration> = Api::namespaced(w.client.clone(), &w.user_ns.name);
     let (mut ours, mut plain, mut job_ms) = (vec![], vec![], vec![]);
     for i in 0..n {
         // A desktop running on host A, booted (its guest prints its uptime).
         let name = format!("bench-{i}");
         let extra = json!({ "disk": { "image": "base.qcow2", "persistent": true } });
-        desktops
-            .create(
-                &PostParams::default(),
-                &guest_desktop(&w, &name, "128Mi", extra)?,
-            )
-            .await?;
-        eventually(Duration::from_secs(240), "desktop Running", || async {
-            Ok((w.phase(&name).await? == Some(Phase::Running)).then_some(()))
-        })
-        .await?;
-        let domain = domain_of(&desktops, &w.user_ns.name, &name).await?;
+        let domain = running_guest(&w, &name, extra).await?;
         booted(&format!("/var/log/libvirt/qemu/{domain}-serial.log")).await?;
         let xml = virsh_system(&["dumpxml", "--migratable", &domain])?;
 
@@ -103,22 +92,58 @@ pub async fn run_bench(n: usize) -> anyhow::Result<MigrateResult> {
             secs(took),
             secs(t0.elapsed())
         );
-        let _ = host_b.virsh(&["destroy", &plain_name]);
-        let _ = host_b.virsh(&["undefine", &plain_name]);
-        let _ = std::fs::remove_file(&disk);
-        let _ = std::fs::remove_file(&file);
-        migrations.delete(&name, &DeleteParams::default()).await?;
-        desktops.delete(&name, &DeleteParams::default()).await?;
-        eventually(Duration::from_secs(90), "desktop deleted", || async {
-            Ok(desktops.get_opt(&name).await?.is_none().then_some(()))
-        })
-        .await?;
+        end_round(&w, &host_b, &plain_name, &[&disk, &file], &name).await?;
     }
     Ok(MigrateResult {
         deskvirt: Samples::new(ours),
         virsh: Samples::new(plain),
         job_ms,
     })
+}
+
+/// Creates desktop `name` of the test guest (128 MiB, plus `extra`'s fields) and waits until
+/// it runs; returns its domain's name.
+pub(crate) async fn running_guest(
+    w: &World,
+    name: &str,
+    extra: serde_json::Value,
+) -> anyhow::Result<String> {
+    let desktops = w.desktops();
+    desktops
+        .create(
+            &PostParams::default(),
+            &guest_desktop(w, name, "128Mi", extra)?,
+        )
+        .await?;
+    eventually(Duration::from_secs(240), "desktop Running", || async {
+        Ok((w.phase(name).await? == Some(Phase::Running)).then_some(()))
+    })
+    .await?;
+    domain_of(&desktops, &w.user_ns.name, name).await
+}
+
+/// Ends a round: plain domain `plain` gone from host B and `files` from here, then the
+/// DesktopMigration and the desktop `name` deleted (waiting until the desktop is gone).
+pub(crate) async fn end_round(
+    w: &World,
+    host_b: &SecondHost,
+    plain: &str,
+    files: &[&std::path::Path],
+    name: &str,
+) -> anyhow::Result<()> {
+    let _ = host_b.virsh(&["destroy", plain]);
+    let _ = host_b.virsh(&["undefine", plain]);
+    for f in files {
+        let _ = std::fs::remove_file(f);
+    }
+    let migrations: Api<DesktopMigration> = Api::namespaced(w.client.clone(), &w.user_ns.name);
+    migrations.delete(name, &DeleteParams::default()).await?;
+    let desktops = w.desktops();
+    desktops.delete(name, &DeleteParams::default()).await?;
+    eventually(Duration::from_secs(120), "desktop deleted", || async {
+        Ok(desktops.get_opt(name).await?.is_none().then_some(()))
+    })
+    .await
 }
 
 /// Defines and starts plain domain `name` on host A from deskvirt's definition `xml` of
