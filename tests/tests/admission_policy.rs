@@ -522,6 +522,63 @@ fn an_agent_writes_only_its_own_hosts_objects_and_desktops_the_operator_bound_th
             "status.incoming",
         ),
     ];
+    // The operator's conditions of the host stay as they were; its own is the agent's.
+    let cond = |t: &str, status: &str| {
+        json!({"type": t, "status": status, "reason": "R", "message": "m",
+               "lastTransitionTime": "2026-12-07T00:00:00Z"})
+    };
+    let with_conditions = |list: Vec<Json>| {
+        let mut st = ours.clone();
+        st["conditions"] = json!(list);
+        node(drained.clone(), st)
+    };
+    let before = with_conditions(vec![
+        cond("LibvirtConnected", "True"),
+        cond("Ready", "True"),
+        cond("Drained", "False"),
+    ]);
+    let own = agent(
+        "a",
+        "domainnodes",
+        "status",
+        with_conditions(vec![
+            cond("LibvirtConnected", "False"),
+            cond("Ready", "True"),
+            cond("Drained", "False"),
+        ]),
+        before.clone(),
+    );
+    assert_eq!(
+        judge(policy, &own)?,
+        Verdict::Allowed,
+        "report its own condition"
+    );
+    for (what, forged) in [
+        (
+            "report itself Drained",
+            vec![
+                cond("LibvirtConnected", "True"),
+                cond("Ready", "True"),
+                cond("Drained", "True"),
+            ],
+        ),
+        (
+            "drop its Ready condition",
+            vec![cond("LibvirtConnected", "True"), cond("Drained", "False")],
+        ),
+    ] {
+        let r = agent(
+            "a",
+            "domainnodes",
+            "status",
+            with_conditions(forged),
+            before.clone(),
+        );
+        match judge(policy, &r)? {
+            Verdict::Denied(m) => assert!(m.contains("Drained condition"), "{what}: {m}"),
+            other => panic!("an agent may not {what}: {other:?}"),
+        }
+    }
     // Its own answers to the disks asked of it are the agent's to write.
     let asked = {
         let mut st = ours.clone();
