@@ -341,11 +341,21 @@ async fn restore_over_a_stopped_desktop(
         same_content(disk, f1)?,
         "the running disk does not read as b1"
     );
-    let d = desktops.get("back").await?;
-    anyhow::ensure!(
-        d.status.as_ref().is_some_and(|s| s.restore_over.is_none()),
-        "the restore's record stays on the desktop"
-    );
+    // Succeeded is written first, then the record leaves the desktop (so a failed status write
+    // never loses the host's report): wait for that second write.
+    eventually(
+        Duration::from_secs(30),
+        "the restore's record to leave the desktop",
+        || async {
+            let d = desktops.get_opt("back").await?;
+            let gone = d
+                .as_ref()
+                .and_then(|d| d.status.as_ref())
+                .is_some_and(|s| s.restore_over.is_none());
+            Ok(gone.then_some(()))
+        },
+    )
+    .await?;
     // The restored disk has no history: its next backup is a full one, and says why.
     let (next, took) = take(w, "back-2", "back", None).await?;
     eprintln!("[backup] {}", summary("back-2", &next, took));

@@ -1,7 +1,7 @@
 //! Runs the pools' backup schedules and retention while this operator leads: at each moment a
 //! pool's `spec.backup.schedule` falls due, a DesktopBackup for every running desktop of the
 //! pool (`core::backup::schedule::due` decides which, and whether it starts a new chain), and
-//! the scheduled backups that the pool's `keep` and `maxAge` let go are deleted
+//! the scheduled backups that the pool's `keep` and `maxAge` let go are deleted first
 //! (`core::backup::expired`: never a user's, never one a kept backup restores from).
 
 use std::collections::BTreeMap;
@@ -132,6 +132,34 @@ pub async fn pass(ctx: &Context, made: &Made) -> Done {
         .push(b);
     }
     let mut done = Done::default();
+    // Retention first, per desktop (gone ones too: backups outlive their desktops), under the
+    // pool whose schedule made them: what expired goes before a new backup is made, so that a
+    // desktop never holds more than `keep` plus the one being written, and the old files free
+    // their room first.
+    for ((ns, _), group) in &by_desktop {
+        let Some(pool) = group
+            .iter()
+            .filter(|b| origin(b) == Origin::Schedule)
+            .find_map(|b| b.annotations().get(ANNOTATION_POOL))
+        else {
+            continue;
+        };
+        let Some(plan) = plans.get(pool) else {
+            continue;
+        };
+        let all: Vec<Backup<'_>> = group.iter().map(|b| as_backup(b)).collect();
+        for uid in expired(&all, plan.retention, now) {
+            let Some(b) = group.iter().find(|b| b.uid().as_deref() == Some(uid)) else {
+                continue;
+            };
+            if b.metadata.deletion_timestamp.is_some() || !ctx.is_leader() {
+                continue;
+            }
+            if delete(ctx, ns, b, uid).await {
+                done.deleted += 1;
+            }
+        }
+    }
     for d in ctx.stores.desktops.state() {
         if !ctx.is_leader() {
             return done;
@@ -179,32 +207,6 @@ pub async fn pass(ctx: &Context, made: &Made) -> Done {
                 }
                 Created::Exists => made.set(&uid, planned.slot),
                 Created::Failed => {}
-            }
-        }
-    }
-    // Retention, per desktop (gone ones too: backups outlive their desktops), under the pool
-    // whose schedule made them.
-    for ((ns, _), group) in &by_desktop {
-        let Some(pool) = group
-            .iter()
-            .filter(|b| origin(b) == Origin::Schedule)
-            .find_map(|b| b.annotations().get(ANNOTATION_POOL))
-        else {
-            continue;
-        };
-        let Some(plan) = plans.get(pool) else {
-            continue;
-        };
-        let all: Vec<Backup<'_>> = group.iter().map(|b| as_backup(b)).collect();
-        for uid in expired(&all, plan.retention, now) {
-            let Some(b) = group.iter().find(|b| b.uid().as_deref() == Some(uid)) else {
-                continue;
-            };
-            if b.metadata.deletion_timestamp.is_some() || !ctx.is_leader() {
-                continue;
-            }
-            if delete(ctx, ns, b, uid).await {
-                done.deleted += 1;
             }
         }
     }
