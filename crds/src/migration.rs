@@ -92,6 +92,17 @@ pub struct DesktopMigrationSpec {
     /// the empty disk (a file of that name there, or no base image).
     #[serde(default)]
     pub mode: MigrationMode,
+    /// Another pool to move the desktop into (a ResourcePool whose namespace selection admits
+    /// this namespace). Only mode Cold, for a running or stopped desktop (one suspended with
+    /// its memory saved is refused, reason MemorySaved): the guest is shut down, its disk's
+    /// own layer is copied into that pool's `storage.diskDir` on a host of that pool with
+    /// `--migration-uri` (which holds the same base image), and the desktop boots there with
+    /// a SPICE port and a MAC of that pool. The Desktop's `spec.pool` is not edited: its
+    /// `PoolApplied` condition turns False (PoolChangeRefused) until the manifest says the new
+    /// pool. Unset, or the desktop's own pool: a move within its pool.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = DNS_SUBDOMAIN), length(min = 1, max = 253))]
+    pub target_pool: Option<String>,
 }
 
 /// What the operator decided and observed.
@@ -114,6 +125,15 @@ pub struct DesktopMigrationStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(regex(pattern = DNS_SUBDOMAIN), length(max = 253))]
     pub target: Option<String>,
+    /// The pool the desktop moves into, pinned with the target when `spec.targetPool` names
+    /// another pool than the desktop's: the target's port, MAC and charge are held there.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = DNS_SUBDOMAIN), length(max = 253))]
+    pub target_pool: Option<String>,
+    /// The MAC address reserved for the desktop in the target pool (a move between pools).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 17))]
+    pub target_mac: Option<String>,
     /// SPICE port reserved for the desktop on the target, from the pool's range.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1024, max = 65535))]
@@ -185,6 +205,13 @@ pub struct Migrating {
     /// target holds (its `status.prepared`), which the source compares with its own.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub base_image_bytes: Option<u64>,
+    /// For a move to another pool (the migration's `spec.targetPool`): that pool's name. The
+    /// source host then copies the disk into the target pool's `storage.diskDir` with a
+    /// carrier domain holding the disk alone (the desktop's MAC and CPU model may differ
+    /// there), and the target defines the desktop afresh in its pool once it is bound there.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = DNS_SUBDOMAIN), length(max = 253))]
+    pub pool: Option<String>,
     /// The DesktopMigration was deleted while the domain moves: the source host aborts the
     /// move, and the desktop runs on there.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]

@@ -696,6 +696,7 @@ mod tests {
             address: None,
             spice_address: Some("10.0.0.2".into()),
             base_image_bytes: None,
+            pool: None,
             cancelled: false,
         }
     }

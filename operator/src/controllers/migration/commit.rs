@@ -515,6 +515,7 @@ fn record_of(m: &DesktopMigration, pass: &Pass<'_>) -> Option<Migrating> {
                 .find(|p| p.migration == pass.uid)
                 .and_then(|p| p.image_bytes)
         }),
+        pool: st.target_pool.clone(),
         cancelled: false,
         target,
     })
