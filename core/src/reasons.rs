@@ -277,6 +277,12 @@ reasons! {
         /// storage the hosts do not share): a file of that name is there, or the base image is
         /// missing.
         TargetNotPrepared,
+        /// The pool a move to another pool names does not exist, does not admit the
+        /// desktop's namespace, or refuses the desktop's spec.
+        PoolNotAllowed,
+        /// The desktop is suspended with its memory saved on its host: a move to another pool
+        /// reboots it (its MAC changes), which would lose that memory. Wake it or stop it.
+        MemorySaved,
     }
 }
 

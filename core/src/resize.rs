@@ -74,7 +74,8 @@ impl SizeVerdict {
 }
 
 /// `PoolApplied` of a desktop bound in pool `bound` whose spec names `asked`: whether it
-/// holds, its reason and a message. A bound desktop never changes pools.
+/// holds, its reason and a message. A spec edit never moves a bound desktop to another pool;
+/// a DesktopMigration with `spec.targetPool` does, and then the spec should follow.
 pub fn pool_condition(bound: &str, asked: &str) -> (bool, PoolReason, String) {
     if bound == asked {
         return (true, PoolReason::Bound, format!("bound in pool {bound}"));
@@ -83,9 +84,10 @@ pub fn pool_condition(bound: &str, asked: &str) -> (bool, PoolReason, String) {
         false,
         PoolReason::PoolChangeRefused,
         format!(
-            "spec.pool names {asked}, but the desktop is bound in pool {bound} and stays there: a \
-             bound desktop never changes pools (moving it is a migration). Set spec.pool back \
-             to {bound}, or delete the desktop and create it in {asked}"
+            "spec.pool names {asked}, but the desktop is bound in pool {bound} and stays there: \
+             editing spec.pool never moves a bound desktop. Set spec.pool to {bound} (in the \
+             manifest, where GitOps owns the desktop), or move it to {asked} with a \
+             DesktopMigration whose spec.targetPool is {asked}"
         ),
     )
 }

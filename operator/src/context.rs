@@ -221,6 +221,13 @@ impl Stores {
         self
     }
 
+    /// These caches with `namespaces` too (for tests).
+    #[cfg(test)]
+    pub(crate) fn with_namespaces(mut self, namespaces: Vec<Namespace>) -> Self {
+        self.namespaces = store(namespaces);
+        self
+    }
+
     /// Waits until every store has its first full list.
     pub async fn ready(&self) -> bool {
         self.pools.wait_until_ready().await.is_ok()
@@ -431,7 +438,11 @@ impl Ledgers {
             ledger.keep_admitted_sizes(old);
         }
         for t in target_bindings(name, stores) {
-            if !ledger.adopt_target(&t.desktop, &t.host, t.port, t.size) {
+            let held = match &t.mac {
+                Some(mac) => ledger.adopt_entry(&t.desktop, &t.host, t.port, mac, t.size),
+                None => ledger.adopt_target(&t.desktop, &t.host, t.port, t.size),
+            };
+            if !held {
                 tracing::warn!(pool = %name, desktop = %t.desktop, host = %t.host, port = t.port,
                     "ledger rebuild: a migration's target port is held by another; it will fail");
             }
@@ -556,11 +567,14 @@ struct TargetBinding {
     desktop: String,
     host: String,
     port: u16,
+    /// A move from another pool: the MAC reserved in this one.
+    mac: Option<String>,
     size: crate::scheduler::Request,
 }
 
-/// The targets that the migrations of `pool`'s desktops hold (Scheduling or Running), as their
-/// status records them, with the size their desktop is charged.
+/// The targets held in `pool` by migrations (Scheduling or Running), as their status records
+/// them, with the size their desktop is charged: those of `pool`'s desktops, and those moving
+/// desktops into `pool` from another (`status.targetPool`).
 fn target_bindings(pool: &str, stores: &Stores) -> Vec<TargetBinding> {
     stores
         .migrations
@@ -570,11 +584,14 @@ fn target_bindings(pool: &str, stores: &Stores) -> Vec<TargetBinding> {
         .filter_map(|m| {
             let st = m.status.as_ref()?;
             let d = stores.desktop_by_uid(st.desktop_uid.as_deref()?)?;
-            (d.pool() == pool && holds_binding(&d)).then_some(())?;
+            let into = st.target_pool.as_deref().unwrap_or(d.pool());
+            (into == pool && holds_binding(&d)).then_some(())?;
             Some(TargetBinding {
                 desktop: st.desktop_uid.clone()?,
                 host: st.target.clone()?,
                 port: st.target_port?,
+                // Arrived already (the binding is this pool's): its own MAC is the desktop's.
+                mac: st.target_mac.clone().filter(|_| d.pool() != pool),
                 size: crate::world::charged(&d)?,
             })
         })

@@ -113,11 +113,22 @@ impl World {
         node: &str,
         extra: &[&str],
     ) -> anyhow::Result<Process> {
+        self.spawn_second_agent_with(host, node, &self.disk_dir, extra)
+    }
+
+    /// [`Self::spawn_second_agent`] for a pool whose `diskDir` is `disk_dir`.
+    fn spawn_second_agent_with(
+        &self,
+        host: &crate::second_host::SecondHost,
+        node: &str,
+        disk_dir: &std::path::Path,
+        extra: &[&str],
+    ) -> anyhow::Result<Process> {
         let save_dir = host.managed_save_dir().display().to_string();
         let mut volumes = crate::confined::agent_volumes(json!({
             "libvirtSocketDir": host.dir.join("run"),
             "imageDir": self.image_dir,
-            "diskDir": self.disk_dir,
+            "diskDir": disk_dir,
             "managedSaveDir": save_dir,
         }))?;
         // A directory host B has its own of: the agent mounts host B's, as a pod would.
@@ -161,16 +172,42 @@ impl World {
         Ok(node)
     }
 
-    /// The tests' settings of a node-agent for host `node`, then `extra`.
+    /// Host B (`host`) joins pool `pool` (made by [`create_other_pool`], its `diskDir`
+    /// `disk_dir`) as `<this host>-b`, taking in migrations like [`Self::add_migration_target`].
+    pub fn add_migration_target_in(
+        &mut self,
+        host: &crate::second_host::SecondHost,
+        pool: &str,
+        disk_dir: &std::path::Path,
+    ) -> anyhow::Result<String> {
+        let node = format!("{}-b", self.node);
+        let labels = format!("deskvirt.io/pool={pool},{RUN_LABEL}={}", self.run);
+        let extra = [
+            "--migration-uri",
+            &host.uri,
+            "--migration-address",
+            &host.address,
+            "--node-labels",
+            &labels,
+        ];
+        let agent = self.spawn_second_agent_with(host, &node, disk_dir, &extra)?;
+        self.more_agents.push(agent);
+        Ok(node)
+    }
+
+    /// The tests' settings of a node-agent for host `node` (in the run's pool, unless `extra`
+    /// gives `--node-labels`), then `extra`.
     fn agent_args(&self, cmd: &mut Command, node: &str, metrics: &str, extra: &[&str]) {
         let labels = format!("deskvirt.io/pool={},{RUN_LABEL}={}", self.pool, self.run);
         cmd.env("KUBECONFIG", &self.agent_kubeconfig)
             .env("RUST_LOG", log_level())
             .args(["--node-name", node, "--hypervisor", "qemu"])
             .args(["--lease-namespace", &self.release.namespace])
-            .args(["--console-namespace", &self.console_ns])
-            .args(["--node-labels", &labels])
-            .args(["--heartbeat-interval", "1s", "--lease-duration", LEASE])
+            .args(["--console-namespace", &self.console_ns]);
+        if !extra.contains(&"--node-labels") {
+            cmd.args(["--node-labels", &labels]);
+        }
+        cmd.args(["--heartbeat-interval", "1s", "--lease-duration", LEASE])
             .args(["--shutdown-grace", "3s", "--metrics-addr", metrics])
             .args(extra);
         if !extra.contains(&"--node-address") {
@@ -561,26 +598,7 @@ pub fn virsh_system(args: &[&str]) -> anyhow::Result<String> {
 /// examples/pool.yaml with this machine's directories, a free SPICE range on loopback, and
 /// the run label.
 pub async fn create_pool(w: &World) -> anyhow::Result<()> {
-    let text = std::fs::read_to_string(repo_root().join("examples/pool.yaml"))?;
-    let mut pool: serde_json::Value = serde_yaml::from_str(&text)?;
-    pool["metadata"]["name"] = json!(w.pool);
-    pool["spec"]["nodeSelector"] = json!({ "deskvirt.io/pool": w.pool });
-    let first = free_port_range(40)?;
-    pool["metadata"]["labels"] = json!({ RUN_LABEL: w.run });
-    pool["spec"]["storage"] = json!({
-        "imageDir": w.image_dir.display().to_string(),
-        "diskDir": w.disk_dir.display().to_string(),
-    });
-    pool["spec"]["display"]["spicePorts"] = json!({ "first": first, "last": first + 39 });
-    pool["spec"]["display"]["listen"] = json!("Node");
-    // This 2-core machine must hold the example desktop and the burst of 20.
-    pool["spec"]["overcommit"] = json!({ "cpu": 16, "memory": 1 });
-    pool["spec"]["reserved"] = json!({ "cpu": 0, "memory": "1Gi" });
-    // A unique address range per run, so the host network never collides with another run,
-    // and below 10.213/16, where `scripts/second-host.sh` puts its links (a pool network of
-    // 10.213.1.0/24 on a second host cut its route: seen as "No route to host" in a migration).
-    let octet = 16 + (first % 197);
-    pool["spec"]["network"]["cidr"] = json!(format!("10.{octet}.0.0/16"));
+    let pool = pool_manifest(w, &w.pool, &w.disk_dir)?;
     let pools: Api<ResourcePool> = Api::all(w.client.clone());
     if pools.get_opt(&w.pool).await?.is_some() {
         anyhow::bail!(
@@ -592,6 +610,54 @@ pub async fn create_pool(w: &World) -> anyhow::Result<()> {
         .create(&PostParams::default(), &serde_json::from_value(pool)?)
         .await?;
     Ok(())
+}
+
+/// A second pool of the run, `<run's pool>-q`, as [`create_pool`] makes the first but for its
+/// name, its hosts (labelled `deskvirt.io/pool=<its name>`), its `diskDir` (`disk_dir`), its
+/// SPICE ports and CIDR, MAC prefix `52:54:01`, and `namespace_selector`. Returns its name.
+pub async fn create_other_pool(
+    w: &World,
+    disk_dir: &std::path::Path,
+    namespace_selector: serde_json::Value,
+) -> anyhow::Result<String> {
+    let name = format!("{}-q", w.pool);
+    let mut pool = pool_manifest(w, &name, disk_dir)?;
+    pool["spec"]["network"]["macPrefix"] = json!("52:54:01");
+    pool["spec"]["namespaceSelector"] = namespace_selector;
+    let pools: Api<ResourcePool> = Api::all(w.client.clone());
+    pools
+        .create(&PostParams::default(), &serde_json::from_value(pool)?)
+        .await?;
+    Ok(name)
+}
+
+/// The tests' pool `name` (from `examples/pool.yaml`), its disks in `disk_dir`.
+fn pool_manifest(
+    w: &World,
+    name: &str,
+    disk_dir: &std::path::Path,
+) -> anyhow::Result<serde_json::Value> {
+    let text = std::fs::read_to_string(repo_root().join("examples/pool.yaml"))?;
+    let mut pool: serde_json::Value = serde_yaml::from_str(&text)?;
+    pool["metadata"]["name"] = json!(name);
+    pool["spec"]["nodeSelector"] = json!({ "deskvirt.io/pool": name });
+    let first = free_port_range(40)?;
+    pool["metadata"]["labels"] = json!({ RUN_LABEL: w.run });
+    pool["spec"]["storage"] = json!({
+        "imageDir": w.image_dir.display().to_string(),
+        "diskDir": disk_dir.display().to_string(),
+    });
+    pool["spec"]["display"]["spicePorts"] = json!({ "first": first, "last": first + 39 });
+    pool["spec"]["display"]["listen"] = json!("Node");
+    // This 2-core machine must hold the example desktop and the burst of 20.
+    pool["spec"]["overcommit"] = json!({ "cpu": 16, "memory": 1 });
+    pool["spec"]["reserved"] = json!({ "cpu": 0, "memory": "1Gi" });
+    // A unique address range per run, so the host network never collides with another run,
+    // and below 10.213/16, where `scripts/second-host.sh` puts its links (a pool network of
+    // 10.213.1.0/24 on a second host cut its route: seen as "No route to host" in a migration).
+    let octet = 16 + (first % 197);
+    pool["spec"]["network"]["cidr"] = json!(format!("10.{octet}.0.0/16"));
+    Ok(pool)
 }
 
 pub fn spice_addr(d: &Desktop) -> anyhow::Result<SocketAddr> {

@@ -44,6 +44,9 @@ pub struct Facts<'a> {
     pub shared_storage: bool,
     /// An older migration of the same desktop has not ended.
     pub older_active: bool,
+    /// A move into another pool (`spec.targetPool`): whether that pool exists, admits the
+    /// desktop's namespace and accepts its spec. `None` for a move within its pool.
+    pub other_pool: Option<bool>,
 }
 
 /// Whether the migration may look for a target now.
@@ -68,6 +71,9 @@ pub fn admit(f: &Facts<'_>) -> Result<(), MigrationReason> {
         return Err(R::PinnedToHost);
     }
     match f.mode {
+        // A move into another pool copies the disk into that pool's storage and changes the
+        // desktop's MAC: the guest reboots there.
+        MigrationMode::Live if f.other_pool.is_some() => return Err(R::ModeNotSupported),
         MigrationMode::Live if !f.shared_storage => return Err(R::StorageNotShared),
         MigrationMode::Live => {}
         // Without shared storage a Cold move copies the disk to the target.
@@ -79,7 +85,11 @@ pub fn admit(f: &Facts<'_>) -> Result<(), MigrationReason> {
     // A Cold move on shared storage shuts the guest down, which would lose a suspended
     // desktop's saved memory; a stopped one needs no move there (a drain re-binds it). One that
     // copies the disk takes a stopped desktop too, and a suspended one with its saved memory.
+    if f.other_pool.is_some() && d.suspended {
+        return Err(R::MemorySaved);
+    }
     let movable = match f.mode {
+        _ if f.other_pool.is_some() => d.running || d.stopped,
         MigrationMode::Live => d.running || d.suspended,
         MigrationMode::Cold if f.shared_storage => d.running,
         MigrationMode::Cold => d.running || d.stopped || d.suspended,
@@ -89,6 +99,9 @@ pub fn admit(f: &Facts<'_>) -> Result<(), MigrationReason> {
     }
     if d.backing_up {
         return Err(R::BackupInProgress);
+    }
+    if f.other_pool == Some(false) {
+        return Err(R::PoolNotAllowed);
     }
     Ok(())
 }
@@ -113,6 +126,7 @@ mod tests {
             pinned_uid: Some("u1"),
             shared_storage: true,
             older_active: false,
+            other_pool: None,
         }
     }
 
@@ -232,5 +246,40 @@ mod tests {
         ] {
             assert!(r.ends(), "{r} ends it");
         }
+    }
+
+    #[test]
+    fn a_move_to_another_pool_is_cold_and_takes_running_or_stopped_desktops_it_may_use() {
+        let to_pool = |allowed: bool, change: fn(&mut Desktop<'static>)| {
+            with(|f| {
+                f.mode = MigrationMode::Cold;
+                f.other_pool = Some(allowed);
+                if let Some(d) = f.desktop.as_mut() {
+                    change(d);
+                }
+            })
+        };
+        assert_eq!(to_pool(true, |_| {}), Ok(()), "running");
+        let stopped = to_pool(true, |d| (d.running, d.stopped) = (false, true));
+        assert_eq!(stopped, Ok(()));
+        // Shared storage or not, the disk is copied into the other pool's.
+        let not_shared = with(|f| {
+            f.mode = MigrationMode::Cold;
+            f.other_pool = Some(true);
+            f.shared_storage = false;
+        });
+        assert_eq!(not_shared, Ok(()));
+        let saved = to_pool(true, |d| (d.running, d.suspended) = (false, true));
+        assert_eq!(saved, Err(MigrationReason::MemorySaved));
+        assert!(!MigrationReason::MemorySaved.ends(), "waking it helps");
+        let starting = to_pool(true, |d| d.running = false);
+        assert_eq!(starting, Err(MigrationReason::DesktopNotRunning));
+        assert_eq!(to_pool(false, |_| {}), Err(MigrationReason::PoolNotAllowed));
+        assert!(
+            !MigrationReason::PoolNotAllowed.ends(),
+            "the pool may change"
+        );
+        let live = with(|f| f.other_pool = Some(true));
+        assert_eq!(live, Err(MigrationReason::ModeNotSupported));
     }
 }

@@ -1,10 +1,14 @@
-//! A migrating desktop's second place in its pool's ledger: the port it will listen on at the
+//! A migrating desktop's second place in a pool's ledger: the port it will listen on at the
 //! target host, held (by [`migration_holder`]) from the moment the target is chosen, so no
 //! desktop of the pool gets it, and the size the target is charged meanwhile. When the desktop
 //! arrives, that port becomes its own and the source's is freed; when the migration ends
-//! otherwise, the target's is freed and nothing else changes.
+//! otherwise, the target's is freed and nothing else changes. A move into another pool holds
+//! its place in the target pool's ledger, with a MAC of that pool as well ([`Ledger::reserve_entry`]);
+//! on arrival both become the desktop's own there ([`Ledger::complete_entry`]), and the source
+//! pool's ledger lets its binding go.
 
 use super::{Ledger, LedgerError};
+use crate::allocators::macs::Mac;
 use crate::scheduler::Request;
 
 /// How the ledger's holder of a migration target's port begins: no UID looks like it.
@@ -94,12 +98,78 @@ impl Ledger {
             .filter_map(|d| Some((d.as_str(), self.target_of(d)?)))
     }
 
-    /// Gives up the target of a migration of `desktop` that ended without moving it: its port
-    /// and charge there. Returns the host and port freed.
+    /// Gives up the target of a migration of `desktop` that ended without moving it: its port,
+    /// charge and (a move from another pool) MAC there. Returns the host and port freed.
     pub fn release_target(&mut self, desktop: &str) -> Option<(String, u16)> {
         self.targets.remove(desktop)?;
         self.touch(desktop);
+        self.macs.release(&migration_holder(desktop));
         self.ports.release(&migration_holder(desktop))
+    }
+
+    /// Reserves a place in this pool for a migration of `desktop` from another pool: a port on
+    /// `host` and the charge of `size` there ([`Self::reserve_target`]), and a MAC of this
+    /// pool (`fixed`, when the desktop's spec fixes one). What it holds already is kept; on a
+    /// refusal nothing is held.
+    pub fn reserve_entry(
+        &mut self,
+        desktop: &str,
+        host: &str,
+        size: Request,
+        fixed: Option<&str>,
+    ) -> Result<(u16, Mac), LedgerError> {
+        let port = self.reserve_target(desktop, host, size)?;
+        match self.macs.allocate(&migration_holder(desktop), fixed) {
+            Ok(mac) => Ok((port, mac)),
+            Err(e) => {
+                self.release_target(desktop);
+                Err(e.into())
+            }
+        }
+    }
+
+    /// Records a place reserved for a move from another pool before this ledger was built (a
+    /// migration's status says `host`, `port` and `mac`): held again unless another holder has
+    /// the port or the MAC. Returns whether it is held.
+    pub fn adopt_entry(
+        &mut self,
+        desktop: &str,
+        host: &str,
+        port: u16,
+        mac: &str,
+        size: Request,
+    ) -> bool {
+        if !self.adopt_target(desktop, host, port, size) {
+            return false;
+        }
+        if !self.macs.adopt(&migration_holder(desktop), mac) {
+            self.release_target(desktop);
+            return false;
+        }
+        true
+    }
+
+    /// The MAC a migration of `desktop` from another pool holds here.
+    pub fn entry_mac(&self, desktop: &str) -> Option<Mac> {
+        self.macs.mac_of(&migration_holder(desktop))
+    }
+
+    /// The desktop moved in from another pool arrived: the port and MAC reserved for it become
+    /// its own, and its charge here is the desktop's. Returns its host, port and MAC; `None`
+    /// (nothing changed) when no such place is held.
+    pub fn complete_entry(&mut self, desktop: &str) -> Option<(String, u16, Mac)> {
+        let (host, port) = {
+            let t = self.target_of(desktop)?;
+            (t.host.to_string(), t.port)
+        };
+        let mac = self.entry_mac(desktop)?;
+        self.targets.remove(desktop);
+        self.touch(desktop);
+        self.ports.release(&migration_holder(desktop));
+        self.macs.release(&migration_holder(desktop));
+        self.ports.adopt(desktop, &host, port);
+        self.macs.adopt(desktop, &mac.to_string());
+        Some((host, port, mac))
     }
 
     /// The desktop arrived on its target: the target's port becomes its own, its charge there
@@ -229,5 +299,61 @@ mod tests {
         l.release("a");
         assert_eq!((l.ports_in_use("h1"), l.ports_in_use("h2")), (0, 0));
         assert_eq!(l.targets().count(), 0);
+    }
+
+    #[test]
+    fn a_move_from_another_pool_holds_a_port_and_a_mac_that_become_the_desktops_own() {
+        let mut l = ledger();
+        bound(&mut l, "b", "h2");
+        let (port, mac) = l
+            .reserve_entry("a", "h2", SIZE, None)
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(port, 5901);
+        assert_eq!(l.entry_mac("a"), Some(mac));
+        assert_ne!(l.mac_of("b"), Some(mac));
+        // Reserved again: the same port and MAC.
+        assert_eq!(
+            l.reserve_entry("a", "h2", SIZE, None).ok(),
+            Some((5901, mac))
+        );
+        assert_eq!(bound(&mut l, "c", "h2"), 5902, "the reserved port is held");
+        assert_ne!(l.mac_of("c"), Some(mac), "and so is the MAC");
+        // Arrived: the desktop holds them itself, and nothing is held for the move.
+        assert_eq!(l.complete_entry("a"), Some(("h2".into(), 5901, mac)));
+        assert_eq!(l.port_of("a"), Some(("h2", 5901)));
+        assert_eq!(l.mac_of("a"), Some(mac));
+        assert_eq!((l.target_of("a"), l.entry_mac("a")), (None, None));
+        assert_eq!(l.complete_entry("a"), None, "once");
+    }
+
+    #[test]
+    fn an_ended_move_from_another_pool_frees_its_port_and_mac_and_a_rebuild_takes_them_back() {
+        let mut l = ledger();
+        let (port, mac) = l
+            .reserve_entry("a", "h2", SIZE, None)
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(l.release_target("a"), Some(("h2".into(), port)));
+        assert_eq!(l.entry_mac("a"), None);
+        assert_eq!(l.macs().len(), 0);
+        let text = mac.to_string();
+        assert!(l.adopt_entry("a", "h2", port, &text, SIZE));
+        assert_eq!(l.entry_mac("a"), Some(mac));
+        // A MAC another desktop holds is not taken back, and then neither is the port.
+        let mut other = ledger();
+        let claim = Claim {
+            desktop: "b",
+            host: "h1",
+            fixed_mac: Some(text.as_str()),
+        };
+        other.bind(&claim).unwrap_or_else(|e| panic!("{e}"));
+        assert!(!other.adopt_entry("a", "h2", port, &text, SIZE));
+        assert_eq!(other.target_of("a"), None);
+        // A MAC the spec fixes, held by another desktop, refuses the reservation whole.
+        assert!(
+            other
+                .reserve_entry("a", "h2", SIZE, Some(text.as_str()))
+                .is_err()
+        );
+        assert_eq!(other.ports_in_use("h2"), 0);
     }
 }

@@ -4,7 +4,9 @@
 //! holds the target. Then, in the pass's ledger transaction, the target's reserved port
 //! becomes the desktop's own and the source's is freed; the binding (host, port, `lastMove`)
 //! moves, and the pass relabels the desktop and its console mirror for the target. A pass whose
-//! write did not land finds the ledger moved already and moves the binding again.
+//! write did not land finds the ledger moved already and moves the binding again. A desktop
+//! moved into another pool takes the port and MAC reserved in that pool's ledger as its own,
+//! lets its binding in its old pool's ledger go, and its allocation names the new pool.
 
 use deskvirt_core::migration::MigrationState;
 use deskvirt_crds::desktop::Move;
@@ -34,6 +36,7 @@ pub(super) fn confirmed(stores: &Stores, desktop_uid: &str, m: &Migrating) -> bo
                 s.desktop_uid.as_deref() == Some(desktop_uid)
                     && s.target.as_deref() == Some(m.target.as_str())
                     && s.target_port == Some(m.port)
+                    && s.target_pool == m.pool
             })
     })
 }
@@ -50,6 +53,9 @@ pub(super) fn arrive(
     if m.target == seen.node || !confirmed(stores, seen.uid, m) {
         return None;
     }
+    if let Some(into) = m.pool.as_deref().filter(|p| *p != seen.d.pool()) {
+        return into_pool(seen, stores, txn, want, m, into);
+    }
     let ledger = txn.existing()?;
     let moved_already = ledger
         .port_of(seen.uid)
@@ -65,6 +71,55 @@ pub(super) fn arrive(
         let freed = ledger.complete_target(seen.uid);
         tracing::info!(from = %seen.node, to = %m.target, port = m.port, ?freed, "migrated desktop bound to its new host");
     }
+    want.node = Some(m.target.clone());
+    want.port = Some(m.port);
+    want.last_move = Some(Move {
+        from: seen.node.clone(),
+        to: m.target.clone(),
+        at: Time(seen.now),
+    });
+    Some(m.target.clone())
+}
+
+/// [`arrive`] for a desktop moved into pool `into`: the place reserved there becomes its own,
+/// its binding in its old pool goes, and its allocation names `into`.
+fn into_pool(
+    seen: &Seen<'_>,
+    stores: &Stores,
+    txn: &mut Txn<'_>,
+    want: &mut Owned,
+    m: &Migrating,
+    into: &str,
+) -> Option<String> {
+    let from = seen.d.pool().to_string();
+    let pool = stores.pool(into)?;
+    let ledgers = txn.ledgers();
+    let there = ledgers.of(&pool, stores).ok()?;
+    let moved_already = there
+        .port_of(seen.uid)
+        .is_some_and(|(host, port)| host == m.target && port == m.port);
+    let mac = if moved_already {
+        there.mac_of(seen.uid)?
+    } else {
+        let held = there
+            .target_of(seen.uid)
+            .is_some_and(|t| t.host == m.target && t.port == m.port);
+        if !held {
+            tracing::warn!(target = %m.target, port = m.port, pool = %into, "a completed migration's place in the other pool is not held; the binding stays");
+            return None;
+        }
+        let (_, _, mac) = there.complete_entry(seen.uid)?;
+        let freed = ledgers.get_mut(&from).map(|l| l.release(seen.uid));
+        tracing::info!(from = %seen.node, to = %m.target, %from, %into, port = m.port, %mac, ?freed, "desktop moved into another pool, bound there");
+        mac
+    };
+    let mut allocation = want
+        .allocation
+        .clone()
+        .unwrap_or_else(|| super::size::recorded(seen.d));
+    allocation.pool = into.to_string();
+    want.allocation = Some(allocation);
+    want.mac = Some(mac.to_string());
     want.node = Some(m.target.clone());
     want.port = Some(m.port);
     want.last_move = Some(Move {

@@ -135,6 +135,28 @@ fn plan(seen: &Seen<'_>, ctx: &Context, txn: &mut Txn<'_>) -> Plan {
     // A desktop that arrived on a migration's target: its binding follows it, and the ledger
     // agrees with the new binding already.
     let arrived = arrive::arrive(seen, &ctx.stores, txn, &mut want);
+    // Moved into another pool: this transaction is the old pool's. The binding is written as
+    // it moved, and the next pass plans the rest in the new pool's.
+    let new_pool = want.allocation.as_ref().map(|a| a.pool.as_str());
+    if let Some(to) = arrived
+        .clone()
+        .filter(|_| new_pool.is_some_and(|p| p != d.pool()))
+    {
+        return Plan {
+            want,
+            host: to.clone(),
+            moved_to: Some(to.clone()),
+            delete: None,
+            told: None,
+            idle: idle::Plan::default(),
+            moved_port: None,
+            warnings: Vec::new(),
+            phase_note: String::new(),
+            migrated_to: Some(to),
+            recheck: Some(Duration::from_millis(200)),
+            rebound: None,
+        };
+    }
     let (told, moved_port) = match arrived {
         Some(_) => (None, None),
         None => (

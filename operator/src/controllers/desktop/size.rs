@@ -29,7 +29,7 @@ pub(super) struct Warning {
 
 /// The allocation a bound desktop has: recorded, else (bound by a release that did not record
 /// one) its spec's pool and size.
-fn recorded(d: &Desktop) -> Allocation {
+pub(super) fn recorded(d: &Desktop) -> Allocation {
     d.status
         .as_ref()
         .and_then(|s| s.allocation.clone())

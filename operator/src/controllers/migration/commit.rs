@@ -207,10 +207,21 @@ async fn scheduled(pass: &Pass<'_>, m: &DesktopMigration, r: &Reserved) -> Resul
     want.target = Some(r.target.clone());
     want.target_port = Some(r.port);
     want.scheduled_time = Some(Time(pass.now));
-    let msg = format!(
-        "{} reserved SPICE port {} for the desktop, which runs on {}",
-        r.target, r.port, r.source
-    );
+    let msg = match &r.mac {
+        Some(mac) => {
+            want.target_pool = Some(r.pool.clone());
+            want.target_mac = Some(mac.clone());
+            format!(
+                "{} of pool {} reserved SPICE port {} and MAC {mac} for the desktop, which runs \
+                 on {}",
+                r.target, r.pool, r.port, r.source
+            )
+        }
+        None => format!(
+            "{} reserved SPICE port {} for the desktop, which runs on {}",
+            r.target, r.port, r.source
+        ),
+    };
     let reason = MigrationReason::TargetReserved;
     set(&mut want, m, pass, SCHEDULED, Status::True, reason, &msg);
     let waiting = format!("waiting for {} to start moving the desktop", r.source);

@@ -31,14 +31,20 @@ pub(super) enum Answer {
 }
 
 /// Whether migration `m` of desktop `d` copies the disk: Cold, in a pool not declaring
-/// `storage.shared`.
+/// `storage.shared`, or into another pool (whose storage is its own).
 pub(super) fn copies(pass: &Pass<'_>, m: &DesktopMigration, d: &Desktop) -> bool {
+    let other_pool = m
+        .status
+        .as_ref()
+        .and_then(|s| s.target_pool.as_deref())
+        .is_some_and(|p| p != d.pool());
     m.spec.mode == MigrationMode::Cold
-        && pass
-            .ctx
-            .stores
-            .pool(d.pool())
-            .is_some_and(|p| !p.spec.storage.shared)
+        && (other_pool
+            || pass
+                .ctx
+                .stores
+                .pool(d.pool())
+                .is_some_and(|p| !p.spec.storage.shared))
 }
 
 /// The disk of desktop `d` as the target must make it.

@@ -8,6 +8,7 @@ pub mod incoming;
 mod plan;
 #[cfg(test)]
 mod plan_tests;
+mod to_pool;
 
 use std::sync::Arc;
 

@@ -54,7 +54,10 @@ pub(super) enum Decision {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(super) struct Reserved {
     pub desktop_uid: String,
+    /// The pool whose ledger holds the reservation: the desktop's, or the one it moves into.
     pub pool: String,
+    /// A move into another pool: the MAC reserved there.
+    pub mac: Option<String>,
     pub source: String,
     pub target: String,
     pub port: u16,
@@ -81,9 +84,28 @@ fn same_desktop(m: &DesktopMigration, other: &DesktopMigration, uid: Option<&str
     }
 }
 
-/// The pool a held migration's target is in: its desktop's.
-fn pool_of_uid(stores: &Stores, uid: &str) -> Option<String> {
-    stores.desktop_by_uid(uid).map(|d| d.pool().to_string())
+/// The pool a held migration's target is in: the one it moves into (`status.targetPool`),
+/// else its desktop's.
+pub(crate) fn target_pool_of(stores: &Stores, m: &DesktopMigration) -> Option<String> {
+    let st = m.status.as_ref()?;
+    st.target_pool.clone().or_else(|| {
+        Some(
+            stores
+                .desktop_by_uid(st.desktop_uid.as_deref()?)?
+                .pool()
+                .to_string(),
+        )
+    })
+}
+
+/// The pool migration `m` of desktop `d` asks to move it into, when that is another pool
+/// than the desktop's: the one its status pinned, else its spec's.
+fn other_pool<'a>(m: &'a DesktopMigration, d: &Desktop) -> Option<&'a str> {
+    m.status
+        .as_ref()
+        .and_then(|s| s.target_pool.as_deref())
+        .or(m.spec.target_pool.as_deref())
+        .filter(|p| *p != d.pool())
 }
 
 /// Decides a Pending migration's pass, reserving its target when it may go.
@@ -124,6 +146,10 @@ pub(super) fn pending(
     let older_active = others
         .iter()
         .any(|o| !o.phase().is_terminal() && seniority(o.as_ref()) < me);
+    let into = d.as_deref().and_then(|d| {
+        let name = other_pool(m, d)?;
+        Some((name, super::to_pool::access(stores, d, name)))
+    });
     let facts = migration::Facts {
         mode: m.spec.mode,
         desktop: d.as_deref().map(|d| migration::admit::Desktop {
@@ -155,9 +181,14 @@ pub(super) fn pending(
             .and_then(|d| stores.pool(d.pool()))
             .is_some_and(|p| p.spec.storage.shared),
         older_active,
+        other_pool: into.as_ref().map(|(_, access)| access.is_ok()),
     };
     if let Err(reason) = admit(&facts) {
-        return wait(reason, admit_message(reason, m), WAIT_RECHECK);
+        let message = match (&into, reason) {
+            (Some((_, Err(why))), MigrationReason::PoolNotAllowed) => why.clone(),
+            _ => admit_message(reason, m),
+        };
+        return wait(reason, message, WAIT_RECHECK);
     }
     // `admit` refuses a missing, unbound desktop.
     let (Some(d), Some(desktop_uid)) = (d, uid) else {
@@ -186,7 +217,8 @@ pub(super) fn pending(
         .filter(|o| o.uid() != m.uid() && o.phase().holds_target())
         .filter_map(|o| {
             let st = o.status.as_ref()?;
-            (pool_of_uid(stores, st.desktop_uid.as_deref()?)? == pool_name).then_some(())?;
+            (stores.desktop_by_uid(st.desktop_uid.as_deref()?)?.pool() == pool_name)
+                .then_some(())?;
             Some((st.source.clone()?, st.target.clone()?))
         })
         .collect();
@@ -211,15 +243,22 @@ pub(super) fn pending(
     if let Err(msg) = slots.pool_slot().and_then(|()| slots.source_slot(&source)) {
         return wait(MigrationReason::Queued, msg, Duration::from_secs(5));
     }
-    let policy = match PoolPolicy::from_spec(&pool.spec) {
+    // The pool the target is chosen in and whose ledger holds it: the desktop's, or the one
+    // it moves into (`admit` let only an accessible one through).
+    let (to_name, to_pool) = match &into {
+        Some((name, Ok(p))) => (name.to_string(), p.clone()),
+        _ => (pool_name.clone(), pool.clone()),
+    };
+    let moves_pool = to_name != pool_name;
+    let policy = match PoolPolicy::from_spec(&to_pool.spec) {
         Ok(p) => p,
         Err(e) => {
-            let msg = format!("pool {pool_name}: {e}");
+            let msg = format!("pool {to_name}: {e}");
             return wait(MigrationReason::NoTarget, msg, WAIT_RECHECK);
         }
     };
-    if let Err(e) = ledgers.of(&pool, stores) {
-        let msg = format!("pool {pool_name}: {e}");
+    if let Err(e) = ledgers.of(&to_pool, stores) {
+        let msg = format!("pool {to_name}: {e}");
         return wait(MigrationReason::NoTarget, msg, WAIT_RECHECK);
     }
     let Some(size) = charged(&d) else {
@@ -228,7 +267,7 @@ pub(super) fn pending(
     };
     // A reservation an earlier pass made (its status write did not land) is reused.
     let kept = ledgers
-        .get(&pool_name)
+        .get(&to_name)
         .and_then(|l| l.target_of(&desktop_uid))
         .map(|t| t.host.to_string());
     let target = match kept {
@@ -237,22 +276,25 @@ pub(super) fn pending(
             let hosts = {
                 let charges = stores.charges(ledgers);
                 host_views_counted(
-                    &pool_name,
+                    &to_name,
                     &policy,
                     &stores.nodes.state(),
                     &stores.pools.state(),
                     &charges,
-                    ledgers.get(&pool_name),
+                    ledgers.get(&to_name),
                     heartbeat,
                     &stores.views,
                 )
             };
             let wanted = m.spec.target_node.as_deref();
             // A Cold move on shared storage boots the desktop there: any host of the pool takes
-            // it in. One that copies the disk needs the target's libvirt, as a Live move does.
-            let cold = m.spec.mode == migration::MigrationMode::Cold && pool.spec.storage.shared;
+            // it in. One that copies the disk (into another pool, always) needs the target's
+            // libvirt, as a Live move does.
+            let cold = m.spec.mode == migration::MigrationMode::Cold
+                && pool.spec.storage.shared
+                && !moves_pool;
             let takes_in = |h: &str| cold || endpoint_of(stores, h).is_some();
-            match choose_target(&pool_name, &policy, &size, &source, wanted, &hosts, |h| {
+            match choose_target(&to_name, &policy, &size, &source, wanted, &hosts, |h| {
                 slots.host_full(h) || (wanted.is_none() && !takes_in(h))
             }) {
                 Ok(h) if !takes_in(&h.name) => {
@@ -268,13 +310,24 @@ pub(super) fn pending(
             }
         }
     };
-    let Some(ledger) = ledgers.get_mut(&pool_name) else {
+    let Some(ledger) = ledgers.get_mut(&to_name) else {
         return Decision::Later(Duration::from_secs(1));
     };
-    match ledger.reserve_target(&desktop_uid, &target, size) {
-        Ok(port) => Decision::Reserved(Reserved {
+    let reserved = if moves_pool {
+        let fixed = d.spec.network.mac.as_deref();
+        ledger
+            .reserve_entry(&desktop_uid, &target, size, fixed)
+            .map(|(port, mac)| (port, Some(mac.to_string())))
+    } else {
+        ledger
+            .reserve_target(&desktop_uid, &target, size)
+            .map(|port| (port, None))
+    };
+    match reserved {
+        Ok((port, mac)) => Decision::Reserved(Reserved {
             desktop_uid,
-            pool: pool_name,
+            pool: to_name,
+            mac,
             source,
             target,
             port,
@@ -321,7 +374,7 @@ pub(super) fn held(
     let d = desktop_of(stores, m).filter(|d| d.metadata.deletion_timestamp.is_none());
     let target_held = d
         .as_ref()
-        .and_then(|d| ledgers.get(d.pool()))
+        .and_then(|_| ledgers.get(&target_pool_of(stores, m)?))
         .and_then(|l| l.target_of(pinned))
         .is_some_and(|t| Some(t.host) == st.target.as_deref() && Some(t.port) == st.target_port);
     let since = st.scheduled_time.as_ref().map_or(now, |t| t.0);
@@ -364,7 +417,7 @@ pub(super) fn release(
 ) -> Option<(String, u16)> {
     let st = m.status.as_ref()?;
     let uid = st.desktop_uid.as_deref()?;
-    let pool = pool_of_uid(stores, uid)?;
+    let pool = target_pool_of(stores, m)?;
     let ledger = ledgers.get_mut(&pool)?;
     let t = ledger.target_of(uid)?;
     (Some(t.host) == st.target.as_deref() && Some(t.port) == st.target_port).then_some(())?;

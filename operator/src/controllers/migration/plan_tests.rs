@@ -461,3 +461,133 @@ fn the_source_report_moves_a_held_migration_on_and_the_moved_binding_ends_it() {
     // A status naming the target that the mirror does not confirm is no arrival.
     assert_eq!(held(there, "h1"), Decision::Moving);
 }
+
+/// Pool `name` selecting the hosts labelled `pool=<name>`, with its own MAC prefix and, with
+/// `tenants`, a namespace selector admitting only namespaces labelled `tenant=yes`.
+fn other_pool(name: &str, tenants: bool) -> ResourcePool {
+    let mut spec = json!({
+        "nodeSelector": {"pool": name},
+        "network": {"macPrefix": "52:54:01"},
+        "storage": {"shared": false}
+    });
+    if tenants {
+        spec["namespaceSelector"] = json!({"matchLabels": {"tenant": "yes"}});
+    }
+    serde_json::from_value(json!({
+        "apiVersion": "deskvirt.io/v1alpha1", "kind": "ResourcePool",
+        "metadata": {"name": name, "uid": format!("pool-{name}"),
+                     "creationTimestamp": "2025-01-01T00:00:00Z"},
+        "spec": spec
+    }))
+    .unwrap_or_else(|e| panic!("{e}"))
+}
+
+fn namespace(labels: serde_json::Value) -> k8s_openapi::api::core::v1::Namespace {
+    serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "Namespace",
+        "metadata": {"name": "ns", "labels": labels}
+    }))
+    .unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// Desktop `a` of pool `p` on h1 (running when `running`), host h3 in pool `q`, and `m`.
+fn two_pools(
+    m: &DesktopMigration,
+    running: bool,
+    tenants: bool,
+    ns_labels: serde_json::Value,
+) -> World {
+    // h3 is pool q's: q selects it, and is older than p, which selects every host.
+    let mut h3 = node("h3");
+    h3.metadata.labels = Some([("pool".to_string(), "q".to_string())].into());
+    if let Some(st) = h3.status.as_mut() {
+        st.pool = Some("q".into());
+    }
+    let stores = Stores::holding(
+        vec![pool(true), other_pool("q", tenants)],
+        vec![node("h1"), node("h2"), h3],
+        vec![desktop("u-a", Some("h1"), running)],
+        CONSOLES,
+    )
+    .with(vec![m.clone()], vec![mirror("u-a", "h1")])
+    .with_namespaces(vec![namespace(ns_labels)]);
+    World {
+        stores,
+        ledgers: Ledgers::fresh(),
+        settings: MigrationSettings::default(),
+    }
+}
+
+fn to_pool(name: &str, mode: &str) -> DesktopMigration {
+    let mut m = migration("m1", "2026-01-01T00:00:00Z", json!({}));
+    m.spec.target_pool = Some(name.into());
+    m.spec.mode = serde_json::from_value(json!(mode)).unwrap_or_else(|e| panic!("{e}"));
+    m
+}
+
+#[test]
+fn a_move_to_another_pool_reserves_a_host_port_and_mac_of_that_pool() {
+    let m = to_pool("q", "Cold");
+    let mut w = two_pools(&m, true, false, json!({}));
+    let Decision::Reserved(r) = w.pending(&m, T0) else {
+        panic!("not reserved: {:?}", w.pending(&m, T0));
+    };
+    // Of pool q's hosts, never the source's pool's h2.
+    assert_eq!((r.source.as_str(), r.target.as_str()), ("h1", "h3"));
+    assert_eq!(r.pool, "q");
+    let mac = r.mac.clone().unwrap_or_default();
+    assert!(mac.starts_with("52:54:01:"), "a MAC of pool q: {mac}");
+    let q = w.ledgers.get("q");
+    let held = q.and_then(|l| l.target_of("u-a")).map(|t| (t.host, t.port));
+    assert_eq!(held, Some(("h3", r.port)));
+    assert_eq!(
+        q.and_then(|l| l.entry_mac("u-a")).map(|m| m.to_string()),
+        Some(mac)
+    );
+    assert!(
+        w.ledgers
+            .get("p")
+            .and_then(|l| l.target_of("u-a"))
+            .is_none(),
+        "nothing is held in the desktop's own pool"
+    );
+    // Again (its status write did not land): the same reservation.
+    assert_eq!(w.pending(&m, T0), Decision::Reserved(r));
+    // Its own pool named: a move within it.
+    let mut w = two_pools(&to_pool("p", "Cold"), true, false, json!({}));
+    let Decision::Reserved(r) = w.pending(&to_pool("p", "Cold"), T0) else {
+        panic!("not reserved");
+    };
+    assert_eq!((r.target.as_str(), r.mac), ("h2", None));
+}
+
+#[test]
+fn a_move_to_another_pool_is_refused_live_suspended_or_where_the_tenant_may_not_go() {
+    let live = to_pool("q", "Live");
+    let mut w = two_pools(&live, true, false, json!({}));
+    assert_eq!(reason(&w.pending(&live, T0)), Some(R::ModeNotSupported));
+
+    let m = to_pool("q", "Cold");
+    let mut w = two_pools(&m, true, true, json!({"tenant": "no"}));
+    let d = w.pending(&m, T0);
+    assert!(
+        matches!(&d, Decision::Wait { reason: R::PoolNotAllowed, message, .. }
+            if message.contains("spec.targetPool") && message.contains("namespaceSelector")),
+        "{d:?}"
+    );
+    assert!(
+        w.ledgers
+            .get("q")
+            .is_none_or(|l| l.target_of("u-a").is_none())
+    );
+    let mut w = two_pools(&m, true, true, json!({"tenant": "yes"}));
+    assert!(matches!(w.pending(&m, T0), Decision::Reserved(_)));
+
+    let nowhere = to_pool("gone", "Cold");
+    let mut w = two_pools(&nowhere, true, false, json!({}));
+    let d = w.pending(&nowhere, T0);
+    assert!(
+        matches!(&d, Decision::Wait { reason: R::PoolNotAllowed, message, .. } if message.contains("gone does not exist")),
+        "{d:?}"
+    );
+}
