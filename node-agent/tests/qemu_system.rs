@@ -652,6 +652,7 @@ async fn a_running_guest_moves_live_to_a_second_host_and_its_console_answers_the
         graphics_uri: Some(format!("spice://{}:{}", second.address, dest.spice.port)),
         declared_shared: true,
         copy_disks: false,
+        carrier_xml: None,
         limits: MoveLimits::default(),
     };
     // A target that cannot run it (no bridge there for its NIC yet): refused, and the domain

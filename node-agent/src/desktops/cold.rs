@@ -4,6 +4,8 @@
 //! - without, starts it paused (no guest code runs) and moves it to the target with the disk's
 //!   own layer copied into the empty disk the target made (libvirt's incremental storage copy:
 //!   the base image is the target's own), then deletes the disk here;
+//! - into another pool (shared storage or not), does the same with a carrier holding the disk
+//!   in place of the domain ([`super::carrier`]), into the target pool's disk directory;
 //!
 //! then shows the desktop as moved (`DomainDefined` Unknown and `Running` False, reason
 //! `MovedCold`: the phase is Scheduled, never Running, until the target boots it) and reports
@@ -43,14 +45,18 @@ pub(super) async fn move_out<H: Hypervisor>(
     report: &mut Report,
 ) -> Result<(), Error> {
     let me = ctx.config.node_name.as_str();
-    // Without shared storage the disk is copied: checked before the guest is stopped.
-    let copy = if inputs.pool.spec.storage.shared {
-        None
-    } else {
-        match super::incoming::outbound_copy(ctx, d, inputs, m).await {
-            Ok(out) => Some(out),
+    // Without shared storage, or into another pool, the disk is copied (into another pool by a
+    // carrier, whose XML here is kept): checked before the guest is stopped.
+    let copy = match super::carrier::other_pool(d, m) {
+        Some(pool) => match super::carrier::outbound(ctx, d, inputs, name, m, pool).await {
+            Ok((out, here)) => Some((out, Some(here))),
             Err(why) => return fail(ctx, d, m, why).await,
-        }
+        },
+        None if inputs.pool.spec.storage.shared => None,
+        None => match super::incoming::outbound_copy(ctx, d, inputs, m).await {
+            Ok(out) => Some((out, None)),
+            Err(why) => return fail(ctx, d, m, why).await,
+        },
     };
     write(ctx, d, &report_of(me, m, MigrationState::Started, None)).await?;
     tracing::info!(domain = name, target = %m.target, "moving the domain cold: shutting it down here");
@@ -67,7 +73,17 @@ pub(super) async fn move_out<H: Hypervisor>(
         Ok(Stopped::ForTheMove) => {
             let bytes = match &copy {
                 None => 0,
-                Some(out) => match super::incoming::copy_out(ctx, d, inputs, name, m, out).await? {
+                Some((out, carrier)) => match super::incoming::copy_out(
+                    ctx,
+                    d,
+                    inputs,
+                    name,
+                    m,
+                    out,
+                    carrier.as_deref(),
+                )
+                .await?
+                {
                     Ok(bytes) => bytes,
                     Err(why) => {
                         tracing::warn!(domain = name, target = %m.target, %why, "the copy failed; the desktop runs here again");
@@ -134,8 +150,9 @@ pub(super) async fn show_moved<H>(
 }
 
 /// After a Cold move that did not happen: the domain `name` of `d`, left paused (started so
-/// for the copy, its guest never run), is powered off, and booted again when the desktop
-/// should run (`power: On`, no idle hold). Failures are logged: the next pass converges.
+/// for the copy, its guest never run, or a carrier in its place, which goes and leaves the
+/// stopped domain's definition), is powered off, and booted again when the desktop should run
+/// (`power: On`, no idle hold). Failures are logged: the next pass converges.
 pub(super) async fn back_here<H: Hypervisor>(ctx: &DesktopContext<H>, d: &Desktop, name: &str) {
     let hv = &ctx.hypervisor;
     let state = match hv.domain_status(name).await {

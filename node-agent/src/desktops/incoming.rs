@@ -7,7 +7,8 @@
 //!   arrives paused, its guest never run: once the desktop is bound here it is powered off, so
 //!   that it boots (or stays off) like any other.
 //! - Source: check the disk is the one the target made room for, then move the stopped domain
-//!   (started paused) with its disk's own layer copied, and delete the disk here.
+//!   (started paused) with its disk's own layer copied, and delete the disk here. A move into
+//!   another pool moves a carrier holding the disk instead ([`super::carrier`]).
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -348,9 +349,12 @@ pub(super) async fn outbound_copy<H>(
 }
 
 /// Moves the stopped domain `name` of `d` to the target of `m`, started paused so that no
-/// guest code runs, with its disk's own layer copied; then deletes the disk here. `Ok(Ok(bytes
-/// sent))` once it is there; `Ok(Err(why))` when the move failed or was cancelled (the domain
-/// is still here, its disk untouched: see [`super::cold::back_here`]).
+/// guest code runs, with its disk's own layer copied; then deletes the disk here. With
+/// `carrier` (a move into another pool) that XML is started paused in place of the stopped
+/// domain and moved instead. `Ok(Ok(bytes sent))` once it is there (the domain's definition
+/// is gone from here); `Ok(Err(why))` when the move failed or was cancelled (the domain, or
+/// the carrier in its place, is still here, its disk untouched: see
+/// [`super::cold::back_here`]).
 pub(super) async fn copy_out<H: Hypervisor>(
     ctx: &DesktopContext<H>,
     d: &Desktop,
@@ -358,16 +362,26 @@ pub(super) async fn copy_out<H: Hypervisor>(
     name: &str,
     m: &Migrating,
     out: &Outbound,
+    carrier: Option<&str>,
 ) -> Result<Result<u64, String>, Error> {
     if super::migrate::marked_cancelled(ctx, d, &m.uid) {
         return Ok(Err("cancelled before the copy began".to_string()));
     }
-    if let Err(e) = ctx.hypervisor.start_paused(name).await {
-        return Ok(Err(format!(
-            "the stopped guest could not be started paused to copy it: {e}"
-        )));
+    let started = match carrier {
+        Some(xml) => ctx.hypervisor.start_carrier(name, xml).await.map_err(|e| {
+            format!("the carrier of the disk could not be started paused to copy it: {e}")
+        }),
+        None => ctx
+            .hypervisor
+            .start_paused(name)
+            .await
+            .map(|_| ())
+            .map_err(|e| format!("the stopped guest could not be started paused to copy it: {e}")),
+    };
+    if let Err(why) = started {
+        return Ok(Err(why));
     }
-    tracing::info!(domain = name, target = %m.target, "copying the stopped domain and its disk to the target");
+    tracing::info!(domain = name, target = %m.target, carrier = carrier.is_some(), "copying the stopped domain and its disk to the target");
     let moved = super::migrate::run_move(ctx, d, name, out, &m.uid).await;
     let gone = match &moved {
         Ok(_) => true,

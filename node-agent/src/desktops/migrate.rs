@@ -231,6 +231,9 @@ pub(super) async fn drive<H: Hypervisor>(
         (Some(_), Domain::Running) => ctx.hypervisor.job_running(&name).await?,
         _ => false,
     };
+    // The disk is copied without shared storage, and into another pool.
+    let copies = !inputs.pool.spec.storage.shared
+        || record.is_some_and(|m| super::carrier::other_pool(d, m).is_some());
     let facts = Facts {
         record,
         reported: report.map(|r| (r.uid.as_str(), r.state)),
@@ -238,7 +241,6 @@ pub(super) async fn drive<H: Hypervisor>(
         domain,
         job,
         overdue: report.is_some_and(|r| {
-            let copies = !inputs.pool.spec.storage.shared;
             let timeout = limits(&inputs.pool.spec.migration).completion_timeout;
             let timeout = if copies {
                 timeout.max(super::incoming::COPY_TIMEOUT)
@@ -254,6 +256,14 @@ pub(super) async fn drive<H: Hypervisor>(
         (Step::Hold(why), _) => {
             tracing::debug!(domain = %name, why, "held for a migration");
             Ok(Some(MIGRATION_RESYNC))
+        }
+        (Step::Start, Some(m))
+            if super::carrier::other_pool(d, m).is_some() && !cold_stopped(m, domain) =>
+        {
+            let why = "a move into another pool is Cold only, and takes no saved memory (the \
+                       desktop's MAC changes there, and the saved guest holds it)";
+            fail(ctx, d, m, why.to_string()).await?;
+            Ok(None)
         }
         (Step::Start, Some(m)) if m.mode == MigrationMode::Cold => {
             if domain == Domain::Saved {
@@ -278,7 +288,7 @@ pub(super) async fn drive<H: Hypervisor>(
             if m.mode == MigrationMode::Cold {
                 super::cold::show_moved(ctx, d, m, out).await?;
             }
-            if !inputs.pool.spec.storage.shared {
+            if copies {
                 super::incoming::remove_left_disk(ctx, inputs, d).await;
             }
             let why = Some("moved while the node-agent was away".into());
@@ -305,6 +315,12 @@ pub(super) async fn drive<H: Hypervisor>(
         // Each step but Converge and Hold comes with a record.
         (_, None) => Ok(None),
     }
+}
+
+/// Whether `m` moves the domain cold and its memory is not saved (a move into another pool
+/// takes only such).
+fn cold_stopped(m: &Migrating, domain: Domain) -> bool {
+    m.mode == MigrationMode::Cold && domain != Domain::Saved
 }
 
 /// The migration part of a pass over a desktop the idle policy holds (`status.reclaimed`):
@@ -543,6 +559,7 @@ pub(super) fn outbound<H>(
         graphics_uri: Some(format!("spice://{}:{}", bracketed(&client_host), m.port)),
         declared_shared: inputs.pool.spec.storage.shared,
         copy_disks: false,
+        carrier_xml: None,
         limits: limits(&inputs.pool.spec.migration),
     })
 }

@@ -9,6 +9,9 @@ mod apply;
 mod backup;
 pub mod backup_removal;
 pub mod bound;
+mod carrier;
+#[cfg(test)]
+mod carrier_tests;
 mod cold;
 mod context;
 #[cfg(test)]

@@ -331,6 +331,19 @@ impl Kit {
         }
     }
 
+    /// Another pool, `name`, its disks in a directory of its own (returned), as a host of it
+    /// has them.
+    pub fn other_pool(&mut self, name: &str) -> PathBuf {
+        let disks = self.dir.0.join(format!("{name}-disks"));
+        std::fs::create_dir_all(&disks).unwrap_or_else(|e| panic!("{e}"));
+        let mut p = pool(&self.dir.0);
+        p.metadata.name = Some(name.to_string());
+        p.spec.storage.disk_dir = disks.display().to_string();
+        p.spec.storage.shared = false;
+        self.pools.apply_watcher_event(&watcher::Event::Apply(p));
+        disks
+    }
+
     /// This host's DomainNode, in pool `p`, with `status` besides.
     pub fn node_status(&mut self, mut status: Value) {
         status["pool"] = json!("p");
@@ -433,6 +446,8 @@ impl Kit {
                 state: DomainState::Running,
                 managed_save: false,
                 identity: None,
+                persistent: true,
+                live: None,
             },
         );
     }

@@ -6,6 +6,7 @@
 //! reads identities back from libvirt with [`parse_identity`].
 
 pub mod boot;
+pub mod carrier;
 pub mod convert;
 pub mod cpu_memory;
 pub mod devices;
@@ -25,6 +26,7 @@ pub mod usb;
 pub mod xml;
 
 pub use boot::KernelBoot;
+pub use carrier::{Carrier, carrier_xml};
 pub use convert::{domain_xml, graphics_xml, interface_xml};
 pub use devices::serial_log_path;
 pub use disks::{parse_disk_paths, parse_disk_sources};

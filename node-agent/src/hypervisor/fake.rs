@@ -49,6 +49,11 @@ pub struct FakeDomain {
     pub state: DomainState,
     pub managed_save: bool,
     pub identity: Option<DesktopIdentity>,
+    /// Defined (else it only runs, and is gone once it stops).
+    pub persistent: bool,
+    /// A transient XML that runs in place of the definition (a carrier); it goes when the
+    /// domain stops.
+    pub live: Option<String>,
 }
 
 #[derive(Default)]
@@ -71,6 +76,8 @@ struct State {
     migrate_ends: Option<(Option<DomainState>, HypervisorError)>,
     /// Why paused domains were paused (`Other` when not said).
     pause_causes: BTreeMap<String, PauseCause>,
+    /// The last migration asked for.
+    last_outbound: Option<Outbound>,
 }
 
 /// The fake host. Clones share it.
@@ -172,6 +179,11 @@ impl FakeHypervisor {
         self.with(|s| s.domains.get(name).cloned())
     }
 
+    /// What the last migration was asked to do.
+    pub fn last_outbound(&self) -> Option<Outbound> {
+        self.with(|s| s.last_outbound.clone())
+    }
+
     /// The calls that changed (or tried to change) something, such as `define team--a`.
     pub fn journal(&self) -> Vec<String> {
         self.with(|s| s.journal.clone())
@@ -212,7 +224,7 @@ impl FakeHypervisor {
             name: name.to_string(),
             uuid: d.uuid.clone(),
             state: d.state,
-            persistent: true,
+            persistent: d.persistent,
             has_managed_save: d.managed_save,
             identity: d.identity.clone(),
         }
@@ -306,6 +318,8 @@ impl Hypervisor for FakeHypervisor {
                             state: DomainState::ShutOff,
                             managed_save: false,
                             identity,
+                            persistent: true,
+                            live: None,
                         },
                     );
                     Ok(name.clone())
@@ -337,6 +351,43 @@ impl Hypervisor for FakeHypervisor {
         })
     }
 
+    async fn start_carrier(&self, name: &str, xml: &str) -> Result<()> {
+        let uuid = element(xml, "uuid").unwrap_or_default().to_string();
+        self.change(Op::Start, "start carrier", name, |s| {
+            let identity = parse_identity(xml);
+            match s.domains.get_mut(name) {
+                Some(d) if d.state.is_active() => {
+                    Err(rejected("start carrier domain", name, "domain is running"))
+                }
+                Some(d) if !d.uuid.eq_ignore_ascii_case(&uuid) => Err(rejected(
+                    "start carrier domain",
+                    name,
+                    "name held by another uuid",
+                )),
+                Some(d) => {
+                    d.live = Some(xml.to_string());
+                    d.state = DomainState::Paused;
+                    Ok(())
+                }
+                None => {
+                    s.domains.insert(
+                        name.to_string(),
+                        FakeDomain {
+                            uuid,
+                            xml: xml.to_string(),
+                            state: DomainState::Paused,
+                            managed_save: false,
+                            identity,
+                            persistent: false,
+                            live: None,
+                        },
+                    );
+                    Ok(())
+                }
+            }
+        })
+    }
+
     async fn shutdown_domain(&self, name: &str) -> Result<Change> {
         self.change(Op::Shutdown, "shutdown", name, |s| {
             let ignored = s.ignore_acpi;
@@ -353,13 +404,19 @@ impl Hypervisor for FakeHypervisor {
 
     async fn destroy_domain(&self, name: &str) -> Result<Change> {
         self.change(Op::Destroy, "destroy", name, |s| {
-            Ok(match s.domains.get_mut(name) {
+            let change = match s.domains.get_mut(name) {
                 Some(d) if d.state.is_active() => {
                     d.state = DomainState::ShutOff;
+                    d.live = None;
                     Change::Done
                 }
                 _ => Change::AlreadyDone,
-            })
+            };
+            // A domain that only ran is gone once it stops.
+            if s.domains.get(name).is_some_and(|d| !d.persistent) {
+                s.domains.remove(name);
+            }
+            Ok(change)
         })
     }
 
@@ -443,12 +500,15 @@ impl Hypervisor for FakeHypervisor {
         })
     }
 
-    async fn domain_xml(&self, name: &str, _inactive: bool) -> Result<String> {
+    async fn domain_xml(&self, name: &str, inactive: bool) -> Result<String> {
         self.check(Op::Xml)?;
         self.with(|s| {
             s.domains
                 .get(name)
-                .map(|d| d.xml.clone())
+                .map(|d| match &d.live {
+                    Some(live) if !inactive => live.clone(),
+                    _ => d.xml.clone(),
+                })
                 .ok_or_else(|| not_found(name))
         })
     }
@@ -486,7 +546,8 @@ impl Hypervisor for FakeHypervisor {
         Ok(self.with(|s| {
             s.domains
                 .values()
-                .flat_map(|d| parse_disk_paths(&d.xml).unwrap_or_default())
+                .flat_map(|d| std::iter::once(&d.xml).chain(&d.live))
+                .flat_map(|xml| parse_disk_paths(xml).unwrap_or_default())
                 .collect()
         }))
     }
@@ -543,7 +604,13 @@ impl Hypervisor for FakeHypervisor {
         } else {
             ""
         };
-        let what = format!("migrate to {}{copy}", out.dest_uri);
+        let carrier = if out.carrier_xml.is_some() {
+            " in a carrier"
+        } else {
+            ""
+        };
+        let what = format!("migrate to {}{copy}{carrier}", out.dest_uri);
+        self.with(|s| s.last_outbound = Some(out.clone()));
         self.change(Op::Migrate, &what, name, |s| {
             let d = s.domains.get(name).ok_or_else(|| not_found(name))?;
             if !d.state.is_active() {

@@ -293,6 +293,14 @@ impl Hypervisor for LibvirtHypervisor {
         .await
     }
 
+    async fn start_carrier(&self, name: &str, xml: &str) -> Result<()> {
+        let (name, xml) = (name.to_string(), xml.to_string());
+        self.run_slow("start carrier domain", move |c| {
+            domains::start_carrier(c, &name, &xml)
+        })
+        .await
+    }
+
     async fn shutdown_domain(&self, name: &str) -> Result<Change> {
         let name = name.to_string();
         self.run("shut down domain", move |c| domains::shutdown(c, &name))

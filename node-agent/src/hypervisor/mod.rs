@@ -211,6 +211,13 @@ pub trait Hypervisor: Send + Sync {
     /// of a stopped desktop's backup); `AlreadyDone` when it is active.
     fn start_paused(&self, name: &str) -> impl Future<Output = Result<Change>> + Send;
 
+    /// Starts the carrier `xml` of a move into another pool, paused (no guest code runs), as a
+    /// transient domain named `name` ([`crate::domain::carrier_xml`]). Over the stopped
+    /// desktop domain of that name and UUID it runs in place of its definition, which it
+    /// leaves as it was: a destroy ends the carrier and leaves the stopped desktop. Refused
+    /// while a domain of that name runs.
+    fn start_carrier(&self, name: &str, xml: &str) -> impl Future<Output = Result<()>> + Send;
+
     /// Asks the guest to shut down (ACPI); `AlreadyDone` when it is off or gone.
     fn shutdown_domain(&self, name: &str) -> impl Future<Output = Result<Change>> + Send;
 
@@ -363,6 +370,11 @@ pub struct Outbound {
     /// Copy the disk's own layer (not its base image, which the target holds) into the empty
     /// disk the target made for it (a Cold move without shared storage).
     pub copy_disks: bool,
+    /// A move into another pool: the carrier's XML on the target (its disk in the target
+    /// pool's directory), sent as it is. The carrier arrives transient and paused, nothing of
+    /// it is defined there, and `graphics_xml` and `graphics_uri` are not used; the domain's
+    /// definition here is undefined once it is there.
+    pub carrier_xml: Option<String>,
     /// The pool's bandwidth cap, completion timeout and convergence settings.
     pub limits: MoveLimits,
 }

@@ -166,6 +166,24 @@ pub(super) fn start(conn: &Connect, name: &str, paused: bool) -> Result<Change> 
     }
 }
 
+/// Starts carrier `xml` paused as a transient domain; refused while a domain `name` runs (a
+/// carrier is started only over the stopped desktop, whose definition it leaves as it was).
+pub(super) fn start_carrier(conn: &Connect, name: &str, xml: &str) -> Result<()> {
+    let op = "start carrier domain";
+    if let Some(dom) = found(lookup(conn, op, name))?
+        && is_active(&dom, op, name)?
+    {
+        return Err(HypervisorError::Rejected {
+            op,
+            target: name.to_string(),
+            message: "the domain runs; a carrier starts only in place of a stopped domain".into(),
+        });
+    }
+    conn.create_domain_xml(xml, sys::VIR_DOMAIN_START_PAUSED)
+        .map_err(|e| map(op, ObjectKind::Domain, name, &e))?;
+    Ok(())
+}
+
 /// Whether a failed stop means the domain was already off or gone.
 fn already_off(e: &virt::error::Error) -> bool {
     has_code(e, ErrorNumber::OperationInvalid) || has_code(e, ErrorNumber::NoDomain)
@@ -532,9 +550,10 @@ pub(super) fn end_migration(conn: &Connect, name: &str, post_copy: bool) -> Resu
 }
 
 /// Moves running (or paused) domain `name` live to `out.dest_uri`, peer to peer, its disks'
-/// own layers copied along with `out.copy_disks`: defined there from
-/// `out.dest_xml`, undefined here once it runs there, the job aborted (the domain left running
-/// here) on any error. Then reads the target's completed job for the figures.
+/// own layers copied along with `out.copy_disks`: defined there from its own definitions with
+/// the target's graphics, undefined here once it runs there, the job aborted (the domain left
+/// running here) on any error. A carrier (`out.carrier_xml`) goes as that XML says and is not
+/// defined there. Then reads the target's completed job for the figures.
 pub(super) fn migrate_out(conn: &Connect, name: &str, out: &Outbound) -> Result<Migrated> {
     let op = "migrate";
     let dom = running(conn, op, name)?;
@@ -543,9 +562,11 @@ pub(super) fn migrate_out(conn: &Connect, name: &str, out: &Outbound) -> Result<
         .map_err(|e| map(op, ObjectKind::Domain, name, &e))?;
     let mut flags = sys::VIR_MIGRATE_LIVE
         | sys::VIR_MIGRATE_PEER2PEER
-        | sys::VIR_MIGRATE_PERSIST_DEST
         | sys::VIR_MIGRATE_UNDEFINE_SOURCE
         | sys::VIR_MIGRATE_ABORT_ON_ERROR;
+    if out.carrier_xml.is_none() {
+        flags |= sys::VIR_MIGRATE_PERSIST_DEST;
+    }
     if out.declared_shared {
         flags |= sys::VIR_MIGRATE_UNSAFE;
     }
@@ -572,11 +593,20 @@ pub(super) fn migrate_out(conn: &Connect, name: &str, out: &Outbound) -> Result<
             .map_err(|e| failed(e.to_string()))?
             .ok_or_else(|| failed("the domain has no <graphics> to move".into()))
     };
+    let (dest_xml, persist_xml, graphics_uri) = match &out.carrier_xml {
+        // Transient there: the target's agent destroys it and defines the desktop afresh.
+        Some(carrier) => (carrier.clone(), None, None),
+        None => (
+            on_target(0)?,
+            Some(on_target(sys::VIR_DOMAIN_XML_INACTIVE)?),
+            out.graphics_uri.clone(),
+        ),
+    };
     let params = virt::domain::MigrateParameters {
         uri: Some(out.migrate_uri.clone()),
-        dest_xml: Some(on_target(0)?),
-        persist_xml: Some(on_target(sys::VIR_DOMAIN_XML_INACTIVE)?),
-        graphics_uri: out.graphics_uri.clone(),
+        dest_xml: Some(dest_xml),
+        persist_xml,
+        graphics_uri,
         bandwidth: out.limits.bandwidth_mib,
         ..Default::default()
     };
