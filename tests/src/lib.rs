@@ -8,6 +8,7 @@ pub mod confined;
 pub mod helm;
 pub mod host;
 pub mod kubectl;
+pub mod moves;
 pub mod previous;
 pub mod second_host;
 pub mod spice;

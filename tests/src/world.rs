@@ -631,6 +631,20 @@ pub async fn create_other_pool(
     Ok(name)
 }
 
+/// The second octets of the 10.0.0.0/8 addresses this machine's interfaces hold.
+fn used_ten_octets() -> std::collections::BTreeSet<u16> {
+    let out = Command::new("ip")
+        .args(["-o", "-4", "addr", "show"])
+        .output();
+    let text = out
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default();
+    text.split_whitespace()
+        .filter_map(|w| w.strip_prefix("10."))
+        .filter_map(|rest| rest.split('.').next()?.parse().ok())
+        .collect()
+}
+
 /// The tests' pool `name` (from `examples/pool.yaml`), its disks in `disk_dir`.
 fn pool_manifest(
     w: &World,
@@ -655,7 +669,12 @@ fn pool_manifest(
     // A unique address range per run, so the host network never collides with another run,
     // and below 10.213/16, where `scripts/second-host.sh` puts its links (a pool network of
     // 10.213.1.0/24 on a second host cut its route: seen as "No route to host" in a migration).
-    let octet = 16 + (first % 197);
+    // An octet no interface of this machine uses yet (a network another run left behind).
+    let used = used_ten_octets();
+    let octet = (0..197)
+        .map(|i| 16 + (first + i) % 197)
+        .find(|o| !used.contains(o))
+        .unwrap_or(16 + first % 197);
     pool["spec"]["network"]["cidr"] = json!(format!("10.{octet}.0.0/16"));
     Ok(pool)
 }
@@ -823,10 +842,15 @@ pub async fn events(
 
 /// Waits until the pool counts `n` ready hosts.
 pub async fn wait_ready_hosts(w: &World, n: u32) -> anyhow::Result<()> {
+    wait_ready_hosts_in(w, &w.pool, n).await
+}
+
+/// Waits (up to 60 s) until pool `pool` counts `n` ready hosts.
+pub async fn wait_ready_hosts_in(w: &World, pool: &str, n: u32) -> anyhow::Result<()> {
     let pools: Api<ResourcePool> = Api::all(w.client.clone());
-    let what = format!("{n} ready hosts in the pool");
+    let what = format!("{n} ready hosts in pool {pool}");
     crate::host::eventually(Duration::from_secs(60), &what, || async {
-        let st = pools.get(&w.pool).await?.status.unwrap_or_default();
+        let st = pools.get(pool).await?.status.unwrap_or_default();
         Ok(st.nodes.is_some_and(|h| h.ready == n).then_some(()))
     })
     .await

@@ -24,23 +24,22 @@
 //!
 //! Run: `cargo test -p deskvirt-tests --test migrate_copy -- --nocapture`.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::Context;
 use deskvirt_crds::conditions::find;
-use deskvirt_crds::constants::condition;
 use deskvirt_crds::desktop::Phase;
 use deskvirt_crds::migration::MigrationPhase;
 use deskvirt_crds::{Desktop, DesktopMigration, DomainNode};
 use deskvirt_tests::cluster::unique_suffix;
 use deskvirt_tests::host::eventually;
+use deskvirt_tests::moves::{ended, guest_wrote_into, holds, ready_reason};
 use deskvirt_tests::second_host::{BothWatch, SecondHost};
 use deskvirt_tests::world::{
-    World, create_pool, domain_of, guest_command, guest_in_phase, guest_writes, migration_request,
-    pin_cpu_model, setup, virsh_system, wait_ready_hosts,
+    World, create_pool, domain_of, guest_in_phase, migration_request, pin_cpu_model, setup,
+    virsh_system, wait_ready_hosts,
 };
 use kube::Api;
 use kube::api::{DeleteParams, PostParams};
@@ -48,14 +47,6 @@ use serde_json::json;
 
 /// The model the pool pins: one of QEMU's named models that TCG emulates on any host.
 const CPU_MODEL: &str = "Westmere";
-
-fn ready_reason(m: &DesktopMigration) -> (String, String) {
-    m.status
-        .as_ref()
-        .and_then(|st| find(&st.conditions, condition::READY))
-        .map(|c| (c.reason.clone(), c.message.clone()))
-        .unwrap_or_default()
-}
 
 /// Requests a move of `desktop` in `mode` and waits until it ended.
 async fn moved(
@@ -67,28 +58,7 @@ async fn moved(
     let mut m = migration_request(w, name, "roamer", None)?;
     m.spec.mode = serde_json::from_value(json!(mode))?;
     migrations.create(&PostParams::default(), &m).await?;
-    eventually(
-        Duration::from_secs(240),
-        &format!("{name} ended"),
-        || async {
-            let m = migrations.get(name).await?;
-            Ok(m.phase().is_terminal().then_some(m))
-        },
-    )
-    .await
-}
-
-/// Whether `disk` holds `mib` MiB of byte `byte` from `seek_mib` MiB on (read shared, so a
-/// running domain may hold it).
-fn holds(disk: &Path, seek_mib: u64, mib: u64, byte: u8) -> anyhow::Result<bool> {
-    let out = Command::new("qemu-io")
-        .args(["-r", "-U", "-f", "qcow2", "-c"])
-        .arg(format!("read -P {byte:#x} {seek_mib}M {mib}M"))
-        .arg(disk)
-        .output()
-        .context("cannot run qemu-io")?;
-    let text = String::from_utf8_lossy(&out.stdout);
-    Ok(out.status.success() && !text.contains("verification failed"))
+    ended(migrations, name).await
 }
 
 fn backing_of(disk: &Path) -> anyhow::Result<Option<String>> {
@@ -143,20 +113,7 @@ async fn a_desktop_moves_cold_with_its_disk_to_a_host_that_does_not_share_storag
     let watch = BothWatch::start(host_b.clone(), vec![domain.clone()]);
 
     // What the guest writes now is in its disk's own layer only.
-    let serial_a = PathBuf::from(format!("/var/log/libvirt/qemu/{domain}-serial.log"));
-    eventually(Duration::from_secs(120), "the guest up on A", || async {
-        Ok(std::fs::read_to_string(&serial_a)
-            .unwrap_or_default()
-            .contains("DESKVIRT-GUEST-READY")
-            .then_some(()))
-    })
-    .await?;
-    guest_command(&domain, "deskvirt-write 2 24 125").await?;
-    eventually(Duration::from_secs(60), "the guest's write", || async {
-        Ok((!guest_writes(&serial_a)?.is_empty()).then_some(()))
-    })
-    .await?;
-    anyhow::ensure!(holds(&disk_a, 24, 2, 0x55)?, "the write is not on A's disk");
+    guest_wrote_into(&domain, &disk_a).await?;
 
     // Live needs shared storage: refused at once, naming the field.
     let live = moved(&w, &migrations, "live", "Live").await?;

@@ -22,22 +22,20 @@
 //! Run: `cargo test -p deskvirt-tests --test migrate_pool -- --nocapture`.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::Context;
 use deskvirt_crds::conditions::find;
-use deskvirt_crds::constants::condition;
 use deskvirt_crds::desktop::Phase;
 use deskvirt_crds::migration::MigrationPhase;
 use deskvirt_crds::{Desktop, DesktopMigration, ResourcePool};
 use deskvirt_tests::cluster::unique_suffix;
 use deskvirt_tests::host::eventually;
+use deskvirt_tests::moves::{ended, guest_wrote_into, holds, ready_reason};
 use deskvirt_tests::second_host::{BothWatch, SecondHost};
 use deskvirt_tests::world::{
-    World, create_other_pool, create_pool, domain_of, guest_command, guest_in_phase, guest_writes,
-    migration_request, setup, virsh_system, wait_ready_hosts,
+    World, create_other_pool, create_pool, domain_of, guest_in_phase, migration_request, setup,
+    virsh_system, wait_ready_hosts, wait_ready_hosts_in,
 };
 use k8s_openapi::api::core::v1::Namespace;
 use kube::Api;
@@ -47,44 +45,12 @@ use serde_json::json;
 /// The label pool `q` selects namespaces by.
 const TENANT_LABEL: &str = "deskvirt.io/test-tenant";
 
-fn ready_reason(m: &DesktopMigration) -> (String, String) {
-    m.status
-        .as_ref()
-        .and_then(|st| find(&st.conditions, condition::READY))
-        .map(|c| (c.reason.clone(), c.message.clone()))
-        .unwrap_or_default()
-}
-
 /// A request to move `desktop` into pool `pool` in `mode`.
 fn to_pool(w: &World, name: &str, pool: &str, mode: &str) -> anyhow::Result<DesktopMigration> {
     let mut m = migration_request(w, name, "mover", None)?;
     m.spec.mode = serde_json::from_value(json!(mode))?;
     m.spec.target_pool = Some(pool.to_string());
     Ok(m)
-}
-
-async fn ended(migrations: &Api<DesktopMigration>, name: &str) -> anyhow::Result<DesktopMigration> {
-    eventually(
-        Duration::from_secs(240),
-        &format!("{name} ended"),
-        || async {
-            let m = migrations.get(name).await?;
-            Ok(m.phase().is_terminal().then_some(m))
-        },
-    )
-    .await
-}
-
-/// Whether `disk` holds `mib` MiB of byte `byte` from `seek_mib` MiB on (read shared).
-fn holds(disk: &Path, seek_mib: u64, mib: u64, byte: u8) -> anyhow::Result<bool> {
-    let out = Command::new("qemu-io")
-        .args(["-r", "-U", "-f", "qcow2", "-c"])
-        .arg(format!("read -P {byte:#x} {seek_mib}M {mib}M"))
-        .arg(disk)
-        .output()
-        .context("cannot run qemu-io")?;
-    let text = String::from_utf8_lossy(&out.stdout);
-    Ok(out.status.success() && !text.contains("verification failed"))
 }
 
 fn pool_applied(d: &Desktop) -> (String, String, String) {
@@ -128,7 +94,8 @@ async fn a_desktop_moves_into_another_pool_with_its_disk_and_new_allocations() -
     let host_a = w.node.clone();
     guest_in_phase(&w, "mover", json!({}), Phase::Running).await?;
     let node_b = w.add_migration_target_in(&host_b, &q, &disk_dir_q)?;
-    wait_ready_hosts(&w, 2).await?;
+    wait_ready_hosts(&w, 1).await?;
+    wait_ready_hosts_in(&w, &q, 1).await?;
     let before = desktops.get("mover").await?;
     let old = before.status.clone().unwrap_or_default();
     eprintln!(
@@ -143,19 +110,7 @@ async fn a_desktop_moves_into_another_pool_with_its_disk_and_new_allocations() -
     anyhow::ensure!(disk_a.exists(), "no disk at {}", disk_a.display());
     let watch = BothWatch::start(host_b.clone(), vec![domain.clone()]);
 
-    let serial_a = PathBuf::from(format!("/var/log/libvirt/qemu/{domain}-serial.log"));
-    eventually(Duration::from_secs(120), "the guest up on A", || async {
-        Ok(std::fs::read_to_string(&serial_a)
-            .unwrap_or_default()
-            .contains("DESKVIRT-GUEST-READY")
-            .then_some(()))
-    })
-    .await?;
-    guest_command(&domain, "deskvirt-write 2 24 125").await?;
-    eventually(Duration::from_secs(60), "the guest's write", || async {
-        Ok((!guest_writes(&serial_a)?.is_empty()).then_some(()))
-    })
-    .await?;
+    guest_wrote_into(&domain, &disk_a).await?;
 
     // Live into another pool: refused at once.
     migrations

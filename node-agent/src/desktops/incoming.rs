@@ -221,6 +221,15 @@ async fn sweep<H: Hypervisor>(ctx: &DesktopContext<H>, dirs: &Dirs, asked: &BTre
             }
             continue;
         }
+        // The move landed and the desktop is bound here: between its arrival going (a
+        // carrier, destroyed) and its domain being defined, no domain uses the disk, which is
+        // the desktop's own now. The desktop's pass, or its teardown, decides about it.
+        if bound_here(ctx, &marker.desktop) {
+            if let Err(e) = tokio::fs::remove_file(disks::incoming_marker(&disk)).await {
+                tracing::warn!(disk = %disk.display(), error = %e, "cannot remove the incoming marker");
+            }
+            continue;
+        }
         let migration = &marker.migration;
         match disks::remove(&disk, &dirs.images, used, &marker.desktop, false).await {
             Ok(_) => {
@@ -232,6 +241,17 @@ async fn sweep<H: Hypervisor>(ctx: &DesktopContext<H>, dirs: &Dirs, asked: &BTre
             }
         }
     }
+}
+
+/// Whether the Desktop with UID `uid` is bound to this host, as the cache shows it.
+fn bound_here<H>(ctx: &DesktopContext<H>, uid: &str) -> bool {
+    let me = ctx.config.node_name.as_str();
+    ctx.desktops().is_some_and(|store| {
+        store.state().iter().any(|d| {
+            d.meta().uid.as_deref() == Some(uid)
+                && d.status.as_ref().and_then(|s| s.node.as_deref()) == Some(me)
+        })
+    })
 }
 
 /// Settles a desktop moved in cold by a copy whose disk is `disk`, on the pass of its desktop

@@ -71,14 +71,7 @@ pub(super) fn arrive(
         let freed = ledger.complete_target(seen.uid);
         tracing::info!(from = %seen.node, to = %m.target, port = m.port, ?freed, "migrated desktop bound to its new host");
     }
-    want.node = Some(m.target.clone());
-    want.port = Some(m.port);
-    want.last_move = Some(Move {
-        from: seen.node.clone(),
-        to: m.target.clone(),
-        at: Time(seen.now),
-    });
-    Some(m.target.clone())
+    bind_to_target(seen, want, m)
 }
 
 /// [`arrive`] for a desktop moved into pool `into`: the place reserved there becomes its own,
@@ -120,6 +113,12 @@ fn into_pool(
     allocation.pool = into.to_string();
     want.allocation = Some(allocation);
     want.mac = Some(mac.to_string());
+    bind_to_target(seen, want, m)
+}
+
+/// `want` binds the desktop to the target of `m`, with its port there and the move; returns
+/// the target.
+fn bind_to_target(seen: &Seen<'_>, want: &mut Owned, m: &Migrating) -> Option<String> {
     want.node = Some(m.target.clone());
     want.port = Some(m.port);
     want.last_move = Some(Move {

@@ -193,6 +193,21 @@ fn migrating(mut d: Desktop, state: &str) -> Desktop {
     d
 }
 
+/// The desktop's console mirror, labelled for host `node`.
+fn mirror_on(node: &str) -> k8s_openapi::api::core::v1::Secret {
+    let mut mirror = k8s_openapi::api::core::v1::Secret::default();
+    mirror.metadata.name = Some(deskvirt_crds::constants::console_mirror_name(UID));
+    mirror.metadata.namespace = Some("consoles".into());
+    mirror.metadata.labels = Some(
+        [(
+            deskvirt_crds::constants::LABEL_NODE.to_string(),
+            node.to_string(),
+        )]
+        .into(),
+    );
+    mirror
+}
+
 /// An operator context whose caches hold the migration `m1` as the operator wrote it (holding
 /// `h2`:5910 for the desktop) and the desktop's mirror on `h1`.
 fn context_migrating(d: &Desktop) -> Context {
@@ -205,16 +220,7 @@ fn context_migrating(d: &Desktop) -> Context {
                    "targetPort": 5910, "scheduledTime": "2026-01-01T00:00:01Z"}
     }))
     .unwrap_or_else(|e| panic!("{e}"));
-    let mut mirror = k8s_openapi::api::core::v1::Secret::default();
-    mirror.metadata.name = Some(deskvirt_crds::constants::console_mirror_name(UID));
-    mirror.metadata.namespace = Some("consoles".into());
-    mirror.metadata.labels = Some(
-        [(
-            deskvirt_crds::constants::LABEL_NODE.to_string(),
-            "h1".to_string(),
-        )]
-        .into(),
-    );
+    let mirror = mirror_on("h1");
     context_of(
         Stores::holding(vec![pool()], vec![], vec![d.clone()], "consoles")
             .with(vec![m], vec![mirror]),
@@ -314,4 +320,79 @@ async fn a_stopped_desktop_that_cannot_leave_a_draining_host_yet_is_looked_at_ag
         .unwrap_or_else(|e| panic!("{e}"));
     assert!(plan.rebound.is_none() && plan.moved_to.is_none());
     assert_eq!(plan.recheck, Some(Duration::from_secs(15)));
+}
+
+#[tokio::test]
+async fn a_desktop_moved_into_another_pool_takes_the_place_reserved_there_and_leaves_its_own() {
+    let mut d = migrating(bound(5900), "Completed");
+    if let Some(m) = d.status.as_mut().and_then(|s| s.migration.as_mut()) {
+        m.mode = deskvirt_crds::migration::MigrationMode::Cold;
+        m.pool = Some("q".into());
+    }
+    let mut m: deskvirt_crds::DesktopMigration = serde_json::from_value(json!({
+        "apiVersion": "deskvirt.io/v1alpha1", "kind": "DesktopMigration",
+        "metadata": {"name": "m", "namespace": "ns", "uid": "m1", "resourceVersion": "3",
+                     "creationTimestamp": "2026-01-01T00:00:00Z"},
+        "spec": {"desktop": "a", "mode": "Cold", "targetPool": "q"},
+        "status": {"phase": "Running", "desktopUid": UID, "source": "h1", "target": "h2",
+                   "targetPort": 5910, "targetPool": "q", "targetMac": "52:54:01:00:00:09",
+                   "scheduledTime": "2026-01-01T00:00:01Z"}
+    }))
+    .unwrap_or_else(|e| panic!("{e}"));
+    let mut q = pool();
+    q.metadata.name = Some("q".into());
+    q.spec.node_selector = [("pool".to_string(), "q".to_string())].into();
+    q.spec.network.mac_prefix = "52:54:01".into();
+    let mirror = mirror_on("h1");
+    let ctx = context_of(
+        Stores::holding(vec![pool(), q], vec![], vec![d.clone()], "consoles")
+            .with(vec![m.clone()], vec![mirror]),
+    );
+    *ctx.ledgers.lock().await = Ledgers::fresh();
+    let seen = Seen::of(&d, UID, "h1", Timestamp::now());
+    let (p, _) = fence::scope(holding(), decide(&seen, &ctx))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(p.migrated_to.as_deref(), Some("h2"));
+    assert_eq!(p.moved_to.as_deref(), Some("h2"));
+    assert_eq!(p.want.port, Some(5910));
+    assert_eq!(p.want.mac.as_deref(), Some("52:54:01:00:00:09"));
+    assert_eq!(
+        p.want.allocation.as_ref().map(|a| a.pool.as_str()),
+        Some("q")
+    );
+    assert!(p.recheck.is_some(), "the next pass plans in q's ledger");
+    {
+        let ledgers = ctx.ledgers.lock().await;
+        let lq = ledgers.get("q").unwrap_or_else(|| panic!("no ledger q"));
+        assert_eq!(lq.port_of(UID), Some(("h2", 5910)));
+        assert_eq!(
+            lq.mac_of(UID).map(|m| m.to_string()).as_deref(),
+            Some("52:54:01:00:00:09")
+        );
+        assert!(lq.target_of(UID).is_none() && lq.entry_mac(UID).is_none());
+        let lp = ledgers.get("p").unwrap_or_else(|| panic!("no ledger p"));
+        assert_eq!((lp.port_of(UID), lp.mac_of(UID)), (None, None), "p lets go");
+    }
+    // Its status write did not land: the next pass finds the ledgers moved and moves the
+    // binding again, the same way.
+    let (again, _) = fence::scope(holding(), decide(&seen, &ctx))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        (again.want.port, again.want.mac.clone()),
+        (p.want.port, p.want.mac.clone())
+    );
+    // A record naming another pool than the migration pinned is not followed.
+    if let Some(s) = m.status.as_mut() {
+        s.target_pool = Some("r".into());
+    }
+    let ctx = context_of(
+        Stores::holding(vec![pool()], vec![], vec![d.clone()], "consoles").with(vec![m], vec![]),
+    );
+    *ctx.ledgers.lock().await = Ledgers::fresh();
+    let (none, _) = fence::scope(holding(), decide(&seen, &ctx))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(none.migrated_to.is_none());
 }

@@ -591,3 +591,55 @@ fn a_move_to_another_pool_is_refused_live_suspended_or_where_the_tenant_may_not_
         "{d:?}"
     );
 }
+
+#[test]
+fn a_rebuilt_ledger_of_the_other_pool_takes_back_the_port_and_mac_a_move_reserved_there() {
+    let mut m = to_pool("q", "Cold");
+    m.status = serde_json::from_value(json!({
+        "phase": "Scheduling", "desktopUid": "u-a", "source": "h1", "target": "h3",
+        "targetPort": 5900, "targetPool": "q", "targetMac": "52:54:01:00:00:09",
+        "scheduledTime": "2026-01-01T00:00:10Z"
+    }))
+    .unwrap_or_else(|e| panic!("{e}"));
+    let mut w = two_pools(&m, true, false, json!({}));
+    for name in ["p", "q"] {
+        let pool = w
+            .stores
+            .pool(name)
+            .unwrap_or_else(|| panic!("no pool {name}"));
+        let _ = w.ledgers.of(&pool, &w.stores);
+    }
+    let q = w.ledgers.get("q");
+    let held = q.and_then(|l| l.target_of("u-a")).map(|t| (t.host, t.port));
+    assert_eq!(held, Some(("h3", 5900)));
+    let mac = q.and_then(|l| l.entry_mac("u-a")).map(|m| m.to_string());
+    assert_eq!(mac.as_deref(), Some("52:54:01:00:00:09"));
+    assert!(
+        w.ledgers
+            .get("p")
+            .and_then(|l| l.target_of("u-a"))
+            .is_none()
+    );
+    // The desktop keeps its own port and MAC in p until it arrives.
+    assert_eq!(
+        w.ledgers.get("p").and_then(|l| l.port_of("u-a")),
+        Some(("h1", 5900))
+    );
+    let keep = plan::held(
+        &w.stores,
+        &w.settings,
+        &w.ledgers,
+        &m,
+        at("2026-01-01T00:00:40Z"),
+    );
+    assert_eq!(keep, Decision::Keep(Duration::from_secs(30)));
+    // Ended: what it held in q goes, and only that.
+    let freed = plan::release(&w.stores, &mut w.ledgers, &m);
+    assert_eq!(freed, Some(("h3".into(), 5900)));
+    let q = w.ledgers.get("q");
+    assert_eq!(q.and_then(|l| l.entry_mac("u-a")), None);
+    assert_eq!(
+        w.ledgers.get("p").and_then(|l| l.port_of("u-a")),
+        Some(("h1", 5900))
+    );
+}
