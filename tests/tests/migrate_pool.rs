@@ -234,7 +234,7 @@ async fn a_desktop_moves_into_another_pool_with_its_disk_and_new_allocations() -
             st.ports.map_or(0, |u| u.used),
         )
     };
-    eventually(
+    let accounts = eventually(
         Duration::from_secs(30),
         "the pools' accounts follow",
         || async {
@@ -242,7 +242,11 @@ async fn a_desktop_moves_into_another_pool_with_its_disk_and_new_allocations() -
             Ok((held(&p) == (0, 0) && held(&pq) == (1, 1)).then_some(()))
         },
     )
-    .await?;
+    .await;
+    if let Err(e) = accounts {
+        let (p, pq) = (pools.get(&w.pool).await?, pools.get(&q).await?);
+        anyhow::bail!("{e}: {} {:?}; {q} {:?}", w.pool, p.status, pq.status);
+    }
     eprintln!(
         "[migrate_pool] bound in {q} on {node_b}: MAC {} -> {mac}, port {:?} -> {:?}",
         old.mac.unwrap_or_default(),

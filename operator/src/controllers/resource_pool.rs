@@ -60,6 +60,8 @@ pub async fn run(ctx: Arc<Context>, selector: String, stop: watch::Receiver<bool
     let cfg = watch_config(&selector);
     let stores = ctx.stores.clone();
     let by_migration = ctx.stores.clone();
+    let moved_pools = PoolOfDesktop::default();
+    let keyed = moved_pools.clone();
     let controller =
         deskvirt_runtime::cache::controller(Api::<ResourcePool>::all(client.clone()), cfg.clone())
             // Hosts and desktops wake pools from the operator's caches once those show the
@@ -78,9 +80,9 @@ pub async fn run(ctx: Arc<Context>, selector: String, stop: watch::Receiver<bool
                 throttled(
                     ctx.stores.desktop_changes.stream_by_key(desktop_key),
                     DESKTOP_WAKES,
-                    |d: &Desktop| d.pool().to_string(),
+                    move |d: &Desktop| keyed.key(d),
                 ),
-                |d| Some(ObjectRef::new(d.pool())),
+                move |d| moved_pools.wake(&d),
             )
             // A migration's target is charged and holds a port: its pool counts again when the
             // migration's status or finalizer changes, which the operator writes after each
@@ -89,9 +91,16 @@ pub async fn run(ctx: Arc<Context>, selector: String, stop: watch::Receiver<bool
                 Api::<DesktopMigration>::all(client.clone()),
                 watch_config(&selector),
                 move |m| {
-                    let uid = m.status.as_ref().and_then(|s| s.desktop_uid.as_deref());
-                    uid.and_then(|u| by_migration.desktop_by_uid(u))
-                        .map(|d| ObjectRef::new(d.pool()))
+                    let st = m.status.as_ref();
+                    let uid = st.and_then(|s| s.desktop_uid.as_deref());
+                    let own = uid
+                        .and_then(|u| by_migration.desktop_by_uid(u))
+                        .map(|d| ObjectRef::new(d.pool()));
+                    // A move into another pool is charged there from its reservation on.
+                    let into = st
+                        .and_then(|s| s.target_pool.as_deref())
+                        .map(ObjectRef::new);
+                    own.into_iter().chain(into)
                 },
             )
             .reconcile_all_on(on_leadership(ctx.leader.clone()))
@@ -102,6 +111,58 @@ pub async fn run(ctx: Arc<Context>, selector: String, stop: watch::Receiver<bool
                 ctx,
             );
     drive(NAME, controller, stop).await;
+}
+
+/// The pool each desktop was last seen in, so that a desktop moved into another pool (by a
+/// migration) wakes the pool it left as well as the one it joined.
+#[derive(Clone, Default)]
+struct PoolOfDesktop(Arc<std::sync::Mutex<Moves>>);
+
+#[derive(Default)]
+struct Moves {
+    /// Each desktop's pool as last seen, by UID.
+    last: std::collections::HashMap<String, String>,
+    /// The pool a desktop left, until the change that showed it wakes that pool.
+    left: std::collections::HashMap<String, String>,
+}
+
+impl PoolOfDesktop {
+    fn moves(&self) -> std::sync::MutexGuard<'_, Moves> {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The throttle's key of a change of `d`, on its arrival: its pool, or for a desktop that
+    /// changed pools both (so that no change of another desktop in its new pool stands for it).
+    fn key(&self, d: &Desktop) -> String {
+        let now = d.pool().to_string();
+        let Some(uid) = d.uid() else {
+            return now;
+        };
+        let mut m = self.moves();
+        if d.metadata.deletion_timestamp.is_some() {
+            m.last.remove(&uid);
+            return now;
+        }
+        match m.last.insert(uid.clone(), now.clone()) {
+            Some(before) if before != now => {
+                let key = format!("{now}\n{before}");
+                m.left.insert(uid, before);
+                key
+            }
+            _ => now,
+        }
+    }
+
+    /// The pools a change of `d` wakes: its own, and the one it left, if it just moved.
+    fn wake(&self, d: &Desktop) -> Vec<ObjectRef<ResourcePool>> {
+        let mut pools = vec![ObjectRef::new(d.pool())];
+        if let Some(left) = d.uid().and_then(|uid| self.moves().left.remove(&uid)) {
+            pools.push(ObjectRef::new(&left));
+        }
+        pools
+    }
 }
 
 /// At most one pass per pool per this long is woken by its desktops' changes: the first change
@@ -492,5 +553,24 @@ mod tests {
         assert_eq!(counts.get("Failed"), Some(&0));
         let none = count_phases("empty", ds.iter());
         assert!(none.values().all(|n| *n == 0) && !none.is_empty());
+    }
+
+    #[test]
+    fn a_desktop_that_changed_pools_wakes_the_one_it_left_once() {
+        let moves = PoolOfDesktop::default();
+        let mut d = desktop("p", Some("Running"));
+        d.metadata.uid = Some("u".into());
+        let names = |v: Vec<ObjectRef<ResourcePool>>| -> Vec<String> {
+            v.into_iter().map(|r| r.name).collect()
+        };
+        assert_eq!(moves.key(&d), "p");
+        assert_eq!(names(moves.wake(&d)), ["p"]);
+        // Moved into q by a migration: its binding's pool is q now.
+        d.spec.pool = "q".into();
+        let key = moves.key(&d);
+        assert_ne!(key, "q", "no change of another desktop of q stands for it");
+        assert_eq!(names(moves.wake(&d)), ["q", "p"]);
+        assert_eq!(moves.key(&d), "q");
+        assert_eq!(names(moves.wake(&d)), ["q"], "once");
     }
 }

@@ -12,6 +12,7 @@ mod to_pool;
 
 use std::sync::Arc;
 
+use deskvirt_crds::migration::MigrationPhase;
 use deskvirt_crds::{Desktop, DesktopMigration};
 use k8s_openapi::jiff::Timestamp;
 use kube::runtime::controller::{self, Action, Controller};
@@ -48,6 +49,7 @@ pub async fn run(ctx: Arc<Context>, selector: String, stop: watch::Receiver<bool
     let client = ctx.client.clone();
     let cfg = watch_config(&selector);
     let (by_desktop, by_node) = (ctx.stores.clone(), ctx.stores.clone());
+    let (by_namespace, by_pool) = (ctx.stores.clone(), ctx.stores.clone());
     // Desktops and hosts wake migrations from the operator's caches once those show the
     // change: the pass reads them there.
     let controller = Controller::new(Api::<DesktopMigration>::all(client.clone()), cfg)
@@ -81,6 +83,23 @@ pub async fn run(ctx: Arc<Context>, selector: String, stop: watch::Receiver<bool
                 .map(|m| ObjectRef::from_obj(m.as_ref()))
                 .collect::<Vec<_>>()
         })
+        // A namespace's labels (a pool's namespaceSelector) and a pool's spec decide whether
+        // a waiting move into another pool may go: a change wakes those it may concern.
+        .watches_stream(
+            ctx.stores
+                .namespace_changes
+                .stream_by_key(|n| n.metadata.labels.clone()),
+            move |n| waiting_for_pool(&by_namespace, |m| m.namespace() == Some(n.name_any())),
+        )
+        .watches_stream(
+            ctx.stores
+                .pool_changes
+                .stream_by_key(|p| p.metadata.generation),
+            move |p| {
+                let name = p.name_any();
+                waiting_for_pool(&by_pool, |m| m.spec.target_pool.as_deref() == Some(&name))
+            },
+        )
         .reconcile_all_on(on_leadership(ctx.leader.clone()))
         .graceful_shutdown_on(stopped(stop.clone()))
         .with_config(controller::Config::default().concurrency(CONCURRENCY))
@@ -90,6 +109,21 @@ pub async fn run(ctx: Arc<Context>, selector: String, stop: watch::Receiver<bool
             ctx,
         );
     drive(NAME, controller, stop).await;
+}
+
+/// The Pending migrations into another pool that `concerned` keeps.
+fn waiting_for_pool(
+    stores: &crate::context::Stores,
+    concerned: impl Fn(&DesktopMigration) -> bool,
+) -> Vec<ObjectRef<DesktopMigration>> {
+    stores
+        .migrations
+        .state()
+        .iter()
+        .filter(|m| m.spec.target_pool.is_some() && m.phase() == MigrationPhase::Pending)
+        .filter(|m| concerned(m))
+        .map(|m| ObjectRef::from_obj(m.as_ref()))
+        .collect()
 }
 
 /// The Desktop UID a migration pinned on its first pass.
