@@ -98,6 +98,46 @@ async fn a_move_into_another_pool_copies_the_disk_with_a_carrier_into_that_pools
     assert!(!kit.disk().exists(), "the disk copied away is kept here");
 }
 
+#[tokio::test]
+async fn a_move_into_another_pool_from_shared_storage_copies_the_disk_too() {
+    let (mut kit, _) = source(DomainState::ShutOff).await;
+    kit.shared(true);
+    let name = kit.domain();
+    let from = kit.hv.journal().len();
+    passes(&kit, &moving(Power::Off, "Cold", "q")).await;
+    let calls = kit.calls_since(from);
+    assert!(
+        calls.iter().any(|c| c
+            == &format!("migrate to qemu+tls://h2/system copying its disk in a carrier {name}")),
+        "{calls:?}"
+    );
+    assert!(
+        !calls.iter().any(|c| c.starts_with("undefine")),
+        "{calls:?}"
+    );
+    assert_eq!(reports(&kit), ["Started", "Completed"]);
+}
+
+#[tokio::test]
+async fn a_copy_into_another_pool_that_ended_while_the_agent_was_away_deletes_the_disk_here() {
+    let (mut kit, _) = source(DomainState::ShutOff).await;
+    kit.shared(true);
+    let name = kit.domain();
+    let gone = kit.hv.undefine_domain(&name).await;
+    assert!(gone.is_ok(), "{gone:?}");
+    let mut d = moving(Power::Off, "Cold", "q");
+    if let Some(st) = d.status.as_mut() {
+        st.migration_report = serde_json::from_value(serde_json::json!({
+            "uid": "m1", "source": "h1", "state": "Started",
+            "at": k8s_openapi::jiff::Timestamp::now().to_string()
+        }))
+        .unwrap_or_else(|e| panic!("{e}"));
+    }
+    passes(&kit, &d).await;
+    assert_eq!(reports(&kit), ["Completed"]);
+    assert!(!kit.disk().exists(), "the disk copied away is kept here");
+}
+
 /// A failed copy of the desktop (power `power`, its domain in `state`) into pool `q`: the
 /// carrier is destroyed and the desktop's own definition is here as it was; returns the
 /// calls of the pass.

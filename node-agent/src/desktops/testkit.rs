@@ -331,6 +331,13 @@ impl Kit {
         }
     }
 
+    /// Pool `p` declares its storage shared (or not), its directories as they are.
+    pub fn shared(&mut self, shared: bool) {
+        let mut p = pool(&self.dir.0);
+        p.spec.storage.shared = shared;
+        self.pools.apply_watcher_event(&watcher::Event::Apply(p));
+    }
+
     /// Another pool, `name`, its disks in a directory of its own (returned), as a host of it
     /// has them.
     pub fn other_pool(&mut self, name: &str) -> PathBuf {

@@ -24,6 +24,12 @@ impl Conn {
     pub(super) fn get(&self) -> Option<&Connect> {
         self.0.as_ref()
     }
+
+    /// A connection of its own to `uri`, for one call that holds it for long (a migration),
+    /// closed when dropped.
+    pub(super) fn open(uri: &str) -> Result<Self, virt::error::Error> {
+        Connect::open(Some(uri)).map(|c| Self(Some(c)))
+    }
 }
 
 impl Drop for Conn {

@@ -9,6 +9,7 @@ use virt::enumutil::Enum;
 use virt::error::ErrorNumber;
 use virt::sys;
 
+use super::connection::Conn;
 use super::errors::{found, has_code, map};
 use crate::domain::devices_live::{spice_client, stat_devices};
 use crate::domain::read::{replace_element, walk};
@@ -556,6 +557,19 @@ pub(super) fn end_migration(conn: &Connect, name: &str, post_copy: bool) -> Resu
 /// defined there. Then reads the target's completed job for the figures.
 pub(super) fn migrate_out(conn: &Connect, name: &str, out: &Outbound) -> Result<Migrated> {
     let op = "migrate";
+    // On a connection of its own: while a disk is copied, libvirt answered no other call on
+    // the connection the migration ran on (a status read waited past its deadline, and so
+    // would a cancel's abort), while another connection was answered at once.
+    let uri = conn
+        .uri()
+        .map_err(|e| map(op, ObjectKind::Domain, name, &e))?;
+    let own = Conn::open(&uri).map_err(|e| map(op, ObjectKind::Domain, name, &e))?;
+    let Some(conn) = own.get() else {
+        return Err(HypervisorError::Disconnected {
+            op,
+            message: "the migration's connection is closing".into(),
+        });
+    };
     let dom = running(conn, op, name)?;
     let uuid = dom
         .uuid_string()
