@@ -73,3 +73,22 @@ pub async fn guest_wrote_into(domain: &str, disk: &Path) -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+/// Fails unless migration `m` of desktop `desktop` Succeeded, saying why and where the desktop
+/// is otherwise.
+pub async fn ensure_succeeded(
+    m: &DesktopMigration,
+    desktops: &Api<deskvirt_crds::Desktop>,
+    desktop: &str,
+) -> anyhow::Result<()> {
+    if m.phase() == deskvirt_crds::migration::MigrationPhase::Succeeded {
+        return Ok(());
+    }
+    let (reason, message) = ready_reason(m);
+    anyhow::bail!(
+        "{} ended {:?}: {reason}: {message}; desktop: {:#?}",
+        kube::ResourceExt::name_any(m),
+        m.phase(),
+        desktops.get(desktop).await?.status
+    )
+}

@@ -35,7 +35,7 @@ use deskvirt_crds::migration::MigrationPhase;
 use deskvirt_crds::{Desktop, DesktopMigration, DomainNode};
 use deskvirt_tests::cluster::unique_suffix;
 use deskvirt_tests::host::eventually;
-use deskvirt_tests::moves::{ended, guest_wrote_into, holds, ready_reason};
+use deskvirt_tests::moves::{ended, ensure_succeeded, guest_wrote_into, holds, ready_reason};
 use deskvirt_tests::second_host::{BothWatch, SecondHost};
 use deskvirt_tests::world::{
     World, create_pool, domain_of, guest_in_phase, migration_request, pin_cpu_model, setup,
@@ -153,13 +153,8 @@ async fn a_desktop_moves_cold_with_its_disk_to_a_host_that_does_not_share_storag
     let t0 = Instant::now();
     let done = moved(&w, &migrations, "to-b", "Cold").await?;
     let took = t0.elapsed();
-    let (reason, message) = ready_reason(&done);
-    anyhow::ensure!(
-        done.phase() == MigrationPhase::Succeeded,
-        "to-b ended {:?}: {reason}: {message}; desktop: {:#?}",
-        done.phase(),
-        desktops.get("roamer").await?.status
-    );
+    ensure_succeeded(&done, &desktops, "roamer").await?;
+    let (_, message) = ready_reason(&done);
     let st = done.status.clone().unwrap_or_default();
     anyhow::ensure!(
         st.source.as_deref() == Some(host_a.as_str())

@@ -31,7 +31,7 @@ use deskvirt_crds::migration::MigrationPhase;
 use deskvirt_crds::{Desktop, DesktopMigration, ResourcePool};
 use deskvirt_tests::cluster::unique_suffix;
 use deskvirt_tests::host::eventually;
-use deskvirt_tests::moves::{ended, guest_wrote_into, holds, ready_reason};
+use deskvirt_tests::moves::{ended, ensure_succeeded, guest_wrote_into, holds, ready_reason};
 use deskvirt_tests::second_host::{BothWatch, SecondHost};
 use deskvirt_tests::world::{
     World, create_other_pool, create_pool, domain_of, guest_in_phase, migration_request, setup,
@@ -165,13 +165,8 @@ async fn a_desktop_moves_into_another_pool_with_its_disk_and_new_allocations() -
         .await?;
     let done = ended(&migrations, "to-q").await?;
     let took = t0.elapsed();
-    let (reason, message) = ready_reason(&done);
-    anyhow::ensure!(
-        done.phase() == MigrationPhase::Succeeded,
-        "to-q ended {:?}: {reason}: {message}; desktop: {:#?}",
-        done.phase(),
-        desktops.get("mover").await?.status
-    );
+    ensure_succeeded(&done, &desktops, "mover").await?;
+    let (_, message) = ready_reason(&done);
     let st = done.status.clone().unwrap_or_default();
     anyhow::ensure!(
         st.source.as_deref() == Some(host_a.as_str())
