@@ -1,4 +1,5 @@
-//! `DesktopMigration`: an action that moves one Desktop to another host of its pool. The spec is
+//! `DesktopMigration`: an action that moves one Desktop to another host of its pool, or into
+//! another pool (`spec.targetPool`). The spec is
 //! the user's request; the status is the operator's (the target it chose and reserved, the
 //! phase, the reasons). The Desktop's own spec never changes, so GitOps sees no drift.
 
@@ -14,7 +15,8 @@ pub use deskvirt_core::migration::{MigrationMode, MigrationPhase, MigrationState
 
 use crate::schema::DNS_SUBDOMAIN;
 
-/// A request to move one Desktop of this namespace to another host of its pool.
+/// A request to move one Desktop of this namespace to another host of its pool, or into another
+/// pool (`spec.targetPool`).
 #[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[kube(
     group = "deskvirt.io",
@@ -23,7 +25,7 @@ use crate::schema::DNS_SUBDOMAIN;
     plural = "desktopmigrations",
     shortname = "dmig",
     category = "deskvirt",
-    doc = "A request to move one Desktop of this namespace to another host of its pool.",
+    doc = "A request to move one Desktop of this namespace to another host of its pool, or into another pool (spec.targetPool).",
     namespaced,
     status = "DesktopMigrationStatus",
     printcolumn(

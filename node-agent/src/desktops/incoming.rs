@@ -225,9 +225,7 @@ async fn sweep<H: Hypervisor>(ctx: &DesktopContext<H>, dirs: &Dirs, asked: &BTre
         // carrier, destroyed) and its domain being defined, no domain uses the disk, which is
         // the desktop's own now. The desktop's pass, or its teardown, decides about it.
         if bound_here(ctx, &marker.desktop) {
-            if let Err(e) = tokio::fs::remove_file(disks::incoming_marker(&disk)).await {
-                tracing::warn!(disk = %disk.display(), error = %e, "cannot remove the incoming marker");
-            }
+            drop_marker(&disk).await;
             continue;
         }
         let migration = &marker.migration;
@@ -278,10 +276,20 @@ pub(super) async fn settle<H: Hypervisor>(
         tracing::info!(domain = %name, "a desktop moved in cold arrived paused; powering it off so that it boots here");
         ctx.hypervisor.destroy_domain(name).await?;
     }
-    if let Err(e) = tokio::fs::remove_file(disks::incoming_marker(disk)).await {
-        tracing::warn!(disk = %disk.display(), error = %e, "cannot remove the incoming marker");
-    }
+    drop_marker(disk).await;
     Ok(())
+}
+
+/// Removes the incoming marker beside `disk`; one already gone (the sweep and the desktop's
+/// pass both settle an arrival) is no failure.
+async fn drop_marker(disk: &Path) {
+    match tokio::fs::remove_file(disks::incoming_marker(disk)).await {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => {
+            tracing::warn!(disk = %disk.display(), error = %e, "cannot remove the incoming marker");
+        }
+    }
 }
 
 /// [`settle`] for the desktop of `inputs`.
