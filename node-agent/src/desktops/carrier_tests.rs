@@ -230,19 +230,20 @@ async fn a_move_into_an_unknown_pool_or_a_live_one_is_refused_before_anything_st
     }
 }
 
-#[tokio::test]
-async fn the_target_destroys_the_carrier_that_arrived_and_defines_the_desktop_afresh() {
-    let mut kit = Kit::new();
+/// A target host where a carrier of the test desktop arrived: transient and paused, nothing of
+/// it defined here, its disk made and marked for migration `m1`. Returns the kit, the domain's
+/// name and the disk.
+async fn carrier_arrived() -> (Kit, String, std::path::PathBuf) {
+    let kit = Kit::new();
     kit.make_disk();
     let name = kit.domain();
     let disk = kit.disk();
     std::fs::write(crate::disks::incoming_marker(&disk), "m1\nu\n")
         .unwrap_or_else(|e| panic!("{e}"));
-    let d = desktop();
     let identity = DesktopIdentity {
         namespace: "team".into(),
         name: "a".into(),
-        uid: d.metadata.uid.clone().unwrap_or_default(),
+        uid: desktop().metadata.uid.unwrap_or_default(),
         user: None,
         pool: "p".into(),
     };
@@ -253,11 +254,18 @@ async fn the_target_destroys_the_carrier_that_arrived_and_defines_the_desktop_af
         domain_type: DomainType::Qemu,
     };
     let xml = carrier_xml(&carrier, &disk.display().to_string()).unwrap_or_else(|e| panic!("{e}"));
-    // Arrived: transient and paused, nothing of it defined here.
     let arrived = kit.hv.start_carrier(&name, &xml).await;
     assert!(arrived.is_ok(), "{arrived:?}");
+    (kit, name, disk)
+}
+
+#[tokio::test]
+async fn the_target_destroys_the_carrier_that_arrived_and_defines_the_desktop_afresh() {
+    let (mut kit, name, disk) = carrier_arrived().await;
+    let d = desktop();
+    let uid = d.metadata.uid.clone().unwrap_or_default();
     // While the request is still asked for, the sweep leaves it alone.
-    let ask = serde_json::json!([{"migration": "m1", "desktop": "team/a", "desktopUid": identity.uid,
+    let ask = serde_json::json!([{"migration": "m1", "desktop": "team/a", "desktopUid": uid,
         "file": format!("{name}.qcow2"), "image": "base.qcow2", "clone": "Linked"}]);
     kit.node_status(serde_json::json!({ "incoming": ask }));
     let from = kit.hv.journal().len();
@@ -295,29 +303,7 @@ async fn the_target_destroys_the_carrier_that_arrived_and_defines_the_desktop_af
 
 #[tokio::test]
 async fn a_carrier_the_sweep_settles_before_the_binding_leaves_the_disk_for_the_desktop() {
-    let mut kit = Kit::new();
-    kit.make_disk();
-    let name = kit.domain();
-    let disk = kit.disk();
-    std::fs::write(crate::disks::incoming_marker(&disk), "m1\nu\n")
-        .unwrap_or_else(|e| panic!("{e}"));
-    let uid = desktop().metadata.uid.unwrap_or_default();
-    let identity = DesktopIdentity {
-        namespace: "team".into(),
-        name: "a".into(),
-        uid: uid.clone(),
-        user: None,
-        pool: "p".into(),
-    };
-    let carrier = Carrier {
-        identity: &identity,
-        name: &name,
-        uuid: &uid,
-        domain_type: DomainType::Qemu,
-    };
-    let xml = carrier_xml(&carrier, &disk.display().to_string()).unwrap_or_else(|e| panic!("{e}"));
-    let arrived = kit.hv.start_carrier(&name, &xml).await;
-    assert!(arrived.is_ok(), "{arrived:?}");
+    let (mut kit, name, disk) = carrier_arrived().await;
     // The request is withdrawn (the move completed) before the desktop is bound here.
     kit.node_status(serde_json::json!({}));
     let _ = super::incoming::pass(&kit.ctx).await;
