@@ -12,6 +12,7 @@ mod env;
 mod fleet;
 mod footprint;
 mod migrate;
+mod migrate_hops;
 mod plot;
 mod report;
 mod scale;

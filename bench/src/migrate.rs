@@ -23,7 +23,9 @@ use deskvirt_tests::world::{
 use kube::Api;
 use kube::api::{DeleteParams, PostParams};
 use serde_json::json;
+use tokio::sync::oneshot;
 
+use crate::migrate_hops::{Hop, Steps};
 use crate::stats::{Samples, secs};
 
 /// Both series, and the hosts' own figures of deskvirt's moves.
@@ -32,6 +34,10 @@ pub struct MigrateResult {
     pub virsh: Samples,
     /// libvirt's job time and downtime of each deskvirt move, in ms.
     pub job_ms: Vec<(u64, u64)>,
+    /// The same of each `virsh migrate` (libvirt's completed job on host B).
+    pub plain_job_ms: Vec<(u64, u64)>,
+    /// When each step of each deskvirt move was seen, from its POST.
+    pub hops: Vec<Steps>,
 }
 
 /// Runs `n` interleaved rounds.
@@ -45,7 +51,8 @@ pub async fn run_bench(n: usize) -> anyhow::Result<MigrateResult> {
     w.add_migration_target(&host_b)?;
     wait_ready_hosts(&w, 2).await?;
     let migrations: Api<DesktopMigration> = Api::namespaced(w.client.clone(), &w.user_ns.name);
-    let (mut ours, mut plain, mut job_ms) = (vec![], vec![], vec![]);
+    let (mut ours, mut plain, mut job_ms, mut hops) = (vec![], vec![], vec![], vec![]);
+    let mut plain_job_ms = vec![];
     for i in 0..n {
         // A desktop running on host A, booted (its guest prints its uptime).
         let name = format!("bench-{i}");
@@ -60,20 +67,27 @@ pub async fn run_bench(n: usize) -> anyhow::Result<MigrateResult> {
             "metadata": { "name": name, "labels": { RUN_LABEL: w.run } },
             "spec": { "desktop": name },
         }))?;
+        // The watches list before the POST, so every step is seen as it happens.
+        let (listed_tx, listed_rx) = oneshot::channel();
+        let (t0_tx, t0_rx) = oneshot::channel();
+        let watching = tokio::spawn(crate::migrate_hops::watch(
+            migrations.clone(),
+            w.desktops(),
+            name.clone(),
+            listed_tx,
+            t0_rx,
+            Duration::from_secs(120),
+        ));
+        listed_rx
+            .await
+            .context("the migration's watches ended before listing")?;
         let t0 = Instant::now();
         migrations.create(&PostParams::default(), &m).await?;
-        let done = eventually(Duration::from_secs(120), "migration ended", || async {
-            let m = migrations.get(&name).await?;
-            Ok(m.phase().is_terminal().then_some(m))
-        })
-        .await?;
-        let took = t0.elapsed();
+        let _ = t0_tx.send(t0);
+        let (seen, done) = watching.await??;
+        let took = seen[Hop::ALL.len() - 1].unwrap_or_else(|| t0.elapsed());
         let st = done.status.clone().unwrap_or_default();
-        anyhow::ensure!(
-            done.phase() == deskvirt_crds::migration::MigrationPhase::Succeeded,
-            "{:?}",
-            st.conditions
-        );
+        hops.push(seen);
         ours.push(took);
         job_ms.push((
             st.total_millis.unwrap_or(0),
@@ -87,6 +101,7 @@ pub async fn run_bench(n: usize) -> anyhow::Result<MigrateResult> {
         let t0 = Instant::now();
         virsh_migrate(&host_b, &plain_name, &["--auto-converge"])?;
         plain.push(t0.elapsed());
+        plain_job_ms.push(completed_job(&host_b, &plain_name));
         eprintln!(
             "[bench] migration {i}: deskvirt {}, virsh {}",
             secs(took),
@@ -98,6 +113,8 @@ pub async fn run_bench(n: usize) -> anyhow::Result<MigrateResult> {
         deskvirt: Samples::new(ours),
         virsh: Samples::new(plain),
         job_ms,
+        plain_job_ms,
+        hops,
     })
 }
 
@@ -189,6 +206,21 @@ pub(crate) fn virsh_migrate(host_b: &SecondHost, name: &str, extra: &[&str]) -> 
     Ok(())
 }
 
+/// libvirt's job time and downtime, in ms, of the completed migration of `name` into host B
+/// (`virsh domjobinfo --completed`); zeros when unreadable.
+fn completed_job(host_b: &SecondHost, name: &str) -> (u64, u64) {
+    let text = host_b
+        .virsh(&["domjobinfo", "--completed", name])
+        .unwrap_or_default();
+    let ms = |key: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(key))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .unwrap_or(0)
+    };
+    (ms("Time elapsed:"), ms("Total downtime:"))
+}
+
 /// Waits until the guest whose serial log is `log` printed its uptime (it booted).
 pub(crate) async fn booted(log: &str) -> anyhow::Result<()> {
     let log = std::path::PathBuf::from(log);
@@ -247,25 +279,58 @@ fn strip_attr(line: &str, attr: &str) -> String {
 /// The markdown section.
 pub fn markdown(r: &MigrateResult) -> String {
     let ratio = r.deskvirt.p50().as_secs_f64() / r.virsh.p50().as_secs_f64().max(1e-9);
-    let jobs: Vec<String> = r
-        .job_ms
-        .iter()
-        .map(|(t, d)| format!("{t} ms / {d} ms"))
-        .collect();
+    let jobs = |v: &[(u64, u64)]| -> String {
+        v.iter()
+            .map(|(t, d)| format!("{t} ms / {d} ms"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let downtime = |v: &[(u64, u64)]| {
+        Samples::new(v.iter().map(|(_, d)| Duration::from_millis(*d)).collect()).p50()
+    };
     format!(
         "### Live migration, 128 MiB guest, host A → host B (N={} each, interleaved)\n\n\
          | | p50 | max |\n|---|---|---|\n\
          | `virsh migrate --live --p2p --persistent --undefinesource --auto-converge` | {} | {} |\n\
          | deskvirt `DesktopMigration` create → `Succeeded` | {} | {} |\n\n\
-         Ratio of the medians (deskvirt / virsh): **{ratio:.2}×**. libvirt's own job time / \
-         downtime of deskvirt's moves: {}.\n",
+         Ratio of the medians (deskvirt / virsh): **{ratio:.2}×**. Downtime p50: deskvirt {}, \
+         virsh {}. libvirt's own job time / downtime of deskvirt's moves: {}; of virsh's: {}.\n\n{}",
         r.deskvirt.len(),
         secs(r.virsh.p50()),
         secs(r.virsh.max()),
         secs(r.deskvirt.p50()),
         secs(r.deskvirt.max()),
-        jobs.join(", ")
+        secs(downtime(&r.job_ms)),
+        secs(downtime(&r.plain_job_ms)),
+        jobs(&r.job_ms),
+        jobs(&r.plain_job_ms),
+        hop_table(&r.hops)
     )
+}
+
+/// Each step's p50 from the POST, and the p50 of its own time (from the step before).
+fn hop_table(hops: &[Steps]) -> String {
+    let mut out = String::from(
+        "| step of a deskvirt move (seen by a watch) | p50 from the POST | p50 of the step |\n|---|---|---|\n",
+    );
+    for (i, hop) in Hop::ALL.iter().enumerate() {
+        let at = |s: &Steps, i: usize| s[i].unwrap_or_default();
+        let from = Samples::new(hops.iter().map(|s| at(s, i)).collect());
+        let step = Samples::new(
+            hops.iter()
+                .map(|s| {
+                    at(s, i).saturating_sub(if i == 0 { Duration::ZERO } else { at(s, i - 1) })
+                })
+                .collect(),
+        );
+        out.push_str(&format!(
+            "| {} | {} | +{} |\n",
+            hop.describe(),
+            secs(from.p50()),
+            secs(step.p50())
+        ));
+    }
+    out
 }
 
 #[cfg(test)]
