@@ -21,7 +21,7 @@
 # layout version; a cached build takes well under a second. Prints the output dir on stdout.
 set -euo pipefail
 
-LAYOUT=8   # bump when the initramfs layout or /init changes
+LAYOUT=9   # bump when the initramfs layout or /init changes
 CACHE=${DESKVIRT_GUEST_CACHE:-$HOME/.cache/deskvirt/guest}
 OUT=${1:-$CACHE/current}
 MODULES=(virtio_ring virtio virtio_pci_legacy_dev virtio_pci_modern_dev virtio_pci
@@ -34,19 +34,8 @@ for b in apt-cache apt-get dpkg-deb cpio gzip qemu-img; do
   command -v "$b" >/dev/null 2>&1 || die "missing $b (run scripts/install-deps.sh)"
 done
 
-# The versioned kernel package the cloud meta-package depends on.
-kernel_pkg=$(apt-cache depends linux-image-cloud-amd64 2>/dev/null |
-  awk '/Depends: linux-image-[0-9]/ {print $2; exit}')
-[ -n "$kernel_pkg" ] || die "cannot resolve linux-image-cloud-amd64 (apt-get update needed?)"
-# One apt-cache call for both candidates (apt-cache is slow to start on a busy machine).
-versions=$(apt-cache policy "$kernel_pkg" busybox-static qemu-guest-agent 2>/dev/null |
-  awk '/^[^ ]/ {pkg=$1; sub(":$", "", pkg)} /Candidate:/ {print pkg, $2}')
-kernel_ver=$(awk -v p="$kernel_pkg" '$1 == p {print $2}' <<<"$versions")
-busybox_ver=$(awk '$1 == "busybox-static" {print $2}' <<<"$versions")
-[ -n "$kernel_ver" ] && [ "$kernel_ver" != "(none)" ] || die "no candidate for $kernel_pkg"
-qga_ver=$(awk '$1 == "qemu-guest-agent" {print $2}' <<<"$versions")
-[ -n "$busybox_ver" ] && [ "$busybox_ver" != "(none)" ] || die "no candidate for busybox-static"
-[ -n "$qga_ver" ] && [ "$qga_ver" != "(none)" ] || die "no candidate for qemu-guest-agent"
+. "$(dirname "$0")/lib/guest-packages.sh"
+resolve_guest_packages qga
 
 key=$(printf '%s\n' "$LAYOUT" "$kernel_pkg=$kernel_ver" "busybox-static=$busybox_ver" \
   "qemu-guest-agent=$qga_ver" |
@@ -77,57 +66,17 @@ mkdir -p "$CACHE"
 work=$(mktemp -d "$CACHE/.build.XXXXXX")
 trap 'rm -rf "$work"' EXIT
 
-(cd "$work" && apt-get download -q "$kernel_pkg=$kernel_ver" "busybox-static=$busybox_ver" \
-  "qemu-guest-agent=$qga_ver" >&2) ||
-  die "apt-get download failed"
-mkdir -p "$work/kernel" "$work/busybox"
-dpkg -x "$work/${kernel_pkg}_"*.deb "$work/kernel"
-dpkg -x "$work/busybox-static_"*.deb "$work/busybox"
-mkdir -p "$work/qga"
-dpkg -x "$work/qemu-guest-agent_"*.deb "$work/qga"
-
-vmlinuz=$(ls "$work"/kernel/boot/vmlinuz-* 2>/dev/null | head -1)
-[ -n "$vmlinuz" ] || die "no kernel in $kernel_pkg"
-moddir=$(ls -d "$work"/kernel/lib/modules/* 2>/dev/null | head -1)
-[ -n "$moddir" ] || die "no modules in $kernel_pkg"
+fetch_guest_packages "$work"
 
 root=$work/root
 mkdir -p "$root"/{bin,sbin,dev,proc,sys,tmp,run,lib/modules}
 cp "$work/busybox/bin/busybox" "$root/bin/busybox"
 ln -s busybox "$root/bin/sh"
 
-# qemu-ga and the shared libraries it links, as this host has them (the same Debian release;
-# qemu-system-x86 pulls in every one), under the paths the loader looks in.
-qga=$work/qga/usr/sbin/qemu-ga
-[ -x "$qga" ] || die "no qemu-ga in qemu-guest-agent"
-cp "$qga" "$root/bin/qemu-ga"
-libs=$(ldd "$qga") || die "ldd cannot read qemu-ga"
-if grep -q "not found" <<<"$libs"; then
-  die "qemu-ga needs libraries this host lacks (run scripts/install-deps.sh): $(grep 'not found' <<<"$libs" | tr '\n' ' ')"
-fi
-for lib in $(awk '/=> \// {print $3} /^[[:space:]]*\// {print $1}' <<<"$libs"); do
-  mkdir -p "$root$(dirname "$lib")"
-  cp -L "$lib" "$root$lib"
-done
+copy_qemu_ga "$work" "$root" bin/qemu-ga
 
-# Modules in load order, decompressed here because busybox insmod may not read .xz/.zst.
-loaded=()
-for m in "${MODULES[@]}"; do
-  src=$(find "$moddir" \( -name "$m.ko" -o -name "$m.ko.xz" -o -name "$m.ko.zst" \) | head -1)
-  if [ -z "$src" ]; then
-    if grep -qs "/$m.ko" "$moddir/modules.builtin"; then
-      log "$m is built in"
-      continue
-    fi
-    die "module $m not found in $kernel_pkg"
-  fi
-  case "$src" in
-    *.xz) xz -dc "$src" >"$root/lib/modules/$m.ko" ;;
-    *.zst) zstd -qdc "$src" >"$root/lib/modules/$m.ko" ;;
-    *) cp "$src" "$root/lib/modules/$m.ko" ;;
-  esac
-  loaded+=("$m")
-done
+# Modules in load order.
+copy_modules "$moddir" "$root/lib/modules" "${MODULES[@]}"
 
 cat >"$root/init" <<INIT
 #!/bin/sh

@@ -11,8 +11,9 @@
 #
 # Environment:
 #   DESKVIRT_HYPERVISOR  qemu (default: TCG, works everywhere) or kvm (real hardware)
-#   DESKVIRT_IMAGE       a qcow2 image to serve as examples/desktop.yaml's debian-12.qcow2
-#                        (default: the tiny test guest's empty disk, which has nothing to boot)
+#   DESKVIRT_IMAGE       a qcow2 image to serve as examples/desktop.yaml's demo-desktop.qcow2
+#                        (default: scripts/build-demo-image.sh's disk, which boots to a login
+#                        prompt; user student, password student)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -56,7 +57,7 @@ cargo build --release --locked -p deskvirt-operator -p deskvirt-node-agent
 KUBECONFIG=$(scripts/control-plane.sh start)
 export KUBECONFIG
 scripts/libvirt.sh start
-GUEST=$(scripts/build-guest.sh)
+DEMO_IMAGE=$(scripts/build-demo-image.sh)/demo-desktop.qcow2
 mkdir -p "$STATE" "$IMAGES" /var/lib/deskvirt/disks
 
 log "installing the deskvirt.io CRDs"
@@ -67,9 +68,9 @@ for ns in "$SYSTEM_NS" "$CONSOLE_NS" "$NS"; do
   kubectl get namespace "$ns" >/dev/null 2>&1 || kubectl create namespace "$ns" >/dev/null
 done
 
-image=${DESKVIRT_IMAGE:-$GUEST/base.qcow2}
+image=${DESKVIRT_IMAGE:-$DEMO_IMAGE}
 [ -f "$image" ] || die "DESKVIRT_IMAGE=$image does not exist"
-ln -sf "$image" "$IMAGES/debian-12.qcow2"
+ln -sf "$image" "$IMAGES/demo-desktop.qcow2"
 
 log "starting the operator and the node-agent (logs in $STATE)"
 stop_process deskvirt-operator
@@ -94,6 +95,18 @@ if ! kubectl wait -n "$NS" --for=condition=Ready --timeout=300s desktop/alice; t
   tail -n 30 "$STATE"/*.log >&2 || true
   die "the example desktop did not become Ready"
 fi
+# The guest's own console says when it reached its login prompt (the demo image's getty).
+# The domain is <namespace>--<name>--<uid> (names::domain_name; short names are not cut).
+uid=$(kubectl get desktop -n "$NS" alice -o jsonpath='{.metadata.uid}')
+serial=/var/log/libvirt/qemu/$NS--alice--$uid-serial.log
+if [ -z "${DESKVIRT_IMAGE:-}" ]; then
+  log "waiting for the desktop's login prompt (its serial console: $serial)"
+  for _ in $(seq 1 180); do
+    grep -qs "login:" "$serial" && break
+    sleep 1
+  done
+  grep -qs "login:" "$serial" || log "no login prompt yet after 180 s; see $serial"
+fi
 echo
 kubectl get resourcepools
 echo
@@ -107,6 +120,7 @@ uri=$(kubectl get desktop -n "$NS" alice -o jsonpath='{.status.spice.uri}')
 cat <<EOF
 
 The desktop alice is Running at $uri.
+Its screen shows a login prompt: user student, password student (the demo image's).
 Connect with a SPICE client (package virt-viewer):
 
   remote-viewer $vv

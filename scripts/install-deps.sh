@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
 # Installs every system package deskvirt needs on Debian bookworm (idempotent, fast when done).
 # Control plane build: golang-go, etcd-server, dpkg-dev, rsync, reflect2.
+# The demo desktop image (scripts/build-demo-image.sh): fdisk, dosfstools, mtools, syslinux,
+# e2fsprogs; reading its screen in the tests: tesseract-ocr.
 # libvirt/QEMU/SPICE: see shared/LOCAL-LIBVIRT.md.
 set -euo pipefail
 
 need=(golang-go etcd-server dpkg-dev rsync golang-github-modern-go-reflect2-dev
       libvirt-dev libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients
       qemu-system-x86 pkg-config iproute2 busybox-static cpio openssl curl
-      iptables dnsmasq-base)
+      iptables dnsmasq-base
+      fdisk dosfstools mtools syslinux syslinux-common e2fsprogs tesseract-ocr tesseract-ocr-eng)
 missing=()
 for p in "${need[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -30,25 +30,52 @@ pub fn run(what: &str, cmd: &mut Command) -> anyhow::Result<String> {
 /// Starts libvirt and builds (or finds) the tiny guest; the guest directory holding
 /// `vmlinuz`, `initrd.img` and `base.qcow2`.
 pub fn prepare_host() -> anyhow::Result<PathBuf> {
-    let root = repo_root();
     run(
         "scripts/libvirt.sh start",
-        Command::new(root.join("scripts/libvirt.sh")).arg("start"),
+        Command::new(repo_root().join("scripts/libvirt.sh")).arg("start"),
     )?;
-    let out = run(
+    built(
         "scripts/build-guest.sh",
-        &mut Command::new(root.join("scripts/build-guest.sh")),
-    )?;
+        &["vmlinuz", "initrd.img", "base.qcow2"],
+    )
+}
+
+/// Builds (or finds) the demo's bootable desktop image (`scripts/build-demo-image.sh`): a disk
+/// that boots to a login prompt. Returns the image's path.
+pub fn demo_image() -> anyhow::Result<PathBuf> {
+    let file = "demo-desktop.qcow2";
+    Ok(built("scripts/build-demo-image.sh", &[file])?.join(file))
+}
+
+/// Runs build script `script` (a path from the repository's root), which prints its output
+/// directory last; that directory, once it holds every one of `files`.
+fn built(script: &str, files: &[&str]) -> anyhow::Result<PathBuf> {
+    let out = run(script, &mut Command::new(repo_root().join(script)))?;
     let dir = out
         .lines()
         .rev()
         .find(|l| !l.trim().is_empty())
         .map(|l| PathBuf::from(l.trim()))
-        .context("scripts/build-guest.sh printed no directory")?;
-    for f in ["vmlinuz", "initrd.img", "base.qcow2"] {
+        .with_context(|| format!("{script} printed no directory"))?;
+    for f in files {
         anyhow::ensure!(dir.join(f).is_file(), "{}/{f} is missing", dir.display());
     }
     Ok(dir)
+}
+
+/// The text on domain `domain`'s screen (of `qemu:///system`), as a SPICE client shows it:
+/// libvirt's screenshot, read by tesseract.
+pub fn screen_text(domain: &str) -> anyhow::Result<String> {
+    let shot = std::env::temp_dir().join(format!("deskvirt-screen-{domain}.ppm"));
+    run(
+        "virsh screenshot",
+        Command::new("virsh")
+            .args(["-c", "qemu:///system", "screenshot", domain])
+            .arg(&shot),
+    )?;
+    let text = run("tesseract", Command::new("tesseract").arg(&shot).arg("-"));
+    let _ = std::fs::remove_file(&shot);
+    text
 }
 
 /// A TCP port nobody listens on right now, below the kernel's ephemeral range (see

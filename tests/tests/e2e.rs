@@ -30,7 +30,7 @@ use deskvirt_crds::constants::CONSOLE_NAMESPACE_DEFAULT;
 use deskvirt_crds::desktop::Phase;
 use deskvirt_crds::{Desktop, DomainNode, ResourcePool};
 use deskvirt_tests::cluster::repo_root;
-use deskvirt_tests::host::{eventually, qemu_pid};
+use deskvirt_tests::host::{demo_image, eventually, qemu_pid, screen_text};
 use deskvirt_tests::kubectl::kubectl;
 use deskvirt_tests::spice::{LinkOutcome, link};
 use deskvirt_tests::world::{
@@ -54,7 +54,8 @@ async fn helm_install_apply_connect_survive_and_delete() -> anyhow::Result<()> {
     let desktops = w.desktops();
 
     // kubectl apply of the example, as a user does; the run label keeps other tests' operators
-    // (and this one) apart.
+    // (and this one) apart. Its image is the demo's bootable desktop, as scripts/demo.sh has it.
+    std::os::unix::fs::symlink(demo_image()?, w.image_dir.join("demo-desktop.qcow2"))?;
     let example = repo_root().join("examples/desktop.yaml");
     let example = example.display().to_string();
     let applied = w.kubectl_ns(&["apply", "-f", &example])?;
@@ -147,8 +148,38 @@ async fn helm_install_apply_connect_survive_and_delete() -> anyhow::Result<()> {
         }
     }
 
-    // kill -9 the agent: host and desktop go Unknown; a restart brings them back, same QEMU.
+    // The example boots from its disk to a login: on the serial console, and on the screen a
+    // SPICE client shows (read back by OCR), not SeaBIOS's "No bootable device".
     let domain = domain_of(&w.desktops(), &w.user_ns.name, "alice").await?;
+    let serial = std::path::PathBuf::from(format!("/var/log/libvirt/qemu/{domain}-serial.log"));
+    eventually(
+        Duration::from_secs(180),
+        "login: on alice's serial console",
+        || async {
+            let log = std::fs::read_to_string(&serial).unwrap_or_default();
+            Ok(log.contains("login:").then_some(()))
+        },
+    )
+    .await?;
+    let screen = eventually(
+        Duration::from_secs(60),
+        "a login on alice's screen",
+        || async {
+            let text = screen_text(&domain)?;
+            Ok(text.contains("login:").then_some(text))
+        },
+    )
+    .await?;
+    anyhow::ensure!(
+        !screen.contains("Boot failed") && !screen.contains("bootable"),
+        "alice's screen shows a boot failure:\n{screen}"
+    );
+    eprintln!(
+        "[e2e] the example desktop shows a login: {:.1}s",
+        started.elapsed().as_secs_f64()
+    );
+
+    // kill -9 the agent: host and desktop go Unknown; a restart brings them back, same QEMU.
     let pid = qemu_pid(&domain).context("no QEMU PID")?;
     if let Some(mut a) = w.agent.take() {
         a.kill()?;
@@ -401,7 +432,7 @@ async fn helm_install_apply_connect_survive_and_delete() -> anyhow::Result<()> {
     anyhow::ensure!(port.is_some());
 
     // An invalid manifest is rejected by the apiserver, naming the field.
-    let bad = "apiVersion: deskvirt.io/v1alpha1\nkind: Desktop\nmetadata:\n  name: bad\nspec:\n  pool: lab\n  cpu: 0\n  disk:\n    image: debian-12.qcow2\n";
+    let bad = "apiVersion: deskvirt.io/v1alpha1\nkind: Desktop\nmetadata:\n  name: bad\nspec:\n  pool: lab\n  cpu: 0\n  disk:\n    image: demo-desktop.qcow2\n";
     let rejected = kubectl(&["apply", "-n", &w.user_ns.name, "-f", "-"], Some(bad))?;
     anyhow::ensure!(
         !rejected.success && rejected.stderr.contains("spec.cpu"),
