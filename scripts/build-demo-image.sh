@@ -15,7 +15,7 @@
 # script's layout version; a cached build takes well under a second. Prints the output dir.
 set -euo pipefail
 
-LAYOUT=1   # bump when the disk layout, the init scripts or the accounts change
+LAYOUT=2   # bump when the disk layout, the init scripts or the accounts change
 CACHE=${DESKVIRT_DEMO_IMAGE_CACHE:-$HOME/.cache/deskvirt/demo-image}
 OUT=${1:-$CACHE/current}
 MODULES=(virtio_ring virtio virtio_pci_legacy_dev virtio_pci_modern_dev virtio_pci
@@ -133,8 +133,9 @@ hash=$(openssl passwd -6 student)
 printf 'root:*:19000:0:99999:7:::\nstudent:%s:19000:0:99999:7:::\n' "$hash" >"$root/etc/shadow"
 chmod 600 "$root/etc/shadow"
 chown -R 1000:1000 "$root/home/student"
-cat >"$root/etc/issue" <<'ISSUE'
-
+# The screen is cleared first (an ANSI escape), so the boot messages above it go.
+printf '\033[H\033[2J' >"$root/etc/issue"
+cat >>"$root/etc/issue" <<'ISSUE'
   deskvirt demo desktop (\n)
   a linked clone of the demo image: what you save in /home/student stays on this desktop
 
