@@ -1,8 +1,8 @@
 //! The libvirt calls that `virt` 0.5 does not wrap, with safe signatures: aborting a domain's
 //! job (a migration that does not converge), switching a migration to post-copy, the
 //! checkpoint and backup calls of incremental disk backups, freezing and thawing a guest's
-//! file systems through its guest agent, and a job's statistics read
-//! without `virt`'s unsound conversion. This is
+//! file systems through its guest agent, a job's statistics read
+//! without `virt`'s unsound conversion, and a network's DHCP leases. This is
 //! the workspace's only crate with `unsafe` code; every other crate forbids it, and the
 //! node-agent reaches these calls only through its `Hypervisor` door.
 #![deny(clippy::undocumented_unsafe_blocks)]
@@ -12,6 +12,7 @@ use std::os::raw::c_int;
 
 use virt::domain::Domain;
 use virt::error::Error;
+use virt::network::Network;
 
 /// Aborts the job running on `dom` (`virDomainAbortJob`): a migration stops and the domain
 /// runs on here as before.
@@ -222,6 +223,73 @@ pub fn job_stats(dom: &Domain, completed: bool) -> Result<JobFigures, Error> {
         disk_total: params.ullong(virt_sys::VIR_DOMAIN_JOB_DISK_TOTAL),
         error_message: params.string(virt_sys::VIR_DOMAIN_JOB_ERRMSG),
     })
+}
+
+/// A DHCP lease the network's dnsmasq handed out and still counts (`virNetworkGetDHCPLeases`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DhcpLease {
+    /// The client's MAC address, as libvirt prints it (lower case).
+    pub mac: String,
+    /// The leased address.
+    pub ip: String,
+    /// When the lease expires, in seconds since the epoch.
+    pub expiry: i64,
+}
+
+/// The DHCP leases of `net` that have not expired (libvirt's view of its dnsmasq's leases,
+/// kept whether or not the guest still runs).
+pub fn dhcp_leases(net: &Network) -> Result<Vec<DhcpLease>, Error> {
+    let mut list: *mut virt_sys::virNetworkDHCPLeasePtr = std::ptr::null_mut();
+    // SAFETY: the borrowed `net` keeps its virNetworkPtr valid for the call; a NULL MAC asks
+    // for every lease; `list` is a live local that libvirt fills with an array it allocates.
+    let n =
+        unsafe { virt_sys::virNetworkGetDHCPLeases(net.as_ptr(), std::ptr::null(), &mut list, 0) };
+    if n < 0 {
+        return Err(Error::last_error());
+    }
+    let count = usize::try_from(n).unwrap_or(0);
+    let text = |p: *const std::os::raw::c_char| {
+        if p.is_null() {
+            String::new()
+        } else {
+            // SAFETY: a non-null string field of a lease libvirt returned, NUL-terminated and
+            // alive until the lease is freed below.
+            unsafe { CStr::from_ptr(p) }.to_string_lossy().into_owned()
+        }
+    };
+    let mut leases = Vec::with_capacity(count);
+    for i in 0..count {
+        if list.is_null() {
+            break;
+        }
+        // SAFETY: `list` is the non-null array of `n` lease pointers libvirt returned; `i` is
+        // below `n`.
+        let lease = unsafe { *list.add(i) };
+        if lease.is_null() {
+            continue;
+        }
+        // SAFETY: `lease` is a non-null lease of that array, read before it is freed.
+        let l = unsafe { &*lease };
+        leases.push(DhcpLease {
+            mac: text(l.mac).to_ascii_lowercase(),
+            ip: text(l.ipaddr),
+            expiry: l.expirytime,
+        });
+        // SAFETY: each lease is freed once, after its last read, and not used again.
+        unsafe { virt_sys::virNetworkDHCPLeaseFree(lease) };
+    }
+    if !list.is_null() {
+        // SAFETY: the array itself, allocated by libvirt with malloc, freed once after all its
+        // leases were freed; libvirt documents free() for it.
+        unsafe { libc_free(list.cast()) };
+    }
+    Ok(leases)
+}
+
+unsafe extern "C" {
+    /// The C library's `free`, for the array `virNetworkGetDHCPLeases` allocates.
+    #[link_name = "free"]
+    fn libc_free(ptr: *mut std::ffi::c_void);
 }
 
 /// A typed parameter array libvirt allocated, freed on drop.

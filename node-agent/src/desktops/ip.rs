@@ -1,7 +1,10 @@
 //! Decides each desktop's address on this host's pool network (nat and isolated modes): the
 //! network is defined once per process from the host's subnet, and every desktop gets a static
 //! DHCP lease MAC→IP kept in the network's own definition, so it survives agent and libvirt
-//! restarts. A desktop keeps the address it had; a new one takes the lowest free address.
+//! restarts. A desktop keeps the address it had; a new one takes the lowest address that no
+//! static lease holds and that dnsmasq does not count as leased to another MAC (a deleted
+//! desktop's guest never released its lease: dnsmasq would not hand that address to the new
+//! MAC until the lease expires, and the guest would get another one than its status shows).
 
 use std::collections::BTreeSet;
 use std::net::Ipv4Addr;
@@ -16,23 +19,36 @@ use crate::hypervisor::{Hypervisor, HypervisorError};
 use deskvirt_crds::conditions::Status;
 use deskvirt_crds::resource_pool::NetworkMode;
 
-/// The lowest address of the subnet's DHCP range that no lease holds, preferring `wanted`.
+/// The address for `mac`: `wanted` when free, else the lowest address of the subnet's DHCP
+/// range that no static lease (`leases`) holds and that the DHCP server does not count as
+/// leased to another MAC (`leased`). When every free address is still leased so, the lowest
+/// free one: the desktop runs, and its guest may get another address until that lease ends.
 pub fn pick_address(
     subnet: &Subnet,
     leases: &[DhcpHost],
+    leased: &[DhcpHost],
+    mac: &str,
     wanted: Option<Ipv4Addr>,
 ) -> Option<Ipv4Addr> {
     let taken: BTreeSet<Ipv4Addr> = leases.iter().map(|h| h.ip).collect();
+    let busy: BTreeSet<Ipv4Addr> = leased
+        .iter()
+        .filter(|l| !l.mac.eq_ignore_ascii_case(mac))
+        .map(|l| l.ip)
+        .collect();
+    let free = |ip: &Ipv4Addr| !taken.contains(ip);
     if let Some(w) = wanted
         && subnet.contains_host(w)
-        && !taken.contains(&w)
+        && free(&w)
+        && !busy.contains(&w)
     {
         return Some(w);
     }
     let (first, last) = subnet.dhcp_range();
-    (u32::from(first)..=u32::from(last))
-        .map(Ipv4Addr::from)
-        .find(|ip| !taken.contains(ip))
+    let range = || (u32::from(first)..=u32::from(last)).map(Ipv4Addr::from);
+    range()
+        .find(|ip| free(ip) && !busy.contains(ip))
+        .or_else(|| range().find(free))
 }
 
 /// Why no address could be pinned (reported as `DomainDefined=Unknown` or `False`).
@@ -64,7 +80,12 @@ pub async fn pin<H: Hypervisor>(
     }
     leases.retain(|h| h.mac != mac);
     let wanted = wanted.and_then(|w| w.parse().ok());
-    let Some(ip) = pick_address(&inputs.subnet, &leases, wanted) else {
+    let leased = ctx
+        .hypervisor
+        .leased_addresses(&inputs.name)
+        .await
+        .map_err(Pending::Failed)?;
+    let Some(ip) = pick_address(&inputs.subnet, &leases, &leased, &mac, wanted) else {
         return Err(Pending::Wait(Cond::new(
             Status::False,
             Reason::AddressesExhausted,
@@ -194,6 +215,9 @@ mod tests {
         }
     }
 
+    /// The MAC of the desktop an address is picked for.
+    const NEW: &str = "52:54:00:00:00:aa";
+
     fn lease(mac: &str, ip: [u8; 4]) -> DhcpHost {
         DhcpHost {
             mac: mac.into(),
@@ -206,20 +230,20 @@ mod tests {
         let s = subnet();
         let leases = vec![lease("52:54:00:00:00:01", [10, 200, 3, 2])];
         assert_eq!(
-            pick_address(&s, &leases, None),
+            pick_address(&s, &leases, &[], NEW, None),
             Some(Ipv4Addr::new(10, 200, 3, 3))
         );
         assert_eq!(
-            pick_address(&s, &leases, Some(Ipv4Addr::new(10, 200, 3, 5))),
+            pick_address(&s, &leases, &[], NEW, Some(Ipv4Addr::new(10, 200, 3, 5))),
             Some(Ipv4Addr::new(10, 200, 3, 5))
         );
         // A taken or out-of-range wish is ignored.
         assert_eq!(
-            pick_address(&s, &leases, Some(Ipv4Addr::new(10, 200, 3, 2))),
+            pick_address(&s, &leases, &[], NEW, Some(Ipv4Addr::new(10, 200, 3, 2))),
             Some(Ipv4Addr::new(10, 200, 3, 3))
         );
         assert_eq!(
-            pick_address(&s, &leases, Some(Ipv4Addr::new(10, 200, 3, 1))),
+            pick_address(&s, &leases, &[], NEW, Some(Ipv4Addr::new(10, 200, 3, 1))),
             Some(Ipv4Addr::new(10, 200, 3, 3))
         );
     }
@@ -230,6 +254,52 @@ mod tests {
         let leases: Vec<DhcpHost> = (2..=6)
             .map(|i| lease(&format!("52:54:00:00:00:0{i}"), [10, 200, 3, i]))
             .collect();
-        assert_eq!(pick_address(&s, &leases, None), None);
+        assert_eq!(pick_address(&s, &leases, &[], NEW, None), None);
+    }
+
+    #[test]
+    fn an_address_still_leased_to_another_mac_is_skipped_while_another_is_free() {
+        let s = subnet();
+        let leases = vec![lease("52:54:00:00:00:01", [10, 200, 3, 2])];
+        // A deleted desktop's guest still holds .3 in dnsmasq's leases; the static lease of
+        // .2 holds it too (its own guest's lease is no obstacle to it).
+        let leased = vec![
+            lease("52:54:00:00:00:01", [10, 200, 3, 2]),
+            lease("52:54:00:00:00:99", [10, 200, 3, 3]),
+        ];
+        assert_eq!(
+            pick_address(&s, &leases, &leased, NEW, None),
+            Some(Ipv4Addr::new(10, 200, 3, 4))
+        );
+        // Wanted, but leased to another MAC: skipped too.
+        assert_eq!(
+            pick_address(
+                &s,
+                &leases,
+                &leased,
+                NEW,
+                Some(Ipv4Addr::new(10, 200, 3, 3))
+            ),
+            Some(Ipv4Addr::new(10, 200, 3, 4))
+        );
+        // Leased to this very MAC (its guest took it before): kept, whatever the case.
+        let own = vec![lease("52:54:00:00:00:AA", [10, 200, 3, 3])];
+        assert_eq!(
+            pick_address(&s, &leases, &own, NEW, None),
+            Some(Ipv4Addr::new(10, 200, 3, 3))
+        );
+    }
+
+    #[test]
+    fn when_every_free_address_is_still_leased_the_lowest_free_one_is_taken() {
+        let s = subnet();
+        let leases = vec![lease("52:54:00:00:00:01", [10, 200, 3, 2])];
+        let leased: Vec<DhcpHost> = (3..=6)
+            .map(|i| lease(&format!("52:54:00:00:01:0{i}"), [10, 200, 3, i]))
+            .collect();
+        assert_eq!(
+            pick_address(&s, &leases, &leased, NEW, None),
+            Some(Ipv4Addr::new(10, 200, 3, 3))
+        );
     }
 }

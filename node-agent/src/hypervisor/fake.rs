@@ -60,6 +60,8 @@ pub struct FakeDomain {
 struct State {
     domains: BTreeMap<String, FakeDomain>,
     networks: BTreeMap<String, Vec<DhcpHost>>,
+    /// The addresses each network's DHCP server counts as leased.
+    leased: BTreeMap<String, Vec<DhcpHost>>,
     /// Failures to return: (operation, error, remaining count; `None` for ever).
     failures: Vec<(Op, HypervisorError, Option<u32>)>,
     journal: Vec<String>,
@@ -130,6 +132,11 @@ impl FakeHypervisor {
     /// From now on guests ignore ACPI shutdown requests (only a destroy stops them).
     pub fn ignore_acpi(&self) {
         self.with(|s| s.ignore_acpi = true);
+    }
+
+    /// Makes network `network`'s DHCP server count `leases` as leased.
+    pub fn set_leased(&self, network: &str, leases: Vec<DhcpHost>) {
+        self.with(|s| s.leased.insert(network.to_string(), leases));
     }
 
     /// A job runs on domain `name` (or no longer).
@@ -596,6 +603,11 @@ impl Hypervisor for FakeHypervisor {
                     name: network.to_string(),
                 })
         })
+    }
+
+    async fn leased_addresses(&self, network: &str) -> Result<Vec<DhcpHost>> {
+        self.check(Op::Network)?;
+        Ok(self.with(|s| s.leased.get(network).cloned().unwrap_or_default()))
     }
 
     async fn migrate_out(&self, name: &str, out: &Outbound) -> Result<Migrated> {

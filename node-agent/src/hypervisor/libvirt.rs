@@ -420,6 +420,12 @@ impl Hypervisor for LibvirtHypervisor {
         .await
     }
 
+    async fn leased_addresses(&self, network: &str) -> Result<Vec<DhcpHost>> {
+        let network = network.to_string();
+        self.run("read dhcp leases", move |c| networks::leased(c, &network))
+            .await
+    }
+
     async fn job_running(&self, name: &str) -> Result<bool> {
         let name = name.to_string();
         self.run("read job", move |c| domains::job_running(c, &name))

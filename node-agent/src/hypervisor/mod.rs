@@ -297,6 +297,12 @@ pub trait Hypervisor: Send + Sync {
     /// The static DHCP leases in the network's definition.
     fn dhcp_hosts(&self, network: &str) -> impl Future<Output = Result<Vec<DhcpHost>>> + Send;
 
+    /// The addresses the network's DHCP server leased and still counts as leased, to whichever
+    /// MAC, whether or not that guest still runs (a destroyed guest never releases its lease);
+    /// empty where the driver cannot tell.
+    fn leased_addresses(&self, network: &str)
+    -> impl Future<Output = Result<Vec<DhcpHost>>> + Send;
+
     /// Moves running domain `name` live to another host ([`Outbound`]): peer to peer, with
     /// the domain's own definition but for its `<graphics>` (the target's), defined there and
     /// undefined here once it runs there. On an error the domain still runs here.

@@ -140,3 +140,24 @@ pub(super) fn remove(conn: &Connect, name: &str) -> Result<Change> {
     }
     Ok(Change::Done)
 }
+
+/// The addresses the network's dnsmasq leased and has not seen expire, with their MACs; empty
+/// where the driver keeps no leases (the test driver).
+pub(super) fn leased(conn: &Connect, network: &str) -> Result<Vec<DhcpHost>> {
+    let op = "read dhcp leases";
+    let net = lookup(conn, op, network)?;
+    let leases = match deskvirt_libvirt_ext::dhcp_leases(&net) {
+        Err(e) if has_code(&e, ErrorNumber::NoSupport) => return Ok(Vec::new()),
+        other => other.map_err(|e| map(op, ObjectKind::Network, network, &e))?,
+    };
+    // IPv6 leases (and anything unreadable) name no address of the pool's IPv4 subnet.
+    Ok(leases
+        .into_iter()
+        .filter_map(|l| {
+            Some(DhcpHost {
+                ip: l.ip.parse().ok()?,
+                mac: l.mac,
+            })
+        })
+        .collect())
+}
