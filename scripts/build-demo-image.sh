@@ -11,6 +11,9 @@
 #
 #   scripts/build-demo-image.sh [outdir]   (default ~/.cache/deskvirt/demo-image/current)
 #
+# outdir/demo-desktop.qcow2 is a link to the build under the cache, which is never changed
+# once made (a new build has a new key): resolve it (readlink -f) before cloning from it.
+# Runs as root.
 # Cached under ~/.cache/deskvirt/demo-image/<key>/ keyed by the package versions and this
 # script's layout version; a cached build takes well under a second. Prints the output dir.
 set -euo pipefail
@@ -27,6 +30,7 @@ BOOT_MIB=48
 log() { echo "[demo-image] $*" >&2; }
 die() { echo "[demo-image] error: $*" >&2; exit 1; }
 
+[ "$(id -u)" = 0 ] || die "run as root (the image's files are owned by root; mknod /dev/console)"
 for b in apt-cache apt-get dpkg-deb cpio gzip qemu-img sfdisk mkfs.fat mcopy syslinux \
   mkfs.ext4 openssl; do
   command -v "$b" >/dev/null 2>&1 || die "missing $b (run scripts/install-deps.sh)"
@@ -36,17 +40,18 @@ done
 . "$(dirname "$0")/lib/guest-packages.sh"
 resolve_guest_packages qga
 
+# The key covers this script and the shared steps too, so no edit is served from an old cache.
 key=$(printf '%s\n' "$LAYOUT" "$kernel_pkg=$kernel_ver" "busybox-static=$busybox_ver" \
-  "qemu-guest-agent=$qga_ver" "$(sha256sum "$SYSLINUX/mbr/mbr.bin" | cut -c1-16)" |
+  "qemu-guest-agent=$qga_ver" "$(sha256sum "$SYSLINUX/mbr/mbr.bin" | cut -c1-16)" \
+  "$(cat "$0" "$(dirname "$0")/lib/guest-packages.sh" | sha256sum | cut -c1-16)" |
   sha256sum | cut -c1-16)
 built=$CACHE/$key
 
+# The output is a link to the build, which never changes once made: a disk cloned from it
+# keeps its backing file when a later build (a new kernel, say) is published.
 publish() {
   mkdir -p "$OUT"
-  if ! cmp -s "$built/demo-desktop.qcow2" "$OUT/demo-desktop.qcow2"; then
-    cp -f "$built/demo-desktop.qcow2" "$OUT/demo-desktop.qcow2.tmp.$$"
-    mv -f "$OUT/demo-desktop.qcow2.tmp.$$" "$OUT/demo-desktop.qcow2"
-  fi
+  ln -sfn "$built/demo-desktop.qcow2" "$OUT/demo-desktop.qcow2"
   printf '%s\n' "$kernel_pkg=$kernel_ver" "busybox-static=$busybox_ver" \
     "qemu-guest-agent=$qga_ver" >"$OUT/VERSIONS"
   (cd "$OUT" && pwd)
@@ -162,7 +167,7 @@ mount -t tmpfs tmpfs /run
 mount -o remount,rw /
 hostname -F /etc/hostname
 ip link set lo up
-ip link set eth0 up 2>/dev/null && udhcpc -i eth0 -b -q -s /etc/udhcpc.script >/dev/null 2>&1
+ip link set eth0 up 2>/dev/null && udhcpc -i eth0 -b -s /etc/udhcpc.script >/dev/null 2>&1
 # The QEMU guest agent, on the port the domain names org.qemu.guest_agent.0 (no udev here to
 # make the /dev/virtio-ports link).
 for p in /sys/class/virtio-ports/*; do

@@ -38,7 +38,8 @@ done
 resolve_guest_packages qga
 
 key=$(printf '%s\n' "$LAYOUT" "$kernel_pkg=$kernel_ver" "busybox-static=$busybox_ver" \
-  "qemu-guest-agent=$qga_ver" |
+  "qemu-guest-agent=$qga_ver" \
+  "$(cat "$0" "$(dirname "$0")/lib/guest-packages.sh" | sha256sum | cut -c1-16)" |
   sha256sum | cut -c1-16)
 built=$CACHE/$key
 

@@ -57,7 +57,6 @@ cargo build --release --locked -p deskvirt-operator -p deskvirt-node-agent
 KUBECONFIG=$(scripts/control-plane.sh start)
 export KUBECONFIG
 scripts/libvirt.sh start
-DEMO_IMAGE=$(scripts/build-demo-image.sh)/demo-desktop.qcow2
 mkdir -p "$STATE" "$IMAGES" /var/lib/deskvirt/disks
 
 log "installing the deskvirt.io CRDs"
@@ -68,9 +67,22 @@ for ns in "$SYSTEM_NS" "$CONSOLE_NS" "$NS"; do
   kubectl get namespace "$ns" >/dev/null 2>&1 || kubectl create namespace "$ns" >/dev/null
 done
 
-image=${DESKVIRT_IMAGE:-$DEMO_IMAGE}
-[ -f "$image" ] || die "DESKVIRT_IMAGE=$image does not exist"
-ln -sf "$image" "$IMAGES/demo-desktop.qcow2"
+if [ -n "${DESKVIRT_IMAGE:-}" ]; then
+  image=$DESKVIRT_IMAGE
+  [ -f "$image" ] || die "DESKVIRT_IMAGE=$image does not exist"
+else
+  # The build itself, which never changes (the output dir holds a link to it).
+  image=$(readlink -f "$(scripts/build-demo-image.sh)/demo-desktop.qcow2")
+fi
+# Desktops are linked clones of the image's path: while any exists, the path keeps the file
+# they were cloned from (scripts/demo.sh stop deletes them; the next start takes the new one).
+link=$IMAGES/demo-desktop.qcow2
+if [ -e "$link" ] && [ "$(readlink -f "$link")" != "$(readlink -f "$image")" ] &&
+  [ -n "$(kubectl get desktops -n "$NS" -o name 2>/dev/null)" ]; then
+  log "keeping $link -> $(readlink -f "$link"): desktops in $NS were cloned from it"
+else
+  ln -sfn "$image" "$link"
+fi
 
 log "starting the operator and the node-agent (logs in $STATE)"
 stop_process deskvirt-operator

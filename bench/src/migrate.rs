@@ -69,21 +69,29 @@ pub async fn run_bench(n: usize) -> anyhow::Result<MigrateResult> {
         }))?;
         // The watches list before the POST, so every step is seen as it happens.
         let (listed_tx, listed_rx) = oneshot::channel();
-        let (t0_tx, t0_rx) = oneshot::channel();
+        let (posted_tx, posted_rx) = oneshot::channel();
         let watching = tokio::spawn(crate::migrate_hops::watch(
             migrations.clone(),
             w.desktops(),
             name.clone(),
             listed_tx,
-            t0_rx,
+            posted_rx,
             Duration::from_secs(120),
         ));
-        listed_rx
-            .await
-            .context("the migration's watches ended before listing")?;
+        if listed_rx.await.is_err() {
+            // The task ended before both watches listed: its own error says why.
+            watching.await??;
+            anyhow::bail!("the migration's watches ended before listing");
+        }
         let t0 = Instant::now();
-        migrations.create(&PostParams::default(), &m).await?;
-        let _ = t0_tx.send(t0);
+        let created = match migrations.create(&PostParams::default(), &m).await {
+            Ok(c) => c,
+            Err(e) => {
+                watching.abort();
+                return Err(e.into());
+            }
+        };
+        let _ = posted_tx.send((t0, created.metadata.uid.unwrap_or_default()));
         let (seen, done) = watching.await??;
         let took = seen[Hop::ALL.len() - 1].unwrap_or_else(|| t0.elapsed());
         let st = done.status.clone().unwrap_or_default();
@@ -101,7 +109,7 @@ pub async fn run_bench(n: usize) -> anyhow::Result<MigrateResult> {
         let t0 = Instant::now();
         virsh_migrate(&host_b, &plain_name, &["--auto-converge"])?;
         plain.push(t0.elapsed());
-        plain_job_ms.push(completed_job(&host_b, &plain_name));
+        plain_job_ms.extend(completed_job(&host_b, &plain_name));
         eprintln!(
             "[bench] migration {i}: deskvirt {}, virsh {}",
             secs(took),
@@ -207,18 +215,15 @@ pub(crate) fn virsh_migrate(host_b: &SecondHost, name: &str, extra: &[&str]) -> 
 }
 
 /// libvirt's job time and downtime, in ms, of the completed migration of `name` into host B
-/// (`virsh domjobinfo --completed`); zeros when unreadable.
-fn completed_job(host_b: &SecondHost, name: &str) -> (u64, u64) {
-    let text = host_b
-        .virsh(&["domjobinfo", "--completed", name])
-        .unwrap_or_default();
+/// (`virsh domjobinfo --completed`); `None` when unreadable (left out of the figures).
+fn completed_job(host_b: &SecondHost, name: &str) -> Option<(u64, u64)> {
+    let text = host_b.virsh(&["domjobinfo", "--completed", name]).ok()?;
     let ms = |key: &str| {
         text.lines()
             .find_map(|l| l.strip_prefix(key))
             .and_then(|v| v.split_whitespace().next()?.parse().ok())
-            .unwrap_or(0)
     };
-    (ms("Time elapsed:"), ms("Total downtime:"))
+    Some((ms("Time elapsed:")?, ms("Total downtime:")?))
 }
 
 /// Waits until the guest whose serial log is `log` printed its uptime (it booted).

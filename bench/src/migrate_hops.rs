@@ -4,6 +4,7 @@
 
 use std::time::{Duration, Instant};
 
+use deskvirt_crds::desktop::DesktopStatus;
 use deskvirt_crds::migration::{MigrationPhase, MigrationState};
 use deskvirt_crds::{Desktop, DesktopMigration};
 use futures::StreamExt;
@@ -75,15 +76,43 @@ fn seen<K>(event: Option<Result<Event<K>, watcher::Error>>, what: &str) -> anyho
     })
 }
 
+/// When each hop was first seen.
+#[derive(Default)]
+struct Marks(Vec<(Hop, Instant)>);
+
+impl Marks {
+    fn mark(&mut self, hop: Hop) {
+        if !self.0.iter().any(|(h, _)| *h == hop) {
+            self.0.push((hop, Instant::now()));
+        }
+    }
+
+    /// The hops the Desktop's status shows of migration `uid` (to host `target` once known).
+    fn desktop(&mut self, st: &DesktopStatus, uid: &str, target: Option<&str>) {
+        if st.migration.as_ref().is_some_and(|r| r.uid == uid) {
+            self.mark(Hop::Recorded);
+        }
+        if let Some(r) = st.migration_report.as_ref().filter(|r| r.uid == uid) {
+            self.mark(Hop::Started);
+            if r.state == MigrationState::Completed {
+                self.mark(Hop::Completed);
+            }
+        }
+        if target.is_some() && st.node.as_deref() == target {
+            self.mark(Hop::Bound);
+        }
+    }
+}
+
 /// Watches migration `name` and its desktop `name` until the migration is Succeeded or Failed
 /// (or `limit` passes). `listed` is sent once both watches listed (then the POST may go);
-/// `t0` is the POST's instant.
+/// `posted` carries the POST's instant and the migration's UID from its response.
 pub async fn watch(
     migrations: Api<DesktopMigration>,
     desktops: Api<Desktop>,
     name: String,
     listed: oneshot::Sender<()>,
-    t0: oneshot::Receiver<Instant>,
+    posted: oneshot::Receiver<(Instant, String)>,
     limit: Duration,
 ) -> anyhow::Result<(Steps, DesktopMigration)> {
     let by_name = watcher::Config::default().fields(&format!("metadata.name={name}"));
@@ -100,19 +129,25 @@ pub async fn watch(
             let _ = tx.send(());
         }
     };
-    let mut at: Vec<(Hop, Instant)> = Vec::new();
-    let mut mark = |hop: Hop| {
-        if !at.iter().any(|(h, _)| *h == hop) {
-            at.push((hop, Instant::now()));
-        }
-    };
-    // The migration's UID and target, once its status shows them.
-    let (mut uid, mut target): (Option<String>, Option<String>) = (None, None);
+    let mut marks = Marks::default();
+    // The POST's instant and the migration's UID, once the POST answered; the target once the
+    // migration's status shows it; the Desktop as last seen (read again once the UID is known).
+    let (mut post, mut target): (Option<(Instant, String)>, Option<String>) = (None, None);
+    let mut last_desktop: Option<DesktopStatus> = None;
+    let mut posted = Some(posted);
     let deadline = tokio::time::sleep(limit);
     tokio::pin!(deadline);
     let done = loop {
         tokio::select! {
             () = &mut deadline => anyhow::bail!("migration {name} did not end within {limit:?}"),
+            p = async { posted.as_mut()?.await.ok() }, if posted.is_some() => {
+                posted = None;
+                let Some(p) = p else { anyhow::bail!("the POST of migration {name} did not answer") };
+                if let Some(st) = &last_desktop {
+                    marks.desktop(st, &p.1, target.as_deref());
+                }
+                post = Some(p);
+            }
             m = ms.next() => {
                 let m = match seen(m, "migration")? {
                     Seen::Object(m) => m,
@@ -121,12 +156,11 @@ pub async fn watch(
                 };
                 let st = m.status.clone().unwrap_or_default();
                 if st.target.is_some() {
-                    uid = m.metadata.uid.clone();
                     target = st.target.clone();
-                    mark(Hop::Reserved);
+                    marks.mark(Hop::Reserved);
                 }
                 if m.phase().is_terminal() {
-                    mark(Hop::Succeeded);
+                    marks.mark(Hop::Succeeded);
                     break m;
                 }
             }
@@ -137,25 +171,21 @@ pub async fn watch(
                     Seen::Other => continue,
                 };
                 let st = d.status.unwrap_or_default();
-                if st.migration.as_ref().is_some_and(|r| Some(&r.uid) == uid.as_ref()) {
-                    mark(Hop::Recorded);
+                if let Some((_, uid)) = &post {
+                    marks.desktop(&st, uid, target.as_deref());
                 }
-                if let Some(r) = st.migration_report.as_ref().filter(|r| Some(&r.uid) == uid.as_ref()) {
-                    mark(Hop::Started);
-                    if r.state == MigrationState::Completed {
-                        mark(Hop::Completed);
-                    }
-                }
-                if target.is_some() && st.node == target {
-                    mark(Hop::Bound);
-                }
+                last_desktop = Some(st);
             }
         }
     };
-    let t0 = t0.await?;
+    let t0 = match post {
+        Some((t0, _)) => t0,
+        None => anyhow::bail!("migration {name} ended before its POST answered"),
+    };
     let mut seen: Steps = [None; 6];
     for (i, hop) in Hop::ALL.iter().enumerate() {
-        seen[i] = at
+        seen[i] = marks
+            .0
             .iter()
             .find(|(h, _)| h == hop)
             .map(|(_, t)| t.saturating_duration_since(t0));

@@ -30,7 +30,7 @@ copy_modules() {
   loaded=()
   mkdir -p "$dest"
   for m in "$@"; do
-    src=$(find "$moddir" \( -name "$m.ko" -o -name "$m.ko.xz" -o -name "$m.ko.zst" \) | head -1)
+    src=$(find "$moddir" \( -name "$m.ko" -o -name "$m.ko.xz" -o -name "$m.ko.zst" \) -print -quit)
     if [ -z "$src" ]; then
       if grep -qs "/$m.ko" "$moddir/modules.builtin"; then
         log "$m is built in"
@@ -57,9 +57,9 @@ fetch_guest_packages() {
   dpkg -x "$work/${kernel_pkg}_"*.deb "$work/kernel"
   dpkg -x "$work/busybox-static_"*.deb "$work/busybox"
   dpkg -x "$work/qemu-guest-agent_"*.deb "$work/qga"
-  vmlinuz=$(ls "$work"/kernel/boot/vmlinuz-* 2>/dev/null | head -1)
+  vmlinuz=$(find "$work/kernel/boot" -name 'vmlinuz-*' -print -quit 2>/dev/null || true)
   [ -n "$vmlinuz" ] || die "no kernel in $kernel_pkg"
-  moddir=$(ls -d "$work"/kernel/lib/modules/* 2>/dev/null | head -1)
+  moddir=$(find "$work/kernel/lib/modules" -mindepth 1 -maxdepth 1 -type d -print -quit 2>/dev/null || true)
   [ -n "$moddir" ] || die "no modules in $kernel_pkg"
 }
 

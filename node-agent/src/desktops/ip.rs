@@ -80,11 +80,14 @@ pub async fn pin<H: Hypervisor>(
     }
     leases.retain(|h| h.mac != mac);
     let wanted = wanted.and_then(|w| w.parse().ok());
-    let leased = ctx
-        .hypervisor
-        .leased_addresses(&inputs.name)
-        .await
-        .map_err(Pending::Failed)?;
+    // Advisory: unreadable, the address is picked from the static leases alone.
+    let leased = match ctx.hypervisor.leased_addresses(&inputs.name).await {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::warn!(network = %inputs.name, error = %e, "cannot read the network's DHCP leases; an address a deleted desktop's guest still holds may be pinned");
+            Vec::new()
+        }
+    };
     let Some(ip) = pick_address(&inputs.subnet, &leases, &leased, &mac, wanted) else {
         return Err(Pending::Wait(Cond::new(
             Status::False,
