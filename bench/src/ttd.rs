@@ -284,7 +284,11 @@ async fn capture(env: &Env, desktop: &str, port: u16) -> anyhow::Result<Template
     Ok(Template {
         xml,
         overlay,
-        backing: env.image_dir.join("debian-12.qcow2").display().to_string(),
+        backing: env
+            .image_dir
+            .join("demo-desktop.qcow2")
+            .display()
+            .to_string(),
         port,
         password,
     })
