@@ -207,12 +207,21 @@ async fn deskvirt_once(env: &Env, name: &str) -> anyhow::Result<(Duration, Socke
     api.create(&PostParams::default(), &desktop).await?;
     let mut password = None;
     let mut seen = Seen::default();
+    // The conditions last read, to say why a desktop never answered (a full host, say).
+    let mut why = String::new();
     loop {
         anyhow::ensure!(
             started.elapsed() < LIMIT,
-            "{name} not reachable in {LIMIT:?}"
+            "{name} not reachable in {LIMIT:?}; its conditions: {why}"
         );
         let d = api.get(name).await?;
+        why = d
+            .status
+            .iter()
+            .flat_map(|s| s.conditions.iter())
+            .map(|c| format!("{}={} {}: {}", c.type_, c.status, c.reason, c.message))
+            .collect::<Vec<_>>()
+            .join("; ");
         let at = started.elapsed();
         let st = d.status.clone().unwrap_or_default();
         let is_true = |t| deskvirt_crds::conditions::is_true(&st.conditions, t);
