@@ -1,7 +1,7 @@
 //! Keeps the DomainNode up to date: polls libvirt (connection and domain counts) every few
 //! seconds, re-reads host facts periodically and whenever the connection changes, and applies
 //! the agent's status only when it differs in more than timestamps (or has gone stale; a change
-//! of the domain counts alone at most every 30 s). Never
+//! of the domain counts alone at once after a quiet period, then at most every 30 s). Never
 //! changes any domain. Every libvirt and API call of a round has a deadline, so a round always
 //! ends and ticks the loop's liveness beat, even while libvirt hangs.
 
@@ -26,7 +26,8 @@ use crate::registration::{Owner, Registrar};
 pub const POLL_INTERVAL: Duration = Duration::from_secs(5);
 /// A report is re-applied at least this often, even when nothing changed.
 pub const MAX_REPORT_AGE: Duration = Duration::from_secs(600);
-/// A change of the domain counts alone is applied at most this often: they change with every
+/// A change of the domain counts alone is applied at most once per this period (the first one
+/// after a quiet period at once, so the first desktop on a host shows): they change with every
 /// domain started or stopped (40 in a minute when a class begins), nothing decides on them, and
 /// each write of the host's status is one more API call and one more watch event for every
 /// watcher of hosts.
@@ -64,6 +65,8 @@ struct State {
     /// Conditions on the server (read at each check, then what was applied).
     conditions: Vec<Condition>,
     published: Option<(DomainNodeStatus, Instant)>,
+    /// When a change of the domain counts alone was last written.
+    counts_written: Option<Instant>,
 }
 
 /// Runs until the future is dropped. `on_libvirt` is told the connection state after each
@@ -95,6 +98,7 @@ pub async fn run<H: Hypervisor>(
         owner_checked: None,
         conditions: Vec::new(),
         published: None,
+        counts_written: None,
     };
     let mut ticker = tokio::time::interval(config.poll_interval);
     ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
@@ -223,9 +227,11 @@ async fn publish(
         .published
         .as_ref()
         .map(|(last, at)| (last, now.duration_since(*at)));
-    if !report_due(last, &status) {
+    let counts_age = state.counts_written.map(|at| now.duration_since(at));
+    if !report_due(last, counts_age, &status) {
         return Ok(());
     }
+    let counts_only = last.is_some_and(|(last, _)| counts_alone(last, &status));
     match registrar.apply_status(&status).await {
         Err(e) if e.is_not_found() => {
             // Deleted under us: register again at the next tick.
@@ -236,6 +242,9 @@ async fn publish(
         Ok(()) => {
             tracing::debug!(domains = ?status.domains, "host status reported");
             state.conditions = status.conditions.clone();
+            if counts_only {
+                state.counts_written = Some(now);
+            }
             state.published = Some((status, now));
             Ok(())
         }
@@ -244,9 +253,15 @@ async fn publish(
 
 /// Whether `status` is to be applied, over `last` applied that long ago (`None`: nothing applied
 /// yet): when anything but the timestamps changed, except a change of the domain counts alone,
-/// which waits until [`COUNTS_EVERY`] has passed since the last write; and every
-/// [`MAX_REPORT_AGE`] in any case.
-fn report_due(last: Option<(&DomainNodeStatus, Duration)>, status: &DomainNodeStatus) -> bool {
+/// which goes at once only when no such change was written in the last [`COUNTS_EVERY`]
+/// (`counts_age`: since the last one; `None`: never) and waits for that otherwise; and every
+/// [`MAX_REPORT_AGE`] in any case. So the first desktop to start on a quiet host shows in
+/// `kubectl get domainnodes` at once, and a burst costs one write per period.
+fn report_due(
+    last: Option<(&DomainNodeStatus, Duration)>,
+    counts_age: Option<Duration>,
+    status: &DomainNodeStatus,
+) -> bool {
     let Some((last, age)) = last else {
         return true;
     };
@@ -256,11 +271,16 @@ fn report_due(last: Option<(&DomainNodeStatus, Duration)>, status: &DomainNodeSt
     if !differs(last, status) {
         return false;
     }
+    !counts_alone(last, status) || counts_age.is_none_or(|a| a >= COUNTS_EVERY)
+}
+
+/// Whether `status` differs from `last` in the domain counts and in nothing else.
+fn counts_alone(last: &DomainNodeStatus, status: &DomainNodeStatus) -> bool {
     let counts_as_before = DomainNodeStatus {
         domains: last.domains,
         ..status.clone()
     };
-    differs(last, &counts_as_before) || age >= COUNTS_EVERY
+    differs(last, status) && !differs(last, &counts_as_before)
 }
 
 /// Whether the object carries the owner reference to `owner` (trivially true without one).
@@ -292,31 +312,41 @@ mod tests {
     #[test]
     fn a_change_of_the_domain_counts_alone_waits_for_its_period() {
         let s = Duration::from_secs;
-        assert!(report_due(None, &counted(0)), "the first report");
+        assert!(report_due(None, None, &counted(0)), "the first report");
         let last = counted(1);
-        assert!(!report_due(Some((&last, s(1))), &counted(1)), "nothing new");
         assert!(
-            !report_due(Some((&last, s(5))), &counted(2)),
-            "counts alone, soon"
+            !report_due(Some((&last, s(1))), None, &counted(1)),
+            "nothing new"
+        );
+        // The first change of the counts alone on a quiet host goes at once.
+        assert!(
+            report_due(Some((&last, s(5))), None, &counted(2)),
+            "counts alone, the first"
         );
         assert!(
-            report_due(Some((&last, COUNTS_EVERY)), &counted(2)),
-            "counts, due"
+            report_due(Some((&last, s(5))), Some(COUNTS_EVERY), &counted(2)),
+            "counts alone, the last such write a period ago"
+        );
+        assert!(
+            !report_due(Some((&last, s(5))), Some(s(5)), &counted(2)),
+            "counts alone, soon after another"
         );
         // Anything else goes at once, with the counts it has.
         let mut facts = counted(2);
         facts.memory = Some("16Gi".into());
-        assert!(report_due(Some((&last, s(1))), &facts));
+        assert!(report_due(Some((&last, s(1))), Some(s(1)), &facts));
+        assert!(!counts_alone(&last, &facts));
+        assert!(counts_alone(&last, &counted(2)));
         let mut stamped = counted(1);
         stamped.last_report_time = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
             Timestamp::UNIX_EPOCH,
         ));
         assert!(
-            !report_due(Some((&last, s(1))), &stamped),
+            !report_due(Some((&last, s(1))), None, &stamped),
             "a timestamp alone"
         );
         assert!(
-            report_due(Some((&last, MAX_REPORT_AGE)), &counted(1)),
+            report_due(Some((&last, MAX_REPORT_AGE)), Some(s(1)), &counted(1)),
             "too old"
         );
     }
