@@ -766,6 +766,12 @@ pub fn boot_writing(mib: u64, octal: &str) -> serde_json::Value {
                       "cmdline": format!("console=ttyS0 deskvirt.write={mib} deskvirt.byte={octal}") } })
 }
 
+/// The serial log of domain `domain` of this machine's libvirt (the agent's
+/// `domain::serial_log_path`; the tests do not link the agent).
+pub fn serial_log(domain: &str) -> PathBuf {
+    PathBuf::from(format!("/var/log/libvirt/qemu/{domain}-serial.log"))
+}
+
 /// The guest's uptimes in its serial log, in order (its `DESKVIRT-GUEST-READY` lines).
 pub fn guest_uptimes(log: &Path) -> anyhow::Result<Vec<f64>> {
     Ok(serial_values(log, "DESKVIRT-GUEST-READY uptime=")?

@@ -11,14 +11,13 @@
 //!
 //! Run: `cargo test -p deskvirt-tests --test address_reuse -- --nocapture`.
 
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use deskvirt_crds::desktop::Phase;
 use deskvirt_tests::host::eventually;
 use deskvirt_tests::world::{
-    World, create_pool, domain_of, guest_addresses, guest_in_phase, setup,
+    World, create_pool, domain_of, guest_addresses, guest_in_phase, serial_log, setup,
 };
 use kube::api::DeleteParams;
 use serde_json::json;
@@ -28,7 +27,7 @@ use serde_json::json;
 async fn addresses(w: &World, name: &str) -> anyhow::Result<(String, String)> {
     let desktops = w.desktops();
     let domain = domain_of(&desktops, &w.user_ns.name, name).await?;
-    let log = PathBuf::from(format!("/var/log/libvirt/qemu/{domain}-serial.log"));
+    let log = serial_log(&domain);
     let took = eventually(
         Duration::from_secs(120),
         &format!("{name}'s guest took an address"),

@@ -151,7 +151,7 @@ async fn helm_install_apply_connect_survive_and_delete() -> anyhow::Result<()> {
     // The example boots from its disk to a login: on the serial console, and on the screen a
     // SPICE client shows (read back by OCR), not SeaBIOS's "No bootable device".
     let domain = domain_of(&w.desktops(), &w.user_ns.name, "alice").await?;
-    let serial = std::path::PathBuf::from(format!("/var/log/libvirt/qemu/{domain}-serial.log"));
+    let serial = deskvirt_tests::world::serial_log(&domain);
     eventually(
         Duration::from_secs(180),
         "login: on alice's serial console",
