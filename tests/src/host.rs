@@ -2,10 +2,11 @@
 //! project's scripts, the workspace binaries built and located, free ports, and child
 //! processes that die with the test.
 
+use std::collections::BTreeSet;
 use std::net::{Ipv4Addr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::OnceLock;
+use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -89,7 +90,16 @@ pub fn free_port() -> anyhow::Result<u16> {
 /// kernel's ephemeral range: a port in that range may become the local port of any outgoing
 /// connection (a watch lives as long as its process), and QEMU then cannot listen on it for
 /// the whole test (an e2e burst desktop failed so for 10 minutes).
+///
+/// A port is handed out once per test process: a port free now is not listened on until the
+/// caller starts what uses it, and a later call must not hand it out again (an agent's metrics
+/// endpoint once took the port its test had just picked for a SPICE range, and the desktop
+/// could not start for the whole test).
 pub fn free_port_range(count: u16) -> anyhow::Result<u16> {
+    static HANDED: Mutex<BTreeSet<u16>> = Mutex::new(BTreeSet::new());
+    let mut handed = HANDED
+        .lock()
+        .map_err(|_| anyhow::anyhow!("the record of handed-out ports is poisoned"))?;
     let ephemeral = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
         .ok()
         .and_then(|s| s.split_whitespace().next()?.parse::<u16>().ok())
@@ -108,9 +118,10 @@ pub fn free_port_range(count: u16) -> anyhow::Result<u16> {
     for i in 0..200u32 {
         let offset = seed.wrapping_add(i.wrapping_mul(7_919)) % span;
         let first = low + u16::try_from(offset).unwrap_or_default();
-        let all_free =
-            (first..first + count).all(|p| TcpListener::bind((Ipv4Addr::UNSPECIFIED, p)).is_ok());
+        let all_free = (first..first + count)
+            .all(|p| !handed.contains(&p) && TcpListener::bind((Ipv4Addr::UNSPECIFIED, p)).is_ok());
         if all_free {
+            handed.extend(first..first + count);
             return Ok(first);
         }
     }

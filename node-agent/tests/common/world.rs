@@ -296,10 +296,14 @@ impl World {
                 }
                 last = d.status;
             }
-            anyhow::ensure!(
-                Instant::now() < deadline,
-                "timed out waiting for {what} on {name}; last status: {last:#?}"
-            );
+            if Instant::now() >= deadline {
+                let port = last.as_ref().and_then(|s| s.spice.as_ref()?.port);
+                anyhow::bail!(
+                    "timed out waiting for {what} on {name}; last status: {last:#?}\n\
+                     listeners on its SPICE port:\n{}",
+                    port.map(listeners).unwrap_or_default()
+                );
+            }
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
     }
@@ -310,6 +314,16 @@ impl World {
             .await?
             .ok_or_else(|| anyhow::anyhow!("{domain} has no QEMU PID"))
     }
+}
+
+/// Who listens on `port` on this host (`ss`), for a timeout's message.
+fn listeners(port: u16) -> String {
+    let filter = format!("sport = :{port}");
+    std::process::Command::new("ss")
+        .args(["-Htanp", &filter])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_else(|e| format!("ss: {e}"))
 }
 
 pub fn cond_is(d: &Desktop, type_: &str, status: &str, reason: Option<&str>) -> bool {
