@@ -8,6 +8,7 @@ pub mod allocators;
 pub mod backup;
 pub mod drain;
 pub mod idle;
+pub mod images;
 pub mod migration;
 pub mod names;
 pub mod phase;

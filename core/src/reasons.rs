@@ -328,6 +328,23 @@ impl MigrationReason {
     }
 }
 
+reasons! {
+    /// Reasons of a DesktopImage's `Ready` condition.
+    ImageReason {
+        /// Every Ready host of the target pools holds a verified copy.
+        Distributed,
+        /// Some hosts are still fetching (or have not started).
+        Copying,
+        /// A host could not make a verified copy (the message names it and why).
+        CopyFailed,
+        /// No host of the target pools has joined (or none is Ready).
+        NoHosts,
+        /// The source may not be used from this namespace: a URL import only in the images
+        /// namespace.
+        SourceNotAllowed,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -76,6 +76,10 @@ pub const MANAGER_OPERATOR_DRAIN: &str = "deskvirt-operator-drain";
 pub const MANAGER_OPERATOR_INCOMING: &str = "deskvirt-operator-incoming";
 /// Field manager of the host's answers to them (`DomainNode.status.prepared`).
 pub const MANAGER_AGENT_INCOMING: &str = "deskvirt-node-agent-incoming";
+/// Field manager of a host's copies of DesktopImages (`DomainNode.status.images`).
+pub const MANAGER_AGENT_IMAGE: &str = "deskvirt-node-agent-image";
+/// Field manager of the operator's DesktopImage status.
+pub const MANAGER_OPERATOR_IMAGE: &str = "deskvirt-operator-image";
 /// Label on the DesktopMigrations a drain makes: the label value of the draining host's name.
 pub const LABEL_DRAIN: &str = "deskvirt.io/drain";
 /// Annotation on those migrations: the draining host's full name.
@@ -88,6 +92,10 @@ pub const ANNOTATION_MIGRATION: &str = "deskvirt.io/migration";
 /// Namespace of the heartbeat Leases, one per host, named after the host. It is deskvirt's
 /// system namespace, where the leader Lease lives too.
 pub const LEASE_NAMESPACE_DEFAULT: &str = "deskvirt-system";
+
+/// The images namespace: only DesktopImages here may import from a URL, and a Desktop of any
+/// namespace may use them. Only administrators hold rights in it.
+pub const IMAGES_NAMESPACE_DEFAULT: &str = "deskvirt-images";
 
 /// Namespace of the console password mirrors, apart from the system namespace so that the
 /// agents' Secret read grant reaches no ServiceAccount token.
@@ -216,6 +224,15 @@ pub mod scheduled_reason {
     /// `spec.disk.restoreFrom` names a backup that cannot be restored (yet): missing, not
     /// Succeeded, its chain broken, on another base image or outside the pool's backup dir.
     pub const RESTORE_UNAVAILABLE: &str = "RestoreUnavailable";
+    /// `spec.disk.imageRef` names a DesktopImage of a namespace that is neither the Desktop's
+    /// nor the images namespace.
+    pub const IMAGE_NOT_ALLOWED: &str = "ImageNotAllowed";
+    /// `spec.disk.imageRef` names no DesktopImage.
+    pub const IMAGE_NOT_FOUND: &str = "ImageNotFound";
+    /// The DesktopImage is not copied to the Desktop's pool.
+    pub const IMAGE_NOT_IN_POOL: &str = "ImageNotInPool";
+    /// No host of the pool holds a verified copy of the image's version yet.
+    pub const IMAGE_NOT_READY: &str = "ImageNotReady";
 }
 
 /// Reasons of a ResourcePool's `Ready` and `Degraded` conditions set from its spec alone.

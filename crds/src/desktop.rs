@@ -126,9 +126,15 @@ pub enum CloneMode {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct DiskSpec {
-    /// File name of the base image inside the pool's `storage.imageDir`.
+    /// File name of a base image placed by hand inside the pool's `storage.imageDir` on every
+    /// host (no checksum, no placement filter). Exactly one of `image` and `imageRef`.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     #[schemars(regex(pattern = FILE_NAME), length(min = 1, max = 255))]
     pub image: String,
+    /// A DesktopImage to clone from: the desktop is placed only on a host holding a verified
+    /// copy of it, and its disk is a clone of that copy. Exactly one of `image` and `imageRef`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_ref: Option<crate::image::ImageRef>,
     /// Virtual size of the desktop's disk; at least the base image's size. Unset keeps the
     /// image's size.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -326,6 +332,11 @@ pub struct DesktopStatus {
     /// it; the host defines the domain with this size, never with a larger `spec`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub allocation: Option<Allocation>,
+    /// The DesktopImage version the disk is (or will be) a clone of (operator), pinned when the
+    /// desktop is bound: the host clones from this file and checks its copy against this sum,
+    /// never from the spec, so a later version of the image leaves this disk alone.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<crate::image::ImagePin>,
     /// The vCPUs and memory the desktop's running domain really has (agent); unset while no
     /// domain runs. Until a restart this may differ from `allocation`, and the host is charged
     /// the larger of the two.
@@ -406,6 +417,20 @@ pub struct Size {
 }
 
 impl Desktop {
+    /// The base image the disk clones, relative to the pool's `storage.imageDir`: `spec.disk.image`,
+    /// or for `spec.disk.imageRef` the version the operator pinned (`status.image`), once pinned
+    /// and well formed (the file the pin's UID and version name, nothing else).
+    pub fn base_image(&self) -> Option<String> {
+        if !self.spec.disk.image.is_empty() {
+            return Some(self.spec.disk.image.clone());
+        }
+        self.spec.disk.image_ref.as_ref()?;
+        let pin = self.status.as_ref()?.image.as_ref()?;
+        (crate::image::is_managed_file(&pin.file)
+            && pin.file == crate::image::image_file(&pin.uid, pin.version))
+        .then(|| pin.file.clone())
+    }
+
     /// The pool the desktop belongs to: the one its binding was made in, else `spec.pool`.
     pub fn pool(&self) -> &str {
         self.status

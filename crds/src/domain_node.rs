@@ -180,6 +180,13 @@ pub struct DomainNodeStatus {
     #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["migration"]))]
     #[schemars(length(max = 64))]
     pub prepared: Vec<PreparedDisk>,
+    /// The host's copies of DesktopImages of its pool (agent, field manager
+    /// `deskvirt-node-agent-image`), one per image UID: the operator copies each into the
+    /// image's status and places Desktops that use an image only where its copy is Ready.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["uid"]))]
+    #[schemars(length(max = 256))]
+    pub images: Vec<crate::image::HostImage>,
     /// LibvirtConnected (agent), Ready and Schedulable (operator), Drained (operator, while
     /// `spec.drain` is set).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]

@@ -7,6 +7,7 @@ pub mod conditions;
 pub mod constants;
 pub mod desktop;
 pub mod domain_node;
+pub mod image;
 pub mod migration;
 pub mod paths;
 pub mod read;
@@ -23,6 +24,7 @@ pub use backup::{
 };
 pub use desktop::{Desktop, DesktopSpec, DesktopStatus};
 pub use domain_node::{DomainNode, DomainNodeSpec, DomainNodeStatus};
+pub use image::{DesktopImage, DesktopImageSpec, DesktopImageStatus};
 pub use migration::{
     DesktopMigration, DesktopMigrationSpec, DesktopMigrationStatus, Migrating, MigrationEndpoint,
     MigrationReport,
@@ -46,6 +48,7 @@ pub fn crds() -> Vec<CustomResourceDefinition> {
         DesktopMigration::crd(),
         DesktopBackup::crd(),
         DesktopRestore::crd(),
+        DesktopImage::crd(),
     ];
     for crd in &mut crds {
         for version in &mut crd.spec.versions {

@@ -5,7 +5,9 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use clap::Parser;
-use deskvirt_crds::constants::{CONSOLE_NAMESPACE_DEFAULT, LEASE_NAMESPACE_DEFAULT};
+use deskvirt_crds::constants::{
+    CONSOLE_NAMESPACE_DEFAULT, IMAGES_NAMESPACE_DEFAULT, LEASE_NAMESPACE_DEFAULT,
+};
 use deskvirt_crds::quantity::parse_duration;
 use deskvirt_runtime::api::ApiTimeouts;
 use deskvirt_runtime::logging::LogFormat;
@@ -26,6 +28,12 @@ pub struct Config {
     /// node-agents read; keep nothing else there (see `CONSOLE_MIRROR_PREFIX`).
     #[arg(long, env = "DESKVIRT_CONSOLE_NAMESPACE", default_value = CONSOLE_NAMESPACE_DEFAULT)]
     pub console_namespace: String,
+
+    /// The images namespace: only DesktopImages there may import from a URL (a URL a tenant
+    /// controls could reach inside the cluster), and Desktops of every namespace may use them.
+    /// Only administrators should hold rights there.
+    #[arg(long, env = "DESKVIRT_IMAGES_NAMESPACE", default_value = IMAGES_NAMESPACE_DEFAULT)]
+    pub images_namespace: String,
 
     /// Namespaces whose Desktops get their `<desktop>-console` Secret, comma-separated. The
     /// operator holds Secret rights only there (one Role each, chart value

@@ -9,7 +9,9 @@ use deskvirt_crds::constants::{LABEL_NODE, console_mirror_name};
 use deskvirt_crds::domain_node::OrphanDomain;
 use deskvirt_crds::names::label_value;
 use deskvirt_crds::read::FromPoolSpec;
-use deskvirt_crds::{Desktop, DesktopBackup, DesktopMigration, DomainNode, ResourcePool};
+use deskvirt_crds::{
+    Desktop, DesktopBackup, DesktopImage, DesktopMigration, DomainNode, ResourcePool,
+};
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{Namespace, ResourceQuota, Secret};
 use k8s_openapi::jiff::Timestamp;
@@ -42,6 +44,8 @@ pub struct Stores {
     pub migrations: Store<DesktopMigration>,
     /// DesktopBackups in every namespace.
     pub backups: Store<DesktopBackup>,
+    /// DesktopImages in every namespace.
+    pub images: Store<DesktopImage>,
     pub leases: Store<Lease>,
     /// Console password mirrors in the operator's namespace.
     pub mirrors: Store<Secret>,
@@ -66,6 +70,7 @@ pub struct Stores {
     pub mirror_changes: Changes<Secret>,
     pub namespace_changes: Changes<Namespace>,
     pub quota_changes: Changes<ResourceQuota>,
+    pub image_changes: Changes<DesktopImage>,
 }
 
 impl Stores {
@@ -111,6 +116,11 @@ impl Stores {
         let (backups, i) = reflect_touching(Api::all(client.clone()), cfg(), move |b, t| {
             touched.record(b, t);
         });
+        let image_changes = Changes::default();
+        let touched = image_changes.clone();
+        let (images, j) = reflect_touching(Api::all(client.clone()), cfg(), move |m, t| {
+            touched.record(m, t);
+        });
         let (leases, d) = reflect(
             Api::namespaced(client.clone(), namespace),
             watcher::Config::default(),
@@ -144,7 +154,7 @@ impl Stores {
         );
         let drive = async move {
             tokio::select! {
-                _ = futures::future::join5(futures::future::join5(a, b, c, d, e), f, g, h, i) => {}
+                _ = futures::future::join5(futures::future::join5(a, b, c, d, e), f, g, h, futures::future::join(i, j)) => {}
                 () = stopped(stop) => {}
             }
         };
@@ -154,6 +164,7 @@ impl Stores {
             desktops,
             migrations,
             backups,
+            images,
             leases,
             mirrors,
             console: console_namespace.to_string(),
@@ -169,6 +180,7 @@ impl Stores {
             mirror_changes,
             namespace_changes,
             quota_changes,
+            image_changes,
         };
         (stores, drive)
     }
@@ -192,6 +204,7 @@ impl Stores {
             desktops: store(desktops),
             migrations: store(vec![]),
             backups: store(vec![]),
+            images: store(vec![]),
             leases: store(vec![]),
             mirrors: store(vec![]),
             console: console_namespace.to_string(),
@@ -207,6 +220,7 @@ impl Stores {
             mirror_changes: Changes::default(),
             namespace_changes: Changes::default(),
             quota_changes: Changes::default(),
+            image_changes: Changes::default(),
         }
     }
 
@@ -238,6 +252,7 @@ impl Stores {
             && self.mirrors.wait_until_ready().await.is_ok()
             && self.namespaces.wait_until_ready().await.is_ok()
             && self.quotas.wait_until_ready().await.is_ok()
+            && self.images.wait_until_ready().await.is_ok()
     }
 
     pub fn pool(&self, name: &str) -> Option<Arc<ResourcePool>> {
@@ -779,6 +794,9 @@ pub struct Context {
     pub pool_status: Coalescer,
     /// Until when this replica may commit (see [`crate::fence`]); set by the elector.
     pub fence: Fence,
+    /// The images namespace: only DesktopImages there import from a URL, and a Desktop of any
+    /// namespace may use them.
+    pub images_namespace: String,
     /// Test only: a pause between deciding a binding and writing it.
     pub test_bind_delay: Option<Duration>,
     /// How many migrations run at once and how long they may wait.
@@ -828,6 +846,7 @@ impl Context {
             ledgers: tokio::sync::Mutex::new(Ledgers::default()),
             pool_status: Coalescer::new(POOL_STATUS_INTERVAL),
             fence: Fence::default(),
+            images_namespace: deskvirt_crds::constants::IMAGES_NAMESPACE_DEFAULT.to_string(),
             test_bind_delay: None,
             migrations: MigrationSettings::default(),
             reconciles: Reconciles::default(),

@@ -15,7 +15,7 @@ use tokio::sync::watch;
 use crate::coalesce::Coalescer;
 use crate::config::Config;
 use crate::context::{Context, Namespaces, Reconciles, Stores};
-use crate::controllers::{backup, desktop, domain_node, drain, migration, resource_pool};
+use crate::controllers::{backup, desktop, domain_node, drain, image, migration, resource_pool};
 use crate::fence::Fence;
 use crate::leader::{self, Elector};
 use crate::metrics::Metrics;
@@ -90,6 +90,7 @@ pub async fn run(
     ctx.pool_status = Coalescer::new(config.pool_status_interval);
     ctx.fence = Fence::new(config.leader_clock_skew, ctx.metrics.fenced_writes.clone());
     ctx.test_bind_delay = config.test_bind_delay;
+    ctx.images_namespace = config.images_namespace.clone();
     ctx.migrations = crate::context::MigrationSettings {
         limits: deskvirt_core::migration::Limits {
             per_pool: config.migrations_per_pool,
@@ -135,6 +136,7 @@ pub async fn run(
             backup::schedule::run(ctx.clone(), stop.clone()),
             domain_node::run(ctx.clone(), sel.clone(), stop.clone()),
             drain::run(ctx.clone(), sel.clone(), stop.clone()),
+            image::run(ctx.clone(), sel.clone(), stop.clone()),
             resource_pool::run(ctx.clone(), sel, stop.clone()),
             sweep::run(ctx.clone(), config.mirror_sweep_interval, stop.clone()),
         );

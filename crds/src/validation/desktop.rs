@@ -21,7 +21,18 @@ pub fn read_desktop(
 ) -> Result<ValidDesktop, Vec<FieldError>> {
     let mut e = Errors::default();
     let memory = positive_bytes(&mut e, "spec.memory", &spec.memory);
-    e.check("spec.disk.image", paths::check_file_name(&spec.disk.image));
+    match (spec.disk.image.is_empty(), &spec.disk.image_ref) {
+        (false, None) => e.check("spec.disk.image", paths::check_file_name(&spec.disk.image)),
+        (true, Some(_)) => {}
+        (true, None) => e.add(
+            "spec.disk.image",
+            "set one of spec.disk.image and spec.disk.imageRef".to_string(),
+        ),
+        (false, Some(_)) => e.add(
+            "spec.disk.imageRef",
+            "set only one of spec.disk.image and spec.disk.imageRef".to_string(),
+        ),
+    }
     let disk_size = spec
         .disk
         .size

@@ -7,6 +7,7 @@ pub mod backup;
 pub mod desktop;
 pub mod domain_node;
 pub mod drain;
+pub mod image;
 pub mod migration;
 pub mod resource_pool;
 

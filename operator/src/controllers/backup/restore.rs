@@ -94,12 +94,12 @@ pub fn chain_for(
         }
         if i == 0 && st.kind != Some(Kind::Full) {
             let base = st.base_image.unwrap_or_default();
-            let image = base.rsplit('/').next().unwrap_or_default();
-            if image != d.spec.disk.image {
+            let image = d.base_image().unwrap_or_default();
+            if image.is_empty() || !base.ends_with(&format!("/{image}")) {
                 return Err(format!(
                     "backup {layer} holds changes to base image {base}, and the desktop's \
-                     spec.disk.image is {}",
-                    d.spec.disk.image
+                     base image is {image:?} (spec.disk.image, or the pinned DesktopImage \
+                     version)"
                 ));
             }
         }

@@ -9,6 +9,7 @@ use deskvirt_crds::conditions::{self, Status};
 use deskvirt_crds::constants::condition::SCHEDULED;
 use deskvirt_crds::constants::scheduled_reason::INVALID_POOL;
 use deskvirt_crds::desktop::{Allocation, Phase};
+use deskvirt_crds::image::ImagePin;
 use deskvirt_crds::read::FromPoolSpec;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::ResourceExt;
@@ -52,6 +53,8 @@ enum Placement {
         bound: Bound,
         /// The reservation was made by this pass (not kept from an earlier one).
         fresh: bool,
+        /// The image version its disk clones, for a desktop with `imageRef`.
+        image: Option<ImagePin>,
     },
 }
 
@@ -66,7 +69,7 @@ pub(super) async fn bind(pass: &Pass<'_>) -> Result<Action, Error> {
         .as_ref()
         .map(|s| s.conditions.clone())
         .unwrap_or_default();
-    let (host, bound, fresh) = match place(pass, &prev).await {
+    let (host, bound, fresh, image) = match place(pass, &prev).await {
         Placement::Later(delay) => return Ok(Action::requeue(delay)),
         Placement::Unschedulable {
             reason,
@@ -94,7 +97,12 @@ pub(super) async fn bind(pass: &Pass<'_>) -> Result<Action, Error> {
             }
             return Ok(retry.map_or_else(Action::await_change, Action::requeue));
         }
-        Placement::Reserved { host, bound, fresh } => (host, bound, fresh),
+        Placement::Reserved {
+            host,
+            bound,
+            fresh,
+            image,
+        } => (host, bound, fresh, image),
     };
 
     let mut want = current.clone();
@@ -108,6 +116,9 @@ pub(super) async fn bind(pass: &Pass<'_>) -> Result<Action, Error> {
         .map(|_| secret_name(&d.name_any()));
     want.phase = Phase::Scheduled;
     want.generation = gen_;
+    if image.is_some() {
+        want.image = image;
+    }
     want.allocation = Some(Allocation {
         pool: d.spec.pool.clone(),
         cpu: d.spec.cpu,
@@ -223,6 +234,10 @@ async fn place(pass: &Pass<'_>, prev: &[Condition]) -> Placement {
         Ok(None) => return Placement::Later(Duration::from_secs(1)),
         Err(r) => return unschedulable(r.reason, r.message, r.retry),
     };
+    let for_image = match super::image::image_hosts(d, ctx) {
+        Ok(hosts) => hosts,
+        Err(r) => return unschedulable(r.reason, r.message, r.retry),
+    };
     let mut index = PoolIndex::new();
     if let Some(p) = &pool {
         index.apply(&d.spec.pool, PoolPolicy::from_spec(&p.spec));
@@ -265,6 +280,14 @@ async fn place(pass: &Pass<'_>, prev: &[Condition]) -> Placement {
                 }
                 _ => vec![],
             };
+            // A desktop cloning from an image goes only where a verified copy is.
+            let hosts = match &for_image {
+                Some(image) => hosts
+                    .into_iter()
+                    .filter(|h| image.hosts.contains(h.name.as_ref()))
+                    .collect(),
+                None => hosts,
+            };
             match schedule(&d.spec.pool, &index, &request, &hosts) {
                 Ok(decision) => decision.host.name.to_string(),
                 // Capacity changes arrive as DomainNode and ResourcePool events.
@@ -288,6 +311,7 @@ async fn place(pass: &Pass<'_>, prev: &[Condition]) -> Placement {
             host,
             bound,
             fresh: reserved.is_none(),
+            image: for_image.map(|i| i.pin),
         },
         Err(e) => unschedulable(e.category(), e.to_string(), Some(Duration::from_secs(300))),
     }

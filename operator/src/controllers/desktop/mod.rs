@@ -16,6 +16,7 @@ mod console;
 mod drain;
 mod duplicate;
 mod idle;
+mod image;
 mod keep;
 mod size;
 mod status;

@@ -10,6 +10,7 @@ use deskvirt_crds::constants::{FINALIZER_OPERATOR, LABEL_NODE, LABEL_POOL, MANAG
 use deskvirt_crds::desktop::{
     Allocation, Desktop, DesktopStatus, Move, Phase, Reclaimed, SpiceStatus, Wake,
 };
+use deskvirt_crds::image::ImagePin;
 use deskvirt_crds::names::label_value;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use k8s_openapi::jiff::Timestamp;
@@ -84,6 +85,7 @@ pub(super) struct Owned {
     pub wake: Option<Wake>,
     pub last_move: Option<Move>,
     pub allocation: Option<Allocation>,
+    pub image: Option<ImagePin>,
 }
 
 impl Owned {
@@ -115,6 +117,7 @@ impl Owned {
             wake: st.wake.clone(),
             last_move: st.last_move.clone(),
             allocation: st.allocation.clone(),
+            image: st.image.clone(),
         }
     }
 
@@ -192,7 +195,7 @@ impl Owned {
             .collect();
         conditions.sort();
         let text = format!(
-            "{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{conditions:?}",
+            "{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{conditions:?}",
             self.phase,
             self.node,
             self.port,
@@ -202,7 +205,8 @@ impl Owned {
             self.reclaimed,
             self.wake,
             self.last_move,
-            self.allocation
+            self.allocation,
+            self.image
         );
         fnv1a64(text.as_bytes())
     }
@@ -218,6 +222,7 @@ impl Owned {
             && self.wake == o.wake
             && self.last_move == o.last_move
             && self.allocation == o.allocation
+            && self.image == o.image
             && !conditions::differ_ignoring_time(&self.conditions, &o.conditions)
     }
 
@@ -241,6 +246,7 @@ impl Owned {
             wake: self.wake.clone(),
             last_move: self.last_move.clone(),
             allocation: self.allocation.clone(),
+            image: self.image.clone(),
             ..DesktopStatus::default()
         }
     }

@@ -33,8 +33,15 @@ pub fn host_key(n: &DomainNode) -> u64 {
         .flat_map(|s| s.orphans.iter())
         .map(|o| (&o.uid, o.running, o.cpu, &o.memory, o.spice_port, &o.mac))
         .collect();
+    // A Ready copy of an image lets the desktops waiting for it go there.
+    let images: Vec<_> = st
+        .iter()
+        .flat_map(|s| s.images.iter())
+        .filter(|i| i.phase == deskvirt_crds::image::CopyPhase::Ready)
+        .map(|i| (&i.uid, i.version))
+        .collect();
     let text = format!(
-        "{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{orphans:?}",
+        "{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{orphans:?}|{images:?}",
         n.spec.unschedulable,
         n.spec.maintenance,
         n.spec.drain,

@@ -56,7 +56,7 @@ fn request(m_uid: &str, d: &Desktop) -> Option<IncomingDisk> {
         desktop: format!("{ns}/{}", d.name_any()),
         desktop_uid: uid,
         file: format!("{domain}.qcow2"),
-        image: d.spec.disk.image.clone(),
+        image: d.base_image()?,
         clone: d.spec.disk.clone,
         size_bytes: d
             .spec

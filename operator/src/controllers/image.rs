@@ -1,0 +1,410 @@
+//! The DesktopImage controller: cuts the version hosts copy (the next number whenever the
+//! source changes; a URL import only in the images namespace), and copies each target host's
+//! report of its copy (that host's own DomainNode `status.images`, from nowhere else: agents
+//! cannot write DesktopImages) into the image's status, with `Ready` once every Ready host of the
+//! target pools holds a verified copy. The write is skipped when nothing but times changed.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use deskvirt_core::images::{self, HostCopy, ImageReason};
+use deskvirt_crds::conditions::{self, Status, condition};
+use deskvirt_crds::constants::MANAGER_OPERATOR_IMAGE;
+use deskvirt_crds::constants::condition::READY;
+use deskvirt_crds::image::{
+    CopyPhase, DesktopImage, DesktopImageStatus, HostImage, ImageCopy, image_file,
+};
+use deskvirt_crds::{DomainNode, names::fnv1a64};
+use k8s_openapi::jiff::Timestamp;
+use kube::runtime::controller::Action;
+use kube::runtime::events::EventType;
+use kube::runtime::reflector::ObjectRef;
+use kube::{Api, ResourceExt};
+use tokio::sync::watch;
+
+use super::{
+    Categorized, StatusApply, apply_status_as, drive, kube_transient, on_leadership, watch_config,
+};
+use crate::context::{Context, stopped};
+use crate::heartbeat::Heartbeat;
+
+const NAME: &str = "desktopimage";
+
+/// How often an image looks again without a change: a host whose heartbeat lapses is no longer
+/// waited for.
+const RECHECK: Duration = Duration::from_secs(60);
+
+/// Why a DesktopImage reconcile failed.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot apply image status")]
+    Apply(#[source] kube::Error),
+}
+
+impl Categorized for Error {
+    fn category(&self) -> &'static str {
+        "KubeApi"
+    }
+    fn is_transient(&self) -> bool {
+        match self {
+            Error::Apply(e) => kube_transient(e),
+        }
+    }
+}
+
+/// Runs the controller until `stop` flips.
+pub async fn run(ctx: Arc<Context>, selector: String, stop: watch::Receiver<bool>) {
+    let client = ctx.client.clone();
+    let images = ctx.stores.images.clone();
+    let controller = deskvirt_runtime::cache::controller(
+        Api::<DesktopImage>::all(client),
+        watch_config(&selector),
+    )
+    // A host's report of its copies (or its joining a pool) wakes the images of its pool.
+    .watches_stream(ctx.stores.node_changes.stream_by_key(node_key), move |n| {
+        let pool = n.status.as_ref().and_then(|s| s.pool.clone());
+        images
+            .state()
+            .iter()
+            .filter(|i| pool.as_ref().is_some_and(|p| i.spec.pools.contains(p)))
+            .map(|i| ObjectRef::from_obj(i.as_ref()))
+            .collect::<Vec<_>>()
+    })
+    .reconcile_all_on(on_leadership(ctx.leader.clone()))
+    .graceful_shutdown_on(stopped(stop.clone()))
+    .run(
+        reconcile,
+        |i, e, c| super::error_policy(NAME, &i, e, &c),
+        ctx,
+    );
+    drive(NAME, controller, stop).await;
+}
+
+/// What an image's status reads of a host, hashed: its pool, heartbeat-relevant conditions and
+/// its copies' versions and phases (not their percent, which the status does not gate on).
+fn node_key(n: &DomainNode) -> u64 {
+    let st = n.status.as_ref();
+    let copies: Vec<_> = st
+        .iter()
+        .flat_map(|s| s.images.iter())
+        .map(|i| {
+            (
+                &i.uid,
+                i.version,
+                i.phase,
+                i.percent.map(|p| p / 10),
+                &i.reason,
+            )
+        })
+        .collect();
+    let text = format!(
+        "{:?}|{:?}|{copies:?}",
+        st.and_then(|s| s.pool.as_ref()),
+        st.map(|s| conditions::find(&s.conditions, READY).map(|c| c.status.clone())),
+    );
+    fnv1a64(text.as_bytes())
+}
+
+#[tracing::instrument(skip_all, fields(image = %image.name_any()))]
+pub async fn reconcile(image: Arc<DesktopImage>, ctx: Arc<Context>) -> Result<Action, Error> {
+    ctx.metrics.reconciled(NAME);
+    if !ctx.is_leader() || image.metadata.deletion_timestamp.is_some() {
+        return Ok(Action::await_change());
+    }
+    let now = Timestamp::now();
+    let old = image.status.clone().unwrap_or_default();
+    let nodes = ctx.stores.nodes.state();
+    let want = plan(
+        &image,
+        &ctx.images_namespace,
+        &nodes,
+        |n| matches!(ctx.heartbeat(n, now), Heartbeat::Fresh { .. }),
+        now,
+    );
+    if !differs(&old, &want) {
+        return Ok(Action::requeue(RECHECK));
+    }
+    let (name, ns) = (image.name_any(), image.namespace());
+    let api: Api<DesktopImage> =
+        Api::namespaced(ctx.client.clone(), ns.as_deref().unwrap_or_default());
+    let body = StatusApply::new::<DesktopImage>(&name, ns.as_deref(), &want)
+        .guarded(image.metadata.resource_version.as_deref());
+    apply_status_as(&api, &body, MANAGER_OPERATOR_IMAGE)
+        .await
+        .map_err(Error::Apply)?;
+    let reason_of = |s: &DesktopImageStatus| {
+        conditions::find(&s.conditions, READY).map(|c| (c.status.clone(), c.reason.clone()))
+    };
+    if old.version != want.version
+        && let Some(v) = want.version
+    {
+        let note = format!(
+            "version {v} cut from the source; hosts fetch {}",
+            want.file.as_deref().unwrap_or_default()
+        );
+        ctx.event(image.as_ref(), EventType::Normal, "VersionCut", "Cut", note)
+            .await;
+    }
+    if reason_of(&old) != reason_of(&want)
+        && let Some(c) = conditions::find(&want.conditions, READY)
+    {
+        let type_ = if c.status == "True" || c.reason == ImageReason::Copying.as_str() {
+            EventType::Normal
+        } else {
+            EventType::Warning
+        };
+        ctx.event(
+            image.as_ref(),
+            type_,
+            &c.reason,
+            "Distribute",
+            c.message.clone(),
+        )
+        .await;
+    }
+    Ok(Action::requeue(RECHECK))
+}
+
+/// The image's status from its spec, its current status and the hosts: pure, so tests build
+/// the inputs.
+pub fn plan(
+    image: &DesktopImage,
+    images_namespace: &str,
+    nodes: &[Arc<DomainNode>],
+    host_ready: impl Fn(&str) -> bool,
+    now: Timestamp,
+) -> DesktopImageStatus {
+    let old = image.status.clone().unwrap_or_default();
+    let prev = &old.conditions;
+    let gen_ = image.metadata.generation;
+    let name = image.name_any();
+    let ns = image.namespace().unwrap_or_default();
+    let uid = image.uid().unwrap_or_default();
+    if !images::may_import_url(&ns, images_namespace) {
+        let message = format!(
+            "spec.source.http: only DesktopImages of the images namespace {images_namespace} may \
+             import from a URL (a URL a tenant controls could reach inside the cluster); ask an \
+             administrator to import it there"
+        );
+        return DesktopImageStatus {
+            conditions: vec![condition(
+                prev,
+                READY,
+                Status::False,
+                ImageReason::SourceNotAllowed.as_str(),
+                message,
+                gen_,
+                now,
+            )],
+            observed_generation: gen_,
+            ..old
+        };
+    }
+    let same = old.source.as_ref() == Some(&image.spec.source);
+    let version = images::version_for(old.version, same);
+    let mut copies = Vec::new();
+    let mut facts = Vec::new();
+    let mut sizes = None;
+    for n in nodes {
+        let Some(pool) = n.status.as_ref().and_then(|s| s.pool.clone()) else {
+            continue;
+        };
+        if !image.spec.pools.contains(&pool) {
+            continue;
+        }
+        let node = n.name_any();
+        let report: Option<&HostImage> = n.status.as_ref().and_then(|s| {
+            s.images
+                .iter()
+                .find(|i| i.uid == uid && i.version == version)
+        });
+        let phase = report.map_or(CopyPhase::Pending, |r| r.phase);
+        if phase == CopyPhase::Ready && sizes.is_none() {
+            sizes = report.map(|r| (r.bytes, r.virtual_bytes));
+        }
+        facts.push(HostCopy {
+            node: node.clone(),
+            host_ready: host_ready(&node),
+            phase,
+            reason: report.and_then(|r| r.reason.clone()),
+        });
+        copies.push(ImageCopy {
+            node,
+            pool,
+            phase,
+            percent: report
+                .and_then(|r| r.percent)
+                .filter(|_| phase == CopyPhase::Copying),
+            reason: report.and_then(|r| r.reason.clone()),
+            message: report.and_then(|r| r.message.clone()),
+        });
+    }
+    copies.sort_by(|a, b| a.node.cmp(&b.node));
+    copies.truncate(1000);
+    let summary = images::summarize(&format!("{ns}/{name}"), version, &facts);
+    let status = if summary.holds {
+        Status::True
+    } else {
+        Status::False
+    };
+    let (actual_bytes, virtual_bytes) = sizes.unwrap_or((old.actual_bytes, old.virtual_bytes));
+    DesktopImageStatus {
+        version: Some(version),
+        file: Some(image_file(&uid, version)),
+        source: Some(image.spec.source.clone()),
+        hosts: Some(format!("{}/{}", summary.ready, summary.total)),
+        actual_bytes: if same {
+            actual_bytes
+        } else {
+            sizes.and_then(|s| s.0)
+        },
+        virtual_bytes: if same {
+            virtual_bytes
+        } else {
+            sizes.and_then(|s| s.1)
+        },
+        copies,
+        conditions: vec![condition(
+            prev,
+            READY,
+            status,
+            summary.reason.as_str(),
+            summary.message,
+            gen_,
+            now,
+        )],
+        observed_generation: gen_,
+    }
+}
+
+/// Whether `new` says anything `old` does not, transition times aside.
+fn differs(old: &DesktopImageStatus, new: &DesktopImageStatus) -> bool {
+    let strip = |s: &DesktopImageStatus| DesktopImageStatus {
+        conditions: vec![],
+        ..s.clone()
+    };
+    strip(old) != strip(new) || conditions::differ_ignoring_time(&old.conditions, &new.conditions)
+}
+
+/// The hosts where version `version` of the image with UID `uid` is Ready, as they report.
+pub fn ready_hosts(nodes: &[Arc<DomainNode>], uid: &str, version: u32) -> Vec<String> {
+    nodes
+        .iter()
+        .filter(|n| {
+            n.status.as_ref().is_some_and(|s| {
+                s.images
+                    .iter()
+                    .any(|i| i.uid == uid && i.version == version && i.phase == CopyPhase::Ready)
+            })
+        })
+        .map(|n| n.name_any())
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use deskvirt_crds::DomainNodeStatus;
+    use deskvirt_crds::image::{DesktopImageSpec, HttpSource, ImageSource};
+
+    fn image(ns: &str) -> DesktopImage {
+        let mut i = DesktopImage::new(
+            "lab",
+            DesktopImageSpec {
+                source: ImageSource {
+                    http: HttpSource {
+                        url: "http://origin/lab.qcow2".into(),
+                        sha256: "a".repeat(64),
+                    },
+                },
+                pools: vec!["p".into()],
+            },
+        );
+        i.metadata.namespace = Some(ns.into());
+        i.metadata.uid = Some("u1".into());
+        i.metadata.generation = Some(1);
+        i
+    }
+
+    fn node(name: &str, pool: &str, copies: Vec<HostImage>) -> Arc<DomainNode> {
+        let mut n = DomainNode::new(name, Default::default());
+        n.status = Some(DomainNodeStatus {
+            pool: Some(pool.into()),
+            images: copies,
+            ..Default::default()
+        });
+        Arc::new(n)
+    }
+
+    fn copy(version: u32, phase: CopyPhase) -> HostImage {
+        HostImage {
+            sha256: (phase == CopyPhase::Ready).then(|| "a".repeat(64)),
+            bytes: Some(10),
+            virtual_bytes: Some(20),
+            ..HostImage::new("u1", "deskvirt-images/lab", version, phase)
+        }
+    }
+
+    #[test]
+    fn copies_come_from_each_host_of_the_pools_and_ready_waits_for_all() {
+        let nodes = vec![
+            node("a", "p", vec![copy(1, CopyPhase::Ready)]),
+            node("b", "p", vec![copy(1, CopyPhase::Copying)]),
+            node("c", "other", vec![copy(1, CopyPhase::Ready)]),
+        ];
+        let st = plan(
+            &image("deskvirt-images"),
+            "deskvirt-images",
+            &nodes,
+            |_| true,
+            Timestamp::UNIX_EPOCH,
+        );
+        assert_eq!(st.version, Some(1));
+        assert_eq!(st.file.as_deref(), Some("managed/u1/v1.qcow2"));
+        assert_eq!(st.hosts.as_deref(), Some("1/2"));
+        assert_eq!(st.copies.len(), 2);
+        assert_eq!(st.actual_bytes, Some(10));
+        assert_eq!(st.conditions[0].reason, "Copying");
+        assert_eq!(ready_hosts(&nodes, "u1", 1), ["a", "c"]);
+    }
+
+    #[test]
+    fn a_tenant_url_import_is_refused_and_cuts_no_version() {
+        let st = plan(
+            &image("team-a"),
+            "deskvirt-images",
+            &[],
+            |_| true,
+            Timestamp::UNIX_EPOCH,
+        );
+        assert_eq!(st.version, None);
+        assert_eq!(st.conditions[0].reason, "SourceNotAllowed");
+        assert!(st.conditions[0].message.contains("spec.source.http"));
+    }
+
+    #[test]
+    fn a_new_source_cuts_the_next_version_and_old_reports_do_not_count() {
+        let mut img = image("deskvirt-images");
+        let mut old = plan(
+            &img,
+            "deskvirt-images",
+            &[],
+            |_| true,
+            Timestamp::UNIX_EPOCH,
+        );
+        old.version = Some(3);
+        img.status = Some(old);
+        img.spec.source.http.sha256 = "b".repeat(64);
+        let nodes = vec![node("a", "p", vec![copy(3, CopyPhase::Ready)])];
+        let st = plan(
+            &img,
+            "deskvirt-images",
+            &nodes,
+            |_| true,
+            Timestamp::UNIX_EPOCH,
+        );
+        assert_eq!(st.version, Some(4));
+        assert_eq!(st.file.as_deref(), Some("managed/u1/v4.qcow2"));
+        assert_eq!(st.hosts.as_deref(), Some("0/1"));
+    }
+}
