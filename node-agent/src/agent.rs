@@ -1,7 +1,8 @@
 //! Wires the agent together: waits for the API server, then runs the heartbeat, the
-//! inventory loop and the Desktop controller side by side; readiness follows "API server
-//! reached and libvirt answers"; liveness follows the heartbeat and inventory loops' progress
-//! (each must complete a round within twice its worst case, every call of it timing out).
+//! inventory loop, the Desktop controller and the image copies side by side; readiness
+//! follows "API server reached and libvirt answers"; liveness follows the heartbeat and
+//! inventory loops' progress (each must complete a round within twice its worst case, every
+//! call of it timing out).
 //! Dropping the future stops everything without touching any domain; only the Desktop
 //! controller changes domains, and only as Desktops ask.
 
@@ -14,6 +15,7 @@ use kube::Client;
 use crate::desktops::{self, DesktopConfig, DesktopContext};
 use crate::heartbeat::{self, HeartbeatConfig};
 use crate::hypervisor::{Backoff, Hypervisor};
+use crate::images::{self, ImagesConfig};
 use crate::inventory::{self, InventoryConfig};
 use crate::metrics::Metrics;
 use crate::registration::Registrar;
@@ -33,6 +35,8 @@ pub struct AgentConfig {
     pub inventory: InventoryConfig,
     /// Desktop controller settings.
     pub desktops: DesktopConfig,
+    /// DesktopImage copy settings.
+    pub images: ImagesConfig,
     /// Labels kept on the DomainNode.
     pub node_labels: std::collections::BTreeMap<String, String>,
     /// The deadline of one libvirt call (for the inventory loop's liveness allowance).
@@ -149,6 +153,7 @@ pub async fn run<H: Hypervisor + Clone + 'static>(
             desktops::inbound::run(Arc::clone(&ctx), INBOUND_CHECK),
             desktops::incoming::run(Arc::clone(&ctx), INCOMING_CHECK),
             desktops::backup_removal::run(Arc::clone(&ctx)),
+            images::run(Arc::clone(&ctx), config.images),
             desktops::orphans::run(ctx, orphan_sweep)
         );
     };

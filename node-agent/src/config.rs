@@ -8,7 +8,9 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
-use deskvirt_crds::constants::{CONSOLE_NAMESPACE_DEFAULT, LEASE_NAMESPACE_DEFAULT};
+use deskvirt_crds::constants::{
+    CONSOLE_NAMESPACE_DEFAULT, IMAGES_NAMESPACE_DEFAULT, LEASE_NAMESPACE_DEFAULT,
+};
 use deskvirt_crds::domain_node::Hypervisor as DomainType;
 use deskvirt_runtime::logging::LogFormat;
 
@@ -103,6 +105,20 @@ pub struct Config {
     /// another host are undefined, others reported).
     #[arg(long, env = "DESKVIRT_REFRESH_INTERVAL", default_value = "60s", value_parser = parse_interval)]
     pub refresh_interval: Duration,
+
+    /// The images namespace: DesktopImages with an http source are copied onto this host only
+    /// from there (elsewhere they are ignored, with a warning).
+    #[arg(long, env = "DESKVIRT_IMAGES_NAMESPACE", default_value = IMAGES_NAMESPACE_DEFAULT)]
+    pub images_namespace: String,
+
+    /// How many DesktopImage copies (fetches, or checks of a file found in place) run at once.
+    #[arg(long, env = "DESKVIRT_IMAGE_COPIES", default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub image_copies: u16,
+
+    /// How long after a failed DesktopImage copy it is tried again; the wait doubles with
+    /// each failure, up to 10 minutes.
+    #[arg(long, env = "DESKVIRT_IMAGE_RETRY", default_value = "30s", value_parser = parse_interval)]
+    pub image_retry: Duration,
 
     /// Address of the /healthz, /readyz and /metrics endpoint.
     #[arg(long, env = "DESKVIRT_METRICS_ADDR", default_value = "0.0.0.0:8081")]
@@ -304,6 +320,9 @@ mod tests {
         assert_eq!(c.lease_namespace, "deskvirt-system");
         assert_eq!(c.metrics_addr.port(), 8081);
         assert_eq!(c.activity_interval, Duration::from_secs(10));
+        assert_eq!(c.images_namespace, "deskvirt-images");
+        assert_eq!(c.image_copies, 2);
+        assert_eq!(c.image_retry, Duration::from_secs(30));
         assert_eq!(
             c.managed_save_dir,
             PathBuf::from("/var/lib/libvirt/qemu/save")
@@ -318,6 +337,17 @@ mod tests {
         assert_eq!(c.domain_type(), DomainType::Qemu);
         assert_eq!(c.address().to_string(), "10.0.0.5");
         assert_eq!(c.heartbeat_interval, Duration::from_secs(1));
+        let c = Config::try_parse_from([
+            "agent",
+            "--node-name=h3",
+            "--images-namespace=golden",
+            "--image-copies=4",
+            "--image-retry=500ms",
+        ])?;
+        assert_eq!(c.images_namespace, "golden");
+        assert_eq!(c.image_copies, 4);
+        assert_eq!(c.image_retry, Duration::from_millis(500));
+        assert!(Config::try_parse_from(["agent", "--node-name=h", "--image-copies=0"]).is_err());
         Ok(())
     }
 

@@ -22,6 +22,9 @@ pub enum DiskError {
     /// The base image named by the Desktop is not in the pool's image directory.
     #[error("base image {path} does not exist on this host")]
     BaseMissing { path: String },
+    /// The DesktopImage version the desktop is pinned to has no verified copy on this host.
+    #[error("base image {path} is not a verified copy on this host: {why}")]
+    BaseUnverified { path: String, why: String },
     /// `qemu-img` refused or failed.
     #[error("qemu-img {op} failed for {path}: {message}")]
     Tool {
@@ -82,7 +85,7 @@ impl DiskError {
     /// Short category for metrics, conditions and logs.
     pub fn reason(&self) -> &'static str {
         match self {
-            Self::BaseMissing { .. } => "BaseImageMissing",
+            Self::BaseMissing { .. } | Self::BaseUnverified { .. } => "BaseImageMissing",
             Self::Tool { .. } => "DiskPreparationFailed",
             Self::Timeout { .. } => "DiskToolTimeout",
             Self::Io { .. } => "DiskIoFailed",
@@ -124,6 +127,9 @@ pub struct DiskPlan {
     pub adopt: bool,
     /// The backup chain to make the disk from instead of an empty clone.
     pub restore: Option<RestorePlan>,
+    /// Why the base may not be cloned now (a DesktopImage version without a verified copy
+    /// here); a disk that exists already is kept.
+    pub unverified: Option<String>,
 }
 
 /// A backup chain a disk is made from.
@@ -352,6 +358,12 @@ pub async fn prepare(qemu_img: &str, plan: &DiskPlan, fresh: bool) -> Result<Pre
         return Err(DiskError::NotOurs {
             path: plan.target.display().to_string(),
             owner: format!("Desktop UID {other}"),
+        });
+    }
+    if let Some(why) = &plan.unverified {
+        return Err(DiskError::BaseUnverified {
+            path: plan.base.display().to_string(),
+            why: why.clone(),
         });
     }
     match tokio::fs::metadata(&plan.base).await {
@@ -761,25 +773,7 @@ mod tests {
     const UID: &str = "0b7e9a4c-1111-4222-8333-444455556666";
     const OTHER: &str = "9f2c1d3e-aaaa-4bbb-8ccc-ddddeeeeffff";
 
-    /// A scratch directory removed at drop.
-    struct Scratch(PathBuf);
-
-    impl Scratch {
-        fn new(tag: &str) -> Self {
-            // Only characters the path rules accept (no `ThreadId(3)`).
-            let dir =
-                std::env::temp_dir().join(format!("deskvirt-disks-{tag}-{}", std::process::id()));
-            let _ = std::fs::remove_dir_all(&dir);
-            std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("{e}"));
-            Self(dir)
-        }
-    }
-
-    impl Drop for Scratch {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
+    use crate::images::testkit::Scratch;
 
     #[tokio::test]
     async fn a_disk_made_for_a_copy_is_empty_in_the_desktops_layout_and_never_over_a_file() {
@@ -847,6 +841,7 @@ mod tests {
                 owner: UID.into(),
                 adopt: false,
                 restore: None,
+                unverified: None,
             };
             let got = prepare("qemu-img", &plan, true).await;
             assert!(matches!(got, Ok(Prepared::Created)), "{got:?}");
@@ -878,6 +873,7 @@ mod tests {
             owner: UID.into(),
             adopt: true,
             restore: None,
+            unverified: None,
         };
         for fresh in [false, true] {
             let got = prepare("qemu-img", &plan, fresh).await;
@@ -909,6 +905,7 @@ mod tests {
             owner: UID.into(),
             adopt: false,
             restore: None,
+            unverified: None,
         };
         let got = prepare("qemu-img", &plan, false).await;
         assert!(matches!(got, Err(DiskError::NotOurs { .. })), "{got:?}");
@@ -1019,6 +1016,7 @@ mod tests {
             owner: UID.into(),
             adopt: false,
             restore: None,
+            unverified: None,
         };
         let err = prepare("qemu-img", &plan, false).await;
         assert!(

@@ -1,5 +1,6 @@
 //! The deskvirt node-agent: joins its host to the cluster as a DomainNode, keeps a heartbeat
-//! Lease, and turns the Desktops bound to its host into libvirt domains.
+//! Lease, turns the Desktops bound to its host into libvirt domains, and copies the
+//! DesktopImages of its pool onto the host.
 #![forbid(unsafe_code)]
 
 pub mod agent;
@@ -11,6 +12,7 @@ pub mod domain;
 pub mod heartbeat;
 pub mod host_memory;
 pub mod hypervisor;
+pub mod images;
 pub mod inventory;
 pub mod metrics;
 pub mod paths;

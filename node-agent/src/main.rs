@@ -15,6 +15,7 @@ use deskvirt_node_agent::domain::inputs::domain_type_str;
 use deskvirt_node_agent::heartbeat::HeartbeatConfig;
 use deskvirt_node_agent::hypervisor::libvirt::Deadlines;
 use deskvirt_node_agent::hypervisor::{Backoff, LibvirtHypervisor};
+use deskvirt_node_agent::images::ImagesConfig;
 use deskvirt_node_agent::inventory::{InventoryConfig, POLL_INTERVAL};
 use deskvirt_node_agent::metrics::Metrics;
 use deskvirt_runtime::health::Health;
@@ -120,6 +121,12 @@ async fn run(config: Config) -> anyhow::Result<()> {
             activity_interval: config.activity_interval,
             takes_migrations: config.migration().is_some(),
             inbound_ready,
+        },
+        images: ImagesConfig {
+            namespace: config.images_namespace.clone(),
+            copies: usize::from(config.image_copies),
+            retry: config.image_retry,
+            qemu_img_timeout: config.qemu_img_timeout,
         },
         node_labels: config.node_labels.clone(),
         libvirt_timeout: config.libvirt_timeout,

@@ -1,7 +1,8 @@
 //! The agent's Prometheus metrics (`deskvirt_agent_*`), all with low-cardinality labels: the
 //! heartbeat counters, the libvirt connection gauge, domains per state, and the idle
-//! reclamation gauges (SPICE sessions, suspended desktops), and how long each step of a
-//! Desktop pass takes.
+//! reclamation gauges (SPICE sessions, suspended desktops), how long each step of a
+//! Desktop pass takes, and the DesktopImage copies (bytes fetched, copies running, failures by
+//! reason; never by image).
 
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -110,7 +111,16 @@ pub struct Metrics {
     /// Reconciles of Desktops labelled for this host that the operator has not bound here
     /// (not yet, moved away, or a label, finalizer or status set by someone else): left alone.
     pub unbound_desktops: Counter,
+    /// Bytes of DesktopImage files fetched over HTTP(S).
+    pub image_fetched_bytes: Counter,
+    /// DesktopImage copies (fetches or checks of a file in place) running now.
+    pub image_copies_active: Gauge,
+    /// DesktopImage copies that failed, by reason ([`crate::images::REASONS`]).
+    pub image_copy_failures: Family<ReasonLabel, Counter>,
 }
+
+/// Label set of `deskvirt_agent_image_copy_failures`: the reason.
+pub type ReasonLabel = [(&'static str, &'static str); 1];
 
 /// The `result` label of a reconcile.
 pub type ResultLabel = [(&'static str, &'static str); 1];
@@ -180,8 +190,28 @@ impl Metrics {
             "Time each step of a Desktop pass took, by step (finalizer, inputs, locate, address, observe, execute, status); a step that failed is not counted",
             metrics.steps.0.clone(),
         );
+        registry.register(
+            "image_fetched_bytes",
+            "Bytes of DesktopImage files fetched over HTTP(S)",
+            metrics.image_fetched_bytes.clone(),
+        );
+        registry.register(
+            "image_copies_active",
+            "DesktopImage copies (fetches, or checks of a file found in place) running now",
+            metrics.image_copies_active.clone(),
+        );
+        registry.register(
+            "image_copy_failures",
+            "DesktopImage copies that failed, by reason",
+            metrics.image_copy_failures.clone(),
+        );
         for state in STATES {
             metrics.domains.get_or_create(&[("state", state)]).set(0);
+        }
+        for reason in crate::images::REASONS {
+            let _ = metrics
+                .image_copy_failures
+                .get_or_create(&[("reason", reason)]);
         }
         (metrics, registry)
     }
@@ -242,6 +272,14 @@ mod tests {
         let mut out = String::new();
         prometheus_client::encoding::text::encode(&mut out, &registry)?;
         assert!(out.contains("deskvirt_agent_domains{state=\"running\"} 0"));
+        assert!(
+            out.contains("deskvirt_agent_image_fetched_bytes_total 0"),
+            "{out}"
+        );
+        assert!(out.contains("deskvirt_agent_image_copies_active 0"));
+        assert!(
+            out.contains("deskvirt_agent_image_copy_failures_total{reason=\"ChecksumMismatch\"} 0")
+        );
         Ok(())
     }
 

@@ -8,7 +8,7 @@
 //! the short path of [`super::held`] instead; a disk that saved memory refers to is never
 //! replaced.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use deskvirt_crds::Desktop;
@@ -340,7 +340,10 @@ async fn observe<H: Hypervisor>(
         Err(e) if e.is_not_found() => None,
         Err(e) => return Err(e.into()),
     };
-    let disk = inputs.disk_plan(d, uid, adopt);
+    let mut disk = inputs.disk_plan(d, uid, adopt);
+    if disk.unverified.is_none() {
+        disk.unverified = unverified_image(ctx, d, &disk.base);
+    }
     let mut ran_elsewhere = false;
     if let Some(s) = current
         .as_mut()
@@ -370,6 +373,32 @@ async fn observe<H: Hypervisor>(
         disk,
         adopt,
     })
+}
+
+/// Why the DesktopImage version `d` is pinned to may not be cloned here (`None`: it may, or
+/// `d` names a hand-placed image): this host must hold a verified copy of exactly that
+/// version, at `base`, with the pinned SHA-256.
+fn unverified_image<H>(ctx: &DesktopContext<H>, d: &Desktop, base: &Path) -> Option<String> {
+    d.spec.disk.image_ref.as_ref()?;
+    let pin = d.status.as_ref()?.image.as_ref()?;
+    match ctx.images.ready_copy(&pin.uid, pin.version) {
+        Some(c) if c.sha256 == pin.sha256 && c.path == base => None,
+        Some(c) if c.sha256 != pin.sha256 => Some(format!(
+            "this host's copy of {} v{} has SHA-256 {}, the desktop is pinned to {}",
+            pin.image, pin.version, c.sha256, pin.sha256
+        )),
+        Some(c) => Some(format!(
+            "this host's copy of {} v{} is {}, not {}",
+            pin.image,
+            pin.version,
+            c.path.display(),
+            base.display()
+        )),
+        None => Some(format!(
+            "{} v{} has no verified copy on this host yet",
+            pin.image, pin.version
+        )),
+    }
 }
 
 /// What this pass does: the power step, and whether the disk is a fresh clone.

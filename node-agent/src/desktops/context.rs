@@ -1,6 +1,7 @@
 //! What every Desktop reconcile shares: configuration, the API client and libvirt, caches of
 //! the pools, this host's DomainNode and the Desktops bound here, the Event recorder, and the
-//! small per-desktop memory of what was last applied (so unchanged work is skipped).
+//! small per-desktop memory of what was last applied (so unchanged work is skipped), and the
+//! host's DesktopImage copies as the image loop last reported them.
 
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
@@ -75,6 +76,9 @@ pub struct DesktopContext<H> {
     memory: Mutex<Memory>,
     /// Serializes changes to the host's libvirt networks (static DHCP leases).
     pub network_lock: tokio::sync::Mutex<()>,
+    /// This host's DesktopImage copies, kept by the image loop ([`crate::images`]): a clone
+    /// is made only from a copy [`crate::images::Holdings::ready_copy`] finds.
+    pub images: crate::images::Holdings,
 }
 
 /// How long a status the agent wrote is taken to be on its way to the cache: a pass that
@@ -183,6 +187,7 @@ impl<H> DesktopContext<H> {
             reconciles: Work::unwatched(),
             memory: Mutex::new(Memory::default()),
             network_lock: tokio::sync::Mutex::new(()),
+            images: crate::images::Holdings::default(),
         }
     }
 

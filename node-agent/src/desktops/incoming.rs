@@ -106,10 +106,9 @@ async fn prepare<H>(ctx: &DesktopContext<H>, dirs: &Dirs, want: &IncomingDisk) -
         message,
         image_bytes: None,
     };
-    let (Ok(()), Ok(())) = (
-        deskvirt_crds::paths::check_file_name(&want.file),
-        deskvirt_crds::paths::check_file_name(&want.image),
-    ) else {
+    let image_ok = deskvirt_crds::paths::check_file_name(&want.image).is_ok()
+        || deskvirt_crds::image::is_managed_file(&want.image);
+    let (Ok(()), true) = (deskvirt_crds::paths::check_file_name(&want.file), image_ok) else {
         return answer(
             false,
             Some("the disk or image name is not a plain file name".into()),
@@ -336,7 +335,7 @@ pub(super) async fn outbound_copy<H>(
     let backing = crate::backup_files::backing_of(&ctx.config.qemu_img, disk)
         .await
         .map_err(|e| format!("cannot read the disk's backing file: {e}"))?;
-    let base = Path::new(&inputs.host.image_dir).join(&d.spec.disk.image);
+    let base = Path::new(&inputs.host.image_dir).join(d.base_image().unwrap_or_default());
     let linked = d.spec.disk.clone == CloneMode::Linked;
     match (linked, backing) {
         (true, Some(b)) if b == base => {}

@@ -39,8 +39,12 @@ pub(super) struct Inputs {
 impl Inputs {
     /// The disk plan of the domain named as `self.domain` says (after [`super::place`]).
     pub fn disk_plan(&self, d: &Desktop, uid: &str, adopt: bool) -> DiskPlan {
+        let base = d.base_image();
         DiskPlan {
-            base: PathBuf::from(&self.host.image_dir).join(&d.spec.disk.image),
+            base: PathBuf::from(&self.host.image_dir).join(base.as_deref().unwrap_or_default()),
+            unverified: base.is_none().then(|| {
+                "spec.disk.imageRef: the operator has not pinned an image version yet".to_string()
+            }),
             target: PathBuf::from(&self.domain.disk_path),
             clone: d.spec.disk.clone,
             size: self.valid.disk_size,

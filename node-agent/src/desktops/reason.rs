@@ -20,7 +20,9 @@ pub trait ReasonOf {
 impl ReasonOf for Reason {
     fn of_disk(e: &DiskError) -> Self {
         match e {
-            DiskError::BaseMissing { .. } => Self::BaseImageMissing,
+            DiskError::BaseMissing { .. } | DiskError::BaseUnverified { .. } => {
+                Self::BaseImageMissing
+            }
             DiskError::Timeout { .. } => Self::DiskToolTimeout,
             DiskError::Io { .. } => Self::DiskIoFailed,
             DiskError::InUse { .. } => Self::DiskInUse,

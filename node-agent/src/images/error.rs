@@ -1,0 +1,169 @@
+//! Why a copy of an image failed: one error per thing that went wrong, each with the closed
+//! CamelCase reason the host reports (`HostImage.reason`) and counts in its metrics.
+
+use std::path::Path;
+
+/// The reasons a host's copy is Failed, a closed set.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Reason {
+    /// The server could not be reached, answered other than 2xx, or stopped sending.
+    FetchFailed,
+    /// The bytes fetched do not have the SHA-256 the source names; they were deleted.
+    ChecksumMismatch,
+    /// The file is not a qcow2 image.
+    NotAnImage,
+    /// The qcow2 names a backing file or an external data file: every clone would read a file
+    /// of the host.
+    HasBackingFile,
+    /// The image directory's file system is full.
+    NoSpace,
+    /// Writing the file, or its directory, failed otherwise.
+    WriteFailed,
+    /// `qemu-img` could not be run, or did not answer in time.
+    CheckFailed,
+    /// The status names a file other than the image's own (`managed/<uid>/v<version>.qcow2`),
+    /// or fields a file name cannot be made of.
+    BadFile,
+    /// The file in place does not have the version's SHA-256 (kept, for now).
+    Damaged,
+}
+
+/// Every reason's name, for metrics that start at zero.
+pub const REASONS: [&str; 9] = [
+    "FetchFailed",
+    "ChecksumMismatch",
+    "NotAnImage",
+    "HasBackingFile",
+    "NoSpace",
+    "WriteFailed",
+    "CheckFailed",
+    "BadFile",
+    "Damaged",
+];
+
+impl Reason {
+    /// The CamelCase name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::FetchFailed => "FetchFailed",
+            Self::ChecksumMismatch => "ChecksumMismatch",
+            Self::NotAnImage => "NotAnImage",
+            Self::HasBackingFile => "HasBackingFile",
+            Self::NoSpace => "NoSpace",
+            Self::WriteFailed => "WriteFailed",
+            Self::CheckFailed => "CheckFailed",
+            Self::BadFile => "BadFile",
+            Self::Damaged => "Damaged",
+        }
+    }
+}
+
+/// Why one copy (a fetch, or a check of a file in place) did not end with a verified file.
+/// Messages never carry the URL: it may hold credentials, and the report is read by others.
+#[derive(Debug, thiserror::Error)]
+pub enum CopyError {
+    /// The URL cannot be fetched at all.
+    #[error("the source URL is not usable: {0}")]
+    BadUrl(String),
+    /// The server answered with a status other than 2xx.
+    #[error("the server answered {status}")]
+    Status { status: http::StatusCode },
+    /// The connection failed, timed out or broke.
+    #[error("fetching failed: {0}")]
+    Fetch(String),
+    /// The bytes fetched have another SHA-256.
+    #[error("expected {expected}, the file has {actual}")]
+    ChecksumMismatch { expected: String, actual: String },
+    /// `qemu-img` does not take the file as qcow2.
+    #[error("not a qcow2 image: {0}")]
+    NotAnImage(String),
+    /// The qcow2 names another file it reads from.
+    #[error("the qcow2 names {what} {name:?}; an image must stand alone")]
+    HasBackingFile { what: &'static str, name: String },
+    /// `qemu-img` could not say.
+    #[error("cannot check the file with qemu-img: {0}")]
+    Check(String),
+    /// A file operation failed.
+    #[error("cannot {op} {path}")]
+    Io {
+        op: &'static str,
+        path: String,
+        source: std::io::Error,
+    },
+    /// The file in place has another SHA-256 than the version's.
+    #[error(
+        "the file in place does not match the version: expected {expected}, the file has {actual}"
+    )]
+    Damaged { expected: String, actual: String },
+    /// The file is in place already (put there by another attempt): it is never overwritten,
+    /// and the next look checks it.
+    #[error("{path} exists already and is never overwritten")]
+    Exists { path: String },
+    /// The task running the copy ended without an answer (it panicked).
+    #[error("the copy stopped unexpectedly: {0}")]
+    Stopped(String),
+}
+
+impl CopyError {
+    /// The reason reported for it.
+    pub fn reason(&self) -> Reason {
+        match self {
+            Self::BadUrl(_) | Self::Status { .. } | Self::Fetch(_) => Reason::FetchFailed,
+            Self::ChecksumMismatch { .. } => Reason::ChecksumMismatch,
+            Self::NotAnImage(_) => Reason::NotAnImage,
+            Self::HasBackingFile { .. } => Reason::HasBackingFile,
+            Self::Check(_) => Reason::CheckFailed,
+            Self::Io { source, .. } if no_space(source) => Reason::NoSpace,
+            Self::Io { .. } | Self::Exists { .. } | Self::Stopped(_) => Reason::WriteFailed,
+            Self::Damaged { .. } => Reason::Damaged,
+        }
+    }
+}
+
+/// Whether `e` says the file system (or the quota) is full.
+fn no_space(e: &std::io::Error) -> bool {
+    matches!(
+        e.kind(),
+        std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded
+    )
+}
+
+/// Maps an I/O error of `op` on `path`.
+pub(super) fn io(op: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> CopyError {
+    let path = path.display().to_string();
+    move |source| CopyError::Io { op, path, source }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reasons_are_named_once_each() {
+        let all = [
+            Reason::FetchFailed,
+            Reason::ChecksumMismatch,
+            Reason::NotAnImage,
+            Reason::HasBackingFile,
+            Reason::NoSpace,
+            Reason::WriteFailed,
+            Reason::CheckFailed,
+            Reason::BadFile,
+            Reason::Damaged,
+        ];
+        let names: Vec<&str> = all.iter().map(|r| r.as_str()).collect();
+        assert_eq!(names, REASONS);
+    }
+
+    #[test]
+    fn a_full_disk_is_no_space() {
+        let full = std::io::Error::from(std::io::ErrorKind::StorageFull);
+        let e = io("write", Path::new("/x"))(full);
+        assert_eq!(e.reason(), Reason::NoSpace);
+        let denied = std::io::Error::from(std::io::ErrorKind::PermissionDenied);
+        assert_eq!(
+            io("write", Path::new("/x"))(denied).reason(),
+            Reason::WriteFailed
+        );
+    }
+}

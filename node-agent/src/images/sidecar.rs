@@ -1,0 +1,107 @@
+//! Keeps the record beside each verified image file (`v<N>.qcow2.verified`): which image and
+//! version it is, its SHA-256, its size and the disk size it holds. A file whose record names
+//! the same image, version, sum and size is taken as verified without reading it again; a
+//! record is written atomically (temporary file, fsync, rename) and only after the file checked.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use tokio::io::AsyncReadExt;
+
+use super::error::{CopyError, io};
+
+/// Longest record read: anything longer is not one of ours.
+const MAX_LEN: u64 = 4096;
+
+/// The record of a verified image file.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct Sidecar {
+    /// UID of the DesktopImage.
+    pub uid: String,
+    /// Its version.
+    pub version: u32,
+    /// SHA-256 of the file, lowercase hex.
+    pub sha256: String,
+    /// Bytes of the file.
+    pub bytes: u64,
+    /// The disk size the image holds.
+    pub virtual_bytes: u64,
+}
+
+/// The record of image file `file`.
+pub fn path(file: &Path) -> PathBuf {
+    with_suffix(file, ".verified")
+}
+
+/// `file` with `suffix` appended to its name.
+pub(super) fn with_suffix(file: &Path, suffix: &str) -> PathBuf {
+    let mut name = file.file_name().unwrap_or_default().to_os_string();
+    name.push(suffix);
+    file.with_file_name(name)
+}
+
+/// The record at `path`; `None` when it is missing, too long or not a record.
+pub async fn read(path: &Path) -> Option<Sidecar> {
+    let file = tokio::fs::File::open(path).await.ok()?;
+    let mut text = Vec::new();
+    file.take(MAX_LEN + 1).read_to_end(&mut text).await.ok()?;
+    if text.len() as u64 > MAX_LEN {
+        return None;
+    }
+    serde_json::from_slice(&text).ok()
+}
+
+/// Writes `record` at `path`: into a temporary file, synced, then renamed over (the caller
+/// syncs the directory).
+pub async fn write(path: &Path, record: &Sidecar) -> Result<(), CopyError> {
+    use tokio::io::AsyncWriteExt;
+    let temp = with_suffix(path, ".tmp");
+    let text = serde_json::to_vec(record).map_err(|e| CopyError::Io {
+        op: "encode the record of",
+        path: path.display().to_string(),
+        source: std::io::Error::other(e),
+    })?;
+    let mut file = tokio::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o644)
+        .open(&temp)
+        .await
+        .map_err(io("create", &temp))?;
+    file.write_all(&text).await.map_err(io("write", &temp))?;
+    file.sync_all().await.map_err(io("sync", &temp))?;
+    drop(file);
+    tokio::fs::rename(&temp, path)
+        .await
+        .map_err(io("rename the record into", path))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_record_round_trips_and_junk_is_no_record() {
+        let dir = super::super::testkit::Scratch::new("sidecar");
+        let file = dir.0.join("v1.qcow2");
+        let record = Sidecar {
+            uid: "u".into(),
+            version: 1,
+            sha256: "ab".repeat(32),
+            bytes: 10,
+            virtual_bytes: 20,
+        };
+        let at = path(&file);
+        assert_eq!(at, dir.0.join("v1.qcow2.verified"));
+        assert!(write(&at, &record).await.is_ok());
+        assert_eq!(read(&at).await, Some(record));
+        assert!(!with_suffix(&at, ".tmp").exists());
+        std::fs::write(&at, b"{").unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(read(&at).await, None);
+        std::fs::write(&at, vec![b' '; 5000]).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(read(&at).await, None);
+        assert_eq!(read(&dir.0.join("none")).await, None);
+    }
+}
