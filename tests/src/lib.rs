@@ -9,6 +9,7 @@ pub mod helm;
 pub mod host;
 pub mod kubectl;
 pub mod moves;
+pub mod origin;
 pub mod previous;
 pub mod second_host;
 pub mod spice;

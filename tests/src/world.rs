@@ -41,6 +41,8 @@ pub struct World {
     pub _release_ns: ScratchNamespace,
     pub user_ns: ScratchNamespace,
     pub console_ns: String,
+    /// The images namespace of the release (only DesktopImages there import from a URL).
+    pub images_ns: String,
     pub node: String,
     pub pool: String,
     pub image_dir: PathBuf,
@@ -203,7 +205,8 @@ impl World {
             .env("RUST_LOG", log_level())
             .args(["--node-name", node, "--hypervisor", "qemu"])
             .args(["--lease-namespace", &self.release.namespace])
-            .args(["--console-namespace", &self.console_ns]);
+            .args(["--console-namespace", &self.console_ns])
+            .args(["--images-namespace", &self.images_ns]);
         if !extra.contains(&"--node-labels") {
             cmd.args(["--node-labels", &labels]);
         }
@@ -230,6 +233,7 @@ impl World {
             .env("POD_NAMESPACE", &self.release.namespace)
             .env("POD_NAME", format!("operator-{}", unique_suffix()))
             .args(["--console-namespace", &self.console_ns])
+            .args(["--images-namespace", &self.images_ns])
             .args(["--console-user-namespaces", &self.user_ns.name])
             .args(["--label-selector", &selector, "--metrics-addr", &metrics])
             .args(extra);
@@ -371,6 +375,7 @@ pub async fn setup(pool: &str) -> anyhow::Result<World> {
         "serviceAccountTokens": { "enabled": true },
         "nodeAgent": { "hypervisor": "qemu" },
         "consoles": { "userNamespaces": [user_ns.name] },
+        "images": { "namespace": format!("{}-images", release_ns.name) },
     });
     let release = Release::install(&release_ns.name, &name, &chart_dir(), &values)?;
     let work = std::env::temp_dir().join(format!("deskvirt-e2e-{run}"));
@@ -408,6 +413,7 @@ pub async fn setup(pool: &str) -> anyhow::Result<World> {
         node: format!("e2e-host-{run}"),
         run,
         release,
+        images_ns: format!("{}-images", release_ns.name),
         _release_ns: release_ns,
         user_ns,
         console_ns,

@@ -365,7 +365,7 @@ fn an_agent_writes_only_its_own_hosts_objects_and_desktops_the_operator_bound_th
 
     // The operator's fields of a desktop bound to the agent's own host: changed, dropped or
     // added, each is refused and named.
-    let forged: [(&str, Json); 10] = [
+    let forged: [(&str, Json); 11] = [
         (
             "allocation",
             json!({"pool": "lab", "cpu": 1, "memory": "1Gi"}),
@@ -395,6 +395,12 @@ fn an_agent_writes_only_its_own_hosts_objects_and_desktops_the_operator_bound_th
             json!({"name": "r", "uid": "r1", "at": "2026-12-03T10:00:00Z",
                    "chain": {"backup": "b", "uid": "u", "layers": [{"name": "b",
                    "location": "/srv/backups/other/d/u.qcow2", "checksum": "sha256:00"}]}}),
+        ),
+        // A host that forged the pin could clone the disk from another image's file.
+        (
+            "image",
+            json!({"image": "deskvirt-images/other", "uid": "0f", "version": 1,
+                   "file": "managed/0f/v1.qcow2", "sha256": "0".repeat(64)}),
         ),
     ];
     for (path, value) in forged {

@@ -74,6 +74,11 @@ consoles.namespace, else `<release namespace>-consoles`, so two releases never s
 must not be the release namespace (which holds the ServiceAccounts and, before Kubernetes 1.24,
 their token Secrets) nor a namespace Kubernetes itself fills with ServiceAccounts and Secrets.
 */}}
+{{- define "deskvirt.imagesNamespace" -}}
+{{- $release := .Release.Namespace | default "default" }}
+{{- .Values.images.namespace | default (printf "%s-images" $release) }}
+{{- end }}
+
 {{- define "deskvirt.consoleNamespace" -}}
 {{- /* An empty release namespace (`helm lint` without --namespace) means `default`, as in Helm. */}}
 {{- $release := .Release.Namespace | default "default" }}

@@ -1,0 +1,228 @@
+//! Golden images end to end: the chart's RBAC (the operator and the agent act with their chart
+//! ServiceAccount tokens), the real operator and node-agent, real libvirt and QEMU (TCG), and
+//! an HTTP origin started by the test serving the tiny guest's disk.
+//! - a DesktopImage of the images namespace with the right SHA-256 is fetched by the host,
+//!   verified and linked into `imageDir/managed/<uid>/v1.qcow2`, read-only; the image shows
+//!   `1/1` and `Ready=True`;
+//! - one with a wrong sum fails on the host with `ChecksumMismatch` naming both sums, leaves no
+//!   file, and the image says `CopyFailed`;
+//! - a tenant's URL import is refused (`SourceNotAllowed`), and the host never asks the origin;
+//! - a tenant's Desktop with `imageRef` to the good image is pinned to v1, boots on a linked
+//!   clone of the verified copy, and one naming the failed image waits with `ImageNotReady`.
+//!
+//! Run: `cargo test -p deskvirt-tests --test images -- --nocapture`.
+
+use std::os::unix::fs::PermissionsExt;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use deskvirt_crds::conditions::find;
+use deskvirt_crds::desktop::Phase;
+use deskvirt_crds::image::DesktopImage;
+use deskvirt_tests::host::eventually;
+use deskvirt_tests::origin::Origin;
+use deskvirt_tests::world::{RUN_LABEL, World, create_pool, guest_in_phase, setup};
+use kube::api::PostParams;
+use kube::{Api, ResourceExt};
+use serde_json::json;
+
+/// The SHA-256 of `path`, by `sha256sum`.
+fn sha256(path: &std::path::Path) -> anyhow::Result<String> {
+    let out = Command::new("sha256sum").arg(path).output()?;
+    anyhow::ensure!(out.status.success(), "sha256sum {}", path.display());
+    String::from_utf8(out.stdout)?
+        .split_whitespace()
+        .next()
+        .map(str::to_string)
+        .context("no sum")
+}
+
+async fn create_image(
+    w: &World,
+    ns: &str,
+    name: &str,
+    url: &str,
+    sum: &str,
+) -> anyhow::Result<DesktopImage> {
+    let image: DesktopImage = serde_json::from_value(json!({
+        "apiVersion": "deskvirt.io/v1alpha1",
+        "kind": "DesktopImage",
+        "metadata": { "name": name, "namespace": ns, "labels": { RUN_LABEL: w.run } },
+        "spec": { "source": { "http": { "url": url, "sha256": sum } }, "pools": [w.pool] },
+    }))?;
+    let api: Api<DesktopImage> = Api::namespaced(w.client.clone(), ns);
+    Ok(api.create(&PostParams::default(), &image).await?)
+}
+
+/// Waits until image `ns/name` satisfies `f`; the last status in the error.
+async fn wait_image(
+    w: &World,
+    ns: &str,
+    name: &str,
+    what: &str,
+    f: impl Fn(&DesktopImage) -> bool,
+) -> anyhow::Result<DesktopImage> {
+    let api: Api<DesktopImage> = Api::namespaced(w.client.clone(), ns);
+    let last = std::sync::Mutex::new(None);
+    let found = eventually(Duration::from_secs(120), what, || async {
+        let i = api.get(name).await?;
+        let done = f(&i);
+        if let Ok(mut l) = last.lock() {
+            *l = i.status.clone();
+        }
+        Ok(done.then_some(i))
+    })
+    .await;
+    found.with_context(|| {
+        format!(
+            "last status of {ns}/{name}: {:#?}",
+            last.lock().ok().map(|l| l.clone())
+        )
+    })
+}
+
+fn ready(i: &DesktopImage) -> Option<(String, String)> {
+    let c = find(&i.status.as_ref()?.conditions, "Ready")?;
+    Some((c.status.clone(), c.reason.clone()))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn images_are_fetched_verified_and_cloned_and_bad_ones_refused() -> anyhow::Result<()> {
+    let started = Instant::now();
+    let mut w = setup("images").await?;
+    create_pool(&w).await?;
+    w.start_agent()?;
+    w.start_operator()?;
+    let origin = Origin::start(w.guest_dir.clone()).await?;
+    let sum = sha256(&w.guest_dir.join("base.qcow2"))?;
+    let images_ns = w.images_ns.clone();
+
+    // The right sum: fetched, verified, in place and read-only.
+    create_image(&w, &images_ns, "lab", &origin.url("base.qcow2"), &sum).await?;
+    let good = wait_image(&w, &images_ns, "lab", "lab Ready", |i| {
+        ready(i) == Some(("True".into(), "Distributed".into()))
+    })
+    .await?;
+    let st = good.status.clone().unwrap_or_default();
+    anyhow::ensure!(st.hosts.as_deref() == Some("1/1"), "hosts {:?}", st.hosts);
+    let uid = good.uid().context("uid")?;
+    let file = w.image_dir.join(format!("managed/{uid}/v1.qcow2"));
+    anyhow::ensure!(sha256(&file)? == sum, "{} has another sum", file.display());
+    let mode = std::fs::metadata(&file)?.permissions().mode() & 0o777;
+    anyhow::ensure!(mode == 0o444, "{} has mode {mode:o}", file.display());
+    eprintln!(
+        "[images] lab v1 Ready on 1/1 ({} bytes): {:.1}s",
+        st.actual_bytes.unwrap_or_default(),
+        started.elapsed().as_secs_f64()
+    );
+
+    // A wrong sum: refused on the host, nothing left behind.
+    let wrong = "0".repeat(64);
+    create_image(&w, &images_ns, "bad", &origin.url("base.qcow2"), &wrong).await?;
+    let bad = wait_image(&w, &images_ns, "bad", "bad CopyFailed", |i| {
+        ready(i) == Some(("False".into(), "CopyFailed".into()))
+    })
+    .await?;
+    let copy = bad
+        .status
+        .as_ref()
+        .and_then(|s| s.copies.first().cloned())
+        .context("no copy")?;
+    anyhow::ensure!(
+        copy.reason.as_deref() == Some("ChecksumMismatch"),
+        "copy: {copy:?}"
+    );
+    let message = copy.message.unwrap_or_default();
+    anyhow::ensure!(
+        message.contains(&wrong) && message.contains(&sum),
+        "the message names both sums: {message}"
+    );
+    let bad_dir = w
+        .image_dir
+        .join(format!("managed/{}", bad.uid().unwrap_or_default()));
+    let left: Vec<_> = std::fs::read_dir(&bad_dir)
+        .map(|d| d.flatten().map(|e| e.file_name()).collect())
+        .unwrap_or_default();
+    anyhow::ensure!(left.is_empty(), "files left for the bad image: {left:?}");
+
+    // A tenant's URL import: refused by the operator, never fetched by the host.
+    let asked = origin.requests("tenant.qcow2");
+    create_image(
+        &w,
+        &w.user_ns.name,
+        "mine",
+        &origin.url("tenant.qcow2"),
+        &sum,
+    )
+    .await?;
+    let tenant = wait_image(&w, &w.user_ns.name.clone(), "mine", "mine refused", |i| {
+        ready(i) == Some(("False".into(), "SourceNotAllowed".into()))
+    })
+    .await?;
+    anyhow::ensure!(
+        tenant.status.as_ref().and_then(|s| s.version).is_none(),
+        "a refused source cuts no version"
+    );
+
+    // A tenant's desktop clones the verified copy.
+    let image_ref = json!({ "disk": { "imageRef": { "name": "lab", "namespace": images_ns },
+                                      "persistent": true } });
+    guest_in_phase(&w, "from-image", image_ref, Phase::Running).await?;
+    let d = w.desktops().get("from-image").await?;
+    let pin = d
+        .status
+        .as_ref()
+        .and_then(|s| s.image.clone())
+        .context("no status.image")?;
+    anyhow::ensure!(
+        pin.version == 1 && pin.uid == uid && pin.sha256 == sum,
+        "pin {pin:?}"
+    );
+    let disks: Vec<_> = std::fs::read_dir(&w.disk_dir)?
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|e| e == "qcow2"))
+        .collect();
+    let info = Command::new("qemu-img")
+        .args(["info", "-U", "--output=json"])
+        .args(&disks)
+        .output()?;
+    let info = String::from_utf8_lossy(&info.stdout);
+    anyhow::ensure!(
+        info.contains(&format!("managed/{uid}/v1.qcow2")),
+        "the disk is not a clone of the verified copy: {info}"
+    );
+    eprintln!(
+        "[images] from-image Running on its clone: {:.1}s",
+        started.elapsed().as_secs_f64()
+    );
+
+    // A desktop naming the failed image waits, and says why.
+    let to_bad = json!({ "disk": { "imageRef": { "name": "bad", "namespace": images_ns } } });
+    w.desktops()
+        .create(
+            &PostParams::default(),
+            &deskvirt_tests::world::guest_desktop(&w, "from-bad", "128Mi", to_bad)?,
+        )
+        .await?;
+    eventually(
+        Duration::from_secs(60),
+        "from-bad ImageNotReady",
+        || async {
+            let d = w.desktops().get("from-bad").await?;
+            let c = d
+                .status
+                .as_ref()
+                .and_then(|s| find(&s.conditions, "Scheduled").cloned());
+            Ok(c.filter(|c| c.reason == "ImageNotReady").map(|_| ()))
+        },
+    )
+    .await?;
+    anyhow::ensure!(
+        origin.requests("tenant.qcow2") == asked,
+        "a host fetched the tenant's URL"
+    );
+    eprintln!("[images] done: {:.1}s", started.elapsed().as_secs_f64());
+    Ok(())
+}
