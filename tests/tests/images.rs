@@ -1,9 +1,11 @@
 //! Golden images end to end: the chart's RBAC (the operator and the agent act with their chart
 //! ServiceAccount tokens), the real operator and node-agent, real libvirt and QEMU (TCG), and
-//! an HTTP origin started by the test serving the tiny guest's disk.
-//! - a DesktopImage of the images namespace with the right SHA-256 is fetched by the host,
-//!   verified and linked into `imageDir/managed/<uid>/v1.qcow2`, read-only; the image shows
-//!   `1/1` and `Ready=True`;
+//! an HTTP origin started by the test serving the tiny guest's disk, and two libvirt hosts that
+//! do not share their image directory (host B from `scripts/second-host.sh`, its agent confined
+//! to the chart's mounts).
+//! - a DesktopImage of the images namespace with the right SHA-256 is fetched by each host,
+//!   verified and linked into its own `imageDir/managed/<uid>/v1.qcow2`, read-only, with the
+//!   same sum; the image shows `2/2` and `Ready=True`;
 //! - one with a wrong sum fails on the host with `ChecksumMismatch` naming both sums, leaves no
 //!   file, and the image says `CopyFailed`;
 //! - a tenant's URL import is refused (`SourceNotAllowed`), and the host never asks the origin;
@@ -14,15 +16,20 @@
 
 use std::os::unix::fs::PermissionsExt;
 use std::process::Command;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use deskvirt_crds::conditions::find;
 use deskvirt_crds::desktop::Phase;
 use deskvirt_crds::image::DesktopImage;
+use deskvirt_tests::cluster::unique_suffix;
 use deskvirt_tests::host::eventually;
 use deskvirt_tests::origin::Origin;
-use deskvirt_tests::world::{RUN_LABEL, World, create_pool, guest_in_phase, setup};
+use deskvirt_tests::second_host::SecondHost;
+use deskvirt_tests::world::{
+    RUN_LABEL, World, create_pool, guest_in_phase, setup, wait_ready_hosts,
+};
 use kube::api::PostParams;
 use kube::{Api, ResourceExt};
 use serde_json::json;
@@ -90,10 +97,23 @@ fn ready(i: &DesktopImage) -> Option<(String, String)> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn images_are_fetched_verified_and_cloned_and_bad_ones_refused() -> anyhow::Result<()> {
     let started = Instant::now();
+    // Declared first, dropped last: the World's desktops are deleted while host B runs.
+    let host_b: Arc<SecondHost>;
     let mut w = setup("images").await?;
+    host_b = Arc::new(SecondHost::start_with_private(
+        &format!("dvi{}", unique_suffix()),
+        std::slice::from_ref(&w.image_dir),
+    )?);
+    // Host B's own image directory holds the guest's kernel, as a real host's would.
+    let b_images = host_b.private_dir(0);
+    for f in ["vmlinuz", "initrd.img"] {
+        std::fs::copy(w.guest_dir.join(f), b_images.join(f))?;
+    }
     create_pool(&w).await?;
     w.start_agent()?;
     w.start_operator()?;
+    w.add_migration_target(&host_b)?;
+    wait_ready_hosts(&w, 2).await?;
     let origin = Origin::start(w.guest_dir.clone()).await?;
     let sum = sha256(&w.guest_dir.join("base.qcow2"))?;
     let images_ns = w.images_ns.clone();
@@ -105,14 +125,21 @@ async fn images_are_fetched_verified_and_cloned_and_bad_ones_refused() -> anyhow
     })
     .await?;
     let st = good.status.clone().unwrap_or_default();
-    anyhow::ensure!(st.hosts.as_deref() == Some("1/1"), "hosts {:?}", st.hosts);
+    anyhow::ensure!(st.hosts.as_deref() == Some("2/2"), "hosts {:?}", st.hosts);
     let uid = good.uid().context("uid")?;
-    let file = w.image_dir.join(format!("managed/{uid}/v1.qcow2"));
-    anyhow::ensure!(sha256(&file)? == sum, "{} has another sum", file.display());
-    let mode = std::fs::metadata(&file)?.permissions().mode() & 0o777;
-    anyhow::ensure!(mode == 0o444, "{} has mode {mode:o}", file.display());
+    for dir in [&w.image_dir, &b_images] {
+        let file = dir.join(format!("managed/{uid}/v1.qcow2"));
+        anyhow::ensure!(sha256(&file)? == sum, "{} has another sum", file.display());
+        let mode = std::fs::metadata(&file)?.permissions().mode() & 0o777;
+        anyhow::ensure!(mode == 0o444, "{} has mode {mode:o}", file.display());
+    }
+    anyhow::ensure!(
+        origin.requests("base.qcow2") == 2,
+        "each host fetches once: {} requests",
+        origin.requests("base.qcow2")
+    );
     eprintln!(
-        "[images] lab v1 Ready on 1/1 ({} bytes): {:.1}s",
+        "[images] lab v1 Ready on 2/2, a copy of its own on each host ({} bytes): {:.1}s",
         st.actual_bytes.unwrap_or_default(),
         started.elapsed().as_secs_f64()
     );
@@ -120,31 +147,34 @@ async fn images_are_fetched_verified_and_cloned_and_bad_ones_refused() -> anyhow
     // A wrong sum: refused on the host, nothing left behind.
     let wrong = "0".repeat(64);
     create_image(&w, &images_ns, "bad", &origin.url("base.qcow2"), &wrong).await?;
-    let bad = wait_image(&w, &images_ns, "bad", "bad CopyFailed", |i| {
+    let bad = wait_image(&w, &images_ns, "bad", "bad CopyFailed on both hosts", |i| {
+        let failed = |c: &deskvirt_crds::image::ImageCopy| c.reason.is_some();
         ready(i) == Some(("False".into(), "CopyFailed".into()))
+            && i.status
+                .as_ref()
+                .is_some_and(|s| s.copies.iter().all(failed))
     })
     .await?;
-    let copy = bad
-        .status
-        .as_ref()
-        .and_then(|s| s.copies.first().cloned())
-        .context("no copy")?;
-    anyhow::ensure!(
-        copy.reason.as_deref() == Some("ChecksumMismatch"),
-        "copy: {copy:?}"
-    );
-    let message = copy.message.unwrap_or_default();
-    anyhow::ensure!(
-        message.contains(&wrong) && message.contains(&sum),
-        "the message names both sums: {message}"
-    );
-    let bad_dir = w
-        .image_dir
-        .join(format!("managed/{}", bad.uid().unwrap_or_default()));
-    let left: Vec<_> = std::fs::read_dir(&bad_dir)
-        .map(|d| d.flatten().map(|e| e.file_name()).collect())
-        .unwrap_or_default();
-    anyhow::ensure!(left.is_empty(), "files left for the bad image: {left:?}");
+    let copies = bad.status.clone().unwrap_or_default().copies;
+    anyhow::ensure!(copies.len() == 2, "copies: {copies:?}");
+    for copy in copies {
+        anyhow::ensure!(
+            copy.reason.as_deref() == Some("ChecksumMismatch"),
+            "copy: {copy:?}"
+        );
+        let message = copy.message.unwrap_or_default();
+        anyhow::ensure!(
+            message.contains(&wrong) && message.contains(&sum),
+            "the message names both sums: {message}"
+        );
+    }
+    for dir in [&w.image_dir, &b_images] {
+        let bad_dir = dir.join(format!("managed/{}", bad.uid().unwrap_or_default()));
+        let left: Vec<_> = std::fs::read_dir(&bad_dir)
+            .map(|d| d.flatten().map(|e| e.file_name()).collect())
+            .unwrap_or_default();
+        anyhow::ensure!(left.is_empty(), "files left for the bad image: {left:?}");
+    }
 
     // A tenant's URL import: refused by the operator, never fetched by the host.
     let asked = origin.requests("tenant.qcow2");
