@@ -11,9 +11,10 @@
 #
 # Environment:
 #   DESKVIRT_HYPERVISOR  qemu (default: TCG, works everywhere) or kvm (real hardware)
-#   DESKVIRT_IMAGE       a qcow2 image to serve as examples/desktop.yaml's demo-desktop.qcow2
-#                        (default: scripts/build-demo-image.sh's disk, which boots to a login
-#                        prompt; user student, password student)
+#   DESKVIRT_IMAGE       a qcow2 image (no backing file) to import as the DesktopImage
+#                        demo-desktop that examples/desktop.yaml clones (default:
+#                        scripts/build-demo-image.sh's disk, which boots to a login prompt;
+#                        user student, password student)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -21,7 +22,9 @@ STATE=${DESKVIRT_DEMO_STATE:-$HOME/.cache/deskvirt/demo}
 NS=deskvirt-demo
 SYSTEM_NS=deskvirt-system
 CONSOLE_NS=deskvirt-consoles
+IMAGES_NS=deskvirt-system-images  # the images namespace examples/desktop.yaml names
 IMAGES=/var/lib/deskvirt/images   # examples/pool.yaml's storage.imageDir
+ORIGIN_PORT=18090                 # the local HTTP server the demo image is imported from
 NODE=${DESKVIRT_NODE_NAME:-$(hostname -s)}
 BIN=target/release
 
@@ -48,6 +51,7 @@ if [ "${1:-}" = stop ]; then
   fi
   stop_process deskvirt-operator
   stop_process deskvirt-node-agent
+  stop_process image-origin
   exit 0
 fi
 
@@ -63,7 +67,7 @@ log "installing the deskvirt.io CRDs"
 kubectl apply --server-side --field-manager=deskvirt-demo -f charts/deskvirt/crds/deskvirt.io.yaml >/dev/null
 kubectl wait --for=condition=Established --timeout=60s \
   crd/desktops.deskvirt.io crd/domainnodes.deskvirt.io crd/resourcepools.deskvirt.io >/dev/null
-for ns in "$SYSTEM_NS" "$CONSOLE_NS" "$NS"; do
+for ns in "$SYSTEM_NS" "$CONSOLE_NS" "$IMAGES_NS" "$NS"; do
   kubectl get namespace "$ns" >/dev/null 2>&1 || kubectl create namespace "$ns" >/dev/null
 done
 
@@ -74,33 +78,56 @@ else
   # The build itself, which never changes (the output dir holds a link to it).
   image=$(readlink -f "$(scripts/build-demo-image.sh)/demo-desktop.qcow2")
 fi
-# Desktops are linked clones of the image's path: while any exists, the path keeps the file
-# they were cloned from (scripts/demo.sh stop deletes them; the next start takes the new one).
-link=$IMAGES/demo-desktop.qcow2
-if [ -e "$link" ] && [ "$(readlink -f "$link")" != "$(readlink -f "$image")" ] &&
-  [ -n "$(kubectl get desktops -n "$NS" -o name 2>/dev/null)" ]; then
-  log "keeping $link -> $(readlink -f "$link"): desktops in $NS were cloned from it"
-else
-  ln -sfn "$image" "$link"
-fi
+image=$(readlink -f "$image")
+sum=$(sha256sum "$image" | cut -d' ' -f1)
 
 log "starting the operator and the node-agent (logs in $STATE)"
 stop_process deskvirt-operator
 stop_process deskvirt-node-agent
+stop_process image-origin
 POD_NAMESPACE=$SYSTEM_NS POD_NAME=demo-operator nohup "$BIN/deskvirt-operator" \
   --console-namespace "$CONSOLE_NS" --console-user-namespaces "$NS" \
+  --images-namespace "$IMAGES_NS" \
   --metrics-addr 127.0.0.1:18080 \
   >"$STATE/deskvirt-operator.log" 2>&1 &
 echo $! >"$STATE/deskvirt-operator.pid"
 nohup "$BIN/deskvirt-node-agent" --node-name "$NODE" \
   --hypervisor "${DESKVIRT_HYPERVISOR:-qemu}" \
   --lease-namespace "$SYSTEM_NS" --console-namespace "$CONSOLE_NS" \
+  --images-namespace "$IMAGES_NS" \
   --node-labels deskvirt.io/pool=lab --metrics-addr 127.0.0.1:18081 \
   >"$STATE/deskvirt-node-agent.log" 2>&1 &
 echo $! >"$STATE/deskvirt-node-agent.pid"
 
-log "applying examples/pool.yaml and examples/desktop.yaml"
+# The image's origin: a plain HTTP server on loopback, as a lab's image server would be. The
+# hosts fetch the file from it and check it against its SHA-256.
+nohup python3 -m http.server "$ORIGIN_PORT" --bind 127.0.0.1 --directory "$(dirname "$image")" \
+  >"$STATE/image-origin.log" 2>&1 &
+echo $! >"$STATE/image-origin.pid"
+
+log "applying examples/pool.yaml, the DesktopImage demo-desktop and examples/desktop.yaml"
 kubectl apply -f examples/pool.yaml
+# A new build has another sum: the DesktopImage cuts a new version, which new desktops clone;
+# existing desktops keep the version they were cloned from.
+kubectl apply -f - <<YAML
+apiVersion: deskvirt.io/v1alpha1
+kind: DesktopImage
+metadata:
+  name: demo-desktop
+  namespace: $IMAGES_NS
+spec:
+  source:
+    http:
+      url: http://127.0.0.1:$ORIGIN_PORT/$(basename "$image")
+      sha256: $sum
+  pools: [lab]
+YAML
+if ! kubectl wait -n "$IMAGES_NS" --for=condition=Ready --timeout=300s desktopimage/demo-desktop; then
+  kubectl describe -n "$IMAGES_NS" desktopimage/demo-desktop >&2 || true
+  tail -n 30 "$STATE"/*.log >&2 || true
+  die "the demo image was not copied to the host"
+fi
+kubectl get desktopimages -n "$IMAGES_NS"
 kubectl apply -n "$NS" -f examples/desktop.yaml
 if ! kubectl wait -n "$NS" --for=condition=Ready --timeout=300s desktop/alice; then
   kubectl describe -n "$NS" desktop/alice >&2 || true

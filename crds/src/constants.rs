@@ -94,8 +94,9 @@ pub const ANNOTATION_MIGRATION: &str = "deskvirt.io/migration";
 pub const LEASE_NAMESPACE_DEFAULT: &str = "deskvirt-system";
 
 /// The images namespace: only DesktopImages here may import from a URL, and a Desktop of any
-/// namespace may use them. Only administrators hold rights in it.
-pub const IMAGES_NAMESPACE_DEFAULT: &str = "deskvirt-images";
+/// namespace may use them. Only administrators hold rights in it. The chart's default for a
+/// release in `deskvirt-system` (`<release namespace>-images`).
+pub const IMAGES_NAMESPACE_DEFAULT: &str = "deskvirt-system-images";
 
 /// Namespace of the console password mirrors, apart from the system namespace so that the
 /// agents' Secret read grant reaches no ServiceAccount token.

@@ -7,6 +7,7 @@ pub mod cluster;
 pub mod confined;
 pub mod helm;
 pub mod host;
+pub mod images;
 pub mod kubectl;
 pub mod moves;
 pub mod origin;

@@ -1,7 +1,8 @@
 //! End to end, the way a user meets deskvirt: `helm install` of the chart into the local
 //! control plane, the operator and the node-agent as local processes authenticated with the
 //! chart's own ServiceAccount tokens (so the chart's RBAC is what is tested), libvirt with
-//! QEMU (TCG) on this machine, and `kubectl apply -f examples/desktop.yaml`. Then:
+//! QEMU (TCG) on this machine, the demo image imported as a DesktopImage from an HTTP origin,
+//! and `kubectl apply -f examples/desktop.yaml`. Then:
 //! - `kubectl wait --for=condition=Ready`, a SPICE link with the Secret's password (a wrong
 //!   one is refused), `kubectl get desktops` showing phase, node and SPICE endpoint;
 //! - GitOps: a second apply changes nothing and `kubectl diff` is empty;
@@ -26,12 +27,14 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use deskvirt_crds::constants::CONSOLE_NAMESPACE_DEFAULT;
+use deskvirt_crds::constants::{CONSOLE_NAMESPACE_DEFAULT, IMAGES_NAMESPACE_DEFAULT};
 use deskvirt_crds::desktop::Phase;
 use deskvirt_crds::{Desktop, DomainNode, ResourcePool};
 use deskvirt_tests::cluster::repo_root;
 use deskvirt_tests::host::{demo_image, eventually, qemu_pid, screen_text};
+use deskvirt_tests::images::{create_image, sha256};
 use deskvirt_tests::kubectl::kubectl;
+use deskvirt_tests::origin::Origin;
 use deskvirt_tests::spice::{LinkOutcome, link};
 use deskvirt_tests::world::{
     LEASE, RUN_LABEL, console_password, create_pool, domain_of, setup, spice_addr,
@@ -54,9 +57,21 @@ async fn helm_install_apply_connect_survive_and_delete() -> anyhow::Result<()> {
     let desktops = w.desktops();
 
     // kubectl apply of the example, as a user does; the run label keeps other tests' operators
-    // (and this one) apart. Its image is the demo's bootable desktop, as scripts/demo.sh has it.
-    std::os::unix::fs::symlink(demo_image()?, w.image_dir.join("demo-desktop.qcow2"))?;
-    let example = repo_root().join("examples/desktop.yaml");
+    // (and this one) apart. Its image is the DesktopImage demo-desktop of the images namespace,
+    // imported from an HTTP origin as scripts/demo.sh does, and this release's images namespace
+    // stands for the one the example names.
+    let demo = demo_image()?;
+    let origin = Origin::start(demo.parent().context("the demo image's directory")?.into()).await?;
+    let demo_url = origin.url("demo-desktop.qcow2");
+    create_image(&w, &w.images_ns, "demo-desktop", &demo_url, &sha256(&demo)?).await?;
+    let text = std::fs::read_to_string(repo_root().join("examples/desktop.yaml"))?;
+    let named = format!("namespace: {IMAGES_NAMESPACE_DEFAULT}");
+    anyhow::ensure!(text.contains(&named), "examples/desktop.yaml lacks {named}");
+    let example = std::env::temp_dir().join(format!("deskvirt-e2e-{}-desktop.yaml", w.run));
+    std::fs::write(
+        &example,
+        text.replace(&named, &format!("namespace: {}", w.images_ns)),
+    )?;
     let example = example.display().to_string();
     let applied = w.kubectl_ns(&["apply", "-f", &example])?;
     anyhow::ensure!(applied.success, "kubectl apply: {}", applied.stderr);

@@ -25,42 +25,13 @@ use deskvirt_crds::desktop::Phase;
 use deskvirt_crds::image::DesktopImage;
 use deskvirt_tests::cluster::unique_suffix;
 use deskvirt_tests::host::eventually;
+use deskvirt_tests::images::{create_image, sha256};
 use deskvirt_tests::origin::Origin;
 use deskvirt_tests::second_host::SecondHost;
-use deskvirt_tests::world::{
-    RUN_LABEL, World, create_pool, guest_in_phase, setup, wait_ready_hosts,
-};
+use deskvirt_tests::world::{World, create_pool, guest_in_phase, setup, wait_ready_hosts};
 use kube::api::PostParams;
 use kube::{Api, ResourceExt};
 use serde_json::json;
-
-/// The SHA-256 of `path`, by `sha256sum`.
-fn sha256(path: &std::path::Path) -> anyhow::Result<String> {
-    let out = Command::new("sha256sum").arg(path).output()?;
-    anyhow::ensure!(out.status.success(), "sha256sum {}", path.display());
-    String::from_utf8(out.stdout)?
-        .split_whitespace()
-        .next()
-        .map(str::to_string)
-        .context("no sum")
-}
-
-async fn create_image(
-    w: &World,
-    ns: &str,
-    name: &str,
-    url: &str,
-    sum: &str,
-) -> anyhow::Result<DesktopImage> {
-    let image: DesktopImage = serde_json::from_value(json!({
-        "apiVersion": "deskvirt.io/v1alpha1",
-        "kind": "DesktopImage",
-        "metadata": { "name": name, "namespace": ns, "labels": { RUN_LABEL: w.run } },
-        "spec": { "source": { "http": { "url": url, "sha256": sum } }, "pools": [w.pool] },
-    }))?;
-    let api: Api<DesktopImage> = Api::namespaced(w.client.clone(), ns);
-    Ok(api.create(&PostParams::default(), &image).await?)
-}
 
 /// Waits until image `ns/name` satisfies `f`; the last status in the error.
 async fn wait_image(
