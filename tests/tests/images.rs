@@ -83,17 +83,40 @@ async fn images_are_fetched_verified_and_cloned_and_bad_ones_refused() -> anyhow
     create_pool(&w).await?;
     w.start_agent()?;
     w.start_operator()?;
-    w.add_migration_target(&host_b)?;
-    wait_ready_hosts(&w, 2).await?;
     let origin = Origin::start(w.guest_dir.clone()).await?;
     let sum = sha256(&w.guest_dir.join("base.qcow2"))?;
     let images_ns = w.images_ns.clone();
 
     // The right sum: fetched, verified, in place and read-only.
     create_image(&w, &images_ns, "lab", &origin.url("base.qcow2"), &sum).await?;
-    let good = wait_image(&w, &images_ns, "lab", "lab Ready", |i| {
-        ready(i) == Some(("True".into(), "Distributed".into()))
-    })
+    let distributed = |hosts: &'static str| {
+        move |i: &DesktopImage| {
+            ready(i) == Some(("True".into(), "Distributed".into()))
+                && i.status.as_ref().and_then(|s| s.hosts.as_deref()) == Some(hosts)
+        }
+    };
+    wait_image(
+        &w,
+        &images_ns,
+        "lab",
+        "lab Ready on 1/1",
+        distributed("1/1"),
+    )
+    .await?;
+    eprintln!(
+        "[images] lab v1 Ready on host A: {:.1}s",
+        started.elapsed().as_secs_f64()
+    );
+    // Host B joins the pool later and gets the pool's images.
+    w.add_migration_target(&host_b)?;
+    wait_ready_hosts(&w, 2).await?;
+    let good = wait_image(
+        &w,
+        &images_ns,
+        "lab",
+        "lab Ready on 2/2",
+        distributed("2/2"),
+    )
     .await?;
     let st = good.status.clone().unwrap_or_default();
     anyhow::ensure!(st.hosts.as_deref() == Some("2/2"), "hosts {:?}", st.hosts);
@@ -113,6 +136,41 @@ async fn images_are_fetched_verified_and_cloned_and_bad_ones_refused() -> anyhow
         "[images] lab v1 Ready on 2/2, a copy of its own on each host ({} bytes): {:.1}s",
         st.actual_bytes.unwrap_or_default(),
         started.elapsed().as_secs_f64()
+    );
+
+    // A write into host B's copy: found at its next look (the file's time changed), read
+    // again, and fetched again from the origin.
+    let b_file = b_images.join(format!("managed/{uid}/v1.qcow2"));
+    let damaged = Command::new("dd")
+        .args([
+            "if=/dev/urandom",
+            "bs=4096",
+            "count=1",
+            "seek=8",
+            "conv=notrunc",
+        ])
+        .arg(format!("of={}", b_file.display()))
+        .output()?;
+    anyhow::ensure!(damaged.status.success(), "dd: {damaged:?}");
+    let damaged_at = Instant::now();
+    eventually(
+        Duration::from_secs(60),
+        "host B fetches lab again",
+        || async { Ok((origin.requests("base.qcow2") == 3).then_some(())) },
+    )
+    .await?;
+    wait_image(
+        &w,
+        &images_ns,
+        "lab",
+        "lab Ready on 2/2 again",
+        distributed("2/2"),
+    )
+    .await?;
+    anyhow::ensure!(sha256(&b_file)? == sum, "host B's copy was not repaired");
+    eprintln!(
+        "[images] host B's damaged copy found and fetched again: {:.1}s",
+        damaged_at.elapsed().as_secs_f64()
     );
 
     // A wrong sum: refused on the host, nothing left behind.

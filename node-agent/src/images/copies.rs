@@ -62,6 +62,8 @@ struct Entry {
     failures: u32,
     retry_at: Option<Instant>,
     job: Option<Job>,
+    /// The file in place was read and had another sum: the next attempt fetches it again.
+    damaged: bool,
 }
 
 /// A fetch or a check running.
@@ -75,6 +77,8 @@ struct Job {
 enum Kind {
     Fetch,
     Verify,
+    /// A fetch over a file found damaged.
+    Repair,
 }
 
 impl Drop for Copies {
@@ -176,6 +180,7 @@ impl Entry {
             failures: 0,
             retry_at: None,
             job: None,
+            damaged: false,
         }
     }
 
@@ -304,6 +309,7 @@ impl Runner {
         match fetch::in_place(&e.spec).await {
             Ok(InPlace::Verified(v)) => e.ready(v),
             Ok(_) if e.waiting(now) => {}
+            Ok(InPlace::Unverified) if e.damaged => self.start(e, Kind::Repair),
             Ok(InPlace::Unverified) => self.start(e, Kind::Verify),
             Ok(InPlace::Missing) => self.start(e, Kind::Fetch),
             Err(err) => e.failed(err.reason(), error_chain(&err), &self.metrics),
@@ -317,11 +323,20 @@ impl Runner {
             Err(join) => Err(CopyError::Stopped(join.to_string())),
         };
         match result {
-            Ok(v) => e.ready(v),
+            Ok(v) => {
+                e.damaged = false;
+                e.ready(v);
+            }
             // Put in place by another attempt: the look at the place decides.
             Err(CopyError::Exists { .. }) => {}
-            // A damaged file in place (`Damaged`) is kept, not deleted: repairing it is a later
-            // change. Like every failure, it is looked at again after the backoff.
+            // A damaged file in place is fetched again at once (the source is not to blame);
+            // a repair that fails waits for its backoff like every other failure.
+            Err(err @ CopyError::Damaged { .. }) if !e.damaged => {
+                e.damaged = true;
+                e.retry_at = None;
+                e.failed(err.reason(), error_chain(&err), &self.metrics);
+                tracing::warn!(image = %e.image, error = %error_chain(&err), "a copy in place is damaged; fetching it again");
+            }
             Err(err) => {
                 e.failures = e.failures.saturating_add(1);
                 let delay = self.backoff.delay(e.failures);
@@ -335,7 +350,9 @@ impl Runner {
     /// Starts a fetch or a check of `e` in a task that waits for a copy slot.
     fn start(&self, e: &mut Entry, kind: Kind) {
         let progress = Arc::new(match kind {
-            Kind::Fetch => Progress::fetching(self.metrics.image_fetched_bytes.clone()),
+            Kind::Fetch | Kind::Repair => {
+                Progress::fetching(self.metrics.image_fetched_bytes.clone())
+            }
             Kind::Verify => Progress::default(),
         });
         let slots = self.slots.clone();
@@ -356,6 +373,7 @@ impl Runner {
             match kind {
                 Kind::Fetch => fetch::fetch(&http, &spec, &settings, &shared).await,
                 Kind::Verify => fetch::verify(&spec, &settings, shared.clone()).await,
+                Kind::Repair => fetch::repair(&http, &spec, &settings, &shared).await,
             }
         });
         e.job = Some(Job {

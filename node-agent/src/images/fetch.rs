@@ -144,8 +144,31 @@ pub async fn fetch(
     settings: &Settings,
     progress: &Progress,
 ) -> Result<Verified, CopyError> {
+    fetch_to(client, spec, settings, progress, false).await
+}
+
+/// Fetches the version again over a file in place that [`verify`] found damaged: the one
+/// time a file is put over an image file, with the same bytes it should have had (checked
+/// against the same sum, for the same image and version). Domains running on the damaged
+/// file keep it open; new clones get the repaired one.
+pub async fn repair(
+    client: &HttpClient,
+    spec: &CopySpec,
+    settings: &Settings,
+    progress: &Progress,
+) -> Result<Verified, CopyError> {
+    fetch_to(client, spec, settings, progress, true).await
+}
+
+async fn fetch_to(
+    client: &HttpClient,
+    spec: &CopySpec,
+    settings: &Settings,
+    progress: &Progress,
+    over: bool,
+) -> Result<Verified, CopyError> {
     let target = spec.final_path();
-    if exists(&target).await? {
+    if !over && exists(&target).await? {
         return Err(CopyError::Exists {
             path: target.display().to_string(),
         });
@@ -154,7 +177,7 @@ pub async fn fetch(
     make_dir(&dir).await?;
     let partial = spec.partial_path();
     remove_if_present(&partial).await?;
-    let placed = fetch_and_place(client, spec, settings, progress, &partial).await;
+    let placed = fetch_and_place(client, spec, settings, progress, &partial, over).await;
     if placed.is_err()
         && let Err(e) = remove_if_present(&partial).await
     {
@@ -170,6 +193,7 @@ async fn fetch_and_place(
     settings: &Settings,
     progress: &Progress,
     partial: &Path,
+    over: bool,
 ) -> Result<Verified, CopyError> {
     let mut file = tokio::fs::OpenOptions::new()
         .write(true)
@@ -191,6 +215,7 @@ async fn fetch_and_place(
         .await
         .map_err(io("make read-only", partial))?;
     file.sync_all().await.map_err(io("sync", partial))?;
+    let stamp = sidecar::Stamp::of(&file.metadata().await.map_err(io("look at", partial))?);
     drop(file);
     let verified = Verified {
         sha256,
@@ -198,8 +223,15 @@ async fn fetch_and_place(
         virtual_bytes: image.virtual_bytes,
     };
     let recorded = spec.sidecar_path();
-    sidecar::write(&recorded, &record(spec, &verified)).await?;
-    if let Err(e) = place(partial, &spec.final_path()).await {
+    sidecar::write(&recorded, &record(spec, &verified, stamp)).await?;
+    let placed = if over {
+        tokio::fs::rename(partial, spec.final_path())
+            .await
+            .map_err(io("put the repaired image in place of", &spec.final_path()))
+    } else {
+        place(partial, &spec.final_path()).await
+    };
+    if let Err(e) = placed {
         // The record describes these bytes, not the file some other attempt put in place.
         let _ = remove_if_present(&recorded).await;
         return Err(e);
@@ -293,11 +325,14 @@ pub async fn in_place(spec: &CopySpec) -> Result<InPlace, CopyError> {
     let Some(record) = sidecar::read(&spec.sidecar_path()).await else {
         return Ok(InPlace::Unverified);
     };
+    // A write into the file (even one that keeps its size) or a file put in its place changes
+    // its stamp: it is read again, and a damaged one is fetched again.
     let matches = meta.is_file()
         && record.uid == spec.uid
         && record.version == spec.version
         && record.sha256 == spec.sha256
-        && record.bytes == meta.len();
+        && record.bytes == meta.len()
+        && record.stamp.is_none_or(|s| s == sidecar::Stamp::of(&meta));
     Ok(if matches {
         InPlace::Verified(Verified {
             sha256: record.sha256,
@@ -318,6 +353,9 @@ pub async fn verify(
     progress: Arc<Progress>,
 ) -> Result<Verified, CopyError> {
     let target = spec.final_path();
+    let before = tokio::fs::metadata(&target)
+        .await
+        .map_err(io("look at", &target))?;
     let (sha256, bytes) = hash_file(&target, progress).await?;
     if sha256 != spec.sha256 {
         return Err(CopyError::Damaged {
@@ -331,7 +369,11 @@ pub async fn verify(
         bytes,
         virtual_bytes: image.virtual_bytes,
     };
-    sidecar::write(&spec.sidecar_path(), &record(spec, &verified)).await?;
+    sidecar::write(
+        &spec.sidecar_path(),
+        &record(spec, &verified, sidecar::Stamp::of(&before)),
+    )
+    .await?;
     sync_dir(&spec.dir()).await?;
     Ok(verified)
 }
@@ -363,13 +405,14 @@ async fn hash_file(path: &Path, progress: Arc<Progress>) -> Result<(String, u64)
     read.map_err(io("read", path))
 }
 
-fn record(spec: &CopySpec, v: &Verified) -> Sidecar {
+fn record(spec: &CopySpec, v: &Verified, stamp: sidecar::Stamp) -> Sidecar {
     Sidecar {
         uid: spec.uid.clone(),
         version: spec.version,
         sha256: v.sha256.clone(),
         bytes: v.bytes,
         virtual_bytes: v.virtual_bytes,
+        stamp: Some(stamp),
     }
 }
 

@@ -216,3 +216,45 @@ async fn a_file_in_place_without_a_record_is_read_again() {
     assert!(damaged.exists());
     assert!(!want.sidecar_path().exists());
 }
+
+#[tokio::test]
+async fn a_write_into_a_verified_file_is_found_and_repaired_from_the_source() {
+    use std::io::{Seek, SeekFrom, Write};
+    use std::os::unix::fs::MetadataExt;
+    let dir = Scratch::new("repair");
+    let image = qcow2(&dir.0, "src.qcow2", &[]);
+    let server = Server::start().await;
+    let url = server.route("/lab.qcow2", Reply::Bytes(image.clone()));
+    let want = spec(&dir.0, &url, &sha256(&image));
+    let fetched = fetch(&client(), &want, &settings(), &Progress::default()).await;
+    assert!(fetched.is_ok(), "{fetched:?}");
+    let target = want.final_path();
+    let inode = std::fs::metadata(&target).map(|m| m.ino()).unwrap_or(0);
+    // 4 KiB of other bytes in the middle: the size stays, the time changes.
+    {
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&target)
+            .unwrap_or_else(|e| panic!("{e}"));
+        f.seek(SeekFrom::Start(512))
+            .unwrap_or_else(|e| panic!("{e}"));
+        f.write_all(&[0xa5; 4096]).unwrap_or_else(|e| panic!("{e}"));
+    }
+    assert_eq!(in_place(&want).await.ok(), Some(InPlace::Unverified));
+    let read = verify(&want, &settings(), Arc::new(Progress::default())).await;
+    assert!(
+        matches!(read, Err(CopyError::Damaged { .. })),
+        "a damaged file passed: {read:?}"
+    );
+    let repaired = super::fetch::repair(&client(), &want, &settings(), &Progress::default()).await;
+    assert!(repaired.is_ok(), "{repaired:?}");
+    assert_eq!(std::fs::read(&target).ok(), Some(image));
+    assert_ne!(
+        std::fs::metadata(&target).map(|m| m.ino()).unwrap_or(0),
+        inode,
+        "a new file, not the damaged one rewritten (a running domain keeps its open file)"
+    );
+    assert_eq!(mode(&target), 0o444);
+    assert!(matches!(in_place(&want).await, Ok(InPlace::Verified(_))));
+    assert!(!want.partial_path().exists());
+}

@@ -1,7 +1,10 @@
 //! Keeps the record beside each verified image file (`v<N>.qcow2.verified`): which image and
-//! version it is, its SHA-256, its size and the disk size it holds. A file whose record names
-//! the same image, version, sum and size is taken as verified without reading it again; a
-//! record is written atomically (temporary file, fsync, rename) and only after the file checked.
+//! version it is, its SHA-256, its size and the disk size it holds, and the file's inode and
+//! modification time when it was checked. A file whose record names the same image, version,
+//! sum and size, on the same inode with the same modification time, is taken as verified
+//! without reading it again (a write into it, even one that keeps its size, changes the time);
+//! a record is written atomically (temporary file, fsync, rename) and only after the file
+//! checked.
 
 use std::path::{Path, PathBuf};
 
@@ -27,6 +30,28 @@ pub struct Sidecar {
     pub bytes: u64,
     /// The disk size the image holds.
     pub virtual_bytes: u64,
+    /// The file's inode and modification time (nanoseconds since the epoch) when it was
+    /// checked; unset in records of earlier agents.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stamp: Option<Stamp>,
+}
+
+/// What a write into a file or a replacement of it changes: its inode and modification time.
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Stamp {
+    pub inode: u64,
+    pub modified_ns: i128,
+}
+
+impl Stamp {
+    /// The stamp of a file's metadata.
+    pub fn of(meta: &std::fs::Metadata) -> Self {
+        use std::os::unix::fs::MetadataExt;
+        Self {
+            inode: meta.ino(),
+            modified_ns: i128::from(meta.mtime()) * 1_000_000_000 + i128::from(meta.mtime_nsec()),
+        }
+    }
 }
 
 /// The record of image file `file`.
@@ -92,6 +117,10 @@ mod tests {
             sha256: "ab".repeat(32),
             bytes: 10,
             virtual_bytes: 20,
+            stamp: Some(Stamp {
+                inode: 7,
+                modified_ns: 1,
+            }),
         };
         let at = path(&file);
         assert_eq!(at, dir.0.join("v1.qcow2.verified"));
