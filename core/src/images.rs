@@ -48,6 +48,28 @@ pub fn may_import_url(namespace: &str, images_namespace: &str) -> bool {
     namespace == images_namespace
 }
 
+/// The message of a deletion that waits for `users` (`namespace/name` of each Desktop pinned
+/// to the image): at most 10 named, then how many more.
+pub fn users_message(users: &[String]) -> String {
+    const NAMED: usize = 10;
+    let named = users
+        .iter()
+        .take(NAMED)
+        .cloned()
+        .collect::<Vec<_>>()
+        .join(", ");
+    let more = users.len().saturating_sub(NAMED);
+    let tail = if more > 0 {
+        format!(" and {more} more")
+    } else {
+        String::new()
+    };
+    format!(
+        "the deletion waits: {} desktop(s) clone from this image: {named}{tail}",
+        users.len()
+    )
+}
+
 /// One host of the target pools and its copy of the current version.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct HostCopy {
@@ -145,6 +167,18 @@ mod tests {
         assert_eq!(version_for(Some(3), true), 3);
         assert_eq!(version_for(Some(3), false), 4);
         assert_eq!(version_for(Some(u32::MAX), false), u32::MAX);
+    }
+
+    #[test]
+    fn a_long_list_of_users_names_ten_and_counts_the_rest() {
+        let users: Vec<String> = (0..12).map(|i| format!("ns/d{i}")).collect();
+        let m = users_message(&users);
+        assert!(
+            m.contains("12 desktop(s)") && m.contains("ns/d9") && !m.contains("ns/d10"),
+            "{m}"
+        );
+        assert!(m.ends_with("and 2 more"), "{m}");
+        assert!(users_message(&users[..1]).ends_with("ns/d0"));
     }
 
     #[test]

@@ -342,6 +342,8 @@ reasons! {
         /// The source may not be used from this namespace: a URL import only in the images
         /// namespace.
         SourceNotAllowed,
+        /// (`Deleting`) Desktops are pinned to a version of the image; the deletion waits.
+        InUse,
     }
 }
 

@@ -29,6 +29,9 @@ pub const FINALIZER_OPERATOR: &str = "deskvirt.io/operator";
 /// Finalizer on a DesktopBackup that the host which wrote its file removes once the file is
 /// gone (after the operator's finalizer: nothing restores from it any more).
 pub const FINALIZER_BACKUP_FILE: &str = "deskvirt.io/backup-file";
+/// Finalizer of the operator on a DesktopImage: a deleted image stays while any Desktop is
+/// pinned to one of its versions (`Deleting=True InUse` names them).
+pub const FINALIZER_IMAGE_USERS: &str = "deskvirt.io/image-users";
 
 /// Label on a DesktopBackup that a pool's schedule made (value `true`): the pool's retention
 /// may delete it. Backups without it are the user's and stay until the user deletes them.
@@ -234,6 +237,8 @@ pub mod scheduled_reason {
     pub const IMAGE_NOT_IN_POOL: &str = "ImageNotInPool";
     /// No host of the pool holds a verified copy of the image's version yet.
     pub const IMAGE_NOT_READY: &str = "ImageNotReady";
+    /// The DesktopImage is being deleted: it takes no new desktops.
+    pub const IMAGE_DELETING: &str = "ImageDeleting";
 }
 
 /// Reasons of a ResourcePool's `Ready` and `Degraded` conditions set from its spec alone.

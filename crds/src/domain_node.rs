@@ -181,10 +181,11 @@ pub struct DomainNodeStatus {
     #[schemars(length(max = 64))]
     pub prepared: Vec<PreparedDisk>,
     /// The host's copies of DesktopImages of its pool (agent, field manager
-    /// `deskvirt-node-agent-image`), one per image UID: the operator copies each into the
-    /// image's status and places Desktops that use an image only where its copy is Ready.
+    /// `deskvirt-node-agent-image`), one per image UID and version: each image's current
+    /// version, and older versions Desktops bound here are pinned to. The operator copies each
+    /// into the image's status and places Desktops only where their version is Ready.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["uid"]))]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["uid", "version"]))]
     #[schemars(length(max = 256))]
     pub images: Vec<crate::image::HostImage>,
     /// LibvirtConnected (agent), Ready and Schedulable (operator), Drained (operator, while

@@ -129,8 +129,10 @@ pub struct DesktopImageStatus {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 1000))]
     pub copies: Vec<ImageCopy>,
-    /// `Ready`: every Ready host of the target pools holds a verified copy.
+    /// `Ready`: every Ready host of the target pools holds a verified copy. `Deleting`: a
+    /// deleted image waits for the desktops pinned to it (`InUse`, naming them).
     #[serde(default)]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
     #[schemars(length(max = 8))]
     pub conditions: Vec<Condition>,
     /// The `metadata.generation` the status was decided on.
@@ -270,20 +272,21 @@ pub fn image_file(uid: &str, version: u32) -> String {
 /// dashes, a version number): the only relative path with a `/` a host joins onto its
 /// `imageDir`.
 pub fn is_managed_file(file: &str) -> bool {
-    let Some(rest) = file.strip_prefix("managed/") else {
-        return false;
-    };
-    let Some((uid, name)) = rest.split_once('/') else {
-        return false;
-    };
+    managed_file(file).is_some()
+}
+
+/// The image UID and version a managed image file ([`image_file`]) names.
+pub fn managed_file(file: &str) -> Option<(&str, u32)> {
+    let (uid, name) = file.strip_prefix("managed/")?.split_once('/')?;
     let version = name
-        .strip_prefix('v')
-        .and_then(|v| v.strip_suffix(".qcow2"))
-        .and_then(|v| v.parse::<u32>().ok());
-    !uid.is_empty()
+        .strip_prefix('v')?
+        .strip_suffix(".qcow2")?
+        .parse::<u32>()
+        .ok()?;
+    let uid_ok = !uid.is_empty()
         && uid.len() <= 64
-        && uid.bytes().all(|b| b.is_ascii_hexdigit() || b == b'-')
-        && version.is_some_and(|v| image_file(uid, v) == file)
+        && uid.bytes().all(|b| b.is_ascii_hexdigit() || b == b'-');
+    (uid_ok && image_file(uid, version) == file).then_some((uid, version))
 }
 
 #[cfg(test)]

@@ -320,7 +320,7 @@ mod tests {
         assert_eq!(c.lease_namespace, "deskvirt-system");
         assert_eq!(c.metrics_addr.port(), 8081);
         assert_eq!(c.activity_interval, Duration::from_secs(10));
-        assert_eq!(c.images_namespace, "deskvirt-images");
+        assert_eq!(c.images_namespace, "deskvirt-system-images");
         assert_eq!(c.image_copies, 2);
         assert_eq!(c.image_retry, Duration::from_secs(30));
         assert_eq!(

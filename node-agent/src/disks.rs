@@ -99,11 +99,16 @@ impl DiskError {
         }
     }
 
-    /// Whether retrying soon may help (a missing image needs an admin first).
+    /// Whether retrying soon may help (a missing image needs an admin first; a DesktopImage
+    /// copy that is not verified yet, after an agent restart say, is verified by the image loop
+    /// within a round or two).
     pub fn is_transient(&self) -> bool {
         matches!(
             self,
-            Self::Io { .. } | Self::InUse { .. } | Self::Timeout { .. }
+            Self::Io { .. }
+                | Self::InUse { .. }
+                | Self::Timeout { .. }
+                | Self::BaseUnverified { .. }
         )
     }
 }

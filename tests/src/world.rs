@@ -292,6 +292,35 @@ impl Drop for World {
             None,
         );
         delete_desktops(&self.user_ns.name);
+        // Images go while the operator still runs (its finalizer waits for their desktops,
+        // gone now); any left lose the finalizer, so their namespaces can go.
+        for ns in [&self.user_ns.name, &self.images_ns] {
+            let _ = kubectl(
+                &[
+                    "delete",
+                    "desktopimages",
+                    "--all",
+                    "-n",
+                    ns,
+                    "--wait=true",
+                    "--timeout=30s",
+                ],
+                None,
+            );
+            let _ = kubectl(
+                &[
+                    "patch",
+                    "desktopimages",
+                    "--all",
+                    "-n",
+                    ns,
+                    "--type=merge",
+                    "-p",
+                    r#"{"metadata":{"finalizers":null}}"#,
+                ],
+                None,
+            );
+        }
         if let Some(mut p) = self.agent.take() {
             let _ = p.kill();
         }

@@ -10,7 +10,9 @@
 //!   file, and the image says `CopyFailed`;
 //! - a tenant's URL import is refused (`SourceNotAllowed`), and the host never asks the origin;
 //! - a tenant's Desktop with `imageRef` to the good image is pinned to v1, boots on a linked
-//!   clone of the verified copy, and one naming the failed image waits with `ImageNotReady`.
+//!   clone of the verified copy, and one naming the failed image waits with `ImageNotReady`;
+//! - deleting the image waits (`Deleting=True InUse`, naming the desktop) until the desktop
+//!   pinned to it is gone.
 //!
 //! Run: `cargo test -p deskvirt-tests --test images -- --nocapture`.
 
@@ -282,6 +284,27 @@ async fn images_are_fetched_verified_and_cloned_and_bad_ones_refused() -> anyhow
         origin.requests("tenant.qcow2") == asked,
         "a host fetched the tenant's URL"
     );
+
+    // Deleting the image waits while a desktop is pinned to it, and says which; once that
+    // desktop is gone, so is the image.
+    let images: Api<DesktopImage> = Api::namespaced(w.client.clone(), &images_ns);
+    images.delete("lab", &Default::default()).await?;
+    let user = format!("{}/from-image", w.user_ns.name);
+    let waiting = wait_image(&w, &images_ns, "lab", "lab's deletion waits", |i| {
+        i.status
+            .as_ref()
+            .and_then(|s| find(&s.conditions, "Deleting").cloned())
+            .is_some_and(|c| c.reason == "InUse" && c.message.contains(&user))
+    })
+    .await?;
+    anyhow::ensure!(waiting.metadata.deletion_timestamp.is_some());
+    w.desktops()
+        .delete("from-image", &Default::default())
+        .await?;
+    eventually(Duration::from_secs(120), "lab gone", || async {
+        Ok(images.get_opt("lab").await?.is_none().then_some(()))
+    })
+    .await?;
     eprintln!("[images] done: {:.1}s", started.elapsed().as_secs_f64());
     Ok(())
 }

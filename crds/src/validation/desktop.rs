@@ -23,6 +23,13 @@ pub fn read_desktop(
     let memory = positive_bytes(&mut e, "spec.memory", &spec.memory);
     match (spec.disk.image.is_empty(), &spec.disk.image_ref) {
         (false, None) => e.check("spec.disk.image", paths::check_file_name(&spec.disk.image)),
+        // A restore needs the base pinned before the desktop is bound; not yet for images.
+        (true, Some(_)) if spec.disk.restore_from.is_some() => e.add(
+            "spec.disk.restoreFrom",
+            "cannot be combined with spec.disk.imageRef yet: restore onto a desktop with \
+             spec.disk.image"
+                .to_string(),
+        ),
         (true, Some(_)) => {}
         (true, None) => e.add(
             "spec.disk.image",

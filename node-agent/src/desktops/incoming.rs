@@ -116,6 +116,22 @@ async fn prepare<H>(ctx: &DesktopContext<H>, dirs: &Dirs, want: &IncomingDisk) -
     };
     let target = dirs.disks.join(&want.file);
     let base = dirs.images.join(&want.image);
+    // A DesktopImage version: only onto a copy this host verified against its sum.
+    if let Some((uid, version)) = deskvirt_crds::image::managed_file(&want.image)
+        && ctx
+            .images
+            .ready_copy(uid, version)
+            .is_none_or(|c| c.path != base)
+    {
+        return answer(
+            false,
+            Some(format!(
+                "this host holds no verified copy of image version {} (it may still be \
+                 copying; see its DomainNode status.images)",
+                want.image
+            )),
+        );
+    }
     // Made by an earlier pass whose answer was not written: the marker comes last, and the
     // disk must still be there, recorded for that desktop.
     let marked = disks::incoming_of(&target).await.ok().flatten();

@@ -33,7 +33,7 @@ const MAX_MESSAGE: usize = 1024;
 /// The copies of this host, by image UID.
 pub struct Copies {
     run: Runner,
-    entries: BTreeMap<String, Entry>,
+    entries: BTreeMap<(String, u32), Entry>,
 }
 
 /// What every copy task shares.
@@ -129,8 +129,11 @@ impl Copies {
             self.entries.clear();
             return;
         };
-        self.entries
-            .retain(|uid, _| targets.iter().any(|t| &t.uid == uid));
+        self.entries.retain(|(uid, version), _| {
+            targets
+                .iter()
+                .any(|t| &t.uid == uid && t.version == *version)
+        });
         for t in targets {
             let spec = CopySpec {
                 uid: t.uid.clone(),
@@ -139,8 +142,14 @@ impl Copies {
                 sha256: t.sha256.clone(),
                 image_dir: image_dir.to_path_buf(),
             };
-            let fresh = || Entry::new(spec.clone(), prior.iter().find(|p| p.uid == t.uid));
-            let entry = self.entries.entry(t.uid.clone()).or_insert_with(fresh);
+            let prior = prior
+                .iter()
+                .find(|p| p.uid == t.uid && p.version == t.version);
+            let fresh = || Entry::new(spec.clone(), prior);
+            let entry = self
+                .entries
+                .entry((t.uid.clone(), t.version))
+                .or_insert_with(fresh);
             if entry.spec != spec {
                 // Another version (or source, or directory): the old copy stops, its files stay.
                 entry.abort();

@@ -46,9 +46,14 @@ impl CopySpec {
             .join(deskvirt_crds::image::image_file(&self.uid, self.version))
     }
 
-    /// The file being fetched.
+    /// The file being fetched: named after this host, so hosts sharing an image directory
+    /// (a pool with shared storage) never write, check or link each other's unfinished file;
+    /// the first to link wins and the others find its file in place.
     pub fn partial_path(&self) -> PathBuf {
-        sidecar::with_suffix(&self.final_path(), ".partial")
+        sidecar::with_suffix(
+            &self.final_path(),
+            &format!(".partial.{}", sidecar::host_tag()),
+        )
     }
 
     /// The record of the verified file.
@@ -168,6 +173,13 @@ async fn fetch_to(
     over: bool,
 ) -> Result<Verified, CopyError> {
     let target = spec.final_path();
+    if spec.url.is_empty() {
+        return Err(CopyError::Fetch(format!(
+            "version {} is no longer the image's current one and this host holds no copy of \
+             it: its source is gone",
+            spec.version
+        )));
+    }
     if !over && exists(&target).await? {
         return Err(CopyError::Exists {
             path: target.display().to_string(),
@@ -332,7 +344,7 @@ pub async fn in_place(spec: &CopySpec) -> Result<InPlace, CopyError> {
         && record.version == spec.version
         && record.sha256 == spec.sha256
         && record.bytes == meta.len()
-        && record.stamp.is_none_or(|s| s == sidecar::Stamp::of(&meta));
+        && record.stamp == Some(sidecar::Stamp::of(&meta));
     Ok(if matches {
         InPlace::Verified(Verified {
             sha256: record.sha256,

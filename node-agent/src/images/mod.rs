@@ -256,8 +256,17 @@ impl Rounds {
                 tracing::warn!(%image, namespace = %config.namespace, "ignoring a DesktopImage with an http source outside the images namespace");
             }
         }
+        let mut targets = selection.targets;
+        if dir.is_some()
+            && let Some(desktops) = ctx.desktops()
+        {
+            let bound = desktops.state();
+            let node = &ctx.config.node_name;
+            let kept = targets::pinned(bound.iter().map(|d| d.as_ref()), node, &targets);
+            targets.extend(kept);
+        }
         self.copies
-            .step(dir.as_deref(), &selection.targets, &status.images)
+            .step(dir.as_deref(), &targets, &status.images)
             .await;
         let images = self.copies.report();
         ctx.images.publish(HostReport {

@@ -54,6 +54,21 @@ impl Stamp {
     }
 }
 
+/// This machine's host name as a file-name suffix (letters, digits, `.` and `-` only).
+pub(super) fn host_tag() -> &'static str {
+    static TAG: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    TAG.get_or_init(|| {
+        let name = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+        let tag: String = name
+            .trim()
+            .chars()
+            .filter(|c| c.is_ascii_alphanumeric() || *c == '.' || *c == '-')
+            .take(64)
+            .collect();
+        if tag.is_empty() { "host".into() } else { tag }
+    })
+}
+
 /// The record of image file `file`.
 pub fn path(file: &Path) -> PathBuf {
     with_suffix(file, ".verified")
@@ -81,7 +96,8 @@ pub async fn read(path: &Path) -> Option<Sidecar> {
 /// syncs the directory).
 pub async fn write(path: &Path, record: &Sidecar) -> Result<(), CopyError> {
     use tokio::io::AsyncWriteExt;
-    let temp = with_suffix(path, ".tmp");
+    // Named after this host: hosts sharing an image directory never write one temporary file.
+    let temp = with_suffix(path, &format!(".tmp.{}", host_tag()));
     let text = serde_json::to_vec(record).map_err(|e| CopyError::Io {
         op: "encode the record of",
         path: path.display().to_string(),
@@ -126,7 +142,7 @@ mod tests {
         assert_eq!(at, dir.0.join("v1.qcow2.verified"));
         assert!(write(&at, &record).await.is_ok());
         assert_eq!(read(&at).await, Some(record));
-        assert!(!with_suffix(&at, ".tmp").exists());
+        assert!(!with_suffix(&at, &format!(".tmp.{}", host_tag())).exists());
         std::fs::write(&at, b"{").unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(read(&at).await, None);
         std::fs::write(&at, vec![b' '; 5000]).unwrap_or_else(|e| panic!("{e}"));

@@ -79,6 +79,41 @@ pub fn select<'a>(
     out
 }
 
+/// The versions Desktops bound to this host are pinned to (`status.image`) that `targets` does
+/// not hold already: kept while a desktop may clone from them again (a fresh clone at each
+/// start, a restore), after the image moved on to a newer version. Their source is the
+/// image's no more: a copy in place is verified and kept; a missing one cannot be fetched.
+pub fn pinned<'a>(
+    desktops: impl IntoIterator<Item = &'a deskvirt_crds::Desktop>,
+    node: &str,
+    targets: &[Target],
+) -> Vec<Target> {
+    let mut out: Vec<Target> = Vec::new();
+    for d in desktops {
+        let Some(st) = d.status.as_ref() else {
+            continue;
+        };
+        let (Some(pin), Some(true)) = (st.image.as_ref(), st.node.as_deref().map(|n| n == node))
+        else {
+            continue;
+        };
+        let held = |t: &Target| t.uid == pin.uid && t.version == pin.version;
+        if targets.iter().any(held) || out.iter().any(held) {
+            continue;
+        }
+        out.push(Target {
+            uid: pin.uid.clone(),
+            image: pin.image.clone(),
+            version: pin.version,
+            url: String::new(),
+            sha256: pin.sha256.clone(),
+            refused: refusal(&pin.uid, pin.version, &pin.file, &pin.sha256),
+        });
+    }
+    out.sort_by(|a, b| (&a.uid, a.version).cmp(&(&b.uid, b.version)));
+    out
+}
+
 /// Why the cut version cannot be copied, if it cannot.
 fn refusal(uid: &str, version: u32, file: &str, sha256: &str) -> Option<String> {
     let plain = !uid.is_empty()
@@ -197,5 +232,46 @@ mod tests {
         let got = select(&images, "lab", "deskvirt-images");
         assert_eq!(got.targets.len(), 3);
         assert!(got.targets.iter().all(|t| t.refused.is_some()), "{got:?}");
+    }
+}
+
+#[cfg(test)]
+mod pinned_tests {
+    use super::*;
+    use serde_json::json;
+
+    fn desktop(node: &str, uid: &str, version: u32) -> deskvirt_crds::Desktop {
+        serde_json::from_value(json!({
+            "apiVersion": "deskvirt.io/v1alpha1", "kind": "Desktop",
+            "metadata": { "name": "d", "namespace": "ns" },
+            "spec": { "pool": "p", "user": "u@x", "disk": { "imageRef": { "name": "lab" } } },
+            "status": { "node": node, "image": {
+                "image": "ns/lab", "uid": uid, "version": version,
+                "file": format!("managed/{uid}/v{version}.qcow2"), "sha256": "b".repeat(64) } },
+        }))
+        .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    #[test]
+    fn an_old_version_pinned_here_is_kept_with_no_source() {
+        let current = Target {
+            uid: "0a".into(),
+            image: "ns/lab".into(),
+            version: 2,
+            url: "http://x/y".into(),
+            sha256: "c".repeat(64),
+            refused: None,
+        };
+        let ds = [
+            desktop("h1", "0a", 1),
+            desktop("h1", "0a", 1),
+            desktop("h1", "0a", 2),
+            desktop("h2", "0b", 1),
+        ];
+        let kept = pinned(ds.iter(), "h1", std::slice::from_ref(&current));
+        assert_eq!(kept.len(), 1, "{kept:?}");
+        assert_eq!((kept[0].version, kept[0].url.as_str()), (1, ""));
+        assert_eq!(kept[0].sha256, "b".repeat(64));
+        assert_eq!(kept[0].refused, None);
     }
 }

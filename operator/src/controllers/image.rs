@@ -3,18 +3,19 @@
 //! report of its copy (that host's own DomainNode `status.images`, from nowhere else: agents
 //! cannot write DesktopImages) into the image's status, with `Ready` once every Ready host of the
 //! target pools holds a verified copy. The write is skipped when nothing but times changed.
+//! A deleted image stays (finalizer) while any Desktop is pinned to it, and says which.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use deskvirt_core::images::{self, HostCopy, ImageReason};
 use deskvirt_crds::conditions::{self, Status, condition};
-use deskvirt_crds::constants::MANAGER_OPERATOR_IMAGE;
-use deskvirt_crds::constants::condition::READY;
+use deskvirt_crds::constants::condition::{DELETING, READY};
+use deskvirt_crds::constants::{FINALIZER_IMAGE_USERS, MANAGER_OPERATOR_IMAGE};
 use deskvirt_crds::image::{
     CopyPhase, DesktopImage, DesktopImageStatus, HostImage, ImageCopy, image_file,
 };
-use deskvirt_crds::{DomainNode, names::fnv1a64};
+use deskvirt_crds::{Desktop, DomainNode, names::fnv1a64};
 use k8s_openapi::jiff::Timestamp;
 use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
@@ -23,7 +24,8 @@ use kube::{Api, ResourceExt};
 use tokio::sync::watch;
 
 use super::{
-    Categorized, StatusApply, apply_status_as, drive, kube_transient, on_leadership, watch_config,
+    Categorized, StatusApply, apply_meta, apply_status_as, drive, kube_transient, on_leadership,
+    remove_finalizer, watch_config,
 };
 use crate::context::{Context, stopped};
 use crate::heartbeat::Heartbeat;
@@ -39,15 +41,23 @@ const RECHECK: Duration = Duration::from_secs(60);
 pub enum Error {
     #[error("cannot apply image status")]
     Apply(#[source] kube::Error),
+    #[error("cannot add or remove the image's finalizer")]
+    Finalizer(#[source] kube::Error),
+    #[error("write not sent: the leader Lease may have expired")]
+    Fenced,
 }
 
 impl Categorized for Error {
     fn category(&self) -> &'static str {
-        "KubeApi"
+        match self {
+            Error::Apply(_) | Error::Finalizer(_) => "KubeApi",
+            Error::Fenced => "Fenced",
+        }
     }
     fn is_transient(&self) -> bool {
         match self {
-            Error::Apply(e) => kube_transient(e),
+            Error::Apply(e) | Error::Finalizer(e) => kube_transient(e),
+            Error::Fenced => true,
         }
     }
 }
@@ -69,6 +79,10 @@ pub async fn run(ctx: Arc<Context>, selector: String, stop: watch::Receiver<bool
             .filter(|i| pool.as_ref().is_some_and(|p| i.spec.pools.contains(p)))
             .map(|i| ObjectRef::from_obj(i.as_ref()))
             .collect::<Vec<_>>()
+    })
+    // A desktop pinned to an image, or no longer (deleted), wakes a deletion that waits.
+    .watches_stream(ctx.stores.desktop_changes.stream_by_key(pin_key), |d| {
+        pinned_image(&d).map(|(ns, name)| ObjectRef::new(&name).within(&ns))
     })
     .reconcile_all_on(on_leadership(ctx.leader.clone()))
     .graceful_shutdown_on(stopped(stop.clone()))
@@ -105,10 +119,76 @@ fn node_key(n: &DomainNode) -> u64 {
     fnv1a64(text.as_bytes())
 }
 
+/// What an image's deletion reads of a desktop: the image it is pinned to, and whether it is
+/// being deleted.
+fn pin_key(d: &Desktop) -> Option<(String, u32, bool)> {
+    let pin = d.status.as_ref()?.image.as_ref()?;
+    Some((
+        pin.uid.clone(),
+        pin.version,
+        d.metadata.deletion_timestamp.is_some(),
+    ))
+}
+
+/// `(namespace, name)` of the image `d` is pinned to.
+fn pinned_image(d: &Desktop) -> Option<(String, String)> {
+    let pin = d.status.as_ref()?.image.as_ref()?;
+    let (ns, name) = pin.image.split_once('/')?;
+    Some((ns.to_string(), name.to_string()))
+}
+
+/// `namespace/name` of every cached Desktop pinned to the image with UID `uid`.
+pub fn users(desktops: &[Arc<Desktop>], uid: &str) -> Vec<String> {
+    let mut out: Vec<String> = desktops
+        .iter()
+        .filter(|d| {
+            d.status
+                .as_ref()
+                .and_then(|s| s.image.as_ref())
+                .is_some_and(|p| p.uid == uid)
+        })
+        .map(|d| format!("{}/{}", d.namespace().unwrap_or_default(), d.name_any()))
+        .collect();
+    out.sort();
+    out
+}
+
 #[tracing::instrument(skip_all, fields(image = %image.name_any()))]
 pub async fn reconcile(image: Arc<DesktopImage>, ctx: Arc<Context>) -> Result<Action, Error> {
     ctx.metrics.reconciled(NAME);
-    if !ctx.is_leader() || image.metadata.deletion_timestamp.is_some() {
+    if !ctx.is_leader() {
+        return Ok(Action::await_change());
+    }
+    let fence = ctx.fence.clone();
+    crate::fence::scope(fence, pass(image, ctx)).await
+}
+
+/// One pass over `image`, inside the leader's fence.
+async fn pass(image: Arc<DesktopImage>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let (name, ns) = (image.name_any(), image.namespace());
+    let api: Api<DesktopImage> =
+        Api::namespaced(ctx.client.clone(), ns.as_deref().unwrap_or_default());
+    let held = image
+        .finalizers()
+        .iter()
+        .any(|f| f == FINALIZER_IMAGE_USERS);
+    if image.metadata.deletion_timestamp.is_some() {
+        return if held {
+            release(&image, &api, &ctx).await
+        } else {
+            Ok(Action::await_change())
+        };
+    }
+    if !held {
+        crate::fence::check().map_err(|_| Error::Fenced)?;
+        let body = serde_json::json!({
+            "apiVersion": "deskvirt.io/v1alpha1", "kind": "DesktopImage",
+            "metadata": { "name": name, "namespace": ns, "finalizers": [FINALIZER_IMAGE_USERS] },
+        });
+        apply_meta(&api, &name, &body)
+            .await
+            .map_err(Error::Finalizer)?;
+        // Its watch event brings the pass that goes on.
         return Ok(Action::await_change());
     }
     let now = Timestamp::now();
@@ -124,9 +204,7 @@ pub async fn reconcile(image: Arc<DesktopImage>, ctx: Arc<Context>) -> Result<Ac
     if !differs(&old, &want) {
         return Ok(Action::requeue(RECHECK));
     }
-    let (name, ns) = (image.name_any(), image.namespace());
-    let api: Api<DesktopImage> =
-        Api::namespaced(ctx.client.clone(), ns.as_deref().unwrap_or_default());
+    crate::fence::check().map_err(|_| Error::Fenced)?;
     let body = StatusApply::new::<DesktopImage>(&name, ns.as_deref(), &want)
         .guarded(image.metadata.resource_version.as_deref());
     apply_status_as(&api, &body, MANAGER_OPERATOR_IMAGE)
@@ -163,6 +241,50 @@ pub async fn reconcile(image: Arc<DesktopImage>, ctx: Arc<Context>) -> Result<Ac
         .await;
     }
     Ok(Action::requeue(RECHECK))
+}
+
+/// How often a deletion that waits for its users looks again (their deletions wake it too).
+const USERS_RECHECK: Duration = Duration::from_secs(15);
+
+/// A deleted image: waits, saying for whom, while desktops are pinned to it; then lets it go.
+/// Its files stay on the hosts (removing them is for a later change).
+async fn release(
+    image: &DesktopImage,
+    api: &Api<DesktopImage>,
+    ctx: &Context,
+) -> Result<Action, Error> {
+    let uid = image.uid().unwrap_or_default();
+    let users = users(&ctx.stores.desktops.state(), &uid);
+    if users.is_empty() {
+        crate::fence::check().map_err(|_| Error::Fenced)?;
+        remove_finalizer(api, image, FINALIZER_IMAGE_USERS)
+            .await
+            .map_err(Error::Finalizer)?;
+        return Ok(Action::await_change());
+    }
+    let old = image.status.clone().unwrap_or_default();
+    let mut want = old.clone();
+    let c = condition(
+        &old.conditions,
+        DELETING,
+        Status::True,
+        ImageReason::InUse.as_str(),
+        images::users_message(&users),
+        image.metadata.generation,
+        Timestamp::now(),
+    );
+    conditions::upsert(&mut want.conditions, c);
+    if differs(&old, &want) {
+        crate::fence::check().map_err(|_| Error::Fenced)?;
+        let name = image.name_any();
+        let ns = image.namespace();
+        let body = StatusApply::new::<DesktopImage>(&name, ns.as_deref(), &want)
+            .guarded(image.metadata.resource_version.as_deref());
+        apply_status_as(api, &body, MANAGER_OPERATOR_IMAGE)
+            .await
+            .map_err(Error::Apply)?;
+    }
+    Ok(Action::requeue(USERS_RECHECK))
 }
 
 /// The image's status from its spec, its current status and the hosts: pure, so tests build

@@ -95,7 +95,8 @@ pub fn chain_for(
         if i == 0 && st.kind != Some(Kind::Full) {
             let base = st.base_image.unwrap_or_default();
             let image = d.base_image().unwrap_or_default();
-            if image.is_empty() || !base.ends_with(&format!("/{image}")) {
+            let expected = std::path::Path::new(&pool.spec.storage.image_dir).join(&image);
+            if image.is_empty() || std::path::Path::new(&base) != expected {
                 return Err(format!(
                     "backup {layer} holds changes to base image {base}, and the desktop's \
                      base image is {image:?} (spec.disk.image, or the pinned DesktopImage \

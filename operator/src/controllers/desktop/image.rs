@@ -7,7 +7,7 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use deskvirt_crds::constants::scheduled_reason::{
-    IMAGE_NOT_ALLOWED, IMAGE_NOT_FOUND, IMAGE_NOT_IN_POOL, IMAGE_NOT_READY,
+    IMAGE_DELETING, IMAGE_NOT_ALLOWED, IMAGE_NOT_FOUND, IMAGE_NOT_IN_POOL, IMAGE_NOT_READY,
 };
 use deskvirt_crds::desktop::Desktop;
 use deskvirt_crds::image::{DesktopImage, ImagePin};
@@ -64,6 +64,14 @@ pub(super) fn image_hosts(d: &Desktop, ctx: &Context) -> Result<Option<ForImage>
         return Err(refuse(IMAGE_NOT_IN_POOL, message, Some(IMAGE_RECHECK)));
     }
     let pinned = d.status.as_ref().and_then(|s| s.image.clone());
+    // A deleted image waits for its users; it takes no new ones.
+    if image.metadata.deletion_timestamp.is_some() && pinned.is_none() {
+        let message = format!(
+            "spec.disk.imageRef: DesktopImage {ns}/{} is being deleted",
+            r.name
+        );
+        return Err(refuse(IMAGE_DELETING, message, Some(IMAGE_RECHECK)));
+    }
     let pin = match pinned {
         // A disk made from a version keeps it; only a desktop never bound takes the newest.
         Some(p) if p.uid == image.uid().unwrap_or_default() => p,

@@ -133,6 +133,7 @@ pub async fn run(ctx: Arc<Context>, selector: String, stop: watch::Receiver<bool
     let by_pool = ctx.stores.clone();
     let by_mirror = ctx.stores.clone();
     let (by_namespace, by_quota) = (ctx.stores.clone(), ctx.stores.clone());
+    let by_image = ctx.stores.clone();
     let seen = Arc::new(triggers::Seen::default());
     let stepped = ctx.clone();
     let (seen_hosts, seen_pools) = (seen.clone(), seen);
@@ -198,6 +199,19 @@ pub async fn run(ctx: Arc<Context>, selector: String, stop: watch::Receiver<bool
             .stream_by_key(|q| q.spec.as_ref().and_then(|s| s.hard.clone())),
         move |q| unbound_in(&by_quota, &q.namespace().unwrap_or_default()),
     )
+    // An image's version, pools or deletion decide whether the unbound desktops naming it may
+    // be placed: a change wakes them.
+    .watches_stream(
+        ctx.stores.image_changes.stream_by_key(|i| {
+            let st = i.status.as_ref();
+            (
+                i.spec.pools.clone(),
+                st.and_then(|s| s.version),
+                i.metadata.deletion_timestamp.is_some(),
+            )
+        }),
+        move |i| unbound_naming(&by_image, &i),
+    )
     .reconcile_all_on(on_leadership(ctx.leader.clone()))
     .graceful_shutdown_on(stopped(stop.clone()))
     .with_config(controller::Config::default().concurrency(CONCURRENCY))
@@ -207,6 +221,24 @@ pub async fn run(ctx: Arc<Context>, selector: String, stop: watch::Receiver<bool
         ctx,
     );
     drive(NAME, controller, stop).await;
+}
+
+/// The unbound desktops whose `spec.disk.imageRef` names `image`.
+fn unbound_naming(stores: &Stores, image: &deskvirt_crds::DesktopImage) -> Vec<ObjectRef<Desktop>> {
+    let (name, ns) = (image.name_any(), image.namespace().unwrap_or_default());
+    stores
+        .desktops
+        .state()
+        .iter()
+        .filter(|d| d.status.as_ref().is_none_or(|s| s.node.is_none()))
+        .filter(|d| {
+            d.spec.disk.image_ref.as_ref().is_some_and(|r| {
+                r.name == name
+                    && r.namespace.clone().or_else(|| d.namespace()).as_deref() == Some(&ns)
+            })
+        })
+        .map(|d| ObjectRef::from_obj(d.as_ref()))
+        .collect()
 }
 
 /// The desktops of `namespace` not bound to a host.
