@@ -2,8 +2,10 @@
 //! `test:///default` driver (no daemon, no QEMU), each with its own DomainNode, heartbeat Lease,
 //! watches and metrics port, plus one real operator, all in one pool of this run. Disks are real
 //! qcow2 overlays of a tiny 64 MiB base in a temp dir; the pool network is isolated (the test
-//! driver only keeps its XML) and its SPICE ports are never bound. Teardown removes every
-//! object, process and file the fleet made.
+//! driver only keeps its XML) and its SPICE ports are never bound. With
+//! [`Fleet::start_private`] each host is alone in a pool of its own, so each has an image
+//! directory of its own (DesktopImage copies). Teardown removes every object, process and file
+//! the fleet made.
 
 use std::fs::File;
 use std::net::{Ipv4Addr, TcpListener};
@@ -52,6 +54,8 @@ pub struct Fleet {
     pub user_ns: String,
     pub sys_ns: String,
     pub console_ns: String,
+    /// The images namespace of the operator and every agent (DesktopImages with a URL).
+    pub images_ns: String,
     pub work: PathBuf,
     bin_dir: PathBuf,
     log_level: String,
@@ -82,6 +86,7 @@ impl Fleet {
             user_ns: format!("scale-{id}"),
             sys_ns: format!("scale-sys-{id}"),
             console_ns: format!("scale-con-{id}"),
+            images_ns: format!("scale-img-{id}"),
             work,
             bin_dir: bin_dir.to_path_buf(),
             log_level: log_level.to_string(),
@@ -103,7 +108,7 @@ impl Fleet {
                 .arg("64M"),
         )?;
         let namespaces: Api<Namespace> = Api::all(fleet.client.clone());
-        for ns in [&fleet.user_ns, &fleet.sys_ns, &fleet.console_ns] {
+        for ns in fleet.namespaces() {
             let obj: Namespace = serde_json::from_value(json!({
                 "metadata": { "name": ns, "labels": { RUN_LABEL: fleet.run } }
             }))?;
@@ -141,6 +146,54 @@ impl Fleet {
         format!("scale-{}-h{i:03}", self.run)
     }
 
+    /// The namespaces of the fleet.
+    fn namespaces(&self) -> [&String; 4] {
+        [
+            &self.user_ns,
+            &self.sys_ns,
+            &self.console_ns,
+            &self.images_ns,
+        ]
+    }
+
+    /// The pool of host `i` when each host has a pool of its own ([`Fleet::start_private`]).
+    pub fn private_pool(&self, i: usize) -> String {
+        format!("{}-h{i:03}", self.pool)
+    }
+
+    /// The image directory of host `i` when each host has a pool of its own.
+    pub fn private_image_dir(&self, i: usize) -> PathBuf {
+        self.work
+            .join("hosts")
+            .join(format!("h{i:03}"))
+            .join("images")
+    }
+
+    /// Pools `private_pool(0..hosts)`, each like the fleet's pool but selecting only its own
+    /// host and with an image directory of its own; those that exist already are kept.
+    async fn create_private_pools(&self, hosts: usize) -> anyhow::Result<()> {
+        let api: Api<ResourcePool> = Api::all(self.client.clone());
+        let base = api.get(&self.pool).await?;
+        for i in 0..hosts {
+            let (name, dir) = (self.private_pool(i), self.private_image_dir(i));
+            std::fs::create_dir_all(&dir)?;
+            let mut spec = serde_json::to_value(&base.spec)?;
+            spec["nodeSelector"] = json!({ "deskvirt.io/pool": name });
+            spec["storage"]["imageDir"] = json!(dir.display().to_string());
+            let pool: ResourcePool = serde_json::from_value(json!({
+                "apiVersion": "deskvirt.io/v1alpha1", "kind": "ResourcePool",
+                "metadata": { "name": name, "labels": { RUN_LABEL: self.run } },
+                "spec": spec,
+            }))?;
+            match api.create(&PostParams::default(), &pool).await {
+                Ok(_) => {}
+                Err(kube::Error::Api(e)) if e.code == 409 => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(())
+    }
+
     fn log_file(&self, name: &str) -> anyhow::Result<(Stdio, Stdio)> {
         let f = File::create(self.work.join("logs").join(format!("{name}.log")))?;
         Ok((Stdio::from(f.try_clone()?), Stdio::from(f)))
@@ -149,6 +202,28 @@ impl Fleet {
     /// Starts the operator and `hosts` agents, and waits until every host is Ready and
     /// Schedulable; returns how long that took.
     pub async fn start(&mut self, hosts: usize) -> anyhow::Result<Duration> {
+        self.start_in(hosts, false, Duration::ZERO).await
+    }
+
+    /// As [`Fleet::start`], with host `i` alone in pool [`Fleet::private_pool`]`(i)`, whose
+    /// image directory no other host shares (as on real hosts, each with its own disk), and
+    /// agent `i` spawned `i × stagger` after the first (so that their periodic loops do not
+    /// tick together, as on hosts started independently).
+    pub async fn start_private(
+        &mut self,
+        hosts: usize,
+        stagger: Duration,
+    ) -> anyhow::Result<Duration> {
+        self.create_private_pools(hosts).await?;
+        self.start_in(hosts, true, stagger).await
+    }
+
+    async fn start_in(
+        &mut self,
+        hosts: usize,
+        private: bool,
+        stagger: Duration,
+    ) -> anyhow::Result<Duration> {
         anyhow::ensure!(
             self.operator.is_none() && self.agents.is_empty(),
             "fleet already started"
@@ -172,14 +247,23 @@ impl Fleet {
             .envs(self.proc_env.iter().map(|(k, v)| (k, v)))
             .args(["--console-namespace", &self.console_ns])
             .args(["--console-user-namespaces", &self.user_ns])
+            .args(["--images-namespace", &self.images_ns])
             .args(["--label-selector", &format!("{RUN_LABEL}={}", self.run)])
             .args(["--metrics-addr", &format!("127.0.0.1:{operator_port}")])
             .stdout(out)
             .stderr(err);
         self.operator = Some(Process::spawn("operator", &mut operator)?);
         self.operator_port = Some(operator_port);
-        let labels = format!("deskvirt.io/pool={},{RUN_LABEL}={}", self.pool, self.run);
         for i in 0..hosts {
+            if i > 0 && !stagger.is_zero() {
+                tokio::time::sleep(stagger).await;
+            }
+            let pool = if private {
+                self.private_pool(i)
+            } else {
+                self.pool.clone()
+            };
+            let labels = format!("deskvirt.io/pool={pool},{RUN_LABEL}={}", self.run);
             let name = self.host_name(i);
             let (out, err) = self.log_file(&name)?;
             let metrics_port = port()?;
@@ -192,6 +276,7 @@ impl Fleet {
                 .args(["--hypervisor", "qemu"])
                 .args(["--lease-namespace", &self.sys_ns])
                 .args(["--console-namespace", &self.console_ns])
+                .args(["--images-namespace", &self.images_ns])
                 .args(["--node-address", "127.0.0.1", "--node-labels", &labels])
                 .args(["--shutdown-grace", "3s"])
                 .args(["--metrics-addr", &format!("127.0.0.1:{metrics_port}")])
@@ -322,7 +407,8 @@ impl Fleet {
     }
 
     /// Removes everything: desktops (finalizers stripped when the agents cannot finish),
-    /// processes, DomainNodes, Leases, the pool, the namespaces and the temp dir. Best effort.
+    /// processes, DomainNodes, Leases, the pools, the namespaces (with the DesktopImages of the
+    /// images namespace) and the temp dir. Best effort.
     pub async fn teardown(&mut self) {
         let sel = format!("{RUN_LABEL}={}", self.run);
         let api = self.desktops();
@@ -339,10 +425,13 @@ impl Fleet {
         }
         self.stop().await;
         let _ = Api::<ResourcePool>::all(self.client.clone())
-            .delete(&self.pool, &DeleteParams::default())
+            .delete_collection(
+                &DeleteParams::default(),
+                &ListParams::default().labels(&sel),
+            )
             .await;
         let namespaces: Api<Namespace> = Api::all(self.client.clone());
-        for ns in [&self.user_ns, &self.sys_ns, &self.console_ns] {
+        for ns in self.namespaces() {
             let _ = namespaces.delete(ns, &DeleteParams::background()).await;
         }
         let _ = std::fs::remove_dir_all(&self.work);

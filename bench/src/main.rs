@@ -1,7 +1,8 @@
 //! `deskvirt-bench`: issue 7's benchmarks in one run — time to desktop against plain libvirt,
 //! bursts with their API cost, the footprint of both binaries, and placement latency — printed
 //! as markdown and written to `results/<timestamp>/` with a latency CDF. `--scale` and
-//! `--footprint-desktops` instead run real agents on libvirt's test driver (simulated hosts).
+//! `--footprint-desktops` instead run real agents on libvirt's test driver (simulated hosts);
+//! `--images` times DesktopImage distribution on such hosts against curl.
 #![forbid(unsafe_code)]
 
 mod backup;
@@ -11,6 +12,10 @@ mod drain;
 mod env;
 mod fleet;
 mod footprint;
+mod image_curl;
+mod image_origin;
+mod image_watch;
+mod images;
 mod migrate;
 mod migrate_hops;
 mod plot;
@@ -137,6 +142,22 @@ struct Args {
     /// `qemu-img convert` copy of the same disk.
     #[arg(long)]
     backup: Option<usize>,
+    /// Only image distribution: a DesktopImage of a local origin's file, POST → `Ready=True`
+    /// on `--image-hosts` simulated hosts (each with its own image directory), against curl +
+    /// sha256sum (and + openssl dgst -sha256) + qemu-img info + sync of the same file on as
+    /// many hosts, interleaved; results in `<results>/<timestamp>/images.md` and `images.csv`.
+    #[arg(long)]
+    images: bool,
+    /// MiB of random data in the test image of `--images`.
+    #[arg(long, default_value_t = 256)]
+    image_mib: u64,
+    /// Rounds of each side per host count in `--images`.
+    #[arg(long, default_value_t = 5)]
+    image_runs: usize,
+    /// Host counts of `--images`, comma-separated (1 to 32: an image lists at most 32 pools,
+    /// and each host is alone in a pool of its own).
+    #[arg(long, value_delimiter = ',', default_value = "1,4", value_parser = clap::value_parser!(u16).range(1..=32))]
+    image_hosts: Vec<u16>,
     /// Rounds of the drain benchmark.
     #[arg(long, default_value = "2")]
     drain_rounds: usize,
@@ -178,6 +199,9 @@ async fn main() -> anyhow::Result<()> {
         let r = cold_copy::run_bench(n, args.cold_copy_mib).await?;
         println!("{}", cold_copy::markdown(&r));
         return Ok(());
+    }
+    if args.images {
+        return images_run(&args).await;
     }
     if let Some(n) = args.migrate {
         prepare().await?;
@@ -224,15 +248,7 @@ async fn main() -> anyhow::Result<()> {
 
     let md = report.markdown();
     println!("{md}");
-    let stamp = Timestamp::now().strftime("%Y%m%dT%H%M%SZ").to_string();
-    let dir = args
-        .results
-        .clone()
-        .unwrap_or_else(|| {
-            let root = repo_root();
-            root.canonicalize().unwrap_or(root).join("results")
-        })
-        .join(stamp);
+    let dir = results_dir(&args);
     std::fs::create_dir_all(&dir)?;
     std::fs::write(dir.join("report.md"), &md)?;
     if let Some(t) = &report.ttd {
@@ -258,6 +274,83 @@ async fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A fleet of simulated hosts (none started yet) running the binaries `args` asks for.
+async fn create_fleet(
+    args: &Args,
+    client: kube::Client,
+    report: &mut Report,
+) -> anyhow::Result<fleet::Fleet> {
+    let bin_dir = binaries(args, report)?;
+    fleet::Fleet::create(
+        client,
+        &bin_dir,
+        &args.log,
+        args.fleet_env.clone(),
+        &args.fleet_libvirt_uri,
+    )
+    .await
+}
+
+/// `--images`: a fleet of simulated hosts (none started yet), the runs, the report on stdout
+/// and in the results directory; the fleet is torn down whatever happens, Ctrl-C included.
+async fn images_run(args: &Args) -> anyhow::Result<()> {
+    let client = client().await?;
+    ensure_crds(&client).await?;
+    let mut notes = Report::default();
+    let mut fleet = create_fleet(args, client, &mut notes).await?;
+    eprintln!(
+        "[bench] images run {} (images namespace {}, work dir {})",
+        fleet.run,
+        fleet.images_ns,
+        fleet.work.display()
+    );
+    let settings = images::Settings {
+        mib: args.image_mib,
+        runs: args.image_runs,
+        hosts: args.image_hosts.iter().map(|&n| usize::from(n)).collect(),
+    };
+    let outcome = tokio::select! {
+        r = images::run_bench(&mut fleet, &settings) => r,
+        _ = tokio::signal::ctrl_c() => Err(anyhow::anyhow!("interrupted")),
+    };
+    eprintln!("[bench] tearing down images run {}", fleet.run);
+    fleet.teardown().await;
+    let result = outcome?;
+    let md = format!(
+        "{}\n\n`{}`; {}; {}.\n\n{}",
+        machine(),
+        format_args!(
+            "cargo run --release -p deskvirt-bench -- {}",
+            std::env::args().skip(1).collect::<Vec<_>>().join(" ")
+        ),
+        notes.notes.join("; "),
+        format_args!(
+            "hosts: deskvirt-node-agent on `{}`, each alone in a pool with its own image directory",
+            args.fleet_libvirt_uri
+        ),
+        images::markdown(&result)
+    );
+    println!("{md}");
+    let dir = results_dir(args);
+    std::fs::create_dir_all(&dir)?;
+    std::fs::write(dir.join("images.md"), &md)?;
+    std::fs::write(dir.join("images.csv"), images::csv(&result))?;
+    eprintln!("[bench] wrote {}", dir.join("images.md").display());
+    Ok(())
+}
+
+/// `<--results or the repository's results/>/<timestamp now>`.
+fn results_dir(args: &Args) -> PathBuf {
+    let stamp = Timestamp::now().strftime("%Y%m%dT%H%M%SZ").to_string();
+    args.results
+        .clone()
+        .unwrap_or_else(|| {
+            let root = repo_root();
+            root.canonicalize().unwrap_or(root).join("results")
+        })
+        .join(stamp)
+}
+
 /// `KEY=VALUE`.
 fn parse_env(s: &str) -> Result<(String, String), String> {
     match s.split_once('=') {
@@ -276,15 +369,7 @@ async fn fleet_run(args: &Args, report: &mut Report) -> anyhow::Result<()> {
     } else {
         "release"
     };
-    let bin_dir = binaries(args, report)?;
-    let mut fleet = fleet::Fleet::create(
-        client,
-        &bin_dir,
-        &args.log,
-        args.fleet_env.clone(),
-        &args.fleet_libvirt_uri,
-    )
-    .await?;
+    let mut fleet = create_fleet(args, client, report).await?;
     eprintln!(
         "[bench] fleet run {} (pool {}, work dir {})",
         fleet.run,

@@ -120,15 +120,7 @@ pub async fn watch(
         .default_backoff()
         .boxed();
     let mut ds = watcher(desktops, by_name).default_backoff().boxed();
-    let (mut lists, mut listed) = (0, Some(listed));
-    let mut list_done = move || {
-        lists += 1;
-        if lists == 2
-            && let Some(tx) = listed.take()
-        {
-            let _ = tx.send(());
-        }
-    };
+    let mut list_done = after_lists(2, listed);
     let mut marks = Marks::default();
     // The POST's instant and the migration's UID, once the POST answered; the target once the
     // migration's status shows it; the Desktop as last seen (read again once the UID is known).
@@ -202,4 +194,18 @@ pub async fn watch(
         done.status.as_ref().map(|s| &s.conditions)
     );
     Ok((seen, done))
+}
+
+/// A callback for each watch's first full list: it sends `listed` once `watches` have listed
+/// (then the request they time may go).
+pub fn after_lists(watches: u32, listed: oneshot::Sender<()>) -> impl FnMut() {
+    let (mut lists, mut listed) = (0, Some(listed));
+    move || {
+        lists += 1;
+        if lists == watches
+            && let Some(tx) = listed.take()
+        {
+            let _ = tx.send(());
+        }
+    }
 }

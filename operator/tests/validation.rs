@@ -344,6 +344,19 @@ fn desktop_cases() -> Table {
             ],
         ),
         (
+            "spec.disk.imageRef.name",
+            vec![
+                Schema(json!({"disk": {"imageRef": {"name": "../lab"}}})),
+                Schema(json!({"disk": {"imageRef": {"name": ""}}})),
+            ],
+        ),
+        (
+            "spec.disk.imageRef.namespace",
+            vec![Schema(
+                json!({"disk": {"imageRef": {"name": "lab", "namespace": "Not_A_Namespace"}}}),
+            )],
+        ),
+        (
             "spec.disk.size",
             vec![
                 Schema(json!({"disk": {"image": "b.qcow2", "size": "10 G"}})),
