@@ -141,12 +141,7 @@ pub async fn sha256(file: &Path, limit: Duration) -> Result<String, DiskError> {
             }
             ctx.update(buf.get(..n).unwrap_or_default());
         }
-        let hex: String = ctx
-            .finish()
-            .as_ref()
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect();
+        let hex = crate::images::fetch::hex(ctx.finish().as_ref());
         Ok(format!("sha256:{hex}"))
     });
     match tokio::time::timeout(limit, reading).await {

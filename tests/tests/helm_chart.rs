@@ -1157,6 +1157,21 @@ fn access_table() -> Vec<Access> {
         a(agent, "list", d, "resourcepools", Cluster, true),
         a(agent, "patch", d, "resourcepools", Cluster, false),
         a(agent, "patch", d, "resourcepools/status", Cluster, false),
+        // node-agent: DesktopImages read only; it reports its copies in its DomainNode, never in
+        // an image (or the status the operator alone decides from).
+        a(agent, "watch", d, "desktopimages", Cluster, true),
+        a(agent, "patch", d, "desktopimages", User, false),
+        a(agent, "patch", d, "desktopimages/status", User, false),
+        a(agent, "create", d, "desktopimages", User, false),
+        a(agent, "delete", d, "desktopimages", User, false),
+        // operator: DesktopImages read, patched for its finalizer, their status written; never
+        // created or deleted.
+        a(op, "watch", d, "desktopimages", Cluster, true),
+        a(op, "patch", d, "desktopimages", User, true),
+        a(op, "patch", d, "desktopimages/status", User, true),
+        a(op, "create", d, "desktopimages", User, false),
+        a(op, "delete", d, "desktopimages", User, false),
+        a(op, "update", d, "desktopimages", User, false),
         // node-agent: its Node for the owner reference, read only.
         a(agent, "get", "", "nodes", Cluster, true),
         a(agent, "list", "", "nodes", Cluster, false),

@@ -116,10 +116,7 @@ pub fn pinned<'a>(
 
 /// Why the cut version cannot be copied, if it cannot.
 fn refusal(uid: &str, version: u32, file: &str, sha256: &str) -> Option<String> {
-    let plain = !uid.is_empty()
-        && uid.len() <= 64
-        && uid.chars().all(|c| c.is_ascii_hexdigit() || c == '-');
-    if !plain {
+    if !deskvirt_crds::image::is_managed_file(&image_file(uid, version)) {
         return Some("the image's UID cannot name a directory".into());
     }
     let want = image_file(uid, version);
