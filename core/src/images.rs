@@ -81,6 +81,26 @@ pub struct HostCopy {
     pub reason: Option<String>,
 }
 
+/// The host that downloads the one copy of a pool whose hosts share their image directory
+/// (`storage.shared`); the others check the file it put in place. `current` stays while its
+/// host is Ready (a copy it started is not thrown away); else a Ready host already copying or
+/// holding a copy, else the first Ready host by name. `None` while no host of the pool is
+/// Ready. `hosts` are the pool's hosts and their copies of the current version.
+pub fn shared_writer(current: Option<&str>, hosts: &[HostCopy]) -> Option<String> {
+    let ready = || hosts.iter().filter(|h| h.host_ready);
+    if let Some(c) = current
+        && ready().any(|h| h.node == c)
+    {
+        return Some(c.to_string());
+    }
+    let busy = ready()
+        .filter(|h| matches!(h.phase, CopyPhase::Copying | CopyPhase::Ready))
+        .map(|h| h.node.as_str())
+        .min();
+    busy.or_else(|| ready().map(|h| h.node.as_str()).min())
+        .map(str::to_string)
+}
+
 /// What the copies add up to.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Summary {
@@ -217,5 +237,34 @@ mod tests {
         assert_eq!((s.holds, s.reason), (false, ImageReason::NoHosts));
         let s = summarize("lab", 1, &[copy("b", false, Failed)]);
         assert_eq!(s.reason, ImageReason::NoHosts);
+    }
+
+    #[test]
+    fn a_shared_pool_has_one_writer_kept_while_its_host_is_ready() {
+        let host = |node: &str, host_ready: bool, phase: CopyPhase| HostCopy {
+            node: node.into(),
+            host_ready,
+            phase,
+            reason: None,
+        };
+        let pending = [
+            host("h3", true, CopyPhase::Pending),
+            host("h1", false, CopyPhase::Pending),
+            host("h2", true, CopyPhase::Pending),
+        ];
+        assert_eq!(shared_writer(None, &pending).as_deref(), Some("h2"));
+        assert_eq!(shared_writer(Some("h3"), &pending).as_deref(), Some("h3"));
+        // Its host went down: a Ready host takes over, one copying first.
+        let copying = [
+            host("h1", false, CopyPhase::Copying),
+            host("h2", true, CopyPhase::Pending),
+            host("h3", true, CopyPhase::Copying),
+        ];
+        assert_eq!(shared_writer(Some("h1"), &copying).as_deref(), Some("h3"));
+        assert_eq!(
+            shared_writer(Some("h1"), &[host("h1", false, CopyPhase::Failed)]),
+            None
+        );
+        assert_eq!(shared_writer(None, &[]), None);
     }
 }

@@ -129,6 +129,12 @@ pub struct DesktopImageStatus {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 1000))]
     pub copies: Vec<ImageCopy>,
+    /// For each target pool whose hosts share their image directory (`storage.shared`), the
+    /// one host that downloads the copy; the pool's other hosts check the file it put there.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["pool"]))]
+    #[schemars(length(max = 32))]
+    pub writers: Vec<PoolWriter>,
     /// `Ready`: every Ready host of the target pools holds a verified copy. `Deleting`: a
     /// deleted image waits for the desktops pinned to it (`InUse`, naming them).
     #[serde(default)]
@@ -138,6 +144,18 @@ pub struct DesktopImageStatus {
     /// The `metadata.generation` the status was decided on.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
+}
+
+/// The host that downloads a shared pool's copy.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PoolWriter {
+    /// The ResourcePool.
+    #[schemars(regex(pattern = DNS_LABEL), length(min = 1, max = 63))]
+    pub pool: String,
+    /// Its host (DomainNode) that downloads the copy.
+    #[schemars(regex(pattern = DNS_SUBDOMAIN), length(min = 1, max = 253))]
+    pub node: String,
 }
 
 /// One host's copy of the image, as the operator read it from that host's DomainNode.
@@ -156,7 +174,8 @@ pub struct ImageCopy {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub percent: Option<u8>,
     /// Why it failed, while Failed (`ChecksumMismatch`, `FetchFailed`, `NotAnImage`,
-    /// `HasBackingFile`, `NoSpace`, `WriteFailed`).
+    /// `HasBackingFile`, `NoSpace`, `TooLarge`, `WriteFailed`, `CheckFailed`, `BadFile`,
+    /// `Damaged`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 64))]
     pub reason: Option<String>,

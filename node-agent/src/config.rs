@@ -120,6 +120,20 @@ pub struct Config {
     #[arg(long, env = "DESKVIRT_IMAGE_RETRY", default_value = "30s", value_parser = parse_interval)]
     pub image_retry: Duration,
 
+    /// Deadline of one whole DesktopImage download (a server that stays slow is given up).
+    #[arg(long, env = "DESKVIRT_IMAGE_FETCH_TIMEOUT", default_value = "4h", value_parser = parse_interval)]
+    pub image_fetch_timeout: Duration,
+
+    /// Largest DesktopImage file this host takes, in GiB: a larger one fails with `TooLarge`
+    /// (its `Content-Length`, or its bytes as they arrive).
+    #[arg(long = "image-max-size", env = "DESKVIRT_IMAGE_MAX_SIZE_GIB", default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..=16384))]
+    pub image_max_size_gib: u32,
+
+    /// GiB the image directory's file system keeps free: an image that would eat into them is
+    /// not fetched (`NoSpace`), so that images never take the room desktops' disks need.
+    #[arg(long = "image-reserve", env = "DESKVIRT_IMAGE_RESERVE_GIB", default_value_t = 1, value_parser = clap::value_parser!(u32).range(0..=16384))]
+    pub image_reserve_gib: u32,
+
     /// Address of the /healthz, /readyz and /metrics endpoint.
     #[arg(long, env = "DESKVIRT_METRICS_ADDR", default_value = "0.0.0.0:8081")]
     pub metrics_addr: SocketAddr,
@@ -323,6 +337,9 @@ mod tests {
         assert_eq!(c.images_namespace, "deskvirt-system-images");
         assert_eq!(c.image_copies, 2);
         assert_eq!(c.image_retry, Duration::from_secs(30));
+        assert_eq!(c.image_fetch_timeout, Duration::from_secs(4 * 3600));
+        assert_eq!(c.image_max_size_gib, 64);
+        assert_eq!(c.image_reserve_gib, 1);
         assert_eq!(
             c.managed_save_dir,
             PathBuf::from("/var/lib/libvirt/qemu/save")

@@ -10,6 +10,11 @@ use kube::Api;
 use kube::api::PostParams;
 use serde_json::json;
 
+use std::time::Duration;
+
+use deskvirt_crds::conditions::find;
+
+use crate::host::eventually;
 use crate::world::{RUN_LABEL, World};
 
 /// The SHA-256 of `path`, by `sha256sum`.
@@ -40,4 +45,37 @@ pub async fn create_image(
     }))?;
     let api: Api<DesktopImage> = Api::namespaced(w.client.clone(), ns);
     Ok(api.create(&PostParams::default(), &image).await?)
+}
+
+/// Waits until image `ns/name` satisfies `f`; the last status in the error.
+pub async fn wait_image(
+    w: &World,
+    ns: &str,
+    name: &str,
+    what: &str,
+    f: impl Fn(&DesktopImage) -> bool,
+) -> anyhow::Result<DesktopImage> {
+    let api: Api<DesktopImage> = Api::namespaced(w.client.clone(), ns);
+    let last = std::sync::Mutex::new(None);
+    let found = eventually(Duration::from_secs(120), what, || async {
+        let i = api.get(name).await?;
+        let done = f(&i);
+        if let Ok(mut l) = last.lock() {
+            *l = i.status.clone();
+        }
+        Ok(done.then_some(i))
+    })
+    .await;
+    found.with_context(|| {
+        format!(
+            "last status of {ns}/{name}: {:#?}",
+            last.lock().ok().map(|l| l.clone())
+        )
+    })
+}
+
+/// The status and reason of the image's `Ready` condition.
+pub fn ready(i: &DesktopImage) -> Option<(String, String)> {
+    let c = find(&i.status.as_ref()?.conditions, "Ready")?;
+    Some((c.status.clone(), c.reason.clone()))
 }

@@ -27,45 +27,13 @@ use deskvirt_crds::desktop::Phase;
 use deskvirt_crds::image::DesktopImage;
 use deskvirt_tests::cluster::unique_suffix;
 use deskvirt_tests::host::eventually;
-use deskvirt_tests::images::{create_image, sha256};
+use deskvirt_tests::images::{create_image, ready, sha256, wait_image};
 use deskvirt_tests::origin::Origin;
 use deskvirt_tests::second_host::SecondHost;
-use deskvirt_tests::world::{World, create_pool, guest_in_phase, setup, wait_ready_hosts};
+use deskvirt_tests::world::{create_pool, guest_in_phase, setup, wait_ready_hosts};
 use kube::api::PostParams;
 use kube::{Api, ResourceExt};
 use serde_json::json;
-
-/// Waits until image `ns/name` satisfies `f`; the last status in the error.
-async fn wait_image(
-    w: &World,
-    ns: &str,
-    name: &str,
-    what: &str,
-    f: impl Fn(&DesktopImage) -> bool,
-) -> anyhow::Result<DesktopImage> {
-    let api: Api<DesktopImage> = Api::namespaced(w.client.clone(), ns);
-    let last = std::sync::Mutex::new(None);
-    let found = eventually(Duration::from_secs(120), what, || async {
-        let i = api.get(name).await?;
-        let done = f(&i);
-        if let Ok(mut l) = last.lock() {
-            *l = i.status.clone();
-        }
-        Ok(done.then_some(i))
-    })
-    .await;
-    found.with_context(|| {
-        format!(
-            "last status of {ns}/{name}: {:#?}",
-            last.lock().ok().map(|l| l.clone())
-        )
-    })
-}
-
-fn ready(i: &DesktopImage) -> Option<(String, String)> {
-    let c = find(&i.status.as_ref()?.conditions, "Ready")?;
-    Some((c.status.clone(), c.reason.clone()))
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn images_are_fetched_verified_and_cloned_and_bad_ones_refused() -> anyhow::Result<()> {

@@ -44,6 +44,8 @@ use deskvirt_crds::migration::MigrationPhase;
 use deskvirt_crds::{Desktop, DesktopMigration};
 use deskvirt_tests::cluster::unique_suffix;
 use deskvirt_tests::host::eventually;
+use deskvirt_tests::images::{create_image, ready, sha256, wait_image};
+use deskvirt_tests::origin::Origin;
 use deskvirt_tests::second_host::{BothWatch, SecondHost};
 use deskvirt_tests::spice::{self, LinkOutcome};
 use deskvirt_tests::world::{
@@ -125,6 +127,31 @@ async fn a_running_desktop_moves_live_to_another_host() -> anyhow::Result<()> {
     wait_ready_hosts(&w, 2).await?;
     eprintln!(
         "[migrate] both hosts up, mover running: {:.1}s",
+        started.elapsed().as_secs_f64()
+    );
+    // A DesktopImage of this pool, whose hosts share their image directory: one host (the
+    // pool's writer) downloads it, the other checks the file it put there.
+    let origin = Origin::start(w.guest_dir.clone()).await?;
+    let sum = sha256(&w.guest_dir.join("base.qcow2"))?;
+    create_image(&w, &w.images_ns, "shared", &origin.url("base.qcow2"), &sum).await?;
+    let image = wait_image(&w, &w.images_ns, "shared", "shared Ready on 2/2", |i| {
+        ready(i) == Some(("True".into(), "Distributed".into()))
+            && i.status.as_ref().and_then(|s| s.hosts.as_deref()) == Some("2/2")
+    })
+    .await?;
+    let writers = image.status.map(|s| s.writers).unwrap_or_default();
+    anyhow::ensure!(
+        writers.len() == 1 && [&host_a, &node_b].contains(&&writers[0].node),
+        "one writer of the shared pool: {writers:?}"
+    );
+    anyhow::ensure!(
+        origin.requests("base.qcow2") == 1,
+        "the shared copy is fetched once: {} requests",
+        origin.requests("base.qcow2")
+    );
+    eprintln!(
+        "[migrate] shared image Ready on 2/2 with one download (by {}): {:.1}s",
+        writers[0].node,
         started.elapsed().as_secs_f64()
     );
     let before = status_of(&desktops.get("mover").await?);

@@ -8,12 +8,13 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use deskvirt_crds::image::{CopyPhase, HostImage};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
-use tokio::sync::Semaphore;
+use tokio::sync::{Notify, Semaphore};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
@@ -44,6 +45,8 @@ struct Runner {
     width: usize,
     backoff: Backoff,
     metrics: Metrics,
+    /// Told when a copy task ends, so that its answer is taken (and reported) at once.
+    ended: Arc<Notify>,
 }
 
 /// One image version's copy.
@@ -64,6 +67,8 @@ struct Entry {
     job: Option<Job>,
     /// The file in place was read and had another sum: the next attempt fetches it again.
     damaged: bool,
+    /// The host that puts the file in place, when another host of a shared pool does.
+    written_by: Option<String>,
 }
 
 /// A fetch or a check running.
@@ -71,6 +76,8 @@ struct Job {
     kind: Kind,
     progress: Arc<Progress>,
     handle: JoinHandle<Result<Verified, CopyError>>,
+    /// Set by the task once it has its answer (just before it returns it).
+    answered: Arc<AtomicBool>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -111,9 +118,15 @@ impl Copies {
                     max: MAX_RETRY.max(retry),
                 },
                 metrics,
+                ended: Arc::new(Notify::new()),
             },
             entries: BTreeMap::new(),
         }
+    }
+
+    /// Told each time a copy task ends (a permit is kept until the next wait).
+    pub fn ended(&self) -> Arc<Notify> {
+        self.run.ended.clone()
     }
 
     /// One round: the copies of images no longer targeted stop and leave the report (their
@@ -157,6 +170,7 @@ impl Copies {
             }
             entry.image = t.image.clone();
             entry.refused = t.refused.clone();
+            entry.written_by = t.written_by.clone();
             self.run.advance(entry).await;
         }
     }
@@ -190,6 +204,7 @@ impl Entry {
             retry_at: None,
             job: None,
             damaged: false,
+            written_by: None,
         }
     }
 
@@ -224,6 +239,15 @@ impl Entry {
         self.message = None;
         self.failures = 0;
         self.retry_at = None;
+    }
+
+    /// Waits for another host to put the file in place.
+    fn pending(&mut self, message: String) {
+        self.set_phase(CopyPhase::Pending);
+        self.ready = None;
+        self.percent = None;
+        self.reason = None;
+        self.message = Some(message);
     }
 
     fn copying(&mut self, percent: u8, message: Option<String>) {
@@ -293,7 +317,11 @@ impl Runner {
             e.failed(Reason::BadFile, why, &self.metrics);
             return;
         }
-        if e.job.as_ref().is_some_and(|j| j.handle.is_finished())
+        // A task that has its answer is awaited (it only has to return it): the round its
+        // end started takes the answer.
+        if e.job
+            .as_ref()
+            .is_some_and(|j| j.handle.is_finished() || j.answered.load(Ordering::Acquire))
             && let Some(job) = e.job.take()
         {
             self.settle(e, job).await;
@@ -318,6 +346,18 @@ impl Runner {
         match fetch::in_place(&e.spec).await {
             Ok(InPlace::Verified(v)) => e.ready(v),
             Ok(_) if e.waiting(now) => {}
+            // A shared directory's file is fetched (and repaired) by its writer alone.
+            Ok(InPlace::Missing) if let Some(w) = e.written_by.clone() => e.pending(format!(
+                "host {w} fetches the copy into the image directory this host shares; this \
+                 host checks it once it is there"
+            )),
+            Ok(InPlace::Unverified)
+                if e.damaged
+                    && let Some(w) = e.written_by.clone() =>
+            {
+                let m = format!("the shared copy is damaged; host {w} fetches it again");
+                e.failed(Reason::Damaged, m, &self.metrics);
+            }
             Ok(InPlace::Unverified) if e.damaged => self.start(e, Kind::Repair),
             Ok(InPlace::Unverified) => self.start(e, Kind::Verify),
             Ok(InPlace::Missing) => self.start(e, Kind::Fetch),
@@ -370,6 +410,9 @@ impl Runner {
         let spec = e.spec.clone();
         let active = self.metrics.image_copies_active.clone();
         let shared = progress.clone();
+        let ended = self.ended.clone();
+        let answered = Arc::new(AtomicBool::new(false));
+        let has_answer = answered.clone();
         tracing::info!(image = %e.image, version = spec.version, kind = ?kind, "starting a copy of the image");
         let handle = tokio::spawn(async move {
             // The semaphore is never closed; without a permit the copy runs anyway.
@@ -379,16 +422,20 @@ impl Runner {
             let _active = scopeguard(move || {
                 active.dec();
             });
-            match kind {
+            let answer = match kind {
                 Kind::Fetch => fetch::fetch(&http, &spec, &settings, &shared).await,
                 Kind::Verify => fetch::verify(&spec, &settings, shared.clone()).await,
                 Kind::Repair => fetch::repair(&http, &spec, &settings, &shared).await,
-            }
+            };
+            has_answer.store(true, Ordering::Release);
+            ended.notify_one();
+            answer
         });
         e.job = Some(Job {
             kind,
             progress,
             handle,
+            answered,
         });
         e.copying(0, None);
     }
@@ -420,6 +467,7 @@ mod tests {
             url: url.into(),
             sha256: sum.into(),
             refused: None,
+            written_by: None,
         }
     }
 
@@ -602,5 +650,52 @@ mod tests {
         assert_eq!(report[0].phase, CopyPhase::Failed);
         assert_eq!(report[0].reason.as_deref(), Some("BadFile"));
         assert!(!dir.0.join("managed").exists());
+    }
+
+    #[tokio::test]
+    async fn a_host_of_a_shared_pool_waits_for_the_writer_and_takes_its_file() {
+        let dir = Scratch::new("shared");
+        let image = qcow2(&dir.0, "src.qcow2", &[]);
+        let server = Server::start().await;
+        let url = server.route("/s.qcow2", Reply::Bytes(image.clone()));
+        let mut reader = Copies::new(
+            client(),
+            settings(),
+            2,
+            Duration::from_millis(300),
+            Metrics::default(),
+        );
+        let mut theirs = target("s", &url, &sha256(&image));
+        theirs.written_by = Some("h2".into());
+        let targets = [theirs];
+        reader.step(Some(&dir.0), &targets, &[]).await;
+        let report = reader.report();
+        assert_eq!(phase_of(&report, "s"), Some(CopyPhase::Pending));
+        assert!(
+            report[0]
+                .message
+                .as_deref()
+                .is_some_and(|m| m.contains("host h2 fetches the copy")),
+            "{report:?}"
+        );
+        // The writer (here another Copies over the same directory) puts the file in place.
+        let mut writer = Copies::new(
+            client(),
+            settings(),
+            2,
+            Duration::from_millis(300),
+            Metrics::default(),
+        );
+        let mine = [target("s", &url, &sha256(&image))];
+        until(&mut writer, &dir.0, &mine, |r| {
+            phase_of(r, "s") == Some(CopyPhase::Ready)
+        })
+        .await;
+        let report = until(&mut reader, &dir.0, &targets, |r| {
+            phase_of(r, "s") == Some(CopyPhase::Ready)
+        })
+        .await;
+        assert_eq!(report[0].sha256.as_deref(), Some(sha256(&image).as_str()));
+        assert_eq!(server.requests("/s.qcow2"), 1, "only the writer fetched");
     }
 }

@@ -26,10 +26,12 @@ pub enum Reason {
     BadFile,
     /// The file in place does not have the version's SHA-256 (kept, for now).
     Damaged,
+    /// The file is larger than this host takes (`--image-max-size`).
+    TooLarge,
 }
 
 /// Every reason's name, for metrics that start at zero.
-pub const REASONS: [&str; 9] = [
+pub const REASONS: [&str; 10] = [
     "FetchFailed",
     "ChecksumMismatch",
     "NotAnImage",
@@ -39,6 +41,7 @@ pub const REASONS: [&str; 9] = [
     "CheckFailed",
     "BadFile",
     "Damaged",
+    "TooLarge",
 ];
 
 impl Reason {
@@ -54,6 +57,7 @@ impl Reason {
             Self::CheckFailed => "CheckFailed",
             Self::BadFile => "BadFile",
             Self::Damaged => "Damaged",
+            Self::TooLarge => "TooLarge",
         }
     }
 }
@@ -99,6 +103,24 @@ pub enum CopyError {
     /// and the next look checks it.
     #[error("{path} exists already and is never overwritten")]
     Exists { path: String },
+    /// The server offers, or sent, more bytes than this host takes.
+    #[error("the file is larger than the {max} bytes this host takes (--image-max-size): {what}")]
+    TooLarge { max: u64, what: String },
+    /// Taking the file would leave less free space than the host keeps.
+    #[error(
+        "{path} has {free} bytes free; the file needs {needed} and the host keeps {reserve} free (--image-reserve)"
+    )]
+    NoRoom {
+        path: String,
+        needed: u64,
+        free: u64,
+        reserve: u64,
+    },
+    /// The whole fetch took longer than its deadline.
+    #[error(
+        "the download did not end within {0:?} (--image-fetch-timeout); {1} bytes were fetched"
+    )]
+    TimedOut(std::time::Duration, u64),
     /// The task running the copy ended without an answer (it panicked).
     #[error("the copy stopped unexpectedly: {0}")]
     Stopped(String),
@@ -108,7 +130,11 @@ impl CopyError {
     /// The reason reported for it.
     pub fn reason(&self) -> Reason {
         match self {
-            Self::BadUrl(_) | Self::Status { .. } | Self::Fetch(_) => Reason::FetchFailed,
+            Self::BadUrl(_) | Self::Status { .. } | Self::Fetch(_) | Self::TimedOut(..) => {
+                Reason::FetchFailed
+            }
+            Self::TooLarge { .. } => Reason::TooLarge,
+            Self::NoRoom { .. } => Reason::NoSpace,
             Self::ChecksumMismatch { .. } => Reason::ChecksumMismatch,
             Self::NotAnImage(_) => Reason::NotAnImage,
             Self::HasBackingFile { .. } => Reason::HasBackingFile,
@@ -150,6 +176,7 @@ mod tests {
             Reason::CheckFailed,
             Reason::BadFile,
             Reason::Damaged,
+            Reason::TooLarge,
         ];
         let names: Vec<&str> = all.iter().map(|r| r.as_str()).collect();
         assert_eq!(names, REASONS);

@@ -73,6 +73,13 @@ pub struct Settings {
     pub head_timeout: Duration,
     /// Longest wait for more bytes of the body: a server silent that long is given up.
     pub read_timeout: Duration,
+    /// Deadline of a whole download (a server that sends a byte now and then never ends it).
+    pub fetch_timeout: Duration,
+    /// Largest file taken, in bytes: a longer body (or `Content-Length`) fails the copy.
+    pub max_bytes: u64,
+    /// Bytes the image directory's file system keeps free: a file that would eat into them is
+    /// not fetched (desktops' disks live there too, or beside it).
+    pub reserve_bytes: u64,
 }
 
 /// A verified copy.
@@ -214,7 +221,12 @@ async fn fetch_and_place(
         .open(partial)
         .await
         .map_err(io("create", partial))?;
-    let (sha256, bytes) = download(client, spec, settings, progress, &mut file, partial).await?;
+    let (sha256, bytes) = tokio::time::timeout(
+        settings.fetch_timeout,
+        download(client, spec, settings, progress, &mut file, partial),
+    )
+    .await
+    .map_err(|_| CopyError::TimedOut(settings.fetch_timeout, progress.done()))??;
     if sha256 != spec.sha256 {
         return Err(CopyError::ChecksumMismatch {
             expected: spec.sha256.clone(),
@@ -268,8 +280,18 @@ async fn download(
         .get(http::header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
+    if let Some(length) = length
+        && length > settings.max_bytes
+    {
+        return Err(CopyError::TooLarge {
+            max: settings.max_bytes,
+            what: format!("the server offers {length}"),
+        });
+    }
+    room(&spec.dir(), length.unwrap_or(0), settings.reserve_bytes)?;
     progress.expect(length.unwrap_or(0));
     let mut body = response.into_body();
+    let mut checked = 0u64;
     let mut out = tokio::io::BufWriter::with_capacity(1 << 20, file);
     let mut digest = ring::digest::Context::new(&ring::digest::SHA256);
     let mut bytes = 0u64;
@@ -292,6 +314,17 @@ async fn download(
         let n = data.len() as u64;
         bytes += n;
         progress.add(n);
+        if bytes > settings.max_bytes {
+            return Err(CopyError::TooLarge {
+                max: settings.max_bytes,
+                what: format!("{bytes} bytes were sent"),
+            });
+        }
+        // Without a length told up front, the free space is looked at as the file grows.
+        if length.is_none() && bytes - checked >= ROOM_EVERY {
+            room(&spec.dir(), 0, settings.reserve_bytes)?;
+            checked = bytes;
+        }
     }
     out.flush().await.map_err(io("write", path))?;
     if let Some(length) = length
@@ -302,6 +335,28 @@ async fn download(
         )));
     }
     Ok((hex(digest.finish().as_ref()), bytes))
+}
+
+/// How many bytes of a body of unknown length pass between two looks at the free space.
+const ROOM_EVERY: u64 = 256 << 20;
+
+/// Whether `dir`'s file system has room for `needed` more bytes and still `reserve` free.
+fn room(dir: &Path, needed: u64, reserve: u64) -> Result<(), CopyError> {
+    let fs = rustix::fs::statvfs(dir).map_err(|e| CopyError::Io {
+        op: "look at the free space of",
+        path: dir.display().to_string(),
+        source: e.into(),
+    })?;
+    let free = fs.f_bavail.saturating_mul(fs.f_frsize);
+    if free < needed.saturating_add(reserve) {
+        return Err(CopyError::NoRoom {
+            path: dir.display().to_string(),
+            needed,
+            free,
+            reserve,
+        });
+    }
+    Ok(())
 }
 
 /// Links `partial` to `target`, which must not exist: a file in place is never overwritten.

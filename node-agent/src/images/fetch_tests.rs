@@ -258,3 +258,60 @@ async fn a_write_into_a_verified_file_is_found_and_repaired_from_the_source() {
     assert!(matches!(in_place(&want).await, Ok(InPlace::Verified(_))));
     assert!(!want.partial_path().exists());
 }
+
+/// Fetches `reply` under `settings`; the error, after checking that nothing was left.
+async fn refused(tag: &str, reply: Reply, settings: super::fetch::Settings) -> CopyError {
+    let dir = Scratch::new(tag);
+    let server = Server::start().await;
+    let url = server.route("/big.qcow2", reply);
+    let want = spec(&dir.0, &url, &"0".repeat(64));
+    let got = fetch(&client(), &want, &settings, &Progress::default()).await;
+    assert!(!want.final_path().exists());
+    assert!(!want.partial_path().exists());
+    assert!(!want.sidecar_path().exists());
+    got.err()
+        .unwrap_or_else(|| panic!("{tag}: the fetch was accepted"))
+}
+
+#[tokio::test]
+async fn a_file_over_the_size_limit_is_refused_by_its_length_or_as_it_grows() {
+    let small = super::fetch::Settings {
+        max_bytes: 1000,
+        ..settings()
+    };
+    let bytes = vec![7u8; 4096];
+    let told = refused("told", Reply::Bytes(bytes.clone()), small.clone()).await;
+    assert_eq!(told.reason(), Reason::TooLarge);
+    assert!(
+        told.to_string().contains("the server offers 4096"),
+        "{told}"
+    );
+    let grown = refused("grown", Reply::Unsized(bytes), small).await;
+    assert_eq!(grown.reason(), Reason::TooLarge);
+    assert!(grown.to_string().contains("bytes were sent"), "{grown}");
+}
+
+#[tokio::test]
+async fn a_file_that_would_eat_into_the_reserve_is_not_fetched() {
+    let keep_all = super::fetch::Settings {
+        reserve_bytes: u64::MAX / 2,
+        ..settings()
+    };
+    let e = refused("room", Reply::Bytes(vec![7u8; 4096]), keep_all.clone()).await;
+    assert_eq!(e.reason(), Reason::NoSpace);
+    assert!(e.to_string().contains("the file needs 4096"), "{e}");
+    // Of unknown length: looked at before the first byte (and every 256 MiB after it).
+    let e = refused("room-unsized", Reply::Unsized(vec![7u8; 4096]), keep_all).await;
+    assert_eq!(e.reason(), Reason::NoSpace);
+}
+
+#[tokio::test]
+async fn a_server_that_keeps_dripping_is_given_up_at_the_fetch_deadline() {
+    let short = super::fetch::Settings {
+        fetch_timeout: std::time::Duration::from_millis(800),
+        ..settings()
+    };
+    let e = refused("drip", Reply::Drip, short).await;
+    assert_eq!(e.reason(), Reason::FetchFailed);
+    assert!(e.to_string().contains("--image-fetch-timeout"), "{e}");
+}

@@ -1,5 +1,5 @@
 //! The host's copies of DesktopImages: which versions this host holds, and where each stands.
-//! Each round (every 2 s) reads the DesktopImages (a cluster-wide watch), this host's
+//! Each round (every 2 s, and at once when a DesktopImage changes or a copy task ends) reads the DesktopImages (a cluster-wide watch), this host's
 //! DomainNode and its pool from the caches, picks the versions to hold ([`targets`]), moves
 //! each copy on ([`copies`]: a fetch over HTTP(S) checked against the SHA-256 and by
 //! `qemu-img`, [`fetch`]), and reports them in `DomainNode.status.images` ([`report`]).
@@ -33,7 +33,7 @@ use deskvirt_crds::image::{CopyPhase, HostImage, image_file};
 use kube::Api;
 use kube::runtime::reflector::Store;
 use kube::runtime::watcher;
-use tokio::sync::watch;
+use tokio::sync::{Notify, watch};
 use tokio::time::{Instant, MissedTickBehavior};
 
 pub use error::{CopyError, REASONS, Reason};
@@ -61,6 +61,12 @@ pub struct ImagesConfig {
     pub retry: Duration,
     /// Deadline of one `qemu-img info`.
     pub qemu_img_timeout: Duration,
+    /// Deadline of one whole download.
+    pub fetch_timeout: Duration,
+    /// Largest image file taken, in bytes.
+    pub max_bytes: u64,
+    /// Free bytes the image directory's file system keeps.
+    pub reserve_bytes: u64,
 }
 
 /// What this host holds, as last reported: the pool's image directory and the report.
@@ -162,7 +168,13 @@ impl Holdings {
 /// replaced by the next attempt).
 pub async fn run<H>(ctx: Arc<DesktopContext<H>>, config: ImagesConfig) {
     let api: Api<DesktopImage> = Api::all(ctx.client.clone());
-    let (store, fill) = deskvirt_runtime::cache::reflect(api, watcher::Config::default());
+    // A change of any DesktopImage (a new version cut, a pool added) starts a round at once.
+    let changed = Arc::new(Notify::new());
+    let touched = changed.clone();
+    let (store, fill) =
+        deskvirt_runtime::cache::reflect_touching(api, watcher::Config::default(), move |_, _| {
+            touched.notify_one()
+        });
     ctx.images.set_images(store.clone());
     let http = match http::client(CONNECT_TIMEOUT) {
         Ok(c) => c,
@@ -176,6 +188,9 @@ pub async fn run<H>(ctx: Arc<DesktopContext<H>>, config: ImagesConfig) {
         qemu_img_timeout: config.qemu_img_timeout,
         head_timeout: HEAD_TIMEOUT,
         read_timeout: READ_TIMEOUT,
+        fetch_timeout: config.fetch_timeout,
+        max_bytes: config.max_bytes,
+        reserve_bytes: config.reserve_bytes,
     };
     let copies = copies::Copies::new(
         http,
@@ -194,11 +209,17 @@ pub async fn run<H>(ctx: Arc<DesktopContext<H>>, config: ImagesConfig) {
             warned: HashSet::new(),
             written: None,
         };
+        let ended = state.copies.ended();
         let mut tick = tokio::time::interval(ROUND);
         tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
         loop {
-            tick.tick().await;
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = changed.notified() => {}
+                _ = ended.notified() => {}
+            }
             state.round(&ctx, &store, &config).await;
+            tick.reset();
         }
     };
     tokio::join!(fill, rounds);
@@ -238,6 +259,8 @@ impl Rounds {
                             all.iter().map(|a| a.as_ref()),
                             name,
                             &config.namespace,
+                            &ctx.config.node_name,
+                            pool.spec.storage.shared,
                         );
                         (Some(PathBuf::from(dir)), chosen)
                     }

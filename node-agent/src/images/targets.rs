@@ -23,6 +23,10 @@ pub struct Target {
     pub sha256: String,
     /// Why it cannot be copied (reported as `BadFile`), when it cannot.
     pub refused: Option<String>,
+    /// The host that downloads the copy of this host's pool, when the pool's hosts share their
+    /// image directory and that host is another one: this host only checks the file it puts
+    /// there (and never fetches or repairs it itself).
+    pub written_by: Option<String>,
 }
 
 /// What [`select`] found.
@@ -35,11 +39,14 @@ pub struct Selection {
     pub elsewhere: Vec<(String, String)>,
 }
 
-/// The images of `images` this host, in `pool`, copies; `namespace` is the images namespace.
+/// The images of `images` this host (`node`), in `pool`, copies; `namespace` is the images
+/// namespace; `shared` whether the pool's hosts share their image directory.
 pub fn select<'a>(
     images: impl IntoIterator<Item = &'a DesktopImage>,
     pool: &str,
     namespace: &str,
+    node: &str,
+    shared: bool,
 ) -> Selection {
     let mut out = Selection::default();
     for d in images {
@@ -66,6 +73,11 @@ pub fn select<'a>(
             continue;
         }
         let refused = refusal(&uid, version, file, &source.http.sha256);
+        let written_by = status
+            .writers
+            .iter()
+            .find(|w| shared && w.pool == pool && w.node != node)
+            .map(|w| w.node.clone());
         out.targets.push(Target {
             uid,
             image,
@@ -73,6 +85,7 @@ pub fn select<'a>(
             url: source.http.url.clone(),
             sha256: source.http.sha256.clone(),
             refused,
+            written_by,
         });
     }
     out.targets.sort_by(|a, b| a.uid.cmp(&b.uid));
@@ -108,6 +121,7 @@ pub fn pinned<'a>(
             url: String::new(),
             sha256: pin.sha256.clone(),
             refused: refusal(&pin.uid, pin.version, &pin.file, &pin.sha256),
+            written_by: None,
         });
     }
     out.sort_by(|a, b| (&a.uid, a.version).cmp(&(&b.uid, b.version)));
@@ -186,7 +200,7 @@ mod tests {
                 Some((1, "managed/a4/v1.qcow2")),
             ),
         ];
-        let got = select(&images, "lab", "deskvirt-images");
+        let got = select(&images, "lab", "deskvirt-images", "h1", false);
         assert_eq!(
             got.targets,
             vec![Target {
@@ -196,6 +210,7 @@ mod tests {
                 url: "https://img.lab/x.qcow2".into(),
                 sha256: SUM.into(),
                 refused: None,
+                written_by: None,
             }]
         );
         assert_eq!(got.elsewhere, vec![("team/tenant".into(), "a4".into())]);
@@ -226,7 +241,7 @@ mod tests {
                 Some((1, "managed/../a3/v1.qcow2")),
             ),
         ];
-        let got = select(&images, "lab", "deskvirt-images");
+        let got = select(&images, "lab", "deskvirt-images", "h1", false);
         assert_eq!(got.targets.len(), 3);
         assert!(got.targets.iter().all(|t| t.refused.is_some()), "{got:?}");
     }
@@ -258,6 +273,7 @@ mod pinned_tests {
             url: "http://x/y".into(),
             sha256: "c".repeat(64),
             refused: None,
+            written_by: None,
         };
         let ds = [
             desktop("h1", "0a", 1),

@@ -68,12 +68,17 @@ pub enum Reply {
     Stall(Vec<u8>, u64),
     /// Runs the hook, then answers 200 with these bytes.
     After(Arc<dyn Fn() + Send + Sync>, Vec<u8>),
+    /// 200 with these bytes and no `Content-Length` (the body ends when the connection does).
+    Unsized(Vec<u8>),
+    /// 200 of unknown length, one byte every 100 ms for a minute.
+    Drip,
 }
 
 /// A local HTTP server; stops when dropped.
 pub struct Server {
     pub base: String,
     routes: Arc<Mutex<HashMap<String, Reply>>>,
+    hits: Arc<Mutex<HashMap<String, usize>>>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -90,17 +95,28 @@ impl Server {
             .unwrap_or_else(|e| panic!("{e}"));
         let port = listener.local_addr().map(|a| a.port()).unwrap_or(0);
         let routes: Arc<Mutex<HashMap<String, Reply>>> = Arc::default();
-        let shared = routes.clone();
+        let hits: Arc<Mutex<HashMap<String, usize>>> = Arc::default();
+        let (shared, counted) = (routes.clone(), hits.clone());
         let task = tokio::spawn(async move {
             while let Ok((conn, _)) = listener.accept().await {
-                tokio::spawn(answer(conn, shared.clone()));
+                tokio::spawn(answer(conn, shared.clone(), counted.clone()));
             }
         });
         Self {
             base: format!("http://127.0.0.1:{port}"),
             routes,
+            hits,
             task,
         }
+    }
+
+    /// Requests of `path` so far.
+    pub fn requests(&self, path: &str) -> usize {
+        self.hits
+            .lock()
+            .ok()
+            .and_then(|h| h.get(path).copied())
+            .unwrap_or(0)
     }
 
     /// Answers `path` with `reply` from now on; returns the URL of `path`.
@@ -112,7 +128,11 @@ impl Server {
     }
 }
 
-async fn answer(mut conn: tokio::net::TcpStream, routes: Arc<Mutex<HashMap<String, Reply>>>) {
+async fn answer(
+    mut conn: tokio::net::TcpStream,
+    routes: Arc<Mutex<HashMap<String, Reply>>>,
+    hits: Arc<Mutex<HashMap<String, usize>>>,
+) {
     let mut head = Vec::new();
     let mut buf = [0u8; 1024];
     while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < 16384 {
@@ -123,6 +143,9 @@ async fn answer(mut conn: tokio::net::TcpStream, routes: Arc<Mutex<HashMap<Strin
     }
     let text = String::from_utf8_lossy(&head);
     let path = text.split_whitespace().nth(1).unwrap_or("/").to_string();
+    if let Ok(mut h) = hits.lock() {
+        *h.entry(path.clone()).or_default() += 1;
+    }
     let reply = routes.lock().ok().and_then(|r| r.get(&path).cloned());
     let (status, headers, body): (u16, String, Vec<u8>) = match reply {
         None => (404, String::new(), Vec::new()),
@@ -133,6 +156,26 @@ async fn answer(mut conn: tokio::net::TcpStream, routes: Arc<Mutex<HashMap<Strin
         }
         Some(Reply::Status(s)) => (s, String::new(), Vec::new()),
         Some(Reply::Redirect(to)) => (302, format!("Location: {to}\r\n"), Vec::new()),
+        Some(Reply::Unsized(b)) => {
+            let _ = conn
+                .write_all(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n")
+                .await;
+            let _ = conn.write_all(&b).await;
+            let _ = conn.shutdown().await;
+            return;
+        }
+        Some(Reply::Drip) => {
+            let _ = conn
+                .write_all(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n")
+                .await;
+            for _ in 0..600 {
+                if conn.write_all(b"x").await.is_err() {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            return;
+        }
         Some(Reply::Stall(first, total)) => {
             let head = format!("HTTP/1.1 200 OK\r\nContent-Length: {total}\r\n\r\n");
             let _ = conn.write_all(head.as_bytes()).await;
@@ -171,6 +214,9 @@ pub fn settings() -> Settings {
         qemu_img_timeout: Duration::from_secs(30),
         head_timeout: Duration::from_secs(5),
         read_timeout: Duration::from_millis(500),
+        fetch_timeout: Duration::from_secs(60),
+        max_bytes: 1 << 30,
+        reserve_bytes: 0,
     }
 }
 

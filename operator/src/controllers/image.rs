@@ -13,7 +13,7 @@ use deskvirt_crds::conditions::{self, Status, condition};
 use deskvirt_crds::constants::condition::{DELETING, READY};
 use deskvirt_crds::constants::{FINALIZER_IMAGE_USERS, MANAGER_OPERATOR_IMAGE};
 use deskvirt_crds::image::{
-    CopyPhase, DesktopImage, DesktopImageStatus, HostImage, ImageCopy, image_file,
+    CopyPhase, DesktopImage, DesktopImageStatus, HostImage, ImageCopy, PoolWriter, image_file,
 };
 use deskvirt_crds::{Desktop, DomainNode, names::fnv1a64};
 use k8s_openapi::jiff::Timestamp;
@@ -160,7 +160,15 @@ pub async fn reconcile(image: Arc<DesktopImage>, ctx: Arc<Context>) -> Result<Ac
         return Ok(Action::await_change());
     }
     let fence = ctx.fence.clone();
-    crate::fence::scope(fence, pass(image, ctx)).await
+    match crate::fence::scope(fence, pass(image, ctx)).await {
+        // Someone wrote since the cache was filled (the finalizer's own write, a host's
+        // report): its watch event brings the news.
+        Err(Error::Apply(e)) if super::is_conflict(&e) => {
+            tracing::debug!(error = %e, "lost a write race; looking again");
+            Ok(Action::requeue(Duration::from_secs(1)))
+        }
+        result => result,
+    }
 }
 
 /// One pass over `image`, inside the leader's fence.
@@ -199,6 +207,7 @@ async fn pass(image: Arc<DesktopImage>, ctx: Arc<Context>) -> Result<Action, Err
         &ctx.images_namespace,
         &nodes,
         |n| matches!(ctx.heartbeat(n, now), Heartbeat::Fresh { .. }),
+        |p| ctx.stores.pool(p).is_some_and(|p| p.spec.storage.shared),
         now,
     );
     if !differs(&old, &want) {
@@ -294,6 +303,7 @@ pub fn plan(
     images_namespace: &str,
     nodes: &[Arc<DomainNode>],
     host_ready: impl Fn(&str) -> bool,
+    shared: impl Fn(&str) -> bool,
     now: Timestamp,
 ) -> DesktopImageStatus {
     let old = image.status.clone().unwrap_or_default();
@@ -326,6 +336,8 @@ pub fn plan(
     let version = images::version_for(old.version, same);
     let mut copies = Vec::new();
     let mut facts = Vec::new();
+    // The pool of each of `facts`.
+    let mut copies_pools = Vec::new();
     let mut sizes = None;
     for n in nodes {
         let Some(pool) = n.status.as_ref().and_then(|s| s.pool.clone()) else {
@@ -344,6 +356,7 @@ pub fn plan(
         if phase == CopyPhase::Ready && sizes.is_none() {
             sizes = report.map(|r| (r.bytes, r.virtual_bytes));
         }
+        copies_pools.push(pool.clone());
         facts.push(HostCopy {
             node: node.clone(),
             host_ready: host_ready(&node),
@@ -363,6 +376,30 @@ pub fn plan(
     }
     copies.sort_by(|a, b| a.node.cmp(&b.node));
     copies.truncate(1000);
+    let writers = image
+        .spec
+        .pools
+        .iter()
+        .filter(|p| shared(p))
+        .filter_map(|pool| {
+            let hosts: Vec<HostCopy> = facts
+                .iter()
+                .zip(&copies_pools)
+                .filter(|(_, p)| *p == pool)
+                .map(|(f, _)| f.clone())
+                .collect();
+            let current = old
+                .writers
+                .iter()
+                .find(|w| &w.pool == pool)
+                .map(|w| w.node.as_str());
+            let node = images::shared_writer(current, &hosts)?;
+            Some(PoolWriter {
+                pool: pool.clone(),
+                node,
+            })
+        })
+        .collect();
     let summary = images::summarize(&format!("{ns}/{name}"), version, &facts);
     let status = if summary.holds {
         Status::True
@@ -386,6 +423,7 @@ pub fn plan(
             sizes.and_then(|s| s.1)
         },
         copies,
+        writers,
         conditions: vec![condition(
             prev,
             READY,
@@ -406,6 +444,41 @@ fn differs(old: &DesktopImageStatus, new: &DesktopImageStatus) -> bool {
         ..s.clone()
     };
     strip(old) != strip(new) || conditions::differ_ignoring_time(&old.conditions, &new.conditions)
+}
+
+/// Where a bound desktop's disk may go, for its image: the hosts holding a verified copy of
+/// the version it is pinned to (`status.image`), since its disk's backing file is that copy.
+/// `None` for a desktop cloned from a plain file (no constraint).
+pub struct PinnedHosts {
+    /// What the desktop is pinned to, for messages (`<ns>/<name> v<N>`).
+    pub what: String,
+    pub hosts: std::collections::BTreeSet<String>,
+}
+
+impl PinnedHosts {
+    /// The constraint of `d`, read from `nodes`' reports.
+    pub fn of(d: &Desktop, nodes: &[Arc<DomainNode>]) -> Option<Self> {
+        let pin = d.status.as_ref()?.image.as_ref()?;
+        Some(Self {
+            what: format!("DesktopImage {} v{}", pin.image, pin.version),
+            hosts: ready_hosts(nodes, &pin.uid, pin.version)
+                .into_iter()
+                .collect(),
+        })
+    }
+
+    /// Whether host `h` holds the verified copy.
+    pub fn allows(&self, h: &str) -> bool {
+        self.hosts.contains(h)
+    }
+
+    /// Why host `h` is left out.
+    pub fn refusal(&self, h: &str) -> String {
+        format!(
+            "host {h} holds no verified copy of {}, the base of the desktop's disk",
+            self.what
+        )
+    }
 }
 
 /// The hosts where version `version` of the image with UID `uid` is Ready, as they report.
@@ -479,6 +552,7 @@ mod tests {
             "deskvirt-images",
             &nodes,
             |_| true,
+            |_| false,
             Timestamp::UNIX_EPOCH,
         );
         assert_eq!(st.version, Some(1));
@@ -497,6 +571,7 @@ mod tests {
             "deskvirt-images",
             &[],
             |_| true,
+            |_| false,
             Timestamp::UNIX_EPOCH,
         );
         assert_eq!(st.version, None);
@@ -512,6 +587,7 @@ mod tests {
             "deskvirt-images",
             &[],
             |_| true,
+            |_| false,
             Timestamp::UNIX_EPOCH,
         );
         old.version = Some(3);
@@ -523,10 +599,53 @@ mod tests {
             "deskvirt-images",
             &nodes,
             |_| true,
+            |_| false,
             Timestamp::UNIX_EPOCH,
         );
         assert_eq!(st.version, Some(4));
         assert_eq!(st.file.as_deref(), Some("managed/u1/v4.qcow2"));
         assert_eq!(st.hosts.as_deref(), Some("0/1"));
+    }
+
+    #[test]
+    fn a_shared_pool_names_one_writer_and_keeps_it() {
+        let nodes = vec![
+            node("b", "p", vec![]),
+            node("a", "p", vec![]),
+            node("c", "other", vec![]),
+        ];
+        let st = plan(
+            &image("deskvirt-images"),
+            "deskvirt-images",
+            &nodes,
+            |_| true,
+            |p| p == "p",
+            Timestamp::UNIX_EPOCH,
+        );
+        assert_eq!(
+            st.writers,
+            [PoolWriter {
+                pool: "p".into(),
+                node: "a".into()
+            }]
+        );
+        // Kept while host a is Ready; another host once it is not.
+        let mut img = image("deskvirt-images");
+        img.status = Some(st);
+        let writer = |host_ready: &dyn Fn(&str) -> bool, shared: bool| {
+            let st = plan(
+                &img,
+                "deskvirt-images",
+                &nodes,
+                host_ready,
+                |p| shared && p == "p",
+                Timestamp::UNIX_EPOCH,
+            );
+            st.writers.first().map(|w| w.node.clone())
+        };
+        assert_eq!(writer(&|_| true, true).as_deref(), Some("a"));
+        assert_eq!(writer(&|n| n != "a", true).as_deref(), Some("b"));
+        // Not shared: every host fetches its own.
+        assert_eq!(writer(&|_| true, false), None);
     }
 }

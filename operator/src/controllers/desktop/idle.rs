@@ -28,6 +28,7 @@ use super::status::Owned;
 use super::txn::{Closed, Txn};
 use super::{Error, Pass, kube};
 use crate::context::Context;
+use crate::controllers::image::PinnedHosts;
 use crate::idle::{released, wake_step, wake_token};
 use crate::scheduler::PoolPolicy;
 use crate::world::host_views_counted;
@@ -290,6 +291,11 @@ fn restore(
         && let Some(v) = hosts.iter_mut().find(|v| &*v.name == h)
     {
         v.ports_in_use = v.ports_in_use.saturating_sub(1);
+    }
+    // A disk cloned from a DesktopImage moves only to a host holding that version's verified
+    // copy (its home host keeps its place: the disk is there).
+    if let Some(image) = PinnedHosts::of(d, &ctx.stores.nodes.state()) {
+        hosts.retain(|v| &*v.name == node || image.allows(&v.name));
     }
     let shared = pool.spec.storage.shared;
     let (host, away) = match wake_target(pool_name, node, &hosts, &request, &policy, shared) {

@@ -17,6 +17,7 @@ use kube::ResourceExt;
 use kube::runtime::reflector::ObjectRef;
 
 use crate::context::{Ledgers, MigrationSettings, Stores, seniority};
+use crate::controllers::image::PinnedHosts;
 use crate::heartbeat::Heartbeat;
 use crate::scheduler::PoolPolicy;
 use crate::world::{charged, host_views_counted};
@@ -287,6 +288,15 @@ pub(super) fn pending(
                 )
             };
             let wanted = m.spec.target_node.as_deref();
+            // A disk cloned from a DesktopImage goes only where that version's verified copy
+            // is: its own layer moves, its backing file does not.
+            let image = PinnedHosts::of(&d, &stores.nodes.state());
+            if let (Some(w), Some(image)) = (wanted, &image)
+                && !image.allows(w)
+            {
+                return wait(MigrationReason::NoTarget, image.refusal(w), WAIT_RECHECK);
+            }
+            let lacks_image = |h: &str| image.as_ref().is_some_and(|i| !i.allows(h));
             // A Cold move on shared storage boots the desktop there: any host of the pool takes
             // it in. One that copies the disk (into another pool, always) needs the target's
             // libvirt, as a Live move does.
@@ -295,7 +305,7 @@ pub(super) fn pending(
                 && !moves_pool;
             let takes_in = |h: &str| cold || endpoint_of(stores, h).is_some();
             match choose_target(&to_name, &policy, &size, &source, wanted, &hosts, |h| {
-                slots.host_full(h) || (wanted.is_none() && !takes_in(h))
+                slots.host_full(h) || (wanted.is_none() && !takes_in(h)) || lacks_image(h)
             }) {
                 Ok(h) if !takes_in(&h.name) => {
                     let msg = format!("host {} takes in no migrations: its {NO_ENDPOINT}", h.name);
@@ -303,7 +313,14 @@ pub(super) fn pending(
                 }
                 Ok(h) => h.name.to_string(),
                 Err(r) if wanted.is_none() && r.reason == MigrationReason::NoTarget => {
-                    let msg = format!("{} (hosts whose {NO_ENDPOINT} are left out)", r.message);
+                    let images = image
+                        .as_ref()
+                        .map(|i| format!(", and those without a verified copy of {}", i.what))
+                        .unwrap_or_default();
+                    let msg = format!(
+                        "{} (hosts whose {NO_ENDPOINT}{images} are left out)",
+                        r.message
+                    );
                     return wait(r.reason, msg, WAIT_RECHECK);
                 }
                 Err(r) => return wait(r.reason, r.message, WAIT_RECHECK),

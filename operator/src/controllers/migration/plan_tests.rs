@@ -643,3 +643,82 @@ fn a_rebuilt_ledger_of_the_other_pool_takes_back_the_port_and_mac_a_move_reserve
         Some(("h1", 5900))
     );
 }
+
+/// `d` pinned to version 3 of DesktopImage `imgs/debian` (UID `img-uid`).
+fn pinned(mut d: Desktop) -> Desktop {
+    if let Some(s) = d.status.as_mut() {
+        s.image = serde_json::from_value(json!({
+            "image": "imgs/debian", "uid": "img-uid", "version": 3,
+            "file": "managed/img-uid/v3.qcow2", "sha256": "ab".repeat(32)
+        }))
+        .ok();
+    }
+    d
+}
+
+/// Host `name` reporting version `version` of `img-uid` Ready.
+fn holding(name: &str, version: u32) -> DomainNode {
+    let mut n = node(name);
+    if let Some(s) = n.status.as_mut() {
+        s.images = vec![deskvirt_crds::image::HostImage {
+            sha256: Some("ab".repeat(32)),
+            ..deskvirt_crds::image::HostImage::new(
+                "img-uid",
+                "imgs/debian",
+                version,
+                deskvirt_crds::image::CopyPhase::Ready,
+            )
+        }];
+    }
+    n
+}
+
+fn world_of(nodes: Vec<DomainNode>, d: Desktop, m: &DesktopMigration) -> World {
+    let stores = Stores::holding(vec![pool(true)], nodes, vec![d], CONSOLES)
+        .with(vec![m.clone()], vec![mirror("u-a", "h1")]);
+    World {
+        stores,
+        ledgers: Ledgers::fresh(),
+        settings: MigrationSettings::default(),
+    }
+}
+
+#[test]
+fn a_disk_cloned_from_an_image_goes_only_where_its_version_is_verified() {
+    let m = migration("m1", "2026-01-01T00:00:00Z", json!({}));
+    let d = pinned(desktop("u-a", Some("h1"), true));
+    // h2 holds another version only; h3 holds the pinned one.
+    let nodes = vec![holding("h1", 3), holding("h2", 2), holding("h3", 3)];
+    let mut w = world_of(nodes, d.clone(), &m);
+    let Decision::Reserved(r) = w.pending(&m, T0) else {
+        panic!("not reserved: {:?}", w.pending(&m, T0));
+    };
+    assert_eq!(r.target, "h3");
+
+    // Named, a host without the copy is refused with the image named.
+    let mut named = m.clone();
+    named.spec.target_node = Some("h2".into());
+    let mut w = world_of(
+        vec![holding("h1", 3), holding("h2", 2), holding("h3", 3)],
+        d.clone(),
+        &named,
+    );
+    let refused = w.pending(&named, T0);
+    assert_eq!(reason(&refused), Some(R::NoTarget));
+    assert!(
+        matches!(&refused, Decision::Wait { message, .. }
+            if message.contains("h2 holds no verified copy of DesktopImage imgs/debian v3")),
+        "{refused:?}"
+    );
+
+    // No other host holds it: the migration waits and says why.
+    let mut w = world_of(vec![holding("h1", 3), holding("h2", 2)], d, &m);
+    let none = w.pending(&m, T0);
+    assert_eq!(reason(&none), Some(R::NoTarget));
+    assert!(
+        matches!(&none, Decision::Wait { message, .. }
+            if message.contains("without a verified copy of DesktopImage imgs/debian v3")),
+        "{none:?}"
+    );
+    assert!(w.ledgers.get("p").is_none_or(|l| l.targets().count() == 0));
+}
