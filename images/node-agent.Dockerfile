@@ -19,9 +19,10 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
     && install -D -m 0755 target/release/deskvirt-node-agent /out/deskvirt-node-agent
 
 # Same Debian release as the build stage, so libvirt0 matches the libvirt-dev it linked against.
+# e2fsprogs (debugfs) and fdisk (sfdisk) seal the images captured from template desktops.
 FROM debian:bookworm-slim
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends libvirt0 qemu-utils \
+    && apt-get install -y --no-install-recommends libvirt0 qemu-utils e2fsprogs fdisk \
     && rm -rf /var/lib/apt/lists/*
 COPY --from=build /out/deskvirt-node-agent /usr/local/bin/deskvirt-node-agent
 # Root on purpose: libvirt's socket and the disk directories on the host belong to root. The

@@ -2,7 +2,8 @@
 # Installs every system package deskvirt needs on Debian bookworm (idempotent, fast when done).
 # Control plane build: golang-go, etcd-server, dpkg-dev, rsync, reflect2.
 # The demo desktop image (scripts/build-demo-image.sh): fdisk, dosfstools, mtools, syslinux,
-# e2fsprogs; reading its screen in the tests: tesseract-ocr.
+# e2fsprogs (also the agent's sealing of captured images: sfdisk, debugfs); reading its screen
+# in the tests: tesseract-ocr.
 # libvirt/QEMU/SPICE: see shared/LOCAL-LIBVIRT.md.
 set -euo pipefail
 

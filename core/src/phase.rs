@@ -153,6 +153,17 @@ fn defined(f: &Facts<'_>) -> Derived {
             message: c.message.to_string(),
         };
     }
+    // A template waits for the capture of its disk, then starts.
+    if let Some(c) = running
+        && why == Some(AgentReason::Capturing)
+    {
+        return Derived {
+            phase: Phase::Starting,
+            ready: false,
+            reason: AgentReason::Capturing.as_str(),
+            message: c.message.to_string(),
+        };
+    }
     // Not usable while paused; the agent's message says whether it resumes it by itself.
     if let Some(c) = running
         && why == Some(AgentReason::Paused)

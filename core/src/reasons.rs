@@ -158,6 +158,8 @@ reasons! {
         SuspendFailed,
         /// Shut down and undefined here by a Cold migration: the migration's target boots it.
         MovedCold,
+        /// Not started while its disk is captured into a DesktopImage (it is the template).
+        Capturing,
     }
 }
 
@@ -344,6 +346,18 @@ reasons! {
         SourceNotAllowed,
         /// (`Deleting`) Desktops are pinned to a version of the image; the deletion waits.
         InUse,
+        /// `spec.source` sets both or neither of `http` and `desktop`.
+        InvalidSource,
+        /// The template Desktop of `spec.source.desktop` does not exist in the namespace.
+        TemplateNotFound,
+        /// The template Desktop is not bound to a host yet.
+        TemplateNotBound,
+        /// The template Desktop runs (or is to run): it is captured only shut down.
+        TemplateRunning,
+        /// The template Desktop's pool is not one of `spec.pools`.
+        TemplateNotInPool,
+        /// The template's host is capturing its disk into the version.
+        Capturing,
     }
 }
 

@@ -77,13 +77,42 @@ pub struct DesktopImageSpec {
     pub pools: Vec<String>,
 }
 
-/// Where an image's bytes come from.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Hash, JsonSchema)]
+/// Where an image's bytes come from: exactly one of `http` and `desktop` (otherwise the image
+/// gets `Ready=False InvalidSource`).
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, Hash, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ImageSource {
     /// A qcow2 file fetched over HTTP(S) by each host and checked against `sha256`. Only
     /// images of the images namespace may use it (elsewhere `Ready=False SourceNotAllowed`).
-    pub http: HttpSource,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http: Option<HttpSource>,
+    /// A template Desktop of the image's namespace, shut down: its disk, flattened onto its
+    /// base into one standalone qcow2 and sealed (per-machine state reset, see the README), on
+    /// the host where the desktop is. Tenants may capture their own desktops.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub desktop: Option<DesktopSource>,
+}
+
+/// A template Desktop to capture.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, Hash, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DesktopSource {
+    /// Name of the Desktop, in the image's namespace. It must be bound to a host and shut
+    /// down (`spec.power: Off`); it does not start while its disk is captured.
+    #[schemars(regex(pattern = DNS_SUBDOMAIN), length(min = 1, max = 253))]
+    pub name: String,
+    /// Any text: change it to capture the desktop again, as the next version (desktops cloned
+    /// from earlier versions keep them).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 63))]
+    pub revision: Option<String>,
+}
+
+impl ImageSource {
+    /// The SHA-256 the source names (an http source's); a capture's is known once it is made.
+    pub fn named_sha256(&self) -> Option<&str> {
+        self.http.as_ref().map(|h| h.sha256.as_str())
+    }
 }
 
 /// A file at a URL, with the SHA-256 its bytes must have.
@@ -115,6 +144,15 @@ pub struct DesktopImageStatus {
     /// The source the version was cut from, as it was then: what the hosts fetch.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub source: Option<ImageSource>,
+    /// SHA-256 of the version's file: the http source's, or the capture's once its host made
+    /// it. Every host's copy is checked against it; desktops are pinned to it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = SHA256))]
+    pub sha256: Option<String>,
+    /// Where the version is captured, for a `desktop` source: the Desktop (by UID) and its
+    /// host, which makes the file; the pool's other hosts take it from there.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub capture: Option<Capture>,
     /// Hosts holding a verified copy, of the hosts of the target pools, such as `3/4`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 32))]
@@ -144,6 +182,24 @@ pub struct DesktopImageStatus {
     /// The `metadata.generation` the status was decided on.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
+}
+
+/// A capture the operator asked of a host.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Capture {
+    /// The template Desktop's name.
+    #[schemars(length(max = 253))]
+    pub desktop: String,
+    /// Its UID: a Desktop made again under the same name is not captured.
+    #[schemars(length(max = 64))]
+    pub desktop_uid: String,
+    /// The host (DomainNode) where its disk is, which captures it.
+    #[schemars(length(max = 253))]
+    pub node: String,
+    /// The pool of that host (the image file lands in its `imageDir`).
+    #[schemars(length(max = 63))]
+    pub pool: String,
 }
 
 /// The host that downloads a shared pool's copy.

@@ -130,6 +130,10 @@ async fn run(config: Config) -> anyhow::Result<()> {
             fetch_timeout: config.image_fetch_timeout,
             max_bytes: u64::from(config.image_max_size_gib) << 30,
             reserve_bytes: u64::from(config.image_reserve_gib) << 30,
+            capture: deskvirt_node_agent::images::capture::CaptureSettings {
+                convert_timeout: config.disk_copy_timeout,
+                ..Default::default()
+            },
         },
         node_labels: config.node_labels.clone(),
         libvirt_timeout: config.libvirt_timeout,

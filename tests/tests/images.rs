@@ -27,11 +27,16 @@ use deskvirt_crds::desktop::Phase;
 use deskvirt_crds::image::DesktopImage;
 use deskvirt_tests::cluster::unique_suffix;
 use deskvirt_tests::host::eventually;
-use deskvirt_tests::images::{create_image, ready, sha256, wait_image};
+use deskvirt_tests::images::{
+    KEY_MARKER, create_image, disk_bytes, file_in_image, ready, sealable_image, sha256, wait_image,
+};
 use deskvirt_tests::origin::Origin;
 use deskvirt_tests::second_host::SecondHost;
-use deskvirt_tests::world::{create_pool, guest_in_phase, setup, wait_ready_hosts};
-use kube::api::PostParams;
+use deskvirt_tests::world::{
+    RUN_LABEL, create_pool, domain_of, guest_in_phase, guest_writes, serial_log, setup,
+    wait_ready_hosts,
+};
+use kube::api::{Patch, PatchParams, PostParams};
 use kube::{Api, ResourceExt};
 use serde_json::json;
 
@@ -78,7 +83,7 @@ async fn images_are_fetched_verified_and_cloned_and_bad_ones_refused() -> anyhow
         started.elapsed().as_secs_f64()
     );
     // Host B joins the pool later and gets the pool's images.
-    w.add_migration_target(&host_b)?;
+    let node_b = w.add_migration_target(&host_b)?;
     wait_ready_hosts(&w, 2).await?;
     let good = wait_image(
         &w,
@@ -273,6 +278,173 @@ async fn images_are_fetched_verified_and_cloned_and_bad_ones_refused() -> anyhow
         Ok(images.get_opt("lab").await?.is_none().then_some(()))
     })
     .await?;
+    capture_and_clone(&w, &node_b, &b_images, started).await?;
     eprintln!("[images] done: {:.1}s", started.elapsed().as_secs_f64());
+    Ok(())
+}
+
+/// The teacher's workflow: a tenant's template desktop writes to its disk and is shut down; a
+/// DesktopImage of the tenant's namespace captures it (refused while it runs), sealed; two
+/// clones of the new image boot, without the template's machine ID, SSH host keys or leases,
+/// with its student's files and its own writes.
+async fn capture_and_clone(
+    w: &deskvirt_tests::world::World,
+    node_b: &str,
+    b_images: &std::path::Path,
+    started: Instant,
+) -> anyhow::Result<()> {
+    let ns = w.user_ns.name.clone();
+    sealable_image(&w.image_dir, "sealable.qcow2")?;
+    // The template (and so the capture) goes to host A: host B is in maintenance meanwhile.
+    let nodes: Api<deskvirt_crds::DomainNode> = Api::all(w.client.clone());
+    let maintenance = |on: bool| json!({ "spec": { "maintenance": on } });
+    nodes
+        .patch(
+            node_b,
+            &PatchParams::default(),
+            &Patch::Merge(maintenance(true)),
+        )
+        .await?;
+    // The template writes 1 MiB of 'A' at 40 MiB of its disk (past its file system).
+    let template = json!({
+        "disk": { "image": "sealable.qcow2", "persistent": true },
+        "boot": { "kernel": "vmlinuz", "initrd": "initrd.img",
+                  "cmdline": "console=ttyS0 deskvirt.write=1 deskvirt.seek=40 deskvirt.byte=101" }
+    });
+    guest_in_phase(w, "template", template, Phase::Running).await?;
+    nodes
+        .patch(
+            node_b,
+            &PatchParams::default(),
+            &Patch::Merge(maintenance(false)),
+        )
+        .await?;
+    let domain = domain_of(&w.desktops(), &ns, "template").await?;
+    eventually(Duration::from_secs(120), "the template's write", || async {
+        Ok((!guest_writes(&serial_log(&domain))?.is_empty()).then_some(()))
+    })
+    .await?;
+    // Asked while it runs: refused, naming the field; nothing is cut.
+    let images: Api<DesktopImage> = Api::namespaced(w.client.clone(), &ns);
+    let image: DesktopImage = serde_json::from_value(json!({
+        "apiVersion": "deskvirt.io/v1alpha1", "kind": "DesktopImage",
+        "metadata": { "name": "lab-template", "labels": { RUN_LABEL: w.run } },
+        "spec": { "source": { "desktop": { "name": "template" } }, "pools": [w.pool] },
+    }))?;
+    images.create(&PostParams::default(), &image).await?;
+    let refused = wait_image(w, &ns, "lab-template", "TemplateRunning", |i| {
+        ready(i).is_some_and(|(_, r)| r == "TemplateRunning")
+    })
+    .await?;
+    anyhow::ensure!(
+        refused.status.as_ref().and_then(|s| s.version).is_none(),
+        "a version was cut from a running template"
+    );
+    // Shut down: captured on host A, sealed, with its sum.
+    w.desktops()
+        .patch(
+            "template",
+            &PatchParams::default(),
+            &Patch::Merge(json!({ "spec": { "power": "Off" } })),
+        )
+        .await?;
+    let asked = Instant::now();
+    let captured = wait_image(
+        w,
+        &ns,
+        "lab-template",
+        "lab-template captured on host A",
+        |i| {
+            let st = i.status.clone().unwrap_or_default();
+            st.sha256.is_some()
+                && st
+                    .copies
+                    .iter()
+                    .any(|c| c.node == w.node && c.phase == deskvirt_crds::image::CopyPhase::Ready)
+        },
+    )
+    .await?;
+    let st = captured.status.clone().unwrap_or_default();
+    let uid = captured.uid().context("uid")?;
+    let file = w.image_dir.join(format!("managed/{uid}/v1.qcow2"));
+    anyhow::ensure!(
+        Some(sha256(&file)?) == st.sha256,
+        "the captured file's sum is not the status's"
+    );
+    let sealed = st
+        .copies
+        .iter()
+        .find(|c| c.node == w.node)
+        .and_then(|c| c.message.clone())
+        .unwrap_or_default();
+    eprintln!(
+        "[images] template captured in {:.1}s after its shutdown ({}): {sealed}",
+        asked.elapsed().as_secs_f64(),
+        st.hosts.clone().unwrap_or_default()
+    );
+    // Host B keeps its own image directory: it says why it has no copy.
+    let b = st.copies.iter().find(|c| c.node != w.node);
+    anyhow::ensure!(
+        b.is_some_and(|c| c
+            .message
+            .as_deref()
+            .is_some_and(|m| m.contains("not built yet"))),
+        "host B's copy: {b:?}"
+    );
+    anyhow::ensure!(
+        !b_images.join(format!("managed/{uid}")).exists(),
+        "host B holds a file of the capture"
+    );
+    check_sealed(&file, "the captured image")?;
+
+    // Two clones of the new image boot; each disk reads the sealed image.
+    let clone = json!({ "disk": { "imageRef": { "name": "lab-template" } } });
+    for name in ["clone-1", "clone-2"] {
+        guest_in_phase(w, name, clone.clone(), Phase::Running).await?;
+    }
+    for name in ["clone-1", "clone-2"] {
+        let domain = domain_of(&w.desktops(), &ns, name).await?;
+        let disk = w.disk_dir.join(format!("{domain}.qcow2"));
+        check_sealed(&disk, name)?;
+    }
+    eprintln!(
+        "[images] two clones of the captured image Running: {:.1}s",
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+/// What sealing leaves in `image` (its chain read through): an empty machine ID, no SSH host
+/// key (nor its bytes anywhere), no lease; the student's notes and the template's own write.
+fn check_sealed(image: &std::path::Path, what: &str) -> anyhow::Result<()> {
+    let id = file_in_image(image, "/etc/machine-id")?;
+    anyhow::ensure!(id.as_deref() == Some(""), "{what}: machine-id {id:?}");
+    for gone in [
+        "/etc/ssh/ssh_host_ed25519_key",
+        "/etc/ssh/ssh_host_ed25519_key.pub",
+        "/var/lib/dhcp/dhclient.eth0.leases",
+    ] {
+        anyhow::ensure!(
+            file_in_image(image, gone)?.is_none(),
+            "{what}: {gone} is still there"
+        );
+    }
+    let notes = file_in_image(image, "/home/student/notes.txt")?;
+    anyhow::ensure!(
+        notes.as_deref() == Some("lab 3 setup done\n"),
+        "{what}: notes {notes:?}"
+    );
+    let bytes = disk_bytes(image)?;
+    anyhow::ensure!(
+        !bytes
+            .windows(KEY_MARKER.len())
+            .any(|w| w == KEY_MARKER.as_bytes()),
+        "{what}: the template's SSH key can be read back from the disk"
+    );
+    let written = bytes.get(40 << 20..41 << 20).unwrap_or_default();
+    anyhow::ensure!(
+        written.len() == 1 << 20 && written.iter().all(|b| *b == b'A'),
+        "{what}: the template's own write is not in the image"
+    );
     Ok(())
 }

@@ -148,6 +148,23 @@ async fn start<H: Hypervisor>(
     domain: &str,
     restore: bool,
 ) -> Result<Done, Error> {
+    // A template whose disk is being captured into a DesktopImage waits; the lock is held
+    // until the start is done, so no capture begins under it.
+    let lock = ctx
+        .images
+        .disk_locks()
+        .lock(d.metadata.uid.as_deref().unwrap_or_default());
+    let Ok(_free) = lock.try_lock() else {
+        return Ok(Done {
+            running: Cond::new(
+                Status::False,
+                Reason::Capturing,
+                "its disk is being captured into a DesktopImage; it starts once that ends",
+            ),
+            requeue: BUSY_RESYNC,
+            started: false,
+        });
+    };
     let restore = restore && prepare_restore(ctx, d, domain).await?;
     let began = Instant::now();
     match ctx.hypervisor.start_domain(domain).await {

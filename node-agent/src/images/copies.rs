@@ -18,6 +18,8 @@ use tokio::sync::{Notify, Semaphore};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
+use super::DiskLocks;
+use super::capture::{self, CaptureFrom, CaptureSettings};
 use super::error::{CopyError, Reason};
 use super::fetch::{self, CopySpec, InPlace, Progress, Settings, Verified};
 use super::http::HttpClient;
@@ -47,6 +49,10 @@ struct Runner {
     metrics: Metrics,
     /// Told when a copy task ends, so that its answer is taken (and reported) at once.
     ended: Arc<Notify>,
+    /// The desktops' disk locks (a capture holds its template's).
+    locks: DiskLocks,
+    /// How captures run.
+    capture: Arc<CaptureSettings>,
 }
 
 /// One image version's copy.
@@ -69,13 +75,20 @@ struct Entry {
     damaged: bool,
     /// The host that puts the file in place, when another host of a shared pool does.
     written_by: Option<String>,
+    /// The template whose disk this host captures into the version.
+    capture: Option<CaptureFrom>,
+    /// Why this host can get no copy.
+    unavailable: Option<String>,
+    /// Reported as the message of a Ready copy (what a capture's sealing reset).
+    note: Option<String>,
 }
 
 /// A fetch or a check running.
 struct Job {
     kind: Kind,
     progress: Arc<Progress>,
-    handle: JoinHandle<Result<Verified, CopyError>>,
+    /// The verified file, and a note for the report (what sealing reset, for a capture).
+    handle: JoinHandle<Result<(Verified, Option<String>), CopyError>>,
     /// Set by the task once it has its answer (just before it returns it).
     answered: Arc<AtomicBool>,
 }
@@ -84,6 +97,8 @@ struct Job {
 enum Kind {
     Fetch,
     Verify,
+    /// Made from a template's disk on this host.
+    Capture,
     /// A fetch over a file found damaged.
     Repair,
 }
@@ -119,9 +134,17 @@ impl Copies {
                 },
                 metrics,
                 ended: Arc::new(Notify::new()),
+                locks: DiskLocks::default(),
+                capture: Arc::new(CaptureSettings::default()),
             },
             entries: BTreeMap::new(),
         }
+    }
+
+    /// Captures take the desktops' disk locks from `locks` and run with `settings`.
+    pub fn set_capture(&mut self, locks: DiskLocks, settings: CaptureSettings) {
+        self.run.locks = locks;
+        self.run.capture = Arc::new(settings);
     }
 
     /// Told each time a copy task ends (a permit is kept until the next wait).
@@ -171,6 +194,8 @@ impl Copies {
             entry.image = t.image.clone();
             entry.refused = t.refused.clone();
             entry.written_by = t.written_by.clone();
+            entry.capture = t.capture.clone();
+            entry.unavailable = t.unavailable.clone();
             self.run.advance(entry).await;
         }
     }
@@ -205,6 +230,9 @@ impl Entry {
             job: None,
             damaged: false,
             written_by: None,
+            capture: None,
+            unavailable: None,
+            note: None,
         }
     }
 
@@ -296,7 +324,10 @@ impl Entry {
             bytes: ready.map(|v| v.bytes),
             virtual_bytes: ready.map(|v| v.virtual_bytes),
             reason: self.reason.map(|r| r.as_str().to_string()),
-            message: self.message.clone(),
+            message: self
+                .message
+                .clone()
+                .or_else(|| ready.and(self.note.clone())),
             since: self.since.clone(),
         })
     }
@@ -346,6 +377,12 @@ impl Runner {
         match fetch::in_place(&e.spec).await {
             Ok(InPlace::Verified(v)) => e.ready(v),
             Ok(_) if e.waiting(now) => {}
+            Ok(InPlace::Missing) if let Some(why) = e.unavailable.clone() => e.pending(why),
+            Ok(InPlace::Missing) if e.capture.is_some() => self.start(e, Kind::Capture),
+            // A capture's sum is not known yet: nothing to check a file against.
+            Ok(InPlace::Unverified) if e.spec.sha256.is_empty() => {
+                e.pending("waiting for the capture's checksum".to_string())
+            }
             // A shared directory's file is fetched (and repaired) by its writer alone.
             Ok(InPlace::Missing) if let Some(w) = e.written_by.clone() => e.pending(format!(
                 "host {w} fetches the copy into the image directory this host shares; this \
@@ -372,9 +409,12 @@ impl Runner {
             Err(join) => Err(CopyError::Stopped(join.to_string())),
         };
         match result {
-            Ok(v) => {
+            Ok((v, note)) => {
                 e.damaged = false;
                 e.ready(v);
+                if note.is_some() {
+                    e.note = note;
+                }
             }
             // Put in place by another attempt: the look at the place decides.
             Err(CopyError::Exists { .. }) => {}
@@ -402,7 +442,7 @@ impl Runner {
             Kind::Fetch | Kind::Repair => {
                 Progress::fetching(self.metrics.image_fetched_bytes.clone())
             }
-            Kind::Verify => Progress::default(),
+            Kind::Verify | Kind::Capture => Progress::default(),
         });
         let slots = self.slots.clone();
         let http = self.http.clone();
@@ -411,6 +451,11 @@ impl Runner {
         let active = self.metrics.image_copies_active.clone();
         let shared = progress.clone();
         let ended = self.ended.clone();
+        let from = e
+            .capture
+            .clone()
+            .map(|c| (c.clone(), self.locks.lock(&c.desktop_uid)));
+        let capturing = self.capture.clone();
         let answered = Arc::new(AtomicBool::new(false));
         let has_answer = answered.clone();
         tracing::info!(image = %e.image, version = spec.version, kind = ?kind, "starting a copy of the image");
@@ -422,10 +467,17 @@ impl Runner {
             let _active = scopeguard(move || {
                 active.dec();
             });
-            let answer = match kind {
-                Kind::Fetch => fetch::fetch(&http, &spec, &settings, &shared).await,
-                Kind::Verify => fetch::verify(&spec, &settings, shared.clone()).await,
-                Kind::Repair => fetch::repair(&http, &spec, &settings, &shared).await,
+            let plain = |r: Result<Verified, CopyError>| r.map(|v| (v, None));
+            let answer = match (kind, from) {
+                (Kind::Fetch, _) => plain(fetch::fetch(&http, &spec, &settings, &shared).await),
+                (Kind::Verify, _) => plain(fetch::verify(&spec, &settings, shared.clone()).await),
+                (Kind::Repair, _) => plain(fetch::repair(&http, &spec, &settings, &shared).await),
+                (Kind::Capture, Some((from, lock))) => {
+                    capture::capture(&spec, &from, &settings, &capturing, lock, &shared)
+                        .await
+                        .map(|c| (c.verified, Some(c.sealed)))
+                }
+                (Kind::Capture, None) => Err(CopyError::Capture("no template named".into())),
             };
             has_answer.store(true, Ordering::Release);
             ended.notify_one();
@@ -468,6 +520,8 @@ mod tests {
             sha256: sum.into(),
             refused: None,
             written_by: None,
+            capture: None,
+            unavailable: None,
         }
     }
 

@@ -28,10 +28,12 @@ pub enum Reason {
     Damaged,
     /// The file is larger than this host takes (`--image-max-size`).
     TooLarge,
+    /// The template's disk could not be captured (flattened, sealed or converted).
+    CaptureFailed,
 }
 
 /// Every reason's name, for metrics that start at zero.
-pub const REASONS: [&str; 10] = [
+pub const REASONS: [&str; 11] = [
     "FetchFailed",
     "ChecksumMismatch",
     "NotAnImage",
@@ -42,6 +44,7 @@ pub const REASONS: [&str; 10] = [
     "BadFile",
     "Damaged",
     "TooLarge",
+    "CaptureFailed",
 ];
 
 impl Reason {
@@ -58,6 +61,7 @@ impl Reason {
             Self::BadFile => "BadFile",
             Self::Damaged => "Damaged",
             Self::TooLarge => "TooLarge",
+            Self::CaptureFailed => "CaptureFailed",
         }
     }
 }
@@ -121,6 +125,9 @@ pub enum CopyError {
         "the download did not end within {0:?} (--image-fetch-timeout); {1} bytes were fetched"
     )]
     TimedOut(std::time::Duration, u64),
+    /// The template's disk could not be captured.
+    #[error("capturing the template's disk failed: {0}")]
+    Capture(String),
     /// The task running the copy ended without an answer (it panicked).
     #[error("the copy stopped unexpectedly: {0}")]
     Stopped(String),
@@ -134,6 +141,7 @@ impl CopyError {
                 Reason::FetchFailed
             }
             Self::TooLarge { .. } => Reason::TooLarge,
+            Self::Capture(_) => Reason::CaptureFailed,
             Self::NoRoom { .. } => Reason::NoSpace,
             Self::ChecksumMismatch { .. } => Reason::ChecksumMismatch,
             Self::NotAnImage(_) => Reason::NotAnImage,
@@ -177,6 +185,7 @@ mod tests {
             Reason::BadFile,
             Reason::Damaged,
             Reason::TooLarge,
+            Reason::CaptureFailed,
         ];
         let names: Vec<&str> = all.iter().map(|r| r.as_str()).collect();
         assert_eq!(names, REASONS);

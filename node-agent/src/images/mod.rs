@@ -10,6 +10,7 @@
 //! [`Holdings::ready_copy`], or [`ready_copy`] over a [`HostReport`]. A copy that is not
 //! Ready (still copying, failed, damaged) is never a base for a clone.
 
+pub mod capture;
 mod check;
 mod copies;
 mod error;
@@ -18,6 +19,7 @@ pub mod fetch;
 mod fetch_tests;
 mod http;
 mod report;
+pub mod seal;
 mod sidecar;
 pub mod targets;
 #[cfg(test)]
@@ -33,7 +35,7 @@ use deskvirt_crds::image::{CopyPhase, HostImage, image_file};
 use kube::Api;
 use kube::runtime::reflector::Store;
 use kube::runtime::watcher;
-use tokio::sync::{Notify, watch};
+use tokio::sync::{Mutex, Notify, watch};
 use tokio::time::{Instant, MissedTickBehavior};
 
 pub use error::{CopyError, REASONS, Reason};
@@ -67,6 +69,8 @@ pub struct ImagesConfig {
     pub max_bytes: u64,
     /// Free bytes the image directory's file system keeps.
     pub reserve_bytes: u64,
+    /// How captures of template desktops run.
+    pub capture: capture::CaptureSettings,
 }
 
 /// What this host holds, as last reported: the pool's image directory and the report.
@@ -107,6 +111,24 @@ pub fn ready_copy(report: &HostReport, uid: &str, version: u32) -> Option<ReadyC
     })
 }
 
+/// One lock per desktop disk (by Desktop UID), shared by the copies and the desktops: a
+/// capture holds its template's for its whole run, and a desktop is started only while its
+/// own is free, so a template never starts under a capture.
+#[derive(Clone, Default)]
+pub struct DiskLocks(Arc<std::sync::Mutex<std::collections::HashMap<String, Arc<Mutex<()>>>>>);
+
+impl DiskLocks {
+    /// The lock of the disk of Desktop `uid`.
+    pub fn lock(&self, uid: &str) -> Arc<Mutex<()>> {
+        let Ok(mut all) = self.0.lock() else {
+            // A poisoned map (a panic while it was held) still hands out a fresh lock.
+            return Arc::new(Mutex::new(()));
+        };
+        all.retain(|_, l| Arc::strong_count(l) > 1 || l.try_lock().is_err());
+        all.entry(uid.to_string()).or_default().clone()
+    }
+}
+
 /// A shared handle to this host's latest [`HostReport`] (and to the DesktopImage cache, once
 /// the image loop runs); clones share it.
 #[derive(Clone)]
@@ -115,6 +137,7 @@ pub struct Holdings(Arc<Shared>);
 struct Shared {
     report: watch::Sender<HostReport>,
     images: OnceLock<Store<DesktopImage>>,
+    locks: DiskLocks,
 }
 
 impl Default for Holdings {
@@ -122,11 +145,17 @@ impl Default for Holdings {
         Self(Arc::new(Shared {
             report: watch::Sender::new(HostReport::default()),
             images: OnceLock::new(),
+            locks: DiskLocks::default(),
         }))
     }
 }
 
 impl Holdings {
+    /// The desktops' disk locks.
+    pub fn disk_locks(&self) -> DiskLocks {
+        self.0.locks.clone()
+    }
+
     /// The latest report.
     pub fn current(&self) -> HostReport {
         self.0.report.borrow().clone()
@@ -192,13 +221,14 @@ pub async fn run<H>(ctx: Arc<DesktopContext<H>>, config: ImagesConfig) {
         max_bytes: config.max_bytes,
         reserve_bytes: config.reserve_bytes,
     };
-    let copies = copies::Copies::new(
+    let mut copies = copies::Copies::new(
         http,
         settings,
         config.copies,
         config.retry,
         ctx.metrics.clone(),
     );
+    copies.set_capture(ctx.images.disk_locks(), config.capture.clone());
     let rounds = async move {
         if store.wait_until_ready().await.is_err() {
             return;
@@ -225,6 +255,24 @@ pub async fn run<H>(ctx: Arc<DesktopContext<H>>, config: ImagesConfig) {
     tokio::join!(fill, rounds);
 }
 
+/// The disk of Desktop `uid` when it is bound to this host: `<diskDir>/<domain name>.qcow2`.
+fn template_disk<H>(ctx: &DesktopContext<H>, uid: &str, disk_dir: Option<&str>) -> Option<PathBuf> {
+    let dir = disk_dir?;
+    let desktops = ctx.desktops()?;
+    let all = desktops.state();
+    let d = all
+        .iter()
+        .find(|d| d.metadata.uid.as_deref() == Some(uid))?;
+    let here = d.status.as_ref()?.node.as_deref() == Some(ctx.config.node_name.as_str());
+    if !here {
+        return None;
+    }
+    let ns = d.metadata.namespace.as_deref()?;
+    let name = d.metadata.name.as_deref()?;
+    let domain = crate::domain::names::domain_name(ns, name, uid);
+    Some(PathBuf::from(crate::domain::names::disk_path(dir, &domain)))
+}
+
 /// What the loop keeps between rounds.
 struct Rounds {
     copies: copies::Copies,
@@ -249,6 +297,7 @@ impl Rounds {
             .pool
             .as_deref()
             .and_then(|name| Some((name, ctx.pool(name)?)));
+        let disk_dir = pool.as_ref().map(|(_, p)| p.spec.storage.disk_dir.clone());
         let (dir, selection) = match pool {
             Some((name, pool)) => {
                 let dir = &pool.spec.storage.image_dir;
@@ -280,6 +329,19 @@ impl Rounds {
             }
         }
         let mut targets = selection.targets;
+        for t in targets.iter_mut() {
+            let Some(c) = t.capture.as_mut() else {
+                continue;
+            };
+            match template_disk(ctx, &c.desktop_uid, disk_dir.as_deref()) {
+                Some(disk) => c.disk = disk,
+                None => {
+                    t.capture = None;
+                    t.unavailable =
+                        Some("the template Desktop is not bound to this host".to_string());
+                }
+            }
+        }
         if dir.is_some()
             && let Some(desktops) = ctx.desktops()
         {

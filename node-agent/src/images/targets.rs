@@ -27,6 +27,11 @@ pub struct Target {
     /// image directory and that host is another one: this host only checks the file it puts
     /// there (and never fetches or repairs it itself).
     pub written_by: Option<String>,
+    /// The template Desktop whose disk this host captures into the version (its disk path is
+    /// filled in by the caller, which knows the host's desktops).
+    pub capture: Option<super::capture::CaptureFrom>,
+    /// Why this host can get no copy of the version (reported while Pending).
+    pub unavailable: Option<String>,
 }
 
 /// What [`select`] found.
@@ -68,11 +73,18 @@ pub fn select<'a>(
         };
         let ns = d.namespace().unwrap_or_default();
         let image = format!("{ns}/{}", d.name_any());
+        let Some(http) = source.http.as_ref() else {
+            if source.desktop.is_some() {
+                out.targets
+                    .extend(captured(d, &uid, image, version, file, pool, node, shared));
+            }
+            continue;
+        };
         if ns != namespace {
             out.elsewhere.push((image, uid));
             continue;
         }
-        let refused = refusal(&uid, version, file, &source.http.sha256);
+        let refused = refusal(&uid, version, file, &http.sha256);
         let written_by = status
             .writers
             .iter()
@@ -82,14 +94,67 @@ pub fn select<'a>(
             uid,
             image,
             version,
-            url: source.http.url.clone(),
-            sha256: source.http.sha256.clone(),
+            url: http.url.clone(),
+            sha256: http.sha256.clone(),
             refused,
             written_by,
+            capture: None,
+            unavailable: None,
         });
     }
     out.targets.sort_by(|a, b| a.uid.cmp(&b.uid));
     out
+}
+
+/// The target of a version captured from a template Desktop (any namespace: a tenant captures
+/// its own desktops): the capturing host makes it; a host sharing its pool's image directory
+/// checks the file it made; others cannot get it yet (copies between hosts are not built).
+#[allow(clippy::too_many_arguments)]
+fn captured(
+    d: &DesktopImage,
+    uid: &str,
+    image: String,
+    version: u32,
+    file: &str,
+    pool: &str,
+    node: &str,
+    shared: bool,
+) -> Option<Target> {
+    let status = d.status.as_ref()?;
+    let capture = status.capture.as_ref()?;
+    let sha256 = status.sha256.clone().unwrap_or_default();
+    let mut refused = refusal(uid, version, file, &sha256);
+    // The sum of a capture is known once it is made.
+    if sha256.is_empty() && refused.as_deref() == Some(NOT_A_SUM) {
+        refused = None;
+    }
+    let here = capture.node == node;
+    let (written_by, unavailable) = if here {
+        (None, None)
+    } else if shared && capture.pool == pool {
+        (Some(capture.node.clone()), None)
+    } else {
+        let why = format!(
+            "captured on host {} (pool {}); this host does not share its image directory, and \
+             copies between hosts are not built yet",
+            capture.node, capture.pool
+        );
+        (None, Some(why))
+    };
+    Some(Target {
+        uid: uid.to_string(),
+        image,
+        version,
+        url: String::new(),
+        sha256,
+        refused,
+        written_by,
+        capture: here.then(|| super::capture::CaptureFrom {
+            desktop_uid: capture.desktop_uid.clone(),
+            disk: std::path::PathBuf::new(),
+        }),
+        unavailable,
+    })
 }
 
 /// The versions Desktops bound to this host are pinned to (`status.image`) that `targets` does
@@ -122,11 +187,16 @@ pub fn pinned<'a>(
             sha256: pin.sha256.clone(),
             refused: refusal(&pin.uid, pin.version, &pin.file, &pin.sha256),
             written_by: None,
+            capture: None,
+            unavailable: None,
         });
     }
     out.sort_by(|a, b| (&a.uid, a.version).cmp(&(&b.uid, b.version)));
     out
 }
+
+/// The refusal of a sum that is not one.
+const NOT_A_SUM: &str = "the version's sha256 is not 64 lowercase hex digits";
 
 /// Why the cut version cannot be copied, if it cannot.
 fn refusal(uid: &str, version: u32, file: &str, sha256: &str) -> Option<String> {
@@ -144,7 +214,7 @@ fn refusal(uid: &str, version: u32, file: &str, sha256: &str) -> Option<String> 
             .chars()
             .all(|c| c.is_ascii_digit() || ('a'..='f').contains(&c));
     if !sum {
-        return Some("the source's sha256 is not 64 lowercase hex digits".into());
+        return Some(NOT_A_SUM.into());
     }
     None
 }
@@ -211,6 +281,8 @@ mod tests {
                 sha256: SUM.into(),
                 refused: None,
                 written_by: None,
+                capture: None,
+                unavailable: None,
             }]
         );
         assert_eq!(got.elsewhere, vec![("team/tenant".into(), "a4".into())]);
@@ -274,6 +346,8 @@ mod pinned_tests {
             sha256: "c".repeat(64),
             refused: None,
             written_by: None,
+            capture: None,
+            unavailable: None,
         };
         let ds = [
             desktop("h1", "0a", 1),
@@ -286,5 +360,56 @@ mod pinned_tests {
         assert_eq!((kept[0].version, kept[0].url.as_str()), (1, ""));
         assert_eq!(kept[0].sha256, "b".repeat(64));
         assert_eq!(kept[0].refused, None);
+    }
+
+    /// Tenant `team`'s image `lab-t` (UID `c1`) capturing a template on host `h1` (pool
+    /// `lab`), its sum known when `sum` is set.
+    fn capture(sum: Option<&str>) -> DesktopImage {
+        let source = json!({"desktop": {"name": "template"}});
+        serde_json::from_value(json!({
+            "apiVersion": "deskvirt.io/v1alpha1", "kind": "DesktopImage",
+            "metadata": {"name": "lab-t", "namespace": "team", "uid": "c1"},
+            "spec": {"source": source, "pools": ["lab"]},
+            "status": {"version": 1, "file": "managed/c1/v1.qcow2", "source": source,
+                       "sha256": sum,
+                       "capture": {"desktop": "template", "desktopUid": "t-uid",
+                                   "node": "h1", "pool": "lab"}},
+        }))
+        .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    #[test]
+    fn a_capture_is_made_by_its_host_taken_in_place_by_sharers_and_unavailable_elsewhere() {
+        let images = [capture(None)];
+        let on = |node: &str, shared: bool| {
+            select(&images, "lab", "deskvirt-images", node, shared)
+                .targets
+                .into_iter()
+                .next()
+                .unwrap_or_else(|| panic!("no target on {node}"))
+        };
+        // A tenant's capture counts (no URL), and its host makes it before its sum is known.
+        let maker = on("h1", false);
+        assert_eq!(
+            maker.capture.map(|c| c.desktop_uid),
+            Some("t-uid".to_string())
+        );
+        assert_eq!((maker.refused, maker.sha256.as_str()), (None, ""));
+        let sharer = on("h2", true);
+        assert_eq!(
+            (sharer.capture, sharer.written_by.as_deref()),
+            (None, Some("h1"))
+        );
+        let apart = on("h2", false);
+        assert!(
+            apart
+                .unavailable
+                .is_some_and(|m| m.contains("captured on host h1")),
+        );
+        // Once made, every target checks the sum.
+        let sum = "c".repeat(64);
+        let images = [capture(Some(&sum))];
+        let known = select(&images, "lab", "deskvirt-images", "h2", true);
+        assert_eq!(known.targets[0].sha256, sum);
     }
 }

@@ -9,11 +9,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use deskvirt_core::images::{self, HostCopy, ImageReason};
+use deskvirt_core::reasons::AgentReason;
 use deskvirt_crds::conditions::{self, Status, condition};
 use deskvirt_crds::constants::condition::{DELETING, READY};
 use deskvirt_crds::constants::{FINALIZER_IMAGE_USERS, MANAGER_OPERATOR_IMAGE};
 use deskvirt_crds::image::{
-    CopyPhase, DesktopImage, DesktopImageStatus, HostImage, ImageCopy, PoolWriter, image_file,
+    Capture, CopyPhase, DesktopImage, DesktopImageStatus, HostImage, ImageCopy, PoolWriter,
+    image_file,
 };
 use deskvirt_crds::{Desktop, DomainNode, names::fnv1a64};
 use k8s_openapi::jiff::Timestamp;
@@ -66,6 +68,7 @@ impl Categorized for Error {
 pub async fn run(ctx: Arc<Context>, selector: String, stop: watch::Receiver<bool>) {
     let client = ctx.client.clone();
     let images = ctx.stores.images.clone();
+    let templates = ctx.stores.images.clone();
     let controller = deskvirt_runtime::cache::controller(
         Api::<DesktopImage>::all(client),
         watch_config(&selector),
@@ -80,10 +83,30 @@ pub async fn run(ctx: Arc<Context>, selector: String, stop: watch::Receiver<bool
             .map(|i| ObjectRef::from_obj(i.as_ref()))
             .collect::<Vec<_>>()
     })
-    // A desktop pinned to an image, or no longer (deleted), wakes a deletion that waits.
-    .watches_stream(ctx.stores.desktop_changes.stream_by_key(pin_key), |d| {
-        pinned_image(&d).map(|(ns, name)| ObjectRef::new(&name).within(&ns))
-    })
+    // A desktop pinned to an image, or no longer (deleted), wakes a deletion that waits; a
+    // template that shuts down (or is bound, or deleted) wakes the images capturing it.
+    .watches_stream(
+        ctx.stores.desktop_changes.stream_by_key(desktop_key),
+        move |d| {
+            let ns = d.namespace().unwrap_or_default();
+            let name = d.name_any();
+            let mut woken: Vec<_> = templates
+                .state()
+                .iter()
+                .filter(|i| i.namespace().as_deref() == Some(ns.as_str()))
+                .filter(|i| {
+                    i.spec
+                        .source
+                        .desktop
+                        .as_ref()
+                        .is_some_and(|t| t.name == name)
+                })
+                .map(|i| ObjectRef::from_obj(i.as_ref()))
+                .collect();
+            woken.extend(pinned_image(&d).map(|(ns, name)| ObjectRef::new(&name).within(&ns)));
+            woken
+        },
+    )
     .reconcile_all_on(on_leadership(ctx.leader.clone()))
     .graceful_shutdown_on(stopped(stop.clone()))
     .run(
@@ -121,13 +144,27 @@ fn node_key(n: &DomainNode) -> u64 {
 
 /// What an image's deletion reads of a desktop: the image it is pinned to, and whether it is
 /// being deleted.
-fn pin_key(d: &Desktop) -> Option<(String, u32, bool)> {
-    let pin = d.status.as_ref()?.image.as_ref()?;
-    Some((
-        pin.uid.clone(),
-        pin.version,
+type DesktopKey = (
+    Option<(String, u32)>,
+    bool,
+    Option<String>,
+    bool,
+    Option<String>,
+);
+
+fn desktop_key(d: &Desktop) -> DesktopKey {
+    let st = d.status.as_ref();
+    (
+        st.and_then(|s| s.image.as_ref())
+            .map(|p| (p.uid.clone(), p.version)),
         d.metadata.deletion_timestamp.is_some(),
-    ))
+        st.and_then(|s| s.node.clone()),
+        d.spec.power == deskvirt_crds::desktop::Power::Off,
+        st.and_then(|s| {
+            conditions::find(&s.conditions, deskvirt_crds::constants::condition::RUNNING)
+                .map(|c| c.reason.clone())
+        }),
+    )
 }
 
 /// `(namespace, name)` of the image `d` is pinned to.
@@ -202,12 +239,19 @@ async fn pass(image: Arc<DesktopImage>, ctx: Arc<Context>) -> Result<Action, Err
     let now = Timestamp::now();
     let old = image.status.clone().unwrap_or_default();
     let nodes = ctx.stores.nodes.state();
+    // A template is looked up only in the image's own namespace.
+    let template = image.spec.source.desktop.as_ref().and_then(|t| {
+        ctx.stores
+            .desktops
+            .get(&ObjectRef::new(&t.name).within(ns.as_deref().unwrap_or_default()))
+    });
     let want = plan(
         &image,
         &ctx.images_namespace,
         &nodes,
         |n| matches!(ctx.heartbeat(n, now), Heartbeat::Fresh { .. }),
         |p| ctx.stores.pool(p).is_some_and(|p| p.spec.storage.shared),
+        template.as_deref(),
         now,
     );
     if !differs(&old, &want) {
@@ -304,6 +348,7 @@ pub fn plan(
     nodes: &[Arc<DomainNode>],
     host_ready: impl Fn(&str) -> bool,
     shared: impl Fn(&str) -> bool,
+    template: Option<&Desktop>,
     now: Timestamp,
 ) -> DesktopImageStatus {
     let old = image.status.clone().unwrap_or_default();
@@ -312,27 +357,43 @@ pub fn plan(
     let name = image.name_any();
     let ns = image.namespace().unwrap_or_default();
     let uid = image.uid().unwrap_or_default();
-    if !images::may_import_url(&ns, images_namespace) {
-        let message = format!(
-            "spec.source.http: only DesktopImages of the images namespace {images_namespace} may \
-             import from a URL (a URL a tenant controls could reach inside the cluster); ask an \
-             administrator to import it there"
-        );
-        return DesktopImageStatus {
-            conditions: vec![condition(
-                prev,
-                READY,
-                Status::False,
-                ImageReason::SourceNotAllowed.as_str(),
-                message,
-                gen_,
-                now,
-            )],
-            observed_generation: gen_,
-            ..old
-        };
-    }
+    // A refusal keeps what was cut before: hosts keep the current version, desktops keep
+    // cloning it.
+    let refuse = |reason: ImageReason, message: String| DesktopImageStatus {
+        conditions: vec![condition(
+            prev,
+            READY,
+            Status::False,
+            reason.as_str(),
+            message,
+            gen_,
+            now,
+        )],
+        observed_generation: gen_,
+        ..old.clone()
+    };
     let same = old.source.as_ref() == Some(&image.spec.source);
+    let source = &image.spec.source;
+    let capture = match (&source.http, &source.desktop) {
+        (Some(_), None) if !images::may_import_url(&ns, images_namespace) => {
+            let message = format!(
+                "spec.source.http: only DesktopImages of the images namespace {images_namespace} \
+                 may import from a URL (a URL a tenant controls could reach inside the cluster); \
+                 ask an administrator to import it there"
+            );
+            return refuse(ImageReason::SourceNotAllowed, message);
+        }
+        (Some(_), None) => None,
+        (None, Some(_)) if same => old.capture.clone(),
+        (None, Some(t)) => match template_capture(image, &t.name, template) {
+            Ok(c) => Some(c),
+            Err((reason, message)) => return refuse(reason, message),
+        },
+        _ => {
+            let message = "spec.source: set exactly one of http and desktop".to_string();
+            return refuse(ImageReason::InvalidSource, message);
+        }
+    };
     let version = images::version_for(old.version, same);
     let mut copies = Vec::new();
     let mut facts = Vec::new();
@@ -376,12 +437,33 @@ pub fn plan(
     }
     copies.sort_by(|a, b| a.node.cmp(&b.node));
     copies.truncate(1000);
+    // A capture's sum is the one its host computed; an http source names its own.
+    let sha256 = match (&capture, source.named_sha256()) {
+        (_, Some(sum)) => Some(sum.to_string()),
+        (Some(c), None) => old.sha256.clone().filter(|_| same).or_else(|| {
+            nodes
+                .iter()
+                .filter(|n| n.name_any() == c.node)
+                .filter_map(|n| n.status.as_ref())
+                .flat_map(|s| s.images.iter())
+                .find(|i| i.uid == uid && i.version == version && i.phase == CopyPhase::Ready)
+                .and_then(|i| i.sha256.clone())
+        }),
+        (None, None) => None,
+    };
     let writers = image
         .spec
         .pools
         .iter()
         .filter(|p| shared(p))
         .filter_map(|pool| {
+            // The host capturing the version writes its pool's file.
+            if let Some(c) = capture.as_ref().filter(|c| &c.pool == pool) {
+                return Some(PoolWriter {
+                    pool: pool.clone(),
+                    node: c.node.clone(),
+                });
+            }
             let hosts: Vec<HostCopy> = facts
                 .iter()
                 .zip(&copies_pools)
@@ -400,7 +482,16 @@ pub fn plan(
             })
         })
         .collect();
-    let summary = images::summarize(&format!("{ns}/{name}"), version, &facts);
+    let mut summary = images::summarize(&format!("{ns}/{name}"), version, &facts);
+    if let Some(c) = capture.as_ref().filter(|_| sha256.is_none())
+        && summary.reason != ImageReason::CopyFailed
+    {
+        summary.reason = ImageReason::Capturing;
+        summary.message = format!(
+            "host {} captures Desktop {ns}/{} into v{version}",
+            c.node, c.desktop
+        );
+    }
     let status = if summary.holds {
         Status::True
     } else {
@@ -411,6 +502,8 @@ pub fn plan(
         version: Some(version),
         file: Some(image_file(&uid, version)),
         source: Some(image.spec.source.clone()),
+        sha256,
+        capture,
         hosts: Some(format!("{}/{}", summary.ready, summary.total)),
         actual_bytes: if same {
             actual_bytes
@@ -444,6 +537,60 @@ fn differs(old: &DesktopImageStatus, new: &DesktopImageStatus) -> bool {
         ..s.clone()
     };
     strip(old) != strip(new) || conditions::differ_ignoring_time(&old.conditions, &new.conditions)
+}
+
+/// The capture of template `name` for `image`, or why it cannot be cut now (the reason and a
+/// message naming the field). `template` is the Desktop of that name in the image's namespace.
+fn template_capture(
+    image: &DesktopImage,
+    name: &str,
+    template: Option<&Desktop>,
+) -> Result<Capture, (ImageReason, String)> {
+    let ns = image.namespace().unwrap_or_default();
+    let field = "spec.source.desktop.name";
+    let Some(d) = template.filter(|d| d.metadata.deletion_timestamp.is_none()) else {
+        let m = format!("{field}: Desktop {ns}/{name} not found");
+        return Err((ImageReason::TemplateNotFound, m));
+    };
+    let st = d.status.clone().unwrap_or_default();
+    let (Some(node), Some(desktop_uid)) = (st.node.clone(), d.uid()) else {
+        let m = format!("{field}: Desktop {ns}/{name} is not bound to a host yet");
+        return Err((ImageReason::TemplateNotBound, m));
+    };
+    let pool = d.pool().to_string();
+    if !image.spec.pools.contains(&pool) {
+        let m = format!(
+            "{field}: Desktop {ns}/{name} is in pool {pool}, which is not in spec.pools ({})",
+            image.spec.pools.join(", ")
+        );
+        return Err((ImageReason::TemplateNotInPool, m));
+    }
+    // Off as its host reported it (the phase says Stopped as soon as spec.power is Off, while
+    // the guest still shuts down and QEMU holds the disk).
+    let off = conditions::find(&st.conditions, deskvirt_crds::constants::condition::RUNNING)
+        .filter(|c| c.status == "False")
+        .and_then(|c| AgentReason::parse(&c.reason))
+        .is_some_and(|r| {
+            matches!(
+                r,
+                AgentReason::Stopped | AgentReason::Shutdown | AgentReason::IdleShutdown
+            )
+        });
+    let stopped = st.phase == Some(deskvirt_crds::desktop::Phase::Stopped) && off;
+    if d.spec.power != deskvirt_crds::desktop::Power::Off || !stopped {
+        let m = format!(
+            "{field}: Desktop {ns}/{name} is not stopped (phase {}); shut it down \
+             (spec.power: Off) to capture it",
+            st.phase.map_or("unknown", |p| p.as_str())
+        );
+        return Err((ImageReason::TemplateRunning, m));
+    }
+    Ok(Capture {
+        desktop: name.to_string(),
+        desktop_uid,
+        node,
+        pool,
+    })
 }
 
 /// Where a bound desktop's disk may go, for its image: the hosts holding a verified copy of
@@ -507,10 +654,11 @@ mod tests {
             "lab",
             DesktopImageSpec {
                 source: ImageSource {
-                    http: HttpSource {
+                    desktop: None,
+                    http: Some(HttpSource {
                         url: "http://origin/lab.qcow2".into(),
                         sha256: "a".repeat(64),
-                    },
+                    }),
                 },
                 pools: vec!["p".into()],
             },
@@ -553,6 +701,7 @@ mod tests {
             &nodes,
             |_| true,
             |_| false,
+            None,
             Timestamp::UNIX_EPOCH,
         );
         assert_eq!(st.version, Some(1));
@@ -572,6 +721,7 @@ mod tests {
             &[],
             |_| true,
             |_| false,
+            None,
             Timestamp::UNIX_EPOCH,
         );
         assert_eq!(st.version, None);
@@ -588,11 +738,14 @@ mod tests {
             &[],
             |_| true,
             |_| false,
+            None,
             Timestamp::UNIX_EPOCH,
         );
         old.version = Some(3);
         img.status = Some(old);
-        img.spec.source.http.sha256 = "b".repeat(64);
+        if let Some(h) = img.spec.source.http.as_mut() {
+            h.sha256 = "b".repeat(64);
+        }
         let nodes = vec![node("a", "p", vec![copy(3, CopyPhase::Ready)])];
         let st = plan(
             &img,
@@ -600,6 +753,7 @@ mod tests {
             &nodes,
             |_| true,
             |_| false,
+            None,
             Timestamp::UNIX_EPOCH,
         );
         assert_eq!(st.version, Some(4));
@@ -620,6 +774,7 @@ mod tests {
             &nodes,
             |_| true,
             |p| p == "p",
+            None,
             Timestamp::UNIX_EPOCH,
         );
         assert_eq!(
@@ -639,6 +794,7 @@ mod tests {
                 &nodes,
                 host_ready,
                 |p| shared && p == "p",
+                None,
                 Timestamp::UNIX_EPOCH,
             );
             st.writers.first().map(|w| w.node.clone())
@@ -647,5 +803,122 @@ mod tests {
         assert_eq!(writer(&|n| n != "a", true).as_deref(), Some("b"));
         // Not shared: every host fetches its own.
         assert_eq!(writer(&|_| true, false), None);
+    }
+
+    /// Desktop `team-a/template` (UID `t-uid`), bound to `node` when given, in pool `pool`.
+    fn template(node: Option<&str>, pool: &str, power: &str, running: bool) -> Desktop {
+        let running = if running { "True" } else { "False" };
+        serde_json::from_value(serde_json::json!({
+            "apiVersion": "deskvirt.io/v1alpha1", "kind": "Desktop",
+            "metadata": {"name": "template", "namespace": "team-a", "uid": "t-uid"},
+            "spec": {"pool": pool, "cpu": 1, "memory": "1Gi", "power": power,
+                     "disk": {"image": "i.qcow2"}},
+            "status": {"node": node, "phase": if power == "Off" { "Stopped" } else { "Running" },
+                       "conditions": [
+                {"type": "Running", "status": running,
+                 "reason": if running == "True" { "Running" } else { "Stopped" }, "message": "",
+                 "lastTransitionTime": "2026-01-01T00:00:00Z"}]}
+        }))
+        .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    fn captured_image() -> DesktopImage {
+        let mut i = image("team-a");
+        i.spec.source = ImageSource {
+            http: None,
+            desktop: Some(deskvirt_crds::image::DesktopSource {
+                name: "template".into(),
+                revision: None,
+            }),
+        };
+        i
+    }
+
+    #[test]
+    fn a_template_is_captured_only_shut_down_on_its_host_and_its_sum_comes_from_there() {
+        let img = captured_image();
+        let nodes = vec![node("a", "p", vec![]), node("b", "p", vec![])];
+        let plan_with = |img: &DesktopImage, nodes: &[Arc<DomainNode>], t: Option<&Desktop>| {
+            plan(
+                img,
+                "deskvirt-images",
+                nodes,
+                |_| true,
+                |_| true,
+                t,
+                Timestamp::UNIX_EPOCH,
+            )
+        };
+        let reason = |st: &DesktopImageStatus| st.conditions[0].reason.clone();
+        let missing = plan_with(&img, &nodes, None);
+        assert_eq!(reason(&missing), "TemplateNotFound");
+        assert!(
+            missing.conditions[0]
+                .message
+                .contains("spec.source.desktop.name")
+        );
+        assert_eq!(missing.version, None);
+        let unbound = template(None, "p", "Off", false);
+        assert_eq!(
+            reason(&plan_with(&img, &nodes, Some(&unbound))),
+            "TemplateNotBound"
+        );
+        let running = template(Some("b"), "p", "On", true);
+        assert_eq!(
+            reason(&plan_with(&img, &nodes, Some(&running))),
+            "TemplateRunning"
+        );
+        // Off by spec but still shutting down: QEMU holds the disk.
+        let mut stopping = template(Some("b"), "p", "Off", false);
+        if let Some(c) = stopping
+            .status
+            .as_mut()
+            .and_then(|s| s.conditions.first_mut())
+        {
+            c.reason = "Stopping".into();
+        }
+        assert_eq!(
+            reason(&plan_with(&img, &nodes, Some(&stopping))),
+            "TemplateRunning"
+        );
+        let elsewhere = template(Some("b"), "other", "Off", false);
+        assert_eq!(
+            reason(&plan_with(&img, &nodes, Some(&elsewhere))),
+            "TemplateNotInPool"
+        );
+
+        // Shut down on host b: v1 is cut there, host b writes the shared pool's file.
+        let stopped = template(Some("b"), "p", "Off", false);
+        let cut = plan_with(&img, &nodes, Some(&stopped));
+        assert_eq!(cut.version, Some(1));
+        assert_eq!(reason(&cut), "Capturing");
+        assert_eq!(cut.sha256, None);
+        assert_eq!(
+            cut.capture
+                .as_ref()
+                .map(|c| (c.node.as_str(), c.desktop_uid.as_str())),
+            Some(("b", "t-uid"))
+        );
+        assert_eq!(cut.writers[0].node, "b");
+        // Kept once cut, whatever the template does next.
+        let mut img = img;
+        img.status = Some(cut);
+        let later = template(Some("b"), "p", "On", true);
+        let done = vec![
+            node("a", "p", vec![]),
+            node("b", "p", vec![copy(1, CopyPhase::Ready)]),
+        ];
+        let st = plan_with(&img, &done, Some(&later));
+        assert_eq!(st.version, Some(1));
+        assert_eq!(st.sha256, Some("a".repeat(64)));
+        assert_eq!(st.hosts.as_deref(), Some("1/2"));
+
+        // Both sources, or none: refused, naming the field.
+        let mut both = captured_image();
+        both.spec.source.http = image("team-a").spec.source.http;
+        assert_eq!(
+            reason(&plan_with(&both, &nodes, Some(&stopped))),
+            "InvalidSource"
+        );
     }
 }

@@ -114,7 +114,8 @@ pub(super) fn image_hosts(d: &Desktop, ctx: &Context) -> Result<Option<ForImage>
     Ok(Some(ForImage { hosts, pin }))
 }
 
-/// The image's current version as a pin: set once the operator cut it from a source with a sum.
+/// The image's current version as a pin: set once the operator cut it and its sum is known (an
+/// http source's at once, a capture's once its host made it).
 fn current_pin(image: &DesktopImage) -> Option<ImagePin> {
     let st = image.status.as_ref()?;
     Some(ImagePin {
@@ -122,6 +123,6 @@ fn current_pin(image: &DesktopImage) -> Option<ImagePin> {
         uid: image.uid()?,
         version: st.version?,
         file: st.file.clone()?,
-        sha256: st.source.as_ref()?.http.sha256.clone(),
+        sha256: st.sha256.clone()?,
     })
 }
