@@ -264,6 +264,9 @@ reasons! {
         AlreadyMigrating,
         /// A backup of the desktop is being written; the move waits for it.
         BackupInProgress,
+        /// The desktop is the template of a DesktopImage whose capture is not made yet; the
+        /// move waits for it.
+        CaptureInProgress,
         /// Desktops with dedicated CPUs or passed-through devices are pinned to their host.
         PinnedToHost,
         /// Deleted by the user before it ended.

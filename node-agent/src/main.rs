@@ -132,6 +132,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
             reserve_bytes: u64::from(config.image_reserve_gib) << 30,
             capture: deskvirt_node_agent::images::capture::CaptureSettings {
                 convert_timeout: config.disk_copy_timeout,
+                total_timeout: config.disk_copy_timeout * 4,
                 ..Default::default()
             },
         },

@@ -30,6 +30,8 @@ pub struct Desktop<'a> {
     /// recorded (`status.restoreOver`): the host's job on its disk and a move cannot run at
     /// once.
     pub backing_up: bool,
+    /// It is the template of a DesktopImage version not captured yet (its host reads its disk).
+    pub capturing: bool,
 }
 
 /// Everything [`admit`] decides on.
@@ -100,6 +102,9 @@ pub fn admit(f: &Facts<'_>) -> Result<(), MigrationReason> {
     if d.backing_up {
         return Err(R::BackupInProgress);
     }
+    if d.capturing {
+        return Err(R::CaptureInProgress);
+    }
     if f.other_pool == Some(false) {
         return Err(R::PoolNotAllowed);
     }
@@ -122,6 +127,7 @@ mod tests {
                 deleting: false,
                 pinned_to_host: false,
                 backing_up: false,
+                capturing: false,
             }),
             pinned_uid: Some("u1"),
             shared_storage: true,
@@ -208,6 +214,10 @@ mod tests {
             (
                 desktop(|d| d.backing_up = true),
                 MigrationReason::BackupInProgress,
+            ),
+            (
+                desktop(|d| d.capturing = true),
+                MigrationReason::CaptureInProgress,
             ),
             (
                 with(|f| f.shared_storage = false),

@@ -29,6 +29,8 @@ pub struct CaptureFrom {
 pub struct CaptureSettings {
     /// Deadline of each `qemu-img convert` (each copies the whole disk).
     pub convert_timeout: Duration,
+    /// Deadline of the whole capture (the template's disk lock is held throughout).
+    pub total_timeout: Duration,
     /// The sealing tools and their deadline.
     pub seal: seal::Tools,
 }
@@ -37,6 +39,7 @@ impl Default for CaptureSettings {
     fn default() -> Self {
         Self {
             convert_timeout: Duration::from_secs(1800),
+            total_timeout: Duration::from_secs(7200),
             seal: seal::Tools::default(),
         }
     }
@@ -81,22 +84,37 @@ pub async fn capture(
     tokio::fs::create_dir_all(&dir)
         .await
         .map_err(io("create", &dir))?;
+    fetch::room(&dir, 0, settings.reserve_bytes)?;
     let raw = sealing_path(spec);
     let partial = spec.partial_path();
-    let made = make(spec, from, settings, capture, &raw, &partial, progress).await;
-    // The version's file holds what it needs; a failed capture leaves nothing behind.
-    let mut leftovers = vec![&raw];
-    if made.is_err() {
-        leftovers.push(&partial);
-    }
-    for left in leftovers {
-        if let Err(e) = tokio::fs::remove_file(left).await
-            && e.kind() != std::io::ErrorKind::NotFound
-        {
-            tracing::warn!(file = %left.display(), error = %e, "cannot remove a capture's temporary file");
+    // Removed however the capture ends: failed, timed out, or dropped (its image's source
+    // changed, or the image was deleted, while it ran). A placed version is linked, not moved,
+    // so removing the temporary name leaves it whole.
+    let _cleanup = Cleanup(vec![raw.clone(), partial.clone()]);
+    let run = make(spec, from, settings, capture, &raw, &partial, progress);
+    tokio::time::timeout(capture.total_timeout, run)
+        .await
+        .map_err(|_| {
+            CopyError::Capture(format!(
+                "the capture did not end within {:?}",
+                capture.total_timeout
+            ))
+        })?
+}
+
+/// Removes its files when dropped (a missing one is fine).
+struct Cleanup(Vec<PathBuf>);
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        for f in &self.0 {
+            if let Err(e) = std::fs::remove_file(f)
+                && e.kind() != std::io::ErrorKind::NotFound
+            {
+                tracing::warn!(file = %f.display(), error = %e, "cannot remove a capture's temporary file");
+            }
         }
     }
-    made
 }
 
 /// The flattened raw file being sealed, beside the version's file (same file system).
@@ -126,7 +144,15 @@ async fn make(
             capture.convert_timeout,
         )
         .await
-        .map_err(|e| CopyError::Capture(crate::agent::error_chain(&e)))
+        .map_err(|e| {
+            let text = crate::agent::error_chain(&e);
+            // qemu-img's image locking: a QEMU (or another tool) has the disk open.
+            if text.contains("Failed to get shared \"write\" lock") {
+                CopyError::DiskBusy(text)
+            } else {
+                CopyError::Capture(text)
+            }
+        })
     };
     let disk = from.disk.display().to_string();
     // Flattened: the overlay and its whole backing chain, read as one disk.
@@ -178,4 +204,106 @@ async fn make(
         verified,
         sealed: sealed.summary(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::images::testkit::{Scratch, settings, spec};
+
+    /// A 1 MiB qcow2 disk of Desktop `owner` in `dir`, with its owner record.
+    fn disk(dir: &Path, owner: &str) -> PathBuf {
+        let disk = dir.join("desk.qcow2");
+        let out = std::process::Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2"])
+            .arg(&disk)
+            .arg("1M")
+            .output()
+            .unwrap_or_else(|e| panic!("qemu-img: {e}"));
+        assert!(out.status.success(), "{out:?}");
+        std::fs::write(disks::owner_path(&disk), format!("{owner}\n"))
+            .unwrap_or_else(|e| panic!("{e}"));
+        disk
+    }
+
+    async fn run(dir: &Scratch, from: &CaptureFrom) -> Result<Captured, CopyError> {
+        let want = spec(&dir.0.join("images"), "", "");
+        let lock = Arc::new(tokio::sync::Mutex::new(()));
+        capture(
+            &want,
+            from,
+            &settings(),
+            &CaptureSettings::default(),
+            lock,
+            &Progress::default(),
+        )
+        .await
+    }
+
+    #[tokio::test]
+    async fn a_template_disk_becomes_a_standalone_read_only_version() {
+        let dir = Scratch::new("capture");
+        let from = CaptureFrom {
+            desktop_uid: "t-uid".into(),
+            disk: disk(&dir.0, "t-uid"),
+        };
+        let made = run(&dir, &from).await.unwrap_or_else(|e| panic!("{e}"));
+        let file = spec(&dir.0.join("images"), "", "").final_path();
+        let meta = std::fs::metadata(&file).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(made.verified.bytes, meta.len());
+        assert_eq!(made.verified.virtual_bytes, 1 << 20);
+        assert!(made.sealed.contains("0"), "{}", made.sealed);
+        // Only the version's file and its record are left.
+        let left: Vec<String> = std::fs::read_dir(file.parent().unwrap_or(&dir.0))
+            .map(|r| {
+                r.flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default();
+        assert_eq!(left.len(), 2, "{left:?}");
+    }
+
+    #[tokio::test]
+    async fn a_disk_of_another_desktop_or_held_open_is_not_captured() {
+        let dir = Scratch::new("capture-refused");
+        let theirs = CaptureFrom {
+            desktop_uid: "t-uid".into(),
+            disk: disk(&dir.0, "someone-else"),
+        };
+        let e = run(&dir, &theirs).await.err();
+        assert!(
+            matches!(&e, Some(CopyError::Capture(m)) if m.contains("not recorded")),
+            "{e:?}"
+        );
+        // A process with the disk open for writing (as a QEMU shutting down): busy, retried soon.
+        let mine = CaptureFrom {
+            desktop_uid: "someone-else".into(),
+            disk: theirs.disk.clone(),
+        };
+        let mut holder = tokio::process::Command::new("qemu-io")
+            .args(["-f", "qcow2", "-c", "sleep 20000"])
+            .arg(&mine.disk)
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap_or_else(|e| panic!("qemu-io: {e}"));
+        // Waits until qemu-io holds the disk (qemu-img info, which locks, is refused).
+        for _ in 0..200 {
+            let info = tokio::process::Command::new("qemu-img")
+                .args(["info"])
+                .arg(&mine.disk)
+                .output()
+                .await
+                .unwrap_or_else(|e| panic!("qemu-img: {e}"));
+            if String::from_utf8_lossy(&info.stderr).contains("lock") {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        let e = run(&dir, &mine).await.err();
+        let _ = holder.kill().await;
+        assert!(matches!(e, Some(CopyError::DiskBusy(_))), "{e:?}");
+        let partial = spec(&dir.0.join("images"), "", "").partial_path();
+        assert!(!partial.exists() && !sealing_path(&spec(&dir.0.join("images"), "", "")).exists());
+    }
 }

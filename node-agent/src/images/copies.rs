@@ -30,6 +30,8 @@ use crate::metrics::Metrics;
 
 /// The longest wait before a failed copy is tried again.
 pub const MAX_RETRY: Duration = Duration::from_secs(600);
+/// Wait before a capture whose disk was still held by a process is tried again.
+pub const BUSY_RETRY: Duration = Duration::from_secs(2);
 /// Longest message reported (the CRD's bound).
 const MAX_MESSAGE: usize = 1024;
 
@@ -425,6 +427,12 @@ impl Runner {
                 e.retry_at = None;
                 e.failed(err.reason(), error_chain(&err), &self.metrics);
                 tracing::warn!(image = %e.image, error = %error_chain(&err), "a copy in place is damaged; fetching it again");
+            }
+            // The template's disk is still open (its QEMU is going away): looked at again soon,
+            // without counting as a failure.
+            Err(err @ CopyError::DiskBusy(_)) => {
+                e.retry_at = Some(Instant::now() + BUSY_RETRY);
+                e.failed(err.reason(), error_chain(&err), &self.metrics);
             }
             Err(err) => {
                 e.failures = e.failures.saturating_add(1);

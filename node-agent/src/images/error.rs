@@ -128,6 +128,9 @@ pub enum CopyError {
     /// The template's disk could not be captured.
     #[error("capturing the template's disk failed: {0}")]
     Capture(String),
+    /// The template's disk is open in another process (a QEMU still shutting down).
+    #[error("the template's disk is still in use: {0}")]
+    DiskBusy(String),
     /// The task running the copy ended without an answer (it panicked).
     #[error("the copy stopped unexpectedly: {0}")]
     Stopped(String),
@@ -141,7 +144,7 @@ impl CopyError {
                 Reason::FetchFailed
             }
             Self::TooLarge { .. } => Reason::TooLarge,
-            Self::Capture(_) => Reason::CaptureFailed,
+            Self::Capture(_) | Self::DiskBusy(_) => Reason::CaptureFailed,
             Self::NoRoom { .. } => Reason::NoSpace,
             Self::ChecksumMismatch { .. } => Reason::ChecksumMismatch,
             Self::NotAnImage(_) => Reason::NotAnImage,

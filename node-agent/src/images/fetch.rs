@@ -262,20 +262,18 @@ pub(super) async fn finish(
         bytes,
         virtual_bytes: image.virtual_bytes,
     };
-    let recorded = spec.sidecar_path();
-    sidecar::write(&recorded, &record(spec, &verified, stamp)).await?;
-    let placed = if over {
+    if over {
         tokio::fs::rename(partial, spec.final_path())
             .await
-            .map_err(io("put the repaired image in place of", &spec.final_path()))
+            .map_err(io("put the repaired image in place of", &spec.final_path()))?;
     } else {
-        place(partial, &spec.final_path()).await
-    };
-    if let Err(e) = placed {
-        // The record describes these bytes, not the file some other attempt put in place.
-        let _ = remove_if_present(&recorded).await;
-        return Err(e);
+        // A file another attempt (another host sharing the directory) put in place first keeps
+        // its record: nothing of it is touched.
+        place(partial, &spec.final_path()).await?;
     }
+    // Recorded once in place (the same inode, so the same stamp): until then, or if this
+    // write fails, the file is simply read again.
+    sidecar::write(&spec.sidecar_path(), &record(spec, &verified, stamp)).await?;
     remove_if_present(partial).await?;
     sync_dir(&spec.dir()).await?;
     Ok(verified)
@@ -357,7 +355,7 @@ async fn download(
 const ROOM_EVERY: u64 = 256 << 20;
 
 /// Whether `dir`'s file system has room for `needed` more bytes and still `reserve` free.
-fn room(dir: &Path, needed: u64, reserve: u64) -> Result<(), CopyError> {
+pub(super) fn room(dir: &Path, needed: u64, reserve: u64) -> Result<(), CopyError> {
     let fs = rustix::fs::statvfs(dir).map_err(|e| CopyError::Io {
         op: "look at the free space of",
         path: dir.display().to_string(),

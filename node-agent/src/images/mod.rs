@@ -120,10 +120,11 @@ pub struct DiskLocks(Arc<std::sync::Mutex<std::collections::HashMap<String, Arc<
 impl DiskLocks {
     /// The lock of the disk of Desktop `uid`.
     pub fn lock(&self, uid: &str) -> Arc<Mutex<()>> {
-        let Ok(mut all) = self.0.lock() else {
-            // A poisoned map (a panic while it was held) still hands out a fresh lock.
-            return Arc::new(Mutex::new(()));
-        };
+        // A poisoned map (a panic while it was held) is still the map: never a lock of its own.
+        let mut all = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         all.retain(|_, l| Arc::strong_count(l) > 1 || l.try_lock().is_err());
         all.entry(uid.to_string()).or_default().clone()
     }

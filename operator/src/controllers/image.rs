@@ -384,7 +384,11 @@ pub fn plan(
             return refuse(ImageReason::SourceNotAllowed, message);
         }
         (Some(_), None) => None,
-        (None, Some(_)) if same => old.capture.clone(),
+        // Kept once cut, unless the template moved or was made again before its host made
+        // the file (the capture can only happen where the disk is).
+        (None, Some(_)) if same && (old.sha256.is_some() || capture_holds(&old, template)) => {
+            old.capture.clone()
+        }
         (None, Some(t)) => match template_capture(image, &t.name, template) {
             Ok(c) => Some(c),
             Err((reason, message)) => return refuse(reason, message),
@@ -394,7 +398,10 @@ pub fn plan(
             return refuse(ImageReason::InvalidSource, message);
         }
     };
-    let version = images::version_for(old.version, same);
+    // A capture whose template moved is cut again, as the next version.
+    let recut = same && source.desktop.is_some() && capture != old.capture;
+    let version = images::version_for(old.version, same && !recut);
+    let same = same && !recut;
     let mut copies = Vec::new();
     let mut facts = Vec::new();
     // The pool of each of `facts`.
@@ -451,10 +458,9 @@ pub fn plan(
         }),
         (None, None) => None,
     };
-    let writers = image
-        .spec
-        .pools
-        .iter()
+    let pools: std::collections::BTreeSet<&String> = image.spec.pools.iter().collect();
+    let writers = pools
+        .into_iter()
         .filter(|p| shared(p))
         .filter_map(|pool| {
             // The host capturing the version writes its pool's file.
@@ -539,6 +545,15 @@ fn differs(old: &DesktopImageStatus, new: &DesktopImageStatus) -> bool {
     strip(old) != strip(new) || conditions::differ_ignoring_time(&old.conditions, &new.conditions)
 }
 
+/// Whether the capture recorded in `old` still names `template` where it is bound now.
+fn capture_holds(old: &DesktopImageStatus, template: Option<&Desktop>) -> bool {
+    let (Some(c), Some(d)) = (old.capture.as_ref(), template) else {
+        return false;
+    };
+    d.metadata.uid.as_deref() == Some(c.desktop_uid.as_str())
+        && d.status.as_ref().and_then(|s| s.node.as_deref()) == Some(c.node.as_str())
+}
+
 /// The capture of template `name` for `image`, or why it cannot be cut now (the reason and a
 /// message naming the field). `template` is the Desktop of that name in the image's namespace.
 fn template_capture(
@@ -576,7 +591,9 @@ fn template_capture(
                 AgentReason::Stopped | AgentReason::Shutdown | AgentReason::IdleShutdown
             )
         });
-    let stopped = st.phase == Some(deskvirt_crds::desktop::Phase::Stopped) && off;
+    // Its memory saved (suspended by the idle policy): its file systems are mounted.
+    let saved = crate::controllers::drain::memory_saved(d);
+    let stopped = st.phase == Some(deskvirt_crds::desktop::Phase::Stopped) && off && !saved;
     if d.spec.power != deskvirt_crds::desktop::Power::Off || !stopped {
         let m = format!(
             "{field}: Desktop {ns}/{name} is not stopped (phase {}); shut it down \
@@ -591,6 +608,14 @@ fn template_capture(
         node,
         pool,
     })
+}
+
+/// Whether Desktop `uid` is the template of an image version whose capture is not made yet.
+pub fn capturing(images: &[Arc<DesktopImage>], uid: &str) -> bool {
+    images
+        .iter()
+        .filter_map(|i| i.status.as_ref())
+        .any(|s| s.sha256.is_none() && s.capture.as_ref().is_some_and(|c| c.desktop_uid == uid))
 }
 
 /// Where a bound desktop's disk may go, for its image: the hosts holding a verified copy of
@@ -803,6 +828,19 @@ mod tests {
         assert_eq!(writer(&|n| n != "a", true).as_deref(), Some("b"));
         // Not shared: every host fetches its own.
         assert_eq!(writer(&|_| true, false), None);
+        // A pool named twice still has one writer (the list is keyed by pool).
+        let mut twice = image("deskvirt-images");
+        twice.spec.pools = vec!["p".into(), "p".into()];
+        let st = plan(
+            &twice,
+            "deskvirt-images",
+            &nodes,
+            |_| true,
+            |p| p == "p",
+            None,
+            Timestamp::UNIX_EPOCH,
+        );
+        assert_eq!(st.writers.len(), 1);
     }
 
     /// Desktop `team-a/template` (UID `t-uid`), bound to `node` when given, in pool `pool`.
@@ -900,6 +938,14 @@ mod tests {
             Some(("b", "t-uid"))
         );
         assert_eq!(cut.writers[0].node, "b");
+        // Moved to host a before host b made the file: cut again there, as v2.
+        let mut moved_img = img.clone();
+        moved_img.status = Some(cut.clone());
+        let on_a = template(Some("a"), "p", "Off", false);
+        let recut = plan_with(&moved_img, &nodes, Some(&on_a));
+        assert_eq!(recut.version, Some(2));
+        assert_eq!(recut.capture.as_ref().map(|c| c.node.as_str()), Some("a"));
+        assert_eq!(recut.writers[0].node, "a");
         // Kept once cut, whatever the template does next.
         let mut img = img;
         img.status = Some(cut);

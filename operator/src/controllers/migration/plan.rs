@@ -175,6 +175,9 @@ pub(super) fn pending(
                 .status
                 .as_ref()
                 .is_some_and(|s| s.backup.is_some() || s.restore_over.is_some()),
+            capturing: d.metadata.uid.as_deref().is_some_and(|uid| {
+                crate::controllers::image::capturing(&stores.images.state(), uid)
+            }),
         }),
         pinned_uid: super::pinned(m),
         shared_storage: d
@@ -478,6 +481,10 @@ fn admit_message(reason: MigrationReason, m: &DesktopMigration) -> String {
              the target)"
         ),
         R::ModeNotSupported => format!("Desktop {name} cannot move in this mode"),
+        R::CaptureInProgress => format!(
+            "Desktop {name} is the template of a DesktopImage whose capture is not made yet; the \
+             move waits for it"
+        ),
         other => other.as_str().to_string(),
     }
 }
