@@ -14,7 +14,8 @@ use std::time::Duration;
 
 use deskvirt_crds::conditions::find;
 
-use crate::host::eventually;
+use crate::cluster::unique_suffix;
+use crate::host::{eventually, run};
 use crate::world::{RUN_LABEL, World};
 
 /// The SHA-256 of `path`, by `sha256sum`.
@@ -108,7 +109,8 @@ pub fn sealable_image(dir: &Path, name: &str) -> anyhow::Result<std::path::PathB
     std::fs::write(tree.join("var/lib/dhcp/dhclient.eth0.leases"), "lease {}\n")?;
     std::fs::write(tree.join("home/student/notes.txt"), "lab 3 setup done\n")?;
     let fs = work.join("fs.ext4");
-    tool(
+    run(
+        "an image tool",
         Command::new("mkfs.ext4")
             .args(["-q", "-F", "-d"])
             .arg(&tree)
@@ -131,7 +133,8 @@ pub fn sealable_image(dir: &Path, name: &str) -> anyhow::Result<std::path::PathB
     }
     anyhow::ensure!(sfdisk.wait()?.success(), "sfdisk failed");
     let out = dir.join(name);
-    tool(
+    run(
+        "an image tool",
         Command::new("qemu-img")
             .args(["convert", "-f", "raw", "-O", "qcow2"])
             .arg(&raw)
@@ -153,7 +156,8 @@ pub fn disk_bytes(image: &Path) -> anyhow::Result<Vec<u8>> {
 fn flattened(image: &Path) -> anyhow::Result<(std::path::PathBuf, std::path::PathBuf)> {
     let work = tempfile_dir("flat")?;
     let raw = work.join("flat.raw");
-    tool(
+    run(
+        "an image tool",
         Command::new("qemu-img")
             .args(["convert", "-U", "-O", "raw"])
             .arg(image)
@@ -184,22 +188,7 @@ pub fn file_in_image(image: &Path, path: &str) -> anyhow::Result<Option<String>>
 }
 
 fn tempfile_dir(tag: &str) -> anyhow::Result<std::path::PathBuf> {
-    static COUNTER: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-    let dir = std::env::temp_dir().join(format!(
-        "deskvirt-{tag}.{}.{}",
-        std::process::id(),
-        COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-    ));
+    let dir = std::env::temp_dir().join(format!("deskvirt-{tag}-{}", unique_suffix()));
     std::fs::create_dir_all(&dir)?;
     Ok(dir)
-}
-
-fn tool(cmd: &mut Command) -> anyhow::Result<()> {
-    let out = cmd.output()?;
-    anyhow::ensure!(
-        out.status.success(),
-        "{cmd:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(())
 }

@@ -72,18 +72,13 @@ pub async fn capture(
         }
         Err(e) => return Err(CopyError::Capture(crate::agent::error_chain(&e))),
     }
-    if tokio::fs::try_exists(spec.final_path())
-        .await
-        .map_err(io("look at", &spec.final_path()))?
-    {
+    if fetch::exists(&spec.final_path()).await? {
         return Err(CopyError::Exists {
             path: spec.final_path().display().to_string(),
         });
     }
     let dir = spec.dir();
-    tokio::fs::create_dir_all(&dir)
-        .await
-        .map_err(io("create", &dir))?;
+    fetch::make_dir(&dir).await?;
     fetch::room(&dir, 0, settings.reserve_bytes)?;
     let raw = sealing_path(spec);
     let partial = spec.partial_path();
@@ -124,6 +119,45 @@ fn sealing_path(spec: &CopySpec) -> PathBuf {
     PathBuf::from(name)
 }
 
+/// `qemu-img convert -f <from> -O <to> src dst` within the convert deadline; a source another
+/// process holds open (qemu-img's image locking) is [`CopyError::DiskBusy`].
+async fn convert(
+    settings: &Settings,
+    capture: &CaptureSettings,
+    from_format: &str,
+    src: &Path,
+    to_format: &str,
+    dst: &Path,
+) -> Result<(), CopyError> {
+    let (src_arg, dst_arg) = (src.display().to_string(), dst.display().to_string());
+    let args = [
+        "convert",
+        "-f",
+        from_format,
+        "-O",
+        to_format,
+        &src_arg,
+        &dst_arg,
+    ];
+    disks::run_within(
+        &settings.qemu_img,
+        "convert",
+        src,
+        &args,
+        capture.convert_timeout,
+    )
+    .await
+    .map(drop)
+    .map_err(|e| {
+        let text = crate::agent::error_chain(&e);
+        if text.contains("Failed to get shared \"write\" lock") {
+            CopyError::DiskBusy(text)
+        } else {
+            CopyError::Capture(text)
+        }
+    })
+}
+
 /// The body of [`capture`]; leaves its temporary files to the caller.
 async fn make(
     spec: &CopySpec,
@@ -134,59 +168,12 @@ async fn make(
     partial: &Path,
     progress: &Progress,
 ) -> Result<Captured, CopyError> {
-    let convert = |op: &'static str, args: Vec<String>, path: PathBuf| async move {
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        disks::run_within(
-            &settings.qemu_img,
-            op,
-            &path,
-            &args,
-            capture.convert_timeout,
-        )
-        .await
-        .map_err(|e| {
-            let text = crate::agent::error_chain(&e);
-            // qemu-img's image locking: a QEMU (or another tool) has the disk open.
-            if text.contains("Failed to get shared \"write\" lock") {
-                CopyError::DiskBusy(text)
-            } else {
-                CopyError::Capture(text)
-            }
-        })
-    };
-    let disk = from.disk.display().to_string();
     // Flattened: the overlay and its whole backing chain, read as one disk.
-    convert(
-        "convert",
-        vec![
-            "convert".into(),
-            "-f".into(),
-            "qcow2".into(),
-            "-O".into(),
-            "raw".into(),
-            disk,
-            raw.display().to_string(),
-        ],
-        from.disk.clone(),
-    )
-    .await?;
+    convert(settings, capture, "qcow2", &from.disk, "raw", raw).await?;
     let sealed = seal::seal(raw, &capture.seal).await.map_err(|e| {
         CopyError::Capture(format!("sealing failed: {}", crate::agent::error_chain(&e)))
     })?;
-    convert(
-        "convert",
-        vec![
-            "convert".into(),
-            "-f".into(),
-            "raw".into(),
-            "-O".into(),
-            "qcow2".into(),
-            raw.display().to_string(),
-            partial.display().to_string(),
-        ],
-        raw.to_path_buf(),
-    )
-    .await?;
+    convert(settings, capture, "raw", raw, "qcow2", partial).await?;
     let (sha256, bytes) = fetch::hash_file(partial, Arc::new(Progress::default())).await?;
     progress.expect(bytes);
     progress.add(bytes);

@@ -459,10 +459,10 @@ impl Runner {
         let active = self.metrics.image_copies_active.clone();
         let shared = progress.clone();
         let ended = self.ended.clone();
-        let from = e
-            .capture
-            .clone()
-            .map(|c| (c.clone(), self.locks.lock(&c.desktop_uid)));
+        let from = e.capture.clone().map(|c| {
+            let lock = self.locks.lock(&c.desktop_uid);
+            (c, lock)
+        });
         let capturing = self.capture.clone();
         let answered = Arc::new(AtomicBool::new(false));
         let has_answer = answered.clone();

@@ -510,14 +510,14 @@ pub fn hex(bytes: &[u8]) -> String {
     })
 }
 
-async fn exists(path: &Path) -> Result<bool, CopyError> {
+pub(super) async fn exists(path: &Path) -> Result<bool, CopyError> {
     tokio::fs::try_exists(path)
         .await
         .map_err(io("look at", path))
 }
 
 /// Makes `dir` and its parents, mode 0755.
-async fn make_dir(dir: &Path) -> Result<(), CopyError> {
+pub(super) async fn make_dir(dir: &Path) -> Result<(), CopyError> {
     let mut builder = tokio::fs::DirBuilder::new();
     builder.recursive(true).mode(0o755);
     builder

@@ -407,6 +407,8 @@ pub fn plan(
     // The pool of each of `facts`.
     let mut copies_pools = Vec::new();
     let mut sizes = None;
+    // The sum the capturing host reported with its Ready copy.
+    let mut captured_sum = None;
     for n in nodes {
         let Some(pool) = n.status.as_ref().and_then(|s| s.pool.clone()) else {
             continue;
@@ -423,6 +425,9 @@ pub fn plan(
         let phase = report.map_or(CopyPhase::Pending, |r| r.phase);
         if phase == CopyPhase::Ready && sizes.is_none() {
             sizes = report.map(|r| (r.bytes, r.virtual_bytes));
+        }
+        if phase == CopyPhase::Ready && capture.as_ref().is_some_and(|c| c.node == node) {
+            captured_sum = report.and_then(|r| r.sha256.clone());
         }
         copies_pools.push(pool.clone());
         facts.push(HostCopy {
@@ -447,15 +452,7 @@ pub fn plan(
     // A capture's sum is the one its host computed; an http source names its own.
     let sha256 = match (&capture, source.named_sha256()) {
         (_, Some(sum)) => Some(sum.to_string()),
-        (Some(c), None) => old.sha256.clone().filter(|_| same).or_else(|| {
-            nodes
-                .iter()
-                .filter(|n| n.name_any() == c.node)
-                .filter_map(|n| n.status.as_ref())
-                .flat_map(|s| s.images.iter())
-                .find(|i| i.uid == uid && i.version == version && i.phase == CopyPhase::Ready)
-                .and_then(|i| i.sha256.clone())
-        }),
+        (Some(_), None) => old.sha256.clone().filter(|_| same).or(captured_sum),
         (None, None) => None,
     };
     let pools: std::collections::BTreeSet<&String> = image.spec.pools.iter().collect();
