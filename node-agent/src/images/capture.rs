@@ -268,27 +268,45 @@ mod tests {
             desktop_uid: "someone-else".into(),
             disk: theirs.disk.clone(),
         };
-        let mut holder = tokio::process::Command::new("qemu-io")
-            .args(["-f", "qcow2", "-c", "sleep 20000"])
-            .arg(&mine.disk)
-            .kill_on_drop(true)
-            .spawn()
-            .unwrap_or_else(|e| panic!("qemu-io: {e}"));
-        // Waits until qemu-io holds the disk (qemu-img info, which locks, is refused).
-        for _ in 0..200 {
-            let info = tokio::process::Command::new("qemu-img")
-                .args(["info"])
-                .arg(&mine.disk)
-                .output()
-                .await
-                .unwrap_or_else(|e| panic!("qemu-img: {e}"));
-            if String::from_utf8_lossy(&info.stderr).contains("lock") {
+        // Waits until qemu-io holds its lock on the disk, read from /proc/locks (a probe that
+        // opened the disk would take a lock itself, and could make qemu-io fail to get its own).
+        let inode = {
+            use std::os::unix::fs::MetadataExt;
+            std::fs::metadata(&mine.disk)
+                .map(|m| m.ino())
+                .unwrap_or_else(|e| panic!("{e}"))
+        };
+        let locked = || {
+            std::fs::read_to_string("/proc/locks")
+                .unwrap_or_default()
+                .lines()
+                .any(|l| l.contains("OFDLCK") && l.contains(&format!(":{inode} ")))
+        };
+        let mut holder = None;
+        for _ in 0..400 {
+            let running = holder
+                .as_mut()
+                .is_some_and(|h: &mut tokio::process::Child| matches!(h.try_wait(), Ok(None)));
+            if !running {
+                holder = Some(
+                    tokio::process::Command::new("qemu-io")
+                        .args(["-f", "qcow2", "-c", "sleep 20000"])
+                        .arg(&mine.disk)
+                        .kill_on_drop(true)
+                        .spawn()
+                        .unwrap_or_else(|e| panic!("qemu-io: {e}")),
+                );
+            }
+            if running && locked() {
                 break;
             }
             tokio::time::sleep(std::time::Duration::from_millis(50)).await;
         }
+        assert!(locked(), "qemu-io never held the disk");
         let e = run(&dir, &mine).await.err();
-        let _ = holder.kill().await;
+        if let Some(mut h) = holder {
+            let _ = h.kill().await;
+        }
         assert!(matches!(e, Some(CopyError::DiskBusy(_))), "{e:?}");
         let partial = spec(&dir.0.join("images"), "", "").partial_path();
         assert!(!partial.exists() && !sealing_path(&spec(&dir.0.join("images"), "", "")).exists());
